@@ -1,0 +1,336 @@
+"""The training job: its statuses, the request that creates it, and what the API returns."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+JOB_ID_HELP = "1-128 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+class JobStatus(str, Enum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    def is_active(self) -> bool:
+        return not self.is_terminal()
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELLED})
+
+# The only legal moves; `transition` in the store refuses everything else.
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED}),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.STOPPED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class ExportStatus(str, Enum):
+    NONE = "none"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingParams(_Strict):
+    """Overrides of the spec's fixed Swift parameters; the defaults are the spec's values."""
+
+    num_epochs: int = Field(1, ge=1, le=1000, description="--num_train_epochs")
+    batch_size: int = Field(1, ge=1, le=4096, description="--per_device_train_batch_size")
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    vit_lr: float = Field(1e-5, gt=0, le=1, description="multimodal models only")
+    aligner_lr: float = Field(1e-5, gt=0, le=1, description="multimodal models only")
+    lora_rank: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
+    eval_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1, le=1000)
+    logging_steps: int = Field(5, ge=1)
+    max_length: int = Field(8192, ge=16, le=1_048_576)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    dataloader_num_workers: int = Field(4, ge=0, le=128)
+    dataset_num_proc: int = Field(4, ge=1, le=256)
+    save_only_model: bool = True
+    train_type: Literal["lora", "full", "longlora", "adalora", "llamapro", "vera", "boft", "fourierft", "reft"] = (
+        "lora"
+    )
+    torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="default: bfloat16 on GPUs, float32 for a CPU-only job (num_gpus 0)"
+    )
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    split_dataset_ratio: float | None = Field(None, ge=0, lt=1)
+    model_type: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
+    template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
+    multimodal: bool | None = Field(
+        None, description="pass --vit_lr/--aligner_lr; default: guessed from the model (VL/vision config)"
+    )
+
+
+class JobCreate(_Strict):
+    data_path: str = Field(..., min_length=1, max_length=4096, examples=["AI-ModelScope/coco#20000"])
+    model_path: str = Field(..., min_length=1, max_length=4096, examples=["Qwen/Qwen2.5-VL-7B-Instruct"])
+    output_dir: str = Field(..., min_length=1, max_length=4096, examples=["output/training_001"])
+    priority: int = Field(5, ge=0, le=10, description="0-10, 10 runs first")
+    job_id: str | None = Field(None, description=JOB_ID_HELP)
+    num_gpus: int = Field(1, ge=0, le=64, description="0 = CPU-only run")
+    gpu_ids: list[int] | None = Field(None, description="explicit GPU indices (default: chosen automatically)")
+    min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
+    auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
+    training: TrainingParams = Field(default_factory=TrainingParams)
+
+    @field_validator("data_path", "model_path", "output_dir")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        if "\x00" in v or "\n" in v:
+            raise ValueError("must not contain NUL or newline characters")
+        return v.strip()
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str | None) -> str | None:
+        if v is not None and not JOB_ID_RE.match(v):
+            raise ValueError(f"job_id must be {JOB_ID_HELP}")
+        return v
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _gpu_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("gpu_ids must list at least one GPU index, or be left out")
+        if any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("gpu_ids must be distinct non-negative GPU indices")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobCreate:
+        if self.gpu_ids is not None:
+            if "num_gpus" in self.model_fields_set and self.num_gpus != len(self.gpu_ids):
+                raise ValueError(f"num_gpus={self.num_gpus} disagrees with {len(self.gpu_ids)} gpu_ids")
+            self.num_gpus = len(self.gpu_ids)
+        if self.num_gpus == 0 and self.training.torch_dtype == "bfloat16":
+            raise ValueError(
+                "torch_dtype bfloat16 needs a GPU: use float32 for a CPU-only job (num_gpus 0), or ask for GPUs"
+            )
+        return self
+
+
+class JobPatch(_Strict):
+    priority: int = Field(..., ge=0, le=10)
+
+
+class Progress(BaseModel):
+    current_step: int | None = None
+    max_steps: int | None = None
+    percentage: float | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    token_acc: float | None = None
+    elapsed_time: str | None = None
+    remaining_time: str | None = None
+    remaining_seconds: float | None = None
+    train_speed: float | None = Field(None, description="seconds per step")
+    memory_gib: float | None = None
+    updated_at: float | None = None
+
+
+class ExportInfo(BaseModel):
+    status: ExportStatus = ExportStatus.NONE
+    checkpoint: str | None = None
+    path: str | None = None
+    error: str | None = None
+    pid: int | None = None
+    process_start_time: float | None = None
+    command: list[str] | None = None
+    log_file: str | None = None
+    exit_code: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class Job(BaseModel):
+    """A job as stored. Every top-level field is one field of the job's Redis hash."""
+
+    job_id: str
+    status: JobStatus
+    priority: int
+    data_path: str
+    model_path: str
+    output_dir: str
+    output_dir_requested: str
+    num_gpus: int
+    gpu_ids_requested: list[int] | None = None
+    min_gpu_memory_gb: float | None = None
+    training: TrainingParams
+    gpu_ids: list[int] = Field(default_factory=list, description="GPUs held while running")
+    created_at: float
+    updated_at: float
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    process_start_time: float | None = None
+    command: list[str] | None = None
+    command_line: str | None = None
+    env: dict[str, str] | None = Field(None, description="environment variables set for swift")
+    swift_version: str | None = None
+    log_file: str | None = None
+    run_dir: str | None = None
+    exit_code: int | None = None
+    error_message: str | None = None
+    log_tail: list[str] | None = None
+    progress: Progress = Field(default_factory=Progress)
+    checkpoints: list[str] = Field(default_factory=list)
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    train_loss: float | None = None
+    train_runtime: float | None = None
+    export: ExportInfo = Field(default_factory=ExportInfo)
+    supervisor_id: str | None = None
+
+    def duration_seconds(self, now: float) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or now) - self.started_at
+
+
+class CreateResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+    queue_position: int | None = None
+    estimated_wait_time: WaitEstimate | None = None
+
+
+class WaitEstimate(BaseModel):
+    seconds: float
+    text: str
+
+
+class ActionResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+    queue_position: int | None = None
+    estimated_wait_time: WaitEstimate | None = None
+    gpu_ids: list[int] | None = None
+    export: ExportInfo | None = None
+
+
+class StatusResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    priority: int
+    gpu_ids: list[int]
+    progress: Progress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    duration_seconds: float | None
+    error_message: str | None
+    export: ExportInfo
+    queue_position: int | None = None
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: JobStatus
+    priority: int
+    model_path: str
+    data_path: str
+    output_dir: str
+    num_gpus: int
+    gpu_ids: list[int]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    current_step: int | None
+    max_steps: int | None
+    export_status: ExportStatus
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    epoch: float | None = None
+    time: float | None = None
+
+
+class ProgressResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: Progress
+    history: list[LossPoint]
+    checkpoints: list[str]
+    last_checkpoint: str | None
+    train_loss: float | None
+    train_runtime: float | None
+
+
+class LogsResponse(BaseModel):
+    job_id: str
+    log_file: str | None
+    lines: list[str]
+    count: int
+    kind: Literal["train", "export"]
+
+
+class Event(BaseModel):
+    id: str
+    time: float
+    type: str
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventList(BaseModel):
+    job_id: str
+    events: list[Event]
+    next_after: str | None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+CreateResponse.model_rebuild()
