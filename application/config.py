@@ -85,6 +85,8 @@ class Settings(BaseSettings):
 
     GPU_BACKEND: GpuBackend = GpuBackend.AUTO
     SIMULATED_GPUS: str = "0"
+    # JSON file whose per-GPU usage the simulated backend re-reads, so tests can make GPUs look busy.
+    SIMULATED_GPU_USAGE_FILE: Path | None = None
     GPU_MIN_FREE_MEMORY_GB: float = Field(2.0, ge=0)
     GPU_MAX_UTILIZATION: float = Field(90.0, ge=0, le=100)
 

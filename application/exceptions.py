@@ -1,0 +1,31 @@
+"""Domain errors carry their HTTP status; one handler in main.py turns them into `{"detail": ...}`."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class JobNotFound(ApiError):
+    status_code = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job '{job_id}' not found: list jobs with GET .../training/jobs")
+        self.job_id = job_id
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class Invalid(ApiError):
+    status_code = 422
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503

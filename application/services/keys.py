@@ -1,0 +1,69 @@
+"""Every Redis key the server uses, built in one place under REDIS_KEY_PREFIX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from application.models.training_model import JobStatus
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def job(self, job_id: str) -> str:
+        """Hash: one field per top-level Job field, each JSON-encoded."""
+        return self._k("job", job_id)
+
+    def job_events(self, job_id: str) -> str:
+        """Stream, capped: the job's event history."""
+        return self._k("job", job_id, "events")
+
+    def job_history(self, job_id: str) -> str:
+        """List, capped: per-step loss points (JSON) for loss curves."""
+        return self._k("job", job_id, "history")
+
+    @property
+    def jobs_index(self) -> str:
+        """Sorted set job_id -> created_at: every job, for listing newest first."""
+        return self._k("jobs")
+
+    def status_index(self, status: JobStatus | str) -> str:
+        """Sorted set job_id -> created_at, one per status: filtered listing and counts."""
+        value = status.value if isinstance(status, JobStatus) else status
+        return self._k("jobs", "status", value)
+
+    @property
+    def output_dirs(self) -> str:
+        """Hash output_dir -> job_id for active jobs: refuses a second active job in one folder."""
+        return self._k("output_dirs")
+
+    @property
+    def queue(self) -> str:
+        """Sorted set job_id -> queue score (priority, then submission time)."""
+        return self._k("queue")
+
+    @property
+    def queue_meta(self) -> str:
+        """Hash job_id -> compact JSON of what the scheduler needs, so a pass reads no job hashes."""
+        return self._k("queue", "meta")
+
+    @property
+    def gpu_leases(self) -> str:
+        """Hash gpu index -> job_id: a GPU held by a running job."""
+        return self._k("gpu_leases")
+
+    @property
+    def wakeup_channel(self) -> str:
+        """Pub/sub channel: anything that may let a queued job start (so every API process wakes)."""
+        return self._k("queue", "wakeup")
+
+    @property
+    def processor_stats(self) -> str:
+        return self._k("queue", "processor")
+
+    def all_status_indexes(self) -> list[str]:
+        return [self.status_index(s) for s in JobStatus]

