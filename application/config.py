@@ -124,7 +124,10 @@ class Settings(BaseSettings):
             raise ValueError("must be a version such as 4.6.0 or 3.5.3")
         return v
 
-    @field_validator("REDIS_URL", "REDIS_HOST", "REDIS_PASSWORD", "REDIS_SERVER_BIN", mode="before")
+    @field_validator(
+        "REDIS_URL", "REDIS_HOST", "REDIS_PASSWORD", "REDIS_SERVER_BIN", "SIMULATED_GPU_USAGE_FILE", "SWIFT_VERSION",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
@@ -138,9 +141,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
-        for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT"):
-            p: Path = getattr(self, name)
-            if not p.is_absolute():
+        if "/" in self.SWIFT_BIN and not Path(self.SWIFT_BIN).is_absolute():
+            object.__setattr__(self, "SWIFT_BIN", str((PROJECT_ROOT / self.SWIFT_BIN).resolve()))
+        for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE"):
+            p: Path | None = getattr(self, name)
+            if p is not None and not p.is_absolute():
                 object.__setattr__(self, name, (PROJECT_ROOT / p).resolve())
         return self
 
@@ -192,7 +197,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(_env_file=_env_file(), **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_describe(dict(e)) for e in exc.errors()]
         raise SettingsError("; ".join(lines)) from None
 
 

@@ -204,6 +204,8 @@ class Job(BaseModel):
     env: dict[str, str] | None = Field(None, description="environment variables set for swift")
     swift_version: str | None = None
     log_file: str | None = None
+    log_offset: int = Field(0, description="bytes of the log already parsed")
+    stop_requested: bool = False
     run_dir: str | None = None
     exit_code: int | None = None
     error_message: str | None = None

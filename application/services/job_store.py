@@ -358,5 +358,14 @@ class JobStore:
         script = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
         return bool(await self.r.eval(script, 1, self.keys.gpu_leases, str(gpu), job_id))
 
+    async def mark_exporting(self, job_id: str, running: bool) -> None:
+        if running:
+            await self.r.sadd(self.keys.exporting, job_id)
+        else:
+            await self.r.srem(self.keys.exporting, job_id)
+
+    async def exporting(self) -> list[str]:
+        return sorted(await self.r.smembers(self.keys.exporting))
+
     async def publish_wakeup(self, reason: str) -> None:
         await self.r.publish(self.keys.wakeup_channel, reason)

@@ -65,5 +65,14 @@ class Keys:
     def processor_stats(self) -> str:
         return self._k("queue", "processor")
 
+    @property
+    def exporting(self) -> str:
+        """Set of job ids whose export is running: found again after a restart without a scan."""
+        return self._k("exporting")
+
+    def supervisor(self, supervisor_id: str) -> str:
+        """String with a TTL: the heartbeat of an API process that supervises jobs."""
+        return self._k("supervisor", supervisor_id)
+
     def all_status_indexes(self) -> list[str]:
         return [self.status_index(s) for s in JobStatus]

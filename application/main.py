@@ -1,0 +1,96 @@
+"""FastAPI application: `create_app(settings)`; the lifespan wires Redis, GPUs, the runner and the queue."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from application import __version__
+from application.api.training import router as training_router
+from application.config import Settings, get_settings
+from application.exceptions import ApiError
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.queue_service import QueueService
+from application.services.redis_service import RedisService
+from application.services.system_service import SystemService
+from application.services.training_service import TrainingService
+from application.utils.gpu_utils import create_inventory
+from application.utils.logger import setup_logging
+
+DESCRIPTION = """
+Fine-tuning as a service: submit a job, the server allocates GPUs, queues by priority (0-10, 10 first),
+runs the real `swift sft` CLI of ms-swift, follows progress, logs and events, and exports the merged model
+with `swift export`. All state lives in Redis.
+"""
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field: remove it (see the schema at /docs)"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_logging(settings.LOG_LEVEL, settings.LOG_DIR)
+        redis_service = RedisService(settings)
+        client = await redis_service.connect()
+        inventory = create_inventory(
+            settings.GPU_BACKEND.value, settings.SIMULATED_GPUS, settings.SIMULATED_GPU_USAGE_FILE
+        )
+        store = JobStore(client, Keys(settings.REDIS_KEY_PREFIX), events_max=settings.EVENTS_MAX_PER_JOB,
+                         history_max=settings.LOSS_HISTORY_LIMIT)  # fmt: skip
+        training = TrainingService(settings, store, inventory)
+        app.state.settings = settings
+        app.state.redis = redis_service
+        app.state.training = training
+        app.state.queue = QueueService(training)
+        app.state.system = SystemService(training, redis_service)
+        settings.OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+        await training.startup()
+        logger.info("swift-api {} ready: API under {}/training, Swagger at /docs, GPUs: {}", __version__,
+                    settings.API_PREFIX, inventory.backend)  # fmt: skip
+        try:
+            yield
+        finally:
+            await training.shutdown()
+            inventory.close()
+            await redis_service.close()
+
+    app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors: list[dict[str, Any]] = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
+        ]
+        return JSONResponse({"detail": _validation_message(exc), "errors": errors}, status_code=422)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503)
+
+    app.include_router(training_router, prefix=settings.API_PREFIX)
+    return app

@@ -1,0 +1,65 @@
+"""The GPUs as the scheduler sees them: the inventory's snapshot joined with our leases."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from application.models.training_model import JobCreate
+from application.services.scheduler import GpuState, QueuedJob
+from application.utils.gpu_utils import GpuSnapshot
+
+MB_PER_GB = 1024.0
+
+
+def gpu_states(snapshot: GpuSnapshot, leases: Mapping[int, str]) -> list[GpuState]:
+    return [
+        GpuState(
+            index=g.index,
+            memory_total_gb=g.memory_total_mb / MB_PER_GB,
+            memory_free_gb=g.memory_free_mb / MB_PER_GB,
+            utilization=g.utilization,
+            held_by=leases.get(g.index),
+        )
+        for g in snapshot.gpus
+    ]
+
+
+def impossible_request(req: JobCreate, snapshot: GpuSnapshot) -> str | None:
+    """Why this server can never run the request, or None. (A busy GPU is not a reason: the job queues.)"""
+    if req.num_gpus == 0:
+        return None
+    count = len(snapshot.gpus)
+    hint = " (use num_gpus 0 for a CPU-only run)" if count == 0 else ""
+    where = f"this server has {count} GPU{'s' if count != 1 else ''}"
+    if snapshot.error and count == 0:
+        where += f" ({snapshot.error})"
+    if req.gpu_ids is not None:
+        known = {g.index for g in snapshot.gpus}
+        unknown = [i for i in req.gpu_ids if i not in known]
+        if unknown:
+            return f"gpu_ids {unknown} do not exist: {where}, indices {sorted(known)}{hint}"
+    elif req.num_gpus > count:
+        return f"num_gpus={req.num_gpus} can never be met: {where}{hint}"
+    if req.min_gpu_memory_gb is not None:
+        candidates = [g for g in snapshot.gpus if req.gpu_ids is None or g.index in req.gpu_ids]
+        big = [g for g in candidates if g.memory_total_mb / MB_PER_GB >= req.min_gpu_memory_gb]
+        if len(big) < req.num_gpus:
+            largest = max((g.memory_total_mb / MB_PER_GB for g in candidates), default=0.0)
+            return (
+                f"min_gpu_memory_gb={req.min_gpu_memory_gb:g} can never be met on {req.num_gpus} GPU(s): "
+                f"{where}, the largest has {largest:.1f} GiB"
+            )
+    return None
+
+
+def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, gpu_ids: Sequence[int] | None,
+               min_gpu_memory_gb: float | None, estimated_duration: float | None = None) -> QueuedJob:  # fmt: skip
+    return QueuedJob(
+        job_id=job_id,
+        priority=priority,
+        submitted_at=submitted_at,
+        num_gpus=num_gpus,
+        gpu_ids=tuple(gpu_ids) if gpu_ids is not None else None,
+        min_gpu_memory_gb=min_gpu_memory_gb,
+        estimated_duration=estimated_duration,
+    )

@@ -1,0 +1,491 @@
+"""Reading what ms-swift prints while it trains or exports, and what it leaves on disk.
+
+Everything here is checked against captured real output (tests/fixtures/swift, ms-swift 4.6.0 and
+3.5.3). The formats differ by version:
+
+* 4.x prints per-step dicts whose values are all strings (``'loss': '8.264'``,
+  ``'train_speed(s/it)': '0.1074'``), with no 'percentage'.
+* 3.x prints numbers, plus ``'percentage': '5.00%'``, ``'memory(GiB)'`` and
+  ``'train_speed(iter/s)'`` (the inverse of 4.x's seconds per step).
+
+The log being parsed is stdout and stderr in one file, so tqdm bars (rewritten with \\r on stderr)
+and the step dicts (stdout) interleave: input is split on both \\r and \\n, and markers are searched
+for anywhere in a segment, not only at its start.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from application.models.training_model import Progress
+
+# A dict is only a step dict when it has one of these; anything else that looks like a dict repr
+# (a config echoed to stdout) is ignored.
+_STEP_KEYS = frozenset({"global_step/max_steps", "loss", "eval_loss", "train_runtime", "train_loss"})
+_MAX_DICT_CHARS = 100_000
+_NUMBER_RE = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+_STEPS_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+_RUN_DIR_RE = re.compile(r"\[INFO:[^\]]*\] output_dir: (?P<path>.+?)\s*$")
+_SAVING_RE = re.compile(r"Saving model checkpoint to (?P<path>.+?)\s*$")
+_LAST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] last_model_checkpoint: (?P<path>.*?)\s*$")
+_BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*?)\s*$")
+# 4.x: "saved in `/x-merged`."; 3.x: "saved in /x-merged."
+_MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+?)\s*$")
+_RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`\s*$")
+
+_CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
+_VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
+
+# A segment with no \r or \n for this long is not a log line (binary junk, or a bar that never
+# ends); it is dropped rather than held in memory forever.
+_MAX_PARTIAL_BYTES = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _to_number(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
+def normalize_step_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """One logged step as numbers: numeric strings become floats, '5.00%' becomes 5.0, and
+    'global_step/max_steps' ('1/20') also gives 'current_step' and 'max_steps' as ints."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "global_step/max_steps":
+            out[key] = value
+            m = _STEPS_RE.fullmatch(str(value))
+            if m:
+                out["current_step"] = int(m.group(1))
+                out["max_steps"] = int(m.group(2))
+        elif key == "percentage":
+            text = str(value).strip().rstrip("%")
+            out[key] = _float(text)
+        else:
+            out[key] = _to_number(value)
+    return out
+
+
+def parse_step_dict(line: str) -> dict[str, Any] | None:
+    """The step dict swift prints to stdout (``{'loss': ...}``), normalized; None for anything else.
+
+    The dict may follow tqdm text on the same line (stdout and stderr share one log file).
+    """
+    text = line.strip()
+    start = text.find("{'")
+    if start < 0 or not text.endswith("}") or len(text) - start > _MAX_DICT_CHARS:
+        return None
+    try:
+        value = ast.literal_eval(text[start:])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not _STEP_KEYS.intersection(value):
+        return None
+    if not all(isinstance(k, str) for k in value):
+        return None
+    return normalize_step_dict(value)
+
+
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_UNITS_RE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[dhms])+\s*")
+_UNIT_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
+_CLOCK_RE = re.compile(r"(?:(\d+)\s*days?,\s*)?(\d+):(\d{1,2}(?:\.\d+)?)(?::(\d{1,2}(?:\.\d+)?))?")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a duration as swift or tqdm print it: '2s', '1h 2m 3s', '1d 0h 5m 0s', '0:01:02',
+    '01:02' (tqdm's minutes:seconds), '1 day, 0:00:05'; None when it is none of those."""
+    if text is None:
+        return None
+    s = text.strip()
+    if not s:
+        return None
+    if _UNITS_RE.fullmatch(s):
+        return sum(float(num) * _UNIT_SECONDS[unit] for num, unit in _UNIT_PART_RE.findall(s))
+    m = _CLOCK_RE.fullmatch(s)
+    if m:
+        days = float(m.group(1) or 0)
+        if m.group(4) is None:
+            hours, minutes, seconds = 0.0, float(m.group(2)), float(m.group(3))
+        else:
+            hours, minutes, seconds = float(m.group(2)), float(m.group(3)), float(m.group(4))
+        return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    value = _float(s)
+    if value is not None and math.isfinite(value) and value >= 0:
+        return value
+    return None
+
+
+def _dict_kind(d: dict[str, Any]) -> str:
+    if "train_runtime" in d:
+        return "summary"
+    if "eval_loss" in d or any(k.startswith("eval_") for k in d):
+        return "eval"
+    if "loss" in d:
+        return "train"
+    return "other"
+
+
+def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> Progress:
+    """The progress after one step dict; fields the dict lacks keep their earlier values (an eval
+    dict has no training loss, the summary has neither)."""
+    data = previous.model_dump() if previous is not None else {}
+    if "current_step" in d:
+        data["current_step"] = d["current_step"]
+        data["max_steps"] = d["max_steps"]
+    pct = _float(d.get("percentage"))
+    if pct is None and data.get("current_step") is not None and data.get("max_steps"):
+        pct = round(100.0 * data["current_step"] / data["max_steps"], 2)
+    if pct is not None:
+        data["percentage"] = pct
+    if (epoch := _float(d.get("epoch"))) is not None:
+        data["epoch"] = epoch
+    if kind == "train":
+        for key in ("loss", "learning_rate", "grad_norm", "token_acc"):
+            if (value := _float(d.get(key))) is not None:
+                data[key] = value
+    if kind == "eval" and (eval_loss := _float(d.get("eval_loss"))) is not None:
+        data["eval_loss"] = eval_loss
+    for key in ("elapsed_time", "remaining_time"):
+        if d.get(key) is not None:
+            data[key] = str(d[key])
+    if d.get("remaining_time") is not None:
+        data["remaining_seconds"] = parse_duration(str(d["remaining_time"]))
+    if (spi := _float(d.get("train_speed(s/it)"))) is not None:
+        data["train_speed"] = spi
+    elif (ips := _float(d.get("train_speed(iter/s)"))) is not None:
+        data["train_speed"] = 1.0 / ips if ips > 0 else None
+    if (mem := _float(d.get("memory(GiB)"))) is not None:
+        data["memory_gib"] = mem
+    data["updated_at"] = time.time()
+    return Progress(**data)
+
+
+def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str, Any]:
+    """A point shaped like the API's LossPoint."""
+    return {
+        "step": d["current_step"],
+        "loss": _float(d.get("loss")) if kind == "train" else None,
+        "eval_loss": _float(d.get("eval_loss")) if kind == "eval" else None,
+        "learning_rate": _float(d.get("learning_rate")),
+        "grad_norm": _float(d.get("grad_norm")),
+        "epoch": _float(d.get("epoch")),
+        "time": when,
+    }
+
+
+def _checkpoint_value(text: str) -> str | None:
+    text = text.strip()
+    return None if text in ("", "None", "null") else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental parser
+
+
+@dataclass
+class ParseResult:
+    """What one `feed` found; fields stay None / empty when the chunk said nothing about them."""
+
+    progress: Progress | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: str | None = None
+    checkpoints_saved: list[str] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    train_loss: float | None = None
+    train_runtime: float | None = None
+    merged_path: str | None = None
+    command_line: str | None = None
+    # Set when swift printed `last_model_checkpoint:` (its end-of-training lines), even as 'None':
+    # the trainer finished or was interrupted, rather than died mid-step.
+    training_ended: bool = False
+
+    def changed(self) -> bool:
+        return bool(
+            self.progress is not None
+            or self.history
+            or self.run_dir is not None
+            or self.checkpoints_saved
+            or self.last_checkpoint is not None
+            or self.best_checkpoint is not None
+            or self.train_loss is not None
+            or self.train_runtime is not None
+            or self.merged_path is not None
+            or self.command_line is not None
+            or self.training_ended
+        )
+
+
+class SwiftLogParser:
+    """Incremental parser for swift's combined stdout+stderr log, fed raw bytes as the file grows.
+
+    Besides each `feed`'s ParseResult, it keeps the state so far as attributes.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._seen_points: set[tuple[int, str]] = set()
+        self.progress: Progress | None = None
+        self.run_dir: str | None = None
+        self.command_line: str | None = None
+        self.checkpoints: list[str] = []
+        self.last_checkpoint: str | None = None
+        self.best_checkpoint: str | None = None
+        self.train_loss: float | None = None
+        self.train_runtime: float | None = None
+        self.merged_path: str | None = None
+        self.training_ended = False
+        self.history_points = 0
+        self.bytes_fed = 0
+
+    def feed(self, data: bytes) -> ParseResult:
+        """Parse the complete segments in `data` (plus what was left over); a trailing segment with
+        no \\r or \\n yet waits for the next call."""
+        self.bytes_fed += len(data)
+        result = ParseResult()
+        buf = self._partial + data
+        cut = max(buf.rfind(b"\n"), buf.rfind(b"\r"))
+        if cut < 0:
+            self._partial = buf
+        else:
+            self._partial = buf[cut + 1 :]
+            self._parse_block(buf[:cut], result)
+        if len(self._partial) > _MAX_PARTIAL_BYTES:
+            self._partial = b""
+        return result
+
+    def flush(self) -> ParseResult:
+        """Parse what is left after the last \\r or \\n (call once the process has exited)."""
+        result = ParseResult()
+        partial, self._partial = self._partial, b""
+        if partial:
+            self._parse_block(partial, result)
+        return result
+
+    def _parse_block(self, block: bytes, result: ParseResult) -> None:
+        for raw in re.split(rb"[\r\n]", block):
+            if raw.strip():
+                self.parse_segment(raw.decode("utf-8", errors="replace"), result)
+
+    def parse_segment(self, seg: str, result: ParseResult) -> None:
+        """One \\r/\\n-delimited piece of the log."""
+        if "{'" in seg:
+            d = parse_step_dict(seg)
+            if d is not None:
+                self.handle_step_dict(d, result)
+                return
+        if "output_dir: " in seg and (m := _RUN_DIR_RE.search(seg)):
+            self.run_dir = result.run_dir = m.group("path")
+        elif "Saving model checkpoint to " in seg and (m := _SAVING_RE.search(seg)):
+            path = m.group("path")
+            if path not in self.checkpoints:
+                self.checkpoints.append(path)
+                result.checkpoints_saved.append(path)
+        elif "_model_checkpoint: " in seg:
+            if m := _LAST_CKPT_RE.search(seg):
+                self.last_checkpoint = result.last_checkpoint = _checkpoint_value(m.group("path"))
+                self.training_ended = result.training_ended = True
+            elif m := _BEST_CKPT_RE.search(seg):
+                self.best_checkpoint = result.best_checkpoint = _checkpoint_value(m.group("path"))
+        elif "Successfully merged LoRA" in seg and (m := _MERGED_RE.search(seg)):
+            path = m.group("path")
+            if path.endswith("."):
+                path = path[:-1]
+            self.merged_path = result.merged_path = path.strip("`")
+        elif "run sh: `" in seg and (m := _RUN_SH_RE.search(seg)):
+            self.command_line = result.command_line = m.group("cmd")
+
+    def handle_step_dict(self, d: dict[str, Any], result: ParseResult, live: bool = True) -> None:
+        """Fold one normalized step dict (from stdout or logging.jsonl) into the state. History
+        points get the current time only when `live` (read as the run goes, not afterwards)."""
+        kind = _dict_kind(d)
+        if kind == "other" and "current_step" not in d:
+            return
+        self.progress = result.progress = _merge_progress(self.progress, d, kind)
+        if kind == "summary":
+            if (train_loss := _float(d.get("train_loss"))) is not None:
+                self.train_loss = result.train_loss = train_loss
+            if (runtime := _float(d.get("train_runtime"))) is not None:
+                self.train_runtime = result.train_runtime = runtime
+            return
+        if kind not in ("train", "eval") or "current_step" not in d:
+            return
+        # On a CPU multi-process run every rank prints its own dict for the same step.
+        key = (int(d["current_step"]), kind)
+        if key in self._seen_points:
+            return
+        self._seen_points.add(key)
+        self.history_points += 1
+        result.history.append(_history_point(d, kind, time.time() if live else None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+_EXC_LINE_RE = re.compile(
+    r"(?P<name>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit|Failure|Timeout))"
+    r"(?::(?P<msg>.*))?"
+)
+# torch.distributed prefixes each rank's output like this.
+_RANK_PREFIX_RE = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
+# What the launcher (swift's own `subprocess.run`, or torchrun) adds on top of the trainer's error.
+_LAUNCHER_NOISE = frozenset({"KeyboardInterrupt", "CalledProcessError", "ChildFailedError", "SystemExit"})
+_MAX_ERROR_CHARS = 4000
+
+
+def _clean_log_line(line: str) -> str:
+    if "\r" in line:
+        parts = [p for p in line.split("\r") if p.strip()]
+        line = parts[-1] if parts else ""
+    return _RANK_PREFIX_RE.sub("", line.rstrip())
+
+
+def extract_error(lines: list[str]) -> str | None:
+    """The Python exception that ended a failed run, from the end of its log.
+
+    That is the last `SomeError: message` line that follows a traceback frame; the launcher's own
+    KeyboardInterrupt / CalledProcessError / torchrun ChildFailedError only counts when no trainer
+    error is above it. None when the lines hold no exception.
+    """
+    cleaned = [_clean_log_line(line) for line in lines]
+    specific: str | None = None
+    noise: str | None = None
+    for i in range(len(cleaned) - 1, -1, -1):
+        line = cleaned[i]
+        if not line or line[0].isspace():
+            continue
+        m = _EXC_LINE_RE.fullmatch(line)
+        if m is None:
+            continue
+        prev = cleaned[i - 1] if i > 0 else ""
+        # Exception lines follow a frame ("  File ...", its source line, or the ^^^ marker) or the
+        # Traceback header; a tail may also start right at one.
+        if i > 0 and not (prev[:1].isspace() or prev.startswith("Traceback (most recent call last)")):
+            continue
+        short_name = m.group("name").rsplit(".", 1)[-1]
+        if short_name in _LAUNCHER_NOISE:
+            if noise is None:
+                noise = line
+            continue
+        specific = line
+        break
+    found = specific or noise
+    return found[:_MAX_ERROR_CHARS] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on disk
+
+
+@dataclass
+class LoggingJsonl:
+    """What swift's `<run dir>/logging.jsonl` says; `finished` when its final summary line is there."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    progress: Progress | None = None
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    train_loss: float | None = None
+    train_runtime: float | None = None
+    finished: bool = False
+
+
+def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
+    """Read logging.jsonl (numeric JSON, one line per logged step, then a summary line holding
+    last_model_checkpoint and log_history); for when stdout was lost. A missing file gives an
+    empty result; a half-written last line is skipped."""
+    result = LoggingJsonl()
+    parser = SwiftLogParser()
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return result
+    with f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                raw = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(raw, dict):
+                continue
+            if "last_model_checkpoint" in raw or "log_history" in raw:
+                result.finished = True
+                last = raw.get("last_model_checkpoint")
+                best = raw.get("best_model_checkpoint")
+                result.last_checkpoint = _checkpoint_value(last) if isinstance(last, str) else None
+                result.best_checkpoint = _checkpoint_value(best) if isinstance(best, str) else None
+                continue
+            step_result = ParseResult()
+            parser.handle_step_dict(normalize_step_dict(raw), step_result, live=False)
+            result.history.extend(step_result.history)
+    result.progress = parser.progress
+    result.train_loss = parser.train_loss
+    result.train_runtime = parser.train_runtime
+    return result
+
+
+def find_checkpoints(output_dir: Path | str) -> list[str]:
+    """Every `checkpoint-N` under the run dirs (`v<k>-<time>`) of `output_dir`, oldest run first,
+    then by N; the last one is the newest on disk. `-merged` export dirs and the `last-checkpoint`
+    symlink are left out. Checkpoints directly in `output_dir` (given a run dir) count too."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found: list[tuple[tuple[float, int, str], int, str]] = []
+
+    def scan(run_dir: Path, run_key: tuple[float, int, str]) -> None:
+        try:
+            entries = list(run_dir.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            m = _CHECKPOINT_DIR_RE.fullmatch(entry.name)
+            if m and not entry.is_symlink() and entry.is_dir():
+                found.append((run_key, int(m.group(1)), str(entry)))
+
+    scan(root, (float("-inf"), -1, ""))
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        children = []
+    for child in children:
+        vm = _VERSION_DIR_RE.fullmatch(child.name)
+        if vm is None or not child.is_dir():
+            continue
+        try:
+            mtime = child.stat().st_mtime
+        except OSError:
+            continue
+        scan(child, (mtime, int(vm.group(1)), child.name))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [path for _, _, path in found]

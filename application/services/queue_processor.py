@@ -1,0 +1,222 @@
+"""The queue processor: one asyncio task that starts queued jobs the moment their GPUs are free.
+
+It wakes at once on anything that may let a job start (a job queued, ended or re-prioritised, a lease
+released: the store publishes those on one channel, so every API process on the Redis hears them) and
+every QUEUE_POLL_INTERVAL seconds to notice GPUs freed by processes outside the system. The decision
+itself is `scheduler.decide`, a pure function; this module only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from redis.exceptions import RedisError
+
+from application.config import Settings
+from application.models.training_model import Job, JobStatus, Progress
+from application.services.gpu_pool import gpu_states, queued_job
+from application.services.job_store import JobStore, QueueMeta, TransitionRefused
+from application.services.scheduler import GpuState, QueuedJob, RunningJob, Start, decide, estimate_waits
+from application.utils.gpu_utils import GpuInventory, GpuSnapshot
+
+WINDOW = 256
+
+
+@dataclass
+class ProcessorStats:
+    running: bool = False
+    since: float | None = None
+    passes: int = 0
+    jobs_started: int = 0
+    last_pass_at: float | None = None
+    last_pass_ms: float | None = None
+    last_started: list[str] = field(default_factory=list)
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass
+class ClusterView:
+    snapshot: GpuSnapshot
+    gpus: list[GpuState]
+    running: list[RunningJob]
+
+
+class QueueProcessor:
+    def __init__(
+        self,
+        store: JobStore,
+        inventory: GpuInventory,
+        settings: Settings,
+        start_job: Callable[[Job, list[int]], Awaitable[None]],
+    ) -> None:
+        self.store = store
+        self.inventory = inventory
+        self.settings = settings
+        self.start_job = start_job
+        self.stats = ProcessorStats()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        if self._task is not None and not self._task.done():
+            return False
+        self.stats.running = True
+        self.stats.since = time.time()
+        self._task = asyncio.create_task(self._loop(), name="queue-processor")
+        self._listener = asyncio.create_task(self._listen(), name="queue-wakeups")
+        self.wake()
+        return True
+
+    async def stop(self) -> bool:
+        if self._task is None:
+            return False
+        tasks = [t for t in (self._task, self._listener) if t is not None]
+        self._task = self._listener = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.stats.running = False
+        self.stats.since = time.time()
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+                async with pubsub:
+                    await pubsub.subscribe(self.store.keys.wakeup_channel)
+                    async for _ in pubsub.listen():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: the poll interval still drives passes
+                logger.warning("queue wake-up listener: {}; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.QUEUE_POLL_INTERVAL)
+            self._wake.clear()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one bad pass kill the processor
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.last_error_at = time.time()
+                logger.exception("queue pass failed")
+                await asyncio.sleep(min(1.0, self.settings.QUEUE_POLL_INTERVAL))
+
+    # ---- one pass -----------------------------------------------------------------------------------
+
+    async def view(self) -> ClusterView:
+        snapshot = await asyncio.to_thread(self.inventory.snapshot)
+        leases = await self.store.leases()
+        running_ids = await self.store.ids_with_status(JobStatus.RUNNING)
+        running_set = set(running_ids)
+        for gpu, holder in list(leases.items()):
+            if holder not in running_set:
+                # A lease whose job is no longer running (its process is gone): reclaim it.
+                await self.store.drop_lease(gpu, holder)
+                leases.pop(gpu)
+        running: list[RunningJob] = []
+        if running_ids:
+            async with self.store.r.pipeline(transaction=False) as pipe:
+                for job_id in running_ids:
+                    pipe.hmget(self.store.keys.job(job_id), ["gpu_ids", "progress"])
+                rows = await pipe.execute()
+            for job_id, (gpu_raw, progress_raw) in zip(running_ids, rows, strict=True):
+                ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
+                remaining = Progress.model_validate_json(progress_raw).remaining_seconds if progress_raw else None
+                running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining))
+        return ClusterView(snapshot, gpu_states(snapshot, leases), running)
+
+    def _policy_kwargs(self) -> dict[str, Any]:
+        return {
+            "min_free_gb": self.settings.GPU_MIN_FREE_MEMORY_GB,
+            "max_util": self.settings.GPU_MAX_UTILIZATION,
+        }
+
+    async def queued(self, count: int, start: int = 0) -> list[QueuedJob]:
+        entries = await self.store.queue_window(start, count)
+        return [_as_queued(job_id, meta) for job_id, meta in entries]
+
+    async def plan(self, view: ClusterView, extra: QueuedJob | None = None) -> list[Start]:
+        """What a pass would start now. `extra` (a pending job asking to start) is ranked among the queue."""
+        size = WINDOW
+        while True:
+            queue = await self.queued(size)
+            if extra is not None:
+                queue = sorted([*queue, extra], key=_rank)
+            starts = decide(
+                queue, view.gpus, view.running, policy=self.settings.QUEUE_POLICY.value, now=time.time(),
+                link_score=self.inventory.link_score, **self._policy_kwargs(),
+            )  # fmt: skip
+            # Later jobs rank lower and cannot change the decisions for this prefix: look further only
+            # while GPUs stay free after it.
+            used = {i for s in starts for i in s.gpu_ids}
+            any_free = any(g.held_by is None and g.index not in used for g in view.gpus)
+            if len(queue) < size or not any_free:
+                return starts
+            size *= 4
+
+    async def run_pass(self) -> list[str]:
+        async with self._lock:
+            started_at = time.perf_counter()
+            view = await self.view()
+            starts = await self.plan(view) if await self.store.queue_length() else []
+            started: list[str] = []
+            for start in starts:
+                job = await self.store.get(start.job_id)
+                if job is None or job.status != JobStatus.QUEUED:
+                    continue
+                try:
+                    await self.start_job(job, list(start.gpu_ids))
+                    started.append(start.job_id)
+                except TransitionRefused as exc:
+                    # Another API process took the job or one of its GPUs first: the next pass chooses again.
+                    logger.debug("start of {} refused: {}", start.job_id, exc.reason)
+                except RedisError:
+                    raise
+            self.stats.passes += 1
+            self.stats.jobs_started += len(started)
+            self.stats.last_pass_at = time.time()
+            self.stats.last_pass_ms = (time.perf_counter() - started_at) * 1000
+            if started:
+                self.stats.last_started = started
+                logger.info("queue pass started {}", ", ".join(started))
+            return started
+
+    async def wait_estimates(self, view: ClusterView, upto: int) -> tuple[list[QueuedJob], dict[str, float | None]]:
+        queue = await self.queued(upto)
+        waits = estimate_waits(queue, view.gpus, view.running, now=time.time(), **self._policy_kwargs())
+        return queue, waits
+
+
+def _rank(q: QueuedJob) -> tuple[int, int, str]:
+    return (-q.priority, int(q.submitted_at * 1000), q.job_id)
+
+
+def _as_queued(job_id: str, meta: QueueMeta) -> QueuedJob:
+    return queued_job(job_id, meta.priority, meta.submitted_at, meta.num_gpus, meta.gpu_ids, meta.min_gpu_memory_gb,
+                      meta.estimated_duration)  # fmt: skip

@@ -1,0 +1,189 @@
+"""Building `swift sft` / `swift export` argv lists (never shell strings) and finding the ms-swift version."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from application.models.training_model import Job, TrainingParams
+
+NEWEST_MAJOR = 4
+_VL_NAME = re.compile(r"(^|[-_/.])(vl|vision|omni|llava|internvl|minicpm-v|cogvlm|qvq)([-_/.0-9]|$)", re.I)
+
+
+@dataclass(frozen=True)
+class SwiftVersion:
+    version: str | None
+    source: str  # "setting", "detected" or "assumed"
+
+    @property
+    def major(self) -> int:
+        if self.version is None:
+            return NEWEST_MAJOR
+        return int(self.version.split(".")[0])
+
+    def tuner_flag(self) -> str:
+        # 4.x renamed --train_type to --tuner_type; the wrong one is a fatal `remaining_argv` error.
+        return "--tuner_type" if self.major >= 4 else "--train_type"
+
+
+def _interpreter_of(executable: str) -> str | None:
+    """The Python that runs a console script: the one in its shebang."""
+    try:
+        with open(executable, "rb") as fh:
+            first = fh.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").strip().split()
+    if not parts:
+        return None
+    if Path(parts[0]).name == "env" and len(parts) > 1:
+        return shutil.which(parts[1])
+    return parts[0]
+
+
+def detect_swift_version(swift_bin: str, override: str | None, timeout: float = 30.0) -> SwiftVersion:
+    """The installed ms-swift version. The CLI has no --version: ask the Python environment it runs in."""
+    if override:
+        logger.info("ms-swift version {} (from the SWIFT_VERSION setting)", override)
+        return SwiftVersion(override, "setting")
+    path = shutil.which(swift_bin)
+    python = _interpreter_of(path) if path else None
+    if python:
+        try:
+            out = subprocess.run(
+                [python, "-c", "import importlib.metadata as m; print(m.version('ms-swift'))"],
+                capture_output=True, text=True, timeout=timeout, check=False,
+            )  # fmt: skip
+            version = out.stdout.strip()
+            if out.returncode == 0 and re.fullmatch(r"\d+(\.\d+)*\S*", version):
+                logger.info("ms-swift version {} (detected in {})", version, python)
+                return SwiftVersion(version, "detected")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    logger.warning(
+        "Could not detect the ms-swift version behind SWIFT_BIN={} ({}); assuming the newest major, {}.x. "
+        "Set SWIFT_VERSION to override.",
+        swift_bin,
+        "not found" if not path else f"interpreter {python or 'unknown'}",
+        NEWEST_MAJOR,
+    )
+    return SwiftVersion(None, "assumed")
+
+
+def is_local_model(model_path: str) -> bool:
+    return Path(model_path).is_dir()
+
+
+def is_multimodal(model_path: str, explicit: bool | None) -> bool:
+    """--vit_lr/--aligner_lr crash ms-swift on a text-only model, so pass them only for vision-language ones."""
+    if explicit is not None:
+        return explicit
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if isinstance(data, dict) and ("vision_config" in data or "visual" in data):
+            return True
+        if isinstance(data, dict):
+            archs = " ".join(data.get("architectures") or [])
+            return bool(re.search(r"VL|Vision|Llava|ImageText", archs))
+    return bool(_VL_NAME.search(model_path))
+
+
+def torch_dtype_for(job: Job) -> str:
+    if job.training.torch_dtype:
+        return job.training.torch_dtype
+    # bf16 fails on a machine without a GPU ("Your setup doesn't support bf16/gpu").
+    return "bfloat16" if job.num_gpus > 0 else "float32"
+
+
+def _fmt(value: float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def build_sft_command(swift_bin: str, job: Job, version: SwiftVersion) -> list[str]:
+    t: TrainingParams = job.training
+    argv = [
+        swift_bin, "sft",
+        "--model", job.model_path,
+        "--dataset", job.data_path,
+        "--output_dir", job.output_dir,
+        version.tuner_flag(), t.train_type,
+        "--torch_dtype", torch_dtype_for(job),
+        "--num_train_epochs", _fmt(t.num_epochs),
+        "--per_device_train_batch_size", _fmt(t.batch_size),
+        "--learning_rate", _fmt(t.learning_rate),
+        "--lora_rank", _fmt(t.lora_rank),
+        "--lora_alpha", _fmt(t.lora_alpha),
+        "--gradient_accumulation_steps", _fmt(t.gradient_accumulation_steps),
+        "--eval_steps", _fmt(t.eval_steps),
+        "--save_steps", _fmt(t.save_steps),
+        "--save_total_limit", _fmt(t.save_total_limit),
+        "--logging_steps", _fmt(t.logging_steps),
+        "--max_length", _fmt(t.max_length),
+        "--warmup_ratio", _fmt(t.warmup_ratio),
+        "--dataloader_num_workers", _fmt(t.dataloader_num_workers),
+        "--dataset_num_proc", _fmt(t.dataset_num_proc),
+        "--save_only_model", _fmt(t.save_only_model),
+    ]  # fmt: skip
+    if is_multimodal(job.model_path, t.multimodal):
+        argv += ["--vit_lr", _fmt(t.vit_lr), "--aligner_lr", _fmt(t.aligner_lr)]
+    if t.max_steps is not None:
+        argv += ["--max_steps", _fmt(t.max_steps)]
+    if t.split_dataset_ratio is not None:
+        argv += ["--split_dataset_ratio", _fmt(t.split_dataset_ratio)]
+    if t.model_type:
+        argv += ["--model_type", t.model_type]
+    if t.template:
+        argv += ["--template", t.template]
+    if is_local_model(job.model_path):
+        # Otherwise swift spends ~20 s trying to reach the model hub for a local folder.
+        argv += ["--check_model", "false"]
+    return argv
+
+
+def build_export_command(swift_bin: str, checkpoint: str, *, exist_ok: bool) -> list[str]:
+    argv = [swift_bin, "export", "--adapters", checkpoint, "--merge_lora", "true"]
+    if exist_ok:
+        argv += ["--exist_ok", "true"]
+    return argv
+
+
+def build_env(base: Mapping[str, str], gpu_ids: list[int], *, master_port: int | None = None) -> dict[str, str]:
+    """The whole environment of a swift process: the server's, with the GPU variables set explicitly."""
+    env = dict(base)
+    for name in ("NPROC_PER_NODE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        env.pop(name, None)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # so NVML's indices and CUDA's agree
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)  # "" = no GPU for a CPU-only job
+    env["PYTHONUNBUFFERED"] = "1"
+    if len(gpu_ids) > 1:
+        env["NPROC_PER_NODE"] = str(len(gpu_ids))
+        if master_port:
+            env["MASTER_PORT"] = str(master_port)
+    return env
+
+
+def visible_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables the job's detail shows (the rest is the server's own environment)."""
+    names = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NPROC_PER_NODE", "MASTER_PORT")
+    return {k: env[k] for k in names if k in env}
+
+
+def server_environment() -> dict[str, str]:
+    return dict(os.environ)

@@ -1,0 +1,96 @@
+"""Reading the end of, and following, swift's combined stdout+stderr log files.
+
+Training logs reach hundreds of megabytes (tqdm rewrites its bar many times a second), so nothing
+here reads a whole file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# A log with no newline for megabytes (a tqdm bar that only ever writes \r) would otherwise make
+# tail_lines read the whole file looking for line starts.
+DEFAULT_TAIL_MAX_BYTES = 16 * 1024 * 1024
+
+
+def last_cr_segment(line: str) -> str:
+    """What a terminal shows for a line tqdm rewrote with \\r: its last segment that has any text.
+
+    tqdm clears its bar by writing blanks between two \\r, so a blank last segment says nothing.
+    """
+    if "\r" not in line:
+        return line
+    for segment in reversed(line.split("\r")):
+        if segment.strip():
+            return segment
+    return ""
+
+
+def tail_lines(
+    path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES
+) -> list[str]:
+    """The last `n` lines of a text log, read backwards by blocks from the end.
+
+    Each line is shown as tqdm left it on screen (its last \\r segment), decoded with
+    errors='replace', and without trailing whitespace. A missing file gives []. At most `max_bytes`
+    are read, so the first line returned may be the tail end of a longer one.
+    """
+    if n <= 0:
+        return []
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        blocks: list[bytes] = []
+        newlines = 0
+        # n lines need n+1 newlines: the one that ends the line before the first, plus one that may
+        # end the file. Reading one extra block in the no-final-newline case is harmless.
+        while pos > 0 and newlines <= n and end - pos < max_bytes:
+            size = min(block_size, pos, max_bytes - (end - pos))
+            pos -= size
+            f.seek(pos)
+            block = f.read(size)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+    data = b"".join(reversed(blocks))
+    if pos > 0:
+        cut = data.find(b"\n")
+        # Bytes before the first newline belong to a line that starts before what was read;
+        # splitting bytes first also keeps a multi-byte character cut by the block edge out.
+        if cut >= 0:
+            data = data[cut + 1 :]
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data and (pos == 0 and end == 0):
+        return []
+    lines = data.split(b"\n")[-n:]
+    return [last_cr_segment(raw.decode("utf-8", errors="replace")).rstrip() for raw in lines]
+
+
+def read_from(path: Path | str, offset: int, max_bytes: int) -> tuple[bytes, int]:
+    """Bytes of a growing file from `offset` (at most `max_bytes`) and the offset to read from next.
+
+    A missing file gives (b"", offset). A file now shorter than `offset` was replaced or truncated,
+    so it is read again from the start.
+    """
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    if max_bytes <= 0:
+        return b"", offset
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return b"", offset
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size < offset:
+            offset = 0
+        f.seek(offset)
+        data = f.read(max_bytes)
+    return data, offset + len(data)
