@@ -51,3 +51,161 @@ async def redis_client(redis_url: str, redis_sync: redis.Redis) -> AsyncIterator
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+# ---- a real API server process ------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+_prefixes = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until `predicate()` is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}")
+
+
+class ApiServer:
+    """`python start.py` as a child process on its own port, with its own key prefix and output root."""
+
+    def __init__(self, redis_url: str, workdir: Path, env: dict[str, str] | None = None, prefix: str | None = None):
+        self.port = free_port()
+        self.workdir = workdir
+        self.output_root = workdir / "output"
+        self.prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
+        self.env = {
+            **os.environ,
+            "ENVIRONMENT": "test",
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": self.prefix,
+            "APP_HOST": "127.0.0.1",
+            "APP_PORT": str(self.port),
+            "OUTPUT_ROOT": str(self.output_root),
+            "LOG_DIR": str(workdir / "logs"),
+            "DATA_DIR": str(workdir / "data"),
+            "SWIFT_BIN": str(FAKE_SWIFT),
+            "SWIFT_VERSION": "4.6.0",
+            "GPU_BACKEND": "simulated",
+            "SIMULATED_GPUS": "2x80",
+            "STOP_GRACE_SECONDS": "3",
+            "QUEUE_POLL_INTERVAL": "1",
+            "SUPERVISOR_POLL_INTERVAL": "0.1",
+            "LOG_LEVEL": "DEBUG",
+            "FAKE_SWIFT_STEP_SECONDS": "0.02",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def start(self) -> ApiServer:
+        self.log = open(self.workdir / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "start.py")], cwd=ROOT, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._healthy, timeout=30, what="the API server to answer /health")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.server_log()}")
+        try:
+            return self.http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def server_log(self) -> str:
+        return (self.workdir / f"server-{self.port}.log").read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        """Kill the API process for real (SIGKILL): no shutdown code runs."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        self.log.close()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.http.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def wait_status(self, job_id: str, *statuses: str, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout=timeout,  # type: ignore[no-any-return]
+                        what=f"job {job_id} to reach {statuses}")
+
+    def create(self, **body: Any) -> httpx.Response:
+        return self.http.post("/jobs", json=body)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A tiny local model folder and data set, as swift would read them."""
+    model = tmp_path / "models" / "tiny-qwen2"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}')
+    data = tmp_path / "data.jsonl"
+    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    data.write_text(row * 20)
+    return tmp_path
+
+
+def fake_dataset(workspace: Path, name: str, **options: Any) -> str:
+    """A data set whose first line tells the fake swift how to behave (step_seconds, fail_at_step, ...)."""
+    import json
+
+    path = workspace / f"{name}.jsonl"
+    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    path.write_text(json.dumps({"fake_swift": options}) + "\n" + row * 20)
+    return str(path)
+
+
+@pytest.fixture
+def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
+    servers: list[ApiServer] = []
+
+    def make(env: dict[str, str] | None = None, prefix: str | None = None, workdir: Path | None = None) -> ApiServer:
+        s = ApiServer(redis_url, workdir or tmp_path, env, prefix)
+        servers.append(s)
+        return s.start()
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ApiServer]) -> ApiServer:
+    return server_factory()

@@ -129,7 +129,7 @@ async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
     for i in range(5):
         await store.create(make_job(f"j{i}", created=1000.0 + i), message="")
     await store.transition("j1", JobStatus.CANCELLED)
-    jobs, total = await store.list(None, 0, 3)
+    jobs, total = await store.page(None, 0, 3)
     assert [j.job_id for j in jobs] == ["j4", "j3", "j2"] and total == 5
-    jobs, total = await store.list(JobStatus.PENDING, 2, 10)
+    jobs, total = await store.page(JobStatus.PENDING, 2, 10)
     assert [j.job_id for j in jobs] == ["j2", "j0"] and total == 4

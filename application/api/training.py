@@ -30,22 +30,23 @@ router = APIRouter(prefix="/training")
 
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description=JOB_ID_HELP)]
 
-E404 = {404: {"model": ErrorResponse, "description": "No job with this id"}}
-E409 = {409: {"model": ErrorResponse, "description": "The job's status does not allow this action"}}
-E422 = {422: {"model": ErrorResponse, "description": "Invalid input: the message says what to change"}}
-E503 = {503: {"model": ErrorResponse, "description": "Redis does not answer"}}
+Responses = dict[int | str, dict[str, Any]]
+E404: Responses = {404: {"model": ErrorResponse, "description": "No job with this id"}}
+E409: Responses = {409: {"model": ErrorResponse, "description": "The job's status does not allow this action"}}
+E422: Responses = {422: {"model": ErrorResponse, "description": "Invalid input: the message says what to change"}}
+E503: Responses = {503: {"model": ErrorResponse, "description": "Redis does not answer"}}
 
 
 def _training(request: Request) -> TrainingService:
-    return request.app.state.training  # type: ignore[no-any-return]
+    return request.app.state.training
 
 
 def _queue(request: Request) -> QueueService:
-    return request.app.state.queue  # type: ignore[no-any-return]
+    return request.app.state.queue
 
 
 def _system(request: Request) -> SystemService:
-    return request.app.state.system  # type: ignore[no-any-return]
+    return request.app.state.system
 
 
 Training = Annotated[TrainingService, Depends(_training)]

@@ -152,7 +152,7 @@ class JobStore:
         raw = await self.r.hget(self.keys.job(job_id), name)
         return None if raw is None else json.loads(raw)
 
-    async def list(self, status: JobStatus | None, offset: int, limit: int) -> tuple[list[Job], int]:
+    async def page(self, status: JobStatus | None, offset: int, limit: int) -> tuple[list[Job], int]:
         index = self.keys.status_index(status) if status else self.keys.jobs_index
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zcard(index)

@@ -40,6 +40,13 @@ _BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*?
 # 4.x: "saved in `/x-merged`."; 3.x: "saved in /x-merged."
 _MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+?)\s*$")
 _RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`\s*$")
+# The trainer's tqdm bar, redrawn every optimizer step, while step dicts only come every
+# logging_steps: "Train:  38%|███▊      | 1150/3000 [00:25<00:38, 47.81it/s]" (or "2.50s/it").
+_TRAIN_BAR_RE = re.compile(
+    r"Train:\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+    r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:]+|\?)"
+    r"(?:,\s*(?:(?P<rate>[\d.]+)(?P<unit>it/s|s/it)|\?it/s))?"
+)
 
 _CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
 _VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
@@ -187,6 +194,30 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
     return Progress(**data)
 
 
+def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
+    """The progress after a tqdm Train bar, or None when it says nothing new (a redraw)."""
+    n, total = int(m.group("n")), int(m.group("total"))
+    if total <= 0:
+        return None
+    data = previous.model_dump() if previous is not None else {}
+    current = data.get("current_step")
+    if current is not None and (n < current or (n == current and data.get("max_steps") == total)):
+        return None
+    data["current_step"] = n
+    data["max_steps"] = total
+    data["percentage"] = round(100.0 * n / total, 2)
+    data["elapsed_time"] = m.group("elapsed")
+    remaining = m.group("remaining")
+    if remaining != "?":
+        data["remaining_time"] = remaining
+        data["remaining_seconds"] = parse_duration(remaining)
+    rate = _float(m.group("rate"))
+    if rate is not None and rate > 0:
+        data["train_speed"] = rate if m.group("unit") == "s/it" else 1.0 / rate
+    data["updated_at"] = time.time()
+    return Progress(**data)
+
+
 def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str, Any]:
     """A point shaped like the API's LossPoint."""
     return {
@@ -296,6 +327,12 @@ class SwiftLogParser:
 
     def parse_segment(self, seg: str, result: ParseResult) -> None:
         """One \\r/\\n-delimited piece of the log."""
+        # Real logs put swift's lines right after a bar with no separator ("...| 10/20 [00:00<00:00,
+        # 30.29it/s][INFO:swift] Saving model checkpoint to ..."), so a bar does not end the search.
+        if "Train:" in seg and (m := _TRAIN_BAR_RE.search(seg)):
+            progress = _merge_bar(self.progress, m)
+            if progress is not None:
+                self.progress = result.progress = progress
         if "{'" in seg:
             d = parse_step_dict(seg)
             if d is not None:

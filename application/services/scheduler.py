@@ -488,9 +488,9 @@ def format_wait(seconds: float) -> str:
     """'less than a minute', 'about 5 min', 'about 1 h 20 min', 'about 2 d 3 h'."""
     if not math.isfinite(seconds):
         raise ValueError(f"wait must be a finite number of seconds, got {seconds}")
-    minutes = math.floor(seconds / 60 + 0.5)
-    if minutes < 1:
+    if seconds < 60:
         return "less than a minute"
+    minutes = math.floor(seconds / 60 + 0.5)
     if minutes < 60:
         return f"about {minutes} min"
     hours, mins = divmod(minutes, 60)

@@ -292,7 +292,7 @@ class TrainingService:
         )  # fmt: skip
 
     async def list_jobs(self, status: JobStatus | None, offset: int, limit: int) -> JobList:
-        jobs, total = await self.store.list(status, offset, limit)
+        jobs, total = await self.store.page(status, offset, limit)
         summaries = [
             JobSummary(
                 job_id=j.job_id, status=j.status, priority=j.priority, model_path=j.model_path, data_path=j.data_path,

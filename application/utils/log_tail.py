@@ -27,9 +27,7 @@ def last_cr_segment(line: str) -> str:
     return ""
 
 
-def tail_lines(
-    path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES
-) -> list[str]:
+def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> list[str]:
     """The last `n` lines of a text log, read backwards by blocks from the end.
 
     Each line is shown as tqdm left it on screen (its last \\r segment), decoded with

@@ -1,0 +1,606 @@
+"""The parser against output captured from real ms-swift 4.6.0 and 3.5.3 runs (tests/fixtures/swift)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from application.models.training_model import LossPoint
+from application.services.log_parser import (
+    ParseResult,
+    SwiftLogParser,
+    extract_error,
+    find_checkpoints,
+    parse_duration,
+    parse_logging_jsonl,
+    parse_step_dict,
+)
+
+FIX4 = Path(__file__).parent / "fixtures" / "swift"
+FIX3 = FIX4 / "ms-swift-3.5.3"
+RUN4 = "/data/lab/out/v0-20261126-155015"
+RUN4_NOEVAL = "/data/lab/outA/v0-20261126-155041"
+RUN3 = "/data/lab/out35/v0-20261126-154737"
+
+
+class Collected:
+    """Everything the ParseResults of a whole log said, merged."""
+
+    def __init__(self) -> None:
+        self.results: list[ParseResult] = []
+        self.history: list[dict[str, object]] = []
+        self.checkpoints_saved: list[str] = []
+
+    def add(self, result: ParseResult) -> None:
+        self.results.append(result)
+        self.history.extend(result.history)
+        self.checkpoints_saved.extend(result.checkpoints_saved)
+
+
+def feed(data: bytes, chunk_sizes: list[int] | None = None, seed: int = 0) -> tuple[SwiftLogParser, Collected]:
+    parser = SwiftLogParser()
+    got = Collected()
+    if chunk_sizes is None:
+        got.add(parser.feed(data))
+    else:
+        rng = random.Random(seed)
+        pos = 0
+        while pos < len(data):
+            size = rng.choice(chunk_sizes)
+            got.add(parser.feed(data[pos : pos + size]))
+            pos += size
+    got.add(parser.flush())
+    return parser, got
+
+
+def read(*paths: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in paths)
+
+
+def comparable(history: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in point.items() if k != "time"} for point in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_step_dict / parse_duration
+
+
+def test_step_dict_4x_strings() -> None:
+    line = (
+        "{'loss': '8.264', 'grad_norm': '0.6385', 'learning_rate': '9.938e-05', 'token_acc': '0', "
+        "'epoch': '0.025', 'global_step/max_steps': '1/20', 'elapsed_time': '0s', 'remaining_time': '2s', "
+        "'train_speed(s/it)': '0.1074'}"
+    )
+    d = parse_step_dict(line)
+    assert d == {
+        "loss": 8.264,
+        "grad_norm": 0.6385,
+        "learning_rate": 9.938e-05,
+        "token_acc": 0.0,
+        "epoch": 0.025,
+        "global_step/max_steps": "1/20",
+        "current_step": 1,
+        "max_steps": 20,
+        "elapsed_time": "0s",
+        "remaining_time": "2s",
+        "train_speed(s/it)": 0.1074,
+    }
+
+
+def test_step_dict_3x_numbers() -> None:
+    line = (
+        "{'loss': 8.27054501, 'token_acc': 0.0, 'grad_norm': 0.74902087, 'learning_rate': 9.938e-05, "
+        "'memory(GiB)': 0.0, 'train_speed(iter/s)': 2.075509, 'epoch': 0.03, 'global_step/max_steps': '1/20', "
+        "'percentage': '5.00%', 'elapsed_time': '0s', 'remaining_time': '3s'}"
+    )
+    d = parse_step_dict(line)
+    assert d is not None
+    assert d["loss"] == 8.27054501
+    assert d["memory(GiB)"] == 0.0
+    assert d["train_speed(iter/s)"] == 2.075509
+    assert d["percentage"] == 5.0
+    assert (d["current_step"], d["max_steps"]) == (1, 20)
+    assert d["remaining_time"] == "3s"
+
+
+def test_step_dict_after_tqdm_text_and_rejects() -> None:
+    d = parse_step_dict("Train:   5%|5 | 1/20 [00:00<00:01]{'loss': '1.5', 'global_step/max_steps': '1/2'}  ")
+    assert d is not None and d["loss"] == 1.5 and d["current_step"] == 1
+    assert parse_step_dict("[INFO:swift] model_kwargs: {'device_map': 'cpu'}") is None
+    assert parse_step_dict("{'device_map': 'cpu'}") is None  # a dict, but not a step
+    assert parse_step_dict("{'loss': '1.5',") is None  # cut off
+    assert parse_step_dict("{'loss': __import__('os')}") is None
+    assert parse_step_dict("not a dict") is None
+    assert parse_step_dict("") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("0s", 0.0),
+        ("2s", 2.0),
+        ("1m 3s", 63.0),
+        ("1h 2m 3s", 3723.0),
+        ("1d 0h 0m 5s", 86405.0),
+        ("0:01:02", 62.0),
+        ("01:02", 62.0),
+        ("00:38", 38.0),
+        ("1 day, 0:00:05", 86405.0),
+        ("12.5", 12.5),
+        ("", None),
+        ("?", None),
+        ("soon", None),
+        (None, None),
+    ],
+)
+def test_parse_duration(text: str | None, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_4x_success_run() -> None:
+    parser, got = feed(read(FIX4 / "sft_success.stdout.txt", FIX4 / "sft_success.stderr.txt"))
+    assert parser.run_dir == RUN4
+    assert parser.command_line is not None
+    assert parser.command_line.startswith(
+        "/opt/venv/bin/python3 /opt/venv/lib/python3.11/site-packages/swift/cli/sft.py"
+    )
+    assert "--tuner_type lora" in parser.command_line
+    assert parser.checkpoints == [f"{RUN4}/checkpoint-10", f"{RUN4}/checkpoint-20"]
+    assert got.checkpoints_saved == parser.checkpoints
+    assert parser.last_checkpoint == f"{RUN4}/checkpoint-20"
+    assert parser.best_checkpoint == f"{RUN4}/checkpoint-20"
+    assert parser.training_ended
+    assert parser.train_loss == 8.261
+    assert parser.train_runtime == 1.608
+    assert parser.merged_path is None
+
+    p = parser.progress
+    assert p is not None
+    assert (p.current_step, p.max_steps, p.percentage) == (20, 20, 100.0)
+    assert p.epoch == 0.5
+    assert p.loss == 8.278
+    assert p.eval_loss == 8.256
+    assert p.learning_rate == 0.0
+    assert p.grad_norm == 0.7005
+    assert p.token_acc == 0.0
+    assert p.remaining_seconds == 0.0
+    assert p.memory_gib is None
+    assert p.updated_at is not None
+
+    steps = [(pt["step"], pt["loss"] is not None, pt["eval_loss"] is not None) for pt in got.history]
+    train_steps = [s for s, is_train, _ in steps if is_train]
+    eval_steps = [s for s, _, is_eval in steps if is_eval]
+    assert train_steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert eval_steps == [10, 20]
+    assert got.history[0] == {
+        "step": 1,
+        "loss": 8.264,
+        "eval_loss": None,
+        "learning_rate": 9.938e-05,
+        "grad_norm": 0.6385,
+        "epoch": 0.025,
+        "time": got.history[0]["time"],
+    }
+    assert next(pt for pt in got.history if pt["eval_loss"] is not None)["eval_loss"] == 8.26
+    for point in got.history:
+        LossPoint.model_validate(point)
+    assert parser.history_points == 13
+
+
+def test_4x_success_stdout_only_progress_as_it_goes() -> None:
+    lines = (FIX4 / "sft_success.stdout.txt").read_bytes().split(b"\n")
+    parser = SwiftLogParser()
+    parser.feed(b"\n".join(lines[:3]) + b"\n")
+    p = parser.progress
+    assert p is not None
+    assert (p.current_step, p.max_steps, p.percentage) == (2, 20, 10.0)
+    assert p.train_speed == 0.06786
+    assert p.elapsed_time == "0s"
+    assert p.remaining_time == "1s"
+    assert p.remaining_seconds == 1.0
+    assert p.eval_loss is None
+    # The summary dict moves progress but is no history point.
+    result = parser.feed(b"\n".join(lines[3:]))
+    assert result.train_loss == 8.261 and result.train_runtime == 1.608
+    assert all(pt["step"] != 20 or pt["loss"] == 8.278 or pt["eval_loss"] == 8.256 for pt in result.history)
+    assert len(result.history) == 11
+    # The eval dict sets eval_loss but leaves the last training loss alone.
+    assert parser.progress is not None and parser.progress.loss == 8.278
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chunking_does_not_matter(seed: int) -> None:
+    data = read(FIX4 / "sft_success.stderr.txt", FIX4 / "sft_success.stdout.txt")
+    whole, whole_got = feed(data)
+    parts, parts_got = feed(data, chunk_sizes=[1, 2, 3, 7, 64, 500, 4096], seed=seed)
+    assert comparable(parts_got.history) == comparable(whole_got.history)
+    assert parts_got.checkpoints_saved == whole_got.checkpoints_saved
+    for attr in ("run_dir", "command_line", "last_checkpoint", "best_checkpoint", "train_loss", "train_runtime"):
+        assert getattr(parts, attr) == getattr(whole, attr)
+    assert parts.progress is not None and whole.progress is not None
+    assert parts.progress.model_dump(exclude={"updated_at"}) == whole.progress.model_dump(exclude={"updated_at"})
+
+
+def test_dicts_interleaved_with_tqdm_bars() -> None:
+    # One log file for both streams: tqdm.write clears the bar on stderr, the dict goes to stdout,
+    # the bar is redrawn, and nothing but \r separates them.
+    bar = "Train:  10%|█         | 2/20 [00:00<00:01,  9.66it/s]"
+    data = (
+        f"\r{bar}\r{' ' * len(bar)}\r"
+        "{'loss': '8.28', 'grad_norm': '0.6729', 'learning_rate': '9.755e-05', 'token_acc': '0', "
+        "'epoch': '0.05', 'global_step/max_steps': '2/20', 'elapsed_time': '0s', 'remaining_time': '1s', "
+        "'train_speed(s/it)': '0.06786'}\n"
+        f"\r{bar}\rTrain:  15%|█▌        | 3/20 [00:00<00:01,  9.66it/s]"
+        "[INFO:swift] Saving model checkpoint to /x/v0-1/checkpoint-3\n"
+    ).encode()
+    parser, got = feed(data, chunk_sizes=[1, 5, 13], seed=1)
+    assert [pt["step"] for pt in got.history] == [2]
+    assert got.checkpoints_saved == ["/x/v0-1/checkpoint-3"]
+    assert parser.progress is not None and parser.progress.loss == 8.28
+
+
+def test_tqdm_train_bar_moves_progress_between_logged_steps() -> None:
+    parser, _ = feed((FIX4 / "sigterm_to_launcher_only.stderr_tail.txt").read_bytes())
+    p = parser.progress
+    assert p is not None
+    assert (p.current_step, p.max_steps, p.percentage) == (1158, 3000, 38.6)
+    assert p.elapsed_time == "00:25"
+    assert p.remaining_seconds == 38.0
+    assert p.train_speed == pytest.approx(1 / 48.26)
+    assert p.loss is None
+    # Redraws of an older bar do not move progress back.
+    result = parser.feed(b"\rTrain:  38%|###| 1150/3000 [00:25<00:38, 47.81it/s]\n")
+    assert result.progress is None
+    slow = parser.feed(b"\rTrain:  39%|###| 1159/3000 [00:26<10:00,  2.50s/it]\n")
+    assert slow.progress is not None and slow.progress.train_speed == 2.5
+    # The Val bar is not training progress.
+    assert parser.feed(b"\rVal:  50%|#####| 5/10 [00:00<00:00, 64.0it/s]\n").progress is None
+
+
+def test_4x_default_no_eval_run() -> None:
+    parser, got = feed(
+        read(FIX4 / "sft_default_checkmodel_noeval.stdout.txt", FIX4 / "sft_default_checkmodel_noeval.stderr.txt")
+    )
+    assert parser.run_dir == RUN4_NOEVAL
+    assert parser.checkpoints == [f"{RUN4_NOEVAL}/checkpoint-10", f"{RUN4_NOEVAL}/checkpoint-20"]
+    assert parser.last_checkpoint == f"{RUN4_NOEVAL}/checkpoint-20"
+    assert parser.best_checkpoint is None  # printed as 'None'
+    assert parser.train_loss == 8.274
+    assert parser.train_runtime == 0.728
+    assert all(pt["eval_loss"] is None for pt in got.history)
+    assert [pt["step"] for pt in got.history] == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert parser.progress is not None and parser.progress.eval_loss is None
+
+
+def test_3x_success_run() -> None:
+    data = read(FIX3 / "sft_success.stdout.txt", FIX3 / "sft_success.stderr.txt")
+    first = SwiftLogParser()
+    first_line = data.split(b"\n")[1] + b"\n"
+    first.feed(data.split(b"\n")[0] + b"\n" + first_line)
+    p1 = first.progress
+    assert p1 is not None
+    assert (p1.current_step, p1.max_steps, p1.percentage) == (1, 20, 5.0)
+    assert p1.memory_gib == 0.0
+    assert p1.train_speed == pytest.approx(1 / 2.075509)  # 3.x prints iterations per second
+    assert p1.loss == 8.27054501
+
+    parser, got = feed(data, chunk_sizes=[3, 100, 999], seed=3)
+    assert parser.run_dir == RUN3
+    assert parser.command_line is not None and "--train_type lora" in parser.command_line
+    assert parser.checkpoints == [f"{RUN3}/checkpoint-10", f"{RUN3}/checkpoint-20"]
+    assert parser.last_checkpoint == parser.best_checkpoint == f"{RUN3}/checkpoint-20"
+    assert parser.train_loss == 8.26525202
+    assert parser.train_runtime == 1.7624
+    p = parser.progress
+    assert p is not None
+    assert (p.current_step, p.percentage, p.eval_loss, p.loss) == (20, 100.0, 8.25973511, 8.2359314)
+    assert len(got.history) == 13
+    assert [pt["step"] for pt in got.history if pt["eval_loss"] is not None] == [10, 20]
+
+
+def test_cpu_two_process_run_dedupes_steps() -> None:
+    parser, got = feed((FIX4 / "sft_nproc2_cpu.stdout.txt").read_bytes())
+    assert [pt["step"] for pt in got.history] == [1, 2, 3, 4]
+    assert got.history[0]["loss"] == 8.273  # the first rank's, duplicates dropped
+    assert parser.command_line is not None and "torch.distributed.run --nproc_per_node 2" in parser.command_line
+    assert parser.progress is not None and parser.progress.current_step == 4
+    assert parser.train_loss is not None
+
+
+@pytest.mark.parametrize(
+    ("fix", "merged"),
+    [
+        (FIX4, f"{RUN4}/checkpoint-20-merged"),
+        (FIX3, f"{RUN3}/checkpoint-20-merged"),  # 3.x: no backticks, a trailing '.'
+    ],
+)
+def test_export_merge(fix: Path, merged: str) -> None:
+    parser, got = feed(read(fix / "export_merge.stdout.txt", fix / "export_merge.stderr.txt"))
+    assert parser.merged_path == merged
+    assert any(r.merged_path == merged for r in got.results)
+    assert parser.command_line is not None and "/swift/cli/export.py --adapters" in parser.command_line
+    assert parser.run_dir is None  # export prints `args.output_dir:`, not a run dir
+    assert parser.progress is None
+    assert got.history == []
+
+
+@pytest.mark.parametrize(
+    ("fix", "name", "run_dir"),
+    [
+        (FIX4, "fail_unknown_arg", "/data/lab/out_fail_arg/v0-20261126-155142"),
+        (FIX3, "fail_tuner_type", "/data/lab/out35_fail_tuner_type/v0-20261126-154834"),
+        (FIX4, "fail_model", None),
+        (FIX3, "fail_model", None),
+        (FIX4, "fail_dataset", None),  # its tail starts after the output_dir line
+        (FIX4, "fail_hubid", None),
+        (FIX4, "fail_no_model_type", None),
+        (FIX4, "fail_no_template", None),
+        (FIX3, "fail_dataset", None),
+    ],
+)
+def test_failed_runs(fix: Path, name: str, run_dir: str | None) -> None:
+    parser, got = feed(read(fix / f"{name}.stdout.txt", fix / f"{name}.stderr_tail.txt"))
+    assert parser.command_line is not None and parser.command_line.endswith(
+        (fix / f"{name}.stdout.txt").read_text().split("`")[1].split(" ")[-1]
+    )
+    assert parser.run_dir == run_dir
+    assert parser.progress is None
+    assert got.history == [] and parser.checkpoints == []
+    assert not parser.training_ended
+
+
+def test_sigint_tail_end_of_training_lines_after_a_bar() -> None:
+    parser, _ = feed((FIX4 / "sigint_to_process_group.stderr_tail.txt").read_bytes())
+    assert parser.training_ended
+    assert parser.last_checkpoint is None and parser.best_checkpoint is None
+    assert parser.progress is not None and parser.progress.current_step == 9
+
+
+def test_non_utf8_and_garbage_do_not_break_parsing() -> None:
+    data = (
+        b"\xff\xfe\x00garbage\n"
+        b"{'loss': '1.5', 'global_step/max_steps': '1/4', 'epoch': '\xff'}\n"
+        b"{'loss': '1.25', 'global_step/max_steps': '2/4'}\n"
+        + b"x" * 3_000_000  # a 3 MB segment with no separator is dropped, not held
+        + b"\n{'loss': '1.0', 'global_step/max_steps': '3/4'}\n"
+    )
+    parser, got = feed(data, chunk_sizes=[65536], seed=0)
+    assert [pt["step"] for pt in got.history] == [1, 2, 3]
+    assert got.history[0]["epoch"] is None
+    assert parser.progress is not None and parser.progress.current_step == 3
+
+
+def test_parse_result_changed_flag() -> None:
+    parser = SwiftLogParser()
+    assert not parser.feed(b"[INFO:swift] nothing here\n").changed()
+    assert parser.feed(b"[INFO:swift] output_dir: /o/v0-1\n").changed()
+    assert not parser.feed(b"{'loss': '1.0', 'global_step/max_steps'").changed()  # waits for the rest
+    assert parser.feed(b": '1/2'}\n").changed()
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_error against every failure tail
+
+
+EXPECTED_ERRORS = {
+    (FIX4, "fail_bf16_on_cpu"): "ValueError: Your setup doesn't support bf16/gpu. You need to assign use_cpu "
+    "if you want to train the model on CPU.",
+    (FIX4, "fail_dataset"): "ValueError: The local path does not exist, dataset_id: "
+    "`/data/lab/does_not_exist.jsonl`. os.path.exists(dataset_id): False",
+    (FIX4, "fail_hubid"): "modelscope_hub.errors.NetworkError: [E1020] Connection failed: "
+    "_DownloadHTTPSConnectionPool(host='modelscope.cn', port=443): Max retries exceeded with url: "
+    "/api/v1/models/Qwen/Qwen2.5-0.5B-Instruct/repo/files?Revision=master&Recursive=True (Caused by "
+    "NameResolutionError(\"_DownloadHTTPSConnection(host='modelscope.cn', port=443): Failed to resolve "
+    "'modelscope.cn' ([Errno -2] Name or service not known)\"))",
+    (FIX4, "fail_model"): "ValueError: path: '/data/lab/no-such-model' not found",
+    (FIX4, "fail_no_model_type"): "ValueError: Failed to automatically match `model_type` for "
+    "`/data/lab/tiny-qwen2`. Multiple possible types found: ['qwen2', 'qwen2_gte']. Please specify "
+    "`model_type` manually. See documentation: "
+    "https://swift.readthedocs.io/en/latest/Instruction/Supported-models-and-datasets.html",
+    (FIX4, "fail_no_template"): "ValueError: Failed to automatically match `template_type` for "
+    "`/data/lab/tiny-qwen2`. Multiple possible types found: ['qwen', 'qwen2_5', 'qwen2_5_math', "
+    "'marco_o1', 'qwq_preview', 'qwq', 'deepseek_r1']. Please specify `template_type` manually via "
+    "`--template`. See documentation: "
+    "https://swift.readthedocs.io/en/latest/Instruction/Supported-models-and-datasets.html",
+    (FIX4, "fail_unknown_arg"): "ValueError: remaining_argv: ['--train_type', 'lora']",
+    (FIX4, "fail_vit_lr_on_text_model"): "AttributeError: 'ModelKeys' object has no attribute 'vision_tower'",
+    (FIX4, "export_merge_exists"): "FileExistsError: args.output_dir: "
+    "`/data/lab/out/v0-20261126-155015/checkpoint-20-merged` already exists.",
+    (FIX4, "sigint_to_process_group"): "KeyboardInterrupt",
+    (FIX4, "sigterm_to_launcher_only"): None,
+    (FIX3, "fail_dataset"): "ValueError: The local path does not exist, dataset_id: "
+    "`/data/lab/does_not_exist.jsonl`. os.path.exists(dataset_id): False",
+    (FIX3, "fail_model"): "ValueError: path: '/data/lab/no-such-model' not found",
+    (FIX3, "fail_tuner_type"): "ValueError: remaining_argv: ['--tuner_type', 'lora']",
+}
+
+
+def test_every_failure_tail_is_covered() -> None:
+    tails = {(p.parent, p.name.removesuffix(".stderr_tail.txt")) for p in FIX4.glob("**/*.stderr_tail.txt")}
+    assert tails == set(EXPECTED_ERRORS)
+
+
+@pytest.mark.parametrize(("key", "expected"), list(EXPECTED_ERRORS.items()), ids=lambda v: str(v)[-40:])
+def test_extract_error_from_real_tails(key: tuple[Path, str], expected: str | None) -> None:
+    fix, name = key
+    lines = (fix / f"{name}.stderr_tail.txt").read_text(encoding="utf-8", errors="replace").split("\n")
+    assert extract_error(lines) == expected
+    # The server passes the last lines of the combined log, stdout included.
+    stdout = fix / f"{name}.stdout.txt"
+    if stdout.exists():
+        combined = stdout.read_text().split("\n") + lines
+        assert extract_error(combined[-50:]) == expected
+
+
+@pytest.mark.parametrize("fix", [FIX4, FIX3])
+def test_extract_error_none_for_successful_runs(fix: Path) -> None:
+    lines = read(fix / "sft_success.stdout.txt", fix / "sft_success.stderr.txt").decode().split("\n")
+    assert extract_error(lines) is None
+    assert extract_error(lines[-50:]) is None
+
+
+def test_extract_error_prefers_trainer_error_over_launcher_noise() -> None:
+    trainer = (FIX4 / "fail_model.stderr_tail.txt").read_text().split("\n")
+    launcher = [
+        "Traceback (most recent call last):",
+        '  File "/opt/venv/bin/swift", line 8, in <module>',
+        "    sys.exit(cli_main())",
+        '  File "/usr/local/lib/python3.11/subprocess.py", line 571, in run',
+        "    raise CalledProcessError(retcode, process.args,",
+        "subprocess.CalledProcessError: Command '['/opt/venv/bin/python3', 'sft.py']' returned non-zero exit status 1.",
+    ]
+    assert extract_error(trainer + launcher) == "ValueError: path: '/data/lab/no-such-model' not found"
+    assert extract_error(launcher) == launcher[-1]
+    sigint = (FIX4 / "sigint_to_process_group.stderr_tail.txt").read_text().split("\n")
+    oom = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "    g()",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+    ]
+    assert extract_error(oom + sigint) == oom[-1]
+
+
+def test_extract_error_rank_prefixes_chains_and_junk() -> None:
+    ranked = [
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "sft.py", line 1, in <module>',
+        "[rank0]:     main()",
+        "[rank0]: RuntimeError: NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:268",
+        "\rTrain:   1%|  | 3/300\rTrain:   1%|  | 4/300",
+    ]
+    assert extract_error(ranked) == "RuntimeError: NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:268"
+    chained = [
+        "Traceback (most recent call last):",
+        '  File "a.py", line 1, in f',
+        "KeyError: 'x'",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "a.py", line 3, in f',
+        "ValueError: bad x",
+    ]
+    assert extract_error(chained) == "ValueError: bad x"
+    assert extract_error([]) is None
+    assert extract_error(["Train: 5%", "[INFO:swift] output_dir: /x", "ValueError in the docs: not raised"]) is None
+    assert (
+        extract_error(["ValueError: at the very start of a cut tail"]) == "ValueError: at the very start of a cut tail"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# logging.jsonl
+
+
+@pytest.mark.parametrize(
+    ("path", "points", "last", "best", "train_loss", "runtime"),
+    [
+        (FIX4 / "sft_success.logging.jsonl", 13, f"{RUN4}/checkpoint-20", f"{RUN4}/checkpoint-20", 8.26144772, 1.6079),
+        (
+            FIX4 / "sft_default_checkmodel_noeval.logging.jsonl",
+            11,
+            f"{RUN4_NOEVAL}/checkpoint-20",
+            None,
+            8.27446303,
+            0.728,
+        ),
+        (FIX3 / "sft_success.logging.jsonl", 13, f"{RUN3}/checkpoint-20", f"{RUN3}/checkpoint-20", 8.26525202, 1.7624),
+    ],
+)
+def test_parse_logging_jsonl(
+    path: Path, points: int, last: str, best: str | None, train_loss: float, runtime: float
+) -> None:
+    log = parse_logging_jsonl(path)
+    assert log.finished
+    assert len(log.history) == points
+    assert log.last_checkpoint == last
+    assert log.best_checkpoint == best
+    assert log.train_loss == train_loss
+    assert log.train_runtime == runtime
+    assert log.progress is not None and log.progress.current_step == 20 and log.progress.percentage == 100.0
+    assert all(pt["time"] is None for pt in log.history)
+    for point in log.history:
+        LossPoint.model_validate(point)
+
+
+def test_parse_logging_jsonl_while_running_and_missing(tmp_path: Path) -> None:
+    lines = (FIX4 / "sft_success.logging.jsonl").read_text().split("\n")
+    partial = tmp_path / "logging.jsonl"
+    partial.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])  # the 6th line half written
+    log = parse_logging_jsonl(partial)
+    assert not log.finished
+    assert [pt["step"] for pt in log.history] == [1, 2, 4, 6, 8]
+    assert log.last_checkpoint is None and log.train_loss is None
+    assert log.progress is not None and log.progress.current_step == 8 and log.progress.percentage == 40.0
+    assert log.progress.train_speed == 0.036505
+    empty = parse_logging_jsonl(tmp_path / "missing.jsonl")
+    assert empty.history == [] and empty.progress is None and not empty.finished
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('[1, 2]\nnot json\n{"loss": 1.0, "global_step/max_steps": "1/2"}\n')
+    assert [pt["step"] for pt in parse_logging_jsonl(junk).history] == [1]
+
+
+def test_logging_jsonl_agrees_with_stdout() -> None:
+    _, got = feed((FIX4 / "sft_success.stdout.txt").read_bytes())
+    log = parse_logging_jsonl(FIX4 / "sft_success.logging.jsonl")
+    assert [(p["step"], p["eval_loss"] is None) for p in got.history] == [
+        (p["step"], p["eval_loss"] is None) for p in log.history
+    ]
+    for printed, logged in zip(got.history, log.history, strict=True):
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if printed[key] is not None:
+                assert printed[key] == pytest.approx(logged[key], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# find_checkpoints
+
+
+def test_find_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old, new = out / "v0-20261126-155015", out / "v1-20261126-160000"
+    for d in (
+        old / "checkpoint-10",
+        old / "checkpoint-20",
+        old / "checkpoint-20-merged",
+        old / "images",
+        new / "checkpoint-5",
+        new / "checkpoint-100",
+        new / "checkpoint-20",
+        out / "not-a-run" / "checkpoint-1",
+    ):
+        d.mkdir(parents=True)
+    (old / "checkpoint-30").write_text("a file, not a checkpoint dir")
+    (old / "last-checkpoint").symlink_to("checkpoint-20")
+    (new / "checkpoint-7").symlink_to(new / "checkpoint-5")
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(new, (2_000_000, 2_000_000))
+    expected = [
+        str(old / "checkpoint-10"),
+        str(old / "checkpoint-20"),
+        str(new / "checkpoint-5"),
+        str(new / "checkpoint-20"),
+        str(new / "checkpoint-100"),
+    ]
+    assert find_checkpoints(out) == expected
+    assert find_checkpoints(str(out)) == expected
+    # mtime, not the version number, decides which run is newest.
+    os.utime(old, (3_000_000, 3_000_000))
+    assert find_checkpoints(out)[-1] == str(old / "checkpoint-20")
+    # Given a run dir itself.
+    assert find_checkpoints(new) == [str(new / "checkpoint-5"), str(new / "checkpoint-20"), str(new / "checkpoint-100")]
+    assert find_checkpoints(tmp_path / "missing") == []
+
+
+def test_fixture_readme_kept() -> None:
+    assert "ms-swift 4.6.0" in (FIX4 / "README.txt").read_text()
+    assert json.loads((FIX4 / "sft_success.checkpoint-20.adapter_config.json").read_text())["r"] == 8
