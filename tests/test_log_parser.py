@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -116,6 +117,14 @@ def test_step_dict_after_tqdm_text_and_rejects() -> None:
     assert parse_step_dict("{'loss': __import__('os')}") is None
     assert parse_step_dict("not a dict") is None
     assert parse_step_dict("") is None
+
+
+def test_step_dict_nan_loss() -> None:
+    d3 = parse_step_dict("{'loss': nan, 'grad_norm': inf, 'global_step/max_steps': '3/20', 'percentage': '15.00%'}")
+    assert d3 is not None and math.isnan(d3["loss"]) and d3["grad_norm"] == math.inf
+    d4 = parse_step_dict("{'loss': 'nan', 'grad_norm': '-inf', 'global_step/max_steps': '3/20'}")
+    assert d4 is not None and math.isnan(d4["loss"]) and d4["grad_norm"] == -math.inf
+    assert parse_step_dict("{'loss': nanx, 'global_step/max_steps': '3/20'}") is None
 
 
 @pytest.mark.parametrize(

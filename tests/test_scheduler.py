@@ -433,8 +433,7 @@ def simulate(
         for jid in [jid for jid, (_, end, _) in active.items() if end <= t]:
             del active[jid]
         runs = [
-            RunningJob(jid, ids, None if est_end is None else est_end - t)
-            for jid, (ids, _, est_end) in active.items()
+            RunningJob(jid, ids, None if est_end is None else est_end - t) for jid, (ids, _, est_end) in active.items()
         ]
         holder = {i: jid for jid, (ids, _, _) in active.items() for i in ids}
         gpus = [gpu(i, held=holder.get(i)) for i in range(n_gpus)]
@@ -463,7 +462,9 @@ def simulate(
     return starts
 
 
-def starvation_case(small_estimate: bool) -> tuple[list[tuple[float, QueuedJob, float]], list[tuple[RunningJob, float]]]:
+def starvation_case(
+    small_estimate: bool,
+) -> tuple[list[tuple[float, QueuedJob, float]], list[tuple[RunningJob, float]]]:
     """A 4-GPU job at the head, 4 GPUs busy with short jobs, and a 1-GPU job arriving every 40 s."""
     running = [(RunningJob(f"r{i}", (i,), 100.0 * (i + 1)), 100.0 * (i + 1)) for i in range(4)]
     arrivals = [(0.0, QueuedJob("big", 5, 0.0, 4, None, None, 1000.0), 1000.0)]
@@ -518,8 +519,7 @@ def test_estimate_waits_hand_computed() -> None:
         job("J8", est=10),  # GPU 1 now comes first, and depends on J6's unknown duration
         job("J9", n=5),  # can never be met
     ]
-    kw = {"min_free_gb": MIN_FREE, "max_util": MAX_UTIL, "now": NOW}
-    waits = estimate_waits(q, gpus, running, **kw)  # type: ignore[arg-type]
+    waits = estimate_waits(q, gpus, running, min_free_gb=MIN_FREE, max_util=MAX_UTIL, now=NOW)
     assert waits == {
         "J1": 0.0,
         "J2": 300.0,
@@ -531,10 +531,10 @@ def test_estimate_waits_hand_computed() -> None:
         "J8": None,
         "J9": None,
     }
-    strict = estimate_waits(q, gpus, running, policy="strict", **kw)  # type: ignore[arg-type]
+    strict = estimate_waits(q, gpus, running, min_free_gb=MIN_FREE, max_util=MAX_UTIL, now=NOW, policy="strict")
     # Strict plans in queue order, so everything behind J4 (which waits on an outside process) is unknown.
     assert strict == {**waits, "J6": None, "J7": None}
-    assert {s.job_id for s in decide(q, gpus, running, **kw)} == {"J1", "J5"}  # type: ignore[arg-type]
+    assert run(q, gpus, running) == {"J1": (2,), "J5": ()}
 
 
 def test_estimate_waits_unknown_running_estimate() -> None:

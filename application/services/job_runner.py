@@ -125,6 +125,8 @@ class JobRunner:
             raise
         code = exit_task.result()
         ps.kill_leftovers(run.pgid)
+        offset = await self._consume(job_id, log_file, parser, offset)
+        parser.flush()  # a last line with no newline after it
         await self._finish_training(job_id, code, parser, log_file)
 
     async def _consume(self, job_id: str, log_file: Path, parser: SwiftLogParser, offset: int) -> int:
@@ -280,6 +282,7 @@ class JobRunner:
         parser = SwiftLogParser()
         data, _ = await asyncio.to_thread(read_from, log_file, 0, 16 * 1024 * 1024)
         parser.feed(data)
+        parser.flush()
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
         merged = parser.merged_path or f"{info.checkpoint}-merged"
         update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}

@@ -99,6 +99,16 @@ def normalize_step_dict(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_BARE_NONFINITE_RE = re.compile(r"(:\s*)(-?(?:nan|inf))(?=\s*[,}])")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
 def parse_step_dict(line: str) -> dict[str, Any] | None:
     """The step dict swift prints to stdout (``{'loss': ...}``), normalized; None for anything else.
 
@@ -108,10 +118,10 @@ def parse_step_dict(line: str) -> dict[str, Any] | None:
     start = text.find("{'")
     if start < 0 or not text.endswith("}") or len(text) - start > _MAX_DICT_CHARS:
         return None
-    try:
-        value = ast.literal_eval(text[start:])
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
+    value = _literal(text[start:])
+    if value is None:
+        # 3.x prints numbers with repr(), so a diverged run gives `'loss': nan`, which is no literal.
+        value = _literal(_BARE_NONFINITE_RE.sub(r"\1'\2'", text[start:]))
     if not isinstance(value, dict) or not _STEP_KEYS.intersection(value):
         return None
     if not all(isinstance(k, str) for k in value):

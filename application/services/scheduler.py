@@ -15,23 +15,27 @@ Policy choices (documented in the README):
   than any GPU has) is skipped, so it never blocks the queue; the API rejects such requests at create.
 * strict: the first GPU job that does not fit blocks every GPU job behind it.
 * backfill: a job behind a blocked one starts only if, by the estimates, it cannot delay any blocked job
-  ahead of it (see `decide`). Unknown estimates count as "could end at once" for releases and "could run
-  forever" for backfill candidates, so missing estimates never let small jobs starve a large one.
+  ahead of it past its planned start (see `decide`). Unknown estimates count as "could end at once" for
+  releases and "could run forever" for backfill candidates, so missing estimates never let small jobs
+  starve a large one.
+* GPUs that outside processes make busy are left out of the plan: a job that needs one waits without a
+  reservation (under backfill others may use the free GPUs meanwhile), and its wait is unknown.
+* Backfill plans around at most `BACKFILL_DEPTH` blocked jobs per pass; past that, GPUs none of them
+  reserved are held back, so a pass stays cheap on a long queue and still delays no blocked job.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import insort
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "GpuState",
     "LinkScore",
-    "Policy",
     "QueuedJob",
     "RunningJob",
     "Start",
@@ -54,7 +58,6 @@ PRIORITY_MAX = 10
 _PRIORITY_STRIDE_MS = 10**13
 _MAX_SUBMITTED_AT = _PRIORITY_STRIDE_MS / 1000
 
-Policy = Literal["strict", "backfill"]
 LinkScore = Callable[[int, int], int | None]
 
 _INF = math.inf
@@ -102,9 +105,7 @@ def queue_score(priority: int, submitted_at: float) -> float:
     if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise ValueError(f"priority must be {PRIORITY_MIN}-{PRIORITY_MAX}, got {priority}")
     if not 0 <= submitted_at < _MAX_SUBMITTED_AT:
-        raise ValueError(
-            f"submitted_at must be a Unix time in [0, {_MAX_SUBMITTED_AT:.0f}), got {submitted_at}"
-        )
+        raise ValueError(f"submitted_at must be a Unix time in [0, {_MAX_SUBMITTED_AT:.0f}), got {submitted_at}")
     # floor of a product is monotonic in submitted_at, so FIFO order survives the rounding to ms; two
     # submissions in the same millisecond fall back to job-id order, like any other score tie.
     return float((PRIORITY_MAX - priority) * _PRIORITY_STRIDE_MS + math.floor(submitted_at * 1000))
@@ -265,17 +266,30 @@ def _plan(
     free_order.sort(key=lambda i: (-by_index[i].memory_free_gb, by_index[i].utilization or 0.0, i))
     free_set = set(free_order)
     # Tie order for reservations; only free GPUs' utilization is ours to compare.
-    all_order = sorted(
-        by_index, key=lambda i: (-cap[i], (by_index[i].utilization or 0.0) if i in free_set else 0.0, i)
-    )
+    all_order = sorted(by_index, key=lambda i: (-cap[i], (by_index[i].utilization or 0.0) if i in free_set else 0.0, i))
 
-    def res_key(i: int) -> tuple[float, bool]:
-        return (lb[i], not exact[i])
+    rank = {i: p for p, i in enumerate(all_order)}
+    # The GPUs by when the plan may use them, known times first among equals, then by the order above:
+    # tuples sort natively, which keeps a reservation's choice cheap on 64-GPU simulations.
+    profile = sorted((lb[i], not exact[i], rank[i], i) for i in all_order)
+
+    def move(gs: Sequence[int], new_lb: float, new_exact: bool) -> None:
+        k = len(gs)
+        if [t[3] for t in profile[:k]] == list(gs):
+            del profile[:k]
+        else:
+            profile[:] = [t for t in profile if t[3] not in gs]
+        for i in gs:
+            lb[i], exact[i] = new_lb, new_exact
+            insort(profile, (new_lb, not new_exact, rank[i], i))
 
     # Seconds a job may run on each free GPU without delaying any reservation there (inf: none).
     slack: dict[int, float] = dict.fromkeys(free_order, _INF)
     slack_desc: list[float] = [_INF] * len(free_order)
     reservations_open = not strict
+    # Backfill once every free GPU is reserved: only the largest slack matters to the rest of the queue.
+    closed = False
+    max_slack = _INF
     reservations = 0
     blocked = False
     floor, floor_exact = now, True
@@ -297,6 +311,11 @@ def _plan(
 
     it = iter(queue)
     for job in it:
+        if closed:
+            est = job.estimated_duration
+            if (est is None or est > max_slack) and (job.num_gpus or job.gpu_ids):
+                # Deep in a long queue: no slack can change any more, and this job fits in none.
+                continue
         jid = job.job_id
         if jid in seen or jid in running_ids:
             continue
@@ -355,10 +374,15 @@ def _plan(
                 free_set.discard(i)
                 free_order.remove(i)
                 del slack[i]
-                lb[i], exact[i] = (now, False) if est is None else (now + e, True)
+            if est is None:
+                move(chosen, now, False)
+            else:
+                move(chosen, now + e, True)
             slack_desc = sorted(slack.values(), reverse=True)
             if reservations_open:
                 reservations_open = _INF in slack_desc
+            closed = not (strict or estimating or reservations_open)
+            max_slack = slack_desc[0] if slack_desc else -_INF
             continue
 
         # Blocked: it cannot start now.
@@ -372,11 +396,12 @@ def _plan(
         if ids:
             res: Sequence[int] = ids
             start = max(lb[i] if cap[i] >= need else _INF for i in ids)
+            start_exact = all(exact[i] for i in ids)
         else:
-            elig = all_order if need <= min_free_gb else [i for i in all_order if cap[i] >= need]
-            res = sorted(elig, key=res_key)[:k]
-            start = lb[res[-1]] if len(res) == k else _INF
-        start_exact = all(exact[i] for i in res)
+            top = profile[:k] if need <= min_free_gb else [t for t in profile if cap[t[3]] >= need][:k]
+            res = [t[3] for t in top]
+            start = top[-1][0] if len(top) == k else _INF
+            start_exact = not any(t[1] for t in top)
         if strict:
             # Strict starts follow queue order: nothing is planned before the job ahead of it.
             if floor > start:
@@ -394,10 +419,9 @@ def _plan(
             if i in free_set and start - now < slack[i]:
                 slack[i] = start - now
                 touched_free = True
-            # Without an estimate the job may also end at once: keep the lower bound.
-            lb[i] = start if est is None else start + e
-            exact[i] = start_exact and est is not None
-        if reservations_open and not estimating and reservations >= BACKFILL_DEPTH:
+        # Without an estimate the job may also end at once: keep the lower bound.
+        move(res, start if est is None else start + e, start_exact and est is not None)
+        if reservations_open and reservations >= BACKFILL_DEPTH:
             for i in slack:
                 if slack[i] == _INF:
                     slack[i] = -_INF
@@ -408,6 +432,8 @@ def _plan(
                 # A later reservation on a free GPU starts at or after its lb, which is already at or past
                 # its slack; so once every free GPU is reserved, no later one can tighten a slack.
                 reservations_open = _INF in slack_desc
+            closed = not (strict or estimating or reservations_open)
+            max_slack = slack_desc[0] if slack_desc else -_INF
     return _Plan(starts, waits)
 
 
@@ -430,10 +456,13 @@ def decide(
     grown from each seed, ties by that same order.
 
     strict: the first GPU job that does not fit blocks all GPU jobs behind it.
-    backfill: a blocked job reserves the GPUs that free up first (from running jobs' `remaining_seconds`
-    and this pass's starts' `estimated_duration`) and its start time there (shadow time). A later job may
-    start only on GPUs outside every reservation, or with an estimate that ends by the earliest shadow
-    time of the reservations on its GPUs. A job without an estimate never backfills onto reserved GPUs.
+    backfill: each blocked job, in queue order, reserves the GPUs that may free up first (from running
+    jobs' `remaining_seconds`, this pass's starts' `estimated_duration` and the reservations of the blocked
+    jobs ahead of it) from the time they all may be free (its shadow time; a missing estimate makes that
+    "at once", a lower bound). A later job may start only on GPUs outside every reservation, or with an
+    estimate that ends by the earliest shadow time of the reservations on its GPUs, so no blocked job is
+    delayed past its planned start. A job without an estimate never backfills onto reserved GPUs.
+    Reservations are not fitted into gaps before other reservations: a gap is not held for anyone.
 
     CPU-only jobs always start. Requests that can never be met are skipped. The pass stops looking at GPU
     jobs once no free GPU remains (or, under strict, once a job is blocked).

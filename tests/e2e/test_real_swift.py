@@ -1,0 +1,241 @@
+"""End to end with the real ms-swift CLI on the CPU: HTTP job -> `swift sft` -> checkpoint -> `swift export`.
+
+Builds a tiny random Qwen2 model and a 50-row chat data set (tests/e2e/build_tiny_model.py, run by the
+ms-swift environment's Python), starts the API server against the real `swift`, submits a CPU-only job
+(`num_gpus: 0`) over HTTP and follows it to `completed` and an exported merged model.
+
+ms-swift is installed by ./install_all.sh into .swift-venv; SWIFT_BIN points elsewhere. When it is missing
+this test FAILS (it is part of the README's test command): run ./install_all.sh.
+
+    .venv/bin/pytest tests/e2e -q -s      # -s shows the timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, ApiServer, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+MAX_STEPS = 20
+TRAIN_DEADLINE = 300.0
+EXPORT_DEADLINE = 180.0
+BUILD_TIMEOUT = 180.0
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def find_swift() -> Path:
+    """SWIFT_BIN, else the project's .swift-venv, else `swift` on PATH; fail (never skip) when none exists."""
+    configured = os.environ.get("SWIFT_BIN")
+    candidates = [configured] if configured else [str(ROOT / ".swift-venv" / "bin" / "swift"), "swift"]
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found:
+            return Path(found).absolute()
+    pytest.fail(
+        f"the real ms-swift CLI was not found (tried {', '.join(candidates)}): run ./install_all.sh "
+        "(installs ms-swift with a CPU torch into .swift-venv) or set SWIFT_BIN to a `swift` executable",
+        pytrace=False,
+    )
+
+
+def python_of(swift: Path) -> Path:
+    """The Python of the environment `swift` runs in: its shebang's interpreter, else bin/python beside it."""
+    with open(swift, "rb") as fh:
+        first = fh.readline(512)
+    if first.startswith(b"#!"):
+        parts = first[2:].decode(errors="replace").split()
+        if parts and Path(parts[0]).name != "env" and Path(parts[0]).exists():
+            return Path(parts[0])
+        if len(parts) > 1 and Path(parts[0]).name == "env" and shutil.which(parts[1]):
+            return Path(shutil.which(parts[1]) or parts[1])
+    sibling = swift.parent / "python"
+    if sibling.exists():
+        return sibling
+    pytest.fail(f"cannot tell which Python runs {swift}: run ./install_all.sh", pytrace=False)
+
+
+def installed_version(python: Path, dist: str) -> str:
+    out = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        pytest.fail(f"{dist} is not installed in {python} ({out.stderr.strip()[-300:]}): run ./install_all.sh",
+                    pytrace=False)  # fmt: skip
+    return out.stdout.strip()
+
+
+def build_model(python: Path, out_dir: Path) -> tuple[Path, Path]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run(
+        [str(python), str(Path(__file__).with_name("build_tiny_model.py")), str(out_dir)],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"building the tiny model failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    model, data = out_dir / "tiny-qwen2", out_dir / "data.jsonl"
+    assert (model / "config.json").is_file() and (model / "tokenizer.json").is_file(), proc.stdout
+    assert any(model.glob("*.safetensors")), list(model.iterdir())
+    assert len(data.read_text().splitlines()) >= 40
+    return model, data
+
+
+def diagnose(server: ApiServer, job_id: str) -> str:
+    """What to read when the real run went wrong: the job, its log's tail and the server's log."""
+    parts = []
+    try:
+        job = server.job(job_id)
+        keys = ("status", "error_message", "exit_code", "command_line", "last_checkpoint", "export")
+        parts.append(json.dumps({k: job.get(k) for k in keys}, indent=1, default=str))
+        for kind in ("train", "export"):
+            r = server.http.get(f"/jobs/{job_id}/logs", params={"limit": 60, "kind": kind})
+            if r.status_code == 200:
+                parts.append(f"--- {kind} log (last 60 lines) ---\n" + "\n".join(r.json()["lines"]))
+    except Exception as exc:  # diagnostics must not hide the real failure
+        parts.append(f"(could not read the job: {exc})")
+    parts.append("--- server log ---\n" + server.server_log())
+    return "\n".join(parts)
+
+
+def test_real_swift_sft_and_export(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+    swift = find_swift()
+    python = python_of(swift)
+    swift_version = installed_version(python, "ms-swift")
+    major = int(swift_version.split(".")[0])
+    print(f"\n[e2e] ms-swift {swift_version} at {swift} (python {python})")
+
+    t0 = time.monotonic()
+    model, data = build_model(python, tmp_path / "lab")
+    t_build = time.monotonic() - t0
+    print(f"[e2e] model build: {t_build:.1f}s")
+
+    server = server_factory(env={
+        "SWIFT_BIN": str(swift),
+        "SWIFT_VERSION": "",  # unset: the server must detect the version in swift's own environment
+        "GPU_BACKEND": "simulated",
+        "SIMULATED_GPUS": "0",
+        "SUPERVISOR_POLL_INTERVAL": "0.5",
+        "STOP_GRACE_SECONDS": "10",
+        "LOG_LEVEL": "INFO",
+    })  # fmt: skip
+
+    training = {
+        "model_type": "qwen2", "template": "qwen2_5", "max_steps": MAX_STEPS, "logging_steps": 2,
+        "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2, "gradient_accumulation_steps": 1,
+        "max_length": 256, "lora_rank": 8, "lora_alpha": 16, "dataloader_num_workers": 0, "dataset_num_proc": 1,
+    }  # fmt: skip
+    t1 = time.monotonic()
+    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_real_swift", num_gpus=0,
+                      auto_start=True, training=training)  # fmt: skip
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    assert r.json()["status"] == "running", r.text
+
+    def finished() -> dict[str, Any] | None:
+        job = server.job(job_id)
+        return job if job["status"] in ("completed", "failed", "stopped", "cancelled") else None
+
+    try:
+        job = wait_for(finished, timeout=TRAIN_DEADLINE, interval=0.5, what=f"job {job_id} to finish")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    t_train = time.monotonic() - t1
+    print(f"[e2e] training (HTTP submit -> completed, {MAX_STEPS} steps): {t_train:.1f}s")
+    assert job["status"] == "completed", diagnose(server, job_id)
+    assert job["exit_code"] == 0
+
+    # The exact argv: CPU dtype, no hub check, no vision-model flags, the version's tuner flag.
+    command: list[str] = job["command"]
+    assert command[:2] == [str(swift), "sft"], command
+    assert command[command.index("--torch_dtype") + 1] == "float32", command
+    assert command[command.index("--check_model") + 1] == "false", command
+    assert "--vit_lr" not in command and "--aligner_lr" not in command, command
+    assert ("--tuner_type" if major >= 4 else "--train_type") in command, command
+    assert command[command.index("--model_type") + 1] == "qwen2", command
+    assert command[command.index("--template") + 1] == "qwen2_5", command
+    assert command[command.index("--max_steps") + 1] == str(MAX_STEPS)
+    assert job["env"]["CUDA_VISIBLE_DEVICES"] == "", job["env"]
+    assert job["gpu_ids"] == []
+    # Detected from the ms-swift environment itself (SWIFT_VERSION is unset).
+    assert job["swift_version"] == swift_version, (job["swift_version"], swift_version)
+    if swift_version.startswith("4."):
+        assert swift_version == "4.6.0", f"install_all.sh installs ms-swift 4.6.0, found {swift_version}"
+
+    # Progress and loss history from the real run's per-step dicts.
+    prog = server.http.get(f"/jobs/{job_id}/progress").json()
+    p = prog["progress"]
+    assert p["current_step"] == MAX_STEPS and p["max_steps"] == MAX_STEPS, p
+    losses = [pt for pt in prog["history"] if pt.get("loss") is not None]
+    assert len(losses) >= 5, prog["history"]
+    for pt in losses:
+        assert isinstance(pt["loss"], float) and math.isfinite(pt["loss"]) and pt["loss"] > 0, pt
+    assert [pt["step"] for pt in losses] == sorted(pt["step"] for pt in losses)
+    assert losses[-1]["step"] == MAX_STEPS, losses
+    assert len({round(pt["loss"], 4) for pt in losses}) > 1, "every loss equal: not a real training run"
+    assert any(pt.get("eval_loss") is not None for pt in prog["history"]), "split_dataset_ratio 0.2 gives eval"
+    assert isinstance(prog["train_loss"], float) and isinstance(prog["train_runtime"], float), prog
+
+    # The same numbers as swift's own logging.jsonl in the run folder (stdout rounds to 4 digits).
+    output_dir = Path(job["output_dir"])
+    assert output_dir.is_relative_to(tmp_path / "output"), output_dir
+    run_dir = Path(job["run_dir"])
+    assert run_dir.parent == output_dir and run_dir.name.startswith("v"), run_dir
+    logged = {}
+    for line in (run_dir / "logging.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "loss" in d and "global_step/max_steps" in d:
+            logged[int(str(d["global_step/max_steps"]).split("/")[0])] = float(d["loss"])
+    for pt in losses:
+        assert pt["step"] in logged, (pt, logged)
+        assert math.isclose(pt["loss"], logged[pt["step"]], rel_tol=1e-3), (pt, logged[pt["step"]])
+
+    # Checkpoints on disk, with the LoRA adapter.
+    last = Path(job["last_checkpoint"])
+    assert last.name == f"checkpoint-{MAX_STEPS}" and last.parent == run_dir, last
+    assert job["checkpoints"] and str(last) in job["checkpoints"], job["checkpoints"]
+    for checkpoint in job["checkpoints"]:
+        for name in ADAPTER_FILES:
+            assert (Path(checkpoint) / name).is_file(), f"{checkpoint} lacks {name}: {os.listdir(checkpoint)}"
+
+    # The automatic export merges the last checkpoint into <checkpoint>-merged.
+    t2 = time.monotonic()
+
+    def exported() -> dict[str, Any] | None:
+        j = server.job(job_id)
+        return j if j["export"]["status"] in ("completed", "failed", "stopped") else None
+
+    try:
+        job = wait_for(exported, timeout=EXPORT_DEADLINE, interval=0.5, what=f"the export of {job_id} to finish")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    # Measured from training's end; the export may already have run while the checks above did.
+    t_export = (job["export"]["finished_at"] or 0) - (job["export"]["started_at"] or 0)
+    print(f"[e2e] export (swift export --merge_lora true): {t_export:.1f}s "
+          f"(waited {time.monotonic() - t2:.1f}s after the checks)")  # fmt: skip
+    export = job["export"]
+    assert export["status"] == "completed", diagnose(server, job_id)
+    assert export["checkpoint"] == str(last), export
+    assert export["command"][:2] == [str(swift), "export"] and "--merge_lora" in export["command"], export
+    merged = Path(export["path"])
+    assert merged == Path(f"{last}-merged"), export
+    assert (merged / "config.json").is_file(), os.listdir(merged)
+    weights = list(merged.glob("*.safetensors"))
+    assert weights and all(w.stat().st_size > 0 for w in weights), os.listdir(merged)
+    assert json.loads((merged / "config.json").read_text()).get("model_type") == "qwen2"
+
+    events = server.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
+    kinds = [e["type"] for e in events]
+    assert "export_completed" in kinds, kinds
+    print(f"[e2e] total: build {t_build:.1f}s + training {t_train:.1f}s + export {t_export:.1f}s "
+          f"= {time.monotonic() - t0:.1f}s wall")  # fmt: skip
