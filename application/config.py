@@ -195,7 +195,7 @@ def _describe(error: dict[str, Any]) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, or exit with one readable line per bad key."""
     try:
-        return Settings(_env_file=_env_file(), **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=_env_file(), **overrides)
     except ValidationError as exc:
         lines = [_describe(dict(e)) for e in exc.errors()]
         raise SettingsError("; ".join(lines)) from None

@@ -230,7 +230,7 @@ def test_failure_during_training_records_the_runtime_error(server: ApiServer, wo
     assert "RuntimeError: fake_swift failure at step 7" in job["error_message"]
     assert job["exit_code"] == 1
     prog = server.http.get("/jobs/boom/progress").json()
-    assert prog["progress"]["current_step"] == 6
+    assert prog["progress"]["current_step"] == 7  # the tqdm bar reached step 7 before the exception
     assert [p["step"] for p in prog["history"]] == [1, 2, 3, 4, 5, 6]
     assert prog["last_checkpoint"] is None
     events = server.http.get("/jobs/boom/events").json()["events"]

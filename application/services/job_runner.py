@@ -286,12 +286,13 @@ class JobRunner:
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
         merged = parser.merged_path or f"{info.checkpoint}-merged"
         update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
+        event: tuple[str, str, dict[str, Any]]
         if code == 0 or (code is None and parser.merged_path):
             update |= {"status": ExportStatus.COMPLETED, "path": merged}
             event = ("export_completed", f"merged model written to {merged}", {"path": merged})
         elif code is not None and code < 0:
             update |= {"status": ExportStatus.STOPPED, "error": f"export stopped by signal {-code}"}
-            event = ("export_stopped", update["error"], {})
+            event = ("export_stopped", str(update["error"]), {})
         else:
             error = extract_error(tail) or f"swift export exited with code {code}"
             update |= {"status": ExportStatus.FAILED, "error": error}

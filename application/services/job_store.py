@@ -100,7 +100,8 @@ class TransitionRefused(Exception):
 
 class JobStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
-        self.r = client
+        # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
+        self.r: Any = client
         self.keys = keys
         self.events_max = events_max
         self.history_max = history_max

