@@ -124,6 +124,10 @@ class JobRunner:
             exit_task.cancel()
             raise
         code = exit_task.result()
+        if await self.store.get_field(job_id, "stop_requested"):
+            # The launcher dies on SIGTERM at once, but the trainer it leaves may still be in its grace period:
+            # the stop's SIGTERM -> STOP_GRACE_SECONDS -> SIGKILL applies to it (this wait is only a backstop).
+            await ps.wait_group_gone(run.pgid, self.settings.STOP_GRACE_SECONDS + 2)
         ps.kill_leftovers(run.pgid)
         offset = await self._consume(job_id, log_file, parser, offset)
         parser.flush()  # a last line with no newline after it

@@ -28,6 +28,7 @@ from application.models.training_model import (
 )
 from application.services import lua
 from application.services.keys import Keys
+from application.services.scheduler import queue_score
 
 STATUS_ORDER = [s.value for s in JobStatus]
 STATUS_LIST_JSON = json.dumps(STATUS_ORDER)
@@ -80,14 +81,6 @@ class QueueMeta:
     @classmethod
     def of(cls, job: Job) -> QueueMeta:
         return cls(job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb)
-
-
-def queue_score(priority: int, submitted_at: float) -> float:
-    """Ascending ZRANGE order = priority 10 first, then submission time; Redis breaks ties by member (job id).
-
-    (10 - p) * 1e13 + milliseconds stays an exact integer in a double (below 2**53) until the year 2255.
-    """
-    return float((10 - priority) * 10**13 + int(submitted_at * 1000))
 
 
 class TransitionRefused(Exception):
@@ -345,7 +338,9 @@ class JobStore:
         if not ids:
             return []
         metas = await self.r.hmget(self.keys.queue_meta, ids)
-        return [(job_id, QueueMeta.decode(m)) for job_id, m in zip(ids, metas, strict=True) if m]
+        pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
+        decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
+        return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
 
     async def set_queue_estimate(self, job_id: str, meta: QueueMeta) -> None:
         await self.r.hset(self.keys.queue_meta, job_id, meta.encode())

@@ -137,6 +137,16 @@ async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
     return "killed"
 
 
+async def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
+    """Wait (sending nothing) up to `timeout` seconds for every member of the group to exit."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
+
+
 def kill_leftovers(pgid: int) -> None:
     """After the leader exits, nothing of the job may survive (orphaned dataloader workers, a stray trainer)."""
     signal_group(pgid, signal.SIGKILL)

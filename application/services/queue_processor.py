@@ -23,10 +23,20 @@ from application.config import Settings
 from application.models.training_model import Job, JobStatus, Progress
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_store import JobStore, QueueMeta, TransitionRefused
-from application.services.scheduler import GpuState, QueuedJob, RunningJob, Start, decide, estimate_waits
+from application.services.scheduler import (
+    BACKFILL_DEPTH,
+    GpuState,
+    QueuedJob,
+    RunningJob,
+    Start,
+    decide,
+    estimate_waits,
+)
 from application.utils.gpu_utils import GpuInventory, GpuSnapshot
 
 WINDOW = 256
+# decide() looks at most BACKFILL_DEPTH blocked jobs deep, so reading further cannot start anything more.
+MAX_WINDOW = 2 * BACKFILL_DEPTH
 
 
 @dataclass
@@ -163,22 +173,23 @@ class QueueProcessor:
 
     async def plan(self, view: ClusterView, extra: QueuedJob | None = None) -> list[Start]:
         """What a pass would start now. `extra` (a pending job asking to start) is ranked among the queue."""
+        queue: list[QueuedJob] = []
         size = WINDOW
         while True:
-            queue = await self.queued(size)
-            if extra is not None:
-                queue = sorted([*queue, extra], key=_rank)
+            more = await self.queued(size - len(queue), start=len(queue))
+            queue.extend(more)
+            ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
             starts = decide(
-                queue, view.gpus, view.running, policy=self.settings.QUEUE_POLICY.value, now=time.time(),
+                ranked, view.gpus, view.running, policy=self.settings.QUEUE_POLICY.value, now=time.time(),
                 link_score=self.inventory.link_score, **self._policy_kwargs(),
             )  # fmt: skip
             # Later jobs rank lower and cannot change the decisions for this prefix: look further only
             # while GPUs stay free after it.
             used = {i for s in starts for i in s.gpu_ids}
             any_free = any(g.held_by is None and g.index not in used for g in view.gpus)
-            if len(queue) < size or not any_free:
+            if len(queue) < size or not any_free or size >= MAX_WINDOW:
                 return starts
-            size *= 4
+            size = min(size * 4, MAX_WINDOW)
 
     async def run_pass(self) -> list[str]:
         async with self._lock:
@@ -209,7 +220,8 @@ class QueueProcessor:
 
     async def wait_estimates(self, view: ClusterView, upto: int) -> tuple[list[QueuedJob], dict[str, float | None]]:
         queue = await self.queued(upto)
-        waits = estimate_waits(queue, view.gpus, view.running, now=time.time(), **self._policy_kwargs())
+        waits = estimate_waits(queue, view.gpus, view.running, now=time.time(), policy=self.settings.QUEUE_POLICY.value,
+                               link_score=self.inventory.link_score, **self._policy_kwargs())  # fmt: skip
         return queue, waits
 
 

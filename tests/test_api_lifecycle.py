@@ -1,0 +1,315 @@
+"""Stopping, restarting the API under a running job, and exports: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
+
+MODEL_DIR = "models/tiny-qwen2"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
+    yield
+    for p in job_processes(str(tmp_path)):
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def job_processes(needle: str) -> list[psutil.Process]:
+    """Live processes whose command line or working directory mentions `needle` (a job's output dir)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(needle in part for part in (p.info["cmdline"] or [])) or needle in (p.info["cwd"] or ""):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
+    training = options.pop("training", {})
+    extra = {k: options.pop(k) for k in ("auto_start", "num_gpus") if k in options}
+    return {"data_path": fake_dataset(workspace, name, **options), "model_path": str(workspace / MODEL_DIR),
+            "output_dir": name, "training": training, **extra}  # fmt: skip
+
+
+def start_running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **options: Any) -> dict[str, Any]:
+    """Create + auto-start a job, wait until swift has made `min_step` steps; returns the detail."""
+    r = server.create(**body(workspace, name, auto_start=True, **options))
+    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+    return wait_for(lambda: (j := server.job(name))["pid"] and (j["progress"]["current_step"] or 0) >= min_step and j,  # type: ignore[no-any-return]
+                    what=f"{name} to make {min_step} step(s)")  # fmt: skip
+
+
+# ---- stop ---------------------------------------------------------------------------------------------------
+
+
+def test_stop_running_job_kills_the_whole_group_and_releases_gpus(server: ApiServer, workspace: Path) -> None:
+    # (The progress shown lags the tqdm bar by one step: the bar of the last step has no line end yet.)
+    job = start_running(server, workspace, "stopme", hang_after_steps=3, min_step=2)
+    pid = job["pid"]
+    assert group_members(pid), "the job's process group should be running"
+    assert len(job_processes(job["output_dir"])) >= 3  # runner, swift launcher, trainer
+    gpus = {g["index"]: g["job_id"] for g in server.http.get("/gpus").json()["gpus"]}
+    assert gpus[job["gpu_ids"][0]] == "stopme"
+
+    t0 = time.monotonic()
+    r = server.http.post("/jobs/stopme/stop")
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "stopped" and "terminated" in r.json()["message"]
+    assert elapsed < 3.0  # STOP_GRACE_SECONDS: SIGTERM was enough
+    assert group_members(pid) == []
+    assert job_processes(job["output_dir"]) == []
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+    stopped = server.job("stopme")
+    assert stopped["status"] == "stopped" and stopped["finished_at"] is not None
+    # The follower's later view of the exit does not overwrite the recorded stop.
+    wait_for(lambda: any(e["type"] == "status_stopped" for e in server.http.get("/jobs/stopme/events").json()["events"]))
+    assert server.job("stopme")["status"] == "stopped"
+    assert server.http.get("/jobs", params={"status": "stopped"}).json()["total"] == 1
+
+    r = server.http.post("/jobs/stopme/stop")
+    assert r.status_code == 409 and "stopped" in r.json()["detail"]
+    r = server.http.post("/jobs/stopme/start")
+    assert r.status_code == 409
+
+
+def test_stop_ignoring_sigterm_is_killed_after_the_grace(server_factory: Callable[..., ApiServer],
+                                                         workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"STOP_GRACE_SECONDS": "1.5"})
+    job = start_running(server, workspace, "stubborn", ignore_sigterm=True, hang_after_steps=1)
+    pid = job["pid"]
+    t0 = time.monotonic()
+    r = server.http.post("/jobs/stubborn/stop")
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "stopped" and "killed" in r.json()["message"]
+    assert 1.5 <= elapsed < 10
+    assert group_members(pid) == [] and job_processes(job["output_dir"]) == []
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+    assert server.job("stubborn")["status"] == "stopped"
+
+
+def test_stop_of_pending_cancels_and_of_completed_is_409(server: ApiServer, workspace: Path) -> None:
+    r = server.create(**body(workspace, "waiting"))
+    assert r.json()["status"] == "pending"
+    r = server.http.post("/jobs/waiting/stop")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert server.job("waiting")["status"] == "cancelled"
+    assert server.http.post("/jobs/waiting/start").status_code == 409
+
+    server.create(**body(workspace, "done", auto_start=True, training={"max_steps": 3}))
+    server.wait_status("done", "completed")
+    wait_for(lambda: server.job("done")["export"]["status"] == "completed", what="the automatic export")
+    r = server.http.post("/jobs/done/stop")
+    assert r.status_code == 409 and "completed" in r.json()["detail"]
+    assert server.job("done")["status"] == "completed"
+
+
+# ---- API restart --------------------------------------------------------------------------------------------
+
+
+def test_api_killed_during_run_new_api_reattaches_and_records_completion(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    first = server_factory()
+    job = start_running(first, workspace, "survivor", step_seconds=0.1, min_step=2)
+    pid, start_time = job["pid"], job["process_start_time"]
+    first.kill()
+    assert alive(pid), "swift must outlive the API process"
+
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    assert second.port != first.port
+    # Re-attached while still running: same pid and start time, still followed (progress keeps moving).
+    now = second.job("survivor")
+    assert now["status"] == "running" and now["pid"] == pid and now["process_start_time"] == start_time
+    step = now["progress"]["current_step"]
+    wait_for(lambda: (second.job("survivor")["progress"]["current_step"] or 0) > step or
+             second.job("survivor")["status"] != "running", what="progress after re-attach")  # fmt: skip
+    done = second.wait_status("survivor", "completed", "failed", timeout=30)
+    assert done["status"] == "completed", done["error_message"]
+    assert done["pid"] == pid and done["exit_code"] == 0
+    assert done["progress"]["current_step"] == 20 and done["last_checkpoint"].endswith("checkpoint-20")
+    assert done["supervisor_id"] != job["supervisor_id"]
+    events = [e["type"] for e in second.http.get("/jobs/survivor/events").json()["events"]]
+    assert "reattached" in events and events.count("status_running") == 1
+    wait_for(lambda: second.job("survivor")["export"]["status"] == "completed", what="export after re-attach")
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_job_ending_while_api_is_down_gets_its_true_final_status(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, outcome: str
+) -> None:
+    first = server_factory()
+    options: dict[str, Any] = {"step_seconds": 0.05}
+    if outcome == "failed":
+        options["fail_at_step"] = 12
+    job = start_running(first, workspace, "orphan", **options)
+    pid = job["pid"]
+    first.kill()
+    wait_for(lambda: not alive(pid), timeout=20, what="swift to finish while no API runs")
+    assert Path(job["log_file"]).with_suffix(".exit.json").is_file()
+
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    final = second.wait_status("orphan", "completed", "failed", timeout=15)
+    assert final["status"] == outcome
+    if outcome == "completed":
+        assert final["exit_code"] == 0 and final["last_checkpoint"].endswith("checkpoint-20")
+        assert final["progress"]["current_step"] == 20
+    else:
+        assert final["exit_code"] == 1
+        assert "RuntimeError: fake_swift failure at step 12" in final["error_message"]
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+
+
+def test_job_killed_while_api_is_down_is_never_left_running(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    first = server_factory()
+    job = start_running(first, workspace, "vanished", hang_after_steps=1)
+    first.kill()
+    os.killpg(job["pid"], signal.SIGKILL)  # the whole group dies with no exit status recorded
+    wait_for(lambda: not group_members(job["pid"]), what="the group to die")
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    final = second.wait_status("vanished", "failed", "completed", "stopped", timeout=15)
+    assert final["status"] == "failed"
+    assert final["error_message"]
+    assert second.http.get("/jobs", params={"status": "running"}).json()["total"] == 0
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+
+
+# ---- export on demand ---------------------------------------------------------------------------------------
+
+
+def gated_swift(tmp_path: Path) -> tuple[Path, Path]:
+    """A SWIFT_BIN whose `export` waits until the gate file exists, then runs the fake swift."""
+    gate = tmp_path / "export-gate"
+    wrapper = tmp_path / "gated-swift"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = export ]; then while [ ! -e "{gate}" ]; do sleep 0.02; done; fi\n'
+        f'exec "{FAKE_SWIFT}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper, gate
+
+
+def test_export_on_demand_twice_and_conflicts(server_factory: Callable[..., ApiServer], workspace: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    wrapper, gate = gated_swift(tmp_path)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper), "AUTO_EXPORT": "false"})
+
+    # Nothing to export before a run has finished.
+    server.create(**body(workspace, "fresh"))
+    r = server.http.post("/jobs/fresh/export")
+    assert r.status_code == 409 and "pending" in r.json()["detail"]
+
+    server.create(**body(workspace, "exp", auto_start=True, training={"max_steps": 4, "save_steps": 2}))
+    job = server.wait_status("exp", "completed")
+    assert job["export"]["status"] == "none"  # AUTO_EXPORT=false
+    last = job["last_checkpoint"]
+    assert last.endswith("checkpoint-4")
+
+    r = server.http.post("/jobs/exp/export")
+    assert r.status_code == 200, r.text
+    assert r.json()["export"]["status"] == "running" and r.json()["export"]["checkpoint"] == last
+    assert "--exist_ok" not in r.json()["export"]["command"]
+    # While it runs: a second export and a delete are refused.
+    r2 = server.http.post("/jobs/exp/export")
+    assert r2.status_code == 409 and "already running" in r2.json()["detail"]
+    assert server.http.delete("/jobs/exp").status_code == 409
+    assert server.job("exp")["export"]["status"] == "running"
+    gate.touch()
+    job = wait_for(lambda: (j := server.job("exp"))["export"]["status"] != "running" and j, what="the export")
+    assert job["export"]["status"] == "completed", job["export"]
+    merged = Path(f"{last}-merged")
+    assert job["export"]["path"] == str(merged) and (merged / "model.safetensors").is_file()
+    first_export_mtime = (merged / "model.safetensors").stat().st_mtime_ns
+
+    # The same checkpoint again: swift needs --exist_ok true, and it works.
+    r = server.http.post("/jobs/exp/export")
+    assert r.status_code == 200, r.text
+    assert r.json()["export"]["command"][-2:] == ["--exist_ok", "true"]
+    job = wait_for(lambda: (j := server.job("exp"))["export"]["status"] != "running" and j, what="the 2nd export")
+    assert job["export"]["status"] == "completed", job["export"]
+    assert (merged / "model.safetensors").stat().st_mtime_ns >= first_export_mtime
+    export_log = server.http.get("/jobs/exp/logs", params={"kind": "export"}).json()
+    assert any("merged" in line for line in export_log["lines"])
+    events = [e["type"] for e in server.http.get("/jobs/exp/events").json()["events"]]
+    assert events.count("export_started") == 2 and events.count("export_completed") == 2
+
+
+def test_stop_during_the_automatic_export_stops_the_export(server_factory: Callable[..., ApiServer],
+                                                          workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    wrapper, _gate = gated_swift(tmp_path)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**body(workspace, "merging", auto_start=True, training={"max_steps": 2}))
+    job = server.wait_status("merging", "completed")
+    job = wait_for(lambda: (j := server.job("merging"))["export"]["pid"] and j, what="the export to start")
+    assert job["export"]["status"] == "running"
+    r = server.http.post("/jobs/merging/stop")
+    assert r.status_code == 200 and r.json()["status"] == "completed" and "Export stopped" in r.json()["message"]
+    job = wait_for(lambda: (j := server.job("merging"))["export"]["status"] != "running" and j, what="export end")
+    assert job["export"]["status"] == "stopped" and job["status"] == "completed"
+    assert group_members(job["export"]["pid"]) == []
+    assert not Path(f"{job['last_checkpoint']}-merged").exists()
+
+
+def test_export_of_queued_job_is_409(server: ApiServer, workspace: Path) -> None:
+    for name in ("hold0", "hold1"):
+        start_running(server, workspace, name, hang_after_steps=1)
+    r = server.create(**body(workspace, "waits"))
+    assert r.status_code == 201 and r.json()["status"] == "queued"
+    r = server.http.post("/jobs/waits/export")
+    assert r.status_code == 409 and "queued" in r.json()["detail"]
+    r = server.http.post("/jobs/hold0/export")
+    assert r.status_code == 409 and "running" in r.json()["detail"]
+    assert server.job("waits")["export"]["status"] == "none"
+
+
+def test_stopped_job_with_a_checkpoint_can_be_exported(server_factory: Callable[..., ApiServer],
+                                                       workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"AUTO_EXPORT": "false"})
+    start_running(server, workspace, "partial", hang_after_steps=3, min_step=2, training={"save_steps": 2})
+    wait_for(lambda: server.job("partial")["last_checkpoint"], what="a checkpoint")
+    assert server.http.post("/jobs/partial/stop").json()["status"] == "stopped"
+    r = server.http.post("/jobs/partial/export")
+    assert r.status_code == 200, r.text
+    job = wait_for(lambda: (j := server.job("partial"))["export"]["status"] != "running" and j)
+    assert job["export"]["status"] == "completed"
+    assert job["export"]["path"].endswith("checkpoint-2-merged") and Path(job["export"]["path"]).is_dir()
