@@ -46,7 +46,7 @@ def body(workspace: Path, name: str, **extra: Any) -> dict[str, Any]:
 def created(server: ApiServer, payload: dict[str, Any]) -> dict[str, Any]:
     r = server.create(**payload)
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def flag(command: list[str], name: str) -> str:
@@ -215,7 +215,7 @@ def test_missing_dataset_fails_with_the_path_and_logs_show_it(server: ApiServer,
     assert logs["count"] == len(logs["lines"]) > 0
     assert any(missing in line for line in logs["lines"])
     assert logs["log_file"] == job["log_file"] and Path(job["log_file"]).is_file()
-    assert logs["lines"][-len(job["log_tail"][-3:]):] == job["log_tail"][-3:]
+    assert logs["lines"][-len(job["log_tail"][-3:]) :] == job["log_tail"][-3:]
     two = server.http.get("/jobs/nodata/logs", params={"limit": 2}).json()
     assert two["count"] == 2 and two["lines"] == logs["lines"][-2:]
     # GPUs are released.
@@ -308,7 +308,9 @@ def test_list_filters_pagination_newest_first(server: ApiServer, workspace: Path
 
 
 def test_delete_and_unknown_or_malformed_ids(server: ApiServer, workspace: Path) -> None:
-    created(server, body(workspace, "keep", auto_start=True, data_path=fake_dataset(workspace, "keep", hang_after_steps=1)))
+    created(
+        server, body(workspace, "keep", auto_start=True, data_path=fake_dataset(workspace, "keep", hang_after_steps=1))
+    )
     running = server.wait_status("keep", "running")
     wait_for(lambda: server.job("keep")["progress"]["current_step"], what="a first step")
     r = server.http.delete("/jobs/keep")
@@ -326,10 +328,13 @@ def test_delete_and_unknown_or_malformed_ids(server: ApiServer, workspace: Path)
     # The output folder is free again for a new job of the same name.
     assert created(server, body(workspace, "keep"))["job_id"] == "keep"
 
-    for method, path in [("GET", "/jobs/nope"), ("GET", "/jobs/nope/status"), ("GET", "/jobs/nope/progress"),
-                         ("GET", "/jobs/nope/logs"), ("GET", "/jobs/nope/events"), ("POST", "/jobs/nope/start"),
-                         ("POST", "/jobs/nope/stop"), ("POST", "/jobs/nope/export"), ("DELETE", "/jobs/nope"),
-                         ("PATCH", "/jobs/nope"), ("GET", "/queue/nope/status"), ("DELETE", "/queue/nope")]:  # fmt: skip
+    calls = [
+        ("GET", "/jobs/nope"), ("GET", "/jobs/nope/status"), ("GET", "/jobs/nope/progress"), ("GET", "/jobs/nope/logs"),
+        ("GET", "/jobs/nope/events"), ("POST", "/jobs/nope/start"), ("POST", "/jobs/nope/stop"),
+        ("POST", "/jobs/nope/export"), ("DELETE", "/jobs/nope"), ("PATCH", "/jobs/nope"),
+        ("GET", "/queue/nope/status"), ("DELETE", "/queue/nope"),
+    ]  # fmt: skip
+    for method, path in calls:
         kwargs: dict[str, Any] = {"json": {"priority": 3}} if method == "PATCH" else {}
         r = server.http.request(method, path, **kwargs)
         assert r.status_code == 404, (method, path, r.text)

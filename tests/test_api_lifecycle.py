@@ -61,7 +61,7 @@ def alive(pid: int) -> bool:
 
 def body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
     training = options.pop("training", {})
-    extra = {k: options.pop(k) for k in ("auto_start", "num_gpus") if k in options}
+    extra: dict[str, Any] = {k: options.pop(k) for k in ("auto_start", "num_gpus") if k in options}
     return {"data_path": fake_dataset(workspace, name, **options), "model_path": str(workspace / MODEL_DIR),
             "output_dir": name, "training": training, **extra}  # fmt: skip
 
@@ -70,7 +70,7 @@ def start_running(server: ApiServer, workspace: Path, name: str, min_step: int =
     """Create + auto-start a job, wait until swift has made `min_step` steps; returns the detail."""
     r = server.create(**body(workspace, name, auto_start=True, **options))
     assert r.status_code == 201 and r.json()["status"] == "running", r.text
-    return wait_for(lambda: (j := server.job(name))["pid"] and (j["progress"]["current_step"] or 0) >= min_step and j,  # type: ignore[no-any-return]
+    return wait_for(lambda: (j := server.job(name))["pid"] and (j["progress"]["current_step"] or 0) >= min_step and j,
                     what=f"{name} to make {min_step} step(s)")  # fmt: skip
 
 
@@ -98,7 +98,9 @@ def test_stop_running_job_kills_the_whole_group_and_releases_gpus(server: ApiSer
     stopped = server.job("stopme")
     assert stopped["status"] == "stopped" and stopped["finished_at"] is not None
     # The follower's later view of the exit does not overwrite the recorded stop.
-    wait_for(lambda: any(e["type"] == "status_stopped" for e in server.http.get("/jobs/stopme/events").json()["events"]))
+    wait_for(
+        lambda: any(e["type"] == "status_stopped" for e in server.http.get("/jobs/stopme/events").json()["events"])
+    )
     assert server.job("stopme")["status"] == "stopped"
     assert server.http.get("/jobs", params={"status": "stopped"}).json()["total"] == 1
 

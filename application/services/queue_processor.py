@@ -94,8 +94,15 @@ class QueueProcessor:
             return False
         tasks = [t for t in (self._task, self._listener) if t is not None]
         self._task = self._listener = None
-        for t in tasks:
-            t.cancel()
+        # Under the pass lock, so a pass is never cut short (a job moved to running whose swift never starts).
+        # Cancel until the tasks are done: asyncio.wait_for in 3.11 and redis-py's pubsub read can swallow a
+        # cancellation that coincides with their result, and one swallowed request used to hang this call
+        # while the processor went on starting jobs.
+        async with self._lock:
+            while pending := [t for t in tasks if not t.done()]:
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*tasks, return_exceptions=True)
         self.stats.running = False
         self.stats.since = time.time()

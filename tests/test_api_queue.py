@@ -1,0 +1,397 @@
+"""The GPU queue over HTTP: 2 simulated GPUs, the fake swift, real Redis, one or two real API processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ApiServer, fake_dataset, wait_for
+
+MODEL_DIR = "models/tiny-qwen2"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
+    yield
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(str(tmp_path) in part for part in (p.info["cmdline"] or [])):
+                p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+
+
+def job_body(workspace: Path, name: str, *, training: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    fake = {k: fields.pop(k) for k in ("step_seconds", "hang_after_steps") if k in fields}
+    return {"data_path": fake_dataset(workspace, f"d-{name}", **fake), "model_path": str(workspace / MODEL_DIR),
+            "output_dir": name, "job_id": name, "training": training or {}, **fields}  # fmt: skip
+
+
+def create(server: ApiServer, workspace: Path, name: str, **fields: Any) -> dict[str, Any]:
+    r = server.create(**job_body(workspace, name, **fields))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def hold(server: ApiServer, workspace: Path, name: str, **fields: Any) -> dict[str, Any]:
+    """A running job that keeps its GPU until stopped."""
+    r = create(server, workspace, name, auto_start=True, hang_after_steps=1, **fields)
+    assert r["status"] == "running", r
+    return wait_for(lambda: (j := server.job(name))["pid"] and j, what=f"{name}'s process")
+
+
+def queue_ids(server: ApiServer) -> list[str]:
+    entries = server.http.get("/queue").json()["entries"]
+    assert [e["position"] for e in entries] == list(range(1, len(entries) + 1))
+    return [e["job_id"] for e in entries]
+
+
+def stop(server: ApiServer, name: str) -> None:
+    r = server.http.post(f"/jobs/{name}/stop")
+    assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+
+
+def holds_for(server: ApiServer, seconds: float, predicate: Callable[[], bool], what: str) -> None:
+    """Assert `predicate` stays true for `seconds` (the absence of an event can only be watched for a while)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), what
+        time.sleep(0.05)
+
+
+def overlapping_gpu_use(jobs: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """Pairs of jobs whose [started_at, finished_at] intervals overlap on one GPU."""
+    bad = []
+    for a, b in itertools.combinations([j for j in jobs if j["started_at"] is not None], 2):
+        shared = set(a["gpu_ids"]) & set(b["gpu_ids"])
+        a_end = a["finished_at"] or float("inf")
+        b_end = b["finished_at"] or float("inf")
+        if shared and a["started_at"] < b_end and b["started_at"] < a_end:
+            bad.append((a["job_id"], b["job_id"], min(shared)))
+    return bad
+
+
+class GpuChecker(threading.Thread):
+    """Polls /gpus and the running jobs until stopped; records any moment a GPU looks held by two jobs."""
+
+    def __init__(self, servers: list[ApiServer]) -> None:
+        super().__init__(daemon=True)
+        self.clients = [httpx.Client(base_url=s.base, timeout=10) for s in servers]
+        self.halt = threading.Event()
+        self.polls = 0
+        self.violations: list[str] = []
+        self.busiest = 0
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for client in self.clients:
+                running = client.get("/jobs", params={"status": "running", "limit": 500}).json()["jobs"]
+                seen: dict[int, str] = {}
+                for job in running:
+                    for gpu in job["gpu_ids"]:
+                        if gpu in seen:
+                            self.violations.append(f"GPU {gpu} held by {seen[gpu]} and {job['job_id']}")
+                        seen[gpu] = job["job_id"]
+                self.busiest = max(self.busiest, len(seen))
+                gpus = client.get("/gpus").json()["gpus"]
+                if len({g["index"] for g in gpus}) != len(gpus):
+                    self.violations.append(f"/gpus lists a GPU twice: {gpus}")
+                self.polls += 1
+
+    def finish(self) -> None:
+        self.halt.set()
+        self.join(10)
+        for client in self.clients:
+            client.close()
+
+
+# ---- queued jobs ------------------------------------------------------------------------------------------
+
+
+def test_third_job_queues_with_position_and_estimate_then_starts_when_a_gpu_frees(server: ApiServer,
+                                                                                  workspace: Path) -> None:  # fmt: skip
+    for name in ("a", "b"):
+        r = create(server, workspace, name, auto_start=True, step_seconds=0.1, training={"max_steps": 200})
+        assert r["status"] == "running"
+    # Estimates need the running jobs' parsed remaining time.
+    wait_for(lambda: all(server.job(n)["progress"]["remaining_seconds"] is not None for n in ("a", "b")))
+    a = server.job("a")
+    assert sorted(server.job("a")["gpu_ids"] + server.job("b")["gpu_ids"]) == [0, 1]
+
+    r = create(server, workspace, "c")
+    assert r["status"] == "queued" and r["queue_position"] == 1
+    assert "queue" in r["message"].lower()
+    est = r["estimated_wait_time"]
+    # From the running jobs' parsed remaining time (200 steps of 0.1 s each): a real figure, not a placeholder.
+    assert est is not None and 0 < est["seconds"] < 60 and est["text"] == "less than a minute"
+    assert server.job("c")["status"] == "queued" and server.job("c")["queued_at"] is not None
+
+    q = server.http.get("/queue").json()
+    assert [e["job_id"] for e in q["entries"]] == ["c"]
+    entry = q["entries"][0]
+    assert entry["position"] == 1 and entry["priority"] == 5 and entry["num_gpus"] == 1
+    assert entry["waited_seconds"] >= 0 and entry["estimated_wait_time"]["seconds"] >= 0
+    assert q["summary"]["length"] == 1 and q["summary"]["free_gpus"] == 0 and q["summary"]["running_jobs"] == 2
+    assert q["summary"]["processor_running"] is True
+    st = server.http.get("/queue/c/status").json()
+    assert st["queued"] is True and st["queue_position"] == 1 and st["jobs_ahead"] == 0
+    assert st["estimated_wait_time"]["seconds"] >= 0
+    assert server.http.get("/jobs/c/status").json()["queue_position"] == 1
+    # POST start on a queued job keeps it queued and says so.
+    r2 = server.http.post("/jobs/c/start")
+    assert r2.status_code == 200 and r2.json()["status"] == "queued" and r2.json()["queue_position"] == 1
+
+    stop(server, "a")
+    c = server.wait_status("c", "running", timeout=10)
+    assert c["gpu_ids"] == a["gpu_ids"]
+    assert queue_ids(server) == []
+    st = server.http.get("/queue/c/status").json()
+    assert st["queued"] is False and st["status"] == "running" and st["queue_position"] is None
+    events = [e["type"] for e in server.http.get("/jobs/c/events").json()["events"]]
+    assert events[:2] == ["created", "status_running"]
+
+
+def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, workspace: Path) -> None:
+    assert create(server, workspace, "p")["status"] == "pending"
+    hold(server, workspace, "h0")
+    hold(server, workspace, "h1")
+    r = server.http.post("/jobs/p/start")
+    assert r.status_code == 200 and r.json()["status"] == "queued" and r.json()["queue_position"] == 1
+    assert queue_ids(server) == ["p"]
+    stop(server, "h1")
+    server.wait_status("p", "running", timeout=10)
+
+
+def test_priority_then_fifo_order_patch_resorts_and_gpus_go_in_that_order(server: ApiServer,
+                                                                          workspace: Path) -> None:  # fmt: skip
+    hold(server, workspace, "a")
+    hold(server, workspace, "b")
+    positions = {}
+    for name, priority in (("low", 0), ("mid1", 5), ("high", 10), ("mid2", 5)):
+        r = create(server, workspace, name, priority=priority, hang_after_steps=1)
+        assert r["status"] == "queued"
+        positions[name] = r["queue_position"]
+    assert positions == {"low": 1, "mid1": 1, "high": 1, "mid2": 3}
+    assert queue_ids(server) == ["high", "mid1", "mid2", "low"]
+    assert [e["priority"] for e in server.http.get("/queue").json()["entries"]] == [10, 5, 5, 0]
+
+    patched = server.http.patch("/jobs/low", json={"priority": 10})
+    assert patched.status_code == 200 and patched.json()["priority"] == 10 and patched.json()["status"] == "queued"
+    assert queue_ids(server) == ["low", "high", "mid1", "mid2"]  # same priority: submitted first goes first
+    assert server.http.patch("/jobs/mid1", json={"priority": 0}).status_code == 200
+    assert queue_ids(server) == ["low", "high", "mid2", "mid1"]
+    assert server.http.get("/queue/mid1/status").json()["jobs_ahead"] == 3
+    events = server.http.get("/jobs/low/events").json()["events"]
+    assert any(e["type"] == "priority_changed" and e["data"] == {"from": 0, "to": 10} for e in events)
+
+    stop(server, "a")
+    server.wait_status("low", "running", timeout=10)
+    assert queue_ids(server) == ["high", "mid2", "mid1"]
+    stop(server, "low")
+    server.wait_status("high", "running", timeout=10)
+    stop(server, "b")
+    server.wait_status("mid2", "running", timeout=10)
+    assert queue_ids(server) == ["mid1"] and server.job("mid1")["status"] == "queued"
+
+
+def test_cancel_from_queue_and_queue_status(server: ApiServer, workspace: Path) -> None:
+    a = hold(server, workspace, "a")
+    hold(server, workspace, "b")
+    create(server, workspace, "c")
+    create(server, workspace, "d")
+    st = server.http.get("/queue/d/status").json()
+    assert st["queued"] is True and st["queue_position"] == 2 and st["jobs_ahead"] == 1
+
+    r = server.http.delete("/queue/c")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert server.job("c")["status"] == "cancelled" and server.job("c")["finished_at"] is not None
+    assert queue_ids(server) == ["d"]
+    assert server.http.get("/queue/d/status").json()["queue_position"] == 1
+    st = server.http.get("/queue/c/status").json()
+    assert st["queued"] is False and st["status"] == "cancelled" and "cancelled" in st["message"]
+    for name in ("c", "a"):
+        r = server.http.delete(f"/queue/{name}")
+        assert r.status_code == 409 and "not queued" in r.json()["detail"]
+    assert server.http.patch("/jobs/c", json={"priority": 9}).status_code == 409
+    assert server.http.post("/jobs/c/start").status_code == 409
+
+    stop(server, "a")
+    d = server.wait_status("d", "running", timeout=10)
+    assert d["gpu_ids"] == a["gpu_ids"] and server.job("c")["status"] == "cancelled"
+    assert server.http.get("/jobs", params={"status": "cancelled"}).json()["total"] == 1
+
+
+def test_explicit_gpu_ids_wait_for_that_gpu(server: ApiServer, workspace: Path) -> None:
+    hold(server, workspace, "on0", gpu_ids=[0])
+    hold(server, workspace, "on1", gpu_ids=[1])
+    assert create(server, workspace, "wants1", gpu_ids=[1])["status"] == "queued"
+    stop(server, "on0")
+    # GPU 0 is free, but not for this job: a new job takes it while `wants1` keeps waiting for GPU 1.
+    other = create(server, workspace, "any", auto_start=True, hang_after_steps=1)
+    assert other["status"] == "running" and server.job("any")["gpu_ids"] == [0]
+    assert server.job("wants1")["status"] == "queued"
+    stop(server, "on1")
+    assert server.wait_status("wants1", "running", timeout=10)["gpu_ids"] == [1]
+
+
+def test_gpus_busy_with_outside_processes_are_skipped_until_freed(server_factory: Callable[..., ApiServer],
+                                                                  workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    usage = tmp_path / "gpu-usage.json"
+    usage.write_text(json.dumps({"0": {"processes": [{"pid": 4242, "used_memory_mb": 79 * 1024, "name": "other"}],
+                                       "utilization": 100}}))  # fmt: skip
+    server = server_factory(env={"SIMULATED_GPU_USAGE_FILE": str(usage)})
+    gpu0 = server.http.get("/gpus").json()["gpus"][0]
+    assert gpu0["processes"][0]["pid"] == 4242 and gpu0["memory_free_mb"] == pytest.approx(1024)
+    first = hold(server, workspace, "first")
+    assert first["gpu_ids"] == [1]
+    assert create(server, workspace, "second")["status"] == "queued"
+    usage.write_text("{}")  # the outside process ended: the periodic pass notices
+    assert server.wait_status("second", "running", timeout=10)["gpu_ids"] == [0]
+
+
+# ---- the processor switch ---------------------------------------------------------------------------------
+
+
+def test_processor_stop_keeps_queued_jobs_waiting_manual_pass_and_restart(server: ApiServer,
+                                                                          workspace: Path) -> None:  # fmt: skip
+    r = server.http.post("/queue/processor/stop")
+    assert r.status_code == 200 and r.json()["running"] is False
+    assert server.http.get("/queue/processor/status").json()["running"] is False
+    assert server.http.post("/queue/processor/stop").json()["running"] is False  # idempotent
+
+    a = hold(server, workspace, "a")
+    create(server, workspace, "b", auto_start=True, step_seconds=0.05, training={"max_steps": 1000})
+    assert create(server, workspace, "c")["status"] == "queued"
+    stop(server, "a")
+    assert {g["index"]: g["job_id"] for g in server.http.get("/gpus").json()["gpus"]}[a["gpu_ids"][0]] is None
+    step = wait_for(lambda: server.job("b")["progress"]["current_step"], what="b's progress")
+    # Over a few poll intervals (QUEUE_POLL_INTERVAL=1) nothing starts c, while b goes on.
+    holds_for(server, 2.5, lambda: server.job("c")["status"] == "queued", "c must wait while the processor is off")
+    assert server.job("b")["status"] == "running" and server.job("b")["progress"]["current_step"] > step
+    assert server.http.get("/queue").json()["summary"]["processor_running"] is False
+
+    r = server.http.post("/queue/process")
+    assert r.status_code == 200 and r.json()["started"] == ["c"] and r.json()["queue_length"] == 0
+    assert server.job("c")["status"] == "running" and server.job("c")["gpu_ids"] == a["gpu_ids"]
+    r = server.http.post("/queue/process")
+    assert r.json()["started"] == [] and r.json()["message"]
+
+    r = server.http.post("/queue/processor/start")
+    assert r.status_code == 200 and r.json()["running"] is True
+    assert create(server, workspace, "d", hang_after_steps=1)["status"] == "queued"
+    stop(server, "c")
+    server.wait_status("d", "running", timeout=10)
+    status = server.http.get("/queue/processor/status").json()
+    assert status["running"] is True and status["passes"] >= 1 and status["jobs_started"] >= 2, status
+    assert status["last_pass_at"] is not None and status["last_error"] is None, status
+
+
+# ---- bursts -----------------------------------------------------------------------------------------------
+
+
+def burst(workspace: Path, count: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        job_body(workspace, f"burst{i:02d}", auto_start=True, priority=rng.choice([0, 3, 5, 10]),
+                 num_gpus=rng.choice([1, 1, 2]), step_seconds=0.01, training={"max_steps": rng.randint(3, 8)})
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def assert_all_ran_without_sharing(server: ApiServer, bodies: list[dict[str, Any]], checker: GpuChecker) -> None:
+    jobs = [server.wait_status(b["job_id"], "completed", "failed", timeout=90) for b in bodies]
+    checker.finish()
+    assert [j["job_id"] for j in jobs if j["status"] != "completed"] == [], [j["error_message"] for j in jobs]
+    for job, b in zip(jobs, bodies, strict=True):
+        assert len(job["gpu_ids"]) == b["num_gpus"] and set(job["gpu_ids"]) <= {0, 1}
+        assert job["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, job["gpu_ids"]))
+    assert overlapping_gpu_use(jobs) == []
+    assert checker.violations == []
+    assert checker.polls >= 3
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+    assert server.http.get("/queue").json()["summary"]["length"] == 0
+
+
+def test_burst_of_mixed_jobs_all_complete_and_no_gpu_is_ever_shared(server_factory: Callable[..., ApiServer],
+                                                                    workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"AUTO_EXPORT": "false"})
+    bodies = burst(workspace, 10, seed=7)
+    checker = GpuChecker([server])
+    checker.start()
+    statuses = [server.create(**b).json()["status"] for b in bodies]
+    assert "queued" in statuses and "running" in statuses
+    assert_all_ran_without_sharing(server, bodies, checker)
+    assert checker.busiest >= 1
+
+
+def test_two_api_processes_on_one_redis_never_double_allocate(server_factory: Callable[..., ApiServer],
+                                                              workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    first = server_factory(env={"AUTO_EXPORT": "false"})
+    second = server_factory(env={"AUTO_EXPORT": "false"}, prefix=first.prefix, workdir=tmp_path)
+    assert first.port != second.port
+    bodies = burst(workspace, 12, seed=11)
+    checker = GpuChecker([first, second])
+    checker.start()
+
+    def submit(i_body: tuple[int, dict[str, Any]]) -> int:
+        i, b = i_body
+        with httpx.Client(base_url=(first if i % 2 else second).base, timeout=30) as client:
+            return client.post("/jobs", json=b).status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(pool.map(submit, enumerate(bodies)))
+    assert codes == [201] * len(bodies)
+    # Both processes see one store.
+    assert first.http.get("/jobs").json()["total"] == second.http.get("/jobs").json()["total"] == len(bodies)
+    assert_all_ran_without_sharing(first, bodies, checker)
+    supervisors = {first.job(b["job_id"])["supervisor_id"] for b in bodies}
+    assert len(supervisors) == 2, "both API processes should have started jobs"
+
+
+def test_switching_the_processor_off_and_on_never_hangs_or_strands_a_job(server_factory: Callable[..., ApiServer],
+                                                                         workspace: Path) -> None:  # fmt: skip
+    """Stop/start in a tight loop while jobs flow: every switch answers, every job runs to the end."""
+    server = server_factory(env={"AUTO_EXPORT": "false"})
+    bodies = [job_body(workspace, f"flip{i:02d}", step_seconds=0.0, training={"max_steps": 2}) for i in range(12)]
+    for b in bodies:
+        assert server.create(**b).status_code == 201
+    halt = threading.Event()
+    answers: list[int] = []
+
+    def flip() -> None:
+        with httpx.Client(base_url=server.base, timeout=10) as client:
+            while not halt.is_set():
+                for action in ("stop", "start"):
+                    try:
+                        answers.append(client.post(f"/queue/processor/{action}").status_code)
+                    except httpx.TimeoutException:
+                        answers.append(-1)
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        for b in bodies:
+            server.http.post(f"/jobs/{b['job_id']}/start")
+        jobs = [server.wait_status(b["job_id"], "completed", "failed", timeout=60) for b in bodies]
+    finally:
+        halt.set()
+        flipper.join(15)
+    assert [j["job_id"] for j in jobs if j["status"] != "completed"] == []
+    assert all(j["pid"] for j in jobs)
+    assert len(answers) >= 10 and set(answers) == {200}, answers
+    # The switch still means what it says afterwards.
+    server.http.post("/queue/processor/stop")
+    assert server.http.get("/queue/processor/status").json()["running"] is False

@@ -1,0 +1,268 @@
+"""Bad input gets a 4xx that says what to change, and changes nothing stored; health, system, GPUs, docs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from application.services.redis_service import EmbeddedRedis, find_redis_server
+from tests.conftest import ApiServer, fake_dataset, wait_for
+
+MODEL_DIR = "models/tiny-qwen2"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
+    yield
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(str(tmp_path) in part for part in (p.info["cmdline"] or [])):
+                p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+
+
+def valid(workspace: Path, name: str = "ok", **extra: Any) -> dict[str, Any]:
+    return {"data_path": fake_dataset(workspace, "data"), "model_path": str(workspace / MODEL_DIR),
+            "output_dir": name, **extra}  # fmt: skip
+
+
+def stored_state(r: redis.Redis, prefix: str) -> dict[str, Any]:
+    """Everything the server keeps under its prefix (heartbeats aside), for before/after comparisons."""
+    state: dict[str, Any] = {}
+    for key in sorted(r.scan_iter(f"{prefix}:*")):
+        if ":supervisor:" in key:
+            continue
+        kind = r.type(key)
+        if kind == "hash":
+            state[key] = r.hgetall(key)
+        elif kind == "zset":
+            state[key] = r.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            state[key] = sorted(r.smembers(key))
+        elif kind == "list":
+            state[key] = r.lrange(key, 0, -1)
+        elif kind == "stream":
+            state[key] = r.xrange(key)
+        else:
+            state[key] = r.get(key)
+    return state
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+# ---- create: bad bodies -----------------------------------------------------------------------------------
+
+
+def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
+    server: ApiServer, workspace: Path, rdb: redis.Redis
+) -> None:
+    outside = workspace / "elsewhere"
+    outside.mkdir()
+    server.output_root.mkdir(parents=True, exist_ok=True)
+    (server.output_root / "escape").symlink_to(outside, target_is_directory=True)
+    first = server.create(**valid(workspace, "busy"))
+    assert first.status_code == 201 and first.json()["status"] == "pending"
+    before = stored_state(rdb, server.prefix)
+    assert any(k.endswith(":job:busy") for k in before)
+
+    base = valid(workspace, "fresh")
+    cases: list[tuple[dict[str, Any], int, list[str]]] = [
+        ({**base, "learning_rate": 1}, 422, ["learning_rate", "unknown field"]),
+        ({**base, "training": {"lora_rnk": 8}}, 422, ["training.lora_rnk", "unknown field"]),
+        ({**base, "priority": "high"}, 422, ["priority"]),
+        ({**base, "priority": 11}, 422, ["priority", "10"]),
+        ({**base, "priority": -1}, 422, ["priority", "0"]),
+        ({**base, "priority": 2.5}, 422, ["priority"]),
+        ({**base, "num_gpus": "two"}, 422, ["num_gpus"]),
+        ({**base, "auto_start": "maybe"}, 422, ["auto_start"]),
+        ({**base, "training": []}, 422, ["training"]),
+        ({**base, "training": {"lora_rank": 0}}, 422, ["training.lora_rank"]),
+        ({**base, "training": {"train_type": "qlora-ish"}}, 422, ["training.train_type"]),
+        ({**base, "data_path": ""}, 422, ["data_path"]),
+        ({**base, "model_path": "   "}, 422, ["model_path", "blank"]),
+        ({**base, "output_dir": ""}, 422, ["output_dir"]),
+        ({k: v for k, v in base.items() if k != "data_path"}, 422, ["data_path", "required"]),
+        ({**base, "job_id": "bad id!"}, 422, ["job_id"]),
+        ({**base, "output_dir": ".."}, 422, ["output_dir", "OUTPUT_ROOT"]),
+        ({**base, "output_dir": "../sneaky"}, 422, ["output_dir", "outside OUTPUT_ROOT"]),
+        ({**base, "output_dir": "a/../../sneaky"}, 422, ["outside OUTPUT_ROOT"]),
+        ({**base, "output_dir": str(outside / "job")}, 422, ["outside OUTPUT_ROOT"]),
+        ({**base, "output_dir": "/etc/swift-job"}, 422, ["outside OUTPUT_ROOT"]),
+        ({**base, "output_dir": "escape/job"}, 422, ["outside OUTPUT_ROOT"]),
+        ({**base, "output_dir": "."}, 422, ["OUTPUT_ROOT"]),
+        ({**base, "output_dir": "busy"}, 409, ["busy", "in use"]),
+        ({**base, "output_dir": str(server.output_root / "busy")}, 409, ["in use"]),
+        ({**base, "gpu_ids": [5]}, 422, ["gpu_ids", "2 GPUs"]),
+        ({**base, "gpu_ids": [0, 0]}, 422, ["gpu_ids", "distinct"]),
+        ({**base, "gpu_ids": []}, 422, ["gpu_ids"]),
+        ({**base, "num_gpus": 3}, 422, ["num_gpus=3", "2 GPUs"]),
+        ({**base, "num_gpus": 2, "gpu_ids": [0]}, 422, ["num_gpus", "gpu_ids"]),
+        ({**base, "min_gpu_memory_gb": 100}, 422, ["min_gpu_memory_gb", "2 GPUs", "80"]),
+        ({**base, "num_gpus": 0, "training": {"torch_dtype": "bfloat16"}}, 422, ["bfloat16", "float32"]),
+        ({**base, "job_id": "busy"}, 409, ["busy", "taken"]),
+    ]
+    for payload, code, words in cases:
+        r = server.http.post("/jobs", json=payload)
+        assert r.status_code == code, (payload, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and detail, r.text
+        for word in words:
+            assert word in detail, (payload, word, detail)
+    r = server.http.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = server.http.post("/jobs", json=["a", "list"])
+    assert r.status_code == 422
+
+    assert stored_state(rdb, server.prefix) == before
+    assert server.http.get("/jobs").json()["total"] == 1
+    assert not (outside / "job").exists() and not Path("/etc/swift-job").exists()
+    # The same body with a valid folder is accepted: the rejections were about the field named.
+    ok = server.create(**{**base, "output_dir": str(server.output_root / "inside" / "abs")})
+    assert ok.status_code == 201 and ok.json()["job_id"] == "abs"
+    # A folder freed by its job's end can be used again.
+    assert server.http.post("/jobs/busy/stop").json()["status"] == "cancelled"
+    again = server.create(**valid(workspace, "busy"))
+    assert again.status_code == 201 and again.json()["job_id"] == "busy-2"
+
+
+def test_gpu_requests_that_fit_are_accepted(server: ApiServer, workspace: Path) -> None:
+    for extra in ({"gpu_ids": [1]}, {"num_gpus": 2}, {"min_gpu_memory_gb": 80}, {"num_gpus": 0}):
+        r = server.create(**valid(workspace, f"fits{len(server.http.get('/jobs').json()['jobs'])}", **extra))
+        assert r.status_code == 201, (extra, r.text)
+        assert r.json()["status"] == "pending"
+
+
+def test_actions_that_make_no_sense_for_the_status_are_409(server: ApiServer, workspace: Path,
+                                                           rdb: redis.Redis) -> None:  # fmt: skip
+    r = server.create(
+        **valid(workspace, "run", auto_start=True, data_path=fake_dataset(workspace, "hang", hang_after_steps=1))
+    )
+    assert r.json()["status"] == "running"
+    wait_for(lambda: server.job("run")["pid"], what="the pid")
+    server.create(**valid(workspace, "idle"))
+    before = stored_state(rdb, server.prefix)
+    checks = [
+        ("POST", "/jobs/run/start", None, ["running"]),
+        ("POST", "/jobs/run/export", None, ["running"]),
+        ("DELETE", "/jobs/run", None, ["stop it first"]),
+        ("PATCH", "/jobs/run", {"priority": 1}, ["running", "pending or queued"]),
+        ("DELETE", "/queue/run", None, ["not queued"]),
+        ("DELETE", "/queue/idle", None, ["not queued"]),
+        ("POST", "/jobs/idle/export", None, ["pending"]),
+    ]
+    for method, path, payload, words in checks:
+        resp = server.http.request(method, path, json=payload)
+        assert resp.status_code == 409, (method, path, resp.text)
+        for word in words:
+            assert word in resp.json()["detail"], (path, resp.json())
+    bad_patches: list[dict[str, Any]] = [{"priority": 11}, {"priority": "x"}, {}, {"priority": 3, "extra": 1}]
+    for bad in bad_patches:
+        resp = server.http.patch("/jobs/idle", json=bad)
+        assert resp.status_code == 422, (bad, resp.text)
+    events_key = f"{server.prefix}:job:run:events"
+    after = stored_state(rdb, server.prefix)
+    # The running job's own progress/updated_at may move; everything else stays the same.
+    for key in set(before) | set(after):
+        if key.startswith(f"{server.prefix}:job:run") or key == events_key:
+            continue
+        assert before.get(key) == after.get(key), key
+    assert json.loads(after[f"{server.prefix}:job:run"]["status"]) == "running"
+
+
+# ---- health, system, GPUs, docs ---------------------------------------------------------------------------
+
+
+def test_health_system_status_and_gpus(server: ApiServer, workspace: Path) -> None:
+    r = server.http.get("/health")
+    assert r.status_code == 200
+    health = r.json()
+    assert health["status"] == "healthy" and health["redis"]["ok"] is True
+    assert health["redis"]["latency_ms"] >= 0 and health["gpu"]["count"] == 2
+
+    server.create(**valid(workspace, "a", auto_start=True, data_path=fake_dataset(workspace, "h", hang_after_steps=1)))
+    server.create(**valid(workspace, "b"))
+    running = wait_for(lambda: (j := server.job("a"))["pid"] and j)
+    sysr = server.http.get("/system/status")
+    assert sysr.status_code == 200
+    s = sysr.json()
+    assert s["cpu"]["count"] >= 1 and 0 <= s["cpu"]["percent"] <= 100
+    assert s["memory"]["total_gb"] > 0 and 0 <= s["memory"]["percent"] <= 100
+    assert s["disk"]["path"] == str(server.output_root) and s["disk"]["free_gb"] > 0
+    assert set(s["load"]) == {"1m", "5m", "15m"}
+    assert s["gpus"]["count"] == 2 and s["gpus"]["backend"] == "simulated"
+    assert s["gpus"]["memory_total_gb"] == pytest.approx(160)
+    assert s["jobs"]["running"] == 1 and s["jobs"]["pending"] == 1 and s["jobs"]["completed"] == 0
+    assert s["redis"]["ok"] is True and s["redis"]["latency_ms"] >= 0
+    assert s["version"] and s["uptime_seconds"] > 0
+    assert s["swift"]["version"] == "4.6.0"
+
+    g = server.http.get("/gpus").json()
+    assert g["backend"] == "simulated" and len(g["gpus"]) == 2
+    for i, gpu in enumerate(g["gpus"]):
+        assert gpu["index"] == i
+        assert gpu["uuid"] and gpu["name"]
+        assert gpu["memory_total_mb"] == pytest.approx(80 * 1024)
+        assert gpu["memory_used_mb"] + gpu["memory_free_mb"] == pytest.approx(gpu["memory_total_mb"])
+        for key in ("utilization", "temperature_c", "processes"):
+            assert key in gpu
+    holders = {gpu["index"]: gpu["job_id"] for gpu in g["gpus"]}
+    assert holders[running["gpu_ids"][0]] == "a" and list(holders.values()).count(None) == 1
+
+
+def test_health_is_503_with_the_reason_when_redis_is_gone(server_factory: Callable[..., ApiServer],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    binary = find_redis_server()
+    assert binary
+    own = EmbeddedRedis(tmp_path / "own-redis", binary)
+    own.start()
+    try:
+        server = server_factory(env={"REDIS_URL": own.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
+                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
+        assert server.http.get("/health").status_code == 200
+    finally:
+        own.stop()
+    r = wait_for(lambda: (resp := server.http.get("/health")).status_code == 503 and resp, timeout=15)
+    assert r.json()["status"] == "unhealthy" and "Redis does not answer" in r.json()["detail"]
+    assert server.http.get("/jobs").status_code == 503
+    assert server.proc is not None and server.proc.poll() is None  # the server stays up
+
+
+def test_docs_and_openapi_list_every_route(server: ApiServer) -> None:
+    root = server.base.split("/api/v1")[0]
+    docs = server.http.get(f"{root}/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = server.http.get(f"{root}/openapi.json").json()
+    p = "/api/v1/training"
+    expected = {
+        (f"{p}/jobs", "post"), (f"{p}/jobs", "get"), (f"{p}/jobs/{{job_id}}", "get"),
+        (f"{p}/jobs/{{job_id}}", "delete"), (f"{p}/jobs/{{job_id}}", "patch"),
+        (f"{p}/jobs/{{job_id}}/start", "post"), (f"{p}/jobs/{{job_id}}/stop", "post"),
+        (f"{p}/jobs/{{job_id}}/export", "post"), (f"{p}/jobs/{{job_id}}/status", "get"),
+        (f"{p}/jobs/{{job_id}}/progress", "get"), (f"{p}/jobs/{{job_id}}/logs", "get"),
+        (f"{p}/jobs/{{job_id}}/events", "get"), (f"{p}/gpus", "get"), (f"{p}/system/status", "get"),
+        (f"{p}/health", "get"), (f"{p}/queue", "get"), (f"{p}/queue/process", "post"),
+        (f"{p}/queue/{{job_id}}", "delete"), (f"{p}/queue/{{job_id}}/status", "get"),
+        (f"{p}/queue/processor/start", "post"), (f"{p}/queue/processor/stop", "post"),
+        (f"{p}/queue/processor/status", "get"),
+    }  # fmt: skip
+    listed = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    assert expected <= listed, expected - listed
+    create = spec["paths"][f"{p}/jobs"]["post"]
+    assert {"201", "409", "422"} <= set(create["responses"])
+    assert "204" in spec["paths"][f"{p}/jobs/{{job_id}}"]["delete"]["responses"]
+    assert "409" in spec["paths"][f"{p}/jobs/{{job_id}}"]["delete"]["responses"]
+    assert "404" in spec["paths"][f"{p}/jobs/{{job_id}}/start"]["post"]["responses"]
