@@ -125,7 +125,12 @@ class Settings(BaseSettings):
         return v
 
     @field_validator(
-        "REDIS_URL", "REDIS_HOST", "REDIS_PASSWORD", "REDIS_SERVER_BIN", "SIMULATED_GPU_USAGE_FILE", "SWIFT_VERSION",
+        "REDIS_URL",
+        "REDIS_HOST",
+        "REDIS_PASSWORD",
+        "REDIS_SERVER_BIN",
+        "SIMULATED_GPU_USAGE_FILE",
+        "SWIFT_VERSION",
         mode="before",
     )
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -91,7 +92,7 @@ def latency(redis_url: str, jobs: int, workdir: Path) -> None:
         server.wait(15)
     details.sort(key=lambda d: d["launched_at"])
     gaps = []
-    for prev, nxt in zip(details, details[1:], strict=False):
+    for prev, nxt in itertools.pairwise(details):
         exit_file = Path(prev["log_file"]).with_suffix(".exit.json")
         exited = json.loads(exit_file.read_text())["finished_at"]
         gaps.append((nxt["launched_at"] - exited) * 1000)
@@ -110,7 +111,7 @@ async def passes(redis_url: str, sizes: list[int], workdir: Path) -> None:
         store = JobStore(client, Keys(f"bench-pass-{size}"))
         started: list[str] = []
 
-        async def record(job: Job, gpu_ids: list[int]) -> None:
+        async def record(job: Job, gpu_ids: list[int], started: list[str] = started) -> None:
             started.append(job.job_id)
 
         processor = QueueProcessor(store, SimulatedInventory(8, 80.0), settings, record)

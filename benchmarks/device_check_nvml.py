@@ -222,9 +222,7 @@ def time_snapshots(inventory: NvmlInventory, samples: int) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--allocate-mib", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=20, help="snapshots to time")
     args = parser.parse_args(argv)

@@ -122,9 +122,10 @@ class ApiServer:
         self.http = httpx.Client(base_url=self.base, timeout=30)
 
     def start(self) -> ApiServer:
-        self.log = open(self.workdir / f"server-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "start.py")], cwd=ROOT, env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(self.workdir / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "start.py")], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_for(self._healthy, timeout=30, what="the API server to answer /health")
         return self
 
@@ -160,11 +161,14 @@ class ApiServer:
     def job(self, job_id: str) -> dict[str, Any]:
         r = self.http.get(f"/jobs/{job_id}")
         assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
+        return r.json()
 
     def wait_status(self, job_id: str, *statuses: str, timeout: float = 30.0) -> dict[str, Any]:
-        return wait_for(lambda: (j := self.job(job_id))["status"] in statuses and j, timeout=timeout,  # type: ignore[no-any-return]
-                        what=f"job {job_id} to reach {statuses}")
+        return wait_for(
+            lambda: (j := self.job(job_id))["status"] in statuses and j,
+            timeout=timeout,
+            what=f"job {job_id} to reach {statuses}",
+        )
 
     def create(self, **body: Any) -> httpx.Response:
         return self.http.post("/jobs", json=body)
@@ -204,6 +208,22 @@ def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Api
     yield make
     for s in servers:
         s.stop()
+    # Swift processes outlive the API by design: nothing a test started may outlive the test.
+    kill_processes_under(tmp_path)
+
+
+def kill_processes_under(root: Path) -> None:
+    import psutil
+
+    needle = str(root)
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            if p.pid != os.getpid() and (
+                any(needle in part for part in (p.info["cmdline"] or [])) or needle in (p.info["cwd"] or "")
+            ):
+                p.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
 
 
 @pytest.fixture

@@ -7,35 +7,15 @@ and the automatic export; the exact argv swift ran; job ids; failures; logs, eve
 from __future__ import annotations
 
 import json
-import os
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
-    """Swift processes outlive the API by design: kill whatever a test left running under its folder."""
-    yield
-    kill_processes_under(tmp_path)
-
-
-def kill_processes_under(root: Path) -> None:
-    needle = str(root)
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(needle in part for part in (p.info["cmdline"] or [])):
-                p.send_signal(signal.SIGKILL)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
 
 
 def body(workspace: Path, name: str, **extra: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,6 @@ import pytest
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
-    yield
-    for p in job_processes(str(tmp_path)):
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def job_processes(needle: str) -> list[psutil.Process]:

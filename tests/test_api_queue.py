@@ -4,34 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
-    yield
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(str(tmp_path) in part for part in (p.info["cmdline"] or [])):
-                p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            continue
 
 
 def job_body(workspace: Path, name: str, *, training: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:

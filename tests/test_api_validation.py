@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import redis
 
@@ -17,17 +14,6 @@ from application.services.redis_service import EmbeddedRedis, find_redis_server
 from tests.conftest import ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
-    yield
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(str(tmp_path) in part for part in (p.info["cmdline"] or [])):
-                p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            continue
 
 
 def valid(workspace: Path, name: str = "ok", **extra: Any) -> dict[str, Any]:

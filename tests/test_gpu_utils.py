@@ -540,9 +540,7 @@ def test_handle_getter_failing_for_every_gpu_gives_an_empty_snapshot(fake: FakeN
     inv.close()
 
 
-def test_snapshot_never_raises_even_on_unexpected_errors(
-    fake: FakeNvml, nvml_inventory: NvmlInventory
-) -> None:
+def test_snapshot_never_raises_even_on_unexpected_errors(fake: FakeNvml, nvml_inventory: NvmlInventory) -> None:
     fake.crash["nvmlDeviceGetMemoryInfo_v2"] = RuntimeError("driver exploded")
     snap = nvml_inventory.snapshot()
     assert snap.gpus == ()

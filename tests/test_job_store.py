@@ -11,12 +11,27 @@ from application.services.job_store import JobStore, TransitionRefused, queue_sc
 from application.services.keys import Keys
 
 
-def make_job(job_id: str, status: JobStatus = JobStatus.PENDING, priority: int = 5, created: float | None = None,
-             num_gpus: int = 1) -> Job:
+def make_job(
+    job_id: str,
+    status: JobStatus = JobStatus.PENDING,
+    priority: int = 5,
+    created: float | None = None,
+    num_gpus: int = 1,
+) -> Job:
     now = created if created is not None else time.time()
-    return Job(job_id=job_id, status=status, priority=priority, data_path="d.jsonl", model_path="m",
-               output_dir=f"/out/{job_id}", output_dir_requested=job_id, num_gpus=num_gpus,
-               training=TrainingParams(), created_at=now, updated_at=now)
+    return Job(
+        job_id=job_id,
+        status=status,
+        priority=priority,
+        data_path="d.jsonl",
+        model_path="m",
+        output_dir=f"/out/{job_id}",
+        output_dir_requested=job_id,
+        num_gpus=num_gpus,
+        training=TrainingParams(),
+        created_at=now,
+        updated_at=now,
+    )
 
 
 @pytest.fixture
@@ -53,7 +68,7 @@ async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobSt
     assert await store.leases() == {0: "a", 1: "a"}
     await store.transition("a", JobStatus.COMPLETED)
     job = await store.require("a")
-    assert job.finished_at and job.finished_at >= job.started_at
+    assert job.finished_at and job.started_at and job.finished_at >= job.started_at
     assert await store.leases() == {}
     for target in (JobStatus.RUNNING, JobStatus.FAILED, JobStatus.QUEUED):
         with pytest.raises(TransitionRefused) as exc:
@@ -76,8 +91,13 @@ async def test_gpu_lease_never_shared(store: JobStore) -> None:
 
 async def test_queue_order_priority_then_fifo_then_id(store: JobStore) -> None:
     base = 1_800_000_000.0
-    for job_id, prio, t in [("low", 0, base), ("high", 10, base + 5), ("mid-b", 5, base + 1), ("mid-a", 5, base + 1),
-                            ("mid-old", 5, base)]:
+    for job_id, prio, t in [
+        ("low", 0, base),
+        ("high", 10, base + 5),
+        ("mid-b", 5, base + 1),
+        ("mid-a", 5, base + 1),
+        ("mid-old", 5, base),
+    ]:
         await store.create(make_job(job_id, JobStatus.QUEUED, prio, created=t), message="")
     order = [job_id for job_id, _ in await store.queue_window(0, 10)]
     assert order == ["high", "mid-old", "mid-a", "mid-b", "low"]

@@ -72,7 +72,7 @@ async def start_job(job_id: JobId, svc: Training) -> ActionResponse:
 
 
 @router.post("/jobs/{job_id}/stop", response_model=ActionResponse, responses={**E404, **E409},
-             summary="Stop a running job (SIGTERM to its process group, then SIGKILL), or cancel a waiting one")  # fmt: skip
+             summary="Stop a running job (SIGTERM to its group, then SIGKILL), or cancel a waiting one")  # fmt: skip
 async def stop_job(job_id: JobId, svc: Training) -> ActionResponse:
     return await svc.stop(job_id)
 

@@ -74,9 +74,7 @@ class TrainingParams(_Strict):
     dataloader_num_workers: int = Field(4, ge=0, le=128)
     dataset_num_proc: int = Field(4, ge=1, le=256)
     save_only_model: bool = True
-    train_type: Literal["lora", "full", "longlora", "adalora", "llamapro", "vera", "boft", "fourierft", "reft"] = (
-        "lora"
-    )
+    train_type: Literal["lora", "full", "longlora", "adalora", "llamapro", "vera", "boft", "fourierft", "reft"] = "lora"
     torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="default: bfloat16 on GPUs, float32 for a CPU-only job (num_gpus 0)"
     )

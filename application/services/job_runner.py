@@ -184,7 +184,7 @@ class JobRunner:
         fields: dict[str, Any] = {
             "exit_code": code,
             "checkpoints": checkpoints,
-            "last_checkpoint": parser.last_checkpoint or job.last_checkpoint or (checkpoints[-1] if checkpoints else None),
+            "last_checkpoint": parser.last_checkpoint or job.last_checkpoint or next(reversed(checkpoints), None),
             "best_checkpoint": parser.best_checkpoint or job.best_checkpoint,
         }
         if parser.train_loss is not None:

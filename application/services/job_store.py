@@ -50,9 +50,7 @@ def decode_job(raw: Mapping[str, str]) -> Job:
 
 
 def _event_json(event_type: str, message: str, data: Mapping[str, Any] | None, now: float) -> str:
-    return json.dumps(
-        {"type": event_type, "message": message, "time": repr(now), "data": json.dumps(dict(data or {}))}
-    )
+    return json.dumps({"type": event_type, "message": message, "time": repr(now), "data": json.dumps(dict(data or {}))})
 
 
 @dataclass(frozen=True)
@@ -283,14 +281,14 @@ class JobStore:
         if res[0] == "missing":
             raise JobNotFound(job.job_id)
         if res[0] == "bad_state":
-            raise Conflict(
-                f"job '{job.job_id}' is {res[1]}: only a pending or queued job's priority can change"
-            )
+            raise Conflict(f"job '{job.job_id}' is {res[1]}: only a pending or queued job's priority can change")
         return JobStatus(res[1])
 
     # ---- events and history -----------------------------------------------------------------------------
 
-    async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None) -> None:
+    async def add_event(
+        self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None
+    ) -> None:
         now = time.time()
         await self.r.xadd(
             self.keys.job_events(job_id),
@@ -351,8 +349,7 @@ class JobStore:
 
     async def drop_lease(self, gpu: int, job_id: str) -> bool:
         """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
-        script = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
-        return bool(await self.r.eval(script, 1, self.keys.gpu_leases, str(gpu), job_id))
+        return bool(await self.r.eval(lua.DROP_LEASE, 1, self.keys.gpu_leases, str(gpu), job_id))
 
     async def mark_exporting(self, job_id: str, running: bool) -> None:
         if running:

@@ -174,6 +174,12 @@ return {'ok', cur}
 """
 )
 
+# KEYS: 1 gpu_leases. ARGV: 1 gpu index, 2 job_id. Drops the lease only if that job still holds it.
+DROP_LEASE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 # Change the priority of a pending/queued job and re-sort it. KEYS: 1 job, 2 queue, 3 queue_meta, 4 events,
 # 5 wakeup channel. ARGV: 1 job_id, 2 priority (encoded), 3 new score, 4 new meta, 5 event JSON, 6 maxlen,
 # 7 updated_at (encoded)

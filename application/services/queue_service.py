@@ -58,7 +58,9 @@ class QueueService:
                 "offset": offset,
                 "limit": limit,
                 "total_gpus": len(view.gpus),
-                "free_gpus": free_gpu_count(view, self.settings.GPU_MIN_FREE_MEMORY_GB, self.settings.GPU_MAX_UTILIZATION),
+                "free_gpus": free_gpu_count(
+                    view, self.settings.GPU_MIN_FREE_MEMORY_GB, self.settings.GPU_MAX_UTILIZATION
+                ),
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
                 "processor_running": self.processor.running,
@@ -79,7 +81,8 @@ class QueueService:
         if job.status != JobStatus.QUEUED:
             raise Conflict(f"job '{job_id}' is {job.status.value}, not queued: use POST .../jobs/{job_id}/stop")
         await self.service._cancel(job_id, (JobStatus.QUEUED,), "removed from the GPU queue")
-        return {"job_id": job_id, "status": JobStatus.CANCELLED.value, "message": "Removed from the queue and cancelled"}
+        message = "Removed from the queue and cancelled"
+        return {"job_id": job_id, "status": JobStatus.CANCELLED.value, "message": message}
 
     async def job_status(self, job_id: str) -> dict[str, Any]:
         job = await self.store.require(job_id)

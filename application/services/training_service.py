@@ -217,8 +217,10 @@ class TrainingService:
                                   estimated_wait_time=estimate,
                                   message="The job is queued: it starts by itself when its GPUs are free")  # fmt: skip
         if job.status != JobStatus.PENDING:
-            raise Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started"
-                           + ("" if job.status == JobStatus.RUNNING else "; create a new job to train again"))
+            raise Conflict(
+                f"job '{job_id}' is {job.status.value}: only a pending job can be started"
+                + ("" if job.status == JobStatus.RUNNING else "; create a new job to train again")
+            )
         view = await self.processor.view()
         starts = await self.processor.plan(view, extra=self._as_queued(job))
         mine = next((s for s in starts if s.job_id == job_id), None)
@@ -249,8 +251,12 @@ class TrainingService:
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
         if job.status == JobStatus.RUNNING:
             try:
-                await self.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
-                                        event=("stop_requested", "stop requested: SIGTERM to the process group", None))
+                await self.store.update(
+                    job_id,
+                    {"stop_requested": True},
+                    statuses=(JobStatus.RUNNING,),
+                    event=("stop_requested", "stop requested: SIGTERM to the process group", None),
+                )
             except TransitionRefused as exc:
                 current = JobStatus(exc.current) if exc.current else job.status
                 return ActionResponse(job_id=job_id, status=current, message=f"The job already ended ({current.value})")
@@ -258,7 +264,8 @@ class TrainingService:
             try:
                 await self.store.transition(
                     job_id, JobStatus.STOPPED, expect=(JobStatus.RUNNING,),
-                    message=f"stopped on request ({'killed after the grace period' if how == 'killed' else 'terminated'})",
+                    message="stopped on request ("
+                    + ("killed after the grace period" if how == "killed" else "terminated") + ")",
                 )  # fmt: skip
             except TransitionRefused:
                 pass  # the follower recorded the end first

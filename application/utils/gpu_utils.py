@@ -150,9 +150,7 @@ class NvmlInventory:
             self._count = int(nvml.nvmlDeviceGetCount())
         except Exception as exc:
             self._shutdown()
-            raise NvmlUnavailableError(
-                f"NVML started but could not count GPUs: {_nvml_message(exc)}"
-            ) from exc
+            raise NvmlUnavailableError(f"NVML started but could not count GPUs: {_nvml_message(exc)}") from exc
         self._driver_version: str | None = self._optional(nvml.nvmlSystemGetDriverVersion)
         self._handles: dict[int, Any] = {}
         self._identity: dict[int, tuple[str, str]] = {}
@@ -324,10 +322,7 @@ class NvmlInventory:
         except pynvml.NVMLError:
             return False, None
         try:
-            if (
-                nvml.nvmlDeviceGetP2PStatus(ha, hb, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
-                == pynvml.NVML_P2P_STATUS_OK
-            ):
+            if nvml.nvmlDeviceGetP2PStatus(ha, hb, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == pynvml.NVML_P2P_STATUS_OK:
                 return True, LINK_SCORE_NVLINK
         except pynvml.NVMLError:
             pass  # no NVLink query on this driver; the PCIe topology below still ranks the pair
@@ -420,9 +415,7 @@ def _parse_usage(data: Any, count: int, memory_gb: float) -> dict[int, _Usage]:
             # Without an explicit figure the GPU holds what its processes hold.
             used_mb = sum(p.used_memory_mb or 0.0 for p in procs)
             if used_mb > memory_gb * 1024:
-                raise ValueError(
-                    f"{where}: processes use {used_mb:g} MiB, more than the GPU's {memory_gb:g} GiB"
-                )
+                raise ValueError(f"{where}: processes use {used_mb:g} MiB, more than the GPU's {memory_gb:g} GiB")
         utilization = _number(entry.get("utilization", 0), f"{where}.utilization", 0, 100)
         usage[int(key)] = _Usage(used_mb, utilization, procs)
     return usage
@@ -537,9 +530,7 @@ class SimulatedInventory:
                 self._file_error = None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 self._file_usage = {}
-                self._file_error = (
-                    f"simulated GPU usage file {path} is malformed ({exc}); its usage is ignored"
-                )
+                self._file_error = f"simulated GPU usage file {path} is malformed ({exc}); its usage is ignored"
                 logger.warning("{}", self._file_error)
         return self._file_usage, self._file_error
 
