@@ -613,3 +613,11 @@ def test_find_checkpoints(tmp_path: Path) -> None:
 def test_fixture_readme_kept() -> None:
     assert "ms-swift 4.6.0" in (FIX4 / "README.txt").read_text()
     assert json.loads((FIX4 / "sft_success.checkpoint-20.adapter_config.json").read_text())["r"] == 8
+
+
+def test_newest_tqdm_frame_counts_before_the_next_redraw() -> None:
+    parser = SwiftLogParser()
+    parser.feed(b"Train:  20%|##        | 2/10 [00:01<00:04,  2.00it/s]\r")
+    result = parser.feed(b"Train:  30%|###       | 3/10 [00:01<00:03,  2.00it/s]")
+    assert result.progress is not None and result.progress.current_step == 3
+    assert parser.progress is not None and parser.progress.max_steps == 10

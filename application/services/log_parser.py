@@ -320,6 +320,14 @@ class SwiftLogParser:
             self._parse_block(buf[:cut], result)
         if len(self._partial) > _MAX_PARTIAL_BYTES:
             self._partial = b""
+        # tqdm writes its newest frame with no \r after it until the next redraw: read a complete bar now
+        # (without consuming it), or progress would lag one step behind, forever on a hung trainer.
+        if self._partial.lstrip().startswith(b"Train:") and self._partial.rstrip().endswith(b"]"):
+            tail = self._partial.decode("utf-8", errors="replace")
+            if m := _TRAIN_BAR_RE.search(tail):
+                progress = _merge_bar(self.progress, m)
+                if progress is not None:
+                    self.progress = result.progress = progress
         return result
 
     def flush(self) -> ParseResult:
