@@ -21,7 +21,7 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch first: a plain `torch` requirement pulled in by ms-swift would fetch a multi-GB CUDA build.
 "$venv/bin/python" -m pip install -q "$torch_spec"
-torch_installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+torch_installed="$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")"
 constraints="$(mktemp)"
 echo "torch==$torch_installed" >"$constraints"
 if [ "${swift_version%%.*}" = "3" ]; then
