@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from application.services.process_supervisor import group_members
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
@@ -29,17 +30,6 @@ def job_processes(needle: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
-
-
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for p in psutil.process_iter(["pid", "status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
-                members.append(p.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return members
 
 
 def alive(pid: int) -> bool:

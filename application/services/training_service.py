@@ -38,7 +38,7 @@ from application.services.gpu_pool import impossible_request, queued_job
 from application.services.job_runner import JobRunner
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.queue_processor import QueueProcessor
-from application.services.scheduler import format_wait
+from application.services.scheduler import QueuedJob, format_wait
 from application.services.swift_command import SwiftVersion, detect_swift_version
 from application.utils.gpu_utils import GpuInventory
 from application.utils.log_tail import tail_lines
@@ -204,7 +204,7 @@ class TrainingService:
                                   estimated_wait_time=estimate)  # fmt: skip
         return CreateResponse(job_id=job.job_id, status=job.status, message=message)
 
-    def _as_queued(self, job: Job):  # type: ignore[no-untyped-def]
+    def _as_queued(self, job: Job) -> QueuedJob:
         return queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                           job.min_gpu_memory_gb)  # fmt: skip
 
