@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from application.config import PROJECT_ROOT, SettingsError, load_settings, parse_simulated_gpus
+
+
+def test_environment_selects_its_env_file_and_real_variables_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "test")
+    settings = load_settings()
+    assert settings.APP_PORT == 8001 and settings.GPU_BACKEND.value == "simulated"  # from env/.env.test
+    assert settings.SWIFT_BIN == str(PROJECT_ROOT / "tests" / "fake_swift" / "swift")  # relative to the project
+    monkeypatch.setenv("APP_PORT", "9123")
+    assert load_settings().APP_PORT == 9123
+
+
+def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "dev")
+    for name in ("REDIS_URL", "REDIS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_settings().uses_embedded_redis
+    monkeypatch.setenv("REDIS_HOST", "redis.internal")
+    assert not load_settings().uses_embedded_redis
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("GPU_BACKEND", "cuda", "'auto', 'nvml' or 'simulated'"),
+        ("QUEUE_POLICY", "fifo", "'strict' or 'backfill'"),
+        ("SIMULATED_GPUS", "four", "such as 4 or 4x80"),
+        ("APP_PORT", "70000", "less than or equal to 65535"),
+        ("REDIS_URL", "localhost:6379", "redis://"),
+        ("API_PREFIX", "api", "must start with '/'"),
+    ],
+)
+def test_a_bad_value_names_the_key_and_what_is_allowed(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert key in str(exc.value) and says in str(exc.value)
+
+
+def test_start_py_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "GPU_BACKEND": "cuda", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py")], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPU_BACKEND" in lines[0] and "simulated" in lines[0], out.stderr
+
+
+def test_simulated_gpus_format() -> None:
+    assert parse_simulated_gpus("4") == (4, 80.0)
+    assert parse_simulated_gpus("2x24") == (2, 24.0)
+    with pytest.raises(ValueError):
+        parse_simulated_gpus("4x")
