@@ -63,6 +63,7 @@ class JobRunner:
         self.version = version
         self.supervisor_id = supervisor_id
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[str] = set()  # between the status change and the follower: not an orphan
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -72,6 +73,13 @@ class JobRunner:
         The status change takes the GPU leases in the same atomic step; raises TransitionRefused when the
         job is no longer startable or a GPU was taken meanwhile.
         """
+        self._starting.add(job.job_id)
+        try:
+            await self._start_training(job, gpu_ids)
+        finally:
+            self._starting.discard(job.job_id)
+
+    async def _start_training(self, job: Job, gpu_ids: list[int]) -> None:
         version = await self.version()
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version)
         env = build_env(self.base_env, gpu_ids, master_port=_free_port() if len(gpu_ids) > 1 else None)
@@ -99,6 +107,8 @@ class JobRunner:
                 "error_message": f"could not start swift ({argv[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh",
             }, "swift could not be started")  # fmt: skip
             return
+        # From here on a follower must exist whatever happens, or the job would stay running unwatched.
+        self._spawn(f"{job.job_id}:train", self._follow_training(job.job_id, run, log_file, 0))
         try:
             await self.store.update(
                 job.job_id,
@@ -106,10 +116,11 @@ class JobRunner:
                 statuses=(JobStatus.RUNNING,),
                 event=("process_started", f"swift started (pid {run.pid}) on {where}", {"pid": run.pid}),
             )
+            stop_now = bool(await self.store.get_field(job.job_id, "stop_requested"))
         except TransitionRefused:
-            # Stopped (or deleted) between the status change and the launch: nothing may keep running.
+            stop_now = True  # stopped (or deleted) between the status change and the launch
+        if stop_now:
             await ps.terminate_group(run.pgid, self.settings.STOP_GRACE_SECONDS)
-        self._spawn(f"{job.job_id}:train", self._follow_training(job.job_id, run, log_file, 0))
 
     async def _follow_training(self, job_id: str, run: ps.RunningProcess, log_file: Path, offset: int) -> None:
         parser = SwiftLogParser()
@@ -128,7 +139,8 @@ class JobRunner:
             # The launcher dies on SIGTERM at once, but the trainer it leaves may still be in its grace period:
             # the stop's SIGTERM -> STOP_GRACE_SECONDS -> SIGKILL applies to it (this wait is only a backstop).
             await ps.wait_group_gone(run.pgid, self.settings.STOP_GRACE_SECONDS + 2)
-        ps.kill_leftovers(run.pgid)
+        if run.verified:
+            ps.kill_leftovers(run.pgid)
         offset = await self._consume(job_id, log_file, parser, offset)
         parser.flush()  # a last line with no newline after it
         await self._finish_training(job_id, code, parser, log_file)
@@ -252,6 +264,18 @@ class JobRunner:
         log_file = Path(job.output_dir) / "logs" / f"{job_id}.export.log"
         info = ExportInfo(status=ExportStatus.RUNNING, checkpoint=checkpoint, command=argv, log_file=str(log_file),
                           started_at=time.time())  # fmt: skip
+        # In the set first: a crash right after the status change still leaves the export findable (a stale
+        # entry is dropped by the next adoption sweep).
+        await self.store.mark_exporting(job_id, True)
+        self._starting.add(job_id)
+        try:
+            return await self._launch_export(job_id, job, info, argv, log_file, auto, checkpoint)
+        finally:
+            self._starting.discard(job_id)
+
+    async def _launch_export(
+        self, job_id: str, job: Job, info: ExportInfo, argv: list[str], log_file: Path, auto: bool, checkpoint: str
+    ) -> ExportInfo:
         try:
             await self.store.update(
                 job_id,
@@ -263,7 +287,6 @@ class JobRunner:
             )  # fmt: skip
         except TransitionRefused as exc:
             raise Conflict(f"job '{job_id}' cannot export now ({exc.reason}: {exc.current})") from None
-        await self.store.mark_exporting(job_id, True)
         # Merging runs on the CPU: the training GPUs are already released to the queue.
         env = build_env(self.base_env, [])
         try:
@@ -275,13 +298,14 @@ class JobRunner:
             await self.store.mark_exporting(job_id, False)
             return info
         info = info.model_copy(update={"pid": run.pid, "process_start_time": run.start_time})
-        await self.store.update(job_id, {"export": info})
         self._spawn(f"{job_id}:export", self._follow_export(job_id, run, info))
+        await self.store.update(job_id, {"export": info})
         return info
 
     async def _follow_export(self, job_id: str, run: ps.RunningProcess, info: ExportInfo) -> None:
         code = await ps.wait_exit(run, self.settings.SUPERVISOR_POLL_INTERVAL)
-        ps.kill_leftovers(run.pgid)
+        if run.verified:
+            ps.kill_leftovers(run.pgid)
         log_file = Path(info.log_file or "")
         parser = SwiftLogParser()
         data, _ = await asyncio.to_thread(read_from, log_file, 0, 16 * 1024 * 1024)
@@ -312,8 +336,7 @@ class JobRunner:
     async def stop_process(self, pid: int | None, start_time: float | None) -> str:
         if pid and ps.is_alive(pid, start_time):
             return await ps.terminate_group(pid, self.settings.STOP_GRACE_SECONDS)
-        if pid:
-            await ps.terminate_group(pid, 0)  # stragglers of a leader that already exited
+        # The leader is gone (its follower kills stragglers); a reused pid must never be signalled.
         return "gone"
 
     async def adopt(self, job: Job) -> None:
@@ -325,19 +348,33 @@ class JobRunner:
                 }, "swift was never started")  # fmt: skip
                 return
             log_file = Path(job.log_file)
-            run = ps.RunningProcess(job.pid, job.process_start_time or 0.0, log_file.with_suffix(".exit.json"))
-            logger.info("Re-attached job {} (pid {}, alive={})", job.job_id, job.pid,
-                        ps.is_alive(job.pid, job.process_start_time))  # fmt: skip
+            alive = ps.is_alive(job.pid, job.process_start_time)
+            run = ps.RunningProcess(job.pid, job.process_start_time or 0.0, log_file.with_suffix(".exit.json"),
+                                    verified=alive)  # fmt: skip
+            logger.info("Re-attached job {} (pid {}, alive={})", job.job_id, job.pid, alive)
             await self.store.add_event(job.job_id, "reattached", f"followed again by API process {self.supervisor_id}")
             self._spawn(f"{job.job_id}:train", self._follow_training(job.job_id, run, log_file, job.log_offset))
-        elif job.export.status == ExportStatus.RUNNING and job.export.log_file:
+        elif job.export.status == ExportStatus.RUNNING:
+            if job.export.pid is None or not job.export.log_file:
+                failed = job.export.model_copy(update={
+                    "status": ExportStatus.FAILED, "finished_at": time.time(),
+                    "error": "the API stopped before swift export was started; export again",
+                })  # fmt: skip
+                await self.store.update(
+                    job.job_id, {"export": failed}, event=("export_failed", failed.error or "", None)
+                )
+                await self.store.mark_exporting(job.job_id, False)
+                return
             log_file = Path(job.export.log_file)
-            run = ps.RunningProcess(job.export.pid or 0, job.export.process_start_time or 0.0,
-                                    log_file.with_suffix(".exit.json"))  # fmt: skip
+            alive = ps.is_alive(job.export.pid, job.export.process_start_time)
+            run = ps.RunningProcess(job.export.pid, job.export.process_start_time or 0.0,
+                                    log_file.with_suffix(".exit.json"), verified=alive)  # fmt: skip
             self._spawn(f"{job.job_id}:export", self._follow_export(job.job_id, run, job.export))
 
     def following(self, job_id: str) -> bool:
-        return any(k.startswith(f"{job_id}:") and not t.done() for k, t in self.tasks.items())
+        return job_id in self._starting or any(
+            k.startswith(f"{job_id}:") and not t.done() for k, t in self.tasks.items()
+        )
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(self._guard(name, coro), name=name)

@@ -31,6 +31,9 @@ class RunningProcess:
     start_time: float
     exit_file: Path
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    # False for a re-attached run whose leader was already gone: its pid may be someone else's by now,
+    # so nothing is ever signalled on its behalf.
+    verified: bool = True
 
     @property
     def pgid(self) -> int:
@@ -109,7 +112,10 @@ async def wait_exit(run: RunningProcess, poll_interval: float) -> int | None:
     return code
 
 
-def signal_group(pgid: int, sig: int) -> bool:
+def signal_group(pgid: int | None, sig: int) -> bool:
+    # killpg(0) is our own group and 1 is init: a job's group is never either (a missing pid must not get here).
+    if not pgid or pgid <= 1 or pgid == os.getpgrp():
+        return False
     try:
         os.killpg(pgid, sig)
         return True
@@ -119,20 +125,25 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+async def _members(pgid: int) -> list[int]:
+    # A full process scan: off the event loop, it grows with the host's process count.
+    return await asyncio.to_thread(group_members, pgid)
+
+
 async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
     """SIGTERM the group, wait up to `grace` seconds, then SIGKILL. Returns how it ended."""
     if not signal_group(pgid, signal.SIGTERM):
         return "gone"
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not group_members(pgid):
+        if not await _members(pgid):
             return "terminated"
         await asyncio.sleep(poll)
-    if not group_members(pgid):
+    if not await _members(pgid):
         return "terminated"
     signal_group(pgid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while group_members(pgid) and time.monotonic() < deadline:
+    while await _members(pgid) and time.monotonic() < deadline:
         await asyncio.sleep(poll)
     return "killed"
 
@@ -140,7 +151,7 @@ async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
 async def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
     """Wait (sending nothing) up to `timeout` seconds for every member of the group to exit."""
     deadline = time.monotonic() + timeout
-    while group_members(pgid):
+    while await _members(pgid):
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(poll)

@@ -151,7 +151,8 @@ class TrainingService:
             if job.status != JobStatus.RUNNING and not exporting:
                 await self.store.mark_exporting(job.job_id, False)
                 continue
-            if await self._supervisor_alive(job.supervisor_id):
+            # Ours but unfollowed (its follower crashed, e.g. on a Redis outage) is an orphan too.
+            if job.supervisor_id != self.supervisor_id and await self._supervisor_alive(job.supervisor_id):
                 continue
             try:
                 await self.store.update(job.job_id, {"supervisor_id": self.supervisor_id}, owner=job.supervisor_id)
