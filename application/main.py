@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application import __version__
@@ -91,6 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503)
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
+        # e.g. a read-only replica or OOM: the store cannot take the change now
+        return JSONResponse({"detail": f"Redis refused the operation ({exc})"}, status_code=503)
 
     app.include_router(training_router, prefix=settings.API_PREFIX)
     return app

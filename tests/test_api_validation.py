@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import redis
 
 from application.services.redis_service import EmbeddedRedis, find_redis_server
-from tests.conftest import ApiServer, fake_dataset, wait_for
+from tests.conftest import ROOT, ApiServer, fake_dataset, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -73,6 +74,11 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
         ({**base, "priority": 11}, 422, ["priority", "10"]),
         ({**base, "priority": -1}, 422, ["priority", "0"]),
         ({**base, "priority": 2.5}, 422, ["priority"]),
+        ({**base, "priority": "5"}, 422, ["priority"]),
+        ({**base, "priority": True}, 422, ["priority"]),
+        ({**base, "model_path": "--help"}, 422, ["model_path", "'-'"]),
+        ({**base, "data_path": "-x.jsonl"}, 422, ["data_path", "'-'"]),
+        ({**base, "output_dir": "a" * 300}, 422, ["output_dir", "255"]),
         ({**base, "num_gpus": "two"}, 422, ["num_gpus"]),
         ({**base, "auto_start": "maybe"}, 422, ["auto_start"]),
         ({**base, "training": []}, 422, ["training"]),
@@ -252,3 +258,21 @@ def test_docs_and_openapi_list_every_route(server: ApiServer) -> None:
     assert "204" in spec["paths"][f"{p}/jobs/{{job_id}}"]["delete"]["responses"]
     assert "409" in spec["paths"][f"{p}/jobs/{{job_id}}"]["delete"]["responses"]
     assert "404" in spec["paths"][f"{p}/jobs/{{job_id}}/start"]["post"]["responses"]
+
+
+def test_query_values_redis_cannot_take_are_422_not_500(server: ApiServer, workspace: Path) -> None:
+    r = server.create(**valid(workspace, "q"))
+    assert r.status_code == 201
+    for path in ("/jobs/q/events?after=99999999999999999999999-0", "/jobs?offset=100000000000000000000",
+                 "/queue?offset=100000000000000000000"):  # fmt: skip
+        resp = server.http.get(path)
+        assert resp.status_code == 422, (path, resp.text)
+        assert resp.json()["detail"]
+
+
+def test_a_relative_local_model_path_means_what_it_meant_to_the_caller(server: ApiServer, workspace: Path) -> None:
+    relative = os.path.relpath(workspace / MODEL_DIR, ROOT)  # the server runs in the project folder
+    r = server.create(**{**valid(workspace, "rel"), "model_path": relative})
+    assert r.status_code == 201, r.text
+    job = server.job("rel")
+    assert job["model_path"] == str((workspace / MODEL_DIR).resolve())

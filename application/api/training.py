@@ -114,7 +114,7 @@ async def list_jobs(
     svc: Training,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobList:
     return await svc.list_jobs(status_filter, offset, limit)
 
@@ -140,7 +140,9 @@ async def job_logs(
             summary="The job's events, oldest first; page with `after`")  # fmt: skip
 async def job_events(
     job_id: JobId, svc: Training,
-    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$", description="the last event id already seen")] = None,
+    after: Annotated[
+        str | None, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="the last event id already seen")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:  # fmt: skip
     return await svc.events(job_id, after, limit)
@@ -187,7 +189,7 @@ async def processor_stop(queue: Queue) -> dict[str, Any]:
 async def queue_overview(
     queue: Queue,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
     return await queue.overview(offset, limit)
 

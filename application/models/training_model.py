@@ -51,7 +51,8 @@ class ExportStatus(str, Enum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "5" or true is not a priority; a request says what it means.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TrainingParams(_Strict):
@@ -106,6 +107,8 @@ class JobCreate(_Strict):
             raise ValueError("must not be blank")
         if "\x00" in v or "\n" in v:
             raise ValueError("must not contain NUL or newline characters")
+        if v.strip().startswith("-"):
+            raise ValueError("must not start with '-' (swift would read it as an option)")
         return v.strip()
 
     @field_validator("job_id")

@@ -37,6 +37,8 @@ from application.utils.gpu_utils import GpuInventory, GpuSnapshot
 WINDOW = 256
 # decide() looks at most BACKFILL_DEPTH blocked jobs deep, so reading further cannot start anything more.
 MAX_WINDOW = 2 * BACKFILL_DEPTH
+# Estimates simulate the queue forward: bounded so a request never pays for a whole long queue.
+ESTIMATE_WINDOW = 1000
 
 
 @dataclass
@@ -225,11 +227,11 @@ class QueueProcessor:
                 logger.info("queue pass started {}", ", ".join(started))
             return started
 
-    async def wait_estimates(self, view: ClusterView, upto: int) -> tuple[list[QueuedJob], dict[str, float | None]]:
-        queue = await self.queued(upto)
-        waits = estimate_waits(queue, view.gpus, view.running, now=time.time(), policy=self.settings.QUEUE_POLICY.value,
+    async def wait_estimates(self, view: ClusterView, upto: int) -> dict[str, float | None]:
+        """Wait estimates of the first `upto` queued jobs; past ESTIMATE_WINDOW nobody can tell (None)."""
+        queue = await self.queued(min(upto, ESTIMATE_WINDOW))
+        return estimate_waits(queue, view.gpus, view.running, now=time.time(), policy=self.settings.QUEUE_POLICY.value,
                                link_score=self.inventory.link_score, **self._policy_kwargs())  # fmt: skip
-        return queue, waits
 
 
 def _rank(q: QueuedJob) -> tuple[int, int, str]:

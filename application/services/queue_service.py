@@ -34,7 +34,8 @@ class QueueService:
 
     async def overview(self, offset: int, limit: int) -> dict[str, Any]:
         view = await self.processor.view()
-        queue, waits = await self.processor.wait_estimates(view, offset + limit)
+        queue = await self.processor.queued(limit, start=offset)
+        waits = await self.processor.wait_estimates(view, offset + limit)
         now = time.time()
         entries = [
             {
@@ -48,7 +49,7 @@ class QueueService:
                 "waited_seconds": round(max(0.0, now - q.submitted_at), 3),
                 "estimated_wait_time": _estimate(waits.get(q.job_id)),
             }
-            for i, q in enumerate(queue[offset : offset + limit])
+            for i, q in enumerate(queue)
         ]
         length = await self.store.queue_length()
         return {
@@ -92,7 +93,7 @@ class QueueService:
                     "jobs_ahead": None, "estimated_wait_time": None,
                     "message": f"the job is not queued: it is {job.status.value}"}  # fmt: skip
         view = await self.processor.view()
-        _, waits = await self.processor.wait_estimates(view, position)
+        waits = await self.processor.wait_estimates(view, position)
         return {
             "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": position,
             "jobs_ahead": position - 1, "priority": job.priority, "num_gpus": job.num_gpus,

@@ -55,7 +55,9 @@ def make_supervisor_id() -> str:
 def resolve_output_dir(requested: str, root: Path) -> Path:
     """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     root = root.resolve()
-    candidate = Path(requested).expanduser()
+    candidate = Path(requested)
+    if any(len(part.encode()) > 255 for part in candidate.parts):
+        raise Invalid(f"output_dir '{requested[:80]}...' has a folder name longer than 255 bytes: shorten it")
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if resolved == root:
         raise Invalid(f"output_dir '{requested}' is OUTPUT_ROOT itself: name a folder inside it, such as my_job")
@@ -65,6 +67,12 @@ def resolve_output_dir(requested: str, root: Path) -> Path:
             "use a relative folder such as training_001"
         )
     return resolved
+
+
+def local_absolute(path: str) -> str:
+    """A relative path that exists here becomes absolute; hub ids (`Qwen/Qwen2.5-7B`) stay as they are."""
+    p = Path(path)
+    return str(p.resolve()) if not p.is_absolute() and p.exists() else path
 
 
 def job_id_from(output_dir: Path) -> str:
@@ -168,11 +176,13 @@ class TrainingService:
         if reason:
             raise Invalid(reason)
         output_dir = resolve_output_dir(req.output_dir, self.settings.OUTPUT_ROOT)
+        # swift runs in the job's folder: a relative local path must mean what it meant to the caller here.
+        model_path, data_path = local_absolute(req.model_path), local_absolute(req.data_path)
         base_id = req.job_id or job_id_from(output_dir)
         now = time.time()
         job = Job(
-            job_id=base_id, status=JobStatus.PENDING, priority=req.priority, data_path=req.data_path,
-            model_path=req.model_path, output_dir=str(output_dir), output_dir_requested=req.output_dir,
+            job_id=base_id, status=JobStatus.PENDING, priority=req.priority, data_path=data_path,
+            model_path=model_path, output_dir=str(output_dir), output_dir_requested=req.output_dir,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
             training=req.training, created_at=now, updated_at=now,
         )  # fmt: skip
@@ -195,6 +205,8 @@ class TrainingService:
                 if req.job_id:
                     raise Conflict(f"job_id '{req.job_id}' is taken: choose another or leave job_id out") from None
                 job.job_id = f"{base_id}-{attempt + 1}"
+        else:
+            raise Conflict(f"every job id from '{base_id}' to '{job.job_id}' is taken: pass a job_id")
         if job.status == JobStatus.PENDING and req.auto_start:
             started = await self.start(job.job_id)
             return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
@@ -261,7 +273,10 @@ class TrainingService:
             except TransitionRefused as exc:
                 current = JobStatus(exc.current) if exc.current else job.status
                 return ActionResponse(job_id=job_id, status=current, message=f"The job already ended ({current.value})")
-            how = await self.runner.stop_process(job.pid, job.process_start_time)
+            # Read the pid again: the launch may have recorded it after our first read (start_training checks
+            # stop_requested after recording it, so one of the two always signals the group).
+            fresh = await self.store.require(job_id)
+            how = await self.runner.stop_process(fresh.pid, fresh.process_start_time)
             try:
                 await self.store.transition(
                     job_id, JobStatus.STOPPED, expect=(JobStatus.RUNNING,),
@@ -286,8 +301,11 @@ class TrainingService:
     async def export(self, job_id: str) -> ActionResponse:
         info = await self.runner.start_export(job_id)
         job = await self.store.require(job_id)
-        return ActionResponse(job_id=job_id, status=job.status, export=info,
-                              message=f"Export of {info.checkpoint} started")  # fmt: skip
+        if info.status == ExportStatus.FAILED:
+            message = f"Export of {info.checkpoint} could not start: {info.error}"
+        else:
+            message = f"Export of {info.checkpoint} started"
+        return ActionResponse(job_id=job_id, status=job.status, export=info, message=message)
 
     async def status(self, job_id: str) -> StatusResponse:
         job = await self.store.require(job_id)
@@ -347,6 +365,6 @@ class TrainingService:
         if position is None:
             return None, None
         view = await self.processor.view()
-        _, waits = await self.processor.wait_estimates(view, position)
+        waits = await self.processor.wait_estimates(view, position)
         seconds = waits.get(job_id)
         return position, (WaitEstimate(seconds=seconds, text=format_wait(seconds)) if seconds is not None else None)
