@@ -381,3 +381,18 @@ def test_switching_the_processor_off_and_on_never_hangs_or_strands_a_job(server_
     # The switch still means what it says afterwards.
     server.http.post("/queue/processor/stop")
     assert server.http.get("/queue/processor/status").json()["running"] is False
+
+
+def test_stopping_the_processor_stops_it_for_every_api_process(server_factory: Callable[..., ApiServer],
+                                                               workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    first = server_factory()
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    assert first.http.post("/queue/processor/stop").json()["running"] is False
+    assert second.http.get("/queue/processor/status").json()["running"] is False  # one switch for both
+    a = hold(first, workspace, "a")
+    hold(second, workspace, "a2")  # both GPUs busy
+    assert create(second, workspace, "b")["status"] == "queued"
+    stop(first, "a")
+    holds_for(second, 2.5, lambda: second.job("b")["status"] == "queued", "b must wait: the processor is off")
+    assert second.http.post("/queue/processor/start").json()["running"] is True
+    assert first.wait_status("b", "running", timeout=10)["gpu_ids"] == a["gpu_ids"]

@@ -172,7 +172,7 @@ async def health(system: System) -> JSONResponse:
 
 @router.get("/queue/processor/status", summary="Queue processor state")
 async def processor_status(queue: Queue) -> dict[str, Any]:
-    return queue.processor_status()
+    return await queue.processor_status()
 
 
 @router.post("/queue/processor/start", summary="Start automatic starts of queued jobs")

@@ -63,6 +63,7 @@ class Keys:
 
     @property
     def processor_stats(self) -> str:
+        """Hash: the queue processor's on/off switch (`enabled`, `since`), shared by every API process."""
         return self._k("queue", "processor")
 
     @property

@@ -43,8 +43,8 @@ ESTIMATE_WINDOW = 1000
 
 @dataclass
 class ProcessorStats:
-    running: bool = False
-    since: float | None = None
+    """This API process's passes (the on/off switch itself is shared in Redis)."""
+
     passes: int = 0
     jobs_started: int = 0
     last_pass_at: float | None = None
@@ -81,17 +81,33 @@ class QueueProcessor:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
-    def start(self) -> bool:
+    # The task lives as long as the API process; the on/off switch is one flag in Redis, so stopping the
+    # processor stops automatic starts in every API process on this Redis, not only the one that was asked.
+
+    def launch(self) -> None:
         if self._task is not None and not self._task.done():
-            return False
-        self.stats.running = True
-        self.stats.since = time.time()
+            return
         self._task = asyncio.create_task(self._loop(), name="queue-processor")
         self._listener = asyncio.create_task(self._listen(), name="queue-wakeups")
         self.wake()
-        return True
 
-    async def stop(self) -> bool:
+    async def set_enabled(self, on: bool) -> bool:
+        """Switch automatic starts on or off; returns whether that changed anything."""
+        key = self.store.keys.processor_stats
+        changed = await self.store.r.hget(key, "enabled") != ("1" if on else "0")
+        if changed:
+            await self.store.r.hset(key, mapping={"enabled": "1" if on else "0", "since": repr(time.time())})
+            await self.store.publish_wakeup("processor")
+        if not on:
+            async with self._lock:
+                pass  # a pass already under way in this process ends before the caller hears "stopped"
+        return changed
+
+    async def switch(self) -> tuple[bool, float | None]:
+        raw = await self.store.r.hgetall(self.store.keys.processor_stats)
+        return raw.get("enabled") == "1", float(raw["since"]) if raw.get("since") else None
+
+    async def close(self) -> bool:
         if self._task is None:
             return False
         tasks = [t for t in (self._task, self._listener) if t is not None]
@@ -106,12 +122,10 @@ class QueueProcessor:
                     t.cancel()
                 await asyncio.wait(pending, timeout=0.5)
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.stats.running = False
-        self.stats.since = time.time()
         return True
 
     @property
-    def running(self) -> bool:
+    def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def wake(self) -> None:
@@ -137,7 +151,8 @@ class QueueProcessor:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.QUEUE_POLL_INTERVAL)
             self._wake.clear()
             try:
-                await self.run_pass()
+                if (await self.switch())[0]:
+                    await self.run_pass()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one bad pass kill the processor

@@ -64,7 +64,7 @@ class QueueService:
                 ),
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
-                "processor_running": self.processor.running,
+                "processor_running": (await self.processor.switch())[0],
                 "gpu_error": view.snapshot.error,
             },
         }
@@ -101,11 +101,12 @@ class QueueService:
             "estimated_wait_time": _estimate(waits.get(job_id)),
         }  # fmt: skip
 
-    def processor_status(self) -> dict[str, Any]:
+    async def processor_status(self) -> dict[str, Any]:
         s = self.processor.stats
+        enabled, since = await self.processor.switch()
         return {
-            "running": self.processor.running,
-            "since": s.since,
+            "running": enabled and self.processor.alive,
+            "since": since,
             "passes": s.passes,
             "jobs_started": s.jobs_started,
             "last_pass_at": s.last_pass_at,
@@ -118,10 +119,11 @@ class QueueService:
         }
 
     async def start_processor(self) -> dict[str, Any]:
-        changed = self.processor.start()
-        return {**self.processor_status(), "message": "processor started" if changed else "processor already running"}
+        changed = await self.processor.set_enabled(True)
+        msg = "processor started" if changed else "processor already running"
+        return {**await self.processor_status(), "message": msg}
 
     async def stop_processor(self) -> dict[str, Any]:
-        changed = await self.processor.stop()
+        changed = await self.processor.set_enabled(False)
         msg = "processor stopped: queued jobs wait; running jobs go on" if changed else "processor was not running"
-        return {**self.processor_status(), "message": msg}
+        return {**await self.processor_status(), "message": msg}

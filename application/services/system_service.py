@@ -74,7 +74,7 @@ class SystemService:
             "jobs": counts,
             "queue_length": await self.service.store.queue_length() if redis["ok"] else None,
             "redis": redis,
-            "queue_processor": {"running": self.service.processor.running, "policy":
+            "queue_processor": {"running": (await self.service.processor.switch())[0], "policy":
                                 self.service.settings.QUEUE_POLICY.value},
             "swift": {"bin": self.service.settings.SWIFT_BIN, "version": version.version,
                       "version_source": version.source},

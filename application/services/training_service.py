@@ -106,15 +106,15 @@ class TrainingService:
     async def startup(self) -> None:
         await self._heartbeat()
         await self.adopt_orphans()
-        if self.settings.QUEUE_PROCESSOR_AUTOSTART:
-            self.processor.start()
+        self.processor.launch()
+        await self.processor.set_enabled(self.settings.QUEUE_PROCESSOR_AUTOSTART)
         self._watchdog = asyncio.create_task(self._watch(), name="supervision-watchdog")
 
     async def shutdown(self) -> None:
         if self._watchdog:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
-        await self.processor.stop()
+        await self.processor.close()
         await self.runner.shutdown()
         try:
             await self.store.r.delete(self.store.keys.supervisor(self.supervisor_id))
