@@ -204,9 +204,11 @@ class JobRunner:
         if parser.train_runtime is not None:
             fields["train_runtime"] = parser.train_runtime
         finished_in_log = parser.train_runtime is not None or parser.last_checkpoint is not None
-        if job.stop_requested:
+        if code == 0:  # it finished on its own before (or as) the stop arrived: the run is complete
+            status, message = JobStatus.COMPLETED, "training completed"
+        elif job.stop_requested:
             status, message = JobStatus.STOPPED, "stopped on request"
-        elif code == 0 or (code is None and finished_in_log):
+        elif code is None and finished_in_log:
             status, message = JobStatus.COMPLETED, "training completed"
         else:
             status = JobStatus.FAILED

@@ -277,6 +277,14 @@ class TrainingService:
             # stop_requested after recording it, so one of the two always signals the group).
             fresh = await self.store.require(job_id)
             how = await self.runner.stop_process(fresh.pid, fresh.process_start_time)
+            if (
+                how == "gone"
+                and fresh.log_file
+                and ps.read_exit_file(Path(fresh.log_file).with_suffix(".exit.json")) == 0
+            ):
+                # It had already finished on its own: its follower records `completed` (and exports).
+                final = await self._await_end(job_id)
+                return ActionResponse(job_id=job_id, status=final.status, message="The job had already finished")
             try:
                 await self.store.transition(
                     job_id, JobStatus.STOPPED, expect=(JobStatus.RUNNING,),
@@ -291,6 +299,14 @@ class TrainingService:
             how = await self.runner.stop_process(job.export.pid, job.export.process_start_time)
             return ActionResponse(job_id=job_id, status=job.status, message=f"Export stopped ({how})")
         raise Conflict(f"job '{job_id}' is already {job.status.value}: nothing to stop")
+
+    async def _await_end(self, job_id: str, timeout: float = 10.0) -> Job:
+        deadline = time.monotonic() + timeout
+        job = await self.store.require(job_id)
+        while job.status == JobStatus.RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            job = await self.store.require(job_id)
+        return job
 
     async def _cancel(self, job_id: str, expect: tuple[JobStatus, ...], message: str) -> None:
         try:
