@@ -373,6 +373,12 @@ class JobRunner:
                                     log_file.with_suffix(".exit.json"), verified=alive)  # fmt: skip
             self._spawn(f"{job.job_id}:export", self._follow_export(job.job_id, run, job.export))
 
+    async def forget(self, job_id: str) -> None:
+        tasks = [t for k, t in self.tasks.items() if k.startswith(f"{job_id}:")]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def following(self, job_id: str) -> bool:
         return job_id in self._starting or any(
             k.startswith(f"{job_id}:") and not t.done() for k, t in self.tasks.items()

@@ -349,6 +349,8 @@ class TrainingService:
 
     async def delete(self, job_id: str) -> None:
         await self.store.delete(job_id)
+        # A follower still finishing the ended run must not write into a new job that reuses the id.
+        await self.runner.forget(job_id)
 
     async def set_priority(self, job_id: str, priority: int) -> Job:
         job = await self.store.require(job_id)
