@@ -28,7 +28,7 @@ from application.models.training_model import (
 )
 from application.services import process_supervisor as ps
 from application.services.job_store import JobStore, TransitionRefused
-from application.services.log_parser import SwiftLogParser, extract_error, find_checkpoints
+from application.services.log_parser import SwiftLogParser, extract_error, find_checkpoints, parse_logging_jsonl
 from application.services.swift_command import (
     SwiftVersion,
     build_env,
@@ -193,17 +193,31 @@ class JobRunner:
         checkpoints = await asyncio.to_thread(find_checkpoints, Path(job.output_dir))
         if job.run_dir:
             checkpoints = [c for c in checkpoints if c.startswith(job.run_dir)] or checkpoints
+        run_dir = parser.run_dir or job.run_dir
+        # swift's own record in the run folder fills what the followed log missed (a re-attached follower
+        # starts from where the previous one stopped reading).
+        summary = await asyncio.to_thread(parse_logging_jsonl, Path(run_dir) / "logging.jsonl") if run_dir else None
         fields: dict[str, Any] = {
             "exit_code": code,
             "checkpoints": checkpoints,
-            "last_checkpoint": parser.last_checkpoint or job.last_checkpoint or next(reversed(checkpoints), None),
-            "best_checkpoint": parser.best_checkpoint or job.best_checkpoint,
-        }
-        if parser.train_loss is not None:
-            fields["train_loss"] = parser.train_loss
-        if parser.train_runtime is not None:
-            fields["train_runtime"] = parser.train_runtime
-        finished_in_log = parser.train_runtime is not None or parser.last_checkpoint is not None
+            "last_checkpoint": parser.last_checkpoint
+            or (summary.last_checkpoint if summary else None)
+            or job.last_checkpoint
+            or next(reversed(checkpoints), None),
+            "best_checkpoint": parser.best_checkpoint or (summary.best_checkpoint if summary else None)
+            or job.best_checkpoint,
+        }  # fmt: skip
+        train_loss = parser.train_loss if parser.train_loss is not None else (summary.train_loss if summary else None)
+        runtime = (
+            parser.train_runtime if parser.train_runtime is not None else (summary.train_runtime if summary else None)
+        )
+        if train_loss is not None:
+            fields["train_loss"] = train_loss
+        if runtime is not None:
+            fields["train_runtime"] = runtime
+        finished_in_log = (
+            runtime is not None or parser.last_checkpoint is not None or bool(summary and summary.finished)
+        )
         if code == 0:  # it finished on its own before (or as) the stop arrived: the run is complete
             status, message = JobStatus.COMPLETED, "training completed"
         elif job.stop_requested:

@@ -319,9 +319,6 @@ class JobStore:
         raw = await self.r.lrange(self.keys.job_history(job_id), -limit, -1)
         return [LossPoint.model_validate(json.loads(x)) for x in raw]
 
-    async def history_length(self, job_id: str) -> int:
-        return int(await self.r.llen(self.keys.job_history(job_id)))
-
     # ---- queue and leases -------------------------------------------------------------------------------
 
     async def queue_length(self) -> int:
@@ -339,9 +336,6 @@ class JobStore:
         pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
         decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
         return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
-
-    async def set_queue_estimate(self, job_id: str, meta: QueueMeta) -> None:
-        await self.r.hset(self.keys.queue_meta, job_id, meta.encode())
 
     async def leases(self) -> dict[int, str]:
         raw = await self.r.hgetall(self.keys.gpu_leases)

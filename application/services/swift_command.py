@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -183,7 +182,3 @@ def visible_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables the job's detail shows (the rest is the server's own environment)."""
     names = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NPROC_PER_NODE", "MASTER_PORT")
     return {k: env[k] for k in names if k in env}
-
-
-def server_environment() -> dict[str, str]:
-    return dict(os.environ)
