@@ -153,3 +153,13 @@ async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
     assert [j.job_id for j in jobs] == ["j4", "j3", "j2"] and total == 5
     jobs, total = await store.page(JobStatus.PENDING, 2, 10)
     assert [j.job_id for j in jobs] == ["j2", "j0"] and total == 4
+
+
+async def test_queueing_uses_the_priority_stored_at_that_moment(store: JobStore, redis_client: aioredis.Redis) -> None:
+    created = 1_800_000_000.123
+    await store.create(make_job("p", created=created, priority=2), message="")
+    stale = await store.require("p")
+    await store.reprioritize(stale, 9)  # pending: only the stored priority changes
+    await store.transition("p", JobStatus.QUEUED)
+    assert await redis_client.zscore(store.keys.queue, "p") == queue_score(9, created)
+    assert [(job_id, meta.priority) for job_id, meta in await store.queue_window(0, 5)] == [("p", 9)]

@@ -226,7 +226,7 @@ class JobStore:
         if to == JobStatus.QUEUED:
             extra.setdefault("queued_at", now)
             job = await self.require(job_id)
-            queue_op, score, meta = "add", repr(queue_score(job.priority, job.created_at)), QueueMeta.of(job).encode()
+            queue_op, meta = "add", QueueMeta.of(job).encode()  # the script re-reads the priority
         elif to == JobStatus.RUNNING:
             extra.setdefault("started_at", now)
             queue_op = "remove"

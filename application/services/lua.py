@@ -60,7 +60,7 @@ return {'ok'}
 # KEYS: 1 job, 2 events, 3 output_dirs, 4 queue, 5 queue_meta, 6 gpu_leases, 7 wakeup channel,
 #       8.. status indexes
 # ARGV: 1 job_id, 2 new status (encoded JSON string), 3 allowed current statuses (JSON list of plain),
-#       4 fields JSON, 5 unused, 6 queue op ('add' | 'remove' | ''), 7 queue score, 8 queue meta,
+#       4 fields JSON, 5 unused, 6 queue op ('add' | 'remove' | ''), 7 unused, 8 queue meta (priority re-read),
 #       9 GPUs to acquire (JSON list), 10 release GPUs ('1' | '0'), 11 free output_dir ('1' | '0'),
 #       12 event JSON, 13 events maxlen, 14 status list JSON (order of KEYS 8..), 15 wake ('1'|'0'),
 #       16 expected supervisor id ('' = any)
@@ -97,8 +97,14 @@ for i, s in ipairs(statuses) do
   if s == new then redis.call('ZADD', KEYS[7 + i], redis.call('HGET', KEYS[1], 'created_at'), job_id) end
 end
 if ARGV[6] == 'add' then
-  redis.call('ZADD', KEYS[4], ARGV[7], job_id)
-  redis.call('HSET', KEYS[5], job_id, ARGV[8])
+  -- The priority as stored now (a PATCH may have landed since the caller read the job): same score as
+  -- scheduler.queue_score, printed as an exact integer.
+  local p = tonumber(redis.call('HGET', KEYS[1], 'priority'))
+  local created = tonumber(redis.call('HGET', KEYS[1], 'created_at'))
+  local score = string.format('%.0f', (10 - p) * 1e13 + math.floor(created * 1000))
+  local meta = '[' .. p .. ',' .. string.match(ARGV[8], '^%[[^,]*,(.*)$')
+  redis.call('ZADD', KEYS[4], score, job_id)
+  redis.call('HSET', KEYS[5], job_id, meta)
 elseif ARGV[6] == 'remove' then
   redis.call('ZREM', KEYS[4], job_id)
   redis.call('HDEL', KEYS[5], job_id)
