@@ -1,0 +1,283 @@
+"""The NVML backend of the GPU inventory: live readings, per-field failures tolerated."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psutil
+import pynvml
+from loguru import logger
+
+from application.utils.gpu_types import MIB, GpuInfo, GpuProcess, GpuSnapshot
+
+# Higher is a better path between two GPUs. NVLink and a shared board both avoid PCIe entirely;
+# after that each NVML topology level adds a hop, ending with the inter-socket link.
+LINK_SCORE_NVLINK = 6
+LINK_SCORE_BY_TOPOLOGY: dict[int, int] = {
+    pynvml.NVML_TOPOLOGY_INTERNAL: 5,
+    pynvml.NVML_TOPOLOGY_SINGLE: 4,
+    pynvml.NVML_TOPOLOGY_MULTIPLE: 3,
+    pynvml.NVML_TOPOLOGY_HOSTBRIDGE: 2,
+    pynvml.NVML_TOPOLOGY_NODE: 1,
+    pynvml.NVML_TOPOLOGY_SYSTEM: 0,
+}
+# Codes meaning "this variant of the call does not exist here", so an older variant may still work.
+_MISSING_VARIANT_CODES = frozenset(
+    {
+        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+        pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+        pynvml.NVML_ERROR_NOT_SUPPORTED,
+    }
+)
+
+T = TypeVar("T")
+
+
+class NvmlUnavailableError(RuntimeError):
+    """NVML could not be started; the message is NVML's own reason."""
+
+
+def nvml_message(exc: BaseException) -> str:
+    # NVMLError.__str__ calls back into the library for unknown codes, which can fail in turn.
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    return text or type(exc).__name__
+
+
+def _is_missing_variant(exc: Exception) -> bool:
+    if isinstance(exc, AttributeError):
+        return True  # an older nvidia-ml-py without this binding
+    return getattr(exc, "value", None) in _MISSING_VARIANT_CODES
+
+
+class NvmlInventory:
+    """Live readings through NVML.
+
+    `nvml` is the pynvml module; tests hand in a stand-in for the library boundary.
+    Raises NvmlUnavailableError from the constructor only; after that nothing raises.
+    """
+
+    backend: str = "nvml"
+
+    def __init__(self, nvml: Any = pynvml) -> None:
+        self._nvml = nvml
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            nvml.nvmlInit()
+        except Exception as exc:  # NVMLError, or OSError from a half-installed driver
+            raise NvmlUnavailableError(nvml_message(exc)) from exc
+        try:
+            self._count = int(nvml.nvmlDeviceGetCount())
+        except Exception as exc:
+            self._shutdown()
+            raise NvmlUnavailableError(f"NVML started but could not count GPUs: {nvml_message(exc)}") from exc
+        self._driver_version: str | None = self._optional(nvml.nvmlSystemGetDriverVersion)
+        self._handles: dict[int, Any] = {}
+        self._identity: dict[int, tuple[str, str]] = {}
+        # Which variant of a versioned call works, per (call, GPU), so old drivers pay one failure, once.
+        self._variant: dict[tuple[str, int], int] = {}
+        self._links: dict[tuple[int, int], int | None] = {}
+        self._last_error: str | None = None
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def snapshot(self) -> GpuSnapshot:
+        try:
+            with self._lock:
+                return self._snapshot_locked()
+        except Exception as exc:  # a bug here must still not break the caller's poll loop
+            logger.exception("GPU snapshot failed")
+            return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, time.time())
+
+    def link_score(self, a: int, b: int) -> int | None:
+        if a == b or not (0 <= a < self._count and 0 <= b < self._count):
+            return None
+        key = (min(a, b), max(a, b))
+        try:
+            with self._lock:
+                if self._closed:
+                    return None
+                if key not in self._links:
+                    known, score = self._read_link(*key)
+                    if not known:
+                        return score
+                    self._links[key] = score
+                return self._links[key]
+        except Exception:
+            logger.exception("GPU topology query failed")
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception as exc:
+            logger.debug("nvmlShutdown failed: {}", nvml_message(exc))
+
+    def _snapshot_locked(self) -> GpuSnapshot:
+        if self._closed:
+            return GpuSnapshot(self.backend, (), "GPU inventory is closed", self._driver_version, time.time())
+        gpus: list[GpuInfo] = []
+        problems: list[str] = []
+        for index in range(self._count):
+            try:
+                gpus.append(self._read_gpu(index))
+            except pynvml.NVMLError as exc:
+                # A reset or re-attached GPU comes back with a new handle.
+                self._handles.pop(index, None)
+                self._identity.pop(index, None)
+                problems.append(f"GPU {index}: {nvml_message(exc)}")
+        error: str | None = None
+        if problems:
+            # Leaving a failing GPU out beats a stale "free" reading the scheduler would trust.
+            error = "NVML could not read " + "; ".join(problems) + " (left out of this snapshot)"
+        elif self._count == 0:
+            error = "NVML is loaded but reports no GPUs"
+        if error != self._last_error and error is not None:
+            logger.warning("GPU inventory: {}", error)
+        self._last_error = error
+        return GpuSnapshot(self.backend, tuple(gpus), error, self._driver_version, time.time())
+
+    def _handle(self, index: int) -> Any:
+        handle = self._handles.get(index)
+        if handle is None:
+            handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+            self._handles[index] = handle
+        return handle
+
+    def _read_gpu(self, index: int) -> GpuInfo:
+        nvml = self._nvml
+        handle = self._handle(index)
+        identity = self._identity.get(index)
+        if identity is None:
+            identity = (str(nvml.nvmlDeviceGetUUID(handle)), str(nvml.nvmlDeviceGetName(handle)))
+            self._identity[index] = identity
+        # v2 leaves driver-reserved memory out of `used`, matching nvidia-smi; `free` is the same either way.
+        memory = self._first_available(
+            "memory",
+            index,
+            (
+                lambda: nvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2),
+                lambda: nvml.nvmlDeviceGetMemoryInfo(handle),
+            ),
+        )
+        rates = self._optional(nvml.nvmlDeviceGetUtilizationRates, handle)
+        temperature = self._optional(
+            self._first_available,
+            "temperature",
+            index,
+            (
+                lambda: nvml.nvmlDeviceGetTemperatureV(handle, pynvml.NVML_TEMPERATURE_GPU),
+                lambda: nvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+            ),
+        )
+        power_mw = self._optional(nvml.nvmlDeviceGetPowerUsage, handle)
+        limit_mw = self._optional(
+            self._first_available,
+            "power_limit",
+            index,
+            (
+                lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle),
+                lambda: nvml.nvmlDeviceGetPowerManagementLimit(handle),
+            ),
+        )
+        return GpuInfo(
+            index=index,
+            uuid=identity[0],
+            name=identity[1],
+            memory_total_mb=memory.total / MIB,
+            memory_used_mb=memory.used / MIB,
+            memory_free_mb=memory.free / MIB,
+            utilization=None if rates is None else float(rates.gpu),
+            memory_utilization=None if rates is None else float(rates.memory),
+            temperature_c=None if temperature is None else float(temperature),
+            power_w=None if power_mw is None else power_mw / 1000.0,
+            power_limit_w=None if limit_mw is None else limit_mw / 1000.0,
+            processes=self._processes(index, handle),
+        )
+
+    def _processes(self, index: int, handle: Any) -> tuple[GpuProcess, ...]:
+        nvml = self._nvml
+        used: dict[int, float | None] = {}
+        for kind in ("Compute", "Graphics"):
+            procs = self._optional(
+                self._first_available,
+                kind,
+                index,
+                (
+                    lambda kind=kind: getattr(nvml, f"nvmlDeviceGet{kind}RunningProcesses_v3")(handle),
+                    lambda kind=kind: getattr(nvml, f"nvmlDeviceGet{kind}RunningProcesses_v2")(handle),
+                ),
+            )
+            for proc in procs or ():
+                pid = int(proc.pid)
+                # None means NVML cannot attribute memory (WDDM, some MIG setups), not zero.
+                mb = None if proc.usedGpuMemory is None else proc.usedGpuMemory / MIB
+                previous = used.get(pid)
+                # A process in both lists is one process; keep the larger figure rather than double-count.
+                used[pid] = mb if previous is None else max(previous, mb or 0.0)
+        return tuple(GpuProcess(pid, mb, self._process_name(pid)) for pid, mb in sorted(used.items()))
+
+    def _process_name(self, pid: int) -> str | None:
+        try:
+            return str(psutil.Process(pid).name())
+        except psutil.Error:
+            pass
+        # Inside a container NVML reports host PIDs that psutil cannot see; NVML can still name them.
+        name = self._optional(self._nvml.nvmlSystemGetProcessName, pid)
+        return os.path.basename(str(name)) if name else None
+
+    def _read_link(self, a: int, b: int) -> tuple[bool, int | None]:
+        """(whether the answer may be cached, score)."""
+        nvml = self._nvml
+        try:
+            ha, hb = self._handle(a), self._handle(b)
+        except pynvml.NVMLError:
+            return False, None
+        try:
+            if nvml.nvmlDeviceGetP2PStatus(ha, hb, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == pynvml.NVML_P2P_STATUS_OK:
+                return True, LINK_SCORE_NVLINK
+        except pynvml.NVMLError:
+            pass  # no NVLink query on this driver; the PCIe topology below still ranks the pair
+        try:
+            level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(ha, hb))
+        except pynvml.NVMLError as exc:
+            # Only a permanent "not supported" is worth remembering; anything else may clear up.
+            return getattr(exc, "value", None) == pynvml.NVML_ERROR_NOT_SUPPORTED, None
+        return True, LINK_SCORE_BY_TOPOLOGY.get(level)
+
+    def _first_available(self, call: str, index: int, variants: Sequence[Callable[[], T]]) -> T:
+        key = (call, index)
+        start = self._variant.get(key, 0)
+        for position in range(start, len(variants)):
+            try:
+                value = variants[position]()
+            except (pynvml.NVMLError, AttributeError) as exc:
+                if position + 1 < len(variants) and _is_missing_variant(exc):
+                    continue
+                raise
+            self._variant[key] = position
+            return value
+        raise AssertionError("unreachable: the last variant either returns or raises")
+
+    @staticmethod
+    def _optional(fn: Callable[..., T], *args: Any) -> T | None:
+        # A field the GPU cannot report (power on some boards, utilization under MIG) is unknown, not fatal.
+        try:
+            return fn(*args)
+        except (pynvml.NVMLError, AttributeError):
+            return None
