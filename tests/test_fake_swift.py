@@ -13,12 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from application.services.log_parser import (
-    SwiftLogParser,
-    extract_error,
-    find_checkpoints,
-    parse_logging_jsonl,
-)
+from application.services.log_parser import SwiftLogParser, extract_error
+from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.utils.log_tail import tail_lines
 
 FAKE_SWIFT = Path(__file__).resolve().parent / "fake_swift" / "swift"

@@ -15,11 +15,10 @@ from application.services.log_parser import (
     ParseResult,
     SwiftLogParser,
     extract_error,
-    find_checkpoints,
     parse_duration,
-    parse_logging_jsonl,
     parse_step_dict,
 )
+from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 
 FIX4 = Path(__file__).parent / "fixtures" / "swift"
 FIX3 = FIX4 / "ms-swift-3.5.3"

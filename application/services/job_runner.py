@@ -28,7 +28,8 @@ from application.models.training_model import (
 )
 from application.services import process_supervisor as ps
 from application.services.job_store import JobStore, TransitionRefused
-from application.services.log_parser import SwiftLogParser, extract_error, find_checkpoints, parse_logging_jsonl
+from application.services.log_parser import SwiftLogParser, extract_error
+from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.services.swift_command import (
     SwiftVersion,
     build_env,

@@ -16,12 +16,10 @@ for anywhere in a segment, not only at its start.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from application.models.training_model import Progress
@@ -48,8 +46,6 @@ _TRAIN_BAR_RE = re.compile(
     r"(?:,\s*(?:(?P<rate>[\d.]+)(?P<unit>it/s|s/it)|\?it/s))?"
 )
 
-_CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
-_VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
 
 # A segment with no \r or \n for this long is not a log line (binary junk, or a bar that never
 # ends); it is dropped rather than held in memory forever.
@@ -241,7 +237,7 @@ def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str
     }
 
 
-def _checkpoint_value(text: str) -> str | None:
+def checkpoint_value(text: str) -> str | None:
     text = text.strip()
     return None if text in ("", "None", "null") else text
 
@@ -365,10 +361,10 @@ class SwiftLogParser:
                 result.checkpoints_saved.append(path)
         elif "_model_checkpoint: " in seg:
             if m := _LAST_CKPT_RE.search(seg):
-                self.last_checkpoint = result.last_checkpoint = _checkpoint_value(m.group("path"))
+                self.last_checkpoint = result.last_checkpoint = checkpoint_value(m.group("path"))
                 self.training_ended = result.training_ended = True
             elif m := _BEST_CKPT_RE.search(seg):
-                self.best_checkpoint = result.best_checkpoint = _checkpoint_value(m.group("path"))
+                self.best_checkpoint = result.best_checkpoint = checkpoint_value(m.group("path"))
         elif "Successfully merged LoRA" in seg and (m := _MERGED_RE.search(seg)):
             path = m.group("path")
             if path.endswith("."):
@@ -457,90 +453,3 @@ def extract_error(lines: list[str]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Files on disk
-
-
-@dataclass
-class LoggingJsonl:
-    """What swift's `<run dir>/logging.jsonl` says; `finished` when its final summary line is there."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    progress: Progress | None = None
-    last_checkpoint: str | None = None
-    best_checkpoint: str | None = None
-    train_loss: float | None = None
-    train_runtime: float | None = None
-    finished: bool = False
-
-
-def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
-    """Read logging.jsonl (numeric JSON, one line per logged step, then a summary line holding
-    last_model_checkpoint and log_history); for when stdout was lost. A missing file gives an
-    empty result; a half-written last line is skipped."""
-    result = LoggingJsonl()
-    parser = SwiftLogParser()
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return result
-    with f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                raw = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(raw, dict):
-                continue
-            if "last_model_checkpoint" in raw or "log_history" in raw:
-                result.finished = True
-                last = raw.get("last_model_checkpoint")
-                best = raw.get("best_model_checkpoint")
-                result.last_checkpoint = _checkpoint_value(last) if isinstance(last, str) else None
-                result.best_checkpoint = _checkpoint_value(best) if isinstance(best, str) else None
-                continue
-            step_result = ParseResult()
-            parser.handle_step_dict(normalize_step_dict(raw), step_result, live=False)
-            result.history.extend(step_result.history)
-    result.progress = parser.progress
-    result.train_loss = parser.train_loss
-    result.train_runtime = parser.train_runtime
-    return result
-
-
-def find_checkpoints(output_dir: Path | str) -> list[str]:
-    """Every `checkpoint-N` under the run dirs (`v<k>-<time>`) of `output_dir`, oldest run first,
-    then by N; the last one is the newest on disk. `-merged` export dirs and the `last-checkpoint`
-    symlink are left out. Checkpoints directly in `output_dir` (given a run dir) count too."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found: list[tuple[tuple[float, int, str], int, str]] = []
-
-    def scan(run_dir: Path, run_key: tuple[float, int, str]) -> None:
-        try:
-            entries = list(run_dir.iterdir())
-        except OSError:
-            return
-        for entry in entries:
-            m = _CHECKPOINT_DIR_RE.fullmatch(entry.name)
-            if m and not entry.is_symlink() and entry.is_dir():
-                found.append((run_key, int(m.group(1)), str(entry)))
-
-    scan(root, (float("-inf"), -1, ""))
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        children = []
-    for child in children:
-        vm = _VERSION_DIR_RE.fullmatch(child.name)
-        if vm is None or not child.is_dir():
-            continue
-        try:
-            mtime = child.stat().st_mtime
-        except OSError:
-            continue
-        scan(child, (mtime, int(vm.group(1)), child.name))
-    found.sort(key=lambda item: (item[0], item[1]))
-    return [path for _, _, path in found]
