@@ -163,3 +163,18 @@ async def test_queueing_uses_the_priority_stored_at_that_moment(store: JobStore,
     await store.transition("p", JobStatus.QUEUED)
     assert await redis_client.zscore(store.keys.queue, "p") == queue_score(9, created)
     assert [(job_id, meta.priority) for job_id, meta in await store.queue_window(0, 5)] == [("p", 9)]
+
+
+async def test_a_follower_writes_only_into_its_own_run(store: JobStore) -> None:
+    await store.create(make_job("r"), message="")
+    await store.transition("r", JobStatus.RUNNING, fields={"run_id": "new-run"})
+    with pytest.raises(TransitionRefused) as exc:
+        await store.update("r", {"pid": 1}, run_id="old-run")
+    assert exc.value.reason == "other_run"
+    with pytest.raises(TransitionRefused):
+        await store.transition("r", JobStatus.FAILED, run_id="old-run")
+    job = await store.require("r")
+    assert job.status == JobStatus.RUNNING and job.pid is None
+    await store.update("r", {"pid": 2}, run_id="new-run")
+    await store.transition("r", JobStatus.COMPLETED, run_id="new-run")
+    assert (await store.require("r")).pid == 2

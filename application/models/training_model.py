@@ -219,6 +219,7 @@ class Job(BaseModel):
     train_runtime: float | None = None
     export: ExportInfo = Field(default_factory=ExportInfo)
     supervisor_id: str | None = None
+    run_id: str | None = Field(None, description="one swift run of this job; its follower writes only under it")
 
     def duration_seconds(self, now: float) -> float | None:
         if self.started_at is None:

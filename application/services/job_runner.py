@@ -11,6 +11,7 @@ import asyncio
 import shlex
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class JobRunner:
         env = build_env(self.base_env, gpu_ids, master_port=_free_port() if len(gpu_ids) > 1 else None)
         log_file = Path(job.output_dir) / "logs" / f"{job.job_id}.train.log"
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
+        run_id = uuid.uuid4().hex
         await self.store.transition(
             job.job_id,
             JobStatus.RUNNING,
@@ -96,6 +98,7 @@ class JobRunner:
                 "swift_version": version.version, "log_file": str(log_file), "log_offset": 0,
                 "supervisor_id": self.supervisor_id, "stop_requested": False, "pid": None,
                 "process_start_time": None, "exit_code": None, "error_message": None, "progress": Progress(),
+                "run_id": run_id,
             },
             message=f"started on {where}",
             data={"gpu_ids": gpu_ids},
@@ -106,8 +109,9 @@ class JobRunner:
         except OSError as exc:
             await self._end(job.job_id, JobStatus.FAILED, {
                 "error_message": f"could not start swift ({argv[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh",
-            }, "swift could not be started")  # fmt: skip
+            }, "swift could not be started", run_id)  # fmt: skip
             return
+        run.run_id = run_id
         # From here on a follower must exist whatever happens, or the job would stay running unwatched.
         self._spawn(f"{job.job_id}:train", self._follow_training(job.job_id, run, log_file, 0))
         try:
@@ -115,6 +119,7 @@ class JobRunner:
                 job.job_id,
                 {"pid": run.pid, "process_start_time": run.start_time},
                 statuses=(JobStatus.RUNNING,),
+                run_id=run_id,
                 event=("process_started", f"swift started (pid {run.pid}) on {where}", {"pid": run.pid}),
             )
             stop_now = bool(await self.store.get_field(job.job_id, "stop_requested"))
@@ -129,7 +134,7 @@ class JobRunner:
         try:
             while True:
                 await asyncio.wait({exit_task}, timeout=self.settings.SUPERVISOR_POLL_INTERVAL)
-                offset = await self._consume(job_id, log_file, parser, offset)
+                offset = await self._consume(job_id, log_file, parser, offset, run.run_id)
                 if exit_task.done():
                     break
         except asyncio.CancelledError:
@@ -142,11 +147,13 @@ class JobRunner:
             await ps.wait_group_gone(run.pgid, self.settings.STOP_GRACE_SECONDS + 2)
         if run.verified:
             ps.kill_leftovers(run.pgid)
-        offset = await self._consume(job_id, log_file, parser, offset)
+        offset = await self._consume(job_id, log_file, parser, offset, run.run_id)
         parser.flush()  # a last line with no newline after it
-        await self._finish_training(job_id, code, parser, log_file)
+        await self._finish_training(job_id, code, parser, log_file, run.run_id)
 
-    async def _consume(self, job_id: str, log_file: Path, parser: SwiftLogParser, offset: int) -> int:
+    async def _consume(
+        self, job_id: str, log_file: Path, parser: SwiftLogParser, offset: int, run_id: str | None
+    ) -> int:
         """Parse what the log gained since `offset` and store it; returns the new offset."""
         progress: Progress | None = None
         history: list[dict[str, Any]] = []
@@ -178,18 +185,20 @@ class JobRunner:
         if parser.train_runtime is not None:
             fields["train_runtime"] = parser.train_runtime
         try:
-            await self.store.update(job_id, fields)
+            await self.store.update(job_id, fields, run_id=run_id)
             await self.store.append_history(job_id, history)
             for path in saved:
                 await self.store.add_event(job_id, "checkpoint_saved", f"checkpoint saved: {path}", {"path": path})
         except TransitionRefused:
-            pass  # deleted while running: nothing to record
+            pass  # deleted (or another run of a re-created job): nothing of ours to record
         return offset
 
-    async def _finish_training(self, job_id: str, code: int | None, parser: SwiftLogParser, log_file: Path) -> None:
+    async def _finish_training(
+        self, job_id: str, code: int | None, parser: SwiftLogParser, log_file: Path, run_id: str | None
+    ) -> None:
         job = await self.store.get(job_id)
-        if job is None:
-            return
+        if job is None or (run_id is not None and job.run_id != run_id):
+            return  # deleted, or re-created under the same id: this run's end is not that job's
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
         checkpoints = await asyncio.to_thread(find_checkpoints, Path(job.output_dir))
         if job.run_dir:
@@ -237,21 +246,27 @@ class JobRunner:
             message = f"training failed: {error}"
         if status != JobStatus.FAILED and status != JobStatus.COMPLETED:
             fields["log_tail"] = tail
-        ended = await self._end(job_id, status, fields, message)
+        ended = await self._end(job_id, status, fields, message, run_id)
         if ended and status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and job.training.train_type != "full":
             try:
                 await self.start_export(job_id, auto=True)
             except Conflict as exc:
                 await self.store.add_event(job_id, "export_skipped", f"automatic export skipped: {exc.detail}")
 
-    async def _end(self, job_id: str, status: JobStatus, fields: dict[str, Any], message: str) -> bool:
+    async def _end(
+        self, job_id: str, status: JobStatus, fields: dict[str, Any], message: str, run_id: str | None
+    ) -> bool:
         try:
-            await self.store.transition(job_id, status, expect=(JobStatus.RUNNING,), fields=fields, message=message)
+            await self.store.transition(
+                job_id, status, expect=(JobStatus.RUNNING,), fields=fields, message=message, run_id=run_id
+            )
             return True
         except TransitionRefused:
             # Someone ended it first (a stop request): keep their status, add what we learned.
             try:
-                await self.store.update(job_id, {k: v for k, v in fields.items() if k != "error_message"})
+                await self.store.update(
+                    job_id, {k: v for k, v in fields.items() if k != "error_message"}, run_id=run_id
+                )
             except TransitionRefused:
                 pass
             return False
@@ -362,12 +377,12 @@ class JobRunner:
             if job.pid is None or job.log_file is None:
                 await self._end(job.job_id, JobStatus.FAILED, {
                     "error_message": "the API stopped before swift was started; create the job again",
-                }, "swift was never started")  # fmt: skip
+                }, "swift was never started", job.run_id)  # fmt: skip
                 return
             log_file = Path(job.log_file)
             alive = ps.is_alive(job.pid, job.process_start_time)
             run = ps.RunningProcess(job.pid, job.process_start_time or 0.0, log_file.with_suffix(".exit.json"),
-                                    verified=alive)  # fmt: skip
+                                    verified=alive, run_id=job.run_id)  # fmt: skip
             logger.info("Re-attached job {} (pid {}, alive={})", job.job_id, job.pid, alive)
             await self.store.add_event(job.job_id, "reattached", f"followed again by API process {self.supervisor_id}")
             self._spawn(f"{job.job_id}:train", self._follow_training(job.job_id, run, log_file, job.log_offset))

@@ -175,6 +175,7 @@ class JobStore:
         refuse_export: Iterable[ExportStatus] | None = None,
         event: tuple[str, str, Mapping[str, Any] | None] | None = None,
         owner: str | None = None,
+        run_id: str | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`).
 
@@ -188,7 +189,7 @@ class JobStore:
                   json.dumps([s.value for s in statuses]) if statuses is not None else "",
                   json.dumps([s.value for s in refuse_export]) if refuse_export is not None else "",
                   _event_json(event[0], event[1], event[2], now) if event else "",
-                  self.events_max, owner or ""],
+                  self.events_max, owner or "", run_id or ""],
         )  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused(res[0], current=res[1] if len(res) > 1 else None)
@@ -205,6 +206,7 @@ class JobStore:
         data: Mapping[str, Any] | None = None,
         acquire_gpus: Iterable[int] = (),
         owner: str | None = None,
+        run_id: str | None = None,
         now: float | None = None,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
@@ -245,7 +247,7 @@ class JobStore:
                   json.dumps(list(acquire_gpus)), "1" if release else "0", "1" if to.is_terminal() else "0",
                   _event_json(f"status_{to.value}", message or f"status changed to {to.value}",
                               {"status": to.value, **(data or {})}, now),
-                  self.events_max, STATUS_LIST_JSON, "1" if wake else "0", owner or ""],
+                  self.events_max, STATUS_LIST_JSON, "1" if wake else "0", owner or "", run_id or ""],
         )  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused(res[0], current=res[1] if len(res) > 1 else None,

@@ -21,6 +21,11 @@ local function add_event(stream, maxlen, ev_json)
   return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
     'type', ev['type'], 'message', ev['message'], 'time', ev['time'], 'data', ev['data'])
 end
+local function run_matches(key, want)
+  if want == '' then return true end
+  local v = redis.call('HGET', key, 'run_id')
+  return v and cjson.decode(v) == want
+end
 local function in_list(value, list_json)
   for _, v in ipairs(cjson.decode(list_json)) do
     if v == value then return true end
@@ -63,7 +68,7 @@ return {'ok'}
 #       4 fields JSON, 5 unused, 6 queue op ('add' | 'remove' | ''), 7 unused, 8 queue meta (priority re-read),
 #       9 GPUs to acquire (JSON list), 10 release GPUs ('1' | '0'), 11 free output_dir ('1' | '0'),
 #       12 event JSON, 13 events maxlen, 14 status list JSON (order of KEYS 8..), 15 wake ('1'|'0'),
-#       16 expected supervisor id ('' = any)
+#       16 expected supervisor id ('' = any), 17 expected run id ('' = any: a follower passes its run's)
 TRANSITION = (
     _HELPERS
     + """
@@ -75,6 +80,7 @@ if ARGV[16] ~= '' then
   local sup = redis.call('HGET', KEYS[1], 'supervisor_id')
   if sup and cjson.decode(sup) ~= ARGV[16] then return {'not_owner', cur} end
 end
+if not run_matches(KEYS[1], ARGV[17]) then return {'other_run', cur} end
 local job_id = ARGV[1]
 local acquire = cjson.decode(ARGV[9])
 for _, gpu in ipairs(acquire) do
@@ -124,7 +130,8 @@ return {'ok', cur, id}
 
 # Update fields only while the job exists and is in one of the given statuses and its export status is
 # not in the refused list. KEYS: 1 job, 2 events. ARGV: 1 fields JSON, 2 allowed statuses JSON ('' = any),
-# 3 refused export statuses JSON ('' = none), 4 event JSON, 5 maxlen, 6 expected supervisor id ('' = any)
+# 3 refused export statuses JSON ('' = none), 4 event JSON, 5 maxlen, 6 expected supervisor id ('' = any),
+# 7 expected run id ('' = any)
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -143,6 +150,7 @@ if ARGV[6] ~= '' then
   local sup = redis.call('HGET', KEYS[1], 'supervisor_id')
   if sup and cjson.decode(sup) ~= ARGV[6] then return {'not_owner', cur} end
 end
+if not run_matches(KEYS[1], ARGV[7]) then return {'other_run', cur} end
 hset_pairs(KEYS[1], ARGV[1])
 add_event(KEYS[2], ARGV[5], ARGV[4])
 return {'ok', cur}

@@ -34,6 +34,7 @@ class RunningProcess:
     # False for a re-attached run whose leader was already gone: its pid may be someone else's by now,
     # so nothing is ever signalled on its behalf.
     verified: bool = True
+    run_id: str | None = None  # the job's run this process belongs to
 
     @property
     def pgid(self) -> int:
