@@ -224,7 +224,6 @@ class JobStore:
         extra["updated_at"] = now
         queue_op = ""
         meta = ""
-        score = ""
         if to == JobStatus.QUEUED:
             extra.setdefault("queued_at", now)
             job = await self.require(job_id)
@@ -243,7 +242,7 @@ class JobStore:
             keys=[k.job(job_id), k.job_events(job_id), k.output_dirs, k.queue, k.queue_meta, k.gpu_leases,
                   k.wakeup_channel, *k.all_status_indexes()],
             args=[job_id, json.dumps(to.value), json.dumps(sorted(s.value for s in allowed)),
-                  json.dumps(encode_fields(extra)), "", queue_op, score, meta,
+                  json.dumps(encode_fields(extra)), "", queue_op, "", meta,
                   json.dumps(list(acquire_gpus)), "1" if release else "0", "1" if to.is_terminal() else "0",
                   _event_json(f"status_{to.value}", message or f"status changed to {to.value}",
                               {"status": to.value, **(data or {})}, now),

@@ -21,6 +21,11 @@ local function add_event(stream, maxlen, ev_json)
   return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
     'type', ev['type'], 'message', ev['message'], 'time', ev['time'], 'data', ev['data'])
 end
+local function owner_matches(key, want)
+  if want == '' then return true end
+  local sup = redis.call('HGET', key, 'supervisor_id')
+  return not sup or cjson.decode(sup) == want
+end
 local function run_matches(key, want)
   if want == '' then return true end
   local v = redis.call('HGET', key, 'run_id')
@@ -76,10 +81,7 @@ local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return {'missing'} end
 local cur = cjson.decode(raw)
 if not in_list(cur, ARGV[3]) then return {'bad_state', cur} end
-if ARGV[16] ~= '' then
-  local sup = redis.call('HGET', KEYS[1], 'supervisor_id')
-  if sup and cjson.decode(sup) ~= ARGV[16] then return {'not_owner', cur} end
-end
+if not owner_matches(KEYS[1], ARGV[16]) then return {'not_owner', cur} end
 if not run_matches(KEYS[1], ARGV[17]) then return {'other_run', cur} end
 local job_id = ARGV[1]
 local acquire = cjson.decode(ARGV[9])
@@ -146,10 +148,7 @@ if ARGV[3] ~= '' then
     if in_list(st, ARGV[3]) then return {'export_state', st} end
   end
 end
-if ARGV[6] ~= '' then
-  local sup = redis.call('HGET', KEYS[1], 'supervisor_id')
-  if sup and cjson.decode(sup) ~= ARGV[6] then return {'not_owner', cur} end
-end
+if not owner_matches(KEYS[1], ARGV[6]) then return {'not_owner', cur} end
 if not run_matches(KEYS[1], ARGV[7]) then return {'other_run', cur} end
 hset_pairs(KEYS[1], ARGV[1])
 add_event(KEYS[2], ARGV[5], ARGV[4])
