@@ -10,7 +10,7 @@ from application.main import create_app
 
 def main() -> None:
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.APP_HOST, port=settings.APP_PORT, log_config=None)
+    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,19 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +53,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=True, env_file_encoding="utf-8")
 
     ENVIRONMENT: Literal["dev", "test", "prod"] = "dev"
+    _api_keys: tuple[ApiKeyEntry, ...] = PrivateAttr(default=())
 
     # Redis. REDIS_URL wins over host/port/db; with neither set (and REDIS_EMBEDDED not false) an
     # embedded redis-server is started under DATA_DIR.
@@ -70,8 +74,27 @@ class Settings(BaseSettings):
     LOG_DIR: Path = PROJECT_ROOT / "logs"
 
     API_PREFIX: str = "/api/v1"
-    APP_HOST: str = "0.0.0.0"
+    # Default: 127.0.0.1 without API keys (nobody else can reach an open server), 0.0.0.0 with them.
+    APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)
+    MAX_REQUEST_BYTES: int = Field(1 << 20, ge=1024, le=1 << 30)
+
+    # Access. API_KEYS: comma-separated `name:role:key` (role admin|user); or API_KEYS_FILE, a JSON file
+    # {"<name>": {"role": "...", "key": "..."}}. Without keys the server answers anyone who can reach it, so it
+    # binds only to loopback unless ALLOW_UNAUTHENTICATED=true.
+    API_KEYS: SecretStr | None = None
+    API_KEYS_FILE: Path | None = None
+    ALLOW_UNAUTHENTICATED: bool = False
+
+    # Local paths in requests must resolve inside these folders (comma-separated; relative to the project).
+    DATA_ROOTS: str = "datasets"
+    MODEL_ROOTS: str = "models"
+
+    # Per-owner limits (0 = none) and the create rate per key ("30/minute", "0" = none).
+    MAX_QUEUED_PER_OWNER: int = Field(0, ge=0, le=1_000_000)
+    MAX_GPUS_PER_OWNER: int = Field(0, ge=0, le=4096)
+    CREATE_RATE_LIMIT: str = "60/minute"
+    JOB_RETENTION_DAYS: float = Field(90.0, ge=0, le=36500)
 
     OUTPUT_ROOT: Path = PROJECT_ROOT / "output"
     SWIFT_BIN: str = Field(default_factory=_default_swift_bin)
@@ -131,6 +154,9 @@ class Settings(BaseSettings):
         "REDIS_SERVER_BIN",
         "SIMULATED_GPU_USAGE_FILE",
         "SWIFT_VERSION",
+        "APP_HOST",
+        "API_KEYS",
+        "API_KEYS_FILE",
         mode="before",
     )
     @classmethod
@@ -144,15 +170,60 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
 
+    @field_validator("CREATE_RATE_LIMIT")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        parse_rate(v)
+        return v
+
+    @field_validator("DATA_ROOTS", "MODEL_ROOTS")
+    @classmethod
+    def _roots(cls, v: str) -> str:
+        if not [p for p in v.split(",") if p.strip()]:
+            raise ValueError("must name at least one folder (comma-separated)")
+        return v
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         if "/" in self.SWIFT_BIN and not Path(self.SWIFT_BIN).is_absolute():
             object.__setattr__(self, "SWIFT_BIN", str((PROJECT_ROOT / self.SWIFT_BIN).resolve()))
-        for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE"):
+        for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE", "API_KEYS_FILE"):
             p: Path | None = getattr(self, name)
             if p is not None and not p.is_absolute():
                 object.__setattr__(self, name, (PROJECT_ROOT / p).resolve())
         return self
+
+    @model_validator(mode="after")
+    def _access(self) -> Settings:
+        # Parsed here so a bad key list stops start-up with one line, like any other bad setting.
+        keys = parse_api_keys(self.API_KEYS.get_secret_value() if self.API_KEYS else None, self.API_KEYS_FILE)
+        self._api_keys = keys
+        if self.APP_HOST is not None and not keys and not self.ALLOW_UNAUTHENTICATED and not is_loopback(self.APP_HOST):
+            raise ValueError(
+                f"APP_HOST={self.APP_HOST} would let anyone on the network run and delete jobs: configure API_KEYS "
+                "or API_KEYS_FILE, bind 127.0.0.1, or set ALLOW_UNAUTHENTICATED=true"
+            )
+        return self
+
+    @property
+    def api_keys(self) -> tuple[ApiKeyEntry, ...]:
+        return self._api_keys
+
+    @property
+    def bind_host(self) -> str:
+        if self.APP_HOST is not None:
+            return self.APP_HOST
+        return "0.0.0.0" if self.api_keys else "127.0.0.1"
+
+    def data_roots(self) -> tuple[Path, ...]:
+        return _roots(self.DATA_ROOTS)
+
+    def model_roots(self) -> tuple[Path, ...]:
+        # A merged model written under OUTPUT_ROOT can be trained again.
+        return (*_roots(self.MODEL_ROOTS), self.OUTPUT_ROOT)
+
+    def create_rate(self) -> tuple[int, float] | None:
+        return parse_rate(self.CREATE_RATE_LIMIT)
 
     @property
     def uses_embedded_redis(self) -> bool:
@@ -163,6 +234,94 @@ class Settings(BaseSettings):
 
     def swift_bin_path(self) -> str | None:
         return shutil.which(self.SWIFT_BIN)
+
+
+def _roots(value: str) -> tuple[Path, ...]:
+    out: list[Path] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part:
+            p = Path(part).expanduser()
+            out.append(p if p.is_absolute() else PROJECT_ROOT / p)
+    return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*(?:/\s*(second|minute|hour|day))?\s*$")
+_RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(value: str) -> tuple[int, float] | None:
+    """`30/minute` -> (30, 60.0); `0` -> None (no limit)."""
+    m = _RATE_RE.match(value)
+    if not m or (m.group(1) != "0" and not m.group(2)):
+        raise ValueError("must be a count per period, such as 30/minute or 1000/hour, or 0 for no limit")
+    count = int(m.group(1))
+    return None if count == 0 else (count, _RATE_PERIODS[m.group(2)])
+
+
+ROLES = ("admin", "user")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_KEY_LENGTH = 16
+_KEY_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+@dataclass(frozen=True)
+class ApiKeyEntry:
+    name: str
+    role: str
+    key: str = field(repr=False)
+
+
+def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
+    if not isinstance(name, str) or not _KEY_NAME_RE.match(name):
+        raise ValueError(f"{where}: the name must be 1-64 letters, digits, '_', '.' or '-'")
+    if role not in ROLES:
+        raise ValueError(f"{where} ({name}): role must be admin or user, not {role!r}")
+    if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+        raise ValueError(f"{where} ({name}): the key must be at least {MIN_KEY_LENGTH} characters without spaces; "
+                         f"{_KEY_HINT}")  # fmt: skip
+    return ApiKeyEntry(name, role, key)
+
+
+def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ...]:
+    """API_KEYS (`name:role:key,...`) and API_KEYS_FILE (`{"name": {"role": ..., "key": ...}}`) together."""
+    entries: list[ApiKeyEntry] = []
+    for i, raw in enumerate((text or "").split(",")):
+        raw = raw.strip()
+        if not raw:
+            continue
+        parts = raw.split(":", 2)
+        if len(parts) != 3:
+            raise ValueError(f"entry {i + 1} must be name:role:key (role admin or user)")
+        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), f"entry {i + 1}"))
+    if file is not None:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"API_KEYS_FILE {file} cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ValueError(f"API_KEYS_FILE {file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'API_KEYS_FILE {file} must hold an object {{"<name>": {{"role": ..., "key": ...}}}}')
+        for name, spec in data.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f'API_KEYS_FILE entry {name!r} must be {{"role": ..., "key": ...}}')
+            entries.append(_entry(name, spec.get("role"), spec.get("key"), f"API_KEYS_FILE entry {name!r}"))
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("each key needs its own name: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    if len({e.key for e in entries}) != len(entries):
+        raise ValueError("two names share one key: give each its own")
+    return tuple(entries)
 
 
 _SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*$")
@@ -180,6 +339,9 @@ def parse_simulated_gpus(value: str) -> tuple[int, float]:
     return count, memory
 
 
+_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL"})
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error.get("loc", ())) or "settings"
     ctx = error.get("ctx") or {}
@@ -190,8 +352,10 @@ def _describe(error: dict[str, Any]) -> str:
     else:
         allowed = None
     msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    got = error.get("input")
-    text = f"invalid setting {key}={got!r}: {msg}"
+    if not error.get("loc"):
+        return f"invalid settings: {msg}"  # a rule across keys; its input would be every value, secrets too
+    got = "***" if key in _SECRET_KEYS else repr(error.get("input"))
+    text = f"invalid setting {key}={got}: {msg}"
     if allowed and str(allowed) not in msg:
         text += f" (allowed: {allowed})"
     return text

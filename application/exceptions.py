@@ -6,9 +6,21 @@ from __future__ import annotations
 class ApiError(Exception):
     status_code = 400
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    status_code = 403
 
 
 class JobNotFound(ApiError):
@@ -27,5 +39,8 @@ class Invalid(ApiError):
     status_code = 422
 
 
-class ServiceUnavailable(ApiError):
-    status_code = 503
+class TooMany(ApiError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail, {"Retry-After": str(max(1, round(retry_after)))})

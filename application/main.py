@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,11 +14,16 @@ from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from application import __version__
+from application.api.body_limit import BodyLimit
 from application.api.training import router as training_router
+from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError
+from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.queue_service import QueueService
@@ -45,6 +51,31 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods of the resource at `path`, as the published schema lists them.
+
+    The most specific documented path wins: /queue/process is its own resource, although /queue/{job_id}
+    also matches it. Paths outside the schema fall back to what the routes answer.
+    """
+    matching: list[tuple[int, list[str]]] = []
+    for template, ops in app.openapi()["paths"].items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            matching.append((template.count("{"), sorted(m.upper() for m in ops)))
+    if matching:
+        fewest = min(n for n, _ in matching)
+        return sorted({m for n, methods in matching if n == fewest for m in methods})
+    allowed: list[str] = []
+    for method in _METHODS:
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": []}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -61,10 +92,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         training = TrainingService(settings, store, inventory)
         app.state.settings = settings
         app.state.redis = redis_service
+        app.state.idempotency = Idempotency(store)
         app.state.training = training
         app.state.queue = QueueService(training)
         app.state.system = SystemService(training, redis_service)
         settings.OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+        for root in (*settings.data_roots(), *settings.model_roots()):
+            try:
+                root.mkdir(parents=True, exist_ok=True)  # where users put their files; may be a read-only mount
+            except OSError:
+                pass
         await training.startup()
         logger.info("swift-api {} ready: API under {}/training, Swagger at /docs, GPUs: {}", __version__,
                     settings.API_PREFIX, inventory.backend)  # fmt: skip
@@ -76,17 +113,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await redis_service.close()
 
     app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.keys = KeyRing(settings.api_keys)
+    app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors: list[dict[str, Any]] = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
-        ]
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")),
+             "type": str(e.get("type"))}
+            for e in exc.errors()
+        ]  # fmt: skip
         return JSONResponse({"detail": _validation_message(exc), "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route that matched the path; list them all.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

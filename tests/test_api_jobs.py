@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, make_model, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -122,9 +122,8 @@ def test_auto_start_runs_at_once_and_cpu_job_uses_float32(server: ApiServer, wor
 
 
 def test_multimodal_model_gets_vit_lr_and_overrides_reach_the_command(server: ApiServer, workspace: Path) -> None:
-    vl = workspace / "models" / "tiny-vl"
-    vl.mkdir(parents=True)
-    (vl / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "vision_config": {}}')
+    vl = make_model(workspace / "models" / "tiny-vl",
+                    {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "vision_config": {}})  # fmt: skip
     payload = body(workspace, "vl", auto_start=True, model_path=str(vl),
                    training={"max_steps": 6, "logging_steps": 2, "save_steps": 3, "lora_rank": 8})  # fmt: skip
     created(server, payload)
@@ -184,8 +183,12 @@ def test_job_id_from_output_dir_made_unique_and_explicit_id_conflict(server: Api
 
 
 def test_missing_dataset_fails_with_the_path_and_logs_show_it(server: ApiServer, workspace: Path) -> None:
-    missing = str(workspace / "no_such_data.jsonl")
-    created(server, body(workspace, "nodata", data_path=missing, auto_start=True))
+    # The pre-flight check refuses a missing data set at create; one that disappears before the start
+    # fails in swift, which names it.
+    missing = fake_dataset(workspace, "no_such_data")
+    created(server, body(workspace, "nodata", data_path=missing))
+    Path(missing).unlink()
+    assert server.http.post("/jobs/nodata/start").json()["status"] == "running"
     job = server.wait_status("nodata", "failed")
     assert missing in job["error_message"]
     assert job["exit_code"] not in (0, None)

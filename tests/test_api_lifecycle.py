@@ -295,3 +295,15 @@ def test_stopped_job_with_a_checkpoint_can_be_exported(server_factory: Callable[
     job = wait_for(lambda: (j := server.job("partial"))["export"]["status"] != "running" and j)
     assert job["export"]["status"] == "completed"
     assert job["export"]["path"].endswith("checkpoint-2-merged") and Path(job["export"]["path"]).is_dir()
+
+
+def test_a_trainer_killed_by_a_signal_says_so(server: ApiServer, workspace: Path) -> None:
+    job = start_running(server, workspace, "oomed", hang_after_steps=2, min_step=1)
+    trainer = wait_for(lambda: next((p for p in job_processes(job["output_dir"])
+                                     if "--fake-swift-trainer" in (p.info["cmdline"] or [])), None),
+                       what="the trainer process")  # fmt: skip
+    trainer.send_signal(signal.SIGKILL)  # what the kernel's OOM killer does
+    failed = server.wait_status("oomed", "failed")
+    # swift's launcher exits with its child's -9 through sys.exit: status 247.
+    assert "killed by signal 9 (SIGKILL; often the kernel's OOM killer)" in failed["error_message"], failed
+    assert "{'loss'" not in failed["error_message"]

@@ -26,7 +26,7 @@ def stored_state(r: redis.Redis, prefix: str) -> dict[str, Any]:
     """Everything the server keeps under its prefix (heartbeats aside), for before/after comparisons."""
     state: dict[str, Any] = {}
     for key in sorted(r.scan_iter(f"{prefix}:*")):
-        if ":supervisor:" in key:
+        if ":supervisor:" in key or ":rate:" in key:
             continue
         kind = r.type(key)
         if kind == "hash":
@@ -276,3 +276,44 @@ def test_a_relative_local_model_path_means_what_it_meant_to_the_caller(server: A
     assert r.status_code == 201, r.text
     job = server.job("rel")
     assert job["model_path"] == str((workspace / MODEL_DIR).resolve())
+
+
+# ---- what the published schema promises ---------------------------------------------------------------------
+
+
+async def test_the_schema_and_the_server_agree(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    from tests.conftest import make_model
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        spec = client.app.openapi()
+        create = spec["paths"]["/api/v1/training/jobs"]["post"]
+        assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "ValidationErrorResponse"
+        )
+        assert "400" in create["responses"] and "413" in create["responses"] and "429" in create["responses"]
+        gpu_ids = spec["components"]["schemas"]["JobCreate"]["properties"]["gpu_ids"]
+        assert gpu_ids["anyOf"][0]["minItems"] == 1 and gpu_ids["uniqueItems"] is True
+        assert gpu_ids["anyOf"][0]["items"] == {"type": "integer", "minimum": 0, "maximum": 1023}
+        body = {"data_path": fake_dataset(tmp_path, "d"), "model_path": str(tmp_path / "models" / "tiny-qwen2"),
+                "output_dir": "s", "priority": 7.0, "num_gpus": 1.0}  # fmt: skip
+        r = await client.post("/jobs", json=body)
+        assert r.status_code == 201, r.text  # 7.0 is an integer to JSON Schema
+        r = await client.patch("/jobs/s", json={"priority": 3.0})
+        assert r.status_code == 200 and r.json()["priority"] == 3
+        r = await client.patch("/jobs/s", json={"priority": 3.5})
+        assert r.status_code == 422
+        err = r.json()
+        assert isinstance(err["detail"], str) and err["errors"][0]["loc"] == ["body", "priority"]
+        # Unsupported methods: 405 with every method the path has.
+        r = await client.request("OPTIONS", "/jobs/s")
+        assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) >= {"GET", "PATCH", "DELETE"}
+        r = await client.put("/jobs")
+        assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) >= {"GET", "POST"}
+        # Unreadable and oversized bodies.
+        r = await client.post("/jobs", content=b"{", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        r = await client.post("/jobs", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "MAX_REQUEST_BYTES" in r.json()["detail"]
+        # history_limit=0 means no points.
+        assert (await client.get("/jobs/s/progress", params={"history_limit": 0})).json()["history"] == []

@@ -5,9 +5,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from application.exceptions import Conflict, JobNotFound
 from application.models.training_model import Job, JobStatus, TrainingParams
-from application.services.job_store import JobStore, TransitionRefused, queue_score
+from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
 
@@ -17,6 +16,7 @@ def make_job(
     priority: int = 5,
     created: float | None = None,
     num_gpus: int = 1,
+    owner: str | None = None,
 ) -> Job:
     now = created if created is not None else time.time()
     return Job(
@@ -28,10 +28,17 @@ def make_job(
         output_dir=f"/out/{job_id}",
         output_dir_requested=job_id,
         num_gpus=num_gpus,
+        owner=owner,
         training=TrainingParams(),
         created_at=now,
         updated_at=now,
     )
+
+
+async def require(store: JobStore, job_id: str) -> Job:
+    job = await store.get(job_id)
+    assert job is not None, job_id
+    return job
 
 
 @pytest.fixture
@@ -41,33 +48,33 @@ def store(redis_client: aioredis.Redis) -> JobStore:
 
 async def test_create_get_and_refuse_duplicate(store: JobStore) -> None:
     job = make_job("a")
-    await store.create(job, message="created")
+    await store.create(job, message="created", actor="t")
     got = await store.get("a")
     assert got == job
     with pytest.raises(TransitionRefused) as exc:
-        await store.create(make_job("a"), message="again")
+        await store.create(make_job("a"), message="again", actor="t")
     assert exc.value.reason == "exists"
 
 
 async def test_output_dir_held_by_active_job_only(store: JobStore) -> None:
-    await store.create(make_job("a"), message="")
+    await store.create(make_job("a"), message="", actor="t")
     other = make_job("b").model_copy(update={"output_dir": "/out/a"})
     with pytest.raises(TransitionRefused) as exc:
-        await store.create(other, message="")
+        await store.create(other, message="", actor="t")
     assert (exc.value.reason, exc.value.detail) == ("output_dir_busy", "a")
     await store.transition("a", JobStatus.CANCELLED)
-    await store.create(other, message="")  # freed once 'a' ended
+    await store.create(other, message="", actor="t")  # freed once 'a' ended
 
 
 async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobStore) -> None:
-    await store.create(make_job("a"), message="")
+    await store.create(make_job("a"), message="", actor="t")
     prev = await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0, 1], fields={"pid": 42})
     assert prev == JobStatus.PENDING
-    job = await store.require("a")
+    job = await require(store, "a")
     assert job.status == JobStatus.RUNNING and job.started_at and job.pid == 42
     assert await store.leases() == {0: "a", 1: "a"}
     await store.transition("a", JobStatus.COMPLETED)
-    job = await store.require("a")
+    job = await require(store, "a")
     assert job.finished_at and job.started_at and job.finished_at >= job.started_at
     assert await store.leases() == {}
     for target in (JobStatus.RUNNING, JobStatus.FAILED, JobStatus.QUEUED):
@@ -79,13 +86,13 @@ async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobSt
 
 
 async def test_gpu_lease_never_shared(store: JobStore) -> None:
-    await store.create(make_job("a"), message="")
-    await store.create(make_job("b"), message="")
+    await store.create(make_job("a"), message="", actor="t")
+    await store.create(make_job("b"), message="", actor="t")
     await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0])
     with pytest.raises(TransitionRefused) as exc:
         await store.transition("b", JobStatus.RUNNING, acquire_gpus=[1, 0])
-    assert exc.value.reason == "gpu_busy" and exc.value.detail == "a"
-    assert (await store.require("b")).status == JobStatus.PENDING
+    assert exc.value.reason == Refusal.GPU_BUSY and exc.value.detail == "0:a"
+    assert (await require(store, "b")).status == JobStatus.PENDING
     assert await store.leases() == {0: "a"}
 
 
@@ -98,12 +105,12 @@ async def test_queue_order_priority_then_fifo_then_id(store: JobStore) -> None:
         ("mid-a", 5, base + 1),
         ("mid-old", 5, base),
     ]:
-        await store.create(make_job(job_id, JobStatus.QUEUED, prio, created=t), message="")
+        await store.create(make_job(job_id, JobStatus.QUEUED, prio, created=t), message="", actor="t")
     order = [job_id for job_id, _ in await store.queue_window(0, 10)]
     assert order == ["high", "mid-old", "mid-a", "mid-b", "low"]
     assert await store.queue_position("low") == 5
-    job = await store.require("low")
-    await store.reprioritize(job, 10)
+    job = await require(store, "low")
+    await store.reprioritize(job, 10, actor="t")
     order = [job_id for job_id, _ in await store.queue_window(0, 10)]
     assert order == ["low", "high", "mid-old", "mid-a", "mid-b"]
     await store.transition("high", JobStatus.RUNNING, acquire_gpus=[0])
@@ -112,24 +119,26 @@ async def test_queue_order_priority_then_fifo_then_id(store: JobStore) -> None:
 
 
 async def test_delete_refuses_running_and_cleans_indexes(store: JobStore) -> None:
-    await store.create(make_job("a"), message="")
+    await store.create(make_job("a"), message="", actor="t")
     await store.transition("a", JobStatus.RUNNING, acquire_gpus=[3])
-    with pytest.raises(Conflict):
+    with pytest.raises(TransitionRefused) as refused:
         await store.delete("a")
-    assert (await store.require("a")).status == JobStatus.RUNNING
+    assert refused.value.reason == Refusal.BAD_STATE
+    assert (await require(store, "a")).status == JobStatus.RUNNING
     await store.transition("a", JobStatus.STOPPED)
     await store.delete("a")
     assert await store.get("a") is None
     assert sum((await store.counts()).values()) == 0
-    with pytest.raises(JobNotFound):
+    with pytest.raises(TransitionRefused) as missing:
         await store.delete("a")
+    assert missing.value.reason == Refusal.MISSING
     with pytest.raises(TransitionRefused):
         await store.update("a", {"pid": 1})
     assert await store.get("a") is None  # a late writer never recreates a deleted job
 
 
 async def test_events_paginate_oldest_first(store: JobStore) -> None:
-    await store.create(make_job("a"), message="made")
+    await store.create(make_job("a"), message="made", actor="alice")
     for i in range(5):
         await store.add_event("a", "note", f"n{i}", {"i": i})
     first = await store.events("a", None, 3)
@@ -139,7 +148,7 @@ async def test_events_paginate_oldest_first(store: JobStore) -> None:
 
 
 async def test_history_is_capped(store: JobStore) -> None:
-    await store.create(make_job("a"), message="")
+    await store.create(make_job("a"), message="", actor="t")
     await store.append_history("a", [{"step": i, "loss": 1.0 / (i + 1)} for i in range(8)])
     points = await store.history("a", 100)
     assert [p.step for p in points] == [3, 4, 5, 6, 7]
@@ -147,34 +156,69 @@ async def test_history_is_capped(store: JobStore) -> None:
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
     for i in range(5):
-        await store.create(make_job(f"j{i}", created=1000.0 + i), message="")
+        await store.create(make_job(f"j{i}", created=1000.0 + i), message="", actor="t")
     await store.transition("j1", JobStatus.CANCELLED)
-    jobs, total = await store.page(None, 0, 3)
-    assert [j.job_id for j in jobs] == ["j4", "j3", "j2"] and total == 5
-    jobs, total = await store.page(JobStatus.PENDING, 2, 10)
-    assert [j.job_id for j in jobs] == ["j2", "j0"] and total == 4
+    ids, total = await store.page_ids(None, None, 0, 3)
+    assert ids == ["j4", "j3", "j2"] and total == 5
+    ids, total = await store.page_ids(JobStatus.PENDING, None, 2, 10)
+    assert ids == ["j2", "j0"] and total == 4
 
 
 async def test_queueing_uses_the_priority_stored_at_that_moment(store: JobStore, redis_client: aioredis.Redis) -> None:
     created = 1_800_000_000.123
-    await store.create(make_job("p", created=created, priority=2), message="")
-    stale = await store.require("p")
-    await store.reprioritize(stale, 9)  # pending: only the stored priority changes
+    await store.create(make_job("p", created=created, priority=2), message="", actor="t")
+    stale = await require(store, "p")
+    await store.reprioritize(stale, 9, actor="t")  # pending: only the stored priority changes
     await store.transition("p", JobStatus.QUEUED)
     assert await redis_client.zscore(store.keys.queue, "p") == queue_score(9, created)
     assert [(job_id, meta.priority) for job_id, meta in await store.queue_window(0, 5)] == [("p", 9)]
 
 
 async def test_a_follower_writes_only_into_its_own_run(store: JobStore) -> None:
-    await store.create(make_job("r"), message="")
+    await store.create(make_job("r"), message="", actor="t")
     await store.transition("r", JobStatus.RUNNING, fields={"run_id": "new-run"})
     with pytest.raises(TransitionRefused) as exc:
         await store.update("r", {"pid": 1}, run_id="old-run")
     assert exc.value.reason == "other_run"
     with pytest.raises(TransitionRefused):
         await store.transition("r", JobStatus.FAILED, run_id="old-run")
-    job = await store.require("r")
+    job = await require(store, "r")
     assert job.status == JobStatus.RUNNING and job.pid is None
     await store.update("r", {"pid": 2}, run_id="new-run")
     await store.transition("r", JobStatus.COMPLETED, run_id="new-run")
-    assert (await store.require("r")).pid == 2
+    assert (await require(store, "r")).pid == 2
+
+
+async def test_owner_indexes_follow_status_changes_and_delete(store: JobStore) -> None:
+    await store.create(make_job("a1", owner="alice", created=1000.0), message="", actor="alice")
+    await store.create(make_job("a2", owner="alice", created=1001.0), message="", actor="alice")
+    await store.create(make_job("b1", owner="bob", created=1002.0), message="", actor="bob")
+    await store.create(make_job("n1", created=1003.0), message="", actor="anonymous")
+    assert await store.page_ids(None, "alice", 0, 10) == (["a2", "a1"], 2)
+    assert await store.page_ids(None, None, 0, 10) == (["n1", "b1", "a2", "a1"], 4)
+    await store.transition("a1", JobStatus.RUNNING, acquire_gpus=[0])
+    assert await store.page_ids(JobStatus.RUNNING, "alice", 0, 10) == (["a1"], 1)
+    assert await store.page_ids(JobStatus.PENDING, "alice", 0, 10) == (["a2"], 1)
+    assert (await store.counts("bob"))["pending"] == 1 and (await store.counts())["pending"] == 3
+    await store.transition("a1", JobStatus.COMPLETED)
+    assert await store.expired(time.time() + 1, 10) == ["a1"]
+    await store.delete("a1")
+    assert await store.page_ids(None, "alice", 0, 10) == (["a2"], 1)
+    assert await store.page_ids(JobStatus.COMPLETED, "alice", 0, 10) == ([], 0)
+    assert await store.expired(time.time() + 1, 10) == []
+
+
+async def test_events_record_who_caused_them(store: JobStore) -> None:
+    await store.create(make_job("a", owner="alice"), message="made", actor="alice")
+    await store.transition("a", JobStatus.RUNNING, actor="scheduler")
+    await store.update("a", {"stop_requested": True}, event=("stop_requested", "stop", None), actor="admin")
+    events = await store.events("a", None, 10)
+    assert [(e.type, e.actor) for e in events] == [("created", "alice"), ("status_running", "scheduler"),
+                                                   ("stop_requested", "admin")]  # fmt: skip
+
+
+async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
+    await store.create(make_job("a"), message="", actor="t")
+    await store.append_history("a", [{"step": 1, "loss": 1.0}])
+    assert await store.history("a", 0) == []
+    assert [p.step for p in await store.history("a", 1)] == [1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,9 +23,6 @@ class JobStatus(str, Enum):
 
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
-
-    def is_active(self) -> bool:
-        return not self.is_terminal()
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELLED})
@@ -50,9 +47,40 @@ class ExportStatus(str, Enum):
     STOPPED = "stopped"
 
 
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _bare(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _takes_int(annotation: Any) -> bool:
+    """int, int | None, list[int] | None (constraints aside)."""
+    for a in (annotation, *get_args(annotation)):
+        a = _bare(a)
+        if a is int or (get_origin(a) is list and _bare(get_args(a)[0]) is int):
+            return True
+    return False
+
+
 class _Strict(BaseModel):
     # strict: "5" or true is not a priority; a request says what it means.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        # JSON Schema's "integer" includes 7.0, so the published schema must not be stricter than this.
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, info in cls.model_fields.items():
+            value = out.get(name)
+            if value is None or not _takes_int(info.annotation):
+                continue
+            out[name] = [_whole(v) for v in value] if isinstance(value, list) else _whole(value)
+        return out
 
 
 class TrainingParams(_Strict):
@@ -89,13 +117,34 @@ class TrainingParams(_Strict):
 
 
 class JobCreate(_Strict):
-    data_path: str = Field(..., min_length=1, max_length=4096, examples=["AI-ModelScope/coco#20000"])
-    model_path: str = Field(..., min_length=1, max_length=4096, examples=["Qwen/Qwen2.5-VL-7B-Instruct"])
-    output_dir: str = Field(..., min_length=1, max_length=4096, examples=["output/training_001"])
+    data_path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        examples=["AI-ModelScope/coco#20000"],
+        description="a hub data set id (namespace/name, optionally #N rows), or a .jsonl/.json/.csv file inside "
+        "DATA_ROOTS (absolute, ./relative to the server, or relative to a data root)",
+    )
+    model_path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        examples=["Qwen/Qwen2.5-VL-7B-Instruct"],
+        description="a hub model id (namespace/name), or a model folder inside MODEL_ROOTS or OUTPUT_ROOT",
+    )
+    output_dir: str = Field(
+        ..., min_length=1, max_length=4096, examples=["training_001"], description="a folder under OUTPUT_ROOT"
+    )
     priority: int = Field(5, ge=0, le=10, description="0-10, 10 runs first")
     job_id: str | None = Field(None, description=JOB_ID_HELP)
     num_gpus: int = Field(1, ge=0, le=64, description="0 = CPU-only run")
-    gpu_ids: list[int] | None = Field(None, description="explicit GPU indices (default: chosen automatically)")
+    gpu_ids: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        json_schema_extra={"uniqueItems": True},
+        description="explicit GPU indices (default: chosen automatically)",
+    )
     min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
     auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
     training: TrainingParams = Field(default_factory=TrainingParams)
@@ -103,13 +152,12 @@ class JobCreate(_Strict):
     @field_validator("data_path", "model_path", "output_dir")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not v.strip(" "):
             raise ValueError("must not be blank")
-        if "\x00" in v or "\n" in v:
-            raise ValueError("must not contain NUL or newline characters")
-        if v.strip().startswith("-"):
+        if v.strip(" ").startswith("-"):
             raise ValueError("must not start with '-' (swift would read it as an option)")
-        return v.strip()
+        # Control characters and the like are refused by the path sandbox, with the field's name.
+        return v.strip(" ")
 
     @field_validator("job_id")
     @classmethod
@@ -123,8 +171,6 @@ class JobCreate(_Strict):
     def _gpu_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is None:
             return v
-        if not v:
-            raise ValueError("gpu_ids must list at least one GPU index, or be left out")
         if any(i < 0 for i in v) or len(set(v)) != len(v):
             raise ValueError("gpu_ids must be distinct non-negative GPU indices")
         return sorted(v)
@@ -184,10 +230,12 @@ class Job(BaseModel):
     job_id: str
     status: JobStatus
     priority: int
+    owner: str | None = Field(None, description="the name of the API key that created it (None: no keys)")
     data_path: str
     model_path: str
     output_dir: str
     output_dir_requested: str
+    dataset_rows: int | None = Field(None, description="rows of the local data set, counted at create")
     num_gpus: int
     gpu_ids_requested: list[int] | None = None
     min_gpu_memory_gb: float | None = None
@@ -269,6 +317,7 @@ class JobSummary(BaseModel):
     job_id: str
     status: JobStatus
     priority: int
+    owner: str | None = None
     model_path: str
     data_path: str
     output_dir: str
@@ -324,6 +373,7 @@ class Event(BaseModel):
     time: float
     type: str
     message: str
+    actor: str | None = Field(None, description="who caused it: an API key's name, 'anonymous' or 'scheduler'")
     data: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -334,7 +384,18 @@ class EventList(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    detail: str
+    detail: str = Field(..., description="what went wrong and what to change")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: str = Field(..., description="every problem, one per field: what to change")
+    errors: list[FieldError] = Field(default_factory=list, description="the same problems, one object per field")
 
 
 CreateResponse.model_rebuild()

@@ -53,7 +53,8 @@ def impossible_request(req: JobCreate, snapshot: GpuSnapshot) -> str | None:
 
 
 def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, gpu_ids: Sequence[int] | None,
-               min_gpu_memory_gb: float | None, estimated_duration: float | None = None) -> QueuedJob:  # fmt: skip
+               min_gpu_memory_gb: float | None, estimated_duration: float | None = None, *,
+               owner: str | None = None) -> QueuedJob:  # fmt: skip
     return QueuedJob(
         job_id=job_id,
         priority=priority,
@@ -62,4 +63,5 @@ def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, g
         gpu_ids=tuple(gpu_ids) if gpu_ids is not None else None,
         min_gpu_memory_gb=min_gpu_memory_gb,
         estimated_duration=estimated_duration,
+        owner=owner,
     )

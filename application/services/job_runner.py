@@ -19,7 +19,7 @@ from typing import Any
 from loguru import logger
 
 from application.config import Settings
-from application.exceptions import Conflict
+from application.exceptions import Conflict, JobNotFound
 from application.models.training_model import (
     ExportInfo,
     ExportStatus,
@@ -28,7 +28,7 @@ from application.models.training_model import (
     Progress,
 )
 from application.services import process_supervisor as ps
-from application.services.job_store import JobStore, TransitionRefused
+from application.services.job_store import SCHEDULER, JobStore, Refusal, TransitionRefused
 from application.services.log_parser import SwiftLogParser, extract_error
 from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.services.swift_command import (
@@ -238,6 +238,15 @@ class JobRunner:
             status = JobStatus.FAILED
             if code is None:
                 error = "the swift process ended while no API process was watching it and left no exit status"
+            elif (sig := ps.exit_signal(code)) is not None:
+                # A signal says more than the last step dict before it (the OOM killer leaves no traceback).
+                error = (
+                    f"swift was {ps.signal_text(sig)}"
+                    if code < 0
+                    else f"swift exited with code {code}: it was {ps.signal_text(sig)}"
+                )
+                if (found := extract_error(tail)) is not None:
+                    error += f"; last error in the log: {found}"
             else:
                 last = next((line for line in reversed(tail) if line.strip()), "")
                 error = extract_error(tail) or f"swift exited with code {code}" + (f": {last}" if last else "")
@@ -273,8 +282,11 @@ class JobRunner:
 
     # ---- export -------------------------------------------------------------------------------------
 
-    async def start_export(self, job_id: str, *, auto: bool = False, checkpoint: str | None = None) -> ExportInfo:
-        job = await self.store.require(job_id)
+    async def start_export(self, job_id: str, *, auto: bool = False, checkpoint: str | None = None,
+                           actor: str = SCHEDULER) -> ExportInfo:  # fmt: skip
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
         if job.status not in ENDED_WITH_SWIFT:
             raise Conflict(
                 f"job '{job_id}' is {job.status.value}: export needs a finished training run "
@@ -301,12 +313,20 @@ class JobRunner:
         await self.store.mark_exporting(job_id, True)
         self._starting.add(job_id)
         try:
-            return await self._launch_export(job_id, job, info, argv, log_file, auto, checkpoint)
+            return await self._launch_export(job_id, job, info, argv, log_file, auto, checkpoint, actor)
         finally:
             self._starting.discard(job_id)
 
     async def _launch_export(
-        self, job_id: str, job: Job, info: ExportInfo, argv: list[str], log_file: Path, auto: bool, checkpoint: str
+        self,
+        job_id: str,
+        job: Job,
+        info: ExportInfo,
+        argv: list[str],
+        log_file: Path,
+        auto: bool,
+        checkpoint: str,
+        actor: str,
     ) -> ExportInfo:
         try:
             await self.store.update(
@@ -316,9 +336,13 @@ class JobRunner:
                 refuse_export=(ExportStatus.RUNNING,),
                 event=("export_started", f"{'automatic ' if auto else ''}export of {checkpoint} started",
                        {"checkpoint": checkpoint, "auto": auto}),
+                actor=actor,
             )  # fmt: skip
         except TransitionRefused as exc:
-            raise Conflict(f"job '{job_id}' cannot export now ({exc.reason}: {exc.current})") from None
+            await self.store.mark_exporting(job_id, False)
+            if exc.reason == Refusal.EXPORT_STATE:
+                raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
+            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot export now") from None
         # Merging runs on the CPU: the training GPUs are already released to the queue.
         env = build_env(self.base_env, [])
         try:

@@ -1,23 +1,24 @@
-"""Jobs, events, loss history, the queue and GPU leases in Redis.
+"""Jobs, events, loss history, the queue and GPU leases in Redis; the only module that talks to Redis.
 
 A job is a hash with one field per top-level `Job` field, each JSON-encoded, so writers of different
-fields (the supervisor's progress, the API's priority change) never overwrite each other. Every status
-change goes through `transition`, one Lua script that refuses illegal moves (and any move out of a
-terminal state), stamps times, keeps the status indexes, the queue and the GPU leases in step, and
-appends the event.
+fields (a run's progress, the API's priority change) never overwrite each other. Every status change goes
+through `transition`, one Lua script that refuses illegal moves (and any move out of a terminal state),
+stamps times, keeps the status indexes (all jobs and the owner's), the queue and the GPU leases in step,
+and appends the event. A refusal comes back as `TransitionRefused` with a `Refusal` reason; turning that
+into words for HTTP is the service layer's job.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from application.exceptions import Conflict, JobNotFound
 from application.models.training_model import (
     ALLOWED_TRANSITIONS,
     Event,
@@ -30,8 +31,32 @@ from application.services import lua
 from application.services.keys import Keys
 from application.services.scheduler import queue_score
 
-STATUS_ORDER = [s.value for s in JobStatus]
-STATUS_LIST_JSON = json.dumps(STATUS_ORDER)
+SCHEDULER = "scheduler"
+
+
+class Refusal(str, Enum):
+    MISSING = "missing"
+    EXISTS = "exists"
+    BAD_STATE = "bad_state"
+    OUTPUT_DIR_BUSY = "output_dir_busy"
+    GPU_BUSY = "gpu_busy"
+    EXPORT_STATE = "export_state"
+    NOT_OWNER = "not_owner"
+    OTHER_RUN = "other_run"
+    PRIORITY_CHANGED = "priority_changed"
+
+
+class TransitionRefused(Exception):
+    def __init__(self, reason: Refusal, current: str | None = None, detail: str | None = None) -> None:
+        super().__init__(f"{reason.value} (current: {current}, {detail})")
+        self.reason = reason
+        self.current = current
+        self.detail = detail
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> TransitionRefused:
+        return cls(Refusal(reply[0]), reply[1] or None if len(reply) > 1 else None,
+                   reply[2] if len(reply) > 2 else None)  # fmt: skip
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -39,18 +64,31 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     for name, value in fields.items():
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
-        elif hasattr(value, "value") and isinstance(value, JobStatus | ExportStatus):
+        elif isinstance(value, Enum):
             value = value.value
         out[name] = json.dumps(value, separators=(",", ":"))
     return out
 
 
 def decode_job(raw: Mapping[str, str]) -> Job:
-    return Job.model_validate({k: json.loads(v) for k, v in raw.items()})
+    # One JSON document, parsed once in Rust, instead of a json.loads per field.
+    return Job.model_validate_json("{" + ",".join(f'"{k}":{v}' for k, v in raw.items()) + "}")
 
 
-def _event_json(event_type: str, message: str, data: Mapping[str, Any] | None, now: float) -> str:
-    return json.dumps({"type": event_type, "message": message, "time": repr(now), "data": json.dumps(dict(data or {}))})
+def event_payload(
+    event_type: str, message: str, data: Mapping[str, Any] | None, actor: str, now: float
+) -> dict[str, str]:
+    return {"type": event_type, "message": message, "time": repr(now), "actor": actor,
+            "data": json.dumps(dict(data or {}))}  # fmt: skip
+
+
+def _pruned(a: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _pruned(v) if isinstance(v, Mapping) else v for k, v in a.items() if v is not None}
+
+
+def _script_arg(a: Mapping[str, Any]) -> str:
+    # cjson turns null into a truthy sentinel: what a script must see as absent is left out instead.
+    return json.dumps(_pruned(a), separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -63,30 +101,23 @@ class QueueMeta:
     gpu_ids: list[int] | None
     min_gpu_memory_gb: float | None
     estimated_duration: float | None = None
+    owner: str | None = None
 
     def encode(self) -> str:
         return json.dumps(
             [self.priority, self.submitted_at, self.num_gpus, self.gpu_ids, self.min_gpu_memory_gb,
-             self.estimated_duration],
+             self.estimated_duration, self.owner],
             separators=(",", ":"),
         )  # fmt: skip
 
     @classmethod
     def decode(cls, raw: str) -> QueueMeta:
-        p, t, n, ids, mem, est = json.loads(raw)
-        return cls(p, t, n, ids, mem, est)
+        return cls(*json.loads(raw))
 
     @classmethod
-    def of(cls, job: Job) -> QueueMeta:
-        return cls(job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb)
-
-
-class TransitionRefused(Exception):
-    def __init__(self, reason: str, current: str | None = None, detail: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.current = current
-        self.detail = detail
+    def of(cls, job: Job, priority: int | None = None) -> QueueMeta:
+        return cls(job.priority if priority is None else priority, job.created_at, job.num_gpus,
+                   job.gpu_ids_requested, job.min_gpu_memory_gb, owner=job.owner)  # fmt: skip
 
 
 class JobStore:
@@ -101,34 +132,43 @@ class JobStore:
         self._guarded = client.register_script(lua.GUARDED_UPDATE)
         self._delete = client.register_script(lua.DELETE)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
+        self._drop_lease = client.register_script(lua.DROP_LEASE)
+
+    def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
+        k = self.keys
+        every = {s.value: k.status_index(s) for s in JobStatus}
+        mine = {s.value: k.owner_status_index(owner, s) for s in JobStatus} if owner else None
+        return every, mine
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
-    async def create(self, job: Job, *, message: str) -> None:
-        """Store a new job; raises `TransitionRefused('exists')` or `('output_dir_busy', holder)`."""
+    async def create(self, job: Job, *, message: str, actor: str) -> None:
+        """Store a new job; raises TransitionRefused(EXISTS) or (OUTPUT_DIR_BUSY, detail=the holder)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
-        fields = encode_fields(job.model_dump())
-        res = await self._create(
-            keys=[k.job(job.job_id), k.jobs_index, k.job_events(job.job_id), k.output_dirs, k.queue,
-                  k.queue_meta, k.wakeup_channel, *k.all_status_indexes()],
-            args=[job.job_id, json.dumps(fields), repr(job.created_at), job.status.value, job.output_dir,
-                  repr(queue_score(job.priority, job.created_at)) if queued else "",
-                  QueueMeta.of(job).encode(), _event_json("created", message, {"status": job.status.value,
-                  "priority": job.priority}, job.created_at), self.events_max, STATUS_LIST_JSON],
-        )  # fmt: skip
+        res = await self._create(keys=[k.job(job.job_id)], args=[_script_arg({
+            "id": job.job_id, "fields": encode_fields(job.model_dump()), "created_at": repr(job.created_at),
+            "output_dir": job.output_dir,
+            "score": repr(queue_score(job.priority, job.created_at)) if queued else None,
+            "meta": QueueMeta.of(job).encode(),
+            "event": event_payload("created", message, {"status": job.status.value, "priority": job.priority},
+                                   actor, job.created_at),
+            "maxlen": self.events_max,
+            "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
+                  "output_dirs": k.output_dirs, "queue": k.queue, "queue_meta": k.queue_meta,
+                  "wakeup": k.wakeup_channel,
+                  **({"owner_all": k.owner_index(job.owner),
+                      "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {})},
+        })])  # fmt: skip
         if res[0] != "ok":
-            raise TransitionRefused(res[0], detail=res[1] if len(res) > 1 else None)
+            raise TransitionRefused.from_reply(res)
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.r.hgetall(self.keys.job(job_id))
         return decode_job(raw) if raw else None
 
-    async def require(self, job_id: str) -> Job:
-        job = await self.get(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.r.exists(self.keys.job(job_id)))
 
     async def get_many(self, job_ids: Iterable[str]) -> list[Job]:
         ids = list(job_ids)
@@ -144,18 +184,34 @@ class JobStore:
         raw = await self.r.hget(self.keys.job(job_id), name)
         return None if raw is None else json.loads(raw)
 
-    async def page(self, status: JobStatus | None, offset: int, limit: int) -> tuple[list[Job], int]:
-        index = self.keys.status_index(status) if status else self.keys.jobs_index
+    async def get_fields(self, job_ids: list[str], names: list[str]) -> list[list[str | None]]:
+        """Raw (still JSON-encoded) values of `names` for each job, one round trip."""
+        if not job_ids:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), names)
+            rows: list[list[str | None]] = await pipe.execute()
+        return rows
+
+    async def page_ids(self, status: JobStatus | None, owner: str | None, offset: int,
+                       limit: int) -> tuple[list[str], int]:  # fmt: skip
+        """A page of job ids, newest first: every owner's when `owner` is None."""
+        k = self.keys
+        if owner is None:
+            index = k.status_index(status) if status else k.jobs_index
+        else:
+            index = k.owner_status_index(owner, status) if status else k.owner_index(owner)
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zcard(index)
             pipe.zrevrange(index, offset, offset + limit - 1)
             total, ids = await pipe.execute()
-        return await self.get_many(ids), int(total)
+        return list(ids), int(total)
 
-    async def counts(self) -> dict[str, int]:
+    async def counts(self, owner: str | None = None) -> dict[str, int]:
         async with self.r.pipeline(transaction=False) as pipe:
             for s in JobStatus:
-                pipe.zcard(self.keys.status_index(s))
+                pipe.zcard(self.keys.owner_status_index(owner, s) if owner else self.keys.status_index(s))
             values = await pipe.execute()
         return {s.value: int(v) for s, v in zip(JobStatus, values, strict=True)}
 
@@ -174,7 +230,8 @@ class JobStore:
         statuses: Iterable[JobStatus] | None = None,
         refuse_export: Iterable[ExportStatus] | None = None,
         event: tuple[str, str, Mapping[str, Any] | None] | None = None,
-        owner: str | None = None,
+        actor: str = SCHEDULER,
+        supervisor: str | None = None,
         run_id: str | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`).
@@ -182,17 +239,16 @@ class JobStore:
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
         now = time.time()
-        enc = encode_fields({**fields, "updated_at": now})
-        res = await self._guarded(
-            keys=[self.keys.job(job_id), self.keys.job_events(job_id)],
-            args=[json.dumps(enc),
-                  json.dumps([s.value for s in statuses]) if statuses is not None else "",
-                  json.dumps([s.value for s in refuse_export]) if refuse_export is not None else "",
-                  _event_json(event[0], event[1], event[2], now) if event else "",
-                  self.events_max, owner or "", run_id or ""],
-        )  # fmt: skip
+        res = await self._guarded(keys=[self.keys.job(job_id)], args=[_script_arg({
+            "fields": encode_fields({**fields, "updated_at": now}),
+            "statuses": [s.value for s in statuses] if statuses is not None else None,
+            "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
+            "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
+            "maxlen": self.events_max, "supervisor": supervisor, "run_id": run_id,
+            "k": {"events": self.keys.job_events(job_id)},
+        })])  # fmt: skip
         if res[0] != "ok":
-            raise TransitionRefused(res[0], current=res[1] if len(res) > 1 else None)
+            raise TransitionRefused.from_reply(res)
         return str(res[1])
 
     async def transition(
@@ -205,7 +261,8 @@ class JobStore:
         message: str = "",
         data: Mapping[str, Any] | None = None,
         acquire_gpus: Iterable[int] = (),
-        owner: str | None = None,
+        actor: str = SCHEDULER,
+        supervisor: str | None = None,
         run_id: str | None = None,
         now: float | None = None,
     ) -> JobStatus:
@@ -213,8 +270,8 @@ class JobStore:
 
         Refuses (TransitionRefused) a move not in ALLOWED_TRANSITIONS — so never out of a terminal state —
         or from a status outside `expect`, or onto a GPU another job leases. Stamps queued/started/finished
-        times, keeps queue and leases consistent (a job leaving `running` releases its GPUs; one leaving the
-        queue leaves the queue set) and wakes the queue processors when GPUs or the queue change.
+        times, keeps the indexes, queue and leases consistent (a job that ends releases its GPUs; one leaving
+        the queue leaves the queue set) and wakes the queue processors when GPUs or the queue change.
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -222,88 +279,90 @@ class JobStore:
             allowed &= set(expect)
         extra: dict[str, Any] = dict(fields or {})
         extra["updated_at"] = now
-        queue_op = ""
-        meta = ""
         if to == JobStatus.QUEUED:
             extra.setdefault("queued_at", now)
-            job = await self.require(job_id)
-            queue_op, meta = "add", QueueMeta.of(job).encode()  # the script re-reads the priority
         elif to == JobStatus.RUNNING:
             extra.setdefault("started_at", now)
-            queue_op = "remove"
-        else:
-            queue_op = "remove"
         if to.is_terminal():
             extra.setdefault("finished_at", now)
-        release = to.is_terminal()
-        wake = to in (JobStatus.QUEUED,) or to.is_terminal()
+        owner = await self.get_field(job_id, "owner")  # immutable: safe to read outside the script
+        every, mine = self._status_keys(owner)
         k = self.keys
-        res = await self._transition(
-            keys=[k.job(job_id), k.job_events(job_id), k.output_dirs, k.queue, k.queue_meta, k.gpu_leases,
-                  k.wakeup_channel, *k.all_status_indexes()],
-            args=[job_id, json.dumps(to.value), json.dumps(sorted(s.value for s in allowed)),
-                  json.dumps(encode_fields(extra)), "", queue_op, "", meta,
-                  json.dumps(list(acquire_gpus)), "1" if release else "0", "1" if to.is_terminal() else "0",
-                  _event_json(f"status_{to.value}", message or f"status changed to {to.value}",
-                              {"status": to.value, **(data or {})}, now),
-                  self.events_max, STATUS_LIST_JSON, "1" if wake else "0", owner or "", run_id or ""],
-        )  # fmt: skip
-        if res[0] != "ok":
-            raise TransitionRefused(res[0], current=res[1] if len(res) > 1 else None,
-                                    detail=res[2] if len(res) > 2 else None)  # fmt: skip
-        return JobStatus(res[1])
+        for _ in range(5):
+            queue: dict[str, Any] = {"queue": "remove"}
+            if to == JobStatus.QUEUED:
+                job = await self.get(job_id)
+                if job is None:
+                    raise TransitionRefused(Refusal.MISSING)
+                queue = {"queue": "add", "priority": job.priority, "meta": QueueMeta.of(job).encode(),
+                         "score": repr(queue_score(job.priority, job.created_at))}  # fmt: skip
+            res = await self._transition(keys=[k.job(job_id)], args=[_script_arg({
+                "id": job_id, "to": to.value, "allowed": sorted(s.value for s in allowed),
+                "fields": encode_fields(extra), **queue, "acquire": list(acquire_gpus),
+                "terminal": to.is_terminal(), "finished_at": repr(extra["finished_at"]) if to.is_terminal() else None,
+                "event": event_payload(f"status_{to.value}", message or f"status changed to {to.value}",
+                                       {"status": to.value, **(data or {})}, actor, now),
+                "maxlen": self.events_max, "wake": to == JobStatus.QUEUED or to.is_terminal(),
+                "supervisor": supervisor, "run_id": run_id,
+                "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
+                      "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
+                      "expiry": k.expiry, "status": every, "owner_status": mine},
+            })])  # fmt: skip
+            if res[0] == "ok":
+                return JobStatus(res[1])
+            refused = TransitionRefused.from_reply(res)
+            if refused.reason != Refusal.PRIORITY_CHANGED:
+                raise refused
+        raise refused
 
     async def delete(self, job_id: str) -> JobStatus:
+        """Remove the record; raises TransitionRefused(MISSING | BAD_STATE (running) | EXPORT_STATE)."""
         k = self.keys
-        res = await self._delete(
-            keys=[k.job(job_id), k.jobs_index, k.job_events(job_id), k.job_history(job_id), k.output_dirs,
-                  k.queue, k.queue_meta, k.gpu_leases, *k.all_status_indexes()],
-            args=[job_id, json.dumps([JobStatus.RUNNING.value]), STATUS_LIST_JSON],
-        )  # fmt: skip
-        if res[0] == "missing":
-            raise JobNotFound(job_id)
-        if res[0] == "bad_state":
-            raise Conflict(f"job '{job_id}' is running: stop it first (POST .../jobs/{job_id}/stop), then delete it")
-        if res[0] == "export_state":
-            raise Conflict(f"job '{job_id}' is exporting its model: wait for the export to end, then delete it")
+        owner = await self.get_field(job_id, "owner")
+        every, mine = self._status_keys(owner)
+        res = await self._delete(keys=[k.job(job_id)], args=[_script_arg({
+            "id": job_id, "refuse": [JobStatus.RUNNING.value],
+            "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
+                  "events": k.job_events(job_id), "history": k.job_history(job_id), "output_dirs": k.output_dirs,
+                  "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
+                  "exporting": k.exporting, "status": every, "owner_status": mine},
+        })])  # fmt: skip
+        if res[0] != "ok":
+            raise TransitionRefused.from_reply(res)
         return JobStatus(res[1])
 
-    async def reprioritize(self, job: Job, priority: int) -> JobStatus:
+    async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
         now = time.time()
-        meta = QueueMeta(priority, job.created_at, job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb)
         k = self.keys
-        res = await self._reprioritize(
-            keys=[k.job(job.job_id), k.queue, k.queue_meta, k.job_events(job.job_id), k.wakeup_channel],
-            args=[job.job_id, json.dumps(priority), repr(queue_score(priority, job.created_at)), meta.encode(),
-                  _event_json("priority_changed", f"priority changed from {job.priority} to {priority}",
-                              {"from": job.priority, "to": priority}, now),
-                  self.events_max, json.dumps(now)],
-        )  # fmt: skip
-        if res[0] == "missing":
-            raise JobNotFound(job.job_id)
-        if res[0] == "bad_state":
-            raise Conflict(f"job '{job.job_id}' is {res[1]}: only a pending or queued job's priority can change")
+        res = await self._reprioritize(keys=[k.job(job.job_id)], args=[_script_arg({
+            "id": job.job_id, "priority": json.dumps(priority), "score": repr(queue_score(priority, job.created_at)),
+            "meta": QueueMeta.of(job, priority).encode(), "updated_at": json.dumps(now), "maxlen": self.events_max,
+            "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
+                                   {"from": job.priority, "to": priority}, actor, now),
+            "k": {"queue": k.queue, "queue_meta": k.queue_meta, "events": k.job_events(job.job_id),
+                  "wakeup": k.wakeup_channel},
+        })])  # fmt: skip
+        if res[0] != "ok":
+            raise TransitionRefused.from_reply(res)
         return JobStatus(res[1])
+
+    async def expired(self, before: float, limit: int) -> list[str]:
+        """Terminal jobs that finished before `before`, oldest first."""
+        return list(await self.r.zrangebyscore(self.keys.expiry, "-inf", repr(before), start=0, num=limit))
 
     # ---- events and history -----------------------------------------------------------------------------
 
-    async def add_event(
-        self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None
-    ) -> None:
-        now = time.time()
-        await self.r.xadd(
-            self.keys.job_events(job_id),
-            {"type": event_type, "message": message, "time": repr(now), "data": json.dumps(dict(data or {}))},
-            maxlen=self.events_max,
-            approximate=True,
-        )
+    async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None,
+                        *, actor: str = SCHEDULER) -> None:  # fmt: skip
+        await self.r.xadd(self.keys.job_events(job_id), event_payload(event_type, message, data, actor, time.time()),
+                          maxlen=self.events_max, approximate=True)  # fmt: skip
 
     async def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
         start = f"({after}" if after else "-"
         rows = await self.r.xrange(self.keys.job_events(job_id), min=start, max="+", count=limit)
         return [
             Event(id=eid, time=float(f.get("time", 0)), type=f.get("type", ""), message=f.get("message", ""),
-                  data=json.loads(f.get("data") or "{}"))
+                  actor=f.get("actor"), data=json.loads(f.get("data") or "{}"))
             for eid, f in rows
         ]  # fmt: skip
 
@@ -317,8 +376,10 @@ class JobStore:
             await pipe.execute()
 
     async def history(self, job_id: str, limit: int) -> list[LossPoint]:
+        if limit <= 0:
+            return []
         raw = await self.r.lrange(self.keys.job_history(job_id), -limit, -1)
-        return [LossPoint.model_validate(json.loads(x)) for x in raw]
+        return [LossPoint.model_validate_json(x) for x in raw]
 
     # ---- queue and leases -------------------------------------------------------------------------------
 
@@ -344,7 +405,9 @@ class JobStore:
 
     async def drop_lease(self, gpu: int, job_id: str) -> bool:
         """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
-        return bool(await self.r.eval(lua.DROP_LEASE, 1, self.keys.gpu_leases, str(gpu), job_id))
+        return bool(
+            await self._drop_lease(keys=[self.keys.gpu_leases], args=[_script_arg({"gpu": str(gpu), "id": job_id})])
+        )
 
     async def mark_exporting(self, job_id: str, running: bool) -> None:
         if running:
@@ -357,3 +420,65 @@ class JobStore:
 
     async def publish_wakeup(self, reason: str) -> None:
         await self.r.publish(self.keys.wakeup_channel, reason)
+
+    async def wakeups(self) -> AsyncIterator[str]:
+        """Every message on the wake-up channel, for as long as the connection holds."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        async with pubsub:
+            await pubsub.subscribe(self.keys.wakeup_channel)
+            async for message in pubsub.listen():
+                yield str(message.get("data"))
+
+    # ---- the processor switch, API process heartbeats ---------------------------------------------------
+
+    async def processor_switch(self) -> tuple[bool, float | None]:
+        raw = await self.r.hgetall(self.keys.processor_stats)
+        return raw.get("enabled") == "1", float(raw["since"]) if raw.get("since") else None
+
+    async def set_processor_switch(self, on: bool) -> bool:
+        key = self.keys.processor_stats
+        flag = "1" if on else "0"
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hget(key, "enabled")
+            pipe.hset(key, "enabled", flag)
+            previous, _ = await pipe.execute()
+        changed = previous != flag
+        if changed:
+            await self.r.hset(key, "since", repr(time.time()))
+            await self.publish_wakeup("processor")
+        return bool(changed)
+
+    async def heartbeat(self, supervisor_id: str, ttl: int) -> None:
+        await self.r.set(self.keys.supervisor(supervisor_id), str(time.time()), ex=ttl)
+
+    async def drop_heartbeat(self, supervisor_id: str) -> None:
+        await self.r.delete(self.keys.supervisor(supervisor_id))
+
+    async def heartbeat_alive(self, supervisor_id: str) -> bool:
+        return bool(await self.r.exists(self.keys.supervisor(supervisor_id)))
+
+    # ---- idempotency and rate limits ---------------------------------------------------------------------
+
+    async def claim_idempotency(self, key: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
+        """Claim `key` for a first request (returns None), or return what an earlier request with it stored."""
+        record = json.dumps({"fingerprint": fingerprint, "state": "running"})
+        if await self.r.set(key, record, nx=True, ex=ttl):
+            return None
+        raw = await self.r.get(key)
+        return json.loads(raw) if raw else {"fingerprint": fingerprint, "state": "gone"}
+
+    async def finish_idempotency(self, key: str, fingerprint: str, status: int, body: str, ttl: int,
+                                 headers: Mapping[str, str]) -> None:  # fmt: skip
+        await self.r.set(key, json.dumps({"fingerprint": fingerprint, "state": "done", "status": status,
+                                          "body": body, "headers": dict(headers)}), ex=ttl)  # fmt: skip
+
+    async def release_idempotency(self, key: str) -> None:
+        await self.r.delete(key)
+
+    async def hit_rate(self, key: str, period: float) -> int:
+        """Count one more request in the fixed window `key` (expires with its period); returns the count."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, max(1, int(period)) + 1)
+            count, _ = await pipe.execute()
+        return int(count)

@@ -36,6 +36,27 @@ class Keys:
         value = status.value if isinstance(status, JobStatus) else status
         return self._k("jobs", "status", value)
 
+    def owner_index(self, owner: str) -> str:
+        """Sorted set job_id -> created_at: one owner's jobs (a user key lists only these)."""
+        return self._k("jobs", "owner", owner)
+
+    def owner_status_index(self, owner: str, status: JobStatus | str) -> str:
+        value = status.value if isinstance(status, JobStatus) else status
+        return self._k("jobs", "owner", owner, "status", value)
+
+    @property
+    def expiry(self) -> str:
+        """Sorted set job_id -> finished_at of terminal jobs: what JOB_RETENTION_DAYS removes, oldest first."""
+        return self._k("jobs", "expiry")
+
+    def idempotency(self, owner: str, digest: str) -> str:
+        """String with a 24 h TTL: the first response to a request with this Idempotency-Key."""
+        return self._k("idempotency", owner, digest)
+
+    def rate(self, owner: str, window: int) -> str:
+        """Counter with a TTL: creates by one key in one fixed window."""
+        return self._k("rate", "create", owner, str(window))
+
     @property
     def output_dirs(self) -> str:
         """Hash output_dir -> job_id for active jobs: refuses a second active job in one folder."""
@@ -74,6 +95,3 @@ class Keys:
     def supervisor(self, supervisor_id: str) -> str:
         """String with a TTL: the heartbeat of an API process that supervises jobs."""
         return self._k("supervisor", supervisor_id)
-
-    def all_status_indexes(self) -> list[str]:
-        return [self.status_index(s) for s in JobStatus]

@@ -1,13 +1,15 @@
 """Lua scripts for the multi-key changes that must be atomic.
 
-They use only commands Redis 6.2 has. Keys are passed in KEYS; encoded values come ready from Python,
-and Lua only decodes what it must compare (the status, the export status).
+Each script takes the job's hash as KEYS[1] and one JSON argument, ARGV[1], holding its values and the
+names of the other keys it touches (built by `Keys`, never here). Values come encoded from Python; Lua
+decodes only what it compares (a status, an export status, a run id). Only Redis 6.2 commands are used.
+A refusal is returned as {reason, current status, detail}; `JobStore` turns the reason into `Refusal`.
 """
 
 # Shared helpers, prepended to each script.
 _HELPERS = """
-local function hset_pairs(key, pairs_json)
-  local obj = cjson.decode(pairs_json)
+local a = cjson.decode(ARGV[1])
+local function hset_pairs(key, obj)
   local flat = {}
   for k, v in pairs(obj) do
     flat[#flat + 1] = k
@@ -15,201 +17,191 @@ local function hset_pairs(key, pairs_json)
   end
   if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 end
-local function add_event(stream, maxlen, ev_json)
-  if ev_json == '' then return nil end
-  local ev = cjson.decode(ev_json)
-  return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-    'type', ev['type'], 'message', ev['message'], 'time', ev['time'], 'data', ev['data'])
+local function add_event(stream, ev)
+  if not ev then return nil end
+  return redis.call('XADD', stream, 'MAXLEN', '~', a.maxlen, '*', 'type', ev.type, 'message', ev.message,
+    'time', ev.time, 'actor', ev.actor, 'data', ev.data)
 end
-local function owner_matches(key, want)
-  if want == '' then return true end
-  local sup = redis.call('HGET', key, 'supervisor_id')
-  return not sup or cjson.decode(sup) == want
+local function field(key, name)
+  local raw = redis.call('HGET', key, name)
+  if not raw then return nil end
+  return cjson.decode(raw)
 end
-local function run_matches(key, want)
-  if want == '' then return true end
-  local v = redis.call('HGET', key, 'run_id')
-  return v and cjson.decode(v) == want
-end
-local function in_list(value, list_json)
-  for _, v in ipairs(cjson.decode(list_json)) do
+local function member(value, list)
+  if not list then return false end
+  for _, v in ipairs(list) do
     if v == value then return true end
   end
   return false
 end
+local function fenced(key)
+  -- A writer that names its supervisor or run only writes while that is still the job's.
+  if a.supervisor and field(key, 'supervisor_id') ~= a.supervisor then return 'not_owner' end
+  if a.run_id and field(key, 'run_id') ~= a.run_id then return 'other_run' end
+  return nil
+end
+local function reindex(idx, id, from, to, score)
+  if not idx then return end
+  if from and idx[from] then redis.call('ZREM', idx[from], id) end
+  if to and idx[to] then redis.call('ZADD', idx[to], score, id) end
+end
+local function release_leases(leases, id)
+  local held = redis.call('HGETALL', leases)
+  for i = 1, #held, 2 do
+    if held[i + 1] == id then redis.call('HDEL', leases, held[i]) end
+  end
+end
+local function free_output_dir(dirs, id)
+  local dir = field(KEYS[1], 'output_dir')
+  if dir and redis.call('HGET', dirs, dir) == id then redis.call('HDEL', dirs, dir) end
+end
 """
 
-# KEYS: 1 job, 2 jobs index, 3 events, 4 output_dirs, 5 queue, 6 queue_meta, 7 wakeup channel,
-#       8.. status indexes (one per status, in JobStatus order)
-# ARGV: 1 job_id, 2 fields (JSON object of field -> encoded value), 3 created_at, 4 status,
-#       5 output_dir, 6 queue score ('' = not queued), 7 queue meta, 8 event JSON, 9 events maxlen,
-#       10 status list JSON (the order of KEYS 8..)
+# A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
+# is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
+# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup}
 CREATE = (
     _HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-local holder = redis.call('HGET', KEYS[4], ARGV[5])
-if holder then return {'output_dir_busy', holder} end
-hset_pairs(KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-local statuses = cjson.decode(ARGV[10])
-for i, s in ipairs(statuses) do
-  if s == ARGV[4] then redis.call('ZADD', KEYS[7 + i], ARGV[3], ARGV[1]) end
+local k = a.k
+local holder = redis.call('HGET', k.output_dirs, a.output_dir)
+if holder then return {'output_dir_busy', '', holder} end
+hset_pairs(KEYS[1], a.fields)
+redis.call('ZADD', k.all, a.created_at, a.id)
+redis.call('ZADD', k.status, a.created_at, a.id)
+if k.owner_all then
+  redis.call('ZADD', k.owner_all, a.created_at, a.id)
+  redis.call('ZADD', k.owner_status, a.created_at, a.id)
 end
-redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
-if ARGV[6] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
-  redis.call('HSET', KEYS[6], ARGV[1], ARGV[7])
-  redis.call('PUBLISH', KEYS[7], ARGV[1])
+redis.call('HSET', k.output_dirs, a.output_dir, a.id)
+if a.score then
+  redis.call('ZADD', k.queue, a.score, a.id)
+  redis.call('HSET', k.queue_meta, a.id, a.meta)
+  redis.call('PUBLISH', k.wakeup, a.id)
 end
-add_event(KEYS[3], ARGV[9], ARGV[8])
+add_event(k.events, a.event)
 return {'ok'}
 """
 )
 
-# KEYS: 1 job, 2 events, 3 output_dirs, 4 queue, 5 queue_meta, 6 gpu_leases, 7 wakeup channel,
-#       8.. status indexes
-# ARGV: 1 job_id, 2 new status (encoded JSON string), 3 allowed current statuses (JSON list of plain),
-#       4 fields JSON, 5 unused, 6 queue op ('add' | 'remove' | ''), 7 unused, 8 queue meta (priority re-read),
-#       9 GPUs to acquire (JSON list), 10 release GPUs ('1' | '0'), 11 free output_dir ('1' | '0'),
-#       12 event JSON, 13 events maxlen, 14 status list JSON (order of KEYS 8..), 15 wake ('1'|'0'),
-#       16 expected supervisor id ('' = any), 17 expected run id ('' = any: a follower passes its run's)
+# The one way a status changes. a: id, to, allowed (current statuses it may leave), fields, queue ('add' |
+# 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
+# event, maxlen, wake, supervisor|nil, run_id|nil, finished_at|nil,
+# k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, status {s: key}, owner_status {s: key}|nil}
 TRANSITION = (
     _HELPERS
     + """
-local raw = redis.call('HGET', KEYS[1], 'status')
-if not raw then return {'missing'} end
-local cur = cjson.decode(raw)
-if not in_list(cur, ARGV[3]) then return {'bad_state', cur} end
-if not owner_matches(KEYS[1], ARGV[16]) then return {'not_owner', cur} end
-if not run_matches(KEYS[1], ARGV[17]) then return {'other_run', cur} end
-local job_id = ARGV[1]
-local acquire = cjson.decode(ARGV[9])
-for _, gpu in ipairs(acquire) do
-  local holder = redis.call('HGET', KEYS[6], tostring(gpu))
-  if holder and holder ~= job_id then return {'gpu_busy', tostring(gpu), holder} end
+local k = a.k
+local cur = field(KEYS[1], 'status')
+if not cur then return {'missing'} end
+if not member(cur, a.allowed) then return {'bad_state', cur} end
+local refused = fenced(KEYS[1])
+if refused then return {refused, cur} end
+if a.queue == 'add' and field(KEYS[1], 'priority') ~= a.priority then
+  return {'priority_changed', cur}  -- a PATCH landed since the caller read it: it computes the score again
 end
-for _, gpu in ipairs(acquire) do redis.call('HSET', KEYS[6], tostring(gpu), job_id) end
-if ARGV[10] == '1' then
-  local held = redis.call('HGETALL', KEYS[6])
-  for i = 1, #held, 2 do
-    if held[i + 1] == job_id then redis.call('HDEL', KEYS[6], held[i]) end
-  end
+local id = a.id
+for _, gpu in ipairs(a.acquire) do
+  local holder = redis.call('HGET', k.leases, tostring(gpu))
+  if holder and holder ~= id then return {'gpu_busy', cur, tostring(gpu) .. ':' .. holder} end
 end
-hset_pairs(KEYS[1], ARGV[4])
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-local new = cjson.decode(ARGV[2])
-local statuses = cjson.decode(ARGV[14])
-for i, s in ipairs(statuses) do
-  if s == cur then redis.call('ZREM', KEYS[7 + i], job_id) end
-  if s == new then redis.call('ZADD', KEYS[7 + i], redis.call('HGET', KEYS[1], 'created_at'), job_id) end
+for _, gpu in ipairs(a.acquire) do redis.call('HSET', k.leases, tostring(gpu), id) end
+if a.terminal then release_leases(k.leases, id) end
+hset_pairs(KEYS[1], a.fields)
+redis.call('HSET', KEYS[1], 'status', cjson.encode(a.to))
+local created = redis.call('HGET', KEYS[1], 'created_at')
+reindex(k.status, id, cur, a.to, created)
+reindex(k.owner_status, id, cur, a.to, created)
+if a.queue == 'add' then
+  redis.call('ZADD', k.queue, a.score, id)
+  redis.call('HSET', k.queue_meta, id, a.meta)
+else
+  redis.call('ZREM', k.queue, id)
+  redis.call('HDEL', k.queue_meta, id)
 end
-if ARGV[6] == 'add' then
-  -- The priority as stored now (a PATCH may have landed since the caller read the job): same score as
-  -- scheduler.queue_score, printed as an exact integer.
-  local p = tonumber(redis.call('HGET', KEYS[1], 'priority'))
-  local created = tonumber(redis.call('HGET', KEYS[1], 'created_at'))
-  local score = string.format('%.0f', (10 - p) * 1e13 + math.floor(created * 1000))
-  local meta = '[' .. p .. ',' .. string.match(ARGV[8], '^%[[^,]*,(.*)$')
-  redis.call('ZADD', KEYS[4], score, job_id)
-  redis.call('HSET', KEYS[5], job_id, meta)
-elseif ARGV[6] == 'remove' then
-  redis.call('ZREM', KEYS[4], job_id)
-  redis.call('HDEL', KEYS[5], job_id)
+if a.terminal then
+  free_output_dir(k.output_dirs, id)
+  redis.call('ZADD', k.expiry, a.finished_at, id)
 end
-if ARGV[11] == '1' then
-  local dir = redis.call('HGET', KEYS[1], 'output_dir')
-  if dir then
-    dir = cjson.decode(dir)
-    if redis.call('HGET', KEYS[3], dir) == job_id then redis.call('HDEL', KEYS[3], dir) end
-  end
-end
-local id = add_event(KEYS[2], ARGV[13], ARGV[12])
-if ARGV[15] == '1' then redis.call('PUBLISH', KEYS[7], job_id) end
-return {'ok', cur, id}
+local ev = add_event(k.events, a.event)
+if a.wake then redis.call('PUBLISH', k.wakeup, id) end
+return {'ok', cur, ev}
 """
 )
 
-# Update fields only while the job exists and is in one of the given statuses and its export status is
-# not in the refused list. KEYS: 1 job, 2 events. ARGV: 1 fields JSON, 2 allowed statuses JSON ('' = any),
-# 3 refused export statuses JSON ('' = none), 4 event JSON, 5 maxlen, 6 expected supervisor id ('' = any),
-# 7 expected run id ('' = any)
+# Set fields while the job exists, is in one of `statuses` (when given) and its export status is not in
+# `refuse_export` (when given). a: fields, statuses|nil, refuse_export|nil, event|nil, maxlen, supervisor|nil,
+# run_id|nil, k: {events}
 GUARDED_UPDATE = (
     _HELPERS
     + """
-local raw = redis.call('HGET', KEYS[1], 'status')
-if not raw then return {'missing'} end
-local cur = cjson.decode(raw)
-if ARGV[2] ~= '' and not in_list(cur, ARGV[2]) then return {'bad_state', cur} end
-if ARGV[3] ~= '' then
-  local exp = redis.call('HGET', KEYS[1], 'export')
-  if exp then
-    local st = cjson.decode(exp)['status']
-    if in_list(st, ARGV[3]) then return {'export_state', st} end
-  end
+local cur = field(KEYS[1], 'status')
+if not cur then return {'missing'} end
+if a.statuses and not member(cur, a.statuses) then return {'bad_state', cur} end
+if a.refuse_export then
+  local exp = field(KEYS[1], 'export')
+  if exp and member(exp.status, a.refuse_export) then return {'export_state', cur, exp.status} end
 end
-if not owner_matches(KEYS[1], ARGV[6]) then return {'not_owner', cur} end
-if not run_matches(KEYS[1], ARGV[7]) then return {'other_run', cur} end
-hset_pairs(KEYS[1], ARGV[1])
-add_event(KEYS[2], ARGV[5], ARGV[4])
+local refused = fenced(KEYS[1])
+if refused then return {refused, cur} end
+hset_pairs(KEYS[1], a.fields)
+add_event(a.k.events, a.event)
 return {'ok', cur}
 """
 )
 
-# KEYS: 1 job, 2 jobs index, 3 events, 4 history, 5 output_dirs, 6 queue, 7 queue_meta, 8 gpu_leases,
-#       9.. status indexes. ARGV: 1 job_id, 2 refused statuses JSON, 3 status list JSON
+# Remove a job's record and every index entry, unless its status is in `refuse` or its export runs.
+# a: id, refuse, k: {all, owner_all|nil, events, history, output_dirs, queue, queue_meta, leases, expiry,
+# exporting, status {s: key}, owner_status|nil}
 DELETE = (
     _HELPERS
     + """
-local raw = redis.call('HGET', KEYS[1], 'status')
-if not raw then return {'missing'} end
-local cur = cjson.decode(raw)
-if in_list(cur, ARGV[2]) then return {'bad_state', cur} end
-local exp = redis.call('HGET', KEYS[1], 'export')
-if exp and cjson.decode(exp)['status'] == 'running' then return {'export_state', 'running'} end
-local job_id = ARGV[1]
-local dir = redis.call('HGET', KEYS[1], 'output_dir')
-if dir then
-  dir = cjson.decode(dir)
-  if redis.call('HGET', KEYS[5], dir) == job_id then redis.call('HDEL', KEYS[5], dir) end
-end
-local held = redis.call('HGETALL', KEYS[8])
-for i = 1, #held, 2 do
-  if held[i + 1] == job_id then redis.call('HDEL', KEYS[8], held[i]) end
-end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[2], job_id)
-redis.call('ZREM', KEYS[6], job_id)
-redis.call('HDEL', KEYS[7], job_id)
-local statuses = cjson.decode(ARGV[3])
-for i, _ in ipairs(statuses) do redis.call('ZREM', KEYS[8 + i], job_id) end
+local k = a.k
+local cur = field(KEYS[1], 'status')
+if not cur then return {'missing'} end
+if member(cur, a.refuse) then return {'bad_state', cur} end
+local exp = field(KEYS[1], 'export')
+if exp and exp.status == 'running' then return {'export_state', cur, 'running'} end
+local id = a.id
+free_output_dir(k.output_dirs, id)
+release_leases(k.leases, id)
+redis.call('DEL', KEYS[1], k.events, k.history)
+redis.call('ZREM', k.all, id)
+if k.owner_all then redis.call('ZREM', k.owner_all, id) end
+reindex(k.status, id, cur, nil, 0)
+reindex(k.owner_status, id, cur, nil, 0)
+redis.call('ZREM', k.queue, id)
+redis.call('HDEL', k.queue_meta, id)
+redis.call('ZREM', k.expiry, id)
+redis.call('SREM', k.exporting, id)
 return {'ok', cur}
 """
 )
 
-# KEYS: 1 gpu_leases. ARGV: 1 gpu index, 2 job_id. Drops the lease only if that job still holds it.
-DROP_LEASE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
-"""
-
-# Change the priority of a pending/queued job and re-sort it. KEYS: 1 job, 2 queue, 3 queue_meta, 4 events,
-# 5 wakeup channel. ARGV: 1 job_id, 2 priority (encoded), 3 new score, 4 new meta, 5 event JSON, 6 maxlen,
-# 7 updated_at (encoded)
+# Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event, maxlen,
+# updated_at (encoded), id, k: {queue, queue_meta, events, wakeup}
 REPRIORITIZE = (
     _HELPERS
     + """
-local raw = redis.call('HGET', KEYS[1], 'status')
-if not raw then return {'missing'} end
-local cur = cjson.decode(raw)
+local k = a.k
+local cur = field(KEYS[1], 'status')
+if not cur then return {'missing'} end
 if cur ~= 'pending' and cur ~= 'queued' then return {'bad_state', cur} end
-redis.call('HSET', KEYS[1], 'priority', ARGV[2], 'updated_at', ARGV[7])
+redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
 if cur == 'queued' then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-  redis.call('PUBLISH', KEYS[5], ARGV[1])
+  redis.call('ZADD', k.queue, a.score, a.id)
+  redis.call('HSET', k.queue_meta, a.id, a.meta)
+  redis.call('PUBLISH', k.wakeup, a.id)
 end
-add_event(KEYS[4], ARGV[6], ARGV[5])
+add_event(k.events, a.event)
 return {'ok', cur}
 """
 )
+
+# KEYS[1]: gpu leases. a: gpu, id. Drops the lease only if that job still holds it.
+DROP_LEASE = """
+local a = cjson.decode(ARGV[1])
+if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
+return 0
+"""

@@ -23,6 +23,9 @@ import psutil
 from application.config import PROJECT_ROOT
 
 START_TIME_TOLERANCE = 0.5
+# Children this process launched and has not yet seen exit (they outlive an API shutdown by design;
+# a test harness that ends the event loop reaps them first).
+CHILDREN: dict[int, asyncio.subprocess.Process] = {}
 
 
 @dataclass
@@ -39,6 +42,35 @@ class RunningProcess:
     @property
     def pgid(self) -> int:
         return self.pid  # the runner leads its own session and group
+
+
+def exit_signal(code: int | None) -> int | None:
+    """The signal that ended a process: a negative status (Popen), 128+N (shells, torchrun) or 256-N (a Python
+    launcher passing its child's -N to sys.exit, as swift's cli/main.py does)."""
+    if code is None:
+        return None
+    if code < 0:
+        sig = -code
+    elif 128 < code <= 128 + 64:
+        sig = code - 128
+    elif 256 - 64 <= code < 256:
+        sig = 256 - code
+    else:
+        return None
+    try:
+        signal.Signals(sig)
+    except ValueError:
+        return None
+    return sig
+
+
+def signal_text(sig: int) -> str:
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    hint = "; often the kernel's OOM killer" if sig == signal.SIGKILL else ""
+    return f"killed by signal {sig} ({name}{hint})"
 
 
 def process_start_time(pid: int) -> float | None:
@@ -93,6 +125,7 @@ async def launch(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: P
             cwd=str(cwd), env=runner_env, start_new_session=True,
         )  # fmt: skip
     start = process_start_time(proc.pid) or time.time()
+    CHILDREN[proc.pid] = proc
     return RunningProcess(proc.pid, start, exit_file, proc)
 
 
@@ -103,6 +136,7 @@ async def wait_exit(run: RunningProcess, poll_interval: float) -> int | None:
     """
     if run.proc is not None:
         await run.proc.wait()
+        CHILDREN.pop(run.pid, None)
     else:
         while is_alive(run.pid, run.start_time):
             await asyncio.sleep(poll_interval)

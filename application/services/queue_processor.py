@@ -93,19 +93,14 @@ class QueueProcessor:
 
     async def set_enabled(self, on: bool) -> bool:
         """Switch automatic starts on or off; returns whether that changed anything."""
-        key = self.store.keys.processor_stats
-        changed = await self.store.r.hget(key, "enabled") != ("1" if on else "0")
-        if changed:
-            await self.store.r.hset(key, mapping={"enabled": "1" if on else "0", "since": repr(time.time())})
-            await self.store.publish_wakeup("processor")
+        changed = await self.store.set_processor_switch(on)
         if not on:
             async with self._lock:
                 pass  # a pass already under way in this process ends before the caller hears "stopped"
         return changed
 
     async def switch(self) -> tuple[bool, float | None]:
-        raw = await self.store.r.hgetall(self.store.keys.processor_stats)
-        return raw.get("enabled") == "1", float(raw["since"]) if raw.get("since") else None
+        return await self.store.processor_switch()
 
     async def close(self) -> bool:
         if self._task is None:
@@ -134,11 +129,8 @@ class QueueProcessor:
     async def _listen(self) -> None:
         while True:
             try:
-                pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-                async with pubsub:
-                    await pubsub.subscribe(self.store.keys.wakeup_channel)
-                    async for _ in pubsub.listen():
-                        self._wake.set()
+                async for _ in self.store.wakeups():
+                    self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: the poll interval still drives passes
@@ -174,21 +166,19 @@ class QueueProcessor:
                 await self.store.drop_lease(gpu, holder)
                 leases.pop(gpu)
         running: list[RunningJob] = []
-        if running_ids:
-            async with self.store.r.pipeline(transaction=False) as pipe:
-                for job_id in running_ids:
-                    pipe.hmget(self.store.keys.job(job_id), ["gpu_ids", "progress"])
-                rows = await pipe.execute()
-            for job_id, (gpu_raw, progress_raw) in zip(running_ids, rows, strict=True):
-                ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
-                remaining = Progress.model_validate_json(progress_raw).remaining_seconds if progress_raw else None
-                running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining))
+        rows = await self.store.get_fields(running_ids, ["gpu_ids", "progress", "owner"])
+        for job_id, (gpu_raw, progress_raw, owner_raw) in zip(running_ids, rows, strict=True):
+            ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
+            remaining = Progress.model_validate_json(progress_raw).remaining_seconds if progress_raw else None
+            owner = json.loads(owner_raw) if owner_raw else None
+            running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner))
         return ClusterView(snapshot, gpu_states(snapshot, leases), running)
 
     def _policy_kwargs(self) -> dict[str, Any]:
         return {
             "min_free_gb": self.settings.GPU_MIN_FREE_MEMORY_GB,
             "max_util": self.settings.GPU_MAX_UTILIZATION,
+            "owner_gpu_cap": self.settings.MAX_GPUS_PER_OWNER,
         }
 
     async def queued(self, count: int, start: int = 0) -> list[QueuedJob]:
@@ -255,4 +245,4 @@ def _rank(q: QueuedJob) -> tuple[int, int, str]:
 
 def _as_queued(job_id: str, meta: QueueMeta) -> QueuedJob:
     return queued_job(job_id, meta.priority, meta.submitted_at, meta.num_gpus, meta.gpu_ids, meta.min_gpu_memory_gb,
-                      meta.estimated_duration)  # fmt: skip
+                      meta.estimated_duration, owner=meta.owner)  # fmt: skip

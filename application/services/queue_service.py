@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from application.auth import Caller
 from application.exceptions import Conflict
 from application.models.training_model import JobStatus, WaitEstimate
 from application.services.job_store import JobStore
@@ -32,7 +33,7 @@ class QueueService:
         self.processor: QueueProcessor = service.processor
         self.settings = service.settings
 
-    async def overview(self, offset: int, limit: int) -> dict[str, Any]:
+    async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
         view = await self.processor.view()
         queue = await self.processor.queued(limit, start=offset)
         waits = await self.processor.wait_estimates(view, offset + limit)
@@ -41,6 +42,8 @@ class QueueService:
             {
                 "position": offset + i + 1,
                 "job_id": q.job_id,
+                "owner": q.owner,
+                "mine": caller.owns(q.owner),
                 "priority": q.priority,
                 "num_gpus": q.num_gpus,
                 "gpu_ids": list(q.gpu_ids) if q.gpu_ids is not None else None,
@@ -77,16 +80,16 @@ class QueueService:
             "message": f"started {len(started)} job(s)" if started else "no queued job fits the free GPUs now",
         }
 
-    async def remove(self, job_id: str) -> dict[str, Any]:
-        job = await self.store.require(job_id)
+    async def remove(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        job = await self.service.require(job_id, caller)
         if job.status != JobStatus.QUEUED:
             raise Conflict(f"job '{job_id}' is {job.status.value}, not queued: use POST .../jobs/{job_id}/stop")
-        await self.service._cancel(job_id, (JobStatus.QUEUED,), "removed from the GPU queue")
+        await self.service.cancel(job_id, (JobStatus.QUEUED,), "removed from the GPU queue", caller)
         message = "Removed from the queue and cancelled"
         return {"job_id": job_id, "status": JobStatus.CANCELLED.value, "message": message}
 
-    async def job_status(self, job_id: str) -> dict[str, Any]:
-        job = await self.store.require(job_id)
+    async def job_status(self, job_id: str, caller: Caller) -> dict[str, Any]:
+        job = await self.service.require(job_id, caller)
         position = await self.store.queue_position(job_id) if job.status == JobStatus.QUEUED else None
         if position is None:
             return {"job_id": job_id, "queued": False, "status": job.status.value, "queue_position": None,

@@ -72,6 +72,7 @@ class QueuedJob:
     gpu_ids: tuple[int, ...] | None
     min_gpu_memory_gb: float | None
     estimated_duration: float | None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class RunningJob:
     job_id: str
     gpu_ids: tuple[int, ...]
     remaining_seconds: float | None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,7 @@ def _plan(
     now: float,
     link_score: LinkScore | None,
     estimating: bool,
+    owner_gpu_cap: int = 0,
 ) -> _Plan:
     """One pass over the queue; `decide` and `estimate_waits` differ only in what they keep.
 
@@ -228,10 +231,14 @@ def _plan(
 
     release: dict[int, float | None] = {}
     running_ids: set[str] = set()
+    # GPUs each owner holds, for MAX_GPUS_PER_OWNER: a job over its owner's cap waits without blocking others.
+    owner_held: dict[str, int] = {}
     for r in running:
         running_ids.add(r.job_id)
         for i in r.gpu_ids:
             release[i] = r.remaining_seconds
+        if r.owner is not None:
+            owner_held[r.owner] = owner_held.get(r.owner, 0) + len(r.gpu_ids)
 
     by_index: dict[int, GpuState] = {}
     for g in gpus:
@@ -332,6 +339,9 @@ def _plan(
         if not estimating and (blocked or not free_order or slack_desc[0] < 0.0):
             tail(it)
             break
+        if owner_gpu_cap and job.owner is not None and owner_held.get(job.owner, 0) + k > owner_gpu_cap:
+            waits[jid] = None  # its owner holds its share: it waits, and neither blocks nor reserves
+            continue
         est = job.estimated_duration
         # No estimate: the job may run forever, so only GPUs no reservation waits for will do.
         e = _INF if est is None else max(0.0, est)
@@ -370,6 +380,8 @@ def _plan(
         if chosen is not None:
             starts.append(Start(jid, chosen))
             waits[jid] = 0.0
+            if job.owner is not None:
+                owner_held[job.owner] = owner_held.get(job.owner, 0) + k
             for i in chosen:
                 free_set.discard(i)
                 free_order.remove(i)
@@ -447,6 +459,7 @@ def decide(
     max_util: float,
     now: float,
     link_score: LinkScore | None = None,
+    owner_gpu_cap: int = 0,
 ) -> list[Start]:
     """The jobs to start now, in queue order, each with its GPUs; every job that fits, not just one.
 
@@ -477,6 +490,7 @@ def decide(
         now=now,
         link_score=link_score,
         estimating=False,
+        owner_gpu_cap=owner_gpu_cap,
     ).starts
 
 
@@ -490,6 +504,7 @@ def estimate_waits(
     now: float,
     policy: str = "backfill",
     link_score: LinkScore | None = None,
+    owner_gpu_cap: int = 0,
 ) -> dict[str, float | None]:
     """Seconds until each queued job can start, by the same plan `decide` makes; None when unknowable.
 
@@ -510,6 +525,7 @@ def estimate_waits(
         now=now,
         link_score=link_score,
         estimating=True,
+        owner_gpu_cap=owner_gpu_cap,
     ).waits
 
 

@@ -51,6 +51,12 @@ def _interpreter_of(executable: str) -> str | None:
     return parts[0]
 
 
+def interpreter_of(swift_bin: str) -> str | None:
+    """The Python that `swift_bin` (a name on PATH or a path) runs in, or None."""
+    path = shutil.which(swift_bin)
+    return _interpreter_of(path) if path else None
+
+
 def detect_swift_version(swift_bin: str, override: str | None, timeout: float = 30.0) -> SwiftVersion:
     """The installed ms-swift version. The CLI has no --version: ask the Python environment it runs in."""
     if override:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, ApiServer, wait_for
+from tests.conftest import CALLER_ENV, ROOT, ApiServer, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -37,7 +37,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def find_swift() -> Path:
     """SWIFT_BIN, else the project's .swift-venv, else `swift` on PATH; fail (never skip) when none exists."""
-    configured = os.environ.get("SWIFT_BIN")
+    configured = CALLER_ENV.get("SWIFT_BIN")
     candidates = [configured] if configured else [str(ROOT / ".swift-venv" / "bin" / "swift"), "swift"]
     for candidate in candidates:
         found = shutil.which(candidate)

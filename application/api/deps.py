@@ -1,0 +1,73 @@
+"""What routes depend on: the caller (from the API key), the services, and the error responses they document."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from application.auth import Caller, KeyRing
+from application.models.training_model import JOB_ID_HELP, ErrorResponse, ValidationErrorResponse
+from application.services.idempotency import Idempotency
+from application.services.queue_service import QueueService
+from application.services.system_service import SystemService
+from application.services.training_service import TrainingService
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, as a header")
+
+
+async def current_caller(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(_api_key)],
+) -> Caller:
+    ring: KeyRing = request.app.state.keys
+    return ring.identify(bearer.credentials if bearer else api_key)
+
+
+async def admin_caller(caller: Annotated[Caller, Depends(current_caller)], request: Request) -> Caller:
+    caller.require_admin(f"{request.method} {request.url.path.rsplit('/training', 1)[-1]}")
+    return caller
+
+
+def _training(request: Request) -> TrainingService:
+    return request.app.state.training
+
+
+def _queue(request: Request) -> QueueService:
+    return request.app.state.queue
+
+
+def _system(request: Request) -> SystemService:
+    return request.app.state.system
+
+
+def _idempotency(request: Request) -> Idempotency:
+    return request.app.state.idempotency
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+AdminDep = Annotated[Caller, Depends(admin_caller)]
+Training = Annotated[TrainingService, Depends(_training)]
+Queue = Annotated[QueueService, Depends(_queue)]
+System = Annotated[SystemService, Depends(_system)]
+IdempotencyDep = Annotated[Idempotency, Depends(_idempotency)]
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", max_length=128, description=JOB_ID_HELP)]
+
+Responses = dict[int | str, dict[str, Any]]
+E400: Responses = {400: {"model": ErrorResponse, "description": "The request body could not be read"}}
+E401: Responses = {401: {"model": ErrorResponse, "description": "No valid API key (when keys are configured)"}}
+E403: Responses = {403: {"model": ErrorResponse, "description": "An admin key is needed"}}
+E404: Responses = {404: {"model": ErrorResponse, "description": "No job with this id (or not yours)"}}
+E409: Responses = {409: {"model": ErrorResponse, "description": "The job's status does not allow this action"}}
+E413: Responses = {413: {"model": ErrorResponse, "description": "The request body is larger than MAX_REQUEST_BYTES"}}
+E422: Responses = {
+    422: {"model": ValidationErrorResponse, "description": "Invalid input: the message says what to change"}
+}
+E429: Responses = {429: {"model": ErrorResponse, "description": "A limit was reached: retry after Retry-After seconds"}}
+E503: Responses = {503: {"model": ErrorResponse, "description": "Redis does not answer"}}
+# Every protected route can answer these.
+COMMON: Responses = {**E401, **E422, **E503}
+WITH_BODY: Responses = {**E400, **E413}

@@ -1,0 +1,55 @@
+"""The GPU queue routes: what waits, in which order, for how long; the processor's switch (admin only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from application.api.deps import E403, E404, E409, AdminDep, CallerDep, JobId, Queue
+
+router = APIRouter()
+
+# Processor routes first: /queue/processor/... must not match /queue/{job_id}/...
+
+
+@router.get("/queue/processor/status", responses=E403, summary="Queue processor state (admin)")
+async def processor_status(queue: Queue, caller: AdminDep) -> dict[str, Any]:
+    return await queue.processor_status()
+
+
+@router.post("/queue/processor/start", responses=E403, summary="Start automatic starts of queued jobs (admin)")
+async def processor_start(queue: Queue, caller: AdminDep) -> dict[str, Any]:
+    return await queue.start_processor()
+
+
+@router.post("/queue/processor/stop", responses=E403,
+             summary="Stop automatic starts (running jobs go on; POST /queue/process works) (admin)")  # fmt: skip
+async def processor_stop(queue: Queue, caller: AdminDep) -> dict[str, Any]:
+    return await queue.stop_processor()
+
+
+@router.get("/queue", summary="The GPU queue in order, with wait estimates")
+async def queue_overview(
+    queue: Queue,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> dict[str, Any]:
+    """Other owners' jobs are listed (they share the GPUs) with their place and size only."""
+    return await queue.overview(offset, limit, caller)
+
+
+@router.post("/queue/process", summary="Run one queue pass now; says which jobs started")
+async def queue_process(queue: Queue, caller: CallerDep) -> dict[str, Any]:
+    return await queue.process()
+
+
+@router.delete("/queue/{job_id}", responses={**E404, **E409}, summary="Remove a queued job (it becomes cancelled)")
+async def queue_remove(job_id: JobId, queue: Queue, caller: CallerDep) -> dict[str, Any]:
+    return await queue.remove(job_id, caller)
+
+
+@router.get("/queue/{job_id}/status", responses=E404, summary="A job's place in the queue")
+async def queue_job_status(job_id: JobId, queue: Queue, caller: CallerDep) -> dict[str, Any]:
+    return await queue.job_status(job_id, caller)

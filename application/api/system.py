@@ -1,0 +1,30 @@
+"""GPUs, system status and health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from application.api.deps import E503, System
+
+router = APIRouter()
+public = APIRouter()
+
+
+@router.get("/gpus", summary="GPUs: memory, utilization, temperature, processes and the job holding each")
+async def gpus(system: System) -> dict[str, Any]:
+    return await system.gpus()
+
+
+@router.get("/system/status", summary="CPU, memory, disk, load, GPUs, job counts, Redis, version, uptime")
+async def system_status(system: System) -> dict[str, Any]:
+    return await system.system_status()
+
+
+@public.get("/health", responses=E503, summary="200 when Redis answers, 503 with the reason when it does not")
+async def health(system: System) -> JSONResponse:
+    """Needs no API key, so load balancers and health checks can call it."""
+    ok, body = await system.health()
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -1,0 +1,87 @@
+"""`Idempotency-Key` on creates and actions: a retry gets the first answer instead of doing it twice.
+
+The first request with a key claims it in Redis (SET NX, 24 h); concurrent retries wait for its answer and
+return it; the same key with another request is 409. Answers that a retry should not see again (429, 503,
+an unexpected failure) release the key instead of being stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from application.exceptions import ApiError, Conflict, Invalid
+from application.services.job_store import JobStore
+
+TTL_SECONDS = 24 * 3600
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+WAIT_SECONDS = 30.0
+REPLAY_HEADER = "Idempotent-Replayed"
+
+Outcome = tuple[int, BaseModel, dict[str, str]]
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    try:
+        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode() if body else b""
+    except ValueError:
+        canonical = body
+    return hashlib.sha256(method.encode() + b"\0" + path.encode() + b"\0" + canonical).hexdigest()
+
+
+class Idempotency:
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    async def run(
+        self, owner: str | None, key: str | None, print_: str, call: Callable[[], Awaitable[Outcome]]
+    ) -> Response:
+        if key is None:
+            return _response(*await call())
+        if not _KEY_RE.match(key):
+            raise Invalid("Idempotency-Key must be 1-255 printable ASCII characters without spaces (e.g. a UUID)")
+        rkey = self.store.keys.idempotency(owner or "-", hashlib.sha256(key.encode()).hexdigest())
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            record = await self.store.claim_idempotency(rkey, print_, TTL_SECONDS)
+            if record is None:
+                return await self._first(rkey, print_, call)
+            if record.get("fingerprint") != print_:
+                raise Conflict("this Idempotency-Key was used for a different request: use a new key for a new request")
+            if record.get("state") == "done":
+                headers = {REPLAY_HEADER: "true", **record.get("headers", {})}
+                return Response(record["body"], status_code=int(record["status"]), headers=headers,
+                                media_type="application/json")  # fmt: skip
+            if time.monotonic() >= deadline:
+                raise Conflict("a request with this Idempotency-Key is still being handled: retry in a moment")
+            await asyncio.sleep(0.05)
+
+    async def _first(self, rkey: str, print_: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
+        try:
+            status, body, headers = await call()
+        except ApiError as exc:
+            if exc.status_code in (429, 503):
+                await self.store.release_idempotency(rkey)
+                raise
+            await self.store.finish_idempotency(rkey, print_, exc.status_code, json.dumps({"detail": exc.detail}),
+                                                TTL_SECONDS, exc.headers or {})  # fmt: skip
+            raise
+        except BaseException:
+            await asyncio.shield(self.store.release_idempotency(rkey))
+            raise
+        response = _response(status, body, headers)
+        await self.store.finish_idempotency(rkey, print_, status, bytes(response.body).decode(), TTL_SECONDS, headers)
+        return response
+
+
+def _response(status: int, body: BaseModel, headers: dict[str, str]) -> Response:
+    content: Any = body.model_dump(mode="json")
+    return JSONResponse(content, status_code=status, headers=headers or None)

@@ -1,0 +1,150 @@
+"""Paths in requests: hub ids pass through untouched, local paths must resolve inside the configured roots.
+
+Rules (README "Paths"):
+
+* The text is checked first, before any filesystem call: no control characters (C0, C1, DEL) or bidi
+  overrides, no component over 255 bytes, at most 64 components.
+* Local: absolute, or starting with `./`, `../` or `~`. It is resolved (symlinks followed) and must land
+  inside one of the roots, else 422 naming the roots. Whether a path outside the roots exists is never
+  looked at, so no answer can reveal it.
+* Hub id: `namespace/name`, optionally `:subset` and `#N` for data sets. Never looked up on disk.
+* Anything else is a path relative to the roots, used when it exists under one of them; else 422.
+
+Everything here that touches the disk is synchronous and bounded: callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from application.exceptions import Invalid
+
+MAX_COMPONENTS = 64
+MAX_COMPONENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+# Bidi embeddings/overrides/isolates and the zero-width marks that can make a path read as something else.
+_INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff")
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_MODEL_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}$")
+_DATA_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}(?::{_NAME}(?:/{_NAME})*)?(?:#\d{{1,12}})?$")
+_SAMPLE_RE = re.compile(r"#(\d{1,12})$")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+# A name that ends like a file is a relative path, not a hub id ("team/train.jsonl").
+_FILE_LIKE = (*DATA_SUFFIXES, ".txt", ".parquet", ".tsv", ".arrow")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a path field means: a hub id (`local` False) or a real path inside a root."""
+
+    value: str  # what swift gets: the hub id, or the resolved absolute path (plus `#N` for a data sample)
+    local: bool
+    path: Path | None = None
+    sample: int | None = None
+
+
+def check_text(field: str, value: str) -> None:
+    """Refuse path text no filesystem call should ever see; raises Invalid."""
+    for ch in value:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F or ch in _INVISIBLE:
+            raise Invalid(
+                f"{field} contains the control or invisible character U+{code:04X}: remove it "
+                "(paths may not hold control characters, tabs, line breaks or bidi marks)"
+            )
+    encoded = value.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise Invalid(f"{field} is {len(encoded)} bytes long: at most {MAX_PATH_BYTES} are allowed")
+    parts = [p for p in value.split("/") if p]
+    if len(parts) > MAX_COMPONENTS:
+        raise Invalid(f"{field} has {len(parts)} folder levels: at most {MAX_COMPONENTS} are allowed")
+    for part in parts:
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+            raise Invalid(f"{field} has a folder or file name longer than {MAX_COMPONENT_BYTES} bytes: shorten it")
+
+
+def is_local_syntax(value: str) -> bool:
+    return value in (".", "..", "~") or value.startswith(("/", "./", "../", "~"))
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def _real_roots(roots: Sequence[Path]) -> list[Path]:
+    return [Path(os.path.realpath(r)) for r in roots]
+
+
+def _roots_text(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: Path, setting: str) -> Resolved:
+    """Apply the rules above to one request field. Synchronous: it may touch the disk (inside roots only)."""
+    check_text(field, value)
+    sample: int | None = None
+    text = value
+    if data and (m := _SAMPLE_RE.search(text)) and is_local_syntax(text):
+        sample, text = int(m.group(1)), text[: m.start()]
+    real_roots = _real_roots(roots)
+    hub = _DATA_HUB_RE if data else _MODEL_HUB_RE
+    outside = (
+        f"{field} must be inside {setting} ({_roots_text(real_roots)})"
+        + (" or be a hub id such as AI-ModelScope/alpaca-gpt4-data-en#500" if data else
+           " or be a hub id such as Qwen/Qwen2.5-7B-Instruct")
+    )  # fmt: skip
+    if is_local_syntax(text):
+        candidate = Path(os.path.expanduser(text))
+        if not candidate.is_absolute():
+            candidate = base / candidate
+        real = Path(os.path.realpath(candidate))
+        if not _inside(real, real_roots):
+            raise Invalid(outside)
+        if not _exists(real):
+            raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
+        return Resolved(_with_sample(str(real), sample), True, real, sample)
+    if hub.match(text) and not (data and text.lower().endswith(_FILE_LIKE)) and ".." not in text.split("/"):
+        return Resolved(text, False)
+    # A path relative to the roots: the first root that holds it wins.
+    if m := _SAMPLE_RE.search(text):
+        sample, text = (int(m.group(1)), text[: m.start()]) if data else (None, text)
+    for root in real_roots:
+        real = Path(os.path.realpath(root / text))
+        if _inside(real, [root]) and _exists(real):
+            return Resolved(_with_sample(str(real), sample), True, real, sample)
+    raise Invalid(
+        f"{field} '{value}' is neither a hub id (namespace/name) nor a path that exists under {setting} "
+        f"({_roots_text(real_roots)}): use a hub id, or a path inside one of those folders"
+    )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except OSError:  # missing, unreadable folder on the way, a symlink loop: all "not there" to us
+        return False
+
+
+def _with_sample(path: str, sample: int | None) -> str:
+    return f"{path}#{sample}" if sample is not None else path
+
+
+def resolve_output_dir(requested: str, root: Path) -> Path:
+    """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
+    check_text("output_dir", requested)
+    root = Path(os.path.realpath(root))
+    candidate = Path(requested)
+    resolved = Path(os.path.realpath(candidate if candidate.is_absolute() else root / candidate))
+    if resolved == root:
+        raise Invalid(f"output_dir '{requested}' is OUTPUT_ROOT itself: name a folder inside it, such as my_job")
+    if root not in resolved.parents:
+        raise Invalid(
+            f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
+        )
+    return resolved

@@ -1,0 +1,306 @@
+"""Checks before a job takes a queue slot: a job that cannot start should fail in milliseconds, not after hours.
+
+* A local data set must be a readable .jsonl, .json or .csv file whose first rows are a format ms-swift's
+  preprocessors accept (`messages`/`conversations`, query/response-style columns, alpaca's instruction/input/
+  output). The message names the file, the row and what is wrong. Its row count is recorded for the scheduler.
+* A local model folder needs `config.json` and tokenizer files; when the installed ms-swift cannot tell the
+  model's type or template from the folder (it matches the folder's name against its registry, then the
+  architecture in config.json), the request must name them.
+
+Synchronous and bounded (only the first bytes are parsed; counting rows reads at most COUNT_MAX_BYTES):
+callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from application.config import PROJECT_ROOT, Settings
+from application.exceptions import Invalid
+from application.services.path_sandbox import resolve, resolve_output_dir
+from application.services.swift_info import SwiftInfo
+
+HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
+SAMPLE_ROWS = 20
+COUNT_MAX_BYTES = 2 << 30  # exact row counts up to 2 GiB; past that an estimate
+JSON_ARRAY_MAX_BYTES = 64 << 20
+MESSAGE_KEYS = ("messages", "conversations", "conversation")
+# ms-swift's ResponsePreprocessor maps these columns to query/response (swift/dataset/preprocessor/core.py).
+QUERY_KEYS = ("query", "prompt", "input", "instruction", "question", "problem")
+RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_key", "answers", "solution", "text",
+                 "completion", "content")  # fmt: skip
+REJECTED_KEYS = ("rejected_response", "rejected_messages")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
+                   "qwen.tiktoken", "tiktoken.model")  # fmt: skip
+FORMATS_HELP = (
+    "messages (a list of {role, content}), conversations ({from, value}), query/response, "
+    "instruction/input/output, or a text/response column"
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    rows: int | None
+    rows_exact: bool
+    format: str
+
+
+def _row_format(row: Any, where: str, *, preference: bool) -> str:
+    if not isinstance(row, dict):
+        raise Invalid(f"{where}: each row must be a JSON object, got {type(row).__name__}")
+    fmt = None
+    for key in MESSAGE_KEYS:
+        if key in row:
+            _check_messages(row[key], f"{where}: '{key}'")
+            fmt = "messages"
+            break
+    if fmt is None:
+        if any(k in row for k in RESPONSE_KEYS):
+            fmt = "query/response"
+        elif "instruction" in row and "input" in row:
+            fmt = "alpaca"
+        else:
+            found = ", ".join(sorted(map(str, row))[:12]) or "none"
+            raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}")
+    if preference and not any(k in row for k in REJECTED_KEYS):
+        raise Invalid(f"{where}: preference training needs a rejected answer per row: add 'rejected_response' "
+                      "(or 'rejected_messages')")  # fmt: skip
+    return fmt
+
+
+def _check_messages(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise Invalid(f"{where} must be a non-empty list of messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise Invalid(f'{where}[{i}] must be an object such as {{"role": "user", "content": "..."}}')
+        if not ({"role", "content"} <= msg.keys() or {"from", "value"} <= msg.keys()):
+            raise Invalid(f"{where}[{i}] needs 'role' and 'content' (or 'from' and 'value')")
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
+    lines = head.split(b"\n")
+    if not complete:
+        lines = lines[:-1]  # the last one may be cut by the 8 MiB read
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw)
+        except ValueError as exc:
+            raise Invalid(f"line {number} is not valid JSON ({exc})") from None
+
+
+def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
+    text = head.decode("utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError as exc:
+            if not complete and n > 0:
+                return  # cut by the 8 MiB read
+            raise Invalid(f"element {n + 1} of the JSON array is not valid JSON ({exc})") from None
+        n += 1
+        yield n, value
+
+
+def _csv_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
+    text = head.decode("utf-8-sig", errors="replace")
+    if not complete:
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise Invalid("the CSV file has no header row")
+    yield from enumerate(reader, start=2)
+
+
+def _count_lines(path: Path, size: int) -> tuple[int, bool]:
+    """Newline-terminated rows (a last line without one counts too); an estimate past COUNT_MAX_BYTES."""
+    count, read, last = 0, 0, b"\n"
+    with open(path, "rb") as f:
+        while read < COUNT_MAX_BYTES:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            count += block.count(b"\n")
+            read += len(block)
+            last = block[-1:]
+    if read >= size:
+        return count + (last != b"\n"), True
+    return int(count * size / max(read, 1)), False
+
+
+def check_dataset(field: str, path: Path, *, preference: bool = False) -> DatasetInfo:
+    """Raise Invalid naming the file and row when ms-swift could not train on it; else its format and size."""
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise Invalid(f"{field} '{name}': ms-swift data sets here must be .jsonl, .json or .csv files")
+    try:
+        if not path.is_file():
+            raise Invalid(f"{field} '{path}' is not a file")
+        size = path.stat().st_size
+        head = _head(path)
+    except PermissionError:
+        raise Invalid(f"{field} '{path}' cannot be read by the server (permissions)") from None
+    except OSError as exc:
+        raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
+    if size == 0 or not head.strip():
+        raise Invalid(f"{field} '{path}' is empty")
+    complete = len(head) >= size
+    stripped = head.lstrip()
+    rows: Iterator[tuple[int, Any]]
+    if suffix == ".csv":
+        rows, unit = _csv_rows(head, complete), "line"
+    elif suffix == ".json" and stripped.startswith(b"["):
+        rows, unit = _json_array_rows(head, complete), "element"
+    else:
+        rows, unit = _jsonl_rows(head, complete), "line"
+    formats: set[str] = set()
+    seen = 0
+    try:
+        for number, row in rows:
+            formats.add(_row_format(row, f"{unit} {number}", preference=preference))
+            seen += 1
+            if seen >= SAMPLE_ROWS:
+                break
+    except Invalid as exc:
+        raise Invalid(f"{field} '{path}': {exc.detail}") from None
+    if seen == 0:
+        raise Invalid(f"{field} '{path}': no rows found in its first {HEAD_BYTES >> 20} MiB")
+    fmt = formats.pop() if len(formats) == 1 else "mixed"
+    if suffix == ".json" and stripped.startswith(b"["):
+        if size > JSON_ARRAY_MAX_BYTES:
+            return DatasetInfo(None, False, fmt)
+        try:
+            with open(path, "rb") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise Invalid(f"{field} '{path}' is not a valid JSON array ({exc})") from None
+        return DatasetInfo(len(data) if isinstance(data, list) else None, True, fmt)
+    count, exact = _count_lines(path, size)
+    if suffix == ".csv":
+        count = max(0, count - 1)  # the header (multi-line quoted fields make this approximate)
+    return DatasetInfo(count, exact, fmt)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > 16 << 20:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _closest(word: str, choices: Any) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def check_model(field: str, path: Path, model_type: str | None, template: str | None,
+                info: SwiftInfo | None) -> None:  # fmt: skip
+    """Raise Invalid when ms-swift could not load this model folder as asked."""
+    try:
+        if not path.is_dir():
+            raise Invalid(
+                f"{field} '{path}' is not a folder: a local model is a folder with config.json and a tokenizer"
+            )
+        names = set(os.listdir(path))
+    except OSError as exc:
+        raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
+    if "config.json" not in names:
+        raise Invalid(f"{field} '{path}' has no config.json: is it a Hugging Face model folder?")
+    if not names.intersection(TOKENIZER_FILES):
+        raise Invalid(f"{field} '{path}' has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
+    if info is None:
+        return  # the installed ms-swift is unknown: it will tell at run time
+    if model_type is not None and model_type not in info.types:
+        raise Invalid(f"training.model_type '{model_type}' is not a model type of ms-swift {info.version}"
+                      + _closest(model_type, info.types))  # fmt: skip
+    if template is not None and template not in info.templates:
+        raise Invalid(f"training.template '{template}' is not a template of ms-swift {info.version}"
+                      + _closest(template, info.templates))  # fmt: skip
+    # ms-swift's own order (swift/model/model_meta.py): folder name, args.json, then the architecture.
+    folder = path.name.replace("___", ".").lower()
+    group_template: str | None = None
+    if model_type is None and folder in info.names:
+        model_type, group_template = info.names[folder]
+    if model_type is None:
+        args = _read_json(path / "args.json")
+        if isinstance(args, dict) and isinstance(args.get("model_type"), str):
+            model_type = args["model_type"]
+            template = template or (args.get("template") if isinstance(args.get("template"), str) else None)
+    if model_type is None:
+        config = _read_json(path / "config.json")
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+        candidates = info.types_for_architecture(arch)
+        if len(candidates) > 1:
+            raise Invalid(
+                f"ms-swift cannot tell the model type of '{path.name}' from its folder name, and its architecture "
+                f"{arch or '(none)'} fits several: set training.model_type (one of {', '.join(candidates)}) "
+                "and training.template"
+            )
+        if not candidates:
+            return  # ms-swift treats it as a generic text model
+        model_type = candidates[0]
+    if template is None and group_template is None:
+        meta = info.types.get(model_type)
+        if meta is not None and meta.template is None and len(meta.candidates) != 1:
+            options = f" (one of {', '.join(meta.candidates)})" if meta.candidates else ""
+            raise Invalid(f"ms-swift cannot tell which chat template model type '{model_type}' uses: set "
+                          f"training.template{options}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A create request's paths as swift will get them, and what the checks learned."""
+
+    data_path: str
+    model_path: str
+    output_dir: Path
+    dataset: DatasetInfo | None
+
+
+def check_request(
+    data_path: str,
+    model_path: str,
+    output_dir: str,
+    *,
+    model_type: str | None,
+    template: str | None,
+    settings: Settings,
+    info: SwiftInfo | None,
+    preference: bool = False,
+) -> CheckedRequest:
+    """The path sandbox, then the data set and model checks. Synchronous (touches the disk): run it in a thread."""
+    out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
+    data = resolve("data_path", data_path, settings.data_roots(), data=True, base=PROJECT_ROOT,
+                   setting="DATA_ROOTS")  # fmt: skip
+    model = resolve("model_path", model_path, settings.model_roots(), data=False, base=PROJECT_ROOT,
+                    setting="MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+    dataset = check_dataset("data_path", data.path, preference=preference) if data.path is not None else None
+    if model.path is not None:
+        check_model("model_path", model.path, model_type, template, info)
+    return CheckedRequest(data.value, model.value, out, dataset)

@@ -1,0 +1,101 @@
+"""What the installed ms-swift knows: its version, argument fields and model registry (from `swift_probe`).
+
+The probe imports ms-swift in its own environment (about 7 s), so its answer is cached on disk per
+ms-swift version and swift executable, and read again in milliseconds on the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from application.services.swift_command import interpreter_of
+
+PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "swift_probe.py"
+
+
+@dataclass(frozen=True)
+class ModelType:
+    template: str | None
+    candidates: tuple[str, ...]
+    architectures: tuple[str, ...]
+    multimodal: bool
+
+
+@dataclass(frozen=True)
+class SwiftInfo:
+    version: str
+    arguments: dict[str, dict[str, dict[str, Any]]]
+    # lower-cased model folder name -> (model_type, template of its group or None)
+    names: dict[str, tuple[str, str | None]]
+    types: dict[str, ModelType]
+    templates: frozenset[str]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SwiftInfo:
+        models = data.get("models") or {}
+        return cls(
+            version=str(data.get("version") or ""),
+            arguments=data.get("arguments") or {},
+            names={k: (v[0], v[1]) for k, v in (models.get("names") or {}).items()},
+            types={
+                k: ModelType(
+                    v.get("template"),
+                    tuple(v.get("candidates") or ()),
+                    tuple(v.get("architectures") or ()),
+                    bool(v.get("multimodal")),
+                )
+                for k, v in (models.get("types") or {}).items()
+            },
+            templates=frozenset(models.get("templates") or ()),
+        )
+
+    def types_for_architecture(self, architecture: str | None) -> list[str]:
+        """ms-swift's guess from config.json's first architecture (a model with none matches 'null')."""
+        arch = architecture or "null"
+        return [name for name, t in self.types.items() if arch in (t.architectures or ("null",))]
+
+
+def probe(swift_bin: str, version: str | None, cache_dir: Path, timeout: float = 180.0) -> SwiftInfo | None:
+    """The installed ms-swift's info, from the cache or by running the probe; None when it cannot be had."""
+    python = interpreter_of(swift_bin)
+    if python is None:
+        return None
+    tag = hashlib.sha256(f"{python}\0{swift_bin}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"{version or 'unknown'}-{tag}.json"
+    if version and cache.is_file():
+        try:
+            return SwiftInfo.from_json(json.loads(cache.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    try:
+        out = subprocess.run([python, str(PROBE_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        logger.warning("ms-swift probe with {} failed: {}", python, exc)
+        return None
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        logger.info("ms-swift probe with {} found no ms-swift ({})", python, last[:300])
+        return None
+    try:
+        data = json.loads(out.stdout)
+        info = SwiftInfo.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        logger.warning("ms-swift probe printed something unreadable: {}", exc)
+        return None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        target = cache_dir / f"{info.version}-{tag}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        logger.debug("could not cache the ms-swift probe: {}", exc)
+    return info

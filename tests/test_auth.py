@@ -1,0 +1,160 @@
+"""API keys: who may call what. Every route, every kind of caller, in this process against a real Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from application.auth import ANONYMOUS, KeyRing
+from application.config import ApiKeyEntry, SettingsError, load_settings, parse_api_keys
+from application.exceptions import Unauthorized
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ROOT, auth, fake_dataset, make_model
+
+PUBLIC = {("GET", "/api/v1/training/health")}
+
+
+def test_keyring_identifies_each_key_and_refuses_others() -> None:
+    ring = KeyRing([ApiKeyEntry("alice", "user", ALICE_KEY), ApiKeyEntry("root", "admin", ADMIN_KEY)])
+    assert ring.identify(ALICE_KEY).name == "alice" and not ring.identify(ALICE_KEY).is_admin
+    assert ring.identify(ADMIN_KEY).is_admin
+    for wrong in (None, "", ALICE_KEY[:-1], ALICE_KEY + "x", "x" * 100_000):
+        with pytest.raises(Unauthorized) as exc:
+            ring.identify(wrong)
+        assert exc.value.headers == {"WWW-Authenticate": "Bearer"}
+    assert KeyRing([]).identify(None) == ANONYMOUS  # no keys configured: one open, single-user server
+
+
+def test_key_settings_fail_fast_with_one_line(tmp_path: Path) -> None:
+    assert [e.name for e in parse_api_keys(f"a:user:{ALICE_KEY}, b:admin:{BOB_KEY}", None)] == ["a", "b"]
+    keyfile = tmp_path / "keys.json"
+    keyfile.write_text('{"carol": {"role": "user", "key": "carol-key-0123456789"}}')
+    assert [(e.name, e.role) for e in parse_api_keys(None, keyfile)] == [("carol", "user")]
+    bad = {
+        "a:root:" + ALICE_KEY: "role must be admin or user",
+        "a:user:short": "at least 16 characters",
+        "a:user": "name:role:key",
+        f"a:user:{ALICE_KEY},a:admin:{BOB_KEY}": "its own name",
+        f"a:user:{ALICE_KEY},b:admin:{ALICE_KEY}": "share one key",
+    }
+    for value, words in bad.items():
+        with pytest.raises(SettingsError) as exc:
+            load_settings(API_KEYS=value)
+        assert words in str(exc.value) and ALICE_KEY not in str(exc.value), str(exc.value)
+
+
+def test_an_open_server_refuses_to_listen_on_the_network(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "APP_HOST": "0.0.0.0"}
+    out = subprocess.run([sys.executable, str(ROOT / "start.py")], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "APP_HOST=0.0.0.0" in lines[0] and "API_KEYS" in lines[0], out.stderr
+    assert load_settings(APP_HOST="0.0.0.0", ALLOW_UNAUTHENTICATED=True).bind_host == "0.0.0.0"
+    assert load_settings().bind_host == "127.0.0.1"
+    assert load_settings(API_KEYS=KEYS_SETTING).bind_host == "0.0.0.0"
+
+
+def _create_body(workspace: Path, name: str) -> dict[str, Any]:
+    return {"data_path": fake_dataset(workspace, "data", hang_after_steps=1),
+            "model_path": str(workspace / "models" / "tiny-qwen2"), "output_dir": name}  # fmt: skip
+
+
+def _request_for(method: str, path: str, job_id: str, workspace: Path) -> tuple[str, dict[str, Any] | None]:
+    url = path.removeprefix("/api/v1/training").replace("{job_id}", job_id)
+    body: dict[str, Any] | None = None
+    if method == "POST" and url == "/jobs":
+        body = _create_body(workspace, f"new-{job_id}")
+    elif method == "PATCH":
+        body = {"priority": 3}
+    return url, body
+
+
+async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
+        spec = client.app.openapi()
+        routes = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops]
+        assert len(routes) >= 20
+        counter = 0
+
+        async def alices_job() -> str:
+            nonlocal counter
+            counter += 1
+            name = f"own{counter}"
+            r = await client.post("/jobs", json=_create_body(tmp_path, name), headers=auth(ALICE_KEY))
+            assert r.status_code == 201, r.text
+            return str(r.json()["job_id"])
+
+        for method, path in routes:
+            if (method, path) in PUBLIC:
+                assert (await client.request(method, path.removeprefix("/api/v1/training"))).status_code == 200
+                continue
+            admin_only = "/queue/processor/" in path
+            on_a_job = "{job_id}" in path
+            outcomes: dict[str, int] = {}
+            for who, headers in [("nobody", {}), ("wrong", auth("not-a-key-0123456789")),
+                                 ("wrong-x", {"X-API-Key": "not-a-key-0123456789"}), ("other", auth(BOB_KEY)),
+                                 ("owner", auth(ALICE_KEY)), ("owner-x", {"X-API-Key": ALICE_KEY}),
+                                 ("admin", auth(ADMIN_KEY))]:  # fmt: skip
+                job_id = await alices_job()
+                url, body = _request_for(method, path, job_id, tmp_path)
+                r = await client.request(method, url, json=body, headers=headers)
+                outcomes[who] = r.status_code
+                if who in ("nobody", "wrong", "wrong-x"):
+                    assert r.status_code == 401, (method, path, who, r.text)
+                    assert r.headers["WWW-Authenticate"] == "Bearer" and r.json()["detail"]
+                elif who == "other" and on_a_job:
+                    assert r.status_code == 404, (method, path, r.text)
+                    assert (await client.get(f"/jobs/{job_id}", headers=auth(ALICE_KEY))).status_code == 200
+                elif admin_only and who in ("other", "owner", "owner-x"):
+                    assert r.status_code == 403 and "admin" in r.json()["detail"], (method, path, r.text)
+                else:
+                    assert r.status_code in (200, 201, 204, 409), (method, path, who, r.text)
+            # What the owner may do, an admin may do too.
+            assert outcomes["admin"] == outcomes["owner"] or admin_only, (method, path, outcomes)
+
+        # Lists: a user sees only their own jobs; an admin sees all and may filter by owner.
+        await client.post("/jobs", json=_create_body(tmp_path, "bobs"), headers=auth(BOB_KEY))
+        mine = (await client.get("/jobs", params={"limit": 500}, headers=auth(BOB_KEY))).json()
+        assert mine["total"] >= 1 and {j["owner"] for j in mine["jobs"]} == {"bob"}
+        sneaky = (await client.get("/jobs", params={"owner": "alice"}, headers=auth(BOB_KEY))).json()
+        assert {j["owner"] for j in sneaky["jobs"]} <= {"bob"}
+        everyone = (await client.get("/jobs", params={"limit": 500}, headers=auth(ADMIN_KEY))).json()
+        assert {j["owner"] for j in everyone["jobs"]} == {"alice", "bob", "root"}
+        alices = (await client.get("/jobs", params={"owner": "alice", "limit": 500}, headers=auth(ADMIN_KEY))).json()
+        assert {j["owner"] for j in alices["jobs"]} == {"alice"} and alices["total"] < everyone["total"]
+        # Events say who did what.
+        job_id = await alices_job()
+        await client.post(f"/jobs/{job_id}/stop", headers=auth(ADMIN_KEY))
+        events = (await client.get(f"/jobs/{job_id}/events", headers=auth(ALICE_KEY))).json()["events"]
+        assert [(e["type"], e["actor"]) for e in events] == [("created", "alice"), ("status_cancelled", "root")]
+
+
+async def test_without_keys_everything_is_open_to_the_local_user(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        r = await client.post("/jobs", json=_create_body(tmp_path, "open"))
+        assert r.status_code == 201, r.text
+        assert r.headers["Location"] == "/api/v1/training/jobs/open"
+        assert (await client.get("/jobs/open")).json()["owner"] is None
+        assert (await client.get("/queue/processor/status")).status_code == 200
+        assert (await client.get("/jobs/open/events")).json()["events"][0]["actor"] == "anonymous"
+
+
+async def test_health_and_docs_need_no_key(app_factory: Callable[..., Any]) -> None:
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        assert (await client.get("/health")).status_code == 200
+        root = httpx.URL("http://test")
+        assert (await client.get(root.join("/openapi.json"))).status_code == 200
+        assert (await client.get(root.join("/docs"))).status_code == 200
+        assert (await client.get("/jobs")).status_code == 401

@@ -1,0 +1,59 @@
+"""Idempotency-Key: a retried create or action gets the first answer, never a second job or a second stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import fake_dataset, make_model
+
+
+def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
+    return {"data_path": fake_dataset(tmp_path, "data", hang_after_steps=1),
+            "model_path": str(tmp_path / "models" / "tiny-qwen2"), "output_dir": name, **extra}  # fmt: skip
+
+
+async def test_twenty_concurrent_creates_with_one_key_make_one_job(app_factory: Callable[..., Any],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        headers = {"Idempotency-Key": "create-7f3a"}
+        replies = await asyncio.gather(*(client.post("/jobs", json=body(tmp_path, "once"), headers=headers)
+                                         for _ in range(20)))  # fmt: skip
+        assert {r.status_code for r in replies} == {201}
+        assert {r.json()["job_id"] for r in replies} == {"once"}
+        assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in replies) == 19
+        assert {r.headers["Location"] for r in replies} == {"/api/v1/training/jobs/once"}
+        assert (await client.get("/jobs")).json()["total"] == 1
+
+        later = await client.post("/jobs", json=body(tmp_path, "once"), headers=headers)
+        assert later.status_code == 201 and later.json() == replies[0].json()
+        other = await client.post("/jobs", json=body(tmp_path, "twice"), headers=headers)
+        assert other.status_code == 409 and "different request" in other.json()["detail"]
+        # Without a key, the same body is a new request (its folder is taken: 409).
+        assert (await client.post("/jobs", json=body(tmp_path, "once"))).status_code == 409
+        assert (await client.get("/jobs")).json()["total"] == 1
+
+
+async def test_a_retried_action_gets_the_first_answer(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        assert (await client.post("/jobs", json=body(tmp_path, "act"))).status_code == 201
+        headers = {"Idempotency-Key": "stop-1"}
+        first = await client.post("/jobs/act/stop", headers=headers)
+        assert first.status_code == 200 and first.json()["status"] == "cancelled"
+        again = await client.post("/jobs/act/stop", headers=headers)
+        assert again.status_code == 200 and again.json() == first.json()
+        assert (await client.post("/jobs/act/stop")).status_code == 409  # a new stop: nothing left to stop
+        # A refused request is replayed as refused.
+        bad = await client.post("/jobs/act/start", headers={"Idempotency-Key": "start-1"})
+        assert bad.status_code == 409
+        assert (await client.post("/jobs/act/start", headers={"Idempotency-Key": "start-1"})).json() == bad.json()
+        # The key is per path and body: the same key on another action is a different request.
+        r = await client.post("/jobs/act/export", headers=headers)
+        assert r.status_code == 409 and "different request" in r.json()["detail"]
+        for bad_key in ("", "has space", "x" * 256):
+            r = await client.post("/jobs/act/stop", headers={"Idempotency-Key": bad_key})
+            assert r.status_code == 422, (bad_key, r.text)

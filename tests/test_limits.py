@@ -1,0 +1,76 @@
+"""Per-owner limits and retention: 429 with Retry-After where a request is refused, GPUs shared fairly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, fake_dataset, make_model
+
+
+def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
+    return {"data_path": fake_dataset(tmp_path, "data", hang_after_steps=1),
+            "model_path": str(tmp_path / "models" / "tiny-qwen2"), "output_dir": name, **extra}  # fmt: skip
+
+
+async def test_create_rate_per_key(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="3/minute") as client:
+        for i in range(3):
+            r = await client.post("/jobs", json=body(tmp_path, f"r{i}"), headers=auth(ALICE_KEY))
+            assert r.status_code == 201, r.text
+        r = await client.post("/jobs", json=body(tmp_path, "r3"), headers=auth(ALICE_KEY))
+        assert r.status_code == 429 and "CREATE_RATE_LIMIT" in r.json()["detail"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert (await client.post("/jobs", json=body(tmp_path, "b0"), headers=auth(BOB_KEY))).status_code == 201
+
+
+async def test_waiting_jobs_per_owner(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MAX_QUEUED_PER_OWNER="2") as client:
+        for i in range(2):
+            r = await client.post("/jobs", json=body(tmp_path, f"w{i}"), headers=auth(ALICE_KEY))
+            assert r.status_code == 201, r.text
+        r = await client.post("/jobs", json=body(tmp_path, "w2"), headers=auth(ALICE_KEY))
+        assert r.status_code == 429 and "MAX_QUEUED_PER_OWNER=2" in r.json()["detail"] and r.headers["Retry-After"]
+        assert (await client.post("/jobs", json=body(tmp_path, "bob"), headers=auth(BOB_KEY))).status_code == 201
+        await client.post("/jobs/w0/stop", headers=auth(ALICE_KEY))  # cancelled: no longer waiting
+        assert (await client.post("/jobs", json=body(tmp_path, "w2"), headers=auth(ALICE_KEY))).status_code == 201
+
+
+async def test_gpus_per_owner_make_a_job_wait_without_blocking_others(app_factory: Callable[..., Any],
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MAX_GPUS_PER_OWNER="1", SIMULATED_GPUS="3x80") as client:
+        r = await client.post("/jobs", json=body(tmp_path, "big", num_gpus=2), headers=auth(ALICE_KEY))
+        assert r.status_code == 422 and "MAX_GPUS_PER_OWNER=1" in r.json()["detail"]
+        first = await client.post("/jobs", json=body(tmp_path, "a1", auto_start=True), headers=auth(ALICE_KEY))
+        assert first.json()["status"] == "running", first.text
+        second = await client.post("/jobs", json=body(tmp_path, "a2", auto_start=True), headers=auth(ALICE_KEY))
+        assert second.json()["status"] == "queued", second.text  # two GPUs are free, but alice holds her share
+        bobs = await client.post("/jobs", json=body(tmp_path, "b1", auto_start=True), headers=auth(BOB_KEY))
+        assert bobs.json()["status"] == "running", bobs.text  # queued behind a2, yet not blocked by it
+        await client.post("/jobs/a1/stop", headers=auth(ALICE_KEY))
+        deadline = time.monotonic() + 15
+        while (await client.get("/jobs/a2", headers=auth(ALICE_KEY))).json()["status"] != "running":
+            assert time.monotonic() < deadline, "a2 should start once a1 released alice's GPU"
+            await asyncio.sleep(0.05)
+
+
+async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(JOB_RETENTION_DAYS=1 / 86400) as client:  # one second
+        for name in ("old", "live"):
+            assert (await client.post("/jobs", json=body(tmp_path, name))).status_code == 201
+        await client.post("/jobs/old/stop")
+        training = client.app.state.training
+        deadline = time.monotonic() + 10
+        while not await training.expire_old_jobs():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert (await client.get("/jobs/old")).status_code == 404
+        assert (await client.get("/jobs/live")).status_code == 200  # still pending: never expires
+        assert (tmp_path / "data.jsonl").is_file()  # files stay

@@ -1,0 +1,128 @@
+"""Local paths stay inside their roots; hub ids are never looked up; bad path text never reaches the disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.exceptions import Invalid
+from application.services import path_sandbox
+from application.services.path_sandbox import resolve, resolve_output_dir
+from tests.conftest import fake_dataset, make_model
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> dict[str, Path]:
+    data = tmp_path / "datasets"
+    (data / "team").mkdir(parents=True)
+    (data / "team" / "train.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    (data / "top.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "shadow.jsonl").write_text("top secret\n")
+    (data / "escape").symlink_to(secret, target_is_directory=True)
+    return {"data": data, "secret": secret, "base": tmp_path}
+
+
+def data(value: str, r: dict[str, Path]) -> path_sandbox.Resolved:
+    return resolve("data_path", value, [r["data"]], data=True, base=r["base"], setting="DATA_ROOTS")
+
+
+def test_hub_ids_pass_untouched_and_local_paths_resolve_inside_roots(roots: dict[str, Path]) -> None:
+    for hub in ("AI-ModelScope/coco#20000", "swift/self-cognition:default#500", "ns/name"):
+        assert data(hub, roots) == path_sandbox.Resolved(hub, False)
+    inside = roots["data"] / "team" / "train.jsonl"
+    assert data(str(inside), roots).path == inside
+    assert data("./datasets/top.jsonl", roots).path == roots["data"] / "top.jsonl"
+    assert data("team/train.jsonl", roots).path == inside  # relative to a root
+    assert data("top.jsonl#100", roots).value == f"{roots['data'] / 'top.jsonl'}#100"
+    model = resolve("model_path", "Qwen/Qwen2.5-7B-Instruct", [roots["data"]], data=False, base=roots["base"],
+                    setting="MODEL_ROOTS")  # fmt: skip
+    assert model.local is False
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/etc/shadow", "/etc/does-not-exist", "~", "~root/.ssh/id_rsa", "./secret/shadow.jsonl", "../x.jsonl", ".",
+     "./datasets/escape/shadow.jsonl", "./datasets/../secret/shadow.jsonl", "./datasets/team/../../secret/x"],
+)  # fmt: skip
+def test_paths_outside_the_roots_are_refused_without_saying_whether_they_exist(
+    roots: dict[str, Path], value: str
+) -> None:
+    with pytest.raises(Invalid) as exc:
+        data(value, roots)
+    assert exc.value.detail.startswith("data_path must be inside DATA_ROOTS (")
+    assert "exist" not in exc.value.detail and "secret" not in exc.value.detail
+
+
+def test_names_that_exist_nowhere_are_refused(roots: dict[str, Path]) -> None:
+    for value in ("nothing.jsonl", "team/nothing.jsonl", "escape/shadow.jsonl", "plainword"):
+        with pytest.raises(Invalid) as exc:
+            data(value, roots)
+        assert "neither a hub id" in exc.value.detail
+    with pytest.raises(Invalid) as exc:
+        data("./datasets/missing.jsonl", roots)
+    assert "does not exist" in exc.value.detail  # inside a root, saying so reveals nothing
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("data\r.jsonl", "U+000D"), ("a\tb", "U+0009"), ("x\x1b[31m", "U+001B"), ("evil\u202egnp.jsonl", "U+202E"),
+     ("del\x7f", "U+007F"), ("c1\x85", "U+0085"), ("/" + "a" * 256, "longer than 255 bytes"),
+     ("a/" * 65, "65 folder levels"), ("é" * 2100, "bytes long")],
+)  # fmt: skip
+def test_bad_path_text_is_refused_before_any_filesystem_call(
+    roots: dict[str, Path], value: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_disk(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the filesystem was touched")
+
+    monkeypatch.setattr(os.path, "realpath", no_disk)
+    monkeypatch.setattr(os, "stat", no_disk)
+    with pytest.raises(Invalid) as exc:
+        data(value, roots)
+    assert words in exc.value.detail
+
+
+def test_output_dir_stays_under_output_root(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    assert resolve_output_dir("job1", root) == root / "job1"
+    for bad in ("..", "../x", "/etc/x", ".", "a/" * 2000, "x\ry"):
+        with pytest.raises(Invalid):
+            resolve_output_dir(bad, root)
+
+
+async def test_escapes_are_422_and_nothing_is_created_on_disk(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    good = {"data_path": fake_dataset(tmp_path, "data"), "model_path": str(tmp_path / "models" / "tiny-qwen2"),
+            "output_dir": "job"}  # fmt: skip
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "data.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)
+    before = {p for p in tmp_path.rglob("*")}
+    async with app_factory() as client:
+        cases = [
+            {"data_path": "/etc/shadow"}, {"data_path": str(outside / "data.jsonl")},
+            {"data_path": str(tmp_path / "link" / "data.jsonl")}, {"data_path": "~/.bashrc"},
+            {"model_path": "/root"}, {"model_path": "."}, {"model_path": str(tmp_path / "link")},
+            {"data_path": "x\x00y"}, {"data_path": "a\u202e.jsonl"}, {"output_dir": "a/" * 2000},
+            {"output_dir": "x" * 300}, {"model_path": "m/" * 70}, {"data_path": "d" * 300 + ".jsonl"},
+            {"output_dir": "../../escape"}, {"output_dir": str(outside / "job")},
+        ]  # fmt: skip
+        for change in cases:
+            r = await client.post("/jobs", json={**good, **change})
+            assert r.status_code == 422, (change, r.text)
+            detail = r.json()["detail"]
+            echoed = any(str(outside) in str(v) for v in change.values())
+            assert (echoed or str(outside) not in detail) and "does not exist" not in detail, (change, detail)
+        assert (await client.get("/jobs")).json()["total"] == 0
+        assert (await client.post("/jobs", json=good)).status_code == 201
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert not any(p.is_relative_to(outside) for p in created)
+    assert sorted(p.name for p in outside.iterdir()) == ["data.jsonl"]

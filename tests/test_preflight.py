@@ -1,0 +1,147 @@
+"""Pre-flight checks: a data set or model ms-swift could not use is refused at create, naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.exceptions import Invalid
+from application.services.preflight import check_dataset, check_model
+from application.services.swift_info import SwiftInfo
+from tests.conftest import ROOT, make_model
+
+PROBE = ROOT / "tests" / "fixtures" / "swift" / "probe-4.6.0.json"
+MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.fixture(scope="module")
+def swift_4_6() -> SwiftInfo:
+    return SwiftInfo.from_json(json.loads(PROBE.read_text()))
+
+
+def write(path: Path, rows: list[Any] | str) -> Path:
+    path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GOOD: dict[str, list[Any]] = {
+    "messages.jsonl": [MESSAGES] * 7,
+    "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 3,
+    "qr.jsonl": [{"query": "q", "response": "r", "history": []}] * 4,
+    "alpaca.jsonl": [{"instruction": "i", "input": "", "output": "o"}] * 5,
+    "text.jsonl": [{"text": "pre-training text"}] * 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_each_format_ms_swift_accepts_passes_with_its_row_count(tmp_path: Path, name: str) -> None:
+    info = check_dataset("data_path", write(tmp_path / name, GOOD[name]))
+    assert info.rows == len(GOOD[name]) and info.rows_exact
+
+
+def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([MESSAGES] * 6))
+    assert check_dataset("data_path", array).rows == 6
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text('query,response\n"a, b",c\nd,e\nf,g\n')
+    assert check_dataset("data_path", csv_file).rows == 3
+    big = write(tmp_path / "big.jsonl", [MESSAGES] * 30_000)  # past the rows that are parsed: counted, not parsed
+    assert check_dataset("data_path", big).rows == 30_000
+
+
+BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
+    "badline.jsonl": (json.dumps(MESSAGES) + "\n" * 2 + '{"messages": [}\n',
+                      ["badline.jsonl", "line 3", "not valid JSON"]),
+    "columns.jsonl": ([{"foo": 1, "bar": 2}], ["line 1", "no columns", "found: bar, foo", "messages"]),
+    "notlist.jsonl": ([{"messages": "hello"}], ["line 1", "'messages' must be a non-empty list"]),
+    "norole.jsonl": ([MESSAGES, {"messages": [{"content": "x"}]}], ["line 2", "'messages'[0]", "'role'"]),
+    "scalar.jsonl": (["just a string"], ["line 1", "JSON object"]),
+    "empty.jsonl": ("", ["is empty"]),
+    "blank.jsonl": ("\n\n  \n", ["is empty"]),
+    "rows.txt": ("hello\n", [".jsonl, .json or .csv"]),
+    "header.csv": ("foo,bar\n1,2\n", ["line 2", "no columns"]),
+    "array.json": ('[{"messages": []}]', ["element 1", "non-empty list"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_data_set_names_the_file_the_row_and_the_problem(tmp_path: Path, name: str) -> None:
+    content, words = BROKEN[name]
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", write(tmp_path / name, content))
+    for word in words:
+        assert word in exc.value.detail, (word, exc.value.detail)
+
+
+def test_preference_data_needs_a_rejected_answer(tmp_path: Path) -> None:
+    plain = write(tmp_path / "plain.jsonl", [MESSAGES])
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", plain, preference=True)
+    assert "rejected_response" in exc.value.detail
+    pref = write(tmp_path / "pref.jsonl", [{**MESSAGES, "rejected_response": "no"}])
+    assert check_dataset("data_path", pref, preference=True).rows == 1
+
+
+def test_unreadable_and_folder_data_sets(tmp_path: Path) -> None:
+    folder = tmp_path / "dir.jsonl"
+    folder.mkdir()
+    with pytest.raises(Invalid, match="not a file"):
+        check_dataset("data_path", folder)
+
+
+def test_a_model_folder_needs_config_and_tokenizer(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
+    folder = tmp_path / "Qwen2.5-0.5B-Instruct"
+    folder.mkdir()
+    with pytest.raises(Invalid, match=r"no config\.json"):
+        check_model("model_path", folder, None, None, swift_4_6)
+    (folder / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(Invalid, match="no tokenizer"):
+        check_model("model_path", folder, None, None, swift_4_6)
+    (folder / "tokenizer_config.json").write_text("{}")
+    check_model("model_path", folder, None, None, swift_4_6)  # a name ms-swift knows: type and template found
+    with pytest.raises(Invalid, match="not a folder"):
+        check_model("model_path", folder / "config.json", None, None, swift_4_6)
+
+
+def test_ms_swift_must_be_able_to_tell_the_type_and_template(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
+    # The real ms-swift 4.6.0 fails on exactly these (fixtures fail_no_model_type / fail_no_template).
+    tiny = make_model(tmp_path / "tiny-qwen2")
+    with pytest.raises(Invalid) as exc:
+        check_model("model_path", tiny, None, None, swift_4_6)
+    assert "training.model_type (one of qwen2, qwen2_gte)" in exc.value.detail
+    with pytest.raises(Invalid) as exc:
+        check_model("model_path", tiny, "qwen2", None, swift_4_6)
+    assert "training.template" in exc.value.detail and "qwen2_5" in exc.value.detail
+    check_model("model_path", tiny, "qwen2", "qwen2_5", swift_4_6)
+    with pytest.raises(Invalid, match="did you mean qwen2"):
+        check_model("model_path", tiny, "qwen-2", "qwen2_5", swift_4_6)
+    with pytest.raises(Invalid, match="not a template"):
+        check_model("model_path", tiny, "qwen2", "no-such-template", swift_4_6)
+    # A model this server trained and merged carries its args.json: ms-swift reads the type from it.
+    merged = make_model(tmp_path / "checkpoint-20-merged")
+    (merged / "args.json").write_text(json.dumps({"model_type": "qwen2", "template": "qwen2_5"}))
+    check_model("model_path", merged, None, None, swift_4_6)
+    # Without knowing the installed ms-swift, only the folder itself is checked.
+    check_model("model_path", tiny, None, None, None)
+
+
+async def test_create_refuses_a_broken_data_set_and_stores_its_row_count(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    model = make_model(tmp_path / "models" / "tiny-qwen2")
+    bad = write(tmp_path / "bad.jsonl", [MESSAGES, {"prompt_only": 1}])
+    good = write(tmp_path / "good.jsonl", [MESSAGES] * 12)
+    async with app_factory() as client:
+        r = await client.post("/jobs", json={"data_path": str(bad), "model_path": str(model), "output_dir": "b"})
+        assert r.status_code == 422 and "bad.jsonl" in r.json()["detail"] and "line 2" in r.json()["detail"]
+        r = await client.post("/jobs", json={"data_path": str(good), "model_path": str(model), "output_dir": "g"})
+        assert r.status_code == 201, r.text
+        assert (await client.get("/jobs/g")).json()["dataset_rows"] == 12
+        r = await client.post("/jobs", json={"data_path": "AI-ModelScope/alpaca-gpt4-data-en#500",
+                                             "model_path": str(model), "output_dir": "hub"})  # fmt: skip
+        assert r.status_code == 201 and (await client.get("/jobs/hub")).json()["dataset_rows"] is None
