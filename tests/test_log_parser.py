@@ -200,7 +200,7 @@ def test_4x_success_run() -> None:
     assert next(pt for pt in got.history if pt["eval_loss"] is not None)["eval_loss"] == 8.26
     for point in got.history:
         LossPoint.model_validate(point)
-    assert parser.history_points == 13
+    assert len(got.history) == 13
 
 
 def test_4x_success_stdout_only_progress_as_it_goes() -> None:

@@ -210,8 +210,19 @@ class Progress(BaseModel):
     updated_at: float | None = None
 
 
+class RunnerInfo(BaseModel):
+    """The runner process that owns a run (or an export): where it is and how to tell it is still the same one."""
+
+    host: str
+    pid: int | None = None
+    start_time: float | None = Field(None, description="process start time (Unix seconds), against reused pids")
+    launched_at: float = Field(..., description="when the scheduler launched it (Unix seconds)")
+
+
 class ExportInfo(BaseModel):
     status: ExportStatus = ExportStatus.NONE
+    export_id: str | None = Field(None, description="one export; its runner writes only under it")
+    auto: bool = False
     checkpoint: str | None = None
     path: str | None = None
     error: str | None = None
@@ -222,6 +233,7 @@ class ExportInfo(BaseModel):
     exit_code: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    runner: RunnerInfo | None = None
 
 
 class Job(BaseModel):
@@ -246,8 +258,10 @@ class Job(BaseModel):
     queued_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    pid: int | None = None
+    pid: int | None = Field(None, description="swift's launcher; it leads the process group of the run")
     process_start_time: float | None = None
+    runner: RunnerInfo | None = Field(None, description="the runner process that owns the current run")
+    scheduled_by: str | None = Field(None, description="the scheduler that started the current run")
     command: list[str] | None = None
     command_line: str | None = None
     env: dict[str, str] | None = Field(None, description="environment variables set for swift")
@@ -255,9 +269,14 @@ class Job(BaseModel):
     log_file: str | None = None
     log_offset: int = Field(0, description="bytes of the log already parsed")
     stop_requested: bool = False
+    stop_outcome: str | None = Field(None, description="how a stop ended the run: terminated (SIGTERM) or killed")
+    export_stop_requested: bool = False
     run_dir: str | None = None
     exit_code: int | None = None
     error_message: str | None = None
+    error_code: str | None = Field(
+        None, description="why it failed: exit_code, signal, launch, runner_lost, runner_terminated, lost"
+    )
     log_tail: list[str] | None = None
     progress: Progress = Field(default_factory=Progress)
     checkpoints: list[str] = Field(default_factory=list)
@@ -266,8 +285,7 @@ class Job(BaseModel):
     train_loss: float | None = None
     train_runtime: float | None = None
     export: ExportInfo = Field(default_factory=ExportInfo)
-    supervisor_id: str | None = None
-    run_id: str | None = Field(None, description="one swift run of this job; its follower writes only under it")
+    run_id: str | None = Field(None, description="one swift run of this job; its runner writes only under it")
 
     def duration_seconds(self, now: float) -> float | None:
         if self.started_at is None:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from application.exceptions import ApiError, Conflict, Invalid
-from application.services.job_store import JobStore
+from application.services.cluster_store import ClusterStore
 
 TTL_SECONDS = 24 * 3600
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -38,7 +38,7 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
 
 
 class Idempotency:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: ClusterStore) -> None:
         self.store = store
 
     async def run(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -41,8 +41,8 @@ class Refusal(str, Enum):
     OUTPUT_DIR_BUSY = "output_dir_busy"
     GPU_BUSY = "gpu_busy"
     EXPORT_STATE = "export_state"
-    NOT_OWNER = "not_owner"
     OTHER_RUN = "other_run"
+    NOT_LEADER = "not_leader"
     PRIORITY_CHANGED = "priority_changed"
 
 
@@ -231,7 +231,6 @@ class JobStore:
         refuse_export: Iterable[ExportStatus] | None = None,
         event: tuple[str, str, Mapping[str, Any] | None] | None = None,
         actor: str = SCHEDULER,
-        supervisor: str | None = None,
         run_id: str | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`).
@@ -244,8 +243,7 @@ class JobStore:
             "statuses": [s.value for s in statuses] if statuses is not None else None,
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
-            "maxlen": self.events_max, "supervisor": supervisor, "run_id": run_id,
-            "k": {"events": self.keys.job_events(job_id)},
+            "maxlen": self.events_max, "run_id": run_id, "k": {"events": self.keys.job_events(job_id)},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -262,8 +260,8 @@ class JobStore:
         data: Mapping[str, Any] | None = None,
         acquire_gpus: Iterable[int] = (),
         actor: str = SCHEDULER,
-        supervisor: str | None = None,
         run_id: str | None = None,
+        fence: str | None = None,
         now: float | None = None,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
@@ -272,6 +270,8 @@ class JobStore:
         or from a status outside `expect`, or onto a GPU another job leases. Stamps queued/started/finished
         times, keeps the indexes, queue and leases consistent (a job that ends releases its GPUs; one leaving
         the queue leaves the queue set) and wakes the queue processors when GPUs or the queue change.
+        `run_id` writes only into that run of the job; `fence` (the leader's lock value) only while that
+        scheduler still leads.
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -303,10 +303,10 @@ class JobStore:
                 "event": event_payload(f"status_{to.value}", message or f"status changed to {to.value}",
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to == JobStatus.QUEUED or to.is_terminal(),
-                "supervisor": supervisor, "run_id": run_id,
+                "run_id": run_id, "fence": fence,
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
-                      "expiry": k.expiry, "status": every, "owner_status": mine},
+                      "expiry": k.expiry, "leader": k.leader, "status": every, "owner_status": mine},
             })])  # fmt: skip
             if res[0] == "ok":
                 return JobStatus(res[1])
@@ -417,68 +417,3 @@ class JobStore:
 
     async def exporting(self) -> list[str]:
         return sorted(await self.r.smembers(self.keys.exporting))
-
-    async def publish_wakeup(self, reason: str) -> None:
-        await self.r.publish(self.keys.wakeup_channel, reason)
-
-    async def wakeups(self) -> AsyncIterator[str]:
-        """Every message on the wake-up channel, for as long as the connection holds."""
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        async with pubsub:
-            await pubsub.subscribe(self.keys.wakeup_channel)
-            async for message in pubsub.listen():
-                yield str(message.get("data"))
-
-    # ---- the processor switch, API process heartbeats ---------------------------------------------------
-
-    async def processor_switch(self) -> tuple[bool, float | None]:
-        raw = await self.r.hgetall(self.keys.processor_stats)
-        return raw.get("enabled") == "1", float(raw["since"]) if raw.get("since") else None
-
-    async def set_processor_switch(self, on: bool) -> bool:
-        key = self.keys.processor_stats
-        flag = "1" if on else "0"
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hget(key, "enabled")
-            pipe.hset(key, "enabled", flag)
-            previous, _ = await pipe.execute()
-        changed = previous != flag
-        if changed:
-            await self.r.hset(key, "since", repr(time.time()))
-            await self.publish_wakeup("processor")
-        return bool(changed)
-
-    async def heartbeat(self, supervisor_id: str, ttl: int) -> None:
-        await self.r.set(self.keys.supervisor(supervisor_id), str(time.time()), ex=ttl)
-
-    async def drop_heartbeat(self, supervisor_id: str) -> None:
-        await self.r.delete(self.keys.supervisor(supervisor_id))
-
-    async def heartbeat_alive(self, supervisor_id: str) -> bool:
-        return bool(await self.r.exists(self.keys.supervisor(supervisor_id)))
-
-    # ---- idempotency and rate limits ---------------------------------------------------------------------
-
-    async def claim_idempotency(self, key: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
-        """Claim `key` for a first request (returns None), or return what an earlier request with it stored."""
-        record = json.dumps({"fingerprint": fingerprint, "state": "running"})
-        if await self.r.set(key, record, nx=True, ex=ttl):
-            return None
-        raw = await self.r.get(key)
-        return json.loads(raw) if raw else {"fingerprint": fingerprint, "state": "gone"}
-
-    async def finish_idempotency(self, key: str, fingerprint: str, status: int, body: str, ttl: int,
-                                 headers: Mapping[str, str]) -> None:  # fmt: skip
-        await self.r.set(key, json.dumps({"fingerprint": fingerprint, "state": "done", "status": status,
-                                          "body": body, "headers": dict(headers)}), ex=ttl)  # fmt: skip
-
-    async def release_idempotency(self, key: str) -> None:
-        await self.r.delete(key)
-
-    async def hit_rate(self, key: str, period: float) -> int:
-        """Count one more request in the fixed window `key` (expires with its period); returns the count."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, max(1, int(period)) + 1)
-            count, _ = await pipe.execute()
-        return int(count)

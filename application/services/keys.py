@@ -84,14 +84,43 @@ class Keys:
 
     @property
     def processor_stats(self) -> str:
-        """Hash: the queue processor's on/off switch (`enabled`, `since`), shared by every API process."""
+        """Hash: the queue processor's on/off switch (`enabled`, `since`) and the leader's pass statistics."""
         return self._k("queue", "processor")
 
     @property
+    def pass_requests(self) -> str:
+        """List: ids of manual passes (POST /queue/process) the leader has yet to run."""
+        return self._k("queue", "pass_requests")
+
+    def pass_result(self, request_id: str) -> str:
+        """List, short TTL: the answer to one manual pass, for the API worker waiting on it."""
+        return self._k("queue", "pass_result", request_id)
+
+    @property
     def exporting(self) -> str:
-        """Set of job ids whose export is running: found again after a restart without a scan."""
+        """Set of job ids whose export is requested or running: found again after a restart without a scan."""
         return self._k("exporting")
 
-    def supervisor(self, supervisor_id: str) -> str:
-        """String with a TTL: the heartbeat of an API process that supervises jobs."""
-        return self._k("supervisor", supervisor_id)
+    @property
+    def leader(self) -> str:
+        """String with a TTL: `<fencing token>:<scheduler id>` of the scheduler that may start and stop runs."""
+        return self._k("scheduler", "leader")
+
+    @property
+    def leader_epoch(self) -> str:
+        """Counter: each new leadership takes the next value as its fencing token."""
+        return self._k("scheduler", "epoch")
+
+    def runner_heartbeat(self, job_id: str) -> str:
+        """String with a TTL: the heartbeat of the runner of a job's current run (JSON: run id, host, pid)."""
+        return self._k("runner", job_id)
+
+    @property
+    def gpu_snapshot(self) -> str:
+        """String: the scheduler's last GPU reading (JSON), for API workers that have no GPUs of their own."""
+        return self._k("gpus")
+
+    @property
+    def swift_info(self) -> str:
+        """String: what the scheduler learned of the installed ms-swift (version, arguments, models; JSON)."""
+        return self._k("swift")

@@ -8,23 +8,25 @@ from application.auth import Caller
 from application.config import Settings
 from application.exceptions import TooMany
 from application.models.training_model import JobStatus
+from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
 ANONYMOUS_BUCKET = "-"
 
 
 class CreateLimits:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, cluster: ClusterStore) -> None:
         self.rate = settings.create_rate()
         self.max_waiting = settings.MAX_QUEUED_PER_OWNER
         self.store = store
+        self.cluster = cluster
 
     async def check(self, caller: Caller) -> None:
         if self.rate is not None:
             count, period = self.rate
             now = time.time()
             window = int(now // period)
-            used = await self.store.hit_rate(self.store.keys.rate(caller.name or ANONYMOUS_BUCKET, window), period)
+            used = await self.cluster.hit_rate(self.store.keys.rate(caller.name or ANONYMOUS_BUCKET, window), period)
             if used > count:
                 raise TooMany(
                     f"at most {count} creates per {period:g} s for one key (CREATE_RATE_LIMIT): wait and retry",

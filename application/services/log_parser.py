@@ -243,6 +243,40 @@ def checkpoint_value(text: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a run left behind
+
+
+@dataclass
+class RunFacts:
+    """What a run's output says about it, from its log (the parser) or its logging.jsonl; merged at the end."""
+
+    progress: Progress | None = None
+    run_dir: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    best_checkpoint: str | None = None
+    train_loss: float | None = None
+    train_runtime: float | None = None
+    # The trainer got to its end (swift printed last_model_checkpoint, or the summary line was written).
+    finished: bool = False
+
+    def merged(self, other: RunFacts | None) -> RunFacts:
+        """These facts, with what they lack taken from `other` (a re-attached reader may have missed lines)."""
+        if other is None:
+            return self
+        return RunFacts(
+            progress=self.progress or other.progress,
+            run_dir=self.run_dir or other.run_dir,
+            checkpoints=self.checkpoints or other.checkpoints,
+            last_checkpoint=self.last_checkpoint or other.last_checkpoint,
+            best_checkpoint=self.best_checkpoint or other.best_checkpoint,
+            train_loss=self.train_loss if self.train_loss is not None else other.train_loss,
+            train_runtime=self.train_runtime if self.train_runtime is not None else other.train_runtime,
+            finished=self.finished or other.finished,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Incremental parser
 
 
@@ -299,13 +333,10 @@ class SwiftLogParser:
         self.train_runtime: float | None = None
         self.merged_path: str | None = None
         self.training_ended = False
-        self.history_points = 0
-        self.bytes_fed = 0
 
     def feed(self, data: bytes) -> ParseResult:
         """Parse the complete segments in `data` (plus what was left over); a trailing segment with
         no \\r or \\n yet waits for the next call."""
-        self.bytes_fed += len(data)
         result = ParseResult()
         buf = self._partial + data
         cut = max(buf.rfind(b"\n"), buf.rfind(b"\r"))
@@ -325,6 +356,14 @@ class SwiftLogParser:
                 if progress is not None:
                     self.progress = result.progress = progress
         return result
+
+    def facts(self) -> RunFacts:
+        return RunFacts(
+            progress=self.progress, run_dir=self.run_dir, checkpoints=list(self.checkpoints),
+            last_checkpoint=self.last_checkpoint, best_checkpoint=self.best_checkpoint, train_loss=self.train_loss,
+            train_runtime=self.train_runtime,
+            finished=self.training_ended or self.train_runtime is not None or self.last_checkpoint is not None,
+        )  # fmt: skip
 
     def flush(self) -> ParseResult:
         """Parse what is left after the last \\r or \\n (call once the process has exited)."""
@@ -393,7 +432,6 @@ class SwiftLogParser:
         if key in self._seen_points:
             return
         self._seen_points.add(key)
-        self.history_points += 1
         result.history.append(_history_point(d, kind, time.time() if live else None))
 
 

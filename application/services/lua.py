@@ -35,9 +35,9 @@ local function member(value, list)
   return false
 end
 local function fenced(key)
-  -- A writer that names its supervisor or run only writes while that is still the job's.
-  if a.supervisor and field(key, 'supervisor_id') ~= a.supervisor then return 'not_owner' end
+  -- A runner writes only into its own run; a scheduler starts and stops runs only while it leads.
   if a.run_id and field(key, 'run_id') ~= a.run_id then return 'other_run' end
+  if a.fence and redis.call('GET', a.k.leader) ~= a.fence then return 'not_leader' end
   return nil
 end
 local function reindex(idx, id, from, to, score)
@@ -87,8 +87,9 @@ return {'ok'}
 
 # The one way a status changes. a: id, to, allowed (current statuses it may leave), fields, queue ('add' |
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
-# event, maxlen, wake, supervisor|nil, run_id|nil, finished_at|nil,
-# k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, status {s: key}, owner_status {s: key}|nil}
+# event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil,
+# k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, status {s: key},
+#     owner_status {s: key}|nil}
 TRANSITION = (
     _HELPERS
     + """
@@ -131,8 +132,8 @@ return {'ok', cur, ev}
 )
 
 # Set fields while the job exists, is in one of `statuses` (when given) and its export status is not in
-# `refuse_export` (when given). a: fields, statuses|nil, refuse_export|nil, event|nil, maxlen, supervisor|nil,
-# run_id|nil, k: {events}
+# `refuse_export` (when given). a: fields, statuses|nil, refuse_export|nil, event|nil, maxlen, run_id|nil,
+# k: {events}
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -204,4 +205,28 @@ DROP_LEASE = """
 local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
 return 0
+"""
+
+# The scheduler's leader lock. KEYS[1]: the lock. a: value, ttl_ms, epoch (the counter's key).
+# ACQUIRE takes it when free, with the next fencing token in its value; RENEW extends it only for its holder;
+# RELEASE frees it only for its holder.
+LEADER_ACQUIRE = """
+local a = cjson.decode(ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', a.epoch)
+local value = tostring(token) .. ':' .. a.id
+redis.call('SET', KEYS[1], value, 'PX', a.ttl_ms)
+return value
+"""
+
+LEADER_RENEW = """
+local a = cjson.decode(ARGV[1])
+if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
+return redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
+"""
+
+LEADER_RELEASE = """
+local a = cjson.decode(ARGV[1])
+if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
+return redis.call('DEL', KEYS[1])
 """

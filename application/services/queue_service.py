@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from application.auth import Caller
-from application.exceptions import Conflict
+from application.exceptions import ApiError, Conflict
 from application.models.training_model import JobStatus, WaitEstimate
-from application.services.job_store import JobStore
-from application.services.queue_processor import ClusterView, QueueProcessor
+from application.services.queue_planner import ClusterView, queued
 from application.services.scheduler import format_wait
 from application.services.training_service import TrainingService
+
+PASS_WAIT_SECONDS = 10.0
+
+
+class NoScheduler(ApiError):
+    status_code = 503
 
 
 def _estimate(seconds: float | None) -> dict[str, Any] | None:
@@ -29,14 +35,14 @@ def free_gpu_count(view: ClusterView, min_free_gb: float, max_util: float) -> in
 class QueueService:
     def __init__(self, service: TrainingService) -> None:
         self.service = service
-        self.store: JobStore = service.store
-        self.processor: QueueProcessor = service.processor
+        self.store = service.store
+        self.cluster = service.cluster
         self.settings = service.settings
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
-        view = await self.processor.view()
-        queue = await self.processor.queued(limit, start=offset)
-        waits = await self.processor.wait_estimates(view, offset + limit)
+        view = await self.service.view()
+        queue = await queued(self.store, limit, start=offset)
+        waits = await self.service.planner.wait_estimates(view, offset + limit)
         now = time.time()
         entries = [
             {
@@ -54,11 +60,10 @@ class QueueService:
             }
             for i, q in enumerate(queue)
         ]
-        length = await self.store.queue_length()
         return {
             "entries": entries,
             "summary": {
-                "length": length,
+                "length": await self.store.queue_length(),
                 "offset": offset,
                 "limit": limit,
                 "total_gpus": len(view.gpus),
@@ -67,13 +72,21 @@ class QueueService:
                 ),
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
-                "processor_running": (await self.processor.switch())[0],
+                "processor_running": await self._processor_running(),
                 "gpu_error": view.snapshot.error,
             },
         }
 
+    async def _processor_running(self) -> bool:
+        enabled, _ = await self.cluster.processor_switch()
+        return enabled and await self.cluster.leader() is not None
+
     async def process(self) -> dict[str, Any]:
-        started = await self.processor.run_pass()
+        if await self.cluster.leader() is None:
+            raise NoScheduler("no scheduler is running to make a pass: start one (python start.py scheduler)")
+        started = await self.cluster.request_pass(uuid.uuid4().hex, PASS_WAIT_SECONDS)
+        if started is None:
+            raise NoScheduler(f"the scheduler did not answer within {PASS_WAIT_SECONDS:g} s: try again")
         return {
             "started": started,
             "queue_length": await self.store.queue_length(),
@@ -95,8 +108,7 @@ class QueueService:
             return {"job_id": job_id, "queued": False, "status": job.status.value, "queue_position": None,
                     "jobs_ahead": None, "estimated_wait_time": None,
                     "message": f"the job is not queued: it is {job.status.value}"}  # fmt: skip
-        view = await self.processor.view()
-        waits = await self.processor.wait_estimates(view, position)
+        waits = await self.service.planner.wait_estimates(await self.service.view(), position)
         return {
             "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": position,
             "jobs_ahead": position - 1, "priority": job.priority, "num_gpus": job.num_gpus,
@@ -105,28 +117,31 @@ class QueueService:
         }  # fmt: skip
 
     async def processor_status(self) -> dict[str, Any]:
-        s = self.processor.stats
-        enabled, since = await self.processor.switch()
+        enabled, since = await self.cluster.processor_switch()
+        leader = await self.cluster.leader()
+        stats = await self.cluster.pass_stats()
         return {
-            "running": enabled and self.processor.alive,
+            "running": enabled and leader is not None,
+            "enabled": enabled,
             "since": since,
-            "passes": s.passes,
-            "jobs_started": s.jobs_started,
-            "last_pass_at": s.last_pass_at,
-            "last_pass_ms": s.last_pass_ms,
-            "last_started": s.last_started,
-            "last_error": s.last_error,
-            "last_error_at": s.last_error_at,
+            "leader": leader.scheduler_id if leader else None,
+            "passes": stats.get("passes", 0),
+            "jobs_started": stats.get("jobs_started", 0),
+            "last_pass_at": stats.get("last_pass_at"),
+            "last_pass_ms": stats.get("last_pass_ms"),
+            "last_started": stats.get("last_started", []),
+            "last_error": stats.get("last_error"),
+            "last_error_at": stats.get("last_error_at"),
             "poll_interval_seconds": self.settings.QUEUE_POLL_INTERVAL,
             "policy": self.settings.QUEUE_POLICY.value,
         }
 
     async def start_processor(self) -> dict[str, Any]:
-        changed = await self.processor.set_enabled(True)
+        changed = await self.cluster.set_processor_switch(True)
         msg = "processor started" if changed else "processor already running"
         return {**await self.processor_status(), "message": msg}
 
     async def stop_processor(self) -> dict[str, Any]:
-        changed = await self.processor.set_enabled(False)
+        changed = await self.cluster.set_processor_switch(False)
         msg = "processor stopped: queued jobs wait; running jobs go on" if changed else "processor was not running"
         return {**await self.processor_status(), "message": msg}

@@ -36,8 +36,8 @@ def find_redis_server(configured: str | None = None) -> str | None:
     return REDIS_SERVER_PATH if Path(REDIS_SERVER_PATH).is_file() else None
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the API process dies (Linux), so a killed API leaves no server behind."""
+def die_with_parent() -> None:
+    """In a child: SIGTERM when its parent dies (Linux), so a killed start.py leaves nothing serving behind."""
     try:
         import ctypes
 
@@ -93,7 +93,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -8,24 +8,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from application.models.training_model import Progress
-from application.services.log_parser import ParseResult, SwiftLogParser, checkpoint_value, normalize_step_dict
+from application.services.log_parser import (
+    ParseResult,
+    RunFacts,
+    SwiftLogParser,
+    checkpoint_value,
+    normalize_step_dict,
+)
 
 _CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
 _VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
 
 
 @dataclass
-class LoggingJsonl:
-    """What swift's `<run dir>/logging.jsonl` says; `finished` when its final summary line is there."""
+class LoggingJsonl(RunFacts):
+    """What swift's `<run dir>/logging.jsonl` says (`finished` once its summary line is there), and its points."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
-    progress: Progress | None = None
-    last_checkpoint: str | None = None
-    best_checkpoint: str | None = None
-    train_loss: float | None = None
-    train_runtime: float | None = None
-    finished: bool = False
 
 
 def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:

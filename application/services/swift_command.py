@@ -169,8 +169,10 @@ def build_export_command(swift_bin: str, checkpoint: str, *, exist_ok: bool) -> 
     return argv
 
 
-def build_env(base: Mapping[str, str], gpu_ids: list[int], *, master_port: int | None = None) -> dict[str, str]:
-    """The whole environment of a swift process: the server's, with the GPU variables set explicitly."""
+def build_env(
+    base: Mapping[str, str], gpu_ids: list[int], *, master_port: int | None = None, extra: Mapping[str, str] = {}
+) -> dict[str, str]:
+    """The whole environment of a swift process: `base` with the GPU variables set explicitly (then `extra`)."""
     env = dict(base)
     for name in ("NPROC_PER_NODE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
         env.pop(name, None)
@@ -181,6 +183,7 @@ def build_env(base: Mapping[str, str], gpu_ids: list[int], *, master_port: int |
         env["NPROC_PER_NODE"] = str(len(gpu_ids))
         if master_port:
             env["MASTER_PORT"] = str(master_port)
+    env.update(extra)
     return env
 
 

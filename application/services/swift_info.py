@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,13 @@ class SwiftInfo:
     names: dict[str, tuple[str, str | None]]
     types: dict[str, ModelType]
     templates: frozenset[str]
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # what the probe printed
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SwiftInfo:
         models = data.get("models") or {}
         return cls(
+            raw=data,
             version=str(data.get("version") or ""),
             arguments=data.get("arguments") or {},
             names={k: (v[0], v[1]) for k, v in (models.get("names") or {}).items()},

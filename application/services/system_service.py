@@ -1,8 +1,13 @@
-"""GPUs, system status and health: what the operators' dashboards read."""
+"""GPUs, system status and health: what the operators' dashboards read.
+
+GPU readings and ms-swift facts come from the scheduler (through the store): an API worker needs neither
+GPUs nor ms-swift of its own. Host figures (CPU, memory, disk of OUTPUT_ROOT) are this API host's.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -15,6 +20,9 @@ from application import __version__
 from application.services.redis_service import RedisService
 from application.services.training_service import TrainingService
 from application.utils.gpu_utils import gpu_summary
+
+# A GPU reading older than this says the scheduler is not watching the GPUs any more.
+STALE_GPU_SECONDS = 60.0
 
 
 def _existing_parent(path: Path) -> Path:
@@ -44,7 +52,7 @@ class SystemService:
         self.redis = redis
 
     async def gpus(self) -> dict[str, Any]:
-        snapshot = await asyncio.to_thread(self.service.inventory.snapshot)
+        snapshot = await self.service.gpu_snapshot()
         leases = await self.service.store.leases()
         gpus = []
         for g in snapshot.gpus:
@@ -52,7 +60,7 @@ class SystemService:
             entry["job_id"] = leases.get(g.index)
             gpus.append(entry)
         return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": snapshot.error,
-                "gpus": gpus, "summary": gpu_summary(snapshot)}  # fmt: skip
+                "taken_at": snapshot.taken_at or None, "gpus": gpus, "summary": gpu_summary(snapshot)}  # fmt: skip
 
     async def redis_health(self) -> dict[str, Any]:
         try:
@@ -62,35 +70,57 @@ class SystemService:
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": self.redis.embedded is not None}
 
+    async def scheduler_health(self) -> dict[str, Any]:
+        leader = await self.service.cluster.leader()
+        snapshot = await self.service.gpu_snapshot()
+        age = time.time() - snapshot.taken_at if snapshot.taken_at else None
+        return {
+            "ok": leader is not None,
+            "leader": leader.scheduler_id if leader else None,
+            "gpu_reading_age_seconds": round(age, 3) if age is not None else None,
+            **({} if leader else {"error": "no scheduler leads: queued jobs wait (python start.py scheduler)"}),
+        }
+
+    async def swift_health(self) -> dict[str, Any]:
+        raw = await self.service.cluster.swift_info_raw()
+        if raw is None:
+            return {"ok": None, "version": None, "bin": None, "detail": "not known yet: the scheduler reports it"}
+        info = json.loads(raw)
+        return {"ok": info.get("version") is not None or info.get("probed"), "version": info.get("version"),
+                "version_source": info.get("version_source"), "bin": info.get("bin"),
+                "probed": info.get("probed")}  # fmt: skip
+
     async def system_status(self) -> dict[str, Any]:
-        stats = await asyncio.to_thread(host_stats, self.service.settings.OUTPUT_ROOT)
-        snapshot = await asyncio.to_thread(self.service.inventory.snapshot)
+        settings = self.service.settings
+        stats = await asyncio.to_thread(host_stats, settings.OUTPUT_ROOT)
+        snapshot = await self.service.gpu_snapshot()
         redis = await self.redis_health()
         counts = await self.service.store.counts() if redis["ok"] else None
-        version = await self.service.swift_version()
+        enabled, _ = await self.service.cluster.processor_switch() if redis["ok"] else (False, None)
         return {
             **stats,
             "gpus": gpu_summary(snapshot),
             "jobs": counts,
             "queue_length": await self.service.store.queue_length() if redis["ok"] else None,
             "redis": redis,
-            "queue_processor": {"running": (await self.service.processor.switch())[0], "policy":
-                                self.service.settings.QUEUE_POLICY.value},
-            "swift": {"bin": self.service.settings.SWIFT_BIN, "version": version.version,
-                      "version_source": version.source},
+            "scheduler": await self.scheduler_health() if redis["ok"] else None,
+            "queue_processor": {"running": enabled, "policy": settings.QUEUE_POLICY.value},
+            "swift": await self.swift_health() if redis["ok"] else None,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.service.started_at, 3),
-        }  # fmt: skip
+        }
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis = await self.redis_health()
-        snapshot = await asyncio.to_thread(self.service.inventory.snapshot)
-        body = {
-            "status": "healthy" if redis["ok"] else "unhealthy",
-            "redis": redis,
-            "gpu": {"backend": snapshot.backend, "count": len(snapshot.gpus), "error": snapshot.error},
-            "version": __version__,
-        }
+        body: dict[str, Any] = {"status": "healthy" if redis["ok"] else "unhealthy", "redis": redis,
+                                "version": __version__}  # fmt: skip
         if not redis["ok"]:
             body["detail"] = f"Redis does not answer: {redis['error']}"
-        return bool(redis["ok"]), body
+            return False, body
+        snapshot = await self.service.gpu_snapshot()
+        body["gpu"] = {"backend": snapshot.backend, "count": len(snapshot.gpus), "error": snapshot.error}
+        body["scheduler"] = await self.scheduler_health()
+        body["swift"] = await self.swift_health()
+        if not body["scheduler"]["ok"]:
+            body["status"] = "degraded"
+        return True, body

@@ -1,20 +1,21 @@
-"""TrainingService: the thin coordinator behind the job endpoints.
+"""TrainingService: the thin coordinator behind the job endpoints, in the (stateless) API workers.
 
-Policy lives elsewhere: scheduling in `scheduler` (pure) and `queue_processor`, processes in
-`job_runner`/`process_supervisor`, parsing in `log_parser`, GPUs in `utils.gpu_utils`, state in `job_store`.
+API workers start no process and run no background task: they read and write the store, and ask the
+scheduler for what needs process control through it (a job queued wakes the leader; a stop is a flag the
+run's runner acts on; an export is a request the leader's watchdog launches). Policy lives elsewhere:
+scheduling in `scheduler` (pure, shared with the scheduler through `queue_planner`), the checks before a
+job is stored in `preflight`, state in `job_store`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import re
-import socket
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-
-import psutil
-from loguru import logger
 
 from application.auth import Caller
 from application.config import Settings
@@ -34,26 +35,22 @@ from application.models.training_model import (
     StatusResponse,
     WaitEstimate,
 )
-from application.services import process_supervisor as ps
+from application.services.cluster_store import ClusterStore
+from application.services.exports import ENDED_WITH_SWIFT, prepare_export
 from application.services.gpu_pool import impossible_request, queued_job
-from application.services.job_runner import JobRunner
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.preflight import check_request
-from application.services.queue_processor import QueueProcessor
+from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.scheduler import QueuedJob, format_wait
-from application.services.swift_command import SwiftVersion, detect_swift_version
-from application.services.swift_info import SwiftInfo, probe
-from application.utils.gpu_utils import GpuInventory
+from application.services.swift_info import SwiftInfo
+from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
 
-HEARTBEAT_SECONDS = 5.0
-HEARTBEAT_TTL = 15
-
-
-def make_supervisor_id() -> str:
-    me = psutil.Process()
-    return f"{socket.gethostname()}:{me.pid}:{int(me.create_time() * 1000)}"
+# How long a start waits for the scheduler to pick the job up, and a stop for the runner to end the run.
+START_WAIT_SECONDS = 5.0
+STOP_EXTRA_SECONDS = 10.0
+POLL_SECONDS = 0.05
 
 
 def job_id_from(output_dir: Path) -> str:
@@ -62,119 +59,35 @@ def job_id_from(output_dir: Path) -> str:
 
 
 class TrainingService:
-    def __init__(self, settings: Settings, store: JobStore, inventory: GpuInventory) -> None:
+    def __init__(self, settings: Settings, store: JobStore, cluster: ClusterStore) -> None:
         self.settings = settings
         self.store = store
-        self.inventory = inventory
-        self.supervisor_id = make_supervisor_id()
-        self._version: SwiftVersion | None = None
-        self._version_lock = asyncio.Lock()
-        self.runner = JobRunner(store, settings, dict(os.environ), self.swift_version, self.supervisor_id)
-        self.processor = QueueProcessor(store, inventory, settings, self.runner.start_training)
-        self.limits = CreateLimits(settings, store)
+        self.cluster = cluster
+        self.limits = CreateLimits(settings, store, cluster)
+        self.planner = Planner(store, settings)
         self.started_at = time.time()
-        self._watchdog: asyncio.Task[None] | None = None
-        self.swift_info: SwiftInfo | None = None
-        self._probe: asyncio.Task[None] | None = None
+        self._swift: tuple[str, SwiftInfo | None] | None = None
 
-    async def swift_version(self) -> SwiftVersion:
-        async with self._version_lock:
-            if self._version is None:
-                self._version = await asyncio.to_thread(
-                    detect_swift_version, self.settings.SWIFT_BIN, self.settings.SWIFT_VERSION
-                )
-            return self._version
+    # ---- what the scheduler published ---------------------------------------------------------------
 
-    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def gpu_snapshot(self) -> GpuSnapshot:
+        data = await self.cluster.gpu_snapshot()
+        if data is None:
+            return GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
+        return GpuSnapshot.from_dict(data)
 
-    async def startup(self) -> None:
-        await self._heartbeat()
-        await self.adopt_orphans()
-        self.processor.launch()
-        await self.processor.set_enabled(self.settings.QUEUE_PROCESSOR_AUTOSTART)
-        self._watchdog = asyncio.create_task(self._watch(), name="supervision-watchdog")
-        self._probe = asyncio.create_task(self._probe_swift(), name="swift-probe")
+    async def view(self) -> ClusterView:
+        return await build_view(self.store, await self.gpu_snapshot())
 
-    async def _probe_swift(self) -> None:
-        version = await self.swift_version()
-        self.swift_info = await asyncio.to_thread(probe, self.settings.SWIFT_BIN, version.version,
-                                                  self.settings.DATA_DIR / "swift-probe")  # fmt: skip
-
-    async def shutdown(self) -> None:
-        for task in (self._watchdog, self._probe):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        await self.processor.close()
-        await self.runner.shutdown()
-        try:
-            await self.store.drop_heartbeat(self.supervisor_id)
-        except Exception:  # Redis may already be gone at shutdown
-            pass
-
-    async def _heartbeat(self) -> None:
-        await self.store.heartbeat(self.supervisor_id, HEARTBEAT_TTL)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            try:
-                await self._heartbeat()
-                await self.adopt_orphans()
-                await self.expire_old_jobs()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("supervision watchdog: {}", exc)
-
-    async def expire_old_jobs(self, batch: int = 100) -> list[str]:
-        """Delete the records of jobs that ended more than JOB_RETENTION_DAYS ago (their files stay)."""
-        days = self.settings.JOB_RETENTION_DAYS
-        if days <= 0:
-            return []
-        removed = []
-        for job_id in await self.store.expired(time.time() - days * 86400, batch):
-            try:
-                await self.store.delete(job_id)
-                removed.append(job_id)
-            except TransitionRefused:
-                continue  # exporting right now, or gone already: the next sweep sees it again
-        if removed:
-            logger.info("removed {} job record(s) older than {} days: {}", len(removed), days, ", ".join(removed))
-        return removed
-
-    async def _supervisor_alive(self, supervisor_id: str | None) -> bool:
-        if not supervisor_id:
-            return False
-        if supervisor_id == self.supervisor_id:
-            return True
-        host, _, rest = supervisor_id.partition(":")
-        if host == socket.gethostname():
-            pid_s, _, ctime_ms = rest.partition(":")
-            try:
-                return ps.is_alive(int(pid_s), int(ctime_ms) / 1000)
-            except ValueError:
-                return False
-        return await self.store.heartbeat_alive(supervisor_id)
-
-    async def adopt_orphans(self) -> None:
-        """Follow running jobs and exports whose API process died; never leave a job running without a watcher."""
-        ids = await self.store.ids_with_status(JobStatus.RUNNING) + await self.store.exporting()
-        for job in await self.store.get_many(dict.fromkeys(ids)):
-            if self.runner.following(job.job_id):
-                continue
-            exporting = job.export.status == ExportStatus.RUNNING
-            if job.status != JobStatus.RUNNING and not exporting:
-                await self.store.mark_exporting(job.job_id, False)
-                continue
-            # Ours but unfollowed (its follower crashed, e.g. on a Redis outage) is an orphan too.
-            if job.supervisor_id != self.supervisor_id and await self._supervisor_alive(job.supervisor_id):
-                continue
-            try:
-                await self.store.update(job.job_id, {"supervisor_id": self.supervisor_id}, supervisor=job.supervisor_id)
-            except TransitionRefused:
-                continue  # another API process adopted it first
-            await self.runner.adopt(job.model_copy(update={"supervisor_id": self.supervisor_id}))
+    async def swift_info(self) -> SwiftInfo | None:
+        """The installed ms-swift's argument and model registry, as the scheduler probed it (cached per version)."""
+        raw = await self.cluster.swift_info_raw()
+        if raw is None:
+            return None
+        if self._swift is None or self._swift[0] != raw[:200]:
+            probe = json.loads(raw).get("probe")
+            self._swift = (raw[:200], SwiftInfo.from_json(probe) if probe else None)
+        return self._swift[1]
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
@@ -185,10 +98,16 @@ class TrainingService:
             raise JobNotFound(job_id)
         return job
 
+    async def _job(self, job_id: str) -> Job:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
     async def create(self, req: JobCreate, caller: Caller) -> CreateResponse:
         await self.limits.check(caller)
-        snapshot = await asyncio.to_thread(self.inventory.snapshot)
-        reason = impossible_request(req, snapshot)
+        snapshot = await self.gpu_snapshot()
+        reason = impossible_request(req, snapshot) if snapshot.taken_at else None
         if reason:
             raise Invalid(reason)
         cap = self.settings.MAX_GPUS_PER_OWNER
@@ -198,7 +117,7 @@ class TrainingService:
         # fails now, not after its wait. Disk work, so in a thread.
         checked = await asyncio.to_thread(
             check_request, req.data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
-            template=req.training.template, settings=self.settings, info=self.swift_info,
+            template=req.training.template, settings=self.settings, info=await self.swift_info(),
         )  # fmt: skip
         base_id = req.job_id or job_id_from(checked.output_dir)
         now = time.time()
@@ -209,8 +128,7 @@ class TrainingService:
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
             training=req.training, created_at=now, updated_at=now,
         )  # fmt: skip
-        view = await self.processor.view()
-        fits = any(s.job_id == job.job_id for s in await self.processor.plan(view, extra=self._as_queued(job)))
+        fits = any(s.job_id == job.job_id for s in await self.planner.plan(await self.view(), extra=_queued(job)))
         if not fits:
             job.status = JobStatus.QUEUED
             job.queued_at = now
@@ -242,44 +160,52 @@ class TrainingService:
                                   estimated_wait_time=estimate)  # fmt: skip
         return CreateResponse(job_id=job.job_id, status=job.status, message=message)
 
-    def _as_queued(self, job: Job) -> QueuedJob:
-        return queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
-                          job.min_gpu_memory_gb, owner=job.owner)  # fmt: skip
-
     async def start(self, job_id: str, caller: Caller) -> ActionResponse:
+        """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
+        when its GPUs are free: at once when they are now."""
         job = await self.require(job_id, caller)
+        if job.status == JobStatus.PENDING:
+            try:
+                await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
+                                            message="start requested: queued for the scheduler")  # fmt: skip
+            except TransitionRefused as exc:
+                raise Conflict(f"job '{job_id}' is {exc.current}: it cannot be started") from None
+            # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
+            if await self.cluster.leader() is not None:
+                await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
+            job = await self._job(job_id)
+            if job.status == JobStatus.RUNNING:
+                where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
+                return ActionResponse(job_id=job_id, status=job.status, gpu_ids=job.gpu_ids,
+                                      message=f"Training started on {where}")  # fmt: skip
+            if job.status != JobStatus.QUEUED:
+                return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}")
+            position, estimate = await self._queue_info(job_id)
+            return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=position,
+                                  estimated_wait_time=estimate, message=await self._queued_message())  # fmt: skip
         if job.status == JobStatus.QUEUED:
-            self.processor.wake()
+            await self.cluster.publish_wakeup(job_id)
             position, estimate = await self._queue_info(job_id)
             return ActionResponse(job_id=job_id, status=job.status, queue_position=position,
                                   estimated_wait_time=estimate,
                                   message="The job is queued: it starts by itself when its GPUs are free")  # fmt: skip
-        if job.status != JobStatus.PENDING:
-            raise Conflict(
-                f"job '{job_id}' is {job.status.value}: only a pending job can be started"
-                + ("" if job.status == JobStatus.RUNNING else "; create a new job to train again")
-            )
-        view = await self.processor.view()
-        starts = await self.processor.plan(view, extra=self._as_queued(job))
-        mine = next((s for s in starts if s.job_id == job_id), None)
-        if mine is not None:
-            try:
-                await self.runner.start_training(job, list(mine.gpu_ids))
-                where = f"GPUs {list(mine.gpu_ids)}" if mine.gpu_ids else "the CPU"
-                return ActionResponse(job_id=job_id, status=JobStatus.RUNNING, gpu_ids=list(mine.gpu_ids),
-                                      message=f"Training started on {where}")  # fmt: skip
-            except TransitionRefused as exc:
-                if exc.reason != Refusal.GPU_BUSY:
-                    raise Conflict(f"job '{job_id}' is {exc.current}: it cannot be started") from None
-        try:
-            await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
-                                        message="no free GPUs at start: added to the GPU queue")  # fmt: skip
-        except TransitionRefused as exc:
-            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot be started") from None
-        position, estimate = await self._queue_info(job_id)
-        return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=position,
-                              estimated_wait_time=estimate,
-                              message="No free GPUs now: the job was added to the GPU queue")  # fmt: skip
+        raise Conflict(
+            f"job '{job_id}' is {job.status.value}: only a pending job can be started"
+            + ("" if job.status == JobStatus.RUNNING else "; create a new job to train again")
+        )
+
+    async def _queued_message(self) -> str:
+        if await self.cluster.leader() is None:
+            return "No scheduler is running: the job is queued and starts when one does (python start.py)"
+        return "No free GPUs now: the job was added to the GPU queue"
+
+    async def _await(self, job_id: str, done: Callable[[Job], bool], timeout: float) -> Job:
+        deadline = time.monotonic() + timeout
+        job = await self._job(job_id)
+        while not done(job) and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+            job = await self._job(job_id)
+        return job
 
     async def stop(self, job_id: str, caller: Caller) -> ActionResponse:
         job = await self.require(job_id, caller)
@@ -288,56 +214,31 @@ class TrainingService:
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
         if job.status == JobStatus.RUNNING:
             try:
-                await self.store.update(
-                    job_id,
-                    {"stop_requested": True},
-                    statuses=(JobStatus.RUNNING,),
-                    event=("stop_requested", "stop requested: SIGTERM to the process group", None),
-                    actor=caller.actor,
-                )
+                await self.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
+                                        event=("stop_requested", "stop requested: SIGTERM to the process group", None),
+                                        actor=caller.actor)  # fmt: skip
             except TransitionRefused as exc:
                 current = JobStatus(exc.current) if exc.current else job.status
                 return ActionResponse(job_id=job_id, status=current, message=f"The job already ended ({current.value})")
-            # Read the pid again: the launch may have recorded it after our first read (start_training checks
-            # stop_requested after recording it, so one of the two always signals the group).
-            fresh = await self._job(job_id)
-            how = await self.runner.stop_process(fresh.pid, fresh.process_start_time)
-            if (
-                how == "gone"
-                and fresh.log_file
-                and ps.read_exit_file(Path(fresh.log_file).with_suffix(".exit.json")) == 0
-            ):
-                # It had already finished on its own: its follower records `completed` (and exports).
-                final = await self._await_end(job_id)
-                return ActionResponse(job_id=job_id, status=final.status, message="The job had already finished")
-            try:
-                await self.store.transition(
-                    job_id, JobStatus.STOPPED, expect=(JobStatus.RUNNING,), actor=caller.actor,
-                    message="stopped on request ("
-                    + ("killed after the grace period" if how == "killed" else "terminated") + ")",
-                )  # fmt: skip
-            except TransitionRefused:
-                pass  # the follower recorded the end first
-            final = await self._job(job_id)
-            return ActionResponse(job_id=job_id, status=final.status, message=f"Training stopped ({how})")
+            # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
+            final = await self._await(job_id, lambda j: j.status != JobStatus.RUNNING,
+                                      self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
+            if final.status == JobStatus.RUNNING:
+                return ActionResponse(job_id=job_id, status=final.status,
+                                      message="Stop requested: the run has not ended yet; see its status")  # fmt: skip
+            if final.status == JobStatus.STOPPED:
+                return ActionResponse(job_id=job_id, status=final.status,
+                                      message=f"Training stopped ({final.stop_outcome or 'terminated'})")  # fmt: skip
+            return ActionResponse(job_id=job_id, status=final.status,
+                                  message=f"The job had already finished ({final.status.value})")  # fmt: skip
         if job.export.status == ExportStatus.RUNNING:
-            how = await self.runner.stop_process(job.export.pid, job.export.process_start_time)
-            return ActionResponse(job_id=job_id, status=job.status, message=f"Export stopped ({how})")
+            await self.store.update(job_id, {"export_stop_requested": True}, actor=caller.actor,
+                                    event=("export_stop_requested", "export stop requested", None))  # fmt: skip
+            final = await self._await(job_id, lambda j: j.export.status != ExportStatus.RUNNING,
+                                      self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
+            return ActionResponse(job_id=job_id, status=final.status, export=final.export,
+                                  message=f"Export stopped ({final.export.status.value})")  # fmt: skip
         raise Conflict(f"job '{job_id}' is already {job.status.value}: nothing to stop")
-
-    async def _job(self, job_id: str) -> Job:
-        job = await self.store.get(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
-
-    async def _await_end(self, job_id: str, timeout: float = 10.0) -> Job:
-        deadline = time.monotonic() + timeout
-        job = await self._job(job_id)
-        while job.status == JobStatus.RUNNING and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            job = await self._job(job_id)
-        return job
 
     async def cancel(self, job_id: str, expect: tuple[JobStatus, ...], message: str, caller: Caller) -> None:
         try:
@@ -347,14 +248,25 @@ class TrainingService:
             raise Conflict(f"job '{job_id}' is {exc.current} now: it can no longer be cancelled") from None
 
     async def export(self, job_id: str, caller: Caller) -> ActionResponse:
-        await self.require(job_id, caller)
-        info = await self.runner.start_export(job_id, actor=caller.actor)
-        job = await self._job(job_id)
-        if info.status == ExportStatus.FAILED:
-            message = f"Export of {info.checkpoint} could not start: {info.error}"
-        else:
-            message = f"Export of {info.checkpoint} started"
-        return ActionResponse(job_id=job_id, status=job.status, export=info, message=message)
+        """Prepare the export and ask for it; the scheduler's watchdog launches its runner."""
+        job = await self.require(job_id, caller)
+        info = await asyncio.to_thread(prepare_export, job, self.settings, auto=False)
+        # In the set first: a crash right after the update still leaves the request findable.
+        await self.store.mark_exporting(job_id, True)
+        try:
+            await self.store.update(
+                job_id, {"export": info, "export_stop_requested": False}, statuses=ENDED_WITH_SWIFT,
+                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor,
+                event=("export_started", f"export of {info.checkpoint} requested",
+                       {"checkpoint": info.checkpoint, "auto": False}),
+            )  # fmt: skip
+        except TransitionRefused as exc:
+            if exc.reason == Refusal.EXPORT_STATE:
+                raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
+            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot export now") from None
+        await self.cluster.publish_wakeup(f"export:{job_id}")
+        return ActionResponse(job_id=job_id, status=job.status, export=info,
+                              message=f"Export of {info.checkpoint} started")  # fmt: skip
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
@@ -375,10 +287,9 @@ class TrainingService:
         summaries = [
             JobSummary(
                 job_id=j.job_id, status=j.status, priority=j.priority, owner=j.owner, model_path=j.model_path,
-                data_path=j.data_path,
-                output_dir=j.output_dir, num_gpus=j.num_gpus, gpu_ids=j.gpu_ids, created_at=j.created_at,
-                started_at=j.started_at, finished_at=j.finished_at, current_step=j.progress.current_step,
-                max_steps=j.progress.max_steps, export_status=j.export.status,
+                data_path=j.data_path, output_dir=j.output_dir, num_gpus=j.num_gpus, gpu_ids=j.gpu_ids,
+                created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at,
+                current_step=j.progress.current_step, max_steps=j.progress.max_steps, export_status=j.export.status,
             )
             for j in jobs
         ]  # fmt: skip
@@ -393,14 +304,10 @@ class TrainingService:
             if exc.reason == Refusal.MISSING:
                 raise JobNotFound(job_id) from None
             if exc.reason == Refusal.EXPORT_STATE:
-                raise Conflict(
-                    f"job '{job_id}' is exporting its model: wait for the export to end, then delete it"
-                ) from None
-            raise Conflict(
-                f"job '{job_id}' is running: stop it first (POST .../jobs/{job_id}/stop), then delete it"
-            ) from None
-        # A follower still finishing the ended run must not write into a new job that reuses the id.
-        await self.runner.forget(job_id)
+                detail = f"job '{job_id}' is exporting its model: wait for the export to end, then delete it"
+            else:
+                detail = f"job '{job_id}' is running: stop it first (POST .../jobs/{job_id}/stop), then delete it"
+            raise Conflict(detail) from None
 
     async def set_priority(self, job_id: str, priority: int, caller: Caller) -> Job:
         job = await self.require(job_id, caller)
@@ -409,10 +316,8 @@ class TrainingService:
         except TransitionRefused as exc:
             if exc.reason == Refusal.MISSING:
                 raise JobNotFound(job_id) from None
-            raise Conflict(
-                f"job '{job_id}' is {exc.current}: only a pending or queued job's priority can change"
-            ) from None
-        self.processor.wake()
+            detail = f"job '{job_id}' is {exc.current}: only a pending or queued job's priority can change"
+            raise Conflict(detail) from None
         return await self._job(job_id)
 
     async def logs(self, job_id: str, limit: int, kind: str, caller: Caller) -> LogsResponse:
@@ -438,7 +343,11 @@ class TrainingService:
         position = await self.store.queue_position(job_id)
         if position is None:
             return None, None
-        view = await self.processor.view()
-        waits = await self.processor.wait_estimates(view, position)
+        waits = await self.planner.wait_estimates(await self.view(), position)
         seconds = waits.get(job_id)
         return position, (WaitEstimate(seconds=seconds, text=format_wait(seconds)) if seconds is not None else None)
+
+
+def _queued(job: Job) -> QueuedJob:
+    return queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
+                      job.min_gpu_memory_gb, owner=job.owner)  # fmt: skip

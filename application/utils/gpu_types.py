@@ -52,6 +52,16 @@ class GpuSnapshot:
             "taken_at": self.taken_at,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GpuSnapshot:
+        """The inverse of to_dict (the scheduler publishes its readings in Redis for the API workers)."""
+        gpus = tuple(
+            GpuInfo(**{**g, "processes": tuple(GpuProcess(**p) for p in g.get("processes", ()))})
+            for g in data.get("gpus", ())
+        )
+        return cls(data.get("backend", "none"), gpus, data.get("error"), data.get("driver_version"),
+                   float(data.get("taken_at", 0.0)))  # fmt: skip
+
 
 class GpuInventory(Protocol):
     backend: str

@@ -18,12 +18,13 @@ class _InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
-def setup_logging(level: str, log_dir: Path | None) -> None:
+def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> None:
+    """Console sink, plus `<log_dir>/<name>.log` (the scheduler logs to scheduler.log, API workers to swift-api.log)."""
     logger.remove()
-    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}")
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {process} | {message}")
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        logger.add(log_dir / "swift-api.log", level=level, rotation="50 MB", retention=10, enqueue=False)
+        logger.add(log_dir / f"{name}.log", level=level, rotation="50 MB", retention=10, enqueue=False)
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers = [_InterceptHandler()]

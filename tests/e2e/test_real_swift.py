@@ -125,7 +125,7 @@ def test_real_swift_sft_and_export(server_factory: Callable[..., ApiServer], tmp
         "SWIFT_VERSION": "",  # unset: the server must detect the version in swift's own environment
         "GPU_BACKEND": "simulated",
         "SIMULATED_GPUS": "0",
-        "SUPERVISOR_POLL_INTERVAL": "0.5",
+        "RUNNER_POLL_INTERVAL": "0.5",
         "STOP_GRACE_SECONDS": "10",
         "LOG_LEVEL": "INFO",
     })  # fmt: skip

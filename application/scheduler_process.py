@@ -1,0 +1,189 @@
+"""The scheduler process: `python start.py scheduler`. One leads (the Redis lock in `leader`); others stand by.
+
+The leader holds the queue processor (starts runs), the watchdog (runners that died, export requests,
+retention), lease reclamation and the GPU reading the API workers show. It owns NVML and process control;
+the API workers need neither. Runners it launches outlive it. On SIGTERM it releases the lock, so a standby
+takes over at once; if it dies, a standby leads within LEADER_TTL_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from loguru import logger
+from redis.exceptions import RedisError
+
+from application import __version__
+from application.config import Settings
+from application.services.cluster_store import ClusterStore
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.launcher import LocalLauncher
+from application.services.leader import LeaderLock, scheduler_id
+from application.services.queue_processor import QueueProcessor
+from application.services.redis_service import RedisService
+from application.services.swift_command import SwiftVersion, detect_swift_version
+from application.services.swift_info import probe
+from application.services.watchdog import WATCH_INTERVAL, Watchdog
+from application.utils.gpu_utils import create_inventory
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, redis: RedisService) -> None:
+        self.settings = settings
+        assert redis.client is not None
+        client = redis.client
+        keys = Keys(settings.REDIS_KEY_PREFIX)
+        self.store = JobStore(client, keys, events_max=settings.EVENTS_MAX_PER_JOB,
+                              history_max=settings.LOSS_HISTORY_LIMIT)  # fmt: skip
+        self.cluster = ClusterStore(client, keys)
+        self.ident = scheduler_id()
+        self.inventory = create_inventory(settings.GPU_BACKEND.value, settings.SIMULATED_GPUS,
+                                          settings.SIMULATED_GPU_USAGE_FILE)  # fmt: skip
+        self.launcher = LocalLauncher({**os.environ, **settings.as_env()})
+        self.leader = LeaderLock(self.cluster, self.ident, settings.LEADER_TTL_SECONDS)
+        self._version: SwiftVersion | None = None
+        self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,
+                                        lambda: self.leader.value, self.swift_version, self.ident)  # fmt: skip
+        self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
+        self._wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    async def swift_version(self) -> SwiftVersion:
+        if self._version is None:
+            self._version = await asyncio.to_thread(detect_swift_version, self.settings.SWIFT_BIN,
+                                                    self.settings.SWIFT_VERSION)  # fmt: skip
+        return self._version
+
+    async def publish_swift(self) -> None:
+        """What the API workers must know of ms-swift (they may run where it is not installed)."""
+        version = await self.swift_version()
+        info = await asyncio.to_thread(probe, self.settings.SWIFT_BIN, version.version,
+                                       self.settings.DATA_DIR / "swift-probe")  # fmt: skip
+        await self.cluster.put_swift_info({
+            "bin": self.settings.SWIFT_BIN, "version": version.version, "version_source": version.source,
+            "probed": info is not None, "at": time.time(),
+            "probe": info.raw if info is not None else None,
+        })  # fmt: skip
+
+    # ---- the loops ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        logger.info("scheduler {} (swift-api {}) standing by for the lead; GPUs: {}", self.ident, __version__,
+                    self.inventory.backend)  # fmt: skip
+        publish = asyncio.create_task(self._publish_swift_once(), name="swift-probe")
+        try:
+            while not self.stopping.is_set():
+                lead = asyncio.create_task(self.leader.wait_for_leadership())
+                await _first(lead, self.stopping.wait())
+                if self.stopping.is_set():
+                    break
+                await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
+                tasks = [
+                    asyncio.create_task(self.leader.keep(), name="leader-lock"),
+                    asyncio.create_task(self._listen(), name="wakeups"),
+                    asyncio.create_task(self._process(), name="queue-processor"),
+                    asyncio.create_task(self._watch(), name="watchdog"),
+                ]
+                await _first(self.leader.lost.wait(), self.stopping.wait())
+                await cancel(tasks)
+        finally:
+            await cancel([publish])
+            await self.leader.release()
+            self.inventory.close()
+            logger.info("scheduler {} stopped; runners go on", self.ident)
+
+    async def _publish_swift_once(self) -> None:
+        try:
+            await self.publish_swift()
+        except RedisError as exc:
+            logger.warning("could not publish the ms-swift facts: {}", exc)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async for _ in self.cluster.wakeups():
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: the poll interval still drives passes
+                logger.warning("wake-up listener: {}; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _process(self) -> None:
+        self._wake.set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.QUEUE_POLL_INTERVAL)
+            self._wake.clear()
+            try:
+                requests = await self.cluster.take_pass_requests()
+                enabled, _ = await self.cluster.processor_switch()
+                # With the processor off, only what was asked for starts: POST /queue/process (everything that
+                # fits) or the start of one job.
+                if enabled or any(only is None for _, only in requests):
+                    started = await self.processor.run_pass()
+                elif requests:
+                    started = await self.processor.run_pass(only={j for _, only in requests for j in only or ()})
+                else:
+                    started = []
+                    await self.processor.view()  # still publish the GPU reading
+                for request_id, only in requests:
+                    await self.cluster.answer_pass(request_id, started if only is None else
+                                                   [j for j in started if j in only])  # fmt: skip
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let one bad pass kill the processor
+                self.processor.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.processor.stats.last_error_at = time.time()
+                logger.exception("queue pass failed")
+                with contextlib.suppress(Exception):
+                    await self.cluster.record_pass(self.processor.stats.__dict__)
+                await asyncio.sleep(min(1.0, self.settings.QUEUE_POLL_INTERVAL))
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.watchdog.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("watchdog sweep failed")
+            await asyncio.sleep(WATCH_INTERVAL)
+
+
+async def _first(*aws: Awaitable[object]) -> None:
+    """Wait until the first of these finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    await cancel(pending)
+
+
+async def cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel until they are done: redis-py's pubsub read (and wait_for in 3.11) can swallow a cancellation
+    that coincides with their result, and one swallowed request would hang a shutdown."""
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+        pending = [t for t in pending if not t.done()]
+
+
+async def serve(settings: Settings) -> None:
+    redis = RedisService(settings)
+    await redis.connect()
+    scheduler = Scheduler(settings, redis)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.stopping.set)
+    try:
+        await scheduler.run()
+    finally:
+        await redis.close()

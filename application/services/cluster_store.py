@@ -1,0 +1,208 @@
+"""What the scheduler, the runners and the API workers tell each other through Redis, beside the jobs.
+
+The leader lock, runner heartbeats, the scheduler's GPU reading and ms-swift facts (API workers have neither
+GPUs nor ms-swift of their own), the processor switch and statistics, manual pass requests, wake-ups,
+idempotency records and rate counters. Like `JobStore`, the only place these keys are read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from application.services import lua
+from application.services.keys import Keys
+
+
+@dataclass(frozen=True)
+class Leader:
+    value: str  # "<fencing token>:<scheduler id>"
+    ttl_ms: int
+
+    @property
+    def scheduler_id(self) -> str:
+        return self.value.partition(":")[2]
+
+    @property
+    def token(self) -> int:
+        return int(self.value.partition(":")[0])
+
+
+@dataclass(frozen=True)
+class RunnerTick:
+    """What a runner learns from its job at each heartbeat."""
+
+    status: str | None
+    run_id: str | None
+    stop_requested: bool
+    export_stop_requested: bool
+    export_id: str | None
+
+
+class ClusterStore:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.r: Any = client
+        self.keys = keys
+        self._acquire = client.register_script(lua.LEADER_ACQUIRE)
+        self._renew = client.register_script(lua.LEADER_RENEW)
+        self._release = client.register_script(lua.LEADER_RELEASE)
+
+    # ---- the leader lock -----------------------------------------------------------------------------
+
+    async def acquire_leadership(self, scheduler_id: str, ttl: float) -> str | None:
+        """The lock's value (with a new fencing token) when this scheduler now leads, else None."""
+        value = await self._acquire(keys=[self.keys.leader], args=[json.dumps(
+            {"id": scheduler_id, "ttl_ms": int(ttl * 1000), "epoch": self.keys.leader_epoch})])  # fmt: skip
+        return str(value) if value else None
+
+    async def renew_leadership(self, value: str, ttl: float) -> bool:
+        return bool(
+            await self._renew(keys=[self.keys.leader], args=[json.dumps({"value": value, "ttl_ms": int(ttl * 1000)})])
+        )
+
+    async def release_leadership(self, value: str) -> None:
+        await self._release(keys=[self.keys.leader], args=[json.dumps({"value": value})])
+
+    async def leader(self) -> Leader | None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.leader)
+            pipe.pttl(self.keys.leader)
+            value, ttl = await pipe.execute()
+        return Leader(value, int(ttl)) if value else None
+
+    # ---- runners ------------------------------------------------------------------------------------
+
+    async def runner_tick(self, job_id: str, beat: Mapping[str, Any], ttl: float) -> RunnerTick:
+        """Beat a runner's heartbeat and read what it must know of its job, in one round trip."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.runner_heartbeat(job_id), json.dumps(dict(beat)), px=int(ttl * 1000))
+            pipe.hmget(self.keys.job(job_id), ["status", "run_id", "stop_requested", "export_stop_requested", "export"])
+            _, (status, run_id, stop, export_stop, export) = await pipe.execute()
+        return RunnerTick(
+            status=json.loads(status) if status else None,
+            run_id=json.loads(run_id) if run_id else None,
+            stop_requested=bool(stop and json.loads(stop)),
+            export_stop_requested=bool(export_stop and json.loads(export_stop)),
+            export_id=(json.loads(export) or {}).get("export_id") if export else None,
+        )
+
+    async def runner_heartbeat(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.r.get(self.keys.runner_heartbeat(job_id))
+        return json.loads(raw) if raw else None
+
+    async def drop_runner_heartbeat(self, job_id: str) -> None:
+        await self.r.delete(self.keys.runner_heartbeat(job_id))
+
+    # ---- what the scheduler publishes for the API workers -------------------------------------------
+
+    async def put_gpu_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        await self.r.set(self.keys.gpu_snapshot, json.dumps(dict(snapshot), separators=(",", ":")))
+
+    async def gpu_snapshot(self) -> dict[str, Any] | None:
+        raw = await self.r.get(self.keys.gpu_snapshot)
+        return json.loads(raw) if raw else None
+
+    async def put_swift_info(self, info: Mapping[str, Any]) -> None:
+        await self.r.set(self.keys.swift_info, json.dumps(dict(info), separators=(",", ":")))
+
+    async def swift_info_raw(self) -> str | None:
+        raw: str | None = await self.r.get(self.keys.swift_info)
+        return raw
+
+    # ---- the processor switch and statistics --------------------------------------------------------
+
+    async def processor_switch(self) -> tuple[bool, float | None]:
+        raw = await self.r.hmget(self.keys.processor_stats, ["enabled", "since"])
+        return raw[0] == "1", float(raw[1]) if raw[1] else None
+
+    async def set_processor_switch(self, on: bool) -> bool:
+        key = self.keys.processor_stats
+        flag = "1" if on else "0"
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hget(key, "enabled")
+            pipe.hset(key, "enabled", flag)
+            previous, _ = await pipe.execute()
+        changed = previous != flag
+        if changed:
+            await self.r.hset(key, "since", repr(time.time()))
+            await self.publish_wakeup("processor")
+        return bool(changed)
+
+    async def init_processor_switch(self, on: bool) -> None:
+        """Set the switch at start-up only if nobody set it yet (an operator's stop survives restarts)."""
+        if await self.r.hsetnx(self.keys.processor_stats, "enabled", "1" if on else "0"):
+            await self.r.hset(self.keys.processor_stats, "since", repr(time.time()))
+
+    async def record_pass(self, stats: Mapping[str, Any]) -> None:
+        await self.r.hset(self.keys.processor_stats, mapping={k: json.dumps(v) for k, v in stats.items()})
+
+    async def pass_stats(self) -> dict[str, Any]:
+        raw = await self.r.hgetall(self.keys.processor_stats)
+        return {k: json.loads(v) for k, v in raw.items() if k not in ("enabled", "since")}
+
+    # ---- manual passes and wake-ups -----------------------------------------------------------------
+
+    async def request_pass(self, request_id: str, timeout: float, only: list[str] | None = None) -> list[str] | None:
+        """Ask the leader for a pass now (starting only `only`, when given) and wait for the jobs it started;
+        None when no answer came in time."""
+        await self.r.rpush(self.keys.pass_requests, json.dumps({"id": request_id, "only": only}))
+        await self.publish_wakeup("pass")
+        reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=timeout)
+        return json.loads(reply[1]) if reply else None
+
+    async def take_pass_requests(self) -> list[tuple[str, list[str] | None]]:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.keys.pass_requests, 0, -1)
+            pipe.delete(self.keys.pass_requests)
+            raws, _ = await pipe.execute()
+        requests = [json.loads(raw) for raw in raws]
+        return [(str(r["id"]), r.get("only")) for r in requests]
+
+    async def answer_pass(self, request_id: str, started: list[str]) -> None:
+        key = self.keys.pass_result(request_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(started))
+            pipe.expire(key, 60)
+            await pipe.execute()
+
+    async def publish_wakeup(self, reason: str) -> None:
+        await self.r.publish(self.keys.wakeup_channel, reason)
+
+    async def wakeups(self) -> AsyncIterator[str]:
+        """Every message on the wake-up channel, for as long as the connection holds."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        async with pubsub:
+            await pubsub.subscribe(self.keys.wakeup_channel)
+            async for message in pubsub.listen():
+                yield str(message.get("data"))
+
+    # ---- idempotency and rate limits ---------------------------------------------------------------
+
+    async def claim_idempotency(self, key: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
+        """Claim `key` for a first request (returns None), or return what an earlier request with it stored."""
+        record = json.dumps({"fingerprint": fingerprint, "state": "running"})
+        if await self.r.set(key, record, nx=True, ex=ttl):
+            return None
+        raw = await self.r.get(key)
+        return json.loads(raw) if raw else {"fingerprint": fingerprint, "state": "gone"}
+
+    async def finish_idempotency(self, key: str, fingerprint: str, status: int, body: str, ttl: int,
+                                 headers: Mapping[str, str]) -> None:  # fmt: skip
+        await self.r.set(key, json.dumps({"fingerprint": fingerprint, "state": "done", "status": status,
+                                          "body": body, "headers": dict(headers)}), ex=ttl)  # fmt: skip
+
+    async def release_idempotency(self, key: str) -> None:
+        await self.r.delete(key)
+
+    async def hit_rate(self, key: str, period: float) -> int:
+        """Count one more request in the fixed window `key` (expires with its period); returns the count."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, max(1, int(period)) + 1)
+            count, _ = await pipe.execute()
+        return int(count)

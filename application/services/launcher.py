@@ -1,0 +1,79 @@
+"""How the scheduler starts a runner, behind one small interface (a cluster engine will launch them on other hosts).
+
+`LocalLauncher` starts `python -m application.runner` on this host, detached in its own session, with an
+explicit environment, its output in `<output_dir>/logs/<job_id>.runner.log`. The scheduler is its parent
+while it lives, so it learns a runner's exit status (and the signal that killed it) at once; a runner
+outlives the scheduler (it is re-parented to init) and is then watched by pid, start time and heartbeat.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from application.config import PROJECT_ROOT
+from application.models.training_model import RunnerInfo
+from application.services import process_group as pg
+
+
+class RunnerLauncher(Protocol):
+    async def launch(self, job_id: str, run_id: str, log_dir: Path, export_id: str | None = None) -> RunnerInfo:
+        """Start the runner of one run (or export) of a job; raises OSError when it cannot."""
+        ...
+
+    def exit_status(self, runner: RunnerInfo) -> int | None:
+        """The runner's exit status if this launcher saw it end (negative: killed by that signal), else None."""
+        ...
+
+    def is_alive(self, runner: RunnerInfo) -> bool | None:
+        """Whether the runner still runs; None when this launcher cannot tell (another host: ask the heartbeat)."""
+        ...
+
+    def forget(self, runner: RunnerInfo) -> None:
+        """The runner's end has been recorded: nothing more to know about it."""
+        ...
+
+
+class LocalLauncher:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {k: v for k, v in env.items() if k != "DIE_WITH_PARENT"}  # a runner outlives its scheduler
+        self.env["PYTHONPATH"] = ":".join(p for p in (str(PROJECT_ROOT), self.env.get("PYTHONPATH", "")) if p)
+        self.host = socket.gethostname()
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    async def launch(self, job_id: str, run_id: str, log_dir: Path, export_id: str | None = None) -> RunnerInfo:
+        argv = [sys.executable, "-m", "application.runner", job_id, run_id]
+        if export_id:
+            argv += ["--export", export_id]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        proc = pg.spawn(argv, self.env, log_dir.parent, log_dir / f"{job_id}.runner.log")
+        self.children[proc.pid] = proc
+        return RunnerInfo(host=self.host, pid=proc.pid, start_time=pg.process_start_time(proc.pid),
+                          launched_at=time.time())  # fmt: skip
+
+    def exit_status(self, runner: RunnerInfo) -> int | None:
+        proc = self.children.get(runner.pid or -1)
+        return None if proc is None else proc.poll()  # poll() also reaps it: no zombie stays behind
+
+    def is_alive(self, runner: RunnerInfo) -> bool | None:
+        if runner.host != self.host:
+            return None
+        proc = self.children.get(runner.pid or -1)
+        if proc is not None:
+            return proc.poll() is None
+        return pg.is_alive(runner.pid, runner.start_time)
+
+    def forget(self, runner: RunnerInfo) -> None:
+        proc = self.children.get(runner.pid or -1)
+        if proc is not None and proc.poll() is not None:
+            del self.children[proc.pid]
+
+    def reap(self) -> None:
+        """Collect the exit status of runners that ended (nobody may be asking about them any more)."""
+        for proc in list(self.children.values()):
+            proc.poll()

@@ -1,0 +1,100 @@
+"""A runner's writes to Redis, kept until Redis takes them: an outage delays what the API shows, loses nothing.
+
+Fields merge (the newest value of each wins), history points and events queue in order. Every write is
+fenced by the run id: when the store refuses one (the job was deleted, or another run owns it now) the run
+is no longer this runner's to record, and `Orphaned` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from loguru import logger
+from redis.exceptions import RedisError
+
+from application.models.training_model import JobStatus
+from application.services.job_store import JobStore, Refusal, TransitionRefused
+
+MAX_BACKOFF = 5.0
+
+
+class Orphaned(Exception):
+    """The store refused a write of this run: the job is gone or belongs to another run."""
+
+
+class Outbox:
+    def __init__(self, store: JobStore, job_id: str, run_id: str) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.run_id = run_id
+        self.fields: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.failing_since: float | None = None
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def add_history(self, points: list[dict[str, Any]]) -> None:
+        self.history.extend(points)
+
+    def event(self, event_type: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.events.append((event_type, message, data))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.fields or self.history or self.events)
+
+    async def flush(self) -> bool:
+        """Write what is waiting; False (everything kept) when Redis does not answer. Raises Orphaned."""
+        try:
+            if self.fields:
+                fields, self.fields = self.fields, {}
+                try:
+                    await self.store.update(self.job_id, fields, run_id=self.run_id)
+                except BaseException:
+                    self.fields = {**fields, **self.fields}
+                    raise
+            if self.history:
+                await self.store.append_history(self.job_id, self.history)
+                self.history = []
+            while self.events:
+                event_type, message, data = self.events[0]
+                await self.store.add_event(self.job_id, event_type, message, data)
+                self.events.pop(0)
+        except TransitionRefused as exc:
+            raise Orphaned(f"{exc.reason.value}: {exc.current}") from None
+        except RedisError as exc:
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                logger.warning("Redis does not answer ({}): keeping the run's updates until it does", exc)
+            return False
+        if self.failing_since is not None:
+            logger.info("Redis answers again after {:.1f} s: updates written", time.monotonic() - self.failing_since)
+            self.failing_since = None
+        return True
+
+    async def finish(self, status: JobStatus, fields: Mapping[str, Any], message: str,
+                     data: Mapping[str, Any] | None = None) -> bool:  # fmt: skip
+        """Record the end of the run, retrying until Redis takes it. False when someone else recorded it first."""
+        backoff = 0.1
+        while True:
+            try:
+                if not await self.flush():
+                    raise RedisError("flush pending")
+                await self.store.transition(self.job_id, status, expect=(JobStatus.RUNNING,), fields=fields,
+                                            message=message, data=data, run_id=self.run_id)  # fmt: skip
+                return True
+            except Orphaned:
+                return False
+            except TransitionRefused as exc:
+                if exc.reason in (Refusal.BAD_STATE, Refusal.OTHER_RUN, Refusal.MISSING):
+                    return False  # ended by someone else (a stop recorded by the scheduler), or deleted
+                raise
+            except RedisError as exc:
+                logger.warning("cannot record the end of the run yet ({}); retrying in {:.1f} s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)

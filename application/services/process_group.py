@@ -1,0 +1,140 @@
+"""Starting, watching and stopping one process group: a swift run, or a runner.
+
+A swift run starts in its own session (so it leads its own process group) with an explicit environment,
+stdout+stderr to its log file. Stopping is SIGTERM to the whole group, a grace period, then SIGKILL: swift
+is a launcher whose trainer is a child (and torchrun's workers grandchildren), so signalling one pid would
+leave the trainer running. `ProcessLookupError` means already gone. A pid is only trusted together with its
+start time, so a reused pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+
+START_TIME_TOLERANCE = 0.5
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def is_alive(pid: int | None, start_time: float | None) -> bool:
+    """True when `pid` is the same process we started (a reused pid has another start time)."""
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return start_time is None or abs(p.create_time() - start_time) < START_TIME_TOLERANCE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
+def read_exit_file(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_exit_file(path: Path, code: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def spawn(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path) -> subprocess.Popen[bytes]:
+    """Start `argv` in a new session, detached from us, stdout+stderr appended to `log_file`.
+
+    A plain Popen, not an asyncio transport: garbage-collecting an asyncio subprocess transport kills a child
+    that still runs, and what is spawned here must outlive its parent.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
+                                env=dict(env), start_new_session=True)  # fmt: skip
+
+
+async def launch(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path) -> asyncio.subprocess.Process:
+    """Start `argv` in a new session, stdout+stderr appended to `log_file`; raises OSError when it cannot start.
+
+    For a child that must not outlive us (swift under its runner)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=str(cwd),
+            env=dict(env), start_new_session=True,
+        )  # fmt: skip
+
+
+def signal_group(pgid: int | None, sig: int) -> bool:
+    # killpg(0) is our own group and 1 is init: a run's group is never either (a missing pid must not get here).
+    if not pgid or pgid <= 1 or pgid == os.getpgrp():
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+async def _members(pgid: int) -> list[int]:
+    # A full process scan: off the event loop, it grows with the host's process count.
+    return await asyncio.to_thread(group_members, pgid)
+
+
+async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
+    """SIGTERM the group, wait up to `grace` seconds, then SIGKILL. Returns how it ended."""
+    if not signal_group(pgid, signal.SIGTERM):
+        return "gone"
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not await _members(pgid):
+            return "terminated"
+        await asyncio.sleep(poll)
+    if not await _members(pgid):
+        return "terminated"
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while await _members(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+    return "killed"
+
+
+async def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
+    """Wait (sending nothing) up to `timeout` seconds for every member of the group to exit."""
+    deadline = time.monotonic() + timeout
+    while await _members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
+
+
+def kill_leftovers(pgid: int) -> None:
+    """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer)."""
+    signal_group(pgid, signal.SIGKILL)

@@ -1,0 +1,202 @@
+"""The leader's watchdog: no run stays `running` without a live runner, and no export request waits unserved.
+
+Every WATCH_INTERVAL it looks at each running job's runner: dead (its exit status seen by the launcher, its
+pid gone or reused on this host, its heartbeat expired on another), the scheduler stops what is left of the
+run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
+next to the log when there is one, or as `failed` naming what killed the runner. The same for exports;
+export requests (an API worker asked) get their runner launched here. Expired job records are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from application.config import Settings
+from application.exceptions import Conflict
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
+from application.services import process_group as pg
+from application.services.cluster_store import ClusterStore
+from application.services.exports import ENDED_WITH_SWIFT, prepare_export
+from application.services.job_store import JobStore, TransitionRefused
+from application.services.launcher import RunnerLauncher
+from application.services.log_parser import RunFacts
+from application.services.run_end import final_status, runner_lost
+from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
+from application.utils.log_tail import tail_lines
+
+WATCH_INTERVAL = 0.5
+# A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
+RUNNER_START_GRACE = 15.0
+RETENTION_EVERY = 60.0
+
+
+class Watchdog:
+    def __init__(
+        self,
+        store: JobStore,
+        cluster: ClusterStore,
+        launcher: RunnerLauncher,
+        settings: Settings,
+        fence: Callable[[], str | None],
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.launcher = launcher
+        self.settings = settings
+        self.fence = fence
+        self.host = socket.gethostname()
+        self._last_retention = 0.0
+
+    async def sweep(self) -> None:
+        for job in await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING)):
+            if not await self._runner_alive(job.job_id, job.runner, job.run_id, job.started_at):
+                await self.runner_died(job)
+        for job in await self.store.get_many(await self.store.exporting()):
+            await self._watch_export(job)
+        if time.monotonic() - self._last_retention > RETENTION_EVERY:
+            self._last_retention = time.monotonic()
+            await self.expire_old_jobs()
+
+    async def _runner_alive(self, job_id: str, runner: RunnerInfo | None, run_id: str | None,
+                            since: float | None) -> bool:  # fmt: skip
+        if runner is None:
+            # Launched but not recorded yet, or never launched (the scheduler died in between).
+            beat = await self.cluster.runner_heartbeat(job_id)
+            return bool(beat and beat.get("run_id") == run_id) or time.time() - (since or 0) < RUNNER_START_GRACE
+        alive = self.launcher.is_alive(runner)
+        if alive is None:  # another host: only its heartbeat can tell
+            beat = await self.cluster.runner_heartbeat(job_id)
+            alive = bool(beat and beat.get("run_id") == run_id)
+        return alive
+
+    async def runner_died(self, job: Job) -> None:
+        """Stop what is left of a run whose runner is gone, and record how it ended."""
+        returncode = self.launcher.exit_status(job.runner) if job.runner else None
+        outcome = "gone"
+        if job.pid and pg.is_alive(job.pid, job.process_start_time):
+            outcome = await pg.terminate_group(job.pid, self.settings.STOP_GRACE_SECONDS)
+        log_file = Path(job.log_file) if job.log_file else None
+        code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
+        fields: dict[str, Any] = {}
+        if code is not None or job.stop_requested:
+            facts, tail, checkpoints = await asyncio.to_thread(_facts, job)
+            end = final_status(code, job.stop_requested, facts, tail)
+            fields.update(exit_code=code, checkpoints=checkpoints, last_checkpoint=facts.last_checkpoint
+                          or next(reversed(checkpoints), None), log_tail=tail)  # fmt: skip
+            if job.stop_requested:
+                fields["stop_outcome"] = outcome
+        else:
+            end = runner_lost(returncode, job.runner.pid if job.runner else None)
+        fields.update(error_message=end.error_message, error_code=end.error_code)
+        try:
+            await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
+                                        fence=self.fence(), fields=fields, message=end.message)  # fmt: skip
+            logger.warning("job {}: runner {} gone; recorded {} ({})", job.job_id, job.runner.pid if job.runner else
+                           None, end.status.value, end.error_message or end.message)  # fmt: skip
+        except TransitionRefused:
+            return  # the runner recorded the end after all, or the job went meanwhile
+        finally:
+            if job.runner is not None:
+                self.launcher.forget(job.runner)
+        if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
+            await self.request_export(job.job_id)
+
+    async def request_export(self, job_id: str) -> None:
+        """The automatic export its dead runner could not run: requested here, launched by the next sweep."""
+        job = await self.store.get(job_id)
+        if job is None or job.training.train_type == "full":
+            return
+        try:
+            info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
+            await self.store.update(job_id, {"export": info, "export_stop_requested": False},
+                                    statuses=ENDED_WITH_SWIFT, refuse_export=(ExportStatus.RUNNING,),
+                                    event=("export_started", f"automatic export of {info.checkpoint} requested",
+                                           {"checkpoint": info.checkpoint, "auto": True}))  # fmt: skip
+        except (Conflict, TransitionRefused) as exc:
+            logger.info("job {}: no automatic export ({})", job_id, getattr(exc, "detail", exc))
+            return
+        await self.store.mark_exporting(job_id, True)
+
+    async def _watch_export(self, job: Job) -> None:
+        info = job.export
+        if info.status != ExportStatus.RUNNING:
+            await self.store.mark_exporting(job.job_id, False)
+            return
+        if info.runner is None:
+            await self._launch_export(job, info)
+            return
+        alive = self.launcher.is_alive(info.runner)
+        if alive is None:
+            beat = await self.cluster.runner_heartbeat(job.job_id)
+            alive = bool(beat and beat.get("id") == info.export_id)
+        if alive:
+            return
+        if info.pid and pg.is_alive(info.pid, info.process_start_time):
+            await pg.terminate_group(info.pid, self.settings.STOP_GRACE_SECONDS)
+        code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
+        status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
+        error: str | None = "export stopped on request" if job.export_stop_requested else \
+            f"the export's runner died (pid {info.runner.pid}) before recording its end"  # fmt: skip
+        if code == 0:
+            status, error = ExportStatus.COMPLETED, None
+        ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
+                                        "exit_code": code})  # fmt: skip
+        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None))
+        await self.store.mark_exporting(job.job_id, False)
+
+    async def _launch_export(self, job: Job, info: ExportInfo) -> None:
+        try:
+            runner = await self.launcher.launch(job.job_id, job.run_id or "-", Path(job.output_dir) / "logs",
+                                                export_id=info.export_id)  # fmt: skip
+        except OSError as exc:
+            failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": time.time(),
+                                             "error": f"the export's runner could not be started: {exc}"})  # fmt: skip
+            await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None))
+            await self.store.mark_exporting(job.job_id, False)
+            return
+        await self._write_export(job.job_id, info.export_id, info.model_copy(update={"runner": runner}), None)
+
+    async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
+                            event: tuple[str, str, dict[str, Any] | None] | None) -> None:  # fmt: skip
+        current = await self.store.get_field(job_id, "export")
+        if current is None or current.get("export_id") != export_id:
+            return  # deleted, or another export since
+        try:
+            await self.store.update(job_id, {"export": info}, event=event)
+        except TransitionRefused:
+            pass
+
+    async def expire_old_jobs(self, batch: int = 100) -> list[str]:
+        """Delete the records of jobs that ended more than JOB_RETENTION_DAYS ago (their files stay)."""
+        days = self.settings.JOB_RETENTION_DAYS
+        if days <= 0:
+            return []
+        removed = []
+        for job_id in await self.store.expired(time.time() - days * 86400, batch):
+            try:
+                await self.store.delete(job_id)
+                removed.append(job_id)
+            except TransitionRefused:
+                continue  # exporting right now, or gone already: the next sweep sees it again
+        if removed:
+            logger.info("removed {} job record(s) older than {} days: {}", len(removed), days, ", ".join(removed))
+        return removed
+
+
+def _facts(job: Job) -> tuple[RunFacts, list[str], list[str]]:
+    """What a run whose runner died left on disk: its logging.jsonl, its log's tail, its checkpoints."""
+    tail = tail_lines(Path(job.log_file), 50) if job.log_file else []
+    facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
+                     train_runtime=job.train_runtime)  # fmt: skip
+    if job.run_dir:
+        facts = facts.merged(parse_logging_jsonl(Path(job.run_dir) / "logging.jsonl"))
+    on_disk = find_checkpoints(Path(job.output_dir))
+    checkpoints = [c for c in on_disk if job.run_dir and c.startswith(job.run_dir)] or on_disk
+    return facts, tail, checkpoints

@@ -1,0 +1,128 @@
+"""The runner owns its run: API workers and schedulers may all die, and the run still ends recorded.
+
+Real processes and signals: start.py (API + scheduler), runners, the fake swift, a real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from application.services.process_group import group_members
+from tests.conftest import ApiServer, fake_dataset, wait_for
+
+MODEL_DIR = "models/tiny-qwen2"
+
+
+def body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
+    training = options.pop("training", {})
+    extra = {k: options.pop(k) for k in ("num_gpus",) if k in options}
+    return {"data_path": fake_dataset(workspace, name, **options), "model_path": str(workspace / MODEL_DIR),
+            "output_dir": name, "auto_start": True, "training": training, **extra}  # fmt: skip
+
+
+def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
+    """A job read straight from Redis, no API in between."""
+    raw: dict[str, str] = r.hgetall(f"{prefix}:job:{job_id}")  # type: ignore[assignment]
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **options: Any) -> dict[str, Any]:
+    r = server.create(**body(workspace, name, **options))
+    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+    return wait_for(lambda: (j := server.job(name))["runner"] and j["pid"] and
+                    (j["progress"]["current_step"] or 0) >= min_step and j, what=f"{name} to run")  # fmt: skip
+
+
+def test_every_api_worker_and_the_scheduler_killed_runs_go_on_and_end_recorded(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    first = server_factory(env={"API_WORKERS": "2", "SIMULATED_GPUS": "3x80"})
+    assert len(first.processes()) >= 4  # start.py, the uvicorn supervisor's 2 workers, the scheduler
+    names = ["r0", "r1", "r2"]
+    jobs = {n: running(first, workspace, n, step_seconds=0.15, training={"max_steps": 30}) for n in names}
+    first.kill_all()
+    assert all(psutil.pid_exists(j["runner"]["pid"]) for j in jobs.values()), "runners outlive API and scheduler"
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    steps = {n: stored(r, first.prefix, n)["progress"]["current_step"] for n in names}
+    wait_for(lambda: all((stored(r, first.prefix, n)["progress"]["current_step"] or 0) > steps[n] for n in names),
+             timeout=20, what="progress written by the runners alone")  # fmt: skip
+    wait_for(lambda: all(stored(r, first.prefix, n)["status"] == "completed" for n in names), timeout=60,
+             what="the runners to record the ends")  # fmt: skip
+    restart = time.time()
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    for n in names:
+        job = second.job(n)
+        assert job["status"] == "completed" and job["finished_at"] < restart, job
+        assert job["progress"]["current_step"] == 30 and job["exit_code"] == 0
+        assert job["last_checkpoint"].endswith("checkpoint-30")
+
+    def exported() -> bool:
+        return all(second.job(n)["export"]["status"] == "completed" for n in names)
+
+    wait_for(exported, what="the automatic exports")
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+    r.close()
+
+
+def test_a_run_that_fails_while_no_api_runs_gets_its_true_status(server_factory: Callable[..., ApiServer],
+                                                                workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    first = server_factory()
+    running(first, workspace, "bad", step_seconds=0.05, fail_at_step=12)
+    first.kill_all()
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    final = second.wait_status("bad", "failed", "completed", timeout=20)
+    assert final["status"] == "failed" and final["exit_code"] == 1
+    assert "RuntimeError: fake_swift failure at step 12" in final["error_message"]
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+
+
+def test_a_runner_killed_by_sigkill_fails_its_job_within_two_seconds(server: ApiServer, workspace: Path) -> None:
+    job = running(server, workspace, "victim", hang_after_steps=2)
+    swift_group = job["pid"]
+    assert group_members(swift_group)
+    os.kill(job["runner"]["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    failed = server.wait_status("victim", "failed", "completed", "stopped", timeout=10)
+    took = time.monotonic() - t0
+    assert failed["status"] == "failed" and took < 2.0, (failed["status"], took)
+    assert "runner killed by signal 9 (SIGKILL" in failed["error_message"], failed["error_message"]
+    assert failed["error_code"] == "runner_lost"
+    assert group_members(swift_group) == []  # nothing is left running on the GPUs that were freed
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+
+
+def test_a_runner_and_its_run_killed_while_no_scheduler_runs_are_never_left_running(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    first = server_factory()
+    job = running(first, workspace, "vanished", hang_after_steps=1)
+    first.kill_all()
+    os.kill(job["runner"]["pid"], signal.SIGKILL)
+    os.killpg(job["pid"], signal.SIGKILL)
+    wait_for(lambda: not group_members(job["pid"]) and not psutil.pid_exists(job["runner"]["pid"]),
+             what="the runner and its run to die")  # fmt: skip
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    final = second.wait_status("vanished", "failed", "completed", "stopped", timeout=15)
+    assert final["status"] == "failed" and "runner" in final["error_message"], final["error_message"]
+    assert second.http.get("/jobs", params={"status": "running"}).json()["total"] == 0
+    assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
+
+
+def test_a_stop_reaches_the_runner_with_no_api_in_between(server: ApiServer, workspace: Path,
+                                                          redis_url: str) -> None:  # fmt: skip
+    job = running(server, workspace, "flagged", hang_after_steps=2)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.hset(f"{server.prefix}:job:flagged", "stop_requested", "true")  # what the API writes, nothing more
+    final = server.wait_status("flagged", "stopped", timeout=10)
+    assert final["stop_outcome"] == "terminated" and group_members(job["pid"]) == []
+    r.close()

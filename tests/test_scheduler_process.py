@@ -1,0 +1,98 @@
+"""One scheduler leads, others stand by: failover within seconds, and never two starts of one job or GPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import redis.asyncio as aioredis
+
+from application.models.training_model import JobStatus
+from application.services.cluster_store import ClusterStore
+from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.keys import Keys
+from tests.conftest import ROOT, ApiServer, wait_for
+from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
+from tests.test_job_store import make_job
+
+
+def scheduler_of(server: ApiServer) -> psutil.Process:
+    return next(p for p in server.processes() if "scheduler" in " ".join(p.cmdline()))
+
+
+def leader_id(server: ApiServer) -> str:
+    return str(server.http.get("/health").json()["scheduler"]["leader"])
+
+
+def standby(server: ApiServer) -> subprocess.Popen[bytes]:
+    """Another scheduler on the same store (as on a second host): `python start.py scheduler`."""
+    with open(server.workdir / "standby.log", "ab") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "start.py"), "scheduler"], cwd=ROOT, env=server.env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+async def test_only_the_leaders_fence_starts_a_run(redis_client: aioredis.Redis) -> None:
+    keys = Keys("t")
+    store, cluster = JobStore(redis_client, keys), ClusterStore(redis_client, keys)
+    first = await cluster.acquire_leadership("a", ttl=5)
+    assert first and await cluster.acquire_leadership("b", ttl=5) is None
+    await store.create(make_job("j", JobStatus.QUEUED), message="", actor="t")
+    await redis_client.delete(keys.leader)  # a's lock expired while it stalled...
+    second = await cluster.acquire_leadership("b", ttl=5)
+    assert second and int(second.split(":")[0]) > int(first.split(":")[0])  # ...and b leads with a newer token
+    with pytest.raises(TransitionRefused) as exc:
+        await store.transition("j", JobStatus.RUNNING, acquire_gpus=[0], fence=first)  # a wakes up: refused
+    assert exc.value.reason == Refusal.NOT_LEADER and await store.leases() == {}
+    assert not await cluster.renew_leadership(first, ttl=5)
+    await store.transition("j", JobStatus.RUNNING, acquire_gpus=[0], fence=second)
+    assert await store.leases() == {0: "j"}
+
+
+def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiServer, workspace: Path) -> None:
+    spare = standby(server)
+    try:
+        old = leader_id(server)
+        hold(server, workspace, "h0")
+        hold(server, workspace, "h1")
+        assert create(server, workspace, "waiting", hang_after_steps=1)["status"] == "queued"
+        scheduler_of(server).send_signal(signal.SIGKILL)
+        died = time.monotonic()
+        # The runners need no scheduler to stop their runs: a GPU frees at once, and the standby must use it.
+        assert server.http.post("/jobs/h0/stop").json()["status"] == "stopped"
+        started = server.wait_status("waiting", "running", timeout=15)
+        took = time.monotonic() - died
+        assert took < 5.0, f"the queued job started {took:.1f} s after the leader died"
+        assert leader_id(server) != old and started["scheduled_by"] != old
+    finally:
+        spare.send_signal(signal.SIGTERM)
+        spare.wait(20)
+
+
+def test_two_schedulers_through_a_failover_never_share_a_job_or_a_gpu(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    first = server_factory(env={"AUTO_EXPORT": "false"})
+    second = server_factory(env={"AUTO_EXPORT": "false"}, prefix=first.prefix, workdir=tmp_path)
+    bodies = burst(workspace, 14, seed=5)
+    checker = GpuChecker([first, second])
+    checker.start()
+    for i, b in enumerate(bodies):
+        assert (first if i % 2 else second).create(**b).status_code == 201
+        if i == 6:  # mid-burst, kill the leading scheduler: the other takes over
+            leader = leader_id(first)
+            victim = next(s for s in (first, second) if str(scheduler_of(s).pid) in leader)
+            scheduler_of(victim).send_signal(signal.SIGKILL)
+    assert_all_ran_without_sharing(first, bodies, checker)
+    for b in bodies:
+        events = [e["type"] for e in first.http.get(f"/jobs/{b['job_id']}/events").json()["events"]]
+        assert events.count("status_running") == 1, (b["job_id"], events)
+    assert len({first.job(b["job_id"])["scheduled_by"] for b in bodies}) == 2  # both led, one after the other
+    assert os.path.exists(first.workdir)
+    wait_for(lambda: leader_id(second) != "None", what="a leader after the failover")
