@@ -23,6 +23,8 @@ ROLES = ("all", "api", "scheduler")
 
 
 def serve_api(settings: Settings) -> None:
+    if settings.API_NICE:
+        os.nice(settings.API_NICE)  # the workers uvicorn starts inherit it
     if settings.API_WORKERS == 1:
         from application.main import create_app
 

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     API_WORKERS: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, le=64)
     # Set by start.py for the processes it starts: they end when it dies, so none serves on alone.
     DIE_WITH_PARENT: bool = False
+    # Niceness of the API workers (0-19): under a request storm the scheduler and the runners, at the default
+    # priority, still get the CPU first, so HTTP load never delays a start or a recorded end.
+    API_NICE: int = Field(10, ge=0, le=19)
     # Default: 127.0.0.1 without API keys (nobody else can reach an open server), 0.0.0.0 with them.
     APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)

@@ -1,395 +1,52 @@
 """The runner: one process per run of a job, which owns that run from launch to its recorded end.
 
-    python -m application.runner JOB_ID RUN_ID               # the training run RUN_ID of JOB_ID
-    python -m application.runner JOB_ID RUN_ID --export ID   # the export ID of JOB_ID
+    python -m application.runner JOB_ID RUN_ID --launch SPEC   # the training run RUN_ID of JOB_ID
+    python -m application.runner JOB_ID RUN_ID --export ID     # the export ID of JOB_ID
 
-The scheduler launches it detached, in its own session, with an explicit environment (see `launcher`). It
-starts `swift sft` (or `swift export`) in a session of its own, reads its log as it grows, and writes
-progress, loss history, checkpoints, events and the final status to Redis itself, fenced by the run id
-(an export by its export id). It beats a heartbeat, honours stop requests (SIGTERM to swift's group, a
-grace, SIGKILL), runs the automatic export after a successful run, and keeps every update through a Redis
-outage until Redis answers again (`outbox`). No API or scheduler process needs to be alive for any of this.
-
-When swift exits the runner first writes the exit status next to the log, so a scheduler that finds the
-runner dead can still record the truth. A run that is no longer this runner's (deleted, or taken over) is
-stopped, and the runner leaves.
+The scheduler launches it detached, in its own session. For a training run it first writes SPEC (swift's
+argv, GPU variables, log file): this entry starts swift from it with the standard library alone, before
+importing anything else, so GPUs handed from one run to the next idle for no import of ours. Everything
+after that is `services/run_agent.py`: following the run, writing its progress and end to Redis.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import json
 import os
-import signal
-import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from loguru import logger
-from redis.exceptions import RedisError
-
-from application.config import Settings, SettingsError, load_settings
-from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, Progress, RunnerInfo
-from application.services import process_group as pg
-from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import ENDED_WITH_SWIFT, prepare_export
-from application.services.job_store import JobStore, TransitionRefused
-from application.services.keys import Keys
-from application.services.log_parser import SwiftLogParser, extract_error
-from application.services.outbox import Orphaned, Outbox
-from application.services.redis_service import create_client, redis_url
-from application.services.run_end import final_status
-from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
-from application.services.swift_command import build_env
-from application.utils.log_tail import read_from, tail_lines
-from application.utils.logger import setup_logging
-
-CHUNK = 4 * 1024 * 1024
-START_ATTEMPTS_SECONDS = 60.0
 
 
-def me() -> RunnerInfo:
-    return RunnerInfo(host=socket.gethostname(), pid=os.getpid(), start_time=pg.process_start_time(os.getpid()),
-                      launched_at=time.time())  # fmt: skip
-
-
-def swift_env(gpu_env: dict[str, str] | None) -> dict[str, str]:
-    """The runner's own environment (explicit, from the launcher) with the run's GPU variables; none given
-    means no GPU (an export merges on the CPU: the training GPUs already went back to the queue)."""
-    return build_env(os.environ, [], extra=gpu_env or {})
-
-
-class Runner:
-    def __init__(self, settings: Settings, store: JobStore, cluster: ClusterStore, job_id: str, run_id: str) -> None:
-        self.settings = settings
-        self.store = store
-        self.cluster = cluster
-        self.job_id = job_id
-        self.run_id = run_id
-        self.info = me()
-        self.terminated = asyncio.Event()  # SIGTERM/SIGINT to the runner itself: the host is going down
-
-    # ---- shared -------------------------------------------------------------------------------------
-
-    async def _job(self) -> Job | None:
-        """The job, waiting out a Redis that is not up yet (the runner may start while it restarts)."""
-        deadline = time.monotonic() + START_ATTEMPTS_SECONDS
-        while True:
-            try:
-                return await self.store.get(self.job_id)
-            except RedisError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                logger.warning("Redis does not answer yet ({}); retrying", exc)
-                await asyncio.sleep(1.0)
-
-    async def _tick(self, kind: str, ident: str) -> RunnerTick | None:
-        beat = {"run_id": self.run_id, "kind": kind, "id": ident, "host": self.info.host, "pid": self.info.pid,
-                "at": time.time()}  # fmt: skip
-        try:
-            return await self.cluster.runner_tick(self.job_id, beat, self.settings.RUNNER_HEARTBEAT_TTL)
-        except RedisError:
-            return None
-
-    async def _wait(self, proc: asyncio.subprocess.Process, timeout: float) -> bool:
-        """Sleep until the process exits, the runner is told to go, or `timeout`; True when it exited."""
-        waiters = {asyncio.ensure_future(proc.wait()), asyncio.ensure_future(self.terminated.wait())}
-        _, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return proc.returncode is not None
-
-    # ---- training -----------------------------------------------------------------------------------
-
-    async def train(self) -> int:
-        job = await self._job()
-        if job is None or job.status != JobStatus.RUNNING or job.run_id != self.run_id or not job.command:
-            logger.info("job {} run {} is not this runner's to run (it is {}): leaving", self.job_id, self.run_id,
-                        job.status.value if job else "gone")  # fmt: skip
-            return 0
-        outbox = Outbox(self.store, self.job_id, self.run_id)
-        outbox.set(runner=self.info)
-        log_file = Path(job.log_file or Path(job.output_dir) / "logs" / f"{job.job_id}.train.log")
-        exit_file = log_file.with_suffix(".exit.json")
-        exit_file.unlink(missing_ok=True)
-        try:
-            Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-            log_file.unlink(missing_ok=True)
-            proc = await pg.launch(job.command, swift_env(job.env), Path(job.output_dir), log_file)
-        except OSError as exc:
-            error = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh"
-            await outbox.finish(JobStatus.FAILED, {"error_message": error, "error_code": "launch"},
-                                f"training failed: {error}")  # fmt: skip
-            return 1
-        start_time = pg.process_start_time(proc.pid)
-        where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
-        outbox.set(pid=proc.pid, process_start_time=start_time)
-        outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}", {"pid": proc.pid})
-        parser = SwiftLogParser()
-        follow = _Follow(log_file, parser, outbox)
-        stopping: asyncio.Task[str] | None = None
-        stop_requested = False
-        orphaned = False
-        while True:
-            exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
-            if exited:
-                pg.write_exit_file(exit_file, _returncode(proc))
-            follow.read()
-            tick = await self._tick("train", self.run_id)
-            if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
-                orphaned = True  # deleted, ended or taken over by another run: this run must not go on
-            if tick is not None and tick.stop_requested:
-                stop_requested = True
-            if (stop_requested or orphaned or self.terminated.is_set()) and stopping is None and not exited:
-                reason = "stop requested" if stop_requested else "runner told to stop" if not orphaned else "orphaned"
-                logger.info("{}: SIGTERM to swift's process group {}", reason, proc.pid)
-                stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
-            try:
-                await outbox.flush()
-            except Orphaned:
-                orphaned = True
-            if exited:
-                break
-        if stopping is not None:
-            outcome = await stopping
-        else:
-            outcome = None
-            pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
-        code = _returncode(proc)
-        follow.read()
-        follow.flush()
-        if orphaned:
-            logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
-            return 0
-        fields, end_status, message, error_code = await self._ending(job, code, stop_requested, parser, log_file)
-        if stop_requested:
-            fields["stop_outcome"] = outcome or "gone"
-        elif self.terminated.is_set() and end_status != JobStatus.COMPLETED:
-            end_status, error_code = JobStatus.FAILED, "runner_terminated"
-            fields["error_message"] = "the runner was terminated (SIGTERM: the host or its scheduler shut down)"
-            message = f"training failed: {fields['error_message']}"
-        fields["error_code"] = error_code
-        recorded = await outbox.finish(end_status, fields, message)
-        exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set()
-        if recorded and end_status == JobStatus.COMPLETED and exporting:
-            await self._auto_export()
-        return 0
-
-    async def _ending(self, job: Job, code: int | None, stop_requested: bool, parser: SwiftLogParser,
-                      log_file: Path) -> tuple[dict[str, Any], JobStatus, str, str | None]:  # fmt: skip
-        tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        facts = parser.facts()
-        if facts.run_dir:
-            facts = facts.merged(await asyncio.to_thread(parse_logging_jsonl, Path(facts.run_dir) / "logging.jsonl"))
-        on_disk = await asyncio.to_thread(find_checkpoints, Path(job.output_dir))
-        checkpoints = [c for c in on_disk if facts.run_dir and c.startswith(facts.run_dir)] or on_disk
-        end = final_status(code, stop_requested, facts, tail)
-        fields: dict[str, Any] = {
-            "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir,
-            "last_checkpoint": facts.last_checkpoint or next(reversed(checkpoints), None),
-            "best_checkpoint": facts.best_checkpoint,
-        }  # fmt: skip
-        if facts.progress is not None:
-            fields["progress"] = facts.progress
-        if facts.train_loss is not None:
-            fields["train_loss"] = facts.train_loss
-        if facts.train_runtime is not None:
-            fields["train_runtime"] = facts.train_runtime
-        if end.status != JobStatus.COMPLETED:
-            fields["log_tail"] = tail
-        if end.error_message:
-            fields["error_message"] = end.error_message
-        return fields, end.status, end.message, end.error_code
-
-    async def _auto_export(self) -> None:
-        job = await self.store.get(self.job_id)
-        if job is None or job.training.train_type == "full":
-            return
-        try:
-            info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
-        except Exception as exc:  # a Conflict saying why there is nothing to export
-            detail = getattr(exc, "detail", str(exc))
-            await self.store.add_event(self.job_id, "export_skipped", f"automatic export skipped: {detail}")
-            return
-        info = info.model_copy(update={"runner": self.info})
-        try:
-            await self.store.update(
-                self.job_id, {"export": info, "export_stop_requested": False}, statuses=ENDED_WITH_SWIFT,
-                refuse_export=(ExportStatus.RUNNING,),
-                event=("export_started", f"automatic export of {info.checkpoint} started",
-                       {"checkpoint": info.checkpoint, "auto": True}),
-            )  # fmt: skip
-        except TransitionRefused:
-            return  # someone asked for an export meanwhile: theirs runs
-        await self.store.mark_exporting(self.job_id, True)
-        await self.export(info.export_id or "", prepared=info)
-
-    # ---- export ------------------------------------------------------------------------------------
-
-    async def export(self, export_id: str, prepared: ExportInfo | None = None) -> int:
-        info = prepared
-        if info is None:
-            job = await self._job()
-            if job is None or job.export.export_id != export_id or job.export.status != ExportStatus.RUNNING:
-                logger.info("export {} of {} is not this runner's to run: leaving", export_id, self.job_id)
-                return 0
-            info = job.export.model_copy(update={"runner": self.info})
-            await self._write_export(info, None)
-        assert info.command and info.log_file
-        log_file = Path(info.log_file)
-        job_dir = log_file.parent.parent
-        try:
-            log_file.unlink(missing_ok=True)
-            proc = await pg.launch(info.command, swift_env(None), job_dir, log_file)
-        except OSError as exc:
-            failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
-                                             "finished_at": time.time()})  # fmt: skip
-            await self._write_export(failed, ("export_failed", failed.error or "", None))
-            await self.store.mark_exporting(self.job_id, False)
-            return 1
-        info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid)})
-        await self._write_export(info, None)
-        stopping: asyncio.Task[str] | None = None
-        while True:
-            exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
-            tick = await self._tick("export", export_id)
-            gone = tick is not None and tick.export_id != export_id
-            wanted_stop = (tick is not None and tick.export_stop_requested) or gone or self.terminated.is_set()
-            if wanted_stop and stopping is None and not exited:
-                stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
-            if exited:
-                break
-        if stopping is not None:
-            await stopping
-        pg.kill_leftovers(proc.pid)
-        code = _returncode(proc)
-        parser = SwiftLogParser()
-        data, _ = await asyncio.to_thread(read_from, log_file, 0, 16 * 1024 * 1024)
-        parser.feed(data)
-        parser.flush()
-        tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        merged = parser.merged_path or f"{info.checkpoint}-merged"
-        update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
-        event: tuple[str, str, dict[str, Any]]
-        if code == 0:
-            update |= {"status": ExportStatus.COMPLETED, "path": merged}
-            event = ("export_completed", f"merged model written to {merged}", {"path": merged})
-        elif stopping is not None or code < 0:
-            update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
-            event = ("export_stopped", "export stopped on request", {})
-        else:
-            error = extract_error(tail) or f"swift export exited with code {code}"
-            update |= {"status": ExportStatus.FAILED, "error": error}
-            event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
-        await self._write_export(info.model_copy(update=update), event, final=True)
-        return 0
-
-    async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
-                            final: bool = False) -> None:  # fmt: skip
-        """Write this export's state while it is still the job's current export (retrying through outages)."""
-        backoff = 0.1
-        while True:
-            try:
-                current = await self.store.get_field(self.job_id, "export")
-                if current is None or current.get("export_id") != info.export_id:
-                    return  # deleted, or another export since
-                await self.store.update(self.job_id, {"export": info}, event=event)
-                if final:
-                    await self.store.mark_exporting(self.job_id, False)
-                return
-            except TransitionRefused:
-                return
-            except RedisError as exc:
-                logger.warning("cannot record the export yet ({}); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
-
-
-class _Follow:
-    """Reads what the run's log gained since the last read and queues what it says in the outbox."""
-
-    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox) -> None:
-        self.log_file = log_file
-        self.parser = parser
-        self.outbox = outbox
-        self.offset = 0
-
-    def read(self) -> None:
-        while True:
-            data, self.offset = read_from(self.log_file, self.offset, CHUNK)
-            if not data:
-                return
-            self._take(self.parser.feed(data))
-            if len(data) < CHUNK:
-                return
-
-    def flush(self) -> None:
-        self._take(self.parser.flush())  # a last line with no newline after it
-
-    def _take(self, result: Any) -> None:
-        progress: Progress | None = result.progress
-        fields: dict[str, Any] = {"log_offset": self.offset}
-        if progress is not None:
-            fields["progress"] = progress
-        if self.parser.run_dir:
-            fields["run_dir"] = self.parser.run_dir
-        if self.parser.last_checkpoint or result.checkpoints_saved:
-            fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
-        if self.parser.best_checkpoint:
-            fields["best_checkpoint"] = self.parser.best_checkpoint
-        if self.parser.train_loss is not None:
-            fields["train_loss"] = self.parser.train_loss
-        if self.parser.train_runtime is not None:
-            fields["train_runtime"] = self.parser.train_runtime
-        self.outbox.set(**fields)
-        self.outbox.add_history(result.history)
-        for path in result.checkpoints_saved:
-            self.outbox.event("checkpoint_saved", f"checkpoint saved: {path}", {"path": path})
-
-
-def _returncode(proc: asyncio.subprocess.Process) -> int:
-    code = proc.returncode
-    assert code is not None
-    return code
-
-
-async def _main(args: argparse.Namespace, settings: Settings) -> int:
-    client = create_client(settings, redis_url(settings))
-    keys = Keys(settings.REDIS_KEY_PREFIX)
-    store = JobStore(client, keys, events_max=settings.EVENTS_MAX_PER_JOB, history_max=settings.LOSS_HISTORY_LIMIT)
-    runner = Runner(settings, store, ClusterStore(client, keys), args.job_id, args.run_id)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runner.terminated.set)
+def _early_start(spec_file: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
+    """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import)."""
     try:
-        if args.export:
-            return await runner.export(args.export)
-        return await runner.train()
-    finally:
-        with contextlib.suppress(RedisError):
-            await runner.cluster.drop_runner_heartbeat(args.job_id)
-        await client.aclose()
+        spec = json.loads(Path(spec_file).read_text())
+        log_file = Path(spec["log_file"])
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        Path(spec["exit_file"]).unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in spec.get("unset", ())} | spec["env"]
+        with open(log_file, "wb") as log:
+            popen = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=spec["cwd"], env=env, start_new_session=True)  # fmt: skip
+        return popen, time.time()
+    except (OSError, ValueError, KeyError) as exc:
+        return exc if isinstance(exc, OSError) else OSError(f"unreadable launch spec {spec_file}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m application.runner", description=__doc__.split("\n")[0])
     parser.add_argument("job_id")
     parser.add_argument("run_id")
+    parser.add_argument("--launch", metavar="SPEC", help="start swift from this spec before anything else")
     parser.add_argument("--export", metavar="EXPORT_ID", help="run this export of the job instead of training")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"swift-api runner: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings.LOG_LEVEL, None)
-    logger.info("runner {} for job {} ({}) started", os.getpid(), args.job_id,
-                f"export {args.export}" if args.export else f"run {args.run_id}")  # fmt: skip
-    return asyncio.run(_main(args, settings))
+    early = _early_start(args.launch) if args.launch else None
+    from application.services.run_agent import run
+
+    return run(args, early)
 
 
 if __name__ == "__main__":

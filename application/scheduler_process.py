@@ -54,6 +54,7 @@ class Scheduler:
         self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        self._migrated = False
 
     async def swift_version(self) -> SwiftVersion:
         if self._version is None:
@@ -68,9 +69,8 @@ class Scheduler:
                                        self.settings.DATA_DIR / "swift-probe")  # fmt: skip
         await self.cluster.put_swift_info({
             "bin": self.settings.SWIFT_BIN, "version": version.version, "version_source": version.source,
-            "probed": info is not None, "at": time.time(),
-            "probe": info.raw if info is not None else None,
-        })  # fmt: skip
+            "probed": info is not None, "stamp": f"{self.ident}:{time.time()}",
+        }, info.raw if info is not None else None)  # fmt: skip
 
     # ---- the loops ----------------------------------------------------------------------------------
 
@@ -85,6 +85,10 @@ class Scheduler:
                 if self.stopping.is_set():
                     break
                 await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
+                if not self._migrated:
+                    if written := await self.store.backfill_summaries():
+                        logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
+                    self._migrated = True
                 tasks = [
                     asyncio.create_task(self.leader.keep(), name="leader-lock"),
                     asyncio.create_task(self._listen(), name="wakeups"),

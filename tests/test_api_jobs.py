@@ -278,7 +278,7 @@ def test_list_filters_pagination_newest_first(server: ApiServer, workspace: Path
 
     done = server.http.get("/jobs", params={"status": "completed"}).json()
     assert [j["job_id"] for j in done["jobs"]] == [ids[1]] and done["total"] == 1
-    assert done["jobs"][0]["current_step"] == 20
+    assert done["jobs"][0]["progress"]["current_step"] == 20
     pending = server.http.get("/jobs", params={"status": "pending"}).json()
     assert [j["job_id"] for j in pending["jobs"]] == [ids[4], ids[3], ids[2], ids[0]]
     assert server.http.get("/jobs", params={"status": "running"}).json()["jobs"] == []

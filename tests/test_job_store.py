@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -222,3 +223,26 @@ async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
     await store.append_history("a", [{"step": 1, "loss": 1.0}])
     assert await store.history("a", 0) == []
     assert [p.step for p in await store.history("a", 1)] == [1]
+
+
+async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    await store.create(make_job("a", created=1000.0), message="", actor="t")
+    await store.create(make_job("b", created=1001.0), message="", actor="t")
+    await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0], fields={"gpu_ids": [0]})
+    await store.update("a", {"progress": {"current_step": 7, "max_steps": 10}})
+    total, page = await store.page_json(None, None, 0, 10)
+    jobs = json.loads(page)
+    assert total == 2 and [j["job_id"] for j in jobs] == ["b", "a"]
+    assert jobs[1]["status"] == "running" and jobs[1]["progress"]["current_step"] == 7 and jobs[1]["gpu_ids"] == [0]
+    await store.reprioritize(await require(store, "b"), 9, actor="t")
+    assert json.loads((await store.page_json(JobStatus.PENDING, None, 0, 10))[1])[0]["priority"] == 9
+    # A record written before summaries were kept gets one from the scheduler's start-up pass.
+    await redis_client.delete(store.keys.job_summary("b"))
+    assert json.loads((await store.page_json(None, None, 0, 10))[1])[0]["job_id"] == "a"
+    assert await store.backfill_summaries() == 1
+    assert [j["job_id"] for j in json.loads((await store.page_json(None, None, 0, 10))[1])] == ["b", "a"]
+    await store.transition("a", JobStatus.COMPLETED)
+    await store.delete("a")
+    assert not await redis_client.exists(store.keys.job_summary("a"))

@@ -126,3 +126,31 @@ def test_a_stop_reaches_the_runner_with_no_api_in_between(server: ApiServer, wor
     final = server.wait_status("flagged", "stopped", timeout=10)
     assert final["stop_outcome"] == "terminated" and group_members(job["pid"]) == []
     r.close()
+
+
+def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiServer], workspace: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    from application.services.redis_service import EmbeddedRedis, find_redis_server
+
+    binary = find_redis_server()
+    assert binary
+    own = EmbeddedRedis(tmp_path / "own-redis", binary)  # append-only: a restart keeps the data
+    own.start()
+    try:
+        server = server_factory(env={"REDIS_URL": own.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
+                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
+        job = running(server, workspace, "steady", step_seconds=0.1, training={"max_steps": 60, "logging_steps": 1})
+        own.stop()
+        t_down = time.monotonic()
+        # The run goes on while Redis is away; its runner keeps what it read.
+        wait_for(lambda: (Path(job["output_dir"]) / "logs" / "steady.train.log").read_text().count("'loss'") >= 20,
+                 timeout=20, what="swift to log steps during the outage")  # fmt: skip
+        assert time.monotonic() - t_down >= 1.0
+        own.start()
+        done = server.wait_status("steady", "completed", "failed", timeout=60)
+        assert done["status"] == "completed", done["error_message"]
+        steps = [p["step"] for p in server.http.get("/jobs/steady/progress", params={"history_limit": 1000})
+                 .json()["history"] if p["loss"] is not None]  # fmt: skip
+        assert steps == list(range(1, 61)), steps  # every step, those logged during the outage too
+    finally:
+        own.stop()

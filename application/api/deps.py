@@ -32,19 +32,20 @@ async def admin_caller(caller: Annotated[Caller, Depends(current_caller)], reque
     return caller
 
 
-def _training(request: Request) -> TrainingService:
+# async: FastAPI runs a plain `def` dependency in a thread pool, a hop per request for a dictionary lookup.
+async def _training(request: Request) -> TrainingService:
     return request.app.state.training
 
 
-def _queue(request: Request) -> QueueService:
+async def _queue(request: Request) -> QueueService:
     return request.app.state.queue
 
 
-def _system(request: Request) -> SystemService:
+async def _system(request: Request) -> SystemService:
     return request.app.state.system
 
 
-def _idempotency(request: Request) -> Idempotency:
+async def _idempotency(request: Request) -> Idempotency:
     return request.app.state.idempotency
 
 

@@ -217,6 +217,7 @@ class RunnerInfo(BaseModel):
     pid: int | None = None
     start_time: float | None = Field(None, description="process start time (Unix seconds), against reused pids")
     launched_at: float = Field(..., description="when the scheduler launched it (Unix seconds)")
+    ready_at: float | None = Field(None, description="when the runner had started and read its job (Unix seconds)")
 
 
 class ExportInfo(BaseModel):
@@ -332,6 +333,8 @@ class StatusResponse(BaseModel):
 
 
 class JobSummary(BaseModel):
+    """A job as lists show it: kept as stored JSON (`lua.SUMMARY_FIELDS`), so a page decodes nothing."""
+
     job_id: str
     status: JobStatus
     priority: int
@@ -341,12 +344,13 @@ class JobSummary(BaseModel):
     output_dir: str
     num_gpus: int
     gpu_ids: list[int]
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    current_step: int | None
-    max_steps: int | None
-    export_status: ExportStatus
+    created_at: float = Field(..., description="Unix seconds")
+    queued_at: float | None = Field(None, description="Unix seconds")
+    started_at: float | None = Field(None, description="Unix seconds")
+    finished_at: float | None = Field(None, description="Unix seconds")
+    progress: Progress
+    export: ExportInfo
+    error_message: str | None = None
 
 
 class JobList(BaseModel):

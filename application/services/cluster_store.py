@@ -107,12 +107,43 @@ class ClusterStore:
         raw = await self.r.get(self.keys.gpu_snapshot)
         return json.loads(raw) if raw else None
 
-    async def put_swift_info(self, info: Mapping[str, Any]) -> None:
-        await self.r.set(self.keys.swift_info, json.dumps(dict(info), separators=(",", ":")))
+    async def put_swift_info(self, info: Mapping[str, Any], probe: Mapping[str, Any] | None) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            if probe is not None:
+                pipe.set(self.keys.swift_probe, json.dumps(dict(probe), separators=(",", ":")))
+            else:
+                pipe.delete(self.keys.swift_probe)
+            pipe.set(self.keys.swift_info, json.dumps(dict(info), separators=(",", ":")))
+            await pipe.execute()
 
-    async def swift_info_raw(self) -> str | None:
-        raw: str | None = await self.r.get(self.keys.swift_info)
-        return raw
+    async def swift_info(self) -> dict[str, Any] | None:
+        raw = await self.r.get(self.keys.swift_info)
+        return json.loads(raw) if raw else None
+
+    async def swift_probe(self) -> dict[str, Any] | None:
+        raw = await self.r.get(self.keys.swift_probe)
+        return json.loads(raw) if raw else None
+
+    async def health_state(self) -> dict[str, Any]:
+        """Everything /health shows, in one round trip: Redis itself, the leader, the GPU reading, ms-swift."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.info("server")
+            pipe.get(self.keys.leader)
+            pipe.pttl(self.keys.leader)
+            pipe.get(self.keys.gpu_snapshot)
+            pipe.get(self.keys.swift_info)
+            info, leader, ttl, snapshot, swift = await pipe.execute()
+        return {
+            "redis": {k: str(info.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in info},
+            "leader": Leader(leader, int(ttl)) if leader else None,
+            "gpus": json.loads(snapshot) if snapshot else None,
+            "swift": json.loads(swift) if swift else None,
+        }
+
+    async def published(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The scheduler's GPU reading and ms-swift facts, in one round trip."""
+        snapshot, info = await self.r.mget([self.keys.gpu_snapshot, self.keys.swift_info])
+        return (json.loads(snapshot) if snapshot else None), (json.loads(info) if info else None)
 
     # ---- the processor switch and statistics --------------------------------------------------------
 

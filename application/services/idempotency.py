@@ -42,12 +42,16 @@ class Idempotency:
         self.store = store
 
     async def run(
-        self, owner: str | None, key: str | None, print_: str, call: Callable[[], Awaitable[Outcome]]
+        self, owner: str | None, key: str | None, fingerprint_of: Callable[[], Awaitable[str]],
+        call: Callable[[], Awaitable[Outcome]],
     ) -> Response:
+        """`call`'s answer, or the answer of the first request with `key` (then `fingerprint_of` the request says
+        whether it is the same request)."""
         if key is None:
             return _response(*await call())
         if not _KEY_RE.match(key):
             raise Invalid("Idempotency-Key must be 1-255 printable ASCII characters without spaces (e.g. a UUID)")
+        print_ = await fingerprint_of()
         rkey = self.store.keys.idempotency(owner or "-", hashlib.sha256(key.encode()).hexdigest())
         deadline = time.monotonic() + WAIT_SECONDS
         while True:

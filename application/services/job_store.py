@@ -59,6 +59,10 @@ class TransitionRefused(Exception):
                    reply[2] if len(reply) > 2 else None)  # fmt: skip
 
 
+# json.dumps with non-default separators builds a new encoder on every call: one, reused, is much cheaper.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in fields.items():
@@ -66,7 +70,7 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
             value = value.model_dump(mode="json")
         elif isinstance(value, Enum):
             value = value.value
-        out[name] = json.dumps(value, separators=(",", ":"))
+        out[name] = _encode(value)
     return out
 
 
@@ -88,7 +92,7 @@ def _pruned(a: Mapping[str, Any]) -> dict[str, Any]:
 
 def _script_arg(a: Mapping[str, Any]) -> str:
     # cjson turns null into a truthy sentinel: what a script must see as absent is left out instead.
-    return json.dumps(_pruned(a), separators=(",", ":"))
+    return _encode(_pruned(a))
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class JobStore:
         self._delete = client.register_script(lua.DELETE)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
+        self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -156,7 +161,7 @@ class JobStore:
             "maxlen": self.events_max,
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "output_dirs": k.output_dirs, "queue": k.queue, "queue_meta": k.queue_meta,
-                  "wakeup": k.wakeup_channel,
+                  "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),
                       "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {})},
         })])  # fmt: skip
@@ -194,14 +199,16 @@ class JobStore:
             rows: list[list[str | None]] = await pipe.execute()
         return rows
 
+    def _index(self, status: JobStatus | None, owner: str | None) -> str:
+        k = self.keys
+        if owner is None:
+            return k.status_index(status) if status else k.jobs_index
+        return k.owner_status_index(owner, status) if status else k.owner_index(owner)
+
     async def page_ids(self, status: JobStatus | None, owner: str | None, offset: int,
                        limit: int) -> tuple[list[str], int]:  # fmt: skip
         """A page of job ids, newest first: every owner's when `owner` is None."""
-        k = self.keys
-        if owner is None:
-            index = k.status_index(status) if status else k.jobs_index
-        else:
-            index = k.owner_status_index(owner, status) if status else k.owner_index(owner)
+        index = self._index(status, owner)
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zcard(index)
             pipe.zrevrange(index, offset, offset + limit - 1)
@@ -214,6 +221,53 @@ class JobStore:
                 pipe.zcard(self.keys.owner_status_index(owner, s) if owner else self.keys.status_index(s))
             values = await pipe.execute()
         return {s.value: int(v) for s, v in zip(JobStatus, values, strict=True)}
+
+    async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
+        """GPU leases, running job ids and the queue's length, in one round trip."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.gpu_leases)
+            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
+            pipe.zcard(self.keys.queue)
+            leases, running, length = await pipe.execute()
+        return {int(k): v for k, v in leases.items()}, list(running), int(length)
+
+    async def page_json(self, status: JobStatus | None, owner: str | None, offset: int,
+                        limit: int) -> tuple[int, str]:  # fmt: skip
+        """(total, a JSON array of JobSummary) for a page, newest first; every owner's when `owner` is None.
+
+        Each job's summary is kept as one JSON string by the scripts that change the job (lua.SUMMARY_FIELDS):
+        a page is the index read and one MGET, joined as text. Redis does no work per field, Python decodes nothing.
+        """
+        index = self._index(status, owner)
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(index)
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            total, ids = await pipe.execute()
+        summaries = await self.r.mget([self.keys.job_summary(i) for i in ids]) if ids else []
+        return int(total), "[" + ",".join(s for s in summaries if s) + "]"
+
+    async def backfill_summaries(self, batch: int = 500) -> int:
+        """Write the summaries that records from before they were kept lack (once, at a scheduler's start)."""
+        written, start = 0, 0
+        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):
+            start += batch
+            async with self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(self.keys.job_summary(job_id))
+                present = await pipe.execute()
+            for job_id, there in zip(ids, present, strict=True):
+                if not there:
+                    written += int(await self._refresh_summary(keys=[self.keys.job(job_id)], args=[
+                        _script_arg({"k": {"summary": self.keys.job_summary(job_id)}})]))  # fmt: skip
+        return written
+
+    async def job_json(self, job_id: str) -> tuple[str | None, str] | None:
+        """(owner, the whole job as JSON text) assembled from the stored JSON values; None when it does not exist."""
+        raw = await self.r.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        owner = raw.get("owner")
+        return (json.loads(owner) if owner else None), "{" + ",".join(f'"{k}":{v}' for k, v in raw.items()) + "}"
 
     async def ids_with_status(self, *statuses: JobStatus) -> list[str]:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -243,7 +297,8 @@ class JobStore:
             "statuses": [s.value for s in statuses] if statuses is not None else None,
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
-            "maxlen": self.events_max, "run_id": run_id, "k": {"events": self.keys.job_events(job_id)},
+            "maxlen": self.events_max, "run_id": run_id,
+            "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id)},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -306,7 +361,8 @@ class JobStore:
                 "run_id": run_id, "fence": fence,
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
-                      "expiry": k.expiry, "leader": k.leader, "status": every, "owner_status": mine},
+                      "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
+                      "owner_status": mine},
             })])  # fmt: skip
             if res[0] == "ok":
                 return JobStatus(res[1])
@@ -323,7 +379,8 @@ class JobStore:
         res = await self._delete(keys=[k.job(job_id)], args=[_script_arg({
             "id": job_id, "refuse": [JobStatus.RUNNING.value],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
-                  "events": k.job_events(job_id), "history": k.job_history(job_id), "output_dirs": k.output_dirs,
+                  "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
+                  "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
                   "exporting": k.exporting, "status": every, "owner_status": mine},
         })])  # fmt: skip
@@ -340,7 +397,7 @@ class JobStore:
             "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
                                    {"from": job.priority, "to": priority}, actor, now),
             "k": {"queue": k.queue, "queue_meta": k.queue_meta, "events": k.job_events(job.job_id),
-                  "wakeup": k.wakeup_channel},
+                  "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id)},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -371,7 +428,7 @@ class JobStore:
             return
         key = self.keys.job_history(job_id)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(json.dumps(p, separators=(",", ":")) for p in points))
+            pipe.rpush(key, *(_encode(p) for p in points))
             pipe.ltrim(key, -self.history_max, -1)
             await pipe.execute()
 

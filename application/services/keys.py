@@ -18,6 +18,10 @@ class Keys:
         """Hash: one field per top-level Job field, each JSON-encoded."""
         return self._k("job", job_id)
 
+    def job_summary(self, job_id: str) -> str:
+        """String: the job's list entry as JSON (lua.SUMMARY_FIELDS), rewritten by every script that changes it."""
+        return self._k("job", job_id, "summary")
+
     def job_events(self, job_id: str) -> str:
         """Stream, capped: the job's event history."""
         return self._k("job", job_id, "events")
@@ -122,5 +126,11 @@ class Keys:
 
     @property
     def swift_info(self) -> str:
-        """String: what the scheduler learned of the installed ms-swift (version, arguments, models; JSON)."""
+        """String: what the scheduler learned of the installed ms-swift (bin, version; small JSON with a stamp)."""
         return self._k("swift")
+
+    @property
+    def swift_probe(self) -> str:
+        """String: the probe's whole answer (argument fields, model registry; ~200 KB JSON), read when the stamp
+        in `swift_info` changes."""
+        return self._k("swift", "probe")

@@ -22,8 +22,9 @@ from application.services import process_group as pg
 
 
 class RunnerLauncher(Protocol):
-    async def launch(self, job_id: str, run_id: str, log_dir: Path, export_id: str | None = None) -> RunnerInfo:
-        """Start the runner of one run (or export) of a job; raises OSError when it cannot."""
+    async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
+                     spec: Path | None = None) -> RunnerInfo:  # fmt: skip
+        """Start the runner of one run (`spec`: how it starts swift) or export of a job; OSError when it cannot."""
         ...
 
     def exit_status(self, runner: RunnerInfo) -> int | None:
@@ -46,10 +47,13 @@ class LocalLauncher:
         self.host = socket.gethostname()
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
-    async def launch(self, job_id: str, run_id: str, log_dir: Path, export_id: str | None = None) -> RunnerInfo:
+    async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
+                     spec: Path | None = None) -> RunnerInfo:  # fmt: skip
         argv = [sys.executable, "-m", "application.runner", job_id, run_id]
         if export_id:
             argv += ["--export", export_id]
+        if spec:
+            argv += ["--launch", str(spec)]
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = pg.spawn(argv, self.env, log_dir.parent, log_dir / f"{job_id}.runner.log")
         self.children[proc.pid] = proc

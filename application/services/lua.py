@@ -6,6 +6,13 @@ decodes only what it compares (a status, an export status, a run id). Only Redis
 A refusal is returned as {reason, current status, detail}; `JobStore` turns the reason into `Refusal`.
 """
 
+# What a job list shows of each job (JobSummary), kept as one JSON string per job (`Keys.job_summary`) that
+# every script changing the job rewrites: a page is then one MGET, and nothing is decoded to serve it.
+SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_path", "output_dir", "num_gpus",
+                  "gpu_ids", "created_at", "queued_at", "started_at", "finished_at", "progress", "export",
+                  "error_message")  # fmt: skip
+_SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
+
 # Shared helpers, prepended to each script.
 _HELPERS = """
 local a = cjson.decode(ARGV[1])
@@ -55,11 +62,19 @@ local function free_output_dir(dirs, id)
   local dir = field(KEYS[1], 'output_dir')
   if dir and redis.call('HGET', dirs, dir) == id then redis.call('HDEL', dirs, dir) end
 end
+local SUMMARY = """ + _SUMMARY_FIELDS_LUA + """
+local function refresh_summary(summary_key)
+  -- The stored JSON values joined as they are: the summary decodes nothing either.
+  local vals = redis.call('HMGET', KEYS[1], unpack(SUMMARY))
+  local kv = {}
+  for j, name in ipairs(SUMMARY) do kv[j] = '"' .. name .. '":' .. (vals[j] or 'null') end
+  redis.call('SET', summary_key, '{' .. table.concat(kv, ',') .. '}')
+end
 """
 
 # A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
-# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup}
+# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary}
 CREATE = (
     _HELPERS
     + """
@@ -75,6 +90,7 @@ if k.owner_all then
   redis.call('ZADD', k.owner_status, a.created_at, a.id)
 end
 redis.call('HSET', k.output_dirs, a.output_dir, a.id)
+refresh_summary(k.summary)
 if a.score then
   redis.call('ZADD', k.queue, a.score, a.id)
   redis.call('HSET', k.queue_meta, a.id, a.meta)
@@ -88,7 +104,7 @@ return {'ok'}
 # The one way a status changes. a: id, to, allowed (current statuses it may leave), fields, queue ('add' |
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
 # event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil,
-# k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, status {s: key},
+# k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
 #     owner_status {s: key}|nil}
 TRANSITION = (
     _HELPERS
@@ -125,6 +141,7 @@ if a.terminal then
   free_output_dir(k.output_dirs, id)
   redis.call('ZADD', k.expiry, a.finished_at, id)
 end
+refresh_summary(k.summary)
 local ev = add_event(k.events, a.event)
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
 return {'ok', cur, ev}
@@ -133,7 +150,7 @@ return {'ok', cur, ev}
 
 # Set fields while the job exists, is in one of `statuses` (when given) and its export status is not in
 # `refuse_export` (when given). a: fields, statuses|nil, refuse_export|nil, event|nil, maxlen, run_id|nil,
-# k: {events}
+# k: {events, summary}
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -147,14 +164,15 @@ end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
 hset_pairs(KEYS[1], a.fields)
+refresh_summary(a.k.summary)
 add_event(a.k.events, a.event)
 return {'ok', cur}
 """
 )
 
 # Remove a job's record and every index entry, unless its status is in `refuse` or its export runs.
-# a: id, refuse, k: {all, owner_all|nil, events, history, output_dirs, queue, queue_meta, leases, expiry,
-# exporting, status {s: key}, owner_status|nil}
+# a: id, refuse, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta, leases,
+# expiry, exporting, status {s: key}, owner_status|nil}
 DELETE = (
     _HELPERS
     + """
@@ -167,7 +185,7 @@ if exp and exp.status == 'running' then return {'export_state', cur, 'running'} 
 local id = a.id
 free_output_dir(k.output_dirs, id)
 release_leases(k.leases, id)
-redis.call('DEL', KEYS[1], k.events, k.history)
+redis.call('DEL', KEYS[1], k.events, k.history, k.summary)
 redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end
 reindex(k.status, id, cur, nil, 0)
@@ -181,7 +199,7 @@ return {'ok', cur}
 )
 
 # Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event, maxlen,
-# updated_at (encoded), id, k: {queue, queue_meta, events, wakeup}
+# updated_at (encoded), id, k: {queue, queue_meta, events, wakeup, summary}
 REPRIORITIZE = (
     _HELPERS
     + """
@@ -190,6 +208,7 @@ local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
 if cur ~= 'pending' and cur ~= 'queued' then return {'bad_state', cur} end
 redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
+refresh_summary(k.summary)
 if cur == 'queued' then
   redis.call('ZADD', k.queue, a.score, a.id)
   redis.call('HSET', k.queue_meta, a.id, a.meta)
@@ -197,6 +216,16 @@ if cur == 'queued' then
 end
 add_event(k.events, a.event)
 return {'ok', cur}
+"""
+)
+
+# Rewrite one job's summary (for records stored before summaries were kept). a: k {summary}
+REFRESH_SUMMARY = (
+    _HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+refresh_summary(a.k.summary)
+return 1
 """
 )
 

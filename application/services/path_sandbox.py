@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from application.exceptions import Invalid
@@ -76,7 +77,9 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def _real_roots(roots: Sequence[Path]) -> list[Path]:
+@lru_cache(maxsize=32)
+def _real_roots(roots: tuple[Path, ...]) -> list[Path]:
+    # The configured roots, resolved once per process (they are settings, not request data).
     return [Path(os.path.realpath(r)) for r in roots]
 
 
@@ -91,7 +94,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
     text = value
     if data and (m := _SAMPLE_RE.search(text)) and is_local_syntax(text):
         sample, text = int(m.group(1)), text[: m.start()]
-    real_roots = _real_roots(roots)
+    real_roots = _real_roots(tuple(roots))
     hub = _DATA_HUB_RE if data else _MODEL_HUB_RE
     outside = (
         f"{field} must be inside {setting} ({_roots_text(real_roots)})"
@@ -138,7 +141,7 @@ def _with_sample(path: str, sample: int | None) -> str:
 def resolve_output_dir(requested: str, root: Path) -> Path:
     """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     check_text("output_dir", requested)
-    root = Path(os.path.realpath(root))
+    root = _real_roots((root,))[0]
     candidate = Path(requested)
     resolved = Path(os.path.realpath(candidate if candidate.is_absolute() else root / candidate))
     if resolved == root:

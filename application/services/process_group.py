@@ -67,28 +67,37 @@ def write_exit_file(path: Path, code: int) -> None:
     os.replace(tmp, path)
 
 
-def spawn(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path) -> subprocess.Popen[bytes]:
-    """Start `argv` in a new session, detached from us, stdout+stderr appended to `log_file`.
+def spawn(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path, *,
+          fresh: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
+    """Start `argv` in a new session, stdout+stderr to `log_file` (emptied first when `fresh`).
 
     A plain Popen, not an asyncio transport: garbage-collecting an asyncio subprocess transport kills a child
-    that still runs, and what is spawned here must outlive its parent.
+    that still runs, and a runner must outlive the scheduler that spawned it.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
+    with open(log_file, "wb" if fresh else "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
                                 env=dict(env), start_new_session=True)  # fmt: skip
 
 
-async def launch(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path) -> asyncio.subprocess.Process:
-    """Start `argv` in a new session, stdout+stderr appended to `log_file`; raises OSError when it cannot start.
+class Child:
+    """A process we started, whose exit the event loop hears at once (one thread waits on it)."""
 
-    For a child that must not outlive us (swift under its runner)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        return await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=str(cwd),
-            env=dict(env), start_new_session=True,
-        )  # fmt: skip
+    def __init__(self, popen: subprocess.Popen[bytes], started_at: float | None = None) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        # Wall-clock start: psutil's create_time rests on a boot time with one-second resolution.
+        self.started_at = started_at or time.time()
+        self._waiter: asyncio.Future[int] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def wait(self) -> int:
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().run_in_executor(None, self.popen.wait)
+        return await asyncio.shield(self._waiter)
 
 
 def signal_group(pgid: int | None, sig: int) -> bool:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from application.config import Settings
-from application.models.training_model import JobStatus, Progress
+from application.models.training_model import Progress
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_store import JobStore, QueueMeta
 from application.services.scheduler import (
@@ -40,11 +40,12 @@ class ClusterView:
     running: list[RunningJob]
 
 
-async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False) -> ClusterView:
+async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
+                     state: tuple[dict[int, str], list[str], int] | None = None) -> ClusterView:  # fmt: skip
     """GPUs with their leases, and the running jobs with their remaining time. `reclaim` (the scheduler only)
-    drops leases whose job no longer runs."""
-    leases = await store.leases()
-    running_ids = await store.ids_with_status(JobStatus.RUNNING)
+    drops leases whose job no longer runs; `state` is `JobStore.planning_state()` when already read."""
+    leases, running_ids, _ = state if state is not None else await store.planning_state()
+    leases = dict(leases)
     running_set = set(running_ids)
     for gpu, holder in list(leases.items()):
         if holder not in running_set:
@@ -80,12 +81,15 @@ class Planner:
         self.settings = settings
         self.link_score = link_score
 
-    async def plan(self, view: ClusterView, extra: QueuedJob | None = None) -> list[Start]:
+    async def plan(
+        self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None
+    ) -> list[Start]:
         """What a pass would start now. `extra` (a job not stored yet) is ranked among the queue."""
         queue: list[QueuedJob] = []
         size = WINDOW
         while True:
-            queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
+            if queue_length != 0:  # an empty queue needs no read
+                queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
             ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
             s = self.settings
             starts = decide(ranked, view.gpus, view.running, policy=s.QUEUE_POLICY.value, now=time.time(),

@@ -10,6 +10,7 @@ and publishes the GPU reading for the API workers.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import socket
 import time
@@ -26,8 +27,22 @@ from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.queue_planner import ClusterView, Planner, build_view
-from application.services.swift_command import SwiftVersion, build_env, build_sft_command, visible_env
+from application.services.swift_command import (
+    GPU_VARIABLES,
+    SwiftVersion,
+    build_env,
+    build_sft_command,
+    visible_env,
+)
 from application.utils.gpu_utils import GpuInventory
+
+
+def _write_spec(path: Path, spec: dict[str, object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec))
+    tmp.replace(path)
+    return path
 
 
 def free_port() -> int:
@@ -112,15 +127,17 @@ class QueueProcessor:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner."""
         version = await self.version()
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version)
-        env = visible_env(build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None))
+        gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
+        env = visible_env(gpu_env)
         log_dir = Path(job.output_dir) / "logs"
+        log_file = log_dir / f"{job.job_id}.train.log"
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
         await self.store.transition(
             job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
             fields={
                 "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
-                "swift_version": version.version, "log_file": str(log_dir / f"{job.job_id}.train.log"),
+                "swift_version": version.version, "log_file": str(log_file),
                 "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None,
                 "process_start_time": None, "exit_code": None, "error_message": None, "error_code": None,
                 "progress": Progress(), "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
@@ -128,7 +145,11 @@ class QueueProcessor:
             message=f"started on {where}", data={"gpu_ids": gpu_ids},
         )  # fmt: skip
         try:
-            runner = await self.launcher.launch(job.job_id, run_id, log_dir)
+            spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
+                "argv": argv, "env": gpu_env, "unset": list(GPU_VARIABLES), "cwd": job.output_dir,
+                "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
+            })  # fmt: skip
+            runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
             error = f"the runner could not be started: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,

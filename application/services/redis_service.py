@@ -198,18 +198,6 @@ class RedisService:
         self.client = create_client(self.settings, self.url)
         return self.client
 
-    async def ping(self) -> float:
-        """Round-trip latency in milliseconds; raises when Redis does not answer."""
-        assert self.client is not None
-        started = time.perf_counter()
-        await self.client.ping()
-        return (time.perf_counter() - started) * 1000
-
-    async def info(self) -> dict[str, str]:
-        assert self.client is not None
-        raw = await self.client.info("server")
-        return {k: str(raw.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in raw}
-
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()

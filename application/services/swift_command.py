@@ -169,13 +169,14 @@ def build_export_command(swift_bin: str, checkpoint: str, *, exist_ok: bool) -> 
     return argv
 
 
+GPU_VARIABLES = ("NPROC_PER_NODE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+
+
 def build_env(
     base: Mapping[str, str], gpu_ids: list[int], *, master_port: int | None = None, extra: Mapping[str, str] = {}
 ) -> dict[str, str]:
     """The whole environment of a swift process: `base` with the GPU variables set explicitly (then `extra`)."""
-    env = dict(base)
-    for name in ("NPROC_PER_NODE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
-        env.pop(name, None)
+    env = {k: v for k, v in base.items() if k not in GPU_VARIABLES}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # so NVML's indices and CUDA's agree
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)  # "" = no GPU for a CPU-only job
     env["PYTHONUNBUFFERED"] = "1"

@@ -7,7 +7,6 @@ GPUs nor ms-swift of its own. Host figures (CPU, memory, disk of OUTPUT_ROOT) ar
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import time
@@ -18,7 +17,7 @@ import psutil
 
 from application import __version__
 from application.services.redis_service import RedisService
-from application.services.training_service import TrainingService
+from application.services.training_service import NO_READING, TrainingService, snapshot_of
 from application.utils.gpu_utils import gpu_summary
 
 # A GPU reading older than this says the scheduler is not watching the GPUs any more.
@@ -62,18 +61,23 @@ class SystemService:
         return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": snapshot.error,
                 "taken_at": snapshot.taken_at or None, "gpus": gpus, "summary": gpu_summary(snapshot)}  # fmt: skip
 
-    async def redis_health(self) -> dict[str, Any]:
+    async def _state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Redis's own health, and what the scheduler published, in one round trip."""
+        started = time.perf_counter()
         try:
-            latency = await self.redis.ping()
-            info = await self.redis.info()
-            return {"ok": True, "latency_ms": round(latency, 3), "embedded": self.redis.embedded is not None, **info}
+            state = await self.service.cluster.health_state()
         except Exception as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": self.redis.embedded is not None}
+            embedded = self.redis.embedded is not None
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": embedded}, None
+        latency = (time.perf_counter() - started) * 1000
+        return {"ok": True, "latency_ms": round(latency, 3), "embedded": self.redis.embedded is not None,
+                **state["redis"]}, state  # fmt: skip
 
-    async def scheduler_health(self) -> dict[str, Any]:
-        leader = await self.service.cluster.leader()
-        snapshot = await self.service.gpu_snapshot()
-        age = time.time() - snapshot.taken_at if snapshot.taken_at else None
+    @staticmethod
+    def _scheduler(state: dict[str, Any]) -> dict[str, Any]:
+        leader = state["leader"]
+        snapshot = state["gpus"]
+        age = time.time() - float(snapshot.get("taken_at") or 0) if snapshot else None
         return {
             "ok": leader is not None,
             "leader": leader.scheduler_id if leader else None,
@@ -81,46 +85,46 @@ class SystemService:
             **({} if leader else {"error": "no scheduler leads: queued jobs wait (python start.py scheduler)"}),
         }
 
-    async def swift_health(self) -> dict[str, Any]:
-        raw = await self.service.cluster.swift_info_raw()
-        if raw is None:
+    @staticmethod
+    def _swift(info: dict[str, Any] | None) -> dict[str, Any]:
+        if info is None:
             return {"ok": None, "version": None, "bin": None, "detail": "not known yet: the scheduler reports it"}
-        info = json.loads(raw)
-        return {"ok": info.get("version") is not None or info.get("probed"), "version": info.get("version"),
+        return {"ok": info.get("version") is not None or bool(info.get("probed")), "version": info.get("version"),
                 "version_source": info.get("version_source"), "bin": info.get("bin"),
                 "probed": info.get("probed")}  # fmt: skip
 
     async def system_status(self) -> dict[str, Any]:
         settings = self.service.settings
         stats = await asyncio.to_thread(host_stats, settings.OUTPUT_ROOT)
-        snapshot = await self.service.gpu_snapshot()
-        redis = await self.redis_health()
-        counts = await self.service.store.counts() if redis["ok"] else None
-        enabled, _ = await self.service.cluster.processor_switch() if redis["ok"] else (False, None)
+        redis, state = await self._state()
+        snapshot = snapshot_of(state["gpus"] if state else None)
+        counts = await self.service.store.counts() if state else None
+        enabled, _ = await self.service.cluster.processor_switch() if state else (False, None)
         return {
             **stats,
             "gpus": gpu_summary(snapshot),
             "jobs": counts,
-            "queue_length": await self.service.store.queue_length() if redis["ok"] else None,
+            "queue_length": await self.service.store.queue_length() if state else None,
             "redis": redis,
-            "scheduler": await self.scheduler_health() if redis["ok"] else None,
+            "scheduler": self._scheduler(state) if state else None,
             "queue_processor": {"running": enabled, "policy": settings.QUEUE_POLICY.value},
-            "swift": await self.swift_health() if redis["ok"] else None,
+            "swift": self._swift(state["swift"]) if state else None,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.service.started_at, 3),
         }
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
-        redis = await self.redis_health()
-        body: dict[str, Any] = {"status": "healthy" if redis["ok"] else "unhealthy", "redis": redis,
+        redis, state = await self._state()
+        body: dict[str, Any] = {"status": "healthy" if state else "unhealthy", "redis": redis,
                                 "version": __version__}  # fmt: skip
-        if not redis["ok"]:
+        if state is None:
             body["detail"] = f"Redis does not answer: {redis['error']}"
             return False, body
-        snapshot = await self.service.gpu_snapshot()
-        body["gpu"] = {"backend": snapshot.backend, "count": len(snapshot.gpus), "error": snapshot.error}
-        body["scheduler"] = await self.scheduler_health()
-        body["swift"] = await self.swift_health()
+        gpus = state["gpus"] or {}
+        body["gpu"] = {"backend": gpus.get("backend", "none"), "count": len(gpus.get("gpus", ())),
+                       "error": gpus.get("error", NO_READING.error)}  # fmt: skip
+        body["scheduler"] = self._scheduler(state)
+        body["swift"] = self._swift(state["swift"])
         if not body["scheduler"]["ok"]:
             body["status"] = "degraded"
         return True, body

@@ -10,12 +10,12 @@ job is stored in `preflight`, state in `job_store`.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
@@ -27,9 +27,7 @@ from application.models.training_model import (
     ExportStatus,
     Job,
     JobCreate,
-    JobList,
     JobStatus,
-    JobSummary,
     LogsResponse,
     ProgressResponse,
     StatusResponse,
@@ -37,12 +35,12 @@ from application.models.training_model import (
 )
 from application.services.cluster_store import ClusterStore
 from application.services.exports import ENDED_WITH_SWIFT, prepare_export
-from application.services.gpu_pool import impossible_request, queued_job
+from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.preflight import check_request
-from application.services.queue_planner import ClusterView, Planner, build_view
-from application.services.scheduler import QueuedJob, format_wait
+from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, Planner, build_view
+from application.services.scheduler import QueuedJob, format_wait, gpu_is_free
 from application.services.swift_info import SwiftInfo
 from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
@@ -71,23 +69,35 @@ class TrainingService:
     # ---- what the scheduler published ---------------------------------------------------------------
 
     async def gpu_snapshot(self) -> GpuSnapshot:
-        data = await self.cluster.gpu_snapshot()
-        if data is None:
-            return GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
-        return GpuSnapshot.from_dict(data)
+        return snapshot_of(await self.cluster.gpu_snapshot())
 
-    async def view(self) -> ClusterView:
-        return await build_view(self.store, await self.gpu_snapshot())
+    async def view(self, snapshot: GpuSnapshot | None = None) -> ClusterView:
+        return await build_view(self.store, snapshot or await self.gpu_snapshot())
 
-    async def swift_info(self) -> SwiftInfo | None:
-        """The installed ms-swift's argument and model registry, as the scheduler probed it (cached per version)."""
-        raw = await self.cluster.swift_info_raw()
-        if raw is None:
+    async def swift_info(self, meta: dict[str, Any] | None) -> SwiftInfo | None:
+        """The installed ms-swift's argument and model registry as the scheduler probed it: the big probe is read
+        again only when the scheduler publishes a new one (its stamp in `meta` changes)."""
+        if meta is None:
             return None
-        if self._swift is None or self._swift[0] != raw[:200]:
-            probe = json.loads(raw).get("probe")
-            self._swift = (raw[:200], SwiftInfo.from_json(probe) if probe else None)
+        stamp = str(meta.get("stamp"))
+        if self._swift is None or self._swift[0] != stamp:
+            probe = await self.cluster.swift_probe() if meta.get("probed") else None
+            self._swift = (stamp, SwiftInfo.from_json(probe) if probe else None)
         return self._swift[1]
+
+    async def _fits(self, job: Job, snapshot: GpuSnapshot, state: tuple[dict[int, str], list[str], int]) -> bool:
+        """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs)."""
+        leases, _, queue_length = state
+        k = len(job.gpu_ids_requested or ()) or job.num_gpus
+        if k > 0:
+            s = self.settings
+            free = [g for g in gpu_states(snapshot, leases)
+                    if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)]
+            if len(free) < k:
+                return False
+        view = await build_view(self.store, snapshot, state=state)
+        starts = await self.planner.plan(view, extra=_queued(job), queue_length=queue_length)
+        return any(s.job_id == job.job_id for s in starts)
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
@@ -105,8 +115,11 @@ class TrainingService:
         return job
 
     async def create(self, req: JobCreate, caller: Caller) -> CreateResponse:
-        await self.limits.check(caller)
-        snapshot = await self.gpu_snapshot()
+        # Three reads at once (each on its own connection): the caller's limits, what the scheduler published,
+        # and the leases, running jobs and queue length a plan needs.
+        (published, meta), state, _ = await asyncio.gather(self.cluster.published(), self.store.planning_state(),
+                                                           self.limits.check(caller))  # fmt: skip
+        snapshot = snapshot_of(published)
         reason = impossible_request(req, snapshot) if snapshot.taken_at else None
         if reason:
             raise Invalid(reason)
@@ -117,7 +130,7 @@ class TrainingService:
         # fails now, not after its wait. Disk work, so in a thread.
         checked = await asyncio.to_thread(
             check_request, req.data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
-            template=req.training.template, settings=self.settings, info=await self.swift_info(),
+            template=req.training.template, settings=self.settings, info=await self.swift_info(meta),
         )  # fmt: skip
         base_id = req.job_id or job_id_from(checked.output_dir)
         now = time.time()
@@ -128,7 +141,7 @@ class TrainingService:
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
             training=req.training, created_at=now, updated_at=now,
         )  # fmt: skip
-        fits = any(s.job_id == job.job_id for s in await self.planner.plan(await self.view(), extra=_queued(job)))
+        fits = await self._fits(job, snapshot, state)
         if not fits:
             job.status = JobStatus.QUEUED
             job.queued_at = now
@@ -279,22 +292,21 @@ class TrainingService:
         )  # fmt: skip
 
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
-                        caller: Caller) -> JobList:  # fmt: skip
+                        caller: Caller) -> str:  # fmt: skip
+        """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json)."""
         if not caller.is_admin:
             owner = caller.name
-        ids, total = await self.store.page_ids(status, owner, offset, limit)
-        jobs = await self.store.get_many(ids)
-        summaries = [
-            JobSummary(
-                job_id=j.job_id, status=j.status, priority=j.priority, owner=j.owner, model_path=j.model_path,
-                data_path=j.data_path, output_dir=j.output_dir, num_gpus=j.num_gpus, gpu_ids=j.gpu_ids,
-                created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at,
-                current_step=j.progress.current_step, max_steps=j.progress.max_steps, export_status=j.export.status,
-            )
-            for j in jobs
-        ]  # fmt: skip
+        total, page = await self.store.page_json(status, owner, offset, limit)
         nxt = offset + limit if offset + limit < total else None
-        return JobList(jobs=summaries, total=total, offset=offset, limit=limit, next_offset=nxt)
+        return (f'{{"jobs":{page},"total":{total},"offset":{offset},"limit":{limit},'
+                f'"next_offset":{"null" if nxt is None else nxt}}}')
+
+    async def job_json(self, job_id: str, caller: Caller) -> str:
+        """The whole job as JSON text, as stored (the job page)."""
+        found = await self.store.job_json(job_id)
+        if found is None or not caller.owns(found[0]):
+            raise JobNotFound(job_id)
+        return found[1]
 
     async def delete(self, job_id: str, caller: Caller) -> None:
         await self.require(job_id, caller)
@@ -343,9 +355,18 @@ class TrainingService:
         position = await self.store.queue_position(job_id)
         if position is None:
             return None, None
+        if position > ESTIMATE_WINDOW:
+            return position, None  # the estimate simulates the queue ahead: past this many, nobody can tell
         waits = await self.planner.wait_estimates(await self.view(), position)
         seconds = waits.get(job_id)
         return position, (WaitEstimate(seconds=seconds, text=format_wait(seconds)) if seconds is not None else None)
+
+
+NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
+
+
+def snapshot_of(data: dict[str, Any] | None) -> GpuSnapshot:
+    return GpuSnapshot.from_dict(data) if data is not None else NO_READING
 
 
 def _queued(job: Job) -> QueuedJob:
