@@ -83,6 +83,11 @@ def main() -> None:
     if role not in ROLES or len(sys.argv) > 2:
         sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
     settings = get_settings()
+    if role != "all" and settings.uses_embedded_redis:
+        sys.exit(
+            f"swift-api: the {role} role needs the Redis the other roles use: set REDIS_URL (or REDIS_HOST), "
+            "or start everything with `python start.py`, which runs an embedded redis-server for all of them"
+        )
     if role == "api":
         serve_api(settings)
     elif role == "scheduler":

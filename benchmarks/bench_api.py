@@ -48,7 +48,7 @@ from application.services.keys import Keys  # noqa: E402
 from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
 
 PREFIX = "bench"
-BARE_APP = textwrap.dedent('''
+BARE_APP = textwrap.dedent("""
     import json, os, time
     import redis.asyncio as aioredis
     from fastapi import FastAPI, Request
@@ -78,8 +78,8 @@ BARE_APP = textwrap.dedent('''
     async def health():
         await r.ping()
         return {"status": "healthy"}
-''')
-CREATE_LUA = textwrap.dedent('''
+""")
+CREATE_LUA = textwrap.dedent("""
     local counter = 0
     local threads = 0
     function setup(thread)
@@ -93,7 +93,7 @@ CREATE_LUA = textwrap.dedent('''
         .. '"output_dir": "' .. id .. '", "num_gpus": 0, "training": {"torch_dtype": "float32"}}'
       return wrk.format("POST", path, {["Content-Type"] = "application/json", ["Authorization"] = auth}, body)
     end
-''')
+""")
 
 
 def free_port() -> int:
@@ -229,9 +229,11 @@ def chain_latency(redis_url: str, env: dict[str, str], work: Path, base: str, st
         exited = json.loads(Path(prev["log_file"]).with_suffix(".exit.json").read_text())["finished_at"]
         gaps.append((nxt["runner"]["launched_at"] - exited) * 1000)
         swift_gaps.append((nxt["swift_at"] - exited) * 1000)
-    print(f"  scheduling latency during the storm, run exit -> next runner launched ({len(gaps)} hand-overs, "
-          f"8 GPUs each): p50 {statistics.median(gaps):.1f} ms, p99 {max(gaps):.1f} ms (target p50 < 50 ms); "
-          f"-> next swift started (the runner's start-up included): p50 {statistics.median(swift_gaps):.0f} ms")
+    print(
+        f"  scheduling latency during the storm, run exit -> next runner launched ({len(gaps)} hand-overs, "
+        f"8 GPUs each): p50 {statistics.median(gaps):.1f} ms, p99 {max(gaps):.1f} ms (target p50 < 50 ms); "
+        f"-> next swift started (the runner's start-up included): p50 {statistics.median(swift_gaps):.0f} ms"
+    )
 
 
 def runner_cpu(env: dict[str, str], work: Path) -> None:
@@ -255,8 +257,16 @@ def runner_cpu(env: dict[str, str], work: Path) -> None:
             while not http.get("/health").json().get("scheduler", {}).get("ok"):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            r = http.post("/jobs", json={"data_path": str(data), "model_path": str(model), "output_dir": "cpu",
-                                         "auto_start": True, "training": {"max_steps": 400, "logging_steps": 1}})
+            r = http.post(
+                "/jobs",
+                json={
+                    "data_path": str(data),
+                    "model_path": str(model),
+                    "output_dir": "cpu",
+                    "auto_start": True,
+                    "training": {"max_steps": 400, "logging_steps": 1},
+                },
+            )
             r.raise_for_status()
             deadline = time.monotonic() + 30
             while not (job := http.get("/jobs/cpu").json()).get("runner") or not job.get("pid"):
@@ -272,8 +282,10 @@ def runner_cpu(env: dict[str, str], work: Path) -> None:
             http.post("/jobs/cpu/stop")
     finally:
         stop(api)
-    print(f"  one runner following a run that logs {(lines1 - lines0) / (t1 - t0):.0f} lines/s: "
-          f"{100 * (c1 - c0) / (t1 - t0):.2f} % of one core (target < 2 %)")
+    print(
+        f"  one runner following a run that logs {(lines1 - lines0) / (t1 - t0):.0f} lines/s: "
+        f"{100 * (c1 - c0) / (t1 - t0):.2f} % of one core (target < 2 %)"
+    )
 
 
 def main() -> None:

@@ -233,6 +233,27 @@ def make_model(folder: Path, config: dict[str, Any] | None = None) -> Path:
     return folder
 
 
+MODEL_DIR = "models/tiny-qwen2"
+
+
+def job_body(workspace: Path, name: str, *, dataset: str | None = None, **options: Any) -> dict[str, Any]:
+    """A create body for the fake swift, named `name` (its output folder). Keywords that are request fields
+    (auto_start, num_gpus, training, priority, ...) go into the body; the rest are fake_swift options
+    (step_seconds, fail_at_step, hang_after_steps, ...) written into the job's own data set (or `dataset`)."""
+    from application.models.training_model import JobCreate
+
+    body = {k: options.pop(k) for k in list(options) if k in JobCreate.model_fields}
+    if "data_path" not in body:
+        body["data_path"] = fake_dataset(workspace, dataset or name, **options)
+    if "model_path" not in body:
+        model = workspace / MODEL_DIR
+        if not model.exists():
+            make_model(model)
+        body["model_path"] = str(model)
+    body.setdefault("output_dir", name)
+    return body
+
+
 def fake_dataset(workspace: Path, name: str, **options: Any) -> str:
     """A data set whose first row also tells the fake swift how to behave (step_seconds, fail_at_step, ...)."""
     import json

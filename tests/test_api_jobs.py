@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, make_model, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
 
 
 def body(workspace: Path, name: str, **extra: Any) -> dict[str, Any]:
-    data = extra.pop("data_path", None) or fake_dataset(workspace, name)
-    return {"data_path": data, "model_path": str(workspace / MODEL_DIR), "output_dir": f"output/{name}", **extra}
+    """Output folders under output/, as the original system's example has them."""
+    return job_body(workspace, name, output_dir=f"output/{name}", **extra)
 
 
 def created(server: ApiServer, payload: dict[str, Any]) -> dict[str, Any]:

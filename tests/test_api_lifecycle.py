@@ -12,9 +12,7 @@ from typing import Any
 import psutil
 
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, wait_for
-
-MODEL_DIR = "models/tiny-qwen2"
+from tests.conftest import FAKE_SWIFT, ApiServer, job_body, wait_for
 
 
 def job_processes(needle: str) -> list[psutil.Process]:
@@ -38,16 +36,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
-    training = options.pop("training", {})
-    extra: dict[str, Any] = {k: options.pop(k) for k in ("auto_start", "num_gpus") if k in options}
-    return {"data_path": fake_dataset(workspace, name, **options), "model_path": str(workspace / MODEL_DIR),
-            "output_dir": name, "training": training, **extra}  # fmt: skip
-
-
 def start_running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **options: Any) -> dict[str, Any]:
     """Create + auto-start a job, wait until swift has made `min_step` steps; returns the detail."""
-    r = server.create(**body(workspace, name, auto_start=True, **options))
+    r = server.create(**job_body(workspace, name, auto_start=True, **options))
     assert r.status_code == 201 and r.json()["status"] == "running", r.text
     return wait_for(lambda: (j := server.job(name))["pid"] and (j["progress"]["current_step"] or 0) >= min_step and j,
                     what=f"{name} to make {min_step} step(s)")  # fmt: skip
@@ -108,14 +99,14 @@ def test_stop_ignoring_sigterm_is_killed_after_the_grace(server_factory: Callabl
 
 
 def test_stop_of_pending_cancels_and_of_completed_is_409(server: ApiServer, workspace: Path) -> None:
-    r = server.create(**body(workspace, "waiting"))
+    r = server.create(**job_body(workspace, "waiting"))
     assert r.json()["status"] == "pending"
     r = server.http.post("/jobs/waiting/stop")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert server.job("waiting")["status"] == "cancelled"
     assert server.http.post("/jobs/waiting/start").status_code == 409
 
-    server.create(**body(workspace, "done", auto_start=True, training={"max_steps": 3}))
+    server.create(**job_body(workspace, "done", auto_start=True, training={"max_steps": 3}))
     server.wait_status("done", "completed")
     wait_for(lambda: server.job("done")["export"]["status"] == "completed", what="the automatic export")
     r = server.http.post("/jobs/done/stop")
@@ -145,11 +136,11 @@ def test_export_on_demand_twice_and_conflicts(server_factory: Callable[..., ApiS
     server = server_factory(env={"SWIFT_BIN": str(wrapper), "AUTO_EXPORT": "false"})
 
     # Nothing to export before a run has finished.
-    server.create(**body(workspace, "fresh"))
+    server.create(**job_body(workspace, "fresh"))
     r = server.http.post("/jobs/fresh/export")
     assert r.status_code == 409 and "pending" in r.json()["detail"]
 
-    server.create(**body(workspace, "exp", auto_start=True, training={"max_steps": 4, "save_steps": 2}))
+    server.create(**job_body(workspace, "exp", auto_start=True, training={"max_steps": 4, "save_steps": 2}))
     job = server.wait_status("exp", "completed")
     assert job["export"]["status"] == "none"  # AUTO_EXPORT=false
     last = job["last_checkpoint"]
@@ -188,7 +179,7 @@ def test_stop_during_the_automatic_export_stops_the_export(server_factory: Calla
                                                           workspace: Path, tmp_path: Path) -> None:  # fmt: skip
     wrapper, _gate = gated_swift(tmp_path)
     server = server_factory(env={"SWIFT_BIN": str(wrapper)})
-    server.create(**body(workspace, "merging", auto_start=True, training={"max_steps": 2}))
+    server.create(**job_body(workspace, "merging", auto_start=True, training={"max_steps": 2}))
     job = server.wait_status("merging", "completed")
     job = wait_for(lambda: (j := server.job("merging"))["export"]["pid"] and j, what="the export to start")
     assert job["export"]["status"] == "running"
@@ -203,7 +194,7 @@ def test_stop_during_the_automatic_export_stops_the_export(server_factory: Calla
 def test_export_of_queued_job_is_409(server: ApiServer, workspace: Path) -> None:
     for name in ("hold0", "hold1"):
         start_running(server, workspace, name, hang_after_steps=1)
-    r = server.create(**body(workspace, "waits"))
+    r = server.create(**job_body(workspace, "waits"))
     assert r.status_code == 201 and r.json()["status"] == "queued"
     r = server.http.post("/jobs/waits/export")
     assert r.status_code == 409 and "queued" in r.json()["detail"]

@@ -15,15 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ApiServer, fake_dataset, wait_for
+from tests.conftest import ApiServer, wait_for
+from tests.conftest import job_body as shared_job_body
 
-MODEL_DIR = "models/tiny-qwen2"
 
-
-def job_body(workspace: Path, name: str, *, training: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-    fake = {k: fields.pop(k) for k in ("step_seconds", "hang_after_steps") if k in fields}
-    return {"data_path": fake_dataset(workspace, f"d-{name}", **fake), "model_path": str(workspace / MODEL_DIR),
-            "output_dir": name, "job_id": name, "training": training or {}, **fields}  # fmt: skip
+def job_body(workspace: Path, name: str, **fields: Any) -> dict[str, Any]:
+    """With `job_id` set to the name: the queue tests refer to jobs by it."""
+    return shared_job_body(workspace, name, job_id=name, dataset=f"d-{name}", **fields)
 
 
 def create(server: ApiServer, workspace: Path, name: str, **fields: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from application.auth import ANONYMOUS, KeyRing
 from application.config import ApiKeyEntry, SettingsError, load_settings, parse_api_keys
 from application.exceptions import Unauthorized
-from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ROOT, auth, fake_dataset, make_model
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ROOT, auth, job_body, make_model
 
 PUBLIC = {("GET", "/api/v1/training/health")}
 
@@ -61,8 +61,7 @@ def test_an_open_server_refuses_to_listen_on_the_network(tmp_path: Path) -> None
 
 
 def _create_body(workspace: Path, name: str) -> dict[str, Any]:
-    return {"data_path": fake_dataset(workspace, "data", hang_after_steps=1),
-            "model_path": str(workspace / "models" / "tiny-qwen2"), "output_dir": name}  # fmt: skip
+    return job_body(workspace, name, dataset="data", hang_after_steps=1)
 
 
 def _request_for(method: str, path: str, job_id: str, workspace: Path) -> tuple[str, dict[str, Any] | None]:

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, fake_dataset, make_model
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model
 
 
 def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
-    return {"data_path": fake_dataset(tmp_path, "data", hang_after_steps=1),
-            "model_path": str(tmp_path / "models" / "tiny-qwen2"), "output_dir": name, **extra}  # fmt: skip
+    """Jobs that hang after their first step (they hold their GPU until stopped), one shared data set."""
+    return job_body(tmp_path, name, dataset="data", hang_after_steps=1, **extra)
 
 
 async def test_create_rate_per_key(app_factory: Callable[..., Any], tmp_path: Path) -> None:

@@ -17,16 +17,7 @@ import psutil
 import redis
 
 from application.services.process_group import group_members
-from tests.conftest import ApiServer, fake_dataset, wait_for
-
-MODEL_DIR = "models/tiny-qwen2"
-
-
-def body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
-    training = options.pop("training", {})
-    extra = {k: options.pop(k) for k in ("num_gpus",) if k in options}
-    return {"data_path": fake_dataset(workspace, name, **options), "model_path": str(workspace / MODEL_DIR),
-            "output_dir": name, "auto_start": True, "training": training, **extra}  # fmt: skip
+from tests.conftest import ApiServer, job_body, wait_for
 
 
 def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
@@ -36,7 +27,7 @@ def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
 
 
 def running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **options: Any) -> dict[str, Any]:
-    r = server.create(**body(workspace, name, **options))
+    r = server.create(**job_body(workspace, name, auto_start=True, **options))
     assert r.status_code == 201 and r.json()["status"] == "running", r.text
     return wait_for(lambda: (j := server.job(name))["runner"] and j["pid"] and
                     (j["progress"]["current_step"] or 0) >= min_step and j, what=f"{name} to run")  # fmt: skip

@@ -6,30 +6,39 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from application.api.deps import E403, E404, E409, AdminDep, CallerDep, JobId, Queue
+from application.api.deps import E403, E404, E409, E503, AdminDep, CallerDep, JobId, Queue
+from application.models.system_model import (
+    PassResult,
+    ProcessorStatus,
+    QueueJobStatus,
+    QueueOverview,
+    QueueRemoval,
+)
 
 router = APIRouter()
 
 # Processor routes first: /queue/processor/... must not match /queue/{job_id}/...
 
 
-@router.get("/queue/processor/status", responses=E403, summary="Queue processor state (admin)")
+@router.get("/queue/processor/status", response_model=ProcessorStatus, responses=E403,
+            summary="Queue processor state (admin)")  # fmt: skip
 async def processor_status(queue: Queue, caller: AdminDep) -> dict[str, Any]:
     return await queue.processor_status()
 
 
-@router.post("/queue/processor/start", responses=E403, summary="Start automatic starts of queued jobs (admin)")
+@router.post("/queue/processor/start", response_model=ProcessorStatus, responses=E403,
+             summary="Start automatic starts of queued jobs (admin)")  # fmt: skip
 async def processor_start(queue: Queue, caller: AdminDep) -> dict[str, Any]:
     return await queue.start_processor()
 
 
-@router.post("/queue/processor/stop", responses=E403,
+@router.post("/queue/processor/stop", response_model=ProcessorStatus, responses=E403,
              summary="Stop automatic starts (running jobs go on; POST /queue/process works) (admin)")  # fmt: skip
 async def processor_stop(queue: Queue, caller: AdminDep) -> dict[str, Any]:
     return await queue.stop_processor()
 
 
-@router.get("/queue", summary="The GPU queue in order, with wait estimates")
+@router.get("/queue", response_model=QueueOverview, summary="The GPU queue in order, with wait estimates")
 async def queue_overview(
     queue: Queue,
     caller: CallerDep,
@@ -40,16 +49,19 @@ async def queue_overview(
     return await queue.overview(offset, limit, caller)
 
 
-@router.post("/queue/process", summary="Run one queue pass now; says which jobs started")
+@router.post("/queue/process", response_model=PassResult, responses=E503,
+             summary="Run one queue pass now; says which jobs started")  # fmt: skip
 async def queue_process(queue: Queue, caller: CallerDep) -> dict[str, Any]:
     return await queue.process()
 
 
-@router.delete("/queue/{job_id}", responses={**E404, **E409}, summary="Remove a queued job (it becomes cancelled)")
+@router.delete("/queue/{job_id}", response_model=QueueRemoval, responses={**E404, **E409},
+               summary="Remove a queued job (it becomes cancelled)")  # fmt: skip
 async def queue_remove(job_id: JobId, queue: Queue, caller: CallerDep) -> dict[str, Any]:
     return await queue.remove(job_id, caller)
 
 
-@router.get("/queue/{job_id}/status", responses=E404, summary="A job's place in the queue")
+@router.get("/queue/{job_id}/status", response_model=QueueJobStatus, responses=E404,
+            summary="A job's place in the queue")  # fmt: skip
 async def queue_job_status(job_id: JobId, queue: Queue, caller: CallerDep) -> dict[str, Any]:
     return await queue.job_status(job_id, caller)

@@ -7,23 +7,27 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from application.api.deps import E503, System
+from application.api.deps import System
+from application.models.system_model import GpuList, Health, SystemStatus
 
 router = APIRouter()
 public = APIRouter()
 
 
-@router.get("/gpus", summary="GPUs: memory, utilization, temperature, processes and the job holding each")
+@router.get("/gpus", response_model=GpuList,
+            summary="GPUs: memory, utilization, temperature, processes and the job holding each")  # fmt: skip
 async def gpus(system: System) -> dict[str, Any]:
     return await system.gpus()
 
 
-@router.get("/system/status", summary="CPU, memory, disk, load, GPUs, job counts, Redis, version, uptime")
+@router.get("/system/status", response_model=SystemStatus,
+            summary="CPU, memory, disk, load, GPUs, job counts, Redis, version, uptime")  # fmt: skip
 async def system_status(system: System) -> dict[str, Any]:
     return await system.system_status()
 
 
-@public.get("/health", responses=E503, summary="200 when Redis answers, 503 with the reason when it does not")
+@public.get("/health", response_model=None, responses={200: {"model": Health}, 503: {"model": Health}},
+            summary="200 when Redis answers, 503 with the reason when it does not")  # fmt: skip
 async def health(system: System) -> JSONResponse:
     """Needs no API key, so load balancers and health checks can call it."""
     ok, body = await system.health()

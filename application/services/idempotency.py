@@ -42,7 +42,10 @@ class Idempotency:
         self.store = store
 
     async def run(
-        self, owner: str | None, key: str | None, fingerprint_of: Callable[[], Awaitable[str]],
+        self,
+        owner: str | None,
+        key: str | None,
+        fingerprint_of: Callable[[], Awaitable[str]],
         call: Callable[[], Awaitable[Outcome]],
     ) -> Response:
         """`call`'s answer, or the answer of the first request with `key` (then `fingerprint_of` the request says

@@ -83,7 +83,7 @@ class Keys:
 
     @property
     def wakeup_channel(self) -> str:
-        """Pub/sub channel: anything that may let a queued job start (so every API process wakes)."""
+        """Pub/sub channel: anything that may let a queued job start (the leading scheduler wakes at once)."""
         return self._k("queue", "wakeup")
 
     @property

@@ -261,7 +261,7 @@ class RunFacts:
     finished: bool = False
 
     def merged(self, other: RunFacts | None) -> RunFacts:
-        """These facts, with what they lack taken from `other` (a re-attached reader may have missed lines)."""
+        """These facts, with what they lack taken from `other` (the log may lack lines logging.jsonl has)."""
         if other is None:
             return self
         return RunFacts(

@@ -14,7 +14,8 @@ SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_p
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.
-_HELPERS = """
+_HELPERS = (
+    """
 local a = cjson.decode(ARGV[1])
 local function hset_pairs(key, obj)
   local flat = {}
@@ -62,7 +63,9 @@ local function free_output_dir(dirs, id)
   local dir = field(KEYS[1], 'output_dir')
   if dir and redis.call('HGET', dirs, dir) == id then redis.call('HDEL', dirs, dir) end
 end
-local SUMMARY = """ + _SUMMARY_FIELDS_LUA + """
+local SUMMARY = """
+    + _SUMMARY_FIELDS_LUA
+    + """
 local function refresh_summary(summary_key)
   -- The stored JSON values joined as they are: the summary decodes nothing either.
   local vals = redis.call('HMGET', KEYS[1], unpack(SUMMARY))
@@ -71,6 +74,7 @@ local function refresh_summary(summary_key)
   redis.call('SET', summary_key, '{' .. table.concat(kv, ',') .. '}')
 end
 """
+)
 
 # A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,

