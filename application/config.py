@@ -21,6 +21,8 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from application.services.scheduler import LinkScore, Policy
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_DIR = PROJECT_ROOT / "env"
 
@@ -129,6 +131,9 @@ class Settings(BaseSettings):
     QUEUE_PROCESSOR_AUTOSTART: bool = True
     QUEUE_POLL_INTERVAL: float = Field(5.0, gt=0, le=3600)
     QUEUE_POLICY: QueuePolicy = QueuePolicy.BACKFILL
+    # Backfill: a blocked job's reservation binds jobs of its own priority only once it has waited this long
+    # (before, they may take its GPUs whatever their duration: first fit); 0 = at once (pure EASY backfill).
+    QUEUE_STARVATION_SECONDS: float = Field(1800.0, ge=0, le=30 * 86400)
 
     @field_validator("API_PREFIX")
     @classmethod
@@ -234,6 +239,12 @@ class Settings(BaseSettings):
     def model_roots(self) -> tuple[Path, ...]:
         # A merged model written under OUTPUT_ROOT can be trained again.
         return (*_roots(self.MODEL_ROOTS), self.OUTPUT_ROOT)
+
+    def scheduling_policy(self, link_score: LinkScore | None = None) -> Policy:
+        """The pure scheduler's Policy for these settings."""
+        return Policy(name=self.QUEUE_POLICY.value, min_free_gb=self.GPU_MIN_FREE_MEMORY_GB,
+                      max_util=self.GPU_MAX_UTILIZATION, owner_gpu_cap=self.MAX_GPUS_PER_OWNER,
+                      starvation_seconds=self.QUEUE_STARVATION_SECONDS, link_score=link_score)  # fmt: skip
 
     def create_rate(self) -> tuple[int, float] | None:
         return parse_rate(self.CREATE_RATE_LIMIT)

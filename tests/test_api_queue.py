@@ -121,6 +121,7 @@ def test_third_job_queues_with_position_and_estimate_then_starts_when_a_gpu_free
     est = r["estimated_wait_time"]
     # From the running jobs' parsed remaining time (200 steps of 0.1 s each): a real figure, not a placeholder.
     assert est is not None and 0 < est["seconds"] < 60 and est["text"] == "less than a minute"
+    assert r["pending_reason"]["code"] == "resources" and r["pending_reason"]["message"]
     assert server.job("c")["status"] == "queued" and server.job("c")["queued_at"] is not None
 
     q = server.http.get("/queue").json()
@@ -132,8 +133,11 @@ def test_third_job_queues_with_position_and_estimate_then_starts_when_a_gpu_free
     assert q["summary"]["processor_running"] is True
     st = server.http.get("/queue/c/status").json()
     assert st["queued"] is True and st["queue_position"] == 1 and st["jobs_ahead"] == 0
-    assert st["estimated_wait_time"]["seconds"] >= 0
-    assert server.http.get("/jobs/c/status").json()["queue_position"] == 1
+    assert st["estimated_wait_time"]["seconds"] >= 0 and st["pending_reason"]["code"] == "resources"
+    assert entry["pending_reason"]["code"] == "resources"
+    job_status = server.http.get("/jobs/c/status").json()
+    assert job_status["queue_position"] == 1 and job_status["pending_reason"]["code"] == "resources"
+    assert job_status["estimated_wait_time"]["seconds"] >= 0
     # POST start on a queued job keeps it queued and says so.
     r2 = server.http.post("/jobs/c/start")
     assert r2.status_code == 200 and r2.json()["status"] == "queued" and r2.json()["queue_position"] == 1
@@ -242,6 +246,9 @@ def test_gpus_busy_with_outside_processes_are_skipped_until_freed(server_factory
     first = hold(server, workspace, "first")
     assert first["gpu_ids"] == [1]
     assert create(server, workspace, "second")["status"] == "queued"
+    # A 2-GPU job needs GPU 0 too: only the outside process stands in its way.
+    pair = create(server, workspace, "pair", num_gpus=2)
+    assert pair["pending_reason"]["code"] == "outside_processes", pair
     usage.write_text("{}")  # the outside process ended: the periodic pass notices
     assert server.wait_status("second", "running", timeout=10)["gpu_ids"] == [0]
 
@@ -266,6 +273,7 @@ def test_processor_stop_keeps_queued_jobs_waiting_manual_pass_and_restart(server
     holds_for(server, 2.5, lambda: server.job("c")["status"] == "queued", "c must wait while the processor is off")
     assert server.job("b")["status"] == "running" and server.job("b")["progress"]["current_step"] > step
     assert server.http.get("/queue").json()["summary"]["processor_running"] is False
+    assert server.http.get("/queue/c/status").json()["pending_reason"]["code"] == "processor_stopped"
 
     r = server.http.post("/queue/process")
     assert r.status_code == 200 and r.json()["started"] == ["c"] and r.json()["queue_length"] == 0

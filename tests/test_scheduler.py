@@ -13,13 +13,15 @@ import pytest
 from application.services import scheduler
 from application.services.scheduler import (
     GpuState,
+    Policy,
     QueuedJob,
     RunningJob,
     Start,
     decide,
-    estimate_waits,
     format_wait,
     gpu_is_free,
+    next_head,
+    plan,
     queue_key,
     queue_score,
     score_priority,
@@ -29,6 +31,22 @@ from application.services.scheduler import (
 NOW = 1_700_000_000.0
 MIN_FREE = 2.0
 MAX_UTIL = 90.0
+
+
+def policy_of(name: str = "backfill", **extra: object) -> Policy:
+    return Policy(name=name, min_free_gb=MIN_FREE, max_util=MAX_UTIL, **extra)  # type: ignore[arg-type]
+
+
+def estimate_waits(
+    queue: Sequence[QueuedJob],
+    gpus: Sequence[GpuState],
+    running: Sequence[RunningJob],
+    *,
+    policy: str = "backfill",
+    now: float = NOW,
+    **_: object,
+) -> dict[str, float | None]:
+    return plan(queue, gpus, running, policy_of(policy), now).waits
 
 
 def gpu(
@@ -72,16 +90,7 @@ def run(
     policy: str = "backfill",
     link_score: Callable[[int, int], int | None] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    starts = decide(
-        queue,
-        gpus,
-        running,
-        policy=policy,
-        min_free_gb=MIN_FREE,
-        max_util=MAX_UTIL,
-        now=NOW,
-        link_score=link_score,
-    )
+    starts = decide(queue, gpus, running, policy_of(policy, link_score=link_score), NOW)
     return {s.job_id: s.gpu_ids for s in starts}
 
 
@@ -407,7 +416,7 @@ def test_strict_starts_are_a_prefix_of_backfill_starts() -> None:
 
 
 def simulate(
-    policy: str | None,
+    policy: str | Policy | None,
     arrivals: list[tuple[float, QueuedJob, float]],
     running: list[tuple[RunningJob, float]],
     n_gpus: int,
@@ -425,6 +434,7 @@ def simulate(
         r.job_id: (r.gpu_ids, end, end) for r, end in running
     }
     starts: dict[str, float] = {}
+    head: scheduler.Head | None = None
     events: list[float] = [end for _, end in running]
     while t <= horizon:
         while pending and pending[-1][0] <= t:
@@ -443,7 +453,10 @@ def simulate(
                 got = run([j], busy(gpus, [*runs, *(RunningJob(s.job_id, s.gpu_ids, 0) for s in chosen)]))
                 chosen += [Start(jid, ids) for jid, ids in got.items()]
         else:
-            chosen = decide(queue, gpus, runs, policy=policy, min_free_gb=MIN_FREE, max_util=MAX_UTIL, now=t)
+            # As the queue processor does: the head and since when are kept from pass to pass.
+            p = plan(queue, gpus, runs, policy_of(policy) if isinstance(policy, str) else policy, t,
+                     estimating=False, head=head)  # fmt: skip
+            chosen, head = p.starts, next_head(head, p.head, t)
         by_id = {j.job_id: j for j in queue}
         for s in chosen:
             j = by_id[s.job_id]
@@ -493,6 +506,95 @@ def test_starvation_backfill_starts_the_big_job_in_bounded_time(small_estimate: 
     assert bool(before) is small_estimate
     # And every small job ran in the end.
     assert len(starts) == len(arrivals)
+
+
+def test_starvation_fallback_is_first_fit_then_drains_for_the_big_job() -> None:
+    # No estimates for the small jobs: while the big job is young they take any GPU (better than FIFO);
+    # once it has waited QUEUE_STARVATION_SECONDS it drains the GPUs, so it waits at most that plus the
+    # longest run still going (a small job: 150 s).
+    arrivals, running = starvation_case(small_estimate=False)
+    patience = 600.0
+    starts = simulate(policy_of(starvation_seconds=patience), arrivals, running, n_gpus=4, horizon=50_000.0)
+    before = [jid for jid, t in starts.items() if jid != "big" and t < starts["big"]]
+    assert len(before) >= 10
+    assert 400.0 <= starts["big"] <= patience + 150.0
+    assert len(starts) == len(arrivals)
+
+
+def test_starvation_young_reservation_still_binds_known_estimates() -> None:
+    # Both durations known: EASY decides even while the big job is young, so it starts when planned.
+    arrivals, running = starvation_case(small_estimate=True)
+    starts = simulate(policy_of(starvation_seconds=3600.0), arrivals, running, n_gpus=4, horizon=50_000.0)
+    assert starts["big"] == 400.0
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_wrong_estimates_delay_a_reservation_by_at_most_the_overrun(factor: float) -> None:
+    # GPU 1 busy until +300; "big" (2 GPUs) waits for it. "fill" is backfilled on GPU 0 with an estimate of
+    # 200 s (ends before +300 by the estimate); it really runs 200 * factor.
+    running = [(RunningJob("r", (1,), 300.0), 300.0)]
+    arrivals = [
+        (0.0, QueuedJob("big", 5, 0.0, 2, None, None, 1000.0), 1000.0),
+        (0.0, QueuedJob("fill", 5, 0.5, 1, None, None, 200.0), 200.0 * factor),
+    ]
+    starts = simulate(policy_of(), arrivals, running, n_gpus=2, horizon=10_000.0)
+    assert starts["fill"] == 0.0
+    overrun = max(0.0, 200.0 * factor - 300.0)
+    # Too long an estimate only costs backfill chances; too short delays "big" by the overrun, no more.
+    assert starts["big"] == 300.0 + overrun
+
+
+def test_an_overrunning_job_counts_as_ending_any_moment() -> None:
+    # "r" is past its estimate (remaining 0): "big" is planned at once, so nothing may backfill onto GPU 0.
+    running = [RunningJob("r", (1,), 0.0)]
+    gpus = busy(gpus_free(2), running)
+    q = ordered(job("big", t=1, n=2, est=1000), job("short", t=2, est=5), job("unknown", t=3))
+    assert run(q, gpus, running) == {}
+
+
+def test_priorities_stay_strict_across_levels_under_backfill() -> None:
+    # "urgent" (priority 9, young, so its reservation is soft for its own priority) waits for GPU 1 (+100).
+    running = [RunningJob("r", (1,), 100.0)]
+    gpus = busy(gpus_free(2), running)
+    young = policy_of(starvation_seconds=1e9)
+    q = ordered(
+        job("urgent", priority=9, t=1, n=2, est=1000),
+        job("low-unknown", priority=1, t=2),
+        job("low-long", priority=1, t=3, est=500),
+        job("low-short", priority=1, t=4, est=50),
+    )
+    got = {s.job_id for s in decide(q, gpus, running, young, NOW)}
+    # A lower priority backfills only where it delays no higher-priority reservation.
+    assert got == {"low-short"}
+    # The same priority with no estimate may take it while "urgent" is young (the fallback), not once old.
+    q2 = ordered(job("urgent", priority=9, t=1, n=2, est=1000), job("same-unknown", priority=9, t=2))
+    assert {s.job_id for s in decide(q2, gpus, running, young, NOW)} == {"same-unknown"}
+    assert decide(q2, gpus, running, policy_of(starvation_seconds=60.0), NOW, head=("urgent", NOW - 61)) == []
+    # Its clock runs from when it became the head, not from its submission.
+    assert decide(q2, gpus, running, policy_of(starvation_seconds=60.0), NOW, head=("other", NOW - 61)) != []
+
+
+def test_pending_reasons() -> None:
+    running = [RunningJob("r", (1,), 100.0)]
+    gpus = [gpu(0), gpu(1, held="r"), gpu(2, free=1.0, util=100.0)]
+    q = ordered(
+        job("big", t=1, n=2, est=1000),
+        job("long", t=2, est=500),
+        job("outside", t=3, ids=(2,), est=10),
+        job("huge", t=4, n=3, est=10),
+    )
+    p = plan(q, gpus, running, policy_of(), NOW)
+    assert p.reasons["big"].code == "resources"
+    assert (p.reasons["long"].code, p.reasons["long"].job_id) == ("reservation", "big")
+    assert p.reasons["long"].starts_in == pytest.approx(100.0)
+    assert "big" in p.reasons["long"].text
+    assert p.reasons["outside"].code == "outside_processes"
+    assert p.reasons["huge"].code == "outside_processes"
+    strict = plan(q, gpus, running, policy_of("strict"), NOW)
+    assert strict.reasons["long"].code == "priority"
+    owned = plan([QueuedJob("mine", 5, NOW, 1, None, None, 5.0, owner="ann")], gpus,
+                 [RunningJob("r", (1,), 100.0, owner="ann")], policy_of(owner_gpu_cap=1), NOW)  # fmt: skip
+    assert owned.starts == [] and owned.reasons["mine"].code == "owner_limit"
 
 
 def test_starvation_strict_also_starts_the_big_job() -> None:
@@ -587,6 +689,6 @@ def test_a_pass_over_10000_jobs_is_fast() -> None:
     best = math.inf
     for _ in range(5):
         t0 = time.perf_counter()
-        decide(q, gpus, running, min_free_gb=MIN_FREE, max_util=MAX_UTIL, now=NOW)
+        decide(q, gpus, running, policy_of(), NOW)
         best = min(best, time.perf_counter() - t0)
     assert best < 0.1

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from application.services.predictions import parse_time_limit
+
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 JOB_ID_HELP = "1-128 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
 
@@ -147,6 +149,12 @@ class JobCreate(_Strict):
     )
     min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
     auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
+    time_limit: int | str | None = Field(
+        None,
+        examples=["2h"],
+        description="stop the run when it has run this long (it then fails with error_code 'time_limit'): seconds,"
+        " or text such as '90m', '2h', '1h30m', '1d'; 1 s to 30 days. The queue plans with it, like Slurm's",
+    )
     training: TrainingParams = Field(default_factory=TrainingParams)
 
     @field_validator("data_path", "model_path", "output_dir")
@@ -158,6 +166,11 @@ class JobCreate(_Strict):
             raise ValueError("must not start with '-' (swift would read it as an option)")
         # Control characters and the like are refused by the path sandbox, with the field's name.
         return v.strip(" ")
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_time_limit(v)
 
     @field_validator("job_id")
     @classmethod
@@ -174,6 +187,10 @@ class JobCreate(_Strict):
         if any(i < 0 for i in v) or len(set(v)) != len(v):
             raise ValueError("gpu_ids must be distinct non-negative GPU indices")
         return sorted(v)
+
+    @property
+    def time_limit_seconds(self) -> int | None:
+        return None if self.time_limit is None else parse_time_limit(self.time_limit)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
@@ -208,6 +225,34 @@ class Progress(BaseModel):
     train_speed: float | None = Field(None, description="seconds per step")
     memory_gib: float | None = None
     updated_at: float | None = None
+
+
+class PredictedDuration(BaseModel):
+    """How long the server expects a run to take, and where that comes from (best first): the job's
+    time_limit, its plan (steps x the measured speed of past runs of the model), the history of similar
+    jobs, or, once running, swift's own remaining time (progress)."""
+
+    seconds: float | None = None
+    source: Literal["time_limit", "plan", "history", "progress"] | None = None
+
+
+PendingCode = Literal["priority", "resources", "reservation", "outside_processes", "owner_limit", "never",
+                      "processor_stopped"]  # fmt: skip
+
+
+class PendingReason(BaseModel):
+    """Why a queued job waits (Slurm's REASON column)."""
+
+    code: PendingCode = Field(
+        ...,
+        description="priority: jobs ahead of it go first; resources: not enough free GPUs; reservation: the free "
+        "GPUs are held for job_id until about starts_at; outside_processes: GPUs it needs are busy with processes "
+        "the server did not start; owner_limit: its owner holds MAX_GPUS_PER_OWNER GPUs; never: the request "
+        "cannot be met on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
+    )
+    message: str
+    job_id: str | None = Field(None, description="reservation: the job the GPUs are held for")
+    starts_at: float | None = Field(None, description="reservation: when that job should start (Unix seconds)")
 
 
 class RunnerInfo(BaseModel):
@@ -253,6 +298,11 @@ class Job(BaseModel):
     gpu_ids_requested: list[int] | None = None
     min_gpu_memory_gb: float | None = None
     training: TrainingParams
+    time_limit_seconds: int | None = Field(None, description="the run is stopped past this (failed, time_limit)")
+    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
+    queued_prediction: PredictedDuration | None = Field(
+        None, description="the prediction the queue planned with while the job waited (for the prediction error)"
+    )
     gpu_ids: list[int] = Field(default_factory=list, description="GPUs held while running")
     created_at: float
     updated_at: float
@@ -276,7 +326,8 @@ class Job(BaseModel):
     exit_code: int | None = None
     error_message: str | None = None
     error_code: str | None = Field(
-        None, description="why it failed: exit_code, signal, launch, runner_lost, runner_terminated, lost"
+        None,
+        description="why it failed: exit_code, signal, launch, time_limit, runner_lost, runner_terminated, lost",
     )
     log_tail: list[str] | None = None
     progress: Progress = Field(default_factory=Progress)
@@ -300,6 +351,8 @@ class CreateResponse(BaseModel):
     message: str
     queue_position: int | None = None
     estimated_wait_time: WaitEstimate | None = None
+    pending_reason: PendingReason | None = None
+    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
 
 
 class WaitEstimate(BaseModel):
@@ -313,6 +366,7 @@ class ActionResponse(BaseModel):
     message: str
     queue_position: int | None = None
     estimated_wait_time: WaitEstimate | None = None
+    pending_reason: PendingReason | None = None
     gpu_ids: list[int] | None = None
     export: ExportInfo | None = None
 
@@ -330,6 +384,11 @@ class StatusResponse(BaseModel):
     error_message: str | None
     export: ExportInfo
     queue_position: int | None = None
+    time_limit_seconds: int | None = None
+    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
+    pending_reason: PendingReason | None = Field(None, description="why a queued job waits")
+    estimated_wait_time: WaitEstimate | None = None
+    error_code: str | None = None
 
 
 class JobSummary(BaseModel):

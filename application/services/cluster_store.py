@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from application.services import lua
 from application.services.keys import Keys
+from application.services.scheduler import Head
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,16 @@ class ClusterStore:
     async def gpu_snapshot(self) -> dict[str, Any] | None:
         raw = await self.r.get(self.keys.gpu_snapshot)
         return json.loads(raw) if raw else None
+
+    async def queue_head(self) -> Head | None:
+        raw = await self.r.get(self.keys.queue_head)
+        if not raw:
+            return None
+        job_id, since = json.loads(raw)
+        return (str(job_id), float(since))
+
+    async def set_queue_head(self, head: Head) -> None:
+        await self.r.set(self.keys.queue_head, json.dumps(list(head)))
 
     async def put_swift_info(self, info: Mapping[str, Any], probe: Mapping[str, Any] | None) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

@@ -26,6 +26,7 @@ from application.models.training_model import (
     Job,
     JobStatus,
     LossPoint,
+    PredictedDuration,
 )
 from application.services import lua
 from application.services.keys import Keys
@@ -121,7 +122,8 @@ class QueueMeta:
     @classmethod
     def of(cls, job: Job, priority: int | None = None) -> QueueMeta:
         return cls(job.priority if priority is None else priority, job.created_at, job.num_gpus,
-                   job.gpu_ids_requested, job.min_gpu_memory_gb, owner=job.owner)  # fmt: skip
+                   job.gpu_ids_requested, job.min_gpu_memory_gb, job.predicted_duration.seconds,
+                   owner=job.owner)  # fmt: skip
 
 
 class JobStore:
@@ -138,6 +140,7 @@ class JobStore:
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
+        self._set_prediction = client.register_script(lua.SET_PREDICTION)
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -402,6 +405,13 @@ class JobStore:
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
         return JobStatus(res[1])
+
+    async def set_prediction(self, job_id: str, prediction: PredictedDuration) -> bool:
+        """Give a job that waits (pending or queued) the prediction found for it since it was created."""
+        return bool(await self._set_prediction(keys=[self.keys.job(job_id)], args=[_script_arg({
+            "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
+            "k": {"queue_meta": self.keys.queue_meta},
+        })]))  # fmt: skip
 
     async def expired(self, before: float, limit: int) -> list[str]:
         """Terminal jobs that finished before `before`, oldest first."""

@@ -82,6 +82,11 @@ class Keys:
         return self._k("gpu_leases")
 
     @property
+    def queue_head(self) -> str:
+        """String: JSON [job id, since] of the first job waiting with a reservation, for the starvation rule."""
+        return self._k("queue", "head")
+
+    @property
     def wakeup_channel(self) -> str:
         """Pub/sub channel: anything that may let a queued job start (the leading scheduler wakes at once)."""
         return self._k("queue", "wakeup")
@@ -134,3 +139,22 @@ class Keys:
         """String: the probe's whole answer (argument fields, model registry; ~200 KB JSON), read when the stamp
         in `swift_info` changes."""
         return self._k("swift", "probe")
+
+    def step_profile(self, digest: str) -> str:
+        """List, newest first, capped: [seconds per sample, overhead] of finished runs of one model, GPU count,
+        max_length and train type (`predictions.profile_key`)."""
+        return self._k("history", "profile", digest)
+
+    def run_durations(self, digest: str) -> str:
+        """List, newest first, capped: durations (s) of finished runs of similar jobs (`predictions.similar_key`)."""
+        return self._k("history", "similar", digest)
+
+    @property
+    def history_version(self) -> str:
+        """Counter: bumped by every run recorded, so the scheduler retries predictions only when history grew."""
+        return self._k("history", "version")
+
+    @property
+    def prediction_errors(self) -> str:
+        """List, newest first, capped: actual / predicted duration of finished jobs that had a prediction."""
+        return self._k("history", "errors")

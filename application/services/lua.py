@@ -223,6 +223,25 @@ return {'ok', cur}
 """
 )
 
+# A prediction found for a job that waits: on the job, and in its queue entry's meta (index 6, estimated
+# duration, changed in place so a concurrent priority change is not undone). a: id, predicted, seconds,
+# k {queue_meta}
+SET_PREDICTION = (
+    _HELPERS
+    + """
+local cur = field(KEYS[1], 'status')
+if cur ~= 'pending' and cur ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'predicted_duration', a.predicted, 'queued_prediction', a.predicted)
+local raw = redis.call('HGET', a.k.queue_meta, a.id)
+if raw then
+  local m = cjson.decode(raw)
+  m[6] = a.seconds
+  redis.call('HSET', a.k.queue_meta, a.id, cjson.encode(m))
+end
+return 1
+"""
+)
+
 # Rewrite one job's summary (for records stored before summaries were kept). a: k {summary}
 REFRESH_SUMMARY = (
     _HELPERS

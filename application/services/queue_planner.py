@@ -11,18 +11,22 @@ import time
 from dataclasses import dataclass
 
 from application.config import Settings
-from application.models.training_model import Progress
+from application.models.training_model import PendingReason, WaitEstimate
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_store import JobStore, QueueMeta
+from application.services.predictions import remaining_seconds
 from application.services.scheduler import (
     BACKFILL_DEPTH,
     GpuState,
+    Head,
     LinkScore,
+    Plan,
+    Policy,
     QueuedJob,
+    Reason,
     RunningJob,
-    Start,
-    decide,
-    estimate_waits,
+    format_wait,
+    plan,
 )
 from application.utils.gpu_types import GpuSnapshot
 
@@ -53,10 +57,14 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
                 await store.drop_lease(gpu, holder)
             leases.pop(gpu)
     running: list[RunningJob] = []
-    rows = await store.get_fields(running_ids, ["gpu_ids", "progress", "owner"])
-    for job_id, (gpu_raw, progress_raw, owner_raw) in zip(running_ids, rows, strict=True):
+    rows = await store.get_fields(running_ids, ["gpu_ids", "predicted_duration", "started_at", "time_limit_seconds",
+                                                "owner"])  # fmt: skip
+    now = time.time()
+    for job_id, (gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw) in zip(running_ids, rows, strict=True):
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
-        remaining = Progress.model_validate_json(progress_raw).remaining_seconds if progress_raw else None
+        predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
+        remaining = remaining_seconds(predicted=predicted, started_at=json.loads(started_raw) if started_raw else None,
+                                      time_limit=json.loads(limit_raw) if limit_raw else None, now=now)  # fmt: skip
         owner = json.loads(owner_raw) if owner_raw else None
         running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner))
     return ClusterView(snapshot, gpu_states(snapshot, leases), running)
@@ -79,34 +87,47 @@ class Planner:
     def __init__(self, store: JobStore, settings: Settings, link_score: LinkScore | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.link_score = link_score
+        self.policy: Policy = settings.scheduling_policy(link_score)
 
     async def plan(
-        self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None
-    ) -> list[Start]:
-        """What a pass would start now. `extra` (a job not stored yet) is ranked among the queue."""
+        self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None,
+        head: Head | None = None,
+    ) -> Plan:  # fmt: skip
+        """What a pass would start now (and the queue's head). `extra` (a job not stored yet) is ranked among
+        the queue; `head` is the head as kept from earlier passes (`ClusterStore.queue_head`)."""
         queue: list[QueuedJob] = []
         size = WINDOW
         while True:
             if queue_length != 0:  # an empty queue needs no read
                 queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
             ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
-            s = self.settings
-            starts = decide(ranked, view.gpus, view.running, policy=s.QUEUE_POLICY.value, now=time.time(),
-                            min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION,
-                            owner_gpu_cap=s.MAX_GPUS_PER_OWNER, link_score=self.link_score)  # fmt: skip
+            found = plan(ranked, view.gpus, view.running, self.policy, time.time(), estimating=False, head=head)
             # Later jobs rank lower and cannot change the decisions for this prefix: look further only
             # while GPUs stay free after it.
-            used = {i for s in starts for i in s.gpu_ids}
+            used = {i for s in found.starts for i in s.gpu_ids}
             any_free = any(g.held_by is None and g.index not in used for g in view.gpus)
             if len(queue) < size or not any_free or size >= MAX_WINDOW:
-                return starts
+                return found
             size = min(size * 4, MAX_WINDOW)
 
-    async def wait_estimates(self, view: ClusterView, upto: int) -> dict[str, float | None]:
-        """Wait estimates of the first `upto` queued jobs; past ESTIMATE_WINDOW nobody can tell (None)."""
+    async def forecast(self, view: ClusterView, upto: int, head: Head | None = None) -> Plan:
+        """The plan for the first `upto` queued jobs (waits and why each waits); past ESTIMATE_WINDOW nobody
+        can tell (they get no entry)."""
         queue = await queued(self.store, min(upto, ESTIMATE_WINDOW))
-        s = self.settings
-        return estimate_waits(queue, view.gpus, view.running, policy=s.QUEUE_POLICY.value, now=time.time(),
-                              min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION,
-                              owner_gpu_cap=s.MAX_GPUS_PER_OWNER, link_score=self.link_score)  # fmt: skip
+        return plan(queue, view.gpus, view.running, self.policy, time.time(), head=head)
+
+
+def wait_estimate(seconds: float | None) -> WaitEstimate | None:
+    return WaitEstimate(seconds=seconds, text=format_wait(seconds)) if seconds is not None else None
+
+
+def pending_reason(reason: Reason | None, now: float, stopped: str | None) -> PendingReason | None:
+    """What a queued job's status says of its wait: `stopped` (why no pass runs) outranks the plan's reason;
+    None when the next pass should start it."""
+    if stopped is not None:
+        return PendingReason(code="processor_stopped", message=stopped)
+    if reason is None:
+        return None
+    starts_at = now + reason.starts_in if reason.starts_in is not None else None
+    return PendingReason(code=reason.code, message=reason.text, job_id=reason.job_id,
+                         starts_at=round(starts_at, 3) if starts_at is not None else None)  # fmt: skip

@@ -26,7 +26,10 @@ from application.models.training_model import Job, JobStatus, Progress
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
+from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
+from application.services.run_history import RunHistory
+from application.services.scheduler import Start, next_head
 from application.services.swift_command import (
     GPU_VARIABLES,
     SwiftVersion,
@@ -85,6 +88,8 @@ class QueueProcessor:
         self.version = version
         self.scheduler_id = scheduler_id
         self.planner = Planner(store, settings, inventory.link_score)
+        self.history = RunHistory(store.r, store.keys)
+        self._history_seen = -1
         self.stats = PassStats()
         self._lock = asyncio.Lock()
 
@@ -97,8 +102,16 @@ class QueueProcessor:
         """Start every queued job that fits now (or, given `only`, those of them)."""
         async with self._lock:
             started_at = time.perf_counter()
+            await self.refresh_predictions()
             view = await self.view()
-            starts = await self.planner.plan(view) if await self.store.queue_length() else []
+            starts: list[Start] = []
+            if await self.store.queue_length():
+                head = await self.cluster.queue_head()
+                found = await self.planner.plan(view, head=head)
+                starts = found.starts
+                kept = next_head(head, found.head, time.time())
+                if kept != head and kept is not None:
+                    await self.cluster.set_queue_head(kept)
             started: list[str] = []
             for start in starts:
                 if only is not None and start.job_id not in only:
@@ -122,6 +135,27 @@ class QueueProcessor:
                 logger.info("queue pass started {}", ", ".join(started))
             await self.cluster.record_pass(s.__dict__)
             return started
+
+    async def refresh_predictions(self) -> int:
+        """Jobs queued before anything was known of their kind get a prediction once a run teaches one (the
+        history grew since the last look). Only the head of the queue: a pass never plans past it."""
+        version = await self.history.version()
+        if version == self._history_seen:
+            return 0
+        self._history_seen = version
+        found = 0
+        for job_id, meta in await self.store.queue_window(0, PREDICTION_WINDOW):
+            if meta.estimated_duration is not None:
+                continue
+            job = await self.store.get(job_id)
+            if job is None:
+                continue
+            prediction = await self.history.predict(job)
+            if prediction.seconds is not None and await self.store.set_prediction(job_id, prediction):
+                found += 1
+        if found:
+            logger.info("{} queued job(s) got a predicted duration from the runs just recorded", found)
+        return found
 
     async def start_run(self, job: Job, gpu_ids: list[int]) -> None:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner."""

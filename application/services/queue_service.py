@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
 
 from application.auth import Caller
 from application.exceptions import ApiError, Conflict
-from application.models.training_model import JobStatus, WaitEstimate
-from application.services.queue_planner import ClusterView, queued
-from application.services.scheduler import format_wait
+from application.models.training_model import JobStatus
+from application.services.predictions import ratio_summary
+from application.services.queue_planner import ClusterView, pending_reason, queued, wait_estimate
 from application.services.training_service import TrainingService
 
 PASS_WAIT_SECONDS = 10.0
@@ -18,10 +19,6 @@ PASS_WAIT_SECONDS = 10.0
 
 class NoScheduler(ApiError):
     status_code = 503
-
-
-def _estimate(seconds: float | None) -> dict[str, Any] | None:
-    return WaitEstimate(seconds=seconds, text=format_wait(seconds)).model_dump() if seconds is not None else None
 
 
 def free_gpu_count(view: ClusterView, min_free_gb: float, max_util: float) -> int:
@@ -40,9 +37,11 @@ class QueueService:
         self.settings = service.settings
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
-        view = await self.service.view()
-        queue = await queued(self.store, limit, start=offset)
-        waits = await self.service.planner.wait_estimates(view, offset + limit)
+        view, queue, stopped, head = await asyncio.gather(
+            self.service.view(), queued(self.store, limit, start=offset), self.service.processor_stopped(),
+            self.cluster.queue_head(),
+        )  # fmt: skip
+        forecast = await self.service.planner.forecast(view, offset + limit, head)
         now = time.time()
         entries = [
             {
@@ -56,7 +55,9 @@ class QueueService:
                 "min_gpu_memory_gb": q.min_gpu_memory_gb,
                 "submitted_at": q.submitted_at,
                 "waited_seconds": round(max(0.0, now - q.submitted_at), 3),
-                "estimated_wait_time": _estimate(waits.get(q.job_id)),
+                "estimated_wait_time": wait_estimate(forecast.waits.get(q.job_id)),
+                "predicted_duration_seconds": q.estimated_duration,
+                "pending_reason": pending_reason(forecast.reasons.get(q.job_id), now, stopped),
             }
             for i, q in enumerate(queue)
         ]
@@ -72,14 +73,10 @@ class QueueService:
                 ),
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
-                "processor_running": await self._processor_running(),
+                "processor_running": stopped is None,
                 "gpu_error": view.snapshot.error,
             },
         }
-
-    async def _processor_running(self) -> bool:
-        enabled, _ = await self.cluster.processor_switch()
-        return enabled and await self.cluster.leader() is not None
 
     async def process(self) -> dict[str, Any]:
         if await self.cluster.leader() is None:
@@ -108,18 +105,20 @@ class QueueService:
             return {"job_id": job_id, "queued": False, "status": job.status.value, "queue_position": None,
                     "jobs_ahead": None, "estimated_wait_time": None,
                     "message": f"the job is not queued: it is {job.status.value}"}  # fmt: skip
-        waits = await self.service.planner.wait_estimates(await self.service.view(), position)
+        info = await self.service.queue_info(job_id)
         return {
-            "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": position,
-            "jobs_ahead": position - 1, "priority": job.priority, "num_gpus": job.num_gpus,
+            "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": info.position or position,
+            "jobs_ahead": (info.position or position) - 1, "priority": job.priority, "num_gpus": job.num_gpus,
             "waited_seconds": round(time.time() - (job.queued_at or job.created_at), 3),
-            "estimated_wait_time": _estimate(waits.get(job_id)),
+            "estimated_wait_time": info.estimate, "pending_reason": info.reason,
+            "predicted_duration": job.predicted_duration,
         }  # fmt: skip
 
     async def processor_status(self) -> dict[str, Any]:
-        enabled, since = await self.cluster.processor_switch()
-        leader = await self.cluster.leader()
-        stats = await self.cluster.pass_stats()
+        (enabled, since), leader, stats, ratios = await asyncio.gather(
+            self.cluster.processor_switch(), self.cluster.leader(), self.cluster.pass_stats(),
+            self.service.history.ratios(),
+        )  # fmt: skip
         return {
             "running": enabled and leader is not None,
             "enabled": enabled,
@@ -134,6 +133,8 @@ class QueueService:
             "last_error_at": stats.get("last_error_at"),
             "poll_interval_seconds": self.settings.QUEUE_POLL_INTERVAL,
             "policy": self.settings.QUEUE_POLICY.value,
+            "starvation_seconds": self.settings.QUEUE_STARVATION_SECONDS,
+            "prediction_error": ratio_summary(ratios),
         }
 
     async def start_processor(self) -> dict[str, Any]:

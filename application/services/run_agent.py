@@ -30,7 +30,15 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.config import Settings, SettingsError, load_settings
-from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, Progress, RunnerInfo
+from application.models.training_model import (
+    ExportInfo,
+    ExportStatus,
+    Job,
+    JobStatus,
+    PredictedDuration,
+    Progress,
+    RunnerInfo,
+)
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.exports import ENDED_WITH_SWIFT, prepare_export
@@ -38,8 +46,10 @@ from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser, extract_error
 from application.services.outbox import Orphaned, Outbox
+from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
 from application.services.run_end import final_status
+from application.services.run_history import RunHistory
 from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.services.swift_command import build_env
 from application.utils.log_tail import read_from, tail_lines
@@ -138,10 +148,13 @@ class Runner:
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
                      {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
         parser = SwiftLogParser()
-        follow = _Follow(log_file, parser, outbox)
+        started_at = job.started_at or time.time()
+        follow = _Follow(log_file, parser, outbox, started_at)
         stopping: asyncio.Task[str] | None = None
         stop_requested = False
+        timed_out = False
         orphaned = False
+        limit = job.time_limit_seconds
         while True:
             exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
             if exited:
@@ -152,8 +165,14 @@ class Runner:
                 orphaned = True  # deleted, ended or taken over by another run: this run must not go on
             if tick is not None and tick.stop_requested:
                 stop_requested = True
-            if (stop_requested or orphaned or self.terminated.is_set()) and stopping is None and not exited:
-                reason = "stop requested" if stop_requested else "runner told to stop" if not orphaned else "orphaned"
+            if limit is not None and not exited and not timed_out and time.time() - started_at > limit:
+                timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
+                outbox.event("time_limit", f"time limit of {format_limit(limit)} reached: stopping the run",
+                             {"time_limit_seconds": limit})  # fmt: skip
+            wanted = stop_requested or timed_out or orphaned or self.terminated.is_set()
+            if wanted and stopping is None and not exited:
+                reason = ("stop requested" if stop_requested else "time limit" if timed_out
+                          else "runner told to stop" if not orphaned else "orphaned")  # fmt: skip
                 logger.info("{}: SIGTERM to swift's process group {}", reason, proc.pid)
                 stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             try:
@@ -176,12 +195,22 @@ class Runner:
         fields, end_status, message, error_code = await self._ending(job, code, stop_requested, parser, log_file)
         if stop_requested:
             fields["stop_outcome"] = outcome or "gone"
+        elif timed_out and end_status != JobStatus.COMPLETED and limit is not None:
+            end_status, error_code = JobStatus.FAILED, "time_limit"
+            fields["stop_outcome"] = outcome or "gone"
+            fields["error_message"] = (
+                f"the run exceeded its time limit of {format_limit(limit)} ({limit} s) and was stopped: "
+                "raise time_limit or shorten the run (max_steps, num_epochs)"
+            )
+            message = f"training failed: {fields['error_message']}"
         elif self.terminated.is_set() and end_status != JobStatus.COMPLETED:
             end_status, error_code = JobStatus.FAILED, "runner_terminated"
             fields["error_message"] = "the runner was terminated (SIGTERM: the host or its scheduler shut down)"
             message = f"training failed: {fields['error_message']}"
         fields["error_code"] = error_code
         recorded = await outbox.finish(end_status, fields, message)
+        if recorded and end_status == JobStatus.COMPLETED:
+            await self._learn(job, time.time() - started_at, fields.get("progress"), fields.get("train_runtime"))
         exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set()
         if recorded and end_status == JobStatus.COMPLETED and exporting:
             await self._auto_export()
@@ -212,6 +241,15 @@ class Runner:
         if end.error_message:
             fields["error_message"] = end.error_message
         return fields, end.status, end.message, end.error_code
+
+    async def _learn(self, job: Job, duration: float, progress: Progress | None, runtime: float | None) -> None:
+        """Teach the predictions what this completed run took (speed per sample, duration)."""
+        steps = (progress.current_step or progress.max_steps) if progress else None
+        per_step = runtime / steps if runtime and steps else progress.train_speed if progress else None
+        try:
+            await RunHistory(self.store.r, self.store.keys).record(job, duration, steps, per_step)
+        except RedisError as exc:
+            logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self) -> None:
         job = await self.store.get(self.job_id)
@@ -319,10 +357,11 @@ class Runner:
 class _Follow:
     """Reads what the run's log gained since the last read and queues what it says in the outbox."""
 
-    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox) -> None:
+    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float) -> None:
         self.log_file = log_file
         self.parser = parser
         self.outbox = outbox
+        self.started_at = started_at
         self.offset = 0
 
     def read(self) -> None:
@@ -342,6 +381,10 @@ class _Follow:
         fields: dict[str, Any] = {"log_offset": self.offset}
         if progress is not None:
             fields["progress"] = progress
+            if progress.remaining_seconds is not None:
+                # swift's own estimate beats any prediction made before the run.
+                seconds = round(max(0.0, time.time() - self.started_at) + progress.remaining_seconds, 3)
+                fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
         if self.parser.run_dir:
             fields["run_dir"] = self.parser.run_dir
         if self.parser.last_checkpoint or result.checkpoints_saved:

@@ -15,9 +15,13 @@ Policy choices (documented in the README):
   than any GPU has) is skipped, so it never blocks the queue; the API rejects such requests at create.
 * strict: the first GPU job that does not fit blocks every GPU job behind it.
 * backfill: a job behind a blocked one starts only if, by the estimates, it cannot delay any blocked job
-  ahead of it past its planned start (see `decide`). Unknown estimates count as "could end at once" for
-  releases and "could run forever" for backfill candidates, so missing estimates never let small jobs
-  starve a large one.
+  ahead of it past its planned start (EASY backfill). Where the estimates cannot tell (the candidate's
+  duration or the blocked job's start is unknown), jobs of the blocked job's priority may take its GPUs,
+  until that job has been the head (the first job waiting with a reservation) for `starvation_seconds`;
+  then it drains them. So with no estimates at all the queue is first fit in rounds: a head waits at most
+  `starvation_seconds` plus the longest remaining run, then the next job behind it becomes the head. The
+  head's clock is state the caller keeps between passes (`Plan.head`, `next_head`). Unknown estimates
+  count as "could end at once" for releases (a lower bound on a reservation's start).
 * GPUs that outside processes make busy are left out of the plan: a job that needs one waits without a
   reservation (under backfill others may use the free GPUs meanwhile), and its wait is unknown.
 * Backfill plans around at most `BACKFILL_DEPTH` blocked jobs per pass; past that, GPUs none of them
@@ -27,22 +31,26 @@ Policy choices (documented in the README):
 from __future__ import annotations
 
 import math
-from bisect import insort
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from application.services.timeline import INF, LinkScore, Timeline
 
 __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "GpuState",
     "LinkScore",
+    "Plan",
+    "Policy",
     "QueuedJob",
+    "Reason",
     "RunningJob",
     "Start",
     "decide",
-    "estimate_waits",
     "format_wait",
     "gpu_is_free",
+    "plan",
     "queue_key",
     "queue_score",
     "score_priority",
@@ -57,10 +65,6 @@ PRIORITY_MAX = 10
 # far below 2**53: every score is an exact integer in a double and Redis compares them exactly.
 _PRIORITY_STRIDE_MS = 10**13
 _MAX_SUBMITTED_AT = _PRIORITY_STRIDE_MS / 1000
-
-LinkScore = Callable[[int, int], int | None]
-
-_INF = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,51 +144,6 @@ def gpu_is_free(gpu: GpuState, *, min_free_gb: float, max_util: float) -> bool:
     return gpu.utilization is None or gpu.utilization <= max_util
 
 
-def _choose(
-    cands: list[int],
-    k: int,
-    link_score: LinkScore | None,
-    link_cache: dict[tuple[int, int], int],
-) -> tuple[int, ...]:
-    """Pick k of `cands` (already in preference order: free memory, utilization, index)."""
-    if link_score is None or k == 1 or k >= len(cands):
-        return tuple(sorted(cands[:k]))
-
-    def link(a: int, b: int) -> int:
-        key = (a, b) if a < b else (b, a)
-        v = link_cache.get(key)
-        if v is None:
-            s = link_score(key[0], key[1])
-            # Unknown links add nothing, so they neither help nor hurt a set.
-            v = 0 if s is None else s
-            link_cache[key] = v
-        return v
-
-    rank = {g: i for i, g in enumerate(cands)}
-    best_key: tuple[int, tuple[int, ...]] | None = None
-    best: list[int] = []
-    # Exhaustive search is C(8,4)=70 sets but C(64,8) on large nodes; greedy growth from every seed is
-    # O(n^2 k^2) and finds the NVLink islands that matter in practice.
-    for seed in cands:
-        chosen = [seed]
-        total = 0
-        while len(chosen) < k:
-            best_gain = -_INF
-            best_c = -1
-            for c in cands:
-                if c in chosen:
-                    continue
-                gain = sum(link(c, s) for s in chosen)
-                if gain > best_gain:
-                    best_gain, best_c = gain, c
-            chosen.append(best_c)
-            total += int(best_gain)
-        key = (-total, tuple(sorted(rank[g] for g in chosen)))
-        if best_key is None or key < best_key:
-            best_key, best = key, chosen
-    return tuple(sorted(best))
-
-
 # ------------------------------------------------------------------------------------------ the planner
 
 # How many blocked jobs backfill plans around in one pass. Past this many, free GPUs nobody reserved are
@@ -192,143 +151,159 @@ def _choose(
 # it bounds a pass's cost on a long queue of jobs that cannot start.
 BACKFILL_DEPTH = 500
 
+REASON_TEXT = {
+    "priority": "jobs ahead of it in the queue go first",
+    "resources": "not enough free GPUs",
+    "reservation": "the free GPUs it could use are held for a job ahead of it",
+    "outside_processes": "GPUs it needs are busy with processes the server did not start",
+    "owner_limit": "its owner holds MAX_GPUS_PER_OWNER GPUs",
+    "never": "this request can never be met on these GPUs",
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a pass decides. `starvation_seconds` 0: every reservation binds at once (EASY backfill)."""
+
+    name: str = "backfill"
+    min_free_gb: float = 2.0
+    max_util: float = 90.0
+    owner_gpu_cap: int = 0
+    starvation_seconds: float = 0.0
+    link_score: LinkScore | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ("strict", "backfill"):
+            raise ValueError(f"policy must be 'strict' or 'backfill', got {self.name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a queued job waits (Slurm's REASON): a code from REASON_TEXT, and the job holding the GPUs it
+    could use with when that job should start (seconds from now), for a reservation."""
+
+    code: str
+    job_id: str | None = None
+    starts_in: float | None = None
+
+    @property
+    def text(self) -> str:
+        if self.code == "reservation" and self.job_id is not None and self.starts_in is not None:
+            return (
+                f"GPUs held for {self.job_id}, which should start in about {format_wait(self.starts_in)[6:]}"
+                if self.starts_in >= 60
+                else f"GPUs held for {self.job_id}, which should start within a minute"
+            )
+        return REASON_TEXT[self.code]
+
 
 @dataclass(slots=True)
-class _Plan:
+class Plan:
     starts: list[Start]
     waits: dict[str, float | None]
+    reasons: dict[str, Reason]
+    # The first job that waits with a reservation: the head whose wait the starvation rule counts.
+    head: str | None = None
 
 
-def _plan(
+# (job id, since when): the queue's head as the scheduler last saw it, for the starvation rule.
+Head = tuple[str, float]
+
+
+def next_head(stored: Head | None, found: str | None, now: float) -> Head | None:
+    """The head to keep after a pass that found `found` (None: the pass did not look that far)."""
+    if found is None or (stored is not None and stored[0] == found):
+        return stored
+    return (found, now)
+
+
+def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: Policy, now: float) -> Timeline:
+    release: dict[int, float | None] = {i: r.remaining_seconds for r in running for i in r.gpu_ids}
+    tl = Timeline(now, policy.link_score)
+    for g in gpus:
+        held = g.index in release or g.held_by is not None
+        tl.add_gpu(g.index, g.memory_total_gb, g.memory_free_gb, g.utilization, (held, release.get(g.index)),
+                   not held and gpu_is_free(g, min_free_gb=policy.min_free_gb, max_util=policy.max_util))  # fmt: skip
+    tl.seal()
+    return tl
+
+
+def plan(
     queue: Sequence[QueuedJob],
     gpus: Sequence[GpuState],
     running: Sequence[RunningJob],
-    *,
-    policy: str,
-    min_free_gb: float,
-    max_util: float,
+    policy: Policy,
     now: float,
-    link_score: LinkScore | None,
-    estimating: bool,
-    owner_gpu_cap: int = 0,
-) -> _Plan:
-    """One pass over the queue; `decide` and `estimate_waits` differ only in what they keep.
+    *,
+    estimating: bool = True,
+    head: Head | None = None,
+) -> Plan:
+    """One pass over the queue (in queue order): what starts now, when each other job should start, and why
+    it waits. `decide` is this with `estimating` False: it stops looking once nothing more can start.
 
-    Each GPU g carries `lb[g]`, the earliest time the plan may use it, `exact[g]`, whether that time is
-    known or only a lower bound (one of our jobs with no estimate), and `cap[g]`, the memory a job could
-    get there. A blocked job reserves the k GPUs that may free up first; its start (shadow time) is the
-    latest of their `lb`. A lower bound is the safe choice for a reservation: a job backfilled to end
-    before it cannot delay a start that cannot happen earlier anyway.
+    strict: the first GPU job that does not fit blocks all GPU jobs behind it.
+    backfill: each blocked job, in queue order, reserves the GPUs that may free up first (from running jobs'
+    `remaining_seconds`, this pass's starts' `estimated_duration` and the reservations of the blocked jobs
+    ahead of it) from the time they all may be free (a missing estimate makes that "at once", a lower bound).
+    A later job may start only on GPUs no binding reservation holds, or with an estimate that ends by the
+    earliest start of the reservations on its GPUs, so no blocked job is delayed past its planned start;
+    without an estimate it never backfills onto held GPUs. A reservation binds the jobs of its own priority
+    only where both sides are known (the candidate's estimate and the reservation's start), except the
+    head's once it has been the head (`head`: the id and since when, from earlier passes) for
+    `starvation_seconds`: that one binds them all. Every reservation binds lower priorities.
 
-    GPUs busy with outside processes are left out of the plan (lb = inf): we cannot tell when, or whether,
-    they come back, and reserving free GPUs for a job that waits on them could idle those forever.
+    CPU-only jobs always start. Requests that can never be met are skipped. A job whose owner holds
+    `owner_gpu_cap` GPUs waits without blocking or reserving. Waits are None when the start depends on a
+    missing estimate, on outside processes, or on a request that can never be met.
     """
-    if policy not in ("strict", "backfill"):
-        raise ValueError(f"policy must be 'strict' or 'backfill', got {policy!r}")
-    strict = policy == "strict"
+    strict = policy.name == "strict"
+    tl = _timeline(gpus, running, policy, now)
     starts: list[Start] = []
     waits: dict[str, float | None] = {}
-
-    release: dict[int, float | None] = {}
-    running_ids: set[str] = set()
+    reasons: dict[str, Reason] = {}
+    running_ids = {r.job_id for r in running}
     # GPUs each owner holds, for MAX_GPUS_PER_OWNER: a job over its owner's cap waits without blocking others.
     owner_held: dict[str, int] = {}
     for r in running:
-        running_ids.add(r.job_id)
-        for i in r.gpu_ids:
-            release[i] = r.remaining_seconds
         if r.owner is not None:
             owner_held[r.owner] = owner_held.get(r.owner, 0) + len(r.gpu_ids)
-
-    by_index: dict[int, GpuState] = {}
-    for g in gpus:
-        if g.index in by_index:
-            raise ValueError(f"GPU index {g.index} listed twice")
-        by_index[g.index] = g
-
-    lb: dict[int, float] = {}
-    exact: dict[int, bool] = {}
-    cap: dict[int, float] = {}
-    total_mem: dict[int, float] = {}
-    free_order: list[int] = []
-    for i, g in by_index.items():
-        total_mem[i] = g.memory_total_gb
-        if i in release or g.held_by is not None:
-            # Our own job's memory comes back whole when it ends.
-            cap[i] = g.memory_total_gb
-            rem = release.get(i)
-            if rem is None:
-                # No estimate (or held by a job not listed as running): it may end any moment.
-                lb[i], exact[i] = now, False
-            else:
-                # A job past its estimate is likewise taken to end any moment.
-                lb[i], exact[i] = now + max(0.0, rem), True
-        elif gpu_is_free(g, min_free_gb=min_free_gb, max_util=max_util):
-            free_order.append(i)
-            cap[i] = g.memory_free_gb
-            lb[i], exact[i] = now, True
-        else:
-            cap[i] = g.memory_free_gb
-            lb[i], exact[i] = _INF, False
-    free_order.sort(key=lambda i: (-by_index[i].memory_free_gb, by_index[i].utilization or 0.0, i))
-    free_set = set(free_order)
-    # Tie order for reservations; only free GPUs' utilization is ours to compare.
-    all_order = sorted(by_index, key=lambda i: (-cap[i], (by_index[i].utilization or 0.0) if i in free_set else 0.0, i))
-
-    rank = {i: p for p, i in enumerate(all_order)}
-    # The GPUs by when the plan may use them, known times first among equals, then by the order above:
-    # tuples sort natively, which keeps a reservation's choice cheap on 64-GPU simulations.
-    profile = sorted((lb[i], not exact[i], rank[i], i) for i in all_order)
-
-    def move(gs: Sequence[int], new_lb: float, new_exact: bool) -> None:
-        k = len(gs)
-        if [t[3] for t in profile[:k]] == list(gs):
-            del profile[:k]
-        else:
-            profile[:] = [t for t in profile if t[3] not in gs]
-        for i in gs:
-            lb[i], exact[i] = new_lb, new_exact
-            insort(profile, (new_lb, not new_exact, rank[i], i))
-
-    # Seconds a job may run on each free GPU without delaying any reservation there (inf: none).
-    slack: dict[int, float] = dict.fromkeys(free_order, _INF)
-    slack_desc: list[float] = [_INF] * len(free_order)
-    reservations_open = not strict
-    # Backfill once every free GPU is reserved: only the largest slack matters to the rest of the queue.
-    closed = False
-    max_slack = _INF
-    reservations = 0
-    blocked = False
-    floor, floor_exact = now, True
-    fit_count: dict[float, int] = {}
-    link_cache: dict[tuple[int, int], int] = {}
     seen: set[str] = set()
+    blocked_by: str | None = None  # strict: the first blocked job
+    floor = (now, True)  # strict: nothing is planned before the job ahead of it
 
-    def tail(rest: Iterable[QueuedJob]) -> None:
+    def over_cap(owner: str | None, k: int) -> bool:
+        return bool(policy.owner_gpu_cap) and owner is not None and owner_held.get(owner, 0) + k > policy.owner_gpu_cap
+
+    def may_head(j: QueuedJob) -> bool:
+        k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
+        return k > 0 and not over_cap(j.owner, k) and tl.feasible(j.gpu_ids, k, j.min_gpu_memory_gb or 0.0)
+
+    def cpu_only_rest(rest: Iterator[QueuedJob]) -> None:
         # Nothing more can start on a GPU in this pass; only CPU-only jobs remain to be found.
-        for job in rest:
-            jid = job.job_id
-            if job.num_gpus == 0 and not job.gpu_ids and jid not in running_ids and jid not in seen:
-                seen.add(jid)
-                starts.append(Start(jid, ()))
+        for j in rest:
+            if j.num_gpus == 0 and not j.gpu_ids and j.job_id not in running_ids and j.job_id not in seen:
+                seen.add(j.job_id)
+                starts.append(Start(j.job_id, ()))
 
-    if not estimating and not free_order:
-        tail(queue)
-        return _Plan(starts, waits)
+    if not estimating and not tl.free_order:
+        cpu_only_rest(iter(queue))
+        # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now).
+        first = next((j.job_id for j in queue if j.job_id not in running_ids and may_head(j)), None)
+        return Plan(starts, waits, reasons, first)
 
+    found_head: str | None = None
     it = iter(queue)
     for job in it:
-        if closed:
-            est = job.estimated_duration
-            if (est is None or est > max_slack) and (job.num_gpus or job.gpu_ids):
-                # Deep in a long queue: no slack can change any more, and this job fits in none.
-                continue
         jid = job.job_id
         if jid in seen or jid in running_ids:
             continue
-        seen.add(jid)
         ids = job.gpu_ids
         k = len(ids) if ids else job.num_gpus
+        est = job.estimated_duration
+        if not estimating and k > 0 and not (strict or tl.open_gpus) and \
+                (est is None or est > tl.max_slack):  # fmt: skip
+            continue  # deep in a long queue: no slack can change any more, and this job fits in none
+        seen.add(jid)
         if k <= 0:
             if k == 0:
                 starts.append(Start(jid, ()))
@@ -336,197 +311,79 @@ def _plan(
             else:
                 waits[jid] = None
             continue
-        if not estimating and (blocked or not free_order or slack_desc[0] < 0.0):
-            tail(it)
+        if not estimating and (blocked_by is not None or not tl.free_order or tl.closed):
+            cpu_only_rest(it)
             break
-        if owner_gpu_cap and job.owner is not None and owner_held.get(job.owner, 0) + k > owner_gpu_cap:
-            waits[jid] = None  # its owner holds its share: it waits, and neither blocks nor reserves
+        tl.level(job.priority)
+        if over_cap(job.owner, k):
+            waits[jid], reasons[jid] = None, Reason("owner_limit")  # it waits, and neither blocks nor reserves
             continue
-        est = job.estimated_duration
-        # No estimate: the job may run forever, so only GPUs no reservation waits for will do.
-        e = _INF if est is None else max(0.0, est)
-        may_fit = not blocked and k <= len(free_order) and slack_desc[k - 1] >= e
-        if not (may_fit or estimating or strict or reservations_open):
-            # The common case deep in a long queue: it cannot start, and its reservation would change
-            # nothing, so skip the rest of the work.
+        e = INF if est is None else max(0.0, est)
+        may_fit = blocked_by is None and tl.may_fit(k, e)
+        if not (may_fit or estimating or strict or tl.open_gpus):
+            continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
+        need = policy.min_free_gb if job.min_gpu_memory_gb is None or job.min_gpu_memory_gb < policy.min_free_gb \
+            else job.min_gpu_memory_gb  # fmt: skip
+        if not tl.feasible(ids, k, need):
+            waits[jid], reasons[jid] = None, Reason("never")
             continue
-        mmg = job.min_gpu_memory_gb
-        need = min_free_gb if mmg is None or mmg < min_free_gb else mmg
-
-        if ids:
-            feasible = len(set(ids)) == k and all(i in by_index and total_mem[i] >= need for i in ids)
-        else:
-            cnt = fit_count.get(need)
-            if cnt is None:
-                cnt = fit_count[need] = sum(1 for m in total_mem.values() if m >= need)
-            feasible = k <= cnt
-        if not feasible:
-            waits[jid] = None
-            continue
-
-        chosen: tuple[int, ...] | None = None
-        if may_fit:
-            if ids:
-                if all(i in free_set and cap[i] >= need and slack[i] >= e for i in ids):
-                    chosen = tuple(sorted(ids))
-            else:
-                if need <= min_free_gb:
-                    cands = [i for i in free_order if slack[i] >= e]
-                else:
-                    cands = [i for i in free_order if cap[i] >= need and slack[i] >= e]
-                if len(cands) >= k:
-                    chosen = _choose(cands, k, link_score, link_cache)
-
+        chosen = tl.fit(ids, k, need, policy.min_free_gb, e) if may_fit else None
         if chosen is not None:
             starts.append(Start(jid, chosen))
             waits[jid] = 0.0
+            tl.start(chosen, est)
             if job.owner is not None:
                 owner_held[job.owner] = owner_held.get(job.owner, 0) + k
-            for i in chosen:
-                free_set.discard(i)
-                free_order.remove(i)
-                del slack[i]
-            if est is None:
-                move(chosen, now, False)
-            else:
-                move(chosen, now + e, True)
-            slack_desc = sorted(slack.values(), reverse=True)
-            if reservations_open:
-                reservations_open = _INF in slack_desc
-            closed = not (strict or estimating or reservations_open)
-            max_slack = slack_desc[0] if slack_desc else -_INF
             continue
-
         # Blocked: it cannot start now.
+        if estimating:
+            if strict and blocked_by is not None and tl.fit(ids, k, need, policy.min_free_gb, 0.0) is not None:
+                reasons[jid] = Reason("priority", blocked_by)
+            else:
+                code, hold = tl.why_blocked(ids, k, need, e)
+                reasons[jid] = Reason(code, hold.job_id if hold else None, hold.starts_in if hold else None)
         if strict:
-            blocked = True
+            blocked_by = blocked_by or jid
             if not estimating:
                 continue
-        elif not (reservations_open or estimating):
+        elif not (tl.open_gpus or estimating):
             continue
-
-        if ids:
-            res: Sequence[int] = ids
-            start = max(lb[i] if cap[i] >= need else _INF for i in ids)
-            start_exact = all(exact[i] for i in ids)
+        if strict or policy.starvation_seconds <= 0:
+            soft = False
+        elif found_head is None:
+            # The head drains its GPUs once it has waited starvation_seconds at the head; the jobs behind it
+            # take their turn there (so a backlog of old jobs is not FIFO: each head gets its time).
+            since = head[1] if head is not None and head[0] == jid else now
+            soft = now - since < policy.starvation_seconds
         else:
-            top = profile[:k] if need <= min_free_gb else [t for t in profile if cap[t[3]] >= need][:k]
-            res = [t[3] for t in top]
-            start = top[-1][0] if len(top) == k else _INF
-            start_exact = not any(t[1] for t in top)
+            soft = True
+        start, exact = tl.reserve(jid, ids, k, need, policy.min_free_gb, est, floor if strict else None, soft=soft)
+        if found_head is None and start != INF:
+            found_head = jid
         if strict:
-            # Strict starts follow queue order: nothing is planned before the job ahead of it.
-            if floor > start:
-                start = floor
-            start_exact = start_exact and floor_exact
-            floor, floor_exact = start, start_exact
-        if start == _INF:
-            # Waits on outside processes: no reservation, as it could hold free GPUs idle for ever.
-            waits[jid] = None
-            continue
-        waits[jid] = start - now if start_exact else None
-        reservations += 1
-        touched_free = False
-        for i in res:
-            if i in free_set and start - now < slack[i]:
-                slack[i] = start - now
-                touched_free = True
-        # Without an estimate the job may also end at once: keep the lower bound.
-        move(res, start if est is None else start + e, start_exact and est is not None)
-        if reservations_open and reservations >= BACKFILL_DEPTH:
-            for i in slack:
-                if slack[i] == _INF:
-                    slack[i] = -_INF
-            touched_free = True
-        if touched_free:
-            slack_desc = sorted(slack.values(), reverse=True)
-            if reservations_open:
-                # A later reservation on a free GPU starts at or after its lb, which is already at or past
-                # its slack; so once every free GPU is reserved, no later one can tighten a slack.
-                reservations_open = _INF in slack_desc
-            closed = not (strict or estimating or reservations_open)
-            max_slack = slack_desc[0] if slack_desc else -_INF
-    return _Plan(starts, waits)
+            floor = (start, exact)
+        waits[jid] = start - now if exact and start != INF else None
+        if not strict and tl.open_gpus and tl.reservations >= BACKFILL_DEPTH:
+            tl.close_unreserved()
+    return Plan(starts, waits, reasons, found_head)
 
 
 def decide(
     queue: Sequence[QueuedJob],
     gpus: Sequence[GpuState],
     running: Sequence[RunningJob],
-    *,
-    policy: str = "backfill",
-    min_free_gb: float,
-    max_util: float,
+    policy: Policy,
     now: float,
-    link_score: LinkScore | None = None,
-    owner_gpu_cap: int = 0,
+    head: Head | None = None,
 ) -> list[Start]:
     """The jobs to start now, in queue order, each with its GPUs; every job that fits, not just one.
 
     `queue` must already be in queue order. GPUs given to a start are not free for later jobs in the same
     pass. Choice among free GPUs: most free memory, then lowest utilization, then lowest index; for
     several GPUs the set with the best total `link_score` (higher is better, None is unknown), greedily
-    grown from each seed, ties by that same order.
-
-    strict: the first GPU job that does not fit blocks all GPU jobs behind it.
-    backfill: each blocked job, in queue order, reserves the GPUs that may free up first (from running
-    jobs' `remaining_seconds`, this pass's starts' `estimated_duration` and the reservations of the blocked
-    jobs ahead of it) from the time they all may be free (its shadow time; a missing estimate makes that
-    "at once", a lower bound). A later job may start only on GPUs outside every reservation, or with an
-    estimate that ends by the earliest shadow time of the reservations on its GPUs, so no blocked job is
-    delayed past its planned start. A job without an estimate never backfills onto reserved GPUs.
-    Reservations are not fitted into gaps before other reservations: a gap is not held for anyone.
-
-    CPU-only jobs always start. Requests that can never be met are skipped. The pass stops looking at GPU
-    jobs once no free GPU remains (or, under strict, once a job is blocked).
+    grown from each seed, ties by that same order. See `plan` for the policies.
     """
-    return _plan(
-        queue,
-        gpus,
-        running,
-        policy=policy,
-        min_free_gb=min_free_gb,
-        max_util=max_util,
-        now=now,
-        link_score=link_score,
-        estimating=False,
-        owner_gpu_cap=owner_gpu_cap,
-    ).starts
-
-
-def estimate_waits(
-    queue: Sequence[QueuedJob],
-    gpus: Sequence[GpuState],
-    running: Sequence[RunningJob],
-    *,
-    min_free_gb: float,
-    max_util: float,
-    now: float,
-    policy: str = "backfill",
-    link_score: LinkScore | None = None,
-    owner_gpu_cap: int = 0,
-) -> dict[str, float | None]:
-    """Seconds until each queued job can start, by the same plan `decide` makes; None when unknowable.
-
-    Jobs `decide` would start now get 0. Every other job is planned in queue order at the earliest time
-    enough GPUs are released (running jobs' `remaining_seconds`, then planned jobs' `estimated_duration`),
-    never before the reservations of jobs ahead of it (under strict, never before the job ahead starts).
-    The plan does not fill later gaps, so a figure is rather an upper bound when estimates hold. None when
-    the start depends on a missing estimate, on a GPU busy with outside processes, or on a request that
-    can never be met. Jobs listed in `running` or repeated in `queue` get no entry.
-    """
-    return _plan(
-        queue,
-        gpus,
-        running,
-        policy=policy,
-        min_free_gb=min_free_gb,
-        max_util=max_util,
-        now=now,
-        link_score=link_score,
-        estimating=True,
-        owner_gpu_cap=owner_gpu_cap,
-    ).waits
+    return plan(queue, gpus, running, policy, now, estimating=False, head=head).starts
 
 
 def format_wait(seconds: float) -> str:

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from application.models.training_model import (
     JobCreate,
     JobStatus,
     LogsResponse,
+    PendingReason,
     ProgressResponse,
     StatusResponse,
     WaitEstimate,
@@ -39,8 +41,16 @@ from application.services.gpu_pool import gpu_states, impossible_request, queued
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.preflight import check_request
-from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, Planner, build_view
-from application.services.scheduler import QueuedJob, format_wait, gpu_is_free
+from application.services.queue_planner import (
+    ESTIMATE_WINDOW,
+    ClusterView,
+    Planner,
+    build_view,
+    pending_reason,
+    wait_estimate,
+)
+from application.services.run_history import RunHistory
+from application.services.scheduler import QueuedJob, Reason, gpu_is_free
 from application.services.swift_info import SwiftInfo
 from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
@@ -49,6 +59,13 @@ from application.utils.log_tail import tail_lines
 START_WAIT_SECONDS = 5.0
 STOP_EXTRA_SECONDS = 10.0
 POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    position: int | None
+    estimate: WaitEstimate | None
+    reason: PendingReason | None
 
 
 def job_id_from(output_dir: Path) -> str:
@@ -63,6 +80,7 @@ class TrainingService:
         self.cluster = cluster
         self.limits = CreateLimits(settings, store, cluster)
         self.planner = Planner(store, settings)
+        self.history = RunHistory(store.r, store.keys)
         self.started_at = time.time()
         self._swift: tuple[str, SwiftInfo | None] | None = None
 
@@ -99,8 +117,9 @@ class TrainingService:
             if len(free) < k:
                 return False
         view = await build_view(self.store, snapshot, state=state)
-        starts = await self.planner.plan(view, extra=_queued(job), queue_length=queue_length)
-        return any(s.job_id == job.job_id for s in starts)
+        found = await self.planner.plan(view, extra=_queued(job), queue_length=queue_length,
+                                        head=await self.cluster.queue_head())  # fmt: skip
+        return any(s.job_id == job.job_id for s in found.starts)
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
@@ -142,8 +161,10 @@ class TrainingService:
             data_path=checked.data_path, model_path=checked.model_path, output_dir=str(checked.output_dir),
             output_dir_requested=req.output_dir, dataset_rows=checked.dataset.rows if checked.dataset else None,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
-            training=req.training, created_at=now, updated_at=now,
+            training=req.training, created_at=now, updated_at=now, time_limit_seconds=req.time_limit_seconds,
         )  # fmt: skip
+        job.predicted_duration = await self.history.predict(job)
+        job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None
         fits = await self._fits(job, snapshot, state)
         if not fits:
             job.status = JobStatus.QUEUED
@@ -169,12 +190,15 @@ class TrainingService:
         if job.status == JobStatus.PENDING and req.auto_start:
             started = await self.start(job.job_id, caller)
             return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
-                                                                "estimated_wait_time"}))  # fmt: skip
+                                                                "estimated_wait_time", "pending_reason"}),
+                                  predicted_duration=job.predicted_duration)  # fmt: skip
         if job.status == JobStatus.QUEUED:
-            position, estimate = await self._queue_info(job.job_id)
-            return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=position,
-                                  estimated_wait_time=estimate)  # fmt: skip
-        return CreateResponse(job_id=job.job_id, status=job.status, message=message)
+            info = await self.queue_info(job.job_id)
+            return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
+                                  estimated_wait_time=info.estimate, pending_reason=info.reason,
+                                  predicted_duration=job.predicted_duration)  # fmt: skip
+        return CreateResponse(job_id=job.job_id, status=job.status, message=message,
+                              predicted_duration=job.predicted_duration)  # fmt: skip
 
     async def start(self, job_id: str, caller: Caller) -> ActionResponse:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
@@ -196,14 +220,15 @@ class TrainingService:
                                       message=f"Training started on {where}")  # fmt: skip
             if job.status != JobStatus.QUEUED:
                 return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}")
-            position, estimate = await self._queue_info(job_id)
-            return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=position,
-                                  estimated_wait_time=estimate, message=await self._queued_message())  # fmt: skip
+            info = await self.queue_info(job_id)
+            return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=info.position,
+                                  estimated_wait_time=info.estimate, pending_reason=info.reason,
+                                  message=await self._queued_message())  # fmt: skip
         if job.status == JobStatus.QUEUED:
             await self.cluster.publish_wakeup(job_id)
-            position, estimate = await self._queue_info(job_id)
-            return ActionResponse(job_id=job_id, status=job.status, queue_position=position,
-                                  estimated_wait_time=estimate,
+            info = await self.queue_info(job_id)
+            return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
+                                  estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   message="The job is queued: it starts by itself when its GPUs are free")  # fmt: skip
         raise Conflict(
             f"job '{job_id}' is {job.status.value}: only a pending job can be started"
@@ -286,12 +311,14 @@ class TrainingService:
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
-        position = await self.store.queue_position(job_id) if job.status == JobStatus.QUEUED else None
+        info = await self.queue_info(job_id) if job.status == JobStatus.QUEUED else QueueInfo(None, None, None)
         return StatusResponse(
             job_id=job.job_id, status=job.status, priority=job.priority, gpu_ids=job.gpu_ids, progress=job.progress,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            duration_seconds=job.duration_seconds(time.time()), error_message=job.error_message, export=job.export,
-            queue_position=position,
+            duration_seconds=job.duration_seconds(time.time()), error_message=job.error_message,
+            error_code=job.error_code, export=job.export, queue_position=info.position,
+            estimated_wait_time=info.estimate, pending_reason=info.reason, time_limit_seconds=job.time_limit_seconds,
+            predicted_duration=job.predicted_duration,
         )  # fmt: skip
 
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
@@ -356,15 +383,28 @@ class TrainingService:
             last_checkpoint=job.last_checkpoint, train_loss=job.train_loss, train_runtime=job.train_runtime,
         )  # fmt: skip
 
-    async def _queue_info(self, job_id: str) -> tuple[int | None, WaitEstimate | None]:
-        position = await self.store.queue_position(job_id)
+    async def processor_stopped(self) -> str | None:
+        """Why no pass will start queued jobs (the switch is off, or no scheduler leads), or None."""
+        (enabled, _), leader = await asyncio.gather(self.cluster.processor_switch(), self.cluster.leader())
+        if leader is None:
+            return "no scheduler is running: queued jobs start when one does (python start.py)"
+        if not enabled:
+            return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
+        return None
+
+    async def queue_info(self, job_id: str) -> QueueInfo:
+        """Where a queued job stands: its position, its estimated wait and why it waits."""
+        position, stopped = await asyncio.gather(self.store.queue_position(job_id), self.processor_stopped())
         if position is None:
-            return None, None
+            return QueueInfo(None, None, None)
         if position > ESTIMATE_WINDOW:
-            return position, None  # the estimate simulates the queue ahead: past this many, nobody can tell
-        waits = await self.planner.wait_estimates(await self.view(), position)
-        seconds = waits.get(job_id)
-        return position, (WaitEstimate(seconds=seconds, text=format_wait(seconds)) if seconds is not None else None)
+            # The estimate simulates the queue ahead: past this many, nobody can tell.
+            reason = pending_reason(Reason("priority"), time.time(), stopped)
+            return QueueInfo(position, None, reason)
+        view, head = await asyncio.gather(self.view(), self.cluster.queue_head())
+        forecast = await self.planner.forecast(view, position, head)
+        return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
+                         pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
 
 
 NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
@@ -376,4 +416,4 @@ def snapshot_of(data: dict[str, Any] | None) -> GpuSnapshot:
 
 def _queued(job: Job) -> QueuedJob:
     return queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
-                      job.min_gpu_memory_gb, owner=job.owner)  # fmt: skip
+                      job.min_gpu_memory_gb, job.predicted_duration.seconds, owner=job.owner)  # fmt: skip

@@ -1,0 +1,89 @@
+"""Finished runs' speed and durations in Redis, and the predictions made from them (see `predictions`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from application.models.training_model import Job, PredictedDuration
+from application.services.keys import Keys
+from application.services.predictions import (
+    StepSample,
+    hub_rows,
+    plan_steps,
+    predict,
+    profile_key,
+    similar_key,
+    step_sample,
+)
+
+# Samples kept per key: predictions read the newest few; the rest shows a change of hardware or code.
+KEEP = 20
+ERRORS_KEEP = 1000
+
+
+def samples_per_step(job: Job) -> int:
+    t = job.training
+    return t.batch_size * t.gradient_accumulation_steps * max(1, job.num_gpus)
+
+
+def steps_of(job: Job) -> int | None:
+    t = job.training
+    rows = job.dataset_rows if job.dataset_rows is not None else hub_rows(job.data_path)
+    return plan_steps(
+        max_steps=t.max_steps, num_epochs=t.num_epochs, rows=rows, split_ratio=t.split_dataset_ratio,
+        batch_size=t.batch_size, grad_accum=t.gradient_accumulation_steps, num_gpus=job.num_gpus,
+    )  # fmt: skip
+
+
+def keys_of(job: Job) -> tuple[str, str]:
+    t = job.training
+    return (profile_key(job.model_path, job.num_gpus, t.max_length, t.train_type),
+            similar_key(job.model_path, job.data_path, job.num_gpus, t.model_dump(mode="json")))  # fmt: skip
+
+
+class RunHistory:
+    """Finished runs (written by runners) and the predictions made from them (API workers, scheduler)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.r: Any = client
+        self.keys = keys
+
+    async def predict(self, job: Job) -> PredictedDuration:
+        """The best prediction for a job not started yet: its time limit, its plan, or similar jobs' history."""
+        if job.time_limit_seconds is not None:
+            return PredictedDuration(seconds=float(job.time_limit_seconds), source="time_limit")
+        profile, similar = keys_of(job)
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.keys.step_profile(profile), 0, KEEP - 1)
+            pipe.lrange(self.keys.run_durations(similar), 0, KEEP - 1)
+            raw_profile, raw_durations = await pipe.execute()
+        samples = [StepSample(*json.loads(x)) for x in raw_profile]
+        found = predict(time_limit=None, steps=steps_of(job), samples_per_step=samples_per_step(job), profile=samples,
+                        durations=[float(x) for x in raw_durations])  # fmt: skip
+        return PredictedDuration(seconds=found.seconds, source=found.source) if found else PredictedDuration()
+
+    async def record(self, job: Job, duration: float, steps: int | None, seconds_per_step: float | None) -> None:
+        """A run that completed: its speed (when it took steps), its duration, and how far off its prediction was."""
+        profile, similar = keys_of(job)
+        sample = step_sample(duration, steps or 0, seconds_per_step, samples_per_step(job))
+        predicted = job.queued_prediction.seconds if job.queued_prediction else None
+        async with self.r.pipeline(transaction=True) as pipe:
+            if sample is not None:
+                pipe.lpush(self.keys.step_profile(profile), json.dumps([sample.seconds_per_sample, sample.overhead]))
+                pipe.ltrim(self.keys.step_profile(profile), 0, KEEP - 1)
+            pipe.lpush(self.keys.run_durations(similar), repr(round(duration, 3)))
+            pipe.ltrim(self.keys.run_durations(similar), 0, KEEP - 1)
+            if predicted:
+                pipe.lpush(self.keys.prediction_errors, repr(round(duration / predicted, 4)))
+                pipe.ltrim(self.keys.prediction_errors, 0, ERRORS_KEEP - 1)
+            pipe.incr(self.keys.history_version)
+            await pipe.execute()
+
+    async def version(self) -> int:
+        return int(await self.r.get(self.keys.history_version) or 0)
+
+    async def ratios(self) -> list[float]:
+        return [float(x) for x in await self.r.lrange(self.keys.prediction_errors, 0, ERRORS_KEEP - 1)]

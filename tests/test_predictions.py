@@ -1,0 +1,222 @@
+"""Predicted durations: the pure rules (time limits, plans, history), then each source through the API, with
+real runners of the fake swift and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from application.models.training_model import JobCreate
+from application.services.predictions import (
+    Prediction,
+    StepSample,
+    format_limit,
+    hub_rows,
+    parse_time_limit,
+    plan_steps,
+    predict,
+    ratio_summary,
+    recent_average,
+    remaining_seconds,
+    step_sample,
+)
+from application.services.process_group import group_members
+from tests.conftest import job_body, make_model
+
+# ---- time limits -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(90, 90), ("90", 90), ("90m", 5400), ("2h", 7200), ("1h30m", 5400), ("1d", 86400), ("45s", 45),
+     (" 2H ", 7200), ("1d 2h", 93600)],
+)  # fmt: skip
+def test_time_limit_forms(value: int | str, seconds: int) -> None:
+    assert parse_time_limit(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "2 weeks", "h", "1h1h", "-5", "5x", 0, 31 * 86400, "31d"])
+def test_time_limit_refusals_say_what_to_send(value: int | str) -> None:
+    with pytest.raises(ValueError, match="time_limit"):
+        parse_time_limit(value)
+
+
+def test_time_limit_is_a_request_field() -> None:
+    req = JobCreate(data_path="d.jsonl", model_path="m", output_dir="o", time_limit="1h30m")
+    assert req.time_limit_seconds == 5400
+    with pytest.raises(ValueError, match="not a duration"):
+        JobCreate(data_path="d.jsonl", model_path="m", output_dir="o", time_limit="soon")
+
+
+def test_format_limit() -> None:
+    assert [format_limit(s) for s in (2, 90, 5400, 93600)] == ["2 s", "1 min 30 s", "1 h 30 min", "1 d 2 h"]
+
+
+# ---- plans -----------------------------------------------------------------------------------------------
+
+
+def test_plan_steps() -> None:
+    common = {"num_epochs": 2, "split_ratio": None, "batch_size": 2, "grad_accum": 4}
+    # max_steps wins over everything else.
+    assert plan_steps(max_steps=7, rows=None, num_gpus=1, **common) == 7  # type: ignore[arg-type]
+    # 1000 rows, 2 x 4 x 2 GPUs = 16 rows per step: ceil(62.5) = 63 steps per epoch, 2 epochs.
+    assert plan_steps(max_steps=None, rows=1000, num_gpus=2, **common) == 126  # type: ignore[arg-type]
+    # A 10% validation split leaves 900 training rows: ceil(56.25) = 57 per epoch.
+    split = {**common, "split_ratio": 0.1}
+    assert plan_steps(max_steps=None, rows=1000, num_gpus=2, **split) == 114  # type: ignore[arg-type]
+    assert plan_steps(max_steps=None, rows=None, num_gpus=2, **common) is None  # type: ignore[arg-type]
+    assert hub_rows("AI-ModelScope/coco#20000") == 20000 and hub_rows("AI-ModelScope/coco") is None
+
+
+def test_step_samples_split_steps_from_overhead() -> None:
+    # 100 steps at 0.5 s of 8 samples each, in a run of 80 s: 30 s were loading and saving.
+    s = step_sample(80.0, 100, 0.5, 8)
+    assert s == StepSample(seconds_per_sample=0.5 / 8, overhead=30.0)
+    # No speed printed: every second counts as steps.
+    assert step_sample(50.0, 100, None, 1) == StepSample(0.5, 0.0)
+    assert step_sample(50.0, 0, None, 1) is None
+
+
+def test_prediction_sources_in_order() -> None:
+    profile = [StepSample(0.1, 20.0), StepSample(0.1, 30.0)]
+
+    def both(time_limit: int | None) -> Prediction | None:
+        return predict(time_limit=time_limit, steps=100, samples_per_step=4, profile=profile, durations=[500.0])
+
+    assert both(3600) == Prediction(3600.0, "time_limit")
+    plan = both(None)
+    assert plan is not None and plan.source == "plan" and plan.seconds == pytest.approx(100 * 4 * 0.1 + 25.0)
+    history = predict(time_limit=None, steps=None, samples_per_step=4, profile=profile, durations=[500.0, 700.0])
+    assert history == Prediction(600.0, "history")
+    assert predict(time_limit=None, steps=None, samples_per_step=4, profile=profile, durations=[]) is None
+
+
+def test_recent_average_is_robust_to_one_odd_run() -> None:
+    assert recent_average([100.0, 120.0]) == 110.0  # Tsafrir et al.: the mean of the last two
+    assert recent_average([100.0, 5000.0, 110.0, 105.0, 95.0]) == 105.0
+    assert recent_average([100.0] * 5 + [9999.0]) == 100.0  # only the newest few count
+    assert recent_average([]) is None
+
+
+def test_remaining_seconds_of_a_running_job() -> None:
+    now = 1000.0
+    assert remaining_seconds(predicted=300.0, started_at=900.0, time_limit=None, now=now) == 200.0
+    # Past its prediction it may end any moment: unknown, not negative.
+    assert remaining_seconds(predicted=50.0, started_at=900.0, time_limit=None, now=now) is None
+    # The time limit caps it: the runner stops it there.
+    assert remaining_seconds(predicted=None, started_at=900.0, time_limit=150, now=now) == 50.0
+    assert remaining_seconds(predicted=900.0, started_at=900.0, time_limit=150, now=now) == 50.0
+    assert remaining_seconds(predicted=None, started_at=900.0, time_limit=None, now=now) is None
+
+
+def test_ratio_summary() -> None:
+    assert ratio_summary([]) == {"count": 0, "median": None, "p90": None}
+    s = ratio_summary([1.0, 2.0, 0.5, 1.5, 1.0, 1.0, 1.1, 0.9, 1.2, 3.0])
+    assert s == {"count": 10, "median": 1.05, "p90": 2.0}
+
+
+# ---- through the API -------------------------------------------------------------------------------------
+
+
+def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
+    return job_body(tmp_path, name, dataset="data", **extra)
+
+
+async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']}"
+        await asyncio.sleep(0.05)
+
+
+async def test_each_source_through_the_api(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        # Nothing known yet.
+        r = await client.post("/jobs", json=body(tmp_path, "first", training={"max_steps": 20}))
+        assert r.status_code == 201 and r.json()["predicted_duration"] == {"seconds": None, "source": None}
+        # A time limit is a prediction at once.
+        r = await client.post("/jobs", json=body(tmp_path, "limited", time_limit="2h"))
+        assert r.json()["predicted_duration"] == {"seconds": 7200.0, "source": "time_limit"}
+        status = (await client.get("/jobs/limited/status")).json()
+        assert status["time_limit_seconds"] == 7200 and status["predicted_duration"]["source"] == "time_limit"
+        bad = await client.post("/jobs", json=body(tmp_path, "bad", time_limit="2 weeks"))
+        assert bad.status_code == 422 and "time_limit" in bad.text and "'90m'" in bad.text
+
+        # One run of the model teaches its speed: while it runs, swift's remaining time is the prediction.
+        await client.post("/jobs/first/start")
+        running = await wait_job(client, "first", lambda j: j["predicted_duration"]["source"] == "progress"
+                                 or j["status"] == "completed")  # fmt: skip
+        assert running["predicted_duration"]["seconds"] > 0
+        done = await wait_job(client, "first", lambda j: j["status"] == "completed")
+        actual = done["finished_at"] - done["started_at"]
+
+        # The same model with twice the steps: a plan, about twice the steps' share of the first run.
+        r = await client.post("/jobs", json=body(tmp_path, "again", training={"max_steps": 40}))
+        predicted = r.json()["predicted_duration"]
+        assert predicted["source"] == "plan"
+        assert actual < predicted["seconds"] < 2 * actual + 1.0
+
+        # A hub data set has no row count: similar jobs' durations are all there is.
+        hub = {"data_path": "swift/self-cognition", "training": {"max_length": 512}}
+        first = await client.post("/jobs", json=body(tmp_path, "hub1", **hub))
+        assert first.json()["predicted_duration"]["source"] is None
+        job = await client.app.state.training.store.get("hub1")
+        await client.app.state.training.history.record(job, 120.0, None, None)
+        await client.app.state.training.history.record(job, 180.0, None, None)
+        second = await client.post("/jobs", json=body(tmp_path, "hub2", **hub))
+        assert second.json()["predicted_duration"] == {"seconds": 150.0, "source": "history"}
+
+
+async def test_a_job_queued_before_anything_was_known_gets_a_prediction(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="1x80", QUEUE_POLL_INTERVAL=0.2) as client:
+        r = await client.post("/jobs", json=body(tmp_path, "a", auto_start=True, training={"max_steps": 20}))
+        assert r.json()["status"] == "running"
+        r = await client.post("/jobs", json=body(tmp_path, "b", auto_start=True, training={"max_steps": 20}))
+        assert r.json()["status"] == "queued" and r.json()["predicted_duration"]["source"] is None
+        # "a" completes, its speed is recorded, the scheduler's next pass predicts "b" (it may also start it).
+        b = await wait_job(client, "b", lambda j: j["queued_prediction"] is not None, timeout=30)
+        assert b["queued_prediction"]["source"] == "plan"
+        await wait_job(client, "b", lambda j: j["status"] == "completed")
+        status = (await client.get("/queue/processor/status")).json()
+        assert status["prediction_error"]["count"] >= 1 and status["prediction_error"]["median"] > 0
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True])
+async def test_time_limit_stops_the_run_and_its_whole_tree(
+    app_factory: Callable[..., Any], tmp_path: Path, ignore_sigterm: bool
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+        b = job_body(tmp_path, "slow", step_seconds=0.2, ignore_sigterm=ignore_sigterm, auto_start=True,
+                     time_limit=2, training={"max_steps": 1000})  # fmt: skip
+        r = await client.post("/jobs", json=b)
+        assert r.status_code == 201 and r.json()["status"] == "running", r.text
+        running = await wait_job(client, "slow", lambda j: j["pid"] is not None and j["runner"] is not None)
+        group, runner = running["pid"], running["runner"]["pid"]
+        job = await wait_job(client, "slow", lambda j: j["status"] != "running", timeout=20)
+        assert job["status"] == "failed" and job["error_code"] == "time_limit"
+        assert "time limit of 2 s" in job["error_message"] and "time_limit" in job["error_message"]
+        assert job["stop_outcome"] == ("killed" if ignore_sigterm else "terminated")
+        assert job["finished_at"] - job["started_at"] < 2 + 1 + 3  # the limit, the grace, a poll or two
+        assert group_members(group) == []  # swift's launcher, trainer and workers: all gone
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(runner) and psutil.Process(runner).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the runner outlived its run"
+            await asyncio.sleep(0.05)
+        events = (await client.get("/jobs/slow/events")).json()["events"]
+        assert "time_limit" in [e["type"] for e in events]
+        gpus = (await client.get("/gpus")).json()["gpus"]
+        assert all(g["job_id"] is None for g in gpus)
