@@ -8,7 +8,7 @@ half with a duration estimate) against 8 GPUs, in several cluster states:
 * blocked-head   a 8-GPU job at the head, 4 GPUs free: backfill scans the whole queue for short jobs
 * unusable-free  2 free GPUs too small for every job: backfill plans around `BACKFILL_DEPTH` blocked jobs
 
-For each, the median and p99 over repeated calls, per policy; then `estimate_waits` once per size.
+For each, the median and p99 over repeated calls, per policy; then `plan` (waits and reasons) once per size.
 
     .venv/bin/python benchmarks/bench_scheduler_pass.py [--repeats 200] [--sizes 100,1000,10000]
 """
@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from application.services.scheduler import (
     GpuState,
+    Policy,
     QueuedJob,
     RunningJob,
     decide,
-    estimate_waits,
+    plan,
     queue_key,
 )
 
@@ -107,28 +108,19 @@ def main() -> None:
         ]
         for name, queue, (gpus, running) in scenarios:
             for policy in ("strict", "backfill"):
-                call = partial(
-                    decide,
-                    queue,
-                    gpus,
-                    running,
-                    policy=policy,
-                    min_free_gb=2.0,
-                    max_util=90.0,
-                    now=NOW,
-                    link_score=nvlink_pairs,
-                )
+                rules = Policy(name=policy, min_free_gb=2.0, max_util=90.0, link_score=nvlink_pairs)
+                call = partial(decide, queue, gpus, running, rules, NOW)
                 starts = call()
                 med, p99 = time_calls(call, args.repeats)
                 print(f"{name:<14} {n:>7} {policy:<9} {len(starts):>6} {med:>10.3f} {p99:>8.3f}")
 
     print()
-    print("estimate_waits() (backfill plan, some-free), 20 calls per row")
+    print("plan() with waits and reasons (backfill, some-free), 20 calls per row")
     for n in sizes:
         queue = make_queue(n, rng)
         gpus, running = cluster({0, 3, 6}, rng)
 
-        est = partial(estimate_waits, queue, gpus, running, min_free_gb=2.0, max_util=90.0, now=NOW)
+        est = partial(plan, queue, gpus, running, Policy(min_free_gb=2.0, max_util=90.0), NOW)
 
         med, p99 = time_calls(est, 20)
         print(f"{'some-free':<14} {n:>7} {'backfill':<9} {'':>6} {med:>10.3f} {p99:>8.3f}")

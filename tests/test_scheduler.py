@@ -522,7 +522,7 @@ def test_starvation_fallback_is_first_fit_then_drains_for_the_big_job() -> None:
 
 
 def test_starvation_young_reservation_still_binds_known_estimates() -> None:
-    # Both durations known: EASY decides even while the big job is young, so it starts when planned.
+    # Both durations known: backfill decides even while the big job is young, so it starts when planned.
     arrivals, running = starvation_case(small_estimate=True)
     starts = simulate(policy_of(starvation_seconds=3600.0), arrivals, running, n_gpus=4, horizon=50_000.0)
     assert starts["big"] == 400.0

@@ -14,9 +14,10 @@ Policy choices (documented in the README):
 * A request that can never be met on these GPUs (more GPUs than exist, unknown or repeated ids, more memory
   than any GPU has) is skipped, so it never blocks the queue; the API rejects such requests at create.
 * strict: the first GPU job that does not fit blocks every GPU job behind it.
-* backfill: a job behind a blocked one starts only if, by the estimates, it cannot delay any blocked job
-  ahead of it past its planned start (EASY backfill). Where the estimates cannot tell (the candidate's
-  duration or the blocked job's start is unknown), jobs of the blocked job's priority may take its GPUs,
+* backfill: every blocked job holds a reservation (as in Slurm's backfill); a job behind a blocked one
+  starts only if, by the estimates, it cannot delay any blocked job ahead of it past its planned start.
+  Where the estimates cannot tell (the candidate's duration or the blocked job's start is unknown), jobs
+  of the blocked job's priority may take its GPUs,
   until that job has been the head (the first job waiting with a reservation) for `starvation_seconds`;
   then it drains them. So with no estimates at all the queue is first fit in rounds: a head waits at most
   `starvation_seconds` plus the longest remaining run, then the next job behind it becomes the head. The
@@ -163,7 +164,7 @@ REASON_TEXT = {
 
 @dataclass(frozen=True)
 class Policy:
-    """How a pass decides. `starvation_seconds` 0: every reservation binds at once (EASY backfill)."""
+    """How a pass decides. `starvation_seconds` 0: every reservation binds at once (plain backfill)."""
 
     name: str = "backfill"
     min_free_gb: float = 2.0

@@ -9,7 +9,7 @@ start that cannot happen earlier anyway.
 `slack[g]` is how long a job may run on free GPU g without delaying a reservation that binds the jobs being
 planned now. Reservations of blocked jobs that have waited less than the policy's starvation time are
 "soft" toward jobs of their own priority: where both durations are known (the candidate's estimate and the
-blocked job's planned start) they bind as usual (EASY backfill, `kslack`); where the predictions cannot
+blocked job's planned start) they bind as usual (backfill, `kslack`); where the predictions cannot
 tell, the candidate may take those GPUs (first fit), until the blocked job has waited long enough; then it
 drains the GPUs it needs. Soft reservations bind every job of lower priority: they become binding when the
 plan moves on to a lower priority.
