@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     # Backfill: a blocked job's reservation binds jobs of its own priority only once it has waited this long
     # (before, they may take its GPUs whatever their duration: first fit); 0 = at once (pure EASY backfill).
     QUEUE_STARVATION_SECONDS: float = Field(1800.0, ge=0, le=30 * 86400)
+    # Preemption (off by default): a queued job that cannot start pauses running jobs of lower priority that hold
+    # enough GPUs for it; they go back to the queue and resume from their checkpoints.
+    PREEMPTION: bool = False
+    # A run is never preempted before it has run this long since its last start (no thrashing).
+    PREEMPTION_MIN_RUN_SECONDS: float = Field(600.0, ge=0, le=30 * 86400)
 
     @field_validator("API_PREFIX")
     @classmethod

@@ -31,6 +31,12 @@ class JobNotFound(ApiError):
         self.job_id = job_id
 
 
+class NotFound(ApiError):
+    """Something inside a job that is not there (an attempt it never made)."""
+
+    status_code = 404
+
+
 class Conflict(ApiError):
     status_code = 409
 

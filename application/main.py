@@ -34,6 +34,7 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent
+from application.services.run_control import RunControl
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
 from application.utils.logger import setup_logging
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.idempotency = Idempotency(cluster)
         app.state.training = training
         app.state.queue = QueueService(training)
+        app.state.run_control = RunControl(training)
         app.state.system = SystemService(training, redis_service)
         settings.OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
         for root in (*settings.data_roots(), *settings.model_roots()):

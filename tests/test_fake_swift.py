@@ -292,8 +292,36 @@ def test_resume_from_checkpoint(ws: Workspace) -> None:
     ckpt = ws.run_dirs()[0] / "checkpoint-2"
     assert ws.run(ws.sft_args("--max_steps", "6", "--logging_steps", "1", "--resume_from_checkpoint", str(ckpt))) == 0
     assert ws.steps_logged() == [3, 4, 5, 6]
+    # As captured from ms-swift 4.6.0: a new run folder, the checkpoints of the resumed run go there.
+    first, second = ws.run_dirs()[:2]
+    assert first != second and (second / "checkpoint-6").is_dir() and not (first / "checkpoint-6").exists()
+    runs = len(ws.run_dirs())
     assert ws.run(ws.sft_args("--resume_from_checkpoint", str(ws.root / "nope"))) == 1
-    assert ws.error() == f"ValueError: Can't find a valid checkpoint at {ws.root / 'nope'}"
+    assert ws.error() == f"FileNotFoundError: path: '{ws.root / 'nope'}'"
+    assert len(ws.run_dirs()) == runs  # it fails while reading its arguments: no run folder
+    # A folder that is not a checkpoint gets past the arguments and fails in the trainer, as in transformers.
+    (ws.root / "empty").mkdir()
+    assert ws.run(ws.sft_args("--resume_from_checkpoint", str(ws.root / "empty"))) == 1
+    assert ws.error() == f"ValueError: Can't find a valid checkpoint at {ws.root / 'empty'}"
+
+
+def test_checkpoints_hold_optimizer_state_unless_save_only_model(ws: Workspace) -> None:
+    assert ws.run(ws.sft_args("--max_steps", "2", "--save_steps", "2")) == 0
+    assert (ws.run_dirs()[-1] / "checkpoint-2" / "optimizer.pt").is_file()
+    assert ws.run(ws.sft_args("--max_steps", "2", "--save_steps", "2", "--save_only_model", "true")) == 0
+    ckpt = ws.run_dirs()[-1] / "checkpoint-2"
+    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / "scheduler.pt").exists()
+
+
+def test_sigkill_at_step_only_in_a_fresh_run(ws: Workspace) -> None:
+    data = ws.dataset(sigkill_at_step=3)
+    code = ws.run(ws.sft_args("--max_steps", "5", "--save_steps", "2", "--logging_steps", "1", dataset=data))
+    assert code in (-9, 247, 137)  # the launcher passes its trainer's -9 on, as real swift's does
+    ckpt = ws.run_dirs()[-1] / "checkpoint-2"
+    resumed = ws.sft_args("--max_steps", "5", "--logging_steps", "1", "--resume_from_checkpoint", str(ckpt),
+                          dataset=data)  # fmt: skip
+    assert ws.run(resumed) == 0
+    assert ws.steps_logged() == [3, 4, 5]
 
 
 # ---------------------------------------------------------------------------------------------

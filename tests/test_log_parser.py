@@ -422,6 +422,7 @@ EXPECTED_ERRORS = {
     (FIX4, "fail_vit_lr_on_text_model"): "AttributeError: 'ModelKeys' object has no attribute 'vision_tower'",
     (FIX4, "export_merge_exists"): "FileExistsError: args.output_dir: "
     "`/data/lab/out/v0-20261126-155015/checkpoint-20-merged` already exists.",
+    (FIX4, "fail_resume_missing_checkpoint"): "FileNotFoundError: path: '/data/lab/nope/checkpoint-3'",
     (FIX4, "sigint_to_process_group"): "KeyboardInterrupt",
     (FIX4, "sigterm_to_launcher_only"): None,
     (FIX3, "fail_dataset"): "ValueError: The local path does not exist, dataset_id: "

@@ -145,3 +145,43 @@ def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiS
         assert steps == list(range(1, 61)), steps  # every step, those logged during the outage too
     finally:
         own.stop()
+
+
+# ---- pause, resume and preemption across restarts ------------------------------------------------------------
+
+
+def test_a_pause_completes_with_api_and_scheduler_killed_and_resumes_after_restart(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    first = server_factory()
+    running(first, workspace, "p", min_step=6, step_seconds=0.1,
+            training={"max_steps": 40, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.hset(f"{first.prefix}:job:p", "pause_requested", "true")  # what POST .../pause writes, then everyone dies
+    first.kill_all()
+    wait_for(lambda: stored(r, first.prefix, "p")["status"] == "paused", timeout=20, what="the runner to pause it")
+    assert not r.hgetall(f"{first.prefix}:gpu_leases"), "a paused job holds no GPU"
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    paused = second.job("p")
+    assert paused["resume_from"].endswith(("checkpoint-5", "checkpoint-10", "checkpoint-15"))
+    assert second.http.post("/jobs/p/resume").status_code == 200
+    done = second.wait_status("p", "completed", "failed", timeout=60)
+    assert done["status"] == "completed" and [a["outcome"] for a in done["attempts"]] == ["paused", "completed"]
+    steps = [p["step"] for p in second.http.get("/jobs/p/progress", params={"history_limit": 1000}).json()["history"]]
+    assert steps == list(range(1, 41))
+
+
+def test_a_pause_whose_runner_died_is_recorded_paused_by_the_scheduler(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
+) -> None:
+    server = server_factory()
+    job = running(server, workspace, "orphan", min_step=6, step_seconds=0.1, ignore_sigterm=True,
+                  training={"max_steps": 400, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    os.kill(job["runner"]["pid"], signal.SIGKILL)  # the runner is gone before it could act on the pause
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.hset(f"{server.prefix}:job:orphan", "pause_requested", "true")
+    paused = server.wait_status("orphan", "paused", "failed", timeout=30)
+    assert paused["status"] == "paused", paused["error_message"]
+    assert paused["resume_from"] and paused["attempts"][-1]["outcome"] == "paused"
+    assert group_members(job["pid"]) == []  # swift (which ignored SIGTERM) was killed: nothing holds the GPU
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])

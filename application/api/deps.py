@@ -8,9 +8,11 @@ from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from application.auth import Caller, KeyRing
-from application.models.training_model import JOB_ID_HELP, ErrorResponse, ValidationErrorResponse
+from application.models.job_responses import ErrorResponse, ValidationErrorResponse
+from application.models.training_model import JOB_ID_HELP
 from application.services.idempotency import Idempotency
 from application.services.queue_service import QueueService
+from application.services.run_control import RunControl
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
 
@@ -37,6 +39,10 @@ async def _training(request: Request) -> TrainingService:
     return request.app.state.training
 
 
+async def _control(request: Request) -> RunControl:
+    return request.app.state.run_control
+
+
 async def _queue(request: Request) -> QueueService:
     return request.app.state.queue
 
@@ -53,6 +59,7 @@ CallerDep = Annotated[Caller, Depends(current_caller)]
 AdminDep = Annotated[Caller, Depends(admin_caller)]
 Training = Annotated[TrainingService, Depends(_training)]
 Queue = Annotated[QueueService, Depends(_queue)]
+Control = Annotated[RunControl, Depends(_control)]
 System = Annotated[SystemService, Depends(_system)]
 IdempotencyDep = Annotated[Idempotency, Depends(_idempotency)]
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", max_length=128, description=JOB_ID_HELP)]

@@ -17,24 +17,23 @@ from application.api.deps import (
     E429,
     WITH_BODY,
     CallerDep,
+    Control,
     IdempotencyDep,
     JobId,
     Training,
     current_caller,
 )
-from application.models.training_model import (
+from application.models.job_responses import (
     ActionResponse,
+    CheckpointList,
     CreateResponse,
     EventList,
-    Job,
-    JobCreate,
     JobList,
-    JobPatch,
-    JobStatus,
     LogsResponse,
     ProgressResponse,
     StatusResponse,
 )
+from application.models.training_model import Job, JobCreate, JobPatch, JobStatus
 from application.services.idempotency import fingerprint
 
 IdempotencyKey = Annotated[
@@ -99,6 +98,39 @@ async def export_job(job_id: JobId, request: Request, svc: Training, caller: Cal
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 
 
+@jobs.post("/jobs/{job_id}/pause", response_model=ActionResponse, responses={**E404, **E409},
+           summary="Pause a running job: its GPUs go back; it resumes from its last checkpoint")  # fmt: skip
+async def pause_job(job_id: JobId, request: Request, ctl: Control, caller: CallerDep, idem: IdempotencyDep,
+                    idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
+    """Stops the run like a stop (SIGTERM to its process group, grace, SIGKILL). swift saves nothing on SIGTERM:
+    the answer says which checkpoint and step the job will resume from, and how many steps since are lost."""
+
+    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
+        return 200, await ctl.pause(job_id, caller), {}
+
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+
+
+@jobs.post("/jobs/{job_id}/resume", response_model=ActionResponse, responses={**E404, **E409},
+           summary="Resume a paused job, or a stopped or failed one from its last checkpoint")  # fmt: skip
+async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: CallerDep, idem: IdempotencyDep,
+                     idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
+    """Back in the queue at its place (priority, original submission time); the run gets the same arguments plus
+    --resume_from_checkpoint <newest checkpoint>. A paused job with no checkpoint starts from the beginning."""
+
+    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
+        return 200, await ctl.resume(job_id, caller), {}
+
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+
+
+@jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,
+          summary="Every checkpoint of every run of the job")  # fmt: skip
+async def job_checkpoints(job_id: JobId, ctl: Control, caller: CallerDep) -> CheckpointList:
+    """With its step, time, the loss near it, its size; which one the next resume uses, and which was exported."""
+    return await ctl.checkpoints(job_id, caller)
+
+
 @jobs.get("/jobs/{job_id}/status", response_model=StatusResponse, responses=E404, summary="Job status")
 async def job_status(job_id: JobId, svc: Training, caller: CallerDep) -> StatusResponse:
     return await svc.status(job_id, caller)
@@ -152,8 +184,9 @@ async def job_logs(
     job_id: JobId, svc: Training, caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",
+    attempt: Annotated[int | None, Query(ge=1, le=1000, description="an earlier run's log (default: the last)")] = None,
 ) -> LogsResponse:  # fmt: skip
-    return await svc.logs(job_id, limit, kind, caller)
+    return await svc.logs(job_id, limit, kind, caller, attempt)
 
 
 @jobs.get("/jobs/{job_id}/events", response_model=EventList, responses=E404,

@@ -18,6 +18,7 @@ class JobStatus(str, Enum):
     PENDING = "pending"
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -29,15 +30,27 @@ class JobStatus(str, Enum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELLED})
 
-# The only legal moves; `transition` in the store refuses everything else.
+# The only legal moves; `transition` in the store refuses everything else. A running job goes back to the queue
+# when it is preempted or retried, and rests as paused when paused.
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED, JobStatus.QUEUED}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.STOPPED}),
     JobStatus.COMPLETED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.STOPPED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
+}
+
+# The one way out of a terminal state: POST .../resume of a stopped or failed run that left a checkpoint. The
+# store allows it only when asked to re-open (`transition(..., reopen=True)`), which also claims the output
+# folder again; nothing else ever leaves a terminal state.
+REOPENABLE: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.STOPPED: frozenset({JobStatus.QUEUED}),
 }
 
 
@@ -149,6 +162,10 @@ class JobCreate(_Strict):
     )
     min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
     auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
+    max_retries: int = Field(
+        0, ge=0, le=10, description="retry a run that was killed by a signal or lost its runner or host, from its "
+        "last checkpoint, up to this many times (a failure that would repeat is never retried)",
+    )
     time_limit: int | str | None = Field(
         None,
         examples=["2h"],
@@ -255,6 +272,26 @@ class PendingReason(BaseModel):
     starts_at: float | None = Field(None, description="reservation: when that job should start (Unix seconds)")
 
 
+class Attempt(BaseModel):
+    """One run of a job: a job that is paused, preempted or retried and resumed has several."""
+
+    number: int = Field(..., description="1 for the first run")
+    run_id: str
+    started_at: float
+    finished_at: float | None = None
+    outcome: str | None = Field(
+        None, description="completed, failed, stopped, paused, preempted (back to the queue) or retried"
+    )
+    error_code: str | None = None
+    error_message: str | None = None
+    run_dir: str | None = Field(None, description="swift's vN-... folder of this run")
+    log_file: str | None = Field(None, description="this run's swift output (GET .../logs?attempt=N)")
+    resumed_from: str | None = Field(None, description="the checkpoint this run resumed from")
+    first_step: int | None = Field(None, description="the step it started after (the checkpoint's)")
+    last_step: int | None = None
+    gpu_ids: list[int] = Field(default_factory=list)
+
+
 class RunnerInfo(BaseModel):
     """The runner process that owns a run (or an export): where it is and how to tell it is still the same one."""
 
@@ -320,7 +357,14 @@ class Job(BaseModel):
     log_file: str | None = None
     log_offset: int = Field(0, description="bytes of the log already parsed")
     stop_requested: bool = False
+    pause_requested: bool = False
+    preempt_for: str | None = Field(None, description="the job this run is being preempted for")
     stop_outcome: str | None = Field(None, description="how a stop ended the run: terminated (SIGTERM) or killed")
+    max_retries: int = Field(0, description="automatic retries after a retryable failure")
+    retries: int = Field(0, description="automatic retries used so far")
+    resume_from: str | None = Field(None, description="the checkpoint the next run resumes from")
+    attempts: list[Attempt] = Field(default_factory=list, description="one per run")
+    last_checkpoint_at: float | None = Field(None, description="when the current run last saved a checkpoint")
     export_stop_requested: bool = False
     run_dir: str | None = None
     exit_code: int | None = None
@@ -345,81 +389,6 @@ class Job(BaseModel):
         return (self.finished_at or now) - self.started_at
 
 
-class CreateResponse(BaseModel):
-    job_id: str
-    status: JobStatus
-    message: str
-    queue_position: int | None = None
-    estimated_wait_time: WaitEstimate | None = None
-    pending_reason: PendingReason | None = None
-    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
-
-
-class WaitEstimate(BaseModel):
-    seconds: float
-    text: str
-
-
-class ActionResponse(BaseModel):
-    job_id: str
-    status: JobStatus
-    message: str
-    queue_position: int | None = None
-    estimated_wait_time: WaitEstimate | None = None
-    pending_reason: PendingReason | None = None
-    gpu_ids: list[int] | None = None
-    export: ExportInfo | None = None
-
-
-class StatusResponse(BaseModel):
-    job_id: str
-    status: JobStatus
-    priority: int
-    gpu_ids: list[int]
-    progress: Progress
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    duration_seconds: float | None
-    error_message: str | None
-    export: ExportInfo
-    queue_position: int | None = None
-    time_limit_seconds: int | None = None
-    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
-    pending_reason: PendingReason | None = Field(None, description="why a queued job waits")
-    estimated_wait_time: WaitEstimate | None = None
-    error_code: str | None = None
-
-
-class JobSummary(BaseModel):
-    """A job as lists show it: kept as stored JSON (`lua.SUMMARY_FIELDS`), so a page decodes nothing."""
-
-    job_id: str
-    status: JobStatus
-    priority: int
-    owner: str | None = None
-    model_path: str
-    data_path: str
-    output_dir: str
-    num_gpus: int
-    gpu_ids: list[int]
-    created_at: float = Field(..., description="Unix seconds")
-    queued_at: float | None = Field(None, description="Unix seconds")
-    started_at: float | None = Field(None, description="Unix seconds")
-    finished_at: float | None = Field(None, description="Unix seconds")
-    progress: Progress
-    export: ExportInfo
-    error_message: str | None = None
-
-
-class JobList(BaseModel):
-    jobs: list[JobSummary]
-    total: int
-    offset: int
-    limit: int
-    next_offset: int | None
-
-
 class LossPoint(BaseModel):
     step: int
     loss: float | None = None
@@ -430,25 +399,6 @@ class LossPoint(BaseModel):
     time: float | None = None
 
 
-class ProgressResponse(BaseModel):
-    job_id: str
-    status: JobStatus
-    progress: Progress
-    history: list[LossPoint]
-    checkpoints: list[str]
-    last_checkpoint: str | None
-    train_loss: float | None
-    train_runtime: float | None
-
-
-class LogsResponse(BaseModel):
-    job_id: str
-    log_file: str | None
-    lines: list[str]
-    count: int
-    kind: Literal["train", "export"]
-
-
 class Event(BaseModel):
     id: str
     time: float
@@ -456,27 +406,3 @@ class Event(BaseModel):
     message: str
     actor: str | None = Field(None, description="who caused it: an API key's name, 'anonymous' or 'scheduler'")
     data: dict[str, Any] = Field(default_factory=dict)
-
-
-class EventList(BaseModel):
-    job_id: str
-    events: list[Event]
-    next_after: str | None
-
-
-class ErrorResponse(BaseModel):
-    detail: str = Field(..., description="what went wrong and what to change")
-
-
-class FieldError(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class ValidationErrorResponse(BaseModel):
-    detail: str = Field(..., description="every problem, one per field: what to change")
-    errors: list[FieldError] = Field(default_factory=list, description="the same problems, one object per field")
-
-
-CreateResponse.model_rebuild()

@@ -43,6 +43,8 @@ class RunnerTick:
     stop_requested: bool
     export_stop_requested: bool
     export_id: str | None
+    pause_requested: bool = False
+    preempt_for: str | None = None
 
 
 class ClusterStore:
@@ -82,14 +84,17 @@ class ClusterStore:
         """Beat a runner's heartbeat and read what it must know of its job, in one round trip."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.runner_heartbeat(job_id), json.dumps(dict(beat)), px=int(ttl * 1000))
-            pipe.hmget(self.keys.job(job_id), ["status", "run_id", "stop_requested", "export_stop_requested", "export"])
-            _, (status, run_id, stop, export_stop, export) = await pipe.execute()
+            pipe.hmget(self.keys.job(job_id), ["status", "run_id", "stop_requested", "export_stop_requested", "export",
+                                               "pause_requested", "preempt_for"])  # fmt: skip
+            _, (status, run_id, stop, export_stop, export, pause, preempt) = await pipe.execute()
         return RunnerTick(
             status=json.loads(status) if status else None,
             run_id=json.loads(run_id) if run_id else None,
             stop_requested=bool(stop and json.loads(stop)),
             export_stop_requested=bool(export_stop and json.loads(export_stop)),
             export_id=(json.loads(export) or {}).get("export_id") if export else None,
+            pause_requested=bool(pause and json.loads(pause)),
+            preempt_for=json.loads(preempt) if preempt else None,
         )
 
     async def runner_heartbeat(self, job_id: str) -> dict[str, Any] | None:

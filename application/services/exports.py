@@ -16,7 +16,8 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 
-ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED)
+# A paused job's checkpoint can be exported too (the merge only reads it).
+ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED)
 
 
 def export_log(job: Job) -> Path:

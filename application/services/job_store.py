@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -21,6 +20,7 @@ import redis.asyncio as aioredis
 
 from application.models.training_model import (
     ALLOWED_TRANSITIONS,
+    REOPENABLE,
     Event,
     ExportStatus,
     Job,
@@ -29,6 +29,14 @@ from application.models.training_model import (
     PredictedDuration,
 )
 from application.services import lua
+from application.services.job_codec import (
+    QueueMeta,
+    decode_job,
+    encode,
+    encode_fields,
+    event_payload,
+    script_arg,
+)
 from application.services.keys import Keys
 from application.services.scheduler import queue_score
 
@@ -60,72 +68,6 @@ class TransitionRefused(Exception):
                    reply[2] if len(reply) > 2 else None)  # fmt: skip
 
 
-# json.dumps with non-default separators builds a new encoder on every call: one, reused, is much cheaper.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in fields.items():
-        if hasattr(value, "model_dump"):
-            value = value.model_dump(mode="json")
-        elif isinstance(value, Enum):
-            value = value.value
-        out[name] = _encode(value)
-    return out
-
-
-def decode_job(raw: Mapping[str, str]) -> Job:
-    # One JSON document, parsed once in Rust, instead of a json.loads per field.
-    return Job.model_validate_json("{" + ",".join(f'"{k}":{v}' for k, v in raw.items()) + "}")
-
-
-def event_payload(
-    event_type: str, message: str, data: Mapping[str, Any] | None, actor: str, now: float
-) -> dict[str, str]:
-    return {"type": event_type, "message": message, "time": repr(now), "actor": actor,
-            "data": json.dumps(dict(data or {}))}  # fmt: skip
-
-
-def _pruned(a: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _pruned(v) if isinstance(v, Mapping) else v for k, v in a.items() if v is not None}
-
-
-def _script_arg(a: Mapping[str, Any]) -> str:
-    # cjson turns null into a truthy sentinel: what a script must see as absent is left out instead.
-    return _encode(_pruned(a))
-
-
-@dataclass(frozen=True)
-class QueueMeta:
-    """What the scheduler needs of a queued job, kept beside the queue so a pass reads no job hashes."""
-
-    priority: int
-    submitted_at: float
-    num_gpus: int
-    gpu_ids: list[int] | None
-    min_gpu_memory_gb: float | None
-    estimated_duration: float | None = None
-    owner: str | None = None
-
-    def encode(self) -> str:
-        return json.dumps(
-            [self.priority, self.submitted_at, self.num_gpus, self.gpu_ids, self.min_gpu_memory_gb,
-             self.estimated_duration, self.owner],
-            separators=(",", ":"),
-        )  # fmt: skip
-
-    @classmethod
-    def decode(cls, raw: str) -> QueueMeta:
-        return cls(*json.loads(raw))
-
-    @classmethod
-    def of(cls, job: Job, priority: int | None = None) -> QueueMeta:
-        return cls(job.priority if priority is None else priority, job.created_at, job.num_gpus,
-                   job.gpu_ids_requested, job.min_gpu_memory_gb, job.predicted_duration.seconds,
-                   owner=job.owner)  # fmt: skip
-
-
 class JobStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
         # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
@@ -154,7 +96,7 @@ class JobStore:
         """Store a new job; raises TransitionRefused(EXISTS) or (OUTPUT_DIR_BUSY, detail=the holder)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
-        res = await self._create(keys=[k.job(job.job_id)], args=[_script_arg({
+        res = await self._create(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "fields": encode_fields(job.model_dump()), "created_at": repr(job.created_at),
             "output_dir": job.output_dir,
             "score": repr(queue_score(job.priority, job.created_at)) if queued else None,
@@ -261,7 +203,7 @@ class JobStore:
             for job_id, there in zip(ids, present, strict=True):
                 if not there:
                     written += int(await self._refresh_summary(keys=[self.keys.job(job_id)], args=[
-                        _script_arg({"k": {"summary": self.keys.job_summary(job_id)}})]))  # fmt: skip
+                        script_arg({"k": {"summary": self.keys.job_summary(job_id)}})]))  # fmt: skip
         return written
 
     async def job_json(self, job_id: str) -> tuple[str | None, str] | None:
@@ -295,7 +237,7 @@ class JobStore:
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
         now = time.time()
-        res = await self._guarded(keys=[self.keys.job(job_id)], args=[_script_arg({
+        res = await self._guarded(keys=[self.keys.job(job_id)], args=[script_arg({
             "fields": encode_fields({**fields, "updated_at": now}),
             "statuses": [s.value for s in statuses] if statuses is not None else None,
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
@@ -321,6 +263,7 @@ class JobStore:
         run_id: str | None = None,
         fence: str | None = None,
         now: float | None = None,
+        reopen: bool = False,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
 
@@ -329,10 +272,13 @@ class JobStore:
         times, keeps the indexes, queue and leases consistent (a job that ends releases its GPUs; one leaving
         the queue leaves the queue set) and wakes the queue processors when GPUs or the queue change.
         `run_id` writes only into that run of the job; `fence` (the leader's lock value) only while that
-        scheduler still leads.
+        scheduler still leads. `reopen` (resume) also allows REOPENABLE moves out of a terminal state, claiming
+        the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile).
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
+        if reopen:
+            allowed |= {s for s, targets in REOPENABLE.items() if to in targets}
         if expect is not None:
             allowed &= set(expect)
         extra: dict[str, Any] = dict(fields or {})
@@ -354,13 +300,16 @@ class JobStore:
                     raise TransitionRefused(Refusal.MISSING)
                 queue = {"queue": "add", "priority": job.priority, "meta": QueueMeta.of(job).encode(),
                          "score": repr(queue_score(job.priority, job.created_at))}  # fmt: skip
-            res = await self._transition(keys=[k.job(job_id)], args=[_script_arg({
+            res = await self._transition(keys=[k.job(job_id)], args=[script_arg({
                 "id": job_id, "to": to.value, "allowed": sorted(s.value for s in allowed),
                 "fields": encode_fields(extra), **queue, "acquire": list(acquire_gpus),
-                "terminal": to.is_terminal(), "finished_at": repr(extra["finished_at"]) if to.is_terminal() else None,
+                "terminal": to.is_terminal(), "reopen": reopen,
+                # A run that ends, pauses or goes back to the queue gives its GPUs back in the same step.
+                "release": to.is_terminal() or to in (JobStatus.PAUSED, JobStatus.QUEUED),
+                "finished_at": repr(extra["finished_at"]) if to.is_terminal() else None,
                 "event": event_payload(f"status_{to.value}", message or f"status changed to {to.value}",
                                        {"status": to.value, **(data or {})}, actor, now),
-                "maxlen": self.events_max, "wake": to == JobStatus.QUEUED or to.is_terminal(),
+                "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence,
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
@@ -379,7 +328,7 @@ class JobStore:
         k = self.keys
         owner = await self.get_field(job_id, "owner")
         every, mine = self._status_keys(owner)
-        res = await self._delete(keys=[k.job(job_id)], args=[_script_arg({
+        res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
             "id": job_id, "refuse": [JobStatus.RUNNING.value],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
@@ -394,7 +343,7 @@ class JobStore:
     async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
         now = time.time()
         k = self.keys
-        res = await self._reprioritize(keys=[k.job(job.job_id)], args=[_script_arg({
+        res = await self._reprioritize(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "priority": json.dumps(priority), "score": repr(queue_score(priority, job.created_at)),
             "meta": QueueMeta.of(job, priority).encode(), "updated_at": json.dumps(now), "maxlen": self.events_max,
             "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
@@ -408,7 +357,7 @@ class JobStore:
 
     async def set_prediction(self, job_id: str, prediction: PredictedDuration) -> bool:
         """Give a job that waits (pending or queued) the prediction found for it since it was created."""
-        return bool(await self._set_prediction(keys=[self.keys.job(job_id)], args=[_script_arg({
+        return bool(await self._set_prediction(keys=[self.keys.job(job_id)], args=[script_arg({
             "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
             "k": {"queue_meta": self.keys.queue_meta},
         })]))  # fmt: skip
@@ -438,8 +387,21 @@ class JobStore:
             return
         key = self.keys.job_history(job_id)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(_encode(p) for p in points))
+            pipe.rpush(key, *(encode(p) for p in points))
             pipe.ltrim(key, -self.history_max, -1)
+            await pipe.execute()
+
+    async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
+        """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.
+        Only while no run of the job writes (it is about to start one)."""
+        key = self.keys.job_history(job_id)
+        kept = []
+        if up_to_step is not None:
+            kept = [raw for raw in await self.r.lrange(key, 0, -1) if json.loads(raw).get("step", 0) <= up_to_step]
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if kept:
+                pipe.rpush(key, *kept)
             await pipe.execute()
 
     async def history(self, job_id: str, limit: int) -> list[LossPoint]:
@@ -473,7 +435,7 @@ class JobStore:
     async def drop_lease(self, gpu: int, job_id: str) -> bool:
         """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
         return bool(
-            await self._drop_lease(keys=[self.keys.gpu_leases], args=[_script_arg({"gpu": str(gpu), "id": job_id})])
+            await self._drop_lease(keys=[self.keys.gpu_leases], args=[script_arg({"gpu": str(gpu), "id": job_id})])
         )
 
     async def mark_exporting(self, job_id: str, running: bool) -> None:

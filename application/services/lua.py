@@ -119,6 +119,13 @@ if not cur then return {'missing'} end
 if not member(cur, a.allowed) then return {'bad_state', cur} end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
+local dir = nil
+if a.reopen then
+  -- Out of a terminal state (resume): the output folder must be free again, and it is claimed again.
+  dir = field(KEYS[1], 'output_dir')
+  local holder = redis.call('HGET', k.output_dirs, dir)
+  if holder and holder ~= a.id then return {'output_dir_busy', cur, holder} end
+end
 if a.queue == 'add' and field(KEYS[1], 'priority') ~= a.priority then
   return {'priority_changed', cur}  -- a PATCH landed since the caller read it: it computes the score again
 end
@@ -128,7 +135,11 @@ for _, gpu in ipairs(a.acquire) do
   if holder and holder ~= id then return {'gpu_busy', cur, tostring(gpu) .. ':' .. holder} end
 end
 for _, gpu in ipairs(a.acquire) do redis.call('HSET', k.leases, tostring(gpu), id) end
-if a.terminal then release_leases(k.leases, id) end
+if a.release then release_leases(k.leases, id) end
+if dir then
+  redis.call('HSET', k.output_dirs, dir, id)
+  redis.call('ZREM', k.expiry, id)
+end
 hset_pairs(KEYS[1], a.fields)
 redis.call('HSET', KEYS[1], 'status', cjson.encode(a.to))
 local created = redis.call('HGET', KEYS[1], 'created_at')

@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass
 
 from application.config import Settings
-from application.models.training_model import PendingReason, WaitEstimate
+from application.models.job_responses import WaitEstimate
+from application.models.training_model import PendingReason
 from application.services.gpu_pool import gpu_states, queued_job
-from application.services.job_store import JobStore, QueueMeta
+from application.services.job_codec import QueueMeta
+from application.services.job_store import JobStore
 from application.services.predictions import remaining_seconds
 from application.services.scheduler import (
     BACKFILL_DEPTH,

@@ -22,12 +22,15 @@ from pathlib import Path
 from loguru import logger
 
 from application.config import Settings
-from application.models.training_model import Job, JobStatus, Progress
+from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services.cluster_store import ClusterStore
+from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
+from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
+from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
 from application.services.swift_command import (
@@ -46,6 +49,16 @@ def _write_spec(path: Path, spec: dict[str, object]) -> Path:
     tmp.write_text(json.dumps(spec))
     tmp.replace(path)
     return path
+
+
+def _resume_point(job: Job) -> tuple[str | None, bool]:
+    """The checkpoint a job that ran before resumes from (the one asked for, else its newest still on disk), and
+    whether it holds only weights (saved with save_only_model: no optimizer or scheduler state)."""
+    candidates = [job.resume_from, *reversed(job.checkpoints)] if job.resume_from else list(reversed(job.checkpoints))
+    found = next((c for c in candidates if c and (Path(c) / "trainer_state.json").is_file()), None)
+    if found is None:
+        return None, False
+    return found, not (Path(found) / "scheduler.pt").is_file()
 
 
 def free_port() -> int:
@@ -105,10 +118,12 @@ class QueueProcessor:
             await self.refresh_predictions()
             view = await self.view()
             starts: list[Start] = []
+            head_id: str | None = None
             if await self.store.queue_length():
                 head = await self.cluster.queue_head()
                 found = await self.planner.plan(view, head=head)
                 starts = found.starts
+                head_id = found.head
                 kept = next_head(head, found.head, time.time())
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
@@ -125,6 +140,8 @@ class QueueProcessor:
                 except TransitionRefused as exc:
                     # The job or one of its GPUs changed under us, or we no longer lead: the next pass decides.
                     logger.debug("start of {} refused: {}", start.job_id, exc.reason.value)
+            if self.settings.PREEMPTION and head_id is not None and not started and only is None:
+                await self.preempt(head_id, view)
             s = self.stats
             s.passes += 1
             s.jobs_started += len(started)
@@ -135,6 +152,43 @@ class QueueProcessor:
                 logger.info("queue pass started {}", ", ".join(started))
             await self.cluster.record_pass(s.__dict__)
             return started
+
+    async def preempt(self, head_id: str, view: ClusterView) -> list[str]:
+        """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
+        (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
+        ids = [r.job_id for r in view.running]
+        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", "preempt_for"])
+        if any(row[3] and json.loads(row[3]) for row in rows):
+            return []
+        job = await self.store.get(head_id)
+        if job is None or job.status != JobStatus.QUEUED:
+            return []
+        now = time.time()
+        candidates = []
+        for r, (prio, started, saved, _) in zip(view.running, rows, strict=True):
+            if prio is None or started is None:
+                continue
+            start = float(json.loads(started))
+            last_save = float(json.loads(saved)) if saved and json.loads(saved) else start
+            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, start, now - max(start, last_save)))
+        s = self.settings
+        waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
+                             job.min_gpu_memory_gb)  # fmt: skip
+        victims = choose_victims(waiting, view.gpus, candidates, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
+                                 max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
+                                 now=now)  # fmt: skip
+        for victim in victims or []:
+            try:
+                await self.store.update(victim, {"preempt_for": head_id}, statuses=(JobStatus.RUNNING,), event=(
+                    "preemption_requested", f"preempted for {head_id} (priority {job.priority}): the run stops, "
+                    "goes back to the queue and resumes from its last checkpoint", {"by": head_id}))  # fmt: skip
+            except TransitionRefused:
+                continue  # it ended meanwhile: its GPUs come back anyway
+        if victims:
+            await self.store.add_event(head_id, "preempting", f"preempting {', '.join(victims)} (lower priority) "
+                                       "for their GPUs", {"victims": victims})  # fmt: skip
+            logger.info("preempting {} for {}", ", ".join(victims), head_id)
+        return victims or []
 
     async def refresh_predictions(self) -> int:
         """Jobs queued before anything was known of their kind get a prediction once a run teaches one (the
@@ -158,15 +212,27 @@ class QueueProcessor:
         return found
 
     async def start_run(self, job: Job, gpu_ids: list[int]) -> None:
-        """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner."""
+        """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
+        that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
+        disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
         version = await self.version()
-        argv = build_sft_command(self.settings.SWIFT_BIN, job, version)
+        resume, weights_only = await asyncio.to_thread(_resume_point, job) if job.attempts else (None, False)
+        step = checkpoint_step(resume)
+        argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
         env = visible_env(gpu_env)
         log_dir = Path(job.output_dir) / "logs"
-        log_file = log_dir / f"{job.job_id}.train.log"
+        # One log per run: a resumed run's log starts empty, and the earlier ones stay (attempts[].log_file).
+        number = len(job.attempts) + 1
+        log_file = log_dir / (f"{job.job_id}.train.log" if number == 1 else f"{job.job_id}.train.{number}.log")
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
+        now = time.time()
+        attempt = Attempt(number=number, run_id=run_id, started_at=now, resumed_from=resume, first_step=step,
+                          gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
+        if job.attempts:
+            await self.store.trim_history(job.job_id, step)
+        progress = Progress(current_step=step, max_steps=job.progress.max_steps) if resume else Progress()
         await self.store.transition(
             job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
             fields={
@@ -174,9 +240,13 @@ class QueueProcessor:
                 "swift_version": version.version, "log_file": str(log_file),
                 "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None,
                 "process_start_time": None, "exit_code": None, "error_message": None, "error_code": None,
-                "progress": Progress(), "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
+                "progress": progress, "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
+                "attempts": [*job.attempts, attempt], "resume_from": resume, "pause_requested": False,
+                "preempt_for": None, "finished_at": None, "log_tail": None, "last_checkpoint_at": None,
             },
-            message=f"started on {where}", data={"gpu_ids": gpu_ids},
+            message=f"started on {where}" + (f", resuming from {resume}" if resume else
+                                             " from the beginning" if job.attempts else ""),
+            data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
         )  # fmt: skip
         try:
             spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {

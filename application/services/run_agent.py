@@ -48,9 +48,9 @@ from application.services.log_parser import SwiftLogParser, extract_error
 from application.services.outbox import Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
-from application.services.run_end import final_status
+from application.services.run_end import RunEnd
 from application.services.run_history import RunHistory
-from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
+from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
 from application.utils.log_tail import read_from, tail_lines
 from application.utils.logger import setup_logging
@@ -151,9 +151,8 @@ class Runner:
         started_at = job.started_at or time.time()
         follow = _Follow(log_file, parser, outbox, started_at)
         stopping: asyncio.Task[str] | None = None
-        stop_requested = False
-        timed_out = False
-        orphaned = False
+        stop_requested = pause_requested = timed_out = orphaned = False
+        preempt_for: str | None = None
         limit = job.time_limit_seconds
         while True:
             exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
@@ -163,15 +162,18 @@ class Runner:
             tick = await self._tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
                 orphaned = True  # deleted, ended or taken over by another run: this run must not go on
-            if tick is not None and tick.stop_requested:
-                stop_requested = True
+            if tick is not None:
+                stop_requested = stop_requested or tick.stop_requested
+                pause_requested = pause_requested or tick.pause_requested
+                preempt_for = preempt_for or tick.preempt_for
             if limit is not None and not exited and not timed_out and time.time() - started_at > limit:
                 timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
                 outbox.event("time_limit", f"time limit of {format_limit(limit)} reached: stopping the run",
                              {"time_limit_seconds": limit})  # fmt: skip
-            wanted = stop_requested or timed_out or orphaned or self.terminated.is_set()
+            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
+            wanted = interrupt or timed_out or orphaned or self.terminated.is_set()
             if wanted and stopping is None and not exited:
-                reason = ("stop requested" if stop_requested else "time limit" if timed_out
+                reason = (f"{interrupt} requested" if interrupt else "time limit" if timed_out
                           else "runner told to stop" if not orphaned else "orphaned")  # fmt: skip
                 logger.info("{}: SIGTERM to swift's process group {}", reason, proc.pid)
                 stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
@@ -192,55 +194,32 @@ class Runner:
         if orphaned:
             logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
             return 0
-        fields, end_status, message, error_code = await self._ending(job, code, stop_requested, parser, log_file)
-        if stop_requested:
-            fields["stop_outcome"] = outcome or "gone"
-        elif timed_out and end_status != JobStatus.COMPLETED and limit is not None:
-            end_status, error_code = JobStatus.FAILED, "time_limit"
-            fields["stop_outcome"] = outcome or "gone"
-            fields["error_message"] = (
-                f"the run exceeded its time limit of {format_limit(limit)} ({limit} s) and was stopped: "
-                "raise time_limit or shorten the run (max_steps, num_epochs)"
-            )
-            message = f"training failed: {fields['error_message']}"
-        elif self.terminated.is_set() and end_status != JobStatus.COMPLETED:
-            end_status, error_code = JobStatus.FAILED, "runner_terminated"
-            fields["error_message"] = "the runner was terminated (SIGTERM: the host or its scheduler shut down)"
-            message = f"training failed: {fields['error_message']}"
-        fields["error_code"] = error_code
-        recorded = await outbox.finish(end_status, fields, message)
-        if recorded and end_status == JobStatus.COMPLETED:
-            await self._learn(job, time.time() - started_at, fields.get("progress"), fields.get("train_runtime"))
+        interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
+        override: RunEnd | None = None
+        if timed_out and code != 0 and limit is not None and interrupt is None:
+            error = (f"the run exceeded its time limit of {format_limit(limit)} ({limit} s) and was stopped: "
+                     "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
+            override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
+        elif self.terminated.is_set() and code != 0 and interrupt is None:
+            error = "the runner was terminated (SIGTERM: the host or its scheduler shut down)"
+            override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_terminated")
+        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
+                                                           self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
+        asked = job.model_copy(update={"preempt_for": preempt_for})
+        end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
+                         stop_outcome=outcome if stopping is not None else None, now=time.time())  # fmt: skip
+        if timed_out and override is not None:
+            end.fields["stop_outcome"] = outcome or "gone"
+        if end.event is not None:
+            outbox.event(*end.event)
+        recorded = await outbox.finish(end.status, end.fields, end.message)
+        first_run = not job.attempts or job.attempts[-1].resumed_from is None
+        if recorded and end.status == JobStatus.COMPLETED and first_run:
+            await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
         exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set()
-        if recorded and end_status == JobStatus.COMPLETED and exporting:
+        if recorded and end.status == JobStatus.COMPLETED and exporting:
             await self._auto_export()
         return 0
-
-    async def _ending(self, job: Job, code: int | None, stop_requested: bool, parser: SwiftLogParser,
-                      log_file: Path) -> tuple[dict[str, Any], JobStatus, str, str | None]:  # fmt: skip
-        tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        facts = parser.facts()
-        if facts.run_dir:
-            facts = facts.merged(await asyncio.to_thread(parse_logging_jsonl, Path(facts.run_dir) / "logging.jsonl"))
-        on_disk = await asyncio.to_thread(find_checkpoints, Path(job.output_dir))
-        checkpoints = [c for c in on_disk if facts.run_dir and c.startswith(facts.run_dir)] or on_disk
-        end = final_status(code, stop_requested, facts, tail)
-        fields: dict[str, Any] = {
-            "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir,
-            "last_checkpoint": facts.last_checkpoint or next(reversed(checkpoints), None),
-            "best_checkpoint": facts.best_checkpoint,
-        }  # fmt: skip
-        if facts.progress is not None:
-            fields["progress"] = facts.progress
-        if facts.train_loss is not None:
-            fields["train_loss"] = facts.train_loss
-        if facts.train_runtime is not None:
-            fields["train_runtime"] = facts.train_runtime
-        if end.status != JobStatus.COMPLETED:
-            fields["log_tail"] = tail
-        if end.error_message:
-            fields["error_message"] = end.error_message
-        return fields, end.status, end.message, end.error_code
 
     async def _learn(self, job: Job, duration: float, progress: Progress | None, runtime: float | None) -> None:
         """Teach the predictions what this completed run took (speed per sample, duration)."""
@@ -389,6 +368,8 @@ class _Follow:
             fields["run_dir"] = self.parser.run_dir
         if self.parser.last_checkpoint or result.checkpoints_saved:
             fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
+        if result.checkpoints_saved:
+            fields["last_checkpoint_at"] = time.time()  # what a preemption would lose is counted from here
         if self.parser.best_checkpoint:
             fields["best_checkpoint"] = self.parser.best_checkpoint
         if self.parser.train_loss is not None:

@@ -6,10 +6,12 @@ the runner left, or from nothing at all).
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass
+from typing import Any
 
-from application.models.training_model import JobStatus
+from application.models.training_model import Attempt, Job, JobStatus
 from application.services.log_parser import RunFacts, extract_error
 
 
@@ -91,3 +93,104 @@ def runner_lost(returncode: int | None, pid: int | None) -> RunEnd:
     else:
         error = f"the runner (pid {pid}) died without recording the end of the run"
     return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_lost")
+
+
+# ---- what the end of a run means for the job: pause, preemption, retries ---------------------------------
+
+RETRYABLE_CODES = frozenset({"signal", "runner_lost", "runner_terminated", "lost"})
+_OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
+_CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    """The global step a checkpoint folder was saved at (swift names them checkpoint-<step>)."""
+    m = _CHECKPOINT_STEP.search(path.rstrip("/")) if path else None
+    return int(m.group(1)) if m else None
+
+
+def is_oom(error: str | None) -> bool:
+    return error is not None and any(marker in error for marker in _OOM_MARKERS)
+
+
+def retryable(end: RunEnd, last_step: int | None, previous: Attempt | None) -> bool:
+    """Would running again from the last checkpoint likely help? A signal (the OOM killer, node trouble) or a
+    lost runner or host: yes. A CUDA out-of-memory error: once, not at the same step twice. Anything else
+    the run printed as an error (a bad argument, a missing data set) would only repeat."""
+    if end.status != JobStatus.FAILED:
+        return False
+    if end.error_code in RETRYABLE_CODES:
+        return True
+    if end.error_code == "exit_code" and is_oom(end.error_message):
+        return not (previous is not None and is_oom(previous.error_message) and previous.last_step == last_step)
+    return False
+
+
+@dataclass(frozen=True)
+class Conclusion:
+    """The job's next status after a run, the fields to write with it, and what to tell."""
+
+    status: JobStatus
+    message: str
+    fields: dict[str, Any]
+    event: tuple[str, str, dict[str, Any]] | None = None
+
+
+def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | None, last_step: int | None,
+             run_dir: str | None, now: float) -> Conclusion:  # fmt: skip
+    """What a run's end means, given how it ended (`end`), why it was interrupted (`interrupt`: "stop", "pause",
+    "preempt" or None) and the checkpoint a next run would resume from.
+
+    A run that completed is completed whatever else was asked. A pause rests the job as `paused`; a preemption
+    puts it back in the queue (its original submission time keeps its place); a retryable failure with
+    retries left does the same; both resume from `checkpoint` (from the start when there is none).
+    """
+    attempts = [a.model_copy() for a in job.attempts]
+    current = attempts[-1] if attempts else None
+    previous = attempts[-2] if len(attempts) > 1 else None
+    step_at = checkpoint_step(checkpoint)
+    where = f"{checkpoint} (step {step_at})" if checkpoint else "the beginning (no checkpoint yet)"
+    fields: dict[str, Any] = {"pause_requested": False, "preempt_for": None}
+    status, message, outcome = end.status, end.message, end.status.value
+    event: tuple[str, str, dict[str, Any]] | None = None
+    lost = _lost(last_step, step_at)
+    resume: dict[str, Any] = {"resume_from": checkpoint, "resume_step": step_at, "lost_steps": lost}
+    if end.status == JobStatus.COMPLETED:
+        pass
+    elif interrupt == "pause":
+        status, outcome = JobStatus.PAUSED, "paused"
+        message = f"paused: resumes from {where}" + _lost_text(lost)
+        event = ("paused", message, resume)
+    elif interrupt == "preempt":
+        status, outcome = JobStatus.QUEUED, "preempted"
+        message = f"preempted for {job.preempt_for}: back in the queue, resumes from {where}" + _lost_text(lost)
+        event = ("preempted", message, {**resume, "by": job.preempt_for})
+    elif interrupt is None and job.retries < job.max_retries and retryable(end, last_step, previous):
+        status, outcome = JobStatus.QUEUED, "retried"
+        fields["retries"] = job.retries + 1
+        message = (f"attempt {len(attempts)} failed ({end.error_message}); retry {job.retries + 1} of "
+                   f"{job.max_retries}: back in the queue, resumes from {where}")  # fmt: skip
+        event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts)})
+    if status in (JobStatus.PAUSED, JobStatus.QUEUED):
+        fields["resume_from"] = checkpoint
+    else:
+        fields["error_message"] = end.error_message
+        fields["error_code"] = end.error_code
+    if current is not None:
+        current.finished_at = now
+        current.outcome = outcome
+        current.error_code = end.error_code
+        current.error_message = end.error_message
+        current.run_dir = run_dir or current.run_dir
+        current.last_step = last_step
+        fields["attempts"] = attempts
+    return Conclusion(status, message, fields, event)
+
+
+def _lost(last_step: int | None, checkpoint_step: int | None) -> int | None:
+    if last_step is None:
+        return None
+    return max(0, last_step - (checkpoint_step or 0))
+
+
+def _lost_text(lost: int | None) -> str:
+    return f"; {lost} step(s) since it are lost" if lost else ""

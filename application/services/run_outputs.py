@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,14 @@ def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
     result.train_loss = parser.train_loss
     result.train_runtime = parser.train_runtime
     return result
+
+
+def job_checkpoints(output_dir: Path | str, run_dirs: Iterable[str | None]) -> list[str]:
+    """The checkpoints of one job's runs (its attempts' run dirs), in the order of `find_checkpoints`; every
+    one under `output_dir` when none of its run dirs is known yet."""
+    on_disk = find_checkpoints(output_dir)
+    dirs = tuple(d.rstrip("/") + "/" for d in run_dirs if d)
+    return [c for c in on_disk if c.startswith(dirs)] if dirs else on_disk
 
 
 def find_checkpoints(output_dir: Path | str) -> list[str]:

@@ -121,7 +121,11 @@ def _fmt(value: float | int | bool) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def build_sft_command(swift_bin: str, job: Job, version: SwiftVersion) -> list[str]:
+def build_sft_command(
+    swift_bin: str, job: Job, version: SwiftVersion, *, resume_from: str | None = None, weights_only: bool = False
+) -> list[str]:
+    """swift sft's arguments for `job`; `resume_from` a checkpoint (`weights_only`: it holds no optimizer state,
+    as with save_only_model, so swift loads only the weights and keeps the global step, as its web UI does)."""
     t: TrainingParams = job.training
     argv = [
         swift_bin, "sft",
@@ -159,6 +163,10 @@ def build_sft_command(swift_bin: str, job: Job, version: SwiftVersion) -> list[s
     if is_local_model(job.model_path):
         # Otherwise swift spends ~20 s trying to reach the model hub for a local folder.
         argv += ["--check_model", "false"]
+    if resume_from is not None:
+        argv += ["--resume_from_checkpoint", resume_from]
+        if weights_only:
+            argv += ["--resume_only_model", "true"]
     return argv
 
 

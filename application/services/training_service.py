@@ -20,21 +20,17 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, Invalid, JobNotFound
-from application.models.training_model import (
+from application.exceptions import Conflict, Invalid, JobNotFound, NotFound
+from application.models.job_responses import (
     ActionResponse,
     CreateResponse,
     EventList,
-    ExportStatus,
-    Job,
-    JobCreate,
-    JobStatus,
     LogsResponse,
-    PendingReason,
     ProgressResponse,
     StatusResponse,
     WaitEstimate,
 )
+from application.models.training_model import ExportStatus, Job, JobCreate, JobStatus, PendingReason
 from application.services.cluster_store import ClusterStore
 from application.services.exports import ENDED_WITH_SWIFT, prepare_export
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
@@ -130,6 +126,10 @@ class TrainingService:
             raise JobNotFound(job_id)
         return job
 
+    async def job(self, job_id: str) -> Job:
+        """The job whoever may see it (for actions already authorized)."""
+        return await self._job(job_id)
+
     async def _job(self, job_id: str) -> Job:
         job = await self.store.get(job_id)
         if job is None:
@@ -162,6 +162,7 @@ class TrainingService:
             output_dir_requested=req.output_dir, dataset_rows=checked.dataset.rows if checked.dataset else None,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
             training=req.training, created_at=now, updated_at=now, time_limit_seconds=req.time_limit_seconds,
+            max_retries=req.max_retries,
         )  # fmt: skip
         job.predicted_duration = await self.history.predict(job)
         job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None
@@ -240,7 +241,7 @@ class TrainingService:
             return "No scheduler is running: the job is queued and starts when one does (python start.py)"
         return "No free GPUs now: the job was added to the GPU queue"
 
-    async def _await(self, job_id: str, done: Callable[[Job], bool], timeout: float) -> Job:
+    async def await_job(self, job_id: str, done: Callable[[Job], bool], timeout: float) -> Job:
         deadline = time.monotonic() + timeout
         job = await self._job(job_id)
         while not done(job) and time.monotonic() < deadline:
@@ -250,6 +251,14 @@ class TrainingService:
 
     async def stop(self, job_id: str, caller: Caller) -> ActionResponse:
         job = await self.require(job_id, caller)
+        if job.status == JobStatus.PAUSED:
+            try:
+                await self.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
+                                            message="stopped while paused")  # fmt: skip
+            except TransitionRefused as exc:
+                raise Conflict(f"job '{job_id}' is {exc.current} now: stop it again if it should end") from None
+            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
+                                  message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
             await self.cancel(job_id, (job.status,), "cancelled before it started", caller)
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
@@ -262,7 +271,7 @@ class TrainingService:
                 current = JobStatus(exc.current) if exc.current else job.status
                 return ActionResponse(job_id=job_id, status=current, message=f"The job already ended ({current.value})")
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
-            final = await self._await(job_id, lambda j: j.status != JobStatus.RUNNING,
+            final = await self.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
                                       self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
             if final.status == JobStatus.RUNNING:
                 return ActionResponse(job_id=job_id, status=final.status,
@@ -275,7 +284,7 @@ class TrainingService:
         if job.export.status == ExportStatus.RUNNING:
             await self.store.update(job_id, {"export_stop_requested": True}, actor=caller.actor,
                                     event=("export_stop_requested", "export stop requested", None))  # fmt: skip
-            final = await self._await(job_id, lambda j: j.export.status != ExportStatus.RUNNING,
+            final = await self.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING,
                                       self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
             return ActionResponse(job_id=job_id, status=final.status, export=final.export,
                                   message=f"Export stopped ({final.export.status.value})")  # fmt: skip
@@ -364,9 +373,15 @@ class TrainingService:
             raise Conflict(detail) from None
         return await self._job(job_id)
 
-    async def logs(self, job_id: str, limit: int, kind: str, caller: Caller) -> LogsResponse:
+    async def logs(
+        self, job_id: str, limit: int, kind: str, caller: Caller, attempt: int | None = None
+    ) -> LogsResponse:
         job = await self.require(job_id, caller)
         path = job.export.log_file if kind == "export" else job.log_file
+        if attempt is not None and kind == "train":
+            if not 1 <= attempt <= len(job.attempts):
+                raise NotFound(f"job '{job_id}' has no attempt {attempt}: its runs are 1 to {len(job.attempts)}")
+            path = job.attempts[attempt - 1].log_file
         lines = await asyncio.to_thread(tail_lines, Path(path), limit) if path else []
         return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)
 

@@ -26,10 +26,8 @@ from application.services.cluster_store import ClusterStore
 from application.services.exports import ENDED_WITH_SWIFT, prepare_export
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.log_parser import RunFacts
-from application.services.run_end import final_status, runner_lost
-from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
-from application.utils.log_tail import tail_lines
+from application.services.run_end import runner_lost
+from application.services.run_record import interrupt_of, read_run, record_end
 
 WATCH_INTERVAL = 0.5
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
@@ -84,22 +82,19 @@ class Watchdog:
             outcome = await pg.terminate_group(job.pid, self.settings.STOP_GRACE_SECONDS)
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
-        fields: dict[str, Any] = {}
-        if code is not None or job.stop_requested:
-            facts, tail, checkpoints = await asyncio.to_thread(_facts, job)
-            end = final_status(code, job.stop_requested, facts, tail)
-            fields.update(exit_code=code, checkpoints=checkpoints, last_checkpoint=facts.last_checkpoint
-                          or next(reversed(checkpoints), None), log_tail=tail)  # fmt: skip
-            if job.stop_requested:
-                fields["stop_outcome"] = outcome
-        else:
-            end = runner_lost(returncode, job.runner.pid if job.runner else None)
-        fields.update(error_message=end.error_message, error_code=end.error_code)
+        interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
+        # With no exit status and no request to end it, all that is known is that the runner died.
+        lost = runner_lost(returncode, job.runner.pid if job.runner else None)
+        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
+        end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
+                         override=lost if code is None and interrupt is None else None, now=time.time())  # fmt: skip
         try:
             await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
-                                        fence=self.fence(), fields=fields, message=end.message)  # fmt: skip
+                                        fence=self.fence(), fields=end.fields, message=end.message)  # fmt: skip
+            if end.event is not None:
+                await self.store.add_event(job.job_id, *end.event)
             logger.warning("job {}: runner {} gone; recorded {} ({})", job.job_id, job.runner.pid if job.runner else
-                           None, end.status.value, end.error_message or end.message)  # fmt: skip
+                           None, end.status.value, end.message)  # fmt: skip
         except TransitionRefused:
             return  # the runner recorded the end after all, or the job went meanwhile
         finally:
@@ -188,15 +183,3 @@ class Watchdog:
         if removed:
             logger.info("removed {} job record(s) older than {} days: {}", len(removed), days, ", ".join(removed))
         return removed
-
-
-def _facts(job: Job) -> tuple[RunFacts, list[str], list[str]]:
-    """What a run whose runner died left on disk: its logging.jsonl, its log's tail, its checkpoints."""
-    tail = tail_lines(Path(job.log_file), 50) if job.log_file else []
-    facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
-                     train_runtime=job.train_runtime)  # fmt: skip
-    if job.run_dir:
-        facts = facts.merged(parse_logging_jsonl(Path(job.run_dir) / "logging.jsonl"))
-    on_disk = find_checkpoints(Path(job.output_dir))
-    checkpoints = [c for c in on_disk if job.run_dir and c.startswith(job.run_dir)] or on_disk
-    return facts, tail, checkpoints

@@ -108,20 +108,24 @@ def diagnose(server: ApiServer, job_id: str) -> str:
     return "\n".join(parts)
 
 
-def test_real_swift_sft_and_export(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str]:
+    """The real swift, its version, and a tiny model with its data set (built once for the module)."""
     swift = find_swift()
     python = python_of(swift)
     swift_version = installed_version(python, "ms-swift")
-    major = int(swift_version.split(".")[0])
     print(f"\n[e2e] ms-swift {swift_version} at {swift} (python {python})")
-
     t0 = time.monotonic()
-    model, data = build_model(python, tmp_path / "lab")
-    t_build = time.monotonic() - t0
-    print(f"[e2e] model build: {t_build:.1f}s")
+    model, data = build_model(python, tmp_path_factory.mktemp("lab"))
+    print(f"[e2e] model build: {time.monotonic() - t0:.1f}s")
+    return swift, model, data, swift_version
 
-    server = server_factory(env={
+
+def real_server(server_factory: Callable[..., ApiServer], swift: Path, lab_dir: Path) -> ApiServer:
+    return server_factory(env={
         "SWIFT_BIN": str(swift),
+        "DATA_ROOTS": str(lab_dir),
+        "MODEL_ROOTS": str(lab_dir),
         "SWIFT_VERSION": "",  # unset: the server must detect the version in swift's own environment
         "GPU_BACKEND": "simulated",
         "SIMULATED_GPUS": "0",
@@ -129,6 +133,15 @@ def test_real_swift_sft_and_export(server_factory: Callable[..., ApiServer], tmp
         "STOP_GRACE_SECONDS": "10",
         "LOG_LEVEL": "INFO",
     })  # fmt: skip
+
+
+def test_real_swift_sft_and_export(
+    server_factory: Callable[..., ApiServer], tmp_path: Path, lab: tuple[Path, Path, Path, str]
+) -> None:
+    swift, model, data, swift_version = lab
+    major = int(swift_version.split(".")[0])
+    t0 = time.monotonic()
+    server = real_server(server_factory, swift, data.parent)
 
     training = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": MAX_STEPS, "logging_steps": 2,
@@ -237,5 +250,67 @@ def test_real_swift_sft_and_export(server_factory: Callable[..., ApiServer], tmp
     events = server.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
     kinds = [e["type"] for e in events]
     assert "export_completed" in kinds, kinds
-    print(f"[e2e] total: build {t_build:.1f}s + training {t_train:.1f}s + export {t_export:.1f}s "
+    print(f"[e2e] total: training {t_train:.1f}s + export {t_export:.1f}s "
           f"= {time.monotonic() - t0:.1f}s wall")  # fmt: skip
+
+
+def test_real_swift_pause_and_resume_from_the_first_checkpoint(
+    server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
+) -> None:
+    """Paused after its first checkpoint, resumed with --resume_from_checkpoint: the real swift goes on from that
+    step in a new run folder and completes at max_steps, and the final checkpoint is merged."""
+    swift, model, data, _ = lab
+    server = real_server(server_factory, swift, data.parent)
+    steps, save = 40, 8
+    # Accumulating 16 micro-batches a step makes steps slow enough on a CPU to pause well before the end.
+    training = {
+        "model_type": "qwen2", "template": "qwen2_5", "max_steps": steps, "logging_steps": 2, "save_steps": save,
+        "gradient_accumulation_steps": 16, "max_length": 256, "lora_rank": 8, "lora_alpha": 16,
+        "dataloader_num_workers": 0, "dataset_num_proc": 1, "save_total_limit": 5,
+    }  # fmt: skip
+    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_pause", num_gpus=0,
+                      auto_start=True, training=training)  # fmt: skip
+    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+    job_id = r.json()["job_id"]
+    try:
+        wait_for(lambda: (server.job(job_id)["last_checkpoint"] or "").endswith(f"checkpoint-{save}")
+                 or server.job(job_id)["status"] != "running", timeout=TRAIN_DEADLINE, interval=0.2,
+                 what="the first checkpoint")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    paused = server.http.post(f"/jobs/{job_id}/pause").json()
+    assert paused["status"] == "paused", (paused, diagnose(server, job_id))
+    at = paused["resume_step"]
+    assert at is not None and at % save == 0 and save <= at < steps, paused
+    assert paused["resume_from"].endswith(f"checkpoint-{at}"), paused
+    first_run = Path(server.job(job_id)["attempts"][0]["run_dir"])
+
+    resumed = server.http.post(f"/jobs/{job_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["resume_step"] == at, resumed.text
+    try:
+        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed") and
+                       j["export"]["status"] not in ("none", "running") and j, timeout=TRAIN_DEADLINE + EXPORT_DEADLINE,
+                       interval=0.5, what="the resumed run and its export")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    assert job["status"] == "completed", diagnose(server, job_id)
+    command = job["command"]
+    assert command[command.index("--resume_from_checkpoint") + 1] == paused["resume_from"], command
+    # A new run folder, as swift does on a resume; the final checkpoint is there and is what was merged.
+    second_run = Path(job["run_dir"])
+    assert second_run != first_run and second_run.parent == first_run.parent, (first_run, second_run)
+    assert job["last_checkpoint"] == str(second_run / f"checkpoint-{steps}"), job["last_checkpoint"]
+    assert job["export"]["status"] == "completed" and job["export"]["checkpoint"] == job["last_checkpoint"]
+    assert (Path(job["export"]["path"]) / "config.json").is_file()
+    # swift went on from the checkpoint's step: the history has each logged step once, in order, to max_steps.
+    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 1000}).json()["history"]
+    logged = [p["step"] for p in history if p.get("loss") is not None]
+    assert logged == sorted(set(logged)) and logged[-1] == steps, logged
+    assert any(s <= at for s in logged) and any(s > at for s in logged), logged
+    first_logged = [json.loads(line) for line in (second_run / "logging.jsonl").read_text().splitlines()]
+    first_step = int(str(first_logged[0]["global_step/max_steps"]).split("/")[0])
+    assert at < first_step <= at + 2, first_step  # the resumed run's first logged step follows the checkpoint
+    cps = server.http.get(f"/jobs/{job_id}/checkpoints").json()
+    saved = [c["step"] for c in cps["checkpoints"]]
+    assert saved == sorted(saved) and saved[-1] == steps and at in saved and cps["checkpoints"][-1]["exported"], cps
+    assert {c["attempt"] for c in cps["checkpoints"]} == {1, 2}, cps

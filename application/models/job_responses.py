@@ -1,0 +1,154 @@
+"""What the job routes answer (the stored job and the request are in training_model)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from application.models.training_model import (
+    ExportInfo,
+    JobStatus,
+    LossPoint,
+    Event,
+    PendingReason,
+    PredictedDuration,
+    Progress,
+)
+
+
+class CreateResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+    queue_position: int | None = None
+    estimated_wait_time: WaitEstimate | None = None
+    pending_reason: PendingReason | None = None
+    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
+
+
+class WaitEstimate(BaseModel):
+    seconds: float
+    text: str
+
+
+class ActionResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+    resume_from: str | None = Field(None, description="pause/resume: the checkpoint the next run resumes from")
+    resume_step: int | None = Field(None, description="pause/resume: the step of that checkpoint")
+    lost_steps: int | None = Field(None, description="pause: steps trained since that checkpoint, to redo")
+    queue_position: int | None = None
+    estimated_wait_time: WaitEstimate | None = None
+    pending_reason: PendingReason | None = None
+    gpu_ids: list[int] | None = None
+    export: ExportInfo | None = None
+
+
+class StatusResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    priority: int
+    gpu_ids: list[int]
+    progress: Progress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    duration_seconds: float | None
+    error_message: str | None
+    export: ExportInfo
+    queue_position: int | None = None
+    time_limit_seconds: int | None = None
+    predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
+    pending_reason: PendingReason | None = Field(None, description="why a queued job waits")
+    estimated_wait_time: WaitEstimate | None = None
+    error_code: str | None = None
+
+
+class CheckpointInfo(BaseModel):
+    path: str
+    step: int | None = None
+    attempt: int | None = Field(None, description="the run that saved it")
+    run_dir: str | None = None
+    time: float | None = Field(None, description="when it was written (Unix seconds, from the file)")
+    loss: float | None = Field(None, description="the training loss logged nearest before its step")
+    size_bytes: int | None = None
+    resume: bool = Field(False, description="the one the next resume would use")
+    exported: bool = Field(False, description="the one the last export merged")
+
+
+class CheckpointList(BaseModel):
+    job_id: str
+    checkpoints: list[CheckpointInfo]
+    resume_from: str | None = None
+    exported: str | None = None
+
+
+class JobSummary(BaseModel):
+    """A job as lists show it: kept as stored JSON (`lua.SUMMARY_FIELDS`), so a page decodes nothing."""
+
+    job_id: str
+    status: JobStatus
+    priority: int
+    owner: str | None = None
+    model_path: str
+    data_path: str
+    output_dir: str
+    num_gpus: int
+    gpu_ids: list[int]
+    created_at: float = Field(..., description="Unix seconds")
+    queued_at: float | None = Field(None, description="Unix seconds")
+    started_at: float | None = Field(None, description="Unix seconds")
+    finished_at: float | None = Field(None, description="Unix seconds")
+    progress: Progress
+    export: ExportInfo
+    error_message: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class ProgressResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    progress: Progress
+    history: list[LossPoint]
+    checkpoints: list[str]
+    last_checkpoint: str | None
+    train_loss: float | None
+    train_runtime: float | None
+
+
+class LogsResponse(BaseModel):
+    job_id: str
+    log_file: str | None
+    lines: list[str]
+    count: int
+    kind: Literal["train", "export"]
+
+
+class EventList(BaseModel):
+    job_id: str
+    events: list[Event]
+    next_after: str | None
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(..., description="what went wrong and what to change")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: str = Field(..., description="every problem, one per field: what to change")
+    errors: list[FieldError] = Field(default_factory=list, description="the same problems, one object per field")

@@ -1,0 +1,66 @@
+"""A job's checkpoints across all its runs, as GET /jobs/{id}/checkpoints shows them (blocking: disk reads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from application.models.job_responses import CheckpointInfo, CheckpointList
+from application.models.training_model import Job, LossPoint
+from application.services.run_end import checkpoint_step
+from application.services.run_outputs import job_checkpoints
+
+# A checkpoint folder holds a dozen files; a bound keeps a strange one from costing a long walk.
+MAX_FILES = 10_000
+
+
+def folder_size(path: Path) -> int | None:
+    total, seen = 0, 0
+    stack = [path]
+    try:
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > MAX_FILES:
+                        return None
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        return None
+    return total
+
+
+def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
+    """The training loss logged at `step` or nearest before it (checkpoints land between logging steps)."""
+    if step is None:
+        return None
+    best: LossPoint | None = None
+    for point in history:
+        if point.loss is not None and point.step <= step and (best is None or point.step >= best.step):
+            best = point
+    return best.loss if best else None
+
+
+def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
+    run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
+    paths = job_checkpoints(Path(job.output_dir), run_dirs)
+    resume = next((p for p in reversed(paths) if (Path(p) / "trainer_state.json").is_file()), None)
+    exported = job.export.checkpoint
+    out = []
+    for path in paths:
+        folder = Path(path)
+        try:
+            when: float | None = folder.stat().st_mtime
+        except OSError:
+            continue  # removed meanwhile (save_total_limit)
+        attempt = next((a.number for a in reversed(job.attempts) if a.run_dir and path.startswith(a.run_dir + "/")),
+                       job.attempts[-1].number if job.attempts and job.run_dir and path.startswith(job.run_dir + "/")
+                       else None)  # fmt: skip
+        step = checkpoint_step(path)
+        out.append(CheckpointInfo(path=path, step=step, attempt=attempt, run_dir=str(folder.parent), time=when,
+                                  loss=_loss_at(history, step), size_bytes=folder_size(folder),
+                                  resume=path == resume, exported=path == exported))  # fmt: skip
+    return CheckpointList(job_id=job.job_id, checkpoints=out, resume_from=resume, exported=exported)

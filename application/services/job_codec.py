@@ -1,0 +1,78 @@
+"""How a job and what goes with it are written to Redis: hash fields as JSON, script arguments, queue metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from application.models.training_model import Job
+
+# json.dumps with non-default separators builds a new encoder on every call: one, reused, is much cheaper.
+encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in fields.items():
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):
+            value = [v.model_dump(mode="json") for v in value]
+        elif isinstance(value, Enum):
+            value = value.value
+        out[name] = encode(value)
+    return out
+
+
+def decode_job(raw: Mapping[str, str]) -> Job:
+    # One JSON document, parsed once in Rust, instead of a json.loads per field.
+    return Job.model_validate_json("{" + ",".join(f'"{k}":{v}' for k, v in raw.items()) + "}")
+
+
+def event_payload(
+    event_type: str, message: str, data: Mapping[str, Any] | None, actor: str, now: float
+) -> dict[str, str]:
+    return {"type": event_type, "message": message, "time": repr(now), "actor": actor,
+            "data": json.dumps(dict(data or {}))}  # fmt: skip
+
+
+def _pruned(a: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _pruned(v) if isinstance(v, Mapping) else v for k, v in a.items() if v is not None}
+
+
+def script_arg(a: Mapping[str, Any]) -> str:
+    # cjson turns null into a truthy sentinel: what a script must see as absent is left out instead.
+    return encode(_pruned(a))
+
+
+@dataclass(frozen=True)
+class QueueMeta:
+    """What the scheduler needs of a queued job, kept beside the queue so a pass reads no job hashes."""
+
+    priority: int
+    submitted_at: float
+    num_gpus: int
+    gpu_ids: list[int] | None
+    min_gpu_memory_gb: float | None
+    estimated_duration: float | None = None
+    owner: str | None = None
+
+    def encode(self) -> str:
+        return json.dumps(
+            [self.priority, self.submitted_at, self.num_gpus, self.gpu_ids, self.min_gpu_memory_gb,
+             self.estimated_duration, self.owner],
+            separators=(",", ":"),
+        )  # fmt: skip
+
+    @classmethod
+    def decode(cls, raw: str) -> QueueMeta:
+        return cls(*json.loads(raw))
+
+    @classmethod
+    def of(cls, job: Job, priority: int | None = None) -> QueueMeta:
+        return cls(job.priority if priority is None else priority, job.created_at, job.num_gpus,
+                   job.gpu_ids_requested, job.min_gpu_memory_gb, job.predicted_duration.seconds,
+                   owner=job.owner)  # fmt: skip

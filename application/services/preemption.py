@@ -1,0 +1,81 @@
+"""Which running jobs to preempt for a waiting one (PREEMPTION=on): a pure function, like `scheduler.decide`.
+
+Determined preempts low-priority work and resumes it from checkpoints; Slurm's REQUEUE does the same. Here a
+queued job that cannot start may take the GPUs of running jobs of strictly lower priority: as few as needed,
+preferring the lowest priority, then the least work lost since their last checkpoint, then the most recently
+started. A job that has run less than `min_run` seconds since its last start is never preempted, so two jobs
+cannot take GPUs from each other in turn. The victims go back to the queue at their place and resume from
+their checkpoints (`run_end.conclude`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from application.services.scheduler import GpuState, QueuedJob, gpu_is_free
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A running job as preemption sees it."""
+
+    job_id: str
+    priority: int
+    gpu_ids: tuple[int, ...]
+    started_at: float
+    lost_seconds: float  # training since its last checkpoint (or its start): what a preemption throws away
+
+
+def choose_victims(
+    job: QueuedJob,
+    gpus: Sequence[GpuState],
+    running: Sequence[Candidate],
+    *,
+    min_free_gb: float,
+    max_util: float,
+    min_run: float,
+    now: float,
+) -> list[str] | None:
+    """The running jobs to preempt so that `job` can start, or None when lower-priority jobs cannot free
+    enough (or none may be preempted yet)."""
+    by_index = {g.index: g for g in gpus}
+    need = max(min_free_gb, job.min_gpu_memory_gb or 0.0)
+    wanted = set(job.gpu_ids) if job.gpu_ids else None
+    k = len(wanted) if wanted else job.num_gpus
+    if k <= 0:
+        return None
+    free = {g.index for g in gpus if gpu_is_free(g, min_free_gb=need, max_util=max_util)}
+
+    def enough(freed: set[int]) -> bool:
+        if wanted is not None:
+            return wanted <= freed
+        # A GPU a victim gives back has all its memory again.
+        return sum(1 for i in freed if i in by_index and by_index[i].memory_total_gb >= need) >= k
+
+    def helps(c: Candidate) -> bool:
+        if wanted is not None:
+            return bool(wanted & set(c.gpu_ids))
+        return any(i in by_index and by_index[i].memory_total_gb >= need for i in c.gpu_ids)
+
+    if enough(free):
+        return None  # it can start without anyone's GPUs: not preemption's business
+    eligible = sorted(
+        (c for c in running if c.priority < job.priority and now - c.started_at >= min_run and helps(c)),
+        key=lambda c: (c.priority, c.lost_seconds, -c.started_at, c.job_id),
+    )
+    chosen: list[Candidate] = []
+    freed = set(free)
+    for c in eligible:
+        if enough(freed):
+            break
+        chosen.append(c)
+        freed |= set(c.gpu_ids)
+    if not enough(freed):
+        return None
+    # As few as needed: drop, least preferred first, any victim the others make unnecessary.
+    for c in reversed(list(chosen)):
+        rest = set(free).union(*(set(o.gpu_ids) for o in chosen if o is not c))
+        if enough(rest):
+            chosen.remove(c)
+    return [c.job_id for c in chosen]

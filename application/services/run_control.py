@@ -1,0 +1,106 @@
+"""Pause, resume and checkpoints: a job's runs after the first (Determined's preemption from checkpoints, OpenAI's
+fine-tuning pause/resume). A pause is a flag the run's runner acts on like a stop; a resume puts the job back in
+the queue at its place, and the scheduler's next start of it adds --resume_from_checkpoint (`queue_processor`)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from application.auth import Caller
+from application.exceptions import Conflict
+from application.models.job_responses import ActionResponse, CheckpointList
+from application.models.training_model import Job, JobStatus
+from application.services.checkpoints import describe_checkpoints
+from application.services.job_store import Refusal, TransitionRefused
+from application.services.run_end import checkpoint_step
+from application.services.training_service import (
+    START_WAIT_SECONDS,
+    STOP_EXTRA_SECONDS,
+    QueueInfo,
+    TrainingService,
+)
+
+
+class RunControl:
+    def __init__(self, service: TrainingService) -> None:
+        self.service = service
+
+    async def pause(self, job_id: str, caller: Caller) -> ActionResponse:
+        """Stop the run like a stop (its GPUs go back), keeping the job to resume from its last checkpoint."""
+        job = await self.service.require(job_id, caller)
+        if job.status != JobStatus.RUNNING:
+            hint = " (resume it with POST .../resume)" if job.status == JobStatus.PAUSED else ""
+            raise Conflict(f"job '{job_id}' is {job.status.value}: only a running job can be paused{hint}")
+        try:
+            await self.service.store.update(job_id, {"pause_requested": True}, statuses=(JobStatus.RUNNING,),
+                                    event=("pause_requested", "pause requested: SIGTERM to the process group", None),
+                                    actor=caller.actor)  # fmt: skip
+        except TransitionRefused as exc:
+            raise Conflict(f"job '{job_id}' is {exc.current} now: only a running job can be paused") from None
+        final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
+                                  self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
+        resume_step = checkpoint_step(final.resume_from)
+        current = final.progress.current_step
+        lost = max(0, current - (resume_step or 0)) if current is not None else None
+        if final.status == JobStatus.RUNNING:
+            message = "Pause requested: the run has not ended yet; see its status"
+        elif final.status == JobStatus.PAUSED:
+            where = (
+                f"{final.resume_from} (step {resume_step})" if final.resume_from else "the beginning (no checkpoint)"
+            )
+            message = f"Paused: resumes from {where}" + (f"; {lost} step(s) since it will be trained again" if lost
+                                                         else "")  # fmt: skip
+        else:
+            message = f"The run had already ended ({final.status.value})"
+        return ActionResponse(job_id=job_id, status=final.status, message=message, resume_from=final.resume_from,
+                              resume_step=resume_step, lost_steps=lost)  # fmt: skip
+
+    async def resume(self, job_id: str, caller: Caller) -> ActionResponse:
+        """A paused job, or a stopped or failed one that left a checkpoint, goes back to the queue at its place
+        (priority, original submission time) and resumes from its newest checkpoint."""
+        job = await self.service.require(job_id, caller)
+        resumable = (JobStatus.PAUSED, JobStatus.STOPPED, JobStatus.FAILED)
+        if job.status not in resumable:
+            raise Conflict(f"job '{job_id}' is {job.status.value}: only a paused job, or a stopped or failed one with a"
+                           " checkpoint, can be resumed")  # fmt: skip
+        checkpoint = await asyncio.to_thread(_newest_checkpoint, job)
+        if checkpoint is None and job.status != JobStatus.PAUSED:
+            raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "
+                           "job to train again")  # fmt: skip
+        step = checkpoint_step(checkpoint)
+        where = f"checkpoint {checkpoint} (step {step})" if checkpoint else "the beginning: it has no checkpoint"
+        try:
+            await self.service.store.transition(
+                job_id, JobStatus.QUEUED, expect=(job.status,), reopen=job.status != JobStatus.PAUSED,
+                fields={"resume_from": checkpoint, "finished_at": None, "stop_requested": False,
+                        "pause_requested": False, "preempt_for": None, "error_message": None, "error_code": None},
+                actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
+                data={"resume_from": checkpoint, "resume_step": step},
+            )  # fmt: skip
+        except TransitionRefused as exc:
+            if exc.reason == Refusal.OUTPUT_DIR_BUSY:
+                raise Conflict(f"output_dir '{job.output_dir_requested}' is now used by another active job: wait "
+                               "for it to end, then resume") from None  # fmt: skip
+            raise Conflict(f"job '{job_id}' is {exc.current} now: it cannot be resumed") from None
+        if await self.service.cluster.leader() is not None:
+            await self.service.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
+        after = await self.service.job(job_id)
+        message = f"Resuming from {where}" if checkpoint else "No checkpoint: training starts from the beginning"
+        info = (
+            await self.service.queue_info(job_id) if after.status == JobStatus.QUEUED else QueueInfo(None, None, None)
+        )
+        return ActionResponse(job_id=job_id, status=after.status, message=message, resume_from=checkpoint,
+                              resume_step=step, queue_position=info.position, estimated_wait_time=info.estimate,
+                              pending_reason=info.reason, gpu_ids=after.gpu_ids or None)  # fmt: skip
+
+    async def checkpoints(self, job_id: str, caller: Caller) -> CheckpointList:
+        job = await self.service.require(job_id, caller)
+        history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
+        return await asyncio.to_thread(describe_checkpoints, job, history)
+
+
+def _newest_checkpoint(job: Job) -> str | None:
+    """The checkpoint a resume would use: the newest of the job's still on disk (blocking)."""
+    return next((c for c in reversed(job.checkpoints) if (Path(c) / "trainer_state.json").is_file()), None)

@@ -1,0 +1,67 @@
+"""What the end of a run writes to its job, for the runner that watched it and for the scheduler that found its
+runner dead: one path, so a pause, a preemption or a retry ends the same way whoever records it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from application.models.training_model import Job, JobStatus
+from application.services.log_parser import RunFacts
+from application.services.run_end import Conclusion, RunEnd, conclude, final_status
+from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
+from application.utils.log_tail import tail_lines
+
+
+def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None:
+    """Why a run was asked to end early, the strongest first: a stop ends the job, a pause rests it, a
+    preemption sends it back to the queue."""
+    return "stop" if stop else "pause" if pause else "preempt" if preempt_for else None
+
+
+def read_run(
+    job: Job, log_file: Path | None, facts: RunFacts | None, tail: int
+) -> tuple[RunFacts, list[str], list[str]]:
+    """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
+    merged with its logging.jsonl; the log's last `tail` lines; the checkpoints of all the job's runs."""
+    lines = tail_lines(log_file, tail) if log_file else []
+    if facts is None:
+        facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
+                         train_runtime=job.train_runtime)  # fmt: skip
+    if facts.run_dir:
+        facts = facts.merged(parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl"))
+    run_dirs = [a.run_dir for a in job.attempts[:-1]] + [facts.run_dir or job.run_dir]
+    return facts, lines, job_checkpoints(Path(job.output_dir), run_dirs)
+
+
+def record_end(
+    job: Job, code: int | None, facts: RunFacts, tail: list[str], checkpoints: list[str], *,
+    interrupt: str | None, stop_outcome: str | None, override: RunEnd | None, now: float,
+) -> Conclusion:  # fmt: skip
+    """The job's next status and every field to write with it. `override`: an end the exit status cannot tell
+    (a time limit, a runner terminated or lost)."""
+    end = override or final_status(code, interrupt is not None, facts, tail)
+    fields: dict[str, Any] = {
+        "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir or job.run_dir,
+        "last_checkpoint": facts.last_checkpoint or next(reversed(checkpoints), None),
+        "best_checkpoint": facts.best_checkpoint,
+    }  # fmt: skip
+    if facts.progress is not None:
+        fields["progress"] = facts.progress
+    if facts.train_loss is not None:
+        fields["train_loss"] = facts.train_loss
+    if facts.train_runtime is not None:
+        fields["train_runtime"] = facts.train_runtime
+    if end.status != JobStatus.COMPLETED:
+        fields["log_tail"] = tail
+    if interrupt is not None:
+        fields["stop_outcome"] = stop_outcome or "gone"
+    last_step = facts.progress.current_step if facts.progress else None
+    if last_step is None and job.progress.current_step is not None:
+        last_step = job.progress.current_step
+    # The next run resumes from the newest checkpoint still on disk, of this run or an earlier one.
+    resume = next((c for c in reversed(checkpoints) if Path(c).is_dir()), None)
+    c = conclude(job, end, interrupt=interrupt, checkpoint=resume, last_step=last_step, run_dir=fields["run_dir"],
+                 now=now)  # fmt: skip
+    return replace(c, fields={**fields, **c.fields})

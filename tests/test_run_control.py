@@ -1,0 +1,277 @@
+"""Pause, resume, retries, preemption and the checkpoints endpoint, through the API with real runners of the fake
+swift (which resumes the way ms-swift 4.6.0 does) and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.models.training_model import Attempt, JobStatus
+from application.services.preemption import Candidate, choose_victims
+from application.services.run_end import RunEnd, checkpoint_step, retryable
+from application.services.scheduler import GpuState, QueuedJob
+from tests.conftest import job_body, make_model
+
+OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']} {job['progress']}"
+        await asyncio.sleep(0.05)
+
+
+def steps_of(history: list[dict[str, Any]]) -> list[int]:
+    return [p["step"] for p in history if p.get("loss") is not None]
+
+
+# ---- pure rules ------------------------------------------------------------------------------------------
+
+
+def test_retryable_failures() -> None:
+    signal = RunEnd(JobStatus.FAILED, "m", "swift was killed by signal 9 (SIGKILL)", "signal")
+    lost = RunEnd(JobStatus.FAILED, "m", "the runner died", "runner_lost")
+    bad_arg = RunEnd(JobStatus.FAILED, "m", "ValueError: remaining_argv: ['--bogus']", "exit_code")
+    oom = RunEnd(JobStatus.FAILED, "m", OOM, "exit_code")
+    limit = RunEnd(JobStatus.FAILED, "m", "the run exceeded its time limit", "time_limit")
+    assert retryable(signal, 7, None) and retryable(lost, None, None)
+    assert not retryable(bad_arg, 3, None) and not retryable(limit, 9, None)
+    assert retryable(oom, 7, None)
+    before = Attempt(number=1, run_id="r", started_at=0, error_message=OOM, last_step=7)
+    assert not retryable(oom, 7, before)  # CUDA OOM at the same step twice would only repeat
+    assert retryable(oom, 9, before)
+    assert checkpoint_step("/o/v1-x/checkpoint-120") == 120 and checkpoint_step(None) is None
+
+
+def gpu(i: int, held: str | None = None) -> GpuState:
+    return GpuState(i, 80.0, 1.0 if held else 80.0, 100.0 if held else 0.0, held)
+
+
+def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> None:
+    gpus = [gpu(0, "low-old"), gpu(1, "low-new"), gpu(2, "mid"), gpu(3, "top")]
+    running = [
+        Candidate("low-old", 1, (0,), started_at=100.0, lost_seconds=300.0),
+        Candidate("low-new", 1, (1,), started_at=900.0, lost_seconds=300.0),
+        Candidate("mid", 5, (2,), started_at=100.0, lost_seconds=5.0),
+        Candidate("top", 9, (3,), started_at=100.0, lost_seconds=5.0),
+    ]
+    rules = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
+    one = QueuedJob("urgent", 9, 1000.0, 1, None, None, None)
+    assert choose_victims(one, gpus, running, **rules) == ["low-new"]  # lowest priority, then most recent
+    two = QueuedJob("urgent", 9, 1000.0, 2, None, None, None)
+    assert sorted(choose_victims(two, gpus, running, **rules) or []) == ["low-new", "low-old"]
+    three = QueuedJob("urgent", 9, 1000.0, 3, None, None, None)
+    assert sorted(choose_victims(three, gpus, running, **rules) or []) == ["low-new", "low-old", "mid"]
+    assert choose_victims(QueuedJob("urgent", 9, 1000.0, 4, None, None, None), gpus, running, **rules) is None
+    # Strictly lower priority only, and never a job that has not run min_run since its start.
+    assert choose_victims(QueuedJob("peer", 5, 1000.0, 3, None, None, None), gpus, running, **rules) is None
+    assert choose_victims(one, gpus, running, **{**rules, "min_run": 950.0}) is None
+    # Explicit GPU ids: the job holding that GPU, whatever else is cheaper.
+    pinned = QueuedJob("urgent", 9, 1000.0, 1, (2,), None, None)
+    assert choose_victims(pinned, gpus, running, **rules) == ["mid"]
+    # Less work lost wins among equal priorities.
+    cheaper = [*running[:1], Candidate("low-new", 1, (1,), 900.0, lost_seconds=900.0), *running[2:]]
+    assert choose_victims(one, gpus, cheaper, **rules) == ["low-old"]
+
+
+# ---- pause and resume ------------------------------------------------------------------------------------
+
+
+async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        training = {"max_steps": 40, "save_steps": 10, "logging_steps": 1, "save_total_limit": 5}
+        body = job_body(tmp_path, "pr", step_seconds=0.05, auto_start=True, training=training)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "pr", lambda j: (j["progress"]["current_step"] or 0) >= 14)
+        r = await client.post("/jobs/pr/pause")
+        assert r.status_code == 200, r.text
+        paused = r.json()
+        assert paused["status"] == "paused" and paused["resume_step"] == 10
+        assert paused["resume_from"].endswith("/checkpoint-10") and paused["lost_steps"] >= 4
+        assert "checkpoint-10" in paused["message"]
+        assert all(g["job_id"] is None for g in (await client.get("/gpus")).json()["gpus"])
+        assert (await client.post("/jobs/pr/pause")).status_code == 409
+        assert (await client.post("/jobs/pr/start")).status_code == 409
+
+        r = await client.post("/jobs/pr/resume")
+        assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text
+        assert r.json()["resume_step"] == 10 and "checkpoint-10" in r.json()["message"]
+        done = await wait_job(client, "pr", lambda j: j["status"] == "completed" and j["export"]["status"] not in
+                              ("none", "running"))  # fmt: skip
+        assert done["progress"]["current_step"] == 40
+        first, second = done["attempts"]
+        assert (first["outcome"], second["outcome"]) == ("paused", "completed")
+        assert second["resumed_from"] == paused["resume_from"] and second["first_step"] == 10
+        assert first["run_dir"] != second["run_dir"] and first["log_file"] != second["log_file"]
+        logs = (await client.get("/jobs/pr/logs", params={"attempt": 1, "limit": 10000})).json()
+        assert logs["log_file"] == first["log_file"] and logs["count"] > 0
+        assert (await client.get("/jobs/pr/logs")).json()["log_file"] == second["log_file"]
+        bad = await client.get("/jobs/pr/logs", params={"attempt": 3})
+        assert bad.status_code == 404 and "its runs are 1 to 2" in bad.json()["detail"]
+        assert "--resume_from_checkpoint" in done["command"] and "--resume_only_model" in done["command"]
+        # The loss history goes on from the checkpoint: no step twice, none missing.
+        history = (await client.get("/jobs/pr/progress", params={"history_limit": 1000})).json()["history"]
+        assert steps_of(history) == list(range(1, 41))
+        # Checkpoints span both runs; the export merged the final one.
+        cps = (await client.get("/jobs/pr/checkpoints")).json()
+        assert [c["step"] for c in cps["checkpoints"]] == [10, 20, 30, 40]
+        assert [c["attempt"] for c in cps["checkpoints"]] == [1, 2, 2, 2]
+        assert cps["checkpoints"][-1]["resume"] and cps["resume_from"].endswith("checkpoint-40")
+        assert done["export"]["status"] == "completed" and done["export"]["checkpoint"] == cps["exported"]
+        assert cps["checkpoints"][-1]["exported"] and cps["checkpoints"][-1]["size_bytes"] > 0
+        assert all(c["loss"] is not None and c["time"] for c in cps["checkpoints"])
+        events = [e["type"] for e in (await client.get("/jobs/pr/events")).json()["events"]]
+        assert "paused" in events and events.count("status_running") == 2
+
+
+async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "nock", step_seconds=0.05, auto_start=True,
+                        training={"max_steps": 12, "save_steps": 100, "logging_steps": 1})  # fmt: skip
+        await client.post("/jobs", json=body)
+        await wait_job(client, "nock", lambda j: (j["progress"]["current_step"] or 0) >= 3)
+        paused = (await client.post("/jobs/nock/pause")).json()
+        assert paused["status"] == "paused" and paused["resume_from"] is None
+        assert "beginning" in paused["message"]
+        r = (await client.post("/jobs/nock/resume")).json()
+        assert r["resume_from"] is None and "starts from the beginning" in r["message"]
+        done = await wait_job(client, "nock", lambda j: j["status"] == "completed")
+        assert "--resume_from_checkpoint" not in done["command"] and len(done["attempts"]) == 2
+        history = (await client.get("/jobs/nock/progress", params={"history_limit": 1000})).json()["history"]
+        assert steps_of(history) == list(range(1, 13))
+
+
+async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "st", step_seconds=0.05, auto_start=True,
+                        training={"max_steps": 30, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+        await client.post("/jobs", json=body)
+        await wait_job(client, "st", lambda j: (j["progress"]["current_step"] or 0) >= 7)
+        assert (await client.post("/jobs/st/stop")).json()["status"] == "stopped"
+        # Stopped is terminal, but its checkpoint can still be resumed; the output folder is claimed again.
+        other = job_body(tmp_path, "st", step_seconds=0.05, training={"max_steps": 3}, job_id="taker")
+        assert (await client.post("/jobs", json=other)).status_code == 201  # the folder was free meanwhile
+        r = await client.post("/jobs/st/resume")
+        assert r.status_code == 409 and "output_dir" in r.json()["detail"]
+        await client.delete("/jobs/taker")
+        r = await client.post("/jobs/st/resume")
+        assert r.status_code == 200 and r.json()["resume_step"] in (5, 10, 15), r.text
+        done = await wait_job(client, "st", lambda j: j["status"] == "completed")
+        assert done["finished_at"] > done["started_at"] and [a["outcome"] for a in done["attempts"]] == [
+            "stopped", "completed"]  # fmt: skip
+        assert (await client.post("/jobs/st/resume")).status_code == 409  # completed: nothing to resume
+        # A failed run with no checkpoint cannot be resumed: the answer says what to do instead.
+        bad = job_body(tmp_path, "bad", fail_at_step=1, auto_start=True, training={"max_steps": 5})
+        await client.post("/jobs", json=bad)
+        await wait_job(client, "bad", lambda j: j["status"] == "failed")
+        r = await client.post("/jobs/bad/resume")
+        assert r.status_code == 409 and "no checkpoint" in r.json()["detail"]
+        assert (await client.post("/jobs/nope/resume")).status_code == 404
+
+
+# ---- retries ---------------------------------------------------------------------------------------------
+
+
+async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="3x80") as client:
+        common: dict[str, Any] = {"auto_start": True, "max_retries": 2}
+        killed = job_body(tmp_path, "killed", step_seconds=0.02, sigkill_at_step=7,
+                          training={"max_steps": 12, "save_steps": 5, "logging_steps": 1}, **common)  # fmt: skip
+        broken = job_body(tmp_path, "broken", fail_at_step=3, training={"max_steps": 12}, **common)
+        oom = job_body(tmp_path, "oom", step_seconds=0.02, fail_at_step=7, fail_message=OOM,
+                       training={"max_steps": 12, "save_steps": 5}, **{**common, "max_retries": 3})  # fmt: skip
+        for b in (killed, broken, oom):
+            assert (await client.post("/jobs", json=b)).status_code == 201
+
+        done = await wait_job(client, "killed", lambda j: j["status"] in ("completed", "failed"))
+        assert done["status"] == "completed" and done["retries"] == 1
+        first, second = done["attempts"]
+        assert (first["outcome"], first["error_code"]) == ("retried", "signal")
+        assert second["resumed_from"].endswith("checkpoint-5") and second["outcome"] == "completed"
+        events = (await client.get("/jobs/killed/events")).json()["events"]
+        retry = next(e for e in events if e["type"] == "retry")
+        assert "retry 1 of 2" in retry["message"] and retry["data"]["resume_step"] == 5
+
+        failed = await wait_job(client, "broken", lambda j: j["status"] == "failed")
+        assert len(failed["attempts"]) == 1 and failed["retries"] == 0  # an error that would repeat
+
+        oomed = await wait_job(client, "oom", lambda j: j["status"] == "failed", timeout=40)
+        assert [a["outcome"] for a in oomed["attempts"]] == ["retried", "failed"]  # the same step twice: stop
+        assert "CUDA out of memory" in oomed["error_message"]
+
+
+# ---- preemption ------------------------------------------------------------------------------------------
+
+
+async def test_preemption_with_two_gpus_and_three_priorities(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False, "QUEUE_POLL_INTERVAL": 0.2}
+    async with app_factory(**settings) as client:
+
+        def long(name: str, priority: int, steps: int = 60) -> dict[str, Any]:
+            return job_body(tmp_path, name, step_seconds=0.05, auto_start=True, priority=priority,
+                            training={"max_steps": steps, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+
+        for name, prio in (("low", 1), ("mid", 5)):
+            assert (await client.post("/jobs", json=long(name, prio))).json()["status"] == "running"
+        await wait_job(client, "low", lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        low_gpu = (await client.get("/jobs/low")).json()["gpu_ids"]
+        # An urgent job: the lowest priority makes way, not the middle one.
+        await client.post("/jobs", json=long("urgent", 9, steps=10))
+        urgent = await wait_job(client, "urgent", lambda j: j["status"] == "running", timeout=20)
+        assert urgent["gpu_ids"] == low_gpu
+        low = (await client.get("/jobs/low")).json()
+        assert low["status"] == "queued" and low["resume_from"].endswith(("checkpoint-5", "checkpoint-10"))
+        assert (await client.get("/jobs/mid")).json()["status"] == "running"
+        low_events = (await client.get("/jobs/low/events")).json()["events"]
+        assert any(e["type"] == "preempted" and "urgent" in e["message"] for e in low_events)
+        urgent_events = (await client.get("/jobs/urgent/events")).json()["events"]
+        assert any(e["type"] == "preempting" and "low" in e["message"] for e in urgent_events)
+        # Everything ends; the victim resumed from its checkpoint, at its place in the queue.
+        for name in ("urgent", "mid", "low"):
+            done = await wait_job(client, name, lambda j: j["status"] in ("completed", "failed"), timeout=60)
+            assert done["status"] == "completed", (name, done["error_message"])
+        low = (await client.get("/jobs/low")).json()
+        assert [a["outcome"] for a in low["attempts"]] == ["preempted", "completed"]
+        history = (await client.get("/jobs/low/progress", params={"history_limit": 1000})).json()["history"]
+        assert steps_of(history) == list(range(1, 61))
+
+
+async def test_no_preemption_before_the_minimum_run_time(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(PREEMPTION=True, PREEMPTION_MIN_RUN_SECONDS=600, SIMULATED_GPUS="1x80") as client:
+        await client.post("/jobs", json=job_body(tmp_path, "low", hang_after_steps=1, auto_start=True, priority=1))
+        await wait_job(client, "low", lambda j: j["status"] == "running")
+        r = await client.post("/jobs", json=job_body(tmp_path, "urgent", auto_start=True, priority=9))
+        assert r.json()["status"] == "queued" and r.json()["pending_reason"]["code"] == "resources"
+        for _ in range(10):  # several passes (QUEUE_POLL_INTERVAL 1 s would do it; wake-ups do it faster)
+            await client.post("/queue/process")
+        assert (await client.get("/jobs/low")).json()["status"] == "running"
+        assert (await client.get("/jobs/low")).json()["preempt_for"] is None
+
+
+@pytest.mark.parametrize("route", ["pause", "resume"])
+async def test_pause_and_resume_of_a_job_that_is_not_there_yet(
+    app_factory: Callable[..., Any], tmp_path: Path, route: str
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        await client.post("/jobs", json=job_body(tmp_path, "waiting"))
+        r = await client.post(f"/jobs/waiting/{route}")
+        status = (await client.get("/jobs/waiting")).json()["status"]
+        assert r.status_code == 409 and f"is {status}" in r.json()["detail"] and "only a" in r.json()["detail"]
