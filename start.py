@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import uvicorn
 
@@ -32,8 +35,15 @@ def serve_api(settings: Settings) -> None:
         return
     # Each worker builds its own app from the same environment; none outlives this supervisor.
     os.environ["DIE_WITH_PARENT"] = "true"
-    uvicorn.run("application.main:create_app", factory=True, host=settings.bind_host, port=settings.APP_PORT,
-                workers=settings.API_WORKERS, log_config=None)  # fmt: skip
+    # /metrics must sum every worker's request durations: prometheus-client's multiprocess mode, in a folder
+    # of this supervisor's own (emptied now: files of workers long gone would count again).
+    metrics_dir = Path(tempfile.mkdtemp(prefix="swift-api-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    try:
+        uvicorn.run("application.main:create_app", factory=True, host=settings.bind_host, port=settings.APP_PORT,
+                    workers=settings.API_WORKERS, log_config=None)  # fmt: skip
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def serve_scheduler(settings: Settings) -> None:

@@ -137,6 +137,19 @@ class Settings(BaseSettings):
     # Preemption (off by default): a queued job that cannot start pauses running jobs of lower priority that hold
     # enough GPUs for it; they go back to the queue and resume from their checkpoints.
     PREEMPTION: bool = False
+    # Webhooks: a POST to each of these (comma-separated http(s) URLs) and to a job's own webhook_url when a job
+    # ends, is paused or preempted, or finishes an export; signed with WEBHOOK_SECRET (HMAC-SHA256 of the body).
+    WEBHOOK_URLS: str = ""
+    WEBHOOK_SECRET: SecretStr | None = None
+    WEBHOOK_MAX_ATTEMPTS: int = Field(5, ge=1, le=20)
+    WEBHOOK_RETRY_SECONDS: float = Field(2.0, gt=0, le=3600)
+    WEBHOOK_TIMEOUT_SECONDS: float = Field(10.0, gt=0, le=120)
+    # A job's own webhook_url may not point at loopback, private or link-local addresses unless this is true
+    # (whoever creates a job would otherwise make the server call into its own network).
+    WEBHOOK_ALLOW_PRIVATE: bool = False
+    # Server-Sent Events: how often a stream looks for news, and the comment heartbeat of an idle one.
+    STREAM_POLL_SECONDS: float = Field(0.5, gt=0, le=10)
+    STREAM_HEARTBEAT_SECONDS: float = Field(15.0, gt=0, le=300)
     # A run is never preempted before it has run this long since its last start (no thrashing).
     PREEMPTION_MIN_RUN_SECONDS: float = Field(600.0, ge=0, le=30 * 86400)
 
@@ -199,6 +212,14 @@ class Settings(BaseSettings):
         parse_rate(v)
         return v
 
+    @field_validator("WEBHOOK_URLS")
+    @classmethod
+    def _webhook_urls(cls, v: str) -> str:
+        for url in _split(v):
+            if not re.match(r"^https?://[^\s/?#]+", url):
+                raise ValueError(f"WEBHOOK_URLS: {url!r} is not an http(s) URL")
+        return v
+
     @field_validator("DATA_ROOTS", "MODEL_ROOTS")
     @classmethod
     def _roots(cls, v: str) -> str:
@@ -237,6 +258,9 @@ class Settings(BaseSettings):
         if self.APP_HOST is not None:
             return self.APP_HOST
         return "0.0.0.0" if self.api_keys else "127.0.0.1"
+
+    def webhook_urls(self) -> tuple[str, ...]:
+        return tuple(_split(self.WEBHOOK_URLS))
 
     def data_roots(self) -> tuple[Path, ...]:
         return _roots(self.DATA_ROOTS)
@@ -277,6 +301,10 @@ class Settings(BaseSettings):
 
     def swift_bin_path(self) -> str | None:
         return shutil.which(self.SWIFT_BIN)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _roots(value: str) -> tuple[Path, ...]:
@@ -382,8 +410,10 @@ def parse_simulated_gpus(value: str) -> tuple[int, float]:
     return count, memory
 
 
-_NOT_FOR_CHILDREN = frozenset({"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT"})
-_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL"})
+_NOT_FOR_CHILDREN = frozenset(
+    {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET"}
+)
+_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET"})
 
 
 def _describe(error: dict[str, Any]) -> str:

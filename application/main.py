@@ -24,6 +24,8 @@ from starlette.routing import Match
 
 from application import __version__
 from application.api.body_limit import BodyLimit
+from application.api.metrics import router as metrics_router
+from application.api.openapi import TAGS, add_units, operation_id
 from application.api.training import router as training_router
 from application.auth import KeyRing
 from application.config import Settings, get_settings
@@ -32,11 +34,14 @@ from application.services.cluster_store import ClusterStore
 from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
+from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent
 from application.services.run_control import RunControl
+from application.services.streams import Streams
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
+from application.ui import mount_ui
 from application.utils.logger import setup_logging
 
 DESCRIPTION = """
@@ -102,6 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.training = training
         app.state.queue = QueueService(training)
         app.state.run_control = RunControl(training)
+        app.state.streams = Streams(
+            store, poll=settings.STREAM_POLL_SECONDS, heartbeat=settings.STREAM_HEARTBEAT_SECONDS
+        )
         app.state.system = SystemService(training, redis_service)
         settings.OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
         for root in (*settings.data_roots(), *settings.model_roots()):
@@ -116,9 +124,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await redis_service.close()
 
-    app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_tags=TAGS,
+                  generate_unique_id_function=operation_id)  # fmt: skip
     app.state.keys = KeyRing(settings.api_keys)
+    app.state.http_metrics = HttpMetrics()
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -152,4 +164,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"Redis refused the operation ({exc})"}, status_code=503)
 
     app.include_router(training_router, prefix=settings.API_PREFIX)
+    app.include_router(metrics_router)
+    mount_ui(app)
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_units(plain_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

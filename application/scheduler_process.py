@@ -31,6 +31,7 @@ from application.services.redis_service import RedisService
 from application.services.swift_command import SwiftVersion, detect_swift_version
 from application.services.swift_info import probe
 from application.services.watchdog import WATCH_INTERVAL, Watchdog
+from application.services.webhooks import Webhooks
 from application.utils.gpu_utils import create_inventory
 
 
@@ -52,6 +53,7 @@ class Scheduler:
         self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,
                                         lambda: self.leader.value, self.swift_version, self.ident)  # fmt: skip
         self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
+        self.webhooks = Webhooks(self.store, settings)
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._migrated = False
@@ -94,6 +96,7 @@ class Scheduler:
                     asyncio.create_task(self._listen(), name="wakeups"),
                     asyncio.create_task(self._process(), name="queue-processor"),
                     asyncio.create_task(self._watch(), name="watchdog"),
+                    asyncio.create_task(self.webhooks.run(), name="webhooks"),
                 ]
                 await _first(self.leader.lost.wait(), self.stopping.wait())
                 await cancel(tasks)

@@ -65,7 +65,9 @@ def _create_body(workspace: Path, name: str) -> dict[str, Any]:
 
 
 def _request_for(method: str, path: str, job_id: str, workspace: Path) -> tuple[str, dict[str, Any] | None]:
-    url = path.removeprefix("/api/v1/training").replace("{job_id}", job_id)
+    # The client's base URL is the API's; a route outside it (/metrics) is named in full.
+    url = path.removeprefix("/api/v1/training") if path.startswith("/api/v1/training") else f"http://test{path}"
+    url = url.replace("{job_id}", job_id)
     body: dict[str, Any] | None = None
     if method == "POST" and url == "/jobs":
         body = _create_body(workspace, f"new-{job_id}")
@@ -96,7 +98,7 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
             if (method, path) in PUBLIC:
                 assert (await client.request(method, path.removeprefix("/api/v1/training"))).status_code == 200
                 continue
-            admin_only = "/queue/processor/" in path
+            admin_only = "/queue/processor/" in path or path == "/metrics"
             on_a_job = "{job_id}" in path
             outcomes: dict[str, int] = {}
             for who, headers in [("nobody", {}), ("wrong", auth("not-a-key-0123456789")),
@@ -104,6 +106,9 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
                                  ("owner", auth(ALICE_KEY)), ("owner-x", {"X-API-Key": ALICE_KEY}),
                                  ("admin", auth(ADMIN_KEY))]:  # fmt: skip
                 job_id = await alices_job()
+                if path.endswith("/stream"):
+                    # A stream follows its job until the job ends: end it first, so the answer ends too.
+                    await client.post(f"/jobs/{job_id}/stop", headers=auth(ALICE_KEY))
                 url, body = _request_for(method, path, job_id, tmp_path)
                 r = await client.request(method, url, json=body, headers=headers)
                 outcomes[who] = r.status_code

@@ -260,7 +260,7 @@ def test_tqdm_train_bar_moves_progress_between_logged_steps() -> None:
     p = parser.progress
     assert p is not None
     assert (p.current_step, p.max_steps, p.percentage) == (1158, 3000, 38.6)
-    assert p.elapsed_time == "00:25"
+    assert (p.elapsed_time, p.remaining_time) == ("25s", "38s")  # tqdm's clock, in swift's style like all times
     assert p.remaining_seconds == 38.0
     assert p.train_speed == pytest.approx(1 / 48.26)
     assert p.loss is None
@@ -621,3 +621,30 @@ def test_newest_tqdm_frame_counts_before_the_next_redraw() -> None:
     result = parser.feed(b"Train:  30%|###       | 3/10 [00:01<00:03,  2.00it/s]")
     assert result.progress is not None and result.progress.current_step == 3
     assert parser.progress is not None and parser.progress.max_steps == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("2s", "2s"), ("13m 31s", "13m 31s"), ("08:59", "8m 59s"), ("1:02:03", "1h 02m 03s"), ("1h 2m 3s", "1h 02m 03s"),
+     ("1 day, 0:00:05", "1d 00h 00m"), ("0:00", "0s")],
+)  # fmt: skip
+def test_one_format_for_remaining_and_elapsed_time(text: str, shown: str) -> None:
+    parser = SwiftLogParser()
+    parser.handle_step_dict({"loss": 1.0, "current_step": 1, "max_steps": 9, "remaining_time": text,
+                             "elapsed_time": text}, ParseResult())  # fmt: skip
+    assert parser.progress is not None and parser.progress.remaining_time == shown == parser.progress.elapsed_time
+
+
+def test_a_history_point_carries_when_its_step_ran_not_when_it_was_read() -> None:
+    t0 = 1_800_000_000.0
+    parser = SwiftLogParser(started_at=t0 - 5)
+    result = ParseResult()
+
+    def step(n: int, elapsed: str, read_at: float) -> None:
+        d = {"loss": 1.0, "current_step": n, "max_steps": 9, "elapsed_time": elapsed}
+        parser.handle_step_dict(d, result, now=read_at)
+
+    step(1, "0s", t0 + 0.3)  # read as it happened: the trainer's clock started at about t0
+    for n, elapsed in ((2, "10s"), (3, "50s"), (4, "1m 30s")):
+        step(n, elapsed, t0 + 100)  # one slow poll found three steps
+    assert [p["time"] - t0 for p in result.history] == pytest.approx([0.3, 10.3, 50.3, 90.3])

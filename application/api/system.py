@@ -11,24 +11,24 @@ from application.api.deps import System
 from application.models.system_model import GpuList, Health, SystemStatus
 
 router = APIRouter()
-public = APIRouter()
+public = APIRouter(tags=["system"])
 
 
-@router.get("/gpus", response_model=GpuList,
+@router.get("/gpus", response_model=GpuList, tags=["gpus"], operation_id="list_gpus",
             summary="GPUs: memory, utilization, temperature, processes and the job holding each")  # fmt: skip
 async def gpus(system: System) -> dict[str, Any]:
     return await system.gpus()
 
 
-@router.get("/system/status", response_model=SystemStatus,
+@router.get("/system/status", response_model=SystemStatus, tags=["system"],
             summary="CPU, memory, disk, load, GPUs, job counts, Redis, version, uptime")  # fmt: skip
-async def system_status(system: System) -> dict[str, Any]:
+async def get_system_status(system: System) -> dict[str, Any]:
     return await system.system_status()
 
 
 @public.get("/health", response_model=None, responses={200: {"model": Health}, 503: {"model": Health}},
             summary="200 when Redis answers, 503 with the reason when it does not")  # fmt: skip
-async def health(system: System) -> JSONResponse:
+async def get_health(system: System) -> JSONResponse:
     """Needs no API key, so load balancers and health checks can call it."""
     ok, body = await system.health()
     return JSONResponse(body, status_code=200 if ok else 503)

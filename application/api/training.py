@@ -5,11 +5,11 @@ Every route but GET /health needs an API key when keys are configured (see `deps
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
-from application.api import queue, system
+from application.api import queue, streams, system
 from application.api.deps import (
     COMMON,
     E404,
@@ -36,13 +36,29 @@ from application.models.job_responses import (
 from application.models.training_model import Job, JobCreate, JobPatch, JobStatus
 from application.services.idempotency import fingerprint
 
+# What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
+CREATE_EXAMPLES: dict[str, Any] = {
+    "hub": {
+        "summary": "A hub model and data set (downloads on first use)",
+        "value": {"data_path": "AI-ModelScope/alpaca-gpt4-data-en#500", "model_path": "Qwen/Qwen2.5-0.5B-Instruct",
+                  "output_dir": "qwen-alpaca", "num_gpus": 1, "priority": 5, "auto_start": True,
+                  "training": {"num_epochs": 1, "max_length": 2048}},
+    },
+    "local": {
+        "summary": "A local model folder and data set (inside MODEL_ROOTS / DATA_ROOTS), a 2 h limit",
+        "value": {"data_path": "train.jsonl", "model_path": "Qwen2.5-0.5B-Instruct", "output_dir": "local-run",
+                  "num_gpus": 1, "auto_start": True, "time_limit": "2h", "max_retries": 1,
+                  "training": {"max_steps": 200, "save_steps": 50}},
+    },
+}  # fmt: skip
+
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=255, pattern=r"^[\x21-\x7e]{1,255}$",
            description="a retry with the same key and body gets the first answer (kept 24 h)"),
 ]  # fmt: skip
 
-jobs = APIRouter()
+jobs = APIRouter(tags=["jobs"])
 
 
 async def _print(request: Request) -> str:
@@ -51,7 +67,8 @@ async def _print(request: Request) -> str:
 
 @jobs.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=CreateResponse,
            responses={**E409, **E429, **WITH_BODY}, summary="Create a training job")  # fmt: skip
-async def create_job(body: JobCreate, request: Request, svc: Training, caller: CallerDep, idem: IdempotencyDep,
+async def create_job(body: Annotated[JobCreate, Body(openapi_examples=CREATE_EXAMPLES)], request: Request,
+                     svc: Training, caller: CallerDep, idem: IdempotencyDep,
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
     """`pending` when its GPUs are free now (start it with POST start, or pass `auto_start: true`);
     `queued` with its position and wait estimate when they are not: it then starts by itself.
@@ -126,19 +143,19 @@ async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: Call
 
 @jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,
           summary="Every checkpoint of every run of the job")  # fmt: skip
-async def job_checkpoints(job_id: JobId, ctl: Control, caller: CallerDep) -> CheckpointList:
+async def list_job_checkpoints(job_id: JobId, ctl: Control, caller: CallerDep) -> CheckpointList:
     """With its step, time, the loss near it, its size; which one the next resume uses, and which was exported."""
     return await ctl.checkpoints(job_id, caller)
 
 
 @jobs.get("/jobs/{job_id}/status", response_model=StatusResponse, responses=E404, summary="Job status")
-async def job_status(job_id: JobId, svc: Training, caller: CallerDep) -> StatusResponse:
+async def get_job_status(job_id: JobId, svc: Training, caller: CallerDep) -> StatusResponse:
     return await svc.status(job_id, caller)
 
 
 @jobs.get("/jobs/{job_id}/progress", response_model=ProgressResponse, responses=E404,
           summary="Training progress and the loss history")  # fmt: skip
-async def job_progress(
+async def get_job_progress(
     job_id: JobId, svc: Training, caller: CallerDep,
     history_limit: Annotated[int, Query(ge=0, le=100_000, description="last N history points (0: none)")] = 1000,
 ) -> ProgressResponse:  # fmt: skip
@@ -147,14 +164,14 @@ async def job_progress(
 
 @jobs.get("/jobs/{job_id}", response_model=None, responses={200: {"model": Job}, **E404},
           summary="Everything about one job")  # fmt: skip
-async def job_detail(job_id: JobId, svc: Training, caller: CallerDep) -> Response:
+async def get_job(job_id: JobId, svc: Training, caller: CallerDep) -> Response:
     """Includes `command` (the exact argv swift ran) and `command_line`."""
     return Response(await svc.job_json(job_id, caller), media_type="application/json")
 
 
 @jobs.patch("/jobs/{job_id}", response_model=Job, responses={**E404, **E409, **WITH_BODY},
             summary="Change the priority of a pending or queued job (re-sorts the queue)")  # fmt: skip
-async def patch_job(job_id: JobId, body: JobPatch, svc: Training, caller: CallerDep) -> Job:
+async def update_job_priority(job_id: JobId, body: JobPatch, svc: Training, caller: CallerDep) -> Job:
     return await svc.set_priority(job_id, body.priority, caller)
 
 
@@ -180,7 +197,7 @@ async def delete_job(job_id: JobId, svc: Training, caller: CallerDep) -> Respons
 
 @jobs.get("/jobs/{job_id}/logs", response_model=LogsResponse, responses=E404,
           summary="Last lines of the job's combined stdout/stderr")  # fmt: skip
-async def job_logs(
+async def get_job_logs(
     job_id: JobId, svc: Training, caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",
@@ -191,7 +208,7 @@ async def job_logs(
 
 @jobs.get("/jobs/{job_id}/events", response_model=EventList, responses=E404,
           summary="The job's events, oldest first; page with `after`")  # fmt: skip
-async def job_events(
+async def list_job_events(
     job_id: JobId, svc: Training, caller: CallerDep,
     after: Annotated[
         str | None, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="the last event id already seen")
@@ -206,6 +223,7 @@ router = APIRouter(prefix="/training")
 router.include_router(system.public)
 protected = APIRouter(dependencies=[Depends(current_caller)], responses=COMMON)
 protected.include_router(jobs)
+protected.include_router(streams.router)
 protected.include_router(queue.router)
 protected.include_router(system.router)
 router.include_router(protected)

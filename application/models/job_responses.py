@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from application.models.training_model import (
+    Event,
     ExportInfo,
     JobStatus,
     LossPoint,
-    Event,
     PendingReason,
     PredictedDuration,
     Progress,

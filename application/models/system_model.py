@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from application.models.training_model import (JobStatus, PendingReason, PredictedDuration)
-from application.models.job_responses import (WaitEstimate)
+from application.models.job_responses import WaitEstimate
+from application.models.training_model import JobStatus, PendingReason, PredictedDuration
 
 # ---- the queue -------------------------------------------------------------------------------------------
 

@@ -162,8 +162,18 @@ class JobCreate(_Strict):
     )
     min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
     auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#]+[^\s]*$",
+        examples=["https://ci.example.com/hooks/swift"],
+        description="also POST this job's notifications here (ended, paused, preempted, export done)",
+    )
     max_retries: int = Field(
-        0, ge=0, le=10, description="retry a run that was killed by a signal or lost its runner or host, from its "
+        0,
+        ge=0,
+        le=10,
+        description="retry a run that was killed by a signal or lost its runner or host, from its "
         "last checkpoint, up to this many times (a failure that would repeat is never retried)",
     )
     time_limit: int | str | None = Field(
@@ -361,6 +371,7 @@ class Job(BaseModel):
     preempt_for: str | None = Field(None, description="the job this run is being preempted for")
     stop_outcome: str | None = Field(None, description="how a stop ended the run: terminated (SIGTERM) or killed")
     max_retries: int = Field(0, description="automatic retries after a retryable failure")
+    webhook_url: str | None = Field(None, description="this job's own notification URL")
     retries: int = Field(0, description="automatic retries used so far")
     resume_from: str | None = Field(None, description="the checkpoint the next run resumes from")
     attempts: list[Attempt] = Field(default_factory=list, description="one per run")

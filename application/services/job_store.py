@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from application.models.training_model import (
     ALLOWED_TRANSITIONS,
     REOPENABLE,
+    TERMINAL_STATUSES,
     Event,
     ExportStatus,
     Job,
@@ -311,9 +312,11 @@ class JobStore:
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence,
+                "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)],
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
                       "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
+                      "webhooks": k.webhooks, "webhooks_global": k.webhooks_global,
                       "owner_status": mine},
             })])  # fmt: skip
             if res[0] == "ok":
@@ -391,6 +394,19 @@ class JobStore:
             pipe.ltrim(key, -self.history_max, -1)
             await pipe.execute()
 
+    async def notify(self, job_id: str, event: str) -> None:
+        """Queue a webhook notification outside a status change (an export that ended)."""
+        k = self.keys
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(k.webhooks_global)
+            pipe.hget(k.job(job_id), "webhook_url")
+            pipe.get(k.job_summary(job_id))
+            on, hook_raw, summary = await pipe.execute()
+        hook = json.loads(hook_raw) if hook_raw else None
+        if (on or hook) and summary:
+            item = {"job_id": job_id, "event": event, "hook": hook or "", "summary": summary, "at": repr(time.time())}
+            await self.r.lpush(k.webhooks, json.dumps(item))
+
     async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
         """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.
         Only while no run of the job writes (it is about to start one)."""
@@ -403,6 +419,14 @@ class JobStore:
             if kept:
                 pipe.rpush(key, *kept)
             await pipe.execute()
+
+    async def history_marker(self, job_id: str) -> tuple[int, str | None]:
+        """The loss history's length and newest point, raw: what changes whenever a point is added."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.llen(self.keys.job_history(job_id))
+            pipe.lindex(self.keys.job_history(job_id), -1)
+            length, newest = await pipe.execute()
+        return int(length), newest
 
     async def history(self, job_id: str, limit: int) -> list[LossPoint]:
         if limit <= 0:

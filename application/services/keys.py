@@ -155,6 +155,25 @@ class Keys:
         return self._k("history", "version")
 
     @property
+    def webhooks(self) -> str:
+        """List: notifications waiting for delivery (JSON: job id, event, the job's summary, its webhook_url)."""
+        return self._k("webhooks", "queue")
+
+    @property
+    def webhooks_delivering(self) -> str:
+        """List: notifications the leader took and is delivering (back to the queue if it dies meanwhile)."""
+        return self._k("webhooks", "delivering")
+
+    @property
+    def webhooks_global(self) -> str:
+        """String, present while WEBHOOK_URLS is set: every job notifies, not only those with a webhook_url."""
+        return self._k("webhooks", "global")
+
+    def metric(self, name: str) -> str:
+        """Hash: a metric kept for every process to read (e.g. scheduling_latency: histogram bucket -> count)."""
+        return self._k("metrics", name)
+
+    @property
     def prediction_errors(self) -> str:
         """List, newest first, capped: actual / predicted duration of finished jobs that had a prediction."""
         return self._k("history", "errors")

@@ -155,6 +155,27 @@ def parse_duration(text: str | None) -> float | None:
     return None
 
 
+def format_duration(seconds: float) -> str:
+    """One format for every elapsed and remaining time, whether swift ('13m 31s') or tqdm ('08:59') printed it:
+    '45s', '13m 31s', '1h 02m 03s', '2d 03h 04m'."""
+    total = round(max(0.0, seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _one_format(text: str) -> str:
+    seconds = parse_duration(text)
+    return format_duration(seconds) if seconds is not None else text
+
+
 def _dict_kind(d: dict[str, Any]) -> str:
     if "train_runtime" in d:
         return "summary"
@@ -187,7 +208,7 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
         data["eval_loss"] = eval_loss
     for key in ("elapsed_time", "remaining_time"):
         if d.get(key) is not None:
-            data[key] = str(d[key])
+            data[key] = _one_format(str(d[key]))
     if d.get("remaining_time") is not None:
         data["remaining_seconds"] = parse_duration(str(d["remaining_time"]))
     if (spi := _float(d.get("train_speed(s/it)"))) is not None:
@@ -212,10 +233,10 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
     data["current_step"] = n
     data["max_steps"] = total
     data["percentage"] = round(100.0 * n / total, 2)
-    data["elapsed_time"] = m.group("elapsed")
+    data["elapsed_time"] = _one_format(m.group("elapsed"))
     remaining = m.group("remaining")
     if remaining != "?":
-        data["remaining_time"] = remaining
+        data["remaining_time"] = _one_format(remaining)
         data["remaining_seconds"] = parse_duration(remaining)
     rate = _float(m.group("rate"))
     if rate is not None and rate > 0:
@@ -320,7 +341,12 @@ class SwiftLogParser:
     Besides each `feed`'s ParseResult, it keeps the state so far as attributes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, started_at: float | None = None) -> None:
+        # When the trainer's clock started, as well as the log tells: a step ran at this + its elapsed_time.
+        # Every live reading (read time - elapsed) can only be late, so the earliest is the best; a run's
+        # process start bounds it from below.
+        self._clock_floor = started_at
+        self._clock: float | None = None
         self._partial = b""
         self._seen_points: set[tuple[int, str]] = set()
         self.progress: Progress | None = None
@@ -412,7 +438,8 @@ class SwiftLogParser:
         elif "run sh: `" in seg and (m := _RUN_SH_RE.search(seg)):
             self.command_line = result.command_line = m.group("cmd")
 
-    def handle_step_dict(self, d: dict[str, Any], result: ParseResult, live: bool = True) -> None:
+    def handle_step_dict(self, d: dict[str, Any], result: ParseResult, live: bool = True,
+                         now: float | None = None) -> None:  # fmt: skip
         """Fold one normalized step dict (from stdout or logging.jsonl) into the state. History
         points get the current time only when `live` (read as the run goes, not afterwards)."""
         kind = _dict_kind(d)
@@ -432,7 +459,18 @@ class SwiftLogParser:
         if key in self._seen_points:
             return
         self._seen_points.add(key)
-        result.history.append(_history_point(d, kind, time.time() if live else None))
+        result.history.append(_history_point(d, kind, self._ran_at(d, now or time.time()) if live else None))
+
+    def _ran_at(self, d: dict[str, Any], now: float) -> float:
+        """When a step ran: the trainer's start plus the step's elapsed time (not when its line was read, which
+        may be much later: a poll that finds many steps at once)."""
+        elapsed = parse_duration(str(d["elapsed_time"])) if d.get("elapsed_time") is not None else None
+        if elapsed is None:
+            return now
+        start = now - elapsed
+        if self._clock is None or start < self._clock:
+            self._clock = max(start, self._clock_floor) if self._clock_floor is not None else start
+        return min(now, self._clock + elapsed)
 
 
 # ---------------------------------------------------------------------------------------------

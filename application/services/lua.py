@@ -159,6 +159,15 @@ end
 refresh_summary(k.summary)
 local ev = add_event(k.events, a.event)
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
+-- Webhooks: an end, a pause, or a run sent back to the queue (preempted, retried), when anyone listens.
+if member(a.to, a.notify_on) or (a.to == 'queued' and cur == 'running') then
+  local hook = field(KEYS[1], 'webhook_url')
+  if hook == cjson.null then hook = nil end
+  if hook or redis.call('EXISTS', k.webhooks_global) == 1 then
+    redis.call('LPUSH', k.webhooks, cjson.encode({job_id = id, event = 'status_' .. a.to, from = cur,
+      hook = hook or '', summary = redis.call('GET', k.summary), at = a.finished_at or ''}))
+  end
+end
 return {'ok', cur, ev}
 """
 )

@@ -27,6 +27,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
+from application.services.metrics import record_scheduling_latency
 from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -248,6 +249,7 @@ class QueueProcessor:
                                              " from the beginning" if job.attempts else ""),
             data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
         )  # fmt: skip
+        await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
             spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
                 "argv": argv, "env": gpu_env, "unset": list(GPU_VARIABLES), "cwd": job.output_dir,

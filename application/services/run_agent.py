@@ -147,7 +147,7 @@ class Runner:
         outbox.set(pid=proc.pid, process_start_time=start_time)
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
                      {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
-        parser = SwiftLogParser()
+        parser = SwiftLogParser(started_at=start_time)
         started_at = job.started_at or time.time()
         follow = _Follow(log_file, parser, outbox, started_at)
         stopping: asyncio.Task[str] | None = None
@@ -324,6 +324,7 @@ class Runner:
                 await self.store.update(self.job_id, {"export": info}, event=event)
                 if final:
                     await self.store.mark_exporting(self.job_id, False)
+                    await self.store.notify(self.job_id, f"export_{info.status.value}")
                 return
             except TransitionRefused:
                 return

@@ -162,7 +162,7 @@ class TrainingService:
             output_dir_requested=req.output_dir, dataset_rows=checked.dataset.rows if checked.dataset else None,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
             training=req.training, created_at=now, updated_at=now, time_limit_seconds=req.time_limit_seconds,
-            max_retries=req.max_retries,
+            max_retries=req.max_retries, webhook_url=req.webhook_url,
         )  # fmt: skip
         job.predicted_duration = await self.history.predict(job)
         job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None

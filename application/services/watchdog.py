@@ -145,6 +145,7 @@ class Watchdog:
                                         "exit_code": code})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None))
         await self.store.mark_exporting(job.job_id, False)
+        await self.store.notify(job.job_id, f"export_{status.value}")
 
     async def _launch_export(self, job: Job, info: ExportInfo) -> None:
         try:

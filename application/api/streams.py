@@ -1,0 +1,67 @@
+"""The job streams: Server-Sent Events for a job's log, events and progress (see services/streams.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from application.api.deps import E404, CallerDep, JobId, Responses, Training
+from application.services.streams import Streams
+
+router = APIRouter(tags=["jobs"])
+
+LastEventId = Annotated[
+    str | None,
+    Header(alias="Last-Event-ID", max_length=64,
+           description="resume after this message (sent by EventSource on a reconnect); an id this stream "
+                       "never sent is ignored and the stream starts from the beginning"),
+]  # fmt: skip
+SSE: Responses = {200: {"content": {"text/event-stream": {}}, "description": "a stream of Server-Sent Events"}}
+
+
+async def _streams(request: Request) -> Streams:
+    return request.app.state.streams
+
+
+StreamsDep = Annotated[Streams, Depends(_streams)]
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    # X-Accel-Buffering: nginx would otherwise hold the messages back until its buffer fills.
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+@router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+            operation_id="stream_job_logs",
+            summary="Follow the log: one message per line (id: byte offset)")  # fmt: skip
+async def stream_logs(
+    job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep, last_event_id: LastEventId = None,
+    kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",
+) -> StreamingResponse:  # fmt: skip
+    """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
+    a comment heartbeat every 15 s keeps an idle stream open."""
+    await svc.require(job_id, caller)
+    return _sse(streams.logs(job_id, kind, last_event_id))
+
+
+@router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+            operation_id="stream_job_events", summary="Follow the events (id: the event id)")  # fmt: skip
+async def stream_events(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
+                        last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
+    await svc.require(job_id, caller)
+    return _sse(streams.events(job_id, last_event_id))
+
+
+@router.get("/jobs/{job_id}/progress/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+            operation_id="stream_job_progress",
+            summary="Follow the progress: one message per loss point (id: step)")  # fmt: skip
+async def stream_progress(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
+                          last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
+    """Each message: the history point (step, loss, eval_loss, learning_rate, grad_norm, epoch, time) and
+    `progress` (current_step, max_steps, remaining_seconds, ...)."""
+    await svc.require(job_id, caller)
+    return _sse(streams.progress(job_id, last_event_id))

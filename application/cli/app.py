@@ -1,0 +1,199 @@
+"""`swift-api`: submit, follow and steer training jobs on a swift-api server.
+
+Exit codes: 0 success; 1 a followed job ended failed, stopped or cancelled; 2 a usage error, or the server
+refused the request (4xx: its `detail` is printed); 3 the server is unreachable or failing (5xx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from application.cli import render
+from application.cli.client import DEFAULT_URL, EXIT_OK, EXIT_USAGE, Api, CliError, job_path
+from application.cli.follow import tail, watch
+from application.cli.output import Output
+from application.models.training_model import JobCreate, JobStatus
+
+Command = Callable[[Api, argparse.Namespace, Output], int]
+
+# --set routes a key to the request's top level when JobCreate has it, else into `training` (TrainingParams): a
+# key that is neither is then refused by the server with a 422 naming it, the one authority on the schema.
+TOP_LEVEL_FIELDS = frozenset(JobCreate.model_fields) - {"training"}
+
+
+def _value(raw: str) -> Any:
+    """JSON when it parses (20, 1e-4, false, null, [0,1]), else the text itself ("2h", "qwen2")."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)  # NaN/Infinity are not JSON: the server would refuse the body
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except ValueError:
+        return raw
+
+
+def create_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CliError(f"--set wants key=value, got {item!r}", EXIT_USAGE)
+        (body if key in TOP_LEVEL_FIELDS else training)[key] = _value(raw)
+    flags = {"model_path": args.model, "data_path": args.data, "output_dir": args.output_dir, "num_gpus": args.gpus,
+             "priority": args.priority, "job_id": args.job_id}  # fmt: skip
+    body.update({k: v for k, v in flags.items() if v is not None})
+    body["auto_start"] = True
+    if training:
+        body["training"] = training
+    return body
+
+
+def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
+    created = api.post("/jobs", create_body(args))
+    out.show(created, render.action)
+    return watch(api, created["job_id"], out) if args.follow else EXIT_OK
+
+
+def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
+    out.show(api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit), render.jobs)
+    return EXIT_OK
+
+
+def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
+    kind = "export" if args.export else "train"
+    if args.follow:
+        return tail(api, args.job_id, kind, out)
+    body = api.get(job_path(args.job_id, "/logs"), limit=args.lines, kind=kind)
+    if out.json:
+        out.emit(body)
+    else:
+        for line in body.get("lines", []):
+            out.line(line)
+    return EXIT_OK
+
+
+def action(verb: str) -> Command:
+    def run(api: Api, args: argparse.Namespace, out: Output) -> int:
+        out.show(api.post(job_path(args.job_id, f"/{verb}")), render.action)
+        return EXIT_OK
+
+    return run
+
+
+def show(path: str, renderer: Callable[[Any], Any]) -> Command:
+    def run(api: Api, args: argparse.Namespace, out: Output) -> int:
+        job_id = getattr(args, "job_id", None)
+        out.show(api.get(job_path(job_id, path) if job_id else path), renderer)
+        return EXIT_OK
+
+    return run
+
+
+def set_priority(api: Api, args: argparse.Namespace, out: Output) -> int:
+    out.show(api.call("PATCH", job_path(args.job_id), body={"priority": args.priority}), render.priority)
+    return EXIT_OK
+
+
+def remove(api: Api, args: argparse.Namespace, out: Output) -> int:
+    api.call("DELETE", job_path(args.job_id))
+    if out.json:
+        out.emit({"job_id": args.job_id, "deleted": True})
+    else:
+        out.console.print(render.text(f"{args.job_id} deleted (its output folder stays on disk)"))
+    return EXIT_OK
+
+
+def run_watch(api: Api, args: argparse.Namespace, out: Output) -> int:
+    return watch(api, args.job_id, out)
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The shared options are accepted before or after the command (`swift-api --json ls`, `swift-api ls --json`);
+    # SUPPRESS keeps a subcommand's unset default from overwriting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help=f"server root or API URL (env SWIFT_API_URL, default {DEFAULT_URL})")  # fmt: skip
+    common.add_argument("--key", default=argparse.SUPPRESS, help="API key (env SWIFT_API_KEY)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the API's JSON (one document per line) instead of tables")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="swift-api", parents=[common], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Command, summary: str, job: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(run=run)
+        if job:
+            sub.add_argument("job_id", metavar="ID")
+        return sub
+
+    sub = command("submit", submit, "create a job (auto_start) and optionally follow it", job=False)
+    sub.add_argument("--model", required=True, help="hub id or model folder")
+    sub.add_argument("--data", required=True, help="hub data set id or .jsonl/.json/.csv file")
+    sub.add_argument("--output-dir", required=True, help="folder under the server's OUTPUT_ROOT")
+    sub.add_argument("--gpus", type=int, help="number of GPUs (0: CPU only)")
+    sub.add_argument("--priority", type=int, help="0-10, 10 first")
+    sub.add_argument("--job-id", help="the job's id (default: chosen by the server)")
+    sub.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="a training parameter (max_steps=20) or a create field (time_limit=2h, max_retries=2); "
+                          "values are JSON when they parse; repeatable")  # fmt: skip
+    sub.add_argument("--follow", action="store_true", help="then watch it; exit 0 if it completes, 1 if not")
+
+    sub = command("ls", list_jobs, "list jobs, newest first", job=False)
+    sub.add_argument("--status", choices=[s.value for s in JobStatus])
+    sub.add_argument("--owner", help="another owner's jobs (admin key)")
+    sub.add_argument("--limit", type=_positive, default=50)
+
+    command("status", show("/status", render.job_status), "a job's status, progress and error")
+
+    sub = command("logs", logs, "a job's log")
+    follow_help = "print the whole log, then follow it until the job ends (exit 0 if it completed)"
+    sub.add_argument("-f", "--follow", action="store_true", help=follow_help)
+    sub.add_argument("--lines", type=_positive, default=100, help="last N lines (without -f)")
+    sub.add_argument("--export", action="store_true", help="the export's log instead of the training's")
+
+    command("watch", run_watch, "a live progress bar until the job ends; exit 0 if it completed, 1 if not")
+    command("stop", action("stop"), "stop a running job, or cancel a waiting one")
+    command("pause", action("pause"), "pause a running job (it resumes from its last checkpoint)")
+    command("resume", action("resume"), "resume a paused job, or a stopped/failed one with a checkpoint")
+    command("export", action("export"), "merge the last LoRA checkpoint into the model")
+    sub = command("priority", set_priority, "change a waiting job's priority")
+    sub.add_argument("priority", type=int, metavar="N", help="0-10, 10 first")
+    command("queue", show("/queue", render.queue), "the GPU queue in order", job=False)
+    command("gpus", show("/gpus", render.gpu_list), "the GPUs and the jobs holding them", job=False)
+    command("rm", remove, "delete a job's record (never its output on disk)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
+    out = Output(getattr(args, "json", False))
+    try:
+        with Api(getattr(args, "url", None), getattr(args, "key", None)) as api:
+            code: int = args.run(api, args, out)
+            return code
+    except CliError as e:
+        out.error(str(e))
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `swift-api logs ID | head`: the reader has gone. Point stdout at /dev/null so that Python's own flush at
+        # exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

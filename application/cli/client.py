@@ -1,0 +1,139 @@
+"""The server as the CLI sees it: where it is, one httpx client, and every failure turned into an exit code."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+API_PATH = "/api/v1/training"
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+# A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
+# outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
+STREAM_READ_TIMEOUT = 60.0
+
+
+class CliError(Exception):
+    """A message for the user and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def api_root(url: str) -> str:
+    """The API's base URL: a bare server root gets /api/v1/training; a URL with a path is taken as it is."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise CliError(f"bad server URL {url!r}: {e}", EXIT_USAGE) from e
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise CliError(f"bad server URL {url!r}: want http(s)://host[:port][/path]", EXIT_USAGE)
+    url = url.rstrip("/")
+    return url if parsed.path.strip("/") else url + API_PATH
+
+
+def job_path(job_id: str, suffix: str = "") -> str:
+    # quote(safe=""): an id with '/' or '?' must not reach another route; the server then names what is wrong.
+    return f"/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def unreachable(url: str, error: Exception) -> CliError:
+    reason = str(error) or type(error).__name__
+    return CliError(f"cannot reach the server at {url}: {reason} (set SWIFT_API_URL or --url)", EXIT_UNREACHABLE)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, str):
+        return detail
+    return str(detail if detail is not None else body)[:500]
+
+
+def check(response: httpx.Response) -> None:
+    """4xx: the request was wrong (usage, exit 2); 5xx: the server cannot serve (exit 3)."""
+    if response.is_success:
+        return
+    code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
+    raise CliError(f"{response.status_code} {response.reason_phrase}: {_detail(response)}", code)
+
+
+class Api:
+    def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
+        self.url = api_root(url or os.environ.get("SWIFT_API_URL") or DEFAULT_URL)
+        key = key or os.environ.get("SWIFT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # Stop and pause answer only once the run has ended (up to the server's stop grace), hence a long read.
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+                                 transport=transport)  # fmt: skip
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """The answer's JSON (None for an empty answer such as DELETE's 204)."""
+        try:
+            response = self.http.request(method, path, params=params, json=body)
+        except httpx.UnsupportedProtocol as e:
+            raise CliError(f"bad server URL {self.url}: {e}", EXIT_USAGE) from e
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from e
+        check(response)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as e:
+            raise CliError(f"{self.url} did not answer JSON: is it a swift-api server?", EXIT_UNREACHABLE) from e
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.call("POST", path, body=body)
+
+    @contextmanager
+    def stream(self, path: str, params: dict[str, Any], last_id: str | None) -> Iterator[Iterator[str]]:
+        """The lines of a text/event-stream answer. Transport errors are raised as they are: the caller decides
+        between reconnecting and giving up."""
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        timeout = httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)
+        with self.http.stream("GET", path, params=params, headers=headers, timeout=timeout) as response:
+            if not response.is_success:
+                response.read()
+                check(response)
+            yield _lines(response.iter_text())
+
+
+def _lines(chunks: Iterator[str]) -> Iterator[str]:
+    """SSE lines. Not httpx's iter_lines: that splits like str.splitlines, also on form feeds, \\x1c-\\x1e and
+    U+2028, which a log line may hold and which SSE does not treat as line ends."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")

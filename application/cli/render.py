@@ -1,0 +1,151 @@
+"""What the API answers, as rich tables and lines for people (`--json` bypasses all of this)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLES = {
+    "completed": "green",
+    "running": "cyan",
+    "queued": "yellow",
+    "pending": "yellow",
+    "paused": "magenta",
+    "failed": "bold red",
+    "stopped": "red",
+    "cancelled": "dim",
+}
+
+
+def text(value: Any, style: str = "") -> Text:
+    # Text, never a str: job ids, paths and server messages may hold [brackets] that rich would read as markup.
+    return Text("" if value is None else str(value), style=style)
+
+
+def status(value: str | None) -> Text:
+    return text(value, STATUS_STYLES.get(value or "", ""))
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def steps(progress: dict[str, Any]) -> str:
+    current, total = progress.get("current_step"), progress.get("max_steps")
+    if current is None:
+        return ""
+    pct = progress.get("percentage")
+    return f"{current}/{total or '?'}" + (f" ({pct:.0f}%)" if pct is not None else "")
+
+
+def gpus(job: dict[str, Any]) -> str:
+    ids = job.get("gpu_ids") or []
+    return ",".join(map(str, ids)) if ids else str(job.get("num_gpus", ""))
+
+
+def jobs(body: dict[str, Any]) -> RenderableType:
+    table = Table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "CREATED", "MODEL", box=None, header_style="bold")
+    for job in body.get("jobs", []):
+        progress = job.get("progress") or {}
+        table.add_row(text(job["job_id"]), status(job["status"]), text(job.get("priority")), text(gpus(job)),
+                      text(steps(progress)), text(number(progress.get("loss"))), text(when(job.get("created_at"))),
+                      text(job.get("model_path")))  # fmt: skip
+    shown = len(body.get("jobs", []))
+    footer = text(f"{shown} of {body.get('total', shown)} jobs", "dim")
+    return Group(table, footer) if shown else footer
+
+
+def _wait(body: dict[str, Any]) -> str:
+    estimate = body.get("estimated_wait_time") or {}
+    reason = body.get("pending_reason") or {}
+    parts = [f"position {body['queue_position']}" if body.get("queue_position") else "",
+             f"starts in {estimate['text']}" if estimate.get("text") else "", reason.get("message") or ""]  # fmt: skip
+    return "; ".join(p for p in parts if p)
+
+
+def job_status(body: dict[str, Any]) -> RenderableType:
+    progress = body.get("progress") or {}
+    export = body.get("export") or {}
+    rows: list[tuple[str, Any]] = [
+        ("job", text(body["job_id"], "bold")),
+        ("status", status(body["status"])),
+        ("priority", body.get("priority")),
+        ("gpus", ",".join(map(str, body.get("gpu_ids") or []))),
+        ("queue", _wait(body)),
+        ("step", steps(progress)),
+        ("loss", number(progress.get("loss"))),
+        ("eta", progress.get("remaining_time") or duration(progress.get("remaining_seconds"))),
+        ("created", when(body.get("created_at"))),
+        ("started", when(body.get("started_at"))),
+        ("finished", when(body.get("finished_at"))),
+        ("duration", duration(body.get("duration_seconds"))),
+        ("error", text(body.get("error_message"), "red")),
+        ("export", " ".join(str(v) for v in (export.get("status"), export.get("path")) if v and v != "none")),
+    ]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for name, value in rows:
+        cell = value if isinstance(value, Text) else text(value)
+        if cell.plain:
+            grid.add_row(name, cell)
+    return grid
+
+
+def action(body: dict[str, Any]) -> RenderableType:
+    """The answer to create/stop/pause/resume/export: what happened, and where the job now stands."""
+    line = Text.assemble(text(body["job_id"], "bold"), " ", status(body["status"]), ": ", text(body.get("message")))
+    # The message already names the checkpoint a pause or resume goes back to; the steps lost it does not.
+    details = [
+        _wait(body),
+        f"{body['lost_steps']} steps since that checkpoint will be redone" if body.get("lost_steps") else "",
+    ]
+    extra = [text(d, "dim") for d in details if d]
+    return Group(line, *extra) if extra else line
+
+
+def queue(body: dict[str, Any]) -> RenderableType:
+    table = Table("#", "JOB", "OWNER", "PRI", "GPUS", "WAITED", "ESTIMATE", "REASON", box=None, header_style="bold")
+    for e in body.get("entries", []):
+        reason = (e.get("pending_reason") or {}).get("code")
+        table.add_row(text(e["position"]), text(e["job_id"]), text(e.get("owner")), text(e["priority"]),
+                      text(e["num_gpus"]), text(duration(e.get("waited_seconds"))),
+                      text((e.get("estimated_wait_time") or {}).get("text")), text(reason))  # fmt: skip
+    s = body.get("summary") or {}
+    summary = text(f"{s.get('length', 0)} queued · {s.get('running_jobs', 0)} running · "
+                   f"{s.get('free_gpus', 0)}/{s.get('total_gpus', 0)} GPUs free · policy {s.get('policy')}"
+                   + ("" if s.get("processor_running", True) else " · processor stopped"), "dim")  # fmt: skip
+    return Group(table, summary) if body.get("entries") else summary
+
+
+def gpu_list(body: dict[str, Any]) -> RenderableType:
+    table = Table("GPU", "NAME", "MEMORY (MiB)", "UTIL", "TEMP", "JOB", box=None, header_style="bold")
+    for g in body.get("gpus", []):
+        util = g.get("utilization")
+        temp = g.get("temperature_c")
+        table.add_row(text(g["index"]), text(g["name"]), text(f"{g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f}"),
+                      text("" if util is None else f"{util:.0f}%"), text("" if temp is None else f"{temp:.0f}°C"),
+                      text(g.get("job_id")))  # fmt: skip
+    error = body.get("error")
+    footer = text(f"backend {body.get('backend')}" + (f" · error: {error}" if error else ""), "dim")
+    return Group(table, footer)
+
+
+def priority(body: dict[str, Any]) -> RenderableType:
+    return Text.assemble(text(body["job_id"], "bold"), " ", status(body["status"]), f": priority {body['priority']}")

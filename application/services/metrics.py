@@ -1,0 +1,181 @@
+"""Prometheus metrics (GET /metrics), correct across several API worker processes and hosts.
+
+Most metrics describe shared state, so they are read from Redis when scraped: jobs by status, the queue, the
+GPUs as the scheduler last read them, the running jobs' step and loss, and the scheduling-latency histogram
+the scheduler keeps in Redis (it starts runs on another process or host). Only the HTTP request durations
+are per process: with several API workers they go through prometheus-client's multiprocess mode (start.py
+points PROMETHEUS_MULTIPROC_DIR at a fresh folder before the workers start) and every worker's scrape
+sums them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from application.models.training_model import JobStatus
+from application.services.cluster_store import ClusterStore
+from application.services.job_store import JobStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Queue-wait buckets, in seconds: from an instant start to a day in the queue.
+LATENCY_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Running jobs exposed per job: bounded so a scrape stays small on a large cluster.
+MAX_RUNNING = 500
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class HttpMetrics:
+    """Request durations by route template (not the raw path: job ids would make a series per job)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.duration = Histogram(
+            "swift_api_http_request_duration_seconds", "HTTP request duration by route", ["method", "route", "status"],
+            buckets=HTTP_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+
+    def collect(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no response buffering, so streams stay streams): times each HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.duration.labels(scope["method"], path, f"{status // 100}xx").observe(
+                time.perf_counter() - started
+            )
+
+
+async def record_scheduling_latency(cluster: ClusterStore, seconds: float) -> None:
+    """Called by the scheduler for each run it starts: the time the job waited in the queue."""
+    key = cluster.keys.metric("scheduling_latency")
+    async with cluster.r.pipeline(transaction=True) as pipe:
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                pipe.hincrby(key, repr(float(bound)), 1)
+        pipe.hincrby(key, "+Inf", 1)
+        pipe.hincrbyfloat(key, "sum", seconds)
+        await pipe.execute()
+
+
+class _Snapshot:
+    """A collector over values already read from Redis (collectors are synchronous)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
+    r: Any = store.r
+    keys = store.keys
+    statuses = list(JobStatus)
+    async with r.pipeline(transaction=False) as pipe:
+        for s in statuses:
+            pipe.zcard(keys.status_index(s))
+        pipe.zcard(keys.queue)
+        pipe.zrange(keys.status_index(JobStatus.QUEUED), 0, 0, withscores=True)
+        pipe.get(keys.gpu_snapshot)
+        pipe.hgetall(keys.gpu_leases)
+        pipe.hgetall(keys.metric("scheduling_latency"))
+        pipe.zrange(keys.status_index(JobStatus.RUNNING), 0, MAX_RUNNING - 1)
+        replies = await pipe.execute()
+    counts = replies[: len(statuses)]
+    queue_len, oldest, snapshot_raw, leases, latency, running = replies[len(statuses) :]
+    now = time.time()
+    fams: list[Metric] = []
+    jobs = GaugeMetricFamily("swift_api_jobs", "Jobs by status", labels=["status"])
+    for s, n in zip(statuses, counts, strict=True):
+        jobs.add_metric([s.value], float(n))
+    fams.append(jobs)
+    fams.append(GaugeMetricFamily("swift_api_queue_length", "Jobs waiting in the GPU queue", value=float(queue_len)))
+    wait = now - float(oldest[0][1]) if oldest else 0.0
+    fams.append(GaugeMetricFamily("swift_api_queue_oldest_wait_seconds", "How long the oldest queued job has waited",
+                                  value=max(0.0, wait)))  # fmt: skip
+    fams.extend(_gpu_families(json.loads(snapshot_raw) if snapshot_raw else None, leases))
+    fams.append(_latency_family(latency))
+    fams.extend(await _running_families(store, running))
+    registry = CollectorRegistry()
+    registry.register(_Snapshot(fams))
+    return generate_latest(registry)
+
+
+def _gpu_families(snapshot: Mapping[str, Any] | None, leases: Mapping[str, str]) -> list[Metric]:
+    labels = ["gpu", "name"]
+    used = GaugeMetricFamily("swift_api_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
+    total = GaugeMetricFamily("swift_api_gpu_memory_total_bytes", "GPU memory", labels=labels)
+    util = GaugeMetricFamily("swift_api_gpu_utilization_percent", "GPU utilization", labels=labels)
+    held = GaugeMetricFamily("swift_api_gpu_held", "1 when one of our jobs holds the GPU", labels=[*labels, "job_id"])
+    for gpu in (snapshot or {}).get("gpus", []):
+        idx, name = str(gpu.get("index")), str(gpu.get("name", ""))
+        mib = 1024 * 1024
+        used.add_metric([idx, name], float(gpu.get("memory_used_mb") or 0) * mib)
+        total.add_metric([idx, name], float(gpu.get("memory_total_mb") or 0) * mib)
+        if gpu.get("utilization") is not None:
+            util.add_metric([idx, name], float(gpu["utilization"]))
+        job = leases.get(idx)
+        held.add_metric([idx, name, job or ""], 1.0 if job else 0.0)
+    return [used, total, util, held]
+
+
+def _latency_family(raw: Mapping[str, str]) -> Metric:
+    fam = HistogramMetricFamily("swift_api_scheduling_latency_seconds",
+                                "Time from queued to started, per run the scheduler started")  # fmt: skip
+    buckets = [(repr(float(b)), float(raw.get(repr(float(b)), 0))) for b in LATENCY_BUCKETS]
+    buckets.append(("+Inf", float(raw.get("+Inf", 0))))
+    fam.add_metric([], buckets, sum_value=float(raw.get("sum", 0)))
+    return fam
+
+
+async def _running_families(store: JobStore, running: list[str]) -> list[Metric]:
+    step = GaugeMetricFamily("swift_api_job_step", "Current step of a running job", labels=["job_id"])
+    max_steps = GaugeMetricFamily("swift_api_job_max_steps", "Total steps of a running job", labels=["job_id"])
+    loss = GaugeMetricFamily("swift_api_job_loss", "Last logged training loss of a running job", labels=["job_id"])
+    rows = await store.get_fields(running, ["progress"]) if running else []
+    for job_id, (raw,) in zip(running, rows, strict=True):
+        p = json.loads(raw) if raw else {}
+        for fam, key in ((step, "current_step"), (max_steps, "max_steps"), (loss, "loss")):
+            if p.get(key) is not None:
+                fam.add_metric([job_id], float(p[key]))
+    return [step, max_steps, loss]

@@ -1,0 +1,223 @@
+"""Server-Sent Events: a job's log, events and progress as they happen (`text/event-stream`).
+
+Each stream is an async generator that polls what the runner writes (the log file, the job's event stream
+and loss history in Redis) and yields SSE messages whose `id:` lets a client resume after a reconnect
+(`Last-Event-ID`): the log's byte offset after the line, the Redis event id, the step of the progress point.
+Every poll reads a bounded amount (LOG_CHUNK bytes, EVENTS_BATCH events, HISTORY_TAIL points), so a stream
+holds little memory whatever the job wrote; file reads run in a thread, so no stream blocks the event loop.
+A comment line every heartbeat keeps proxies from closing an idle stream; `event: end` says the job is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from application.models.training_model import JobStatus
+from application.services.job_store import JobStore
+from application.utils.log_tail import read_from
+
+LOG_CHUNK = 64 * 1024
+# A line longer than this is sent in pieces (a runaway progress bar must not grow a stream's buffer).
+MAX_LINE = 16 * 1024
+EVENTS_BATCH = 100
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+HISTORY_TAIL = 200
+# The job's status is read every few polls: it only decides when the stream ends.
+STATUS_EVERY = 2.0
+# A stream with nothing new for a while looks less often (never less than this), so idle streams cost little.
+IDLE_POLL = 1.0
+IDLE_AFTER = 4
+
+
+def message(data: str, *, event_id: str | None = None, event: str | None = None) -> str:
+    head = (f"id: {event_id}\n" if event_id is not None else "") + (f"event: {event}\n" if event else "")
+    return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+
+
+def _size(path: str) -> int | None:
+    """The log's size: one stat of a local file, cheap enough for the event loop; reads go to a thread."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _visible(raw: bytes) -> str:
+    """What a terminal would show of one log line: the text after its last carriage return (tqdm redraws)."""
+    text = raw.decode("utf-8", errors="replace").rstrip("\r")
+    return text.rsplit("\r", 1)[-1]
+
+
+class _Pace:
+    """When a stream polls, checks the job's status and sends a heartbeat: the sleeping happens here."""
+
+    def __init__(self, poll: float, heartbeat: float) -> None:
+        self.poll = poll
+        self.heartbeat = heartbeat
+        self.last_status = 0.0
+        self.last_sent = time.monotonic()
+        self.idle = 0
+
+    def tick(self) -> tuple[bool, bool]:
+        """(check the status now, a heartbeat is due now)."""
+        now = time.monotonic()
+        check = now - self.last_status >= STATUS_EVERY
+        if check:
+            self.last_status = now
+        beat = now - self.last_sent >= self.heartbeat
+        if beat:
+            self.last_sent = now
+        return check, beat
+
+    async def sleep(self, busy: bool) -> None:
+        self.idle = 0 if busy else self.idle + 1
+        await asyncio.sleep(self.poll if self.idle < IDLE_AFTER else max(self.poll, IDLE_POLL))
+
+
+class Streams:
+    def __init__(self, store: JobStore, *, poll: float, heartbeat: float) -> None:
+        self.store = store
+        self.poll = poll
+        self.heartbeat = heartbeat
+
+    async def _ended(self, job_id: str, kind: str) -> tuple[bool, str]:
+        """(over, status) for the stream: a job in a terminal state, or an export no longer running."""
+        status_raw, export_raw = (await self.store.get_fields([job_id], ["status", "export"]))[0]
+        if status_raw is None:
+            return True, "deleted"
+        status = JobStatus(json.loads(status_raw))
+        if kind == "export":
+            export_status = (json.loads(export_raw) or {}).get("status") if export_raw else None
+            return export_status != "running", str(export_status)
+        return status.is_terminal(), status.value
+
+    async def logs(self, job_id: str, kind: str, last_id: str | None) -> AsyncIterator[str]:
+        """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect."""
+        offset = int(last_id) if last_id and last_id.isdigit() else 0
+        path = await self._log_path(job_id, kind)
+        partial = b""
+        pace = _Pace(self.poll, self.heartbeat)
+        while True:
+            check, beat = pace.tick()
+            if check:
+                current = await self._log_path(job_id, kind)
+                if current != path:
+                    offset, partial, path = 0, b"", current  # a new run writes a new log (.../logs?attempt=N)
+            data = b""
+            if path and _size(path) != offset:
+                data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK)
+                if data and end - len(data) < offset:
+                    partial = b""  # the file was replaced: read again from its start
+                offset = end
+            sent = False
+            buf = partial + data
+            start = offset - len(buf)
+            while True:
+                cut = buf.find(b"\n")
+                if cut < 0 and len(buf) > MAX_LINE:
+                    cut = MAX_LINE - 1
+                if cut < 0:
+                    break
+                line, buf = buf[: cut + 1], buf[cut + 1 :]
+                start += len(line)
+                yield message(_visible(line.rstrip(b"\n")), event_id=str(start))
+                sent = True
+            partial = buf
+            if not (sent or len(data) == LOG_CHUNK):
+                if check:
+                    over, status = await self._ended(job_id, kind)
+                    if over:
+                        if partial:
+                            yield message(_visible(partial), event_id=str(offset))
+                        yield message(json.dumps({"status": status}), event="end")
+                        return
+                if beat:
+                    yield ": keep-alive\n\n"
+            await pace.sleep(sent)
+
+    async def _log_path(self, job_id: str, kind: str) -> str | None:
+        log_raw, export_raw = (await self.store.get_fields([job_id], ["log_file", "export"]))[0]
+        if kind == "export":
+            return (json.loads(export_raw) or {}).get("log_file") if export_raw else None
+        return json.loads(log_raw) if log_raw else None
+
+    async def events(self, job_id: str, last_id: str | None) -> AsyncIterator[str]:
+        """The job's events, `id:` the event id (the same ids as GET .../events)."""
+        # Only an id of the form Redis gave (ms-seq) is used: anything else would make XRANGE fail.
+        after = last_id if last_id and _EVENT_ID.fullmatch(last_id) else None
+        pace = _Pace(self.poll, self.heartbeat)
+        while True:
+            check, beat = pace.tick()
+            batch = await self.store.events(job_id, after, EVENTS_BATCH)
+            for ev in batch:
+                after = ev.id
+                yield message(ev.model_dump_json(), event_id=ev.id)
+            if not batch:
+                if check:
+                    over, status = await self._ended(job_id, "train")
+                    if over:
+                        yield message(json.dumps({"status": status}), event="end")
+                        return
+                if beat:
+                    yield ": keep-alive\n\n"
+            await pace.sleep(bool(batch))
+
+    async def progress(self, job_id: str, last_id: str | None) -> AsyncIterator[str]:
+        """One message per new loss-history point, with the run's step/total and ETA. Its `id:` is
+        `<step>-<k>`: the k-th point logged at that step (a training and an evaluation point can share one)."""
+        last = _point_id(last_id)
+        first = True
+        newest: tuple[int, str | None] = (-1, None)
+        pace = _Pace(self.poll, self.heartbeat)
+        while True:
+            check, beat = pace.tick()
+            # The history's length and newest point say whether anything changed: only then is it read.
+            marker = await self.store.history_marker(job_id)
+            fresh: list[tuple[tuple[int, int], dict[str, Any]]] = []
+            if first or marker != newest:
+                newest = marker
+                # On (re)connect all the history is looked at once (it is capped); after that only its tail.
+                points = await self.store.history(job_id, self.store.history_max if first else HISTORY_TAIL)
+                first = False
+                seen: dict[int, int] = {}
+                for p in points:
+                    k = seen[p.step] = seen.get(p.step, -1) + 1
+                    if (p.step, k) > last:
+                        fresh.append(((p.step, k), p.model_dump(exclude_none=True)))
+            if fresh:
+                progress = await self._progress(job_id)
+                for key, point in fresh:
+                    last = key
+                    yield message(json.dumps({**point, **progress}), event_id=f"{key[0]}-{key[1]}")
+            else:
+                if check:
+                    over, status = await self._ended(job_id, "train")
+                    if over:
+                        yield message(json.dumps({"status": status, **await self._progress(job_id)}), event="end")
+                        return
+                if beat:
+                    yield ": keep-alive\n\n"
+            await pace.sleep(bool(fresh))
+
+    async def _progress(self, job_id: str) -> dict[str, Any]:
+        raw = (await self.store.get_fields([job_id], ["progress"]))[0][0]
+        p = json.loads(raw) if raw else {}
+        keys = ("current_step", "max_steps", "remaining_seconds", "remaining_time", "percentage", "loss")
+        return {"progress": {k: p.get(k) for k in keys}}
+
+
+def _point_id(raw: str | None) -> tuple[int, int]:
+    """A progress message id, `<step>-<k>` (a bare step counts as its last point); (0, -1) before any."""
+    if not raw:
+        return (0, -1)
+    step, _, k = raw.partition("-")
+    if not step.isdigit():
+        return (0, -1)
+    return (int(step), int(k) if k.isdigit() else 1_000_000)

@@ -1,0 +1,140 @@
+"""Webhook deliveries, in the leading scheduler: a POST per notification to each URL, signed, retried, recorded.
+
+Notifications are queued in Redis in the same atomic step as the status change that causes them (lua.TRANSITION;
+an export's end through JobStore.notify). The leader moves each from the queue to a `delivering` list, POSTs
+it with retries and exponential backoff in a task of its own (at most MAX_PARALLEL at once, so a slow
+receiver never holds up scheduling), records every delivery as an event of the job, and only then drops it. A
+leader that dies mid-delivery leaves it in `delivering`; the next leader queues it again (at least once).
+
+Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at"}`. Headers: `X-Swift-Api-Event`,
+`X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of the body with
+WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless WEBHOOK_ALLOW_PRIVATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from loguru import logger
+
+from application.config import Settings
+from application.services.job_store import JobStore
+
+MAX_PARALLEL = 16
+POLL_SECONDS = 0.5
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _private(host: str) -> bool:
+    """Does `host` name or resolve to a loopback, private, link-local or otherwise non-public address?"""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # unresolvable: the POST fails by itself
+    return any(not ipaddress.ip_address(info[4][0]).is_global for info in infos)
+
+
+class Webhooks:
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.r: Any = store.r
+        self.keys = store.keys
+        self.settings = settings
+        self.secret = settings.WEBHOOK_SECRET.get_secret_value() if settings.WEBHOOK_SECRET else None
+        self.urls = settings.webhook_urls()
+        self._slots = asyncio.Semaphore(MAX_PARALLEL)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def announce(self) -> None:
+        """Tell every process whether all jobs notify (WEBHOOK_URLS) or only those with a webhook_url."""
+        if self.urls:
+            await self.r.set(self.keys.webhooks_global, "1")
+            if not self.secret:
+                logger.warning("WEBHOOK_URLS without WEBHOOK_SECRET: deliveries are not signed")
+        else:
+            await self.r.delete(self.keys.webhooks_global)
+
+    async def run(self) -> None:
+        await self.announce()
+        # What a previous leader was delivering when it went: deliver it again (at least once).
+        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "RIGHT", "RIGHT"):
+            pass
+        try:
+            while True:
+                raw = await self.r.lmove(self.keys.webhooks, self.keys.webhooks_delivering, "RIGHT", "LEFT")
+                if raw is None:
+                    await asyncio.sleep(POLL_SECONDS)
+                    continue
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver(raw))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _deliver(self, raw: str) -> None:
+        try:
+            item = json.loads(raw)
+            targets = [*self.urls, *([item["hook"]] if item.get("hook") else [])]
+            job = json.loads(item["summary"]) if item.get("summary") else None
+            body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": item.get("at") or None,
+                               "job": job}).encode()  # fmt: skip
+            delivery = uuid.uuid4().hex
+            async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
+                for url in dict.fromkeys(targets):
+                    await self._post(client, url, body, item, delivery, own=url == item.get("hook"))
+            await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("webhook delivery failed")
+        finally:
+            self._slots.release()
+
+    async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
+                    own: bool) -> None:  # fmt: skip
+        job_id, event = item["job_id"], item["event"]
+        host = urlsplit(url).hostname or ""
+        if own and not self.settings.WEBHOOK_ALLOW_PRIVATE and await asyncio.to_thread(_private, host):
+            await self._record(job_id, "webhook_failed", f"{event} not sent to {url}: it points into a private "
+                               "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", url, 0, None)  # fmt: skip
+            return
+        headers = {"Content-Type": "application/json", "User-Agent": "swift-api-webhooks",
+                   "X-Swift-Api-Event": event, "X-Swift-Api-Delivery": delivery}  # fmt: skip
+        if self.secret:
+            headers["X-Swift-Api-Signature"] = signature(self.secret, body)
+        attempts = self.settings.WEBHOOK_MAX_ATTEMPTS
+        last = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                r = await client.post(url, content=body, headers=headers)
+                if 200 <= r.status_code < 300:
+                    await self._record(job_id, "webhook_delivered", f"{event} delivered to {url} (HTTP "
+                                       f"{r.status_code}, attempt {attempt})", url, attempt, r.status_code)  # fmt: skip
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt < attempts:
+                await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
+        await self._record(job_id, "webhook_failed", f"{event} not delivered to {url} after {attempts} attempts "
+                           f"({last})", url, attempts, None)  # fmt: skip
+
+    async def _record(self, job_id: str, kind: str, message: str, url: str, attempts: int,
+                      status: int | None) -> None:  # fmt: skip
+        if await self.r.exists(self.keys.job(job_id)):  # a deleted job gets no new event stream
+            await self.store.add_event(job_id, kind, message, {"url": url, "attempts": attempts, "status_code": status})

@@ -1,0 +1,40 @@
+"""What a browser gets: the dashboard's pages (`pages`), its static files, and the API docs with vendored
+assets (Swagger UI at /docs, ReDoc at /redoc), so all of it works without internet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from application.ui import pages
+
+STATIC = Path(__file__).resolve().parent / "static"
+VENDOR = "/static/vendor"
+
+
+def mount_ui(app: FastAPI) -> None:
+    """Serve /static, /docs, /redoc and the dashboard (/ and /ui/...). Call on an app created with
+    docs_url=None and redoc_url=None (FastAPI's own pages load their scripts from a CDN)."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{VENDOR}/swagger-ui-bundle.js", swagger_css_url=f"{VENDOR}/swagger-ui.css",
+            swagger_favicon_url=f"{VENDOR}/favicon-32x32.png",
+            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        )  # fmt: skip
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{VENDOR}/redoc.standalone.js",
+                              redoc_favicon_url=f"{VENDOR}/favicon-32x32.png", with_google_fonts=False)  # fmt: skip
+
+    app.include_router(pages.router)

@@ -1,0 +1,127 @@
+"""The dashboard's pages: / (jobs), /ui/jobs/{id}, /ui/queue, /ui/gpus, /ui/new, /ui/login.
+
+The lists are rendered here from the same services the API routes call (as the caller the page's key names),
+so they read without JavaScript; the static scripts add live charts, logs and actions through the API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.encoders import jsonable_encoder
+from starlette.responses import Response
+
+from application.auth import Caller
+from application.exceptions import ApiError, JobNotFound
+from application.models.training_model import JOB_ID_RE, JobStatus
+from application.ui import job_view, views
+from application.ui.html import PageContext, esc, page, template
+from application.ui.session import context, login_redirect, ui_caller
+from application.ui.session import router as session_router
+
+router = APIRouter(include_in_schema=False)
+router.include_router(session_router)
+
+OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_LIMIT = 500
+EVENTS_SHOWN = 1000
+
+
+def _int(raw: str | None, default: int, low: int, high: int) -> int:
+    """A query number, clamped: a page link someone edited by hand still renders."""
+    try:
+        return min(high, max(low, int(raw))) if raw else default
+    except ValueError:
+        return default
+
+
+def _error_page(ctx: PageContext, exc: ApiError, title: str) -> Response:
+    body = f"<h1>{esc(title)}</h1><p class='error'>{esc(exc.detail)}</p>"
+    return page(ctx, title, body, status_code=exc.status_code)
+
+
+@router.get("/")
+@router.get("/ui")
+@router.get("/ui/jobs")
+async def jobs_page(request: Request) -> Response:
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    ctx = context(request, caller)
+    q = request.query_params
+    error = ""
+    status: JobStatus | None = None
+    if q.get("status"):
+        try:
+            status = JobStatus(q["status"])
+        except ValueError:
+            error = f"unknown status '{q['status']}': showing every status"
+    owner = q.get("owner") or None
+    if owner is not None and not OWNER_RE.match(owner):
+        error, owner = f"an owner is 1-64 letters, digits, '_', '.' or '-', not '{owner}'", None
+    offset, limit = _int(q.get("offset"), 0, 0, 10_000_000), _int(q.get("limit"), 50, 1, MAX_LIMIT)
+    listing = json.loads(await request.app.state.training.list_jobs(status, owner, offset, limit, caller))
+    shown_owner = owner if caller.is_admin else None
+    body = views.jobs_body(ctx, listing, status.value if status else None, shown_owner, caller.is_admin, error)
+    return page(ctx, "Jobs", body, active="jobs")
+
+
+@router.get("/ui/queue")
+async def queue_page(request: Request) -> Response:
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    ctx = context(request, caller)
+    q = request.query_params
+    offset, limit = _int(q.get("offset"), 0, 0, 10_000_000), _int(q.get("limit"), 100, 1, MAX_LIMIT)
+    # Plain JSON values, as the API would send them (the service returns some fields as models).
+    overview = jsonable_encoder(await request.app.state.queue.overview(offset, limit, caller))
+    return page(ctx, "Queue", views.queue_body(ctx, overview), active="queue")
+
+
+@router.get("/ui/gpus")
+async def gpus_page(request: Request) -> Response:
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    ctx = context(request, caller)
+    reading = jsonable_encoder(await request.app.state.system.gpus())
+    return page(ctx, "GPUs", views.gpus_body(ctx, reading), active="gpus")
+
+
+@router.get("/ui/new")
+async def new_page(request: Request) -> Response:
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    ctx = context(request, caller)
+    return page(ctx, "New job", template("new.html").substitute(api=esc(ctx.api)), active="new", scripts=("new.js",))
+
+
+async def _job_parts(request: Request, job_id: str, caller: Caller) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    state = request.app.state
+    job = json.loads(await state.training.job_json(job_id, caller))
+    checkpoints = (await state.run_control.checkpoints(job_id, caller)).model_dump(mode="json")["checkpoints"]
+    events = (await state.training.events(job_id, None, EVENTS_SHOWN, caller)).model_dump(mode="json")["events"]
+    return job, checkpoints, events
+
+
+@router.get("/ui/jobs/{job_id}")
+async def job_page(request: Request, job_id: str) -> Response:
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    ctx = context(request, caller)
+    if not JOB_ID_RE.match(job_id):
+        return page(ctx, "Job not found", job_view.missing_body(ctx, job_id), status_code=404)
+    try:
+        job, checkpoints, events = await _job_parts(request, job_id, caller)
+    except JobNotFound:
+        return page(ctx, "Job not found", job_view.missing_body(ctx, job_id), status_code=404)
+    except ApiError as exc:
+        return _error_page(ctx, exc, f"Job {job_id}")
+    body = job_view.job_body(ctx, job, checkpoints, events)
+    return page(ctx, f"Job {job_id}", body, active="jobs", scripts=("vendor/uPlot.iife.min.js", "job.js"))

@@ -1,0 +1,255 @@
+/* swift-api dashboard: what every page shares.
+ *
+ * - The API key: kept in localStorage and sent as `Authorization: Bearer` on every API call (the API reads no
+ *   cookie; the HttpOnly cookie set by /ui/login only lets the server render the lists).
+ * - stream(): Server-Sent Events read with fetch(), because EventSource cannot send an Authorization header.
+ *   It parses id:/event:/data: lines, skips `: keep-alive` comments, reconnects with Last-Event-ID after a
+ *   drop and stops at `event: end`.
+ * - Live sections: an element with data-refresh is re-fetched from the page's own URL and swapped in, so
+ *   the HTML is rendered in one place only (the server).
+ * Everything from the server is put into the page with textContent or as server-escaped HTML, never by
+ * concatenating strings into innerHTML.
+ */
+"use strict";
+
+(() => {
+  const body = document.body;
+  const KEY = "swiftApiKey";
+  const root = body.dataset.root || "";
+  const api = body.dataset.api || "";
+  const keysOn = body.dataset.keys === "true";
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  function key() {
+    try {
+      return localStorage.getItem(KEY);
+    } catch (e) {
+      return null; // storage disabled: the cookie still lets the lists render
+    }
+  }
+
+  function setKey(value) {
+    try {
+      if (value) localStorage.setItem(KEY, value);
+      else localStorage.removeItem(KEY);
+    } catch (e) {
+      /* nothing to keep it in */
+    }
+  }
+
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    const k = key();
+    if (keysOn && k) h.Authorization = "Bearer " + k;
+    return h;
+  }
+
+  /** An element with text (never parsed as HTML) and optional attributes and children. */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "text") node.textContent = String(value);
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child);
+    }
+    return node;
+  }
+
+  function notice(text, link) {
+    const box = document.getElementById("notice");
+    if (!box) return;
+    box.replaceChildren(document.createTextNode(text + " "));
+    if (link) box.append(el("a", { href: link.href, text: link.text }));
+    box.hidden = false;
+  }
+
+  let authNoticed = false;
+  function authFailed() {
+    setKey(null);
+    if (authNoticed) return;
+    authNoticed = true;
+    const next = encodeURIComponent(location.pathname + location.search);
+    notice("The API refused this browser's key (or it has none).", {
+      href: `${root}/ui/login?next=${next}`,
+      text: "Log in",
+    });
+  }
+
+  async function apiFetch(path, opts) {
+    const o = Object.assign({ cache: "no-store" }, opts || {});
+    o.headers = headers(o.headers);
+    const r = await fetch(api + path, o);
+    if (r.status === 401) authFailed();
+    return r;
+  }
+
+  /** {ok, status, body}: body is the JSON answer, or {detail} when the server did not answer. */
+  async function apiJson(path, opts) {
+    let r;
+    try {
+      r = await apiFetch(path, opts);
+    } catch (e) {
+      return { ok: false, status: 0, body: { detail: `the server did not answer (${e.message})` } };
+    }
+    const text = await r.text();
+    let parsed = null;
+    if (text) {
+      try {
+        parsed = JSON.parse(text);
+      } catch (e) {
+        parsed = { detail: text };
+      }
+    }
+    return { ok: r.ok, status: r.status, body: parsed };
+  }
+
+  /**
+   * Follow an SSE endpoint. handlers: onMessage({id, event, data}), onEnd(msg), onState(text), lastId.
+   * Returns when the stream ends (event: end), the job is gone (404) or the key is refused (401).
+   */
+  async function stream(path, handlers) {
+    let last = handlers.lastId || null;
+    let delay = 500;
+    const state = handlers.onState || (() => {});
+    for (;;) {
+      try {
+        const h = headers({ Accept: "text/event-stream" });
+        if (last) h["Last-Event-ID"] = last;
+        const r = await fetch(api + path, { headers: h, cache: "no-store" });
+        if (r.status === 401) {
+          authFailed();
+          state("not allowed");
+          return;
+        }
+        if (r.status === 404) {
+          state("gone");
+          return;
+        }
+        if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
+        state("live");
+        delay = 500;
+        const reader = r.body.getReader();
+        const decoder = new TextDecoder();
+        let buf = "";
+        let id = null;
+        let event = "";
+        let data = [];
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += decoder.decode(value, { stream: true });
+          const lines = buf.split("\n");
+          buf = lines.pop(); // an unfinished line waits for the next chunk
+          for (let line of lines) {
+            if (line.endsWith("\r")) line = line.slice(0, -1);
+            if (line === "") {
+              if (data.length || event) {
+                if (id !== null) last = id;
+                const msg = { id, event: event || "message", data: data.join("\n") };
+                if (msg.event === "end") {
+                  reader.cancel().catch(() => {});
+                  state("ended");
+                  if (handlers.onEnd) handlers.onEnd(msg);
+                  return;
+                }
+                handlers.onMessage(msg);
+              }
+              id = null;
+              event = "";
+              data = [];
+            } else if (line[0] !== ":") {
+              // ":" starts a comment (the server's keep-alive heartbeat)
+              const colon = line.indexOf(":");
+              const field = colon < 0 ? line : line.slice(0, colon);
+              let value = colon < 0 ? "" : line.slice(colon + 1);
+              if (value[0] === " ") value = value.slice(1);
+              if (field === "data") data.push(value);
+              else if (field === "event") event = value;
+              else if (field === "id") id = value;
+            }
+          }
+        }
+      } catch (e) {
+        /* dropped (server restart, network): reconnect below from the last id seen */
+      }
+      state("reconnecting…");
+      await sleep(delay);
+      delay = Math.min(delay * 2, 15000);
+    }
+  }
+
+  /** <time datetime> elements rendered in UTC by the server, shown in the reader's local time. */
+  function localTimes(scope) {
+    for (const t of (scope || document).querySelectorAll("time[datetime]")) {
+      const d = new Date(t.getAttribute("datetime"));
+      if (!Number.isNaN(d.getTime())) {
+        t.title = t.textContent;
+        t.textContent = d.toLocaleString();
+      }
+    }
+  }
+
+  function timeEl(seconds) {
+    if (seconds === null || seconds === undefined) return el("span", { class: "muted", text: "—" });
+    const d = new Date(seconds * 1000);
+    return el("time", { datetime: d.toISOString(), text: d.toLocaleString() });
+  }
+
+  function startRefresh() {
+    const parts = document.querySelectorAll("[data-refresh]");
+    if (!parts.length) return;
+    const every = Math.max(1000, Number(parts[0].dataset.refresh) || 3000);
+    let busy = false;
+    setInterval(async () => {
+      if (busy || document.hidden) return;
+      busy = true;
+      try {
+        const r = await fetch(location.href, { headers: headers({ Accept: "text/html" }), cache: "no-store" });
+        if (r.redirected && new URL(r.url).pathname.endsWith("/ui/login")) {
+          authFailed();
+          return;
+        }
+        if (!r.ok) return;
+        const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+        for (const part of document.querySelectorAll("[data-refresh]")) {
+          const fresh = part.id && doc.getElementById(part.id);
+          if (fresh) {
+            const node = document.importNode(fresh, true);
+            localTimes(node);
+            part.replaceWith(node);
+          }
+        }
+        body.dataset.refreshed = String(Date.now());
+      } catch (e) {
+        /* the next tick tries again */
+      } finally {
+        busy = false;
+      }
+    }, every);
+  }
+
+  const logout = document.querySelector("[data-logout]");
+  if (logout) logout.addEventListener("submit", () => setKey(null));
+
+  localTimes(document);
+  startRefresh();
+
+  window.dashboard = Object.assign(window.dashboard || {}, {
+    api,
+    root,
+    keysOn,
+    key,
+    setKey,
+    el,
+    timeEl,
+    notice,
+    apiFetch,
+    apiJson,
+    stream,
+    localTimes,
+    sleep,
+  });
+})();

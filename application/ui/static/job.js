@@ -1,0 +1,335 @@
+/* The job page: live loss / eval loss, learning-rate and grad-norm charts (uPlot), the log, the events, and
+ * the actions. Start-up: GET .../progress?history_limit=2000 draws the history, then the progress stream
+ * continues from the last point's id (`<step>-<k>`, the k-th point at that step), so no point comes twice.
+ * The status, command, attempts and checkpoints are re-read from the API every few seconds.
+ * Test hooks: window.dashboard.lossPoints(), logText(), jobStatus().
+ */
+"use strict";
+
+(() => {
+  const d = window.dashboard;
+  const section = document.getElementById("job");
+  if (!d || !section) return;
+  const el = d.el;
+  const jobId = section.dataset.jobId;
+  const base = `/jobs/${encodeURIComponent(jobId)}`;
+  const TERMINAL = new Set(["completed", "failed", "stopped", "cancelled"]);
+  const ENABLED = {
+    start: ["pending"],
+    stop: ["pending", "queued", "running", "paused"],
+    pause: ["running"],
+    resume: ["paused", "stopped", "failed"],
+    export: ["completed", "stopped", "failed", "paused"],
+    delete: ["pending", "queued", "paused", "completed", "failed", "stopped", "cancelled"],
+    priority: ["pending", "queued"],
+  };
+  let status = section.dataset.status;
+  let gone = false;
+
+  // ---- charts ---------------------------------------------------------------------------------------------
+  // One row per step; a training and an evaluation point logged at the same step share it.
+  const rows = { x: [], loss: [], eval: [], lr: [], grad: [] };
+  const FIELDS = { loss: "loss", eval: "eval_loss", lr: "learning_rate", grad: "grad_norm" };
+  const charts = [];
+  const fmt = (v) => (v === null || v === undefined ? "—" : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : +v.toPrecision(4));
+
+  function chart(id, series) {
+    const box = document.getElementById(id);
+    if (!box || typeof uPlot === "undefined") return;
+    const opts = {
+      width: Math.max(280, box.clientWidth || 400),
+      height: 220,
+      scales: { x: { time: false } },
+      legend: { live: true },
+      series: [{ label: "step" }].concat(
+        series.map(([label, color]) => ({ label, stroke: color, width: 1.5, spanGaps: true, value: (u, v) => fmt(v) }))
+      ),
+      axes: [{ label: "step" }, { size: 64, values: (u, vals) => vals.map(fmt) }],
+    };
+    const keys = series.map((s) => s[2]);
+    const u = new uPlot(opts, [rows.x].concat(keys.map((k) => rows[k])), box);
+    charts.push({ u, box, keys });
+  }
+
+  let drawQueued = false;
+  function redraw() {
+    if (drawQueued) return;
+    drawQueued = true;
+    // A burst of stream messages (a reconnect replays many) draws once.
+    setTimeout(() => {
+      drawQueued = false;
+      for (const c of charts) c.u.setData([rows.x].concat(c.keys.map((k) => rows[k])));
+    }, 50);
+  }
+
+  function addPoint(p) {
+    if (typeof p.step !== "number") return;
+    let n = rows.x.length;
+    if (n && p.step < rows.x[n - 1]) {
+      // A resumed run logs again from its checkpoint's step: what it redoes replaces what was drawn.
+      while (n && rows.x[n - 1] >= p.step) n--;
+      for (const k of Object.keys(rows)) rows[k].length = n;
+    }
+    const last = rows.x.length - 1;
+    if (last >= 0 && rows.x[last] === p.step) {
+      for (const [k, f] of Object.entries(FIELDS)) if (p[f] !== undefined && p[f] !== null) rows[k][last] = p[f];
+    } else {
+      rows.x.push(p.step);
+      for (const [k, f] of Object.entries(FIELDS)) rows[k].push(p[f] === undefined ? null : p[f]);
+    }
+    redraw();
+  }
+
+  function showProgress(p) {
+    if (!p) return;
+    const box = document.getElementById("job-progress");
+    const step = p.current_step;
+    const total = p.max_steps;
+    const bar = el("div", { class: total ? "bar" : "bar empty" });
+    if (total) {
+      const pct = Math.min(100, Math.max(0, (100 * (step || 0)) / total));
+      bar.setAttribute("role", "progressbar");
+      bar.setAttribute("aria-valuenow", pct.toFixed(0));
+      bar.append(el("span", { class: "fill", style: `width:${pct.toFixed(1)}%` }));
+    }
+    bar.append(el("span", { class: "label", text: total ? `${step || 0}/${total}` : step != null ? `step ${step}` : "—" }));
+    box.replaceChildren(bar);
+    const s = p.remaining_seconds;
+    document.getElementById("job-eta").textContent =
+      status !== "running" ? "—" : typeof s === "number" ? duration(s) : p.remaining_time || "—";
+    if (p.loss !== undefined && p.loss !== null) document.getElementById("job-loss").textContent = fmt(p.loss);
+  }
+
+  function duration(s) {
+    s = Math.max(0, Math.round(s));
+    const h = Math.floor(s / 3600);
+    const m = Math.floor((s % 3600) / 60);
+    const sec = s % 60;
+    if (h) return `${h}h ${String(m).padStart(2, "0")}m`;
+    return m ? `${m}m ${String(sec).padStart(2, "0")}s` : `${sec}s`;
+  }
+
+  async function followProgress() {
+    const r = await d.apiJson(`${base}/progress?history_limit=2000`);
+    let lastId = null;
+    if (r.ok) {
+      const seen = {};
+      for (const p of r.body.history || []) {
+        seen[p.step] = p.step in seen ? seen[p.step] + 1 : 0;
+        lastId = `${p.step}-${seen[p.step]}`;
+        addPoint(p);
+      }
+      showProgress(r.body.progress);
+    }
+    await d.stream(`${base}/progress/stream`, {
+      lastId,
+      onMessage: (m) => {
+        const p = JSON.parse(m.data);
+        addPoint(p);
+        showProgress(p.progress);
+      },
+      onEnd: (m) => {
+        showProgress(JSON.parse(m.data).progress);
+        refreshJob();
+      },
+    });
+  }
+
+  // ---- log ------------------------------------------------------------------------------------------------
+  const log = document.getElementById("log");
+  const follow = document.getElementById("log-follow");
+  const logState = document.getElementById("log-state");
+  const MAX_LINES = 5000; // the DOM keeps the tail; GET .../logs?limit= has the rest
+  let pending = [];
+
+  function flushLog() {
+    if (!pending.length) return;
+    log.append(...pending.map((line) => line + "\n"));
+    pending = [];
+    while (log.childNodes.length > MAX_LINES) log.firstChild.remove();
+    if (follow.checked) log.scrollTop = log.scrollHeight;
+  }
+
+  function logLine(line) {
+    // Many lines arrive in one chunk: append them together once the chunk is parsed.
+    if (!pending.length) Promise.resolve().then(flushLog);
+    pending.push(line);
+  }
+
+  function followLog() {
+    return d.stream(`${base}/logs/stream`, {
+      onMessage: (m) => logLine(m.data),
+      onEnd: (m) => logLine(`── end of log (${JSON.parse(m.data).status}) ──`),
+      onState: (s) => (logState.textContent = s),
+    });
+  }
+
+  // ---- events ---------------------------------------------------------------------------------------------
+  const events = document.getElementById("events");
+
+  function eventItem(e) {
+    return el("li", { "data-event": e.id }, d.timeEl(e.time), " ", el("span", { class: "ev-type", text: e.type }), " ",
+      document.createTextNode(e.message || ""), " ", el("span", { class: "muted", text: e.actor || "" }));
+  }
+
+  async function followEvents() {
+    const all = [];
+    let after = null;
+    for (let page = 0; page < 20; page++) {
+      const r = await d.apiJson(`${base}/events?limit=1000${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+      if (!r.ok) break;
+      all.push(...r.body.events);
+      after = r.body.next_after;
+      if (!after) break;
+    }
+    if (all.length) events.replaceChildren(...all.map(eventItem));
+    const last = all.length ? all[all.length - 1].id : events.lastElementChild && events.lastElementChild.dataset.event;
+    await d.stream(`${base}/events/stream`, {
+      lastId: last || null,
+      onMessage: (m) => {
+        events.append(eventItem(JSON.parse(m.data)));
+        refreshJob();
+      },
+    });
+  }
+
+  // ---- the job's facts, attempts, checkpoints ------------------------------------------------------------
+  function setStatus(s) {
+    status = s;
+    section.dataset.status = s;
+    const badge = section.querySelector("[data-status]");
+    badge.textContent = s;
+    badge.className = `badge s-${s}`;
+    for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = gone || !ENABLED[b.dataset.action].includes(s);
+    document.getElementById("priority-input").disabled = gone || !ENABLED.priority.includes(s);
+  }
+
+  function fact(name, ...nodes) {
+    const dd = section.querySelector(`[data-fact="${name}"]`);
+    if (dd) dd.replaceChildren(...nodes);
+  }
+
+  function grid(id, headers, rows, empty) {
+    const head = el("tr", {}, ...headers.map((h) => el("th", { scope: "col", text: h })));
+    const body = rows.length
+      ? rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c))))
+      : [el("tr", {}, el("td", { colspan: headers.length, class: "muted", text: empty }))];
+    return el("table", { class: "grid", id }, el("thead", {}, head), el("tbody", {}, ...body));
+  }
+
+  const code = (t) => (t ? el("code", { text: t }) : el("span", { class: "muted", text: "—" }));
+  const text = (t) => document.createTextNode(t === null || t === undefined ? "" : String(t));
+
+  function showJob(job) {
+    setStatus(job.status);
+    const err = document.getElementById("job-error");
+    err.textContent = job.error_message ? `${job.error_message}${job.error_code ? ` (${job.error_code})` : ""}` : "";
+    err.hidden = !job.error_message;
+    document.getElementById("command").textContent = job.command_line || "—";
+    fact("priority", text(job.priority));
+    const ids = (job.gpu_ids || []).map((i) => `#${i}`).join(", ") || (job.num_gpus === 0 ? "CPU" : "—");
+    fact("gpus", text(`${job.num_gpus} asked · ${ids}`));
+    fact("started", d.timeEl(job.started_at));
+    fact("finished", d.timeEl(job.finished_at));
+    const ex = job.export || {};
+    fact("export", text(ex.status || "none"), ...(ex.path ? [text(" · "), code(ex.path)] : []));
+    const input = document.getElementById("priority-input");
+    if (document.activeElement !== input) input.value = job.priority;
+    const attempts = (job.attempts || []).map((a) => [
+      text(a.number), d.timeEl(a.started_at), d.timeEl(a.finished_at), text(a.outcome || "running"),
+      text(`${a.first_step || 0}–${a.last_step === null || a.last_step === undefined ? "" : a.last_step}`),
+      code(a.resumed_from), text(a.error_message || ""),
+    ]);
+    document.getElementById("attempts-box").replaceChildren(
+      grid("attempts", ["#", "Started", "Ended", "Outcome", "Steps", "Resumed from", "Error"], attempts, "No run yet.")
+    );
+  }
+
+  function showCheckpoints(list) {
+    const rowsOut = (list.checkpoints || []).map((c) => [
+      text(c.step), code(c.path), d.timeEl(c.time), text(fmt(c.loss)),
+      text(c.size_bytes == null ? "—" : `${(c.size_bytes / 1048576).toFixed(1)} MiB`),
+      text([c.resume && "resume", c.exported && "exported"].filter(Boolean).join(" ")),
+    ]);
+    document.getElementById("checkpoints-box").replaceChildren(
+      grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet.")
+    );
+  }
+
+  let refreshing = null;
+  function refreshJob() {
+    // Calls that come while one is under way share it.
+    if (!refreshing) {
+      refreshing = (async () => {
+        const r = await d.apiJson(base);
+        if (r.status === 404) {
+          gone = true;
+          setStatus("deleted");
+          return;
+        }
+        if (!r.ok) return;
+        showJob(r.body);
+        const c = await d.apiJson(`${base}/checkpoints`);
+        if (c.ok) showCheckpoints(c.body);
+      })().finally(() => (refreshing = null));
+    }
+    return refreshing;
+  }
+
+  // ---- actions --------------------------------------------------------------------------------------------
+  const result = document.getElementById("action-result");
+
+  async function act(action) {
+    const json = { "Content-Type": "application/json" };
+    if (action === "delete") return d.apiJson(base, { method: "DELETE" });
+    if (action === "priority") {
+      const priority = Number(document.getElementById("priority-input").value);
+      return d.apiJson(base, { method: "PATCH", headers: json, body: JSON.stringify({ priority }) });
+    }
+    return d.apiJson(`${base}/${action}`, { method: "POST" });
+  }
+
+  document.getElementById("actions").addEventListener("click", async (ev) => {
+    const button = ev.target.closest("button[data-action]");
+    if (!button || button.disabled || !window.confirm(button.dataset.confirm)) return;
+    const action = button.dataset.action;
+    button.disabled = true;
+    result.className = "small";
+    result.textContent = `${action}…`;
+    const wasOver = TERMINAL.has(status) || status === "paused";
+    const r = await act(action);
+    const body = r.body || {};
+    result.className = r.ok ? "small ok" : "small error";
+    result.textContent = r.ok ? body.message || `${action}: done` : body.detail || `the server answered ${r.status}`;
+    if (r.ok && action === "delete") {
+      location.assign(`${d.root}/ui/jobs`);
+      return;
+    }
+    await refreshJob();
+    // The streams ended with the last run; a new run (resume) needs them again.
+    if (r.ok && wasOver && !TERMINAL.has(status)) location.reload();
+  });
+
+  // ---- start ----------------------------------------------------------------------------------------------
+  chart("chart-loss", [["loss", "#2563eb", "loss"], ["eval_loss", "#dc2626", "eval"]]);
+  chart("chart-lr", [["learning rate", "#059669", "lr"]]);
+  chart("chart-grad", [["grad norm", "#d97706", "grad"]]);
+  window.addEventListener("resize", () => {
+    for (const c of charts) c.u.setSize({ width: Math.max(280, c.box.clientWidth), height: 220 });
+  });
+  setStatus(status);
+  followProgress();
+  followLog();
+  followEvents();
+  refreshJob();
+  setInterval(() => {
+    if (!document.hidden && !gone) refreshJob();
+  }, 3000);
+
+  Object.assign(d, {
+    lossPoints: () => rows.loss.filter((v) => v !== null && v !== undefined).length,
+    chartPoints: () => rows.x.length,
+    logText: () => log.textContent,
+    jobStatus: () => status,
+  });
+})();

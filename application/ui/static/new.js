@@ -1,0 +1,119 @@
+/* The create form: builds the JSON body from the fields (`name` is the path in the body: training.max_steps),
+ * posts it to the API, and shows each 422 message next to its field (loc ["body", "training", "max_steps"]).
+ * The form has `novalidate`: the API is the one judge of what is valid, and its words are the ones shown. */
+"use strict";
+
+(() => {
+  const d = window.dashboard;
+  const form = document.getElementById("new-job");
+  if (!form || !d) return;
+  const general = document.getElementById("form-error");
+  const submit = document.getElementById("submit");
+  const NUMBER = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
+  // Details of other 4xx answers start with the field they are about ("data_path '...' is not a file").
+  const FIELD_DETAIL = /^(data_path|model_path|output_dir|job_id|num_gpus|gpu_ids|priority|time_limit)\b/;
+
+  function slot(path) {
+    // The field's own slot, else its parent's ("training.eval_steps" -> the JSON box for training).
+    const parts = path.split(".");
+    while (parts.length) {
+      const found = form.querySelector(`[data-error-for="${CSS.escape(parts.join("."))}"]`);
+      if (found) return found;
+      parts.pop();
+    }
+    return null;
+  }
+
+  function clearErrors() {
+    for (const p of form.querySelectorAll("[data-error-for]")) p.textContent = "";
+    for (const i of form.querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+    general.textContent = "";
+    general.hidden = true;
+  }
+
+  function showError(path, message) {
+    const target = path ? slot(path) : null;
+    if (!target) {
+      general.textContent = general.textContent ? `${general.textContent}\n${message}` : message;
+      general.hidden = false;
+      return;
+    }
+    target.textContent = target.textContent ? `${target.textContent}; ${message}` : message;
+    const input = form.querySelector(`[name="${CSS.escape(target.dataset.errorFor)}"]`);
+    if (input) input.setAttribute("aria-invalid", "true");
+  }
+
+  function read(input) {
+    const kind = input.dataset.kind;
+    if (kind === "bool") return input.checked;
+    const raw = input.value.trim();
+    if (raw === "") return undefined;
+    // A number that is not one goes as typed: the API's message then says what it wanted.
+    if (kind === "number") return NUMBER.test(raw) ? Number(raw) : raw;
+    if (kind === "json") {
+      const value = JSON.parse(raw); // a SyntaxError is reported against this field
+      if (value === null || typeof value !== "object" || Array.isArray(value)) throw new SyntaxError("not an object");
+      return value;
+    }
+    return raw;
+  }
+
+  function build() {
+    const out = {};
+    let bad = false;
+    const fields = Array.from(form.querySelectorAll("[data-kind]"));
+    // The JSON box first, so that the named training fields win over the same names in it.
+    fields.sort((a, b) => (a.dataset.kind === "json" ? -1 : 0) - (b.dataset.kind === "json" ? -1 : 0));
+    for (const input of fields) {
+      let value;
+      try {
+        value = read(input);
+      } catch (e) {
+        showError(input.name, "must be a JSON object, such as {\"eval_steps\": 50}");
+        bad = true;
+        continue;
+      }
+      if (value === undefined) continue;
+      const path = input.name.split(".");
+      let node = out;
+      for (const part of path.slice(0, -1)) node = node[part] = node[part] || {};
+      const leaf = path[path.length - 1];
+      node[leaf] = typeof value === "object" ? Object.assign(node[leaf] || {}, value) : value;
+    }
+    return bad ? null : out;
+  }
+
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors();
+    const body = build();
+    if (!body) return;
+    submit.disabled = true;
+    try {
+      const r = await d.apiJson("/jobs", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (r.status === 201 && r.body && r.body.job_id) {
+        location.assign(`${d.root}/ui/jobs/${encodeURIComponent(r.body.job_id)}`);
+        return;
+      }
+      const answer = r.body || {};
+      if (Array.isArray(answer.errors) && answer.errors.length) {
+        for (const e of answer.errors) {
+          const loc = (e.loc || []).filter((p, i) => !(i === 0 && p === "body")).join(".");
+          showError(loc, String(e.msg || "invalid").replace(/^Value error, /, ""));
+        }
+      } else {
+        const detail = String(answer.detail || `the server answered ${r.status}`);
+        const match = FIELD_DETAIL.exec(detail);
+        showError(match ? match[1] : "", detail);
+      }
+      const first = form.querySelector("[aria-invalid]");
+      if (first) first.focus();
+    } finally {
+      submit.disabled = false;
+    }
+  });
+})();

@@ -1,0 +1,182 @@
+"""The server-rendered lists: jobs, the GPU queue and the GPUs. Pure functions of what the services return,
+so each page reads without JavaScript; dashboard.js only re-fetches a page and swaps its `data-refresh` part."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from application.models.training_model import JobStatus
+from application.ui.html import PageContext, badge, bar, duration, esc, eta, number, progress_cell, table, when
+
+REFRESH_MS = 3000
+
+
+def job_link(ctx: PageContext, job_id: str | None) -> str:
+    if not job_id:
+        return '<span class="muted">—</span>'
+    return f'<a href="{esc(ctx.url("/ui/jobs/" + quote(job_id, safe="")))}"><code>{esc(job_id)}</code></a>'
+
+
+def short_path(value: str | None, keep: int = 2) -> str:
+    """The last components of a long path: in a list, the file or folder names say more than the roots."""
+    if not value or len(value) <= 40:
+        return value or ""
+    parts = value.rstrip("/").split("/")
+    return "…/" + "/".join(parts[-keep:]) if len(parts) > keep + 1 else value
+
+
+def path_cell(value: str | None) -> str:
+    # The full path in a title; CSS cuts what is still too long to the cell's width.
+    return f'<td class="path" title="{esc(value)}">{esc(short_path(value))}</td>'
+
+
+def live(section_id: str, inner: str) -> str:
+    return f'<section id="{section_id}" data-refresh="{REFRESH_MS}">{inner}</section>'
+
+
+# ---- jobs ---------------------------------------------------------------------------------------------------
+
+
+def _gpus(job: dict[str, Any]) -> str:
+    ids = job.get("gpu_ids") or []
+    asked = job.get("num_gpus")
+    if ids:
+        return f"{esc(asked)} <span class=muted>(#{esc(', #'.join(str(i) for i in ids))})</span>"
+    return "CPU" if asked == 0 else esc(asked)
+
+
+def _job_row(ctx: PageContext, job: dict[str, Any]) -> str:
+    progress = job.get("progress") or {}
+    status = job.get("status")
+    error = job.get("error_message")
+    err = f'<div class="error small" title="{esc(error)}">{esc(error)}</div>' if error else ""
+    return (
+        f'<tr data-job="{esc(job.get("job_id"))}"><td>{job_link(ctx, job.get("job_id"))}</td>'
+        f"<td>{badge(status)}{err}</td><td>{esc(job.get('owner') or '—')}</td><td>{esc(job.get('priority'))}</td>"
+        f"<td>{_gpus(job)}</td>{path_cell(job.get('model_path'))}{path_cell(job.get('data_path'))}"
+        f"<td>{progress_cell(progress)}</td><td>{eta(progress, status)}</td><td>{number(progress.get('loss'))}</td>"
+        f"<td>{when(job.get('created_at'))}</td></tr>"
+    )
+
+
+def _filters(ctx: PageContext, status: str | None, owner: str | None, admin: bool) -> str:
+    options = "".join(
+        f'<option value="{s.value}"{" selected" if s.value == status else ""}>{s.value}</option>' for s in JobStatus
+    )
+    owner_field = (
+        f'<label>Owner <input name="owner" value="{esc(owner)}" pattern="[A-Za-z0-9_.\\-]{{1,64}}" size="12"></label>'
+        if admin
+        else ""
+    )
+    return (
+        f'<form method="get" action="{esc(ctx.url("/ui/jobs"))}" class="filters">'
+        f'<label>Status <select name="status"><option value="">any</option>{options}</select></label>'
+        f'{owner_field}<button type="submit">Filter</button> <a href="{esc(ctx.url("/ui/jobs"))}">clear</a></form>'
+    )
+
+
+def _pager(ctx: PageContext, listing: dict[str, Any], params: dict[str, str]) -> str:
+    offset, limit, total = listing["offset"], listing["limit"], listing["total"]
+    links = []
+    if offset > 0:
+        prev = urlencode({**params, "offset": max(0, offset - limit), "limit": limit})
+        links.append(f'<a href="{esc(ctx.url("/ui/jobs?" + prev))}" rel="prev">← newer</a>')
+    if listing.get("next_offset") is not None:
+        nxt = urlencode({**params, "offset": listing["next_offset"], "limit": limit})
+        links.append(f'<a href="{esc(ctx.url("/ui/jobs?" + nxt))}" rel="next">older →</a>')
+    shown = f"{offset + 1}–{offset + len(listing['jobs'])} of {total}" if listing["jobs"] else f"0 of {total}"
+    return f'<p class="pager">{esc(shown)} {" ".join(links)}</p>'
+
+
+def jobs_body(ctx: PageContext, listing: dict[str, Any], status: str | None, owner: str | None, admin: bool,
+              error: str = "") -> str:  # fmt: skip
+    params = {k: v for k, v in (("status", status), ("owner", owner)) if v}
+    headers = ["Job", "Status", "Owner", "Priority", "GPUs", "Model", "Data", "Progress", "ETA", "Loss", "Created"]
+    rows = [_job_row(ctx, j) for j in listing["jobs"]]
+    notice = f'<p class="error" role="alert">{esc(error)}</p>' if error else ""
+    grid = table(headers, rows, empty="No jobs match.", attrs='class="grid jobs"')
+    return (
+        f'<div class="title-row"><h1>Jobs</h1><a class="button push" href="{esc(ctx.url("/ui/new"))}">New job</a></div>'
+        f"{_filters(ctx, status, owner, admin)}{notice}" + live("jobs-live", grid + _pager(ctx, listing, params))
+    )
+
+
+# ---- queue --------------------------------------------------------------------------------------------------
+
+
+def _reason(ctx: PageContext, reason: dict[str, Any] | None) -> str:
+    if not reason:
+        return '<span class="muted">starts at the next pass</span>'
+    held = f" (for {job_link(ctx, reason['job_id'])})" if reason.get("job_id") else ""
+    return f'<span class="reason r-{esc(reason.get("code"))}">{esc(reason.get("message"))}</span>{held}'
+
+
+def _queue_row(ctx: PageContext, e: dict[str, Any]) -> str:
+    wait = e.get("estimated_wait_time") or {}
+    job = job_link(ctx, e["job_id"]) if e.get("mine") else f"<code>{esc(e['job_id'])}</code>"
+    ids = e.get("gpu_ids")
+    gpus = esc(e.get("num_gpus")) + (f" <span class=muted>(#{esc(', #'.join(map(str, ids)))})</span>" if ids else "")
+    return (
+        f'<tr data-job="{esc(e["job_id"])}"><td class="num">{esc(e["position"])}</td><td>{job}</td>'
+        f"<td>{esc(e.get('owner') or '—')}</td><td>{esc(e.get('priority'))}</td><td>{gpus}</td>"
+        f"<td>{esc(duration(e.get('waited_seconds')))}</td>"
+        f"<td>{esc(wait.get('text') or 'unknown')}</td>"
+        f"<td>{esc(duration(e.get('predicted_duration_seconds')))}</td>"
+        f"<td>{_reason(ctx, e.get('pending_reason'))}</td></tr>"
+    )
+
+
+def queue_body(ctx: PageContext, overview: dict[str, Any]) -> str:
+    s = overview["summary"]
+    facts = [
+        f"{s['length']} queued",
+        f"{s['free_gpus']} of {s['total_gpus']} GPUs free",
+        f"{s['running_jobs']} running",
+        f"policy {s['policy']}",
+        "processor running" if s["processor_running"] else "processor stopped",
+    ]
+    summary = " · ".join(esc(f) for f in facts)
+    gpu_error = f'<p class="error">{esc(s["gpu_error"])}</p>' if s.get("gpu_error") else ""
+    headers = ["#", "Job", "Owner", "Priority", "GPUs", "Waited", "Estimated wait", "Predicted run", "Why it waits"]
+    rows = [_queue_row(ctx, e) for e in overview["entries"]]
+    grid = table(headers, rows, empty="The queue is empty.", attrs='class="grid queue"')
+    return "<h1>GPU queue</h1>" + live("queue-live", f'<p class="summary">{summary}</p>{gpu_error}{grid}')
+
+
+# ---- GPUs ---------------------------------------------------------------------------------------------------
+
+
+def _gpu_row(ctx: PageContext, g: dict[str, Any]) -> str:
+    total, used = g.get("memory_total_mb") or 0.0, g.get("memory_used_mb") or 0.0
+    memory = bar(used / total if total else None, f"{used / 1024:.1f} / {total / 1024:.1f} GiB", kind="mem")
+    util = g.get("utilization")
+    utilization = bar(util / 100 if util is not None else None, f"{util:.0f} %" if util is not None else "—")
+    procs = "".join(
+        f"<li>{esc(p.get('pid'))} {esc(p.get('name') or '')} "
+        f"<span class=muted>{esc(number(p.get('used_memory_mb'), 6))} MiB</span></li>"
+        for p in g.get("processes") or []
+    )
+    temp = f"{g['temperature_c']:.0f} °C" if g.get("temperature_c") is not None else "—"
+    power = f"{g['power_w']:.0f} W" if g.get("power_w") is not None else "—"
+    return (
+        f'<tr data-gpu="{esc(g.get("index"))}"><td class="num">{esc(g.get("index"))}</td>'
+        f'<td>{esc(g.get("name"))}<div class="muted small">{esc(g.get("uuid"))}</div></td>'
+        f"<td>{memory}</td><td>{utilization}</td><td>{esc(temp)}</td><td>{esc(power)}</td>"
+        f"<td>{job_link(ctx, g.get('job_id'))}</td><td><ul class=plain>{procs}</ul></td></tr>"
+    )
+
+
+def gpus_body(ctx: PageContext, reading: dict[str, Any]) -> str:
+    s = reading["summary"]
+    mean = f"mean utilization {s['mean_utilization']} %" if s.get("mean_utilization") is not None else ""
+    facts = [f"{s['count']} GPUs ({reading['backend']})",
+             f"{s['memory_used_gb']} / {s['memory_total_gb']} GiB used", mean,
+             f"driver {reading['driver_version']}" if reading.get("driver_version") else ""]  # fmt: skip
+    taken = f" · read {when(reading['taken_at'])}" if reading.get("taken_at") else ""
+    summary = " · ".join(esc(f) for f in facts if f) + taken
+    error = f'<p class="error">{esc(reading["error"])}</p>' if reading.get("error") else ""
+    headers = ["#", "GPU", "Memory", "Utilization", "Temp.", "Power", "Held by", "Processes"]
+    rows = [_gpu_row(ctx, g) for g in reading["gpus"]]
+    grid = table(headers, rows, empty="No GPUs.", attrs='class="grid gpus"')
+    return "<h1>GPUs</h1>" + live("gpus-live", f'<p class="summary">{summary}</p>{error}{grid}')

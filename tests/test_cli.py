@@ -1,0 +1,245 @@
+"""The `swift-api` CLI as a user runs it: a subprocess against a real server (fake swift, simulated GPUs),
+judged by its exit code and what it prints. Streams are also checked in-process for reconnects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from application.cli.client import Api, CliError, api_root
+from application.cli.follow import tail
+from application.cli.output import Output
+from application.cli.sse import follow
+from application.services.streams import _visible
+from tests.conftest import ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
+
+
+def cli(port: int, *args: str, key: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{port}", "COLUMNS": "200"}
+    env.pop("SWIFT_API_KEY", None)
+    if key:
+        env["SWIFT_API_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "application.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def cli_json(port: int, *args: str) -> Any:
+    r = cli(port, "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def submit_args(workspace: Path, name: str, *extra: str, **fake_swift: Any) -> list[str]:
+    body = job_body(workspace, name, **fake_swift)
+    return ["submit", "--model", body["model_path"], "--data", body["data_path"], "--output-dir", name,
+            "--job-id", name, *extra]  # fmt: skip
+
+
+# ---- submit --follow ----------------------------------------------------------------------------------------
+
+
+def test_submit_follow_exits_0_when_the_job_completes(server: ApiServer, workspace: Path) -> None:
+    r = cli(server.port, *submit_args(workspace, "cli-ok", "--priority", "7", "--set", "max_steps=8",
+                                      "--set", "logging_steps=1", "--set", "learning_rate=2e-4",
+                                      "--set", "save_only_model=false", "--set", "time_limit=1h", "--follow",
+                                      step_seconds=0.01))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cli-ok completed" in r.stdout and "8/8" in r.stdout
+    job = server.job("cli-ok")
+    assert job["status"] == "completed" and job["progress"]["current_step"] == 8 and job["priority"] == 7
+    # --set routes training parameters into `training` (typed from JSON) and create fields to the top level.
+    assert job["training"]["max_steps"] == 8 and job["training"]["learning_rate"] == 2e-4
+    assert job["training"]["save_only_model"] is False and job["time_limit_seconds"] == 3600
+
+
+def test_submit_follow_exits_1_when_the_job_fails(server: ApiServer, workspace: Path) -> None:
+    r = cli(server.port, *submit_args(workspace, "cli-bad", "--set", "max_steps=10", "--set", "logging_steps=1",
+                                      "--follow", fail_at_step=3))  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cli-bad failed" in r.stdout
+    job = server.job("cli-bad")
+    assert job["status"] == "failed" and job["error_message"] and job["error_message"] in r.stderr
+
+
+# ---- reading jobs -------------------------------------------------------------------------------------------
+
+
+def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, workspace: Path) -> None:
+    created = server.create(
+        **job_body(workspace, "done", auto_start=True, training={"max_steps": 5, "logging_steps": 1})
+    )
+    assert created.status_code == 201, created.text
+    server.wait_status("done", "completed")
+
+    listed = cli_json(server.port, "ls", "--status", "completed")
+    assert [j["job_id"] for j in listed["jobs"]] == ["done"] and listed["total"] == 1
+    assert cli_json(server.port, "ls", "--status", "running")["jobs"] == []
+    assert cli_json(server.port, "status", "done")["status"] == "completed"
+    human = cli(server.port, "ls")
+    assert human.returncode == 0 and "done" in human.stdout and "completed" in human.stdout
+    assert "completed" in cli(server.port, "status", "done").stdout
+
+    # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
+    r = cli(server.port, "watch", "done", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [p["step"] for p in lines[:-1]] == [1, 2, 3, 4, 5]
+    assert lines[-1]["event"] == "end" and lines[-1]["status"] == "completed"
+    assert lines[-1]["progress"]["current_step"] == 5
+
+    assert cli(server.port, "rm", "done").returncode == 0
+    gone = cli(server.port, "status", "done")
+    assert gone.returncode == 2 and "done" in gone.stderr
+
+
+def test_logs_follow_prints_every_line_and_ends_with_the_job(server: ApiServer, workspace: Path) -> None:
+    body = job_body(workspace, "chatty", step_seconds=0.05, auto_start=True,
+                    training={"max_steps": 20, "logging_steps": 1})  # fmt: skip
+    assert server.create(**body).json()["status"] == "running"
+    r = cli(server.port, "logs", "chatty", "-f")
+    assert r.returncode == 0, r.stderr
+    assert "completed" in r.stderr
+    log = Path(server.job("chatty")["log_file"]).read_bytes()
+    assert r.stdout.splitlines() == [_visible(raw) for raw in log.split(b"\n")[:-1]]
+
+    last = server.http.get("/jobs/chatty/logs", params={"limit": 5}).json()["lines"]
+    assert cli(server.port, "logs", "chatty", "--lines", "5").stdout.splitlines() == last
+    assert cli_json(server.port, "logs", "chatty", "--lines", "3")["count"] == 3
+
+
+# ---- steering -----------------------------------------------------------------------------------------------
+
+
+def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace: Path) -> None:
+    hog = job_body(workspace, "hog", step_seconds=0.1, auto_start=True, num_gpus=2,
+                   training={"max_steps": 2000, "save_steps": 2, "logging_steps": 1})  # fmt: skip
+    assert server.create(**hog).json()["status"] == "running"
+    waiter = server.create(**job_body(workspace, "waiter", auto_start=True))
+    assert waiter.json()["status"] == "queued", waiter.text
+
+    r = cli(server.port, "priority", "waiter", "9")
+    assert r.returncode == 0 and "priority 9" in r.stdout, r.stderr
+    assert server.job("waiter")["priority"] == 9
+    assert cli_json(server.port, "queue")["entries"][0]["job_id"] == "waiter"
+    assert "waiter" in cli(server.port, "queue").stdout
+    refused = cli(server.port, "priority", "waiter", "42")
+    assert refused.returncode == 2 and "priority" in refused.stderr
+
+    wait_for(lambda: (server.job("hog")["progress"]["current_step"] or 0) >= 3, what="hog to pass a checkpoint")
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}"}
+    with subprocess.Popen([sys.executable, "-m", "application.cli", "watch", "hog"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watcher:  # fmt: skip
+        paused = cli(server.port, "pause", "hog")
+        assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+        assert server.job("hog")["status"] == "paused"
+        resumed = cli(server.port, "resume", "hog")
+        assert resumed.returncode == 0, resumed.stderr
+        assert server.job("hog")["status"] in ("queued", "running")
+        stopped = cli(server.port, "stop", "hog")
+        assert stopped.returncode == 0, stopped.stderr
+        out, err = watcher.communicate(timeout=60)
+    final = server.job("hog")["status"]
+    assert final in ("stopped", "cancelled")
+    assert watcher.returncode == 1, out + err
+    assert f"hog {final}" in out
+
+
+# ---- exit codes ---------------------------------------------------------------------------------------------
+
+
+def test_exit_3_when_no_server_listens() -> None:
+    port = free_port()
+    for args in (["ls"], ["watch", "some-job"], ["logs", "-f", "some-job"]):
+        r = cli(port, *args, timeout=30)
+        assert r.returncode == 3, (args, r.stdout, r.stderr)
+        assert "cannot reach the server" in r.stderr
+
+
+def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspace: Path) -> None:
+    missing = cli(server.port, "submit", "--data", "d.jsonl", "--output-dir", "x")
+    assert missing.returncode == 2 and "--model" in missing.stderr
+    assert cli(server.port, "ls", "--status", "sleeping").returncode == 2
+    bad_set = cli(server.port, *submit_args(workspace, "x", "--set", "max_steps"))
+    assert bad_set.returncode == 2 and "key=value" in bad_set.stderr
+
+    unknown = cli(server.port, *submit_args(workspace, "y", "--set", "warp_speed=9"))
+    assert unknown.returncode == 2 and "warp_speed" in unknown.stderr
+    detail = server.http.get("/jobs/nope/status").json()["detail"]
+    not_found = cli(server.port, "status", "nope")
+    assert not_found.returncode == 2 and detail in not_found.stderr
+    assert server.http.get("/jobs").json()["total"] == 0
+
+
+def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., ApiServer]) -> None:
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    refused = cli(server.port, "ls")
+    assert refused.returncode == 2 and "401" in refused.stderr
+    assert cli(server.port, "ls", key=ALICE_KEY).returncode == 0
+    assert cli(server.port, "--key", ALICE_KEY, "queue").returncode == 0
+
+
+@pytest.mark.parametrize(("given", "root"), [
+    ("http://h:8000", "http://h:8000/api/v1/training"),
+    ("http://h:8000/", "http://h:8000/api/v1/training"),
+    ("h:8000", "http://h:8000/api/v1/training"),
+    ("https://h/proxy/api/v1/training/", "https://h/proxy/api/v1/training"),
+])  # fmt: skip
+def test_a_server_root_gets_the_api_path_and_a_url_with_a_path_is_kept(given: str, root: str) -> None:
+    assert api_root(given) == root
+
+
+def test_a_bad_server_url_is_a_usage_error() -> None:
+    with pytest.raises(CliError) as caught:
+        api_root("ftp://h")
+    assert caught.value.code == 2
+
+
+# ---- a dropped stream ---------------------------------------------------------------------------------------
+
+
+class Dropped(httpx.SyncByteStream):
+    """A response body whose connection breaks after `chunks` (mid-message)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_a_dropped_stream_resumes_from_the_last_event_id(capsys: pytest.CaptureFixture[str]) -> None:
+    asked: list[str | None] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Last-Event-ID"))
+        sse = {"content-type": "text/event-stream"}
+        if len(asked) == 1:
+            broken = Dropped([b"id: 4\ndata: one\n\n: keep-alive\n\n", b"id: 8\ndata: two\n\nid: 14\ndata: thr"])
+            return httpx.Response(200, headers=sse, stream=broken)
+        return httpx.Response(
+            200, headers=sse, content=b'id: 14\ndata: three\n\nevent: end\ndata: {"status": "stopped"}\n\n'
+        )
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert tail(api, "job", "train", Output(as_json=False)) == 1
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == ["one", "two", "three"]
+    assert asked == [None, "8"] and "stopped" in printed.err
+
+
+def test_a_stream_that_never_connected_is_unreachable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(refuse)) as api, pytest.raises(CliError) as caught:
+        list(follow(api, "/jobs/job/progress/stream"))
+    assert caught.value.code == 3

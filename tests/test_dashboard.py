@@ -1,0 +1,373 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright's sync API) against a real
+server process (`start.py`, fake swift, 2 simulated GPUs): the create form, live charts and log, the actions,
+login with API keys, the lists without JavaScript, and escaping of hostile paths and ids.
+
+Screenshots go to $SWIFT_API_TEST_ARTIFACTS (default: <repo>/test-results/dashboard/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Route, expect, sync_playwright
+
+from tests.conftest import (
+    ADMIN_KEY,
+    ALICE_KEY,
+    BOB_KEY,
+    KEYS_SETTING,
+    MODEL_DIR,
+    ROOT,
+    ApiServer,
+    auth,
+    fake_dataset,
+    job_body,
+    make_model,
+    wait_for,
+)
+
+ARTIFACTS = Path(os.environ.get("SWIFT_API_TEST_ARTIFACTS") or ROOT / "test-results" / "dashboard")
+COOKIE = "swift_api_key"
+# A path that would run a script, add an element and break out of an attribute if anything were not escaped.
+HOSTILE = 'evil"><img src=x onerror="window.__xss=1"><b id=pwn>'
+HANG_AT = 90
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.fail("no `chromium` on PATH: the dashboard tests need Debian's chromium (apt-get install chromium; "
+                    ".ci/run installs it). Playwright's own browser download is not used.")  # fmt: skip
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Tab:
+    """A browser context and its page, collecting uncaught script errors (a test ends with none)."""
+
+    def __init__(self, browser: Browser, base: str, *, javascript: bool = True) -> None:
+        self.base = base
+        self.context: BrowserContext = browser.new_context(
+            viewport={"width": 1400, "height": 1000}, java_script_enabled=javascript
+        )
+        self.context.set_default_timeout(15_000)
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def goto(self, path: str) -> Page:
+        response = self.page.goto(self.base + path)
+        assert response is not None and response.ok, f"{path}: {response.status if response else 'no response'}"
+        return self.page
+
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def tabs(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[..., Tab]]:
+    opened: list[Tab] = []
+
+    def open_tab(server: ApiServer, *, javascript: bool = True) -> Tab:
+        tab = Tab(browser, f"http://127.0.0.1:{server.port}", javascript=javascript)
+        opened.append(tab)
+        return tab
+
+    yield open_tab
+    errors: list[str] = []
+    for i, tab in enumerate(opened):
+        # How each page looked at the end: what a failed run's artifacts need first.
+        with contextlib.suppress(Exception):
+            tab.shot(f"last-{request.node.name}-{i}")
+        tab.context.close()
+        errors += tab.errors
+    assert not errors, f"uncaught script errors in the pages: {errors}"
+
+
+def fill_form(page: Page, workspace: Path, name: str, fake: dict[str, Any] | None = None, **fields: str) -> None:
+    """Type a job into /ui/new: the model folder, and a data set whose first row tells the fake swift its pace
+    (and `fake`'s other options)."""
+    model = make_model(workspace / MODEL_DIR) if not (workspace / MODEL_DIR).exists() else workspace / MODEL_DIR
+    data = fake_dataset(workspace, name, **{"step_seconds": 0.1, **(fake or {})})
+    values = {"data_path": data, "model_path": str(model), "output_dir": name, **fields}
+    for field, value in values.items():
+        page.fill(f"#f-{field}", value)
+
+
+# ---- the create form, live charts and log, stop -----------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_create_form_then_live_charts_log_and_stop(server: ApiServer, workspace: Path,
+                                                    tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    tab = tabs(server)
+    page = tab.goto("/ui/new")
+    # swift writes its log through a descriptor of its own (not O_APPEND): a line appended while it writes would
+    # be overwritten. So the run stops writing (hangs, still running) at step 90, and the test appends then.
+    fill_form(page, workspace, "dash-live", {"hang_after_steps": HANG_AT}, max_steps="200", logging_steps="1",
+              save_steps="50")  # fmt: skip
+    expect(page.locator("#f-auto_start")).to_be_checked()
+    page.click("#submit")
+    expect(page).to_have_url(re.compile(r"/ui/jobs/dash-live$"))
+    assert server.job("dash-live")["status"] in ("running", "queued", "pending")
+
+    # The loss chart: the history first, then more points from the progress stream while the run goes on.
+    page.wait_for_function("() => window.dashboard.lossPoints && window.dashboard.lossPoints() > 0", timeout=30_000)
+    first = page.evaluate("window.dashboard.lossPoints()")
+    page.wait_for_function("n => window.dashboard.lossPoints() > n", arg=first + 3, timeout=15_000)
+    assert server.job("dash-live")["status"] == "running"
+    expect(page.locator("#command")).to_contain_text("--max_steps 200")
+    expect(page.locator("#job [data-status]")).to_have_text("running")
+
+    # The log panel follows the file: a line written now shows within 2 s.
+    page.wait_for_function("() => window.dashboard.logText().includes('global_step/max_steps')", timeout=15_000)
+    expect(page.locator("#job-progress")).to_contain_text(f"{HANG_AT}/200", timeout=30_000)
+    marker = f"dashboard-marker-{time.monotonic_ns()}"
+    log_file = server.job("dash-live")["log_file"]
+    started = time.monotonic()
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(f"\n{marker}\n")  # a newline first: the marker starts its own line whatever swift was writing
+    page.wait_for_function("m => window.dashboard.logText().includes(m)", arg=marker, timeout=5_000)
+    shown_after = time.monotonic() - started
+    assert shown_after < 2.0, f"the log panel showed the line after {shown_after:.2f} s"
+    tab.shot("job-running")
+
+    # Stop from the page: a confirmation, then the job is stopped (the API answers once it is recorded).
+    asked: list[str] = []
+
+    def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    page.click("#actions button[data-action=stop]")
+    expect(page.locator("#job [data-status]")).to_have_text("stopped", timeout=30_000)
+    assert asked and "Stop job dash-live" in asked[0]
+    assert server.job("dash-live")["status"] == "stopped"
+    expect(page.locator("#action-result")).not_to_be_empty()
+    expect(page.locator("#actions button[data-action=stop]")).to_be_disabled()
+    expect(page.locator("#actions button[data-action=resume]")).to_be_enabled()
+    expect(page.locator("#log-state")).to_have_text("ended", timeout=10_000)
+    tab.shot("job-stopped")
+
+    # The list shows it, with its progress bar.
+    page = tab.goto("/")
+    row = page.locator("tr[data-job='dash-live']")
+    expect(row).to_contain_text("stopped")
+    expect(row.locator(".bar")).to_contain_text("/200")
+    tab.shot("jobs")
+
+
+@pytest.mark.timeout(180)
+def test_create_form_shows_validation_messages_next_to_fields(server: ApiServer, workspace: Path,
+                                                              tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    tab = tabs(server)
+    page = tab.goto("/ui/new")
+    # A field error (422 with `errors`): loc ["body", "training", "max_steps"].
+    fill_form(page, workspace, "dash-invalid", max_steps="0")
+    page.click("#submit")
+    slot = page.locator('[data-error-for="training.max_steps"]')
+    expect(slot).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#f-max_steps")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator('[data-error-for="data_path"]')).to_be_empty()
+    assert page.url.endswith("/ui/new")
+    tab.shot("new-422-field")
+
+    # A 422 with only a detail (the pre-flight check of the data set) goes next to the field it names.
+    page.fill("#f-max_steps", "5")
+    page.fill("#f-data_path", str(workspace / "missing.jsonl"))
+    page.click("#submit")
+    expect(page.locator('[data-error-for="data_path"]')).to_contain_text("missing.jsonl")
+    expect(slot).to_be_empty()
+    tab.shot("new-422-detail")
+    assert server.http.get("/jobs").json()["total"] == 0
+
+
+# ---- the SSE reader: fetch() + getReader(), since EventSource cannot send Authorization ------------------------
+
+
+def test_sse_reader_parses_reconnects_with_last_event_id_and_stops_at_end(
+    server: ApiServer, tabs: Callable[..., Tab]
+) -> None:
+    tab = tabs(server)
+    page = tab.goto("/ui/new")  # any page: it loads dashboard.js, and this one opens no stream of its own
+    asked: list[str | None] = []
+    answers = [
+        # A heartbeat, a multi-line message, then the connection drops in the middle of a message.
+        "id: 1\ndata: first\n\n: keep-alive\n\nid: 2\nevent: progress\ndata: two\ndata: lines\n\ndata: cut sho",
+        # After the reconnect: CRLF line ends, then `event: end` (nothing after it is read).
+        'id: 3\r\ndata: third\r\n\r\nevent: end\ndata: {"status": "stopped"}\n\nid: 4\ndata: after\n\n',
+    ]
+
+    def answer(route: Route) -> None:
+        asked.append(route.request.headers.get("last-event-id"))
+        assert route.request.headers.get("accept") == "text/event-stream"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=answers[len(asked) - 1])
+
+    page.route("**/api/v1/training/sse-test", answer)
+    result = page.evaluate("""async () => {
+        const got = [], states = [];
+        await window.dashboard.stream("/sse-test", {
+            onMessage: (m) => got.push(m), onEnd: (m) => got.push(m), onState: (s) => states.push(s)});
+        return {got, states};
+    }""")
+    assert asked == [None, "2"]
+    assert result["got"] == [
+        {"id": "1", "event": "message", "data": "first"},
+        {"id": "2", "event": "progress", "data": "two\nlines"},
+        {"id": "3", "event": "message", "data": "third"},
+        {"id": None, "event": "end", "data": '{"status": "stopped"}'},
+    ]
+    assert result["states"] == ["live", "reconnecting…", "live", "ended"]
+
+
+# ---- API keys: the login form, the cookie, the lists ------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[..., ApiServer], workspace: Path,
+                                                     tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    for key, name in ((ALICE_KEY, "alice-job"), (BOB_KEY, "bob-job")):
+        r = server.http.post("/jobs", json=job_body(workspace, name), headers=auth(key))
+        assert r.status_code == 201, r.text
+    tab = tabs(server)
+    page = tab.page
+    page.goto(tab.base + "/ui/queue")
+    expect(page).to_have_url(re.compile(r"/ui/login\?next=%2Fui%2Fqueue$"))
+    tab.shot("login")
+
+    # A wrong key: the form says so and keeps nothing.
+    page.fill("#key", "not-a-valid-key-0123456789")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("not valid")
+    assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
+    assert not [c for c in tab.context.cookies() if c["name"] == COOKIE]
+
+    page.fill("#key", ALICE_KEY)
+    page.click("#login-form button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/ui/queue$"))
+    expect(page.locator("h1")).to_have_text("GPU queue")
+    cookie = next(c for c in tab.context.cookies() if c["name"] == COOKIE)
+    assert (cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == (True, "Strict", "/")
+    assert page.evaluate("localStorage.getItem('swiftApiKey')") == ALICE_KEY
+    assert page.evaluate("document.cookie") == "", "the key cookie must not be readable by scripts"
+
+    # The lists, as alice: her job only.
+    page = tab.goto("/")
+    expect(page.locator("tr[data-job='alice-job']")).to_contain_text("pending")
+    expect(page.locator("tr[data-job='bob-job']")).to_have_count(0)
+    expect(page.locator("header .who")).to_contain_text("alice (user)")
+    tab.goto("/ui/gpus")
+    expect(page.locator("tr[data-gpu]")).to_have_count(2)
+    tab.shot("gpus")
+
+    # The job page's API calls carry the key from localStorage: a change of priority goes through.
+    page = tab.goto("/ui/jobs/alice-job")
+    expect(page.locator("#actions button[data-action=priority]")).to_be_enabled()
+    page.fill("#priority-input", "8")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#actions button[data-action=priority]")
+    expect(page.locator("[data-fact=priority]")).to_have_text("8")
+    assert server.http.get("/jobs/alice-job", headers=auth(ALICE_KEY)).json()["priority"] == 8
+    expect(page.locator("#notice")).to_be_hidden()
+    tab.shot("job-keys")
+    assert ALICE_KEY not in page.url
+
+    # An admin may filter by owner; the cookie alone renders the list (plain HTTP, no script).
+    with httpx.Client(base_url=tab.base, cookies={COOKIE: ADMIN_KEY}) as http:
+        listed = http.get("/ui/jobs", params={"owner": "bob"})
+        assert listed.status_code == 200 and "bob-job" in listed.text and "alice-job" not in listed.text
+        assert http.get("/ui/jobs/bob-job").status_code == 200
+    with httpx.Client(base_url=tab.base, cookies={COOKIE: BOB_KEY}) as http:
+        assert http.get("/ui/jobs/alice-job").status_code == 404
+        assert "alice-job" not in http.get("/").text
+    with httpx.Client(base_url=tab.base, cookies={COOKIE: "wrong-key-0123456789abc"}) as http:
+        r = http.get("/ui/gpus")
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fgpus"
+
+    # Log out: the cookie and the stored key are gone.
+    page.click("header form[data-logout] button")
+    expect(page).to_have_url(re.compile(r"/ui/login$"))
+    assert not [c for c in tab.context.cookies() if c["name"] == COOKIE]
+    assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
+
+
+# ---- without JavaScript; escaping ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_lists_render_without_javascript_and_escape_hostile_text(server: ApiServer, workspace: Path,
+                                                                 tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    hostile = job_body(workspace, "hostile", output_dir=HOSTILE)
+    hostile["data_path"] = fake_dataset(workspace, HOSTILE)
+    created = server.create(**hostile)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    assert server.create(**job_body(workspace, "plain", auto_start=True, step_seconds=0.1,
+                                    training={"max_steps": 300})).status_code == 201  # fmt: skip
+    server.wait_status("plain", "running")
+    wait_for(lambda: server.job("plain")["progress"].get("current_step"), what="the first step of 'plain'")
+    # Two GPUs asked while 'plain' holds one: it waits in the queue, and the queue page says why.
+    wide = server.create(**job_body(workspace, "wide", auto_start=True, num_gpus=2))
+    assert wide.status_code == 201 and wide.json()["status"] == "queued", wide.text
+
+    tab = tabs(server, javascript=False)
+    page = tab.goto("/")
+    row = page.locator(f"tr[data-job='{job_id}']")
+    expect(row).to_contain_text(HOSTILE)  # shown as text, in full
+    expect(page.locator("#pwn, img[src=x]")).to_have_count(0)
+    expect(page.locator("tr[data-job='plain'] .bar")).to_contain_text("/300")
+    tab.shot("nojs-jobs")
+    page = tab.goto("/?status=running")
+    expect(page.locator("tr[data-job]")).to_have_count(1)
+    expect(page.locator("tr[data-job='plain']")).to_have_count(1)
+    page = tab.goto("/ui/jobs/" + quote(job_id))
+    expect(page.locator("#job")).to_contain_text(HOSTILE)
+    expect(page.locator("#pwn, img[src=x]")).to_have_count(0)
+    tab.shot("nojs-job")
+    page = tab.goto("/ui/gpus")
+    expect(page.locator("tr[data-gpu] a")).to_have_text("plain")
+    page = tab.goto("/ui/queue")
+    queued = page.locator("tr[data-job='wide']")
+    expect(queued).to_contain_text("1")  # its position
+    expect(queued.locator(".reason")).not_to_be_empty()
+    expect(page.locator(".summary")).to_contain_text("1 queued")
+    tab.shot("nojs-queue")
+
+    # With JavaScript: the list refreshes itself, and what the scripts add is text too.
+    js = tabs(server)
+    page = js.goto("/")
+    bar = page.locator("tr[data-job='plain'] .bar")
+    before = bar.inner_text()
+    expect(bar).not_to_have_text(before, timeout=10_000)
+    expect(page.locator("#pwn, img[src=x]")).to_have_count(0)
+    page = js.goto("/ui/jobs/" + quote(job_id))
+    page.wait_for_function("() => window.dashboard.jobStatus && document.querySelectorAll('#events li').length > 0")
+    expect(page.locator("#attempts-box")).to_contain_text("No run yet.")
+    assert page.evaluate("window.__xss") is None
+    expect(page.locator("#pwn, img[src=x]")).to_have_count(0)
+
+    # A hostile id in the URL comes back escaped, in a 404.
+    with httpx.Client(base_url=tab.base) as http:
+        bad = http.get("/ui/jobs/" + quote('x"><b id=pwn3>', safe=""))
+        assert bad.status_code == 404
+        assert "<b id=pwn3>" not in bad.text and "&lt;b id=pwn3&gt;" in bad.text
+        text = http.get("/").text
+        assert "<img src=x" not in text and "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in text

@@ -1,0 +1,122 @@
+"""Server-Sent Events over real HTTP: a job's log, events and progress, resumed from Last-Event-ID with nothing
+lost or repeated, heartbeats on an idle stream, and `event: end` once the job is over."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from application.services.streams import _visible
+from tests.conftest import ApiServer, job_body, wait_for
+
+
+@dataclass
+class Message:
+    id: str | None
+    event: str | None
+    data: str
+    comment: bool = False
+
+
+def sse(lines: Iterator[str]) -> Iterator[Message]:
+    """Parse an event stream (the subset the server writes: id, event, data, comments)."""
+    mid: str | None = None
+    event: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data or event:
+                yield Message(mid, event, "\n".join(data))
+            mid, event, data = None, None, []
+        elif line.startswith(":"):
+            yield Message(None, None, line[1:].strip(), comment=True)
+        else:
+            field, _, value = line.partition(": ")
+            if field == "id":
+                mid = value
+            elif field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+
+
+def read(server: ApiServer, path: str, *, last_id: str | None = None, stop: Callable[[list[Message]], bool],
+         timeout: float = 30.0) -> list[Message]:  # fmt: skip
+    """Messages until `stop` says so (then the client hangs up) or the stream ends."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    got: list[Message] = []
+    with httpx.Client(base_url=server.base, timeout=timeout) as http, http.stream("GET", path, headers=headers) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        deadline = time.monotonic() + timeout
+        for msg in sse(r.iter_lines()):
+            got.append(msg)
+            if stop(got) or msg.event == "end":
+                break
+            assert time.monotonic() < deadline, f"the stream {path} did not end: {got[-3:]}"
+    return got
+
+
+def data_of(messages: list[Message]) -> list[Message]:
+    return [m for m in messages if not m.comment and m.event is None]
+
+
+def test_log_stream_resumes_from_last_event_id_without_loss_or_repeat(server: ApiServer, workspace: Path) -> None:
+    body = job_body(workspace, "follow", step_seconds=0.05, auto_start=True,
+                    training={"max_steps": 60, "logging_steps": 1})  # fmt: skip
+    assert server.create(**body).json()["status"] == "running"
+    first = read(server, "/jobs/follow/logs/stream", stop=lambda got: len(data_of(got)) >= 15)
+    head = data_of(first)
+    second = read(server, "/jobs/follow/logs/stream", last_id=head[-1].id, stop=lambda got: False, timeout=60)
+    assert second[-1].event == "end" and json.loads(second[-1].data) == {"status": "completed"}
+    lines = [m.data for m in head + data_of(second)]
+    ids = [int(m.id or 0) for m in head + data_of(second)]
+    assert ids == sorted(set(ids)), "byte offsets increase: no message twice"
+    log = Path(server.job("follow")["log_file"]).read_bytes()
+    expected = [_visible(raw) for raw in log.split(b"\n")[:-1]]
+    assert lines == expected  # every line once, in order, as a terminal shows it
+    assert ids[-1] == len(log)
+
+
+def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace: Path) -> None:
+    training = {"max_steps": 40, "logging_steps": 2, "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2}
+    body = job_body(workspace, "evp", step_seconds=0.05, auto_start=True, training=training)
+    server.create(**body)
+    part = data_of(read(server, "/jobs/evp/progress/stream", stop=lambda got: len(data_of(got)) >= 3))
+    rest = read(server, "/jobs/evp/progress/stream", last_id=part[-1].id, stop=lambda got: False, timeout=60)
+    points = [json.loads(m.data) for m in part + data_of(rest)]
+    train = [p["step"] for p in points if "loss" in p]
+    assert train == [1, *range(2, 41, 2)]  # swift logs the first step too
+    assert [p["step"] for p in points if "eval_loss" in p] == [10, 20, 30, 40]  # same steps: ids tell them apart
+    assert all(p["progress"]["max_steps"] == 40 for p in points)
+    end = json.loads(rest[-1].data)
+    assert rest[-1].event == "end" and end["status"] == "completed" and end["progress"]["current_step"] == 40
+
+    wait_for(lambda: server.job("evp")["status"] == "completed")
+    every = server.http.get("/jobs/evp/events", params={"limit": 1000}).json()["events"]
+    head = data_of(read(server, "/jobs/evp/events/stream", stop=lambda got: len(data_of(got)) >= 2))
+    tail = read(server, "/jobs/evp/events/stream", last_id=head[-1].id, stop=lambda got: False)
+    streamed = [json.loads(m.data) for m in head + data_of(tail)]
+    assert [e["id"] for e in streamed] == [e["id"] for e in every]
+    assert [m.id for m in head + data_of(tail)] == [e["id"] for e in every]
+    assert {"checkpoint_saved", "status_completed"} <= {e["type"] for e in streamed}
+
+
+def test_an_idle_stream_gets_heartbeats_and_a_missing_job_is_404(server_factory: Callable[..., ApiServer],
+                                                                 workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"STREAM_HEARTBEAT_SECONDS": "0.3"})
+    server.create(**job_body(workspace, "idle", hang_after_steps=1, auto_start=True))
+    wait_for(lambda: server.job("idle")["progress"]["current_step"])
+    got = read(server, "/jobs/idle/events/stream", stop=lambda got: sum(m.comment for m in got) >= 2)
+    assert [m.data for m in got if m.comment][:2] == ["keep-alive", "keep-alive"]
+    assert server.http.get("/jobs/nope/logs/stream").status_code == 404
+    # An id the stream never sent (a stale or hand-made one) restarts it rather than failing or skipping.
+    first = server.http.get("/jobs/idle/events", params={"limit": 1}).json()["events"][0]
+    for bogus in ("not a number", "null", "12-x"):
+        got = read(server, "/jobs/idle/events/stream", last_id=bogus, stop=lambda got: len(data_of(got)) >= 1)
+        assert data_of(got)[0].id == first["id"]
+    server.http.post("/jobs/idle/stop")

@@ -1,0 +1,140 @@
+"""Webhooks: a signed POST to a real local receiver when a job ends or exports, retried after a 500, each delivery
+recorded as an event; a job's own URL into a private network is refused unless allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import job_body, make_model
+
+SECRET = "webhook-secret-0123456789"
+
+
+class Receiver:
+    """A local HTTP server that records each POST and answers with the next status of `script` (then 200)."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = list(script)
+        self.received: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = receiver.script.pop(0) if receiver.script else 200
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def events(self) -> list[str]:
+        return [h["x-swift-api-event"] for h, _, status in self.received if status == 200]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[[list[int]], Receiver]]:
+    made: list[Receiver] = []
+
+    def make(script: list[int]) -> Receiver:
+        r = Receiver(script).__enter__()
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.__exit__()
+
+
+async def until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+    return got
+
+
+async def test_signed_delivery_retried_after_a_500_and_recorded(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver]
+) -> None:
+    hook = receiver([500])
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"WEBHOOK_URLS": hook.url, "WEBHOOK_SECRET": SECRET, "WEBHOOK_RETRY_SECONDS": 0.1}
+    async with app_factory(**settings) as client:
+        r = await client.post("/jobs", json=job_body(tmp_path, "hooked", auto_start=True, training={"max_steps": 5}))
+        assert r.status_code == 201
+        await until(lambda: {"status_completed", "export_completed"} <= set(hook.events()))
+        # The receiver's first answer was a 500, to the first notification: the job's end.
+        first, second = [r for r in hook.received if r[0]["x-swift-api-event"] == "status_completed"][:2]
+        assert (first[2], second[2]) == (500, 200) and hook.received[0] is first
+        assert first[0]["x-swift-api-delivery"] == second[0]["x-swift-api-delivery"]  # the same delivery, retried
+        headers, body, _ = second
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["x-swift-api-signature"], expected)
+        payload = json.loads(body)
+        assert payload["event"] == "status_completed" and payload["job_id"] == "hooked"
+        assert payload["job"]["status"] == "completed" and payload["job"]["progress"]["current_step"] == 5
+
+        async def delivered() -> list[dict[str, Any]]:
+            events = (await client.get("/jobs/hooked/events")).json()["events"]
+            return [e for e in events if e["type"] == "webhook_delivered"]
+
+        deadline = time.monotonic() + 10
+        while len(found := await delivered()) < 2:
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.05)
+        completed = next(e for e in found if "status_completed" in e["message"])
+        assert completed["data"] == {"url": hook.url, "attempts": 2, "status_code": 200}
+
+
+async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver]
+) -> None:
+    hook = receiver([])
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_SECRET=SECRET) as client:
+        body = job_body(tmp_path, "inside", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
+        await client.post("/jobs", json=body)
+
+        async def refused() -> bool:
+            events = (await client.get("/jobs/inside/events")).json()["events"]
+            return any(e["type"] == "webhook_failed" and "private network" in e["message"] for e in events)
+
+        deadline = time.monotonic() + 30
+        while not await refused():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert hook.received == []
+        bad = await client.post("/jobs", json=job_body(tmp_path, "bad", webhook_url="ftp://example.com/x"))
+        assert bad.status_code == 422 and "webhook_url" in bad.text
+    async with app_factory(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE=True) as client:
+        await client.post("/jobs", json=job_body(tmp_path, "allowed", auto_start=True, webhook_url=hook.url,
+                                                 training={"max_steps": 3}))  # fmt: skip
+        await until(lambda: "status_completed" in hook.events())
+        assert "x-swift-api-signature" in hook.received[-1][0]
