@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     # Local paths in requests must resolve inside these folders (comma-separated; relative to the project).
     DATA_ROOTS: str = "datasets"
     MODEL_ROOTS: str = "models"
+    # POST /files stores uploads under the first data root, in uploads/<owner>/; larger files are refused (413).
+    FILE_MAX_BYTES: int = Field(1 << 30, ge=1, le=1 << 40, description="the largest data set POST /files accepts")
 
     # Per-owner limits (0 = none) and the create rate per key ("30/minute", "0" = none).
     MAX_QUEUED_PER_OWNER: int = Field(0, ge=0, le=1_000_000)

@@ -64,16 +64,29 @@ def _create_body(workspace: Path, name: str) -> dict[str, Any]:
     return job_body(workspace, name, dataset="data", hang_after_steps=1)
 
 
-def _request_for(method: str, path: str, job_id: str, workspace: Path) -> tuple[str, dict[str, Any] | None]:
+FILE_ROW = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
+def _request_for(method: str, path: str, job_id: str, workspace: Path,
+                 file_id: str = "") -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:  # fmt: skip
     # The client's base URL is the API's; a route outside it (/metrics) is named in full.
     url = path.removeprefix("/api/v1/training") if path.startswith("/api/v1/training") else f"http://test{path}"
-    url = url.replace("{job_id}", job_id)
+    url = url.replace("{job_id}", job_id).replace("{file_id}", file_id)
+    if "{path}" in url:
+        # A file the job's output folder holds (settings_for: OUTPUT_ROOT is <workdir>/output).
+        note = workspace / "output" / job_id / "notes.txt"
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text("what the owner may download\n")
+        url = url.replace("{path}", "notes.txt")
     body: dict[str, Any] | None = None
+    files: dict[str, Any] | None = None
     if method == "POST" and url == "/jobs":
         body = _create_body(workspace, f"new-{job_id}")
+    elif method == "POST" and url == "/files":
+        files = {"file": ("train.jsonl", FILE_ROW * 3)}
     elif method == "PATCH":
         body = {"priority": 3}
-    return url, body
+    return url, body, files
 
 
 async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
@@ -94,12 +107,17 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
             assert r.status_code == 201, r.text
             return str(r.json()["job_id"])
 
+        async def alices_file() -> str:
+            r = await client.post("/files", files={"file": ("own.jsonl", FILE_ROW * 3)}, headers=auth(ALICE_KEY))
+            assert r.status_code == 201, r.text
+            return str(r.json()["id"])
+
         for method, path in routes:
             if (method, path) in PUBLIC:
                 assert (await client.request(method, path.removeprefix("/api/v1/training"))).status_code == 200
                 continue
             admin_only = "/queue/processor/" in path or path == "/metrics"
-            on_a_job = "{job_id}" in path
+            on_a_job = "{job_id}" in path or "{file_id}" in path  # another user's job or file: 404
             outcomes: dict[str, int] = {}
             for who, headers in [("nobody", {}), ("wrong", auth("not-a-key-0123456789")),
                                  ("wrong-x", {"X-API-Key": "not-a-key-0123456789"}), ("other", auth(BOB_KEY)),
@@ -109,8 +127,9 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
                 if path.endswith("/stream"):
                     # A stream follows its job until the job ends: end it first, so the answer ends too.
                     await client.post(f"/jobs/{job_id}/stop", headers=auth(ALICE_KEY))
-                url, body = _request_for(method, path, job_id, tmp_path)
-                r = await client.request(method, url, json=body, headers=headers)
+                file_id = await alices_file() if "{file_id}" in path else ""
+                url, body, files = _request_for(method, path, job_id, tmp_path, file_id)
+                r = await client.request(method, url, json=body, files=files, headers=headers)
                 outcomes[who] = r.status_code
                 if who in ("nobody", "wrong", "wrong-x"):
                     assert r.status_code == 401, (method, path, who, r.text)

@@ -8,6 +8,7 @@ from fastapi.routing import APIRoute
 
 TAGS = [
     {"name": "jobs", "description": "Create, run, follow (including Server-Sent Events), pause and export jobs"},
+    {"name": "files", "description": "Upload data sets (.jsonl, .json, .csv) and use their ids as a job's data_path"},
     {"name": "queue", "description": "The GPU queue: order, waits and why, the processor's switch"},
     {"name": "gpus", "description": "The GPUs the scheduler sees and which job holds each"},
     {"name": "system", "description": "Health, host status and metrics"},
@@ -35,7 +36,7 @@ UNITS = {
     "memory_total_gb": "GB", "memory_used_gb": "GB", "memory_free_mb": "MiB", "memory_used_mb": "MiB",
     "used_memory_mb": "MiB", "size_bytes": "bytes", "percentage": "percent", "mean_utilization": "percent",
     "memory_utilization": "percent", "temperature_c": "degrees Celsius", "power_w": "watts",
-    "power_limit_w": "watts",
+    "power_limit_w": "watts", "bytes": "bytes",
 }  # fmt: skip
 
 

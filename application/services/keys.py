@@ -53,6 +53,19 @@ class Keys:
         """Sorted set job_id -> finished_at of terminal jobs: what JOB_RETENTION_DAYS removes, oldest first."""
         return self._k("jobs", "expiry")
 
+    def file(self, file_id: str) -> str:
+        """String: an uploaded file's metadata (JSON of models.file_model.FileObject)."""
+        return self._k("file", file_id)
+
+    @property
+    def files_index(self) -> str:
+        """Sorted set file_id -> created_at: every uploaded file, for an admin's listing."""
+        return self._k("files")
+
+    def owner_files(self, owner: str) -> str:
+        """Sorted set file_id -> created_at: one owner's uploads (`owner` as services.files.owner_folder names it)."""
+        return self._k("files", "owner", owner)
+
     def idempotency(self, owner: str, digest: str) -> str:
         """String with a 24 h TTL: the first response to a request with this Idempotency-Key."""
         return self._k("idempotency", owner, digest)

@@ -1,0 +1,69 @@
+"""A job's output files: the listing, one file (with Range), a folder as a tar (see services/artifacts.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+
+from application.api.deps import CallerDep, JobId, Responses, Training
+from application.models.artifact_model import ArtifactList
+from application.models.job_responses import ErrorResponse
+from application.services import artifacts
+
+router = APIRouter(tags=["jobs"])
+
+_BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
+_TYPES = sorted({t.split(";")[0] for t in (*artifacts.MEDIA_TYPES.values(), artifacts.DEFAULT_MEDIA_TYPE)})
+MISSING: Responses = {
+    404: {"model": ErrorResponse,
+          "description": "No job with this id (or not yours), or no such file or folder in its output folder "
+                         "(also for any path that would lead outside it)"},
+}  # fmt: skip
+DOWNLOAD: Responses = {
+    200: {"content": {t: _BINARY for t in _TYPES}, "description": "the whole file, or the folder as a tar"},
+    206: {"content": {t: _BINARY for t in _TYPES}, "description": "the bytes the Range asked for (Content-Range)"},
+    416: {"model": ErrorResponse, "description": "the Range starts past the end (Content-Range: bytes */size)"},
+    **MISSING,
+}
+
+ArtifactPath = Annotated[
+    str,
+    PathParam(max_length=4096, description="a file's `path` from the listing, or a folder's `tar` (`<folder>.tar`)"),
+]
+RangeHeader = Annotated[
+    str | None,
+    Header(alias="Range", max_length=200,
+           description="one byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n` (others get the whole file)"),
+]  # fmt: skip
+IfRangeHeader = Annotated[
+    str | None,
+    Header(alias="If-Range", max_length=200, description="the ETag or Last-Modified the client has: the Range "
+           "counts only while the file is unchanged"),
+]  # fmt: skip
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=MISSING,
+            operation_id="list_job_artifacts",
+            summary="The files in the job's output folder, and the folders to download as tar")  # fmt: skip
+async def list_job_artifacts(job_id: JobId, svc: Training, caller: CallerDep) -> ArtifactList:
+    """Checkpoints, merged models, logging.jsonl, args.json, loss plots (images/), TensorBoard files (runs/) and
+    the server's logs (logs/), each with its size, time, kind and run folder (a resume makes a new one).
+    At most 5000 entries are looked at (`truncated` says so); symlinks are never followed."""
+    job = await svc.require(job_id, caller)
+    return await artifacts.listing(job, svc.settings.OUTPUT_ROOT)
+
+
+@router.get("/jobs/{job_id}/artifacts/{path:path}", response_class=StreamingResponse, responses=DOWNLOAD,
+            operation_id="download_job_artifact",
+            summary="Download one file of the job's output (Range supported), or `<folder>.tar`")  # fmt: skip
+async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, caller: CallerDep,
+                                range_header: RangeHeader = None, if_range: IfRangeHeader = None,
+                                ) -> StreamingResponse:  # fmt: skip
+    """A file answers 200, or 206 for a Range (resumable downloads); `<folder>.tar` streams a checkpoint, merged
+    model or run folder as an uncompressed tar, read as it is sent (a real file of that name wins)."""
+    job = await svc.require(job_id, caller)
+    got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, path, range_header, if_range)
+    return StreamingResponse(got.body, status_code=got.status, headers=got.headers, media_type=got.media_type)

@@ -1,0 +1,313 @@
+"""A job's output folder over HTTP: what it holds, one file (with Range), one folder as a tar stream.
+
+Hostile paths: the text is checked before any filesystem call (no `..`, `.` or empty parts, no absolute path,
+no control or invisible characters, the bounds of path_sandbox.check_text). It is then resolved (symlinks
+followed) and must land inside the job's output folder, and what it names is opened one component at a time
+with O_NOFOLLOW, so a symlink swapped in after the check cannot lead out either. Every refusal is the same
+NotFound as a missing file: no answer tells what lies outside the folder, or whether it exists.
+
+The disk work is synchronous; `listing` and `download` run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+from application.exceptions import Invalid, NotFound, RangeNotSatisfiable
+from application.models.artifact_model import (
+    ArtifactFile,
+    ArtifactFolder,
+    ArtifactLink,
+    ArtifactList,
+    FileKind,
+    FolderKind,
+)
+from application.models.training_model import Job
+from application.services.artifact_tar import CHUNK, DIR_FLAGS, FILE_FLAGS, OwnedFd, link_inside, tar_chunks, walk
+from application.services.path_sandbox import check_text
+
+# One listing looks at this many entries at most: a folder of millions of files costs one bounded walk.
+MAX_ENTRIES = 5000
+
+_RUN_RE = re.compile(r"^v\d+-\d{8}-\d{6}$")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
+_MERGED_RE = re.compile(r"^checkpoint-\d+-merged$")
+# One table, not `mimetypes`: that one reads /etc/mime.types, so its answers differ from machine to machine.
+MEDIA_TYPES = {
+    ".json": "application/json",
+    ".png": "image/png",
+    ".tar": "application/x-tar",
+    ".md": "text/markdown; charset=utf-8",
+    ".jsonl": "text/plain; charset=utf-8",
+    ".log": "text/plain; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".jinja": "text/plain; charset=utf-8",
+}
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+TAR_MEDIA_TYPE = "application/x-tar"
+
+
+def not_found(job_id: str) -> NotFound:
+    # The path is not echoed: the answer for `../../etc/passwd` is word for word the one for a missing file.
+    return NotFound(
+        f"no such file or folder in the output of job '{job_id}': list them with GET .../jobs/{job_id}/artifacts"
+    )
+
+
+@dataclass
+class Download:
+    """What a download answers: status, headers and a body read lazily in chunks (sync: run in a thread)."""
+
+    status: int
+    media_type: str
+    body: Iterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# ---- paths ------------------------------------------------------------------------------------------------
+
+
+def _parts(text: str) -> list[str] | None:
+    """The components of a requested relative path, or None when no filesystem call should ever see it."""
+    try:
+        check_text("path", text)
+    except Invalid:
+        return None
+    parts = text.split("/")
+    if any(p in ("", ".", "..") for p in parts):  # also refuses "/abs" (a leading empty part) and "a//b"
+        return None
+    return parts
+
+
+def job_folder(job: Job, output_root: Path) -> Path | None:
+    """The job's output folder, resolved; None when it is missing or (moved) outside OUTPUT_ROOT."""
+    root = Path(os.path.realpath(output_root))
+    base = Path(os.path.realpath(job.output_dir))
+    return base if root in base.parents and base.is_dir() else None
+
+
+def _open_inside(base: Path, parts: list[str]) -> tuple[int, os.stat_result] | None:
+    """Open base/parts (already free of symlinks) without following any link: (fd, fstat), or None."""
+    try:
+        fd = os.open(base, DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        for i, part in enumerate(parts):
+            child = os.open(part, FILE_FLAGS if i == len(parts) - 1 else DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def resolve(base: Path, text: str) -> tuple[int, os.stat_result, Path] | None:
+    """(fd, fstat, real path) of what `text` names inside `base`, symlinks inside followed; None for anything
+    missing, outside, or not a plain file or folder."""
+    parts = _parts(text)
+    if parts is None:
+        return None
+    real = Path(os.path.realpath(base.joinpath(*parts)))
+    if real == base:
+        return None
+    if base not in real.parents:
+        return None
+    opened = _open_inside(base, list(real.relative_to(base).parts))
+    return (*opened, real) if opened else None
+
+
+# ---- listing ----------------------------------------------------------------------------------------------
+
+
+def _listable(name: str) -> bool:
+    # Names a download could not ask for (control characters, bytes that are not UTF-8) are left out.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return _parts(name) is not None
+
+
+def file_kind(parts: list[str]) -> FileKind:
+    folders, name = parts[:-1], parts[-1]
+    for folder in folders:
+        if _MERGED_RE.match(folder):
+            return "merged"
+        if _CHECKPOINT_RE.match(folder):
+            return "checkpoint"
+    if "runs" in folders or name.startswith("events.out.tfevents."):
+        return "tensorboard"
+    if "images" in folders and name.endswith(".png"):
+        return "image"
+    if name == "logging.jsonl":
+        return "logging"
+    if name == "args.json":
+        return "args"
+    if folders[:1] == ["logs"] or name.endswith(".log"):
+        return "log"
+    return "other"
+
+
+def folder_kind(parts: list[str]) -> FolderKind | None:
+    name = parts[-1]
+    if _MERGED_RE.match(name):
+        return "merged"
+    if _CHECKPOINT_RE.match(name):
+        return "checkpoint"
+    if len(parts) == 1 and _RUN_RE.match(name):
+        return "run"
+    return None
+
+
+def _run_of(parts: list[str]) -> str | None:
+    return parts[0] if len(parts) > 1 and _RUN_RE.match(parts[0]) else None
+
+
+def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
+    """Blocking: the walk of the job's output folder, at most MAX_ENTRIES entries."""
+    files: list[ArtifactFile] = []
+    folders: dict[str, ArtifactFolder] = {}
+    links: list[ArtifactLink] = []
+    truncated = False
+    base = job_folder(job, output_root)
+    try:
+        fd = os.open(base, DIR_FLAGS) if base else None
+    except OSError:
+        base = fd = None
+    try:
+        for seen, (rel, name, parent_fd, st) in enumerate(walk(fd) if fd is not None else iter(())):
+            if seen >= MAX_ENTRIES:
+                truncated = True
+                break
+            parts = rel.split("/")
+            if not all(_listable(p) for p in parts):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append(ArtifactFile(path=rel, size=st.st_size, mtime=st.st_mtime, kind=file_kind(parts),
+                                          run=_run_of(parts)))  # fmt: skip
+            elif stat.S_ISDIR(st.st_mode) and (kind := folder_kind(parts)):
+                folders[rel] = ArtifactFolder(path=rel, kind=kind, run=parts[0] if _RUN_RE.match(parts[0]) else None,
+                                              tar=f"{rel}.tar", size=0)  # fmt: skip
+            elif stat.S_ISLNK(st.st_mode) and base is not None:
+                target = link_inside(base, rel, name, parent_fd)
+                if target is not None:
+                    links.append(ArtifactLink(path=rel, target=target))
+    except OSError:
+        pass  # the folder went away mid-walk: what was seen so far
+    finally:
+        if fd is not None:
+            os.close(fd)
+    for f in files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            if (folder := folders.get("/".join(parts[:i]))) is not None:
+                folder.size += f.size
+    files.sort(key=lambda f: f.path)
+    return ArtifactList(job_id=job.job_id, files=files, folders=sorted(folders.values(), key=lambda f: f.path),
+                        links=sorted(links, key=lambda link: link.path), total_bytes=sum(f.size for f in files),
+                        truncated=truncated)  # fmt: skip
+
+
+async def listing(job: Job, output_root: Path) -> ArtifactList:
+    return await asyncio.to_thread(list_artifacts, job, output_root)
+
+
+# ---- one file, with Range -----------------------------------------------------------------------------------
+
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The [start, end) a Range header asks for; None means the whole file. Several ranges, another unit or
+    a malformed value are ignored (RFC 9110 14.2 lets a server answer 200 with everything)."""
+    m = _RANGE_RE.match(header) if header else None
+    if m is None or m.groups() == ("", ""):
+        return None
+    first, last = m.groups()
+    if first == "":  # bytes=-n: the last n bytes
+        if int(last) == 0 or size == 0:
+            raise RangeNotSatisfiable(f"the range '{header}' asks for no bytes: the file is {size} bytes", size)
+        return max(0, size - int(last)), size
+    start = int(first)
+    if last != "" and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(f"the range '{header}' starts past the end: the file is {size} bytes", size)
+    return start, size if last == "" else min(int(last) + 1, size)
+
+
+def media_type(name: str) -> str:
+    return MEDIA_TYPES.get(os.path.splitext(name)[1].lower(), DEFAULT_MEDIA_TYPE)
+
+
+def disposition(name: str) -> str:
+    quoted = quote(name)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != name else f'attachment; filename="{name}"'
+
+
+def _chunks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    with f:
+        pos = start
+        while pos < end:
+            data = os.pread(f.fileno(), min(CHUNK, end - pos), pos)
+            if not data:
+                return  # the file shrank since it was opened: the client sees a body shorter than announced
+            pos += len(data)
+            yield data
+
+
+def _file_download(fd: int, st: os.stat_result, name: str, range_header: str | None, if_range: str | None,
+                   ) -> Download:  # fmt: skip
+    f = os.fdopen(fd, "rb", buffering=0)  # owns the fd from here: closed by the body, or when dropped
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": modified,
+               "Content-Disposition": disposition(name)}  # fmt: skip
+    # If-Range: a client resuming a download of a file that has changed since gets all of it again.
+    asked = range_header if if_range is None or if_range in (etag, modified) else None
+    span = parse_range(asked, st.st_size)
+    start, end = span or (0, st.st_size)
+    headers["Content-Length"] = str(end - start)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{st.st_size}"
+    return Download(206 if span else 200, media_type(name), _chunks(f, start, end), headers)
+
+
+def prepare_download(job: Job, output_root: Path, path: str, range_header: str | None = None,
+                     if_range: str | None = None) -> Download:  # fmt: skip
+    """Blocking: open what `path` names (a real file first; else `<folder>.tar` for a folder) and say how to
+    send it. The body reads lazily."""
+    base = job_folder(job, output_root)
+    found = resolve(base, path) if base else None
+    if found is not None and stat.S_ISREG(found[1].st_mode):
+        return _file_download(found[0], found[1], path.rsplit("/", 1)[-1], range_header, if_range)
+    if found is not None:
+        os.close(found[0])
+    if base is not None and path.endswith(".tar") and (folder := resolve(base, path[: -len(".tar")])):
+        fd, st, real = folder
+        if stat.S_ISDIR(st.st_mode):
+            name = path[: -len(".tar")].rsplit("/", 1)[-1]
+            return Download(200, TAR_MEDIA_TYPE, tar_chunks(OwnedFd(fd), real, name),
+                            {"Content-Disposition": disposition(f"{name}.tar"), "Accept-Ranges": "none"})  # fmt: skip
+        os.close(fd)
+    raise not_found(job.job_id)
+
+
+async def download(job: Job, output_root: Path, path: str, range_header: str | None = None,
+                   if_range: str | None = None) -> Download:  # fmt: skip
+    return await asyncio.to_thread(prepare_download, job, output_root, path, range_header, if_range)

@@ -1,0 +1,230 @@
+"""Uploaded data sets (POST /files), like OpenAI's Files API: stored on disk, described in Redis.
+
+A file lives at `<first DATA_ROOTS folder>/uploads/<owner folder>/file-<24 hex><suffix>`: the server names it,
+the client's file name is kept for display only. It is streamed to a hidden temp name in that folder, checked with
+the pre-flight data set check, then renamed into place, so a listed file is always complete and valid.
+
+Redis holds one JSON record per file (Keys.file) and two sorted sets by creation time (the owner's, everyone's);
+both change together in MULTI/EXEC. A crash between the rename and the record leaves an unlisted file on disk, never
+a record without its file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from application.auth import Caller
+from application.config import Settings
+from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound
+from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
+from application.models.training_model import JobStatus
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.preflight import check_dataset
+from application.services.upload_stream import ReceivedUpload, receive_upload
+
+UPLOADS_DIR = "uploads"
+SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
+FILE_REF = re.compile(FILE_ID_PATTERN)
+ANONYMOUS_FOLDER = "_"
+_SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
+_SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A job in one of these may still read its data set: its files cannot be deleted.
+ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+
+
+def owner_folder(owner: str | None) -> str:
+    """The owner's folder (and index) name: the key's name when it is a safe folder name, `_` without keys.
+
+    Key names allow '.', '..' and a leading '_'; those become `_` + a digest, which no plain name or the
+    anonymous `_` can equal."""
+    if owner is None:
+        return ANONYMOUS_FOLDER
+    if _SAFE_FOLDER.match(owner):
+        return owner
+    return "_" + hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def _not_found(file_id: str) -> NotFound:
+    return NotFound(f"file '{file_id}' not found: list your files with GET .../training/files")
+
+
+class FileStore:
+    def __init__(self, settings: Settings, client: aioredis.Redis, keys: Keys, jobs: JobStore) -> None:
+        self.settings = settings
+        # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
+        self.r: Any = client
+        self.keys = keys
+        self.jobs = jobs
+
+    @property
+    def root(self) -> Path:
+        return self.settings.data_roots()[0] / UPLOADS_DIR
+
+    # ---- upload ---------------------------------------------------------------------------------------------
+
+    async def upload(self, chunks: AsyncIterator[bytes], content_type: str | None, content_length: str | None,
+                     caller: Caller) -> FileObject:  # fmt: skip
+        """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind."""
+        folder = self.root / owner_folder(caller.name)
+        try:
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+            # Resolved, as the path sandbox resolves a job's data_path: the stored path is the one jobs record.
+            folder = await asyncio.to_thread(folder.resolve)
+        except OSError as exc:
+            raise InsufficientStorage(f"uploads cannot be stored in {folder} ({exc.strerror}): the first "
+                                      "DATA_ROOTS folder must be writable") from None  # fmt: skip
+        file_id = "file-" + secrets.token_hex(12)
+        try:
+            received = await receive_upload(
+                chunks, content_type, content_length, suffixes=SUFFIXES, max_file_bytes=self.settings.FILE_MAX_BYTES,
+                temp_path=lambda suffix: folder / f".{file_id}.partial{suffix}",
+            )  # fmt: skip
+        except OSError as exc:
+            raise InsufficientStorage(f"the upload could not be written ({exc.strerror})") from None
+        final = folder / f"{file_id}{received.suffix}"
+        try:
+            meta = await self._check(file_id, received, final, caller)
+            await asyncio.to_thread(received.path.replace, final)  # atomic: same folder
+        except BaseException:
+            received.path.unlink(missing_ok=True)
+            raise
+        try:
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.file(file_id), meta.model_dump_json())
+                pipe.zadd(self.keys.owner_files(owner_folder(caller.name)), {file_id: meta.created_at})
+                pipe.zadd(self.keys.files_index, {file_id: meta.created_at})
+                await pipe.execute()
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return meta
+
+    async def _check(self, file_id: str, received: ReceivedUpload, final: Path, caller: Caller) -> FileObject:
+        purpose = received.fields.get("purpose", "sft").strip()
+        if purpose not in PURPOSES:
+            raise Invalid(f"purpose '{purpose[:32]}' is not one of {', '.join(PURPOSES)}")
+        try:
+            info = await asyncio.to_thread(check_dataset, "file", received.path, preference=purpose == "rlhf")
+        except Invalid as exc:
+            # Its message names the temp file; the client knows the file by its own name.
+            raise Invalid(exc.detail.replace(str(received.path), received.filename)) from None
+        return FileObject(id=file_id, owner=caller.name, filename=received.filename, purpose=cast(Purpose, purpose),
+                          bytes=received.size, sha256=received.sha256, rows=info.rows, rows_exact=info.rows_exact,
+                          format=info.format, created_at=time.time(), path=str(final))  # fmt: skip
+
+    # ---- read -----------------------------------------------------------------------------------------------
+
+    async def _load(self, file_id: str) -> FileObject | None:
+        raw = await self.r.get(self.keys.file(file_id))
+        return FileObject.model_validate_json(raw) if raw else None
+
+    async def get(self, file_id: str, caller: Caller) -> FileObject:
+        """Another owner's file is not found, as a missing one is: ids do not tell whether they exist."""
+        meta = await self._load(file_id)
+        if meta is None or not caller.owns(meta.owner):
+            raise _not_found(file_id)
+        return meta
+
+    async def list_files(self, caller: Caller, owner: str | None, offset: int, limit: int) -> FileList:
+        """Newest first. A user key lists its own; an admin key everyone's, or one owner's with `owner`."""
+        if not caller.is_admin:
+            index = self.keys.owner_files(owner_folder(caller.name))
+        elif owner is not None:
+            index = self.keys.owner_files(owner_folder(owner))
+        else:
+            index = self.keys.files_index
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(index)
+            pipe.zrevrange(index, offset, offset + limit - 1)
+            total, ids = await pipe.execute()
+        raws = await self.r.mget([self.keys.file(i) for i in ids]) if ids else []
+        files = [FileObject.model_validate_json(raw) for raw in raws if raw]
+        total = int(total)
+        nxt = offset + limit if offset + limit < total else None
+        return FileList(files=files, total=total, offset=offset, limit=limit, next_offset=nxt)
+
+    # ---- delete ---------------------------------------------------------------------------------------------
+
+    async def delete(self, file_id: str, caller: Caller) -> None:
+        """Remove the record, then the file. Refused (409) while a pending, queued, running or paused job names it.
+
+        The check reads the active jobs' data_path and training fields (one round trip for the ids, one for the
+        fields): a job created in the moment between that check and the delete is not seen, and finds its data
+        set gone when it starts."""
+        meta = await self.get(file_id, caller)
+        users = await self._active_users(meta)
+        if users:
+            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
+            raise Conflict(f"file '{file_id}' is the data set of active job(s) {', '.join(users[:5])}{more}: "
+                           "delete it once they end (or stop them)")  # fmt: skip
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.file(file_id))
+            pipe.zrem(self.keys.owner_files(owner_folder(meta.owner)), file_id)
+            pipe.zrem(self.keys.files_index, file_id)
+            removed, _, _ = await pipe.execute()
+        if not removed:  # a concurrent delete won
+            raise _not_found(file_id)
+        await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
+
+    async def _active_users(self, meta: FileObject) -> list[str]:
+        ids = await self.jobs.ids_with_status(*ACTIVE_STATUSES)
+        rows = await self.jobs.get_fields(ids, ["data_path", "training"])
+        refs = {meta.id, meta.path}
+        users = []
+        for job_id, (data_path, training) in zip(ids, rows, strict=True):
+            values: list[Any] = [json.loads(data_path)] if data_path else []
+            if training:
+                decoded = json.loads(training)
+                for value in decoded.values() if isinstance(decoded, dict) else ():
+                    values.extend(value if isinstance(value, list) else [value])
+            if any(isinstance(v, str) and v in refs for v in values):
+                users.append(job_id)
+        return users
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
+
+    def refuse_others_uploads(self, values: Iterable[str], caller: Caller) -> None:
+        """Invalid when a (sandbox-resolved) data set path lies in another owner's uploads folder: uploads sit
+        inside DATA_ROOTS, and a user key must not train on what someone else uploaded. Paths only, no disk."""
+        if caller.is_admin:
+            return
+        root = Path(os.path.realpath(self.root))
+        own = owner_folder(caller.name)
+        for value in values:
+            path = Path(_SAMPLE_SUFFIX.sub("", value))
+            if path.is_absolute() and root in path.parents and path.relative_to(root).parts[0] != own:
+                raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
+
+    async def resolve_file_ref(self, value: str, caller: Caller, field: str = "data_path") -> str | None:
+        """The stored path of an uploaded file named by its id, for a job's data set fields.
+
+        None when `value` is not a file id (exactly `file-` and 24 hex digits): the caller goes on with it as a
+        path or hub id. Invalid (422) when it is one the caller may not use (missing, or another owner's: the
+        same answer) or whose file is gone from disk. Meant to run before the path sandbox, per field::
+
+            path = await files.resolve_file_ref(req.data_path, caller)
+            data_path = path or req.data_path
+            val = req.training.val_dataset  # and each item of a list
+            if val is not None:
+                val = await files.resolve_file_ref(val, caller, "training.val_dataset") or val
+        """
+        if not FILE_REF.match(value):
+            return None
+        meta = await self._load(value)
+        if meta is None or not caller.owns(meta.owner):
+            raise Invalid(f"{field} {value}: no such file — upload it with POST /files")
+        if not await asyncio.to_thread(Path(meta.path).is_file):
+            raise Invalid(f"{field} {value}: its file is gone from the server — upload it again with POST /files")
+        return meta.path

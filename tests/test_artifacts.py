@@ -1,0 +1,246 @@
+"""A job's output files over real HTTP: the listing, downloads with Range, folders as tar, and hostile paths that
+all get the answer a missing file gets."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.exceptions import RangeNotSatisfiable
+from application.services.artifact_tar import CHUNK, OwnedFd, tar_chunks
+from application.services.artifacts import MAX_ENTRIES, parse_range
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
+
+
+def finished_job(server: ApiServer, workspace: Path, name: str, headers: dict[str, str] | None = None) -> Path:
+    """A job that trained 20 steps (checkpoints 10 and 20) and was exported; its output folder."""
+    body = job_body(workspace, name, auto_start=True, training={"max_steps": 20, "save_steps": 10})
+    r = server.http.post("/jobs", headers=headers, json=body)
+    assert r.status_code == 201, r.text
+    wait_for(lambda: (j := server.http.get(f"/jobs/{name}", headers=headers).json())["status"] == "completed"
+             and j["export"]["status"] == "completed", what=f"job {name} to complete and export")  # fmt: skip
+    return Path(server.http.get(f"/jobs/{name}", headers=headers).json()["output_dir"])
+
+
+def raw_get(server: ApiServer, path: str) -> tuple[int, bytes]:
+    """GET exactly this path: httpx would remove the `..` segments before they reach the server."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", f"/api/v1/training{path}")
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, workspace: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    out = finished_job(server, workspace, "arts")
+    [run] = [p.name for p in out.iterdir() if p.name.startswith("v0-")]
+    r = server.http.get("/jobs/arts/artifacts")
+    assert r.status_code == 200, r.text
+    listing = r.json()
+    files: dict[str, Any] = {f["path"]: f for f in listing["files"]}
+    assert listing["job_id"] == "arts" and listing["truncated"] is False
+    for rel, kind in [(f"{run}/checkpoint-10/adapter_model.safetensors", "checkpoint"),
+                      (f"{run}/checkpoint-20/trainer_state.json", "checkpoint"),
+                      (f"{run}/checkpoint-20-merged/model.safetensors", "merged"),
+                      (f"{run}/logging.jsonl", "logging"), (f"{run}/args.json", "args"),
+                      (f"{run}/images/train_loss.png", "image")]:  # fmt: skip
+        assert files[rel]["kind"] == kind and files[rel]["run"] == run, (rel, files.get(rel))
+        assert files[rel]["size"] == (out / rel).stat().st_size
+    assert {f["kind"] for f in files.values()} >= {"tensorboard", "log"}
+    assert listing["total_bytes"] == sum(f["size"] for f in files.values())
+    folders = {f["path"]: f for f in listing["folders"]}
+    assert {(p, f["kind"]) for p, f in folders.items()} == {
+        (run, "run"), (f"{run}/checkpoint-10", "checkpoint"), (f"{run}/checkpoint-20", "checkpoint"),
+        (f"{run}/checkpoint-20-merged", "merged")}  # fmt: skip
+    assert listing["links"] == [{"path": f"{run}/last-checkpoint", "target": f"{run}/checkpoint-20"}]
+
+    # One file: the bytes on disk, named for saving, resumable.
+    rel = f"{run}/logging.jsonl"
+    data = (out / rel).read_bytes()
+    assert len(data) > 20
+    r = server.http.get(f"/jobs/arts/artifacts/{rel}")
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["accept-ranges"] == "bytes" and r.headers["content-length"] == str(len(data))
+    assert r.headers["content-disposition"] == 'attachment; filename="logging.jsonl"'
+    png = server.http.get(f"/jobs/arts/artifacts/{run}/images/train_loss.png")
+    assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
+    weights = server.http.get(f"/jobs/arts/artifacts/{run}/checkpoint-20/adapter_model.safetensors")
+    assert weights.headers["content-type"] == "application/octet-stream"
+    via_link = server.http.get(f"/jobs/arts/artifacts/{run}/last-checkpoint/adapter_model.safetensors")
+    assert via_link.status_code == 200 and via_link.content == weights.content
+    size = len(data)
+    for asked, status, body, content_range in [
+        ("bytes=0-9", 206, data[:10], f"bytes 0-9/{size}"),
+        ("bytes=-5", 206, data[-5:], f"bytes {size - 5}-{size - 1}/{size}"),
+        ("bytes=10-", 206, data[10:], f"bytes 10-{size - 1}/{size}"),
+        (f"bytes=5-{size + 100}", 206, data[5:], f"bytes 5-{size - 1}/{size}"),
+        ("bytes=0-1,5-6", 200, data, None),  # several ranges: the whole file
+    ]:
+        r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": asked})
+        assert (r.status_code, r.content, r.headers.get("content-range")) == (status, body, content_range), asked
+    r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": f"bytes={size}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}", r.text
+    etag = server.http.get(f"/jobs/arts/artifacts/{rel}").headers["etag"]
+    r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": etag})
+    assert r.status_code == 206 and r.content == data[:10]
+    r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": '"changed"'})
+    assert r.status_code == 200 and r.content == data
+
+    # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.
+    for folder in (f"{run}/checkpoint-20", run):
+        name = folder.rsplit("/", 1)[-1]
+        with server.http.stream("GET", f"/jobs/arts/artifacts/{folder}.tar") as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+            assert r.headers["content-disposition"] == f'attachment; filename="{name}.tar"'
+            assert "content-length" not in r.headers  # streamed as it is read
+            body = r.read()
+        dest = tmp_path / "extracted" / name
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            tar.extractall(dest.parent, filter="data")
+        expected = {p.relative_to(out / folder).as_posix() for p in (out / folder).rglob("*") if p.is_file()
+                    and not p.is_symlink()}  # fmt: skip
+        got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and not p.is_symlink()}
+        assert got == expected and expected
+        for f in expected:
+            assert (dest / f).read_bytes() == (out / folder / f).read_bytes(), f
+    assert members[f"{run}/last-checkpoint"].issym() and members[f"{run}/last-checkpoint"].linkname == "checkpoint-20"
+    assert members[f"{run}/checkpoint-20"].isdir() and members[f"{run}/checkpoint-20"].uname == ""
+
+
+def test_hostile_paths_get_the_answer_a_missing_file_gets(server: ApiServer, workspace: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    out = finished_job(server, workspace, "safe")
+    [run] = [p.name for p in out.iterdir() if p.name.startswith("v0-")]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the output folder")
+    (out / "to-secret").symlink_to(secret)
+    (out / "to-tmp").symlink_to(tmp_path, target_is_directory=True)
+    (out / run / "up").symlink_to("../../..")  # the folder above OUTPUT_ROOT
+    os.mkfifo(out / "pipe")
+    missing = raw_get(server, "/jobs/safe/artifacts/no-such-file")
+    assert missing[0] == 404
+    assert "no such file" in missing[1].decode()
+    rel_secret = os.path.relpath(secret, out)
+    for path in [f"../{out.name}/{run}/args.json", rel_secret, f"%2e%2e/{out.name}/{run}/args.json",
+                 f"%2E%2E%2F{out.name}%2F{run}%2Fargs.json", f"{run}/../{run}/args.json", f"./{run}/args.json",
+                 f"{run}//args.json", f"/{secret}", f"%2F{str(secret)[1:]}", "/etc/passwd", "to-secret",
+                 "to-tmp/secret.txt", "to-tmp.tar", f"{run}/up/secret.txt", f"{run}/up.tar",
+                 f"{run}/args.json%00", "%00", f"{run}%09/args.json", "pipe", f"{run}/checkpoint-20", ".tar",
+                 f"{run}/checkpoint-20/.tar", ""]:  # fmt: skip
+        assert raw_get(server, f"/jobs/safe/artifacts/{path}") == missing, path
+    # A line break never matches a route (Starlette's `.` stops there): the router's own 404.
+    assert raw_get(server, f"/jobs/safe/artifacts/{run}%0a/args.json")[0] == 404
+    # The planted links are not listed as files or links, and nothing from outside shows up.
+    listing = server.http.get("/jobs/safe/artifacts").json()
+    paths = {f["path"] for f in listing["files"]} | {link["path"] for link in listing["links"]}
+    assert not paths & {"to-secret", "to-tmp", f"{run}/up", "pipe"}
+    assert not any("secret" in p for p in paths)
+    # A tar of the run leaves the link that leads out, and what lies behind it, out.
+    names = tarfile.open(fileobj=io.BytesIO(server.http.get(f"/jobs/safe/artifacts/{run}.tar").content)).getnames()
+    assert f"{run}/args.json" in names and not any(n.startswith(f"{run}/up") for n in names)
+
+    # A folder of many files: one listing looks at MAX_ENTRIES entries at most.
+    many = out / "many"
+    many.mkdir()
+    for i in range(MAX_ENTRIES + 10):
+        (many / f"f{i}").touch()
+    listing = server.http.get("/jobs/safe/artifacts").json()
+    assert listing["truncated"] is True and len(listing["files"]) + len(listing["folders"]) <= MAX_ENTRIES
+
+
+def test_another_owners_job_is_missing(server_factory: Callable[..., ApiServer], workspace: Path) -> None:
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    out = finished_job(server, workspace, "mine", headers=auth(ALICE_KEY))
+    [run] = [p.name for p in out.iterdir() if p.name.startswith("v0-")]
+    assert server.http.get("/jobs/mine/artifacts", headers=auth(ALICE_KEY)).status_code == 200
+    nobody = server.http.get("/jobs/nobody/artifacts/x", headers=auth(BOB_KEY))
+    for path in ("/jobs/mine/artifacts", f"/jobs/mine/artifacts/{run}/args.json", f"/jobs/mine/artifacts/{run}.tar"):
+        r = server.http.get(path, headers=auth(BOB_KEY))
+        assert r.status_code == 404 and r.json()["detail"] == nobody.json()["detail"].replace("nobody", "mine")
+    assert server.http.get(f"/jobs/mine/artifacts/{run}/args.json").status_code == 401
+
+
+@pytest.mark.parametrize(("header", "size", "expected"), [
+    (None, 10, None), ("bytes=0-0", 10, (0, 1)), ("bytes=2-", 10, (2, 10)), ("bytes=-3", 10, (7, 10)),
+    ("bytes=-30", 10, (0, 10)), ("BYTES = 1 - 2", 10, (1, 3)), ("bytes=5-2", 10, None), ("items=0-1", 10, None),
+    ("bytes=0-1,3-4", 10, None), ("bytes=-", 10, None), ("bytes=" + "9" * 30 + "-", 10, None),
+])  # fmt: skip
+def test_range_header_forms(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
+    assert parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0), ("bytes=-1", 0)])
+def test_unsatisfiable_ranges(header: str, size: int) -> None:
+    with pytest.raises(RangeNotSatisfiable) as exc:
+        parse_range(header, size)
+    assert exc.value.status_code == 416 and exc.value.headers == {"Content-Range": f"bytes */{size}"}
+
+
+def test_a_tar_streams_in_bounded_chunks(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(5 * CHUNK + 7))
+    (folder / "small.json").write_text("{}")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    chunks = list(tar_chunks(OwnedFd(fd), folder, "checkpoint-1"))
+    assert max(len(c) for c in chunks) <= 2 * CHUNK and len(chunks) > 3
+    body = b"".join(chunks)
+    assert len(body) % tarfile.RECORDSIZE == 0
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        big = tar.extractfile("checkpoint-1/big.bin")
+        assert big is not None and big.read() == (folder / "big.bin").read_bytes()
+
+
+def test_upload_train_and_download_round_trip(server_factory: Callable[..., ApiServer], workspace: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    """What a user outside the server does: upload a data set, train on it by its file id, then fetch the
+    results over HTTP (logging.jsonl, the last checkpoint as tar), without ever touching the server's disk."""
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    alice, bob = auth(ALICE_KEY), auth(BOB_KEY)
+    rows = Path(job_body(workspace, "rt", step_seconds=0.01)["data_path"]).read_bytes()
+    up = server.http.post("/files", files={"file": ("mine.jsonl", rows)}, headers=alice)
+    assert up.status_code == 201, up.text
+    file_id = up.json()["id"]
+    # Bob can name neither Alice's file id nor its path on the server.
+    stored = up.json()["path"]
+    body = job_body(workspace, "rt", data_path=file_id, auto_start=True, training={"max_steps": 6, "save_steps": 3})
+    refused = server.http.post("/jobs", json={**body, "output_dir": "rt-bob"}, headers=bob)
+    assert refused.status_code == 422 and "no such file" in refused.json()["detail"]
+    by_path = server.http.post("/jobs", json={**body, "data_path": stored, "output_dir": "rt-bob2"}, headers=bob)
+    assert by_path.status_code == 422 and "another owner's upload" in by_path.json()["detail"]
+
+    r = server.http.post("/jobs", json=body, headers=alice)
+    assert r.status_code == 201, r.text
+    job = wait_for(lambda: (j := server.http.get("/jobs/rt", headers=alice).json())["status"] == "completed" and j,
+                   what="the run on the uploaded data set")  # fmt: skip
+    assert job["data_path"].endswith(f"{file_id}.jsonl") and job["dataset_rows"] == up.json()["rows"]
+    # The data set swift read is the uploaded one, byte for byte.
+    assert Path(job["data_path"]).read_bytes() == rows
+
+    listing = server.http.get("/jobs/rt/artifacts", headers=alice).json()
+    paths = {f["path"]: f for f in listing["files"]}
+    run = Path(job["run_dir"]).name
+    assert paths[f"{run}/logging.jsonl"]["kind"] == "logging"
+    got = server.http.get(f"/jobs/rt/artifacts/{run}/logging.jsonl", headers=alice)
+    assert got.status_code == 200 and got.content == (Path(job["run_dir"]) / "logging.jsonl").read_bytes()
+    tar = server.http.get(f"/jobs/rt/artifacts/{run}/checkpoint-6.tar", headers=alice)
+    assert tar.status_code == 200
+    out = tmp_path / "fetched"
+    with tarfile.open(fileobj=io.BytesIO(tar.content)) as t:
+        t.extractall(out, filter="data")
+    for f in (Path(job["run_dir"]) / "checkpoint-6").rglob("*"):
+        if f.is_file():
+            fetched = out / "checkpoint-6" / f.relative_to(Path(job["run_dir"]) / "checkpoint-6")
+            assert fetched.read_bytes() == f.read_bytes(), f
+    assert server.http.get(f"/jobs/rt/artifacts/{run}/logging.jsonl", headers=bob).status_code == 404

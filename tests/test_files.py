@@ -1,0 +1,183 @@
+"""Uploaded data sets (POST/GET/DELETE /files) against a real server process and a real Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from application.auth import Caller
+from application.exceptions import Invalid
+from application.services.files import FileStore
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, settings_for
+
+MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+VALID = (json.dumps(MESSAGES) + "\n").encode() * 20
+
+
+def upload(server: ApiServer, content: bytes, name: str = "train.jsonl", key: str | None = ALICE_KEY,
+           **form: str) -> httpx.Response:  # fmt: skip
+    return server.http.post("/files", files={"file": (name, content, "application/octet-stream")}, data=form,
+                            headers=auth(key) if key else {})  # fmt: skip
+
+
+def stored_files(root: Path) -> list[Path]:
+    """Every file under <data root>/uploads, temp files included."""
+    uploads = root / "uploads"
+    return sorted(p for p in uploads.rglob("*") if p.is_file()) if uploads.exists() else []
+
+
+def test_upload_list_get_delete_and_owners(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    r = upload(server, VALID, "my data.jsonl")
+    assert r.status_code == 201, r.text
+    f = r.json()
+    assert f["id"].startswith("file-") and len(f["id"]) == 29
+    assert f["bytes"] == len(VALID) and f["sha256"] == hashlib.sha256(VALID).hexdigest()
+    assert (f["rows"], f["rows_exact"], f["format"]) == (20, True, "messages")
+    assert (f["owner"], f["filename"], f["purpose"], f["object"]) == ("alice", "my data.jsonl", "sft", "file")
+    on_disk = tmp_path / "uploads" / "alice" / f"{f['id']}.jsonl"
+    assert f["path"] == str(on_disk) and on_disk.read_bytes() == VALID
+    assert stored_files(tmp_path) == [on_disk]  # no temp file left
+
+    mine = server.http.get("/files", headers=auth(ALICE_KEY)).json()
+    assert [x["id"] for x in mine["files"]] == [f["id"]] and mine["total"] == 1
+    assert server.http.get(f"/files/{f['id']}", headers=auth(ALICE_KEY)).json() == f
+
+    # Another user's key: the file does not exist for it.
+    for method in ("GET", "DELETE"):
+        other = server.http.request(method, f"/files/{f['id']}", headers=auth(BOB_KEY))
+        assert other.status_code == 404 and "not found" in other.json()["detail"], other.text
+    assert server.http.get("/files", headers=auth(BOB_KEY)).json()["total"] == 0
+    assert server.http.get("/files", params={"owner": "alice"}, headers=auth(BOB_KEY)).json()["total"] == 0
+    assert server.http.get("/files/file-" + "0" * 24, headers=auth(ALICE_KEY)).status_code == 404
+    # An admin sees everyone's, or one owner's.
+    bobs = upload(server, VALID, "b.jsonl", BOB_KEY, purpose="pt").json()
+    everyone = server.http.get("/files", headers=auth(ADMIN_KEY)).json()
+    assert [x["id"] for x in everyone["files"]] == [bobs["id"], f["id"]]  # newest first
+    only = server.http.get("/files", params={"owner": "bob"}, headers=auth(ADMIN_KEY)).json()
+    assert [x["id"] for x in only["files"]] == [bobs["id"]] and only["files"][0]["purpose"] == "pt"
+    page = server.http.get("/files", params={"limit": 1}, headers=auth(ADMIN_KEY)).json()
+    assert page["total"] == 2 and page["next_offset"] == 1 and len(page["files"]) == 1
+    assert server.http.get(f"/files/{f['id']}", headers=auth(ADMIN_KEY)).status_code == 200
+
+    # A hostile name is display only: the file is stored under uploads/<owner>/ by its id.
+    r = upload(server, VALID, "../../etc/passwd.jsonl")
+    assert r.status_code == 201, r.text
+    hostile = r.json()
+    assert hostile["filename"] == "passwd.jsonl"
+    assert Path(hostile["path"]).parent == tmp_path / "uploads" / "alice"
+    assert not (tmp_path.parent / "etc").exists() and not (tmp_path / "etc").exists()
+
+    # Deleting a file an unfinished job reads is refused; once the job ends it goes.
+    body = job_body(tmp_path, "uses-upload", data_path=f["path"])
+    job = server.http.post("/jobs", json=body, headers=auth(ALICE_KEY))
+    assert job.status_code == 201, job.text
+    job_id = job.json()["job_id"]
+    busy = server.http.delete(f"/files/{f['id']}", headers=auth(ALICE_KEY))
+    assert busy.status_code == 409 and job_id in busy.json()["detail"], busy.text
+    assert server.http.post(f"/jobs/{job_id}/stop", headers=auth(ALICE_KEY)).status_code == 200
+    assert server.http.delete(f"/files/{f['id']}", headers=auth(ALICE_KEY)).status_code == 204
+    assert server.http.get(f"/files/{f['id']}", headers=auth(ALICE_KEY)).status_code == 404
+    assert server.http.delete(f"/files/{f['id']}", headers=auth(ALICE_KEY)).status_code == 404
+    assert not on_disk.exists()
+    assert [x["id"] for x in server.http.get("/files", headers=auth(ALICE_KEY)).json()["files"]] == [hostile["id"]]
+    # An admin may delete anyone's.
+    assert server.http.delete(f"/files/{bobs['id']}", headers=auth(ADMIN_KEY)).status_code == 204
+    assert stored_files(tmp_path) == [Path(hostile["path"])]
+
+
+def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+    limit = 4096
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "FILE_MAX_BYTES": str(limit), "MAX_REQUEST_BYTES": "1024"})
+    bad_rows = b'{"text_only_here": 1}\n' * 3
+    r = upload(server, bad_rows, "mine.jsonl")
+    assert r.status_code == 422 and "mine.jsonl" in r.json()["detail"], r.text
+    assert "no columns ms-swift can train on" in r.json()["detail"] and str(tmp_path) not in r.json()["detail"]
+    r = upload(server, b"", "empty.jsonl")
+    assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
+    r = upload(server, VALID, "train.txt")
+    assert r.status_code == 422 and ".jsonl, .json, .csv" in r.json()["detail"], r.text
+    r = upload(server, VALID, "train.jsonl", purpose="dpo")
+    assert r.status_code == 422 and "sft, pt, rlhf" in r.json()["detail"], r.text
+    r = upload(server, VALID, "train.jsonl", purpose="rlhf")  # preference data needs rejected answers
+    assert r.status_code == 422 and "rejected_response" in r.json()["detail"], r.text
+    r = server.http.post("/files", json={"file": "x"}, headers=auth(ALICE_KEY))
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"], r.text
+    r = server.http.post(
+        "/files", data={"purpose": "sft"}, files={"other": ("a.jsonl", VALID)}, headers=auth(ALICE_KEY)
+    )
+    assert r.status_code == 422 and "'file'" in r.json()["detail"], r.text
+    r = upload(server, VALID, key=None)
+    assert r.status_code == 401
+
+    # Over FILE_MAX_BYTES: found while streaming (the body is only a little larger than the limit) ...
+    big = VALID * (limit // len(VALID) + 1)
+    r = upload(server, big)
+    assert r.status_code == 413 and "FILE_MAX_BYTES" in r.json()["detail"] and "4 KiB" in r.json()["detail"], r.text
+    # ... sent without a Content-Length (chunked) ...
+    boundary = "b0undary"
+
+    def chunked() -> Iterator[bytes]:
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.jsonl"\r\n\r\n').encode()
+        for _ in range(10):
+            yield VALID
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = server.http.post("/files", content=chunked(), headers={**auth(ALICE_KEY),
+                         "Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    assert r.status_code == 413 and "FILE_MAX_BYTES" in r.json()["detail"], r.text
+    # ... and a body whose declared length is beyond the limit is refused before it is read.
+    r = upload(server, VALID * 1200)
+    assert r.status_code == 413, r.text
+
+    # A valid file at the limit is accepted, although the body is larger than MAX_REQUEST_BYTES (1 KiB here):
+    # uploads have their own limit.
+    fits = VALID * (limit // len(VALID))
+    r = upload(server, fits)
+    assert r.status_code == 201 and r.json()["bytes"] == len(fits) <= limit, r.text
+    assert stored_files(tmp_path) == [Path(r.json()["path"])]
+    assert server.http.get("/files", headers=auth(ADMIN_KEY)).json()["total"] == 1
+    assert "Traceback" not in server.server_log()  # client errors, not server ones
+
+
+async def test_without_keys_and_the_job_reference_helper(
+    server_factory: Callable[..., ApiServer], tmp_path: Path, redis_url: str
+) -> None:
+    server = server_factory()
+    csv = b"query,response\nhi,hello\nbye,see you\n"
+    r = upload(server, csv, "pairs.CSV", key=None)
+    assert r.status_code == 201, r.text
+    f = r.json()
+    assert f["owner"] is None and (f["rows"], f["format"]) == (2, "query/response")
+    assert Path(f["path"]) == tmp_path / "uploads" / "_" / f"{f['id']}.csv"
+    pref = (json.dumps({**MESSAGES, "rejected_response": "no"}) + "\n").encode() * 3
+    r = upload(server, pref, "prefs.jsonl", key=None, purpose="rlhf")
+    assert r.status_code == 201 and r.json()["purpose"] == "rlhf", r.text
+
+    # What a job create will call for data_path and training.val_dataset.
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = Keys(server.prefix)
+        settings = settings_for(redis_url, tmp_path, REDIS_KEY_PREFIX=server.prefix)
+        files = FileStore(settings, client, keys, JobStore(client, keys))
+        anyone = Caller(None, "admin")
+        assert await files.resolve_file_ref(f["id"], anyone) == f["path"]
+        for value in ("train.jsonl", "AI-ModelScope/alpaca#500", f["id"] + ".csv", " " + f["id"], "file-xyz"):
+            assert await files.resolve_file_ref(value, anyone) is None
+        for caller, file_id in [(Caller("bob", "user"), f["id"]), (anyone, "file-" + "0" * 24)]:
+            try:
+                await files.resolve_file_ref(file_id, caller, "training.val_dataset")
+            except Invalid as exc:
+                assert exc.status_code == 422
+                assert exc.detail == f"training.val_dataset {file_id}: no such file — upload it with POST /files"
+            else:
+                raise AssertionError(f"{caller} may not use {file_id}")
+    finally:
+        await client.aclose()
