@@ -41,8 +41,31 @@ class Conflict(ApiError):
     status_code = 409
 
 
+class RangeNotSatisfiable(ApiError):
+    """A Range that starts past the end of the file; Content-Range says how long the file is."""
+
+    status_code = 416
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail, {"Content-Range": f"bytes */{size}"})
+
+
 class Invalid(ApiError):
     status_code = 422
+
+
+class TooLarge(ApiError):
+    status_code = 413
+
+
+class UnsupportedMediaType(ApiError):
+    status_code = 415
+
+
+class InsufficientStorage(ApiError):
+    """The server could not store an upload (disk full, read-only data root)."""
+
+    status_code = 507
 
 
 class TooMany(ApiError):
@@ -50,3 +73,9 @@ class TooMany(ApiError):
 
     def __init__(self, detail: str, retry_after: float) -> None:
         super().__init__(detail, {"Retry-After": str(max(1, round(retry_after)))})
+
+
+class Unavailable(ApiError):
+    """The server cannot do this now (ms-swift missing, ...): the detail says what an operator must fix."""
+
+    status_code = 503

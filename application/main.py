@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store, poll=settings.STREAM_POLL_SECONDS, heartbeat=settings.STREAM_HEARTBEAT_SECONDS
         )
         app.state.system = SystemService(training, redis_service)
+        app.state.files = training.files
         settings.OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
         for root in (*settings.data_roots(), *settings.model_roots()):
             try:
@@ -129,7 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   generate_unique_id_function=operation_id)  # fmt: skip
     app.state.keys = KeyRing(settings.api_keys)
     app.state.http_metrics = HttpMetrics()
-    app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES)
+    # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
+    app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES,
+                       exempt={f"{settings.API_PREFIX}/training/files"})  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
 
     @app.exception_handler(ApiError)

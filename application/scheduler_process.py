@@ -29,7 +29,7 @@ from application.services.leader import LeaderLock, scheduler_id
 from application.services.queue_processor import QueueProcessor
 from application.services.redis_service import RedisService
 from application.services.swift_command import SwiftVersion, detect_swift_version
-from application.services.swift_info import probe
+from application.services.swift_info import probe, usable
 from application.services.watchdog import WATCH_INTERVAL, Watchdog
 from application.services.webhooks import Webhooks
 from application.utils.gpu_utils import create_inventory
@@ -66,11 +66,17 @@ class Scheduler:
 
     async def publish_swift(self) -> None:
         """What the API workers must know of ms-swift (they may run where it is not installed)."""
+        found, reason = usable(self.settings.SWIFT_BIN)
         version = await self.swift_version()
-        info = await asyncio.to_thread(probe, self.settings.SWIFT_BIN, version.version,
-                                       self.settings.DATA_DIR / "swift-probe")  # fmt: skip
+        info = None
+        if found:
+            info = await asyncio.to_thread(probe, self.settings.SWIFT_BIN, version.version,
+                                           self.settings.DATA_DIR / "swift-probe")  # fmt: skip
+        else:
+            logger.error("ms-swift cannot be run: {}. Creates are refused with 503 until it is fixed", reason)
         await self.cluster.put_swift_info({
-            "bin": self.settings.SWIFT_BIN, "version": version.version, "version_source": version.source,
+            "bin": self.settings.SWIFT_BIN, "version": info.version if info else version.version,
+            "version_source": "detected" if info else version.source, "found": found, "reason": reason,
             "probed": info is not None, "stamp": f"{self.ident}:{time.time()}",
         }, info.raw if info is not None else None)  # fmt: skip
 

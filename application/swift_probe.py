@@ -21,7 +21,8 @@ import sys
 import typing
 from typing import Any
 
-ARGUMENT_CLASSES = ("SftArguments", "PretrainArguments", "RLHFArguments", "ExportArguments")
+# 3.x names the sft class TrainArguments.
+ARGUMENT_CLASSES = ("SftArguments", "TrainArguments", "PretrainArguments", "RLHFArguments", "ExportArguments")
 
 
 def _import_first(*names: str) -> Any:

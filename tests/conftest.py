@@ -140,7 +140,8 @@ class ApiServer:
         self.log = open(self.workdir / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "start.py"), role], cwd=ROOT, env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
-        wait_for(self._healthy, timeout=30, what="the API server to answer /health with a scheduler leading")
+        # Up to a minute: with the real ms-swift the scheduler first reads its arguments (about 7 s on an idle CPU).
+        wait_for(self._healthy, timeout=60, what="the API server to answer /health with a scheduler leading")
         return self
 
     def _healthy(self) -> bool:
@@ -151,10 +152,11 @@ class ApiServer:
             r = self.http.get("/health")
         except httpx.HTTPError:
             return False
-        # Ready once a scheduler leads and has published its GPU reading (creates check requests against it).
+        # Ready once a scheduler leads and has published its GPU reading and what it found of ms-swift (creates
+        # check requests against both).
         body = r.json() if r.status_code == 200 else {}
         return bool(body.get("scheduler", {}).get("ok") and body.get("scheduler", {}).get("gpu_reading_age_seconds")
-                    is not None)  # fmt: skip
+                    is not None and (body.get("swift") or {}).get("ok") is not None)  # fmt: skip
 
     def processes(self) -> list[Any]:
         """start.py and every API worker and scheduler under it (runners have sessions of their own)."""
@@ -293,6 +295,17 @@ def kill_processes_under(root: Path) -> None:
                 p.send_signal(signal.SIGKILL)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+
+
+def seed_swift_probe(workdir: Path, version: str = "4.6.0") -> None:
+    """What the probe of real ms-swift printed (tests/fixtures/swift/probe-<version>.json), put where a server
+    with the fake swift and DATA_DIR=<workdir>/data finds it cached, as if the fake were the real thing."""
+    from application.services.swift_info import cache_file
+
+    target = cache_file(str(FAKE_SWIFT), version, workdir / "data" / "swift-probe")
+    assert target is not None, "the fake swift's shebang names no Python"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text((ROOT / "tests" / "fixtures" / "swift" / f"probe-{version}.json").read_text())
 
 
 @pytest.fixture

@@ -243,3 +243,29 @@ def test_a_stream_that_never_connected_is_unreachable() -> None:
     with Api("http://swift-api.test", transport=httpx.MockTransport(refuse)) as api, pytest.raises(CliError) as caught:
         list(follow(api, "/jobs/job/progress/stream"))
     assert caught.value.code == 3
+
+
+def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServer, workspace: Path,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    data = Path(job_body(workspace, "cli-up", step_seconds=0.01)["data_path"])
+    up = cli_json(server.port, "upload", str(data))
+    assert up["rows"] == 21 and up["id"].startswith("file-")
+    assert any(f["id"] == up["id"] for f in cli_json(server.port, "files")["files"])
+    args = submit_args(workspace, "cli-up", "--set", "max_steps=4", "--set", "save_steps=2", "--follow")
+    args[args.index("--data") + 1] = up["id"]
+    r = cli(server.port, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = server.wait_status("cli-up", "completed")
+    run = Path(job["run_dir"])
+    listing = cli_json(server.port, "artifacts", "cli-up")
+    tars = [f["tar"] for f in listing["folders"]]
+    assert f"{run.name}/checkpoint-4.tar" in tars
+    out = tmp_path / "logging.jsonl"
+    got = cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
+    assert got["bytes"] == out.stat().st_size and out.read_bytes() == (run / "logging.jsonl").read_bytes()
+    # A chosen checkpoint, exported into a named folder.
+    wait_for(lambda: server.job("cli-up")["export"]["status"] != "running", what="the automatic export")
+    exported = cli_json(server.port, "export", "cli-up", "--checkpoint", "checkpoint-2", "--output-name", "two")
+    assert exported["export"]["checkpoint"] == str(run / "checkpoint-2")
+    missing = cli(server.port, "download", "cli-up", "nope.bin", "-o", str(tmp_path / "nope.bin"))
+    assert missing.returncode == 2 and "404" in missing.stderr and not (tmp_path / "nope.bin").exists()

@@ -425,6 +425,7 @@ EXPECTED_ERRORS = {
     (FIX4, "fail_resume_missing_checkpoint"): "FileNotFoundError: path: '/data/lab/nope/checkpoint-3'",
     (FIX4, "sigint_to_process_group"): "KeyboardInterrupt",
     (FIX4, "sigterm_to_launcher_only"): None,
+    (FIX4, "rlhf_dpo"): None,  # a successful DPO run's tail: no error in it
     (FIX3, "fail_dataset"): "ValueError: The local path does not exist, dataset_id: "
     "`/data/lab/does_not_exist.jsonl`. os.path.exists(dataset_id): False",
     (FIX3, "fail_model"): "ValueError: path: '/data/lab/no-such-model' not found",
@@ -648,3 +649,14 @@ def test_a_history_point_carries_when_its_step_ran_not_when_it_was_read() -> Non
     for n, elapsed in ((2, "10s"), (3, "50s"), (4, "1m 30s")):
         step(n, elapsed, t0 + 100)  # one slow poll found three steps
     assert [p["time"] - t0 for p in result.history] == pytest.approx([0.3, 10.3, 50.3, 90.3])
+
+
+def test_dpo_run_has_the_shared_format_with_reward_keys() -> None:
+    # swift rlhf prints the step dicts of sft with rewards/*, logps/*, logits/* besides them.
+    parser, got = feed(read(FIX4 / "rlhf_dpo.stdout.txt", FIX4 / "rlhf_dpo.stderr_tail.txt"))
+    assert [pt["step"] for pt in got.history] == [1, 2, 3, 4, 5, 6]
+    assert got.history[0]["loss"] == 0.6931 and got.history[-1]["loss"] == 0.3461
+    run = "/data/lab/dpo/v0-20261130-102740"
+    assert parser.checkpoints == [f"{run}/checkpoint-3", f"{run}/checkpoint-6"]
+    assert parser.last_checkpoint == f"{run}/checkpoint-6" and parser.train_loss == 0.5771
+    assert parser.progress is not None and (parser.progress.current_step, parser.progress.max_steps) == (6, 6)

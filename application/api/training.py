@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
-from application.api import queue, streams, system
+from application.api import artifacts, files, queue, streams, system
 from application.api.deps import (
     COMMON,
     E404,
@@ -28,12 +28,13 @@ from application.models.job_responses import (
     CheckpointList,
     CreateResponse,
     EventList,
+    ExportList,
     JobList,
     LogsResponse,
     ProgressResponse,
     StatusResponse,
 )
-from application.models.training_model import Job, JobCreate, JobPatch, JobStatus
+from application.models.training_model import ExportRequest, ExportStatus, Job, JobCreate, JobPatch, JobStatus
 from application.services.idempotency import fingerprint
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
@@ -105,14 +106,26 @@ async def stop_job(job_id: JobId, request: Request, svc: Training, caller: Calle
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 
 
-@jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409},
-           summary="Merge the last LoRA checkpoint into the model (swift export --merge_lora true)")  # fmt: skip
+@jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **WITH_BODY},
+           summary="Merge a LoRA checkpoint into the model (swift export --merge_lora true)")  # fmt: skip
 async def export_job(job_id: JobId, request: Request, svc: Training, caller: CallerDep, idem: IdempotencyDep,
+                     body: Annotated[ExportRequest | None, Body()] = None,
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
+    """Without a body: the last checkpoint, merged next to it (`<checkpoint>-merged`). Each export is kept:
+    GET .../exports lists them."""
+
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await svc.export(job_id, caller), {}
+        return 200, await svc.export(job_id, caller, body), {}
 
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+
+
+@jobs.get("/jobs/{job_id}/exports", response_model=ExportList, responses=E404,
+          summary="Every export of the job, oldest first (the last is the current one)")  # fmt: skip
+async def list_job_exports(job_id: JobId, svc: Training, caller: CallerDep) -> ExportList:
+    job = await svc.require(job_id, caller)
+    current = [job.export] if job.export.status != ExportStatus.NONE else []
+    return ExportList(job_id=job_id, exports=[*job.exports, *current])
 
 
 @jobs.post("/jobs/{job_id}/pause", response_model=ActionResponse, responses={**E404, **E409},
@@ -224,6 +237,8 @@ router.include_router(system.public)
 protected = APIRouter(dependencies=[Depends(current_caller)], responses=COMMON)
 protected.include_router(jobs)
 protected.include_router(streams.router)
+protected.include_router(artifacts.router)
+protected.include_router(files.router)
 protected.include_router(queue.router)
 protected.include_router(system.router)
 router.include_router(protected)

@@ -11,7 +11,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 from application.cli import render
 from application.cli.client import DEFAULT_URL, EXIT_OK, EXIT_USAGE, Api, CliError, job_path
@@ -97,6 +99,58 @@ def show(path: str, renderer: Callable[[Any], Any]) -> Command:
     return run
 
 
+def export(api: Api, args: argparse.Namespace, out: Output) -> int:
+    options = {"checkpoint": args.checkpoint, "output_name": args.output_name}
+    body = {k: v for k, v in options.items() if v is not None}
+    out.show(api.post(job_path(args.job_id, "/export"), body or None), render.action)
+    return EXIT_OK
+
+
+def upload(api: Api, args: argparse.Namespace, out: Output) -> int:
+    body = api.upload("/files", Path(args.file), args.purpose)
+    if out.json:
+        out.emit(body)
+    else:
+        out.console.print(render.text(f"{body['id']}  {body['rows']} rows  {body['bytes']} bytes  sha256 "
+                                      f"{body['sha256'][:12]}…  (use it as --data {body['id']})"))  # fmt: skip
+    return EXIT_OK
+
+
+def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
+    body = api.get("/files", limit=args.limit)
+    if out.json:
+        out.emit(body)
+    else:
+        for f in body["files"]:
+            out.line(
+                f"{f['id']}  {f['purpose']:5}  {f['rows'] or '?':>8} rows  {f['bytes']:>12} bytes  {f['filename']}"
+            )
+    return EXIT_OK
+
+
+def artifacts(api: Api, args: argparse.Namespace, out: Output) -> int:
+    body = api.get(job_path(args.job_id, "/artifacts"))
+    if out.json:
+        out.emit(body)
+    else:
+        for f in body["files"]:
+            out.line(f"{f['size']:>12}  {f['kind']:11}  {f['path']}")
+        for d in body.get("folders", []):
+            out.line(f"{d['size']:>12}  {d['kind'] + '/':11}  {d['tar']}")
+    return EXIT_OK
+
+
+def download(api: Api, args: argparse.Namespace, out: Output) -> int:
+    """A file, or a folder as `<folder>.tar`, from the job's output folder."""
+    target = Path(args.output or PurePosixPath(args.path).name)
+    written = api.download(job_path(args.job_id, "/artifacts/" + quote(args.path.strip("/"))), target)
+    if out.json:
+        out.emit({"job_id": args.job_id, "path": args.path, "file": str(target), "bytes": written})
+    else:
+        out.console.print(render.text(f"{target}: {written} bytes"))
+    return EXIT_OK
+
+
 def set_priority(api: Api, args: argparse.Namespace, out: Output) -> int:
     out.show(api.call("PATCH", job_path(args.job_id), body={"priority": args.priority}), render.priority)
     return EXIT_OK
@@ -171,7 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     command("stop", action("stop"), "stop a running job, or cancel a waiting one")
     command("pause", action("pause"), "pause a running job (it resumes from its last checkpoint)")
     command("resume", action("resume"), "resume a paused job, or a stopped/failed one with a checkpoint")
-    command("export", action("export"), "merge the last LoRA checkpoint into the model")
+    sub = command("export", export, "merge a LoRA checkpoint (default: the last) into the model")
+    sub.add_argument("--checkpoint", help="one of the job's checkpoints, e.g. checkpoint-20")
+    sub.add_argument("--output-name", help="write it to <output_dir>/exports/<name>")
+    sub = command("upload", upload, "upload a data set (.jsonl/.json/.csv); prints its file id", job=False)
+    sub.add_argument("file", metavar="FILE")
+    sub.add_argument("--purpose", choices=["sft", "pt", "rlhf"], default="sft")
+    sub = command("files", list_files, "your uploaded data sets, newest first", job=False)
+    sub.add_argument("--limit", type=_positive, default=50)
+    command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
+    sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
+    sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")
+    sub.add_argument("-o", "--output", help="where to write it (default: its name, here)")
     sub = command("priority", set_priority, "change a waiting job's priority")
     sub.add_argument("priority", type=int, metavar="N", help="0-10, 10 first")
     command("queue", show("/queue", render.queue), "the GPU queue in order", job=False)

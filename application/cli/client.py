@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -112,6 +113,44 @@ class Api:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.call("POST", path, body=body)
+
+    def upload(self, path: str, file: Path, purpose: str) -> Any:
+        """POST /files with the file streamed from disk (httpx sends a file object in chunks)."""
+        try:
+            with file.open("rb") as fh:
+                response = self.http.post(path, files={"file": (file.name, fh)}, data={"purpose": purpose},
+                                          timeout=httpx.Timeout(None, connect=10.0))  # fmt: skip
+        except OSError as e:
+            raise CliError(f"cannot read {file}: {e.strerror}", EXIT_USAGE) from e
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from e
+        check(response)
+        return response.json()
+
+    def download(self, path: str, target: Path) -> int:
+        """GET `path` into `target` (written next to it first, then renamed); the bytes written."""
+        partial = target.with_name(f".{target.name}.partial")
+        written = 0
+        try:
+            with self.http.stream("GET", path, timeout=httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)) as response:
+                if not response.is_success:
+                    response.read()
+                    check(response)
+                with partial.open("wb") as fh:
+                    for chunk in response.iter_bytes():
+                        fh.write(chunk)
+                        written += len(chunk)
+            partial.replace(target)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
+        except httpx.TransportError as e:
+            partial.unlink(missing_ok=True)
+            raise unreachable(self.url, e) from e
+        except CliError:
+            partial.unlink(missing_ok=True)
+            raise
+        return written
 
     @contextmanager
     def stream(self, path: str, params: dict[str, Any], last_id: str | None) -> Iterator[Iterator[str]]:

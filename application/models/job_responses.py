@@ -152,3 +152,8 @@ class FieldError(BaseModel):
 class ValidationErrorResponse(BaseModel):
     detail: str = Field(..., description="every problem, one per field: what to change")
     errors: list[FieldError] = Field(default_factory=list, description="the same problems, one object per field")
+
+
+class ExportList(BaseModel):
+    job_id: str
+    exports: list[ExportInfo] = Field(..., description="oldest first; the last is the current one")

@@ -11,6 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from application.services.predictions import parse_time_limit
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TrainingKind = Literal["sft", "pt", "rlhf"]
+# Other names of TrainingParams fields and of ms-swift arguments, accepted in `training` and stored under the
+# second name. ms-swift 2.x's names are mapped, never passed on: 3.x and 4.x exit with `remaining_argv` on them.
+ALIASES = {
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "batch_size",
+    "tuner_type": "train_type",
+    "lora_target_modules": "target_modules",
+    "sft_type": "train_type",
+}
 JOB_ID_HELP = "1-128 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
 
 
@@ -99,7 +109,15 @@ class _Strict(BaseModel):
 
 
 class TrainingParams(_Strict):
-    """Overrides of the spec's fixed Swift parameters; the defaults are the spec's values."""
+    """Overrides of the spec's fixed Swift parameters; the defaults are the spec's values.
+
+    Any other argument of the `swift sft|pt|rlhf` that will run the job may be set here too, by its ms-swift
+    name (`target_modules`, `deepspeed`, `lr_scheduler_type`, `report_to`, `quant_bits`, ...): it is checked
+    against the installed ms-swift's own argument list when the job is created (services/swift_arguments.py).
+    The swift names of the fields below (`num_train_epochs`, `per_device_train_batch_size`, `tuner_type`) and
+    ms-swift 2.x's `lora_target_modules` are accepted as aliases."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     num_epochs: int = Field(1, ge=1, le=1000, description="--num_train_epochs")
     batch_size: int = Field(1, ge=1, le=4096, description="--per_device_train_batch_size")
@@ -129,6 +147,26 @@ class TrainingParams(_Strict):
     multimodal: bool | None = Field(
         None, description="pass --vit_lr/--aligner_lr; default: guessed from the model (VL/vision config)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(k in ALIASES for k in data):
+            return data
+        out = dict(data)
+        for alias, name in ALIASES.items():
+            if alias not in out:
+                continue
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise ValueError(f"training.{alias} and training.{name} are the same argument: set one of them")
+            out[name] = value
+        return out
+
+    @property
+    def extra_arguments(self) -> dict[str, Any]:
+        """The ms-swift arguments beyond the named fields, as checked and converted at create."""
+        return dict(self.model_extra or {})
 
 
 class JobCreate(_Strict):
@@ -182,6 +220,14 @@ class JobCreate(_Strict):
         description="stop the run when it has run this long (it then fails with error_code 'time_limit'): seconds,"
         " or text such as '90m', '2h', '1h30m', '1d'; 1 s to 30 days. The queue plans with it, like Slurm's",
     )
+    kind: TrainingKind = Field(
+        "sft",
+        description="sft: `swift sft`; pt: `swift pt` (pre-training on text); "
+        "rlhf: `swift rlhf --rlhf_type <rlhf_type>` (preference or RL training)",
+    )
+    rlhf_type: str | None = Field(None, pattern=r"^[a-z0-9_]{1,32}$", examples=["dpo"],
+                                  description="with kind rlhf: dpo (default), kto, orpo, simpo, cpo, rm, ppo, grpo, "
+                                  "gkd (whatever the installed ms-swift offers)")  # fmt: skip
     training: TrainingParams = Field(default_factory=TrainingParams)
 
     @field_validator("data_path", "model_path", "output_dir")
@@ -225,6 +271,10 @@ class JobCreate(_Strict):
             if "num_gpus" in self.model_fields_set and self.num_gpus != len(self.gpu_ids):
                 raise ValueError(f"num_gpus={self.num_gpus} disagrees with {len(self.gpu_ids)} gpu_ids")
             self.num_gpus = len(self.gpu_ids)
+        if self.kind == "rlhf":
+            self.rlhf_type = self.rlhf_type or "dpo"
+        elif self.rlhf_type is not None:
+            raise ValueError(f"rlhf_type is for kind 'rlhf' (this job's kind is '{self.kind}')")
         if self.num_gpus == 0 and self.training.torch_dtype == "bfloat16":
             raise ValueError(
                 "torch_dtype bfloat16 needs a GPU: use float32 for a CPU-only job (num_gpus 0), or ask for GPUs"
@@ -234,6 +284,25 @@ class JobCreate(_Strict):
 
 class JobPatch(_Strict):
     priority: int = Field(..., ge=0, le=10)
+
+
+class ExportRequest(_Strict):
+    """What `swift export` makes of a checkpoint. Every field is optional: an empty body merges the last one."""
+
+    checkpoint: str | None = Field(
+        None, max_length=4096, examples=["checkpoint-20"],
+        description="one of the job's checkpoints as GET .../checkpoints lists it: its path, or its folder name "
+        "(checkpoint-20; v1-.../checkpoint-20 when several runs have one of that name). Default: the last",
+    )  # fmt: skip
+    merge_lora: bool = Field(True, description="merge the LoRA adapter into the base model (--merge_lora true)")
+    quant_bits: int | None = Field(None, ge=1, le=8, description="quantize the exported model (--quant_bits)")
+    quant_method: str | None = Field(None, pattern=r"^[a-z0-9_]{1,16}$", examples=["awq"],
+                                     description="with quant_bits: awq, gptq, bnb, fp8 (--quant_method)")  # fmt: skip
+    output_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["merged-v1"],
+        description="write it to <output_dir>/exports/<output_name> (default: <checkpoint>-merged next to the "
+        "checkpoint, as swift does)",
+    )  # fmt: skip
 
 
 class Progress(BaseModel):
@@ -317,6 +386,10 @@ class ExportInfo(BaseModel):
     export_id: str | None = Field(None, description="one export; its runner writes only under it")
     auto: bool = False
     checkpoint: str | None = None
+    merge_lora: bool = True
+    quant_bits: int | None = None
+    quant_method: str | None = None
+    output_dir: str | None = Field(None, description="where swift export writes (default <checkpoint>-merged)")
     path: str | None = None
     error: str | None = None
     pid: int | None = None
@@ -344,6 +417,8 @@ class Job(BaseModel):
     num_gpus: int
     gpu_ids_requested: list[int] | None = None
     min_gpu_memory_gb: float | None = None
+    kind: TrainingKind = "sft"
+    rlhf_type: str | None = None
     training: TrainingParams
     time_limit_seconds: int | None = Field(None, description="the run is stopped past this (failed, time_limit)")
     predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
@@ -391,7 +466,8 @@ class Job(BaseModel):
     best_checkpoint: str | None = None
     train_loss: float | None = None
     train_runtime: float | None = None
-    export: ExportInfo = Field(default_factory=ExportInfo)
+    export: ExportInfo = Field(default_factory=ExportInfo, description="the current (latest) export")
+    exports: list[ExportInfo] = Field(default_factory=list, description="the exports before the current one")
     run_id: str | None = Field(None, description="one swift run of this job; its runner writes only under it")
 
     def duration_seconds(self, now: float) -> float | None:

@@ -1,4 +1,4 @@
-"""What an export of a job will run: `swift export --adapters <checkpoint> --merge_lora true`.
+"""What an export of a job will run: `swift export --adapters <checkpoint> --merge_lora true [--output_dir ...]`.
 
 Prepared by whoever asks for it (an API worker, or the runner after a successful run) and carried out by a
 runner. Synchronous: it looks at the disk (which checkpoint exists, whether the merged folder does).
@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 
 from application.config import Settings
-from application.exceptions import Conflict
-from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
+from application.exceptions import Conflict, Invalid
+from application.models.training_model import ExportInfo, ExportRequest, ExportStatus, Job, JobStatus
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 
@@ -21,11 +21,21 @@ ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, Jo
 
 
 def export_log(job: Job) -> Path:
-    return Path(job.output_dir) / "logs" / f"{job.job_id}.export.log"
+    # One log per export: the logs of earlier exports stay readable next to their records.
+    n = len(job.exports) + (job.export.status != ExportStatus.NONE)
+    return (
+        Path(job.output_dir) / "logs" / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")
+    )
 
 
-def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str | None = None) -> ExportInfo:
-    """The export to run for `job`, or Conflict saying why there is none."""
+# Older exports kept in the job's record (each holds its command and paths: a few hundred bytes).
+EXPORTS_KEPT = 50
+
+
+def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str | None = None,
+                   request: ExportRequest | None = None) -> ExportInfo:  # fmt: skip
+    """The export to run for `job`: Conflict when the job cannot export now, Invalid when the request is wrong."""
+    request = request or ExportRequest()
     if job.status not in ENDED_WITH_SWIFT:
         raise Conflict(
             f"job '{job.job_id}' is {job.status.value}: export needs a finished training run "
@@ -33,19 +43,64 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         )
     if job.export.status == ExportStatus.RUNNING:
         raise Conflict(f"an export of job '{job.job_id}' is already running: wait for it to end")
-    if job.training.train_type == "full":
+    if job.training.train_type == "full" and request.merge_lora:
         raise Conflict(f"job '{job.job_id}' trained the full model: there is no LoRA adapter to merge")
-    if checkpoint is None:
-        if job.last_checkpoint and Path(job.last_checkpoint).is_dir():
-            checkpoint = job.last_checkpoint
-        else:
-            on_disk = find_checkpoints(Path(job.output_dir))
-            checkpoint = on_disk[-1] if on_disk else None
+    quant = request.quant_bits is not None or request.quant_method is not None
+    if quant:
+        # awq, gptq, bnb and fp8 all quantize on CUDA, and an export runs without a GPU lease (the training's
+        # GPUs went back to the queue): a quantized export would fail after loading the model.
+        raise Invalid(
+            "quant_bits/quant_method: quantized exports need a GPU, and exports here run on the CPU "
+            "(the job's GPUs are back in the queue): export with merge_lora and quantize elsewhere"
+        )
+    if not request.merge_lora:
+        raise Invalid("merge_lora false without quant_bits leaves nothing to export: leave merge_lora true")
+    on_disk = find_checkpoints(Path(job.output_dir))
+    wanted = checkpoint or request.checkpoint
+    if wanted is not None:
+        checkpoint = choose_checkpoint(job, wanted, on_disk)
+    elif job.last_checkpoint and Path(job.last_checkpoint).is_dir():
+        checkpoint = job.last_checkpoint
+    else:
+        checkpoint = on_disk[-1] if on_disk else None
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
-    exist_ok = Path(f"{checkpoint}-merged").exists()  # a second export of one checkpoint needs --exist_ok true
+    output_dir = None
+    if request.output_name:
+        output_dir = str(Path(job.output_dir) / "exports" / request.output_name)
+        if Path(output_dir).exists():
+            raise Conflict(f"output_name '{request.output_name}' is taken by an earlier export: choose another")
+    # A second merge of one checkpoint into its default folder needs --exist_ok true.
+    exist_ok = output_dir is None and Path(f"{checkpoint}-merged").exists()
     return ExportInfo(
         status=ExportStatus.RUNNING, export_id=uuid.uuid4().hex, auto=auto, checkpoint=checkpoint,
-        command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok),
+        merge_lora=request.merge_lora, output_dir=output_dir,
+        command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok, output_dir=output_dir),
         log_file=str(export_log(job)), started_at=time.time(),
     )  # fmt: skip
+
+
+def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
+    """One of the job's checkpoints by its path, its path under output_dir, or its folder name (when only one
+    run has a checkpoint of that name). Names that are not the job's own are refused, paths never opened."""
+    root = job.output_dir.rstrip("/") + "/"
+    by_name: dict[str, list[str]] = {}
+    for path in on_disk:
+        by_name.setdefault(Path(path).name, []).append(path)
+    for path in on_disk:
+        if wanted in (path, path.removeprefix(root)):
+            return path
+    matches = by_name.get(wanted, [])
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(p.removeprefix(root) for p in on_disk[-10:]) or "none yet"
+    if len(matches) > 1:
+        raise Invalid(f"checkpoint '{wanted}' is in several runs: name one of {', '.join(matches)}")
+    raise Invalid(f"checkpoint '{wanted}' is not one of job '{job.job_id}''s checkpoints ({names}): see "
+                  "GET .../checkpoints")  # fmt: skip
+
+
+def export_update(job: Job, info: ExportInfo) -> dict[str, object]:
+    """The job fields a new export sets: it becomes the current one, the one before joins the list."""
+    earlier = [*job.exports, job.export] if job.export.status != ExportStatus.NONE else list(job.exports)
+    return {"export": info, "export_stop_requested": False, "exports": earlier[-EXPORTS_KEPT:]}

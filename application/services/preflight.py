@@ -19,13 +19,14 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
 from application.services.path_sandbox import resolve, resolve_output_dir
+from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -281,6 +282,7 @@ class CheckedRequest:
     model_path: str
     output_dir: Path
     dataset: DatasetInfo | None
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 def check_request(
@@ -293,6 +295,7 @@ def check_request(
     settings: Settings,
     info: SwiftInfo | None,
     preference: bool = False,
+    arguments: dict[str, Any] | None = None,
 ) -> CheckedRequest:
     """The path sandbox, then the data set and model checks. Synchronous (touches the disk): run it in a thread."""
     out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
@@ -303,4 +306,29 @@ def check_request(
     dataset = check_dataset("data_path", data.path, preference=preference) if data.path is not None else None
     if model.path is not None:
         check_model("model_path", model.path, model_type, template, info)
-    return CheckedRequest(data.value, model.value, out, dataset)
+    return CheckedRequest(data.value, model.value, out, dataset,
+                          resolve_arguments(arguments or {}, settings, preference=preference))  # fmt: skip
+
+
+def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preference: bool) -> dict[str, Any]:
+    """The swift arguments that name data sets or models, sandboxed like data_path and model_path (a local
+    data set is checked too); the rest as they are."""
+    out = dict(arguments)
+    for name, value in arguments.items():
+        if name not in DATA_ARGUMENTS and name not in MODEL_ARGUMENTS:
+            continue
+        data = name in DATA_ARGUMENTS
+        items = value if isinstance(value, list) else [value]
+        resolved = []
+        for i, item in enumerate(items):
+            where = f"training.{name}" + (f"[{i}]" if isinstance(value, list) else "")
+            if data:
+                r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS")
+                if r.path is not None and r.path.is_file():
+                    check_dataset(where, r.path, preference=preference and name != "cached_dataset")
+            else:
+                r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
+                            setting="MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+            resolved.append(r.value)
+        out[name] = resolved if isinstance(value, list) else resolved[0]
+    return out

@@ -41,7 +41,7 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import ENDED_WITH_SWIFT, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser, extract_error
@@ -243,7 +243,7 @@ class Runner:
         info = info.model_copy(update={"runner": self.info})
         try:
             await self.store.update(
-                self.job_id, {"export": info, "export_stop_requested": False}, statuses=ENDED_WITH_SWIFT,
+                self.job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
                 refuse_export=(ExportStatus.RUNNING,),
                 event=("export_started", f"automatic export of {info.checkpoint} started",
                        {"checkpoint": info.checkpoint, "auto": True}),
@@ -296,7 +296,7 @@ class Runner:
         parser.feed(data)
         parser.flush()
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        merged = parser.merged_path or f"{info.checkpoint}-merged"
+        merged = parser.merged_path or info.output_dir or f"{info.checkpoint}-merged"
         update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
         event: tuple[str, str, dict[str, Any]]
         if code == 0:

@@ -1,4 +1,4 @@
-"""Building `swift sft` / `swift export` argv lists (never shell strings) and finding the ms-swift version."""
+"""Building `swift sft|pt|rlhf` / `swift export` argv lists (never shell strings) and finding the ms-swift version."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from loguru import logger
 
 from application.models.training_model import Job, TrainingParams
+from application.services.swift_arguments import argv_of
 
 NEWEST_MAJOR = 4
 _VL_NAME = re.compile(r"(^|[-_/.])(vl|vision|omni|llava|internvl|minicpm-v|cogvlm|qvq)([-_/.0-9]|$)", re.I)
@@ -127,10 +128,12 @@ def build_sft_command(
     """swift sft's arguments for `job`; `resume_from` a checkpoint (`weights_only`: it holds no optimizer state,
     as with save_only_model, so swift loads only the weights and keeps the global step, as its web UI does)."""
     t: TrainingParams = job.training
+    extra = t.extra_arguments
+    more_data = extra.pop("dataset", None) or []
     argv = [
-        swift_bin, "sft",
+        swift_bin, job.kind,
         "--model", job.model_path,
-        "--dataset", job.data_path,
+        "--dataset", job.data_path, *more_data,
         "--output_dir", job.output_dir,
         version.tuner_flag(), t.train_type,
         "--torch_dtype", torch_dtype_for(job),
@@ -160,9 +163,12 @@ def build_sft_command(
         argv += ["--model_type", t.model_type]
     if t.template:
         argv += ["--template", t.template]
-    if is_local_model(job.model_path):
+    if job.kind == "rlhf":
+        argv += ["--rlhf_type", job.rlhf_type or "dpo"]
+    if is_local_model(job.model_path) and "check_model" not in extra:
         # Otherwise swift spends ~20 s trying to reach the model hub for a local folder.
         argv += ["--check_model", "false"]
+    argv += argv_of(extra)
     if resume_from is not None:
         argv += ["--resume_from_checkpoint", resume_from]
         if weights_only:
@@ -170,8 +176,12 @@ def build_sft_command(
     return argv
 
 
-def build_export_command(swift_bin: str, checkpoint: str, *, exist_ok: bool) -> list[str]:
+def build_export_command(
+    swift_bin: str, checkpoint: str, *, exist_ok: bool, output_dir: str | None = None
+) -> list[str]:
     argv = [swift_bin, "export", "--adapters", checkpoint, "--merge_lora", "true"]
+    if output_dir is not None:
+        argv += ["--output_dir", output_dir]
     if exist_ok:
         argv += ["--exist_ok", "true"]
     return argv

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,25 @@ class SwiftInfo:
         """ms-swift's guess from config.json's first architecture (a model with none matches 'null')."""
         arch = architecture or "null"
         return [name for name, t in self.types.items() if arch in (t.architectures or ("null",))]
+
+
+def usable(swift_bin: str) -> tuple[bool, str | None]:
+    """Whether `swift_bin` can be run at all (else every job would end with exit code 127), and why not."""
+    path = shutil.which(swift_bin)
+    if path is None:
+        exists = os.path.exists(swift_bin)
+        return False, (f"SWIFT_BIN={swift_bin} is not executable" if exists else
+                       f"SWIFT_BIN={swift_bin} was not found (install ms-swift: ./install_all.sh)")  # fmt: skip
+    return True, None
+
+
+def cache_file(swift_bin: str, version: str | None, cache_dir: Path) -> Path | None:
+    """Where the probe's answer for this swift and version is kept."""
+    python = interpreter_of(swift_bin)
+    if python is None:
+        return None
+    tag = hashlib.sha256(f"{python}\0{swift_bin}".encode()).hexdigest()[:16]
+    return cache_dir / f"{version or 'unknown'}-{tag}.json"
 
 
 def probe(swift_bin: str, version: str | None, cache_dir: Path, timeout: float = 180.0) -> SwiftInfo | None:

@@ -89,9 +89,13 @@ class SystemService:
     def _swift(info: dict[str, Any] | None) -> dict[str, Any]:
         if info is None:
             return {"ok": None, "version": None, "bin": None, "detail": "not known yet: the scheduler reports it"}
-        return {"ok": info.get("version") is not None or bool(info.get("probed")), "version": info.get("version"),
-                "version_source": info.get("version_source"), "bin": info.get("bin"),
-                "probed": info.get("probed")}  # fmt: skip
+        found = info.get("found", True)  # stored by an older scheduler: it did not check
+        probed = bool(info.get("probed"))
+        detail = info.get("reason") if not found else (
+            None if probed else "ms-swift's arguments could not be read with SWIFT_BIN's Python: jobs run, but only "
+            "the named training fields can be set")  # fmt: skip
+        return {"ok": bool(found), "version": info.get("version"), "version_source": info.get("version_source"),
+                "bin": info.get("bin"), "probed": probed, "detail": detail}  # fmt: skip
 
     async def system_status(self) -> dict[str, Any]:
         settings = self.service.settings
@@ -125,6 +129,6 @@ class SystemService:
                        "error": gpus.get("error", NO_READING.error)}  # fmt: skip
         body["scheduler"] = self._scheduler(state)
         body["swift"] = self._swift(state["swift"])
-        if not body["scheduler"]["ok"]:
+        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False:
             body["status"] = "degraded"
         return True, body

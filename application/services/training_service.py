@@ -30,9 +30,18 @@ from application.models.job_responses import (
     StatusResponse,
     WaitEstimate,
 )
-from application.models.training_model import ExportStatus, Job, JobCreate, JobStatus, PendingReason
+from application.models.training_model import (
+    ExportRequest,
+    ExportStatus,
+    Job,
+    JobCreate,
+    JobStatus,
+    PendingReason,
+    TrainingParams,
+)
 from application.services.cluster_store import ClusterStore
-from application.services.exports import ENDED_WITH_SWIFT, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
+from application.services.files import FileStore
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
@@ -47,6 +56,13 @@ from application.services.queue_planner import (
 )
 from application.services.run_history import RunHistory
 from application.services.scheduler import QueuedJob, Reason, gpu_is_free
+from application.services.swift_arguments import (
+    DATA_ARGUMENTS,
+    PREFERENCE_TYPES,
+    check_arguments,
+    check_kind,
+    require_usable_swift,
+)
 from application.services.swift_info import SwiftInfo
 from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
@@ -79,6 +95,7 @@ class TrainingService:
         self.history = RunHistory(store.r, store.keys)
         self.started_at = time.time()
         self._swift: tuple[str, SwiftInfo | None] | None = None
+        self.files = FileStore(settings, store.r, store.keys, store)
 
     # ---- what the scheduler published ---------------------------------------------------------------
 
@@ -98,6 +115,23 @@ class TrainingService:
             probe = await self.cluster.swift_probe() if meta.get("probed") else None
             self._swift = (stamp, SwiftInfo.from_json(probe) if probe else None)
         return self._swift[1]
+
+    async def _uploaded(self, req: JobCreate, caller: Caller) -> JobCreate:
+        """The request with uploaded files (`file-<id>`) named by their stored paths; another owner's uploads
+        are refused here, since their folder also lies inside DATA_ROOTS."""
+        data_path = await self.files.resolve_file_ref(req.data_path, caller) or req.data_path
+        extra = req.training.extra_arguments
+        for name in DATA_ARGUMENTS:
+            value = extra.get(name)
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, str) for v in items):
+                field = f"training.{name}"
+                resolved = [await self.files.resolve_file_ref(v, caller, field) or v if isinstance(v, str) else v
+                            for v in items]  # fmt: skip
+                extra[name] = resolved if isinstance(value, list) else resolved[0]
+        named = req.training.model_dump(include=set(TrainingParams.model_fields))
+        training = TrainingParams.model_validate({**named, **extra})
+        return req.model_copy(update={"data_path": data_path, "training": training})
 
     async def _fits(self, job: Job, snapshot: GpuSnapshot, state: tuple[dict[int, str], list[str], int]) -> bool:
         """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs)."""
@@ -148,12 +182,22 @@ class TrainingService:
         cap = self.settings.MAX_GPUS_PER_OWNER
         if cap and caller.name is not None and req.num_gpus > cap:
             raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
+        require_usable_swift(meta)
+        req = await self._uploaded(req, caller)
+        swift = await self.swift_info(meta)
+        check_kind(req.kind, req.rlhf_type, swift)
+        arguments = check_arguments(req.kind, req.training.extra_arguments, swift, pending=meta is None)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread.
         checked = await asyncio.to_thread(
             check_request, req.data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
-            template=req.training.template, settings=self.settings, info=await self.swift_info(meta),
+            template=req.training.template, settings=self.settings, info=swift,
+            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
         )  # fmt: skip
+        data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]
+        self.files.refuse_others_uploads([v for v in data_sets if isinstance(v, str)], caller)
+        named = req.training.model_dump(include=set(TrainingParams.model_fields))
+        training = TrainingParams.model_validate({**named, **checked.arguments})
         base_id = req.job_id or job_id_from(checked.output_dir)
         now = time.time()
         job = Job(
@@ -161,8 +205,8 @@ class TrainingService:
             data_path=checked.data_path, model_path=checked.model_path, output_dir=str(checked.output_dir),
             output_dir_requested=req.output_dir, dataset_rows=checked.dataset.rows if checked.dataset else None,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
-            training=req.training, created_at=now, updated_at=now, time_limit_seconds=req.time_limit_seconds,
-            max_retries=req.max_retries, webhook_url=req.webhook_url,
+            kind=req.kind, rlhf_type=req.rlhf_type, training=training, created_at=now, updated_at=now,
+            time_limit_seconds=req.time_limit_seconds, max_retries=req.max_retries, webhook_url=req.webhook_url,
         )  # fmt: skip
         job.predicted_duration = await self.history.predict(job)
         job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None
@@ -297,15 +341,15 @@ class TrainingService:
         except TransitionRefused as exc:
             raise Conflict(f"job '{job_id}' is {exc.current} now: it can no longer be cancelled") from None
 
-    async def export(self, job_id: str, caller: Caller) -> ActionResponse:
+    async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None) -> ActionResponse:
         """Prepare the export and ask for it; the scheduler's watchdog launches its runner."""
         job = await self.require(job_id, caller)
-        info = await asyncio.to_thread(prepare_export, job, self.settings, auto=False)
+        info = await asyncio.to_thread(prepare_export, job, self.settings, auto=False, request=request)
         # In the set first: a crash right after the update still leaves the request findable.
         await self.store.mark_exporting(job_id, True)
         try:
             await self.store.update(
-                job_id, {"export": info, "export_stop_requested": False}, statuses=ENDED_WITH_SWIFT,
+                job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
                 refuse_export=(ExportStatus.RUNNING,), actor=caller.actor,
                 event=("export_started", f"export of {info.checkpoint} requested",
                        {"checkpoint": info.checkpoint, "auto": False}),
@@ -432,3 +476,7 @@ def snapshot_of(data: dict[str, Any] | None) -> GpuSnapshot:
 def _queued(job: Job) -> QueuedJob:
     return queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                       job.min_gpu_memory_gb, job.predicted_duration.seconds, owner=job.owner)  # fmt: skip
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [] if value is None else [value]

@@ -23,7 +23,7 @@ from application.exceptions import Conflict
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import ENDED_WITH_SWIFT, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.run_end import runner_lost
@@ -110,7 +110,7 @@ class Watchdog:
             return
         try:
             info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
-            await self.store.update(job_id, {"export": info, "export_stop_requested": False},
+            await self.store.update(job_id, export_update(job, info),
                                     statuses=ENDED_WITH_SWIFT, refuse_export=(ExportStatus.RUNNING,),
                                     event=("export_started", f"automatic export of {info.checkpoint} requested",
                                            {"checkpoint": info.checkpoint, "auto": True}))  # fmt: skip

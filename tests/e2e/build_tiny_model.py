@@ -153,6 +153,12 @@ def main(out_dir: Path) -> None:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
 
+    # Preference rows for DPO, as ms-swift reads them: the chat plus a rejected answer (rlhf_dpo.dataset_head).
+    with open(out_dir / "pref.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows[:20]:
+            rejected = " ".join(rng.choice(WORDS) for _ in range(6)) + "."
+            fh.write(json.dumps({**row, "rejected_response": rejected}) + "\n")
+
     params = sum(p.numel() for p in model.parameters())
     print(f"tiny-qwen2: vocab {vocab_size}, {params / 1e6:.2f} M parameters -> {model_dir}")
     print(f"data: {len(rows)} rows -> {out_dir / 'data.jsonl'}")

@@ -314,3 +314,48 @@ def test_real_swift_pause_and_resume_from_the_first_checkpoint(
     saved = [c["step"] for c in cps["checkpoints"]]
     assert saved == sorted(saved) and saved[-1] == steps and at in saved and cps["checkpoints"][-1]["exported"], cps
     assert {c["attempt"] for c in cps["checkpoints"]} == {1, 2}, cps
+
+
+def test_real_swift_dpo_with_arguments_checked_against_the_installed_version(
+    server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
+) -> None:
+    """`kind: rlhf` runs `swift rlhf --rlhf_type dpo` on a preference data set; arguments beyond the named fields
+    (target_modules, beta, lr_scheduler_type) are checked against the real ms-swift's own argument list."""
+    swift, model, data, swift_version = lab
+    server = real_server(server_factory, swift, data.parent)
+    wait_for(lambda: (server.http.get("/health").json().get("swift") or {}).get("probed"), timeout=120, interval=0.5,
+             what="the scheduler to read ms-swift's arguments")  # fmt: skip
+    health = server.http.get("/health").json()["swift"]
+    assert health["ok"] is True and health["version"] == swift_version, health
+    pref = data.parent / "pref.jsonl"
+    training = {
+        "model_type": "qwen2", "template": "qwen2_5", "max_steps": 4, "save_steps": 2, "logging_steps": 1,
+        "gradient_accumulation_steps": 1, "max_length": 128, "lora_rank": 8, "lora_alpha": 16,
+        "dataloader_num_workers": 0, "dataset_num_proc": 1, "split_dataset_ratio": 0,
+        "target_modules": ["q_proj", "v_proj"], "beta": 0.2, "lr_scheduler_type": "linear",
+    }  # fmt: skip
+    wrong = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_dpo", num_gpus=0,
+                          kind="rlhf", training=training)  # fmt: skip
+    assert wrong.status_code == 422 and "rejected_response" in wrong.json()["detail"], wrong.text
+    typo = server.create(data_path=str(pref), model_path=str(model), output_dir="e2e_dpo", num_gpus=0, kind="rlhf",
+                         training={**training, "lr_schedular_type": "linear"})  # fmt: skip
+    assert typo.status_code == 422 and "did you mean lr_scheduler_type" in typo.json()["detail"], typo.text
+    r = server.create(data_path=str(pref), model_path=str(model), output_dir="e2e_dpo", num_gpus=0, kind="rlhf",
+                      rlhf_type="dpo", auto_start=True, training=training)  # fmt: skip
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    try:
+        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed", "stopped") and j,
+                       timeout=TRAIN_DEADLINE, interval=0.5, what=f"DPO job {job_id} to finish")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    assert job["status"] == "completed", diagnose(server, job_id)
+    command = job["command"]
+    assert command[:2] == [str(swift), "rlhf"] and command[command.index("--rlhf_type") + 1] == "dpo", command
+    saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
+    assert saved["rlhf_type"] == "dpo" and saved["beta"] == 0.2 and saved["lr_scheduler_type"] == "linear", saved
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"], saved["target_modules"]
+    assert job["progress"]["current_step"] == 4 and job["progress"]["max_steps"] == 4, job["progress"]
+    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
+    assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2, 3, 4], history
+    assert job["last_checkpoint"] == str(Path(job["run_dir"]) / "checkpoint-4"), job["last_checkpoint"]

@@ -1,0 +1,238 @@
+"""Any `swift sft|pt|rlhf` argument in a job's `training`, checked against the installed ms-swift.
+
+The names and types come from the argument dataclasses of the ms-swift that will run the job (`swift_probe`,
+cached per version). A request's extra `training` keys are checked here, before the job is stored:
+
+- unknown names get the closest real ones ("did you mean target_modules?"), and a name that belongs to another
+  kind of training says which (`beta` is an argument of `swift rlhf`);
+- values are type-checked and converted to what the CLI parses: lists, bools, numbers, dicts as JSON;
+- arguments the server manages (output_dir, resume_from_checkpoint, ...) and ones that load code or read
+  files anywhere on the host are refused with the reason;
+- path-taking arguments (val_dataset, ref_model, adapters, ...) are resolved inside DATA_ROOTS / MODEL_ROOTS
+  by the pre-flight check, like data_path and model_path.
+
+Pure: no I/O. The converted values are stored with the job and rendered by `argv_of` when the command is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from application.exceptions import Invalid, Unavailable
+from application.models.training_model import ALIASES as ALIASES
+from application.models.training_model import TrainingParams
+
+if TYPE_CHECKING:  # swift_info imports swift_command, which renders these arguments
+    from application.services.swift_info import SwiftInfo
+
+NAMED_FIELDS = tuple(TrainingParams.model_fields)
+KIND_CLASSES = {"sft": "SftArguments", "pt": "PretrainArguments", "rlhf": "RLHFArguments"}
+
+# Named TrainingParams fields and the swift names they stand for (both spellings are accepted in `training`).
+SWIFT_NAMES = {"num_epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+               "train_type": "tuner_type"}  # fmt: skip
+MANAGED = {
+    "model": "set the job's model_path",
+    "output_dir": "set the job's output_dir (a folder under OUTPUT_ROOT)",
+    "logging_dir": "the server keeps logs in the job's output folder",
+    "add_version": "the server finds runs by their v<N>-<time> folders",
+    "resume_from_checkpoint": "use POST .../jobs/{id}/resume, which resumes from the job's last checkpoint",
+    "resume_only_model": "use POST .../jobs/{id}/resume",
+    "ignore_args_error": "arguments are checked by the server",
+    "local_rank": "the launcher sets it per process",
+    "rlhf_type": "set the job's rlhf_type (with kind 'rlhf')",
+    "ckpt_dir": "use POST .../jobs/{id}/export",
+    "hub_token": "a secret does not belong in a job (it would be stored and shown): set MODELSCOPE_API_TOKEN / "
+    "HF_TOKEN in the server's environment",
+    "local_repo_path": "it reads a folder anywhere on the server's disk",
+    "custom_register_path": "it runs Python files from the server's disk",
+    "external_plugins": "it runs Python files from the server's disk",
+    "custom_dataset_info": "it reads a file from anywhere on the server: register data sets by path instead",
+}
+
+# Arguments that name data sets or models: resolved by the pre-flight check like data_path / model_path.
+DATA_ARGUMENTS = frozenset({"dataset", "val_dataset", "cached_dataset"})
+MODEL_ARGUMENTS = frozenset({"ref_model", "reward_model", "teacher_model", "adapters", "ref_adapters",
+                             "reward_adapters", "teacher_adapters"})  # fmt: skip
+# Named presets that need no file (ms-swift's own `swift/llm/ds_config/*.json`).
+DEEPSPEED_PRESETS = frozenset({"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"})
+
+# rlhf types whose rows need a rejected answer (KTO labels single answers; PPO/GRPO need prompts only).
+PREFERENCE_TYPES = frozenset({"dpo", "orpo", "simpo", "cpo", "rm"})
+
+MAX_TEXT = 4096
+MAX_ITEMS = 256
+# ms-swift reads a string ending in these (or an absolute path) as a file to load: only the path-taking
+# arguments above may name files, inside the configured roots.
+_FILE_LIKE = re.compile(r"(^(/|~|\.{1,2}/))|(/\.\./)|(\.(txt|json|jsonl|yaml|yml|py|csv|sh|pkl|pt|bin)$)", re.I)
+_SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+
+
+def swift_name(name: str) -> str:
+    return SWIFT_NAMES.get(name, name)
+
+
+def fields_of(info: SwiftInfo, kind: str) -> dict[str, dict[str, Any]]:
+    # 3.x has no PretrainArguments / SftArguments split in every release: TrainArguments stands in.
+    args = info.arguments
+    return args.get(KIND_CLASSES[kind]) or args.get("SftArguments") or args.get("TrainArguments") or {}
+
+
+def require_usable_swift(meta: Mapping[str, Any] | None) -> None:
+    """Refuse (503) a job the installed ms-swift could not run: better now than exit code 127 after its wait.
+    Before the scheduler has looked (meta None), the job is taken; the runner reports a missing swift."""
+    if meta is not None and meta.get("found") is False:
+        raise Unavailable(f"ms-swift cannot be run here: {meta.get('reason') or 'SWIFT_BIN not found'}. An operator "
+                          "must fix SWIFT_BIN (see GET /health) and restart the scheduler")  # fmt: skip
+
+
+def check_kind(kind: str, rlhf_type: str | None, info: SwiftInfo | None) -> None:
+    if kind != "rlhf" or info is None:
+        return
+    spec = info.arguments.get("RLHFArguments", {}).get("rlhf_type")
+    if spec is None:
+        raise Invalid(f"kind 'rlhf' needs `swift rlhf`, which ms-swift {info.version} does not have")
+    choices = spec.get("choices") or []
+    if choices and rlhf_type not in choices:
+        raise Invalid(f"rlhf_type '{rlhf_type}' is not one of ms-swift {info.version}'s: {', '.join(choices)}"
+                      + _closest(str(rlhf_type), choices))  # fmt: skip
+
+
+def _closest(name: str, names: Any) -> str:
+    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return f": did you mean {' or '.join(near)}?" if near else ""
+
+
+def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None, *,
+                    pending: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The extra `training` arguments, checked and converted (a null means swift's default: left out).
+    Raises Invalid naming the first bad one; Unavailable while the scheduler has not read them yet (`pending`)."""
+    out: dict[str, Any] = {}
+    fields = fields_of(info, kind) if info is not None else {}
+    for name, value in extra.items():
+        where = f"training.{name}"
+        if name in MANAGED:
+            raise Invalid(f"{where} is managed by the server: {MANAGED[name]}")
+        if _SECRET_NAME.search(name):
+            raise Invalid(f"{where} is managed by the server: a secret does not belong in a job (it would be stored "
+                          "and shown): set it in the server's environment")  # fmt: skip
+        if name not in fields and (near := difflib.get_close_matches(name, NAMED_FIELDS, n=1, cutoff=0.8)):
+            raise Invalid(f"{where}: unknown field: did you mean {near[0]}?")
+        if info is None or not info.arguments:
+            if pending:
+                raise Unavailable("the scheduler has not read the installed ms-swift's arguments yet (it does at "
+                                  "start, in about 10 s): try again shortly", {"Retry-After": "5"})  # fmt: skip
+            raise Invalid(f"{where}: the server could not read the argument list of the installed ms-swift (see "
+                          "GET /health, swift.detail), so only the named training fields can be set")  # fmt: skip
+        spec = fields.get(name)
+        if spec is None:
+            others = [k for k, cls in KIND_CLASSES.items() if k != kind and name in info.arguments.get(cls, {})]
+            if others:
+                raise Invalid(f"{where} is an argument of `swift {others[0]}`, not `swift {kind}`: set kind "
+                              f"'{others[0]}' to use it")  # fmt: skip
+            raise Invalid(f"{where} is not an argument of `swift {kind}` in ms-swift {info.version}"
+                          + _closest(name, fields))  # fmt: skip
+        if value is None:
+            continue
+        out[name] = convert(where, name, value, spec)
+    return out
+
+
+def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
+    """One value as the CLI will parse it: str/int/float/bool, a list of them, or a JSON text for a dict."""
+    kind = spec.get("kind", "any")
+    if kind == "list":
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise Invalid(f"{where}: give at least one item, or null for swift's default")
+        if len(items) > MAX_ITEMS:
+            raise Invalid(f"{where}: at most {MAX_ITEMS} items")
+        item = {"kind": spec.get("item", "str")}
+        return [_scalar(f"{where}[{i}]", name, v, item) for i, v in enumerate(items)]
+    if kind == "dict":
+        if name == "deepspeed" and isinstance(value, str) and value in DEEPSPEED_PRESETS:
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+        if not isinstance(value, dict):
+            presets = f" or one of {', '.join(sorted(DEEPSPEED_PRESETS))}" if name == "deepspeed" else ""
+            raise Invalid(f"{where} takes a JSON object{presets}")
+        text = json.dumps(value, separators=(",", ":"))
+        if len(text) > 64 * 1024:
+            raise Invalid(f"{where}: at most 64 KiB of JSON")
+        return text
+    return _scalar(where, name, value, spec)
+
+
+def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
+    kind = spec.get("kind", "any")
+    if isinstance(value, (list, dict)):
+        raise Invalid(f"{where} takes one value, not a {'list' if isinstance(value, list) else 'JSON object'}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise Invalid(f"{where} takes true or false")
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"{where} takes a whole number")
+        return value
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise Invalid(f"{where} takes a number")
+        return value
+    if kind == "literal":
+        choices = spec.get("choices") or []
+        for choice in choices:
+            if value == choice or (not isinstance(value, bool) and str(value) == str(choice)):
+                return choice
+        raise Invalid(f"{where} must be one of {', '.join(str(c) for c in choices)}")
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    text = str(value)
+    if len(text) > MAX_TEXT:
+        raise Invalid(f"{where}: at most {MAX_TEXT} characters")
+    if _CONTROL.search(text):
+        raise Invalid(f"{where} contains a control or bidirectional character")
+    if text.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", text):
+        raise Invalid(f"{where} must not start with '-' (swift would read it as an option)")
+    if name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _FILE_LIKE.search(text):
+        raise Invalid(f"{where} looks like a file path: ms-swift would read it from the server's disk. Only "
+                      "data sets (data_path, dataset, val_dataset) and models (model_path, ref_model, adapters, "
+                      "...) may name files, inside DATA_ROOTS / MODEL_ROOTS")  # fmt: skip
+    return text
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def argv_of(arguments: Mapping[str, Any]) -> list[str]:
+    """`--name value` (a list: `--name v1 v2 ...`) for checked arguments, in the order given."""
+    argv: list[str] = []
+    for name, value in arguments.items():
+        if value is None:
+            continue
+        argv.append(f"--{name}")
+        argv += [_flag_value(v) for v in value] if isinstance(value, list) else [_flag_value(value)]
+    return argv

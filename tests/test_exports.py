@@ -1,0 +1,64 @@
+"""Export options over HTTP: a chosen checkpoint, a named output, several exports kept, clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import ApiServer, job_body, wait_for
+
+
+def test_export_of_a_chosen_checkpoint_into_a_named_folder_keeps_every_export(server: ApiServer,
+                                                                              workspace: Path) -> None:  # fmt: skip
+    training = {"max_steps": 20, "save_steps": 5, "save_total_limit": 10}
+    assert server.create(**job_body(workspace, "exp", auto_start=True, training=training)).status_code == 201
+    job = wait_for(lambda: (j := server.job("exp"))["status"] == "completed" and j["export"]["status"] == "completed"
+                   and j, what="the run and its automatic export")  # fmt: skip
+    run = Path(job["run_dir"])
+    assert job["export"]["checkpoint"] == str(run / "checkpoint-20")
+
+    r = server.http.post("/jobs/exp/export", json={"checkpoint": "checkpoint-10", "output_name": "ten"})
+    assert r.status_code == 200, r.text
+    command = r.json()["export"]["command"]
+    assert command[command.index("--adapters") + 1] == str(run / "checkpoint-10")
+    assert command[command.index("--output_dir") + 1] == str(Path(job["output_dir"]) / "exports" / "ten")
+    job = wait_for(lambda: (j := server.job("exp"))["export"]["status"] != "running" and j, what="the export")
+    assert job["export"]["status"] == "completed", job["export"]
+    target = Path(job["output_dir"]) / "exports" / "ten"
+    assert job["export"]["path"] == str(target) and (target / "config.json").is_file()
+
+    # By its path as GET .../checkpoints lists it, too; the default output sits next to the checkpoint.
+    listed = [c["path"] for c in server.http.get("/jobs/exp/checkpoints").json()["checkpoints"]]
+    assert str(run / "checkpoint-5") in listed
+    assert server.http.post("/jobs/exp/export", json={"checkpoint": str(run / "checkpoint-5")}).status_code == 200
+    wait_for(lambda: server.job("exp")["export"]["status"] == "completed", what="the third export")
+    assert (run / "checkpoint-5-merged" / "config.json").is_file()
+
+    exports = server.http.get("/jobs/exp/exports").json()["exports"]
+    assert [Path(e["checkpoint"]).name for e in exports] == ["checkpoint-20", "checkpoint-10", "checkpoint-5"]
+    assert [e["status"] for e in exports] == ["completed"] * 3 and exports[1]["output_dir"] == str(target)
+    # Each export has its own log.
+    assert len({e["log_file"] for e in exports}) == 3 and all(Path(e["log_file"]).is_file() for e in exports)
+
+
+def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServer, workspace: Path) -> None:
+    training = {"max_steps": 10, "save_steps": 5}
+    assert server.create(**job_body(workspace, "bad", auto_start=True, training=training)).status_code == 201
+    wait_for(lambda: (j := server.job("bad"))["status"] == "completed" and j["export"]["status"] == "completed",
+             what="the run and its automatic export")  # fmt: skip
+    cases = [
+        ({"checkpoint": "checkpoint-999"}, 422, "not one of job 'bad''s checkpoints"),
+        ({"checkpoint": "../../../etc"}, 422, "not one of job 'bad''s checkpoints"),
+        ({"checkpoint": "/etc/passwd"}, 422, "not one of job 'bad''s checkpoints"),
+        ({"output_name": "../up"}, 422, "output_name"),
+        ({"quant_bits": 4, "quant_method": "awq"}, 422, "need a GPU"),
+        ({"merge_lora": False}, 422, "nothing to export"),
+        ({"merge": True}, 422, "unknown field"),
+    ]
+    for body, code, says in cases:
+        r = server.http.post("/jobs/bad/export", json=body)
+        assert r.status_code == code and says in r.json()["detail"], (body, r.text)
+    assert server.http.post("/jobs/bad/export", json={"output_name": "once"}).status_code == 200
+    wait_for(lambda: server.job("bad")["export"]["status"] == "completed", what="the named export")
+    again = server.http.post("/jobs/bad/export", json={"output_name": "once"})
+    assert again.status_code == 409 and "choose another" in again.json()["detail"]
+    assert len(server.http.get("/jobs/bad/exports").json()["exports"]) == 2

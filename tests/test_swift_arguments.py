@@ -1,0 +1,225 @@
+"""Any ms-swift argument in `training`, checked against the argument lists of real ms-swift 4.6.0 and 3.5.3."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from application.exceptions import Invalid, Unavailable
+from application.models.training_model import Job, JobCreate, JobStatus, TrainingParams
+from application.services.swift_arguments import argv_of, check_arguments, check_kind, require_usable_swift
+from application.services.swift_command import SwiftVersion, build_sft_command
+from application.services.swift_info import SwiftInfo
+from tests.conftest import ApiServer, fake_dataset, job_body, make_model, seed_swift_probe
+
+FIX = Path(__file__).parent / "fixtures" / "swift"
+V4 = SwiftInfo.from_json(json.loads((FIX / "probe-4.6.0.json").read_text()))
+V3 = SwiftInfo.from_json(json.loads((FIX / "ms-swift-3.5.3" / "probe-arguments-3.5.3.json").read_text()))
+
+
+def refused(kind: str, extra: dict[str, Any], info: SwiftInfo | None = V4) -> str:
+    with pytest.raises(Invalid) as exc:
+        check_arguments(kind, extra, info)
+    return exc.value.detail
+
+
+def test_everyday_arguments_are_converted_to_what_the_cli_parses() -> None:
+    got = check_arguments("sft", {
+        "target_modules": ["q_proj", "v_proj"], "lr_scheduler_type": "linear", "seed": "7", "system": "Be brief.",
+        "report_to": "tensorboard", "attn_impl": "sdpa", "quant_bits": "4", "freeze_vit": "false", "packing": True,
+        "streaming": False, "deepspeed": "zero2", "model_kwargs": {"rope_scaling": None}, "weight_decay": 0,
+        "max_grad_norm": 0.5, "bnb_4bit_quant_type": None,
+    }, V4)  # fmt: skip
+    assert got == {
+        "target_modules": ["q_proj", "v_proj"], "lr_scheduler_type": "linear", "seed": 7, "system": "Be brief.",
+        "report_to": ["tensorboard"], "attn_impl": "sdpa", "quant_bits": 4, "freeze_vit": False, "packing": True,
+        "streaming": False, "deepspeed": "zero2", "model_kwargs": '{"rope_scaling":null}', "weight_decay": 0.0,
+        "max_grad_norm": 0.5,
+    }  # fmt: skip
+    assert argv_of(got)[:6] == ["--target_modules", "q_proj", "v_proj", "--lr_scheduler_type", "linear", "--seed"]
+    assert argv_of({"packing": True, "deepspeed": '{"a":1}', "lr": 1e-05}) == [
+        "--packing", "true", "--deepspeed", '{"a":1}', "--lr", "1e-05"]  # fmt: skip
+
+
+def test_unknown_names_get_the_closest_real_ones() -> None:
+    assert "did you mean target_modules" in refused("sft", {"target_module": ["all-linear"]})
+    assert "not an argument of `swift sft` in ms-swift 4.6.0" in refused("sft", {"no_such_thing": 1})
+    # An argument of another kind of training says which kind has it.
+    assert "`swift rlhf`" in refused("sft", {"beta": 0.1}) and "kind 'rlhf'" in refused("sft", {"beta": 0.1})
+    assert check_arguments("rlhf", {"beta": 0.1}, V4) == {"beta": 0.1}
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("output_dir", "/tmp/x", "set the job's output_dir"),
+    ("resume_from_checkpoint", "x/checkpoint-1", "/resume"),
+    ("add_version", False, "v<N>"),
+    ("hub_token", "secret", "secret"),
+    ("swanlab_token", "secret", "secret"),
+    ("local_repo_path", "/srv/repo", "anywhere on the server"),
+    ("custom_register_path", ["evil.py"], "runs Python files"),
+    ("external_plugins", ["plugin.py"], "runs Python files"),
+    ("rlhf_type", "dpo", "rlhf_type"),
+])  # fmt: skip
+def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: str, value: Any, says: str) -> None:
+    message = refused("sft", {name: value})
+    assert "managed by the server" in message and says in message
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"seed": "abc"}, "whole number"),
+    ({"seed": True}, "whole number"),
+    ({"learning_rate_x": 1}, "did you mean learning_rate"),
+    ({"xyz_abc": 1}, "not an argument"),
+    ({"quant_bits": 5}, "one of 1, 2, 3, 4, 8, float8"),
+    ({"packing": "yes"}, "true or false"),
+    ({"target_modules": []}, "at least one item"),
+    ({"deepspeed": "/etc/ds.json"}, "JSON object or one of zero0"),
+    ({"model_kwargs": "not json"}, "JSON object"),
+    ({"system": "/etc/passwd"}, "looks like a file path"),
+    ({"system": "prompt.txt"}, "looks like a file path"),
+    ({"system": "line\x1b[31m"}, "control"),
+    ({"lr_scheduler_type": "--output_dir"}, "must not start with '-'"),
+    ({"lr_scheduler_type": ["a", "b"]}, "one value"),
+])  # fmt: skip
+def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
+    assert says in refused("sft", extra)
+
+
+def test_without_the_argument_list_only_named_fields_can_be_set() -> None:
+    assert check_arguments("sft", {}, None) == {}
+    assert "could not read the argument list" in refused("sft", {"seed": 1}, None)
+    # A typo of a named field is named as such with or without the list.
+    assert "unknown field: did you mean lora_rank?" in refused("sft", {"lora_rnk": 8}, None)
+    assert "unknown field: did you mean lora_rank?" in refused("sft", {"lora_rnk": 8}, V4)
+    with pytest.raises(Unavailable, match="try again shortly") as exc:
+        check_arguments("sft", {"seed": 1}, None, pending=True)
+    assert exc.value.headers == {"Retry-After": "5"}
+
+
+def test_the_3x_line_is_checked_against_its_own_list() -> None:
+    assert check_arguments("sft", {"target_modules": "all-linear", "deepspeed": "zero3"}, V3) == {
+        "target_modules": ["all-linear"], "deepspeed": "zero3"}  # fmt: skip
+    new_in_4 = sorted(set(V4.arguments["SftArguments"]) - set(V3.arguments["TrainArguments"]) - {"tuner_type"})
+    assert "ms-swift 3.5.3" in refused("sft", {new_in_4[0]: None}, V3)
+
+
+def test_old_and_swift_names_are_aliases_of_the_named_fields() -> None:
+    t = TrainingParams.model_validate({"lora_target_modules": ["q_proj"], "num_train_epochs": 2, "tuner_type": "full",
+                                       "per_device_train_batch_size": 4})  # fmt: skip
+    assert (t.num_epochs, t.batch_size, t.train_type) == (2, 4, "full")
+    assert t.extra_arguments == {"target_modules": ["q_proj"]}
+    with pytest.raises(ValidationError, match="same argument"):
+        TrainingParams.model_validate({"num_train_epochs": 2, "num_epochs": 3})
+
+
+def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
+    req = JobCreate.model_validate(
+        {
+            "data_path": "d/x",
+            "model_path": "m/x",
+            "output_dir": "o",
+            "kind": "rlhf",
+            "training": {"target_modules": ["q_proj"], "dataset": ["more/data"], "beta": 0.2},
+        }
+    )
+    assert req.rlhf_type == "dpo"
+    training = TrainingParams.model_validate({**req.training.model_dump(include=set(TrainingParams.model_fields)),
+                                              **check_arguments("rlhf", req.training.extra_arguments, V4)})  # fmt: skip
+    job = Job(job_id="j", status=JobStatus.PENDING, priority=5, data_path="d/x", model_path="m/x", output_dir="/o",
+              output_dir_requested="o", num_gpus=1, kind="rlhf", rlhf_type="dpo", training=training, created_at=0,
+              updated_at=0)  # fmt: skip
+    argv = build_sft_command("swift", job, SwiftVersion("4.6.0", "setting"))
+    assert argv[:6] == ["swift", "rlhf", "--model", "m/x", "--dataset", "d/x"] and argv[6] == "more/data"
+    assert argv[argv.index("--rlhf_type") + 1] == "dpo" and "--tuner_type" in argv
+    assert argv[-4:] == ["--target_modules", "q_proj", "--beta", "0.2"]
+    assert build_sft_command("swift", job, SwiftVersion("3.5.3", "setting")).count("--train_type") == 1
+    with pytest.raises(ValidationError, match="rlhf_type is for kind 'rlhf'"):
+        JobCreate(data_path="d/x", model_path="m/x", output_dir="o", rlhf_type="dpo")
+    check_kind("rlhf", "kto", V4)
+    with pytest.raises(Invalid, match=r"not one of ms-swift 4\.6\.0's"):
+        check_kind("rlhf", "dpoo", V4)
+
+
+def test_a_swift_that_cannot_run_refuses_creates_with_503() -> None:
+    require_usable_swift(None)  # not known yet: the runner will tell
+    require_usable_swift({"found": True})
+    with pytest.raises(Unavailable, match="SWIFT_BIN=/nope was not found"):
+        require_usable_swift({"found": False, "reason": "SWIFT_BIN=/nope was not found"})
+
+
+# ---- over HTTP: a server whose (fake) swift has the argument list of real ms-swift 4.6.0 ---------------------
+
+
+@pytest.fixture
+def probed(server_factory: Callable[..., ApiServer], tmp_path: Path) -> ApiServer:
+    seed_swift_probe(tmp_path)
+    server = server_factory()
+    assert server.http.get("/health").json()["swift"]["probed"] is True
+    return server
+
+
+def qwen_body(workspace: Path, name: str, **options: Any) -> dict[str, Any]:
+    # A folder name ms-swift knows, so it needs no model_type/template (as with the real registry).
+    model = make_model(workspace / "models" / "Qwen2.5-0.5B-Instruct")
+    return job_body(workspace, name, model_path=str(model), **options)
+
+
+def test_any_argument_reaches_swift_and_a_wrong_one_is_a_422_that_stores_nothing(probed: ApiServer,
+                                                                                 workspace: Path) -> None:  # fmt: skip
+    before = probed.http.get("/jobs").json()["total"]
+    bad = probed.create(**qwen_body(workspace, "bad", training={"target_module": ["q_proj"]}))
+    assert bad.status_code == 422 and "did you mean target_modules" in bad.json()["detail"]
+    managed = probed.create(**qwen_body(workspace, "bad2", training={"output_dir": "/tmp/elsewhere"}))
+    assert managed.status_code == 422 and "managed by the server" in managed.json()["detail"]
+    outside = probed.create(**qwen_body(workspace, "bad3", training={"val_dataset": ["/etc/hostname"]}))
+    assert outside.status_code == 422
+    assert "training.val_dataset[0] must be inside DATA_ROOTS" in outside.json()["detail"]
+    assert probed.http.get("/jobs").json()["total"] == before
+
+    val = fake_dataset(workspace, "val")
+    training = {"lora_target_modules": ["q_proj", "v_proj"], "lr_scheduler_type": "linear", "seed": 7,
+                "report_to": "tensorboard", "deepspeed": "zero2", "val_dataset": val, "max_steps": 4}  # fmt: skip
+    r = probed.create(**qwen_body(workspace, "args", auto_start=True, training=training))
+    assert r.status_code == 201, r.text
+    job = probed.wait_status("args", "completed")
+    assert job["training"]["target_modules"] == ["q_proj", "v_proj"] and job["training"]["val_dataset"] == [val]
+    cmd = job["command"]
+    assert cmd[cmd.index("--target_modules") + 1 : cmd.index("--target_modules") + 3] == ["q_proj", "v_proj"]
+    # What the (fake) swift parsed and saved, as real swift saves args.json in its run folder.
+    saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
+    assert (saved["target_modules"], saved["lr_scheduler_type"], saved["seed"]) == (["q_proj", "v_proj"], "linear", 7)
+    assert (saved["report_to"], saved["deepspeed"], saved["val_dataset"]) == ("tensorboard", "zero2", val)
+
+
+def test_preference_training_runs_swift_rlhf_and_checks_its_data(probed: ApiServer, workspace: Path) -> None:
+    plain = probed.create(**qwen_body(workspace, "dpo-plain", kind="rlhf"))
+    assert plain.status_code == 422 and "rejected_response" in plain.json()["detail"]
+    data = workspace / "pref.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+           "rejected_response": "go away"}  # fmt: skip
+    data.write_text((json.dumps(row) + "\n") * 8)
+    r = probed.create(**qwen_body(workspace, "dpo", kind="rlhf", rlhf_type="dpo", data_path=str(data),
+                                  auto_start=True, training={"beta": 0.2, "max_steps": 4}))  # fmt: skip
+    assert r.status_code == 201, r.text
+    job = probed.wait_status("dpo", "completed")
+    assert job["kind"] == "rlhf" and job["command"][1] == "rlhf"
+    assert job["command"][job["command"].index("--rlhf_type") + 1] == "dpo" and "--beta" in job["command"]
+    assert job["progress"]["current_step"] == 4 and job["checkpoints"]
+    sft_only = probed.create(**qwen_body(workspace, "beta-sft", training={"beta": 0.2}))
+    assert sft_only.status_code == 422 and "kind 'rlhf'" in sft_only.json()["detail"]
+
+
+def test_without_a_runnable_swift_health_is_degraded_and_creates_are_503(server_factory: Callable[..., ApiServer],
+                                                                         workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"SWIFT_BIN": str(workspace / "no-swift-here")})
+    health = server.http.get("/health").json()
+    assert health["status"] == "degraded" and health["swift"]["ok"] is False
+    assert "was not found" in health["swift"]["detail"]
+    r = server.create(**job_body(workspace, "nope"))
+    assert r.status_code == 503 and "SWIFT_BIN" in r.json()["detail"]
+    assert server.http.get("/jobs").json()["total"] == 0
