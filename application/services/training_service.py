@@ -121,6 +121,8 @@ class TrainingService:
         are refused here, since their folder also lies inside DATA_ROOTS."""
         data_path = await self.files.resolve_file_ref(req.data_path, caller) or req.data_path
         extra = req.training.extra_arguments
+        if not extra and data_path == req.data_path:
+            return req
         for name in DATA_ARGUMENTS:
             value = extra.get(name)
             items = value if isinstance(value, list) else [value]
@@ -196,8 +198,10 @@ class TrainingService:
         )  # fmt: skip
         data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]
         self.files.refuse_others_uploads([v for v in data_sets if isinstance(v, str)], caller)
-        named = req.training.model_dump(include=set(TrainingParams.model_fields))
-        training = TrainingParams.model_validate({**named, **checked.arguments})
+        training = req.training
+        if checked.arguments:
+            named = req.training.model_dump(include=set(TrainingParams.model_fields))
+            training = TrainingParams.model_validate({**named, **checked.arguments})
         base_id = req.job_id or job_id_from(checked.output_dir)
         now = time.time()
         job = Job(
@@ -456,8 +460,9 @@ class TrainingService:
         position, stopped = await asyncio.gather(self.store.queue_position(job_id), self.processor_stopped())
         if position is None:
             return QueueInfo(None, None, None)
-        if position > ESTIMATE_WINDOW:
-            # The estimate simulates the queue ahead: past this many, nobody can tell.
+        if position > ESTIMATE_WINDOW or stopped is not None:
+            # The estimate simulates the queue ahead: past this many nobody can tell, and while no pass runs
+            # (no scheduler, or its switch is off) no wait can be told at all.
             reason = pending_reason(Reason("priority"), time.time(), stopped)
             return QueueInfo(position, None, reason)
         view, head = await asyncio.gather(self.view(), self.cluster.queue_head())
