@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,3 +183,32 @@ async def test_without_keys_and_the_job_reference_helper(
                 raise AssertionError(f"{caller} may not use {file_id}")
     finally:
         await client.aclose()
+
+
+async def test_files_left_by_a_crash_are_swept_and_recorded_ones_kept(
+    server_factory: Callable[..., ApiServer], tmp_path: Path, redis_url: str
+) -> None:
+    server = server_factory()
+    kept = upload(server, VALID, key=None).json()
+    folder = Path(kept["path"]).parent
+    old = time.time() - 7 * 3600
+    leftovers = [
+        folder / ".file-0123456789abcdef01234567.partial.jsonl",
+        folder / "file-89abcdef0123456701234567.jsonl",
+    ]
+    fresh = folder / ".file-fedcba9876543210fedcba98.partial.jsonl"  # an upload in progress
+    foreign = folder / "file-notes.jsonl"  # not a name the server gives
+    for path in [*leftovers, fresh, foreign]:
+        path.write_bytes(VALID)
+    for path in [*leftovers, foreign, Path(kept["path"])]:
+        os.utime(path, (old, old))
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = Keys(server.prefix)
+        settings = settings_for(redis_url, tmp_path, REDIS_KEY_PREFIX=server.prefix)
+        removed = await FileStore(settings, client, keys, JobStore(client, keys)).sweep_orphans()
+    finally:
+        await client.aclose()
+    assert sorted(removed) == sorted(leftovers)
+    assert not any(p.exists() for p in leftovers) and fresh.exists() and foreign.exists()
+    assert Path(kept["path"]).exists() and server.http.get(f"/files/{kept['id']}").status_code == 200

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from loguru import logger
 
 from application.auth import Caller
 from application.config import Settings
@@ -38,6 +39,8 @@ UPLOADS_DIR = "uploads"
 SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
 FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
+# An upload file older than this with no record is left over from a crash (an upload takes far less).
+ORPHAN_AGE = 6 * 3600.0
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
 _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A job in one of these may still read its data set: its files cannot be deleted.
@@ -194,6 +197,52 @@ class FileStore:
         return users
 
     # ---- jobs -----------------------------------------------------------------------------------------------
+
+    # ---- orphans --------------------------------------------------------------------------------------------
+
+    def _candidates(self, older_than: float, limit: int) -> list[Path]:
+        """Upload files at least this old that may have no record: temp files a crash left mid-upload, and
+        stored names (the record is written after the rename). Bounded per call; synchronous (disk)."""
+        found: list[Path] = []
+        try:
+            owners = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return found
+        for owner in owners:
+            try:
+                entries = list(os.scandir(owner.path))
+            except OSError:
+                continue
+            for e in entries:
+                if not (e.name.startswith((".file-", "file-")) and e.is_file(follow_symlinks=False)):
+                    continue
+                try:
+                    if e.stat(follow_symlinks=False).st_mtime <= older_than:
+                        found.append(Path(e.path))
+                except OSError:
+                    continue
+                if len(found) >= limit:
+                    return found
+        return found
+
+    async def sweep_orphans(self, min_age: float = ORPHAN_AGE, limit: int = 1000) -> list[Path]:
+        """Remove upload files with no record that are older than `min_age` seconds (a crash between the
+        write and the record, or mid-upload); the scheduler's watchdog calls this now and then."""
+        paths = await asyncio.to_thread(self._candidates, time.time() - min_age, limit)
+        removed: list[Path] = []
+        for path in paths:
+            file_id = path.name.removeprefix(".").split(".")[0]
+            if not FILE_REF.match(file_id):
+                continue  # not a name the server gives: not ours to remove
+            partial = path.name.startswith(".")
+            if not partial and await self.r.exists(self.keys.file(file_id)):
+                continue
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            removed.append(path)
+        if removed:
+            logger.info("removed {} upload file(s) without a record: {}", len(removed),
+                        ", ".join(p.name for p in removed[:10]))  # fmt: skip
+        return removed
 
     def refuse_others_uploads(self, values: Iterable[str], caller: Caller) -> None:
         """Invalid when a (sandbox-resolved) data set path lies in another owner's uploads folder: uploads sit

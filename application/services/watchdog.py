@@ -24,6 +24,7 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
+from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.run_end import runner_lost
@@ -51,6 +52,7 @@ class Watchdog:
         self.fence = fence
         self.host = socket.gethostname()
         self._last_retention = 0.0
+        self.files = FileStore(settings, store.r, store.keys, store)
 
     async def sweep(self) -> None:
         for job in await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING)):
@@ -61,6 +63,7 @@ class Watchdog:
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
             await self.expire_old_jobs()
+            await self.files.sweep_orphans()
 
     async def _runner_alive(self, job_id: str, runner: RunnerInfo | None, run_id: str | None,
                             since: float | None) -> bool:  # fmt: skip
