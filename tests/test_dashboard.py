@@ -371,3 +371,29 @@ def test_lists_render_without_javascript_and_escape_hostile_text(server: ApiServ
         assert "<b id=pwn3>" not in bad.text and "&lt;b id=pwn3&gt;" in bad.text
         text = http.get("/").text
         assert "<img src=x" not in text and "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in text
+
+
+def test_the_job_page_lists_what_the_job_wrote_with_links_that_download_it(server_factory: Callable[..., ApiServer],
+                                                                          workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    body = job_body(workspace, "files", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+    assert server.http.post("/jobs", json=body, headers=auth(ALICE_KEY)).status_code == 201
+    job = wait_for(lambda: (j := server.http.get("/jobs/files", headers=auth(ALICE_KEY)).json())["status"]
+                   == "completed" and j, what="the job")  # fmt: skip
+    run = Path(job["run_dir"])
+    root = server.base.split("/api/v1")[0]
+    with httpx.Client(base_url=root, cookies={COOKIE: ALICE_KEY}) as http:
+        html = http.get("/ui/jobs/files").text
+        links = dict(re.findall(r'<a href="(/ui/jobs/files/files/[^"]+)" download>([^<]+)</a>', html))
+        assert f"/ui/jobs/files/files/{run.name}/logging.jsonl" in links
+        assert f"/ui/jobs/files/files/{run.name}/checkpoint-4.tar" in links
+        got = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl")
+        assert got.status_code == 200 and got.content == (run / "logging.jsonl").read_bytes()
+        part = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl", headers={"Range": "bytes=0-9"})
+        assert part.status_code == 206 and part.content == (run / "logging.jsonl").read_bytes()[:10]
+        assert http.get("/ui/jobs/files/files/%2e%2e/%2e%2e/%2e%2e/etc/passwd").status_code == 404
+    with httpx.Client(base_url=root, cookies={COOKIE: BOB_KEY}) as http:
+        assert http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl").status_code == 404
+    with httpx.Client(base_url=root) as http:
+        r = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl")
+        assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")

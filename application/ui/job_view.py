@@ -5,6 +5,7 @@ Elements job.js fills carry ids; keep the two in step."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from application.ui.html import (
     PageContext,
@@ -114,6 +115,30 @@ def checkpoints_table(checkpoints: list[dict[str, Any]]) -> str:
     return table(headers, rows, empty="No checkpoint yet.", attrs='class="grid" id="checkpoints"')
 
 
+FILES_SHOWN = 200
+
+
+def files_table(ctx: PageContext, job_id: str, listing: dict[str, Any]) -> str:
+    """What the job wrote, each a download link (served under /ui with the page's key): the folders as tar
+    first (checkpoints, merged models, runs), then the files outside checkpoint folders (logs, plots, ...)."""
+    base = ctx.url(f"/ui/jobs/{quote(job_id, safe='')}/files/")
+    rows = [
+        f'<tr><td><a href="{esc(base + quote(d["tar"]))}" download>{esc(d["tar"])}</a></td><td>{esc(d["kind"])}</td>'
+        f"<td>{esc(size(d.get('size')))}</td></tr>"
+        for d in listing.get("folders", [])
+    ]
+    loose = [f for f in listing.get("files", []) if f.get("kind") not in ("checkpoint", "merged")]
+    rows += [
+        f'<tr><td><a href="{esc(base + quote(f["path"]))}" download>{esc(f["path"])}</a></td><td>{esc(f["kind"])}</td>'
+        f"<td>{esc(size(f.get('size')))}</td></tr>"
+        for f in loose
+    ]
+    more = len(rows) - FILES_SHOWN
+    note = f'<p class="muted small">and {more} more: GET .../artifacts lists them all.</p>' if more > 0 else ""
+    return table(["File or folder", "Kind", "Size"], rows[:FILES_SHOWN], empty="Nothing written yet.",
+                 attrs='class="grid" id="files"') + note  # fmt: skip
+
+
 def events_list(events: list[dict[str, Any]]) -> str:
     items = "".join(
         f'<li data-event="{esc(e.get("id"))}">{when(e.get("time"))} <span class="ev-type">{esc(e.get("type"))}</span> '
@@ -124,7 +149,7 @@ def events_list(events: list[dict[str, Any]]) -> str:
 
 
 def job_body(ctx: PageContext, job: dict[str, Any], checkpoints: list[dict[str, Any]],
-             events: list[dict[str, Any]]) -> str:  # fmt: skip
+             events: list[dict[str, Any]], listing: dict[str, Any]) -> str:  # fmt: skip
     job_id = job["job_id"]
     status = job.get("status")
     progress = job.get("progress") or {}
@@ -155,7 +180,8 @@ def job_body(ctx: PageContext, job: dict[str, Any], checkpoints: list[dict[str, 
         f'<section class="card"><h2>Command</h2><pre class="command" id="command">{esc(command) or "—"}</pre></section>'
         f'<section class="card"><h2>Attempts</h2><div id="attempts-box">{attempts_table(job)}</div></section>'
         f'<section class="card"><h2>Checkpoints</h2><div id="checkpoints-box">{checkpoints_table(checkpoints)}</div>'
-        f'</section><section class="card"><h2>Events</h2>{events_list(events)}</section>'
+        f'</section><section class="card"><h2>Files</h2>{files_table(ctx, job_id, listing)}</section>'
+        f'<section class="card"><h2>Events</h2>{events_list(events)}</section>'
     )
     return head + _actions(job) + charts + log + details
 

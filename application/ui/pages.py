@@ -12,11 +12,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from application.auth import Caller
 from application.exceptions import ApiError, JobNotFound
 from application.models.training_model import JOB_ID_RE, JobStatus
+from application.services import artifacts
 from application.ui import job_view, views
 from application.ui.html import PageContext, esc, page, template
 from application.ui.session import context, login_redirect, ui_caller
@@ -101,12 +102,14 @@ async def new_page(request: Request) -> Response:
     return page(ctx, "New job", template("new.html").substitute(api=esc(ctx.api)), active="new", scripts=("new.js",))
 
 
-async def _job_parts(request: Request, job_id: str, caller: Caller) -> tuple[dict[str, Any], list[Any], list[Any]]:
+async def _job_parts(request: Request, job_id: str,
+                     caller: Caller) -> tuple[dict[str, Any], list[Any], list[Any], dict[str, Any]]:  # fmt: skip
     state = request.app.state
     job = json.loads(await state.training.job_json(job_id, caller))
     checkpoints = (await state.run_control.checkpoints(job_id, caller)).model_dump(mode="json")["checkpoints"]
     events = (await state.training.events(job_id, None, EVENTS_SHOWN, caller)).model_dump(mode="json")["events"]
-    return job, checkpoints, events
+    found = await artifacts.listing(await state.training.require(job_id, caller), state.settings.OUTPUT_ROOT)
+    return job, checkpoints, events, found.model_dump(mode="json")
 
 
 @router.get("/ui/jobs/{job_id}")
@@ -118,10 +121,29 @@ async def job_page(request: Request, job_id: str) -> Response:
     if not JOB_ID_RE.match(job_id):
         return page(ctx, "Job not found", job_view.missing_body(ctx, job_id), status_code=404)
     try:
-        job, checkpoints, events = await _job_parts(request, job_id, caller)
+        job, checkpoints, events, listing = await _job_parts(request, job_id, caller)
     except JobNotFound:
         return page(ctx, "Job not found", job_view.missing_body(ctx, job_id), status_code=404)
     except ApiError as exc:
         return _error_page(ctx, exc, f"Job {job_id}")
-    body = job_view.job_body(ctx, job, checkpoints, events)
+    body = job_view.job_body(ctx, job, checkpoints, events, listing)
     return page(ctx, f"Job {job_id}", body, active="jobs", scripts=("vendor/uPlot.iife.min.js", "job.js"))
+
+
+@router.get("/ui/jobs/{job_id}/files/{path:path}")
+async def job_file(request: Request, job_id: str, path: str) -> Response:
+    """A job's file (or `<folder>.tar`) for the page's links: a link cannot send the API key, so this reads the
+    page's key (the login cookie) like the other pages do; a GET that changes nothing, with Range support."""
+    caller = ui_caller(request)
+    if caller is None:
+        return login_redirect(request)
+    state = request.app.state
+    try:
+        if not JOB_ID_RE.match(job_id):
+            raise JobNotFound(job_id)
+        job = await state.training.require(job_id, caller)
+        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, path, request.headers.get("range"),
+                                       request.headers.get("if-range"))  # fmt: skip
+    except ApiError as exc:
+        return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
+    return StreamingResponse(got.body, status_code=got.status, headers=got.headers, media_type=got.media_type)
