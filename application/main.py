@@ -31,6 +31,7 @@ from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError
 from application.services.cluster_store import ClusterStore
+from application.services.export_control import ExportControl
 from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.training = training
         app.state.queue = QueueService(training)
         app.state.run_control = RunControl(training)
+        app.state.exports = ExportControl(training)
         app.state.streams = Streams(
             store, poll=settings.STREAM_POLL_SECONDS, heartbeat=settings.STREAM_HEARTBEAT_SECONDS
         )

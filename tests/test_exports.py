@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ApiServer, job_body, wait_for
@@ -50,7 +51,8 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
         ({"checkpoint": "../../../etc"}, 422, "not one of job 'bad''s checkpoints"),
         ({"checkpoint": "/etc/passwd"}, 422, "not one of job 'bad''s checkpoints"),
         ({"output_name": "../up"}, 422, "output_name"),
-        ({"quant_bits": 4, "quant_method": "awq"}, 422, "need a GPU"),
+        ({"quant_bits": 4}, 422, "quant_bits needs quant_method"),
+        ({"quant_method": "awq"}, 422, "needs quant_bits"),
         ({"merge_lora": False}, 422, "nothing to export"),
         ({"merge": True}, 422, "unknown field"),
     ]
@@ -62,3 +64,42 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
     again = server.http.post("/jobs/bad/export", json={"output_name": "once"})
     assert again.status_code == 409 and "choose another" in again.json()["detail"]
     assert len(server.http.get("/jobs/bad/exports").json()["exports"]) == 2
+
+
+def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, workspace: Path) -> None:
+    training = {"max_steps": 10, "save_steps": 5, "save_total_limit": 5}
+    body = job_body(workspace, "q", auto_start=True, training=training)
+    assert server.create(**body).status_code == 201
+    job = wait_for(lambda: (j := server.job("q"))["status"] == "completed" and j["export"]["status"] == "completed"
+                   and j, what="the run and its automatic export")  # fmt: skip
+    run = Path(job["run_dir"])
+    r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4, "quant_method": "awq"})
+    assert r.status_code == 200, r.text
+    assert "queued as job 'q-quant'" in r.json()["message"]
+    target = Path(job["output_dir"]) / "exports" / "checkpoint-5-awq-int4"
+    child = server.wait_status("q-quant", "completed")
+    assert child["kind"] == "export" and child["export_of"] == "q" and len(child["gpu_ids"]) == 1
+    argv = child["command"]
+    assert argv[1:4] == ["export", "--adapters", str(run / "checkpoint-5")]
+    assert argv[argv.index("--quant_method") + 1] == "awq" and argv[argv.index("--quant_bits") + 1] == "4"
+    assert argv[argv.index("--dataset") + 1] == body["data_path"]  # awq calibrates on the job's own data
+    assert argv[argv.index("--output_dir") + 1] == str(target) and (target / "config.json").is_file()
+    exports = server.http.get("/jobs/q/exports").json()["exports"]
+    quant = [e for e in exports if e["job_id"] == "q-quant"]
+    assert len(quant) == 1 and quant[0]["status"] == "completed" and quant[0]["path"] == str(target)
+    assert quant[0]["quant_bits"] == 4 and quant[0]["quant_method"] == "awq"
+    # The export job neither taught the predictions nor exported itself.
+    assert server.job("q-quant")["export"]["status"] == "none"
+    again = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4,
+                                                     "quant_method": "awq"})  # fmt: skip
+    assert again.status_code == 409 and "choose another" in again.json()["detail"]
+
+
+def test_without_a_gpu_a_quantized_export_is_refused(server_factory: Callable[..., ApiServer],
+                                                     workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"SIMULATED_GPUS": "0"})
+    assert server.create(**job_body(workspace, "cpu", num_gpus=0, auto_start=True,
+                                    training={"max_steps": 4, "save_steps": 2})).status_code == 201  # fmt: skip
+    server.wait_status("cpu", "completed")
+    r = server.http.post("/jobs/cpu/export", json={"quant_bits": 8, "quant_method": "bnb"})
+    assert r.status_code == 422 and "this server has none" in r.json()["detail"]

@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from application.auth import Caller, KeyRing
 from application.models.job_responses import ErrorResponse, ValidationErrorResponse
 from application.models.training_model import JOB_ID_HELP
+from application.services.export_control import ExportControl
 from application.services.idempotency import Idempotency
 from application.services.queue_service import QueueService
 from application.services.run_control import RunControl
@@ -43,6 +44,10 @@ async def _control(request: Request) -> RunControl:
     return request.app.state.run_control
 
 
+async def _exports(request: Request) -> ExportControl:
+    return request.app.state.exports
+
+
 async def _queue(request: Request) -> QueueService:
     return request.app.state.queue
 
@@ -60,6 +65,7 @@ AdminDep = Annotated[Caller, Depends(admin_caller)]
 Training = Annotated[TrainingService, Depends(_training)]
 Queue = Annotated[QueueService, Depends(_queue)]
 Control = Annotated[RunControl, Depends(_control)]
+Exports = Annotated[ExportControl, Depends(_exports)]
 System = Annotated[SystemService, Depends(_system)]
 IdempotencyDep = Annotated[Idempotency, Depends(_idempotency)]
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", max_length=128, description=JOB_ID_HELP)]

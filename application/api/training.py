@@ -18,6 +18,7 @@ from application.api.deps import (
     WITH_BODY,
     CallerDep,
     Control,
+    Exports,
     IdempotencyDep,
     JobId,
     Training,
@@ -34,7 +35,7 @@ from application.models.job_responses import (
     ProgressResponse,
     StatusResponse,
 )
-from application.models.training_model import ExportRequest, ExportStatus, Job, JobCreate, JobPatch, JobStatus
+from application.models.training_model import ExportRequest, Job, JobCreate, JobPatch, JobStatus
 from application.services.idempotency import fingerprint
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
@@ -108,24 +109,22 @@ async def stop_job(job_id: JobId, request: Request, svc: Training, caller: Calle
 
 @jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **WITH_BODY},
            summary="Merge a LoRA checkpoint into the model (swift export --merge_lora true)")  # fmt: skip
-async def export_job(job_id: JobId, request: Request, svc: Training, caller: CallerDep, idem: IdempotencyDep,
+async def export_job(job_id: JobId, request: Request, exports: Exports, caller: CallerDep, idem: IdempotencyDep,
                      body: Annotated[ExportRequest | None, Body()] = None,
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
     """Without a body: the last checkpoint, merged next to it (`<checkpoint>-merged`). Each export is kept:
     GET .../exports lists them."""
 
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await svc.export(job_id, caller, body), {}
+        return 200, await exports.export(job_id, caller, body), {}
 
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 
 
 @jobs.get("/jobs/{job_id}/exports", response_model=ExportList, responses=E404,
           summary="Every export of the job, oldest first (the last is the current one)")  # fmt: skip
-async def list_job_exports(job_id: JobId, svc: Training, caller: CallerDep) -> ExportList:
-    job = await svc.require(job_id, caller)
-    current = [job.export] if job.export.status != ExportStatus.NONE else []
-    return ExportList(job_id=job_id, exports=[*job.exports, *current])
+async def list_job_exports(job_id: JobId, exports: Exports, caller: CallerDep) -> ExportList:
+    return ExportList(job_id=job_id, exports=await exports.exports(job_id, caller))
 
 
 @jobs.post("/jobs/{job_id}/pause", response_model=ActionResponse, responses={**E404, **E409},

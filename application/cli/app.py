@@ -100,7 +100,8 @@ def show(path: str, renderer: Callable[[Any], Any]) -> Command:
 
 
 def export(api: Api, args: argparse.Namespace, out: Output) -> int:
-    options = {"checkpoint": args.checkpoint, "output_name": args.output_name}
+    options = {"checkpoint": args.checkpoint, "output_name": args.output_name, "quant_bits": args.quant_bits,
+               "quant_method": args.quant_method}  # fmt: skip
     body = {k: v for k, v in options.items() if v is not None}
     out.show(api.post(job_path(args.job_id, "/export"), body or None), render.action)
     return EXIT_OK
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export", export, "merge a LoRA checkpoint (default: the last) into the model")
     sub.add_argument("--checkpoint", help="one of the job's checkpoints, e.g. checkpoint-20")
     sub.add_argument("--output-name", help="write it to <output_dir>/exports/<name>")
+    sub.add_argument("--quant-bits", type=int, help="quantize (runs as a GPU job of its own), e.g. 4")
+    sub.add_argument("--quant-method", help="awq, gptq, bnb or fp8")
     sub = command("upload", upload, "upload a data set (.jsonl/.json/.csv); prints its file id", job=False)
     sub.add_argument("file", metavar="FILE")
     sub.add_argument("--purpose", choices=["sft", "pt", "rlhf"], default="sft")

@@ -12,6 +12,8 @@ from application.services.predictions import parse_time_limit
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TrainingKind = Literal["sft", "pt", "rlhf"]
+# A job's kind: what a create asks for, or "export" for a quantized export that runs on a GPU of its own.
+JobKind = Literal["sft", "pt", "rlhf", "export"]
 # Other names of TrainingParams fields and of ms-swift arguments, accepted in `training` and stored under the
 # second name. ms-swift 2.x's names are mapped, never passed on: 3.x and 4.x exit with `remaining_argv` on them.
 ALIASES = {
@@ -390,6 +392,7 @@ class ExportInfo(BaseModel):
     quant_bits: int | None = None
     quant_method: str | None = None
     output_dir: str | None = Field(None, description="where swift export writes (default <checkpoint>-merged)")
+    job_id: str | None = Field(None, description="a quantized export runs as a job of its own on a GPU: that job")
     path: str | None = None
     error: str | None = None
     pid: int | None = None
@@ -417,8 +420,10 @@ class Job(BaseModel):
     num_gpus: int
     gpu_ids_requested: list[int] | None = None
     min_gpu_memory_gb: float | None = None
-    kind: TrainingKind = "sft"
+    kind: JobKind = "sft"
     rlhf_type: str | None = None
+    export_of: str | None = Field(None, description="kind export: the job whose checkpoint it exports")
+    export_argv: list[str] | None = Field(None, description="kind export: the `swift export` it runs")
     training: TrainingParams
     time_limit_seconds: int | None = Field(None, description="the run is stopped past this (failed, time_limit)")
     predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)

@@ -45,14 +45,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         raise Conflict(f"an export of job '{job.job_id}' is already running: wait for it to end")
     if job.training.train_type == "full" and request.merge_lora:
         raise Conflict(f"job '{job.job_id}' trained the full model: there is no LoRA adapter to merge")
-    quant = request.quant_bits is not None or request.quant_method is not None
-    if quant:
-        # awq, gptq, bnb and fp8 all quantize on CUDA, and an export runs without a GPU lease (the training's
-        # GPUs went back to the queue): a quantized export would fail after loading the model.
-        raise Invalid(
-            "quant_bits/quant_method: quantized exports need a GPU, and exports here run on the CPU "
-            "(the job's GPUs are back in the queue): export with merge_lora and quantize elsewhere"
-        )
+    # A quantized export runs as a GPU job of its own (services/quant_exports.py); this one merges on the CPU.
     if not request.merge_lora:
         raise Invalid("merge_lora false without quant_bits leaves nothing to export: leave merge_lora true")
     on_disk = find_checkpoints(Path(job.output_dir))

@@ -214,9 +214,10 @@ class Runner:
             outbox.event(*end.event)
         recorded = await outbox.finish(end.status, end.fields, end.message)
         first_run = not job.attempts or job.attempts[-1].resumed_from is None
-        if recorded and end.status == JobStatus.COMPLETED and first_run:
+        training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
+        if recorded and end.status == JobStatus.COMPLETED and first_run and training:
             await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
-        exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set()
+        exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set() and training
         if recorded and end.status == JobStatus.COMPLETED and exporting:
             await self._auto_export()
         return 0

@@ -127,6 +127,8 @@ def build_sft_command(
 ) -> list[str]:
     """swift sft's arguments for `job`; `resume_from` a checkpoint (`weights_only`: it holds no optimizer state,
     as with save_only_model, so swift loads only the weights and keeps the global step, as its web UI does)."""
+    if job.kind == "export" and job.export_argv:
+        return list(job.export_argv)  # fixed when the export was asked for (services/quant_exports.py)
     t: TrainingParams = job.training
     extra = t.extra_arguments
     more_data = extra.pop("dataset", None) or []

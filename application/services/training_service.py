@@ -31,7 +31,6 @@ from application.models.job_responses import (
     WaitEstimate,
 )
 from application.models.training_model import (
-    ExportRequest,
     ExportStatus,
     Job,
     JobCreate,
@@ -40,7 +39,6 @@ from application.models.training_model import (
     TrainingParams,
 )
 from application.services.cluster_store import ClusterStore
-from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
 from application.services.files import FileStore
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
@@ -344,27 +342,6 @@ class TrainingService:
                                         actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
             raise Conflict(f"job '{job_id}' is {exc.current} now: it can no longer be cancelled") from None
-
-    async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None) -> ActionResponse:
-        """Prepare the export and ask for it; the scheduler's watchdog launches its runner."""
-        job = await self.require(job_id, caller)
-        info = await asyncio.to_thread(prepare_export, job, self.settings, auto=False, request=request)
-        # In the set first: a crash right after the update still leaves the request findable.
-        await self.store.mark_exporting(job_id, True)
-        try:
-            await self.store.update(
-                job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
-                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor,
-                event=("export_started", f"export of {info.checkpoint} requested",
-                       {"checkpoint": info.checkpoint, "auto": False}),
-            )  # fmt: skip
-        except TransitionRefused as exc:
-            if exc.reason == Refusal.EXPORT_STATE:
-                raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
-            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot export now") from None
-        await self.cluster.publish_wakeup(f"export:{job_id}")
-        return ActionResponse(job_id=job_id, status=job.status, export=info,
-                              message=f"Export of {info.checkpoint} started")  # fmt: skip
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)

@@ -1,0 +1,90 @@
+"""Exports asked for over the API: a merge of a chosen checkpoint on the CPU (run by a runner the watchdog
+launches), or a quantized export queued as a GPU job of its own (services/quant_exports.py); and the list of a
+job's exports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from application.auth import Caller
+from application.exceptions import Conflict
+from application.models.job_responses import ActionResponse
+from application.models.training_model import ExportInfo, ExportRequest, ExportStatus, Job
+from application.services.exports import ENDED_WITH_SWIFT, EXPORTS_KEPT, export_update, prepare_export
+from application.services.job_store import Refusal, TransitionRefused
+from application.services.quant_exports import as_export, check_quantization, prepare_quant_job, wants_quantization
+from application.services.swift_arguments import require_usable_swift
+from application.services.training_service import TrainingService, snapshot_of
+
+
+class ExportControl:
+    def __init__(self, service: TrainingService) -> None:
+        self.service = service
+        self.store = service.store
+        self.cluster = service.cluster
+
+    async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None) -> ActionResponse:
+        """Prepare the export and ask for it; the scheduler's watchdog launches its runner (a quantized export
+        is queued as a GPU job of its own instead: services/quant_exports.py)."""
+        job = await self.service.require(job_id, caller)
+        if request is not None and wants_quantization(request):
+            return await self._quantize(job, request, caller)
+        info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
+        # In the set first: a crash right after the update still leaves the request findable.
+        await self.store.mark_exporting(job_id, True)
+        try:
+            await self.store.update(
+                job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
+                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor,
+                event=("export_started", f"export of {info.checkpoint} requested",
+                       {"checkpoint": info.checkpoint, "auto": False}),
+            )  # fmt: skip
+        except TransitionRefused as exc:
+            if exc.reason == Refusal.EXPORT_STATE:
+                raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
+            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot export now") from None
+        await self.cluster.publish_wakeup(f"export:{job_id}")
+        return ActionResponse(job_id=job_id, status=job.status, export=info,
+                              message=f"Export of {info.checkpoint} started")  # fmt: skip
+
+    async def _quantize(self, job: Job, request: ExportRequest, caller: Caller) -> ActionResponse:
+        published, meta = await self.cluster.published()
+        require_usable_swift(meta)
+        check_quantization(request, await self.service.swift_info(meta), len(snapshot_of(published).gpus))
+        for attempt in range(1, 100):
+            child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
+            child, info = await asyncio.to_thread(prepare_quant_job, job, request, self.service.settings.SWIFT_BIN,
+                                                  child_id, time.time())  # fmt: skip
+            try:
+                await self.store.create(
+                    child,
+                    actor=caller.actor,
+                    message=f"quantized export of {info.checkpoint} (job '{job.job_id}') queued",
+                )
+                break
+            except TransitionRefused as exc:
+                if exc.reason == Refusal.OUTPUT_DIR_BUSY:
+                    raise Conflict(f"an export into {info.output_dir} is already waiting or running") from None
+        else:
+            raise Conflict(f"every export job id from '{job.job_id}-quant' on is taken: delete old ones")
+        try:
+            await self.store.update(job.job_id, {"exports": [*job.exports, info][-EXPORTS_KEPT:]}, actor=caller.actor,
+                                    event=("export_started", f"quantized export of {info.checkpoint} queued as job "
+                                           f"'{child_id}' (it needs a GPU)", {"job_id": child_id}))  # fmt: skip
+        except TransitionRefused:
+            pass  # deleted meanwhile: the export job runs anyway, and lists itself
+        return ActionResponse(
+            job_id=job.job_id,
+            status=job.status,
+            export=info,
+            message=f"Quantized export queued as job '{child_id}': it starts on a free GPU",
+        )
+
+    async def exports(self, job_id: str, caller: Caller) -> list[ExportInfo]:
+        """Every export of the job, oldest first; a quantized one as its own job now stands."""
+        job = await self.service.require(job_id, caller)
+        records = [*job.exports, *([job.export] if job.export.status != ExportStatus.NONE else [])]
+        jobs = {j.job_id: j for j in await self.store.get_many([e.job_id for e in records if e.job_id])}
+        records = [as_export(e, jobs.get(e.job_id)) if e.job_id else e for e in records]
+        return sorted(records, key=lambda e: e.started_at or 0.0)

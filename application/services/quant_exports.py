@@ -1,0 +1,123 @@
+"""Quantized exports: `swift export --quant_method awq|gptq|bnb|fp8` quantizes on CUDA, so it runs as a job of its
+own (kind "export") that the queue starts on a free GPU like a training run, with its lease, runner, log, stop
+and watchdog. The job it exports keeps a record of it in `exports` (its status read from that job).
+
+Pure apart from the disk checks in `prepare_quant_job` (which checkpoint exists, whether the target is taken).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from application.exceptions import Conflict, Invalid
+from application.models.training_model import (
+    ExportInfo,
+    ExportRequest,
+    ExportStatus,
+    Job,
+    JobStatus,
+    PredictedDuration,
+    TrainingParams,
+)
+from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint
+from application.services.run_outputs import find_checkpoints
+from application.services.swift_info import SwiftInfo
+
+# awq and gptq calibrate on samples of a data set: the job's own.
+CALIBRATED = frozenset({"awq", "gptq", "gptq_v2"})
+
+
+def wants_quantization(request: ExportRequest | None) -> bool:
+    return request is not None and (request.quant_bits is not None or request.quant_method is not None)
+
+
+def check_quantization(request: ExportRequest, info: SwiftInfo | None, gpus: int) -> None:
+    """Invalid unless the installed ms-swift offers this quantization and the server has a GPU for it."""
+    method, bits = request.quant_method, request.quant_bits
+    if method is None:
+        raise Invalid("quant_bits needs quant_method (awq, gptq, bnb or fp8)")
+    if bits is None and method != "fp8":
+        raise Invalid(f"quant_method {method} needs quant_bits (e.g. 4)")
+    if info is not None and (fields := info.arguments.get("ExportArguments")):
+        methods = (fields.get("quant_method") or {}).get("choices") or []
+        if methods and method not in methods:
+            raise Invalid(f"quant_method '{method}' is not one of ms-swift {info.version}'s: {', '.join(methods)}")
+        sizes = (fields.get("quant_bits") or {}).get("choices") or []
+        if bits is not None and sizes and bits not in sizes:
+            raise Invalid(f"quant_bits {bits} is not one of {', '.join(str(b) for b in sizes)}")
+    if gpus == 0:
+        raise Invalid("quantized exports run on a GPU and this server has none: export with merge_lora only, "
+                      "or quantize on a GPU server")  # fmt: skip
+
+
+def quant_argv(swift_bin: str, parent: Job, checkpoint: str, request: ExportRequest, target: Path) -> list[str]:
+    argv = [swift_bin, "export"]
+    if parent.training.train_type == "full":
+        argv += ["--model", checkpoint]
+    else:
+        # swift merges the adapter first (into <checkpoint>-merged), then quantizes that into --output_dir.
+        argv += ["--adapters", checkpoint, "--merge_lora", "true", "--exist_ok", "true"]
+    argv += ["--quant_method", str(request.quant_method)]
+    if request.quant_bits is not None:
+        argv += ["--quant_bits", str(request.quant_bits)]
+    if request.quant_method in CALIBRATED:
+        argv += ["--dataset", parent.data_path]
+    return [*argv, "--output_dir", str(target)]
+
+
+def prepare_quant_job(
+    parent: Job, request: ExportRequest, swift_bin: str, job_id: str, now: float
+) -> tuple[Job, ExportInfo]:
+    """The export job for `parent` and the record its `exports` keeps; Conflict/Invalid say why not."""
+    if parent.status not in ENDED_WITH_SWIFT:
+        raise Conflict(f"job '{parent.job_id}' is {parent.status.value}: export needs a finished training run")
+    on_disk = find_checkpoints(Path(parent.output_dir))
+    if request.checkpoint is not None:
+        checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)
+    elif parent.last_checkpoint and Path(parent.last_checkpoint).is_dir():
+        checkpoint = parent.last_checkpoint
+    elif on_disk:
+        checkpoint = on_disk[-1]
+    else:
+        raise Conflict(f"job '{parent.job_id}' has no checkpoint yet: nothing to export")
+    bits = f"-int{request.quant_bits}" if request.quant_bits is not None else ""
+    name = request.output_name or f"{Path(checkpoint).name}-{request.quant_method}{bits}"
+    exports = Path(parent.output_dir) / "exports"
+    target = exports / name
+    if target.exists():
+        raise Conflict(f"output_name '{name}' is taken by an earlier export: choose another")
+    argv = quant_argv(swift_bin, parent, checkpoint, request, target)
+    job = Job(
+        job_id=job_id, status=JobStatus.QUEUED, priority=parent.priority, owner=parent.owner,
+        data_path=parent.data_path, model_path=checkpoint, output_dir=str(exports / f".{name}.job"),
+        output_dir_requested=str(exports / f".{name}.job"), num_gpus=1, kind="export", export_of=parent.job_id,
+        export_argv=argv, training=TrainingParams(), created_at=now, updated_at=now, queued_at=now,
+        predicted_duration=PredictedDuration(),
+    )  # fmt: skip
+    info = ExportInfo(
+        status=ExportStatus.RUNNING, export_id=job_id, job_id=job_id, checkpoint=checkpoint, merge_lora=True,
+        quant_bits=request.quant_bits, quant_method=request.quant_method, output_dir=str(target), command=argv,
+        log_file=str(Path(job.output_dir) / "logs" / f"{job_id}.train.log"), started_at=now,
+    )  # fmt: skip
+    return job, info
+
+
+STATUS_OF = {
+    JobStatus.COMPLETED: ExportStatus.COMPLETED,
+    JobStatus.FAILED: ExportStatus.FAILED,
+    JobStatus.STOPPED: ExportStatus.STOPPED,
+    JobStatus.CANCELLED: ExportStatus.STOPPED,
+}
+
+
+def as_export(info: ExportInfo, job: Job | None) -> ExportInfo:
+    """A quantized export's record as its job now stands (a deleted job leaves the record as it was)."""
+    if job is None:
+        return info
+    status = STATUS_OF.get(job.status, ExportStatus.RUNNING)
+    return info.model_copy(update={
+        "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,
+        "error": job.error_message if status != ExportStatus.COMPLETED else None,
+        "path": info.output_dir if status == ExportStatus.COMPLETED else None,
+        "log_file": job.log_file or info.log_file,
+    })  # fmt: skip
