@@ -64,13 +64,17 @@ class _Pace:
         self.last_status = 0.0
         self.last_sent = time.monotonic()
         self.idle = 0
+        # Right after sending, the next poll looks at the status: a stream that has caught up with a job that
+        # already ended (a finished job's log, a reconnect) ends at once, not a status period later.
+        self.sent = False
 
     def tick(self) -> tuple[bool, bool]:
         """(check the status now, a heartbeat is due now)."""
         now = time.monotonic()
-        check = now - self.last_status >= STATUS_EVERY
+        check = self.sent or now - self.last_status >= STATUS_EVERY
         if check:
             self.last_status = now
+            self.sent = False
         beat = now - self.last_sent >= self.heartbeat
         if beat:
             self.last_sent = now
@@ -78,6 +82,7 @@ class _Pace:
 
     async def sleep(self, busy: bool) -> None:
         self.idle = 0 if busy else self.idle + 1
+        self.sent = self.sent or busy
         await asyncio.sleep(self.poll if self.idle < IDLE_AFTER else max(self.poll, IDLE_POLL))
 
 
