@@ -212,3 +212,16 @@ async def test_files_left_by_a_crash_are_swept_and_recorded_ones_kept(
     assert sorted(removed) == sorted(leftovers)
     assert not any(p.exists() for p in leftovers) and fresh.exists() and foreign.exists()
     assert Path(kept["path"]).exists() and server.http.get(f"/files/{kept['id']}").status_code == 200
+
+
+def test_an_owner_keeps_uploads_up_to_the_quota(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "FILE_QUOTA_BYTES": str(len(VALID) * 5 // 2)})
+    first, second = upload(server, VALID), upload(server, VALID)
+    assert first.status_code == 201 and second.status_code == 201
+    third = upload(server, VALID)
+    assert third.status_code == 413 and "FILE_QUOTA_BYTES" in third.json()["detail"]
+    assert server.http.get("/files", headers=auth(ALICE_KEY)).json()["total"] == 2
+    assert len(stored_files(tmp_path)) == 2  # the refused one left nothing on disk
+    assert upload(server, VALID, key=BOB_KEY).status_code == 201  # the quota is per owner
+    assert server.http.delete(f"/files/{first.json()['id']}", headers=auth(ALICE_KEY)).status_code == 204
+    assert upload(server, VALID).status_code == 201  # the bytes came back with the delete

@@ -27,9 +27,11 @@ from loguru import logger
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound
+from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
 from application.models.training_model import JobStatus
+from application.services import lua
+from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.preflight import check_dataset
@@ -70,6 +72,7 @@ class FileStore:
         self.r: Any = client
         self.keys = keys
         self.jobs = jobs
+        self._forget_file = client.register_script(lua.FORGET_FILE)
 
     @property
     def root(self) -> Path:
@@ -103,16 +106,32 @@ class FileStore:
         except BaseException:
             received.path.unlink(missing_ok=True)
             raise
+        owner = owner_folder(caller.name)
         try:
             async with self.r.pipeline(transaction=True) as pipe:
                 pipe.set(self.keys.file(file_id), meta.model_dump_json())
-                pipe.zadd(self.keys.owner_files(owner_folder(caller.name)), {file_id: meta.created_at})
+                pipe.zadd(self.keys.owner_files(owner), {file_id: meta.created_at})
                 pipe.zadd(self.keys.files_index, {file_id: meta.created_at})
-                await pipe.execute()
+                pipe.incrby(self.keys.owner_file_bytes(owner), meta.bytes)
+                *_, held = await pipe.execute()
+            quota = self.settings.FILE_QUOTA_BYTES
+            if quota and int(held) > quota:
+                # Over the quota: taken back at once (concurrent uploads cannot both slip under it this way).
+                await self._forget(file_id, owner, meta.bytes)
+                raise TooLarge(
+                    f"this upload ({meta.bytes} bytes) would bring the uploads of '{caller.actor}' to "
+                    f"{held} bytes, over FILE_QUOTA_BYTES={quota}: delete some (DELETE /files/{{id}})"
+                )
         except BaseException:
             final.unlink(missing_ok=True)
             raise
         return meta
+
+    async def _forget(self, file_id: str, owner: str, size: int) -> bool:
+        """Remove a file's record and indexes and give its bytes back to the owner's quota; False if gone."""
+        keys = [self.keys.file(file_id), self.keys.owner_files(owner), self.keys.files_index,
+                self.keys.owner_file_bytes(owner)]  # fmt: skip
+        return bool(await self._forget_file(keys=keys, args=[script_arg({"id": file_id, "bytes": size})]))
 
     async def _check(self, file_id: str, received: ReceivedUpload, final: Path, caller: Caller) -> FileObject:
         purpose = received.fields.get("purpose", "sft").strip()
@@ -172,11 +191,7 @@ class FileStore:
             more = f" and {len(users) - 5} more" if len(users) > 5 else ""
             raise Conflict(f"file '{file_id}' is the data set of active job(s) {', '.join(users[:5])}{more}: "
                            "delete it once they end (or stop them)")  # fmt: skip
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.file(file_id))
-            pipe.zrem(self.keys.owner_files(owner_folder(meta.owner)), file_id)
-            pipe.zrem(self.keys.files_index, file_id)
-            removed, _, _ = await pipe.execute()
+        removed = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
         if not removed:  # a concurrent delete won
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)

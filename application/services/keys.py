@@ -62,6 +62,10 @@ class Keys:
         """Sorted set file_id -> created_at: every uploaded file, for an admin's listing."""
         return self._k("files")
 
+    def owner_file_bytes(self, owner: str) -> str:
+        """String (integer): bytes of one owner's uploads, kept in step with its files (FILE_QUOTA_BYTES)."""
+        return self._k("files", "bytes", owner)
+
     def owner_files(self, owner: str) -> str:
         """Sorted set file_id -> created_at: one owner's uploads (`owner` as services.files.owner_folder names it)."""
         return self._k("files", "owner", owner)

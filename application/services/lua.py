@@ -302,3 +302,14 @@ local a = cjson.decode(ARGV[1])
 if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
 return redis.call('DEL', KEYS[1])
 """
+
+# KEYS: the file's record, the owner's index, the index of all files, the owner's byte count. a: id, bytes.
+# Only the call that removes the record gives its bytes back: two deletes at once count them once.
+FORGET_FILE = """
+local a = cjson.decode(ARGV[1])
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], a.id)
+redis.call('ZREM', KEYS[3], a.id)
+redis.call('DECRBY', KEYS[4], a.bytes)
+return 1
+"""
