@@ -223,3 +223,19 @@ def test_without_a_runnable_swift_health_is_degraded_and_creates_are_503(server_
     r = server.create(**job_body(workspace, "nope"))
     assert r.status_code == 503 and "SWIFT_BIN" in r.json()["detail"]
     assert server.http.get("/jobs").json()["total"] == 0
+
+
+def test_an_uploaded_file_serves_as_val_dataset_and_extra_dataset(probed: ApiServer, workspace: Path) -> None:
+    rows = Path(fake_dataset(workspace, "upload-me")).read_bytes()
+    up = probed.http.post("/files", files={"file": ("val.jsonl", rows)})
+    assert up.status_code == 201, up.text
+    stored = up.json()["path"]
+    training = {"val_dataset": up.json()["id"], "dataset": [up.json()["id"]], "max_steps": 2}
+    r = probed.create(**qwen_body(workspace, "valfile", auto_start=True, training=training))
+    assert r.status_code == 201, r.text
+    job = probed.wait_status("valfile", "completed")
+    assert job["training"]["val_dataset"] == [stored] and job["training"]["dataset"] == [stored]
+    cmd = job["command"]
+    assert cmd[cmd.index("--dataset") + 2] == stored and cmd[cmd.index("--val_dataset") + 1] == stored
+    unknown = probed.create(**qwen_body(workspace, "valfile2", training={"val_dataset": "file-" + "0" * 24}))
+    assert unknown.status_code == 422 and "no such file" in unknown.json()["detail"]
