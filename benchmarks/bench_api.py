@@ -42,7 +42,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from application.models.training_model import Job, JobStatus, TrainingParams  # noqa: E402
+from application.models.job_request import TrainingParams  # noqa: E402
+from application.models.training_model import Job, JobStatus  # noqa: E402
 from application.services.job_store import JobStore  # noqa: E402
 from application.services.keys import Keys  # noqa: E402
 from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from application.config import load_settings  # noqa: E402
-from application.models.training_model import Job, JobStatus, TrainingParams  # noqa: E402
+from application.models.job_request import TrainingParams  # noqa: E402
+from application.models.training_model import Job, JobStatus  # noqa: E402
 from application.services.cluster_store import ClusterStore  # noqa: E402
 from application.services.job_store import JobStore  # noqa: E402
 from application.services.keys import Keys  # noqa: E402

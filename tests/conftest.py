@@ -242,7 +242,7 @@ def job_body(workspace: Path, name: str, *, dataset: str | None = None, **option
     """A create body for the fake swift, named `name` (its output folder). Keywords that are request fields
     (auto_start, num_gpus, training, priority, ...) go into the body; the rest are fake_swift options
     (step_seconds, fail_at_step, hang_after_steps, ...) written into the job's own data set (or `dataset`)."""
-    from application.models.training_model import JobCreate
+    from application.models.job_request import JobCreate
 
     body = {k: options.pop(k) for k in list(options) if k in JobCreate.model_fields}
     if "data_path" not in body:

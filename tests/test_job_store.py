@@ -6,7 +6,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from application.models.training_model import Job, JobStatus, TrainingParams
+from application.models.job_request import TrainingParams
+from application.models.training_model import Job, JobStatus
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 

@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from application.models.training_model import JobCreate
+from application.models.job_request import JobCreate
 from application.services.predictions import (
     Prediction,
     StepSample,

@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from application.exceptions import Invalid, Unavailable
-from application.models.training_model import Job, JobCreate, JobStatus, TrainingParams
+from application.models.job_request import JobCreate, TrainingParams
+from application.models.training_model import Job, JobStatus
 from application.services.swift_arguments import argv_of, check_arguments, check_kind, require_usable_swift
 from application.services.swift_command import SwiftVersion, build_sft_command
 from application.services.swift_info import SwiftInfo

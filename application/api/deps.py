@@ -8,8 +8,8 @@ from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from application.auth import Caller, KeyRing
+from application.models.job_request import JOB_ID_HELP
 from application.models.job_responses import ErrorResponse, ValidationErrorResponse
-from application.models.training_model import JOB_ID_HELP
 from application.services.export_control import ExportControl
 from application.services.idempotency import Idempotency
 from application.services.queue_service import QueueService

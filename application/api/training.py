@@ -24,6 +24,7 @@ from application.api.deps import (
     Training,
     current_caller,
 )
+from application.models.job_request import ExportRequest, JobCreate, JobPatch
 from application.models.job_responses import (
     ActionResponse,
     CheckpointList,
@@ -35,7 +36,7 @@ from application.models.job_responses import (
     ProgressResponse,
     StatusResponse,
 )
-from application.models.training_model import ExportRequest, Job, JobCreate, JobPatch, JobStatus
+from application.models.training_model import Job, JobStatus
 from application.services.idempotency import fingerprint
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).

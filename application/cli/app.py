@@ -19,7 +19,8 @@ from application.cli import render
 from application.cli.client import DEFAULT_URL, EXIT_OK, EXIT_USAGE, Api, CliError, job_path
 from application.cli.follow import tail, watch
 from application.cli.output import Output
-from application.models.training_model import JobCreate, JobStatus
+from application.models.job_request import JobCreate
+from application.models.training_model import JobStatus
 
 Command = Callable[[Api, argparse.Namespace, Output], int]
 

@@ -1,4 +1,4 @@
-"""What the job routes answer (the stored job and the request are in training_model)."""
+"""What the job routes answer (the stored job is in training_model, the requests in job_request)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ import time
 
 from application.auth import Caller
 from application.exceptions import Conflict
+from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
-from application.models.training_model import ExportInfo, ExportRequest, ExportStatus, Job
+from application.models.training_model import ExportInfo, ExportStatus, Job
 from application.services.exports import ENDED_WITH_SWIFT, EXPORTS_KEPT, export_update, prepare_export
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import as_export, check_quantization, prepare_quant_job, wants_quantization

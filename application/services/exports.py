@@ -12,7 +12,8 @@ from pathlib import Path
 
 from application.config import Settings
 from application.exceptions import Conflict, Invalid
-from application.models.training_model import ExportInfo, ExportRequest, ExportStatus, Job, JobStatus
+from application.models.job_request import ExportRequest
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 

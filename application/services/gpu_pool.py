@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from application.models.training_model import JobCreate
+from application.models.job_request import JobCreate
 from application.services.scheduler import GpuState, QueuedJob
 from application.utils.gpu_utils import GpuSnapshot
 

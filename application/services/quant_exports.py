@@ -10,15 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from application.exceptions import Conflict, Invalid
-from application.models.training_model import (
-    ExportInfo,
-    ExportRequest,
-    ExportStatus,
-    Job,
-    JobStatus,
-    PredictedDuration,
-    TrainingParams,
-)
+from application.models.job_request import ExportRequest, TrainingParams
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_info import SwiftInfo

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from application.exceptions import Invalid, Unavailable
-from application.models.training_model import ALIASES as ALIASES
-from application.models.training_model import TrainingParams
+from application.models.job_request import ALIASES as ALIASES
+from application.models.job_request import TrainingParams
 
 if TYPE_CHECKING:  # swift_info imports swift_command, which renders these arguments
     from application.services.swift_info import SwiftInfo

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from application.models.training_model import Job, TrainingParams
+from application.models.job_request import TrainingParams
+from application.models.training_model import Job
 from application.services.swift_arguments import argv_of
 
 NEWEST_MAJOR = 4

@@ -21,6 +21,7 @@ from typing import Any
 from application.auth import Caller
 from application.config import Settings
 from application.exceptions import Conflict, Invalid, JobNotFound, NotFound
+from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
     CreateResponse,
@@ -30,14 +31,7 @@ from application.models.job_responses import (
     StatusResponse,
     WaitEstimate,
 )
-from application.models.training_model import (
-    ExportStatus,
-    Job,
-    JobCreate,
-    JobStatus,
-    PendingReason,
-    TrainingParams,
-)
+from application.models.training_model import ExportStatus, Job, JobStatus, PendingReason
 from application.services.cluster_store import ClusterStore
 from application.services.files import FileStore
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job

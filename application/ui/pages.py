@@ -16,7 +16,8 @@ from starlette.responses import Response, StreamingResponse
 
 from application.auth import Caller
 from application.exceptions import ApiError, JobNotFound
-from application.models.training_model import JOB_ID_RE, JobStatus
+from application.models.job_request import JOB_ID_RE
+from application.models.training_model import JobStatus
 from application.services import artifacts
 from application.ui import job_view, views
 from application.ui.html import PageContext, esc, page, template
