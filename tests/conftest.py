@@ -384,3 +384,14 @@ async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting for the in-process scheduler"
         await asyncio.sleep(0.02)
+
+
+async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:
+    """The job (GET /jobs/{id} on an in-process client) once `done` says so, polled until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']} {job['progress']}"
+        await asyncio.sleep(0.05)

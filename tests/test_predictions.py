@@ -27,7 +27,7 @@ from application.services.predictions import (
     step_sample,
 )
 from application.services.process_group import group_members
-from tests.conftest import job_body, make_model
+from tests.conftest import job_body, make_model, wait_job
 
 # ---- time limits -----------------------------------------------------------------------------------------
 
@@ -126,16 +126,6 @@ def test_ratio_summary() -> None:
 
 def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
     return job_body(tmp_path, name, dataset="data", **extra)
-
-
-async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = (await client.get(f"/jobs/{job_id}")).json()
-        if done(job):
-            return job
-        assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']}"
-        await asyncio.sleep(0.05)
 
 
 async def test_each_source_through_the_api(app_factory: Callable[..., Any], tmp_path: Path) -> None:

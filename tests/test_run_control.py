@@ -3,8 +3,6 @@ swift (which resumes the way ms-swift 4.6.0 does) and a real Redis."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,19 +13,9 @@ from application.models.training_model import Attempt, JobStatus
 from application.services.preemption import Candidate, choose_victims
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
-from tests.conftest import job_body, make_model
+from tests.conftest import job_body, make_model, wait_job
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-
-
-async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = (await client.get(f"/jobs/{job_id}")).json()
-        if done(job):
-            return job
-        assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']} {job['progress']}"
-        await asyncio.sleep(0.05)
 
 
 def steps_of(history: list[dict[str, Any]]) -> list[int]:

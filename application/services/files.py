@@ -12,6 +12,7 @@ a record without its file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,11 @@ class FileStore:
     @property
     def root(self) -> Path:
         return self.settings.data_roots()[0] / UPLOADS_DIR
+
+    @functools.cached_property
+    def real_root(self) -> Path:
+        """The uploads folder as the path sandbox resolves data paths (resolved once: creates compare with it)."""
+        return Path(os.path.realpath(self.root))
 
     # ---- upload ---------------------------------------------------------------------------------------------
 
@@ -264,7 +270,7 @@ class FileStore:
         inside DATA_ROOTS, and a user key must not train on what someone else uploaded. Paths only, no disk."""
         if caller.is_admin:
             return
-        root = Path(os.path.realpath(self.root))
+        root = self.real_root
         own = owner_folder(caller.name)
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))

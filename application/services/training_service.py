@@ -108,24 +108,20 @@ class TrainingService:
             self._swift = (stamp, SwiftInfo.from_json(probe) if probe else None)
         return self._swift[1]
 
-    async def _uploaded(self, req: JobCreate, caller: Caller) -> JobCreate:
-        """The request with uploaded files (`file-<id>`) named by their stored paths; another owner's uploads
-        are refused here, since their folder also lies inside DATA_ROOTS."""
+    async def _uploaded(self, req: JobCreate, caller: Caller) -> tuple[str, dict[str, Any]]:
+        """data_path and the extra training arguments with uploaded files (`file-<id>`) named by their stored
+        paths (a file this caller may not use is refused)."""
         data_path = await self.files.resolve_file_ref(req.data_path, caller) or req.data_path
         extra = req.training.extra_arguments
-        if not extra and data_path == req.data_path:
-            return req
         for name in DATA_ARGUMENTS:
             value = extra.get(name)
-            items = value if isinstance(value, list) else [value]
-            if any(isinstance(v, str) for v in items):
-                field = f"training.{name}"
-                resolved = [await self.files.resolve_file_ref(v, caller, field) or v if isinstance(v, str) else v
-                            for v in items]  # fmt: skip
-                extra[name] = resolved if isinstance(value, list) else resolved[0]
-        named = req.training.model_dump(include=set(TrainingParams.model_fields))
-        training = TrainingParams.model_validate({**named, **extra})
-        return req.model_copy(update={"data_path": data_path, "training": training})
+            if value is None:
+                continue
+            field = f"training.{name}"
+            resolved = [await self.files.resolve_file_ref(v, caller, field) or v if isinstance(v, str) else v
+                        for v in _as_list(value)]  # fmt: skip
+            extra[name] = resolved if isinstance(value, list) else resolved[0]
+        return data_path, extra
 
     async def _fits(self, job: Job, snapshot: GpuSnapshot, state: tuple[dict[int, str], list[str], int]) -> bool:
         """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs)."""
@@ -177,21 +173,22 @@ class TrainingService:
         if cap and caller.name is not None and req.num_gpus > cap:
             raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
         require_usable_swift(meta)
-        req = await self._uploaded(req, caller)
+        data_path, extra = await self._uploaded(req, caller)
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)
-        arguments = check_arguments(req.kind, req.training.extra_arguments, swift, pending=meta is None)
+        arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread.
         checked = await asyncio.to_thread(
-            check_request, req.data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
+            check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
             preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
         )  # fmt: skip
+        # Another owner's upload named by its path: their folder also lies inside DATA_ROOTS.
         data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]
         self.files.refuse_others_uploads([v for v in data_sets if isinstance(v, str)], caller)
         training = req.training
-        if checked.arguments:
+        if extra:  # stored converted (or left out, for a null): what the command is built from
             named = req.training.model_dump(include=set(TrainingParams.model_fields))
             training = TrainingParams.model_validate({**named, **checked.arguments})
         base_id = req.job_id or job_id_from(checked.output_dir)
