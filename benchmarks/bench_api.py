@@ -294,6 +294,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--skip-100k", action="store_true")
+    ap.add_argument("--create-only", action="store_true", help="only the create figure (for profiling work)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: sudo apt-get install wrk")
@@ -333,6 +334,8 @@ def main() -> None:
                     'prefix = "bare"\npath = "/jobs"\nauth = ""\n')  # fmt: skip
             print(f"  create: ours {a['rps']:.0f} req/s, bare {b['rps']:.0f} req/s -> ratio {a['rps'] / b['rps']:.2f} "
                   f"(target >= 0.5; non-2xx: {a['errors']:.0f} / {b['errors']:.0f})")  # fmt: skip
+            if args.create_only:
+                return
             stored = 0
             for size in (10_000, 100_000):
                 if size == 100_000 and args.skip_100k:

@@ -26,6 +26,13 @@ async def test_create_rate_per_key(app_factory: Callable[..., Any], tmp_path: Pa
         assert r.status_code == 429 and "CREATE_RATE_LIMIT" in r.json()["detail"]
         assert 1 <= int(r.headers["Retry-After"]) <= 60
         assert (await client.post("/jobs", json=body(tmp_path, "b0"), headers=auth(BOB_KEY))).status_code == 201
+        # The window's counters go away by themselves: none is ever left without an expiry.
+        store = client.app.state.training.store
+        window = int(time.time() // 60)
+        for name in ("alice", "bob"):
+            # (the window may have turned since the creates)
+            ttl = max([await store.r.ttl(store.keys.rate(name, w)) for w in (window - 1, window)])
+            assert 0 < ttl <= 61, (name, ttl)
 
 
 async def test_waiting_jobs_per_owner(app_factory: Callable[..., Any], tmp_path: Path) -> None:

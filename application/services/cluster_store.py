@@ -15,6 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from application.models.training_model import JobStatus
 from application.services import lua
 from application.services.keys import Keys
 from application.services.scheduler import Head
@@ -45,6 +46,25 @@ class RunnerTick:
     export_id: str | None
     pause_requested: bool = False
     preempt_for: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateContext:
+    """Everything a create reads before it stores the job, read in one round trip (`ClusterStore.create_context`)."""
+
+    snapshot: dict[str, Any] | None  # the scheduler's GPU reading
+    swift: dict[str, Any] | None  # its ms-swift facts
+    leases: dict[int, str]
+    running: list[str]
+    queue_length: int
+    head: Head | None
+    history_version: int
+    rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
+    waiting: int | None  # the caller's pending + queued jobs (None: not asked)
+
+    @property
+    def planning_state(self) -> tuple[dict[int, str], list[str], int]:
+        return self.leases, self.running, self.queue_length
 
 
 class ClusterStore:
@@ -114,11 +134,36 @@ class ClusterStore:
         return json.loads(raw) if raw else None
 
     async def queue_head(self) -> Head | None:
-        raw = await self.r.get(self.keys.queue_head)
-        if not raw:
-            return None
-        job_id, since = json.loads(raw)
-        return (str(job_id), float(since))
+        return _head(await self.r.get(self.keys.queue_head))
+
+    async def create_context(self, rate: tuple[str, float] | None, owner: str | None) -> CreateContext:
+        """What a create needs, in one pipeline: a create is mostly round trips, and each costs a worker CPU
+        time in the client library, not just latency. `rate` (window key, period) counts this create;
+        `owner` asks for that owner's waiting jobs."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version])
+            pipe.hgetall(self.keys.gpu_leases)
+            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
+            pipe.zcard(self.keys.queue)
+            if rate is not None:
+                # Set with its expiry first, then counted: the counter never exists without an expiry.
+                pipe.set(rate[0], 0, ex=max(1, int(rate[1])) + 1, nx=True)
+                pipe.incr(rate[0])
+            if owner is not None:
+                pipe.zcard(self.keys.owner_status_index(owner, JobStatus.PENDING))
+                pipe.zcard(self.keys.owner_status_index(owner, JobStatus.QUEUED))
+            out = await pipe.execute()
+        (snapshot, info, head, version), leases, running, length = out[:4]
+        rest = out[4:]
+        rate_count = int(rest[1]) if rate is not None else None
+        if rate is not None:
+            rest = rest[2:]
+        waiting = int(rest[0]) + int(rest[1]) if owner is not None else None
+        return CreateContext(
+            snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
+            leases={int(k): v for k, v in leases.items()}, running=list(running), queue_length=int(length),
+            head=_head(head), history_version=int(version or 0), rate_count=rate_count, waiting=waiting,
+        )  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         await self.r.set(self.keys.queue_head, json.dumps(list(head)))
@@ -246,10 +291,9 @@ class ClusterStore:
     async def release_idempotency(self, key: str) -> None:
         await self.r.delete(key)
 
-    async def hit_rate(self, key: str, period: float) -> int:
-        """Count one more request in the fixed window `key` (expires with its period); returns the count."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, max(1, int(period)) + 1)
-            count, _ = await pipe.execute()
-        return int(count)
+
+def _head(raw: str | None) -> Head | None:
+    if not raw:
+        return None
+    job_id, since = json.loads(raw)
+    return (str(job_id), float(since))

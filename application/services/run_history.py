@@ -22,6 +22,8 @@ from application.services.predictions import (
 # Samples kept per key: predictions read the newest few; the rest shows a change of hardware or code.
 KEEP = 20
 ERRORS_KEEP = 1000
+# Predictions remembered per process while no run ends (teams submit the same jobs again and again).
+CACHE_SIZE = 1024
 
 
 def samples_per_step(job: Job) -> int:
@@ -50,20 +52,34 @@ class RunHistory:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.r: Any = client
         self.keys = keys
+        # (history version, {(profile, similar, steps, samples per step): prediction}): a prediction changes only
+        # when a run ends (`record` bumps the version), so while the version a caller read stays the same the
+        # history need not be read again.
+        self._cache: tuple[int, dict[tuple[str, str, int | None, int], PredictedDuration]] = (-1, {})
 
-    async def predict(self, job: Job) -> PredictedDuration:
-        """The best prediction for a job not started yet: its time limit, its plan, or similar jobs' history."""
+    async def predict(self, job: Job, version: int | None = None) -> PredictedDuration:
+        """The best prediction for a job not started yet: its time limit, its plan, or similar jobs' history.
+        `version` (the history version, read by the caller with its other reads) lets a repeat skip Redis."""
         if job.time_limit_seconds is not None:
             return PredictedDuration(seconds=float(job.time_limit_seconds), source="time_limit")
         profile, similar = keys_of(job)
+        steps, per_step = steps_of(job), samples_per_step(job)
+        key = (profile, similar, steps, per_step)
+        if version is not None and self._cache[0] == version and key in self._cache[1]:
+            return self._cache[1][key].model_copy()
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.lrange(self.keys.step_profile(profile), 0, KEEP - 1)
             pipe.lrange(self.keys.run_durations(similar), 0, KEEP - 1)
             raw_profile, raw_durations = await pipe.execute()
         samples = [StepSample(*json.loads(x)) for x in raw_profile]
-        found = predict(time_limit=None, steps=steps_of(job), samples_per_step=samples_per_step(job), profile=samples,
+        found = predict(time_limit=None, steps=steps, samples_per_step=per_step, profile=samples,
                         durations=[float(x) for x in raw_durations])  # fmt: skip
-        return PredictedDuration(seconds=found.seconds, source=found.source) if found else PredictedDuration()
+        result = PredictedDuration(seconds=found.seconds, source=found.source) if found else PredictedDuration()
+        if version is not None:
+            if self._cache[0] != version or len(self._cache[1]) >= CACHE_SIZE:
+                self._cache = (version, {})
+            self._cache[1][key] = result
+        return result
 
     async def record(self, job: Job, duration: float, steps: int | None, seconds_per_step: float | None) -> None:
         """A run that completed: its speed (when it took steps), its duration, and how far off its prediction was."""

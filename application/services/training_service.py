@@ -32,7 +32,7 @@ from application.models.job_responses import (
     WaitEstimate,
 )
 from application.models.training_model import ExportStatus, Job, JobStatus, PendingReason
-from application.services.cluster_store import ClusterStore
+from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.files import FileStore
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
@@ -82,7 +82,7 @@ class TrainingService:
         self.settings = settings
         self.store = store
         self.cluster = cluster
-        self.limits = CreateLimits(settings, store, cluster)
+        self.limits = CreateLimits(settings, store.keys, cluster)
         self.planner = Planner(store, settings)
         self.history = RunHistory(store.r, store.keys)
         self.started_at = time.time()
@@ -123,22 +123,22 @@ class TrainingService:
             extra[name] = resolved if isinstance(value, list) else resolved[0]
         return data_path, extra
 
-    async def _fits(self, job: Job, snapshot: GpuSnapshot, state: tuple[dict[int, str], list[str], int]) -> bool:
-        """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs)."""
-        leases, _, queue_length = state
+    async def _fits(self, job: Job, snapshot: GpuSnapshot, ctx: CreateContext) -> bool:
+        """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs), or
+        plainly yes (a CPU-only job: every pass starts those, whatever waits)."""
         k = len(job.gpu_ids_requested or ()) or job.num_gpus
-        if k > 0:
-            s = self.settings
-            free = [
-                g
-                for g in gpu_states(snapshot, leases)
-                if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)
-            ]
-            if len(free) < k:
-                return False
-        view = await build_view(self.store, snapshot, state=state)
-        found = await self.planner.plan(view, extra=_queued(job), queue_length=queue_length,
-                                        head=await self.cluster.queue_head())  # fmt: skip
+        if k == 0:
+            return True
+        s = self.settings
+        free = [
+            g
+            for g in gpu_states(snapshot, ctx.leases)
+            if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)
+        ]
+        if len(free) < k:
+            return False
+        view = await build_view(self.store, snapshot, state=ctx.planning_state)
+        found = await self.planner.plan(view, extra=_queued(job), queue_length=ctx.queue_length, head=ctx.head)
         return any(s.job_id == job.job_id for s in found.starts)
 
     # ---- jobs ---------------------------------------------------------------------------------------
@@ -161,11 +161,9 @@ class TrainingService:
         return job
 
     async def create(self, req: JobCreate, caller: Caller) -> CreateResponse:
-        # Three reads at once (each on its own connection): the caller's limits, what the scheduler published,
-        # and the leases, running jobs and queue length a plan needs.
-        (published, meta), state, _ = await asyncio.gather(self.cluster.published(), self.store.planning_state(),
-                                                           self.limits.check(caller))  # fmt: skip
-        snapshot = snapshot_of(published)
+        # One round trip: the caller's limits, what the scheduler published, and what a plan needs.
+        ctx = await self.limits.read(caller)
+        snapshot, meta = snapshot_of(ctx.snapshot), ctx.swift
         reason = impossible_request(req, snapshot) if snapshot.taken_at else None
         if reason:
             raise Invalid(reason)
@@ -201,9 +199,9 @@ class TrainingService:
             kind=req.kind, rlhf_type=req.rlhf_type, training=training, created_at=now, updated_at=now,
             time_limit_seconds=req.time_limit_seconds, max_retries=req.max_retries, webhook_url=req.webhook_url,
         )  # fmt: skip
-        job.predicted_duration = await self.history.predict(job)
+        job.predicted_duration = await self.history.predict(job, ctx.history_version)
         job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None
-        fits = await self._fits(job, snapshot, state)
+        fits = await self._fits(job, snapshot, ctx)
         if not fits:
             job.status = JobStatus.QUEUED
             job.queued_at = now
