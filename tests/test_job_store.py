@@ -7,7 +7,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from application.models.job_request import TrainingParams
-from application.models.training_model import Job, JobStatus
+from application.models.job_responses import JobSummary
+from application.models.training_model import Job, JobStatus, PredictedDuration
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
@@ -247,3 +248,13 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     await store.transition("a", JobStatus.COMPLETED)
     await store.delete("a")
     assert not await redis_client.exists(store.keys.job_summary("a"))
+
+
+async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> None:
+    await store.create(make_job("q", JobStatus.QUEUED), message="created", actor="t")
+    entry = json.loads((await store.page_json(None, None, 0, 10))[1])[0]
+    assert entry["predicted_duration"] == {"seconds": None, "source": None}
+    assert await store.set_prediction("q", PredictedDuration(seconds=90.0, source="plan"))
+    entry = json.loads((await store.page_json(None, None, 0, 10))[1])[0]
+    assert entry["predicted_duration"] == {"seconds": 90.0, "source": "plan"}
+    assert JobSummary.model_validate(entry).predicted_duration == PredictedDuration(seconds=90.0, source="plan")

@@ -104,6 +104,9 @@ class JobSummary(BaseModel):
     progress: Progress
     export: ExportInfo
     error_message: str | None = None
+    predicted_duration: PredictedDuration | None = Field(
+        None, description="how long the run should take, and from what (null in entries older than the field)"
+    )
 
 
 class JobList(BaseModel):

@@ -362,7 +362,7 @@ class JobStore:
         """Give a job that waits (pending or queued) the prediction found for it since it was created."""
         return bool(await self._set_prediction(keys=[self.keys.job(job_id)], args=[script_arg({
             "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
-            "k": {"queue_meta": self.keys.queue_meta},
+            "k": {"queue_meta": self.keys.queue_meta, "summary": self.keys.job_summary(job_id)},
         })]))  # fmt: skip
 
     async def expired(self, before: float, limit: int) -> list[str]:

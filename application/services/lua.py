@@ -10,7 +10,7 @@ A refusal is returned as {reason, current status, detail}; `JobStore` turns the 
 # every script changing the job rewrites: a page is then one MGET, and nothing is decoded to serve it.
 SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_path", "output_dir", "num_gpus",
                   "gpu_ids", "created_at", "queued_at", "started_at", "finished_at", "progress", "export",
-                  "error_message")  # fmt: skip
+                  "error_message", "predicted_duration")  # fmt: skip
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.
@@ -245,13 +245,14 @@ return {'ok', cur}
 
 # A prediction found for a job that waits: on the job, and in its queue entry's meta (index 6, estimated
 # duration, changed in place so a concurrent priority change is not undone). a: id, predicted, seconds,
-# k {queue_meta}
+# k {queue_meta, summary}
 SET_PREDICTION = (
     _HELPERS
     + """
 local cur = field(KEYS[1], 'status')
 if cur ~= 'pending' and cur ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'predicted_duration', a.predicted, 'queued_prediction', a.predicted)
+refresh_summary(a.k.summary)
 local raw = redis.call('HGET', a.k.queue_meta, a.id)
 if raw then
   local m = cjson.decode(raw)
