@@ -13,9 +13,8 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from application.exceptions import ApiError, Conflict, Invalid
@@ -90,5 +89,5 @@ class Idempotency:
 
 
 def _response(status: int, body: BaseModel, headers: dict[str, str]) -> Response:
-    content: Any = body.model_dump(mode="json")
-    return JSONResponse(content, status_code=status, headers=headers or None)
+    # Serialized by pydantic in one pass (not dumped to dicts and then through json.dumps).
+    return Response(body.model_dump_json(), status_code=status, headers=headers or None, media_type="application/json")
