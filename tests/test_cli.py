@@ -86,6 +86,10 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     human = cli(server.port, "ls")
     assert human.returncode == 0 and "done" in human.stdout and "completed" in human.stdout
     assert "completed" in cli(server.port, "status", "done").stdout
+    # A job yet to run shows how long it should take, and from what.
+    assert server.create(**job_body(workspace, "later", time_limit="90m")).status_code == 201
+    row = next(line for line in cli(server.port, "ls").stdout.splitlines() if line.startswith("later"))
+    assert "~1:30:00 time_limit" in row, row
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")

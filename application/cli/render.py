@@ -19,6 +19,7 @@ STATUS_STYLES = {
     "stopped": "red",
     "cancelled": "dim",
 }
+ENDED = frozenset({"completed", "failed", "stopped", "cancelled"})
 
 
 def text(value: Any, style: str = "") -> Text:
@@ -59,13 +60,22 @@ def gpus(job: dict[str, Any]) -> str:
     return ",".join(map(str, ids)) if ids else str(job.get("num_gpus", ""))
 
 
+def estimate(job: dict[str, Any]) -> str:
+    """A job that has yet to end: how long its run should take (and from what), e.g. '~1:30:00 time_limit'."""
+    predicted = job.get("predicted_duration") or {}
+    if job.get("status") in ENDED or predicted.get("seconds") is None:
+        return ""
+    return f"~{duration(predicted['seconds'])} {predicted.get('source') or ''}".rstrip()
+
+
 def jobs(body: dict[str, Any]) -> RenderableType:
-    table = Table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "CREATED", "MODEL", box=None, header_style="bold")
+    table = Table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "EST", "CREATED", "MODEL", box=None,
+                  header_style="bold")  # fmt: skip
     for job in body.get("jobs", []):
         progress = job.get("progress") or {}
         table.add_row(text(job["job_id"]), status(job["status"]), text(job.get("priority")), text(gpus(job)),
-                      text(steps(progress)), text(number(progress.get("loss"))), text(when(job.get("created_at"))),
-                      text(job.get("model_path")))  # fmt: skip
+                      text(steps(progress)), text(number(progress.get("loss"))), text(estimate(job)),
+                      text(when(job.get("created_at"))), text(job.get("model_path")))  # fmt: skip
     shown = len(body.get("jobs", []))
     footer = text(f"{shown} of {body.get('total', shown)} jobs", "dim")
     return Group(table, footer) if shown else footer
