@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from application.services.log_parser import SwiftLogParser, extract_error
+from application.services.log_parser import SwiftLogParser
 from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
+from application.services.swift_errors import extract_error
 from application.utils.log_tail import tail_lines
 
 FAKE_SWIFT = Path(__file__).resolve().parent / "fake_swift" / "swift"

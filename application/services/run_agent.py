@@ -44,7 +44,7 @@ from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
-from application.services.log_parser import SwiftLogParser, extract_error
+from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
@@ -52,6 +52,7 @@ from application.services.run_end import RunEnd
 from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
+from application.services.swift_errors import extract_error
 from application.utils.log_tail import read_from, tail_lines
 from application.utils.logger import setup_logging
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
-from application.services.log_parser import RunFacts, extract_error
+from application.services.log_parser import RunFacts
+from application.services.swift_errors import extract_error
 
 
 @dataclass(frozen=True)

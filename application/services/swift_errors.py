@@ -1,0 +1,58 @@
+"""What failed, from the end of a failed run's log: the Python exception that ended it.
+
+Checked against the failure tails captured from real ms-swift 4.6.0 and 3.5.3 runs (tests/fixtures/swift).
+"""
+
+from __future__ import annotations
+
+import re
+
+_EXC_LINE_RE = re.compile(
+    r"(?P<name>(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit|Failure|Timeout))"
+    r"(?::(?P<msg>.*))?"
+)
+# torch.distributed prefixes each rank's output like this.
+_RANK_PREFIX_RE = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
+# What the launcher (swift's own `subprocess.run`, or torchrun) adds on top of the trainer's error.
+_LAUNCHER_NOISE = frozenset({"KeyboardInterrupt", "CalledProcessError", "ChildFailedError", "SystemExit"})
+_MAX_ERROR_CHARS = 4000
+
+
+def _clean_log_line(line: str) -> str:
+    if "\r" in line:
+        parts = [p for p in line.split("\r") if p.strip()]
+        line = parts[-1] if parts else ""
+    return _RANK_PREFIX_RE.sub("", line.rstrip())
+
+
+def extract_error(lines: list[str]) -> str | None:
+    """The Python exception that ended a failed run, from the end of its log.
+
+    That is the last `SomeError: message` line that follows a traceback frame; the launcher's own
+    KeyboardInterrupt / CalledProcessError / torchrun ChildFailedError only counts when no trainer
+    error is above it. None when the lines hold no exception.
+    """
+    cleaned = [_clean_log_line(line) for line in lines]
+    specific: str | None = None
+    noise: str | None = None
+    for i in range(len(cleaned) - 1, -1, -1):
+        line = cleaned[i]
+        if not line or line[0].isspace():
+            continue
+        m = _EXC_LINE_RE.fullmatch(line)
+        if m is None:
+            continue
+        prev = cleaned[i - 1] if i > 0 else ""
+        # Exception lines follow a frame ("  File ...", its source line, or the ^^^ marker) or the
+        # Traceback header; a tail may also start right at one.
+        if i > 0 and not (prev[:1].isspace() or prev.startswith("Traceback (most recent call last)")):
+            continue
+        short_name = m.group("name").rsplit(".", 1)[-1]
+        if short_name in _LAUNCHER_NOISE:
+            if noise is None:
+                noise = line
+            continue
+        specific = line
+        break
+    found = specific or noise
+    return found[:_MAX_ERROR_CHARS] if found else None
