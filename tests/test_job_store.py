@@ -258,3 +258,13 @@ async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> No
     entry = json.loads((await store.page_json(None, None, 0, 10))[1])[0]
     assert entry["predicted_duration"] == {"seconds": 90.0, "source": "plan"}
     assert JobSummary.model_validate(entry).predicted_duration == PredictedDuration(seconds=90.0, source="plan")
+
+
+async def test_create_answers_the_queue_position_of_a_queued_job(store: JobStore) -> None:
+    now = time.time()
+    assert await store.create(make_job("late", JobStatus.QUEUED, created=now), message="c", actor="t") == 1
+    # Higher priority goes ahead of it; a pending job is in no queue.
+    assert await store.create(make_job("urgent", JobStatus.QUEUED, priority=9, created=now + 1), message="c",
+                              actor="t") == 1  # fmt: skip
+    assert await store.create(make_job("p"), message="c", actor="t") is None
+    assert await store.queue_position("late") == 2

@@ -59,6 +59,8 @@ class CreateContext:
     queue_length: int
     head: Head | None
     history_version: int
+    leader: Leader | None
+    processor_enabled: bool
     rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
     waiting: int | None  # the caller's pending + queued jobs (None: not asked)
 
@@ -141,10 +143,13 @@ class ClusterStore:
         time in the client library, not just latency. `rate` (window key, period) counts this create;
         `owner` asks for that owner's waiting jobs."""
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version])
+            pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
+                       self.keys.leader])  # fmt: skip
             pipe.hgetall(self.keys.gpu_leases)
             pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
             pipe.zcard(self.keys.queue)
+            pipe.pttl(self.keys.leader)
+            pipe.hget(self.keys.processor_stats, "enabled")
             if rate is not None:
                 # Set with its expiry first, then counted: the counter never exists without an expiry.
                 pipe.set(rate[0], 0, ex=max(1, int(rate[1])) + 1, nx=True)
@@ -153,8 +158,8 @@ class ClusterStore:
                 pipe.zcard(self.keys.owner_status_index(owner, JobStatus.PENDING))
                 pipe.zcard(self.keys.owner_status_index(owner, JobStatus.QUEUED))
             out = await pipe.execute()
-        (snapshot, info, head, version), leases, running, length = out[:4]
-        rest = out[4:]
+        (snapshot, info, head, version, leader), leases, running, length, leader_ttl, enabled = out[:6]
+        rest = out[6:]
         rate_count = int(rest[1]) if rate is not None else None
         if rate is not None:
             rest = rest[2:]
@@ -162,7 +167,9 @@ class ClusterStore:
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in leases.items()}, running=list(running), queue_length=int(length),
-            head=_head(head), history_version=int(version or 0), rate_count=rate_count, waiting=waiting,
+            head=_head(head), history_version=int(version or 0),
+            leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
+            rate_count=rate_count, waiting=waiting,
         )  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:

@@ -93,8 +93,9 @@ class JobStore:
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
-    async def create(self, job: Job, *, message: str, actor: str) -> None:
-        """Store a new job; raises TransitionRefused(EXISTS) or (OUTPUT_DIR_BUSY, detail=the holder)."""
+    async def create(self, job: Job, *, message: str, actor: str) -> int | None:
+        """Store a new job, and return its queue position (1 first) when it is queued; raises
+        TransitionRefused(EXISTS) or (OUTPUT_DIR_BUSY, detail=the holder)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
         res = await self._create(keys=[k.job(job.job_id)], args=[script_arg({
@@ -113,6 +114,7 @@ class JobStore:
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
+        return int(res[1]) + 1 if len(res) > 1 else None
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.r.hgetall(self.keys.job(job_id))

@@ -78,7 +78,8 @@ end
 
 # A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
-# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary}
+# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary}.
+# Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
 CREATE = (
     _HELPERS
     + """
@@ -95,12 +96,13 @@ if k.owner_all then
 end
 redis.call('HSET', k.output_dirs, a.output_dir, a.id)
 refresh_summary(k.summary)
+add_event(k.events, a.event)
 if a.score then
   redis.call('ZADD', k.queue, a.score, a.id)
   redis.call('HSET', k.queue_meta, a.id, a.meta)
   redis.call('PUBLISH', k.wakeup, a.id)
+  return {'ok', redis.call('ZRANK', k.queue, a.id)}
 end
-add_event(k.events, a.event)
 return {'ok'}
 """
 )

@@ -47,7 +47,7 @@ from application.services.queue_planner import (
     wait_estimate,
 )
 from application.services.run_history import RunHistory
-from application.services.scheduler import QueuedJob, Reason, gpu_is_free
+from application.services.scheduler import Head, QueuedJob, Reason, gpu_is_free
 from application.services.swift_arguments import (
     DATA_ARGUMENTS,
     PREFERENCE_TYPES,
@@ -208,7 +208,7 @@ class TrainingService:
         message = "Training job created" if fits else "Training job created and added to the GPU queue"
         for attempt in range(1, 1000):
             try:
-                await self.store.create(job, message=message, actor=caller.actor)
+                position = await self.store.create(job, message=message, actor=caller.actor)
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
@@ -229,7 +229,11 @@ class TrainingService:
                                                                 "estimated_wait_time", "pending_reason"}),
                                   predicted_duration=job.predicted_duration)  # fmt: skip
         if job.status == JobStatus.QUEUED:
-            info = await self.queue_info(job.job_id)
+            # What the create read already is the view a forecast needs (its leases and running jobs are from
+            # a moment ago; the queue is read again, with this job in it).
+            stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None)
+            view = None if stopped else await build_view(self.store, snapshot, state=ctx.planning_state)
+            info = await self._placed(job.job_id, position, stopped, view, ctx.head)
             return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   predicted_duration=job.predicted_duration)  # fmt: skip
@@ -415,15 +419,16 @@ class TrainingService:
     async def processor_stopped(self) -> str | None:
         """Why no pass will start queued jobs (the switch is off, or no scheduler leads), or None."""
         (enabled, _), leader = await asyncio.gather(self.cluster.processor_switch(), self.cluster.leader())
-        if leader is None:
-            return "no scheduler is running: queued jobs start when one does (python start.py)"
-        if not enabled:
-            return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
-        return None
+        return stopped_because(enabled, leader is not None)
 
     async def queue_info(self, job_id: str) -> QueueInfo:
         """Where a queued job stands: its position, its estimated wait and why it waits."""
         position, stopped = await asyncio.gather(self.store.queue_position(job_id), self.processor_stopped())
+        return await self._placed(job_id, position, stopped)
+
+    async def _placed(self, job_id: str, position: int | None, stopped: str | None, view: ClusterView | None = None,
+                      head: Head | None = None) -> QueueInfo:  # fmt: skip
+        """`queue_info` once the position and the processor's state are known (and the view, when read)."""
         if position is None:
             return QueueInfo(None, None, None)
         if position > ESTIMATE_WINDOW or stopped is not None:
@@ -431,10 +436,20 @@ class TrainingService:
             # (no scheduler, or its switch is off) no wait can be told at all.
             reason = pending_reason(Reason("priority"), time.time(), stopped)
             return QueueInfo(position, None, reason)
-        view, head = await asyncio.gather(self.view(), self.cluster.queue_head())
+        if view is None:
+            fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
+            view = fresh
         forecast = await self.planner.forecast(view, position, head)
         return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
                          pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
+
+
+def stopped_because(enabled: bool, leading: bool) -> str | None:
+    if not leading:
+        return "no scheduler is running: queued jobs start when one does (python start.py)"
+    if not enabled:
+        return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
+    return None
 
 
 NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
