@@ -88,7 +88,8 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     assert "completed" in cli(server.port, "status", "done").stdout
     # A job yet to run shows how long it should take, and from what.
     assert server.create(**job_body(workspace, "later", time_limit="90m")).status_code == 201
-    row = next(line for line in cli(server.port, "ls").stdout.splitlines() if line.startswith("later"))
+    listing = cli(server.port, "ls").stdout
+    row = next((line for line in listing.splitlines() if line.split()[:1] == ["later"]), listing)
     assert "~1:30:00 time_limit" in row, row
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
