@@ -7,7 +7,10 @@ scheduler sees only what the live server would know, per policy:
 
     fifo       QUEUE_POLICY=strict (all jobs share one priority, so strict is FIFO)
     greedy     first fit, no reservations (a reference: it starves wide jobs)
-    oracle     backfill given every job's exact duration (starvation time 0): the issue's "EASY" yardstick
+    easy       textbook EASY backfill given exact durations (`easy` below, not the server's planner): only the
+               first blocked job holds a reservation. The issue's yardstick
+    oracle     the server's backfill given every job's exact duration (starvation time 0): every blocked job
+               holds a reservation (conservative backfill), a stricter yardstick than EASY for the mean
     predicted  the server's backfill: predictions from `predictions.predict` over finished jobs of the same
                kind (here: the virtual cluster and GPU count, all the trace tells of a job), swift's own
                remaining time once a job has run --progress-after seconds, QUEUE_STARVATION_SECONDS
@@ -31,7 +34,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +49,7 @@ from application.services.scheduler import (  # noqa: E402
     Policy,
     QueuedJob,
     RunningJob,
+    Start,
     next_head,
     plan,
     queue_key,
@@ -53,7 +57,7 @@ from application.services.scheduler import (  # noqa: E402
 
 GPU_GB = 80.0
 PRIORITY = 5
-POLICIES = ("fifo", "greedy", "oracle", "predicted", "fallback", "blind")
+POLICIES = ("fifo", "greedy", "easy", "oracle", "predicted", "fallback", "blind")
 END, PROGRESS, WAKE = 0, 1, 2
 # As the live scheduler: queued jobs without a prediction get one when history grows, within its window.
 PREDICTION_WINDOW = 256
@@ -72,7 +76,7 @@ class TraceJob:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    policy: str  # "strict" | "backfill"
+    policy: str  # "strict" | "backfill" | "easy" (textbook EASY here, not the server's planner)
     starvation: float
     knowledge: str  # "oracle" | "predicted" | "progress" | "none"
 
@@ -81,6 +85,7 @@ def mode_of(name: str, starvation: float) -> Mode:
     return {
         "fifo": Mode(name, "strict", 0.0, "none"),
         "greedy": Mode(name, "backfill", math.inf, "none"),
+        "easy": Mode(name, "easy", 0.0, "oracle"),
         "oracle": Mode(name, "backfill", 0.0, "oracle"),
         "predicted": Mode(name, "backfill", starvation, "predicted"),
         "fallback": Mode(name, "backfill", starvation, "progress"),
@@ -121,7 +126,8 @@ def simulate(
     progress_after: float = 60.0,
 ) -> Result:
     """Run the trace to its end under one policy. Jobs must be in submission order."""
-    policy = Policy(name=mode.policy, min_free_gb=2.0, max_util=90.0, starvation_seconds=mode.starvation)
+    policy = Policy(name="backfill" if mode.policy == "easy" else mode.policy, min_free_gb=2.0, max_util=90.0,
+                    starvation_seconds=mode.starvation)  # fmt: skip
     by_id = {j.job_id: j for j in jobs}
     runtime = {j.job_id: j.duration + startup for j in jobs}
     free_gpu = [GpuState(i, GPU_GB, GPU_GB, 0.0, None) for i in range(n_gpus)]
@@ -189,11 +195,17 @@ def simulate(
             for jid, (ids, s) in running.items()
         ]
         t0 = time.perf_counter()
-        decision = plan(queue, gpus, run_view, policy, t, estimating=False, head=head)
-        pass_seconds += time.perf_counter() - t0
-        passes += 1
-        starts = decision.starts
-        kept = next_head(head, decision.head, t)
+        if mode.policy == "easy":
+            starts = easy(queue, [g.index for g in gpus if g.held_by is None],
+                          [(ids, s + runtime[jid]) for jid, (ids, s) in running.items()], runtime, t)  # fmt: skip
+            pass_seconds += time.perf_counter() - t0
+            passes += 1
+        else:
+            decision = plan(queue, gpus, run_view, policy, t, estimating=False, head=head)
+            pass_seconds += time.perf_counter() - t0
+            passes += 1
+            starts = decision.starts
+        kept = next_head(head, decision.head, t) if mode.policy != "easy" else None
         if kept != head and kept is not None and 0.0 < mode.starvation < math.inf:
             heapq.heappush(events, (kept[1] + mode.starvation, WAKE, kept[0]))  # its reservation then binds all
         head = kept
@@ -222,6 +234,49 @@ def simulate(
     busy = sum(runtime[j.job_id] * j.num_gpus for j in jobs)
     return Result(mode.name, len(jobs), delays, jct, busy / (n_gpus * makespan), makespan, passes, pass_seconds,
                   ratios)  # fmt: skip
+
+
+def easy(
+    queue: Sequence[QueuedJob],
+    free: list[int],
+    running: Sequence[tuple[tuple[int, ...], float]],
+    runtime: Mapping[str, float],
+    now: float,
+) -> list[Start]:
+    """Textbook EASY backfill (Lifka 1995; Mu'alem and Feitelson 2001) with exact run times, one priority:
+    jobs start in queue order while they fit; the first that does not (the head) gets the one reservation,
+    at the shadow time when enough running jobs have ended; a later job may start now if it ends by then,
+    or if it uses only GPUs the head will not need (the extra GPUs at the shadow time). Other blocked jobs
+    hold nothing. The yardstick the issue names, kept apart from the server's planner (`scheduler.plan`,
+    where every blocked job holds a reservation)."""
+    free = sorted(free)
+    starts: list[Start] = []
+    ends = sorted((end, len(ids)) for ids, end in running)
+    shadow: float | None = None
+    extra = 0
+    for q in queue:
+        k = q.num_gpus
+        if shadow is None:
+            if k <= len(free):
+                starts.append(Start(q.job_id, tuple(free[:k])))
+                free = free[k:]
+                ends = sorted([*ends, (now + runtime[q.job_id], k)])
+                continue
+            # The head: when will k GPUs be free, and how many beyond its need then?
+            avail = len(free)
+            shadow = math.inf
+            for end, n in ends:
+                avail += n
+                if avail >= k:
+                    shadow, extra = end, avail - k
+                    break
+            continue
+        if k <= len(free) and (now + runtime[q.job_id] <= shadow or k <= extra):
+            if now + runtime[q.job_id] > shadow:
+                extra -= k
+            starts.append(Start(q.job_id, tuple(free[:k])))
+            free = free[k:]
+    return starts
 
 
 # ---- the Philly trace ------------------------------------------------------------------------------------
