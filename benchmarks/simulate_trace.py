@@ -10,7 +10,7 @@ scheduler sees only what the live server would know, per policy:
     easy       textbook EASY backfill given exact durations (`easy` below, not the server's planner): only the
                first blocked job holds a reservation. The issue's yardstick
     oracle     the server's backfill given every job's exact duration (starvation time 0): every blocked job
-               holds a reservation (conservative backfill), a stricter yardstick than EASY for the mean
+               holds a reservation (conservative backfill); on these traces its mean JCT is as good as EASY's or better
     predicted  the server's backfill: predictions from `predictions.predict` over finished jobs of the same
                kind (here: the virtual cluster and GPU count, all the trace tells of a job), swift's own
                remaining time once a job has run --progress-after seconds, QUEUE_STARVATION_SECONDS
