@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from application.models.job_request import TrainingParams
 from application.models.job_responses import JobSummary
-from application.models.training_model import Job, JobStatus, PredictedDuration
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
@@ -268,3 +268,27 @@ async def test_create_answers_the_queue_position_of_a_queued_job(store: JobStore
                               actor="t") == 1  # fmt: skip
     assert await store.create(make_job("p"), message="c", actor="t") is None
     assert await store.queue_position("late") == 2
+
+
+async def test_an_export_leaves_the_watched_set_with_its_end_and_a_new_request_stays(store: JobStore) -> None:
+    """The end of one export and the request of the next cannot undo each other: each changes the export and
+    the set the watchdog sweeps in one script (it once ended, then took the next request out of the set)."""
+    await store.create(make_job("x", JobStatus.COMPLETED), message="c", actor="t")
+    first = ExportInfo(status=ExportStatus.RUNNING, export_id="e1")
+    await store.update("x", {"export": first}, refuse_export=[ExportStatus.RUNNING], exporting=True)
+    assert await store.exporting() == ["x"]
+    # A second request while it runs is refused and changes nothing.
+    with pytest.raises(TransitionRefused):
+        await store.update("x", {"export": ExportInfo(status=ExportStatus.RUNNING, export_id="e2")},
+                           refuse_export=[ExportStatus.RUNNING], exporting=True)  # fmt: skip
+    # The first ends: out of the set in the same step; the next request is in it, and stays there.
+    await store.update("x", {"export": first.model_copy(update={"status": ExportStatus.COMPLETED})}, exporting=False)
+    assert await store.exporting() == []
+    await store.update("x", {"export": ExportInfo(status=ExportStatus.RUNNING, export_id="e2")},
+                       refuse_export=[ExportStatus.RUNNING], exporting=True)  # fmt: skip
+    # A sweep that read the job before that request cannot take a running export out of the set.
+    assert not await store.forget_idle_export("x")
+    assert await store.exporting() == ["x"]
+    await store.update("x", {"export": ExportInfo(status=ExportStatus.FAILED, export_id="e2")})
+    assert await store.forget_idle_export("x")
+    assert await store.exporting() == []

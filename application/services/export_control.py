@@ -32,12 +32,10 @@ class ExportControl:
         if request is not None and wants_quantization(request):
             return await self._quantize(job, request, caller)
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
-        # In the set first: a crash right after the update still leaves the request findable.
-        await self.store.mark_exporting(job_id, True)
         try:
             await self.store.update(
                 job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
-                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor,
+                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor, exporting=True,
                 event=("export_started", f"export of {info.checkpoint} requested",
                        {"checkpoint": info.checkpoint, "auto": False}),
             )  # fmt: skip

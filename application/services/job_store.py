@@ -84,6 +84,7 @@ class JobStore:
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
+        self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -234,8 +235,10 @@ class JobStore:
         event: tuple[str, str, Mapping[str, Any] | None] | None = None,
         actor: str = SCHEDULER,
         run_id: str | None = None,
+        exporting: bool | None = None,
     ) -> str:
-        """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`).
+        """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`);
+        `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step.
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
@@ -245,8 +248,9 @@ class JobStore:
             "statuses": [s.value for s in statuses] if statuses is not None else None,
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
-            "maxlen": self.events_max, "run_id": run_id,
-            "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id)},
+            "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting,
+            "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
+                  "exporting": self.keys.exporting},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -464,11 +468,10 @@ class JobStore:
             await self._drop_lease(keys=[self.keys.gpu_leases], args=[script_arg({"gpu": str(gpu), "id": job_id})])
         )
 
-    async def mark_exporting(self, job_id: str, running: bool) -> None:
-        if running:
-            await self.r.sadd(self.keys.exporting, job_id)
-        else:
-            await self.r.srem(self.keys.exporting, job_id)
+    async def forget_idle_export(self, job_id: str) -> bool:
+        """Out of the exports to watch, unless an export of the job runs now; whether it was taken out."""
+        return bool(await self._forget_idle_export(keys=[self.keys.job(job_id)], args=[script_arg({
+            "id": job_id, "k": {"exporting": self.keys.exporting}})]))  # fmt: skip
 
     async def exporting(self) -> list[str]:
         return sorted(await self.r.smembers(self.keys.exporting))

@@ -175,8 +175,10 @@ return {'ok', cur, ev}
 )
 
 # Set fields while the job exists, is in one of `statuses` (when given) and its export status is not in
-# `refuse_export` (when given). a: fields, statuses|nil, refuse_export|nil, event|nil, maxlen, run_id|nil,
-# k: {events, summary}
+# `refuse_export` (when given); `exporting` true/false adds/removes it in the set of exports to watch in the
+# same step, so an export's end and the next export's request can never undo each other.
+# a: id, fields, statuses|nil, refuse_export|nil, exporting|nil, event|nil, maxlen, run_id|nil,
+# k: {events, summary, exporting}
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -190,9 +192,26 @@ end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
 hset_pairs(KEYS[1], a.fields)
+if a.exporting == true then
+  redis.call('SADD', a.k.exporting, a.id)
+elseif a.exporting == false then
+  redis.call('SREM', a.k.exporting, a.id)
+end
 refresh_summary(a.k.summary)
 add_event(a.k.events, a.event)
 return {'ok', cur}
+"""
+)
+
+# Out of the set of exports to watch, unless its export runs (a request may have come since the caller read
+# the job). a: id, k: {exporting}
+FORGET_IDLE_EXPORT = (
+    _HELPERS
+    + """
+local exp = field(KEYS[1], 'export')
+if exp and exp.status == 'running' then return 0 end
+redis.call('SREM', a.k.exporting, a.id)
+return 1
 """
 )
 

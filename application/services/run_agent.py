@@ -246,13 +246,12 @@ class Runner:
         try:
             await self.store.update(
                 self.job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
-                refuse_export=(ExportStatus.RUNNING,),
+                refuse_export=(ExportStatus.RUNNING,), exporting=True,
                 event=("export_started", f"automatic export of {info.checkpoint} started",
                        {"checkpoint": info.checkpoint, "auto": True}),
             )  # fmt: skip
         except TransitionRefused:
             return  # someone asked for an export meanwhile: theirs runs
-        await self.store.mark_exporting(self.job_id, True)
         await self.export(info.export_id or "", prepared=info)
 
     # ---- export ------------------------------------------------------------------------------------
@@ -274,8 +273,7 @@ class Runner:
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
                                              "finished_at": time.time()})  # fmt: skip
-            await self._write_export(failed, ("export_failed", failed.error or "", None))
-            await self.store.mark_exporting(self.job_id, False)
+            await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
             return 1
         info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid)})
         await self._write_export(info, None)
@@ -323,9 +321,9 @@ class Runner:
                 current = await self.store.get_field(self.job_id, "export")
                 if current is None or current.get("export_id") != info.export_id:
                     return  # deleted, or another export since
-                await self.store.update(self.job_id, {"export": info}, event=event)
+                # The end and the way out of the watched exports in one step: a new request may follow at once.
+                await self.store.update(self.job_id, {"export": info}, event=event, exporting=False if final else None)
                 if final:
-                    await self.store.mark_exporting(self.job_id, False)
                     await self.store.notify(self.job_id, f"export_{info.status.value}")
                 return
             except TransitionRefused:

@@ -113,19 +113,17 @@ class Watchdog:
             return
         try:
             info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
-            await self.store.update(job_id, export_update(job, info),
+            await self.store.update(job_id, export_update(job, info), exporting=True,
                                     statuses=ENDED_WITH_SWIFT, refuse_export=(ExportStatus.RUNNING,),
                                     event=("export_started", f"automatic export of {info.checkpoint} requested",
                                            {"checkpoint": info.checkpoint, "auto": True}))  # fmt: skip
         except (Conflict, TransitionRefused) as exc:
             logger.info("job {}: no automatic export ({})", job_id, getattr(exc, "detail", exc))
-            return
-        await self.store.mark_exporting(job_id, True)
 
     async def _watch_export(self, job: Job) -> None:
         info = job.export
         if info.status != ExportStatus.RUNNING:
-            await self.store.mark_exporting(job.job_id, False)
+            await self.store.forget_idle_export(job.job_id)
             return
         if info.runner is None:
             await self._launch_export(job, info)
@@ -146,8 +144,8 @@ class Watchdog:
             status, error = ExportStatus.COMPLETED, None
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
                                         "exit_code": code})  # fmt: skip
-        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None))
-        await self.store.mark_exporting(job.job_id, False)
+        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
+                                 done=True)  # fmt: skip
         await self.store.notify(job.job_id, f"export_{status.value}")
 
     async def _launch_export(self, job: Job, info: ExportInfo) -> None:
@@ -157,18 +155,19 @@ class Watchdog:
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": time.time(),
                                              "error": f"the export's runner could not be started: {exc}"})  # fmt: skip
-            await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None))
-            await self.store.mark_exporting(job.job_id, False)
+            await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
+                                     done=True)  # fmt: skip
             return
         await self._write_export(job.job_id, info.export_id, info.model_copy(update={"runner": runner}), None)
 
     async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
-                            event: tuple[str, str, dict[str, Any] | None] | None) -> None:  # fmt: skip
+                            event: tuple[str, str, dict[str, Any] | None] | None,
+                            done: bool = False) -> None:  # fmt: skip
         current = await self.store.get_field(job_id, "export")
         if current is None or current.get("export_id") != export_id:
             return  # deleted, or another export since
         try:
-            await self.store.update(job_id, {"export": info}, event=event)
+            await self.store.update(job_id, {"export": info}, event=event, exporting=False if done else None)
         except TransitionRefused:
             pass
 
