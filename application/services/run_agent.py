@@ -213,11 +213,13 @@ class Runner:
             end.fields["stop_outcome"] = outcome or "gone"
         if end.event is not None:
             outbox.event(*end.event)
-        recorded = await outbox.finish(end.status, end.fields, end.message)
         first_run = not job.attempts or job.attempts[-1].resumed_from is None
         training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
-        if recorded and end.status == JobStatus.COMPLETED and first_run and training:
+        if end.status == JobStatus.COMPLETED and first_run and training:
+            # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should
+            # already predict the jobs waiting behind this one from what it just took.
             await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
+        recorded = await outbox.finish(end.status, end.fields, end.message)
         exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set() and training
         if recorded and end.status == JobStatus.COMPLETED and exporting:
             await self._auto_export()

@@ -232,7 +232,8 @@ class TrainingService:
             # What the create read already is the view a forecast needs (its leases and running jobs are from
             # a moment ago; the queue is read again, with this job in it).
             stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None)
-            view = None if stopped else await build_view(self.store, snapshot, state=ctx.planning_state)
+            forecast = stopped is None and position is not None and position <= ESTIMATE_WINDOW
+            view = await build_view(self.store, snapshot, state=ctx.planning_state) if forecast else None
             info = await self._placed(job.job_id, position, stopped, view, ctx.head)
             return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
