@@ -283,18 +283,27 @@ def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Api
     kill_processes_under(tmp_path)
 
 
-def kill_processes_under(root: Path) -> None:
+def kill_processes_under(root: Path, timeout: float = 10.0) -> None:
+    """SIGKILL every process whose command line or working folder lies under `root`, again until none is left:
+    a runner caught mid-launch by one sweep starts its trainer after that sweep has passed it."""
     import psutil
 
     needle = str(root)
-    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        try:
-            if p.pid != os.getpid() and (
-                any(needle in part for part in (p.info["cmdline"] or [])) or needle in (p.info["cwd"] or "")
-            ):
-                p.send_signal(signal.SIGKILL)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+    deadline = time.monotonic() + timeout
+    while True:
+        found = 0
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            try:
+                if p.pid != os.getpid() and (
+                    any(needle in part for part in (p.info["cmdline"] or [])) or needle in (p.info["cwd"] or "")
+                ):
+                    p.send_signal(signal.SIGKILL)
+                    found += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not found or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def seed_swift_probe(workdir: Path, version: str = "4.6.0") -> None:
