@@ -123,12 +123,12 @@ class TrainingService:
             extra[name] = resolved if isinstance(value, list) else resolved[0]
         return data_path, extra
 
-    async def _fits(self, job: Job, snapshot: GpuSnapshot, ctx: CreateContext) -> bool:
-        """Would a pass start this job now? Cheap when the answer is plainly no (not enough free GPUs), or
-        plainly yes (a CPU-only job: every pass starts those, whatever waits)."""
+    async def _fits(self, job: Job, snapshot: GpuSnapshot, ctx: CreateContext) -> tuple[bool, ClusterView | None]:
+        """Would a pass start this job now (and the view it planned on, when it needed one)? Cheap when the
+        answer is plainly no (not enough free GPUs), or plainly yes (a CPU-only job: every pass starts those)."""
         k = len(job.gpu_ids_requested or ()) or job.num_gpus
         if k == 0:
-            return True
+            return True, None
         s = self.settings
         free = [
             g
@@ -136,10 +136,10 @@ class TrainingService:
             if gpu_is_free(g, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB, max_util=s.GPU_MAX_UTILIZATION)
         ]
         if len(free) < k:
-            return False
+            return False, None
         view = await build_view(self.store, snapshot, state=ctx.planning_state)
         found = await self.planner.plan(view, extra=_queued(job), queue_length=ctx.queue_length, head=ctx.head)
-        return any(s.job_id == job.job_id for s in found.starts)
+        return any(s.job_id == job.job_id for s in found.starts), view
 
     # ---- jobs ---------------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class TrainingService:
         )  # fmt: skip
         job.predicted_duration = await self.history.predict(job, ctx.history_version)
         job.queued_prediction = job.predicted_duration if job.predicted_duration.seconds is not None else None
-        fits = await self._fits(job, snapshot, ctx)
+        fits, view = await self._fits(job, snapshot, ctx)
         if not fits:
             job.status = JobStatus.QUEUED
             job.queued_at = now
@@ -233,7 +233,8 @@ class TrainingService:
             # a moment ago; the queue is read again, with this job in it).
             stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None)
             forecast = stopped is None and position is not None and position <= ESTIMATE_WINDOW
-            view = await build_view(self.store, snapshot, state=ctx.planning_state) if forecast else None
+            if forecast and view is None:
+                view = await build_view(self.store, snapshot, state=ctx.planning_state)
             info = await self._placed(job.job_id, position, stopped, view, ctx.head)
             return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
