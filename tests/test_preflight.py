@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.preflight import check_dataset, check_model
+from application.services.preflight import check_dataset, check_model, check_request, runs_inline
 from application.services.swift_info import SwiftInfo
-from tests.conftest import ROOT, make_model
+from tests.conftest import ROOT, make_model, settings_for
 
 PROBE = ROOT / "tests" / "fixtures" / "swift" / "probe-4.6.0.json"
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -145,3 +145,27 @@ async def test_create_refuses_a_broken_data_set_and_stores_its_row_count(
         r = await client.post("/jobs", json={"data_path": "AI-ModelScope/alpaca-gpt4-data-en#500",
                                              "model_path": str(model), "output_dir": "hub"})  # fmt: skip
         assert r.status_code == 201 and (await client.get("/jobs/hub")).json()["dataset_rows"] is None
+
+
+def test_only_a_hub_only_request_on_a_local_disk_is_checked_without_a_thread(tmp_path: Path) -> None:
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path)
+    hub = ("AI-ModelScope/alpaca-gpt4-data-en#500", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert runs_inline(*hub, {"val_dataset": ["swift/self-cognition"]}, settings)
+    assert not runs_inline("./train.jsonl", hub[1], {}, settings)
+    assert not runs_inline(hub[0], hub[1], {"val_dataset": ["swift/x", "team/val.jsonl"]}, settings)
+    assert not runs_inline(hub[0], "~/models/qwen", {}, settings)
+    # A filesystem that is not a known local one (here procfs, as a network mount would be) keeps the thread.
+    assert not runs_inline(*hub, {}, settings_for("redis://127.0.0.1:1/0", tmp_path, OUTPUT_ROOT="/proc/swift-out"))
+
+
+def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_of_output_root(tmp_path: Path) -> None:
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path)
+    settings.OUTPUT_ROOT.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (settings.OUTPUT_ROOT / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert runs_inline(*hub, {}, settings)
+    with pytest.raises(Invalid, match="outside OUTPUT_ROOT"):
+        check_request(*hub, "escape/run", model_type=None, template=None, settings=settings, info=None)
+    assert check_request(*hub, "run", model_type=None, template=None, settings=settings,
+                         info=None).output_dir == settings.OUTPUT_ROOT.resolve() / "run"  # fmt: skip

@@ -73,6 +73,17 @@ def is_local_syntax(value: str) -> bool:
     return value in (".", "..", "~") or value.startswith(("/", "./", "../", "~"))
 
 
+def is_hub_id(value: str, *, data: bool) -> bool:
+    """A hub id (resolved without any filesystem call); a data set's may end in `:subset` and `#N`."""
+    hub = _DATA_HUB_RE if data else _MODEL_HUB_RE
+    return (
+        not is_local_syntax(value)
+        and hub.match(value) is not None
+        and not (data and value.lower().endswith(_FILE_LIKE))
+        and ".." not in value.split("/")
+    )
+
+
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
@@ -95,7 +106,6 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
     if data and (m := _SAMPLE_RE.search(text)) and is_local_syntax(text):
         sample, text = int(m.group(1)), text[: m.start()]
     real_roots = _real_roots(tuple(roots))
-    hub = _DATA_HUB_RE if data else _MODEL_HUB_RE
     outside = (
         f"{field} must be inside {setting} ({_roots_text(real_roots)})"
         + (" or be a hub id such as AI-ModelScope/alpaca-gpt4-data-en#500" if data else
@@ -111,7 +121,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         if not _exists(real):
             raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
         return Resolved(_with_sample(str(real), sample), True, real, sample)
-    if hub.match(text) and not (data and text.lower().endswith(_FILE_LIKE)) and ".." not in text.split("/"):
+    if is_hub_id(text, data=data):
         return Resolved(text, False)
     # A path relative to the roots: the first root that holds it wins.
     if m := _SAMPLE_RE.search(text):

@@ -8,7 +8,7 @@
   architecture in config.json), the request must name them.
 
 Synchronous and bounded (only the first bytes are parsed; counting rows reads at most COUNT_MAX_BYTES):
-callers run it in a thread.
+callers run it in a thread, unless `runs_inline` says all it would touch is the output folder's path.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from typing import Any
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
-from application.services.path_sandbox import resolve, resolve_output_dir
+from application.services.path_sandbox import is_hub_id, resolve, resolve_output_dir
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
+from application.utils.filesystems import on_local_disk
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
 SAMPLE_ROWS = 20
@@ -308,6 +309,20 @@ def check_request(
         check_model("model_path", model.path, model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
                           resolve_arguments(arguments or {}, settings, preference=preference))  # fmt: skip
+
+
+def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], settings: Settings) -> bool:
+    """May `check_request` run on the event loop? Yes when every data set and model is a hub id: all it then
+    touches is the output folder's path (an lstat per folder level), and only when that is on a local disk.
+    Such a lookup takes microseconds, less than the hop to a thread and back (about a third of a create's
+    throughput, measured with benchmarks/bench_api.py); a network mount that stalls must not stall the loop."""
+    if not on_local_disk(settings.OUTPUT_ROOT):
+        return False
+    named: list[tuple[Any, bool]] = [(data_path, True), (model_path, False)]
+    for name, value in arguments.items():
+        if name in DATA_ARGUMENTS or name in MODEL_ARGUMENTS:
+            named += [(item, name in DATA_ARGUMENTS) for item in (value if isinstance(value, list) else [value])]
+    return all(isinstance(v, str) and is_hub_id(v, data=data) for v, data in named)
 
 
 def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preference: bool) -> dict[str, Any]:

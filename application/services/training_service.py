@@ -10,6 +10,7 @@ job is stored in `preflight`, state in `job_store`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import uuid
@@ -37,7 +38,7 @@ from application.services.files import FileStore
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
-from application.services.preflight import check_request
+from application.services.preflight import check_request, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
     ClusterView,
@@ -176,12 +177,14 @@ class TrainingService:
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
-        # fails now, not after its wait. Disk work, so in a thread.
-        checked = await asyncio.to_thread(
+        # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
+        check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
             preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
         )  # fmt: skip
+        inline = runs_inline(data_path, req.model_path, arguments, self.settings)
+        checked = check() if inline else await asyncio.to_thread(check)
         # Another owner's upload named by its path: their folder also lies inside DATA_ROOTS.
         data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]
         self.files.refuse_others_uploads([v for v in data_sets if isinstance(v, str)], caller)
