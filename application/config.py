@@ -310,6 +310,7 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+@lru_cache(maxsize=32)  # every create resolves its paths against the roots: parse each setting once
 def _roots(value: str) -> tuple[Path, ...]:
     out: list[Path] = []
     for part in value.split(","):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from application.models.training_model import Job
@@ -14,17 +16,32 @@ from application.models.training_model import Job
 encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+# Most fields are plain scalars: written as json.dumps would, without its encoder machinery (a job has ~60).
+_SCALARS: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring_ascii,
+    int: int.__repr__,
+    bool: lambda v: "true" if v else "false",
+    type(None): lambda _: "null",
+}
+
+
+def encode_value(value: Any) -> str:
+    scalar = _SCALARS.get(type(value))
+    if scalar is not None:
+        return scalar(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):
+        value = [v.model_dump(mode="json") for v in value]
+    elif isinstance(value, Enum):
+        value = value.value
+    return encode(value)
+
+
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in fields.items():
-        if hasattr(value, "model_dump"):
-            value = value.model_dump(mode="json")
-        elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):
-            value = [v.model_dump(mode="json") for v in value]
-        elif isinstance(value, Enum):
-            value = value.value
-        out[name] = encode(value)
-    return out
+    return {name: encode_value(value) for name, value in fields.items()}
 
 
 def decode_job(raw: Mapping[str, str]) -> Job:
