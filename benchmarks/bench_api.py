@@ -126,11 +126,34 @@ def wrk(url: str, duration: float, connections: int, script: Path | None = None,
         argv += ["-s", str(lua)]
     out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
     for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
         scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
         result[f"p{pct}_ms"] = float(value) * scale
+    return result
+
+
+def cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
+    """User + system CPU of a server and all its workers so far."""
+    total = 0.0
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measured(proc: subprocess.Popen[bytes], *args: object, **kwargs: object) -> dict[str, float]:
+    """wrk against one server, with the server's own CPU per request: on a shared 2-core box the req/s of a
+    run moves with what else runs, its CPU per request much less."""
+    before = cpu_seconds(proc)
+    result = wrk(*args, **kwargs)  # type: ignore[arg-type]
+    result["cpu_us"] = (cpu_seconds(proc) - before) / max(1.0, result["requests"]) * 1e6
     return result
 
 
@@ -328,12 +351,14 @@ def main() -> None:
             wait_http(f"{bare_base}/health")
             script = work / "create.lua"
             script.write_text(CREATE_LUA)
-            a = wrk(f"{ours_base}/jobs", args.duration, args.connections, script,
-                    'prefix = "ours"\npath = "/api/v1/training/jobs"\nauth = ""\n')  # fmt: skip
-            b = wrk(f"{bare_base}/jobs", args.duration, args.connections, script,
-                    'prefix = "bare"\npath = "/jobs"\nauth = ""\n')  # fmt: skip
+            a = measured(ours, f"{ours_base}/jobs", args.duration, args.connections, script,
+                         'prefix = "ours"\npath = "/api/v1/training/jobs"\nauth = ""\n')  # fmt: skip
+            b = measured(bare, f"{bare_base}/jobs", args.duration, args.connections, script,
+                         'prefix = "bare"\npath = "/jobs"\nauth = ""\n')  # fmt: skip
             print(f"  create: ours {a['rps']:.0f} req/s, bare {b['rps']:.0f} req/s -> ratio {a['rps'] / b['rps']:.2f} "
                   f"(target >= 0.5; non-2xx: {a['errors']:.0f} / {b['errors']:.0f})")  # fmt: skip
+            print(f"  create, server CPU per request: ours {a['cpu_us']:.0f} us, bare {b['cpu_us']:.0f} us -> ratio "
+                  f"{b['cpu_us'] / a['cpu_us']:.2f}")  # fmt: skip
             if args.create_only:
                 return
             stored = 0
