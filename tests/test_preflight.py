@@ -147,15 +147,13 @@ async def test_create_refuses_a_broken_data_set_and_stores_its_row_count(
         assert r.status_code == 201 and (await client.get("/jobs/hub")).json()["dataset_rows"] is None
 
 
-def test_only_a_hub_only_request_on_a_local_disk_is_checked_without_a_thread(tmp_path: Path) -> None:
-    settings = settings_for("redis://127.0.0.1:1/0", tmp_path)
+def test_only_a_hub_only_request_on_a_local_disk_is_checked_without_a_thread() -> None:
     hub = ("AI-ModelScope/alpaca-gpt4-data-en#500", "Qwen/Qwen2.5-0.5B-Instruct")
-    assert runs_inline(*hub, {"val_dataset": ["swift/self-cognition"]}, settings)
-    assert not runs_inline("./train.jsonl", hub[1], {}, settings)
-    assert not runs_inline(hub[0], hub[1], {"val_dataset": ["swift/x", "team/val.jsonl"]}, settings)
-    assert not runs_inline(hub[0], "~/models/qwen", {}, settings)
-    # A filesystem that is not a known local one (here procfs, as a network mount would be) keeps the thread.
-    assert not runs_inline(*hub, {}, settings_for("redis://127.0.0.1:1/0", tmp_path, OUTPUT_ROOT="/proc/swift-out"))
+    assert runs_inline(*hub, {"val_dataset": ["swift/self-cognition"]}, output_on_local_disk=True)
+    assert not runs_inline(*hub, {}, output_on_local_disk=False)
+    assert not runs_inline("./train.jsonl", hub[1], {}, output_on_local_disk=True)
+    assert not runs_inline(hub[0], hub[1], {"val_dataset": ["swift/x", "team/val.jsonl"]}, output_on_local_disk=True)
+    assert not runs_inline(hub[0], "~/models/qwen", {}, output_on_local_disk=True)
 
 
 def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_of_output_root(tmp_path: Path) -> None:
@@ -164,7 +162,7 @@ def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_o
     (tmp_path / "elsewhere").mkdir()
     (settings.OUTPUT_ROOT / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
-    assert runs_inline(*hub, {}, settings)
+    assert runs_inline(*hub, {}, output_on_local_disk=True)
     with pytest.raises(Invalid, match="outside OUTPUT_ROOT"):
         check_request(*hub, "escape/run", model_type=None, template=None, settings=settings, info=None)
     assert check_request(*hub, "run", model_type=None, template=None, settings=settings,

@@ -28,7 +28,6 @@ from application.exceptions import Invalid
 from application.services.path_sandbox import is_hub_id, resolve, resolve_output_dir
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
-from application.utils.filesystems import on_local_disk
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
 SAMPLE_ROWS = 20
@@ -311,12 +310,13 @@ def check_request(
                           resolve_arguments(arguments or {}, settings, preference=preference))  # fmt: skip
 
 
-def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], settings: Settings) -> bool:
+def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool) -> bool:
     """May `check_request` run on the event loop? Yes when every data set and model is a hub id: all it then
-    touches is the output folder's path (an lstat per folder level), and only when that is on a local disk.
-    Such a lookup takes microseconds, less than the hop to a thread and back (about a third of a create's
-    throughput, measured with benchmarks/bench_api.py); a network mount that stalls must not stall the loop."""
-    if not on_local_disk(settings.OUTPUT_ROOT):
+    touches is the output folder's path (an lstat per folder level), and only when OUTPUT_ROOT is on a local
+    disk (`utils.filesystems.on_local_disk`, found at start-up). Such a lookup takes microseconds, less than
+    the hop to a thread and back (measured with benchmarks/bench_api.py: the hop alone cost a fifth of the
+    route's throughput); a network mount that stalls must not stall the loop."""
+    if not output_on_local_disk:
         return False
     named: list[tuple[Any, bool]] = [(data_path, True), (model_path, False)]
     for name, value in arguments.items():

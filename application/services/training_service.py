@@ -57,6 +57,7 @@ from application.services.swift_arguments import (
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
+from application.utils.filesystems import on_local_disk
 from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
 
@@ -88,6 +89,8 @@ class TrainingService:
         self.history = RunHistory(store.r, store.keys)
         self.started_at = time.time()
         self._swift: tuple[str, SwiftInfo | None] | None = None
+        # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
+        self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
         self.files = FileStore(settings, store.r, store.keys, store)
 
     # ---- what the scheduler published ---------------------------------------------------------------
@@ -183,7 +186,7 @@ class TrainingService:
             template=req.training.template, settings=self.settings, info=swift,
             preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
         )  # fmt: skip
-        inline = runs_inline(data_path, req.model_path, arguments, self.settings)
+        inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=self.output_on_local_disk)
         checked = check() if inline else await asyncio.to_thread(check)
         # Another owner's upload named by its path: their folder also lies inside DATA_ROOTS.
         data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]

@@ -21,7 +21,7 @@ def filesystem_type(path: Path) -> str:
     for part in psutil.disk_partitions(all=True):
         mount = part.mountpoint
         inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) > len(best):
+        if inside and len(mount) >= len(best):  # the same point mounted again: the last one shows
             best, fstype = mount, part.fstype
     return fstype
 
