@@ -17,14 +17,16 @@ router = APIRouter(tags=["jobs"])
 
 _BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 _TYPES = sorted({t.split(";")[0] for t in (*artifacts.MEDIA_TYPES.values(), artifacts.DEFAULT_MEDIA_TYPE)})
+# A .json file goes out as application/json: its body is whatever JSON the file holds (any value), not a string.
+_CONTENT: dict[str, Any] = {t: {"schema": {}} if t == "application/json" else _BINARY for t in _TYPES}
 MISSING: Responses = {
     404: {"model": ErrorResponse,
           "description": "No job with this id (or not yours), or no such file or folder in its output folder "
                          "(also for any path that would lead outside it)"},
 }  # fmt: skip
 DOWNLOAD: Responses = {
-    200: {"content": {t: _BINARY for t in _TYPES}, "description": "the whole file, or the folder as a tar"},
-    206: {"content": {t: _BINARY for t in _TYPES}, "description": "the bytes the Range asked for (Content-Range)"},
+    200: {"content": _CONTENT, "description": "the whole file, or the folder as a tar"},
+    206: {"content": _CONTENT, "description": "the bytes the Range asked for (Content-Range)"},
     416: {"model": ErrorResponse, "description": "the Range starts past the end (Content-Range: bytes */size)"},
     **MISSING,
 }
