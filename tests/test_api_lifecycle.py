@@ -226,3 +226,19 @@ def test_a_trainer_killed_by_a_signal_says_so(server: ApiServer, workspace: Path
     # swift's launcher exits with its child's -9 through sys.exit: status 247.
     assert "killed by signal 9 (SIGKILL; often the kernel's OOM killer)" in failed["error_message"], failed
     assert "{'loss'" not in failed["error_message"]
+
+
+def test_an_output_folder_a_symlink_took_out_of_output_root_after_the_create_gets_nothing(
+    server: ApiServer, workspace: Path
+) -> None:
+    outside = workspace / "elsewhere"
+    outside.mkdir()
+    assert server.create(**job_body(workspace, "relinked")).json()["status"] == "pending"
+    out = Path(server.job("relinked")["output_dir"])
+    out.symlink_to(outside, target_is_directory=True)  # made on the host after the create's check
+    assert server.http.post("/jobs/relinked/start").status_code == 200
+    failed = server.wait_status("relinked", "failed")
+    assert failed["error_code"] == "output_dir", failed
+    assert "outside OUTPUT_ROOT" in failed["error_message"] and "create the job again" in failed["error_message"]
+    assert list(outside.iterdir()) == []  # no log, no launch spec, no checkpoint
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])

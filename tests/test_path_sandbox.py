@@ -11,7 +11,7 @@ import pytest
 
 from application.exceptions import Invalid
 from application.services import path_sandbox
-from application.services.path_sandbox import resolve, resolve_output_dir
+from application.services.path_sandbox import escaped_output_root, resolve, resolve_output_dir
 from tests.conftest import fake_dataset, make_model
 
 
@@ -126,3 +126,15 @@ async def test_escapes_are_422_and_nothing_is_created_on_disk(app_factory: Calla
     created = {p for p in tmp_path.rglob("*")} - before
     assert not any(p.is_relative_to(outside) for p in created)
     assert sorted(p.name for p in outside.iterdir()) == ["data.jsonl"]
+
+
+def test_an_output_folder_is_checked_again_before_a_run_writes_there(tmp_path: Path) -> None:
+    root, outside = tmp_path / "output", tmp_path / "elsewhere"
+    (root / "kept").mkdir(parents=True)
+    outside.mkdir()
+    assert escaped_output_root(root / "kept", root) is None
+    assert escaped_output_root(root / "not-made-yet" / "deeper", root) is None
+    (root / "relinked").symlink_to(outside, target_is_directory=True)
+    why = escaped_output_root(root / "relinked", root)
+    assert why is not None and "outside OUTPUT_ROOT" in why and str(outside) in why
+    assert escaped_output_root(root / "kept", tmp_path / "moved-root") is not None  # OUTPUT_ROOT moved

@@ -161,3 +161,17 @@ def resolve_output_dir(requested: str, root: Path) -> Path:
             f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
         )
     return resolved
+
+
+def escaped_output_root(output_dir: Path, root: Path) -> str | None:
+    """Why a job's output folder, checked when the job was created, no longer lies inside OUTPUT_ROOT (a
+    symlink on its way made or changed since, or OUTPUT_ROOT moved); None while it does. Checked again just
+    before a run writes there."""
+    real_root = _real_roots((root,))[0]
+    resolved = Path(os.path.realpath(output_dir))
+    if real_root in resolved.parents:
+        return None
+    return (
+        f"output_dir {output_dir} now resolves to {resolved}, outside OUTPUT_ROOT ({real_root}): a symlink on its "
+        "way changed after the job was created, or OUTPUT_ROOT moved; create the job again"
+    )

@@ -28,6 +28,7 @@ from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
+from application.services.path_sandbox import escaped_output_root
 from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -44,7 +45,16 @@ from application.services.swift_command import (
 from application.utils.gpu_utils import GpuInventory
 
 
-def _write_spec(path: Path, spec: dict[str, object]) -> Path:
+class OutputEscaped(OSError):
+    """The job's output folder left OUTPUT_ROOT between its create and this run: nothing is written there."""
+
+
+def _write_spec(path: Path, spec: dict[str, object], output_root: Path) -> Path:
+    # The output folder was sandboxed when the job was created; a symlink made since must not take this run's
+    # files (its log, its checkpoints) outside the root, so check again before the first write.
+    escaped = escaped_output_root(Path(str(spec["cwd"])), output_root)
+    if escaped:
+        raise OutputEscaped(escaped)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(spec))
@@ -254,12 +264,14 @@ class QueueProcessor:
             spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
                 "argv": argv, "env": gpu_env, "unset": list(GPU_VARIABLES), "cwd": job.output_dir,
                 "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            })  # fmt: skip
+            }, self.settings.OUTPUT_ROOT)  # fmt: skip
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
-            error = f"the runner could not be started: {exc}"
+            escaped = isinstance(exc, OutputEscaped)
+            error = str(exc) if escaped else f"the runner could not be started: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
-                                        fields={"error_message": error, "error_code": "launch"},
+                                        fields={"error_message": error, "error_code": "output_dir" if escaped
+                                                else "launch"},
                                         message=f"training failed: {error}")  # fmt: skip
             return
         try:
