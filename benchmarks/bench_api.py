@@ -47,6 +47,7 @@ from application.models.training_model import Job, JobStatus  # noqa: E402
 from application.services.job_store import JobStore  # noqa: E402
 from application.services.keys import Keys  # noqa: E402
 from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
+from benchmarks.bench_streams import cpu_seconds  # noqa: E402
 
 PREFIX = "bench"
 BARE_APP = textwrap.dedent("""
@@ -135,25 +136,14 @@ def wrk(url: str, duration: float, connections: int, script: Path | None = None,
     return result
 
 
-def cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
-    """User + system CPU of a server and all its workers so far."""
-    total = 0.0
-    root = psutil.Process(proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def measured(proc: subprocess.Popen[bytes], *args: object, **kwargs: object) -> dict[str, float]:
-    """wrk against one server, with the server's own CPU per request: on a shared 2-core box the req/s of a
-    run moves with what else runs, its CPU per request much less."""
-    before = cpu_seconds(proc)
+    """wrk against one server, with the server's own CPU per request (its process and all its workers): on a
+    shared 2-core box the req/s of a run moves with what else runs, its CPU per request much less."""
+    root = psutil.Process(proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    before = cpu_seconds(procs)
     result = wrk(*args, **kwargs)  # type: ignore[arg-type]
-    result["cpu_us"] = (cpu_seconds(proc) - before) / max(1.0, result["requests"]) * 1e6
+    result["cpu_us"] = (cpu_seconds(procs) - before) / max(1.0, result["requests"]) * 1e6
     return result
 
 
