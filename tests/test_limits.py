@@ -81,3 +81,15 @@ async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..
         assert (await client.get("/jobs/old")).status_code == 404
         assert (await client.get("/jobs/live")).status_code == 200  # still pending: never expires
         assert (tmp_path / "data.jsonl").is_file()  # files stay
+
+
+async def test_a_burst_of_creates_cannot_pass_the_waiting_cap(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # Each create reads the owner's count and then writes: the cap must hold when creates overlap, too.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MAX_QUEUED_PER_OWNER="2") as client:
+        answers = await asyncio.gather(*(client.post("/jobs", json=body(tmp_path, f"burst{i}"),
+                                                     headers=auth(ALICE_KEY)) for i in range(8)))  # fmt: skip
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [201, 201] + [429] * 6, [r.text for r in answers]
+        listed = (await client.get("/jobs", headers=auth(ALICE_KEY))).json()
+        assert listed["total"] == 2, listed

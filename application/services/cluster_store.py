@@ -62,7 +62,6 @@ class CreateContext:
     leader: Leader | None
     processor_enabled: bool
     rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
-    waiting: int | None  # the caller's pending + queued jobs (None: not asked)
 
     @property
     def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -138,10 +137,9 @@ class ClusterStore:
     async def queue_head(self) -> Head | None:
         return _head(await self.r.get(self.keys.queue_head))
 
-    async def create_context(self, rate: tuple[str, float] | None, owner: str | None) -> CreateContext:
+    async def create_context(self, rate: tuple[str, float] | None) -> CreateContext:
         """What a create needs, in one pipeline: a create is mostly round trips, and each costs a worker CPU
-        time in the client library, not just latency. `rate` (window key, period) counts this create;
-        `owner` asks for that owner's waiting jobs."""
+        time in the client library, not just latency. `rate` (window key, period) counts this create."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
                        self.keys.leader])  # fmt: skip
@@ -154,22 +152,15 @@ class ClusterStore:
                 # Set with its expiry first, then counted: the counter never exists without an expiry.
                 pipe.set(rate[0], 0, ex=max(1, int(rate[1])) + 1, nx=True)
                 pipe.incr(rate[0])
-            if owner is not None:
-                pipe.zcard(self.keys.owner_status_index(owner, JobStatus.PENDING))
-                pipe.zcard(self.keys.owner_status_index(owner, JobStatus.QUEUED))
             out = await pipe.execute()
         (snapshot, info, head, version, leader), leases, running, length, leader_ttl, enabled = out[:6]
-        rest = out[6:]
-        rate_count = int(rest[1]) if rate is not None else None
-        if rate is not None:
-            rest = rest[2:]
-        waiting = int(rest[0]) + int(rest[1]) if owner is not None else None
+        rate_count = int(out[7]) if rate is not None else None
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in leases.items()}, running=list(running), queue_length=int(length),
             head=_head(head), history_version=int(version or 0),
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
-            rate_count=rate_count, waiting=waiting,
+            rate_count=rate_count,
         )  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:

@@ -54,6 +54,7 @@ class Refusal(str, Enum):
     OTHER_RUN = "other_run"
     NOT_LEADER = "not_leader"
     PRIORITY_CHANGED = "priority_changed"
+    WAITING_CAP = "waiting_cap"
 
 
 class TransitionRefused(Exception):
@@ -94,11 +95,13 @@ class JobStore:
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
-    async def create(self, job: Job, *, message: str, actor: str) -> int | None:
+    async def create(self, job: Job, *, message: str, actor: str, max_waiting: int = 0) -> int | None:
         """Store a new job, and return its queue position (1 first) when it is queued; raises
-        TransitionRefused(EXISTS) or (OUTPUT_DIR_BUSY, detail=the holder)."""
+        TransitionRefused(EXISTS), (OUTPUT_DIR_BUSY, detail=the holder) or, when its owner already has
+        `max_waiting` pending or queued jobs (0: no cap), (WAITING_CAP, detail=how many)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
+        capped = job.owner if max_waiting else None  # the owner whose cap counts (anonymous callers have none)
         res = await self._create(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "fields": encode_fields(job.model_dump()), "created_at": repr(job.created_at),
             "output_dir": job.output_dir,
@@ -107,11 +110,14 @@ class JobStore:
             "event": event_payload("created", message, {"status": job.status.value, "priority": job.priority},
                                    actor, job.created_at),
             "maxlen": self.events_max,
+            "cap": max_waiting if capped else None,
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "output_dirs": k.output_dirs, "queue": k.queue, "queue_meta": k.queue_meta,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),
-                      "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {})},
+                      "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {}),
+                  **({"owner_pending": k.owner_status_index(capped, JobStatus.PENDING),
+                      "owner_queued": k.owner_status_index(capped, JobStatus.QUEUED)} if capped else {})},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

@@ -1,4 +1,5 @@
-"""Per-owner limits on creates: a rate per API key and a cap on waiting jobs (429 with Retry-After)."""
+"""Per-owner limits on creates: a rate per API key and a cap on waiting jobs (429 with Retry-After); the
+cap itself is counted by the store's create script."""
 
 from __future__ import annotations
 
@@ -28,16 +29,19 @@ class CreateLimits:
             count, period = self.rate
             window = int(now // period)
             rate = (self.keys.rate(caller.name or ANONYMOUS_BUCKET, window), period)
-        ctx = await self.cluster.create_context(rate, caller.name if self.max_waiting else None)
+        ctx = await self.cluster.create_context(rate)
         if self.rate is not None and ctx.rate_count is not None and ctx.rate_count > count:
             raise TooMany(
                 f"at most {count} creates per {period:g} s for one key (CREATE_RATE_LIMIT): wait and retry",
                 retry_after=(window + 1) * period - now,
             )
-        if self.max_waiting and ctx.waiting is not None and ctx.waiting >= self.max_waiting:
-            raise TooMany(
-                f"'{caller.name}' already has {ctx.waiting} pending or queued jobs (MAX_QUEUED_PER_OWNER="
-                f"{self.max_waiting}): wait for some to start, or cancel some",
-                retry_after=60,
-            )
         return ctx
+
+    def over_cap(self, caller: Caller, waiting: int) -> TooMany:
+        """The refusal of a create the store found over MAX_QUEUED_PER_OWNER (it counts in the same step as
+        it stores, so overlapping creates cannot all pass)."""
+        return TooMany(
+            f"'{caller.name}' already has {waiting} pending or queued jobs (MAX_QUEUED_PER_OWNER="
+            f"{self.max_waiting}): wait for some to start, or cancel some",
+            retry_after=60,
+        )

@@ -78,13 +78,19 @@ end
 
 # A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
-# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary}.
+# cap|nil (the owner's most pending + queued jobs: counted here, so that overlapping creates cannot pass it),
+# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary,
+#     owner_pending|nil, owner_queued|nil}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
 CREATE = (
     _HELPERS
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 local k = a.k
+if a.cap then
+  local waiting = redis.call('ZCARD', k.owner_pending) + redis.call('ZCARD', k.owner_queued)
+  if waiting >= a.cap then return {'waiting_cap', '', tostring(waiting)} end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 local holder = redis.call('HGET', k.output_dirs, a.output_dir)
 if holder then return {'output_dir_busy', '', holder} end
 hset_pairs(KEYS[1], a.fields)

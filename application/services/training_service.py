@@ -214,9 +214,12 @@ class TrainingService:
         message = "Training job created" if fits else "Training job created and added to the GPU queue"
         for attempt in range(1, 1000):
             try:
-                position = await self.store.create(job, message=message, actor=caller.actor)
+                position = await self.store.create(job, message=message, actor=caller.actor,
+                                                   max_waiting=self.limits.max_waiting)  # fmt: skip
                 break
             except TransitionRefused as exc:
+                if exc.reason == Refusal.WAITING_CAP:
+                    raise self.limits.over_cap(caller, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     holder = exc.detail if caller.owns(await self.store.get_field(exc.detail or "", "owner")) else None
                     raise Conflict(
