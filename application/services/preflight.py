@@ -199,7 +199,10 @@ def check_dataset(field: str, path: Path, *, preference: bool = False) -> Datase
         except (OSError, ValueError) as exc:
             raise Invalid(f"{field} '{path}' is not a valid JSON array ({exc})") from None
         return DatasetInfo(len(data) if isinstance(data, list) else None, True, fmt)
-    count, exact = _count_lines(path, size)
+    try:
+        count, exact = _count_lines(path, size)
+    except OSError as exc:  # opened again to count: the file may have gone since its head was read
+        raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
     if suffix == ".csv":
         count = max(0, count - 1)  # the header (multi-line quoted fields make this approximate)
     return DatasetInfo(count, exact, fmt)
