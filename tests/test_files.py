@@ -1,13 +1,16 @@
-"""Uploaded data sets (POST/GET/DELETE /files) against a real server process and a real Redis."""
+"""Uploaded data sets (POST/GET/DELETE /files) against a real server process (or the app in this process) and a real
+Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
@@ -15,7 +18,6 @@ import redis.asyncio as aioredis
 from application.auth import Caller
 from application.exceptions import Invalid
 from application.services.files import FileStore
-from application.services.job_store import JobStore
 from application.services.keys import Keys
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, settings_for
 
@@ -168,7 +170,7 @@ async def test_without_keys_and_the_job_reference_helper(
     try:
         keys = Keys(server.prefix)
         settings = settings_for(redis_url, tmp_path, REDIS_KEY_PREFIX=server.prefix)
-        files = FileStore(settings, client, keys, JobStore(client, keys))
+        files = FileStore(settings, client, keys)
         anyone = Caller(None, "admin")
         assert await files.resolve_file_ref(f["id"], anyone) == f["path"]
         for value in ("train.jsonl", "AI-ModelScope/alpaca#500", f["id"] + ".csv", " " + f["id"], "file-xyz"):
@@ -206,7 +208,7 @@ async def test_files_left_by_a_crash_are_swept_and_recorded_ones_kept(
     try:
         keys = Keys(server.prefix)
         settings = settings_for(redis_url, tmp_path, REDIS_KEY_PREFIX=server.prefix)
-        removed = await FileStore(settings, client, keys, JobStore(client, keys)).sweep_orphans()
+        removed = await FileStore(settings, client, keys).sweep_orphans()
     finally:
         await client.aclose()
     assert sorted(removed) == sorted(leftovers)
@@ -225,3 +227,45 @@ def test_an_owner_keeps_uploads_up_to_the_quota(server_factory: Callable[..., Ap
     assert upload(server, VALID, key=BOB_KEY).status_code == 201  # the quota is per owner
     assert server.http.delete(f"/files/{first.json()['id']}", headers=auth(ALICE_KEY)).status_code == 204
     assert upload(server, VALID).status_code == 201  # the bytes came back with the delete
+
+
+async def test_a_delete_racing_creates_that_name_the_file_never_leaves_an_active_job_without_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The delete's check and the creates' writes overlap here: either the file stays (409, some job was created
+    # naming it) or it goes (204) and every create naming it is refused.
+    async with app_factory(scheduler=False) as client:
+        for attempt in range(6):
+            up = await client.post("/files", files={"file": ("t.jsonl", VALID, "application/octet-stream")})
+            file_id = up.json()["id"]
+            ref = file_id if attempt % 2 else up.json()["path"]  # by id, or by its stored path
+            *made, deleted = await asyncio.gather(
+                *(client.post("/jobs", json=job_body(tmp_path, f"race{attempt}-{i}", data_path=ref)) for i in range(4)),
+                client.delete(f"/files/{file_id}"),
+            )
+            created = [r.json()["job_id"] for r in made if r.status_code == 201]
+            assert all(r.status_code in (201, 422) for r in made), [r.text for r in made]
+            if deleted.status_code == 204:
+                assert created == [], (attempt, created)
+                assert all("file" in r.json()["detail"] for r in made), [r.text for r in made]
+            else:
+                assert deleted.status_code == 409 and created, (attempt, deleted.text)
+                # (it names the jobs it saw: those created after it may be missing)
+                assert any(job_id in deleted.json()["detail"] for job_id in created), (created, deleted.text)
+                assert (await client.get(f"/files/{file_id}")).status_code == 200
+
+
+async def test_a_new_job_that_reuses_a_deleted_jobs_id_does_not_hold_the_old_jobs_file(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    async with app_factory(scheduler=False) as client:
+        first, second = [(await client.post("/files", files={"file": (n, VALID, "application/octet-stream")})).json()
+                         for n in ("a.jsonl", "b.jsonl")]  # fmt: skip
+        assert (await client.post("/jobs", json=job_body(tmp_path, "exp", data_path=first["id"]))).status_code == 201
+        assert (await client.post("/jobs/exp/stop")).status_code == 200
+        assert (await client.delete("/jobs/exp")).status_code == 204
+        assert (await client.post("/jobs", json=job_body(tmp_path, "exp", data_path=second["id"]))).status_code == 201
+        # The active "exp" is another job than the one that named the first file.
+        assert (await client.delete(f"/files/{first['id']}")).status_code == 204
+        refused = await client.delete(f"/files/{second['id']}")
+        assert refused.status_code == 409 and "exp" in refused.json()["detail"], refused.text

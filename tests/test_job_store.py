@@ -49,6 +49,32 @@ def store(redis_client: aioredis.Redis) -> JobStore:
     return JobStore(redis_client, Keys("t"), events_max=50, history_max=5)
 
 
+async def test_a_job_naming_a_deleted_upload_is_not_stored_and_one_naming_a_kept_upload_is_its_user(
+    store: JobStore,
+) -> None:
+    kept, gone = "file-" + "1" * 24, "file-" + "2" * 24
+    await store.r.set(store.keys.file(kept), "{}")
+    with pytest.raises(TransitionRefused) as exc:
+        await store.create(make_job("a"), message="created", actor="t", uploads=[kept, gone])
+    assert exc.value.reason == Refusal.UPLOAD_GONE and exc.value.detail == gone
+    assert await store.get("a") is None and await store.r.hlen(store.keys.output_dirs) == 0
+    assert await store.r.exists(store.keys.file_users(kept)) == 0  # nothing recorded either
+    job = make_job("a")
+    await store.create(job, message="created", actor="t", uploads=[kept])
+    assert await store.r.smembers(store.keys.file_users(kept)) == {f"a|{job.created_at!r}"}
+
+
+async def test_the_waiting_cap_is_counted_per_owner_in_the_create(store: JobStore) -> None:
+    for i in range(2):
+        await store.create(make_job(f"w{i}", owner="alice"), message="created", actor="alice", max_waiting=2)
+    with pytest.raises(TransitionRefused) as exc:
+        await store.create(make_job("w2", owner="alice"), message="created", actor="alice", max_waiting=2)
+    assert exc.value.reason == Refusal.WAITING_CAP and exc.value.detail == "2"
+    assert await store.get("w2") is None
+    await store.create(make_job("b0", owner="bob"), message="created", actor="bob", max_waiting=2)
+    await store.create(make_job("anon"), message="created", actor="anonymous", max_waiting=2)  # no owner: no cap
+
+
 async def test_create_get_and_refuse_duplicate(store: JobStore) -> None:
     job = make_job("a")
     await store.create(job, message="created", actor="t")

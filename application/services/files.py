@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -33,7 +32,6 @@ from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, F
 from application.models.training_model import JobStatus
 from application.services import lua
 from application.services.job_codec import script_arg
-from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.preflight import check_dataset
 from application.services.upload_stream import ReceivedUpload, receive_upload
@@ -45,6 +43,7 @@ ANONYMOUS_FOLDER = "_"
 # An upload file older than this with no record is left over from a crash (an upload takes far less).
 ORPHAN_AGE = 6 * 3600.0
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
+_STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
 _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # A job in one of these may still read its data set: its files cannot be deleted.
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
@@ -67,12 +66,11 @@ def _not_found(file_id: str) -> NotFound:
 
 
 class FileStore:
-    def __init__(self, settings: Settings, client: aioredis.Redis, keys: Keys, jobs: JobStore) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, keys: Keys) -> None:
         self.settings = settings
         # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
         self.r: Any = client
         self.keys = keys
-        self.jobs = jobs
         self._forget_file = client.register_script(lua.FORGET_FILE)
 
     @property
@@ -133,11 +131,14 @@ class FileStore:
             raise
         return meta
 
-    async def _forget(self, file_id: str, owner: str, size: int) -> bool:
-        """Remove a file's record and indexes and give its bytes back to the owner's quota; False if gone."""
+    async def _forget(self, file_id: str, owner: str, size: int) -> list[str]:
+        """Remove a file's record and indexes and give its bytes back to the owner's quota, unless an active job
+        names it: ['ok'], ['gone'] or ['in_use', job ids...]."""
         keys = [self.keys.file(file_id), self.keys.owner_files(owner), self.keys.files_index,
-                self.keys.owner_file_bytes(owner)]  # fmt: skip
-        return bool(await self._forget_file(keys=keys, args=[script_arg({"id": file_id, "bytes": size})]))
+                self.keys.owner_file_bytes(owner), self.keys.file_users(file_id)]  # fmt: skip
+        active = [self.keys.status_index(s) for s in ACTIVE_STATUSES]
+        return list(await self._forget_file(keys=keys, args=[script_arg({"id": file_id, "bytes": size,
+                                                                          "active": active})]))  # fmt: skip
 
     async def _check(self, file_id: str, received: ReceivedUpload, final: Path, caller: Caller) -> FileObject:
         purpose = received.fields.get("purpose", "sft").strip()
@@ -186,36 +187,18 @@ class FileStore:
     # ---- delete ---------------------------------------------------------------------------------------------
 
     async def delete(self, file_id: str, caller: Caller) -> None:
-        """Remove the record, then the file. Refused (409) while a pending, queued, running or paused job names it.
-
-        The check reads the active jobs' data_path and training fields (one round trip for the ids, one for the
-        fields): a job created in the moment between that check and the delete is not seen, and finds its data
-        set gone when it starts."""
+        """Remove the record, then the file. Refused (409) while a pending, queued, running or paused job names it:
+        the store records each job's uploads in the create's own script, and this check runs in the delete's."""
         meta = await self.get(file_id, caller)
-        users = await self._active_users(meta)
-        if users:
+        reply = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
+        if reply[0] == "in_use":
+            users = reply[1:]
             more = f" and {len(users) - 5} more" if len(users) > 5 else ""
             raise Conflict(f"file '{file_id}' is the data set of active job(s) {', '.join(users[:5])}{more}: "
                            "delete it once they end (or stop them)")  # fmt: skip
-        removed = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
-        if not removed:  # a concurrent delete won
+        if reply[0] == "gone":  # a concurrent delete won
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
-
-    async def _active_users(self, meta: FileObject) -> list[str]:
-        ids = await self.jobs.ids_with_status(*ACTIVE_STATUSES)
-        rows = await self.jobs.get_fields(ids, ["data_path", "training"])
-        refs = {meta.id, meta.path}
-        users = []
-        for job_id, (data_path, training) in zip(ids, rows, strict=True):
-            values: list[Any] = [json.loads(data_path)] if data_path else []
-            if training:
-                decoded = json.loads(training)
-                for value in decoded.values() if isinstance(decoded, dict) else ():
-                    values.extend(value if isinstance(value, list) else [value])
-            if any(isinstance(v, str) and v in refs for v in values):
-                users.append(job_id)
-        return users
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
@@ -265,17 +248,23 @@ class FileStore:
                         ", ".join(p.name for p in removed[:10]))  # fmt: skip
         return removed
 
-    def refuse_others_uploads(self, values: Iterable[str], caller: Caller) -> None:
-        """Invalid when a (sandbox-resolved) data set path lies in another owner's uploads folder: uploads sit
-        inside DATA_ROOTS, and a user key must not train on what someone else uploaded. Paths only, no disk."""
-        if caller.is_admin:
-            return
+    def uploads_named(self, values: Iterable[str], caller: Caller) -> list[str]:
+        """The ids of the uploads these (sandbox-resolved) data set paths name, for the store to record the job
+        as their user. Invalid when one lies in another owner's uploads folder: uploads sit inside DATA_ROOTS, and
+        a user key must not train on what someone else uploaded. Paths only, no disk."""
         root = self.real_root
         own = owner_folder(caller.name)
+        found: list[str] = []
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            if path.is_absolute() and root in path.parents and path.relative_to(root).parts[0] != own:
+            if not (path.is_absolute() and root in path.parents):
+                continue
+            if path.relative_to(root).parts[0] != own and not caller.is_admin:
                 raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
+            stored = _STORED_NAME.match(path.name)
+            if stored and stored.group(1) not in found:
+                found.append(stored.group(1))
+        return found
 
     async def resolve_file_ref(self, value: str, caller: Caller, field: str = "data_path") -> str | None:
         """The stored path of an uploaded file named by its id, for a job's data set fields.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -55,6 +55,7 @@ class Refusal(str, Enum):
     NOT_LEADER = "not_leader"
     PRIORITY_CHANGED = "priority_changed"
     WAITING_CAP = "waiting_cap"
+    UPLOAD_GONE = "upload_gone"
 
 
 class TransitionRefused(Exception):
@@ -95,10 +96,12 @@ class JobStore:
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
-    async def create(self, job: Job, *, message: str, actor: str, max_waiting: int = 0) -> int | None:
+    async def create(self, job: Job, *, message: str, actor: str, max_waiting: int = 0,
+                     uploads: Sequence[str] = ()) -> int | None:  # fmt: skip
         """Store a new job, and return its queue position (1 first) when it is queued; raises
-        TransitionRefused(EXISTS), (OUTPUT_DIR_BUSY, detail=the holder) or, when its owner already has
-        `max_waiting` pending or queued jobs (0: no cap), (WAITING_CAP, detail=how many)."""
+        TransitionRefused(EXISTS), (OUTPUT_DIR_BUSY, detail=the holder), (WAITING_CAP, detail=how many) when
+        its owner already has `max_waiting` pending or queued jobs (0: no cap), or (UPLOAD_GONE, detail=the id)
+        when one of the uploaded files it names (`uploads`, their ids) has been deleted meanwhile."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
         capped = job.owner if max_waiting else None  # the owner whose cap counts (anonymous callers have none)
@@ -111,13 +114,15 @@ class JobStore:
                                    actor, job.created_at),
             "maxlen": self.events_max,
             "cap": max_waiting if capped else None,
+            "uploads": list(uploads),
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "output_dirs": k.output_dirs, "queue": k.queue, "queue_meta": k.queue_meta,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),
                       "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {}),
                   **({"owner_pending": k.owner_status_index(capped, JobStatus.PENDING),
-                      "owner_queued": k.owner_status_index(capped, JobStatus.QUEUED)} if capped else {})},
+                      "owner_queued": k.owner_status_index(capped, JobStatus.QUEUED)} if capped else {}),
+                  "upload_files": [k.file(f) for f in uploads], "upload_users": [k.file_users(f) for f in uploads]},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

@@ -57,6 +57,11 @@ class Keys:
         """String: an uploaded file's metadata (JSON of models.file_model.FileObject)."""
         return self._k("file", file_id)
 
+    def file_users(self, file_id: str) -> str:
+        """Set of 'job_id|created_at': the jobs created naming this upload as a data set (its delete is refused
+        while one of them is active)."""
+        return self._k("file", file_id, "users")
+
     @property
     def files_index(self) -> str:
         """Sorted set file_id -> created_at: every uploaded file, for an admin's listing."""

@@ -79,8 +79,10 @@ end
 # A new job: its hash, the indexes of its status (all and its owner's), its output folder, the queue when it
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
 # cap|nil (the owner's most pending + queued jobs: counted here, so that overlapping creates cannot pass it),
+# uploads (ids of the uploaded files it names: each must still have its record, and the job is recorded as a
+# user of each, see FORGET_FILE),
 # k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary,
-#     owner_pending|nil, owner_queued|nil}.
+#     owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and .file_users)}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
 CREATE = (
     _HELPERS
@@ -93,6 +95,11 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 local holder = redis.call('HGET', k.output_dirs, a.output_dir)
 if holder then return {'output_dir_busy', '', holder} end
+for i, file in ipairs(k.upload_files or {}) do
+  if redis.call('EXISTS', file) == 0 then return {'upload_gone', '', a.uploads[i]} end
+end
+-- With its creation time: a later job given the same id (this one deleted) is not taken for this one.
+for _, users in ipairs(k.upload_users or {}) do redis.call('SADD', users, a.id .. '|' .. a.created_at) end
 hset_pairs(KEYS[1], a.fields)
 redis.call('ZADD', k.all, a.created_at, a.id)
 redis.call('ZADD', k.status, a.created_at, a.id)
@@ -331,13 +338,33 @@ if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
-# KEYS: the file's record, the owner's index, the index of all files, the owner's byte count. a: id, bytes.
+# KEYS: the file's record, the owner's index, the index of all files, the owner's byte count, the jobs that named
+# it (Keys.file_users). a: id, bytes, active (the status indexes of jobs that may still read it).
+# Refused while one of those jobs is active; in the same step as the create script records a job's files, so a
+# job created at the moment of the delete either is seen here or finds the record gone and is refused.
 # Only the call that removes the record gives its bytes back: two deletes at once count them once.
+# Returns {'ok'}, {'gone'} or {'in_use', job ids...}.
 FORGET_FILE = """
 local a = cjson.decode(ARGV[1])
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+local busy = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  -- 'id|created_at': the status indexes are scored by creation time, so a job that only shares the id is not it.
+  local id, created = string.match(member, '^(.*)|([^|]*)$')
+  local active = false
+  for _, index in ipairs(id and a.active or {}) do
+    local score = redis.call('ZSCORE', index, id)
+    if score and tonumber(score) == tonumber(created) then active = true break end
+  end
+  if active then busy[#busy + 1] = id else redis.call('SREM', KEYS[5], member) end
+end
+if #busy > 0 then
+  table.sort(busy)
+  return {'in_use', unpack(busy)}
+end
+if redis.call('DEL', KEYS[1]) == 0 then return {'gone'} end
+redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[2], a.id)
 redis.call('ZREM', KEYS[3], a.id)
 redis.call('DECRBY', KEYS[4], a.bytes)
-return 1
+return {'ok'}
 """

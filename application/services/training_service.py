@@ -91,7 +91,7 @@ class TrainingService:
         self._swift: tuple[str, SwiftInfo | None] | None = None
         # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
         self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
-        self.files = FileStore(settings, store.r, store.keys, store)
+        self.files = FileStore(settings, store.r, store.keys)
 
     # ---- what the scheduler published ---------------------------------------------------------------
 
@@ -188,9 +188,10 @@ class TrainingService:
         )  # fmt: skip
         inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=self.output_on_local_disk)
         checked = check() if inline else await asyncio.to_thread(check)
-        # Another owner's upload named by its path: their folder also lies inside DATA_ROOTS.
+        # Uploads named by their path are recorded with the job (another owner's is refused: their folder also
+        # lies inside DATA_ROOTS).
         data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]
-        self.files.refuse_others_uploads([v for v in data_sets if isinstance(v, str)], caller)
+        uploads = self.files.uploads_named([v for v in data_sets if isinstance(v, str)], caller)
         training = req.training
         if extra:  # stored converted (or left out, for a null): what the command is built from
             named = req.training.model_dump(include=set(TrainingParams.model_fields))
@@ -215,11 +216,14 @@ class TrainingService:
         for attempt in range(1, 1000):
             try:
                 position = await self.store.create(job, message=message, actor=caller.actor,
-                                                   max_waiting=self.limits.max_waiting)  # fmt: skip
+                                                   max_waiting=self.limits.max_waiting, uploads=uploads)  # fmt: skip
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
                     raise self.limits.over_cap(caller, int(exc.detail or 0)) from None
+                if exc.reason == Refusal.UPLOAD_GONE:
+                    raise Invalid(f"uploaded file '{exc.detail}' was deleted while this job was being created: "
+                                  "upload it again (POST /files)") from None  # fmt: skip
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     holder = exc.detail if caller.owns(await self.store.get_field(exc.detail or "", "owner")) else None
                     raise Conflict(

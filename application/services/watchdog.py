@@ -52,7 +52,7 @@ class Watchdog:
         self.fence = fence
         self.host = socket.gethostname()
         self._last_retention = 0.0
-        self.files = FileStore(settings, store.r, store.keys, store)
+        self.files = FileStore(settings, store.r, store.keys)
 
     async def sweep(self) -> None:
         for job in await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING)):
