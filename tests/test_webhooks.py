@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from application.services.webhooks import is_public, pinned
 from tests.conftest import job_body, make_model
 
 SECRET = "webhook-secret-0123456789"
@@ -138,3 +141,49 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
                                                  training={"max_steps": 3}))  # fmt: skip
         await until(lambda: "status_completed" in hook.events())
         assert "x-swift-api-signature" in hook.received[-1][0]
+
+
+async def test_a_jobs_own_url_is_posted_to_the_address_that_was_checked(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # DNS rebinding: the name answers a public address to the first lookup (the check) and this machine's
+    # loopback, where the receiver listens, to every later one (what a client resolving again would get).
+    hook = receiver([])
+    port = hook.server.server_address[1]
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != "hooks.rebind.test":  # (anyio asks in bytes)
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.215.14" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_MAX_ATTEMPTS=1, WEBHOOK_TIMEOUT_SECONDS=1) as client:
+        body = job_body(tmp_path, "rebind", auto_start=True, webhook_url=f"http://hooks.rebind.test:{port}/hook",
+                        training={"max_steps": 3})  # fmt: skip
+        assert (await client.post("/jobs", json=body)).status_code == 201
+
+        async def failed() -> bool:
+            events = (await client.get("/jobs/rebind/events")).json()["events"]
+            return any(e["type"] == "webhook_failed" and "not delivered" in e["message"] for e in events)
+
+        deadline = time.monotonic() + 30
+        while not await failed():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert hook.received == [] and lookups  # (a later event's own lookup gets 127.0.0.1: refused as private)
+
+
+def test_a_pinned_post_keeps_the_name_for_the_host_header_and_tls() -> None:
+    url, headers, extensions = pinned("https://user:pw@Hooks.Example.com:8443/a?b=1", "2001:db8::7")
+    assert url == httpx.URL("https://user:pw@[2001:db8::7]:8443/a?b=1")
+    assert headers == {"Host": "hooks.example.com:8443"} and extensions == {"sni_hostname": "hooks.example.com"}
+    url, headers, _ = pinned("http://hooks.example.com/x", "93.184.215.14")
+    assert str(url) == "http://93.184.215.14/x" and headers == {"Host": "hooks.example.com"}
+    assert [is_public(a) for a in ("93.184.215.14", "127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1%eth0")] == [
+        True, False, False, False, False]  # fmt: skip

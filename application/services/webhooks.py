@@ -8,7 +8,8 @@ leader that dies mid-delivery leaves it in `delivering`; the next leader queues 
 
 Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at"}`. Headers: `X-Swift-Api-Event`,
 `X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of the body with
-WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless WEBHOOK_ALLOW_PRIVATE.
+WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless WEBHOOK_ALLOW_PRIVATE: its
+name is resolved and checked before each attempt, and the POST goes to the address checked.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _private(host: str) -> bool:
-    """Does `host` name or resolve to a loopback, private, link-local or otherwise non-public address?"""
+def addresses(host: str) -> list[str]:
+    """The addresses `host` names or resolves to, in the resolver's order; none when it does not resolve."""
     try:
-        infos = socket.getaddrinfo(host, None)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return False  # unresolvable: the POST fails by itself
-    return any(not ipaddress.ip_address(info[4][0]).is_global for info in infos)
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%", 1)[0]).is_global  # (without an IPv6 zone: fe80::1%eth0)
+
+
+def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """`url` aimed at `address`, as (URL, extra headers, request extensions): the Host header and the TLS name
+    (SNI and the certificate check) stay the URL's host, so only the lookup is skipped."""
+    parsed = httpx.URL(url)
+    return parsed.copy_with(host=address), {"Host": parsed.netloc.decode("ascii")}, {"sni_hostname": parsed.host}
 
 
 class Webhooks:
@@ -108,11 +120,7 @@ class Webhooks:
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
                     own: bool) -> None:  # fmt: skip
         job_id, event = item["job_id"], item["event"]
-        host = urlsplit(url).hostname or ""
-        if own and not self.settings.WEBHOOK_ALLOW_PRIVATE and await asyncio.to_thread(_private, host):
-            await self._record(job_id, "webhook_failed", f"{event} not sent to {url}: it points into a private "
-                               "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", url, 0, None)  # fmt: skip
-            return
+        checked = own and not self.settings.WEBHOOK_ALLOW_PRIVATE
         headers = {"Content-Type": "application/json", "User-Agent": "swift-api-webhooks",
                    "X-Swift-Api-Event": event, "X-Swift-Api-Delivery": delivery}  # fmt: skip
         if self.secret:
@@ -121,7 +129,13 @@ class Webhooks:
         last = ""
         for attempt in range(1, attempts + 1):
             try:
-                r = await client.post(url, content=body, headers=headers)
+                aimed = await self._aim(url) if checked else (url, {}, {})
+                if aimed is None:
+                    await self._record(job_id, "webhook_failed", f"{event} not sent to {url}: it points into a private "
+                                       "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", url, 0, None)  # fmt: skip
+                    return
+                target, extra, extensions = aimed
+                r = await client.post(target, content=body, headers={**headers, **extra}, extensions=extensions)
                 if 200 <= r.status_code < 300:
                     await self._record(job_id, "webhook_delivered", f"{event} delivered to {url} (HTTP "
                                        f"{r.status_code}, attempt {attempt})", url, attempt, r.status_code)  # fmt: skip
@@ -133,6 +147,19 @@ class Webhooks:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
         await self._record(job_id, "webhook_failed", f"{event} not delivered to {url} after {attempts} attempts "
                            f"({last})", url, attempts, None)  # fmt: skip
+
+    @staticmethod
+    async def _aim(url: str) -> tuple[str | httpx.URL, dict[str, str], dict[str, Any]] | None:
+        """Where a job's own URL is posted: the address its name resolves to now, if public (None otherwise), used
+        as it is. Letting the client resolve the name again would let a DNS answer that changed since the check
+        (rebinding) reach a private address."""
+        host = urlsplit(url).hostname or ""
+        found = await asyncio.to_thread(addresses, host)
+        if not all(map(is_public, found)):
+            return None
+        if not found:
+            raise httpx.ConnectError(f"{host} does not resolve")
+        return pinned(url, found[0])
 
     async def _record(self, job_id: str, kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
