@@ -153,6 +153,8 @@ class Settings(BaseSettings):
     # Server-Sent Events: how often a stream looks for news, and the comment heartbeat of an idle one.
     STREAM_POLL_SECONDS: float = Field(0.5, gt=0, le=10)
     STREAM_HEARTBEAT_SECONDS: float = Field(15.0, gt=0, le=300)
+    # Streams one key may hold open at once, over all API workers (429 beyond; 0: no limit). Keyless callers share one.
+    STREAMS_PER_OWNER: int = Field(64, ge=0, le=100_000)
     # A run is never preempted before it has run this long since its last start (no thrashing).
     PREEMPTION_MIN_RUN_SECONDS: float = Field(600.0, ge=0, le=30 * 86400)
 

@@ -39,6 +39,7 @@ from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent
 from application.services.run_control import RunControl
+from application.services.stream_leases import StreamLeases
 from application.services.streams import Streams
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
@@ -110,7 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.run_control = RunControl(training)
         app.state.exports = ExportControl(training)
         app.state.streams = Streams(
-            store, poll=settings.STREAM_POLL_SECONDS, heartbeat=settings.STREAM_HEARTBEAT_SECONDS
+            store,
+            StreamLeases(store.r, store.keys, settings),
+            poll=settings.STREAM_POLL_SECONDS,
+            heartbeat=settings.STREAM_HEARTBEAT_SECONDS,
         )
         app.state.system = SystemService(training, redis_service)
         app.state.files = training.files

@@ -3,6 +3,7 @@ lost or repeated, heartbeats on an idle stream, and `event: end` once the job is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from application.services.streams import _visible
-from tests.conftest import ApiServer, job_body, wait_for
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
 
 
 @dataclass
@@ -120,3 +121,38 @@ def test_an_idle_stream_gets_heartbeats_and_a_missing_job_is_404(server_factory:
         got = read(server, "/jobs/idle/events/stream", last_id=bogus, stop=lambda got: len(data_of(got)) >= 1)
         assert data_of(got)[0].id == first["id"]
     server.http.post("/jobs/idle/stop")
+
+
+def test_one_key_holds_at_most_streams_per_owner_across_workers(server_factory: Callable[..., ApiServer],
+                                                                 workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "STREAMS_PER_OWNER": "2", "API_WORKERS": "2",
+                                 "STREAM_HEARTBEAT_SECONDS": "5"})  # fmt: skip
+    for key, name in ((ALICE_KEY, "alices"), (BOB_KEY, "bobs")):  # pending jobs: their streams stay open
+        assert server.http.post("/jobs", json=job_body(workspace, name), headers=auth(key)).status_code == 201
+    path = "/jobs/alices/events/stream"
+    with contextlib.ExitStack() as open_streams:
+        # Each on its own connection, so that the two workers share them: the cap is counted in Redis.
+        held = []
+        for _ in range(2):
+            http = open_streams.enter_context(httpx.Client(base_url=server.base, timeout=30))
+            held.append(open_streams.enter_context(http.stream("GET", path, headers=auth(ALICE_KEY))))
+        assert [r.status_code for r in held] == [200, 200]
+        refused = server.http.get(path, headers=auth(ALICE_KEY))
+        assert refused.status_code == 429 and "STREAMS_PER_OWNER=2" in refused.json()["detail"], refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert server.http.get("/jobs/alices/logs/stream", headers=auth(ALICE_KEY)).status_code == 429
+        with (
+            httpx.Client(base_url=server.base, timeout=30) as http,
+            http.stream("GET", "/jobs/bobs/events/stream", headers=auth(BOB_KEY)) as bobs,
+        ):
+            assert bobs.status_code == 200  # another key's streams are its own
+        held[0].close()  # a client hanging up gives its stream back (at once: a lease would lapse after 15.5 s)
+
+        def reopened() -> bool:
+            with (
+                httpx.Client(base_url=server.base, timeout=30) as http,
+                http.stream("GET", path, headers=auth(ALICE_KEY)) as again,
+            ):
+                return again.status_code == 200
+
+        wait_for(reopened, timeout=10, what="a stream of alice's to open once one of hers closed")

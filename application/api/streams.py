@@ -8,7 +8,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from application.api.deps import E404, CallerDep, JobId, Responses, Training
+from application.api.deps import E404, E429, CallerDep, JobId, Responses, Training
+from application.auth import Caller
+from application.services.stream_leases import holding
 from application.services.streams import Streams
 
 router = APIRouter(tags=["jobs"])
@@ -29,13 +31,15 @@ async def _streams(request: Request) -> Streams:
 StreamsDep = Annotated[Streams, Depends(_streams)]
 
 
-def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> StreamingResponse:
+    """The stream, once the caller may open one more (STREAMS_PER_OWNER; 429 otherwise)."""
+    lease = await streams.leases.take(caller.name)
     # X-Accel-Buffering: nginx would otherwise hold the messages back until its buffer fills.
-    return StreamingResponse(gen, media_type="text/event-stream",
+    return StreamingResponse(holding(lease, gen), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
-@router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+@router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_logs",
             summary="Follow the log: one message per line (id: byte offset)")  # fmt: skip
 async def stream_logs(
@@ -45,18 +49,18 @@ async def stream_logs(
     """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
     a comment heartbeat every 15 s keeps an idle stream open."""
     await svc.require(job_id, caller)
-    return _sse(streams.logs(job_id, kind, last_event_id))
+    return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id))
 
 
-@router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+@router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_events", summary="Follow the events (id: the event id)")  # fmt: skip
 async def stream_events(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
                         last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
     await svc.require(job_id, caller)
-    return _sse(streams.events(job_id, last_event_id))
+    return await _sse(streams, caller, streams.events(job_id, last_event_id))
 
 
-@router.get("/jobs/{job_id}/progress/stream", response_class=StreamingResponse, responses={**SSE, **E404},
+@router.get("/jobs/{job_id}/progress/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_progress",
             summary="Follow the progress: one message per loss point (id: step)")  # fmt: skip
 async def stream_progress(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
@@ -64,4 +68,4 @@ async def stream_progress(job_id: JobId, svc: Training, caller: CallerDep, strea
     """Each message: the history point (step, loss, eval_loss, learning_rate, grad_norm, epoch, time) and
     `progress` (current_step, max_steps, remaining_seconds, ...)."""
     await svc.require(job_id, caller)
-    return _sse(streams.progress(job_id, last_event_id))
+    return await _sse(streams, caller, streams.progress(job_id, last_event_id))

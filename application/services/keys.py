@@ -79,6 +79,10 @@ class Keys:
         """String with a 24 h TTL: the first response to a request with this Idempotency-Key."""
         return self._k("idempotency", owner, digest)
 
+    def open_streams(self, owner: str) -> str:
+        """Sorted set lease id -> when it lapses: one owner's open Server-Sent Events streams."""
+        return self._k("streams", "open", owner)
+
     def rate(self, owner: str, window: int) -> str:
         """Counter with a TTL: creates by one key in one fixed window."""
         return self._k("rate", "create", owner, str(window))

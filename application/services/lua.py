@@ -368,3 +368,15 @@ redis.call('ZREM', KEYS[3], a.id)
 redis.call('DECRBY', KEYS[4], a.bytes)
 return {'ok'}
 """
+
+# KEYS: an owner's open streams (Keys.open_streams). a: id, now, expires, cap, ttl_ms. The lapsed leases go, then
+# the rest are counted: -1 when this one was added, else how many are held (the cap is reached).
+STREAM_LEASE = """
+local a = cjson.decode(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= a.cap then return held end
+redis.call('ZADD', KEYS[1], a.expires, a.id)
+redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
+return -1
+"""
