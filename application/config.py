@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # POST /files stores uploads under the first data root, in uploads/<owner>/; larger files are refused (413).
     FILE_MAX_BYTES: int = Field(1 << 30, ge=1, le=1 << 40, description="the largest data set POST /files accepts")
     FILE_QUOTA_BYTES: int = Field(0, ge=0, le=1 << 50, description="bytes of uploads one owner may keep (0: no limit)")
+    # Uploads one key may have in progress at once, over all API workers (429 beyond; 0: no limit): the quota can
+    # only count a file once it is whole, so this bounds what one key's uploads hold on disk meanwhile.
+    UPLOADS_PER_OWNER: int = Field(4, ge=0, le=10_000)
 
     # Per-owner limits (0 = none) and the create rate per key ("30/minute", "0" = none).
     MAX_QUEUED_PER_OWNER: int = Field(0, ge=0, le=1_000_000)

@@ -36,10 +36,10 @@ from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
+from application.services.owner_slots import stream_slots
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent
 from application.services.run_control import RunControl
-from application.services.stream_leases import StreamLeases
 from application.services.streams import Streams
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.exports = ExportControl(training)
         app.state.streams = Streams(
             store,
-            StreamLeases(store.r, store.keys, settings),
+            stream_slots(store.r, store.keys, settings),
             poll=settings.STREAM_POLL_SECONDS,
             heartbeat=settings.STREAM_HEARTBEAT_SECONDS,
         )

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,17 @@ from application.auth import Caller
 from application.exceptions import Invalid
 from application.services.files import FileStore
 from application.services.keys import Keys
-from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, settings_for
+from tests.conftest import (
+    ADMIN_KEY,
+    ALICE_KEY,
+    BOB_KEY,
+    KEYS_SETTING,
+    ApiServer,
+    auth,
+    job_body,
+    settings_for,
+    wait_for,
+)
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 VALID = (json.dumps(MESSAGES) + "\n").encode() * 20
@@ -269,3 +280,31 @@ async def test_a_new_job_that_reuses_a_deleted_jobs_id_does_not_hold_the_old_job
         assert (await client.delete(f"/files/{first['id']}")).status_code == 204
         refused = await client.delete(f"/files/{second['id']}")
         assert refused.status_code == 409 and "exp" in refused.json()["detail"], refused.text
+
+
+def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Callable[..., ApiServer]) -> None:
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "UPLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + VALID
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (f"POST /api/v1/training/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        slow.sendall(head + body[:100])  # an upload in progress: the rest of its body comes later
+        refused = wait_for(lambda: (r := upload(server, VALID)).status_code == 429 and r,
+                           what="a second upload of alice's to be refused while hers is in progress")  # fmt: skip
+        assert "UPLOADS_PER_OWNER=1" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+        assert upload(server, VALID, key=BOB_KEY).status_code == 201  # another key's uploads are its own
+        slow.sendall(body[100:])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    assert upload(server, VALID).status_code == 201  # the slot came back with the end of the first

@@ -26,6 +26,7 @@ UPLOAD_ERRORS: Responses = {
     **E400,
     413: {"model": ErrorResponse, "description": "The file is larger than FILE_MAX_BYTES"},
     415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
+    429: {"model": ErrorResponse, "description": "UPLOADS_PER_OWNER uploads of this key are in progress already"},
     507: {"model": ErrorResponse, "description": "The server could not store the file (disk full, read-only root)"},
 }
 # The body is read as a stream (services/upload_stream.py), not by FastAPI, so it is described here by hand.

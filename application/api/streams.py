@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from application.api.deps import E404, E429, CallerDep, JobId, Responses, Training
 from application.auth import Caller
-from application.services.stream_leases import holding
+from application.services.owner_slots import holding
 from application.services.streams import Streams
 
 router = APIRouter(tags=["jobs"])
@@ -33,9 +33,9 @@ StreamsDep = Annotated[Streams, Depends(_streams)]
 
 async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> StreamingResponse:
     """The stream, once the caller may open one more (STREAMS_PER_OWNER; 429 otherwise)."""
-    lease = await streams.leases.take(caller.name)
+    slot = await streams.slots.take(caller.name)
     # X-Accel-Buffering: nginx would otherwise hold the messages back until its buffer fills.
-    return StreamingResponse(holding(lease, gen), media_type="text/event-stream",
+    return StreamingResponse(holding(slot, gen), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 

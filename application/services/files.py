@@ -33,6 +33,7 @@ from application.models.training_model import JobStatus
 from application.services import lua
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
+from application.services.owner_slots import upload_slots
 from application.services.preflight import check_dataset
 from application.services.upload_stream import ReceivedUpload, receive_upload
 
@@ -72,6 +73,7 @@ class FileStore:
         self.r: Any = client
         self.keys = keys
         self._forget_file = client.register_script(lua.FORGET_FILE)
+        self.slots = upload_slots(client, keys, settings)
 
     @property
     def root(self) -> Path:
@@ -86,7 +88,18 @@ class FileStore:
 
     async def upload(self, chunks: AsyncIterator[bytes], content_type: str | None, content_length: str | None,
                      caller: Caller) -> FileObject:  # fmt: skip
-        """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind."""
+        """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind. At most
+        UPLOADS_PER_OWNER of one key's at once (429)."""
+        slot = await self.slots.take(caller.name)
+        if slot is None:
+            return await self._upload(chunks, content_type, content_length, caller)
+        try:
+            return await self._upload(slot.renewing(chunks), content_type, content_length, caller)
+        finally:
+            await slot.release()
+
+    async def _upload(self, chunks: AsyncIterator[bytes], content_type: str | None, content_length: str | None,
+                      caller: Caller) -> FileObject:  # fmt: skip
         folder = self.root / owner_folder(caller.name)
         try:
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)

@@ -80,8 +80,12 @@ class Keys:
         return self._k("idempotency", owner, digest)
 
     def open_streams(self, owner: str) -> str:
-        """Sorted set lease id -> when it lapses: one owner's open Server-Sent Events streams."""
+        """Sorted set slot id -> when it lapses: one owner's open Server-Sent Events streams (owner_slots)."""
         return self._k("streams", "open", owner)
+
+    def open_uploads(self, owner: str) -> str:
+        """Sorted set slot id -> when it lapses: one owner's uploads in progress (owner_slots)."""
+        return self._k("files", "uploading", owner)
 
     def rate(self, owner: str, window: int) -> str:
         """Counter with a TTL: creates by one key in one fixed window."""

@@ -369,9 +369,9 @@ redis.call('DECRBY', KEYS[4], a.bytes)
 return {'ok'}
 """
 
-# KEYS: an owner's open streams (Keys.open_streams). a: id, now, expires, cap, ttl_ms. The lapsed leases go, then
-# the rest are counted: -1 when this one was added, else how many are held (the cap is reached).
-STREAM_LEASE = """
+# KEYS: an owner's slots of one kind (Keys.open_streams, .open_uploads). a: id, now, expires, cap, ttl_ms. The
+# lapsed slots go, then the rest are counted: -1 when this one was added, else how many are held (the cap is reached).
+OWNER_SLOT = """
 local a = cjson.decode(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now)
 local held = redis.call('ZCARD', KEYS[1])

@@ -21,7 +21,7 @@ from typing import Any
 
 from application.models.training_model import JobStatus
 from application.services.job_store import JobStore
-from application.services.stream_leases import StreamLeases
+from application.services.owner_slots import OwnerSlots
 from application.utils.log_tail import read_from
 
 LOG_CHUNK = 64 * 1024
@@ -88,9 +88,9 @@ class _Pace:
 
 
 class Streams:
-    def __init__(self, store: JobStore, leases: StreamLeases, *, poll: float, heartbeat: float) -> None:
+    def __init__(self, store: JobStore, slots: OwnerSlots, *, poll: float, heartbeat: float) -> None:
         self.store = store
-        self.leases = leases
+        self.slots = slots  # STREAMS_PER_OWNER
         self.poll = poll
         self.heartbeat = heartbeat
 

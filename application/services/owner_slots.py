@@ -1,0 +1,117 @@
+"""At most so many long requests of one kind per key at once, counted in Redis over all API workers.
+
+Server-Sent Events streams (STREAMS_PER_OWNER) poll for as long as their client stays, and uploads
+(UPLOADS_PER_OWNER) fill the disk before the quota can look at their size: one script opening either in a loop
+would otherwise take every worker's sockets, CPU or disk from everyone. Each such request holds a slot: a member of
+its owner's sorted set, scored by when it lapses. Taking one drops the lapsed ones and counts the rest in one
+script, so requests made at once on several workers cannot pass the cap together. A request renews its slot as it
+goes (a stream at each message, heartbeats included; an upload at each chunk) and gives it back when it ends or
+its client hangs up; the slots of a worker killed mid-request lapse by themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio as aioredis
+from loguru import logger
+from redis.exceptions import RedisError
+
+from application.config import Settings
+from application.exceptions import TooMany
+from application.services import lua
+from application.services.job_codec import script_arg
+from application.services.keys import Keys
+
+ANONYMOUS_BUCKET = "-"
+# An upload's slot lapses when no chunk has come for this long (it is renewed as they come).
+UPLOAD_SLOT_SECONDS = 60.0
+T = TypeVar("T")
+
+
+class Slot:
+    def __init__(self, slots: OwnerSlots, key: str) -> None:
+        self.slots = slots
+        self.key = key
+        self.id = uuid.uuid4().hex
+        self.renew_at = time.monotonic() + slots.ttl / 3
+
+    async def renewing(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`items`, with the slot renewed as they come (a Redis error only logs: the next item tries again)."""
+        async for item in items:
+            now = time.monotonic()
+            if now >= self.renew_at:
+                self.renew_at = now + self.slots.ttl / 3
+                try:
+                    async with self.slots.r.pipeline(transaction=False) as pipe:
+                        pipe.zadd(self.key, {self.id: time.time() + self.slots.ttl}, xx=True)
+                        pipe.pexpire(self.key, int(self.slots.ttl * 1000))
+                        await pipe.execute()
+                except RedisError as exc:
+                    logger.warning("slot not renewed: {}", exc)
+            yield item
+
+    async def release(self) -> None:
+        # Shielded, for a request that ends by its task being cancelled (a server shutting down, a client gone
+        # mid-poll): in a cancelled scope every await is cancelled at once, and the slot would not go back.
+        with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):  # (else it lapses by itself)
+            await self.slots.r.zrem(self.key, self.id)
+
+
+class OwnerSlots:
+    def __init__(self, client: aioredis.Redis, key_of: Callable[[str], str], *, cap: int, ttl: float, setting: str,
+                 what: str, advice: str) -> None:  # fmt: skip
+        self.r: Any = client
+        self.key_of = key_of
+        self.cap = cap
+        self.ttl = ttl
+        self.setting = setting
+        self.what = what
+        self.advice = advice
+        self._take = client.register_script(lua.OWNER_SLOT)
+
+    async def take(self, owner: str | None) -> Slot | None:
+        """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already."""
+        if not self.cap:
+            return None
+        slot = Slot(self, self.key_of(owner or ANONYMOUS_BUCKET))
+        now = time.time()
+        held = int(await self._take(keys=[slot.key], args=[script_arg({
+            "id": slot.id, "now": now, "expires": now + self.ttl, "cap": self.cap, "ttl_ms": int(self.ttl * 1000),
+        })]))  # fmt: skip
+        if held >= 0:
+            raise TooMany(f"{owner or 'anonymous'} already has {held} {self.what} ({self.setting}={self.cap}): "
+                          f"{self.advice}", retry_after=5)  # fmt: skip
+        return slot
+
+
+def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
+    # Three heartbeats: a live stream renews well before its slot lapses, even when it only sends those.
+    return OwnerSlots(client, keys.open_streams, cap=settings.STREAMS_PER_OWNER,
+                      ttl=3 * settings.STREAM_HEARTBEAT_SECONDS + settings.STREAM_POLL_SECONDS,
+                      setting="STREAMS_PER_OWNER", what="streams open",
+                      advice="close one (a dashboard tab, a curl -N) or wait for one to end")  # fmt: skip
+
+
+def upload_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
+    return OwnerSlots(client, keys.open_uploads, cap=settings.UPLOADS_PER_OWNER, ttl=UPLOAD_SLOT_SECONDS,
+                      setting="UPLOADS_PER_OWNER", what="uploads in progress",
+                      advice="wait for one to finish")  # fmt: skip
+
+
+async def holding(slot: Slot | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`items`, with `slot` renewed as they go and given back at the end (a client hanging up included)."""
+    if slot is None:
+        async for item in items:
+            yield item
+        return
+    try:
+        async for item in slot.renewing(items):
+            yield item
+    finally:
+        await slot.release()
