@@ -128,6 +128,13 @@
           state("gone");
           return;
         }
+        if (r.status === 429) {
+          // this key holds STREAMS_PER_OWNER streams already (other tabs): try again later
+          state("too many open streams, retrying");
+          await sleep(delay);
+          delay = Math.min(delay * 2, 15000);
+          continue;
+        }
         if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
         state("live");
         delay = 500;
