@@ -96,6 +96,8 @@ class Scheduler:
                 if not self._migrated:
                     if written := await self.store.backfill_summaries():
                         logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
+                    if recorded := await self.watchdog.files.backfill_users(self.store):
+                        logger.info("recorded {} upload(s) read by active jobs", recorded)
                     self._migrated = True
                 tasks = [
                     asyncio.create_task(self.leader.keep(), name="leader-lock"),

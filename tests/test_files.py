@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import redis.asyncio as aioredis
 
 from application.auth import Caller
@@ -282,7 +283,8 @@ async def test_a_new_job_that_reuses_a_deleted_jobs_id_does_not_hold_the_old_job
         assert refused.status_code == 409 and "exp" in refused.json()["detail"], refused.text
 
 
-def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Callable[..., ApiServer]) -> None:
+def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Callable[..., ApiServer],
+                                                            redis_url: str) -> None:  # fmt: skip
     server = server_factory(env={"API_KEYS": KEYS_SETTING, "UPLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
     boundary = "b0undary"
     body = (
@@ -296,11 +298,14 @@ def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Calla
     head = (f"POST /api/v1/training/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE_KEY}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()  # fmt: skip
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+    slots = redis.Redis.from_url(redis_url, decode_responses=True)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow, slots:
         slow.sendall(head + body[:100])  # an upload in progress: the rest of its body comes later
-        refused = wait_for(lambda: (r := upload(server, VALID)).status_code == 429 and r,
-                           what="a second upload of alice's to be refused while hers is in progress")  # fmt: skip
-        assert "UPLOADS_PER_OWNER=1" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+        # (once its request has reached the server: a probe sent sooner could take the one slot first)
+        wait_for(lambda: slots.zcard(Keys(server.prefix).open_uploads("alice")) == 1, what="the slow upload's slot")
+        refused = upload(server, VALID)
+        assert refused.status_code == 429 and "UPLOADS_PER_OWNER=1" in refused.json()["detail"], refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
         assert upload(server, VALID, key=BOB_KEY).status_code == 201  # another key's uploads are its own
         slow.sendall(body[100:])
         answer = b""
@@ -308,3 +313,20 @@ def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Calla
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
     assert upload(server, VALID).status_code == 201  # the slot came back with the end of the first
+
+
+async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_their_uploads(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    async with app_factory(scheduler=False) as client:
+        f = (await client.post("/files", files={"file": ("t.jsonl", VALID, "application/octet-stream")})).json()
+        assert (await client.post("/jobs", json=job_body(tmp_path, "old", data_path=f["id"]))).status_code == 201
+        training = client.app.state.training
+        store = training.store
+        await store.r.delete(store.keys.file_users(f["id"]))  # what a version before the record stored
+        assert await training.files.backfill_users(store) == 1  # what a scheduler does as it starts
+        assert await training.files.backfill_users(store) == 1  # (again: no harm)
+        refused = await client.delete(f"/files/{f['id']}")
+        assert refused.status_code == 409 and "old" in refused.json()["detail"], refused.text
+        assert (await client.post("/jobs/old/stop")).status_code == 200
+        assert (await client.delete(f"/files/{f['id']}")).status_code == 204

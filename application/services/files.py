@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, F
 from application.models.training_model import JobStatus
 from application.services import lua
 from application.services.job_codec import script_arg
+from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.owner_slots import upload_slots
 from application.services.preflight import check_dataset
@@ -261,23 +263,49 @@ class FileStore:
                         ", ".join(p.name for p in removed[:10]))  # fmt: skip
         return removed
 
+    async def backfill_users(self, jobs: JobStore) -> int:
+        """Record the active jobs stored by a version whose creates did not record their uploads as those files'
+        users, so that deleting one is refused while they may read it (at a scheduler's start; idempotent)."""
+        ids = await jobs.ids_with_status(*ACTIVE_STATUSES)
+        rows = await jobs.get_fields(ids, ["data_path", "training", "created_at"])
+        recorded = 0
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id, (data_path, training, created_at) in zip(ids, rows, strict=True):
+                values: list[Any] = [json.loads(data_path)] if data_path else []
+                decoded = json.loads(training) if training else None
+                for value in decoded.values() if isinstance(decoded, dict) else ():
+                    values.extend(value if isinstance(value, list) else [value])
+                for file_id in self._upload_ids(v for v in values if isinstance(v, str)):
+                    # The member the create script writes: the id and its creation time as stored (JSON).
+                    pipe.sadd(self.keys.file_users(file_id), f"{job_id}|{created_at}")
+                    recorded += 1
+            await pipe.execute()
+        return recorded
+
+    def _upload_ids(self, values: Iterable[str]) -> list[str]:
+        """The ids of the uploads these data set paths name (paths only, no disk)."""
+        root = self.real_root
+        found: list[str] = []
+        for value in values:
+            path = Path(_SAMPLE_SUFFIX.sub("", value))
+            stored = _STORED_NAME.match(path.name) if path.is_absolute() and root in path.parents else None
+            if stored and stored.group(1) not in found:
+                found.append(stored.group(1))
+        return found
+
     def uploads_named(self, values: Iterable[str], caller: Caller) -> list[str]:
         """The ids of the uploads these (sandbox-resolved) data set paths name, for the store to record the job
         as their user. Invalid when one lies in another owner's uploads folder: uploads sit inside DATA_ROOTS, and
         a user key must not train on what someone else uploaded. Paths only, no disk."""
+        values = list(values)
         root = self.real_root
         own = owner_folder(caller.name)
-        found: list[str] = []
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            if not (path.is_absolute() and root in path.parents):
-                continue
-            if path.relative_to(root).parts[0] != own and not caller.is_admin:
+            inside = path.is_absolute() and root in path.parents
+            if inside and path.relative_to(root).parts[0] != own and not caller.is_admin:
                 raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
-            stored = _STORED_NAME.match(path.name)
-            if stored and stored.group(1) not in found:
-                found.append(stored.group(1))
-        return found
+        return self._upload_ids(values)
 
     async def resolve_file_ref(self, value: str, caller: Caller, field: str = "data_path") -> str | None:
         """The stored path of an uploaded file named by its id, for a job's data set fields.
