@@ -215,8 +215,6 @@ class FileStore:
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
 
-    # ---- jobs -----------------------------------------------------------------------------------------------
-
     # ---- orphans --------------------------------------------------------------------------------------------
 
     def _candidates(self, older_than: float, limit: int) -> list[Path]:
@@ -262,6 +260,8 @@ class FileStore:
             logger.info("removed {} upload file(s) without a record: {}", len(removed),
                         ", ".join(p.name for p in removed[:10]))  # fmt: skip
         return removed
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
 
     async def backfill_users(self, jobs: JobStore) -> int:
         """Record the active jobs stored by a version whose creates did not record their uploads as those files'
