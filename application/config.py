@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     # Uploads one key may have in progress at once, over all API workers (429 beyond; 0: no limit): the quota can
     # only count a file once it is whole, so this bounds what one key's uploads hold on disk meanwhile.
     UPLOADS_PER_OWNER: int = Field(4, ge=0, le=10_000)
+    # Artifact downloads one key may have in progress at once, over all API workers (429 beyond; 0: no limit).
+    DOWNLOADS_PER_OWNER: int = Field(8, ge=0, le=10_000)
 
     # Per-owner limits (0 = none) and the create rate per key ("30/minute", "0" = none).
     MAX_QUEUED_PER_OWNER: int = Field(0, ge=0, le=1_000_000)

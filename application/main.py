@@ -36,7 +36,7 @@ from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
-from application.services.owner_slots import stream_slots
+from application.services.owner_slots import download_slots, stream_slots
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent
 from application.services.run_control import RunControl
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.queue = QueueService(training)
         app.state.run_control = RunControl(training)
         app.state.exports = ExportControl(training)
+        app.state.download_slots = download_slots(store.r, store.keys, settings)
         app.state.streams = Streams(
             store,
             stream_slots(store.r, store.keys, settings),

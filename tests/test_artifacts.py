@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from application.exceptions import RangeNotSatisfiable
 from application.services.artifact_tar import CHUNK, OwnedFd, tar_chunks
 from application.services.artifacts import MAX_ENTRIES, parse_range
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
 
 
 def finished_job(server: ApiServer, workspace: Path, name: str, headers: dict[str, str] | None = None) -> Path:
@@ -169,6 +170,24 @@ def test_another_owners_job_is_missing(server_factory: Callable[..., ApiServer],
         r = server.http.get(path, headers=auth(BOB_KEY))
         assert r.status_code == 404 and r.json()["detail"] == nobody.json()["detail"].replace("nobody", "mine")
     assert server.http.get(f"/jobs/mine/artifacts/{run}/args.json").status_code == 401
+
+
+def test_one_key_has_at_most_downloads_per_owner_in_progress(server_factory: Callable[..., ApiServer],
+                                                              workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "DOWNLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
+    out = finished_job(server, workspace, "big", headers=auth(ALICE_KEY))
+    (out / "big.bin").write_bytes(os.urandom(1 << 20) * 64)  # more than the sockets buffer: sending it waits on us
+    assert server.http.get("/jobs/big/artifacts/missing.bin", headers=auth(ALICE_KEY)).status_code == 404
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        with http.stream("GET", "/jobs/big/artifacts/big.bin", headers=auth(ALICE_KEY)) as slow:
+            assert slow.status_code == 200  # (the 404 before gave its slot back)
+            refused = server.http.get("/jobs/big/artifacts/big.bin", headers=auth(ALICE_KEY))
+            assert refused.status_code == 429 and "DOWNLOADS_PER_OWNER=1" in refused.json()["detail"], refused.text
+            # Another key's downloads are its own (an admin may read alice's job).
+            assert len(server.http.get("/jobs/big/artifacts/big.bin", headers=auth(ADMIN_KEY)).content) == 64 << 20
+        # Hung up halfway: its slot comes back (at once, not after it lapses).
+    wait_for(lambda: server.http.get("/jobs/big/artifacts/big.bin", headers={**auth(ALICE_KEY), "Range": "bytes=0-9"})
+             .status_code == 206, timeout=10, what="a download of alice's once hers was closed")  # fmt: skip
 
 
 @pytest.mark.parametrize(("header", "size", "expected"), [

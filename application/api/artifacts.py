@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from application.api.deps import CallerDep, JobId, Responses, Training
 from application.models.artifact_model import ArtifactList
 from application.models.job_responses import ErrorResponse
 from application.services import artifacts
+from application.services.owner_slots import holding
 
 router = APIRouter(tags=["jobs"])
 
@@ -28,6 +30,7 @@ DOWNLOAD: Responses = {
     200: {"content": _CONTENT, "description": "the whole file, or the folder as a tar"},
     206: {"content": _CONTENT, "description": "the bytes the Range asked for (Content-Range)"},
     416: {"model": ErrorResponse, "description": "the Range starts past the end (Content-Range: bytes */size)"},
+    429: {"model": ErrorResponse, "description": "DOWNLOADS_PER_OWNER downloads of this key are in progress already"},
     **MISSING,
 }
 
@@ -61,11 +64,18 @@ async def list_job_artifacts(job_id: JobId, svc: Training, caller: CallerDep) ->
 @router.get("/jobs/{job_id}/artifacts/{path:path}", response_class=StreamingResponse, responses=DOWNLOAD,
             operation_id="download_job_artifact",
             summary="Download one file of the job's output (Range supported), or `<folder>.tar`")  # fmt: skip
-async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, caller: CallerDep,
+async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, caller: CallerDep, request: Request,
                                 range_header: RangeHeader = None, if_range: IfRangeHeader = None,
                                 ) -> StreamingResponse:  # fmt: skip
     """A file answers 200, or 206 for a Range (resumable downloads); `<folder>.tar` streams a checkpoint, merged
     model or run folder as an uncompressed tar, read as it is sent (a real file of that name wins)."""
     job = await svc.require(job_id, caller)
-    got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, path, range_header, if_range)
-    return StreamingResponse(got.body, status_code=got.status, headers=got.headers, media_type=got.media_type)
+    slot = await request.app.state.download_slots.take(caller.name)  # DOWNLOADS_PER_OWNER (429)
+    try:
+        got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, path, range_header, if_range)
+    except BaseException:
+        if slot is not None:
+            await slot.release()
+        raise
+    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body)), status_code=got.status,
+                             headers=got.headers, media_type=got.media_type)  # fmt: skip

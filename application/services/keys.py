@@ -83,6 +83,10 @@ class Keys:
         """Sorted set slot id -> when it lapses: one owner's open Server-Sent Events streams (owner_slots)."""
         return self._k("streams", "open", owner)
 
+    def open_downloads(self, owner: str) -> str:
+        """Sorted set slot id -> when it lapses: one owner's artifact downloads in progress (owner_slots)."""
+        return self._k("artifacts", "downloading", owner)
+
     def open_uploads(self, owner: str) -> str:
         """Sorted set slot id -> when it lapses: one owner's uploads in progress (owner_slots)."""
         return self._k("files", "uploading", owner)

@@ -1,12 +1,13 @@
 """At most so many long requests of one kind per key at once, counted in Redis over all API workers.
 
-Server-Sent Events streams (STREAMS_PER_OWNER) poll for as long as their client stays, and uploads
-(UPLOADS_PER_OWNER) fill the disk before the quota can look at their size: one script opening either in a loop
-would otherwise take every worker's sockets, CPU or disk from everyone. Each such request holds a slot: a member of
+Server-Sent Events streams (STREAMS_PER_OWNER) poll for as long as their client stays, uploads
+(UPLOADS_PER_OWNER) fill the disk before the quota can look at their size, and downloads (DOWNLOADS_PER_OWNER)
+read and send checkpoints of gigabytes: one script opening any of them in a loop would otherwise take every
+worker's sockets, CPU or disk from everyone. Each such request holds a slot: a member of
 its owner's sorted set, scored by when it lapses. Taking one drops the lapsed ones and counts the rest in one
 script, so requests made at once on several workers cannot pass the cap together. A request renews its slot as it
-goes (a stream at each message, heartbeats included; an upload at each chunk) and gives it back when it ends or
-its client hangs up; the slots of a worker killed mid-request lapse by themselves.
+goes (a stream at each message, heartbeats included; an upload or download at each chunk) and gives it back
+when it ends or its client hangs up; the slots of a worker killed mid-request lapse by themselves.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
 ANONYMOUS_BUCKET = "-"
-# An upload's slot lapses when no chunk has come for this long (it is renewed as they come).
+# An upload's or download's slot lapses when no chunk has passed for this long (it is renewed as they pass).
 UPLOAD_SLOT_SECONDS = 60.0
+DOWNLOAD_SLOT_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -102,6 +104,12 @@ def upload_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> Owne
     return OwnerSlots(client, keys.open_uploads, cap=settings.UPLOADS_PER_OWNER, ttl=UPLOAD_SLOT_SECONDS,
                       setting="UPLOADS_PER_OWNER", what="uploads in progress",
                       advice="wait for one to finish")  # fmt: skip
+
+
+def download_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
+    return OwnerSlots(client, keys.open_downloads, cap=settings.DOWNLOADS_PER_OWNER, ttl=DOWNLOAD_SLOT_SECONDS,
+                      setting="DOWNLOADS_PER_OWNER", what="downloads in progress",
+                      advice="wait for one to finish (a Range request resumes a file where it stopped)")  # fmt: skip
 
 
 async def holding(slot: Slot | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
