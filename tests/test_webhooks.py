@@ -116,6 +116,17 @@ async def test_signed_delivery_retried_after_a_500_and_recorded(
         assert completed["data"] == {"url": hook.url, "attempts": 2, "status_code": 200}
 
 
+async def until_failed(client: Any, job_id: str, text: str, timeout: float = 30.0) -> None:
+    """Until the job has a `webhook_failed` event whose message holds `text`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = (await client.get(f"/jobs/{job_id}/events")).json()["events"]
+        if any(e["type"] == "webhook_failed" and text in e["message"] for e in events):
+            return
+        assert time.monotonic() < deadline, f"no webhook_failed event with {text!r} for {job_id}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver]
 ) -> None:
@@ -125,14 +136,7 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
         body = job_body(tmp_path, "inside", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
         await client.post("/jobs", json=body)
 
-        async def refused() -> bool:
-            events = (await client.get("/jobs/inside/events")).json()["events"]
-            return any(e["type"] == "webhook_failed" and "private network" in e["message"] for e in events)
-
-        deadline = time.monotonic() + 30
-        while not await refused():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await until_failed(client, "inside", "private network")
         assert hook.received == []
         bad = await client.post("/jobs", json=job_body(tmp_path, "bad", webhook_url="ftp://example.com/x"))
         assert bad.status_code == 422 and "webhook_url" in bad.text
@@ -168,14 +172,7 @@ async def test_a_jobs_own_url_is_posted_to_the_address_that_was_checked(
                         training={"max_steps": 3})  # fmt: skip
         assert (await client.post("/jobs", json=body)).status_code == 201
 
-        async def failed() -> bool:
-            events = (await client.get("/jobs/rebind/events")).json()["events"]
-            return any(e["type"] == "webhook_failed" and "not delivered" in e["message"] for e in events)
-
-        deadline = time.monotonic() + 30
-        while not await failed():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await until_failed(client, "rebind", "not delivered")
         assert hook.received == [] and lookups  # (a later event's own lookup gets 127.0.0.1: refused as private)
 
 
