@@ -51,9 +51,11 @@ RUN pip install . \
     && chown -R "$APP_UID:$APP_GID" /app/output /app/logs /app/data /cache
 
 # Hub downloads (a job whose model or data set is a hub id) go to /cache: mount a volume there to keep them.
+# Runners cannot outlive their container, so a scheduler stopping in one ends its runs itself, gracefully (back
+# in the queue, resumed from their checkpoints): give it the time (`docker stop -t 60`, compose stop_grace_period).
 ENV ENVIRONMENT=prod SWIFT_BIN=/app/.swift-venv/bin/swift OUTPUT_ROOT=/app/output LOG_DIR=/app/logs \
     DATA_DIR=/app/data MODELSCOPE_CACHE=/cache/modelscope HF_HOME=/cache/huggingface \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility STOP_RUNS_ON_SHUTDOWN=true
 USER ${APP_UID}:${APP_GID}
 EXPOSE 8000
 # The API's health route, under API_PREFIX when it is set in the container's environment (the server's default

@@ -79,8 +79,13 @@ def serve_all(settings: Settings) -> None:
     finally:
         if scheduler.poll() is None:
             scheduler.send_signal(signal.SIGTERM)
+            grace = 30.0
+            if settings.STOP_RUNS_ON_SHUTDOWN:  # it stops this host's runs before it exits
+                from application.services.watchdog import RECORD_GRACE
+
+                grace += settings.STOP_GRACE_SECONDS + RECORD_GRACE
             try:
-                scheduler.wait(30)
+                scheduler.wait(grace)
             except subprocess.TimeoutExpired:
                 scheduler.kill()
                 scheduler.wait()

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     SWIFT_BIN: str = Field(default_factory=_default_swift_bin)
     SWIFT_VERSION: str | None = None
     STOP_GRACE_SECONDS: float = Field(10.0, ge=0)
+    # Where runners cannot outlive the scheduler (in a container, they die with its main process), a stopping
+    # scheduler ends this host's runs itself: each goes back to the queue, to resume from its last checkpoint.
+    STOP_RUNS_ON_SHUTDOWN: bool = False
     AUTO_EXPORT: bool = True
     # A runner reads its run's log, checks for stop requests and beats its heartbeat this often.
     RUNNER_POLL_INTERVAL: float = Field(0.5, gt=0, le=60)

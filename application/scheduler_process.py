@@ -110,9 +110,18 @@ class Scheduler:
                 await cancel(tasks)
         finally:
             await cancel([publish])
-            await self.leader.release()
+            await self.leader.release()  # first: a standby elsewhere may lead (and restart these runs) at once
+            stopped = await self._stop_runs() if self.settings.STOP_RUNS_ON_SHUTDOWN else None
             self.inventory.close()
-            logger.info("scheduler {} stopped; runners go on", self.ident)
+            after = "runners go on" if stopped is None else f"runs stopped, back in the queue: {stopped or '-'}"
+            logger.info("scheduler {} stopped; {}", self.ident, after)
+
+    async def _stop_runs(self) -> list[str]:
+        try:
+            return await self.watchdog.stop_local_runs()
+        except RedisError as exc:
+            logger.error("could not stop this host's runs (Redis: {}): they end with it, unrecorded", exc)
+            return []
 
     async def _publish_swift_once(self) -> None:
         try:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from application.config import load_settings
+from application.services.watchdog import RECORD_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -184,6 +185,18 @@ def test_python_services_run_under_an_init_process() -> None:
     python = [n for n, s in services.items() if "build" in s or s.get("command", [""])[0] == "python"]
     assert sorted(python) == sorted(PYTHON_SERVICES)
     assert {name: services[name].get("init") for name in python} == dict.fromkeys(python, True)
+
+
+def test_a_stopping_scheduler_container_has_the_time_to_send_its_runs_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runners die with their container: its scheduler stops them first (each stops swift, then records the end)
+    # and must not be SIGKILLed before they are done.
+    scheduler = compose()["services"]["scheduler"]
+    for key, value in {**assignments("ENV"), **service_env(scheduler)}.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.STOP_RUNS_ON_SHUTDOWN
+    m = re.fullmatch(r"(\d+)s", str(scheduler["stop_grace_period"]))
+    assert m and int(m.group(1)) > settings.STOP_GRACE_SECONDS + RECORD_GRACE
 
 
 def test_hub_downloads_go_to_a_named_volume() -> None:

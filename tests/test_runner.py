@@ -185,3 +185,32 @@ def test_a_pause_whose_runner_died_is_recorded_paused_by_the_scheduler(
     assert paused["resume_from"] and paused["attempts"][-1]["outcome"] == "paused"
     assert group_members(job["pid"]) == []  # swift (which ignored SIGTERM) was killed: nothing holds the GPU
     assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+
+
+def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_their_checkpoints(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    # As in a container, where runners die with the scheduler's main process: STOP_RUNS_ON_SHUTDOWN.
+    first = server_factory(env={"STOP_RUNS_ON_SHUTDOWN": "true"})
+    job = running(first, workspace, "s", min_step=12, step_seconds=0.1,
+                  training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    scheduler = next(p for p in first.processes() if "scheduler" in " ".join(p.cmdline()))
+    scheduler.send_signal(signal.SIGTERM)
+    # Exited (start.py, its parent, reaps it only when it stops itself).
+    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
+             what="the scheduler to exit")  # fmt: skip
+    # Recorded before the scheduler exited, by the runner it told to stop: nothing is left to a next scheduler.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    back = stored(r, first.prefix, "s")
+    assert back["status"] == "queued" and back["attempts"][-1]["outcome"] == "preempted", back
+    assert back["resume_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20")), back["resume_from"]
+    assert not psutil.pid_exists(job["runner"]["pid"]) and group_members(job["pid"]) == []
+    assert not r.hgetall(f"{first.prefix}:gpu_leases")
+    events = first.http.get("/jobs/s/events").json()["events"]
+    assert any(e["type"] == "preempted" and "shutdown of its host" in e["message"] for e in events), events
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    done = second.wait_status("s", "completed", "failed", timeout=60)
+    assert done["status"] == "completed" and [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"]
+    steps = [p["step"] for p in second.http.get("/jobs/s/progress", params={"history_limit": 1000}).json()["history"]]
+    assert steps == list(range(1, 61))
+    r.close()

@@ -8,6 +8,8 @@ outlives the scheduler (it is re-parented to init) and is then watched by pid, s
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,11 @@ class RunnerLauncher(Protocol):
 
     def forget(self, runner: RunnerInfo) -> None:
         """The runner's end has been recorded: nothing more to know about it."""
+        ...
+
+    def terminate(self, runner: RunnerInfo) -> bool:
+        """Ask the runner to end its run now (SIGTERM: it stops swift and records the end); False when it is
+        gone or not this launcher's to signal."""
         ...
 
 
@@ -76,6 +83,15 @@ class LocalLauncher:
         proc = self.children.get(runner.pid or -1)
         if proc is not None and proc.poll() is not None:
             del self.children[proc.pid]
+
+    def terminate(self, runner: RunnerInfo) -> bool:
+        if not self.is_alive(runner) or not runner.pid:
+            return False
+        try:
+            os.kill(runner.pid, signal.SIGTERM)  # the runner only: it stops swift's group itself, gracefully
+        except ProcessLookupError:
+            return False
+        return True
 
     def reap(self) -> None:
         """Collect the exit status of runners that ended (nobody may be asking about them any more)."""

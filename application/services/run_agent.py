@@ -58,6 +58,8 @@ from application.utils.logger import setup_logging
 
 CHUNK = 4 * 1024 * 1024
 START_ATTEMPTS_SECONDS = 60.0
+# What a run stopped because its runner was told to end (SIGTERM) was preempted for.
+HOST_SHUTDOWN = "the shutdown of its host"
 
 
 def me() -> RunnerInfo:
@@ -202,8 +204,9 @@ class Runner:
                      "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
             override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
         elif self.terminated.is_set() and code != 0 and interrupt is None:
-            error = "the runner was terminated (SIGTERM: the host or its scheduler shut down)"
-            override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_terminated")
+            # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
+            # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
+            preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
                                                            self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         asked = job.model_copy(update={"preempt_for": preempt_for})

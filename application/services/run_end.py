@@ -98,7 +98,7 @@ def runner_lost(returncode: int | None, pid: int | None) -> RunEnd:
 
 # ---- what the end of a run means for the job: pause, preemption, retries ---------------------------------
 
-RETRYABLE_CODES = frozenset({"signal", "runner_lost", "runner_terminated", "lost"})
+RETRYABLE_CODES = frozenset({"signal", "runner_lost", "lost"})
 _OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 _CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)$")
 

@@ -34,6 +34,8 @@ WATCH_INTERVAL = 0.5
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
 RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
+# After swift's grace, how long a runner told to stop may take to record its run's end.
+RECORD_GRACE = 10.0
 
 
 class Watchdog:
@@ -105,6 +107,28 @@ class Watchdog:
                 self.launcher.forget(job.runner)
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             await self.request_export(job.job_id)
+
+    async def stop_local_runs(self) -> list[str]:
+        """End the runs and exports whose runners live on this host, for a scheduler stopping where they cannot
+        outlive it (STOP_RUNS_ON_SHUTDOWN): SIGTERM to each runner, which stops swift (STOP_GRACE_SECONDS) and
+        records the end, a training run back in the queue to resume from its last checkpoint. Returns the jobs,
+        once their runners have ended (or RECORD_GRACE after the grace)."""
+        stopping: dict[str, RunnerInfo] = {}
+        for job in await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING)):
+            if job.runner is not None and self.launcher.terminate(job.runner):
+                stopping[job.job_id] = job.runner
+        for job in await self.store.get_many(await self.store.exporting()):
+            runner = job.export.runner if job.export else None
+            if runner is not None and self.launcher.terminate(runner):
+                stopping[job.job_id] = runner
+        deadline = time.monotonic() + self.settings.STOP_GRACE_SECONDS + RECORD_GRACE
+        left = dict(stopping)
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            left = {job_id: r for job_id, r in left.items() if self.launcher.is_alive(r)}
+        if left:
+            logger.warning("runner(s) of {} still running after the grace: they end with this host", ", ".join(left))
+        return list(stopping)
 
     async def request_export(self, job_id: str) -> None:
         """The automatic export its dead runner could not run: requested here, launched by the next sweep."""
