@@ -4,6 +4,7 @@
 explicit environment, its output in `<output_dir>/logs/<job_id>.runner.log`. The scheduler is its parent
 while it lives, so it learns a runner's exit status (and the signal that killed it) at once; a runner
 outlives the scheduler (it is re-parented to init) and is then watched by pid, start time and heartbeat.
+Where it cannot (a container ends with its main process), a stopping scheduler `terminate`s it first.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ pid gone or reused on this host, its heartbeat expired on another), the schedule
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
 next to the log when there is one, or as `failed` naming what killed the runner. The same for exports;
 export requests (an API worker asked) get their runner launched here. Expired job records are removed.
+A scheduler stopping where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it first.
 """
 
 from __future__ import annotations
