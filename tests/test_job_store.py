@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from application.models.job_request import TrainingParams
 from application.models.job_responses import JobSummary
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
+from application.services.job_codec import event_payload
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
@@ -178,9 +179,37 @@ async def test_events_paginate_oldest_first(store: JobStore) -> None:
 
 async def test_history_is_capped(store: JobStore) -> None:
     await store.create(make_job("a"), message="", actor="t")
-    await store.append_history("a", [{"step": i, "loss": 1.0 / (i + 1)} for i in range(8)])
+    await store.append_run("a", "r", [{"step": i, "loss": 1.0 / (i + 1)} for i in range(8)], [], sent=(0, 0))
     points = await store.history("a", 100)
     assert [p.step for p in points] == [3, 4, 5, 6, 7]
+
+
+async def test_a_runner_batch_sent_again_after_a_lost_reply_is_written_once(store: JobStore) -> None:
+    await store.create(make_job("a"), message="made", actor="t")
+
+    def note(i: int) -> dict[str, str]:
+        return event_payload("note", f"n{i}", None, "scheduler", 1000.0 + i)
+
+    first = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}]
+    await store.append_run("a", "r1", first, [note(0)], sent=(0, 0))
+    # Redis took it, the reply was lost: the runner sends it again, with what came since.
+    await store.append_run("a", "r1", [*first, {"step": 3, "loss": 0.8}], [note(0), note(1)], sent=(0, 0))
+    await store.append_run("a", "r1", [{"step": 4, "loss": 0.7}], [], sent=(3, 2))
+    assert [p.step for p in await store.history("a", 100)] == [1, 2, 3, 4]
+    assert [e.message for e in await store.events("a", None, 10)] == ["made", "n0", "n1"]
+    # The next run (a resume) counts from nothing.
+    await store.append_run("a", "r2", [{"step": 4, "loss": 0.6}], [note(2)], sent=(0, 0))
+    assert [p.loss for p in await store.history("a", 100)][-2:] == [0.7, 0.6]
+    assert [e.message for e in await store.events("a", None, 10)][-1] == "n2"
+    await store.delete("a")
+    assert not await store.r.exists(store.keys.job_sent("a"))
+
+
+async def test_a_long_outage_batch_is_written_whole(store: JobStore) -> None:
+    big = JobStore(store.r, store.keys, history_max=10_000)
+    await big.create(make_job("a"), message="", actor="t")
+    await big.append_run("a", "r", [{"step": i, "loss": 1.0} for i in range(1, 2501)], [], sent=(0, 0))
+    assert [p.step for p in await big.history("a", 10_000)] == list(range(1, 2501))
 
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
@@ -248,7 +277,7 @@ async def test_events_record_who_caused_them(store: JobStore) -> None:
 
 async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
     await store.create(make_job("a"), message="", actor="t")
-    await store.append_history("a", [{"step": 1, "loss": 1.0}])
+    await store.append_run("a", "r", [{"step": 1, "loss": 1.0}], [], sent=(0, 0))
     assert await store.history("a", 0) == []
     assert [p.step for p in await store.history("a", 1)] == [1]
 

@@ -82,6 +82,7 @@ class JobStore:
         self._transition = client.register_script(lua.TRANSITION)
         self._guarded = client.register_script(lua.GUARDED_UPDATE)
         self._delete = client.register_script(lua.DELETE)
+        self._run_append = client.register_script(lua.RUN_APPEND)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
@@ -352,7 +353,7 @@ class JobStore:
             "id": job_id, "refuse": [JobStatus.RUNNING.value],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
-                  "output_dirs": k.output_dirs,
+                  "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
                   "exporting": k.exporting, "status": every, "owner_status": mine},
         })])  # fmt: skip
@@ -402,14 +403,16 @@ class JobStore:
             for eid, f in rows
         ]  # fmt: skip
 
-    async def append_history(self, job_id: str, points: list[dict[str, Any]]) -> None:
-        if not points:
-            return
-        key = self.keys.job_history(job_id)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(encode(p) for p in points))
-            pipe.ltrim(key, -self.history_max, -1)
-            await pipe.execute()
+    async def append_run(self, job_id: str, run_id: str, history: Sequence[Mapping[str, Any]],
+                         events: Sequence[Mapping[str, str]], *, sent: tuple[int, int]) -> None:  # fmt: skip
+        """A runner's loss points and events (`event_payload`s). `sent`: how many of each this run had written
+        before these; what Redis already took (a reply lost in an outage, the batch sent again) is skipped."""
+        k = self.keys
+        await self._run_append(keys=[k.job(job_id)], args=[script_arg({
+            "run_id": run_id, "h_from": sent[0], "e_from": sent[1], "history": [encode(p) for p in history],
+            "events": list(events), "maxlen": self.events_max, "history_max": self.history_max,
+            "k": {"history": k.job_history(job_id), "events": k.job_events(job_id), "sent": k.job_sent(job_id)},
+        })])  # fmt: skip
 
     async def notify(self, job_id: str, event: str) -> None:
         """Queue a webhook notification outside a status change (an export that ended)."""

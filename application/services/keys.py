@@ -30,6 +30,10 @@ class Keys:
         """List, capped: per-step loss points (JSON) for loss curves."""
         return self._k("job", job_id, "history")
 
+    def job_sent(self, job_id: str) -> str:
+        """Hash run, h, e: how many loss points and events of its current run the job's runner has had written."""
+        return self._k("job", job_id, "sent")
+
     @property
     def jobs_index(self) -> str:
         """Sorted set job_id -> created_at: every job, for listing newest first."""

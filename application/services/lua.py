@@ -243,7 +243,7 @@ if exp and exp.status == 'running' then return {'export_state', cur, 'running'} 
 local id = a.id
 free_output_dir(k.output_dirs, id)
 release_leases(k.leases, id)
-redis.call('DEL', KEYS[1], k.events, k.history, k.summary)
+redis.call('DEL', KEYS[1], k.events, k.history, k.summary, k.sent)
 redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end
 reindex(k.status, id, cur, nil, 0)
@@ -253,6 +253,36 @@ redis.call('HDEL', k.queue_meta, id)
 redis.call('ZREM', k.expiry, id)
 redis.call('SREM', k.exporting, id)
 return {'ok', cur}
+"""
+)
+
+# A runner's loss points and events, each written once though a batch whose reply an outage lost is sent again.
+# a: run_id, h_from / e_from (how many points / events of this run came before these), history (encoded points),
+# events, maxlen, history_max, k: {history, events, sent (hash: run, h, e: what Redis took of the current run)}.
+RUN_APPEND = (
+    _HELPERS
+    + """
+local k = a.k
+local sent = redis.call('HMGET', k.sent, 'run', 'h', 'e')
+local h_done, e_done = 0, 0
+if sent[1] == a.run_id then h_done, e_done = tonumber(sent[2]), tonumber(sent[3]) end
+local points = a.history or {}
+local fresh = {}
+for i, p in ipairs(points) do
+  if a.h_from + i > h_done then fresh[#fresh + 1] = p end
+  if #fresh == 1000 or (i == #points and #fresh > 0) then  -- unpack takes a few thousand values at most
+    redis.call('RPUSH', k.history, unpack(fresh))
+    fresh = {}
+  end
+end
+redis.call('LTRIM', k.history, -a.history_max, -1)
+local events = a.events or {}
+for i, ev in ipairs(events) do
+  if a.e_from + i > e_done then add_event(k.events, ev) end
+end
+redis.call('HSET', k.sent, 'run', a.run_id, 'h', math.max(h_done, a.h_from + #points),
+  'e', math.max(e_done, a.e_from + #events))
+return {'ok'}
 """
 )
 

@@ -1,8 +1,9 @@
 """A runner's writes to Redis, kept until Redis takes them: an outage delays what the API shows, loses nothing.
 
-Fields merge (the newest value of each wins), history points and events queue in order. Every write is
-fenced by the run id: when the store refuses one (the job was deleted, or another run owns it now) the run
-is no longer this runner's to record, and `Orphaned` says so.
+Fields merge (the newest value of each wins), history points and events queue in order and are written once
+each: a batch whose reply was lost (Redis went down after taking it) is sent again, and the store skips what it
+already took. Field writes are fenced by the run id: when the store refuses one (the job was deleted, or another
+run owns it now) the run is no longer this runner's to record, and `Orphaned` says so.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.models.training_model import JobStatus
-from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.job_codec import event_payload
+from application.services.job_store import SCHEDULER, JobStore, Refusal, TransitionRefused
 
 MAX_BACKOFF = 5.0
 
@@ -32,7 +34,8 @@ class Outbox:
         self.run_id = run_id
         self.fields: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, dict[str, Any] | None]] = []
+        self.events: list[dict[str, str]] = []
+        self.sent = (0, 0)  # loss points and events of this run that Redis has taken
         self.failing_since: float | None = None
 
     def set(self, **fields: Any) -> None:
@@ -42,7 +45,8 @@ class Outbox:
         self.history.extend(points)
 
     def event(self, event_type: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self.events.append((event_type, message, data))
+        # Timed now, not when Redis takes it (maybe after an outage).
+        self.events.append(event_payload(event_type, message, data, SCHEDULER, time.time()))
 
     @property
     def pending(self) -> bool:
@@ -58,13 +62,12 @@ class Outbox:
                 except BaseException:
                     self.fields = {**fields, **self.fields}
                     raise
-            if self.history:
-                await self.store.append_history(self.job_id, self.history)
-                self.history = []
-            while self.events:
-                event_type, message, data = self.events[0]
-                await self.store.add_event(self.job_id, event_type, message, data)
-                self.events.pop(0)
+            if self.history or self.events:
+                points, events = len(self.history), len(self.events)  # more may queue while this one is written
+                await self.store.append_run(self.job_id, self.run_id, self.history[:points], self.events[:events],
+                                            sent=self.sent)  # fmt: skip
+                self.sent = (self.sent[0] + points, self.sent[1] + events)
+                del self.history[:points], self.events[:events]
         except TransitionRefused as exc:
             raise Orphaned(f"{exc.reason.value}: {exc.current}") from None
         except RedisError as exc:
