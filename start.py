@@ -3,18 +3,19 @@
 * all: the embedded Redis when none is configured, one scheduler process, and the API workers (API_WORKERS).
   Stopping it stops all of them; the runners of running jobs go on, and the next start finds them.
 * api: only the stateless API workers (any host; no GPUs or ms-swift needed there).
-* scheduler: only a scheduler (one leads, others stand by); it needs the GPUs and ms-swift.
+* scheduler: only a scheduler (one leads, others stand by), started again if it dies; it needs the GPUs and
+  ms-swift.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import uvicorn
@@ -23,6 +24,9 @@ from application.config import Settings, get_settings
 from application.services.redis_service import EmbeddedRedis, die_with_parent, find_redis_server
 
 ROLES = ("all", "api", "scheduler")
+SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
+# How long the `scheduler` role waits before it starts a scheduler that died again (doubling up to 30 s).
+KEEPER_PAUSE = 1.0
 
 
 def serve_api(settings: Settings) -> None:
@@ -47,13 +51,39 @@ def serve_api(settings: Settings) -> None:
 
 
 def serve_scheduler(settings: Settings) -> None:
-    from application.scheduler_process import serve
-    from application.utils.logger import setup_logging
-
+    """The scheduler in a child process, started again when it dies without being told to (a crash, the OOM
+    killer): what holds this process (a container's init, a service manager) must not end for the death of one
+    scheduler, since a container's end would take its runners with it."""
     if settings.DIE_WITH_PARENT:
         die_with_parent()
-    setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
-    asyncio.run(serve(settings))
+    argv = [sys.executable, "-m", SCHEDULER_MODULE]
+    env = {**os.environ, "DIE_WITH_PARENT": "true"}  # a killed keeper leaves no scheduler behind
+    stopping: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(sig: int, _: object) -> None:
+        stopping.append(sig)
+        if child is not None and child.poll() is None:
+            child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    pause = KEEPER_PAUSE
+    while not stopping:
+        started = time.monotonic()
+        child = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+        if stopping:  # told to stop while it was starting
+            child.send_signal(stopping[0])
+        code = child.wait()
+        if stopping:
+            sys.exit(code if code >= 0 else 0)
+        # A scheduler that ran a while starts again at once; one that keeps dying, ever more slowly.
+        pause = KEEPER_PAUSE if time.monotonic() - started > 60 else min(pause * 2, 30.0)
+        print(f"swift-api: the scheduler (pid {child.pid}) exited with {code}; starting another in {pause:g} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+        deadline = time.monotonic() + pause
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def serve_all(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""The scheduler process: `python start.py scheduler`. One leads (the Redis lock in `leader`); others stand by.
+"""The scheduler process (`python -m application.scheduler_process`, kept running by `python start.py scheduler`).
+One leads (the Redis lock in `leader`); others stand by.
 
 The leader holds the queue processor (starts runs), the watchdog (runners that died, export requests,
 retention), lease reclamation and the GPU reading the API workers show. It owns NVML and process control;
@@ -211,3 +212,19 @@ async def serve(settings: Settings) -> None:
         await scheduler.run()
     finally:
         await redis.close()
+
+
+def main() -> None:
+    from application.config import get_settings
+    from application.services.redis_service import die_with_parent
+    from application.utils.logger import setup_logging
+
+    settings = get_settings()
+    if settings.DIE_WITH_PARENT:
+        die_with_parent()
+    setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -199,6 +199,13 @@ def test_a_stopping_scheduler_container_has_the_time_to_send_its_runs_back(monke
     assert m and int(m.group(1)) > settings.STOP_GRACE_SECONDS + RECORD_GRACE
 
 
+def test_the_scheduler_health_check_looks_for_the_scheduler_itself() -> None:
+    # Not for `start.py scheduler`, which lives on while the scheduler it keeps starting dies again and again.
+    from start import SCHEDULER_MODULE
+
+    assert compose()["services"]["scheduler"]["healthcheck"]["test"] == ["CMD", "pgrep", "-f", SCHEDULER_MODULE]
+
+
 def test_hub_downloads_go_to_a_named_volume() -> None:
     doc = compose()
     scheduler = doc["services"]["scheduler"]

@@ -21,10 +21,27 @@ from application.services.keys import Keys
 from tests.conftest import ROOT, ApiServer, wait_for
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
+from tests.test_runner import running
+
+
+def cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # gone, or a zombie not reaped yet
+        return []
+
+
+def schedulers(server: ApiServer) -> list[psutil.Process]:
+    """The schedulers themselves (a pid is in the leader's id), not `start.py scheduler`, which keeps one running."""
+    return [p for p in server.processes() if "application.scheduler_process" in cmdline(p)]
 
 
 def scheduler_of(server: ApiServer) -> psutil.Process:
-    return next(p for p in server.processes() if "scheduler" in " ".join(p.cmdline()))
+    return schedulers(server)[0]
+
+
+def keeper_of(server: ApiServer) -> psutil.Process:
+    return next(p for p in server.processes() if cmdline(p)[-2:] == [str(ROOT / "start.py"), "scheduler"])
 
 
 def leader_id(server: ApiServer) -> str:
@@ -73,6 +90,19 @@ def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiSer
     finally:
         spare.send_signal(signal.SIGTERM)
         spare.wait(20)
+
+
+def test_a_scheduler_that_dies_is_started_again_and_the_runs_go_on(server: ApiServer, workspace: Path) -> None:
+    # In a container, the end of `start.py scheduler` would end the container and every runner in it.
+    job = running(server, workspace, "on", min_step=3, step_seconds=0.1, training={"max_steps": 60})
+    keeper, old = keeper_of(server), scheduler_of(server)
+    old.send_signal(signal.SIGKILL)
+    new = wait_for(lambda: [p for p in schedulers(server) if p.pid != old.pid], timeout=15, what="another one")[0]
+    assert new.ppid() == keeper.pid and keeper.is_running()
+    wait_for(lambda: str(new.pid) in leader_id(server), timeout=15, what="the new scheduler to lead")
+    assert psutil.Process(job["runner"]["pid"]).is_running()  # the run never noticed
+    done = server.wait_status("on", "completed", "failed", timeout=60)
+    assert done["status"] == "completed" and len(done["attempts"]) == 1, done["error_message"]
 
 
 def test_two_schedulers_through_a_failover_never_share_a_job_or_a_gpu(
