@@ -77,13 +77,14 @@ def serve_scheduler(settings: Settings) -> None:
         code = child.wait()
         if stopping:
             sys.exit(code if code >= 0 else 0)
-        # A scheduler that ran a while starts again at once; one that keeps dying, ever more slowly.
-        pause = KEEPER_PAUSE if time.monotonic() - started > 60 else min(pause * 2, 30.0)
+        if time.monotonic() - started > 60:
+            pause = KEEPER_PAUSE  # it ran a while: not a scheduler that keeps dying, which waits ever longer
         print(f"swift-api: the scheduler (pid {child.pid}) exited with {code}; starting another in {pause:g} s",
               file=sys.stderr, flush=True)  # fmt: skip
         deadline = time.monotonic() + pause
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)
+        pause = min(pause * 2, 30.0)
 
 
 def serve_all(settings: Settings) -> None:
