@@ -170,6 +170,17 @@ class ApiServer:
         except (psutil.NoSuchProcess, ProcessLookupError):
             return []
 
+    def schedulers(self) -> list[Any]:
+        """The scheduler processes themselves (a pid is in the leader's id), not `start.py scheduler`, which keeps
+        one running."""
+        from start import SCHEDULER_MODULE
+
+        return [p for p in self.processes() if SCHEDULER_MODULE in _cmdline(p)]
+
+    def scheduler_keeper(self) -> Any:
+        """`start.py scheduler`: the process that starts the scheduler again when it dies."""
+        return next(p for p in self.processes() if _cmdline(p)[-2:] == [str(ROOT / "start.py"), "scheduler"])
+
     def kill_all(self) -> None:
         """kill -9 start.py, every API worker and the scheduler: only the runners are left."""
         for p in self.processes():
@@ -281,6 +292,15 @@ def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Api
         s.stop()
     # Swift processes outlive the API by design: nothing a test started may outlive the test.
     kill_processes_under(tmp_path)
+
+
+def _cmdline(p: Any) -> list[str]:
+    import psutil
+
+    try:
+        return list(p.cmdline())
+    except psutil.Error:  # gone, or a zombie not reaped yet
+        return []
 
 
 def kill_processes_under(root: Path, timeout: float = 10.0) -> None:

@@ -194,7 +194,7 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     first = server_factory(env={"STOP_RUNS_ON_SHUTDOWN": "true"})
     job = running(first, workspace, "s", min_step=12, step_seconds=0.1,
                   training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
-    scheduler = next(p for p in first.processes() if p.cmdline()[-1:] == ["scheduler"])  # start.py scheduler
+    scheduler = first.scheduler_keeper()
     scheduler.send_signal(signal.SIGTERM)
     # Exited (start.py, its parent, reaps it only when it stops itself).
     wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,

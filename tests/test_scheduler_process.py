@@ -24,24 +24,8 @@ from tests.test_job_store import make_job
 from tests.test_runner import running
 
 
-def cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:  # gone, or a zombie not reaped yet
-        return []
-
-
-def schedulers(server: ApiServer) -> list[psutil.Process]:
-    """The schedulers themselves (a pid is in the leader's id), not `start.py scheduler`, which keeps one running."""
-    return [p for p in server.processes() if "application.scheduler_process" in cmdline(p)]
-
-
 def scheduler_of(server: ApiServer) -> psutil.Process:
-    return schedulers(server)[0]
-
-
-def keeper_of(server: ApiServer) -> psutil.Process:
-    return next(p for p in server.processes() if cmdline(p)[-2:] == [str(ROOT / "start.py"), "scheduler"])
+    return server.schedulers()[0]
 
 
 def leader_id(server: ApiServer) -> str:
@@ -95,9 +79,9 @@ def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiSer
 def test_a_scheduler_that_dies_is_started_again_and_the_runs_go_on(server: ApiServer, workspace: Path) -> None:
     # In a container, the end of `start.py scheduler` would end the container and every runner in it.
     job = running(server, workspace, "on", min_step=3, step_seconds=0.1, training={"max_steps": 60})
-    keeper, old = keeper_of(server), scheduler_of(server)
+    keeper, old = server.scheduler_keeper(), scheduler_of(server)
     old.send_signal(signal.SIGKILL)
-    new = wait_for(lambda: [p for p in schedulers(server) if p.pid != old.pid], timeout=15, what="another one")[0]
+    new = wait_for(lambda: [p for p in server.schedulers() if p.pid != old.pid], timeout=15, what="another one")[0]
     assert new.ppid() == keeper.pid and keeper.is_running()
     wait_for(lambda: str(new.pid) in leader_id(server), timeout=15, what="the new scheduler to lead")
     assert psutil.Process(job["runner"]["pid"]).is_running()  # the run never noticed

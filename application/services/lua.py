@@ -275,7 +275,7 @@ for i, p in ipairs(points) do
     fresh = {}
   end
 end
-redis.call('LTRIM', k.history, -a.history_max, -1)
+if #points > 0 then redis.call('LTRIM', k.history, -a.history_max, -1) end
 local events = a.events or {}
 for i, ev in ipairs(events) do
   if a.e_from + i > e_done then add_event(k.events, ev) end
