@@ -25,7 +25,8 @@ def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> 
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         logger.add(log_dir / f"{name}.log", level=level, rotation="50 MB", retention=10, enqueue=False)
-    logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    # Records below the sinks' level are not built at all: uvicorn's access line alone is a few % of a request.
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logger.level(level.upper()).no, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers = [_InterceptHandler()]
         logging.getLogger(name).propagate = False
