@@ -278,6 +278,19 @@ def fake_dataset(workspace: Path, name: str, **options: Any) -> str:
     return str(path)
 
 
+def gated_swift(tmp_path: Path) -> tuple[Path, Path]:
+    """A SWIFT_BIN whose `export` waits until the gate file exists, then runs the fake swift."""
+    gate = tmp_path / "export-gate"
+    wrapper = tmp_path / "gated-swift"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = export ]; then while [ ! -e "{gate}" ]; do sleep 0.02; done; fi\n'
+        f'exec "{FAKE_SWIFT}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper, gate
+
+
 @pytest.fixture
 def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
     servers: list[ApiServer] = []

@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, job_body, wait_for
+from tests.conftest import ApiServer, gated_swift, job_body, wait_for
 
 
 def job_processes(needle: str) -> list[psutil.Process]:
@@ -115,19 +115,6 @@ def test_stop_of_pending_cancels_and_of_completed_is_409(server: ApiServer, work
 
 
 # ---- export on demand ---------------------------------------------------------------------------------------
-
-
-def gated_swift(tmp_path: Path) -> tuple[Path, Path]:
-    """A SWIFT_BIN whose `export` waits until the gate file exists, then runs the fake swift."""
-    gate = tmp_path / "export-gate"
-    wrapper = tmp_path / "gated-swift"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = export ]; then while [ ! -e "{gate}" ]; do sleep 0.02; done; fi\n'
-        f'exec "{FAKE_SWIFT}" "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    return wrapper, gate
 
 
 def test_export_on_demand_twice_and_conflicts(server_factory: Callable[..., ApiServer], workspace: Path,

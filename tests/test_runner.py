@@ -17,7 +17,7 @@ import psutil
 import redis
 
 from application.services.process_group import group_members
-from tests.conftest import ApiServer, job_body, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
 
 
 def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
@@ -213,4 +213,63 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     assert done["status"] == "completed" and [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"]
     steps = [p["step"] for p in second.http.get("/jobs/s/progress", params={"history_limit": 1000}).json()["history"]]
     assert steps == list(range(1, 61))
+    r.close()
+
+
+def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    wrapper, gate = gated_swift(tmp_path)  # its export waits for the gate
+    env = {"STOP_RUNS_ON_SHUTDOWN": "true", "SWIFT_BIN": str(wrapper)}
+    first = server_factory(env=env)
+    first.create(**job_body(workspace, "m", auto_start=True, training={"max_steps": 2}))
+    first.wait_status("m", "completed")
+    job = wait_for(lambda: (j := first.job("m"))["export"]["pid"] and j, what="the automatic export to start")
+    scheduler = first.scheduler_keeper()
+    scheduler.send_signal(signal.SIGTERM)
+    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
+             what="the scheduler to exit")  # fmt: skip
+    # Recorded by the export's runner before the scheduler exited: asked for again, for whoever leads next.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    export = stored(r, first.prefix, "m")["export"]
+    assert export["status"] == "running" and export["runner"] is None and export["pid"] is None, export
+    assert export["export_id"] == job["export"]["export_id"] and export["command"][-2:] == ["--exist_ok", "true"]
+    assert not psutil.pid_exists(job["export"]["runner"]["pid"]) and group_members(job["export"]["pid"]) == []
+    events = first.http.get("/jobs/m/events").json()["events"]
+    assert any(e["type"] == "export_interrupted" and "shutdown of its host" in e["message"] for e in events)
+    gate.touch()
+    second = server_factory(prefix=first.prefix, workdir=tmp_path, env=env)
+    done = wait_for(lambda: (j := second.job("m"))["export"]["status"] != "running" and j, timeout=60,
+                    what="the export to run again")  # fmt: skip
+    assert done["export"]["status"] == "completed", done["export"]
+    assert (Path(done["export"]["path"]) / "model.safetensors").is_file()
+    types = [e["type"] for e in second.http.get("/jobs/m/events").json()["events"]]
+    assert [t for t in types if t.startswith("export_")] == ["export_started", "export_interrupted", "export_completed"]
+    r.close()
+
+
+def test_a_run_that_completes_as_its_host_shuts_down_leaves_its_export_to_the_next_scheduler(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    # A swift that finishes its last steps although told to stop (SIGTERM ignored, as inherited by exec).
+    stubborn = tmp_path / "stubborn-swift"
+    stubborn.write_text(f'#!/bin/sh\ntrap \'\' TERM\nexec "{FAKE_SWIFT}" "$@"\n')
+    stubborn.chmod(0o755)
+    env = {"STOP_RUNS_ON_SHUTDOWN": "true", "SWIFT_BIN": str(stubborn)}
+    first = server_factory(env=env)
+    running(first, workspace, "c", min_step=2, step_seconds=0.1, training={"max_steps": 12, "save_steps": 6})
+    scheduler = first.scheduler_keeper()
+    scheduler.send_signal(signal.SIGTERM)
+    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
+             what="the scheduler to exit")  # fmt: skip
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    job = stored(r, first.prefix, "c")
+    assert job["status"] == "completed" and job["export"]["status"] == "running", job
+    assert job["export"]["runner"] is None and job["export"]["auto"] is True  # asked for, run by no one yet
+    events = first.http.get("/jobs/c/events").json()["events"]
+    assert any(e["type"] == "export_started" and "requested" in e["message"] for e in events), events
+    second = server_factory(prefix=first.prefix, workdir=tmp_path, env=env)
+    done = wait_for(lambda: (j := second.job("c"))["export"]["status"] != "running" and j, timeout=60,
+                    what="the automatic export")  # fmt: skip
+    assert done["export"]["status"] == "completed" and done["export"]["checkpoint"].endswith("checkpoint-12")
     r.close()

@@ -223,9 +223,9 @@ class Runner:
             # already predict the jobs waiting behind this one from what it just took.
             await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
         recorded = await outbox.finish(end.status, end.fields, end.message)
-        exporting = self.settings.AUTO_EXPORT and not self.terminated.is_set() and training
-        if recorded and end.status == JobStatus.COMPLETED and exporting:
-            await self._auto_export()
+        if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
+            # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
+            await self._auto_export(here=not self.terminated.is_set())
         return 0
 
     async def _learn(self, job: Job, duration: float, progress: Progress | None, runtime: float | None) -> None:
@@ -237,7 +237,7 @@ class Runner:
         except RedisError as exc:
             logger.warning("could not record the run's duration for predictions: {}", exc)
 
-    async def _auto_export(self) -> None:
+    async def _auto_export(self, here: bool) -> None:
         job = await self.store.get(self.job_id)
         if job is None or job.training.train_type == "full":
             return
@@ -247,17 +247,19 @@ class Runner:
             detail = getattr(exc, "detail", str(exc))
             await self.store.add_event(self.job_id, "export_skipped", f"automatic export skipped: {detail}")
             return
-        info = info.model_copy(update={"runner": self.info})
+        if here:
+            info = info.model_copy(update={"runner": self.info})
         try:
             await self.store.update(
                 self.job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
                 refuse_export=(ExportStatus.RUNNING,), exporting=True,
-                event=("export_started", f"automatic export of {info.checkpoint} started",
+                event=("export_started", f"automatic export of {info.checkpoint} {'started' if here else 'requested'}",
                        {"checkpoint": info.checkpoint, "auto": True}),
             )  # fmt: skip
         except TransitionRefused:
             return  # someone asked for an export meanwhile: theirs runs
-        await self.export(info.export_id or "", prepared=info)
+        if here:
+            await self.export(info.export_id or "", prepared=info)
 
     # ---- export ------------------------------------------------------------------------------------
 
@@ -283,12 +285,12 @@ class Runner:
         info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid)})
         await self._write_export(info, None)
         stopping: asyncio.Task[str] | None = None
+        asked = False  # to stop by its user (or the export is no longer this one): not by the host's shutdown
         while True:
             exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
             tick = await self._tick("export", export_id)
-            gone = tick is not None and tick.export_id != export_id
-            wanted_stop = (tick is not None and tick.export_stop_requested) or gone or self.terminated.is_set()
-            if wanted_stop and stopping is None and not exited:
+            asked = asked or (tick is not None and (tick.export_stop_requested or tick.export_id != export_id))
+            if (asked or self.terminated.is_set()) and stopping is None and not exited:
                 stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             if exited:
                 break
@@ -307,6 +309,9 @@ class Runner:
         if code == 0:
             update |= {"status": ExportStatus.COMPLETED, "path": merged}
             event = ("export_completed", f"merged model written to {merged}", {"path": merged})
+        elif stopping is not None and not asked:
+            await self._export_again(info)
+            return 0
         elif stopping is not None or code < 0:
             update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
             event = ("export_stopped", "export stopped on request", {})
@@ -316,6 +321,17 @@ class Runner:
             event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
         await self._write_export(info.model_copy(update=update), event, final=True)
         return 0
+
+    async def _export_again(self, info: ExportInfo) -> None:
+        """An export cut short by its host's shutdown is requested again, as the export its user asked for: the
+        next scheduler to lead (here once the host is back, or on another) runs it from the start, since swift
+        export cannot resume. Into the folder it may have begun to fill, hence --exist_ok."""
+        command = list(info.command or [])
+        if "--exist_ok" not in command:
+            command += ["--exist_ok", "true"]
+        again = info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command})
+        message = f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
+        await self._write_export(again, ("export_interrupted", message, {"checkpoint": info.checkpoint}))
 
     async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
                             final: bool = False) -> None:  # fmt: skip
