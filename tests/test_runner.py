@@ -216,6 +216,68 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     r.close()
 
 
+def test_the_runs_of_a_host_that_went_down_whole_go_back_to_the_queue_to_resume(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    first = server_factory()
+    job = running(first, workspace, "h", min_step=12, step_seconds=0.1,
+                  training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    # The host goes down with everything on it at once (power, OOM-kill of its container): nobody records a thing.
+    first.kill_all()
+    for group in (job["runner"]["pid"], job["pid"]):
+        os.killpg(group, signal.SIGKILL)
+    wait_for(lambda: group_members(job["runner"]["pid"]) == [] and group_members(job["pid"]) == [],
+             what="the host's processes to be gone")  # fmt: skip
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert stored(r, first.prefix, "h")["status"] == "running"
+    # It starts again. What it then finds is a runner older than itself (than its pid 1): a test cannot reboot
+    # its host, so the record gets the start time such a runner would have.
+    host_started = psutil.Process(1).create_time()
+    runner = {**job["runner"], "start_time": host_started - 30, "launched_at": host_started - 30}
+    r.hset(f"{first.prefix}:job:h", "runner", json.dumps(runner))
+    second = server_factory(prefix=first.prefix, workdir=tmp_path)
+    done = second.wait_status("h", "completed", "failed", timeout=60)
+    assert done["status"] == "completed", done["error_message"]
+    assert [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"] and done["retries"] == 0
+    assert done["attempts"][1]["resumed_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20"))
+    events = second.http.get("/jobs/h/events").json()["events"]
+    assert any(e["type"] == "preempted" and "restart of its host" in e["message"] for e in events), events
+    steps = [p["step"] for p in second.http.get("/jobs/h/progress", params={"history_limit": 1000}).json()["history"]]
+    assert steps == list(range(1, 61))
+    r.close()
+
+
+def test_an_export_of_a_host_that_went_down_whole_runs_again(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    wrapper, gate = gated_swift(tmp_path)  # its export waits for the gate
+    first = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    first.create(**job_body(workspace, "x", auto_start=True, training={"max_steps": 2}))
+    first.wait_status("x", "completed")
+    job = wait_for(lambda: (j := first.job("x"))["export"]["pid"] and j, what="the automatic export to start")
+    first.kill_all()
+    for group in (job["export"]["runner"]["pid"], job["export"]["pid"]):
+        os.killpg(group, signal.SIGKILL)
+    wait_for(lambda: group_members(job["export"]["pid"]) == [], what="the export to be gone")
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    export = stored(r, first.prefix, "x")["export"]
+    host_started = psutil.Process(1).create_time()  # as in the test above: a runner older than its host
+    export["runner"] = {**export["runner"], "start_time": host_started - 30, "launched_at": host_started - 30}
+    r.hset(f"{first.prefix}:job:x", "export", json.dumps(export))
+    gate.touch()
+    second = server_factory(prefix=first.prefix, workdir=tmp_path, env={"SWIFT_BIN": str(wrapper)})
+    done = wait_for(lambda: (j := second.job("x"))["export"]["status"] != "running" and j, timeout=60,
+                    what="the export to run again")  # fmt: skip
+    assert done["export"]["status"] == "completed", done["export"]
+    assert done["export"]["export_id"] == export["export_id"] and done["export"]["command"][-2:] == [
+        "--exist_ok",
+        "true",
+    ]
+    events = second.http.get("/jobs/x/events").json()["events"]
+    assert any(e["type"] == "export_interrupted" and "restart of its host" in e["message"] for e in events), events
+    r.close()
+
+
 def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

@@ -74,6 +74,15 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     )  # fmt: skip
 
 
+def run_again(info: ExportInfo) -> ExportInfo:
+    """An export cut short by its host going down, requested again as its user asked for it: the next scheduler
+    to lead runs it from the start (swift export does not resume), into the folder it may have begun to fill."""
+    command = list(info.command or [])
+    if "--exist_ok" not in command:
+        command += ["--exist_ok", "true"]
+    return info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command})
+
+
 def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
     """One of the job's checkpoints by its path, its path under output_dir, or its folder name (when only one
     run has a checkpoint of that name). Names that are not the job's own are refused, paths never opened."""

@@ -47,12 +47,19 @@ class RunnerLauncher(Protocol):
         gone or not this launcher's to signal."""
         ...
 
+    def outlived(self, runner: RunnerInfo) -> bool:
+        """Whether the runner's host has started again since the runner did (a reboot, a container's restart):
+        then it died with everything on its host, not of its own. False when this launcher cannot tell."""
+        ...
+
 
 class LocalLauncher:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = {k: v for k, v in env.items() if k != "DIE_WITH_PARENT"}  # a runner outlives its scheduler
         self.env["PYTHONPATH"] = ":".join(p for p in (str(PROJECT_ROOT), self.env.get("PYTHONPATH", "")) if p)
         self.host = socket.gethostname()
+        # This host's own start: its init, which in a container starts with the container (boot time does not).
+        self.host_started = pg.process_start_time(1)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
@@ -93,6 +100,12 @@ class LocalLauncher:
         except ProcessLookupError:
             return False
         return True
+
+    def outlived(self, runner: RunnerInfo) -> bool:
+        # Both start times are measured the same way on the same host, so their order is exact.
+        if runner.host != self.host or runner.start_time is None or self.host_started is None:
+            return False
+        return runner.start_time < self.host_started
 
     def reap(self) -> None:
         """Collect the exit status of runners that ended (nobody may be asking about them any more)."""

@@ -41,7 +41,7 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export, run_again
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
@@ -309,8 +309,11 @@ class Runner:
         if code == 0:
             update |= {"status": ExportStatus.COMPLETED, "path": merged}
             event = ("export_completed", f"merged model written to {merged}", {"path": merged})
-        elif stopping is not None and not asked:
-            await self._export_again(info)
+        elif stopping is not None and not asked:  # its host goes down
+            message = (
+                f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
+            )
+            await self._write_export(run_again(info), ("export_interrupted", message, {"checkpoint": info.checkpoint}))
             return 0
         elif stopping is not None or code < 0:
             update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
@@ -321,17 +324,6 @@ class Runner:
             event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
         await self._write_export(info.model_copy(update=update), event, final=True)
         return 0
-
-    async def _export_again(self, info: ExportInfo) -> None:
-        """An export cut short by its host's shutdown is requested again, as the export its user asked for: the
-        next scheduler to lead (here once the host is back, or on another) runs it from the start, since swift
-        export cannot resume. Into the folder it may have begun to fill, hence --exist_ok."""
-        command = list(info.command or [])
-        if "--exist_ok" not in command:
-            command += ["--exist_ok", "true"]
-        again = info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command})
-        message = f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
-        await self._write_export(again, ("export_interrupted", message, {"checkpoint": info.checkpoint}))
 
     async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
                             final: bool = False) -> None:  # fmt: skip

@@ -3,8 +3,9 @@
 Every WATCH_INTERVAL it looks at each running job's runner: dead (its exit status seen by the launcher, its
 pid gone or reused on this host, its heartbeat expired on another), the scheduler stops what is left of the
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
-next to the log when there is one, or as `failed` naming what killed the runner. The same for exports;
-export requests (an API worker asked) get their runner launched here. Expired job records are removed.
+next to the log when there is one, or as `failed` naming what killed the runner; a runner older than its host
+(rebooted, or a container started again) died with it, and its job goes back to the queue to resume. The same
+for exports; export requests (an API worker asked) get their runner launched here. Expired job records are removed.
 A scheduler stopping where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it first.
 """
 
@@ -24,7 +25,7 @@ from application.exceptions import Conflict
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export, run_again
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -37,6 +38,8 @@ RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
 # After swift's grace, how long a runner told to stop may take to record its run's end.
 RECORD_GRACE = 10.0
+# What the runs of a host that started again since their runners did were preempted for.
+HOST_RESTART = "the restart of its host"
 
 
 class Watchdog:
@@ -89,6 +92,11 @@ class Watchdog:
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
+        if code is None and interrupt is None and job.runner and self.launcher.outlived(job.runner):
+            # Its host (machine or container) went down with everything on it: not the run's fault. As for a
+            # host that shuts down in order, the job goes back to the queue to resume from its last checkpoint.
+            job = job.model_copy(update={"preempt_for": HOST_RESTART})
+            interrupt = "preempt"
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
@@ -162,6 +170,11 @@ class Watchdog:
         if info.pid and pg.is_alive(info.pid, info.process_start_time):
             await pg.terminate_group(info.pid, self.settings.STOP_GRACE_SECONDS)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
+        if code is None and not job.export_stop_requested and self.launcher.outlived(info.runner):
+            message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
+            await self._write_export(job.job_id, info.export_id, run_again(info),
+                                     ("export_interrupted", message, {"checkpoint": info.checkpoint}))  # fmt: skip
+            return  # the next sweep launches it
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
             f"the export's runner died (pid {info.runner.pid}) before recording its end"  # fmt: skip
