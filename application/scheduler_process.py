@@ -54,7 +54,7 @@ class Scheduler:
         self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,
                                         lambda: self.leader.value, self.swift_version, self.ident)  # fmt: skip
         self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
-        self.webhooks = Webhooks(self.store, settings)
+        self.webhooks = Webhooks(self.store, self.cluster, settings)
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._migrated = False

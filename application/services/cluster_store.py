@@ -2,14 +2,15 @@
 
 The leader lock, runner heartbeats, the scheduler's GPU reading and ms-swift facts (API workers have neither
 GPUs nor ms-swift of their own), the processor switch and statistics, manual pass requests, wake-ups,
-idempotency records and rate counters. Like `JobStore`, the only place these keys are read or written.
+idempotency records and rate counters, the webhook queue and the shared metrics. Like `JobStore`, the only
+place these keys are read or written.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,17 @@ class CreateContext:
     @property
     def planning_state(self) -> tuple[dict[int, str], list[str], int]:
         return self.leases, self.running, self.queue_length
+
+
+@dataclass(frozen=True)
+class MetricsState:
+    counts: dict[JobStatus, int]  # jobs by status
+    queue_length: int
+    oldest_queued_at: float | None
+    snapshot: dict[str, Any] | None  # the scheduler's GPU reading
+    leases: dict[str, str]  # GPU index -> job
+    latency: dict[str, str]  # the scheduling-latency histogram's hash
+    running: list[str]  # running jobs (the first of them)
 
 
 class ClusterStore:
@@ -288,6 +300,62 @@ class ClusterStore:
 
     async def release_idempotency(self, key: str) -> None:
         await self.r.delete(key)
+
+    # ---- webhooks (queued by the store with each status change, delivered by the leader) ------------------
+
+    async def announce_webhooks(self, every_job: bool) -> None:
+        """Whether every job notifies (WEBHOOK_URLS), or only those with a webhook_url: read by the scripts."""
+        if every_job:
+            await self.r.set(self.keys.webhooks_global, "1")
+        else:
+            await self.r.delete(self.keys.webhooks_global)
+
+    async def requeue_webhook_deliveries(self) -> None:
+        """What a previous leader was delivering when it went, back in the queue (delivered at least once)."""
+        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "RIGHT", "RIGHT"):
+            pass
+
+    async def take_webhook(self) -> str | None:
+        """The oldest notification, moved to the deliveries under way until `webhook_delivered`."""
+        raw: str | None = await self.r.lmove(self.keys.webhooks, self.keys.webhooks_delivering, "RIGHT", "LEFT")
+        return raw
+
+    async def webhook_delivered(self, raw: str) -> None:
+        await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+
+    async def record_scheduling_latency(self, seconds: float, buckets: Iterable[float]) -> None:
+        """One observation of the scheduling-latency histogram, shared by every scheduler that ever led."""
+        key = self.keys.metric("scheduling_latency")
+        async with self.r.pipeline(transaction=True) as pipe:
+            for bound in buckets:
+                if seconds <= bound:
+                    pipe.hincrby(key, repr(float(bound)), 1)
+            pipe.hincrby(key, "+Inf", 1)
+            pipe.hincrbyfloat(key, "sum", seconds)
+            await pipe.execute()
+
+    async def metrics_state(self, running_max: int) -> MetricsState:
+        """What /metrics shows beside the HTTP figures, in one round trip (counts from the indexes, no scan)."""
+        statuses = list(JobStatus)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for s in statuses:
+                pipe.zcard(self.keys.status_index(s))
+            pipe.zcard(self.keys.queue)
+            pipe.zrange(self.keys.status_index(JobStatus.QUEUED), 0, 0, withscores=True)
+            pipe.get(self.keys.gpu_snapshot)
+            pipe.hgetall(self.keys.gpu_leases)
+            pipe.hgetall(self.keys.metric("scheduling_latency"))
+            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, running_max - 1)
+            replies = await pipe.execute()
+        counts = replies[: len(statuses)]
+        queue_length, oldest, snapshot, leases, latency, running = replies[len(statuses) :]
+        return MetricsState(
+            counts={s: int(n) for s, n in zip(statuses, counts, strict=True)}, queue_length=int(queue_length),
+            oldest_queued_at=float(oldest[0][1]) if oldest else None,
+            snapshot=json.loads(snapshot) if snapshot else None, leases=leases, latency=latency, running=running,
+        )  # fmt: skip
 
 
 def _head(raw: str | None) -> Head | None:

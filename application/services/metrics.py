@@ -21,7 +21,6 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from application.models.training_model import JobStatus
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
@@ -87,14 +86,7 @@ class MetricsMiddleware:
 
 async def record_scheduling_latency(cluster: ClusterStore, seconds: float) -> None:
     """Called by the scheduler for each run it starts: the time the job waited in the queue."""
-    key = cluster.keys.metric("scheduling_latency")
-    async with cluster.r.pipeline(transaction=True) as pipe:
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                pipe.hincrby(key, repr(float(bound)), 1)
-        pipe.hincrby(key, "+Inf", 1)
-        pipe.hincrbyfloat(key, "sum", seconds)
-        await pipe.execute()
+    await cluster.record_scheduling_latency(seconds, LATENCY_BUCKETS)
 
 
 class _Snapshot:
@@ -108,34 +100,20 @@ class _Snapshot:
 
 
 async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
-    r: Any = store.r
-    keys = store.keys
-    statuses = list(JobStatus)
-    async with r.pipeline(transaction=False) as pipe:
-        for s in statuses:
-            pipe.zcard(keys.status_index(s))
-        pipe.zcard(keys.queue)
-        pipe.zrange(keys.status_index(JobStatus.QUEUED), 0, 0, withscores=True)
-        pipe.get(keys.gpu_snapshot)
-        pipe.hgetall(keys.gpu_leases)
-        pipe.hgetall(keys.metric("scheduling_latency"))
-        pipe.zrange(keys.status_index(JobStatus.RUNNING), 0, MAX_RUNNING - 1)
-        replies = await pipe.execute()
-    counts = replies[: len(statuses)]
-    queue_len, oldest, snapshot_raw, leases, latency, running = replies[len(statuses) :]
-    now = time.time()
+    state = await cluster.metrics_state(MAX_RUNNING)
     fams: list[Metric] = []
     jobs = GaugeMetricFamily("swift_api_jobs", "Jobs by status", labels=["status"])
-    for s, n in zip(statuses, counts, strict=True):
+    for s, n in state.counts.items():
         jobs.add_metric([s.value], float(n))
     fams.append(jobs)
-    fams.append(GaugeMetricFamily("swift_api_queue_length", "Jobs waiting in the GPU queue", value=float(queue_len)))
-    wait = now - float(oldest[0][1]) if oldest else 0.0
+    fams.append(GaugeMetricFamily("swift_api_queue_length", "Jobs waiting in the GPU queue",
+                                  value=float(state.queue_length)))  # fmt: skip
+    wait = time.time() - state.oldest_queued_at if state.oldest_queued_at is not None else 0.0
     fams.append(GaugeMetricFamily("swift_api_queue_oldest_wait_seconds", "How long the oldest queued job has waited",
                                   value=max(0.0, wait)))  # fmt: skip
-    fams.extend(_gpu_families(json.loads(snapshot_raw) if snapshot_raw else None, leases))
-    fams.append(_latency_family(latency))
-    fams.extend(await _running_families(store, running))
+    fams.extend(_gpu_families(state.snapshot, state.leases))
+    fams.append(_latency_family(state.latency))
+    fams.extend(await _running_families(store, state.running))
     registry = CollectorRegistry()
     registry.register(_Snapshot(fams))
     return generate_latest(registry)

@@ -28,6 +28,7 @@ import httpx
 from loguru import logger
 
 from application.config import Settings
+from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
 MAX_PARALLEL = 16
@@ -59,10 +60,9 @@ def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str,
 
 
 class Webhooks:
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    def __init__(self, store: JobStore, cluster: ClusterStore, settings: Settings) -> None:
         self.store = store
-        self.r: Any = store.r
-        self.keys = store.keys
+        self.cluster = cluster
         self.settings = settings
         self.secret = settings.WEBHOOK_SECRET.get_secret_value() if settings.WEBHOOK_SECRET else None
         self.urls = settings.webhook_urls()
@@ -71,21 +71,16 @@ class Webhooks:
 
     async def announce(self) -> None:
         """Tell every process whether all jobs notify (WEBHOOK_URLS) or only those with a webhook_url."""
-        if self.urls:
-            await self.r.set(self.keys.webhooks_global, "1")
-            if not self.secret:
-                logger.warning("WEBHOOK_URLS without WEBHOOK_SECRET: deliveries are not signed")
-        else:
-            await self.r.delete(self.keys.webhooks_global)
+        await self.cluster.announce_webhooks(bool(self.urls))
+        if self.urls and not self.secret:
+            logger.warning("WEBHOOK_URLS without WEBHOOK_SECRET: deliveries are not signed")
 
     async def run(self) -> None:
         await self.announce()
-        # What a previous leader was delivering when it went: deliver it again (at least once).
-        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "RIGHT", "RIGHT"):
-            pass
+        await self.cluster.requeue_webhook_deliveries()
         try:
             while True:
-                raw = await self.r.lmove(self.keys.webhooks, self.keys.webhooks_delivering, "RIGHT", "LEFT")
+                raw = await self.cluster.take_webhook()
                 if raw is None:
                     await asyncio.sleep(POLL_SECONDS)
                     continue
@@ -109,7 +104,7 @@ class Webhooks:
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
                 for url in dict.fromkeys(targets):
                     await self._post(client, url, body, item, delivery, own=url == item.get("hook"))
-            await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
+            await self.cluster.webhook_delivered(raw)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -163,5 +158,5 @@ class Webhooks:
 
     async def _record(self, job_id: str, kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
-        if await self.r.exists(self.keys.job(job_id)):  # a deleted job gets no new event stream
+        if await self.store.exists(job_id):  # a deleted job gets no new event stream
             await self.store.add_event(job_id, kind, message, {"url": url, "attempts": attempts, "status_code": status})
