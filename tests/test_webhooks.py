@@ -25,18 +25,22 @@ SECRET = "webhook-secret-0123456789"
 
 
 class Receiver:
-    """A local HTTP server that records each POST and answers with the next status of `script` (then 200)."""
+    """A local HTTP server that records each POST and answers each event with the next status of its `script`
+    (then 200): deliveries of different events may run at once and arrive in any order."""
 
-    def __init__(self, script: list[int]) -> None:
-        self.script = list(script)
+    def __init__(self, script: dict[str, list[int]]) -> None:
+        self.script = {event: list(statuses) for event, statuses in script.items()}
         self.received: list[tuple[dict[str, str], bytes, int]] = []
+        lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = receiver.script.pop(0) if receiver.script else 200
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                with lock:
+                    statuses = receiver.script.get(self.headers.get("X-Swift-Api-Event", ""), [])
+                    status = statuses.pop(0) if statuses else 200
+                    receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -62,10 +66,10 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Callable[[list[int]], Receiver]]:
+def receiver() -> Iterator[Callable[[dict[str, list[int]]], Receiver]]:
     made: list[Receiver] = []
 
-    def make(script: list[int]) -> Receiver:
+    def make(script: dict[str, list[int]]) -> Receiver:
         r = Receiver(script).__enter__()
         made.append(r)
         return r
@@ -84,18 +88,18 @@ async def until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 async def test_signed_delivery_retried_after_a_500_and_recorded(
-    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver]
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:
-    hook = receiver([500])
+    hook = receiver({"status_completed": [500]})
     make_model(tmp_path / "models" / "tiny-qwen2")
     settings = {"WEBHOOK_URLS": hook.url, "WEBHOOK_SECRET": SECRET, "WEBHOOK_RETRY_SECONDS": 0.1}
     async with app_factory(**settings) as client:
         r = await client.post("/jobs", json=job_body(tmp_path, "hooked", auto_start=True, training={"max_steps": 5}))
         assert r.status_code == 201
         await until(lambda: {"status_completed", "export_completed"} <= set(hook.events()))
-        # The receiver's first answer was a 500, to the first notification: the job's end.
+        # The receiver answered the first notification of the job's end with a 500.
         first, second = [r for r in hook.received if r[0]["x-swift-api-event"] == "status_completed"][:2]
-        assert (first[2], second[2]) == (500, 200) and hook.received[0] is first
+        assert (first[2], second[2]) == (500, 200)
         assert first[0]["x-swift-api-delivery"] == second[0]["x-swift-api-delivery"]  # the same delivery, retried
         headers, body, _ = second
         expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -128,9 +132,9 @@ async def until_failed(client: Any, job_id: str, text: str, timeout: float = 30.
 
 
 async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
-    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver]
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:
-    hook = receiver([])
+    hook = receiver({})
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(WEBHOOK_SECRET=SECRET) as client:
         body = job_body(tmp_path, "inside", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
@@ -148,12 +152,12 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
 
 
 async def test_a_jobs_own_url_is_posted_to_the_address_that_was_checked(
-    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[list[int]], Receiver],
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     # DNS rebinding: the name answers a public address to the first lookup (the check) and this machine's
     # loopback, where the receiver listens, to every later one (what a client resolving again would get).
-    hook = receiver([])
+    hook = receiver({})
     port = hook.server.server_address[1]
     real = socket.getaddrinfo
     lookups: list[str] = []
