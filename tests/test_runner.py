@@ -33,6 +33,34 @@ def running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **
                     (j["progress"]["current_step"] or 0) >= min_step and j, what=f"{name} to run")  # fmt: skip
 
 
+def stop_the_scheduler(server: ApiServer) -> None:
+    """SIGTERM to `start.py scheduler`, until it has exited (start.py, its parent, reaps it only when it stops)."""
+    scheduler = server.scheduler_keeper()
+    scheduler.send_signal(signal.SIGTERM)
+    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
+             what="the scheduler to exit")  # fmt: skip
+
+
+def older_than_this_host(runner: dict[str, Any]) -> dict[str, Any]:
+    """A runner's record as its host finds it after a restart: started before the host's pid 1 (a test cannot
+    reboot its host, so the record gets the start time such a runner would have)."""
+    started = psutil.Process(1).create_time() - 30
+    return {**runner, "start_time": started, "launched_at": started}
+
+
+def resumed_to_the_end(server: ApiServer, name: str, preempted_for: str) -> None:
+    """The job completes in a second attempt, after a preemption for `preempted_for`, resumed from a checkpoint
+    (it saves every 5 of its 60 steps), with every step in its loss history once."""
+    done = server.wait_status(name, "completed", "failed", timeout=60)
+    assert done["status"] == "completed", done["error_message"]
+    assert [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"] and done["retries"] == 0
+    assert done["attempts"][1]["resumed_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20"))
+    events = server.http.get(f"/jobs/{name}/events").json()["events"]
+    assert any(e["type"] == "preempted" and preempted_for in e["message"] for e in events), events
+    history = server.http.get(f"/jobs/{name}/progress", params={"history_limit": 1000}).json()["history"]
+    assert [p["step"] for p in history] == list(range(1, 61))
+
+
 def test_every_api_worker_and_the_scheduler_killed_runs_go_on_and_end_recorded(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:
@@ -194,11 +222,7 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     first = server_factory(env={"STOP_RUNS_ON_SHUTDOWN": "true"})
     job = running(first, workspace, "s", min_step=12, step_seconds=0.1,
                   training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
-    scheduler = first.scheduler_keeper()
-    scheduler.send_signal(signal.SIGTERM)
-    # Exited (start.py, its parent, reaps it only when it stops itself).
-    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
-             what="the scheduler to exit")  # fmt: skip
+    stop_the_scheduler(first)
     # Recorded before the scheduler exited, by the runner it told to stop: nothing is left to a next scheduler.
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     back = stored(r, first.prefix, "s")
@@ -206,13 +230,7 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     assert back["resume_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20")), back["resume_from"]
     assert not psutil.pid_exists(job["runner"]["pid"]) and group_members(job["pid"]) == []
     assert not r.hgetall(f"{first.prefix}:gpu_leases")
-    events = first.http.get("/jobs/s/events").json()["events"]
-    assert any(e["type"] == "preempted" and "shutdown of its host" in e["message"] for e in events), events
-    second = server_factory(prefix=first.prefix, workdir=tmp_path)
-    done = second.wait_status("s", "completed", "failed", timeout=60)
-    assert done["status"] == "completed" and [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"]
-    steps = [p["step"] for p in second.http.get("/jobs/s/progress", params={"history_limit": 1000}).json()["history"]]
-    assert steps == list(range(1, 61))
+    resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path), "s", "shutdown of its host")
     r.close()
 
 
@@ -230,20 +248,9 @@ def test_the_runs_of_a_host_that_went_down_whole_go_back_to_the_queue_to_resume(
              what="the host's processes to be gone")  # fmt: skip
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     assert stored(r, first.prefix, "h")["status"] == "running"
-    # It starts again. What it then finds is a runner older than itself (than its pid 1): a test cannot reboot
-    # its host, so the record gets the start time such a runner would have.
-    host_started = psutil.Process(1).create_time()
-    runner = {**job["runner"], "start_time": host_started - 30, "launched_at": host_started - 30}
-    r.hset(f"{first.prefix}:job:h", "runner", json.dumps(runner))
-    second = server_factory(prefix=first.prefix, workdir=tmp_path)
-    done = second.wait_status("h", "completed", "failed", timeout=60)
-    assert done["status"] == "completed", done["error_message"]
-    assert [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"] and done["retries"] == 0
-    assert done["attempts"][1]["resumed_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20"))
-    events = second.http.get("/jobs/h/events").json()["events"]
-    assert any(e["type"] == "preempted" and "restart of its host" in e["message"] for e in events), events
-    steps = [p["step"] for p in second.http.get("/jobs/h/progress", params={"history_limit": 1000}).json()["history"]]
-    assert steps == list(range(1, 61))
+    # It starts again, and finds a runner older than itself.
+    r.hset(f"{first.prefix}:job:h", "runner", json.dumps(older_than_this_host(job["runner"])))
+    resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path), "h", "restart of its host")
     r.close()
 
 
@@ -261,18 +268,15 @@ def test_an_export_of_a_host_that_went_down_whole_runs_again(
     wait_for(lambda: group_members(job["export"]["pid"]) == [], what="the export to be gone")
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     export = stored(r, first.prefix, "x")["export"]
-    host_started = psutil.Process(1).create_time()  # as in the test above: a runner older than its host
-    export["runner"] = {**export["runner"], "start_time": host_started - 30, "launched_at": host_started - 30}
+    export["runner"] = older_than_this_host(export["runner"])
     r.hset(f"{first.prefix}:job:x", "export", json.dumps(export))
     gate.touch()
     second = server_factory(prefix=first.prefix, workdir=tmp_path, env={"SWIFT_BIN": str(wrapper)})
     done = wait_for(lambda: (j := second.job("x"))["export"]["status"] != "running" and j, timeout=60,
                     what="the export to run again")  # fmt: skip
     assert done["export"]["status"] == "completed", done["export"]
-    assert done["export"]["export_id"] == export["export_id"] and done["export"]["command"][-2:] == [
-        "--exist_ok",
-        "true",
-    ]
+    assert done["export"]["export_id"] == export["export_id"]
+    assert done["export"]["command"][-2:] == ["--exist_ok", "true"]
     events = second.http.get("/jobs/x/events").json()["events"]
     assert any(e["type"] == "export_interrupted" and "restart of its host" in e["message"] for e in events), events
     r.close()
@@ -287,10 +291,7 @@ def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_sch
     first.create(**job_body(workspace, "m", auto_start=True, training={"max_steps": 2}))
     first.wait_status("m", "completed")
     job = wait_for(lambda: (j := first.job("m"))["export"]["pid"] and j, what="the automatic export to start")
-    scheduler = first.scheduler_keeper()
-    scheduler.send_signal(signal.SIGTERM)
-    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
-             what="the scheduler to exit")  # fmt: skip
+    stop_the_scheduler(first)
     # Recorded by the export's runner before the scheduler exited: asked for again, for whoever leads next.
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     export = stored(r, first.prefix, "m")["export"]
@@ -320,10 +321,7 @@ def test_a_run_that_completes_as_its_host_shuts_down_leaves_its_export_to_the_ne
     env = {"STOP_RUNS_ON_SHUTDOWN": "true", "SWIFT_BIN": str(stubborn)}
     first = server_factory(env=env)
     running(first, workspace, "c", min_step=2, step_seconds=0.1, training={"max_steps": 12, "save_steps": 6})
-    scheduler = first.scheduler_keeper()
-    scheduler.send_signal(signal.SIGTERM)
-    wait_for(lambda: not scheduler.is_running() or scheduler.status() == psutil.STATUS_ZOMBIE, timeout=40,
-             what="the scheduler to exit")  # fmt: skip
+    stop_the_scheduler(first)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     job = stored(r, first.prefix, "c")
     assert job["status"] == "completed" and job["export"]["status"] == "running", job
