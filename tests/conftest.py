@@ -103,7 +103,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 class ApiServer:
     """`python start.py` as a child process on its own port, with its own key prefix and output root."""
 
-    def __init__(self, redis_url: str, workdir: Path, env: dict[str, str] | None = None, prefix: str | None = None):
+    def __init__(self, redis_url: str, workdir: Path, env: dict[str, str] | None = None, prefix: str | None = None,
+                 wrap: list[str] | None = None):  # fmt: skip
+        self.wrap = wrap or []  # a command start.py runs under (e.g. unshare)
         self.port = free_port()
         self.workdir = workdir
         self.output_root = workdir / "output"
@@ -138,8 +140,8 @@ class ApiServer:
 
     def start(self, role: str = "all") -> ApiServer:
         self.log = open(self.workdir / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "start.py"), role], cwd=ROOT, env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, str(ROOT / "start.py"), role], cwd=ROOT,
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         # Up to a minute: with the real ms-swift the scheduler first reads its arguments (about 7 s on an idle CPU).
         wait_for(self._healthy, timeout=60, what="the API server to answer /health with a scheduler leading")
         return self
@@ -295,8 +297,9 @@ def gated_swift(tmp_path: Path) -> tuple[Path, Path]:
 def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
     servers: list[ApiServer] = []
 
-    def make(env: dict[str, str] | None = None, prefix: str | None = None, workdir: Path | None = None) -> ApiServer:
-        s = ApiServer(redis_url, workdir or tmp_path, env, prefix)
+    def make(env: dict[str, str] | None = None, prefix: str | None = None, workdir: Path | None = None,
+             wrap: list[str] | None = None) -> ApiServer:  # fmt: skip
+        s = ApiServer(redis_url, workdir or tmp_path, env, prefix, wrap)
         servers.append(s)
         return s.start()
 

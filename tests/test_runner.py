@@ -5,15 +5,18 @@ Real processes and signals: start.py (API + scheduler), runners, the fake swift,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import redis
 
 from application.services.process_group import group_members
@@ -252,6 +255,47 @@ def test_the_runs_of_a_host_that_went_down_whole_go_back_to_the_queue_to_resume(
     r.hset(f"{first.prefix}:job:h", "runner", json.dumps(older_than_this_host(job["runner"])))
     resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path), "h", "restart of its host")
     r.close()
+
+
+def pid_namespace() -> list[str] | None:
+    """How to start a command in a pid namespace of its own, which is what a container's processes live in: when
+    its pid 1 ends, the kernel kills all of them. As root, or else inside a user namespace; None: neither works."""
+    for extra in ([], ["--user", "--map-root-user"]):
+        argv = ["unshare", *extra, "--pid", "--mount-proc", "--kill-child=SIGTERM"]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            if subprocess.run([*argv, "true"], capture_output=True, timeout=10).returncode == 0:
+                return argv
+    return None
+
+
+NAMESPACE = pid_namespace()
+
+
+def processes_under(folder: Path) -> list[int]:
+    """Processes working in `folder` (runners and swift work in their job's output folder)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cwd"]):
+        with contextlib.suppress(psutil.Error):
+            if (p.info["cwd"] or "").startswith(str(folder)):
+                found.append(p.pid)
+    return found
+
+
+@pytest.mark.skipif(NAMESPACE is None, reason="needs `unshare --pid --mount-proc`: root, or user namespaces")
+def test_a_host_that_really_restarted_resumes_its_runs(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # The same as above without touching the record: start.py is pid 1 of a namespace, as in a container.
+    first = server_factory(wrap=NAMESPACE)
+    running(first, workspace, "n", min_step=12, step_seconds=0.1,
+            training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    assert first.proc is not None
+    init = psutil.Process(first.proc.pid).children()[0]
+    init.kill()  # and with it every process of the namespace: API, scheduler, runner, swift
+    first.proc.wait(10)
+    wait_for(lambda: not processes_under(tmp_path / "output"), what="the namespace's processes to be gone")
+    resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path, wrap=NAMESPACE), "n",
+                       "restart of its host")  # fmt: skip
 
 
 def test_an_export_of_a_host_that_went_down_whole_runs_again(
