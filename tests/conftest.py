@@ -202,7 +202,13 @@ class ApiServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            target = self.proc
+            if self.wrap:  # unshare blocks SIGTERM: start.py is its child
+                import psutil
+
+                with contextlib.suppress(psutil.Error, IndexError):
+                    target = psutil.Process(self.proc.pid).children()[0]
+            target.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
