@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # Where runners cannot outlive the scheduler (in a container, they die with its main process), a stopping
     # scheduler ends this host's runs itself: each goes back to the queue, to resume from its last checkpoint.
     STOP_RUNS_ON_SHUTDOWN: bool = False
+    # How many times a job's runs (or an export) go back to the queue because their host went down under them;
+    # once more and it fails: a run that brings its host down itself (host memory, a driver fault) would loop.
+    HOST_RESTART_REQUEUES: int = Field(3, ge=0, le=1000)
     AUTO_EXPORT: bool = True
     # A runner reads its run's log, checks for stop requests and beats its heartbeat this often.
     RUNNER_POLL_INTERVAL: float = Field(0.5, gt=0, le=60)

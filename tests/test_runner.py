@@ -57,6 +57,7 @@ def resumed_to_the_end(server: ApiServer, name: str, preempted_for: str, exact: 
     done = server.wait_status(name, "completed", "failed", timeout=60)
     assert done["status"] == "completed", done["error_message"]
     assert [a["outcome"] for a in done["attempts"]] == ["preempted", "completed"] and done["retries"] == 0
+    assert preempted_for in done["attempts"][0]["preempted_for"]
     assert done["attempts"][1]["resumed_from"].endswith(("checkpoint-10", "checkpoint-15", "checkpoint-20"))
     events = server.http.get(f"/jobs/{name}/events").json()["events"]
     assert any(e["type"] == "preempted" and preempted_for in e["message"] for e in events), events
@@ -242,24 +243,50 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     r.close()
 
 
+def goes_down_whole(server: ApiServer, job: dict[str, Any], redis_url: str) -> None:
+    """The host goes down with everything on it at once (power, OOM-kill of its container): nobody records a
+    thing. It comes back with the job's runner record older than itself, as after a real restart."""
+    server.kill_all()
+    for group in (job["runner"]["pid"], job["pid"]):
+        os.killpg(group, signal.SIGKILL)
+    wait_for(lambda: group_members(job["runner"]["pid"]) == [] and group_members(job["pid"]) == [],
+             what="the host's processes to be gone")  # fmt: skip
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert stored(r, server.prefix, job["job_id"])["status"] == "running"
+    r.hset(f"{server.prefix}:job:{job['job_id']}", "runner", json.dumps(older_than_this_host(job["runner"])))
+    r.close()
+
+
 def test_the_runs_of_a_host_that_went_down_whole_go_back_to_the_queue_to_resume(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:
     first = server_factory()
     job = running(first, workspace, "h", min_step=12, step_seconds=0.1,
                   training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
-    # The host goes down with everything on it at once (power, OOM-kill of its container): nobody records a thing.
-    first.kill_all()
-    for group in (job["runner"]["pid"], job["pid"]):
-        os.killpg(group, signal.SIGKILL)
-    wait_for(lambda: group_members(job["runner"]["pid"]) == [] and group_members(job["pid"]) == [],
-             what="the host's processes to be gone")  # fmt: skip
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    assert stored(r, first.prefix, "h")["status"] == "running"
-    # It starts again, and finds a runner older than itself.
-    r.hset(f"{first.prefix}:job:h", "runner", json.dumps(older_than_this_host(job["runner"])))
+    goes_down_whole(first, job, redis_url)
     resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path), "h", "restart of its host", exact=False)
-    r.close()
+
+
+def test_a_job_whose_host_keeps_going_down_under_it_fails_once_past_the_limit(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    env = {"HOST_RESTART_REQUEUES": "1"}
+    first = server_factory(env=env)
+    job = running(first, workspace, "d", min_step=6, step_seconds=0.1, max_retries=2,
+                  training={"max_steps": 200, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    goes_down_whole(first, job, redis_url)
+    second = server_factory(env=env, prefix=first.prefix, workdir=tmp_path)
+    # Once back in the queue and resumed, as above; then its host goes down under it again.
+    job = wait_for(lambda: (j := second.job("d"))["status"] == "running" and len(j["attempts"]) == 2 and
+                   j["runner"] and j["pid"] and j, what="the second run")  # fmt: skip
+    goes_down_whole(second, job, redis_url)
+    third = server_factory(env=env, prefix=first.prefix, workdir=tmp_path)
+    done = third.wait_status("d", "completed", "failed", "queued", timeout=30)
+    assert done["status"] == "failed" and done["error_code"] == "host_restarts", done
+    assert "went down under this job's runs 2 time(s) (HOST_RESTART_REQUEUES=1)" in done["error_message"]
+    assert [a["outcome"] for a in done["attempts"]] == ["preempted", "failed"]
+    assert done["retries"] == 0  # not a failure a retry would mend
+    assert all(g["job_id"] is None for g in third.http.get("/gpus").json()["gpus"])
 
 
 def pid_namespace() -> list[str] | None:
@@ -303,11 +330,13 @@ def test_a_host_that_really_restarted_resumes_its_runs(
                        "restart of its host", exact=False)  # fmt: skip
 
 
+@pytest.mark.parametrize("requeues", [3, 0], ids=["runs-again", "past-the-limit"])
 def test_an_export_of_a_host_that_went_down_whole_runs_again(
-    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str, requeues: int
 ) -> None:
     wrapper, gate = gated_swift(tmp_path)  # its export waits for the gate
-    first = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    env = {"SWIFT_BIN": str(wrapper), "HOST_RESTART_REQUEUES": str(requeues)}
+    first = server_factory(env=env)
     first.create(**job_body(workspace, "x", auto_start=True, training={"max_steps": 2}))
     first.wait_status("x", "completed")
     job = wait_for(lambda: (j := first.job("x"))["export"]["pid"] and j, what="the automatic export to start")
@@ -320,10 +349,16 @@ def test_an_export_of_a_host_that_went_down_whole_runs_again(
     export["runner"] = older_than_this_host(export["runner"])
     r.hset(f"{first.prefix}:job:x", "export", json.dumps(export))
     gate.touch()
-    second = server_factory(prefix=first.prefix, workdir=tmp_path, env={"SWIFT_BIN": str(wrapper)})
+    second = server_factory(prefix=first.prefix, workdir=tmp_path, env=env)
     done = wait_for(lambda: (j := second.job("x"))["export"]["status"] != "running" and j, timeout=60,
                     what="the export to run again")  # fmt: skip
+    if requeues == 0:  # the export itself may be what brought its host down: not run again
+        assert done["export"]["status"] == "failed", done["export"]
+        assert "went down under this export 1 time(s) (HOST_RESTART_REQUEUES=0)" in done["export"]["error"]
+        assert done["status"] == "completed"
+        return
     assert done["export"]["status"] == "completed", done["export"]
+    assert done["export"]["host_restarts"] == 1
     assert done["export"]["export_id"] == export["export_id"]
     assert done["export"]["command"][-2:] == ["--exist_ok", "true"]
     events = second.http.get("/jobs/x/events").json()["events"]

@@ -120,6 +120,9 @@ class Attempt(BaseModel):
     )
     error_code: str | None = None
     error_message: str | None = None
+    preempted_for: str | None = Field(
+        None, description="what a preempted run made way for: a job, or the shutdown or restart of its host"
+    )
     run_dir: str | None = Field(None, description="swift's vN-... folder of this run")
     log_file: str | None = Field(None, description="this run's swift output (GET .../logs?attempt=N)")
     resumed_from: str | None = Field(None, description="the checkpoint this run resumed from")
@@ -158,6 +161,7 @@ class ExportInfo(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     runner: RunnerInfo | None = None
+    host_restarts: int = Field(0, description="how many of its runs were cut short by their host going down")
 
 
 class Job(BaseModel):

@@ -74,13 +74,15 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     )  # fmt: skip
 
 
-def run_again(info: ExportInfo) -> ExportInfo:
-    """An export cut short by its host going down, requested again as its user asked for it: the next scheduler
-    to lead runs it from the start (swift export does not resume), into the folder it may have begun to fill."""
+def run_again(info: ExportInfo, host_restart: bool = False) -> ExportInfo:
+    """An export cut short by its host shutting down (or, `host_restart`, going down with it), requested again
+    as its user asked for it: the next scheduler to lead runs it from the start (swift export does not resume),
+    into the folder it may have begun to fill."""
     command = list(info.command or [])
     if "--exist_ok" not in command:
         command += ["--exist_ok", "true"]
-    return info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command})
+    return info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command,
+                                   "host_restarts": info.host_restarts + host_restart})  # fmt: skip
 
 
 def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:

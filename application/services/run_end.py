@@ -96,6 +96,13 @@ def runner_lost(returncode: int | None, pid: int | None) -> RunEnd:
     return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_lost")
 
 
+def host_went_down(times: int, limit: int, what: str) -> RunEnd:
+    """A run whose host went down under it once more than HOST_RESTART_REQUEUES lets it go back to the queue."""
+    error = (f"its host went down under {what} {times} time(s) (HOST_RESTART_REQUEUES={limit}): it may be what "
+             "brings the host down (host memory, a driver fault), so it is not run again")  # fmt: skip
+    return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "host_restarts")
+
+
 # ---- what the end of a run means for the job: pause, preemption, retries ---------------------------------
 
 RETRYABLE_CODES = frozenset({"signal", "runner_lost", "lost"})
@@ -181,6 +188,7 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         current.outcome = outcome
         current.error_code = end.error_code
         current.error_message = end.error_message
+        current.preempted_for = job.preempt_for if outcome == "preempted" else None
         current.run_dir = run_dir or current.run_dir
         current.last_step = last_step
         fields["attempts"] = attempts

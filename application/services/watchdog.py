@@ -29,7 +29,7 @@ from application.services.exports import ENDED_WITH_SWIFT, export_update, prepar
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.run_end import runner_lost
+from application.services.run_end import host_went_down, runner_lost
 from application.services.run_record import interrupt_of, read_run, record_end
 
 WATCH_INTERVAL = 0.5
@@ -92,13 +92,18 @@ class Watchdog:
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
-        if code is None and interrupt is None and job.runner and self.launcher.outlived(job.runner):
-            # Its host (machine or container) went down with everything on it: not the run's fault. As for a
-            # host that shuts down in order, the job goes back to the queue to resume from its last checkpoint.
-            job = job.model_copy(update={"preempt_for": HOST_RESTART})
-            interrupt = "preempt"
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
+        if code is None and interrupt is None and job.runner and self.launcher.outlived(job.runner):
+            # Its host (machine or container) went down with everything on it: as for a host that shuts down
+            # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
+            # the run itself may be what brings its host down.
+            before = sum(a.preempted_for == HOST_RESTART for a in job.attempts)
+            if before < self.settings.HOST_RESTART_REQUEUES:
+                job = job.model_copy(update={"preempt_for": HOST_RESTART})
+                interrupt = "preempt"
+            else:
+                lost = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs")
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=lost if code is None and interrupt is None else None, now=time.time())  # fmt: skip
@@ -170,14 +175,17 @@ class Watchdog:
         if info.pid and pg.is_alive(info.pid, info.process_start_time):
             await pg.terminate_group(info.pid, self.settings.STOP_GRACE_SECONDS)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
-        if code is None and not job.export_stop_requested and self.launcher.outlived(info.runner):
-            message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
-            await self._write_export(job.job_id, info.export_id, run_again(info),
-                                     ("export_interrupted", message, {"checkpoint": info.checkpoint}))  # fmt: skip
-            return  # the next sweep launches it
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
             f"the export's runner died (pid {info.runner.pid}) before recording its end"  # fmt: skip
+        if code is None and not job.export_stop_requested and self.launcher.outlived(info.runner):
+            if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
+                message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
+                await self._write_export(job.job_id, info.export_id, run_again(info, host_restart=True),
+                                         ("export_interrupted", message, {"checkpoint": info.checkpoint}))  # fmt: skip
+                return  # the next sweep launches it
+            limit = self.settings.HOST_RESTART_REQUEUES
+            error = host_went_down(info.host_restarts + 1, limit, "this export").error_message
         if code == 0:
             status, error = ExportStatus.COMPLETED, None
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
