@@ -1,11 +1,12 @@
 """What an export of a job will run: `swift export --adapters <checkpoint> --merge_lora true [--output_dir ...]`.
 
 Prepared by whoever asks for it (an API worker, or the runner after a successful run) and carried out by a
-runner. Synchronous: it looks at the disk (which checkpoint exists, whether the merged folder does).
+runner. Preparing is synchronous: it looks at the disk (which checkpoint exists, whether the merged folder does).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 from application.config import Settings
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest
-from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
+from application.services.job_store import JobStore, TransitionRefused
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 
@@ -72,6 +74,31 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok, output_dir=output_dir),
         log_file=str(export_log(job)), started_at=time.time(),
     )  # fmt: skip
+
+
+async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
+                             runner: RunnerInfo | None) -> ExportInfo | None:  # fmt: skip
+    """The automatic export of a run that completed, recorded: as run by `runner` (the run's own, which goes
+    on to run it), or, with None, requested (a scheduler launches a runner for it). None when there is none:
+    a full-parameter run has nothing to merge; or an export was asked for meanwhile, and theirs runs."""
+    job = await store.get(job_id)
+    if job is None or job.training.train_type == "full":
+        return None
+    try:
+        info = await asyncio.to_thread(prepare_export, job, settings, auto=True)
+    except Exception as exc:  # a Conflict saying why there is nothing to export; or the disk failing
+        detail = getattr(exc, "detail", str(exc))
+        await store.add_event(job_id, "export_skipped", f"automatic export skipped: {detail}")
+        return None
+    info = info.model_copy(update={"runner": runner})
+    event = ("export_started", f"automatic export of {info.checkpoint} {'started' if runner else 'requested'}",
+             {"checkpoint": info.checkpoint, "auto": True})  # fmt: skip
+    try:
+        await store.update(job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT, exporting=True,
+                           refuse_export=(ExportStatus.RUNNING,), event=event)  # fmt: skip
+    except TransitionRefused:
+        return None
+    return info
 
 
 def run_again(info: ExportInfo, host_restart: bool = False) -> ExportInfo:

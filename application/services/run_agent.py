@@ -41,7 +41,7 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export, run_again
+from application.services.exports import record_auto_export, run_again
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
@@ -238,27 +238,8 @@ class Runner:
             logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self, here: bool) -> None:
-        job = await self.store.get(self.job_id)
-        if job is None or job.training.train_type == "full":
-            return
-        try:
-            info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
-        except Exception as exc:  # a Conflict saying why there is nothing to export
-            detail = getattr(exc, "detail", str(exc))
-            await self.store.add_event(self.job_id, "export_skipped", f"automatic export skipped: {detail}")
-            return
-        if here:
-            info = info.model_copy(update={"runner": self.info})
-        try:
-            await self.store.update(
-                self.job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
-                refuse_export=(ExportStatus.RUNNING,), exporting=True,
-                event=("export_started", f"automatic export of {info.checkpoint} {'started' if here else 'requested'}",
-                       {"checkpoint": info.checkpoint, "auto": True}),
-            )  # fmt: skip
-        except TransitionRefused:
-            return  # someone asked for an export meanwhile: theirs runs
-        if here:
+        info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
+        if here and info is not None:
             await self.export(info.export_id or "", prepared=info)
 
     # ---- export ------------------------------------------------------------------------------------

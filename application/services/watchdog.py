@@ -21,11 +21,10 @@ from typing import Any
 from loguru import logger
 
 from application.config import Settings
-from application.exceptions import Conflict
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import ENDED_WITH_SWIFT, export_update, prepare_export, run_again
+from application.services.exports import record_auto_export, run_again
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -146,17 +145,7 @@ class Watchdog:
 
     async def request_export(self, job_id: str) -> None:
         """The automatic export its dead runner could not run: requested here, launched by the next sweep."""
-        job = await self.store.get(job_id)
-        if job is None or job.training.train_type == "full":
-            return
-        try:
-            info = await asyncio.to_thread(prepare_export, job, self.settings, auto=True)
-            await self.store.update(job_id, export_update(job, info), exporting=True,
-                                    statuses=ENDED_WITH_SWIFT, refuse_export=(ExportStatus.RUNNING,),
-                                    event=("export_started", f"automatic export of {info.checkpoint} requested",
-                                           {"checkpoint": info.checkpoint, "auto": True}))  # fmt: skip
-        except (Conflict, TransitionRefused) as exc:
-            logger.info("job {}: no automatic export ({})", job_id, getattr(exc, "detail", exc))
+        await record_auto_export(self.store, self.settings, job_id, None)
 
     async def _watch_export(self, job: Job) -> None:
         info = job.export
