@@ -45,10 +45,10 @@ def stop_the_scheduler(server: ApiServer) -> None:
 
 
 def older_than_this_host(runner: dict[str, Any]) -> dict[str, Any]:
-    """A runner's record as its host finds it after a restart: started before the host's pid 1 (a test cannot
-    reboot its host, so the record gets the start time such a runner would have)."""
+    """A runner's record as its host finds it after a reboot: of an earlier boot, started before the host's pid 1
+    (a test cannot reboot its host, so the record gets the stamp and start time such a runner would have)."""
     started = psutil.Process(1).create_time() - 30
-    return {**runner, "start_time": started, "launched_at": started}
+    return {**runner, "start_time": started, "launched_at": started, "stamp": "an-earlier-boot/12345"}
 
 
 def resumed_to_the_end(server: ApiServer, name: str, preempted_for: str, exact: bool = True) -> None:

@@ -24,7 +24,7 @@ def operation_id(route: APIRoute) -> str:
 UNITS = {
     "created_at": "Unix seconds", "updated_at": "Unix seconds", "queued_at": "Unix seconds",
     "started_at": "Unix seconds", "finished_at": "Unix seconds", "last_error_at": "Unix seconds",
-    "last_pass_at": "Unix seconds", "process_start_time": "Unix seconds (the process's start, against pid reuse)",
+    "last_pass_at": "Unix seconds", "process_start_time": "Unix seconds (the process's start)",
     "time": "Unix seconds", "since": "Unix seconds", "taken_at": "Unix seconds", "starts_at": "Unix seconds",
     "duration_seconds": "seconds", "waited_seconds": "seconds", "remaining_seconds": "seconds",
     "seconds": "seconds", "time_limit_seconds": "seconds", "poll_interval_seconds": "seconds",

@@ -136,7 +136,8 @@ class RunnerInfo(BaseModel):
 
     host: str
     pid: int | None = None
-    start_time: float | None = Field(None, description="process start time (Unix seconds), against reused pids")
+    start_time: float | None = Field(None, description="process start time (Unix seconds)")
+    stamp: str | None = Field(None, description="boot id / start tick: the process exactly, against reused pids")
     launched_at: float = Field(..., description="when the scheduler launched it (Unix seconds)")
     ready_at: float | None = Field(None, description="when the runner had started and read its job (Unix seconds)")
 
@@ -155,6 +156,7 @@ class ExportInfo(BaseModel):
     error: str | None = None
     pid: int | None = None
     process_start_time: float | None = None
+    process_stamp: str | None = None
     command: list[str] | None = None
     log_file: str | None = None
     exit_code: int | None = None
@@ -197,6 +199,7 @@ class Job(BaseModel):
     finished_at: float | None = None
     pid: int | None = Field(None, description="swift's launcher; it leads the process group of the run")
     process_start_time: float | None = None
+    process_stamp: str | None = Field(None, description="boot id / start tick of `pid`, against reused pids")
     runner: RunnerInfo | None = Field(None, description="the runner process that owns the current run")
     scheduled_by: str | None = Field(None, description="the scheduler that started the current run")
     command: list[str] | None = None

@@ -108,7 +108,8 @@ def run_again(info: ExportInfo, host_restart: bool = False) -> ExportInfo:
     command = list(info.command or [])
     if "--exist_ok" not in command:
         command += ["--exist_ok", "true"]
-    return info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "command": command,
+    return info.model_copy(update={"runner": None, "pid": None, "process_start_time": None, "process_stamp": None,
+                                   "command": command,
                                    "host_restarts": info.host_restarts + host_restart})  # fmt: skip
 
 

@@ -60,6 +60,7 @@ class LocalLauncher:
         self.host = socket.gethostname()
         # This host's own start: its init, which in a container starts with the container (boot time does not).
         self.host_started = pg.process_start_time(1)
+        self.host_stamp = pg.process_stamp(1)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
@@ -73,7 +74,7 @@ class LocalLauncher:
         proc = pg.spawn(argv, self.env, log_dir.parent, log_dir / f"{job_id}.runner.log")
         self.children[proc.pid] = proc
         return RunnerInfo(host=self.host, pid=proc.pid, start_time=pg.process_start_time(proc.pid),
-                          launched_at=time.time())  # fmt: skip
+                          stamp=pg.process_stamp(proc.pid), launched_at=time.time())  # fmt: skip
 
     def exit_status(self, runner: RunnerInfo) -> int | None:
         proc = self.children.get(runner.pid or -1)
@@ -85,7 +86,7 @@ class LocalLauncher:
         proc = self.children.get(runner.pid or -1)
         if proc is not None:
             return proc.poll() is None
-        return pg.is_alive(runner.pid, runner.start_time)
+        return pg.is_alive(runner.pid, runner.start_time, runner.stamp)
 
     def forget(self, runner: RunnerInfo) -> None:
         proc = self.children.get(runner.pid or -1)
@@ -102,10 +103,16 @@ class LocalLauncher:
         return True
 
     def outlived(self, runner: RunnerInfo) -> bool:
-        # Both start times are measured the same way on the same host, so their order is exact.
-        if runner.host != self.host or runner.start_time is None or self.host_started is None:
+        if runner.host != self.host:
             return False
-        return runner.start_time < self.host_started
+        if runner.stamp and self.host_stamp:
+            # Another boot of this host (a reboot), or this boot's runner older than this init (a container
+            # started again): exact, whatever the clock did meanwhile.
+            before = pg.started_before(runner.stamp, self.host_stamp)
+            return True if before is None else before
+        # A record older than stamps: start times, right unless the clock was stepped in between.
+        return runner.start_time is not None and self.host_started is not None and \
+            runner.start_time < self.host_started  # fmt: skip
 
     def reap(self) -> None:
         """Collect the exit status of runners that ended (nobody may be asking about them any more)."""

@@ -10,6 +10,7 @@ start time, so a reused pid is never signalled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -24,20 +25,54 @@ START_TIME_TOLERANCE = 0.5
 
 
 def process_start_time(pid: int) -> float | None:
+    """When the process started, in Unix seconds: for people. Its stamp (below) is what tells it apart."""
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 
 
-def is_alive(pid: int | None, start_time: float | None) -> bool:
-    """True when `pid` is the same process we started (a reused pid has another start time)."""
+@functools.cache
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_stamp(pid: int) -> str | None:
+    """Which process `pid` is, exactly: this boot's id and the clock tick the process started at. A start time
+    in Unix seconds moves with the clock (the kernel's boot time moves when NTP or a person steps the clock),
+    so a live process could look like another one; ticks since boot never change, and a boot id never repeats."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, counted after the (comm) field
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{boot_id()}/{ticks}"
+
+
+def started_before(stamp: str, other: str) -> bool | None:
+    """Whether the process of `stamp` started before the one of `other`; None when they are of different boots
+    (then the other boot's are all older or all newer, and which came first is not in the stamps)."""
+    boot, _, ticks = stamp.rpartition("/")
+    other_boot, _, other_ticks = other.rpartition("/")
+    if boot != other_boot or not ticks.isdigit() or not other_ticks.isdigit():
+        return None
+    return int(ticks) < int(other_ticks)
+
+
+def is_alive(pid: int | None, start_time: float | None, stamp: str | None = None) -> bool:
+    """True when `pid` is the same process we started (a reused pid has another stamp). Without a stamp (a record
+    older than stamps), its start time must match, which a step of the clock since can defeat."""
     if not pid:
         return False
     try:
         p = psutil.Process(pid)
         if p.status() == psutil.STATUS_ZOMBIE:
             return False
+        if stamp is not None:
+            return process_stamp(pid) == stamp
         return start_time is None or abs(p.create_time() - start_time) < START_TIME_TOLERANCE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False

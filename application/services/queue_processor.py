@@ -249,7 +249,7 @@ class QueueProcessor:
             fields={
                 "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
                 "swift_version": version.version, "log_file": str(log_file),
-                "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None,
+                "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None, "process_stamp": None,
                 "process_start_time": None, "exit_code": None, "error_message": None, "error_code": None,
                 "progress": progress, "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
                 "attempts": [*job.attempts, attempt], "resume_from": resume, "pause_requested": False,

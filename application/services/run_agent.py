@@ -63,8 +63,9 @@ HOST_SHUTDOWN = "the shutdown of its host"
 
 
 def me() -> RunnerInfo:
-    return RunnerInfo(host=socket.gethostname(), pid=os.getpid(), start_time=pg.process_start_time(os.getpid()),
-                      launched_at=time.time())  # fmt: skip
+    pid = os.getpid()
+    return RunnerInfo(host=socket.gethostname(), pid=pid, start_time=pg.process_start_time(pid),
+                      stamp=pg.process_stamp(pid), launched_at=time.time())  # fmt: skip
 
 
 def swift_env(gpu_env: dict[str, str] | None) -> dict[str, str]:
@@ -147,7 +148,7 @@ class Runner:
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
         start_time = pg.process_start_time(proc.pid) or time.time()
         where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
-        outbox.set(pid=proc.pid, process_start_time=start_time)
+        outbox.set(pid=proc.pid, process_start_time=start_time, process_stamp=pg.process_stamp(proc.pid))
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
                      {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
         parser = SwiftLogParser(started_at=start_time)
@@ -263,7 +264,8 @@ class Runner:
                                              "finished_at": time.time()})  # fmt: skip
             await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
             return 1
-        info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid)})
+        info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid),
+                                       "process_stamp": pg.process_stamp(proc.pid)})  # fmt: skip
         await self._write_export(info, None)
         stopping: asyncio.Task[str] | None = None
         asked = False  # to stop by its user (or the export is no longer this one): not by the host's shutdown

@@ -1,0 +1,54 @@
+"""Whether a runner that is gone died with its host (LocalLauncher.outlived), from real process stamps."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from application.models.training_model import RunnerInfo
+from application.services import process_group as pg
+from application.services.launcher import LocalLauncher
+
+
+def runner(stamp: str | None, start_time: float | None = None, host: str | None = None) -> RunnerInfo:
+    return RunnerInfo(host=host or socket.gethostname(), pid=424242, start_time=start_time, stamp=stamp,
+                      launched_at=time.time())  # fmt: skip
+
+
+def test_a_runner_of_this_boot_started_after_init_did_not_outlive_its_host() -> None:
+    launcher = LocalLauncher({})
+    me = pg.process_stamp(os.getpid())
+    assert not launcher.outlived(runner(me, pg.process_start_time(os.getpid())))
+    # Even when the clock has been stepped back since the record, so that its start time reads as older.
+    assert not launcher.outlived(runner(me, time.time() - 10 * 365 * 86400))
+
+
+def test_a_runner_of_an_earlier_boot_of_this_host_outlived_it() -> None:
+    launcher = LocalLauncher({})
+    assert launcher.outlived(runner("an-earlier-boot/123456", time.time()))
+
+
+def test_a_runner_older_than_this_hosts_init_outlived_it() -> None:
+    launcher = LocalLauncher({})
+    init = pg.process_stamp(1)
+    assert init is not None
+    ticks = int(init.rpartition("/")[2])
+    if ticks == 0:
+        pytest.skip("this init started at its boot's first tick: nothing of this boot is older")
+    assert launcher.outlived(runner(f"{pg.boot_id()}/{ticks - 1}"))
+
+
+def test_a_runner_of_another_host_is_not_for_this_launcher_to_judge() -> None:
+    launcher = LocalLauncher({})
+    assert not launcher.outlived(runner("an-earlier-boot/1", 0.0, host="another-host"))
+
+
+def test_a_record_without_a_stamp_falls_back_to_start_times() -> None:
+    launcher = LocalLauncher({})
+    host_started = pg.process_start_time(1)
+    assert host_started is not None
+    assert launcher.outlived(runner(None, host_started - 30))
+    assert not launcher.outlived(runner(None, time.time()))
