@@ -243,27 +243,31 @@ def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_
     r.close()
 
 
-def goes_down_whole(server: ApiServer, job: dict[str, Any], redis_url: str) -> None:
-    """The host goes down with everything on it at once (power, OOM-kill of its container): nobody records a
-    thing. It comes back with the job's runner record older than itself, as after a real restart."""
+def goes_down_whole(server: ApiServer, job: dict[str, Any], redis_url: str, swift_seen_killed: bool = False) -> None:
+    """The host goes down with everything on it at once (power, its container killed): nobody records a thing,
+    or (`swift_seen_killed`) only the runner, that swift was killed, before it is killed too. It comes back with
+    the job's runner record older than itself, as after a real restart."""
     server.kill_all()
     for group in (job["runner"]["pid"], job["pid"]):
         os.killpg(group, signal.SIGKILL)
     wait_for(lambda: group_members(job["runner"]["pid"]) == [] and group_members(job["pid"]) == [],
              what="the host's processes to be gone")  # fmt: skip
+    if swift_seen_killed:
+        Path(job["log_file"]).with_suffix(".exit.json").write_text(json.dumps({"exit_code": -9}))
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     assert stored(r, server.prefix, job["job_id"])["status"] == "running"
     r.hset(f"{server.prefix}:job:{job['job_id']}", "runner", json.dumps(older_than_this_host(job["runner"])))
     r.close()
 
 
+@pytest.mark.parametrize("swift_seen_killed", [False, True], ids=["nothing-recorded", "swift-seen-killed"])
 def test_the_runs_of_a_host_that_went_down_whole_go_back_to_the_queue_to_resume(
-    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str, swift_seen_killed: bool
 ) -> None:
     first = server_factory()
     job = running(first, workspace, "h", min_step=12, step_seconds=0.1,
                   training={"max_steps": 60, "save_steps": 5, "logging_steps": 1})  # fmt: skip
-    goes_down_whole(first, job, redis_url)
+    goes_down_whole(first, job, redis_url, swift_seen_killed)
     resumed_to_the_end(server_factory(prefix=first.prefix, workdir=tmp_path), "h", "restart of its host", exact=False)
 
 

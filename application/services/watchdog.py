@@ -12,6 +12,7 @@ A scheduler stopping where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from application.services.exports import record_auto_export, run_again
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.run_end import host_went_down, runner_lost
+from application.services.run_end import exit_signal, host_went_down, runner_lost
 from application.services.run_record import interrupt_of, read_run, record_end
 
 WATCH_INTERVAL = 0.5
@@ -39,6 +40,12 @@ RETENTION_EVERY = 60.0
 RECORD_GRACE = 10.0
 # What the runs of a host that started again since their runners did were preempted for.
 HOST_RESTART = "the restart of its host"
+
+
+def killed_with_its_host(code: int | None) -> bool:
+    """An exit status that fits a host going down with everything on it: none (the runner died first), or swift
+    killed by SIGKILL (the runner saw that and wrote it down before it was killed too)."""
+    return code is None or exit_signal(code) == signal.SIGKILL
 
 
 class Watchdog:
@@ -93,7 +100,7 @@ class Watchdog:
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
-        if code is None and interrupt is None and job.runner and self.launcher.outlived(job.runner):
+        if interrupt is None and killed_with_its_host(code) and job.runner and self.launcher.outlived(job.runner):
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
             # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
             # the run itself may be what brings its host down.
@@ -103,6 +110,7 @@ class Watchdog:
                 interrupt = "preempt"
             else:
                 lost = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs")
+                code = None
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=lost if code is None and interrupt is None else None, now=time.time())  # fmt: skip
@@ -167,7 +175,7 @@ class Watchdog:
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
             f"the export's runner died (pid {info.runner.pid}) before recording its end"  # fmt: skip
-        if code is None and not job.export_stop_requested and self.launcher.outlived(info.runner):
+        if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(info.runner):
             if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
                 message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
                 await self._write_export(job.job_id, info.export_id, run_again(info, host_restart=True),
@@ -175,6 +183,7 @@ class Watchdog:
                 return  # the next sweep launches it
             limit = self.settings.HOST_RESTART_REQUEUES
             error = host_went_down(info.host_restarts + 1, limit, "this export").error_message
+            code = None
         if code == 0:
             status, error = ExportStatus.COMPLETED, None
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
