@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from application.models.job_request import TrainingParams
+from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
+from application.services.exports import EXPORTS_KEPT, export_log
 from tests.conftest import ApiServer, job_body, wait_for
 
 
@@ -103,3 +106,20 @@ def test_without_a_gpu_a_quantized_export_is_refused(server_factory: Callable[..
     server.wait_status("cpu", "completed")
     r = server.http.post("/jobs/cpu/export", json={"quant_bits": 8, "quant_method": "bnb"})
     assert r.status_code == 422 and "this server has none" in r.json()["detail"]
+
+
+def test_an_export_past_the_kept_records_gets_a_log_of_its_own(tmp_path: Path) -> None:
+    # A job's record keeps its last EXPORTS_KEPT exports; the logs of all of them are on disk.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    kept = [ExportInfo(status=ExportStatus.COMPLETED, log_file=str(logs / f"j.export-{n}.log")) for n in range(2, 52)]
+    for info in kept:
+        Path(info.log_file or "").write_text("an earlier export's output\n")
+    (logs / "j.export.log").write_text("the first export's output\n")
+    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, data_path="d", model_path="m", num_gpus=0,
+              output_dir=str(tmp_path), output_dir_requested="j",
+              training=TrainingParams(), created_at=0, updated_at=0, exports=kept[-EXPORTS_KEPT:],
+              export=ExportInfo(status=ExportStatus.COMPLETED, log_file=str(logs / "j.export-52.log")))  # fmt: skip
+    (logs / "j.export-52.log").write_text("the last export's output\n")
+    path = export_log(job)
+    assert not path.exists() and path.parent == logs and path.name.startswith("j.export-")

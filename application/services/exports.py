@@ -24,11 +24,13 @@ ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, Jo
 
 
 def export_log(job: Job) -> Path:
-    # One log per export: the logs of earlier exports stay readable next to their records.
+    """A new log per export: the logs of earlier exports stay readable next to their records. Past EXPORTS_KEPT
+    the records no longer count them all, so the disk says which names are taken."""
     n = len(job.exports) + (job.export.status != ExportStatus.NONE)
-    return (
-        Path(job.output_dir) / "logs" / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")
-    )
+    logs = Path(job.output_dir) / "logs"
+    while (path := logs / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")).exists():
+        n += 1
+    return path
 
 
 # Older exports kept in the job's record (each holds its command and paths: a few hundred bytes).
