@@ -4,7 +4,7 @@ A swift run starts in its own session (so it leads its own process group) with a
 stdout+stderr to its log file. Stopping is SIGTERM to the whole group, a grace period, then SIGKILL: swift
 is a launcher whose trainer is a child (and torchrun's workers grandchildren), so signalling one pid would
 leave the trainer running. `ProcessLookupError` means already gone. A pid is only trusted together with its
-start time, so a reused pid is never signalled.
+stamp (boot id and start tick), so a reused pid is never signalled.
 """
 
 from __future__ import annotations
