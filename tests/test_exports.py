@@ -121,5 +121,7 @@ def test_an_export_past_the_kept_records_gets_a_log_of_its_own(tmp_path: Path) -
               training=TrainingParams(), created_at=0, updated_at=0, exports=kept[-EXPORTS_KEPT:],
               export=ExportInfo(status=ExportStatus.COMPLETED, log_file=str(logs / "j.export-52.log")))  # fmt: skip
     (logs / "j.export-52.log").write_text("the last export's output\n")
-    path = export_log(job)
-    assert not path.exists() and path.parent == logs and path.name.startswith("j.export-")
+    assert export_log(job) == logs / "j.export-53.log"
+    # A kept export whose runner never started has a record and no log yet: its name is taken too.
+    job.exports[-1] = job.exports[-1].model_copy(update={"log_file": str(logs / "j.export-53.log")})
+    assert export_log(job) == logs / "j.export-54.log"

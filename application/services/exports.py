@@ -25,12 +25,15 @@ ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, Jo
 
 def export_log(job: Job) -> Path:
     """A new log per export: the logs of earlier exports stay readable next to their records. Past EXPORTS_KEPT
-    the records no longer count them all, so the disk says which names are taken."""
+    the records no longer count them all, so the names they hold and those on disk are skipped."""
     n = len(job.exports) + (job.export.status != ExportStatus.NONE)
     logs = Path(job.output_dir) / "logs"
-    while (path := logs / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")).exists():
+    taken = {e.log_file for e in (*job.exports, job.export) if e.log_file}
+    while True:
+        path = logs / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")
+        if str(path) not in taken and not path.exists():
+            return path
         n += 1
-    return path
 
 
 # Older exports kept in the job's record (each holds its command and paths: a few hundred bytes).

@@ -3,7 +3,8 @@
 `LocalLauncher` starts `python -m application.runner` on this host, detached in its own session, with an
 explicit environment, its output in `<output_dir>/logs/<job_id>.runner.log`. The scheduler is its parent
 while it lives, so it learns a runner's exit status (and the signal that killed it) at once; a runner
-outlives the scheduler (it is re-parented to init) and is then watched by pid, start time and heartbeat.
+outlives the scheduler (it is re-parented to init) and is then watched by its pid and stamp (boot id, start
+tick) or, from another host, by its heartbeat.
 Where it cannot (a container ends with its main process), a stopping scheduler `terminate`s it first.
 """
 
@@ -105,11 +106,11 @@ class LocalLauncher:
     def outlived(self, runner: RunnerInfo) -> bool:
         if runner.host != self.host:
             return False
-        if runner.stamp and self.host_stamp:
+        if runner.stamp and pg.stamp_boot(runner.stamp) and self.host_stamp:
             # Another boot of this host (a reboot), or this boot's runner older than this init (a container
             # started again): exact, whatever the clock did meanwhile.
-            before = pg.started_before(runner.stamp, self.host_stamp)
-            return True if before is None else before
+            rebooted = pg.stamp_boot(runner.stamp) != pg.stamp_boot(self.host_stamp)
+            return rebooted or bool(pg.started_before(runner.stamp, self.host_stamp))
         # A record older than stamps: start times, right unless the clock was stepped in between.
         return runner.start_time is not None and self.host_started is not None and \
             runner.start_time < self.host_started  # fmt: skip

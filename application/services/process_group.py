@@ -44,22 +44,30 @@ def process_stamp(pid: int) -> str | None:
     """Which process `pid` is, exactly: this boot's id and the clock tick the process started at. A start time
     in Unix seconds moves with the clock (the kernel's boot time moves when NTP or a person steps the clock),
     so a live process could look like another one; ticks since boot never change, and a boot id never repeats."""
+    boot = boot_id()
+    if not boot:  # without it, ticks of two boots would compare as if of one
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
         ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, counted after the (comm) field
     except (OSError, ValueError, IndexError):
         return None
-    return f"{boot_id()}/{ticks}"
+    return f"{boot}/{ticks}"
+
+
+def stamp_boot(stamp: str) -> str | None:
+    """The boot a stamp is of; None when it is not a stamp."""
+    boot, _, ticks = stamp.rpartition("/")
+    return boot if boot and ticks.isdigit() else None
 
 
 def started_before(stamp: str, other: str) -> bool | None:
     """Whether the process of `stamp` started before the one of `other`; None when they are of different boots
-    (then the other boot's are all older or all newer, and which came first is not in the stamps)."""
-    boot, _, ticks = stamp.rpartition("/")
-    other_boot, _, other_ticks = other.rpartition("/")
-    if boot != other_boot or not ticks.isdigit() or not other_ticks.isdigit():
+    (the other boot's are all older or all newer; which came first is not in the stamps) or not stamps."""
+    boot, other_boot = stamp_boot(stamp), stamp_boot(other)
+    if boot is None or boot != other_boot:
         return None
-    return int(ticks) < int(other_ticks)
+    return int(stamp.rpartition("/")[2]) < int(other.rpartition("/")[2])
 
 
 def is_alive(pid: int | None, start_time: float | None, stamp: str | None = None) -> bool:

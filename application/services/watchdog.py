@@ -4,9 +4,10 @@ Every WATCH_INTERVAL it looks at each running job's runner: dead (its exit statu
 pid gone or reused on this host, its heartbeat expired on another), the scheduler stops what is left of the
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
 next to the log when there is one, or as `failed` naming what killed the runner; a runner older than its host
-(rebooted, or a container started again) died with it, and its job goes back to the queue to resume. The same
-for exports; export requests (an API worker asked) get their runner launched here. Expired job records are removed.
-A scheduler stopping where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it first.
+(rebooted, or a container started again) died with it, with swift (killed, or no status written), and its job
+goes back to the queue to resume, up to HOST_RESTART_REQUEUES times. The same for exports; export requests
+(an API worker asked) get their runner launched here. Expired job records are removed. A scheduler stopping
+where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it first.
 """
 
 from __future__ import annotations
@@ -100,20 +101,23 @@ class Watchdog:
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
+        at_cap = False
         if interrupt is None and killed_with_its_host(code) and job.runner and self.launcher.outlived(job.runner):
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
             # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
-            # the run itself may be what brings its host down.
+            # the run itself may be what brings its host down. (Attempts recorded before `preempted_for`
+            # existed do not count.)
             before = sum(a.preempted_for == HOST_RESTART for a in job.attempts)
             if before < self.settings.HOST_RESTART_REQUEUES:
                 job = job.model_copy(update={"preempt_for": HOST_RESTART})
                 interrupt = "preempt"
             else:
-                lost = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs")
-                code = None
+                lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs"), True
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
+        # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
+        unexplained = code is None or (at_cap and not facts.finished)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
-                         override=lost if code is None and interrupt is None else None, now=time.time())  # fmt: skip
+                         override=lost if unexplained and interrupt is None else None, now=time.time())  # fmt: skip
         try:
             await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
                                         fence=self.fence(), fields=end.fields, message=end.message)  # fmt: skip
