@@ -265,7 +265,8 @@ def test_processor_stop_keeps_queued_jobs_waiting_manual_pass_and_restart(server
 
     a = hold(server, workspace, "a")
     create(server, workspace, "b", auto_start=True, step_seconds=0.05, training={"max_steps": 1000})
-    assert create(server, workspace, "c")["status"] == "queued"
+    # c keeps its GPU until stopped below: a run that ended by itself would free it for d on a slow machine.
+    assert create(server, workspace, "c", hang_after_steps=1)["status"] == "queued"
     stop(server, "a")
     assert {g["index"]: g["job_id"] for g in server.http.get("/gpus").json()["gpus"]}[a["gpu_ids"][0]] is None
     step = wait_for(lambda: server.job("b")["progress"]["current_step"], what="b's progress")
