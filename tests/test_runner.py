@@ -370,6 +370,29 @@ def test_an_export_of_a_host_that_went_down_whole_runs_again(
     r.close()
 
 
+def test_an_export_leaves_swifts_status_next_to_its_log_and_a_scheduler_records_it_when_the_runner_cannot(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    wrapper, gate = gated_swift(tmp_path)
+    gate.touch()
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**job_body(workspace, "e", auto_start=True, training={"max_steps": 2}))
+    done = wait_for(lambda: (j := server.job("e"))["export"]["status"] == "completed" and j, timeout=60,
+                    what="the automatic export")  # fmt: skip
+    assert json.loads(Path(done["export"]["log_file"]).with_suffix(".exit.json").read_text())["exit_code"] == 0
+
+    # A second export, whose runner dies once swift has succeeded and written that down, before its own record.
+    gate.unlink()
+    assert server.http.post("/jobs/e/export", json={"output_name": "again"}).status_code == 200
+    export = wait_for(lambda: (j := server.job("e"))["export"]["pid"] and j, what="the export's swift")["export"]
+    Path(export["log_file"]).with_suffix(".exit.json").write_text(json.dumps({"exit_code": 0}))
+    os.kill(export["runner"]["pid"], signal.SIGKILL)
+    os.killpg(export["pid"], signal.SIGKILL)
+    done = wait_for(lambda: (j := server.job("e"))["export"]["status"] != "running" and j, what="the export's end")
+    assert done["export"]["status"] == "completed" and done["export"]["exit_code"] == 0, done["export"]
+    assert done["export"]["path"] == export["output_dir"] and done["export"]["path"].endswith("exports/again")
+
+
 def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

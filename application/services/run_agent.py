@@ -257,7 +257,11 @@ class Runner:
         assert info.command and info.log_file
         log_file = Path(info.log_file)
         job_dir = log_file.parent.parent
+        # As for a run: swift's status is on disk before anything else, so that a scheduler can record the
+        # export's end if this runner dies before it does.
+        exit_file = log_file.with_suffix(".exit.json")
         try:
+            exit_file.unlink(missing_ok=True)
             proc = pg.Child(pg.spawn(info.command, swift_env(None), job_dir, log_file, fresh=True))
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
@@ -281,6 +285,7 @@ class Runner:
             await stopping
         pg.kill_leftovers(proc.pid)
         code = _returncode(proc)
+        pg.write_exit_file(exit_file, code)
         parser = SwiftLogParser()
         data, _ = await asyncio.to_thread(read_from, log_file, 0, 16 * 1024 * 1024)
         parser.feed(data)

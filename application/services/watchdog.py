@@ -188,10 +188,12 @@ class Watchdog:
             limit = self.settings.HOST_RESTART_REQUEUES
             error = host_went_down(info.host_restarts + 1, limit, "this export").error_message
             code = None
-        if code == 0:
+        update: dict[str, Any] = {}
+        if code == 0:  # its runner died after swift's success, before it recorded it
             status, error = ExportStatus.COMPLETED, None
+            update["path"] = info.output_dir or f"{info.checkpoint}-merged"
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
-                                        "exit_code": code})  # fmt: skip
+                                        "exit_code": code, **update})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
                                  done=True)  # fmt: skip
         await self.store.notify(job.job_id, f"export_{status.value}")
