@@ -292,7 +292,8 @@ def gated_swift(tmp_path: Path) -> tuple[Path, Path]:
     wrapper = tmp_path / "gated-swift"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1" = export ]; then while [ ! -e "{gate}" ]; do sleep 0.02; done; fi\n'
+        f'if [ "$1" = export ]; then echo "gated-swift: waiting for the gate"; '
+        f'while [ ! -e "{gate}" ]; do sleep 0.02; done; fi\n'
         f'exec "{FAKE_SWIFT}" "$@"\n'
     )
     wrapper.chmod(0o755)

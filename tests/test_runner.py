@@ -419,6 +419,10 @@ def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_sch
     assert (Path(done["export"]["path"]) / "model.safetensors").is_file()
     types = [e["type"] for e in second.http.get("/jobs/m/events").json()["events"]]
     assert [t for t in types if t.startswith("export_")] == ["export_started", "export_interrupted", "export_completed"]
+    # The log keeps the output of the run cut short, above a line saying so, then the second run's.
+    log = Path(done["export"]["log_file"]).read_text()
+    assert log.index("gated-swift: waiting") < log.index("runs again from the start") < log.rindex("gated-swift")
+    assert log.count("runs again from the start") == 1
     r.close()
 
 

@@ -68,6 +68,23 @@ def me() -> RunnerInfo:
                       stamp=pg.process_stamp(pid), launched_at=time.time())  # fmt: skip
 
 
+RERUN_MARK = b"---- swift-api: this export runs again from the start; above is the output of its run cut short ----\n"
+
+
+def _rerun_mark(log_file: Path) -> int:
+    """Where this run's output will start in the export's log. Each export has a log of its own, so one already
+    there is the output of a run its host cut short: it stays, above a line that says so."""
+    try:
+        size = log_file.stat().st_size
+    except FileNotFoundError:
+        return 0
+    with open(log_file, "ab+") as fh:  # appends, whatever is read before
+        fh.seek(max(0, size - 1))
+        ends_a_line = size == 0 or fh.read(1) == b"\n"
+        fh.write(RERUN_MARK if ends_a_line else b"\n" + RERUN_MARK)
+        return fh.tell()
+
+
 def swift_env(gpu_env: dict[str, str] | None) -> dict[str, str]:
     """The runner's own environment (explicit, from the launcher) with the run's GPU variables; none given
     means no GPU (an export merges on the CPU: the training GPUs already went back to the queue)."""
@@ -262,7 +279,8 @@ class Runner:
         exit_file = log_file.with_suffix(".exit.json")
         try:
             exit_file.unlink(missing_ok=True)
-            proc = pg.Child(pg.spawn(info.command, swift_env(None), job_dir, log_file, fresh=True))
+            start = _rerun_mark(log_file)
+            proc = pg.Child(pg.spawn(info.command, swift_env(None), job_dir, log_file))
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
                                              "finished_at": time.time()})  # fmt: skip
@@ -287,7 +305,7 @@ class Runner:
         code = _returncode(proc)
         pg.write_exit_file(exit_file, code)
         parser = SwiftLogParser()
-        data, _ = await asyncio.to_thread(read_from, log_file, 0, 16 * 1024 * 1024)
+        data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
         parser.feed(data)
         parser.flush()
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
