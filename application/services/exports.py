@@ -106,6 +106,11 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
     return info
 
 
+def merged_path(info: ExportInfo) -> str:
+    """Where swift export writes the merged model: the folder the export named, else swift's default."""
+    return info.output_dir or f"{info.checkpoint}-merged"
+
+
 def run_again(info: ExportInfo, host_restart: bool = False) -> ExportInfo:
     """An export cut short by its host shutting down (or, `host_restart`, going down with it), requested again
     as its user asked for it: the next scheduler to lead runs it from the start (swift export does not resume),

@@ -41,7 +41,7 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import record_auto_export, run_again
+from application.services.exports import merged_path, record_auto_export, run_again
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
@@ -309,7 +309,7 @@ class Runner:
         parser.feed(data)
         parser.flush()
         tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        merged = parser.merged_path or info.output_dir or f"{info.checkpoint}-merged"
+        merged = parser.merged_path or merged_path(info)
         update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
         event: tuple[str, str, dict[str, Any]]
         if code == 0:

@@ -26,7 +26,7 @@ from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import record_auto_export, run_again
+from application.services.exports import merged_path, record_auto_export, run_again
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -131,7 +131,8 @@ class Watchdog:
             if job.runner is not None:
                 self.launcher.forget(job.runner)
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
-            await self.request_export(job.job_id)
+            # The automatic export its dead runner could not run: requested here, launched by the next sweep.
+            await record_auto_export(self.store, self.settings, job.job_id, None)
 
     async def stop_local_runs(self) -> list[str]:
         """End the runs and exports whose runners live on this host, for a scheduler stopping where they cannot
@@ -154,10 +155,6 @@ class Watchdog:
         if left:
             logger.warning("runner(s) of {} still running after the grace: they end with this host", ", ".join(left))
         return list(stopping)
-
-    async def request_export(self, job_id: str) -> None:
-        """The automatic export its dead runner could not run: requested here, launched by the next sweep."""
-        await record_auto_export(self.store, self.settings, job_id, None)
 
     async def _watch_export(self, job: Job) -> None:
         info = job.export
@@ -191,7 +188,7 @@ class Watchdog:
         update: dict[str, Any] = {}
         if code == 0:  # its runner died after swift's success, before it recorded it
             status, error = ExportStatus.COMPLETED, None
-            update["path"] = info.output_dir or f"{info.checkpoint}-merged"
+            update["path"] = merged_path(info)
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
                                         "exit_code": code, **update})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
