@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +56,38 @@ def test_which_process_started_first(sleeper: subprocess.Popen[bytes]) -> None:
     assert pg.started_before("another-boot/1", child) is None
     assert pg.started_before("1700000000.5", child) is None and pg.started_before("/5", child) is None
     assert pg.stamp_boot(child) == pg.boot_id() and pg.stamp_boot("garbage") is None
+
+
+def test_a_run_group_is_alive_while_a_member_outlives_its_leader(tmp_path: Path) -> None:
+    # A leader (in its own session, as runs start) that leaves a child behind in its group and exits.
+    pid_file = tmp_path / "child.pid"
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen([sys.executable, "
+                               "'-c', 'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid))",
+                               str(pid_file)], start_new_session=True)  # fmt: skip
+    stamp, started = pg.process_stamp(leader.pid), pg.process_start_time(leader.pid)
+    try:
+        assert leader.wait(30) == 0 and pid_file.read_text()
+        assert not pg.is_alive(leader.pid, started, stamp)  # the leader is gone (reaped) ...
+        assert pg.run_group_alive(leader.pid, started, stamp)  # ... its child is not
+        os.killpg(leader.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pg.group_members(leader.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not pg.run_group_alive(leader.pid, started, stamp)
+        assert not pg.run_group_alive(None, None) and not pg.run_group_alive(1, None)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+
+
+def test_a_pid_that_another_process_has_now_is_not_the_runs_group() -> None:
+    # A process that got the pid of a run's leader after the run's group had ended, and leads a group of its own.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert pg.group_members(other.pid) == [other.pid]
+        assert not pg.run_group_alive(other.pid, None, f"{pg.boot_id()}/1")
+        assert pg.run_group_alive(other.pid, None, pg.process_stamp(other.pid))
+    finally:
+        other.kill()
+        other.wait()

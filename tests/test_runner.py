@@ -224,6 +224,27 @@ def test_a_pause_whose_runner_died_is_recorded_paused_by_the_scheduler(
     assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
 
 
+def test_what_is_left_of_a_run_whose_runner_and_launcher_died_is_killed_before_its_gpus_are_freed(
+    server: ApiServer, workspace: Path
+) -> None:
+    # The trainer outlives its launcher (the group's leader) and its runner: as when the runner dies in the
+    # grace of a stop that the launcher obeyed and the trainer ignored.
+    job = running(server, workspace, "stray", min_step=2, step_seconds=0.1, ignore_sigterm=True,
+                  training={"max_steps": 400, "logging_steps": 1})  # fmt: skip
+    trainers = [p for p in group_members(job["pid"]) if p != job["pid"]]
+    assert trainers, "the fake swift runs its trainer as a child in its group"
+    try:
+        os.kill(job["runner"]["pid"], signal.SIGKILL)
+        os.kill(job["pid"], signal.SIGKILL)
+        ended = server.wait_status("stray", "failed", "queued", "pending", timeout=30)
+        assert ended["status"] != "running"
+        assert group_members(job["pid"]) == [], "the trainer still runs, on GPUs the job no longer holds"
+        assert all(g["job_id"] != "stray" for g in server.http.get("/gpus").json()["gpus"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job["pid"], signal.SIGKILL)
+
+
 def test_a_scheduler_that_takes_its_runs_with_it_sends_them_back_to_resume_from_their_checkpoints(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

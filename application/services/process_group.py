@@ -75,15 +75,34 @@ def is_alive(pid: int | None, start_time: float | None, stamp: str | None = None
     older than stamps), its start time must match, which a step of the clock since can defeat."""
     if not pid:
         return False
+    return _is_ours(pid, start_time, stamp, zombie=False)
+
+
+def _is_ours(pid: int, start_time: float | None, stamp: str | None, *, zombie: bool) -> bool:
     try:
         p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
+        if not zombie and p.status() == psutil.STATUS_ZOMBIE:
             return False
         if stamp is not None:
             return process_stamp(pid) == stamp
         return start_time is None or abs(p.create_time() - start_time) < START_TIME_TOLERANCE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def run_group_alive(pgid: int | None, start_time: float | None, stamp: str | None = None) -> bool:
+    """Is anything left of the run whose process group `pgid` led (its leader started at `start_time` with
+    `stamp`)? The leader, or members still in its group after the leader exited (a trainer that ignored the
+    SIGTERM its launcher died of). The kernel gives no new process a pid that is still some group's id, so
+    while members are left, `pgid` is the leader's or no one's; another process with that pid means the
+    run's group had ended before. Scans every process: call it in a thread."""
+    if not pgid or pgid <= 1:
+        return False
+    if is_alive(pgid, start_time, stamp):
+        return True
+    if psutil.pid_exists(pgid) and not _is_ours(pgid, start_time, stamp, zombie=True):
+        return False
+    return bool(group_members(pgid))
 
 
 def group_members(pgid: int) -> list[int]:

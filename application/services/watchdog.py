@@ -94,8 +94,10 @@ class Watchdog:
         """Stop what is left of a run whose runner is gone, and record how it ended."""
         returncode = self.launcher.exit_status(job.runner) if job.runner else None
         outcome = "gone"
-        if job.pid and pg.is_alive(job.pid, job.process_start_time, job.process_stamp):
-            outcome = await pg.terminate_group(job.pid, self.settings.STOP_GRACE_SECONDS)
+        # Not the leader alone: a trainer that ignored the SIGTERM its launcher died of must not outlive the
+        # record of the run's end (it would train on GPUs given to the next job).
+        if await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp):
+            outcome = await pg.terminate_group(job.pid or 0, self.settings.STOP_GRACE_SECONDS)
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
@@ -170,8 +172,8 @@ class Watchdog:
             alive = bool(beat and beat.get("id") == info.export_id)
         if alive:
             return
-        if info.pid and pg.is_alive(info.pid, info.process_start_time, info.process_stamp):
-            await pg.terminate_group(info.pid, self.settings.STOP_GRACE_SECONDS)
+        if await asyncio.to_thread(pg.run_group_alive, info.pid, info.process_start_time, info.process_stamp):
+            await pg.terminate_group(info.pid or 0, self.settings.STOP_GRACE_SECONDS)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
