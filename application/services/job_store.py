@@ -30,6 +30,7 @@ from application.models.training_model import (
     PredictedDuration,
 )
 from application.services import lua
+from application.services.folder_owners import FolderIndex
 from application.services.job_codec import (
     QueueMeta,
     decode_job,
@@ -56,6 +57,7 @@ class Refusal(str, Enum):
     PRIORITY_CHANGED = "priority_changed"
     WAITING_CAP = "waiting_cap"
     UPLOAD_GONE = "upload_gone"
+    FOREIGN_FOLDER = "foreign_folder"
 
 
 class TransitionRefused(Exception):
@@ -88,6 +90,7 @@ class JobStore:
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
+        self.folders = FolderIndex(client, keys)
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -98,11 +101,13 @@ class JobStore:
     # ---- jobs -------------------------------------------------------------------------------------------
 
     async def create(self, job: Job, *, message: str, actor: str, max_waiting: int = 0,
-                     uploads: Sequence[str] = ()) -> int | None:  # fmt: skip
+                     uploads: Sequence[str] = (), folder: Mapping[str, Any] | None = None) -> int | None:  # fmt: skip
         """Store a new job, and return its queue position (1 first) when it is queued; raises
         TransitionRefused(EXISTS), (OUTPUT_DIR_BUSY, detail=the holder), (WAITING_CAP, detail=how many) when
-        its owner already has `max_waiting` pending or queued jobs (0: no cap), or (UPLOAD_GONE, detail=the id)
-        when one of the uploaded files it names (`uploads`, their ids) has been deleted meanwhile."""
+        its owner already has `max_waiting` pending or queued jobs (0: no cap), (UPLOAD_GONE, detail=the id)
+        when one of the uploaded files it names (`uploads`, their ids) has been deleted meanwhile, or
+        (FOREIGN_FOLDER) when `folder` (`folder_owners.folder_arg`, with `check`) overlaps another owner's job
+        folder. Its output folder is recorded as its owner's (if no job recorded it before)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
         capped = job.owner if max_waiting else None  # the owner whose cap counts (anonymous callers have none)
@@ -116,8 +121,10 @@ class JobStore:
             "maxlen": self.events_max,
             "cap": max_waiting if capped else None,
             "uploads": list(uploads),
+            "folder": folder or {"owner": job.owner or ""},
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
-                  "output_dirs": k.output_dirs, "queue": k.queue, "queue_meta": k.queue_meta,
+                  "output_dirs": k.output_dirs, "folder_owners": k.folder_owners, "folders": k.folders,
+                  "queue": k.queue, "queue_meta": k.queue_meta,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),
                       "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {}),

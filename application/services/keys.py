@@ -105,6 +105,23 @@ class Keys:
         return self._k("output_dirs")
 
     @property
+    def folder_owners(self) -> str:
+        """Hash job folder -> the owner of the first job that wrote there ("" for none): another owner's job may
+        not use it, nor a folder inside it or around it (`folder_owners.FolderGuard`). Kept after the jobs go:
+        their files stay."""
+        return self._k("folders", "owner")
+
+    @property
+    def folders(self) -> str:
+        """Sorted set of the same folders, all at score 0: the folders inside one are a ZRANGEBYLEX away."""
+        return self._k("folders")
+
+    @property
+    def folders_indexed(self) -> str:
+        """Set once the folders of jobs stored by an older version are in `folder_owners`."""
+        return self._k("folders", "indexed")
+
+    @property
     def queue(self) -> str:
         """Sorted set job_id -> queue score (priority, then submission time)."""
         return self._k("queue")

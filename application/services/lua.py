@@ -84,8 +84,45 @@ end
 # k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary,
 #     owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and .file_users)}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
+# The first job folder of another owner that a folder overlaps (that folder itself, one it lies in, or one
+# inside it), or nil. f: owner ("" for none), ancestors (the folder and the folders it lies in, up to
+# OUTPUT_ROOT), prefix (the folder and "/"); owners, folders: `Keys.folder_owners`, `Keys.folders`.
+_FOREIGN_FOLDER = """
+local function foreign_folder(f, owners, folders)
+  for _, dir in ipairs(f.ancestors) do
+    local owner = redis.call('HGET', owners, dir)
+    if owner and owner ~= f.owner then return dir end
+  end
+  -- Everything that starts with the prefix: '0' is the byte after '/'.
+  local hi = '(' .. string.sub(f.prefix, 1, -2) .. '0'
+  local offset = 0
+  while true do
+    local page = redis.call('ZRANGEBYLEX', folders, '[' .. f.prefix, hi, 'LIMIT', offset, 500)
+    if #page == 0 then return nil end
+    local found = redis.call('HMGET', owners, unpack(page))
+    for i, owner in ipairs(found) do
+      if owner and owner ~= f.owner then return page[i] end
+    end
+    if #page < 500 then return nil end
+    offset = offset + #page
+  end
+end
+"""
+
+# a: the folder (as above) and k: {owners, folders}.
+FOREIGN_FOLDER = (
+    """
+local a = cjson.decode(ARGV[1])
+"""
+    + _FOREIGN_FOLDER
+    + """
+return foreign_folder(a.folder, a.k.owners, a.k.folders) or false
+"""
+)
+
 CREATE = (
     _HELPERS
+    + _FOREIGN_FOLDER
     + """
 local k = a.k
 if a.cap then
@@ -95,6 +132,7 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 local holder = redis.call('HGET', k.output_dirs, a.output_dir)
 if holder then return {'output_dir_busy', '', holder} end
+if a.folder.check and foreign_folder(a.folder, k.folder_owners, k.folders) then return {'foreign_folder'} end
 for i, file in ipairs(k.upload_files or {}) do
   if redis.call('EXISTS', file) == 0 then return {'upload_gone', '', a.uploads[i]} end
 end
@@ -108,6 +146,8 @@ if k.owner_all then
   redis.call('ZADD', k.owner_status, a.created_at, a.id)
 end
 redis.call('HSET', k.output_dirs, a.output_dir, a.id)
+redis.call('HSETNX', k.folder_owners, a.output_dir, a.folder.owner)
+redis.call('ZADD', k.folders, 0, a.output_dir)
 refresh_summary(k.summary)
 add_event(k.events, a.event)
 if a.score then

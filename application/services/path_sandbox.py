@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,7 +99,13 @@ def _roots_text(roots: Sequence[Path]) -> str:
     return ", ".join(str(r) for r in roots)
 
 
-def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: Path, setting: str) -> Resolved:
+# Called with (field, the text asked for, the resolved path) before anything looks at whether a path inside
+# the roots exists: it raises to refuse the path (folder_owners.FolderGuard: another owner's job folder).
+Guard = Callable[[str, str, Path], None]
+
+
+def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: Path, setting: str,
+            guard: Guard | None = None) -> Resolved:  # fmt: skip
     """Apply the rules above to one request field. Synchronous: it may touch the disk (inside roots only)."""
     check_text(field, value)
     sample: int | None = None
@@ -118,6 +125,8 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         real = Path(os.path.realpath(candidate))
         if not _inside(real, real_roots):
             raise Invalid(outside)
+        if guard is not None:
+            guard(field, value, real)
         if not _exists(real):
             raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
         return Resolved(_with_sample(str(real), sample), True, real, sample)
@@ -128,7 +137,11 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         sample, text = (int(m.group(1)), text[: m.start()]) if data else (None, text)
     for root in real_roots:
         real = Path(os.path.realpath(root / text))
-        if _inside(real, [root]) and _exists(real):
+        if not _inside(real, [root]):
+            continue
+        if guard is not None:
+            guard(field, value, real)
+        if _exists(real):
             return Resolved(_with_sample(str(real), sample), True, real, sample)
     raise Invalid(
         f"{field} '{value}' is neither a hub id (namespace/name) nor a path that exists under {setting} "
@@ -148,8 +161,9 @@ def _with_sample(path: str, sample: int | None) -> str:
     return f"{path}#{sample}" if sample is not None else path
 
 
-def resolve_output_dir(requested: str, root: Path) -> Path:
-    """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
+def resolve_output_dir(requested: str, root: Path, guard: Guard | None = None) -> Path:
+    """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it, and it
+    is a folder (or not there yet), not a file."""
     check_text("output_dir", requested)
     root = _real_roots((root,))[0]
     candidate = Path(requested)
@@ -160,7 +174,20 @@ def resolve_output_dir(requested: str, root: Path) -> Path:
         raise Invalid(
             f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
         )
+    if guard is not None:
+        guard("output_dir", requested, resolved)
+    try:
+        is_file = not stat.S_ISDIR(os.stat(resolved).st_mode)
+    except OSError:
+        is_file = False  # not there yet (or unreadable: the run's own mkdir says so)
+    if is_file:
+        raise Invalid(f"output_dir '{requested}' is a file: name a folder (one that does not exist yet is made)")
     return resolved
+
+
+def real_output_root(root: Path) -> Path:
+    """OUTPUT_ROOT with its symlinks resolved (once per process), as resolved paths inside it begin."""
+    return _real_roots((root,))[0]
 
 
 def escaped_output_root(output_dir: Path, root: Path) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
-from application.services.path_sandbox import is_hub_id, resolve, resolve_output_dir
+from application.services.path_sandbox import Guard, is_hub_id, resolve, resolve_output_dir
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
 
@@ -299,18 +299,20 @@ def check_request(
     info: SwiftInfo | None,
     preference: bool = False,
     arguments: dict[str, Any] | None = None,
+    guard: Guard | None = None,
 ) -> CheckedRequest:
-    """The path sandbox, then the data set and model checks. Synchronous (touches the disk): run it in a thread."""
-    out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
+    """The path sandbox (with `guard`, see path_sandbox.Guard), then the data set and model checks.
+    Synchronous (touches the disk): run it in a thread (always, with a guard)."""
+    out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT, guard)
     data = resolve("data_path", data_path, settings.data_roots(), data=True, base=PROJECT_ROOT,
-                   setting="DATA_ROOTS")  # fmt: skip
+                   setting="DATA_ROOTS", guard=guard)  # fmt: skip
     model = resolve("model_path", model_path, settings.model_roots(), data=False, base=PROJECT_ROOT,
-                    setting="MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+                    setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
     dataset = check_dataset("data_path", data.path, preference=preference) if data.path is not None else None
     if model.path is not None:
         check_model("model_path", model.path, model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
-                          resolve_arguments(arguments or {}, settings, preference=preference))  # fmt: skip
+                          resolve_arguments(arguments or {}, settings, preference=preference, guard=guard))  # fmt: skip
 
 
 def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool) -> bool:
@@ -328,7 +330,8 @@ def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, o
     return all(isinstance(v, str) and is_hub_id(v, data=data) for v, data in named)
 
 
-def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preference: bool) -> dict[str, Any]:
+def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preference: bool,
+                      guard: Guard | None = None) -> dict[str, Any]:  # fmt: skip
     """The swift arguments that name data sets or models, sandboxed like data_path and model_path (a local
     data set is checked too); the rest as they are."""
     out = dict(arguments)
@@ -341,12 +344,13 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preferen
         for i, item in enumerate(items):
             where = f"training.{name}" + (f"[{i}]" if isinstance(value, list) else "")
             if data:
-                r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS")
+                r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS",
+                            guard=guard)  # fmt: skip
                 if r.path is not None and r.path.is_file():
                     check_dataset(where, r.path, preference=preference and name != "cached_dataset")
             else:
                 r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
-                            setting="MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+                            setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
             resolved.append(r.value)
         out[name] = resolved if isinstance(value, list) else resolved[0]
     return out

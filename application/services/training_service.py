@@ -35,9 +35,11 @@ from application.models.job_responses import (
 from application.models.training_model import ExportStatus, Job, JobStatus, PendingReason
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.files import FileStore
+from application.services.folder_owners import FolderGuard, folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
+from application.services.path_sandbox import real_output_root
 from application.services.preflight import check_request, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
@@ -181,12 +183,18 @@ class TrainingService:
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
+        # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
+        # server without keys, may.
+        guard = None if caller.name is None or caller.is_admin else FolderGuard(
+            real_output_root(self.settings.OUTPUT_ROOT), caller.name, self.store.folders.foreign,
+            asyncio.get_running_loop())  # fmt: skip
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
-            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
+            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments, guard=guard,
         )  # fmt: skip
-        inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=self.output_on_local_disk)
+        inline = guard is None and runs_inline(data_path, req.model_path, arguments,
+                                               output_on_local_disk=self.output_on_local_disk)  # fmt: skip
         checked = check() if inline else await asyncio.to_thread(check)
         # Uploads named by their path are recorded with the job (another owner's is refused: their folder also
         # lies inside DATA_ROOTS).
@@ -213,10 +221,13 @@ class TrainingService:
             job.status = JobStatus.QUEUED
             job.queued_at = now
         message = "Training job created" if fits else "Training job created and added to the GPU queue"
+        folder = folder_arg(checked.output_dir, real_output_root(self.settings.OUTPUT_ROOT), caller.name)
+        folder["check"] = guard is not None
         for attempt in range(1, 1000):
             try:
                 position = await self.store.create(job, message=message, actor=caller.actor,
-                                                   max_waiting=self.limits.max_waiting, uploads=uploads)  # fmt: skip
+                                                   max_waiting=self.limits.max_waiting, uploads=uploads,
+                                                   folder=folder)  # fmt: skip
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
@@ -224,6 +235,8 @@ class TrainingService:
                 if exc.reason == Refusal.UPLOAD_GONE:
                     raise Invalid(f"uploaded file '{exc.detail}' was deleted while this job was being created: "
                                   "upload it again (POST /files)") from None  # fmt: skip
+                if exc.reason == Refusal.FOREIGN_FOLDER:
+                    raise foreign_output_dir(req.output_dir) from None
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     holder = exc.detail if caller.owns(await self.store.get_field(exc.detail or "", "owner")) else None
                     raise Conflict(

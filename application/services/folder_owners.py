@@ -1,0 +1,107 @@
+"""Whose job folders are whose: one owner's job may not write into, or read from, another owner's job folder.
+
+Every job's output folder is recorded with its owner when the job is created (`Keys.folder_owners`, kept
+after the job goes, as its files stay). A caller with a key that is not an admin's is then refused
+
+* an `output_dir` that is another owner's job folder, lies inside one, or holds one (its artifacts would
+  list the other job's files, its runs write among them), checked again atomically when the job is stored;
+* a model, data set or training argument path inside OUTPUT_ROOT that overlaps another owner's job folder
+  (their checkpoints, merged models, logs).
+
+The check runs before anything looks at whether the path exists, so its answer is the same either way. Jobs
+without an owner (created while no keys were configured) count as another owner's for every key but an
+admin's. Without keys, nothing is refused, but every folder is recorded, for when keys are configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from application.exceptions import Conflict, Invalid
+from application.services import lua
+from application.services.job_codec import script_arg
+from application.services.keys import Keys
+
+# How long a check run in a thread waits for its Redis read on the event loop.
+READ_TIMEOUT = 30.0
+
+
+def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
+    """What the scripts need to find another owner's folder overlapping `folder` (a resolved path inside the
+    resolved OUTPUT_ROOT `root`)."""
+    ancestors = [str(folder)]
+    ancestors += [str(p) for p in folder.parents if root in p.parents]
+    return {"owner": owner or "", "ancestors": ancestors, "prefix": str(folder).rstrip("/") + "/"}
+
+
+def foreign_output_dir(requested: str) -> Conflict:
+    return Conflict(f"output_dir '{requested}' overlaps the folder of another owner's job (it is that folder, lies "
+                    "inside it or holds it): choose another folder")  # fmt: skip
+
+
+class FolderGuard:
+    """Refuses a path that overlaps another owner's job folder; called by the path sandbox, in a worker thread
+    (`preflight.check_request`), with each resolved path before anything looks at whether it exists."""
+
+    def __init__(self, root: Path, owner: str, read: Callable[[dict[str, Any]], Coroutine[Any, Any, str | None]],
+                 loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
+        self.root = root
+        self.owner = owner
+        self.read = read
+        self.loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def __call__(self, field: str, value: str, real: Path) -> None:
+        if real != self.root and self.root not in real.parents:
+            return
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("FolderGuard reads Redis through the event loop: call it from a worker thread")
+        arg = folder_arg(real, self.root, self.owner)
+        if real == self.root or asyncio.run_coroutine_threadsafe(self.read(arg), self.loop).result(READ_TIMEOUT):
+            if field == "output_dir":
+                raise foreign_output_dir(value)
+            raise Invalid(f"{field} '{value}' overlaps the folder of another owner's job (under OUTPUT_ROOT): use "
+                          "your own jobs' outputs, or a path inside MODEL_ROOTS / DATA_ROOTS")  # fmt: skip
+
+
+class FolderIndex:
+    """The Redis side: reads for `FolderGuard`, and the folders of jobs stored before it was kept."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+        self._foreign = client.register_script(lua.FOREIGN_FOLDER)
+
+    async def foreign(self, folder: dict[str, Any]) -> str | None:
+        """The first job folder of another owner that `folder` (`folder_arg`) overlaps, or None."""
+        k = self.keys
+        found = await self._foreign(keys=[k.folder_owners], args=[script_arg(
+            {"folder": folder, "k": {"owners": k.folder_owners, "folders": k.folders}})])  # fmt: skip
+        return str(found) if found else None
+
+    async def backfill(self, batch: int = 500) -> int:
+        """Record the folders of jobs stored by a version that did not (once, at a scheduler's start)."""
+        if await self.r.exists(self.keys.folders_indexed):
+            return 0
+        recorded, start = 0, 0
+        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):
+            start += batch
+            async with self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hmget(self.keys.job(job_id), ["output_dir", "owner"])
+                rows = await pipe.execute()
+            async with self.r.pipeline(transaction=False) as pipe:
+                for output_dir, owner in rows:
+                    if output_dir:
+                        folder = json.loads(output_dir)
+                        pipe.hsetnx(self.keys.folder_owners, folder, json.loads(owner or "null") or "")
+                        pipe.zadd(self.keys.folders, {folder: 0})
+                added = await pipe.execute()
+            recorded += sum(int(n) for n in added[::2])
+        await self.r.set(self.keys.folders_indexed, "1")
+        return recorded

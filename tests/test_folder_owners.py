@@ -1,0 +1,146 @@
+"""One owner's job may not write into, nor read from, another owner's job folder (application/services/folder_owners).
+
+Through the API with keys (alice, bob, root the admin), in this process against a real Redis; and the store's
+own atomic check, and the recording of folders stored by an older version."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from application.services.folder_owners import folder_arg
+from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.keys import Keys
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model, seed_swift_probe
+from tests.test_job_store import make_job
+
+FOREIGN = "overlaps the folder of another owner's job"
+
+
+async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_folder(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    output = tmp_path / "output"  # OUTPUT_ROOT (tests.conftest.settings_for)
+    seed_swift_probe(tmp_path)  # training arguments such as adapters are checked against swift's own list
+    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
+        deadline = time.monotonic() + 30
+        while not (await client.get("/health")).json()["swift"].get("probed"):
+            assert time.monotonic() < deadline, "the scheduler did not publish swift's arguments"
+            await asyncio.sleep(0.1)
+
+        # A folder name ms-swift knows, so that it needs no model_type or template (as with the real registry).
+        known = str(make_model(tmp_path / "models" / "Qwen2.5-0.5B-Instruct"))
+        typed = {"model_type": "qwen2", "template": "qwen"}  # for a checkpoint's folder, whose name says nothing
+
+        async def create(key: str, name: str, **fields: Any) -> tuple[int, str]:
+            body = {**job_body(tmp_path, name.replace("/", "-"), dataset="data", model_path=known),
+                    "output_dir": name, **fields}  # fmt: skip
+            r = await client.post("/jobs", json=body, headers=auth(key))
+            return r.status_code, r.text
+
+        assert (await create(ALICE_KEY, "alicefast"))[0] == 201
+        assert (await create(ALICE_KEY, "team1/run"))[0] == 201
+        checkpoint = make_model(output / "alicefast" / "v0-x" / "checkpoint-6")
+
+        # Bob's job may not be that folder, lie inside it, or hold it (its artifacts would list alice's files).
+        for name in ("alicefast", "alicefast/sub", "alicefast/v0-x/checkpoint-6", "team1", "./team1/run/../run"):
+            status, text = await create(BOB_KEY, name)
+            assert status == 409 and FOREIGN in text and "choose another folder" in text, (name, text)
+        # Nor read from it: a model, or a path-taking training argument, whether or not the path exists (the
+        # answer is the same, so it tells nothing of alice's files).
+        answers: list[str] = []
+        for where, value in [("model_path", str(checkpoint)), ("model_path", str(output / "alicefast" / "nope")),
+                             ("model_path", "output/alicefast/v0-x/checkpoint-6"),
+                             ("model_path", "alicefast/v0-x/checkpoint-6"), ("model_path", str(output)),
+                             ("training", {"adapters": str(checkpoint)})]:  # fmt: skip
+            status, text = await create(BOB_KEY, f"bob-{len(answers)}", **{where: value})
+            assert status == 422 and FOREIGN in text, (where, value, text)
+            answers.append(text.replace(str(value), "X") if isinstance(value, str) else text)
+        assert answers[0] == answers[1], answers
+        # A file where a folder is asked for is said to be one: asked by its owner, who may know.
+        status, text = await create(ALICE_KEY, "alicefast/v0-x/checkpoint-6/config.json")
+        assert status == 422 and "is a file" in text, text
+        # Nothing of this was stored.
+        listed = (await client.get("/jobs", params={"limit": 500}, headers=auth(ADMIN_KEY))).json()
+        assert sorted(j["job_id"] for j in listed["jobs"]) == ["alicefast", "run"]
+
+        # Alice may use her own folders; bob his; the admin anyone's.
+        status, text = await create(ALICE_KEY, "alicefast/again", model_path=str(checkpoint), training=typed)
+        assert status == 201, text
+        assert (await create(ALICE_KEY, "alice2", training={"adapters": str(checkpoint)}))[0] == 201
+        assert (await create(BOB_KEY, "bobs"))[0] == 201
+        assert (await create(BOB_KEY, "bobs/inside"))[0] == 201
+        status, text = await create(ADMIN_KEY, "alicefast/root", model_path=str(checkpoint), training=typed)
+        assert status == 201, text
+        # A folder stays its owner's after its jobs are gone (their files stay).
+        await client.post("/jobs/bobs/stop", headers=auth(BOB_KEY))
+        assert (await client.delete("/jobs/bobs", headers=auth(BOB_KEY))).status_code == 204
+        status, text = await create(ALICE_KEY, "bobs")
+        assert status == 409 and FOREIGN in text, text
+
+
+async def test_without_keys_every_folder_is_open_and_recorded_for_when_keys_come(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "output" / "open" / "v0-x" / "checkpoint-2")
+    prefix = f"test-folders-{time.time_ns()}"  # one store for both servers
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        r = await client.post("/jobs", json={**job_body(tmp_path, "open", dataset="data"), "output_dir": "open"})
+        assert r.status_code == 201, r.text
+        body = {**job_body(tmp_path, "inside", dataset="data"), "output_dir": "open/inside",
+                "model_path": str(tmp_path / "output" / "open" / "v0-x" / "checkpoint-2")}  # fmt: skip
+        assert (await client.post("/jobs", json=body)).status_code == 201
+    async with app_factory(REDIS_KEY_PREFIX=prefix, API_KEYS=KEYS_SETTING) as client:
+        # Created by no key: another owner's folder for every key but an admin's.
+        for key, expected in ((ALICE_KEY, 409), (ADMIN_KEY, 201)):
+            body = {**job_body(tmp_path, "again", dataset="data"), "output_dir": "open/again"}
+            r = await client.post("/jobs", json=body, headers=auth(key))
+            assert r.status_code == expected, r.text
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> JobStore:
+    return JobStore(redis_client, Keys("t"))
+
+
+async def test_the_store_refuses_another_owners_folder_atomically_and_records_the_first_owner(
+    store: JobStore,
+) -> None:
+    root = Path("/out")
+    alice = make_job("a", owner="alice")
+    await store.create(alice, message="created", actor="alice", folder=folder_arg(Path("/out/a"), root, "alice"))
+    for job_id, folder in (("b", "/out/a/inside"), ("d", "/out")):
+        job = make_job(job_id, owner="bob").model_copy(update={"output_dir": folder})
+        with pytest.raises(TransitionRefused) as exc:
+            await store.create(job, message="created", actor="bob",
+                               folder={**folder_arg(Path(folder), root, "bob"), "check": True})  # fmt: skip
+        assert exc.value.reason == Refusal.FOREIGN_FOLDER
+        assert await store.get(job_id) is None
+    # Unchecked (an admin's job): stored; the folder stays alice's.
+    admin = make_job("e", owner="root").model_copy(update={"output_dir": "/out/a/admin"})
+    await store.create(admin, message="created", actor="root", folder=folder_arg(Path("/out/a/admin"), root, "root"))
+    assert await store.folders.foreign(folder_arg(Path("/out/a"), root, "bob")) == "/out/a"
+    assert await store.folders.foreign(folder_arg(Path("/out/a"), root, "alice")) == "/out/a/admin"
+    assert await store.folders.foreign(folder_arg(Path("/out/b"), root, "bob")) is None
+    assert await store.folders.foreign(folder_arg(Path("/out/a0"), root, "bob")) is None  # a name, not a parent
+
+
+async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_once(store: JobStore) -> None:
+    root = Path("/out")
+    for job_id, owner in (("old1", "alice"), ("old2", None)):
+        await store.create(make_job(job_id, owner=owner), message="created", actor="x")
+    # As an older version left them: no folder recorded.
+    await store.r.delete(store.keys.folder_owners, store.keys.folders)
+    assert await store.folders.foreign(folder_arg(Path("/out/old1/x"), root, "bob")) is None
+    assert await store.folders.backfill() == 2
+    assert await store.folders.foreign(folder_arg(Path("/out/old1/x"), root, "bob")) == "/out/old1"
+    assert await store.folders.foreign(folder_arg(Path("/out/old2"), root, "bob")) == "/out/old2"
+    assert await store.folders.foreign(folder_arg(Path("/out/old1"), root, "alice")) is None
+    await store.r.delete(store.keys.folder_owners)
+    assert await store.folders.backfill() == 0  # once
