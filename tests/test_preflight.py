@@ -54,6 +54,23 @@ def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
     assert check_dataset("data_path", big).rows == 30_000
 
 
+def test_blank_lines_are_not_rows_and_a_row_across_the_counters_blocks_counts_once(tmp_path: Path) -> None:
+    row = json.dumps(MESSAGES)
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text(f"{row}\n\n  \n\r\n{row}\n\n")
+    info = check_dataset("data_path", spaced)
+    assert (info.rows, info.rows_exact) == (2, True)
+    # The counter reads 1 MiB at a time: a row whose text ends just before a block's end and whose newline
+    # starts the next; then one cut inside its text; then one that ends the file without a newline.
+    block = 1 << 20
+    first = json.dumps({**MESSAGES, "pad": "x" * (block - len(row) - 12)})
+    first = first[:-1] + " " * (block - len(first)) + "}"  # exactly one block, its newline in the next
+    assert len(first) == block
+    across = tmp_path / "across.jsonl"
+    across.write_text(f"{first}\n \n{row}\n" + json.dumps({**MESSAGES, "pad": "y" * block}) + f"\n\n{row}")
+    assert check_dataset("data_path", across).rows == 4
+
+
 BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
     "badline.jsonl": (json.dumps(MESSAGES) + "\n" * 2 + '{"messages": [}\n',
                       ["badline.jsonl", "line 3", "not valid JSON"]),

@@ -18,6 +18,7 @@ import difflib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,19 +136,31 @@ def _csv_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
     yield from enumerate(reader, start=2)
 
 
+# A newline that a blank line (spaces at most) follows: blank lines are not rows (ms-swift skips them).
+_BLANK_NEXT = re.compile(rb"\n(?=[ \t\r\f\v]*\n)")
+
+
 def _count_lines(path: Path, size: int) -> tuple[int, bool]:
-    """Newline-terminated rows (a last line without one counts too); an estimate past COUNT_MAX_BYTES."""
-    count, read, last = 0, 0, b"\n"
+    """Lines with something on them (a last line without a newline counts too); an estimate past
+    COUNT_MAX_BYTES. Read in blocks: the line a block begins with may have begun in the blocks before."""
+    count, read, open_row = 0, 0, False  # open_row: what the blocks before ended with has content
     with open(path, "rb") as f:
         while read < COUNT_MAX_BYTES:
             block = f.read(1 << 20)
             if not block:
                 break
-            count += block.count(b"\n")
             read += len(block)
-            last = block[-1:]
+            first = block.find(b"\n")
+            if first == -1:
+                open_row = open_row or bool(block.strip())
+                continue
+            # Every line this block ends, less the blank ones: the first (its start may be in the blocks before)
+            # and those after each newline.
+            blank_first = not open_row and not block[:first].strip()
+            count += block.count(b"\n") - blank_first - len(_BLANK_NEXT.findall(block))
+            open_row = bool(block[block.rfind(b"\n") + 1 :].strip())
     if read >= size:
-        return count + (last != b"\n"), True
+        return count + open_row, True
     return int(count * size / max(read, 1)), False
 
 
