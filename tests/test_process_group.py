@@ -58,36 +58,54 @@ def test_which_process_started_first(sleeper: subprocess.Popen[bytes]) -> None:
     assert pg.stamp_boot(child) == pg.boot_id() and pg.stamp_boot("garbage") is None
 
 
-def test_a_run_group_is_alive_while_a_member_outlives_its_leader(tmp_path: Path) -> None:
-    # A leader (in its own session, as runs start) that leaves a child behind in its group and exits.
-    pid_file = tmp_path / "child.pid"
-    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen([sys.executable, "
-                               "'-c', 'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid))",
-                               str(pid_file)], start_new_session=True)  # fmt: skip
+def _leader_leaving_a_child(pid_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A leader (in its own session, as runs start) that leaves a child behind in its group and exits."""
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "open(sys.argv[1], 'w').write(str(p.pid))")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", code, str(pid_file)], start_new_session=True, env=env)
+
+
+def _gone(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pg.group_members(pgid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_run_group_is_alive_while_a_member_marked_with_the_run_outlives_its_leader(tmp_path: Path) -> None:
+    leader = _leader_leaving_a_child(tmp_path / "child.pid", {**os.environ, pg.RUN_MARK: "run-1"})
     stamp, started = pg.process_stamp(leader.pid), pg.process_start_time(leader.pid)
     try:
-        assert leader.wait(30) == 0 and pid_file.read_text()
+        assert leader.wait(30) == 0 and (tmp_path / "child.pid").read_text()
         assert not pg.is_alive(leader.pid, started, stamp)  # the leader is gone (reaped) ...
-        assert pg.run_group_alive(leader.pid, started, stamp)  # ... its child is not
-        os.killpg(leader.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while pg.group_members(leader.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert not pg.run_group_alive(leader.pid, started, stamp)
-        assert not pg.run_group_alive(None, None) and not pg.run_group_alive(1, None)
+        assert pg.run_group_alive(leader.pid, started, stamp, "run-1")  # ... its child is not
+        # Another run's mark, or none (a run started before runs were marked): not that run's group.
+        assert not pg.run_group_alive(leader.pid, started, stamp, "run-2")
+        assert not pg.run_group_alive(leader.pid, started, stamp, None)
+        _gone(leader.pid)
+        assert not pg.run_group_alive(leader.pid, started, stamp, "run-1")
+        assert not pg.run_group_alive(None, None, None, "run-1") and not pg.run_group_alive(1, None, None, "run-1")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(leader.pid, signal.SIGKILL)
+        _gone(leader.pid)
 
 
-def test_a_pid_that_another_process_has_now_is_not_the_runs_group() -> None:
-    # A process that got the pid of a run's leader after the run's group had ended, and leads a group of its own.
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+def test_a_group_that_has_a_runs_old_number_is_not_that_run(tmp_path: Path) -> None:
+    # Its leader has the pid of an ended run's leader (another stamp) ...
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                             env={**os.environ, pg.RUN_MARK: "run-1"})  # fmt: skip
     try:
         assert pg.group_members(other.pid) == [other.pid]
-        assert not pg.run_group_alive(other.pid, None, f"{pg.boot_id()}/1")
-        assert pg.run_group_alive(other.pid, None, pg.process_stamp(other.pid))
+        assert not pg.run_group_alive(other.pid, None, f"{pg.boot_id()}/1", "run-1")
+        assert pg.run_group_alive(other.pid, None, pg.process_stamp(other.pid), None)
     finally:
         other.kill()
         other.wait()
+    # ... or its leader exited too, leaving members that are not the run's: left alone.
+    leader = _leader_leaving_a_child(tmp_path / "child.pid", {k: v for k, v in os.environ.items() if k != pg.RUN_MARK})
+    try:
+        assert leader.wait(30) == 0 and pg.group_members(leader.pid)
+        assert not pg.run_group_alive(leader.pid, None, "another-boot/5", "run-1")
+    finally:
+        _gone(leader.pid)

@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 
 START_TIME_TOLERANCE = 0.5
+# The environment variable that names the run (its run id, or an export's id) in swift and its children.
+RUN_MARK = "SWIFT_API_RUN"
 
 
 def process_start_time(pid: int) -> float | None:
@@ -90,19 +92,28 @@ def _is_ours(pid: int, start_time: float | None, stamp: str | None, *, zombie: b
         return False
 
 
-def run_group_alive(pgid: int | None, start_time: float | None, stamp: str | None = None) -> bool:
-    """Is anything left of the run whose process group `pgid` led (its leader started at `start_time` with
-    `stamp`)? The leader, or members still in its group after the leader exited (a trainer that ignored the
-    SIGTERM its launcher died of). The kernel gives no new process a pid that is still some group's id, so
-    while members are left, `pgid` is the leader's or no one's; another process with that pid means the
-    run's group had ended before. Scans every process: call it in a thread."""
+def run_group_alive(pgid: int | None, start_time: float | None, stamp: str | None, run: str | None) -> bool:
+    """Is anything left of the run `run` whose process group `pgid` led (its leader started at `start_time`
+    with `stamp`)? The leader, or members still in its group after the leader exited (a trainer that ignored
+    the SIGTERM its launcher died of), known by the run's mark in their environment (RUN_MARK, inherited from
+    the leader): a group id is a number that another session can have once the run's group ended, on this
+    host or in the pid namespace of another. Scans every process: call it in a thread."""
     if not pgid or pgid <= 1:
         return False
     if is_alive(pgid, start_time, stamp):
         return True
+    if not run:
+        return False  # a run started before runs were marked: its leader is all that can be known
     if psutil.pid_exists(pgid) and not _is_ours(pgid, start_time, stamp, zombie=True):
+        return False  # while a group has members, its id is no other process's pid: this is another group
+    return any(_marked(pid, run) for pid in group_members(pgid))
+
+
+def _marked(pid: int, run: str) -> bool:
+    try:
+        return psutil.Process(pid).environ().get(RUN_MARK) == run
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
         return False
-    return bool(group_members(pgid))
 
 
 def group_members(pgid: int) -> list[int]:

@@ -23,6 +23,7 @@ from loguru import logger
 
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
+from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
@@ -262,8 +263,8 @@ class QueueProcessor:
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
             spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
-                "argv": argv, "env": gpu_env, "unset": list(GPU_VARIABLES), "cwd": job.output_dir,
-                "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
+                "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id}, "unset": list(GPU_VARIABLES),
+                "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
             }, self.settings.OUTPUT_ROOT)  # fmt: skip
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:

@@ -85,10 +85,11 @@ def _rerun_mark(log_file: Path) -> int:
         return fh.tell()
 
 
-def swift_env(gpu_env: dict[str, str] | None) -> dict[str, str]:
+def swift_env(gpu_env: dict[str, str] | None, run: str | None) -> dict[str, str]:
     """The runner's own environment (explicit, from the launcher) with the run's GPU variables; none given
-    means no GPU (an export merges on the CPU: the training GPUs already went back to the queue)."""
-    return build_env(os.environ, [], extra=gpu_env or {})
+    means no GPU (an export merges on the CPU: the training GPUs already went back to the queue). Marked with
+    the run (`pg.RUN_MARK`), so that what is left of it can be told from another group that has its number."""
+    return build_env(os.environ, [], extra={**(gpu_env or {}), **({pg.RUN_MARK: run} if run else {})})
 
 
 class Runner:
@@ -155,7 +156,9 @@ class Runner:
             if early is None:
                 exit_file.unlink(missing_ok=True)
                 Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-                early = pg.Child(pg.spawn(job.command, swift_env(job.env), Path(job.output_dir), log_file, fresh=True))
+                early = pg.Child(
+                    pg.spawn(job.command, swift_env(job.env, self.run_id), Path(job.output_dir), log_file, fresh=True)
+                )
             proc = early
         except OSError as exc:
             error = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh"
@@ -218,7 +221,8 @@ class Runner:
         interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
         override: RunEnd | None = None
         if timed_out and code != 0 and limit is not None and interrupt is None:
-            error = (f"the run exceeded its time limit of {format_limit(limit)} ({limit} s) and was stopped: "
+            spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
+            error = (f"the run exceeded its time limit of {spelled} and was stopped: "
                      "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
             override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
         elif self.terminated.is_set() and code != 0 and interrupt is None:
@@ -280,7 +284,7 @@ class Runner:
         try:
             exit_file.unlink(missing_ok=True)
             start = _rerun_mark(log_file)
-            proc = pg.Child(pg.spawn(info.command, swift_env(None), job_dir, log_file))
+            proc = pg.Child(pg.spawn(info.command, swift_env(None, info.export_id), job_dir, log_file))
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
                                              "finished_at": time.time()})  # fmt: skip

@@ -96,7 +96,7 @@ class Watchdog:
         outcome = "gone"
         # Not the leader alone: a trainer that ignored the SIGTERM its launcher died of must not outlive the
         # record of the run's end (it would train on GPUs given to the next job).
-        if await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp):
+        if await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp, job.run_id):
             outcome = await pg.terminate_group(job.pid or 0, self.settings.STOP_GRACE_SECONDS)
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
@@ -172,7 +172,8 @@ class Watchdog:
             alive = bool(beat and beat.get("id") == info.export_id)
         if alive:
             return
-        if await asyncio.to_thread(pg.run_group_alive, info.pid, info.process_start_time, info.process_stamp):
+        if await asyncio.to_thread(pg.run_group_alive, info.pid, info.process_start_time, info.process_stamp,
+                                   info.export_id):  # fmt: skip
             await pg.terminate_group(info.pid or 0, self.settings.STOP_GRACE_SECONDS)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
