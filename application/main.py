@@ -60,6 +60,10 @@ def _validation_message(exc: RequestValidationError) -> str:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field: remove it (see the schema at /docs)"
+        elif err.get("type") == "json_invalid":
+            where = err.get("loc", ("body", None))[-1]
+            reason = (err.get("ctx") or {}).get("error", "not JSON")
+            loc, msg = "body", f"not valid JSON ({reason}, at character {where}): send one JSON object"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 

@@ -118,7 +118,8 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
         for word in words:
             assert word in detail, (payload, word, detail)
     r = server.http.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON (Expecting property name")
+    assert "send one JSON object" in r.json()["detail"]
     r = server.http.post("/jobs", json=["a", "list"])
     assert r.status_code == 422
 
@@ -130,6 +131,8 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
     assert ok.status_code == 201 and ok.json()["job_id"] == "abs"
     # A folder freed by its job's end can be used again.
     assert server.http.post("/jobs/busy/stop").json()["status"] == "cancelled"
+    gone = server.http.delete("/queue/busy")
+    assert gone.status_code == 409 and "cancelled: it has left the queue already" in gone.json()["detail"]
     again = server.create(**valid(workspace, "busy"))
     assert again.status_code == 201 and again.json()["job_id"] == "busy-2"
 

@@ -89,7 +89,11 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert "checkpoint-10" in paused["message"]
         assert all(g["job_id"] is None for g in (await client.get("/gpus")).json()["gpus"])
         assert (await client.post("/jobs/pr/pause")).status_code == 409
-        assert (await client.post("/jobs/pr/start")).status_code == 409
+        r = await client.post("/jobs/pr/start")
+        assert r.status_code == 409 and "resume it with POST .../jobs/pr/resume" in r.json()["detail"]
+        event = (await client.get("/jobs/pr/events")).json()["events"][-1]
+        assert event["type"] == "status_paused", event
+        assert f"; the {paused['lost_steps']} steps trained after it are lost" in event["message"], event
 
         r = await client.post("/jobs/pr/resume")
         assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text

@@ -92,6 +92,8 @@ class QueueService:
 
     async def remove(self, job_id: str, caller: Caller) -> dict[str, Any]:
         job = await self.service.require(job_id, caller)
+        if job.status.is_terminal():
+            raise Conflict(f"job '{job_id}' is {job.status.value}: it has left the queue already")
         if job.status != JobStatus.QUEUED:
             raise Conflict(f"job '{job_id}' is {job.status.value}, not queued: use POST .../jobs/{job_id}/stop")
         await self.service.cancel(job_id, (JobStatus.QUEUED,), "removed from the GPU queue", caller)

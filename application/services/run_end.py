@@ -202,4 +202,6 @@ def _lost(last_step: int | None, checkpoint_step: int | None) -> int | None:
 
 
 def _lost_text(lost: int | None) -> str:
-    return f"; {lost} step(s) since it are lost" if lost else ""
+    if not lost:
+        return ""
+    return "; the step trained after it is lost" if lost == 1 else f"; the {lost} steps trained after it are lost"

@@ -298,10 +298,14 @@ class TrainingService:
             return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   message="The job is queued: it starts by itself when its GPUs are free")  # fmt: skip
-        raise Conflict(
-            f"job '{job_id}' is {job.status.value}: only a pending job can be started"
-            + ("" if job.status == JobStatus.RUNNING else "; create a new job to train again")
-        )
+        hint = ""
+        if job.status == JobStatus.PAUSED:
+            hint = f"; resume it with POST .../jobs/{job_id}/resume"
+        elif job.status != JobStatus.RUNNING:
+            resumable = job.status in (JobStatus.STOPPED, JobStatus.FAILED)
+            hint = (f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or" if resumable
+                    else ";") + " create a new job to train again"  # fmt: skip
+        raise Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
 
     async def _queued_message(self) -> str:
         if await self.cluster.leader() is None:
