@@ -63,6 +63,9 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
             assert status == 422 and FOREIGN in text, (where, value, text)
             answers.append(text.replace(str(value), "X") if isinstance(value, str) else text)
         assert answers[0] == answers[1], answers
+        # Nor a folder that holds OUTPUT_ROOT (here DATA_ROOTS is the folder OUTPUT_ROOT lies in).
+        status, text = await create(BOB_KEY, "bob-data", training={"val_dataset": [str(tmp_path)]})
+        assert status == 422 and "holds OUTPUT_ROOT" in text, text
         # A file where a folder is asked for is said to be one: asked by its owner, who may know.
         status, text = await create(ALICE_KEY, "alicefast/v0-x/checkpoint-6/config.json")
         assert status == 422 and "is a file" in text, text
@@ -83,6 +86,15 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         assert (await client.delete("/jobs/bobs", headers=auth(BOB_KEY))).status_code == 204
         status, text = await create(ALICE_KEY, "bobs")
         assert status == 409 and FOREIGN in text, text
+
+        # Until the scheduler has recorded the folders of jobs stored by an older version, users wait.
+        store = client.app.state.training.store
+        await store.r.delete(store.keys.folders_indexed)
+        status, text = await create(BOB_KEY, "bobs3")
+        assert status == 503 and "try again in a few seconds" in text, text
+        assert (await create(ADMIN_KEY, "roots"))[0] == 201
+        await store.folders.backfill()
+        assert (await create(BOB_KEY, "bobs3"))[0] == 201
 
 
 async def test_without_keys_every_folder_is_open_and_recorded_for_when_keys_come(
@@ -144,3 +156,15 @@ async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_once(
     assert await store.folders.foreign(folder_arg(Path("/out/old1"), root, "alice")) is None
     await store.r.delete(store.keys.folder_owners)
     assert await store.folders.backfill() == 0  # once
+
+
+async def test_a_folder_recorded_since_an_upgrade_goes_to_the_owner_of_its_first_job(store: JobStore) -> None:
+    await store.create(make_job("old", owner="alice"), message="created", actor="x")
+    await store.r.delete(store.keys.folder_owners, store.keys.folders, store.keys.folders_indexed)
+    await store.r.hdel(store.keys.output_dirs, "/out/old")  # the old job has ended
+    # An admin's create (not checked) in that folder, before the scheduler recorded the old ones.
+    late = make_job("late", owner="root").model_copy(update={"output_dir": "/out/old"})
+    await store.create(late, message="created", actor="root")
+    assert await store.r.hget(store.keys.folder_owners, "/out/old") == "root"
+    await store.folders.backfill()
+    assert await store.r.hget(store.keys.folder_owners, "/out/old") == "alice"

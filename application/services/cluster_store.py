@@ -63,6 +63,7 @@ class CreateContext:
     leader: Leader | None
     processor_enabled: bool
     rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
+    folders_indexed: bool = True  # the folders of jobs stored by an older version are recorded (folder_owners)
 
     @property
     def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -154,7 +155,7 @@ class ClusterStore:
         time in the client library, not just latency. `rate` (window key, period) counts this create."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
-                       self.keys.leader])  # fmt: skip
+                       self.keys.leader, self.keys.folders_indexed])  # fmt: skip
             pipe.hgetall(self.keys.gpu_leases)
             pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
             pipe.zcard(self.keys.queue)
@@ -165,14 +166,14 @@ class ClusterStore:
                 pipe.set(rate[0], 0, ex=max(1, int(rate[1])) + 1, nx=True)
                 pipe.incr(rate[0])
             out = await pipe.execute()
-        (snapshot, info, head, version, leader), leases, running, length, leader_ttl, enabled = out[:6]
+        (snapshot, info, head, version, leader, indexed), leases, running, length, leader_ttl, enabled = out[:6]
         rate_count = int(out[7]) if rate is not None else None
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in leases.items()}, running=list(running), queue_length=int(length),
             head=_head(head), history_version=int(version or 0),
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
-            rate_count=rate_count,
+            rate_count=rate_count, folders_indexed=bool(indexed),
         )  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:

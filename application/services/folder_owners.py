@@ -29,6 +29,8 @@ from application.services.keys import Keys
 
 # How long a check run in a thread waits for its Redis read on the event loop.
 READ_TIMEOUT = 30.0
+FOLDERS_NOT_INDEXED = ("the scheduler has not recorded whose job folders are whose yet (it does so as it starts, "
+                       "once after an upgrade): try again in a few seconds")  # fmt: skip
 
 
 def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
@@ -57,6 +59,9 @@ class FolderGuard:
         self._loop_thread = threading.get_ident()
 
     def __call__(self, field: str, value: str, real: Path) -> None:
+        if real in self.root.parents:
+            raise Invalid(f"{field} '{value}' holds OUTPUT_ROOT, and with it every owner's job folders: name a "
+                          "path inside MODEL_ROOTS / DATA_ROOTS, or one of your own jobs' outputs")  # fmt: skip
         if real != self.root and self.root not in real.parents:
             return
         if threading.get_ident() == self._loop_thread:
@@ -85,23 +90,27 @@ class FolderIndex:
         return str(found) if found else None
 
     async def backfill(self, batch: int = 500) -> int:
-        """Record the folders of jobs stored by a version that did not (once, at a scheduler's start)."""
+        """Record the folders of jobs stored by a version that did not (once, at a scheduler's start), each as
+        the owner's of the first job that wrote there: an admin's create (unchecked) since the upgrade may
+        have recorded one of them as theirs. Users' creates wait for this (FOLDERS_NOT_INDEXED)."""
         if await self.r.exists(self.keys.folders_indexed):
             return 0
-        recorded, start = 0, 0
-        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):
+        first: dict[str, str] = {}
+        start = 0
+        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):  # oldest first
             start += batch
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.hmget(self.keys.job(job_id), ["output_dir", "owner"])
                 rows = await pipe.execute()
+            for output_dir, owner in rows:
+                if output_dir:
+                    first.setdefault(json.loads(output_dir), json.loads(owner or "null") or "")
+        items = list(first.items())
+        for i in range(0, len(items), batch):
             async with self.r.pipeline(transaction=False) as pipe:
-                for output_dir, owner in rows:
-                    if output_dir:
-                        folder = json.loads(output_dir)
-                        pipe.hsetnx(self.keys.folder_owners, folder, json.loads(owner or "null") or "")
-                        pipe.zadd(self.keys.folders, {folder: 0})
-                added = await pipe.execute()
-            recorded += sum(int(n) for n in added[::2])
+                pipe.hset(self.keys.folder_owners, mapping=dict(items[i : i + batch]))
+                pipe.zadd(self.keys.folders, {folder: 0 for folder, _ in items[i : i + batch]})
+                await pipe.execute()
         await self.r.set(self.keys.folders_indexed, "1")
-        return recorded
+        return len(items)

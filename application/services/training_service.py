@@ -21,7 +21,7 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, Invalid, JobNotFound, NotFound
+from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, Unavailable
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
@@ -35,7 +35,7 @@ from application.models.job_responses import (
 from application.models.training_model import ExportStatus, Job, JobStatus, PendingReason
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.files import FileStore
-from application.services.folder_owners import FolderGuard, folder_arg, foreign_output_dir
+from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard, folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
@@ -188,6 +188,8 @@ class TrainingService:
         guard = None if caller.name is None or caller.is_admin else FolderGuard(
             real_output_root(self.settings.OUTPUT_ROOT), caller.name, self.store.folders.foreign,
             asyncio.get_running_loop())  # fmt: skip
+        if guard is not None and not ctx.folders_indexed:
+            raise Unavailable(FOLDERS_NOT_INDEXED)
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
