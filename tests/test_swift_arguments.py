@@ -83,6 +83,9 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"model_kwargs": "not json"}, "JSON object"),
     ({"system": "/etc/passwd"}, "looks like a file path"),
     ({"system": "prompt.txt"}, "looks like a file path"),
+    ({"system": ".."}, "looks like a file path"),
+    ({"system": "shared/.."}, "looks like a file path"),
+    ({"system": "./x"}, "looks like a file path"),
     ({"system": "line\x1b[31m"}, "control"),
     ({"lr_scheduler_type": "--output_dir"}, "must not start with '-'"),
     ({"lr_scheduler_type": ["a", "b"]}, "one value"),
@@ -180,6 +183,9 @@ def test_any_argument_reaches_swift_and_a_wrong_one_is_a_422_that_stores_nothing
     outside = probed.create(**qwen_body(workspace, "bad3", training={"val_dataset": ["/etc/hostname"]}))
     assert outside.status_code == 422
     assert "training.val_dataset[0] must be inside DATA_ROOTS" in outside.json()["detail"]
+    cached = probed.create(**qwen_body(workspace, "bad4", training={"cached_val_dataset": ["/etc"]}))
+    assert cached.status_code == 422
+    assert "training.cached_val_dataset[0] must be inside DATA_ROOTS" in cached.json()["detail"]
     assert probed.http.get("/jobs").json()["total"] == before
 
     val = fake_dataset(workspace, "val")

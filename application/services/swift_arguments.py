@@ -55,7 +55,7 @@ MANAGED = {
 }
 
 # Arguments that name data sets or models: resolved by the pre-flight check like data_path / model_path.
-DATA_ARGUMENTS = frozenset({"dataset", "val_dataset", "cached_dataset"})
+DATA_ARGUMENTS = frozenset({"dataset", "val_dataset", "cached_dataset", "cached_val_dataset", "chord_sft_dataset"})
 MODEL_ARGUMENTS = frozenset({"ref_model", "reward_model", "teacher_model", "adapters", "ref_adapters",
                              "reward_adapters", "teacher_adapters"})  # fmt: skip
 # Named presets that need no file (ms-swift's own `swift/llm/ds_config/*.json`).
@@ -68,7 +68,8 @@ MAX_TEXT = 4096
 MAX_ITEMS = 256
 # ms-swift reads a string ending in these (or an absolute path) as a file to load: only the path-taking
 # arguments above may name files, inside the configured roots.
-_FILE_LIKE = re.compile(r"(^(/|~|\.{1,2}/))|(/\.\./)|(\.(txt|json|jsonl|yaml|yml|py|csv|sh|pkl|pt|bin)$)", re.I)
+# A `.` or `..` component names a folder relative to swift's (the job's folder), or above it.
+_FILE_LIKE = re.compile(r"(^(/|~))|((^|/)\.{1,2}(/|$))|(\.(txt|json|jsonl|yaml|yml|py|csv|sh|pkl|pt|bin)$)", re.I)
 _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
