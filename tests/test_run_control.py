@@ -228,7 +228,10 @@ async def test_preemption_with_two_gpus_and_three_priorities(app_factory: Callab
         urgent = await wait_job(client, "urgent", lambda j: j["status"] == "running", timeout=20)
         assert urgent["gpu_ids"] == low_gpu
         low = (await client.get("/jobs/low")).json()
-        assert low["status"] == "queued" and low["resume_from"].endswith(("checkpoint-5", "checkpoint-10"))
+        # Its last checkpoint (every 5 steps) before the preemption stopped it: how far it got depends on the
+        # machine's load, not on the scheduler.
+        step = int(low["resume_from"].rpartition("/checkpoint-")[2]) if low["status"] == "queued" else -1
+        assert step % 5 == 0 and 5 <= step <= low["progress"]["current_step"], low
         assert (await client.get("/jobs/mid")).json()["status"] == "running"
         low_events = (await client.get("/jobs/low/events")).json()["events"]
         assert any(e["type"] == "preempted" and "urgent" in e["message"] for e in low_events)
