@@ -141,7 +141,8 @@ def test_a_runner_and_its_run_killed_while_no_scheduler_runs_are_never_left_runn
              what="the runner and its run to die")  # fmt: skip
     second = server_factory(prefix=first.prefix, workdir=tmp_path)
     final = second.wait_status("vanished", "failed", "completed", "stopped", timeout=15)
-    assert final["status"] == "failed" and "runner" in final["error_message"], final["error_message"]
+    assert final["status"] == "failed" and final["error_code"] == "runner_lost", final
+    assert "how it died is known only to the scheduler that started it" in final["error_message"]
     assert second.http.get("/jobs", params={"status": "running"}).json()["total"] == 0
     assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
 

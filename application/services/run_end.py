@@ -92,7 +92,11 @@ def runner_lost(returncode: int | None, pid: int | None) -> RunEnd:
     elif returncode is not None:
         error = f"runner exited with code {returncode} before recording the end of the run"
     else:
-        error = f"the runner (pid {pid}) died without recording the end of the run"
+        # Only a runner's parent learns how it ended.
+        error = (
+            f"the runner (pid {pid}) died without recording the end of the run (how it died is known only "
+            "to the scheduler that started it, which has stopped or restarted since, or runs on another host)"
+        )
     return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_lost")
 
 
