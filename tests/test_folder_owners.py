@@ -49,7 +49,14 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         checkpoint = make_model(output / "alicefast" / "v0-x" / "checkpoint-6")
 
         # Bob's job may not be that folder, lie inside it, or hold it (its artifacts would list alice's files).
-        for name in ("alicefast", "alicefast/sub", "alicefast/v0-x/checkpoint-6", "team1", "./team1/run/../run"):
+        for name in (
+            "alicefast",
+            "alicefast/sub",
+            "alicefast/v0-x/checkpoint-6",
+            "team1",
+            "./team1/run/../run",
+            "alicefast/v0-x/checkpoint-6/config.json",
+        ):  # a file of hers: not said to be one
             status, text = await create(BOB_KEY, name)
             assert status == 409 and FOREIGN in text and "choose another folder" in text, (name, text)
         # Nor read from it: a model, or a path-taking training argument, whether or not the path exists (the

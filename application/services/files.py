@@ -37,6 +37,7 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.owner_slots import upload_slots
 from application.services.preflight import check_dataset
+from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, receive_upload
 
 UPLOADS_DIR = "uploads"
@@ -306,6 +307,22 @@ class FileStore:
             if inside and path.relative_to(root).parts[0] != own and not caller.is_admin:
                 raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
         return self._upload_ids(values)
+
+    async def with_upload_paths(
+        self, data_path: str, extra: dict[str, Any], caller: Caller
+    ) -> tuple[str, dict[str, Any]]:
+        """A create's data_path and extra training arguments with the uploaded files they name (`file-<id>`) as
+        their stored paths (a file this caller may not use is refused)."""
+        data_path = await self.resolve_file_ref(data_path, caller) or data_path
+        for name in DATA_ARGUMENTS:
+            value = extra.get(name)
+            if value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            resolved = [await self.resolve_file_ref(v, caller, f"training.{name}") or v if isinstance(v, str) else v
+                        for v in items]  # fmt: skip
+            extra[name] = resolved if isinstance(value, list) else resolved[0]
+        return data_path, extra
 
     async def resolve_file_ref(self, value: str, caller: Caller, field: str = "data_path") -> str | None:
         """The stored path of an uploaded file named by its id, for a job's data set fields.

@@ -58,6 +58,7 @@ class Refusal(str, Enum):
     WAITING_CAP = "waiting_cap"
     UPLOAD_GONE = "upload_gone"
     FOREIGN_FOLDER = "foreign_folder"
+    OUTPUT_IS_FILE = "output_is_file"
 
 
 class TransitionRefused(Exception):

@@ -130,9 +130,11 @@ if a.cap then
   if waiting >= a.cap then return {'waiting_cap', '', tostring(waiting)} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
+-- Whose folder it lies in comes first: neither a job there nor a file is any of this caller's business.
+if a.folder.check and foreign_folder(a.folder, k.folder_owners, k.folders) then return {'foreign_folder'} end
 local holder = redis.call('HGET', k.output_dirs, a.output_dir)
 if holder then return {'output_dir_busy', '', holder} end
-if a.folder.check and foreign_folder(a.folder, k.folder_owners, k.folders) then return {'foreign_folder'} end
+if a.folder.is_file then return {'output_is_file'} end
 for i, file in ipairs(k.upload_files or {}) do
   if redis.call('EXISTS', file) == 0 then return {'upload_gone', '', a.uploads[i]} end
 end

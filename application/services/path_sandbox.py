@@ -161,9 +161,8 @@ def _with_sample(path: str, sample: int | None) -> str:
     return f"{path}#{sample}" if sample is not None else path
 
 
-def resolve_output_dir(requested: str, root: Path, guard: Guard | None = None) -> Path:
-    """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it, and it
-    is a folder (or not there yet), not a file."""
+def resolve_output_dir(requested: str, root: Path) -> Path:
+    """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     check_text("output_dir", requested)
     root = _real_roots((root,))[0]
     candidate = Path(requested)
@@ -174,15 +173,16 @@ def resolve_output_dir(requested: str, root: Path, guard: Guard | None = None) -
         raise Invalid(
             f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
         )
-    if guard is not None:
-        guard("output_dir", requested, resolved)
-    try:
-        is_file = not stat.S_ISDIR(os.stat(resolved).st_mode)
-    except OSError:
-        is_file = False  # not there yet (or unreadable: the run's own mkdir says so)
-    if is_file:
-        raise Invalid(f"output_dir '{requested}' is a file: name a folder (one that does not exist yet is made)")
     return resolved
+
+
+def is_file(path: Path) -> bool:
+    """Something that is not a folder is there (not there yet, or unreadable: no; the run's own mkdir says so).
+    Not an answer to give as it is: whose folder it lies in is checked first (folder_owners)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def real_output_root(root: Path) -> Path:

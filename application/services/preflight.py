@@ -26,7 +26,7 @@ from typing import Any
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
-from application.services.path_sandbox import Guard, is_hub_id, resolve, resolve_output_dir
+from application.services.path_sandbox import Guard, is_file, is_hub_id, resolve, resolve_output_dir
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
 
@@ -299,6 +299,7 @@ class CheckedRequest:
     output_dir: Path
     dataset: DatasetInfo | None
     arguments: dict[str, Any] = field(default_factory=dict)
+    output_is_file: bool = False  # refused when the job is stored, after the check of whose folder it is in
 
 
 def check_request(
@@ -315,8 +316,8 @@ def check_request(
     guard: Guard | None = None,
 ) -> CheckedRequest:
     """The path sandbox (with `guard`, see path_sandbox.Guard), then the data set and model checks.
-    Synchronous (touches the disk): run it in a thread (always, with a guard)."""
-    out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT, guard)
+    Synchronous (touches the disk): run it in a thread (a guard may be called only there)."""
+    out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
     data = resolve("data_path", data_path, settings.data_roots(), data=True, base=PROJECT_ROOT,
                    setting="DATA_ROOTS", guard=guard)  # fmt: skip
     model = resolve("model_path", model_path, settings.model_roots(), data=False, base=PROJECT_ROOT,
@@ -325,7 +326,8 @@ def check_request(
     if model.path is not None:
         check_model("model_path", model.path, model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
-                          resolve_arguments(arguments or {}, settings, preference=preference, guard=guard))  # fmt: skip
+                          resolve_arguments(arguments or {}, settings, preference=preference, guard=guard),
+                          is_file(out))  # fmt: skip
 
 
 def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool) -> bool:

@@ -114,21 +114,6 @@ class TrainingService:
             self._swift = (stamp, SwiftInfo.from_json(probe) if probe else None)
         return self._swift[1]
 
-    async def _uploaded(self, req: JobCreate, caller: Caller) -> tuple[str, dict[str, Any]]:
-        """data_path and the extra training arguments with uploaded files (`file-<id>`) named by their stored
-        paths (a file this caller may not use is refused)."""
-        data_path = await self.files.resolve_file_ref(req.data_path, caller) or req.data_path
-        extra = req.training.extra_arguments
-        for name in DATA_ARGUMENTS:
-            value = extra.get(name)
-            if value is None:
-                continue
-            field = f"training.{name}"
-            resolved = [await self.files.resolve_file_ref(v, caller, field) or v if isinstance(v, str) else v
-                        for v in _as_list(value)]  # fmt: skip
-            extra[name] = resolved if isinstance(value, list) else resolved[0]
-        return data_path, extra
-
     async def _fits(self, job: Job, snapshot: GpuSnapshot, ctx: CreateContext) -> tuple[bool, ClusterView | None]:
         """Would a pass start this job now (and the view it planned on, when it needed one)? Cheap when the
         answer is plainly no (not enough free GPUs), or plainly yes (a CPU-only job: every pass starts those)."""
@@ -177,7 +162,7 @@ class TrainingService:
         if cap and caller.name is not None and req.num_gpus > cap:
             raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
         require_usable_swift(meta)
-        data_path, extra = await self._uploaded(req, caller)
+        data_path, extra = await self.files.with_upload_paths(req.data_path, req.training.extra_arguments, caller)
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
@@ -195,8 +180,8 @@ class TrainingService:
             template=req.training.template, settings=self.settings, info=swift,
             preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments, guard=guard,
         )  # fmt: skip
-        inline = guard is None and runs_inline(data_path, req.model_path, arguments,
-                                               output_on_local_disk=self.output_on_local_disk)  # fmt: skip
+        # Inline, no path but the output folder's is looked at: the guard is never called.
+        inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=self.output_on_local_disk)
         checked = check() if inline else await asyncio.to_thread(check)
         # Uploads named by their path are recorded with the job (another owner's is refused: their folder also
         # lies inside DATA_ROOTS).
@@ -225,6 +210,7 @@ class TrainingService:
         message = "Training job created" if fits else "Training job created and added to the GPU queue"
         folder = folder_arg(checked.output_dir, real_output_root(self.settings.OUTPUT_ROOT), caller.name)
         folder["check"] = guard is not None
+        folder["is_file"] = checked.output_is_file
         for attempt in range(1, 1000):
             try:
                 position = await self.store.create(job, message=message, actor=caller.actor,
@@ -239,6 +225,9 @@ class TrainingService:
                                   "upload it again (POST /files)") from None  # fmt: skip
                 if exc.reason == Refusal.FOREIGN_FOLDER:
                     raise foreign_output_dir(req.output_dir) from None
+                if exc.reason == Refusal.OUTPUT_IS_FILE:
+                    raise Invalid(f"output_dir '{req.output_dir}' is a file: name a folder (one that does not exist "
+                                  "yet is made)") from None  # fmt: skip
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     holder = exc.detail if caller.owns(await self.store.get_field(exc.detail or "", "owner")) else None
                     raise Conflict(
