@@ -64,15 +64,17 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         answers: list[str] = []
         for where, value in [("model_path", str(checkpoint)), ("model_path", str(output / "alicefast" / "nope")),
                              ("model_path", "output/alicefast/v0-x/checkpoint-6"),
-                             ("model_path", "alicefast/v0-x/checkpoint-6"), ("model_path", str(output)),
+                             ("model_path", "alicefast/v0-x/checkpoint-6"),
                              ("training", {"adapters": str(checkpoint)})]:  # fmt: skip
             status, text = await create(BOB_KEY, f"bob-{len(answers)}", **{where: value})
             assert status == 422 and FOREIGN in text, (where, value, text)
             answers.append(text.replace(str(value), "X") if isinstance(value, str) else text)
         assert answers[0] == answers[1], answers
-        # Nor a folder that holds OUTPUT_ROOT (here DATA_ROOTS is the folder OUTPUT_ROOT lies in).
+        # Nor OUTPUT_ROOT, or a folder that holds it (here DATA_ROOTS is the folder OUTPUT_ROOT lies in).
         status, text = await create(BOB_KEY, "bob-data", training={"val_dataset": [str(tmp_path)]})
-        assert status == 422 and "holds OUTPUT_ROOT" in text, text
+        assert status == 422 and "is or holds OUTPUT_ROOT" in text, text
+        status, text = await create(BOB_KEY, "bob-root", model_path=str(output))
+        assert status == 422 and "is or holds OUTPUT_ROOT" in text, text
         # A file where a folder is asked for is said to be one: asked by its owner, who may know.
         status, text = await create(ALICE_KEY, "alicefast/v0-x/checkpoint-6/config.json")
         assert status == 422 and "is a file" in text, text

@@ -4,12 +4,13 @@ Every job's output folder is recorded with its owner when the job is created (`K
 after the job goes, as its files stay). A caller with a key that is not an admin's is then refused
 
 * an `output_dir` that is another owner's job folder, lies inside one, or holds one (its artifacts would
-  list the other job's files, its runs write among them), checked again atomically when the job is stored;
+  list the other job's files, its runs write among them): by the create script, atomically with the store,
+  before it says that a job or a file is there;
 * a model, data set or training argument path inside OUTPUT_ROOT that overlaps another owner's job folder
-  (their checkpoints, merged models, logs).
+  (their checkpoints, merged models, logs), or that holds OUTPUT_ROOT: by `FolderGuard`, which the path
+  sandbox calls before it looks at whether the path exists, so its answer is the same either way.
 
-The check runs before anything looks at whether the path exists, so its answer is the same either way. Jobs
-without an owner (created while no keys were configured) count as another owner's for every key but an
+Jobs without an owner (created while no keys were configured) count as another owner's for every key but an
 admin's. Without keys, nothing is refused, but every folder is recorded, for when keys are configured.
 """
 
@@ -59,17 +60,15 @@ class FolderGuard:
         self._loop_thread = threading.get_ident()
 
     def __call__(self, field: str, value: str, real: Path) -> None:
-        if real in self.root.parents:
-            raise Invalid(f"{field} '{value}' holds OUTPUT_ROOT, and with it every owner's job folders: name a "
+        if real == self.root or real in self.root.parents:
+            raise Invalid(f"{field} '{value}' is or holds OUTPUT_ROOT, and with it every owner's job folders: name a "
                           "path inside MODEL_ROOTS / DATA_ROOTS, or one of your own jobs' outputs")  # fmt: skip
-        if real != self.root and self.root not in real.parents:
+        if self.root not in real.parents:
             return
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("FolderGuard reads Redis through the event loop: call it from a worker thread")
         arg = folder_arg(real, self.root, self.owner)
-        if real == self.root or asyncio.run_coroutine_threadsafe(self.read(arg), self.loop).result(READ_TIMEOUT):
-            if field == "output_dir":
-                raise foreign_output_dir(value)
+        if asyncio.run_coroutine_threadsafe(self.read(arg), self.loop).result(READ_TIMEOUT):
             raise Invalid(f"{field} '{value}' overlaps the folder of another owner's job (under OUTPUT_ROOT): use "
                           "your own jobs' outputs, or a path inside MODEL_ROOTS / DATA_ROOTS")  # fmt: skip
 
