@@ -83,6 +83,36 @@ def test_log_stream_resumes_from_last_event_id_without_loss_or_repeat(server: Ap
     assert ids[-1] == len(log)
 
 
+def test_a_log_stream_reads_each_runs_log_to_its_end_before_the_next(server: ApiServer, workspace: Path) -> None:
+    # The first run is killed at step 8 (as the OOM killer would); the retry resumes in a log of its own.
+    body = job_body(workspace, "twice", step_seconds=0.1, sigkill_at_step=8, auto_start=True, max_retries=1,
+                    training={"max_steps": 20, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+    assert server.create(**body).json()["status"] == "running"
+    got = read(server, "/jobs/twice/logs/stream", stop=lambda got: False, timeout=90)
+    assert got[-1].event == "end" and json.loads(got[-1].data) == {"status": "completed"}
+    job = server.job("twice")
+    logs = [Path(a["log_file"]).read_bytes() for a in job["attempts"]]
+    assert len(logs) == 2 and logs[0] and logs[1]
+    expected = []
+    for log in logs:  # every line of both, the first log's unended last line too
+        lines = log.split(b"\n")
+        expected += [_visible(raw) for raw in lines[:-1]] + ([_visible(lines[-1])] if lines[-1] else [])
+    assert [m.data for m in data_of(got)] == expected
+
+
+def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: ApiServer, workspace: Path) -> None:
+    server.create(**job_body(workspace, "odd", auto_start=True, training={"max_steps": 3, "logging_steps": 1}))
+    wait_for(lambda: server.job("odd")["status"] == "completed")
+    whole = {p: data_of(read(server, f"/jobs/odd/{p}/stream", stop=lambda got: False)) for p in ("logs", "progress")}
+    for path, messages in whole.items():
+        # '²' is a digit to str.isdigit(), not to int(): the stream used to end empty with an error logged.
+        with httpx.Client(base_url=server.base, timeout=30) as http:
+            r = http.get(f"/jobs/odd/{path}/stream", headers={"Last-Event-ID": b"\xb2"})
+        assert r.status_code == 200
+        again = data_of(list(sse(iter(r.text.splitlines()))))
+        assert [m.data for m in again] == [m.data for m in messages] and messages, path
+
+
 def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace: Path) -> None:
     training = {"max_steps": 40, "logging_steps": 2, "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2}
     body = job_body(workspace, "evp", step_seconds=0.05, auto_start=True, training=training)

@@ -29,6 +29,8 @@ LOG_CHUNK = 64 * 1024
 MAX_LINE = 16 * 1024
 EVENTS_BATCH = 100
 _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+# ASCII digits only: str.isdigit() takes '²', which int() refuses.
+_NUMBER = re.compile(r"[0-9]{1,18}")
 HISTORY_TAIL = 200
 # The job's status is read every few polls: it only decides when the stream ends.
 STATUS_EVERY = 2.0
@@ -107,18 +109,25 @@ class Streams:
 
     async def logs(self, job_id: str, kind: str, last_id: str | None) -> AsyncIterator[str]:
         """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect."""
-        offset = int(last_id) if last_id and last_id.isdigit() else 0
+        offset = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else 0
         path = await self._log_path(job_id, kind)
         partial = b""
+        following: str | None = None  # the log of the run after this one: read once this one is read to its end
         pace = _Pace(self.poll, self.heartbeat)
         while True:
             check, beat = pace.tick()
             if check:
                 current = await self._log_path(job_id, kind)
                 if current != path:
-                    offset, partial, path = 0, b"", current  # a new run writes a new log (.../logs?attempt=N)
+                    following = current  # a new run writes a new log (.../logs?attempt=N)
+            size = _size(path) if path else None
+            if following is not None and size in (None, offset):
+                if partial:  # the old log's last line, which no newline will end now
+                    yield message(_visible(partial), event_id=str(offset))
+                offset, partial, path, following = 0, b"", following, None
+                size = _size(path) if path else None
             data = b""
-            if path and _size(path) != offset:
+            if path and size != offset:
                 data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK)
                 if data and end - len(data) < offset:
                     partial = b""  # the file was replaced: read again from its start
@@ -140,6 +149,11 @@ class Streams:
             if not (sent or len(data) == LOG_CHUNK):
                 if check:
                     over, status = await self._ended(job_id, kind)
+                    # Over, but with what was written before the end still unread (the status was read after
+                    # the log): one more round.
+                    if over and (following is not None or (path and _size(path) != offset)):
+                        over = False
+                        pace.sent = True
                     if over:
                         if partial:
                             yield message(_visible(partial), event_id=str(offset))
@@ -169,9 +183,11 @@ class Streams:
             if not batch:
                 if check:
                     over, status = await self._ended(job_id, "train")
-                    if over:
+                    # The end's own event is written with the status: read after it, nothing is missed.
+                    if over and not await self.store.events(job_id, after, 1):
                         yield message(json.dumps({"status": status}), event="end")
                         return
+                    pace.sent = pace.sent or over
                 if beat:
                     yield ": keep-alive\n\n"
             await pace.sleep(bool(batch))
@@ -206,9 +222,11 @@ class Streams:
             else:
                 if check:
                     over, status = await self._ended(job_id, "train")
-                    if over:
+                    # Points the runner wrote before it recorded the end, after the marker was read: one more round.
+                    if over and await self.store.history_marker(job_id) == newest:
                         yield message(json.dumps({"status": status, **await self._progress(job_id)}), event="end")
                         return
+                    pace.sent = pace.sent or over
                 if beat:
                     yield ": keep-alive\n\n"
             await pace.sleep(bool(fresh))
@@ -225,6 +243,6 @@ def _point_id(raw: str | None) -> tuple[int, int]:
     if not raw:
         return (0, -1)
     step, _, k = raw.partition("-")
-    if not step.isdigit():
+    if not _NUMBER.fullmatch(step):
         return (0, -1)
-    return (int(step), int(k) if k.isdigit() else 1_000_000)
+    return (int(step), int(k) if _NUMBER.fullmatch(k) else 1_000_000)
