@@ -188,3 +188,45 @@ def test_a_pinned_post_keeps_the_name_for_the_host_header_and_tls() -> None:
     assert str(url) == "http://93.184.215.14/x" and headers == {"Host": "hooks.example.com"}
     assert [is_public(a) for a in ("93.184.215.14", "127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1%eth0")] == [
         True, False, False, False, False]  # fmt: skip
+
+
+async def test_a_job_naming_the_operators_url_cannot_silence_it(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    hook = receiver({})  # on loopback: a job's own URL there is refused, the operator's is not
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_URLS=hook.url, WEBHOOK_SECRET=SECRET) as client:
+        body = job_body(tmp_path, "same", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await until(lambda: {"status_completed", "export_completed"} <= set(hook.events()))
+        assert hook.events().count("status_completed") == 1  # posted once, as the operator's
+        events = (await client.get("/jobs/same/events")).json()["events"]
+        assert not [e for e in events if e["type"] == "webhook_failed"], events
+
+
+async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with_the_same_ids(
+    redis_client: Any, tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    from application.services.cluster_store import ClusterStore
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+    from application.services.webhooks import Webhooks
+    from tests.conftest import settings_for
+
+    hook = receiver({})
+    settings = settings_for("redis://unused", tmp_path, WEBHOOK_URLS=hook.url)
+    keys = Keys(f"hooks-{time.time_ns()}")
+    cluster = ClusterStore(redis_client, keys)
+    items = [json.dumps({"job_id": f"j{i}", "event": "status_completed", "at": i}) for i in range(3)]
+    for raw in items:  # as the status changes queue them
+        await redis_client.lpush(keys.webhooks, raw)
+    # The leader took the first two, and died before it delivered them.
+    assert [await cluster.take_webhook(), await cluster.take_webhook()] == items[:2]
+    await cluster.requeue_webhook_deliveries()
+    assert [await cluster.take_webhook() for _ in range(3)] == items  # oldest first, as before
+    hooks = Webhooks(JobStore(redis_client, keys), cluster, settings)
+    for raw in (items[0], items[0], items[1]):  # the first delivered twice (at least once)
+        await hooks._slots.acquire()
+        await hooks._deliver(raw)
+    ids = [h["x-swift-api-delivery"] for h, _, _ in hook.received]
+    assert ids[0] == ids[1] != ids[2], ids

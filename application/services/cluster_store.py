@@ -313,7 +313,8 @@ class ClusterStore:
 
     async def requeue_webhook_deliveries(self) -> None:
         """What a previous leader was delivering when it went, back in the queue (delivered at least once)."""
-        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "RIGHT", "RIGHT"):
+        # The newest taken first, each to the end deliveries are taken from: the oldest goes out first again.
+        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "LEFT", "RIGHT"):
             pass
 
     async def take_webhook(self) -> str | None:

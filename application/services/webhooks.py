@@ -20,7 +20,6 @@ import hmac
 import ipaddress
 import json
 import socket
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,14 +95,19 @@ class Webhooks:
     async def _deliver(self, raw: str) -> None:
         try:
             item = json.loads(raw)
-            targets = [*self.urls, *([item["hook"]] if item.get("hook") else [])]
+            # The operator's URLs are posted as they are; a job's own URL is checked (`own`), unless it is one
+            # of the operator's (then it is posted once, as theirs: a job must not be able to silence it).
+            targets = dict.fromkeys(self.urls, False)
+            if item.get("hook"):
+                targets.setdefault(item["hook"], True)
             job = json.loads(item["summary"]) if item.get("summary") else None
             body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": item.get("at") or None,
                                "job": job}).encode()  # fmt: skip
-            delivery = uuid.uuid4().hex
+            # From the notification itself: the same id when a new leader delivers it again (at least once).
+            delivery = hashlib.sha256(raw.encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
-                for url in dict.fromkeys(targets):
-                    await self._post(client, url, body, item, delivery, own=url == item.get("hook"))
+                for url, own in targets.items():
+                    await self._post(client, url, body, item, delivery, own=own)
             await self.cluster.webhook_delivered(raw)
         except asyncio.CancelledError:
             raise
