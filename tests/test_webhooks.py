@@ -228,5 +228,9 @@ async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with
     for raw in (items[0], items[0], items[1]):  # the first delivered twice (at least once)
         await hooks._slots.acquire()
         await hooks._deliver(raw)
+    # Two notifications alike in all but their own id (a job paused twice at one step) are two deliveries.
+    for n in (1, 2):
+        await hooks._slots.acquire()
+        await hooks._deliver(json.dumps({"job_id": "j", "event": "status_paused", "at": "", "id": f"j/{n}-0"}))
     ids = [h["x-swift-api-delivery"] for h, _, _ in hook.received]
-    assert ids[0] == ids[1] != ids[2], ids
+    assert ids[0] == ids[1] != ids[2] and ids[3] != ids[4], ids

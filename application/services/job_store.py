@@ -432,7 +432,8 @@ class JobStore:
             on, hook_raw, summary = await pipe.execute()
         hook = json.loads(hook_raw) if hook_raw else None
         if (on or hook) and summary:
-            item = {"job_id": job_id, "event": event, "hook": hook or "", "summary": summary, "at": repr(time.time())}
+            item = {"job_id": job_id, "event": event, "hook": hook or "", "summary": summary, "at": repr(time.time()),
+                    "id": f"{job_id}/{event}/{time.time_ns()}"}  # fmt: skip
             await self.r.lpush(k.webhooks, json.dumps(item))
 
     async def trim_history(self, job_id: str, up_to_step: int | None) -> None:

@@ -103,8 +103,8 @@ class Webhooks:
             job = json.loads(item["summary"]) if item.get("summary") else None
             body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": item.get("at") or None,
                                "job": job}).encode()  # fmt: skip
-            # From the notification itself: the same id when a new leader delivers it again (at least once).
-            delivery = hashlib.sha256(raw.encode()).hexdigest()[:32]
+            # The notification's own id (its event's): the same when a new leader delivers it again (at least once).
+            delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
                 for url, own in targets.items():
                     await self._post(client, url, body, item, delivery, own=own)
