@@ -98,6 +98,15 @@ def test_a_log_stream_reads_each_runs_log_to_its_end_before_the_next(server: Api
         lines = log.split(b"\n")
         expected += [_visible(raw) for raw in lines[:-1]] + ([_visible(lines[-1])] if lines[-1] else [])
     assert [m.data for m in data_of(got)] == expected
+    # Ids count on across the runs' logs, so a reconnect from anywhere, in either log, resumes exactly there.
+    ids = [int(m.id or 0) for m in data_of(got)]
+    assert ids == sorted(set(ids)) and ids[-1] == len(logs[0]) + len(logs[1])
+    for cut in (5, len(logs[0].split(b"\n")) - 2, len(ids) - 3):
+        rest = read(server, "/jobs/twice/logs/stream", last_id=str(ids[cut]), stop=lambda got: False)
+        assert [m.data for m in data_of(rest)] == expected[cut + 1 :], cut
+    # A new stream starts with the current run's log, with the same ids.
+    fresh = data_of(read(server, "/jobs/twice/logs/stream", stop=lambda got: False))
+    assert [m.id for m in fresh] == [m.id for m in data_of(got)][-len(fresh) :] and fresh
 
 
 def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: ApiServer, workspace: Path) -> None:

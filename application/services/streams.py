@@ -108,24 +108,38 @@ class Streams:
         return status.is_terminal(), status.value
 
     async def logs(self, job_id: str, kind: str, last_id: str | None) -> AsyncIterator[str]:
-        """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect."""
-        offset = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else 0
-        path = await self._log_path(job_id, kind)
+        """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect.
+
+        A job run again (resumed, retried) writes a new log per run: offsets count on across them (a run's log
+        starts where the one before ended), so an id says which run's log it is in. A new stream starts with
+        the current run's log; each log is read to its end before the next one's."""
+        wanted = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else None
+        runs = await self._run_logs(job_id, kind)
+        # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
+        base, ahead = 0, list(runs)
+        if wanted is None:
+            base = sum(_size(done) or 0 for done in runs[:-1])
+            ahead = runs[-1:]
+        else:
+            while len(ahead) > 1 and wanted >= base + (length := _size(ahead[0]) or 0):
+                base += length
+                ahead.pop(0)
+        path = ahead.pop(0) if ahead else None
+        offset = max(0, (wanted or 0) - base) if wanted is not None else 0
         partial = b""
-        following: str | None = None  # the log of the run after this one: read once this one is read to its end
         pace = _Pace(self.poll, self.heartbeat)
         while True:
             check, beat = pace.tick()
             if check:
                 current = await self._log_path(job_id, kind)
-                if current != path:
-                    following = current  # a new run writes a new log (.../logs?attempt=N)
+                if current and current != path and current not in ahead:
+                    ahead.append(current)  # a new run writes a new log (.../logs?attempt=N)
             size = _size(path) if path else None
-            if following is not None and size in (None, offset):
-                if partial:  # the old log's last line, which no newline will end now
-                    yield message(_visible(partial), event_id=str(offset))
-                offset, partial, path, following = 0, b"", following, None
-                size = _size(path) if path else None
+            if ahead and size in (None, offset):
+                if partial:  # this log's last line, which no newline will end now
+                    yield message(_visible(partial), event_id=str(base + offset))
+                base, offset, partial, path = base + offset, 0, b"", ahead.pop(0)
+                size = _size(path)
             data = b""
             if path and size != offset:
                 data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK)
@@ -134,7 +148,7 @@ class Streams:
                 offset = end
             sent = False
             buf = partial + data
-            start = offset - len(buf)
+            start = base + offset - len(buf)
             while True:
                 cut = buf.find(b"\n")
                 if cut < 0 and len(buf) > MAX_LINE:
@@ -151,17 +165,26 @@ class Streams:
                     over, status = await self._ended(job_id, kind)
                     # Over, but with what was written before the end still unread (the status was read after
                     # the log): one more round.
-                    if over and (following is not None or (path and _size(path) != offset)):
+                    if over and (ahead or (path and _size(path) != offset)):
                         over = False
                         pace.sent = True
                     if over:
                         if partial:
-                            yield message(_visible(partial), event_id=str(offset))
+                            yield message(_visible(partial), event_id=str(base + offset))
                         yield message(json.dumps({"status": status}), event="end")
                         return
                 if beat:
                     yield ": keep-alive\n\n"
             await pace.sleep(sent)
+
+    async def _run_logs(self, job_id: str, kind: str) -> list[str]:
+        """The logs of the job's runs, oldest first, the current one last (an export has one)."""
+        current = await self._log_path(job_id, kind)
+        if kind == "export":
+            return [current] if current else []
+        raw = (await self.store.get_fields([job_id], ["attempts"]))[0][0]
+        logs = [a["log_file"] for a in (json.loads(raw) or [] if raw else []) if a.get("log_file")]
+        return list(dict.fromkeys([*logs, *([current] if current else [])]))
 
     async def _log_path(self, job_id: str, kind: str) -> str | None:
         log_raw, export_raw = (await self.store.get_fields([job_id], ["log_file", "export"]))[0]
