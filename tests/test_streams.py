@@ -116,7 +116,7 @@ def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: Ap
     for path, messages in whole.items():
         # '²' is a digit to str.isdigit(), not to int(): the stream used to end empty with an error logged.
         with httpx.Client(base_url=server.base, timeout=30) as http:
-            r = http.get(f"/jobs/odd/{path}/stream", headers={"Last-Event-ID": b"\xb2"})
+            r = http.get(f"/jobs/odd/{path}/stream", headers={b"Last-Event-ID": b"\xb2"})
         assert r.status_code == 200
         again = data_of(list(sse(iter(r.text.splitlines()))))
         assert [m.data for m in again] == [m.data for m in messages] and messages, path
