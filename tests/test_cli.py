@@ -145,6 +145,9 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
         paused = cli(server.port, "pause", "hog")
         assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
         assert server.job("hog")["status"] == "paused"
+        assert "will be redone" not in paused.stdout  # the steps lost are said once, in the message
+        shown = cli(server.port, "status", "hog")
+        assert shown.returncode == 0 and "paused" in shown.stdout and "eta" not in shown.stdout, shown.stdout
         resumed = cli(server.port, "resume", "hog")
         assert resumed.returncode == 0, resumed.stderr
         assert server.job("hog")["status"] in ("queued", "running")

@@ -100,7 +100,12 @@ def job_status(body: dict[str, Any]) -> RenderableType:
         ("queue", _wait(body)),
         ("step", steps(progress)),
         ("loss", number(progress.get("loss"))),
-        ("eta", progress.get("remaining_time") or duration(progress.get("remaining_seconds"))),
+        (
+            "eta",
+            (progress.get("remaining_time") or duration(progress.get("remaining_seconds")))
+            if body["status"] == "running"
+            else None,
+        ),
         ("created", when(body.get("created_at"))),
         ("started", when(body.get("started_at"))),
         ("finished", when(body.get("finished_at"))),
@@ -121,13 +126,9 @@ def job_status(body: dict[str, Any]) -> RenderableType:
 def action(body: dict[str, Any]) -> RenderableType:
     """The answer to create/stop/pause/resume/export: what happened, and where the job now stands."""
     line = Text.assemble(text(body["job_id"], "bold"), " ", status(body["status"]), ": ", text(body.get("message")))
-    # The message already names the checkpoint a pause or resume goes back to; the steps lost it does not.
-    details = [
-        _wait(body),
-        f"{body['lost_steps']} steps since that checkpoint will be redone" if body.get("lost_steps") else "",
-    ]
-    extra = [text(d, "dim") for d in details if d]
-    return Group(line, *extra) if extra else line
+    # The message already names the checkpoint a pause or resume goes back to, and the steps lost.
+    wait = _wait(body)
+    return Group(line, text(wait, "dim")) if wait else line
 
 
 def queue(body: dict[str, Any]) -> RenderableType:

@@ -50,8 +50,9 @@ class RunControl:
             where = (
                 f"{final.resume_from} (step {resume_step})" if final.resume_from else "the beginning (no checkpoint)"
             )
-            message = f"Paused: resumes from {where}" + (f"; {lost} step(s) since it will be trained again" if lost
-                                                         else "")  # fmt: skip
+            again = f"; the {lost} steps after it will be trained again" if lost != 1 else "; the step after it " \
+                "will be trained again"  # fmt: skip
+            message = f"Paused: resumes from {where}" + (again if lost else "")
         else:
             message = f"The run had already ended ({final.status.value})"
         return ActionResponse(job_id=job_id, status=final.status, message=message, resume_from=final.resume_from,
