@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 from application.services.streams import _visible
 from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
@@ -107,6 +108,34 @@ def test_a_log_stream_reads_each_runs_log_to_its_end_before_the_next(server: Api
     # A new stream starts with the current run's log, with the same ids.
     fresh = data_of(read(server, "/jobs/twice/logs/stream", stop=lambda got: False))
     assert [m.id for m in fresh] == [m.id for m in data_of(got)][-len(fresh) :] and fresh
+
+
+def test_a_log_stream_reads_the_logs_of_runs_that_came_and_went_between_its_looks(server: ApiServer,
+                                                                                 workspace: Path) -> None:  # fmt: skip
+    # Three short runs, each killed at its first step (no checkpoint: each retry starts again).
+    body = job_body(workspace, "brief", step_seconds=0.01, sigkill_at_step=1, auto_start=True, max_retries=2,
+                    training={"max_steps": 50, "logging_steps": 1})  # fmt: skip
+    server.create(**body)
+    got = read(server, "/jobs/brief/logs/stream", stop=lambda got: False, timeout=60)
+    assert got[-1].event == "end" and json.loads(got[-1].data) == {"status": "failed"}
+    logs = [Path(a["log_file"]).read_bytes() for a in server.job("brief")["attempts"]]
+    assert len(logs) == 3 and all(logs)
+    expected = []
+    for log in logs:
+        lines = log.split(b"\n")
+        expected += [_visible(raw) for raw in lines[:-1]] + ([_visible(lines[-1])] if lines[-1] else [])
+    assert [m.data for m in data_of(got)] == expected
+
+
+def test_the_log_stream_of_an_ended_job_whose_log_was_never_written_ends(server: ApiServer, workspace: Path,
+                                                                          redis_url: str) -> None:  # fmt: skip
+    # As when the runner could not be started: the job names a log that swift never created.
+    server.create(**job_body(workspace, "nolog"))
+    assert server.http.post("/jobs/nolog/stop").json()["status"] == "cancelled"
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(f"{server.prefix}:job:nolog", "log_file", json.dumps(str(workspace / "never.train.log")))
+    got = read(server, "/jobs/nolog/logs/stream", stop=lambda got: False, timeout=15)
+    assert got[-1].event == "end" and json.loads(got[-1].data) == {"status": "cancelled"} and not data_of(got)
 
 
 def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: ApiServer, workspace: Path) -> None:

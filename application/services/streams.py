@@ -131,14 +131,18 @@ class Streams:
         while True:
             check, beat = pace.tick()
             if check:
-                current = await self._log_path(job_id, kind)
-                if current and current != path and current not in ahead:
-                    ahead.append(current)  # a new run writes a new log (.../logs?attempt=N)
+                # A new run writes a new log (.../logs?attempt=N): every one after this, even a run that
+                # started and ended since the last look.
+                runs = await self._run_logs(job_id, kind)
+                later = runs[runs.index(path) + 1 :] if path in runs else runs
+                ahead += [log for log in later if log != path and log not in ahead]
             size = _size(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
                     yield message(_visible(partial), event_id=str(base + offset))
-                base, offset, partial, path = base + offset, 0, b"", ahead.pop(0)
+                # An export's logs are one log each (a rerun appends to its own): its ids start again.
+                base = 0 if kind == "export" else base + offset
+                offset, partial, path = 0, b"", ahead.pop(0)
                 size = _size(path)
             data = b""
             if path and size != offset:
@@ -165,7 +169,7 @@ class Streams:
                     over, status = await self._ended(job_id, kind)
                     # Over, but with what was written before the end still unread (the status was read after
                     # the log): one more round.
-                    if over and (ahead or (path and _size(path) != offset)):
+                    if over and (ahead or (path and _size(path) not in (None, offset))):
                         over = False
                         pace.sent = True
                     if over:
@@ -178,19 +182,16 @@ class Streams:
             await pace.sleep(sent)
 
     async def _run_logs(self, job_id: str, kind: str) -> list[str]:
-        """The logs of the job's runs, oldest first, the current one last (an export has one)."""
-        current = await self._log_path(job_id, kind)
+        """The logs of the job's runs, oldest first, the current one last (an export has one: the current)."""
+        log_raw, export_raw, attempts_raw = (await self.store.get_fields([job_id], ["log_file", "export", "attempts"]))[
+            0
+        ]
         if kind == "export":
+            current = (json.loads(export_raw) or {}).get("log_file") if export_raw else None
             return [current] if current else []
-        raw = (await self.store.get_fields([job_id], ["attempts"]))[0][0]
-        logs = [a["log_file"] for a in (json.loads(raw) or [] if raw else []) if a.get("log_file")]
+        logs = [a["log_file"] for a in (json.loads(attempts_raw) or [] if attempts_raw else []) if a.get("log_file")]
+        current = json.loads(log_raw) if log_raw else None
         return list(dict.fromkeys([*logs, *([current] if current else [])]))
-
-    async def _log_path(self, job_id: str, kind: str) -> str | None:
-        log_raw, export_raw = (await self.store.get_fields([job_id], ["log_file", "export"]))[0]
-        if kind == "export":
-            return (json.loads(export_raw) or {}).get("log_file") if export_raw else None
-        return json.loads(log_raw) if log_raw else None
 
     async def events(self, job_id: str, last_id: str | None) -> AsyncIterator[str]:
         """The job's events, `id:` the event id (the same ids as GET .../events)."""
