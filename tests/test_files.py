@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -330,3 +331,16 @@ async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_thei
         assert refused.status_code == 409 and "old" in refused.json()["detail"], refused.text
         assert (await client.post("/jobs/old/stop")).status_code == 200
         assert (await client.delete(f"/files/{f['id']}")).status_code == 204
+
+
+async def test_a_user_may_not_name_a_folder_that_holds_everyones_uploads(redis_client: aioredis.Redis,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    files = FileStore(settings_for("redis://unused", tmp_path), redis_client, Keys("t"))
+    root = files.real_root  # <first of DATA_ROOTS>/uploads, one folder per owner inside
+    bob, admin = Caller("bob", "user"), Caller("root", "admin")
+    for value in (str(root / "alice" / "x.jsonl"), str(root), str(root.parent), str(root.parent) + "#5"):
+        with pytest.raises(Invalid) as exc:
+            files.uploads_named([value], bob)  # a folder data set: swift would read every file in it
+        assert "another owner's upload" in exc.value.detail or "holds the uploads of every owner" in exc.value.detail
+    assert files.uploads_named([str(root / "bob" / "x.jsonl"), str(tmp_path / "other" / "y.jsonl")], bob) == []
+    assert files.uploads_named([str(root), str(root.parent)], admin) == []

@@ -303,9 +303,13 @@ class FileStore:
         own = owner_folder(caller.name)
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            inside = path.is_absolute() and root in path.parents
-            if inside and path.relative_to(root).parts[0] != own and not caller.is_admin:
+            if caller.is_admin or not path.is_absolute():
+                continue
+            if root in path.parents and path.relative_to(root).parts[0] != own:
                 raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
+            if path == root or path in root.parents:  # a folder data set: swift would read every file in it
+                raise Invalid(f"{value} holds the uploads of every owner: name your own upload (its file id) or a "
+                              "file or folder inside DATA_ROOTS that holds none")  # fmt: skip
         return self._upload_ids(values)
 
     async def with_upload_paths(
