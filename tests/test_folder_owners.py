@@ -177,3 +177,19 @@ async def test_a_folder_recorded_since_an_upgrade_goes_to_the_owner_of_its_first
     assert await store.r.hget(store.keys.folder_owners, "/out/old") == "root"
     await store.folders.backfill()
     assert await store.r.hget(store.keys.folder_owners, "/out/old") == "alice"
+
+
+async def test_a_guard_whose_read_does_not_come_back_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    from application.exceptions import Unavailable
+    from application.services import folder_owners
+
+    async def stuck(_: dict[str, Any]) -> str | None:
+        await asyncio.sleep(5)
+        return None
+
+    monkeypatch.setattr(folder_owners, "READ_TIMEOUT", 0.2)
+    guard = folder_owners.FolderGuard(Path("/out"), "bob", stuck, asyncio.get_running_loop())
+    with pytest.raises(Unavailable, match="try again"):
+        await asyncio.to_thread(guard, "model_path", "/out/a/m", Path("/out/a/m"))
+    with pytest.raises(RuntimeError, match="worker thread"):
+        guard("model_path", "/out/a/m", Path("/out/a/m"))  # on the loop it would wait for itself

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from application.exceptions import Conflict, Invalid
+from application.exceptions import Conflict, Invalid, Unavailable
 from application.services import lua
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
@@ -67,8 +67,13 @@ class FolderGuard:
             return
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("FolderGuard reads Redis through the event loop: call it from a worker thread")
-        arg = folder_arg(real, self.root, self.owner)
-        if asyncio.run_coroutine_threadsafe(self.read(arg), self.loop).result(READ_TIMEOUT):
+        future = asyncio.run_coroutine_threadsafe(self.read(folder_arg(real, self.root, self.owner)), self.loop)
+        try:
+            foreign = future.result(READ_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable(f"Redis did not answer within {READ_TIMEOUT:g} s: try again") from None
+        if foreign:
             raise Invalid(f"{field} '{value}' overlaps the folder of another owner's job (under OUTPUT_ROOT): use "
                           "your own jobs' outputs, or a path inside MODEL_ROOTS / DATA_ROOTS")  # fmt: skip
 

@@ -183,9 +183,8 @@ class Streams:
 
     async def _run_logs(self, job_id: str, kind: str) -> list[str]:
         """The logs of the job's runs, oldest first, the current one last (an export has one: the current)."""
-        log_raw, export_raw, attempts_raw = (await self.store.get_fields([job_id], ["log_file", "export", "attempts"]))[
-            0
-        ]
+        fields = await self.store.get_fields([job_id], ["log_file", "export", "attempts"])
+        log_raw, export_raw, attempts_raw = fields[0]
         if kind == "export":
             current = (json.loads(export_raw) or {}).get("log_file") if export_raw else None
             return [current] if current else []
