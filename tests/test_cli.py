@@ -91,6 +91,7 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     listing = cli(server.port, "ls").stdout
     row = next((line for line in listing.splitlines() if line.split()[:1] == ["later"]), listing)
     assert "~1:30:00 time_limit" in row, row
+    assert row.split()[3:5] == ["1", "gpu"], row  # asked for, not held: not to be read as GPU #1
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")

@@ -56,8 +56,13 @@ def steps(progress: dict[str, Any]) -> str:
 
 
 def gpus(job: dict[str, Any]) -> str:
+    """The GPUs a running job holds ("0,1"), else how many it asks for ("2 gpus", "cpu"): a bare count read
+    like a GPU's index, and a job that ended no longer holds the GPUs its record names."""
     ids = job.get("gpu_ids") or []
-    return ",".join(map(str, ids)) if ids else str(job.get("num_gpus", ""))
+    if ids and job.get("status") == "running":
+        return ",".join(map(str, ids))
+    n = int(job.get("num_gpus") or 0)
+    return "cpu" if n == 0 else f"{n} gpu" + ("s" if n > 1 else "")
 
 
 def estimate(job: dict[str, Any]) -> str:
