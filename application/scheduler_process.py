@@ -99,6 +99,7 @@ class Scheduler:
                         logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
                     if recorded := await self.watchdog.files.backfill_users(self.store):
                         logger.info("recorded {} upload(s) read by active jobs", recorded)
+                    await self.cluster.backfill_queued_since()
                     if recorded := await self.store.folders.backfill():
                         logger.info("recorded the owners of {} job folder(s) stored by an older version", recorded)
                     self._migrated = True

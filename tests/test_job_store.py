@@ -347,3 +347,27 @@ async def test_an_export_leaves_the_watched_set_with_its_end_and_a_new_request_s
     await store.update("x", {"export": ExportInfo(status=ExportStatus.FAILED, export_id="e2")})
     assert await store.forget_idle_export("x")
     assert await store.exporting() == []
+
+
+async def test_the_longest_wait_counts_from_when_a_job_entered_the_queue_not_from_its_creation(
+    store: JobStore,
+) -> None:
+    from application.services.cluster_store import ClusterStore
+
+    cluster = ClusterStore(store.r, store.keys)
+    long_ago = time.time() - 86_400
+    await store.create(make_job("old", created=long_ago), message="created", actor="t")  # pending a day
+    await store.create(make_job("new", status=JobStatus.QUEUED), message="created", actor="t")
+    now = time.time()
+    assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now, abs=5)
+    await store.transition("old", JobStatus.QUEUED, now=now - 60)  # started into the queue a minute ago
+    assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now - 60, abs=1)
+    await store.transition("old", JobStatus.RUNNING, acquire_gpus=[0])  # it leaves the queue
+    await store.delete("new")
+    assert (await cluster.metrics_state(10)).oldest_queued_at is None
+    # A queued job stored by an older version (not in the index) is recorded from its queued_at, once.
+    legacy = make_job("legacy", status=JobStatus.QUEUED, created=long_ago).model_copy(update={"queued_at": now - 5})
+    await store.create(legacy, message="created", actor="t")
+    await store.r.delete(store.keys.queued_since)
+    assert await cluster.backfill_queued_since() == 1 and await cluster.backfill_queued_since() == 0
+    assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now - 5, abs=0.01)

@@ -88,6 +88,7 @@ class ClusterStore:
         self._acquire = client.register_script(lua.LEADER_ACQUIRE)
         self._renew = client.register_script(lua.LEADER_RENEW)
         self._release = client.register_script(lua.LEADER_RELEASE)
+        self._queued_since = client.register_script(lua.QUEUED_SINCE)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
@@ -338,6 +339,23 @@ class ClusterStore:
             pipe.hincrbyfloat(key, "sum", seconds)
             await pipe.execute()
 
+    async def backfill_queued_since(self, batch: int = 500) -> int:
+        """Record when the queued jobs an older version stored entered the queue (their `queued_at`), for the
+        longest wait /metrics shows (once, at a scheduler's start)."""
+        recorded, start, queued = 0, 0, self.keys.status_index(JobStatus.QUEUED)
+        while ids := await self.r.zrange(queued, start, start + batch - 1):
+            start += batch
+            async with self.r.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(self.keys.job(job_id), "queued_at")
+                    pipe.zscore(self.keys.queued_since, job_id)
+                replies = await pipe.execute()
+            for job_id, at, seen in zip(ids, replies[::2], replies[1::2], strict=True):
+                if seen is None and at and json.loads(at) is not None:  # still queued when it is added, or not at all
+                    recorded += int(await self._queued_since(keys=[queued, self.keys.queued_since],
+                                                             args=[job_id, repr(float(json.loads(at)))]))  # fmt: skip
+        return recorded
+
     async def metrics_state(self, running_max: int) -> MetricsState:
         """What /metrics shows beside the HTTP figures, in one round trip (counts from the indexes, no scan)."""
         statuses = list(JobStatus)
@@ -345,7 +363,7 @@ class ClusterStore:
             for s in statuses:
                 pipe.zcard(self.keys.status_index(s))
             pipe.zcard(self.keys.queue)
-            pipe.zrange(self.keys.status_index(JobStatus.QUEUED), 0, 0, withscores=True)
+            pipe.zrange(self.keys.queued_since, 0, 0, withscores=True)
             pipe.get(self.keys.gpu_snapshot)
             pipe.hgetall(self.keys.gpu_leases)
             pipe.hgetall(self.keys.metric("scheduling_latency"))

@@ -125,7 +125,7 @@ class JobStore:
             "folder": folder or {"owner": job.owner or ""},
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "output_dirs": k.output_dirs, "folder_owners": k.folder_owners, "folders": k.folders,
-                  "queue": k.queue, "queue_meta": k.queue_meta,
+                  "queue": k.queue, "queue_meta": k.queue_meta, "queued_since": k.queued_since,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),
                       "owner_status": k.owner_status_index(job.owner, job.status)} if job.owner else {}),
@@ -330,7 +330,7 @@ class JobStore:
             res = await self._transition(keys=[k.job(job_id)], args=[script_arg({
                 "id": job_id, "to": to.value, "allowed": sorted(s.value for s in allowed),
                 "fields": encode_fields(extra), **queue, "acquire": list(acquire_gpus),
-                "terminal": to.is_terminal(), "reopen": reopen,
+                "terminal": to.is_terminal(), "reopen": reopen, "since": repr(extra.get("queued_at", now)),
                 # A run that ends, pauses or goes back to the queue gives its GPUs back in the same step.
                 "release": to.is_terminal() or to in (JobStatus.PAUSED, JobStatus.QUEUED),
                 "finished_at": repr(extra["finished_at"]) if to.is_terminal() else None,
@@ -343,7 +343,7 @@ class JobStore:
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
                       "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
                       "webhooks": k.webhooks, "webhooks_global": k.webhooks_global,
-                      "owner_status": mine},
+                      "owner_status": mine, "queued_since": k.queued_since},
             })])  # fmt: skip
             if res[0] == "ok":
                 return JobStatus(res[1])
@@ -363,7 +363,7 @@ class JobStore:
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
-                  "exporting": k.exporting, "status": every, "owner_status": mine},
+                  "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

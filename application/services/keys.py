@@ -127,6 +127,11 @@ class Keys:
         return self._k("queue")
 
     @property
+    def queued_since(self) -> str:
+        """Sorted set job_id -> when it (last) entered the queue: the longest wait is its first member."""
+        return self._k("queue", "since")
+
+    @property
     def queue_meta(self) -> str:
         """Hash job_id -> compact JSON of what the scheduler needs, so a pass reads no job hashes."""
         return self._k("queue", "meta")

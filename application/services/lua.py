@@ -154,6 +154,7 @@ refresh_summary(k.summary)
 add_event(k.events, a.event)
 if a.score then
   redis.call('ZADD', k.queue, a.score, a.id)
+  redis.call('ZADD', k.queued_since, a.created_at, a.id)
   redis.call('HSET', k.queue_meta, a.id, a.meta)
   redis.call('PUBLISH', k.wakeup, a.id)
   return {'ok', redis.call('ZRANK', k.queue, a.id)}
@@ -204,9 +205,11 @@ reindex(k.status, id, cur, a.to, created)
 reindex(k.owner_status, id, cur, a.to, created)
 if a.queue == 'add' then
   redis.call('ZADD', k.queue, a.score, id)
+  redis.call('ZADD', k.queued_since, a.since, id)
   redis.call('HSET', k.queue_meta, id, a.meta)
 else
   redis.call('ZREM', k.queue, id)
+  redis.call('ZREM', k.queued_since, id)
   redis.call('HDEL', k.queue_meta, id)
 end
 if a.terminal then
@@ -292,6 +295,7 @@ if k.owner_all then redis.call('ZREM', k.owner_all, id) end
 reindex(k.status, id, cur, nil, 0)
 reindex(k.owner_status, id, cur, nil, 0)
 redis.call('ZREM', k.queue, id)
+redis.call('ZREM', k.queued_since, id)
 redis.call('HDEL', k.queue_meta, id)
 redis.call('ZREM', k.expiry, id)
 redis.call('SREM', k.exporting, id)
@@ -452,4 +456,11 @@ if held >= a.cap then return held end
 redis.call('ZADD', KEYS[1], a.expires, a.id)
 redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
 return -1
+"""
+
+# When a job still queued entered the queue, if not known yet (a record of an older version). KEYS: the
+# queued status index, queued_since; ARGV: the id, its queued_at.
+QUEUED_SINCE = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) end
+return 0
 """
