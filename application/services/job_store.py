@@ -57,6 +57,7 @@ class Refusal(str, Enum):
     PRIORITY_CHANGED = "priority_changed"
     WAITING_CAP = "waiting_cap"
     UPLOAD_GONE = "upload_gone"
+    CHANGED = "changed"
     FOREIGN_FOLDER = "foreign_folder"
     OUTPUT_IS_FILE = "output_is_file"
 
@@ -256,8 +257,10 @@ class JobStore:
         actor: str = SCHEDULER,
         run_id: str | None = None,
         exporting: bool | None = None,
+        unchanged: Mapping[str, str | None] | None = None,
     ) -> str:
-        """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`);
+        """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`, the
+        `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise);
         `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step.
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
@@ -269,6 +272,7 @@ class JobStore:
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
             "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting,
+            "unchanged": {name: raw or "" for name, raw in unchanged.items()} if unchanged else None,
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
                   "exporting": self.keys.exporting},
         })])  # fmt: skip
@@ -421,20 +425,6 @@ class JobStore:
             "events": list(events), "maxlen": self.events_max, "history_max": self.history_max,
             "k": {"history": k.job_history(job_id), "events": k.job_events(job_id), "sent": k.job_sent(job_id)},
         })])  # fmt: skip
-
-    async def notify(self, job_id: str, event: str) -> None:
-        """Queue a webhook notification outside a status change (an export that ended)."""
-        k = self.keys
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.exists(k.webhooks_global)
-            pipe.hget(k.job(job_id), "webhook_url")
-            pipe.get(k.job_summary(job_id))
-            on, hook_raw, summary = await pipe.execute()
-        hook = json.loads(hook_raw) if hook_raw else None
-        if (on or hook) and summary:
-            item = {"job_id": job_id, "event": event, "hook": hook or "", "summary": summary, "at": repr(time.time()),
-                    "id": f"{job_id}/{event}/{time.time_ns()}"}  # fmt: skip
-            await self.r.lpush(k.webhooks, json.dumps(item))
 
     async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
         """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.

@@ -347,7 +347,7 @@ class Runner:
                 # The end and the way out of the watched exports in one step: a new request may follow at once.
                 await self.store.update(self.job_id, {"export": info}, event=event, exporting=False if final else None)
                 if final:
-                    await self.store.notify(self.job_id, f"export_{info.status.value}")
+                    await self.cluster.notify(self.job_id, f"export_{info.status.value}")
                 return
             except TransitionRefused:
                 return

@@ -196,7 +196,7 @@ class Watchdog:
                                         "exit_code": code, **update})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
                                  done=True)  # fmt: skip
-        await self.store.notify(job.job_id, f"export_{status.value}")
+        await self.cluster.notify(job.job_id, f"export_{status.value}")
 
     async def _launch_export(self, job: Job, info: ExportInfo) -> None:
         try:
