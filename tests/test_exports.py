@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from application.models.job_request import TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
-from application.services.exports import EXPORTS_KEPT, export_log
+from application.services.exports import EXPORTS_KEPT, export_log, name_taken, put_export
 from tests.conftest import ApiServer, job_body, wait_for
 
 
@@ -96,6 +99,45 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     again = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4,
                                                      "quant_method": "awq"})  # fmt: skip
     assert again.status_code == 409 and "choose another" in again.json()["detail"]
+    # Its job deleted, the export is no longer shown running, and its id is not given to the next one.
+    assert server.http.delete("/jobs/q-quant").status_code == 204
+    gone = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]
+    assert gone[0]["status"] == "stopped" and "was deleted" in gone[0]["error"], gone
+    r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-10", "quant_bits": 4, "quant_method": "awq"})
+    assert r.status_code == 200 and "queued as job 'q-quant-2'" in r.json()["message"], r.text
+
+
+def test_two_exports_never_write_into_one_folder_and_both_records_stay(tmp_path: Path) -> None:
+    target = tmp_path / "exports" / "X"
+    queued = ExportInfo(status=ExportStatus.RUNNING, export_id="q-quant", job_id="q-quant", output_dir=str(target))
+    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0, exports=[queued])  # fmt: skip
+    assert name_taken(job, target)  # asked for, not written yet
+    ended = queued.model_copy(update={"status": ExportStatus.FAILED})
+    assert not name_taken(job.model_copy(update={"exports": [ended]}), target)  # it failed, nothing there
+    target.mkdir(parents=True)
+    assert name_taken(job.model_copy(update={"exports": []}), target)
+
+
+async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_client: Any) -> None:
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+
+    store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
+    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0)  # fmt: skip
+    await store.create(job, message="created", actor="t")
+    for n in range(10):
+        merge = ExportInfo(status=ExportStatus.RUNNING, export_id=f"m{n}", checkpoint="c")
+        quant = ExportInfo(status=ExportStatus.RUNNING, export_id=f"q{n}", job_id=f"j-quant-{n}", checkpoint="c")
+        await asyncio.gather(put_export(store, "j", merge), put_export(store, "j", quant, current=False))
+        await store.update("j", {"export": merge.model_copy(update={"status": ExportStatus.COMPLETED})})
+    stored = await store.get("j")
+    assert stored is not None
+    ids = [e.export_id or "" for e in (*stored.exports, stored.export)]
+    assert sorted(ids) == sorted([f"m{n}" for n in range(10)] + [f"q{n}" for n in range(10)]), ids
 
 
 def test_without_a_gpu_a_quantized_export_is_refused(server_factory: Callable[..., ApiServer],

@@ -12,7 +12,7 @@ from application.exceptions import Conflict
 from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
-from application.services.exports import ENDED_WITH_SWIFT, EXPORTS_KEPT, export_update, prepare_export
+from application.services.exports import ENDED_WITH_SWIFT, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import as_export, check_quantization, prepare_quant_job, wants_quantization
 from application.services.swift_arguments import require_usable_swift
@@ -33,8 +33,8 @@ class ExportControl:
             return await self._quantize(job, request, caller)
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
         try:
-            await self.store.update(
-                job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT,
+            await put_export(
+                self.store, job_id, info, statuses=ENDED_WITH_SWIFT,
                 refuse_export=(ExportStatus.RUNNING,), actor=caller.actor, exporting=True,
                 event=("export_started", f"export of {info.checkpoint} requested",
                        {"checkpoint": info.checkpoint, "auto": False}),
@@ -51,26 +51,34 @@ class ExportControl:
         published, meta = await self.cluster.published()
         require_usable_swift(meta)
         check_quantization(request, await self.service.swift_info(meta), len(snapshot_of(published).gpus))
+        # An id no record of this job's exports names (a deleted export job's record must not take a new one's).
+        named = {e.job_id for e in (*job.exports, job.export) if e.job_id}
         for attempt in range(1, 100):
             child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
+            if child_id in named:
+                continue
             child, info = await asyncio.to_thread(prepare_quant_job, job, request, self.service.settings.SWIFT_BIN,
                                                   child_id, time.time())  # fmt: skip
             try:
-                await self.store.create(
-                    child,
-                    actor=caller.actor,
-                    message=f"quantized export of {info.checkpoint} (job '{job.job_id}') queued",
-                )
+                # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
+                message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
+                await self.store.create(child, actor=caller.actor, max_waiting=self.service.limits.max_waiting,
+                                        uploads=self.service.files.uploads_named([child.data_path], caller),
+                                        message=message)  # fmt: skip
                 break
             except TransitionRefused as exc:
+                if exc.reason == Refusal.WAITING_CAP:
+                    raise self.service.limits.over_cap(caller, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     raise Conflict(f"an export into {info.output_dir} is already waiting or running") from None
+                if exc.reason != Refusal.EXISTS:
+                    raise Conflict(f"the export job could not be stored ({exc.reason.value}): try again") from None
         else:
             raise Conflict(f"every export job id from '{job.job_id}-quant' on is taken: delete old ones")
         try:
-            await self.store.update(job.job_id, {"exports": [*job.exports, info][-EXPORTS_KEPT:]}, actor=caller.actor,
-                                    event=("export_started", f"quantized export of {info.checkpoint} queued as job "
-                                           f"'{child_id}' (it needs a GPU)", {"job_id": child_id}))  # fmt: skip
+            await put_export(self.store, job.job_id, info, current=False, actor=caller.actor,
+                             event=("export_started", f"quantized export of {info.checkpoint} queued as job "
+                                    f"'{child_id}' (it needs a GPU)", {"job_id": child_id}))  # fmt: skip
         except TransitionRefused:
             pass  # deleted meanwhile: the export job runs anyway, and lists itself
         return ActionResponse(

@@ -10,12 +10,15 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from application.config import Settings
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
-from application.services.job_store import JobStore, TransitionRefused
+from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 
@@ -69,7 +72,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     output_dir = None
     if request.output_name:
         output_dir = str(Path(job.output_dir) / "exports" / request.output_name)
-        if Path(output_dir).exists():
+        if name_taken(job, Path(output_dir)):
             raise Conflict(f"output_name '{request.output_name}' is taken by an earlier export: choose another")
     # A second merge of one checkpoint into its default folder needs --exist_ok true.
     exist_ok = output_dir is None and Path(f"{checkpoint}-merged").exists()
@@ -99,11 +102,18 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
     event = ("export_started", f"automatic export of {info.checkpoint} {'started' if runner else 'requested'}",
              {"checkpoint": info.checkpoint, "auto": True})  # fmt: skip
     try:
-        await store.update(job_id, export_update(job, info), statuses=ENDED_WITH_SWIFT, exporting=True,
-                           refuse_export=(ExportStatus.RUNNING,), event=event)  # fmt: skip
+        await put_export(store, job_id, info, statuses=ENDED_WITH_SWIFT, exporting=True,
+                         refuse_export=(ExportStatus.RUNNING,), event=event)  # fmt: skip
     except TransitionRefused:
         return None
     return info
+
+
+def name_taken(job: Job, target: Path) -> bool:
+    """An export folder written already, or one an export that has not ended will write (a merge, or a
+    quantized export queued as a job of its own: two exports must not write into one folder)."""
+    pending = (e for e in (*job.exports, job.export) if e.status == ExportStatus.RUNNING)
+    return target.exists() or any(e.output_dir == str(target) for e in pending)
 
 
 def merged_path(info: ExportInfo) -> str:
@@ -143,7 +153,30 @@ def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
                   "GET .../checkpoints")  # fmt: skip
 
 
-def export_update(job: Job, info: ExportInfo) -> dict[str, object]:
-    """The job fields a new export sets: it becomes the current one, the one before joins the list."""
-    earlier = [*job.exports, job.export] if job.export.status != ExportStatus.NONE else list(job.exports)
-    return {"export": info, "export_stop_requested": False, "exports": earlier[-EXPORTS_KEPT:]}
+_EXPORTS = TypeAdapter(list[ExportInfo])
+
+
+async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:
+    """Record a new export: as the job's current one (the one before joins the list), or, `current=False`, in
+    its list (a quantized export: a job of its own). From the fields as stored, written only if they did not
+    change meanwhile, else read again: a merge and a quantized export asked for at once both stay. `update`:
+    JobStore.update's conditions and event."""
+    for _ in range(20):
+        raw_export, raw_list = (await store.get_fields([job_id], ["export", "exports"]))[0]
+        earlier = _EXPORTS.validate_json(raw_list) if raw_list not in (None, "null") else []
+        if current:
+            before = ExportInfo.model_validate_json(raw_export) if raw_export not in (None, "null") else None
+            earlier += [before] if before is not None and before.status != ExportStatus.NONE else []
+            fields: dict[str, Any] = {
+                "export": info,
+                "export_stop_requested": False,
+                "exports": earlier[-EXPORTS_KEPT:],
+            }
+        else:
+            fields = {"exports": [*earlier, info][-EXPORTS_KEPT:]}
+        try:
+            return await store.update(job_id, fields, unchanged={"export": raw_export, "exports": raw_list}, **update)
+        except TransitionRefused as exc:
+            if exc.reason != Refusal.CHANGED:
+                raise
+    raise TransitionRefused(Refusal.CHANGED)

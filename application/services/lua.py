@@ -250,6 +250,9 @@ if a.refuse_export then
 end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
+for name, was in pairs(a.unchanged or {}) do
+  if (redis.call('HGET', KEYS[1], name) or '') ~= was then return {'changed', cur, name} end
+end
 hset_pairs(KEYS[1], a.fields)
 if a.exporting == true then
   redis.call('SADD', a.k.exporting, a.id)

@@ -12,7 +12,7 @@ from pathlib import Path
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest, TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
-from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint
+from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint, name_taken
 from application.services.run_outputs import find_checkpoints
 from application.services.swift_info import SwiftInfo
 
@@ -77,7 +77,7 @@ def prepare_quant_job(
     name = request.output_name or f"{Path(checkpoint).name}-{request.quant_method}{bits}"
     exports = Path(parent.output_dir) / "exports"
     target = exports / name
-    if target.exists():
+    if name_taken(parent, target):
         raise Conflict(f"output_name '{name}' is taken by an earlier export: choose another")
     argv = quant_argv(swift_bin, parent, checkpoint, request, target)
     job = Job(
@@ -104,9 +104,13 @@ STATUS_OF = {
 
 
 def as_export(info: ExportInfo, job: Job | None) -> ExportInfo:
-    """A quantized export's record as its job now stands (a deleted job leaves the record as it was)."""
+    """A quantized export's record as its job now stands; once its job is deleted, no longer running."""
     if job is None:
-        return info
+        if info.status != ExportStatus.RUNNING:
+            return info
+        return info.model_copy(update={"status": ExportStatus.STOPPED, "path": None,
+                                       "error": f"its export job '{info.job_id}' was deleted: what it wrote is in "
+                                                f"{info.output_dir}"})  # fmt: skip
     status = STATUS_OF.get(job.status, ExportStatus.RUNNING)
     return info.model_copy(update={
         "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,
