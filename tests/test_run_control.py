@@ -270,3 +270,22 @@ async def test_pause_and_resume_of_a_job_that_is_not_there_yet(
         r = await client.post(f"/jobs/waiting/{route}")
         status = (await client.get("/jobs/waiting")).json()["status"]
         assert r.status_code == 409 and f"is {status}" in r.json()["detail"] and "only a" in r.json()["detail"]
+
+
+async def test_a_job_whose_uploaded_data_set_was_deleted_is_not_resumed(app_factory: Callable[..., Any],
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    rows = Path(job_body(tmp_path, "rows", step_seconds=0.05)["data_path"]).read_bytes()
+    async with app_factory() as client:
+        up = await client.post("/files", files={"file": ("mine.jsonl", rows)})
+        assert up.status_code == 201, up.text
+        file_id = up.json()["id"]
+        body = {**job_body(tmp_path, "gone", auto_start=True, training={"max_steps": 200, "save_steps": 2}),
+                "data_path": file_id}  # fmt: skip
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "gone", lambda j: (j["progress"]["current_step"] or 0) >= 3)
+        assert (await client.post("/jobs/gone/stop")).status_code == 200
+        assert (await client.delete(f"/files/{file_id}")).status_code == 204  # allowed: the job is not active
+        r = await client.post("/jobs/gone/resume")
+        assert r.status_code == 409 and f"uploaded file {file_id}, which has been deleted" in r.json()["detail"]
+        assert (await client.get("/jobs/gone")).json()["status"] == "stopped"

@@ -30,7 +30,7 @@ from application.auth import Caller
 from application.config import Settings
 from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
-from application.models.training_model import JobStatus
+from application.models.training_model import Job, JobStatus
 from application.services import lua
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
@@ -282,6 +282,21 @@ class FileStore:
                     recorded += 1
             await pipe.execute()
         return recorded
+
+    async def gone_uploads(self, job: Job) -> list[str]:
+        """The uploads `job` trains on that have been deleted (allowed while it was not active): a resume must
+        not queue a run that cannot read its data."""
+        values: list[Any] = [job.data_path]
+        for value in job.training.model_dump().values():
+            values.extend(value if isinstance(value, list) else [value])
+        ids = self._upload_ids(v for v in values if isinstance(v, str))
+        if not ids:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.exists(self.keys.file(file_id))
+            there = await pipe.execute()
+        return [file_id for file_id, n in zip(ids, there, strict=True) if not n]
 
     def _upload_ids(self, values: Iterable[str]) -> list[str]:
         """The ids of the uploads these data set paths name (paths only, no disk)."""

@@ -66,6 +66,9 @@ class RunControl:
         if job.status not in resumable:
             raise Conflict(f"job '{job_id}' is {job.status.value}: only a paused job, or a stopped or failed one with a"
                            " checkpoint, can be resumed")  # fmt: skip
+        if gone := await self.service.files.gone_uploads(job):
+            raise Conflict(f"job '{job_id}' trains on the uploaded file {gone[0]}, which has been deleted since: "
+                           "upload it again and create a new job with it")  # fmt: skip
         checkpoint = await asyncio.to_thread(_newest_checkpoint, job)
         if checkpoint is None and job.status != JobStatus.PAUSED:
             raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "
