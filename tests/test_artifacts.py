@@ -263,3 +263,12 @@ def test_upload_train_and_download_round_trip(server_factory: Callable[..., ApiS
             fetched = out / "checkpoint-6" / f.relative_to(Path(job["run_dir"]) / "checkpoint-6")
             assert fetched.read_bytes() == f.read_bytes(), f
     assert server.http.get(f"/jobs/rt/artifacts/{run}/logging.jsonl", headers=bob).status_code == 404
+
+
+def test_a_named_export_is_listed_as_an_exported_model() -> None:
+    from application.services.artifacts import file_kind, folder_kind
+
+    assert folder_kind(["exports", "X"]) == "merged" and file_kind(["exports", "X", "model.safetensors"]) == "merged"
+    # The folder of a quantized export's own GPU job is not a model; nor is exports/ itself.
+    assert folder_kind(["exports", ".X.job"]) is None and folder_kind(["exports"]) is None
+    assert file_kind(["exports", ".X.job", "logs", "x.train.log"]) == "log"

@@ -143,8 +143,15 @@ def _listable(name: str) -> bool:
     return _parts(name) is not None
 
 
+def _named_export(folders: list[str]) -> bool:
+    """exports/<name>: an export asked for by name (`output_name`); exports/.<name>.job is its GPU job's."""
+    return len(folders) >= 2 and folders[0] == "exports" and not folders[1].startswith(".")
+
+
 def file_kind(parts: list[str]) -> FileKind:
     folders, name = parts[:-1], parts[-1]
+    if _named_export(folders):
+        return "merged"
     for folder in folders:
         if _MERGED_RE.match(folder):
             return "merged"
@@ -165,7 +172,7 @@ def file_kind(parts: list[str]) -> FileKind:
 
 def folder_kind(parts: list[str]) -> FolderKind | None:
     name = parts[-1]
-    if _MERGED_RE.match(name):
+    if _MERGED_RE.match(name) or (len(parts) == 2 and _named_export(parts)):
         return "merged"
     if _CHECKPOINT_RE.match(name):
         return "checkpoint"
