@@ -167,3 +167,24 @@ def test_an_export_past_the_kept_records_gets_a_log_of_its_own(tmp_path: Path) -
     # A kept export whose runner never started has a record and no log yet: its name is taken too.
     job.exports[-1] = job.exports[-1].model_copy(update={"log_file": str(logs / "j.export-53.log")})
     assert export_log(job) == logs / "j.export-54.log"
+
+
+async def test_an_export_stopped_before_any_scheduler_launched_it_never_runs(app_factory: Callable[..., Any],
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    prefix = f"test-export-stop-{time.time_ns()}"  # one store for the three servers
+    async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "early", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "early", lambda j: j["status"] == "completed")
+    async with app_factory(REDIS_KEY_PREFIX=prefix, scheduler=False) as client:  # no scheduler runs
+        assert (await client.post("/jobs/early/export")).status_code == 200
+        r = await client.post("/jobs/early/stop")
+        assert r.status_code == 200 and "has not ended yet" in r.json()["message"], r.text
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        done = await wait_job(client, "early", lambda j: j["export"]["status"] != "running")
+        export = done["export"]
+        assert export["status"] == "stopped" and "before it started" in export["error"], export
+        assert export["runner"] is None and not Path(export["log_file"]).exists()

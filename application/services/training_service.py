@@ -348,8 +348,10 @@ class TrainingService:
                                     event=("export_stop_requested", "export stop requested", None))  # fmt: skip
             final = await self.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING,
                                       self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
-            return ActionResponse(job_id=job_id, status=final.status, export=final.export,
-                                  message=f"Export stopped ({final.export.status.value})")  # fmt: skip
+            message = f"Export stopped ({final.export.status.value})"
+            if final.export.status == ExportStatus.RUNNING:
+                message = "Export stop requested: the export has not ended yet (is a scheduler running?)"
+            return ActionResponse(job_id=job_id, status=final.status, export=final.export, message=message)
         raise Conflict(f"job '{job_id}' is already {job.status.value}: nothing to stop")
 
     async def cancel(self, job_id: str, expect: tuple[JobStatus, ...], message: str, caller: Caller) -> None:

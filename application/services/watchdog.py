@@ -164,6 +164,12 @@ class Watchdog:
             await self.store.forget_idle_export(job.job_id)
             return
         if info.runner is None:
+            if job.export_stop_requested:  # stopped before any scheduler launched it: it is not run at all
+                stopped = info.model_copy(update={"status": ExportStatus.STOPPED, "finished_at": time.time(),
+                                                  "error": "export stopped on request before it started"})  # fmt: skip
+                await self._write_export(job.job_id, info.export_id, stopped,
+                                         ("export_stopped", stopped.error or "", None), done=True)  # fmt: skip
+                return
             await self._launch_export(job, info)
             return
         alive = self.launcher.is_alive(info.runner)
