@@ -81,7 +81,8 @@ E422: Responses = {
     422: {"model": ValidationErrorResponse, "description": "Invalid input: the message says what to change"}
 }
 E429: Responses = {429: {"model": ErrorResponse, "description": "A limit was reached: retry after Retry-After seconds"}}
-E503: Responses = {503: {"model": ErrorResponse, "description": "Redis does not answer"}}
+_NOT_READY = "Redis does not answer, or the server is not ready for this yet (the detail says why and when to retry)"
+E503: Responses = {503: {"model": ErrorResponse, "description": _NOT_READY}}
 # Every protected route can answer these.
 COMMON: Responses = {**E401, **E422, **E503}
 WITH_BODY: Responses = {**E400, **E413}

@@ -272,11 +272,8 @@ class FileStore:
         recorded = 0
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id, (data_path, training, created_at) in zip(ids, rows, strict=True):
-                values: list[Any] = [json.loads(data_path)] if data_path else []
-                decoded = json.loads(training) if training else None
-                for value in decoded.values() if isinstance(decoded, dict) else ():
-                    values.extend(value if isinstance(value, list) else [value])
-                for file_id in self._upload_ids(v for v in values if isinstance(v, str)):
+                used = _data_values(json.loads(data_path) if data_path else None, json.loads(training or "null"))
+                for file_id in self._upload_ids(used):
                     # The member the create script writes: the id and its creation time as stored (JSON).
                     pipe.sadd(self.keys.file_users(file_id), f"{job_id}|{created_at}")
                     recorded += 1
@@ -286,10 +283,7 @@ class FileStore:
     async def gone_uploads(self, job: Job) -> list[str]:
         """The uploads `job` trains on that have been deleted (allowed while it was not active): a resume must
         not queue a run that cannot read its data."""
-        values: list[Any] = [job.data_path]
-        for value in job.training.model_dump().values():
-            values.extend(value if isinstance(value, list) else [value])
-        ids = self._upload_ids(v for v in values if isinstance(v, str))
+        ids = self._upload_ids(_data_values(job.data_path, job.training.model_dump()))
         if not ids:
             return []
         async with self.r.pipeline(transaction=False) as pipe:
@@ -364,3 +358,11 @@ class FileStore:
         if not await asyncio.to_thread(Path(meta.path).is_file):
             raise Invalid(f"{field} {value}: its file is gone from the server — upload it again with POST /files")
         return meta.path
+
+
+def _data_values(data_path: str | None, training: Any) -> list[str]:
+    """Every text a job's data set fields may name an upload by: data_path and its training arguments' values."""
+    values: list[Any] = [data_path]
+    for value in training.values() if isinstance(training, dict) else ():
+        values.extend(value if isinstance(value, list) else [value])
+    return [v for v in values if isinstance(v, str)]

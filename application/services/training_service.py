@@ -170,9 +170,9 @@ class TrainingService:
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
         # server without keys, may.
+        output_root = real_output_root(self.settings.OUTPUT_ROOT)
         guard = None if caller.name is None or caller.is_admin else FolderGuard(
-            real_output_root(self.settings.OUTPUT_ROOT), caller.name, self.store.folders.foreign,
-            asyncio.get_running_loop())  # fmt: skip
+            output_root, caller.name, self.store.folders.foreign, asyncio.get_running_loop())  # fmt: skip
         if guard is not None and not ctx.folders_indexed:
             raise Unavailable(FOLDERS_NOT_INDEXED)
         check = functools.partial(
@@ -208,7 +208,7 @@ class TrainingService:
             job.status = JobStatus.QUEUED
             job.queued_at = now
         message = "Training job created" if fits else "Training job created and added to the GPU queue"
-        folder = folder_arg(checked.output_dir, real_output_root(self.settings.OUTPUT_ROOT), caller.name)
+        folder = folder_arg(checked.output_dir, output_root, caller.name)
         folder["check"] = guard is not None
         folder["is_file"] = checked.output_is_file
         for attempt in range(1, 1000):
