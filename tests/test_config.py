@@ -61,3 +61,15 @@ def test_simulated_gpus_format() -> None:
     assert parse_simulated_gpus("2x24") == (2, 24.0)
     with pytest.raises(ValueError):
         parse_simulated_gpus("4x")
+
+
+def test_the_image_run_alone_uses_the_embedded_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The image sets ENVIRONMENT=prod; compose adds REDIS_URL, a plain `docker run` with keys does not.
+    monkeypatch.setenv("ENVIRONMENT", "prod")
+    monkeypatch.setenv("API_KEYS", "ops:admin:0123456789abcdef0123")
+    for name in ("REDIS_URL", "REDIS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.APP_HOST == "0.0.0.0" and settings.uses_embedded_redis
+    monkeypatch.setenv("REDIS_URL", "redis://redis:6379/0")
+    assert not load_settings().uses_embedded_redis
