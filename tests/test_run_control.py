@@ -3,6 +3,8 @@ swift (which resumes the way ms-swift 4.6.0 does) and a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,17 @@ from application.models.training_model import Attempt, JobStatus
 from application.services.preemption import Candidate, choose_victims
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
-from tests.conftest import job_body, make_model, wait_job
+from tests.conftest import _until, job_body, make_model, wait_job
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def steps_of(history: list[dict[str, Any]]) -> list[int]:
@@ -124,6 +134,25 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert all(c["loss"] is not None and c["time"] for c in cps["checkpoints"])
         events = [e["type"] for e in (await client.get("/jobs/pr/events")).json()["events"]]
         assert "paused" in events and events.count("status_running") == 2
+
+
+async def test_a_stop_during_a_pause_grace_stops_the_job(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # swift's launcher dies at the pause's SIGTERM, its trainer (ignoring SIGTERM) only at the grace's SIGKILL:
+    # a stop sent in between was accepted while the job still ran, so it must decide how the run ends.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "pst", step_seconds=0.05, ignore_sigterm=True, auto_start=True,
+                        training={"max_steps": 400, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+        await client.post("/jobs", json=body)
+        job = await wait_job(client, "pst", lambda j: (j["progress"]["current_step"] or 0) >= 7)
+        pause = asyncio.create_task(client.post("/jobs/pst/pause"))
+        await _until(lambda: not _alive(job["pid"]), timeout=10)  # the launcher is gone, the trainer is not
+        assert (await client.get("/jobs/pst")).json()["status"] == "running"
+        r = await client.post("/jobs/pst/stop")
+        assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+        assert (await pause).json()["status"] == "stopped"
+        done = (await client.get("/jobs/pst")).json()
+        assert done["status"] == "stopped" and done["attempts"][-1]["outcome"] == "stopped"
 
 
 async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..., Any], tmp_path: Path) -> None:

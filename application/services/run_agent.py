@@ -215,6 +215,13 @@ class Runner:
         code = _returncode(proc)
         follow.read()
         follow.flush()
+        # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
+        # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
+        tick = await self._tick("train", self.run_id)
+        if tick is not None and tick.run_id == self.run_id:
+            stop_requested = stop_requested or tick.stop_requested
+            pause_requested = pause_requested or tick.pause_requested
+            preempt_for = preempt_for or tick.preempt_for
         if orphaned:
             logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
             return 0
