@@ -470,3 +470,25 @@ def test_a_run_that_completes_as_its_host_shuts_down_leaves_its_export_to_the_ne
                     what="the automatic export")  # fmt: skip
     assert done["export"]["status"] == "completed" and done["export"]["checkpoint"].endswith("checkpoint-12")
     r.close()
+
+
+def test_swift_runs_without_the_servers_keys_and_redis_credentials(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # swift runs code a user picked (a hub model's remote code, report_to integrations): it must not find the
+    # keys that reach Redis or sign webhooks, whether they come from the environment or from a setting.
+    wrapper = tmp_path / "env-swift"
+    wrapper.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env-of-$1"\nexec "{FAKE_SWIFT}" "$@"\n')
+    wrapper.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper), "WEBHOOK_SECRET": "hook-secret-0123456789abcdef",
+                                 "HF_TOKEN": "the-operators-hub-token"})  # fmt: skip
+    server.create(**job_body(workspace, "envjob", auto_start=True, training={"max_steps": 3}))
+    server.wait_status("envjob", "completed")
+    wait_for(lambda: server.job("envjob")["export"]["status"] == "completed", what="the automatic export")
+    for command in ("sft", "export"):
+        env = dict(line.split("=", 1) for line in (tmp_path / f"env-of-{command}").read_text().splitlines()
+                   if "=" in line)  # fmt: skip
+        leaked = sorted(set(env) & {"REDIS_URL", "REDIS_KEY_PREFIX", "WEBHOOK_SECRET", "OUTPUT_ROOT", "SWIFT_BIN"})
+        assert leaked == [], f"swift {command} got {leaked}"
+        assert env["HF_TOKEN"] == "the-operators-hub-token" and "CUDA_VISIBLE_DEVICES" in env
+        assert env["FAKE_SWIFT_STEP_SECONDS"] == "0.02"  # the rest of the environment is swift's to use

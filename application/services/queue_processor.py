@@ -38,6 +38,7 @@ from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
 from application.services.swift_command import (
     GPU_VARIABLES,
+    SERVER_VARIABLES,
     SwiftVersion,
     build_env,
     build_sft_command,
@@ -263,7 +264,7 @@ class QueueProcessor:
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
             spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
-                "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id}, "unset": list(GPU_VARIABLES),
+                "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id}, "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
             }, self.settings.OUTPUT_ROOT)  # fmt: skip
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
