@@ -1,16 +1,23 @@
-"""Whether a runner that is gone died with its host (LocalLauncher.outlived), from real process stamps."""
+"""The launcher: whether a runner that is gone died with its host (LocalLauncher.outlived), from real process
+stamps; ended runners reaped."""
 
 from __future__ import annotations
 
 import os
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from application.models.training_model import RunnerInfo
+from application.services import launcher as launcher_module
 from application.services import process_group as pg
 from application.services.launcher import LocalLauncher
+from tests.conftest import _until, job_body, make_model, wait_job
 
 
 def runner(stamp: str | None, start_time: float | None = None, host: str | None = None) -> RunnerInfo:
@@ -59,3 +66,22 @@ def test_a_record_whose_stamp_is_not_one_falls_back_to_start_times() -> None:
     launcher = LocalLauncher({})
     assert not launcher.outlived(runner("not-a-stamp", time.time()))
     assert not launcher.outlived(runner("/12", time.time()))
+
+
+async def test_runners_that_recorded_their_own_end_are_reaped_then_forgotten(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody asks about a runner that recorded its own end: without reaping, each run left a zombie behind
+    # in the scheduler, and its entry in the launcher for ever.
+    monkeypatch.setattr(launcher_module, "FORGET_AFTER", 0.0, raising=False)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        for name in ("z1", "z2"):
+            await client.post("/jobs", json=job_body(tmp_path, name, auto_start=True, training={"max_steps": 2}))
+        for name in ("z1", "z2"):
+            await wait_job(client, name, lambda j: j["status"] == "completed")
+        launcher = client.scheduler.launcher
+        pids = list(launcher.children)
+        assert len(pids) == 2
+        await _until(lambda: not launcher.children, timeout=10)
+        assert not any(psutil.pid_exists(pid) for pid in pids)  # a zombie still has its pid

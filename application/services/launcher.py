@@ -24,6 +24,8 @@ from application.config import PROJECT_ROOT
 from application.models.training_model import RunnerInfo
 from application.services import process_group as pg
 
+FORGET_AFTER = 600.0  # seconds an ended runner's exit status is kept for the watchdog
+
 
 class RunnerLauncher(Protocol):
     async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
@@ -48,6 +50,10 @@ class RunnerLauncher(Protocol):
         gone or not this launcher's to signal."""
         ...
 
+    def reap(self) -> None:
+        """Collect the runners that ended (no zombie stays behind), and in time forget them."""
+        ...
+
     def outlived(self, runner: RunnerInfo) -> bool:
         """Whether the runner's host has started again since the runner did (a reboot, a container's restart):
         then it died with everything on its host, not of its own. False when this launcher cannot tell."""
@@ -63,6 +69,7 @@ class LocalLauncher:
         self.host_started = pg.process_start_time(1)
         self.host_stamp = pg.process_stamp(1)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self._ended: dict[int, float] = {}  # pid -> when reap() first saw it ended (monotonic)
 
     async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
                      spec: Path | None = None) -> RunnerInfo:  # fmt: skip
@@ -74,6 +81,7 @@ class LocalLauncher:
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = pg.spawn(argv, self.env, log_dir.parent, log_dir / f"{job_id}.runner.log")
         self.children[proc.pid] = proc
+        self._ended.pop(proc.pid, None)
         return RunnerInfo(host=self.host, pid=proc.pid, start_time=pg.process_start_time(proc.pid),
                           stamp=pg.process_stamp(proc.pid), launched_at=time.time())  # fmt: skip
 
@@ -116,6 +124,12 @@ class LocalLauncher:
             runner.start_time < self.host_started  # fmt: skip
 
     def reap(self) -> None:
-        """Collect the exit status of runners that ended (nobody may be asking about them any more)."""
-        for proc in list(self.children.values()):
-            proc.poll()
+        """Collect the exit status of runners that ended, so that none stays a zombie (a runner that records its
+        own end is never asked about), and forget those ended for FORGET_AFTER: the watchdog has judged them."""
+        now = time.monotonic()
+        for pid, proc in list(self.children.items()):
+            if proc.poll() is None:
+                continue
+            if now - self._ended.setdefault(pid, now) > FORGET_AFTER:
+                del self.children[pid]
+                del self._ended[pid]

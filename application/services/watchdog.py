@@ -73,6 +73,7 @@ class Watchdog:
                 await self.runner_died(job)
         for job in await self.store.get_many(await self.store.exporting()):
             await self._watch_export(job)
+        self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
             await self.expire_old_jobs()
