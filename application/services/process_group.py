@@ -10,6 +10,7 @@ stamp (boot id and start tick), so a reused pid is never signalled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -107,6 +108,17 @@ def run_group_alive(pgid: int | None, start_time: float | None, stamp: str | Non
     if psutil.pid_exists(pgid) and not _is_ours(pgid, start_time, stamp, zombie=True):
         return False  # while a group has members, its id is no other process's pid: this is another group
     return any(_marked(pid, run) for pid in group_members(pgid))
+
+
+def marked_groups(run: str) -> list[int]:
+    """The process groups of whatever is left of the run `run`, known by its mark alone: for a run whose runner
+    died after it started swift but before it recorded swift's pid. Scans every process: call it in a thread."""
+    groups = set()
+    for p in psutil.process_iter():
+        if _marked(p.pid, run):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                groups.add(os.getpgid(p.pid))
+    return sorted(g for g in groups if g > 1)
 
 
 def _marked(pid: int, run: str) -> bool:

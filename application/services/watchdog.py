@@ -96,9 +96,22 @@ class Watchdog:
         returncode = self.launcher.exit_status(job.runner) if job.runner else None
         outcome = "gone"
         # Not the leader alone: a trainer that ignored the SIGTERM its launcher died of must not outlive the
-        # record of the run's end (it would train on GPUs given to the next job).
-        if await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp, job.run_id):
-            outcome = await pg.terminate_group(job.pid or 0, self.settings.STOP_GRACE_SECONDS)
+        # record of the run's end (it would train on GPUs given to the next job). Nor a swift whose runner died
+        # before it recorded its pid: found by the run's mark.
+        if job.pid is None and job.run_id:
+            groups = await asyncio.to_thread(pg.marked_groups, job.run_id)
+        else:
+            alive = await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp,
+                                            job.run_id)  # fmt: skip
+            groups = [job.pid] if alive and job.pid else []
+        if groups:
+            grace = self.settings.STOP_GRACE_SECONDS
+            outcome = (await asyncio.gather(*(pg.terminate_group(g, grace) for g in groups)))[0]
+        # What was asked of the job while its run was being stopped (a stop, a pause) decides how it ends.
+        fresh = await self.store.get(job.job_id)
+        if fresh is None or fresh.status != JobStatus.RUNNING or fresh.run_id != job.run_id:
+            return
+        job = fresh
         log_file = Path(job.log_file) if job.log_file else None
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)

@@ -1,0 +1,80 @@
+"""The scheduler's watchdog over runs whose runner died: real processes, a real Redis, the in-process scheduler's
+watchdog swept by hand (its loop is not started), jobs put in the state a dead runner leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from application.models.training_model import JobStatus, RunnerInfo
+from application.services import process_group as pg
+from tests.conftest import _until, job_body, make_model
+
+
+def dead_runner() -> RunnerInfo:
+    """A runner that has exited: a real process, ended and reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = pg.process_start_time(proc.pid)
+    proc.wait()
+    return RunnerInfo(host=socket.gethostname(), pid=proc.pid, start_time=start, launched_at=time.time() - 30)
+
+
+async def running_with_dead_runner(client: httpx.AsyncClient, tmp_path: Path, name: str,
+                                   swift: subprocess.Popen[bytes] | None = None, **options: Any) -> None:  # fmt: skip
+    """A job recorded running under run `run-<name>` whose runner died (having recorded `swift` when given)."""
+    await client.post("/jobs", json=job_body(tmp_path, name, **options))
+    fields: dict[str, Any] = {"run_id": f"run-{name}", "runner": dead_runner(), "started_at": time.time() - 30}
+    if swift is not None:
+        fields.update(pid=swift.pid, process_start_time=pg.process_start_time(swift.pid),
+                      process_stamp=pg.process_stamp(swift.pid))  # fmt: skip
+    await client.scheduler.store.transition(name, JobStatus.RUNNING, fields=fields)  # type: ignore[attr-defined]
+
+
+def marked(run: str, tmp_path: Path, script: str = "sleep 600") -> subprocess.Popen[bytes]:
+    """What swift leaves of the run `run`: a process group of its own, marked with the run."""
+    return pg.spawn(["sh", "-c", script], {**os.environ, pg.RUN_MARK: run}, tmp_path, tmp_path / f"{run}.log")
+
+
+async def test_swift_started_by_a_runner_that_died_before_recording_its_pid_is_stopped(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The runner starts swift before it can record its pid: killed in between, its swift would train on in a
+    # session of its own, on GPUs the next job is given.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        await running_with_dead_runner(client, tmp_path, "early")
+        swift = marked("run-early", tmp_path)
+        await client.scheduler.watchdog.sweep()
+        assert swift.wait(10) is not None  # stopped (the group had SIGTERM)
+        job = (await client.get("/jobs/early")).json()
+        assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+
+
+async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The watchdog spends up to STOP_GRACE_SECONDS on each dead runner's leftovers: a stop asked of the next
+    # job meanwhile must not be lost to the state the sweep read before (recorded lost and retried).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        termed = tmp_path / "got-sigterm"
+        stubborn = marked("run-stubborn", tmp_path, f'trap "touch {termed}" TERM; while :; do sleep 0.05; done')
+        await running_with_dead_runner(client, tmp_path, "stubborn", swift=stubborn)
+        await running_with_dead_runner(client, tmp_path, "second", max_retries=2)
+        sweep = asyncio.create_task(client.scheduler.watchdog.sweep())
+        await _until(termed.exists, timeout=10)  # the sweep is in the first job's grace
+        stop = asyncio.create_task(client.post("/jobs/second/stop"))
+        await sweep
+        assert stubborn.wait(10) is not None  # killed after the grace
+        assert (await stop).json()["status"] == "stopped"
+        job = (await client.get("/jobs/second")).json()
+        assert job["status"] == "stopped" and len(job["attempts"]) <= 1, job
