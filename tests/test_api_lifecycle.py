@@ -178,6 +178,20 @@ def test_stop_during_the_automatic_export_stops_the_export(server_factory: Calla
     assert not Path(f"{job['last_checkpoint']}-merged").exists()
 
 
+def test_an_export_killed_by_a_signal_nobody_asked_for_has_failed(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    wrapper, _gate = gated_swift(tmp_path)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**job_body(workspace, "oom", auto_start=True, training={"max_steps": 2}))
+    server.wait_status("oom", "completed")
+    job = wait_for(lambda: (j := server.job("oom"))["export"]["pid"] and j, what="the export to start")
+    os.killpg(job["export"]["pid"], signal.SIGKILL)  # as the OOM killer would
+    job = wait_for(lambda: (j := server.job("oom"))["export"]["status"] != "running" and j, what="export end")
+    assert job["export"]["status"] == "failed", job["export"]
+    assert "swift export was killed by signal 9 (SIGKILL" in job["export"]["error"]
+
+
 def test_export_of_queued_job_is_409(server: ApiServer, workspace: Path) -> None:
     for name in ("hold0", "hold1"):
         start_running(server, workspace, name, hang_after_steps=1)

@@ -48,7 +48,7 @@ from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
-from application.services.run_end import RunEnd
+from application.services.run_end import RunEnd, signal_text
 from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
@@ -332,11 +332,13 @@ class Runner:
             )
             await self._write_export(run_again(info), ("export_interrupted", message, {"checkpoint": info.checkpoint}))
             return 0
-        elif stopping is not None or code < 0:
+        elif asked:
             update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
             event = ("export_stopped", "export stopped on request", {})
-        else:
-            error = extract_error(tail) or f"swift export exited with code {code}"
+        else:  # a signal nobody here sent is a failure (the OOM killer), as for a training run
+            found = extract_error(tail)
+            error = found or (f"swift export was {signal_text(-code)}" if code < 0 else
+                              f"swift export exited with code {code}")  # fmt: skip
             update |= {"status": ExportStatus.FAILED, "error": error}
             event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
         await self._write_export(info.model_copy(update=update), event, final=True)
