@@ -65,6 +65,7 @@ def test_unknown_names_get_the_closest_real_ones() -> None:
     ("custom_register_path", ["evil.py"], "runs Python files"),
     ("external_plugins", ["plugin.py"], "runs Python files"),
     ("rlhf_type", "dpo", "rlhf_type"),
+    ("push_to_hub", True, "server's own hub token"),
 ])  # fmt: skip
 def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: str, value: Any, says: str) -> None:
     message = refused("sft", {name: value})
@@ -89,6 +90,16 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"system": "line\x1b[31m"}, "control"),
     ({"lr_scheduler_type": "--output_dir"}, "must not start with '-'"),
     ({"lr_scheduler_type": ["a", "b"]}, "one value"),
+    ({"weight_decay": float("inf")}, "finite number"),
+    ({"weight_decay": "-Infinity"}, "finite number"),
+    ({"max_grad_norm": float("nan")}, "finite number"),
+    ({"lr_scheduler_kwargs": {"a": float("nan")}}, "training.lr_scheduler_kwargs.a takes a finite number"),
+    # What a JSON object holds reaches swift too: a DeepSpeed offload or monitor path, a cache folder.
+    ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc/x"}}}},
+     "training.deepspeed.zero_optimization.offload_param.nvme_path looks like a file path"),
+    ({"deepspeed": {"tensorboard": {"enabled": True, "output_path": "../../elsewhere"}}}, "looks like a file path"),
+    ({"model_kwargs": {"cache_dir": "~/cache"}}, "training.model_kwargs.cache_dir looks like a file path"),
+    ({"model_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "training.model_kwargs.paths[1] looks like a file path"),
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)

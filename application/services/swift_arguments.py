@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ MANAGED = {
     "custom_register_path": "it runs Python files from the server's disk",
     "external_plugins": "it runs Python files from the server's disk",
     "custom_dataset_info": "it reads a file from anywhere on the server: register data sets by path instead",
+    "push_to_hub": "swift would publish with the server's own hub token: export the model (POST .../export), "
+    "download it from the artifacts and push it yourself",
 }
 
 # Arguments that name data sets or models: resolved by the pre-flight check like data_path / model_path.
@@ -166,15 +169,41 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
         if not isinstance(value, dict):
             presets = f" or one of {', '.join(sorted(DEEPSPEED_PRESETS))}" if name == "deepspeed" else ""
             raise Invalid(f"{where} takes a JSON object{presets}")
-        text = json.dumps(value, separators=(",", ":"))
+        _check_object(where, value)
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
         if len(text) > 64 * 1024:
             raise Invalid(f"{where}: at most 64 KiB of JSON")
         return text
     return _scalar(where, name, value, spec)
 
 
+def _check_object(where: str, value: Any, depth: int = 0) -> None:
+    """What a JSON-object argument holds: swift passes its texts on (a DeepSpeed nvme_path or tensorboard
+    output_path, a cache_dir), so none may name a file, and JSON has no NaN or Infinity."""
+    if depth > 32:
+        raise Invalid(f"{where}: nested too deeply (32 levels at most)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_object(f"{where}.{key}", item, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_object(f"{where}[{i}]", item, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(f"{where} takes a finite number")
+    elif isinstance(value, str):
+        if _CONTROL.search(value):
+            raise Invalid(f"{where} contains a control or bidirectional character")
+        if _FILE_LIKE.search(value):
+            raise Invalid(
+                f"{where} looks like a file path: ms-swift would read or write it on the server's "
+                "disk, outside the job's folder: leave it out (swift's defaults stay in the job's folder)"
+            )
+
+
 def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     kind = spec.get("kind", "any")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(f"{where} takes a finite number")
     if isinstance(value, (list, dict)):
         raise Invalid(f"{where} takes one value, not a {'list' if isinstance(value, list) else 'JSON object'}")
     if kind == "bool":
@@ -197,8 +226,8 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise Invalid(f"{where} takes a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Invalid(f"{where} takes a finite number")
         return value
     if kind == "literal":
         choices = spec.get("choices") or []
