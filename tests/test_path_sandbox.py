@@ -59,6 +59,24 @@ def test_paths_outside_the_roots_are_refused_without_saying_whether_they_exist(
     assert "exist" not in exc.value.detail and "secret" not in exc.value.detail
 
 
+def test_a_link_outside_the_roots_followed_by_dots_tells_nothing_of_it(roots: dict[str, Path]) -> None:
+    # <a link outside>/../<a path into a root> resolves inside a root only when the link exists and points at
+    # the right depth (/proc/<pid>/cwd/../..: whether a process runs, where): refused either way.
+    outside = roots["base"] / "outside"
+    outside.mkdir()
+    (outside / "link").symlink_to(roots["data"] / "team", target_is_directory=True)
+    answers = set()
+    for link in ("link", "no-such-link"):
+        with pytest.raises(Invalid) as exc:
+            data(f"{outside}/{link}/../top.jsonl", roots)
+        answers.add(exc.value.detail)
+    assert len(answers) == 1 and answers.pop().startswith("data_path must be inside DATA_ROOTS (")
+    # Dots that stay inside a root, and a link inside a root, are fine.
+    assert data(f"{roots['data']}/team/../top.jsonl", roots).path == roots["data"] / "top.jsonl"
+    (roots["data"] / "alias").symlink_to(roots["data"] / "team", target_is_directory=True)
+    assert data("alias/train.jsonl", roots).path == roots["data"] / "team" / "train.jsonl"
+
+
 def test_names_that_exist_nowhere_are_refused(roots: dict[str, Path]) -> None:
     for value in ("nothing.jsonl", "team/nothing.jsonl", "escape/shadow.jsonl", "plainword"):
         with pytest.raises(Invalid) as exc:

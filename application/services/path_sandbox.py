@@ -4,9 +4,9 @@ Rules (README "Paths"):
 
 * The text is checked first, before any filesystem call: no control characters (C0, C1, DEL) or bidi
   overrides, no component over 255 bytes, at most 64 components.
-* Local: absolute, or starting with `./`, `../` or `~`. It is resolved (symlinks followed) and must land
-  inside one of the roots, else 422 naming the roots. Whether a path outside the roots exists is never
-  looked at, so no answer can reveal it.
+* Local: absolute, or starting with `./`, `../` or `~`. It must lie inside one of the roots as written (`..`
+  collapsed) and once resolved (symlinks followed), else 422 naming the roots. Whether a path outside the
+  roots exists is never looked at, so no answer can reveal it.
 * Hub id: `namespace/name`, optionally `:subset` and `#N` for data sets. Never looked up on disk.
 * Anything else is a path relative to the roots, used when it exists under one of them; else 422.
 
@@ -123,7 +123,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         if not candidate.is_absolute():
             candidate = base / candidate
         real = Path(os.path.realpath(candidate))
-        if not _inside(real, real_roots):
+        if not _inside(real, real_roots) or not _inside_as_written(candidate, roots, real_roots):
             raise Invalid(outside)
         if guard is not None:
             guard(field, value, real)
@@ -137,7 +137,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         sample, text = (int(m.group(1)), text[: m.start()]) if data else (None, text)
     for root in real_roots:
         real = Path(os.path.realpath(root / text))
-        if not _inside(real, [root]):
+        if not _inside(real, [root]) or not _inside_as_written(root / text, [root], [root]):
             continue
         if guard is not None:
             guard(field, value, real)
@@ -147,6 +147,13 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         f"{field} '{value}' is neither a hub id (namespace/name) nor a path that exists under {setting} "
         f"({_roots_text(real_roots)}): use a hub id, or a path inside one of those folders"
     )
+
+
+def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Sequence[Path]) -> bool:
+    """Inside a root before any symlink is followed too: `<a link outside>/../<into a root>` resolves inside
+    only when the link exists and points at the right depth, so accepting it would tell what is outside."""
+    lexical = Path(os.path.normpath(candidate))
+    return _inside(lexical, real_roots) or _inside(lexical, [Path(os.path.abspath(r)) for r in roots])
 
 
 def _exists(path: Path) -> bool:
