@@ -184,3 +184,28 @@ def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_o
         check_request(*hub, "escape/run", model_type=None, template=None, settings=settings, info=None)
     assert check_request(*hub, "run", model_type=None, template=None, settings=settings,
                          info=None).output_dir == settings.OUTPUT_ROOT.resolve() / "run"  # fmt: skip
+
+
+def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Path) -> None:
+    # swift reads every file of a folder data set (val_dataset, cached_dataset, ...): a link in it to a file
+    # outside DATA_ROOTS would have been read, and its rows printed in the job's log.
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    folder = tmp_path / "data" / "folder1"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text(json.dumps(MESSAGES) + "\n")
+    (folder / "inner").symlink_to(folder / "a.jsonl")  # a link that stays inside is fine
+    hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
+    for name in ("val_dataset", "cached_dataset", "dataset"):
+        checked = check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
+                                arguments={name: ["folder1"]})  # fmt: skip
+        assert checked.arguments[name] == [str(folder.resolve())]
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.jsonl").write_text(json.dumps(MESSAGES) + "\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.jsonl").symlink_to(tmp_path / "outside" / "secret.jsonl")
+    for name in ("val_dataset", "cached_dataset", "dataset"):
+        with pytest.raises(Invalid) as exc:
+            check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
+                          arguments={name: ["folder1"]})  # fmt: skip
+        assert exc.value.detail == (f"training.{name}[0]: 'sub/b.jsonl' in that folder is a link that leads outside "
+                                    "DATA_ROOTS: swift would read it; name the data files instead")  # fmt: skip

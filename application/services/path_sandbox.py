@@ -28,6 +28,7 @@ from application.exceptions import Invalid
 MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
+MAX_FOLDER_ENTRIES = 10_000
 
 # Bidi embeddings/overrides/isolates and the zero-width marks that can make a path read as something else.
 _INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff")
@@ -154,6 +155,30 @@ def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Seque
     only when the link exists and points at the right depth, so accepting it would tell what is outside."""
     lexical = Path(os.path.normpath(candidate))
     return _inside(lexical, real_roots) or _inside(lexical, [Path(os.path.abspath(r)) for r in roots])
+
+
+def check_folder_links(field: str, folder: Path, roots: Sequence[Path], *, setting: str,
+                       guard: Guard | None = None) -> None:  # fmt: skip
+    """A folder named as a data set: swift reads every file in it, so none may be a link that leads out of the
+    roots (or, with `guard`, into another owner's job folder). Bounded: MAX_FOLDER_ENTRIES at most."""
+    real_roots = _real_roots(tuple(roots))
+    seen = 0
+    for where, folders, files in os.walk(folder):  # links to folders are listed, not followed
+        for name in (*folders, *files):
+            seen += 1
+            if seen > MAX_FOLDER_ENTRIES:
+                raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: name "
+                              "its data files instead")  # fmt: skip
+            path = Path(where) / name
+            if not path.is_symlink():
+                continue
+            real = Path(os.path.realpath(path))
+            inner = path.relative_to(folder)
+            if not _inside(real, real_roots):
+                raise Invalid(f"{field}: '{inner}' in that folder is a link that leads outside {setting}: swift "
+                              "would read it; name the data files instead")  # fmt: skip
+            if guard is not None:
+                guard(field, f"{field}/{inner}", real)
 
 
 def _exists(path: Path) -> bool:

@@ -26,7 +26,14 @@ from typing import Any
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
-from application.services.path_sandbox import Guard, is_file, is_hub_id, resolve, resolve_output_dir
+from application.services.path_sandbox import (
+    Guard,
+    check_folder_links,
+    is_file,
+    is_hub_id,
+    resolve,
+    resolve_output_dir,
+)
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_info import SwiftInfo
 
@@ -363,6 +370,8 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preferen
                             guard=guard)  # fmt: skip
                 if r.path is not None and r.path.is_file():
                     check_dataset(where, r.path, preference=preference and name != "cached_dataset")
+                elif r.path is not None and r.path.is_dir():
+                    check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
             else:
                 r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
                             setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
