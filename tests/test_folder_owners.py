@@ -78,6 +78,8 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         # A file where a folder is asked for is said to be one: asked by its owner, who may know.
         status, text = await create(ALICE_KEY, "alicefast/v0-x/checkpoint-6/config.json")
         assert status == 422 and "is a file" in text, text
+        status, text = await create(ALICE_KEY, "alicefast/v0-x/checkpoint-6/config.json/run")  # never made
+        assert status == 422 and "is a file, or lies under one" in text, text
         # Nothing of this was stored.
         listed = (await client.get("/jobs", params={"limit": 500}, headers=auth(ADMIN_KEY))).json()
         assert sorted(j["job_id"] for j in listed["jobs"]) == ["alicefast", "run"]

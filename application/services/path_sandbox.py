@@ -209,10 +209,13 @@ def resolve_output_dir(requested: str, root: Path) -> Path:
 
 
 def is_file(path: Path) -> bool:
-    """Something that is not a folder is there (not there yet, or unreadable: no; the run's own mkdir says so).
-    Not an answer to give as it is: whose folder it lies in is checked first (folder_owners)."""
+    """Something that is not a folder is there, or on the way there (not there yet, or unreadable: no; the
+    run's own mkdir says so). Not an answer to give as it is: whose folder it lies in is checked first
+    (folder_owners)."""
     try:
         return not stat.S_ISDIR(os.stat(path).st_mode)
+    except NotADirectoryError:
+        return True  # a file on the way: the run could never make its folder
     except OSError:
         return False
 

@@ -226,8 +226,8 @@ class TrainingService:
                 if exc.reason == Refusal.FOREIGN_FOLDER:
                     raise foreign_output_dir(req.output_dir) from None
                 if exc.reason == Refusal.OUTPUT_IS_FILE:
-                    raise Invalid(f"output_dir '{req.output_dir}' is a file: name a folder (one that does not exist "
-                                  "yet is made)") from None  # fmt: skip
+                    raise Invalid(f"output_dir '{req.output_dir}' is a file, or lies under one: name a folder (one "
+                                  "that does not exist yet is made)") from None  # fmt: skip
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     holder = exc.detail if caller.owns(await self.store.get_field(exc.detail or "", "owner")) else None
                     raise Conflict(
