@@ -43,6 +43,9 @@ def parse_time_limit(value: int | str) -> int:
         seconds = value
     else:
         text = value.strip().lower()
+        # ASCII digits only (str.isdigit and \d take any script's), and short: 30 days fit in 8 characters.
+        if len(text) > 32 or not text.isascii():
+            raise ValueError(f"time_limit {value[:40]!r} is not a duration: use seconds or text like '90m', '2h'")
         if text.isdigit():
             seconds = int(text)
         else:
@@ -54,7 +57,8 @@ def parse_time_limit(value: int | str) -> int:
                 )
             seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if not 1 <= seconds <= TIME_LIMIT_MAX:
-        raise ValueError(f"time_limit must be between 1 second and 30 days, got {seconds} s")
+        got = f"{seconds} s" if abs(seconds) < 10**12 else "far more"
+        raise ValueError(f"time_limit must be between 1 second and 30 days, got {got}")
     return seconds
 
 
