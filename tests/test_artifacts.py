@@ -137,7 +137,8 @@ def test_hostile_paths_get_the_answer_a_missing_file_gets(server: ApiServer, wor
                  f"%2E%2E%2F{out.name}%2F{run}%2Fargs.json", f"{run}/../{run}/args.json", f"./{run}/args.json",
                  f"{run}//args.json", f"/{secret}", f"%2F{str(secret)[1:]}", "/etc/passwd", "to-secret",
                  "to-tmp/secret.txt", "to-tmp.tar", f"{run}/up/secret.txt", f"{run}/up.tar",
-                 f"{run}/args.json%00", "%00", f"{run}%09/args.json", "pipe", f"{run}/checkpoint-20", ".tar",
+                 f"{run}/args.json%00", "%00", f"{run}%09/args.json", f"{run}/args.json%0a", f"{run}/args.json%0A",
+                 "pipe", f"{run}/checkpoint-20", ".tar",
                  f"{run}/checkpoint-20/.tar", ""]:  # fmt: skip
         assert raw_get(server, f"/jobs/safe/artifacts/{path}") == missing, path
     # A line break never matches a route (Starlette's `.` stops there): the router's own 404.

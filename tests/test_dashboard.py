@@ -392,6 +392,7 @@ def test_the_job_page_lists_what_the_job_wrote_with_links_that_download_it(serve
         part = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl", headers={"Range": "bytes=0-9"})
         assert part.status_code == 206 and part.content == (run / "logging.jsonl").read_bytes()[:10]
         assert http.get("/ui/jobs/files/files/%2e%2e/%2e%2e/%2e%2e/etc/passwd").status_code == 404
+        assert http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl%0a").status_code == 404
     with httpx.Client(base_url=root, cookies={COOKIE: BOB_KEY}) as http:
         assert http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl").status_code == 404
     with httpx.Client(base_url=root) as http:

@@ -72,7 +72,8 @@ async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training
     job = await svc.require(job_id, caller)
     slot = await request.app.state.download_slots.take(caller.name)  # DOWNLOADS_PER_OWNER (429)
     try:
-        got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, path, range_header, if_range)
+        got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
+                                       range_header, if_range)  # fmt: skip
     except BaseException:
         if slot is not None:
             await slot.release()

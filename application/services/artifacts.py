@@ -315,6 +315,12 @@ def prepare_download(job: Job, output_root: Path, path: str, range_header: str |
     raise not_found(job.job_id)
 
 
+def as_asked(path: str, url_path: str) -> str:
+    """A route's `{path:path}` as the URL had it: Starlette's pattern ends in `$`, which matches before a final
+    line break, so `file%0a` would have served `file` (a control character must answer like a missing file)."""
+    return path + "\n" if url_path.endswith("\n") and not path.endswith("\n") else path
+
+
 async def download(job: Job, output_root: Path, path: str, range_header: str | None = None,
                    if_range: str | None = None) -> Download:  # fmt: skip
     return await asyncio.to_thread(prepare_download, job, output_root, path, range_header, if_range)

@@ -143,8 +143,8 @@ async def job_file(request: Request, job_id: str, path: str) -> Response:
         if not JOB_ID_RE.match(job_id):
             raise JobNotFound(job_id)
         job = await state.training.require(job_id, caller)
-        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, path, request.headers.get("range"),
-                                       request.headers.get("if-range"))  # fmt: skip
+        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
+                                       request.headers.get("range"), request.headers.get("if-range"))  # fmt: skip
     except ApiError as exc:
         return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
     return StreamingResponse(got.body, status_code=got.status, headers=got.headers, media_type=got.media_type)
