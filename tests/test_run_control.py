@@ -98,6 +98,9 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert paused["resume_from"].endswith("/checkpoint-10") and paused["lost_steps"] >= 4
         assert "checkpoint-10" in paused["message"]
         assert all(g["job_id"] is None for g in (await client.get("/gpus")).json()["gpus"])
+        rested = (await client.get("/jobs/pr")).json()
+        assert rested["gpu_ids"] == [] and rested["attempts"][0]["gpu_ids"] == [0], rested
+        assert (await client.get("/jobs/pr/status")).json()["gpu_ids"] == []
         assert (await client.post("/jobs/pr/pause")).status_code == 409
         r = await client.post("/jobs/pr/start")
         assert r.status_code == 409 and "resume it with POST .../jobs/pr/resume" in r.json()["detail"]
@@ -164,7 +167,9 @@ async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..
         await wait_job(client, "nock", lambda j: (j["progress"]["current_step"] or 0) >= 3)
         paused = (await client.post("/jobs/nock/pause")).json()
         assert paused["status"] == "paused" and paused["resume_from"] is None
-        assert "beginning" in paused["message"]
+        assert "beginning" in paused["message"] and "steps it made will be trained again" in paused["message"]
+        event = (await client.get("/jobs/nock/events")).json()["events"][-1]
+        assert event["type"] == "status_paused" and "trained so far are lost" in event["message"], event
         r = (await client.post("/jobs/nock/resume")).json()
         assert r["resume_from"] is None and "starts from the beginning" in r["message"]
         done = await wait_job(client, "nock", lambda j: j["status"] == "completed")

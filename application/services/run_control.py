@@ -50,8 +50,9 @@ class RunControl:
             where = (
                 f"{final.resume_from} (step {resume_step})" if final.resume_from else "the beginning (no checkpoint)"
             )
-            again = f"; the {lost} steps after it will be trained again" if lost != 1 else "; the step after it " \
-                "will be trained again"  # fmt: skip
+            steps = f"the {lost} steps" if lost != 1 else "the step"
+            again = f"; {steps} after it will be trained again" if final.resume_from else \
+                f"; {steps} it made will be trained again"  # fmt: skip
             message = f"Paused: resumes from {where}" + (again if lost else "")
         else:
             message = f"The run had already ended ({final.status.value})"

@@ -168,11 +168,12 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         pass
     elif interrupt == "pause":
         status, outcome = JobStatus.PAUSED, "paused"
-        message = f"paused: resumes from {where}" + _lost_text(lost)
+        message = f"paused: resumes from {where}" + _lost_text(lost, checkpoint)
         event = ("paused", message, resume)
     elif interrupt == "preempt":
         status, outcome = JobStatus.QUEUED, "preempted"
-        message = f"preempted for {job.preempt_for}: back in the queue, resumes from {where}" + _lost_text(lost)
+        message = f"preempted for {job.preempt_for}: back in the queue, resumes from {where}"
+        message += _lost_text(lost, checkpoint)
         event = ("preempted", message, {**resume, "by": job.preempt_for})
     elif interrupt is None and job.retries < job.max_retries and retryable(end, last_step, previous):
         status, outcome = JobStatus.QUEUED, "retried"
@@ -182,6 +183,7 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts)})
     if status in (JobStatus.PAUSED, JobStatus.QUEUED):
         fields["resume_from"] = checkpoint
+        fields["gpu_ids"] = []  # it holds none now (the attempt keeps where it ran)
     else:
         fields["error_message"] = end.error_message
         fields["error_code"] = end.error_code
@@ -203,7 +205,8 @@ def _lost(last_step: int | None, checkpoint_step: int | None) -> int | None:
     return max(0, last_step - (checkpoint_step or 0))
 
 
-def _lost_text(lost: int | None) -> str:
+def _lost_text(lost: int | None, checkpoint: str | None) -> str:
     if not lost:
         return ""
-    return "; the step trained after it is lost" if lost == 1 else f"; the {lost} steps trained after it are lost"
+    after = "after it" if checkpoint else "so far"
+    return f"; the step trained {after} is lost" if lost == 1 else f"; the {lost} steps trained {after} are lost"
