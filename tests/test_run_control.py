@@ -111,6 +111,8 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         r = await client.post("/jobs/pr/resume")
         assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text
         assert r.json()["resume_step"] == 10 and "checkpoint-10" in r.json()["message"]
+        resumed = (await client.get("/jobs/pr/progress")).json()["progress"]  # before its first new step too
+        assert resumed["current_step"] >= 10 and resumed["percentage"] >= 25.0, resumed
         done = await wait_job(client, "pr", lambda j: j["status"] == "completed" and j["export"]["status"] not in
                               ("none", "running"))  # fmt: skip
         assert done["progress"]["current_step"] == 40

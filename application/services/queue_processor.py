@@ -245,7 +245,10 @@ class QueueProcessor:
                           gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
         if job.attempts:
             await self.store.trim_history(job.job_id, step)
-        progress = Progress(current_step=step, max_steps=job.progress.max_steps) if resume else Progress()
+        total = job.progress.max_steps
+        progress = Progress(current_step=step, max_steps=total,
+                            percentage=round(100.0 * step / total, 2) if step is not None and total else None,
+                            ) if resume else Progress()  # fmt: skip
         await self.store.transition(
             job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
             fields={
