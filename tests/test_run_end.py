@@ -10,14 +10,14 @@ from application.services.run_end import final_status
 TRACEBACK = ["Traceback (most recent call last):", "FileNotFoundError: [Errno 2] No such file: '/d/train.jsonl'"]
 
 
-def test_a_run_that_got_to_its_end_is_completed_whatever_was_asked_meanwhile() -> None:
+def test_a_run_that_exited_0_is_completed_whatever_was_asked_meanwhile() -> None:
     finished = RunFacts(finished=True)
     assert final_status(0, False, RunFacts(), []).status == JobStatus.COMPLETED
     assert final_status(0, True, RunFacts(), []).status == JobStatus.COMPLETED
-    # Nobody saw it exit (its runner was dead), but its log reached the end: a pause or stop asked meanwhile
-    # cannot undo that.
+    # Nobody saw it exit: a log that reached its end says it completed, unless a stop was asked, since
+    # ms-swift writes those last lines after a crash too (stopped can be resumed, completed cannot).
     assert final_status(None, False, finished, []).status == JobStatus.COMPLETED
-    assert final_status(None, True, finished, []).status == JobStatus.COMPLETED
+    assert final_status(None, True, finished, []).status == JobStatus.STOPPED
 
 
 def test_a_run_asked_to_end_is_stopped_and_any_other_end_has_failed_saying_why() -> None:

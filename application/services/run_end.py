@@ -56,15 +56,18 @@ def signal_text(sig: int) -> str:
 def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, log_tail: list[str]) -> RunEnd:
     """The status a finished run gets.
 
-    * exit 0, or no exit status (nobody saw it end) but the trainer reached its last lines: completed, even if
-      a stop arrived as it finished on its own;
-    * a stop was requested: stopped;
+    * exit 0: completed, even if a stop arrived as it finished on its own;
+    * a stop was requested: stopped (with no exit status, a log that reached its end is no proof of success:
+      ms-swift writes its last lines in a `finally`, after a crash too; stopped can still be resumed);
+    * no exit status (nobody saw it end) but the trainer reached its last lines: completed;
     * anything else: failed, with the trainer's own error when the log has one, else what ended it.
     """
-    if exit_code == 0 or (exit_code is None and facts.finished):
+    if exit_code == 0:
         return RunEnd(JobStatus.COMPLETED, "training completed")
     if stop_requested:
         return RunEnd(JobStatus.STOPPED, "stopped on request")
+    if exit_code is None and facts.finished:
+        return RunEnd(JobStatus.COMPLETED, "training completed")
     found = extract_error(log_tail)
     if exit_code is None:
         error = found or "the swift process ended unwatched and left no exit status"
