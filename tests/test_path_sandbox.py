@@ -113,6 +113,16 @@ def test_output_dir_stays_under_output_root(tmp_path: Path) -> None:
     for bad in ("..", "../x", "/etc/x", ".", "a/" * 2000, "x\ry"):
         with pytest.raises(Invalid):
             resolve_output_dir(bad, root)
+    # A link outside followed by dots back into OUTPUT_ROOT would tell where the link leads.
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "deep", target_is_directory=True)
+    for link in ("link", "no-such-link"):
+        with pytest.raises(Invalid, match="outside OUTPUT_ROOT"):
+            resolve_output_dir(f"{tmp_path}/{link}/../../out/job2", root)
+    assert resolve_output_dir(f"{root}/a/../job3", root) == root / "job3"
+    # OUTPUT_ROOT configured through a link: a path written with the link is fine.
+    (tmp_path / "out-alias").symlink_to(root, target_is_directory=True)
+    assert resolve_output_dir(f"{tmp_path}/out-alias/job4", tmp_path / "out-alias") == root / "job4"
 
 
 async def test_escapes_are_422_and_nothing_is_created_on_disk(app_factory: Callable[..., Any], tmp_path: Path) -> None:

@@ -196,12 +196,13 @@ def _with_sample(path: str, sample: int | None) -> str:
 def resolve_output_dir(requested: str, root: Path) -> Path:
     """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     check_text("output_dir", requested)
-    root = _real_roots((root,))[0]
+    configured, root = root, _real_roots((root,))[0]
     candidate = Path(requested)
-    resolved = Path(os.path.realpath(candidate if candidate.is_absolute() else root / candidate))
+    candidate = candidate if candidate.is_absolute() else root / candidate
+    resolved = Path(os.path.realpath(candidate))
     if resolved == root:
         raise Invalid(f"output_dir '{requested}' is OUTPUT_ROOT itself: name a folder inside it, such as my_job")
-    if root not in resolved.parents:
+    if root not in resolved.parents or not _inside_as_written(candidate, [configured], [root]):
         raise Invalid(
             f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
         )
