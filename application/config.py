@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -293,6 +294,11 @@ class Settings(BaseSettings):
 
     def create_rate(self) -> tuple[int, float] | None:
         return parse_rate(self.CREATE_RATE_LIMIT)
+
+    def runner_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The environment a runner starts with: `base` (the scheduler's own) and these settings, without what
+        only an HTTP server needs (its address, its keys), whether it came as a setting or a variable."""
+        return {k: v for k, v in base.items() if k not in _NOT_FOR_CHILDREN} | self.as_env()
 
     def as_env(self) -> dict[str, str]:
         """These settings as environment variables, for a process started with them (a runner). What only an

@@ -48,7 +48,7 @@ class Scheduler:
         self.ident = scheduler_id()
         self.inventory = create_inventory(settings.GPU_BACKEND.value, settings.SIMULATED_GPUS,
                                           settings.SIMULATED_GPU_USAGE_FILE)  # fmt: skip
-        self.launcher = LocalLauncher({**os.environ, **settings.as_env()})
+        self.launcher = LocalLauncher(settings.runner_env(os.environ))
         self.leader = LeaderLock(self.cluster, self.ident, settings.LEADER_TTL_SECONDS)
         self._version: SwiftVersion | None = None
         self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,

@@ -478,7 +478,9 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
     # swift runs code a user picked (a hub model's remote code, report_to integrations): it must not find the
     # keys that reach Redis or sign webhooks, whether they come from the environment or from a setting.
     wrapper = tmp_path / "env-swift"
-    wrapper.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env-of-$1"\nexec "{FAKE_SWIFT}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env-of-$1"\n'
+                       f'tr "\\000" "\\n" < /proc/$PPID/environ > "{tmp_path}/env-of-runner-$1"\n'
+                       f'exec "{FAKE_SWIFT}" "$@"\n')  # fmt: skip
     wrapper.chmod(0o755)
     server = server_factory(env={"SWIFT_BIN": str(wrapper), "WEBHOOK_SECRET": "hook-secret-0123456789abcdef",
                                  "HF_TOKEN": "the-operators-hub-token"})  # fmt: skip
@@ -492,3 +494,7 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
         assert leaked == [], f"swift {command} got {leaked}"
         assert env["HF_TOKEN"] == "the-operators-hub-token" and "CUDA_VISIBLE_DEVICES" in env
         assert env["FAKE_SWIFT_STEP_SECONDS"] == "0.02"  # the rest of the environment is swift's to use
+        # Its runner (swift's parent) needs Redis, not what only the HTTP server uses.
+        runner = (tmp_path / f"env-of-runner-{command}").read_text().splitlines()
+        assert any(line.startswith("REDIS_URL=") for line in runner)
+        assert not any(line.startswith("WEBHOOK_SECRET=") for line in runner)
