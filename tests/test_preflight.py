@@ -209,3 +209,22 @@ def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Pa
                           arguments={name: ["folder1"]})  # fmt: skip
         assert exc.value.detail == (f"training.{name}[0]: 'sub/b.jsonl' in that folder is a link that leads outside "
                                     "DATA_ROOTS: swift would read it; name the data files instead")  # fmt: skip
+    # A link to another folder inside the roots is followed (hub loaders follow it), and a loop ends.
+    (folder / "sub" / "b.jsonl").unlink()
+    other = tmp_path / "data" / "other"
+    other.mkdir()
+    (other / "back").symlink_to(folder, target_is_directory=True)
+    (folder / "sub" / "to-other").symlink_to(other, target_is_directory=True)
+    assert check_request(
+        *hub,
+        "run",
+        model_type=None,
+        template=None,
+        settings=settings,
+        info=None,
+        arguments={"val_dataset": ["folder1"]},
+    ).arguments["val_dataset"] == [str(folder.resolve())]
+    (other / "leak.jsonl").symlink_to(tmp_path / "outside" / "secret.jsonl")
+    with pytest.raises(Invalid, match=r"'sub/to-other/leak\.jsonl' in that folder is a link that leads outside"):
+        check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
+                      arguments={"val_dataset": ["folder1"]})  # fmt: skip

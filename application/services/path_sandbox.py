@@ -28,7 +28,7 @@ from application.exceptions import Invalid
 MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
-MAX_FOLDER_ENTRIES = 10_000
+MAX_FOLDER_ENTRIES = 100_000
 
 # Bidi embeddings/overrides/isolates and the zero-width marks that can make a path read as something else.
 _INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff")
@@ -159,26 +159,38 @@ def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Seque
 
 def check_folder_links(field: str, folder: Path, roots: Sequence[Path], *, setting: str,
                        guard: Guard | None = None) -> None:  # fmt: skip
-    """A folder named as a data set: swift reads every file in it, so none may be a link that leads out of the
-    roots (or, with `guard`, into another owner's job folder). Bounded: MAX_FOLDER_ENTRIES at most."""
+    """A folder named as a data set: swift (a hub loader) reads every file in it, following links, so no link in
+    it, or in a folder a link leads to, may lead out of the roots (or, with `guard`, into another owner's job
+    folder). Bounded: MAX_FOLDER_ENTRIES entries at most; each folder is read once (no loop)."""
     real_roots = _real_roots(tuple(roots))
-    seen = 0
-    for where, folders, files in os.walk(folder):  # links to folders are listed, not followed
-        for name in (*folders, *files):
-            seen += 1
-            if seen > MAX_FOLDER_ENTRIES:
-                raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: name "
-                              "its data files instead")  # fmt: skip
-            path = Path(where) / name
-            if not path.is_symlink():
-                continue
-            real = Path(os.path.realpath(path))
-            inner = path.relative_to(folder)
-            if not _inside(real, real_roots):
-                raise Invalid(f"{field}: '{inner}' in that folder is a link that leads outside {setting}: swift "
-                              "would read it; name the data files instead")  # fmt: skip
-            if guard is not None:
-                guard(field, f"{field}/{inner}", real)
+    seen = {os.path.realpath(folder)}
+    stack = [str(folder)]
+    count = 0
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue  # unreadable to the server: swift, the same user, cannot read it either
+        with entries:
+            for entry in entries:
+                count += 1
+                if count > MAX_FOLDER_ENTRIES:
+                    raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: "
+                                  "name its data files, or a folder with fewer")  # fmt: skip
+                if not entry.is_symlink():
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    continue
+                real = os.path.realpath(entry.path)
+                shown = os.path.relpath(entry.path, folder)
+                if not _inside(Path(real), real_roots):
+                    raise Invalid(f"{field}: '{shown}' in that folder is a link that leads outside {setting}: "
+                                  "swift would read it; name the data files instead")  # fmt: skip
+                if guard is not None:
+                    guard(field, shown, Path(real))
+                if real not in seen and os.path.isdir(real):
+                    seen.add(real)
+                    stack.append(entry.path)  # read through the link, so that names say how swift reaches them
 
 
 def _exists(path: Path) -> bool:
