@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from application.models.training_model import JobStatus, RunnerInfo
+from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from tests.conftest import _until, job_body, make_model
 
@@ -78,3 +78,24 @@ async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its
         assert (await stop).json()["status"] == "stopped"
         job = (await client.get("/jobs/second")).json()
         assert job["status"] == "stopped" and len(job["attempts"]) <= 1, job
+
+
+async def test_an_export_whose_runner_died_before_recording_swifts_pid_is_stopped(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The same window as a run's, for an export: its swift was left merging unwatched while the export was
+    # recorded failed, and asking again put two exports into one folder.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        await client.post("/jobs", json=job_body(tmp_path, "merged"))
+        store = client.scheduler.store
+        await store.transition("merged", JobStatus.RUNNING, fields={"run_id": "run-merged"})
+        await store.transition("merged", JobStatus.COMPLETED)
+        export = ExportInfo(status=ExportStatus.RUNNING, export_id="exp-merged", runner=dead_runner(),
+                            started_at=time.time() - 30)  # fmt: skip
+        await store.update("merged", {"export": export}, exporting=True)
+        swift = marked("exp-merged", tmp_path)
+        await client.scheduler.watchdog.sweep()
+        assert swift.wait(10) is not None
+        got = (await client.get("/jobs/merged")).json()["export"]
+        assert got["status"] == "failed" and "runner died" in got["error"], got

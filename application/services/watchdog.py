@@ -94,19 +94,7 @@ class Watchdog:
     async def runner_died(self, job: Job) -> None:
         """Stop what is left of a run whose runner is gone, and record how it ended."""
         returncode = self.launcher.exit_status(job.runner) if job.runner else None
-        outcome = "gone"
-        # Not the leader alone: a trainer that ignored the SIGTERM its launcher died of must not outlive the
-        # record of the run's end (it would train on GPUs given to the next job). Nor a swift whose runner died
-        # before it recorded its pid: found by the run's mark.
-        if job.pid is None and job.run_id:
-            groups = await asyncio.to_thread(pg.marked_groups, job.run_id)
-        else:
-            alive = await asyncio.to_thread(pg.run_group_alive, job.pid, job.process_start_time, job.process_stamp,
-                                            job.run_id)  # fmt: skip
-            groups = [job.pid] if alive and job.pid else []
-        if groups:
-            grace = self.settings.STOP_GRACE_SECONDS
-            outcome = (await asyncio.gather(*(pg.terminate_group(g, grace) for g in groups)))[0]
+        outcome = await self._stop_leftovers(job.pid, job.process_start_time, job.process_stamp, job.run_id)
         # What was asked of the job while its run was being stopped (a stop, a pause) decides how it ends.
         fresh = await self.store.get(job.job_id)
         if fresh is None or fresh.status != JobStatus.RUNNING or fresh.run_id != job.run_id:
@@ -150,6 +138,21 @@ class Watchdog:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await record_auto_export(self.store, self.settings, job.job_id, None)
 
+    async def _stop_leftovers(self, pid: int | None, start_time: float | None, stamp: str | None,
+                              mark: str | None) -> str:  # fmt: skip
+        """Stop what is left of a run or export whose runner died, before its end is recorded: not the leader
+        alone (a trainer that ignored the SIGTERM its launcher died of would train on GPUs given to the next
+        job), nor only what has a recorded pid (a runner can die between starting swift and recording it: its
+        processes are found by their mark). Returns how it ended ("gone" when nothing was left)."""
+        if pid is None and mark:
+            groups = await asyncio.to_thread(pg.marked_groups, mark)
+        else:
+            alive = await asyncio.to_thread(pg.run_group_alive, pid, start_time, stamp, mark)
+            groups = [pid] if alive and pid else []
+        grace = self.settings.STOP_GRACE_SECONDS
+        outcomes = await asyncio.gather(*(pg.terminate_group(g, grace) for g in groups))
+        return outcomes[0] if outcomes else "gone"
+
     async def stop_local_runs(self) -> list[str]:
         """End the runs and exports whose runners live on this host, for a scheduler stopping where they cannot
         outlive it (STOP_RUNS_ON_SHUTDOWN): SIGTERM to each runner, which stops swift (STOP_GRACE_SECONDS) and
@@ -192,9 +195,7 @@ class Watchdog:
             alive = bool(beat and beat.get("id") == info.export_id)
         if alive:
             return
-        if await asyncio.to_thread(pg.run_group_alive, info.pid, info.process_start_time, info.process_stamp,
-                                   info.export_id):  # fmt: skip
-            await pg.terminate_group(info.pid or 0, self.settings.STOP_GRACE_SECONDS)
+        await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
