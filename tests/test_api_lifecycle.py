@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from application.services.process_group import group_members
-from tests.conftest import ApiServer, gated_swift, job_body, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
 
 
 def job_processes(needle: str) -> list[psutil.Process]:
@@ -190,6 +190,22 @@ def test_an_export_killed_by_a_signal_nobody_asked_for_has_failed(
     job = wait_for(lambda: (j := server.job("oom"))["export"]["status"] != "running" and j, what="export end")
     assert job["export"]["status"] == "failed", job["export"]
     assert "swift export was killed by signal 9 (SIGKILL" in job["export"]["error"]
+
+
+def test_an_export_whose_worker_was_killed_says_which_signal(server_factory: Callable[..., ApiServer],
+                                                             workspace: Path, tmp_path: Path) -> None:  # fmt: skip
+    # swift's launcher passes its worker's -9 to sys.exit: the export exits 247, and that is still a SIGKILL.
+    wrapper = tmp_path / "oom-export-swift"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1" = export ]; then exit 247; fi\nexec "{FAKE_SWIFT}" "$@"\n')
+    wrapper.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**job_body(workspace, "oom2", auto_start=True, training={"max_steps": 2}))
+    server.wait_status("oom2", "completed")
+    job = wait_for(lambda: (j := server.job("oom2"))["export"]["status"] not in ("none", "running") and j,
+                   what="the export's end")  # fmt: skip
+    assert job["export"]["status"] == "failed", job["export"]
+    assert job["export"]["error"] == ("swift export exited with code 247: it was killed by signal 9 (SIGKILL; often "
+                                      "the kernel's OOM killer)"), job["export"]  # fmt: skip
 
 
 def test_export_of_queued_job_is_409(server: ApiServer, workspace: Path) -> None:

@@ -48,7 +48,7 @@ from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
-from application.services.run_end import RunEnd, signal_text
+from application.services.run_end import RunEnd, exit_signal, signal_text
 from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
@@ -337,8 +337,10 @@ class Runner:
             event = ("export_stopped", "export stopped on request", {})
         else:  # a signal nobody here sent is a failure (the OOM killer), as for a training run
             found = extract_error(tail)
-            error = found or (f"swift export was {signal_text(-code)}" if code < 0 else
-                              f"swift export exited with code {code}")  # fmt: skip
+            sig = exit_signal(code)  # -9, or 137 / 247 from a launcher whose worker the signal hit
+            error = found or (f"swift export was {signal_text(sig)}" if sig is not None and code < 0 else
+                              f"swift export exited with code {code}: it was {signal_text(sig)}" if sig is not None
+                              else f"swift export exited with code {code}")  # fmt: skip
             update |= {"status": ExportStatus.FAILED, "error": error}
             event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
         await self._write_export(info.model_copy(update=update), event, final=True)
