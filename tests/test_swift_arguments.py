@@ -45,6 +45,10 @@ def test_everyday_arguments_are_converted_to_what_the_cli_parses() -> None:
     assert argv_of(got)[:6] == ["--target_modules", "q_proj", "v_proj", "--lr_scheduler_type", "linear", "--seed"]
     assert argv_of({"packing": True, "deepspeed": '{"a":1}', "lr": 1e-05}) == [
         "--packing", "true", "--deepspeed", '{"a":1}', "--lr", "1e-05"]  # fmt: skip
+    # Inside a JSON object only paths out of the job's folder are refused: stop strings, file names, hub ids
+    # and folders inside it pass (escaped by the JSON encoding).
+    free = {"stop": ["\n\n", "\u202e"], "tokenizer_file": "tokenizer.json", "out": "./runs/tb", "repo": "org/model"}
+    assert json.loads(check_arguments("sft", {"model_kwargs": free}, V4)["model_kwargs"]) == free
 
 
 def test_unknown_names_get_the_closest_real_ones() -> None:
@@ -96,10 +100,10 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"lr_scheduler_kwargs": {"a": float("nan")}}, "training.lr_scheduler_kwargs.a takes a finite number"),
     # What a JSON object holds reaches swift too: a DeepSpeed offload or monitor path, a cache folder.
     ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc/x"}}}},
-     "training.deepspeed.zero_optimization.offload_param.nvme_path looks like a file path"),
-    ({"deepspeed": {"tensorboard": {"enabled": True, "output_path": "../../elsewhere"}}}, "looks like a file path"),
-    ({"model_kwargs": {"cache_dir": "~/cache"}}, "training.model_kwargs.cache_dir looks like a file path"),
-    ({"model_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "training.model_kwargs.paths[1] looks like a file path"),
+     "training.deepspeed.zero_optimization.offload_param.nvme_path is a path that leaves"),
+    ({"deepspeed": {"tensorboard": {"enabled": True, "output_path": "runs/../../x"}}}, "is a path that leaves"),
+    ({"model_kwargs": {"cache_dir": "~/cache"}}, "training.model_kwargs.cache_dir is a path that leaves"),
+    ({"model_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "training.model_kwargs.paths[1] is a path that leaves"),
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)

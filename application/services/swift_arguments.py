@@ -73,6 +73,8 @@ MAX_ITEMS = 256
 # arguments above may name files, inside the configured roots.
 # A `.` or `..` component names a folder relative to swift's (the job's folder), or above it.
 _FILE_LIKE = re.compile(r"(^(/|~))|((^|/)\.{1,2}(/|$))|(\.(txt|json|jsonl|yaml|yml|py|csv|sh|pkl|pt|bin)$)", re.I)
+# A path that leaves swift's working folder (the job's own): absolute, from a home folder, or through `..`.
+_LEAVES_FOLDER = re.compile(r"^(/|~)|(^|/)\.\.(/|$)")
 _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
@@ -179,7 +181,8 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
 
 def _check_object(where: str, value: Any, depth: int = 0) -> None:
     """What a JSON-object argument holds: swift passes its texts on (a DeepSpeed nvme_path or tensorboard
-    output_path, a cache_dir), so none may name a file, and JSON has no NaN or Infinity."""
+    output_path, a cache_dir), so none may be a path out of swift's working folder (the job's), and JSON has no
+    NaN or Infinity. Other texts are free: the JSON encoding escapes control characters."""
     if depth > 32:
         raise Invalid(f"{where}: nested too deeply (32 levels at most)")
     if isinstance(value, dict):
@@ -190,14 +193,11 @@ def _check_object(where: str, value: Any, depth: int = 0) -> None:
             _check_object(f"{where}[{i}]", item, depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise Invalid(f"{where} takes a finite number")
-    elif isinstance(value, str):
-        if _CONTROL.search(value):
-            raise Invalid(f"{where} contains a control or bidirectional character")
-        if _FILE_LIKE.search(value):
-            raise Invalid(
-                f"{where} looks like a file path: ms-swift would read or write it on the server's "
-                "disk, outside the job's folder: leave it out (swift's defaults stay in the job's folder)"
-            )
+    elif isinstance(value, str) and _LEAVES_FOLDER.search(value):
+        raise Invalid(
+            f"{where} is a path that leaves the job's folder (absolute, ~ or ..): ms-swift would read or write "
+            "it anywhere on the server's disk; leave it out or name a place inside the job's folder"
+        )
 
 
 def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
