@@ -101,6 +101,7 @@ class LocalLauncher:
         proc = self.children.get(runner.pid or -1)
         if proc is not None and proc.poll() is not None:
             del self.children[proc.pid]
+            self._ended.pop(proc.pid, None)
 
     def terminate(self, runner: RunnerInfo) -> bool:
         if not self.is_alive(runner) or not runner.pid:
