@@ -215,16 +215,20 @@ class Runner:
         code = _returncode(proc)
         follow.read()
         follow.flush()
+        if orphaned:
+            logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
+            return 0
+        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
+                                                           self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
         # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
+        # Read last, just before the end is computed and written (a request in between is answered with the
+        # end as recorded).
         tick = await self._tick("train", self.run_id)
         if tick is not None and tick.run_id == self.run_id:
             stop_requested = stop_requested or tick.stop_requested
             pause_requested = pause_requested or tick.pause_requested
             preempt_for = preempt_for or tick.preempt_for
-        if orphaned:
-            logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
-            return 0
         interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
         override: RunEnd | None = None
         if timed_out and code != 0 and limit is not None and interrupt is None:
@@ -236,8 +240,6 @@ class Runner:
             # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
             # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
             preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
-        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
-                                                           self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         asked = job.model_copy(update={"preempt_for": preempt_for})
         end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
                          stop_outcome=outcome if stopping is not None else None, now=time.time())  # fmt: skip
