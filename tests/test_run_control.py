@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -17,6 +17,7 @@ from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
 from tests.conftest import _until, job_body, make_model, wait_job
 
+T = TypeVar("T")
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
@@ -325,3 +326,36 @@ async def test_a_job_whose_uploaded_data_set_was_deleted_is_not_resumed(app_fact
         r = await client.post("/jobs/gone/resume")
         assert r.status_code == 409 and f"uploaded file {file_id}, which has been deleted" in r.json()["detail"]
         assert (await client.get("/jobs/gone")).json()["status"] == "stopped"
+
+
+async def later(delay: float, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """`call` a moment later: a range of delays makes requests meet the other's steps at different points."""
+    await asyncio.sleep(delay)
+    return await call(*args)
+
+
+async def test_a_stop_racing_a_start_or_a_delete_stops_or_says_404(app_factory: Callable[..., Any],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    # The stop reads the job, the start (or the scheduler) moves it on before the stop writes: the stop reads
+    # it again and stops it as it is then; it answered 409 "can no longer be cancelled" and the job ran on.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        for i in range(12):
+            body = job_body(tmp_path, f"race{i}", hang_after_steps=1, training={"max_steps": 50})
+            assert (await client.post("/jobs", json=body)).json()["status"] == "pending"
+            start, stop = await asyncio.gather(
+                client.post(f"/jobs/race{i}/start"), later(i / 1000, client.post, f"/jobs/race{i}/stop")
+            )
+            assert stop.status_code == 200, (i, start.json(), stop.json())
+            assert stop.json()["status"] in ("cancelled", "stopped"), stop.json()
+            job = await wait_job(client, f"race{i}", lambda j: j["status"] not in ("queued", "running"))
+            assert job["status"] in ("cancelled", "stopped"), job
+        # A job deleted as it is resumed, paused or stopped is not there: 404, not "is None now".
+        for i, action in enumerate(("resume", "stop", "start")):
+            await client.post("/jobs", json=job_body(tmp_path, f"gone{i}", training={"max_steps": 5}))
+            if action == "resume":
+                await client.post(f"/jobs/gone{i}/stop")  # cancelled: resume has nothing to resume, but races
+            deleted, acted = await asyncio.gather(client.delete(f"/jobs/gone{i}"),
+                                                  client.post(f"/jobs/gone{i}/{action}"))  # fmt: skip
+            assert deleted.status_code in (204, 409) and acted.status_code in (200, 404, 409), acted.text
+            assert "None" not in acted.text, acted.text

@@ -100,10 +100,10 @@ async def start_job(job_id: JobId, request: Request, svc: Training, caller: Call
 
 @jobs.post("/jobs/{job_id}/stop", response_model=ActionResponse, responses={**E404, **E409},
            summary="Stop a running job (SIGTERM to its group, then SIGKILL), or cancel a waiting one")  # fmt: skip
-async def stop_job(job_id: JobId, request: Request, svc: Training, caller: CallerDep, idem: IdempotencyDep,
+async def stop_job(job_id: JobId, request: Request, control: Control, caller: CallerDep, idem: IdempotencyDep,
                    idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await svc.stop(job_id, caller), {}
+        return 200, await control.stop(job_id, caller), {}
 
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 

@@ -16,7 +16,7 @@ from application.services.exports import ENDED_WITH_SWIFT, prepare_export, put_e
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import as_export, check_quantization, prepare_quant_job, wants_quantization
 from application.services.swift_arguments import require_usable_swift
-from application.services.training_service import TrainingService, snapshot_of
+from application.services.training_service import TrainingService, refused, snapshot_of
 
 
 class ExportControl:
@@ -42,7 +42,7 @@ class ExportControl:
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
                 raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
-            raise Conflict(f"job '{job_id}' is {exc.current}: it cannot export now") from None
+            raise refused(job_id, exc, "job '{id}' is {status}: it cannot export now") from None
         await self.cluster.publish_wakeup(f"export:{job_id}")
         return ActionResponse(job_id=job_id, status=job.status, export=info,
                               message=f"Export of {info.checkpoint} started")  # fmt: skip

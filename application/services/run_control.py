@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 from application.auth import Caller
-from application.exceptions import Conflict
+from application.exceptions import Conflict, JobNotFound
 from application.models.job_responses import ActionResponse, CheckpointList
-from application.models.training_model import Job, JobStatus
+from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.run_end import checkpoint_step
@@ -20,12 +20,64 @@ from application.services.training_service import (
     STOP_EXTRA_SECONDS,
     QueueInfo,
     TrainingService,
+    refused,
 )
+
+STOP_TRIES = 5
 
 
 class RunControl:
     def __init__(self, service: TrainingService) -> None:
         self.service = service
+
+    async def stop(self, job_id: str, caller: Caller) -> ActionResponse:
+        """Stop what the job does now: a run (SIGTERM to its group, grace, SIGKILL, by its runner), a wait (it
+        is cancelled), a rest (a paused job is stopped), an export. A start, a resume or the scheduler may move
+        the job on between the read and the write: it is then read again and stopped as it is."""
+        job = await self.service.require(job_id, caller)
+        for _ in range(STOP_TRIES):
+            try:
+                return await self._stop(job, caller)
+            except TransitionRefused as exc:
+                if exc.reason == Refusal.MISSING:
+                    raise JobNotFound(job_id) from None
+                job = await self.service.require(job_id, caller)
+        raise Conflict(f"job '{job_id}' keeps changing (it is {job.status.value} now): stop it again")
+
+    async def _stop(self, job: Job, caller: Caller) -> ActionResponse:
+        svc, job_id = self.service, job.job_id
+        grace = svc.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS
+        if job.status == JobStatus.PAUSED:
+            await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
+                                       message="stopped while paused")  # fmt: skip
+            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
+                                  message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
+        if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
+            await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(job.status,), actor=caller.actor,
+                                       message="cancelled before it started")  # fmt: skip
+            return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
+        if job.status == JobStatus.RUNNING:
+            await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
+                                   event=("stop_requested", "stop requested: SIGTERM to the process group", None),
+                                   actor=caller.actor)  # fmt: skip
+            # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
+            final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace)
+            if final.status == JobStatus.RUNNING:
+                message = "Stop requested: the run has not ended yet; see its status"
+            elif final.status == JobStatus.STOPPED:
+                message = f"Training stopped ({final.stop_outcome or 'terminated'})"
+            else:
+                message = f"The job had already finished ({final.status.value})"
+            return ActionResponse(job_id=job_id, status=final.status, message=message)
+        if job.export.status == ExportStatus.RUNNING:
+            await svc.store.update(job_id, {"export_stop_requested": True}, actor=caller.actor,
+                                   event=("export_stop_requested", "export stop requested", None))  # fmt: skip
+            final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace)
+            message = f"Export stopped ({final.export.status.value})"
+            if final.export.status == ExportStatus.RUNNING:
+                message = "Export stop requested: the export has not ended yet (is a scheduler running?)"
+            return ActionResponse(job_id=job_id, status=final.status, export=final.export, message=message)
+        raise Conflict(f"job '{job_id}' is already {job.status.value}: nothing to stop")
 
     async def pause(self, job_id: str, caller: Caller) -> ActionResponse:
         """Stop the run like a stop (its GPUs go back), keeping the job to resume from its last checkpoint."""
@@ -38,7 +90,7 @@ class RunControl:
                                     event=("pause_requested", "pause requested: SIGTERM to the process group", None),
                                     actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
-            raise Conflict(f"job '{job_id}' is {exc.current} now: only a running job can be paused") from None
+            raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
                                   self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
         resume_step = checkpoint_step(final.resume_from)
@@ -88,7 +140,7 @@ class RunControl:
             if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                 raise Conflict(f"output_dir '{job.output_dir_requested}' is now used by another active job: wait "
                                "for it to end, then resume") from None  # fmt: skip
-            raise Conflict(f"job '{job_id}' is {exc.current} now: it cannot be resumed") from None
+            raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be resumed") from None
         if await self.service.cluster.leader() is not None:
             await self.service.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
         after = await self.service.job(job_id)

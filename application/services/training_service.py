@@ -21,7 +21,7 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, Unavailable
+from application.exceptions import ApiError, Conflict, Invalid, JobNotFound, NotFound, Unavailable
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
@@ -32,7 +32,7 @@ from application.models.job_responses import (
     StatusResponse,
     WaitEstimate,
 )
-from application.models.training_model import ExportStatus, Job, JobStatus, PendingReason
+from application.models.training_model import Job, JobStatus, PendingReason
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.files import FileStore
 from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard, folder_arg, foreign_output_dir
@@ -268,7 +268,7 @@ class TrainingService:
                 await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
                                             message="start requested: queued for the scheduler")  # fmt: skip
             except TransitionRefused as exc:
-                raise Conflict(f"job '{job_id}' is {exc.current}: it cannot be started") from None
+                raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
             # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
             if await self.cluster.leader() is not None:
                 await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
@@ -311,55 +311,12 @@ class TrainingService:
             job = await self._job(job_id)
         return job
 
-    async def stop(self, job_id: str, caller: Caller) -> ActionResponse:
-        job = await self.require(job_id, caller)
-        if job.status == JobStatus.PAUSED:
-            try:
-                await self.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
-                                            message="stopped while paused")  # fmt: skip
-            except TransitionRefused as exc:
-                raise Conflict(f"job '{job_id}' is {exc.current} now: stop it again if it should end") from None
-            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
-                                  message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
-        if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
-            await self.cancel(job_id, (job.status,), "cancelled before it started", caller)
-            return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
-        if job.status == JobStatus.RUNNING:
-            try:
-                await self.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
-                                        event=("stop_requested", "stop requested: SIGTERM to the process group", None),
-                                        actor=caller.actor)  # fmt: skip
-            except TransitionRefused as exc:
-                current = JobStatus(exc.current) if exc.current else job.status
-                return ActionResponse(job_id=job_id, status=current, message=f"The job already ended ({current.value})")
-            # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
-            final = await self.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
-                                      self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
-            if final.status == JobStatus.RUNNING:
-                return ActionResponse(job_id=job_id, status=final.status,
-                                      message="Stop requested: the run has not ended yet; see its status")  # fmt: skip
-            if final.status == JobStatus.STOPPED:
-                return ActionResponse(job_id=job_id, status=final.status,
-                                      message=f"Training stopped ({final.stop_outcome or 'terminated'})")  # fmt: skip
-            return ActionResponse(job_id=job_id, status=final.status,
-                                  message=f"The job had already finished ({final.status.value})")  # fmt: skip
-        if job.export.status == ExportStatus.RUNNING:
-            await self.store.update(job_id, {"export_stop_requested": True}, actor=caller.actor,
-                                    event=("export_stop_requested", "export stop requested", None))  # fmt: skip
-            final = await self.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING,
-                                      self.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
-            message = f"Export stopped ({final.export.status.value})"
-            if final.export.status == ExportStatus.RUNNING:
-                message = "Export stop requested: the export has not ended yet (is a scheduler running?)"
-            return ActionResponse(job_id=job_id, status=final.status, export=final.export, message=message)
-        raise Conflict(f"job '{job_id}' is already {job.status.value}: nothing to stop")
-
     async def cancel(self, job_id: str, expect: tuple[JobStatus, ...], message: str, caller: Caller) -> None:
         try:
             await self.store.transition(job_id, JobStatus.CANCELLED, expect=expect, message=message,
                                         actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
-            raise Conflict(f"job '{job_id}' is {exc.current} now: it can no longer be cancelled") from None
+            raise refused(job_id, exc, "job '{id}' is {status} now: it can no longer be cancelled") from None
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
@@ -475,6 +432,14 @@ def stopped_because(enabled: bool, leading: bool) -> str | None:
     if not enabled:
         return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
     return None
+
+
+def refused(job_id: str, exc: TransitionRefused, detail: str) -> ApiError:
+    """What a change the store refused answers: 404 when the job was deleted meanwhile, else 409 with `detail`
+    (`{id}` and `{status}`, the job's status now, filled in)."""
+    if exc.reason == Refusal.MISSING:
+        return JobNotFound(job_id)
+    return Conflict(detail.format(id=job_id, status=exc.current))
 
 
 NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
