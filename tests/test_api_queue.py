@@ -273,8 +273,13 @@ def test_processor_stop_keeps_queued_jobs_waiting_manual_pass_and_restart(server
     # Over a few poll intervals (QUEUE_POLL_INTERVAL=1) nothing starts c, while b goes on.
     holds_for(server, 2.5, lambda: server.job("c")["status"] == "queued", "c must wait while the processor is off")
     assert server.job("b")["status"] == "running" and server.job("b")["progress"]["current_step"] > step
-    assert server.http.get("/queue").json()["summary"]["processor_running"] is False
+    queue = server.http.get("/queue").json()
+    assert queue["summary"]["processor_running"] is False
     assert server.http.get("/queue/c/status").json()["pending_reason"]["code"] == "processor_stopped"
+    # No wait is told while nothing starts jobs, in the queue's view as in the job's own.
+    [entry] = queue["entries"]
+    assert entry["estimated_wait_time"] is None and entry["pending_reason"]["code"] == "processor_stopped", entry
+    assert server.http.get("/queue/c/status").json()["estimated_wait_time"] is None
 
     r = server.http.post("/queue/process")
     assert r.status_code == 200 and r.json()["started"] == ["c"] and r.json()["queue_length"] == 0

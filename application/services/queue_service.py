@@ -55,7 +55,8 @@ class QueueService:
                 "min_gpu_memory_gb": q.min_gpu_memory_gb,
                 "submitted_at": q.submitted_at,
                 "waited_seconds": round(max(0.0, now - q.submitted_at), 3),
-                "estimated_wait_time": wait_estimate(forecast.waits.get(q.job_id)),
+                # Nothing starts while no pass runs: no wait can be told (as the job's own views say).
+                "estimated_wait_time": None if stopped else wait_estimate(forecast.waits.get(q.job_id)),
                 "predicted_duration_seconds": q.estimated_duration,
                 "pending_reason": pending_reason(forecast.reasons.get(q.job_id), now, stopped),
             }
