@@ -165,7 +165,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if exc.status_code == 405:
             # Starlette names only the methods of the first route that matched the path; list them all.
             headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers or None)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
+            # FastAPI's "There was an error parsing the body": JSON its parser gave up on, said plainly.
+            cause = exc.__cause__
+            why = str(cause)[:100]
+            if isinstance(cause, RecursionError):
+                why = "nested too deeply"
+            elif "digits" in why:
+                why = "a number with more than 4300 digits"
+            detail = f"body: not JSON this server can read ({why}): send one JSON object"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

@@ -328,5 +328,10 @@ async def test_the_schema_and_the_server_agree(app_factory: Callable[..., Any], 
 
         r = await client.post("/jobs", content=chunked(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "MAX_REQUEST_BYTES" in r.json()["detail"], r.text
+        for raw, why in ((b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+                         (b'{"priority": ' + b"9" * 5000 + b"}", "a number with more than 4300 digits")):  # fmt: skip
+            r = await client.post("/jobs", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["detail"] == (
+                f"body: not JSON this server can read ({why}): send one JSON object"), r.text  # fmt: skip
         # history_limit=0 means no points.
         assert (await client.get("/jobs/s/progress", params={"history_limit": 0})).json()["history"] == []
