@@ -349,7 +349,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*(?:/\s*(second|minute|hour|day))?\s*$")
+_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*(?:/\s*(second|minute|hour|day))?\s*\Z")
 _RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
@@ -363,7 +363,7 @@ def parse_rate(value: str) -> tuple[int, float] | None:
 
 
 ROLES = ("admin", "user")
-_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 MIN_KEY_LENGTH = 16
 _KEY_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
@@ -418,7 +418,7 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
     return tuple(entries)
 
 
-_SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*$")
+_SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*\Z")
 
 
 def parse_simulated_gpus(value: str) -> tuple[int, float]:

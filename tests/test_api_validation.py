@@ -92,6 +92,7 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
         ({**base, "output_dir": ""}, 422, ["output_dir"]),
         ({k: v for k, v in base.items() if k != "data_path"}, 422, ["data_path", "required"]),
         ({**base, "job_id": "bad id!"}, 422, ["job_id"]),
+        ({**base, "job_id": "hog\n"}, 422, ["job_id"]),  # `$` would match before the break: no route could reach it
         ({**base, "output_dir": ".."}, 422, ["output_dir", "OUTPUT_ROOT"]),
         ({**base, "output_dir": "../sneaky"}, 422, ["output_dir", "outside OUTPUT_ROOT"]),
         ({**base, "output_dir": "a/../../sneaky"}, 422, ["outside OUTPUT_ROOT"]),

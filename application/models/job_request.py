@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from application.services.predictions import parse_time_limit
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 TrainingKind = Literal["sft", "pt", "rlhf"]
 # Other names of TrainingParams fields and of ms-swift arguments, accepted in `training` and stored under the
 # second name. ms-swift 2.x's names are mapped, never passed on: 3.x and 4.x exit with `remaining_argv` on them.

@@ -38,9 +38,9 @@ from application.services.path_sandbox import check_text
 # One listing looks at this many entries at most: a folder of millions of files costs one bounded walk.
 MAX_ENTRIES = 5000
 
-_RUN_RE = re.compile(r"^v\d+-\d{8}-\d{6}$")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
-_MERGED_RE = re.compile(r"^checkpoint-\d+-merged$")
+_RUN_RE = re.compile(r"^v\d+-\d{8}-\d{6}\Z")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+\Z")
+_MERGED_RE = re.compile(r"^checkpoint-\d+-merged\Z")
 # One table, not `mimetypes`: that one reads /etc/mime.types, so its answers differ from machine to machine.
 MEDIA_TYPES = {
     ".json": "application/json",

@@ -48,7 +48,7 @@ ANONYMOUS_FOLDER = "_"
 ORPHAN_AGE = 6 * 3600.0
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
-_SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # A job in one of these may still read its data set: its files cannot be deleted.
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 

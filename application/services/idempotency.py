@@ -21,7 +21,7 @@ from application.exceptions import ApiError, Conflict, Invalid
 from application.services.cluster_store import ClusterStore
 
 TTL_SECONDS = 24 * 3600
-_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}\Z")
 WAIT_SECONDS = 30.0
 REPLAY_HEADER = "Idempotent-Replayed"
 

@@ -27,7 +27,7 @@ from application.ui.session import router as session_router
 router = APIRouter(include_in_schema=False)
 router.include_router(session_router)
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 MAX_LIMIT = 500
 EVENTS_SHOWN = 1000
 
