@@ -13,8 +13,8 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from application.config import ApiKeyEntry
 from application.exceptions import Forbidden, Unauthorized
+from application.key_list import ApiKeyEntry
 
 ADMIN = "admin"
 USER = "user"

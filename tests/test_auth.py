@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from application.auth import ANONYMOUS, KeyRing
-from application.config import ApiKeyEntry, SettingsError, load_settings, parse_api_keys
+from application.config import SettingsError, load_settings
 from application.exceptions import Unauthorized
+from application.key_list import ApiKeyEntry, parse_api_keys
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ROOT, auth, job_body, make_model
 
 PUBLIC = {("GET", "/api/v1/training/health")}

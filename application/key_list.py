@@ -1,0 +1,65 @@
+"""The API key list (API_KEYS, API_KEYS_FILE): parsed once at start-up with the other settings, so that a bad
+entry stops the server with one line naming it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("admin", "user")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+MIN_KEY_LENGTH = 16
+_KEY_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+@dataclass(frozen=True)
+class ApiKeyEntry:
+    name: str
+    role: str
+    key: str = field(repr=False)
+
+
+def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
+    if not isinstance(name, str) or not _KEY_NAME_RE.match(name):
+        raise ValueError(f"{where}: the name must be 1-64 letters, digits, '_', '.' or '-'")
+    if role not in ROLES:
+        raise ValueError(f"{where} ({name}): role must be admin or user, not {role!r}")
+    if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+        raise ValueError(f"{where} ({name}): the key must be at least {MIN_KEY_LENGTH} characters without spaces; "
+                         f"{_KEY_HINT}")  # fmt: skip
+    return ApiKeyEntry(name, role, key)
+
+
+def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ...]:
+    """API_KEYS (`name:role:key,...`) and API_KEYS_FILE (`{"name": {"role": ..., "key": ...}}`) together."""
+    entries: list[ApiKeyEntry] = []
+    for i, raw in enumerate((text or "").split(",")):
+        raw = raw.strip()
+        if not raw:
+            continue
+        parts = raw.split(":", 2)
+        if len(parts) != 3:
+            raise ValueError(f"entry {i + 1} must be name:role:key (role admin or user)")
+        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), f"entry {i + 1}"))
+    if file is not None:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"API_KEYS_FILE {file} cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ValueError(f"API_KEYS_FILE {file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'API_KEYS_FILE {file} must hold an object {{"<name>": {{"role": ..., "key": ...}}}}')
+        for name, spec in data.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f'API_KEYS_FILE entry {name!r} must be {{"role": ..., "key": ...}}')
+            entries.append(_entry(name, spec.get("role"), spec.get("key"), f"API_KEYS_FILE entry {name!r}"))
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("each key needs its own name: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    if len({e.key for e in entries}) != len(entries):
+        raise ValueError("two names share one key: give each its own")
+    return tuple(entries)
