@@ -254,6 +254,23 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _output_root_apart(self) -> Settings:
+        # Any folder under OUTPUT_ROOT may be named as a job's output_dir and its files downloaded as the job's
+        # artifacts: it must not hold the server's own files (keys in env/, Redis's data, logs) or the data sets.
+        root = Path(os.path.realpath(self.OUTPUT_ROOT))
+        own: dict[str, Path | None] = {"the server's own folder": PROJECT_ROOT, "DATA_DIR": self.DATA_DIR,
+                                       "LOG_DIR": self.LOG_DIR, "API_KEYS_FILE": self.API_KEYS_FILE}  # fmt: skip
+        own |= {f"DATA_ROOTS folder {p}": p for p in self.data_roots()}
+        own |= {f"MODEL_ROOTS folder {p}": p for p in _roots(self.MODEL_ROOTS)}
+        for name, path in own.items():
+            real = Path(os.path.realpath(path)) if path is not None else None
+            if real is not None and (real == root or root in real.parents):
+                raise ValueError(f"OUTPUT_ROOT={self.OUTPUT_ROOT} holds {name}: every folder under OUTPUT_ROOT can be "
+                                 "a job's output and be downloaded, so give it a folder of its own (such as "
+                                 "./output)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _access(self) -> Settings:
         # Parsed here so a bad key list stops start-up with one line, like any other bad setting.
         keys = parse_api_keys(self.API_KEYS.get_secret_value() if self.API_KEYS else None, self.API_KEYS_FILE)

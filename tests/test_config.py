@@ -36,6 +36,10 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("APP_PORT", "70000", "less than or equal to 65535"),
         ("REDIS_URL", "localhost:6379", "redis://"),
         ("API_PREFIX", "api", "must start with '/'"),
+        # Any folder under OUTPUT_ROOT can become a job's output and be downloaded by its owner.
+        ("OUTPUT_ROOT", ".", "holds the server's own folder"),
+        ("LOG_DIR", "output/logs", "OUTPUT_ROOT"),
+        ("DATA_ROOTS", "output/datasets", "holds DATA_ROOTS folder"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(
