@@ -224,3 +224,35 @@ def test_one_key_holds_at_most_streams_per_owner_across_workers(server_factory: 
                 return again.status_code == 200
 
         wait_for(reopened, timeout=10, what="a stream of alice's to open once one of hers closed")
+
+
+def test_a_stream_ends_when_its_job_is_deleted_and_its_id_taken_by_another_owner(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # The stream checks who may see the job once, as it opens: after that it followed the id, so alice's open
+    # stream went on with bob's job once hers was deleted and bob created one with the same id.
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "STREAM_HEARTBEAT_SECONDS": "5"})
+    assert server.http.post("/jobs", json=job_body(workspace, "shared"), headers=auth(ALICE_KEY)).status_code == 201
+    for kind in ("events", "progress", "logs"):
+        with (
+            httpx.Client(base_url=server.base, timeout=30) as http,
+            http.stream("GET", f"/jobs/shared/{kind}/stream", headers=auth(ALICE_KEY)) as r,
+        ):
+            messages = sse(r.iter_lines())
+            if kind == "events":
+                assert next(messages).event is None  # her job's first event
+            assert server.http.delete("/jobs/shared", headers=auth(ALICE_KEY)).status_code == 204
+            bobs = job_body(workspace, f"bob-{kind}", job_id="shared", auto_start=True, step_seconds=0.05,
+                            training={"max_steps": 20})  # fmt: skip
+            assert server.http.post("/jobs", json=bobs, headers=auth(BOB_KEY)).status_code == 201
+            rest = []
+            for msg in messages:
+                rest.append(msg)
+                if msg.event == "end":
+                    break
+            assert rest[-1].event == "end" and json.loads(rest[-1].data)["status"] == "deleted", rest
+            assert not data_of(rest), f"{kind}: bob's job reached alice's stream: {rest}"
+        assert server.http.post("/jobs/shared/stop", headers=auth(BOB_KEY)).status_code in (200, 409)
+        assert server.http.delete("/jobs/shared", headers=auth(BOB_KEY)).status_code == 204
+        assert server.http.post("/jobs", json=job_body(workspace, f"alice-{kind}", job_id="shared"),
+                                headers=auth(ALICE_KEY)).status_code == 201  # fmt: skip

@@ -48,16 +48,16 @@ async def stream_logs(
 ) -> StreamingResponse:  # fmt: skip
     """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
     a comment heartbeat every 15 s keeps an idle stream open."""
-    await svc.require(job_id, caller)
-    return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id))
+    job = await svc.require(job_id, caller)
+    return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id, job.created_at))
 
 
 @router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_events", summary="Follow the events (id: the event id)")  # fmt: skip
 async def stream_events(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
                         last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
-    await svc.require(job_id, caller)
-    return await _sse(streams, caller, streams.events(job_id, last_event_id))
+    job = await svc.require(job_id, caller)
+    return await _sse(streams, caller, streams.events(job_id, last_event_id, job.created_at))
 
 
 @router.get("/jobs/{job_id}/progress/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
@@ -67,5 +67,5 @@ async def stream_progress(job_id: JobId, svc: Training, caller: CallerDep, strea
                           last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
     """Each message: the history point (step, loss, eval_loss, learning_rate, grad_norm, epoch, time) and
     `progress` (current_step, max_steps, remaining_seconds, ...)."""
-    await svc.require(job_id, caller)
-    return await _sse(streams, caller, streams.progress(job_id, last_event_id))
+    job = await svc.require(job_id, caller)
+    return await _sse(streams, caller, streams.progress(job_id, last_event_id, job.created_at))

@@ -96,10 +96,13 @@ class Streams:
         self.poll = poll
         self.heartbeat = heartbeat
 
-    async def _ended(self, job_id: str, kind: str) -> tuple[bool, str]:
-        """(over, status) for the stream: a job in a terminal state, or an export no longer running."""
-        status_raw, export_raw = (await self.store.get_fields([job_id], ["status", "export"]))[0]
-        if status_raw is None:
+    async def _ended(self, job_id: str, kind: str, created: float) -> tuple[bool, str]:
+        """(over, status) for the stream: a job in a terminal state, or an export no longer running; or the job
+        is gone (deleted, or its id taken by a new job since: `created`, the creation time of the one it was
+        opened on)."""
+        status_raw, export_raw, created_raw = (await self.store.get_fields([job_id], ["status", "export",
+                                                                                       "created_at"]))[0]  # fmt: skip
+        if status_raw is None or not _same(created_raw, created):
             return True, "deleted"
         status = JobStatus(json.loads(status_raw))
         if kind == "export":
@@ -107,14 +110,14 @@ class Streams:
             return export_status != "running", str(export_status)
         return status.is_terminal(), status.value
 
-    async def logs(self, job_id: str, kind: str, last_id: str | None) -> AsyncIterator[str]:
+    async def logs(self, job_id: str, kind: str, last_id: str | None, created: float) -> AsyncIterator[str]:
         """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect.
 
         A job run again (resumed, retried) writes a new log per run: offsets count on across them (a run's log
         starts where the one before ended), so an id says which run's log it is in. A new stream starts with
         the current run's log; each log is read to its end before the next one's."""
         wanted = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else None
-        runs = await self._run_logs(job_id, kind)
+        runs = await self._run_logs(job_id, kind, created) or []
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
         base, ahead = 0, list(runs)
         if wanted is None:
@@ -133,7 +136,7 @@ class Streams:
             if check:
                 # A new run writes a new log (.../logs?attempt=N): every one after this, even a run that
                 # started and ended since the last look.
-                runs = await self._run_logs(job_id, kind)
+                runs = await self._run_logs(job_id, kind, created) or []
                 later = runs[runs.index(path) + 1 :] if path in runs else runs
                 ahead += [log for log in later if log != path and log not in ahead]
             size = _size(path) if path else None
@@ -166,7 +169,7 @@ class Streams:
             partial = buf
             if not (sent or len(data) == LOG_CHUNK):
                 if check:
-                    over, status = await self._ended(job_id, kind)
+                    over, status = await self._ended(job_id, kind, created)
                     # Over, but with what was written before the end still unread (the status was read after
                     # the log): one more round.
                     if over and (ahead or (path and _size(path) not in (None, offset))):
@@ -181,10 +184,13 @@ class Streams:
                     yield ": keep-alive\n\n"
             await pace.sleep(sent)
 
-    async def _run_logs(self, job_id: str, kind: str) -> list[str]:
-        """The logs of the job's runs, oldest first, the current one last (an export has one: the current)."""
-        fields = await self.store.get_fields([job_id], ["log_file", "export", "attempts"])
-        log_raw, export_raw, attempts_raw = fields[0]
+    async def _run_logs(self, job_id: str, kind: str, created: float) -> list[str] | None:
+        """The logs of the job's runs, oldest first, the current one last (an export has one: the current);
+        None once the id is another job's."""
+        fields = await self.store.get_fields([job_id], ["log_file", "export", "attempts", "created_at"])
+        log_raw, export_raw, attempts_raw, created_raw = fields[0]
+        if not _same(created_raw, created):
+            return None
         if kind == "export":
             current = (json.loads(export_raw) or {}).get("log_file") if export_raw else None
             return [current] if current else []
@@ -192,7 +198,7 @@ class Streams:
         current = json.loads(log_raw) if log_raw else None
         return list(dict.fromkeys([*logs, *([current] if current else [])]))
 
-    async def events(self, job_id: str, last_id: str | None) -> AsyncIterator[str]:
+    async def events(self, job_id: str, last_id: str | None, created: float) -> AsyncIterator[str]:
         """The job's events, `id:` the event id (the same ids as GET .../events)."""
         # Only an id of the form Redis gave (ms-seq) is used: anything else would make XRANGE fail.
         after = last_id if last_id and _EVENT_ID.fullmatch(last_id) else None
@@ -200,14 +206,17 @@ class Streams:
         while True:
             check, beat = pace.tick()
             batch = await self.store.events(job_id, after, EVENTS_BATCH)
+            if batch and not await self._same(job_id, created):
+                batch = []  # the id is another job's now: the next status check ends the stream
+                pace.sent = True
             for ev in batch:
                 after = ev.id
                 yield message(ev.model_dump_json(), event_id=ev.id)
             if not batch:
                 if check:
-                    over, status = await self._ended(job_id, "train")
+                    over, status = await self._ended(job_id, "train", created)
                     # The end's own event is written with the status: read after it, nothing is missed.
-                    if over and not await self.store.events(job_id, after, 1):
+                    if over and (status == "deleted" or not await self.store.events(job_id, after, 1)):
                         yield message(json.dumps({"status": status}), event="end")
                         return
                     pace.sent = pace.sent or over
@@ -215,7 +224,7 @@ class Streams:
                     yield ": keep-alive\n\n"
             await pace.sleep(bool(batch))
 
-    async def progress(self, job_id: str, last_id: str | None) -> AsyncIterator[str]:
+    async def progress(self, job_id: str, last_id: str | None, created: float) -> AsyncIterator[str]:
         """One message per new loss-history point, with the run's step/total and ETA. Its `id:` is
         `<step>-<k>`: the k-th point logged at that step (a training and an evaluation point can share one)."""
         last = _point_id(last_id)
@@ -237,6 +246,9 @@ class Streams:
                     k = seen[p.step] = seen.get(p.step, -1) + 1
                     if (p.step, k) > last:
                         fresh.append(((p.step, k), p.model_dump(exclude_none=True)))
+            if fresh and not await self._same(job_id, created):
+                fresh = []  # the id is another job's now: the next status check ends the stream
+                pace.sent = True
             if fresh:
                 progress = await self._progress(job_id)
                 for key, point in fresh:
@@ -244,9 +256,9 @@ class Streams:
                     yield message(json.dumps({**point, **progress}), event_id=f"{key[0]}-{key[1]}")
             else:
                 if check:
-                    over, status = await self._ended(job_id, "train")
+                    over, status = await self._ended(job_id, "train", created)
                     # Points the runner wrote before it recorded the end, after the marker was read: one more round.
-                    if over and await self.store.history_marker(job_id) == newest:
+                    if over and (status == "deleted" or await self.store.history_marker(job_id) == newest):
                         yield message(json.dumps({"status": status, **await self._progress(job_id)}), event="end")
                         return
                     pace.sent = pace.sent or over
@@ -254,11 +266,19 @@ class Streams:
                     yield ": keep-alive\n\n"
             await pace.sleep(bool(fresh))
 
+    async def _same(self, job_id: str, created: float) -> bool:
+        return _same((await self.store.get_fields([job_id], ["created_at"]))[0][0], created)
+
     async def _progress(self, job_id: str) -> dict[str, Any]:
         raw = (await self.store.get_fields([job_id], ["progress"]))[0][0]
         p = json.loads(raw) if raw else {}
         keys = ("current_step", "max_steps", "remaining_seconds", "remaining_time", "percentage", "loss")
         return {"progress": {k: p.get(k) for k in keys}}
+
+
+def _same(created_raw: str | None, created: float) -> bool:
+    """Is the job under this id still the one the stream was opened on (ids are freed by a delete)?"""
+    return created_raw is not None and json.loads(created_raw) == created
 
 
 def _point_id(raw: str | None) -> tuple[int, int]:
