@@ -103,6 +103,10 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     assert server.http.delete("/jobs/q-quant").status_code == 204
     gone = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]
     assert gone[0]["status"] == "stopped" and "was deleted" in gone[0]["error"], gone
+    # A new job given that id since is not the export's (it could be another owner's).
+    assert server.create(**job_body(workspace, "unrelated", job_id="q-quant")).status_code == 201
+    still = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]
+    assert still == gone, still
     r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-10", "quant_bits": 4, "quant_method": "awq"})
     assert r.status_code == 200 and "queued as job 'q-quant-2'" in r.json()["message"], r.text
 

@@ -93,5 +93,5 @@ class ExportControl:
         job = await self.service.require(job_id, caller)
         records = [*job.exports, *([job.export] if job.export.status != ExportStatus.NONE else [])]
         jobs = {j.job_id: j for j in await self.store.get_many([e.job_id for e in records if e.job_id])}
-        records = [as_export(e, jobs.get(e.job_id)) if e.job_id else e for e in records]
+        records = [as_export(e, jobs.get(e.job_id), job_id) if e.job_id else e for e in records]
         return sorted(records, key=lambda e: e.started_at or 0.0)

@@ -103,8 +103,11 @@ STATUS_OF = {
 }
 
 
-def as_export(info: ExportInfo, job: Job | None) -> ExportInfo:
-    """A quantized export's record as its job now stands; once its job is deleted, no longer running."""
+def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
+    """A quantized export's record (of job `parent`) as its job now stands; once its job is deleted, no longer
+    running (a job that has its id since, anyone's, is not it)."""
+    if job is not None and job.export_of != parent:
+        job = None
     if job is None:
         if info.status != ExportStatus.RUNNING:
             return info
