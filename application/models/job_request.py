@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -194,6 +195,20 @@ class JobCreate(_Strict):
             raise ValueError("must not start with '-' (swift would read it as an option)")
         # Control characters and the like are refused by the path sandbox, with the field's name.
         return v.strip(" ")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  (a port that is no number raises here)
+        except ValueError as exc:
+            raise ValueError(f"not a URL that can be posted to ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("names no host")
+        return v
 
     @field_validator("time_limit")
     @classmethod

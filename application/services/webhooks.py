@@ -118,7 +118,7 @@ class Webhooks:
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
                     own: bool) -> None:  # fmt: skip
-        job_id, event = item["job_id"], item["event"]
+        event = item["event"]
         checked = own and not self.settings.WEBHOOK_ALLOW_PRIVATE
         headers = {"Content-Type": "application/json", "User-Agent": "swift-api-webhooks",
                    "X-Swift-Api-Event": event, "X-Swift-Api-Delivery": delivery}  # fmt: skip
@@ -130,21 +130,21 @@ class Webhooks:
             try:
                 aimed = await self._aim(url) if checked else (url, {}, {})
                 if aimed is None:
-                    await self._record(job_id, "webhook_failed", f"{event} not sent to {url}: it points into a private "
+                    await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points into a private "
                                        "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", url, 0, None)  # fmt: skip
                     return
                 target, extra, extensions = aimed
                 r = await client.post(target, content=body, headers={**headers, **extra}, extensions=extensions)
                 if 200 <= r.status_code < 300:
-                    await self._record(job_id, "webhook_delivered", f"{event} delivered to {url} (HTTP "
+                    await self._record(item, "webhook_delivered", f"{event} delivered to {url} (HTTP "
                                        f"{r.status_code}, attempt {attempt})", url, attempt, r.status_code)  # fmt: skip
                     return
                 last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ValueError) as exc:  # ValueError: a URL no parser can read ("http://[::1")
                 last = f"{type(exc).__name__}: {exc}"
             if attempt < attempts:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
-        await self._record(job_id, "webhook_failed", f"{event} not delivered to {url} after {attempts} attempts "
+        await self._record(item, "webhook_failed", f"{event} not delivered to {url} after {attempts} attempts "
                            f"({last})", url, attempts, None)  # fmt: skip
 
     @staticmethod
@@ -160,7 +160,11 @@ class Webhooks:
             raise httpx.ConnectError(f"{host} does not resolve")
         return pinned(url, found[0])
 
-    async def _record(self, job_id: str, kind: str, message: str, url: str, attempts: int,
+    async def _record(self, item: dict[str, Any], kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
-        if await self.store.exists(job_id):  # a deleted job gets no new event stream
+        job_id = item["job_id"]
+        created = (json.loads(item["summary"]) if item.get("summary") else {}).get("created_at")
+        # A deleted job gets no new event stream, and a new job given its id since (anyone's) not its deliveries.
+        now = await self.store.get_field(job_id, "created_at")
+        if now is not None and (created is None or now == created):
             await self.store.add_event(job_id, kind, message, {"url": url, "attempts": attempts, "status_code": status})
