@@ -133,6 +133,10 @@ def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., Api
     assert r.status_code == 422 and "'file'" in r.json()["detail"], r.text
     r = upload(server, VALID, key=None)
     assert r.status_code == 401
+    # A form of many small fields (each under its limit) would fill the worker's memory a field at a time.
+    fields = {f"f{i}": "x" * 100 for i in range(20)}
+    r = server.http.post("/files", data=fields, files={"file": ("a.jsonl", VALID)}, headers=auth(ALICE_KEY))
+    assert r.status_code == 422 and "more than 16 parts" in r.json()["detail"], r.text
 
     # Over FILE_MAX_BYTES: found while streaming (the body is only a little larger than the limit) ...
     big = VALID * (limit // len(VALID) + 1)

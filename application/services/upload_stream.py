@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 ENVELOPE_BYTES = 1 << 20  # boundaries, part headers and text fields around the file
 FIELD_MAX_BYTES = 1024  # a text field (purpose) is a word; anything longer is not one
+# The form is a file and a word or two: more parts are not an upload (they would only take the worker's memory, a
+# field at a time, up to the whole body's limit). Part headers are bounded by the parser itself.
+MAX_PARTS = 16
 FLUSH_BYTES = 1 << 20  # file data goes to disk (in a thread) in writes of about this size
 FILENAME_MAX_CHARS = 255
 
@@ -82,6 +85,7 @@ class _Receiver:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.fields: dict[str, bytearray] = {}
+        self.parts = 0
         self.ended = False
 
     def callbacks(self) -> MultipartCallbacks:
@@ -96,6 +100,9 @@ class _Receiver:
         }
 
     def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise Invalid(f"the form has more than {MAX_PARTS} parts: send the file and 'purpose' only")
         self.headers = {}
         self.target = None
 
