@@ -389,6 +389,9 @@ def test_the_job_page_lists_what_the_job_wrote_with_links_that_download_it(serve
         assert f"/ui/jobs/files/files/{run.name}/checkpoint-4.tar" in links
         got = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl")
         assert got.status_code == 200 and got.content == (run / "logging.jsonl").read_bytes()
+        # What a job wrote is never run or sniffed as a page of the dashboard's origin.
+        assert got.headers["x-content-type-options"] == "nosniff"
+        assert got.headers["content-security-policy"] == "sandbox"
         part = http.get(f"/ui/jobs/files/files/{run.name}/logging.jsonl", headers={"Range": "bytes=0-9"})
         assert part.status_code == 206 and part.content == (run / "logging.jsonl").read_bytes()[:10]
         assert http.get("/ui/jobs/files/files/%2e%2e/%2e%2e/%2e%2e/etc/passwd").status_code == 404

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
+from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from application.auth import Caller
@@ -19,6 +20,7 @@ from application.exceptions import ApiError, JobNotFound
 from application.models.job_request import JOB_ID_RE
 from application.models.training_model import JobStatus
 from application.services import artifacts
+from application.services.owner_slots import holding
 from application.ui import job_view, views
 from application.ui.html import PageContext, esc, page, template
 from application.ui.session import context, login_redirect, ui_caller
@@ -143,8 +145,19 @@ async def job_file(request: Request, job_id: str, path: str) -> Response:
         if not JOB_ID_RE.match(job_id):
             raise JobNotFound(job_id)
         job = await state.training.require(job_id, caller)
-        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
-                                       request.headers.get("range"), request.headers.get("if-range"))  # fmt: skip
+        slot = await state.download_slots.take(caller.name)  # DOWNLOADS_PER_OWNER, as for the API's route (429)
     except ApiError as exc:
         return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
-    return StreamingResponse(got.body, status_code=got.status, headers=got.headers, media_type=got.media_type)
+    try:
+        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
+                                       request.headers.get("range"), request.headers.get("if-range"))  # fmt: skip
+    except BaseException as exc:
+        if slot is not None:
+            await slot.release()
+        if isinstance(exc, ApiError):
+            return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
+        raise
+    # What a job wrote, served from the dashboard's own origin: never run or sniffed as a page.
+    headers = {**got.headers, "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body)), status_code=got.status,
+                             headers=headers, media_type=got.media_type)  # fmt: skip
