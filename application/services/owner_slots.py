@@ -37,23 +37,28 @@ T = TypeVar("T")
 
 
 class Slot:
-    def __init__(self, slots: OwnerSlots, key: str) -> None:
+    def __init__(self, slots: OwnerSlots, key: str, owner: str | None) -> None:
         self.slots = slots
         self.key = key
+        self.owner = owner
         self.id = uuid.uuid4().hex
         self.renew_at = time.monotonic() + slots.ttl / 3
 
     async def renewing(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
-        """`items`, with the slot renewed as they come (a Redis error only logs: the next item tries again)."""
+        """`items`, with the slot renewed as they come (a Redis error only logs: the next item tries again).
+        A slot that lapsed meanwhile (a client that stopped reading for longer than it lasts) is taken again if
+        the cap allows; else the request ends with TooMany, or stalled requests would hold any number of them."""
         async for item in items:
             now = time.monotonic()
             if now >= self.renew_at:
                 self.renew_at = now + self.slots.ttl / 3
                 try:
                     async with self.slots.r.pipeline(transaction=False) as pipe:
-                        pipe.zadd(self.key, {self.id: time.time() + self.slots.ttl}, xx=True)
+                        pipe.zadd(self.key, {self.id: time.time() + self.slots.ttl}, xx=True, ch=True)
                         pipe.pexpire(self.key, int(self.slots.ttl * 1000))
-                        await pipe.execute()
+                        renewed, _ = await pipe.execute()
+                    if not renewed:
+                        await self.slots.claim(self)
                 except RedisError as exc:
                     logger.warning("slot not renewed: {}", exc)
             yield item
@@ -81,15 +86,18 @@ class OwnerSlots:
         """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already."""
         if not self.cap:
             return None
-        slot = Slot(self, self.key_of(owner or ANONYMOUS_BUCKET))
+        slot = Slot(self, self.key_of(owner or ANONYMOUS_BUCKET), owner)
+        await self.claim(slot)
+        return slot
+
+    async def claim(self, slot: Slot) -> None:
         now = time.time()
         held = int(await self._take(keys=[slot.key], args=[script_arg({
             "id": slot.id, "now": now, "expires": now + self.ttl, "cap": self.cap, "ttl_ms": int(self.ttl * 1000),
         })]))  # fmt: skip
         if held >= 0:
-            raise TooMany(f"{owner or 'anonymous'} already has {held} {self.what} ({self.setting}={self.cap}): "
+            raise TooMany(f"{slot.owner or 'anonymous'} already has {held} {self.what} ({self.setting}={self.cap}): "
                           f"{self.advice}", retry_after=5)  # fmt: skip
-        return slot
 
 
 def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
