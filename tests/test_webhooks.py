@@ -190,6 +190,14 @@ def test_a_pinned_post_keeps_the_name_for_the_host_header_and_tls() -> None:
         True, False, False, False, False]  # fmt: skip
 
 
+def test_ipv6_forms_that_reach_a_private_ipv4_address_are_not_public() -> None:
+    # IPv6 that reaches an IPv4 address through a gateway (NAT64, 6to4, IPv4-compatible), site-local, multicast:
+    # Python calls them global.
+    hidden = ("64:ff9b::a00:5", "64:ff9b:1::a00:5", "2002:a00:5::1", "::10.0.0.5", "fec0::1", "ff0e::1", "224.0.0.1")
+    assert [a for a in hidden if is_public(a)] == []
+    assert is_public("2606:4700::1111") and is_public("2002:5db8:d70e::1")  # 6to4 of a public IPv4 address
+
+
 async def test_a_job_naming_the_operators_url_cannot_silence_it(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:

@@ -47,8 +47,21 @@ def addresses(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+# IPv6 forms that carry an IPv4 address a gateway may deliver to (NAT64, IPv4-compatible), and the deprecated
+# site-local range: Python calls them global.
+_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "fec0::/10"))
+
+
 def is_public(address: str) -> bool:
-    return ipaddress.ip_address(address.split("%", 1)[0]).is_global  # (without an IPv6 zone: fe80::1%eth0)
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # (without an IPv6 zone: fe80::1%eth0)
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.sixtofour is not None:  # 6to4 (2002::/16): the IPv4 address inside must be public itself
+            return is_public(str(ip.sixtofour))
+        if any(ip in net for net in _CARRIERS):
+            return False
+    return True
 
 
 def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
