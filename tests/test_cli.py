@@ -278,3 +278,16 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     assert exported["export"]["checkpoint"] == str(run / "checkpoint-2")
     missing = cli(server.port, "download", "cli-up", "nope.bin", "-o", str(tmp_path / "nope.bin"))
     assert missing.returncode == 2 and "404" in missing.stderr and not (tmp_path / "nope.bin").exists()
+
+
+def test_log_lines_and_messages_reach_the_terminal_without_control_sequences(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A log holds text a job's owner chose (rows swift echoes): an admin following it must not have their
+    # terminal driven by it (colours, title, cursor moves, OSC 8 links).
+    out = Output(as_json=False)
+    out.line("step 1\x1b[2J\x1b]0;owned\x07\tloss 0.5\x9b31m")
+    out.error("job 'x\x1b[1A' failed")
+    got = capsys.readouterr()
+    assert got.out == "step 1[2J]0;owned\tloss 0.531m\n"
+    assert "\x1b" not in got.err and "job 'x[1A' failed" in got.err

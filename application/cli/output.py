@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,12 +29,21 @@ class Output:
         sys.stdout.flush()
 
     def line(self, raw: str) -> None:
-        """A log line exactly as swift wrote it (no markup, no wrapping)."""
-        sys.stdout.write(raw + "\n")
+        """A log line as swift wrote it (no markup, no wrapping), less its control characters: a job's log holds
+        text its owner chose (data set rows echoed), and escape sequences would drive the reader's terminal."""
+        sys.stdout.write(printable(raw) + "\n")
         sys.stdout.flush()
 
     def note(self, message: str, style: str = "dim") -> None:
-        self.errors.print(message, style=style, markup=False, soft_wrap=True)
+        self.errors.print(printable(message), style=style, markup=False, soft_wrap=True)
 
     def error(self, message: str) -> None:
-        self.errors.print(f"error: {message}", style="red", markup=False, soft_wrap=True)
+        self.errors.print(f"error: {printable(message)}", style="red", markup=False, soft_wrap=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without C0/C1 control characters (tabs and line breaks kept)."""
+    return _CONTROL.sub("", text)
