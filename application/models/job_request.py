@@ -10,6 +10,7 @@ import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from application.services.predictions import parse_time_limit
@@ -201,12 +202,13 @@ class JobCreate(_Strict):
     def _webhook_url(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        try:
+        try:  # as the delivery will read it (httpx is stricter than urlsplit: IDNA, brackets, ports)
+            url = httpx.URL(v)
             parts = urlsplit(v)
             parts.port  # noqa: B018  (a port that is no number raises here)
-        except ValueError as exc:
+        except (httpx.InvalidURL, ValueError) as exc:
             raise ValueError(f"not a URL that can be posted to ({exc})") from None
-        if not parts.hostname:
+        if not url.host or not parts.hostname:
             raise ValueError("names no host")
         return v
 

@@ -57,8 +57,9 @@ def is_public(address: str) -> bool:
     if not ip.is_global or ip.is_multicast:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.sixtofour is not None:  # 6to4 (2002::/16): the IPv4 address inside must be public itself
-            return is_public(str(ip.sixtofour))
+        inner = ip.ipv4_mapped or ip.sixtofour  # the kernel (mapped) or a relay (6to4) reaches this IPv4 address
+        if inner is not None:
+            return is_public(str(inner))
         if any(ip in net for net in _CARRIERS):
             return False
     return True
@@ -153,7 +154,7 @@ class Webhooks:
                                        f"{r.status_code}, attempt {attempt})", url, attempt, r.status_code)  # fmt: skip
                     return
                 last = f"HTTP {r.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:  # ValueError: a URL no parser can read ("http://[::1")
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
                 last = f"{type(exc).__name__}: {exc}"
             if attempt < attempts:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
