@@ -246,11 +246,11 @@ class Streams:
                     k = seen[p.step] = seen.get(p.step, -1) + 1
                     if (p.step, k) > last:
                         fresh.append(((p.step, k), p.model_dump(exclude_none=True)))
-            if fresh and not await self._same(job_id, created):
+            progress = await self._progress(job_id, created) if fresh else None
+            if fresh and progress is None:
                 fresh = []  # the id is another job's now: the next status check ends the stream
                 pace.sent = True
-            if fresh:
-                progress = await self._progress(job_id)
+            if fresh and progress is not None:
                 for key, point in fresh:
                     last = key
                     yield message(json.dumps({**point, **progress}), event_id=f"{key[0]}-{key[1]}")
@@ -258,8 +258,12 @@ class Streams:
                 if check:
                     over, status = await self._ended(job_id, "train", created)
                     # Points the runner wrote before it recorded the end, after the marker was read: one more round.
-                    if over and (status == "deleted" or await self.store.history_marker(job_id) == newest):
-                        yield message(json.dumps({"status": status, **await self._progress(job_id)}), event="end")
+                    if over and status == "deleted":  # (what is under the id now is not this stream's)
+                        yield message(json.dumps({"status": status}), event="end")
+                        return
+                    if over and await self.store.history_marker(job_id) == newest:
+                        yield message(json.dumps({"status": status, **(await self._progress(job_id, created) or {})}),
+                                      event="end")  # fmt: skip
                         return
                     pace.sent = pace.sent or over
                 if beat:
@@ -269,8 +273,11 @@ class Streams:
     async def _same(self, job_id: str, created: float) -> bool:
         return _same((await self.store.get_fields([job_id], ["created_at"]))[0][0], created)
 
-    async def _progress(self, job_id: str) -> dict[str, Any]:
-        raw = (await self.store.get_fields([job_id], ["progress"]))[0][0]
+    async def _progress(self, job_id: str, created: float) -> dict[str, Any] | None:
+        """The job's progress for a message; None once the id is another job's."""
+        raw, created_raw = (await self.store.get_fields([job_id], ["progress", "created_at"]))[0]
+        if not _same(created_raw, created):
+            return None
         p = json.loads(raw) if raw else {}
         keys = ("current_step", "max_steps", "remaining_seconds", "remaining_time", "percentage", "loss")
         return {"progress": {k: p.get(k) for k in keys}}
