@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from application.exceptions import TooMany
-from application.services.owner_slots import OwnerSlots, Slot
+from application.services.owner_slots import OwnerSlots, Slot, holding
 
 
 def slots(client: aioredis.Redis, ttl: float) -> OwnerSlots:
@@ -53,3 +53,18 @@ async def _try(cap: OwnerSlots) -> Slot | None:
         return await cap.take("alice")
     except TooMany:
         return None
+
+
+async def test_a_response_whose_slot_cannot_be_taken_back_ends_where_it_is(redis_client: aioredis.Redis) -> None:
+    # A stream or download has answered 200 already: it ends (the client may reconnect, and is then told 429),
+    # rather than failing with an error the server logs as its own.
+    cap = slots(redis_client, ttl=0.3)
+    stalled = await cap.take("alice")
+    assert stalled is not None
+    deadline = time.monotonic() + 10
+    while (taken := await _try(cap)) is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    stalled.renew_at = 0.0
+    assert [i async for i in holding(stalled, items(3))] == []
+    assert await redis_client.zrange("test-slots:alice", 0, -1) == [taken.id]  # its own slot is not given back

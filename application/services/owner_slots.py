@@ -47,7 +47,8 @@ class Slot:
     async def renewing(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """`items`, with the slot renewed as they come (a Redis error only logs: the next item tries again).
         A slot that lapsed meanwhile (a client that stopped reading for longer than it lasts) is taken again if
-        the cap allows; else the request ends with TooMany, or stalled requests would hold any number of them."""
+        the cap allows; else TooMany (an upload answers 429; a stream or download, already answering, ends:
+        `holding`), or stalled requests would hold any number of slots."""
         async for item in items:
             now = time.monotonic()
             if now >= self.renew_at:
@@ -129,5 +130,7 @@ async def holding(slot: Slot | None, items: AsyncIterator[T]) -> AsyncIterator[T
     try:
         async for item in slot.renewing(items):
             yield item
+    except TooMany as exc:  # its slot lapsed while the client stalled, and others took the cap meanwhile
+        logger.info("{}: the response ends here", exc.detail)
     finally:
         await slot.release()
