@@ -17,6 +17,7 @@ import pytest
 from application.cli.client import Api, CliError, api_root
 from application.cli.follow import tail
 from application.cli.output import Output
+from application.cli.render import text
 from application.cli.sse import follow
 from application.services.streams import _visible
 from tests.conftest import ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
@@ -291,3 +292,10 @@ def test_log_lines_and_messages_reach_the_terminal_without_control_sequences(
     got = capsys.readouterr()
     assert got.out == "step 1[2J]0;owned\tloss 0.531m\n"
     assert "\x1b" not in got.err and "job 'x[1A' failed" in got.err
+
+
+def test_tables_show_server_text_without_control_sequences(capsys: pytest.CaptureFixture[str]) -> None:
+    # A failed job's error_message is a line of its log: `status` prints it through rich, which passes escape
+    # sequences on as they are.
+    Output(as_json=False).show({}, lambda _: text("training failed: \x1b]0;owned\x07boom\x1b[2J"))
+    assert capsys.readouterr().out.strip() == "training failed: ]0;ownedboom[2J"

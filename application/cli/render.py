@@ -9,6 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from application.cli.output import printable
+
 STATUS_STYLES = {
     "completed": "green",
     "running": "cyan",
@@ -23,8 +25,9 @@ ENDED = frozenset({"completed", "failed", "stopped", "cancelled"})
 
 
 def text(value: Any, style: str = "") -> Text:
-    # Text, never a str: job ids, paths and server messages may hold [brackets] that rich would read as markup.
-    return Text("" if value is None else str(value), style=style)
+    # Text, never a str: job ids, paths and server messages may hold [brackets] that rich would read as markup;
+    # and no control characters (an error message is a log line, which rich would pass on as it is).
+    return Text("" if value is None else printable(str(value)), style=style)
 
 
 def status(value: str | None) -> Text:
