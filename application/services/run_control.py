@@ -41,7 +41,10 @@ class RunControl:
             except TransitionRefused as exc:
                 if exc.reason == Refusal.MISSING:
                     raise JobNotFound(job_id) from None
-                job = await self.service.require(job_id, caller)
+                was, job = job.status, await self.service.require(job_id, caller)
+                if was == JobStatus.RUNNING and job.status.is_terminal():  # it ended by itself meanwhile
+                    return ActionResponse(job_id=job_id, status=job.status,
+                                          message=f"The job already ended ({job.status.value})")  # fmt: skip
         raise Conflict(f"job '{job_id}' keeps changing (it is {job.status.value} now): stop it again")
 
     async def _stop(self, job: Job, caller: Caller) -> ActionResponse:
