@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import redis.asyncio as aioredis
 from loguru import logger
 from redis.asyncio.retry import Retry
@@ -61,6 +63,7 @@ class EmbeddedRedis:
         self.port = port
         self.socket_path = data_dir / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -70,6 +73,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         pidfile = self.data_dir / "redis.pid"
         self._stop_stale(pidfile)
         args = [
@@ -116,22 +120,47 @@ class EmbeddedRedis:
         except OSError:
             return False
 
+    def _lock(self) -> None:
+        """One swift-api per data folder: a second start on it (a command typed twice) must neither take the
+        running one's Redis away nor write into its data. The lock goes with this process, however it ends."""
+        fd = os.open(self.data_dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RuntimeError(f"{self.data_dir} is in use by another swift-api (pid {holder}): stop that one, or give "
+                               "this one a DATA_DIR of its own") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
     def _stop_stale(self, pidfile: Path) -> None:
-        # A server left behind by a killed API holds the AOF; stop it so ours can take over the data.
+        # A server left behind by a killed start.py holds the AOF; stop it so ours can take over the data. Only
+        # a redis-server working in this folder: after a crash or a reboot the pid may be anyone's now.
         if not pidfile.exists():
             return
         try:
             pid = int(pidfile.read_text().strip())
+            server = psutil.Process(pid)
+            if "redis" not in server.name() or Path(server.cwd()).resolve() != self.data_dir.resolve():
+                raise ProcessLookupError
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 os.kill(pid, 0)
                 time.sleep(0.05)
-        except (ValueError, ProcessLookupError, PermissionError):
+        except (ValueError, ProcessLookupError, PermissionError, psutil.Error):
             pass
         pidfile.unlink(missing_ok=True)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stop_server(timeout)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _stop_server(self, timeout: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
