@@ -86,7 +86,7 @@ class Scheduler:
     async def run(self) -> None:
         logger.info("scheduler {} (swift-api {}) standing by for the lead; GPUs: {}", self.ident, __version__,
                     self.inventory.backend)  # fmt: skip
-        publish = asyncio.create_task(self._publish_swift_once(), name="swift-probe")
+        publish = asyncio.create_task(self._publish_swift(), name="swift-probe")
         try:
             while not self.stopping.is_set():
                 lead = asyncio.create_task(self.leader.wait_for_leadership())
@@ -127,11 +127,18 @@ class Scheduler:
             logger.error("could not stop this host's runs (Redis: {}): they end with it, unrecorded", exc)
             return []
 
-    async def _publish_swift_once(self) -> None:
-        try:
-            await self.publish_swift()
-        except RedisError as exc:
-            logger.warning("could not publish the ms-swift facts: {}", exc)
+    async def _publish_swift(self) -> None:
+        """Publish what the API workers must know of ms-swift, trying again until Redis takes it: a scheduler
+        that starts while Redis is down would otherwise leave creates refused ("not read yet") for good."""
+        pause = 1.0
+        while True:
+            try:
+                await self.publish_swift()
+                return
+            except RedisError as exc:
+                logger.warning("could not publish the ms-swift facts ({}): trying again in {:g} s", exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
     async def _listen(self) -> None:
         while True:

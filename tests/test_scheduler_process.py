@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -110,3 +111,35 @@ def test_two_schedulers_through_a_failover_never_share_a_job_or_a_gpu(
     assert len({first.job(b["job_id"])["scheduled_by"] for b in bodies}) == 2  # both led, one after the other
     assert os.path.exists(first.workdir)
     wait_for(lambda: leader_id(second) != "None", what="a leader after the failover")
+
+
+async def test_the_ms_swift_facts_are_published_once_redis_answers(tmp_path: Path) -> None:
+    # A scheduler that starts while Redis is down tried once: /health said "not known yet" and every create
+    # naming an extra swift argument was 503 "try again shortly" for good.
+    from loguru import logger
+
+    from application.scheduler_process import Scheduler
+    from application.services.redis_service import EmbeddedRedis, RedisService, find_redis_server
+    from tests.conftest import _until, seed_swift_probe, settings_for
+
+    folder = tmp_path / "later"
+    settings = settings_for(f"unix://{folder}/redis.sock?db=0", tmp_path, REDIS_SOCKET_TIMEOUT=1)
+    seed_swift_probe(tmp_path)  # the probe of ms-swift, as a real one printed it
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(str(m)), level="WARNING")
+    redis = RedisService(settings)
+    await redis.connect()
+    binary = find_redis_server()
+    assert binary
+    server = EmbeddedRedis(folder, binary)
+    try:
+        scheduler = Scheduler(settings, redis)
+        publish = asyncio.create_task(scheduler._publish_swift())
+        await _until(lambda: any("could not publish the ms-swift facts" in m for m in seen), timeout=60)
+        server.start()  # Redis comes up after the first try failed
+        await asyncio.wait_for(publish, 60)
+        assert (await scheduler.cluster.swift_info() or {}).get("found") is True
+    finally:
+        logger.remove(sink)
+        await redis.close()
+        server.stop()
