@@ -336,3 +336,15 @@ async def test_the_schema_and_the_server_agree(app_factory: Callable[..., Any], 
                 f"body: not JSON this server can read ({why}): send one JSON object"), r.text  # fmt: skip
         # history_limit=0 means no points.
         assert (await client.get("/jobs/s/progress", params={"history_limit": 0})).json()["history"] == []
+
+
+async def test_system_status_says_no_queue_processor_runs_without_a_scheduler(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Only API workers: the switch is on, but nothing runs the queue (GET /queue said so, /system/status did not).
+    async with app_factory(scheduler=False) as client:
+        await client.scheduler.cluster.init_processor_switch(True)  # as a scheduler that ran before left it
+        status = (await client.get("/system/status")).json()
+        processor = (await client.get("/queue/processor/status")).json()
+        assert status["queue_processor"]["running"] is False and processor["running"] is False, status
+        assert status["queue_processor"]["enabled"] == processor["enabled"]

@@ -104,6 +104,9 @@ class SystemService:
         snapshot = snapshot_of(state["gpus"] if state else None)
         counts = await self.service.store.counts() if state else None
         enabled, _ = await self.service.cluster.processor_switch() if state else (False, None)
+        # Running: switched on and a scheduler leads to run it (as GET /queue/processor/status says).
+        processor = {"running": enabled and bool(state and state["leader"]), "enabled": enabled,
+                     "policy": settings.QUEUE_POLICY.value}  # fmt: skip
         return {
             **stats,
             "gpus": gpu_summary(snapshot),
@@ -111,7 +114,7 @@ class SystemService:
             "queue_length": await self.service.store.queue_length() if state else None,
             "redis": redis,
             "scheduler": self._scheduler(state) if state else None,
-            "queue_processor": {"running": enabled, "policy": settings.QUEUE_POLICY.value},
+            "queue_processor": processor,
             "swift": self._swift(state["swift"]) if state else None,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.service.started_at, 3),
