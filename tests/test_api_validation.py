@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -348,3 +350,39 @@ async def test_system_status_says_no_queue_processor_runs_without_a_scheduler(
         processor = (await client.get("/queue/processor/status")).json()
         assert status["queue_processor"]["running"] is False and processor["running"] is False, status
         assert status["queue_processor"]["enabled"] == processor["enabled"]
+
+
+async def test_health_answers_503_in_seconds_when_redis_hangs(tmp_path: Path) -> None:
+    # A stopped (or swapping) Redis held /health for the client's timeout times its retries, 20 s: longer than
+    # any health check waits (the image's HEALTHCHECK: 5 s), so the container was never seen unhealthy.
+    import httpx
+
+    from application.main import create_app
+    from application.services.redis_service import EmbeddedRedis, find_redis_server
+    from tests.conftest import settings_for
+
+    binary = find_redis_server()
+    assert binary
+    server = EmbeddedRedis(tmp_path / "own-redis", binary)
+    server.start()
+    assert server.process is not None
+    try:
+        app = create_app(settings_for(server.url, tmp_path))
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test/api/v1/training", timeout=60
+            ) as client,
+        ):
+            assert (await client.get("/health")).status_code == 200
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                r = await client.get("/health")
+                took = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert r.status_code == 503 and "did not answer within 3 s" in r.json()["detail"], r.text
+            assert took < 4.5, took
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from application.services.training_service import NO_READING, TrainingService, s
 from application.utils.gpu_utils import gpu_summary
 
 # A GPU reading older than this says the scheduler is not watching the GPUs any more.
-STALE_GPU_SECONDS = 60.0
+HEALTH_TIMEOUT = 3.0  # seconds /health waits for Redis before it answers 503
 
 
 def _existing_parent(path: Path) -> Path:
@@ -67,7 +67,12 @@ class SystemService:
         """Redis's own health, and what the scheduler published, in one round trip."""
         started = time.perf_counter()
         try:
-            state = await self.service.cluster.health_state()
+            # Bounded: a Redis that hangs (stopped, swapping) would hold the answer for the client's timeout times
+            # its retries (20 s by default), past any health check's patience (the image's: 5 s).
+            state = await asyncio.wait_for(self.service.cluster.health_state(), HEALTH_TIMEOUT)
+        except TimeoutError:
+            error = f"Redis did not answer within {HEALTH_TIMEOUT:g} s"
+            return {"ok": False, "error": error, "embedded": self.embedded}, None
         except Exception as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "embedded": self.embedded}, None
         latency = (time.perf_counter() - started) * 1000
