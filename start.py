@@ -27,6 +27,9 @@ ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
 # How long the `scheduler` role waits before it starts a scheduler that died again (doubling up to 30 s).
 KEEPER_PAUSE = 1.0
+# A scheduler that exits with this will fail the same way again (its settings, its folders): not started again.
+CANNOT_START = 2
+UNIX_PATH_MAX = 107  # bytes of a unix socket's path (108 with its final NUL)
 
 
 def serve_api(settings: Settings) -> None:
@@ -77,6 +80,10 @@ def serve_scheduler(settings: Settings) -> None:
         code = child.wait()
         if stopping:
             sys.exit(code if code >= 0 else 0)
+        if code == CANNOT_START:
+            print(f"swift-api: the scheduler cannot start (exit {code}: see the line above): not starting it again",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(code)
         if time.monotonic() - started > 60:
             pause = KEEPER_PAUSE  # it ran a while: not a scheduler that keeps dying, which waits ever longer
         print(f"swift-api: the scheduler (pid {child.pid}) exited with {code}; starting another in {pause:g} s",
@@ -130,6 +137,26 @@ def serve_all(settings: Settings) -> None:
             embedded.stop()
 
 
+def _check_folders(settings: Settings, role: str) -> None:
+    """The folders this role writes, made now: one line naming the setting, not a traceback from a process later
+    (and not a scheduler started again and again for a folder that cannot be)."""
+    folders = {"LOG_DIR": settings.LOG_DIR, "DATA_DIR": settings.DATA_DIR}
+    if role != "api":
+        folders["OUTPUT_ROOT"] = settings.OUTPUT_ROOT
+    for name, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"swift-api: {name}={folder} cannot be used: {exc.strerror or exc}", file=sys.stderr)
+            sys.exit(2)
+    socket_path = settings.DATA_DIR / "redis" / "redis.sock"
+    if role == "all" and settings.uses_embedded_redis and len(os.fsencode(socket_path)) > UNIX_PATH_MAX:
+        print(f"swift-api: DATA_DIR={settings.DATA_DIR} is too long for the embedded Redis's socket "
+              f"({socket_path}: at most {UNIX_PATH_MAX} bytes): choose a shorter DATA_DIR",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
 def _exit_on_signal(sig: int, _: object) -> None:
     raise SystemExit(0)  # through the `finally` that stops the rest in order
 
@@ -139,6 +166,7 @@ def main() -> None:
     if role not in ROLES or len(sys.argv) > 2:
         sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
     settings = get_settings()
+    _check_folders(settings, role)
     if role != "all" and settings.uses_embedded_redis:
         sys.exit(
             f"swift-api: the {role} role needs the Redis the other roles use: set REDIS_URL (or REDIS_HOST), "

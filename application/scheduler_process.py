@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any
@@ -232,7 +233,11 @@ def main() -> None:
     settings = get_settings()
     if settings.DIE_WITH_PARENT:
         die_with_parent()
-    setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
+    try:
+        setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
+    except OSError as exc:  # exit 2: its keeper (start.py scheduler) does not start it again for this
+        print(f"swift-api: LOG_DIR={settings.LOG_DIR} cannot be used: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
     asyncio.run(serve(settings))
 
 

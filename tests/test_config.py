@@ -77,3 +77,29 @@ def test_the_image_run_alone_uses_the_embedded_redis(monkeypatch: pytest.MonkeyP
     assert settings.APP_HOST == "0.0.0.0" and settings.uses_embedded_redis
     monkeypatch.setenv("REDIS_URL", "redis://redis:6379/0")
     assert not load_settings().uses_embedded_redis
+
+
+@pytest.mark.parametrize("role", ["all", "scheduler"])
+def test_a_folder_that_cannot_be_made_stops_start_py_with_one_line(tmp_path: Path, role: str) -> None:
+    # It was a traceback from a process started later, and `start.py scheduler` started its scheduler again and
+    # again (1, 2, 4 ... 30 s) for a folder that could never be made.
+    (tmp_path / "afile").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+           "LOG_DIR": str(tmp_path / "afile" / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"),
+           "REDIS_URL": "redis://127.0.0.1:1/0", "GPU_BACKEND": "simulated"}  # fmt: skip
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py"), role], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LOG_DIR=" in lines[0] and "cannot be used" in lines[0], out.stderr
+
+
+def test_a_data_dir_too_long_for_the_embedded_redis_socket_is_one_line(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(deep),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"),
+           "GPU_BACKEND": "simulated"}  # fmt: skip
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py")], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 2 and "too long for the embedded Redis's socket" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
