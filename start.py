@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -117,10 +118,15 @@ def serve_all(settings: Settings) -> None:
     # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM and then raises it again, which
     # would end this process before the scheduler (and with STOP_RUNS_ON_SHUTDOWN, this host's runs) stopped.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    stopping = threading.Event()
+    failed: list[str] = []
+    threading.Thread(target=_watch, args=(embedded, scheduler, stopping, failed), daemon=True).start()
     try:
         get_settings.cache_clear()
         serve_api(get_settings())
     finally:
+        stopping.set()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this shutdown runs to its end (SIGKILL still ends it)
         if scheduler.poll() is None:
             scheduler.send_signal(signal.SIGTERM)
             grace = 30.0
@@ -135,6 +141,27 @@ def serve_all(settings: Settings) -> None:
                 scheduler.wait()
         if embedded is not None:
             embedded.stop()
+        if failed:  # (here: the SIGTERM this process sent itself is on its way out as SystemExit(0))
+            sys.exit(f"swift-api: {failed[0]}: stopped everything, so that what runs start.py can start it again")
+
+
+def _watch(embedded: EmbeddedRedis | None, scheduler: subprocess.Popen[bytes], stopping: threading.Event,
+           failed: list[str]) -> None:  # fmt: skip
+    """The embedded Redis or the scheduler's keeper gone unbidden (killed, crashed) would leave the API answering
+    503 or a queue nothing runs, for ever, while this process lives on: stop all, and exit non-zero."""
+    while not stopping.wait(1.0):
+        redis_process = embedded.process if embedded is not None else None
+        if redis_process is not None and redis_process.poll() is not None:
+            failed.append(f"the embedded redis-server exited ({redis_process.returncode})")
+        elif scheduler.poll() is not None:
+            if scheduler.returncode == 0:  # told to stop (a Ctrl-C reaches the whole group): so is this process
+                return
+            failed.append(f"the scheduler (start.py scheduler) exited ({scheduler.returncode})")
+        else:
+            continue
+        if not stopping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
 
 
 def _check_folders(settings: Settings, role: str) -> None:

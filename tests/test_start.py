@@ -77,3 +77,15 @@ def test_sigterm_lets_start_py_stop_the_scheduler_and_this_hosts_runs_before_it_
     stored = json.loads(r.hget(f"{server.prefix}:job:host", "status") or "null")
     r.close()
     assert stored == "queued", stored  # back in the queue before start.py was gone
+
+
+def test_start_py_stops_when_its_embedded_redis_dies_so_that_its_supervisor_can_start_it_again(
+    server_factory: Callable[..., ApiServer], tmp_path: Path
+) -> None:
+    # It lived on answering 503 for ever, and a container's restart policy never stepped in.
+    server = server_factory(env={"REDIS_URL": "", "DATA_DIR": str(tmp_path / "data")})
+    assert server.proc is not None
+    [redis_server] = [p for p in psutil.Process(server.proc.pid).children() if "redis-server" in " ".join(p.cmdline())]
+    redis_server.kill()
+    assert server.proc.wait(60) == 1
+    assert "the embedded redis-server exited" in server.server_log()
