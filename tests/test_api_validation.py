@@ -386,3 +386,18 @@ async def test_health_answers_503_in_seconds_when_redis_hangs(tmp_path: Path) ->
             assert took < 4.5, took
     finally:
         server.stop()
+
+
+async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # With no scheduler publishing, /gpus showed a minutes-old reading (free memory, holders) with no error.
+    async with app_factory(scheduler=False) as client:
+        cluster = client.scheduler.cluster
+        gpu = {"index": 0, "uuid": "GPU-0", "name": "sim", "memory_total_mb": 81920.0, "memory_used_mb": 0.0,
+               "memory_free_mb": 81920.0, "utilization": 0.0, "memory_utilization": 0.0, "temperature_c": None,
+               "power_w": None, "power_limit_w": None, "processes": []}  # fmt: skip
+        reading = {"backend": "simulated", "gpus": [gpu], "error": None, "driver_version": None}
+        await cluster.put_gpu_snapshot({**reading, "taken_at": time.time()})
+        assert (await client.get("/gpus")).json()["error"] is None
+        await cluster.put_gpu_snapshot({**reading, "taken_at": time.time() - 300})
+        error = (await client.get("/gpus")).json()["error"]
+        assert error.startswith("this reading is 300 s old") and "is one running?" in error, error

@@ -22,6 +22,7 @@ from application.utils.gpu_utils import gpu_summary
 
 # A GPU reading older than this says the scheduler is not watching the GPUs any more.
 HEALTH_TIMEOUT = 3.0  # seconds /health waits for Redis before it answers 503
+STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
 
 
 def _existing_parent(path: Path) -> Path:
@@ -60,7 +61,12 @@ class SystemService:
             entry = g.to_dict()
             entry["job_id"] = leases.get(g.index)
             gpus.append(entry)
-        return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": snapshot.error,
+        error = snapshot.error
+        age = time.time() - snapshot.taken_at if snapshot.taken_at else None
+        if error is None and age is not None and age > STALE_READING_SECONDS:
+            # The last reading a scheduler published: memory, use and holders may have changed since.
+            error = f"this reading is {age:.0f} s old: no scheduler has published one since (is one running?)"
+        return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": error,
                 "taken_at": snapshot.taken_at or None, "gpus": gpus, "summary": gpu_summary(snapshot)}  # fmt: skip
 
     async def _state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
