@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from application.services.redis_service import EmbeddedRedis, find_redis_server
-from tests.conftest import ROOT, ApiServer, fake_dataset, wait_for
+from tests.conftest import ROOT, ApiServer, fake_dataset, settings_for, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -352,40 +352,43 @@ async def test_system_status_says_no_queue_processor_runs_without_a_scheduler(
         assert status["queue_processor"]["enabled"] == processor["enabled"]
 
 
-async def test_health_answers_503_in_seconds_when_redis_hangs(tmp_path: Path) -> None:
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own, to stop with SIGSTOP; let go on and stopped in teardown, which runs even when
+    the test is cut short (a coroutine's `finally` would not: the Redis would stay stopped for ever)."""
+    binary = find_redis_server()
+    assert binary
+    server = EmbeddedRedis(tmp_path / "own-redis", binary)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+async def test_health_answers_503_in_seconds_when_redis_hangs(own_redis: EmbeddedRedis, tmp_path: Path) -> None:
     # A stopped (or swapping) Redis held /health for the client's timeout times its retries, 20 s: longer than
     # any health check waits (the image's HEALTHCHECK: 5 s), so the container was never seen unhealthy.
     import httpx
 
     from application.main import create_app
-    from application.services.redis_service import EmbeddedRedis, find_redis_server
-    from tests.conftest import settings_for
 
-    binary = find_redis_server()
-    assert binary
-    server = EmbeddedRedis(tmp_path / "own-redis", binary)
-    server.start()
-    assert server.process is not None
-    try:
-        app = create_app(settings_for(server.url, tmp_path))
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test/api/v1/training", timeout=60
-            ) as client,
-        ):
-            assert (await client.get("/health")).status_code == 200
-            os.kill(server.process.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                r = await client.get("/health")
-                took = time.monotonic() - started
-            finally:
-                os.kill(server.process.pid, signal.SIGCONT)
-            assert r.status_code == 503 and "did not answer within 3 s" in r.json()["detail"], r.text
-            assert took < 4.5, took
-    finally:
-        server.stop()
+    assert own_redis.process is not None
+    app = create_app(settings_for(own_redis.url, tmp_path))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test/api/v1/training", timeout=60
+        ) as client,  # fmt: skip
+    ):
+        assert (await client.get("/health")).status_code == 200
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        r = await client.get("/health")
+        took = time.monotonic() - started
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+        assert r.status_code == 503 and "did not answer within 3 s" in r.json()["detail"], r.text
+        assert took < 4.5, took
 
 
 async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., Any], tmp_path: Path) -> None:
