@@ -164,8 +164,10 @@ async def test_a_stop_during_a_pause_grace_stops_the_job(app_factory: Callable[.
 async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
-        body = job_body(tmp_path, "nock", step_seconds=0.05, auto_start=True,
-                        training={"max_steps": 12, "save_steps": 100, "logging_steps": 1})  # fmt: skip
+        # Long enough that the pause (at step 3) lands before the run's end on a loaded machine: a run that ends
+        # by itself first is completed, as it should be, and there is nothing to resume.
+        body = job_body(tmp_path, "nock", step_seconds=0.1, auto_start=True,
+                        training={"max_steps": 24, "save_steps": 100, "logging_steps": 1})  # fmt: skip
         await client.post("/jobs", json=body)
         await wait_job(client, "nock", lambda j: (j["progress"]["current_step"] or 0) >= 3)
         paused = (await client.post("/jobs/nock/pause")).json()
@@ -178,7 +180,7 @@ async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..
         done = await wait_job(client, "nock", lambda j: j["status"] == "completed")
         assert "--resume_from_checkpoint" not in done["command"] and len(done["attempts"]) == 2
         history = (await client.get("/jobs/nock/progress", params={"history_limit": 1000})).json()["history"]
-        assert steps_of(history) == list(range(1, 13))
+        assert steps_of(history) == list(range(1, 25))
 
 
 async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any], tmp_path: Path) -> None:
