@@ -93,6 +93,21 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     return allowed
 
 
+async def _build_routes(app: FastAPI) -> None:
+    """FastAPI builds an included router's route table on the first request that reaches it (most of a second
+    on a small machine, for every worker): built now, before the worker is ready, no user waits for it."""
+    scope = {"type": "http", "method": "GET", "path": "/-/no-route", "raw_path": b"/-/no-route", "root_path": "",
+             "query_string": b"", "headers": []}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(_: Any) -> None:
+        pass
+
+    await app.router(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -129,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 root.mkdir(parents=True, exist_ok=True)  # where users put their files; may be a read-only mount
             except OSError:
                 pass
+        await _build_routes(app)
         logger.info("swift-api {} API worker {} ready: API under {}/training, Swagger at /docs", __version__,
                     os.getpid(), settings.API_PREFIX)  # fmt: skip
         try:

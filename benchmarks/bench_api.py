@@ -14,6 +14,7 @@ stack's, measured in the same run with the same load generator (wrk), worker cou
    sleeps 1 s); from one run's exit (its exit file) to the launch of the next one's runner, and to the start of
    the next swift.
 5. CPU of one runner following a run that logs a step every 0.1 s (the fake swift), as % of one core.
+6. a fresh API worker's first requests (one of each kind) against the same requests again (printed after 1).
 
     sudo apt-get install wrk       # the load generator
     .venv/bin/python benchmarks/bench_api.py [--duration 10] [--connections 10] [--skip-100k]
@@ -271,6 +272,33 @@ def chain_latency(redis_url: str, env: dict[str, str], work: Path, base: str, st
     )
 
 
+def first_requests(env: dict[str, str], work: Path) -> None:
+    """What the first users of a fresh API worker wait (route tables, connections), beside the same requests
+    answered again: one worker, so that every request reaches it."""
+    port = free_port()
+    api = start([sys.executable, str(ROOT / "start.py"), "api"], {**env, "API_WORKERS": "1", "APP_PORT": str(port)},
+                ROOT, work / "first.log")  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    paths = ["/api/v1/training/queue", "/api/v1/training/jobs?limit=1", "/api/v1/training/jobs/none/events",
+             "/metrics", "/api/v1/training/no-such-route"]  # fmt: skip
+    try:
+        wait_http(f"{base}/api/v1/training/health")
+        with httpx.Client(base_url=base, timeout=30) as http:
+            ms: list[list[float]] = []
+            for _ in range(2):
+                ms.append([])
+                for path in paths:
+                    t = time.perf_counter()
+                    http.get(path)
+                    ms[-1].append((time.perf_counter() - t) * 1000)
+    finally:
+        stop(api)
+    print(
+        f"  a fresh worker's first requests ({', '.join(p.rsplit('/', 1)[-1] for p in paths)}): "
+        f"{' / '.join(f'{x:.0f}' for x in ms[0])} ms; the same again: {' / '.join(f'{x:.0f}' for x in ms[1])} ms"
+    )
+
+
 def runner_cpu(env: dict[str, str], work: Path) -> None:
     data = work / "data" / "steps.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -377,6 +405,7 @@ def main() -> None:
                   f"{c['rps']:.0f} req/s, {c['cpu_us']:.0f} us CPU per request -> ratio {a['rps'] / c['rps']:.2f} "
                   f"(req/s), {c['cpu_us'] / a['cpu_us']:.2f} (CPU); that endpoint against the SET+ZADD one: "
                   f"{c['rps'] / b['rps']:.2f}")  # fmt: skip
+            first_requests({k: v for k, v in env.items() if k != "APP_PORT"}, work)
             if args.create_only:
                 return
             stored = 0
