@@ -289,3 +289,25 @@ async def until_delivered(client: Any, timeout: float = 30.0) -> None:
     while await store.r.llen(store.keys.webhooks) or await store.r.llen(store.keys.webhooks_delivering):
         assert time.monotonic() < deadline, "notifications still being delivered"
         await asyncio.sleep(0.05)
+
+
+async def test_a_pause_notification_says_when_the_job_was_paused(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    # `at` is what lets a receiver refuse a replayed notification; a pause (or a run sent back to the queue)
+    # has no finished_at, and its `at` was null.
+    hook = receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_URLS=hook.url, WEBHOOK_SECRET=SECRET) as client:
+        training = {"max_steps": 200, "save_steps": 5, "logging_steps": 1}
+        body = job_body(tmp_path, "held", step_seconds=0.05, auto_start=True, training=training)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        deadline = time.monotonic() + 30
+        while ((await client.get("/jobs/held")).json()["progress"]["current_step"] or 0) < 6:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        before = time.time()
+        assert (await client.post("/jobs/held/pause")).status_code == 200
+        await until(lambda: "status_paused" in hook.events())
+        _, raw, _ = next(r for r in hook.received if r[0]["x-swift-api-event"] == "status_paused")
+        assert before <= float(json.loads(raw)["at"]) <= time.time()

@@ -225,7 +225,7 @@ if member(a.to, a.notify_on) or (a.to == 'queued' and cur == 'running') then
   if hook == cjson.null then hook = nil end
   if hook or redis.call('EXISTS', k.webhooks_global) == 1 then
     redis.call('LPUSH', k.webhooks, cjson.encode({job_id = id, event = 'status_' .. a.to, from = cur,
-      hook = hook or '', summary = redis.call('GET', k.summary), at = a.finished_at or '',
+      hook = hook or '', summary = redis.call('GET', k.summary), at = a.finished_at or a.event.time,
       id = ev and (id .. '/' .. ev) or nil}))  -- the event's id: the delivery's, however often it is sent
   end
 end
