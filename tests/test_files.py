@@ -348,3 +348,30 @@ async def test_a_user_may_not_name_a_folder_that_holds_everyones_uploads(redis_c
         assert "another owner's upload" in exc.value.detail or "holds the uploads of every owner" in exc.value.detail
     assert files.uploads_named([str(root / "bob" / "x.jsonl"), str(tmp_path / "other" / "y.jsonl")], bob) == []
     assert files.uploads_named([str(root), str(root.parent)], admin) == []
+
+
+async def test_another_owners_upload_is_refused_before_anything_looks_at_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Whether Alice's upload exists, whether she uploaded at all, and what her file holds: Bob learns none of
+    it from a create naming a path in her uploads folder (the answer used to come after the file was read)."""
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        upload_csv = await client.post("/files", files={"file": ("t.csv", b"query,response\nhi,hello\n")},
+                                       headers=auth(ALICE_KEY))  # fmt: skip
+        assert upload_csv.status_code == 201, upload_csv.text
+        real = Path(upload_csv.json()["path"])
+        root = real.parent.parent  # <first of DATA_ROOTS>/uploads
+        body = job_body(tmp_path, "bq", kind="rlhf", rlhf_type="dpo")
+        named = {
+            "her file (no rejected answers: a preference set would say so)": str(real),
+            "a file of hers that does not exist": str(real.parent / ("file-" + "a" * 24 + ".jsonl")),
+            "her folder": str(real.parent),
+            "an owner who never uploaded": str(root / "carol" / "x.jsonl"),
+        }
+        details = {}
+        for what, path in named.items():
+            r = await client.post("/jobs", json={**body, "data_path": path}, headers=auth(BOB_KEY))
+            assert r.status_code == 422, (what, r.text)
+            details[what] = r.json()["detail"].replace(path, "<path>")
+        assert len(set(details.values())) == 1, details
+        assert "another owner's upload cannot be used" in next(iter(details.values()))

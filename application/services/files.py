@@ -36,6 +36,7 @@ from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.owner_slots import upload_slots
+from application.services.path_sandbox import Guard
 from application.services.preflight import check_dataset
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, receive_upload
@@ -308,18 +309,30 @@ class FileStore:
         as their user. Invalid when one lies in another owner's uploads folder: uploads sit inside DATA_ROOTS, and
         a user key must not train on what someone else uploaded. Paths only, no disk."""
         values = list(values)
-        root = self.real_root
-        own = owner_folder(caller.name)
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            if caller.is_admin or not path.is_absolute():
-                continue
-            if root in path.parents and path.relative_to(root).parts[0] != own:
-                raise Invalid(f"{value}: another owner's upload cannot be used: upload your own with POST /files")
-            if path == root or path in root.parents:  # a folder data set: swift would read every file in it
-                raise Invalid(f"{value} holds the uploads of every owner: name your own upload (its file id) or a "
-                              "file or folder inside DATA_ROOTS that holds none")  # fmt: skip
+            if not caller.is_admin and path.is_absolute():
+                self._refuse_foreign(value, path, caller)
         return self._upload_ids(values)
+
+    def upload_guard(self, caller: Caller) -> Guard | None:
+        """For the path sandbox (`preflight.check_request`): refuses a path in another owner's uploads folder
+        before anything looks at whether it exists or reads it, so that the answer tells nothing of their files."""
+        if caller.is_admin:
+            return None
+
+        def guard(field: str, value: str, real: Path) -> None:
+            self._refuse_foreign(f"{field} '{value}'", real, caller)
+
+        return guard
+
+    def _refuse_foreign(self, named: str, path: Path, caller: Caller) -> None:
+        root = self.real_root
+        if root in path.parents and path.relative_to(root).parts[0] != owner_folder(caller.name):
+            raise Invalid(f"{named}: another owner's upload cannot be used: upload your own with POST /files")
+        if path == root or path in root.parents:  # a folder data set: swift would read every file in it
+            raise Invalid(f"{named} holds the uploads of every owner: name your own upload (its file id) or a "
+                          "file or folder inside DATA_ROOTS that holds none")  # fmt: skip
 
     async def with_upload_paths(
         self, data_path: str, extra: dict[str, Any], caller: Caller

@@ -105,6 +105,19 @@ def _roots_text(roots: Sequence[Path]) -> str:
 Guard = Callable[[str, str, Path], None]
 
 
+def all_of(*guards: Guard | None) -> Guard | None:
+    """One guard that calls each of `guards` in turn (None when none is given)."""
+    given = [g for g in guards if g is not None]
+    if len(given) < 2:
+        return given[0] if given else None
+
+    def guard(field: str, value: str, real: Path) -> None:
+        for g in given:
+            g(field, value, real)
+
+    return guard
+
+
 def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: Path, setting: str,
             guard: Guard | None = None) -> Resolved:  # fmt: skip
     """Apply the rules above to one request field. Synchronous: it may touch the disk (inside roots only)."""

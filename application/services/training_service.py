@@ -39,7 +39,7 @@ from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard,
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
-from application.services.path_sandbox import real_output_root
+from application.services.path_sandbox import all_of, real_output_root
 from application.services.preflight import check_request, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
@@ -178,7 +178,8 @@ class TrainingService:
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
-            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments, guard=guard,
+            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
+            guard=all_of(guard, self.files.upload_guard(caller)),
         )  # fmt: skip
         # Inline, no path but the output folder's is looked at: the guard is never called.
         inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=self.output_on_local_disk)
