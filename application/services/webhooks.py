@@ -6,10 +6,11 @@ it with retries and exponential backoff in a task of its own (at most MAX_PARALL
 receiver never holds up scheduling), records every delivery as an event of the job, and only then drops it. A
 leader that dies mid-delivery leaves it in `delivering`; the next leader queues it again (at least once).
 
-Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at"}`. Headers: `X-Swift-Api-Event`,
-`X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of the body with
-WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless WEBHOOK_ALLOW_PRIVATE: its
-name is resolved and checked before each attempt, and the POST goes to the address checked.
+Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at": <Unix seconds>}`. Headers:
+`X-Swift-Api-Event`, `X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of
+the body with WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless
+WEBHOOK_ALLOW_PRIVATE: its name is resolved and checked before each attempt, and the POST goes to the address
+checked.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class Webhooks:
             if item.get("hook"):
                 targets.setdefault(item["hook"], True)
             job = json.loads(item["summary"]) if item.get("summary") else None
-            body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": item.get("at") or None,
-                               "job": job}).encode()  # fmt: skip
+            at = float(item["at"]) if item.get("at") else None  # (stored as the text of a number)
+            body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at, "job": job}).encode()
             # The notification's own id (its event's): the same when a new leader delivers it again (at least once).
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
@@ -134,6 +135,9 @@ class Webhooks:
                     own: bool) -> None:  # fmt: skip
         event = item["event"]
         checked = own and not self.settings.WEBHOOK_ALLOW_PRIVATE
+        # The job's events (which its owner reads) name the operator's URLs by their place in the setting: such a
+        # URL often carries a token (a chat webhook's), which would let any user post there.
+        shown = url if own else f"WEBHOOK_URLS[{self.urls.index(url)}]"
         headers = {"Content-Type": "application/json", "User-Agent": "swift-api-webhooks",
                    "X-Swift-Api-Event": event, "X-Swift-Api-Delivery": delivery}  # fmt: skip
         if self.secret:
@@ -145,21 +149,24 @@ class Webhooks:
                 aimed = await self._aim(url) if checked else (url, {}, {})
                 if aimed is None:
                     await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points into a private "
-                                       "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", url, 0, None)  # fmt: skip
+                                       "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0, None)  # fmt: skip
                     return
                 target, extra, extensions = aimed
                 r = await client.post(target, content=body, headers={**headers, **extra}, extensions=extensions)
                 if 200 <= r.status_code < 300:
-                    await self._record(item, "webhook_delivered", f"{event} delivered to {url} (HTTP "
-                                       f"{r.status_code}, attempt {attempt})", url, attempt, r.status_code)  # fmt: skip
+                    await self._record(item, "webhook_delivered", f"{event} delivered to {shown} (HTTP "
+                                       f"{r.status_code}, attempt {attempt})", shown, attempt,
+                                       r.status_code)  # fmt: skip
                     return
                 last = f"HTTP {r.status_code}"
+            except httpx.TimeoutException as exc:
+                last = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
-                last = f"{type(exc).__name__}: {exc}"
+                last = f"{type(exc).__name__}: {str(exc).replace(url, shown)}"
             if attempt < attempts:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
-        await self._record(item, "webhook_failed", f"{event} not delivered to {url} after {attempts} attempts "
-                           f"({last})", url, attempts, None)  # fmt: skip
+        await self._record(item, "webhook_failed", f"{event} not delivered to {shown} after {attempts} attempts "
+                           f"({last})", shown, attempts, None)  # fmt: skip
 
     @staticmethod
     async def _aim(url: str) -> tuple[str | httpx.URL, dict[str, str], dict[str, Any]] | None:
