@@ -195,6 +195,25 @@ def test_priority_then_fifo_order_patch_resorts_and_gpus_go_in_that_order(server
     assert queue_ids(server) == ["mid1"] and server.job("mid1")["status"] == "queued"
 
 
+def test_a_resumed_job_has_waited_since_it_was_queued_again_in_both_views(server: ApiServer,
+                                                                          workspace: Path) -> None:  # fmt: skip
+    hold(server, workspace, "h1")
+    create(server, workspace, "x", auto_start=True, step_seconds=0.05, training={"max_steps": 400, "save_steps": 5})
+    wait_for(lambda: (server.job("x")["progress"]["current_step"] or 0) >= 30, what="x ran a while")
+    assert server.http.post("/jobs/x/pause").status_code == 200
+    wait_for(lambda: server.job("x")["status"] == "paused")
+    hold(server, workspace, "h2")  # takes the GPU x gave back
+    assert server.http.post("/jobs/x/resume").status_code == 200
+    x = server.job("x")
+    assert x["status"] == "queued"
+    entry = next(e for e in server.http.get("/queue").json()["entries"] if e["job_id"] == "x")
+    own = server.http.get("/queue/x/status").json()["waited_seconds"]
+    # Its place is kept (by submission time), its wait is counted from its return to the queue, as its own
+    # status says; it was counted from its submission, running and paused time included.
+    assert entry["submitted_at"] == x["created_at"]
+    assert abs(entry["waited_seconds"] - own) < 1.0 and entry["waited_seconds"] < x["queued_at"] - x["created_at"]
+
+
 def test_cancel_from_queue_and_queue_status(server: ApiServer, workspace: Path) -> None:
     a = hold(server, workspace, "a")
     hold(server, workspace, "b")

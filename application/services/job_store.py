@@ -471,6 +471,11 @@ class JobStore:
         decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
         return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
 
+    async def queued_since(self, job_ids: list[str]) -> list[float | None]:
+        """When each of these queued jobs entered the queue this time (a resumed, preempted or retried job keeps
+        its submission time for its place, not for how long it has waited)."""
+        return list(await self.r.zmscore(self.keys.queued_since, job_ids)) if job_ids else []
+
     async def leases(self) -> dict[int, str]:
         raw = await self.r.hgetall(self.keys.gpu_leases)
         return {int(k): v for k, v in raw.items()}

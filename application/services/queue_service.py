@@ -41,7 +41,8 @@ class QueueService:
             self.service.view(), queued(self.store, limit, start=offset), self.service.processor_stopped(),
             self.cluster.queue_head(),
         )  # fmt: skip
-        forecast = await self.service.planner.forecast(view, offset + limit, head)
+        forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
+                                               self.store.queued_since([q.job_id for q in queue]))  # fmt: skip
         now = time.time()
         entries = [
             {
@@ -54,7 +55,7 @@ class QueueService:
                 "gpu_ids": list(q.gpu_ids) if q.gpu_ids is not None else None,
                 "min_gpu_memory_gb": q.min_gpu_memory_gb,
                 "submitted_at": q.submitted_at,
-                "waited_seconds": round(max(0.0, now - q.submitted_at), 3),
+                "waited_seconds": round(max(0.0, now - (since[i] or q.submitted_at)), 3),
                 # Nothing starts while no pass runs: no wait can be told (as the job's own views say).
                 "estimated_wait_time": None if stopped else wait_estimate(forecast.waits.get(q.job_id)),
                 "predicted_duration_seconds": q.estimated_duration,
