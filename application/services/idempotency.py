@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from application.exceptions import ApiError, Conflict, Invalid
@@ -77,8 +77,10 @@ class Idempotency:
             if exc.status_code in (429, 503):
                 await self.store.release_idempotency(rkey)
                 raise
-            await self.store.finish_idempotency(rkey, print_, exc.status_code, json.dumps({"detail": exc.detail}),
-                                                TTL_SECONDS, exc.headers or {})  # fmt: skip
+            # As the error handler renders it (main._api_error), so that the replay is the same bytes.
+            first = bytes(JSONResponse({"detail": exc.detail}).body).decode()
+            await self.store.finish_idempotency(rkey, print_, exc.status_code, first, TTL_SECONDS,
+                                                exc.headers or {})  # fmt: skip
             raise
         except BaseException:
             await asyncio.shield(self.store.release_idempotency(rkey))
