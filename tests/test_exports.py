@@ -72,6 +72,25 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
     assert len(server.http.get("/jobs/bad/exports").json()["exports"]) == 2
 
 
+def test_an_export_takes_only_the_jobs_own_checkpoints_not_those_an_earlier_job_left_in_its_folder(
+    server: ApiServer, workspace: Path
+) -> None:
+    def run(training: dict[str, Any]) -> dict[str, Any]:
+        assert server.create(**job_body(workspace, "a1", auto_start=True, training=training)).status_code == 201
+        return wait_for(lambda: (j := server.job("a1"))["status"] == "completed" and j["export"]["status"] ==
+                        "completed" and j, what="the run and its automatic export")  # fmt: skip
+
+    earlier = run({"max_steps": 6, "save_steps": 3})
+    assert server.http.delete("/jobs/a1").status_code == 204  # its folder, with its checkpoints, stays
+    run({"max_steps": 4, "save_steps": 2})  # the same id and folder
+    listed = [Path(c["path"]).name for c in server.http.get("/jobs/a1/checkpoints").json()["checkpoints"]]
+    assert listed == ["checkpoint-2", "checkpoint-4"]
+    for wanted in ("checkpoint-6", str(Path(earlier["run_dir"]) / "checkpoint-3")):
+        for extra in ({}, {"quant_bits": 4, "quant_method": "awq"}):
+            r = server.http.post("/jobs/a1/export", json={"checkpoint": wanted, **extra})
+            assert r.status_code == 422 and "not one of job 'a1''s checkpoints" in r.json()["detail"], (wanted, r.text)
+
+
 def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, workspace: Path) -> None:
     training = {"max_steps": 10, "save_steps": 5, "save_total_limit": 5}
     body = job_body(workspace, "q", auto_start=True, training=training)

@@ -44,9 +44,13 @@ def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
     return best.loss if best else None
 
 
+def own_checkpoints(job: Job) -> list[str]:
+    """The checkpoints of this job's runs, oldest first (blocking): not those an earlier job left in its folder."""
+    return job_checkpoints(Path(job.output_dir), [a.run_dir for a in job.attempts] + [job.run_dir])
+
+
 def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
-    run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
-    paths = job_checkpoints(Path(job.output_dir), run_dirs)
+    paths = own_checkpoints(job)
     resume = next((p for p in reversed(paths) if (Path(p) / "trainer_state.json").is_file()), None)
     exported = job.export.checkpoint
     out = []

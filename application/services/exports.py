@@ -18,8 +18,8 @@ from application.config import Settings
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
+from application.services.checkpoints import own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
-from application.services.run_outputs import find_checkpoints
 from application.services.swift_command import build_export_command
 
 # A paused job's checkpoint can be exported too (the merge only reads it).
@@ -59,7 +59,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     # A quantized export runs as a GPU job of its own (services/quant_exports.py); this one merges on the CPU.
     if not request.merge_lora:
         raise Invalid("merge_lora false without quant_bits leaves nothing to export: leave merge_lora true")
-    on_disk = find_checkpoints(Path(job.output_dir))
+    on_disk = own_checkpoints(job)
     wanted = checkpoint or request.checkpoint
     if wanted is not None:
         checkpoint = choose_checkpoint(job, wanted, on_disk)

@@ -12,8 +12,8 @@ from pathlib import Path
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest, TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
+from application.services.checkpoints import own_checkpoints
 from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint, name_taken
-from application.services.run_outputs import find_checkpoints
 from application.services.swift_info import SwiftInfo
 
 # awq and gptq calibrate on samples of a data set: the job's own.
@@ -64,7 +64,7 @@ def prepare_quant_job(
     """The export job for `parent` and the record its `exports` keeps; Conflict/Invalid say why not."""
     if parent.status not in ENDED_WITH_SWIFT:
         raise Conflict(f"job '{parent.job_id}' is {parent.status.value}: export needs a finished training run")
-    on_disk = find_checkpoints(Path(parent.output_dir))
+    on_disk = own_checkpoints(parent)
     if request.checkpoint is not None:
         checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)
     elif parent.last_checkpoint and Path(parent.last_checkpoint).is_dir():
