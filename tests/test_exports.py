@@ -130,6 +130,37 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     assert r.status_code == 200 and "queued as job 'q-quant-2'" in r.json()["message"], r.text
 
 
+def test_quantizing_a_job_whose_upload_was_deleted_needs_the_data_only_to_calibrate(
+    server: ApiServer, workspace: Path
+) -> None:
+    rows = Path(job_body(workspace, "rows")["data_path"]).read_bytes()
+    up = server.http.post("/files", files={"file": ("mine.jsonl", rows)})
+    assert up.status_code == 201, up.text
+    hook = "https://hooks.example.com/ml-team"
+    body = job_body(workspace, "up", data_path=up.json()["id"], auto_start=True, webhook_url=hook,
+                    training={"max_steps": 4, "save_steps": 2})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: (j := server.job("up"))["status"] == "completed" and j["export"]["status"] == "completed",
+             what="the run and its automatic export")  # fmt: skip
+    assert server.http.delete(f"/files/{up.json()['id']}").status_code == 204  # no active job uses it
+    # awq calibrates on the job's data set: refused, saying why (it said "could not be stored: try again").
+    r = server.http.post("/jobs/up/export", json={"quant_bits": 4, "quant_method": "awq"})
+    assert r.status_code == 409 and "has been deleted" in r.json()["detail"] and "bnb" in r.json()["detail"], r.text
+    # bnb reads no data: it runs, and its end goes to the job's own webhook as the export's end.
+    r = server.http.post("/jobs/up/export", json={"quant_bits": 4, "quant_method": "bnb"})
+    assert r.status_code == 200, r.text
+    child = server.wait_status("up-quant", "completed")
+    assert "--dataset" not in child["command"] and child["webhook_url"] == hook
+    # An export whose job was deleted before it ran wrote nothing: its name is free again (it stayed taken).
+    assert server.http.post("/queue/processor/stop").status_code == 200  # so that it waits
+    again = {"quant_bits": 8, "quant_method": "bnb", "output_name": "again"}
+    assert server.http.post("/jobs/up/export", json=again).status_code == 200
+    assert server.job("up-quant-2")["status"] == "queued"
+    assert server.http.delete("/jobs/up-quant-2").status_code == 204
+    r = server.http.post("/jobs/up/export", json=again)
+    assert r.status_code == 200 and "queued as job 'up-quant-3'" in r.json()["message"], r.text
+
+
 def test_two_exports_never_write_into_one_folder_and_both_records_stay(tmp_path: Path) -> None:
     target = tmp_path / "exports" / "X"
     queued = ExportInfo(status=ExportStatus.RUNNING, export_id="q-quant", job_id="q-quant", output_dir=str(target))

@@ -14,7 +14,13 @@ from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
 from application.services.exports import ENDED_WITH_SWIFT, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
-from application.services.quant_exports import as_export, check_quantization, prepare_quant_job, wants_quantization
+from application.services.quant_exports import (
+    CALIBRATED,
+    as_export,
+    check_quantization,
+    prepare_quant_job,
+    wants_quantization,
+)
 from application.services.swift_arguments import require_usable_swift
 from application.services.training_service import TrainingService, refused, snapshot_of
 
@@ -53,6 +59,8 @@ class ExportControl:
         check_quantization(request, await self.service.swift_info(meta), len(snapshot_of(published).gpus))
         # An id no record of this job's exports names (a deleted export job's record must not take a new one's).
         named = {e.job_id for e in (*job.exports, job.export) if e.job_id}
+        # Its quantized exports as their jobs stand: one whose job was deleted before it ran holds no name.
+        job = job.model_copy(update={"exports": await self._as_they_stand(job)})
         for attempt in range(1, 100):
             child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
             if child_id in named:
@@ -62,13 +70,19 @@ class ExportControl:
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
+                # Only awq and gptq read the data set (they calibrate on it): only they hold its upload.
+                reads = [child.data_path] if request.quant_method in CALIBRATED else []
                 await self.store.create(child, actor=caller.actor, max_waiting=self.service.limits.max_waiting,
-                                        uploads=self.service.files.uploads_named([child.data_path], caller),
+                                        uploads=self.service.files.uploads_named(reads, caller),
                                         message=message)  # fmt: skip
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
                     raise self.service.limits.over_cap(caller, int(exc.detail or 0)) from None
+                if exc.reason == Refusal.UPLOAD_GONE:
+                    raise Conflict(f"{request.quant_method} calibrates on the job's data set, and its uploaded file "
+                                   f"'{exc.detail}' has been deleted: quantize with bnb or fp8, which need no "
+                                   "data") from None  # fmt: skip
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     raise Conflict(f"an export into {info.output_dir} is already waiting or running") from None
                 if exc.reason != Refusal.EXISTS:
@@ -91,7 +105,10 @@ class ExportControl:
     async def exports(self, job_id: str, caller: Caller) -> list[ExportInfo]:
         """Every export of the job, oldest first; a quantized one as its own job now stands."""
         job = await self.service.require(job_id, caller)
-        records = [*job.exports, *([job.export] if job.export.status != ExportStatus.NONE else [])]
-        jobs = {j.job_id: j for j in await self.store.get_many([e.job_id for e in records if e.job_id])}
-        records = [as_export(e, jobs.get(e.job_id), job_id) if e.job_id else e for e in records]
-        return sorted(records, key=lambda e: e.started_at or 0.0)
+        current = [job.export] if job.export.status != ExportStatus.NONE else []
+        return sorted([*await self._as_they_stand(job), *current], key=lambda e: e.started_at or 0.0)
+
+    async def _as_they_stand(self, job: Job) -> list[ExportInfo]:
+        """The job's kept export records, a quantized one's as its job now stands (its record keeps 'running')."""
+        jobs = {j.job_id: j for j in await self.store.get_many([e.job_id for e in job.exports if e.job_id])}
+        return [as_export(e, jobs.get(e.job_id), job.job_id) if e.job_id else e for e in job.exports]

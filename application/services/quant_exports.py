@@ -85,7 +85,7 @@ def prepare_quant_job(
         data_path=parent.data_path, model_path=checkpoint, output_dir=str(exports / f".{name}.job"),
         output_dir_requested=str(exports / f".{name}.job"), num_gpus=1, kind="export", export_of=parent.job_id,
         export_argv=argv, training=TrainingParams(), created_at=now, updated_at=now, queued_at=now,
-        predicted_duration=PredictedDuration(),
+        predicted_duration=PredictedDuration(), webhook_url=parent.webhook_url,  # its end is the export's end
     )  # fmt: skip
     info = ExportInfo(
         status=ExportStatus.RUNNING, export_id=job_id, job_id=job_id, checkpoint=checkpoint, merge_lora=True,
