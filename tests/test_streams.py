@@ -149,6 +149,32 @@ def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: Ap
         assert r.status_code == 200
         again = data_of(list(sse(iter(r.text.splitlines()))))
         assert [m.data for m in again] == [m.data for m in messages] and messages, path
+    # A byte offset is an id the log stream sent only where a message ended: anywhere else (it began with the
+    # rest of a cut line), or past the end, it starts from the beginning too.
+    lines = whole["logs"]
+    for odd in ("1", str(int(lines[3].id or 0) - 2), str(int(lines[-1].id or 0) + 100)):
+        again = data_of(read(server, "/jobs/odd/logs/stream", last_id=odd, stop=lambda got: False))
+        assert [m.data for m in again] == [m.data for m in lines], odd
+    rest = data_of(read(server, "/jobs/odd/logs/stream", last_id=lines[3].id, stop=lambda got: False))
+    assert [m.data for m in rest] == [m.data for m in lines[4:]]
+
+
+def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(server: ApiServer,
+                                                                                workspace: Path) -> None:  # fmt: skip
+    failure = "RuntimeError: " + "训练失败" * 8000  # one line of ~96 KB, 3 bytes a character
+    body = job_body(workspace, "wide", step_seconds=0.02, fail_at_step=3, fail_message=failure, auto_start=True,
+                    training={"max_steps": 10})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    got = data_of(read(server, "/jobs/wide/logs/stream", stop=lambda got: False))
+    log = Path(server.job("wide")["log_file"]).read_bytes()
+    assert all("\ufffd" not in m.data for m in got)
+    assert "".join(m.data for m in got) == "".join(_visible(raw) for raw in log.split(b"\n"))
+    # A piece's id resumes the stream right after it.
+    pieces = [i for i, m in enumerate(got) if "训练失败" in m.data and not m.data.startswith("RuntimeError")]
+    assert len(pieces) >= 2
+    cut = pieces[0]
+    rest = data_of(read(server, "/jobs/wide/logs/stream", last_id=got[cut].id, stop=lambda got: False))
+    assert [m.data for m in rest] == [m.data for m in got[cut + 1 :]]
 
 
 def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace: Path) -> None:

@@ -19,7 +19,8 @@ LastEventId = Annotated[
     str | None,
     Header(alias="Last-Event-ID", max_length=64,
            description="resume after this message (sent by EventSource on a reconnect); an id this stream "
-                       "never sent is ignored and the stream starts from the beginning"),
+                       "never sent is ignored and the stream starts from the beginning (more than 64 "
+                       "characters: 422)"),
 ]  # fmt: skip
 SSE: Responses = {200: {"content": {"text/event-stream": {}}, "description": "a stream of Server-Sent Events"}}
 

@@ -52,6 +52,35 @@ def _size(path: str) -> int | None:
         return None
 
 
+def _piece(buf: bytes) -> int:
+    """How much of `buf` (no newline in its first MAX_LINE + 1 bytes) the next message takes: MAX_LINE bytes, fewer
+    when that would split a UTF-8 character (a piece decoded alone would show it as U+FFFD)."""
+    n = MAX_LINE
+    while n > MAX_LINE - 4 and buf[n] & 0xC0 == 0x80:  # a continuation byte starts the rest: move back
+        n -= 1
+    return n if buf[n] & 0xC0 != 0x80 else MAX_LINE
+
+
+def message_end(path: Path, offset: int) -> bool:
+    """Could `offset` end a message this log's stream sent (so be an id it sent)? At the start or end of the log,
+    after a newline, or inside a line longer than a piece, where it does not split a character (pieces of a long
+    line end where the reads happened to end, so they cannot be told exactly). Blocking."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if offset == 0 or offset >= size:
+                return offset in (0, size)
+            start = max(0, offset - MAX_LINE)
+            fh.seek(start)
+            around = fh.read(offset - start + 1)
+    except OSError:
+        return False
+    before, after = around[:-1], around[-1]
+    line = len(before) - (before.rfind(b"\n") + 1)  # how much of its line lies before it (in the window)
+    # A piece of a long line is MAX_LINE - 3 bytes or more (`_piece`), and never splits a character.
+    return line == 0 or (line >= MAX_LINE - 3 and after & 0xC0 != 0x80)
+
+
 def _visible(raw: bytes) -> str:
     """What a terminal would show of one log line: the text after its last carriage return (tqdm redraws)."""
     text = raw.decode("utf-8", errors="replace").rstrip("\r")
@@ -120,15 +149,17 @@ class Streams:
         runs = await self._run_logs(job_id, kind, created) or []
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
         base, ahead = 0, list(runs)
-        if wanted is None:
-            base = sum(_size(done) or 0 for done in runs[:-1])
-            ahead = runs[-1:]
-        else:
+        if wanted is not None:
             while len(ahead) > 1 and wanted >= base + (length := _size(ahead[0]) or 0):
                 base += length
                 ahead.pop(0)
+            if not ahead or not await asyncio.to_thread(message_end, Path(ahead[0]), wanted - base):
+                wanted = None  # not an id this stream sent: as a new stream
+        if wanted is None:
+            base = sum(_size(done) or 0 for done in runs[:-1])
+            ahead = runs[-1:]
         path = ahead.pop(0) if ahead else None
-        offset = max(0, (wanted or 0) - base) if wanted is not None else 0
+        offset = max(0, wanted - base) if wanted is not None else 0
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
         while True:
@@ -159,7 +190,7 @@ class Streams:
             while True:
                 cut = buf.find(b"\n")
                 if cut < 0 and len(buf) > MAX_LINE:
-                    cut = MAX_LINE - 1
+                    cut = _piece(buf) - 1
                 if cut < 0:
                     break
                 line, buf = buf[: cut + 1], buf[cut + 1 :]
