@@ -98,6 +98,26 @@ def test_stop_ignoring_sigterm_is_killed_after_the_grace(server_factory: Callabl
     assert server.job("stubborn")["status"] == "stopped"
 
 
+def test_a_job_given_a_deleted_jobs_id_and_folder_writes_new_logs_beside_the_old(server: ApiServer,
+                                                                                  workspace: Path) -> None:  # fmt: skip
+    def run(steps: int) -> dict[str, Any]:
+        body = job_body(workspace, "again", auto_start=True, training={"max_steps": steps})
+        assert server.create(**body).status_code == 201
+        return wait_for(
+            lambda: (j := server.job("again"))["status"] == "completed" and j["export"]["status"] == "completed" and j,
+            what="the run and its automatic export",
+        )
+
+    first = run(3)
+    old_log, old_exit = Path(first["log_file"]), Path(first["log_file"]).with_suffix(".exit.json")
+    kept = old_log.read_bytes(), old_exit.read_bytes()
+    assert server.http.delete("/jobs/again").status_code == 204  # what it wrote on disk stays
+    second = run(5)
+    assert second["output_dir"] == first["output_dir"] and second["log_file"] != first["log_file"]
+    assert (old_log.read_bytes(), old_exit.read_bytes()) == kept  # it was written over by the new run
+    assert b"5/5" in Path(second["log_file"]).read_bytes()
+
+
 def test_stop_of_pending_cancels_and_of_completed_is_409(server: ApiServer, workspace: Path) -> None:
     r = server.create(**job_body(workspace, "waiting"))
     assert r.json()["status"] == "pending"

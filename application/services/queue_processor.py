@@ -64,6 +64,17 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path) -> Path:
     return path
 
 
+def run_log(log_dir: Path, job_id: str, number: int) -> Path:
+    """The log of a job's `number`-th run, a file of its own: a resumed run's log starts empty and the earlier
+    ones stay (attempts[].log_file). A name a file already has is skipped: a job given the id and folder of a
+    deleted one must not write over that job's logs (a delete never removes what is on disk). Blocking."""
+    while True:
+        path = log_dir / (f"{job_id}.train.log" if number == 1 else f"{job_id}.train.{number}.log")
+        if not path.exists() and not path.with_suffix(".exit.json").exists():
+            return path
+        number += 1
+
+
 def _resume_point(job: Job) -> tuple[str | None, bool]:
     """The checkpoint a job that ran before resumes from (the one asked for, else its newest still on disk), and
     whether it holds only weights (saved with save_only_model: no optimizer or scheduler state)."""
@@ -235,9 +246,8 @@ class QueueProcessor:
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
         env = visible_env(gpu_env)
         log_dir = Path(job.output_dir) / "logs"
-        # One log per run: a resumed run's log starts empty, and the earlier ones stay (attempts[].log_file).
         number = len(job.attempts) + 1
-        log_file = log_dir / (f"{job.job_id}.train.log" if number == 1 else f"{job.job_id}.train.{number}.log")
+        log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
         now = time.time()
