@@ -96,6 +96,18 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     assert r.status_code == 206 and r.content == data[:10]
     r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": '"changed"'})
     assert r.status_code == 200 and r.content == data
+    # HEAD, as download tools ask before they fetch: GET's answer without its body.
+    whole = server.http.get(f"/jobs/arts/artifacts/{rel}")
+    head = server.http.head(f"/jobs/arts/artifacts/{rel}")
+    assert head.status_code == 200 and head.content == b""
+    same = ("content-length", "content-type", "etag", "accept-ranges", "content-disposition")
+    assert {k: head.headers.get(k) for k in same} == {k: whole.headers.get(k) for k in same}
+    head = server.http.head(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9"})
+    assert (head.status_code, head.headers["content-range"], head.headers["content-length"]) == (
+        206, f"bytes 0-9/{size}", "10")  # fmt: skip
+    head = server.http.head(f"/jobs/arts/artifacts/{run}.tar")
+    assert head.status_code == 200 and head.headers["content-type"] == "application/x-tar"
+    assert server.http.head(f"/jobs/arts/artifacts/{run}/no-such-file").status_code == 404
 
     # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.
     for folder in (f"{run}/checkpoint-20", run):

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from application.api.deps import CallerDep, JobId, Responses, Training
@@ -80,3 +80,13 @@ async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training
         raise
     return StreamingResponse(holding(slot, iterate_in_threadpool(got.body)), status_code=got.status,
                              headers=got.headers, media_type=got.media_type)  # fmt: skip
+
+
+@router.head("/jobs/{job_id}/artifacts/{path:path}", include_in_schema=False)
+async def head_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, caller: CallerDep, request: Request,
+                            range_header: RangeHeader = None, if_range: IfRangeHeader = None) -> Response:  # fmt: skip
+    """What GET would answer, without its body (download tools ask first): nothing is read, no slot taken."""
+    job = await svc.require(job_id, caller)
+    got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
+                                   range_header, if_range, head=True)  # fmt: skip
+    return Response(status_code=got.status, headers=got.headers, media_type=got.media_type)

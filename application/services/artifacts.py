@@ -279,7 +279,7 @@ def _chunks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
 
 
 def _file_download(fd: int, st: os.stat_result, name: str, range_header: str | None, if_range: str | None,
-                   ) -> Download:  # fmt: skip
+                   head: bool) -> Download:  # fmt: skip
     f = os.fdopen(fd, "rb", buffering=0)  # owns the fd from here: closed by the body, or when dropped
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
     modified = email.utils.formatdate(st.st_mtime, usegmt=True)
@@ -292,25 +292,30 @@ def _file_download(fd: int, st: os.stat_result, name: str, range_header: str | N
     headers["Content-Length"] = str(end - start)
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{st.st_size}"
-    return Download(206 if span else 200, media_type(name), _chunks(f, start, end), headers)
+    if head:
+        f.close()
+    return Download(206 if span else 200, media_type(name), iter(()) if head else _chunks(f, start, end), headers)
 
 
 def prepare_download(job: Job, output_root: Path, path: str, range_header: str | None = None,
-                     if_range: str | None = None) -> Download:  # fmt: skip
+                     if_range: str | None = None, head: bool = False) -> Download:  # fmt: skip
     """Blocking: open what `path` names (a real file first; else `<folder>.tar` for a folder) and say how to
-    send it. The body reads lazily."""
+    send it. The body reads lazily; `head`: the answer without a body (nothing is left open)."""
     base = job_folder(job, output_root)
     found = resolve(base, path) if base else None
     if found is not None and stat.S_ISREG(found[1].st_mode):
-        return _file_download(found[0], found[1], path.rsplit("/", 1)[-1], range_header, if_range)
+        return _file_download(found[0], found[1], path.rsplit("/", 1)[-1], range_header, if_range, head)
     if found is not None:
         os.close(found[0])
     if base is not None and path.endswith(".tar") and (folder := resolve(base, path[: -len(".tar")])):
         fd, st, real = folder
         if stat.S_ISDIR(st.st_mode):
             name = path[: -len(".tar")].rsplit("/", 1)[-1]
-            return Download(200, TAR_MEDIA_TYPE, tar_chunks(OwnedFd(fd), real, name),
-                            {"Content-Disposition": disposition(f"{name}.tar"), "Accept-Ranges": "none"})  # fmt: skip
+            headers = {"Content-Disposition": disposition(f"{name}.tar"), "Accept-Ranges": "none"}
+            if head:
+                os.close(fd)
+                return Download(200, TAR_MEDIA_TYPE, iter(()), headers)
+            return Download(200, TAR_MEDIA_TYPE, tar_chunks(OwnedFd(fd), real, name), headers)
         os.close(fd)
     raise not_found(job.job_id)
 
@@ -322,5 +327,5 @@ def as_asked(path: str, url_path: str) -> str:
 
 
 async def download(job: Job, output_root: Path, path: str, range_header: str | None = None,
-                   if_range: str | None = None) -> Download:  # fmt: skip
-    return await asyncio.to_thread(prepare_download, job, output_root, path, range_header, if_range)
+                   if_range: str | None = None, head: bool = False) -> Download:  # fmt: skip
+    return await asyncio.to_thread(prepare_download, job, output_root, path, range_header, if_range, head)
