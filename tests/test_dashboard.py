@@ -166,12 +166,44 @@ def test_create_form_then_live_charts_log_and_stop(server: ApiServer, workspace:
     expect(page.locator("#log-state")).to_have_text("ended", timeout=10_000)
     tab.shot("job-stopped")
 
+    # An axis whose ticks differ in their fourth digit (a learning rate near its peak) labels each tick apart.
+    labels = page.evaluate("window.dashboard.tickLabels([9.999e-05, 9.996e-05, 9.993e-05, 9.99e-05])")
+    assert len(set(labels)) == 4, labels
+
     # The list shows it, with its progress bar.
     page = tab.goto("/")
     row = page.locator("tr[data-job='dash-live']")
     expect(row).to_contain_text("stopped")
     expect(row.locator(".bar")).to_contain_text("/200")
     tab.shot("jobs")
+
+    # Resume from its page: the page loads again (the streams ended with the run) and still says what happened.
+    page = tab.goto("/ui/jobs/dash-live")
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_navigation(timeout=15_000):
+        page.click("#actions button[data-action=resume]")
+    expect(page.locator("#action-result")).to_contain_text("esum")
+    expect(page.locator("#job [data-status]")).to_have_text(re.compile("running|queued"), timeout=15_000)
+
+
+@pytest.mark.timeout(180)
+def test_the_job_page_shows_progress_when_its_streams_are_refused(
+    server_factory: Callable[..., ApiServer], workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    server = server_factory(env={"STREAMS_PER_OWNER": "1"})
+    body = job_body(workspace, "crowded", step_seconds=0.05, hang_after_steps=12, auto_start=True,
+                    training={"max_steps": 200, "logging_steps": 1})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    with (
+        httpx.Client(base_url=server.base, timeout=60) as http,
+        http.stream("GET", "/jobs/crowded/events/stream") as held,
+    ):
+        assert held.status_code == 200  # the owner's one stream: the page's are refused
+        page = tabs(server).goto("/ui/jobs/crowded")
+        # The header follows the job's refreshes (it stayed at what the page was served with), and the charts
+        # say why they do not move.
+        expect(page.locator("#job-progress")).to_contain_text("12/200", timeout=30_000)
+        expect(page.locator("#charts-state")).to_contain_text("too many open streams", timeout=15_000)
 
 
 @pytest.mark.timeout(180)

@@ -162,7 +162,7 @@ def job_body(ctx: PageContext, job: dict[str, Any], checkpoints: list[dict[str, 
         f"{_facts(ctx, job)}</section>"
     )
     charts = (
-        '<section class="charts" id="charts">'
+        '<p id="charts-state" class="muted small" role="status"></p><section class="charts" id="charts">'
         '<figure><figcaption>Loss and eval loss</figcaption><div class="chart" id="chart-loss"></div></figure>'
         '<figure><figcaption>Learning rate</figcaption><div class="chart" id="chart-lr"></div></figure>'
         '<figure><figcaption>Gradient norm</figcaption><div class="chart" id="chart-grad"></div></figure>'

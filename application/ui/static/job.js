@@ -31,7 +31,17 @@
   const rows = { x: [], loss: [], eval: [], lr: [], grad: [] };
   const FIELDS = { loss: "loss", eval: "eval_loss", lr: "learning_rate", grad: "grad_norm" };
   const charts = [];
-  const fmt = (v) => (v === null || v === undefined ? "—" : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : +v.toPrecision(4));
+  const fmt = (v, digits = 4) =>
+    v === null || v === undefined ? "—" : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(digits - 2) : +v.toPrecision(digits);
+  // An axis's labels with as many digits as it takes to tell them apart (a learning rate that moves in its
+  // fourth digit read "1.00e-4" at every tick).
+  function tickLabels(vals) {
+    for (let digits = 3; digits < 9; digits++) {
+      const out = vals.map((v) => String(fmt(v, digits)));
+      if (new Set(out).size === out.length) return out;
+    }
+    return vals.map((v) => String(fmt(v, 9)));
+  }
 
   function chart(id, series) {
     const box = document.getElementById(id);
@@ -44,7 +54,7 @@
       series: [{ label: "step" }].concat(
         series.map(([label, color]) => ({ label, stroke: color, width: 1.5, spanGaps: true, value: (u, v) => fmt(v) }))
       ),
-      axes: [{ label: "step" }, { size: 64, values: (u, vals) => vals.map(fmt) }],
+      axes: [{ label: "step" }, { size: 72, values: (u, vals) => tickLabels(vals) }],
     };
     const keys = series.map((s) => s[2]);
     const u = new uPlot(opts, [rows.x].concat(keys.map((k) => rows[k])), box);
@@ -109,6 +119,8 @@
     return m ? `${m}m ${String(sec).padStart(2, "0")}s` : `${sec}s`;
   }
 
+  const chartsState = document.getElementById("charts-state");
+
   async function followProgress() {
     const r = await d.apiJson(`${base}/progress?history_limit=2000`);
     let lastId = null;
@@ -132,6 +144,8 @@
         showProgress(JSON.parse(m.data).progress);
         refreshJob();
       },
+      // (the header's progress also comes with each refresh of the job: it does not wait for this stream)
+      onState: (s) => (chartsState.textContent = s && s !== "live" && s !== "ended" ? `charts: ${s}` : ""),
     });
   }
 
@@ -222,6 +236,7 @@
 
   function showJob(job) {
     setStatus(job.status);
+    showProgress(job.progress);
     const err = document.getElementById("job-error");
     err.textContent = job.error_message ? `${job.error_message}${job.error_code ? ` (${job.error_code})` : ""}` : "";
     err.hidden = !job.error_message;
@@ -306,9 +321,18 @@
       return;
     }
     await refreshJob();
-    // The streams ended with the last run; a new run (resume) needs them again.
-    if (r.ok && wasOver && !TERMINAL.has(status)) location.reload();
+    // The streams ended with the last run; a new run (resume) needs them again. The answer is shown after it.
+    if (r.ok && wasOver && !TERMINAL.has(status)) {
+      sessionStorage.setItem(SAID, result.textContent);
+      location.reload();
+    }
   });
+  const SAID = `swift-api:action-result:${jobId}`;
+  if (sessionStorage.getItem(SAID)) {
+    result.className = "small ok";
+    result.textContent = sessionStorage.getItem(SAID);
+    sessionStorage.removeItem(SAID);
+  }
 
   // ---- start ----------------------------------------------------------------------------------------------
   chart("chart-loss", [["loss", "#2563eb", "loss"], ["eval_loss", "#dc2626", "eval"]]);
@@ -327,6 +351,7 @@
   }, 3000);
 
   Object.assign(d, {
+    tickLabels,
     lossPoints: () => rows.loss.filter((v) => v !== null && v !== undefined).length,
     chartPoints: () => rows.x.length,
     logText: () => log.textContent,
