@@ -107,6 +107,17 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     assert gone.returncode == 2 and "done" in gone.stderr
 
 
+def test_a_piped_listing_has_one_whole_line_per_job(server: ApiServer, workspace: Path) -> None:
+    name = "a-job-id-longer-than-an-eighty-column-table-leaves-room-for"
+    assert server.create(**job_body(workspace, name, job_id=name)).status_code == 201
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "SWIFT_API_KEY")}
+    r = subprocess.run([sys.executable, "-m", "application.cli", "ls"], cwd=ROOT, capture_output=True, text=True,
+                       env={**env, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}"}, timeout=90)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:] if "jobs" not in line]  # (less the footer)
+    assert [row[:2] for row in rows] == [[name, "pending"]], r.stdout  # so that `awk '{print $1}'` gets the id
+
+
 def test_logs_follow_prints_every_line_and_ends_with_the_job(server: ApiServer, workspace: Path) -> None:
     body = job_body(workspace, "chatty", step_seconds=0.05, auto_start=True,
                     training={"max_steps": 20, "logging_steps": 1})  # fmt: skip
@@ -177,6 +188,8 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     missing = cli(server.port, "submit", "--data", "d.jsonl", "--output-dir", "x")
     assert missing.returncode == 2 and "--model" in missing.stderr
     assert cli(server.port, "ls", "--status", "sleeping").returncode == 2
+    outside = cli(server.port, "download", "some-job", "../../etc/passwd")
+    assert outside.returncode == 2 and "without '.' or '..'" in outside.stderr, outside.stderr
     bad_set = cli(server.port, *submit_args(workspace, "x", "--set", "max_steps"))
     assert bad_set.returncode == 2 and "key=value" in bad_set.stderr
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -14,7 +15,10 @@ from rich.console import Console, RenderableType
 class Output:
     def __init__(self, as_json: bool) -> None:
         self.json = as_json
-        self.console = Console(highlight=False)
+        # Piped (to awk, grep, a file) without COLUMNS, rich would lay tables out 80 wide, cutting job ids with
+        # an ellipsis and wrapping rows: a line per row at its natural width instead.
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        self.console = Console(highlight=False, width=100_000 if wide else None)
         self.errors = Console(stderr=True, highlight=False)
 
     def show(self, body: Any, render: Callable[[Any], RenderableType]) -> None:
