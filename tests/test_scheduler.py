@@ -597,6 +597,18 @@ def test_pending_reasons() -> None:
     assert owned.starts == [] and owned.reasons["mine"].code == "owner_limit"
 
 
+def test_a_reservation_whose_start_is_only_a_lower_bound_tells_no_time() -> None:
+    # GPU 1 is held by a run of unknown length: "big" can start no sooner than GPU 0 frees (in 30 s) but no one
+    # can tell when. "small" (lower priority, unknown too) waits for big's reservation, without a start time.
+    running = [RunningJob("known", (0,), 30.0), RunningJob("unknown", (1,), None)]
+    gpus = busy(gpus_free(3), running)
+    q = ordered(job("big", t=1, n=3, est=100), job("small", priority=4, t=2))
+    p = plan(q, gpus, running, policy_of(), NOW)
+    assert p.starts == [] and p.waits["big"] is None
+    assert (p.reasons["small"].code, p.reasons["small"].job_id) == ("reservation", "big")
+    assert p.reasons["small"].starts_in is None and "unknown length" in p.reasons["small"].text
+
+
 def test_starvation_strict_also_starts_the_big_job() -> None:
     arrivals, running = starvation_case(small_estimate=True)
     starts = simulate("strict", arrivals, running, n_gpus=4, horizon=8000.0)

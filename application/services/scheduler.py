@@ -189,7 +189,9 @@ class Reason:
 
     @property
     def text(self) -> str:
-        if self.code == "reservation" and self.job_id is not None and self.starts_in is not None:
+        if self.code == "reservation" and self.job_id is not None:
+            if self.starts_in is None:
+                return f"GPUs held for {self.job_id}, whose start depends on a run of unknown length"
             return (
                 f"GPUs held for {self.job_id}, which should start in about {format_wait(self.starts_in)[6:]}"
                 if self.starts_in >= 60
@@ -342,7 +344,9 @@ def plan(
                 reasons[jid] = Reason("priority", blocked_by)
             else:
                 code, hold = tl.why_blocked(ids, k, need, e)
-                reasons[jid] = Reason(code, hold.job_id if hold else None, hold.starts_in if hold else None)
+                # (a start that is only a lower bound is not told: it would read as a forecast)
+                reasons[jid] = Reason(code, hold.job_id if hold else None,
+                                      hold.starts_in if hold and hold.exact else None)  # fmt: skip
         if strict:
             blocked_by = blocked_by or jid
             if not estimating:

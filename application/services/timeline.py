@@ -31,10 +31,12 @@ LinkScore = Callable[[int, int], int | None]
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """The reservation binding a free GPU: whose, and when it begins (seconds from now)."""
+    """The reservation binding a free GPU: whose, and when it begins (seconds from now; `exact` False: no sooner,
+    but a job of unknown duration decides when)."""
 
     job_id: str
     starts_in: float
+    exact: bool = True
 
 
 def choose(
@@ -266,7 +268,7 @@ class Timeline:
         if start == INF:
             return start, False  # waits on outside processes: no reservation, it could idle free GPUs for ever
         self.reservations += 1
-        hold = Hold(job_id, start - self.now)
+        hold = Hold(job_id, start - self.now, start_exact)
         touched = False
         for i in res:
             if i not in self.free_set:
