@@ -328,3 +328,28 @@ def test_delete_and_unknown_or_malformed_ids(server: ApiServer, workspace: Path)
             r = server.http.get(path)
             assert r.status_code in (404, 422), (path, r.status_code, r.text)
         assert server.http.delete(f"/jobs/{bad}").status_code in (404, 405, 422)
+
+
+async def test_a_create_overtaken_by_a_delete_before_its_auto_start_still_says_created(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The job is stored, then started in a second step: a delete (or stop) in between used to turn the
+    create's answer into a 404 or 409, as if nothing had been created."""
+    import asyncio
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    data = fake_dataset(tmp_path, "shared")
+    async with app_factory(scheduler=False, CREATE_RATE_LIMIT="0") as client:
+        answers: list[tuple[int, str]] = []
+        for i in range(40):
+            name = f"race{i}"
+            body = {"job_id": name, "data_path": data, "model_path": str(tmp_path / "models" / "tiny-qwen2"),
+                    "output_dir": name, "num_gpus": 0, "auto_start": True}  # fmt: skip
+            created = asyncio.create_task(client.post("/jobs", json=body))
+            while not created.done():  # the owner deletes it as soon as it exists
+                await client.delete(f"/jobs/{name}")
+                await asyncio.sleep(0)
+            r = created.result()
+            answers.append((r.status_code, r.json().get("message") or r.json().get("detail")))
+        assert {code for code, _ in answers} == {201}, [a for a in answers if a[0] != 201]
+        assert any("deleted before it could start" in str(m) for _, m in answers), answers

@@ -242,7 +242,11 @@ class TrainingService:
         else:
             raise Conflict(f"every job id from '{base_id}' to '{job.job_id}' is taken: pass a job_id")
         if job.status == JobStatus.PENDING and req.auto_start:
-            started = await self.start(job.job_id, caller)
+            try:
+                started = await self.start(job.job_id, caller)
+            except (JobNotFound, Conflict):
+                # A delete or a stop of the job came between its create and its start: the create stands.
+                return await self._overtaken(job)
             return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
                                                                 "estimated_wait_time", "pending_reason"}),
                                   predicted_duration=job.predicted_duration)  # fmt: skip
@@ -259,6 +263,15 @@ class TrainingService:
                                   predicted_duration=job.predicted_duration)  # fmt: skip
         return CreateResponse(job_id=job.job_id, status=job.status, message=message,
                               predicted_duration=job.predicted_duration)  # fmt: skip
+
+    async def _overtaken(self, job: Job) -> CreateResponse:
+        now = await self.store.get(job.job_id)
+        if now is None or now.created_at != job.created_at:  # (its id freed, and perhaps taken again)
+            status, what = job.status, "deleted"
+        else:
+            status, what = now.status, now.status.value
+        return CreateResponse(job_id=job.job_id, status=status, predicted_duration=job.predicted_duration,
+                              message=f"Training job created, then {what} before it could start")  # fmt: skip
 
     async def start(self, job_id: str, caller: Caller) -> ActionResponse:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
