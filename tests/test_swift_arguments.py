@@ -136,6 +136,26 @@ def test_old_and_swift_names_are_aliases_of_the_named_fields() -> None:
         TrainingParams.model_validate({"num_train_epochs": 2, "num_epochs": 3})
 
 
+def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_beside_them() -> None:
+    def argv_for(training: dict[str, Any]) -> list[str]:
+        t = TrainingParams.model_validate(training)
+        t = TrainingParams.model_validate({**t.model_dump(include=set(TrainingParams.model_fields)),
+                                           **check_arguments("sft", t.extra_arguments, V4)})  # fmt: skip
+        job = Job(job_id="j", status=JobStatus.PENDING, priority=5, data_path="d/x", model_path="m/x",
+                  output_dir="/o", output_dir_requested="o", num_gpus=1, training=t, created_at=0,
+                  updated_at=0)  # fmt: skip
+        return build_sft_command("swift", job, SwiftVersion("4.6.0", "setting"))
+
+    # ms-swift 4.6.0 fails with "`warmup_ratio` and `warmup_steps` cannot be set at the same time".
+    argv = argv_for({"warmup_steps": 2})
+    assert argv[argv.index("--warmup_steps") + 1] == "2" and argv[argv.index("--warmup_ratio") + 1] == "0.0"
+    assert argv_for({})[argv_for({}).index("--warmup_ratio") + 1] == "0.05"
+    with pytest.raises(ValidationError, match="set one of them"):
+        TrainingParams.model_validate({"warmup_steps": 2, "warmup_ratio": 0.1})
+    with pytest.raises(ValidationError, match="less than 1"):  # "warmup_ratio: 1.0 must be less than 1"
+        TrainingParams.model_validate({"warmup_ratio": 1})
+
+
 def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
     req = JobCreate.model_validate(
         {

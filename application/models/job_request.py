@@ -89,7 +89,7 @@ class TrainingParams(_Strict):
     save_total_limit: int = Field(2, ge=1, le=1000)
     logging_steps: int = Field(5, ge=1)
     max_length: int = Field(8192, ge=16, le=1_048_576)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="0 when warmup_steps is given")
     dataloader_num_workers: int = Field(4, ge=0, le=128)
     dataset_num_proc: int = Field(4, ge=1, le=256)
     save_only_model: bool = True
@@ -119,6 +119,15 @@ class TrainingParams(_Strict):
                 raise ValueError(f"training.{alias} and training.{name} are the same argument: set one of them")
             out[name] = value
         return out
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingParams:
+        # ms-swift refuses warmup_steps beside a warmup_ratio: naming the steps replaces the ratio's default.
+        if "warmup_steps" in (self.model_extra or {}):
+            if "warmup_ratio" in self.model_fields_set and self.warmup_ratio > 0:
+                raise ValueError("warmup_steps and warmup_ratio: set one of them (ms-swift refuses both)")
+            self.warmup_ratio = 0.0
+        return self
 
     @property
     def extra_arguments(self) -> dict[str, Any]:
