@@ -134,6 +134,9 @@ def test_old_and_swift_names_are_aliases_of_the_named_fields() -> None:
     assert t.extra_arguments == {"target_modules": ["q_proj"]}
     with pytest.raises(ValidationError, match="same argument"):
         TrainingParams.model_validate({"num_train_epochs": 2, "num_epochs": 3})
+    # Every tuner ms-swift 4.6.0 supports (get_supported_tuners): adapter and bone were refused.
+    for tuner in ("adapter", "bone", "ia3", "lora_llm", "reft"):
+        assert TrainingParams.model_validate({"tuner_type": tuner}).train_type == tuner
 
 
 def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_beside_them() -> None:

@@ -93,7 +93,9 @@ class TrainingParams(_Strict):
     dataloader_num_workers: int = Field(4, ge=0, le=128)
     dataset_num_proc: int = Field(4, ge=1, le=256)
     save_only_model: bool = True
-    train_type: Literal["lora", "full", "longlora", "adalora", "llamapro", "vera", "boft", "fourierft", "reft"] = "lora"
+    # ms-swift 4.6.0's get_supported_tuners(), its tuner plugins included (less its test-only "dummy").
+    train_type: Literal["lora", "full", "longlora", "adalora", "llamapro", "adapter", "vera", "boft", "fourierft",
+                        "reft", "bone", "ia3", "lora_llm"] = "lora"  # fmt: skip
     torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="default: bfloat16 on GPUs, float32 for a CPU-only job (num_gpus 0)"
     )
