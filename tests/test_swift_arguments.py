@@ -86,11 +86,12 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"target_modules": []}, "at least one item"),
     ({"deepspeed": "/etc/ds.json"}, "JSON object or one of zero0"),
     ({"model_kwargs": "not json"}, "JSON object"),
-    ({"system": "/etc/passwd"}, "looks like a file path"),
-    ({"system": "prompt.txt"}, "looks like a file path"),
-    ({"system": ".."}, "looks like a file path"),
-    ({"system": "shared/.."}, "looks like a file path"),
-    ({"system": "./x"}, "looks like a file path"),
+    ({"lr_scheduler_type": "/etc/passwd"}, "looks like a file path"),
+    ({"lr_scheduler_type": "x.json"}, "looks like a file path"),
+    ({"system": "prompt.txt"}, "ends in .txt"),
+    ({"lr_scheduler_type": ".."}, "looks like a file path"),
+    ({"lr_scheduler_type": "shared/.."}, "looks like a file path"),
+    ({"lr_scheduler_type": "./x"}, "looks like a file path"),
     ({"system": "line\x1b[31m"}, "control"),
     ({"lr_scheduler_type": "--output_dir"}, "must not start with '-'"),
     ({"lr_scheduler_type": ["a", "b"]}, "one value"),
@@ -107,6 +108,15 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)
+
+
+def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_slash() -> None:
+    text = {"system": "You are a bot.\nAnswer briefly.", "stop_words": ["</s>", "\n"],
+            "response_prefix": "/no_think\t"}  # fmt: skip
+    assert check_arguments("sft", text, V4) == text
+    assert "ends in .txt" in refused("sft", {"system": "/etc/prompt.txt"})  # swift reads that file
+    assert "control or bidirectional" in refused("sft", {"system": "a\x1b[31m"})
+    assert "looks like a file path" in refused("sft", {"lr_scheduler_type": "/etc/x"})  # elsewhere as before
 
 
 def test_without_the_argument_list_only_named_fields_can_be_set() -> None:

@@ -77,6 +77,10 @@ _FILE_LIKE = re.compile(r"(^(/|~))|((^|/)\.{1,2}(/|$))|(\.(txt|json|jsonl|yaml|y
 _LEAVES_FOLDER = re.compile(r"^(/|~)|(^|/)\.\.(/|$)")
 _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+# Prompts and stop strings: their line breaks and tabs are theirs (argv is a list: no shell reads them), and
+# swift reads none of them from a file but a `system` ending in .txt.
+FREE_TEXT = frozenset({"system", "stop_words", "response_prefix"})
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
 
 def swift_name(name: str) -> str:
@@ -240,11 +244,15 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     text = str(value)
     if len(text) > MAX_TEXT:
         raise Invalid(f"{where}: at most {MAX_TEXT} characters")
-    if _CONTROL.search(text):
+    free = name in FREE_TEXT
+    if (_TEXT_CONTROL if free else _CONTROL).search(text):
         raise Invalid(f"{where} contains a control or bidirectional character")
     if text.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", text):
         raise Invalid(f"{where} must not start with '-' (swift would read it as an option)")
-    if name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _FILE_LIKE.search(text):
+    if free and text.lower().endswith(".txt"):
+        raise Invalid(f"{where} ends in .txt: ms-swift would read it as a file from the server's disk; put the "
+                      "text itself here")  # fmt: skip
+    if not free and name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _FILE_LIKE.search(text):
         raise Invalid(f"{where} looks like a file path: ms-swift would read it from the server's disk. Only "
                       "data sets (data_path, dataset, val_dataset) and models (model_path, ref_model, adapters, "
                       "...) may name files, inside DATA_ROOTS / MODEL_ROOTS")  # fmt: skip
