@@ -85,6 +85,7 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"packing": "yes"}, "true or false"),
     ({"target_modules": []}, "at least one item"),
     ({"deepspeed": "/etc/ds.json"}, "JSON object or one of zero0"),
+    ({"device_map": "/etc/map.json"}, "JSON object or one of auto, balanced"),
     ({"model_kwargs": "not json"}, "JSON object"),
     ({"lr_scheduler_type": "/etc/passwd"}, "looks like a file path"),
     ({"lr_scheduler_type": "x.json"}, "looks like a file path"),
@@ -114,6 +115,8 @@ def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_sl
     text = {"system": "You are a bot.\nAnswer briefly.", "stop_words": ["</s>", "\n"],
             "response_prefix": "/no_think\t"}  # fmt: skip
     assert check_arguments("sft", text, V4) == text
+    # A device map is an object, or one of the words transformers knows ("auto" was refused).
+    assert check_arguments("sft", {"device_map": "auto"}, V4) == {"device_map": "auto"}
     assert "ends in .txt" in refused("sft", {"system": "/etc/prompt.txt"})  # swift reads that file
     assert "control or bidirectional" in refused("sft", {"system": "a\x1b[31m"})
     assert "looks like a file path" in refused("sft", {"lr_scheduler_type": "/etc/x"})  # elsewhere as before

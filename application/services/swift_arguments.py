@@ -63,6 +63,9 @@ MODEL_ARGUMENTS = frozenset({"ref_model", "reward_model", "teacher_model", "adap
                              "reward_adapters", "teacher_adapters"})  # fmt: skip
 # Named presets that need no file (ms-swift's own `swift/llm/ds_config/*.json`).
 DEEPSPEED_PRESETS = frozenset({"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"})
+# Object arguments that also take a word (ms-swift: Union[dict, str]; a file path there is not taken).
+WORDS = {"deepspeed": DEEPSPEED_PRESETS,
+         "device_map": frozenset({"auto", "balanced", "balanced_low_0", "sequential", "cpu"})}  # fmt: skip
 
 # rlhf types whose rows need a rejected answer (KTO labels single answers; PPO/GRPO need prompts only).
 PREFERENCE_TYPES = frozenset({"dpo", "orpo", "simpo", "cpo", "rm"})
@@ -165,7 +168,7 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
         item = {"kind": spec.get("item", "str")}
         return [_scalar(f"{where}[{i}]", name, v, item) for i, v in enumerate(items)]
     if kind == "dict":
-        if name == "deepspeed" and isinstance(value, str) and value in DEEPSPEED_PRESETS:
+        if isinstance(value, str) and value in WORDS.get(name, ()):
             return value
         if isinstance(value, str):
             try:
@@ -173,7 +176,7 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
             except ValueError:
                 value = None
         if not isinstance(value, dict):
-            presets = f" or one of {', '.join(sorted(DEEPSPEED_PRESETS))}" if name == "deepspeed" else ""
+            presets = f" or one of {', '.join(sorted(WORDS[name]))}" if name in WORDS else ""
             raise Invalid(f"{where} takes a JSON object{presets}")
         _check_object(where, value)
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
