@@ -98,10 +98,27 @@ def test_a_broken_data_set_names_the_file_the_row_and_the_problem(tmp_path: Path
 def test_preference_data_needs_a_rejected_answer(tmp_path: Path) -> None:
     plain = write(tmp_path / "plain.jsonl", [MESSAGES])
     with pytest.raises(Invalid) as exc:
-        check_dataset("data_path", plain, preference=True)
+        check_dataset("data_path", plain, needs="rejected")
     assert "rejected_response" in exc.value.detail
     pref = write(tmp_path / "pref.jsonl", [{**MESSAGES, "rejected_response": "no"}])
-    assert check_dataset("data_path", pref, preference=True).rows == 1
+    assert check_dataset("data_path", pref, needs="rejected").rows == 1
+
+
+def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -> None:
+    plain = write(tmp_path / "plain.jsonl", [MESSAGES])
+    labelled = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": True}, {**MESSAGES, "label": False}])
+    pref = write(tmp_path / "pref.jsonl", [{**MESSAGES, "rejected_response": "no"}])
+    text = tmp_path / "kto.csv"
+    text.write_text("query,response,label\nhi,hello,true\nhi,go away,false\n")
+    with pytest.raises(Invalid, match="KTO needs a 'label' per row"):
+        check_dataset("data_path", plain, needs="label")  # (swift failed on it, after the job's wait)
+    assert check_dataset("data_path", labelled, needs="label").rows == 2
+    assert check_dataset("data_path", text, needs="label").rows == 2
+    # An upload for rlhf: a preference set or a KTO one (a KTO file was refused for its missing rejected answers).
+    assert check_dataset("file", labelled, needs="either").rows == 2
+    assert check_dataset("file", pref, needs="either").rows == 1
+    with pytest.raises(Invalid, match="or a 'label' true/false for KTO"):
+        check_dataset("file", plain, needs="either")
 
 
 def test_unreadable_and_folder_data_sets(tmp_path: Path) -> None:

@@ -172,6 +172,16 @@ def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_besid
         TrainingParams.model_validate({"warmup_ratio": 1})
 
 
+def test_kto_needs_a_total_batch_of_two_or_more() -> None:
+    from application.services.swift_arguments import check_kto_batch
+
+    with pytest.raises(Invalid, match="total batch of 2 or more"):
+        check_kto_batch(1, 1, 0, {})  # ms-swift: "Batch size is 1 (too small). KTO will not work properly"
+    check_kto_batch(1, 4, 0, {})  # the default gradient_accumulation_steps
+    check_kto_batch(1, 1, 2, {})
+    check_kto_batch(1, 1, 0, {"loss_type": "apo_zero_unpaired"})
+
+
 def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
     req = JobCreate.model_validate(
         {
@@ -270,6 +280,13 @@ def test_preference_training_runs_swift_rlhf_and_checks_its_data(probed: ApiServ
     assert job["progress"]["current_step"] == 4 and job["checkpoints"]
     sft_only = probed.create(**qwen_body(workspace, "beta-sft", training={"beta": 0.2}))
     assert sft_only.status_code == 422 and "kind 'rlhf'" in sft_only.json()["detail"]
+    # KTO: a label per row, and a total batch of 2 or more (swift failed on either after the job's wait).
+    kto = probed.create(**qwen_body(workspace, "kto-plain", kind="rlhf", rlhf_type="kto"))
+    assert kto.status_code == 422 and "'label' per row" in kto.json()["detail"], kto.text
+    data.write_text((json.dumps({"messages": row["messages"], "label": True}) + "\n") * 8)
+    kto = probed.create(**qwen_body(workspace, "kto-one", kind="rlhf", rlhf_type="kto", data_path=str(data),
+                                    training={"batch_size": 1, "gradient_accumulation_steps": 1}))  # fmt: skip
+    assert kto.status_code == 422 and "total batch of 2 or more" in kto.json()["detail"], kto.text
 
 
 def test_without_a_runnable_swift_health_is_degraded_and_creates_are_503(server_factory: Callable[..., ApiServer],

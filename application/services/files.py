@@ -162,7 +162,8 @@ class FileStore:
         if purpose not in PURPOSES:
             raise Invalid(f"purpose '{purpose[:32]}' is not one of {', '.join(PURPOSES)}")
         try:
-            info = await asyncio.to_thread(check_dataset, "file", received.path, preference=purpose == "rlhf")
+            info = await asyncio.to_thread(check_dataset, "file", received.path,
+                                         needs="either" if purpose == "rlhf" else None)  # fmt: skip
         except Invalid as exc:
             # Its message names the temp file; the client knows the file by its own name.
             raise Invalid(exc.detail.replace(str(received.path), received.filename)) from None

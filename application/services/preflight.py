@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
@@ -34,7 +34,7 @@ from application.services.path_sandbox import (
     resolve,
     resolve_output_dir,
 )
-from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
+from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS, PREFERENCE_TYPES
 from application.services.swift_info import SwiftInfo
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -62,7 +62,20 @@ class DatasetInfo:
     format: str
 
 
-def _row_format(row: Any, where: str, *, preference: bool) -> str:
+# What each row must hold beyond a conversation: a rejected answer (preference training: dpo, orpo, simpo, cpo,
+# rm), a label (kto), or either (an upload for rlhf, whose type is not known yet).
+Needs = Literal["rejected", "label", "either"] | None
+LABEL_WORDS = frozenset({"true", "false", "1", "0"})
+
+
+def data_needs(kind: str, rlhf_type: str | None) -> Needs:
+    """What the rows of a job's data sets must hold for its kind of training."""
+    if kind != "rlhf":
+        return None
+    return "rejected" if rlhf_type in PREFERENCE_TYPES else "label" if rlhf_type == "kto" else None
+
+
+def _row_format(row: Any, where: str, *, needs: Needs) -> str:
     if not isinstance(row, dict):
         raise Invalid(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     fmt = None
@@ -79,9 +92,18 @@ def _row_format(row: Any, where: str, *, preference: bool) -> str:
         else:
             found = ", ".join(sorted(map(str, row))[:12]) or "none"
             raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}")
-    if preference and not any(k in row for k in REJECTED_KEYS):
+    rejected = any(k in row for k in REJECTED_KEYS)
+    label = row.get("label")  # (a CSV cell is text)
+    labelled = label in (True, False) or (isinstance(label, str) and label.strip().lower() in LABEL_WORDS)
+    if needs == "rejected" and not rejected:
         raise Invalid(f"{where}: preference training needs a rejected answer per row: add 'rejected_response' "
                       "(or 'rejected_messages')")  # fmt: skip
+    if needs == "label" and not labelled:
+        raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
+                      "undesirable one")  # fmt: skip
+    if needs == "either" and not (rejected or labelled):
+        raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
+                      "'rejected_messages'), or a 'label' true/false for KTO")  # fmt: skip
     return fmt
 
 
@@ -171,7 +193,7 @@ def _count_lines(path: Path, size: int) -> tuple[int, bool]:
     return int(count * size / max(read, 1)), False
 
 
-def check_dataset(field: str, path: Path, *, preference: bool = False) -> DatasetInfo:
+def check_dataset(field: str, path: Path, *, needs: Needs = None) -> DatasetInfo:
     """Raise Invalid naming the file and row when ms-swift could not train on it; else its format and size."""
     name = path.name
     suffix = path.suffix.lower()
@@ -201,7 +223,7 @@ def check_dataset(field: str, path: Path, *, preference: bool = False) -> Datase
     seen = 0
     try:
         for number, row in rows:
-            formats.add(_row_format(row, f"{unit} {number}", preference=preference))
+            formats.add(_row_format(row, f"{unit} {number}", needs=needs))
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
@@ -318,7 +340,7 @@ def check_request(
     template: str | None,
     settings: Settings,
     info: SwiftInfo | None,
-    preference: bool = False,
+    needs: Needs = None,
     arguments: dict[str, Any] | None = None,
     guard: Guard | None = None,
 ) -> CheckedRequest:
@@ -329,11 +351,11 @@ def check_request(
                    setting="DATA_ROOTS", guard=guard)  # fmt: skip
     model = resolve("model_path", model_path, settings.model_roots(), data=False, base=PROJECT_ROOT,
                     setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
-    dataset = check_dataset("data_path", data.path, preference=preference) if data.path is not None else None
+    dataset = check_dataset("data_path", data.path, needs=needs) if data.path is not None else None
     if model.path is not None:
         check_model("model_path", model.path, model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
-                          resolve_arguments(arguments or {}, settings, preference=preference, guard=guard),
+                          resolve_arguments(arguments or {}, settings, needs=needs, guard=guard),
                           is_file(out))  # fmt: skip
 
 
@@ -352,7 +374,7 @@ def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, o
     return all(isinstance(v, str) and is_hub_id(v, data=data) for v, data in named)
 
 
-def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preference: bool,
+def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: Needs,
                       guard: Guard | None = None) -> dict[str, Any]:  # fmt: skip
     """The swift arguments that name data sets or models, sandboxed like data_path and model_path (a local
     data set is checked too); the rest as they are."""
@@ -369,7 +391,7 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, preferen
                 r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS",
                             guard=guard)  # fmt: skip
                 if r.path is not None and r.path.is_file():
-                    check_dataset(where, r.path, preference=preference and name != "cached_dataset")
+                    check_dataset(where, r.path, needs=None if name == "cached_dataset" else needs)
                 elif r.path is not None and r.path.is_dir():
                     check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
             else:

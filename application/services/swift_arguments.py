@@ -116,6 +116,17 @@ def check_kind(kind: str, rlhf_type: str | None, info: SwiftInfo | None) -> None
                       + _closest(str(rlhf_type), choices))  # fmt: skip
 
 
+def check_kto_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any]) -> None:
+    """KTO (but for its apo_zero_unpaired loss) needs a total batch of 2 or more: swift fails at once with one."""
+    if arguments.get("loss_type") == "apo_zero_unpaired":
+        return
+    total = arguments.get("global_batch_size") or per_device * accumulation * max(1, gpus)
+    if isinstance(total, int) and total <= 1:
+        raise Invalid("KTO needs a total batch of 2 or more (batch_size x gradient_accumulation_steps x GPUs): "
+                      "its KL term would equal the implied reward; raise batch_size or "
+                      "gradient_accumulation_steps")  # fmt: skip
+
+
 def _closest(name: str, names: Any) -> str:
     near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
     return f": did you mean {' or '.join(near)}?" if near else ""

@@ -40,7 +40,7 @@ from application.services.gpu_pool import gpu_states, impossible_request, queued
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.path_sandbox import all_of, real_output_root
-from application.services.preflight import check_request, runs_inline
+from application.services.preflight import check_request, data_needs, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
     ClusterView,
@@ -53,9 +53,9 @@ from application.services.run_history import RunHistory
 from application.services.scheduler import Head, QueuedJob, Reason, gpu_is_free
 from application.services.swift_arguments import (
     DATA_ARGUMENTS,
-    PREFERENCE_TYPES,
     check_arguments,
     check_kind,
+    check_kto_batch,
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
@@ -166,6 +166,9 @@ class TrainingService:
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
+        if req.kind == "rlhf" and req.rlhf_type == "kto":
+            t = req.training
+            check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
@@ -178,7 +181,7 @@ class TrainingService:
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
-            preference=req.kind == "rlhf" and req.rlhf_type in PREFERENCE_TYPES, arguments=arguments,
+            needs=data_needs(req.kind, req.rlhf_type), arguments=arguments,
             guard=all_of(guard, self.files.upload_guard(caller)),
         )  # fmt: skip
         # Inline, no path but the output folder's is looked at: the guard is never called.
