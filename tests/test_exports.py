@@ -45,6 +45,10 @@ def test_export_of_a_chosen_checkpoint_into_a_named_folder_keeps_every_export(se
     assert [e["status"] for e in exports] == ["completed"] * 3 and exports[1]["output_dir"] == str(target)
     # Each export has its own log.
     assert len({e["log_file"] for e in exports}) == 3 and all(Path(e["log_file"]).is_file() for e in exports)
+    # Each checkpoint merged is marked so (only the last export's was).
+    marked = {Path(c["path"]).name for c in server.http.get("/jobs/exp/checkpoints").json()["checkpoints"]
+              if c["exported"]}  # fmt: skip
+    assert marked == {"checkpoint-5", "checkpoint-10", "checkpoint-20"}, marked
 
 
 def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServer, workspace: Path) -> None:

@@ -75,7 +75,7 @@ class CheckpointInfo(BaseModel):
     loss: float | None = Field(None, description="the training loss logged nearest before its step")
     size_bytes: int | None = None
     resume: bool = Field(False, description="the one the next resume would use")
-    exported: bool = Field(False, description="the one the last export merged")
+    exported: bool = Field(False, description="a merge export of it completed (the job's exports list them)")
 
 
 class CheckpointList(BaseModel):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from application.models.job_responses import CheckpointInfo, CheckpointList
-from application.models.training_model import Job, LossPoint
+from application.models.training_model import ExportStatus, Job, LossPoint
 from application.services.run_end import checkpoint_step
 from application.services.run_outputs import job_checkpoints
 
@@ -53,6 +53,8 @@ def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
     paths = own_checkpoints(job)
     resume = next((p for p in reversed(paths) if (Path(p) / "trainer_state.json").is_file()), None)
     exported = job.export.checkpoint
+    # Every checkpoint a kept merge export completed from: a later export of another one does not undo it.
+    merged = {e.checkpoint for e in (*job.exports, job.export) if e.status == ExportStatus.COMPLETED and not e.job_id}
     out = []
     for path in paths:
         folder = Path(path)
@@ -66,5 +68,5 @@ def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
         step = checkpoint_step(path)
         out.append(CheckpointInfo(path=path, step=step, attempt=attempt, run_dir=str(folder.parent), time=when,
                                   loss=_loss_at(history, step), size_bytes=folder_size(folder),
-                                  resume=path == resume, exported=path == exported))  # fmt: skip
+                                  resume=path == resume, exported=path in merged))  # fmt: skip
     return CheckpointList(job_id=job.job_id, checkpoints=out, resume_from=resume, exported=exported)
