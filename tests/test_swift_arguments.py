@@ -117,6 +117,8 @@ def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_sl
     assert check_arguments("sft", text, V4) == text
     # A device map is an object, or one of the words transformers knows ("auto" was refused).
     assert check_arguments("sft", {"device_map": "auto"}, V4) == {"device_map": "auto"}
+    # A list of literals whose choices the argument list does not carry ("must be one of " and nothing).
+    assert check_arguments("sft", {"debug": "underflow_overflow"}, V4) == {"debug": ["underflow_overflow"]}
     assert "ends in .txt" in refused("sft", {"system": "/etc/prompt.txt"})  # swift reads that file
     assert "control or bidirectional" in refused("sft", {"system": "a\x1b[31m"})
     assert "looks like a file path" in refused("sft", {"lr_scheduler_type": "/etc/x"})  # elsewhere as before

@@ -247,8 +247,8 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise Invalid(f"{where} takes a finite number")
         return value
-    if kind == "literal":
-        choices = spec.get("choices") or []
+    if kind == "literal" and spec.get("choices"):  # (a list's items come without theirs: text, checked as such)
+        choices = spec["choices"]
         for choice in choices:
             if value == choice or (not isinstance(value, bool) and str(value) == str(choice)):
                 return choice
