@@ -597,6 +597,21 @@ def test_pending_reasons() -> None:
     assert owned.starts == [] and owned.reasons["mine"].code == "owner_limit"
 
 
+def test_a_job_over_its_owners_cap_is_told_when_its_owners_gpus_come_back() -> None:
+    # ann holds her cap (2) with runs ending in 30 and 60 s: her next job waits for the first (GPUs are free).
+    running = [RunningJob("a1", (0,), 30.0, owner="ann"), RunningJob("a2", (1,), 60.0, owner="ann")]
+    gpus = busy(gpus_free(4), running)
+    capped = policy_of(owner_gpu_cap=2)
+    q = [QueuedJob("a3", 5, NOW, 1, None, None, 20.0, owner="ann"), QueuedJob("a4", 5, NOW + 1, 2, None, None, 20.0,
+                                                                                owner="ann")]  # fmt: skip
+    p = plan(q, gpus, running, capped, NOW)
+    assert p.starts == [] and p.reasons["a3"].code == "owner_limit"
+    assert p.waits["a3"] == pytest.approx(30.0) and p.waits["a4"] == pytest.approx(60.0)  # (they were null)
+    # A run of hers with no known end: when her GPUs come back cannot be told.
+    unknown = [RunningJob("a1", (0,), None, owner="ann"), RunningJob("a2", (1,), None, owner="ann")]
+    assert plan(q[:1], busy(gpus_free(4), unknown), unknown, capped, NOW).waits["a3"] is None
+
+
 def test_a_reservation_whose_start_is_only_a_lower_bound_tells_no_time() -> None:
     # GPU 1 is held by a run of unknown length: "big" can start no sooner than GPU 0 frees (in 30 s) but no one
     # can tell when. "small" (lower priority, unknown too) waits for big's reservation, without a start time.

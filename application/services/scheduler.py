@@ -267,15 +267,30 @@ def plan(
     running_ids = {r.job_id for r in running}
     # GPUs each owner holds, for MAX_GPUS_PER_OWNER: a job over its owner's cap waits without blocking others.
     owner_held: dict[str, int] = {}
+    # When each owner's runs end (None: unknown), with how many GPUs: when a job over its owner's cap may start.
+    owner_ends: dict[str, list[tuple[float | None, int]]] = {}
     for r in running:
         if r.owner is not None:
             owner_held[r.owner] = owner_held.get(r.owner, 0) + len(r.gpu_ids)
+            end = now + max(0.0, r.remaining_seconds) if r.remaining_seconds is not None else None
+            owner_ends.setdefault(r.owner, []).append((end, len(r.gpu_ids)))
     seen: set[str] = set()
     blocked_by: str | None = None  # strict: the first blocked job
     floor = (now, True)  # strict: nothing is planned before the job ahead of it
 
     def over_cap(owner: str | None, k: int) -> bool:
         return bool(policy.owner_gpu_cap) and owner is not None and owner_held.get(owner, 0) + k > policy.owner_gpu_cap
+
+    def under_cap_at(owner: str, k: int) -> float | None:
+        """When enough of the owner's runs have ended for k more GPUs (None: one of them has no known end)."""
+        back, gone = owner_held.get(owner, 0) + k - policy.owner_gpu_cap, 0
+        for end, n in sorted(owner_ends.get(owner, []), key=lambda e: (e[0] is None, e[0] or 0.0)):
+            if end is None:
+                return None
+            gone += n
+            if gone >= back:
+                return end
+        return None
 
     def may_head(j: QueuedJob) -> bool:
         k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
@@ -318,15 +333,20 @@ def plan(
             cpu_only_rest(it)
             break
         tl.level(job.priority)
+        need = policy.min_free_gb if job.min_gpu_memory_gb is None or job.min_gpu_memory_gb < policy.min_free_gb \
+            else job.min_gpu_memory_gb  # fmt: skip
         if over_cap(job.owner, k):
-            waits[jid], reasons[jid] = None, Reason("owner_limit")  # it waits, and neither blocks nor reserves
+            # It waits, and neither blocks nor reserves: no sooner than its owner's runs give GPUs back.
+            wait = None
+            if estimating and job.owner is not None and (back := under_cap_at(job.owner, k)) is not None:
+                start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
+                wait = max(back, start) - now if exact and start != INF else None
+            waits[jid], reasons[jid] = wait, Reason("owner_limit")
             continue
         e = INF if est is None else max(0.0, est)
         may_fit = blocked_by is None and tl.may_fit(k, e)
         if not (may_fit or estimating or strict or tl.open_gpus):
             continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
-        need = policy.min_free_gb if job.min_gpu_memory_gb is None or job.min_gpu_memory_gb < policy.min_free_gb \
-            else job.min_gpu_memory_gb  # fmt: skip
         if not tl.feasible(ids, k, need):
             waits[jid], reasons[jid] = None, Reason("never")
             continue
@@ -337,6 +357,7 @@ def plan(
             tl.start(chosen, est)
             if job.owner is not None:
                 owner_held[job.owner] = owner_held.get(job.owner, 0) + k
+                owner_ends.setdefault(job.owner, []).append((now + max(0.0, est) if est is not None else None, k))
             continue
         # Blocked: it cannot start now.
         if estimating:

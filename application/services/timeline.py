@@ -246,6 +246,15 @@ class Timeline:
             self._slack_changed()
         self.soft_level = priority
 
+    def earliest(self, ids: tuple[int, ...] | None, k: int, need: float, min_free_gb: float,
+                 ) -> tuple[float, bool, Sequence[int]]:  # fmt: skip
+        """When a job could start at the soonest, whether that is known, and on which GPUs (nothing changes)."""
+        if ids:
+            return (max(self.lb[i] if self.cap[i] >= need else INF for i in ids), all(self.exact[i] for i in ids),
+                    ids)  # fmt: skip
+        top = self.profile[:k] if need <= min_free_gb else [t for t in self.profile if self.cap[t[3]] >= need][:k]
+        return (top[-1][0] if len(top) == k else INF), not any(t[1] for t in top), [t[3] for t in top]
+
     def reserve(self, job_id: str, ids: tuple[int, ...] | None, k: int, need: float, min_free_gb: float,
                 est: float | None, floor: tuple[float, bool] | None, soft: bool) -> tuple[float, bool]:  # fmt: skip
         """Reserve the GPUs that free up first for a blocked job; its planned start and whether it is known.
@@ -254,15 +263,7 @@ class Timeline:
         to drain GPUs from its own priority's jobs: its reservation binds them only where the predictions can
         tell (its start is known, and so is theirs); it binds jobs of lower priority in full.
         """
-        if ids:
-            res: Sequence[int] = ids
-            start = max(self.lb[i] if self.cap[i] >= need else INF for i in ids)
-            start_exact = all(self.exact[i] for i in ids)
-        else:
-            top = self.profile[:k] if need <= min_free_gb else [t for t in self.profile if self.cap[t[3]] >= need][:k]
-            res = [t[3] for t in top]
-            start = top[-1][0] if len(top) == k else INF
-            start_exact = not any(t[1] for t in top)
+        start, start_exact, res = self.earliest(ids, k, need, min_free_gb)
         if floor is not None:
             start, start_exact = max(start, floor[0]), start_exact and floor[1]
         if start == INF:
