@@ -371,23 +371,19 @@ class TrainingService:
         try:
             await self.store.delete(job_id)
         except TransitionRefused as exc:
-            if exc.reason == Refusal.MISSING:
-                raise JobNotFound(job_id) from None
             if exc.reason == Refusal.EXPORT_STATE:
-                detail = f"job '{job_id}' is exporting its model: wait for the export to end, then delete it"
+                detail = "job '{id}' is exporting its model: wait for the export to end, then delete it"
             else:
-                detail = f"job '{job_id}' is running: stop it first (POST .../jobs/{job_id}/stop), then delete it"
-            raise Conflict(detail) from None
+                detail = "job '{id}' is running: stop it first (POST .../jobs/{id}/stop), then delete it"
+            raise refused(job_id, exc, detail) from None
 
     async def set_priority(self, job_id: str, priority: int, caller: Caller) -> Job:
         job = await self.require(job_id, caller)
         try:
             await self.store.reprioritize(job, priority, actor=caller.actor)
         except TransitionRefused as exc:
-            if exc.reason == Refusal.MISSING:
-                raise JobNotFound(job_id) from None
-            detail = f"job '{job_id}' is {exc.current}: only a pending or queued job's priority can change"
-            raise Conflict(detail) from None
+            raise refused(job_id, exc, "job '{id}' is {status}: only a pending or queued job's priority can change"
+                          ) from None  # fmt: skip
         return await self._job(job_id)
 
     async def logs(
