@@ -156,7 +156,8 @@ def test_old_and_swift_names_are_aliases_of_the_named_fields() -> None:
 
 def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_beside_them() -> None:
     def argv_for(training: dict[str, Any]) -> list[str]:
-        t = TrainingParams.model_validate(training)
+        t = JobCreate.model_validate({"data_path": "d/x", "model_path": "m/x", "output_dir": "o",
+                                      "training": training}).training  # fmt: skip
         t = TrainingParams.model_validate({**t.model_dump(include=set(TrainingParams.model_fields)),
                                            **check_arguments("sft", t.extra_arguments, V4)})  # fmt: skip
         job = Job(job_id="j", status=JobStatus.PENDING, priority=5, data_path="d/x", model_path="m/x",
@@ -168,10 +169,19 @@ def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_besid
     argv = argv_for({"warmup_steps": 2})
     assert argv[argv.index("--warmup_steps") + 1] == "2" and argv[argv.index("--warmup_ratio") + 1] == "0.0"
     assert argv_for({})[argv_for({}).index("--warmup_ratio") + 1] == "0.05"
+
+    def create(training: dict[str, Any]) -> JobCreate:
+        return JobCreate.model_validate({"data_path": "d/x", "model_path": "m/x", "output_dir": "o",
+                                         "training": training})  # fmt: skip
+
     with pytest.raises(ValidationError, match="set one of them"):
-        TrainingParams.model_validate({"warmup_steps": 2, "warmup_ratio": 0.1})
+        create({"warmup_steps": 2, "warmup_ratio": 0.1})
     with pytest.raises(ValidationError, match="less than 1"):  # "warmup_ratio: 1.0 must be less than 1"
-        TrainingParams.model_validate({"warmup_ratio": 1})
+        create({"warmup_ratio": 1})
+    assert create({"warmup_steps": None}).training.warmup_ratio == 0.05  # (null: swift's default, left out)
+    # A job stored before these rules still reads (its record had both, or a ratio of 1).
+    for stored in ({"warmup_steps": 10, "warmup_ratio": 0.05}, {"warmup_ratio": 1.0}):
+        assert TrainingParams.model_validate_json(json.dumps({**TrainingParams().model_dump(), **stored}))
 
 
 def test_kto_needs_a_total_batch_of_two_or_more() -> None:

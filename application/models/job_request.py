@@ -89,7 +89,8 @@ class TrainingParams(_Strict):
     save_total_limit: int = Field(2, ge=1, le=1000)
     logging_steps: int = Field(5, ge=1)
     max_length: int = Field(8192, ge=16, le=1_048_576)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="0 when warmup_steps is given")
+    # (below 1 for a new job: JobCreate; a job stored before that rule must still read)
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="below 1; 0 when warmup_steps is given")
     dataloader_num_workers: int = Field(4, ge=0, le=128)
     dataset_num_proc: int = Field(4, ge=1, le=256)
     save_only_model: bool = True
@@ -121,15 +122,6 @@ class TrainingParams(_Strict):
                 raise ValueError(f"training.{alias} and training.{name} are the same argument: set one of them")
             out[name] = value
         return out
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> TrainingParams:
-        # ms-swift refuses warmup_steps beside a warmup_ratio: naming the steps replaces the ratio's default.
-        if "warmup_steps" in (self.model_extra or {}):
-            if "warmup_ratio" in self.model_fields_set and self.warmup_ratio > 0:
-                raise ValueError("warmup_steps and warmup_ratio: set one of them (ms-swift refuses both)")
-            self.warmup_ratio = 0.0
-        return self
 
     @property
     def extra_arguments(self) -> dict[str, Any]:
@@ -258,6 +250,16 @@ class JobCreate(_Strict):
             self.rlhf_type = self.rlhf_type or "dpo"
         elif self.rlhf_type is not None:
             raise ValueError(f"rlhf_type is for kind 'rlhf' (this job's kind is '{self.kind}')")
+        t = self.training
+        # ms-swift 4.x refuses a warmup_ratio of 1, and warmup_steps beside a warmup_ratio: naming the steps
+        # replaces the ratio's default. (Rules of a new job: the stored one is read as it was written.)
+        if t.warmup_ratio >= 1:
+            raise ValueError("training.warmup_ratio must be less than 1 (or use training.warmup_steps)")
+        if (t.model_extra or {}).get("warmup_steps") is not None:
+            if "warmup_ratio" in t.model_fields_set and t.warmup_ratio > 0:
+                raise ValueError("training.warmup_steps and training.warmup_ratio: set one of them (ms-swift "
+                                 "refuses both)")  # fmt: skip
+            t.warmup_ratio = 0.0
         if self.num_gpus == 0 and self.training.torch_dtype == "bfloat16":
             raise ValueError(
                 "torch_dtype bfloat16 needs a GPU: use float32 for a CPU-only job (num_gpus 0), or ask for GPUs"
