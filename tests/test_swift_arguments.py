@@ -191,7 +191,7 @@ def test_kto_needs_a_total_batch_of_two_or_more() -> None:
         check_kto_batch(1, 1, 0, {})  # ms-swift: "Batch size is 1 (too small). KTO will not work properly"
     check_kto_batch(1, 4, 0, {})  # the default gradient_accumulation_steps
     check_kto_batch(1, 1, 2, {})
-    check_kto_batch(1, 1, 0, {"loss_type": "apo_zero_unpaired"})
+    check_kto_batch(1, 1, 0, check_arguments("rlhf", {"loss_type": "apo_zero_unpaired"}, V4))  # (as a list)
 
 
 def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:

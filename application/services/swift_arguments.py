@@ -118,7 +118,8 @@ def check_kind(kind: str, rlhf_type: str | None, info: SwiftInfo | None) -> None
 
 def check_kto_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any]) -> None:
     """KTO (but for its apo_zero_unpaired loss) needs a total batch of 2 or more: swift fails at once with one."""
-    if arguments.get("loss_type") == "apo_zero_unpaired":
+    loss = arguments.get("loss_type")  # (a list in ms-swift 4.x's RLHFArguments; swift takes its one item)
+    if (loss[0] if isinstance(loss, list) and len(loss) == 1 else loss) == "apo_zero_unpaired":
         return
     total = arguments.get("global_batch_size") or per_device * accumulation * max(1, gpus)
     if isinstance(total, int) and total <= 1:
