@@ -114,6 +114,14 @@ def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -
         check_dataset("data_path", plain, needs="label")  # (swift failed on it, after the job's wait)
     assert check_dataset("data_path", labelled, needs="label").rows == 2
     assert check_dataset("data_path", text, needs="label").rows == 2
+    # ms-swift sums the labels: text in a JSON row, or a CSV column mixing true with 1, fails there.
+    words = write(tmp_path / "words.jsonl", [{**MESSAGES, "label": "true"}])
+    with pytest.raises(Invalid, match="KTO needs a 'label' per row"):
+        check_dataset("data_path", words, needs="label")
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("query,response,label\nhi,hello,true\nhi,go away,0\n")
+    with pytest.raises(Invalid, match="mixes true/false with 1/0"):
+        check_dataset("data_path", mixed, needs="label")
     # An upload for rlhf: a preference set or a KTO one (a KTO file was refused for its missing rejected answers).
     assert check_dataset("file", labelled, needs="either").rows == 2
     assert check_dataset("file", pref, needs="either").rows == 1

@@ -65,7 +65,6 @@ class DatasetInfo:
 # What each row must hold beyond a conversation: a rejected answer (preference training: dpo, orpo, simpo, cpo,
 # rm), a label (kto), or either (an upload for rlhf, whose type is not known yet).
 Needs = Literal["rejected", "label", "either"] | None
-LABEL_WORDS = frozenset({"true", "false", "1", "0"})
 
 
 def data_needs(kind: str, rlhf_type: str | None) -> Needs:
@@ -75,7 +74,19 @@ def data_needs(kind: str, rlhf_type: str | None) -> Needs:
     return "rejected" if rlhf_type in PREFERENCE_TYPES else "label" if rlhf_type == "kto" else None
 
 
-def _row_format(row: Any, where: str, *, needs: Needs) -> str:
+def label_kind(label: Any, text: bool) -> str | None:
+    """What a KTO label is ("bool" or "number"), or None when ms-swift could not sum it: true/false or 1/0; in
+    a CSV file (`text`) those words, which the CSV reader turns into booleans or numbers when a column holds
+    one kind only (a column mixing them stays text)."""
+    if text:
+        word = label.strip().lower() if isinstance(label, str) else None
+        return "bool" if word in ("true", "false") else "number" if word in ("1", "0") else None
+    if isinstance(label, bool):
+        return "bool"
+    return "number" if type(label) is int and label in (0, 1) else None
+
+
+def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False) -> str:
     if not isinstance(row, dict):
         raise Invalid(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     fmt = None
@@ -93,8 +104,7 @@ def _row_format(row: Any, where: str, *, needs: Needs) -> str:
             found = ", ".join(sorted(map(str, row))[:12]) or "none"
             raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}")
     rejected = any(k in row for k in REJECTED_KEYS)
-    label = row.get("label")  # (a CSV cell is text)
-    labelled = label in (True, False) or (isinstance(label, str) and label.strip().lower() in LABEL_WORDS)
+    labelled = label_kind(row.get("label"), text) is not None
     if needs == "rejected" and not rejected:
         raise Invalid(f"{where}: preference training needs a rejected answer per row: add 'rejected_response' "
                       "(or 'rejected_messages')")  # fmt: skip
@@ -220,10 +230,16 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None) -> DatasetInfo
     else:
         rows, unit = _jsonl_rows(head, complete), "line"
     formats: set[str] = set()
+    labels: set[str | None] = set()
     seen = 0
     try:
         for number, row in rows:
-            formats.add(_row_format(row, f"{unit} {number}", needs=needs))
+            formats.add(_row_format(row, f"{unit} {number}", needs=needs, text=suffix == ".csv"))
+            if suffix == ".csv" and needs in ("label", "either") and isinstance(row, dict) and "label" in row:
+                labels.add(label_kind(row["label"], True))
+                if {"bool", "number"} <= labels:
+                    raise Invalid(f"{unit} {number}: its 'label' column mixes true/false with 1/0: the CSV reader "
+                                  "then keeps it as text, which KTO cannot sum; use one of them")  # fmt: skip
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
