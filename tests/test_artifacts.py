@@ -107,6 +107,7 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
         206, f"bytes 0-9/{size}", "10")  # fmt: skip
     head = server.http.head(f"/jobs/arts/artifacts/{run}.tar")
     assert head.status_code == 200 and head.headers["content-type"] == "application/x-tar"
+    assert "content-length" not in head.headers  # as GET: streamed, its length unknown (not 0)
     assert server.http.head(f"/jobs/arts/artifacts/{run}/no-such-file").status_code == 404
 
     # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.

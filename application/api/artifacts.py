@@ -89,4 +89,7 @@ async def head_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, ca
     job = await svc.require(job_id, caller)
     got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
                                    range_header, if_range, head=True)  # fmt: skip
-    return Response(status_code=got.status, headers=got.headers, media_type=got.media_type)
+    response = Response(status_code=got.status, headers=got.headers, media_type=got.media_type)
+    if "Content-Length" not in got.headers:  # a tar is streamed with no length: not 0, which Response would add
+        del response.headers["content-length"]
+    return response
