@@ -246,3 +246,17 @@ async def test_an_export_stopped_before_any_scheduler_launched_it_never_runs(app
         export = done["export"]
         assert export["status"] == "stopped" and "before it started" in export["error"], export
         assert export["runner"] is None and not Path(export["log_file"]).exists()
+
+
+def test_a_job_whose_run_named_no_folder_has_no_checkpoints_of_an_earlier_job(tmp_path: Path) -> None:
+    from application.models.training_model import Attempt
+    from application.services.checkpoints import own_checkpoints
+
+    # An earlier job with this id and folder left a checkpoint; this one's run ended before swift named its
+    # run folder (refused at parse time, or stopped while loading).
+    (tmp_path / "v0-20261201-100000" / "checkpoint-5").mkdir(parents=True)
+    job = Job(job_id="a1", status=JobStatus.FAILED, priority=5, data_path="d/x", model_path="m/x",
+              output_dir=str(tmp_path), output_dir_requested="a1", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0,
+              attempts=[Attempt(number=1, run_id="r1", started_at=1.0, outcome="failed")])  # fmt: skip
+    assert own_checkpoints(job) == []

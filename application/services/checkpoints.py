@@ -45,8 +45,12 @@ def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
 
 
 def own_checkpoints(job: Job) -> list[str]:
-    """The checkpoints of this job's runs, oldest first (blocking): not those an earlier job left in its folder."""
-    return job_checkpoints(Path(job.output_dir), [a.run_dir for a in job.attempts] + [job.run_dir])
+    """The checkpoints of this job's runs, oldest first (blocking): not those an earlier job left in its folder.
+    A job that ran but whose run folders are unknown (swift ended before it named one) has none."""
+    run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
+    if job.attempts and not any(run_dirs):
+        return []
+    return job_checkpoints(Path(job.output_dir), run_dirs)
 
 
 def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
