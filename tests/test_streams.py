@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from application.services.streams import _visible
@@ -282,3 +283,21 @@ def test_a_stream_ends_when_its_job_is_deleted_and_its_id_taken_by_another_owner
         assert server.http.delete("/jobs/shared", headers=auth(BOB_KEY)).status_code == 204
         assert server.http.post("/jobs", json=job_body(workspace, f"alice-{kind}", job_id="shared"),
                                 headers=auth(ALICE_KEY)).status_code == 201  # fmt: skip
+
+
+@pytest.mark.parametrize("line", [bytes([0xB0]) * 40_000, "训练失败".encode() * 8000, "😀".encode() * 10_000])
+def test_every_piece_of_a_long_line_ends_where_a_resume_is_taken(tmp_path: Path, line: bytes) -> None:
+    """Where the stream cuts a long line (UTF-8 or not: a Latin-1 log), a reconnect with that id resumes there
+    instead of starting over (the check refused the cuts it made in bytes that are not UTF-8)."""
+    from application.services.streams import MAX_LINE, _piece, message_end
+
+    log = tmp_path / "train.log"
+    log.write_bytes(line + b"\n")
+    rest, offset = line, 0
+    while len(rest) > MAX_LINE:
+        offset += _piece(rest)
+        rest = line[offset:]
+        assert message_end(log, offset), offset
+    assert message_end(log, len(line) + 1)  # after the newline
+    if line[MAX_LINE + 1] & 0xC0 == 0x80 and line.decode("utf-8", "ignore").encode() == line:
+        assert not message_end(log, MAX_LINE + 1)  # inside a character: never an id the stream sent

@@ -56,9 +56,9 @@ def _piece(buf: bytes) -> int:
     """How much of `buf` (no newline in its first MAX_LINE + 1 bytes) the next message takes: MAX_LINE bytes, fewer
     when that would split a UTF-8 character (a piece decoded alone would show it as U+FFFD)."""
     n = MAX_LINE
-    while n > MAX_LINE - 4 and buf[n] & 0xC0 == 0x80:  # a continuation byte starts the rest: move back
+    while n > MAX_LINE - 3 and buf[n] & 0xC0 == 0x80:  # a continuation byte starts the rest: move back
         n -= 1
-    return n if buf[n] & 0xC0 != 0x80 else MAX_LINE
+    return n if buf[n] & 0xC0 != 0x80 else MAX_LINE  # (not UTF-8 there: cut where it falls)
 
 
 def message_end(path: Path, offset: int) -> bool:
@@ -77,8 +77,12 @@ def message_end(path: Path, offset: int) -> bool:
         return False
     before, after = around[:-1], around[-1]
     line = len(before) - (before.rfind(b"\n") + 1)  # how much of its line lies before it (in the window)
-    # A piece of a long line is MAX_LINE - 3 bytes or more (`_piece`), and never splits a character.
-    return line == 0 or (line >= MAX_LINE - 3 and after & 0xC0 != 0x80)
+    if line == 0:
+        return True
+    # A piece of a long line is MAX_LINE - 3 bytes or more (`_piece`), and splits no character; where the bytes
+    # are not UTF-8 (a continuation byte after three more), it is cut where it falls.
+    continued = after & 0xC0 == 0x80
+    return line >= MAX_LINE - 3 and (not continued or all(b & 0xC0 == 0x80 for b in before[-3:]))
 
 
 def _visible(raw: bytes) -> str:
