@@ -189,7 +189,7 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     assert missing.returncode == 2 and "--model" in missing.stderr
     assert cli(server.port, "ls", "--status", "sleeping").returncode == 2
     outside = cli(server.port, "download", "some-job", "../../etc/passwd")
-    assert outside.returncode == 2 and "without '.' or '..'" in outside.stderr, outside.stderr
+    assert outside.returncode == 2 and "without '..' parts" in outside.stderr, outside.stderr
     bad_set = cli(server.port, *submit_args(workspace, "x", "--set", "max_steps"))
     assert bad_set.returncode == 2 and "key=value" in bad_set.stderr
 

@@ -270,11 +270,14 @@ class TrainingService:
     async def _overtaken(self, job: Job) -> CreateResponse:
         now = await self.store.get(job.job_id)
         if now is None or now.created_at != job.created_at:  # (its id freed, and perhaps taken again)
-            status, what = job.status, "deleted"
+            status, message = job.status, "Training job created, then deleted before it could start"
+        elif now.status == JobStatus.PENDING:  # (its start lost a race with a change of its priority)
+            status, message = now.status, "Training job created; it did not start: start it with POST .../start"
         else:
-            status, what = now.status, now.status.value
-        return CreateResponse(job_id=job.job_id, status=status, predicted_duration=job.predicted_duration,
-                              message=f"Training job created, then {what} before it could start")  # fmt: skip
+            status, message = now.status, f"Training job created, then {now.status.value} before it could start"
+        return CreateResponse(
+            job_id=job.job_id, status=status, message=message, predicted_duration=job.predicted_duration
+        )
 
     async def start(self, job_id: str, caller: Caller) -> ActionResponse:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it

@@ -162,7 +162,8 @@ class Webhooks:
             except httpx.TimeoutException as exc:
                 last = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
-                last = f"{type(exc).__name__}: {str(exc).replace(url, shown)}"
+                # An error's text may hold the URL in some form of its own: an operator's is not shown at all.
+                last = f"{type(exc).__name__}: {exc}" if own else type(exc).__name__
             if attempt < attempts:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
         await self._record(item, "webhook_failed", f"{event} not delivered to {shown} after {attempts} attempts "
