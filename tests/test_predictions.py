@@ -73,6 +73,9 @@ def test_plan_steps() -> None:
     split = {**common, "split_ratio": 0.1}
     assert plan_steps(max_steps=None, rows=1000, num_gpus=2, **split) == 114  # type: ignore[arg-type]
     assert plan_steps(max_steps=None, rows=None, num_gpus=2, **common) is None  # type: ignore[arg-type]
+    # Half an epoch: the Trainer rounds the steps up (ceil(0.5 x 63) = 32).
+    half = {**common, "num_epochs": 0.5}
+    assert plan_steps(max_steps=None, rows=1000, num_gpus=2, **half) == 32  # type: ignore[arg-type]
     assert hub_rows("AI-ModelScope/coco#20000") == 20000 and hub_rows("AI-ModelScope/coco") is None
 
 

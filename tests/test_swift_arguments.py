@@ -169,6 +169,12 @@ def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_besid
     argv = argv_for({"warmup_steps": 2})
     assert argv[argv.index("--warmup_steps") + 1] == "2" and argv[argv.index("--warmup_ratio") + 1] == "0.0"
     assert argv_for({})[argv_for({}).index("--warmup_ratio") + 1] == "0.05"
+    # A fraction of an epoch, as swift takes it (an integer stays one: "1", not "1.0").
+    for epochs, shown in ((1.5, "1.5"), (0.25, "0.25"), (2, "2")):
+        argv = argv_for({"num_epochs": epochs})
+        assert argv[argv.index("--num_train_epochs") + 1] == shown
+    with pytest.raises(ValidationError, match="greater than 0"):
+        TrainingParams.model_validate({"num_epochs": 0})
 
     def create(training: dict[str, Any]) -> JobCreate:
         return JobCreate.model_validate({"data_path": "d/x", "model_path": "m/x", "output_dir": "o",

@@ -76,7 +76,7 @@ class TrainingParams(_Strict):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    num_epochs: int = Field(1, ge=1, le=1000, description="--num_train_epochs")
+    num_epochs: int | float = Field(1, gt=0, le=1000, description="--num_train_epochs (0.5: half an epoch)")
     batch_size: int = Field(1, ge=1, le=4096, description="--per_device_train_batch_size")
     learning_rate: float = Field(1e-4, gt=0, le=1)
     vit_lr: float = Field(1e-5, gt=0, le=1, description="multimodal models only")

@@ -80,7 +80,7 @@ def hub_rows(data_path: str) -> int | None:
 def plan_steps(
     *,
     max_steps: int | None,
-    num_epochs: int,
+    num_epochs: float,
     rows: int | None,
     split_ratio: float | None,
     batch_size: int,
@@ -99,7 +99,8 @@ def plan_steps(
         return None
     train = rows - math.ceil(rows * (split_ratio or 0.0)) if split_ratio else rows
     per_step = batch_size * grad_accum * max(1, num_gpus)
-    return num_epochs * max(1, math.ceil(max(1, train) / per_step))
+    # (a fraction of an epoch: the Trainer rounds the steps up)
+    return max(1, math.ceil(num_epochs * max(1, math.ceil(max(1, train) / per_step))))
 
 
 def _digest(parts: Any) -> str:
