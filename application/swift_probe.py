@@ -94,11 +94,31 @@ def _default(f: Any) -> Any:
     return value
 
 
+def enforced_choices() -> tuple[Any, dict[str, list[Any]]]:
+    """transformers' TrainingArguments and the fields it annotates `SomeEnum | str` (lr_scheduler_type, optim,
+    the *_strategy ones): its __post_init__ converts them with the Enum, so a value outside it fails there,
+    after the job's wait, even where ms-swift re-annotates the field as a plain `str`."""
+    cls = getattr(_import_first("transformers"), "TrainingArguments", None)
+    if cls is None:
+        return None, {}
+    hints: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        hints = typing.get_type_hints(cls)
+    out: dict[str, list[Any]] = {}
+    for name, tp in hints.items():
+        args = typing.get_args(tp)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if len(enums) == 1 and str in args:
+            out[name] = [m.value for m in enums[0]]
+    return cls, out
+
+
 def arguments() -> dict[str, dict[str, Any]]:
     module = _import_first("swift.arguments", "swift.llm.argument", "swift.llm")
     out: dict[str, dict[str, Any]] = {}
     if module is None:
         return out
+    trainer_args, enforced = enforced_choices()
     for cls_name in ARGUMENT_CLASSES:
         cls = getattr(module, cls_name, None)
         if cls is None or not dataclasses.is_dataclass(cls):
@@ -114,6 +134,8 @@ def arguments() -> dict[str, dict[str, Any]]:
             default = _default(f)
             # `x: int = None` is optional in practice whatever the annotation says.
             described["optional"] = described.get("optional", False) or default is None
+            if f.name in enforced and isinstance(cls, type) and issubclass(cls, trainer_args):
+                described = {"kind": "literal", "choices": enforced[f.name], "optional": described["optional"]}
             fields[f.name] = {**described, "default": default}
         out[cls_name] = fields
     return out

@@ -253,7 +253,8 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
         for choice in choices:
             if value == choice or (not isinstance(value, bool) and str(value) == str(choice)):
                 return choice
-        raise Invalid(f"{where} must be one of {', '.join(str(c) for c in choices)}")
+        raise Invalid(f"{where} must be one of {', '.join(str(c) for c in choices)}"
+                      + _closest(str(value), [str(c) for c in choices]))  # fmt: skip
     if isinstance(value, bool):
         value = "true" if value else "false"
     text = str(value)

@@ -6,6 +6,7 @@ ms-swift version and swift executable, and read again in milliseconds on the nex
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,21 +78,26 @@ def usable(swift_bin: str) -> tuple[bool, str | None]:
 
 
 def cache_file(swift_bin: str, version: str | None, cache_dir: Path) -> Path | None:
-    """Where the probe's answer for this swift and version is kept."""
+    """Where the probe's answer for this swift and version is kept. The probe script's own text is part of the
+    name: a server upgraded to a probe that reports more (choices it did not know) probes again."""
     python = interpreter_of(swift_bin)
     if python is None:
         return None
-    tag = hashlib.sha256(f"{python}\0{swift_bin}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(f"{python}\0{swift_bin}\0".encode() + _probe_text()).hexdigest()[:16]
     return cache_dir / f"{version or 'unknown'}-{tag}.json"
+
+
+@functools.cache
+def _probe_text() -> bytes:
+    return PROBE_SCRIPT.read_bytes()
 
 
 def probe(swift_bin: str, version: str | None, cache_dir: Path, timeout: float = 180.0) -> SwiftInfo | None:
     """The installed ms-swift's info, from the cache or by running the probe; None when it cannot be had."""
     python = interpreter_of(swift_bin)
-    if python is None:
+    cache = cache_file(swift_bin, version, cache_dir)
+    if python is None or cache is None:
         return None
-    tag = hashlib.sha256(f"{python}\0{swift_bin}".encode()).hexdigest()[:16]
-    cache = cache_dir / f"{version or 'unknown'}-{tag}.json"
     if version and cache.is_file():
         try:
             return SwiftInfo.from_json(json.loads(cache.read_text(encoding="utf-8")))
@@ -115,7 +121,7 @@ def probe(swift_bin: str, version: str | None, cache_dir: Path, timeout: float =
         return None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        target = cache_dir / f"{info.version}-{tag}.json"
+        target = cache_file(swift_bin, info.version, cache_dir) or cache
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
         tmp.replace(target)

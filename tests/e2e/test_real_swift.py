@@ -154,6 +154,10 @@ def test_real_swift_sft_and_export(
     assert r.status_code == 201, r.text
     job_id = r.json()["job_id"]
     assert r.json()["status"] == "running", r.text
+    # The probe of this swift knows the scheduler names transformers converts after a job's wait.
+    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_bad_scheduler", num_gpus=0,
+                      training={**training, "lr_scheduler_type": "cosine_min_lr"})  # fmt: skip
+    assert r.status_code == 422 and "did you mean cosine_with_min_lr" in r.text, r.text
 
     def finished() -> dict[str, Any] | None:
         job = server.job(job_id)
