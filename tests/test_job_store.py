@@ -113,6 +113,15 @@ async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobSt
         assert exc.value.reason == "bad_state" and exc.value.current == "completed"
     counts = await store.counts()
     assert counts["completed"] == 1 and counts["running"] == 0 and counts["pending"] == 0
+    # Nor around the transition, by a field write: the status, and what indexes mirror, are not plain fields.
+    for fields in ({"status": JobStatus.RUNNING}, {"owner": "mallory"}, {"priority": 10}, {"output_dir": "/x"}):
+        with pytest.raises(ValueError, match="changed only by the operations"):
+            await store.update("a", fields)
+    with pytest.raises(ValueError, match="status"):
+        await store.transition("b", JobStatus.RUNNING, fields={"status": JobStatus.COMPLETED})
+    job = await require(store, "a")
+    assert (job.status, job.owner, job.priority) == (JobStatus.COMPLETED, None, 5)
+    assert (await store.counts())["completed"] == 1
 
 
 async def test_gpu_lease_never_shared(store: JobStore) -> None:

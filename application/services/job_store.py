@@ -43,6 +43,9 @@ from application.services.keys import Keys
 from application.services.scheduler import queue_score
 
 SCHEDULER = "scheduler"
+# Fields an index or another key mirrors (status and owner sets, the queue's score, the list's order, the
+# output-folder claims): only create, transition, set_priority and delete change them, keeping those in step.
+INDEXED_FIELDS = frozenset({"job_id", "status", "owner", "priority", "created_at", "output_dir"})
 
 
 class Refusal(str, Enum):
@@ -265,6 +268,7 @@ class JobStore:
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
+        _not_indexed(fields)
         now = time.time()
         res = await self._guarded(keys=[self.keys.job(job_id)], args=[script_arg({
             "fields": encode_fields({**fields, "updated_at": now}),
@@ -313,6 +317,7 @@ class JobStore:
         if expect is not None:
             allowed &= set(expect)
         extra: dict[str, Any] = dict(fields or {})
+        _not_indexed(extra)
         extra["updated_at"] = now
         if to == JobStatus.QUEUED:
             extra.setdefault("queued_at", now)
@@ -493,3 +498,8 @@ class JobStore:
 
     async def exporting(self) -> list[str]:
         return sorted(await self.r.smembers(self.keys.exporting))
+
+
+def _not_indexed(fields: Mapping[str, Any]) -> None:
+    if indexed := INDEXED_FIELDS.intersection(fields):
+        raise ValueError(f"{', '.join(sorted(indexed))}: changed only by the operations that keep its indexes")
