@@ -6,7 +6,9 @@ and the automatic export; the exact argv swift ran; job ids; failures; logs, eve
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -335,8 +337,6 @@ async def test_a_create_overtaken_by_a_delete_before_its_auto_start_still_says_c
 ) -> None:
     """The job is stored, then started in a second step: a delete (or stop) in between used to turn the
     create's answer into a 404 or 409, as if nothing had been created."""
-    import asyncio
-
     make_model(tmp_path / "models" / "tiny-qwen2")
     data = fake_dataset(tmp_path, "shared")
     async with app_factory(scheduler=False, CREATE_RATE_LIMIT="0") as client:
@@ -346,7 +346,9 @@ async def test_a_create_overtaken_by_a_delete_before_its_auto_start_still_says_c
             body = {"job_id": name, "data_path": data, "model_path": str(tmp_path / "models" / "tiny-qwen2"),
                     "output_dir": name, "num_gpus": 0, "auto_start": True}  # fmt: skip
             created = asyncio.create_task(client.post("/jobs", json=body))
+            deadline = time.monotonic() + 30
             while not created.done():  # the owner deletes it as soon as it exists
+                assert time.monotonic() < deadline, f"the create of {name} did not answer in 30 s"
                 await client.delete(f"/jobs/{name}")
                 await asyncio.sleep(0)
             r = created.result()

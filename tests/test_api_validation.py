@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from application.services.keys import Keys
 from application.services.redis_service import EmbeddedRedis, find_redis_server
 from tests.conftest import ROOT, ApiServer, fake_dataset, settings_for, wait_for
 
@@ -156,6 +157,7 @@ def test_actions_that_make_no_sense_for_the_status_are_409(server: ApiServer, wo
     wait_for(lambda: server.job("run")["pid"], what="the pid")
     server.create(**valid(workspace, "idle"))
     before = stored_state(rdb, server.prefix)
+    before_events = list(rdb.xrange(Keys(server.prefix).job_events("run")) or ())
     checks = [
         ("POST", "/jobs/run/start", None, ["running"]),
         ("POST", "/jobs/run/export", None, ["running"]),
@@ -174,14 +176,19 @@ def test_actions_that_make_no_sense_for_the_status_are_409(server: ApiServer, wo
     for bad in bad_patches:
         resp = server.http.patch("/jobs/idle", json=bad)
         assert resp.status_code == 422, (bad, resp.text)
-    events_key = f"{server.prefix}:job:run:events"
     after = stored_state(rdb, server.prefix)
-    # The running job's own progress/updated_at may move; everything else stays the same.
+    keys = Keys(server.prefix)
+    run = {keys.job("run"), keys.job_summary("run"), keys.job_events("run"), keys.job_history("run")}
     for key in set(before) | set(after):
-        if key.startswith(f"{server.prefix}:job:run") or key == events_key:
-            continue
-        assert before.get(key) == after.get(key), key
-    assert json.loads(after[f"{server.prefix}:job:run"]["status"]) == "running"
+        if key not in run:
+            assert before.get(key) == after.get(key), key
+    # The running job's own progress may move while the refusals come; nothing a refusal could touch does.
+    moving = {"progress", "updated_at", "log_offset", "log_tail", "run_dir"}
+    was, now = before[keys.job("run")], after[keys.job("run")]
+    assert {k: v for k, v in was.items() if k not in moving} == {k: v for k, v in now.items() if k not in moving}
+    assert json.loads(now["status"]) == "running" and json.loads(now["priority"]) == 5
+    events = list(rdb.xrange(keys.job_events("run")) or ())
+    assert [e for e in events if e not in before_events] == [], "a refusal left an event"
 
 
 # ---- health, system, GPUs, docs ---------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from application.key_list import ApiKeyEntry, parse_api_keys
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ROOT, auth, job_body, make_model
 
 PUBLIC = {("GET", "/api/v1/training/health")}
+# What a pending job refuses (nothing to export, pause or resume yet), whoever asks.
+PENDING_CONFLICTS = {("POST", "/jobs/{job_id}/export"), ("POST", "/jobs/{job_id}/pause"),
+                     ("POST", "/jobs/{job_id}/resume")}  # fmt: skip
 
 
 def test_keyring_identifies_each_key_and_refuses_others() -> None:
@@ -99,6 +102,7 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
         routes = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops]
         assert len(routes) >= 20
         counter = 0
+        conflicts: set[tuple[str, str]] = set()
 
         async def alices_job() -> str:
             nonlocal counter
@@ -144,6 +148,10 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
                     assert r.status_code in (200, 201, 204, 409), (method, path, who, r.text)
             # What the owner may do, an admin may do too.
             assert outcomes["admin"] == outcomes["owner"] or admin_only, (method, path, outcomes)
+            if outcomes["owner"] == 409:
+                conflicts.add((method, path.removeprefix("/api/v1/training")))
+        # A 409 is the job's state refusing the action (a fresh job is pending), never the key's doing.
+        assert conflicts == PENDING_CONFLICTS, conflicts
 
         # Lists: a user sees only their own jobs; an admin sees all and may filter by owner.
         await client.post("/jobs", json=_create_body(tmp_path, "bobs"), headers=auth(BOB_KEY))

@@ -217,7 +217,8 @@ def test_4x_success_stdout_only_progress_as_it_goes() -> None:
     # The summary dict moves progress but is no history point.
     result = parser.feed(b"\n".join(lines[3:]))
     assert result.train_loss == 8.261 and result.train_runtime == 1.608
-    assert all(pt["step"] != 20 or pt["loss"] == 8.278 or pt["eval_loss"] == 8.256 for pt in result.history)
+    at_20 = [(pt["loss"], pt["eval_loss"]) for pt in result.history if pt["step"] == 20]
+    assert at_20 and all(loss == 8.278 or eval_loss == 8.256 for loss, eval_loss in at_20), at_20
     assert len(result.history) == 11
     # The eval dict sets eval_loss but leaves the last training loss alone.
     assert parser.progress is not None and parser.progress.loss == 8.278
@@ -453,6 +454,7 @@ def test_logging_jsonl_agrees_with_stdout() -> None:
     ]
     for printed, logged in zip(got.history, log.history, strict=True):
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            assert (printed[key] is None) == (logged[key] is None), (printed["step"], key)
             if printed[key] is not None:
                 assert printed[key] == pytest.approx(logged[key], rel=1e-3)
 

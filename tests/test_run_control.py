@@ -294,7 +294,8 @@ async def test_no_preemption_before_the_minimum_run_time(app_factory: Callable[.
         r = await client.post("/jobs", json=job_body(tmp_path, "urgent", auto_start=True, priority=9))
         assert r.json()["status"] == "queued" and r.json()["pending_reason"]["code"] == "resources"
         for _ in range(10):  # several passes (QUEUE_POLL_INTERVAL 1 s would do it; wake-ups do it faster)
-            await client.post("/queue/process")
+            passed = await client.post("/queue/process")
+            assert passed.status_code == 200, passed.text
         assert (await client.get("/jobs/low")).json()["status"] == "running"
         assert (await client.get("/jobs/low")).json()["preempt_for"] is None
 
