@@ -286,6 +286,36 @@ async def test_preemption_with_two_gpus_and_three_priorities(app_factory: Callab
         assert steps_of(history) == list(range(1, 61))
 
 
+async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_victim_stops(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Two victims for one job that needs both GPUs: the first stops at once and goes back to the queue, the
+    second takes its grace. The pass in between planned with the second as running for its whole predicted
+    time, so the first fitted "before" the head's reservation and started again on the GPU it had just freed."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
+                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
+    async with app_factory(**settings) as client:
+        # swift's remaining time becomes the runs' predictions: the first victim's run would end first.
+        def long(name: str, priority: int, steps: int, **options: Any) -> dict[str, Any]:
+            return job_body(tmp_path, name, priority=priority, step_seconds=0.05, auto_start=True,
+                            training={"max_steps": steps, "save_steps": 5}, **options)  # fmt: skip
+
+        assert (await client.post("/jobs", json=long("quick", 5, 150))).json()["status"] == "running"
+        slow = long("slow", 2, 600, ignore_sigterm=True)
+        assert (await client.post("/jobs", json=slow)).json()["status"] == "running"
+        for name in ("quick", "slow"):
+            await wait_job(client, name, lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        big = job_body(tmp_path, "big", priority=9, num_gpus=2, step_seconds=0.05, auto_start=True,
+                       training={"max_steps": 5})  # fmt: skip
+        assert (await client.post("/jobs", json=big)).json()["status"] == "queued"
+        await wait_job(client, "big", lambda j: j["status"] in ("running", "completed"), timeout=30)
+        quick = (await client.get("/jobs/quick")).json()
+        assert quick["status"] == "queued" and [a["outcome"] for a in quick["attempts"]] == ["preempted"], quick
+        events = (await client.get("/jobs/quick/events")).json()["events"]
+        assert [e["type"] for e in events].count("preempted") == 1, events
+
+
 async def test_no_preemption_before_the_minimum_run_time(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(PREEMPTION=True, PREEMPTION_MIN_RUN_SECONDS=600, SIMULATED_GPUS="1x80") as client:

@@ -46,6 +46,10 @@ class ClusterView:
     running: list[RunningJob]
 
 
+# A running job's fields that say its run is being ended.
+ENDING = ("preempt_for", "pause_requested", "stop_requested")
+
+
 async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
                      state: tuple[dict[int, str], list[str], int] | None = None) -> ClusterView:  # fmt: skip
     """GPUs with their leases, and the running jobs with their remaining time. `reclaim` (the scheduler only)
@@ -60,13 +64,19 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
             leases.pop(gpu)
     running: list[RunningJob] = []
     rows = await store.get_fields(running_ids, ["gpu_ids", "predicted_duration", "started_at", "time_limit_seconds",
-                                                "owner"])  # fmt: skip
+                                                "owner", *ENDING])  # fmt: skip
     now = time.time()
-    for job_id, (gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw) in zip(running_ids, rows, strict=True):
+    for job_id, (gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,
+                                                                                           strict=True):  # fmt: skip
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
         predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
         remaining = remaining_seconds(predicted=predicted, started_at=json.loads(started_raw) if started_raw else None,
                                       time_limit=json.loads(limit_raw) if limit_raw else None, now=now)  # fmt: skip
+        if any(raw and json.loads(raw) for raw in ending):
+            # Asked to stop (preempted, paused, stopped): its GPUs come back now. Planned for its predicted end, a
+            # preemption's first victim, back in the queue, fitted "before" the head's reservation and took
+            # back the GPU it had just freed while the other victim stopped.
+            remaining = 0.0
         owner = json.loads(owner_raw) if owner_raw else None
         running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner))
     return ClusterView(snapshot, gpu_states(snapshot, leases), running)
