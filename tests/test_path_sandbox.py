@@ -123,6 +123,12 @@ def test_output_dir_stays_under_output_root(tmp_path: Path) -> None:
     # OUTPUT_ROOT configured through a link: a path written with the link is fine.
     (tmp_path / "out-alias").symlink_to(root, target_is_directory=True)
     assert resolve_output_dir(f"{tmp_path}/out-alias/job4", tmp_path / "out-alias") == root / "job4"
+    # Every part under 255 bytes and the text under 4096, but no room left for a run's files under the system's
+    # path limit: its start failed ("File name too long") and, before that was caught, held up the queue.
+    long = "/".join(["d" * 240] * 17)[:4000]
+    with pytest.raises(Invalid, match="leave room for the files a run writes inside it"):
+        resolve_output_dir(long, root)
+    assert len(str(resolve_output_dir("/".join(["d" * 200] * 10), root))) < 4096 - 512
 
 
 async def test_escapes_are_422_and_nothing_is_created_on_disk(app_factory: Callable[..., Any], tmp_path: Path) -> None:

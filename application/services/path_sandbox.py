@@ -29,6 +29,9 @@ MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_FOLDER_ENTRIES = 100_000
+# Room a run needs inside its output folder under the system's path limit: logs/<job id>.train.<n>.exit.json,
+# swift's v0-<date>-<time>/checkpoint-<step>-merged/<file>, a quantized export's folder beside it.
+OUTPUT_RESERVE_BYTES = 512
 
 # Bidi embeddings/overrides/isolates and the zero-width marks that can make a path read as something else.
 _INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff")
@@ -231,6 +234,11 @@ def resolve_output_dir(requested: str, root: Path) -> Path:
         raise Invalid(
             f"output_dir '{requested}' is outside OUTPUT_ROOT ({root}): use a relative folder such as training_001"
         )
+    size = len(str(resolved).encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES - OUTPUT_RESERVE_BYTES:
+        # Every file the run writes there would be a name too long for the system: its start would fail.
+        raise Invalid(f"output_dir resolves to a path of {size} bytes: at most {MAX_PATH_BYTES - OUTPUT_RESERVE_BYTES} "
+                      "are allowed, to leave room for the files a run writes inside it; shorten it")  # fmt: skip
     return resolved
 
 

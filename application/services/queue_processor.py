@@ -240,14 +240,22 @@ class QueueProcessor:
         that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
         disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
         version = await self.version()
-        resume, weights_only = await asyncio.to_thread(_resume_point, job) if job.attempts else (None, False)
+        log_dir = Path(job.output_dir) / "logs"
+        number = len(job.attempts) + 1
+        try:
+            resume, weights_only = await asyncio.to_thread(_resume_point, job) if job.attempts else (None, False)
+            log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
+        except OSError as exc:
+            # This job's folder, not the pass: raised on, it stopped every start behind it, pass after pass.
+            error = f"its output folder cannot be used: {exc}"
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": error, "error_code": "output_dir"},
+                                        message=f"training failed: {error}")  # fmt: skip
+            return
         step = checkpoint_step(resume)
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
         env = visible_env(gpu_env)
-        log_dir = Path(job.output_dir) / "logs"
-        number = len(job.attempts) + 1
-        log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
         now = time.time()
