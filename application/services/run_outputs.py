@@ -80,9 +80,9 @@ def find_checkpoints(output_dir: Path | str) -> list[str]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found: list[tuple[tuple[float, int, str], int, str]] = []
+    found: list[tuple[tuple[int, str], int, str]] = []
 
-    def scan(run_dir: Path, run_key: tuple[float, int, str]) -> None:
+    def scan(run_dir: Path, run_key: tuple[int, str]) -> None:
         try:
             entries = list(run_dir.iterdir())
         except OSError:
@@ -92,7 +92,7 @@ def find_checkpoints(output_dir: Path | str) -> list[str]:
             if m and not entry.is_symlink() and entry.is_dir():
                 found.append((run_key, int(m.group(1)), str(entry)))
 
-    scan(root, (float("-inf"), -1, ""))
+    scan(root, (-1, ""))
     try:
         children = list(root.iterdir())
     except OSError:
@@ -101,10 +101,9 @@ def find_checkpoints(output_dir: Path | str) -> list[str]:
         vm = _VERSION_DIR_RE.fullmatch(child.name)
         if vm is None or not child.is_dir():
             continue
-        try:
-            mtime = child.stat().st_mtime
-        except OSError:
-            continue
-        scan(child, (mtime, int(vm.group(1)), child.name))
+        # swift numbers each run one past the highest v<k> there: that is the runs' order. (A folder's mtime
+        # is not: an export writing checkpoint-N-merged into an old run made it the "newest", and a resume
+        # went back to its checkpoint.)
+        scan(child, (int(vm.group(1)), child.name))
     found.sort(key=lambda item: (item[0], item[1]))
     return [path for _, _, path in found]
