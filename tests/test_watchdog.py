@@ -17,7 +17,7 @@ import httpx
 
 from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
 from application.services import process_group as pg
-from tests.conftest import _until, job_body, make_model
+from tests.conftest import _until, job_body, make_model, wait_job
 
 
 def dead_runner() -> RunnerInfo:
@@ -57,6 +57,28 @@ async def test_swift_started_by_a_runner_that_died_before_recording_its_pid_is_s
         assert swift.wait(10) is not None  # stopped (the group had SIGTERM)
         job = (await client.get("/jobs/early")).json()
         assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+
+
+async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_then_runs(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The scheduler moves a job to running, then launches its runner: one that died in between left a job with
+    no runner, no swift and no log, which the next leader failed as 'runner_lost', though nothing had run."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, SIMULATED_GPUS="1x80") as client:
+        await client.post("/jobs", json=job_body(tmp_path, "orphan", step_seconds=0.01, training={"max_steps": 2}))
+        log_file = tmp_path / "output" / "orphan" / "logs" / "orphan.train.log"
+        scheduler = client.scheduler
+        fields = {"run_id": "run-orphan", "runner": None, "started_at": time.time() - 30, "log_file": str(log_file)}
+        await scheduler.store.transition("orphan", JobStatus.RUNNING, acquire_gpus=[0], fields=fields)
+        await scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/orphan")).json()
+        assert job["status"] == "queued" and job["error_code"] is None, job
+        events = (await client.get("/jobs/orphan/events")).json()["events"]
+        assert "never launched" in events[-1]["message"], events[-1]
+        assert await scheduler.processor.run_pass() == ["orphan"]
+        job = await wait_job(client, "orphan", lambda j: j["status"] != "running")
+        assert job["status"] == "completed" and job["progress"]["current_step"] == 2, job
 
 
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(

@@ -13,6 +13,7 @@ where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -41,6 +42,8 @@ RETENTION_EVERY = 60.0
 RECORD_GRACE = 10.0
 # What the runs of a host that started again since their runners did were preempted for.
 HOST_RESTART = "the restart of its host"
+# What a run whose runner was never launched goes back to the queue for.
+NEVER_LAUNCHED = "the stop of the scheduler that was starting it (its runner was never launched)"
 
 
 def killed_with_its_host(code: int | None) -> bool:
@@ -106,7 +109,12 @@ class Watchdog:
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
         at_cap = False
-        if interrupt is None and killed_with_its_host(code) and job.runner and self.launcher.outlived(job.runner):
+        logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
+        if interrupt is None and job.runner is None and job.pid is None and code is None and not logged:
+            # Moved to running, then its scheduler died before the launch: nothing ran, nothing is lost.
+            job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
+            interrupt = "preempt"
+        elif interrupt is None and killed_with_its_host(code) and job.runner and self.launcher.outlived(job.runner):
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
             # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
             # the run itself may be what brings its host down. (Attempts recorded before `preempted_for`
