@@ -85,6 +85,54 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
 # ---- pause and resume ------------------------------------------------------------------------------------
 
 
+async def test_a_job_stopped_while_it_waits_to_run_again_can_still_be_resumed(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Resumed (or preempted, or retried) and waiting for a GPU, it is queued like a job that never ran: a stop
+    then cancelled it, and its checkpoints could no longer be resumed, while a stop of the same job paused left
+    it stopped and resumable."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80", AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "saver", step_seconds=0.05, auto_start=True,
+                        training={"max_steps": 200, "save_steps": 5})  # fmt: skip
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "saver", lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        assert (await client.post("/jobs/saver/pause")).json()["status"] == "paused"
+        hog = job_body(tmp_path, "hog", hang_after_steps=1, auto_start=True)
+        assert (await client.post("/jobs", json=hog)).json()["status"] == "running"
+        waiting = (await client.post("/jobs/saver/resume")).json()
+        assert waiting["status"] == "queued" and waiting["resume_step"] >= 5, waiting
+        r = await client.post("/jobs/saver/stop")
+        assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+        assert "still resumes it" in r.json()["message"] and r.json()["resume_from"] == waiting["resume_from"]
+        assert (await client.get("/queue")).json()["summary"]["length"] == 0
+        again = await client.post("/jobs/saver/resume")
+        assert again.status_code == 200 and again.json()["resume_step"] == waiting["resume_step"], again.text
+        # One that never ran is cancelled as before.
+        fresh = job_body(tmp_path, "fresh", auto_start=True)
+        assert (await client.post("/jobs", json=fresh)).json()["status"] == "queued"
+        assert (await client.post("/jobs/fresh/stop")).json()["status"] == "cancelled"
+
+
+async def test_a_pause_that_a_stop_overtakes_claims_no_lost_steps(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Asked together, the stop wins (the job ends stopped); the pause's answer said 'lost_steps' = every step
+    trained and 'resume_from' null, as if nothing could be resumed."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "both", step_seconds=0.05, auto_start=True,
+                        training={"max_steps": 400, "save_steps": 5})  # fmt: skip
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "both", lambda j: (j["progress"]["current_step"] or 0) >= 7)
+        paused, stopped = await asyncio.gather(client.post("/jobs/both/pause"), client.post("/jobs/both/stop"))
+        assert stopped.json()["status"] == "stopped", stopped.text
+        answer = paused.json()
+        assert answer["status"] == "stopped" and answer["lost_steps"] is None and answer["resume_step"] is None, answer
+        resumed = await client.post("/jobs/both/resume")  # what the checkpoints keep
+        assert resumed.status_code == 200 and resumed.json()["resume_step"] >= 5, resumed.text
+
+
 async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:

@@ -55,6 +55,13 @@ class RunControl:
                                        message="stopped while paused")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
                                   message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
+        if job.status == JobStatus.QUEUED and job.attempts:
+            # It ran before (resumed, preempted, retried, requeued): cancelled, its checkpoints could not be resumed.
+            await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.QUEUED,), actor=caller.actor,
+                                       message="stopped while it waited to run again")  # fmt: skip
+            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
+                                  message="The job was stopped while it waited to run again (POST .../resume still "
+                                  "resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
             await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(job.status,), actor=caller.actor,
                                        message="cancelled before it started")  # fmt: skip
@@ -96,9 +103,11 @@ class RunControl:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
                                   self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
-        resume_step = checkpoint_step(final.resume_from)
+        paused = final.status == JobStatus.PAUSED
+        resume_step = checkpoint_step(final.resume_from) if paused else None
         current = final.progress.current_step
-        lost = max(0, current - (resume_step or 0)) if current is not None else None
+        # Only a pause that took effect has steps to train again; a stop or an end that won the race has none.
+        lost = max(0, current - (resume_step or 0)) if current is not None and paused else None
         if final.status == JobStatus.RUNNING:
             message = "Pause requested: the run has not ended yet; see its status"
         elif final.status == JobStatus.PAUSED:
@@ -111,8 +120,9 @@ class RunControl:
             message = f"Paused: resumes from {where}" + (again if lost else "")
         else:
             message = f"The run had already ended ({final.status.value})"
-        return ActionResponse(job_id=job_id, status=final.status, message=message, resume_from=final.resume_from,
-                              resume_step=resume_step, lost_steps=lost)  # fmt: skip
+        return ActionResponse(job_id=job_id, status=final.status, message=message,
+                              resume_from=final.resume_from if paused else None, resume_step=resume_step,
+                              lost_steps=lost)  # fmt: skip
 
     async def resume(self, job_id: str, caller: Caller) -> ActionResponse:
         """A paused job, or a stopped or failed one that left a checkpoint, goes back to the queue at its place
@@ -143,7 +153,8 @@ class RunControl:
             if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                 raise Conflict(f"output_dir '{job.output_dir_requested}' is now used by another active job: wait "
                                "for it to end, then resume") from None  # fmt: skip
-            raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be resumed") from None
+            raise refused(job_id, exc, "job '{id}' changed while this resume was made (it is {status} now): "
+                          "ask again if it should still resume") from None  # fmt: skip
         if await self.service.cluster.leader() is not None:
             await self.service.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
         after = await self.service.job(job_id)
