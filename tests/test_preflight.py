@@ -83,6 +83,10 @@ BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
     "rows.txt": ("hello\n", [".jsonl, .json or .csv"]),
     "header.csv": ("foo,bar\n1,2\n", ["line 2", "no columns"]),
     "array.json": ('[{"messages": []}]', ["element 1", "non-empty list"]),
+    # Python's JSON decoder recurses per level: these were a 500 (RecursionError), on create and on upload.
+    "deep.jsonl": ('{"messages":' + "[" * 100_000 + "]" * 100_000 + "}\n", ["line 1", "nested too deeply"]),
+    "deep.json": ('[{"messages":' + "[" * 100_000 + "]" * 100_000 + "}]", ["element 1", "nested too deeply"]),
+    "deeper.json": ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
 }  # fmt: skip
 
 

@@ -143,6 +143,8 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(raw)
         except ValueError as exc:
             raise Invalid(f"line {number} is not valid JSON ({exc})") from None
+        except RecursionError:  # (Python's decoder recurses per level: a 500 with a traceback, before)
+            raise Invalid(f"line {number} is nested too deeply to be a data set row") from None
 
 
 def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
@@ -161,6 +163,8 @@ def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
             if not complete and n > 0:
                 return  # cut by the 8 MiB read
             raise Invalid(f"element {n + 1} of the JSON array is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise Invalid(f"element {n + 1} of the JSON array is nested too deeply to be a data set row") from None
         n += 1
         yield n, value
 
@@ -256,6 +260,8 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None) -> DatasetInfo
                 data = json.load(f)
         except (OSError, ValueError) as exc:
             raise Invalid(f"{field} '{path}' is not a valid JSON array ({exc})") from None
+        except RecursionError:
+            raise Invalid(f"{field} '{path}' is nested too deeply to be a data set") from None
         return DatasetInfo(len(data) if isinstance(data, list) else None, True, fmt)
     try:
         count, exact = _count_lines(path, size)
@@ -271,7 +277,7 @@ def _read_json(path: Path) -> Any:
         if path.stat().st_size > 16 << 20:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
