@@ -102,6 +102,8 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"attn_impl": "--output_dir"}, "must not start with '-'"),
     ({"attn_impl": ["a", "b"]}, "one value"),
     ({"weight_decay": float("inf")}, "finite number"),
+    ({"weight_decay": 10**400}, "finite number"),  # math.isfinite raised OverflowError: a 500
+    ({"seed": 10**19}, "at most 19 digits"),
     ({"weight_decay": "-Infinity"}, "finite number"),
     ({"max_grad_norm": float("nan")}, "finite number"),
     ({"lr_scheduler_kwargs": {"a": float("nan")}}, "training.lr_scheduler_kwargs.a takes a finite number"),

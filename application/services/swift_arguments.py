@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -238,6 +239,8 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise Invalid(f"{where} takes a whole number")
+        if not -(2**63) <= value < 2**63:  # swift's own arithmetic (and torch's) is 64-bit
+            raise Invalid(f"{where} takes a whole number of at most 19 digits")
         return value
     if kind == "float":
         if isinstance(value, str):
@@ -245,8 +248,9 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise Invalid(f"{where} takes a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, int) and abs(value) > sys.float_info.max) or not math.isfinite(value):  # fmt: skip
+            raise Invalid(f"{where} takes a finite number")  # (10**400 is an int no float holds)
         return value
     if kind == "literal" and spec.get("choices"):  # (a list's items come without theirs: text, checked as such)
         choices = spec["choices"]
