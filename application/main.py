@@ -64,6 +64,9 @@ def _validation_message(exc: RequestValidationError) -> str:
             where = err.get("loc", ("body", None))[-1]
             reason = (err.get("ctx") or {}).get("error", "not JSON")
             loc, msg = "body", f"not valid JSON ({reason}, at character {where}): send one JSON object"
+        elif err.get("type") in ("model_attributes_type", "dict_type") and tuple(err.get("loc", ())) == ("body",):
+            # What curl -d sends without -H: form-encoded text, never read as JSON.
+            msg = "send one JSON object, with the header Content-Type: application/json"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 

@@ -127,7 +127,11 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON (Expecting property name")
     assert "send one JSON object" in r.json()["detail"]
     r = server.http.post("/jobs", json=["a", "list"])
-    assert r.status_code == 422
+    assert r.status_code == 422 and "send one JSON object" in r.json()["detail"], r.text
+    # curl -d without -H sends the JSON as a form: say what to add (it said "Input should be a valid dictionary").
+    r = server.http.post("/jobs", content=json.dumps(base).encode(),
+                         headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"], r.text
 
     assert stored_state(rdb, server.prefix) == before
     assert server.http.get("/jobs").json()["total"] == 1
