@@ -216,6 +216,8 @@ def test_health_system_status_and_gpus(server: ApiServer, workspace: Path) -> No
     assert s["cpu"]["count"] >= 1 and 0 <= s["cpu"]["percent"] <= 100
     assert s["memory"]["total_gb"] > 0 and 0 <= s["memory"]["percent"] <= 100
     assert s["disk"]["path"] == str(server.output_root) and s["disk"]["free_gb"] > 0
+    disk = s["disk"]  # df's Use%: of used + available, not of a total that holds reserved blocks too
+    assert abs(disk["percent"] - 100 * disk["used_gb"] / (disk["used_gb"] + disk["free_gb"])) < 0.5, disk
     assert set(s["load"]) == {"1m", "5m", "15m"}
     assert s["gpus"]["count"] == 2 and s["gpus"]["backend"] == "simulated"
     assert s["gpus"]["memory_total_gb"] == pytest.approx(160)

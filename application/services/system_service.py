@@ -41,9 +41,16 @@ def host_stats(output_root: Path) -> dict[str, Any]:
         "memory": {"total_gb": round(vm.total / gib, 2), "used_gb": round(vm.used / gib, 2),
                    "available_gb": round(vm.available / gib, 2), "percent": vm.percent},
         "disk": {"path": str(output_root), "total_gb": round(disk.total / gib, 2), "used_gb": round(disk.used / gib, 2),
-                 "free_gb": round(disk.free / gib, 2), "percent": round(disk.used / disk.total * 100, 1)},
+                 "free_gb": round(disk.free / gib, 2), "percent": _percent_full(disk)},
         "load": {"1m": load1, "5m": load5, "15m": load15},
     }  # fmt: skip
+
+
+def _percent_full(disk: Any) -> float:
+    """As df's Use%: of what users can fill (used + available). Blocks reserved for root, and what the
+    filesystem keeps for itself, count in `total` too: used/total stayed far below 100 on a full disk."""
+    room = disk.used + disk.free
+    return round(disk.used / room * 100, 1) if room else 0.0
 
 
 class SystemService:
