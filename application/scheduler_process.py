@@ -78,7 +78,9 @@ class Scheduler:
             logger.error("ms-swift cannot be run: {}. Creates are refused with 503 until it is fixed", reason)
         await self.cluster.put_swift_info({
             "bin": self.settings.SWIFT_BIN, "version": info.version if info else version.version,
-            "version_source": "detected" if info else version.source, "found": found, "reason": reason,
+            # The probe's version; its source is the setting's (or the --version check's) when they agree.
+            "version_source": "detected" if info and info.version != version.version else version.source,
+            "found": found, "reason": reason,
             "probed": info is not None, "stamp": f"{self.ident}:{time.time()}",
         }, info.raw if info is not None else None)  # fmt: skip
 

@@ -138,7 +138,10 @@ async def test_the_ms_swift_facts_are_published_once_redis_answers(tmp_path: Pat
         await _until(lambda: any("could not publish the ms-swift facts" in m for m in seen), timeout=60)
         server.start()  # Redis comes up after the first try failed
         await asyncio.wait_for(publish, 60)
-        assert (await scheduler.cluster.swift_info() or {}).get("found") is True
+        facts = await scheduler.cluster.swift_info() or {}
+        assert facts.get("found") is True and facts.get("probed") is True, facts
+        # SWIFT_VERSION names the version the probe found: /health says where it came from (it said "detected").
+        assert (facts["version"], facts["version_source"]) == ("4.6.0", "setting"), facts
     finally:
         logger.remove(sink)
         await redis.close()
