@@ -172,6 +172,10 @@ class Runner:
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
                      {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
         parser = SwiftLogParser(started_at=start_time)
+        if job.progress.current_step:
+            # A resumed run: swift's bar starts again at 0 until the first new step; from the checkpoint's step
+            # (set at the start) only later steps count, or the job showed 0% all through the data skip.
+            parser.progress = job.progress
         started_at = job.started_at or time.time()
         follow = _Follow(log_file, parser, outbox, started_at)
         stopping: asyncio.Task[str] | None = None
