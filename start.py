@@ -18,8 +18,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from application.config import Settings, get_settings
 from application.services.redis_service import EmbeddedRedis, die_with_parent, find_redis_server
@@ -31,6 +34,26 @@ KEEPER_PAUSE = 1.0
 # A scheduler that exits with this will fail the same way again (its settings, its folders): not started again.
 CANNOT_START = 2
 UNIX_PATH_MAX = 107  # bytes of a unix socket's path (108 with its final NUL)
+# How long `all` waits, once its scheduler's keeper has ended, for a stop signal of its own to show: a service
+# manager may signal every process at once, and the keeper may end before this process has seen its own signal.
+STOP_GRACE = 3.0
+# Set when this process is told to stop (SIGTERM, SIGINT): uvicorn takes those signals while it serves, so it
+# is recorded from uvicorn's handlers. Whether the scheduler's end is a failure depends on this alone: the keeper's
+# exit code cannot tell a stop of all from a signal someone sent the keeper alone.
+told_to_stop = threading.Event()
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        told_to_stop.set()
+        super().handle_exit(sig, frame)
+
+
+class _Multiprocess(Multiprocess):
+    def handle_signals(self) -> None:
+        if self.signal_queue:
+            told_to_stop.set()
+        super().handle_signals()
 
 
 def serve_api(settings: Settings) -> None:
@@ -39,7 +62,12 @@ def serve_api(settings: Settings) -> None:
     if settings.API_WORKERS == 1:
         from application.main import create_app
 
-        uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None)
+        # (what uvicorn.run does, with a server that records the stop signals it takes)
+        server = _Server(uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT,
+                                        log_config=None))  # fmt: skip
+        server.run()
+        if not server.started:
+            sys.exit(STARTUP_FAILURE)
         return
     # Each worker builds its own app from the same environment; none outlives this supervisor.
     os.environ["DIE_WITH_PARENT"] = "true"
@@ -48,8 +76,9 @@ def serve_api(settings: Settings) -> None:
     metrics_dir = Path(tempfile.mkdtemp(prefix="swift-api-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
-        uvicorn.run("application.main:create_app", factory=True, host=settings.bind_host, port=settings.APP_PORT,
-                    workers=settings.API_WORKERS, log_config=None)  # fmt: skip
+        config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
+                                port=settings.APP_PORT, workers=settings.API_WORKERS, log_config=None)  # fmt: skip
+        _Multiprocess(config, sockets=[config.bind_socket()]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -125,6 +154,7 @@ def serve_all(settings: Settings) -> None:
         get_settings.cache_clear()
         serve_api(get_settings())
     finally:
+        told_to_stop.set()
         stopping.set()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this shutdown runs to its end (SIGKILL still ends it)
         if scheduler.poll() is None:
@@ -147,14 +177,17 @@ def serve_all(settings: Settings) -> None:
 
 def _watch(embedded: EmbeddedRedis | None, scheduler: subprocess.Popen[bytes], stopping: threading.Event,
            failed: list[str]) -> None:  # fmt: skip
-    """The embedded Redis or the scheduler's keeper gone unbidden (killed, crashed) would leave the API answering
-    503 or a queue nothing runs, for ever, while this process lives on: stop all, and exit non-zero."""
+    """The embedded Redis or the scheduler's keeper gone unbidden (killed, crashed, or stopped by a signal sent to it
+    alone) would leave the API answering 503 or a queue nothing runs, for ever, while this process lives on: stop
+    all, and exit non-zero."""
     while not stopping.wait(1.0):
         redis_process = embedded.process if embedded is not None else None
         if redis_process is not None and redis_process.poll() is not None:
             failed.append(f"the embedded redis-server exited ({redis_process.returncode})")
         elif scheduler.poll() is not None:
-            if scheduler.returncode == 0:  # told to stop (a Ctrl-C reaches the whole group): so is this process
+            # A Ctrl-C or a service manager's stop reaches the whole group: this process's own signal may still be
+            # on its way to the handler that records it.
+            if told_to_stop.wait(STOP_GRACE):
                 return
             failed.append(f"the scheduler (start.py scheduler) exited ({scheduler.returncode})")
         else:
@@ -185,6 +218,7 @@ def _check_folders(settings: Settings, role: str) -> None:
 
 
 def _exit_on_signal(sig: int, _: object) -> None:
+    told_to_stop.set()
     raise SystemExit(0)  # through the `finally` that stops the rest in order
 
 

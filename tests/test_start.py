@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 
 from tests.conftest import ROOT, ApiServer, job_body, wait_for
@@ -89,3 +90,30 @@ def test_start_py_stops_when_its_embedded_redis_dies_so_that_its_supervisor_can_
     redis_server.kill()
     assert server.proc.wait(60) == 1
     assert "the embedded redis-server exited" in server.server_log()
+
+
+def test_start_py_stops_when_its_scheduler_keeper_is_stopped_by_someone_else(
+    server_factory: Callable[..., ApiServer],
+) -> None:
+    # A SIGTERM that reached only the keeper (an operator's kill, a tool's) made it stop its scheduler and exit 0,
+    # which start.py read as its own stop: it served on with no scheduler for ever (queued jobs never started).
+    server = server_factory()
+    assert server.proc is not None
+    server.scheduler_keeper().send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 1
+    assert "the scheduler (start.py scheduler) exited" in server.server_log()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_signal_to_all_of_start_py_at_once_is_a_stop_not_a_failure(
+    server_factory: Callable[..., ApiServer], workers: str
+) -> None:
+    # A service manager may signal every process of the service at once (systemd's control-group stop): the
+    # keeper may then end before start.py has finished its own stop, and that must not read as a death unbidden.
+    server = server_factory(env={"API_WORKERS": workers})
+    assert server.proc is not None
+    keeper = server.scheduler_keeper()
+    keeper.send_signal(signal.SIGTERM)
+    keeper.wait(30)  # the keeper gone first: the order that tempts start.py to call it a failure
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.server_log()
