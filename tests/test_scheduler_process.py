@@ -7,18 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from application.models.training_model import JobStatus
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
+from application.services.leader import LeaderLock
 from tests.conftest import ROOT, ApiServer, wait_for
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
@@ -55,6 +58,56 @@ async def test_only_the_leaders_fence_starts_a_run(redis_client: aioredis.Redis)
     assert not await cluster.renew_leadership(first, ttl=5)
     await store.transition("j", JobStatus.RUNNING, acquire_gpus=[0], fence=second)
     assert await store.leases() == {0: "j"}
+
+
+def _stall_until_gone(sync: redis.Redis, key: str, then: Callable[[], object] | None = None) -> None:
+    """Block this event loop (as a loaded host does) until the leader lock has expired in Redis, then run `then`
+    while it is still blocked, before the leader's renewal can run again."""
+    deadline = time.monotonic() + 10
+    while sync.exists(key):
+        assert time.monotonic() < deadline, "the lock never expired"
+        time.sleep(0.01)
+    if then is not None:
+        then()
+
+
+async def _kept_until_lost(lock: LeaderLock, sync: redis.Redis, key: str,
+                           then: Callable[[], object] | None = None) -> str:  # fmt: skip
+    await lock.wait_for_leadership()
+    keeping = asyncio.create_task(lock.keep())
+    await asyncio.sleep(0)  # the renewal loop started (waiting for its first renewal), then stalled with this loop
+    _stall_until_gone(sync, key, then)
+    await asyncio.wait_for(keeping, timeout=10)
+    assert lock.lost.is_set() and not lock.leading and lock.lost_reason is not None
+    return lock.lost_reason
+
+
+async def test_a_lock_that_expired_under_load_is_not_reported_as_taken_by_another_scheduler(
+    redis_client: aioredis.Redis, redis_sync: redis.Redis, redis_url: str
+) -> None:
+    # A single scheduler whose renewal came late logged "another scheduler holds the lock": operators went looking
+    # for a second scheduler that did not exist.
+    keys = Keys("t")
+    lock = LeaderLock(ClusterStore(redis_client, keys), "alone", ttl=0.3)
+    reason = await _kept_until_lost(lock, redis_sync, keys.leader)
+    assert reason.startswith("the lock expired") and "no scheduler holds it" in reason, reason
+    since, late = (float(reason.split(f" s {word}")[0].rsplit(" ", 1)[1]) for word in ("after", "past"))
+    assert since >= 0.3 and late >= 0 and abs(since - 0.3 - late) < 0.002, reason  # how late the renewal came
+
+    async def take() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            await LeaderLock(ClusterStore(client, keys), "elsewhere:7:1", ttl=5).wait_for_leadership()
+        finally:
+            await client.aclose()
+
+    def another_scheduler_takes_it() -> None:  # (its own loop: this one is stalled)
+        taker = threading.Thread(target=asyncio.run, args=(take(),))
+        taker.start()
+        taker.join(10)
+
+    reason = await _kept_until_lost(lock, redis_sync, keys.leader, then=another_scheduler_takes_it)
+    assert reason.startswith("another scheduler holds the lock (elsewhere:7:1, fencing token 3)"), reason
 
 
 def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiServer, workspace: Path) -> None:

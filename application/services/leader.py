@@ -31,6 +31,8 @@ class LeaderLock:
         self.ttl = ttl
         self.value: str | None = None  # the lock's value while we lead: the fence every start carries
         self.lost = asyncio.Event()
+        self.lost_reason: str | None = None  # why the last leadership ended, as logged
+        self._renewed_at = time.monotonic()  # when the lock's TTL last started to run, at the latest
 
     @property
     def leading(self) -> bool:
@@ -38,6 +40,7 @@ class LeaderLock:
 
     async def wait_for_leadership(self, poll: float = 0.2) -> str:
         while True:
+            self._renewed_at = time.monotonic()  # (sent: see keep)
             try:
                 value = await self.cluster.acquire_leadership(self.ident, self.ttl)
             except RedisError as exc:
@@ -54,22 +57,45 @@ class LeaderLock:
         """Renew the lock until it is lost (then set `lost` and return)."""
         assert self.value is not None
         interval = self.ttl / 3
-        last_ok = time.monotonic()
+        last_ok = self._renewed_at
         while True:
             await asyncio.sleep(interval)
+            # When the renewal was sent, not answered: the lock's new TTL runs from some moment after this, so a
+            # lock found missing less than a TTL after it was not one that expired.
+            sent = time.monotonic()
             try:
                 if await self.cluster.renew_leadership(self.value, self.ttl):
-                    last_ok = time.monotonic()
+                    last_ok = sent
                     continue
-                reason = "another scheduler holds the lock"
+                reason = await self._why_refused(time.monotonic() - last_ok)
             except RedisError as exc:
                 if time.monotonic() - last_ok < self.ttl:
                     continue  # the lock may still be ours: try again before it can have expired
                 reason = f"Redis did not answer for a whole TTL ({exc})"
             logger.warning("scheduler {} lost the lead: {}", self.ident, reason)
+            self.lost_reason = reason
             self.value = None
             self.lost.set()
             return
+
+    async def _why_refused(self, since_renewal: float) -> str:
+        """Why a renewal was refused. A lock that simply expired (this process or Redis stalled past the TTL, and no
+        other scheduler exists) is not a lock taken by another scheduler: the operator looks for different causes
+        (load on this host, versus a second scheduler they may not know of)."""
+        try:
+            holder = await self.cluster.leader()
+        except RedisError as exc:
+            return f"the lock is no longer ours, and who holds it cannot be read ({exc})"
+        if holder is not None:
+            return (f"another scheduler holds the lock ({holder.scheduler_id}, fencing token "
+                    f"{holder.value.partition(':')[0]})")  # fmt: skip
+        late = since_renewal - self.ttl
+        if late >= 0:
+            return (f"the lock expired: renewed {since_renewal:.3f} s after the last renewal, {late:.3f} s past its "
+                    f"TTL of {self.ttl:g} s (this process or Redis stalled); no scheduler holds it now")  # fmt: skip
+        # Within its TTL: Redis lost the key (a restart without persistence, a flush), not a late renewal.
+        return (f"the lock is gone {since_renewal:.3f} s after the last renewal, before its TTL of {self.ttl:g} s ran "
+                "out (Redis lost it: a restart or a flush?); no scheduler holds it now")  # fmt: skip
 
     async def release(self) -> None:
         if self.value is not None:
