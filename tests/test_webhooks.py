@@ -314,3 +314,83 @@ async def test_a_pause_notification_says_when_the_job_was_paused(
         _, raw, _ = next(r for r in hook.received if r[0]["x-swift-api-event"] == "status_paused")
         at = json.loads(raw)["at"]
         assert isinstance(at, float) and before <= at <= time.time()
+
+
+async def test_deliveries_go_on_after_a_redis_outage_the_leader_kept_its_lead_through(
+    tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    # A Redis error that outlasted the client's retries ended the delivery loop for good, while the leader (whose
+    # lock survived the outage) never started another: no webhook went out again until a restart.
+    from loguru import logger
+
+    from application.models.training_model import JobStatus
+    from application.services.cluster_store import ClusterStore
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+    from application.services.redis_service import EmbeddedRedis, create_client, find_redis_server
+    from application.services.webhooks import Webhooks
+    from tests.conftest import settings_for
+    from tests.test_job_store import make_job
+
+    hook = receiver({})
+    binary = find_redis_server()
+    assert binary
+    own = EmbeddedRedis(tmp_path / "own-redis", binary)  # append-only: a restart keeps the data
+    own.start()
+    settings = settings_for(own.url, tmp_path, WEBHOOK_URLS=hook.url, REDIS_RETRIES=0, REDIS_SOCKET_TIMEOUT=1,
+                            REDIS_CONNECT_TIMEOUT=1)  # fmt: skip
+    client = create_client(settings, own.url)
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    store, cluster = JobStore(client, keys), ClusterStore(client, keys)
+    warned: list[str] = []
+    sink = logger.add(lambda m: warned.append(str(m)), level="WARNING", filter="application.services.webhooks")
+    webhooks = Webhooks(store, cluster, settings)
+    delivering = asyncio.create_task(webhooks.run())
+    try:
+        await store.create(make_job("j", JobStatus.QUEUED), message="", actor="t")
+        deadline = time.monotonic() + 10
+        while not await client.exists(keys.webhooks_global):  # announced: every job notifies (WEBHOOK_URLS)
+            assert time.monotonic() < deadline and not delivering.done()
+            await asyncio.sleep(0.05)
+        await cluster.notify("j", "before_outage")
+        await until(lambda: "before_outage" in hook.events())
+
+        own.stop()
+        # Until the loop has met the outage: it ended (before the fix) or says it waits for Redis.
+        await until(lambda: delivering.done() or any("Redis does not answer" in w for w in warned))
+        own.start()
+        deadline = time.monotonic() + 30
+        while True:  # (this client's own connection may fail once after the restart)
+            try:
+                await cluster.notify("j", "after_outage")
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        await until(lambda: "after_outage" in hook.events() or delivering.done())
+        assert "after_outage" in hook.events(), "no webhook delivered after the outage"
+        assert not delivering.done()
+    finally:
+        delivering.cancel()
+        await asyncio.gather(delivering, return_exceptions=True)
+        logger.remove(sink)
+        await client.aclose()
+        own.stop()
+
+
+async def test_a_notification_a_cut_off_take_left_under_way_goes_back_to_the_queue(redis_client: Any) -> None:
+    # What an outage can leave: a take that Redis carried out but whose answer never came back, so no delivery
+    # holds the notification; only the start of the next leadership requeued it.
+    from application.services.cluster_store import ClusterStore
+    from application.services.keys import Keys
+
+    keys = Keys("t")
+    cluster = ClusterStore(redis_client, keys)
+    for n in ("first", "second", "third"):
+        await redis_client.lpush(keys.webhooks, n)
+    held = await cluster.take_webhook()  # a delivery under way
+    cut_off = await cluster.take_webhook()  # the answer lost
+    assert (held, cut_off) == ("first", "second")
+    assert await cluster.requeue_orphan_deliveries(["first"]) == 1
+    assert await redis_client.lrange(keys.webhooks_delivering, 0, -1) == ["first"]
+    assert [await cluster.take_webhook() for _ in range(2)] == ["second", "third"]  # in its place: next out

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,6 +318,25 @@ class ClusterStore:
         # The newest taken first, each to the end deliveries are taken from: the oldest goes out first again.
         while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "LEFT", "RIGHT"):
             pass
+
+    async def requeue_orphan_deliveries(self, held: Collection[str]) -> int:
+        """The deliveries under way that no delivery of this leader holds (`held`), back in the queue: a take whose
+        answer an outage cut off moved its notification with no one to deliver it. How many went back."""
+        k = self.keys
+        kept = Counter(held)
+        orphans: list[str] = []
+        for raw in await self.r.lrange(k.webhooks_delivering, 0, -1):  # the newest taken first
+            if kept[raw]:
+                kept[raw] -= 1
+            else:
+                orphans.append(raw)
+        if orphans:
+            async with self.r.pipeline(transaction=True) as pipe:
+                for raw in orphans:  # as requeue_webhook_deliveries: the oldest goes out first again
+                    pipe.lrem(k.webhooks_delivering, 1, raw)
+                    pipe.rpush(k.webhooks, raw)
+                await pipe.execute()
+        return len(orphans)
 
     async def notify(self, job_id: str, event: str) -> None:
         """Queue a webhook notification outside a status change (an export that ended)."""

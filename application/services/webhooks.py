@@ -21,11 +21,14 @@ import hmac
 import ipaddress
 import json
 import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from loguru import logger
+from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.services.cluster_store import ClusterStore
@@ -33,6 +36,7 @@ from application.services.job_store import JobStore
 
 MAX_PARALLEL = 16
 POLL_SECONDS = 0.5
+RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -82,6 +86,7 @@ class Webhooks:
         self.urls = settings.webhook_urls()
         self._slots = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: Counter[str] = Counter()  # the notifications this leader's deliveries hold, as taken
 
     async def announce(self) -> None:
         """Tell every process whether all jobs notify (WEBHOOK_URLS) or only those with a webhook_url."""
@@ -90,15 +95,32 @@ class Webhooks:
             logger.warning("WEBHOOK_URLS without WEBHOOK_SECRET: deliveries are not signed")
 
     async def run(self) -> None:
-        await self.announce()
-        await self.cluster.requeue_webhook_deliveries()
+        """Deliver until cancelled (the lead lost, a stop). A Redis error, however long, only pauses it: the leader
+        that keeps its lead through an outage must not go on without deliveries."""
+        await self._redis_retried(self._start)
+        # A take whose answer an outage cut off may have moved a notification to the deliveries under way with no
+        # task to deliver it: looked for once Redis answers again.
+        orphans = False
+        pause = RETRY_MIN
         try:
             while True:
-                raw = await self.cluster.take_webhook()
+                try:
+                    if orphans and await self.cluster.requeue_orphan_deliveries(list(self._held.elements())):
+                        logger.info("webhooks: requeued the notifications a take cut off by Redis left behind")
+                    orphans = False
+                    raw = await self.cluster.take_webhook()
+                except RedisError as exc:
+                    orphans = True
+                    logger.warning("webhooks: Redis does not answer ({}); trying again in {:g} s", exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, RETRY_MAX)
+                    continue
+                pause = RETRY_MIN
                 if raw is None:
                     await asyncio.sleep(POLL_SECONDS)
                     continue
                 await self._slots.acquire()
+                self._held[raw] += 1
                 task = asyncio.create_task(self._deliver(raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -106,6 +128,22 @@ class Webhooks:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _start(self) -> None:
+        await self.announce()
+        await self.cluster.requeue_webhook_deliveries()
+
+    @staticmethod
+    async def _redis_retried(step: Callable[[], Awaitable[None]]) -> None:
+        pause = RETRY_MIN
+        while True:
+            try:
+                await step()
+                return
+            except RedisError as exc:
+                logger.warning("webhooks: Redis does not answer ({}); trying again in {:g} s", exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
 
     async def _deliver(self, raw: str) -> None:
         try:
@@ -123,12 +161,16 @@ class Webhooks:
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
                 for url, own in targets.items():
                     await self._post(client, url, body, item, delivery, own=own)
-            await self.cluster.webhook_delivered(raw)
+            # Dropped only once Redis takes it: left under way, it would be requeued and posted again.
+            await self._redis_retried(lambda: self.cluster.webhook_delivered(raw))
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("webhook delivery failed")
         finally:
+            self._held[raw] -= 1
+            if self._held[raw] <= 0:
+                del self._held[raw]
             self._slots.release()
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
