@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import httpx
 
 from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
 from application.services import process_group as pg
-from tests.conftest import _until, job_body, make_model, wait_job
+from tests.conftest import ROOT, _until, job_body, make_model, wait_job
+
+FIXTURES = ROOT / "tests" / "fixtures" / "swift"
 
 
 def dead_runner() -> RunnerInfo:
@@ -29,10 +32,12 @@ def dead_runner() -> RunnerInfo:
 
 
 async def running_with_dead_runner(client: httpx.AsyncClient, tmp_path: Path, name: str,
-                                   swift: subprocess.Popen[bytes] | None = None, **options: Any) -> None:  # fmt: skip
+                                   swift: subprocess.Popen[bytes] | None = None, run_dir: str | None = None,
+                                   **options: Any) -> None:  # fmt: skip
     """A job recorded running under run `run-<name>` whose runner died (having recorded `swift` when given)."""
     await client.post("/jobs", json=job_body(tmp_path, name, **options))
-    fields: dict[str, Any] = {"run_id": f"run-{name}", "runner": dead_runner(), "started_at": time.time() - 30}
+    fields: dict[str, Any] = {"run_id": f"run-{name}", "runner": dead_runner(), "started_at": time.time() - 30,
+                              "run_dir": run_dir}  # fmt: skip
     if swift is not None:
         fields.update(pid=swift.pid, process_start_time=pg.process_start_time(swift.pid),
                       process_stamp=pg.process_stamp(swift.pid))  # fmt: skip
@@ -79,6 +84,37 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         assert await scheduler.processor.run_pass() == ["orphan"]
         job = await wait_job(client, "orphan", lambda j: j["status"] != "running")
         assert job["status"] == "completed" and job["progress"]["current_step"] == 2, job
+
+
+async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_with_its_whole_history(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Its runner killed while no scheduler ran, swift trained on to its last step and end lines; the next leader
+    recorded 'runner_lost' and kept the loss history the runner had written before it died (steps missing)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, AUTO_EXPORT=False) as client:
+        run_dir = tmp_path / "output" / "ended" / "v0-20261126-155015"
+        run_dir.mkdir(parents=True)
+        shutil.copy(FIXTURES / "sft_success.logging.jsonl", run_dir / "logging.jsonl")
+        await running_with_dead_runner(client, tmp_path, "ended", run_dir=str(run_dir))
+        written = [{"step": 1, "loss": 8.264, "eval_loss": None, "learning_rate": 1e-4, "grad_norm": 0.6,
+                    "epoch": 0.025, "time": time.time()}]  # fmt: skip
+        await client.scheduler.store.add_history("ended", written)
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/ended")).json()
+        assert job["status"] == "completed" and job["error_code"] is None, job
+        history = (await client.get("/jobs/ended/progress", params={"history_limit": 100})).json()["history"]
+        steps = [p["step"] for p in history if p.get("loss") is not None]
+        assert steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20], steps
+        # One that stopped half way (its end lines written by swift's `finally`) is still lost.
+        half = tmp_path / "output" / "half" / "v0-20261126-155015"
+        half.mkdir(parents=True)
+        lines = (FIXTURES / "sft_success.logging.jsonl").read_text().splitlines()
+        (half / "logging.jsonl").write_text("\n".join(lines[:5]) + "\n")
+        await running_with_dead_runner(client, tmp_path, "half", run_dir=str(half))
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/half")).json()
+        assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
 
 
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(

@@ -431,6 +431,15 @@ class JobStore:
             "k": {"history": k.job_history(job_id), "events": k.job_events(job_id), "sent": k.job_sent(job_id)},
         })])  # fmt: skip
 
+    async def add_history(self, job_id: str, points: Sequence[Mapping[str, Any]]) -> None:
+        """Loss points written by someone other than the run's runner (the watchdog, from logging.jsonl, for a
+        runner that died), capped as a runner's are."""
+        key = self.keys.job_history(job_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *(encode(p) for p in points))
+            pipe.ltrim(key, -self.history_max, -1)
+            await pipe.execute()
+
     async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
         """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.
         Only while no run of the job writes (it is about to start one)."""

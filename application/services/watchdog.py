@@ -13,6 +13,7 @@ where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -31,7 +32,9 @@ from application.services.exports import merged_path, record_auto_export, run_ag
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
+from application.services.log_parser import RunFacts
 from application.services.run_end import exit_signal, host_went_down, runner_lost
+from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import interrupt_of, read_run, record_end
 
 WATCH_INTERVAL = 0.5
@@ -44,6 +47,14 @@ RECORD_GRACE = 10.0
 HOST_RESTART = "the restart of its host"
 # What a run whose runner was never launched goes back to the queue for.
 NEVER_LAUNCHED = "the stop of the scheduler that was starting it (its runner was never launched)"
+
+
+def ran_to_its_end(facts: RunFacts) -> bool:
+    """The log shows the trainer's end lines after its last step (ms-swift prints those lines after a crash too:
+    alone, they prove nothing)."""
+    p = facts.progress
+    return facts.finished and p is not None and p.current_step is not None and p.max_steps is not None and \
+        p.current_step >= p.max_steps  # fmt: skip
 
 
 def killed_with_its_host(code: int | None) -> bool:
@@ -126,8 +137,12 @@ class Watchdog:
             else:
                 lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs"), True
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
+        if facts.run_dir:
+            await self._fill_history(job.job_id, Path(facts.run_dir))
         # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
-        unexplained = code is None or (at_cap and not facts.finished)
+        # With no exit status, only a run that got to its last step and its end lines is taken as completed: swift
+        # trains on while no runner (and no scheduler) watches it.
+        unexplained = (code is None and not ran_to_its_end(facts)) or (at_cap and not facts.finished)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=lost if unexplained and interrupt is None else None, now=time.time())  # fmt: skip
         try:
@@ -145,6 +160,16 @@ class Watchdog:
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await record_auto_export(self.store, self.settings, job.job_id, None)
+
+    async def _fill_history(self, job_id: str, run_dir: Path) -> None:
+        """The loss points the dead runner never wrote, from the run's logging.jsonl: swift may have trained on
+        (to its end) while neither its runner nor a scheduler was there to follow it."""
+        log = await asyncio.to_thread(parse_logging_jsonl, run_dir / "logging.jsonl")
+        _, newest = await self.store.history_marker(job_id)
+        last = int(json.loads(newest).get("step", 0)) if newest else 0
+        if missing := [point for point in log.history if point["step"] > last]:
+            await self.store.add_history(job_id, missing)
+            logger.info("job {}: {} loss points its runner did not write, from {}", job_id, len(missing), run_dir)
 
     async def _stop_leftovers(self, pid: int | None, start_time: float | None, stamp: str | None,
                               mark: str | None) -> str:  # fmt: skip
