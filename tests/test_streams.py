@@ -160,6 +160,20 @@ def test_a_stream_given_an_id_it_never_sent_starts_from_the_beginning(server: Ap
     assert [m.data for m in rest] == [m.data for m in lines[4:]]
 
 
+def test_an_event_id_too_large_for_redis_starts_the_stream_from_the_beginning(server: ApiServer,
+                                                                           workspace: Path) -> None:  # fmt: skip
+    # Each part of a Redis stream id is at most 2**64 - 1: a larger one passed the id's pattern, and Redis
+    # refused it after the 200 was sent (the stream broke off with no message).
+    server.create(**job_body(workspace, "huge", auto_start=True, training={"max_steps": 3, "logging_steps": 1}))
+    wait_for(lambda: server.job("huge")["status"] == "completed")
+    whole = data_of(read(server, "/jobs/huge/events/stream", stop=lambda got: False))
+    assert whole
+    for bogus in (f"{2**64}-0", f"0-{2**64}", "99999999999999999999-0", "0-99999999999999999999"):
+        again = read(server, "/jobs/huge/events/stream", last_id=bogus, stop=lambda got: False)
+        assert again[-1].event == "end", bogus
+        assert [m.id for m in data_of(again)] == [m.id for m in whole], bogus
+
+
 def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(server: ApiServer,
                                                                                 workspace: Path) -> None:  # fmt: skip
     failure = "RuntimeError: " + "训练失败" * 8000  # one line of ~96 KB, 3 bytes a character

@@ -29,6 +29,8 @@ LOG_CHUNK = 64 * 1024
 MAX_LINE = 16 * 1024
 EVENTS_BATCH = 100
 _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+# Each part of a Redis stream id is an unsigned 64-bit number: XRANGE refuses a larger one.
+_EVENT_ID_PART_MAX = 2**64 - 1
 # ASCII digits only: str.isdigit() takes '²', which int() refuses.
 _NUMBER = re.compile(r"[0-9]{1,18}")
 HISTORY_TAIL = 200
@@ -236,7 +238,7 @@ class Streams:
     async def events(self, job_id: str, last_id: str | None, created: float) -> AsyncIterator[str]:
         """The job's events, `id:` the event id (the same ids as GET .../events)."""
         # Only an id of the form Redis gave (ms-seq) is used: anything else would make XRANGE fail.
-        after = last_id if last_id and _EVENT_ID.fullmatch(last_id) else None
+        after = _event_id(last_id)
         pace = _Pace(self.poll, self.heartbeat)
         while True:
             check, beat = pace.tick()
@@ -321,6 +323,14 @@ class Streams:
 def _same(created_raw: str | None, created: float) -> bool:
     """Is the job under this id still the one the stream was opened on (ids are freed by a delete)?"""
     return created_raw is not None and json.loads(created_raw) == created
+
+
+def _event_id(raw: str | None) -> str | None:
+    """A Redis stream id (`ms-seq`) Redis would take, or None: anything else would make XRANGE fail, and after
+    the stream's 200 was sent."""
+    if not raw or not _EVENT_ID.fullmatch(raw):
+        return None
+    return raw if all(int(part) <= _EVENT_ID_PART_MAX for part in raw.split("-")) else None
 
 
 def _point_id(raw: str | None) -> tuple[int, int]:
