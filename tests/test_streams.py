@@ -174,6 +174,33 @@ def test_an_event_id_too_large_for_redis_starts_the_stream_from_the_beginning(se
         assert [m.id for m in data_of(again)] == [m.id for m in whole], bogus
 
 
+def test_an_id_past_everything_a_stream_holds_starts_it_from_the_beginning(server: ApiServer,
+                                                                          workspace: Path) -> None:  # fmt: skip
+    # No stream could have sent an id past its newest message: the log stream started over for one, while the
+    # progress stream skipped every point up to it (here: all of them, ending at once with none).
+    server.create(**job_body(workspace, "past", auto_start=True, training={"max_steps": 3, "logging_steps": 1}))
+    wait_for(lambda: server.job("past")["status"] == "completed")
+    whole = {p: data_of(read(server, f"/jobs/past/{p}/stream", stop=lambda got: False)) for p in ("progress", "events")}
+    assert all(whole.values())
+    step, k = (int(part) for part in (whole["progress"][-1].id or "").split("-"))
+    ms, seq = (int(part) for part in (whole["events"][-1].id or "").split("-"))
+    beyond = {
+        "progress": ["99999999999-99999", f"{step + 1}-0", f"{step}-{k + 1}", str(step + 1)],
+        "events": [f"{ms}-{seq + 1}", f"{ms + 1}-0", f"{2**64 - 1}-{2**64 - 1}"],
+    }
+    for path, ids in beyond.items():
+        for bogus in ids:
+            again = read(server, f"/jobs/past/{path}/stream", last_id=bogus, stop=lambda got: False)
+            assert again[-1].event == "end", (path, bogus)
+            assert [m.id for m in data_of(again)] == [m.id for m in whole[path]], (path, bogus)
+    # The newest message's own id still resumes after it, as does its bare step (all the points at that step).
+    for last in (whole["progress"][-1].id, str(step)):
+        rest = read(server, "/jobs/past/progress/stream", last_id=last, stop=lambda got: False)
+        assert rest[-1].event == "end" and not data_of(rest), last
+    rest = read(server, "/jobs/past/events/stream", last_id=whole["events"][-1].id, stop=lambda got: False)
+    assert rest[-1].event == "end" and not data_of(rest)
+
+
 def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(server: ApiServer,
                                                                                 workspace: Path) -> None:  # fmt: skip
     failure = "RuntimeError: " + "训练失败" * 8000  # one line of ~96 KB, 3 bytes a character

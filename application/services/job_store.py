@@ -420,6 +420,10 @@ class JobStore:
             for eid, f in rows
         ]  # fmt: skip
 
+    async def newest_event_id(self, job_id: str) -> str | None:
+        rows = await self.r.xrevrange(self.keys.job_events(job_id), max="+", min="-", count=1)
+        return rows[0][0] if rows else None
+
     async def append_run(self, job_id: str, run_id: str, history: Sequence[Mapping[str, Any]],
                          events: Sequence[Mapping[str, str]], *, sent: tuple[int, int]) -> None:  # fmt: skip
         """A runner's loss points and events (`event_payload`s). `sent`: how many of each this run had written

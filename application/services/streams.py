@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from application.models.training_model import JobStatus
+from application.models.training_model import JobStatus, LossPoint
 from application.services.job_store import JobStore
 from application.services.owner_slots import OwnerSlots
 from application.utils.log_tail import read_from
@@ -34,6 +34,8 @@ _EVENT_ID_PART_MAX = 2**64 - 1
 # ASCII digits only: str.isdigit() takes '²', which int() refuses.
 _NUMBER = re.compile(r"[0-9]{1,18}")
 HISTORY_TAIL = 200
+# The k of a bare step's id (`<step>`): after every point at that step.
+_BARE_STEP = 1_000_000
 # The job's status is read every few polls: it only decides when the stream ends.
 STATUS_EVERY = 2.0
 # A stream with nothing new for a while looks less often (never less than this), so idle streams cost little.
@@ -239,6 +241,11 @@ class Streams:
         """The job's events, `id:` the event id (the same ids as GET .../events)."""
         # Only an id of the form Redis gave (ms-seq) is used: anything else would make XRANGE fail.
         after = _event_id(last_id)
+        # Events are only ever added after the newest: an id past it is not one this stream sent (a stale id of
+        # another Redis, a hand-made one). It would skip every event up to it, so the stream starts over instead.
+        newest = await self.store.newest_event_id(job_id) if after else None
+        if after and (newest is None or _event_key(after) > _event_key(newest)):
+            after = None
         pace = _Pace(self.poll, self.heartbeat)
         while True:
             check, beat = pace.tick()
@@ -265,6 +272,7 @@ class Streams:
         """One message per new loss-history point, with the run's step/total and ETA. Its `id:` is
         `<step>-<k>`: the k-th point logged at that step (a training and an evaluation point can share one)."""
         last = _point_id(last_id)
+        reconnect = last != (0, -1)
         first = True
         newest: tuple[int, str | None] = (-1, None)
         pace = _Pace(self.poll, self.heartbeat)
@@ -279,10 +287,18 @@ class Streams:
                 points = await self.store.history(job_id, self.store.history_max if first else HISTORY_TAIL)
                 first = False
                 seen: dict[int, int] = {}
+                keyed: list[tuple[tuple[int, int], LossPoint]] = []
                 for p in points:
                     k = seen[p.step] = seen.get(p.step, -1) + 1
-                    if (p.step, k) > last:
-                        fresh.append(((p.step, k), p.model_dump(exclude_none=True)))
+                    keyed.append(((p.step, k), p))
+                if reconnect:
+                    reconnect = False
+                    # An id past the newest point is not one this stream sent: skipping every point up to it
+                    # would send none of the history, so the stream starts over, as the other streams do.
+                    top = max((key for key, _ in keyed), default=(-1, -1))
+                    if last[0] > top[0] or (last[0] == top[0] and top[1] < last[1] != _BARE_STEP):
+                        last = (0, -1)
+                fresh = [(key, p.model_dump(exclude_none=True)) for key, p in keyed if key > last]
             progress = await self._progress(job_id, created) if fresh else None
             if fresh and progress is None:
                 fresh = []  # the id is another job's now: the next status check ends the stream
@@ -333,6 +349,12 @@ def _event_id(raw: str | None) -> str | None:
     return raw if all(int(part) <= _EVENT_ID_PART_MAX for part in raw.split("-")) else None
 
 
+def _event_key(event_id: str) -> tuple[int, int]:
+    """A Redis stream id as Redis orders them (by number, not as text)."""
+    ms, _, seq = event_id.partition("-")
+    return (int(ms), int(seq))
+
+
 def _point_id(raw: str | None) -> tuple[int, int]:
     """A progress message id, `<step>-<k>` (a bare step counts as its last point); (0, -1) before any."""
     if not raw:
@@ -340,4 +362,4 @@ def _point_id(raw: str | None) -> tuple[int, int]:
     step, _, k = raw.partition("-")
     if not _NUMBER.fullmatch(step):
         return (0, -1)
-    return (int(step), int(k) if _NUMBER.fullmatch(k) else 1_000_000)
+    return (int(step), int(k) if _NUMBER.fullmatch(k) else _BARE_STEP)
