@@ -86,11 +86,17 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
         ("bytes=10-", 206, data[10:], f"bytes 10-{size - 1}/{size}"),
         (f"bytes=5-{size + 100}", 206, data[5:], f"bytes 5-{size - 1}/{size}"),
         ("bytes=0-1,5-6", 200, data, None),  # several ranges: the whole file
+        # Numbers too long for 64 bits still mean what they say: to the end, or all of a shorter file.
+        ("bytes=5-" + "9" * 30, 206, data[5:], f"bytes 5-{size - 1}/{size}"),
+        ("bytes=-" + "9" * 30, 206, data, f"bytes 0-{size - 1}/{size}"),
+        ("bytes=" + "0" * 25 + "3-4", 206, data[3:5], f"bytes 3-4/{size}"),
     ]:
         r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": asked})
         assert (r.status_code, r.content, r.headers.get("content-range")) == (status, body, content_range), asked
-    r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": f"bytes={size}-"})
-    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}", r.text
+    # A start past the end, however many digits it takes (a long one was ignored: 200 with the whole file).
+    for asked in (f"bytes={size}-", "bytes=" + "9" * 26 + "-", "bytes=" + "9" * 26 + "-" + "9" * 27):
+        r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": asked})
+        assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}", (asked, r.text)
     etag = server.http.get(f"/jobs/arts/artifacts/{rel}").headers["etag"]
     r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": etag})
     assert r.status_code == 206 and r.content == data[:10]
@@ -207,13 +213,24 @@ def test_one_key_has_at_most_downloads_per_owner_in_progress(server_factory: Cal
 @pytest.mark.parametrize(("header", "size", "expected"), [
     (None, 10, None), ("bytes=0-0", 10, (0, 1)), ("bytes=2-", 10, (2, 10)), ("bytes=-3", 10, (7, 10)),
     ("bytes=-30", 10, (0, 10)), ("BYTES = 1 - 2", 10, (1, 3)), ("bytes=5-2", 10, None), ("items=0-1", 10, None),
-    ("bytes=0-1,3-4", 10, None), ("bytes=-", 10, None), ("bytes=" + "9" * 30 + "-", 10, None),
+    ("bytes=0-1,3-4", 10, None), ("bytes=-", 10, None), ("bytes=2-" + "9" * 30, 10, (2, 10)),
+    ("bytes=-" + "9" * 30, 10, (0, 10)), ("bytes=" + "9" * 27 + "-" + "9" * 26, 10, None),
 ])  # fmt: skip
 def test_range_header_forms(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, size) == expected
 
 
-@pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0), ("bytes=-1", 0)])
+@pytest.mark.parametrize(
+    ("header", "size"),
+    [
+        ("bytes=10-", 10),
+        ("bytes=-0", 10),
+        ("bytes=0-", 0),
+        ("bytes=-1", 0),
+        ("bytes=" + "9" * 30 + "-", 10),
+        ("bytes=" + "9" * 5000 + "-" + "9" * 5000, 10),
+    ],
+)
 def test_unsatisfiable_ranges(header: str, size: int) -> None:
     with pytest.raises(RangeNotSatisfiable) as exc:
         parse_range(header, size)

@@ -236,7 +236,22 @@ async def listing(job: Job, output_root: Path) -> ArtifactList:
 
 # ---- one file, with Range -----------------------------------------------------------------------------------
 
-_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$", re.IGNORECASE)
+# Numbers of any length: a start too long for 64 bits is still past the end (416), not a malformed range.
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# Larger than any file: what a number too long to convert cheaply stands for (int() of thousands of digits is
+# slow, and refused past sys.int_info's limit).
+_HUGE = 2**64
+
+
+def _value(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 19 else _HUGE
+
+
+def _order(digits: str) -> tuple[int, str]:
+    """Sorts decimal numbers of any length as their values do, without converting them."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -247,15 +262,15 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = m.groups()
     if first == "":  # bytes=-n: the last n bytes
-        if int(last) == 0 or size == 0:
+        if _value(last) == 0 or size == 0:
             raise RangeNotSatisfiable(f"the range '{header}' asks for no bytes: the file is {size} bytes", size)
-        return max(0, size - int(last)), size
-    start = int(first)
-    if last != "" and int(last) < start:
+        return max(0, size - _value(last)), size
+    if last != "" and _order(last) < _order(first):
         return None
+    start = _value(first)
     if start >= size:
         raise RangeNotSatisfiable(f"the range '{header}' starts past the end: the file is {size} bytes", size)
-    return start, size if last == "" else min(int(last) + 1, size)
+    return start, size if last == "" else min(_value(last) + 1, size)
 
 
 def media_type(name: str) -> str:
