@@ -24,8 +24,9 @@ from starlette.routing import Match
 
 from application import __version__
 from application.api.body_limit import BodyLimit
+from application.api.deps import E413
 from application.api.metrics import router as metrics_router
-from application.api.openapi import TAGS, add_units, operation_id
+from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
 from application.api.training import router as training_router
 from application.auth import KeyRing
 from application.config import Settings, get_settings
@@ -161,8 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing(settings.api_keys)
     app.state.http_metrics = HttpMetrics()
     # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
-    app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES,
-                       exempt={f"{settings.API_PREFIX}/training/files"})  # fmt: skip
+    unlimited = {f"{settings.API_PREFIX}/training/files"}
+    app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES, exempt=unlimited)
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
 
     @app.exception_handler(ApiError)
@@ -213,7 +214,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = add_units(plain_openapi())
+            app.openapi_schema = add_body_limit(add_units(plain_openapi()), unlimited, E413[413]["description"])
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

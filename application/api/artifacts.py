@@ -82,7 +82,18 @@ async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training
                              headers=got.headers, media_type=got.media_type)  # fmt: skip
 
 
-@router.head("/jobs/{job_id}/artifacts/{path:path}", include_in_schema=False)
+# No content: a HEAD answer never has a body, so the schema promises its statuses and headers only.
+HEAD_ANSWERS: Responses = {
+    200: {"description": "the file's (or tar's) headers: Content-Length (none for a tar), ETag, Last-Modified"},
+    206: {"description": "the headers the Range would get (Content-Range, Content-Length)"},
+    416: {"description": "the Range starts past the end (Content-Range: bytes */size)"},
+    404: {"description": MISSING[404]["description"]},
+}
+
+
+@router.head("/jobs/{job_id}/artifacts/{path:path}", response_class=Response, responses=HEAD_ANSWERS,
+             operation_id="head_job_artifact",
+             summary="The headers a download of this file or `<folder>.tar` would get, without its body")  # fmt: skip
 async def head_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training, caller: CallerDep, request: Request,
                             range_header: RangeHeader = None, if_range: IfRangeHeader = None) -> Response:  # fmt: skip
     """What GET would answer, without its body (download tools ask first): nothing is read, no slot taken."""

@@ -50,3 +50,17 @@ def add_units(schema: dict[str, Any]) -> dict[str, Any]:
             elif unit and unit.split(" ")[0] not in prop["description"]:
                 prop["description"] = f"{prop['description']} ({unit})"
     return schema
+
+
+def add_body_limit(schema: dict[str, Any], exempt: set[str], description: str) -> dict[str, Any]:
+    """List 413 on every operation the MAX_REQUEST_BYTES middleware covers. It refuses an oversized body before
+    any route sees it, whatever the method and whether the route reads a body, so a route's own `responses`
+    would miss some (a body-less POST such as /start); `exempt` paths enforce a limit of their own."""
+    answer = {"description": description,
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}  # fmt: skip
+    for path, operations in schema.get("paths", {}).items():
+        if path in exempt:
+            continue
+        for operation in operations.values():
+            operation.setdefault("responses", {}).setdefault("413", answer)
+    return schema
