@@ -212,6 +212,22 @@ def test_an_export_killed_by_a_signal_nobody_asked_for_has_failed(
     assert "swift export was killed by signal 9 (SIGKILL" in job["export"]["error"]
 
 
+def test_an_export_whose_runner_was_killed_says_which_signal(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # Its scheduler started the runner and saw how it ended; the error said only that it "died (pid N)".
+    wrapper, _gate = gated_swift(tmp_path)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**job_body(workspace, "kill9", auto_start=True, training={"max_steps": 2}))
+    server.wait_status("kill9", "completed")
+    job = wait_for(lambda: (j := server.job("kill9"))["export"]["pid"] and j, what="the export to start")
+    os.kill(job["export"]["runner"]["pid"], signal.SIGKILL)
+    job = wait_for(lambda: (j := server.job("kill9"))["export"]["status"] != "running" and j, what="export end")
+    assert job["export"]["status"] == "failed", job["export"]
+    assert job["export"]["error"].startswith("the export's runner was killed by signal 9 (SIGKILL"), job["export"]
+    assert group_members(job["export"]["pid"]) == []  # its swift export was stopped with it
+
+
 def test_an_export_whose_worker_was_killed_says_which_signal(server_factory: Callable[..., ApiServer],
                                                              workspace: Path, tmp_path: Path) -> None:  # fmt: skip
     # swift's launcher passes its worker's -9 to sys.exit: the export exits 247, and that is still a SIGKILL.

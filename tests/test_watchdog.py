@@ -138,6 +138,34 @@ async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its
         assert job["status"] == "stopped" and len(job["attempts"]) <= 1, job
 
 
+async def test_an_export_that_swift_finished_after_its_runner_died_is_completed(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Its runner killed while Redis was down, swift export merged on to the end and said so in its log; with
+    no exit status left, the export was recorded failed and its merged model went unlisted."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        await client.post("/jobs", json=job_body(tmp_path, "late"))
+        store = client.scheduler.store
+        await store.transition("late", JobStatus.RUNNING, fields={"run_id": "run-late"})
+        await store.transition("late", JobStatus.COMPLETED)
+        checkpoint = tmp_path / "output" / "late" / "v0-20261126-155015" / "checkpoint-20"
+        merged = Path(f"{checkpoint}-merged")
+        merged.mkdir(parents=True)
+        (merged / "config.json").write_text("{}")
+        log = tmp_path / "output" / "late" / "logs" / "late.export.log"
+        log.parent.mkdir(parents=True)
+        tail = (FIXTURES / "export_merge.stderr.txt").read_text().replace(
+            "/data/lab/out/v0-20261126-155015/checkpoint-20", str(checkpoint))  # fmt: skip
+        log.write_text(tail)
+        export = ExportInfo(status=ExportStatus.RUNNING, export_id="exp-late", runner=dead_runner(),
+                            checkpoint=str(checkpoint), log_file=str(log), started_at=time.time() - 30)  # fmt: skip
+        await store.update("late", {"export": export}, exporting=True)
+        await client.scheduler.watchdog.sweep()
+        got = (await client.get("/jobs/late")).json()["export"]
+        assert got["status"] == "completed" and got["path"] == str(merged), got
+
+
 async def test_an_export_whose_runner_died_before_recording_swifts_pid_is_stopped(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -32,10 +32,11 @@ from application.services.exports import merged_path, record_auto_export, run_ag
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.log_parser import RunFacts
-from application.services.run_end import exit_signal, host_went_down, runner_lost
+from application.services.log_parser import RunFacts, SwiftLogParser
+from application.services.run_end import exit_signal, host_went_down, runner_lost, signal_text
 from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import interrupt_of, read_run, record_end
+from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
@@ -55,6 +56,13 @@ def ran_to_its_end(facts: RunFacts) -> bool:
     p = facts.progress
     return facts.finished and p is not None and p.current_step is not None and p.max_steps is not None and \
         p.current_step >= p.max_steps  # fmt: skip
+
+
+def merged_by_swift(log_file: Path, expected: str) -> bool:
+    """swift export's own last lines say it merged into `expected` (blocking: reads the log's tail)."""
+    parser = SwiftLogParser()
+    parser.feed(("\n".join(tail_lines(log_file, 20)) + "\n").encode())
+    return parser.merged_path == expected
 
 
 def killed_with_its_host(code: int | None) -> bool:
@@ -230,9 +238,12 @@ class Watchdog:
             return
         await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
+        if code is None and info.log_file and not job.export_stop_requested and \
+                await asyncio.to_thread(merged_by_swift, Path(info.log_file), merged_path(info)):  # fmt: skip
+            code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
-            f"the export's runner died (pid {info.runner.pid}) before recording its end"  # fmt: skip
+            f"the export's runner {self._how_it_ended(info.runner)} before recording its end"  # fmt: skip
         if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(info.runner):
             if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
                 message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
@@ -251,6 +262,14 @@ class Watchdog:
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
                                  done=True)  # fmt: skip
         await self.cluster.notify(job.job_id, f"export_{status.value}")
+
+    def _how_it_ended(self, runner: RunnerInfo) -> str:
+        """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
+        code = self.launcher.exit_status(runner)
+        sig = exit_signal(code)
+        if sig is not None:
+            return f"was {signal_text(sig)}"
+        return f"exited with code {code}" if code is not None else f"died (pid {runner.pid})"
 
     async def _launch_export(self, job: Job, info: ExportInfo) -> None:
         try:
