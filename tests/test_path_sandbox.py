@@ -110,7 +110,7 @@ def test_output_dir_stays_under_output_root(tmp_path: Path) -> None:
     root = tmp_path / "out"
     root.mkdir()
     assert resolve_output_dir("job1", root) == root / "job1"
-    for bad in ("..", "../x", "/etc/x", ".", "a/" * 2000, "x\ry"):
+    for bad in ("..", "../x", "/etc/x", ".", "a/" * 2000, "x\ry", "~/x", "~"):
         with pytest.raises(Invalid):
             resolve_output_dir(bad, root)
     # A link outside followed by dots back into OUTPUT_ROOT would tell where the link leads.
@@ -126,6 +126,9 @@ def test_output_dir_stays_under_output_root(tmp_path: Path) -> None:
     # Every part under 255 bytes and the text under 4096, but no room left for a run's files under the system's
     # path limit: its start failed ("File name too long") and, before that was caught, held up the queue.
     long = "/".join(["d" * 240] * 17)[:4000]
+    with pytest.raises(Invalid, match="starts with '~': name a folder under OUTPUT_ROOT, such as x"):
+        resolve_output_dir("~/x", root)  # a folder named '~' was made under OUTPUT_ROOT
+    assert resolve_output_dir("x~", root) == root / "x~"
     with pytest.raises(Invalid, match="leave room for the files a run writes inside it"):
         resolve_output_dir(long, root)
     assert len(str(resolve_output_dir("/".join(["d" * 200] * 10), root))) < 4096 - 512

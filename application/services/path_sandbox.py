@@ -224,6 +224,11 @@ def _with_sample(path: str, sample: int | None) -> str:
 def resolve_output_dir(requested: str, root: Path) -> Path:
     """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     check_text("output_dir", requested)
+    if requested.startswith("~"):
+        # data_path and model_path read '~' as a home folder (and refuse it, outside the roots); here it made a
+        # folder named '~' under OUTPUT_ROOT, not what the user meant either.
+        raise Invalid(f"output_dir '{requested}' starts with '~': name a folder under OUTPUT_ROOT, such as "
+                      f"{requested.lstrip('~/') or 'my_job'}")  # fmt: skip
     configured, root = root, _real_roots((root,))[0]
     candidate = Path(requested)
     candidate = candidate if candidate.is_absolute() else root / candidate
