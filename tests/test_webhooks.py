@@ -139,8 +139,15 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
     hook = receiver({})
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(WEBHOOK_SECRET=SECRET) as client:
-        body = job_body(tmp_path, "inside", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
-        await client.post("/jobs", json=body)
+        # Written as an address: refused at once (it was stored, to fail at every notification).
+        literal = (hook.url, "http://127.1:9/x", "http://0x7f000001/x", "http://[::ffff:10.0.0.1]/x", "http://0.0.0.0/")
+        for url in literal:
+            r = await client.post("/jobs", json=job_body(tmp_path, "literal", webhook_url=url))
+            assert r.status_code == 422 and "WEBHOOK_ALLOW_PRIVATE=true" in r.json()["detail"], (url, r.text)
+        # A name is resolved at each delivery, and refused there.
+        named = hook.url.replace("127.0.0.1", "localhost")
+        body = job_body(tmp_path, "inside", auto_start=True, webhook_url=named, training={"max_steps": 3})
+        assert (await client.post("/jobs", json=body)).status_code == 201
 
         await until_failed(client, "inside", "private network")
         assert hook.received == []

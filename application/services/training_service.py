@@ -59,6 +59,7 @@ from application.services.swift_arguments import (
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
+from application.services.webhooks import refuse_undeliverable
 from application.utils.filesystems import on_local_disk
 from application.utils.gpu_types import GpuSnapshot
 from application.utils.log_tail import tail_lines
@@ -162,6 +163,10 @@ class TrainingService:
         if cap and caller.name is not None and req.num_gpus > cap:
             raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
         require_usable_swift(meta)
+        # (A URL of the operator's own is posted to as theirs, unchecked.)
+        if req.webhook_url and not self.settings.WEBHOOK_ALLOW_PRIVATE and \
+                req.webhook_url not in self.settings.webhook_urls():  # fmt: skip
+            refuse_undeliverable(req.webhook_url)
         data_path, extra = await self.files.with_upload_paths(req.data_path, req.training.extra_arguments, caller)
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)

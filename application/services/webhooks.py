@@ -31,6 +31,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.config import Settings
+from application.exceptions import Invalid
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
@@ -68,6 +69,29 @@ def is_public(address: str) -> bool:
         if any(ip in net for net in _CARRIERS):
             return False
     return True
+
+
+def literal_address(host: str) -> str | None:
+    """The address a host written as one names (127.0.0.1, and the forms the resolver also reads as addresses:
+    127.1, 0x7f000001, 2130706433, [::ffff:127.0.0.1]), normalised; None for a name. No lookup is made."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def refuse_undeliverable(url: str) -> None:
+    """A job's webhook_url written with an address the deliveries would never post to is refused at create, not
+    stored to fail at each notification (a name is resolved, and checked, at each delivery)."""
+    host = httpx.URL(url).host
+    address = literal_address(host)
+    if address is not None and not is_public(address):
+        raise Invalid(f"webhook_url points at {host} ({address}), an address of this host or of a private network: "
+                      "notifications are never posted there (WEBHOOK_ALLOW_PRIVATE=true allows it)")  # fmt: skip
 
 
 def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
