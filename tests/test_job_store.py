@@ -124,6 +124,17 @@ async def test_transition_refuses_leaving_terminal_and_stamps_times(store: JobSt
     assert (await store.counts())["completed"] == 1
 
 
+async def test_a_job_stored_before_a_create_rule_still_reads(store: JobStore) -> None:
+    # save_steps 999999999 ("never save") was accepted before steps were bounded at create: such a job must still
+    # read, or every pass that plans it fails (no job of anyone starts), and its routes answer 500.
+    job = make_job("old")
+    job.training = TrainingParams.model_validate({"save_steps": 999_999_999, "max_steps": 10**12,
+                                                  "warmup_ratio": 1.0})  # fmt: skip
+    await store.create(job, message="", actor="t")
+    got = await require(store, "old")
+    assert (got.training.save_steps, got.training.max_steps, got.training.warmup_ratio) == (999_999_999, 10**12, 1.0)
+
+
 async def test_gpu_lease_never_shared(store: JobStore) -> None:
     await store.create(make_job("a"), message="", actor="t")
     await store.create(make_job("b"), message="", actor="t")

@@ -27,8 +27,10 @@ ALIASES = {
     "sft_type": "train_type",
 }
 # Far beyond any real run (a million steps is a long pre-training), yet a number every step rule can compute
-# with: 10**400 steps were a 500 (the duration prediction's float overflowed).
+# with: 10**400 steps were a 500 (the duration prediction's float overflowed). A rule of new jobs (JobCreate):
+# a stored job with more (save_steps 999999999, "never save", was common) must still read.
 MAX_STEPS = 100_000_000
+STEP_FIELDS = ("max_steps", "save_steps", "eval_steps", "logging_steps")
 JOB_ID_HELP = "1-128 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
 
 
@@ -87,10 +89,10 @@ class TrainingParams(_Strict):
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(32, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
-    eval_steps: int = Field(100, ge=1, le=MAX_STEPS)
-    save_steps: int = Field(100, ge=1, le=MAX_STEPS)
+    eval_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
     save_total_limit: int = Field(2, ge=1, le=1000)
-    logging_steps: int = Field(5, ge=1, le=MAX_STEPS)
+    logging_steps: int = Field(5, ge=1)
     max_length: int = Field(8192, ge=16, le=1_048_576)
     # (below 1 for a new job: JobCreate; a job stored before that rule must still read)
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="below 1; 0 when warmup_steps is given")
@@ -103,7 +105,7 @@ class TrainingParams(_Strict):
     torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="default: bfloat16 on GPUs, float32 for a CPU-only job (num_gpus 0)"
     )
-    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     split_dataset_ratio: float | None = Field(None, ge=0, lt=1)
     model_type: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
     template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
@@ -258,6 +260,9 @@ class JobCreate(_Strict):
         # replaces the ratio's default. (Rules of a new job: the stored one is read as it was written.)
         if t.warmup_ratio >= 1:
             raise ValueError("training.warmup_ratio must be less than 1 (or use training.warmup_steps)")
+        for name in STEP_FIELDS:
+            if (getattr(t, name) or 0) > MAX_STEPS:
+                raise ValueError(f"training.{name} must be at most {MAX_STEPS:,} steps")
         if (t.model_extra or {}).get("warmup_steps") is not None:
             if "warmup_ratio" in t.model_fields_set and t.warmup_ratio > 0:
                 raise ValueError("training.warmup_steps and training.warmup_ratio: set one of them (ms-swift "
