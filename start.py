@@ -41,6 +41,7 @@ STOP_GRACE = 3.0
 # is recorded from uvicorn's handlers. Whether the scheduler's end is a failure depends on this alone: the keeper's
 # exit code cannot tell a stop of all from a signal someone sent the keeper alone.
 told_to_stop = threading.Event()
+STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
 
 
 class _Server(uvicorn.Server):
@@ -51,7 +52,9 @@ class _Server(uvicorn.Server):
 
 class _Multiprocess(Multiprocess):
     def handle_signals(self) -> None:
-        if self.signal_queue:
+        # Only the stop signals: SIGHUP (restart the workers), SIGTTIN and SIGTTOU (one worker more or less) queue
+        # here too, and a scheduler dying after a log rotation's SIGHUP must still count as a failure.
+        if any(sig in STOP_SIGNALS for sig in self.signal_queue):
             told_to_stop.set()
         super().handle_signals()
 

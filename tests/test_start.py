@@ -117,3 +117,25 @@ def test_a_stop_signal_to_all_of_start_py_at_once_is_a_stop_not_a_failure(
     keeper.wait(30)  # the keeper gone first: the order that tempts start.py to call it a failure
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0, server.server_log()
+
+
+def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> None:
+    """SIGHUP (restart the workers, as a log rotation sends), SIGTTIN and SIGTTOU reach the same queue: counted as
+    a stop, a scheduler dying later was taken for part of a stop and the API served on without one."""
+    import uvicorn
+
+    import start
+
+    supervisor = start._Multiprocess(uvicorn.Config("application.main:create_app", factory=True, workers=2),
+                                     sockets=[])  # fmt: skip
+    start.told_to_stop.clear()
+    try:
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            supervisor.signal_queue.append(sig)
+            supervisor.handle_signals()
+        assert not start.told_to_stop.is_set()
+        supervisor.signal_queue.append(signal.SIGTERM)
+        supervisor.handle_signals()
+        assert start.told_to_stop.is_set() and supervisor.should_exit.is_set()
+    finally:
+        start.told_to_stop.clear()
