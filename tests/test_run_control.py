@@ -108,6 +108,20 @@ async def test_a_job_stopped_while_it_waits_to_run_again_can_still_be_resumed(
         assert (await client.get("/queue")).json()["summary"]["length"] == 0
         again = await client.post("/jobs/saver/resume")
         assert again.status_code == 200 and again.json()["resume_step"] == waiting["resume_step"], again.text
+        # Taken out of the queue by DELETE /queue/{id}: the same.
+        removed = await client.delete("/queue/saver")
+        assert removed.status_code == 200 and removed.json()["status"] == "stopped", removed.text
+        # One that ran but saved nothing has nothing to resume: cancelled, as one that never ran.
+        assert (await client.post("/jobs/hog/stop")).json()["status"] == "stopped"
+        no_saves = {"max_steps": 400, "save_steps": 1000}
+        early = job_body(tmp_path, "early", step_seconds=0.05, auto_start=True, training=no_saves)
+        assert (await client.post("/jobs", json=early)).json()["status"] == "running"
+        await wait_job(client, "early", lambda j: (j["progress"]["current_step"] or 0) >= 2)
+        assert (await client.post("/jobs/early/pause")).json()["status"] == "paused"
+        assert (await client.post("/jobs", json=job_body(tmp_path, "hog2", hang_after_steps=1, auto_start=True))
+                ).json()["status"] == "running"  # fmt: skip
+        assert (await client.post("/jobs/early/resume")).json()["status"] == "queued"
+        assert (await client.post("/jobs/early/stop")).json()["status"] == "cancelled"
         # One that never ran is cancelled as before.
         fresh = job_body(tmp_path, "fresh", auto_start=True)
         assert (await client.post("/jobs", json=fresh)).json()["status"] == "queued"

@@ -14,6 +14,11 @@ from application.services.run_outputs import job_checkpoints
 MAX_FILES = 10_000
 
 
+def newest_checkpoint(job: Job) -> str | None:
+    """The checkpoint a resume would use: the newest of the job's still on disk."""
+    return next((c for c in reversed(job.checkpoints) if (Path(c) / "trainer_state.json").is_file()), None)
+
+
 def folder_size(path: Path) -> int | None:
     total, seen = 0, 0
     stack = [path]

@@ -10,9 +10,10 @@ from typing import Any
 from application.auth import Caller
 from application.exceptions import ApiError, Conflict
 from application.models.training_model import JobStatus
+from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
 from application.services.queue_planner import ClusterView, pending_reason, queued, wait_estimate
-from application.services.training_service import TrainingService
+from application.services.training_service import TrainingService, refused
 
 PASS_WAIT_SECONDS = 10.0
 
@@ -98,9 +99,13 @@ class QueueService:
             raise Conflict(f"job '{job_id}' is {job.status.value}: it has left the queue already")
         if job.status != JobStatus.QUEUED:
             raise Conflict(f"job '{job_id}' is {job.status.value}, not queued: use POST .../jobs/{job_id}/stop")
-        await self.service.cancel(job_id, (JobStatus.QUEUED,), "removed from the GPU queue", caller)
-        message = "Removed from the queue and cancelled"
-        return {"job_id": job_id, "status": JobStatus.CANCELLED.value, "message": message}
+        try:
+            to = await self.service.leave_queue(job, "removed from the GPU queue", caller)
+        except TransitionRefused as exc:
+            raise refused(job_id, exc, "job '{id}' is {status} now: it can no longer be cancelled") from None
+        message = "Removed from the queue and cancelled" if to == JobStatus.CANCELLED else \
+            "Removed from the queue and stopped (POST .../resume resumes it from its checkpoint)"  # fmt: skip
+        return {"job_id": job_id, "status": to.value, "message": message}
 
     async def job_status(self, job_id: str, caller: Caller) -> dict[str, Any]:
         job = await self.service.require(job_id, caller)

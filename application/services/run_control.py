@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound
 from application.models.job_responses import ActionResponse, CheckpointList
 from application.models.training_model import ExportStatus, Job, JobStatus
-from application.services.checkpoints import describe_checkpoints
+from application.services.checkpoints import describe_checkpoints, newest_checkpoint
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.run_end import checkpoint_step
 from application.services.training_service import (
@@ -55,16 +54,12 @@ class RunControl:
                                        message="stopped while paused")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
                                   message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
-        if job.status == JobStatus.QUEUED and job.attempts:
-            # It ran before (resumed, preempted, retried, requeued): cancelled, its checkpoints could not be resumed.
-            await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.QUEUED,), actor=caller.actor,
-                                       message="stopped while it waited to run again")  # fmt: skip
-            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
-                                  message="The job was stopped while it waited to run again (POST .../resume still "
-                                  "resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
-            await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(job.status,), actor=caller.actor,
-                                       message="cancelled before it started")  # fmt: skip
+            to = await svc.leave_queue(job, "cancelled before it started", caller)
+            if to == JobStatus.STOPPED:
+                return ActionResponse(job_id=job_id, status=to, resume_from=job.resume_from,
+                                      message="The job was stopped while it waited to run again (POST .../resume "
+                                      "still resumes it)")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
         if job.status == JobStatus.RUNNING:
             await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
@@ -135,7 +130,7 @@ class RunControl:
         if gone := await self.service.files.gone_uploads(job):
             raise Conflict(f"job '{job_id}' trains on the uploaded file {gone[0]}, which has been deleted since: "
                            "upload it again and create a new job with it")  # fmt: skip
-        checkpoint = await asyncio.to_thread(_newest_checkpoint, job)
+        checkpoint = await asyncio.to_thread(newest_checkpoint, job)
         if checkpoint is None and job.status != JobStatus.PAUSED:
             raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "
                            "job to train again")  # fmt: skip
@@ -170,8 +165,3 @@ class RunControl:
         job = await self.service.require(job_id, caller)
         history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
         return await asyncio.to_thread(describe_checkpoints, job, history)
-
-
-def _newest_checkpoint(job: Job) -> str | None:
-    """The checkpoint a resume would use: the newest of the job's still on disk (blocking)."""
-    return next((c for c in reversed(job.checkpoints) if (Path(c) / "trainer_state.json").is_file()), None)

@@ -33,6 +33,7 @@ from application.models.job_responses import (
     WaitEstimate,
 )
 from application.models.training_model import Job, JobStatus, PendingReason
+from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.files import FileStore
 from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard, folder_arg, foreign_output_dir
@@ -336,12 +337,16 @@ class TrainingService:
             job = await self._job(job_id)
         return job
 
-    async def cancel(self, job_id: str, expect: tuple[JobStatus, ...], message: str, caller: Caller) -> None:
-        try:
-            await self.store.transition(job_id, JobStatus.CANCELLED, expect=expect, message=message,
-                                        actor=caller.actor)  # fmt: skip
-        except TransitionRefused as exc:
-            raise refused(job_id, exc, "job '{id}' is {status} now: it can no longer be cancelled") from None
+    async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
+        """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
+        preempted, retried: POST .../resume goes on from it, as for a paused job that is stopped)."""
+        to = JobStatus.CANCELLED
+        ran = job.status == JobStatus.QUEUED and bool(job.attempts)
+        if ran and await asyncio.to_thread(newest_checkpoint, job) is not None:
+            to, message = JobStatus.STOPPED, "stopped while it waited to run again"
+        # (a stop or a start in between: the caller reads the job again, or says it changed)
+        await self.store.transition(job.job_id, to, expect=(job.status,), message=message, actor=caller.actor)
+        return to
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
