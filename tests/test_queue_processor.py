@@ -30,3 +30,5 @@ async def test_a_job_whose_folder_cannot_be_used_fails_alone_and_the_queue_goes_
         assert broken["error_code"] == "output_dir" and "File name too long" in broken["error_message"], broken
         fine = await wait_job(client, "fine", lambda j: j["status"] == "completed")
         assert fine["exit_code"] == 0
+        # Counted as what it was: not a start ("started 1 job(s)" and the pass's log said so).
+        assert (await client.get("/queue/processor/status")).json()["jobs_started"] == 1

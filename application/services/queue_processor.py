@@ -10,6 +10,7 @@ and publishes the GPU reading for the API workers.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import shlex
 import socket
@@ -104,6 +105,10 @@ class PassStats:
     last_error_at: float | None = None
 
 
+# What a path that no file can ever be made in raises: the job's folder, not the disk, is at fault.
+_UNUSABLE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP})
+
+
 class QueueProcessor:
     def __init__(
         self,
@@ -159,8 +164,8 @@ class QueueProcessor:
                 if job is None or job.status != JobStatus.QUEUED:
                     continue
                 try:
-                    await self.start_run(job, list(start.gpu_ids))
-                    started.append(start.job_id)
+                    if await self.start_run(job, list(start.gpu_ids)):
+                        started.append(start.job_id)
                 except TransitionRefused as exc:
                     # The job or one of its GPUs changed under us, or we no longer lead: the next pass decides.
                     logger.debug("start of {} refused: {}", start.job_id, exc.reason.value)
@@ -235,7 +240,7 @@ class QueueProcessor:
             logger.info("{} queued job(s) got a predicted duration from the runs just recorded", found)
         return found
 
-    async def start_run(self, job: Job, gpu_ids: list[int]) -> None:
+    async def start_run(self, job: Job, gpu_ids: list[int]) -> bool:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
         that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
         disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
@@ -246,12 +251,17 @@ class QueueProcessor:
             resume, weights_only = await asyncio.to_thread(_resume_point, job) if job.attempts else (None, False)
             log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
         except OSError as exc:
-            # This job's folder, not the pass: raised on, it stopped every start behind it, pass after pass.
+            # This job's folder, not the pass: raised on, it stopped every start behind it, pass after pass. A
+            # path no file can ever be made in fails the job; anything else (a disk or mount that may come back)
+            # leaves it queued for the next pass.
+            if exc.errno not in _UNUSABLE_PATH:
+                logger.warning("job {} not started: its output folder cannot be read now ({})", job.job_id, exc)
+                return False
             error = f"its output folder cannot be used: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": error, "error_code": "output_dir"},
                                         message=f"training failed: {error}")  # fmt: skip
-            return
+            return False
         step = checkpoint_step(resume)
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
@@ -296,8 +306,9 @@ class QueueProcessor:
                                         fields={"error_message": error, "error_code": "output_dir" if escaped
                                                 else "launch"},
                                         message=f"training failed: {error}")  # fmt: skip
-            return
+            return False
         try:
             await self.store.update(job.job_id, {"runner": runner}, run_id=run_id, statuses=(JobStatus.RUNNING,))
         except TransitionRefused:
             pass  # it ended already (a run that fails at once)
+        return True
