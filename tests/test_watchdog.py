@@ -101,11 +101,13 @@ async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_w
                     "epoch": 0.025, "time": time.time()}]  # fmt: skip
         await client.scheduler.store.add_history("ended", written)
         await client.scheduler.watchdog.sweep()
+        await client.scheduler.watchdog.sweep()  # (a second sweep, or a second leader's, adds nothing)
         job = (await client.get("/jobs/ended")).json()
         assert job["status"] == "completed" and job["error_code"] is None, job
         history = (await client.get("/jobs/ended/progress", params={"history_limit": 100})).json()["history"]
         steps = [p["step"] for p in history if p.get("loss") is not None]
         assert steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20], steps
+        assert [p["step"] for p in history if p.get("eval_loss") is not None] == [10, 20], history
         # One that stopped half way (its end lines written by swift's `finally`) is still lost.
         half = tmp_path / "output" / "half" / "v0-20261126-155015"
         half.mkdir(parents=True)

@@ -13,7 +13,6 @@ where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -42,6 +41,8 @@ WATCH_INTERVAL = 0.5
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
 RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
+# The stored points a fill of the loss history compares with (the newest step's are among them).
+FILL_LOOKBACK = 8
 # After swift's grace, how long a runner told to stop may take to record its run's end.
 RECORD_GRACE = 10.0
 # What the runs of a host that started again since their runners did were preempted for.
@@ -128,12 +129,17 @@ class Watchdog:
         # With no exit status and no request to end it, all that is known is that the runner died.
         lost = runner_lost(returncode, job.runner.pid if job.runner else None)
         at_cap = False
+        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
+        # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
+        # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
+        finished = code is None and ran_to_its_end(facts)
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
         if interrupt is None and job.runner is None and job.pid is None and code is None and not logged:
             # Moved to running, then its scheduler died before the launch: nothing ran, nothing is lost.
             job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
             interrupt = "preempt"
-        elif interrupt is None and killed_with_its_host(code) and job.runner and self.launcher.outlived(job.runner):
+        elif interrupt is None and not finished and killed_with_its_host(code) and job.runner and \
+                self.launcher.outlived(job.runner):  # fmt: skip
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
             # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
             # the run itself may be what brings its host down. (Attempts recorded before `preempted_for`
@@ -144,13 +150,8 @@ class Watchdog:
                 interrupt = "preempt"
             else:
                 lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs"), True
-        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
-        if facts.run_dir:
-            await self._fill_history(job.job_id, Path(facts.run_dir))
         # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
-        # With no exit status, only a run that got to its last step and its end lines is taken as completed: swift
-        # trains on while no runner (and no scheduler) watches it.
-        unexplained = (code is None and not ran_to_its_end(facts)) or (at_cap and not facts.finished)
+        unexplained = (code is None and not finished) or (at_cap and not facts.finished)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=lost if unexplained and interrupt is None else None, now=time.time())  # fmt: skip
         try:
@@ -165,6 +166,9 @@ class Watchdog:
         finally:
             if job.runner is not None:
                 self.launcher.forget(job.runner)
+        if facts.run_dir and end.status != JobStatus.QUEUED:  # (a requeued run's later steps are trained again)
+            # Only the sweep whose record of the end was taken fills in, once.
+            await self._fill_history(job.job_id, Path(facts.run_dir))
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await record_auto_export(self.store, self.settings, job.job_id, None)
@@ -173,9 +177,12 @@ class Watchdog:
         """The loss points the dead runner never wrote, from the run's logging.jsonl: swift may have trained on
         (to its end) while neither its runner nor a scheduler was there to follow it."""
         log = await asyncio.to_thread(parse_logging_jsonl, run_dir / "logging.jsonl")
-        _, newest = await self.store.history_marker(job_id)
-        last = int(json.loads(newest).get("step", 0)) if newest else 0
-        if missing := [point for point in log.history if point["step"] > last]:
+        stored = await self.store.history(job_id, FILL_LOOKBACK)
+        last = max((p.step for p in stored), default=0)
+        # A step may hold a training and an evaluation point: the one of the last step not stored yet counts too.
+        have = {(p.step, p.eval_loss is None) for p in stored if p.step == last}
+        if missing := [point for point in log.history if point["step"] > last or
+                       (point["step"] == last and (last, point.get("eval_loss") is None) not in have)]:  # fmt: skip
             await self.store.add_history(job_id, missing)
             logger.info("job {}: {} loss points its runner did not write, from {}", job_id, len(missing), run_dir)
 
