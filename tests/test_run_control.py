@@ -131,15 +131,19 @@ async def test_a_job_stopped_while_it_waits_to_run_again_can_still_be_resumed(
 async def test_a_pause_that_a_stop_overtakes_claims_no_lost_steps(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """Asked together, the stop wins (the job ends stopped); the pause's answer said 'lost_steps' = every step
-    trained and 'resume_from' null, as if nothing could be resumed."""
+    """A pause asked while a stop is under way: the job ends stopped; the pause's answer said 'lost_steps' = every
+    step trained and 'resume_from' null, as if nothing could be resumed."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(AUTO_EXPORT=False) as client:
-        body = job_body(tmp_path, "both", step_seconds=0.05, auto_start=True,
+    async with app_factory(AUTO_EXPORT=False, STOP_GRACE_SECONDS=2) as client:
+        # Its trainer ignores SIGTERM: the stop takes the whole grace, and the pause surely comes within it.
+        body = job_body(tmp_path, "both", step_seconds=0.05, ignore_sigterm=True, auto_start=True,
                         training={"max_steps": 400, "save_steps": 5})  # fmt: skip
         assert (await client.post("/jobs", json=body)).json()["status"] == "running"
         await wait_job(client, "both", lambda j: (j["progress"]["current_step"] or 0) >= 7)
-        paused, stopped = await asyncio.gather(client.post("/jobs/both/pause"), client.post("/jobs/both/stop"))
+        stop = asyncio.create_task(client.post("/jobs/both/stop"))
+        await wait_job(client, "both", lambda j: j["stop_requested"])
+        paused = await client.post("/jobs/both/pause")
+        stopped = await stop
         assert stopped.json()["status"] == "stopped", stopped.text
         answer = paused.json()
         assert answer["status"] == "stopped" and answer["lost_steps"] is None and answer["resume_step"] is None, answer
