@@ -416,6 +416,10 @@ def main() -> None:
     if args.gpus < 1 or args.limit < 1 or any(n not in POLICIES for n in names):
         parser.error(f"--gpus and --limit must be at least 1; policies are {', '.join(POLICIES)}")
 
+    if not args.trace.is_file():
+        parser.error(f"no trace at {args.trace}: pass --trace with the Philly trace's CSV (cluster_job_log as CSV: "
+                     "the project's shared/traces/philly.csv beside this repository), or run --stream, which needs "
+                     "none")  # fmt: skip
     jobs, skipped = load_trace(args)
     if not jobs:
         parser.error("no job in the trace matches the selection")
