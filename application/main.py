@@ -149,8 +149,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except OSError:
                 pass
         await _build_routes(app)
-        logger.info("swift-api {} API worker {} ready: API under {}/training, Swagger at /docs", __version__,
-                    os.getpid(), settings.API_PREFIX)  # fmt: skip
+        # The address too: uvicorn's own "running on" line is off (log_config=None), and the port may be any.
+        host = settings.bind_host
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("swift-api {} API worker {} ready on http://{}:{}: API under {}/training, Swagger at /docs",
+                    __version__, os.getpid(), shown, settings.APP_PORT, settings.API_PREFIX)  # fmt: skip
         try:
             yield
         finally:

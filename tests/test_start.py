@@ -99,6 +99,8 @@ def test_start_py_stops_when_its_scheduler_keeper_is_stopped_by_someone_else(
     # which start.py read as its own stop: it served on with no scheduler for ever (queued jobs never started).
     server = server_factory()
     assert server.proc is not None
+    # (Where it listens is in its log: uvicorn's own line is off, and the port may be any.)
+    assert f"ready on http://127.0.0.1:{server.port}: API under /api/v1/training" in server.server_log()
     server.scheduler_keeper().send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 1
     assert "the scheduler (start.py scheduler) exited" in server.server_log()
