@@ -47,8 +47,8 @@ COPY application ./application
 COPY start.py ./
 COPY env ./env
 RUN pip install . \
-    && mkdir -p /app/output /app/logs /app/data /cache/modelscope /cache/huggingface \
-    && chown -R "$APP_UID:$APP_GID" /app/output /app/logs /app/data /cache
+    && mkdir -p /app/output /app/logs /app/data /app/uploads /cache/modelscope /cache/huggingface \
+    && chown -R "$APP_UID:$APP_GID" /app/output /app/logs /app/data /app/uploads /cache
 
 # Hub downloads (a job whose model or data set is a hub id) go to /cache: mount a volume there to keep them.
 # Runners cannot outlive their container, so a scheduler stopping in one ends its runs itself, gracefully (back

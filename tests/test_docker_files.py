@@ -271,13 +271,15 @@ def test_models_and_data_sets_are_mounted_read_only_where_the_settings_look(monk
         service = compose()["services"][name]
         env, volumes = service_env(service), mounts(service)
         assert volumes["/models"] == ("./models", True) and volumes["/datasets"] == ("./datasets", True)
+        # Uploads are stored under the first data root: it must be writable (a read-only one was a 507).
+        assert volumes["/app/uploads"] == ("./uploads", False)
         assert volumes[image_env["OUTPUT_ROOT"]] == ("./output", False)
         assert volumes[image_env["LOG_DIR"]] == ("./logs", False)
         # The server itself, with the container's environment, looks there.
         for key, value in {**image_env, **env}.items():
             monkeypatch.setenv(key, value)
         settings = load_settings()
-        assert settings.data_roots() == (Path("/datasets"),)
+        assert settings.data_roots() == (Path("/app/uploads"), Path("/datasets"))
         assert settings.model_roots() == (Path("/models"), Path(image_env["OUTPUT_ROOT"]))
         assert settings.API_PREFIX == env["API_PREFIX"] == "/api/v1"
 
