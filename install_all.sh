@@ -4,7 +4,10 @@
 # The API finds it through SWIFT_BIN (default: .swift-venv/bin/swift when it exists, else `swift` on PATH).
 #   SWIFT_VENV=/opt/swift ./install_all.sh          # another place
 #   MS_SWIFT_VERSION=3.5.3 ./install_all.sh         # the 3.x line
-#   TORCH_SPEC="torch==2.13.0" ./install_all.sh     # the torch to install first (CPU build on our CI machines)
+#   TORCH_SPEC="torch==2.13.0" ./install_all.sh     # the torch to install first
+#   TORCH_INDEX_URL=... ./install_all.sh            # an extra index for it ("" for none). Default: PyTorch's CPU
+#                                                   # index on a machine without nvidia-smi, when it answers
+#                                                   # (PyPI's torch is the multi-GB CUDA build)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="${SWIFT_VENV:-$here/.swift-venv}"
@@ -19,8 +22,23 @@ fi
 
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-# torch first: a plain `torch` requirement pulled in by ms-swift would fetch a multi-GB CUDA build.
-"$venv/bin/python" -m pip install -q "$torch_spec"
+# torch first: a plain `torch` requirement pulled in by ms-swift would fetch a multi-GB CUDA build. Without a GPU,
+# the CPU build: its index as an extra one, so a configured index or mirror still serves everything else (and
+# torch==X matches X+cpu, which ranks above X).
+cpu_index="https://download.pytorch.org/whl/cpu"
+if [ -z "${TORCH_INDEX_URL+set}" ]; then
+  TORCH_INDEX_URL=""
+  if ! command -v nvidia-smi >/dev/null 2>&1 && \
+      "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
+    TORCH_INDEX_URL="$cpu_index"
+  fi
+fi
+if [ -n "$TORCH_INDEX_URL" ]; then
+  echo "torch from $TORCH_INDEX_URL (and the configured index)"
+  "$venv/bin/python" -m pip install -q "$torch_spec" --extra-index-url "$TORCH_INDEX_URL"
+else
+  "$venv/bin/python" -m pip install -q "$torch_spec"
+fi
 torch_installed="$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")"
 constraints="$(mktemp)"
 echo "torch==$torch_installed" >"$constraints"
