@@ -40,7 +40,8 @@ RUN case "$DEVICE" in \
       *) echo "DEVICE must be cuda or cpu, not '$DEVICE'" >&2; exit 1 ;; \
     esac \
     && if [ -n "$index" ]; then export PIP_EXTRA_INDEX_URL="$index"; fi \
-    && MS_SWIFT_VERSION="$MS_SWIFT_VERSION" TORCH_SPEC="$TORCH_SPEC" SWIFT_VENV=/app/.swift-venv ./install_all.sh
+    && TORCH_INDEX_URL="$index" MS_SWIFT_VERSION="$MS_SWIFT_VERSION" TORCH_SPEC="$TORCH_SPEC" \
+       SWIFT_VENV=/app/.swift-venv ./install_all.sh
 
 COPY pyproject.toml README.md ./
 COPY application ./application

@@ -255,9 +255,15 @@ def test_the_device_build_argument_picks_the_torch_index(tmp_path: Path) -> None
         return seen
 
     cuda = build()
-    assert cuda is not None and "PIP_EXTRA_INDEX_URL" not in cuda
+    # Set, and empty: install_all.sh's own default (PyTorch's CPU index on a machine without nvidia-smi, as a
+    # build machine is) must not give the CUDA image a CPU torch.
+    assert cuda is not None and "PIP_EXTRA_INDEX_URL" not in cuda and cuda["TORCH_INDEX_URL"] == ""
+    assert "${TORCH_INDEX_URL+set}" in install_all
     cpu = build(DEVICE="cpu")
-    assert cpu is not None and cpu["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert (
+        cpu is not None
+        and cpu["PIP_EXTRA_INDEX_URL"] == cpu["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    )
     mirror = build(DEVICE="cpu", TORCH_INDEX="https://mirror.example/cpu")
     assert mirror is not None and mirror["PIP_EXTRA_INDEX_URL"] == "https://mirror.example/cpu"
     assert build(DEVICE="rocm") is None
