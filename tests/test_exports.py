@@ -238,7 +238,8 @@ async def test_an_export_stopped_before_any_scheduler_launched_it_never_runs(app
         assert (await client.post("/jobs", json=body)).status_code == 201
         await wait_job(client, "early", lambda j: j["status"] == "completed")
     async with app_factory(REDIS_KEY_PREFIX=prefix, scheduler=False) as client:  # no scheduler runs
-        assert (await client.post("/jobs/early/export")).status_code == 200
+        asked = await client.post("/jobs/early/export")
+        assert asked.status_code == 200 and "no scheduler is running" in asked.json()["message"], asked.text
         r = await client.post("/jobs/early/stop")
         assert r.status_code == 200 and "has not ended yet" in r.json()["message"], r.text
     async with app_factory(REDIS_KEY_PREFIX=prefix) as client:

@@ -50,8 +50,11 @@ class ExportControl:
                 raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
             raise refused(job_id, exc, "job '{id}' is {status}: it cannot export now") from None
         await self.cluster.publish_wakeup(f"export:{job_id}")
-        return ActionResponse(job_id=job_id, status=job.status, export=info,
-                              message=f"Export of {info.checkpoint} started")  # fmt: skip
+        # The leading scheduler's watchdog launches it: with none, it waits (as a queued job does, and says so).
+        message = f"Export of {info.checkpoint} started" if await self.cluster.leader() is not None else \
+            f"Export of {info.checkpoint} requested: no scheduler is running, it starts when one leads " \
+            "(python start.py scheduler)"  # fmt: skip
+        return ActionResponse(job_id=job_id, status=job.status, export=info, message=message)
 
     async def _quantize(self, job: Job, request: ExportRequest, caller: Caller) -> ActionResponse:
         published, meta = await self.cluster.published()
