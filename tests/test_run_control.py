@@ -164,6 +164,8 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert paused["status"] == "paused" and paused["resume_step"] == 10
         assert paused["resume_from"].endswith("/checkpoint-10") and paused["lost_steps"] >= 4
         assert "checkpoint-10" in paused["message"]
+        # save_only_model (the default) saves weights only: the resumed run's lr schedule starts over (real swift).
+        assert "weights only (save_only_model): the optimizer and the learning-rate schedule" in paused["message"]
         assert all(g["job_id"] is None for g in (await client.get("/gpus")).json()["gpus"])
         rested = (await client.get("/jobs/pr")).json()
         assert rested["gpu_ids"] == [] and rested["attempts"][0]["gpu_ids"] == [0], rested
@@ -178,6 +180,7 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         r = await client.post("/jobs/pr/resume")
         assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text
         assert r.json()["resume_step"] == 10 and "checkpoint-10" in r.json()["message"]
+        assert "start again" in r.json()["message"], r.json()
         resumed = (await client.get("/jobs/pr/progress")).json()["progress"]  # before its first new step too
         assert resumed["current_step"] >= 10 and resumed["percentage"] >= 25.0, resumed
         # swift's bar starts again at 0 while it skips the checkpoint's data: the job stays at its step (it fell

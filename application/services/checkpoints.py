@@ -14,6 +14,11 @@ from application.services.run_outputs import job_checkpoints
 MAX_FILES = 10_000
 
 
+def weights_only(checkpoint: str) -> bool:
+    """Saved with save_only_model: no optimizer or scheduler state, so a resume restarts both (blocking)."""
+    return not (Path(checkpoint) / "scheduler.pt").is_file()
+
+
 def newest_checkpoint(job: Job) -> str | None:
     """The checkpoint a resume would use: the newest of the job's still on disk."""
     return next((c for c in reversed(job.checkpoints) if (Path(c) / "trainer_state.json").is_file()), None)

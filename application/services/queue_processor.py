@@ -25,6 +25,7 @@ from loguru import logger
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import process_group as pg
+from application.services.checkpoints import weights_only
 from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
@@ -83,7 +84,7 @@ def _resume_point(job: Job) -> tuple[str | None, bool]:
     found = next((c for c in candidates if c and (Path(c) / "trainer_state.json").is_file()), None)
     if found is None:
         return None, False
-    return found, not (Path(found) / "scheduler.pt").is_file()
+    return found, weights_only(found)
 
 
 def free_port() -> int:

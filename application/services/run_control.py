@@ -11,7 +11,7 @@ from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound
 from application.models.job_responses import ActionResponse, CheckpointList
 from application.models.training_model import ExportStatus, Job, JobStatus
-from application.services.checkpoints import describe_checkpoints, newest_checkpoint
+from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.run_end import checkpoint_step
 from application.services.training_service import (
@@ -112,7 +112,8 @@ class RunControl:
             steps = f"the {lost} steps" if lost != 1 else "the step"
             again = f"; {steps} after it will be trained again" if final.resume_from else \
                 f"; {steps} it made will be trained again"  # fmt: skip
-            message = f"Paused: resumes from {where}" + (again if lost else "")
+            fresh = await _fresh_schedule(final.resume_from)
+            message = f"Paused: resumes from {where}" + (again if lost else "") + fresh
         else:
             message = f"The run had already ended ({final.status.value})"
         return ActionResponse(job_id=job_id, status=final.status, message=message,
@@ -153,7 +154,8 @@ class RunControl:
         if await self.service.cluster.leader() is not None:
             await self.service.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
         after = await self.service.job(job_id)
-        message = f"Resuming from {where}" if checkpoint else "No checkpoint: training starts from the beginning"
+        message = f"Resuming from {where}{await _fresh_schedule(checkpoint)}" if checkpoint else \
+            "No checkpoint: training starts from the beginning"  # fmt: skip
         info = (
             await self.service.queue_info(job_id) if after.status == JobStatus.QUEUED else QueueInfo(None, None, None)
         )
@@ -165,3 +167,12 @@ class RunControl:
         job = await self.service.require(job_id, caller)
         history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
         return await asyncio.to_thread(describe_checkpoints, job, history)
+
+
+async def _fresh_schedule(checkpoint: str | None) -> str:
+    """What a weights-only checkpoint (save_only_model, the default) means for the resumed run, said where the
+    user decides: its optimizer and learning-rate schedule start over (the real swift's lr goes back to warmup)."""
+    if checkpoint is None or not await asyncio.to_thread(weights_only, checkpoint):
+        return ""
+    return ("; the checkpoint holds weights only (save_only_model): the optimizer and the learning-rate schedule "
+            "start again")  # fmt: skip
