@@ -203,6 +203,9 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
         group, runner = running["pid"], running["runner"]["pid"]
         job = await wait_job(client, "slow", lambda j: j["status"] != "running", timeout=20)
         assert job["status"] == "failed" and job["error_code"] == "time_limit"
+        # swift expected ~200 s more: the run can take no longer than its limit, and its prediction says so.
+        predicted = job["predicted_duration"]
+        assert predicted["source"] == "progress" and predicted["seconds"] <= 2, predicted
         assert "time limit of 2 s and was stopped" in job["error_message"] and "time_limit" in job["error_message"]
         assert job["stop_outcome"] == ("killed" if ignore_sigterm else "terminated")
         assert job["finished_at"] - job["started_at"] < 2 + 1 + 3  # the limit, the grace, a poll or two

@@ -177,7 +177,7 @@ class Runner:
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
             parser.progress = job.progress
         started_at = job.started_at or time.time()
-        follow = _Follow(log_file, parser, outbox, started_at)
+        follow = _Follow(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[str] | None = None
         stop_requested = pause_requested = timed_out = orphaned = False
         preempt_for: str | None = None
@@ -377,11 +377,13 @@ class Runner:
 class _Follow:
     """Reads what the run's log gained since the last read and queues what it says in the outbox."""
 
-    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float) -> None:
+    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float,
+                 limit: int | None = None) -> None:  # fmt: skip
         self.log_file = log_file
         self.parser = parser
         self.outbox = outbox
         self.started_at = started_at
+        self.limit = limit  # the run's time limit: it is stopped then, whatever swift expects
         self.offset = 0
 
     def read(self) -> None:
@@ -404,6 +406,8 @@ class _Follow:
             if progress.remaining_seconds is not None:
                 # swift's own estimate beats any prediction made before the run.
                 seconds = round(max(0.0, time.time() - self.started_at) + progress.remaining_seconds, 3)
+                if self.limit is not None:
+                    seconds = min(seconds, float(self.limit))
                 fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
         if self.parser.run_dir:
             fields["run_dir"] = self.parser.run_dir
