@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from enum import Enum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,42 +39,14 @@ from application.services.job_codec import (
     script_arg,
 )
 from application.services.keys import Keys
+from application.services.refusals import Refusal as Refusal
+from application.services.refusals import TransitionRefused as TransitionRefused
 from application.services.scheduler import queue_score
 
 SCHEDULER = "scheduler"
 # Fields an index or another key mirrors (status and owner sets, the queue's score, the list's order, the
 # output-folder claims): only create, transition, set_priority and delete change them, keeping those in step.
 INDEXED_FIELDS = frozenset({"job_id", "status", "owner", "priority", "created_at", "output_dir"})
-
-
-class Refusal(str, Enum):
-    MISSING = "missing"
-    EXISTS = "exists"
-    BAD_STATE = "bad_state"
-    OUTPUT_DIR_BUSY = "output_dir_busy"
-    GPU_BUSY = "gpu_busy"
-    EXPORT_STATE = "export_state"
-    OTHER_RUN = "other_run"
-    NOT_LEADER = "not_leader"
-    PRIORITY_CHANGED = "priority_changed"
-    WAITING_CAP = "waiting_cap"
-    UPLOAD_GONE = "upload_gone"
-    CHANGED = "changed"
-    FOREIGN_FOLDER = "foreign_folder"
-    OUTPUT_IS_FILE = "output_is_file"
-
-
-class TransitionRefused(Exception):
-    def __init__(self, reason: Refusal, current: str | None = None, detail: str | None = None) -> None:
-        super().__init__(f"{reason.value} (current: {current}, {detail})")
-        self.reason = reason
-        self.current = current
-        self.detail = detail
-
-    @classmethod
-    def from_reply(cls, reply: list[Any]) -> TransitionRefused:
-        return cls(Refusal(reply[0]), reply[1] or None if len(reply) > 1 else None,
-                   reply[2] if len(reply) > 2 else None)  # fmt: skip
 
 
 class JobStore:
