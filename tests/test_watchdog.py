@@ -44,6 +44,15 @@ async def running_with_dead_runner(client: httpx.AsyncClient, tmp_path: Path, na
     await client.scheduler.store.transition(name, JobStatus.RUNNING, fields=fields)  # type: ignore[attr-defined]
 
 
+async def completed_job(client: httpx.AsyncClient, tmp_path: Path, name: str) -> Any:
+    """A job whose run completed under run `run-<name>` (as recorded); the store, to give it an export."""
+    await client.post("/jobs", json=job_body(tmp_path, name))
+    store = client.scheduler.store  # type: ignore[attr-defined]
+    await store.transition(name, JobStatus.RUNNING, fields={"run_id": f"run-{name}"})
+    await store.transition(name, JobStatus.COMPLETED)
+    return store
+
+
 def marked(run: str, tmp_path: Path, script: str = "sleep 600") -> subprocess.Popen[bytes]:
     """What swift leaves of the run `run`: a process group of its own, marked with the run."""
     return pg.spawn(["sh", "-c", script], {**os.environ, pg.RUN_MARK: run}, tmp_path, tmp_path / f"{run}.log")
@@ -147,10 +156,7 @@ async def test_an_export_that_swift_finished_after_its_runner_died_is_completed(
     no exit status left, the export was recorded failed and its merged model went unlisted."""
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(scheduler=False) as client:
-        await client.post("/jobs", json=job_body(tmp_path, "late"))
-        store = client.scheduler.store
-        await store.transition("late", JobStatus.RUNNING, fields={"run_id": "run-late"})
-        await store.transition("late", JobStatus.COMPLETED)
+        store = await completed_job(client, tmp_path, "late")
         checkpoint = tmp_path / "output" / "late" / "v0-20261126-155015" / "checkpoint-20"
         merged = Path(f"{checkpoint}-merged")
         merged.mkdir(parents=True)
@@ -175,10 +181,7 @@ async def test_an_export_whose_runner_died_before_recording_swifts_pid_is_stoppe
     # recorded failed, and asking again put two exports into one folder.
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(scheduler=False) as client:
-        await client.post("/jobs", json=job_body(tmp_path, "merged"))
-        store = client.scheduler.store
-        await store.transition("merged", JobStatus.RUNNING, fields={"run_id": "run-merged"})
-        await store.transition("merged", JobStatus.COMPLETED)
+        store = await completed_job(client, tmp_path, "merged")
         export = ExportInfo(status=ExportStatus.RUNNING, export_id="exp-merged", runner=dead_runner(),
                             started_at=time.time() - 30)  # fmt: skip
         await store.update("merged", {"export": export}, exporting=True)
