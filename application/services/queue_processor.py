@@ -288,6 +288,9 @@ class QueueProcessor:
                 "progress": progress, "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
                 "attempts": [*job.attempts, attempt], "resume_from": resume, "pause_requested": False,
                 "preempt_for": None, "finished_at": None, "log_tail": None, "last_checkpoint_at": None,
+                # This run's folder is not known until swift names it: the last run's would be taken for its own
+                # (its attempt recorded with it; its logging.jsonl read as this run's end).
+                "run_dir": None,
             },
             message=f"started on {where}" + (f", resuming from {resume}" if resume else
                                              " from the beginning" if job.attempts else ""),
