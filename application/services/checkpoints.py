@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from application.models.job_responses import CheckpointInfo, CheckpointList
@@ -19,9 +20,14 @@ def weights_only(checkpoint: str) -> bool:
     return not (Path(checkpoint) / "scheduler.pt").is_file()
 
 
+def first_resumable(paths: Iterable[str | None]) -> str | None:
+    """The first of `paths` swift can resume from (its trainer_state.json is still on disk)."""
+    return next((p for p in paths if p and (Path(p) / "trainer_state.json").is_file()), None)
+
+
 def newest_checkpoint(job: Job) -> str | None:
     """The checkpoint a resume would use: the newest of the job's still on disk."""
-    return next((c for c in reversed(job.checkpoints) if (Path(c) / "trainer_state.json").is_file()), None)
+    return first_resumable(reversed(job.checkpoints))
 
 
 def folder_size(path: Path) -> int | None:
@@ -65,7 +71,7 @@ def own_checkpoints(job: Job) -> list[str]:
 
 def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
     paths = own_checkpoints(job)
-    resume = next((p for p in reversed(paths) if (Path(p) / "trainer_state.json").is_file()), None)
+    resume = first_resumable(reversed(paths))
     exported = job.export.checkpoint
     # Every checkpoint a kept merge export completed from: a later export of another one does not undo it.
     merged = {e.checkpoint for e in (*job.exports, job.export) if e.status == ExportStatus.COMPLETED and not e.job_id}

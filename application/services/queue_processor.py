@@ -25,7 +25,7 @@ from loguru import logger
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import process_group as pg
-from application.services.checkpoints import weights_only
+from application.services.checkpoints import first_resumable, weights_only
 from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
@@ -81,7 +81,7 @@ def _resume_point(job: Job) -> tuple[str | None, bool]:
     """The checkpoint a job that ran before resumes from (the one asked for, else its newest still on disk), and
     whether it holds only weights (saved with save_only_model: no optimizer or scheduler state)."""
     candidates = [job.resume_from, *reversed(job.checkpoints)] if job.resume_from else list(reversed(job.checkpoints))
-    found = next((c for c in candidates if c and (Path(c) / "trainer_state.json").is_file()), None)
+    found = first_resumable(candidates)
     if found is None:
         return None, False
     return found, weights_only(found)
