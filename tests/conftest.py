@@ -168,9 +168,17 @@ class ApiServer:
         try:
             top = psutil.Process(self.proc.pid)
             sid = os.getsid(top.pid)
-            return [top] + [p for p in top.children(recursive=True) if os.getsid(p.pid) == sid]
+            children = top.children(recursive=True)
         except (psutil.NoSuchProcess, ProcessLookupError):
             return []
+        found = [top]
+        for p in children:
+            try:
+                if os.getsid(p.pid) == sid:
+                    found.append(p)
+            except ProcessLookupError:
+                continue  # a short-lived child (a probe, a version check) gone meanwhile: not all of them
+        return found
 
     def schedulers(self) -> list[Any]:
         """The scheduler processes themselves (a pid is in the leader's id), not `start.py scheduler`, which keeps
