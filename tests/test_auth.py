@@ -158,8 +158,11 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
         await client.post("/jobs", json=_create_body(tmp_path, "bobs"), headers=auth(BOB_KEY))
         mine = (await client.get("/jobs", params={"limit": 500}, headers=auth(BOB_KEY))).json()
         assert mine["total"] >= 1 and {j["owner"] for j in mine["jobs"]} == {"bob"}
+        # Another owner's filter matches nothing this key may see: not bob's own jobs under alice's name.
         sneaky = (await client.get("/jobs", params={"owner": "alice"}, headers=auth(BOB_KEY))).json()
-        assert {j["owner"] for j in sneaky["jobs"]} <= {"bob"}
+        assert sneaky["jobs"] == [] and sneaky["total"] == 0, sneaky
+        own = (await client.get("/jobs", params={"owner": "bob", "limit": 500}, headers=auth(BOB_KEY))).json()
+        assert own["total"] == mine["total"]
         everyone = (await client.get("/jobs", params={"limit": 500}, headers=auth(ADMIN_KEY))).json()
         assert {j["owner"] for j in everyone["jobs"]} == {"alice", "bob", "root"}
         alices = (await client.get("/jobs", params={"owner": "alice", "limit": 500}, headers=auth(ADMIN_KEY))).json()

@@ -80,6 +80,10 @@ def test_upload_list_get_delete_and_owners(server_factory: Callable[..., ApiServ
     assert [x["id"] for x in everyone["files"]] == [bobs["id"], f["id"]]  # newest first
     only = server.http.get("/files", params={"owner": "bob"}, headers=auth(ADMIN_KEY)).json()
     assert [x["id"] for x in only["files"]] == [bobs["id"]] and only["files"][0]["purpose"] == "pt"
+    # A user's filter naming another owner matches nothing it may see (not its own files under that name).
+    assert server.http.get("/files", params={"owner": "alice"}, headers=auth(BOB_KEY)).json()["files"] == []
+    own = server.http.get("/files", params={"owner": "bob"}, headers=auth(BOB_KEY)).json()
+    assert [x["id"] for x in own["files"]] == [bobs["id"]]
     page = server.http.get("/files", params={"limit": 1}, headers=auth(ADMIN_KEY)).json()
     assert page["total"] == 2 and page["next_offset"] == 1 and len(page["files"]) == 1
     assert server.http.get(f"/files/{f['id']}", headers=auth(ADMIN_KEY)).status_code == 200

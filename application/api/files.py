@@ -68,7 +68,7 @@ async def list_files(
     files: FilesDep,
     caller: CallerDep,
     owner: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-                                       description="an admin key may filter by owner; a user key sees its own")] = None,
+                                       description="one owner's; a user key sees its own (another's: none)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> FileList:  # fmt: skip

@@ -186,6 +186,8 @@ class FileStore:
 
     async def list_files(self, caller: Caller, owner: str | None, offset: int, limit: int) -> FileList:
         """Newest first. A user key lists its own; an admin key everyone's, or one owner's with `owner`."""
+        if not caller.is_admin and owner not in (None, caller.name):
+            return FileList(files=[], total=0, offset=offset, limit=limit, next_offset=None)
         if not caller.is_admin:
             index = self.keys.owner_files(owner_folder(caller.name))
         elif owner is not None:

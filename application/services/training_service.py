@@ -364,6 +364,8 @@ class TrainingService:
                         caller: Caller) -> str:  # fmt: skip
         """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json)."""
         if not caller.is_admin:
+            if owner not in (None, caller.name):  # a filter matching none of what this key may see
+                return f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null}}'
             owner = caller.name
         total, page = await self.store.page_json(status, owner, offset, limit)
         nxt = offset + limit if offset + limit < total else None
