@@ -330,6 +330,9 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
     with httpx.Client(base_url=tab.base, cookies={COOKIE: BOB_KEY}) as http:
         assert http.get("/ui/jobs/alice-job").status_code == 404
         assert "alice-job" not in http.get("/").text
+        # A user's list page has no owner filter: one in the URL shows their own jobs, not an empty page.
+        theirs = http.get("/ui/jobs", params={"owner": "alice"}).text
+        assert "bob-job" in theirs and "alice-job" not in theirs
     with httpx.Client(base_url=tab.base, cookies={COOKIE: "wrong-key-0123456789abc"}) as http:
         r = http.get("/ui/gpus")
         assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fgpus"

@@ -63,13 +63,12 @@ async def jobs_page(request: Request) -> Response:
             status = JobStatus(q["status"])
         except ValueError:
             error = f"unknown status '{q['status']}': showing every status"
-    owner = q.get("owner") or None
+    owner = (q.get("owner") or None) if caller.is_admin else None  # a user's page has no owner filter
     if owner is not None and not OWNER_RE.match(owner):
         error, owner = f"an owner is 1-64 letters, digits, '_', '.' or '-', not '{owner}'", None
     offset, limit = _int(q.get("offset"), 0, 0, 10_000_000), _int(q.get("limit"), 50, 1, MAX_LIMIT)
     listing = json.loads(await request.app.state.training.list_jobs(status, owner, offset, limit, caller))
-    shown_owner = owner if caller.is_admin else None
-    body = views.jobs_body(ctx, listing, status.value if status else None, shown_owner, caller.is_admin, error)
+    body = views.jobs_body(ctx, listing, status.value if status else None, owner, caller.is_admin, error)
     return page(ctx, "Jobs", body, active="jobs")
 
 
