@@ -199,6 +199,7 @@ async def test_events_paginate_oldest_first(store: JobStore) -> None:
 
 async def test_history_is_capped(store: JobStore) -> None:
     await store.create(make_job("a"), message="", actor="t")
+    await store.transition("a", JobStatus.RUNNING, fields={"run_id": "r"})
     await store.append_run("a", "r", [{"step": i, "loss": 1.0 / (i + 1)} for i in range(8)], [], sent=(0, 0))
     points = await store.history("a", 100)
     assert [p.step for p in points] == [3, 4, 5, 6, 7]
@@ -206,6 +207,7 @@ async def test_history_is_capped(store: JobStore) -> None:
 
 async def test_a_runner_batch_sent_again_after_a_lost_reply_is_written_once(store: JobStore) -> None:
     await store.create(make_job("a"), message="made", actor="t")
+    await store.update("a", {"run_id": "r1"})
 
     def note(i: int) -> dict[str, str]:
         return event_payload("note", f"n{i}", None, "scheduler", 1000.0 + i)
@@ -218,6 +220,7 @@ async def test_a_runner_batch_sent_again_after_a_lost_reply_is_written_once(stor
     assert [p.step for p in await store.history("a", 100)] == [1, 2, 3, 4]
     assert [e.message for e in await store.events("a", None, 10)] == ["made", "n0", "n1"]
     # The next run (a resume) counts from nothing.
+    await store.update("a", {"run_id": "r2"})
     await store.append_run("a", "r2", [{"step": 4, "loss": 0.6}], [note(2)], sent=(0, 0))
     assert [p.loss for p in await store.history("a", 100)][-2:] == [0.7, 0.6]
     assert [e.message for e in await store.events("a", None, 10)][-1] == "n2"
@@ -228,8 +231,48 @@ async def test_a_runner_batch_sent_again_after_a_lost_reply_is_written_once(stor
 async def test_a_long_outage_batch_is_written_whole(store: JobStore) -> None:
     big = JobStore(store.r, store.keys, history_max=10_000)
     await big.create(make_job("a"), message="", actor="t")
+    await big.transition("a", JobStatus.RUNNING, fields={"run_id": "r"})
     await big.append_run("a", "r", [{"step": i, "loss": 1.0} for i in range(1, 2501)], [], sent=(0, 0))
     assert [p.step for p in await big.history("a", 10_000)] == list(range(1, 2501))
+
+
+async def test_writes_racing_a_delete_leave_nothing_a_later_job_of_the_same_id_inherits(store: JobStore) -> None:
+    await store.create(make_job("a"), message="made", actor="t")
+    await store.transition("a", JobStatus.RUNNING, fields={"run_id": "r"})
+    await store.transition("a", JobStatus.FAILED, run_id="r")
+    await store.delete("a")
+    # What the watchdog, a scheduler and a runner's last batch write after the delete: nothing is stored.
+    await store.add_event("a", "retry", "attempt 1 failed")
+    await store.add_history("a", [{"step": 1, "loss": 1.0}])
+    await store.trim_history("a", 0)
+    with pytest.raises(TransitionRefused) as late:
+        await store.append_run("a", "r", [{"step": 2, "loss": 0.5}], [event_payload("note", "n", None, "t", 1.0)],
+                               sent=(0, 0))  # fmt: skip
+    assert late.value.reason == Refusal.OTHER_RUN
+    names = [store.keys.job_events("a"), store.keys.job_history("a"), store.keys.job_sent("a")]
+    assert await store.r.exists(*names) == 0
+    # A stream left by an older version's unguarded write: the next job under the id starts without it.
+    await store.r.xadd(store.keys.job_events("a"), {"type": "retry", "message": "old"})
+    await store.r.rpush(store.keys.job_history("a"), json.dumps({"step": 9, "loss": 9.0}))
+    await store.create(make_job("a"), message="made again", actor="t")
+    assert [e.message for e in await store.events("a", None, 10)] == ["made again"]
+    assert await store.history("a", 10) == []
+
+
+async def test_the_starvation_clock_of_a_head_ends_with_its_stint_in_the_queue(store: JobStore) -> None:
+    head = store.keys.queue_head
+    for job_id in ("w", "x"):
+        await store.create(make_job(job_id, status=JobStatus.QUEUED), message="", actor="t")
+    await store.r.set(head, json.dumps(["w", 100.0]))
+    await store.transition("x", JobStatus.RUNNING)  # another job leaving the queue: the head's clock runs on
+    assert json.loads(await store.r.get(head)) == ["w", 100.0]
+    await store.transition("w", JobStatus.RUNNING)
+    assert await store.r.get(head) is None
+    # Deleted while the head (stopped, or from before this rule): a later job given its id is a young head.
+    await store.create(make_job("y", status=JobStatus.QUEUED), message="", actor="t")
+    await store.r.set(head, json.dumps(["y", 100.0]))
+    await store.delete("y")
+    assert await store.r.get(head) is None
 
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
@@ -297,6 +340,7 @@ async def test_events_record_who_caused_them(store: JobStore) -> None:
 
 async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
     await store.create(make_job("a"), message="", actor="t")
+    await store.update("a", {"run_id": "r"})
     await store.append_run("a", "r", [{"step": 1, "loss": 1.0}], [], sent=(0, 0))
     assert await store.history("a", 0) == []
     assert [p.step for p in await store.history("a", 1)] == [1]

@@ -61,6 +61,7 @@ class JobStore:
         self._guarded = client.register_script(lua.GUARDED_UPDATE)
         self._delete = client.register_script(lua.DELETE)
         self._run_append = client.register_script(lua.RUN_APPEND)
+        self._append = client.register_script(lua.APPEND)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
@@ -99,6 +100,7 @@ class JobStore:
             "uploads": list(uploads),
             "folder": folder or {"owner": job.owner or ""},
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
+                  "history": k.job_history(job.job_id), "sent": k.job_sent(job.job_id),
                   "output_dirs": k.output_dirs, "folder_owners": k.folder_owners, "folders": k.folders,
                   "queue": k.queue, "queue_meta": k.queue_meta, "queued_since": k.queued_since,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
@@ -323,7 +325,7 @@ class JobStore:
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
                       "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
                       "webhooks": k.webhooks, "webhooks_global": k.webhooks_global,
-                      "owner_status": mine, "queued_since": k.queued_since},
+                      "owner_status": mine, "queued_since": k.queued_since, "queue_head": k.queue_head},
             })])  # fmt: skip
             if res[0] == "ok":
                 return JobStatus(res[1])
@@ -343,7 +345,8 @@ class JobStore:
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
-                  "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since},
+                  "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since,
+                  "queue_head": k.queue_head},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -379,8 +382,16 @@ class JobStore:
 
     async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None,
                         *, actor: str = SCHEDULER) -> None:  # fmt: skip
-        await self.r.xadd(self.keys.job_events(job_id), event_payload(event_type, message, data, actor, time.time()),
-                          maxlen=self.events_max, approximate=True)  # fmt: skip
+        """An event written by someone other than the run's runner; none once the job is deleted."""
+        await self._append_guarded(job_id, event=event_payload(event_type, message, data, actor, time.time()))
+
+    async def _append_guarded(self, job_id: str, *, event: Mapping[str, str] | None = None,
+                              history: Sequence[str] | None = None, replace: bool = False) -> None:  # fmt: skip
+        k = self.keys
+        await self._append(keys=[k.job(job_id)], args=[script_arg({
+            "event": event, "history": history, "replace": replace or None, "maxlen": self.events_max,
+            "history_max": self.history_max, "k": {"events": k.job_events(job_id), "history": k.job_history(job_id)},
+        })])  # fmt: skip
 
     async def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
         start = f"({after}" if after else "-"
@@ -400,33 +411,27 @@ class JobStore:
         """A runner's loss points and events (`event_payload`s). `sent`: how many of each this run had written
         before these; what Redis already took (a reply lost in an outage, the batch sent again) is skipped."""
         k = self.keys
-        await self._run_append(keys=[k.job(job_id)], args=[script_arg({
+        res = await self._run_append(keys=[k.job(job_id)], args=[script_arg({
             "run_id": run_id, "h_from": sent[0], "e_from": sent[1], "history": [encode(p) for p in history],
             "events": list(events), "maxlen": self.events_max, "history_max": self.history_max,
             "k": {"history": k.job_history(job_id), "events": k.job_events(job_id), "sent": k.job_sent(job_id)},
         })])  # fmt: skip
+        if res[0] != "ok":
+            raise TransitionRefused.from_reply(res)
 
     async def add_history(self, job_id: str, points: Sequence[Mapping[str, Any]]) -> None:
         """Loss points written by someone other than the run's runner (the watchdog, from logging.jsonl, for a
-        runner that died), capped as a runner's are."""
-        key = self.keys.job_history(job_id)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(encode(p) for p in points))
-            pipe.ltrim(key, -self.history_max, -1)
-            await pipe.execute()
+        runner that died), capped as a runner's are; none once the job is deleted."""
+        await self._append_guarded(job_id, history=[encode(p) for p in points])
 
     async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
         """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.
         Only while no run of the job writes (it is about to start one)."""
-        key = self.keys.job_history(job_id)
         kept = []
         if up_to_step is not None:
-            kept = [raw for raw in await self.r.lrange(key, 0, -1) if json.loads(raw).get("step", 0) <= up_to_step]
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if kept:
-                pipe.rpush(key, *kept)
-            await pipe.execute()
+            raws = await self.r.lrange(self.keys.job_history(job_id), 0, -1)
+            kept = [raw for raw in raws if json.loads(raw).get("step", 0) <= up_to_step]
+        await self._append_guarded(job_id, history=kept, replace=True)
 
     async def history_marker(self, job_id: str) -> tuple[int, str | None]:
         """The loss history's length and newest point, raw: what changes whenever a point is added."""

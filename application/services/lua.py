@@ -59,6 +59,12 @@ local function release_leases(leases, id)
     if held[i + 1] == id then redis.call('HDEL', leases, held[i]) end
   end
 end
+local function forget_head(head_key, id)
+  -- The starvation rule's clock belongs to the job that waited: a later stint in the queue (or a later job
+  -- given the same id) starts its own.
+  local raw = redis.call('GET', head_key)
+  if raw and cjson.decode(raw)[1] == id then redis.call('DEL', head_key) end
+end
 local function free_output_dir(dirs, id)
   local dir = field(KEYS[1], 'output_dir')
   if dir and redis.call('HGET', dirs, dir) == id then redis.call('HDEL', dirs, dir) end
@@ -81,8 +87,9 @@ end
 # cap|nil (the owner's most pending + queued jobs: counted here, so that overlapping creates cannot pass it),
 # uploads (ids of the uploaded files it names: each must still have its record, and the job is recorded as a
 # user of each, see FORGET_FILE),
-# k: {all, owner_all|nil, status, owner_status|nil, events, output_dirs, queue, queue_meta, wakeup, summary,
-#     owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and .file_users)}.
+# k: {all, owner_all|nil, status, owner_status|nil, events, history, sent, output_dirs, queue, queue_meta, wakeup,
+#     summary, owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and
+#     .file_users)}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
 # The first job folder of another owner that a folder overlaps (that folder itself, one it lies in, or one
 # inside it), or nil. f: owner ("" for none), ancestors (the folder and the folders it lies in, up to
@@ -151,6 +158,8 @@ redis.call('HSET', k.output_dirs, a.output_dir, a.id)
 redis.call('HSETNX', k.folder_owners, a.output_dir, a.folder.owner)
 redis.call('ZADD', k.folders, 0, a.output_dir)
 refresh_summary(k.summary)
+-- Under this id there is no job: anything kept under its names is a deleted one's (a write that raced the delete).
+redis.call('DEL', k.events, k.history, k.sent)
 add_event(k.events, a.event)
 if a.score then
   redis.call('ZADD', k.queue, a.score, a.id)
@@ -167,7 +176,7 @@ return {'ok'}
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
 # event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil,
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
-#     owner_status {s: key}|nil}
+#     owner_status {s: key}|nil, queue_head}
 TRANSITION = (
     _HELPERS
     + """
@@ -211,6 +220,7 @@ else
   redis.call('ZREM', k.queue, id)
   redis.call('ZREM', k.queued_since, id)
   redis.call('HDEL', k.queue_meta, id)
+  if cur == 'queued' then forget_head(k.queue_head, id) end
 end
 if a.terminal then
   free_output_dir(k.output_dirs, id)
@@ -279,7 +289,7 @@ return 1
 
 # Remove a job's record and every index entry, unless its status is in `refuse` or its export runs.
 # a: id, refuse, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta, leases,
-# expiry, exporting, status {s: key}, owner_status|nil}
+# expiry, exporting, status {s: key}, owner_status|nil, queue_head}
 DELETE = (
     _HELPERS
     + """
@@ -302,6 +312,7 @@ redis.call('ZREM', k.queued_since, id)
 redis.call('HDEL', k.queue_meta, id)
 redis.call('ZREM', k.expiry, id)
 redis.call('SREM', k.exporting, id)
+forget_head(k.queue_head, id)
 return {'ok', cur}
 """
 )
@@ -313,6 +324,9 @@ RUN_APPEND = (
     _HELPERS
     + """
 local k = a.k
+-- Only into its own run of a job that exists: a batch flushed after the job was deleted (or after a newer run
+-- began) would otherwise leave keys that a later job under the same id inherits.
+if field(KEYS[1], 'run_id') ~= a.run_id then return {'other_run', ''} end
 local sent = redis.call('HMGET', k.sent, 'run', 'h', 'e')
 local h_done, e_done = 0, 0
 if sent[1] == a.run_id then h_done, e_done = tonumber(sent[2]), tonumber(sent[3]) end
@@ -333,6 +347,23 @@ end
 redis.call('HSET', k.sent, 'run', a.run_id, 'h', math.max(h_done, a.h_from + #points),
   'e', math.max(e_done, a.e_from + #events))
 return {'ok'}
+"""
+)
+
+# Events and loss points written by someone other than the run's runner (a scheduler, the watchdog), only while
+# the job exists: a write racing its DELETE would leave keys that a later job under the same id inherits.
+# a: event|nil, history (encoded points)|nil, replace (the history is `history` from now on), maxlen,
+# history_max, k: {events, history}. Returns 1, or 0 when there is no such job.
+APPEND = (
+    _HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local k = a.k
+add_event(k.events, a.event)
+if a.replace then redis.call('DEL', k.history) end
+for _, p in ipairs(a.history or {}) do redis.call('RPUSH', k.history, p) end
+if a.history then redis.call('LTRIM', k.history, -a.history_max, -1) end
+return 1
 """
 )
 
