@@ -219,6 +219,21 @@ def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(
     assert [m.data for m in rest] == [m.data for m in got[cut + 1 :]]
 
 
+def test_a_log_longer_than_a_read_is_sent_without_a_poll_between_its_chunks(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    server = server_factory(env={"STREAM_POLL_SECONDS": "2"})
+    failure = "RuntimeError: " + "x" * 640 * 1024  # ten 64 KiB reads and more
+    body = job_body(workspace, "long-log", fail_at_step=2, fail_message=failure, auto_start=True,
+                    training={"max_steps": 5})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    server.wait_status("long-log", "failed")
+    # Only the end waits for a poll: a log caught up with is not read at one chunk per poll (20 s here).
+    got = data_of(read(server, "/jobs/long-log/logs/stream", stop=lambda got: False, timeout=10))
+    log = Path(server.job("long-log")["log_file"]).read_bytes()
+    assert len(log) > 640 * 1024 and "".join(m.data for m in got) == "".join(_visible(raw) for raw in log.split(b"\n"))
+
+
 def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace: Path) -> None:
     training = {"max_steps": 40, "logging_steps": 2, "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2}
     body = job_body(workspace, "evp", step_seconds=0.05, auto_start=True, training=training)

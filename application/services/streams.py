@@ -120,9 +120,13 @@ class _Pace:
             self.last_sent = now
         return check, beat
 
-    async def sleep(self, busy: bool) -> None:
+    async def sleep(self, busy: bool, behind: bool = False) -> None:
+        """`behind`: more is waiting to be read now, so the next read comes at once (after the other tasks')."""
         self.idle = 0 if busy else self.idle + 1
         self.sent = self.sent or busy
+        if behind:
+            await asyncio.sleep(0)
+            return
         await asyncio.sleep(self.poll if self.idle < IDLE_AFTER else max(self.poll, IDLE_POLL))
 
 
@@ -221,7 +225,8 @@ class Streams:
                         return
                 if beat:
                     yield ": keep-alive\n\n"
-            await pace.sleep(sent)
+            # A full chunk: the log has more now (a long log caught up with, a chatty run), read at once.
+            await pace.sleep(sent, behind=len(data) == LOG_CHUNK)
 
     async def _run_logs(self, job_id: str, kind: str, created: float) -> list[str] | None:
         """The logs of the job's runs, oldest first, the current one last (an export has one: the current);
