@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,31 @@ def test_a_stop_reaches_the_runner_with_no_api_in_between(server: ApiServer, wor
     final = server.wait_status("flagged", "stopped", timeout=10)
     assert final["stop_outcome"] == "terminated" and group_members(job["pid"]) == []
     r.close()
+
+
+def test_a_run_that_logged_faster_than_its_runner_parses_still_stops_when_asked(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # A trainer far chattier than the runner parses: ~15 MB of step lines at once (well under a second to write,
+    # many to parse), then the fake swift, which trains on without end.
+    chatty, lines = tmp_path / "chatty-swift", tmp_path / "lines.py"
+    line = "{'loss': '1.2', 'grad_norm': '0.5', 'learning_rate': '1e-05', 'epoch': '0.1', " \
+           "'global_step/max_steps': '1/100', 'elapsed_time': '1s', 'remaining_time': '1m'}\n"  # fmt: skip
+    lines.write_text(f"import sys\nsys.stdout.write({line!r} * 100_000)\n")
+    chatty.write_text(
+        f'#!/bin/sh\nif [ "$1" = sft ]; then "{sys.executable}" "{lines}"; fi\nexec "{FAKE_SWIFT}" "$@"\n'
+    )
+    chatty.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(chatty)})
+    assert server.create(**job_body(workspace, "chatty", auto_start=True, hang_after_steps=2)).status_code == 201
+    # The runner parses in bounded passes and writes, beats and looks at its flags between them: progress shows
+    # and a stop reaches swift at once, not once the whole backlog is parsed (15 s and more here).
+    job = wait_for(lambda: (j := server.job("chatty"))["pid"] and (j["progress"]["current_step"] or 0) >= 1 and j,
+                   timeout=8, what="the first progress")  # fmt: skip
+    assert server.http.post("/jobs/chatty/stop").status_code == 200
+    wait_for(lambda: group_members(job["pid"]) == [], timeout=8, what="swift to be stopped")
+    final = server.wait_status("chatty", "stopped", "completed", "failed", timeout=120)
+    assert final["status"] == "stopped" and final["stop_outcome"] == "terminated", final["error_message"]
 
 
 def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiServer], workspace: Path,

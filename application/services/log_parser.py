@@ -17,6 +17,7 @@ for anywhere in a segment, not only at its start.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import re
 import time
@@ -100,6 +101,14 @@ _BARE_NONFINITE_RE = re.compile(r"(:\s*)(-?(?:nan|inf))(?=\s*[,}])")
 
 
 def _literal(text: str) -> Any:
+    # swift's dicts are {'key': 'value' | number, ...}: with no double quote or backslash in them, swapping the
+    # quotes makes the same values as JSON, parsed ~10x faster than literal_eval compiles them (anything JSON
+    # does not take, such as True or a tuple, goes the slow way).
+    if '"' not in text and "\\" not in text:
+        try:
+            return json.loads(text.replace("'", '"'))
+        except ValueError:
+            pass
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):

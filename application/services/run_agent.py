@@ -57,6 +57,9 @@ from application.utils.log_tail import read_from, tail_lines
 from application.utils.logger import setup_logging
 
 CHUNK = 4 * 1024 * 1024
+# What one pass of a runner's loop parses of the log at most: a log written faster than it can be parsed must
+# not hold off the stop, time-limit and heartbeat checks between reads (the passes then come without a pause).
+READ_BUDGET = 256 * 1024
 START_ATTEMPTS_SECONDS = 60.0
 # What a run stopped because its runner was told to end (SIGTERM) was preempted for.
 HOST_SHUTDOWN = "the shutdown of its host"
@@ -182,11 +185,13 @@ class Runner:
         stop_requested = pause_requested = timed_out = orphaned = False
         preempt_for: str | None = None
         limit = job.time_limit_seconds
+        behind = recorded = False
         while True:
-            exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
-            if exited:
+            exited = await self._wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
+            if exited and not recorded:
                 pg.write_exit_file(exit_file, _returncode(proc))
-            follow.read()
+                recorded = True
+            behind = follow.read(READ_BUDGET)
             tick = await self._tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
                 orphaned = True  # deleted, ended or taken over by another run: this run must not go on
@@ -209,7 +214,7 @@ class Runner:
                 await outbox.flush()
             except Orphaned:
                 orphaned = True
-            if exited:
+            if exited and not behind:
                 break
         if stopping is not None:
             outcome = await stopping
@@ -386,14 +391,20 @@ class _Follow:
         self.limit = limit  # the run's time limit: it is stopped then, whatever swift expects
         self.offset = 0
 
-    def read(self) -> None:
+    def read(self, budget: int | None = None) -> bool:
+        """Take what the log gained, `budget` bytes of it at most (None: all); True when more is waiting."""
+        taken = 0
         while True:
-            data, self.offset = read_from(self.log_file, self.offset, CHUNK)
+            size = CHUNK if budget is None else min(CHUNK, budget - taken)
+            data, self.offset = read_from(self.log_file, self.offset, size)
             if not data:
-                return
+                return False
             self._take(self.parser.feed(data))
-            if len(data) < CHUNK:
-                return
+            taken += len(data)
+            if len(data) < size:
+                return False
+            if budget is not None and taken >= budget:
+                return True
 
     def flush(self) -> None:
         self._take(self.parser.flush())  # a last line with no newline after it
