@@ -16,9 +16,11 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from application.key_list import ApiKeyEntry, parse_api_keys
 from application.services.scheduler import LinkScore, Policy
@@ -220,6 +222,12 @@ class Settings(BaseSettings):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if v is not None:
+            try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
+                parse_url(v)
+                urlsplit(v).port  # noqa: B018 (it raises for a port out of range)
+            except ValueError as exc:
+                raise ValueError(f"not a Redis URL the client can read ({exc})") from None
         return v
 
     @field_validator("CREATE_RATE_LIMIT")

@@ -35,6 +35,9 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("SIMULATED_GPUS", "four", "such as 4 or 4x80"),
         ("APP_PORT", "70000", "less than or equal to 65535"),
         ("REDIS_URL", "localhost:6379", "redis://"),
+        # What the client cannot read is one line now, not a scheduler crashing again and again.
+        ("REDIS_URL", "redis://redis:6379:0", "Port could not be cast"),
+        ("REDIS_URL", "redis://127.0.0.1:70000/0", "out of range"),
         ("API_PREFIX", "api", "must start with '/'"),
         # Any folder under OUTPUT_ROOT can become a job's output and be downloaded by its owner.
         ("OUTPUT_ROOT", ".", "holds the server's own folder"),
@@ -79,13 +82,15 @@ def test_the_image_run_alone_uses_the_embedded_redis(monkeypatch: pytest.MonkeyP
     assert not load_settings().uses_embedded_redis
 
 
-@pytest.mark.parametrize("role", ["all", "scheduler"])
-def test_a_folder_that_cannot_be_made_stops_start_py_with_one_line(tmp_path: Path, role: str) -> None:
+@pytest.mark.parametrize(("role", "log_dir"), [("all", None), ("scheduler", None), ("api", "/sys/kernel")])
+def test_a_folder_that_cannot_be_made_stops_start_py_with_one_line(tmp_path: Path, role: str,
+                                                                   log_dir: str | None) -> None:  # fmt: skip
     # It was a traceback from a process started later, and `start.py scheduler` started its scheduler again and
-    # again (1, 2, 4 ... 30 s) for a folder that could never be made.
+    # again (1, 2, 4 ... 30 s) for a folder that could never be made. /sys/kernel: one that exists but takes no
+    # file, even for root.
     (tmp_path / "afile").write_text("")
     env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
-           "LOG_DIR": str(tmp_path / "afile" / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"),
+           "LOG_DIR": log_dir or str(tmp_path / "afile" / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"),
            "REDIS_URL": "redis://127.0.0.1:1/0", "GPU_BACKEND": "simulated"}  # fmt: skip
     out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py"), role], env=env, capture_output=True,
                          text=True, timeout=60, check=False)  # fmt: skip

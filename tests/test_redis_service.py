@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from application.services.redis_service import EmbeddedRedis, find_redis_server
+from application.config import Settings
+from application.services.redis_service import EmbeddedRedis, _safe_url, create_client, find_redis_server, redis_url
+from tests.conftest import free_port
 
 
 def embedded(folder: Path) -> EmbeddedRedis:
@@ -45,3 +53,65 @@ def test_a_stale_pid_file_never_stops_a_process_that_is_not_its_redis(tmp_path: 
     finally:
         bystander.kill()
         bystander.wait()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:p@ss-word@redis.internal:6379/0", "redis://***@redis.internal:6379/0"),
+        ("unix:///run/redis.sock?password=s3cret&db=2", "unix:///run/redis.sock?password=***&db=2"),
+        ("redis://:pw@h:1/0?username=bob", "redis://***@h:1/0?username=***"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_the_redis_url_in_the_logs_shows_no_credentials(url: str, shown: str) -> None:
+    assert _safe_url(url) == shown
+
+
+@pytest.fixture
+def passworded_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of its own, on IPv4 and IPv6 loopback, that wants the password `pw-0123`: its port."""
+    binary = find_redis_server()
+    assert binary
+    port = free_port()
+    args = ["--port", str(port), "--bind", "::1 127.0.0.1", "--save", "", "--appendonly", "no",
+            "--requirepass", "pw-0123", "--dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_a_password_beside_a_url_and_an_ipv6_host_reach_redis(passworded_redis: int) -> None:
+    # REDIS_PASSWORD was dropped whenever REDIS_URL was set; REDIS_HOST=::1 made a URL nobody could read.
+    port = passworded_redis
+    for settings in (
+        Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PASSWORD="pw-0123"),
+        Settings(REDIS_URL=None, REDIS_HOST="::1", REDIS_PORT=port, REDIS_PASSWORD="pw-0123"),
+    ):
+        client = create_client(settings, redis_url(settings))
+        try:
+            await wait_until(client.ping)
+        finally:
+            await client.aclose()
+
+
+async def wait_until(ping: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await ping()
+            return
+        except RedisConnectionError:  # (not yet listening; a refused password is another error)
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def test_httpx_never_logs_the_urls_it_posts_to() -> None:
+    # A webhook's URL often carries its token: httpx's INFO line for each request named it in every log.
+    code = ("import logging; from application.utils.logger import setup_logging; setup_logging('DEBUG', None); "
+            "print(logging.getLogger('httpx').isEnabledFor(logging.INFO), "
+            "logging.getLogger('uvicorn').isEnabledFor(logging.INFO))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True"]

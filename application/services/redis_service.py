@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import psutil
 import redis.asyncio as aioredis
@@ -177,6 +178,8 @@ def redis_url(settings: Settings) -> str:
     if settings.REDIS_URL:
         return settings.REDIS_URL
     host = settings.REDIS_HOST or "localhost"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
     return f"redis://{host}:{settings.REDIS_PORT}/{settings.REDIS_DB}"
 
 
@@ -184,7 +187,7 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
     return aioredis.Redis.from_url(
         url,
-        password=settings.REDIS_PASSWORD if not settings.REDIS_URL else None,
+        password=settings.REDIS_PASSWORD,  # a password in REDIS_URL wins over it (redis-py's from_url)
         decode_responses=True,
         socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
@@ -221,7 +224,12 @@ class RedisService:
 
 
 def _safe_url(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """The URL without its credentials: the user info (up to the last '@' before the path) and any
+    username/password query parameter (redis-py's way to give a unix socket a password)."""
+    parts = urlsplit(url)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    query = "&".join(
+        f"{k}=***" if k.lower() in ("password", "username") else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )  # fmt: skip
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
