@@ -101,11 +101,24 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         # Until the scheduler has recorded the folders of jobs stored by an older version, users wait.
         store = client.app.state.training.store
         await store.r.delete(store.keys.folders_indexed)
-        status, text = await create(BOB_KEY, "bobs3")
-        assert status == 503 and "try again in a few seconds" in text, text
+        refused = await client.post("/jobs", json={**job_body(tmp_path, "bobs3"), "output_dir": "bobs3"},
+                                    headers=auth(BOB_KEY))  # fmt: skip
+        assert refused.status_code == 503 and "try again in a few seconds" in refused.text, refused.text
+        assert refused.headers["Retry-After"] == "5"
         assert (await create(ADMIN_KEY, "roots"))[0] == 201
         await store.folders.backfill()
         assert (await create(BOB_KEY, "bobs3"))[0] == 201
+
+
+async def test_a_new_install_takes_users_jobs_before_any_scheduler_has_run(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # No job stored, so no folder of an older version to record: nothing for a user's create to wait for (it
+    # was 503 until a scheduler had started once, for as long as none ran).
+    async with app_factory(scheduler=False, API_KEYS=KEYS_SETTING) as client:
+        body = {**job_body(tmp_path, "first", dataset="data"), "output_dir": "first"}
+        r = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
+        assert r.status_code == 201, r.text
 
 
 async def test_without_keys_every_folder_is_open_and_recorded_for_when_keys_come(

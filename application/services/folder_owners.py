@@ -31,7 +31,8 @@ from application.services.keys import Keys
 # How long a check run in a thread waits for its Redis read on the event loop.
 READ_TIMEOUT = 30.0
 FOLDERS_NOT_INDEXED = ("the scheduler has not recorded whose job folders are whose yet (it does so as it starts, "
-                       "once after an upgrade): try again in a few seconds")  # fmt: skip
+                       "once after an upgrade): try again in a few seconds, "
+                       "or start a scheduler if none runs")  # fmt: skip
 
 
 def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
@@ -85,6 +86,11 @@ class FolderIndex:
         self.r = client
         self.keys = keys
         self._foreign = client.register_script(lua.FOREIGN_FOLDER)
+        self._mark_if_empty = client.register_script(lua.MARK_FOLDERS_INDEXED_IF_EMPTY)
+
+    async def mark_indexed_if_empty(self) -> bool:
+        """True when nothing needs recording: no job is stored (a new install), so none is of an older version."""
+        return bool(await self._mark_if_empty(keys=[self.keys.jobs_index, self.keys.folders_indexed]))
 
     async def foreign(self, folder: dict[str, Any]) -> str | None:
         """The first job folder of another owner that `folder` (`folder_arg`) overlaps, or None."""

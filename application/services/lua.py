@@ -498,3 +498,11 @@ QUEUED_SINCE = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) end
 return 0
 """
+
+# KEYS: the jobs index, Keys.folders_indexed. With no job stored there is no folder of an older version to record:
+# the marker is set here, so that users' creates on a new install need not wait for a scheduler's first start.
+MARK_FOLDERS_INDEXED_IF_EMPTY = """
+if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
+redis.call('SET', KEYS[2], '1')
+return 1
+"""

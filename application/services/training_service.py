@@ -182,8 +182,8 @@ class TrainingService:
         output_root = real_output_root(self.settings.OUTPUT_ROOT)
         guard = None if caller.name is None or caller.is_admin else FolderGuard(
             output_root, caller.name, self.store.folders.foreign, asyncio.get_running_loop())  # fmt: skip
-        if guard is not None and not ctx.folders_indexed:
-            raise Unavailable(FOLDERS_NOT_INDEXED)
+        if guard is not None and not ctx.folders_indexed and not await self.store.folders.mark_indexed_if_empty():
+            raise Unavailable(FOLDERS_NOT_INDEXED, {"Retry-After": "5"})
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
