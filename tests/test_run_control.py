@@ -212,6 +212,11 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert done["export"]["status"] == "completed" and done["export"]["checkpoint"] == cps["exported"]
         assert cps["checkpoints"][-1]["exported"] and cps["checkpoints"][-1]["size_bytes"] > 0
         assert all(c["loss"] is not None and c["time"] for c in cps["checkpoints"])
+        # A page of the newest: what one look at the job costs stays bounded however many a job keeps.
+        newest = (await client.get("/jobs/pr/checkpoints", params={"limit": 2})).json()
+        assert [c["step"] for c in newest["checkpoints"]] == [30, 40] and newest["total"] == cps["total"] == 4
+        assert newest["resume_from"] == cps["resume_from"]
+        assert [c["loss"] for c in newest["checkpoints"]] == [c["loss"] for c in cps["checkpoints"][2:]]
         events = [e["type"] for e in (await client.get("/jobs/pr/events")).json()["events"]]
         assert "paused" in events and events.count("status_running") == 2
 

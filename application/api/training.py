@@ -155,10 +155,13 @@ async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: Call
 
 
 @jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,
-          summary="Every checkpoint of every run of the job")  # fmt: skip
-async def list_job_checkpoints(job_id: JobId, ctl: Control, caller: CallerDep) -> CheckpointList:
+          summary="The checkpoints of every run of the job, newest `limit`")  # fmt: skip
+async def list_job_checkpoints(
+    job_id: JobId, ctl: Control, caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="the newest this many")] = 100,
+) -> CheckpointList:  # fmt: skip
     """With its step, time, the loss near it, its size; which one the next resume uses, and which was exported."""
-    return await ctl.checkpoints(job_id, caller)
+    return await ctl.checkpoints(job_id, caller, limit)
 
 
 @jobs.get("/jobs/{job_id}/status", response_model=StatusResponse, responses=E404, summary="Job status")

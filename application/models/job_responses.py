@@ -81,6 +81,7 @@ class CheckpointInfo(BaseModel):
 class CheckpointList(BaseModel):
     job_id: str
     checkpoints: list[CheckpointInfo]
+    total: int = Field(0, description="checkpoints on disk; `checkpoints` holds the newest `limit` of them")
     resume_from: str | None = None
     exported: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,14 +51,16 @@ def folder_size(path: Path) -> int | None:
 
 
 def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
-    """The training loss logged at `step` or nearest before it (checkpoints land between logging steps)."""
+    """The training loss logged at `step` or nearest before it (checkpoints land between logging steps).
+    `history`: sorted by step (stable: of two points at one step, the later counts)."""
     if step is None:
         return None
-    best: LossPoint | None = None
-    for point in history:
-        if point.loss is not None and point.step <= step and (best is None or point.step >= best.step):
-            best = point
-    return best.loss if best else None
+    i = bisect.bisect_right(history, step, key=lambda p: p.step)
+    while i > 0:
+        i -= 1
+        if history[i].loss is not None:
+            return history[i].loss
+    return None
 
 
 def own_checkpoints(job: Job) -> list[str]:
@@ -69,9 +72,12 @@ def own_checkpoints(job: Job) -> list[str]:
     return job_checkpoints(Path(job.output_dir), run_dirs)
 
 
-def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
-    paths = own_checkpoints(job)
-    resume = first_resumable(reversed(paths))
+def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000) -> CheckpointList:
+    """The newest `limit` checkpoints (oldest first), each looked at on disk (its size: a walk of its folder)."""
+    every = own_checkpoints(job)
+    resume = first_resumable(reversed(every))
+    paths = every[-limit:]
+    history = sorted(history, key=lambda p: p.step)
     exported = job.export.checkpoint
     # Every checkpoint a kept merge export completed from: a later export of another one does not undo it.
     merged = {e.checkpoint for e in (*job.exports, job.export) if e.status == ExportStatus.COMPLETED and not e.job_id}
@@ -89,4 +95,5 @@ def describe_checkpoints(job: Job, history: list[LossPoint]) -> CheckpointList:
         out.append(CheckpointInfo(path=path, step=step, attempt=attempt, run_dir=str(folder.parent), time=when,
                                   loss=_loss_at(history, step), size_bytes=folder_size(folder),
                                   resume=path == resume, exported=path in merged))  # fmt: skip
-    return CheckpointList(job_id=job.job_id, checkpoints=out, resume_from=resume, exported=exported)
+    return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), resume_from=resume,
+                          exported=exported)  # fmt: skip

@@ -108,7 +108,7 @@ async def _job_parts(request: Request, job_id: str,
                      caller: Caller) -> tuple[dict[str, Any], list[Any], list[Any], dict[str, Any]]:  # fmt: skip
     state = request.app.state
     job = json.loads(await state.training.job_json(job_id, caller))
-    checkpoints = (await state.run_control.checkpoints(job_id, caller)).model_dump(mode="json")["checkpoints"]
+    checkpoints = (await state.run_control.checkpoints(job_id, caller, 100)).model_dump(mode="json")["checkpoints"]
     events = (await state.training.events(job_id, None, EVENTS_SHOWN, caller)).model_dump(mode="json")["events"]
     found = await artifacts.listing(await state.training.require(job_id, caller), state.settings.OUTPUT_ROOT)
     return job, checkpoints, events, found.model_dump(mode="json")
