@@ -20,10 +20,13 @@ import time
 from pathlib import Path
 
 
-def _early_start(spec_file: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
+def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
     """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import)."""
     try:
         spec = json.loads(Path(spec_file).read_text())
+        Path(spec_file).unlink(missing_ok=True)  # read once: nothing else starts from it
+        if spec.get("run_id") != run_id:
+            return OSError(f"launch spec {spec_file} is of run {spec.get('run_id')}, not of run {run_id}")
         log_file = Path(spec["log_file"])
         log_file.parent.mkdir(parents=True, exist_ok=True)
         Path(spec["exit_file"]).unlink(missing_ok=True)
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch", metavar="SPEC", help="start swift from this spec before anything else")
     parser.add_argument("--export", metavar="EXPORT_ID", help="run this export of the job instead of training")
     args = parser.parse_args(argv)
-    early = _early_start(args.launch) if args.launch else None
+    early = _early_start(args.launch, args.run_id) if args.launch else None
     from application.services.run_agent import run
 
     return run(args, early)

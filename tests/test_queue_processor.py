@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import job_body, make_model, wait_job
+import redis
+
+from tests.conftest import _until, job_body, make_model, wait_job
 
 
 async def test_a_job_whose_folder_cannot_be_used_fails_alone_and_the_queue_goes_on(
@@ -32,3 +34,30 @@ async def test_a_job_whose_folder_cannot_be_used_fails_alone_and_the_queue_goes_
         assert fine["exit_code"] == 0
         # Counted as what it was: not a start ("started 1 job(s)" and the pass's log said so).
         assert (await client.get("/queue/processor/status")).json()["jobs_started"] == 1
+
+
+async def test_a_scheduler_that_lost_its_lead_after_starting_a_run_launches_no_runner(
+    app_factory: Callable[..., Any], tmp_path: Path, redis_url: str
+) -> None:
+    """A leader stalled between recording a run and launching its runner (its successor meanwhile gave the job
+    another run) launched it anyway: a second trainer on the GPU, writing into the new run's log."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        processor = client.scheduler.processor
+        lead = processor.fence
+        key = client.app.state.training.store.keys.job("late")
+        sync = redis.Redis.from_url(redis_url, decode_responses=True)
+        # The lead is lost as soon as the run is recorded, before its runner is launched.
+        processor.fence = lambda: "a-lead-lost-meanwhile" if sync.hget(key, "status") == '"running"' else lead()
+        try:
+            r = await client.post("/jobs", json=job_body(tmp_path, "late", auto_start=True, training={"max_steps": 2}))
+            assert r.status_code == 201, r.text
+            job = await wait_job(client, "late", lambda j: j["status"] == "running")
+            passes = processor.stats.passes
+            await _until(lambda: processor.stats.passes > passes, timeout=10)  # the pass that started it is over
+            assert client.scheduler.launcher.children == {}
+            assert not Path(job["log_file"]).exists()
+            assert (await client.get("/jobs/late")).json()["runner"] is None
+        finally:
+            processor.fence = lead
+            sync.close()

@@ -20,6 +20,7 @@ import psutil
 import pytest
 import redis
 
+from application.runner import _early_start
 from application.services.process_group import group_members
 from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
 
@@ -524,3 +525,16 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
         runner = (tmp_path / f"env-of-runner-{command}").read_text().splitlines()
         assert any(line.startswith("REDIS_URL=") for line in runner)
         assert not any(line.startswith("WEBHOOK_SECRET=") for line in runner)
+
+
+def test_a_runner_given_the_launch_spec_of_another_run_starts_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "late.train.2.log"
+    log.write_bytes(b"the other run's output\n")
+    ran = tmp_path / "ran"
+    spec = tmp_path / "late.launch.json"
+    spec.write_text(json.dumps({"run_id": "run-b", "argv": ["/bin/sh", "-c", f"touch {ran}"], "env": {},
+                                "cwd": str(tmp_path), "log_file": str(log),
+                                "exit_file": str(tmp_path / "late.exit.json")}))  # fmt: skip
+    refused = _early_start(str(spec), "run-a")
+    assert isinstance(refused, OSError) and "run-b" in str(refused)
+    assert log.read_bytes() == b"the other run's output\n" and not ran.exists()

@@ -234,9 +234,11 @@ class JobStore:
         run_id: str | None = None,
         exporting: bool | None = None,
         unchanged: Mapping[str, str | None] | None = None,
+        fence: str | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`, the
-        `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise);
+        `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise; with
+        `fence`, only while that scheduler leads);
         `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step.
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
@@ -248,10 +250,10 @@ class JobStore:
             "statuses": [s.value for s in statuses] if statuses is not None else None,
             "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
-            "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting,
+            "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting, "fence": fence,
             "unchanged": {name: raw or "" for name, raw in unchanged.items()} if unchanged else None,
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
-                  "exporting": self.keys.exporting},
+                  "exporting": self.keys.exporting, "leader": self.keys.leader},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

@@ -298,10 +298,19 @@ class QueueProcessor:
         )  # fmt: skip
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
-            spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.launch.json", {
-                "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id}, "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
+            # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
+            # overwrite, the spec of the run its successor started instead (the runner checks the run id too).
+            spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.{run_id[:12]}.launch.json", {
+                "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
+                "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
             }, self.settings.OUTPUT_ROOT)  # fmt: skip
+            try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
+                await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
+                                        fence=self.fence())  # fmt: skip
+            except TransitionRefused as exc:
+                logger.warning("job {} run {} not launched: {}", job.job_id, run_id, exc)
+                return False
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
             escaped = isinstance(exc, OutputEscaped)
