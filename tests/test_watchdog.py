@@ -190,3 +190,39 @@ async def test_an_export_whose_runner_died_before_recording_swifts_pid_is_stoppe
         assert swift.wait(10) is not None
         got = (await client.get("/jobs/merged")).json()["export"]
         assert got["status"] == "failed" and "runner died" in got["error"], got
+
+
+async def test_an_export_that_ends_before_its_launch_is_recorded_stays_ended(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The scheduler wrote the record it read before the launch, plus the runner, after the runner had written
+    the export's end: a completed export went back to running, for good (no export, stop or delete after it)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "quick", auto_start=True, step_seconds=0.01, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "quick", lambda j: j["status"] == "completed")
+        launcher = client.scheduler.launcher
+        launch, reap = launcher.launch, launcher.reap
+        swept = asyncio.Event()
+        launched = False
+
+        async def stalled(*args: Any, **kwargs: Any) -> RunnerInfo:
+            nonlocal launched
+            runner = await launch(*args, **kwargs)
+            # The scheduler stalls right after the launch, until the export has ended.
+            await wait_job(client, "quick", lambda j: j["export"]["status"] == "completed")
+            launched = True
+            return runner
+
+        def reaped() -> None:
+            reap()
+            if launched:
+                swept.set()  # the sweep that launched it is over: the runner is recorded (or not) by now
+
+        launcher.launch, launcher.reap = stalled, reaped
+        assert (await client.post("/jobs/quick/export")).status_code == 200
+        await asyncio.wait_for(swept.wait(), 60)
+        export = (await client.get("/jobs/quick")).json()["export"]
+        assert export["status"] == "completed" and export["finished_at"], export
+        assert (await client.delete("/jobs/quick")).status_code == 204

@@ -29,7 +29,7 @@ from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.exports import merged_path, record_auto_export, run_again
 from application.services.files import FileStore
-from application.services.job_store import JobStore, TransitionRefused
+from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
 from application.services.run_end import exit_signal, host_went_down, runner_lost, signal_text
@@ -288,7 +288,24 @@ class Watchdog:
             await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
                                      done=True)  # fmt: skip
             return
-        await self._write_export(job.job_id, info.export_id, info.model_copy(update={"runner": runner}), None)
+        await self._record_export_runner(job.job_id, info.export_id, runner)
+
+    async def _record_export_runner(self, job_id: str, export_id: str | None, runner: RunnerInfo) -> None:
+        """Add the runner to the export's record, as the record is now: the runner may already have written its
+        pid, or even its end (a quick export, a scheduler stalled after the launch), which a copy read before
+        the launch would undo (a completed export back to running, for good)."""
+        for _ in range(5):
+            raw = (await self.store.get_fields([job_id], ["export"]))[0][0]
+            current = ExportInfo.model_validate_json(raw) if raw else None
+            if current is None or current.export_id != export_id or current.status != ExportStatus.RUNNING:
+                return  # deleted, another export since, or ended already
+            try:
+                await self.store.update(job_id, {"export": current.model_copy(update={"runner": runner})},
+                                        unchanged={"export": raw})  # fmt: skip
+                return
+            except TransitionRefused as exc:
+                if exc.reason != Refusal.CHANGED:
+                    return
 
     async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
                             event: tuple[str, str, dict[str, Any] | None] | None,
