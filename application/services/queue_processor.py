@@ -25,7 +25,7 @@ from loguru import logger
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import process_group as pg
-from application.services.checkpoints import first_resumable, weights_only
+from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
@@ -245,6 +245,13 @@ class QueueProcessor:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
         that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
         disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
+        if job.stop_requested:
+            # A stop accepted as the last run ended and went back to the queue (a retry, a preemption, its
+            # runner's end read just before the stop came): honoured here, not undone by a new run.
+            to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
+            await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        message="stopped on request as its last run ended: not run again")  # fmt: skip
+            return False
         version = await self.version()
         log_dir = Path(job.output_dir) / "logs"
         number = len(job.attempts) + 1
