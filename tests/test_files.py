@@ -340,6 +340,9 @@ async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_thei
         refused = await client.delete(f"/files/{f['id']}")
         assert refused.status_code == 409 and "old" in refused.json()["detail"], refused.text
         assert (await client.post("/jobs/old/stop")).status_code == 200
+        # A deleted job is no longer recorded as a user: the record does not grow with every job that used it.
+        assert (await client.delete("/jobs/old")).status_code == 204
+        assert await store.r.scard(store.keys.file_users(f["id"])) == 0
         assert (await client.delete(f"/files/{f['id']}")).status_code == 204
 
 

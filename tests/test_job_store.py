@@ -63,6 +63,8 @@ async def test_a_job_naming_a_deleted_upload_is_not_stored_and_one_naming_a_kept
     job = make_job("a")
     await store.create(job, message="created", actor="t", uploads=[kept])
     assert await store.r.smembers(store.keys.file_users(kept)) == {f"a|{job.created_at!r}"}
+    await store.delete("a", uploads=[kept])
+    assert await store.r.exists(store.keys.file_users(kept)) == 0
 
 
 async def test_the_waiting_cap_is_counted_per_owner_in_the_create(store: JobStore) -> None:

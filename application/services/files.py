@@ -284,10 +284,14 @@ class FileStore:
             await pipe.execute()
         return recorded
 
+    def uploads_of(self, job: Job) -> list[str]:
+        """The ids of the uploads `job` names (paths only, no disk)."""
+        return self._upload_ids(_data_values(job.data_path, job.training.model_dump()))
+
     async def gone_uploads(self, job: Job) -> list[str]:
         """The uploads `job` trains on that have been deleted (allowed while it was not active): a resume must
         not queue a run that cannot read its data."""
-        ids = self._upload_ids(_data_values(job.data_path, job.training.model_dump()))
+        ids = self.uploads_of(job)
         if not ids:
             return []
         async with self.r.pipeline(transaction=False) as pipe:

@@ -336,8 +336,9 @@ class JobStore:
                 raise refused
         raise refused
 
-    async def delete(self, job_id: str) -> JobStatus:
-        """Remove the record; raises TransitionRefused(MISSING | BAD_STATE (running) | EXPORT_STATE)."""
+    async def delete(self, job_id: str, uploads: Sequence[str] = ()) -> JobStatus:
+        """Remove the record (and, as a user of `uploads`, from theirs); raises TransitionRefused(MISSING |
+        BAD_STATE (running) | EXPORT_STATE)."""
         k = self.keys
         owner = await self.get_field(job_id, "owner")
         every, mine = self._status_keys(owner)
@@ -348,7 +349,7 @@ class JobStore:
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
                   "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since,
-                  "queue_head": k.queue_head},
+                  "queue_head": k.queue_head, "upload_users": [k.file_users(f) for f in uploads]},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

@@ -289,7 +289,7 @@ return 1
 
 # Remove a job's record and every index entry, unless its status is in `refuse` or its export runs.
 # a: id, refuse, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta, leases,
-# expiry, exporting, status {s: key}, owner_status|nil, queue_head}
+# expiry, exporting, status {s: key}, owner_status|nil, queue_head, upload_users (Keys.file_users of its uploads)}
 DELETE = (
     _HELPERS
     + """
@@ -302,6 +302,9 @@ if exp and exp.status == 'running' then return {'export_state', cur, 'running'} 
 local id = a.id
 free_output_dir(k.output_dirs, id)
 release_leases(k.leases, id)
+-- No longer a user of its uploads: the member the create added ('id|created_at', the time as stored).
+local created = redis.call('HGET', KEYS[1], 'created_at')
+for _, users in ipairs(k.upload_users or {}) do redis.call('SREM', users, id .. '|' .. created) end
 redis.call('DEL', KEYS[1], k.events, k.history, k.summary, k.sent)
 redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end

@@ -382,9 +382,9 @@ class TrainingService:
         return found[1]
 
     async def delete(self, job_id: str, caller: Caller) -> None:
-        await self.require(job_id, caller)
+        job = await self.require(job_id, caller)
         try:
-            await self.store.delete(job_id)
+            await self.store.delete(job_id, self.files.uploads_of(job))
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
                 detail = "job '{id}' is exporting its model: wait for the export to end, then delete it"

@@ -325,8 +325,9 @@ class Watchdog:
             return []
         removed = []
         for job_id in await self.store.expired(time.time() - days * 86400, batch):
+            job = await self.store.get(job_id)
             try:
-                await self.store.delete(job_id)
+                await self.store.delete(job_id, self.files.uploads_of(job) if job else ())
                 removed.append(job_id)
             except TransitionRefused:
                 continue  # exporting right now, or gone already: the next sweep sees it again
