@@ -66,16 +66,21 @@ async def test_a_scheduler_that_lost_its_lead_after_starting_a_run_launches_no_r
 async def test_a_stop_that_came_as_the_last_run_went_back_to_the_queue_is_honoured(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """A stop accepted between the runner's last look at its flags and its requeue (a retry): the next pass
-    started the job again with the flag cleared, and it ran to completed."""
+    """A stop (pause) accepted between the runner's last look at its flags and its requeue (a retry): the next
+    pass started the job again with the flag cleared, and it ran to completed."""
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
         blocker = job_body(tmp_path, "blocker", auto_start=True, hang_after_steps=1, training={"max_steps": 50})
         assert (await client.post("/jobs", json=blocker)).json()["status"] == "running"
-        r = await client.post("/jobs", json=job_body(tmp_path, "asked", auto_start=True, training={"max_steps": 2}))
-        assert r.status_code == 201 and r.json()["status"] == "queued", r.text
         store = client.app.state.training.store
-        await store.update("asked", {"stop_requested": True})  # what the stop wrote, as the run went back
+        for name, flag in (("asked", "stop_requested"), ("rested", "pause_requested")):
+            r = await client.post("/jobs", json=job_body(tmp_path, name, auto_start=True, training={"max_steps": 2}))
+            assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+            await store.update(name, {flag: True})  # what the stop (pause) wrote, as the run went back
         assert (await client.post("/jobs/blocker/stop")).status_code == 200
         done = await wait_job(client, "asked", lambda j: j["status"] not in ("queued", "running"))
         assert done["status"] == "cancelled" and done["started_at"] is None, done  # no checkpoint: cancelled
+        rested = await wait_job(client, "rested", lambda j: j["status"] not in ("queued", "running"))
+        assert rested["status"] == "paused" and rested["started_at"] is None and not rested["pause_requested"]
+        assert (await client.post("/jobs/rested/resume")).status_code == 200
+        await wait_job(client, "rested", lambda j: j["status"] == "completed")

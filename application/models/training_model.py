@@ -34,8 +34,11 @@ TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.
 # when it is preempted or retried, and rests as paused when paused.
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PENDING: frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    # (STOPPED: a job that ran before, waiting to resume, keeps what it trained: POST .../resume goes on)
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.STOPPED}),
+    # (STOPPED: a job that ran before, waiting to resume, keeps what it trained: POST .../resume goes on;
+    # PAUSED: a pause asked as its last run went back to the queue)
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED}
+    ),
     JobStatus.RUNNING: frozenset(
         {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED, JobStatus.QUEUED}
     ),

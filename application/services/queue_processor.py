@@ -246,11 +246,16 @@ class QueueProcessor:
         that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
         disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
         if job.stop_requested:
-            # A stop accepted as the last run ended and went back to the queue (a retry, a preemption, its
-            # runner's end read just before the stop came): honoured here, not undone by a new run.
+            # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
+            # its runner had read its flags just before it came): honoured here, not undone by a new run.
             to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
             await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         message="stopped on request as its last run ended: not run again")  # fmt: skip
+            return False
+        if job.pause_requested:
+            message = f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
+            await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"pause_requested": False}, message=message)  # fmt: skip
             return False
         version = await self.version()
         log_dir = Path(job.output_dir) / "logs"

@@ -184,6 +184,9 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         message = (f"attempt {len(attempts)} failed ({end.error_message}); retry {job.retries + 1} of "
                    f"{job.max_retries}: back in the queue, resumes from {where}")  # fmt: skip
         event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts)})
+    if status == JobStatus.QUEUED:
+        # A pause asked after the run's end was read stays asked: the next pass pauses the job, not runs it.
+        del fields["pause_requested"]
     if status in (JobStatus.PAUSED, JobStatus.QUEUED):
         fields["resume_from"] = checkpoint
         fields["gpu_ids"] = []  # it holds none now (the attempt keeps where it ran)
