@@ -549,3 +549,13 @@ def test_dpo_run_has_the_shared_format_with_reward_keys() -> None:
     assert parser.checkpoints == [f"{run}/checkpoint-3", f"{run}/checkpoint-6"]
     assert parser.last_checkpoint == f"{run}/checkpoint-6" and parser.train_loss == 0.5771
     assert parser.progress is not None and (parser.progress.current_step, parser.progress.max_steps) == (6, 6)
+
+
+@pytest.mark.parametrize("open_close", [("[", "]"), ("{'a': ", "}")])
+def test_a_line_nested_too_deep_to_parse_is_skipped_not_raised(open_close: tuple[str, str]) -> None:
+    # A runner parses every line its trainer prints: one it cannot parse must not end the runner.
+    deep = 5000
+    line = "{'loss': " + open_close[0] * deep + "1" + open_close[1] * deep + "}"
+    assert parse_step_dict(line) is None
+    result = SwiftLogParser().feed((line + "\n{'loss': '0.5', 'global_step/max_steps': '1/2'}\n").encode())
+    assert [p["loss"] for p in result.history] == [0.5]

@@ -107,7 +107,7 @@ def _literal(text: str) -> Any:
     if '"' not in text and "\\" not in text:
         try:
             return json.loads(text.replace("'", '"'))
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     try:
         return ast.literal_eval(text)
