@@ -210,9 +210,9 @@ def _check_folders(settings: Settings, role: str) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # A folder that exists but takes no file (a root-owned ./logs under Docker, a read-only mount):
-            # found by writing one, as the roles will.
-            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".swift-api-probe-")
-            probe.close()
+            # found by writing one, as the roles will (an API worker alone writes nothing in DATA_DIR).
+            if role != "api" or name != "DATA_DIR":
+                tempfile.NamedTemporaryFile(dir=folder, prefix=".swift-api-probe-").close()
         except OSError as exc:
             print(f"swift-api: {name}={folder} cannot be used: {exc.strerror or exc}", file=sys.stderr)
             sys.exit(2)

@@ -226,8 +226,9 @@ class Settings(BaseSettings):
             try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
                 parse_url(v)
                 urlsplit(v).port  # noqa: B018 (it raises for a port out of range)
-            except ValueError as exc:
-                raise ValueError(f"not a Redis URL the client can read ({exc})") from None
+            except ValueError:
+                # (not the client's own words: they may quote part of a password)
+                raise ValueError("not a Redis URL the client can read: check its port, db and query") from None
         return v
 
     @field_validator("CREATE_RATE_LIMIT")

@@ -36,8 +36,8 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("APP_PORT", "70000", "less than or equal to 65535"),
         ("REDIS_URL", "localhost:6379", "redis://"),
         # What the client cannot read is one line now, not a scheduler crashing again and again.
-        ("REDIS_URL", "redis://redis:6379:0", "Port could not be cast"),
-        ("REDIS_URL", "redis://127.0.0.1:70000/0", "out of range"),
+        ("REDIS_URL", "redis://redis:6379:0", "check its port, db and query"),
+        ("REDIS_URL", "redis://127.0.0.1:70000/0", "check its port"),
         ("API_PREFIX", "api", "must start with '/'"),
         # Any folder under OUTPUT_ROOT can become a job's output and be downloaded by its owner.
         ("OUTPUT_ROOT", ".", "holds the server's own folder"),
@@ -52,6 +52,13 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(
     with pytest.raises(SettingsError) as exc:
         load_settings()
     assert key in str(exc.value) and says in str(exc.value)
+
+
+def test_a_redis_url_the_client_cannot_read_shows_none_of_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:s3cr/et@h:6379/0")  # an unencoded '/' in the password
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert "REDIS_URL" in str(exc.value) and "s3cr" not in str(exc.value)
 
 
 def test_start_py_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:

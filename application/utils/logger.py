@@ -31,5 +31,5 @@ def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> 
         logging.getLogger(name).handlers = [_InterceptHandler()]
         logging.getLogger(name).propagate = False
     # httpx logs every request's URL at INFO: a webhook's URL often carries its token.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logger.level(level.upper()).no))
+    for quiet in ("httpx", "httpcore"):
+        logging.getLogger(quiet).setLevel(max(logging.WARNING, logger.level(level.upper()).no))
