@@ -69,14 +69,23 @@ async def test_a_stop_that_came_as_the_last_run_went_back_to_the_queue_is_honour
     """A stop (pause) accepted between the runner's last look at its flags and its requeue (a retry): the next
     pass started the job again with the flag cleared, and it ran to completed."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(SIMULATED_GPUS="1x80") as client:
-        blocker = job_body(tmp_path, "blocker", auto_start=True, hang_after_steps=1, training={"max_steps": 50})
+    async with app_factory(SIMULATED_GPUS="1x80", PREEMPTION=True, PREEMPTION_MIN_RUN_SECONDS=0) as client:
+        blocker = job_body(tmp_path, "blocker", auto_start=True, hang_after_steps=1, priority=1,
+                           training={"max_steps": 50})  # fmt: skip
         assert (await client.post("/jobs", json=blocker)).json()["status"] == "running"
-        store = client.app.state.training.store
+        store, processor = client.app.state.training.store, client.scheduler.processor
+        assert (await client.post("/queue/processor/stop")).status_code == 200  # (no pass before the flags)
         for name, flag in (("asked", "stop_requested"), ("rested", "pause_requested")):
-            r = await client.post("/jobs", json=job_body(tmp_path, name, auto_start=True, training={"max_steps": 2}))
+            body = job_body(tmp_path, name, auto_start=True, priority=10, training={"max_steps": 2})
+            r = await client.post("/jobs", json=body)
             assert r.status_code == 201 and r.json()["status"] == "queued", r.text
             await store.update(name, {flag: True})  # what the stop (pause) wrote, as the run went back
+        passes = processor.stats.passes
+        assert (await client.post("/queue/processor/start")).status_code == 200
+        await _until(lambda: processor.stats.passes >= passes + 2, timeout=15)
+        # Nothing is preempted for a job that will not run.
+        still = (await client.get("/jobs/blocker")).json()
+        assert still["status"] == "running" and still["preempt_for"] is None, still
         assert (await client.post("/jobs/blocker/stop")).status_code == 200
         done = await wait_job(client, "asked", lambda j: j["status"] not in ("queued", "running"))
         assert done["status"] == "cancelled" and done["started_at"] is None, done  # no checkpoint: cancelled

@@ -191,8 +191,8 @@ class QueueProcessor:
         if any(row[3] and json.loads(row[3]) for row in rows):
             return []
         job = await self.store.get(head_id)
-        if job is None or job.status != JobStatus.QUEUED:
-            return []
+        if job is None or job.status != JobStatus.QUEUED or job.stop_requested or job.pause_requested:
+            return []  # (one asked to stop or pause is taken out of the queue by its start, not run)
         now = time.time()
         candidates = []
         for r, (prio, started, saved, _) in zip(view.running, rows, strict=True):
@@ -321,6 +321,7 @@ class QueueProcessor:
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip
             except TransitionRefused as exc:
+                spec.unlink(missing_ok=True)
                 logger.warning("job {} run {} not launched: {}", job.job_id, run_id, exc)
                 return False
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)

@@ -67,10 +67,20 @@ class RunControl:
                                    actor=caller.actor)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
             final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace)
+            if final.status == JobStatus.QUEUED:
+                # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
+                # still holds (were it missed here, the scheduler honours it before any new run).
+                try:
+                    to = await svc.leave_queue(final, "stopped on request as its last run ended", caller)
+                    final = final.model_copy(update={"status": to})
+                except TransitionRefused:
+                    final = await svc.require(job_id, caller)
             if final.status == JobStatus.RUNNING:
                 message = "Stop requested: the run has not ended yet; see its status"
             elif final.status == JobStatus.STOPPED:
                 message = f"Training stopped ({final.stop_outcome or 'terminated'})"
+            elif final.status == JobStatus.CANCELLED:
+                message = "The job was cancelled: its run had ended and gone back to the queue, with no checkpoint"
             else:
                 message = f"The job had already finished ({final.status.value})"
             return ActionResponse(job_id=job_id, status=final.status, message=message)
