@@ -10,7 +10,7 @@ from typing import Any
 
 from application.models.job_request import TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
-from application.services.exports import EXPORTS_KEPT, export_log, name_taken, put_export
+from application.services.exports import EXPORTS_KEPT, export_log, name_taken, put_export, while_running
 from tests.conftest import ApiServer, job_body, wait_for
 
 
@@ -196,6 +196,36 @@ async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_c
     assert stored is not None
     ids = [e.export_id or "" for e in (*stored.exports, stored.export)]
     assert sorted(ids) == sorted([f"m{n}" for n in range(10)] + [f"q{n}" for n in range(10)]), ids
+
+
+async def test_what_is_written_about_an_export_lands_only_while_that_export_runs(redis_client: Any) -> None:
+    """A stop aimed at export X stopped export Y (X ended and Y was asked for in between); a watchdog that read X
+    before its runner recorded its end recorded it again, or wrote X's end over Y (Y then never ran)."""
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+
+    store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
+    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0)  # fmt: skip
+    await store.create(job, message="created", actor="t")
+    x = ExportInfo(status=ExportStatus.RUNNING, export_id="x", checkpoint="c")
+    await put_export(store, "j", x)
+    # Meanwhile X's runner writes its pid: the write still lands, on the record as it is then.
+    await store.update("j", {"export": x.model_copy(update={"pid": 123})})
+    stop = {"export_stop_requested": True}
+    assert (await while_running(store, "j", "x", lambda now: stop)) is not None
+    assert (await store.get("j")).export_stop_requested  # type: ignore[union-attr]
+    # X ends; Y is asked for (which clears the flag): what was meant for X writes nothing.
+    await store.update("j", {"export": x.model_copy(update={"status": ExportStatus.COMPLETED})})
+    assert await while_running(store, "j", "x", lambda now: stop) is None
+    y = ExportInfo(status=ExportStatus.RUNNING, export_id="y", checkpoint="c")
+    await put_export(store, "j", y)
+    ended = x.model_copy(update={"status": ExportStatus.FAILED, "error": "late"})
+    assert await while_running(store, "j", "x", lambda now: {"export": ended}) is None
+    stored = await store.get("j")
+    assert stored is not None and stored.export.export_id == "y" and stored.export.status == ExportStatus.RUNNING
+    assert not stored.export_stop_requested and [e.export_id for e in stored.exports] == ["x"]
 
 
 def test_without_a_gpu_a_quantized_export_is_refused(server_factory: Callable[..., ApiServer],

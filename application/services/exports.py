@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,27 @@ def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
 
 
 _EXPORTS = TypeAdapter(list[ExportInfo])
+
+
+async def while_running(store: JobStore, job_id: str, export_id: str | None,
+                        fields: Callable[[ExportInfo], Mapping[str, Any]],
+                        **update: Any) -> ExportInfo | None:  # fmt: skip
+    """Write `fields(export)` only while `export_id` is the job's export and runs, judged from the record as it
+    is at the write (not a copy read earlier: its runner, a new request or another scheduler may have written
+    since). The export written over, or None when it ended, was replaced or the job is gone. `update`:
+    JobStore.update's event, actor and `exporting`."""
+    for _ in range(10):
+        raw = (await store.get_fields([job_id], ["export"]))[0][0]
+        current = ExportInfo.model_validate_json(raw) if raw not in (None, "null") else None
+        if current is None or current.export_id != export_id or current.status != ExportStatus.RUNNING:
+            return None
+        try:
+            await store.update(job_id, fields(current), unchanged={"export": raw}, **update)
+            return current
+        except TransitionRefused as exc:
+            if exc.reason != Refusal.CHANGED:
+                return None  # (a runner writing its pid meanwhile: read again)
+    return None
 
 
 async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:

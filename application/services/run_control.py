@@ -12,6 +12,7 @@ from application.exceptions import Conflict, JobNotFound
 from application.models.job_responses import ActionResponse, CheckpointList
 from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
+from application.services.exports import while_running
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.run_end import checkpoint_step
 from application.services.training_service import (
@@ -85,8 +86,10 @@ class RunControl:
                 message = f"The job had already finished ({final.status.value})"
             return ActionResponse(job_id=job_id, status=final.status, message=message)
         if job.export.status == ExportStatus.RUNNING:
-            await svc.store.update(job_id, {"export_stop_requested": True}, actor=caller.actor,
-                                   event=("export_stop_requested", "export stop requested", None))  # fmt: skip
+            # Only while the export this caller saw runs: one that ended meanwhile is not stopped, nor a new one.
+            asked = ("export_stop_requested", "export stop requested", None)
+            await while_running(svc.store, job_id, job.export.export_id, lambda _: {"export_stop_requested": True},
+                                actor=caller.actor, event=asked)  # fmt: skip
             final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace)
             message = f"Export stopped ({final.export.status.value})"
             if final.export.status == ExportStatus.RUNNING:

@@ -27,9 +27,9 @@ from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import merged_path, record_auto_export, run_again
+from application.services.exports import merged_path, record_auto_export, run_again, while_running
 from application.services.files import FileStore
-from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
 from application.services.run_end import exit_signal, host_went_down, runner_lost, signal_text
@@ -237,12 +237,18 @@ class Watchdog:
                 return
             await self._launch_export(job, info)
             return
-        alive = self.launcher.is_alive(info.runner)
+        runner = info.runner
+        alive = self.launcher.is_alive(runner)
         if alive is None:
             beat = await self.cluster.runner_heartbeat(job.job_id)
             alive = bool(beat and beat.get("id") == info.export_id)
         if alive:
             return
+        # Read again: the runner may have recorded its end (or been asked to stop) since this sweep's read.
+        fresh = await self.store.get(job.job_id)
+        if fresh is None or fresh.export.export_id != info.export_id or fresh.export.status != ExportStatus.RUNNING:
+            return
+        job, info = fresh, fresh.export
         await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
         code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
         if code is None and info.log_file and not job.export_stop_requested and \
@@ -250,8 +256,8 @@ class Watchdog:
             code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
         error: str | None = "export stopped on request" if job.export_stop_requested else \
-            f"the export's runner {self._how_it_ended(info.runner)} before recording its end"  # fmt: skip
-        if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(info.runner):
+            f"the export's runner {self._how_it_ended(runner)} before recording its end"  # fmt: skip
+        if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(runner):
             if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
                 message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
                 await self._write_export(job.job_id, info.export_id, run_again(info, host_restart=True),
@@ -266,9 +272,9 @@ class Watchdog:
             update["path"] = merged_path(info)
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
                                         "exit_code": code, **update})  # fmt: skip
-        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
-                                 done=True)  # fmt: skip
-        await self.cluster.notify(job.job_id, f"export_{status.value}")
+        if await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
+                                    done=True):  # fmt: skip
+            await self.cluster.notify(job.job_id, f"export_{status.value}")
 
     def _how_it_ended(self, runner: RunnerInfo) -> str:
         """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
@@ -291,32 +297,20 @@ class Watchdog:
         await self._record_export_runner(job.job_id, info.export_id, runner)
 
     async def _record_export_runner(self, job_id: str, export_id: str | None, runner: RunnerInfo) -> None:
-        """Add the runner to the export's record, as the record is now: the runner may already have written its
-        pid, or even its end (a quick export, a scheduler stalled after the launch), which a copy read before
-        the launch would undo (a completed export back to running, for good)."""
-        for _ in range(5):
-            raw = (await self.store.get_fields([job_id], ["export"]))[0][0]
-            current = ExportInfo.model_validate_json(raw) if raw else None
-            if current is None or current.export_id != export_id or current.status != ExportStatus.RUNNING:
-                return  # deleted, another export since, or ended already
-            try:
-                await self.store.update(job_id, {"export": current.model_copy(update={"runner": runner})},
-                                        unchanged={"export": raw})  # fmt: skip
-                return
-            except TransitionRefused as exc:
-                if exc.reason != Refusal.CHANGED:
-                    return
+        """Add the runner to the export's record as it is now: the runner may already have written its pid, or
+        even its end (a quick export, a scheduler stalled after the launch), which a copy read before the
+        launch would undo (a completed export back to running, for good)."""
+        await while_running(self.store, job_id, export_id, lambda now: {"export": now.model_copy(
+            update={"runner": runner})})  # fmt: skip
 
     async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
                             event: tuple[str, str, dict[str, Any] | None] | None,
-                            done: bool = False) -> None:  # fmt: skip
-        current = await self.store.get_field(job_id, "export")
-        if current is None or current.get("export_id") != export_id:
-            return  # deleted, or another export since
-        try:
-            await self.store.update(job_id, {"export": info}, event=event, exporting=False if done else None)
-        except TransitionRefused:
-            pass
+                            done: bool = False) -> bool:  # fmt: skip
+        """Record `info` while that export still runs; False when its runner recorded its end meanwhile, a new
+        export replaced it, or the job is gone (nothing written then: not over a newer export, not twice)."""
+        wrote = await while_running(self.store, job_id, export_id, lambda _: {"export": info}, event=event,
+                                    exporting=False if done else None)  # fmt: skip
+        return wrote is not None
 
     async def expire_old_jobs(self, batch: int = 100) -> list[str]:
         """Delete the records of jobs that ended more than JOB_RETENTION_DAYS ago (their files stay)."""
