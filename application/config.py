@@ -250,6 +250,11 @@ class Settings(BaseSettings):
     def _roots(cls, v: str) -> str:
         if not [p for p in v.split(",") if p.strip()]:
             raise ValueError("must name at least one folder (comma-separated)")
+        # A root may not exist yet (uploads make the first data root); one that is a file is a mistake, and
+        # uploads into it answered 507 as if the disk were full.
+        for root in _roots(v):
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"{root} is a file, not a folder")
         return v
 
     @model_validator(mode="after")

@@ -54,6 +54,15 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(
     assert key in str(exc.value) and says in str(exc.value)
 
 
+@pytest.mark.parametrize("key", ["DATA_ROOTS", "MODEL_ROOTS"])
+def test_a_root_that_is_a_file_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str) -> None:
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv(key, f"{tmp_path / 'fine'},{tmp_path / 'afile'}")
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert key in str(exc.value) and "afile is a file, not a folder" in str(exc.value)
+
+
 def test_a_redis_url_the_client_cannot_read_shows_none_of_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://:s3cr/et@h:6379/0")  # an unencoded '/' in the password
     with pytest.raises(SettingsError) as exc:
@@ -68,6 +77,16 @@ def test_start_py_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "GPU_BACKEND" in lines[0] and "simulated" in lines[0], out.stderr
+
+
+def test_a_redis_server_bin_that_is_not_there_is_named(tmp_path: Path) -> None:
+    # It said "install redis-server" while one was on PATH: the setting was what had to change.
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"), "GPU_BACKEND": "simulated",
+           "REDIS_SERVER_BIN": "/nonexistent/redis-server"}  # fmt: skip
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py")], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 1 and "REDIS_SERVER_BIN=/nonexistent/redis-server" in out.stderr, out.stderr
 
 
 def test_simulated_gpus_format() -> None:
