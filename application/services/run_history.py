@@ -22,6 +22,9 @@ from application.services.predictions import (
 # Samples kept per key: predictions read the newest few; the rest shows a change of hardware or code.
 KEEP = 20
 ERRORS_KEEP = 1000
+# A kind of run not seen again for this long is forgotten: the keys are one per model, data set, GPU count and
+# training settings (each list capped at KEEP), so without an end their number grows with every variation tried.
+HISTORY_TTL_SECONDS = 180 * 86400
 # Predictions remembered per process while no run ends (teams submit the same jobs again and again).
 CACHE_SIZE = 1024
 
@@ -90,8 +93,10 @@ class RunHistory:
             if sample is not None:
                 pipe.lpush(self.keys.step_profile(profile), json.dumps([sample.seconds_per_sample, sample.overhead]))
                 pipe.ltrim(self.keys.step_profile(profile), 0, KEEP - 1)
+                pipe.expire(self.keys.step_profile(profile), HISTORY_TTL_SECONDS)
             pipe.lpush(self.keys.run_durations(similar), repr(round(duration, 3)))
             pipe.ltrim(self.keys.run_durations(similar), 0, KEEP - 1)
+            pipe.expire(self.keys.run_durations(similar), HISTORY_TTL_SECONDS)
             if predicted:
                 pipe.lpush(self.keys.prediction_errors, repr(round(duration / predicted, 4)))
                 pipe.ltrim(self.keys.prediction_errors, 0, ERRORS_KEEP - 1)
