@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from application.utils.log_tail import last_cr_segment, read_from, tail_lines
+from application.utils.log_tail import last_cr_segment, read_from, tail_lines, tail_start
 
 
 def reference_tail(data: bytes, n: int) -> list[str]:
@@ -158,3 +158,26 @@ def test_read_from_a_truncated_file_starts_again(tmp_path: Path) -> None:
     assert read_from(path, 10, 100) == (b"new", 3)
     with pytest.raises(ValueError):
         read_from(path, -1, 10)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 64, 65536])
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_where_the_last_n_lines_start(tmp_path: Path, block_size: int, final_newline: bool) -> None:
+    lines = [f"line {i} " + "x" * (i % 7) for i in range(200)]
+    path = tmp_path / "run.log"
+    path.write_bytes(("\n".join(lines) + ("\n" if final_newline else "")).encode())
+    data = path.read_bytes()
+    for n in (1, 2, 17, 199, 200):
+        start = tail_start(path, n, block_size=block_size)
+        assert data[start:].decode().splitlines() == lines[-n:], (n, start)
+    assert tail_start(path, 500, block_size=block_size) == 0
+    assert tail_start(path, 0, block_size=block_size) == len(data)  # none: from the end
+    assert tail_start(tmp_path / "missing.log", 5) == 0
+
+
+def test_the_last_lines_start_within_the_bytes_it_may_read(tmp_path: Path) -> None:
+    path = tmp_path / "bar.log"
+    path.write_bytes(b"x" * 1000 + b"\n" + b"y" * 50 + b"\n")
+    assert tail_start(path, 2, block_size=16, max_bytes=100) == 1001  # the longer line starts before them
+    path.write_bytes(b"z" * 1000)  # no newline at all within reach: only what comes next
+    assert tail_start(path, 3, block_size=16, max_bytes=100) == 1000

@@ -234,6 +234,20 @@ def test_a_log_longer_than_a_read_is_sent_without_a_poll_between_its_chunks(
     assert len(log) > 640 * 1024 and "".join(m.data for m in got) == "".join(_visible(raw) for raw in log.split(b"\n"))
 
 
+def test_a_log_stream_may_start_with_the_last_lines_and_resumes_from_its_ids(server: ApiServer,
+                                                                            workspace: Path) -> None:  # fmt: skip
+    body = job_body(workspace, "tailed", auto_start=True, training={"max_steps": 20, "logging_steps": 1})
+    assert server.create(**body).status_code == 201
+    server.wait_status("tailed", "completed")
+    whole = data_of(read(server, "/jobs/tailed/logs/stream", stop=lambda got: False))
+    tail = data_of(read(server, "/jobs/tailed/logs/stream?tail=5", stop=lambda got: False))
+    assert [(m.id, m.data) for m in tail] == [(m.id, m.data) for m in whole[-5:]]
+    # Its ids are those of the whole stream: a reconnect from one goes on right after it (the id wins).
+    rest = data_of(read(server, "/jobs/tailed/logs/stream?tail=1", last_id=whole[-4].id, stop=lambda got: False))
+    assert [m.data for m in rest] == [m.data for m in whole[-3:]]
+    assert server.http.get("/jobs/tailed/logs/stream", params={"tail": -1}).status_code == 422
+
+
 def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace: Path) -> None:
     training = {"max_steps": 40, "logging_steps": 2, "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2}
     body = job_body(workspace, "evp", step_seconds=0.05, auto_start=True, training=training)

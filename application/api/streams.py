@@ -46,11 +46,13 @@ async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> Str
 async def stream_logs(
     job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep, last_event_id: LastEventId = None,
     kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",
+    tail: Annotated[int | None, Query(ge=0, le=100_000, description="start with the current log's last N lines "
+                                      "(not the whole log); a reconnect's Last-Event-ID wins")] = None,
 ) -> StreamingResponse:  # fmt: skip
     """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
     a comment heartbeat every 15 s keeps an idle stream open."""
     job = await svc.require(job_id, caller)
-    return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id, job.created_at))
+    return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id, job.created_at, tail))
 
 
 @router.get("/jobs/{job_id}/events/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},

@@ -22,7 +22,7 @@ from typing import Any
 from application.models.training_model import JobStatus, LossPoint
 from application.services.job_store import JobStore
 from application.services.owner_slots import OwnerSlots
-from application.utils.log_tail import read_from
+from application.utils.log_tail import read_from, tail_start
 
 LOG_CHUNK = 64 * 1024
 # A line longer than this is sent in pieces (a runaway progress bar must not grow a stream's buffer).
@@ -151,12 +151,14 @@ class Streams:
             return export_status != "running", str(export_status)
         return status.is_terminal(), status.value
 
-    async def logs(self, job_id: str, kind: str, last_id: str | None, created: float) -> AsyncIterator[str]:
+    async def logs(self, job_id: str, kind: str, last_id: str | None, created: float,
+                   tail: int | None = None) -> AsyncIterator[str]:  # fmt: skip
         """The log, a line per message, `id:` the byte offset after it; from `last_id` on a reconnect.
 
         A job run again (resumed, retried) writes a new log per run: offsets count on across them (a run's log
         starts where the one before ended), so an id says which run's log it is in. A new stream starts with
-        the current run's log; each log is read to its end before the next one's."""
+        the current run's log (its last `tail` lines, when given); each log is read to its end before the next
+        one's."""
         wanted = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else None
         runs = await self._run_logs(job_id, kind, created) or []
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
@@ -172,6 +174,8 @@ class Streams:
             ahead = runs[-1:]
         path = ahead.pop(0) if ahead else None
         offset = max(0, wanted - base) if wanted is not None else 0
+        if wanted is None and tail is not None and path:
+            offset = await asyncio.to_thread(tail_start, path, tail)
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
         while True:

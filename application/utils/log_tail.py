@@ -71,6 +71,42 @@ def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     return [last_cr_segment(raw.decode("utf-8", errors="replace")).rstrip() for raw in lines]
 
 
+def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> int:
+    """The byte offset where the last `n` lines of a log start (a last line without a newline counts), read
+    backwards by blocks; 0 when it has no more than `n`. At most `max_bytes` are read: past them, the first
+    line that starts inside them (or the end, when none does). A missing file gives 0."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return 0
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if n <= 0:
+            return end
+        pos, blocks, newlines = end, [], 0
+        while pos > 0 and newlines <= n and end - pos < max_bytes:
+            size = min(block_size, pos, max_bytes - (end - pos))
+            pos -= size
+            f.seek(pos)
+            blocks.append(f.read(size))
+            newlines += blocks[-1].count(b"\n")
+    data = b"".join(reversed(blocks))
+    # The last n lines start after the (n+1)-th newline from the end when the file ends with one, else the n-th.
+    i = len(data)
+    for _ in range(n + 1 if data.endswith(b"\n") else n):
+        i = data.rfind(b"\n", 0, i)
+        if i < 0:
+            break
+    if i >= 0:
+        return pos + i + 1
+    if pos == 0:
+        return 0
+    first = data.find(b"\n")  # bytes before it belong to a line that starts before what was read
+    return pos + first + 1 if 0 <= first and pos + first + 1 < end else end
+
+
 def read_from(path: Path | str, offset: int, max_bytes: int) -> tuple[bytes, int]:
     """Bytes of a growing file from `offset` (at most `max_bytes`) and the offset to read from next.
 

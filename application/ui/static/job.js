@@ -171,7 +171,8 @@
   }
 
   function followLog() {
-    return d.stream(`${base}/logs/stream`, {
+    // The last lines of a long log, not all of it: a run's log reaches hundreds of megabytes.
+    return d.stream(`${base}/logs/stream?tail=${MAX_LINES}`, {
       onMessage: (m) => logLine(m.data),
       onEnd: (m) => logLine(`── end of log (${JSON.parse(m.data).status}) ──`),
       onState: (s) => (logState.textContent = s),
