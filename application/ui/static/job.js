@@ -267,8 +267,10 @@
       text(c.size_bytes == null ? "—" : `${(c.size_bytes / 1048576).toFixed(1)} MiB`),
       text([c.resume && "resume", c.exported && "exported"].filter(Boolean).join(" ")),
     ]);
+    const shown = (list.checkpoints || []).length;
+    const more = list.total > shown ? [el("p", { class: "muted", text: `the newest ${shown} of ${list.total}` })] : [];
     document.getElementById("checkpoints-box").replaceChildren(
-      grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet.")
+      grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet."), ...more
     );
   }
 
