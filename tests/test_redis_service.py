@@ -115,3 +115,12 @@ def test_httpx_never_logs_the_urls_it_posts_to() -> None:
             "logging.getLogger('uvicorn').isEnabledFor(logging.INFO))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_a_redis_server_that_fails_at_start_is_explained_by_this_start_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    (folder / "redis.log").write_text("1:M 01 Dec 2026 10:00:00.000 * an earlier run's line\n")
+    with pytest.raises(RuntimeError) as exc:
+        EmbeddedRedis(folder, "/bin/false").start()
+    assert "earlier run" not in str(exc.value) and "exit code 1" in str(exc.value), exc.value

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.config import Settings
+from application.utils.log_tail import read_from
 
 
 def find_redis_server(configured: str | None = None) -> str | None:
@@ -91,6 +92,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        log_file = self.data_dir / "redis.log"
+        # Only what this start writes explains its failure (the file keeps every earlier run's lines).
+        log_from = log_file.stat().st_size if log_file.exists() else 0
         self.process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -102,9 +106,14 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"embedded redis-server exited at start: {err or log}")
+                err = ""
+                if self.process.stderr:
+                    err = self.process.stderr.read().decode(errors="replace")
+                    self.process.stderr.close()
+                fresh, _ = read_from(log_file, log_from, 1 << 20)
+                log = fresh[-2000:].decode(errors="replace").strip()
+                why = err.strip() or log or f"exit code {self.process.returncode}, nothing in {log_file}"
+                raise RuntimeError(f"embedded redis-server exited at start: {why}")
             if self._ping():
                 return
             time.sleep(0.02)
