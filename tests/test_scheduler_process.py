@@ -110,6 +110,23 @@ async def test_a_lock_that_expired_under_load_is_not_reported_as_taken_by_anothe
     assert reason.startswith("another scheduler holds the lock (elsewhere:7:1, fencing token 3)"), reason
 
 
+async def test_an_error_redis_answers_at_once_is_logged_once_while_standing_by(redis_url: str) -> None:
+    # A db index Redis does not have is refused at once: "Redis does not answer" every 0.2 s filled the log.
+    from loguru import logger
+
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(str(m)), level="WARNING", format="{message}")
+    client = aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9999", decode_responses=True)
+    try:
+        lock = LeaderLock(ClusterStore(client, Keys("db-out-of-range")), "standby", ttl=3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(lock.wait_for_leadership(poll=0.05), 1.0)  # twenty tries and more
+    finally:
+        logger.remove(sink)
+        await client.aclose()
+    assert len([m for m in said if "still standing by" in m]) == 1, said
+
+
 def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiServer, workspace: Path) -> None:
     spare = standby(server)
     try:

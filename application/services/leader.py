@@ -19,6 +19,9 @@ from redis.exceptions import RedisError
 
 from application.services.cluster_store import ClusterStore
 
+# How often one Redis error met while standing by is logged again.
+REPEAT_SECONDS = 30.0
+
 
 def scheduler_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
@@ -39,12 +42,16 @@ class LeaderLock:
         return self.value is not None
 
     async def wait_for_leadership(self, poll: float = 0.2) -> str:
+        said: tuple[str, float] = ("", 0.0)
         while True:
             self._renewed_at = time.monotonic()  # (sent: see keep)
             try:
                 value = await self.cluster.acquire_leadership(self.ident, self.ttl)
             except RedisError as exc:
-                logger.warning("scheduler {}: Redis does not answer ({}); still standing by", self.ident, exc)
+                # An error Redis answers at once (a db out of range) comes every poll: said again twice a minute.
+                if said[0] != str(exc) or time.monotonic() - said[1] > REPEAT_SECONDS:
+                    logger.warning("scheduler {}: Redis does not answer ({}); still standing by", self.ident, exc)
+                    said = (str(exc), time.monotonic())
                 value = None
             if value:
                 self.value = value
