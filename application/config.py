@@ -253,7 +253,11 @@ class Settings(BaseSettings):
         # A root may not exist yet (uploads make the first data root); one that is a file is a mistake, and
         # uploads into it answered 507 as if the disk were full.
         for root in _roots(v):
-            if root.exists() and not root.is_dir():
+            try:
+                is_file = root.is_file()
+            except OSError:
+                continue  # (one that cannot be looked at now is the requests' to refuse, as before)
+            if is_file:
                 raise ValueError(f"{root} is a file, not a folder")
         return v
 

@@ -226,3 +226,30 @@ async def test_an_export_that_ends_before_its_launch_is_recorded_stays_ended(
         export = (await client.get("/jobs/quick")).json()["export"]
         assert export["status"] == "completed" and export["finished_at"], export
         assert (await client.delete("/jobs/quick")).status_code == 204
+
+
+async def test_a_sweep_that_read_an_export_before_it_was_handed_back_does_not_fail_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A runner whose host shuts down hands its export back (to run again under the next scheduler). A sweep that
+    had read the export before that found the runner gone and recorded the export failed, from its old copy."""
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job
+    from application.services.exports import put_export, run_again
+
+    async with app_factory(scheduler=False) as client:
+        store, watchdog = client.app.state.training.store, client.scheduler.watchdog
+        job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+                  output_dir=str(tmp_path / "output" / "j"), output_dir_requested="j", num_gpus=1,
+                  training=TrainingParams(), created_at=1.0, updated_at=1.0)  # fmt: skip
+        await store.create(job, message="created", actor="t")
+        gone = RunnerInfo(host="another-host", pid=999_999, launched_at=time.time())  # no heartbeat: not alive
+        running = ExportInfo(status=ExportStatus.RUNNING, export_id="x", checkpoint="c", command=["swift", "export"],
+                             runner=gone)  # fmt: skip
+        await put_export(store, "j", running)
+        stale = await store.get("j")  # the sweep's read
+        await store.update("j", {"export": run_again(running)})  # the runner hands it back
+        assert stale is not None
+        await watchdog._watch_export(stale)
+        export = (await client.get("/jobs/j")).json()["export"]
+        assert export["status"] == "running" and export["runner"] is None, export  # the next sweep launches it

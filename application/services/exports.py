@@ -158,19 +158,23 @@ _EXPORTS = TypeAdapter(list[ExportInfo])
 
 
 async def while_running(store: JobStore, job_id: str, export_id: str | None,
-                        fields: Callable[[ExportInfo], Mapping[str, Any]],
+                        fields: Callable[[ExportInfo], Mapping[str, Any] | None],
                         **update: Any) -> ExportInfo | None:  # fmt: skip
     """Write `fields(export)` only while `export_id` is the job's export and runs, judged from the record as it
     is at the write (not a copy read earlier: its runner, a new request or another scheduler may have written
-    since). The export written over, or None when it ended, was replaced or the job is gone. `update`:
-    JobStore.update's event, actor and `exporting`."""
+    since); `fields` may look at that record and decline (None). The export written over, or None when it
+    ended, was replaced, the job is gone or `fields` declined. `update`: JobStore.update's event, actor and
+    `exporting`."""
     for _ in range(10):
         raw = (await store.get_fields([job_id], ["export"]))[0][0]
         current = ExportInfo.model_validate_json(raw) if raw not in (None, "null") else None
         if current is None or current.export_id != export_id or current.status != ExportStatus.RUNNING:
             return None
+        wanted = fields(current)
+        if wanted is None:
+            return None
         try:
-            await store.update(job_id, fields(current), unchanged={"export": raw}, **update)
+            await store.update(job_id, wanted, unchanged={"export": raw}, **update)
             return current
         except TransitionRefused as exc:
             if exc.reason != Refusal.CHANGED:

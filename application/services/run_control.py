@@ -88,8 +88,12 @@ class RunControl:
         if job.export.status == ExportStatus.RUNNING:
             # Only while the export this caller saw runs: one that ended meanwhile is not stopped, nor a new one.
             asked = ("export_stop_requested", "export stop requested", None)
-            await while_running(svc.store, job_id, job.export.export_id, lambda _: {"export_stop_requested": True},
-                                actor=caller.actor, event=asked)  # fmt: skip
+            if await while_running(svc.store, job_id, job.export.export_id, lambda _: {"export_stop_requested": True},
+                                   actor=caller.actor, event=asked) is None:  # fmt: skip
+                now = await svc.require(job_id, caller)
+                which = "it" if now.export.export_id == job.export.export_id else "another export now runs: it"
+                message = f"The export had already ended; {which} is {now.export.status.value}"
+                return ActionResponse(job_id=job_id, status=now.status, export=now.export, message=message)
             final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace)
             message = f"Export stopped ({final.export.status.value})"
             if final.export.status == ExportStatus.RUNNING:

@@ -233,7 +233,8 @@ class Watchdog:
                 stopped = info.model_copy(update={"status": ExportStatus.STOPPED, "finished_at": time.time(),
                                                   "error": "export stopped on request before it started"})  # fmt: skip
                 await self._write_export(job.job_id, info.export_id, stopped,
-                                         ("export_stopped", stopped.error or "", None), done=True)  # fmt: skip
+                                         ("export_stopped", stopped.error or "", None), runner=None,
+                                         done=True)  # fmt: skip
                 return
             await self._launch_export(job, info)
             return
@@ -244,9 +245,11 @@ class Watchdog:
             alive = bool(beat and beat.get("id") == info.export_id)
         if alive:
             return
-        # Read again: the runner may have recorded its end (or been asked to stop) since this sweep's read.
+        # Read again: the runner may have recorded its end, handed the export back (its host going down) or been
+        # asked to stop since this sweep's read.
         fresh = await self.store.get(job.job_id)
-        if fresh is None or fresh.export.export_id != info.export_id or fresh.export.status != ExportStatus.RUNNING:
+        if fresh is None or fresh.export.export_id != info.export_id or fresh.export.status != ExportStatus.RUNNING \
+                or fresh.export.runner != runner:  # fmt: skip
             return
         job, info = fresh, fresh.export
         await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
@@ -261,7 +264,8 @@ class Watchdog:
             if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
                 message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
                 await self._write_export(job.job_id, info.export_id, run_again(info, host_restart=True),
-                                         ("export_interrupted", message, {"checkpoint": info.checkpoint}))  # fmt: skip
+                                         ("export_interrupted", message, {"checkpoint": info.checkpoint}),
+                                         runner=runner)  # fmt: skip
                 return  # the next sweep launches it
             limit = self.settings.HOST_RESTART_REQUEUES
             error = host_went_down(info.host_restarts + 1, limit, "this export").error_message
@@ -273,7 +277,7 @@ class Watchdog:
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
                                         "exit_code": code, **update})  # fmt: skip
         if await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
-                                    done=True):  # fmt: skip
+                                    runner=runner, done=True):  # fmt: skip
             await self.cluster.notify(job.job_id, f"export_{status.value}")
 
     def _how_it_ended(self, runner: RunnerInfo) -> str:
@@ -292,7 +296,7 @@ class Watchdog:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": time.time(),
                                              "error": f"the export's runner could not be started: {exc}"})  # fmt: skip
             await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
-                                     done=True)  # fmt: skip
+                                     runner=None, done=True)  # fmt: skip
             return
         await self._record_export_runner(job.job_id, info.export_id, runner)
 
@@ -304,12 +308,14 @@ class Watchdog:
             update={"runner": runner})})  # fmt: skip
 
     async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
-                            event: tuple[str, str, dict[str, Any] | None] | None,
+                            event: tuple[str, str, dict[str, Any] | None] | None, *, runner: RunnerInfo | None,
                             done: bool = False) -> bool:  # fmt: skip
-        """Record `info` while that export still runs; False when its runner recorded its end meanwhile, a new
-        export replaced it, or the job is gone (nothing written then: not over a newer export, not twice)."""
-        wrote = await while_running(self.store, job_id, export_id, lambda _: {"export": info}, event=event,
-                                    exporting=False if done else None)  # fmt: skip
+        """Record `info` while that export still runs with `runner`, the runner (or none) it was judged by;
+        False when its runner recorded its end or handed it back meanwhile, a new export replaced it, or the
+        job is gone (nothing written then: not over a newer record, not twice)."""
+        wrote = await while_running(self.store, job_id, export_id,
+                                    lambda now: {"export": info} if now.runner == runner else None,
+                                    event=event, exporting=False if done else None)  # fmt: skip
         return wrote is not None
 
     async def expire_old_jobs(self, batch: int = 100) -> list[str]:
