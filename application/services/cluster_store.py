@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from application.models.training_model import JobStatus
-from application.services import lua
+from application.services import lua_cluster
 from application.services.keys import Keys
 from application.services.scheduler import Head
 
@@ -86,10 +86,10 @@ class ClusterStore:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.r: Any = client
         self.keys = keys
-        self._acquire = client.register_script(lua.LEADER_ACQUIRE)
-        self._renew = client.register_script(lua.LEADER_RENEW)
-        self._release = client.register_script(lua.LEADER_RELEASE)
-        self._queued_since = client.register_script(lua.QUEUED_SINCE)
+        self._acquire = client.register_script(lua_cluster.LEADER_ACQUIRE)
+        self._renew = client.register_script(lua_cluster.LEADER_RENEW)
+        self._release = client.register_script(lua_cluster.LEADER_RELEASE)
+        self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from application.config import Settings
 from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
 from application.models.training_model import Job, JobStatus
-from application.services import lua
+from application.services import lua_cluster
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -76,7 +76,7 @@ class FileStore:
         # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
         self.r: Any = client
         self.keys = keys
-        self._forget_file = client.register_script(lua.FORGET_FILE)
+        self._forget_file = client.register_script(lua_cluster.FORGET_FILE)
         self.slots = upload_slots(client, keys, settings)
 
     @property

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from application.exceptions import Conflict, Invalid, Unavailable
-from application.services import lua
+from application.services import lua, lua_cluster
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -86,7 +86,7 @@ class FolderIndex:
         self.r = client
         self.keys = keys
         self._foreign = client.register_script(lua.FOREIGN_FOLDER)
-        self._mark_if_empty = client.register_script(lua.MARK_FOLDERS_INDEXED_IF_EMPTY)
+        self._mark_if_empty = client.register_script(lua_cluster.MARK_FOLDERS_INDEXED_IF_EMPTY)
 
     async def mark_indexed_if_empty(self) -> bool:
         """True when nothing needs recording: no job is stored (a new install), so none is of an older version."""

@@ -1,4 +1,4 @@
-"""Lua scripts for the multi-key changes that must be atomic.
+"""Lua scripts for the multi-key changes of a job's record that must be atomic (`lua_cluster.py`: the rest).
 
 Each script takes the job's hash as KEYS[1] and one JSON argument, ARGV[1], holding its values and the
 names of the other keys it touches (built by `Keys`, never here). Values come encoded from Python; Lua
@@ -426,86 +426,4 @@ DROP_LEASE = """
 local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
 return 0
-"""
-
-# The scheduler's leader lock. KEYS[1]: the lock. a: value, ttl_ms, epoch (the counter's key).
-# ACQUIRE takes it when free, with the next fencing token in its value; RENEW extends it only for its holder;
-# RELEASE frees it only for its holder.
-LEADER_ACQUIRE = """
-local a = cjson.decode(ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = redis.call('INCR', a.epoch)
-local value = tostring(token) .. ':' .. a.id
-redis.call('SET', KEYS[1], value, 'PX', a.ttl_ms)
-return value
-"""
-
-LEADER_RENEW = """
-local a = cjson.decode(ARGV[1])
-if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
-return redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
-"""
-
-LEADER_RELEASE = """
-local a = cjson.decode(ARGV[1])
-if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
-return redis.call('DEL', KEYS[1])
-"""
-
-# KEYS: the file's record, the owner's index, the index of all files, the owner's byte count, the jobs that named
-# it (Keys.file_users). a: id, bytes, active (the status indexes of jobs that may still read it).
-# Refused while one of those jobs is active; in the same step as the create script records a job's files, so a
-# job created at the moment of the delete either is seen here or finds the record gone and is refused.
-# Only the call that removes the record gives its bytes back: two deletes at once count them once.
-# Returns {'ok'}, {'gone'} or {'in_use', job ids...}.
-FORGET_FILE = """
-local a = cjson.decode(ARGV[1])
-local busy = {}
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  -- 'id|created_at': the status indexes are scored by creation time, so a job that only shares the id is not it.
-  local id, created = string.match(member, '^(.*)|([^|]*)$')
-  local active = false
-  for _, index in ipairs(id and a.active or {}) do
-    local score = redis.call('ZSCORE', index, id)
-    if score and tonumber(score) == tonumber(created) then active = true break end
-  end
-  if active then busy[#busy + 1] = id else redis.call('SREM', KEYS[5], member) end
-end
-if #busy > 0 then
-  table.sort(busy)
-  return {'in_use', unpack(busy)}
-end
-if redis.call('DEL', KEYS[1]) == 0 then return {'gone'} end
-redis.call('DEL', KEYS[5])
-redis.call('ZREM', KEYS[2], a.id)
-redis.call('ZREM', KEYS[3], a.id)
-redis.call('DECRBY', KEYS[4], a.bytes)
-return {'ok'}
-"""
-
-# KEYS: an owner's slots of one kind (Keys.open_streams, .open_uploads). a: id, now, expires, cap, ttl_ms. The
-# lapsed slots go, then the rest are counted: -1 when this one was added, else how many are held (the cap is reached).
-OWNER_SLOT = """
-local a = cjson.decode(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= a.cap then return held end
-redis.call('ZADD', KEYS[1], a.expires, a.id)
-redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
-return -1
-"""
-
-# When a job still queued entered the queue, if not known yet (a record of an older version). KEYS: the
-# queued status index, queued_since; ARGV: the id, its queued_at.
-QUEUED_SINCE = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1]) end
-return 0
-"""
-
-# KEYS: the jobs index, Keys.folders_indexed. With no job stored there is no folder of an older version to record:
-# the marker is set here, so that users' creates on a new install need not wait for a scheduler's first start.
-MARK_FOLDERS_INDEXED_IF_EMPTY = """
-if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-redis.call('SET', KEYS[2], '1')
-return 1
 """

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.exceptions import TooMany
-from application.services import lua
+from application.services import lua_cluster
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -81,7 +81,7 @@ class OwnerSlots:
         self.setting = setting
         self.what = what
         self.advice = advice
-        self._take = client.register_script(lua.OWNER_SLOT)
+        self._take = client.register_script(lua_cluster.OWNER_SLOT)
 
     async def take(self, owner: str | None) -> Slot | None:
         """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already."""
