@@ -27,6 +27,27 @@ def last_cr_segment(line: str) -> str:
     return ""
 
 
+def _read_back(path: Path | str, newlines: int, block_size: int, max_bytes: int) -> tuple[bytes, int, int] | None:
+    """The file's end, read backwards by blocks until it holds more than `newlines` newlines, reaches the start
+    or `max_bytes`: (those bytes, where they start, the file's size); None for a missing file."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos, blocks, seen = end, [], 0
+        while pos > 0 and seen <= newlines and end - pos < max_bytes:
+            size = min(block_size, pos, max_bytes - (end - pos))
+            pos -= size
+            f.seek(pos)
+            blocks.append(f.read(size))
+            seen += blocks[-1].count(b"\n")
+    return b"".join(reversed(blocks)), pos, end
+
+
 def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> list[str]:
     """The last `n` lines of a text log, read backwards by blocks from the end.
 
@@ -36,27 +57,12 @@ def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     """
     if n <= 0:
         return []
-    if block_size <= 0:
-        raise ValueError("block_size must be positive")
-    try:
-        f = open(path, "rb")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    # n lines need n+1 newlines: the one that ends the line before the first, plus one that may
+    # end the file. Reading one extra block in the no-final-newline case is harmless.
+    found = _read_back(path, n, block_size, max_bytes)
+    if found is None:
         return []
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        blocks: list[bytes] = []
-        newlines = 0
-        # n lines need n+1 newlines: the one that ends the line before the first, plus one that may
-        # end the file. Reading one extra block in the no-final-newline case is harmless.
-        while pos > 0 and newlines <= n and end - pos < max_bytes:
-            size = min(block_size, pos, max_bytes - (end - pos))
-            pos -= size
-            f.seek(pos)
-            block = f.read(size)
-            blocks.append(block)
-            newlines += block.count(b"\n")
-    data = b"".join(reversed(blocks))
+    data, pos, end = found
     if pos > 0:
         cut = data.find(b"\n")
         # Bytes before the first newline belong to a line that starts before what was read;
@@ -75,24 +81,12 @@ def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     """The byte offset where the last `n` lines of a log start (a last line without a newline counts), read
     backwards by blocks; 0 when it has no more than `n`. At most `max_bytes` are read: past them, the first
     line that starts inside them (or the end, when none does). A missing file gives 0."""
-    if block_size <= 0:
-        raise ValueError("block_size must be positive")
-    try:
-        f = open(path, "rb")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    found = _read_back(path, max(n, 0), block_size, max_bytes if n > 0 else 0)
+    if found is None:
         return 0
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        if n <= 0:
-            return end
-        pos, blocks, newlines = end, [], 0
-        while pos > 0 and newlines <= n and end - pos < max_bytes:
-            size = min(block_size, pos, max_bytes - (end - pos))
-            pos -= size
-            f.seek(pos)
-            blocks.append(f.read(size))
-            newlines += blocks[-1].count(b"\n")
-    data = b"".join(reversed(blocks))
+    data, pos, end = found
+    if n <= 0:
+        return end
     # The last n lines start after the (n+1)-th newline from the end when the file ends with one, else the n-th.
     i = len(data)
     for _ in range(n + 1 if data.endswith(b"\n") else n):
