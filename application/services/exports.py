@@ -178,7 +178,8 @@ async def while_running(store: JobStore, job_id: str, export_id: str | None,
             return current
         except TransitionRefused as exc:
             if exc.reason != Refusal.CHANGED:
-                return None  # (a runner writing its pid meanwhile: read again)
+                return None
+            # CHANGED: written since it was read (its runner's pid, say): judged again on the record as it is now
     return None
 
 
