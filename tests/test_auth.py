@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -194,3 +196,23 @@ async def test_health_and_docs_need_no_key(app_factory: Callable[..., Any]) -> N
         assert (await client.get(root.join("/openapi.json"))).status_code == 200
         assert (await client.get(root.join("/docs"))).status_code == 200
         assert (await client.get("/jobs")).status_code == 401
+
+
+async def test_health_without_a_key_tells_what_is_up_but_not_where_or_which(app_factory: Callable[..., Any]) -> None:
+    # An outsider learnt Redis's address (in its error), the leader's host and pid, SWIFT_BIN's path and versions.
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        deadline = time.monotonic() + 30
+        while not (full := (await client.get("/health", headers=auth(ALICE_KEY))).json())["swift"]["bin"]:
+            assert time.monotonic() < deadline, f"the scheduler never published ms-swift's facts: {full}"
+            await asyncio.sleep(0.05)
+        assert full["scheduler"]["leader"] and full["version"], full
+        for headers in ({}, auth("not-a-key")):
+            r = await client.get("/health", headers=headers)
+            assert r.status_code == 200
+            public = r.json()
+            assert public["status"] == full["status"] and public["redis"] == {"ok": True}
+            assert public["scheduler"]["ok"] is True and public["scheduler"]["gpu_reading_age_seconds"] is not None
+            assert public["swift"] == {"ok": full["swift"]["ok"], "probed": full["swift"]["probed"]}
+            assert public["version"] is None and "API key" in public["detail"]
+            for secret in (full["scheduler"]["leader"], full["swift"]["bin"], full["redis"]["redis_version"]):
+                assert secret not in r.text

@@ -8,6 +8,7 @@ from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from application.auth import Caller, KeyRing
+from application.exceptions import Unauthorized
 from application.models.job_request import JOB_ID_HELP
 from application.models.job_responses import ErrorResponse, ValidationErrorResponse
 from application.services.export_control import ExportControl
@@ -28,6 +29,18 @@ async def current_caller(
 ) -> Caller:
     ring: KeyRing = request.app.state.keys
     return ring.identify(bearer.credentials if bearer else api_key)
+
+
+async def known_caller(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(_api_key)],
+) -> Caller | None:
+    """For a route open to everyone: the caller when their key is valid (or no keys are configured), else None."""
+    try:
+        return await current_caller(request, bearer, api_key)
+    except Unauthorized:
+        return None
 
 
 async def admin_caller(caller: Annotated[Caller, Depends(current_caller)], request: Request) -> Caller:
@@ -62,6 +75,7 @@ async def _idempotency(request: Request) -> Idempotency:
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
 AdminDep = Annotated[Caller, Depends(admin_caller)]
+KnownCallerDep = Annotated[Caller | None, Depends(known_caller)]
 Training = Annotated[TrainingService, Depends(_training)]
 Queue = Annotated[QueueService, Depends(_queue)]
 Control = Annotated[RunControl, Depends(_control)]

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from application.api.deps import System
+from application.api.deps import KnownCallerDep, System
 from application.models.system_model import GpuList, Health, SystemStatus
 
 router = APIRouter()
@@ -28,7 +28,8 @@ async def get_system_status(system: System) -> dict[str, Any]:
 
 @public.get("/health", response_model=None, responses={200: {"model": Health}, 503: {"model": Health}},
             summary="200 when Redis answers, 503 with the reason when it does not")  # fmt: skip
-async def get_health(system: System) -> JSONResponse:
-    """Needs no API key, so load balancers and health checks can call it."""
-    ok, body = await system.health()
+async def get_health(system: System, caller: KnownCallerDep) -> JSONResponse:
+    """Needs no API key, so load balancers and health checks can call it. Where keys are configured, a caller
+    without a valid one sees the status and what is up, not the errors, leader, paths or versions behind it."""
+    ok, body = await system.health(full=caller is not None)
     return JSONResponse(body, status_code=200 if ok else 503)

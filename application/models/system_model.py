@@ -181,7 +181,7 @@ class Health(BaseModel):
     gpu: GpuHealth | None = None
     scheduler: SchedulerHealth | None = None
     swift: SwiftHealth | None = None
-    version: str
+    version: str | None = Field(None, description="null for a caller without a key where keys are configured")
     detail: str | None = None
 
 

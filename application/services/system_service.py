@@ -138,7 +138,11 @@ class SystemService:
             "uptime_seconds": round(time.time() - self.service.started_at, 3),
         }
 
-    async def health(self) -> tuple[bool, dict[str, Any]]:
+    async def health(self, full: bool = True) -> tuple[bool, dict[str, Any]]:
+        ok, body = await self._health()
+        return ok, body if full else _public(body)
+
+    async def _health(self) -> tuple[bool, dict[str, Any]]:
         redis, state = await self._state()
         body: dict[str, Any] = {"status": "healthy" if state else "unhealthy", "redis": redis,
                                 "version": __version__}  # fmt: skip
@@ -153,3 +157,22 @@ class SystemService:
         if not body["scheduler"]["ok"] or body["swift"]["ok"] is False:
             body["status"] = "degraded"
         return True, body
+
+
+def _public(body: dict[str, Any]) -> dict[str, Any]:
+    """/health for a caller without a key on a server with keys: what is up, and nothing an outsider could use to
+    find their way in (Redis's address in its error, the leader's host and pid, SWIFT_BIN's path, versions)."""
+    public: dict[str, Any] = {
+        "status": body["status"],
+        "redis": {"ok": body["redis"]["ok"]},
+        "version": None,
+        "detail": "send an API key for the details (errors, scheduler, ms-swift, versions)",
+    }
+    if "gpu" in body:
+        public["gpu"] = {"backend": body["gpu"]["backend"], "count": body["gpu"]["count"]}
+    # With what readiness checks wait for: a GPU reading published, ms-swift's arguments read.
+    if "scheduler" in body:
+        public["scheduler"] = {k: body["scheduler"][k] for k in ("ok", "gpu_reading_age_seconds")}
+    if "swift" in body:
+        public["swift"] = {k: body["swift"].get(k) for k in ("ok", "probed")}
+    return public
