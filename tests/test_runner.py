@@ -442,6 +442,32 @@ def test_an_export_leaves_swifts_status_next_to_its_log_and_a_scheduler_records_
     assert done["export"]["path"] == export["output_dir"] and done["export"]["path"].endswith("exports/again")
 
 
+def test_an_export_a_scheduler_recorded_as_ended_stays_so_when_its_runner_finishes_after_all(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
+) -> None:
+    # A scheduler judges a runner on another host by its heartbeat: one cut off for a while is recorded as
+    # failed. Its swift finishing later wrote `completed` over that verdict: a second end, event and webhook.
+    wrapper, gate = gated_swift(tmp_path)  # its export waits for the gate
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    server.create(**job_body(workspace, "v", auto_start=True, training={"max_steps": 2}))
+    server.wait_status("v", "completed")
+    job = wait_for(lambda: (j := server.job("v"))["export"]["pid"] and j, what="the automatic export to start")
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    verdict = {**stored(r, server.prefix, "v")["export"], "status": "failed", "finished_at": time.time(),
+               "error": "the export's runner died (pid 1) before recording its end"}  # fmt: skip
+    r.hset(f"{server.prefix}:job:v", "export", json.dumps(verdict))
+    gate.touch()
+    runner = psutil.Process(job["export"]["runner"]["pid"])
+    wait_for(lambda: not runner.is_running() or runner.status() == psutil.STATUS_ZOMBIE, timeout=30,
+             what="the export's runner to finish")  # fmt: skip
+    assert Path(job["export"]["log_file"]).with_suffix(".exit.json").is_file()  # swift did finish, with 0
+    export = server.job("v")["export"]
+    assert export["status"] == "failed" and export["error"] == verdict["error"], export
+    types = [e["type"] for e in server.http.get("/jobs/v/events").json()["events"]]
+    assert "export_completed" not in types, types
+    r.close()
+
+
 def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

@@ -41,8 +41,8 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import merged_path, record_auto_export, run_again
-from application.services.job_store import JobStore, TransitionRefused
+from application.services.exports import merged_path, record_auto_export, run_again, while_running
+from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox
@@ -359,19 +359,17 @@ class Runner:
 
     async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
                             final: bool = False) -> None:  # fmt: skip
-        """Write this export's state while it is still the job's current export (retrying through outages)."""
+        """Write this export's state while it is still the job's current export and runs (retrying through
+        outages). Not over an end a scheduler recorded meanwhile (it judged this runner dead: its heartbeat went
+        stale on another host), nor twice: one end, one event, one webhook."""
         backoff = 0.1
         while True:
             try:
-                current = await self.store.get_field(self.job_id, "export")
-                if current is None or current.get("export_id") != info.export_id:
-                    return  # deleted, or another export since
                 # The end and the way out of the watched exports in one step: a new request may follow at once.
-                await self.store.update(self.job_id, {"export": info}, event=event, exporting=False if final else None)
-                if final:
+                wrote = await while_running(self.store, self.job_id, info.export_id, lambda _: {"export": info},
+                                            event=event, exporting=False if final else None)  # fmt: skip
+                if wrote is not None and final:
                     await self.cluster.notify(self.job_id, f"export_{info.status.value}")
-                return
-            except TransitionRefused:
                 return
             except RedisError as exc:
                 logger.warning("cannot record the export yet ({}); retrying", exc)
