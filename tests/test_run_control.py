@@ -217,6 +217,8 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert [c["step"] for c in newest["checkpoints"]] == [30, 40] and newest["total"] == cps["total"] == 4
         assert newest["resume_from"] == cps["resume_from"]
         assert [c["loss"] for c in newest["checkpoints"]] == [c["loss"] for c in cps["checkpoints"][2:]]
+        older = (await client.get("/jobs/pr/checkpoints", params={"limit": 2, "offset": 3})).json()  # and older
+        assert [c["step"] for c in older["checkpoints"]] == [10] and older["offset"] == 3 and older["total"] == 4
         events = [e["type"] for e in (await client.get("/jobs/pr/events")).json()["events"]]
         assert "paused" in events and events.count("status_running") == 2
 

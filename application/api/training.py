@@ -155,13 +155,15 @@ async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: Call
 
 
 @jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,
-          summary="The checkpoints of every run of the job, newest `limit`")  # fmt: skip
+          summary="The checkpoints of every run of the job, newest `limit` past the newest `offset`")  # fmt: skip
 async def list_job_checkpoints(
     job_id: JobId, ctl: Control, caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="the newest this many")] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="skipping the newest this many")] = 0,
 ) -> CheckpointList:  # fmt: skip
-    """With its step, time, the loss near it, its size; which one the next resume uses, and which was exported."""
-    return await ctl.checkpoints(job_id, caller, limit)
+    """With its step, time, the loss near it, its size; which one the next resume uses, and which was exported.
+    Older ones page by `offset` (`total` says how many there are)."""
+    return await ctl.checkpoints(job_id, caller, limit, offset)
 
 
 @jobs.get("/jobs/{job_id}/status", response_model=StatusResponse, responses=E404, summary="Job status")

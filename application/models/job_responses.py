@@ -81,7 +81,10 @@ class CheckpointInfo(BaseModel):
 class CheckpointList(BaseModel):
     job_id: str
     checkpoints: list[CheckpointInfo]
-    total: int = Field(0, description="checkpoints on disk; `checkpoints` holds the newest `limit` of them")
+    total: int = Field(
+        0, description="checkpoints on disk; `checkpoints` holds the newest `limit` of them, after the newest `offset`"
+    )
+    offset: int = 0
     resume_from: str | None = None
     exported: str | None = None
 

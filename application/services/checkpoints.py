@@ -72,11 +72,13 @@ def own_checkpoints(job: Job) -> list[str]:
     return job_checkpoints(Path(job.output_dir), run_dirs)
 
 
-def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000) -> CheckpointList:
-    """The newest `limit` checkpoints (oldest first), each looked at on disk (its size: a walk of its folder)."""
+def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000, offset: int = 0) -> CheckpointList:
+    """The newest `limit` checkpoints but the newest `offset` (oldest first), each looked at on disk (its size: a
+    walk of its folder)."""
     every = own_checkpoints(job)
     resume = first_resumable(reversed(every))
-    paths = every[-limit:]
+    end = max(0, len(every) - offset)
+    paths = every[max(0, end - limit) : end]
     history = sorted(history, key=lambda p: p.step)
     exported = job.export.checkpoint
     # Every checkpoint a kept merge export completed from: a later export of another one does not undo it.
@@ -95,5 +97,5 @@ def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000) 
         out.append(CheckpointInfo(path=path, step=step, attempt=attempt, run_dir=str(folder.parent), time=when,
                                   loss=_loss_at(history, step), size_bytes=folder_size(folder),
                                   resume=path == resume, exported=path in merged))  # fmt: skip
-    return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), resume_from=resume,
+    return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), offset=offset, resume_from=resume,
                           exported=exported)  # fmt: skip

@@ -180,10 +180,10 @@ class RunControl:
                               resume_step=step, queue_position=info.position, estimated_wait_time=info.estimate,
                               pending_reason=info.reason, gpu_ids=after.gpu_ids or None)  # fmt: skip
 
-    async def checkpoints(self, job_id: str, caller: Caller, limit: int) -> CheckpointList:
+    async def checkpoints(self, job_id: str, caller: Caller, limit: int, offset: int = 0) -> CheckpointList:
         job = await self.service.require(job_id, caller)
         history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
-        return await asyncio.to_thread(describe_checkpoints, job, history, limit)
+        return await asyncio.to_thread(describe_checkpoints, job, history, limit, offset)
 
 
 async def _fresh_schedule(checkpoint: str | None) -> str:
