@@ -131,6 +131,31 @@ def test_a_runner_killed_by_sigkill_fails_its_job_within_two_seconds(server: Api
     assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
 
 
+def test_a_runner_that_stops_answering_is_killed_and_its_run_stopped(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # A stopped (SIGSTOP) or hung runner lives on: its job stayed `running` for ever, holding its GPUs, and a
+    # stop was answered 200 and never carried out.
+    server = server_factory(env={"RUNNER_HEARTBEAT_TTL": "1"})
+    job = running(server, workspace, "mute", hang_after_steps=2)
+    swift_group = job["pid"]
+    os.kill(job["runner"]["pid"], signal.SIGSTOP)
+    assert server.http.post("/jobs/mute/stop").status_code == 200
+    ended = server.wait_status("mute", "stopped", "failed", "completed", timeout=30)
+    assert ended["status"] == "stopped", ended  # the stop asked for decides the end
+    assert not psutil.pid_exists(job["runner"]["pid"]) or \
+        psutil.Process(job["runner"]["pid"]).status() == psutil.STATUS_ZOMBIE  # fmt: skip
+    assert group_members(swift_group) == []
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+
+    # Without a stop: failed, saying why.
+    job = running(server, workspace, "mute2", hang_after_steps=2)
+    os.kill(job["runner"]["pid"], signal.SIGSTOP)
+    failed = server.wait_status("mute2", "failed", "completed", "stopped", timeout=30)
+    assert failed["status"] == "failed" and failed["error_code"] == "runner_lost", failed
+    assert "stopped answering: no heartbeat for" in failed["error_message"], failed["error_message"]
+
+
 def test_a_runner_and_its_run_killed_while_no_scheduler_runs_are_never_left_running(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
 ) -> None:

@@ -137,6 +137,10 @@ class ClusterStore:
         raw = await self.r.get(self.keys.runner_heartbeat(job_id))
         return json.loads(raw) if raw else None
 
+    async def runner_heartbeats(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        raws = await self.r.mget([self.keys.runner_heartbeat(j) for j in job_ids]) if job_ids else []
+        return [json.loads(raw) if raw else None for raw in raws]
+
     async def drop_runner_heartbeat(self, job_id: str) -> None:
         await self.r.delete(self.keys.runner_heartbeat(job_id))
 

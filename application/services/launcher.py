@@ -50,6 +50,11 @@ class RunnerLauncher(Protocol):
         gone or not this launcher's to signal."""
         ...
 
+    def kill(self, runner: RunnerInfo) -> bool:
+        """End a runner that stopped answering (SIGKILL: it would not act on a SIGTERM); False when it is gone or
+        not this launcher's to signal."""
+        ...
+
     def reap(self) -> None:
         """Collect the runners that ended (no zombie stays behind), and in time forget them."""
         ...
@@ -108,6 +113,15 @@ class LocalLauncher:
             return False
         try:
             os.kill(runner.pid, signal.SIGTERM)  # the runner only: it stops swift's group itself, gracefully
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill(self, runner: RunnerInfo) -> bool:
+        if not self.is_alive(runner) or not runner.pid:
+            return False
+        try:
+            os.kill(runner.pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
         return True

@@ -127,6 +127,14 @@ class Runner:
         except RedisError:
             return None
 
+    async def _beating(self, stopping: asyncio.Task[str], kind: str, ident: str) -> str:
+        """Await swift's stop (its grace, then SIGKILL) beating all along: a runner silent for a few heartbeat TTLs
+        is taken for hung and killed by the scheduler, and STOP_GRACE_SECONDS may be longer than that."""
+        while not stopping.done():
+            await asyncio.wait([stopping], timeout=self.settings.RUNNER_POLL_INTERVAL)
+            await self._tick(kind, ident)
+        return stopping.result()
+
     async def _wait(self, proc: pg.Child, timeout: float) -> bool:
         """Sleep until the process exits, the runner is told to go, or `timeout`; True when it exited."""
         waiters = {asyncio.ensure_future(proc.wait()), asyncio.ensure_future(self.terminated.wait())}
@@ -217,7 +225,7 @@ class Runner:
             if exited and not behind:
                 break
         if stopping is not None:
-            outcome = await stopping
+            outcome = await self._beating(stopping, "train", self.run_id)
         else:
             outcome = None
             pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
@@ -322,7 +330,7 @@ class Runner:
             if exited:
                 break
         if stopping is not None:
-            await stopping
+            await self._beating(stopping, "export", export_id)
         pg.kill_leftovers(proc.pid)
         code = _returncode(proc)
         pg.write_exit_file(exit_file, code)

@@ -85,10 +85,13 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
     return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "exit_code")
 
 
-def runner_lost(returncode: int | None, pid: int | None) -> RunEnd:
-    """A run whose runner died before it could record the end (the scheduler stops what is left of it)."""
+def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None = None) -> RunEnd:
+    """A run whose runner died before it could record the end (the scheduler stops what is left of it), or was
+    killed by the scheduler `killed_for` this reason."""
     sig = exit_signal(returncode)
-    if sig is not None:
+    if killed_for is not None:
+        error = killed_for
+    elif sig is not None:
         error = f"runner {signal_text(sig)}"
     elif returncode is not None:
         error = f"runner exited with code {returncode} before recording the end of the run"

@@ -1,7 +1,8 @@
 """The leader's watchdog: no run stays `running` without a live runner, and no export request waits unserved.
 
 Every WATCH_INTERVAL it looks at each running job's runner: dead (its exit status seen by the launcher, its
-pid gone or reused on this host, its heartbeat expired on another), the scheduler stops what is left of the
+pid gone or reused on this host, its heartbeat expired on another; or alive on this host but silent, with no
+heartbeat for HUNG_AFTER_TTLS heartbeat TTLs: stopped or hung, it is killed), the scheduler stops what is left of the
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
 next to the log when there is one, or as `failed` naming what killed the runner; a runner older than its host
 (rebooted, or a container started again) died with it, with swift (killed, or no status written), and its job
@@ -38,6 +39,10 @@ from application.services.run_record import interrupt_of, read_run, record_end
 from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
+# A runner on this host whose process lives but whose heartbeat has been missing this many RUNNER_HEARTBEAT_TTLs
+# in a row (as this scheduler saw it) is stopped (SIGSTOP) or hung: it would hold its GPUs, and ignore stops and
+# time limits, for ever.
+HUNG_AFTER_TTLS = 3
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
 RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
@@ -89,11 +94,18 @@ class Watchdog:
         self.host = socket.gethostname()
         self._last_retention = 0.0
         self.files = FileStore(settings, store.r, store.keys)
+        self._silent: dict[str, float] = {}  # run id -> when its live runner was first seen without a heartbeat
+        self._hung: dict[str, str] = {}  # run id -> why its runner was killed (for the record of its end)
 
     async def sweep(self) -> None:
-        for job in await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING)):
-            if not await self._runner_alive(job.job_id, job.runner, job.run_id, job.started_at):
+        running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
+        beats = await self.cluster.runner_heartbeats([job.job_id for job in running])
+        for job, beat in zip(running, beats, strict=True):
+            if not self._runner_alive(job, beat):
                 await self.runner_died(job)
+        runs = {job.run_id for job in running}
+        self._silent = {run: since for run, since in self._silent.items() if run in runs}
+        self._hung = {run: why for run, why in self._hung.items() if run in runs}
         for job in await self.store.get_many(await self.store.exporting()):
             await self._watch_export(job)
         self.launcher.reap()
@@ -102,17 +114,26 @@ class Watchdog:
             await self.expire_old_jobs()
             await self.files.sweep_orphans()
 
-    async def _runner_alive(self, job_id: str, runner: RunnerInfo | None, run_id: str | None,
-                            since: float | None) -> bool:  # fmt: skip
-        if runner is None:
+    def _runner_alive(self, job: Job, beat: dict[str, Any] | None) -> bool:
+        beating = bool(beat and beat.get("run_id") == job.run_id)
+        if job.runner is None:
             # Launched but not recorded yet, or never launched (the scheduler died in between).
-            beat = await self.cluster.runner_heartbeat(job_id)
-            return bool(beat and beat.get("run_id") == run_id) or time.time() - (since or 0) < RUNNER_START_GRACE
-        alive = self.launcher.is_alive(runner)
+            return beating or time.time() - (job.started_at or 0) < RUNNER_START_GRACE
+        alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
-            beat = await self.cluster.runner_heartbeat(job_id)
-            alive = bool(beat and beat.get("run_id") == run_id)
-        return alive
+            return beating
+        if not alive or beating or job.run_id is None:
+            self._silent.pop(job.run_id or "", None)
+            return alive
+        silent = time.monotonic() - self._silent.setdefault(job.run_id, time.monotonic())
+        if silent < HUNG_AFTER_TTLS * self.settings.RUNNER_HEARTBEAT_TTL or not self.launcher.kill(job.runner):
+            return True
+        self._hung[job.run_id] = (
+            f"its runner (pid {job.runner.pid}) stopped answering: no heartbeat for "
+            f"{silent:.0f} s while its process lived (stopped or hung); it was killed"
+        )
+        logger.warning("job {}: {}", job.job_id, self._hung[job.run_id])
+        return False
 
     async def runner_died(self, job: Job) -> None:
         """Stop what is left of a run whose runner is gone, and record how it ended."""
@@ -127,7 +148,7 @@ class Watchdog:
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
-        lost = runner_lost(returncode, job.runner.pid if job.runner else None)
+        lost = runner_lost(returncode, job.runner.pid if job.runner else None, self._hung.pop(job.run_id or "", None))
         at_cap = False
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
