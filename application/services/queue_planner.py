@@ -37,6 +37,8 @@ WINDOW = 256
 MAX_WINDOW = 2 * BACKFILL_DEPTH
 # Estimates simulate the queue forward: bounded so a request never pays for a whole long queue.
 ESTIMATE_WINDOW = 1000
+# Queued jobs read past the window per pass, looking for CPU-only ones (see Planner._cpu_only_past).
+DEEP_PAGE = 1024
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Planner:
         self.store = store
         self.settings = settings
         self.policy: Policy = settings.scheduling_policy(link_score)
+        self._deep = 0  # where the next look past the window for CPU-only jobs starts
 
     async def plan(
         self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None,
@@ -119,8 +122,24 @@ class Planner:
             used = {i for s in found.starts for i in s.gpu_ids}
             any_free = any(g.held_by is None and g.index not in used for g in view.gpus)
             if len(queue) < size or not any_free or size >= MAX_WINDOW:
-                return found
+                break
             size = min(size * 4, MAX_WINDOW)
+        # (`extra`'s own fate does not hang on CPU-only jobs: they take no GPU.)
+        if extra is not None or len(queue) < size or (queue_length is not None and queue_length <= len(queue)):
+            return found
+        deep = await self._cpu_only_past(len(queue), {q.job_id for q in ranked})
+        if not deep:
+            return found
+        return plan([*ranked, *deep], view.gpus, view.running, self.policy, time.time(), estimating=False, head=head)
+
+    async def _cpu_only_past(self, read: int, seen: set[str]) -> list[QueuedJob]:
+        """The CPU-only jobs of one page of the queue past the `read` jobs planned, a further page each pass
+        (round the queue, then again). They start whatever waits ahead of them, since they take no GPU; but
+        while the GPUs stay busy a pass reads only its window, and one deeper in a long queue waited for ever."""
+        start = max(self._deep, read)
+        page = await queued(self.store, DEEP_PAGE, start=start)
+        self._deep = start + len(page) if len(page) == DEEP_PAGE else 0
+        return [q for q in page if q.num_gpus == 0 and not q.gpu_ids and q.job_id not in seen]
 
     async def forecast(self, view: ClusterView, upto: int, head: Head | None = None) -> Plan:
         """The plan for the first `upto` queued jobs (waits and why each waits); past ESTIMATE_WINDOW nobody

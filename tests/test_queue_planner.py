@@ -1,0 +1,46 @@
+"""The planner over a real Redis: what a pass reads of a long queue."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from application.models.training_model import JobStatus
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.queue_planner import WINDOW, ClusterView, Planner
+from application.services.scheduler import GpuState, RunningJob
+from application.utils.gpu_types import GpuSnapshot
+from tests.conftest import settings_for
+from tests.test_job_store import make_job
+
+
+async def test_a_cpu_only_job_deep_in_a_long_queue_starts_while_every_gpu_is_busy(
+    redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # CPU-only jobs start whatever waits ahead of them, but with every GPU busy a pass read only its window of
+    # the queue: one queued behind 256 GPU jobs or more never started.
+    store = JobStore(redis_client, Keys("deep"))
+    now = time.time()
+    for i in range(WINDOW + 900):
+        await store.create(make_job(f"g{i}", JobStatus.QUEUED, created=now + i), message="", actor="t")
+    await store.create(make_job("cpu", JobStatus.QUEUED, created=now + 5000, num_gpus=0), message="", actor="t")
+    gpus = [GpuState(0, 80.0, 80.0, None, held_by="running")]
+    busy = ClusterView(GpuSnapshot("simulated", (), None, None, now), gpus, [RunningJob("running", (0,), None)])
+    planner = Planner(store, settings_for(redis_url, tmp_path))
+    starts = []
+    for _ in range(3):  # a page further each pass, from the window's end
+        found = await planner.plan(busy)
+        starts += [s.job_id for s in found.starts]
+        if starts:
+            break
+    assert starts == ["cpu"]
+    # And again, once the pages went round the queue.
+    for _ in range(4):
+        found = await planner.plan(busy)
+        if found.starts:
+            assert [s.job_id for s in found.starts] == ["cpu"]
+            return
+    raise AssertionError("the CPU-only job was not found again")
