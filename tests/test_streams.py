@@ -4,6 +4,7 @@ lost or repeated, heartbeats on an idle stream, and `event: end` once the job is
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -232,6 +233,19 @@ def test_a_log_longer_than_a_read_is_sent_without_a_poll_between_its_chunks(
     got = data_of(read(server, "/jobs/long-log/logs/stream", stop=lambda got: False, timeout=10))
     log = Path(server.job("long-log")["log_file"]).read_bytes()
     assert len(log) > 640 * 1024 and "".join(m.data for m in got) == "".join(_visible(raw) for raw in log.split(b"\n"))
+
+
+def test_a_log_of_many_short_lines_streams_every_line_with_its_id(server: ApiServer, workspace: Path) -> None:
+    # Sent in batches now (a chunk of empty lines was 65,536 sends, and cut quadratically): none lost or merged.
+    assert server.create(**job_body(workspace, "blank", auto_start=True, training={"max_steps": 2})).status_code == 201
+    log = Path(server.wait_status("blank", "completed")["log_file"])
+    with log.open("ab") as fh:
+        fh.write(b"\n" * 150_000 + b"the end\n")
+    got = data_of(read(server, "/jobs/blank/logs/stream", stop=lambda got: False, timeout=60))
+    lines = log.read_bytes().split(b"\n")[:-1]
+    assert [m.data for m in got] == [_visible(raw) for raw in lines]
+    ends = list(itertools.accumulate(len(raw) + 1 for raw in lines))
+    assert [int(m.id or 0) for m in got] == ends and ends[-1] == log.stat().st_size
 
 
 def test_a_log_stream_may_start_with_the_last_lines_and_resumes_from_its_ids(server: ApiServer,
