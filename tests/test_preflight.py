@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.preflight import check_dataset, check_model, check_request, runs_inline
+from application.services.preflight import _array_length, check_dataset, check_model, check_request, runs_inline
 from application.services.swift_info import SwiftInfo
 from tests.conftest import ROOT, make_model, settings_for
 
@@ -52,6 +52,18 @@ def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
     assert check_dataset("data_path", csv_file).rows == 3
     big = write(tmp_path / "big.jsonl", [MESSAGES] * 30_000)  # past the rows that are parsed: counted, not parsed
     assert check_dataset("data_path", big).rows == 30_000
+
+
+@pytest.mark.parametrize("text", ["[]", " [ ] \n", '[1,"a]",{"b":[2,3]}]', '\n[\n {"x": "]"} ,\r\n\t[] ]\n', "[[[]]]"])
+def test_a_json_array_is_counted_a_row_at_a_time_as_its_whole_decode_would(text: str) -> None:
+    # One row at a time: the whole array decoded at once held the GIL (and the event loop) for seconds.
+    assert _array_length(text) == len(json.loads(text))
+
+
+@pytest.mark.parametrize("text", ["", "{}", "[1,", "[1 2]", "[1,]", "[1] 2", "[1]]", '["a]'])
+def test_what_is_not_one_json_array_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        _array_length(text)
 
 
 def test_blank_lines_are_not_rows_and_a_row_across_the_counters_blocks_counts_once(tmp_path: Path) -> None:
