@@ -90,7 +90,9 @@ def test_names_that_exist_nowhere_are_refused(roots: dict[str, Path]) -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [("data\r.jsonl", "U+000D"), ("a\tb", "U+0009"), ("x\x1b[31m", "U+001B"), ("evil\u202egnp.jsonl", "U+202E"),
-     ("del\x7f", "U+007F"), ("c1\x85", "U+0085"), ("/" + "a" * 256, "longer than 255 bytes"),
+     ("del\x7f", "U+007F"), ("c1\x85", "U+0085"), ("bob\u200b1", "U+200B"), ("bob\u20601", "U+2060"),
+     ("soft\u00adhyphen", "U+00AD"), ("line\u2028sep", "U+2028"), ("lone\ud800", "U+D800"),
+     ("/" + "a" * 256, "longer than 255 bytes"),
      ("a/" * 65, "65 folder levels"), ("é" * 2100, "bytes long")],
 )  # fmt: skip
 def test_bad_path_text_is_refused_before_any_filesystem_call(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,8 +34,9 @@ MAX_FOLDER_ENTRIES = 100_000
 # swift's v0-<date>-<time>/checkpoint-<step>-merged/<file>, a quantized export's folder beside it.
 OUTPUT_RESERVE_BYTES = 512
 
-# Bidi embeddings/overrides/isolates and the zero-width marks that can make a path read as something else.
-_INVISIBLE = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff")
+# Unicode's format characters (bidi marks, zero-width spaces and joiners, word joiner, soft hyphen, BOM: a path
+# reads as another, "bob\u200b1" as "bob1"), line and paragraph separators, and lone surrogates.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Cs"})
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _MODEL_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}$")
 _DATA_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}(?::{_NAME}(?:/{_NAME})*)?(?:#\d{{1,12}})?$")
@@ -56,9 +58,11 @@ class Resolved:
 
 def check_text(field: str, value: str) -> None:
     """Refuse path text no filesystem call should ever see; raises Invalid."""
+    ascii_only = value.isascii()
     for ch in value:
         code = ord(ch)
-        if code < 0x20 or 0x7F <= code <= 0x9F or ch in _INVISIBLE:
+        if code < 0x20 or 0x7F <= code <= 0x9F or \
+                (not ascii_only and unicodedata.category(ch) in _INVISIBLE_CATEGORIES):  # fmt: skip
             raise Invalid(
                 f"{field} contains the control or invisible character U+{code:04X}: remove it "
                 "(paths may not hold control characters, tabs, line breaks or bidi marks)"
