@@ -192,6 +192,29 @@ def test_another_owners_job_is_missing(server_factory: Callable[..., ApiServer],
     assert server.http.get(f"/jobs/mine/artifacts/{run}/args.json").status_code == 401
 
 
+def test_an_output_folder_made_a_link_to_another_owners_after_create_gives_nothing_of_theirs(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # Someone who can make links in OUTPUT_ROOT (a shared filesystem) pointed their pending job's folder at
+    # another owner's: its listing and downloads were that owner's files, and its run wrote into their folder.
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    theirs = finished_job(server, workspace, "theirs", headers=auth(BOB_KEY))
+    body = job_body(workspace, "mine", training={"max_steps": 2})
+    assert server.http.post("/jobs", headers=auth(ALICE_KEY), json=body).json()["status"] == "pending"
+    mine = Path(server.http.get("/jobs/mine", headers=auth(ALICE_KEY)).json()["output_dir"])
+    mine.symlink_to(theirs, target_is_directory=True)
+    listing = server.http.get("/jobs/mine/artifacts", headers=auth(ALICE_KEY)).json()  # as for a folder not made yet
+    assert listing["files"] == [] and listing["folders"] == [], listing
+    assert server.http.get("/jobs/mine/artifacts/logs/theirs.train.log", headers=auth(ALICE_KEY)).status_code == 404
+    before = sorted(p.relative_to(theirs) for p in theirs.rglob("*"))
+    assert server.http.post("/jobs/mine/start", headers=auth(ALICE_KEY)).status_code == 200
+    failed = wait_for(lambda: (j := server.http.get("/jobs/mine", headers=auth(ALICE_KEY)).json())["status"]
+                      in ("failed", "completed") and j, what="the run to end")  # fmt: skip
+    assert failed["status"] == "failed" and failed["error_code"] == "output_dir", failed
+    assert "another folder" in failed["error_message"] and str(theirs) not in failed["error_message"]
+    assert sorted(p.relative_to(theirs) for p in theirs.rglob("*")) == before  # nothing written there
+
+
 def test_one_key_has_at_most_downloads_per_owner_in_progress(server_factory: Callable[..., ApiServer],
                                                               workspace: Path) -> None:  # fmt: skip
     server = server_factory(env={"API_KEYS": KEYS_SETTING, "DOWNLOADS_PER_OWNER": "1", "API_WORKERS": "2"})

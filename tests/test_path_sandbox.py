@@ -177,3 +177,13 @@ def test_an_output_folder_is_checked_again_before_a_run_writes_there(tmp_path: P
     why = escaped_output_root(root / "relinked", root)
     assert why is not None and "outside OUTPUT_ROOT" in why and str(outside) in why
     assert escaped_output_root(root / "kept", tmp_path / "moved-root") is not None  # OUTPUT_ROOT moved
+    # A link into another folder inside the root (another owner's job folder), made after the create.
+    (root / "taken").symlink_to(root / "kept", target_is_directory=True)
+    why = escaped_output_root(root / "taken", root)
+    assert why is not None and "now leads to another folder" in why and str(root / "kept") not in why
+    # OUTPUT_ROOT moved, a link left at its old place: records from before it still lead inside.
+    (tmp_path / "new-root").mkdir()
+    (root / "kept").rename(tmp_path / "new-root" / "kept")
+    old_place = tmp_path / "old-root"
+    old_place.symlink_to(tmp_path / "new-root", target_is_directory=True)
+    assert escaped_output_root(old_place / "kept", tmp_path / "new-root") is None

@@ -33,7 +33,7 @@ from application.models.artifact_model import (
 )
 from application.models.training_model import Job
 from application.services.artifact_tar import CHUNK, DIR_FLAGS, FILE_FLAGS, OwnedFd, link_inside, tar_chunks, walk
-from application.services.path_sandbox import check_text
+from application.services.path_sandbox import check_text, escaped_output_root
 
 # One listing looks at this many entries at most: a folder of millions of files costs one bounded walk.
 MAX_ENTRIES = 5000
@@ -89,10 +89,12 @@ def _parts(text: str) -> list[str] | None:
 
 
 def job_folder(job: Job, output_root: Path) -> Path | None:
-    """The job's output folder, resolved; None when it is missing or (moved) outside OUTPUT_ROOT."""
-    root = Path(os.path.realpath(output_root))
+    """The job's output folder, resolved; None when it is missing, (moved) outside OUTPUT_ROOT, or leads to
+    another folder than the one resolved at its create (a link made since: to another owner's folder)."""
+    if escaped_output_root(Path(job.output_dir), output_root) is not None:
+        return None
     base = Path(os.path.realpath(job.output_dir))
-    return base if root in base.parents and base.is_dir() else None
+    return base if base.is_dir() else None
 
 
 def _open_inside(base: Path, parts: list[str]) -> tuple[int, os.stat_result] | None:

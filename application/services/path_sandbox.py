@@ -269,13 +269,19 @@ def real_output_root(root: Path) -> Path:
 
 
 def escaped_output_root(output_dir: Path, root: Path) -> str | None:
-    """Why a job's output folder, checked when the job was created, no longer lies inside OUTPUT_ROOT (a
-    symlink on its way made or changed since, or OUTPUT_ROOT moved); None while it does. Checked again just
-    before a run writes there."""
+    """Why a job's output folder, as resolved when the job was created, now leads elsewhere (a symlink on its
+    way made or changed since: out of OUTPUT_ROOT, or into another job's folder) or out of OUTPUT_ROOT (which
+    moved); None while it does not. Checked again just before a run writes there and before its files are read."""
     real_root = _real_roots((root,))[0]
     resolved = Path(os.path.realpath(output_dir))
     if real_root in resolved.parents:
-        return None
+        if resolved == output_dir or real_root not in output_dir.parents:
+            return None  # as created; or a record from before OUTPUT_ROOT moved, reached through a link left behind
+        # Stored resolved, under the root as it is: a link was made on the way since (one owner's folder made a
+        # link to another's took that one's files).
+        # (Not naming that folder: it may be another owner's.)
+        return (f"output_dir {output_dir} now leads to another folder: a symlink on its way was made or changed "
+                "after the job was created; remove it, or create the job again")  # fmt: skip
     return (
         f"output_dir {output_dir} now resolves to {resolved}, outside OUTPUT_ROOT ({real_root}): a symlink on its "
         "way changed after the job was created, or OUTPUT_ROOT moved; create the job again"
