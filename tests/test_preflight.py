@@ -269,3 +269,30 @@ def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Pa
     with pytest.raises(Invalid, match=r"'sub/to-other/leak\.jsonl' in that folder is a link that leads outside"):
         check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
                       arguments={"val_dataset": ["folder1"]})  # fmt: skip
+
+
+def test_a_model_or_adapter_folder_may_not_hold_links_out_of_the_model_roots(tmp_path: Path) -> None:
+    # Model folders were not walked: a file of one linking outside MODEL_ROOTS (or, file by file, into another
+    # owner's checkpoint) was loaded by swift.
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, MODEL_ROOTS=str(tmp_path / "models"))
+    model = make_model(tmp_path / "models" / "Qwen2.5-0.5B-Instruct")
+    adapter = tmp_path / "models" / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "weights.safetensors").write_bytes(b"x")
+    data = "AI-ModelScope/alpaca-gpt4-data-en"
+    checked = check_request(data, str(model), "run", model_type=None, template=None, settings=settings, info=None,
+                            arguments={"adapters": [str(adapter)]})  # fmt: skip
+    assert checked.arguments["adapters"] == [str(adapter.resolve())]
+    (adapter / "adapter_model.safetensors").symlink_to(tmp_path / "outside" / "weights.safetensors")
+    with pytest.raises(Invalid) as exc:
+        check_request(data, str(model), "run", model_type=None, template=None, settings=settings, info=None,
+                      arguments={"adapters": [str(adapter)]})  # fmt: skip
+    assert exc.value.detail == ("training.adapters[0]: 'adapter_model.safetensors' in that folder is a link that "
+                                "leads outside MODEL_ROOTS or OUTPUT_ROOT: swift would read it; copy the files in "
+                                "instead")  # fmt: skip
+    (model / "model.safetensors").unlink(missing_ok=True)
+    (model / "model.safetensors").symlink_to(tmp_path / "outside" / "weights.safetensors")
+    with pytest.raises(Invalid, match=r"^model_path: 'model\.safetensors' in that folder is a link that leads out"):
+        check_request(data, str(model), "run", model_type=None, template=None, settings=settings, info=None)

@@ -93,3 +93,27 @@ async def test_a_stop_that_came_as_the_last_run_went_back_to_the_queue_is_honour
         assert rested["status"] == "paused" and rested["started_at"] is None and not rested["pause_requested"]
         assert (await client.post("/jobs/rested/resume")).status_code == 200
         await wait_job(client, "rested", lambda j: j["status"] == "completed")
+
+
+async def test_an_input_that_leads_elsewhere_since_the_create_fails_the_run_before_swift_reads_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Inputs were sandboxed at the create only: a folder on a data set's path replaced by a link to files outside
+    DATA_ROOTS (or to another owner's) meanwhile had the run read those."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    roots, secret = tmp_path / "data", tmp_path / "secret"
+    (roots / "team").mkdir(parents=True)
+    secret.mkdir()
+    body = job_body(tmp_path, "relinked", training={"max_steps": 2})
+    Path(body["data_path"]).rename(roots / "team" / "t.jsonl")
+    (secret / "t.jsonl").write_text("not for this job\n")
+    async with app_factory(DATA_ROOTS=str(roots)) as client:
+        r = await client.post("/jobs", json={**body, "data_path": "team/t.jsonl"})
+        assert r.status_code == 201, r.text
+        (roots / "team").rename(roots / "team.kept")
+        (roots / "team").symlink_to(secret, target_is_directory=True)
+        assert (await client.post("/jobs/relinked/start")).status_code == 200
+        failed = await wait_job(client, "relinked", lambda j: j["status"] in ("failed", "completed"))
+        assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
+        assert f"data_path {roots / 'team' / 't.jsonl'} now leads to another place" in failed["error_message"]
+        assert str(secret) not in failed["error_message"] and not (secret / "logs").exists()

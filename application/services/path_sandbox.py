@@ -19,7 +19,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -178,10 +178,10 @@ def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Seque
 
 
 def check_folder_links(field: str, folder: Path, roots: Sequence[Path], *, setting: str,
-                       guard: Guard | None = None) -> None:  # fmt: skip
-    """A folder named as a data set: swift (a hub loader) reads every file in it, following links, so no link in
-    it, or in a folder a link leads to, may lead out of the roots (or, with `guard`, into another owner's job
-    folder). Bounded: MAX_FOLDER_ENTRIES entries at most; each folder is read once (no loop)."""
+                       guard: Guard | None = None, fix: str = "name the data files instead") -> None:  # fmt: skip
+    """A folder named as a data set or a model: swift (a hub loader) reads the files in it, following links, so
+    no link in it, or in a folder a link leads to, may lead out of the roots (or, with `guard`, into another
+    owner's job folder). Bounded: MAX_FOLDER_ENTRIES entries at most; each folder is read once (no loop)."""
     real_roots = _real_roots(tuple(roots))
     seen = {os.path.realpath(folder)}
     stack = [str(folder)]
@@ -196,7 +196,7 @@ def check_folder_links(field: str, folder: Path, roots: Sequence[Path], *, setti
                 count += 1
                 if count > MAX_FOLDER_ENTRIES:
                     raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: "
-                                  "name its data files, or a folder with fewer")  # fmt: skip
+                                  "name a folder with fewer")  # fmt: skip
                 if not entry.is_symlink():
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
@@ -205,7 +205,7 @@ def check_folder_links(field: str, folder: Path, roots: Sequence[Path], *, setti
                 shown = os.path.relpath(entry.path, folder)
                 if not _inside(Path(real), real_roots):
                     raise Invalid(f"{field}: '{shown}' in that folder is a link that leads outside {setting}: "
-                                  "swift would read it; name the data files instead")  # fmt: skip
+                                  f"swift would read it; {fix}")  # fmt: skip
                 if guard is not None:
                     guard(field, shown, Path(real))
                 if real not in seen and os.path.isdir(real):
@@ -266,6 +266,18 @@ def is_file(path: Path) -> bool:
 def real_output_root(root: Path) -> Path:
     """OUTPUT_ROOT with its symlinks resolved (once per process), as resolved paths inside it begin."""
     return _real_roots((root,))[0]
+
+
+def relinked_input(inputs: Iterable[tuple[str, str, bool]]) -> str | None:
+    """Why one of a job's local inputs (field, value, whether a data set: its `#N` sample aside), stored resolved
+    at its create, now leads elsewhere: a symlink on its way made or changed since, which may leave DATA_ROOTS or
+    MODEL_ROOTS, or lead into another owner's files. None when none does. Blocking: checked just before a run."""
+    for field, value, data in inputs:
+        path = _SAMPLE_RE.sub("", value) if data else value
+        if os.path.isabs(path) and os.path.realpath(path) != path:
+            return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
+                    "job was created; remove it, or create the job again")  # fmt: skip
+    return None
 
 
 def escaped_output_root(output_dir: Path, root: Path) -> str | None:

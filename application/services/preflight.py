@@ -404,10 +404,19 @@ def check_request(
                     setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
     dataset = check_dataset("data_path", data.path, needs=needs) if data.path is not None else None
     if model.path is not None:
+        check_model_links("model_path", model.path, settings, guard)
         check_model("model_path", model.path, model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
                           resolve_arguments(arguments or {}, settings, needs=needs, guard=guard),
                           is_file(out))  # fmt: skip
+
+
+def check_model_links(field: str, path: Path, settings: Settings, guard: Guard | None) -> None:
+    """A model or adapter folder's files may not be links out of the roots, or into another owner's job folder
+    (a checkpoint of theirs, file by file): swift loads what they lead to."""
+    if path.is_dir():
+        check_folder_links(field, path, settings.model_roots(), setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard,
+                           fix="copy the files in instead")  # fmt: skip
 
 
 def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool) -> bool:
@@ -448,6 +457,8 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
             else:
                 r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
                             setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
+                if r.path is not None:
+                    check_model_links(where, r.path, settings, guard)
             resolved.append(r.value)
         out[name] = resolved if isinstance(value, list) else resolved[0]
     return out

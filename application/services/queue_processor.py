@@ -31,13 +31,14 @@ from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
-from application.services.path_sandbox import escaped_output_root
+from application.services.path_sandbox import escaped_output_root, relinked_input
 from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
+from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_command import (
     GPU_VARIABLES,
     SERVER_VARIABLES,
@@ -49,16 +50,35 @@ from application.services.swift_command import (
 from application.utils.gpu_utils import GpuInventory
 
 
-class OutputEscaped(OSError):
-    """The job's output folder left OUTPUT_ROOT between its create and this run: nothing is written there."""
+class PathMoved(OSError):
+    """The job's output folder or one of its inputs leads elsewhere since its create: the run does not start."""
+
+    def __init__(self, why: str, code: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
-def _write_spec(path: Path, spec: dict[str, object], output_root: Path) -> Path:
-    # The output folder was sandboxed when the job was created; a symlink made since must not take this run's
-    # files (its log, its checkpoints) outside the root, so check again before the first write.
+def _inputs(job: Job) -> list[tuple[str, str, bool]]:
+    """The job's local inputs as stored (field, value, whether a data set); hub ids are not paths."""
+    arguments = job.training.model_dump()
+    found = [("data_path", job.data_path, True), ("model_path", job.model_path, False)]
+    for name in sorted(DATA_ARGUMENTS | MODEL_ARGUMENTS):
+        value = arguments.get(name)
+        found += [(name, v, name in DATA_ARGUMENTS) for v in (value if isinstance(value, list) else [value])
+                  if isinstance(v, str)]  # fmt: skip
+    return found
+
+
+def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]]) -> Path:
+    # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
+    # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
+    # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
     escaped = escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
-        raise OutputEscaped(escaped)
+        raise PathMoved(escaped, "output_dir")
+    relinked = relinked_input(inputs)
+    if relinked:
+        raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(spec))
@@ -316,7 +336,7 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT)  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, _inputs(job))  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip
@@ -326,11 +346,11 @@ class QueueProcessor:
                 return False
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
-            escaped = isinstance(exc, OutputEscaped)
-            error = str(exc) if escaped else f"the runner could not be started: {exc}"
+            moved = isinstance(exc, PathMoved)
+            error = str(exc) if moved else f"the runner could not be started: {exc}"
+            code = exc.code if isinstance(exc, PathMoved) else "launch"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
-                                        fields={"error_message": error, "error_code": "output_dir" if escaped
-                                                else "launch"},
+                                        fields={"error_message": error, "error_code": code},
                                         message=f"training failed: {error}")  # fmt: skip
             return False
         try:
