@@ -493,6 +493,22 @@ def test_an_export_a_scheduler_recorded_as_ended_stays_so_when_its_runner_finish
     r.close()
 
 
+def test_an_export_whose_runner_stops_answering_fails_saying_so(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    wrapper, _ = gated_swift(tmp_path)  # its export waits for a gate never opened
+    server = server_factory(env={"SWIFT_BIN": str(wrapper), "RUNNER_HEARTBEAT_TTL": "1"})
+    server.create(**job_body(workspace, "mute-export", auto_start=True, training={"max_steps": 2}))
+    server.wait_status("mute-export", "completed")
+    job = wait_for(lambda: (j := server.job("mute-export"))["export"]["pid"] and j, what="the export to start")
+    os.kill(job["export"]["runner"]["pid"], signal.SIGSTOP)
+    export = wait_for(lambda: (e := server.job("mute-export")["export"])["status"] != "running" and e, timeout=30,
+                      what="the export's end")  # fmt: skip
+    assert export["status"] == "failed" and "runner (pid" in export["error"], export
+    assert "stopped answering: no heartbeat for" in export["error"], export["error"]
+    assert group_members(job["export"]["pid"]) == []
+
+
 def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

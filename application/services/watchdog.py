@@ -94,8 +94,9 @@ class Watchdog:
         self.host = socket.gethostname()
         self._last_retention = 0.0
         self.files = FileStore(settings, store.r, store.keys)
-        self._silent: dict[str, float] = {}  # run id -> when its live runner was first seen without a heartbeat
-        self._hung: dict[str, str] = {}  # run id -> why its runner was killed (for the record of its end)
+        # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
+        self._silent: dict[str, float] = {}
+        self._hung: dict[str, str] = {}
 
     async def sweep(self) -> None:
         running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
@@ -103,11 +104,12 @@ class Watchdog:
         for job, beat in zip(running, beats, strict=True):
             if not self._runner_alive(job, beat):
                 await self.runner_died(job)
-        runs = {job.run_id for job in running}
-        self._silent = {run: since for run, since in self._silent.items() if run in runs}
-        self._hung = {run: why for run, why in self._hung.items() if run in runs}
-        for job in await self.store.get_many(await self.store.exporting()):
+        exporting = await self.store.get_many(await self.store.exporting())
+        for job in exporting:
             await self._watch_export(job)
+        watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
+        self._silent = {key: since for key, since in self._silent.items() if key in watched}
+        self._hung = {key: why for key, why in self._hung.items() if key in watched}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
@@ -122,18 +124,21 @@ class Watchdog:
         alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
             return beating
-        if not alive or beating or job.run_id is None:
-            self._silent.pop(job.run_id or "", None)
-            return alive
-        silent = time.monotonic() - self._silent.setdefault(job.run_id, time.monotonic())
-        if silent < HUNG_AFTER_TTLS * self.settings.RUNNER_HEARTBEAT_TTL or not self.launcher.kill(job.runner):
-            return True
-        self._hung[job.run_id] = (
-            f"its runner (pid {job.runner.pid}) stopped answering: no heartbeat for "
-            f"{silent:.0f} s while its process lived (stopped or hung); it was killed"
-        )
-        logger.warning("job {}: {}", job.job_id, self._hung[job.run_id])
-        return False
+        return alive and not self._killed_silent(job.run_id, job.runner, beating, job.job_id)
+
+    def _killed_silent(self, key: str | None, runner: RunnerInfo, beating: bool, job_id: str) -> bool:
+        """Kill a live runner of this host that has not beaten for HUNG_AFTER_TTLS heartbeat TTLs in a row (as this
+        scheduler saw it), keeping why under `key` (its run or export id) for the record of the end."""
+        if beating or key is None:
+            self._silent.pop(key or "", None)
+            return False
+        silent = time.monotonic() - self._silent.setdefault(key, time.monotonic())
+        if silent < HUNG_AFTER_TTLS * self.settings.RUNNER_HEARTBEAT_TTL or not self.launcher.kill(runner):
+            return False
+        self._hung[key] = (f"runner (pid {runner.pid}) stopped answering: no heartbeat for {silent:.0f} s "
+                           "while its process lived (stopped or hung); it was killed")  # fmt: skip
+        logger.warning("job {}: {}", job_id, self._hung[key])
+        return True
 
     async def runner_died(self, job: Job) -> None:
         """Stop what is left of a run whose runner is gone, and record how it ended."""
@@ -148,7 +153,8 @@ class Watchdog:
         code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
-        lost = runner_lost(returncode, job.runner.pid if job.runner else None, self._hung.pop(job.run_id or "", None))
+        hung = self._hung.pop(job.run_id or "", None)
+        lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None)
         at_cap = False
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
@@ -261,9 +267,10 @@ class Watchdog:
             return
         runner = info.runner
         alive = self.launcher.is_alive(runner)
-        if alive is None:
+        if alive is not False:
             beat = await self.cluster.runner_heartbeat(job.job_id)
-            alive = bool(beat and beat.get("id") == info.export_id)
+            beating = bool(beat and beat.get("id") == info.export_id)
+            alive = beating if alive is None else not self._killed_silent(info.export_id, runner, beating, job.job_id)
         if alive:
             return
         # Read again: the runner may have recorded its end, handed the export back (its host going down) or been
@@ -279,7 +286,9 @@ class Watchdog:
                 await asyncio.to_thread(merged_by_swift, Path(info.log_file), merged_path(info)):  # fmt: skip
             code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
+        hung = self._hung.pop(info.export_id or "", None)
         error: str | None = "export stopped on request" if job.export_stop_requested else \
+            f"the export's {hung}" if hung else \
             f"the export's runner {self._how_it_ended(runner)} before recording its end"  # fmt: skip
         if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(runner):
             if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
