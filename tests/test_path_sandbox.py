@@ -11,7 +11,7 @@ import pytest
 
 from application.exceptions import Invalid
 from application.services import path_sandbox
-from application.services.path_sandbox import escaped_output_root, resolve, resolve_output_dir
+from application.services.path_sandbox import check_text, escaped_output_root, resolve, resolve_output_dir
 from tests.conftest import fake_dataset, make_model
 
 
@@ -87,11 +87,18 @@ def test_names_that_exist_nowhere_are_refused(roots: dict[str, Path]) -> None:
     assert "does not exist" in exc.value.detail  # inside a root, saying so reveals nothing
 
 
+def test_joiners_inside_persian_and_indic_words_are_ordinary_text() -> None:
+    for word in ("داده\u200cها.jsonl", "क्\u200dष/train.jsonl", "中文/数据.jsonl"):
+        check_text("data_path", word)
+
+
 @pytest.mark.parametrize(
     ("value", "words"),
     [("data\r.jsonl", "U+000D"), ("a\tb", "U+0009"), ("x\x1b[31m", "U+001B"), ("evil\u202egnp.jsonl", "U+202E"),
      ("del\x7f", "U+007F"), ("c1\x85", "U+0085"), ("bob\u200b1", "U+200B"), ("bob\u20601", "U+2060"),
      ("soft\u00adhyphen", "U+00AD"), ("line\u2028sep", "U+2028"), ("lone\ud800", "U+D800"),
+     ("bob\u034f1", "U+034F"), ("bob\ufe001", "U+FE00"), ("bob\u31641", "U+3164"), ("bo\u200db1", "U+200D"),
+     ("\u200cداده", "U+200C"),
      ("/" + "a" * 256, "longer than 255 bytes"),
      ("a/" * 65, "65 folder levels"), ("é" * 2100, "bytes long")],
 )  # fmt: skip

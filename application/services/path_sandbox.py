@@ -35,8 +35,13 @@ MAX_FOLDER_ENTRIES = 100_000
 OUTPUT_RESERVE_BYTES = 512
 
 # Unicode's format characters (bidi marks, zero-width spaces and joiners, word joiner, soft hyphen, BOM: a path
-# reads as another, "bob\u200b1" as "bob1"), line and paragraph separators, and lone surrogates.
+# reads as another, "bob\u200b1" as "bob1"), line and paragraph separators, lone surrogates; and the blanks
+# of other categories: combining grapheme joiner, variation selectors, Hangul fillers, the braille blank.
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Cs"})
+_BLANKS = frozenset([0x034F, 0x115F, 0x1160, 0x2800, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)])
+# Zero-width non-joiner and joiner: ordinary in Persian and Indic words ("داده‌ها"), so taken between two
+# letters of such scripts (not between ASCII ones, where they would only hide).
+_JOINERS = frozenset({0x200C, 0x200D})
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _MODEL_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}$")
 _DATA_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}(?::{_NAME}(?:/{_NAME})*)?(?:#\d{{1,12}})?$")
@@ -56,13 +61,22 @@ class Resolved:
     sample: int | None = None
 
 
+def _invisible(text: str, i: int, code: int) -> bool:
+    if code in _JOINERS:
+        return not (0 < i < len(text) - 1 and _script_letter(text[i - 1]) and _script_letter(text[i + 1]))
+    return code in _BLANKS or unicodedata.category(text[i]) in _INVISIBLE_CATEGORIES
+
+
+def _script_letter(ch: str) -> bool:
+    return not ch.isascii() and unicodedata.category(ch)[0] in "LM"
+
+
 def check_text(field: str, value: str) -> None:
     """Refuse path text no filesystem call should ever see; raises Invalid."""
     ascii_only = value.isascii()
-    for ch in value:
+    for i, ch in enumerate(value):
         code = ord(ch)
-        if code < 0x20 or 0x7F <= code <= 0x9F or \
-                (not ascii_only and unicodedata.category(ch) in _INVISIBLE_CATEGORIES):  # fmt: skip
+        if code < 0x20 or 0x7F <= code <= 0x9F or (not ascii_only and _invisible(value, i, code)):
             raise Invalid(
                 f"{field} contains the control or invisible character U+{code:04X}: remove it "
                 "(paths may not hold control characters, tabs, line breaks or bidi marks)"
