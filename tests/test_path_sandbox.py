@@ -11,7 +11,14 @@ import pytest
 
 from application.exceptions import Invalid
 from application.services import path_sandbox
-from application.services.path_sandbox import check_text, escaped_output_root, resolve, resolve_output_dir
+from application.services.path_sandbox import (
+    _real_roots,
+    check_text,
+    escaped_output_root,
+    relinked_input,
+    resolve,
+    resolve_output_dir,
+)
 from tests.conftest import fake_dataset, make_model
 
 
@@ -194,3 +201,25 @@ def test_an_output_folder_is_checked_again_before_a_run_writes_there(tmp_path: P
     old_place = tmp_path / "old-root"
     old_place.symlink_to(tmp_path / "new-root", target_is_directory=True)
     assert escaped_output_root(old_place / "kept", tmp_path / "new-root") is None
+
+
+def test_an_input_is_checked_again_before_each_run(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "team").mkdir(parents=True)
+    (data / "team" / "t.jsonl").write_text("{}\n")
+    stored = str(data / "team" / "t.jsonl")
+    inputs = [("data_path", stored + "#10", True), ("model_path", "Qwen/Qwen2.5-0.5B-Instruct", False)]
+    assert relinked_input(inputs, (data,)) is None
+    # A link on its way, made since the create: refused, without naming where it leads.
+    (tmp_path / "secret").mkdir()
+    (data / "team").rename(data / "team.kept")
+    (data / "team").symlink_to(tmp_path / "secret", target_is_directory=True)
+    why = relinked_input(inputs, (data,))
+    assert why is not None and f"data_path {stored} now leads to another place" in why and "secret" not in why
+    # The data moved to new storage and a link left at its old place (what DATA_ROOTS names): taken.
+    (data / "team").unlink()
+    (data / "team.kept").rename(data / "team")
+    data.rename(tmp_path / "new-storage")
+    data.symlink_to(tmp_path / "new-storage", target_is_directory=True)
+    _real_roots.cache_clear()  # as the scheduler started again after the move: roots resolve once per process
+    assert relinked_input(inputs, (data,)) is None

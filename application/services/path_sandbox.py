@@ -282,15 +282,23 @@ def real_output_root(root: Path) -> Path:
     return _real_roots((root,))[0]
 
 
-def relinked_input(inputs: Iterable[tuple[str, str, bool]]) -> str | None:
+def relinked_input(inputs: Iterable[tuple[str, str, bool]], roots: Sequence[Path]) -> str | None:
     """Why one of a job's local inputs (field, value, whether a data set: its `#N` sample aside), stored resolved
     at its create, now leads elsewhere: a symlink on its way made or changed since, which may leave DATA_ROOTS or
     MODEL_ROOTS, or lead into another owner's files. None when none does. Blocking: checked just before a run."""
+    real_roots = _real_roots(tuple(roots))
     for field, value, data in inputs:
         path = _SAMPLE_RE.sub("", value) if data else value
-        if os.path.isabs(path) and os.path.realpath(path) != path:
-            return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
-                    "job was created; remove it, or create the job again")  # fmt: skip
+        if not os.path.isabs(path):
+            continue  # a hub id
+        stored = os.path.normpath(path)
+        resolved = os.path.realpath(stored)
+        if resolved == stored:
+            continue
+        if not _inside(Path(stored), real_roots) and _inside(Path(resolved), real_roots):
+            continue  # stored before its root moved, and reached through a link left at the old place
+        return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
+                "job was created; remove it, or create the job again")  # fmt: skip
     return None
 
 

@@ -69,14 +69,15 @@ def _inputs(job: Job) -> list[tuple[str, str, bool]]:
     return found
 
 
-def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]]) -> Path:
+def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
+                roots: tuple[Path, ...]) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
     # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
     escaped = escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
         raise PathMoved(escaped, "output_dir")
-    relinked = relinked_input(inputs)
+    relinked = relinked_input(inputs, roots)
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +337,8 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT, _inputs(job))  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, _inputs(job),
+                (*self.settings.data_roots(), *self.settings.model_roots()))  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip
