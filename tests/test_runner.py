@@ -156,6 +156,19 @@ def test_a_runner_that_stops_answering_is_killed_and_its_run_stopped(
     assert "stopped answering: no heartbeat for" in failed["error_message"], failed["error_message"]
 
 
+def test_a_busy_runner_is_not_taken_for_hung(server_factory: Callable[..., ApiServer], workspace: Path) -> None:
+    # Killed as hung: every run with a poll interval over twice the heartbeat TTL (its first beat came a poll
+    # after its start, and the key lapsed between beats), and a runner silent through a stop's long grace.
+    server = server_factory(env={"RUNNER_HEARTBEAT_TTL": "1", "RUNNER_POLL_INTERVAL": "2", "STOP_GRACE_SECONDS": "5"})
+    server.create(**job_body(workspace, "slow-poll", auto_start=True, step_seconds=0.5, training={"max_steps": 14}))
+    done = server.wait_status("slow-poll", "completed", "failed", timeout=60)
+    assert done["status"] == "completed", done["error_message"]
+    running(server, workspace, "stubborn", ignore_sigterm=True, hang_after_steps=1)
+    assert server.http.post("/jobs/stubborn/stop").status_code == 200
+    stopped = server.wait_status("stubborn", "stopped", "failed", timeout=60)
+    assert stopped["status"] == "stopped" and stopped["stop_outcome"] == "killed", stopped
+
+
 def test_a_runner_and_its_run_killed_while_no_scheduler_runs_are_never_left_running(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
 ) -> None:

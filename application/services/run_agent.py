@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +128,22 @@ class Runner:
         except RedisError:
             return None
 
-    async def _beating(self, stopping: asyncio.Task[str], kind: str, ident: str) -> str:
-        """Await swift's stop (its grace, then SIGKILL) beating all along: a runner silent for a few heartbeat TTLs
-        is taken for hung and killed by the scheduler, and STOP_GRACE_SECONDS may be longer than that."""
-        while not stopping.done():
-            await asyncio.wait([stopping], timeout=self.settings.RUNNER_POLL_INTERVAL)
-            await self._tick(kind, ident)
-        return stopping.result()
+    @contextlib.asynccontextmanager
+    async def _beats(self, kind: str, ident: str) -> AsyncIterator[None]:
+        """Beat in the background meanwhile: swift's stop grace, reading a long run's logging.jsonl or a slow Redis
+        may last past the few heartbeat TTLs after which the scheduler kills a silent runner as hung."""
+
+        async def beat() -> None:
+            while True:
+                await self._tick(kind, ident)
+                await asyncio.sleep(self.settings.RUNNER_POLL_INTERVAL)
+
+        task = asyncio.create_task(beat(), name="heartbeat")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _wait(self, proc: pg.Child, timeout: float) -> bool:
         """Sleep until the process exits, the runner is told to go, or `timeout`; True when it exited."""
@@ -156,6 +166,7 @@ class Runner:
             if isinstance(early, pg.Child):
                 await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
             return 0
+        await self._tick("train", self.run_id)  # at once: the first look at the log is a poll interval away
         outbox = Outbox(self.store, self.job_id, self.run_id)
         launched = job.runner.launched_at if job.runner else self.info.launched_at
         outbox.set(runner=self.info.model_copy(update={"launched_at": launched, "ready_at": time.time()}))
@@ -224,53 +235,54 @@ class Runner:
                 orphaned = True
             if exited and not behind:
                 break
-        if stopping is not None:
-            outcome = await self._beating(stopping, "train", self.run_id)
-        else:
-            outcome = None
-            pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
-        code = _returncode(proc)
-        follow.read()
-        follow.flush()
-        if orphaned:
-            logger.info("job {} run {} is no longer this runner's: its end is not recorded", self.job_id, self.run_id)
-            return 0
-        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
-                                                           self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
-        # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
-        # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
-        # Read last, just before the end is computed and written (a request in between is answered with the
-        # end as recorded).
-        tick = await self._tick("train", self.run_id)
-        if tick is not None and tick.run_id == self.run_id:
-            stop_requested = stop_requested or tick.stop_requested
-            pause_requested = pause_requested or tick.pause_requested
-            preempt_for = preempt_for or tick.preempt_for
-        interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
-        override: RunEnd | None = None
-        if timed_out and code != 0 and limit is not None and interrupt is None:
-            spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
-            error = (f"the run exceeded its time limit of {spelled} and was stopped: "
-                     "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
-            override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
-        elif self.terminated.is_set() and code != 0 and interrupt is None:
-            # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
-            # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
-            preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
-        asked = job.model_copy(update={"preempt_for": preempt_for})
-        end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
-                         stop_outcome=outcome if stopping is not None else None, now=time.time())  # fmt: skip
-        if timed_out and override is not None:
-            end.fields["stop_outcome"] = outcome or "gone"
-        if end.event is not None:
-            outbox.event(*end.event)
-        first_run = not job.attempts or job.attempts[-1].resumed_from is None
-        training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
-        if end.status == JobStatus.COMPLETED and first_run and training:
-            # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should
-            # already predict the jobs waiting behind this one from what it just took.
-            await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
-        recorded = await outbox.finish(end.status, end.fields, end.message)
+        async with self._beats("train", self.run_id):
+            if stopping is not None:
+                outcome = await stopping
+            else:
+                outcome = None
+                pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
+            code = _returncode(proc)
+            follow.read()
+            follow.flush()
+            if orphaned:
+                logger.info("job {} run {} is not this runner's any more: end not recorded", self.job_id, self.run_id)
+                return 0
+            facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
+                                                               self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
+            # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
+            # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
+            # Read last, just before the end is computed and written (a request in between is answered with the
+            # end as recorded).
+            tick = await self._tick("train", self.run_id)
+            if tick is not None and tick.run_id == self.run_id:
+                stop_requested = stop_requested or tick.stop_requested
+                pause_requested = pause_requested or tick.pause_requested
+                preempt_for = preempt_for or tick.preempt_for
+            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
+            override: RunEnd | None = None
+            if timed_out and code != 0 and limit is not None and interrupt is None:
+                spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
+                error = (f"the run exceeded its time limit of {spelled} and was stopped: "
+                         "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
+                override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
+            elif self.terminated.is_set() and code != 0 and interrupt is None:
+                # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
+                # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
+                preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
+            asked = job.model_copy(update={"preempt_for": preempt_for})
+            end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
+                             stop_outcome=outcome if stopping is not None else None, now=time.time())  # fmt: skip
+            if timed_out and override is not None:
+                end.fields["stop_outcome"] = outcome or "gone"
+            if end.event is not None:
+                outbox.event(*end.event)
+            first_run = not job.attempts or job.attempts[-1].resumed_from is None
+            training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
+            if end.status == JobStatus.COMPLETED and first_run and training:
+                # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should
+                # already predict the jobs waiting behind this one from what it just took.
+                await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
+            recorded = await outbox.finish(end.status, end.fields, end.message)
         if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
@@ -301,6 +313,7 @@ class Runner:
                 return 0
             info = job.export.model_copy(update={"runner": self.info})
             await self._write_export(info, None)
+        await self._tick("export", export_id)
         assert info.command and info.log_file
         log_file = Path(info.log_file)
         job_dir = log_file.parent.parent
@@ -329,40 +342,43 @@ class Runner:
                 stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             if exited:
                 break
-        if stopping is not None:
-            await self._beating(stopping, "export", export_id)
-        pg.kill_leftovers(proc.pid)
-        code = _returncode(proc)
-        pg.write_exit_file(exit_file, code)
-        parser = SwiftLogParser()
-        data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
-        parser.feed(data)
-        parser.flush()
-        tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
-        merged = parser.merged_path or merged_path(info)
-        update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
-        event: tuple[str, str, dict[str, Any]]
-        if code == 0:
-            update |= {"status": ExportStatus.COMPLETED, "path": merged}
-            event = ("export_completed", f"merged model written to {merged}", {"path": merged})
-        elif stopping is not None and not asked:  # its host goes down
-            message = (
-                f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
-            )
-            await self._write_export(run_again(info), ("export_interrupted", message, {"checkpoint": info.checkpoint}))
-            return 0
-        elif asked:
-            update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
-            event = ("export_stopped", "export stopped on request", {})
-        else:  # a signal nobody here sent is a failure (the OOM killer), as for a training run
-            found = extract_error(tail)
-            sig = exit_signal(code)  # -9, or 137 / 247 from a launcher whose worker the signal hit
-            error = found or (f"swift export was {signal_text(sig)}" if sig is not None and code < 0 else
-                              f"swift export exited with code {code}: it was {signal_text(sig)}" if sig is not None
-                              else f"swift export exited with code {code}")  # fmt: skip
-            update |= {"status": ExportStatus.FAILED, "error": error}
-            event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
-        await self._write_export(info.model_copy(update=update), event, final=True)
+        async with self._beats("export", export_id):
+            if stopping is not None:
+                await stopping
+            pg.kill_leftovers(proc.pid)
+            code = _returncode(proc)
+            pg.write_exit_file(exit_file, code)
+            parser = SwiftLogParser()
+            data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
+            parser.feed(data)
+            parser.flush()
+            tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
+            merged = parser.merged_path or merged_path(info)
+            update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
+            event: tuple[str, str, dict[str, Any]]
+            if code == 0:
+                update |= {"status": ExportStatus.COMPLETED, "path": merged}
+                event = ("export_completed", f"merged model written to {merged}", {"path": merged})
+            elif stopping is not None and not asked:  # its host goes down
+                message = (
+                    f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
+                )
+                await self._write_export(
+                    run_again(info), ("export_interrupted", message, {"checkpoint": info.checkpoint})
+                )
+                return 0
+            elif asked:
+                update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
+                event = ("export_stopped", "export stopped on request", {})
+            else:  # a signal nobody here sent is a failure (the OOM killer), as for a training run
+                found = extract_error(tail)
+                sig = exit_signal(code)  # -9, or 137 / 247 from a launcher whose worker the signal hit
+                error = found or (f"swift export was {signal_text(sig)}" if sig is not None and code < 0 else
+                                  f"swift export exited with code {code}: it was {signal_text(sig)}" if sig is not None
+                                  else f"swift export exited with code {code}")  # fmt: skip
+                update |= {"status": ExportStatus.FAILED, "error": error}
+                event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
+            await self._write_export(info.model_copy(update=update), event, final=True)
         return 0
 
     async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,

@@ -40,8 +40,8 @@ from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
 # A runner on this host whose process lives but whose heartbeat has been missing this many RUNNER_HEARTBEAT_TTLs
-# in a row (as this scheduler saw it) is stopped (SIGSTOP) or hung: it would hold its GPUs, and ignore stops and
-# time limits, for ever.
+# (or RUNNER_POLL_INTERVALs, when longer) in a row, as this scheduler saw it, is stopped (SIGSTOP) or hung: it
+# would hold its GPUs, and ignore stops and time limits, for ever.
 HUNG_AFTER_TTLS = 3
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
 RUNNER_START_GRACE = 15.0
@@ -133,7 +133,9 @@ class Watchdog:
             self._silent.pop(key or "", None)
             return False
         silent = time.monotonic() - self._silent.setdefault(key, time.monotonic())
-        if silent < HUNG_AFTER_TTLS * self.settings.RUNNER_HEARTBEAT_TTL or not self.launcher.kill(runner):
+        # A runner beats every RUNNER_POLL_INTERVAL: set longer than the TTL, its key lapses between beats.
+        patience = HUNG_AFTER_TTLS * max(self.settings.RUNNER_HEARTBEAT_TTL, self.settings.RUNNER_POLL_INTERVAL)
+        if silent < patience or not self.launcher.kill(runner):
             return False
         self._hung[key] = (f"runner (pid {runner.pid}) stopped answering: no heartbeat for {silent:.0f} s "
                            "while its process lived (stopped or hung); it was killed")  # fmt: skip
