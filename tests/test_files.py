@@ -349,7 +349,7 @@ async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_thei
 async def test_a_user_may_not_name_a_folder_that_holds_everyones_uploads(redis_client: aioredis.Redis,
                                                                          tmp_path: Path) -> None:  # fmt: skip
     files = FileStore(settings_for("redis://unused", tmp_path), redis_client, Keys("t"))
-    root = files.real_root  # <first of DATA_ROOTS>/uploads, one folder per owner inside
+    root = files.real_roots[0]  # <first of DATA_ROOTS>/uploads, one folder per owner inside
     bob, admin = Caller("bob", "user"), Caller("root", "admin")
     for value in (str(root / "alice" / "x.jsonl"), str(root), str(root.parent), str(root.parent) + "#5"):
         with pytest.raises(Invalid) as exc:
@@ -357,6 +357,21 @@ async def test_a_user_may_not_name_a_folder_that_holds_everyones_uploads(redis_c
         assert "another owner's upload" in exc.value.detail or "holds the uploads of every owner" in exc.value.detail
     assert files.uploads_named([str(root / "bob" / "x.jsonl"), str(tmp_path / "other" / "y.jsonl")], bob) == []
     assert files.uploads_named([str(root), str(root.parent)], admin) == []
+
+
+async def test_uploads_made_while_another_data_root_came_first_stay_their_owners(redis_client: aioredis.Redis,
+                                                                                 tmp_path: Path) -> None:  # fmt: skip
+    # Only <first of DATA_ROOTS>/uploads was looked at: after a root was put before it (the compose file's
+    # /app/uploads), earlier uploads could be trained on by anyone and deleted under the jobs using them.
+    earlier = tmp_path / "datasets"
+    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=f"{tmp_path / 'new'},{earlier}")
+    files = FileStore(settings, redis_client, Keys("t"))
+    theirs = earlier.resolve() / "uploads" / "alice" / "file-0123456789abcdef01234567.jsonl"
+    with pytest.raises(Invalid, match="another owner's upload"):
+        files.uploads_named([str(theirs)], Caller("bob", "user"))
+    assert files.uploads_named([str(theirs) + "#10"], Caller("alice", "user")) == ["file-0123456789abcdef01234567"]
+    with pytest.raises(Invalid, match="holds the uploads of every owner"):
+        files.uploads_named([str(earlier.resolve())], Caller("bob", "user"))
 
 
 async def test_another_owners_upload_is_refused_before_anything_looks_at_it(

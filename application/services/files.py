@@ -84,9 +84,14 @@ class FileStore:
         return self.settings.data_roots()[0] / UPLOADS_DIR
 
     @functools.cached_property
-    def real_root(self) -> Path:
-        """The uploads folder as the path sandbox resolves data paths (resolved once: creates compare with it)."""
-        return Path(os.path.realpath(self.root))
+    def real_roots(self) -> tuple[Path, ...]:
+        """Every DATA_ROOTS entry's uploads folder, as the path sandbox resolves data paths (resolved once: creates
+        compare with them). New uploads go to the first; those made while another root came first stay uploads,
+        their owner's and kept while a job uses them."""
+        return tuple(dict.fromkeys(Path(os.path.realpath(r / UPLOADS_DIR)) for r in self.settings.data_roots()))
+
+    def _uploads_root(self, path: Path) -> Path | None:
+        return next((root for root in self.real_roots if root in path.parents), None)
 
     # ---- upload ---------------------------------------------------------------------------------------------
 
@@ -302,11 +307,10 @@ class FileStore:
 
     def _upload_ids(self, values: Iterable[str]) -> list[str]:
         """The ids of the uploads these data set paths name (paths only, no disk)."""
-        root = self.real_root
         found: list[str] = []
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            stored = _STORED_NAME.match(path.name) if path.is_absolute() and root in path.parents else None
+            stored = _STORED_NAME.match(path.name) if path.is_absolute() and self._uploads_root(path) else None
             if stored and stored.group(1) not in found:
                 found.append(stored.group(1))
         return found
@@ -334,10 +338,10 @@ class FileStore:
         return guard
 
     def _refuse_foreign(self, named: str, path: Path, caller: Caller) -> None:
-        root = self.real_root
-        if root in path.parents and path.relative_to(root).parts[0] != owner_folder(caller.name):
+        root = self._uploads_root(path)
+        if root is not None and path.relative_to(root).parts[0] != owner_folder(caller.name):
             raise Invalid(f"{named}: another owner's upload cannot be used: upload your own with POST /files")
-        if path == root or path in root.parents:  # a folder data set: swift would read every file in it
+        if any(path == r or path in r.parents for r in self.real_roots):  # a folder: swift would read every file
             raise Invalid(f"{named} holds the uploads of every owner: name your own upload (its file id) or a "
                           "file or folder inside DATA_ROOTS that holds none")  # fmt: skip
 
