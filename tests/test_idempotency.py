@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from application.models.job_responses import ActionResponse
+from application.models.training_model import JobStatus
+from application.services.cluster_store import ClusterStore
+from application.services.idempotency import REPLAY_HEADER, Idempotency
+from application.services.keys import Keys
 from tests.conftest import job_body, make_model
 
 
@@ -58,3 +67,35 @@ async def test_a_retried_action_gets_the_first_answer(app_factory: Callable[...,
         for bad_key in ("", "has space", "x" * 256):
             r = await client.post("/jobs/act/stop", headers={"Idempotency-Key": bad_key})
             assert r.status_code == 422, (bad_key, r.text)
+
+
+async def test_a_claim_whose_worker_died_lapses_and_a_long_request_keeps_its_own(
+    redis_client: aioredis.Redis,
+) -> None:
+    # A worker killed mid-request (kill -9: no handler ran) left its key "still being handled" for 24 h: every
+    # retry was 409 for a day, and a cut-off create could never learn whether its job existed.
+    cluster = ClusterStore(redis_client, Keys("idem"))
+    idem = Idempotency(cluster, lease=0.3)
+    calls: list[str] = []
+
+    async def answer(delay: float) -> tuple[int, ActionResponse, dict[str, str]]:
+        calls.append("call")
+        await asyncio.sleep(delay)
+        return 200, ActionResponse(job_id="j", status=JobStatus.STOPPED, message="stopped"), {}
+
+    async def same() -> str:
+        return "the-same-request"
+
+    rkey = cluster.keys.idempotency("alice", hashlib.sha256(b"k1").hexdigest())
+    claim = json.dumps({"fingerprint": "the-same-request", "state": "running", "claim": "a-worker-since-killed"})
+    assert await cluster.claim_idempotency(rkey, claim, 0.3) is None  # what the killed worker held
+    retried = await idem.run("alice", "k1", same, lambda: answer(0))
+    assert retried.status_code == 200 and REPLAY_HEADER not in retried.headers and calls == ["call"]
+
+    # A request longer than the lease keeps its claim (renewed): a retry meanwhile waits for its answer.
+    calls.clear()
+    first = asyncio.create_task(idem.run("alice", "k2", same, lambda: answer(1.2)))
+    await asyncio.sleep(0.1)
+    again = await idem.run("alice", "k2", same, lambda: answer(0))
+    assert calls == ["call"] and again.headers[REPLAY_HEADER] == "true" and (await first).status_code == 200
+    assert await redis_client.ttl(cluster.keys.idempotency("alice", hashlib.sha256(b"k2").hexdigest())) > 3600

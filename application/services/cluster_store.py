@@ -292,13 +292,17 @@ class ClusterStore:
 
     # ---- idempotency and rate limits ---------------------------------------------------------------
 
-    async def claim_idempotency(self, key: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
-        """Claim `key` for a first request (returns None), or return what an earlier request with it stored."""
-        record = json.dumps({"fingerprint": fingerprint, "state": "running"})
-        if await self.r.set(key, record, nx=True, ex=ttl):
+    async def claim_idempotency(self, key: str, claim: str, lease: float) -> dict[str, Any] | None:
+        """Claim `key` for a first request with the record `claim` (its state running) for `lease` seconds (returns
+        None), or return what an earlier request with it stored (None's stand-in when it lapsed meanwhile)."""
+        if await self.r.set(key, claim, nx=True, px=int(lease * 1000)):
             return None
         raw = await self.r.get(key)
-        return json.loads(raw) if raw else {"fingerprint": fingerprint, "state": "gone"}
+        return json.loads(raw) if raw else {**json.loads(claim), "state": "gone"}
+
+    async def renew_idempotency(self, key: str, claim: str, lease: float) -> bool:
+        """Extend the claim while it is still this one (the leader lock's script: the same compare and expire)."""
+        return bool(await self._renew(keys=[key], args=[json.dumps({"value": claim, "ttl_ms": int(lease * 1000)})]))
 
     async def finish_idempotency(self, key: str, fingerprint: str, status: int, body: str, ttl: int,
                                  headers: Mapping[str, str]) -> None:  # fmt: skip

@@ -1,8 +1,10 @@
 """`Idempotency-Key` on creates and actions: a retry gets the first answer instead of doing it twice.
 
-The first request with a key claims it in Redis (SET NX, 24 h); concurrent retries wait for its answer and
-return it; the same key with another request is 409. Answers that a retry should not see again (429, 503,
-an unexpected failure) release the key instead of being stored.
+The first request with a key claims it in Redis (SET NX) for a short lease its worker renews while it works;
+its answer is kept 24 h. Concurrent retries wait for that answer and return it; the same key with another
+request is 409. Answers that a retry should not see again (429, 503, an unexpected failure) release the key
+instead of being stored; a claim whose worker died (killed mid-request) lapses with its lease, and a retry then
+runs the request.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from application.exceptions import ApiError, Conflict, Invalid
 from application.services.cluster_store import ClusterStore
 
 TTL_SECONDS = 24 * 3600
+LEASE_SECONDS = 10.0
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}\Z")
 WAIT_SECONDS = 30.0
 REPLAY_HEADER = "Idempotent-Replayed"
@@ -37,8 +42,9 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
 
 
 class Idempotency:
-    def __init__(self, store: ClusterStore) -> None:
+    def __init__(self, store: ClusterStore, lease: float = LEASE_SECONDS) -> None:
         self.store = store
+        self.lease = lease
 
     async def run(
         self,
@@ -57,9 +63,10 @@ class Idempotency:
         rkey = self.store.keys.idempotency(owner or "-", hashlib.sha256(key.encode()).hexdigest())
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
-            record = await self.store.claim_idempotency(rkey, print_, TTL_SECONDS)
+            claim = json.dumps({"fingerprint": print_, "state": "running", "claim": uuid.uuid4().hex})
+            record = await self.store.claim_idempotency(rkey, claim, self.lease)
             if record is None:
-                return await self._first(rkey, print_, call)
+                return await self._first(rkey, print_, claim, call)
             if record.get("fingerprint") != print_:
                 raise Conflict("this Idempotency-Key was used for a different request: use a new key for a new request")
             if record.get("state") == "done":
@@ -70,9 +77,15 @@ class Idempotency:
                 raise Conflict("a request with this Idempotency-Key is still being handled: retry in a moment")
             await asyncio.sleep(0.05)
 
-    async def _first(self, rkey: str, print_: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
+    async def _first(self, rkey: str, print_: str, claim: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
+        renewing = asyncio.create_task(self._renew(rkey, claim))
         try:
-            status, body, headers = await call()
+            try:
+                status, body, headers = await call()
+            finally:
+                # Before the answer is stored: a renewal after it would cut its 24 h to a lease.
+                renewing.cancel()
+                await asyncio.shield(asyncio.gather(renewing, return_exceptions=True))
         except ApiError as exc:
             if exc.status_code in (429, 503):
                 await self.store.release_idempotency(rkey)
@@ -88,6 +101,15 @@ class Idempotency:
         response = _response(status, body, headers)
         await self.store.finish_idempotency(rkey, print_, status, bytes(response.body).decode(), TTL_SECONDS, headers)
         return response
+
+    async def _renew(self, rkey: str, claim: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                if not await self.store.renew_idempotency(rkey, claim, self.lease):
+                    return
+            except RedisError:
+                pass  # the next renewal may get through before the lease is out
 
 
 def _response(status: int, body: BaseModel, headers: dict[str, str]) -> Response:
