@@ -93,3 +93,21 @@ async def test_a_burst_of_creates_cannot_pass_the_waiting_cap(app_factory: Calla
         assert codes == [201, 201] + [429] * 6, [r.text for r in answers]
         listed = (await client.get("/jobs", headers=auth(ALICE_KEY))).json()
         assert listed["total"] == 2, listed
+
+
+async def test_a_resume_counts_against_the_waiting_cap_as_a_create_does(app_factory: Callable[..., Any],
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    # Only creates were counted: paused jobs resumed past it (a cap of 3 held 6 waiting jobs).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MAX_QUEUED_PER_OWNER="2") as client:
+        r = await client.post("/jobs", json=body(tmp_path, "p", auto_start=True), headers=auth(ALICE_KEY))
+        assert r.json()["status"] == "running", r.text
+        assert (await client.post("/jobs/p/pause", headers=auth(ALICE_KEY))).json()["status"] == "paused"
+        for name in ("w0", "w1"):
+            assert (await client.post("/jobs", json=body(tmp_path, name), headers=auth(ALICE_KEY))).status_code == 201
+        refused = await client.post("/jobs/p/resume", headers=auth(ALICE_KEY))
+        assert refused.status_code == 429 and "MAX_QUEUED_PER_OWNER=2" in refused.json()["detail"], refused.text
+        assert (await client.get("/jobs/p", headers=auth(ALICE_KEY))).json()["status"] == "paused"
+        await client.post("/jobs/w0/stop", headers=auth(ALICE_KEY))  # cancelled: no longer waiting
+        resumed = await client.post("/jobs/p/resume", headers=auth(ALICE_KEY))
+        assert resumed.status_code == 200, resumed.text

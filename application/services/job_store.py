@@ -274,6 +274,7 @@ class JobStore:
         fence: str | None = None,
         now: float | None = None,
         reopen: bool = False,
+        max_waiting: int = 0,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
 
@@ -283,7 +284,8 @@ class JobStore:
         the queue leaves the queue set) and wakes the queue processors when GPUs or the queue change.
         `run_id` writes only into that run of the job; `fence` (the leader's lock value) only while that
         scheduler still leads. `reopen` (resume) also allows REOPENABLE moves out of a terminal state, claiming
-        the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile).
+        the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile). `max_waiting` (a
+        user's resume): WAITING_CAP when the move would give its owner more pending and queued jobs than that.
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -321,7 +323,7 @@ class JobStore:
                 "event": event_payload(f"status_{to.value}", message or f"status changed to {to.value}",
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
-                "run_id": run_id, "fence": fence,
+                "run_id": run_id, "fence": fence, "cap": max_waiting if max_waiting and owner else None,
                 "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)],
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,

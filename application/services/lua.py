@@ -174,7 +174,8 @@ return {'ok'}
 
 # The one way a status changes. a: id, to, allowed (current statuses it may leave), fields, queue ('add' |
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
-# event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil,
+# event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil, cap|nil (the owner's
+# pending + queued jobs a move into the queue may not reach),
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
 #     owner_status {s: key}|nil, queue_head}
 TRANSITION = (
@@ -195,6 +196,11 @@ if a.reopen then
 end
 if a.queue == 'add' and field(KEYS[1], 'priority') ~= a.priority then
   return {'priority_changed', cur}  -- a PATCH landed since the caller read it: it computes the score again
+end
+if a.cap and k.owner_status and cur ~= 'pending' and cur ~= 'queued' then
+  -- A resume adds a waiting job as a create does: the owner's cap counts it the same way.
+  local waiting = redis.call('ZCARD', k.owner_status.pending) + redis.call('ZCARD', k.owner_status.queued)
+  if waiting >= a.cap then return {'waiting_cap', cur, tostring(waiting)} end
 end
 local id = a.id
 for _, gpu in ipairs(a.acquire) do

@@ -160,9 +160,11 @@ class RunControl:
                 fields={"resume_from": checkpoint, "finished_at": None, "stop_requested": False,
                         "pause_requested": False, "preempt_for": None, "error_message": None, "error_code": None},
                 actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
-                data={"resume_from": checkpoint, "resume_step": step},
+                data={"resume_from": checkpoint, "resume_step": step}, max_waiting=self.service.limits.max_waiting,
             )  # fmt: skip
         except TransitionRefused as exc:
+            if exc.reason == Refusal.WAITING_CAP:
+                raise self.service.limits.over_cap(caller, int(exc.detail or 0)) from None
             if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                 raise Conflict(f"output_dir '{job.output_dir_requested}' is now used by another active job: wait "
                                "for it to end, then resume") from None  # fmt: skip
