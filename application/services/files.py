@@ -77,6 +77,7 @@ class FileStore:
         self.r: Any = client
         self.keys = keys
         self._forget_file = client.register_script(lua_cluster.FORGET_FILE)
+        self._store_file = client.register_script(lua_cluster.STORE_FILE)
         self.slots = upload_slots(client, keys, settings)
 
     @property
@@ -134,16 +135,13 @@ class FileStore:
             raise
         owner = owner_folder(caller.name)
         try:
-            async with self.r.pipeline(transaction=True) as pipe:
-                pipe.set(self.keys.file(file_id), meta.model_dump_json())
-                pipe.zadd(self.keys.owner_files(owner), {file_id: meta.created_at})
-                pipe.zadd(self.keys.files_index, {file_id: meta.created_at})
-                pipe.incrby(self.keys.owner_file_bytes(owner), meta.bytes)
-                *_, held = await pipe.execute()
             quota = self.settings.FILE_QUOTA_BYTES
-            if quota and int(held) > quota:
-                # Over the quota: taken back at once (concurrent uploads cannot both slip under it this way).
-                await self._forget(file_id, owner, meta.bytes)
+            keys = [self.keys.file(file_id), self.keys.owner_files(owner), self.keys.files_index,
+                    self.keys.owner_file_bytes(owner)]  # fmt: skip
+            result, held = await self._store_file(keys=keys, args=[json.dumps({
+                "id": file_id, "meta": meta.model_dump_json(), "created": meta.created_at, "bytes": meta.bytes,
+                "quota": quota})])  # fmt: skip
+            if result == "over":
                 raise TooLarge(
                     f"this upload ({meta.bytes} bytes) would bring the uploads of '{caller.actor}' to "
                     f"{held} bytes, over FILE_QUOTA_BYTES={quota}: delete some (DELETE /files/{{id}})"

@@ -26,6 +26,21 @@ if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
+# KEYS: the file's record, the owner's index, the index of all files, the owner's byte count. a: id, meta, created,
+# bytes, quota (0: none). Stores an upload's record only if its bytes keep the owner within the quota: the count
+# is never raised past it, not even for a moment (a parallel upload that fits was refused for one that did not).
+# Returns {'ok', held} or {'over', what it would have been}.
+STORE_FILE = """
+local a = cjson.decode(ARGV[1])
+local held = tonumber(redis.call('GET', KEYS[4]) or '0') + a.bytes
+if a.quota > 0 and held > a.quota then return {'over', tostring(held)} end
+redis.call('SET', KEYS[1], a.meta)
+redis.call('ZADD', KEYS[2], a.created, a.id)
+redis.call('ZADD', KEYS[3], a.created, a.id)
+redis.call('INCRBY', KEYS[4], a.bytes)
+return {'ok', tostring(held)}
+"""
+
 # KEYS: the file's record, the owner's index, the index of all files, the owner's byte count, the jobs that named
 # it (Keys.file_users). a: id, bytes, active (the status indexes of jobs that may still read it).
 # Refused while one of those jobs is active; in the same step as the create script records a job's files, so a
