@@ -21,12 +21,14 @@ import hmac
 import ipaddress
 import json
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 from loguru import logger
 from redis.exceptions import RedisError
 
@@ -69,6 +71,20 @@ def is_public(address: str) -> bool:
         if any(ip in net for net in _CARRIERS):
             return False
     return True
+
+
+_OWN: tuple[float, frozenset[str]] = (0.0, frozenset())
+OWN_ADDRESSES_EVERY = 60.0
+
+
+def own_addresses() -> frozenset[str]:
+    """The addresses on this host's interfaces (read again once a minute: an interface may come or go)."""
+    global _OWN
+    if time.monotonic() - _OWN[0] > OWN_ADDRESSES_EVERY:
+        found = {a.address.split("%", 1)[0] for nics in psutil.net_if_addrs().values() for a in nics
+                 if a.family in (socket.AF_INET, socket.AF_INET6)}  # fmt: skip
+        _OWN = (time.monotonic(), frozenset(found))
+    return _OWN[1]
 
 
 def literal_address(host: str) -> str | None:
@@ -214,8 +230,9 @@ class Webhooks:
             try:
                 aimed = await self._aim(url) if checked else (url, {}, {})
                 if aimed is None:
-                    await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points into a private "
-                                       "network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0, None)  # fmt: skip
+                    await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points at this host or "
+                                       "into a private network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0,
+                                       None)  # fmt: skip
                     return
                 target, extra, extensions = aimed
                 r = await client.post(target, content=body, headers={**headers, **extra}, extensions=extensions)
@@ -242,7 +259,8 @@ class Webhooks:
         (rebinding) reach a private address."""
         host = urlsplit(url).hostname or ""
         found = await asyncio.to_thread(addresses, host)
-        if not all(map(is_public, found)):
+        # Nor this host's own public addresses: its services listening on every interface are not the user's.
+        if not all(map(is_public, found)) or any(a in own_addresses() for a in found):
             return None
         if not found:
             raise httpx.ConnectError(f"{host} does not resolve")
