@@ -522,6 +522,26 @@ def test_an_export_whose_runner_stops_answering_fails_saying_so(
     assert group_members(job["export"]["pid"]) == []
 
 
+def test_a_resumed_run_and_an_export_of_the_same_job_each_keep_their_own_heartbeat(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # One heartbeat key per job: the export's runner and the resumed run's overwrote each other's beat, and the
+    # watchdog killed one of them as hung.
+    wrapper, gate = gated_swift(tmp_path)  # the export waits for the gate
+    server = server_factory(env={"SWIFT_BIN": str(wrapper), "RUNNER_HEARTBEAT_TTL": "1", "AUTO_EXPORT": "false"})
+    running(server, workspace, "both", min_step=4, step_seconds=0.2, training={"max_steps": 40, "save_steps": 3})
+    assert server.http.post("/jobs/both/pause").json()["status"] == "paused"
+    assert server.http.post("/jobs/both/export", json={"output_name": "mid"}).status_code == 200
+    wait_for(lambda: server.job("both")["export"]["pid"], what="the export's swift")
+    assert server.http.post("/jobs/both/resume").status_code == 200
+    done = server.wait_status("both", "completed", "failed", timeout=60)
+    assert done["status"] == "completed", done["error_message"]
+    assert server.job("both")["export"]["status"] == "running"  # its runner was not taken for hung either
+    gate.touch()
+    export = wait_for(lambda: (e := server.job("both")["export"])["status"] != "running" and e, what="the export")
+    assert export["status"] == "completed", export
+
+
 def test_an_export_cut_short_by_its_hosts_shutdown_runs_again_under_the_next_scheduler(
     server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:

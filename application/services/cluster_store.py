@@ -119,7 +119,7 @@ class ClusterStore:
     async def runner_tick(self, job_id: str, beat: Mapping[str, Any], ttl: float) -> RunnerTick:
         """Beat a runner's heartbeat and read what it must know of its job, in one round trip."""
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.runner_heartbeat(job_id), json.dumps(dict(beat)), px=int(ttl * 1000))
+            pipe.set(self.keys.runner_heartbeat(job_id, str(beat["id"])), json.dumps(dict(beat)), px=int(ttl * 1000))
             pipe.hmget(self.keys.job(job_id), ["status", "run_id", "stop_requested", "export_stop_requested", "export",
                                                "pause_requested", "preempt_for"])  # fmt: skip
             _, (status, run_id, stop, export_stop, export, pause, preempt) = await pipe.execute()
@@ -133,16 +133,21 @@ class ClusterStore:
             preempt_for=json.loads(preempt) if preempt else None,
         )
 
-    async def runner_heartbeat(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.r.get(self.keys.runner_heartbeat(job_id))
-        return json.loads(raw) if raw else None
+    async def runner_heartbeat(self, job_id: str, ident: str | None) -> dict[str, Any] | None:
+        return (await self.runner_heartbeats([(job_id, ident)]))[0]
 
-    async def runner_heartbeats(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
-        raws = await self.r.mget([self.keys.runner_heartbeat(j) for j in job_ids]) if job_ids else []
-        return [json.loads(raw) if raw else None for raw in raws]
+    async def runner_heartbeats(self, runs: list[tuple[str, str | None]]) -> list[dict[str, Any] | None]:
+        """The heartbeats of these (job, run or export id): each one's own, else the job's key as runners of
+        earlier versions beat it (the caller checks whose beat it is)."""
+        keys = [k for job_id, ident in runs for k in (self.keys.runner_heartbeat(job_id, ident or "-"),
+                                                      self.keys.runner_heartbeat(job_id))]  # fmt: skip
+        raws = await self.r.mget(keys) if keys else []
+        pairs = zip(raws[::2], raws[1::2], strict=True)
+        return [json.loads(own or legacy) if own or legacy else None for own, legacy in pairs]
 
-    async def drop_runner_heartbeat(self, job_id: str) -> None:
-        await self.r.delete(self.keys.runner_heartbeat(job_id))
+    async def drop_runner_heartbeats(self, job_id: str, idents: Iterable[str]) -> None:
+        if keys := [self.keys.runner_heartbeat(job_id, ident) for ident in idents]:
+            await self.r.delete(*keys)
 
     # ---- what the scheduler publishes for the API workers -------------------------------------------
 

@@ -180,9 +180,11 @@ class Keys:
         """Counter: each new leadership takes the next value as its fencing token."""
         return self._k("scheduler", "epoch")
 
-    def runner_heartbeat(self, job_id: str) -> str:
-        """String with a TTL: the heartbeat of the runner of a job's current run (JSON: run id, host, pid)."""
-        return self._k("runner", job_id)
+    def runner_heartbeat(self, job_id: str, ident: str | None = None) -> str:
+        """String with a TTL: the heartbeat of the runner of a job's run or export `ident` (JSON: run id, kind, id,
+        host, pid): one each, since a job's export and its resumed run may have runners at once. Without `ident`,
+        the key one per job that runners of earlier versions beat (read while such runners may still run)."""
+        return self._k("runner", job_id, ident) if ident is not None else self._k("runner", job_id)
 
     @property
     def gpu_snapshot(self) -> str:

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from application.models.training_model import (
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.exports import merged_path, record_auto_export, run_again, while_running
+from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
@@ -103,6 +103,7 @@ class Runner:
         self.cluster = cluster
         self.job_id = job_id
         self.run_id = run_id
+        self.beaten: set[str] = set()  # the run and export ids this runner beat for (their keys are dropped at its end)
         self.info = me()
         self.terminated = asyncio.Event()  # SIGTERM/SIGINT to the runner itself: the host is going down
 
@@ -121,6 +122,7 @@ class Runner:
                 await asyncio.sleep(1.0)
 
     async def _tick(self, kind: str, ident: str) -> RunnerTick | None:
+        self.beaten.add(ident)
         beat = {"run_id": self.run_id, "kind": kind, "id": ident, "host": self.info.host, "pid": self.info.pid,
                 "at": time.time()}  # fmt: skip
         try:
@@ -128,22 +130,10 @@ class Runner:
         except RedisError:
             return None
 
-    @contextlib.asynccontextmanager
-    async def _beats(self, kind: str, ident: str) -> AsyncIterator[None]:
+    def _beats(self, kind: str, ident: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Beat in the background meanwhile: swift's stop grace, reading a long run's logging.jsonl or a slow Redis
         may last past the few heartbeat TTLs after which the scheduler kills a silent runner as hung."""
-
-        async def beat() -> None:
-            while True:
-                await self._tick(kind, ident)
-                await asyncio.sleep(self.settings.RUNNER_POLL_INTERVAL)
-
-        task = asyncio.create_task(beat(), name="heartbeat")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        return beating(lambda: self._tick(kind, ident), self.settings.RUNNER_POLL_INTERVAL)
 
     async def _wait(self, proc: pg.Child, timeout: float) -> bool:
         """Sleep until the process exits, the runner is told to go, or `timeout`; True when it exited."""
@@ -480,7 +470,7 @@ async def _main(args: argparse.Namespace, settings: Settings, early: pg.Child | 
         return await runner.train(early)
     finally:
         with contextlib.suppress(RedisError):
-            await runner.cluster.drop_runner_heartbeat(args.job_id)
+            await runner.cluster.drop_runner_heartbeats(args.job_id, runner.beaten)
         await client.aclose()
 
 

@@ -100,7 +100,7 @@ class Watchdog:
 
     async def sweep(self) -> None:
         running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
-        beats = await self.cluster.runner_heartbeats([job.job_id for job in running])
+        beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
             if not self._runner_alive(job, beat):
                 await self.runner_died(job)
@@ -270,7 +270,7 @@ class Watchdog:
         runner = info.runner
         alive = self.launcher.is_alive(runner)
         if alive is not False:
-            beat = await self.cluster.runner_heartbeat(job.job_id)
+            beat = await self.cluster.runner_heartbeat(job.job_id, info.export_id)
             beating = bool(beat and beat.get("id") == info.export_id)
             alive = beating if alive is None else not self._killed_silent(info.export_id, runner, beating, job.job_id)
         if alive:
