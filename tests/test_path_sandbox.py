@@ -12,7 +12,6 @@ import pytest
 from application.exceptions import Invalid
 from application.services import path_sandbox
 from application.services.path_sandbox import (
-    _real_roots,
     check_text,
     escaped_output_root,
     relinked_input,
@@ -204,22 +203,29 @@ def test_an_output_folder_is_checked_again_before_a_run_writes_there(tmp_path: P
 
 
 def test_an_input_is_checked_again_before_each_run(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+    data, big, out = tmp_path / "data", tmp_path / "big", tmp_path / "output"
     (data / "team").mkdir(parents=True)
     (data / "team" / "t.jsonl").write_text("{}\n")
+    (data / "uploads" / "bob").mkdir(parents=True)
+    (data / "uploads" / "bob" / "file-1.jsonl").write_text("{}\n")
+    big.mkdir()
+    roots = ((data, big), (out,), (out, data / "uploads"))
     stored = str(data / "team" / "t.jsonl")
     inputs = [("data_path", stored + "#10", True), ("model_path", "Qwen/Qwen2.5-0.5B-Instruct", False)]
-    assert relinked_input(inputs, (data,)) is None
-    # A link on its way, made since the create: refused, without naming where it leads.
-    (tmp_path / "secret").mkdir()
+    assert relinked_input(inputs, *roots) is None
     (data / "team").rename(data / "team.kept")
+    # A link on its way made since the create, out of the roots: refused, without naming where it leads.
+    (tmp_path / "secret").mkdir()
     (data / "team").symlink_to(tmp_path / "secret", target_is_directory=True)
-    why = relinked_input(inputs, (data,))
+    why = relinked_input(inputs, *roots)
     assert why is not None and f"data_path {stored} now leads to another place" in why and "secret" not in why
-    # The data moved to new storage and a link left at its old place (what DATA_ROOTS names): taken.
+    # ... or into another owner's uploads (whose files they are was checked at the create, for the path as it was).
     (data / "team").unlink()
-    (data / "team.kept").rename(data / "team")
-    data.rename(tmp_path / "new-storage")
-    data.symlink_to(tmp_path / "new-storage", target_is_directory=True)
-    _real_roots.cache_clear()  # as the scheduler started again after the move: roots resolve once per process
-    assert relinked_input(inputs, (data,)) is None
+    (data / "team").symlink_to(data / "uploads" / "bob", target_is_directory=True)
+    (data / "uploads" / "bob" / "t.jsonl").write_text("{}\n")
+    assert relinked_input(inputs, *roots) is not None
+    # The data moved to new storage inside the roots, a link left at its old place: taken.
+    (data / "team").unlink()
+    (data / "team.kept").rename(big / "team")
+    (data / "team").symlink_to(big / "team", target_is_directory=True)
+    assert relinked_input(inputs, *roots) is None

@@ -282,21 +282,24 @@ def real_output_root(root: Path) -> Path:
     return _real_roots((root,))[0]
 
 
-def relinked_input(inputs: Iterable[tuple[str, str, bool]], roots: Sequence[Path]) -> str | None:
+def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence[Path], model_roots: Sequence[Path],
+                   owned: Sequence[Path]) -> str | None:  # fmt: skip
     """Why one of a job's local inputs (field, value, whether a data set: its `#N` sample aside), stored resolved
-    at its create, now leads elsewhere: a symlink on its way made or changed since, which may leave DATA_ROOTS or
-    MODEL_ROOTS, or lead into another owner's files. None when none does. Blocking: checked just before a run."""
-    real_roots = _real_roots(tuple(roots))
+    at its create, now leads elsewhere: out of its roots (DATA_ROOTS for a data set; MODEL_ROOTS and OUTPUT_ROOT
+    for a model), or into an `owned` area (OUTPUT_ROOT's job folders, the uploads folders), where whose files they
+    are was checked at the create for the path as it was. A link elsewhere inside its roots (data moved to new
+    storage, a link left at its old place) is taken. None when none leads astray. Blocking: just before a run."""
+    real_data, real_models = _real_roots(tuple(data_roots)), _real_roots(tuple(model_roots))
+    real_owned = _real_roots(tuple(owned))
     for field, value, data in inputs:
         path = _SAMPLE_RE.sub("", value) if data else value
         if not os.path.isabs(path):
             continue  # a hub id
         stored = os.path.normpath(path)
-        resolved = os.path.realpath(stored)
-        if resolved == stored:
+        resolved = Path(os.path.realpath(stored))
+        inside = _inside(resolved, real_data if data else real_models)
+        if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
             continue
-        if not _inside(Path(stored), real_roots) and _inside(Path(resolved), real_roots):
-            continue  # stored before its root moved, and reached through a link left at the old place
         return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
                 "job was created; remove it, or create the job again")  # fmt: skip
     return None

@@ -27,6 +27,7 @@ from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
+from application.services.files import UPLOADS_DIR
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -70,14 +71,14 @@ def _inputs(job: Job) -> list[tuple[str, str, bool]]:
 
 
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
-                roots: tuple[Path, ...]) -> Path:  # fmt: skip
+                roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...]]) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
     # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
     escaped = escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
         raise PathMoved(escaped, "output_dir")
-    relinked = relinked_input(inputs, roots)
+    relinked = relinked_input(inputs, *roots)
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,9 @@ class QueueProcessor:
         self.cluster = cluster
         self.inventory = inventory
         self.settings = settings
+        # Where a job's inputs may lead at its run, and the areas of those whose files are their owners'.
+        data = settings.data_roots()
+        self._input_roots = (data, settings.model_roots(), (settings.OUTPUT_ROOT, *(r / UPLOADS_DIR for r in data)))
         self.launcher = launcher
         self.fence = fence
         self.version = version
@@ -337,8 +341,7 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT, _inputs(job),
-                (*self.settings.data_roots(), *self.settings.model_roots()))  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, _inputs(job), self._input_roots)  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip
