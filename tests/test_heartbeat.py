@@ -8,7 +8,7 @@ import time
 from application.services.heartbeat import beating
 
 
-async def test_beats_at_once_and_on_each_interval_until_the_block_ends() -> None:
+async def test_beats_on_each_interval_until_the_block_ends() -> None:
     beats: list[float] = []
 
     async def beat() -> None:
@@ -20,6 +20,9 @@ async def test_beats_at_once_and_on_each_interval_until_the_block_ends() -> None
     assert ended >= 4, beats
     await asyncio.sleep(0.2)
     assert len(beats) == ended  # none after the block
+    async with beating(beat, 10.0):  # ended within its interval: the caller's own beat was enough
+        await asyncio.sleep(0)
+    assert len(beats) == ended
 
 
 async def test_a_beat_that_swallows_its_cancellation_still_ends_with_the_block() -> None:
