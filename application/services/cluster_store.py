@@ -119,10 +119,14 @@ class ClusterStore:
     async def runner_tick(self, job_id: str, beat: Mapping[str, Any], ttl: float) -> RunnerTick:
         """Beat a runner's heartbeat and read what it must know of its job, in one round trip."""
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.runner_heartbeat(job_id, str(beat["id"])), json.dumps(dict(beat)), px=int(ttl * 1000))
+            raw = json.dumps(dict(beat))
+            pipe.set(self.keys.runner_heartbeat(job_id, str(beat["id"])), raw, px=int(ttl * 1000))
+            # The job's one key too, which a scheduler of the previous version reads (a rollback, a rolling
+            # upgrade whose lead goes back to a host not upgraded yet): left to expire.
+            pipe.set(self.keys.runner_heartbeat(job_id), raw, px=int(ttl * 1000))
             pipe.hmget(self.keys.job(job_id), ["status", "run_id", "stop_requested", "export_stop_requested", "export",
                                                "pause_requested", "preempt_for"])  # fmt: skip
-            _, (status, run_id, stop, export_stop, export, pause, preempt) = await pipe.execute()
+            _, _, (status, run_id, stop, export_stop, export, pause, preempt) = await pipe.execute()
         return RunnerTick(
             status=json.loads(status) if status else None,
             run_id=json.loads(run_id) if run_id else None,
