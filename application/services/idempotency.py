@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from application.exceptions import ApiError, Conflict, Invalid
 from application.services.cluster_store import ClusterStore
+from application.services.heartbeat import beating
 
 TTL_SECONDS = 24 * 3600
 LEASE_SECONDS = 10.0
@@ -78,14 +79,11 @@ class Idempotency:
             await asyncio.sleep(0.05)
 
     async def _first(self, rkey: str, print_: str, claim: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
-        renewing = asyncio.create_task(self._renew(rkey, claim))
         try:
-            try:
+            # Renewed until the answer is stored (a renewal after it would cut its 24 h to a lease); ended by a
+            # flag, not a cancellation redis-py may swallow (the claim was then renewed for ever).
+            async with beating(lambda: self._renew(rkey, claim), self.lease / 3):
                 status, body, headers = await call()
-            finally:
-                # Before the answer is stored: a renewal after it would cut its 24 h to a lease.
-                renewing.cancel()
-                await asyncio.shield(asyncio.gather(renewing, return_exceptions=True))
         except ApiError as exc:
             if exc.status_code in (429, 503):
                 await self.store.release_idempotency(rkey)
@@ -103,13 +101,10 @@ class Idempotency:
         return response
 
     async def _renew(self, rkey: str, claim: str) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                if not await self.store.renew_idempotency(rkey, claim, self.lease):
-                    return
-            except RedisError:
-                pass  # the next renewal may get through before the lease is out
+        try:
+            await self.store.renew_idempotency(rkey, claim, self.lease)
+        except RedisError:
+            pass  # the next renewal may get through before the lease is out
 
 
 def _response(status: int, body: BaseModel, headers: dict[str, str]) -> Response:
