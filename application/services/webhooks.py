@@ -73,7 +73,7 @@ def is_public(address: str) -> bool:
     return True
 
 
-_OWN: tuple[float, frozenset[str]] = (0.0, frozenset())
+_OWN: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
 OWN_ADDRESSES_EVERY = 60.0
 
 
@@ -81,10 +81,18 @@ def own_addresses() -> frozenset[str]:
     """The addresses on this host's interfaces (read again once a minute: an interface may come or go)."""
     global _OWN
     if time.monotonic() - _OWN[0] > OWN_ADDRESSES_EVERY:
-        found = {a.address.split("%", 1)[0] for nics in psutil.net_if_addrs().values() for a in nics
+        found = {_plain(a.address) for nics in psutil.net_if_addrs().values() for a in nics
                  if a.family in (socket.AF_INET, socket.AF_INET6)}  # fmt: skip
         _OWN = (time.monotonic(), frozenset(found))
     return _OWN[1]
+
+
+def _plain(address: str) -> str:
+    """One spelling per address: no IPv6 zone, and an IPv4-mapped IPv6 address as its IPv4 one (the kernel
+    delivers ::ffff:a.b.c.d to a.b.c.d)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    inner = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(inner or ip)
 
 
 def literal_address(host: str) -> str | None:
@@ -260,7 +268,7 @@ class Webhooks:
         host = urlsplit(url).hostname or ""
         found = await asyncio.to_thread(addresses, host)
         # Nor this host's own public addresses: its services listening on every interface are not the user's.
-        if not all(map(is_public, found)) or any(a in own_addresses() for a in found):
+        if not all(map(is_public, found)) or any(_plain(a) in own_addresses() for a in found):
             return None
         if not found:
             raise httpx.ConnectError(f"{host} does not resolve")
