@@ -33,12 +33,12 @@ return redis.call('DEL', KEYS[1])
 STORE_FILE = """
 local a = cjson.decode(ARGV[1])
 local held = tonumber(redis.call('GET', KEYS[4]) or '0') + a.bytes
-if a.quota > 0 and held > a.quota then return {'over', tostring(held)} end
+if a.quota > 0 and held > a.quota then return {'over', string.format('%.0f', held)} end
 redis.call('SET', KEYS[1], a.meta)
 redis.call('ZADD', KEYS[2], a.created, a.id)
 redis.call('ZADD', KEYS[3], a.created, a.id)
 redis.call('INCRBY', KEYS[4], a.bytes)
-return {'ok', tostring(held)}
+return {'ok', string.format('%.0f', held)}
 """
 
 # KEYS: the file's record, the owner's index, the index of all files, the owner's byte count, the jobs that named
