@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model
 
 
 def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
@@ -108,6 +108,8 @@ async def test_a_resume_counts_against_the_waiting_cap_as_a_create_does(app_fact
         refused = await client.post("/jobs/p/resume", headers=auth(ALICE_KEY))
         assert refused.status_code == 429 and "MAX_QUEUED_PER_OWNER=2" in refused.json()["detail"], refused.text
         assert (await client.get("/jobs/p", headers=auth(ALICE_KEY))).json()["status"] == "paused"
+        by_admin = await client.post("/jobs/p/resume", headers=auth(ADMIN_KEY))  # the owner's cap, said as hers
+        assert by_admin.status_code == 429 and by_admin.json()["detail"].startswith("'alice' already has 2"), by_admin
         await client.post("/jobs/w0/stop", headers=auth(ALICE_KEY))  # cancelled: no longer waiting
         resumed = await client.post("/jobs/p/resume", headers=auth(ALICE_KEY))
         assert resumed.status_code == 200, resumed.text

@@ -81,7 +81,7 @@ class ExportControl:
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
-                    raise self.service.limits.over_cap(caller, int(exc.detail or 0)) from None
+                    raise self.service.limits.over_cap(caller.name, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.UPLOAD_GONE:
                     raise Conflict(f"{request.quant_method} calibrates on the job's data set, and its uploaded file "
                                    f"'{exc.detail}' has been deleted: quantize with bnb or fp8, which need no "

@@ -37,11 +37,11 @@ class CreateLimits:
             )
         return ctx
 
-    def over_cap(self, caller: Caller, waiting: int) -> TooMany:
+    def over_cap(self, owner: str | None, waiting: int) -> TooMany:
         """The refusal of a create the store found over MAX_QUEUED_PER_OWNER (it counts in the same step as
         it stores, so overlapping creates cannot all pass)."""
         return TooMany(
-            f"'{caller.name}' already has {waiting} pending or queued jobs (MAX_QUEUED_PER_OWNER="
+            f"'{owner}' already has {waiting} pending or queued jobs (MAX_QUEUED_PER_OWNER="
             f"{self.max_waiting}): wait for some to start, or cancel some",
             retry_after=60,
         )

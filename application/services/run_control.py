@@ -164,7 +164,7 @@ class RunControl:
             )  # fmt: skip
         except TransitionRefused as exc:
             if exc.reason == Refusal.WAITING_CAP:
-                raise self.service.limits.over_cap(caller, int(exc.detail or 0)) from None
+                raise self.service.limits.over_cap(job.owner, int(exc.detail or 0)) from None
             if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                 raise Conflict(f"output_dir '{job.output_dir_requested}' is now used by another active job: wait "
                                "for it to end, then resume") from None  # fmt: skip

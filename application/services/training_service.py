@@ -229,7 +229,7 @@ class TrainingService:
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
-                    raise self.limits.over_cap(caller, int(exc.detail or 0)) from None
+                    raise self.limits.over_cap(caller.name, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.UPLOAD_GONE:
                     raise Invalid(f"uploaded file '{exc.detail}' was deleted while this job was being created: "
                                   "upload it again (POST /files)") from None  # fmt: skip
