@@ -229,3 +229,25 @@ def test_an_input_is_checked_again_before_each_run(tmp_path: Path) -> None:
     (data / "team.kept").rename(big / "team")
     (data / "team").symlink_to(big / "team", target_is_directory=True)
     assert relinked_input(inputs, *roots) is None
+
+
+def test_an_input_in_an_owned_area_that_moved_with_a_link_left_behind_is_the_same_file(tmp_path: Path) -> None:
+    # Data roots moved to new storage (a link left at the old place): a waiting job's upload, or its model under
+    # OUTPUT_ROOT, is the same file at the same path under the area, and no other owner's.
+    data, out = tmp_path / "d1", tmp_path / "out"
+    (data / "uploads" / "alice").mkdir(parents=True)
+    (data / "uploads" / "alice" / "file-1.jsonl").write_text("{}\n")
+    (data / "uploads" / "bob").mkdir()
+    (out / "job" / "checkpoint-10").mkdir(parents=True)
+    upload, model = str(data / "uploads" / "alice" / "file-1.jsonl"), str(out / "job" / "checkpoint-10")
+    data.rename(tmp_path / "d1-new")
+    data.symlink_to(tmp_path / "d1-new", target_is_directory=True)
+    out.rename(tmp_path / "out-new")
+    out.symlink_to(tmp_path / "out-new", target_is_directory=True)
+    roots = ((data,), (out,), (out, data / "uploads"))
+    assert relinked_input([("data_path", upload, True), ("model_path", model, False)], *roots) is None
+    # But not a link inside the area, made since, to another owner's files.
+    (data / "uploads" / "alice").rename(data / "uploads" / "alice.kept")
+    (data / "uploads" / "alice").symlink_to(data / "uploads" / "bob", target_is_directory=True)
+    (data / "uploads" / "bob" / "file-1.jsonl").write_text("{}\n")
+    assert relinked_input([("data_path", upload, True)], *roots) is not None

@@ -291,6 +291,8 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
     storage, a link left at its old place) is taken. None when none leads astray. Blocking: just before a run."""
     real_data, real_models = _real_roots(tuple(data_roots)), _real_roots(tuple(model_roots))
     real_owned = _real_roots(tuple(owned))
+    # An owned area that moved, a link left at its old place (as configured): the same path under it is the same file.
+    moved = [(Path(os.path.abspath(o)), r) for o, r in zip(owned, real_owned, strict=True)]
     for field, value, data in inputs:
         path = _SAMPLE_RE.sub("", value) if data else value
         if not os.path.isabs(path):
@@ -299,6 +301,8 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
         resolved = Path(os.path.realpath(stored))
         inside = _inside(resolved, real_data if data else real_models)
         if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
+            continue
+        if inside and any(o in Path(stored).parents and resolved == r / Path(stored).relative_to(o) for o, r in moved):
             continue
         return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
                 "job was created; remove it, or create the job again")  # fmt: skip
