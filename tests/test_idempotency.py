@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
+from application.exceptions import Unavailable
 from application.models.job_responses import ActionResponse
 from application.models.training_model import JobStatus
 from application.services.cluster_store import ClusterStore
@@ -99,3 +101,30 @@ async def test_a_claim_whose_worker_died_lapses_and_a_long_request_keeps_its_own
     again = await idem.run("alice", "k2", same, lambda: answer(0))
     assert calls == ["call"] and again.headers[REPLAY_HEADER] == "true" and (await first).status_code == 200
     assert await redis_client.ttl(cluster.keys.idempotency("alice", hashlib.sha256(b"k2").hexdigest())) > 3600
+
+
+async def test_a_worker_whose_claim_lapsed_leaves_the_retrys_claim_alone(redis_client: aioredis.Redis) -> None:
+    # A worker stalled past its lease: a retry claimed the key and is running the request. The stalled worker's
+    # answer (or its release, on a 503) overwrote or deleted the retry's claim, so a third try ran it again.
+    cluster = ClusterStore(redis_client, Keys("idem"))
+    idem = Idempotency(cluster, lease=5)
+    retrys = json.dumps({"fingerprint": "the-same-request", "state": "running", "claim": "the-retry"})
+
+    async def same() -> str:
+        return "the-same-request"
+
+    for key, failing in (("k3", False), ("k4", True)):
+        rkey = cluster.keys.idempotency("alice", hashlib.sha256(key.encode()).hexdigest())
+
+        async def stalled(rkey: str = rkey, failing: bool = failing) -> tuple[int, ActionResponse, dict[str, str]]:
+            await redis_client.set(rkey, retrys)  # its lease lapsed meanwhile, and a retry took the key
+            if failing:
+                raise Unavailable("Redis is away: retry")
+            return 200, ActionResponse(job_id="j", status=JobStatus.STOPPED, message="stopped"), {}
+
+        if failing:
+            with pytest.raises(Unavailable):
+                await idem.run("alice", key, same, stalled)
+        else:
+            assert (await idem.run("alice", key, same, stalled)).status_code == 200  # its own caller still hears
+        assert await redis_client.get(rkey) == retrys

@@ -89,6 +89,7 @@ class ClusterStore:
         self._acquire = client.register_script(lua_cluster.LEADER_ACQUIRE)
         self._renew = client.register_script(lua_cluster.LEADER_RENEW)
         self._release = client.register_script(lua_cluster.LEADER_RELEASE)
+        self._claim_answer = client.register_script(lua_cluster.CLAIM_ANSWER)
         self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
 
     # ---- the leader lock -----------------------------------------------------------------------------
@@ -313,13 +314,16 @@ class ClusterStore:
         """Extend the claim while it is still this one (the leader lock's script: the same compare and expire)."""
         return bool(await self._renew(keys=[key], args=[json.dumps({"value": claim, "ttl_ms": int(lease * 1000)})]))
 
-    async def finish_idempotency(self, key: str, fingerprint: str, status: int, body: str, ttl: int,
+    async def finish_idempotency(self, key: str, claim: str, status: int, body: str, ttl: int,
                                  headers: Mapping[str, str]) -> None:  # fmt: skip
-        await self.r.set(key, json.dumps({"fingerprint": fingerprint, "state": "done", "status": status,
-                                          "body": body, "headers": dict(headers)}), ex=ttl)  # fmt: skip
+        """The answer in place of `claim`, if the key is still claimed by it."""
+        answer = json.dumps({"fingerprint": json.loads(claim)["fingerprint"], "state": "done", "status": status,
+                             "body": body, "headers": dict(headers)})  # fmt: skip
+        await self._claim_answer(keys=[key], args=[json.dumps({"value": claim, "answer": answer, "ttl_s": ttl})])
 
-    async def release_idempotency(self, key: str) -> None:
-        await self.r.delete(key)
+    async def release_idempotency(self, key: str, claim: str) -> None:
+        """Free the key for a retry, if it is still claimed by `claim`."""
+        await self._release(keys=[key], args=[json.dumps({"value": claim})])
 
     # ---- webhooks (queued by the store with each status change, delivered by the leader) ------------------
 

@@ -4,7 +4,7 @@ The first request with a key claims it in Redis (SET NX) for a short lease its w
 its answer is kept 24 h. Concurrent retries wait for that answer and return it; the same key with another
 request is 409. Answers that a retry should not see again (429, 503, an unexpected failure) release the key
 instead of being stored; a claim whose worker died (killed mid-request) lapses with its lease, and a retry then
-runs the request.
+runs the request. An answer is stored, or a key released, only by the worker that still holds its claim.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Idempotency:
             claim = json.dumps({"fingerprint": print_, "state": "running", "claim": uuid.uuid4().hex})
             record = await self.store.claim_idempotency(rkey, claim, self.lease)
             if record is None:
-                return await self._first(rkey, print_, claim, call)
+                return await self._first(rkey, claim, call)
             if record.get("fingerprint") != print_:
                 raise Conflict("this Idempotency-Key was used for a different request: use a new key for a new request")
             if record.get("state") == "done":
@@ -78,7 +78,7 @@ class Idempotency:
                 raise Conflict("a request with this Idempotency-Key is still being handled: retry in a moment")
             await asyncio.sleep(0.05)
 
-    async def _first(self, rkey: str, print_: str, claim: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
+    async def _first(self, rkey: str, claim: str, call: Callable[[], Awaitable[Outcome]]) -> Response:
         try:
             # Renewed until the answer is stored (a renewal after it would cut its 24 h to a lease); ended by a
             # flag, not a cancellation redis-py may swallow (the claim was then renewed for ever).
@@ -86,18 +86,18 @@ class Idempotency:
                 status, body, headers = await call()
         except ApiError as exc:
             if exc.status_code in (429, 503):
-                await self.store.release_idempotency(rkey)
+                await self.store.release_idempotency(rkey, claim)
                 raise
             # As the error handler renders it (main._api_error), so that the replay is the same bytes.
             first = bytes(JSONResponse({"detail": exc.detail}).body).decode()
-            await self.store.finish_idempotency(rkey, print_, exc.status_code, first, TTL_SECONDS,
+            await self.store.finish_idempotency(rkey, claim, exc.status_code, first, TTL_SECONDS,
                                                 exc.headers or {})  # fmt: skip
             raise
         except BaseException:
-            await asyncio.shield(self.store.release_idempotency(rkey))
+            await asyncio.shield(self.store.release_idempotency(rkey, claim))
             raise
         response = _response(status, body, headers)
-        await self.store.finish_idempotency(rkey, print_, status, bytes(response.body).decode(), TTL_SECONDS, headers)
+        await self.store.finish_idempotency(rkey, claim, status, bytes(response.body).decode(), TTL_SECONDS, headers)
         return response
 
     async def _renew(self, rkey: str, claim: str) -> None:

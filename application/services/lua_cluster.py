@@ -26,6 +26,15 @@ if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
+# An idempotency claim's answer, stored only while the claim is still a.value: a worker whose lease lapsed (and
+# whose key a retry claimed since) leaves that retry's claim alone. a: value, answer, ttl_s.
+CLAIM_ANSWER = """
+local a = cjson.decode(ARGV[1])
+if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
+redis.call('SET', KEYS[1], a.answer, 'EX', a.ttl_s)
+return 1
+"""
+
 # KEYS: the file's record, the owner's index, the index of all files, the owner's byte count. a: id, meta, created,
 # bytes, quota (0: none). Stores an upload's record only if its bytes keep the owner within the quota: the count
 # is never raised past it, not even for a moment (a parallel upload that fits was refused for one that did not).
