@@ -374,6 +374,21 @@ async def test_uploads_made_while_another_data_root_came_first_stay_their_owners
         files.uploads_named([str(earlier.resolve())], Caller("bob", "user"))
 
 
+async def test_leftovers_in_every_data_roots_uploads_are_swept(redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    # Only the first root's uploads folder was swept: a crash's leftovers under an earlier first root stayed.
+    earlier = tmp_path / "datasets"
+    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=f"{tmp_path / 'new'},{earlier}")
+    old = time.time() - 7 * 3600
+    leftovers = [root / "uploads" / "alice" / f".file-{n}123456789abcdef01234567.partial.jsonl"
+                 for n, root in enumerate((tmp_path / "new", earlier))]  # fmt: skip
+    for path in leftovers:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(VALID)
+        os.utime(path, (old, old))
+    removed = await FileStore(settings, redis_client, Keys("t")).sweep_orphans()
+    assert sorted(removed) == sorted(p.resolve() for p in leftovers) and not any(p.exists() for p in leftovers)
+
+
 async def test_another_owners_upload_is_refused_before_anything_looks_at_it(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

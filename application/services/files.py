@@ -229,10 +229,12 @@ class FileStore:
         """Upload files at least this old that may have no record: temp files a crash left mid-upload, and
         stored names (the record is written after the rename). Bounded per call; synchronous (disk)."""
         found: list[Path] = []
-        try:
-            owners = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return found
+        owners: list[os.DirEntry[str]] = []
+        for root in self.real_roots:  # every root's: uploads made while another came first are swept too
+            try:
+                owners += [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
         for owner in owners:
             try:
                 entries = list(os.scandir(owner.path))
