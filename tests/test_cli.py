@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from application.cli.client import Api, CliError, api_root
-from application.cli.follow import tail
+from application.cli.client import Api, CliError, api_root, job_path
+from application.cli.follow import tail, watch
 from application.cli.output import Output
 from application.cli.render import text
 from application.cli.sse import follow
@@ -312,3 +312,49 @@ def test_tables_show_server_text_without_control_sequences(capsys: pytest.Captur
     # sequences on as they are.
     Output(as_json=False).show({}, lambda _: text("training failed: \x1b]0;owned\x07boom\x1b[2J"))
     assert capsys.readouterr().out.strip() == "training failed: ]0;ownedboom[2J"
+
+
+def test_watch_shows_log_text_without_control_sequences_or_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    # remaining_time is text of the run's log (swift's dict, literal_eval'd): a '[/x]' crashed rich's markup
+    # (exit 1, as for a failed job), and an escape sequence cleared the screen and wrote the clipboard.
+    hostile = "\x1b[2J\x1b]52;c;cHduZWQ=\x07[/oops] later"
+    point = {"progress": {"current_step": 4, "max_steps": 10, "remaining_time": hostile}, "loss": 1.0}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"job_id": "j", "status": "running", "progress": point["progress"]})
+        body = f"id: 1\ndata: {json.dumps(point)}\n\nevent: end\ndata: {json.dumps({'status': 'completed'})}\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert watch(api, "j", Output(as_json=False)) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b]52" not in shown and "\x1b[2J" not in shown and "[/oops] later" in shown
+
+
+@pytest.mark.parametrize("key", ["alice-key-0123456789abcdef\r\n", " alice-key-0123456789abcdef "])
+def test_a_copied_key_loses_its_line_break_and_spaces(key: str) -> None:
+    sent: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["Authorization"])
+        return httpx.Response(200, json={"jobs": []})
+
+    with Api("http://swift-api.test", key, transport=httpx.MockTransport(server)) as api:
+        api.get("/jobs")
+    assert sent == [f"Bearer {ALICE_KEY}"]
+
+
+@pytest.mark.parametrize("key", ["alice key-0123456789abcdef", "clé-0123456789abcdef", "a\x1bkey-0123456789abcdef"])
+def test_a_key_no_header_can_carry_is_a_usage_error_that_does_not_show_it(key: str) -> None:
+    with pytest.raises(CliError) as caught:
+        Api("http://swift-api.test", key)
+    assert caught.value.code == 2 and "0123456789abcdef" not in str(caught.value)
+
+
+@pytest.mark.parametrize("job_id", [".", ".."])
+def test_dot_segments_are_not_job_ids(job_id: str) -> None:
+    # The URL dropped them: `status ..` asked for GET /jobs and `rm ..` sent DELETE /jobs.
+    with pytest.raises(CliError) as caught:
+        job_path(job_id, "/status")
+    assert caught.value.code == 2

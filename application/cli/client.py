@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ EXIT_UNREACHABLE = 3
 # A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
 # outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
 STREAM_READ_TIMEOUT = 60.0
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]*\Z")  # what a Bearer token can carry
 
 
 class CliError(Exception):
@@ -49,6 +51,9 @@ def api_root(url: str) -> str:
 
 def job_path(job_id: str, suffix: str = "") -> str:
     # quote(safe=""): an id with '/' or '?' must not reach another route; the server then names what is wrong.
+    # '.' and '..' are path segments quote keeps and the URL then drops ("status .." asked for GET /jobs).
+    if job_id in (".", ".."):
+        raise CliError(f"'{job_id}' is not a job id: list your jobs with `ls`", EXIT_USAGE)
     return f"/jobs/{quote(job_id, safe='')}{suffix}"
 
 
@@ -80,7 +85,11 @@ class Api:
     def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.url = api_root(url or os.environ.get("SWIFT_API_URL") or DEFAULT_URL)
-        key = key or os.environ.get("SWIFT_API_KEY")
+        key = (key or os.environ.get("SWIFT_API_KEY") or "").strip()  # a key file's line break, a pasted space
+        if not _HEADER_SAFE.match(key):
+            # Never echoed: the error would carry the key into a CI log.
+            raise CliError("the API key (SWIFT_API_KEY or --key) holds spaces, control or non-ASCII characters, which "
+                           "no key has: check how it was copied", EXIT_USAGE)  # fmt: skip
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # Stop and pause answer only once the run has ended (up to the server's stop grace), hence a long read.
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from application.cli import render
 from application.cli.client import EXIT_JOB_FAILED, EXIT_OK, Api, job_path
-from application.cli.output import Output
+from application.cli.output import Output, printable
 from application.cli.sse import follow
 
 
@@ -28,8 +28,11 @@ def watch(api: Api, job_id: str, out: Output) -> int:
             out.emit({"event": "end", **body} if message.end else body)
             end = body if message.end else end
         return exit_for(end.get("status"))
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.fields[steps]}"),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"))  # fmt: skip
+    # markup=False, and fields printable(): they hold text of the run's log (a '[/x]' broke rich's markup, an
+    # escape sequence drove the terminal).
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(),
+               TextColumn("{task.fields[steps]}", markup=False), TextColumn("loss {task.fields[loss]}", markup=False),
+               TextColumn("ETA {task.fields[eta]}", markup=False))  # fmt: skip
     with Progress(*columns, console=out.console) as bar:
         task = bar.add_task(f"{job_id} {start['status']}", total=None, steps="", loss="", eta="")
         _update(bar, task, start.get("progress") or {})
@@ -57,8 +60,8 @@ def _update(bar: Progress, task: TaskID, progress: dict[str, Any]) -> None:
     if current is None:
         return
     eta = progress.get("remaining_time") or render.duration(progress.get("remaining_seconds"))
-    bar.update(task, completed=current, total=total, steps=f"{current}/{total or '?'}",
-               loss=render.number(progress.get("loss")) or "-", eta=eta or "-")  # fmt: skip
+    bar.update(task, completed=current, total=total, steps=printable(f"{current}/{total or '?'}"),
+               loss=printable(render.number(progress.get("loss")) or "-"), eta=printable(str(eta or "-")))  # fmt: skip
 
 
 def tail(api: Api, job_id: str, kind: str, out: Output) -> int:
