@@ -525,6 +525,16 @@ def test_one_format_for_remaining_and_elapsed_time(text: str, shown: str) -> Non
     assert parser.progress is not None and parser.progress.remaining_time == shown == parser.progress.elapsed_time
 
 
+def test_a_time_that_is_not_a_duration_loses_its_control_characters_and_is_bounded() -> None:
+    # The log's text: a row echoed by swift can hold '\\x1b', which literal_eval makes an ESC.
+    parser = SwiftLogParser()
+    hostile = "\\x1b[2J\\x1b]52;c;eA==\\x07soon" + "!" * 200
+    line = "{'loss': 1.0, 'global_step/max_steps': '1/9', 'remaining_time': '" + hostile + "'}"
+    parser.feed(line.encode() + b"\n")
+    shown = parser.progress.remaining_time if parser.progress else None
+    assert shown == ("[2J]52;c;eA==soon" + "!" * 200)[:64]
+
+
 def test_a_history_point_carries_when_its_step_ran_not_when_it_was_read() -> None:
     t0 = 1_800_000_000.0
     parser = SwiftLogParser(started_at=t0 - 5)

@@ -136,6 +136,8 @@ def parse_step_dict(line: str) -> dict[str, Any] | None:
 
 
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAX_TEXT = 64
 _UNITS_RE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[dhms])+\s*")
 _UNIT_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
 _CLOCK_RE = re.compile(r"(?:(\d+)\s*days?,\s*)?(\d+):(\d{1,2}(?:\.\d+)?)(?::(\d{1,2}(?:\.\d+)?))?")
@@ -183,7 +185,11 @@ def format_duration(seconds: float) -> str:
 
 def _one_format(text: str) -> str:
     seconds = parse_duration(text)
-    return format_duration(seconds) if seconds is not None else text
+    if seconds is not None:
+        return format_duration(seconds)
+    # Text of the log, whose lines a data set's author partly chooses: shown in pages and terminals, so without
+    # control characters (literal_eval made '\\x1b' an ESC) and bounded.
+    return _CONTROL_RE.sub("", text)[:_MAX_TEXT]
 
 
 def _dict_kind(d: dict[str, Any]) -> str:
