@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,14 @@ class TrainingService:
         if job is None or not caller.owns(job.owner):
             raise JobNotFound(job_id)
         return job
+
+    async def own_ids(self, job_ids: Iterable[str], caller: Caller) -> set[str]:
+        """Those of `job_ids` (a page's few) that the caller may open: pages link only to those."""
+        ids = sorted(set(job_ids))
+        if caller.is_admin:
+            return set(ids)
+        rows = await self.store.get_fields(ids, ["owner"])
+        return {i for i, (owner,) in zip(ids, rows, strict=True) if owner and caller.owns(json.loads(owner))}
 
     async def job(self, job_id: str) -> Job:
         """The job whoever may see it (for actions already authorized)."""

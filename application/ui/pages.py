@@ -82,7 +82,11 @@ async def queue_page(request: Request) -> Response:
     offset, limit = _int(q.get("offset"), 0, 0, 10_000_000), _int(q.get("limit"), 100, 1, MAX_LIMIT)
     # Plain JSON values, as the API would send them (the service returns some fields as models).
     overview = jsonable_encoder(await request.app.state.queue.overview(offset, limit, caller))
-    return page(ctx, "Queue", views.queue_body(ctx, overview), active="queue")
+    held_for = (
+        e["pending_reason"]["job_id"] for e in overview["entries"] if (e.get("pending_reason") or {}).get("job_id")
+    )
+    own = await request.app.state.training.own_ids(held_for, caller)
+    return page(ctx, "Queue", views.queue_body(ctx, overview, own), active="queue")
 
 
 @router.get("/ui/gpus")
@@ -92,7 +96,8 @@ async def gpus_page(request: Request) -> Response:
         return login_redirect(request)
     ctx = context(request, caller)
     reading = jsonable_encoder(await request.app.state.system.gpus())
-    return page(ctx, "GPUs", views.gpus_body(ctx, reading), active="gpus")
+    own = await request.app.state.training.own_ids((g["job_id"] for g in reading["gpus"] if g.get("job_id")), caller)
+    return page(ctx, "GPUs", views.gpus_body(ctx, reading, own), active="gpus")
 
 
 @router.get("/ui/new")

@@ -118,6 +118,13 @@ async def login(request: Request) -> Response:
 
 @router.post("/ui/logout")
 async def logout(request: Request) -> Response:
+    if not _same_origin(request):  # another site's form must not log the reader out (logout CSRF) either
+        ctx = context(request, None)
+        body = (
+            '<section class="card narrow"><h1>Log out</h1><p class="error" role="alert">This form was sent from '
+            f'another site: you are still logged in. <a href="{esc(ctx.url("/"))}">Go on</a></p></section>'
+        )
+        return page(ctx, "Log out", body, status_code=403)
     root = str(request.scope.get("root_path", "")).rstrip("/")
     response = RedirectResponse(f"{root}/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")

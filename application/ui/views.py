@@ -3,6 +3,7 @@ so each page reads without JavaScript; dashboard.js only re-fetches a page and s
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -16,6 +17,11 @@ def job_link(ctx: PageContext, job_id: str | None) -> str:
     if not job_id:
         return '<span class="muted">—</span>'
     return f'<a href="{esc(ctx.url("/ui/jobs/" + quote(job_id, safe="")))}"><code>{esc(job_id)}</code></a>'
+
+
+def job_ref(ctx: PageContext, job_id: str | None, own: Collection[str]) -> str:
+    """A link to the job when the reader may open it; another owner's job is named, not linked (a 404)."""
+    return job_link(ctx, job_id) if not job_id or job_id in own else f"<code>{esc(job_id)}</code>"
 
 
 def short_path(value: str | None, keep: int = 2) -> str:
@@ -105,14 +111,14 @@ def jobs_body(ctx: PageContext, listing: dict[str, Any], status: str | None, own
 # ---- queue --------------------------------------------------------------------------------------------------
 
 
-def _reason(ctx: PageContext, reason: dict[str, Any] | None) -> str:
+def _reason(ctx: PageContext, reason: dict[str, Any] | None, own: Collection[str]) -> str:
     if not reason:
         return '<span class="muted">starts at the next pass</span>'
-    held = f" (for {job_link(ctx, reason['job_id'])})" if reason.get("job_id") else ""
+    held = f" (for {job_ref(ctx, reason['job_id'], own)})" if reason.get("job_id") else ""
     return f'<span class="reason r-{esc(reason.get("code"))}">{esc(reason.get("message"))}</span>{held}'
 
 
-def _queue_row(ctx: PageContext, e: dict[str, Any]) -> str:
+def _queue_row(ctx: PageContext, e: dict[str, Any], own: Collection[str]) -> str:
     wait = e.get("estimated_wait_time") or {}
     job = job_link(ctx, e["job_id"]) if e.get("mine") else f"<code>{esc(e['job_id'])}</code>"
     ids = e.get("gpu_ids")
@@ -123,11 +129,11 @@ def _queue_row(ctx: PageContext, e: dict[str, Any]) -> str:
         f"<td>{esc(duration(e.get('waited_seconds')))}</td>"
         f"<td>{esc(wait.get('text') or 'unknown')}</td>"
         f"<td>{esc(duration(e.get('predicted_duration_seconds')))}</td>"
-        f"<td>{_reason(ctx, e.get('pending_reason'))}</td></tr>"
+        f"<td>{_reason(ctx, e.get('pending_reason'), own)}</td></tr>"
     )
 
 
-def queue_body(ctx: PageContext, overview: dict[str, Any]) -> str:
+def queue_body(ctx: PageContext, overview: dict[str, Any], own: Collection[str]) -> str:
     s = overview["summary"]
     facts = [
         f"{s['length']} queued",
@@ -139,7 +145,7 @@ def queue_body(ctx: PageContext, overview: dict[str, Any]) -> str:
     summary = " · ".join(esc(f) for f in facts)
     gpu_error = f'<p class="error">{esc(s["gpu_error"])}</p>' if s.get("gpu_error") else ""
     headers = ["#", "Job", "Owner", "Priority", "GPUs", "Waited", "Estimated wait", "Predicted run", "Why it waits"]
-    rows = [_queue_row(ctx, e) for e in overview["entries"]]
+    rows = [_queue_row(ctx, e, own) for e in overview["entries"]]
     grid = table(headers, rows, empty="The queue is empty.", attrs='class="grid queue"')
     return "<h1>GPU queue</h1>" + live("queue-live", f'<p class="summary">{summary}</p>{gpu_error}{grid}')
 
@@ -147,7 +153,7 @@ def queue_body(ctx: PageContext, overview: dict[str, Any]) -> str:
 # ---- GPUs ---------------------------------------------------------------------------------------------------
 
 
-def _gpu_row(ctx: PageContext, g: dict[str, Any]) -> str:
+def _gpu_row(ctx: PageContext, g: dict[str, Any], own: Collection[str]) -> str:
     total, used = g.get("memory_total_mb") or 0.0, g.get("memory_used_mb") or 0.0
     memory = bar(used / total if total else None, f"{used / 1024:.1f} / {total / 1024:.1f} GiB", kind="mem")
     util = g.get("utilization")
@@ -163,11 +169,11 @@ def _gpu_row(ctx: PageContext, g: dict[str, Any]) -> str:
         f'<tr data-gpu="{esc(g.get("index"))}"><td class="num">{esc(g.get("index"))}</td>'
         f'<td>{esc(g.get("name"))}<div class="muted small">{esc(g.get("uuid"))}</div></td>'
         f"<td>{memory}</td><td>{utilization}</td><td>{esc(temp)}</td><td>{esc(power)}</td>"
-        f"<td>{job_link(ctx, g.get('job_id'))}</td><td><ul class=plain>{procs}</ul></td></tr>"
+        f"<td>{job_ref(ctx, g.get('job_id'), own)}</td><td><ul class=plain>{procs}</ul></td></tr>"
     )
 
 
-def gpus_body(ctx: PageContext, reading: dict[str, Any]) -> str:
+def gpus_body(ctx: PageContext, reading: dict[str, Any], own: Collection[str]) -> str:
     s = reading["summary"]
     mean = f"mean utilization {s['mean_utilization']} %" if s.get("mean_utilization") is not None else ""
     facts = [f"{s['count']} GPUs ({reading['backend']})",
@@ -177,6 +183,6 @@ def gpus_body(ctx: PageContext, reading: dict[str, Any]) -> str:
     summary = " · ".join(esc(f) for f in facts if f) + taken
     error = f'<p class="error">{esc(reading["error"])}</p>' if reading.get("error") else ""
     headers = ["#", "GPU", "Memory", "Utilization", "Temp.", "Power", "Held by", "Processes"]
-    rows = [_gpu_row(ctx, g) for g in reading["gpus"]]
+    rows = [_gpu_row(ctx, g, own) for g in reading["gpus"]]
     grid = table(headers, rows, empty="No GPUs.", attrs='class="grid gpus"')
     return "<h1>GPUs</h1>" + live("gpus-live", f'<p class="summary">{summary}</p>{error}{grid}')
