@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,8 +55,12 @@ def test_stopping_start_py_stops_its_processes_but_not_the_runners(server: ApiSe
     job = wait_for(lambda: (j := server.job("goes-on"))["runner"] and j["pid"] and j, what="the run to start")
     ours = server.processes()
     assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(30)
+    # A client following the run's log, which never ends: it used to hold the stopped server up until it left.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as follower:
+        follower.sendall(b"GET /api/v1/training/jobs/goes-on/logs/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert follower.recv(4096).startswith(b"HTTP/1.1 200")
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours),
              what="start.py's processes to end")  # fmt: skip
     assert psutil.pid_exists(job["runner"]["pid"]) and psutil.pid_exists(job["pid"])
