@@ -143,7 +143,10 @@ class ApiServer:
         self.proc = subprocess.Popen([*self.wrap, sys.executable, str(ROOT / "start.py"), role], cwd=ROOT,
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         # Up to a minute: with the real ms-swift the scheduler first reads its arguments (about 7 s on an idle CPU).
-        wait_for(self._healthy, timeout=60, what="the API server to answer /health with a scheduler leading")
+        try:
+            wait_for(self._healthy, timeout=60, what="the API server to answer /health with a scheduler leading")
+        except AssertionError as exc:  # what the server said decides whether it was slow or stuck
+            raise AssertionError(f"{exc}\n{self.server_log()}") from None
         return self
 
     def _healthy(self) -> bool:
