@@ -1,0 +1,41 @@
+"""The dashboard's server-side rules, over HTTP in-process (no browser: test_dashboard.py's Playwright holds an
+event loop of its own, which async tests there would clash with)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body
+
+COOKIE = "swift_api_key"
+
+
+async def test_another_sites_form_can_neither_log_in_nor_log_out(app_factory: Callable[..., Any]) -> None:
+    # Logout had no check: any page the reader opened could end their session.
+    async with app_factory(scheduler=False, API_KEYS=KEYS_SETTING) as client:
+        form = {"key": ALICE_KEY, "next": "/"}
+        for where in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+            r = await client.post("http://test/ui/login", data=form, headers=where)
+            assert r.status_code == 403 and "set-cookie" not in r.headers, where
+            r = await client.post("http://test/ui/logout", headers={**where, "Cookie": f"{COOKIE}={ALICE_KEY}"})
+            assert r.status_code == 403 and "set-cookie" not in r.headers and "still logged in" in r.text, where
+        same = {"Sec-Fetch-Site": "same-origin"}
+        r = await client.post("http://test/ui/login", data=form, headers=same)
+        assert r.status_code == 303 and r.headers["set-cookie"].startswith(f"{COOKIE}=")
+        client.cookies.clear()
+        r = await client.post("http://test/ui/logout", headers={**same, "Cookie": f"{COOKIE}={ALICE_KEY}"})
+        assert r.status_code == 303 and r.headers["set-cookie"].startswith(f'{COOKIE}=""')
+
+
+async def test_another_owners_job_is_named_but_not_linked_on_the_gpu_page(app_factory: Callable[..., Any],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    # Bob's GPU page linked Alice's running job: a link to a 404.
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        body = job_body(tmp_path, "hers", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=body, headers=auth(ALICE_KEY))).status_code == 201
+        for key, linked in ((ALICE_KEY, True), (BOB_KEY, False)):
+            shown = (await client.get("http://test/ui/gpus", headers={"Cookie": f"{COOKIE}={key}"})).text
+            assert "<code>hers</code>" in shown and ('href="/ui/jobs/hers"' in shown) is linked, key
+        await client.post("/jobs/hers/stop", headers=auth(ALICE_KEY))
