@@ -358,3 +358,22 @@ def test_dot_segments_are_not_job_ids(job_id: str) -> None:
     with pytest.raises(CliError) as caught:
         job_path(job_id, "/status")
     assert caught.value.code == 2
+
+
+def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture[str]) -> None:
+    # A resumed run's rewind is not a point: a script reading --json must be able to tell (it was printed as one).
+    stream = (
+        'id: 1.12-0\ndata: {"step": 12, "loss": 1.0}\n\nevent: rewind\ndata: {"step": 10}\n\n'
+        'id: 2.11-0\ndata: {"step": 11, "loss": 0.9}\n\nevent: end\ndata: {"status": "completed"}\n\n'
+    )
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"job_id": "j", "status": "running", "progress": {}})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream.encode())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert watch(api, "j", Output(as_json=True)) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"step": 12, "loss": 1.0}, {"event": "rewind", "step": 10}, {"step": 11, "loss": 0.9},
+                     {"event": "end", "status": "completed"}]  # fmt: skip

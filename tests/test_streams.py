@@ -3,6 +3,7 @@ lost or repeated, heartbeats on an idle stream, and `event: end` once the job is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -10,13 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from application.services.streams import _visible
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for, wait_job
 
 
 @dataclass
@@ -183,10 +185,21 @@ def test_an_id_past_everything_a_stream_holds_starts_it_from_the_beginning(serve
     wait_for(lambda: server.job("past")["status"] == "completed")
     whole = {p: data_of(read(server, f"/jobs/past/{p}/stream", stop=lambda got: False)) for p in ("progress", "events")}
     assert all(whole.values())
-    step, k = (int(part) for part in (whole["progress"][-1].id or "").split("-"))
+    run, _, point = (whole["progress"][-1].id or "").partition(".")
+    step, k = (int(part) for part in point.split("-"))
+    assert run == "1"
     ms, seq = (int(part) for part in (whole["events"][-1].id or "").split("-"))
     beyond = {
-        "progress": ["99999999999-99999", f"{step + 1}-0", f"{step}-{k + 1}", str(step + 1)],
+        # (ids without the run are those streams sent before runs were named)
+        "progress": [
+            "99999999999-99999",
+            f"{step + 1}-0",
+            f"1.{step}-{k + 1}",
+            f"1.{step + 1}",
+            str(step + 1),
+            "2.1-0",
+            "0.1-0",
+        ],
         "events": [f"{ms}-{seq + 1}", f"{ms + 1}-0", f"{2**64 - 1}-{2**64 - 1}"],
     }
     for path, ids in beyond.items():
@@ -195,7 +208,7 @@ def test_an_id_past_everything_a_stream_holds_starts_it_from_the_beginning(serve
             assert again[-1].event == "end", (path, bogus)
             assert [m.id for m in data_of(again)] == [m.id for m in whole[path]], (path, bogus)
     # The newest message's own id still resumes after it, as does its bare step (all the points at that step).
-    for last in (whole["progress"][-1].id, str(step)):
+    for last in (whole["progress"][-1].id, f"1.{step}", str(step), f"{step}-{k}"):
         rest = read(server, "/jobs/past/progress/stream", last_id=last, stop=lambda got: False)
         assert rest[-1].event == "end" and not data_of(rest), last
     rest = read(server, "/jobs/past/events/stream", last_id=whole["events"][-1].id, stop=lambda got: False)
@@ -387,3 +400,35 @@ def test_every_piece_of_a_long_line_ends_where_a_resume_is_taken(tmp_path: Path,
     assert message_end(log, len(line) + 1)  # after the newline
     if line[MAX_LINE + 1] & 0xC0 == 0x80 and line.decode("utf-8", "ignore").encode() == line:
         assert not message_end(log, MAX_LINE + 1)  # inside a character: never an id the stream sent
+
+
+async def test_the_progress_stream_across_a_resume_rewinds_and_sends_each_redone_step_once(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A resumed run logs again the steps after its checkpoint. A client reconnecting with an id past that step got
+    # the whole history again (the id looked like one no stream sent), and a stream open across the resume
+    # never sent the new run's points for those steps.
+    async with app_factory() as client:
+        training = {"max_steps": 24, "save_steps": 10, "logging_steps": 1}
+        body = job_body(tmp_path, "rw", step_seconds=0.05, resume_skip_seconds=0.5, auto_start=True, training=training)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        live = asyncio.create_task(client.get("/jobs/rw/progress/stream", timeout=120))  # open across it all
+        await wait_job(client, "rw", lambda j: (j["progress"]["current_step"] or 0) >= 14)
+        held = (await client.get("/jobs/rw/progress")).json()
+        assert held["stream_id"] == f"1.{held['history'][-1]['step']}-0"
+        assert (await client.post("/jobs/rw/pause")).json()["resume_step"] == 10
+        assert (await client.post("/jobs/rw/resume")).status_code == 200
+        await wait_job(client, "rw", lambda j: j["status"] == "completed", timeout=60)
+
+        for stream in (await live, await client.get("/jobs/rw/progress/stream",
+                                                    headers={"Last-Event-ID": held["stream_id"]})):  # fmt: skip
+            messages = [m for m in sse(iter(stream.text.split("\n"))) if not m.comment]
+            assert [m.event for m in messages].count("rewind") == 1 and messages[-1].event == "end"
+            at = next(i for i, m in enumerate(messages) if m.event == "rewind")
+            assert json.loads(messages[at].data) == {"step": 10}
+            after = [(m.id, json.loads(m.data)["step"]) for m in messages[at + 1 : -1]]
+            assert after == [(f"2.{step}-0", step) for step in range(11, 25)], after
+        # A new stream sends the history as it stands: each step once, no rewind.
+        whole = [m for m in sse(iter((await client.get("/jobs/rw/progress/stream")).text.split("\n")))
+                 if not m.comment]  # fmt: skip
+        assert [m.id for m in whole[:-1]] == [f"{1 if s <= 10 else 2}.{s}-0" for s in range(1, 25)]

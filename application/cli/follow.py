@@ -25,7 +25,8 @@ def watch(api: Api, job_id: str, out: Output) -> int:
     if out.json:
         for message in stream:
             body = message.json()
-            out.emit({"event": "end", **body} if message.end else body)
+            # (a rewind: the points after its step are logged again by a resumed run, and replace those sent)
+            out.emit({"event": message.event, **body} if message.event else body)
             end = body if message.end else end
         return exit_for(end.get("status"))
     # markup=False, and fields printable(): they hold text of the run's log (a '[/x]' broke rich's markup, an
@@ -37,6 +38,8 @@ def watch(api: Api, job_id: str, out: Output) -> int:
         task = bar.add_task(f"{job_id} {start['status']}", total=None, steps="", loss="", eta="")
         _update(bar, task, start.get("progress") or {})
         for message in stream:
+            if message.event == "rewind":
+                continue  # the bar shows the newest step only
             body = message.json()
             progress = body.get("progress") or {}
             if message.end:

@@ -126,6 +126,8 @@ class ProgressResponse(BaseModel):
     status: JobStatus
     progress: Progress
     history: list[LossPoint]
+    stream_id: str | None = Field(None, description="the progress stream's id of the newest point of `history`: as "
+                                  "Last-Event-ID, the stream goes on after it")  # fmt: skip
     checkpoints: list[str]
     last_checkpoint: str | None
     train_loss: float | None

@@ -2,9 +2,10 @@
 
 Each stream is an async generator that polls what the runner writes (the log file, the job's event stream
 and loss history in Redis) and yields SSE messages whose `id:` lets a client resume after a reconnect
-(`Last-Event-ID`): the log's byte offset after the line, the Redis event id, the step of the progress point.
-Every poll reads a bounded amount (LOG_CHUNK bytes, EVENTS_BATCH events, HISTORY_TAIL points), so a stream
-holds little memory whatever the job wrote; file reads run in a thread, so no stream blocks the event loop.
+(`Last-Event-ID`): the log's byte offset after the line, the Redis event id, the run and step of the progress
+point. Every poll reads a bounded amount (LOG_CHUNK bytes, EVENTS_BATCH events, HISTORY_TAIL points), so a
+stream holds little memory whatever the job wrote; file reads run in a thread, so no stream blocks the event
+loop.
 A comment line every heartbeat keeps proxies from closing an idle stream; `event: end` says the job is over.
 """
 
@@ -19,9 +20,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from application.models.training_model import JobStatus, LossPoint
+from application.models.training_model import JobStatus
 from application.services.job_store import JobStore
 from application.services.owner_slots import OwnerSlots
+from application.services.point_ids import (
+    BEFORE_ANY,
+    Key,
+    could_have_sent,
+    format_id,
+    keys_of,
+    parse_id,
+    rewind_to,
+    run_starts,
+)
 from application.utils.log_tail import read_from, tail_start
 
 LOG_CHUNK = 64 * 1024
@@ -36,8 +47,6 @@ _EVENT_ID_PART_MAX = 2**64 - 1
 # ASCII digits only: str.isdigit() takes '²', which int() refuses.
 _NUMBER = re.compile(r"[0-9]{1,18}")
 HISTORY_TAIL = 200
-# The k of a bare step's id (`<step>`): after every point at that step.
-_BARE_STEP = 1_000_000
 # The job's status is read every few polls: it only decides when the stream ends.
 STATUS_EVERY = 2.0
 # A stream with nothing new for a while looks less often (never less than this), so idle streams cost little.
@@ -292,9 +301,10 @@ class Streams:
 
     async def progress(self, job_id: str, last_id: str | None, created: float) -> AsyncIterator[str]:
         """One message per new loss-history point, with the run's step/total and ETA. Its `id:` is
-        `<step>-<k>`: the k-th point logged at that step (a training and an evaluation point can share one)."""
-        last = _point_id(last_id)
-        reconnect = last != (0, -1)
+        `<run>.<step>-<k>` (point_ids). Before the points a resumed run logs again for steps a client holds,
+        an `event: rewind` (`data: {"step": N}`) tells it to drop its points after step N."""
+        reconnect = bool(last_id)
+        last = BEFORE_ANY
         first = True
         newest: tuple[int, str | None] = (-1, None)
         pace = _Pace(self.poll, self.heartbeat)
@@ -302,24 +312,22 @@ class Streams:
             check, beat = pace.tick()
             # The history's length and newest point say whether anything changed: only then is it read.
             marker = await self.store.history_marker(job_id)
-            fresh: list[tuple[tuple[int, int], dict[str, Any]]] = []
+            fresh: list[tuple[Key, dict[str, Any]]] = []
+            starts: list[int] = []
             if first or marker != newest:
                 newest = marker
+                starts = run_starts((await self.store.get_fields([job_id], ["attempts"]))[0][0])
                 # On (re)connect all the history is looked at once (it is capped); after that only its tail.
                 points = await self.store.history(job_id, self.store.history_max if first else HISTORY_TAIL)
                 first = False
-                seen: dict[int, int] = {}
-                keyed: list[tuple[tuple[int, int], LossPoint]] = []
-                for p in points:
-                    k = seen[p.step] = seen.get(p.step, -1) + 1
-                    keyed.append(((p.step, k), p))
+                keyed = list(zip(keys_of(points, starts), points, strict=True))
                 if reconnect:
                     reconnect = False
-                    # An id past the newest point is not one this stream sent: skipping every point up to it
-                    # would send none of the history, so the stream starts over, as the other streams do.
-                    top = max((key for key, _ in keyed), default=(-1, -1))
-                    if last[0] > top[0] or (last[0] == top[0] and top[1] < last[1] != _BARE_STEP):
-                        last = (0, -1)
+                    # An id this stream cannot have sent: skipping every point up to it would send none of the
+                    # history, so the stream starts over, as the other streams do.
+                    last = parse_id(last_id, starts)
+                    if not could_have_sent(last, max((key for key, _ in keyed), default=BEFORE_ANY), len(starts)):
+                        last = BEFORE_ANY
                 fresh = [(key, p.model_dump(exclude_none=True)) for key, p in keyed if key > last]
             progress = await self._progress(job_id, created) if fresh else None
             if fresh and progress is None:
@@ -327,8 +335,10 @@ class Streams:
                 pace.sent = True
             if fresh and progress is not None:
                 for key, point in fresh:
+                    if (step := rewind_to(last, key, starts)) is not None:
+                        yield message(json.dumps({"step": step}), event="rewind")
                     last = key
-                    yield message(json.dumps({**point, **progress}), event_id=f"{key[0]}-{key[1]}")
+                    yield message(json.dumps({**point, **progress}), event_id=format_id(key))
             else:
                 if check:
                     over, status = await self._ended(job_id, "train", created)
@@ -375,13 +385,3 @@ def _event_key(event_id: str) -> tuple[int, int]:
     """A Redis stream id as Redis orders them (by number, not as text)."""
     ms, _, seq = event_id.partition("-")
     return (int(ms), int(seq))
-
-
-def _point_id(raw: str | None) -> tuple[int, int]:
-    """A progress message id, `<step>-<k>` (a bare step counts as its last point); (0, -1) before any."""
-    if not raw:
-        return (0, -1)
-    step, _, k = raw.partition("-")
-    if not _NUMBER.fullmatch(step):
-        return (0, -1)
-    return (int(step), int(k) if _NUMBER.fullmatch(k) else _BARE_STEP)

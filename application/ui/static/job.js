@@ -1,6 +1,7 @@
 /* The job page: live loss / eval loss, learning-rate and grad-norm charts (uPlot), the log, the events, and
  * the actions. Start-up: GET .../progress?history_limit=2000 draws the history, then the progress stream
- * continues from the last point's id (`<step>-<k>`, the k-th point at that step), so no point comes twice.
+ * continues after its newest point (its `stream_id`), so no point comes twice; a `rewind` drops the points of
+ * steps a resumed run logs again.
  * The status, command, attempts and checkpoints are re-read from the API every few seconds.
  * Test hooks: window.dashboard.lossPoints(), logText(), jobStatus().
  */
@@ -90,6 +91,13 @@
     redraw();
   }
 
+  function rewind(step) {
+    let n = rows.x.length;
+    while (n && rows.x[n - 1] > step) n--;
+    for (const k of Object.keys(rows)) rows[k].length = n;
+    redraw();
+  }
+
   function showProgress(p) {
     if (!p) return;
     const box = document.getElementById("job-progress");
@@ -125,17 +133,18 @@
     const r = await d.apiJson(`${base}/progress?history_limit=2000`);
     let lastId = null;
     if (r.ok) {
-      const seen = {};
-      for (const p of r.body.history || []) {
-        seen[p.step] = p.step in seen ? seen[p.step] + 1 : 0;
-        lastId = `${p.step}-${seen[p.step]}`;
-        addPoint(p);
-      }
+      for (const p of r.body.history || []) addPoint(p);
+      lastId = r.body.stream_id || null;
       showProgress(r.body.progress);
     }
     await d.stream(`${base}/progress/stream`, {
       lastId,
       onMessage: (m) => {
+        if (m.event === "rewind") {
+          // a resumed run logs these steps again: what was drawn for them goes
+          rewind(JSON.parse(m.data).step);
+          return;
+        }
         const p = JSON.parse(m.data);
         addPoint(p);
         showProgress(p.progress);
