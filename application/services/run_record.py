@@ -64,4 +64,8 @@ def record_end(
     resume = next((c for c in reversed(checkpoints) if Path(c).is_dir()), None)
     c = conclude(job, end, interrupt=interrupt, checkpoint=resume, last_step=last_step, run_dir=fields["run_dir"],
                  now=now)  # fmt: skip
+    if c.status != JobStatus.COMPLETED:
+        # swift's last estimate of the time left was for a run that is over: a failed or paused job showed "33s".
+        progress = facts.progress or job.progress
+        fields["progress"] = progress.model_copy(update={"remaining_time": None, "remaining_seconds": None})
     return replace(c, fields={**fields, **c.fields})
