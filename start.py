@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -37,10 +38,17 @@ UNIX_PATH_MAX = 107  # bytes of a unix socket's path (108 with its final NUL)
 # How long `all` waits, once its scheduler's keeper has ended, for a stop signal of its own to show: a service
 # manager may signal every process at once, and the keeper may end before this process has seen its own signal.
 STOP_GRACE = 3.0
-# How long a stopping API worker lets its requests finish. Streams (logs -f, the job page) follow a run to its
-# end, hours away: without a bound one open stream kept a stopped server up, and no longer listening, for that long.
-# Cut, they reconnect to the next server with Last-Event-ID and lose nothing.
-REQUESTS_GRACE = 5
+# How long a stopping API worker lets its requests finish, past STOP_GRACE_SECONDS: a stop or a pause answers
+# once its run has ended, which takes up to that grace. Streams (logs -f, the job page) follow a run to its end,
+# hours away: without a bound one open stream kept a stopped server up, no longer listening, for that long. Cut,
+# they reconnect to the next server with Last-Event-ID and lose nothing.
+REQUESTS_MARGIN = 5.0
+
+
+def requests_grace(settings: Settings) -> int:
+    return math.ceil(settings.STOP_GRACE_SECONDS + REQUESTS_MARGIN)
+
+
 # Set when this process is told to stop (SIGTERM, SIGINT): uvicorn takes those signals while it serves, so it
 # is recorded from uvicorn's handlers. Whether the scheduler's end is a failure depends on this alone: the keeper's
 # exit code cannot tell a stop of all from a signal someone sent the keeper alone.
@@ -70,8 +78,9 @@ def serve_api(settings: Settings) -> None:
         from application.main import create_app
 
         # (what uvicorn.run does, with a server that records the stop signals it takes)
-        server = _Server(uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT,
-                                        log_config=None, timeout_graceful_shutdown=REQUESTS_GRACE))  # fmt: skip
+        config = uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None,
+                                timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
+        server = _Server(config)
         server.run()
         if not server.started:
             sys.exit(STARTUP_FAILURE)
@@ -85,7 +94,7 @@ def serve_api(settings: Settings) -> None:
     try:
         config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
                                 port=settings.APP_PORT, workers=settings.API_WORKERS, log_config=None,
-                                timeout_graceful_shutdown=REQUESTS_GRACE)  # fmt: skip
+                                timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
         _Multiprocess(config, sockets=[config.bind_socket()]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

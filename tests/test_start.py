@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import socket
@@ -49,17 +50,29 @@ def test_a_single_role_needs_a_shared_redis(tmp_path: Path) -> None:
     assert out.returncode == 1 and "usage" in out.stderr
 
 
-def test_stopping_start_py_stops_its_processes_but_not_the_runners(server: ApiServer, workspace: Path) -> None:
+def test_stopping_start_py_stops_its_processes_but_not_the_runners(server_factory: Callable[..., ApiServer],
+                                                                  workspace: Path) -> None:  # fmt: skip
+    server = server_factory(env={"STOP_GRACE_SECONDS": "1"})
     r = server.create(**job_body(workspace, "goes-on", auto_start=True, hang_after_steps=1))
     assert r.json()["status"] == "running", r.text
     job = wait_for(lambda: (j := server.job("goes-on"))["runner"] and j["pid"] and j, what="the run to start")
+    running_stubborn = server.create(**job_body(workspace, "stubborn", auto_start=True, hang_after_steps=1,
+                                                ignore_sigterm=True))  # fmt: skip
+    assert running_stubborn.json()["status"] == "running"
     ours = server.processes()
     assert server.proc is not None
     # A client following the run's log, which never ends: it used to hold the stopped server up until it left.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as follower:
+    # A stop answers once its run has ended (here after the 1 s grace): cut short, it was a 500.
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as follower,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
         follower.sendall(b"GET /api/v1/training/jobs/goes-on/logs/stream HTTP/1.1\r\nHost: t\r\n\r\n")
         assert follower.recv(4096).startswith(b"HTTP/1.1 200")
+        stop = pool.submit(server.http.post, "/jobs/stubborn/stop")
+        wait_for(lambda: server.job("stubborn")["stop_requested"], what="the stop to be asked")
         server.proc.send_signal(signal.SIGTERM)
+        assert stop.result(30).status_code == 200
         server.proc.wait(30)
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours),
              what="start.py's processes to end")  # fmt: skip
