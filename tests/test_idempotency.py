@@ -128,3 +128,24 @@ async def test_a_worker_whose_claim_lapsed_leaves_the_retrys_claim_alone(redis_c
         else:
             assert (await idem.run("alice", key, same, stalled)).status_code == 200  # its own caller still hears
         assert await redis_client.get(rkey) == retrys
+
+
+async def test_an_answer_is_kept_when_its_claim_lapsed_with_nobody_retrying(redis_client: aioredis.Redis) -> None:
+    # The claim check stored nothing once the lease was out, so the next retry ran the request a second time.
+    cluster = ClusterStore(redis_client, Keys("idem"))
+    idem = Idempotency(cluster, lease=5)
+    calls: list[str] = []
+
+    async def same() -> str:
+        return "the-same-request"
+
+    rkey = cluster.keys.idempotency("alice", hashlib.sha256(b"k5").hexdigest())
+
+    async def stalled() -> tuple[int, ActionResponse, dict[str, str]]:
+        calls.append("call")
+        await redis_client.delete(rkey)  # its lease ran out while it worked
+        return 200, ActionResponse(job_id="j", status=JobStatus.STOPPED, message="stopped"), {}
+
+    assert (await idem.run("alice", "k5", same, stalled)).status_code == 200
+    again = await idem.run("alice", "k5", same, stalled)
+    assert again.headers[REPLAY_HEADER] == "true" and calls == ["call"]

@@ -26,11 +26,13 @@ if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
-# An idempotency claim's answer, stored only while the claim is still a.value: a worker whose lease lapsed (and
-# whose key a retry claimed since) leaves that retry's claim alone. a: value, answer, ttl_s.
+# An idempotency claim's answer, stored unless another request holds the key now: a worker whose lease lapsed
+# and whose key a retry claimed since leaves that retry's claim alone; one whose lease lapsed with nobody
+# retrying still stores its answer (else a later retry would run the request again). a: value, answer, ttl_s.
 CLAIM_ANSWER = """
 local a = cjson.decode(ARGV[1])
-if redis.call('GET', KEYS[1]) ~= a.value then return 0 end
+local now = redis.call('GET', KEYS[1])
+if now and now ~= a.value then return 0 end
 redis.call('SET', KEYS[1], a.answer, 'EX', a.ttl_s)
 return 1
 """
