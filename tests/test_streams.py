@@ -288,6 +288,11 @@ def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace
     assert all(p["progress"]["max_steps"] == 40 for p in points)
     end = json.loads(rest[-1].data)
     assert rest[-1].event == "end" and end["status"] == "completed" and end["progress"]["current_step"] == 40
+    # GET /progress names the stream's id of its newest point, however short the history asked for.
+    assert data_of(rest)[-1].id == "1.40-1"
+    for limit in (0, 1, 1000):
+        got = server.http.get("/jobs/evp/progress", params={"history_limit": limit}).json()
+        assert got["stream_id"] == "1.40-1" and len(got["history"]) == min(limit, len(points)), limit
 
     wait_for(lambda: server.job("evp")["status"] == "completed")
     every = server.http.get("/jobs/evp/events", params={"limit": 1000}).json()["events"]
@@ -420,14 +425,22 @@ async def test_the_progress_stream_across_a_resume_rewinds_and_sends_each_redone
         assert (await client.post("/jobs/rw/resume")).status_code == 200
         await wait_job(client, "rw", lambda j: j["status"] == "completed", timeout=60)
 
-        for stream in (await live, await client.get("/jobs/rw/progress/stream",
-                                                    headers={"Last-Event-ID": held["stream_id"]})):  # fmt: skip
-            messages = [m for m in sse(iter(stream.text.split("\n"))) if not m.comment]
-            assert [m.event for m in messages].count("rewind") == 1 and messages[-1].event == "end"
-            at = next(i for i, m in enumerate(messages) if m.event == "rewind")
-            assert json.loads(messages[at].data) == {"step": 10}
-            after = [(m.id, json.loads(m.data)["step"]) for m in messages[at + 1 : -1]]
-            assert after == [(f"2.{step}-0", step) for step in range(11, 25)], after
+        # Reconnecting with the id of a point past the checkpoint: a rewind, then the new run's points.
+        again = await client.get("/jobs/rw/progress/stream", headers={"Last-Event-ID": held["stream_id"]})
+        messages = [m for m in sse(iter(again.text.split("\n"))) if not m.comment]
+        assert [m.event for m in messages[:1]] == ["rewind"] and json.loads(messages[0].data) == {"step": 10}
+        after = [(m.id, json.loads(m.data)["step"]) for m in messages[1:-1]]
+        assert after == [(f"2.{step}-0", step) for step in range(11, 25)] and messages[-1].event == "end"
+        # The stream open across it all: a client that drops what each rewind says ends with the history as it is
+        # (whether it saw run 1's steps past 10 depends on its polls: a rewind only if it did).
+        shown: list[tuple[int, float]] = []  # (step, when it ran): run 2's points for 11-17 differ from run 1's
+        for m in sse(iter((await live).text.split("\n"))):
+            if m.event == "rewind":
+                shown = [p for p in shown if p[0] <= json.loads(m.data)["step"]]
+            elif m.event is None and not m.comment:
+                shown.append((json.loads(m.data)["step"], json.loads(m.data)["time"]))
+        history = (await client.get("/jobs/rw/progress")).json()["history"]
+        assert shown == [(p["step"], p["time"]) for p in history] and len(shown) == 24
         # A new stream sends the history as it stands: each step once, no rewind.
         whole = [m for m in sse(iter((await client.get("/jobs/rw/progress/stream")).text.split("\n")))
                  if not m.comment]  # fmt: skip

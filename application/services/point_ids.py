@@ -18,6 +18,7 @@ from application.models.training_model import LossPoint
 Key = tuple[int, int, int]  # (run, step, k), in the order the points were logged
 BEFORE_ANY: Key = (0, 0, -1)
 BARE_STEP = 1_000_000  # `k` of an id that names a step only: every point at that step
+POINTS_PER_STEP = 16  # more than swift logs at one step (a training point, an evaluation point)
 _ID = re.compile(r"(?:(?P<run>[0-9]{1,9})\.)?(?P<step>[0-9]{1,18})(?:-(?P<k>[0-9]{1,18}))?")
 
 

@@ -42,7 +42,7 @@ from application.services.gpu_pool import gpu_states, impossible_request, queued
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.path_sandbox import all_of, real_output_root
-from application.services.point_ids import format_id, keys_of
+from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
 from application.services.preflight import check_request, data_needs, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
@@ -430,12 +430,14 @@ class TrainingService:
 
     async def progress(self, job_id: str, history_limit: int, caller: Caller) -> ProgressResponse:
         job = await self.require(job_id, caller)
-        history = await self.store.history(job_id, history_limit)
-        keys = keys_of(history, [a.first_step or 0 for a in job.attempts])
+        # A few points more than asked: the newest point's id counts every point at its step (a training and an
+        # evaluation point share one), also when the history asked for is shorter.
+        read = await self.store.history(job_id, history_limit + POINTS_PER_STEP)
+        keys = keys_of(read, [a.first_step or 0 for a in job.attempts])
         return ProgressResponse(
-            job_id=job_id, status=job.status, progress=job.progress, history=history, checkpoints=job.checkpoints,
-            last_checkpoint=job.last_checkpoint, train_loss=job.train_loss, train_runtime=job.train_runtime,
-            stream_id=format_id(keys[-1]) if keys else None,
+            job_id=job_id, status=job.status, progress=job.progress, history=read[-history_limit:] if history_limit
+            else [], checkpoints=job.checkpoints, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
+            train_runtime=job.train_runtime, stream_id=format_id(keys[-1]) if keys else None,
         )  # fmt: skip
 
     async def processor_stopped(self) -> str | None:
