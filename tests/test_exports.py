@@ -291,3 +291,31 @@ def test_a_job_whose_run_named_no_folder_has_no_checkpoints_of_an_earlier_job(tm
               created_at=0, updated_at=0,
               attempts=[Attempt(number=1, run_id="r1", started_at=1.0, outcome="failed")])  # fmt: skip
     assert own_checkpoints(job) == []
+
+
+async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_ones_is_free(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A merge and a quantized export sent together into one output_name were both accepted (both saw it free),
+    # and the name of a quantized export that ended without writing anything stayed taken for merges.
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "twice", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "twice", lambda j: j["status"] == "completed")
+        assert (await client.post("/queue/processor/stop")).status_code == 200  # quantized exports stay queued
+        quant = {"output_name": "same", "quant_bits": 4, "quant_method": "bnb"}
+        replies = await asyncio.gather(client.post("/jobs/twice/export", json={"output_name": "same"}),
+                                       client.post("/jobs/twice/export", json=quant))  # fmt: skip
+        assert sorted(r.status_code for r in replies) == [200, 409], [r.text for r in replies]
+        assert "is taken" in next(r for r in replies if r.status_code == 409).json()["detail"]
+        await wait_job(client, "twice", lambda j: j["export"]["status"] != "running")
+
+        r = await client.post("/jobs/twice/export", json={**quant, "output_name": "later"})
+        assert r.status_code == 200, r.text
+        child = r.json()["export"]["job_id"]
+        assert (await client.post(f"/jobs/{child}/stop")).json()["status"] == "cancelled"
+        r = await client.post("/jobs/twice/export", json={"output_name": "later"})
+        assert r.status_code == 200, r.text

@@ -8,8 +8,11 @@ place these keys are read or written.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -107,6 +110,22 @@ class ClusterStore:
 
     async def release_leadership(self, value: str) -> None:
         await self._release(keys=[self.keys.leader], args=[json.dumps({"value": value})])
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: str, ttl: float, wait: float) -> AsyncIterator[bool]:
+        """`key` held for the block (SET NX with a TTL, freed only by its holder): yields True, or False when
+        another held it for all of `wait` seconds."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        while not await self.r.set(key, token, nx=True, px=int(ttl * 1000)):
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            await asyncio.sleep(0.05)
+        try:
+            yield True
+        finally:
+            await asyncio.shield(self._release(keys=[key], args=[json.dumps({"value": token})]))
 
     async def leader(self) -> Leader | None:
         async with self.r.pipeline(transaction=True) as pipe:

@@ -24,6 +24,11 @@ from application.services.quant_exports import (
 from application.services.swift_arguments import require_usable_swift
 from application.services.training_service import TrainingService, refused, snapshot_of
 
+# How long one export request may hold its job's exports (a stalled one loses them after), and how long another
+# waits for them.
+REQUEST_TTL = 30.0
+REQUEST_WAIT = 10.0
+
 
 class ExportControl:
     def __init__(self, service: TrainingService) -> None:
@@ -34,9 +39,21 @@ class ExportControl:
     async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None) -> ActionResponse:
         """Prepare the export and ask for it; the scheduler's watchdog launches its runner (a quantized export
         is queued as a GPU job of its own instead: services/quant_exports.py)."""
-        job = await self.service.require(job_id, caller)
-        if request is not None and wants_quantization(request):
-            return await self._quantize(job, request, caller)
+        await self.service.require(job_id, caller)
+        # One request of a job at a time, from reading its exports to recording the new one: a merge and a
+        # quantized export asked for at once into one output_name both saw it free, and both were accepted.
+        async with self.cluster.holding(self.store.keys.export_request(job_id), REQUEST_TTL, REQUEST_WAIT) as held:
+            if not held:
+                raise Conflict(f"another export request of job '{job_id}' is being handled: retry in a moment")
+            job = await self.service.require(job_id, caller)
+            if request is not None and wants_quantization(request):
+                return await self._quantize(job, request, caller)
+            return await self._merge(job, request, caller)
+
+    async def _merge(self, job: Job, request: ExportRequest | None, caller: Caller) -> ActionResponse:
+        job_id = job.job_id
+        # Its quantized exports as their jobs stand: the name of one that failed is free again.
+        job = job.model_copy(update={"exports": await self._as_they_stand(job)})
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
         try:
             await put_export(

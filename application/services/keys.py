@@ -79,6 +79,10 @@ class Keys:
         """Sorted set file_id -> created_at: one owner's uploads (`owner` as services.files.owner_folder names it)."""
         return self._k("files", "owner", owner)
 
+    def export_request(self, job_id: str) -> str:
+        """String with a short TTL: held while one export request of the job checks its target and records it."""
+        return self._k("export_request", job_id)
+
     def idempotency(self, owner: str, digest: str) -> str:
         """String with a 24 h TTL: the first response to a request with this Idempotency-Key."""
         return self._k("idempotency", owner, digest)
