@@ -86,7 +86,7 @@ class CheckpointList(BaseModel):
     )
     offset: int = 0
     resume_from: str | None = None
-    exported: str | None = None
+    exported: str | None = Field(None, description="the checkpoint the newest completed merge export is of")
 
 
 class JobSummary(BaseModel):

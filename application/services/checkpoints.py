@@ -80,9 +80,11 @@ def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000, 
     end = max(0, len(every) - offset)
     paths = every[max(0, end - limit) : end]
     history = sorted(history, key=lambda p: p.step)
-    exported = job.export.checkpoint
-    # Every checkpoint a kept merge export completed from: a later export of another one does not undo it.
-    merged = {e.checkpoint for e in (*job.exports, job.export) if e.status == ExportStatus.COMPLETED and not e.job_id}
+    # Every checkpoint a kept merge export completed from: a later export of another one does not undo it. The
+    # newest of them is "the" exported one (the current export's may have failed, or still run).
+    completed = [e for e in (*job.exports, job.export) if e.status == ExportStatus.COMPLETED and not e.job_id]
+    merged = {e.checkpoint for e in completed}
+    exported = max(completed, key=lambda e: e.finished_at or 0.0).checkpoint if completed else None
     out = []
     for path in paths:
         folder = Path(path)
