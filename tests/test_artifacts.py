@@ -7,6 +7,7 @@ import http.client
 import io
 import os
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     assert r.status_code == 206 and r.content == data[:10]
     r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": '"changed"'})
     assert r.status_code == 200 and r.content == data
+    # A date validates a file only once it is a second old: changed within that second (same size), it had the
+    # same Last-Modified, and a resume spliced the two versions.
+    fresh = out / run / "fresh.txt"
+    fresh.write_bytes(b"B" * 10)
+    ahead = time.time() + 30  # not a second old yet, however slow this machine is
+    os.utime(fresh, (ahead, ahead))
+    resume = {"Range": "bytes=5-", "If-Range": server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt").headers[
+        "last-modified"]}  # fmt: skip
+    r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=resume)
+    assert r.status_code == 200 and r.content == b"B" * 10
+    os.utime(fresh, (time.time() - 10, time.time() - 10))
+    resume["If-Range"] = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt").headers["last-modified"]
+    r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=resume)
+    assert r.status_code == 206 and r.content == b"B" * 5
     # HEAD, as download tools ask before they fetch: GET's answer without its body.
     whole = server.http.get(f"/jobs/arts/artifacts/{rel}")
     head = server.http.head(f"/jobs/arts/artifacts/{rel}")
