@@ -117,6 +117,11 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     resume["If-Range"] = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt").headers["last-modified"]
     r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=resume)
     assert r.status_code == 206 and r.content == b"B" * 5
+    # A name that is not plain ASCII comes with a plain one too: curl -OJ reads only that, and saved "%C3%BC...".
+    (out / run / 'ünï "q".txt').write_bytes(b"x")
+    r = server.http.get(f'/jobs/arts/artifacts/{run}/ünï "q".txt')
+    plain_and_exact = "attachment; filename=\"_n_ _q_.txt\"; filename*=utf-8''%C3%BCn%C3%AF%20%22q%22.txt"
+    assert r.status_code == 200 and r.headers["content-disposition"] == plain_and_exact
     # HEAD, as download tools ask before they fetch: GET's answer without its body.
     whole = server.http.get(f"/jobs/arts/artifacts/{rel}")
     head = server.http.head(f"/jobs/arts/artifacts/{rel}")

@@ -282,7 +282,11 @@ def media_type(name: str) -> str:
 
 def disposition(name: str) -> str:
     quoted = quote(name)
-    return f"attachment; filename*=utf-8''{quoted}" if quoted != name else f'attachment; filename="{name}"'
+    if quoted == name:
+        return f'attachment; filename="{name}"'
+    # An ASCII name beside the exact one (RFC 6266): curl -OJ reads only `filename`, and saved the quoted form.
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=utf-8''{quoted}"
 
 
 def _chunks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
