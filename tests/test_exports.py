@@ -121,7 +121,7 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     assert server.job("q-quant")["export"]["status"] == "none"
     again = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4,
                                                      "quant_method": "awq"})  # fmt: skip
-    assert again.status_code == 409 and "choose another" in again.json()["detail"]
+    assert again.status_code == 409 and "name another with output_name" in again.json()["detail"]  # none was sent
     # Its job deleted, the export is no longer shown running, and its id is not given to the next one.
     assert server.http.delete("/jobs/q-quant").status_code == 204
     gone = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]

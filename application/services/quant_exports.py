@@ -78,6 +78,9 @@ def prepare_quant_job(
     exports = Path(parent.output_dir) / "exports"
     target = exports / name
     if name_taken(parent, target):
+        if request.output_name is None:
+            raise Conflict(f"the default output folder 'exports/{name}' is taken by an earlier export of this "
+                           "checkpoint (written, or still running): name another with output_name")  # fmt: skip
         raise Conflict(f"output_name '{name}' is taken by an earlier export: choose another")
     argv = quant_argv(swift_bin, parent, checkpoint, request, target)
     job = Job(
