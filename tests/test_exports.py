@@ -319,3 +319,12 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
         assert (await client.post(f"/jobs/{child}/stop")).json()["status"] == "cancelled"
         r = await client.post("/jobs/twice/export", json={"output_name": "later"})
         assert r.status_code == 200, r.text
+        await wait_job(client, "twice", lambda j: j["export"]["status"] != "running")
+
+        # swift's quantized export merges into <checkpoint>-merged first, or takes what that folder holds: while
+        # one waits, neither a merge into that folder nor another quantized export of the checkpoint may start.
+        assert (await client.post("/jobs/twice/export", json={**quant, "output_name": "q1"})).status_code == 200
+        for other in ({}, {**quant, "output_name": "q2"}):
+            r = await client.post("/jobs/twice/export", json=other)
+            assert r.status_code == 409 and "checkpoint-4-merged" in r.json()["detail"], (other, r.text)
+        assert (await client.post("/jobs/twice/export", json={"output_name": "elsewhere"})).status_code == 200

@@ -71,6 +71,9 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
     output_dir = None
+    if not request.output_name and merging_into_default(job, checkpoint):
+        raise Conflict(f"a quantized export of {Path(checkpoint).name} is writing {Path(checkpoint).name}-merged: wait "
+                       "for it to end, or name another folder with output_name")  # fmt: skip
     if request.output_name:
         output_dir = str(Path(job.output_dir) / "exports" / request.output_name)
         if name_taken(job, Path(output_dir)):
@@ -108,6 +111,13 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
     except TransitionRefused:
         return None
     return info
+
+
+def merging_into_default(job: Job, checkpoint: str) -> bool:
+    """Whether an export of `checkpoint` that has not ended writes `<checkpoint>-merged`: a merge into its default
+    folder, or a quantized export (swift merges into that folder first, or takes what it holds)."""
+    pending = (e for e in (*job.exports, job.export) if e.status == ExportStatus.RUNNING)
+    return any(e.checkpoint == checkpoint and (e.job_id or e.output_dir is None) for e in pending)
 
 
 def name_taken(job: Job, target: Path) -> bool:

@@ -13,7 +13,7 @@ from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest, TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.checkpoints import own_checkpoints
-from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint, name_taken
+from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint, merging_into_default, name_taken
 from application.services.swift_info import SwiftInfo
 
 # awq and gptq calibrate on samples of a data set: the job's own.
@@ -73,6 +73,11 @@ def prepare_quant_job(
         checkpoint = on_disk[-1]
     else:
         raise Conflict(f"job '{parent.job_id}' has no checkpoint yet: nothing to export")
+    # swift merges the adapter into <checkpoint>-merged first, or takes what that folder holds: not while another
+    # export of the checkpoint writes it (a merge into it, or another quantized export).
+    if merging_into_default(parent, checkpoint):
+        raise Conflict(f"an export of {Path(checkpoint).name} is writing {Path(checkpoint).name}-merged, which a "
+                       "quantized export reads: wait for it to end")  # fmt: skip
     bits = f"-int{request.quant_bits}" if request.quant_bits is not None else ""
     name = request.output_name or f"{Path(checkpoint).name}-{request.quant_method}{bits}"
     exports = Path(parent.output_dir) / "exports"
