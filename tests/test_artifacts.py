@@ -103,20 +103,20 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     assert r.status_code == 206 and r.content == data[:10]
     r = server.http.get(f"/jobs/arts/artifacts/{rel}", headers={"Range": "bytes=0-9", "If-Range": '"changed"'})
     assert r.status_code == 200 and r.content == data
-    # A date validates a file only once it is a second old: changed within that second (same size), it had the
-    # same Last-Modified, and a resume spliced the two versions.
+    # Only the ETag resumes: a file rewritten within the second of its Last-Modified (same size) kept that date,
+    # and a resume by date spliced the two versions.
     fresh = out / run / "fresh.txt"
-    fresh.write_bytes(b"B" * 10)
-    ahead = time.time() + 30  # not a second old yet, however slow this machine is
+    fresh.write_bytes(b"A" * 10)
+    ahead = int(time.time()) + 30.0  # the rewrite below lands in the same second, however slow this machine is
     os.utime(fresh, (ahead, ahead))
-    resume = {"Range": "bytes=5-", "If-Range": server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt").headers[
-        "last-modified"]}  # fmt: skip
-    r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=resume)
-    assert r.status_code == 200 and r.content == b"B" * 10
-    os.utime(fresh, (time.time() - 10, time.time() - 10))
-    resume["If-Range"] = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt").headers["last-modified"]
-    r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=resume)
-    assert r.status_code == 206 and r.content == b"B" * 5
+    first = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers={"Range": "bytes=0-4"})
+    fresh.write_bytes(b"B" * 10)
+    os.utime(fresh, (ahead + 0.001, ahead + 0.001))  # the same second: the same Last-Modified
+    by_date = {"Range": "bytes=5-", "If-Range": first.headers["last-modified"]}
+    r = server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=by_date)
+    assert (first.content, r.status_code, r.content) == (b"A" * 5, 200, b"B" * 10)
+    by_etag = {"Range": "bytes=5-", "If-Range": first.headers["etag"]}
+    assert server.http.get(f"/jobs/arts/artifacts/{run}/fresh.txt", headers=by_etag).status_code == 200
     # A name that is not plain ASCII comes with a plain one too: curl -OJ reads only that, and saved "%C3%BC...".
     (out / run / 'ünï "q".txt').write_bytes(b"x")
     r = server.http.get(f'/jobs/arts/artifacts/{run}/ünï "q".txt')

@@ -8,9 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from application.models.job_request import TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
-from application.services.exports import EXPORTS_KEPT, export_log, name_taken, put_export, while_running
+from application.services import export_control
+from application.services.exports import (
+    EXPORTS_KEPT,
+    export_log,
+    name_taken,
+    put_export,
+    record_auto_export,
+    while_running,
+)
 from tests.conftest import ApiServer, job_body, wait_for
 
 
@@ -294,7 +304,7 @@ def test_a_job_whose_run_named_no_folder_has_no_checkpoints_of_an_earlier_job(tm
 
 
 async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_ones_is_free(
-    app_factory: Callable[..., Any], tmp_path: Path
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A merge and a quantized export sent together into one output_name were both accepted (both saw it free),
     # and the name of a quantized export that ended without writing anything stayed taken for merges.
@@ -304,13 +314,21 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
     async with app_factory(AUTO_EXPORT=False) as client:
         body = job_body(tmp_path, "twice", auto_start=True, training={"max_steps": 4, "save_steps": 2})
         assert (await client.post("/jobs", json=body)).status_code == 201
+        full = job_body(
+            tmp_path, "full", auto_start=True, training={"max_steps": 2, "save_steps": 2, "train_type": "full"}
+        )
+        assert (await client.post("/jobs", json=full)).status_code == 201
         await wait_job(client, "twice", lambda j: j["status"] == "completed")
+        await wait_job(client, "full", lambda j: j["status"] == "completed")
         assert (await client.post("/queue/processor/stop")).status_code == 200  # quantized exports stay queued
         quant = {"output_name": "same", "quant_bits": 4, "quant_method": "bnb"}
         replies = await asyncio.gather(client.post("/jobs/twice/export", json={"output_name": "same"}),
                                        client.post("/jobs/twice/export", json=quant))  # fmt: skip
         assert sorted(r.status_code for r in replies) == [200, 409], [r.text for r in replies]
         assert "is taken" in next(r for r in replies if r.status_code == 409).json()["detail"]
+        won = next(r for r in replies if r.status_code == 200).json()["export"]
+        if won["job_id"]:  # the quantized one: cancelled, it holds the checkpoint's merged folder no longer
+            assert (await client.post(f"/jobs/{won['job_id']}/stop")).json()["status"] == "cancelled"
         await wait_job(client, "twice", lambda j: j["export"]["status"] != "running")
 
         r = await client.post("/jobs/twice/export", json={**quant, "output_name": "later"})
@@ -323,8 +341,32 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
 
         # swift's quantized export merges into <checkpoint>-merged first, or takes what that folder holds: while
         # one waits, neither a merge into that folder nor another quantized export of the checkpoint may start.
-        assert (await client.post("/jobs/twice/export", json={**quant, "output_name": "q1"})).status_code == 200
+        q1 = await client.post("/jobs/twice/export", json={**quant, "output_name": "q1"})
+        assert q1.status_code == 200, q1.text
         for other in ({}, {**quant, "output_name": "q2"}):
             r = await client.post("/jobs/twice/export", json=other)
             assert r.status_code == 409 and "checkpoint-4-merged" in r.json()["detail"], (other, r.text)
         assert (await client.post("/jobs/twice/export", json={"output_name": "elsewhere"})).status_code == 200
+        # A full model's quantized exports merge nothing: two of one checkpoint may wait at once.
+        for method in ({"quant_bits": 4, "quant_method": "bnb"}, {"quant_method": "fp8"}):
+            assert (await client.post("/jobs/full/export", json=method)).status_code == 200, method
+
+        # Another request of the job holding its exports for longer than a request waits: a 503 (an Idempotency-Key
+        # is then free for the retry the answer asks for, where a 409 was kept for 24 h).
+        monkeypatch.setattr(export_control, "REQUEST_WAIT", 0.2)
+        store = client.app.state.training.store
+        await store.r.set(store.keys.export_request("twice"), "another worker", px=10_000)
+        r = await client.post("/jobs/twice/export", json={"output_name": "busy"}, headers={"Idempotency-Key": "b-1"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        await store.r.delete(store.keys.export_request("twice"))
+        await wait_job(client, "twice", lambda j: j["export"]["status"] != "running")
+        r = await client.post("/jobs/twice/export", json={"output_name": "busy"}, headers={"Idempotency-Key": "b-1"})
+        assert r.status_code == 200 and "idempotent-replayed" not in r.headers, r.text
+        await wait_job(client, "twice", lambda j: j["export"]["status"] != "running")
+
+        # A quantized export that ended does not hold <checkpoint>-merged for ever: its stored record says
+        # running, and the automatic export of the checkpoint (a resumed run ending on it) was skipped for it.
+        assert (await client.post("/queue/processor/start")).status_code == 200
+        await wait_job(client, q1.json()["export"]["job_id"], lambda j: j["status"] == "completed")
+        settings = client.app.state.settings
+        assert await record_auto_export(store, settings, "twice", None) is not None

@@ -8,15 +8,14 @@ import asyncio
 import time
 
 from application.auth import Caller
-from application.exceptions import Conflict
+from application.exceptions import Conflict, Unavailable
 from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
-from application.services.exports import ENDED_WITH_SWIFT, prepare_export, put_export
+from application.services.exports import ENDED_WITH_SWIFT, as_they_stand, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import (
     CALIBRATED,
-    as_export,
     check_quantization,
     prepare_quant_job,
     wants_quantization,
@@ -43,8 +42,9 @@ class ExportControl:
         # One request of a job at a time, from reading its exports to recording the new one: a merge and a
         # quantized export asked for at once into one output_name both saw it free, and both were accepted.
         async with self.cluster.holding(self.store.keys.export_request(job_id), REQUEST_TTL, REQUEST_WAIT) as held:
-            if not held:
-                raise Conflict(f"another export request of job '{job_id}' is being handled: retry in a moment")
+            if not held:  # (a 503: an Idempotency-Key is released for the retry, not bound to this answer)
+                raise Unavailable(f"another export request of job '{job_id}' is being handled: retry in a moment",
+                                  {"Retry-After": "5"})  # fmt: skip
             job = await self.service.require(job_id, caller)
             if request is not None and wants_quantization(request):
                 return await self._quantize(job, request, caller)
@@ -53,7 +53,7 @@ class ExportControl:
     async def _merge(self, job: Job, request: ExportRequest | None, caller: Caller) -> ActionResponse:
         job_id = job.job_id
         # Its quantized exports as their jobs stand: the name of one that failed is free again.
-        job = job.model_copy(update={"exports": await self._as_they_stand(job)})
+        job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
         try:
             await put_export(
@@ -80,7 +80,7 @@ class ExportControl:
         # An id no record of this job's exports names (a deleted export job's record must not take a new one's).
         named = {e.job_id for e in (*job.exports, job.export) if e.job_id}
         # Its quantized exports as their jobs stand: one whose job was deleted before it ran holds no name.
-        job = job.model_copy(update={"exports": await self._as_they_stand(job)})
+        job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
         for attempt in range(1, 100):
             child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
             if child_id in named:
@@ -126,9 +126,4 @@ class ExportControl:
         """Every export of the job, oldest first; a quantized one as its own job now stands."""
         job = await self.service.require(job_id, caller)
         current = [job.export] if job.export.status != ExportStatus.NONE else []
-        return sorted([*await self._as_they_stand(job), *current], key=lambda e: e.started_at or 0.0)
-
-    async def _as_they_stand(self, job: Job) -> list[ExportInfo]:
-        """The job's kept export records, a quantized one's as its job now stands (its record keeps 'running')."""
-        jobs = {j.job_id: j for j in await self.store.get_many([e.job_id for e in job.exports if e.job_id])}
-        return [as_export(e, jobs.get(e.job_id), job.job_id) if e.job_id else e for e in job.exports]
+        return sorted([*await as_they_stand(self.store, job), *current], key=lambda e: e.started_at or 0.0)

@@ -96,6 +96,7 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
     job = await store.get(job_id)
     if job is None or job.training.train_type == "full":
         return None
+    job = job.model_copy(update={"exports": await as_they_stand(store, job)})
     try:
         info = await asyncio.to_thread(prepare_export, job, settings, auto=True)
     except Exception as exc:  # a Conflict saying why there is nothing to export; or the disk failing
@@ -115,9 +116,45 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
 
 def merging_into_default(job: Job, checkpoint: str) -> bool:
     """Whether an export of `checkpoint` that has not ended writes `<checkpoint>-merged`: a merge into its default
-    folder, or a quantized export (swift merges into that folder first, or takes what it holds)."""
+    folder, or a quantized export of an adapter (swift merges into that folder first, or takes what it holds).
+    `job.exports` as they stand (as_they_stand): a quantized export's stored record says running for ever."""
     pending = (e for e in (*job.exports, job.export) if e.status == ExportStatus.RUNNING)
-    return any(e.checkpoint == checkpoint and (e.job_id or e.output_dir is None) for e in pending)
+    return any(e.checkpoint == checkpoint and ("--adapters" in (e.command or []) if e.job_id else e.output_dir is None)
+               for e in pending)  # fmt: skip
+
+
+STATUS_OF = {
+    JobStatus.COMPLETED: ExportStatus.COMPLETED,
+    JobStatus.FAILED: ExportStatus.FAILED,
+    JobStatus.STOPPED: ExportStatus.STOPPED,
+    JobStatus.CANCELLED: ExportStatus.STOPPED,
+}
+
+
+def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
+    """A quantized export's record (of job `parent`) as its job now stands; once its job is deleted, no longer
+    running (a job that has its id since, anyone's, is not it)."""
+    if job is not None and job.export_of != parent:
+        job = None
+    if job is None:
+        if info.status != ExportStatus.RUNNING:
+            return info
+        return info.model_copy(update={"status": ExportStatus.STOPPED, "path": None,
+                                       "error": f"its export job '{info.job_id}' was deleted: what it wrote is in "
+                                                f"{info.output_dir}"})  # fmt: skip
+    status = STATUS_OF.get(job.status, ExportStatus.RUNNING)
+    return info.model_copy(update={
+        "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,
+        "error": job.error_message if status != ExportStatus.COMPLETED else None,
+        "path": info.output_dir if status == ExportStatus.COMPLETED else None,
+        "log_file": job.log_file or info.log_file,
+    })  # fmt: skip
+
+
+async def as_they_stand(store: JobStore, job: Job) -> list[ExportInfo]:
+    """The job's kept export records, a quantized one's as its job now stands (its record keeps 'running')."""
+    jobs = {j.job_id: j for j in await store.get_many([e.job_id for e in job.exports if e.job_id])}
+    return [as_export(e, jobs.get(e.job_id), job.job_id) if e.job_id else e for e in job.exports]
 
 
 def name_taken(job: Job, target: Path) -> bool:

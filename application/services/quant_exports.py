@@ -74,8 +74,9 @@ def prepare_quant_job(
     else:
         raise Conflict(f"job '{parent.job_id}' has no checkpoint yet: nothing to export")
     # swift merges the adapter into <checkpoint>-merged first, or takes what that folder holds: not while another
-    # export of the checkpoint writes it (a merge into it, or another quantized export).
-    if merging_into_default(parent, checkpoint):
+    # export of the checkpoint writes it (a merge into it, or another quantized export). (A full model's is not
+    # merged.)
+    if parent.training.train_type != "full" and merging_into_default(parent, checkpoint):
         raise Conflict(f"an export of {Path(checkpoint).name} is writing {Path(checkpoint).name}-merged, which a "
                        "quantized export reads: wait for it to end")  # fmt: skip
     bits = f"-int{request.quant_bits}" if request.quant_bits is not None else ""
@@ -101,31 +102,3 @@ def prepare_quant_job(
         log_file=str(Path(job.output_dir) / "logs" / f"{job_id}.train.log"), started_at=now,
     )  # fmt: skip
     return job, info
-
-
-STATUS_OF = {
-    JobStatus.COMPLETED: ExportStatus.COMPLETED,
-    JobStatus.FAILED: ExportStatus.FAILED,
-    JobStatus.STOPPED: ExportStatus.STOPPED,
-    JobStatus.CANCELLED: ExportStatus.STOPPED,
-}
-
-
-def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
-    """A quantized export's record (of job `parent`) as its job now stands; once its job is deleted, no longer
-    running (a job that has its id since, anyone's, is not it)."""
-    if job is not None and job.export_of != parent:
-        job = None
-    if job is None:
-        if info.status != ExportStatus.RUNNING:
-            return info
-        return info.model_copy(update={"status": ExportStatus.STOPPED, "path": None,
-                                       "error": f"its export job '{info.job_id}' was deleted: what it wrote is in "
-                                                f"{info.output_dir}"})  # fmt: skip
-    status = STATUS_OF.get(job.status, ExportStatus.RUNNING)
-    return info.model_copy(update={
-        "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,
-        "error": job.error_message if status != ExportStatus.COMPLETED else None,
-        "path": info.output_dir if status == ExportStatus.COMPLETED else None,
-        "log_file": job.log_file or info.log_file,
-    })  # fmt: skip
