@@ -142,11 +142,15 @@ async def test_a_pause_that_a_stop_overtakes_claims_no_lost_steps(
         await wait_job(client, "both", lambda j: (j["progress"]["current_step"] or 0) >= 7)
         stop = asyncio.create_task(client.post("/jobs/both/stop"))
         await wait_job(client, "both", lambda j: j["stop_requested"])
+        again = asyncio.create_task(client.post("/jobs/both/stop"))  # a user who asks twice
         paused = await client.post("/jobs/both/pause")
         stopped = await stop
         assert stopped.json()["status"] == "stopped", stopped.text
+        assert (await again).json()["status"] == "stopped"
         answer = paused.json()
         assert answer["status"] == "stopped" and answer["lost_steps"] is None and answer["resume_step"] is None, answer
+        events = [e["type"] for e in (await client.get("/jobs/both/events")).json()["events"]]
+        assert events.count("stop_requested") == 1 and events.count("pause_requested") == 1, events
         resumed = await client.post("/jobs/both/resume")  # what the checkpoints keep
         assert resumed.status_code == 200 and resumed.json()["resume_step"] >= 5, resumed.text
 
@@ -234,12 +238,16 @@ async def test_a_stop_during_a_pause_grace_stops_the_job(app_factory: Callable[.
         job = await wait_job(client, "pst", lambda j: (j["progress"]["current_step"] or 0) >= 7)
         pause = asyncio.create_task(client.post("/jobs/pst/pause"))
         await _until(lambda: not _alive(job["pid"]), timeout=10)  # the launcher is gone, the trainer is not
+        again = asyncio.create_task(client.post("/jobs/pst/pause"))  # a user who asks twice
         assert (await client.get("/jobs/pst")).json()["status"] == "running"
         r = await client.post("/jobs/pst/stop")
         assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
         assert (await pause).json()["status"] == "stopped"
         done = (await client.get("/jobs/pst")).json()
         assert done["status"] == "stopped" and done["attempts"][-1]["outcome"] == "stopped"
+        assert (await again).json()["status"] == "stopped"
+        events = [e["type"] for e in (await client.get("/jobs/pst/events")).json()["events"]]
+        assert events.count("pause_requested") == 1 and events.count("stop_requested") == 1, events
 
 
 async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..., Any], tmp_path: Path) -> None:

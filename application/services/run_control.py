@@ -63,9 +63,10 @@ class RunControl:
                                       "still resumes it)")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
         if job.status == JobStatus.RUNNING:
-            await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
-                                   event=("stop_requested", "stop requested: SIGTERM to the process group", None),
-                                   actor=caller.actor)  # fmt: skip
+            if not job.stop_requested:  # asked again while the run ends: one event, not one per request
+                await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
+                                       event=("stop_requested", "stop requested: SIGTERM to the process group",
+                                              None), actor=caller.actor)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
             final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace)
             if final.status == JobStatus.QUEUED:
@@ -108,9 +109,10 @@ class RunControl:
             hint = " (resume it with POST .../resume)" if job.status == JobStatus.PAUSED else ""
             raise Conflict(f"job '{job_id}' is {job.status.value}: only a running job can be paused{hint}")
         try:
-            await self.service.store.update(job_id, {"pause_requested": True}, statuses=(JobStatus.RUNNING,),
-                                    event=("pause_requested", "pause requested: SIGTERM to the process group", None),
-                                    actor=caller.actor)  # fmt: skip
+            if not job.pause_requested:  # asked again while the run ends: one event, not one per request
+                await self.service.store.update(job_id, {"pause_requested": True}, statuses=(JobStatus.RUNNING,),
+                                        event=("pause_requested", "pause requested: SIGTERM to the process group",
+                                               None), actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
