@@ -544,6 +544,42 @@ def test_wrong_estimates_delay_a_reservation_by_at_most_the_overrun(factor: floa
     assert starts["big"] == 300.0 + overrun
 
 
+def test_a_job_waiting_on_outside_processes_ahead_does_not_restart_the_heads_clock() -> None:
+    # GPU 2 is used by someone else's process; "x" wants that GPU and can be planned no start, so the head whose
+    # wait counts is "y". A pass with no GPU free and one with a GPU free both name "y": naming "x" in one
+    # of them switched the head at every pass and "y"'s QUEUE_STARVATION_SECONDS never ran out.
+    x = job("x", t=0.0, ids=(2,), est=100.0)
+    y = job("y", t=1.0, n=2, est=100.0)
+    outside = gpu(2, free=1.0, util=100.0)
+    queue = ordered(x, y, job("small", t=2.0))
+    all_busy = [gpu(0, held="r0"), gpu(1, held="r1"), outside]
+    running = [RunningJob("r0", (0,), None), RunningJob("r1", (1,), None)]
+    policy = policy_of(starvation_seconds=600.0)
+    assert plan(queue, all_busy, running, policy, NOW, estimating=False).head == "y"
+    one_free = [gpu(0), gpu(1, held="r1"), outside]
+    p = plan(queue, one_free, running[1:], policy, NOW, estimating=False)
+    assert p.head == "y" and [s.job_id for s in p.starts] == ["small"]
+
+
+def test_a_job_over_its_owners_cap_on_a_gpu_that_is_gone_waits_as_never_startable() -> None:
+    # The GPU it named was in the inventory when it was created; a restart with fewer GPUs lost it.
+    running = [RunningJob("r0", (0,), 100.0, owner="ann")]
+    gpus = [gpu(0, held="r0"), gpu(1)]
+    queue = [QueuedJob("j0", 5, NOW, 1, (3,), None, 50.0, owner="ann")]
+    p = plan(queue, gpus, running, policy_of(owner_gpu_cap=1), NOW)
+    assert p.starts == [] and p.waits == {"j0": None} and p.reasons["j0"].code == "never"
+
+
+def test_a_gpu_backfilled_under_a_reservation_is_planned_free_only_after_the_reserving_job() -> None:
+    # "big" (3 GPUs) reserves GPUs 2, 3 and 0 from +10 to +20; "fill" backfills on GPU 2 until +10. "pair" can
+    # start only when "big" ends: its estimate said +10 (GPU 2 free when "fill" ends), a start that never came.
+    gpus = [gpu(0, held="r0"), gpu(1, held="r0"), gpu(2), gpu(3)]
+    queue = ordered(job("big", t=0.0, n=3, est=10.0), job("fill", t=1.0, est=10.0), job("pair", t=2.0, n=2, est=10.0))
+    p = plan(queue, gpus, [RunningJob("r0", (0, 1), 10.0)], policy_of(), NOW)
+    assert [s.job_id for s in p.starts] == ["fill"]
+    assert p.waits == {"big": 10.0, "fill": 0.0, "pair": 20.0}
+
+
 def test_an_overrunning_job_counts_as_ending_any_moment() -> None:
     # "r" is past its estimate (remaining 0): "big" is planned at once, so nothing may backfill onto GPU 0.
     running = [RunningJob("r", (1,), 0.0)]

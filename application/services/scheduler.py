@@ -292,9 +292,17 @@ def plan(
                 return end
         return None
 
+    def need_of(j: QueuedJob) -> float:
+        mem = j.min_gpu_memory_gb
+        return policy.min_free_gb if mem is None or mem < policy.min_free_gb else mem
+
     def may_head(j: QueuedJob) -> bool:
+        # As the full pass names it: the first job with a reservation, so not one that waits on outside
+        # processes (both passes naming different heads in turn restarted the head's clock at every switch).
         k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
-        return k > 0 and not over_cap(j.owner, k) and tl.feasible(j.gpu_ids, k, j.min_gpu_memory_gb or 0.0)
+        if k <= 0 or over_cap(j.owner, k) or not tl.feasible(j.gpu_ids, k, j.min_gpu_memory_gb or 0.0):
+            return False
+        return tl.earliest(j.gpu_ids, k, need_of(j), policy.min_free_gb)[0] != INF
 
     def cpu_only_rest(rest: Iterator[QueuedJob]) -> None:
         # Nothing more can start on a GPU in this pass; only CPU-only jobs remain to be found.
@@ -333,11 +341,13 @@ def plan(
             cpu_only_rest(it)
             break
         tl.level(job.priority)
-        need = policy.min_free_gb if job.min_gpu_memory_gb is None or job.min_gpu_memory_gb < policy.min_free_gb \
-            else job.min_gpu_memory_gb  # fmt: skip
+        need = need_of(job)
         if over_cap(job.owner, k):
             # It waits, and neither blocks nor reserves: no sooner than its owner's runs give GPUs back.
             wait = None
+            if not tl.feasible(ids, k, need):
+                waits[jid], reasons[jid] = None, Reason("never")
+                continue
             if estimating and job.owner is not None and (back := under_cap_at(job.owner, k)) is not None:
                 start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
                 wait = max(back, start) - now if exact and start != INF else None

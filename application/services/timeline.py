@@ -230,10 +230,14 @@ class Timeline:
             self.holds.pop(i, None)
             self.kholds.pop(i, None)
             self.soft.pop(i, None)
-        if est is None:
-            self._move(chosen, self.now, False)
+        end, exact = (self.now, False) if est is None else (self.now + max(0.0, est), True)
+        if all(self.lb[i] <= end for i in chosen):
+            self._move(chosen, end, exact)
         else:
-            self._move(chosen, self.now + max(0.0, est), True)
+            # A job backfilled onto GPUs a blocked job reserved after it: they are next free when that one ends,
+            # not when this one does (later jobs were planned onto GPUs the reservation takes).
+            for i in chosen:
+                self._move((i,), max(self.lb[i], end), exact and self.exact[i] if self.lb[i] > end else exact)
         self._slack_changed()
 
     def level(self, priority: int) -> None:
