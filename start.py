@@ -95,9 +95,14 @@ def serve_api(settings: Settings) -> None:
         config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
                                 port=settings.APP_PORT, workers=settings.API_WORKERS, log_config=None,
                                 timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
-        _Multiprocess(config, sockets=[config.bind_socket()]).run()
+        supervisor = _Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    # uvicorn stops all workers when one fails to start, and returns as from a stop: a service manager that
+    # restarts on failure must see one.
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)
 
 
 def serve_scheduler(settings: Settings) -> None:
@@ -220,15 +225,13 @@ def _watch(embedded: EmbeddedRedis | None, scheduler: subprocess.Popen[bytes], s
 def _check_folders(settings: Settings, role: str) -> None:
     """The folders this role writes, made now: one line naming the setting, not a traceback from a process later
     (and not a scheduler started again and again for a folder that cannot be)."""
-    folders = {"LOG_DIR": settings.LOG_DIR, "DATA_DIR": settings.DATA_DIR}
-    if role != "api":
-        folders["OUTPUT_ROOT"] = settings.OUTPUT_ROOT
+    folders = {"LOG_DIR": settings.LOG_DIR, "DATA_DIR": settings.DATA_DIR, "OUTPUT_ROOT": settings.OUTPUT_ROOT}
     for name, folder in folders.items():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             # A folder that exists but takes no file (a root-owned ./logs under Docker, a read-only mount):
-            # found by writing one, as the roles will (an API worker alone writes nothing in DATA_DIR).
-            if role != "api" or name != "DATA_DIR":
+            # found by writing one, as the roles will (an API worker writes only its logs).
+            if role != "api" or name == "LOG_DIR":
                 tempfile.NamedTemporaryFile(dir=folder, prefix=".swift-api-probe-").close()
         except OSError as exc:
             print(f"swift-api: {name}={folder} cannot be used: {exc.strerror or exc}", file=sys.stderr)

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     REDIS_DB: int = Field(0, ge=0, le=15)
     REDIS_PASSWORD: str | None = None
     REDIS_KEY_PREFIX: str = "swift-api"
-    REDIS_SOCKET_TIMEOUT: float = Field(5.0, gt=0)
-    REDIS_CONNECT_TIMEOUT: float = Field(3.0, gt=0)
+    REDIS_SOCKET_TIMEOUT: float = Field(5.0, gt=0, le=300)
+    REDIS_CONNECT_TIMEOUT: float = Field(3.0, gt=0, le=300)
     REDIS_RETRIES: int = Field(3, ge=0, le=20)
     REDIS_EMBEDDED: bool = True
     REDIS_SERVER_BIN: str | None = None
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     OUTPUT_ROOT: Path = PROJECT_ROOT / "output"
     SWIFT_BIN: str = Field(default_factory=_default_swift_bin)
     SWIFT_VERSION: str | None = None
-    STOP_GRACE_SECONDS: float = Field(10.0, ge=0)
+    STOP_GRACE_SECONDS: float = Field(10.0, ge=0, le=86400)
     # Where runners cannot outlive the scheduler (in a container, they die with its main process), a stopping
     # scheduler ends this host's runs itself: each goes back to the queue, to resume from its last checkpoint.
     STOP_RUNS_ON_SHUTDOWN: bool = False
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     SIMULATED_GPUS: str = "0"
     # JSON file whose per-GPU usage the simulated backend re-reads, so tests can make GPUs look busy.
     SIMULATED_GPU_USAGE_FILE: Path | None = None
-    GPU_MIN_FREE_MEMORY_GB: float = Field(2.0, ge=0)
+    GPU_MIN_FREE_MEMORY_GB: float = Field(2.0, ge=0, le=4096)
     GPU_MAX_UTILIZATION: float = Field(90.0, ge=0, le=100)
 
     QUEUE_PROCESSOR_AUTOSTART: bool = True
@@ -177,6 +177,9 @@ class Settings(BaseSettings):
         v = v.rstrip("/")
         if v and not v.startswith("/"):
             raise ValueError("must start with '/' (for example /api/v1) or be empty")
+        # ({...} would make it a path parameter: any value there matched every route)
+        if v and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v):
+            raise ValueError("must be path segments of letters, digits, '.', '_', '~' or '-' (for example /api/v1)")
         return v
 
     @field_validator("REDIS_KEY_PREFIX")
@@ -225,7 +228,10 @@ class Settings(BaseSettings):
         if v is not None:
             try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
                 parse_url(v)
-                urlsplit(v).port  # noqa: B018 (it raises for a port out of range)
+                parts = urlsplit(v)
+                parts.port  # noqa: B018 (it raises for a port out of range)
+                if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+                    raise ValueError  # the client reads a db that is not a number as db 0, silently
             except ValueError:
                 # (not the client's own words: they may quote part of a password)
                 raise ValueError("not a Redis URL the client can read: check its port, db and query") from None
@@ -369,7 +375,10 @@ def _roots(value: str) -> tuple[Path, ...]:
     for part in value.split(","):
         part = part.strip()
         if part:
-            p = Path(part).expanduser()
+            try:
+                p = Path(part).expanduser()
+            except RuntimeError:  # ~user of no such user: one line naming the setting, not a traceback
+                raise ValueError(f"{part!r}: cannot expand '~' here: give the folder's full path") from None
             out.append(p if p.is_absolute() else PROJECT_ROOT / p)
     return tuple(out)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from application.config import PROJECT_ROOT, SettingsError, load_settings, parse_simulated_gpus
+from tests.conftest import free_port
 
 
 def test_environment_selects_its_env_file_and_real_variables_win(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +44,13 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("OUTPUT_ROOT", ".", "holds the server's own folder"),
         ("LOG_DIR", "output/logs", "OUTPUT_ROOT"),
         ("DATA_ROOTS", "output/datasets", "holds DATA_ROOTS folder"),
+        # Accepted before, then a traceback at start (inf seconds), a wait for ever on a hung Redis, a route
+        # prefix that matched anything, a db silently read as 0, a traceback for a user who does not exist.
+        ("STOP_GRACE_SECONDS", "inf", "less than or equal to 86400"),
+        ("REDIS_SOCKET_TIMEOUT", "inf", "less than or equal to 300"),
+        ("API_PREFIX", "/api/{v}", "path segments"),
+        ("REDIS_URL", "redis://redis:6379/abc", "check its port, db and query"),
+        ("DATA_ROOTS", "~no-such-user-here/data", "give the folder's full path"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(
@@ -134,3 +142,28 @@ def test_a_data_dir_too_long_for_the_embedded_redis_socket_is_one_line(tmp_path:
                          timeout=60, check=False)  # fmt: skip
     assert out.returncode == 2 and "too long for the embedded Redis's socket" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_an_output_root_that_is_a_file_stops_the_api_role_with_one_line(tmp_path: Path) -> None:
+    # The api role skipped OUTPUT_ROOT: its workers then failed with a traceback that never named the setting.
+    (tmp_path / "afile").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "afile"),
+           "REDIS_URL": "redis://127.0.0.1:1/0", "GPU_BACKEND": "simulated"}  # fmt: skip
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py"), "api"], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OUTPUT_ROOT=" in lines[0] and "cannot be used" in lines[0], out.stderr
+
+
+def test_api_workers_that_fail_to_start_make_start_py_fail(tmp_path: Path) -> None:
+    # Several workers: uvicorn stopped them all and returned as from a stop, and start.py exited 0, so a service
+    # manager that restarts on failure left the API down. Here each worker's log file cannot be opened.
+    (tmp_path / "logs" / "swift-api.log").mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"), "API_WORKERS": "2",
+           "APP_PORT": str(free_port()), "REDIS_URL": "redis://127.0.0.1:1/0", "GPU_BACKEND": "simulated"}  # fmt: skip
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py"), "api"], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 3, out.stderr[-2000:]
