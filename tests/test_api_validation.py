@@ -424,9 +424,16 @@ async def test_health_answers_503_in_seconds_when_redis_hangs(own_redis: Embedde
         started = time.monotonic()
         r = await client.get("/health")
         took = time.monotonic() - started
+        # /metrics too: it held a scrape 20 s, past Prometheus's scrape timeout, and scrapes piled up.
+        started = time.monotonic()
+        m = await client.get("http://test/metrics")
+        took_metrics = time.monotonic() - started
         os.kill(own_redis.process.pid, signal.SIGCONT)
         assert r.status_code == 503 and "did not answer within 3 s" in r.json()["detail"], r.text
         assert took < 4.5, took
+        assert m.status_code == 503 and "did not answer within 5 s" in m.json()["detail"], m.text
+        assert took_metrics < 7.0, took_metrics
+        assert (await client.get("http://test/metrics")).status_code == 200  # and back once Redis is
 
 
 async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., Any], tmp_path: Path) -> None:
