@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from application.config import Settings
@@ -53,6 +56,41 @@ def test_a_stale_pid_file_never_stops_a_process_that_is_not_its_redis(tmp_path: 
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_server_left_stopped_by_an_earlier_start_is_killed_before_ours_starts(tmp_path: Path) -> None:
+    # A stale server that did not end on SIGTERM (stopped, hung) ran on beside ours on the same AOF; when it
+    # ended at last it removed the socket and pid file, and no new connection reached ours.
+    old = embedded(tmp_path / "redis")
+    old.start()
+    assert old.process is not None and old._lock_fd is not None
+    os.close(old._lock_fd)  # as when its start.py was killed
+    old._lock_fd = None
+    os.kill(old.process.pid, signal.SIGSTOP)
+    new = embedded(tmp_path / "redis")
+    new.stale_grace = 0.5
+    try:
+        new.start()
+        assert old.process.wait(5) == -signal.SIGKILL
+        with redis.Redis.from_url(new.url) as client:
+            assert client.ping()
+    finally:
+        if old.process.poll() is None:
+            old.process.kill()
+        old.process.communicate()  # reaped, its pipes closed
+        new.stop()
+
+
+def test_a_data_folder_whose_name_has_url_characters_is_reached(tmp_path: Path) -> None:
+    # The socket's path went into a URL unquoted: '%41' was read as 'A' and '#' cut the path, so every
+    # process connected to a path that does not exist.
+    server = embedded(tmp_path / "d%41 #x?y" / "redis")
+    server.start()
+    try:
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(

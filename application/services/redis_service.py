@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import psutil
 import redis.asyncio as aioredis
@@ -59,6 +59,8 @@ class EmbeddedRedis:
     death of the process that started it (PR_SET_PDEATHSIG).
     """
 
+    stale_grace = 5.0  # seconds a server left by an earlier start has to end on SIGTERM, then on SIGKILL
+
     def __init__(self, data_dir: Path, binary: str, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.binary = binary
@@ -71,7 +73,9 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self.port:
             return f"redis://127.0.0.1:{self.port}/0"
-        return f"unix://{self.socket_path}?db=0"
+        # Quoted: the client unquotes the path and cuts it at '#' or '?' (a DATA_DIR with '%41' in its name
+        # had every process connect to another path, and answer 503 for ever).
+        return f"unix://{quote(str(self.socket_path))}?db=0"
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -156,10 +160,13 @@ class EmbeddedRedis:
             if "redis" not in server.name() or Path(server.cwd()).resolve() != self.data_dir.resolve():
                 raise ProcessLookupError
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.05)
+            if not _gone_within(server, self.stale_grace):
+                # Stopped (SIGSTOP) or hung: left running beside ours on the same AOF, it removed our socket and
+                # pid file when it ended at last, and no new connection could reach ours.
+                os.kill(pid, signal.SIGKILL)
+                if not _gone_within(server, self.stale_grace):
+                    raise RuntimeError(f"the redis-server an earlier start left in {self.data_dir} (pid {pid}) does "
+                                       "not stop, even on SIGKILL: stop it, then start again")  # fmt: skip
         except (ValueError, ProcessLookupError, PermissionError, psutil.Error):
             pass
         pidfile.unlink(missing_ok=True)
@@ -242,3 +249,17 @@ def _safe_url(url: str) -> str:
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )  # fmt: skip
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _gone_within(process: psutil.Process, seconds: float) -> bool:
+    """Whether the process ended (a zombie has: its files and sockets are closed) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
