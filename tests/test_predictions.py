@@ -194,13 +194,23 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
     app_factory: Callable[..., Any], tmp_path: Path, ignore_sigterm: bool
 ) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+    grace = 3 if ignore_sigterm else 1
+    async with app_factory(AUTO_EXPORT=False, STOP_GRACE_SECONDS=grace) as client:
         b = job_body(tmp_path, "slow", step_seconds=0.2, ignore_sigterm=ignore_sigterm, auto_start=True,
-                     time_limit=2, training={"max_steps": 1000})  # fmt: skip
+                     time_limit=2, training={"max_steps": 1000, "save_steps": 2})  # fmt: skip
         r = await client.post("/jobs", json=b)
         assert r.status_code == 201 and r.json()["status"] == "running", r.text
         running = await wait_job(client, "slow", lambda j: j["pid"] is not None and j["runner"] is not None)
         group, runner = running["pid"], running["runner"]["pid"]
+        if ignore_sigterm:
+            # A pause asked during the limit's grace: the run still ends at its limit, not paused (nor, when
+            # preempted then, back in the queue with a fresh limit).
+            deadline = time.monotonic() + 20
+            while "time_limit" not in [e["type"] for e in (await client.get("/jobs/slow/events")).json()["events"]]:
+                assert time.monotonic() < deadline, "no time_limit event"
+                await asyncio.sleep(0.05)
+            paused = await client.post("/jobs/slow/pause")
+            assert paused.status_code == 200 and paused.json()["status"] == "failed", paused.text
         job = await wait_job(client, "slow", lambda j: j["status"] != "running", timeout=20)
         assert job["status"] == "failed" and job["error_code"] == "time_limit"
         # swift expected ~200 s more: the run can take no longer than its limit, and its prediction says so.
@@ -208,7 +218,7 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
         assert predicted["source"] == "progress" and predicted["seconds"] <= 2, predicted
         assert "time limit of 2 s and was stopped" in job["error_message"] and "time_limit" in job["error_message"]
         assert job["stop_outcome"] == ("killed" if ignore_sigterm else "terminated")
-        assert job["finished_at"] - job["started_at"] < 2 + 1 + 3  # the limit, the grace, a poll or two
+        assert job["finished_at"] - job["started_at"] < 2 + grace + 3  # the limit, the grace, a poll or two
         assert group_members(group) == []  # swift's launcher, trainer and workers: all gone
         deadline = time.monotonic() + 10
         while psutil.pid_exists(runner) and psutil.Process(runner).status() != psutil.STATUS_ZOMBIE:

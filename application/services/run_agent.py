@@ -208,11 +208,12 @@ class Runner:
                 stop_requested = stop_requested or tick.stop_requested
                 pause_requested = pause_requested or tick.pause_requested
                 preempt_for = preempt_for or tick.preempt_for
-            if limit is not None and not exited and not timed_out and time.time() - started_at > limit:
+            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
+            if limit is not None and not exited and not timed_out and stopping is None and interrupt is None and \
+                    time.time() - started_at > limit:  # fmt: skip
                 timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
                 outbox.event("time_limit", f"time limit of {format_limit(limit)} reached: stopping the run",
                              {"time_limit_seconds": limit})  # fmt: skip
-            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
             wanted = interrupt or timed_out or orphaned or self.terminated.is_set()
             if wanted and stopping is None and not exited:
                 reason = (f"{interrupt} requested" if interrupt else "time limit" if timed_out
@@ -250,7 +251,10 @@ class Runner:
                 preempt_for = preempt_for or tick.preempt_for
             interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
             override: RunEnd | None = None
-            if timed_out and code != 0 and limit is not None and interrupt is None:
+            if timed_out and code != 0 and limit is not None:
+                # The limit stopped it: a pause, preemption or stop asked during its grace does not turn the
+                # end into a rest (a preempted run came back with a fresh limit, again and again).
+                interrupt = preempt_for = None
                 spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
                 error = (f"the run exceeded its time limit of {spelled} and was stopped: "
                          "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
