@@ -286,8 +286,14 @@ async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any]
         r = await client.post("/jobs/st/resume")
         assert r.status_code == 409 and "output_dir" in r.json()["detail"]
         await client.delete("/jobs/taker")
+        # Both GPUs taken meanwhile: it waits, and does not show the GPUs of its last run as its own.
+        hog = job_body(tmp_path, "hog", step_seconds=0.05, auto_start=True, num_gpus=2, training={"max_steps": 400})
+        assert (await client.post("/jobs", json=hog)).json()["status"] == "running"
         r = await client.post("/jobs/st/resume")
         assert r.status_code == 200 and r.json()["resume_step"] in (5, 10, 15), r.text
+        assert r.json()["status"] == "queued" and not r.json()["gpu_ids"], r.text
+        assert (await client.get("/jobs/st")).json()["gpu_ids"] == []
+        assert (await client.post("/jobs/hog/stop")).json()["status"] == "stopped"
         done = await wait_job(client, "st", lambda j: j["status"] == "completed")
         assert done["finished_at"] > done["started_at"] and [a["outcome"] for a in done["attempts"]] == [
             "stopped", "completed"]  # fmt: skip

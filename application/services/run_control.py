@@ -160,7 +160,8 @@ class RunControl:
             await self.service.store.transition(
                 job_id, JobStatus.QUEUED, expect=(job.status,), reopen=job.status != JobStatus.PAUSED,
                 fields={"resume_from": checkpoint, "finished_at": None, "stop_requested": False,
-                        "pause_requested": False, "preempt_for": None, "error_message": None, "error_code": None},
+                        "pause_requested": False, "preempt_for": None, "error_message": None, "error_code": None,
+                        "gpu_ids": []},  # (the GPUs of its last run, another job's now)
                 actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
                 data={"resume_from": checkpoint, "resume_step": step}, max_waiting=self.service.limits.max_waiting,
             )  # fmt: skip
