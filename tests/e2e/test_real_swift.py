@@ -265,11 +265,12 @@ def test_real_swift_pause_and_resume_from_the_first_checkpoint(
     step in a new run folder and completes at max_steps, and the final checkpoint is merged."""
     swift, model, data, _ = lab
     server = real_server(server_factory, swift, data.parent)
-    steps, save = 40, 8
-    # Accumulating 16 micro-batches a step makes steps slow enough on a CPU to pause well before the end.
+    steps, save = 24, 4
+    # Accumulating 8 micro-batches a step makes steps slow enough on a CPU to pause well before the end (20 steps
+    # after the first checkpoint: 160 micro-batches, against the 2 s a pause takes to land).
     training = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": steps, "logging_steps": 2, "save_steps": save,
-        "gradient_accumulation_steps": 16, "max_length": 256, "lora_rank": 8, "lora_alpha": 16,
+        "gradient_accumulation_steps": 8, "max_length": 256, "lora_rank": 8, "lora_alpha": 16,
         "dataloader_num_workers": 0, "dataset_num_proc": 1, "save_total_limit": 5,
     }  # fmt: skip
     r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_pause", num_gpus=0,
