@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,9 +69,19 @@ def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
 def job_checkpoints(output_dir: Path | str, run_dirs: Iterable[str | None]) -> list[str]:
     """The checkpoints of one job's runs (its attempts' run dirs), in the order of `find_checkpoints`; every
     one under `output_dir` when none of its run dirs is known yet."""
+    dirs = tuple(dict.fromkeys(d.rstrip("/") for d in run_dirs if d))
+    root = Path(output_dir)
+    runs = [(Path(d), _VERSION_DIR_RE.fullmatch(Path(d).name)) for d in dirs]
+    if dirs and all(m is not None and path.parent == root for path, m in runs):
+        # Only its own run folders are listed: the folder may hold many other runs (and their files).
+        found: list[tuple[tuple[int, str], int, str]] = []
+        for path, m in runs:
+            assert m is not None
+            _scan(path, (int(m.group(1)), path.name), found)
+        return _in_order(found)
     on_disk = find_checkpoints(output_dir)
-    dirs = tuple(d.rstrip("/") + "/" for d in run_dirs if d)
-    return [c for c in on_disk if c.startswith(dirs)] if dirs else on_disk
+    prefixes = tuple(d + "/" for d in dirs)
+    return [c for c in on_disk if c.startswith(prefixes)] if prefixes else on_disk
 
 
 def find_checkpoints(output_dir: Path | str) -> list[str]:
@@ -81,29 +92,35 @@ def find_checkpoints(output_dir: Path | str) -> list[str]:
     if not root.is_dir():
         return []
     found: list[tuple[tuple[int, str], int, str]] = []
-
-    def scan(run_dir: Path, run_key: tuple[int, str]) -> None:
-        try:
-            entries = list(run_dir.iterdir())
-        except OSError:
-            return
-        for entry in entries:
-            m = _CHECKPOINT_DIR_RE.fullmatch(entry.name)
-            if m and not entry.is_symlink() and entry.is_dir():
-                found.append((run_key, int(m.group(1)), str(entry)))
-
-    scan(root, (-1, ""))
+    _scan(root, (-1, ""), found)
     try:
-        children = list(root.iterdir())
+        with os.scandir(root) as it:
+            children = [(e.name, e.is_dir()) for e in it if _VERSION_DIR_RE.fullmatch(e.name)]
     except OSError:
         children = []
-    for child in children:
-        vm = _VERSION_DIR_RE.fullmatch(child.name)
-        if vm is None or not child.is_dir():
+    for name, is_dir in children:
+        vm = _VERSION_DIR_RE.fullmatch(name)
+        if vm is None or not is_dir:
             continue
         # swift numbers each run one past the highest v<k> there: that is the runs' order. (A folder's mtime
         # is not: an export writing checkpoint-N-merged into an old run made it the "newest", and a resume
         # went back to its checkpoint.)
-        scan(child, (int(vm.group(1)), child.name))
+        _scan(root / name, (int(vm.group(1)), name), found)
+    return _in_order(found)
+
+
+def _scan(run_dir: Path, run_key: tuple[int, str], found: list[tuple[tuple[int, str], int, str]]) -> None:
+    # scandir: the entry's type comes with its name, no stat per entry (a run folder may hold thousands of files)
+    try:
+        with os.scandir(run_dir) as it:
+            for entry in it:
+                m = _CHECKPOINT_DIR_RE.fullmatch(entry.name)
+                if m and entry.is_dir(follow_symlinks=False):
+                    found.append((run_key, int(m.group(1)), os.path.join(run_dir, entry.name)))
+    except OSError:
+        return
+
+
+def _in_order(found: list[tuple[tuple[int, str], int, str]]) -> list[str]:
     found.sort(key=lambda item: (item[0], item[1]))
     return [path for _, _, path in found]
