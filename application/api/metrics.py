@@ -27,5 +27,6 @@ async def get_metrics(request: Request) -> Response:
         shared = await asyncio.wait_for(shared_metrics(state.training.store, state.training.cluster), METRICS_TIMEOUT)
     except TimeoutError:
         raise Unavailable(f"Redis did not answer within {METRICS_TIMEOUT:g} s", {"Retry-After": "5"}) from None
-    body = shared + state.http_metrics.collect()
+    # (in a thread: with several workers it reads and merges every worker's metric files)
+    body = shared + await asyncio.to_thread(state.http_metrics.collect)
     return Response(body, media_type=CONTENT_TYPE)

@@ -39,7 +39,7 @@ from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard
 from application.services.preflight import check_dataset
 from application.services.swift_arguments import DATA_ARGUMENTS
-from application.services.upload_stream import ReceivedUpload, receive_upload
+from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 
 UPLOADS_DIR = "uploads"
 SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
@@ -131,7 +131,7 @@ class FileStore:
             meta = await self._check(file_id, received, final, caller)
             await asyncio.to_thread(received.path.replace, final)  # atomic: same folder
         except BaseException:
-            received.path.unlink(missing_ok=True)
+            await off_loop(functools.partial(received.path.unlink, missing_ok=True))
             raise
         owner = owner_folder(caller.name)
         try:
@@ -147,7 +147,7 @@ class FileStore:
                     f"{held} bytes, over FILE_QUOTA_BYTES={quota}: delete some (DELETE /files/{{id}})"
                 )
         except BaseException:
-            final.unlink(missing_ok=True)
+            await off_loop(functools.partial(final.unlink, missing_ok=True))
             raise
         return meta
 

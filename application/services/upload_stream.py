@@ -182,6 +182,12 @@ class _Sink:
         self.path.unlink(missing_ok=True)
 
 
+async def off_loop(cleanup: Callable[[], object]) -> None:
+    """Run a clean-up in a thread (unlinking a file of up to FILE_MAX_BYTES stalled the event loop for a tenth
+    of a second), and see it through even if this task is cancelled again meanwhile."""
+    await asyncio.shield(asyncio.to_thread(cleanup))
+
+
 async def receive_upload(
     chunks: AsyncIterator[bytes],
     content_type: str | None,
@@ -237,7 +243,7 @@ async def receive_upload(
     except BaseException:
         # Also on cancellation and client disconnects: nothing half-written stays behind.
         if sink is not None:
-            sink.discard()
+            await off_loop(sink.discard)
         raise
     assert receiver.filename is not None
     fields = {k: v.decode("utf-8", "replace") for k, v in receiver.fields.items()}
