@@ -174,14 +174,18 @@ class Streams:
         runs = await self._run_logs(job_id, kind, created) or []
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
         base, ahead = 0, list(runs)
+        # One stat per earlier run (a job paused and resumed many times has many): in a thread, at once.
+        sizes = await asyncio.to_thread(lambda: [_size(done) or 0 for done in runs[:-1]]) if len(runs) > 1 else []
         if wanted is not None:
-            while len(ahead) > 1 and wanted >= base + (length := _size(ahead[0]) or 0):
+            for length in sizes:
+                if wanted < base + length:
+                    break
                 base += length
                 ahead.pop(0)
             if not ahead or not await asyncio.to_thread(message_end, Path(ahead[0]), wanted - base):
                 wanted = None  # not an id this stream sent: as a new stream
         if wanted is None:
-            base = sum(_size(done) or 0 for done in runs[:-1])
+            base = sum(sizes)
             ahead = runs[-1:]
         path = ahead.pop(0) if ahead else None
         offset = max(0, wanted - base) if wanted is not None else 0
