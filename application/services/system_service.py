@@ -57,6 +57,9 @@ class SystemService:
     def __init__(self, service: TrainingService, redis: RedisService) -> None:
         self.service = service
         self.redis = redis
+        # psutil measures CPU use since the process's previous call: a worker's first GET /system/status said 0.0
+        # whatever the load. Measured from this worker's start instead.
+        psutil.cpu_percent(interval=None)
         # start.py's embedded server lives under DATA_DIR and is reached through its unix socket.
         self.embedded = redis.url.startswith("unix://") and str(service.settings.DATA_DIR) in redis.url
 
