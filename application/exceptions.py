@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from application.services.refusals import Refusal, TransitionRefused
+
 
 class ApiError(Exception):
     status_code = 400
@@ -79,3 +81,11 @@ class Unavailable(ApiError):
     """The server cannot do this now (ms-swift missing, ...): the detail says what an operator must fix."""
 
     status_code = 503
+
+
+def refused(job_id: str, exc: TransitionRefused, detail: str) -> ApiError:
+    """What a change the store refused answers: 404 when the job was deleted meanwhile, else 409 with `detail`
+    (`{id}` and `{status}`, the job's status now, filled in)."""
+    if exc.reason == Refusal.MISSING:
+        return JobNotFound(job_id)
+    return Conflict(detail.format(id=job_id, status=exc.current))

@@ -437,3 +437,36 @@ async def test_the_longest_wait_counts_from_when_a_job_entered_the_queue_not_fro
     await store.r.delete(store.keys.queued_since)
     assert await cluster.backfill_queued_since() == 1 and await cluster.backfill_queued_since() == 0
     assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now - 5, abs=0.01)
+
+
+async def test_a_change_for_the_job_a_caller_read_never_lands_on_one_created_since_under_its_id(
+    store: JobStore,
+) -> None:
+    """Alice read her job `x` and asks to start, stop, pause, re-prioritize or delete it; meanwhile it was deleted
+    and Bob created another `x`. Each change is refused as 'missing' (a 404), and Bob's job and his indexes stay
+    as they were (the start moved Bob's job into Alice's index of queued jobs)."""
+    alices = make_job("x", owner="alice", created=1000.0)
+    await store.create(alices, message="created", actor="alice")
+    await store.delete("x", created_at=alices.created_at)
+    bobs = make_job("x", owner="bob", created=2000.0)
+    await store.create(bobs, message="created", actor="bob")
+    attempts = [
+        store.transition("x", JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor="alice",
+                         created_at=alices.created_at),
+        store.update("x", {"stop_requested": True}, actor="alice", created_at=alices.created_at),
+        store.reprioritize(alices, 9, actor="alice"),
+        store.delete("x", created_at=alices.created_at),
+    ]  # fmt: skip
+    for attempt in attempts:
+        with pytest.raises(TransitionRefused) as exc:
+            await attempt
+        assert exc.value.reason == Refusal.MISSING
+    now = await require(store, "x")
+    assert (now.owner, now.status, now.priority, now.stop_requested) == ("bob", JobStatus.PENDING, 5, False)
+    k = store.keys
+    assert await store.r.zrange(k.owner_status_index("bob", JobStatus.PENDING), 0, -1) == ["x"]
+    assert await store.r.zcard(k.owner_status_index("alice", JobStatus.QUEUED)) == 0
+    # Bob's own changes, with his job's time, go through.
+    assert await store.transition("x", JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor="bob",
+                                  created_at=bobs.created_at) == JobStatus.PENDING  # fmt: skip
+    assert await store.r.zrange(k.owner_status_index("bob", JobStatus.QUEUED), 0, -1) == ["x"]

@@ -450,6 +450,16 @@ async def test_a_job_whose_uploaded_data_set_was_deleted_is_not_resumed(app_fact
         assert (await client.post("/jobs", json=body)).json()["status"] == "running"
         await wait_job(client, "gone", lambda j: (j["progress"]["current_step"] or 0) >= 3)
         assert (await client.post("/jobs/gone/stop")).status_code == 200
+        # Another job on it makes a delete 409; the refusal must not forget the stopped job as a user: once it
+        # is resumed, a delete was allowed while it ran (its next run would have found no data).
+        other = {**job_body(tmp_path, "other", auto_start=True, training={"max_steps": 400}), "data_path": file_id}
+        assert (await client.post("/jobs", json=other)).json()["status"] == "running"
+        assert (await client.delete(f"/files/{file_id}")).status_code == 409
+        assert (await client.post("/jobs/gone/resume")).status_code == 200
+        assert (await client.post("/jobs/other/stop")).status_code == 200
+        r = await client.delete(f"/files/{file_id}")
+        assert r.status_code == 409 and "gone" in r.json()["detail"], r.text
+        assert (await client.post("/jobs/gone/stop")).json()["status"] in ("stopped", "cancelled")
         assert (await client.delete(f"/files/{file_id}")).status_code == 204  # allowed: the job is not active
         r = await client.post("/jobs/gone/resume")
         assert r.status_code == 409 and f"uploaded file {file_id}, which has been deleted" in r.json()["detail"]

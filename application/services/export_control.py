@@ -8,7 +8,7 @@ import asyncio
 import time
 
 from application.auth import Caller
-from application.exceptions import Conflict, Unavailable
+from application.exceptions import Conflict, Unavailable, refused
 from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
@@ -21,7 +21,7 @@ from application.services.quant_exports import (
     wants_quantization,
 )
 from application.services.swift_arguments import require_usable_swift
-from application.services.training_service import TrainingService, refused, snapshot_of
+from application.services.training_service import TrainingService, snapshot_of
 
 # How long one export request may hold its job's exports (a stalled one loses them after), and how long another
 # waits for them.
@@ -57,7 +57,7 @@ class ExportControl:
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
         try:
             await put_export(
-                self.store, job_id, info, statuses=ENDED_WITH_SWIFT,
+                self.store, job_id, info, statuses=ENDED_WITH_SWIFT, created_at=job.created_at,
                 refuse_export=(ExportStatus.RUNNING,), actor=caller.actor, exporting=True,
                 event=("export_started", f"export of {info.checkpoint} requested",
                        {"checkpoint": info.checkpoint, "auto": False}),
@@ -110,7 +110,7 @@ class ExportControl:
         else:
             raise Conflict(f"every export job id from '{job.job_id}-quant' on is taken: delete old ones")
         try:
-            await put_export(self.store, job.job_id, info, current=False, actor=caller.actor,
+            await put_export(self.store, job.job_id, info, current=False, actor=caller.actor, created_at=job.created_at,
                              event=("export_started", f"quantized export of {info.checkpoint} queued as job "
                                     f"'{child_id}' (it needs a GPU)", {"job_id": child_id}))  # fmt: skip
         except TransitionRefused:

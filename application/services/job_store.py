@@ -1,4 +1,5 @@
-"""Jobs, events, loss history, the queue and GPU leases in Redis; the only module that talks to Redis.
+"""Jobs, the queue and GPU leases in Redis (events and loss history: job_log.py, which this store extends); with
+the modules it names, the only code that talks to Redis.
 
 A job is a hash with one field per top-level `Job` field, each JSON-encoded, so writers of different
 fields (a run's progress, the API's priority change) never overwrite each other. Every status change goes
@@ -21,11 +22,9 @@ from application.models.training_model import (
     ALLOWED_TRANSITIONS,
     REOPENABLE,
     TERMINAL_STATUSES,
-    Event,
     ExportStatus,
     Job,
     JobStatus,
-    LossPoint,
     PredictedDuration,
 )
 from application.services import lua
@@ -33,41 +32,46 @@ from application.services.folder_owners import FolderIndex
 from application.services.job_codec import (
     QueueMeta,
     decode_job,
-    encode,
     encode_fields,
+    encode_value,
     event_payload,
     script_arg,
 )
+from application.services.job_log import SCHEDULER as SCHEDULER
+from application.services.job_log import JobLog
 from application.services.keys import Keys
 from application.services.refusals import Refusal as Refusal
 from application.services.refusals import TransitionRefused as TransitionRefused
 from application.services.scheduler import queue_score
 
-SCHEDULER = "scheduler"
 # Fields an index or another key mirrors (status and owner sets, the queue's score, the list's order, the
 # output-folder claims): only create, transition, set_priority and delete change them, keeping those in step.
 INDEXED_FIELDS = frozenset({"job_id", "status", "owner", "priority", "created_at", "output_dir"})
 
 
-class JobStore:
+class JobStore(JobLog):
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
-        # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
-        self.r: Any = client
-        self.keys = keys
-        self.events_max = events_max
-        self.history_max = history_max
+        super().__init__(client, keys, events_max=events_max, history_max=history_max)
         self._create = client.register_script(lua.CREATE)
         self._transition = client.register_script(lua.TRANSITION)
         self._guarded = client.register_script(lua.GUARDED_UPDATE)
         self._delete = client.register_script(lua.DELETE)
-        self._run_append = client.register_script(lua.RUN_APPEND)
-        self._append = client.register_script(lua.APPEND)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
         self.folders = FolderIndex(client, keys)
+
+    async def _incarnation(self, job_id: str, created_at: float | None) -> tuple[str | None, str]:
+        """The job's owner and its `created_at` as stored, read together: a script given that time acts only on
+        that job, so the owner's index keys built from it are that job's (an id deleted and created again by
+        another owner in between got the first owner's indexes). MISSING when the job is gone, or is not the
+        one created at `created_at`, the job the caller read."""
+        owner, created = await self.r.hmget(self.keys.job(job_id), ["owner", "created_at"])
+        if created is None or (created_at is not None and json.loads(created) != created_at):
+            raise TransitionRefused(Refusal.MISSING)
+        return (json.loads(owner) if owner else None), created
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -235,6 +239,7 @@ class JobStore:
         exporting: bool | None = None,
         unchanged: Mapping[str, str | None] | None = None,
         fence: str | None = None,
+        created_at: float | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`, the
         `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise; with
@@ -252,6 +257,7 @@ class JobStore:
             "event": event_payload(event[0], event[1], event[2], actor, now) if event else None,
             "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting, "fence": fence,
             "unchanged": {name: raw or "" for name, raw in unchanged.items()} if unchanged else None,
+            "created": encode_value(created_at) if created_at is not None else None,
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
                   "exporting": self.keys.exporting, "leader": self.keys.leader},
         })])  # fmt: skip
@@ -275,6 +281,8 @@ class JobStore:
         now: float | None = None,
         reopen: bool = False,
         max_waiting: int = 0,
+        created_at: float | None = None,
+        uploads: Sequence[str] = (),
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
 
@@ -286,6 +294,7 @@ class JobStore:
         scheduler still leads. `reopen` (resume) also allows REOPENABLE moves out of a terminal state, claiming
         the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile). `max_waiting` (a
         user's resume): WAITING_CAP when the move would give its owner more pending and queued jobs than that.
+        `uploads` (with `reopen`): the uploaded files it reads, UPLOAD_GONE unless all are still there.
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -302,7 +311,7 @@ class JobStore:
             extra.setdefault("started_at", now)
         if to.is_terminal():
             extra.setdefault("finished_at", now)
-        owner = await self.get_field(job_id, "owner")  # immutable: safe to read outside the script
+        owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         k = self.keys
         for _ in range(5):
@@ -324,6 +333,8 @@ class JobStore:
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence, "cap": max_waiting if max_waiting and owner else None,
+                "created": created, "uploads": [{"id": f, "file": k.file(f), "users": k.file_users(f)}
+                                                for f in uploads] if reopen else [],
                 "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)],
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
@@ -338,14 +349,14 @@ class JobStore:
                 raise refused
         raise refused
 
-    async def delete(self, job_id: str, uploads: Sequence[str] = ()) -> JobStatus:
+    async def delete(self, job_id: str, uploads: Sequence[str] = (), *, created_at: float | None = None) -> JobStatus:
         """Remove the record (and, as a user of `uploads`, from theirs); raises TransitionRefused(MISSING |
         BAD_STATE (running) | EXPORT_STATE)."""
         k = self.keys
-        owner = await self.get_field(job_id, "owner")
+        owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
-            "id": job_id, "refuse": [JobStatus.RUNNING.value],
+            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created,
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
@@ -362,6 +373,7 @@ class JobStore:
         k = self.keys
         res = await self._reprioritize(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "priority": json.dumps(priority), "score": repr(queue_score(priority, job.created_at)),
+            "created": encode_value(job.created_at),
             "meta": QueueMeta.of(job, priority).encode(), "updated_at": json.dumps(now), "maxlen": self.events_max,
             "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
                                    {"from": job.priority, "to": priority}, actor, now),
@@ -382,75 +394,6 @@ class JobStore:
     async def expired(self, before: float, limit: int) -> list[str]:
         """Terminal jobs that finished before `before`, oldest first."""
         return list(await self.r.zrangebyscore(self.keys.expiry, "-inf", repr(before), start=0, num=limit))
-
-    # ---- events and history -----------------------------------------------------------------------------
-
-    async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None,
-                        *, actor: str = SCHEDULER) -> None:  # fmt: skip
-        """An event written by someone other than the run's runner; none once the job is deleted."""
-        await self._append_guarded(job_id, event=event_payload(event_type, message, data, actor, time.time()))
-
-    async def _append_guarded(self, job_id: str, *, event: Mapping[str, str] | None = None,
-                              history: Sequence[str] | None = None, replace: bool = False) -> None:  # fmt: skip
-        k = self.keys
-        await self._append(keys=[k.job(job_id)], args=[script_arg({
-            "event": event, "history": history, "replace": replace or None, "maxlen": self.events_max,
-            "history_max": self.history_max, "k": {"events": k.job_events(job_id), "history": k.job_history(job_id)},
-        })])  # fmt: skip
-
-    async def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
-        start = f"({after}" if after else "-"
-        rows = await self.r.xrange(self.keys.job_events(job_id), min=start, max="+", count=limit)
-        return [
-            Event(id=eid, time=float(f.get("time", 0)), type=f.get("type", ""), message=f.get("message", ""),
-                  actor=f.get("actor"), data=json.loads(f.get("data") or "{}"))
-            for eid, f in rows
-        ]  # fmt: skip
-
-    async def newest_event_id(self, job_id: str) -> str | None:
-        rows = await self.r.xrevrange(self.keys.job_events(job_id), max="+", min="-", count=1)
-        return rows[0][0] if rows else None
-
-    async def append_run(self, job_id: str, run_id: str, history: Sequence[Mapping[str, Any]],
-                         events: Sequence[Mapping[str, str]], *, sent: tuple[int, int]) -> None:  # fmt: skip
-        """A runner's loss points and events (`event_payload`s). `sent`: how many of each this run had written
-        before these; what Redis already took (a reply lost in an outage, the batch sent again) is skipped."""
-        k = self.keys
-        res = await self._run_append(keys=[k.job(job_id)], args=[script_arg({
-            "run_id": run_id, "h_from": sent[0], "e_from": sent[1], "history": [encode(p) for p in history],
-            "events": list(events), "maxlen": self.events_max, "history_max": self.history_max,
-            "k": {"history": k.job_history(job_id), "events": k.job_events(job_id), "sent": k.job_sent(job_id)},
-        })])  # fmt: skip
-        if res[0] != "ok":
-            raise TransitionRefused.from_reply(res)
-
-    async def add_history(self, job_id: str, points: Sequence[Mapping[str, Any]]) -> None:
-        """Loss points written by someone other than the run's runner (the watchdog, from logging.jsonl, for a
-        runner that died), capped as a runner's are; none once the job is deleted."""
-        await self._append_guarded(job_id, history=[encode(p) for p in points])
-
-    async def trim_history(self, job_id: str, up_to_step: int | None) -> None:
-        """Drop the loss points after `up_to_step` (all of them for None): a resumed run logs those steps again.
-        Only while no run of the job writes (it is about to start one)."""
-        kept = []
-        if up_to_step is not None:
-            raws = await self.r.lrange(self.keys.job_history(job_id), 0, -1)
-            kept = [raw for raw in raws if json.loads(raw).get("step", 0) <= up_to_step]
-        await self._append_guarded(job_id, history=kept, replace=True)
-
-    async def history_marker(self, job_id: str) -> tuple[int, str | None]:
-        """The loss history's length and newest point, raw: what changes whenever a point is added."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.llen(self.keys.job_history(job_id))
-            pipe.lindex(self.keys.job_history(job_id), -1)
-            length, newest = await pipe.execute()
-        return int(length), newest
-
-    async def history(self, job_id: str, limit: int) -> list[LossPoint]:
-        if limit <= 0:
-            return []
-        raw = await self.r.lrange(self.keys.job_history(job_id), -limit, -1)
-        return [LossPoint.model_validate_json(x) for x in raw]
 
     # ---- queue and leases -------------------------------------------------------------------------------
 

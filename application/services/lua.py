@@ -43,6 +43,8 @@ local function member(value, list)
   return false
 end
 local function fenced(key)
+  -- The job the caller read, not one created since under its id (by another owner, perhaps): as if missing.
+  if a.created and redis.call('HGET', key, 'created_at') ~= a.created then return 'missing' end
   -- A runner writes only into its own run; a scheduler starts and stops runs only while it leads.
   if a.run_id and field(key, 'run_id') ~= a.run_id then return 'other_run' end
   if a.fence and redis.call('GET', a.k.leader) ~= a.fence then return 'not_leader' end
@@ -193,6 +195,10 @@ if a.reopen then
   dir = field(KEYS[1], 'output_dir')
   local holder = redis.call('HGET', k.output_dirs, dir)
   if holder and holder ~= a.id then return {'output_dir_busy', cur, holder} end
+  -- Its uploads must still be there (a delete sees the job active from this step on, as for a create).
+  for _, f in ipairs(a.uploads or {}) do
+    if redis.call('EXISTS', f.file) == 0 then return {'upload_gone', cur, f.id} end
+  end
 end
 if a.queue == 'add' and field(KEYS[1], 'priority') ~= a.priority then
   return {'priority_changed', cur}  -- a PATCH landed since the caller read it: it computes the score again
@@ -212,6 +218,8 @@ if a.release then release_leases(k.leases, id) end
 if dir then
   redis.call('HSET', k.output_dirs, dir, id)
   redis.call('ZREM', k.expiry, id)
+  local created = redis.call('HGET', KEYS[1], 'created_at')
+  for _, f in ipairs(a.uploads or {}) do redis.call('SADD', f.users, id .. '|' .. created) end
 end
 hset_pairs(KEYS[1], a.fields)
 redis.call('HSET', KEYS[1], 'status', cjson.encode(a.to))
@@ -302,6 +310,7 @@ DELETE = (
 local k = a.k
 local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
+if fenced(KEYS[1]) then return {'missing'} end
 if member(cur, a.refuse) then return {'bad_state', cur} end
 local exp = field(KEYS[1], 'export')
 if exp and exp.status == 'running' then return {'export_state', cur, 'running'} end
@@ -384,6 +393,7 @@ REPRIORITIZE = (
 local k = a.k
 local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
+if fenced(KEYS[1]) then return {'missing'} end
 if cur ~= 'pending' and cur ~= 'queued' then return {'bad_state', cur} end
 redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
 refresh_summary(k.summary)

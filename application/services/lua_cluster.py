@@ -69,7 +69,8 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
     local score = redis.call('ZSCORE', index, id)
     if score and tonumber(score) == tonumber(created) then active = true break end
   end
-  if active then busy[#busy + 1] = id else redis.call('SREM', KEYS[5], member) end
+  -- (an inactive one stays: a refused delete must not forget a stopped job that a resume makes active again)
+  if active then busy[#busy + 1] = id end
 end
 if #busy > 0 then
   table.sort(busy)

@@ -8,12 +8,12 @@ import uuid
 from typing import Any
 
 from application.auth import Caller
-from application.exceptions import ApiError, Conflict
+from application.exceptions import ApiError, Conflict, refused
 from application.models.training_model import JobStatus
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
 from application.services.queue_planner import ClusterView, pending_reason, queued, wait_estimate
-from application.services.training_service import TrainingService, refused
+from application.services.training_service import TrainingService
 
 PASS_WAIT_SECONDS = 10.0
 

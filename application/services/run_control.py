@@ -8,7 +8,7 @@ import asyncio
 import uuid
 
 from application.auth import Caller
-from application.exceptions import Conflict, JobNotFound
+from application.exceptions import Conflict, JobNotFound, refused
 from application.models.job_responses import ActionResponse, CheckpointList
 from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
@@ -20,7 +20,6 @@ from application.services.training_service import (
     STOP_EXTRA_SECONDS,
     QueueInfo,
     TrainingService,
-    refused,
 )
 
 STOP_TRIES = 5
@@ -52,7 +51,7 @@ class RunControl:
         grace = svc.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS
         if job.status == JobStatus.PAUSED:
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
-                                       message="stopped while paused")  # fmt: skip
+                                       message="stopped while paused", created_at=job.created_at)  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
                                   message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
@@ -66,7 +65,7 @@ class RunControl:
             if not job.stop_requested:  # asked again while the run ends: one event, not one per request
                 await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
                                        event=("stop_requested", "stop requested: SIGTERM to the process group",
-                                              None), actor=caller.actor)  # fmt: skip
+                                              None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
             final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace)
             if final.status == JobStatus.QUEUED:
@@ -112,7 +111,7 @@ class RunControl:
             if not job.pause_requested:  # asked again while the run ends: one event, not one per request
                 await self.service.store.update(job_id, {"pause_requested": True}, statuses=(JobStatus.RUNNING,),
                                         event=("pause_requested", "pause requested: SIGTERM to the process group",
-                                               None), actor=caller.actor)  # fmt: skip
+                                               None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
@@ -148,8 +147,7 @@ class RunControl:
             raise Conflict(f"job '{job_id}' is {job.status.value}: only a paused job, or a stopped or failed one with a"
                            " checkpoint, can be resumed")  # fmt: skip
         if gone := await self.service.files.gone_uploads(job):
-            raise Conflict(f"job '{job_id}' trains on the uploaded file {gone[0]}, which has been deleted since: "
-                           "upload it again and create a new job with it")  # fmt: skip
+            raise _upload_gone(job_id, gone[0])
         checkpoint = await asyncio.to_thread(newest_checkpoint, job)
         if checkpoint is None and job.status != JobStatus.PAUSED:
             raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "
@@ -164,8 +162,11 @@ class RunControl:
                         "gpu_ids": []},  # (the GPUs of its last run, another job's now)
                 actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
                 data={"resume_from": checkpoint, "resume_step": step}, max_waiting=self.service.limits.max_waiting,
+                created_at=job.created_at, uploads=self.service.files.uploads_of(job),
             )  # fmt: skip
         except TransitionRefused as exc:
+            if exc.reason == Refusal.UPLOAD_GONE:  # deleted since the check above
+                raise _upload_gone(job_id, exc.detail) from None
             if exc.reason == Refusal.WAITING_CAP:
                 raise self.service.limits.over_cap(job.owner, int(exc.detail or 0)) from None
             if exc.reason == Refusal.OUTPUT_DIR_BUSY:
@@ -198,3 +199,8 @@ async def _fresh_schedule(checkpoint: str | None) -> str:
         return ""
     return ("; the checkpoint holds weights only (save_only_model): the optimizer and the learning-rate schedule "
             "start again")  # fmt: skip
+
+
+def _upload_gone(job_id: str, file_id: str | None) -> Conflict:
+    return Conflict(f"job '{job_id}' trains on the uploaded file {file_id}, which has been deleted since: upload it "
+                    "again and create a new job with it")  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import ApiError, Conflict, Invalid, JobNotFound, NotFound, Unavailable
+from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, Unavailable, refused
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
@@ -302,7 +302,8 @@ class TrainingService:
         if job.status == JobStatus.PENDING:
             try:
                 await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
-                                            message="start requested: queued for the scheduler")  # fmt: skip
+                                            message="start requested: queued for the scheduler",
+                                            created_at=job.created_at)  # fmt: skip
             except TransitionRefused as exc:
                 raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
             # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
@@ -355,7 +356,8 @@ class TrainingService:
         if ran and await asyncio.to_thread(newest_checkpoint, job) is not None:
             to, message = JobStatus.STOPPED, "stopped while it waited to run again"
         # (a stop or a start in between: the caller reads the job again, or says it changed)
-        await self.store.transition(job.job_id, to, expect=(job.status,), message=message, actor=caller.actor)
+        await self.store.transition(job.job_id, to, expect=(job.status,), message=message, actor=caller.actor,
+                                    created_at=job.created_at)  # fmt: skip
         return to
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
@@ -394,7 +396,7 @@ class TrainingService:
     async def delete(self, job_id: str, caller: Caller) -> None:
         job = await self.require(job_id, caller)
         try:
-            await self.store.delete(job_id, self.files.uploads_of(job))
+            await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
                 detail = "job '{id}' is exporting its model: wait for the export to end, then delete it"
@@ -474,14 +476,6 @@ def stopped_because(enabled: bool, leading: bool) -> str | None:
     if not enabled:
         return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
     return None
-
-
-def refused(job_id: str, exc: TransitionRefused, detail: str) -> ApiError:
-    """What a change the store refused answers: 404 when the job was deleted meanwhile, else 409 with `detail`
-    (`{id}` and `{status}`, the job's status now, filled in)."""
-    if exc.reason == Refusal.MISSING:
-        return JobNotFound(job_id)
-    return Conflict(detail.format(id=job_id, status=exc.current))
 
 
 NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
