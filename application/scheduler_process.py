@@ -36,6 +36,8 @@ from application.services.watchdog import WATCH_INTERVAL, Watchdog
 from application.services.webhooks import Webhooks
 from application.utils.gpu_utils import create_inventory
 
+SWIFT_FACTS_CHECK = 10.0  # seconds between looks at whether the published ms-swift facts are still in Redis
+
 
 class Scheduler:
     def __init__(self, settings: Settings, redis: RedisService) -> None:
@@ -52,6 +54,8 @@ class Scheduler:
         self.launcher = LocalLauncher(settings.runner_env(os.environ))
         self.leader = LeaderLock(self.cluster, self.ident, settings.LEADER_TTL_SECONDS)
         self._version: SwiftVersion | None = None
+        self._swift_facts: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        self.swift_facts_check = SWIFT_FACTS_CHECK
         self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,
                                         lambda: self.leader.value, self.swift_version, self.ident)  # fmt: skip
         self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
@@ -67,7 +71,12 @@ class Scheduler:
         return self._version
 
     async def publish_swift(self) -> None:
-        """What the API workers must know of ms-swift (they may run where it is not installed)."""
+        """What the API workers must know of ms-swift (they may run where it is not installed); probed once."""
+        if self._swift_facts is None:
+            self._swift_facts = await self._read_swift()
+        await self.cluster.put_swift_info(*self._swift_facts)
+
+    async def _read_swift(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         found, reason = usable(self.settings.SWIFT_BIN)
         version = await self.swift_version()
         info = None
@@ -76,13 +85,13 @@ class Scheduler:
                                            self.settings.DATA_DIR / "swift-probe")  # fmt: skip
         else:
             logger.error("ms-swift cannot be run: {}. Creates are refused with 503 until it is fixed", reason)
-        await self.cluster.put_swift_info({
+        return {
             "bin": self.settings.SWIFT_BIN, "version": info.version if info else version.version,
             # The probe's version; its source is the setting's (or the --version check's) when they agree.
             "version_source": "detected" if info and info.version != version.version else version.source,
             "found": found, "reason": reason,
             "probed": info is not None, "stamp": f"{self.ident}:{time.time()}",
-        }, info.raw if info is not None else None)  # fmt: skip
+        }, info.raw if info is not None else None  # fmt: skip
 
     # ---- the loops ----------------------------------------------------------------------------------
 
@@ -137,11 +146,22 @@ class Scheduler:
         while True:
             try:
                 await self.publish_swift()
-                return
+                break
             except RedisError as exc:
                 logger.warning("could not publish the ms-swift facts ({}): trying again in {:g} s", exc, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 30.0)
+        # Published again when they are gone: a Redis restarted without its data (or flushed) refused every
+        # create that names an ms-swift argument ("not read yet") until a scheduler restarted.
+        while True:
+            await asyncio.sleep(self.swift_facts_check)
+            try:
+                if await self.cluster.swift_info() is None:
+                    logger.warning("the ms-swift facts are gone from Redis (restarted without its data?): "
+                                   "publishing them again")  # fmt: skip
+                    await self.publish_swift()
+            except RedisError:
+                pass  # (down: looked at again at the next check)
 
     async def _listen(self) -> None:
         while True:

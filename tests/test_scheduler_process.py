@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -27,6 +28,8 @@ from tests.conftest import ROOT, ApiServer, wait_for
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
 from tests.test_runner import running
+
+T = TypeVar("T")
 
 
 def scheduler_of(server: ApiServer) -> psutil.Process:
@@ -210,15 +213,28 @@ async def test_the_ms_swift_facts_are_published_once_redis_answers(tmp_path: Pat
     server = EmbeddedRedis(folder, binary)
     try:
         scheduler = Scheduler(settings, redis)
+        scheduler.swift_facts_check = 0.2
         publish = asyncio.create_task(scheduler._publish_swift())
         await _until(lambda: any("could not publish the ms-swift facts" in m for m in seen), timeout=60)
         server.start()  # Redis comes up after the first try failed
-        await asyncio.wait_for(publish, 60)
-        facts = await scheduler.cluster.swift_info() or {}
+        facts = await wait_value(scheduler.cluster.swift_info, 60)
         assert facts.get("found") is True and facts.get("probed") is True, facts
         # SWIFT_VERSION names the version the probe found: /health says where it came from (it said "detected").
         assert (facts["version"], facts["version_source"]) == ("4.6.0", "setting"), facts
+        # A Redis that lost its data: the facts are published again (creates naming ms-swift arguments were
+        # refused until a scheduler restarted).
+        await scheduler.cluster.r.flushdb()
+        assert await wait_value(scheduler.cluster.swift_info, 30) == facts
     finally:
+        publish.cancel()
         logger.remove(sink)
         await redis.close()
         server.stop()
+
+
+async def wait_value(read: Callable[[], Awaitable[T | None]], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    while (value := await read()) is None:
+        assert time.monotonic() < deadline, "no value in time"
+        await asyncio.sleep(0.1)
+    return value
