@@ -62,6 +62,9 @@ async def test_only_the_leaders_fence_starts_a_run(redis_client: aioredis.Redis)
     assert not await cluster.renew_leadership(first, ttl=5)
     await store.transition("j", JobStatus.RUNNING, acquire_gpus=[0], fence=second)
     assert await store.leases() == {0: "j"}
+    # b's next acquire after its reply was lost (a timeout, Redis ran it anyway): it takes back its own lock,
+    # token and all, instead of waiting out a TTL with no leader; a takes nothing.
+    assert await cluster.acquire_leadership("b", ttl=5) == second and await cluster.acquire_leadership("a", 5) is None
 
 
 def _stall_until_gone(sync: redis.Redis, key: str, then: Callable[[], object] | None = None) -> None:

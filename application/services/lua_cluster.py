@@ -3,11 +3,17 @@ users, per-owner slots, the queue's wait clocks and the folder index's marker (`
 Keys are built by `Keys`, never here; values come as one JSON argument where there are several."""
 
 # The scheduler's leader lock. KEYS[1]: the lock. a: value, ttl_ms, epoch (the counter's key).
-# ACQUIRE takes it when free, with the next fencing token in its value; RENEW extends it only for its holder;
-# RELEASE frees it only for its holder.
+# ACQUIRE takes it when free, with the next fencing token in its value, or takes back one its caller holds (an
+# acquire whose reply timed out had taken it: no scheduler led for a whole TTL); RENEW extends it only for its
+# holder; RELEASE frees it only for its holder.
 LEADER_ACQUIRE = """
 local a = cjson.decode(ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local held = redis.call('GET', KEYS[1])
+if held then
+  if string.sub(held, -(#a.id + 1)) ~= ':' .. a.id then return false end
+  redis.call('PEXPIRE', KEYS[1], a.ttl_ms)
+  return held
+end
 local token = redis.call('INCR', a.epoch)
 local value = tostring(token) .. ':' .. a.id
 redis.call('SET', KEYS[1], value, 'PX', a.ttl_ms)
