@@ -755,3 +755,12 @@ def test_a_pass_over_10000_jobs_is_fast() -> None:
         decide(q, gpus, running, policy_of(), NOW)
         best = min(best, time.perf_counter() - t0)
     assert best < 0.1
+
+
+def test_a_head_stamped_in_the_future_counts_from_now() -> None:
+    # Stored by a leader whose clock was an hour ahead: kept as it was, the head's reservation stayed soft for that
+    # hour besides QUEUE_STARVATION_SECONDS, and later jobs backfilled past it.
+    assert next_head(("a", NOW + 3600), "a", NOW) == ("a", NOW)
+    assert next_head(("a", NOW + 3600), None, NOW) == ("a", NOW)
+    assert next_head(("a", NOW - 60), "a", NOW) == ("a", NOW - 60)
+    assert next_head(("a", NOW - 60), "b", NOW) == ("b", NOW)

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
 from application.services import process_group as pg
+from application.services import watchdog
 from tests.conftest import ROOT, _until, job_body, make_model, wait_job
 
 FIXTURES = ROOT / "tests" / "fixtures" / "swift"
@@ -74,7 +76,7 @@ async def test_swift_started_by_a_runner_that_died_before_recording_its_pid_is_s
 
 
 async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_then_runs(
-    app_factory: Callable[..., Any], tmp_path: Path
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The scheduler moves a job to running, then launches its runner: one that died in between left a job with
     no runner, no swift and no log, which the next leader failed as 'runner_lost', though nothing had run."""
@@ -93,6 +95,22 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         assert await scheduler.processor.run_pass() == ["orphan"]
         job = await wait_job(client, "orphan", lambda j: j["status"] != "running")
         assert job["status"] == "completed" and job["progress"]["current_step"] == 2, job
+        # Started by a scheduler whose clock is 2 minutes ahead: lost once it has been seen for the grace, not
+        # only once this host's clock reaches that start (its GPUs were held for the skew, with nothing running).
+        monkeypatch.setattr(watchdog, "RUNNER_START_GRACE", 1.0)
+        await client.post("/jobs", json=job_body(tmp_path, "ahead", step_seconds=0.01, training={"max_steps": 2}))
+        fields = {**fields, "run_id": "run-ahead", "started_at": time.time() + 120,
+                  "log_file": str(tmp_path / "output" / "ahead" / "logs" / "ahead.train.log")}  # fmt: skip
+        await scheduler.store.transition("ahead", JobStatus.RUNNING, acquire_gpus=[0], fields=fields)
+        await scheduler.watchdog.sweep()
+        assert (await client.get("/jobs/ahead")).json()["status"] == "running"  # within the grace
+        deadline = time.monotonic() + 10
+        while (await client.get("/jobs/ahead")).json()["status"] == "running":
+            assert time.monotonic() < deadline, "a run stamped in the future was never found lost"
+            await asyncio.sleep(0.2)
+            await scheduler.watchdog.sweep()
+        events = (await client.get("/jobs/ahead/events")).json()["events"]
+        assert any("never launched" in e["message"] for e in events), [(e["type"], e["message"]) for e in events]
 
 
 async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_with_its_whole_history(

@@ -214,7 +214,11 @@ Head = tuple[str, float]
 
 
 def next_head(stored: Head | None, found: str | None, now: float) -> Head | None:
-    """The head to keep after a pass that found `found` (None: the pass did not look that far)."""
+    """The head to keep after a pass that found `found` (None: the pass did not look that far). A time in the
+    future (stored by a scheduler on a host whose clock is ahead) counts from now: kept, it made the head's
+    reservation soft for the skew besides QUEUE_STARVATION_SECONDS."""
+    if stored is not None and stored[1] > now:
+        stored = (stored[0], now)
     if found is None or (stored is not None and stored[0] == found):
         return stored
     return (found, now)

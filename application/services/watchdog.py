@@ -97,6 +97,8 @@ class Watchdog:
         # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
         self._silent: dict[str, float] = {}
         self._hung: dict[str, str] = {}
+        # By run id: when a run with no runner yet, stamped in this host's future, was first seen.
+        self._unlaunched: dict[str, float] = {}
 
     async def sweep(self) -> None:
         running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
@@ -110,6 +112,7 @@ class Watchdog:
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
         self._silent = {key: since for key, since in self._silent.items() if key in watched}
         self._hung = {key: why for key, why in self._hung.items() if key in watched}
+        self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
@@ -120,7 +123,10 @@ class Watchdog:
         beating = bool(beat and beat.get("run_id") == job.run_id)
         if job.runner is None:
             # Launched but not recorded yet, or never launched (the scheduler died in between).
-            return beating or time.time() - (job.started_at or 0) < RUNNER_START_GRACE
+            age = time.time() - (job.started_at or 0)
+            if age < 0:  # stamped by a scheduler whose clock is ahead of this one's: counted from first sight
+                age = time.monotonic() - self._unlaunched.setdefault(job.run_id or "", time.monotonic())
+            return beating or age < RUNNER_START_GRACE
         alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
             return beating
