@@ -185,8 +185,10 @@ class Settings(BaseSettings):
     @field_validator("REDIS_KEY_PREFIX")
     @classmethod
     def _key_prefix(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+        # No ':': keys join their parts with it, so prefixes 'P' and 'P:job' shared keys (job 'queue' of the one
+        # was the other's queue).
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.' or '-' (no ':')")
         return v
 
     @field_validator("SIMULATED_GPUS")

@@ -51,6 +51,8 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("API_PREFIX", "/api/{v}", "path segments"),
         ("REDIS_URL", "redis://redis:6379/abc", "check its port, db and query"),
         ("DATA_ROOTS", "~no-such-user-here/data", "give the folder's full path"),
+        # 'P' and 'P:job' on one Redis: job 'queue' of the one was the other's queue.
+        ("REDIS_KEY_PREFIX", "teamA:job", "(no ':')"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(
