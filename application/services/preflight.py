@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
+from application.services.media_refs import check_media, media_columns
 from application.services.path_sandbox import (
     Guard,
     check_folder_links,
@@ -403,6 +404,8 @@ def check_request(
     model = resolve("model_path", model_path, settings.model_roots(), data=False, base=PROJECT_ROOT,
                     setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
     dataset = check_dataset("data_path", data.path, needs=needs) if data.path is not None else None
+    if data.path is not None:
+        check_media("data_path", data.path, settings.data_roots(), guard, media_columns(arguments or {}))
     if model.path is not None:
         check_model_links("model_path", model.path, settings, guard)
         check_model("model_path", model.path, model_type, template, info)
@@ -452,6 +455,7 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
                             guard=guard)  # fmt: skip
                 if r.path is not None and r.path.is_file():
                     check_dataset(where, r.path, needs=None if name == "cached_dataset" else needs)
+                    check_media(where, r.path, settings.data_roots(), guard, media_columns(arguments))
                 elif r.path is not None and r.path.is_dir():
                     check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
             else:

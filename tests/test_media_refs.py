@@ -1,0 +1,130 @@
+"""Media references in a data set's rows: inside DATA_ROOTS or inline, never a URL or a path out of the roots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.exceptions import Invalid
+from application.services.media_refs import BLOCK, check_media, media_columns
+from tests.conftest import job_body, make_model
+
+CHAT = [{"role": "user", "content": "<image>what is it?"}, {"role": "assistant", "content": "a cat"}]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> list[Path]:
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    (tmp_path / "data" / "img" / "cat.png").write_bytes(b"png")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.png").write_bytes(b"png")
+    return [tmp_path / "data"]
+
+
+def test_text_rows_inline_data_relative_paths_and_files_in_the_roots_pass(tmp_path: Path, roots: list[Path]) -> None:
+    rows: list[dict[str, Any]] = [
+        {"messages": CHAT},
+        {"messages": CHAT, "images": [str(tmp_path / "data" / "img" / "cat.png")]},
+        {"messages": CHAT, "images": ["data:image/png;base64,iVBORw0KGgo="], "videos": "clips/a.mp4"},
+        {"messages": CHAT, "images": [{"path": str(tmp_path / "data" / "img" / "cat.png"), "bytes": None}]},
+    ]
+    check_media("data_path", write_rows(tmp_path / "data" / "ok.jsonl", rows), roots, None)
+
+
+@pytest.mark.parametrize(
+    ("refs", "says"),
+    [
+        ({"images": ["OUTSIDE/secret.png"]}, "must be a file inside DATA_ROOTS"),
+        ({"images": ["OUTSIDE/missing.png"]}, "must be a file inside DATA_ROOTS"),  # the same: existence not told
+        ({"audios": "http://169.254.169.254/latest/meta-data/"}, "is a URL"),
+        ({"Videos": ["../../../../etc/passwd"]}, "leaves the run's folder"),
+        ({"images": [{"path": "~/secret.png"}]}, "must be a file inside DATA_ROOTS"),
+    ],
+)
+def test_a_reference_out_of_the_roots_or_a_url_is_refused_naming_its_row(
+    tmp_path: Path, roots: list[Path], refs: dict[str, Any], says: str
+) -> None:
+    refs = json.loads(json.dumps(refs).replace("OUTSIDE", str(tmp_path / "outside")))
+    path = write_rows(tmp_path / "data" / "bad.jsonl", [{"messages": CHAT}, {"messages": CHAT, **refs}])
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", path, roots, None)
+    assert "'bad.jsonl': line 2" in exc.value.detail and says in exc.value.detail, exc.value.detail
+
+
+def test_rows_far_down_a_large_file_and_escaped_column_names_are_read(tmp_path: Path, roots: list[Path]) -> None:
+    filler = json.dumps({"messages": CHAT}) + "\n"
+    text = filler * (BLOCK // len(filler) + 10)
+    # A column name spelled with \\u escapes is the same column to ms-swift's JSON reader.
+    text += '{"messages": [], "\\u0069mages": ["' + str(tmp_path / "outside" / "secret.png") + '"]}\n'
+    path = tmp_path / "data" / "big.jsonl"
+    path.write_text(text)
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", path, roots, None)
+    assert f"line {text.count(chr(10))}, 'images'" in exc.value.detail, exc.value.detail
+
+
+def test_json_arrays_and_csv_columns(tmp_path: Path, roots: list[Path]) -> None:
+    array = tmp_path / "data" / "rows.json"
+    array.write_text(json.dumps([{"messages": CHAT}, {"messages": CHAT, "images": ["https://example.com/a.png"]}]))
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", array, roots, None)
+    assert "element 2, 'images'" in exc.value.detail and "is a URL" in exc.value.detail
+    table = tmp_path / "data" / "rows.csv"
+    table.write_text("query,response,images\nhi,there,/etc/passwd\n")
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", table, roots, None)
+    assert "give data sets with images, videos or audio as .jsonl" in exc.value.detail
+    (tmp_path / "data" / "text.csv").write_text("query,response\nhi,there\n")
+    check_media("data_path", tmp_path / "data" / "text.csv", roots, None)
+
+
+def test_columns_mapped_to_media_and_image_blocks_in_messages_are_read(tmp_path: Path, roots: list[Path]) -> None:
+    # The `columns` argument makes any column a media one; Anthropic-style content blocks carry a source URL.
+    mapped = write_rows(tmp_path / "data" / "m.jsonl", [{"messages": CHAT, "pic": ["/etc/hostname"]}])
+    check_media("data_path", mapped, roots, None)  # an ordinary column
+    with pytest.raises(Invalid, match="line 1, 'pic'"):
+        check_media("data_path", mapped, roots, None, media_columns({"columns": {"pic": "Images"}}))
+    block = {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, block]},
+                          {"role": "assistant", "content": "x"}]}]  # fmt: skip
+    with pytest.raises(Invalid, match=r"line 1, 'messages'.*is a URL"):
+        check_media("data_path", write_rows(tmp_path / "data" / "a.jsonl", rows), roots, None)
+
+
+def test_another_owners_folder_is_refused_by_the_guard(tmp_path: Path, roots: list[Path]) -> None:
+    seen: list[Path] = []
+
+    def guard(field: str, value: str, real: Path) -> None:
+        seen.append(real)
+        raise Invalid(f"{field}: another owner's folder")
+
+    cat = str(roots[0] / "img" / "cat.png")
+    path = write_rows(tmp_path / "data" / "g.jsonl", [{"messages": CHAT, "images": [cat]}])
+    with pytest.raises(Invalid, match="another owner's folder"):
+        check_media("data_path", path, roots, guard)
+    assert seen == [(roots[0] / "img" / "cat.png").resolve()]
+
+
+async def test_a_job_on_rows_naming_a_file_out_of_the_roots_is_refused_before_it_is_stored(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The file exists (outside DATA_ROOTS, which is tmp_path here); ms-swift would have read it into training.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    body = job_body(tmp_path, "img", auto_start=True)
+    rows = Path(body["data_path"]).read_text().splitlines()
+    rows.append(json.dumps({"messages": CHAT, "images": ["/etc/hostname"]}))
+    Path(body["data_path"]).write_text("\n".join(rows) + "\n")
+    async with app_factory() as client:
+        r = await client.post("/jobs", json=body)
+        assert r.status_code == 422 and "line 22, 'images'" in r.json()["detail"], r.text
+        assert "must be a file inside DATA_ROOTS" in r.json()["detail"]
+        assert (await client.get("/jobs")).json()["total"] == 0
