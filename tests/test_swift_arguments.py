@@ -113,9 +113,19 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"deepspeed": {"tensorboard": {"enabled": True, "output_path": "runs/../../x"}}}, "is a path that leaves"),
     ({"model_kwargs": {"cache_dir": "~/cache"}}, "training.model_kwargs.cache_dir is a path that leaves"),
     ({"model_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "training.model_kwargs.paths[1] is a path that leaves"),
+    # ms-swift sets model_kwargs as environment variables: the run's proxy, hub endpoint or libraries were free.
+    ({"model_kwargs": {"HTTPS_PROXY": "http://10.1.2.3:3128"}}, "HTTPS_PROXY would change how the server runs it"),
+    ({"model_kwargs": {"hf_endpoint": "http://evil.example"}}, "HF_ENDPOINT would change how the server runs it"),
+    ({"model_kwargs": {"LD_LIBRARY_PATH": "lib"}}, "LD_LIBRARY_PATH would change"),
+    ({"model_kwargs": {"A=B": "1"}}, "name it with letters, digits and '_'"),
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)
+
+
+def test_a_models_own_options_pass_as_model_kwargs() -> None:
+    assert check_arguments("sft", {"model_kwargs": {"MAX_PIXELS": 1003520, "fps": 2}}, V4) == {
+        "model_kwargs": '{"MAX_PIXELS":1003520,"fps":2}'}  # fmt: skip
 
 
 def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_slash() -> None:

@@ -192,11 +192,35 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
             presets = f" or one of {', '.join(sorted(WORDS[name]))}" if name in WORDS else ""
             raise Invalid(f"{where} takes a JSON object{presets}")
         _check_object(where, value)
+        if name in ENV_ARGUMENTS:
+            _check_environment(where, value)
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
         if len(text) > 64 * 1024:
             raise Invalid(f"{where}: at most 64 KiB of JSON")
         return text
     return _scalar(where, name, value, spec)
+
+
+# Arguments whose items ms-swift sets as environment variables of the run (upper-cased): meant for a model's
+# own options (MAX_PIXELS, FPS, ...), not for those that steer its network, libraries, hubs, trackers or GPUs.
+ENV_ARGUMENTS = frozenset({"model_kwargs"})
+_PROCESS_ENV = re.compile(
+    r"(PATH|HOME|USER|SHELL|ENV|BASH_ENV|IFS|TMPDIR|TMP|TEMP|RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|NNODES|"
+    r"NODE_RANK|NPROC_PER_NODE|USE_HF|.*PROXY|(LD|PYTHON|HF|HUGGINGFACE|MODELSCOPE|WANDB|SWANLAB|REQUESTS|CURL|SSL|"
+    r"CUDA|NCCL|TORCH|OMP|MKL|MASTER|XDG|TRANSFORMERS|DS|DEEPSPEED|ACCELERATE|TRITON|GIT|PERL|RUBY|NODE|JAVA|GLIBC|"
+    r"MALLOC|SWIFT|TOKENIZERS|NVIDIA|VLLM|TF|XLA|AWS|GOOGLE|AZURE|OSS|COMET|MLFLOW|NEPTUNE|CLEARML|DVC)\w*)"
+)
+
+
+def _check_environment(where: str, value: Mapping[str, Any]) -> None:
+    for key in value:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+            raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable: name it with letters, "
+                          "digits and '_'")  # fmt: skip
+        if _PROCESS_ENV.fullmatch(key.upper()):
+            raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable of the run, and "
+                          f"{key.upper()} would change how the server runs it (its network, libraries, hubs or "
+                          "GPUs): only a model's own options (such as MAX_PIXELS) go here")  # fmt: skip
 
 
 def _check_object(where: str, value: Any, depth: int = 0) -> None:
