@@ -48,6 +48,12 @@ def test_text_rows_inline_data_relative_paths_and_files_in_the_roots_pass(tmp_pa
         ({"audios": "http://169.254.169.254/latest/meta-data/"}, "is a URL"),
         ({"Videos": ["../../../../etc/passwd"]}, "leaves the run's folder"),
         ({"images": [{"path": "~/secret.png"}]}, "must be a file inside DATA_ROOTS"),
+        # ms-swift strips a reference before it looks, and reads these columns too.
+        ({"images": [" /etc/passwd"]}, "must be a file inside DATA_ROOTS"),
+        ({"images": ["\t../x.png"]}, "leaves the run's folder"),
+        ({"rejected_videos": ["/etc/passwd"]}, "must be a file inside DATA_ROOTS"),
+        ({"negative_images": [["/etc/passwd"]]}, "must be a file inside DATA_ROOTS"),
+        ({"ref_audios": "https://10.0.0.1/a.wav"}, "is a URL"),
     ],
 )
 def test_a_reference_out_of_the_roots_or_a_url_is_refused_naming_its_row(
@@ -96,8 +102,34 @@ def test_columns_mapped_to_media_and_image_blocks_in_messages_are_read(tmp_path:
     block = {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}
     rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, block]},
                           {"role": "assistant", "content": "x"}]}]  # fmt: skip
-    with pytest.raises(Invalid, match=r"line 1, 'messages'.*is a URL"):
+    with pytest.raises(Invalid, match=r"line 1, 'source'.*is a URL"):
         check_media("data_path", write_rows(tmp_path / "data" / "a.jsonl", rows), roots, None)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}},
+        {"type": "image", "image": "/etc/passwd"},
+        {"type": "video", "video": "file:///etc/passwd"},
+    ],
+)
+def test_content_blocks_in_messages_are_read(tmp_path: Path, roots: list[Path], block: dict[str, Any]) -> None:
+    rows = [{"messages": [{"role": "user", "content": [block, {"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}]  # fmt: skip
+    with pytest.raises(Invalid, match="line 1"):
+        check_media("data_path", write_rows(tmp_path / "data" / "b.jsonl", rows), roots, None)
+
+
+def test_text_that_mentions_images_and_long_inline_data_pass(tmp_path: Path, roots: list[Path]) -> None:
+    talk = [{"role": "user", "content": 'What is an "image"? Say \u00e9.'}, {"role": "assistant", "content": "x"}]
+    inline = "/9j/" + "A" * 4000  # raw base64 (a JPEG's) past ms-swift's 2,000-character path limit
+    rows: list[dict[str, Any]] = [{"messages": talk}, {"messages": CHAT, "images": [inline]}]
+    check_media("data_path", write_rows(tmp_path / "data" / "t.jsonl", rows), roots, None)
+    array = tmp_path / "data" / "t.json"
+    array.write_text(json.dumps([{"messages": talk}] * 3 + [{"messages": CHAT, "images": ["x/../../y.png"]}]))
+    with pytest.raises(Invalid, match="element 4, 'images'"):
+        check_media("data_path", array, roots, None)
 
 
 def test_another_owners_folder_is_refused_by_the_guard(tmp_path: Path, roots: list[Path]) -> None:

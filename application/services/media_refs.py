@@ -1,117 +1,155 @@
 """The images, videos and audio a data set's rows name: ms-swift opens a path that exists wherever it lies, and
 fetches a URL (its `load_file`), so a row could read any file of the host, or another owner's, into training
-(and its error in the job's log say whether it exists), or make the server call an internal address. Each
+(and its errors in the job's log say whether it exists), or make the server call an internal address. Each
 reference is checked as data_path is: a file inside DATA_ROOTS (and not another owner's folder), inline data
-(`data:...;base64,...`), or a path relative to the run's folder without `..`; never a URL.
+(`data:...;base64,...`, or base64 longer than swift's 2,000-character path limit), or a path relative to the
+run's folder without `..`; never a URL.
 
-The whole file is read, in blocks: rows are parsed only where a block holds a media column's name, so a data
-set of text alone costs one scan (about a second per GiB).
+What ms-swift reads media from: columns `images`, `videos`, `audios` (and the singular forms), with the prefixes
+`rejected_`, `positive_`, `negative_`, `teacher_`, `ref_`; columns the `columns` argument maps to those; and
+content blocks in messages (`{"type": "image", "image": ...}`, `image_url`, Anthropic's `source`). So every value
+under a key that names an image, a video or audio (or `source`), at any depth of a row, is checked.
+
+The whole file is read, in blocks: rows are parsed only where a block holds such a key (or a `\\u` escape, which
+can spell one in other bytes), so a data set of text alone costs one scan.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from application.exceptions import Invalid
 from application.services.path_sandbox import Guard, check_text
 
-# Columns ms-swift reads media from, in any case (the singular forms are mapped to the plural ones by its
-# preprocessors; the `columns` argument may map others to them), and the key of an image block in a message's
-# content (Anthropic's format: its `url` is fetched, or opened as a path).
-MEDIA_KEYS = ("images", "videos", "audios", "image", "video", "audio", "rejected_images", "teacher_images")
+MEDIA_WORDS = ("image", "video", "audio")
 _SOURCE = "source"
 BLOCK = 8 << 20
-JSON_ARRAY_MAX_BYTES = 64 << 20  # a JSON array with media columns is read whole: larger ones must be JSONL
-_URL_PREFIXES = ("http:", "https:", "ftp:", "s3:", "oss:", "gs:", "file:", "hdfs:")
+MAX_ROW_BYTES = 64 << 20  # a row (a line, an array element) longer than this is refused, not read whole
+SWIFT_PATH_MAX = 2000  # longer strings are base64 to ms-swift, never a path (its _check_path)
 
 
 def media_columns(arguments: dict[str, Any]) -> tuple[str, ...]:
-    """Every column name that holds media: ms-swift's own and those the `columns` argument maps to them."""
+    """Columns the `columns` argument maps to a media column (lower case): their values are media too."""
     mapped = arguments.get("columns")
-    extra = [k for k, v in mapped.items() if isinstance(v, str) and v.lower() in MEDIA_KEYS] \
-        if isinstance(mapped, dict) else []  # fmt: skip
-    return (*MEDIA_KEYS, *(k.lower() for k in extra))
+    if not isinstance(mapped, dict):
+        return ()
+    return tuple(k.lower() for k, v in mapped.items() if isinstance(v, str) and _is_media_key(v.lower()))
 
 
 def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | None,
-                columns: Sequence[str] = MEDIA_KEYS) -> None:  # fmt: skip
-    """Raise Invalid naming the row and column of a media reference that could reach outside DATA_ROOTS."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
+                columns: Sequence[str] = ()) -> None:  # fmt: skip
+    """Raise Invalid naming the row and key of a media reference that could reach outside DATA_ROOTS."""
+    check = _Checker(field, path, roots, guard, tuple(columns))
+    if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
             header = next(csv.reader(io.StringIO(f.readline())), [])
-        if found := sorted(h for h in header if h.lower() in columns):
+        if found := [h for h in header if check.is_media_key(h)]:
             raise Invalid(f"{field} '{path.name}': its '{found[0]}' column names media: give data sets with images, "
                           "videos or audio as .jsonl (their paths are checked there)")  # fmt: skip
         return
-    check = _Checker(field, path, roots, guard, tuple(columns))
     with open(path, "rb") as f:
-        first = f.read(BLOCK)
-        if first.lstrip().startswith(b"["):
-            _check_array(check, f, first)
+        if not _marked_anywhere(check, f):
             return
-        _check_lines(check, f, first)
+        f.seek(0)
+        head = f.read(BLOCK)
+        f.seek(0)
+        rows = _array_rows(check, f) if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else _lines(check, f)
+        for where, row in rows:
+            check.row(row, where)
+
+
+def _is_media_key(key: str) -> bool:
+    return "image" in key or "video" in key or "audio" in key or key == _SOURCE
 
 
 class _Checker:
     def __init__(self, field: str, path: Path, roots: Sequence[Path], guard: Guard | None,
                  columns: tuple[str, ...]) -> None:  # fmt: skip
         self.field, self.path, self.roots, self.guard, self.columns = field, path, roots, guard, columns
-        # What a row naming one holds (compared in lower case); or a \\u escape, which can spell a name in other
-        # bytes.
-        self.markers = (*(f'"{c}"'.encode() for c in (*columns, _SOURCE)), b"\\u")
+        self.root_texts = [os.path.realpath(root) for root in roots]
+        self.folders: dict[str, str] = {}
+        self.keys: dict[str, bool] = {}
+        self.guarded: set[str] = set()
+        # What a block holding a media key holds (in lower case): a key starting with or containing a media word
+        # (after a quote or a prefix's '_'), a mapped column, or a \u escape.
+        words = [f"{sep}{w}".encode() for w in MEDIA_WORDS for sep in ('"', "_")]
+        self.markers = (*words, b'"source"', *(f'"{c}"'.encode() for c in columns), b"\\u")
+        self.overlap = max(map(len, self.markers)) - 1
+
+    def is_media_key(self, key: str) -> bool:
+        known = self.keys.get(key)
+        if known is None:  # (a data set's rows repeat a few keys: each is looked at once)
+            if len(self.keys) > 10_000:
+                self.keys.clear()
+            known = self.keys[key] = _is_media_key(key.lower()) or key.lower() in self.columns
+        return known
 
     def marked(self, data: bytes) -> bool:
         lowered = data.lower()
         return any(marker in lowered for marker in self.markers)
 
     def row(self, row: Any, where: str) -> None:
-        if not isinstance(row, dict):
-            return  # (the format check says what a row must be)
-        for key, value in row.items():
-            if not isinstance(key, str):
-                continue
-            if key.lower() in self.columns:
-                for ref in _strings(value):
-                    self.reference(ref, f"{where}, '{key}'")
-            elif isinstance(value, list):  # messages: content blocks with a source
-                for ref in _sources(value):
-                    self.reference(ref, f"{where}, '{key}'")
+        """Every string under a media key, at any depth."""
+        if isinstance(row, dict):
+            for key, value in row.items():
+                if self.is_media_key(key):
+                    for ref in _strings(value):
+                        self.reference(ref, f"{where}, '{key}'")
+                elif isinstance(value, (dict, list)):
+                    self.row(value, where)
+        elif isinstance(row, list):
+            for item in row:
+                if isinstance(item, (dict, list)):
+                    self.row(item, where)
 
     def reference(self, ref: str, where: str) -> None:
-        if ref.startswith("data:"):
-            return
         said = f"{self.field} '{self.path.name}': {where}"
-        if ref.lower().startswith(_URL_PREFIXES) or "://" in ref:
+        ref = ref.strip()  # as ms-swift does before it looks
+        if ref.lower().startswith(("http", "ftp:", "s3:", "oss:", "gs:", "file:")) or "://" in ref:
             raise Invalid(f"{said}: '{ref[:200]}' is a URL: the server does not fetch media; put the file inside "
-                          "DATA_ROOTS (POST /files takes only data sets) and name its path")  # fmt: skip
+                          "DATA_ROOTS and name its path")  # fmt: skip
+        if ref.startswith("data:") or len(ref) > SWIFT_PATH_MAX:
+            return  # inline data
         if ref.startswith(("/", "~")):
-            check_text(said, ref)
-            real = Path(os.path.realpath(os.path.expanduser(ref)))
-            roots = [Path(os.path.realpath(root)) for root in self.roots]
-            if not any(real == root or root in real.parents for root in roots):
-                raise Invalid(f"{said}: '{ref[:200]}' must be a file inside DATA_ROOTS "
-                              f"({', '.join(map(str, roots))})")  # fmt: skip
-            if self.guard is not None:
-                self.guard(said, ref, real)  # another owner's folder
+            if "\x00" in ref:
+                check_text(said, ref)  # (says what is wrong with it)
+            real, folder = self.resolved(ref)
+            if not any(real == root or real.startswith(root + os.sep) for root in self.root_texts):
+                roots = ", ".join(self.root_texts)
+                raise Invalid(f"{said}: '{ref[:200]}' must be a file inside DATA_ROOTS ({roots}), or inline data "
+                              "(data:...;base64,...)")  # fmt: skip
+            if self.guard is not None and folder not in self.guarded:
+                self.guard(said, ref, Path(real))  # another owner's folder
+                # (a file holds no folder: its siblings' answer is the same)
+                self.guarded.add(folder)
         elif ".." in PurePosixPath(ref).parts:
             raise Invalid(f"{said}: '{ref[:200]}' leaves the run's folder: name a file inside DATA_ROOTS by its "
                           "absolute path")  # fmt: skip
 
-
-def _sources(messages: list[Any]) -> Iterator[str]:
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        for block in content if isinstance(content, list) else []:
-            source = block.get(_SOURCE) if isinstance(block, dict) else None
-            if isinstance(source, dict):
-                yield from (v for k, v in source.items() if k in ("url", "path") and isinstance(v, str))
+    def resolved(self, ref: str) -> tuple[str, str]:
+        """The reference's real path and its real folder: each folder resolved once (a data set names thousands
+        of files in a few folders), the file itself only when it is a link."""
+        parent, name = os.path.split(os.path.expanduser(ref))
+        if name in ("", ".", ".."):
+            real = os.path.realpath(os.path.expanduser(ref))
+            return real, os.path.dirname(real)
+        if len(self.folders) > 100_000:
+            self.folders.clear()
+        folder = self.folders.get(parent)
+        if folder is None:
+            folder = self.folders[parent] = os.path.realpath(parent)
+        real = os.path.join(folder, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+            return real, os.path.dirname(real)
+        return real, folder
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -120,53 +158,87 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _strings(item)
-    elif isinstance(value, dict):  # {"path": ..., "bytes": ...}, as Hugging Face's Image feature stores them
-        if isinstance(value.get("path"), str):
-            yield value["path"]
+    elif isinstance(value, dict):  # {"path": ...}, {"url": ...}, a block's fields
+        for item in value.values():
+            yield from _strings(item)
 
 
-def _check_lines(check: _Checker, f: io.BufferedReader, block: bytes) -> None:
-    number, carry = 0, b""
-    while block:
-        data = carry + block
-        cut = data.rfind(b"\n") + 1
-        lines, carry = data[:cut], data[cut:]
-        if check.marked(lines):
-            for i, raw in enumerate(lines.split(b"\n")[:-1], start=number + 1):
-                _check_line(check, raw, i)
-        number += lines.count(b"\n")
-        block = f.read(BLOCK)
-    if carry.strip():
-        _check_line(check, carry, number + 1)
+def _marked_anywhere(check: _Checker, f: BinaryIO) -> bool:
+    tail = b""
+    while block := f.read(BLOCK):
+        if check.marked(tail + block):
+            return True
+        tail = block[-check.overlap :]
+    return False
 
 
-def _check_line(check: _Checker, raw: bytes, number: int) -> None:
+def _too_long(check: _Checker, where: str) -> Invalid:
+    return Invalid(f"{check.field} '{check.path.name}': {where} is over {MAX_ROW_BYTES >> 20} MiB")
+
+
+def _lines(check: _Checker, f: BinaryIO) -> Iterator[tuple[str, Any]]:
+    number, parts, held = 0, [], 0
+    while block := f.read(BLOCK):
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:  # no line ends here: kept, not searched again
+            parts.append(block)
+            held += len(block)
+            if held > MAX_ROW_BYTES:
+                raise _too_long(check, f"line {number + 1}")
+            continue
+        data = b"".join([*parts, block[:cut]])
+        parts, held = [block[cut:]], len(block) - cut
+        for raw in data.split(b"\n")[:-1]:
+            number += 1
+            yield from _parsed(check, raw, number)
+    last = b"".join(parts)
+    if last.strip():
+        yield from _parsed(check, last, number + 1)
+
+
+def _parsed(check: _Checker, raw: bytes, number: int) -> Iterator[tuple[str, Any]]:
     if not check.marked(raw):
         return
     try:
-        row = json.loads(raw)
+        yield f"line {number}", json.loads(raw)
     except (ValueError, RecursionError):
         raise Invalid(f"{check.field} '{check.path.name}': line {number} is not a valid JSON row") from None
-    check.row(row, f"line {number}")
 
 
-def _check_array(check: _Checker, f: io.BufferedReader, first: bytes) -> None:
-    size = f.seek(0, 2)
-    f.seek(0)
-    if size > JSON_ARRAY_MAX_BYTES:
-        tail = b""
-        while block := f.read(BLOCK):
-            if check.marked(tail + block):
-                raise Invalid(f"{check.field} '{check.path.name}': a JSON array over {JSON_ARRAY_MAX_BYTES >> 20} MiB "
-                              "with media columns: give it as .jsonl (one row per line)")  # fmt: skip
-            tail = block[-16:]
-        return
-    data = f.read()
-    if not check.marked(data):
-        return
-    try:
-        rows = json.loads(data)
-    except (ValueError, RecursionError):
-        return  # (the format check says what is wrong with it)
-    for n, row in enumerate(rows if isinstance(rows, list) else [], start=1):
-        check.row(row, f"element {n}")
+def _array_rows(check: _Checker, f: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """The elements of a JSON array, read a block at a time (any size: a data set of text with \\u escapes
+    is marked throughout)."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, pos, eof, n = "", 0, False, 0
+
+    def more() -> None:
+        nonlocal text, pos, eof
+        block = f.read(BLOCK)
+        eof = not block
+        text = text[pos:] + utf8.decode(block, final=eof)  # what was read is dropped only here
+        pos = 0
+
+    more()
+    start = text.find("[")
+    pos = start + 1 if start >= 0 else len(text)
+    while True:
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,\ufeff":
+                pos += 1
+            if pos < len(text) or eof:
+                break
+            more()
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            if eof:
+                raise Invalid(f"{check.field} '{check.path.name}': element {n + 1} is not valid JSON") from None
+            if len(text) - pos > MAX_ROW_BYTES:
+                raise _too_long(check, f"element {n + 1}") from None
+            more()
+            continue
+        n += 1
+        yield f"element {n}", value

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -61,7 +62,8 @@ class SystemService:
         # whatever the load. Measured from this worker's start instead.
         psutil.cpu_percent(interval=None)
         # start.py's embedded server lives under DATA_DIR and is reached through its unix socket.
-        self.embedded = redis.url.startswith("unix://") and str(service.settings.DATA_DIR) in redis.url
+        # (its URL quotes the path: a DATA_DIR with a space or '%' in it)
+        self.embedded = redis.url.startswith("unix://") and quote(str(service.settings.DATA_DIR)) in redis.url
 
     async def gpus(self) -> dict[str, Any]:
         snapshot = await self.service.gpu_snapshot()

@@ -364,8 +364,11 @@ class Watchdog:
         removed = []
         for job_id in await self.store.expired(time.time() - days * 86400, batch):
             job = await self.store.get(job_id)
+            if job is None or not job.status.is_terminal():
+                continue  # gone, or resumed since (it leaves the expiry set)
             try:
-                await self.store.delete(job_id, self.files.uploads_of(job) if job else ())
+                # (only the job read: not one created since under its id)
+                await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
                 removed.append(job_id)
             except TransitionRefused:
                 continue  # exporting right now, or gone already: the next sweep sees it again
