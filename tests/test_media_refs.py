@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.media_refs import BLOCK, check_media, media_columns
+from application.services.media_refs import BLOCK, check_media, check_media_folder, media_columns
 from tests.conftest import job_body, make_model
 
 CHAT = [{"role": "user", "content": "<image>what is it?"}, {"role": "assistant", "content": "a cat"}]
@@ -46,11 +46,11 @@ def test_text_rows_inline_data_relative_paths_and_files_in_the_roots_pass(tmp_pa
         ({"images": ["OUTSIDE/secret.png"]}, "must be a file inside DATA_ROOTS"),
         ({"images": ["OUTSIDE/missing.png"]}, "must be a file inside DATA_ROOTS"),  # the same: existence not told
         ({"audios": "http://169.254.169.254/latest/meta-data/"}, "is a URL"),
-        ({"Videos": ["../../../../etc/passwd"]}, "leaves the run's folder"),
+        ({"Videos": ["../../../../etc/passwd"]}, "holds '..'"),
         ({"images": [{"path": "~/secret.png"}]}, "must be a file inside DATA_ROOTS"),
         # ms-swift strips a reference before it looks, and reads these columns too.
         ({"images": [" /etc/passwd"]}, "must be a file inside DATA_ROOTS"),
-        ({"images": ["\t../x.png"]}, "leaves the run's folder"),
+        ({"images": ["\t../x.png"]}, "holds '..'"),
         ({"rejected_videos": ["/etc/passwd"]}, "must be a file inside DATA_ROOTS"),
         ({"negative_images": [["/etc/passwd"]]}, "must be a file inside DATA_ROOTS"),
         ({"ref_audios": "https://10.0.0.1/a.wav"}, "is a URL"),
@@ -130,6 +130,52 @@ def test_text_that_mentions_images_and_long_inline_data_pass(tmp_path: Path, roo
     array.write_text(json.dumps([{"messages": talk}] * 3 + [{"messages": CHAT, "images": ["x/../../y.png"]}]))
     with pytest.raises(Invalid, match="element 4, 'images'"):
         check_media("data_path", array, roots, None)
+
+
+@pytest.mark.parametrize(
+    ("row", "says"),
+    [
+        # History and messages given as text: ms-swift parses them (JSON, else a Python literal).
+        ({"query": "hi", "response": "x",
+          "history": "[[[{'type': 'image', 'image': '/etc/passwd'}, {'type': 'text', 'text': 'what?'}], 'ok']]"},
+         "must be a file inside DATA_ROOTS"),
+        ({"messages": "[{'role': 'user', 'content': [{'type': 'image', 'source': {'type': 'url', "
+                      "'url': 'http://169.254.169.254/'}}]}, {'role': 'assistant', 'content': 'x'}]"}, "is a URL"),
+        # ms-swift normalizes what it did not find as a path: 'data:/../../x' is /x to it.
+        ({"messages": CHAT, "images": ["data:/../../../../../../etc/passwd"]}, "holds '..'"),
+    ],
+)  # fmt: skip
+def test_media_hidden_in_text_or_behind_a_data_prefix_is_found(
+    tmp_path: Path, roots: list[Path], row: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", write_rows(tmp_path / "data" / "h.jsonl", [row]), roots, None)
+    assert says in exc.value.detail, exc.value.detail
+
+
+def test_a_column_mapped_by_the_columns_argument_as_it_reaches_the_check(tmp_path: Path, roots: list[Path]) -> None:
+    from application.services.swift_arguments import check_arguments
+    from tests.test_swift_arguments import V4
+
+    arguments = check_arguments("sft", {"columns": {"pic": "images"}}, V4)  # JSON text, as the create stores it
+    assert isinstance(arguments["columns"], str)
+    path = write_rows(tmp_path / "data" / "c.jsonl", [{"messages": CHAT, "pic": ["/etc/passwd"]}])
+    with pytest.raises(Invalid, match="line 1, 'pic'"):
+        check_media("data_path", path, roots, None, media_columns(arguments))
+
+
+def test_a_folder_data_set_has_each_data_file_checked(tmp_path: Path, roots: list[Path]) -> None:
+    folder = tmp_path / "data" / "set"
+    (folder / "part").mkdir(parents=True)
+    write_rows(folder / "a.jsonl", [{"messages": CHAT}])
+    write_rows(folder / "part" / "b.jsonl", [{"messages": CHAT, "images": ["/etc/passwd"]}])
+    with pytest.raises(Invalid, match="must be a file inside DATA_ROOTS"):
+        check_media_folder("training.dataset", folder, roots, None)
+    (folder / "part" / "b.jsonl").unlink()
+    check_media_folder("training.dataset", folder, roots, None)
+    (folder / "c.parquet").write_bytes(b"PAR1")
+    with pytest.raises(Invalid, match=r"c\.parquet, whose rows the server cannot check"):
+        check_media_folder("training.dataset", folder, roots, None)
 
 
 def test_another_owners_folder_is_refused_by_the_guard(tmp_path: Path, roots: list[Path]) -> None:

@@ -16,13 +16,14 @@ can spell one in other bytes), so a data set of text alone costs one scan.
 
 from __future__ import annotations
 
+import ast
 import codecs
 import csv
-import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from application.exceptions import Invalid
@@ -38,6 +39,11 @@ SWIFT_PATH_MAX = 2000  # longer strings are base64 to ms-swift, never a path (it
 def media_columns(arguments: dict[str, Any]) -> tuple[str, ...]:
     """Columns the `columns` argument maps to a media column (lower case): their values are media too."""
     mapped = arguments.get("columns")
+    if isinstance(mapped, str):  # (as the arguments' check leaves it: JSON text)
+        try:
+            mapped = json.loads(mapped)
+        except ValueError:
+            return ()
     if not isinstance(mapped, dict):
         return ()
     return tuple(k.lower() for k, v in mapped.items() if isinstance(v, str) and _is_media_key(v.lower()))
@@ -47,22 +53,48 @@ def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | No
                 columns: Sequence[str] = ()) -> None:  # fmt: skip
     """Raise Invalid naming the row and key of a media reference that could reach outside DATA_ROOTS."""
     check = _Checker(field, path, roots, guard, tuple(columns))
-    if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            header = next(csv.reader(io.StringIO(f.readline())), [])
-        if found := [h for h in header if check.is_media_key(h)]:
-            raise Invalid(f"{field} '{path.name}': its '{found[0]}' column names media: give data sets with images, "
-                          "videos or audio as .jsonl (their paths are checked there)")  # fmt: skip
-        return
     with open(path, "rb") as f:
         if not _marked_anywhere(check, f):
             return
+    if path.suffix.lower() == ".csv":
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as t:
+            reader = csv.DictReader(t)
+            if found := [h for h in reader.fieldnames or [] if check.is_media_key(h)]:
+                raise Invalid(f"{field} '{path.name}': its '{found[0]}' column names media: give data sets with "
+                              "images, videos or audio as .jsonl (their paths are checked there)")  # fmt: skip
+            for number, row in enumerate(reader, start=2):
+                check.row(row, f"line {number}")
+        return
+    with open(path, "rb") as f:
         f.seek(0)
         head = f.read(BLOCK)
         f.seek(0)
         rows = _array_rows(check, f) if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else _lines(check, f)
         for where, row in rows:
             check.row(row, where)
+
+
+FOLDER_FILES_MAX = 10_000
+_UNREADABLE = (".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".lz4")
+
+
+def check_media_folder(field: str, folder: Path, roots: Sequence[Path], guard: Guard | None,
+                       columns: Sequence[str] = ()) -> None:  # fmt: skip
+    """A folder data set: ms-swift (Hugging Face's loader) reads every data file in it, so each is checked; a
+    file whose rows cannot be read here (columnar, compressed) is refused."""
+    seen = 0
+    for place, _, names in os.walk(folder):
+        for name in sorted(names):
+            seen += 1
+            if seen > FOLDER_FILES_MAX:
+                raise Invalid(f"{field}: the folder holds more than {FOLDER_FILES_MAX} files: give its data files")
+            path = Path(place) / name
+            suffix = path.suffix.lower()
+            if suffix in (".jsonl", ".json", ".csv"):
+                check_media(field, path, roots, guard, columns)
+            elif suffix in _UNREADABLE:
+                raise Invalid(f"{field}: the folder holds {path.relative_to(folder)}, whose rows the server cannot "
+                              "check for the media they name: give the data set as .jsonl, .json or .csv")  # fmt: skip
 
 
 def _is_media_key(key: str) -> bool:
@@ -77,11 +109,12 @@ class _Checker:
         self.folders: dict[str, str] = {}
         self.keys: dict[str, bool] = {}
         self.guarded: set[str] = set()
-        # What a block holding a media key holds (in lower case): a key starting with or containing a media word
-        # (after a quote or a prefix's '_'), a mapped column, or a \u escape.
-        words = [f"{sep}{w}".encode() for w in MEDIA_WORDS for sep in ('"', "_")]
-        self.markers = (*words, b'"source"', *(f'"{c}"'.encode() for c in columns), b"\\u")
-        self.overlap = max(map(len, self.markers)) - 1
+        # What a block holding a media key holds (in lower case): a media word, a mapped column, an escape
+        # (\u in JSON, \x in the Python literals swift also parses) that could spell one, or a string that opens
+        # a list or an object (swift parses messages and history given as text).
+        names = b"".join(b"|" + re.escape(c.encode()) for c in columns)
+        self.markers = re.compile(rb'image|video|audio|source|\\[ux]|"(?:\s|\\[nrtbf])*[\[{]' + names)
+        self.overlap = 64 + max((len(c) for c in columns), default=0)
 
     def is_media_key(self, key: str) -> bool:
         known = self.keys.get(key)
@@ -92,30 +125,38 @@ class _Checker:
         return known
 
     def marked(self, data: bytes) -> bool:
-        lowered = data.lower()
-        return any(marker in lowered for marker in self.markers)
+        return self.markers.search(data.lower()) is not None
 
-    def row(self, row: Any, where: str) -> None:
-        """Every string under a media key, at any depth."""
+    def row(self, row: Any, where: str, depth: int = 0) -> None:
+        """Every string under a media key, at any depth, also inside strings swift parses as lists or objects."""
+        if depth > 64:
+            raise Invalid(f"{self.field} '{self.path.name}': {where} is nested too deeply")
         if isinstance(row, dict):
             for key, value in row.items():
                 if self.is_media_key(key):
                     for ref in _strings(value):
                         self.reference(ref, f"{where}, '{key}'")
-                elif isinstance(value, (dict, list)):
-                    self.row(value, where)
+                else:
+                    self.row(value, where, depth + 1)
         elif isinstance(row, list):
             for item in row:
-                if isinstance(item, (dict, list)):
-                    self.row(item, where)
+                self.row(item, where, depth + 1)
+        elif isinstance(row, str) and row.lstrip()[:1] in ("[", "{"):
+            self.row(_parsed_text(row), where, depth + 1)
 
     def reference(self, ref: str, where: str) -> None:
         said = f"{self.field} '{self.path.name}': {where}"
         ref = ref.strip()  # as ms-swift does before it looks
+        if len(ref) > SWIFT_PATH_MAX:
+            return  # inline data: never a path to ms-swift
         if ref.lower().startswith(("http", "ftp:", "s3:", "oss:", "gs:", "file:")) or "://" in ref:
             raise Invalid(f"{said}: '{ref[:200]}' is a URL: the server does not fetch media; put the file inside "
                           "DATA_ROOTS and name its path")  # fmt: skip
-        if ref.startswith("data:") or len(ref) > SWIFT_PATH_MAX:
+        if ".." in ref.replace("\\", "/").split("/"):
+            # (ms-swift normalizes what it did not find as a path: 'data:/../../x' is /x to it)
+            raise Invalid(f"{said}: '{ref[:200]}' holds '..': name a file inside DATA_ROOTS by its absolute path, "
+                          "or give inline data (data:...;base64,...)")  # fmt: skip
+        if ref.startswith("data:"):
             return  # inline data
         if ref.startswith(("/", "~")):
             if "\x00" in ref:
@@ -129,9 +170,6 @@ class _Checker:
                 self.guard(said, ref, Path(real))  # another owner's folder
                 # (a file holds no folder: its siblings' answer is the same)
                 self.guarded.add(folder)
-        elif ".." in PurePosixPath(ref).parts:
-            raise Invalid(f"{said}: '{ref[:200]}' leaves the run's folder: name a file inside DATA_ROOTS by its "
-                          "absolute path")  # fmt: skip
 
     def resolved(self, ref: str) -> tuple[str, str]:
         """The reference's real path and its real folder: each folder resolved once (a data set names thousands
@@ -150,6 +188,20 @@ class _Checker:
             real = os.path.realpath(real)
             return real, os.path.dirname(real)
         return real, folder
+
+
+def _parsed_text(text: str) -> Any:
+    """A list or an object written as text, read as ms-swift reads it (JSON, else a Python literal); or None."""
+    if len(text) > MAX_ROW_BYTES:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _strings(value: Any) -> Iterator[str]:

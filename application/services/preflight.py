@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from application.config import PROJECT_ROOT, Settings
 from application.exceptions import Invalid
-from application.services.media_refs import check_media, media_columns
+from application.services.media_refs import check_media, check_media_folder, media_columns
 from application.services.path_sandbox import (
     Guard,
     check_folder_links,
@@ -458,6 +458,7 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
                     check_media(where, r.path, settings.data_roots(), guard, media_columns(arguments))
                 elif r.path is not None and r.path.is_dir():
                     check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
+                    check_media_folder(where, r.path, settings.data_roots(), guard, media_columns(arguments))
             else:
                 r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
                             setting="MODEL_ROOTS or OUTPUT_ROOT", guard=guard)  # fmt: skip
