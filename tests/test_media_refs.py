@@ -141,6 +141,9 @@ def test_text_that_mentions_images_and_long_inline_data_pass(tmp_path: Path, roo
          "must be a file inside DATA_ROOTS"),
         ({"messages": "[{'role': 'user', 'content': [{'type': 'image', 'source': {'type': 'url', "
                       "'url': 'http://169.254.169.254/'}}]}, {'role': 'assistant', 'content': 'x'}]"}, "is a URL"),
+        # The templates of multimodal models load <img>path</img> written in a message.
+        ({"messages": [{"role": "user", "content": "look: <img>/etc/passwd</img>"},
+                       {"role": "assistant", "content": "x"}]}, "'<img>': '/etc/passwd' must be a file inside"),
         # ms-swift normalizes what it did not find as a path: 'data:/../../x' is /x to it.
         ({"messages": CHAT, "images": ["data:/../../../../../../etc/passwd"]}, "holds '..'"),
     ],

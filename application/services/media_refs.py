@@ -74,6 +74,7 @@ def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | No
             check.row(row, where)
 
 
+_IMG_TAG = re.compile(r"<img>(.+?)</img>")  # as ms-swift's Template._replace_image_tags finds them
 FOLDER_FILES_MAX = 10_000
 _UNREADABLE = (".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".lz4")
 
@@ -113,7 +114,7 @@ class _Checker:
         # (\u in JSON, \x in the Python literals swift also parses) that could spell one, or a string that opens
         # a list or an object (swift parses messages and history given as text).
         names = b"".join(b"|" + re.escape(c.encode()) for c in columns)
-        self.markers = re.compile(rb'image|video|audio|source|\\[ux]|"(?:\s|\\[nrtbf])*[\[{]' + names)
+        self.markers = re.compile(rb'image|video|audio|source|<img>|\\[ux]|"(?:\s|\\[nrtbf])*[\[{]' + names)
         self.overlap = 64 + max((len(c) for c in columns), default=0)
 
     def is_media_key(self, key: str) -> bool:
@@ -141,8 +142,12 @@ class _Checker:
         elif isinstance(row, list):
             for item in row:
                 self.row(item, where, depth + 1)
-        elif isinstance(row, str) and row.lstrip()[:1] in ("[", "{"):
-            self.row(_parsed_text(row), where, depth + 1)
+        elif isinstance(row, str):
+            if row.lstrip()[:1] in ("[", "{"):
+                self.row(_parsed_text(row), where, depth + 1)
+            if "<img>" in row:  # ms-swift's templates of multimodal models load <img>path</img> from the text
+                for ref in _IMG_TAG.findall(row):
+                    self.reference(ref, f"{where}, '<img>'")
 
     def reference(self, ref: str, where: str) -> None:
         said = f"{self.field} '{self.path.name}': {where}"
