@@ -54,6 +54,7 @@ def test_text_rows_inline_data_relative_paths_and_files_in_the_roots_pass(tmp_pa
         ({"rejected_videos": ["/etc/passwd"]}, "must be a file inside DATA_ROOTS"),
         ({"negative_images": [["/etc/passwd"]]}, "must be a file inside DATA_ROOTS"),
         ({"ref_audios": "https://10.0.0.1/a.wav"}, "is a URL"),
+        ({"audios": ["concat:/srv/other/a.wav|/srv/other/b.wav"]}, "is a URL"),
     ],
 )
 def test_a_reference_out_of_the_roots_or_a_url_is_refused_naming_its_row(
@@ -144,6 +145,17 @@ def test_text_that_mentions_images_and_long_inline_data_pass(tmp_path: Path, roo
         # The templates of multimodal models load <img>path</img> written in a message.
         ({"messages": [{"role": "user", "content": "look: <img>/etc/passwd</img>"},
                        {"role": "assistant", "content": "x"}]}, "'<img>': '/etc/passwd' must be a file inside"),
+        # ...also once ms-swift has joined a message's blocks, or dumped a tool call as JSON.
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "describe <im"},
+                                                    {"type": "text", "text": "g>/etc/hostname</img>"}]},
+                       {"role": "assistant", "content": "x"}]}, "'<img>': '/etc/hostname' must be a file inside"),
+        ({"messages": [{"role": "user",
+                        "content": [{"type": "img>/etc/hostname</img"}, {"type": "text", "text": "hi"}]},
+                       {"role": "assistant", "content": "x"}]}, "'<img>': '/etc/hostname' must be a file inside"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "tool_call", "content": {"name": "f", "arguments": {"<img>/etc/hostname</img>": 1}}},
+                       {"role": "tool_response", "content": "x"}, {"role": "assistant", "content": "ok"}]},
+         "'<img>': '/etc/hostname' must be a file inside"),
         # ms-swift normalizes what it did not find as a path: 'data:/../../x' is /x to it.
         ({"messages": CHAT, "images": ["data:/../../../../../../etc/passwd"]}, "holds '..'"),
     ],

@@ -74,6 +74,7 @@ def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | No
             check.row(row, where)
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _IMG_TAG = re.compile(r"<img>(.+?)</img>")  # as ms-swift's Template._replace_image_tags finds them
 FOLDER_FILES_MAX = 10_000
 _UNREADABLE = (".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".lz4")
@@ -114,7 +115,7 @@ class _Checker:
         # (\u in JSON, \x in the Python literals swift also parses) that could spell one, or a string that opens
         # a list or an object (swift parses messages and history given as text).
         names = b"".join(b"|" + re.escape(c.encode()) for c in columns)
-        self.markers = re.compile(rb'image|video|audio|source|<img>|\\[ux]|"(?:\s|\\[nrtbf])*[\[{]' + names)
+        self.markers = re.compile(rb'image|video|audio|source|img>|"type"|\\[ux]|"(?:\s|\\[nrtbf])*[\[{]' + names)
         self.overlap = 64 + max((len(c) for c in columns), default=0)
 
     def is_media_key(self, key: str) -> bool:
@@ -133,6 +134,10 @@ class _Checker:
         if depth > 64:
             raise Invalid(f"{self.field} '{self.path.name}': {where} is nested too deeply")
         if isinstance(row, dict):
+            if "content" in row:  # a message: its text as ms-swift builds it, for the <img> tags it loads
+                text = _swift_text(row)
+                for ref in _IMG_TAG.findall(text) if text and "<img>" in text else ():
+                    self.reference(ref, f"{where}, '<img>'")
             for key, value in row.items():
                 if self.is_media_key(key):
                     for ref in _strings(value):
@@ -145,7 +150,7 @@ class _Checker:
         elif isinstance(row, str):
             if row.lstrip()[:1] in ("[", "{"):
                 self.row(_parsed_text(row), where, depth + 1)
-            if "<img>" in row:  # ms-swift's templates of multimodal models load <img>path</img> from the text
+            if "<img>" in row:  # the templates of multimodal models load <img>path</img> from a message's text
                 for ref in _IMG_TAG.findall(row):
                     self.reference(ref, f"{where}, '<img>'")
 
@@ -154,7 +159,8 @@ class _Checker:
         ref = ref.strip()  # as ms-swift does before it looks
         if len(ref) > SWIFT_PATH_MAX:
             return  # inline data: never a path to ms-swift
-        if ref.lower().startswith(("http", "ftp:", "s3:", "oss:", "gs:", "file:")) or "://" in ref:
+        # (any scheme: 'concat:' or 'subfile:' reach other files through ffmpeg, where an audio loader uses it)
+        if ref.lower().startswith("http") or "://" in ref or (_SCHEME.match(ref) and not ref.startswith("data:")):
             raise Invalid(f"{said}: '{ref[:200]}' is a URL: the server does not fetch media; put the file inside "
                           "DATA_ROOTS and name its path")  # fmt: skip
         if ".." in ref.replace("\\", "/").split("/"):
@@ -193,6 +199,29 @@ class _Checker:
             real = os.path.realpath(real)
             return real, os.path.dirname(real)
         return real, folder
+
+
+def _swift_text(message: dict[str, Any]) -> str | None:
+    """A message's text as ms-swift builds it before its templates look for <img> tags: a tool call's content
+    dumped as JSON, content blocks joined (a media block leaves its '<type>'); None when swift would not."""
+    content = message.get("content")
+    if message.get("role") in ("tool_call", "tool", "tool_response") and not isinstance(content, str):
+        try:
+            return json.dumps(content, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(content, str) or not isinstance(content, list):
+        return content if isinstance(content, str) else None
+    parts = []
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if not isinstance(kind, str):
+            return None
+        if kind == "text":
+            parts.append(item.get("text") if isinstance(item.get("text"), str) else "")
+        else:
+            parts.append(f"<{kind.removesuffix('_url')}>")
+    return "".join(parts)
 
 
 def _parsed_text(text: str) -> Any:
