@@ -70,6 +70,12 @@ def test_unknown_names_get_the_closest_real_ones() -> None:
     ("external_plugins", ["plugin.py"], "runs Python files"),
     ("rlhf_type", "dpo", "rlhf_type"),
     ("push_to_hub", True, "server's own hub token"),
+    # Addresses the run would connect to from the server's network.
+    ("swanlab_webhook_url", "http://10.0.0.1/hook", "from the server's network"),
+    ("vllm_server_base_url", ["http://169.254.169.254"], "from the server's network"),
+    ("vllm_server_host", ["10.0.0.2"], "from the server's network"),
+    ("swanlab_smtp_server", "10.0.0.3", "from the server's network"),
+    ("teacher_model_server", "http://10.0.0.4", "from the server's network"),
 ])  # fmt: skip
 def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: str, value: Any, says: str) -> None:
     message = refused("sft", {name: value})

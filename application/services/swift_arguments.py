@@ -80,6 +80,9 @@ _FILE_LIKE = re.compile(r"(^(/|~))|((^|/)\.{1,2}(/|$))|(\.(txt|json|jsonl|yaml|y
 # A path that leaves swift's working folder (the job's own): absolute, from a home folder, or through `..`.
 _LEAVES_FOLDER = re.compile(r"^(/|~)|(^|/)\.\.(/|$)")
 _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
+# Addresses the run would connect to from the server's network (a webhook, a mail server, a vLLM or teacher
+# server): the request's choice would reach internal hosts.
+_ADDRESS_NAME = re.compile(r"(_url|_urls|_host|_hosts|_server|_endpoint)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 # Prompts and stop strings: their line breaks and tabs are theirs (argv is a list: no shell reads them), and
 # swift reads none of them from a file but a `system` ending in .txt.
@@ -147,6 +150,9 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         if _SECRET_NAME.search(name):
             raise Invalid(f"{where} is managed by the server: a secret does not belong in a job (it would be stored "
                           "and shown): set it in the server's environment")  # fmt: skip
+        if _ADDRESS_NAME.search(name):
+            raise Invalid(f"{where} is managed by the server: the run would connect to that address from the "
+                          "server's network; an operator sets such services up")  # fmt: skip
         if name not in fields and (near := difflib.get_close_matches(name, NAMED_FIELDS, n=1, cutoff=0.8)):
             raise Invalid(f"{where}: unknown field: did you mean {near[0]}?")
         if info is None or not info.arguments:
