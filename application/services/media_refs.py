@@ -29,7 +29,6 @@ from typing import Any, BinaryIO
 from application.exceptions import Invalid
 from application.services.path_sandbox import Guard, check_text
 
-MEDIA_WORDS = ("image", "video", "audio")
 _SOURCE = "source"
 BLOCK = 8 << 20
 MAX_ROW_BYTES = 64 << 20  # a row (a line, an array element) longer than this is refused, not read whole
@@ -66,7 +65,6 @@ def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | No
                 check.row(row, f"line {number}")
         return
     with open(path, "rb") as f:
-        f.seek(0)
         head = f.read(BLOCK)
         f.seek(0)
         rows = _array_rows(check, f) if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else _lines(check, f)
