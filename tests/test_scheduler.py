@@ -79,7 +79,7 @@ def ordered(*jobs: QueuedJob) -> list[QueuedJob]:
 def busy(gpus: list[GpuState], running: Sequence[RunningJob]) -> list[GpuState]:
     """The same GPUs with those of `running` marked as held by their job."""
     holder = {i: r.job_id for r in running for i in r.gpu_ids}
-    return [GpuState(g.index, g.memory_total_gb, g.memory_free_gb, g.utilization, holder.get(g.index)) for g in gpus]
+    return [GpuState(g.index, g.memory_usable_gb, g.memory_free_gb, g.utilization, holder.get(g.index)) for g in gpus]
 
 
 def run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from application.models.job_request import JobCreate
@@ -15,7 +16,7 @@ def gpu_states(snapshot: GpuSnapshot, leases: Mapping[int, str]) -> list[GpuStat
     return [
         GpuState(
             index=g.index,
-            memory_total_gb=g.memory_total_mb / MB_PER_GB,
+            memory_usable_gb=g.memory_usable_mb / MB_PER_GB,
             memory_free_gb=g.memory_free_mb / MB_PER_GB,
             utilization=g.utilization,
             held_by=leases.get(g.index),
@@ -42,12 +43,13 @@ def impossible_request(req: JobCreate, snapshot: GpuSnapshot) -> str | None:
         return f"num_gpus={req.num_gpus} can never be met: {where}{hint}"
     if req.min_gpu_memory_gb is not None:
         candidates = [g for g in snapshot.gpus if req.gpu_ids is None or g.index in req.gpu_ids]
-        big = [g for g in candidates if g.memory_total_mb / MB_PER_GB >= req.min_gpu_memory_gb]
+        big = [g for g in candidates if g.memory_usable_mb / MB_PER_GB >= req.min_gpu_memory_gb]
         if len(big) < req.num_gpus:
-            largest = max((g.memory_total_mb / MB_PER_GB for g in candidates), default=0.0)
+            largest = max((g.memory_usable_mb / MB_PER_GB for g in candidates), default=0.0)
             return (
                 f"min_gpu_memory_gb={req.min_gpu_memory_gb:g} can never be met on {req.num_gpus} GPU(s): "
-                f"{where}, the largest has {largest:.1f} GiB"
+                f"{where}, the largest offers {math.floor(largest * 100) / 100:.2f} GiB (its total less what the "
+                "driver reserves)"
             )
     return None
 

@@ -51,12 +51,12 @@ def choose_victims(
         if wanted is not None:
             return wanted <= freed
         # A GPU a victim gives back has all its memory again.
-        return sum(1 for i in freed if i in by_index and by_index[i].memory_total_gb >= need) >= k
+        return sum(1 for i in freed if i in by_index and by_index[i].memory_usable_gb >= need) >= k
 
     def helps(c: Candidate) -> bool:
         if wanted is not None:
             return bool(wanted & set(c.gpu_ids))
-        return any(i in by_index and by_index[i].memory_total_gb >= need for i in c.gpu_ids)
+        return any(i in by_index and by_index[i].memory_usable_gb >= need for i in c.gpu_ids)
 
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business

@@ -83,7 +83,7 @@ class QueuedJob:
 @dataclass(frozen=True, slots=True)
 class GpuState:
     index: int
-    memory_total_gb: float
+    memory_usable_gb: float  # what an idle GPU offers a job (total less the driver's reservation)
     memory_free_gb: float
     # None when the backend cannot tell (simulated GPUs); counted as idle so such GPUs stay usable.
     utilization: float | None
@@ -229,7 +229,7 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
     tl = Timeline(now, policy.link_score)
     for g in gpus:
         held = g.index in release or g.held_by is not None
-        tl.add_gpu(g.index, g.memory_total_gb, g.memory_free_gb, g.utilization, (held, release.get(g.index)),
+        tl.add_gpu(g.index, g.memory_usable_gb, g.memory_free_gb, g.utilization, (held, release.get(g.index)),
                    not held and gpu_is_free(g, min_free_gb=policy.min_free_gb, max_util=policy.max_util))  # fmt: skip
     tl.seal()
     return tl

@@ -85,7 +85,7 @@ class Timeline:
     def __init__(self, now: float, link_score: LinkScore | None) -> None:
         self.now = now
         self.link_score = link_score
-        self.total_mem: dict[int, float] = {}
+        self.usable_mem: dict[int, float] = {}
         self.cap: dict[int, float] = {}
         self.lb: dict[int, float] = {}
         self.exact: dict[int, bool] = {}
@@ -110,17 +110,18 @@ class Timeline:
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
-    def add_gpu(self, index: int, total: float, free_mem: float, util: float | None, release: tuple[bool, float | None],
-                is_free: bool) -> None:  # fmt: skip
-        """One GPU: `release` is (held by one of our jobs, its remaining seconds or None)."""
-        if index in self.total_mem:
+    def add_gpu(self, index: int, usable: float, free_mem: float, util: float | None,
+                release: tuple[bool, float | None], is_free: bool) -> None:  # fmt: skip
+        """One GPU: `usable` is the memory a job has on it when nothing else runs there (`GpuInfo.memory_usable_mb`),
+        `release` is (held by one of our jobs, its remaining seconds or None)."""
+        if index in self.usable_mem:
             raise ValueError(f"GPU index {index} listed twice")
-        self.total_mem[index] = total
+        self.usable_mem[index] = usable
         self.util[index] = util or 0.0
         held, remaining = release
         if held:
             # Our own job's memory comes back whole when it ends; with no estimate (or past it), any moment.
-            self.cap[index] = total
+            self.cap[index] = usable
             self.lb[index], self.exact[index] = (self.now, False) if remaining is None else \
                 (self.now + max(0.0, remaining), True)  # fmt: skip
         elif is_free:
@@ -136,7 +137,7 @@ class Timeline:
         self.free_order.sort(key=lambda i: (-self.cap[i], self.util[i], i))
         self.free_set = set(self.free_order)
         # Tie order for reservations; only free GPUs' utilization is ours to compare.
-        order = sorted(self.total_mem, key=lambda i: (-self.cap[i], self.util[i] if i in self.free_set else 0.0, i))
+        order = sorted(self.usable_mem, key=lambda i: (-self.cap[i], self.util[i] if i in self.free_set else 0.0, i))
         self.rank = {i: p for p, i in enumerate(order)}
         # The GPUs by when the plan may use them, known times first among equals, then by the order above:
         # tuples sort natively, which keeps a reservation's choice cheap on 64-GPU simulations.
@@ -151,10 +152,10 @@ class Timeline:
     def feasible(self, ids: tuple[int, ...] | None, k: int, need: float) -> bool:
         """Could this request ever be met here?"""
         if ids:
-            return len(set(ids)) == k and all(i in self.total_mem and self.total_mem[i] >= need for i in ids)
+            return len(set(ids)) == k and all(i in self.usable_mem and self.usable_mem[i] >= need for i in ids)
         cnt = self._fit_count.get(need)
         if cnt is None:
-            cnt = self._fit_count[need] = sum(1 for m in self.total_mem.values() if m >= need)
+            cnt = self._fit_count[need] = sum(1 for m in self.usable_mem.values() if m >= need)
         return k <= cnt
 
     def may_fit(self, k: int, e: float) -> bool:
@@ -186,7 +187,7 @@ class Timeline:
             binding = min((holds[i] for i in free if i in holds), key=lambda h: h.starts_in, default=None)
             return "reservation", binding
         # Our own jobs' GPUs come back; only when those are not enough do the outside processes hold it up.
-        pool = [i for i in (ids or self.total_mem) if i in self.total_mem and self.total_mem[i] >= need]
+        pool = [i for i in (ids or self.usable_mem) if i in self.usable_mem and self.usable_mem[i] >= need]
         ours = sum(1 for i in pool if i not in self.free_set and self.lb[i] != INF)
         if len(free) + ours < k and any(self.lb[i] == INF for i in pool):
             return "outside_processes", None

@@ -31,6 +31,12 @@ class GpuInfo:
     power_limit_w: float | None
     processes: tuple[GpuProcess, ...]
 
+    @property
+    def memory_usable_mb(self) -> float:
+        """What a job can have of it with nothing else running: the driver's reservation never comes free. NVML's
+        v2 figures leave that reservation out of `used` (free + used is total less it); v1's count it as used."""
+        return self.memory_free_mb + self.memory_used_mb
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -1,0 +1,54 @@
+"""The GPU reading as the create check and the planner see it: one figure for what a GPU can offer a job."""
+
+from __future__ import annotations
+
+import time
+
+from application.models.job_request import JobCreate
+from application.services.gpu_pool import gpu_states, impossible_request
+from application.services.scheduler import Policy, QueuedJob, plan
+from application.utils.gpu_types import GpuInfo, GpuSnapshot
+
+MIB = 1.0  # GpuInfo holds MiB
+
+
+def a100_80gb(index: int, used_mb: float = 0.0) -> GpuInfo:
+    """An A100-80GB as NVML's v2 memory figures show it: 81,920 MiB in all, 870 MiB of which the driver
+    keeps (neither used nor free), so an idle one has 81,050 MiB free."""
+    total, reserved = 81920 * MIB, 870 * MIB
+    return GpuInfo(index=index, uuid=f"GPU-{index}", name="NVIDIA A100-SXM4-80GB", memory_total_mb=total,
+                   memory_used_mb=used_mb, memory_free_mb=total - reserved - used_mb, utilization=0.0,
+                   memory_utilization=None, temperature_c=None, power_w=None, power_limit_w=None,
+                   processes=())  # fmt: skip
+
+
+def snapshot(*gpus: GpuInfo) -> GpuSnapshot:
+    return GpuSnapshot(backend="nvml", gpus=gpus, error=None, driver_version="550.54", taken_at=time.time())
+
+
+def create(**fields: object) -> JobCreate:
+    return JobCreate.model_validate({"data_path": "d.jsonl", "model_path": "m", "output_dir": "o", **fields})
+
+
+def starts(min_gb: float, snap: GpuSnapshot) -> list[str]:
+    now = time.time()
+    queued = [QueuedJob("a", 5, now - 10, 1, None, min_gb, None)]
+    return [s.job_id for s in plan(queued, gpu_states(snap, {}), [], Policy(), now).starts]
+
+
+def test_a_memory_request_an_idle_gpu_cannot_offer_is_refused_at_create_not_left_waiting() -> None:
+    snap = snapshot(a100_80gb(0), a100_80gb(1))
+    # 80 GiB is the card's total, but the driver's share never comes free: such a job could never start.
+    reason = impossible_request(create(min_gpu_memory_gb=80), snap)
+    assert reason is not None and "min_gpu_memory_gb=80" in reason and "79.15 GiB" in reason
+    # What an idle card does offer is accepted, and the planner starts it on an idle card.
+    offered = 81050 / 1024
+    assert impossible_request(create(min_gpu_memory_gb=offered), snap) is None
+    assert starts(offered, snap) == ["a"]
+
+
+def test_memory_other_processes_use_still_keeps_a_job_off_a_gpu() -> None:
+    snap = snapshot(a100_80gb(0, used_mb=40 * 1024))
+    assert impossible_request(create(min_gpu_memory_gb=60), snap) is None  # it may come free
+    assert starts(60, snap) == []
+    assert starts(30, snap) == ["a"]
