@@ -129,6 +129,28 @@ def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], say
     assert says in refused("sft", extra)
 
 
+def test_arguments_swift_parses_as_json_though_declared_text_are_checked_as_objects() -> None:
+    # ms-swift reads teacher_deepspeed, fsdp and rope_scaling with json_parse_to_dict: a JSON text (or text it
+    # "repairs" into an object) reached DeepSpeed unchecked, its nvme_path anywhere on the server's disk.
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc/cron.d"}}}
+    for value in (nvme, json.dumps(nvme)):
+        says = refused("rlhf", {"teacher_deepspeed": value})
+        assert "training.teacher_deepspeed.zero_optimization.offload_param.nvme_path is a path that leaves" in says
+    assert "JSON object or one of zero0" in refused("rlhf", {"teacher_deepspeed": "{zero_optimization: {}}"})
+    assert "JSON object or one of fsdp2" in refused("sft", {"fsdp": "full_shard auto_wrap"})
+    got = check_arguments("rlhf", {"teacher_deepspeed": "zero3", "fsdp": {"fsdp": "full_shard"},
+                                   "rope_scaling": "yarn"}, V4)  # fmt: skip
+    assert got == {"teacher_deepspeed": "zero3", "fsdp": '{"fsdp":"full_shard"}', "rope_scaling": "yarn"}
+
+
+def test_negative_numbers_with_an_exponent_reach_swift_as_values_not_options() -> None:
+    # argparse takes "-1e-05" for an option ("expected one argument"): the run failed after its wait.
+    got = check_arguments("rlhf", {"beta": -1e-05, "reward_weights": [1.0, -1e-05, -2e16]}, V4)
+    argv = argv_of(got)
+    assert argv == ["--beta", "-0.00001", "--reward_weights", "1.0", "-0.00001", "-20000000000000000"]
+    assert [float(v) for v in argv[3:]] == [1.0, -1e-05, -2e16]
+
+
 def test_a_models_own_options_pass_as_model_kwargs() -> None:
     assert check_arguments("sft", {"model_kwargs": {"MAX_PIXELS": 1003520, "fps": 2}}, V4) == {
         "model_kwargs": '{"MAX_PIXELS":1003520,"fps":2}'}  # fmt: skip

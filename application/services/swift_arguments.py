@@ -22,6 +22,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from application.exceptions import Invalid, Unavailable
@@ -65,8 +66,13 @@ MODEL_ARGUMENTS = frozenset({"ref_model", "reward_model", "teacher_model", "adap
 # Named presets that need no file (ms-swift's own `swift/llm/ds_config/*.json`).
 DEEPSPEED_PRESETS = frozenset({"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"})
 # Object arguments that also take a word (ms-swift: Union[dict, str]; a file path there is not taken).
-WORDS = {"deepspeed": DEEPSPEED_PRESETS,
-         "device_map": frozenset({"auto", "balanced", "balanced_low_0", "sequential", "cpu"})}  # fmt: skip
+WORDS = {"deepspeed": DEEPSPEED_PRESETS, "teacher_deepspeed": DEEPSPEED_PRESETS,
+         "device_map": frozenset({"auto", "balanced", "balanced_low_0", "sequential", "cpu"}),
+         "fsdp": frozenset({"fsdp2"}), "rope_scaling": frozenset({"linear", "dynamic", "yarn"})}  # fmt: skip
+# Declared `str`, but ms-swift parses the text as JSON (its json_parse_to_dict, which also "repairs" text that is
+# not JSON into an object): taken as objects, so that their contents are checked like deepspeed's (a DeepSpeed
+# nvme_path is a folder on the server's disk).
+JSON_TEXT = frozenset({"teacher_deepspeed", "fsdp", "rope_scaling"})
 
 # rlhf types whose rows need a rejected answer (KTO labels single answers; PPO/GRPO need prompts only).
 PREFERENCE_TYPES = frozenset({"dpo", "orpo", "simpo", "cpo", "rm"})
@@ -177,7 +183,7 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
 
 def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     """One value as the CLI will parse it: str/int/float/bool, a list of them, or a JSON text for a dict."""
-    kind = spec.get("kind", "any")
+    kind = "dict" if name in JSON_TEXT else spec.get("kind", "any")
     if kind == "list":
         items = value if isinstance(value, list) else [value]
         if not items:
@@ -312,6 +318,9 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
 def _flag_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value < 0:
+        # argparse takes `-1e-05` for an option (its negative-number pattern has no exponent): written out.
+        return format(Decimal(repr(value)), "f")
     return repr(value) if isinstance(value, float) else str(value)
 
 
