@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.preflight import _array_length, check_dataset, check_model, check_request, runs_inline
+from application.services.datasets import data_needs
+from application.services.preflight import check_model, check_request, runs_inline
 from application.services.swift_info import SwiftInfo
 from tests.conftest import ROOT, make_model, settings_for
 
@@ -28,128 +29,27 @@ def write(path: Path, rows: list[Any] | str) -> Path:
     return path
 
 
-GOOD: dict[str, list[Any]] = {
-    "messages.jsonl": [MESSAGES] * 7,
-    "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 3,
-    "qr.jsonl": [{"query": "q", "response": "r", "history": []}] * 4,
-    "alpaca.jsonl": [{"instruction": "i", "input": "", "output": "o"}] * 5,
-    "text.jsonl": [{"text": "pre-training text"}] * 2,
-}
+def test_columns_are_renamed_as_swift_does_before_a_row_is_judged(tmp_path: Path) -> None:
+    # ms-swift renames the `columns` of every data set before reading a row: these trained, and were refused.
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path)
+    dpo = write(tmp_path / "dpo.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "go away"}] * 2)
+    kto = write(tmp_path / "kto.jsonl", [{"query": "hi", "response": "hello", "is_good": True}] * 2)
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
 
+    def check(data: Path, needs: Any, columns: dict[str, str], **extra: Any) -> int | None:
+        arguments = {"columns": json.dumps(columns), **extra}
+        found = check_request(str(data), model, "run", model_type=None, template=None, settings=settings,
+                              info=None, needs=needs, arguments=arguments)  # fmt: skip
+        return found.dataset.rows if found.dataset else None
 
-@pytest.mark.parametrize("name", sorted(GOOD))
-def test_each_format_ms_swift_accepts_passes_with_its_row_count(tmp_path: Path, name: str) -> None:
-    info = check_dataset("data_path", write(tmp_path / name, GOOD[name]))
-    assert info.rows == len(GOOD[name]) and info.rows_exact
-
-
-def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
-    array = tmp_path / "rows.json"
-    array.write_text(json.dumps([MESSAGES] * 6))
-    assert check_dataset("data_path", array).rows == 6
-    csv_file = tmp_path / "rows.csv"
-    csv_file.write_text('query,response\n"a, b",c\nd,e\nf,g\n')
-    assert check_dataset("data_path", csv_file).rows == 3
-    big = write(tmp_path / "big.jsonl", [MESSAGES] * 30_000)  # past the rows that are parsed: counted, not parsed
-    assert check_dataset("data_path", big).rows == 30_000
-
-
-@pytest.mark.parametrize("text", ["[]", " [ ] \n", '[1,"a]",{"b":[2,3]}]', '\n[\n {"x": "]"} ,\r\n\t[] ]\n', "[[[]]]"])
-def test_a_json_array_is_counted_a_row_at_a_time_as_its_whole_decode_would(text: str) -> None:
-    # One row at a time: the whole array decoded at once held the GIL (and the event loop) for seconds.
-    assert _array_length(text) == len(json.loads(text))
-
-
-@pytest.mark.parametrize("text", ["", "{}", "[1,", "[1 2]", "[1,]", "[1] 2", "[1]]", '["a]'])
-def test_what_is_not_one_json_array_is_refused(text: str) -> None:
-    with pytest.raises(ValueError):
-        _array_length(text)
-
-
-def test_blank_lines_are_not_rows_and_a_row_across_the_counters_blocks_counts_once(tmp_path: Path) -> None:
-    row = json.dumps(MESSAGES)
-    spaced = tmp_path / "spaced.jsonl"
-    spaced.write_text(f"{row}\n\n  \n\r\n{row}\n\n")
-    info = check_dataset("data_path", spaced)
-    assert (info.rows, info.rows_exact) == (2, True)
-    # The counter reads 1 MiB at a time: a row whose text ends just before a block's end and whose newline
-    # starts the next; then one cut inside its text; then one that ends the file without a newline.
-    block = 1 << 20
-    first = json.dumps({**MESSAGES, "pad": "x" * (block - len(row) - 12)})
-    first = first[:-1] + " " * (block - len(first)) + "}"  # exactly one block, its newline in the next
-    assert len(first) == block
-    across = tmp_path / "across.jsonl"
-    across.write_text(f"{first}\n \n{row}\n" + json.dumps({**MESSAGES, "pad": "y" * block}) + f"\n\n{row}")
-    assert check_dataset("data_path", across).rows == 4
-
-
-BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
-    "badline.jsonl": (json.dumps(MESSAGES) + "\n" * 2 + '{"messages": [}\n',
-                      ["badline.jsonl", "line 3", "not valid JSON"]),
-    "columns.jsonl": ([{"foo": 1, "bar": 2}], ["line 1", "no columns", "found: bar, foo", "messages"]),
-    "notlist.jsonl": ([{"messages": "hello"}], ["line 1", "'messages' must be a non-empty list"]),
-    "norole.jsonl": ([MESSAGES, {"messages": [{"content": "x"}]}], ["line 2", "'messages'[0]", "'role'"]),
-    "scalar.jsonl": (["just a string"], ["line 1", "JSON object"]),
-    "empty.jsonl": ("", ["is empty"]),
-    "blank.jsonl": ("\n\n  \n", ["is empty"]),
-    "rows.txt": ("hello\n", [".jsonl, .json or .csv"]),
-    "header.csv": ("foo,bar\n1,2\n", ["line 2", "no columns"]),
-    "array.json": ('[{"messages": []}]', ["element 1", "non-empty list"]),
-    # Python's JSON decoder recurses per level: these were a 500 (RecursionError), on create and on upload.
-    "deep.jsonl": ('{"messages":' + "[" * 100_000 + "]" * 100_000 + "}\n", ["line 1", "nested too deeply"]),
-    "deep.json": ('[{"messages":' + "[" * 100_000 + "]" * 100_000 + "}]", ["element 1", "nested too deeply"]),
-    "deeper.json": ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("name", sorted(BROKEN))
-def test_a_broken_data_set_names_the_file_the_row_and_the_problem(tmp_path: Path, name: str) -> None:
-    content, words = BROKEN[name]
-    with pytest.raises(Invalid) as exc:
-        check_dataset("data_path", write(tmp_path / name, content))
-    for word in words:
-        assert word in exc.value.detail, (word, exc.value.detail)
-
-
-def test_preference_data_needs_a_rejected_answer(tmp_path: Path) -> None:
-    plain = write(tmp_path / "plain.jsonl", [MESSAGES])
-    with pytest.raises(Invalid) as exc:
-        check_dataset("data_path", plain, needs="rejected")
-    assert "rejected_response" in exc.value.detail
-    pref = write(tmp_path / "pref.jsonl", [{**MESSAGES, "rejected_response": "no"}])
-    assert check_dataset("data_path", pref, needs="rejected").rows == 1
-
-
-def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -> None:
-    plain = write(tmp_path / "plain.jsonl", [MESSAGES])
-    labelled = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": True}, {**MESSAGES, "label": False}])
-    pref = write(tmp_path / "pref.jsonl", [{**MESSAGES, "rejected_response": "no"}])
-    text = tmp_path / "kto.csv"
-    text.write_text("query,response,label\nhi,hello,true\nhi,go away,false\n")
-    with pytest.raises(Invalid, match="KTO needs a 'label' per row"):
-        check_dataset("data_path", plain, needs="label")  # (swift failed on it, after the job's wait)
-    assert check_dataset("data_path", labelled, needs="label").rows == 2
-    assert check_dataset("data_path", text, needs="label").rows == 2
-    # ms-swift sums the labels: text in a JSON row, or a CSV column mixing true with 1, fails there.
-    words = write(tmp_path / "words.jsonl", [{**MESSAGES, "label": "true"}])
-    with pytest.raises(Invalid, match="KTO needs a 'label' per row"):
-        check_dataset("data_path", words, needs="label")
-    mixed = tmp_path / "mixed.csv"
-    mixed.write_text("query,response,label\nhi,hello,true\nhi,go away,0\n")
-    with pytest.raises(Invalid, match="mixes true/false with 1/0"):
-        check_dataset("data_path", mixed, needs="label")
-    # An upload for rlhf: a preference set or a KTO one (a KTO file was refused for its missing rejected answers).
-    assert check_dataset("file", labelled, needs="either").rows == 2
-    assert check_dataset("file", pref, needs="either").rows == 1
-    with pytest.raises(Invalid, match="or a 'label' true/false for KTO"):
-        check_dataset("file", plain, needs="either")
-
-
-def test_unreadable_and_folder_data_sets(tmp_path: Path) -> None:
-    folder = tmp_path / "dir.jsonl"
-    folder.mkdir()
-    with pytest.raises(Invalid, match="not a file"):
-        check_dataset("data_path", folder)
+    assert check(dpo, data_needs("rlhf", "dpo"), {"CHOSEN": "response", "rejected": "rejected_response"}) == 2
+    assert check(kto, data_needs("rlhf", "kto"), {"is_good": "label"}, val_dataset=str(kto)) == 2
+    # A mapping that renames a needed column away is refused now rather than after the wait.
+    with pytest.raises(Invalid, match="preference training needs a rejected answer"):
+        check(dpo, "rejected", {"chosen": "response", "rejected": "other"})
+    # Two columns renamed to one name: swift renames neither.
+    with pytest.raises(Invalid, match="no columns ms-swift can train on"):
+        check(dpo, "rejected", {"chosen": "response", "prompt": "response", "rejected": "rejected_response"})
 
 
 def test_a_model_folder_needs_config_and_tokenizer(tmp_path: Path, swift_4_6: SwiftInfo) -> None:

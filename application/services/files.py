@@ -32,12 +32,12 @@ from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFo
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
 from application.models.training_model import Job, JobStatus
 from application.services import lua_cluster
+from application.services.datasets import check_dataset
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard
-from application.services.preflight import check_dataset
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 

@@ -36,6 +36,7 @@ from application.models.job_responses import (
 from application.models.training_model import Job, JobStatus, PendingReason
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
+from application.services.datasets import data_needs
 from application.services.files import FileStore
 from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard, folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
@@ -43,7 +44,7 @@ from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
-from application.services.preflight import check_request, data_needs, runs_inline
+from application.services.preflight import check_request, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
     ClusterView,
