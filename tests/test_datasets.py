@@ -132,7 +132,7 @@ def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -
     # An upload for rlhf: a preference set or a KTO one (a KTO file was refused for its missing rejected answers).
     assert check_dataset("file", labelled, needs="either").rows == 2
     assert check_dataset("file", pref, needs="either").rows == 1
-    with pytest.raises(Invalid, match="or a 'label' true/false for KTO"):
+    with pytest.raises(Invalid, match="a 'label' true/false for KTO, or a prompt alone"):
         check_dataset("file", plain, needs="either")
 
 
@@ -140,6 +140,7 @@ def test_grpo_and_ppo_take_prompts_alone_and_other_kinds_still_need_answers(tmp_
     prompts = write(tmp_path / "prompts.jsonl", [{"prompt": "What is 2+2?"}, {"problem": "Solve x+1=2"}])
     for rlhf_type in ("grpo", "ppo"):
         assert check_dataset("data_path", prompts, needs=data_needs("rlhf", rlhf_type)).rows == 2
+    assert check_dataset("file", prompts, needs="either").rows == 2  # an upload for rlhf, its type not known yet
     kinds: list[tuple[str, str | None]] = [("sft", None), ("rlhf", "dpo"), ("rlhf", "gkd")]
     for kind, other in kinds:
         with pytest.raises(Invalid, match="no columns ms-swift can train on"):

@@ -42,7 +42,8 @@ UPLOAD_BODY: dict[str, Any] = {
                         "file": {"type": "string", "format": "binary",
                                  "description": f"the data set; its name must end in {', '.join(SUFFIXES)}"},
                         "purpose": {"type": "string", "enum": list(PURPOSES), "default": "sft",
-                                    "description": "rlhf: each row needs a rejected answer (rejected_response)"},
+                                    "description": "rlhf: each row needs a rejected answer (rejected_response), a "
+                                                   "label (KTO) or a prompt alone (GRPO/PPO)"},
                     },
                 }
             }

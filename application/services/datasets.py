@@ -46,8 +46,8 @@ class DatasetInfo:
 
 
 # What each row must hold beyond a conversation: a rejected answer (preference training: dpo, orpo, simpo, cpo,
-# rm), a label (kto), or either (an upload for rlhf, whose type is not known yet); "prompt": a prompt alone is a
-# row (GRPO and PPO write their own answers).
+# rm), a label (kto), or either (an upload for rlhf, whose type is not known yet: a prompt alone passes too);
+# "prompt": a prompt alone is a row (GRPO and PPO write their own answers).
 Needs = Literal["rejected", "label", "either", "prompt"] | None
 PROMPT_TYPES = frozenset({"grpo", "ppo"})
 
@@ -111,7 +111,7 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
             fmt = "query/response"
         elif "instruction" in row and "input" in row:
             fmt = "alpaca"
-        elif needs == "prompt" and any(k in row for k in QUERY_KEYS):
+        elif needs in ("prompt", "either") and any(k in row for k in QUERY_KEYS):
             fmt = "prompt"
         else:
             found = ", ".join(sorted(map(str, row))[:12]) or "none"
@@ -124,9 +124,9 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "label" and not labelled:
         raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
                       "undesirable one")  # fmt: skip
-    if needs == "either" and not (rejected or labelled):
+    if needs == "either" and fmt != "prompt" and not (rejected or labelled):
         raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
-                      "'rejected_messages'), or a 'label' true/false for KTO")  # fmt: skip
+                      "'rejected_messages'), a 'label' true/false for KTO, or a prompt alone for GRPO/PPO")  # fmt: skip
     return fmt
 
 
