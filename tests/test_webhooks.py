@@ -133,6 +133,94 @@ async def until_failed(client: Any, job_id: str, text: str, timeout: float = 30.
         await asyncio.sleep(0.05)
 
 
+class Drip:
+    """A receiver that answers 200 and then sends its 100-byte body a byte every 0.2 s: each read comes well
+    within any timeout, the whole answer takes 20 s."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                for _ in range(100):
+                    if self.done.wait(0.2):
+                        return
+                    conn.sendall(b"x")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        self.sock.close()
+
+
+async def test_a_receiver_answering_slowly_is_cut_at_the_timeout_not_waited_for(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # httpx's timeout bounds each read: a receiver trickling its answer held a delivery (and one of 16 slots:
+    # everyone's webhooks, with 16 such URLs) for as long as it liked.
+    drip = Drip()
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    try:
+        settings = {"WEBHOOK_MAX_ATTEMPTS": 1, "WEBHOOK_TIMEOUT_SECONDS": 1, "WEBHOOK_ALLOW_PRIVATE": True}
+        async with app_factory(**settings) as client:
+            body = job_body(tmp_path, "dripped", auto_start=True, webhook_url=drip.url, training={"max_steps": 3})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            await until_failed(client, "dripped", "no answer within 1 s", timeout=15)
+    finally:
+        drip.close()
+
+
+async def test_a_redis_error_recording_one_delivery_still_posts_to_the_other_urls(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    operator, own = receiver({}), receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_URLS=operator.url, WEBHOOK_ALLOW_PRIVATE=True, WEBHOOK_RETRY_SECONDS=0.1) as client:
+        store = client.scheduler.webhooks.store
+        real = store.get_field
+        failed: list[str] = []
+
+        async def blip(job_id: str, name: str) -> Any:
+            # Redis drops the first read of the delivery's record (after the operator's POST went out).
+            if name == "created_at" and not failed:
+                failed.append(job_id)
+                raise RedisConnectionError("connection reset")
+            return await real(job_id, name)
+
+        store.get_field = blip
+        body = job_body(tmp_path, "blip", auto_start=True, webhook_url=own.url, training={"max_steps": 3})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await until(lambda: "status_completed" in own.events() and "status_completed" in operator.events())
+        assert failed
+
+        async def delivered() -> int:
+            events = (await client.get("/jobs/blip/events")).json()["events"]
+            return sum(1 for e in events if e["type"] == "webhook_delivered" and "status_completed" in e["message"])
+
+        deadline = time.monotonic() + 10
+        while await delivered() < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert operator.events().count("status_completed") == 1  # not posted again by a later requeue
+
+
 async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:

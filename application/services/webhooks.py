@@ -236,21 +236,26 @@ class Webhooks:
         last = ""
         for attempt in range(1, attempts + 1):
             try:
-                aimed = await self._aim(url) if checked else (url, {}, {})
+                # httpx's timeout bounds each read, not the POST: a receiver answering a byte a second held a
+                # delivery slot for as long as it liked (all of them, with 16 such URLs).
+                async with asyncio.timeout(self.settings.WEBHOOK_TIMEOUT_SECONDS):
+                    aimed = await self._aim(url) if checked else (url, {}, {})
+                    if aimed is not None:
+                        target, extra, extensions = aimed
+                        r = await client.post(target, content=body, headers={**headers, **extra},
+                                              extensions=extensions)  # fmt: skip
                 if aimed is None:
                     await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points at this host or "
                                        "into a private network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0,
                                        None)  # fmt: skip
                     return
-                target, extra, extensions = aimed
-                r = await client.post(target, content=body, headers={**headers, **extra}, extensions=extensions)
                 if 200 <= r.status_code < 300:
                     await self._record(item, "webhook_delivered", f"{event} delivered to {shown} (HTTP "
                                        f"{r.status_code}, attempt {attempt})", shown, attempt,
                                        r.status_code)  # fmt: skip
                     return
                 last = f"HTTP {r.status_code}"
-            except httpx.TimeoutException as exc:
+            except (httpx.TimeoutException, TimeoutError) as exc:
                 last = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
                 # An error's text may hold the URL in some form of its own: an operator's is not shown at all.
@@ -276,6 +281,12 @@ class Webhooks:
 
     async def _record(self, item: dict[str, Any], kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
+        # Retried: a Redis error here (after the POST) skipped the job's own URL and left the notification under
+        # way, to be posted again to everyone by the next leader.
+        await self._redis_retried(lambda: self._record_once(item, kind, message, url, attempts, status))
+
+    async def _record_once(self, item: dict[str, Any], kind: str, message: str, url: str, attempts: int,
+                           status: int | None) -> None:  # fmt: skip
         job_id = item["job_id"]
         created = (json.loads(item["summary"]) if item.get("summary") else {}).get("created_at")
         # A deleted job gets no new event stream, and a new job given its id since (anyone's) not its deliveries.
