@@ -201,6 +201,14 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     assert server.http.get("/jobs").json()["total"] == 0
 
 
+@pytest.mark.parametrize("args", [["/"], ["."], ["v0/logging.jsonl", "-o", "."]])
+def test_a_download_with_no_file_name_to_write_is_a_usage_error(args: list[str]) -> None:
+    # The whole output folder has no name to save it under: this was a ValueError traceback (exit 1).
+    r = cli(free_port(), "download", "some-job", *args, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "names no file to write" in r.stderr and "-o FILE" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., ApiServer]) -> None:
     server = server_factory(env={"API_KEYS": KEYS_SETTING})
     refused = cli(server.port, "ls")

@@ -149,6 +149,10 @@ def download(api: Api, args: argparse.Namespace, out: Output) -> int:
         raise CliError(f"{args.path!r}: name a path inside the job's output folder, without '..' parts "
                        f"(see: swift-api artifacts {args.job_id})", EXIT_USAGE)  # fmt: skip
     target = Path(args.output or PurePosixPath(args.path).name)
+    if not target.name:
+        # '/' or '.' asks for the whole output folder, which has no name of its own to save it under
+        raise CliError(f"{args.output or args.path!r} names no file to write: name one with -o FILE, or give a PATH "
+                       f"that names a file or folder (see: swift-api artifacts {args.job_id})", EXIT_USAGE)  # fmt: skip
     written = api.download(job_path(args.job_id, "/artifacts/" + quote(args.path.strip("/"))), target)
     if out.json:
         out.emit({"job_id": args.job_id, "path": args.path, "file": str(target), "bytes": written})
