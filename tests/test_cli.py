@@ -315,6 +315,19 @@ def test_log_lines_and_messages_reach_the_terminal_without_control_sequences(
     assert "\x1b" not in got.err and "job 'x[1A' failed" in got.err
 
 
+def test_json_output_escapes_c1_controls_and_line_separators_and_keeps_other_text_readable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A job's error_message and log lines are text its owner chose: U+009B is an 8-bit CSI some terminals obey,
+    # and U+2028/2029 end a line for some JSON Lines readers. A script still reads the same strings back.
+    message = "boom\x9b2J\x7f\x85 caf\u00e9 \u65e5\u672c\u2028next\u2029para"
+    Output(as_json=True).emit({"error_message": message})
+    shown = capsys.readouterr().out
+    assert not any(c in shown for c in "\x7f\x85\x9b\u2028\u2029"), ascii(shown)
+    assert "caf\u00e9 \u65e5\u672c" in shown and shown.count("\n") == 1
+    assert json.loads(shown) == {"error_message": message}
+
+
 def test_tables_show_server_text_without_control_sequences(capsys: pytest.CaptureFixture[str]) -> None:
     # A failed job's error_message is a line of its log: `status` prints it through rich, which passes escape
     # sequences on as they are.

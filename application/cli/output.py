@@ -28,8 +28,11 @@ class Output:
             self.console.print(render(body))
 
     def emit(self, body: Any) -> None:
-        # One compact document per line: a followed job's messages then read as JSON Lines.
-        sys.stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+        # One compact document per line: a followed job's messages then read as JSON Lines. Non-ASCII text stays
+        # readable, but json.dumps passes C1 controls (U+009B is a CSI some terminals obey, like ESC [) and the
+        # line separators U+2028/2029 (line ends to some readers) through raw: those go out escaped.
+        document = _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(body, ensure_ascii=False))
+        sys.stdout.write(document + "\n")
         sys.stdout.flush()
 
     def line(self, raw: str) -> None:
@@ -46,6 +49,8 @@ class Output:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# (json.dumps escapes C0 controls itself; it leaves these in strings as they are)
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
 def printable(text: str) -> str:
