@@ -33,6 +33,7 @@ from tests.conftest import (
     ApiServer,
     auth,
     fake_dataset,
+    gated_swift,
     job_body,
     make_model,
     wait_for,
@@ -206,6 +207,74 @@ def test_the_job_page_shows_progress_when_its_streams_are_refused(
         # say why they do not move.
         expect(page.locator("#job-progress")).to_contain_text("12/200", timeout=30_000)
         expect(page.locator("#charts-state")).to_contain_text("too many open streams", timeout=15_000)
+
+
+@pytest.mark.timeout(180)
+def test_while_the_export_runs_the_job_page_offers_to_stop_it_not_to_export_or_delete(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, tabs: Callable[..., Tab]
+) -> None:
+    # AUTO_EXPORT merges a LoRA job's model as soon as it completes: the page enabled Export and Delete (both
+    # refused with 409 meanwhile) and disabled Stop, the one action that works then (it stops the export).
+    wrapper, _gate = gated_swift(tmp_path)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    assert (
+        server.create(**job_body(workspace, "merging", auto_start=True, training={"max_steps": 2})).status_code == 201
+    )
+    server.wait_status("merging", "completed")
+    wait_for(lambda: server.job("merging")["export"]["pid"], what="the export to start")
+    page = tabs(server).goto("/ui/jobs/merging")
+    stop, export, delete = (page.locator(f"#actions button[data-action={a}]") for a in ("stop", "export", "delete"))
+    expect(stop).to_have_text("Stop export")
+    expect(stop).to_be_enabled()
+    expect(export).to_be_disabled()
+    expect(delete).to_be_disabled()
+
+    asked: list[str] = []
+
+    def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    stop.click()
+    expect(page.locator("#action-result")).to_contain_text("Export stopped")
+    assert asked and "export of job merging" in asked[0]
+    assert server.job("merging")["export"]["status"] == "stopped"
+    expect(stop).to_have_text("Stop")
+    expect(stop).to_be_disabled()
+    expect(export).to_be_enabled()
+    expect(delete).to_be_enabled()
+
+
+@pytest.mark.timeout(180)
+def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
+    server_factory: Callable[..., ApiServer], workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    server = server_factory(env={"AUTO_EXPORT": "false"})
+    body = job_body(workspace, "early", auto_start=True, fail_at_step=2, training={"max_steps": 10, "save_steps": 50})
+    assert server.create(**body).status_code == 201
+    body = job_body(workspace, "resting", auto_start=True, hang_after_steps=2,
+                    training={"max_steps": 10, "save_steps": 50})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    server.wait_status("early", "failed")
+    wait_for(lambda: server.job("resting")["progress"].get("current_step"), what="a step of 'resting'")
+    assert server.http.post("/jobs/resting/pause").json()["status"] == "paused"
+    # What the server answers the buttons the page must not offer:
+    assert server.http.post("/jobs/early/resume").status_code == 409
+    assert server.http.post("/jobs/early/export").status_code == 409
+    assert server.http.post("/jobs/resting/export").status_code == 409
+
+    tab = tabs(server)
+    page = tab.goto("/ui/jobs/early")
+    expect(page.locator("#checkpoints-box")).to_contain_text("No checkpoint yet.")
+    expect(page.locator("#actions button[data-action=delete]")).to_be_enabled()
+    expect(page.locator("#actions button[data-action=resume]")).to_be_disabled()
+    expect(page.locator("#actions button[data-action=export]")).to_be_disabled()
+    # A paused job resumes from the beginning without one.
+    page = tab.goto("/ui/jobs/resting")
+    expect(page.locator("#checkpoints-box")).to_contain_text("No checkpoint yet.")
+    expect(page.locator("#actions button[data-action=resume]")).to_be_enabled()
+    expect(page.locator("#actions button[data-action=export]")).to_be_disabled()
 
 
 @pytest.mark.timeout(180)

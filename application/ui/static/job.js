@@ -26,6 +26,13 @@
   };
   let status = section.dataset.status;
   let gone = false;
+  // What the server also checks before an action: a running export (it refuses another export and a delete
+  // meanwhile; a stop of a finished job stops the export), and the checkpoints (null until the first list):
+  // without one there is nothing to export or resume from, unless the job is paused.
+  let exporting = false;
+  let checkpointCount = null;
+  const stopButton = document.querySelector("#actions [data-action=stop]");
+  const stopAsServed = stopButton && { label: stopButton.textContent, confirm: stopButton.dataset.confirm };
 
   // ---- charts ---------------------------------------------------------------------------------------------
   // One row per step; a training and an evaluation point logged at the same step share it.
@@ -224,8 +231,23 @@
     const badge = section.querySelector("[data-status]");
     badge.textContent = s;
     badge.className = `badge s-${s}`;
-    for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = gone || !ENABLED[b.dataset.action].includes(s);
+    for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = gone || !allowed(b.dataset.action, s);
     document.getElementById("priority-input").disabled = gone || !ENABLED.priority.includes(s);
+    if (stopButton) {
+      const stopsExport = exporting && TERMINAL.has(s);
+      stopButton.textContent = stopsExport ? "Stop export" : stopAsServed.label;
+      stopButton.dataset.confirm = stopsExport
+        ? `Stop the running export of job ${jobId}? The job itself stays ${s}.`
+        : stopAsServed.confirm;
+    }
+  }
+
+  function allowed(action, s) {
+    if (exporting && (action === "export" || action === "delete")) return false;
+    if (exporting && action === "stop" && TERMINAL.has(s)) return true;
+    const noCheckpoint = checkpointCount === 0;
+    if (noCheckpoint && (action === "export" || (action === "resume" && s !== "paused"))) return false;
+    return ENABLED[action].includes(s);
   }
 
   function fact(name, ...nodes) {
@@ -245,6 +267,7 @@
   const text = (t) => document.createTextNode(t === null || t === undefined ? "" : String(t));
 
   function showJob(job) {
+    exporting = (job.export || {}).status === "running";
     setStatus(job.status);
     showProgress(job.progress);
     const err = document.getElementById("job-error");
@@ -281,6 +304,8 @@
     document.getElementById("checkpoints-box").replaceChildren(
       grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet."), ...more
     );
+    checkpointCount = Math.max(list.total || 0, shown);
+    setStatus(status);
   }
 
   let refreshing = null;
