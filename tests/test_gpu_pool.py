@@ -6,8 +6,8 @@ import time
 
 from application.models.job_request import JobCreate
 from application.services.gpu_pool import gpu_states, impossible_request
-from application.services.scheduler import Policy, QueuedJob, plan
-from application.utils.gpu_types import GpuInfo, GpuSnapshot
+from application.services.scheduler import Policy, QueuedJob, RunningJob, gpu_is_free, plan
+from application.utils.gpu_types import GpuInfo, GpuSnapshot, unreadable_gpu
 
 MIB = 1.0  # GpuInfo holds MiB
 
@@ -52,3 +52,22 @@ def test_memory_other_processes_use_still_keeps_a_job_off_a_gpu() -> None:
     assert impossible_request(create(min_gpu_memory_gb=60), snap) is None  # it may come free
     assert starts(60, snap) == []
     assert starts(30, snap) == ["a"]
+
+
+def test_a_gpu_that_cannot_be_read_is_busy_not_gone() -> None:
+    # GPU 1 is held by our job "r" (60 s left) and fails one reading; A is pinned to GPUs 0 and 1.
+    now = time.time()
+    lost = unreadable_gpu(1, a100_80gb(1), "NVML could not read it: GPU is lost")
+    snap = snapshot(a100_80gb(0), lost)
+    assert impossible_request(create(num_gpus=2), snap) is None
+    assert impossible_request(create(gpu_ids=[1]), snap) is None
+    assert impossible_request(create(min_gpu_memory_gb=79, gpu_ids=[1]), snap) is None
+    queue = [QueuedJob("A", 5, now - 100, 2, (0, 1), None, None), QueuedJob("B", 5, now - 50, 1, None, None, None)]
+    running = [RunningJob("r", (1,), 60.0)]
+    for name in ("backfill", "strict"):
+        found = plan(queue, gpu_states(snap, {1: "r"}), running, Policy(name=name), now)
+        # A keeps its reservation of GPU 0 (it was planned 'never' and dropped it: B, of no known length, took it).
+        assert found.starts == [] and found.reasons["A"].code != "never", (name, found)
+    # Not held by us: an unreadable GPU is never free, whatever the thresholds.
+    state = gpu_states(snapshot(lost), {})[0]
+    assert not gpu_is_free(state, min_free_gb=0, max_util=100)

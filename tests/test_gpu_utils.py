@@ -310,8 +310,8 @@ def test_malformed_usage_file_is_an_error_not_a_crash(tmp_path: Path, content: A
     assert snap.error is not None
     assert str(usage) in snap.error and "malformed" in snap.error
     assert fragment in snap.error
-    # Still listed, shown as free with no usage.
-    assert [(g.memory_used_mb, g.utilization, g.processes) for g in snap.gpus] == [(0, 0, ())] * 2
+    # Still listed, but busy: usage that cannot be read is not "nothing in use" (a job would start on GPU 0).
+    assert [(g.memory_free_mb, g.error == snap.error) for g in snap.gpus] == [(0, True)] * 2
 
     write_usage(usage, {"1": {"utilization": 50}})
     snap = inv.snapshot()
@@ -510,40 +510,48 @@ def test_identity_is_read_once(fake: FakeNvml, nvml_inventory: NvmlInventory) ->
     assert fake.calls.count("nvmlDeviceGetHandleByIndex") == 2
 
 
-def test_lost_gpu_is_left_out_and_comes_back(fake: FakeNvml, nvml_inventory: NvmlInventory) -> None:
-    assert len(nvml_inventory.snapshot().gpus) == 2
+def test_a_gpu_that_cannot_be_read_stays_listed_as_busy_and_comes_back(
+    fake: FakeNvml, nvml_inventory: NvmlInventory
+) -> None:
+    good = nvml_inventory.snapshot().gpus[1]
     fake.fail["nvmlDeviceGetMemoryInfo_v2@1"] = pynvml.NVML_ERROR_GPU_IS_LOST
     snap = nvml_inventory.snapshot()
-    assert [g.index for g in snap.gpus] == [0]
-    assert snap.error is not None
-    assert "GPU 1: GPU is lost" in snap.error
+    assert snap.error is not None and "GPU 1: GPU is lost" in snap.error
+    # Left out, it read as a GPU that does not exist; kept with its last reading's size, nothing of it free.
+    lost = snap.gpus[1]
+    assert [g.index for g in snap.gpus] == [0, 1] and snap.gpus[0].error is None
+    assert lost.error is not None and "GPU is lost" in lost.error
+    assert (lost.uuid, lost.memory_total_mb, lost.memory_usable_mb, lost.memory_free_mb) == (
+        good.uuid, good.memory_total_mb, good.memory_usable_mb, 0.0)  # fmt: skip
 
     # After a failure the handle is fetched afresh, and the fresh fetch can fail too.
     del fake.fail["nvmlDeviceGetMemoryInfo_v2@1"]
     fake.fail["nvmlDeviceGetHandleByIndex@1"] = pynvml.NVML_ERROR_GPU_IS_LOST
     snap = nvml_inventory.snapshot()
-    assert [g.index for g in snap.gpus] == [0] and "GPU 1" in str(snap.error)
+    assert snap.gpus[1].error is not None and "GPU 1" in str(snap.error)
 
     del fake.fail["nvmlDeviceGetHandleByIndex@1"]
     snap = nvml_inventory.snapshot()
-    assert [g.index for g in snap.gpus] == [0, 1] and snap.error is None
+    assert [g.error for g in snap.gpus] == [None, None] and snap.error is None and snap.gpus[1] == good
 
 
-def test_handle_getter_failing_for_every_gpu_gives_an_empty_snapshot(fake: FakeNvml) -> None:
+def test_handle_getter_failing_for_every_gpu_lists_them_unreadable(fake: FakeNvml) -> None:
     fake.fail["nvmlDeviceGetHandleByIndex"] = pynvml.NVML_ERROR_UNKNOWN
     inv = NvmlInventory(fake)
     snap = inv.snapshot()
-    assert snap.gpus == ()
+    assert [(g.index, g.memory_free_mb, g.error is not None) for g in snap.gpus] == [(0, 0.0, True), (1, 0.0, True)]
     assert snap.error is not None
     assert "GPU 0: Unknown Error" in snap.error and "GPU 1: Unknown Error" in snap.error
     assert inv.link_score(0, 1) is None
     inv.close()
 
 
-def test_snapshot_never_raises_even_on_unexpected_errors(fake: FakeNvml, nvml_inventory: NvmlInventory) -> None:
+def test_an_unexpected_error_reading_one_gpu_does_not_blank_the_others(
+    fake: FakeNvml, nvml_inventory: NvmlInventory
+) -> None:
     fake.crash["nvmlDeviceGetMemoryInfo_v2"] = RuntimeError("driver exploded")
     snap = nvml_inventory.snapshot()
-    assert snap.gpus == ()
+    assert len(snap.gpus) == 2 and all(g.error and "driver exploded" in g.error for g in snap.gpus)
     assert snap.error is not None and "driver exploded" in snap.error
 
 

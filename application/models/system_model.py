@@ -122,6 +122,7 @@ class GpuInfoOut(BaseModel):
     power_limit_w: float | None = None
     processes: list[GpuProcessInfo] = Field(default_factory=list)
     job_id: str | None = Field(None, description="the job of ours that holds it")
+    error: str | None = Field(None, description="why this is not a live reading: it counts as busy meanwhile")
 
 
 class GpuSummary(BaseModel):

@@ -20,6 +20,7 @@ def gpu_states(snapshot: GpuSnapshot, leases: Mapping[int, str]) -> list[GpuStat
             memory_free_gb=g.memory_free_mb / MB_PER_GB,
             utilization=g.utilization,
             held_by=leases.get(g.index),
+            readable=g.error is None,
         )
         for g in snapshot.gpus
     ]

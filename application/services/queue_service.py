@@ -13,6 +13,7 @@ from application.models.training_model import JobStatus
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
 from application.services.queue_planner import ClusterView, pending_reason, queued, wait_estimate
+from application.services.scheduler import gpu_is_free
 from application.services.training_service import TrainingService
 
 PASS_WAIT_SECONDS = 10.0
@@ -23,11 +24,7 @@ class NoScheduler(ApiError):
 
 
 def free_gpu_count(view: ClusterView, min_free_gb: float, max_util: float) -> int:
-    return sum(
-        1
-        for g in view.gpus
-        if g.held_by is None and g.memory_free_gb >= min_free_gb and (g.utilization or 0.0) <= max_util
-    )
+    return sum(1 for g in view.gpus if gpu_is_free(g, min_free_gb=min_free_gb, max_util=max_util))
 
 
 class QueueService:

@@ -88,6 +88,7 @@ class GpuState:
     # None when the backend cannot tell (simulated GPUs); counted as idle so such GPUs stay usable.
     utilization: float | None
     held_by: str | None
+    readable: bool = True  # False: its reading failed (GpuInfo.error): never free, but still there
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,7 @@ def queue_key(job: QueuedJob) -> tuple[float, str]:
 
 def gpu_is_free(gpu: GpuState, *, min_free_gb: float, max_util: float) -> bool:
     """Not held by one of our jobs, and other processes leave enough memory and compute."""
-    if gpu.held_by is not None:
+    if gpu.held_by is not None or not gpu.readable:
         return False
     if gpu.memory_free_gb < min_free_gb:
         return False

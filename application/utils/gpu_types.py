@@ -30,6 +30,8 @@ class GpuInfo:
     power_w: float | None
     power_limit_w: float | None
     processes: tuple[GpuProcess, ...]
+    # Why this is not a live reading (the GPU could not be read): it then counts as busy, never as gone or free.
+    error: str | None = None
 
     @property
     def memory_usable_mb(self) -> float:
@@ -39,6 +41,16 @@ class GpuInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def unreadable_gpu(index: int, last: GpuInfo | None, error: str) -> GpuInfo:
+    """A GPU whose reading failed: still there (a job pinned to it, or a count of GPUs, is not refused as
+    impossible, and a reservation on it holds), but nothing of it is free. Its size is the last one read."""
+    return GpuInfo(index=index, uuid=last.uuid if last else f"GPU-{index}", name=last.name if last else "unknown",
+                   memory_total_mb=last.memory_total_mb if last else 0.0,
+                   memory_used_mb=last.memory_usable_mb if last else 0.0, memory_free_mb=0.0, utilization=None,
+                   memory_utilization=None, temperature_c=None, power_w=None, power_limit_w=None, processes=(),
+                   error=error)  # fmt: skip
 
 
 @dataclass(frozen=True)

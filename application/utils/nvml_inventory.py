@@ -12,7 +12,7 @@ import psutil
 import pynvml
 from loguru import logger
 
-from application.utils.gpu_types import MIB, GpuInfo, GpuProcess, GpuSnapshot
+from application.utils.gpu_types import MIB, GpuInfo, GpuProcess, GpuSnapshot, unreadable_gpu
 
 # Higher is a better path between two GPUs. NVLink and a shared board both avoid PCIe entirely;
 # after that each NVML topology level adds a hop, ending with the inter-socket link.
@@ -85,6 +85,7 @@ class NvmlInventory:
         self._variant: dict[tuple[str, int], int] = {}
         self._links: dict[tuple[int, int], int | None] = {}
         self._last_error: str | None = None
+        self._last_read: dict[int, GpuInfo] = {}
 
     @property
     def count(self) -> int:
@@ -135,16 +136,22 @@ class NvmlInventory:
         problems: list[str] = []
         for index in range(self._count):
             try:
-                gpus.append(self._read_gpu(index))
-            except pynvml.NVMLError as exc:
+                gpu = self._read_gpu(index)
+            except Exception as exc:  # NVMLError mostly; anything else from one GPU must not blank the others
                 # A reset or re-attached GPU comes back with a new handle.
                 self._handles.pop(index, None)
                 self._identity.pop(index, None)
-                problems.append(f"GPU {index}: {nvml_message(exc)}")
+                problem = f"GPU {index}: {nvml_message(exc)}"
+                problems.append(problem)
+                # Busy rather than gone: left out, it read as a GPU that does not exist (creates naming it
+                # refused, a pinned job's reservation dropped for a pass); nor free on a stale reading.
+                gpus.append(unreadable_gpu(index, self._last_read.get(index), f"NVML could not read it: {problem}"))
+                continue
+            self._last_read[index] = gpu
+            gpus.append(gpu)
         error: str | None = None
         if problems:
-            # Leaving a failing GPU out beats a stale "free" reading the scheduler would trust.
-            error = "NVML could not read " + "; ".join(problems) + " (left out of this snapshot)"
+            error = "NVML could not read " + "; ".join(problems) + " (counted as busy until it reads again)"
         elif self._count == 0:
             error = "NVML is loaded but reports no GPUs"
         if error != self._last_error and error is not None:

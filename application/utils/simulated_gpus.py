@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from application.utils.gpu_types import SIMULATE_HINT, GpuInfo, GpuProcess, GpuSnapshot
+from application.utils.gpu_types import SIMULATE_HINT, GpuInfo, GpuProcess, GpuSnapshot, unreadable_gpu
 
 SIMULATED_LINK_SCORE = 1
 
@@ -133,11 +133,16 @@ class SimulatedInventory:
     def snapshot(self) -> GpuSnapshot:
         try:
             with self._lock:
-                file_usage, error = self._read_usage_file()
+                file_usage, file_error = self._read_usage_file()
                 usage = {**file_usage, **self._overrides}
+            error = file_error
             if self.count == 0 and error is None:
                 error = f"no simulated GPUs (SIMULATED_GPUS=0); {SIMULATE_HINT}"
-            gpus = tuple(self._gpu(i, usage.get(i)) for i in range(self.count))
+            if file_error is not None:
+                # Usage that cannot be read is not "nothing busy": every GPU counts as busy until the file is fixed.
+                gpus = tuple(unreadable_gpu(i, self._gpu(i, None), file_error) for i in range(self.count))
+            else:
+                gpus = tuple(self._gpu(i, usage.get(i)) for i in range(self.count))
             return GpuSnapshot(self.backend, gpus, error, None, time.time())
         except Exception as exc:  # the contract is never to raise
             logger.exception("simulated GPU snapshot failed")
@@ -192,6 +197,6 @@ class SimulatedInventory:
                 self._file_error = None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 self._file_usage = {}
-                self._file_error = f"simulated GPU usage file {path} is malformed ({exc}); its usage is ignored"
+                self._file_error = f"simulated GPU usage file {path} is malformed ({exc}): every GPU counts as busy"
                 logger.warning("{}", self._file_error)
         return self._file_usage, self._file_error
