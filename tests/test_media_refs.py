@@ -221,3 +221,9 @@ async def test_a_job_on_rows_naming_a_file_out_of_the_roots_is_refused_before_it
         assert r.status_code == 422 and "line 22, 'images'" in r.json()["detail"], r.text
         assert "must be a file inside DATA_ROOTS" in r.json()["detail"]
         assert (await client.get("/jobs")).json()["total"] == 0
+
+
+def test_a_data_set_gone_since_its_first_read_is_a_422_not_a_500(tmp_path: Path) -> None:
+    # The data set check reads the file first; a delete of the upload in between made this an unhandled error.
+    with pytest.raises(Invalid, match=r"data_path '.*gone.jsonl' cannot be read \(No such file or directory\)"):
+        check_media("data_path", tmp_path / "gone.jsonl", [tmp_path], None)

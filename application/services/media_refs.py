@@ -51,7 +51,13 @@ def media_columns(arguments: dict[str, Any]) -> tuple[str, ...]:
 def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | None,
                 columns: Sequence[str] = ()) -> None:  # fmt: skip
     """Raise Invalid naming the row and key of a media reference that could reach outside DATA_ROOTS."""
-    check = _Checker(field, path, roots, guard, tuple(columns))
+    try:
+        _check_media(field, path, _Checker(field, path, roots, guard, tuple(columns)))
+    except OSError as exc:  # read once already: it may have gone since (an upload deleted meanwhile), or a folder
+        raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+def _check_media(field: str, path: Path, check: _Checker) -> None:
     with open(path, "rb") as f:
         if not _marked_anywhere(check, f):
             return
