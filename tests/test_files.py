@@ -30,6 +30,7 @@ from tests.conftest import (
     ApiServer,
     auth,
     job_body,
+    make_model,
     settings_for,
     wait_for,
 )
@@ -355,8 +356,15 @@ async def test_a_user_may_not_name_a_folder_that_holds_everyones_uploads(redis_c
         with pytest.raises(Invalid) as exc:
             files.uploads_named([value], bob)  # a folder data set: swift would read every file in it
         assert "another owner's upload" in exc.value.detail or "holds the uploads of every owner" in exc.value.detail
-    assert files.uploads_named([str(root / "bob" / "x.jsonl"), str(tmp_path / "other" / "y.jsonl")], bob) == []
-    assert files.uploads_named([str(root), str(root.parent)], admin) == []
+    mine = root / "bob" / "file-0123456789abcdef01234567.jsonl"
+    assert files.uploads_named([str(mine), str(tmp_path / "other" / "y.jsonl")], bob) == [mine.name[:29]]
+    assert files.uploads_named([str(root.parent)], admin) == []  # an admin may name a whole data root
+    # Inside the uploads, only uploads: swift reads a folder's every file, none recorded as the job's (deleted
+    # under it), an admin's job too.
+    for path, who in ((root / "bob", bob), (root / "bob" / "x.jsonl", bob), (root, admin), (root / "alice", admin),
+                      (root / "alice" / "sub" / mine.name, admin)):  # fmt: skip
+        with pytest.raises(Invalid, match="lies in the uploads folder but is not an upload"):
+            files.uploads_named([str(path)], who)
 
 
 async def test_uploads_made_while_another_data_root_came_first_stay_their_owners(redis_client: aioredis.Redis,
@@ -414,3 +422,23 @@ async def test_another_owners_upload_is_refused_before_anything_looks_at_it(
             details[what] = r.json()["detail"].replace(path, "<path>")
         assert len(set(details.values())) == 1, details
         assert "another owner's upload cannot be used" in next(iter(details.values()))
+
+
+async def test_a_refused_delete_names_only_the_callers_own_jobs(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # An admin may train on a user's upload: the user's refused delete named the admin's job, which every other
+    # answer hides from her (GET says 404), and told her to stop it.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        f = (await client.post("/files", files={"file": ("t.jsonl", VALID)}, headers=auth(ALICE_KEY))).json()
+        for name, key in (("admins-secret-job", ADMIN_KEY), ("alices-job", ALICE_KEY)):
+            r = await client.post("/jobs", json=job_body(tmp_path, name, data_path=f["id"]), headers=auth(key))
+            assert r.status_code == 201, r.text
+        assert (await client.get("/jobs/admins-secret-job", headers=auth(ALICE_KEY))).status_code == 404
+        refused = await client.delete(f"/files/{f['id']}", headers=auth(ALICE_KEY))
+        detail = refused.json()["detail"]
+        assert refused.status_code == 409 and "admins-secret-job" not in detail, detail
+        assert "your active job(s) alices-job" in detail and "1 active job(s) of other owners" in detail
+        as_admin = (await client.delete(f"/files/{f['id']}", headers=auth(ADMIN_KEY))).json()["detail"]
+        assert "admins-secret-job" in as_admin and "alices-job" in as_admin

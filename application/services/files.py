@@ -48,6 +48,7 @@ ANONYMOUS_FOLDER = "_"
 # An upload file older than this with no record is left over from a crash (an upload takes far less).
 ORPHAN_AGE = 6 * 3600.0
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
+USERS_NAMED_MAX = 200  # a refused delete looks up this many of the file's jobs, to name the caller's own
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
 _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # A job in one of these may still read its data set: its files cannot be deleted.
@@ -215,13 +216,30 @@ class FileStore:
         meta = await self.get(file_id, caller)
         reply = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
         if reply[0] == "in_use":
-            users = reply[1:]
-            more = f" and {len(users) - 5} more" if len(users) > 5 else ""
-            raise Conflict(f"file '{file_id}' is the data set of active job(s) {', '.join(users[:5])}{more}: "
-                           "delete it once they end (or stop them)")  # fmt: skip
+            raise Conflict(f"file '{file_id}' is the data set of {await self._users_text(reply[1:], caller)}: "
+                           "delete it once they end")  # fmt: skip
         if reply[0] == "gone":  # a concurrent delete won
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
+
+    async def _users_text(self, users: list[str], caller: Caller) -> str:
+        """The active jobs using a file, as the caller may see them: their own by id, others' only counted (an
+        admin may train on a user's upload; its id is as hidden here as anywhere else)."""
+        looked = users[:USERS_NAMED_MAX]
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in looked:
+                pipe.hget(self.keys.job(job_id), "owner")
+            owners = await pipe.execute()
+        mine = [j for j, o in zip(looked, owners, strict=True) if caller.owns(json.loads(o) if o else None)]
+        parts = []
+        if mine:
+            more = f" and {len(mine) - 5} more" if len(mine) > 5 else ""
+            parts.append(f"your active job(s) {', '.join(mine[:5])}{more} (stop them to delete it now)")
+        if others := len(looked) - len(mine):
+            parts.append(f"{others} active job(s) of other owners")
+        if len(users) > len(looked):
+            parts.append(f"{len(users) - len(looked)} more active job(s)")
+        return " and ".join(parts)
 
     # ---- orphans --------------------------------------------------------------------------------------------
 
@@ -322,9 +340,23 @@ class FileStore:
         values = list(values)
         for value in values:
             path = Path(_SAMPLE_SUFFIX.sub("", value))
-            if not caller.is_admin and path.is_absolute():
+            if not path.is_absolute():
+                continue
+            if not caller.is_admin:
                 self._refuse_foreign(value, path, caller)
+            self._refuse_upload_folder(value, path)
         return self._upload_ids(values)
+
+    def _refuse_upload_folder(self, named: str, path: Path) -> None:
+        """Inside an uploads folder only an upload itself may be named (anyone's, an admin's too): swift reads
+        every file of a folder, and none of them would be recorded as the job's, so each could be deleted under it."""
+        root = self._uploads_root(path) or (path if path in self.real_roots else None)
+        if root is None:
+            return
+        inside = path.relative_to(root).parts
+        if len(inside) != 2 or not _STORED_NAME.match(inside[1]):
+            raise Invalid(f"{named} lies in the uploads folder but is not an upload: name each uploaded file by its "
+                          "id (file-...), so that the job is recorded as using it")  # fmt: skip
 
     def upload_guard(self, caller: Caller) -> Guard | None:
         """For the path sandbox (`preflight.check_request`): refuses a path in another owner's uploads folder
