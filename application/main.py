@@ -14,12 +14,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from application import __version__
@@ -199,6 +200,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up mid-body (a cut upload): what was received is already cleaned up; a traceback
+        # logged as an error for each would let any client fill the logs.
+        logger.info("{} {}: the client disconnected before its request body ended", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
