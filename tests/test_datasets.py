@@ -41,6 +41,11 @@ def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
     csv_file = tmp_path / "rows.csv"
     csv_file.write_text('query,response\n"a, b",c\nd,e\nf,g\n')
     assert check_dataset("data_path", csv_file).rows == 3
+    # Records, not lines: a quoted field with line breaks is one row (it counted 3, "exact").
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('query,response\r\n"multi\nline",hello\r\n\r\nyo,there\r\n')
+    info = check_dataset("data_path", quoted)
+    assert (info.rows, info.rows_exact) == (2, True)
     big = write(tmp_path / "big.jsonl", [MESSAGES] * 30_000)  # past the rows that are parsed: counted, not parsed
     assert check_dataset("data_path", big).rows == 30_000
 

@@ -280,12 +280,16 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         except RecursionError:
             raise Invalid(f"{field} '{path}' is nested too deeply to be a data set") from None
         return DatasetInfo(length, True, fmt)
+    if suffix == ".csv" and complete:
+        # Records, not lines: a quoted field may hold line breaks (the header is the reader's, blank lines none).
+        return DatasetInfo(sum(1 for _ in _csv_rows(head, True)), True, fmt)
     try:
         count, exact = _count_lines(path, size)
     except OSError as exc:  # opened again to count: the file may have gone since its head was read
         raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
     if suffix == ".csv":
-        count = max(0, count - 1)  # the header (multi-line quoted fields make this approximate)
+        # Lines less the header: an estimate, as quoted fields may hold line breaks.
+        return DatasetInfo(max(0, count - 1), False, fmt)
     return DatasetInfo(count, exact, fmt)
 
 
