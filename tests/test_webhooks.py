@@ -447,7 +447,7 @@ async def test_deliveries_go_on_after_a_redis_outage_the_leader_kept_its_lead_th
         while not await client.exists(keys.webhooks_global):  # announced: every job notifies (WEBHOOK_URLS)
             assert time.monotonic() < deadline and not delivering.done()
             await asyncio.sleep(0.05)
-        await cluster.notify("j", "before_outage")
+        await store.update("j", {}, notify="before_outage")
         await until(lambda: "before_outage" in hook.events())
 
         own.stop()
@@ -457,7 +457,7 @@ async def test_deliveries_go_on_after_a_redis_outage_the_leader_kept_its_lead_th
         deadline = time.monotonic() + 30
         while True:  # (this client's own connection may fail once after the restart)
             try:
-                await cluster.notify("j", "after_outage")
+                await store.update("j", {}, notify="after_outage")
                 break
             except Exception:
                 assert time.monotonic() < deadline

@@ -378,20 +378,6 @@ class ClusterStore:
                 await pipe.execute()
         return len(orphans)
 
-    async def notify(self, job_id: str, event: str) -> None:
-        """Queue a webhook notification outside a status change (an export that ended)."""
-        k = self.keys
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.exists(k.webhooks_global)
-            pipe.hget(k.job(job_id), "webhook_url")
-            pipe.get(k.job_summary(job_id))
-            on, hook_raw, summary = await pipe.execute()
-        hook = json.loads(hook_raw) if hook_raw else None
-        if (on or hook) and summary:
-            item = {"job_id": job_id, "event": event, "hook": hook or "", "summary": summary, "at": repr(time.time()),
-                    "id": f"{job_id}/{event}/{time.time_ns()}"}  # fmt: skip
-            await self.r.lpush(k.webhooks, json.dumps(item))
-
     async def take_webhook(self) -> str | None:
         """The oldest notification, moved to the deliveries under way until `webhook_delivered`."""
         raw: str | None = await self.r.lmove(self.keys.webhooks, self.keys.webhooks_delivering, "RIGHT", "LEFT")

@@ -240,11 +240,13 @@ class JobStore(JobLog):
         unchanged: Mapping[str, str | None] | None = None,
         fence: str | None = None,
         created_at: float | None = None,
+        notify: str | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`, the
         `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise; with
         `fence`, only while that scheduler leads);
-        `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step.
+        `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step;
+        `notify` queues that webhook event in it too (an export's end: none is lost between two steps).
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
@@ -258,8 +260,10 @@ class JobStore(JobLog):
             "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting, "fence": fence,
             "unchanged": {name: raw or "" for name, raw in unchanged.items()} if unchanged else None,
             "created": encode_value(created_at) if created_at is not None else None,
+            "notify": notify, "now": repr(now),
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
-                  "exporting": self.keys.exporting, "leader": self.keys.leader},
+                  "exporting": self.keys.exporting, "leader": self.keys.leader, "webhooks": self.keys.webhooks,
+                  "webhooks_global": self.keys.webhooks_global},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

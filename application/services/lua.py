@@ -67,6 +67,16 @@ local function forget_head(head_key, id)
   local raw = redis.call('GET', head_key)
   if raw and cjson.decode(raw)[1] == id then redis.call('DEL', head_key) end
 end
+local function queue_webhook(k, id, event, from, at, ev)
+  -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, and the
+  -- event's id as the delivery's, however often it is sent.
+  local hook = field(KEYS[1], 'webhook_url')
+  if hook == cjson.null then hook = nil end
+  if hook or redis.call('EXISTS', k.webhooks_global) == 1 then
+    redis.call('LPUSH', k.webhooks, cjson.encode({job_id = id, event = event, from = from, hook = hook or '',
+      summary = redis.call('GET', k.summary), at = at, id = ev and (id .. '/' .. ev) or nil}))
+  end
+end
 local function free_output_dir(dirs, id)
   local dir = field(KEYS[1], 'output_dir')
   if dir and redis.call('HGET', dirs, dir) == id then redis.call('HDEL', dirs, dir) end
@@ -245,13 +255,7 @@ local ev = add_event(k.events, a.event)
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
 -- Webhooks: an end, a pause, or a run sent back to the queue (preempted, retried), when anyone listens.
 if member(a.to, a.notify_on) or (a.to == 'queued' and cur == 'running') then
-  local hook = field(KEYS[1], 'webhook_url')
-  if hook == cjson.null then hook = nil end
-  if hook or redis.call('EXISTS', k.webhooks_global) == 1 then
-    redis.call('LPUSH', k.webhooks, cjson.encode({job_id = id, event = 'status_' .. a.to, from = cur,
-      hook = hook or '', summary = redis.call('GET', k.summary), at = a.finished_at or a.event.time,
-      id = ev and (id .. '/' .. ev) or nil}))  -- the event's id: the delivery's, however often it is sent
-  end
+  queue_webhook(k, id, 'status_' .. a.to, cur, a.finished_at or a.event.time, ev)
 end
 return {'ok', cur, ev}
 """
@@ -260,8 +264,9 @@ return {'ok', cur, ev}
 # Set fields while the job exists, is in one of `statuses` (when given) and its export status is not in
 # `refuse_export` (when given); `exporting` true/false adds/removes it in the set of exports to watch in the
 # same step, so an export's end and the next export's request can never undo each other.
-# a: id, fields, statuses|nil, refuse_export|nil, exporting|nil, event|nil, maxlen, run_id|nil,
-# k: {events, summary, exporting}
+# a: id, fields, statuses|nil, refuse_export|nil, exporting|nil, event|nil, maxlen, run_id|nil, notify|nil (a
+# webhook's event, queued in the same step: an export's end), k: {events, summary, exporting, webhooks,
+# webhooks_global}
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -284,7 +289,8 @@ elseif a.exporting == false then
   redis.call('SREM', a.k.exporting, a.id)
 end
 refresh_summary(a.k.summary)
-add_event(a.k.events, a.event)
+local ev = add_event(a.k.events, a.event)
+if a.notify then queue_webhook(a.k, a.id, a.notify, cur, a.event and a.event.time or a.now, ev) end
 return {'ok', cur}
 """
 )

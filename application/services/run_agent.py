@@ -384,10 +384,9 @@ class Runner:
         while True:
             try:
                 # The end and the way out of the watched exports in one step: a new request may follow at once.
-                wrote = await while_running(self.store, self.job_id, info.export_id, lambda _: {"export": info},
-                                            event=event, exporting=False if final else None)  # fmt: skip
-                if wrote is not None and final:
-                    await self.cluster.notify(self.job_id, f"export_{info.status.value}")
+                await while_running(self.store, self.job_id, info.export_id, lambda _: {"export": info}, event=event,
+                                    exporting=False if final else None,
+                                    notify=f"export_{info.status.value}" if final else None)  # fmt: skip
                 return
             except RedisError as exc:
                 logger.warning("cannot record the export yet ({}); retrying", exc)

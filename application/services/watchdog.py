@@ -314,9 +314,8 @@ class Watchdog:
             update["path"] = merged_path(info)
         ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
                                         "exit_code": code, **update})  # fmt: skip
-        if await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
-                                    runner=runner, done=True):  # fmt: skip
-            await self.cluster.notify(job.job_id, f"export_{status.value}")
+        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
+                                 runner=runner, done=True)  # fmt: skip
 
     def _how_it_ended(self, runner: RunnerInfo) -> str:
         """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
@@ -352,8 +351,9 @@ class Watchdog:
         False when its runner recorded its end or handed it back meanwhile, a new export replaced it, or the
         job is gone (nothing written then: not over a newer record, not twice)."""
         wrote = await while_running(self.store, job_id, export_id,
-                                    lambda now: {"export": info} if now.runner == runner else None,
-                                    event=event, exporting=False if done else None)  # fmt: skip
+                                    lambda now: {"export": info} if now.runner == runner else None, event=event,
+                                    exporting=False if done else None,
+                                    notify=f"export_{info.status.value}" if done else None)  # fmt: skip
         return wrote is not None
 
     async def expire_old_jobs(self, batch: int = 100) -> list[str]:
