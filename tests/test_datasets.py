@@ -145,7 +145,12 @@ def test_grpo_and_ppo_take_prompts_alone_and_other_kinds_still_need_answers(tmp_
     prompts = write(tmp_path / "prompts.jsonl", [{"prompt": "What is 2+2?"}, {"problem": "Solve x+1=2"}])
     for rlhf_type in ("grpo", "ppo"):
         assert check_dataset("data_path", prompts, needs=data_needs("rlhf", rlhf_type)).rows == 2
-    assert check_dataset("file", prompts, needs="either").rows == 2  # an upload for rlhf, its type not known yet
+    # An upload for rlhf (its type not known yet): GRPO's usual forms too, a prompt with a solution, or a
+    # conversation ending with the user's turn.
+    grpo = write(tmp_path / "grpo.jsonl", [{"problem": "1+1?", "solution": "2"},
+                                           {"messages": [{"role": "user", "content": "1+1?"}]}])  # fmt: skip
+    for data in (prompts, grpo):
+        assert check_dataset("file", data, needs="either").rows == 2
     kinds: list[tuple[str, str | None]] = [("sft", None), ("rlhf", "dpo"), ("rlhf", "gkd")]
     for kind, other in kinds:
         with pytest.raises(Invalid, match="no columns ms-swift can train on"):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from application.models.job_request import JobCreate
 from application.services.gpu_pool import gpu_states, impossible_request
+from application.services.preemption import Candidate, choose_victims
 from application.services.scheduler import Policy, QueuedJob, RunningJob, gpu_is_free, plan
 from application.utils.gpu_types import GpuInfo, GpuSnapshot, unreadable_gpu
 
@@ -71,3 +73,26 @@ def test_a_gpu_that_cannot_be_read_is_busy_not_gone() -> None:
     # Not held by us: an unreadable GPU is never free, whatever the thresholds.
     state = gpu_states(snapshot(lost), {})[0]
     assert not gpu_is_free(state, min_free_gb=0, max_util=100)
+
+
+def test_preemption_never_evicts_a_job_for_a_gpu_that_cannot_be_read() -> None:
+    # GPU 1's reading fails: its job A loses its work for nothing (the head cannot start there); B's GPU helps.
+    now = time.time()
+    lost = unreadable_gpu(1, a100_80gb(1), "NVML could not read it: GPU is lost")
+    gpus = gpu_states(snapshot(a100_80gb(0, used_mb=70 * 1024), lost), {0: "B", 1: "A"})
+    head = QueuedJob("hi", 9, now - 10, 1, None, None, None)
+    running = [Candidate("A", 1, (1,), now - 900, 0.0), Candidate("B", 1, (0,), now - 900, 500.0)]
+    kwargs: dict[str, Any] = {"min_free_gb": 1.0, "max_util": 50.0, "min_run": 0.0, "now": now}
+    assert choose_victims(head, gpus, running, **kwargs) == ["B"]
+    pinned = QueuedJob("hi", 9, now - 10, 1, (1,), None, None)
+    assert choose_victims(pinned, gpus, running, **kwargs) is None
+
+
+def test_a_gpu_never_read_is_of_unknown_size_not_of_none() -> None:
+    # Failing since the scheduler started: no size is known, so no memory request is judged impossible on it.
+    snap = snapshot(a100_80gb(0), unreadable_gpu(1, None, "NVML could not read it: Unknown Error"))
+    assert impossible_request(create(gpu_ids=[1], min_gpu_memory_gb=40), snap) is None
+    now = time.time()
+    queued = [QueuedJob("a", 5, now - 10, 1, (1,), 40.0, None)]
+    found = plan(queued, gpu_states(snap, {}), [], Policy(), now)
+    assert found.starts == [] and found.reasons["a"].code != "never"

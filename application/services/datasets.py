@@ -124,10 +124,20 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "label" and not labelled:
         raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
                       "undesirable one")  # fmt: skip
-    if needs == "either" and fmt != "prompt" and not (rejected or labelled):
+    if needs == "either" and not (rejected or labelled or _has_prompt(row)):
         raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
                       "'rejected_messages'), a 'label' true/false for KTO, or a prompt alone for GRPO/PPO")  # fmt: skip
     return fmt
+
+
+def _has_prompt(row: dict[str, Any]) -> bool:
+    """A prompt GRPO/PPO could answer: a query-like column (besides a solution, which GRPO's rewards read), or
+    a conversation that ends with the user's turn."""
+    if any(k in row for k in QUERY_KEYS):
+        return True
+    turns = next((row[k] for k in MESSAGE_KEYS if k in row), None)
+    last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+    return last.get("role", last.get("from")) in ("user", "human")
 
 
 def _check_messages(value: Any, where: str) -> None:

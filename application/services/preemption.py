@@ -47,16 +47,21 @@ def choose_victims(
         return None
     free = {g.index for g in gpus if gpu_is_free(g, min_free_gb=need, max_util=max_util)}
 
+    # A GPU whose reading failed is no use to anyone until it reads again: evicting its job frees nothing.
+    usable = {i for i, g in by_index.items() if g.readable and g.memory_usable_gb >= need}
+    if wanted is not None and not wanted <= {i for i, g in by_index.items() if g.readable}:
+        return None
+
     def enough(freed: set[int]) -> bool:
         if wanted is not None:
             return wanted <= freed
         # A GPU a victim gives back has all its memory again.
-        return sum(1 for i in freed if i in by_index and by_index[i].memory_usable_gb >= need) >= k
+        return sum(1 for i in freed if i in usable) >= k
 
     def helps(c: Candidate) -> bool:
         if wanted is not None:
             return bool(wanted & set(c.gpu_ids))
-        return any(i in by_index and by_index[i].memory_usable_gb >= need for i in c.gpu_ids)
+        return any(i in usable for i in c.gpu_ids)
 
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business

@@ -120,7 +120,7 @@ class Planner:
             # Later jobs rank lower and cannot change the decisions for this prefix: look further only
             # while GPUs stay free after it.
             used = {i for s in found.starts for i in s.gpu_ids}
-            any_free = any(g.held_by is None and g.index not in used for g in view.gpus)
+            any_free = any(g.held_by is None and g.readable and g.index not in used for g in view.gpus)
             if len(queue) < size or not any_free or size >= MAX_WINDOW:
                 break
             size = min(size * 4, MAX_WINDOW)
