@@ -14,11 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from application.exceptions import Forbidden, Unauthorized
-from application.key_list import ApiKeyEntry
+from application.key_list import MAX_KEY_CHARS, ApiKeyEntry
 
 ADMIN = "admin"
 USER = "user"
-MAX_KEY_CHARS = 512
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ from typing import Any
 ROLES = ("admin", "user")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 MIN_KEY_LENGTH = 16
+MAX_KEY_CHARS = 512  # what a request's key is cut to before it is compared
+# What a request can carry as it is: header values are read as Latin-1 bytes, so a key with other characters
+# (Cyrillic, say) was taken at start and then never matched.
+_KEY_RE = re.compile(r"[\x21-\x7e]+")
 _KEY_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
@@ -27,9 +31,9 @@ def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
         raise ValueError(f"{where}: the name must be 1-64 letters, digits, '_', '.' or '-'")
     if role not in ROLES:
         raise ValueError(f"{where} ({name}): role must be admin or user, not {role!r}")
-    if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
-        raise ValueError(f"{where} ({name}): the key must be at least {MIN_KEY_LENGTH} characters without spaces; "
-                         f"{_KEY_HINT}")  # fmt: skip
+    if not isinstance(key, str) or not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_CHARS or not _KEY_RE.fullmatch(key):
+        raise ValueError(f"{where} ({name}): the key must be {MIN_KEY_LENGTH}-{MAX_KEY_CHARS} printable ASCII "
+                         f"characters without spaces; {_KEY_HINT}")  # fmt: skip
     return ApiKeyEntry(name, role, key)
 
 
