@@ -370,3 +370,26 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
         await wait_job(client, q1.json()["export"]["job_id"], lambda j: j["status"] == "completed")
         settings = client.app.state.settings
         assert await record_auto_export(store, settings, "twice", None) is not None
+
+
+async def test_a_quantized_export_still_waiting_is_kept_past_the_kept_records(redis_client: Any) -> None:
+    # Only the last EXPORTS_KEPT records stay: a quantized export waiting for GPUs behind 50 newer merges was
+    # dropped, gone from GET .../exports while its job ran, and a merge of its checkpoint no longer refused.
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+
+    store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
+    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0)  # fmt: skip
+    await store.create(job, message="created", actor="t")
+    waiting = ExportInfo(status=ExportStatus.RUNNING, export_id="q", job_id="j-quant", checkpoint="c")
+    await put_export(store, "j", waiting, current=False)
+    for n in range(EXPORTS_KEPT + 5):
+        merge = ExportInfo(status=ExportStatus.RUNNING, export_id=f"m{n}", checkpoint="c")
+        await put_export(store, "j", merge)
+        await store.update("j", {"export": merge.model_copy(update={"status": ExportStatus.COMPLETED})})
+    stored = await store.get("j")
+    assert stored is not None
+    ids = [e.export_id for e in stored.exports]
+    assert ids[0] == "q" and len(ids) == EXPORTS_KEPT + 1 and ids[-1] == f"m{EXPORTS_KEPT + 3}", ids

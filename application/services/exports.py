@@ -230,6 +230,13 @@ async def while_running(store: JobStore, job_id: str, export_id: str | None,
     return None
 
 
+def _kept(exports: list[ExportInfo]) -> list[ExportInfo]:
+    """The newest EXPORTS_KEPT, and any older one still running (a quantized export waiting for GPUs: dropped,
+    it vanished from GET .../exports while its job ran, and a merge of its checkpoint was no longer refused)."""
+    cut = len(exports) - EXPORTS_KEPT
+    return [e for i, e in enumerate(exports) if i >= cut or e.status == ExportStatus.RUNNING]
+
+
 async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:
     """Record a new export: as the job's current one (the one before joins the list), or, `current=False`, in
     its list (a quantized export: a job of its own). From the fields as stored, written only if they did not
@@ -244,10 +251,10 @@ async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current:
             fields: dict[str, Any] = {
                 "export": info,
                 "export_stop_requested": False,
-                "exports": earlier[-EXPORTS_KEPT:],
+                "exports": _kept(earlier),
             }
         else:
-            fields = {"exports": [*earlier, info][-EXPORTS_KEPT:]}
+            fields = {"exports": _kept([*earlier, info])}
         try:
             return await store.update(job_id, fields, unchanged={"export": raw_export, "exports": raw_list}, **update)
         except TransitionRefused as exc:
