@@ -73,6 +73,9 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
         ({"output_name": "../up"}, 422, "output_name"),
         ({"quant_bits": 4}, 422, "quant_bits needs quant_method"),
         ({"quant_method": "awq"}, 422, "needs quant_bits"),
+        # Refused by bitsandbytes / AutoAWQ only once the export held a GPU, after its wait.
+        ({"quant_method": "bnb", "quant_bits": 3}, 422, "quant_method bnb takes quant_bits 4 or 8, not 3"),
+        ({"quant_method": "awq", "quant_bits": 8}, 422, "quant_method awq takes quant_bits 4, not 8"),
         ({"merge_lora": False}, 422, "nothing to export"),
         ({"merge": True}, 422, "unknown field"),
     ]

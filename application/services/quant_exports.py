@@ -18,6 +18,14 @@ from application.services.swift_info import SwiftInfo
 
 # awq and gptq calibrate on samples of a data set: the job's own.
 CALIBRATED = frozenset({"awq", "gptq", "gptq_v2"})
+# What each method takes, where ms-swift (or the library under it) fails only once the export has its GPU:
+# bitsandbytes 4 or 8 bits, AutoAWQ's GEMM kernels 4, optimum's GPTQ 2, 3, 4 or 8.
+METHOD_BITS: dict[str, frozenset[int]] = {
+    "bnb": frozenset({4, 8}),
+    "awq": frozenset({4}),
+    "gptq": frozenset({2, 3, 4, 8}),
+    "gptq_v2": frozenset({2, 3, 4, 8}),
+}
 
 
 def wants_quantization(request: ExportRequest | None) -> bool:
@@ -38,6 +46,12 @@ def check_quantization(request: ExportRequest, info: SwiftInfo | None, gpus: int
         sizes = (fields.get("quant_bits") or {}).get("choices") or []
         if bits is not None and sizes and bits not in sizes:
             raise Invalid(f"quant_bits {bits} is not one of {', '.join(str(b) for b in sizes)}")
+    if bits is not None and method in METHOD_BITS and bits not in METHOD_BITS[method]:
+        raise Invalid(f"quant_method {method} takes quant_bits {' or '.join(map(str, sorted(METHOD_BITS[method])))}, "
+                      f"not {bits}")  # fmt: skip
+    if info is None and method not in METHOD_BITS and method != "fp8":
+        raise Invalid(f"quant_method '{method}' is not one of awq, gptq, gptq_v2, bnb, fp8 (the installed ms-swift's "
+                      "own list could not be read)")  # fmt: skip
     if gpus == 0:
         raise Invalid("quantized exports run on a GPU and this server has none: export with merge_lora only, "
                       "or quantize on a GPU server")  # fmt: skip
