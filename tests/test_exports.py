@@ -121,6 +121,9 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     target = Path(job["output_dir"]) / "exports" / "checkpoint-5-awq-int4"
     child = server.wait_status("q-quant", "completed")
     assert child["kind"] == "export" and child["export_of"] == "q" and len(child["gpu_ids"]) == 1
+    # Lists (and webhooks, which send the list entry) tell an export's job from a training run, and whose it is.
+    listed = next(j for j in server.http.get("/jobs").json()["jobs"] if j["job_id"] == "q-quant")
+    assert (listed["kind"], listed["export_of"]) == ("export", "q")
     argv = child["command"]
     assert argv[1:4] == ["export", "--adapters", str(run / "checkpoint-5")]
     assert argv[argv.index("--quant_method") + 1] == "awq" and argv[argv.index("--quant_bits") + 1] == "4"

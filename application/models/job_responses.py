@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from application.models.training_model import (
     Event,
     ExportInfo,
+    JobKind,
     JobStatus,
     LossPoint,
     PendingReason,
@@ -111,6 +112,10 @@ class JobSummary(BaseModel):
     predicted_duration: PredictedDuration | None = Field(
         None, description="how long the run should take, and from what (null in entries older than the field)"
     )
+    kind: JobKind | None = Field(None, description="sft, pt, rlhf, or export (a quantized export's own job); null in "
+                                               "entries written before the field")  # fmt: skip
+    export_of: str | None = Field(None, description="kind export: the job whose model it exports (its exports list "
+                                                    "says where the model went)")  # fmt: skip
 
 
 class JobList(BaseModel):

@@ -10,7 +10,7 @@ A refusal is returned as {reason, current status, detail}; `JobStore` turns the 
 # every script changing the job rewrites: a page is then one MGET, and nothing is decoded to serve it.
 SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_path", "output_dir", "num_gpus",
                   "gpu_ids", "created_at", "queued_at", "started_at", "finished_at", "progress", "export",
-                  "error_message", "predicted_duration")  # fmt: skip
+                  "error_message", "predicted_duration", "kind", "export_of")  # fmt: skip
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.
