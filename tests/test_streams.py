@@ -445,3 +445,23 @@ async def test_the_progress_stream_across_a_resume_rewinds_and_sends_each_redone
         whole = [m for m in sse(iter((await client.get("/jobs/rw/progress/stream")).text.split("\n")))
                  if not m.comment]  # fmt: skip
         assert [m.id for m in whole[:-1]] == [f"{1 if s <= 10 else 2}.{s}-0" for s in range(1, 25)]
+
+
+def test_an_export_log_stream_resumed_with_an_earlier_exports_id_sends_the_new_log_whole(
+    server: ApiServer, workspace: Path
+) -> None:
+    # Each export writes a log of its own, its offsets from 0: an id from the first export resumed the second's
+    # log part-way in, its first lines never sent.
+    assert server.create(**job_body(workspace, "twice", auto_start=True, training={"max_steps": 4})).status_code == 201
+    wait_for(lambda: server.job("twice")["export"]["status"] == "completed", what="the automatic export")
+    first = data_of(read(server, "/jobs/twice/logs/stream?kind=export", stop=lambda got: False))
+    assert first
+    assert server.http.post("/jobs/twice/export", json={"output_name": "again"}).status_code == 200
+    wait_for(lambda: server.job("twice")["export"]["status"] == "completed", what="the second export")
+    # A client cut off early in the first export, back once the second runs (their first lines are alike).
+    second = data_of(read(server, "/jobs/twice/logs/stream?kind=export", last_id=first[2].id, stop=lambda got: False))
+    log = Path(server.job("twice")["export"]["log_file"]).read_bytes()
+    assert [m.data for m in second] == [_visible(raw) for raw in log.split(b"\n")[:-1]]
+    # And resumed within the second export's log, from where it was.
+    rest = read(server, "/jobs/twice/logs/stream?kind=export", last_id=second[0].id, stop=lambda got: False)
+    assert [m.data for m in data_of(rest)] == [m.data for m in second[1:]]

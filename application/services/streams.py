@@ -12,6 +12,7 @@ A comment line every heartbeat keeps proxies from closing an idle stream; `event
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -46,6 +47,15 @@ _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _EVENT_ID_PART_MAX = 2**64 - 1
 # ASCII digits only: str.isdigit() takes '²', which int() refuses.
 _NUMBER = re.compile(r"[0-9]{1,18}")
+_EXPORT_LOG_ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+
+
+def _log_tag(path: str | None) -> str:
+    """Which export log an id is in: each export writes a log of its own whose offsets start at 0, so an offset
+    alone from an earlier export resumed a later one part-way in (its first lines never sent)."""
+    return hashlib.sha256((path or "").encode()).hexdigest()[:8]
+
+
 HISTORY_TAIL = 200
 # The job's status is read every few polls: it only decides when the stream ends.
 STATUS_EVERY = 2.0
@@ -170,8 +180,12 @@ class Streams:
         starts where the one before ended), so an id says which run's log it is in. A new stream starts with
         the current run's log (its last `tail` lines, when given); each log is read to its end before the next
         one's."""
-        wanted = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else None
         runs = await self._run_logs(job_id, kind, created) or []
+        if kind == "export" and last_id:
+            # `<log tag>-<offset>`: another export's id (or one without its tag) starts this export's log over.
+            found = _EXPORT_LOG_ID.fullmatch(last_id)
+            last_id = found.group(2) if found and runs and found.group(1) == _log_tag(runs[-1]) else "0"
+        wanted = int(last_id) if last_id and _NUMBER.fullmatch(last_id) else None
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
         base, ahead = 0, list(runs)
         # One stat per earlier run (a job paused and resumed many times has many): in a thread, at once.
@@ -193,6 +207,10 @@ class Streams:
             offset = await asyncio.to_thread(tail_start, path, tail)
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
+
+        def at(n: int) -> str:
+            return f"{_log_tag(path)}-{n}" if kind == "export" else str(n)
+
         while True:
             check, beat = pace.tick()
             if check:
@@ -204,7 +222,7 @@ class Streams:
             size = _size(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
-                    yield message(_visible(partial), event_id=str(base + offset))
+                    yield message(_visible(partial), event_id=at(base + offset))
                 # An export's logs are one log each (a rerun appends to its own): its ids start again.
                 base = 0 if kind == "export" else base + offset
                 offset, partial, path = 0, b"", ahead.pop(0)
@@ -230,7 +248,7 @@ class Streams:
                     break
                 start += cut + 1 - pos
                 line = buf[pos:cut] if buf[cut] == NEWLINE else buf[pos : cut + 1]  # (a piece of a long line)
-                batch.append(message(_visible(line), event_id=str(start)))
+                batch.append(message(_visible(line), event_id=at(start)))
                 pos = cut + 1
                 if len(batch) == LINES_PER_SEND:
                     yield "".join(batch)
@@ -250,7 +268,7 @@ class Streams:
                         pace.sent = True
                     if over:
                         if partial:
-                            yield message(_visible(partial), event_id=str(base + offset))
+                            yield message(_visible(partial), event_id=at(base + offset))
                         yield message(json.dumps({"status": status}), event="end")
                         return
                 if beat:
