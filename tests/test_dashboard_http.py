@@ -39,3 +39,16 @@ async def test_another_owners_job_is_named_but_not_linked_on_the_gpu_page(app_fa
             shown = (await client.get("http://test/ui/gpus", headers={"Cookie": f"{COOKIE}={key}"})).text
             assert "<code>hers</code>" in shown and ('href="/ui/jobs/hers"' in shown) is linked, key
         await client.post("/jobs/hers/stop", headers=auth(ALICE_KEY))
+
+
+async def test_gpus_whose_reading_fails_are_shown_unreadable_and_start_nothing(app_factory: Callable[..., Any],
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    usage = tmp_path / "usage.json"
+    usage.write_text("{not json")
+    async with app_factory(SIMULATED_GPU_USAGE_FILE=str(usage)) as client:
+        gpus = (await client.get("/gpus")).json()["gpus"]
+        assert len(gpus) == 2 and all("malformed" in (g["error"] or "") for g in gpus)
+        page = (await client.get("http://test/ui/gpus")).text
+        assert page.count(">unreadable<") == 2
+        r = await client.post("/jobs", json=job_body(tmp_path, "waits", auto_start=True))
+        assert r.status_code == 201 and r.json()["status"] == "queued", r.text

@@ -158,7 +158,8 @@ def gpu_list(body: dict[str, Any]) -> RenderableType:
     for g in body.get("gpus", []):
         util = g.get("utilization")
         temp = g.get("temperature_c")
-        table.add_row(text(g["index"]), text(g["name"]), text(f"{g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f}"),
+        memory = "unreadable" if g.get("error") else f"{g['memory_used_mb']:.0f}/{g['memory_total_mb']:.0f}"
+        table.add_row(text(g["index"]), text(g["name"]), text(memory),
                       text("" if util is None else f"{util:.0f}%"), text("" if temp is None else f"{temp:.0f}°C"),
                       text(g.get("job_id")))  # fmt: skip
     error = body.get("error")

@@ -156,6 +156,8 @@ def queue_body(ctx: PageContext, overview: dict[str, Any], own: Collection[str])
 def _gpu_row(ctx: PageContext, g: dict[str, Any], own: Collection[str]) -> str:
     total, used = g.get("memory_total_mb") or 0.0, g.get("memory_used_mb") or 0.0
     memory = bar(used / total if total else None, f"{used / 1024:.1f} / {total / 1024:.1f} GiB", kind="mem")
+    if g.get("error"):  # its figures are not a reading (counted as busy meanwhile)
+        memory = f'<span class="error">unreadable</span><div class="muted small">{esc(g["error"])}</div>'
     util = g.get("utilization")
     utilization = bar(util / 100 if util is not None else None, f"{util:.0f} %" if util is not None else "—")
     procs = "".join(
