@@ -21,6 +21,8 @@ from application.services.exports import (
     record_auto_export,
     while_running,
 )
+from application.services.job_store import JobStore
+from application.services.keys import Keys
 from tests.conftest import ApiServer, job_body, wait_for
 
 
@@ -194,15 +196,18 @@ def test_two_exports_never_write_into_one_folder_and_both_records_stay(tmp_path:
     assert name_taken(job.model_copy(update={"exports": []}), target)
 
 
-async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_client: Any) -> None:
-    from application.services.job_store import JobStore
-    from application.services.keys import Keys
-
+async def completed_job(redis_client: Any) -> JobStore:
+    """A store holding one completed job, "j", under a key prefix of its own."""
     store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
     job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
               output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
               updated_at=0)  # fmt: skip
     await store.create(job, message="created", actor="t")
+    return store
+
+
+async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_client: Any) -> None:
+    store = await completed_job(redis_client)
     for n in range(10):
         merge = ExportInfo(status=ExportStatus.RUNNING, export_id=f"m{n}", checkpoint="c")
         quant = ExportInfo(status=ExportStatus.RUNNING, export_id=f"q{n}", job_id=f"j-quant-{n}", checkpoint="c")
@@ -217,14 +222,7 @@ async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_c
 async def test_what_is_written_about_an_export_lands_only_while_that_export_runs(redis_client: Any) -> None:
     """A stop aimed at export X stopped export Y (X ended and Y was asked for in between); a watchdog that read X
     before its runner recorded its end recorded it again, or wrote X's end over Y (Y then never ran)."""
-    from application.services.job_store import JobStore
-    from application.services.keys import Keys
-
-    store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
-    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
-              output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
-              updated_at=0)  # fmt: skip
-    await store.create(job, message="created", actor="t")
+    store = await completed_job(redis_client)
     x = ExportInfo(status=ExportStatus.RUNNING, export_id="x", checkpoint="c")
     await put_export(store, "j", x)
     # Meanwhile X's runner writes its pid: the write still lands, on the record as it is then.
@@ -381,14 +379,7 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
 async def test_a_quantized_export_still_waiting_is_kept_past_the_kept_records(redis_client: Any) -> None:
     # Only the last EXPORTS_KEPT records stay: a quantized export waiting for GPUs behind 50 newer merges was
     # dropped, gone from GET .../exports while its job ran, and a merge of its checkpoint no longer refused.
-    from application.services.job_store import JobStore
-    from application.services.keys import Keys
-
-    store = JobStore(redis_client, Keys(f"exports-{time.time_ns()}"))
-    job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
-              output_dir="/out/j", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
-              updated_at=0)  # fmt: skip
-    await store.create(job, message="created", actor="t")
+    store = await completed_job(redis_client)
     waiting = ExportInfo(status=ExportStatus.RUNNING, export_id="q", job_id="j-quant", checkpoint="c")
     await put_export(store, "j", waiting, current=False)
     for n in range(EXPORTS_KEPT + 5):
