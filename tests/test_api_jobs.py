@@ -355,3 +355,23 @@ async def test_a_create_overtaken_by_a_delete_before_its_auto_start_still_says_c
             answers.append((r.status_code, r.json().get("message") or r.json().get("detail")))
         assert {code for code, _ in answers} == {201}, [a for a in answers if a[0] != 201]
         assert any("deleted before it could start" in str(m) for _, m in answers), answers
+
+
+def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer, workspace: Path) -> None:
+    # swift prints 'loss': 'nan' (and logging.jsonl NaN) once a run diverges: written into the job, it made its
+    # page and every list page holding it unparseable (NaN is not JSON) for browsers and strict clients.
+    body = job_body(
+        workspace, "diverged", auto_start=True, nan_from_step=3, training={"max_steps": 6, "logging_steps": 1}
+    )
+    assert server.create(**body).status_code == 201
+    server.wait_status("diverged", "completed")
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a response"))
+
+    job = strict(server.http.get("/jobs/diverged").text)
+    strict(server.http.get("/jobs").text)
+    progress = strict(server.http.get("/jobs/diverged/progress").text)
+    points = {p["step"]: p["loss"] for p in progress["history"]}
+    assert points[2] is not None and points[4] is None, points
+    assert job["progress"]["current_step"] == 6 and progress["train_loss"] is None

@@ -13,7 +13,26 @@ from typing import Any
 from application.models.training_model import Job
 
 # json.dumps with non-default separators builds a new encoder on every call: one, reused, is much cheaper.
-encode = json.JSONEncoder(separators=(",", ":")).encode
+_strict = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode(value: Any) -> str:
+    """JSON as every client parses it: NaN and Infinity (a diverged run's loss) are not JSON, and written into
+    a job they made its page and every list page holding it unreadable; they are written as null."""
+    try:
+        return _strict(value)
+    except ValueError:
+        return _strict(_finite(value))
 
 
 # Most fields are plain scalars: written as json.dumps would, without its encoder machinery (a job has ~60).

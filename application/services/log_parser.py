@@ -61,20 +61,22 @@ _MAX_PARTIAL_BYTES = 1 << 20
 def _to_number(value: Any) -> Any:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int):
-        return float(value)
+    if isinstance(value, int | float):
+        return _float(value)
     if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
-        return float(value)
+        return _float(value)
     return value
 
 
 def _float(value: Any) -> float | None:
+    """A finite number, or None: a diverged run's `nan`/`inf` loss is no point to plot (nor valid JSON)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
     if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
-        return float(value)
+        value = float(value)
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) else None
     return None
 
 
