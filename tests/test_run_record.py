@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from application.models.job_request import TrainingParams
@@ -28,3 +30,20 @@ def test_only_a_completed_run_keeps_swifts_estimate_of_the_time_left(code: int, 
         assert (progress.current_step, progress.loss) == (12, 0.5)
         kept = status == JobStatus.COMPLETED
         assert (progress.remaining_time == "33s", progress.remaining_seconds == 33.0) == (kept, kept)
+
+
+def test_a_pause_names_the_checkpoint_the_next_run_resumes_from_not_one_cut_off(tmp_path: Path) -> None:
+    # checkpoint-8 was cut before swift wrote its trainer_state.json: the next start skips it (first_resumable),
+    # but the pause said "resumes from checkpoint-8" and counted 4 lost steps too few.
+    done, cut = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    for folder in (done, cut):
+        folder.mkdir()
+    (done / "trainer_state.json").write_text("{}")
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0)  # fmt: skip
+    end = record_end(job, -15, RunFacts(progress=Progress(current_step=9, max_steps=20)), [], [str(done), str(cut)],
+                     interrupt="pause", stop_outcome=None, override=None, now=1.0)  # fmt: skip
+    assert end.status == JobStatus.PAUSED
+    assert end.fields["resume_from"] == str(done)
+    assert end.event is not None and end.event[2]["resume_step"] == 4 and end.event[2]["lost_steps"] == 5

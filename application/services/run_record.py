@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from application.models.training_model import Job, JobStatus
+from application.services.checkpoints import first_resumable
 from application.services.log_parser import RunFacts
 from application.services.run_end import Conclusion, RunEnd, conclude, final_status
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
@@ -60,8 +61,9 @@ def record_end(
     last_step = facts.progress.current_step if facts.progress else None
     if last_step is None and job.progress.current_step is not None:
         last_step = job.progress.current_step
-    # The next run resumes from the newest checkpoint still on disk, of this run or an earlier one.
-    resume = next((c for c in reversed(checkpoints) if Path(c).is_dir()), None)
+    # The next run resumes from the newest checkpoint still on disk, of this run or an earlier one: one swift
+    # can resume from (a folder cut before its trainer_state.json was written is not).
+    resume = first_resumable(reversed(checkpoints))
     c = conclude(job, end, interrupt=interrupt, checkpoint=resume, last_step=last_step, run_dir=fields["run_dir"],
                  now=now)  # fmt: skip
     if c.status != JobStatus.COMPLETED:
