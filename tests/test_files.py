@@ -457,3 +457,25 @@ def test_a_client_hanging_up_mid_upload_is_one_log_line_not_a_traceback(server: 
     text = log.read_text(errors="replace")
     assert "Exception in ASGI application" not in text and "ClientDisconnect" not in text, text[-3000:]
     assert server.http.get("/files").json()["total"] == 0
+
+
+async def test_a_quantized_exports_job_reads_its_parents_upload_only_to_calibrate(redis_client: aioredis.Redis,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    # A paused bnb export could not be resumed once its parent's upload was deleted: bnb reads no data.
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job, JobStatus
+
+    files = FileStore(settings_for("redis://unused", tmp_path), redis_client, Keys("t"))
+    upload = str(files.real_roots[0] / "alice" / "file-0123456789abcdef01234567.jsonl")
+
+    def export_job(argv: list[str]) -> Job:
+        return Job(job_id="j-quant", status=JobStatus.PAUSED, priority=5, owner="alice", data_path=upload,
+                   model_path="/out/j/checkpoint-4", output_dir="/out/j/exports/.x.job", output_dir_requested="x",
+                   num_gpus=1, kind="export", export_of="j", export_argv=argv, training=TrainingParams(),
+                   created_at=0, updated_at=0)  # fmt: skip
+
+    bnb = ["swift", "export", "--quant_method", "bnb", "--quant_bits", "4", "--output_dir", "/out/j/exports/x"]
+    awq = ["swift", "export", "--quant_method", "awq", "--quant_bits", "4", "--dataset", upload, "--output_dir", "y"]
+    assert files.uploads_of(export_job(bnb)) == []
+    assert await files.gone_uploads(export_job(bnb)) == []
+    assert files.uploads_of(export_job(awq)) == ["file-0123456789abcdef01234567"]

@@ -308,7 +308,12 @@ class FileStore:
         return recorded
 
     def uploads_of(self, job: Job) -> list[str]:
-        """The ids of the uploads `job` names (paths only, no disk)."""
+        """The ids of the uploads `job` reads (paths only, no disk). A quantized export's job reads its parent's
+        data set only to calibrate (awq, gptq: its command's --dataset); bnb and fp8 read none, and their resume
+        was refused once the parent's upload was deleted."""
+        if job.kind == "export":
+            argv = job.export_argv or []
+            return self._upload_ids(argv[i + 1 : i + 2] if (i := _index(argv, "--dataset")) is not None else [])
         return self._upload_ids(_data_values(job.data_path, job.training.model_dump()))
 
     async def gone_uploads(self, job: Job) -> list[str]:
@@ -414,6 +419,10 @@ class FileStore:
         if not await asyncio.to_thread(Path(meta.path).is_file):
             raise Invalid(f"{field} {value}: its file is gone from the server — upload it again with POST /files")
         return meta.path
+
+
+def _index(argv: list[str], flag: str) -> int | None:
+    return argv.index(flag) if flag in argv else None
 
 
 def _data_values(data_path: str | None, training: Any) -> list[str]:
