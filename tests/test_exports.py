@@ -181,6 +181,9 @@ def test_quantizing_a_job_whose_upload_was_deleted_needs_the_data_only_to_calibr
     assert server.http.delete("/jobs/up-quant-2").status_code == 204
     r = server.http.post("/jobs/up/export", json=again)
     assert r.status_code == 200 and "queued as job 'up-quant-3'" in r.json()["message"], r.text
+    # Not ended while its job waits, and the record says it waits (it read as plainly "running").
+    waiting = [e for e in server.http.get("/jobs/up/exports").json()["exports"] if e["job_id"] == "up-quant-3"]
+    assert [(e["status"], e["job_status"]) for e in waiting] == [("running", "queued")]
 
 
 def test_two_exports_never_write_into_one_folder_and_both_records_stay(tmp_path: Path) -> None:

@@ -156,6 +156,8 @@ class ExportInfo(BaseModel):
     quant_method: str | None = None
     output_dir: str | None = Field(None, description="where swift export writes (default <checkpoint>-merged)")
     job_id: str | None = Field(None, description="a quantized export runs as a job of its own on a GPU: that job")
+    job_status: str | None = Field(None, description="that job's status: a quantized export stays running while "
+                                                     "its job waits (queued, paused) or runs")  # fmt: skip
     path: str | None = None
     error: str | None = None
     pid: int | None = None

@@ -72,8 +72,9 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         raise Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
     output_dir = None
     if not request.output_name and merging_into_default(job, checkpoint):
-        raise Conflict(f"a quantized export of {Path(checkpoint).name} is writing {Path(checkpoint).name}-merged: wait "
-                       "for it to end, or name another folder with output_name")  # fmt: skip
+        raise Conflict(f"a quantized export of {Path(checkpoint).name} writes {Path(checkpoint).name}-merged (its job "
+                       "runs, or waits to run: see GET .../exports): wait for it to end, stop its job, or name another "
+                       "folder with output_name")  # fmt: skip
     if request.output_name:
         output_dir = str(Path(job.output_dir) / "exports" / request.output_name)
         if name_taken(job, Path(output_dir)):
@@ -147,7 +148,7 @@ def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
         "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,
         "error": job.error_message if status != ExportStatus.COMPLETED else None,
         "path": info.output_dir if status == ExportStatus.COMPLETED else None,
-        "log_file": job.log_file or info.log_file,
+        "log_file": job.log_file or info.log_file, "job_status": job.status.value,
     })  # fmt: skip
 
 
