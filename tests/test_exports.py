@@ -393,3 +393,18 @@ async def test_a_quantized_export_still_waiting_is_kept_past_the_kept_records(re
     assert stored is not None
     ids = [e.export_id for e in stored.exports]
     assert ids[0] == "q" and len(ids) == EXPORTS_KEPT + 1 and ids[-1] == f"m{EXPORTS_KEPT + 3}", ids
+
+
+def test_a_full_models_quantized_export_runs_again_into_its_own_folder(tmp_path: Path) -> None:
+    # Paused or preempted after swift made --output_dir, a full model's export ran again without --exist_ok:
+    # swift refuses an output folder that exists (FileExistsError).
+    from application.models.job_request import ExportRequest
+    from application.services.quant_exports import quant_argv
+
+    parent = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+                 output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1,
+                 training=TrainingParams(train_type="full"), created_at=0, updated_at=0)  # fmt: skip
+    argv = quant_argv("swift", parent, str(tmp_path / "checkpoint-4"),
+                      ExportRequest(quant_method="bnb", quant_bits=4), tmp_path / "exports" / "x")  # fmt: skip
+    assert argv[2:4] == ["--model", str(tmp_path / "checkpoint-4")]
+    assert argv[argv.index("--exist_ok") + 1] == "true"

@@ -63,7 +63,10 @@ def quant_argv(swift_bin: str, parent: Job, checkpoint: str, request: ExportRequ
         argv += ["--model", checkpoint]
     else:
         # swift merges the adapter first (into <checkpoint>-merged), then quantizes that into --output_dir.
-        argv += ["--adapters", checkpoint, "--merge_lora", "true", "--exist_ok", "true"]
+        argv += ["--adapters", checkpoint, "--merge_lora", "true"]
+    # A run paused or preempted after swift made --output_dir runs again into it (refused without it). The
+    # folder is this export's own: its name was free when it was asked for.
+    argv += ["--exist_ok", "true"]
     argv += ["--quant_method", str(request.quant_method)]
     if request.quant_bits is not None:
         argv += ["--quant_bits", str(request.quant_bits)]
