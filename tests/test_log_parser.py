@@ -570,3 +570,25 @@ def test_a_line_nested_too_deep_to_parse_is_skipped_not_raised(open_close: tuple
     assert parse_step_dict(line) is None
     result = SwiftLogParser().feed((line + "\n{'loss': '0.5', 'global_step/max_steps': '1/2'}\n").encode())
     assert [p["loss"] for p in result.history] == [0.5]
+
+
+def test_paths_a_data_set_row_prints_into_the_log_are_not_the_runs(tmp_path: Path) -> None:
+    # swift echoes the first training row into its log ([INPUT] ...): a row can print swift's own lines. Its
+    # "last_model_checkpoint: <another owner's checkpoint>" was taken for the run's, which an export then merged
+    # into this owner's folder; its "output_dir:" replaced the run's folder (no checkpoints found after it).
+    stderr = (FIX4 / "sft_success.stderr.txt").read_text()
+    row = ("[INFO:swift] output_dir: /data/lab/out/v3-20250101-000000\n"
+           "[INFO:swift] Saving model checkpoint to /srv/theirs/v0-1-1/checkpoint-5\n"
+           "[INFO:swift] last_model_checkpoint: /srv/theirs/v0-1-1/checkpoint-5\n")  # fmt: skip
+    echoed = stderr.replace("[INFO:swift] [INPUT] ", "[INFO:swift] [INPUT] " + row, 1)
+    assert echoed != stderr
+    parser = SwiftLogParser(root="/data/lab/out")
+    parser.feed((FIX4 / "sft_success.stdout.txt").read_bytes() + echoed.encode())
+    parser.flush()
+    assert parser.run_dir == RUN4
+    assert parser.checkpoints == [f"{RUN4}/checkpoint-10", f"{RUN4}/checkpoint-20"]
+    assert parser.last_checkpoint == f"{RUN4}/checkpoint-20"
+    # A run stopped right after the echo: nothing of the row's is its checkpoint (an export would take it).
+    cut = SwiftLogParser(root="/data/lab/out")
+    cut.feed(echoed[: echoed.index("Dataset Token Length")].encode())
+    assert (cut.run_dir, cut.checkpoints, cut.last_checkpoint) == (RUN4, [], None)

@@ -64,7 +64,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     wanted = checkpoint or request.checkpoint
     if wanted is not None:
         checkpoint = choose_checkpoint(job, wanted, on_disk)
-    elif job.last_checkpoint and Path(job.last_checkpoint).is_dir():
+    elif job.last_checkpoint in on_disk:  # (one of its own: not any path its log named)
         checkpoint = job.last_checkpoint
     else:
         checkpoint = on_disk[-1] if on_disk else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -359,7 +360,11 @@ class SwiftLogParser:
     Besides each `feed`'s ParseResult, it keeps the state so far as attributes.
     """
 
-    def __init__(self, started_at: float | None = None) -> None:
+    def __init__(self, started_at: float | None = None, root: str | None = None) -> None:
+        # The job's output folder: a path the log names outside it is not the run's. swift echoes a data set's
+        # first row into its log, so a row can print "[INFO:swift] last_model_checkpoint: <another owner's
+        # checkpoint>", which an export would then have merged into this owner's folder.
+        self._root = os.path.realpath(root) + os.sep if root else None
         # When the trainer's clock started, as well as the log tells: a step ran at this + its elapsed_time.
         # Every live reading (read time - elapsed) can only be late, so the earliest is the best; a run's
         # process start bounds it from below.
@@ -436,25 +441,33 @@ class SwiftLogParser:
                 self.handle_step_dict(d, result)
                 return
         if "output_dir: " in seg and (m := _RUN_DIR_RE.search(seg)):
-            self.run_dir = result.run_dir = m.group("path")
+            # The first: swift prints it as it starts, before it echoes any of the data.
+            if self.run_dir is None and self._inside(m.group("path")):
+                self.run_dir = result.run_dir = m.group("path")
         elif "Saving model checkpoint to " in seg and (m := _SAVING_RE.search(seg)):
             path = m.group("path")
-            if path not in self.checkpoints:
+            if path not in self.checkpoints and self._inside(path):
                 self.checkpoints.append(path)
                 result.checkpoints_saved.append(path)
         elif "_model_checkpoint: " in seg:
             if m := _LAST_CKPT_RE.search(seg):
-                self.last_checkpoint = result.last_checkpoint = checkpoint_value(m.group("path"))
-                self.training_ended = result.training_ended = True
+                if (value := checkpoint_value(m.group("path"))) is None or self._inside(value):
+                    self.last_checkpoint = result.last_checkpoint = value
+                    self.training_ended = result.training_ended = True
             elif m := _BEST_CKPT_RE.search(seg):
-                self.best_checkpoint = result.best_checkpoint = checkpoint_value(m.group("path"))
+                if (value := checkpoint_value(m.group("path"))) is None or self._inside(value):
+                    self.best_checkpoint = result.best_checkpoint = value
         elif "Successfully merged LoRA" in seg and (m := _MERGED_RE.search(seg)):
             path = m.group("path")
             if path.endswith("."):
                 path = path[:-1]
-            self.merged_path = result.merged_path = path.strip("`")
+            if self._inside(path.strip("`")):
+                self.merged_path = result.merged_path = path.strip("`")
         elif "run sh: `" in seg and (m := _RUN_SH_RE.search(seg)):
             self.command_line = result.command_line = m.group("cmd")
+
+    def _inside(self, path: str | None) -> bool:
+        return self._root is None or (path is not None and os.path.realpath(path).startswith(self._root))
 
     def handle_step_dict(self, d: dict[str, Any], result: ParseResult, live: bool = True,
                          now: float | None = None) -> None:  # fmt: skip

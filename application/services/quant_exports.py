@@ -84,7 +84,7 @@ def prepare_quant_job(
     on_disk = own_checkpoints(parent)
     if request.checkpoint is not None:
         checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)
-    elif parent.last_checkpoint and Path(parent.last_checkpoint).is_dir():
+    elif parent.last_checkpoint in on_disk:  # (one of its own: not any path its log named)
         checkpoint = parent.last_checkpoint
     elif on_disk:
         checkpoint = on_disk[-1]

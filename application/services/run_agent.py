@@ -183,7 +183,7 @@ class Runner:
         outbox.set(pid=proc.pid, process_start_time=start_time, process_stamp=pg.process_stamp(proc.pid))
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
                      {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
-        parser = SwiftLogParser(started_at=start_time)
+        parser = SwiftLogParser(started_at=start_time, root=job.output_dir)
         if job.progress.current_step:
             # A resumed run: swift's bar starts again at 0 until the first new step; from the checkpoint's step
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
@@ -342,7 +342,7 @@ class Runner:
             pg.kill_leftovers(proc.pid)
             code = _returncode(proc)
             pg.write_exit_file(exit_file, code)
-            parser = SwiftLogParser()
+            parser = SwiftLogParser(root=str(job_dir))
             data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
             parser.feed(data)
             parser.flush()
