@@ -3,9 +3,15 @@ and what its output says."""
 
 from __future__ import annotations
 
-from application.models.training_model import JobStatus
+from pathlib import Path
+
+from application.models.job_request import TrainingParams
+from application.models.training_model import Job, JobStatus
 from application.services.log_parser import RunFacts
 from application.services.run_end import final_status
+from application.services.run_record import read_run, record_end
+
+FIX = Path(__file__).parent / "fixtures" / "swift"
 
 TRACEBACK = ["Traceback (most recent call last):", "FileNotFoundError: [Errno 2] No such file: '/d/train.jsonl'"]
 
@@ -31,3 +37,23 @@ def test_a_run_asked_to_end_is_stopped_and_any_other_end_has_failed_saying_why()
     assert "FileNotFoundError" in (failed.error_message or "")
     unseen = final_status(None, False, RunFacts(), [])
     assert unseen.status == JobStatus.FAILED and unseen.error_code == "lost"
+
+
+def test_a_multi_gpu_runs_failure_names_the_ranks_error_and_a_killed_rank_is_retryable(tmp_path: Path) -> None:
+    # torchrun exits 1 whatever ended the rank that failed first, and prints ~7 lines per rank and its own
+    # traceback after the trainer's: the error read "swift exited with code 1: ======", and a rank the OOM killer
+    # took was not retried (a single process killed so is).
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(tmp_path), output_dir_requested="j", num_gpus=8, training=TrainingParams(),
+              created_at=0, updated_at=0, max_retries=1)  # fmt: skip
+    raised = FIX / "torchrun_8ranks_one_raises.log"
+    facts, tail, checkpoints = read_run(job, raised, RunFacts(), 50)
+    end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0,
+                     keep=50)  # fmt: skip
+    assert end.status == JobStatus.FAILED and end.fields["error_message"].startswith("RuntimeError: NCCL error in")
+    assert len(end.fields["log_tail"]) == 50
+    killed = FIX / "torchrun_2ranks_one_sigkilled.log"
+    facts, tail, checkpoints = read_run(job, killed, RunFacts(), 50)
+    end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)
+    assert end.status == JobStatus.QUEUED and end.fields["retries"] == 1, end  # retried, as a single process is
+    assert "rank 0" in end.message and "signal 9" in end.message, end.message

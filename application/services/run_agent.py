@@ -265,7 +265,8 @@ class Runner:
                 preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
             asked = job.model_copy(update={"preempt_for": preempt_for})
             end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
-                             stop_outcome=outcome if stopping is not None else None, now=time.time())  # fmt: skip
+                             stop_outcome=outcome if stopping is not None else None, now=time.time(),
+                             keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
             if timed_out and override is not None:
                 end.fields["stop_outcome"] = outcome or "gone"
             if end.event is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
 from application.services.log_parser import RunFacts
-from application.services.swift_errors import extract_error
+from application.services.swift_errors import extract_error, root_cause
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,15 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
         if found is not None:
             error += f"; last error in the log: {found}"
         return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "signal")
-    last = next((line for line in reversed(log_tail) if line.strip()), "")
+    cause = root_cause(log_tail)
+    if cause is not None and cause[1] < 0:
+        # A multi-GPU run: torchrun exits 1 whatever ended the rank that failed first; a signal (the OOM killer)
+        # is worth a retry as it is for a single process.
+        rank, code = cause
+        error = f"training process (rank {rank}) was {signal_text(-code)}"
+        return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "signal")
+    # (Not a rule of ====, nor a bare exception name with nothing after it.)
+    last = next((line for line in reversed(log_tail) if _WORDS.search(line)), "")
     error = found or f"swift exited with code {exit_code}" + (f": {last}" if last else "")
     return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "exit_code")
 
@@ -114,6 +122,7 @@ def host_went_down(times: int, limit: int, what: str) -> RunEnd:
 # ---- what the end of a run means for the job: pause, preemption, retries ---------------------------------
 
 RETRYABLE_CODES = frozenset({"signal", "runner_lost", "lost"})
+_WORDS = re.compile(r"[A-Za-z0-9]")
 _OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory")
 _CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)$")
 

@@ -21,12 +21,18 @@ def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None
     return "stop" if stop else "pause" if pause else "preempt" if preempt_for else None
 
 
+# How far back a failed run's log is searched for its error: torchrun adds ~7 lines per rank and its own
+# traceback after the trainer's (an 8-GPU run's error sat 90 lines from the end).
+ERROR_SCAN_LINES = 400
+
+
 def read_run(
     job: Job, log_file: Path | None, facts: RunFacts | None, tail: int
 ) -> tuple[RunFacts, list[str], list[str]]:
     """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
-    merged with its logging.jsonl; the log's last `tail` lines; the checkpoints of all the job's runs."""
-    lines = tail_lines(log_file, tail) if log_file else []
+    merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
+    error: `record_end` keeps `tail`); the checkpoints of all the job's runs."""
+    lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES)) if log_file else []
     if facts is None:
         facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
                          train_runtime=job.train_runtime)  # fmt: skip
@@ -38,10 +44,10 @@ def read_run(
 
 def record_end(
     job: Job, code: int | None, facts: RunFacts, tail: list[str], checkpoints: list[str], *,
-    interrupt: str | None, stop_outcome: str | None, override: RunEnd | None, now: float,
+    interrupt: str | None, stop_outcome: str | None, override: RunEnd | None, now: float, keep: int | None = None,
 ) -> Conclusion:  # fmt: skip
     """The job's next status and every field to write with it. `override`: an end the exit status cannot tell
-    (a time limit, a runner terminated or lost)."""
+    (a time limit, a runner terminated or lost); `keep`: how many of the `tail` lines to store with a failure."""
     end = override or final_status(code, interrupt is not None, facts, tail)
     fields: dict[str, Any] = {
         "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir or job.run_dir,
@@ -55,7 +61,7 @@ def record_end(
     if facts.train_runtime is not None:
         fields["train_runtime"] = facts.train_runtime
     if end.status != JobStatus.COMPLETED:
-        fields["log_tail"] = tail
+        fields["log_tail"] = tail[-keep:] if keep else tail
     if interrupt is not None:
         fields["stop_outcome"] = stop_outcome or "gone"
     last_step = facts.progress.current_step if facts.progress else None

@@ -16,6 +16,23 @@ _RANK_PREFIX_RE = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
 # What the launcher (swift's own `subprocess.run`, or torchrun) adds on top of the trainer's error.
 _LAUNCHER_NOISE = frozenset({"KeyboardInterrupt", "CalledProcessError", "ChildFailedError", "SystemExit"})
 _MAX_ERROR_CHARS = 4000
+# torchrun's summary of a multi-process failure: the rank that failed first and how it ended.
+_ROOT_CAUSE_RE = re.compile(r"^Root Cause \(first observed failure\):")
+_FIELD_RE = re.compile(r"^\s*(?P<key>rank|exitcode)\s*:\s*(?P<value>-?\d+)")
+
+
+def root_cause(lines: list[str]) -> tuple[int, int] | None:
+    """(rank, exit code) of torchrun's "Root Cause" block in a failed multi-GPU run's log, or None. A rank the
+    OOM killer took leaves no traceback: only this block says it was signal 9 (exit code -9)."""
+    cleaned = [_clean_log_line(line) for line in lines]
+    for i in range(len(cleaned) - 1, -1, -1):
+        if _ROOT_CAUSE_RE.match(cleaned[i]):
+            found = {m.group("key"): int(m.group("value")) for line in cleaned[i + 1 : i + 8]
+                     if (m := _FIELD_RE.match(line))}  # fmt: skip
+            if "exitcode" in found:
+                return found.get("rank", -1), found["exitcode"]
+            return None
+    return None
 
 
 def _clean_log_line(line: str) -> str:

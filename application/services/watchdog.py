@@ -164,7 +164,8 @@ class Watchdog:
         hung = self._hung.pop(job.run_id or "", None)
         lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None)
         at_cap = False
-        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None, 50)
+        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None,
+                                                           self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
         # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
         finished = code is None and ran_to_its_end(facts)
@@ -188,7 +189,8 @@ class Watchdog:
         # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
         unexplained = (code is None and not finished) or (at_cap and not facts.finished)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
-                         override=lost if unexplained and interrupt is None else None, now=time.time())  # fmt: skip
+                         override=lost if unexplained and interrupt is None else None, now=time.time(),
+                         keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         try:
             await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
                                         fence=self.fence(), fields=end.fields, message=end.message)  # fmt: skip
