@@ -6,6 +6,7 @@ that needs GPUs or processes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -53,6 +54,14 @@ Fine-tuning as a service: submit a job, the server allocates GPUs, queues by pri
 runs the real `swift sft` CLI of ms-swift, follows progress, logs and events, and exports the merged model
 with `swift export`. All state lives in Redis.
 """
+
+
+class ErrorResponse(JSONResponse):
+    """An error's JSON, ASCII-escaped: a message may repeat the request's text, and a lone surrogate in it (JSON's
+    "\\ud800") cannot be written as UTF-8 (the answer was a 500 and a reset connection)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -172,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return ErrorResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -181,7 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              "type": str(e.get("type"))}
             for e in exc.errors()
         ]  # fmt: skip
-        return JSONResponse({"detail": _validation_message(exc), "errors": errors}, status_code=422)
+        return ErrorResponse({"detail": _validation_message(exc), "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -199,7 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
+        return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _: ClientDisconnect) -> Response:

@@ -15,7 +15,7 @@ import redis
 
 from application.services.keys import Keys
 from application.services.redis_service import EmbeddedRedis, find_redis_server
-from tests.conftest import ROOT, ApiServer, fake_dataset, settings_for, wait_for
+from tests.conftest import ROOT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, settings_for, wait_for
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -449,3 +449,22 @@ async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., An
         await cluster.put_gpu_snapshot({**reading, "taken_at": time.time() - 300})
         error = (await client.get("/gpus")).json()["error"]
         assert error.startswith("this reading is 300 s old") and "is one running?" in error, error
+
+
+async def test_a_lone_surrogate_in_training_arguments_is_a_422_and_stores_nothing(app_factory: Any,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    # "\ud800" in an argument's value was stored, and the job could not be read again: every route on it a 500,
+    # and a queued one failed every queue pass (no job of anyone's started). In a message, it was a 500 too.
+    seed_swift_probe(tmp_path)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        for name, training in (("s1", {"system": "\ud800"}), ("s2", {"target_modules": ["q", "\ud800"]}),
+                               ("s3", {"deepspeed": {"zero_optimization": {"x": "\ud800"}}}),
+                               ("s4", {"model_kwargs": {"\ud800": 1}})):  # fmt: skip
+            typed = {**training, "model_type": "qwen2", "template": "qwen2_5", "torch_dtype": "float32"}
+            raw = json.dumps(job_body(tmp_path, name, num_gpus=0, training=typed)).encode()  # "\ud800" escaped
+            r = await client.post("/jobs", content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and "lone surrogate" in r.json()["detail"], (name, r.text)
+            assert (await client.get(f"/jobs/{name}")).status_code == 404
+        listed = (await client.get("/jobs")).json()
+        assert listed["total"] == 0

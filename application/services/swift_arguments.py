@@ -151,6 +151,7 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
     fields = fields_of(info, kind) if info is not None else {}
     for name, value in extra.items():
         where = f"training.{name}"
+        _refuse_surrogates(where, name, value)
         if name in MANAGED:
             raise Invalid(f"{where} is managed by the server: {MANAGED[name]}")
         if _SECRET_NAME.search(name):
@@ -179,6 +180,30 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
             continue
         out[name] = convert(where, name, value, spec)
     return out
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _refuse_surrogates(where: str, name: Any, value: Any, depth: int = 0) -> None:
+    """A lone UTF-16 surrogate (JSON's "\\ud800") is no text: stored, it made the job unreadable (every route
+    on it a 500, and a queued one stopped every queue pass). Named fields refuse it themselves."""
+    if depth > 64:
+        return  # (nesting is bounded where objects are checked)
+    if isinstance(name, str) and _SURROGATE.search(name):
+        raise Invalid(f"{_shown(where)}: a name holds a lone surrogate (\\ud800-\\udfff): send valid Unicode text")
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise Invalid(f"{_shown(where)} holds a lone surrogate (\\ud800-\\udfff): send valid Unicode text")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_surrogates(f"{where}.{key}", key, item, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_surrogates(f"{where}[{i}]", None, item, depth + 1)
+
+
+def _shown(where: str) -> str:
+    return _SURROGATE.sub("?", where)
 
 
 def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
