@@ -180,6 +180,7 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.QUEUE_POLL_INTERVAL)
             self._wake.clear()
+            requests: list[tuple[str, list[str] | None]] = []
             try:
                 requests = await self.cluster.take_pass_requests()
                 enabled, _ = await self.cluster.processor_switch()
@@ -203,6 +204,9 @@ class Scheduler:
                 logger.exception("queue pass failed")
                 with contextlib.suppress(Exception):
                     await self.cluster.record_pass(self.processor.stats.__dict__)
+                    # Those who asked for this pass are told it started nothing, rather than left to time out.
+                    for request_id, _ in requests:
+                        await self.cluster.answer_pass(request_id, [])
                 await asyncio.sleep(min(1.0, self.settings.QUEUE_POLL_INTERVAL))
 
     async def _watch(self) -> None:

@@ -241,3 +241,23 @@ async def wait_value(read: Callable[[], Awaitable[T | None]], timeout: float) ->
         assert time.monotonic() < deadline, "no value in time"
         await asyncio.sleep(0.1)
     return value
+
+
+async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_no_redis_error(redis_url: str) -> None:
+    # One BLPOP as long as the wait outlasted the client's socket timeout (both 5 s by default): the read timed
+    # out, was retried, and a start answered 503 "Redis does not answer" after 21 s with Redis fine.
+    from application.services.cluster_store import ClusterStore
+    from application.services.keys import Keys
+
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.5)
+    try:
+        cluster = ClusterStore(client, Keys("t"))
+        assert await cluster.request_pass("nobody-answers", timeout=1.5) is None  # no leader: no answer
+        waiting = asyncio.create_task(cluster.request_pass("answered", timeout=5))
+        while not await client.llen(Keys("t").pass_requests) >= 2:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.2)  # the answer comes after more than one socket timeout
+        await cluster.answer_pass("answered", ["j1"])
+        assert await asyncio.wait_for(waiting, 10) == ["j1"]
+    finally:
+        await client.aclose()

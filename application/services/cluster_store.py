@@ -290,8 +290,16 @@ class ClusterStore:
         None when no answer came in time."""
         await self.r.rpush(self.keys.pass_requests, json.dumps({"id": request_id, "only": only}))
         await self.publish_wakeup("pass")
-        reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=timeout)
-        return json.loads(reply[1]) if reply else None
+        # In steps shorter than the client's socket timeout: one BLPOP as long as the wait (5 s, like
+        # REDIS_SOCKET_TIMEOUT's default) timed out its socket read, retried, and answered 503 after 21 s.
+        socket_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout") or 2.0
+        step = max(0.1, min(1.0, socket_timeout / 2))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=round(min(step, left), 3))
+            if reply:
+                return list(json.loads(reply[1]))
+        return None
 
     async def take_pass_requests(self) -> list[tuple[str, list[str] | None]]:
         async with self.r.pipeline(transaction=True) as pipe:
