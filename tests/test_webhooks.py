@@ -241,6 +241,8 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
         assert hook.received == []
         bad = await client.post("/jobs", json=job_body(tmp_path, "bad", webhook_url="ftp://example.com/x"))
         assert bad.status_code == 422 and "webhook_url" in bad.text
+        idna = await client.post("/jobs", json=job_body(tmp_path, "bad", webhook_url="http://xn--/"))
+        assert idna.status_code == 422 and "not a URL that can be posted to" in idna.json()["detail"], idna.text
     async with app_factory(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE=True) as client:
         await client.post("/jobs", json=job_body(tmp_path, "allowed", auto_start=True, webhook_url=hook.url,
                                                  training={"max_steps": 3}))  # fmt: skip

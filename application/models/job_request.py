@@ -214,9 +214,10 @@ class JobCreate(_Strict):
             url = httpx.URL(v)
             parts = urlsplit(v)
             parts.port  # noqa: B018  (a port that is no number raises here)
+            host = url.host  # (an IDNA label that cannot be decoded raises here)
         except (httpx.InvalidURL, ValueError) as exc:
             raise ValueError(f"not a URL that can be posted to ({exc})") from None
-        if not url.host or not parts.hostname:
+        if not host or not parts.hostname:
             raise ValueError("names no host")
         return v
 
