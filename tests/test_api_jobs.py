@@ -375,3 +375,5 @@ def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer
     points = {p["step"]: p["loss"] for p in progress["history"]}
     assert points[2] is not None and points[4] is None, points
     assert job["progress"]["current_step"] == 6 and progress["train_loss"] is None
+    # Nor does it show the last good loss of a run that has diverged.
+    assert job["progress"]["loss"] is None and progress["progress"]["loss"] is None

@@ -381,10 +381,17 @@ async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_
 
 async def test_a_quantized_export_still_waiting_is_kept_past_the_kept_records(redis_client: Any) -> None:
     # Only the last EXPORTS_KEPT records stay: a quantized export waiting for GPUs behind 50 newer merges was
-    # dropped, gone from GET .../exports while its job ran, and a merge of its checkpoint no longer refused.
+    # dropped, gone from GET .../exports while its job ran, and a merge of its checkpoint no longer refused. One
+    # whose job has ended (or is gone) goes as any other: its stored record says running for ever.
     store = await completed_job(redis_client)
-    waiting = ExportInfo(status=ExportStatus.RUNNING, export_id="q", job_id="j-quant", checkpoint="c")
-    await put_export(store, "j", waiting, current=False)
+    for child, status in (("j-quant", JobStatus.QUEUED), ("j-quant-2", JobStatus.COMPLETED), ("j-quant-3", None)):
+        if status is not None:
+            job = Job(job_id=child, status=status, priority=5, owner=None, data_path="d", model_path="c",
+                      output_dir=f"/out/j/exports/.{child}.job", output_dir_requested=child, num_gpus=1,
+                      kind="export", export_of="j", training=TrainingParams(), created_at=0, updated_at=0)  # fmt: skip
+            await store.create(job, message="queued", actor="t")
+        record = ExportInfo(status=ExportStatus.RUNNING, export_id=child, job_id=child, checkpoint="c")
+        await put_export(store, "j", record, current=False)
     for n in range(EXPORTS_KEPT + 5):
         merge = ExportInfo(status=ExportStatus.RUNNING, export_id=f"m{n}", checkpoint="c")
         await put_export(store, "j", merge)
@@ -392,7 +399,7 @@ async def test_a_quantized_export_still_waiting_is_kept_past_the_kept_records(re
     stored = await store.get("j")
     assert stored is not None
     ids = [e.export_id for e in stored.exports]
-    assert ids[0] == "q" and len(ids) == EXPORTS_KEPT + 1 and ids[-1] == f"m{EXPORTS_KEPT + 3}", ids
+    assert ids[0] == "j-quant" and len(ids) == EXPORTS_KEPT + 1 and ids[-1] == f"m{EXPORTS_KEPT + 3}", ids
 
 
 def test_a_full_models_quantized_export_runs_again_into_its_own_folder(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> Str
 
 @router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_logs",
-            summary="Follow the log: one message per line (id: byte offset, on across the job's runs)")  # fmt: skip
+            summary="Follow the log: one message per line (id: byte offset, on across the job's runs; an "
+                    "export's: <log>-<offset>)")  # fmt: skip
 async def stream_logs(
     job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep, last_event_id: LastEventId = None,
     kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",

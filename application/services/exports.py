@@ -7,6 +7,7 @@ runner. Preparing is synchronous: it looks at the disk (which checkpoint exists,
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -231,11 +232,19 @@ async def while_running(store: JobStore, job_id: str, export_id: str | None,
     return None
 
 
-def _kept(exports: list[ExportInfo]) -> list[ExportInfo]:
-    """The newest EXPORTS_KEPT, and any older one still running (a quantized export waiting for GPUs: dropped,
-    it vanished from GET .../exports while its job ran, and a merge of its checkpoint was no longer refused)."""
+async def _kept(store: JobStore, job_id: str, exports: list[ExportInfo]) -> list[ExportInfo]:
+    """The newest EXPORTS_KEPT, and any older quantized one whose job still waits or runs (dropped, it vanished
+    from GET .../exports while its job ran, and a merge of its checkpoint was no longer refused). Its stored
+    record says running for ever: its job, read now, says whether it is."""
     cut = len(exports) - EXPORTS_KEPT
-    return [e for i, e in enumerate(exports) if i >= cut or e.status == ExportStatus.RUNNING]
+    older = [e for e in exports[: max(cut, 0)] if e.status == ExportStatus.RUNNING and e.job_id]
+    alive: set[str] = set()
+    if older:
+        rows = await store.get_fields([e.job_id or "" for e in older], ["status", "export_of"])
+        for e, (status, of) in zip(older, rows, strict=True):
+            if status and of and json.loads(of) == job_id and not JobStatus(json.loads(status)).is_terminal():
+                alive.add(e.job_id or "")
+    return [e for i, e in enumerate(exports) if i >= cut or (e.job_id or "") in alive]
 
 
 async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:
@@ -252,10 +261,10 @@ async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current:
             fields: dict[str, Any] = {
                 "export": info,
                 "export_stop_requested": False,
-                "exports": _kept(earlier),
+                "exports": await _kept(store, job_id, earlier),
             }
         else:
-            fields = {"exports": _kept([*earlier, info])}
+            fields = {"exports": await _kept(store, job_id, [*earlier, info])}
         try:
             return await store.update(job_id, fields, unchanged={"export": raw_export, "exports": raw_list}, **update)
         except TransitionRefused as exc:

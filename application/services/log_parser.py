@@ -219,12 +219,13 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
         data["percentage"] = pct
     if (epoch := _float(d.get("epoch"))) is not None:
         data["epoch"] = epoch
+    # A figure the dict has but that is no number (a diverged run's nan) is no value now, not the last good one.
     if kind == "train":
         for key in ("loss", "learning_rate", "grad_norm", "token_acc"):
-            if (value := _float(d.get(key))) is not None:
-                data[key] = value
-    if kind == "eval" and (eval_loss := _float(d.get("eval_loss"))) is not None:
-        data["eval_loss"] = eval_loss
+            if key in d:
+                data[key] = _float(d[key])
+    if kind == "eval" and "eval_loss" in d:
+        data["eval_loss"] = _float(d["eval_loss"])
     for key in ("elapsed_time", "remaining_time"):
         if d.get(key) is not None:
             data[key] = _one_format(str(d[key]))
