@@ -117,3 +117,27 @@ async def test_an_input_that_leads_elsewhere_since_the_create_fails_the_run_befo
         assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
         assert f"data_path {roots / 'team' / 't.jsonl'} now leads to another place" in failed["error_message"]
         assert str(secret) not in failed["error_message"] and not (secret / "logs").exists()
+
+
+async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queue_goes_on(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A record this version cannot read (a value a hand or an older version wrote) raised out of every pass:
+    no job of anyone's started while it was queued."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=hog)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        for name, priority in (("unreadable", 9), ("fine", 1)):
+            body = job_body(tmp_path, name, priority=priority, auto_start=True, step_seconds=0.01,
+                            training={"max_steps": 2})  # fmt: skip
+            r = await client.post("/jobs", json=body)
+            assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        store = client.app.state.training.store
+        await store.r.hset(store.keys.job("unreadable"), "num_gpus", json.dumps("one"))
+        assert (await client.post("/jobs/hog/stop")).status_code == 200
+        fine = await wait_job(client, "fine", lambda j: j["status"] == "completed")
+        assert fine["exit_code"] == 0
+        status = await store.r.hget(store.keys.job("unreadable"), "status")
+        assert json.loads(status) == "failed"

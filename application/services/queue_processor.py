@@ -10,6 +10,7 @@ and publishes the GPU reading for the API workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import shlex
@@ -186,7 +187,11 @@ class QueueProcessor:
             for start in starts:
                 if only is not None and start.job_id not in only:
                     continue
-                job = await self.store.get(start.job_id)
+                try:
+                    job = await self.store.get(start.job_id)
+                except ValueError as exc:  # (pydantic's ValidationError): a record this version cannot read
+                    await self._unreadable(start.job_id, exc)
+                    continue
                 if job is None or job.status != JobStatus.QUEUED:
                     continue
                 try:
@@ -207,6 +212,16 @@ class QueueProcessor:
                 logger.info("queue pass started {}", ", ".join(started))
             await self.cluster.record_pass(s.__dict__)
             return started
+
+    async def _unreadable(self, job_id: str, exc: ValueError) -> None:
+        """A queued job whose stored record cannot be read (written by hand, or by a version that let a bad value
+        through) fails alone: raised out of the pass, it stopped every start behind it, pass after pass."""
+        error = f"its stored record cannot be read ({str(exc).splitlines()[0][:300]}): delete it and create it again"
+        logger.error("queued job {}: {}", job_id, error)
+        with contextlib.suppress(TransitionRefused):
+            await self.store.transition(job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": error, "error_code": "unreadable"},
+                                        message=f"training failed: {error}")  # fmt: skip
 
     async def preempt(self, head_id: str, view: ClusterView) -> list[str]:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
