@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from application.services.refusals import Refusal, TransitionRefused
+
+
+def error_json(content: Any) -> bytes:
+    """An error answer's body, ASCII-escaped: a message may repeat the request's text, and a lone surrogate in it
+    (JSON's "\\ud800") cannot be written as UTF-8 (the answer was a 500 and a reset connection)."""
+    return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class ApiError(Exception):

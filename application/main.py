@@ -6,7 +6,6 @@ that needs GPUs or processes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -32,7 +31,7 @@ from application.api.openapi import TAGS, add_body_limit, add_units, operation_i
 from application.api.training import router as training_router
 from application.auth import KeyRing
 from application.config import Settings, get_settings
-from application.exceptions import ApiError
+from application.exceptions import ApiError, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.export_control import ExportControl
 from application.services.idempotency import Idempotency
@@ -57,11 +56,8 @@ with `swift export`. All state lives in Redis.
 
 
 class ErrorResponse(JSONResponse):
-    """An error's JSON, ASCII-escaped: a message may repeat the request's text, and a lone surrogate in it (JSON's
-    "\\ud800") cannot be written as UTF-8 (the answer was a 500 and a reset connection)."""
-
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return error_json(content)
 
 
 def _validation_message(exc: RequestValidationError) -> str:

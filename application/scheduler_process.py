@@ -204,9 +204,9 @@ class Scheduler:
                 logger.exception("queue pass failed")
                 with contextlib.suppress(Exception):
                     await self.cluster.record_pass(self.processor.stats.__dict__)
-                    # Those who asked for this pass are told it started nothing, rather than left to time out.
+                    # Those who asked for this pass are told it failed, rather than left to time out.
                     for request_id, _ in requests:
-                        await self.cluster.answer_pass(request_id, [])
+                        await self.cluster.answer_pass(request_id, {"error": self.processor.stats.last_error})
                 await asyncio.sleep(min(1.0, self.settings.QUEUE_POLL_INTERVAL))
 
     async def _watch(self) -> None:

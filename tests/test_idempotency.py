@@ -63,6 +63,12 @@ async def test_a_retried_action_gets_the_first_answer(app_factory: Callable[...,
         assert bad.status_code == 409
         replayed = await client.post("/jobs/act/start", headers={"Idempotency-Key": "start-1"})
         assert (replayed.status_code, replayed.content) == (409, bad.content)  # the first answer, byte for byte
+        # Also when the message is not ASCII (errors are written ASCII-escaped; the replay was raw UTF-8).
+        missing = {**body(tmp_path, "nofile"), "data_path": "file-" + "0" * 24}
+        key = {"Idempotency-Key": "create-1"}
+        refused = await client.post("/jobs", json=missing, headers=key)
+        assert refused.status_code == 422 and "\\u2014" in refused.text, refused.text
+        assert (await client.post("/jobs", json=missing, headers=key)).content == refused.content
         # The key is per path and body: the same key on another action is a different request.
         r = await client.post("/jobs/act/export", headers=headers)
         assert r.status_code == 409 and "different request" in r.json()["detail"]

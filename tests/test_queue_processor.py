@@ -135,7 +135,8 @@ async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queu
             r = await client.post("/jobs", json=body)
             assert r.status_code == 201 and r.json()["status"] == "queued", r.text
         store = client.app.state.training.store
-        await store.r.hset(store.keys.job("unreadable"), "num_gpus", json.dumps("one"))
+        # Unreadable twice over: a field of the wrong type, and an owner that is not even JSON.
+        await store.r.hset(store.keys.job("unreadable"), mapping={"num_gpus": json.dumps("one"), "owner": "bob"})
         assert (await client.post("/jobs/hog/stop")).status_code == 200
         fine = await wait_job(client, "fine", lambda j: j["status"] == "completed")
         assert fine["exit_code"] == 0

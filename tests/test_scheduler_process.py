@@ -259,5 +259,13 @@ async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_
         await asyncio.sleep(1.2)  # the answer comes after more than one socket timeout
         await cluster.answer_pass("answered", ["j1"])
         assert await asyncio.wait_for(waiting, 10) == ["j1"]
+        # A pass that failed says so: no answer, at once (not "no job fits"); a wait of (almost) nothing is no
+        # BLPOP for ever.
+        failed = asyncio.create_task(cluster.request_pass("failed", timeout=30))
+        while not await client.llen(Keys("t").pass_requests) >= 3:
+            await asyncio.sleep(0.05)
+        await cluster.answer_pass("failed", {"error": "ValidationError: ..."})
+        assert await asyncio.wait_for(failed, 5) is None
+        assert await asyncio.wait_for(cluster.request_pass("instant", timeout=0.0003), 2) is None
     finally:
         await client.aclose()

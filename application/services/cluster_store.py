@@ -295,10 +295,12 @@ class ClusterStore:
         socket_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout") or 2.0
         step = max(0.1, min(1.0, socket_timeout / 2))
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0.01:  # (BLPOP takes a timeout of 0 as "for ever")
             reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=round(min(step, left), 3))
             if reply:
-                return list(json.loads(reply[1]))
+                answer = json.loads(reply[1])
+                # A pass that failed answers {"error": ...}: as no answer (the caller says to try again).
+                return list(answer) if isinstance(answer, list) else None
         return None
 
     async def take_pass_requests(self) -> list[tuple[str, list[str] | None]]:
@@ -309,7 +311,7 @@ class ClusterStore:
         requests = [json.loads(raw) for raw in raws]
         return [(str(r["id"]), r.get("only")) for r in requests]
 
-    async def answer_pass(self, request_id: str, started: list[str]) -> None:
+    async def answer_pass(self, request_id: str, started: list[str] | dict[str, str]) -> None:
         key = self.keys.pass_result(request_id)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.rpush(key, json.dumps(started))

@@ -17,11 +17,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from application.exceptions import ApiError, Conflict, Invalid
+from application.exceptions import ApiError, Conflict, Invalid, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.heartbeat import beating
 
@@ -89,7 +89,7 @@ class Idempotency:
                 await self.store.release_idempotency(rkey, claim)
                 raise
             # As the error handler renders it (main._api_error), so that the replay is the same bytes.
-            first = bytes(JSONResponse({"detail": exc.detail}).body).decode()
+            first = error_json({"detail": exc.detail}).decode()
             await self.store.finish_idempotency(rkey, claim, exc.status_code, first, TTL_SECONDS,
                                                 exc.headers or {})  # fmt: skip
             raise

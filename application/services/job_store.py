@@ -71,7 +71,11 @@ class JobStore(JobLog):
         owner, created = await self.r.hmget(self.keys.job(job_id), ["owner", "created_at"])
         if created is None or (created_at is not None and json.loads(created) != created_at):
             raise TransitionRefused(Refusal.MISSING)
-        return (json.loads(owner) if owner else None), created
+        try:
+            name = json.loads(owner) if owner else None
+        except ValueError:  # a record written by hand: its job can still be failed, stopped and deleted
+            name = None
+        return (name if isinstance(name, str) else None), created
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys

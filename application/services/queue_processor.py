@@ -10,7 +10,6 @@ and publishes the GPU reading for the API workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import shlex
@@ -218,10 +217,14 @@ class QueueProcessor:
         through) fails alone: raised out of the pass, it stopped every start behind it, pass after pass."""
         error = f"its stored record cannot be read ({str(exc).splitlines()[0][:300]}): delete it and create it again"
         logger.error("queued job {}: {}", job_id, error)
-        with contextlib.suppress(TransitionRefused):
+        try:
             await self.store.transition(job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": error, "error_code": "unreadable"},
                                         message=f"training failed: {error}")  # fmt: skip
+        except TransitionRefused:
+            pass
+        except Exception:  # (the record may defeat the transition too: the pass must still go on)
+            logger.exception("queued job {} could not be failed", job_id)
 
     async def preempt(self, head_id: str, view: ClusterView) -> list[str]:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way

@@ -83,7 +83,8 @@ class QueueService:
             raise NoScheduler("no scheduler is running to make a pass: start one (python start.py scheduler)")
         started = await self.cluster.request_pass(uuid.uuid4().hex, PASS_WAIT_SECONDS)
         if started is None:
-            raise NoScheduler(f"the scheduler did not answer within {PASS_WAIT_SECONDS:g} s: try again")
+            raise NoScheduler(f"the scheduler made no pass within {PASS_WAIT_SECONDS:g} s, or its pass failed (GET "
+                              "/queue/processor/status says why): try again")  # fmt: skip
         return {
             "started": started,
             "queue_length": await self.store.queue_length(),
