@@ -287,6 +287,24 @@ def test_a_pinned_post_keeps_the_name_for_the_host_header_and_tls() -> None:
     assert str(url) == "http://93.184.215.14/x" and headers == {"Host": "hooks.example.com"}
     assert [is_public(a) for a in ("93.184.215.14", "127.0.0.1", "10.1.2.3", "169.254.169.254", "fe80::1%eth0")] == [
         True, False, False, False, False]  # fmt: skip
+    # An international name: the same ASCII form (IDNA 2008) for the Host header, TLS and the lookup (which had
+    # resolved straße.de as strasse.de, another domain).
+    url, headers, extensions = pinned("http://straße.de/x", "93.184.215.14")
+    assert headers == {"Host": "xn--strae-oqa.de"} and extensions == {"sni_hostname": "xn--strae-oqa.de"}
+
+
+async def test_an_international_name_is_looked_up_as_it_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from application.services import webhooks
+
+    looked: list[str] = []
+
+    def addresses(host: str) -> list[str]:
+        looked.append(host)
+        return ["93.184.215.14"]
+
+    monkeypatch.setattr(webhooks, "addresses", addresses)
+    aimed = await webhooks.Webhooks._aim("http://straße.de/x")
+    assert looked == ["xn--strae-oqa.de"] and aimed is not None
 
 
 def test_ipv6_forms_that_reach_a_private_ipv4_address_are_not_public() -> None:

@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -122,7 +121,11 @@ def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str,
     """`url` aimed at `address`, as (URL, extra headers, request extensions): the Host header and the TLS name
     (SNI and the certificate check) stay the URL's host, so only the lookup is skipped."""
     parsed = httpx.URL(url)
-    return parsed.copy_with(host=address), {"Host": parsed.netloc.decode("ascii")}, {"sni_hostname": parsed.host}
+    return (
+        parsed.copy_with(host=address),
+        {"Host": parsed.netloc.decode("ascii")},
+        {"sni_hostname": parsed.raw_host.decode("ascii")},
+    )  # (the name's ASCII form, as the lookup used)
 
 
 class Webhooks:
@@ -270,7 +273,9 @@ class Webhooks:
         """Where a job's own URL is posted: the address its name resolves to now, if public (None otherwise), used
         as it is. Letting the client resolve the name again would let a DNS answer that changed since the check
         (rebinding) reach a private address."""
-        host = urlsplit(url).hostname or ""
+        # The name as httpx sends it (IDNA 2008): resolving the text (IDNA 2003: straße.de as strasse.de) looked up
+        # another domain than the Host header named.
+        host = httpx.URL(url).raw_host.decode("ascii")
         found = await asyncio.to_thread(addresses, host)
         # Nor this host's own public addresses: its services listening on every interface are not the user's.
         if not all(map(is_public, found)) or any(_plain(a) in own_addresses() for a in found):
