@@ -16,9 +16,6 @@ for anywhere in a segment, not only at its start.
 
 from __future__ import annotations
 
-import ast
-import json
-import math
 import os
 import re
 import time
@@ -26,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from application.models.training_model import Progress
-
-# A dict is only a step dict when it has one of these; anything else that looks like a dict repr
-# (a config echoed to stdout) is ignored.
-_STEP_KEYS = frozenset({"global_step/max_steps", "loss", "eval_loss", "train_runtime", "train_loss"})
-_MAX_DICT_CHARS = 100_000
-_NUMBER_RE = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
-_STEPS_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+from application.services.step_dicts import (
+    duration_text,
+    finite,
+    parse_duration,
+    parse_step_dict,
+)
 
 _RUN_DIR_RE = re.compile(r"\[INFO:[^\]]*\] output_dir: (?P<path>.+?)\s*$")
 _SAVING_RE = re.compile(r"Saving model checkpoint to (?P<path>.+?)\s*$")
@@ -55,146 +51,6 @@ _TRAIN_BAR_RE = re.compile(
 _MAX_PARTIAL_BYTES = 1 << 20
 
 
-# ---------------------------------------------------------------------------------------------
-# Values
-
-
-def _to_number(value: Any) -> Any:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return _float(value)
-    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
-        return _float(value)
-    return value
-
-
-def _float(value: Any) -> float | None:
-    """A finite number, or None: a diverged run's `nan`/`inf` loss is no point to plot (nor valid JSON)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
-        value = float(value)
-    if isinstance(value, int | float):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return None
-
-
-def normalize_step_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """One logged step as numbers: numeric strings become floats, '5.00%' becomes 5.0, and
-    'global_step/max_steps' ('1/20') also gives 'current_step' and 'max_steps' as ints."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "global_step/max_steps":
-            out[key] = value
-            m = _STEPS_RE.fullmatch(str(value))
-            if m:
-                out["current_step"] = int(m.group(1))
-                out["max_steps"] = int(m.group(2))
-        elif key == "percentage":
-            text = str(value).strip().rstrip("%")
-            out[key] = _float(text)
-        else:
-            out[key] = _to_number(value)
-    return out
-
-
-_BARE_NONFINITE_RE = re.compile(r"(:\s*)(-?(?:nan|inf))(?=\s*[,}])")
-
-
-def _literal(text: str) -> Any:
-    # swift's dicts are {'key': 'value' | number, ...}: with no double quote or backslash in them, swapping the
-    # quotes makes the same values as JSON, parsed ~10x faster than literal_eval compiles them (anything JSON
-    # does not take, such as True or a tuple, goes the slow way).
-    if '"' not in text and "\\" not in text:
-        try:
-            return json.loads(text.replace("'", '"'))
-        except (ValueError, RecursionError):
-            pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-
-
-def parse_step_dict(line: str) -> dict[str, Any] | None:
-    """The step dict swift prints to stdout (``{'loss': ...}``), normalized; None for anything else.
-
-    The dict may follow tqdm text on the same line (stdout and stderr share one log file).
-    """
-    text = line.strip()
-    start = text.find("{'")
-    if start < 0 or not text.endswith("}") or len(text) - start > _MAX_DICT_CHARS:
-        return None
-    value = _literal(text[start:])
-    if value is None:
-        # 3.x prints numbers with repr(), so a diverged run gives `'loss': nan`, which is no literal.
-        value = _literal(_BARE_NONFINITE_RE.sub(r"\1'\2'", text[start:]))
-    if not isinstance(value, dict) or not _STEP_KEYS.intersection(value):
-        return None
-    if not all(isinstance(k, str) for k in value):
-        return None
-    return normalize_step_dict(value)
-
-
-_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_MAX_TEXT = 64
-_UNITS_RE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[dhms])+\s*")
-_UNIT_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
-_CLOCK_RE = re.compile(r"(?:(\d+)\s*days?,\s*)?(\d+):(\d{1,2}(?:\.\d+)?)(?::(\d{1,2}(?:\.\d+)?))?")
-
-
-def parse_duration(text: str | None) -> float | None:
-    """Seconds in a duration as swift or tqdm print it: '2s', '1h 2m 3s', '1d 0h 5m 0s', '0:01:02',
-    '01:02' (tqdm's minutes:seconds), '1 day, 0:00:05'; None when it is none of those."""
-    if text is None:
-        return None
-    s = text.strip()
-    if not s:
-        return None
-    if _UNITS_RE.fullmatch(s):
-        return sum(float(num) * _UNIT_SECONDS[unit] for num, unit in _UNIT_PART_RE.findall(s))
-    m = _CLOCK_RE.fullmatch(s)
-    if m:
-        days = float(m.group(1) or 0)
-        if m.group(4) is None:
-            hours, minutes, seconds = 0.0, float(m.group(2)), float(m.group(3))
-        else:
-            hours, minutes, seconds = float(m.group(2)), float(m.group(3)), float(m.group(4))
-        return days * 86400 + hours * 3600 + minutes * 60 + seconds
-    value = _float(s)
-    if value is not None and math.isfinite(value) and value >= 0:
-        return value
-    return None
-
-
-def format_duration(seconds: float) -> str:
-    """One format for every elapsed and remaining time, whether swift ('13m 31s') or tqdm ('08:59') printed it:
-    '45s', '13m 31s', '1h 02m 03s', '2d 03h 04m'."""
-    total = round(max(0.0, seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours:02d}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m {secs:02d}s"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def _one_format(text: str) -> str:
-    seconds = parse_duration(text)
-    if seconds is not None:
-        return format_duration(seconds)
-    # Text of the log, whose lines a data set's author partly chooses: shown in pages and terminals, so without
-    # control characters (literal_eval made '\\x1b' an ESC) and bounded.
-    return _CONTROL_RE.sub("", text)[:_MAX_TEXT]
-
-
 def _dict_kind(d: dict[str, Any]) -> str:
     if "train_runtime" in d:
         return "summary"
@@ -212,30 +68,30 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
     if "current_step" in d:
         data["current_step"] = d["current_step"]
         data["max_steps"] = d["max_steps"]
-    pct = _float(d.get("percentage"))
+    pct = finite(d.get("percentage"))
     if pct is None and data.get("current_step") is not None and data.get("max_steps"):
         pct = round(100.0 * data["current_step"] / data["max_steps"], 2)
     if pct is not None:
         data["percentage"] = pct
-    if (epoch := _float(d.get("epoch"))) is not None:
+    if (epoch := finite(d.get("epoch"))) is not None:
         data["epoch"] = epoch
     # A figure the dict has but that is no number (a diverged run's nan) is no value now, not the last good one.
     if kind == "train":
         for key in ("loss", "learning_rate", "grad_norm", "token_acc"):
             if key in d:
-                data[key] = _float(d[key])
+                data[key] = finite(d[key])
     if kind == "eval" and "eval_loss" in d:
-        data["eval_loss"] = _float(d["eval_loss"])
+        data["eval_loss"] = finite(d["eval_loss"])
     for key in ("elapsed_time", "remaining_time"):
         if d.get(key) is not None:
-            data[key] = _one_format(str(d[key]))
+            data[key] = duration_text(str(d[key]))
     if d.get("remaining_time") is not None:
         data["remaining_seconds"] = parse_duration(str(d["remaining_time"]))
-    if (spi := _float(d.get("train_speed(s/it)"))) is not None:
+    if (spi := finite(d.get("train_speed(s/it)"))) is not None:
         data["train_speed"] = spi
-    elif (ips := _float(d.get("train_speed(iter/s)"))) is not None:
+    elif (ips := finite(d.get("train_speed(iter/s)"))) is not None:
         data["train_speed"] = 1.0 / ips if ips > 0 else None
-    if (mem := _float(d.get("memory(GiB)"))) is not None:
+    if (mem := finite(d.get("memory(GiB)"))) is not None:
         data["memory_gib"] = mem
     data["updated_at"] = time.time()
     return Progress(**data)
@@ -253,12 +109,12 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
     data["current_step"] = n
     data["max_steps"] = total
     data["percentage"] = round(100.0 * n / total, 2)
-    data["elapsed_time"] = _one_format(m.group("elapsed"))
+    data["elapsed_time"] = duration_text(m.group("elapsed"))
     remaining = m.group("remaining")
     if remaining != "?":
-        data["remaining_time"] = _one_format(remaining)
+        data["remaining_time"] = duration_text(remaining)
         data["remaining_seconds"] = parse_duration(remaining)
-    rate = _float(m.group("rate"))
+    rate = finite(m.group("rate"))
     if rate is not None and rate > 0:
         data["train_speed"] = rate if m.group("unit") == "s/it" else 1.0 / rate
     data["updated_at"] = time.time()
@@ -269,11 +125,11 @@ def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str
     """A point shaped like the API's LossPoint."""
     return {
         "step": d["current_step"],
-        "loss": _float(d.get("loss")) if kind == "train" else None,
-        "eval_loss": _float(d.get("eval_loss")) if kind == "eval" else None,
-        "learning_rate": _float(d.get("learning_rate")),
-        "grad_norm": _float(d.get("grad_norm")),
-        "epoch": _float(d.get("epoch")),
+        "loss": finite(d.get("loss")) if kind == "train" else None,
+        "eval_loss": finite(d.get("eval_loss")) if kind == "eval" else None,
+        "learning_rate": finite(d.get("learning_rate")),
+        "grad_norm": finite(d.get("grad_norm")),
+        "epoch": finite(d.get("epoch")),
         "time": when,
     }
 
@@ -479,9 +335,9 @@ class SwiftLogParser:
             return
         self.progress = result.progress = _merge_progress(self.progress, d, kind)
         if kind == "summary":
-            if (train_loss := _float(d.get("train_loss"))) is not None:
+            if (train_loss := finite(d.get("train_loss"))) is not None:
                 self.train_loss = result.train_loss = train_loss
-            if (runtime := _float(d.get("train_runtime"))) is not None:
+            if (runtime := finite(d.get("train_runtime"))) is not None:
                 self.train_runtime = result.train_runtime = runtime
             return
         if kind not in ("train", "eval") or "current_step" not in d:

@@ -10,13 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from application.services.log_parser import (
-    ParseResult,
-    RunFacts,
-    SwiftLogParser,
-    checkpoint_value,
-    normalize_step_dict,
-)
+from application.services.log_parser import ParseResult, RunFacts, SwiftLogParser, checkpoint_value
+from application.services.step_dicts import normalize_step_dict
 
 _CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
 _VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
