@@ -16,10 +16,7 @@ def gpu_states(snapshot: GpuSnapshot, leases: Mapping[int, str]) -> list[GpuStat
     return [
         GpuState(
             index=g.index,
-            # A GPU never read (failing since start-up) is of unknown size: no request is judged impossible on it.
-            memory_usable_gb=math.inf
-            if g.error is not None and not g.memory_total_mb
-            else g.memory_usable_mb / MB_PER_GB,
+            memory_usable_gb=math.inf if g.size_unknown else g.memory_usable_mb / MB_PER_GB,
             memory_free_gb=g.memory_free_mb / MB_PER_GB,
             utilization=g.utilization,
             held_by=leases.get(g.index),
@@ -47,8 +44,7 @@ def impossible_request(req: JobCreate, snapshot: GpuSnapshot) -> str | None:
         return f"num_gpus={req.num_gpus} can never be met: {where}{hint}"
     if req.min_gpu_memory_gb is not None:
         candidates = [g for g in snapshot.gpus if req.gpu_ids is None or g.index in req.gpu_ids]
-        big = [g for g in candidates if g.memory_usable_mb / MB_PER_GB >= req.min_gpu_memory_gb or
-               (g.error is not None and not g.memory_total_mb)]  # fmt: skip
+        big = [g for g in candidates if g.size_unknown or g.memory_usable_mb / MB_PER_GB >= req.min_gpu_memory_gb]
         if len(big) < req.num_gpus:
             largest = max((g.memory_usable_mb / MB_PER_GB for g in candidates), default=0.0)
             return (

@@ -39,6 +39,11 @@ class GpuInfo:
         v2 figures leave that reservation out of `used` (free + used is total less it); v1's count it as used."""
         return self.memory_free_mb + self.memory_used_mb
 
+    @property
+    def size_unknown(self) -> bool:
+        """Never read (failing since start-up): no request is judged impossible on it."""
+        return self.error is not None and not self.memory_total_mb
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
