@@ -297,6 +297,30 @@ def test_strict_never_starts_a_job_ahead_of_a_blocked_one() -> None:
     assert run(q, gpus, running, policy="backfill") == {"short": (0,)}
 
 
+def test_strict_names_its_blocked_job_the_head_while_some_gpus_are_free() -> None:
+    # Preemption makes way for the head: with one GPU free and the other held, strict named none, and a
+    # priority-9 job needing both waited behind a priority-1 run for ever.
+    running = [RunningJob("low", (1,), None)]
+    q = [job("high", priority=9, n=2)]
+    for name in ("strict", "backfill"):
+        p = plan(q, busy(gpus_free(2), running), running, policy_of(name), NOW, estimating=False)
+        assert (p.head, p.starts) == ("high", []), name
+
+
+def test_a_job_that_may_take_any_gpu_leaves_the_one_a_job_behind_it_names() -> None:
+    q = ordered(job("any", t=1), job("pinned", t=2, ids=(0,)))
+    assert run(q, gpus_free(2)) == {"any": (1,), "pinned": (0,)}
+    # Named by no one, the usual choice holds: most free memory, then the lowest index.
+    assert run(ordered(job("any", t=1)), gpus_free(2)) == {"any": (0,)}
+
+
+def test_a_job_that_may_take_any_gpu_leaves_the_big_one_a_job_behind_it_needs() -> None:
+    gpus = [gpu(0, total=40.0), gpu(1, total=80.0)]
+    q = ordered(job("any", t=1), job("big", t=2, mem=60.0))
+    assert run(q, gpus) == {"any": (0,), "big": (1,)}
+    assert run(ordered(job("any", t=1)), gpus) == {"any": (1,)}
+
+
 def test_backfill_without_estimate_does_not_use_reserved_gpus() -> None:
     running = [RunningJob("r", (1,), 300.0)]
     gpus = busy(gpus_free(3), running)

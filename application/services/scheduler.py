@@ -236,6 +236,24 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
     return tl
 
 
+def _wanted(queue: Sequence[QueuedJob], tl: Timeline, policy: Policy) -> frozenset[int]:
+    """GPUs some queued jobs can use and others cannot: those a job names (`gpu_ids`), and those big enough for
+    the smallest `min_gpu_memory_gb` asked above the default. A job free to take any GPU takes the others
+    first: it took the one GPU a job behind it named and left another idle, and that job waited."""
+    wanted: set[int] = set()
+    need = INF
+    for j in queue:
+        if j.gpu_ids:
+            wanted.update(j.gpu_ids)
+        elif j.num_gpus > 0 and j.min_gpu_memory_gb is not None and j.min_gpu_memory_gb > policy.min_free_gb:
+            need = min(need, j.min_gpu_memory_gb)
+    if need != INF:
+        big = {i for i, m in tl.usable_mem.items() if m >= need}
+        if len(big) < len(tl.usable_mem):
+            wanted |= big
+    return frozenset(wanted)
+
+
 def plan(
     queue: Sequence[QueuedJob],
     gpus: Sequence[GpuState],
@@ -266,6 +284,8 @@ def plan(
     """
     strict = policy.name == "strict"
     tl = _timeline(gpus, running, policy, now)
+    if len(tl.free_order) > 1:
+        tl.wanted = _wanted(queue, tl, policy)
     starts: list[Start] = []
     waits: dict[str, float | None] = {}
     reasons: dict[str, Reason] = {}
@@ -386,6 +406,9 @@ def plan(
         if strict:
             blocked_by = blocked_by or jid
             if not estimating:
+                # (the head all the same: preemption makes way for it, also while some GPUs are free)
+                if found_head is None and may_head(job):
+                    found_head = jid
                 continue
         elif not (tl.open_gpus or estimating):
             continue
@@ -420,7 +443,8 @@ def decide(
     """The jobs to start now, in queue order, each with its GPUs; every job that fits, not just one.
 
     `queue` must already be in queue order. GPUs given to a start are not free for later jobs in the same
-    pass. Choice among free GPUs: most free memory, then lowest utilization, then lowest index; for
+    pass. Choice among free GPUs: first those no queued job names or alone has the memory for, then most
+    free memory, then lowest utilization, then lowest index; for
     several GPUs the set with the best total `link_score` (higher is better, None is unknown), greedily
     grown from each seed, ties by that same order. See `plan` for the policies.
     """

@@ -107,6 +107,8 @@ class Timeline:
         self.reservations = 0
         self._link_cache: dict[tuple[int, int], int] = {}
         self._fit_count: dict[float, int] = {}
+        # GPUs that queued jobs need and others could do without: the last choice of a job that may take any.
+        self.wanted: frozenset[int] = frozenset()
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
@@ -176,6 +178,9 @@ class Timeline:
             cands = [i for i in self.free_order if self.cap[i] >= need and slack[i] >= e]
         if len(cands) < k:
             return None
+        if self.wanted and len(cands) > k:
+            # (A reserved GPU is kept by its slack already; stable sort: the order within each part stays.)
+            cands.sort(key=lambda i: i in self.wanted and slack[i] == INF)
         return choose(cands, k, self.link_score, self._link_cache)
 
     def why_blocked(self, ids: tuple[int, ...] | None, k: int, need: float, e: float) -> tuple[str, Hold | None]:
