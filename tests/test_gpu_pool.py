@@ -88,6 +88,20 @@ def test_preemption_never_evicts_a_job_for_a_gpu_that_cannot_be_read() -> None:
     assert choose_victims(pinned, gpus, running, **kwargs) is None
 
 
+def test_preemption_evicts_no_one_for_gpus_a_run_being_stopped_gives_back() -> None:
+    now = time.time()
+    gpus = gpu_states(snapshot(a100_80gb(0, used_mb=70 * 1024), a100_80gb(1, used_mb=70 * 1024)), {0: "A", 1: "B"})
+    head = QueuedJob("hi", 9, now - 10, 1, None, None, None)
+    kwargs: dict[str, Any] = {"min_free_gb": 1.0, "max_util": 50.0, "min_run": 0.0, "now": now}
+    # A (being paused, the most work to lose) was chosen, or B (healthy) evicted while A's GPU came back.
+    running = [Candidate("A", 1, (0,), now - 900, 0.0, ending=True), Candidate("B", 1, (1,), now - 900, 500.0)]
+    assert choose_victims(head, gpus, running, **kwargs) is None
+    two = QueuedJob("hi", 9, now - 10, 2, None, None, None)
+    assert choose_victims(two, gpus, running, **kwargs) == ["B"]
+    healthy = [Candidate("A", 1, (0,), now - 900, 0.0), running[1]]
+    assert choose_victims(head, gpus, healthy, **kwargs) == ["A"]
+
+
 def test_a_gpu_never_read_is_of_unknown_size_not_of_none() -> None:
     # Failing since the scheduler started: no size is known, so no memory request is judged impossible on it.
     snap = snapshot(a100_80gb(0), unreadable_gpu(1, None, "NVML could not read it: Unknown Error"))

@@ -411,6 +411,35 @@ async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_vict
         assert [e["type"] for e in events].count("preempted") == 1, events
 
 
+async def test_no_run_is_preempted_for_the_gpu_of_a_run_being_paused(app_factory: Callable[..., Any],
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
+                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
+    async with app_factory(**settings) as client:
+        # The one being paused has the most work to lose (no checkpoint yet): a victim it was not, so it was
+        # the other run that lost its work for a GPU that was coming back anyway.
+        for name, save, stubborn in (("pausing", 1000, True), ("healthy", 5, False)):
+            body = job_body(tmp_path, name, priority=1, step_seconds=0.05, auto_start=True, ignore_sigterm=stubborn,
+                            training={"max_steps": 2000, "save_steps": save})  # fmt: skip
+            assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+            await wait_job(client, name, lambda j: (j["progress"]["current_step"] or 0) >= 1)
+        # (a pause answers once the run has stopped: its trainer ignores SIGTERM, so after the grace)
+        pause = asyncio.create_task(client.post("/jobs/pausing/pause"))
+        await wait_job(client, "pausing", lambda j: j["pause_requested"])
+        urgent = job_body(tmp_path, "urgent", priority=9, step_seconds=0.05, auto_start=True)
+        assert (await client.post("/jobs", json=urgent)).json()["status"] == "queued"
+        assert (await pause).status_code == 200
+        await wait_job(client, "urgent", lambda j: j["status"] in ("running", "completed"), timeout=30)
+        healthy = (await client.get("/jobs/healthy")).json()
+        assert healthy["status"] == "running" and healthy["preempt_for"] is None, healthy
+        assert (await client.get("/jobs/pausing")).json()["status"] == "paused"
+        for name in ("pausing", "healthy"):
+            events = (await client.get(f"/jobs/{name}/events")).json()["events"]
+            assert "preemption_requested" not in [e["type"] for e in events], events
+        assert (await client.post("/jobs/healthy/stop")).status_code == 200
+
+
 async def test_no_preemption_before_the_minimum_run_time(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(PREEMPTION=True, PREEMPTION_MIN_RUN_SECONDS=600, SIMULATED_GPUS="1x80") as client:

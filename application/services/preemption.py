@@ -25,6 +25,7 @@ class Candidate:
     gpu_ids: tuple[int, ...]
     started_at: float
     lost_seconds: float  # training since its last checkpoint (or its start): what a preemption throws away
+    ending: bool = False  # asked to stop, pause or make way already: its GPUs come back without a preemption
 
 
 def choose_victims(
@@ -46,6 +47,8 @@ def choose_victims(
     if k <= 0:
         return None
     free = {g.index for g in gpus if gpu_is_free(g, min_free_gb=need, max_util=max_util)}
+    # A run being stopped or paused gives its GPUs back anyway: evicting another for them threw its work away.
+    free.update(i for c in running if c.ending for i in c.gpu_ids)
 
     # A GPU whose reading failed is no use to anyone until it reads again: evicting its job frees nothing.
     usable = {i for i, g in by_index.items() if g.readable and g.memory_usable_gb >= need}
@@ -66,7 +69,11 @@ def choose_victims(
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business
     eligible = sorted(
-        (c for c in running if c.priority < job.priority and now - c.started_at >= min_run and helps(c)),
+        (
+            c
+            for c in running
+            if not c.ending and c.priority < job.priority and now - c.started_at >= min_run and helps(c)
+        ),
         key=lambda c: (c.priority, c.lost_seconds, -c.started_at, c.job_id),
     )
     chosen: list[Candidate] = []

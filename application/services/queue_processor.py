@@ -34,8 +34,8 @@ from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import escaped_output_root, relinked_input
 from application.services.preemption import Candidate, choose_victims
+from application.services.queue_planner import ENDING, ClusterView, Planner, build_view
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
-from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
@@ -230,7 +230,7 @@ class QueueProcessor:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
         ids = [r.job_id for r in view.running]
-        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", "preempt_for"])
+        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", *ENDING])
         if any(row[3] and json.loads(row[3]) for row in rows):
             return []
         job = await self.store.get(head_id)
@@ -238,12 +238,13 @@ class QueueProcessor:
             return []  # (one asked to stop or pause is taken out of the queue by its start, not run)
         now = time.time()
         candidates = []
-        for r, (prio, started, saved, _) in zip(view.running, rows, strict=True):
+        for r, (prio, started, saved, *ending) in zip(view.running, rows, strict=True):
             if prio is None or started is None:
                 continue
             start = float(json.loads(started))
             last_save = float(json.loads(saved)) if saved and json.loads(saved) else start
-            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, start, now - max(start, last_save)))
+            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, start, now - max(start, last_save),
+                                        any(raw and json.loads(raw) for raw in ending)))  # fmt: skip
         s = self.settings
         waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                              job.min_gpu_memory_gb)  # fmt: skip
