@@ -23,6 +23,7 @@ import redis
 from application.runner import _early_start
 from application.services.process_group import group_members
 from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
+from tests.redis_proxy import RedisProxy
 
 
 def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
@@ -236,18 +237,46 @@ def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiS
         job = running(server, workspace, "steady", step_seconds=0.1, training={"max_steps": 60, "logging_steps": 1})
         own.stop()
         t_down = time.monotonic()
-        # The run goes on while Redis is away; its runner keeps what it read.
-        wait_for(lambda: (Path(job["output_dir"]) / "logs" / "steady.train.log").read_text().count("'loss'") >= 20,
-                 timeout=20, what="swift to log steps during the outage")  # fmt: skip
+        # The run goes on while Redis is away, to its end; its runner keeps what it read.
+        wait_for(lambda: (Path(job["output_dir"]) / "logs" / "steady.train.exit.json").exists(), timeout=30,
+                 what="swift to end during the outage")  # fmt: skip
         assert time.monotonic() - t_down >= 1.0
+        back = time.time()
         own.start()
         done = server.wait_status("steady", "completed", "failed", timeout=60)
         assert done["status"] == "completed", done["error_message"]
+        # When the run ended, not when Redis came back and took the end.
+        assert done["finished_at"] < back and done["attempts"][-1]["finished_at"] == done["finished_at"], done
         steps = [p["step"] for p in server.http.get("/jobs/steady/progress", params={"history_limit": 1000})
                  .json()["history"] if p["loss"] is not None]  # fmt: skip
         assert steps == list(range(1, 61)), steps  # every step, those logged during the outage too
     finally:
         own.stop()
+
+
+@pytest.mark.parametrize("lose_reply", [True, False], ids=["reply-lost", "reply-delivered"])
+def test_redis_gone_just_as_a_run_completes_still_exports(server_factory: Callable[..., ApiServer], workspace: Path,
+                                                          redis_url: str, lose_reply: bool) -> None:  # fmt: skip
+    # Redis records the end, then goes away (with or without answering): the runner took a refused retry for
+    # "someone else ended it", or died on its next read; either way the automatic export never ran.
+    proxy = RedisProxy(redis_url)
+    try:
+        server = server_factory(env={"REDIS_URL": proxy.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
+                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
+        proxy.cut_after(rb'"to":\s*"completed"', lose_reply=lose_reply, down_seconds=2.0)
+        running(server, workspace, "blip", step_seconds=0.05, training={"max_steps": 20, "save_steps": 10})
+        wait_for(proxy.fired.is_set, timeout=30, what="the end of the run to be recorded")
+
+        def exported() -> dict[str, Any] | None:
+            r = server.http.get("/jobs/blip")  # (a 503 while Redis is away)
+            job: dict[str, Any] | None = r.json() if r.status_code == 200 else None
+            return job if job and job["export"]["status"] not in ("none", "running") else None
+
+        done = wait_for(exported, timeout=60, what="the automatic export")
+        assert done["status"] == "completed" and done["export"]["status"] == "completed", done
+        assert done["export"]["checkpoint"].endswith("checkpoint-20")
+    finally:
+        proxy.close()
 
 
 # ---- pause, resume and preemption across restarts ------------------------------------------------------------

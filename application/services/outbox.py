@@ -9,6 +9,7 @@ run owns it now) the run is no longer this runner's to record, and `Orphaned` sa
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -84,6 +85,7 @@ class Outbox:
                      data: Mapping[str, Any] | None = None) -> bool:  # fmt: skip
         """Record the end of the run, retrying until Redis takes it. False when someone else recorded it first."""
         backoff = 0.1
+        tried = False
         while True:
             try:
                 if not await self.flush():
@@ -94,10 +96,20 @@ class Outbox:
             except Orphaned:
                 return False
             except TransitionRefused as exc:
+                if exc.reason == Refusal.BAD_STATE and tried and await self._recorded(status):
+                    # Redis took an earlier try and its answer was lost: the end is ours (its export too).
+                    return True
                 if exc.reason in (Refusal.BAD_STATE, Refusal.OTHER_RUN, Refusal.MISSING):
                     return False  # ended by someone else (a stop recorded by the scheduler), or deleted
                 raise
             except RedisError as exc:
+                tried = True
                 logger.warning("cannot record the end of the run yet ({}); retrying in {:.1f} s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
+
+    async def _recorded(self, status: JobStatus) -> bool:
+        """Whether this run's end stands recorded as `status` (raises RedisError: `finish` tries again)."""
+        [(found, run_id)] = await self.store.get_fields([self.job_id], ["status", "run_id"])
+        return found is not None and json.loads(found) == status.value and run_id is not None and \
+            json.loads(run_id) == self.run_id  # fmt: skip

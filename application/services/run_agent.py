@@ -46,7 +46,7 @@ from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
-from application.services.outbox import Orphaned, Outbox
+from application.services.outbox import MAX_BACKOFF, Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
 from application.services.run_end import RunEnd, exit_signal, signal_text
@@ -293,7 +293,22 @@ class Runner:
             logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self, here: bool) -> None:
-        info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
+        backoff = 0.1
+        while True:
+            here = here and not self.terminated.is_set()
+            try:
+                info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
+                if info is None and here:
+                    # Redis may have taken the record and lost its answer: a retry was refused, the export is ours.
+                    job = await self._job()
+                    if job is not None and job.export.status == ExportStatus.RUNNING and job.export.runner == self.info:
+                        info = job.export
+                break
+            except RedisError as exc:
+                # (raised out, the runner died with the run recorded and no export: nobody asked for one again)
+                logger.warning("cannot record the automatic export yet ({}); retrying in {:.1f} s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
         if here and info is not None:
             await self.export(info.export_id or "", prepared=info)
 

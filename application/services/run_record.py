@@ -72,6 +72,9 @@ def record_end(
     resume = first_resumable(reversed(checkpoints))
     c = conclude(job, end, interrupt=interrupt, checkpoint=resume, last_step=last_step, run_dir=fields["run_dir"],
                  now=now)  # fmt: skip
+    if c.status.is_terminal():
+        # When the run ended, not when Redis took the write (after an outage the runner rode out, say).
+        fields["finished_at"] = now
     if c.status != JobStatus.COMPLETED:
         # swift's last estimate of the time left was for a run that is over: a failed or paused job showed "33s".
         progress = facts.progress or job.progress
