@@ -276,6 +276,92 @@ def test_a_stream_that_never_connected_is_unreachable() -> None:
     assert caught.value.code == 3
 
 
+class Clock:
+    """sse's time: sleeping moves it on at once, so that a test of backoffs and give-ups takes no time. A client
+    that would wait for ever fails the test instead."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        assert len(self.slept) < 200, "the client never gives up"
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from application.cli import sse
+
+    fake = Clock()
+    monkeypatch.setattr(sse, "time", fake)
+    return fake
+
+
+def test_a_429_on_a_reconnect_waits_for_its_retry_after_and_goes_on(
+    clock: Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A killed API worker's stream slots are still counted for a while: the reconnect was refused with a 429,
+    # and `logs -f` / `watch` ended with exit 2 although the job ran on.
+    asked: list[str | None] = []
+    sse = {"content-type": "text/event-stream"}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("Last-Event-ID"))
+        if len(asked) == 1:
+            return httpx.Response(200, headers=sse, stream=Dropped([b"id: 4\ndata: one\n\n"]))
+        if len(asked) == 2:
+            detail = {"detail": "owner 'alice' already has 1 streams open"}
+            return httpx.Response(429, headers={"Retry-After": "5"}, json=detail)
+        end = b'id: 9\ndata: two\n\nevent: end\ndata: {"status": "completed"}\n\n'
+        return httpx.Response(200, headers=sse, content=end)
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert tail(api, "job", "train", Output(as_json=False)) == 0
+    assert capsys.readouterr().out.splitlines() == ["one", "two"]
+    assert asked == [None, "4", "4"] and clock.slept[-1] == 5
+
+
+def test_a_429_before_the_stream_ever_connected_is_a_refusal(clock: Clock) -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "5"}, json={"detail": "already has 1 streams open"})
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        list(follow(api, "/jobs/job/logs/stream"))
+    assert caught.value.code == 2 and "streams open" in str(caught.value) and clock.slept == []
+
+
+def test_a_page_that_is_no_event_stream_is_not_a_swift_api_server(clock: Clock) -> None:
+    # A proxy's or another server's HTML page, answered 200: `logs -f` read it as a stream that kept closing, and
+    # reconnected for ever.
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/html"}, content=b"<html><body>hi</body></html>\n")
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        list(follow(api, "/jobs/job/logs/stream"))
+    assert caught.value.code == 3 and "is it a swift-api server?" in str(caught.value)
+
+
+def test_a_stream_that_keeps_closing_at_once_is_given_up(clock: Clock) -> None:
+    # Each reconnect that opened (and said nothing) reset the give-up: it never came.
+    calls: list[int] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        body = b"id: 1\ndata: one\n\n" if len(calls) == 1 else b""
+        return httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=body)
+
+    got: list[str] = []
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        got.extend(message.data for message in follow(api, "/jobs/job/logs/stream"))
+    assert got == ["one"] and caught.value.code == 3 and "closed before the job ended" in str(caught.value)
+    assert 60 <= clock.now - 1000 <= 70
+
+
 def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServer, workspace: Path,
                                                                  tmp_path: Path) -> None:  # fmt: skip
     data = Path(job_body(workspace, "cli-up", step_seconds=0.01)["data_path"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -27,11 +28,14 @@ _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*\Z")  # what a Bearer token can carry
 
 
 class CliError(Exception):
-    """A message for the user and the exit code that goes with it."""
+    """A message for the user and the exit code that goes with it; for a refused request, the HTTP status and the
+    seconds its Retry-After asked to wait (None when it named none)."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
+        self.retry_after = retry_after
 
 
 def api_root(url: str) -> str:
@@ -78,7 +82,21 @@ def check(response: httpx.Response) -> None:
     if response.is_success:
         return
     code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
-    raise CliError(f"{response.status_code} {response.reason_phrase}: {_detail(response)}", code)
+    raise CliError(f"{response.status_code} {response.reason_phrase}: {_detail(response)}", code,
+                   response.status_code, _retry_after(response))  # fmt: skip
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (an HTTP date, which this server never sends, counts as none)."""
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def not_swift_api(url: str, answered: str = "JSON") -> CliError:
+    return CliError(f"{url} did not answer {answered}: is it a swift-api server?", EXIT_UNREACHABLE)
 
 
 class Api:
@@ -115,7 +133,7 @@ class Api:
         try:
             return response.json()
         except ValueError as e:
-            raise CliError(f"{self.url} did not answer JSON: is it a swift-api server?", EXIT_UNREACHABLE) from e
+            raise not_swift_api(self.url) from e
 
     def get(self, path: str, **params: Any) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
@@ -171,6 +189,10 @@ class Api:
             if not response.is_success:
                 response.read()
                 check(response)
+            # A proxy's or another server's page answered 200: its lines are no stream, and reading them as one
+            # reconnected for ever.
+            if response.headers.get("content-type", "").partition(";")[0].strip().lower() != "text/event-stream":
+                raise not_swift_api(self.url, "an event stream")
             yield _lines(response.iter_text())
 
 

@@ -17,6 +17,8 @@ from application.cli.client import EXIT_UNREACHABLE, Api, CliError, unreachable
 # enough to ride out a server restart.
 RECONNECT_SECONDS = 60.0
 BACKOFF_MAX = 5.0
+# The longest a Retry-After is waited for at a time (a 429 names when a stream slot frees, a 503 a restart).
+RETRY_AFTER_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -59,17 +61,19 @@ def parse(lines: Iterable[str]) -> Iterator[Message]:
 
 def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterator[Message]:
     """Every message of the stream at `path` up to and including its `end` event. A connection that drops (or a
-    server that restarts) is reopened with the last id seen, so nothing is lost or repeated; a server that never
-    answered, or stays away RECONNECT_SECONDS, is exit 3."""
+    server that restarts, or is busy: 429, 503) is reopened with the last id seen, so nothing is lost or repeated;
+    a server that never answered, or sends nothing for RECONNECT_SECONDS, is exit 3."""
     last_id: str | None = None
     connected = False
     down_since: float | None = None
     attempt = 0
     while True:
+        heard = [False]
+        wait = 0.0
         try:
             with api.stream(path, params or {}, last_id) as lines:
-                connected, down_since, attempt = True, None, 0
-                for message in parse(lines):
+                connected = True
+                for message in parse(_noting(lines, heard)):
                     if message.id is not None:
                         last_id = message.id
                     yield message
@@ -80,15 +84,28 @@ def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterato
                 raise unreachable(api.url, e) from e
             error: Exception = e
         except CliError as e:
-            # 4xx (the job was deleted, a bad request) ends the stream; 5xx (Redis away) may pass.
-            if e.code != EXIT_UNREACHABLE or not connected:
+            # 4xx (the job was deleted, a bad request) ends the stream; 5xx (Redis away) may pass, and so may a 429
+            # (the streams of a killed worker still counted against this owner's), after its Retry-After.
+            if not connected or not (e.code == EXIT_UNREACHABLE or e.status == 429):
                 raise
-            error = e
+            error, wait = e, min(e.retry_after or 0.0, RETRY_AFTER_MAX)
         else:
             error = ConnectionError("the stream closed before the job ended")
+        # Only a stream that said something (a message, a heartbeat) was back: one that closes at once, again and
+        # again, is a server that cannot serve it, and must reach the give-up.
+        if heard[0]:
+            down_since, attempt = None, 0
         now = time.monotonic()
-        down_since = down_since or now
-        if now - down_since > RECONNECT_SECONDS:
+        if down_since is None:
+            down_since = now
+        left = down_since + RECONNECT_SECONDS - now
+        if left < 0:
             raise unreachable(api.url, error)
-        time.sleep(min(0.25 * 2**attempt, BACKOFF_MAX))
+        time.sleep(max(min(0.25 * 2**attempt, BACKOFF_MAX), min(wait, left)))
         attempt += 1
+
+
+def _noting(lines: Iterable[str], heard: list[bool]) -> Iterator[str]:
+    for line in lines:
+        heard[0] = True
+        yield line
