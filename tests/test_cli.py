@@ -484,3 +484,54 @@ def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"step": 12, "loss": 1.0}, {"event": "rewind", "step": 10}, {"step": 11, "loss": 0.9},
                      {"event": "end", "status": "completed"}]  # fmt: skip
+
+
+# ---- a reader that has gone ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_server() -> Iterator[int]:
+    """An HTTP server answering what `ls` and `watch` of a completed job read, in a thread of this test."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.endswith("/stream"):
+                kind, body = "text/event-stream", b'event: end\ndata: {"status": "completed"}\n\n'
+            elif self.path.endswith("/status"):
+                kind, body = "application/json", b'{"job_id": "j", "status": "completed", "progress": {}}'
+            else:
+                listed = {"jobs": [{"job_id": f"job-{i}", "status": "completed"} for i in range(3)], "total": 3}
+                kind, body = "application/json", json.dumps(listed).encode()
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield httpd.server_address[1]
+        httpd.shutdown()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("args", [["ls"], ["watch", "j"]])
+def test_output_to_a_reader_that_has_gone_exits_0(tiny_server: int, args: list[str]) -> None:
+    # `swift-api watch j | true`: rich exited 1 itself on the broken pipe, which reads as "the job failed" (--json
+    # output exited 0).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{tiny_server}"}
+        r = subprocess.run([sys.executable, "-m", "application.cli", *args], cwd=ROOT, env=env, stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=30)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr

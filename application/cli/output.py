@@ -18,8 +18,8 @@ class Output:
         # Piped (to awk, grep, a file) without COLUMNS, rich would lay tables out 80 wide, cutting job ids with
         # an ellipsis and wrapping rows: a line per row at its natural width instead.
         wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-        self.console = Console(highlight=False, width=100_000 if wide else None)
-        self.errors = Console(stderr=True, highlight=False)
+        self.console = _Console(highlight=False, width=100_000 if wide else None)
+        self.errors = _Console(stderr=True, highlight=False)
 
     def show(self, body: Any, render: Callable[[Any], RenderableType]) -> None:
         if self.json:
@@ -46,6 +46,16 @@ class Output:
 
     def error(self, message: str) -> None:
         self.errors.print(f"error: {printable(message)}", style="red", markup=False, soft_wrap=True)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits 1 itself when the reader has gone (`swift-api ls | head`), which this CLI means as "the job
+        failed": the error goes on to the CLI's own handler, which exits 0 for it, as it does for --json output.
+        Messages on a closed stderr are dropped, and the command's own exit code stands."""
+        self.quiet = True  # (nothing more is written, here or by a live display's last refresh)
+        if not self.stderr:
+            raise BrokenPipeError
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
