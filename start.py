@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
 import shutil
@@ -77,6 +79,11 @@ def serve_api(settings: Settings) -> None:
     if settings.API_WORKERS == 1:
         from application.main import create_app
 
+        # Outside uvicorn's stop signals, a SIGHUP (a log rotation's, a closed terminal's) ended this process:
+        # there is nothing to restart here, and the log files rotate themselves.
+        signal.signal(signal.SIGHUP, _carry_on)
+        # Streams still open when the stop's grace runs out are cancelled: each logged a long traceback.
+        logging.getLogger("uvicorn.error").addFilter(_no_cancelled_streams_at_stop)
         # (what uvicorn.run does, with a server that records the stop signals it takes)
         config = uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None,
                                 timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
@@ -123,6 +130,7 @@ def serve_scheduler(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, _carry_on)  # (it ended this keeper, and its scheduler with it)
     pause = KEEPER_PAUSE
     while not stopping:
         started = time.monotonic()
@@ -169,9 +177,11 @@ def serve_all(settings: Settings) -> None:
         env={**os.environ, "DIE_WITH_PARENT": "true"},
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
-    # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM and then raises it again, which
-    # would end this process before the scheduler (and with STOP_RUNS_ON_SHUTDOWN, this host's runs) stopped.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM or SIGINT and then raises it again,
+    # which would end this process before the scheduler (and with STOP_RUNS_ON_SHUTDOWN, this host's runs) stopped:
+    # a Ctrl-C died of its SIGINT, with tracebacks.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_on_signal)
     stopping = threading.Event()
     failed: list[str] = []
     threading.Thread(target=_watch, args=(embedded, scheduler, stopping, failed), daemon=True).start()
@@ -181,7 +191,8 @@ def serve_all(settings: Settings) -> None:
     finally:
         told_to_stop.set()
         stopping.set()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this shutdown runs to its end (SIGKILL still ends it)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # this shutdown runs to its end (SIGKILL still ends it)
         if scheduler.poll() is None:
             scheduler.send_signal(signal.SIGTERM)
             grace = 30.0
@@ -247,6 +258,18 @@ def _check_folders(settings: Settings, role: str) -> None:
 def _exit_on_signal(sig: int, _: object) -> None:
     told_to_stop.set()
     raise SystemExit(0)  # through the `finally` that stops the rest in order
+
+
+def _carry_on(sig: int, _: object) -> None:
+    print(f"swift-api: {signal.Signals(sig).name} taken: nothing to restart or reopen (log files rotate "
+          "themselves); serving on", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _no_cancelled_streams_at_stop(record: logging.LogRecord) -> bool:
+    """False for a request cancelled by a stop (uvicorn's "Exception in ASGI application" with a CancelledError):
+    a stream following a run outlives the stop's grace, and is then cut on purpose."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (told_to_stop.is_set() and isinstance(error, asyncio.CancelledError))
 
 
 def main() -> None:

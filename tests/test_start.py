@@ -15,7 +15,7 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import ROOT, ApiServer, job_body, wait_for
+from tests.conftest import ROOT, ApiServer, job_body, kill_processes_under, wait_for
 
 
 def test_one_command_runs_everything_on_an_embedded_redis_that_keeps_the_data(
@@ -77,6 +77,9 @@ def test_stopping_start_py_stops_its_processes_but_not_the_runners(server_factor
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ours),
              what="start.py's processes to end")  # fmt: skip
     assert psutil.pid_exists(job["runner"]["pid"]) and psutil.pid_exists(job["pid"])
+    # The stream cut at the end of the grace is no error: it logged a long CancelledError traceback.
+    log = (server.workdir / f"server-{server.port}.log").read_text(errors="replace")
+    assert "Cancel 1 running task(s)" in log and "Exception in ASGI application" not in log
 
 
 def test_sigterm_lets_start_py_stop_the_scheduler_and_this_hosts_runs_before_it_exits(
@@ -137,6 +140,44 @@ def test_a_stop_signal_to_all_of_start_py_at_once_is_a_stop_not_a_failure(
     keeper.wait(30)  # the keeper gone first: the order that tempts start.py to call it a failure
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0, server.server_log()
+
+
+def test_a_single_worker_start_py_serves_on_after_a_sighup_and_a_ctrl_c_stops_it_cleanly(
+    server_factory: Callable[..., ApiServer],
+) -> None:
+    # With one API worker, a SIGHUP (a log rotation's) killed everything, which with API_WORKERS>1 only restarts
+    # the workers; a Ctrl-C died of its SIGINT, with tracebacks, before its scheduler had stopped.
+    server = server_factory(env={"API_WORKERS": "1"})
+    proc = server.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP taken" in server.server_log() or proc.poll() is not None, what="the SIGHUP")
+    assert proc.poll() is None and server.http.get("/health").status_code == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    log = server.server_log()
+    assert "Traceback" not in log and "stopped; runners go on" in log  # its scheduler stopped before it ended
+
+
+def test_the_scheduler_role_serves_on_after_a_sighup(redis_url: str, tmp_path: Path) -> None:
+    settings = ApiServer(redis_url, tmp_path)  # (its environment: never started)
+    settings.http.close()
+    output = tmp_path / "scheduler.out"
+    with output.open("wb") as out:
+        keeper = subprocess.Popen([sys.executable, str(ROOT / "start.py"), "scheduler"], cwd=ROOT, env=settings.env,
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: " leads " in output.read_text() or keeper.poll() is not None, what="the scheduler to lead")
+        keeper.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP taken" in output.read_text() or keeper.poll() is not None, what="the SIGHUP")
+        assert keeper.poll() is None, output.read_text()
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(30) == 0, output.read_text()
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
+            keeper.wait()
+        kill_processes_under(tmp_path)
 
 
 def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> None:
