@@ -31,6 +31,7 @@ Policy choices (documented in the README):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -236,13 +237,17 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
     return tl
 
 
+# How far down the queue `_wanted` looks: a pass over 10,000 queued jobs took 1 ms more under strict for it.
+WANTED_LOOKAHEAD = 512
+
+
 def _wanted(queue: Sequence[QueuedJob], tl: Timeline, policy: Policy) -> frozenset[int]:
     """GPUs some queued jobs can use and others cannot: those a job names (`gpu_ids`), and those big enough for
     the smallest `min_gpu_memory_gb` asked above the default. A job free to take any GPU takes the others
     first: it took the one GPU a job behind it named and left another idle, and that job waited."""
     wanted: set[int] = set()
     need = INF
-    for j in queue:
+    for j in itertools.islice(queue, WANTED_LOOKAHEAD):
         if j.gpu_ids:
             wanted.update(j.gpu_ids)
         elif j.num_gpus > 0 and j.min_gpu_memory_gb is not None and j.min_gpu_memory_gb > policy.min_free_gb:
