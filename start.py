@@ -82,6 +82,10 @@ def serve_api(settings: Settings) -> None:
         # Outside uvicorn's stop signals, a SIGHUP (a log rotation's, a closed terminal's) ended this process:
         # there is nothing to restart here, and the log files rotate themselves.
         signal.signal(signal.SIGHUP, _carry_on)
+        # uvicorn stops on SIGTERM or SIGINT, then raises it again: `start.py api` died of it (a Ctrl-C with a
+        # KeyboardInterrupt traceback), where a stop asked for is a clean exit.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _exit_on_signal)
         # Streams still open when the stop's grace runs out are cancelled: each logged a long traceback.
         logging.getLogger("uvicorn.error").addFilter(_no_cancelled_streams_at_stop)
         # (what uvicorn.run does, with a server that records the stop signals it takes)

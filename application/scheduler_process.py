@@ -245,6 +245,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.stopping.set)
+    # A closed terminal's SIGHUP reaches the whole group: it ended the scheduler (and its keeper restarted one).
+    loop.add_signal_handler(signal.SIGHUP, lambda: logger.info("SIGHUP taken: nothing to reopen; scheduling on"))
     try:
         await scheduler.run()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -165,12 +166,15 @@ def test_the_scheduler_role_serves_on_after_a_sighup(redis_url: str, tmp_path: P
     output = tmp_path / "scheduler.out"
     with output.open("wb") as out:
         keeper = subprocess.Popen([sys.executable, str(ROOT / "start.py"), "scheduler"], cwd=ROOT, env=settings.env,
-                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: " leads " in output.read_text() or keeper.poll() is not None, what="the scheduler to lead")
-        keeper.send_signal(signal.SIGHUP)
-        wait_for(lambda: "SIGHUP taken" in output.read_text() or keeper.poll() is not None, what="the SIGHUP")
-        assert keeper.poll() is None, output.read_text()
+        [scheduler] = psutil.Process(keeper.pid).children()
+        # To the whole group, as a closed terminal sends it: the scheduler died of it and was started again.
+        os.killpg(keeper.pid, signal.SIGHUP)
+        wait_for(lambda: output.read_text().count("SIGHUP taken") == 2 or not scheduler.is_running(),
+                 what="the SIGHUP")  # fmt: skip
+        assert keeper.poll() is None and scheduler.is_running(), output.read_text()
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(30) == 0, output.read_text()
     finally:
@@ -178,6 +182,26 @@ def test_the_scheduler_role_serves_on_after_a_sighup(redis_url: str, tmp_path: P
             keeper.kill()
             keeper.wait()
         kill_processes_under(tmp_path)
+
+
+def test_a_single_worker_api_role_stopped_by_ctrl_c_exits_cleanly(redis_url: str, tmp_path: Path) -> None:
+    settings = ApiServer(redis_url, tmp_path)  # (its environment: never started)
+    settings.http.close()
+    output = tmp_path / "api.out"
+    env = {**settings.env, "API_WORKERS": "1"}
+    with output.open("wb") as out:
+        api = subprocess.Popen([sys.executable, str(ROOT / "start.py"), "api"], cwd=ROOT, env=env, stdout=out,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: "Application startup complete" in output.read_text() or api.poll() is not None,
+                 what="the API to start")  # fmt: skip
+        api.send_signal(signal.SIGINT)
+        assert api.wait(30) == 0, output.read_text()  # (it died of its SIGINT, after a KeyboardInterrupt traceback)
+        assert "Traceback" not in output.read_text()
+    finally:
+        if api.poll() is None:
+            api.kill()
+            api.wait()
 
 
 def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> None:
