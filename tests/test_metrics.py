@@ -4,21 +4,29 @@ running jobs and HTTP durations, summed across API worker processes."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ADMIN_KEY, ALICE_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
+from tests.test_gpu_pool import a100_80gb, snapshot
 
 
 def scrape(server: ApiServer, key: str | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
     root = server.base.split("/api/v1")[0]
     r = httpx.get(f"{root}/metrics", headers=auth(key) if key else {}, timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return parsed(r.text)
+
+
+def parsed(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(r.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return out
@@ -68,3 +76,24 @@ def test_metrics_parse_and_describe_jobs_queue_gpus_and_requests(server_factory:
     for name in ("m1", "m2", "m3"):
         http.post(f"/jobs/{name}/stop")
     http.close()
+
+
+async def test_a_gpu_reading_no_scheduler_renews_is_not_exported_as_current(app_factory: Callable[..., Any]) -> None:
+    # With every scheduler down, /metrics served the last reading's memory and utilization for ever, as if live.
+    async with app_factory(scheduler=False) as client:
+        cluster = client.app.state.training.cluster
+        root = str(client.base_url).split("/api/v1")[0]
+
+        async def scrape_here(age: float) -> dict[str, list[tuple[dict[str, str], float]]]:
+            await cluster.put_gpu_snapshot(replace(snapshot(a100_80gb(0)), taken_at=time.time() - age).to_dict())
+            r = await client.get(f"{root}/metrics")
+            assert r.status_code == 200, r.text
+            return parsed(r.text)
+
+        fresh = await scrape_here(2)
+        assert value(fresh, "swift_api_gpu_memory_total_bytes", gpu="0") > 0
+        assert 2 <= value(fresh, "swift_api_gpu_reading_age_seconds") < 30
+        stale = await scrape_here(120)
+        assert "swift_api_gpu_memory_total_bytes" not in stale and "swift_api_gpu_utilization_percent" not in stale
+        assert value(stale, "swift_api_gpu_reading_age_seconds") >= 120
+        assert value(stale, "swift_api_gpu_held", gpu="0") == 0  # (leases are Redis's own, never stale)

@@ -25,6 +25,8 @@ from application.services import lua_cluster
 from application.services.keys import Keys
 from application.services.scheduler import Head
 
+STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
+
 
 @dataclass(frozen=True)
 class Leader:
@@ -174,6 +176,7 @@ class ClusterStore:
             await self.r.delete(*keys)
 
     # ---- what the scheduler publishes for the API workers -------------------------------------------
+    # (a GPU reading older than STALE_READING_SECONDS says no scheduler watches the GPUs any more)
 
     async def put_gpu_snapshot(self, snapshot: Mapping[str, Any]) -> None:
         await self.r.set(self.keys.gpu_snapshot, json.dumps(dict(snapshot), separators=(",", ":")))

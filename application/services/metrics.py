@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from application.services.cluster_store import ClusterStore
+from application.services.cluster_store import STALE_READING_SECONDS, ClusterStore
 from application.services.job_store import JobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,7 +111,13 @@ async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
     wait = time.time() - state.oldest_queued_at if state.oldest_queued_at is not None else 0.0
     fams.append(GaugeMetricFamily("swift_api_queue_oldest_wait_seconds", "How long the oldest queued job has waited",
                                   value=max(0.0, wait)))  # fmt: skip
-    fams.extend(_gpu_families(state.snapshot, state.leases))
+    taken = float((state.snapshot or {}).get("taken_at") or 0.0)
+    age = max(0.0, time.time() - taken) if taken else None
+    if age is not None:
+        fams.append(GaugeMetricFamily("swift_api_gpu_reading_age_seconds", "How old the GPU reading is: a leading "
+                                      "scheduler publishes one every few seconds", value=age))  # fmt: skip
+    # A reading no scheduler renews is not exported as if current (/gpus and /health say how old it is).
+    fams.extend(_gpu_families(state.snapshot, state.leases, stale=age is not None and age > STALE_READING_SECONDS))
     fams.append(_latency_family(state.latency))
     fams.extend(await _running_families(store, state.running))
     registry = CollectorRegistry()
@@ -119,7 +125,7 @@ async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
     return generate_latest(registry)
 
 
-def _gpu_families(snapshot: Mapping[str, Any] | None, leases: Mapping[str, str]) -> list[Metric]:
+def _gpu_families(snapshot: Mapping[str, Any] | None, leases: Mapping[str, str], *, stale: bool) -> list[Metric]:
     labels = ["gpu", "name"]
     used = GaugeMetricFamily("swift_api_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
     total = GaugeMetricFamily("swift_api_gpu_memory_total_bytes", "GPU memory", labels=labels)
@@ -128,10 +134,11 @@ def _gpu_families(snapshot: Mapping[str, Any] | None, leases: Mapping[str, str])
     for gpu in (snapshot or {}).get("gpus", []):
         idx, name = str(gpu.get("index")), str(gpu.get("name", ""))
         mib = 1024 * 1024
-        used.add_metric([idx, name], float(gpu.get("memory_used_mb") or 0) * mib)
-        total.add_metric([idx, name], float(gpu.get("memory_total_mb") or 0) * mib)
-        if gpu.get("utilization") is not None:
-            util.add_metric([idx, name], float(gpu["utilization"]))
+        if not stale:
+            used.add_metric([idx, name], float(gpu.get("memory_used_mb") or 0) * mib)
+            total.add_metric([idx, name], float(gpu.get("memory_total_mb") or 0) * mib)
+            if gpu.get("utilization") is not None:
+                util.add_metric([idx, name], float(gpu["utilization"]))
         job = leases.get(idx)
         held.add_metric([idx, name, job or ""], 1.0 if job else 0.0)
     return [used, total, util, held]

@@ -17,13 +17,12 @@ from urllib.parse import quote
 import psutil
 
 from application import __version__
+from application.services.cluster_store import STALE_READING_SECONDS
 from application.services.redis_service import RedisService
 from application.services.training_service import NO_READING, TrainingService, snapshot_of
 from application.utils.gpu_utils import gpu_summary
 
-# A GPU reading older than this says the scheduler is not watching the GPUs any more.
 HEALTH_TIMEOUT = 3.0  # seconds /health waits for Redis before it answers 503
-STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
 
 
 def _existing_parent(path: Path) -> Path:
