@@ -254,17 +254,23 @@ def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiS
         own.stop()
 
 
-@pytest.mark.parametrize("lose_reply", [True, False], ids=["reply-lost", "reply-delivered"])
-def test_redis_gone_just_as_a_run_completes_still_exports(server_factory: Callable[..., ApiServer], workspace: Path,
-                                                          redis_url: str, lose_reply: bool) -> None:  # fmt: skip
-    # Redis records the end, then goes away (with or without answering): the runner took a refused retry for
-    # "someone else ended it", or died on its next read; either way the automatic export never ran.
+@pytest.mark.parametrize(("after", "lose_reply"), [(rb'"to":\s*"completed"', True), (rb'"to":\s*"completed"', False),
+                                                    (rb"export_started", True)],
+                         ids=["end-reply-lost", "end-reply-delivered", "export-reply-lost"])  # fmt: skip
+def test_redis_gone_just_as_a_run_completes_still_exports(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str, after: bytes, lose_reply: bool
+) -> None:
+    # Redis records the end (or the export), then goes away, with or without answering: the runner took a refused
+    # retry for "someone else ended it", or died on its next read, and the automatic export never ran; a retried
+    # export record found its own first try running and recorded a skip that never happened.
     proxy = RedisProxy(redis_url)
     try:
         server = server_factory(env={"REDIS_URL": proxy.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
                                      "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
-        proxy.cut_after(rb'"to":\s*"completed"', lose_reply=lose_reply, down_seconds=2.0)
-        running(server, workspace, "blip", step_seconds=0.05, training={"max_steps": 20, "save_steps": 10})
+        proxy.cut_after(after, lose_reply=lose_reply, down_seconds=2.0)
+        r = server.create(**job_body(workspace, "blip", auto_start=True, step_seconds=0.05,
+                                     training={"max_steps": 20, "save_steps": 10}))  # fmt: skip
+        assert r.status_code == 201 and r.json()["status"] == "running", r.text
         wait_for(proxy.fired.is_set, timeout=30, what="the end of the run to be recorded")
 
         def exported() -> dict[str, Any] | None:
@@ -275,6 +281,8 @@ def test_redis_gone_just_as_a_run_completes_still_exports(server_factory: Callab
         done = wait_for(exported, timeout=60, what="the automatic export")
         assert done["status"] == "completed" and done["export"]["status"] == "completed", done
         assert done["export"]["checkpoint"].endswith("checkpoint-20")
+        events = [e["type"] for e in server.http.get("/jobs/blip/events").json()["events"]]
+        assert events.count("export_started") == 1 and "export_skipped" not in events, events
     finally:
         proxy.close()
 

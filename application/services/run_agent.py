@@ -195,11 +195,12 @@ class Runner:
         preempt_for: str | None = None
         limit = job.time_limit_seconds
         behind = recorded = False
+        ended_at = 0.0
         while True:
             exited = await self._wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
             if exited and not recorded:
                 pg.write_exit_file(exit_file, _returncode(proc))
-                recorded = True
+                recorded, ended_at = True, time.time()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
             tick = await self._tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
@@ -265,7 +266,7 @@ class Runner:
                 preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
             asked = job.model_copy(update={"preempt_for": preempt_for})
             end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
-                             stop_outcome=outcome if stopping is not None else None, now=time.time(),
+                             stop_outcome=outcome if stopping is not None else None, now=ended_at,
                              keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
             if timed_out and override is not None:
                 end.fields["stop_outcome"] = outcome or "gone"
@@ -293,18 +294,21 @@ class Runner:
             logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self, here: bool) -> None:
-        backoff = 0.1
+        backoff, tried = 0.1, False
         while True:
             here = here and not self.terminated.is_set()
             try:
-                info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
-                if info is None and here:
-                    # Redis may have taken the record and lost its answer: a retry was refused, the export is ours.
-                    job = await self._job()
+                if tried and here:
+                    # Redis may have taken the record and lost its answer: then the export is ours to run (trying
+                    # again would find it running and record a skip that never happened).
+                    job = await self.store.get(self.job_id)
                     if job is not None and job.export.status == ExportStatus.RUNNING and job.export.runner == self.info:
-                        info = job.export
+                        info: ExportInfo | None = job.export
+                        break
+                info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
                 break
             except RedisError as exc:
+                tried = True
                 # (raised out, the runner died with the run recorded and no export: nobody asked for one again)
                 logger.warning("cannot record the automatic export yet ({}); retrying in {:.1f} s", exc, backoff)
                 await asyncio.sleep(backoff)
