@@ -96,20 +96,32 @@ class Outbox:
             except Orphaned:
                 return False
             except TransitionRefused as exc:
-                if exc.reason == Refusal.BAD_STATE and tried and await self._recorded(status):
-                    # Redis took an earlier try and its answer was lost: the end is ours (its export too).
-                    return True
+                if exc.reason == Refusal.BAD_STATE and tried:
+                    recorded = await self._recorded(status)
+                    if recorded is None:
+                        backoff = await retry_later("the end of the run", RedisError("no answer"), backoff)
+                        continue
+                    if recorded:  # Redis took an earlier try and its answer was lost: the end is ours (its export too)
+                        return True
                 if exc.reason in (Refusal.BAD_STATE, Refusal.OTHER_RUN, Refusal.MISSING):
                     return False  # ended by someone else (a stop recorded by the scheduler), or deleted
                 raise
             except RedisError as exc:
                 tried = True
-                logger.warning("cannot record the end of the run yet ({}); retrying in {:.1f} s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(MAX_BACKOFF, backoff * 2)
+                backoff = await retry_later("the end of the run", exc, backoff)
 
-    async def _recorded(self, status: JobStatus) -> bool:
-        """Whether this run's end stands recorded as `status` (raises RedisError: `finish` tries again)."""
-        [(found, run_id)] = await self.store.get_fields([self.job_id], ["status", "run_id"])
+    async def _recorded(self, status: JobStatus) -> bool | None:
+        """Whether this run's end stands recorded as `status`; None when Redis does not answer."""
+        try:
+            [(found, run_id)] = await self.store.get_fields([self.job_id], ["status", "run_id"])
+        except RedisError:
+            return None
         return found is not None and json.loads(found) == status.value and run_id is not None and \
             json.loads(run_id) == self.run_id  # fmt: skip
+
+
+async def retry_later(what: str, exc: Exception, backoff: float) -> float:
+    """Wait out a Redis that did not answer before recording `what` again; the next wait."""
+    logger.warning("cannot record {} yet ({}); retrying in {:.1f} s", what, exc, backoff)
+    await asyncio.sleep(backoff)
+    return min(MAX_BACKOFF, backoff * 2)

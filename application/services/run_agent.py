@@ -46,7 +46,7 @@ from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_parser import SwiftLogParser
-from application.services.outbox import MAX_BACKOFF, Orphaned, Outbox
+from application.services.outbox import Orphaned, Outbox, retry_later
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
 from application.services.run_end import RunEnd, exit_signal, signal_text
@@ -310,9 +310,7 @@ class Runner:
             except RedisError as exc:
                 tried = True
                 # (raised out, the runner died with the run recorded and no export: nobody asked for one again)
-                logger.warning("cannot record the automatic export yet ({}); retrying in {:.1f} s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(MAX_BACKOFF, backoff * 2)
+                backoff = await retry_later("the automatic export", exc, backoff)
         if here and info is not None:
             await self.export(info.export_id or "", prepared=info)
 
