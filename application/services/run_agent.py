@@ -35,7 +35,6 @@ from application.models.training_model import (
     ExportStatus,
     Job,
     JobStatus,
-    PredictedDuration,
     Progress,
     RunnerInfo,
 )
@@ -45,6 +44,7 @@ from application.services.exports import merged_path, record_auto_export, run_ag
 from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
+from application.services.log_follower import READ_BUDGET, LogFollower
 from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox, retry_later
 from application.services.predictions import format_limit
@@ -57,10 +57,6 @@ from application.services.swift_errors import extract_error
 from application.utils.log_tail import read_from, tail_lines
 from application.utils.logger import setup_logging
 
-CHUNK = 4 * 1024 * 1024
-# What one pass of a runner's loop parses of the log at most: a log written faster than it can be parsed must
-# not hold off the stop, time-limit and heartbeat checks between reads (the passes then come without a pause).
-READ_BUDGET = 256 * 1024
 START_ATTEMPTS_SECONDS = 60.0
 # What a run stopped because its runner was told to end (SIGTERM) was preempted for.
 HOST_SHUTDOWN = "the shutdown of its host"
@@ -189,7 +185,7 @@ class Runner:
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
             parser.progress = job.progress
         started_at = job.started_at or time.time()
-        follow = _Follow(log_file, parser, outbox, started_at, job.time_limit_seconds)
+        follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[str] | None = None
         stop_requested = pause_requested = timed_out = orphaned = False
         preempt_for: str | None = None
@@ -410,65 +406,6 @@ class Runner:
                 logger.warning("cannot record the export yet ({}); retrying", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
-
-
-class _Follow:
-    """Reads what the run's log gained since the last read and queues what it says in the outbox."""
-
-    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float,
-                 limit: int | None = None) -> None:  # fmt: skip
-        self.log_file = log_file
-        self.parser = parser
-        self.outbox = outbox
-        self.started_at = started_at
-        self.limit = limit  # the run's time limit: it is stopped then, whatever swift expects
-        self.offset = 0
-
-    def read(self, budget: int | None = None) -> bool:
-        """Take what the log gained, `budget` bytes of it at most (None: all); True when more is waiting."""
-        taken = 0
-        while True:
-            size = CHUNK if budget is None else min(CHUNK, budget - taken)
-            data, self.offset = read_from(self.log_file, self.offset, size)
-            if not data:
-                return False
-            self._take(self.parser.feed(data))
-            taken += len(data)
-            if len(data) < size:
-                return False
-            if budget is not None and taken >= budget:
-                return True
-
-    def flush(self) -> None:
-        self._take(self.parser.flush())  # a last line with no newline after it
-
-    def _take(self, result: Any) -> None:
-        progress: Progress | None = result.progress
-        fields: dict[str, Any] = {"log_offset": self.offset}
-        if progress is not None:
-            fields["progress"] = progress
-            if progress.remaining_seconds is not None:
-                # swift's own estimate beats any prediction made before the run.
-                seconds = round(max(0.0, time.time() - self.started_at) + progress.remaining_seconds, 3)
-                if self.limit is not None:
-                    seconds = min(seconds, float(self.limit))
-                fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
-        if self.parser.run_dir:
-            fields["run_dir"] = self.parser.run_dir
-        if self.parser.last_checkpoint or result.checkpoints_saved:
-            fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
-        if result.checkpoints_saved:
-            fields["last_checkpoint_at"] = time.time()  # what a preemption would lose is counted from here
-        if self.parser.best_checkpoint:
-            fields["best_checkpoint"] = self.parser.best_checkpoint
-        if self.parser.train_loss is not None:
-            fields["train_loss"] = self.parser.train_loss
-        if self.parser.train_runtime is not None:
-            fields["train_runtime"] = self.parser.train_runtime
-        self.outbox.set(**fields)
-        self.outbox.add_history(result.history)
-        for path in result.checkpoints_saved:
-            self.outbox.event("checkpoint_saved", f"checkpoint saved: {path}", {"path": path})
 
 
 def _returncode(proc: pg.Child) -> int:

@@ -1,0 +1,77 @@
+"""A run's log followed by its runner: what the log gained since the last read, parsed, and queued in the outbox
+(progress, the loss history, checkpoints and their events) for the runner to write to Redis."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from application.models.training_model import PredictedDuration, Progress
+from application.services.log_parser import SwiftLogParser
+from application.services.outbox import Outbox
+from application.utils.log_tail import read_from
+
+CHUNK = 4 * 1024 * 1024
+# What one pass of a runner's loop parses of the log at most: a log written faster than it can be parsed must
+# not hold off the stop, time-limit and heartbeat checks between reads (the passes then come without a pause).
+READ_BUDGET = 256 * 1024
+
+
+class LogFollower:
+    """Reads what the run's log gained since the last read and queues what it says in the outbox."""
+
+    def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float,
+                 limit: int | None = None) -> None:  # fmt: skip
+        self.log_file = log_file
+        self.parser = parser
+        self.outbox = outbox
+        self.started_at = started_at
+        self.limit = limit  # the run's time limit: it is stopped then, whatever swift expects
+        self.offset = 0
+
+    def read(self, budget: int | None = None) -> bool:
+        """Take what the log gained, `budget` bytes of it at most (None: all); True when more is waiting."""
+        taken = 0
+        while True:
+            size = CHUNK if budget is None else min(CHUNK, budget - taken)
+            data, self.offset = read_from(self.log_file, self.offset, size)
+            if not data:
+                return False
+            self._take(self.parser.feed(data))
+            taken += len(data)
+            if len(data) < size:
+                return False
+            if budget is not None and taken >= budget:
+                return True
+
+    def flush(self) -> None:
+        self._take(self.parser.flush())  # a last line with no newline after it
+
+    def _take(self, result: Any) -> None:
+        progress: Progress | None = result.progress
+        fields: dict[str, Any] = {"log_offset": self.offset}
+        if progress is not None:
+            fields["progress"] = progress
+            if progress.remaining_seconds is not None:
+                # swift's own estimate beats any prediction made before the run.
+                seconds = round(max(0.0, time.time() - self.started_at) + progress.remaining_seconds, 3)
+                if self.limit is not None:
+                    seconds = min(seconds, float(self.limit))
+                fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
+        if self.parser.run_dir:
+            fields["run_dir"] = self.parser.run_dir
+        if self.parser.last_checkpoint or result.checkpoints_saved:
+            fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
+        if result.checkpoints_saved:
+            fields["last_checkpoint_at"] = time.time()  # what a preemption would lose is counted from here
+        if self.parser.best_checkpoint:
+            fields["best_checkpoint"] = self.parser.best_checkpoint
+        if self.parser.train_loss is not None:
+            fields["train_loss"] = self.parser.train_loss
+        if self.parser.train_runtime is not None:
+            fields["train_runtime"] = self.parser.train_runtime
+        self.outbox.set(**fields)
+        self.outbox.add_history(result.history)
+        for path in result.checkpoints_saved:
+            self.outbox.event("checkpoint_saved", f"checkpoint saved: {path}", {"path": path})

@@ -1,0 +1,78 @@
+"""A runner's log follower over the output of a real ms-swift 4.6.0 run (tests/fixtures/swift), read as it grows."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.log_follower import LogFollower
+from application.services.log_parser import SwiftLogParser
+from application.services.outbox import Outbox
+
+FIX = Path(__file__).parent / "fixtures" / "swift"
+RUN = "/data/lab/out/v0-20261126-155015"
+
+
+def follower(log: Path, started_at: float, limit: int | None = None) -> tuple[LogFollower, Outbox]:
+    # Never flushed, so never connected: what the follower queued stays in the outbox to be looked at.
+    outbox = Outbox(JobStore(aioredis.Redis(), Keys("t")), "job", "run")
+    return LogFollower(log, SwiftLogParser(root="/data/lab/out"), outbox, started_at, limit), outbox
+
+
+def real_log() -> bytes:
+    return (FIX / "sft_success.stderr.txt").read_bytes() + (FIX / "sft_success.stdout.txt").read_bytes()
+
+
+def test_a_log_read_as_it_grows_queues_every_step_and_checkpoint_once(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_bytes(b"")
+    follow, outbox = follower(log, time.time())
+    data = real_log()
+    for i in range(0, len(data), 977):  # lines cut anywhere
+        with log.open("ab") as f:
+            f.write(data[i : i + 977])
+        assert follow.read() is False
+    follow.flush()
+    assert follow.offset == len(data)
+    whole = SwiftLogParser(root="/data/lab/out")
+    expected = whole.feed(data).history + whole.flush().history
+    assert len(expected) == 13  # 11 training steps logged, 2 evaluations
+    assert [(p["step"], p.get("loss"), p.get("eval_loss")) for p in outbox.history] == [
+        (p["step"], p.get("loss"), p.get("eval_loss")) for p in expected
+    ]
+    assert outbox.fields["progress"].current_step == 20
+    assert outbox.fields["last_checkpoint"] == f"{RUN}/checkpoint-20"
+    assert outbox.fields["run_dir"] == RUN
+    saved = [e["message"] for e in outbox.events if e["type"] == "checkpoint_saved"]
+    assert saved == [f"checkpoint saved: {RUN}/checkpoint-10", f"checkpoint saved: {RUN}/checkpoint-20"]
+
+
+def test_a_read_budget_leaves_the_rest_for_the_next_pass(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    data = real_log()
+    log.write_bytes(data)
+    follow, outbox = follower(log, time.time())
+    passes = 1
+    while follow.read(budget=1000):  # True: more is waiting
+        assert follow.offset == 1000 * passes
+        passes += 1
+    assert passes == -(-len(data) // 1000) and follow.offset == len(data)
+    assert outbox.fields["progress"].current_step == 20
+
+
+def test_swifts_remaining_time_predicts_the_run_but_never_past_its_time_limit(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    first_step = (FIX / "sft_success.stdout.txt").read_text().splitlines()[1]
+    assert "'remaining_time': '2s'" in first_step
+    log.write_text(first_step + "\n")
+    follow, outbox = follower(log, time.time() - 100)
+    follow.read()
+    assert outbox.fields["predicted_duration"].source == "progress"
+    assert 101 <= outbox.fields["predicted_duration"].seconds < 110  # 100 s gone, 2 s to go
+    follow, outbox = follower(log, time.time() - 100, limit=60)
+    follow.read()
+    assert outbox.fields["predicted_duration"].seconds == 60
