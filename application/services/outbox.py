@@ -97,7 +97,7 @@ class Outbox:
                 return False
             except TransitionRefused as exc:
                 if exc.reason == Refusal.BAD_STATE and tried:
-                    recorded = await self._recorded(status)
+                    recorded = await self._recorded(status, fields)
                     if recorded is None:
                         backoff = await retry_later("the end of the run", RedisError("no answer"), backoff)
                         continue
@@ -110,14 +110,30 @@ class Outbox:
                 tried = True
                 backoff = await retry_later("the end of the run", exc, backoff)
 
-    async def _recorded(self, status: JobStatus) -> bool | None:
-        """Whether this run's end stands recorded as `status`; None when Redis does not answer."""
+    async def _recorded(self, status: JobStatus, fields: Mapping[str, Any]) -> bool | None:
+        """Whether this end, the one in `fields`, stands recorded as `status`; None when Redis does not answer.
+        Not the same status for the same run written by a scheduler while Redis kept this runner out (the try
+        that failed may never have reached it): an end is this runner's when it has this runner's end time."""
         try:
-            [(found, run_id)] = await self.store.get_fields([self.job_id], ["status", "run_id"])
+            [(found, run_id, attempts, finished_at)] = await self.store.get_fields(
+                [self.job_id], ["status", "run_id", "attempts", "finished_at"]
+            )
         except RedisError:
             return None
-        return found is not None and json.loads(found) == status.value and run_id is not None and \
-            json.loads(run_id) == self.run_id  # fmt: skip
+        if found is None or json.loads(found) != status.value or run_id is None or json.loads(run_id) != self.run_id:
+            return False
+        ours = end_time(fields)
+        if ours is None:  # (an end without a time: only its status and run tell it)
+            return True
+        stored = json.loads(attempts) if attempts else []
+        return (stored[-1].get("finished_at") if stored else json.loads(finished_at) if finished_at else None) == ours
+
+
+def end_time(fields: Mapping[str, Any]) -> float | None:
+    """When the run ended, as an end's fields say: its attempt's end, else the job's."""
+    attempts = fields.get("attempts")
+    value = getattr(attempts[-1], "finished_at", None) if attempts else fields.get("finished_at")
+    return float(value) if value is not None else None
 
 
 async def retry_later(what: str, exc: Exception, backoff: float) -> float:
