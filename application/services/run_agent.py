@@ -170,8 +170,8 @@ class Runner:
             proc = early
         except OSError as exc:
             error = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh"
-            await outbox.finish(JobStatus.FAILED, {"error_message": error, "error_code": "launch"},
-                                f"training failed: {error}")  # fmt: skip
+            fields = {"error_message": error, "error_code": "launch", "finished_at": time.time()}
+            await outbox.finish(JobStatus.FAILED, fields, f"training failed: {error}")
             return 1
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
         start_time = pg.process_start_time(proc.pid) or time.time()
@@ -290,16 +290,20 @@ class Runner:
             logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self, here: bool) -> None:
+        """Record the automatic export of the run that completed: run by this runner (`here`), or requested, for
+        a scheduler to launch a runner for it (this one was told to end)."""
         backoff, tried = 0.1, False
         while True:
             here = here and not self.terminated.is_set()
             try:
-                if tried and here:
-                    # Redis may have taken the record and lost its answer: then the export is ours to run (trying
-                    # again would find it running and record a skip that never happened).
+                if tried:
+                    # Redis may have taken the record and lost its answer: then that record stands, to be run by
+                    # whom it names (trying again would find it running and record a skip that never happened).
                     job = await self.store.get(self.job_id)
-                    if job is not None and job.export.status == ExportStatus.RUNNING and job.export.runner == self.info:
-                        info: ExportInfo | None = job.export
+                    export = job.export if job is not None else None
+                    if export is not None and export.auto and export.status == ExportStatus.RUNNING and \
+                            export.runner in (self.info, None):  # fmt: skip
+                        info: ExportInfo | None = export
                         break
                 info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
                 break
@@ -307,7 +311,8 @@ class Runner:
                 tried = True
                 # (raised out, the runner died with the run recorded and no export: nobody asked for one again)
                 backoff = await retry_later("the automatic export", exc, backoff)
-        if here and info is not None:
+        if info is not None and info.runner == self.info:
+            # Even when told to end meanwhile: the export then leaves itself to the next scheduler (`export`).
             await self.export(info.export_id or "", prepared=info)
 
     # ---- export ------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""A runner's automatic export when Redis loses the answer to its record (a real Redis behind tests/redis_proxy.py,
+the fake swift): the record Redis took stands, run by whom it names, and no skip that never happened is told."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from application.models.training_model import Attempt, ExportStatus, JobStatus
+from application.services.cluster_store import ClusterStore
+from application.services.job_store import JobStore
+from application.services.keys import Keys
+from application.services.redis_service import create_client
+from application.services.run_agent import Runner
+from tests.conftest import settings_for
+from tests.redis_proxy import RedisProxy
+from tests.test_job_store import make_job, require
+
+
+@pytest.fixture
+async def completed(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[RedisProxy, Runner, JobStore]]:
+    """A LoRA run that completed with a checkpoint on disk; its runner, whose Redis is behind a proxy; a store
+    straight to Redis."""
+    proxy = RedisProxy(redis_url)
+    settings = settings_for(proxy.url, tmp_path, REDIS_RETRIES=0, REDIS_SOCKET_TIMEOUT=1, REDIS_CONNECT_TIMEOUT=1)
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    runners, direct = create_client(settings, proxy.url), aioredis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(direct, keys)
+    output = settings.OUTPUT_ROOT / "j"
+    run_dir = output / "v0-20261203-000000"
+    (run_dir / "checkpoint-5").mkdir(parents=True)
+    now = time.time()
+    job = make_job("j", JobStatus.COMPLETED).model_copy(update={
+        "run_id": "run1", "output_dir": str(output), "run_dir": str(run_dir), "finished_at": now,
+        "last_checkpoint": str(run_dir / "checkpoint-5"),
+        "attempts": [Attempt(number=1, run_id="run1", started_at=now - 60, finished_at=now, outcome="completed",
+                             run_dir=str(run_dir))],
+    })  # fmt: skip
+    await store.create(job, message="created", actor="t")
+    try:
+        yield proxy, Runner(settings, JobStore(runners, keys), ClusterStore(runners, keys), "j", "run1"), store
+    finally:
+        proxy.close()
+        await runners.aclose()
+        await direct.aclose()
+
+
+async def event_types(store: JobStore) -> list[str]:
+    return [e.type for e in await store.events("j", None, 100)]
+
+
+async def test_an_export_left_to_the_next_scheduler_whose_record_lost_its_answer_is_not_told_skipped(
+    completed: tuple[RedisProxy, Runner, JobStore],
+) -> None:
+    proxy, runner, store = completed
+    runner.terminated.set()  # its host goes down: the export is requested, for a scheduler to run
+    proxy.cut_after(rb"export_started", lose_reply=True, down_seconds=1.0)
+    await asyncio.wait_for(runner._auto_export(here=True), 30)
+    assert proxy.fired.is_set()
+    job = await require(store, "j")
+    assert job.export.status == ExportStatus.RUNNING and job.export.auto and job.export.runner is None
+    events = await event_types(store)
+    assert events.count("export_started") == 1 and "export_skipped" not in events, events
+
+
+async def test_an_export_whose_runner_is_told_to_end_while_redis_is_away_is_left_to_the_next_scheduler(
+    completed: tuple[RedisProxy, Runner, JobStore],
+) -> None:
+    proxy, runner, store = completed
+    proxy.cut_after(rb"export_started", lose_reply=True, down_seconds=1.0)
+    exporting = asyncio.create_task(runner._auto_export(here=True))
+    while not proxy.fired.is_set():  # Redis took the export as this runner's, and its answer is lost
+        await asyncio.sleep(0.01)
+    runner.terminated.set()  # then its host goes down, while it waits for Redis to come back
+    await asyncio.wait_for(exporting, 30)
+    job = await require(store, "j")
+    assert job.export.status == ExportStatus.RUNNING and job.export.runner is None  # a scheduler's to run again
+    assert job.export.command is not None and job.export.command[-2:] == ["--exist_ok", "true"]
+    events = await event_types(store)
+    assert events.count("export_started") == 1 and "export_skipped" not in events, events
+    assert "export_interrupted" in events
