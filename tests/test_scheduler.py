@@ -11,6 +11,7 @@ import pytest
 from application.services import scheduler
 from application.services.scheduler import (
     GpuState,
+    QueuedJob,
     RunningJob,
     decide,
     format_wait,
@@ -260,6 +261,29 @@ def test_a_job_that_may_take_any_gpu_leaves_the_big_one_a_job_behind_it_needs() 
     q = ordered(job("any", t=1), job("big", t=2, mem=60.0))
     assert run(q, gpus) == {"any": (0,), "big": (1,)}
     assert run(ordered(job("any", t=1)), gpus) == {"any": (1,)}
+
+
+def test_a_job_needing_a_big_gpu_takes_the_smallest_that_serves_it_leaving_the_biggest_to_a_bigger_need() -> None:
+    gpus = [gpu(0, total=80.0), gpu(1, total=48.0), gpu(2, total=24.0)]
+    for policy in ("strict", "backfill"):
+        q = ordered(job("c", t=1, mem=40.0), job("d", t=2, mem=70.0))
+        assert run(q, gpus, policy=policy) == {"c": (1,), "d": (0,)}
+        q = ordered(job("any", t=0), job("c", t=1, mem=40.0), job("d", t=2, mem=70.0))
+        assert run(q, gpus, policy=policy) == {"any": (2,), "c": (1,), "d": (0,)}
+
+
+def test_a_job_that_can_never_start_or_waits_on_its_owners_cap_keeps_no_gpu_from_others() -> None:
+    # GPU 1 counts as free (6 GB, 40 %) but an outside process holds most of it: the idle GPU 0 is the choice.
+    gpus = [gpu(0), GpuState(1, 80.0, 6.0, 40.0, None), gpu(2, held="r")]
+    running = [RunningJob("r", (2,), 100.0, owner="ann")]
+    capped = policy_of(owner_gpu_cap=1)
+    never_big_enough, never_there = job("b", t=1, ids=(0,), mem=100.0), job("b", t=1, ids=(0, 7))
+    over_cap = QueuedJob("b", 5, NOW - 999, 1, (0,), None, None, owner="ann")
+    for behind in (never_big_enough, never_there, over_cap):
+        starts = decide(ordered(job("a", t=0), behind), gpus, running, capped, NOW)
+        assert [(s.job_id, s.gpu_ids) for s in starts] == [("a", (0,))], behind
+    # Wanted by a job that can start, GPU 0 is left to it.
+    assert run(ordered(job("a", t=0), job("b", t=1, ids=(0,))), gpus, running) == {"a": (1,), "b": (0,)}
 
 
 def test_backfill_without_estimate_does_not_use_reserved_gpus() -> None:

@@ -31,6 +31,7 @@ Policy choices (documented in the README):
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -241,22 +242,34 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
 WANTED_LOOKAHEAD = 512
 
 
-def _wanted(queue: Sequence[QueuedJob], tl: Timeline, policy: Policy) -> frozenset[int]:
-    """GPUs some queued jobs can use and others cannot: those a job names (`gpu_ids`), and those big enough for
-    the smallest `min_gpu_memory_gb` asked above the default. A job free to take any GPU takes the others
-    first: it took the one GPU a job behind it named and left another idle, and that job waited."""
-    wanted: set[int] = set()
-    need = INF
+def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timeline,
+            policy: Policy) -> dict[int, tuple[bool, int]]:  # fmt: skip
+    """How much the queued jobs that could start now want each GPU that some of them can use and others cannot:
+    whether a job names it (`gpu_ids`), and how many of the `min_gpu_memory_gb` asked above the default it is
+    big enough for. A job free to choose takes the least wanted GPUs first: it took the one GPU a job behind
+    it named (or the one big card a bigger request needed) and left another idle, and that job waited. Jobs
+    that can never start here, or whose owner holds its cap, want nothing now."""
+    held: dict[str, int] = {}
+    for r in running:
+        if r.owner is not None:
+            held[r.owner] = held.get(r.owner, 0) + len(r.gpu_ids)
+    named: set[int] = set()
+    needs: set[float] = set()
     for j in itertools.islice(queue, WANTED_LOOKAHEAD):
+        k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
+        mem = j.min_gpu_memory_gb
+        need = mem if mem is not None and mem > policy.min_free_gb else policy.min_free_gb
+        if k <= 0 or not tl.feasible(j.gpu_ids, k, need):
+            continue
+        if policy.owner_gpu_cap and j.owner is not None and held.get(j.owner, 0) + k > policy.owner_gpu_cap:
+            continue
         if j.gpu_ids:
-            wanted.update(j.gpu_ids)
-        elif j.num_gpus > 0 and j.min_gpu_memory_gb is not None and j.min_gpu_memory_gb > policy.min_free_gb:
-            need = min(need, j.min_gpu_memory_gb)
-    if need != INF:
-        big = {i for i, m in tl.usable_mem.items() if m >= need}
-        if len(big) < len(tl.usable_mem):
-            wanted |= big
-    return frozenset(wanted)
+            named.update(j.gpu_ids)
+        elif need > policy.min_free_gb:
+            needs.add(need)
+    ordered = sorted(needs)
+    wants = {i: (i in named, bisect.bisect_right(ordered, m)) for i, m in tl.usable_mem.items()}
+    return {i: w for i, w in wants.items() if w != (False, 0)}
 
 
 def plan(
@@ -290,7 +303,7 @@ def plan(
     strict = policy.name == "strict"
     tl = _timeline(gpus, running, policy, now)
     if len(tl.free_order) > 1:
-        tl.wanted = _wanted(queue, tl, policy)
+        tl.wanted = _wanted(queue, running, tl, policy)
     starts: list[Start] = []
     waits: dict[str, float | None] = {}
     reasons: dict[str, Reason] = {}

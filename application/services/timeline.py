@@ -81,6 +81,9 @@ def choose(
     return tuple(sorted(best))
 
 
+_UNWANTED = (False, 0)
+
+
 class Timeline:
     def __init__(self, now: float, link_score: LinkScore | None) -> None:
         self.now = now
@@ -107,8 +110,9 @@ class Timeline:
         self.reservations = 0
         self._link_cache: dict[tuple[int, int], int] = {}
         self._fit_count: dict[float, int] = {}
-        # GPUs that queued jobs need and others could do without: the last choice of a job that may take any.
-        self.wanted: frozenset[int] = frozenset()
+        # GPUs that queued jobs need and others could do without, and how much (`scheduler._wanted`): the last
+        # choice of a job that may take others.
+        self.wanted: dict[int, tuple[bool, int]] = {}
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
@@ -180,7 +184,7 @@ class Timeline:
             return None
         if self.wanted and len(cands) > k:
             # (A reserved GPU is kept by its slack already; stable sort: the order within each part stays.)
-            cands.sort(key=lambda i: i in self.wanted and slack[i] == INF)
+            cands.sort(key=lambda i: self.wanted.get(i, _UNWANTED) if slack[i] == INF else _UNWANTED)
         return choose(cands, k, self.link_score, self._link_cache)
 
     def why_blocked(self, ids: tuple[int, ...] | None, k: int, need: float, e: float) -> tuple[str, Hold | None]:
