@@ -377,3 +377,7 @@ def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer
     assert job["progress"]["current_step"] == 6 and progress["train_loss"] is None
     # Nor does it show the last good loss of a run that has diverged.
     assert job["progress"]["loss"] is None and progress["progress"]["loss"] is None
+    # The events say why, once: the step where the loss stopped being a number.
+    events = [e for e in server.http.get("/jobs/diverged/events").json()["events"] if e["type"] == "loss_not_finite"]
+    assert len(events) == 1 and "at step 3: the run diverged" in events[0]["message"], events
+    assert events[0]["data"]["step"] == 3

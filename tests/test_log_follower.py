@@ -76,3 +76,18 @@ def test_swifts_remaining_time_predicts_the_run_but_never_past_its_time_limit(tm
     follow, outbox = follower(log, time.time() - 100, limit=60)
     follow.read()
     assert outbox.fields["predicted_duration"].seconds == 60
+
+
+def test_a_loss_that_turns_nan_is_told_once_with_its_step(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    steps = [line for line in (FIX / "sft_success.stdout.txt").read_text().splitlines() if line.startswith("{'loss'")]
+    # swift 4.x prints every figure as a string: a diverged run's as 'nan' (3.x: bare nan, inf).
+    diverged = [steps[0], steps[1].replace("'loss': '8.28'", "'loss': 'nan'"),
+                steps[2].replace("'loss': '8.258'", "'loss': inf")]  # fmt: skip
+    assert diverged[1] != steps[1] and diverged[2] != steps[2]
+    log.write_text("\n".join(diverged) + "\n")
+    follow, outbox = follower(log, time.time())
+    follow.read()
+    told = [e for e in outbox.events if e["type"] == "loss_not_finite"]
+    assert len(told) == 1 and "at step 2: the run diverged" in told[0]["message"], told
+    assert [p.get("loss") for p in outbox.history] == [8.264, None, None]

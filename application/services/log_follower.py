@@ -75,3 +75,8 @@ class LogFollower:
         self.outbox.add_history(result.history)
         for path in result.checkpoints_saved:
             self.outbox.event("checkpoint_saved", f"checkpoint saved: {path}", {"path": path})
+        if result.diverged_at is not None:
+            # The loss shows no value from here on (no number to plot or store): this says why.
+            self.outbox.event("loss_not_finite", f"training loss is not a number at step {result.diverged_at}: the "
+                              "run diverged (a lower learning_rate, gradient clipping or bf16 may help)",
+                              {"step": result.diverged_at})  # fmt: skip

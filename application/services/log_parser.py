@@ -194,6 +194,8 @@ class ParseResult:
     # Set when swift printed `last_model_checkpoint:` (its end-of-training lines), even as 'None':
     # the trainer finished or was interrupted, rather than died mid-step.
     training_ended: bool = False
+    # The first step whose training loss was no number (nan, inf): the run diverged. Once per run.
+    diverged_at: int | None = None
 
     def changed(self) -> bool:
         return bool(
@@ -229,6 +231,7 @@ class SwiftLogParser:
         self._clock: float | None = None
         self._partial = b""
         self._seen_points: set[tuple[int, str]] = set()
+        self._diverged = False
         self.progress: Progress | None = None
         self.run_dir: str | None = None
         self.command_line: str | None = None
@@ -347,6 +350,10 @@ class SwiftLogParser:
         if key in self._seen_points:
             return
         self._seen_points.add(key)
+        if kind == "train" and d.get("loss") is None and not self._diverged:
+            # (normalized: a loss printed as nan or inf is None here; swift prints no step dict without one)
+            self._diverged = True
+            result.diverged_at = key[0]
         result.history.append(_history_point(d, kind, self._ran_at(d, now or time.time()) if live else None))
 
     def _ran_at(self, d: dict[str, Any], now: float) -> float:
