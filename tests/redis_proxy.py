@@ -80,11 +80,12 @@ class RedisProxy:
         with contextlib.suppress(OSError):
             while data := upstream.recv(65536):
                 if state["cut"]:  # the command ran: its reply is the first one back after it was sent
+                    # Down and fired before the client can see anything: it may reconnect (or a test look) at once.
+                    self._down_until = time.monotonic() + self._down_seconds
+                    self.fired.set()
                     if not state["lose"]:
                         client.sendall(data)
-                    self._down_until = time.monotonic() + self._down_seconds
                     self._cut()
-                    self.fired.set()
                     return
                 client.sendall(data)
         self._close(client, upstream)
