@@ -261,7 +261,8 @@ async def test_a_sweep_that_read_an_export_before_it_was_handed_back_does_not_fa
                   output_dir=str(tmp_path / "output" / "j"), output_dir_requested="j", num_gpus=1,
                   training=TrainingParams(), created_at=1.0, updated_at=1.0)  # fmt: skip
         await store.create(job, message="created", actor="t")
-        gone = RunnerInfo(host="another-host", pid=999_999, launched_at=time.time())  # no heartbeat: not alive
+        # (a pid above Linux's pid_max: this host's runner is gone)
+        gone = RunnerInfo(host=socket.gethostname(), pid=2**22 + 17, launched_at=time.time())
         running = ExportInfo(status=ExportStatus.RUNNING, export_id="x", checkpoint="c", command=["swift", "export"],
                              runner=gone)  # fmt: skip
         await put_export(store, "j", running)

@@ -145,6 +145,11 @@ class RunnerInfo(BaseModel):
     launched_at: float = Field(..., description="when the scheduler launched it (Unix seconds)")
     ready_at: float | None = Field(None, description="when the runner had started and read its job (Unix seconds)")
 
+    def is_process(self, other: RunnerInfo | None) -> bool:
+        """The same process as `other`, however each was recorded (the scheduler's record of a launch and the
+        runner's own differ in their times)."""
+        return other is not None and (self.host, self.pid, self.stamp) == (other.host, other.pid, other.stamp)
+
 
 class ExportInfo(BaseModel):
     status: ExportStatus = ExportStatus.NONE

@@ -22,6 +22,7 @@ from application.models.job_request import ExportRequest
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services.checkpoints import own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.outbox import until_answered
 from application.services.swift_command import build_export_command
 
 # A paused job's checkpoint can be exported too (the merge only reads it).
@@ -114,6 +115,29 @@ async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
     except TransitionRefused:
         return None
     return info
+
+
+async def request_auto_export(store: JobStore, settings: Settings, job_id: str,
+                              runner: Callable[[], RunnerInfo | None]) -> ExportInfo | None:  # fmt: skip
+    """`record_auto_export` (as run by `runner()`, asked at each try), tried again until Redis answers. A try
+    whose record Redis took and whose answer it lost is found by the next: an automatic export recorded since
+    the first try began is the one asked for (trying again would find it running, and record a skip that
+    never happened)."""
+    since, tried = time.time(), False
+
+    async def once() -> ExportInfo | None:
+        nonlocal tried
+        if tried:
+            job = await store.get(job_id)
+            export = job.export if job is not None else None
+            if export is not None and export.auto and export.status == ExportStatus.RUNNING and \
+                    (export.started_at or 0.0) >= since:  # fmt: skip
+                return export
+        tried = True
+        return await record_auto_export(store, settings, job_id, runner())
+
+    # (raised out, the run stood recorded and no export was asked for: nobody would ask again)
+    return await until_answered("the automatic export", once)
 
 
 def merging_into_default(job: Job, checkpoint: str) -> bool:

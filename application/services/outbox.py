@@ -9,10 +9,9 @@ run owns it now) the run is no longer this runner's to record, and `Orphaned` sa
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from loguru import logger
 from redis.exceptions import RedisError
@@ -20,6 +19,9 @@ from redis.exceptions import RedisError
 from application.models.training_model import JobStatus
 from application.services.job_codec import event_payload
 from application.services.job_store import SCHEDULER, JobStore, Refusal, TransitionRefused
+from application.services.run_record import end_recorded
+
+T = TypeVar("T")
 
 MAX_BACKOFF = 5.0
 
@@ -111,29 +113,11 @@ class Outbox:
                 backoff = await retry_later("the end of the run", exc, backoff)
 
     async def _recorded(self, status: JobStatus, fields: Mapping[str, Any]) -> bool | None:
-        """Whether this end, the one in `fields`, stands recorded as `status`; None when Redis does not answer.
-        Not the same status for the same run written by a scheduler while Redis kept this runner out (the try
-        that failed may never have reached it): an end is this runner's when it has this runner's end time."""
+        """Whether this end stands recorded (`end_recorded`); None when Redis does not answer."""
         try:
-            [(found, run_id, attempts, finished_at)] = await self.store.get_fields(
-                [self.job_id], ["status", "run_id", "attempts", "finished_at"]
-            )
+            return await end_recorded(self.store, self.job_id, self.run_id, status, fields)
         except RedisError:
             return None
-        if found is None or json.loads(found) != status.value or run_id is None or json.loads(run_id) != self.run_id:
-            return False
-        ours = end_time(fields)
-        if ours is None:  # (an end without a time: only its status and run tell it)
-            return True
-        stored = json.loads(attempts) if attempts else []
-        return (stored[-1].get("finished_at") if stored else json.loads(finished_at) if finished_at else None) == ours
-
-
-def end_time(fields: Mapping[str, Any]) -> float | None:
-    """When the run ended, as an end's fields say: its attempt's end, else the job's."""
-    attempts = fields.get("attempts")
-    value = getattr(attempts[-1], "finished_at", None) if attempts else fields.get("finished_at")
-    return float(value) if value is not None else None
 
 
 async def retry_later(what: str, exc: Exception, backoff: float) -> float:
@@ -141,3 +125,14 @@ async def retry_later(what: str, exc: Exception, backoff: float) -> float:
     logger.warning("cannot record {} yet ({}); retrying in {:.1f} s", what, exc, backoff)
     await asyncio.sleep(backoff)
     return min(MAX_BACKOFF, backoff * 2)
+
+
+async def until_answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()` again after each Redis failure, until Redis answers (for writes safe to repeat, or that check
+    first whether an earlier try was taken)."""
+    backoff = 0.1
+    while True:
+        try:
+            return await call()
+        except RedisError as exc:
+            backoff = await retry_later(what, exc, backoff)

@@ -40,13 +40,13 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import merged_path, record_auto_export, run_again, while_running
+from application.services.exports import merged_path, request_auto_export, run_again, while_running
 from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_follower import READ_BUDGET, LogFollower
 from application.services.log_parser import SwiftLogParser
-from application.services.outbox import Orphaned, Outbox, retry_later
+from application.services.outbox import Orphaned, Outbox, until_answered
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
 from application.services.run_end import RunEnd, exit_signal, signal_text
@@ -292,25 +292,11 @@ class Runner:
     async def _auto_export(self, here: bool) -> None:
         """Record the automatic export of the run that completed: run by this runner (`here`), or requested, for
         a scheduler to launch a runner for it (this one was told to end)."""
-        backoff, tried = 0.1, False
-        while True:
-            here = here and not self.terminated.is_set()
-            try:
-                if tried:
-                    # Redis may have taken the record and lost its answer: then that record stands, to be run by
-                    # whom it names (trying again would find it running and record a skip that never happened).
-                    job = await self.store.get(self.job_id)
-                    export = job.export if job is not None else None
-                    if export is not None and export.auto and export.status == ExportStatus.RUNNING and \
-                            export.runner in (self.info, None):  # fmt: skip
-                        info: ExportInfo | None = export
-                        break
-                info = await record_auto_export(self.store, self.settings, self.job_id, self.info if here else None)
-                break
-            except RedisError as exc:
-                tried = True
-                # (raised out, the runner died with the run recorded and no export: nobody asked for one again)
-                backoff = await retry_later("the automatic export", exc, backoff)
+
+        def runner() -> RunnerInfo | None:
+            return self.info if here and not self.terminated.is_set() else None
+
+        info = await request_auto_export(self.store, self.settings, self.job_id, runner)
         if info is not None and info.runner == self.info:
             # Even when told to end meanwhile: the export then leaves itself to the next scheduler (`export`).
             await self.export(info.export_id or "", prepared=info)
@@ -324,8 +310,11 @@ class Runner:
             if job is None or job.export.export_id != export_id or job.export.status != ExportStatus.RUNNING:
                 logger.info("export {} of {} is not this runner's to run: leaving", export_id, self.job_id)
                 return 0
-            info = job.export.model_copy(update={"runner": self.info})
-            await self._write_export(info, None)
+            claimed = await self._claim(export_id)
+            if claimed is None:
+                logger.info("export {} of {} is another runner's: leaving", export_id, self.job_id)
+                return 0
+            info = claimed
         await self._tick("export", export_id)
         assert info.command and info.log_file
         log_file = Path(info.log_file)
@@ -393,6 +382,19 @@ class Runner:
                 event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
             await self._write_export(info.model_copy(update=update), event, final=True)
         return 0
+
+    async def _claim(self, export_id: str) -> ExportInfo | None:
+        """Record this runner as the export's, unless another runner already is: a scheduler whose record of a
+        launch failed (Redis) launches it again, and two swift exports would write one folder. None then."""
+        me = self.info
+
+        def mine(now: ExportInfo) -> dict[str, Any] | None:
+            return {"export": now.model_copy(update={"runner": me})} if now.runner is None or \
+                now.runner.is_process(me) else None  # fmt: skip
+
+        before = await until_answered("the export's runner", lambda: while_running(self.store, self.job_id,
+                                                                                   export_id, mine))  # fmt: skip
+        return before.model_copy(update={"runner": me}) if before is not None else None
 
     async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
                             final: bool = False) -> None:  # fmt: skip

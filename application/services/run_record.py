@@ -3,12 +3,15 @@ runner dead: one path, so a pause, a preemption or a retry ends the same way who
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import first_resumable
+from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.run_end import Conclusion, RunEnd, conclude, final_status
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
@@ -80,3 +83,28 @@ def record_end(
         progress = facts.progress or job.progress
         fields["progress"] = progress.model_copy(update={"remaining_time": None, "remaining_seconds": None})
     return replace(c, fields={**fields, **c.fields})
+
+
+def end_time(fields: Mapping[str, Any]) -> float | None:
+    """When the run ended, as the fields of its recorded end say (`record_end`): its attempt's end, else the job's."""
+    attempts = fields.get("attempts")
+    value = getattr(attempts[-1], "finished_at", None) if attempts else fields.get("finished_at")
+    return float(value) if value is not None else None
+
+
+async def end_recorded(store: JobStore, job_id: str, run_id: str | None, status: JobStatus,
+                       fields: Mapping[str, Any]) -> bool:  # fmt: skip
+    """Whether this end, the one in `fields`, stands recorded as `status` (RedisError when Redis does not answer):
+    after a write whose answer was lost, Redis took it or not. Not the same status for the same run written by
+    someone else meanwhile (the runner and a scheduler that judged it dead both record ends): an end is this
+    writer's when it has this writer's end time."""
+    [(found, stored_run, attempts, finished_at)] = await store.get_fields(
+        [job_id], ["status", "run_id", "attempts", "finished_at"]
+    )
+    if found is None or json.loads(found) != status.value or stored_run is None or json.loads(stored_run) != run_id:
+        return False
+    ours = end_time(fields)
+    if ours is None:  # (an end without a time: only its status and run tell it)
+        return True
+    kept = json.loads(attempts) if attempts else []
+    return (kept[-1].get("finished_at") if kept else json.loads(finished_at) if finished_at else None) == ours

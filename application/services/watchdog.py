@@ -23,19 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import merged_path, record_auto_export, run_again, while_running
+from application.services.exports import merged_path, request_auto_export, run_again, while_running
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
-from application.services.run_end import exit_signal, host_went_down, runner_lost, signal_text
+from application.services.outbox import until_answered
+from application.services.run_end import Conclusion, exit_signal, host_went_down, runner_lost, signal_text
 from application.services.run_outputs import parse_logging_jsonl
-from application.services.run_record import interrupt_of, read_run, record_end
+from application.services.run_record import end_recorded, interrupt_of, read_run, record_end
 from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
@@ -99,8 +101,19 @@ class Watchdog:
         self._hung: dict[str, str] = {}
         # By run id: when a run with no runner yet, stamped in this host's future, was first seen.
         self._unlaunched: dict[str, float] = {}
+        # By export id: when this scheduler launched a runner for it whose record Redis did not take.
+        self._launched: dict[str, float] = {}
 
     async def sweep(self) -> None:
+        try:
+            await self._sweep()
+        except RedisError:
+            # No runner could beat while Redis was away (every heartbeat key lapsed): silence counts from the
+            # first sweep that reads Redis again, or a live runner was judged dead for Redis's outage.
+            self._silent.clear()
+            raise
+
+    async def _sweep(self) -> None:
         running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
         beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
@@ -113,6 +126,7 @@ class Watchdog:
         self._silent = {key: since for key, since in self._silent.items() if key in watched}
         self._hung = {key: why for key, why in self._hung.items() if key in watched}
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
+        self._launched = {key: at for key, at in self._launched.items() if key in watched}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
@@ -129,19 +143,27 @@ class Watchdog:
             return beating or age < RUNNER_START_GRACE
         alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
-            return beating
+            return self._silence(job.run_id, beating) < self._patience
         return alive and not self._killed_silent(job.run_id, job.runner, beating, job.job_id)
+
+    @property
+    def _patience(self) -> float:
+        # A runner beats every RUNNER_POLL_INTERVAL: set longer than the TTL, its key lapses between beats.
+        return HUNG_AFTER_TTLS * max(self.settings.RUNNER_HEARTBEAT_TTL, self.settings.RUNNER_POLL_INTERVAL)
+
+    def _silence(self, key: str | None, beating: bool) -> float:
+        """How long the runner of `key` (a run or export id) has gone without a heartbeat, as this scheduler saw
+        it: from the first sweep that found none (a runner not seen beating yet, a Redis that was away)."""
+        if beating or key is None:
+            self._silent.pop(key or "", None)
+            return 0.0
+        return time.monotonic() - self._silent.setdefault(key, time.monotonic())
 
     def _killed_silent(self, key: str | None, runner: RunnerInfo, beating: bool, job_id: str) -> bool:
         """Kill a live runner of this host that has not beaten for HUNG_AFTER_TTLS heartbeat TTLs in a row (as this
         scheduler saw it), keeping why under `key` (its run or export id) for the record of the end."""
-        if beating or key is None:
-            self._silent.pop(key or "", None)
-            return False
-        silent = time.monotonic() - self._silent.setdefault(key, time.monotonic())
-        # A runner beats every RUNNER_POLL_INTERVAL: set longer than the TTL, its key lapses between beats.
-        patience = HUNG_AFTER_TTLS * max(self.settings.RUNNER_HEARTBEAT_TTL, self.settings.RUNNER_POLL_INTERVAL)
-        if silent < patience or not self.launcher.kill(runner):
+        silent = self._silence(key, beating)
+        if silent < self._patience or key is None or not self.launcher.kill(runner):
             return False
         self._hung[key] = (f"runner (pid {runner.pid}) stopped answering: no heartbeat for {silent:.0f} s "
                            "while its process lived (stopped or hung); it was killed")  # fmt: skip
@@ -192,23 +214,36 @@ class Watchdog:
                          override=lost if unexplained and interrupt is None else None, now=time.time(),
                          keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         try:
-            await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
-                                        fence=self.fence(), fields=end.fields, message=end.message)  # fmt: skip
-            if end.event is not None:
-                await self.store.add_event(job.job_id, *end.event)
-            logger.warning("job {}: runner {} gone; recorded {} ({})", job.job_id, job.runner.pid if job.runner else
-                           None, end.status.value, end.message)  # fmt: skip
+            await self._record_end(job, end)
         except TransitionRefused:
             return  # the runner recorded the end after all, or the job went meanwhile
         finally:
             if job.runner is not None:
                 self.launcher.forget(job.runner)
+        logger.warning("job {}: runner {} gone; recorded {} ({})", job.job_id, job.runner.pid if job.runner else
+                       None, end.status.value, end.message)  # fmt: skip
+        # The end is recorded, so no later sweep sees this run again: what follows it is done here, Redis or not.
+        if end.event is not None:
+            event = end.event
+            await until_answered("an event", lambda: self.store.add_event(job.job_id, *event))
         if facts.run_dir and end.status != JobStatus.QUEUED:  # (a requeued run's later steps are trained again)
             # Only the sweep whose record of the end was taken fills in, once.
-            await self._fill_history(job.job_id, Path(facts.run_dir))
+            run_dir = Path(facts.run_dir)
+            await until_answered("the loss history", lambda: self._fill_history(job.job_id, run_dir))
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
-            await record_auto_export(self.store, self.settings, job.job_id, None)
+            await request_auto_export(self.store, self.settings, job.job_id, lambda: None)
+
+    async def _record_end(self, job: Job, end: Conclusion) -> None:
+        """Record the end a sweep concluded; TransitionRefused when someone else recorded one first. A write whose
+        answer was lost counts when Redis took it (RedisError, for the next sweep to try again, when not)."""
+        try:
+            await self.store.transition(job.job_id, end.status, expect=(JobStatus.RUNNING,), run_id=job.run_id,
+                                        fence=self.fence(), fields=end.fields, message=end.message)  # fmt: skip
+        except RedisError:
+            if not await until_answered("the end of a run", lambda: end_recorded(self.store, job.job_id, job.run_id,
+                                                                                 end.status, end.fields)):  # fmt: skip
+                raise
 
     async def _fill_history(self, job_id: str, run_dir: Path) -> None:
         """The loss points the dead runner never wrote, from the run's logging.jsonl: swift may have trained on
@@ -273,14 +308,18 @@ class Watchdog:
                                          ("export_stopped", stopped.error or "", None), runner=None,
                                          done=True)  # fmt: skip
                 return
-            await self._launch_export(job, info)
+            launched = self._launched.get(info.export_id or "")
+            if launched is None or time.monotonic() - launched > RUNNER_START_GRACE:
+                # (one launched already, whose record Redis did not take, may be about to take it itself)
+                await self._launch_export(job, info)
             return
         runner = info.runner
         alive = self.launcher.is_alive(runner)
         if alive is not False:
             beat = await self.cluster.runner_heartbeat(job.job_id, info.export_id)
             beating = bool(beat and beat.get("id") == info.export_id)
-            alive = beating if alive is None else not self._killed_silent(info.export_id, runner, beating, job.job_id)
+            alive = self._silence(info.export_id, beating) < self._patience if alive is None else \
+                not self._killed_silent(info.export_id, runner, beating, job.job_id)  # fmt: skip
         if alive:
             return
         # Read again: the runner may have recorded its end, handed the export back (its host going down) or been
@@ -337,14 +376,17 @@ class Watchdog:
             await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
                                      runner=None, done=True)  # fmt: skip
             return
+        self._launched[info.export_id or ""] = time.monotonic()
         await self._record_export_runner(job.job_id, info.export_id, runner)
+        self._launched.pop(info.export_id or "", None)
 
     async def _record_export_runner(self, job_id: str, export_id: str | None, runner: RunnerInfo) -> None:
         """Add the runner to the export's record as it is now: the runner may already have written its pid, or
         even its end (a quick export, a scheduler stalled after the launch), which a copy read before the
-        launch would undo (a completed export back to running, for good)."""
+        launch would undo (a completed export back to running, for good). Not over another runner that took
+        it (launched by an earlier sweep whose record failed): this one then leaves by itself."""
         await while_running(self.store, job_id, export_id, lambda now: {"export": now.model_copy(
-            update={"runner": runner})})  # fmt: skip
+            update={"runner": runner})} if now.runner is None or now.runner.is_process(runner) else None)  # fmt: skip
 
     async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
                             event: tuple[str, str, dict[str, Any] | None] | None, *, runner: RunnerInfo | None,
