@@ -17,7 +17,7 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.redis_service import create_client
 from application.services.run_agent import Runner
-from tests.conftest import settings_for
+from tests.conftest import kill_processes_under, settings_for
 from tests.redis_proxy import RedisProxy
 from tests.test_job_store import make_job, require
 
@@ -45,6 +45,7 @@ async def completed(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Redis
     try:
         yield proxy, Runner(settings, JobStore(runners, keys), ClusterStore(runners, keys), "j", "run1"), store
     finally:
+        kill_processes_under(tmp_path)  # a swift export a failed test left waiting
         proxy.close()
         await runners.aclose()
         await direct.aclose()

@@ -31,7 +31,7 @@ from application.services.launcher import LocalLauncher
 from application.services.redis_service import create_client
 from application.services.run_agent import RERUN_MARK, Runner
 from application.services.watchdog import Watchdog
-from tests.conftest import gated_swift, settings_for
+from tests.conftest import gated_swift, kill_processes_under, settings_for
 from tests.redis_proxy import RedisProxy
 from tests.test_job_store import make_job, require
 
@@ -63,6 +63,7 @@ async def cut(redis_url: str, tmp_path: Path) -> AsyncIterator[Cut]:
     try:
         yield c
     finally:
+        kill_processes_under(tmp_path)  # a swift export a failed test left waiting
         proxy.close()
         await c.cut.aclose()
         await c.direct.aclose()
