@@ -85,3 +85,16 @@ async def test_an_export_whose_runner_is_told_to_end_while_redis_is_away_is_left
     events = await event_types(store)
     assert events.count("export_started") == 1 and "export_skipped" not in events, events
     assert "export_interrupted" in events
+
+
+async def test_an_export_whose_end_redis_took_but_whose_answer_was_lost_ends_once(
+    completed: tuple[RedisProxy, Runner, JobStore],
+) -> None:
+    proxy, runner, store = completed
+    proxy.cut_after(rb"export_completed", lose_reply=True, down_seconds=1.0)
+    await asyncio.wait_for(runner._auto_export(here=True), 60)
+    assert proxy.fired.is_set()
+    job = await require(store, "j")
+    assert job.export.status == ExportStatus.COMPLETED and job.export.path, job.export
+    events = await event_types(store)
+    assert events.count("export_completed") == 1 and events.count("export_started") == 1, events

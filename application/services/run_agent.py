@@ -401,18 +401,11 @@ class Runner:
         """Write this export's state while it is still the job's current export and runs (retrying through
         outages). Not over an end a scheduler recorded meanwhile (it judged this runner dead: its heartbeat went
         stale on another host), nor twice: one end, one event, one webhook."""
-        backoff = 0.1
-        while True:
-            try:
-                # The end and the way out of the watched exports in one step: a new request may follow at once.
-                await while_running(self.store, self.job_id, info.export_id, lambda _: {"export": info}, event=event,
-                                    exporting=False if final else None,
-                                    notify=f"export_{info.status.value}" if final else None)  # fmt: skip
-                return
-            except RedisError as exc:
-                logger.warning("cannot record the export yet ({}); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
+        # The end and the way out of the watched exports in one step: a new request may follow at once. A retry
+        # after a lost answer finds the export no longer running and writes nothing.
+        await until_answered("the export", lambda: while_running(
+            self.store, self.job_id, info.export_id, lambda _: {"export": info}, event=event,
+            exporting=False if final else None, notify=f"export_{info.status.value}" if final else None))  # fmt: skip
 
 
 def _returncode(proc: pg.Child) -> int:
