@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -272,6 +273,39 @@ async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..
         assert steps_of(history) == list(range(1, 25))
 
 
+async def a_job_that_left_checkpoints_in(client: Any, tmp_path: Path, folder: str) -> list[str]:
+    first = job_body(tmp_path, folder, auto_start=True, training={"max_steps": 4, "save_steps": 2})
+    first["job_id"] = "first"
+    assert (await client.post("/jobs", json=first)).status_code == 201
+    done = await wait_job(client, "first", lambda j: j["status"] == "completed")
+    assert done["checkpoints"]
+    return list(done["checkpoints"])
+
+
+async def test_a_job_paused_before_swift_names_its_run_folder_has_no_checkpoint_of_an_earlier_job_there(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        earlier = await a_job_that_left_checkpoints_in(client, tmp_path, "shared")
+        # The same folder, free again; swift takes seconds (imports, model load) before it names its run folder.
+        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=5, auto_start=True,
+                        training={"max_steps": 4, "save_steps": 2, "logging_steps": 1})  # fmt: skip
+        body["job_id"] = "second"
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        paused = (await client.post("/jobs/second/pause")).json()
+        assert paused["status"] == "paused" and paused["resume_from"] is None, paused
+        job = (await client.get("/jobs/second")).json()
+        assert job["checkpoints"] == [] and job["last_checkpoint"] is None, (job["checkpoints"], earlier)
+        r = (await client.post("/jobs/second/resume")).json()
+        assert r["resume_from"] is None and "starts from the beginning" in r["message"], r
+        done = await wait_job(client, "second", lambda j: j["status"] == "completed", timeout=40)
+        assert "--resume_from_checkpoint" not in done["command"]
+        assert not set(done["checkpoints"]) & set(earlier), done["checkpoints"]
+        history = (await client.get("/jobs/second/progress", params={"history_limit": 100})).json()["history"]
+        assert steps_of(history) == [1, 2, 3, 4]
+
+
 async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
@@ -339,6 +373,25 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
         oomed = await wait_job(client, "oom", lambda j: j["status"] == "failed", timeout=40)
         assert [a["outcome"] for a in oomed["attempts"]] == ["retried", "failed"]  # the same step twice: stop
         assert "CUDA out of memory" in oomed["error_message"]
+
+
+async def test_a_run_killed_before_swift_names_its_run_folder_is_retried_from_the_beginning(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        earlier = await a_job_that_left_checkpoints_in(client, tmp_path, "shared")
+        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=5, auto_start=True, max_retries=1,
+                        training={"max_steps": 4, "save_steps": 2})  # fmt: skip
+        body["job_id"] = "second"
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "second", lambda j: j["pid"] is not None)
+        os.killpg(job["pid"], signal.SIGKILL)  # the OOM killer, while swift still loads
+        done = await wait_job(client, "second", lambda j: j["status"] in ("completed", "failed"), timeout=40)
+        assert done["status"] == "completed" and [a["outcome"] for a in done["attempts"]] == ["retried", "completed"]
+        assert done["attempts"][1]["resumed_from"] is None and "--resume_from_checkpoint" not in done["command"]
+        retry = next(e for e in (await client.get("/jobs/second/events")).json()["events"] if e["type"] == "retry")
+        assert not any(c in retry["message"] for c in earlier), retry["message"]
 
 
 # ---- preemption ------------------------------------------------------------------------------------------

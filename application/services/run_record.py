@@ -42,7 +42,10 @@ def read_run(
     if facts.run_dir:
         facts = facts.merged(parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl"))
     run_dirs = [a.run_dir for a in job.attempts[:-1]] + [facts.run_dir or job.run_dir]
-    return facts, lines, job_checkpoints(Path(job.output_dir), run_dirs)
+    # A run that ended before swift named its folder made none: the checkpoints there are an earlier job's
+    # (a folder is free again once its job ended), and a resume from them would train on its weights.
+    checkpoints = job_checkpoints(Path(job.output_dir), run_dirs) if any(run_dirs) else []
+    return facts, lines, checkpoints
 
 
 def record_end(
