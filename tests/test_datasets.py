@@ -50,6 +50,25 @@ def test_json_arrays_and_csv_pass_with_their_row_counts(tmp_path: Path) -> None:
     assert check_dataset("data_path", big).rows == 30_000
 
 
+def test_csv_ms_swift_reads_passes_and_csv_it_refuses_is_refused_naming_the_line(tmp_path: Path) -> None:
+    long = tmp_path / "long.csv"  # a document in one field: past the csv module's default 128 KiB limit
+    long.write_text(f'query,response\nhi,"{"x" * 200_000}"\n')
+    assert check_dataset("data_path", long).rows == 1
+    old_mac = tmp_path / "cr.csv"  # lines ended by a bare CR
+    old_mac.write_text("query,response\rhi,yo\rhow,fine\r", newline="")
+    assert check_dataset("data_path", old_mac).rows == 2
+    extra = tmp_path / "extra.csv"
+    extra.write_text("query,response\nhi,hello,see image\n")
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", extra)
+    assert "extra.csv" in exc.value.detail and "line 2 has more fields than the header" in exc.value.detail
+    late = tmp_path / "late.csv"  # past the rows sampled: found by the count
+    late.write_text("query,response\n" + "hi,yo\n" * 40 + "a,b,c\n")
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", late)
+    assert "late.csv" in exc.value.detail and "line 42 has more fields" in exc.value.detail
+
+
 @pytest.mark.parametrize("text", ["[]", " [ ] \n", '[1,"a]",{"b":[2,3]}]', '\n[\n {"x": "]"} ,\r\n\t[] ]\n', "[[[]]]"])
 def test_a_json_array_is_counted_a_row_at_a_time_as_its_whole_decode_would(text: str) -> None:
     # One row at a time: the whole array decoded at once held the GIL (and the event loop) for seconds.

@@ -126,6 +126,8 @@ def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., Api
     assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
     r = upload(server, b'{"messages":' + b"[" * 2000 + b"]" * 2000 + b"}\n", "deep.jsonl")  # was a 500
     assert r.status_code == 422 and "nested too deeply" in r.json()["detail"], r.text
+    r = upload(server, b"query,response\nhi,hello,see image\n", "extra.csv")  # was a 500
+    assert r.status_code == 422 and "line 2 has more fields than the header" in r.json()["detail"], r.text
     r = upload(server, VALID, "train.txt")
     assert r.status_code == 422 and ".jsonl, .json, .csv" in r.json()["detail"], r.text
     r = upload(server, VALID, "train.jsonl", purpose="dpo")

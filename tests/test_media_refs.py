@@ -94,6 +94,22 @@ def test_json_arrays_and_csv_columns(tmp_path: Path, roots: list[Path]) -> None:
     check_media("data_path", tmp_path / "data" / "text.csv", roots, None)
 
 
+def test_rows_no_path_can_be_made_of_are_refused_naming_where(tmp_path: Path, roots: list[Path]) -> None:
+    surrogate = tmp_path / "data" / "s.jsonl"  # JSON may spell a lone surrogate, which no file name holds
+    surrogate.write_text(json.dumps({"messages": CHAT, "images": ["/nowhere\ud800/a.png"]}) + "\n")
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", surrogate, roots, None)
+    assert "line 1, 'images'" in exc.value.detail and "U+D800" in exc.value.detail
+    extra = tmp_path / "data" / "extra.csv"  # a marker word, so its rows are read
+    extra.write_text("query,response\nhi,hello,see image\n")
+    with pytest.raises(Invalid) as exc:
+        check_media("data_path", extra, roots, None)
+    assert "extra.csv" in exc.value.detail and "line 2 has more fields than the header" in exc.value.detail
+    long = tmp_path / "data" / "long.csv"
+    long.write_text(f'query,response\nsee the image,"{"x" * 200_000}"\n')
+    check_media("data_path", long, roots, None)
+
+
 def test_columns_mapped_to_media_and_image_blocks_in_messages_are_read(tmp_path: Path, roots: list[Path]) -> None:
     # The `columns` argument makes any column a media one; Anthropic-style content blocks carry a source URL.
     mapped = write_rows(tmp_path / "data" / "m.jsonl", [{"messages": CHAT, "pic": ["/etc/hostname"]}])

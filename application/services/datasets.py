@@ -14,7 +14,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
 SAMPLE_ROWS = 20
 COUNT_MAX_BYTES = 2 << 30  # exact row counts up to 2 GiB; past that an estimate
 JSON_ARRAY_MAX_BYTES = 64 << 20
+CSV_FIELD_MAX = 64 << 20
 MESSAGE_KEYS = ("messages", "conversations", "conversation")
 # ms-swift's ResponsePreprocessor maps these columns to query/response (swift/dataset/preprocessor/core.py).
 QUERY_KEYS = ("query", "prompt", "input", "instruction", "question", "problem")
@@ -192,14 +193,37 @@ def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
         yield n, value
 
 
-def _csv_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
+# A field may hold a long document (pandas, which ms-swift's CSV loader is, takes it): the csv module's default
+# limit, 128 KiB, is not ms-swift's. (The limit is the process's: every reader here wants this one.)
+csv.field_size_limit(CSV_FIELD_MAX)
+
+
+def csv_records(
+    lines: Iterable[str], header: Callable[[Sequence[str]], None] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A CSV file's records, numbered from 2 (the header is 1), as ms-swift's reader takes them; Invalid for
+    what it refuses. `lines`: read with newline="" (a bare CR ends a line, as it does to pandas). `header` may
+    refuse the column names."""
+    reader = csv.DictReader(lines)
+    try:
+        if not reader.fieldnames:
+            raise Invalid("the CSV file has no header row")
+        if header is not None:
+            header(reader.fieldnames)
+        for number, row in enumerate(reader, start=2):
+            if None in row:  # (DictReader keeps what is past the header's columns under None)
+                raise Invalid(f"line {reader.line_num} has more fields than the header row: ms-swift's CSV reader "
+                              "refuses it (quote a field that holds a comma)")  # fmt: skip
+            yield number, row
+    except csv.Error as exc:
+        raise Invalid(f"line {reader.line_num}: not CSV that ms-swift can read ({exc})") from None
+
+
+def _csv_rows(head: bytes, complete: bool) -> Iterator[tuple[int, dict[str, Any]]]:
     text = head.decode("utf-8-sig", errors="replace")
     if not complete:
         text = text[: text.rfind("\n") + 1]
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise Invalid("the CSV file has no header row")
-    yield from enumerate(reader, start=2)
+    return csv_records(io.StringIO(text, newline=""))
 
 
 # A newline that a blank line (spaces at most) follows: blank lines are not rows (ms-swift skips them).
@@ -292,7 +316,10 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         return DatasetInfo(length, True, fmt)
     if suffix == ".csv" and complete:
         # Records, not lines: a quoted field may hold line breaks (the header is the reader's, blank lines none).
-        return DatasetInfo(sum(1 for _ in _csv_rows(head, True)), True, fmt)
+        try:
+            return DatasetInfo(sum(1 for _ in _csv_rows(head, True)), True, fmt)
+        except Invalid as exc:  # a record past the rows sampled
+            raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
         count, exact = _count_lines(path, size)
     except OSError as exc:  # opened again to count: the file may have gone since its head was read

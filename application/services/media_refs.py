@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import codecs
-import csv
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from application.exceptions import Invalid
+from application.services.datasets import csv_records
 from application.services.path_sandbox import Guard, check_text
 
 _SOURCE = "source"
@@ -63,12 +63,11 @@ def _check_media(field: str, path: Path, check: _Checker) -> None:
             return
     if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as t:
-            reader = csv.DictReader(t)
-            if found := [h for h in reader.fieldnames or [] if check.is_media_key(h)]:
-                raise Invalid(f"{field} '{path.name}': its '{found[0]}' column names media: give data sets with "
-                              "images, videos or audio as .jsonl (their paths are checked there)")  # fmt: skip
-            for number, row in enumerate(reader, start=2):
-                check.row(row, f"line {number}")
+            try:
+                for number, row in csv_records(t, header=check.csv_header):
+                    check.row(row, f"line {number}")
+            except Invalid as exc:
+                raise Invalid(f"{field} '{path.name}': {exc.detail}") from None
         return
     with open(path, "rb") as f:
         head = f.read(BLOCK)
@@ -130,6 +129,11 @@ class _Checker:
             known = self.keys[key] = _is_media_key(key.lower()) or key.lower() in self.columns
         return known
 
+    def csv_header(self, names: Sequence[str]) -> None:
+        if found := [h for h in names if self.is_media_key(h)]:
+            raise Invalid(f"its '{found[0]}' column names media: give data sets with images, videos or audio as "
+                          ".jsonl (their paths are checked there)")  # fmt: skip
+
     def marked(self, data: bytes) -> bool:
         return self.markers.search(data.lower()) is not None
 
@@ -174,9 +178,11 @@ class _Checker:
         if ref.startswith("data:"):
             return  # inline data
         if ref.startswith(("/", "~")):
-            if "\x00" in ref:
+            try:
+                real, folder = self.resolved(ref)
+            except ValueError:  # a NUL, a lone surrogate: text no path can hold
                 check_text(said, ref)  # (says what is wrong with it)
-            real, folder = self.resolved(ref)
+                raise Invalid(f"{said}: {ref[:200]!r} cannot be a path: name a file inside DATA_ROOTS") from None
             if not any(real == root or real.startswith(root + os.sep) for root in self.root_texts):
                 roots = ", ".join(self.root_texts)
                 raise Invalid(f"{said}: '{ref[:200]}' must be a file inside DATA_ROOTS ({roots}), or inline data "
