@@ -465,3 +465,30 @@ def test_an_export_log_stream_resumed_with_an_earlier_exports_id_sends_the_new_l
     # And resumed within the second export's log, from where it was.
     rest = read(server, "/jobs/twice/logs/stream?kind=export", last_id=second[0].id, stop=lambda got: False)
     assert [m.data for m in data_of(rest)] == [m.data for m in second[1:]]
+
+
+async def test_an_open_progress_stream_sends_every_point_of_a_batch_longer_than_its_tail(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A runner back from a Redis outage writes what it held in one go, as a scheduler does filling in a dead
+    # runner's history: an open stream read only the newest 200 and never sent the rest.
+    async with app_factory(scheduler=False) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "bulk"))).status_code == 201
+        streams = client.app.state.streams
+        now = time.time()
+        await streams.store.add_history("bulk", [{"step": 1, "loss": 1.0, "time": now}])
+        created = float(await streams.store.get_field("bulk", "created_at"))
+        stream = streams.progress("bulk", None, created)
+        ids = [m.id for m in sse(iter((await anext(stream)).split("\n")))]
+        assert ids == ["1.1-0"]
+        await streams.store.add_history("bulk", [{"step": s, "loss": 1.0, "time": now} for s in range(2, 502)])
+
+        async def rest() -> None:
+            async for text in stream:
+                ids.extend(m.id for m in sse(iter(text.split("\n"))) if m.id)
+                if len(ids) >= 501:
+                    return
+
+        await asyncio.wait_for(rest(), 20)
+        await stream.aclose()
+        assert ids == [f"1.{s}-0" for s in range(1, 502)]

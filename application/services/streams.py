@@ -339,10 +339,17 @@ class Streams:
             if first or marker != newest:
                 newest = marker
                 starts = run_starts((await self.store.get_fields([job_id], ["attempts"]))[0][0])
-                # On (re)connect all the history is looked at once (it is capped); after that only its tail.
-                points = await self.store.history(job_id, self.store.history_max if first else HISTORY_TAIL)
+                # On (re)connect all the history is looked at once (it is capped); after that its tail, a longer
+                # one while the oldest point read is still unsent: a runner back from a Redis outage, or a
+                # scheduler filling in a dead runner's history, adds hundreds at once.
+                count = self.store.history_max if first else HISTORY_TAIL
+                while True:
+                    points = await self.store.history(job_id, count)
+                    keyed = list(zip(keys_of(points, starts), points, strict=True))
+                    if len(points) < count or count >= self.store.history_max or keyed[0][0] <= last:
+                        break
+                    count = min(self.store.history_max, count * 4)
                 first = False
-                keyed = list(zip(keys_of(points, starts), points, strict=True))
                 if reconnect:
                     reconnect = False
                     # An id this stream cannot have sent: skipping every point up to it would send none of the
