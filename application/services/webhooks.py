@@ -54,9 +54,10 @@ def addresses(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-# IPv6 forms that carry an IPv4 address a gateway may deliver to (NAT64, IPv4-compatible), and the deprecated
-# site-local range: Python calls them global.
-_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "fec0::/10"))
+# IPv6 forms that carry an IPv4 address a gateway may deliver to (NAT64, IPv4-compatible, SIIT's IPv4-translated),
+# and the deprecated site-local range: Python calls them global.
+_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96",
+                                                    "fec0::/10"))  # fmt: skip
 
 
 def is_public(address: str) -> bool:
