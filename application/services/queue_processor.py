@@ -251,17 +251,19 @@ class QueueProcessor:
         victims = choose_victims(waiting, view.gpus, candidates, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
                                  max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
                                  now=now)  # fmt: skip
+        asked = []
         for victim in victims or []:
             try:
                 await self.store.update(victim, {"preempt_for": head_id}, statuses=(JobStatus.RUNNING,), event=(
                     "preemption_requested", f"preempted for {head_id} (priority {job.priority}): the run stops, "
                     "goes back to the queue and resumes from its last checkpoint", {"by": head_id}))  # fmt: skip
             except TransitionRefused:
-                continue  # it ended meanwhile: its GPUs come back anyway
-        if victims:
-            await self.store.add_event(head_id, "preempting", f"preempting {', '.join(victims)} (lower priority) "
-                                       "for their GPUs", {"victims": victims})  # fmt: skip
-            logger.info("preempting {} for {}", ", ".join(victims), head_id)
+                continue  # it ended meanwhile: its GPUs come back anyway (and it was not preempted)
+            asked.append(victim)
+        if asked:
+            await self.store.add_event(head_id, "preempting", f"preempting {', '.join(asked)} (lower priority) "
+                                       "for their GPUs", {"victims": asked})  # fmt: skip
+            logger.info("preempting {} for {}", ", ".join(asked), head_id)
         return victims or []
 
     async def refresh_predictions(self) -> int:
