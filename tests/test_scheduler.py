@@ -401,6 +401,35 @@ def test_strict_starts_are_a_prefix_of_backfill_starts() -> None:
         assert {jid for jid, w in waits.items() if w == 0.0} == set(backfill)
 
 
+def test_with_owner_caps_both_passes_start_the_same_jobs_within_the_caps() -> None:
+    # `decide` skips work the full pass does; what an owner's waiting jobs take of its cap must not differ.
+    rng = random.Random(11)
+    owners = ("ann", "bob", "cid")
+    for _ in range(400):
+        n_gpus = rng.randint(1, 6)
+        running: list[RunningJob] = []
+        for i in range(n_gpus):
+            if rng.random() < 0.5:
+                running.append(RunningJob(f"r{i}", (i,), rng.choice([None, 50.0, 500.0]), owner=rng.choice(owners)))
+        gpus = busy([gpu(i, total=rng.choice([24.0, 48.0, 80.0])) for i in range(n_gpus)], running)
+        q = ordered(*(
+            QueuedJob(f"j{k}", rng.choice([3, 5, 5, 8]), NOW - 1000 + rng.random() * 100, rng.choice([0, 1, 1, 2, 3]),
+                      None, rng.choice([None, None, 40.0, 70.0]), rng.choice([None, 10.0, 100.0, 1000.0]),
+                      owner=rng.choice(owners))
+            for k in range(rng.randint(1, 20))
+        ))  # fmt: skip
+        policy = policy_of(owner_gpu_cap=rng.choice([1, 2, 3]), starvation_seconds=rng.choice([0.0, 1800.0]))
+        full = plan(q, gpus, running, policy, NOW)
+        quick = plan(q, gpus, running, policy, NOW, estimating=False)
+        assert quick.starts == full.starts and (quick.head is None or quick.head == full.head)
+        held = {o: sum(len(r.gpu_ids) for r in running if r.owner == o) for o in owners}
+        for start in full.starts:
+            owner = next(j.owner for j in q if j.job_id == start.job_id)
+            assert owner is not None
+            held[owner] += len(start.gpu_ids)
+            assert held[owner] <= max(policy.owner_gpu_cap, sum(len(r.gpu_ids) for r in running if r.owner == owner))
+
+
 # --------------------------------------------------------------------------------------- wait estimates
 
 

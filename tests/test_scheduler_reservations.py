@@ -247,6 +247,33 @@ def test_a_job_over_its_owners_cap_is_told_when_its_owners_gpus_come_back() -> N
     assert plan(q[:1], busy(gpus_free(4), unknown), unknown, capped, NOW).waits["a3"] is None
 
 
+def test_a_blocked_job_keeps_its_owners_cap_for_itself_against_that_owners_later_jobs() -> None:
+    # GPU 0 (80 GB) is bob's for 100 s more; GPUs 1, 2 are free 24 GB cards; ann's cap is 2. "head" needs the
+    # 80 GB card: it reserves it from +100. Started on GPUs 1 and 2, ann's later job kept her at her cap when
+    # GPU 0 came free, and "head" waited on it 1,000 s (for ever, behind a stream of such jobs).
+    running = [RunningJob("r", (0,), 100.0, owner="bob")]
+    gpus = [gpu(0, free=1.0, held="r"), gpu(1, total=24.0), gpu(2, total=24.0)]
+    capped = policy_of(owner_gpu_cap=2, starvation_seconds=0.0)
+    head = QueuedJob("head", 9, NOW - 10, 1, None, 70.0, 50.0, owner="ann")
+    for priority in (9, 1):
+        later = QueuedJob("later", priority, NOW - 5, 2, None, None, 1000.0, owner="ann")
+        p = plan([head, later], gpus, running, capped, NOW)
+        assert p.starts == [] and p.waits["head"] == 100.0 and p.reasons["later"].code == "owner_limit"
+        assert decide([head, later], gpus, running, capped, NOW) == []
+    # Her cap is taken in queue order: a later job of hers starts if it has room beside "head"'s share; another
+    # owner's job is not held back.
+    one = QueuedJob("one", 1, NOW - 5, 1, None, None, None, owner="ann")
+    bobs = QueuedJob("bobs", 1, NOW - 4, 1, None, None, 1000.0, owner="bob")
+    assert [s.job_id for s in decide([head, one, bobs], gpus, running, capped, NOW)] == ["one", "bobs"]
+    # A job over its owner's cap keeps its share too: ann's runs end in 30 s, then "next" (2 GPUs) has her cap.
+    mine = [RunningJob("a1", (1,), 30.0, owner="ann")]
+    nxt = QueuedJob("next", 5, NOW - 10, 2, None, None, 50.0, owner="ann")
+    small = QueuedJob("small", 5, NOW - 5, 1, None, None, 10.0, owner="ann")
+    p = plan([nxt, small], busy(gpus_free(4), mine), mine, capped, NOW)
+    assert p.starts == [] and p.reasons["small"].code == "owner_limit"
+    assert p.waits == {"next": pytest.approx(30.0), "small": pytest.approx(80.0)}
+
+
 def test_a_reservation_whose_start_is_only_a_lower_bound_tells_no_time() -> None:
     # GPU 1 is held by a run of unknown length: "big" can start no sooner than GPU 0 frees (in 30 s) but no one
     # can tell when. "small" (lower priority, unknown too) waits for big's reservation, without a start time.

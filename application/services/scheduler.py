@@ -37,6 +37,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from application.services.owner_caps import OwnerCaps
 from application.services.timeline import INF, LinkScore, Timeline
 
 __all__ = [
@@ -160,7 +161,7 @@ REASON_TEXT = {
     "resources": "not enough free GPUs",
     "reservation": "the free GPUs it could use are held for a job ahead of it",
     "outside_processes": "GPUs it needs are busy with processes the server did not start",
-    "owner_limit": "its owner holds MAX_GPUS_PER_OWNER GPUs",
+    "owner_limit": "its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead in the queue need the rest",
     "never": "this request can never be met on these GPUs",
 }
 
@@ -297,7 +298,8 @@ def plan(
     `starvation_seconds`: that one binds them all. Every reservation binds lower priorities.
 
     CPU-only jobs always start. Requests that can never be met are skipped. A job whose owner holds
-    `owner_gpu_cap` GPUs waits without blocking or reserving. Waits are None when the start depends on a
+    `owner_gpu_cap` GPUs (counting those its owner's waiting jobs ahead of it need: the cap is taken in queue
+    order) waits without blocking or reserving. Waits are None when the start depends on a
     missing estimate, on outside processes, or on a request that can never be met.
     """
     strict = policy.name == "strict"
@@ -308,32 +310,10 @@ def plan(
     waits: dict[str, float | None] = {}
     reasons: dict[str, Reason] = {}
     running_ids = {r.job_id for r in running}
-    # GPUs each owner holds, for MAX_GPUS_PER_OWNER: a job over its owner's cap waits without blocking others.
-    owner_held: dict[str, int] = {}
-    # When each owner's runs end (None: unknown), with how many GPUs: when a job over its owner's cap may start.
-    owner_ends: dict[str, list[tuple[float | None, int]]] = {}
-    for r in running:
-        if r.owner is not None:
-            owner_held[r.owner] = owner_held.get(r.owner, 0) + len(r.gpu_ids)
-            end = now + max(0.0, r.remaining_seconds) if r.remaining_seconds is not None else None
-            owner_ends.setdefault(r.owner, []).append((end, len(r.gpu_ids)))
+    caps = OwnerCaps(policy.owner_gpu_cap, ((r.owner, len(r.gpu_ids), r.remaining_seconds) for r in running), now)
     seen: set[str] = set()
     blocked_by: str | None = None  # strict: the first blocked job
     floor = (now, True)  # strict: nothing is planned before the job ahead of it
-
-    def over_cap(owner: str | None, k: int) -> bool:
-        return bool(policy.owner_gpu_cap) and owner is not None and owner_held.get(owner, 0) + k > policy.owner_gpu_cap
-
-    def under_cap_at(owner: str, k: int) -> float | None:
-        """When enough of the owner's runs have ended for k more GPUs (None: one of them has no known end)."""
-        back, gone = owner_held.get(owner, 0) + k - policy.owner_gpu_cap, 0
-        for end, n in sorted(owner_ends.get(owner, []), key=lambda e: (e[0] is None, e[0] or 0.0)):
-            if end is None:
-                return None
-            gone += n
-            if gone >= back:
-                return end
-        return None
 
     def need_of(j: QueuedJob) -> float:
         mem = j.min_gpu_memory_gb
@@ -343,7 +323,7 @@ def plan(
         # As the full pass names it: the first job with a reservation, so not one that waits on outside
         # processes (both passes naming different heads in turn restarted the head's clock at every switch).
         k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
-        if k <= 0 or over_cap(j.owner, k) or not tl.feasible(j.gpu_ids, k, j.min_gpu_memory_gb or 0.0):
+        if k <= 0 or caps.over(j.owner, k) or not tl.feasible(j.gpu_ids, k, j.min_gpu_memory_gb or 0.0):
             return False
         return tl.earliest(j.gpu_ids, k, need_of(j), policy.min_free_gb)[0] != INF
 
@@ -356,8 +336,18 @@ def plan(
 
     if not estimating and not tl.free_order:
         cpu_only_rest(iter(queue))
-        # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now).
-        first = next((j.job_id for j in queue if j.job_id not in running_ids and may_head(j)), None)
+        # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now), the
+        # jobs ahead of it taking their share of their owners' caps as in the full pass.
+        first = None
+        for j in queue:
+            k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
+            if j.job_id in running_ids or k <= 0:
+                continue
+            if may_head(j):
+                first = j.job_id
+                break
+            if tl.feasible(j.gpu_ids, k, need_of(j)):
+                caps.claim(j.owner, k, None, None)
         return Plan(starts, waits, reasons, first)
 
     found_head: str | None = None
@@ -371,7 +361,11 @@ def plan(
         est = job.estimated_duration
         if not estimating and k > 0 and not (strict or tl.open_gpus) and \
                 (est is None or est > tl.max_slack):  # fmt: skip
-            continue  # deep in a long queue: no slack can change any more, and this job fits in none
+            # Deep in a long queue: no slack can change any more, and this job fits in none (it waits, and takes
+            # its share of its owner's cap, as the full pass counts it).
+            if job.owner is not None and policy.owner_gpu_cap and tl.feasible(ids, k, need_of(job)):
+                caps.claim(job.owner, k, None, None)
+            continue
         seen.add(jid)
         if k <= 0:
             if k == 0:
@@ -385,13 +379,16 @@ def plan(
             break
         tl.level(job.priority)
         need = need_of(job)
-        if over_cap(job.owner, k):
-            # It waits, and neither blocks nor reserves: no sooner than its owner's runs give GPUs back.
-            wait = None
+        if caps.over(job.owner, k):
+            # It waits, reserving no GPU, no sooner than its owner's runs (and its waiting jobs ahead) give GPUs
+            # back; its share of the cap is its own from now on.
             if not tl.feasible(ids, k, need):
                 waits[jid], reasons[jid] = None, Reason("never")
                 continue
-            if estimating and job.owner is not None and (back := under_cap_at(job.owner, k)) is not None:
+            back = caps.under_cap_at(job.owner, k) if job.owner is not None else None
+            caps.claim(job.owner, k, back, est)
+            wait = None
+            if estimating and back is not None:
                 start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
                 wait = max(back, start) - now if exact and start != INF else None
             waits[jid], reasons[jid] = wait, Reason("owner_limit")
@@ -399,6 +396,8 @@ def plan(
         e = INF if est is None else max(0.0, est)
         may_fit = blocked_by is None and tl.may_fit(k, e)
         if not (may_fit or estimating or strict or tl.open_gpus):
+            if job.owner is not None and policy.owner_gpu_cap and tl.feasible(ids, k, need):
+                caps.claim(job.owner, k, None, None)
             continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
         if not tl.feasible(ids, k, need):
             waits[jid], reasons[jid] = None, Reason("never")
@@ -409,8 +408,7 @@ def plan(
             waits[jid] = 0.0
             tl.start(chosen, est)
             if job.owner is not None:
-                owner_held[job.owner] = owner_held.get(job.owner, 0) + k
-                owner_ends.setdefault(job.owner, []).append((now + max(0.0, est) if est is not None else None, k))
+                caps.add(job.owner, k, est)
             continue
         # Blocked: it cannot start now.
         if estimating:
@@ -429,6 +427,7 @@ def plan(
                     found_head = jid
                 continue
         elif not (tl.open_gpus or estimating):
+            caps.claim(job.owner, k, None, None)
             continue
         if strict or policy.starvation_seconds <= 0:
             soft = False
@@ -440,6 +439,7 @@ def plan(
         else:
             soft = True
         start, exact = tl.reserve(jid, ids, k, need, policy.min_free_gb, est, floor if strict else None, soft=soft)
+        caps.claim(job.owner, k, start, est)
         if found_head is None and start != INF:
             found_head = jid
         if strict:
