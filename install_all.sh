@@ -15,7 +15,7 @@ swift_version="${MS_SWIFT_VERSION:-4.6.0}"
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 python="${PYTHON:-python3}"
 
-if [ -x "$venv/bin/swift" ] && "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('ms-swift') != '$swift_version')" 2>/dev/null; then
+if [ -x "$venv/bin/swift" ] && "$venv/bin/python" -c "import importlib.metadata as m, sys; import msgspec; sys.exit(m.version('ms-swift') != '$swift_version')" 2>/dev/null; then
   echo "ms-swift $swift_version already installed in $venv"
   exit 0
 fi
@@ -57,7 +57,8 @@ modelscope<1.30
 pyarrow<20
 C
 fi
-"$venv/bin/python" -m pip install -q "ms-swift==$swift_version" -c "$constraints"
+# msgspec: ms-swift's GRPO and GKD trainers import it without declaring it (every such run died at import).
+"$venv/bin/python" -m pip install -q "ms-swift==$swift_version" msgspec -c "$constraints"
 rm -f "$constraints"
 "$venv/bin/python" -c "import importlib.metadata as m; print('ms-swift', m.version('ms-swift'), 'torch', m.version('torch'))"
 echo "swift CLI: $venv/bin/swift"

@@ -245,6 +245,35 @@ def test_kto_needs_a_total_batch_of_two_or_more() -> None:
     check_kto_batch(1, 1, 0, check_arguments("rlhf", {"loss_type": "apo_zero_unpaired"}, V4))  # (as a list)
 
 
+def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
+    from application.services.swift_arguments import check_grpo_batch
+
+    # The defaults (1 x 1 process x 4 steps) and swift's 8 generations: ms-swift says "generation_batch_size (4)
+    # must be evenly divisible by num_generations (8). Valid values: [2, 4]."
+    with pytest.raises(Invalid, match=r"divisible by training.num_generations \(ms-swift's default is 8\): set it "
+                                      r"to one of \[2, 4\]"):  # fmt: skip
+        check_grpo_batch(1, 4, 0, {})
+    check_grpo_batch(1, 4, 0, {"num_generations": 4})
+    check_grpo_batch(2, 4, 1, {})  # 8
+    check_grpo_batch(1, 4, 2, {"num_generations": 8})  # 2 processes x 4 steps
+    with pytest.raises(Invalid, match=r"divisible by training\.num_generations: set it to one of"):
+        check_grpo_batch(1, 1, 0, {"num_generations": 2, "steps_per_generation": 3})
+    check_grpo_batch(1, 4, 0, {"generation_batch_size": 8})
+    with pytest.raises(Invalid, match="multiple of batch_size x GPUs"):
+        check_grpo_batch(2, 1, 1, {"generation_batch_size": 9, "num_generations": 3})
+
+
+def test_a_reference_model_only_for_a_full_fine_tune_that_uses_one() -> None:
+    from application.services.swift_arguments import check_ref_model
+
+    for rlhf_type, train_type in (("dpo", "lora"), ("kto", "lora"), ("orpo", "full"), ("simpo", "full")):
+        with pytest.raises(Invalid, match=r"training\.ref_model is only for a full fine-tune"):
+            check_ref_model(rlhf_type, train_type, {"ref_model": "m/ref"})
+    check_ref_model("dpo", "full", {"ref_model": "m/ref"})
+    check_ref_model("grpo", "lora", {"ref_model": "m/ref", "beta": 0.0})  # swift drops it
+    check_ref_model("dpo", "lora", {})
+
+
 def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
     req = JobCreate.model_validate(
         {

@@ -138,6 +138,47 @@ def check_kto_batch(per_device: int, accumulation: int, gpus: int, arguments: Ma
                       "gradient_accumulation_steps")  # fmt: skip
 
 
+# ms-swift's num_generations when a GRPO job does not name one (3.x and 4.x).
+GRPO_GENERATIONS = 8
+
+
+def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any]) -> None:
+    """GRPO samples num_generations completions per prompt from each generation batch: swift refuses, at once,
+    a generation batch they do not divide (ms-swift's `_init_generation_batch_params`, with its defaults: the
+    batch is per-device batch x processes x gradient_accumulation_steps). With the server's defaults (1 x 1 x 4)
+    and swift's 8 generations every GRPO job failed so."""
+    generations = arguments.get("num_generations", GRPO_GENERATIONS)
+    steps, batch = arguments.get("steps_per_generation"), arguments.get("generation_batch_size")
+    if not all(isinstance(v, int) for v in (generations, steps or 1, batch or 1)) or generations <= 1:
+        return  # (swift says what is wrong with these itself)
+    per_step = per_device * max(1, gpus)
+    if batch is None:
+        batch = per_step * (steps or accumulation)
+    elif batch % per_step:
+        raise Invalid(f"training.generation_batch_size ({batch}) must be a multiple of batch_size x GPUs "
+                      f"({per_step}) for GRPO")  # fmt: skip
+    if batch % generations:
+        named = "training.num_generations" if "num_generations" in arguments else \
+            f"training.num_generations (ms-swift's default is {GRPO_GENERATIONS})"  # fmt: skip
+        fits = [n for n in range(2, batch + 1) if batch % n == 0]
+        raise Invalid(f"GRPO's generation batch ({batch}: batch_size x GPUs x gradient_accumulation_steps, or "
+                      f"generation_batch_size) must be divisible by {named}: set it to one of {fits}, or raise "
+                      "the batch")  # fmt: skip
+
+
+def check_ref_model(rlhf_type: str, train_type: str, arguments: Mapping[str, Any]) -> None:
+    """swift takes a ref_model only for a full fine-tune with dpo, kto, ppo or grpo; it refuses one at start
+    otherwise (LoRA's reference is the base model itself, with the adapter off)."""
+    if arguments.get("ref_model") is None or (rlhf_type in ("dpo", "kto", "ppo", "grpo") and train_type == "full"):
+        return
+    if rlhf_type == "grpo" and arguments.get("beta") == 0:
+        return  # (swift drops it: no reference at all)
+    why = "LoRA and other adapters use the base model itself" if rlhf_type in ("dpo", "kto", "ppo", "grpo") else \
+        f"{rlhf_type} has no reference model"  # fmt: skip
+    raise Invalid(f"training.ref_model is only for a full fine-tune (train_type 'full') with dpo, kto, ppo or grpo: "
+                  f"{why}; leave it out")  # fmt: skip
+
+
 def _closest(name: str, names: Any) -> str:
     near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
     return f": did you mean {' or '.join(near)}?" if near else ""

@@ -58,8 +58,10 @@ from application.services.scheduler import Head, QueuedJob, Reason, gpu_is_free
 from application.services.swift_arguments import (
     DATA_ARGUMENTS,
     check_arguments,
+    check_grpo_batch,
     check_kind,
     check_kto_batch,
+    check_ref_model,
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
@@ -183,9 +185,13 @@ class TrainingService:
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
-        if req.kind == "rlhf" and req.rlhf_type == "kto":
+        if req.kind == "rlhf" and req.rlhf_type is not None:
             t = req.training
-            check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
+            check_ref_model(req.rlhf_type, t.train_type, arguments)
+            if req.rlhf_type == "kto":
+                check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
+            elif req.rlhf_type == "grpo":
+                check_grpo_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a

@@ -364,3 +364,45 @@ def test_real_swift_dpo_with_arguments_checked_against_the_installed_version(
     history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
     assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2, 3, 4], history
     assert job["last_checkpoint"] == str(Path(job["run_dir"]) / "checkpoint-4"), job["last_checkpoint"]
+
+
+def test_real_swift_grpo_whose_generation_batch_is_checked_before_it_waits(
+    server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
+) -> None:
+    """`rlhf_type: grpo` on prompts with a built-in reward: what swift would refuse at its start (the generation
+    batch its 8 default generations do not divide, a reference model for LoRA) is a 422 at create; a batch that
+    fits trains, with GRPO's trainer importable (msgspec, which ms-swift does not declare, is installed)."""
+    swift, model, data, _ = lab
+    prompts = data.parent / "prompts.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    prompts.write_text("".join(json.dumps({"messages": r["messages"][:1]}) + "\n" for r in rows))
+    server = real_server(server_factory, swift, data.parent)
+    wait_for(lambda: (server.http.get("/health").json().get("swift") or {}).get("probed"), timeout=120, interval=0.5,
+             what="the scheduler to read ms-swift's arguments")  # fmt: skip
+    training: dict[str, Any] = {
+        "model_type": "qwen2", "template": "qwen2_5", "max_steps": 2, "save_steps": 2, "logging_steps": 1,
+        "max_completion_length": 16, "reward_funcs": ["format"], "dataloader_num_workers": 0, "dataset_num_proc": 1,
+        "split_dataset_ratio": 0,
+    }  # fmt: skip
+    body = {"data_path": str(prompts), "model_path": str(model), "output_dir": "e2e_grpo", "num_gpus": 0,
+            "kind": "rlhf", "rlhf_type": "grpo"}  # fmt: skip
+    wrong = server.create(**body, training=training)  # 1 x 1 x 4 steps: 4 completions, swift's 8 generations
+    assert wrong.status_code == 422 and "set it to one of [2, 4]" in wrong.json()["detail"], wrong.text
+    ref = server.create(**{**body, "rlhf_type": "dpo", "data_path": str(data.parent / "pref.jsonl")},
+                        training={"ref_model": str(model)})  # fmt: skip
+    assert ref.status_code == 422 and "ref_model is only for a full fine-tune" in ref.json()["detail"], ref.text
+    fits = {**training, "num_generations": 2, "gradient_accumulation_steps": 1, "batch_size": 2}
+    r = server.create(**body, auto_start=True, training=fits)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    try:
+        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed", "stopped") and j,
+                       timeout=TRAIN_DEADLINE, interval=0.5, what=f"GRPO job {job_id} to finish")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    assert job["status"] == "completed", diagnose(server, job_id)
+    saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
+    assert saved["rlhf_type"] == "grpo" and saved["num_generations"] == 2, saved
+    assert job["progress"]["current_step"] == 2 and job["last_checkpoint"].endswith("checkpoint-2"), job
+    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
+    assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2], history
