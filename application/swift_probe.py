@@ -113,6 +113,42 @@ def enforced_choices() -> tuple[Any, dict[str, list[Any]]]:
     return cls, out
 
 
+def cli_actions(cls: Any) -> dict[str, Any]:
+    """The parser actions swift's own parse_args makes for a class (transformers' HfArgumentParser, under
+    ms-swift's type-hint patch where it has one), by field name; none when it cannot be built."""
+    parser_cls = getattr(_import_first("transformers"), "HfArgumentParser", None)
+    patch = getattr(_import_first("swift.utils.utils"), "_patch_get_type_hints", None)
+    if parser_cls is None:
+        return {}
+    try:
+        with patch() if patch is not None else contextlib.nullcontext():
+            parser = parser_cls([cls])
+    except Exception:
+        return {}
+    return {a.dest: a for a in parser._actions}
+
+
+def as_parsed(described: dict[str, Any], action: Any) -> dict[str, Any]:
+    """The field as the command line takes it, which the annotation can overstate: choices in its metadata, one
+    value where the annotation allows a list, a bool parser for `str | bool`, or a type no text converts to (a
+    `dict`, a config dataclass): "unparsable", which the server refuses."""
+    tp, kind, optional = getattr(action, "type", None), described["kind"], described.get("optional", False)
+    if getattr(tp, "__name__", "") == "string_to_bool":
+        return {"kind": "bool", "optional": optional}
+    if kind == "list" and getattr(action, "nargs", None) in (None, "?"):
+        return {"kind": described.get("item", "str"), "optional": optional}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum) and kind == "list":
+        return {**described, "item_choices": [m.value for m in tp]}
+    if tp is dict or typing.get_origin(tp) is dict or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return {"kind": "unparsable", "optional": True}
+    choices = getattr(action, "choices", None)
+    if choices and kind not in ("literal", "list"):
+        values = [c.value if isinstance(c, enum.Enum) else c for c in choices]
+        if all(isinstance(v, (str, int, float)) for v in values):
+            return {"kind": "literal", "choices": values, "optional": optional}
+    return described
+
+
 def arguments() -> dict[str, dict[str, Any]]:
     module = _import_first("swift.arguments", "swift.llm.argument", "swift.llm")
     out: dict[str, dict[str, Any]] = {}
@@ -127,10 +163,13 @@ def arguments() -> dict[str, dict[str, Any]]:
         with contextlib.suppress(Exception):
             hints = typing.get_type_hints(cls)
         fields = {}
+        actions = cli_actions(cls)
         for f in dataclasses.fields(cls):
             if f.name.startswith("_") or not f.init:
                 continue
             described = describe_type(hints.get(f.name, f.type))
+            if f.name in actions:
+                described = as_parsed(described, actions[f.name])
             default = _default(f)
             # `x: int = None` is optional in practice whatever the annotation says.
             described["optional"] = described.get("optional", False) or default is None

@@ -245,6 +245,28 @@ def test_kto_needs_a_total_batch_of_two_or_more() -> None:
     check_kto_batch(1, 1, 0, check_arguments("rlhf", {"loss_type": "apo_zero_unpaired"}, V4))  # (as a list)
 
 
+def test_arguments_are_checked_as_swifts_own_parser_takes_them_not_as_annotated() -> None:
+    # Each of these passed the check from the annotations and failed at swift's start, after the job's wait
+    # (probe-4.6.0.json reads the parser ms-swift builds: its choices, nargs and type functions).
+    refused = {
+        "liger_kernel_config": ({"rope": True}, "cannot be given on ms-swift's command line"),  # a dict
+        "parallelism_config": ("dp", "cannot be given on ms-swift's command line"),  # a config class
+        "log_level": ("verbose", "must be one of detail, debug"),
+        "train_sampling_strategy": ("shuffle", "must be one of random, sequential"),
+        "optim_target_modules": (["attn", "mlp"], "takes one value, not a list"),  # nargs=None
+        "include_num_input_tokens_seen": ("non_padding", "true or false"),  # parsed as a bool
+        "debug": (["underflow_overflow", "x"], "must be one of underflow_overflow, tpu_metrics_debug"),
+    }
+    for name, (value, said) in refused.items():
+        with pytest.raises(Invalid) as exc:
+            check_arguments("sft", {name: value}, V4)
+        assert f"training.{name}" in exc.value.detail and said in exc.value.detail, (name, exc.value.detail)
+    fine = check_arguments("sft", {"log_level": "info", "optim_target_modules": "attn", "debug": ["underflow_overflow"],
+                                   "include_num_input_tokens_seen": True}, V4)  # fmt: skip
+    assert argv_of(fine) == ["--log_level", "info", "--optim_target_modules", "attn", "--debug", "underflow_overflow",
+                             "--include_num_input_tokens_seen", "true"]  # fmt: skip
+
+
 def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
     from application.services.swift_arguments import check_grpo_batch
 

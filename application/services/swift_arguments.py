@@ -250,13 +250,17 @@ def _shown(where: str) -> str:
 def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     """One value as the CLI will parse it: str/int/float/bool, a list of them, or a JSON text for a dict."""
     kind = "dict" if name in JSON_TEXT else spec.get("kind", "any")
+    if kind == "unparsable":  # (a `dict` or config class: swift's parser fails on any text for it)
+        raise Invalid(f"{where} cannot be given on ms-swift's command line (its parser takes no text for it): "
+                      "leave it out")  # fmt: skip
     if kind == "list":
         items = value if isinstance(value, list) else [value]
         if not items:
             raise Invalid(f"{where}: give at least one item, or null for swift's default")
         if len(items) > MAX_ITEMS:
             raise Invalid(f"{where}: at most {MAX_ITEMS} items")
-        item = {"kind": spec.get("item", "str")}
+        choices = spec.get("item_choices")
+        item = {"kind": "literal", "choices": choices} if choices else {"kind": spec.get("item", "str")}
         return [_scalar(f"{where}[{i}]", name, v, item) for i, v in enumerate(items)]
     if kind == "dict":
         if isinstance(value, str) and value in WORDS.get(name, ()):
@@ -354,7 +358,7 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
                 (isinstance(value, int) and abs(value) > sys.float_info.max) or not math.isfinite(value):  # fmt: skip
             raise Invalid(f"{where} takes a finite number")  # (10**400 is an int no float holds)
         return value
-    if kind == "literal" and spec.get("choices"):  # (a list's items come without theirs: text, checked as such)
+    if kind == "literal" and spec.get("choices"):
         choices = spec["choices"]
         for choice in choices:
             if value == choice or (not isinstance(value, bool) and str(value) == str(choice)):

@@ -406,3 +406,76 @@ def test_real_swift_grpo_whose_generation_batch_is_checked_before_it_waits(
     assert job["progress"]["current_step"] == 2 and job["last_checkpoint"].endswith("checkpoint-2"), job
     history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
     assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2], history
+
+
+PARSE_EACH = r"""
+import json, sys
+from transformers import HfArgumentParser
+import swift.arguments as A
+try:
+    from swift.utils.utils import _patch_get_type_hints as patch
+except ImportError:
+    import contextlib
+    patch = contextlib.nullcontext
+classes = {"sft": A.SftArguments, "pt": A.PretrainArguments, "rlhf": A.RLHFArguments}
+parsers = {}
+for kind, cls in classes.items():
+    with patch():
+        parsers[kind] = HfArgumentParser([cls])
+
+class Refused(Exception):
+    pass
+
+def refuse(message):
+    raise Refused(message)
+
+failed = []
+for kind, name, argv in json.load(open(sys.argv[1])):
+    parser = parsers[kind]
+    parser.error = refuse
+    try:
+        _, rest = parser.parse_known_args(argv)
+        if rest:
+            failed.append([kind, name, argv, f"left over: {rest}"])
+    except (Refused, SystemExit, ValueError, TypeError) as exc:
+        failed.append([kind, name, argv, str(exc)[:200]])
+print(json.dumps(failed))
+"""
+
+
+def test_every_argument_value_the_server_accepts_parses_with_the_real_swift(
+    lab: tuple[Path, Path, Path, str], tmp_path: Path
+) -> None:
+    """Each argument of sft, pt and rlhf, with values of its kind as the server checks them (the installed
+    version's own probe): what the server accepts, swift's own parser takes; before, 8 fields passed the check
+    and failed at swift's start, after the job's wait."""
+    from application.exceptions import Invalid
+    from application.services.swift_arguments import argv_of, check_arguments, fields_of
+    from application.services.swift_info import SwiftInfo
+
+    swift, *_ = lab
+    python = python_of(swift)
+    probe = subprocess.run([str(python), str(ROOT / "application" / "swift_probe.py")], capture_output=True,
+                           text=True, timeout=BUILD_TIMEOUT, check=True)  # fmt: skip
+    info = SwiftInfo.from_json(json.loads(probe.stdout))
+    samples: dict[str, list[Any]] = {"bool": [True, False], "int": [3, -2], "float": [0.5, -1e-5],
+                                     "str": ["abc"], "any": ["abc"], "dict": [{"a": 1}]}  # fmt: skip
+    accepted = []
+    for kind in ("sft", "pt", "rlhf"):
+        for name, spec in fields_of(info, kind).items():
+            values: list[Any] = list(spec.get("choices") or []) if spec["kind"] == "literal" else \
+                [[v, v] for v in samples.get(spec.get("item", "str"), ["abc"])] if spec["kind"] == "list" else \
+                samples.get(spec["kind"], [])  # fmt: skip
+            for value in values:
+                try:
+                    accepted.append([kind, name, argv_of(check_arguments(kind, {name: value}, info))])
+                except Invalid:
+                    continue  # refused here: what swift would do with it does not matter
+    assert len(accepted) > 500, len(accepted)
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(accepted))
+    out = subprocess.run([str(python), "-c", PARSE_EACH, str(cases)], capture_output=True, text=True,
+                         timeout=BUILD_TIMEOUT, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    failed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert failed == [], json.dumps(failed, indent=1)[:4000]
