@@ -8,7 +8,17 @@ import heapq
 import pytest
 
 from application.services import scheduler
-from application.services.scheduler import Policy, QueuedJob, RunningJob, Start, decide, next_head, plan, queue_key
+from application.services.scheduler import (
+    GpuState,
+    Policy,
+    QueuedJob,
+    RunningJob,
+    Start,
+    decide,
+    next_head,
+    plan,
+    queue_key,
+)
 from tests.scheduler_cases import NOW, busy, gpu, gpus_free, job, ordered, policy_of, run
 
 # ------------------------------------------------------------------------------------------ starvation
@@ -272,6 +282,15 @@ def test_a_blocked_job_keeps_its_owners_cap_for_itself_against_that_owners_later
     p = plan([nxt, small], busy(gpus_free(4), mine), mine, capped, NOW)
     assert p.starts == [] and p.reasons["small"].code == "owner_limit"
     assert p.waits == {"next": pytest.approx(30.0), "small": pytest.approx(80.0)}
+
+
+def test_a_gpu_whose_reading_failed_is_said_so_not_taken_for_outside_processes() -> None:
+    unreadable = GpuState(0, 80.0, 80.0, 0.0, None, readable=False)  # NVML failed on it: nobody else is on it
+    p = plan([job("a", est=10.0)], [unreadable], [], policy_of(), NOW)
+    assert p.starts == [] and p.reasons["a"].code == "gpu_unreadable" and "GET /gpus" in p.reasons["a"].text
+    busy_outside = gpu(1, free=1.0, util=100.0)
+    p = plan([job("b", n=2, est=10.0)], [unreadable, busy_outside], [], policy_of(), NOW)
+    assert p.reasons["b"].code == "outside_processes"  # (one of them is busy with an outside process)
 
 
 def test_a_reservation_whose_start_is_only_a_lower_bound_tells_no_time() -> None:

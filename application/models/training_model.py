@@ -93,8 +93,8 @@ class PredictedDuration(BaseModel):
     source: Literal["time_limit", "plan", "history", "progress"] | None = None
 
 
-PendingCode = Literal["priority", "resources", "reservation", "outside_processes", "owner_limit", "never",
-                      "processor_stopped"]  # fmt: skip
+PendingCode = Literal["priority", "resources", "reservation", "outside_processes", "gpu_unreadable", "owner_limit",
+                      "never", "processor_stopped"]  # fmt: skip
 
 
 class PendingReason(BaseModel):
@@ -104,9 +104,9 @@ class PendingReason(BaseModel):
         ...,
         description="priority: jobs ahead of it go first; resources: not enough free GPUs; reservation: the free "
         "GPUs are held for job_id until about starts_at; outside_processes: GPUs it needs are busy with processes "
-        "the server did not start; owner_limit: its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead need the "
-        "rest; never: the request cannot be met on these GPUs; processor_stopped: the queue processor is off or no "
-        "scheduler runs",
+        "the server did not start; gpu_unreadable: GPUs it needs could not be read (see GET /gpus); owner_limit: "
+        "its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead need the rest; never: the request cannot be met "
+        "on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
     )
     message: str
     job_id: str | None = Field(None, description="reservation: the job the GPUs are held for")

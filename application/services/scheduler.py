@@ -161,6 +161,7 @@ REASON_TEXT = {
     "resources": "not enough free GPUs",
     "reservation": "the free GPUs it could use are held for a job ahead of it",
     "outside_processes": "GPUs it needs are busy with processes the server did not start",
+    "gpu_unreadable": "GPUs it needs could not be read (NVML or the simulated GPU file failed): see GET /gpus",
     "owner_limit": "its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead in the queue need the rest",
     "never": "this request can never be met on these GPUs",
 }
@@ -235,6 +236,7 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
         held = g.index in release or g.held_by is not None
         tl.add_gpu(g.index, g.memory_usable_gb, g.memory_free_gb, g.utilization, (held, release.get(g.index)),
                    not held and gpu_is_free(g, min_free_gb=policy.min_free_gb, max_util=policy.max_util))  # fmt: skip
+    tl.unreadable = {g.index for g in gpus if not g.readable and g.index not in release and g.held_by is None}
     tl.seal()
     return tl
 

@@ -95,6 +95,8 @@ class Timeline:
         self.util: dict[int, float] = {}
         self.free_order: list[int] = []
         self.free_set: set[int] = set()
+        # GPUs whose reading failed (NVML, the simulated file): never free, as outside processes, but said apart.
+        self.unreadable: set[int] = set()
         self.profile: list[tuple[float, bool, int, int]] = []
         self.rank: dict[int, int] = {}
         # slack/holds bind every job; kslack/kholds add the soft reservations with a known start, which bind
@@ -198,8 +200,9 @@ class Timeline:
         # Our own jobs' GPUs come back; only when those are not enough do the outside processes hold it up.
         pool = [i for i in (ids or self.usable_mem) if i in self.usable_mem and self.usable_mem[i] >= need]
         ours = sum(1 for i in pool if i not in self.free_set and self.lb[i] != INF)
-        if len(free) + ours < k and any(self.lb[i] == INF for i in pool):
-            return "outside_processes", None
+        stuck = [i for i in pool if self.lb[i] == INF]
+        if len(free) + ours < k and stuck:
+            return "gpu_unreadable" if all(i in self.unreadable for i in stuck) else "outside_processes", None
         return "resources", None
 
     # ---- changes ------------------------------------------------------------------------------------------
