@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # Per-owner limits (0 = none) and the create rate per key ("30/minute", "0" = none).
     MAX_QUEUED_PER_OWNER: int = Field(0, ge=0, le=1_000_000)
     MAX_GPUS_PER_OWNER: int = Field(0, ge=0, le=4096)
+    # Runs an owner's jobs hold at once, on GPUs or the CPU (CPU-only jobs hold no GPU: without this, one key
+    # could run any number of them on the scheduler's host).
+    MAX_RUNNING_PER_OWNER: int = Field(0, ge=0, le=100_000)
     CREATE_RATE_LIMIT: str = "60/minute"
     JOB_RETENTION_DAYS: float = Field(90.0, ge=0, le=36500)
 
@@ -332,7 +335,8 @@ class Settings(BaseSettings):
         """The pure scheduler's Policy for these settings."""
         return Policy(name=self.QUEUE_POLICY.value, min_free_gb=self.GPU_MIN_FREE_MEMORY_GB,
                       max_util=self.GPU_MAX_UTILIZATION, owner_gpu_cap=self.MAX_GPUS_PER_OWNER,
-                      starvation_seconds=self.QUEUE_STARVATION_SECONDS, link_score=link_score)  # fmt: skip
+                      owner_run_cap=self.MAX_RUNNING_PER_OWNER, starvation_seconds=self.QUEUE_STARVATION_SECONDS,
+                      link_score=link_score)  # fmt: skip
 
     def create_rate(self) -> tuple[int, float] | None:
         return parse_rate(self.CREATE_RATE_LIMIT)

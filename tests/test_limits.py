@@ -67,6 +67,27 @@ async def test_gpus_per_owner_make_a_job_wait_without_blocking_others(app_factor
             await asyncio.sleep(0.05)
 
 
+async def test_runs_per_owner_count_cpu_only_jobs_too(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # A CPU-only job holds no GPU: without MAX_RUNNING_PER_OWNER, one key ran any number at once on the host.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MAX_RUNNING_PER_OWNER="1", SIMULATED_GPUS="2x80") as client:
+        first = await client.post("/jobs", json=body(tmp_path, "c1", num_gpus=0, auto_start=True),
+                                  headers=auth(ALICE_KEY))  # fmt: skip
+        assert first.json()["status"] == "running", first.text
+        for name, gpus in (("c2", 0), ("g1", 1)):
+            r = await client.post("/jobs", json=body(tmp_path, name, num_gpus=gpus, auto_start=True),
+                                  headers=auth(ALICE_KEY))  # fmt: skip
+            assert r.json()["status"] == "queued" and r.json()["pending_reason"]["code"] == "owner_limit", r.text
+        bobs = await client.post("/jobs", json=body(tmp_path, "b1", num_gpus=0, auto_start=True), headers=auth(BOB_KEY))
+        assert bobs.json()["status"] == "running", bobs.text  # another owner's turn is not held up
+        await client.post("/jobs/c1/stop", headers=auth(ALICE_KEY))
+        deadline = time.monotonic() + 15
+        while (await client.get("/jobs/c2", headers=auth(ALICE_KEY))).json()["status"] != "running":
+            assert time.monotonic() < deadline, "c2 should start once c1 ended"
+            await asyncio.sleep(0.05)
+        assert (await client.get("/jobs/g1", headers=auth(ALICE_KEY))).json()["status"] == "queued"  # in turn
+
+
 async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(JOB_RETENTION_DAYS=1 / 86400) as client:  # one second

@@ -401,7 +401,7 @@ def test_strict_starts_are_a_prefix_of_backfill_starts() -> None:
         assert {jid for jid, w in waits.items() if w == 0.0} == set(backfill)
 
 
-def test_with_owner_caps_both_passes_start_the_same_jobs_within_the_caps() -> None:
+def test_with_owner_limits_both_passes_start_the_same_jobs_within_them() -> None:
     # `decide` skips work the full pass does; what an owner's waiting jobs take of its cap must not differ.
     rng = random.Random(11)
     owners = ("ann", "bob", "cid")
@@ -418,16 +418,23 @@ def test_with_owner_caps_both_passes_start_the_same_jobs_within_the_caps() -> No
                       owner=rng.choice(owners))
             for k in range(rng.randint(1, 20))
         ))  # fmt: skip
-        policy = policy_of(owner_gpu_cap=rng.choice([1, 2, 3]), starvation_seconds=rng.choice([0.0, 1800.0]))
+        policy = policy_of(owner_gpu_cap=rng.choice([0, 1, 2, 3]), owner_run_cap=rng.choice([0, 0, 1, 2]),
+                           starvation_seconds=rng.choice([0.0, 1800.0]))  # fmt: skip
         full = plan(q, gpus, running, policy, NOW)
         quick = plan(q, gpus, running, policy, NOW, estimating=False)
         assert quick.starts == full.starts and (quick.head is None or quick.head == full.head)
         held = {o: sum(len(r.gpu_ids) for r in running if r.owner == o) for o in owners}
+        runs = {o: sum(1 for r in running if r.owner == o) for o in owners}
         for start in full.starts:
             owner = next(j.owner for j in q if j.job_id == start.job_id)
             assert owner is not None
             held[owner] += len(start.gpu_ids)
-            assert held[owner] <= max(policy.owner_gpu_cap, sum(len(r.gpu_ids) for r in running if r.owner == owner))
+            runs[owner] += 1
+            if policy.owner_gpu_cap and start.gpu_ids:
+                before = sum(len(r.gpu_ids) for r in running if r.owner == owner)
+                assert held[owner] <= max(policy.owner_gpu_cap, before)
+            if policy.owner_run_cap:
+                assert runs[owner] <= policy.owner_run_cap
 
 
 # --------------------------------------------------------------------------------------- wait estimates

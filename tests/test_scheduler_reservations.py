@@ -284,6 +284,22 @@ def test_a_blocked_job_keeps_its_owners_cap_for_itself_against_that_owners_later
     assert p.waits == {"next": pytest.approx(30.0), "small": pytest.approx(80.0)}
 
 
+def test_an_owners_runs_at_once_are_capped_in_queue_order_cpu_only_jobs_too() -> None:
+    # ann may run one job at once; hers runs 30 s more on the CPU. Her GPU job waits for it, and her CPU job
+    # behind it for both, though GPUs are free and CPU-only jobs otherwise always start.
+    running = [RunningJob("r", (), 30.0, owner="ann")]
+    capped = policy_of(owner_run_cap=1)
+    q = [QueuedJob("g", 5, NOW - 10, 1, None, None, 50.0, owner="ann"),
+         QueuedJob("c", 5, NOW - 5, 0, None, None, 10.0, owner="ann"),
+         QueuedJob("bobs", 5, NOW - 1, 0, None, None, 10.0, owner="bob")]  # fmt: skip
+    p = plan(q, gpus_free(2), running, capped, NOW)
+    assert [s.job_id for s in p.starts] == ["bobs"]
+    assert {j: p.reasons[j].code for j in ("g", "c")} == {"g": "owner_limit", "c": "owner_limit"}
+    assert p.waits["g"] == pytest.approx(30.0) and p.waits["c"] == pytest.approx(80.0)
+    assert decide(q, gpus_free(2), running, capped, NOW) == p.starts
+    assert [s.job_id for s in decide(q, gpus_free(2), [], capped, NOW)] == ["g", "bobs"]
+
+
 def test_a_gpu_whose_reading_failed_is_said_so_not_taken_for_outside_processes() -> None:
     unreadable = GpuState(0, 80.0, 80.0, 0.0, None, readable=False)  # NVML failed on it: nobody else is on it
     p = plan([job("a", est=10.0)], [unreadable], [], policy_of(), NOW)

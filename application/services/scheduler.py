@@ -7,10 +7,12 @@ its inputs.
 
 Policy choices (documented in the README):
 
-* Queue order is priority (10 first), then submission time, then job id; `queue_score` packs the first two
-  into one Redis sorted-set score and Redis orders equal scores by member, the job id.
+* Queue order is priority (10 first), then submission time, then job id; `queue_order.queue_score` packs
+  the first two into one Redis sorted-set score and Redis orders equal scores by member, the job id.
 * CPU-only jobs (num_gpus 0) always start, under both policies and even behind a blocked job: they take
-  nothing a GPU job could wait for.
+  nothing a GPU job could wait for (but their owner's MAX_RUNNING_PER_OWNER).
+* An owner's limits (MAX_GPUS_PER_OWNER, MAX_RUNNING_PER_OWNER) are taken in queue order (`owner_caps`): a
+  job over one waits without blocking others, and its share is not given to its owner's later jobs.
 * A request that can never be met on these GPUs (more GPUs than exist, unknown or repeated ids, more memory
   than any GPU has) is skipped, so it never blocks the queue; the API rejects such requests at create.
 * strict: the first GPU job that does not fit blocks every GPU job behind it.
@@ -38,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from application.services.owner_caps import OwnerCaps
+from application.services.queue_order import PRIORITY_MAX, PRIORITY_MIN, queue_score, score_priority, score_submitted_at
 from application.services.timeline import INF, LinkScore, Timeline
 
 __all__ = [
@@ -60,15 +63,6 @@ __all__ = [
     "score_priority",
     "score_submitted_at",
 ]
-
-PRIORITY_MIN = 0
-PRIORITY_MAX = 10
-
-# Milliseconds get their own decimal band below the priority band. 1e13 ms is the year 2286, so the
-# timestamp can never carry into the priority digit, and the largest score (priority 0) is about 1.1e14,
-# far below 2**53: every score is an exact integer in a double and Redis compares them exactly.
-_PRIORITY_STRIDE_MS = 10**13
-_MAX_SUBMITTED_AT = _PRIORITY_STRIDE_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,27 +103,6 @@ class Start:
 
 
 # --------------------------------------------------------------------------------------------- queue order
-
-
-def queue_score(priority: int, submitted_at: float) -> float:
-    """Sorted-set score: ZRANGE ascending gives priority 10 first, then earliest submission (ms)."""
-    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        raise ValueError(f"priority must be {PRIORITY_MIN}-{PRIORITY_MAX}, got {priority}")
-    if not 0 <= submitted_at < _MAX_SUBMITTED_AT:
-        raise ValueError(f"submitted_at must be a Unix time in [0, {_MAX_SUBMITTED_AT:.0f}), got {submitted_at}")
-    # floor of a product is monotonic in submitted_at, so FIFO order survives the rounding to ms; two
-    # submissions in the same millisecond fall back to job-id order, like any other score tie.
-    return float((PRIORITY_MAX - priority) * _PRIORITY_STRIDE_MS + math.floor(submitted_at * 1000))
-
-
-def score_priority(score: float) -> int:
-    """Inverse of `queue_score` for the priority."""
-    return PRIORITY_MAX - int(score) // _PRIORITY_STRIDE_MS
-
-
-def score_submitted_at(score: float) -> float:
-    """Inverse of `queue_score` for the submission time, to the millisecond."""
-    return (int(score) % _PRIORITY_STRIDE_MS) / 1000
 
 
 def queue_key(job: QueuedJob) -> tuple[float, str]:
@@ -175,6 +148,7 @@ class Policy:
     min_free_gb: float = 2.0
     max_util: float = 90.0
     owner_gpu_cap: int = 0
+    owner_run_cap: int = 0
     starvation_seconds: float = 0.0
     link_score: LinkScore | None = None
 
@@ -312,7 +286,8 @@ def plan(
     waits: dict[str, float | None] = {}
     reasons: dict[str, Reason] = {}
     running_ids = {r.job_id for r in running}
-    caps = OwnerCaps(policy.owner_gpu_cap, ((r.owner, len(r.gpu_ids), r.remaining_seconds) for r in running), now)
+    caps = OwnerCaps(policy.owner_gpu_cap, policy.owner_run_cap,
+                     ((r.owner, len(r.gpu_ids), r.remaining_seconds) for r in running), now)  # fmt: skip
     seen: set[str] = set()
     blocked_by: str | None = None  # strict: the first blocked job
     floor = (now, True)  # strict: nothing is planned before the job ahead of it
@@ -329,27 +304,42 @@ def plan(
             return False
         return tl.earliest(j.gpu_ids, k, need_of(j), policy.min_free_gb)[0] != INF
 
-    def cpu_only_rest(rest: Iterator[QueuedJob]) -> None:
-        # Nothing more can start on a GPU in this pass; only CPU-only jobs remain to be found.
+    def waits_for_gpus(j: QueuedJob, k: int) -> None:
+        # A GPU job that cannot start in this pass takes its share of its owner's limits, as in the full pass.
+        if caps.active and j.owner is not None and tl.feasible(j.gpu_ids, k, need_of(j)):
+            caps.claim(j.owner, k, None, None)
+
+    def cpu_only(j: QueuedJob) -> tuple[bool, float | None]:
+        """Start a CPU-only job, unless it takes its owner over MAX_RUNNING_PER_OWNER: then it claims its turn,
+        from when its owner's runs (and waiting jobs ahead) have ended enough (None: not known)."""
+        if j.owner is not None and caps.over(j.owner, 0):
+            back = caps.under_cap_at(j.owner, 0)
+            caps.claim(j.owner, 0, back, j.estimated_duration)
+            return False, back
+        starts.append(Start(j.job_id, ()))
+        caps.add(j.owner, 0, j.estimated_duration)
+        return True, None
+
+    def cpu_only_rest(rest: Iterator[QueuedJob], find_head: bool = False) -> str | None:
+        """Nothing more can start on a GPU in this pass; only CPU-only jobs remain to be found. `find_head`:
+        the first GPU job that could ever start, too."""
+        first = None
         for j in rest:
-            if j.num_gpus == 0 and not j.gpu_ids and j.job_id not in running_ids and j.job_id not in seen:
-                seen.add(j.job_id)
-                starts.append(Start(j.job_id, ()))
+            if j.job_id in running_ids or j.job_id in seen:
+                continue
+            seen.add(j.job_id)
+            k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
+            if k == 0:
+                cpu_only(j)
+            elif k > 0:
+                if find_head and first is None and may_head(j):
+                    first = j.job_id
+                waits_for_gpus(j, k)
+        return first
 
     if not estimating and not tl.free_order:
-        cpu_only_rest(iter(queue))
-        # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now), the
-        # jobs ahead of it taking their share of their owners' caps as in the full pass.
-        first = None
-        for j in queue:
-            k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
-            if j.job_id in running_ids or k <= 0:
-                continue
-            if may_head(j):
-                first = j.job_id
-                break
-            if tl.feasible(j.gpu_ids, k, need_of(j)):
-                caps.claim(j.owner, k, None, None)
+        # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now).
+        first = cpu_only_rest(iter(queue), find_head=True)
         return Plan(starts, waits, reasons, first)
 
     found_head: str | None = None
@@ -365,18 +355,21 @@ def plan(
                 (est is None or est > tl.max_slack):  # fmt: skip
             # Deep in a long queue: no slack can change any more, and this job fits in none (it waits, and takes
             # its share of its owner's cap, as the full pass counts it).
-            if job.owner is not None and policy.owner_gpu_cap and tl.feasible(ids, k, need_of(job)):
-                caps.claim(job.owner, k, None, None)
+            waits_for_gpus(job, k)
             continue
         seen.add(jid)
         if k <= 0:
-            if k == 0:
-                starts.append(Start(jid, ()))
+            if k < 0:
+                waits[jid] = None
+                continue
+            started, back = cpu_only(job)
+            if started:
                 waits[jid] = 0.0
             else:
-                waits[jid] = None
+                waits[jid], reasons[jid] = (back - now if back is not None else None), Reason("owner_limit")
             continue
         if not estimating and (blocked_by is not None or not tl.free_order or tl.closed):
+            waits_for_gpus(job, k)
             cpu_only_rest(it)
             break
         tl.level(job.priority)
@@ -398,8 +391,7 @@ def plan(
         e = INF if est is None else max(0.0, est)
         may_fit = blocked_by is None and tl.may_fit(k, e)
         if not (may_fit or estimating or strict or tl.open_gpus):
-            if job.owner is not None and policy.owner_gpu_cap and tl.feasible(ids, k, need):
-                caps.claim(job.owner, k, None, None)
+            waits_for_gpus(job, k)
             continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
         if not tl.feasible(ids, k, need):
             waits[jid], reasons[jid] = None, Reason("never")
