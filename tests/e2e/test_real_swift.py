@@ -108,6 +108,17 @@ def diagnose(server: ApiServer, job_id: str) -> str:
     return "\n".join(parts)
 
 
+def completed(server: ApiServer, job_id: str, what: str) -> dict[str, Any]:
+    """The job once it ended, which must be completed (else what to read about it)."""
+    try:
+        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed", "stopped") and j,
+                       timeout=TRAIN_DEADLINE, interval=0.5, what=f"{what} job {job_id} to finish")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
+    assert job["status"] == "completed", diagnose(server, job_id)
+    return dict(job)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str]:
     """The real swift, its version, and a tiny model with its data set (built once for the module)."""
@@ -349,12 +360,7 @@ def test_real_swift_dpo_with_arguments_checked_against_the_installed_version(
                       rlhf_type="dpo", auto_start=True, training=training)  # fmt: skip
     assert r.status_code == 201, r.text
     job_id = r.json()["job_id"]
-    try:
-        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed", "stopped") and j,
-                       timeout=TRAIN_DEADLINE, interval=0.5, what=f"DPO job {job_id} to finish")  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    assert job["status"] == "completed", diagnose(server, job_id)
+    job = completed(server, job_id, "DPO")
     command = job["command"]
     assert command[:2] == [str(swift), "rlhf"] and command[command.index("--rlhf_type") + 1] == "dpo", command
     saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
@@ -395,12 +401,7 @@ def test_real_swift_grpo_whose_generation_batch_is_checked_before_it_waits(
     r = server.create(**body, auto_start=True, training=fits)
     assert r.status_code == 201, r.text
     job_id = r.json()["job_id"]
-    try:
-        job = wait_for(lambda: (j := server.job(job_id))["status"] in ("completed", "failed", "stopped") and j,
-                       timeout=TRAIN_DEADLINE, interval=0.5, what=f"GRPO job {job_id} to finish")  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    assert job["status"] == "completed", diagnose(server, job_id)
+    job = completed(server, job_id, "GRPO")
     saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
     assert saved["rlhf_type"] == "grpo" and saved["num_generations"] == 2, saved
     assert job["progress"]["current_step"] == 2 and job["last_checkpoint"].endswith("checkpoint-2"), job
