@@ -415,3 +415,53 @@ def test_a_full_models_quantized_export_runs_again_into_its_own_folder(tmp_path:
                       ExportRequest(quant_method="bnb", quant_bits=4), tmp_path / "exports" / "x")  # fmt: skip
     assert argv[2:4] == ["--model", str(tmp_path / "checkpoint-4")]
     assert argv[argv.index("--exist_ok") + 1] == "true"
+
+
+async def test_a_paused_jobs_running_export_holds_back_its_resume_and_is_what_a_stop_stops(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Resumed while its export ran, the run's end found the export running and skipped the automatic export of
+    # its last checkpoint: the job read exported, from an earlier one. A stop stopped the paused job instead.
+    from tests.conftest import gated_swift, make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    wrapper, _gate = gated_swift(tmp_path)  # (never opened: the export runs until stopped)
+    async with app_factory(SWIFT_BIN=str(wrapper)) as client:
+        body = job_body(tmp_path, "p", auto_start=True, step_seconds=0.1, training={"max_steps": 60, "save_steps": 5})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "p", lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        assert (await client.post("/jobs/p/pause")).json()["status"] == "paused"
+        assert (await client.post("/jobs/p/export")).status_code == 200
+        await wait_job(client, "p", lambda j: j["export"]["pid"] is not None)
+        r = await client.post("/jobs/p/resume")
+        assert r.status_code == 409 and "an export of job 'p' is running" in r.json()["detail"], r.text
+        stopped = await client.post("/jobs/p/stop")
+        assert stopped.status_code == 200 and "stays paused" in stopped.json()["message"], stopped.text
+        job = (await client.get("/jobs/p")).json()
+        assert job["status"] == "paused" and job["export"]["status"] == "stopped", (job["status"], job["export"])
+        assert (await client.post("/jobs/p/resume")).status_code == 200
+        await client.post("/jobs/p/stop")
+
+
+async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app_factory: Callable[..., Any],
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    # Exported when its record was about to expire, the job was removed within a minute of the export's end.
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    retention = 3.0
+    async with app_factory(JOB_RETENTION_DAYS=retention / 86400, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "old", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        done = await wait_job(client, "old", lambda j: j["status"] == "completed")
+        wait_for(lambda: time.time() > done["finished_at"] + retention, timeout=10)  # past its retention
+        assert (await client.post("/jobs/old/export")).status_code == 200
+        await wait_job(client, "old", lambda j: j["export"]["status"] == "completed")
+        watchdog = client.scheduler.watchdog  # type: ignore[attr-defined]
+        assert await watchdog.expire_old_jobs() == []
+        assert (await client.get("/jobs/old")).status_code == 200
+        deadline = time.monotonic() + 20
+        while not await watchdog.expire_old_jobs():  # it still goes, the retention after the export's end
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert (await client.get("/jobs/old")).status_code == 404

@@ -267,7 +267,7 @@ class JobStore(JobLog):
             "notify": notify, "now": repr(now),
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
                   "exporting": self.keys.exporting, "leader": self.keys.leader, "webhooks": self.keys.webhooks,
-                  "webhooks_global": self.keys.webhooks_global},
+                  "webhooks_global": self.keys.webhooks_global, "expiry": self.keys.expiry},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
@@ -291,6 +291,7 @@ class JobStore(JobLog):
         max_waiting: int = 0,
         created_at: float | None = None,
         uploads: Sequence[str] = (),
+        refuse_export: Iterable[ExportStatus] | None = None,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
 
@@ -303,6 +304,7 @@ class JobStore(JobLog):
         the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile). `max_waiting` (a
         user's resume): WAITING_CAP when the move would give its owner more pending and queued jobs than that.
         `uploads` (with `reopen`): the uploaded files it reads, UPLOAD_GONE unless all are still there.
+        `refuse_export`: EXPORT_STATE while the job's export is in one of these.
         """
         now = time.time() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -341,6 +343,7 @@ class JobStore(JobLog):
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence, "cap": max_waiting if max_waiting and owner else None,
+                "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
                 "created": created, "uploads": [{"id": f, "file": k.file(f), "users": k.file_users(f)}
                                                 for f in uploads] if reopen else [],
                 "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)],

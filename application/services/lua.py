@@ -187,7 +187,7 @@ return {'ok'}
 # The one way a status changes. a: id, to, allowed (current statuses it may leave), fields, queue ('add' |
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
 # event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil, cap|nil (the owner's
-# pending + queued jobs a move into the queue may not reach),
+# pending + queued jobs a move into the queue may not reach), refuse_export|nil (export statuses that refuse it),
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
 #     owner_status {s: key}|nil, queue_head}
 TRANSITION = (
@@ -197,6 +197,10 @@ local k = a.k
 local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
 if not member(cur, a.allowed) then return {'bad_state', cur} end
+if a.refuse_export then
+  local exp = field(KEYS[1], 'export')
+  if exp and member(exp.status, a.refuse_export) then return {'export_state', cur, exp.status} end
+end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
 local dir = nil
@@ -265,8 +269,8 @@ return {'ok', cur, ev}
 # `refuse_export` (when given); `exporting` true/false adds/removes it in the set of exports to watch in the
 # same step, so an export's end and the next export's request can never undo each other.
 # a: id, fields, statuses|nil, refuse_export|nil, exporting|nil, event|nil, maxlen, run_id|nil, notify|nil (a
-# webhook's event, queued in the same step: an export's end), k: {events, summary, exporting, webhooks,
-# webhooks_global}
+# webhook's event, queued in the same step: an export's end), now, k: {events, summary, exporting, webhooks,
+# webhooks_global, expiry}
 GUARDED_UPDATE = (
     _HELPERS
     + """
@@ -287,6 +291,8 @@ if a.exporting == true then
   redis.call('SADD', a.k.exporting, a.id)
 elseif a.exporting == false then
   redis.call('SREM', a.k.exporting, a.id)
+  -- An ended job's record is kept JOB_RETENTION_DAYS from its export's end too (XX: only one that ended).
+  redis.call('ZADD', a.k.expiry, 'XX', a.now, a.id)
 end
 refresh_summary(a.k.summary)
 local ev = add_event(a.k.events, a.event)

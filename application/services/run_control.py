@@ -49,7 +49,7 @@ class RunControl:
     async def _stop(self, job: Job, caller: Caller) -> ActionResponse:
         svc, job_id = self.service, job.job_id
         grace = svc.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS
-        if job.status == JobStatus.PAUSED:
+        if job.status == JobStatus.PAUSED and job.export.status != ExportStatus.RUNNING:
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
                                        message="stopped while paused", created_at=job.created_at)  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
@@ -96,6 +96,8 @@ class RunControl:
                 return ActionResponse(job_id=job_id, status=now.status, export=now.export, message=message)
             final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace)
             message = f"Export stopped ({final.export.status.value})"
+            if final.status == JobStatus.PAUSED:
+                message += "; the job stays paused (POST .../stop again stops it)"
             if final.export.status == ExportStatus.RUNNING:
                 message = "Export stop requested: the export has not ended yet (is a scheduler running?)"
             return ActionResponse(job_id=job_id, status=final.status, export=final.export, message=message)
@@ -163,8 +165,14 @@ class RunControl:
                 actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
                 data={"resume_from": checkpoint, "resume_step": step}, max_waiting=self.service.limits.max_waiting,
                 created_at=job.created_at, uploads=self.service.files.uploads_of(job),
+                refuse_export=(ExportStatus.RUNNING,),
             )  # fmt: skip
         except TransitionRefused as exc:
+            if exc.reason == Refusal.EXPORT_STATE:
+                # Its run's end would find the export running and skip the automatic export of its last
+                # checkpoint: the job would read exported, from an earlier one.
+                raise Conflict(f"an export of job '{job_id}' is running: wait for it to end (GET .../exports), or "
+                               "stop it (POST .../stop), then resume") from None  # fmt: skip
             if exc.reason == Refusal.UPLOAD_GONE:  # deleted since the check above
                 raise _upload_gone(job_id, exc.detail) from None
             if exc.reason == Refusal.WAITING_CAP:
