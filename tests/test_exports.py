@@ -457,7 +457,7 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         wait_for(lambda: time.time() > done["finished_at"] + retention, timeout=10)  # past its retention
         assert (await client.post("/jobs/old/export")).status_code == 200
         await wait_job(client, "old", lambda j: j["export"]["status"] == "completed")
-        watchdog = client.scheduler.watchdog  # type: ignore[attr-defined]
+        watchdog = client.scheduler.watchdog
         assert await watchdog.expire_old_jobs() == []
         assert (await client.get("/jobs/old")).status_code == 200
         deadline = time.monotonic() + 20

@@ -300,6 +300,26 @@ def test_an_owners_runs_at_once_are_capped_in_queue_order_cpu_only_jobs_too() ->
     assert [s.job_id for s in decide(q, gpus_free(2), [], capped, NOW)] == ["g", "bobs"]
 
 
+def test_a_job_waiting_on_gpus_busy_outside_holds_none_of_its_owners_limits() -> None:
+    # ann's job names GPU 0, busy with a process the server did not start: it may wait for ever, and her next
+    # job waited as long for her cap, on an idle GPU.
+    gpus = [gpu(0, free=1.0, util=100.0), gpu(1)]
+    q = [QueuedJob("pinned", 5, NOW - 10, 1, (0,), None, 50.0, owner="ann"),
+         QueuedJob("next", 5, NOW - 5, 1, None, None, 50.0, owner="ann")]  # fmt: skip
+    for capped in (policy_of(owner_gpu_cap=1), policy_of(owner_run_cap=1)):
+        assert [s.job_id for s in decide(q, gpus, [], capped, NOW)] == ["next"]
+        assert [s.job_id for s in plan(q, gpus, [], capped, NOW).starts] == ["next"]
+
+
+def test_under_strict_a_blocked_job_keeps_its_owners_turn_in_both_passes() -> None:
+    running = [RunningJob("b", (0,), 100.0, owner="bob")]
+    gpus = busy(gpus_free(2), running)
+    q = [QueuedJob("pair", 5, NOW - 10, 2, None, None, 50.0, owner="ann"),
+         QueuedJob("cpu", 5, NOW - 5, 0, None, None, 50.0, owner="ann")]  # fmt: skip
+    strict = policy_of("strict", owner_run_cap=1)
+    assert plan(q, gpus, running, strict, NOW).starts == [] == decide(q, gpus, running, strict, NOW)
+
+
 def test_a_gpu_whose_reading_failed_is_said_so_not_taken_for_outside_processes() -> None:
     unreadable = GpuState(0, 80.0, 80.0, 0.0, None, readable=False)  # NVML failed on it: nobody else is on it
     p = plan([job("a", est=10.0)], [unreadable], [], policy_of(), NOW)

@@ -105,8 +105,8 @@ class PendingReason(BaseModel):
         description="priority: jobs ahead of it go first; resources: not enough free GPUs; reservation: the free "
         "GPUs are held for job_id until about starts_at; outside_processes: GPUs it needs are busy with processes "
         "the server did not start; gpu_unreadable: GPUs it needs could not be read (see GET /gpus); owner_limit: "
-        "its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead need the rest; never: the request cannot be met "
-        "on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
+        "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead; never: the request "
+        "cannot be met on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
     )
     message: str
     job_id: str | None = Field(None, description="reservation: the job the GPUs are held for")

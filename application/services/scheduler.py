@@ -135,7 +135,7 @@ REASON_TEXT = {
     "reservation": "the free GPUs it could use are held for a job ahead of it",
     "outside_processes": "GPUs it needs are busy with processes the server did not start",
     "gpu_unreadable": "GPUs it needs could not be read (NVML or the simulated GPU file failed): see GET /gpus",
-    "owner_limit": "its owner holds MAX_GPUS_PER_OWNER GPUs, or its jobs ahead in the queue need the rest",
+    "owner_limit": "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead in the queue",
     "never": "this request can never be met on these GPUs",
 }
 
@@ -304,10 +304,13 @@ def plan(
             return False
         return tl.earliest(j.gpu_ids, k, need_of(j), policy.min_free_gb)[0] != INF
 
-    def waits_for_gpus(j: QueuedJob, k: int) -> None:
-        # A GPU job that cannot start in this pass takes its share of its owner's limits, as in the full pass.
-        if caps.active and j.owner is not None and tl.feasible(j.gpu_ids, k, need_of(j)):
-            caps.claim(j.owner, k, None, None)
+    def waits_for_gpus(j: QueuedJob, k: int, start: float | None = None) -> None:
+        """A GPU job that cannot start in this pass takes its share of its owner's limits (from `start`, when
+        known), the same in both passes: not one that can never start, nor one that waits on GPUs busy outside
+        or unreadable (it would hold its owner's later jobs back for as long)."""
+        if caps.active and j.owner is not None and tl.feasible(j.gpu_ids, k, need_of(j)) and \
+                tl.earliest(j.gpu_ids, k, need_of(j), policy.min_free_gb)[0] != INF:  # fmt: skip
+            caps.claim(j.owner, k, start, j.estimated_duration if start is not None else None)
 
     def cpu_only(j: QueuedJob) -> tuple[bool, float | None]:
         """Start a CPU-only job, unless it takes its owner over MAX_RUNNING_PER_OWNER: then it claims its turn,
@@ -381,7 +384,7 @@ def plan(
                 waits[jid], reasons[jid] = None, Reason("never")
                 continue
             back = caps.under_cap_at(job.owner, k) if job.owner is not None else None
-            caps.claim(job.owner, k, back, est)
+            waits_for_gpus(job, k, back)
             wait = None
             if estimating and back is not None:
                 start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
@@ -419,9 +422,10 @@ def plan(
                 # (the head all the same: preemption makes way for it, also while some GPUs are free)
                 if found_head is None and may_head(job):
                     found_head = jid
+                waits_for_gpus(job, k)
                 continue
         elif not (tl.open_gpus or estimating):
-            caps.claim(job.owner, k, None, None)
+            waits_for_gpus(job, k)
             continue
         if strict or policy.starvation_seconds <= 0:
             soft = False
@@ -433,7 +437,7 @@ def plan(
         else:
             soft = True
         start, exact = tl.reserve(jid, ids, k, need, policy.min_free_gb, est, floor if strict else None, soft=soft)
-        caps.claim(job.owner, k, start, est)
+        waits_for_gpus(job, k, start)
         if found_head is None and start != INF:
             found_head = jid
         if strict:
