@@ -283,6 +283,17 @@ def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
     check_grpo_batch(1, 4, 0, {"generation_batch_size": 8})
     with pytest.raises(Invalid, match="multiple of batch_size x GPUs"):
         check_grpo_batch(2, 1, 1, {"generation_batch_size": 9, "num_generations": 3})
+    with pytest.raises(Invalid, match=r"must equal batch_size x GPUs x steps_per_generation \(2\)"):
+        check_grpo_batch(1, 4, 0, {"generation_batch_size": 8, "steps_per_generation": 2, "num_generations": 2})
+    # Evaluating: ms-swift says "The global eval batch size (1 x 1) must be evenly divisible by
+    # num_generations_eval (2)".
+    with pytest.raises(Invalid, match="eval batch"):
+        check_grpo_batch(1, 4, 0, {"num_generations": 2}, split_ratio=0.1)
+    with pytest.raises(Invalid, match="eval batch"):
+        check_grpo_batch(1, 4, 0, {"num_generations": 2, "val_dataset": ["v.jsonl"]})
+    check_grpo_batch(1, 4, 0, {"num_generations": 2, "per_device_eval_batch_size": 2}, split_ratio=0.1)
+    check_grpo_batch(1, 4, 0, {"num_generations": 2, "num_generations_eval": 1}, split_ratio=0.1)
+    check_grpo_batch(1, 4, 0, {"num_generations": 2, "eval_strategy": "no"}, split_ratio=0.1)
 
 
 def test_a_reference_model_only_for_a_full_fine_tune_that_uses_one() -> None:

@@ -142,21 +142,28 @@ def check_kto_batch(per_device: int, accumulation: int, gpus: int, arguments: Ma
 GRPO_GENERATIONS = 8
 
 
-def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any]) -> None:
+def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any],
+                     split_ratio: float | None = None) -> None:  # fmt: skip
     """GRPO samples num_generations completions per prompt from each generation batch: swift refuses, at once,
     a generation batch they do not divide (ms-swift's `_init_generation_batch_params`, with its defaults: the
     batch is per-device batch x processes x gradient_accumulation_steps). With the server's defaults (1 x 1 x 4)
-    and swift's 8 generations every GRPO job failed so."""
+    and swift's 8 generations every GRPO job failed so. With evaluation on (`split_ratio` above 0, or a
+    val_dataset), the eval batch (per_device_eval_batch_size, 1 by default, x processes) must divide by its
+    generations too."""
     generations = arguments.get("num_generations", GRPO_GENERATIONS)
     steps, batch = arguments.get("steps_per_generation"), arguments.get("generation_batch_size")
     if not all(isinstance(v, int) for v in (generations, steps or 1, batch or 1)) or generations <= 1:
         return  # (swift says what is wrong with these itself)
-    per_step = per_device * max(1, gpus)
+    processes = max(1, gpus)
+    per_step = per_device * processes
     if batch is None:
         batch = per_step * (steps or accumulation)
     elif batch % per_step:
         raise Invalid(f"training.generation_batch_size ({batch}) must be a multiple of batch_size x GPUs "
                       f"({per_step}) for GRPO")  # fmt: skip
+    elif steps is not None and batch != per_step * steps:
+        raise Invalid(f"training.generation_batch_size ({batch}) must equal batch_size x GPUs x "
+                      f"steps_per_generation ({per_step * steps}) for GRPO: give one of the two")  # fmt: skip
     if batch % generations:
         named = "training.num_generations" if "num_generations" in arguments else \
             f"training.num_generations (ms-swift's default is {GRPO_GENERATIONS})"  # fmt: skip
@@ -164,6 +171,20 @@ def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: M
         raise Invalid(f"GRPO's generation batch ({batch}: batch_size x GPUs x gradient_accumulation_steps, or "
                       f"generation_batch_size) must be divisible by {named}: set it to one of {fits}, or raise "
                       "the batch")  # fmt: skip
+    evaluates = (split_ratio or 0) > 0 or bool(arguments.get("val_dataset"))
+    if evaluates and arguments.get("eval_strategy") != "no":
+        per_eval = arguments.get("per_device_eval_batch_size", 1)
+        eval_generations = arguments.get("num_generations_eval") or generations
+        if (
+            isinstance(per_eval, int)
+            and isinstance(eval_generations, int)
+            and (per_eval * processes) % eval_generations
+        ):
+            raise Invalid(f"GRPO evaluates (split_dataset_ratio or val_dataset): its eval batch "
+                          f"(per_device_eval_batch_size {per_eval} x {processes} process(es)) must be divisible by "
+                          f"num_generations_eval ({eval_generations}, else num_generations): set "
+                          f"training.per_device_eval_batch_size to a multiple of {eval_generations}, or "
+                          "num_generations_eval")  # fmt: skip
 
 
 def check_ref_model(rlhf_type: str, train_type: str, arguments: Mapping[str, Any]) -> None:

@@ -191,7 +191,8 @@ class TrainingService:
             if req.rlhf_type == "kto":
                 check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
             elif req.rlhf_type == "grpo":
-                check_grpo_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
+                check_grpo_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments,
+                                 t.split_dataset_ratio)  # fmt: skip
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
