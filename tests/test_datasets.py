@@ -62,6 +62,18 @@ def test_csv_ms_swift_reads_passes_and_csv_it_refuses_is_refused_naming_the_line
     with pytest.raises(Invalid) as exc:
         check_dataset("data_path", extra)
     assert "extra.csv" in exc.value.detail and "line 2 has more fields than the header" in exc.value.detail
+    open_quote = tmp_path / "open.csv"  # pandas: "EOF inside string"
+    open_quote.write_text('query,response\nhi,"yo\nhow,fine\n')
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", open_quote)
+    assert "open.csv" in exc.value.detail and "quoted field is still open" in exc.value.detail
+    inch = tmp_path / "inch.csv"  # a quote inside an unquoted field is text to pandas too
+    inch.write_text('query,response\nsize?,5" screen\n')
+    assert check_dataset("data_path", inch).rows == 1
+    big_cr = tmp_path / "big_cr.csv"  # lines ended by a bare CR, past the head read whole
+    big_cr.write_bytes(b"query,response\r" + b"what is it?," + b"x" * 200 + b"\r" * 1 + (b"hi,yo\r" * 1_500_000))
+    info = check_dataset("data_path", big_cr)
+    assert not info.rows_exact and info.rows is not None and 1_400_000 < info.rows < 1_600_000, info
     late = tmp_path / "late.csv"  # past the rows sampled: found by the count
     late.write_text("query,response\n" + "hi,yo\n" * 40 + "a,b,c\n")
     with pytest.raises(Invalid) as exc:

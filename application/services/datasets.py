@@ -213,7 +213,7 @@ def csv_records(
         for number, row in enumerate(reader, start=2):
             if None in row:  # (DictReader keeps what is past the header's columns under None)
                 raise Invalid(f"line {reader.line_num} has more fields than the header row: ms-swift's CSV reader "
-                              "refuses it (quote a field that holds a comma)")  # fmt: skip
+                              "would misread or refuse it (quote a field that holds a comma)")  # fmt: skip
             yield number, row
     except csv.Error as exc:
         raise Invalid(f"line {reader.line_num}: not CSV that ms-swift can read ({exc})") from None
@@ -222,17 +222,31 @@ def csv_records(
 def _csv_rows(head: bytes, complete: bool) -> Iterator[tuple[int, dict[str, Any]]]:
     text = head.decode("utf-8-sig", errors="replace")
     if not complete:
-        text = text[: text.rfind("\n") + 1]
+        text = text[: max(text.rfind("\n"), text.rfind("\r")) + 1]  # (lines may end with a bare CR)
     return csv_records(io.StringIO(text, newline=""))
+
+
+def _unclosed_quote(head: bytes) -> int | None:
+    """The line a quoted field opens on that the file never closes (pandas refuses it: "EOF inside string");
+    the csv module takes it to the end of the file unless strict, which it is only here (strict also refuses
+    text pandas reads, such as a quote inside an unquoted field: those are let through)."""
+    reader = csv.reader(io.StringIO(head.decode("utf-8-sig", errors="replace"), newline=""), strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as exc:
+        return reader.line_num if "unexpected end of data" in str(exc) else None
+    return None
 
 
 # A newline that a blank line (spaces at most) follows: blank lines are not rows (ms-swift skips them).
 _BLANK_NEXT = re.compile(rb"\n(?=[ \t\r\f\v]*\n)")
 
 
-def _count_lines(path: Path, size: int) -> tuple[int, bool]:
+def _count_lines(path: Path, size: int, cr_ends: bool = False) -> tuple[int, bool]:
     """Lines with something on them (a last line without a newline counts too); an estimate past
-    COUNT_MAX_BYTES. Read in blocks: the line a block begins with may have begun in the blocks before."""
+    COUNT_MAX_BYTES. Read in blocks: the line a block begins with may have begun in the blocks before.
+    `cr_ends`: lines end with a bare CR (an old Mac CSV)."""
     count, read, open_row = 0, 0, False  # open_row: what the blocks before ended with has content
     with open(path, "rb") as f:
         while read < COUNT_MAX_BYTES:
@@ -240,6 +254,8 @@ def _count_lines(path: Path, size: int) -> tuple[int, bool]:
             if not block:
                 break
             read += len(block)
+            if cr_ends:
+                block = block.replace(b"\r", b"\n")
             first = block.find(b"\n")
             if first == -1:
                 open_row = open_row or bool(block.strip())
@@ -315,13 +331,16 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}' is nested too deeply to be a data set") from None
         return DatasetInfo(length, True, fmt)
     if suffix == ".csv" and complete:
+        if (line := _unclosed_quote(head)) is not None:
+            raise Invalid(f"{field} '{path}': a quoted field is still open at its end (line {line}): ms-swift's "
+                          "CSV reader refuses it; close the quote")  # fmt: skip
         # Records, not lines: a quoted field may hold line breaks (the header is the reader's, blank lines none).
         try:
             return DatasetInfo(sum(1 for _ in _csv_rows(head, True)), True, fmt)
         except Invalid as exc:  # a record past the rows sampled
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
-        count, exact = _count_lines(path, size)
+        count, exact = _count_lines(path, size, cr_ends=suffix == ".csv" and b"\n" not in head and b"\r" in head)
     except OSError as exc:  # opened again to count: the file may have gone since its head was read
         raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
     if suffix == ".csv":
