@@ -276,6 +276,29 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     expect(page.locator("#actions button[data-action=resume]")).to_be_enabled()
     expect(page.locator("#actions button[data-action=export]")).to_be_disabled()
 
+    # A stopped job resumed from elsewhere (the API): the page follows the new run, its streams too (they had
+    # ended with the stopped run: the badge moved on while the events, log and charts stood still).
+    body = job_body(
+        workspace, "saved", auto_start=True, hang_after_steps=2, training={"max_steps": 10, "save_steps": 1}
+    )
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: server.http.get("/jobs/saved/checkpoints").json()["total"], what="a checkpoint of 'saved'")
+    assert server.http.post("/jobs/saved/stop").json()["status"] == "stopped"
+    page = tab.goto("/ui/jobs/saved")
+    expect(page.locator("#job [data-status]")).to_have_text("stopped")
+    assert server.http.post("/jobs/saved/resume").status_code == 200
+    expect(page.locator("#events")).to_contain_text("resume requested", timeout=20_000)
+    expect(page.locator("#job [data-status]")).to_have_text(re.compile("queued|running"))
+
+    # An empty priority is refused on the page (it went as priority 0).
+    assert server.create(**job_body(workspace, "waiting")).status_code == 201
+    page = tab.goto("/ui/jobs/waiting")
+    page.fill("#priority-input", "")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#actions button[data-action=priority]")
+    expect(page.locator("#action-result")).to_contain_text("whole number from 0 to 10")
+    assert server.job("waiting")["priority"] == 5
+
 
 @pytest.mark.timeout(180)
 def test_create_form_shows_validation_messages_next_to_fields(server: ApiServer, workspace: Path,
@@ -299,6 +322,15 @@ def test_create_form_shows_validation_messages_next_to_fields(server: ApiServer,
     expect(page.locator('[data-error-for="data_path"]')).to_contain_text("missing.jsonl")
     expect(slot).to_be_empty()
     tab.shot("new-422-detail")
+
+    # A number past what a double holds is refused, not sent as null (swift's default); a message about a key of
+    # the JSON box names the key.
+    page.fill("#f-data_path", str(workspace / "dash-invalid.jsonl"))
+    page.fill("#f-max_steps", "1e400")
+    page.fill("#f-training_extra", '{"eval_steps": "x"}')
+    page.click("#submit")
+    expect(slot).not_to_be_empty()
+    expect(page.locator('[data-error-for="training"]')).to_contain_text("eval_steps: ")
     assert server.http.get("/jobs").json()["total"] == 0
 
 

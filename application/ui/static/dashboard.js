@@ -205,6 +205,16 @@
     return el("time", { datetime: d.toISOString(), text: d.toLocaleString() });
   }
 
+  function size(n) {
+    // As the server's pages write it (ui/html.py `size`): a refreshed cell reads as the rendered one did.
+    if (n === null || n === undefined) return "—";
+    for (const unit of ["B", "KiB", "MiB", "GiB"]) {
+      if (Math.abs(n) < 1024) return unit === "B" ? `${n.toFixed(0)} B` : `${n.toFixed(1)} ${unit}`;
+      n /= 1024;
+    }
+    return `${n.toFixed(1)} TiB`;
+  }
+
   function startRefresh() {
     const parts = document.querySelectorAll("[data-refresh]");
     if (!parts.length) return;
@@ -252,6 +262,7 @@
     setKey,
     el,
     timeEl,
+    size,
     notice,
     apiFetch,
     apiJson,

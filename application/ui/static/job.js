@@ -296,7 +296,7 @@
   function showCheckpoints(list) {
     const rowsOut = (list.checkpoints || []).map((c) => [
       text(c.step), code(c.path), d.timeEl(c.time), text(fmt(c.loss)),
-      text(c.size_bytes == null ? "—" : `${(c.size_bytes / 1048576).toFixed(1)} MiB`),
+      text(c.size_bytes == null ? "—" : d.size(c.size_bytes)),
       text([c.resume && "resume", c.exported && "exported"].filter(Boolean).join(" ")),
     ]);
     const shown = (list.checkpoints || []).length;
@@ -335,8 +335,10 @@
     const json = { "Content-Type": "application/json" };
     if (action === "delete") return d.apiJson(base, { method: "DELETE" });
     if (action === "priority") {
-      const priority = Number(document.getElementById("priority-input").value);
-      return d.apiJson(base, { method: "PATCH", headers: json, body: JSON.stringify({ priority }) });
+      // (empty, or what the number input could not read, is "": Number("") would send priority 0)
+      const raw = document.getElementById("priority-input").value.trim();
+      if (!/^\d{1,2}$/.test(raw)) return { ok: false, status: 0, body: { detail: "priority: give a whole number from 0 to 10" } };
+      return d.apiJson(base, { method: "PATCH", headers: json, body: JSON.stringify({ priority: Number(raw) }) });
     }
     return d.apiJson(`${base}/${action}`, { method: "POST" });
   }
@@ -383,8 +385,15 @@
   followLog();
   followEvents();
   refreshJob();
-  setInterval(() => {
-    if (!document.hidden && !gone) refreshJob();
+  setInterval(async () => {
+    if (document.hidden || gone) return;
+    const was = status;
+    await refreshJob();
+    // Resumed from elsewhere (the API, another tab): the streams ended with its last run, so the page starts
+    // again, as after its own resume.
+    if ((TERMINAL.has(was) || was === "paused") && !TERMINAL.has(status) && status !== "paused" && !gone) {
+      location.reload();
+    }
   }, 3000);
 
   Object.assign(d, {

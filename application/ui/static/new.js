@@ -14,12 +14,14 @@
   const FIELD_DETAIL = /^(data_path|model_path|output_dir|job_id|num_gpus|gpu_ids|priority|time_limit)\b/;
 
   function slot(path) {
-    // The field's own slot, else its parent's ("training.eval_steps" -> the JSON box for training).
+    // The field's own slot, else its parent's ("training.eval_steps" -> the JSON box for training), with the
+    // rest of the path (a message in the JSON box says which of its keys it is about).
     const parts = path.split(".");
+    const rest = [];
     while (parts.length) {
       const found = form.querySelector(`[data-error-for="${CSS.escape(parts.join("."))}"]`);
-      if (found) return found;
-      parts.pop();
+      if (found) return { target: found, rest: rest.join(".") };
+      rest.unshift(parts.pop());
     }
     return null;
   }
@@ -32,12 +34,14 @@
   }
 
   function showError(path, message) {
-    const target = path ? slot(path) : null;
-    if (!target) {
+    const found = path ? slot(path) : null;
+    if (!found) {
       general.textContent = general.textContent ? `${general.textContent}\n${message}` : message;
       general.hidden = false;
       return;
     }
+    const target = found.target;
+    if (found.rest) message = `${found.rest}: ${message}`;
     target.textContent = target.textContent ? `${target.textContent}; ${message}` : message;
     const input = form.querySelector(`[name="${CSS.escape(target.dataset.errorFor)}"]`);
     if (input) input.setAttribute("aria-invalid", "true");
@@ -48,8 +52,9 @@
     if (kind === "bool") return input.checked;
     const raw = input.value.trim();
     if (raw === "") return undefined;
-    // A number that is not one goes as typed: the API's message then says what it wanted.
-    if (kind === "number") return NUMBER.test(raw) ? Number(raw) : raw;
+    // A number that is not one goes as typed: the API's message then says what it wanted. (So does one past
+    // what a double holds: 1e400 would be Infinity, which JSON writes as null, swift's default.)
+    if (kind === "number") return NUMBER.test(raw) && Number.isFinite(Number(raw)) ? Number(raw) : raw;
     if (kind === "json") {
       const value = JSON.parse(raw); // a SyntaxError is reported against this field
       if (value === null || typeof value !== "object" || Array.isArray(value)) throw new SyntaxError("not an object");
