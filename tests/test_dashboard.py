@@ -311,6 +311,8 @@ def test_create_form_shows_validation_messages_next_to_fields(server: ApiServer,
     slot = page.locator('[data-error-for="training.max_steps"]')
     expect(slot).to_contain_text("greater than or equal to 1")
     expect(page.locator("#f-max_steps")).to_have_attribute("aria-invalid", "true")
+    described = page.locator("#f-max_steps").get_attribute("aria-describedby")
+    assert described and "greater than or equal to 1" in page.locator(f"#{described}").inner_text()
     expect(page.locator('[data-error-for="data_path"]')).to_be_empty()
     assert page.url.endswith("/ui/new")
     tab.shot("new-422-field")

@@ -28,7 +28,10 @@
 
   function clearErrors() {
     for (const p of form.querySelectorAll("[data-error-for]")) p.textContent = "";
-    for (const i of form.querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+    for (const i of form.querySelectorAll("[aria-invalid]")) {
+      i.removeAttribute("aria-invalid");
+      i.removeAttribute("aria-describedby");
+    }
     general.textContent = "";
     general.hidden = true;
   }
@@ -44,7 +47,12 @@
     if (found.rest) message = `${found.rest}: ${message}`;
     target.textContent = target.textContent ? `${target.textContent}; ${message}` : message;
     const input = form.querySelector(`[name="${CSS.escape(target.dataset.errorFor)}"]`);
-    if (input) input.setAttribute("aria-invalid", "true");
+    if (input) {
+      // A screen reader says the message with the field, not only "invalid".
+      target.id = target.id || `error-${target.dataset.errorFor.replace(/[^\w-]/g, "_")}`;
+      input.setAttribute("aria-invalid", "true");
+      input.setAttribute("aria-describedby", target.id);
+    }
   }
 
   function read(input) {
