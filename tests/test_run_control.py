@@ -289,7 +289,7 @@ async def test_a_job_paused_before_swift_names_its_run_folder_has_no_checkpoint_
     async with app_factory(AUTO_EXPORT=False) as client:
         earlier = await a_job_that_left_checkpoints_in(client, tmp_path, "shared")
         # The same folder, free again; swift takes seconds (imports, model load) before it names its run folder.
-        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=5, auto_start=True,
+        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=3, auto_start=True,
                         training={"max_steps": 4, "save_steps": 2, "logging_steps": 1})  # fmt: skip
         body["job_id"] = "second"
         assert (await client.post("/jobs", json=body)).json()["status"] == "running"
@@ -381,7 +381,7 @@ async def test_a_run_killed_before_swift_names_its_run_folder_is_retried_from_th
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
         earlier = await a_job_that_left_checkpoints_in(client, tmp_path, "shared")
-        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=5, auto_start=True, max_retries=1,
+        body = job_body(tmp_path, "shared", dataset="slow", start_seconds=3, auto_start=True, max_retries=1,
                         training={"max_steps": 4, "save_steps": 2})  # fmt: skip
         body["job_id"] = "second"
         assert (await client.post("/jobs", json=body)).status_code == 201

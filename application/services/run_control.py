@@ -165,7 +165,9 @@ class RunControl:
                 actor=caller.actor, message=f"resume requested: back in the queue, resumes from {where}",
                 data={"resume_from": checkpoint, "resume_step": step}, max_waiting=self.service.limits.max_waiting,
                 created_at=job.created_at, uploads=self.service.files.uploads_of(job),
-                refuse_export=(ExportStatus.RUNNING,),
+                # (without an automatic export to skip, an export and the resumed run go on side by side)
+                refuse_export=(ExportStatus.RUNNING,) if self.service.settings.AUTO_EXPORT and
+                job.training.train_type != "full" else None,
             )  # fmt: skip
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
