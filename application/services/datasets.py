@@ -335,8 +335,9 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}': a quoted field is still open at its end (line {line}): ms-swift's "
                           "CSV reader refuses it; close the quote")  # fmt: skip
         # Records, not lines: a quoted field may hold line breaks (the header is the reader's, blank lines none).
+        # The sampled rows' reader goes on to the end: the file is read once more, not twice.
         try:
-            return DatasetInfo(sum(1 for _ in _csv_rows(head, True)), True, fmt)
+            return DatasetInfo(seen + sum(1 for _ in rows), True, fmt)
         except Invalid as exc:  # a record past the rows sampled
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
