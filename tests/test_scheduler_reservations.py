@@ -346,3 +346,15 @@ def test_starvation_strict_also_starts_the_big_job() -> None:
     starts = simulate("strict", arrivals, running, n_gpus=4, horizon=8000.0)
     assert starts["big"] == 400.0
     assert min(t for jid, t in starts.items() if jid != "big") >= 400.0
+
+
+def test_a_job_its_owners_limit_holds_back_does_not_keep_a_gpu_from_a_job_free_to_choose() -> None:
+    # ann may run one job at once and runs one on the CPU: her job naming GPU 1 cannot start. bob's job may take
+    # either GPU; it took GPU 0, which carl's job names, and carl's waited beside an idle GPU 1.
+    running = [RunningJob("r", (), 30.0, owner="ann")]
+    q = [QueuedJob("pinned", 5, NOW - 10, 1, (1,), None, 50.0, owner="ann"),
+         QueuedJob("any", 5, NOW - 5, 1, None, None, 50.0, owner="bob"),
+         QueuedJob("named", 5, NOW - 1, 1, (0,), None, 50.0, owner="carl")]  # fmt: skip
+    capped = policy_of(owner_run_cap=1)
+    for starts in (decide(q, gpus_free(2), running, capped, NOW), plan(q, gpus_free(2), running, capped, NOW).starts):
+        assert {s.job_id: s.gpu_ids for s in starts} == {"any": (1,), "named": (0,)}

@@ -225,11 +225,10 @@ def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timel
     whether a job names it (`gpu_ids`), and how many of the `min_gpu_memory_gb` asked above the default it is
     big enough for. A job free to choose takes the least wanted GPUs first: it took the one GPU a job behind
     it named (or the one big card a bigger request needed) and left another idle, and that job waited. Jobs
-    that can never start here, or whose owner holds its cap, want nothing now."""
-    held: dict[str, int] = {}
-    for r in running:
-        if r.owner is not None:
-            held[r.owner] = held.get(r.owner, 0) + len(r.gpu_ids)
+    that can never start here, or that their owner's limits hold back (as `plan` counts them: in queue order),
+    want nothing now."""
+    caps = OwnerCaps(policy.owner_gpu_cap, policy.owner_run_cap,
+                     ((r.owner, len(r.gpu_ids), None) for r in running), 0.0)  # fmt: skip
     named: set[int] = set()
     needs: set[float] = set()
     for j in itertools.islice(queue, WANTED_LOOKAHEAD):
@@ -238,8 +237,9 @@ def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timel
         need = mem if mem is not None and mem > policy.min_free_gb else policy.min_free_gb
         if k <= 0 or not tl.feasible(j.gpu_ids, k, need):
             continue
-        if policy.owner_gpu_cap and j.owner is not None and held.get(j.owner, 0) + k > policy.owner_gpu_cap:
+        if caps.over(j.owner, k):
             continue
+        caps.claim(j.owner, k, None, None)
         if j.gpu_ids:
             named.update(j.gpu_ids)
         elif need > policy.min_free_gb:
@@ -384,11 +384,10 @@ def plan(
                 waits[jid], reasons[jid] = None, Reason("never")
                 continue
             back = caps.under_cap_at(job.owner, k) if job.owner is not None else None
-            waits_for_gpus(job, k, back)
-            wait = None
-            if estimating and back is not None:
-                start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
-                wait = max(back, start) - now if exact and start != INF else None
+            start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
+            if start != INF:  # (as waits_for_gpus, with the earliest start worked out once)
+                caps.claim(job.owner, k, back, est if back is not None else None)
+            wait = max(back, start) - now if estimating and back is not None and exact and start != INF else None
             waits[jid], reasons[jid] = wait, Reason("owner_limit")
             continue
         e = INF if est is None else max(0.0, est)
