@@ -20,6 +20,40 @@ def test_the_exported_checkpoint_is_the_newest_completed_merges_not_a_failed_one
     job = Job(job_id="j", status=JobStatus.FAILED, priority=5, owner=None, data_path="d", model_path="m",
               output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
               updated_at=0, run_dir=str(run), export=failed, exports=[merged])  # fmt: skip
-    listed = describe_checkpoints(job, [])
+    listed = describe_checkpoints(job, tmp_path.parent, [])
     assert listed.exported == ten and [c.exported for c in listed.checkpoints] == [True, False]
-    assert describe_checkpoints(job.model_copy(update={"exports": []}), []).exported is None
+    assert describe_checkpoints(job.model_copy(update={"exports": []}), tmp_path.parent, []).exported is None
+
+
+def _job(output_dir: Path, run_dir: Path | None = None) -> Job:
+    return Job(job_id="j", status=JobStatus.FAILED, priority=5, owner=None, data_path="d", model_path="m",
+               output_dir=str(output_dir), output_dir_requested="j", num_gpus=1, training=TrainingParams(),
+               created_at=0, updated_at=0, run_dir=str(run_dir) if run_dir else None)  # fmt: skip
+
+
+def _checkpoint(run: Path, step: int) -> None:
+    (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+
+def test_a_job_folder_a_symlink_now_leads_elsewhere_lists_no_checkpoints(tmp_path: Path) -> None:
+    # Its files are not listed (artifacts refuse such a folder): its checkpoints were, with their sizes, and one
+    # of another folder's was offered as the point to resume from.
+    root = tmp_path / "out"
+    _checkpoint(root / "others" / "v0-20260101-000000", 7)
+    (root / "mine").symlink_to(root / "others")
+    listed = describe_checkpoints(_job(root / "mine"), root, [])
+    assert listed.checkpoints == [] and listed.total == 0 and listed.resume_from is None
+
+
+def test_a_run_folder_that_is_a_symlink_out_of_the_job_folder_holds_none_of_its_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    _checkpoint(tmp_path / "outside", 3)
+    job_dir = root / "j"
+    _checkpoint(job_dir / "v0-20260101-000000", 5)
+    linked = job_dir / "v1-20260101-000001"
+    linked.symlink_to(tmp_path / "outside")
+    for job in (_job(job_dir), _job(job_dir, run_dir=linked)):  # (its run folder unknown, or named)
+        listed = describe_checkpoints(job, root, [])
+        assert all("outside" not in c.path and not c.path.startswith(str(linked)) for c in listed.checkpoints)
+        assert listed.resume_from is None or listed.resume_from.startswith(str(job_dir / "v0-"))

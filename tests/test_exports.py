@@ -307,7 +307,7 @@ def test_a_job_whose_run_named_no_folder_has_no_checkpoints_of_an_earlier_job(tm
               output_dir=str(tmp_path), output_dir_requested="a1", num_gpus=1, training=TrainingParams(),
               created_at=0, updated_at=0,
               attempts=[Attempt(number=1, run_id="r1", started_at=1.0, outcome="failed")])  # fmt: skip
-    assert own_checkpoints(job) == []
+    assert own_checkpoints(job, tmp_path.parent) == []
 
 
 async def test_a_name_asked_for_by_two_exports_at_once_goes_to_one_and_a_failed_ones_is_free(

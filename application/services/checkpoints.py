@@ -9,6 +9,7 @@ from pathlib import Path
 
 from application.models.job_responses import CheckpointInfo, CheckpointList
 from application.models.training_model import ExportStatus, Job, LossPoint
+from application.services.path_sandbox import escaped_output_root
 from application.services.run_end import checkpoint_step
 from application.services.run_outputs import job_checkpoints
 
@@ -63,19 +64,23 @@ def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
     return None
 
 
-def own_checkpoints(job: Job) -> list[str]:
+def own_checkpoints(job: Job, output_root: Path) -> list[str]:
     """The checkpoints of this job's runs, oldest first (blocking): not those an earlier job left in its folder.
-    A job that ran but whose run folders are unknown (swift ended before it named one) has none."""
+    A job that ran but whose run folders are unknown (swift ended before it named one) has none, and so has one
+    whose folder a symlink now leads elsewhere (as its files are not listed: `escaped_output_root`)."""
+    if escaped_output_root(Path(job.output_dir), output_root):
+        return []
     run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
     if job.attempts and not any(run_dirs):
         return []
     return job_checkpoints(Path(job.output_dir), run_dirs)
 
 
-def describe_checkpoints(job: Job, history: list[LossPoint], limit: int = 1000, offset: int = 0) -> CheckpointList:
+def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], limit: int = 1000,
+                         offset: int = 0) -> CheckpointList:  # fmt: skip
     """The newest `limit` checkpoints but the newest `offset` (oldest first), each looked at on disk (its size: a
     walk of its folder)."""
-    every = own_checkpoints(job)
+    every = own_checkpoints(job, output_root)
     resume = first_resumable(reversed(every))
     end = max(0, len(every) - offset)
     paths = every[max(0, end - limit) : end]

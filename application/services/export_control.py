@@ -85,8 +85,9 @@ class ExportControl:
             child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
             if child_id in named:
                 continue
-            child, info = await asyncio.to_thread(prepare_quant_job, job, request, self.service.settings.SWIFT_BIN,
-                                                  child_id, time.time())  # fmt: skip
+            settings = self.service.settings
+            child, info = await asyncio.to_thread(prepare_quant_job, job, request, settings.SWIFT_BIN,
+                                                  settings.OUTPUT_ROOT, child_id, time.time())  # fmt: skip
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"

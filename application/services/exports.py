@@ -62,7 +62,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     # A quantized export runs as a GPU job of its own (services/quant_exports.py); this one merges on the CPU.
     if not request.merge_lora:
         raise Invalid("merge_lora false without quant_bits leaves nothing to export: leave merge_lora true")
-    on_disk = own_checkpoints(job)
+    on_disk = own_checkpoints(job, settings.OUTPUT_ROOT)
     wanted = checkpoint or request.checkpoint
     if wanted is not None:
         checkpoint = choose_checkpoint(job, wanted, on_disk)

@@ -76,12 +76,12 @@ def quant_argv(swift_bin: str, parent: Job, checkpoint: str, request: ExportRequ
 
 
 def prepare_quant_job(
-    parent: Job, request: ExportRequest, swift_bin: str, job_id: str, now: float
+    parent: Job, request: ExportRequest, swift_bin: str, output_root: Path, job_id: str, now: float
 ) -> tuple[Job, ExportInfo]:
     """The export job for `parent` and the record its `exports` keeps; Conflict/Invalid say why not."""
     if parent.status not in ENDED_WITH_SWIFT:
         raise Conflict(f"job '{parent.job_id}' is {parent.status.value}: export needs a finished training run")
-    on_disk = own_checkpoints(parent)
+    on_disk = own_checkpoints(parent, output_root)
     if request.checkpoint is not None:
         checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)
     elif parent.last_checkpoint in on_disk:  # (one of its own: not any path its log named)

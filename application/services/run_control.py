@@ -199,7 +199,8 @@ class RunControl:
     async def checkpoints(self, job_id: str, caller: Caller, limit: int, offset: int = 0) -> CheckpointList:
         job = await self.service.require(job_id, caller)
         history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
-        return await asyncio.to_thread(describe_checkpoints, job, history, limit, offset)
+        return await asyncio.to_thread(describe_checkpoints, job, self.service.settings.OUTPUT_ROOT, history, limit,
+                                     offset)  # fmt: skip
 
 
 async def _fresh_schedule(checkpoint: str | None) -> str:

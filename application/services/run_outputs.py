@@ -72,7 +72,8 @@ def job_checkpoints(output_dir: Path | str, run_dirs: Iterable[str | None]) -> l
         found: list[tuple[tuple[int, str], int, str]] = []
         for path, m in runs:
             assert m is not None
-            _scan(path, (int(m.group(1)), path.name), found)
+            if not path.is_symlink():  # (a link made since leads out of the job's folder)
+                _scan(path, (int(m.group(1)), path.name), found)
         return _in_order(found)
     on_disk = find_checkpoints(output_dir)
     prefixes = tuple(d + "/" for d in dirs)
@@ -90,7 +91,7 @@ def find_checkpoints(output_dir: Path | str) -> list[str]:
     _scan(root, (-1, ""), found)
     try:
         with os.scandir(root) as it:
-            children = [(e.name, e.is_dir()) for e in it if _VERSION_DIR_RE.fullmatch(e.name)]
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it if _VERSION_DIR_RE.fullmatch(e.name)]
     except OSError:
         children = []
     for name, is_dir in children:
