@@ -346,3 +346,31 @@ def test_a_named_export_is_listed_as_an_exported_model() -> None:
     # The folder of a quantized export's own GPU job is not a model; nor is exports/ itself.
     assert folder_kind(["exports", ".X.job"]) is None and folder_kind(["exports"]) is None
     assert file_kind(["exports", ".X.job", "logs", "x.train.log"]) == "log"
+
+
+def test_a_listing_names_only_paths_a_download_can_ask_for(tmp_path: Path) -> None:
+    # A tree deeper than a request's path may be long: its files were listed, and each download was a 422.
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job, JobStatus
+    from application.services.artifacts import list_artifacts
+    from application.services.path_sandbox import MAX_PATH_BYTES
+
+    out = tmp_path / "out" / "deep-job"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "a.log").write_text("x")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        for _ in range(MAX_PATH_BYTES // 200 + 2):  # (relative to a folder fd: past PATH_MAX for absolute paths)
+            os.mkdir("y" * 200, dir_fd=fd)
+            fd, old = os.open("y" * 200, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("f.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+    job = Job(job_id="deep-job", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(out), output_dir_requested="deep-job", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0)  # fmt: skip
+    listing = list_artifacts(job, tmp_path / "out")
+    assert "logs/a.log" in {f.path for f in listing.files}
+    asked = [f.path for f in listing.files] + [f.tar for f in listing.folders] + [link.path for link in listing.links]
+    assert asked and all(len(p.encode()) <= MAX_PATH_BYTES for p in asked), max(map(len, asked))

@@ -204,7 +204,8 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
                 truncated = True
                 break
             parts = rel.split("/")
-            if not all(_listable(p) for p in parts):
+            # (the whole path as a download asks for it: a tree may be deeper than a request's path may be long)
+            if not _listable(f"{rel}.tar" if stat.S_ISDIR(st.st_mode) else rel):
                 continue
             if stat.S_ISREG(st.st_mode):
                 files.append(ArtifactFile(path=rel, size=st.st_size, mtime=st.st_mtime, kind=file_kind(parts),
