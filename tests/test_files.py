@@ -140,6 +140,10 @@ def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., Api
         "/files", data={"purpose": "sft"}, files={"other": ("a.jsonl", VALID)}, headers=auth(ALICE_KEY)
     )
     assert r.status_code == 422 and "'file'" in r.json()["detail"], r.text
+    # A field sent twice had its values joined: 'sftsft' is not a purpose.
+    r = server.http.post("/files", data={"purpose": ["sft", "sft"]}, files={"file": ("a.jsonl", VALID)},
+                         headers=auth(ALICE_KEY))  # fmt: skip
+    assert r.status_code == 422 and "'purpose' is sent more than once" in r.json()["detail"], r.text
     r = upload(server, VALID, key=None)
     assert r.status_code == 401
     # A form of many small fields (each under its limit) would fill the worker's memory a field at a time.

@@ -134,8 +134,10 @@ class _Receiver:
                               f"{', '.join(self.suffixes)} (the suffix tells the data set's format)")  # fmt: skip
             self.target = self.file_field
         elif name and raw_filename is None:
+            if name in self.fields:  # (its values were joined: purpose=sft twice read 'sftsft')
+                raise Invalid(f"the form field '{name}' is sent more than once: send it once")
             self.target = name
-            self.fields.setdefault(name, bytearray())
+            self.fields[name] = bytearray()
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         if self.target == self.file_field:
