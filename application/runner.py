@@ -21,10 +21,22 @@ from pathlib import Path
 
 
 def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
-    """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import)."""
+    """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import).
+
+    The spec is the run's launch token: renamed to SPEC.claimed (stamped now) before it is read, and that file
+    removed once swift's log exists. A watchdog that gives the run up removes SPEC first (process_group.
+    revoke_launch): a runner launched after that, by a scheduler that stalled between its last leader check and
+    the launch, starts nothing, and one that took the spec first is seen as launched."""
+    claimed = f"{spec_file}.claimed"
     try:
-        spec = json.loads(Path(spec_file).read_text())
-        Path(spec_file).unlink(missing_ok=True)  # read once: nothing else starts from it
+        os.rename(spec_file, claimed)
+    except FileNotFoundError:
+        return OSError(f"launch spec {spec_file} is gone: its run was given up before this runner took it")
+    except OSError as exc:
+        return exc
+    try:
+        os.utime(claimed)
+        spec = json.loads(Path(claimed).read_text())
         if spec.get("run_id") != run_id:
             return OSError(f"launch spec {spec_file} is of run {spec.get('run_id')}, not of run {run_id}")
         log_file = Path(spec["log_file"])
@@ -37,6 +49,8 @@ def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], 
         return popen, time.time()
     except (OSError, ValueError, KeyError) as exc:
         return exc if isinstance(exc, OSError) else OSError(f"unreadable launch spec {spec_file}: {exc}")
+    finally:
+        Path(claimed).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

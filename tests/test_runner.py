@@ -497,3 +497,38 @@ def test_a_runner_given_the_launch_spec_of_another_run_starts_nothing(tmp_path: 
     refused = _early_start(str(spec), "run-a")
     assert isinstance(refused, OSError) and "run-b" in str(refused)
     assert log.read_bytes() == b"the other run's output\n" and not ran.exists()
+
+
+def test_a_launch_spec_revoked_before_its_runner_takes_it_starts_nothing(tmp_path: Path) -> None:
+    # A scheduler stalled between its last leader check and the launch; its successor gave the run up and started
+    # the job again. The stale runner then started a second trainer on GPUs leased to another run.
+    from application.services.process_group import launch_spec, revoke_launch
+
+    ran, log = tmp_path / "ran", tmp_path / "j.train.log"
+
+    def spec_of(run_id: str) -> Path:
+        spec = launch_spec(tmp_path, "j", run_id)
+        spec.write_text(json.dumps({"run_id": run_id, "argv": ["/bin/sh", "-c", f"touch {ran}"], "env": {},
+                                    "cwd": str(tmp_path), "log_file": str(log),
+                                    "exit_file": str(tmp_path / "j.exit.json")}))  # fmt: skip
+        return spec
+
+    spec = spec_of("run-given-up")
+    assert revoke_launch(spec, log, grace=15.0) and not spec.exists()
+    refused = _early_start(str(spec), "run-given-up")
+    assert isinstance(refused, OSError) and "given up" in str(refused)
+    assert not ran.exists() and not log.exists()
+    # A runner that took its spec first: the run counts as launched, and the spec is gone once swift's log is made.
+    spec = spec_of("run-taken")
+    started = _early_start(str(spec), "run-taken")
+    assert not isinstance(started, OSError)
+    assert started[0].wait(10) == 0 and ran.exists()
+    assert not spec.exists() and not Path(f"{spec}.claimed").exists()
+    assert not revoke_launch(spec, log, grace=15.0)
+    # Taken by a runner that is still starting swift (its claim fresh, no log yet), or that died doing so.
+    claimed = Path(f"{spec_of('run-starting')}.claimed")
+    launch_spec(tmp_path, "j", "run-starting").rename(claimed)
+    log.unlink()
+    assert not revoke_launch(launch_spec(tmp_path, "j", "run-starting"), log, grace=15.0) and claimed.exists()
+    os.utime(claimed, (time.time() - 60, time.time() - 60))
+    assert revoke_launch(launch_spec(tmp_path, "j", "run-starting"), log, grace=15.0) and not claimed.exists()

@@ -87,9 +87,14 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         scheduler = client.scheduler
         fields = {"run_id": "run-orphan", "runner": None, "started_at": time.time() - 30, "log_file": str(log_file)}
         await scheduler.store.transition("orphan", JobStatus.RUNNING, acquire_gpus=[0], fields=fields)
+        # Its spec written: a scheduler that stalled before the launch may yet launch from it, so it goes too.
+        spec = pg.launch_spec(log_file.parent, "orphan", "run-orphan")
+        spec.parent.mkdir(parents=True)
+        spec.write_text("{}")
         await scheduler.watchdog.sweep()
         job = (await client.get("/jobs/orphan")).json()
         assert job["status"] == "queued" and job["error_code"] is None, job
+        assert not spec.exists()
         events = (await client.get("/jobs/orphan/events")).json()["events"]
         assert "never launched" in events[-1]["message"], events[-1]
         assert await scheduler.processor.run_pass() == ["orphan"]
@@ -111,6 +116,16 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
             await scheduler.watchdog.sweep()
         events = (await client.get("/jobs/ahead/events")).json()["events"]
         assert any("never launched" in e["message"] for e in events), [(e["type"], e["message"]) for e in events]
+        # A runner that took its spec a moment ago (swift's log not made yet) was launched: the run is not given up.
+        monkeypatch.setattr(watchdog, "RUNNER_START_GRACE", 15.0)
+        await client.post("/jobs", json=job_body(tmp_path, "taken", step_seconds=0.01, training={"max_steps": 2}))
+        taken_log = tmp_path / "output" / "taken" / "logs" / "taken.train.log"
+        fields = {**fields, "run_id": "run-taken", "started_at": time.time() - 30, "log_file": str(taken_log)}
+        await scheduler.store.transition("taken", JobStatus.RUNNING, acquire_gpus=[0], fields=fields)
+        taken_log.parent.mkdir(parents=True)
+        Path(f"{pg.launch_spec(taken_log.parent, 'taken', 'run-taken')}.claimed").write_text("{}")
+        await scheduler.watchdog.sweep()
+        assert (await client.get("/jobs/taken")).json()["status"] == "running"
 
 
 async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_with_its_whole_history(

@@ -152,6 +152,32 @@ def write_exit_file(path: Path, code: int) -> None:
     os.replace(tmp, path)
 
 
+def launch_spec(log_dir: Path, job_id: str, run_id: str) -> Path:
+    """The file a run's runner starts swift from (one per run: see runner._early_start)."""
+    return log_dir / f"{job_id}.{run_id[:12]}.launch.json"
+
+
+def revoke_launch(spec: Path, log_file: Path | None, grace: float) -> bool:
+    """Make sure no runner starts the run of `spec` from now on: True when none can (the spec removed, or never
+    written), False when a runner took it (the run was launched: its pid or log follows). A claim older than
+    `grace` with no log is a runner that died taking it."""
+    try:
+        spec.unlink()
+        return True
+    except FileNotFoundError:
+        pass
+    claimed = Path(f"{spec}.claimed")
+    try:
+        age = time.time() - claimed.stat().st_mtime
+    except FileNotFoundError:
+        # Never written, or taken and swift started: the claim goes only once swift's log exists (so read after).
+        return not (log_file is not None and log_file.exists())
+    if age < grace:
+        return False
+    claimed.unlink(missing_ok=True)
+    return True
+
+
 def spawn(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path, *,
           fresh: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
     """Start `argv` in a new session, stdout+stderr to `log_file` (emptied first when `fresh`).

@@ -36,6 +36,7 @@ from application.services.path_sandbox import escaped_output_root, relinked_inpu
 from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import ENDING, ClusterView, Planner, build_view
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
+from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
@@ -358,7 +359,7 @@ class QueueProcessor:
         try:
             # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
             # overwrite, the spec of the run its successor started instead (the runner checks the run id too).
-            spec = await asyncio.to_thread(_write_spec, log_dir / f"{job.job_id}.{run_id[:12]}.launch.json", {
+            spec = await asyncio.to_thread(_write_spec, pg.launch_spec(log_dir, job.job_id, run_id), {
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
@@ -381,6 +382,10 @@ class QueueProcessor:
             return False
         try:
             await self.store.update(job.job_id, {"runner": runner}, run_id=run_id, statuses=(JobStatus.RUNNING,))
-        except TransitionRefused:
-            pass  # it ended already (a run that fails at once)
+        except TransitionRefused as exc:
+            # Given up meanwhile (this scheduler stalled before the launch): its runner starts nothing.
+            if exc.reason == Refusal.OTHER_RUN:
+                logger.warning("job {} run {} was given up before its runner started", job.job_id, run_id)
+                return False
+            # (else it ended already: a run that fails at once)
         return True

@@ -193,7 +193,11 @@ class Watchdog:
         finished = code is None and ran_to_its_end(facts)
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
         if interrupt is None and job.runner is None and job.pid is None and code is None and not logged:
-            # Moved to running, then its scheduler died before the launch: nothing ran, nothing is lost.
+            # Moved to running, then its scheduler died (or stalled: it may launch yet) before the launch: nothing
+            # ran, nothing is lost, once no runner can start from its spec.
+            spec = pg.launch_spec(Path(job.output_dir) / "logs", job.job_id, job.run_id or "")
+            if not await asyncio.to_thread(pg.revoke_launch, spec, log_file, RUNNER_START_GRACE):
+                return  # a runner took it after all: the next sweep sees it
             job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
             interrupt = "preempt"
         elif interrupt is None and not finished and killed_with_its_host(code) and job.runner and \
