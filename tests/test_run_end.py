@@ -57,3 +57,19 @@ def test_a_multi_gpu_runs_failure_names_the_ranks_error_and_a_killed_rank_is_ret
     end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)
     assert end.status == JobStatus.QUEUED and end.fields["retries"] == 1, end  # retried, as a single process is
     assert "rank 0" in end.message and "signal 9" in end.message, end.message
+
+
+def test_a_huge_last_log_line_is_stored_clipped_in_the_error_and_the_tail(tmp_path: Path) -> None:
+    # A trainer printed a 10 MB line, then a 3 MB one: the job page was 20 MB, and each list page holding it 3 MB.
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0)  # fmt: skip
+    log = tmp_path / "j.train.log"
+    log.write_text("Train:  50%|#####| 1/2\n" + "x" * 10_000_000 + "\nwords " + "y" * 3_000_000 + "\n")
+    facts, tail, checkpoints = read_run(job, log, RunFacts(), 20)
+    end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0,
+                     keep=20)  # fmt: skip
+    error = end.fields["error_message"]
+    assert end.status == JobStatus.FAILED and error.startswith("swift exited with code 1: words yyy"), error[:80]
+    assert len(error) < 5000 and "more characters" in error
+    assert sum(map(len, end.fields["log_tail"])) < 10_000 and end.fields["log_tail"][0].startswith("Train:")

@@ -54,7 +54,7 @@ from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
 from application.services.swift_errors import extract_error
-from application.utils.log_tail import read_from, tail_lines
+from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
 
 START_ATTEMPTS_SECONDS = 60.0
@@ -354,7 +354,8 @@ class Runner:
             data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
             parser.feed(data)
             parser.flush()
-            tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE)
+            tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE,
+                                           line_chars=STORED_LINE_CHARS)  # fmt: skip
             merged = parser.merged_path or merged_path(info)
             update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
             event: tuple[str, str, dict[str, Any]]

@@ -15,7 +15,7 @@ from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.run_end import Conclusion, RunEnd, conclude, final_status
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
-from application.utils.log_tail import tail_lines
+from application.utils.log_tail import STORED_LINE_CHARS, tail_lines
 
 
 def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None:
@@ -35,7 +35,7 @@ def read_run(
     """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
     merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
     error: `record_end` keeps `tail`); the checkpoints of all the job's runs."""
-    lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES)) if log_file else []
+    lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES), line_chars=STORED_LINE_CHARS) if log_file else []
     if facts is None:
         facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
                          train_runtime=job.train_runtime)  # fmt: skip

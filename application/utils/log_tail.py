@@ -12,6 +12,13 @@ from pathlib import Path
 # A log with no newline for megabytes (a tqdm bar that only ever writes \r) would otherwise make
 # tail_lines read the whole file looking for line starts.
 DEFAULT_TAIL_MAX_BYTES = 16 * 1024 * 1024
+# What one line of a log may take where it is stored or sent (a failed job's tail and error, its events): a
+# trainer that printed a 10 MB line made its job page 20 MB, and every list page holding it 3 MB.
+STORED_LINE_CHARS = 4000
+
+
+def clip_line(line: str, limit: int = STORED_LINE_CHARS) -> str:
+    return line if len(line) <= limit else f"{line[:limit]} … ({len(line) - limit:,} more characters)"
 
 
 def last_cr_segment(line: str) -> str:
@@ -48,12 +55,14 @@ def _read_back(path: Path | str, newlines: int, block_size: int, max_bytes: int)
     return b"".join(reversed(blocks)), pos, end
 
 
-def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> list[str]:
+def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES,
+               line_chars: int | None = None) -> list[str]:  # fmt: skip
     """The last `n` lines of a text log, read backwards by blocks from the end.
 
     Each line is shown as tqdm left it on screen (its last \\r segment), decoded with
     errors='replace', and without trailing whitespace. A missing file gives []. At most `max_bytes`
-    are read, so the first line returned may be the tail end of a longer one.
+    are read, so the first line returned may be the tail end of a longer one. `line_chars`: each line
+    clipped to that many characters (`clip_line`).
     """
     if n <= 0:
         return []
@@ -74,7 +83,8 @@ def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     if not data and (pos == 0 and end == 0):
         return []
     lines = data.split(b"\n")[-n:]
-    return [last_cr_segment(raw.decode("utf-8", errors="replace")).rstrip() for raw in lines]
+    found_lines = [last_cr_segment(raw.decode("utf-8", errors="replace")).rstrip() for raw in lines]
+    return [clip_line(line, line_chars) for line in found_lines] if line_chars else found_lines
 
 
 def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> int:
