@@ -3,6 +3,7 @@ and what its output says."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from application.models.job_request import TrainingParams
@@ -73,3 +74,23 @@ def test_a_huge_last_log_line_is_stored_clipped_in_the_error_and_the_tail(tmp_pa
     assert end.status == JobStatus.FAILED and error.startswith("swift exited with code 1: words yyy"), error[:80]
     assert len(error) < 5000 and "more characters" in error
     assert sum(map(len, end.fields["log_tail"])) < 10_000 and end.fields["log_tail"][0].startswith("Train:")
+
+
+def test_a_checkpoint_logging_jsonl_names_out_of_the_job_folder_is_not_the_jobs(tmp_path: Path) -> None:
+    # The log parser refused such a path from the log; the same path written into logging.jsonl was stored.
+    out = tmp_path / "out" / "j"
+    run = out / "v0-20261203-000000"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "checkpoint-2").mkdir(parents=True)
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir=str(out), output_dir_requested="j", num_gpus=1, training=TrainingParams(),
+              created_at=0, updated_at=0)  # fmt: skip
+    for best in (tmp_path / "elsewhere" / "checkpoint-2", run / "checkpoint-2"):
+        summary = {"last_model_checkpoint": str(tmp_path / "elsewhere" / "checkpoint-2"),
+                   "best_model_checkpoint": str(best), "train_loss": 1.0}  # fmt: skip
+        (run / "logging.jsonl").write_text(json.dumps(summary) + "\n")
+        facts, tail, checkpoints = read_run(job, None, RunFacts(run_dir=str(run)), 20)
+        assert facts.last_checkpoint is None and facts.finished
+        assert facts.best_checkpoint == (str(best) if best.is_relative_to(out) else None)
+        end = record_end(job, 0, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)
+        assert end.fields["last_checkpoint"] == str(run / "checkpoint-2")

@@ -4,6 +4,7 @@ runner dead: one path, so a pause, a preemption or a retry ends the same way who
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +41,14 @@ def read_run(
         facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
                          train_runtime=job.train_runtime)  # fmt: skip
     if facts.run_dir:
-        facts = facts.merged(parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl"))
+        logged = parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl")
+        # The trainer writes it: a checkpoint it names out of the job's folder is not the job's (as in its log).
+        root = os.path.realpath(job.output_dir) + os.sep
+        if logged.last_checkpoint and not os.path.realpath(logged.last_checkpoint).startswith(root):
+            logged.last_checkpoint = None
+        if logged.best_checkpoint and not os.path.realpath(logged.best_checkpoint).startswith(root):
+            logged.best_checkpoint = None
+        facts = facts.merged(logged)
     run_dirs = [a.run_dir for a in job.attempts[:-1]] + [facts.run_dir or job.run_dir]
     # A run that ended before swift named its folder made none: the checkpoints there are an earlier job's
     # (a folder is free again once its job ended), and a resume from them would train on its weights.
