@@ -36,6 +36,11 @@ class RedisProxy:
         refuse new ones for `down_seconds`."""
         self._trigger = (re.compile(pattern), lose_reply, down_seconds)
 
+    def down_for(self, seconds: float) -> None:
+        """Cut every connection now and refuse new ones for `seconds`."""
+        self._down_until = time.monotonic() + seconds
+        self._cut()
+
     def close(self) -> None:
         self._closed = True
         self._thread.join(timeout=2)

@@ -4,6 +4,7 @@ the fake swift): the record Redis took stands, run by whom it names, and no skip
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from application.models.training_model import Attempt, ExportStatus, JobStatus
+from application.services import process_group as pg
+from application.services import run_agent
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -98,3 +101,45 @@ async def test_an_export_whose_end_redis_took_but_whose_answer_was_lost_ends_onc
     assert job.export.status == ExportStatus.COMPLETED and job.export.path, job.export
     events = await event_types(store)
     assert events.count("export_completed") == 1 and events.count("export_started") == 1, events
+
+
+async def test_a_runner_whose_redis_is_away_at_its_start_waits_for_it_while_swift_runs(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # swift starts from the launch spec before the runner reads Redis: a runner that gave up after
+    # START_ATTEMPTS_SECONDS died, swift trained on unwatched, and its end (exit 0) was recorded as a lost runner.
+    monkeypatch.setattr(run_agent, "START_ATTEMPTS_SECONDS", 0.2)
+    proxy = RedisProxy(redis_url)
+    settings = settings_for(proxy.url, tmp_path, REDIS_RETRIES=0, REDIS_SOCKET_TIMEOUT=1, REDIS_CONNECT_TIMEOUT=1,
+                            AUTO_EXPORT=False)  # fmt: skip
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    runners, direct = create_client(settings, proxy.url), aioredis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(direct, keys)
+    try:
+        for run_id, told_to_end in (("run-waits", False), ("run-ended", True)):
+            output = settings.OUTPUT_ROOT / run_id
+            log_file = output / "logs" / "s.train.log"
+            log_file.parent.mkdir(parents=True)
+            command = ["sh", "-c", "echo trained; exit 0" if not told_to_end else "sleep 60"]
+            job = make_job(run_id, JobStatus.RUNNING).model_copy(update={
+                "run_id": run_id, "output_dir": str(output), "log_file": str(log_file), "command": command,
+                "started_at": time.time(), "attempts": [Attempt(number=1, run_id=run_id, started_at=time.time())],
+            })  # fmt: skip
+            await store.create(job, message="created", actor="t")
+            proxy.down_for(3.0)
+            swift = pg.Child(pg.spawn(command, {**os.environ, pg.RUN_MARK: run_id}, output, log_file))
+            runner = Runner(settings, JobStore(runners, keys), ClusterStore(runners, keys), run_id, run_id)
+            training = asyncio.create_task(runner.train(swift))
+            if told_to_end:  # (its host going down before Redis is back: swift stopped, not left unwatched)
+                runner.terminated.set()
+                assert await asyncio.wait_for(training, 30) == 1 and swift.returncode is not None
+                assert (await require(store, run_id)).status == JobStatus.RUNNING  # for the watchdog to record
+            else:
+                await asyncio.wait_for(training, 30)
+                done = await require(store, run_id)
+                assert done.status == JobStatus.COMPLETED and done.exit_code == 0, done
+    finally:
+        kill_processes_under(tmp_path)
+        proxy.close()
+        await runners.aclose()
+        await direct.aclose()

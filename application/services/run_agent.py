@@ -105,17 +105,23 @@ class Runner:
 
     # ---- shared -------------------------------------------------------------------------------------
 
-    async def _job(self) -> Job | None:
-        """The job, waiting out a Redis that is not up yet (the runner may start while it restarts)."""
+    async def _job(self, patient: bool = False) -> Job | None:
+        """The job, waiting out a Redis that is not up yet (the runner may start while it restarts): for
+        START_ATTEMPTS_SECONDS, or, `patient` (swift already runs), until it answers or the runner is told to end,
+        as it would mid-run (a runner that gave up left swift training unwatched, and its end recorded lost)."""
         deadline = time.monotonic() + START_ATTEMPTS_SECONDS
+        warned = 0.0
         while True:
             try:
                 return await self.store.get(self.job_id)
             except RedisError as exc:
-                if time.monotonic() > deadline:
+                if (not patient and time.monotonic() > deadline) or self.terminated.is_set():
                     raise
-                logger.warning("Redis does not answer yet ({}); retrying", exc)
-                await asyncio.sleep(1.0)
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    logger.warning("Redis does not answer yet ({}); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.terminated.wait(), 1.0)
 
     async def _tick(self, kind: str, ident: str) -> RunnerTick | None:
         self.beaten.add(ident)
@@ -145,7 +151,15 @@ class Runner:
     async def train(self, early: pg.Child | OSError | None = None) -> int:
         """Follow the training run to its recorded end. `early`: swift as the entry already started it (from the
         launch spec the scheduler wrote), so a GPU handed over waits for no import of ours."""
-        job = await self._job()
+        try:
+            job = await self._job(patient=isinstance(early, pg.Child))
+        except RedisError as exc:
+            if not isinstance(early, pg.Child):
+                raise
+            # Told to end before Redis came back: nobody could record the run, so it must not train on unwatched.
+            logger.error("job {} run {}: Redis never answered ({}); stopping swift", self.job_id, self.run_id, exc)
+            await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
+            return 1
         if job is None or job.status != JobStatus.RUNNING or job.run_id != self.run_id or not job.command:
             logger.info("job {} run {} is not this runner's to run (it is {}): leaving", self.job_id, self.run_id,
                         job.status.value if job else "gone")  # fmt: skip
