@@ -166,6 +166,13 @@ def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_sl
     assert check_arguments("sft", {"debug": "underflow_overflow"}, V4) == {"debug": ["underflow_overflow"]}
     assert "ends in .txt" in refused("sft", {"system": "/etc/prompt.txt"})  # swift reads that file
     assert "control or bidirectional" in refused("sft", {"system": "a\x1b[31m"})
+    # Bidi marks too (only embeddings and isolates were refused), and zero-width characters in names; free text
+    # keeps the joiners its scripts use.
+    for mark in ("\u200f", "\u200e", "\u061c"):
+        assert "control or bidirectional" in refused("sft", {"system": f"be nice{mark}"})
+        assert "control or bidirectional" in refused("sft", {"run_name": f"a{mark}b"})
+    assert "control or bidirectional" in refused("sft", {"run_name": "a\u200bb"})
+    assert check_arguments("sft", {"system": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"}, V4)
     assert "looks like a file path" in refused("sft", {"attn_impl": "/etc/x"})  # elsewhere as before
 
 
@@ -280,6 +287,13 @@ def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
     check_grpo_batch(1, 4, 2, {"num_generations": 8})  # 2 processes x 4 steps
     with pytest.raises(Invalid, match=r"divisible by training\.num_generations: set it to one of"):
         check_grpo_batch(1, 1, 0, {"num_generations": 2, "steps_per_generation": 3})
+    check_grpo_batch(1, 4, 0, {"generation_batch_size": 8})
+    # The batch is the request's number: the suggestions were every divisor up to it, found on the event loop (a
+    # create with 2 x 10^8 held the API worker 14 s; this one, for ever).
+    with pytest.raises(Invalid, match=r"set it to one of \[2, 4, 8, 16, .*\]"):
+        check_grpo_batch(1, 4, 0, {"generation_batch_size": 2**62, "num_generations": 7})
+    with pytest.raises(Invalid, match="make the batch a multiple of it"):
+        check_grpo_batch(1, 4, 0, {"generation_batch_size": 2_147_483_647, "num_generations": 7})  # (a prime)
     check_grpo_batch(1, 4, 0, {"generation_batch_size": 8})
     with pytest.raises(Invalid, match="multiple of batch_size x GPUs"):
         check_grpo_batch(2, 1, 1, {"generation_batch_size": 9, "num_generations": 3})

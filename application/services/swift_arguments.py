@@ -89,11 +89,13 @@ _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
 # Addresses the run would connect to from the server's network (a webhook, a mail server, a vLLM or teacher
 # server): the request's choice would reach internal hosts.
 _ADDRESS_NAME = re.compile(r"(_url|_urls|_host|_hosts|_server|_endpoint)$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+# (Bidi marks and embeddings make a name read otherwise than it is; zero-width and line-separator characters
+# hide in names. Free text keeps ZWNJ/ZWJ/ZWSP, which Persian, Indic and Thai text use.)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u061c\u200b-\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]")
 # Prompts and stop strings: their line breaks and tabs are theirs (argv is a list: no shell reads them), and
 # swift reads none of them from a file but a `system` ending in .txt.
 FREE_TEXT = frozenset({"system", "stop_words", "response_prefix"})
-_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def swift_name(name: str) -> str:
@@ -140,6 +142,8 @@ def check_kto_batch(per_device: int, accumulation: int, gpus: int, arguments: Ma
 
 # ms-swift's num_generations when a GRPO job does not name one (3.x and 4.x).
 GRPO_GENERATIONS = 8
+# The largest num_generations a refusal suggests (completions per prompt: 2 to a few dozen in practice).
+SUGGESTED_GENERATIONS_MAX = 1024
 
 
 def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: Mapping[str, Any],
@@ -167,10 +171,11 @@ def check_grpo_batch(per_device: int, accumulation: int, gpus: int, arguments: M
     if batch % generations:
         named = "training.num_generations" if "num_generations" in arguments else \
             f"training.num_generations (ms-swift's default is {GRPO_GENERATIONS})"  # fmt: skip
-        fits = [n for n in range(2, batch + 1) if batch % n == 0]
+        # (a bounded search: the batch is the request's number, and a loop up to it held the event loop)
+        fits = [n for n in range(2, min(batch, SUGGESTED_GENERATIONS_MAX) + 1) if batch % n == 0][:12]
+        hint = f"set it to one of {fits}, or raise the batch" if fits else "make the batch a multiple of it"
         raise Invalid(f"GRPO's generation batch ({batch}: batch_size x GPUs x gradient_accumulation_steps, or "
-                      f"generation_batch_size) must be divisible by {named}: set it to one of {fits}, or raise "
-                      "the batch")  # fmt: skip
+                      f"generation_batch_size) must be divisible by {named}: {hint}")  # fmt: skip
     evaluates = (split_ratio or 0) > 0 or bool(arguments.get("val_dataset"))
     if evaluates and arguments.get("eval_strategy") != "no":
         per_eval = arguments.get("per_device_eval_batch_size", 1)
