@@ -159,6 +159,19 @@ async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_w
         await client.scheduler.watchdog.sweep()
         job = (await client.get("/jobs/half")).json()
         assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+        # Retried: the steps up to the checkpoint it resumes from are kept (the next run starts after them; they
+        # were left out, and lost for good), not those after it (trained again).
+        again = tmp_path / "output" / "again" / "v0-20261126-155015"
+        (again / "checkpoint-6").mkdir(parents=True)
+        (again / "checkpoint-6" / "trainer_state.json").write_text("{}")
+        (again / "logging.jsonl").write_text("\n".join(lines[:5]) + "\n")
+        await running_with_dead_runner(client, tmp_path, "again", run_dir=str(again), max_retries=1)
+        await client.scheduler.store.add_history("again", written)
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/again")).json()
+        assert job["status"] == "queued" and job["resume_from"] == str(again / "checkpoint-6"), job
+        history = (await client.get("/jobs/again/progress", params={"history_limit": 100})).json()["history"]
+        assert [p["step"] for p in history] == [1, 2, 4, 6], history
 
 
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(

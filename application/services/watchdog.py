@@ -35,7 +35,14 @@ from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
 from application.services.outbox import until_answered
-from application.services.run_end import Conclusion, exit_signal, host_went_down, runner_lost, signal_text
+from application.services.run_end import (
+    Conclusion,
+    checkpoint_step,
+    exit_signal,
+    host_went_down,
+    runner_lost,
+    signal_text,
+)
 from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import end_recorded, interrupt_of, read_run, record_end
 from application.utils.log_tail import tail_lines
@@ -230,10 +237,13 @@ class Watchdog:
         if end.event is not None:
             event = end.event
             await until_answered("an event", lambda: self.store.add_event(job.job_id, *event))
-        if facts.run_dir and end.status != JobStatus.QUEUED:  # (a requeued run's later steps are trained again)
+        # A requeued run's steps past the checkpoint it resumes from are trained again: only those up to it (they
+        # were lost for good: the next run starts after them).
+        upto = checkpoint_step(end.fields.get("resume_from")) if end.status == JobStatus.QUEUED else None
+        if facts.run_dir and (end.status != JobStatus.QUEUED or upto is not None):
             # Only the sweep whose record of the end was taken fills in, once.
             run_dir = Path(facts.run_dir)
-            await until_answered("the loss history", lambda: self._fill_history(job.job_id, run_dir))
+            await until_answered("the loss history", lambda: self._fill_history(job.job_id, run_dir, upto))
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await request_auto_export(self.store, self.settings, job.job_id, lambda: None)
@@ -249,10 +259,13 @@ class Watchdog:
                                                                                  end.status, end.fields)):  # fmt: skip
                 raise
 
-    async def _fill_history(self, job_id: str, run_dir: Path) -> None:
-        """The loss points the dead runner never wrote, from the run's logging.jsonl: swift may have trained on
-        (to its end) while neither its runner nor a scheduler was there to follow it."""
+    async def _fill_history(self, job_id: str, run_dir: Path, upto: int | None = None) -> None:
+        """The loss points the dead runner never wrote, from the run's logging.jsonl (those up to step `upto`,
+        when given): swift may have trained on (to its end) while neither its runner nor a scheduler was there to
+        follow it."""
         log = await asyncio.to_thread(parse_logging_jsonl, run_dir / "logging.jsonl")
+        if upto is not None:
+            log.history = [point for point in log.history if point["step"] <= upto]
         stored = await self.store.history(job_id, FILL_LOOKBACK)
         last = max((p.step for p in stored), default=0)
         # A step may hold a training and an evaluation point: the one of the last step not stored yet counts too.
