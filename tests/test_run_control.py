@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -490,6 +491,33 @@ async def test_no_run_is_preempted_for_the_gpu_of_a_run_being_paused(app_factory
         for name in ("pausing", "healthy"):
             events = (await client.get(f"/jobs/{name}/events")).json()["events"]
             assert "preemption_requested" not in [e["type"] for e in events], events
+        assert (await client.post("/jobs/healthy/stop")).status_code == 200
+
+
+async def test_no_run_is_preempted_for_the_gpu_of_a_run_past_its_time_limit(app_factory: Callable[..., Any],
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    # Its runner is stopping it (the grace of a trainer that ignores SIGTERM): its GPU comes back anyway, and the
+    # other run lost its work since its last checkpoint for it.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
+                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
+    async with app_factory(**settings) as client:
+        for name, limit, stubborn in (("timing-out", 2, True), ("healthy", None, False)):
+            body = job_body(tmp_path, name, priority=1, step_seconds=0.05, auto_start=True, ignore_sigterm=stubborn,
+                            time_limit=limit, training={"max_steps": 2000, "save_steps": 5})  # fmt: skip
+            assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+
+        deadline = time.monotonic() + 30
+        while "time_limit" not in [e["type"] for e in (await client.get("/jobs/timing-out/events")).json()["events"]]:
+            assert time.monotonic() < deadline, "the time limit was never reached"
+            await asyncio.sleep(0.05)
+        urgent = job_body(tmp_path, "urgent", priority=9, step_seconds=0.05, auto_start=True)
+        assert (await client.post("/jobs", json=urgent)).json()["status"] == "queued"
+        await wait_job(client, "urgent", lambda j: j["status"] in ("running", "completed"), timeout=30)
+        healthy = (await client.get("/jobs/healthy")).json()
+        assert healthy["status"] == "running" and healthy["preempt_for"] is None, healthy
+        timed_out = (await client.get("/jobs/timing-out")).json()
+        assert timed_out["status"] == "failed" and timed_out["error_code"] == "time_limit", timed_out
         assert (await client.post("/jobs/healthy/stop")).status_code == 200
 
 

@@ -231,7 +231,8 @@ class QueueProcessor:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
         ids = [r.job_id for r in view.running]
-        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", *ENDING])
+        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", *ENDING,
+                                                 "time_limit_seconds"])  # fmt: skip
         if any(row[3] and json.loads(row[3]) for row in rows):
             return []
         job = await self.store.get(head_id)
@@ -239,13 +240,17 @@ class QueueProcessor:
             return []  # (one asked to stop or pause is taken out of the queue by its start, not run)
         now = time.time()
         candidates = []
-        for r, (prio, started, saved, *ending) in zip(view.running, rows, strict=True):
+        for r, (prio, started, saved, *ending, limit) in zip(view.running, rows, strict=True):
             if prio is None or started is None:
                 continue
             start = float(json.loads(started))
             last_save = float(json.loads(saved)) if saved and json.loads(saved) else start
+            # A run past its time limit is being stopped by its runner (its grace): its GPUs come back anyway, and
+            # another run was preempted for them.
+            limit_s = json.loads(limit) if limit else None
+            over = limit_s is not None and now - start >= float(limit_s)
             candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, start, now - max(start, last_save),
-                                        any(raw and json.loads(raw) for raw in ending)))  # fmt: skip
+                                        over or any(raw and json.loads(raw) for raw in ending)))  # fmt: skip
         s = self.settings
         waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                              job.min_gpu_memory_gb)  # fmt: skip
