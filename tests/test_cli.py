@@ -227,9 +227,11 @@ def test_a_server_root_gets_the_api_path_and_a_url_with_a_path_is_kept(given: st
     assert api_root(given) == root
 
 
-def test_a_bad_server_url_is_a_usage_error() -> None:
+@pytest.mark.parametrize("url", ["ftp://h", "http://[bad", "http://127.0.0.1:99999", "http://a b"])
+def test_a_bad_server_url_is_a_usage_error(url: str) -> None:
+    # (the last three were tried, and said "cannot reach the server": exit 3)
     with pytest.raises(CliError) as caught:
-        api_root("ftp://h")
+        api_root(url)
     assert caught.value.code == 2
 
 
@@ -534,4 +536,15 @@ def test_output_to_a_reader_that_has_gone_exits_0(tiny_server: int, args: list[s
     finally:
         os.close(write_end)
     assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["ls"], ["--json", "ls"], ["watch", "j"]])
+def test_output_that_cannot_be_written_is_exit_2_not_a_failed_job(tiny_server: int, args: list[str]) -> None:
+    # A full disk under `swift-api watch $ID > log || alert`: a traceback and exit 1, "the job failed".
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{tiny_server}"}
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "application.cli", *args], cwd=ROOT, env=env, stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "cannot write the output" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

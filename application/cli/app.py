@@ -7,6 +7,7 @@ refused the request (4xx: its `detail` is printed); 3 the server is unreachable 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -274,3 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         # exit does not fail a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:
+        # Writing the output failed (a full disk, an I/O error): not "the job failed" (1), nor a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError):
+            print(f"error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE

@@ -49,6 +49,11 @@ def api_root(url: str) -> str:
         raise CliError(f"bad server URL {url!r}: {e}", EXIT_USAGE) from e
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise CliError(f"bad server URL {url!r}: want http(s)://host[:port][/path]", EXIT_USAGE)
+    # (httpx takes these, percent-encoding what no host name holds: they failed later as "cannot reach")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise CliError(f"bad server URL {url!r}: the port must be 1-65535", EXIT_USAGE)
+    if "%" in parsed.host and ":" not in parsed.host:
+        raise CliError(f"bad server URL {url!r}: {parsed.host!r} is not a host name or address", EXIT_USAGE)
     url = url.rstrip("/")
     return url if parsed.path.strip("/") else url + API_PATH
 
