@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from tests.conftest import _until, job_body, make_model, wait_job
@@ -142,3 +143,29 @@ async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queu
         assert fine["exit_code"] == 0
         status = await store.r.hget(store.keys.job("unreadable"), "status")
         assert json.loads(status) == "failed"
+
+
+async def test_the_queue_past_the_forecasts_reach_says_the_jobs_ahead_come_first(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past ESTIMATE_WINDOW GET /queue gave no reason, which says "the next pass starts it" (the dashboard wrote
+    # so), while each job's own status said `priority`.
+    from application.services import queue_planner, queue_service, training_service
+
+    for module in (queue_planner, queue_service, training_service):
+        monkeypatch.setattr(module, "ESTIMATE_WINDOW", 2)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        body = job_body(tmp_path, "busy", hang_after_steps=1, auto_start=True)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        for i in range(4):
+            r = await client.post("/jobs", json=job_body(tmp_path, f"w{i}", auto_start=True))
+            assert r.json()["status"] == "queued", r.text
+        entries = (await client.get("/queue")).json()["entries"]
+        assert [e["job_id"] for e in entries] == ["w0", "w1", "w2", "w3"]
+        for entry in entries:
+            own = (await client.get(f"/queue/{entry['job_id']}/status")).json()
+            assert entry["pending_reason"] is not None and entry["pending_reason"]["code"] == own["pending_reason"][
+                "code"], (entry, own)  # fmt: skip
+        assert [e["pending_reason"]["code"] for e in entries[2:]] == ["priority", "priority"]
+        assert (await client.post("/jobs/busy/stop")).status_code == 200

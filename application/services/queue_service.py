@@ -12,8 +12,8 @@ from application.exceptions import ApiError, Conflict, refused
 from application.models.training_model import JobStatus
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
-from application.services.queue_planner import ClusterView, pending_reason, queued, wait_estimate
-from application.services.scheduler import gpu_is_free
+from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, pending_reason, queued, wait_estimate
+from application.services.scheduler import Reason, gpu_is_free
 from application.services.training_service import TrainingService
 
 PASS_WAIT_SECONDS = 10.0
@@ -57,7 +57,13 @@ class QueueService:
                 # Nothing starts while no pass runs: no wait can be told (as the job's own views say).
                 "estimated_wait_time": None if stopped else wait_estimate(forecast.waits.get(q.job_id)),
                 "predicted_duration_seconds": q.estimated_duration,
-                "pending_reason": pending_reason(forecast.reasons.get(q.job_id), now, stopped),
+                # Past the forecast's reach its waits and reasons are unknown: the jobs ahead come first (a null
+                # reason says the next pass starts it, which the job's own views did not say).
+                "pending_reason": pending_reason(
+                    forecast.reasons.get(q.job_id) if offset + i < ESTIMATE_WINDOW else Reason("priority"),
+                    now,
+                    stopped,
+                ),
             }
             for i, q in enumerate(queue)
         ]
