@@ -358,20 +358,3 @@ def test_a_job_its_owners_limit_holds_back_does_not_keep_a_gpu_from_a_job_free_t
     capped = policy_of(owner_run_cap=1)
     for starts in (decide(q, gpus_free(2), running, capped, NOW), plan(q, gpus_free(2), running, capped, NOW).starts):
         assert {s.job_id: s.gpu_ids for s in starts} == {"any": (1,), "named": (0,)}
-
-
-def test_jobs_behind_owner_capped_ones_are_planned_after_them() -> None:
-    # ann and bob each hold 2 of 4 GPUs (their cap) for 15 s more. Their waiting jobs start then, on those GPUs;
-    # carl's job behind them was told it starts in 15 s too, and started when ann's 10-s job ended.
-    running = [RunningJob("a1", (0, 1), 15.0, owner="ann"), RunningJob("b1", (2, 3), 15.0, owner="bob")]
-    q = [QueuedJob("a3", 9, NOW - 10, 1, None, None, 10.0, owner="ann"),
-         QueuedJob("a2", 5, NOW - 9, 1, None, None, 20.0, owner="ann"),
-         QueuedJob("b2", 5, NOW - 8, 2, None, None, 20.0, owner="bob"),
-         QueuedJob("x", 5, NOW - 7, 1, None, None, 10.0, owner="carl")]  # fmt: skip
-    capped = policy_of(owner_gpu_cap=2)
-    p = plan(q, busy(gpus_free(4), running), running, capped, NOW)
-    assert p.starts == [] and {j: p.reasons[j].code for j in ("a3", "a2", "b2")} == dict.fromkeys(
-        ("a3", "a2", "b2"), "owner_limit")  # fmt: skip
-    assert p.waits["a3"] == p.waits["a2"] == p.waits["b2"] == pytest.approx(15.0)
-    assert p.waits["x"] == pytest.approx(25.0)  # once a3 ends
-    assert decide(q, busy(gpus_free(4), running), running, capped, NOW) == p.starts

@@ -384,13 +384,9 @@ def plan(
                 waits[jid], reasons[jid] = None, Reason("never")
                 continue
             back = caps.under_cap_at(job.owner, k) if job.owner is not None else None
-            start, exact, gs = tl.earliest(ids, k, need, policy.min_free_gb)
+            start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
             if start != INF:  # (as waits_for_gpus, with the earliest start worked out once)
                 caps.claim(job.owner, k, back, est if back is not None else None)
-                if back is not None:
-                    # Once its owner's runs give GPUs back it takes some: the jobs behind it are planned after it
-                    # (they were told they start then, and it took those GPUs). None is held for it now.
-                    tl.occupy(gs, max(back, start), est, exact)
             wait = max(back, start) - now if estimating and back is not None and exact and start != INF else None
             waits[jid], reasons[jid] = wait, Reason("owner_limit")
             continue

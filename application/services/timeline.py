@@ -304,11 +304,6 @@ class Timeline:
             self._slack_changed()
         return start, start_exact
 
-    def occupy(self, gs: Sequence[int], start: float, est: float | None, exact: bool) -> None:
-        """A job that cannot start before `start` (its owner's limits) runs on `gs` from then: later jobs are
-        planned after it there. Unlike a reservation it binds no free GPU now."""
-        self._move(list(gs), start if est is None else start + max(0.0, est), exact and est is not None)
-
     def close_unreserved(self) -> None:
         """Past BACKFILL_DEPTH reservations: free GPUs none of them holds are kept for the jobs not looked at."""
         for slack in (self.slack, self.kslack):
