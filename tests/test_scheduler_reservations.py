@@ -358,3 +358,35 @@ def test_a_job_its_owners_limit_holds_back_does_not_keep_a_gpu_from_a_job_free_t
     capped = policy_of(owner_run_cap=1)
     for starts in (decide(q, gpus_free(2), running, capped, NOW), plan(q, gpus_free(2), running, capped, NOW).starts):
         assert {s.job_id: s.gpu_ids for s in starts} == {"any": (1,), "named": (0,)}
+
+
+def test_the_gpus_jobs_want_are_counted_against_owner_limits_as_the_plan_counts_them() -> None:
+    # ann's job on a GPU busy outside takes no share of her cap in the plan; it did in the GPU preference, so her
+    # job naming GPU 1 counted as held back, and bob's free job took GPU 1 (y then waited beside an idle GPU 0).
+    gpus = [gpu(0, util=50.0), gpu(1, util=0.0), gpu(2, free=1.0, util=100.0)]
+    q = [QueuedJob("any", 5, NOW - 10, 1, None, None, 50.0, owner="bob"),
+         QueuedJob("x", 5, NOW - 9, 1, (2,), None, 50.0, owner="ann"),
+         QueuedJob("y", 5, NOW - 8, 1, (1,), None, 50.0, owner="ann")]  # fmt: skip
+    capped = policy_of(owner_gpu_cap=1)
+    for starts in (decide(q, gpus, [], capped, NOW), plan(q, gpus, [], capped, NOW).starts):
+        assert {s.job_id: s.gpu_ids for s in starts} == {"any": (0,), "y": (1,)}
+    # A CPU-only job ahead takes its owner's one run at once in both.
+    q = [QueuedJob("cpu", 5, NOW - 11, 0, None, None, 50.0, owner="ann"),
+         QueuedJob("pinned", 5, NOW - 10, 1, (1,), None, 50.0, owner="ann"),
+         QueuedJob("any", 5, NOW - 5, 1, None, None, 50.0, owner="bob"),
+         QueuedJob("named", 5, NOW - 1, 1, (0,), None, 50.0, owner="carl")]  # fmt: skip
+    capped = policy_of(owner_run_cap=1)
+    for starts in (decide(q, gpus_free(2), [], capped, NOW), plan(q, gpus_free(2), [], capped, NOW).starts):
+        assert {s.job_id: s.gpu_ids for s in starts} == {"cpu": (), "any": (1,), "named": (0,)}
+
+
+def test_a_low_priority_job_does_not_take_the_free_gpu_a_blocked_urgent_job_behind_a_capped_one_needs() -> None:
+    # bob holds GPUs 0 and 2 (his cap) for 10 s; GPU 1 is free. carl's urgent 2-GPU job reserves GPU 1 and the
+    # first of bob's to come back: ann's 50-s job must not start on GPU 1 (a forecast change let it).
+    running = [RunningJob("r0", (0, 2), 10.0, owner="bob")]
+    q = [QueuedJob("b1", 9, NOW - 10, 1, None, None, 25.0, owner="bob"),
+         QueuedJob("c2", 9, NOW - 9, 2, None, None, 25.0, owner="carl"),
+         QueuedJob("a1", 5, NOW - 8, 1, None, None, 50.0, owner="ann")]  # fmt: skip
+    capped = policy_of(owner_gpu_cap=2)
+    gpus = busy(gpus_free(3), running)
+    assert decide(q, gpus, running, capped, NOW) == [] == plan(q, gpus, running, capped, NOW).starts

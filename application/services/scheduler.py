@@ -235,11 +235,19 @@ def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timel
         k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
         mem = j.min_gpu_memory_gb
         need = mem if mem is not None and mem > policy.min_free_gb else policy.min_free_gb
+        if k == 0 and caps.active:  # (a CPU-only job counts toward its owner's runs at once, as in `plan`)
+            if caps.over(j.owner, 0):
+                caps.claim(j.owner, 0, None, None)
+            else:
+                caps.add(j.owner, 0, None)
         if k <= 0 or not tl.feasible(j.gpu_ids, k, need):
             continue
-        if caps.over(j.owner, k):
+        held_back = caps.over(j.owner, k)
+        # As `plan` counts it: a job that waits on GPUs busy outside (or unreadable) takes no share.
+        if caps.active and tl.earliest(j.gpu_ids, k, need, policy.min_free_gb)[0] != INF:
+            caps.claim(j.owner, k, None, None)
+        if held_back:
             continue
-        caps.claim(j.owner, k, None, None)
         if j.gpu_ids:
             named.update(j.gpu_ids)
         elif need > policy.min_free_gb:
