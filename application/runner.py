@@ -23,11 +23,12 @@ from pathlib import Path
 def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
     """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import).
 
-    The spec is the run's launch token: renamed to SPEC.claimed (stamped now) before it is read, and that file
-    removed once swift's log exists. A watchdog that gives the run up removes SPEC first (process_group.
-    revoke_launch): a runner launched after that, by a scheduler that stalled between its last leader check and
-    the launch, starts nothing, and one that took the spec first is seen as launched."""
-    claimed = f"{spec_file}.claimed"
+    The spec is the run's launch token: renamed to SPEC.claimed (stamped now) before it is read, and to
+    SPEC.started just before swift starts (its log made by then), which goes once swift runs. A watchdog that
+    gives the run up removes SPEC, or a claim too old (process_group.revoke_launch): a runner launched after
+    that, by a scheduler that stalled between its last leader check and the launch, or that stalled itself
+    after its claim, starts nothing; one that took the spec first is seen as launched."""
+    claimed, started = f"{spec_file}.claimed", f"{spec_file}.started"
     try:
         os.rename(spec_file, claimed)
     except FileNotFoundError:
@@ -43,7 +44,15 @@ def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], 
         log_file.parent.mkdir(parents=True, exist_ok=True)
         Path(spec["exit_file"]).unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in spec.get("unset", ())} | spec["env"]
-        with open(log_file, "wb") as log:
+        made = not log_file.exists()
+        with open(log_file, "ab") as log:  # (emptied only once the run is still this runner's to start)
+            try:
+                os.rename(claimed, started)
+            except FileNotFoundError:
+                if made:
+                    log_file.unlink(missing_ok=True)
+                return OSError(f"launch spec {spec_file}: its run was given up while this runner was starting")
+            log.truncate(0)
             popen = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=spec["cwd"], env=env, start_new_session=True)  # fmt: skip
         return popen, time.time()
@@ -51,6 +60,7 @@ def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], 
         return exc if isinstance(exc, OSError) else OSError(f"unreadable launch spec {spec_file}: {exc}")
     finally:
         Path(claimed).unlink(missing_ok=True)
+        Path(started).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

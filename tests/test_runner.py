@@ -532,3 +532,32 @@ def test_a_launch_spec_revoked_before_its_runner_takes_it_starts_nothing(tmp_pat
     assert not revoke_launch(launch_spec(tmp_path, "j", "run-starting"), log, grace=15.0) and claimed.exists()
     os.utime(claimed, (time.time() - 60, time.time() - 60))
     assert revoke_launch(launch_spec(tmp_path, "j", "run-starting"), log, grace=15.0) and not claimed.exists()
+
+
+def test_a_runner_that_stalls_after_taking_its_spec_starts_nothing_once_its_run_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its claim went stale (the runner stopped or its disk slow past the grace): the watchdog requeued the run,
+    # and the runner, once it went on, started swift all the same.
+    from application import runner
+    from application.services.process_group import launch_spec, revoke_launch
+
+    ran, log = tmp_path / "ran", tmp_path / "j.train.log"
+    spec = launch_spec(tmp_path, "j", "run-stalled")
+    spec.write_text(json.dumps({"run_id": "run-stalled", "argv": ["/bin/sh", "-c", f"touch {ran}"], "env": {},
+                                "cwd": str(tmp_path), "log_file": str(log),
+                                "exit_file": str(tmp_path / "j.exit.json")}))  # fmt: skip
+    revoked: list[bool] = []
+    loads = json.loads
+
+    def stalled(text: str) -> Any:  # the moment after the claim, read as the stall's end
+        claimed = Path(f"{spec}.claimed")
+        os.utime(claimed, (time.time() - 60, time.time() - 60))
+        revoked.append(revoke_launch(spec, log, grace=15.0))
+        return loads(text)
+
+    monkeypatch.setattr(runner.json, "loads", stalled)
+    refused = runner._early_start(str(spec), "run-stalled")
+    assert revoked == [True] and isinstance(refused, OSError) and "given up" in str(refused)
+    assert not ran.exists() and not log.exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".launch.json" in p.name]

@@ -170,11 +170,15 @@ def revoke_launch(spec: Path, log_file: Path | None, grace: float) -> bool:
     try:
         age = time.time() - claimed.stat().st_mtime
     except FileNotFoundError:
-        # Never written, or taken and swift started: the claim goes only once swift's log exists (so read after).
-        return not (log_file is not None and log_file.exists())
+        # Never written, or taken and swift starting or started: SPEC.claimed becomes SPEC.started once swift's log
+        # exists, which goes once swift runs (so read in that order).
+        return not (Path(f"{spec}.started").exists() or (log_file is not None and log_file.exists()))
     if age < grace:
         return False
-    claimed.unlink(missing_ok=True)
+    try:
+        claimed.unlink()  # (a runner that stalled holding it starts nothing: its rename to .started fails)
+    except FileNotFoundError:
+        return False  # it went on to start swift just now
     return True
 
 
