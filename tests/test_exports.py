@@ -465,3 +465,30 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
         assert (await client.get("/jobs/old")).status_code == 404
+
+
+async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(app_factory: Callable[..., Any],
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    # Asked for while no scheduler ran, then exports/ made a link out of the folder: the export wrote its model
+    # there when a scheduler came (only the request was checked, and only for the folder itself).
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    prefix = f"test-export-escape-{time.time_ns()}"
+    async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "esc", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "esc", lambda j: j["status"] == "completed")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    exports = Path(job["output_dir"]) / "exports"
+    async with app_factory(REDIS_KEY_PREFIX=prefix, scheduler=False) as client:  # no scheduler runs
+        asked = await client.post("/jobs/esc/export", json={"output_name": "out", "checkpoint": "checkpoint-4/"})
+        assert asked.status_code == 200, asked.text  # (a trailing slash names the same folder)
+        exports.symlink_to(outside, target_is_directory=True)
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        done = await wait_job(client, "esc", lambda j: j["export"]["status"] != "running")
+        assert done["export"]["status"] == "failed" and "leads out of the job's folder" in done["export"]["error"]
+        assert list(outside.iterdir()) == []
+        again = await client.post("/jobs/esc/export", json={"output_name": "other"})
+        assert again.status_code == 409 and "leads out of the job's folder" in again.json()["detail"], again.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services.checkpoints import own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.outbox import until_answered
+from application.services.path_sandbox import escaped_output_root
 from application.services.swift_command import build_export_command
 
 # A paused job's checkpoint can be exported too (the merge only reads it).
@@ -81,6 +83,9 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         output_dir = str(Path(job.output_dir) / "exports" / request.output_name)
         if name_taken(job, Path(output_dir)):
             raise Conflict(f"output_name '{request.output_name}' is taken by an earlier export: choose another")
+    target = Path(output_dir) if output_dir else Path(f"{checkpoint}-merged")
+    if why := export_escape(Path(job.output_dir), target, settings.OUTPUT_ROOT):
+        raise Conflict(why)
     # A second merge of one checkpoint into its default folder needs --exist_ok true.
     exist_ok = output_dir is None and Path(f"{checkpoint}-merged").exists()
     return ExportInfo(
@@ -207,9 +212,24 @@ def run_again(info: ExportInfo, host_restart: bool = False) -> ExportInfo:
                                    "host_restarts": info.host_restarts + host_restart})  # fmt: skip
 
 
+def export_escape(output_dir: Path, target: Path, output_root: Path) -> str | None:
+    """Why an export into `target` would write out of the job's folder (a symlink made since: on the folder's
+    way, or at exports/, the target or logs/ in it); None when it would not. Checked when the export is asked
+    for and again just before swift starts (a training run's folder is checked so too)."""
+    if why := escaped_output_root(output_dir, output_root):
+        return why
+    real = os.path.realpath(output_dir) + os.sep
+    for path in (target, output_dir / "logs"):
+        if not os.path.realpath(path).startswith(real):
+            return (f"{path} leads out of the job's folder {output_dir} (a symlink on its way): remove the link, or "
+                    "export into another output_name")  # fmt: skip
+    return None
+
+
 def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
     """One of the job's checkpoints by its path, its path under output_dir, or its folder name (when only one
     run has a checkpoint of that name). Names that are not the job's own are refused, paths never opened."""
+    wanted = wanted.rstrip("/") or wanted  # (the same folder: shell completion adds the slash)
     root = job.output_dir.rstrip("/") + "/"
     by_name: dict[str, list[str]] = {}
     for path in on_disk:

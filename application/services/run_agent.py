@@ -40,7 +40,7 @@ from application.models.training_model import (
 )
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.exports import merged_path, request_auto_export, run_again, while_running
+from application.services.exports import export_escape, merged_path, request_auto_export, run_again, while_running
 from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -336,12 +336,18 @@ class Runner:
         # As for a run: swift's status is on disk before anything else, so that a scheduler can record the
         # export's end if this runner dies before it does.
         exit_file = log_file.with_suffix(".exit.json")
+        target = Path(info.output_dir) if info.output_dir else Path(f"{info.checkpoint}-merged")
+        # Asked for a while ago (no scheduler ran, or its host went down): a symlink may lead out of the folder since.
+        escape = await asyncio.to_thread(export_escape, job_dir, target, self.settings.OUTPUT_ROOT)
         try:
+            if escape:
+                raise OSError(escape)
             exit_file.unlink(missing_ok=True)
             start = _rerun_mark(log_file)
             proc = pg.Child(pg.spawn(info.command, swift_env(None, info.export_id), job_dir, log_file))
         except OSError as exc:
-            failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": f"could not start swift: {exc}",
+            error = escape or f"could not start swift: {exc}"
+            failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": error,
                                              "finished_at": time.time()})  # fmt: skip
             await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
             return 1
