@@ -435,6 +435,17 @@ async def test_preemption_with_two_gpus_and_three_priorities(app_factory: Callab
         assert steps_of(history) == list(range(1, 61))
 
 
+# Preemption at once on two GPUs, with a short grace for a trainer that ignores SIGTERM.
+PREEMPTING_2_GPUS: dict[str, Any] = {
+    "PREEMPTION": True,
+    "PREEMPTION_MIN_RUN_SECONDS": 0,
+    "AUTO_EXPORT": False,
+    "QUEUE_POLL_INTERVAL": 0.2,
+    "STOP_GRACE_SECONDS": 3,
+    "SIMULATED_GPUS": "2x80",
+}
+
+
 async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_victim_stops(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -442,9 +453,7 @@ async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_vict
     second takes its grace. The pass in between planned with the second as running for its whole predicted
     time, so the first fitted "before" the head's reservation and started again on the GPU it had just freed."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
-                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
-    async with app_factory(**settings) as client:
+    async with app_factory(**PREEMPTING_2_GPUS) as client:
         # swift's remaining time becomes the runs' predictions: the first victim's run would end first.
         def long(name: str, priority: int, steps: int, **options: Any) -> dict[str, Any]:
             return job_body(tmp_path, name, priority=priority, step_seconds=0.05, auto_start=True,
@@ -468,9 +477,7 @@ async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_vict
 async def test_no_run_is_preempted_for_the_gpu_of_a_run_being_paused(app_factory: Callable[..., Any],
                                                                       tmp_path: Path) -> None:  # fmt: skip
     make_model(tmp_path / "models" / "tiny-qwen2")
-    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
-                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
-    async with app_factory(**settings) as client:
+    async with app_factory(**PREEMPTING_2_GPUS) as client:
         # The one being paused has the most work to lose (no checkpoint yet): a victim it was not, so it was
         # the other run that lost its work for a GPU that was coming back anyway.
         for name, save, stubborn in (("pausing", 1000, True), ("healthy", 5, False)):
@@ -499,9 +506,7 @@ async def test_no_run_is_preempted_for_the_gpu_of_a_run_past_its_time_limit(app_
     # Its runner is stopping it (the grace of a trainer that ignores SIGTERM): its GPU comes back anyway, and the
     # other run lost its work since its last checkpoint for it.
     make_model(tmp_path / "models" / "tiny-qwen2")
-    settings = {"PREEMPTION": True, "PREEMPTION_MIN_RUN_SECONDS": 0, "AUTO_EXPORT": False,
-                "QUEUE_POLL_INTERVAL": 0.2, "STOP_GRACE_SECONDS": 3, "SIMULATED_GPUS": "2x80"}  # fmt: skip
-    async with app_factory(**settings) as client:
+    async with app_factory(**PREEMPTING_2_GPUS) as client:
         for name, limit, stubborn in (("timing-out", 2, True), ("healthy", None, False)):
             body = job_body(tmp_path, name, priority=1, step_seconds=0.05, auto_start=True, ignore_sigterm=stubborn,
                             time_limit=limit, training={"max_steps": 2000, "save_steps": 5})  # fmt: skip
