@@ -22,7 +22,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server_facto
     root = server.base.split("/api/v1")[0]
     out = subprocess.run(
         [str(st), "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run", f"{root}/openapi.json",
-         "-H", f"Authorization: Bearer {ADMIN_KEY}", "--checks", "all", "--max-examples", "15", "--seed", "20261130",
+         "-H", f"Authorization: Bearer {ADMIN_KEY}", "--checks", "all", "--max-examples", "8", "--seed", "20261130",
          "--workers", "1", "--no-color", "--output-truncate", "false", "--report", "junit",
          "--report-dir", str(tmp_path / "schemathesis-report")],
         capture_output=True, text=True, timeout=280, cwd=tmp_path, check=False,
