@@ -284,9 +284,24 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     assert server.create(**body).status_code == 201
     wait_for(lambda: server.http.get("/jobs/saved/checkpoints").json()["total"], what="a checkpoint of 'saved'")
     assert server.http.post("/jobs/saved/stop").json()["status"] == "stopped"
+    # The page's first read of the job is held until after the resume, so that read (not the periodic one)
+    # is the first to see the new run: the race that left the page on the old run's ended streams.
+    held: list[Route] = []
+
+    def the_job(url: str) -> bool:
+        return url.endswith("/jobs/saved") and "/ui/" not in url
+
+    def first_read_held() -> bool:
+        page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
+        return bool(held)
+
+    tab.page.route(the_job, lambda route: held.append(route))
     page = tab.goto("/ui/jobs/saved")
     expect(page.locator("#job [data-status]")).to_have_text("stopped")
+    wait_for(first_read_held, what="the page's first read of the job")
     assert server.http.post("/jobs/saved/resume").status_code == 200
+    held[0].continue_()
+    tab.page.unroute(the_job)
     expect(page.locator("#events")).to_contain_text("resume requested", timeout=20_000)
     expect(page.locator("#job [data-status]")).to_have_text(re.compile("queued|running"))
 

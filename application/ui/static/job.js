@@ -26,6 +26,12 @@
   };
   let status = section.dataset.status;
   let gone = false;
+  // The streams end with a run. Once the page has seen its job over (or paused), a new run (a resume, here or
+  // from elsewhere) needs them again: the page starts again. Sticky, because any refresh may be the first to
+  // see the new run (one already under way when the resume came), so "the status before this refresh" misses it.
+  let streamsOver = false;
+  let acting = false;
+  const over = (s) => TERMINAL.has(s) || s === "paused";
   // What the server also checks before an action: a running export (it refuses another export and a delete
   // meanwhile; a stop of a finished job stops the export), and the checkpoints (null until the first list):
   // without one there is nothing to export or resume from, unless the job is paused.
@@ -227,6 +233,7 @@
   // ---- the job's facts, attempts, checkpoints ------------------------------------------------------------
   function setStatus(s) {
     status = s;
+    if (over(s)) streamsOver = true;
     section.dataset.status = s;
     const badge = section.querySelector("[data-status]");
     badge.textContent = s;
@@ -350,20 +357,23 @@
     button.disabled = true;
     result.className = "small";
     result.textContent = `${action}…`;
-    const wasOver = TERMINAL.has(status) || status === "paused";
-    const r = await act(action);
-    const body = r.body || {};
-    result.className = r.ok ? "small ok" : "small error";
-    result.textContent = r.ok ? body.message || `${action}: done` : body.detail || `the server answered ${r.status}`;
-    if (r.ok && action === "delete") {
-      location.assign(`${d.root}/ui/jobs`);
-      return;
-    }
-    await refreshJob();
-    // The streams ended with the last run; a new run (resume) needs them again. The answer is shown after it.
-    if (r.ok && wasOver && !TERMINAL.has(status)) {
-      sessionStorage.setItem(SAID, result.textContent);
-      location.reload();
+    acting = true; // the periodic refresh leaves the reload to this handler, which keeps the answer across it
+    try {
+      const r = await act(action);
+      const body = r.body || {};
+      result.className = r.ok ? "small ok" : "small error";
+      result.textContent = r.ok ? body.message || `${action}: done` : body.detail || `the server answered ${r.status}`;
+      if (r.ok && action === "delete") {
+        location.assign(`${d.root}/ui/jobs`);
+        return;
+      }
+      await refreshJob();
+      if (streamsOver && !over(status) && !gone) {
+        sessionStorage.setItem(SAID, result.textContent);
+        location.reload();
+      }
+    } finally {
+      acting = false;
     }
   });
   const SAID = `swift-api:action-result:${jobId}`;
@@ -386,14 +396,10 @@
   followEvents();
   refreshJob();
   setInterval(async () => {
-    if (document.hidden || gone) return;
-    const was = status;
+    if (document.hidden || gone || acting) return;
     await refreshJob();
-    // Resumed from elsewhere (the API, another tab): the streams ended with its last run, so the page starts
-    // again, as after its own resume.
-    if ((TERMINAL.has(was) || was === "paused") && !TERMINAL.has(status) && status !== "paused" && !gone) {
-      location.reload();
-    }
+    // Resumed from elsewhere (the API, another tab): the page starts again, as after its own resume.
+    if (streamsOver && !over(status) && !gone && !acting) location.reload();
   }, 3000);
 
   Object.assign(d, {
