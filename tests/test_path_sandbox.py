@@ -12,6 +12,7 @@ import pytest
 from application.exceptions import Invalid
 from application.services import path_sandbox
 from application.services.path_sandbox import (
+    RealFolder,
     check_text,
     escaped_output_root,
     relinked_input,
@@ -251,3 +252,18 @@ def test_an_input_in_an_owned_area_that_moved_with_a_link_left_behind_is_the_sam
     (data / "uploads" / "alice").symlink_to(data / "uploads" / "bob", target_is_directory=True)
     (data / "uploads" / "bob" / "file-1.jsonl").write_text("{}\n")
     assert relinked_input([("data_path", upload, True)], *roots) is not None
+
+
+def test_a_real_folder_holds_what_lies_under_it_once_every_link_is_followed(tmp_path: Path) -> None:
+    job = tmp_path / "out" / "job"
+    (job / "v0" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "out" / "job2" / "checkpoint-1").mkdir(parents=True)
+    (job / "away").symlink_to(tmp_path / "out" / "job2", target_is_directory=True)
+    (tmp_path / "link-to-job").symlink_to(job, target_is_directory=True)
+    folder = RealFolder(tmp_path / "link-to-job")  # the folder itself may be reached through a link
+    assert folder.holds(job / "v0" / "checkpoint-1")
+    assert folder.holds(str(job / "not-written-yet"))
+    assert not folder.holds(job / "away" / "checkpoint-1")
+    assert not folder.holds(tmp_path / "out" / "job2" / "checkpoint-1")  # a sibling sharing the name's start
+    assert not folder.holds(job / ".." / "job2")
+    assert not folder.holds(job)  # the folder is not under itself

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services.checkpoints import own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.outbox import until_answered
-from application.services.path_sandbox import escaped_output_root
+from application.services.path_sandbox import RealFolder, escaped_output_root
 from application.services.swift_command import build_export_command
 
 # A paused job's checkpoint can be exported too (the merge only reads it).
@@ -218,9 +217,9 @@ def export_escape(output_dir: Path, target: Path, output_root: Path) -> str | No
     for and again just before swift starts (a training run's folder is checked so too)."""
     if why := escaped_output_root(output_dir, output_root):
         return why
-    real = os.path.realpath(output_dir) + os.sep
+    folder = RealFolder(output_dir)
     for path in (target, output_dir / "logs"):
-        if not os.path.realpath(path).startswith(real):
+        if not folder.holds(path):
             return (f"{path} leads out of the job's folder {output_dir} (a symlink on its way): remove the link, or "
                     "export into another output_name")  # fmt: skip
     return None

@@ -16,13 +16,13 @@ for anywhere in a segment, not only at its start.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from application.models.training_model import Progress
+from application.services.path_sandbox import RealFolder
 from application.services.step_dicts import (
     duration_text,
     finite,
@@ -223,7 +223,7 @@ class SwiftLogParser:
         # The job's output folder: a path the log names outside it is not the run's. swift echoes a data set's
         # first row into its log, so a row can print "[INFO:swift] last_model_checkpoint: <another owner's
         # checkpoint>", which an export would then have merged into this owner's folder.
-        self._root = os.path.realpath(root) + os.sep if root else None
+        self._root = RealFolder(root) if root else None
         # When the trainer's clock started, as well as the log tells: a step ran at this + its elapsed_time.
         # Every live reading (read time - elapsed) can only be late, so the earliest is the best; a run's
         # process start bounds it from below.
@@ -327,7 +327,7 @@ class SwiftLogParser:
             self.command_line = result.command_line = m.group("cmd")
 
     def _inside(self, path: str | None) -> bool:
-        return self._root is None or (path is not None and os.path.realpath(path).startswith(self._root))
+        return self._root is None or (path is not None and self._root.holds(path))
 
     def handle_step_dict(self, d: dict[str, Any], result: ParseResult, live: bool = True,
                          now: float | None = None) -> None:  # fmt: skip

@@ -107,6 +107,17 @@ def is_hub_id(value: str, *, data: bool) -> bool:
     )
 
 
+class RealFolder:
+    """A folder resolved once; `holds(path)`: whether `path`, every symlink on its way followed, lies under it.
+    For paths the trainer or the disk names (a log line, logging.jsonl, an export's target), not request data."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.prefix = os.path.realpath(folder) + os.sep
+
+    def holds(self, path: str | os.PathLike[str]) -> bool:
+        return os.path.realpath(path).startswith(self.prefix)
+
+
 def _inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 

@@ -4,7 +4,6 @@ runner dead: one path, so a pause, a preemption or a retry ends the same way who
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import first_resumable
 from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
+from application.services.path_sandbox import RealFolder
 from application.services.run_end import Conclusion, RunEnd, conclude, final_status
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
 from application.utils.log_tail import STORED_LINE_CHARS, tail_lines
@@ -43,10 +43,10 @@ def read_run(
     if facts.run_dir:
         logged = parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl")
         # The trainer writes it: a checkpoint it names out of the job's folder is not the job's (as in its log).
-        root = os.path.realpath(job.output_dir) + os.sep
-        if logged.last_checkpoint and not os.path.realpath(logged.last_checkpoint).startswith(root):
+        folder = RealFolder(job.output_dir)
+        if logged.last_checkpoint and not folder.holds(logged.last_checkpoint):
             logged.last_checkpoint = None
-        if logged.best_checkpoint and not os.path.realpath(logged.best_checkpoint).startswith(root):
+        if logged.best_checkpoint and not folder.holds(logged.best_checkpoint):
             logged.best_checkpoint = None
         facts = facts.merged(logged)
     run_dirs = [a.run_dir for a in job.attempts[:-1]] + [facts.run_dir or job.run_dir]
