@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+# What a runner renames its launch spec to (process_group.revoke_launch reads them): taken, then swift starting.
+CLAIMED, STARTED = ".claimed", ".started"
+
 
 def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], float] | OSError:
     """swift, started from the scheduler's launch spec (stdlib only: this runs before any other import).
@@ -28,7 +31,7 @@ def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], 
     gives the run up removes SPEC, or a claim too old (process_group.revoke_launch): a runner launched after
     that, by a scheduler that stalled between its last leader check and the launch, or that stalled itself
     after its claim, starts nothing; one that took the spec first is seen as launched."""
-    claimed, started = f"{spec_file}.claimed", f"{spec_file}.started"
+    claimed, started = spec_file + CLAIMED, spec_file + STARTED
     try:
         os.rename(spec_file, claimed)
     except FileNotFoundError:

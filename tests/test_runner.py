@@ -20,7 +20,7 @@ import psutil
 import pytest
 import redis
 
-from application.runner import _early_start
+from application.runner import CLAIMED, _early_start
 from application.services.process_group import group_members
 from tests.conftest import FAKE_SWIFT, ApiServer, job_body, wait_for
 from tests.redis_proxy import RedisProxy
@@ -523,10 +523,10 @@ def test_a_launch_spec_revoked_before_its_runner_takes_it_starts_nothing(tmp_pat
     started = _early_start(str(spec), "run-taken")
     assert not isinstance(started, OSError)
     assert started[0].wait(10) == 0 and ran.exists()
-    assert not spec.exists() and not Path(f"{spec}.claimed").exists()
+    assert not spec.exists() and not Path(f"{spec}{CLAIMED}").exists()
     assert not revoke_launch(spec, log, grace=15.0)
     # Taken by a runner that is still starting swift (its claim fresh, no log yet), or that died doing so.
-    claimed = Path(f"{spec_of('run-starting')}.claimed")
+    claimed = Path(f"{spec_of('run-starting')}{CLAIMED}")
     launch_spec(tmp_path, "j", "run-starting").rename(claimed)
     log.unlink()
     assert not revoke_launch(launch_spec(tmp_path, "j", "run-starting"), log, grace=15.0) and claimed.exists()
@@ -551,7 +551,7 @@ def test_a_runner_that_stalls_after_taking_its_spec_starts_nothing_once_its_run_
     loads = json.loads
 
     def stalled(text: str) -> Any:  # the moment after the claim, read as the stall's end
-        claimed = Path(f"{spec}.claimed")
+        claimed = Path(f"{spec}{CLAIMED}")
         os.utime(claimed, (time.time() - 60, time.time() - 60))
         revoked.append(revoke_launch(spec, log, grace=15.0))
         return loads(text)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
+from application.runner import CLAIMED
 from application.services import process_group as pg
 from application.services import watchdog
 from tests.conftest import ROOT, _until, job_body, make_model, wait_job
@@ -123,7 +124,7 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         fields = {**fields, "run_id": "run-taken", "started_at": time.time() - 30, "log_file": str(taken_log)}
         await scheduler.store.transition("taken", JobStatus.RUNNING, acquire_gpus=[0], fields=fields)
         taken_log.parent.mkdir(parents=True)
-        Path(f"{pg.launch_spec(taken_log.parent, 'taken', 'run-taken')}.claimed").write_text("{}")
+        Path(f"{pg.launch_spec(taken_log.parent, 'taken', 'run-taken')}{CLAIMED}").write_text("{}")
         await scheduler.watchdog.sweep()
         assert (await client.get("/jobs/taken")).json()["status"] == "running"
 

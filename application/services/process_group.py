@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from application.runner import CLAIMED, STARTED
+
 START_TIME_TOLERANCE = 0.5
 # The environment variable that names the run (its run id, or an export's id) in swift and its children.
 RUN_MARK = "SWIFT_API_RUN"
@@ -166,13 +168,13 @@ def revoke_launch(spec: Path, log_file: Path | None, grace: float) -> bool:
         return True
     except FileNotFoundError:
         pass
-    claimed = Path(f"{spec}.claimed")
+    claimed = Path(f"{spec}{CLAIMED}")
     try:
         age = time.time() - claimed.stat().st_mtime
     except FileNotFoundError:
         # Never written, or taken and swift starting or started: SPEC.claimed becomes SPEC.started once swift's log
         # exists, which goes once swift runs (so read in that order).
-        return not (Path(f"{spec}.started").exists() or (log_file is not None and log_file.exists()))
+        return not (Path(f"{spec}{STARTED}").exists() or (log_file is not None and log_file.exists()))
     if age < grace:
         return False
     try:
