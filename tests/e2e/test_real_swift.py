@@ -146,148 +146,33 @@ def real_server(server_factory: Callable[..., ApiServer], swift: Path, lab_dir: 
     })  # fmt: skip
 
 
-def test_real_swift_sft_and_export(
+def test_real_swift_sft_paused_at_a_checkpoint_resumed_and_exported(
     server_factory: Callable[..., ApiServer], tmp_path: Path, lab: tuple[Path, Path, Path, str]
 ) -> None:
+    """One LoRA job through the whole life a user sees (one test: each real swift start costs seconds): the exact
+    argv, progress and loss equal to swift's own logging.jsonl, eval, a pause after its first checkpoint, a resume
+    with --resume_from_checkpoint that goes on from that step in a new run folder to max_steps, and the automatic
+    export merging the final checkpoint."""
     swift, model, data, swift_version = lab
     major = int(swift_version.split(".")[0])
     t0 = time.monotonic()
     server = real_server(server_factory, swift, data.parent)
-
-    training = {
-        "model_type": "qwen2", "template": "qwen2_5", "max_steps": MAX_STEPS, "logging_steps": 2,
-        "save_steps": 10, "eval_steps": 10, "split_dataset_ratio": 0.2, "gradient_accumulation_steps": 1,
-        "max_length": 256, "lora_rank": 8, "lora_alpha": 16, "dataloader_num_workers": 0, "dataset_num_proc": 1,
-    }  # fmt: skip
-    t1 = time.monotonic()
-    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_real_swift", num_gpus=0,
-                      auto_start=True, training=training)  # fmt: skip
-    assert r.status_code == 201, r.text
-    job_id = r.json()["job_id"]
-    assert r.json()["status"] == "running", r.text
-    # The probe of this swift knows the scheduler names transformers converts after a job's wait.
-    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_bad_scheduler", num_gpus=0,
-                      training={**training, "lr_scheduler_type": "cosine_min_lr"})  # fmt: skip
-    assert r.status_code == 422 and "did you mean cosine_with_min_lr" in r.text, r.text
-
-    def finished() -> dict[str, Any] | None:
-        job = server.job(job_id)
-        return job if job["status"] in ("completed", "failed", "stopped", "cancelled") else None
-
-    try:
-        job = wait_for(finished, timeout=TRAIN_DEADLINE, interval=0.5, what=f"job {job_id} to finish")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    t_train = time.monotonic() - t1
-    print(f"[e2e] training (HTTP submit -> completed, {MAX_STEPS} steps): {t_train:.1f}s")
-    assert job["status"] == "completed", diagnose(server, job_id)
-    assert job["exit_code"] == 0
-
-    # The exact argv: CPU dtype, no hub check, no vision-model flags, the version's tuner flag.
-    command: list[str] = job["command"]
-    assert command[:2] == [str(swift), "sft"], command
-    assert command[command.index("--torch_dtype") + 1] == "float32", command
-    assert command[command.index("--check_model") + 1] == "false", command
-    assert "--vit_lr" not in command and "--aligner_lr" not in command, command
-    assert ("--tuner_type" if major >= 4 else "--train_type") in command, command
-    assert command[command.index("--model_type") + 1] == "qwen2", command
-    assert command[command.index("--template") + 1] == "qwen2_5", command
-    assert command[command.index("--max_steps") + 1] == str(MAX_STEPS)
-    assert job["env"]["CUDA_VISIBLE_DEVICES"] == "", job["env"]
-    assert job["gpu_ids"] == []
-    # Detected from the ms-swift environment itself (SWIFT_VERSION is unset).
-    assert job["swift_version"] == swift_version, (job["swift_version"], swift_version)
-    if swift_version.startswith("4."):
-        assert swift_version == "4.6.0", f"install_all.sh installs ms-swift 4.6.0, found {swift_version}"
-
-    # Progress and loss history from the real run's per-step dicts.
-    prog = server.http.get(f"/jobs/{job_id}/progress").json()
-    p = prog["progress"]
-    assert p["current_step"] == MAX_STEPS and p["max_steps"] == MAX_STEPS, p
-    losses = [pt for pt in prog["history"] if pt.get("loss") is not None]
-    assert len(losses) >= 5, prog["history"]
-    for pt in losses:
-        assert isinstance(pt["loss"], float) and math.isfinite(pt["loss"]) and pt["loss"] > 0, pt
-    assert [pt["step"] for pt in losses] == sorted(pt["step"] for pt in losses)
-    assert losses[-1]["step"] == MAX_STEPS, losses
-    assert len({round(pt["loss"], 4) for pt in losses}) > 1, "every loss equal: not a real training run"
-    assert any(pt.get("eval_loss") is not None for pt in prog["history"]), "split_dataset_ratio 0.2 gives eval"
-    assert isinstance(prog["train_loss"], float) and isinstance(prog["train_runtime"], float), prog
-
-    # The same numbers as swift's own logging.jsonl in the run folder (stdout rounds to 4 digits).
-    output_dir = Path(job["output_dir"])
-    assert output_dir.is_relative_to(tmp_path / "output"), output_dir
-    run_dir = Path(job["run_dir"])
-    assert run_dir.parent == output_dir and run_dir.name.startswith("v"), run_dir
-    logged = {}
-    for line in (run_dir / "logging.jsonl").read_text().splitlines():
-        d = json.loads(line)
-        if "loss" in d and "global_step/max_steps" in d:
-            logged[int(str(d["global_step/max_steps"]).split("/")[0])] = float(d["loss"])
-    for pt in losses:
-        assert pt["step"] in logged, (pt, logged)
-        assert math.isclose(pt["loss"], logged[pt["step"]], rel_tol=1e-3), (pt, logged[pt["step"]])
-
-    # Checkpoints on disk, with the LoRA adapter.
-    last = Path(job["last_checkpoint"])
-    assert last.name == f"checkpoint-{MAX_STEPS}" and last.parent == run_dir, last
-    assert job["checkpoints"] and str(last) in job["checkpoints"], job["checkpoints"]
-    for checkpoint in job["checkpoints"]:
-        for name in ADAPTER_FILES:
-            assert (Path(checkpoint) / name).is_file(), f"{checkpoint} lacks {name}: {os.listdir(checkpoint)}"
-
-    # The automatic export merges the last checkpoint into <checkpoint>-merged.
-    t2 = time.monotonic()
-
-    def exported() -> dict[str, Any] | None:
-        j = server.job(job_id)
-        return j if j["export"]["status"] in ("completed", "failed", "stopped") else None
-
-    try:
-        job = wait_for(exported, timeout=EXPORT_DEADLINE, interval=0.5, what=f"the export of {job_id} to finish")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    # Measured from training's end; the export may already have run while the checks above did.
-    t_export = (job["export"]["finished_at"] or 0) - (job["export"]["started_at"] or 0)
-    print(f"[e2e] export (swift export --merge_lora true): {t_export:.1f}s "
-          f"(waited {time.monotonic() - t2:.1f}s after the checks)")  # fmt: skip
-    export = job["export"]
-    assert export["status"] == "completed", diagnose(server, job_id)
-    assert export["checkpoint"] == str(last), export
-    assert export["command"][:2] == [str(swift), "export"] and "--merge_lora" in export["command"], export
-    merged = Path(export["path"])
-    assert merged == Path(f"{last}-merged"), export
-    assert (merged / "config.json").is_file(), os.listdir(merged)
-    weights = list(merged.glob("*.safetensors"))
-    assert weights and all(w.stat().st_size > 0 for w in weights), os.listdir(merged)
-    assert json.loads((merged / "config.json").read_text()).get("model_type") == "qwen2"
-
-    events = server.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
-    kinds = [e["type"] for e in events]
-    assert "export_completed" in kinds, kinds
-    print(f"[e2e] total: training {t_train:.1f}s + export {t_export:.1f}s "
-          f"= {time.monotonic() - t0:.1f}s wall")  # fmt: skip
-
-
-def test_real_swift_pause_and_resume_from_the_first_checkpoint(
-    server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
-) -> None:
-    """Paused after its first checkpoint, resumed with --resume_from_checkpoint: the real swift goes on from that
-    step in a new run folder and completes at max_steps, and the final checkpoint is merged."""
-    swift, model, data, _ = lab
-    server = real_server(server_factory, swift, data.parent)
-    steps, save = 24, 4
-    # Accumulating 8 micro-batches a step makes steps slow enough on a CPU to pause well before the end (20 steps
-    # after the first checkpoint: 160 micro-batches, against the 2 s a pause takes to land).
+    steps, save = MAX_STEPS, 4
+    # Accumulating 8 micro-batches a step makes steps slow enough on a CPU to pause well before the end (16 steps
+    # after the first checkpoint: 128 micro-batches, against the 2 s a pause takes to land).
     training = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": steps, "logging_steps": 2, "save_steps": save,
-        "gradient_accumulation_steps": 8, "max_length": 256, "lora_rank": 8, "lora_alpha": 16,
-        "dataloader_num_workers": 0, "dataset_num_proc": 1, "save_total_limit": 5,
+        "eval_steps": 10, "split_dataset_ratio": 0.2, "gradient_accumulation_steps": 8, "max_length": 256,
+        "lora_rank": 8, "lora_alpha": 16, "dataloader_num_workers": 0, "dataset_num_proc": 1, "save_total_limit": 6,
     }  # fmt: skip
-    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_pause", num_gpus=0,
+    r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_real_swift", num_gpus=0,
                       auto_start=True, training=training)  # fmt: skip
     assert r.status_code == 201 and r.json()["status"] == "running", r.text
     job_id = r.json()["job_id"]
+    # The probe of this swift knows the scheduler names transformers converts after a job's wait.
+    bad = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_bad_scheduler", num_gpus=0,
+                        training={**training, "lr_scheduler_type": "cosine_min_lr"})  # fmt: skip
+    assert bad.status_code == 422 and "did you mean cosine_with_min_lr" in bad.text, bad.text
     try:
         wait_for(lambda: (server.job(job_id)["last_checkpoint"] or "").endswith(f"checkpoint-{save}")
                  or server.job(job_id)["status"] != "running", timeout=TRAIN_DEADLINE, interval=0.2,
@@ -309,40 +194,104 @@ def test_real_swift_pause_and_resume_from_the_first_checkpoint(
                        interval=0.5, what="the resumed run and its export")  # fmt: skip
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    assert job["status"] == "completed", diagnose(server, job_id)
-    command = job["command"]
+    print(f"[e2e] submit -> paused -> resumed -> completed and exported: {time.monotonic() - t0:.1f}s")
+    assert job["status"] == "completed" and job["exit_code"] == 0, diagnose(server, job_id)
+
+    # The exact argv: CPU dtype, no hub check, no vision-model flags, the version's tuner flag, the resume.
+    command: list[str] = job["command"]
+    assert command[:2] == [str(swift), "sft"], command
+    assert command[command.index("--torch_dtype") + 1] == "float32", command
+    assert command[command.index("--check_model") + 1] == "false", command
+    assert "--vit_lr" not in command and "--aligner_lr" not in command, command
+    assert ("--tuner_type" if major >= 4 else "--train_type") in command, command
+    assert command[command.index("--model_type") + 1] == "qwen2", command
+    assert command[command.index("--template") + 1] == "qwen2_5", command
+    assert command[command.index("--max_steps") + 1] == str(steps)
     assert command[command.index("--resume_from_checkpoint") + 1] == paused["resume_from"], command
+    assert job["env"]["CUDA_VISIBLE_DEVICES"] == "", job["env"]
+    assert job["gpu_ids"] == []
+    # Detected from the ms-swift environment itself (SWIFT_VERSION is unset).
+    assert job["swift_version"] == swift_version, (job["swift_version"], swift_version)
+    if swift_version.startswith("4."):
+        assert swift_version == "4.6.0", f"install_all.sh installs ms-swift 4.6.0, found {swift_version}"
+
     # A new run folder, as swift does on a resume; the final checkpoint is there and is what was merged.
+    output_dir = Path(job["output_dir"])
+    assert output_dir.is_relative_to(tmp_path / "output"), output_dir
     second_run = Path(job["run_dir"])
-    assert second_run != first_run and second_run.parent == first_run.parent, (first_run, second_run)
-    assert job["last_checkpoint"] == str(second_run / f"checkpoint-{steps}"), job["last_checkpoint"]
-    assert job["export"]["status"] == "completed" and job["export"]["checkpoint"] == job["last_checkpoint"]
-    assert (Path(job["export"]["path"]) / "config.json").is_file()
-    # swift went on from the checkpoint's step: the history has each logged step once, in order, to max_steps.
-    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 1000}).json()["history"]
-    logged = [p["step"] for p in history if p.get("loss") is not None]
-    assert logged == sorted(set(logged)) and logged[-1] == steps, logged
-    assert any(s <= at for s in logged) and any(s > at for s in logged), logged
-    first_logged = [json.loads(line) for line in (second_run / "logging.jsonl").read_text().splitlines()]
-    first_step = int(str(first_logged[0]["global_step/max_steps"]).split("/")[0])
+    assert second_run != first_run and second_run.parent == first_run.parent == output_dir, (first_run, second_run)
+    assert second_run.name.startswith("v"), second_run
+    last = second_run / f"checkpoint-{steps}"
+    assert job["last_checkpoint"] == str(last), job["last_checkpoint"]
+    assert job["checkpoints"] and str(last) in job["checkpoints"], job["checkpoints"]
+    for checkpoint in job["checkpoints"]:
+        for name in ADAPTER_FILES:
+            assert (Path(checkpoint) / name).is_file(), f"{checkpoint} lacks {name}: {os.listdir(checkpoint)}"
+
+    # Progress and loss history from the real runs' per-step dicts: each logged step once, in order, to
+    # max_steps, across both runs, with the numbers of swift's own logging.jsonl (stdout rounds to 4 digits).
+    prog = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 1000}).json()
+    p = prog["progress"]
+    assert p["current_step"] == steps and p["max_steps"] == steps, p
+    losses = [pt for pt in prog["history"] if pt.get("loss") is not None]
+    for pt in losses:
+        assert isinstance(pt["loss"], float) and math.isfinite(pt["loss"]) and pt["loss"] > 0, pt
+    logged_steps = [pt["step"] for pt in losses]
+    assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == steps, logged_steps
+    assert any(s <= at for s in logged_steps) and any(s > at for s in logged_steps), logged_steps
+    assert len({round(pt["loss"], 4) for pt in losses}) > 1, "every loss equal: not a real training run"
+    assert any(pt.get("eval_loss") is not None for pt in prog["history"]), "split_dataset_ratio 0.2 gives eval"
+    assert isinstance(prog["train_loss"], float) and isinstance(prog["train_runtime"], float), prog
+    logged: dict[int, float] = {}
+    for run in (first_run, second_run):
+        for line in (run / "logging.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            if "loss" in d and "global_step/max_steps" in d:
+                logged[int(str(d["global_step/max_steps"]).split("/")[0])] = float(d["loss"])
+    for pt in losses:
+        assert pt["step"] in logged, (pt, logged)
+        assert math.isclose(pt["loss"], logged[pt["step"]], rel_tol=1e-3), (pt, logged[pt["step"]])
+    second = [json.loads(line) for line in (second_run / "logging.jsonl").read_text().splitlines()]
+    first_step = int(str(second[0]["global_step/max_steps"]).split("/")[0])
     assert at < first_step <= at + 2, first_step  # the resumed run's first logged step follows the checkpoint
     cps = server.http.get(f"/jobs/{job_id}/checkpoints").json()
     saved = [c["step"] for c in cps["checkpoints"]]
     assert saved == sorted(saved) and saved[-1] == steps and at in saved and cps["checkpoints"][-1]["exported"], cps
     assert {c["attempt"] for c in cps["checkpoints"]} == {1, 2}, cps
 
+    # The automatic export merged the last checkpoint into <checkpoint>-merged.
+    export = job["export"]
+    assert export["status"] == "completed", diagnose(server, job_id)
+    assert export["checkpoint"] == str(last), export
+    assert export["command"][:2] == [str(swift), "export"] and "--merge_lora" in export["command"], export
+    merged = Path(export["path"])
+    assert merged == Path(f"{last}-merged"), export
+    assert (merged / "config.json").is_file(), os.listdir(merged)
+    weights = list(merged.glob("*.safetensors"))
+    assert weights and all(w.stat().st_size > 0 for w in weights), os.listdir(merged)
+    assert json.loads((merged / "config.json").read_text()).get("model_type") == "qwen2"
+    kinds = [e["type"] for e in server.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]]
+    assert "export_completed" in kinds, kinds
 
-def test_real_swift_dpo_with_arguments_checked_against_the_installed_version(
+
+def test_real_swift_dpo_and_grpo_with_arguments_checked_against_the_installed_version(
     server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
 ) -> None:
-    """`kind: rlhf` runs `swift rlhf --rlhf_type dpo` on a preference data set; arguments beyond the named fields
-    (target_modules, beta, lr_scheduler_type) are checked against the real ms-swift's own argument list."""
+    """`kind: rlhf` (two jobs at once on one server: each real swift start costs seconds).
+
+    DPO runs `swift rlhf --rlhf_type dpo` on a preference data set; arguments beyond the named fields
+    (target_modules, beta, lr_scheduler_type) are checked against the real ms-swift's own argument list.
+    GRPO runs on prompts with a built-in reward: what swift would refuse at its start (the generation batch its 8
+    default generations do not divide, a reference model for LoRA) is a 422 at create; a batch that fits
+    trains, with GRPO's trainer importable (msgspec, which ms-swift does not declare, is installed)."""
     swift, model, data, swift_version = lab
     server = real_server(server_factory, swift, data.parent)
     wait_for(lambda: (server.http.get("/health").json().get("swift") or {}).get("probed"), timeout=120, interval=0.5,
              what="the scheduler to read ms-swift's arguments")  # fmt: skip
     health = server.http.get("/health").json()["swift"]
     assert health["ok"] is True and health["version"] == swift_version, health
+
+    # DPO: refused on a data set without preference pairs, and for a misspelt argument; then started.
     pref = data.parent / "pref.jsonl"
     training = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": 4, "save_steps": 2, "logging_steps": 1,
@@ -359,53 +308,44 @@ def test_real_swift_dpo_with_arguments_checked_against_the_installed_version(
     r = server.create(data_path=str(pref), model_path=str(model), output_dir="e2e_dpo", num_gpus=0, kind="rlhf",
                       rlhf_type="dpo", auto_start=True, training=training)  # fmt: skip
     assert r.status_code == 201, r.text
-    job_id = r.json()["job_id"]
-    job = completed(server, job_id, "DPO")
-    command = job["command"]
-    assert command[:2] == [str(swift), "rlhf"] and command[command.index("--rlhf_type") + 1] == "dpo", command
-    saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
-    assert saved["rlhf_type"] == "dpo" and saved["beta"] == 0.2 and saved["lr_scheduler_type"] == "linear", saved
-    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"], saved["target_modules"]
-    assert job["progress"]["current_step"] == 4 and job["progress"]["max_steps"] == 4, job["progress"]
-    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
-    assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2, 3, 4], history
-    assert job["last_checkpoint"] == str(Path(job["run_dir"]) / "checkpoint-4"), job["last_checkpoint"]
+    dpo_id = r.json()["job_id"]
 
-
-def test_real_swift_grpo_whose_generation_batch_is_checked_before_it_waits(
-    server_factory: Callable[..., ApiServer], lab: tuple[Path, Path, Path, str]
-) -> None:
-    """`rlhf_type: grpo` on prompts with a built-in reward: what swift would refuse at its start (the generation
-    batch its 8 default generations do not divide, a reference model for LoRA) is a 422 at create; a batch that
-    fits trains, with GRPO's trainer importable (msgspec, which ms-swift does not declare, is installed)."""
-    swift, model, data, _ = lab
+    # GRPO: refused where swift would refuse at its start; then a batch that fits.
     prompts = data.parent / "prompts.jsonl"
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     prompts.write_text("".join(json.dumps({"messages": r["messages"][:1]}) + "\n" for r in rows))
-    server = real_server(server_factory, swift, data.parent)
-    wait_for(lambda: (server.http.get("/health").json().get("swift") or {}).get("probed"), timeout=120, interval=0.5,
-             what="the scheduler to read ms-swift's arguments")  # fmt: skip
-    training: dict[str, Any] = {
+    grpo: dict[str, Any] = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": 2, "save_steps": 2, "logging_steps": 1,
         "max_completion_length": 16, "reward_funcs": ["format"], "dataloader_num_workers": 0, "dataset_num_proc": 1,
         "split_dataset_ratio": 0,
     }  # fmt: skip
     body = {"data_path": str(prompts), "model_path": str(model), "output_dir": "e2e_grpo", "num_gpus": 0,
             "kind": "rlhf", "rlhf_type": "grpo"}  # fmt: skip
-    wrong = server.create(**body, training=training)  # 1 x 1 x 4 steps: 4 completions, swift's 8 generations
+    wrong = server.create(**body, training=grpo)  # 1 x 1 x 4 steps: 4 completions, swift's 8 generations
     assert wrong.status_code == 422 and "set it to one of [2, 4]" in wrong.json()["detail"], wrong.text
-    ref = server.create(**{**body, "rlhf_type": "dpo", "data_path": str(data.parent / "pref.jsonl")},
-                        training={"ref_model": str(model)})  # fmt: skip
+    ref = server.create(**{**body, "rlhf_type": "dpo", "data_path": str(pref)}, training={"ref_model": str(model)})
     assert ref.status_code == 422 and "ref_model is only for a full fine-tune" in ref.json()["detail"], ref.text
-    fits = {**training, "num_generations": 2, "gradient_accumulation_steps": 1, "batch_size": 2}
+    fits = {**grpo, "num_generations": 2, "gradient_accumulation_steps": 1, "batch_size": 2}
     r = server.create(**body, auto_start=True, training=fits)
     assert r.status_code == 201, r.text
-    job_id = r.json()["job_id"]
-    job = completed(server, job_id, "GRPO")
+    grpo_id = r.json()["job_id"]
+
+    job = completed(server, dpo_id, "DPO")
+    command = job["command"]
+    assert command[:2] == [str(swift), "rlhf"] and command[command.index("--rlhf_type") + 1] == "dpo", command
+    saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
+    assert saved["rlhf_type"] == "dpo" and saved["beta"] == 0.2 and saved["lr_scheduler_type"] == "linear", saved
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"], saved["target_modules"]
+    assert job["progress"]["current_step"] == 4 and job["progress"]["max_steps"] == 4, job["progress"]
+    history = server.http.get(f"/jobs/{dpo_id}/progress", params={"history_limit": 100}).json()["history"]
+    assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2, 3, 4], history
+    assert job["last_checkpoint"] == str(Path(job["run_dir"]) / "checkpoint-4"), job["last_checkpoint"]
+
+    job = completed(server, grpo_id, "GRPO")
     saved = json.loads((Path(job["run_dir"]) / "args.json").read_text())
     assert saved["rlhf_type"] == "grpo" and saved["num_generations"] == 2, saved
     assert job["progress"]["current_step"] == 2 and job["last_checkpoint"].endswith("checkpoint-2"), job
-    history = server.http.get(f"/jobs/{job_id}/progress", params={"history_limit": 100}).json()["history"]
+    history = server.http.get(f"/jobs/{grpo_id}/progress", params={"history_limit": 100}).json()["history"]
     assert [p["step"] for p in history if p.get("loss") is not None] == [1, 2], history
 
 
