@@ -32,6 +32,7 @@
   let streamsOver = false;
   let acting = false;
   const over = (s) => TERMINAL.has(s) || s === "paused";
+  const newRun = () => streamsOver && !over(status) && !gone;
   // What the server also checks before an action: a running export (it refuses another export and a delete
   // meanwhile; a stop of a finished job stops the export), and the checkpoints (null until the first list):
   // without one there is nothing to export or resume from, unless the job is paused.
@@ -368,7 +369,7 @@
         return;
       }
       await refreshJob();
-      if (streamsOver && !over(status) && !gone) {
+      if (newRun()) {
         sessionStorage.setItem(SAID, result.textContent);
         location.reload();
       }
@@ -399,7 +400,7 @@
     if (document.hidden || gone || acting) return;
     await refreshJob();
     // Resumed from elsewhere (the API, another tab): the page starts again, as after its own resume.
-    if (streamsOver && !over(status) && !gone && !acting) location.reload();
+    if (newRun() && !acting) location.reload();
   }, 3000);
 
   Object.assign(d, {
