@@ -28,7 +28,7 @@ from application.api.body_limit import BodyLimit
 from application.api.deps import E413
 from application.api.metrics import router as metrics_router
 from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
-from application.api.training import router as training_router
+from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError, error_json
@@ -223,7 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # e.g. a read-only replica or OOM: the store cannot take the change now
         return JSONResponse({"detail": f"Redis refused the operation ({exc})"}, status_code=503)
 
-    app.include_router(training_router, prefix=settings.API_PREFIX)
+    include_routes(app, settings.API_PREFIX)
     app.include_router(metrics_router)
     mount_ui(app)
     plain_openapi = app.openapi
