@@ -96,6 +96,7 @@ class ClusterStore:
         self._release = client.register_script(lua_cluster.LEADER_RELEASE)
         self._claim_answer = client.register_script(lua_cluster.CLAIM_ANSWER)
         self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
+        self._create_context = client.register_script(lua_cluster.CREATE_CONTEXT)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
@@ -189,29 +190,21 @@ class ClusterStore:
         return _head(await self.r.get(self.keys.queue_head))
 
     async def create_context(self, rate: tuple[str, float] | None) -> CreateContext:
-        """What a create needs, in one pipeline: a create is mostly round trips, and each costs a worker CPU
-        time in the client library, not just latency. `rate` (window key, period) counts this create."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.mget([self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
-                       self.keys.leader, self.keys.folders_indexed])  # fmt: skip
-            pipe.hgetall(self.keys.gpu_leases)
-            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
-            pipe.zcard(self.keys.queue)
-            pipe.pttl(self.keys.leader)
-            pipe.hget(self.keys.processor_stats, "enabled")
-            if rate is not None:
-                # Set with its expiry first, then counted: the counter never exists without an expiry.
-                pipe.set(rate[0], 0, ex=max(1, int(rate[1])) + 1, nx=True)
-                pipe.incr(rate[0])
-            out = await pipe.execute()
-        (snapshot, info, head, version, leader, indexed), leases, running, length, leader_ttl, enabled = out[:6]
-        rate_count = int(out[7]) if rate is not None else None
+        """What a create needs, in one command (lua_cluster.CREATE_CONTEXT). `rate` (window key, period) counts
+        this create."""
+        keys = [self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
+                self.keys.leader, self.keys.folders_indexed, self.keys.gpu_leases,
+                self.keys.status_index(JobStatus.RUNNING), self.keys.queue, self.keys.processor_stats]  # fmt: skip
+        if rate is not None:
+            keys.append(rate[0])
+        out = await self._create_context(keys=keys, args=[max(1, int(rate[1])) + 1 if rate is not None else 0])
+        (snapshot, info, head, version, leader, indexed), leases, running, length, leader_ttl, enabled, count = out
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
-            leases={int(k): v for k, v in leases.items()}, running=list(running), queue_length=int(length),
-            head=_head(head), history_version=int(version or 0),
+            leases={int(k): v for k, v in zip(leases[::2], leases[1::2], strict=True)}, running=list(running),
+            queue_length=int(length), head=_head(head), history_version=int(version or 0),
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
-            rate_count=rate_count, folders_indexed=bool(indexed),
+            rate_count=int(count) if rate is not None else None, folders_indexed=bool(indexed),
         )  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
