@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import posixpath
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -38,9 +39,15 @@ FOLDERS_NOT_INDEXED = ("the scheduler has not recorded whose job folders are who
 def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
     """What the scripts need to find another owner's folder overlapping `folder` (a resolved path inside the
     resolved OUTPUT_ROOT `root`)."""
-    ancestors = [str(folder)]
-    ancestors += [str(p) for p in folder.parents if root in p.parents]
-    return {"owner": owner or "", "ancestors": ancestors, "prefix": str(folder).rstrip("/") + "/"}
+    # As strings: pathlib's `root in p.parents` for every parent cost a create a twentieth of its time.
+    path, top = str(folder), str(root)
+    inside = top if top.endswith("/") else top + "/"
+    ancestors = [path]
+    parent = posixpath.dirname(path)
+    while parent != top and parent.startswith(inside):  # strictly inside OUTPUT_ROOT
+        ancestors.append(parent)
+        parent = posixpath.dirname(parent)
+    return {"owner": owner or "", "ancestors": ancestors, "prefix": path.rstrip("/") + "/"}
 
 
 def foreign_output_dir(requested: str) -> Conflict:
