@@ -72,15 +72,20 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
                                                                                            strict=True):  # fmt: skip
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
         predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
-        remaining = remaining_seconds(predicted=predicted, started_at=json.loads(started_raw) if started_raw else None,
-                                      time_limit=json.loads(limit_raw) if limit_raw else None, now=now)  # fmt: skip
-        if any(raw and json.loads(raw) for raw in ending):
+        started = json.loads(started_raw) if started_raw else None
+        limit = json.loads(limit_raw) if limit_raw else None
+        remaining = remaining_seconds(predicted=predicted, started_at=started, time_limit=limit, now=now)
+        asked = any(raw and json.loads(raw) for raw in ending)
+        if asked:
             # Asked to stop (preempted, paused, stopped): its GPUs come back now. Planned for its predicted end, a
             # preemption's first victim, back in the queue, fitted "before" the head's reservation and took
             # back the GPU it had just freed while the other victim stopped.
             remaining = 0.0
+        over = limit is not None and started is not None and now - float(started) >= float(limit)
         owner = json.loads(owner_raw) if owner_raw else None
-        running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner))
+        running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner,
+                                  started_at=float(started) if started is not None else None,
+                                  ending=asked or over))  # fmt: skip
     return ClusterView(snapshot, gpu_states(snapshot, leases), running)
 
 

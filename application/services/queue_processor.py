@@ -34,8 +34,8 @@ from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import escaped_output_root, relinked_input
 from application.services.preemption import Candidate, choose_victims
-from application.services.queue_planner import ENDING, ClusterView, Planner, build_view
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
+from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
@@ -230,27 +230,25 @@ class QueueProcessor:
     async def preempt(self, head_id: str, view: ClusterView) -> list[str]:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
-        ids = [r.job_id for r in view.running]
-        rows = await self.store.get_fields(ids, ["priority", "started_at", "last_checkpoint_at", *ENDING,
-                                                 "time_limit_seconds"])  # fmt: skip
-        if any(row[3] and json.loads(row[3]) for row in rows):
+        # Whether a run is ending (asked to stop or pause, or past its time limit) and when it started come with
+        # the view; what only preemption needs is read here.
+        rows = await self.store.get_fields([r.job_id for r in view.running],
+                                           ["priority", "last_checkpoint_at", "preempt_for"])  # fmt: skip
+        if any(making_way and json.loads(making_way) for *_, making_way in rows):
             return []
         job = await self.store.get(head_id)
         if job is None or job.status != JobStatus.QUEUED or job.stop_requested or job.pause_requested:
             return []  # (one asked to stop or pause is taken out of the queue by its start, not run)
         now = time.time()
         candidates = []
-        for r, (prio, started, saved, *ending, limit) in zip(view.running, rows, strict=True):
-            if prio is None or started is None:
+        for r, (prio, saved, _) in zip(view.running, rows, strict=True):
+            if prio is None or r.started_at is None:
                 continue
-            start = float(json.loads(started))
-            last_save = float(json.loads(saved)) if saved and json.loads(saved) else start
+            last_save = float(json.loads(saved)) if saved and json.loads(saved) else r.started_at
             # A run past its time limit is being stopped by its runner (its grace): its GPUs come back anyway, and
-            # another run was preempted for them.
-            limit_s = json.loads(limit) if limit else None
-            over = limit_s is not None and now - start >= float(limit_s)
-            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, start, now - max(start, last_save),
-                                        over or any(raw and json.loads(raw) for raw in ending)))  # fmt: skip
+            # another run was preempted for them (RunningJob.ending).
+            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, r.started_at,
+                                        now - max(r.started_at, last_save), r.ending))  # fmt: skip
         s = self.settings
         waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                              job.min_gpu_memory_gb)  # fmt: skip

@@ -94,6 +94,9 @@ class RunningJob:
     gpu_ids: tuple[int, ...]
     remaining_seconds: float | None
     owner: str | None = None
+    started_at: float | None = None
+    # Asked to stop, pause or make way, or past its time limit (its runner stops it): its GPUs come back anyway.
+    ending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
