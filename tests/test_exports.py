@@ -120,6 +120,7 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4, "quant_method": "awq"})
     assert r.status_code == 200, r.text
     assert "queued as job 'q-quant'" in r.json()["message"]
+    assert (r.json()["export"]["status"], r.json()["export"]["job_status"]) == ("running", "queued")  # as listed
     target = Path(job["output_dir"]) / "exports" / "checkpoint-5-awq-int4"
     child = server.wait_status("q-quant", "completed")
     assert child["kind"] == "export" and child["export_of"] == "q" and len(child["gpu_ids"]) == 1

@@ -12,7 +12,7 @@ from application.exceptions import Conflict, Unavailable, refused
 from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
-from application.services.exports import ENDED_WITH_SWIFT, as_they_stand, prepare_export, put_export
+from application.services.exports import ENDED_WITH_SWIFT, as_export, as_they_stand, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import (
     CALIBRATED,
@@ -119,7 +119,7 @@ class ExportControl:
         return ActionResponse(
             job_id=job.job_id,
             status=job.status,
-            export=info,
+            export=as_export(info, child, job.job_id),  # as GET .../exports shows it: with its job's status
             message=f"Quantized export queued as job '{child_id}': it starts on a free GPU",
         )
 
