@@ -208,3 +208,17 @@ async def test_a_guard_whose_read_does_not_come_back_answers_503(monkeypatch: py
         await asyncio.to_thread(guard, "model_path", "/out/a/m", Path("/out/a/m"))
     with pytest.raises(RuntimeError, match="worker thread"):
         guard("model_path", "/out/a/m", Path("/out/a/m"))  # on the loop it would wait for itself
+
+
+@pytest.mark.parametrize(("folder", "root", "ancestors"), [
+    ("/out/a/b/c", "/out", ["/out/a/b/c", "/out/a/b", "/out/a"]),
+    ("/out/a", "/out", ["/out/a"]),
+    ("/out2/a", "/out", ["/out2/a"]),  # a name sharing the root's start is not inside it
+    ("/srv/out/a/b", "/srv/out/", ["/srv/out/a/b", "/srv/out/a"]),
+    ("/a/b", "/", ["/a/b", "/a"]),
+    ("//a/b", "/", ["//a/b", "//a", "//"]),  # (realpath never gives '//'; it must still end)
+])  # fmt: skip
+def test_folder_arg_names_every_folder_between_the_job_folder_and_the_root(folder: str, root: str,
+                                                                          ancestors: list[str]) -> None:  # fmt: skip
+    arg = folder_arg(Path(folder), Path(root), None)
+    assert arg == {"owner": "", "ancestors": ancestors, "prefix": folder.rstrip("/") + "/"}

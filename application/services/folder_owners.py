@@ -43,10 +43,11 @@ def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
     path, top = str(folder), str(root)
     inside = top if top.endswith("/") else top + "/"
     ancestors = [path]
-    parent = posixpath.dirname(path)
-    while parent != top and parent.startswith(inside):  # strictly inside OUTPUT_ROOT
+    child, parent = path, posixpath.dirname(path)
+    # (dirname('//') is '//': a path that no longer shortens has no parent left)
+    while parent != top and len(parent) < len(child) and parent.startswith(inside):  # strictly inside OUTPUT_ROOT
         ancestors.append(parent)
-        parent = posixpath.dirname(parent)
+        child, parent = parent, posixpath.dirname(parent)
     return {"owner": owner or "", "ancestors": ancestors, "prefix": path.rstrip("/") + "/"}
 
 
