@@ -493,3 +493,34 @@ async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(a
         assert list(outside.iterdir()) == []
         again = await client.post("/jobs/esc/export", json={"output_name": "other"})
         assert again.status_code == 409 and "leads out of the job's folder" in again.json()["detail"], again.text
+
+
+async def test_jobs_that_share_an_output_folder_never_export_into_one_folder_at_once(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Jobs that share an output folder share its exports/. Each job's checks saw only its own exports, so a merge
+    # of one job and a quantized export of the other, still waiting, were both given exports/<name>.
+    from tests.conftest import wait_job
+
+    async with app_factory(AUTO_EXPORT=False) as client:
+        training = {"max_steps": 4, "save_steps": 2}
+        first = job_body(tmp_path, "first", auto_start=True, output_dir="shared", job_id="first", training=training)
+        assert (await client.post("/jobs", json=first)).status_code == 201
+        await wait_job(client, "first", lambda j: j["status"] == "completed")
+        assert (await client.post("/queue/processor/stop")).status_code == 200  # its quantized export waits
+        quant = {"output_name": "q", "quant_bits": 4, "quant_method": "bnb"}
+        r = await client.post("/jobs/first/export", json=quant)
+        assert r.status_code == 200, r.text
+        child = r.json()["export"]["job_id"]
+        second = job_body(tmp_path, "second", auto_start=True, output_dir="shared", job_id="second", training=training)
+        assert (await client.post("/jobs", json=second)).status_code == 201
+        await wait_job(client, "second", lambda j: j["status"] == "completed")
+        r = await client.post("/jobs/second/export", json={"output_name": "q"})
+        assert r.status_code == 409 and "another job in this output folder" in r.json()["detail"], r.text
+        # Once that export is over (cancelled here, before it wrote anything), the folder is free for the other job.
+        assert (await client.post(f"/jobs/{child}/stop")).json()["status"] == "cancelled"
+        r = await client.post("/jobs/second/export", json={"output_name": "q"})
+        assert r.status_code == 200, r.text
+        # and that merge now holds it (the first job's own records know nothing of it).
+        r = await client.post("/jobs/first/export", json=quant)
+        assert r.status_code == 409, r.text

@@ -97,6 +97,7 @@ class ClusterStore:
         self._claim_answer = client.register_script(lua_cluster.CLAIM_ANSWER)
         self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
         self._create_context = client.register_script(lua_cluster.CREATE_CONTEXT)
+        self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
@@ -206,6 +207,16 @@ class ClusterStore:
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
             rate_count=int(count) if rate is not None else None, folders_indexed=bool(indexed),
         )  # fmt: skip
+
+    async def export_target(self, target: str) -> str | None:
+        """Who writes the export folder `target` (Keys.export_targets), as claimed."""
+        raw: str | None = await self.r.hget(self.keys.export_targets, target)
+        return raw
+
+    async def claim_export_target(self, target: str, expect: str | None, value: str) -> bool:
+        """`target` claimed with `value` if its entry is still `expect` (None: none)."""
+        return bool(await self._claim_export_target(keys=[self.keys.export_targets], args=[json.dumps(
+            {"target": target, "expect": expect or "", "value": value})]))  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         await self.r.set(self.keys.queue_head, json.dumps(list(head)))

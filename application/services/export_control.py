@@ -5,7 +5,10 @@ job's exports."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 from application.auth import Caller
 from application.exceptions import Conflict, Unavailable, refused
@@ -55,6 +58,8 @@ class ExportControl:
         # Its quantized exports as their jobs stand: the name of one that failed is free again.
         job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
         info = await asyncio.to_thread(prepare_export, job, self.service.settings, auto=False, request=request)
+        if info.output_dir is not None:
+            await self._claim(info.output_dir, {"of": job_id, "export": info.export_id})
         try:
             await put_export(
                 self.store, job_id, info, statuses=ENDED_WITH_SWIFT, created_at=job.created_at,
@@ -88,6 +93,7 @@ class ExportControl:
             settings = self.service.settings
             child, info = await asyncio.to_thread(prepare_quant_job, job, request, settings.SWIFT_BIN,
                                                   settings.OUTPUT_ROOT, child_id, time.time())  # fmt: skip
+            await self._claim(str(info.output_dir), {"of": job.job_id, "job": child_id})
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
@@ -122,6 +128,37 @@ class ExportControl:
             export=as_export(info, child, job.job_id),  # as GET .../exports shows it: with its job's status
             message=f"Quantized export queued as job '{child_id}': it starts on a free GPU",
         )
+
+    async def _claim(self, target: str, writer: dict[str, Any]) -> None:
+        """`target` claimed for this export (`writer`: the job it exports, and its export id or its export job's
+        id). Conflict while an export of another job writes it: jobs that share an output folder share its
+        exports/, and each job's own checks see only its own exports. Nothing releases a claim: the next
+        request takes it over once that export has ended."""
+        value = json.dumps({**writer, "at": time.time()})
+        for _ in range(5):
+            held = await self.cluster.export_target(target)
+            if held is not None and json.loads(held)["of"] != writer["of"] and await self._writing(json.loads(held)):
+                raise Conflict(f"an export of another job in this output folder is writing {Path(target).name}: wait "
+                               "for it to end, or choose another output_name")  # fmt: skip
+            if await self.cluster.claim_export_target(target, held, value):
+                return
+        raise Unavailable("other export requests are claiming this folder: retry in a moment", {"Retry-After": "5"})
+
+    async def _writing(self, held: dict[str, Any]) -> bool:
+        """Whether the export that claimed a folder may still write it. One claimed moments ago may not be
+        recorded yet (its request records it after claiming)."""
+        young = time.time() - float(held.get("at", 0)) < REQUEST_TTL
+        if "job" in held:  # a quantized export: a job of its own, while it is not over
+            child = await self.store.get(held["job"])
+            if child is None or child.export_of != held["of"]:
+                return young
+            return not child.status.is_terminal()
+        parent = await self.store.get(held["of"])
+        if parent is None:
+            return False
+        if parent.export.export_id == held.get("export"):
+            return parent.export.status == ExportStatus.RUNNING
+        return young
 
     async def exports(self, job_id: str, caller: Caller) -> list[ExportInfo]:
         """Every export of the job, oldest first; a quantized one as its own job now stands."""

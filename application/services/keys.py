@@ -83,6 +83,12 @@ class Keys:
         """String with a short TTL: held while one export request of the job checks its target and records it."""
         return self._k("export_request", job_id)
 
+    @property
+    def export_targets(self) -> str:
+        """Hash export folder (`exports/<name>` of a job folder) -> who writes it (JSON, `ExportControl`): jobs
+        that share an output folder share its exports. An entry is taken over once its export has ended."""
+        return self._k("export_targets")
+
     def idempotency(self, owner: str, digest: str) -> str:
         """String with a 24 h TTL: the first response to a request with this Idempotency-Key."""
         return self._k("idempotency", owner, digest)
