@@ -137,7 +137,8 @@ class ExportControl:
         value = json.dumps({**writer, "at": time.time()})
         for _ in range(5):
             held = await self.cluster.export_target(target)
-            if held is not None and json.loads(held)["of"] != writer["of"] and await self._writing(json.loads(held)):
+            holder = json.loads(held) if held is not None else None
+            if holder is not None and holder["of"] != writer["of"] and await self._writing(holder):
                 raise Conflict(f"an export of another job in this output folder is writing {Path(target).name}: wait "
                                "for it to end, or choose another output_name")  # fmt: skip
             if await self.cluster.claim_export_target(target, held, value):
