@@ -524,3 +524,23 @@ async def test_jobs_that_share_an_output_folder_never_export_into_one_folder_at_
         # and that merge now holds it (the first job's own records know nothing of it).
         r = await client.post("/jobs/first/export", json=quant)
         assert r.status_code == 409, r.text
+
+
+async def test_two_jobs_sharing_a_folder_asking_for_one_export_folder_at_once_get_one_each(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Both requests find the folder free; the claim is a compare-and-set, and a claim made moments ago counts
+    # as writing before its export is recorded.
+    from tests.conftest import wait_job
+
+    async with app_factory(AUTO_EXPORT=False) as client:
+        training = {"max_steps": 2, "save_steps": 2}
+        for name in ("one", "two"):
+            body = job_body(tmp_path, name, auto_start=True, output_dir="together", job_id=name, training=training)
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            await wait_job(client, name, lambda j: j["status"] == "completed")
+        assert (await client.post("/queue/processor/stop")).status_code == 200  # quantized exports wait
+        quant = {"output_name": "x", "quant_bits": 4, "quant_method": "bnb"}
+        replies = await asyncio.gather(client.post("/jobs/one/export", json={"output_name": "x"}),
+                                       client.post("/jobs/two/export", json=quant))  # fmt: skip
+        assert sorted(r.status_code for r in replies) == [200, 409], [r.text for r in replies]
