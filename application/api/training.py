@@ -239,13 +239,11 @@ async def list_job_events(
 # Health answers without a key (load balancers and compose health checks have none); everything else needs one.
 # Each router is included into the app on its own, not nested: FastAPI walks the tree of included routers on
 # every request, and three levels of it cost a create a tenth of its time.
-PUBLIC = (system.public,)
 PROTECTED = (jobs, streams.router, artifacts.router, files.router, queue.router, system.router)
 
 
 def include_routes(app: FastAPI, prefix: str) -> None:
-    for public in PUBLIC:
-        app.include_router(public, prefix=f"{prefix}/training")
+    app.include_router(system.public, prefix=f"{prefix}/training")
     for protected in PROTECTED:
         app.include_router(protected, prefix=f"{prefix}/training", dependencies=[Depends(current_caller)],
                            responses=COMMON)  # fmt: skip
