@@ -10,7 +10,6 @@ import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from application.services.predictions import parse_time_limit
@@ -210,6 +209,8 @@ class JobCreate(_Strict):
     def _webhook_url(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        import httpx  # here: every runner imports this module, and only a request's URL needs httpx (~0.1 s)
+
         try:  # as the delivery will read it (httpx is stricter than urlsplit: IDNA, brackets, ports)
             url = httpx.URL(v)
             parts = urlsplit(v)
