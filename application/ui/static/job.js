@@ -335,6 +335,12 @@
     }
     return refreshing;
   }
+  // After an action: a read already under way may have read the job before the action was answered (a resume
+  // seen as still stopped would not start the page again), so one that starts after it.
+  async function refreshAfter() {
+    if (refreshing) await refreshing;
+    return refreshJob();
+  }
 
   // ---- actions --------------------------------------------------------------------------------------------
   const result = document.getElementById("action-result");
@@ -368,7 +374,7 @@
         location.assign(`${d.root}/ui/jobs`);
         return;
       }
-      await refreshJob();
+      await refreshAfter();
       if (newRun()) {
         sessionStorage.setItem(SAID, result.textContent);
         location.reload();
