@@ -265,7 +265,26 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     assert server.http.post("/jobs/resting/export").status_code == 409
 
     tab = tabs(server)
+    # Until the page has the list, it does not know of a checkpoint: it offers neither (it offered both).
+    listing: list[Route] = []
+
+    def hold_first_listing(route: Route) -> None:
+        if listing:
+            route.continue_()
+        else:
+            listing.append(route)
+
+    tab.page.route(lambda url: url.endswith("/jobs/early/checkpoints"), hold_first_listing)
     page = tab.goto("/ui/jobs/early")
+
+    def listing_held() -> bool:
+        page.evaluate("0")
+        return bool(listing)
+
+    wait_for(listing_held, what="the page's read of the checkpoints")
+    assert page.locator("#actions button[data-action=resume]").is_disabled()
+    assert page.locator("#actions button[data-action=export]").is_disabled()
+    listing[0].continue_()
     expect(page.locator("#checkpoints-box")).to_contain_text("No checkpoint yet.")
     expect(page.locator("#actions button[data-action=delete]")).to_be_enabled()
     expect(page.locator("#actions button[data-action=resume]")).to_be_disabled()
@@ -327,21 +346,24 @@ def test_a_resume_answered_while_a_read_of_the_job_was_under_way_keeps_its_answe
     wait_for(lambda: server.http.get("/jobs/kept/checkpoints").json()["total"], what="a checkpoint of 'kept'")
     assert server.http.post("/jobs/kept/stop").json()["status"] == "stopped"
     held: list[Route] = []
+    reads = 0
 
-    def hold_first(route: Route) -> None:
-        if held:
-            route.continue_()
-        else:
+    def hold_second(route: Route) -> None:  # (after the first, the page lists the checkpoints: resume is offered)
+        nonlocal reads
+        reads += 1
+        if reads == 2:
             held.append(route)
+        else:
+            route.continue_()
 
     def first_read_held() -> bool:
         page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
         return bool(held)
 
     tab = tabs(server)
-    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_first)
+    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_second)
     page = tab.goto("/ui/jobs/kept")
-    wait_for(first_read_held, what="the page's first read of the job")
+    wait_for(first_read_held, what="the page's next read of the job")
     stale = held[0].fetch()  # the server reads the job now, stopped; the page gets the answer after the resume
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#actions button[data-action=resume]")
@@ -351,6 +373,76 @@ def test_a_resume_answered_while_a_read_of_the_job_was_under_way_keeps_its_answe
         held[0].fulfill(response=stale)
     expect(page.locator("#action-result")).to_contain_text("esum")
     expect(page.locator("#job [data-status]")).to_have_text(re.compile("queued|running"))
+
+
+@pytest.mark.timeout(180)
+def test_no_action_is_offered_again_while_one_is_under_way(server: ApiServer, workspace: Path,
+                                                           tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    # A read of the job begun before the click, landing while the resume was under way, enabled the buttons its
+    # stale status allowed: a second click sent a second resume (answered 409, whose text replaced the first's).
+    body = job_body(workspace, "once", auto_start=True, hang_after_steps=2, training={"max_steps": 10, "save_steps": 1})
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: server.http.get("/jobs/once/checkpoints").json()["total"], what="a checkpoint of 'once'")
+    assert server.http.post("/jobs/once/stop").json()["status"] == "stopped"
+    reads: list[Route] = []
+    resumes: list[Route] = []
+    listed: list[str] = []
+    seen = 0
+
+    def hold_second(route: Route) -> None:  # (after the first, the page lists the checkpoints: resume is offered)
+        nonlocal seen
+        seen += 1
+        if seen == 2:
+            reads.append(route)
+        else:
+            route.continue_()
+
+    def pumped(held: list[Route], n: int = 1) -> bool:
+        page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
+        return len(held) >= n
+
+    tab = tabs(server)
+    tab.page.route(lambda url: url.endswith("/jobs/once") and "/ui/" not in url, hold_second)
+    tab.page.route(lambda url: url.endswith("/jobs/once/resume"), lambda route: resumes.append(route))
+    tab.page.on("request", lambda r: listed.append(r.url) if r.url.endswith("/jobs/once/checkpoints") else None)
+    page = tab.goto("/ui/jobs/once")
+    wait_for(lambda: pumped(reads), what="the page's next read of the job")
+    stale = reads[0].fetch()
+    page.once("dialog", lambda dialog: dialog.accept())
+    resume = page.locator("#actions button[data-action=resume]")
+    resume.click()
+    wait_for(lambda: pumped(resumes), what="the resume to be sent")
+    before = len(listed)
+    reads[0].fulfill(response=stale)  # the job as it was before the click: stopped, resume allowed
+    # It shows the job, then reads the checkpoints: once that read is asked for, the page has shown the job.
+    wait_for(lambda: page.evaluate("0") == 0 and len(listed) > before, what="the page to have shown that read")
+    assert resume.is_disabled() and page.locator("#actions button[data-action=delete]").is_disabled()
+    with page.expect_navigation(timeout=15_000):
+        resumes[0].continue_()
+    expect(page.locator("#action-result")).to_contain_text("esum")
+    assert len(resumes) == 1
+
+
+@pytest.mark.timeout(180)
+def test_create_form_is_not_offered_again_once_the_job_is_created(server: ApiServer, workspace: Path,
+                                                                  tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    # After the 201 the form's button came back while the job's page loaded: a second click posted the job again.
+    tab = tabs(server)
+    page = tab.goto("/ui/new")
+    fill_form(page, workspace, "made-once")
+    # Whether the button is offered again before the page leaves: kept in sessionStorage, which outlives the page.
+    page.evaluate("""() => {
+      const b = document.getElementById("submit");
+      let was = b.disabled;
+      new MutationObserver(() => {
+        if (was && !b.disabled) sessionStorage.setItem("offered-again", "yes");
+        was = b.disabled;
+      }).observe(b, { attributes: true, attributeFilter: ["disabled"] });
+    }""")
+    page.click("#submit")
+    expect(page).to_have_url(re.compile(r"/ui/jobs/made-once$"))
+    assert page.evaluate("sessionStorage.getItem('offered-again')") is None
+    assert server.http.get("/jobs").json()["total"] == 1
 
 
 @pytest.mark.timeout(180)

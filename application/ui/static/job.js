@@ -35,7 +35,7 @@
   const newRun = () => streamsOver && !over(status) && !gone;
   // What the server also checks before an action: a running export (it refuses another export and a delete
   // meanwhile; a stop of a finished job stops the export), and the checkpoints (null until the first list):
-  // without one there is nothing to export or resume from, unless the job is paused.
+  // without one there is nothing to export or resume from, unless the job is paused; not known yet, none offered.
   let exporting = false;
   let checkpointCount = null;
   const stopButton = document.querySelector("#actions [data-action=stop]");
@@ -239,8 +239,11 @@
     const badge = section.querySelector("[data-status]");
     badge.textContent = s;
     badge.className = `badge s-${s}`;
-    for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = gone || !allowed(b.dataset.action, s);
-    document.getElementById("priority-input").disabled = gone || !ENABLED.priority.includes(s);
+    // While an action is under way none is offered: a read begun before it would offer its button again.
+    for (const b of document.querySelectorAll("#actions [data-action]")) {
+      b.disabled = gone || acting || !allowed(b.dataset.action, s);
+    }
+    document.getElementById("priority-input").disabled = gone || acting || !ENABLED.priority.includes(s);
     if (stopButton) {
       const stopsExport = exporting && TERMINAL.has(s);
       stopButton.textContent = stopsExport ? "Stop export" : stopAsServed.label;
@@ -253,7 +256,7 @@
   function allowed(action, s) {
     if (exporting && (action === "export" || action === "delete")) return false;
     if (exporting && action === "stop" && TERMINAL.has(s)) return true;
-    const noCheckpoint = checkpointCount === 0;
+    const noCheckpoint = !checkpointCount;
     if (noCheckpoint && (action === "export" || (action === "resume" && s !== "paused"))) return false;
     return ENABLED[action].includes(s);
   }
@@ -381,6 +384,7 @@
       }
     } finally {
       acting = false;
+      setStatus(status);
     }
   });
   const SAID = `swift-api:action-result:${jobId}`;

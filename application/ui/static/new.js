@@ -102,6 +102,7 @@
     const body = build();
     if (!body) return;
     submit.disabled = true;
+    let created = false; // then the page is on its way to the job's: a second click would post the job again
     try {
       const r = await d.apiJson("/jobs", {
         method: "POST",
@@ -109,6 +110,7 @@
         body: JSON.stringify(body),
       });
       if (r.status === 201 && r.body && r.body.job_id) {
+        created = true;
         location.assign(`${d.root}/ui/jobs/${encodeURIComponent(r.body.job_id)}`);
         return;
       }
@@ -126,7 +128,7 @@
       const first = form.querySelector("[aria-invalid]");
       if (first) first.focus();
     } finally {
-      submit.disabled = false;
+      submit.disabled = created;
     }
   });
 })();
