@@ -276,12 +276,7 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
 
     tab.page.route(lambda url: url.endswith("/jobs/early/checkpoints"), hold_first_listing)
     page = tab.goto("/ui/jobs/early")
-
-    def listing_held() -> bool:
-        page.evaluate("0")
-        return bool(listing)
-
-    wait_for(listing_held, what="the page's read of the checkpoints")
+    wait_for(lambda: pumped(page, listing), what="the page's read of the checkpoints")
     assert page.locator("#actions button[data-action=resume]").is_disabled()
     assert page.locator("#actions button[data-action=export]").is_disabled()
     listing[0].continue_()
@@ -310,14 +305,10 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     def the_job(url: str) -> bool:
         return url.endswith("/jobs/saved") and "/ui/" not in url
 
-    def first_read_held() -> bool:
-        page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
-        return bool(held)
-
     tab.page.route(the_job, lambda route: held.append(route))
     page = tab.goto("/ui/jobs/saved")
     expect(page.locator("#job [data-status]")).to_have_text("stopped")
-    wait_for(first_read_held, what="the page's first read of the job")
+    wait_for(lambda: pumped(page, held), what="the page's first read of the job")
     assert server.http.post("/jobs/saved/resume").status_code == 200
     held[0].continue_()
     tab.page.unroute(the_job)
@@ -334,6 +325,34 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     assert server.job("waiting")["priority"] == 5
 
 
+def stopped_with_a_checkpoint(server: ApiServer, workspace: Path, name: str) -> None:
+    body = job_body(workspace, name, auto_start=True, hang_after_steps=2, training={"max_steps": 10, "save_steps": 1})
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: server.http.get(f"/jobs/{name}/checkpoints").json()["total"], what=f"a checkpoint of {name!r}")
+    assert server.http.post(f"/jobs/{name}/stop").json()["status"] == "stopped"
+
+
+def hold_second(held: list[Route]) -> Callable[[Route], None]:
+    """A route handler that holds the second request it is given in `held` and lets the others through: after its
+    first read of the job the page lists the checkpoints, so resume is offered when the second read begins."""
+    seen = 0
+
+    def handle(route: Route) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 2:
+            held.append(route)
+        else:
+            route.continue_()
+
+    return handle
+
+
+def pumped(page: Page, held: list[Route]) -> bool:
+    page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
+    return bool(held)
+
+
 @pytest.mark.timeout(180)
 def test_a_resume_answered_while_a_read_of_the_job_was_under_way_keeps_its_answer_across_the_new_run(
     server: ApiServer, workspace: Path, tabs: Callable[..., Tab]
@@ -341,29 +360,12 @@ def test_a_resume_answered_while_a_read_of_the_job_was_under_way_keeps_its_answe
     # The page's own read of the job, begun before the click, came back after the resume with the job still
     # stopped: the click's handler took that for the job's state and did not start the page again, the periodic
     # refresh did, 3 s later, and the resume's answer was gone (it failed so in CI under load).
-    body = job_body(workspace, "kept", auto_start=True, hang_after_steps=2, training={"max_steps": 10, "save_steps": 1})
-    assert server.create(**body).status_code == 201
-    wait_for(lambda: server.http.get("/jobs/kept/checkpoints").json()["total"], what="a checkpoint of 'kept'")
-    assert server.http.post("/jobs/kept/stop").json()["status"] == "stopped"
+    stopped_with_a_checkpoint(server, workspace, "kept")
     held: list[Route] = []
-    reads = 0
-
-    def hold_second(route: Route) -> None:  # (after the first, the page lists the checkpoints: resume is offered)
-        nonlocal reads
-        reads += 1
-        if reads == 2:
-            held.append(route)
-        else:
-            route.continue_()
-
-    def first_read_held() -> bool:
-        page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
-        return bool(held)
-
     tab = tabs(server)
-    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_second)
+    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_second(held))
     page = tab.goto("/ui/jobs/kept")
-    wait_for(first_read_held, what="the page's next read of the job")
+    wait_for(lambda: pumped(page, held), what="the page's next read of the job")
     stale = held[0].fetch()  # the server reads the job now, stopped; the page gets the answer after the resume
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#actions button[data-action=resume]")
@@ -380,38 +382,21 @@ def test_no_action_is_offered_again_while_one_is_under_way(server: ApiServer, wo
                                                            tabs: Callable[..., Tab]) -> None:  # fmt: skip
     # A read of the job begun before the click, landing while the resume was under way, enabled the buttons its
     # stale status allowed: a second click sent a second resume (answered 409, whose text replaced the first's).
-    body = job_body(workspace, "once", auto_start=True, hang_after_steps=2, training={"max_steps": 10, "save_steps": 1})
-    assert server.create(**body).status_code == 201
-    wait_for(lambda: server.http.get("/jobs/once/checkpoints").json()["total"], what="a checkpoint of 'once'")
-    assert server.http.post("/jobs/once/stop").json()["status"] == "stopped"
+    stopped_with_a_checkpoint(server, workspace, "once")
     reads: list[Route] = []
     resumes: list[Route] = []
     listed: list[str] = []
-    seen = 0
-
-    def hold_second(route: Route) -> None:  # (after the first, the page lists the checkpoints: resume is offered)
-        nonlocal seen
-        seen += 1
-        if seen == 2:
-            reads.append(route)
-        else:
-            route.continue_()
-
-    def pumped(held: list[Route], n: int = 1) -> bool:
-        page.evaluate("0")  # Playwright hands routes to their handler only inside one of its calls
-        return len(held) >= n
-
     tab = tabs(server)
-    tab.page.route(lambda url: url.endswith("/jobs/once") and "/ui/" not in url, hold_second)
+    tab.page.route(lambda url: url.endswith("/jobs/once") and "/ui/" not in url, hold_second(reads))
     tab.page.route(lambda url: url.endswith("/jobs/once/resume"), lambda route: resumes.append(route))
     tab.page.on("request", lambda r: listed.append(r.url) if r.url.endswith("/jobs/once/checkpoints") else None)
     page = tab.goto("/ui/jobs/once")
-    wait_for(lambda: pumped(reads), what="the page's next read of the job")
+    wait_for(lambda: pumped(page, reads), what="the page's next read of the job")
     stale = reads[0].fetch()
     page.once("dialog", lambda dialog: dialog.accept())
     resume = page.locator("#actions button[data-action=resume]")
     resume.click()
-    wait_for(lambda: pumped(resumes), what="the resume to be sent")
+    wait_for(lambda: pumped(page, resumes), what="the resume to be sent")
     before = len(listed)
     reads[0].fulfill(response=stale)  # the job as it was before the click: stopped, resume allowed
     # It shows the job, then reads the checkpoints: once that read is asked for, the page has shown the job.
