@@ -267,14 +267,7 @@ def test_the_job_page_offers_resume_and_export_only_when_there_is_a_checkpoint(
     tab = tabs(server)
     # Until the page has the list, it does not know of a checkpoint: it offers neither (it offered both).
     listing: list[Route] = []
-
-    def hold_first_listing(route: Route) -> None:
-        if listing:
-            route.continue_()
-        else:
-            listing.append(route)
-
-    tab.page.route(lambda url: url.endswith("/jobs/early/checkpoints"), hold_first_listing)
+    tab.page.route(lambda url: url.endswith("/jobs/early/checkpoints"), hold_nth(listing, 1))
     page = tab.goto("/ui/jobs/early")
     wait_for(lambda: pumped(page, listing), what="the page's read of the checkpoints")
     assert page.locator("#actions button[data-action=resume]").is_disabled()
@@ -332,15 +325,15 @@ def stopped_with_a_checkpoint(server: ApiServer, workspace: Path, name: str) -> 
     assert server.http.post(f"/jobs/{name}/stop").json()["status"] == "stopped"
 
 
-def hold_second(held: list[Route]) -> Callable[[Route], None]:
-    """A route handler that holds the second request it is given in `held` and lets the others through: after its
-    first read of the job the page lists the checkpoints, so resume is offered when the second read begins."""
+def hold_nth(held: list[Route], n: int) -> Callable[[Route], None]:
+    """A route handler that holds the `n`th request it is given (1: the first) in `held` and lets the others
+    through."""
     seen = 0
 
     def handle(route: Route) -> None:
         nonlocal seen
         seen += 1
-        if seen == 2:
+        if seen == n:
             held.append(route)
         else:
             route.continue_()
@@ -363,7 +356,8 @@ def test_a_resume_answered_while_a_read_of_the_job_was_under_way_keeps_its_answe
     stopped_with_a_checkpoint(server, workspace, "kept")
     held: list[Route] = []
     tab = tabs(server)
-    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_second(held))
+    # Its second read: after the first, the page lists the checkpoints, and only then offers resume.
+    tab.page.route(lambda url: url.endswith("/jobs/kept") and "/ui/" not in url, hold_nth(held, 2))
     page = tab.goto("/ui/jobs/kept")
     wait_for(lambda: pumped(page, held), what="the page's next read of the job")
     stale = held[0].fetch()  # the server reads the job now, stopped; the page gets the answer after the resume
@@ -387,7 +381,7 @@ def test_no_action_is_offered_again_while_one_is_under_way(server: ApiServer, wo
     resumes: list[Route] = []
     listed: list[str] = []
     tab = tabs(server)
-    tab.page.route(lambda url: url.endswith("/jobs/once") and "/ui/" not in url, hold_second(reads))
+    tab.page.route(lambda url: url.endswith("/jobs/once") and "/ui/" not in url, hold_nth(reads, 2))
     tab.page.route(lambda url: url.endswith("/jobs/once/resume"), lambda route: resumes.append(route))
     tab.page.on("request", lambda r: listed.append(r.url) if r.url.endswith("/jobs/once/checkpoints") else None)
     page = tab.goto("/ui/jobs/once")
@@ -408,6 +402,22 @@ def test_no_action_is_offered_again_while_one_is_under_way(server: ApiServer, wo
     assert len(resumes) == 1
 
 
+def watch_offered_again(page: Page, selector: str) -> None:
+    """Record in sessionStorage (which outlives the page) whether the button at `selector` is enabled again after
+    being disabled: "offered-again"."""
+    page.evaluate(
+        """(selector) => {
+      const b = document.querySelector(selector);
+      let was = b.disabled;
+      new MutationObserver(() => {
+        if (was && !b.disabled) sessionStorage.setItem("offered-again", "yes");
+        was = b.disabled;
+      }).observe(b, { attributes: true, attributeFilter: ["disabled"] });
+    }""",
+        selector,
+    )
+
+
 @pytest.mark.timeout(180)
 def test_create_form_is_not_offered_again_once_the_job_is_created(server: ApiServer, workspace: Path,
                                                                   tabs: Callable[..., Tab]) -> None:  # fmt: skip
@@ -415,19 +425,28 @@ def test_create_form_is_not_offered_again_once_the_job_is_created(server: ApiSer
     tab = tabs(server)
     page = tab.goto("/ui/new")
     fill_form(page, workspace, "made-once")
-    # Whether the button is offered again before the page leaves: kept in sessionStorage, which outlives the page.
-    page.evaluate("""() => {
-      const b = document.getElementById("submit");
-      let was = b.disabled;
-      new MutationObserver(() => {
-        if (was && !b.disabled) sessionStorage.setItem("offered-again", "yes");
-        was = b.disabled;
-      }).observe(b, { attributes: true, attributeFilter: ["disabled"] });
-    }""")
+    watch_offered_again(page, "#submit")  # (until the page leaves)
     page.click("#submit")
     expect(page).to_have_url(re.compile(r"/ui/jobs/made-once$"))
     assert page.evaluate("sessionStorage.getItem('offered-again')") is None
     assert server.http.get("/jobs").json()["total"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_deleted_job_is_not_offered_for_deletion_again(server: ApiServer, workspace: Path,
+                                                         tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    # After the delete was answered its buttons came back while the list loaded: a second click got a 404.
+    assert server.create(**job_body(workspace, "deleted-once")).status_code == 201
+    tab = tabs(server)
+    page = tab.goto("/ui/jobs/deleted-once")
+    delete = page.locator("#actions button[data-action=delete]")
+    expect(delete).to_be_enabled()
+    watch_offered_again(page, "#actions button[data-action=delete]")
+    page.once("dialog", lambda dialog: dialog.accept())
+    delete.click()
+    expect(page).to_have_url(re.compile(r"/ui/jobs$"))
+    assert page.evaluate("sessionStorage.getItem('offered-again')") is None
+    assert server.http.get("/jobs/deleted-once").status_code == 404
 
 
 @pytest.mark.timeout(180)

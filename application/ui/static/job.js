@@ -374,6 +374,7 @@
       result.className = r.ok ? "small ok" : "small error";
       result.textContent = r.ok ? body.message || `${action}: done` : body.detail || `the server answered ${r.status}`;
       if (r.ok && action === "delete") {
+        gone = true; // nothing is offered while the list loads (a second click got a 404)
         location.assign(`${d.root}/ui/jobs`);
         return;
       }
