@@ -72,6 +72,9 @@ def test_ms_swift_must_be_able_to_tell_the_type_and_template(tmp_path: Path, swi
     with pytest.raises(Invalid) as exc:
         check_model("model_path", tiny, None, None, swift_4_6)
     assert "training.model_type (one of qwen2, qwen2_gte)" in exc.value.detail
+    # ...and each one's templates, so that one answer names all there is to set.
+    assert "training.template (qwen2: one of qwen, qwen2_5," in exc.value.detail
+    assert "qwen2_gte: dummy)" in exc.value.detail
     with pytest.raises(Invalid) as exc:
         check_model("model_path", tiny, "qwen2", None, swift_4_6)
     assert "training.template" in exc.value.detail and "qwen2_5" in exc.value.detail

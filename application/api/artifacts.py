@@ -45,8 +45,8 @@ RangeHeader = Annotated[
 ]  # fmt: skip
 IfRangeHeader = Annotated[
     str | None,
-    Header(alias="If-Range", max_length=200, description="the ETag or Last-Modified the client has: the Range "
-           "counts only while the file is unchanged"),
+    Header(alias="If-Range", max_length=200, description="the ETag the client has: the Range counts only while the "
+           "file is unchanged (a date is a weak validator here: it gets the whole file)"),
 ]  # fmt: skip
 
 

@@ -52,6 +52,15 @@ def _closest(word: str, choices: Any) -> str:
     return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
+def _templates_of(info: SwiftInfo, model_type: str) -> str:
+    meta = info.types.get(model_type)
+    if meta is None or not (meta.template or meta.candidates):
+        return "any template"
+    if meta.template or len(meta.candidates) == 1:
+        return meta.template or meta.candidates[0]
+    return f"one of {', '.join(meta.candidates)}"
+
+
 def check_model(field: str, path: Path, model_type: str | None, template: str | None,
                 info: SwiftInfo | None) -> None:  # fmt: skip
     """Raise Invalid when ms-swift could not load this model folder as asked."""
@@ -91,10 +100,12 @@ def check_model(field: str, path: Path, model_type: str | None, template: str | 
         arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
         candidates = info.types_for_architecture(arch)
         if len(candidates) > 1:
+            # With each type's templates: the answer names everything to set, not one field per try.
+            templates = "; ".join(f"{c}: {_templates_of(info, c)}" for c in candidates)
             raise Invalid(
                 f"ms-swift cannot tell the model type of '{path.name}' from its folder name, and its architecture "
                 f"{arch or '(none)'} fits several: set training.model_type (one of {', '.join(candidates)}) "
-                "and training.template"
+                f"and training.template ({templates})"
             )
         if not candidates:
             return  # ms-swift treats it as a generic text model
