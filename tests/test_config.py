@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from application.config import PROJECT_ROOT, SettingsError, load_settings, parse_simulated_gpus
+from application.config import PROJECT_ROOT, SettingsError, load_settings, parse_simulated_gpus, unknown_settings
+from application.services.redis_service import redis_url
 from tests.conftest import free_port
 
 
@@ -53,6 +55,13 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         ("DATA_ROOTS", "~no-such-user-here/data", "give the folder's full path"),
         # 'P' and 'P:job' on one Redis: job 'queue' of the one was the other's queue.
         ("REDIS_KEY_PREFIX", "teamA:job", "(no ':')"),
+        # Taken for IPv6 addresses: a traceback at start, and a scheduler started again and again.
+        ("REDIS_HOST", "127.0.0.1:6380", "without scheme or port"),
+        ("REDIS_HOST", "redis://redis", "without scheme or port"),
+        ("REDIS_HOST", "redis/0", "without scheme or port"),  # (REDIS_PORT and REDIS_DB silently ignored)
+        # Accepted, then every request answered 503 "DB index is out of range"; REDIS_DB=16 was refused.
+        ("REDIS_URL", "redis://redis:6379/99", "db must be 0-15"),
+        ("REDIS_URL", "unix:///run/redis.sock?db=16", "db must be 0-15"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(
@@ -62,6 +71,54 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(
     with pytest.raises(SettingsError) as exc:
         load_settings()
     assert key in str(exc.value) and says in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("redis", "redis://redis:6380/0"), ("redis.internal", "redis://redis.internal:6380/0"),
+     ("10.0.0.5", "redis://10.0.0.5:6380/0"), ("::1", "redis://[::1]:6380/0"), ("[::1]", "redis://[::1]:6380/0")],
+)  # fmt: skip
+def test_a_redis_host_is_a_name_or_an_address(monkeypatch: pytest.MonkeyPatch, host: str, url: str) -> None:
+    monkeypatch.setenv("REDIS_HOST", host)
+    monkeypatch.setenv("REDIS_PORT", "6380")
+    assert redis_url(load_settings()) == url
+
+
+def test_a_misspelled_setting_is_named_with_the_one_meant(tmp_path: Path) -> None:
+    # Ignored without a word: QUEUE_POLCY=strict in the env file ran the default policy.
+    env = tmp_path / ".env.dev"
+    env.write_text("QUEUE_POLCY=strict\nredis_port=1\nAPP_PORT=8000\n# QUEUE_POLICY=strict\nHF_HOME=/cache\n")
+    found = unknown_settings(env, {"REDIS_PASWORD": "x", "PATH": "/bin", "HOME": "/root", "TEST_REDIS_URL": "x",
+                                   "SWIFT_API_KEYS": "x", "APP_PORT": "1"})  # fmt: skip
+    assert found == [
+        f"{env}: QUEUE_POLCY is not a setting (did you mean QUEUE_POLICY?)",
+        f"{env}: redis_port is not a setting (did you mean REDIS_PORT?)",
+        f"{env}: HF_HOME is not a setting",
+        "the environment variable REDIS_PASWORD is not a setting (did you mean REDIS_PASSWORD?)",
+    ]
+    for shipped in ("dev", "test", "prod"):
+        assert unknown_settings(PROJECT_ROOT / "env" / f".env.{shipped}", {}) == []
+
+
+def test_start_py_names_an_address_it_cannot_listen_on_and_a_misspelled_setting(tmp_path: Path) -> None:
+    # uvicorn said only "[Errno 98] Address already in use" (several workers), or "Name or service not known"
+    # once the app had started.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+               "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"), "API_WORKERS": "2",
+               "APP_PORT": str(port), "REDIS_URL": "redis://127.0.0.1:1/0", "GPU_BACKEND": "simulated",
+               "QUEUE_POLCY": "strict"}  # fmt: skip
+        out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py"), "api"], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "swift-api: warning: the environment variable QUEUE_POLCY is not a setting (did you mean QUEUE_POLICY?): "
+        "it is ignored",
+        f"swift-api: cannot listen on APP_HOST=127.0.0.1 APP_PORT={port}: Address already in use",
+    ]
 
 
 @pytest.mark.parametrize("key", ["DATA_ROOTS", "MODEL_ROOTS"])
