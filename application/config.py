@@ -229,6 +229,11 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
 
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v  # (LOG_LEVEL=debug was refused)
+
     @field_validator("REDIS_HOST")
     @classmethod
     def _host(cls, v: str | None) -> str | None:

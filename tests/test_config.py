@@ -84,6 +84,11 @@ def test_a_redis_host_is_a_name_or_an_address(monkeypatch: pytest.MonkeyPatch, h
     assert redis_url(load_settings()) == url
 
 
+def test_a_log_level_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    assert load_settings().LOG_LEVEL == "DEBUG"
+
+
 def test_a_misspelled_setting_is_named_with_the_one_meant(tmp_path: Path) -> None:
     # Ignored without a word: QUEUE_POLCY=strict in the env file ran the default policy.
     env = tmp_path / ".env.dev"
