@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -348,6 +350,64 @@ def test_a_page_that_is_no_event_stream_is_not_a_swift_api_server(clock: Clock) 
     assert caught.value.code == 3 and "is it a swift-api server?" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [(404, {"content-type": "text/html"}, b"<!DOCTYPE HTML><html><body>File not found</body></html>"),
+     (301, {"location": "http://elsewhere/"}, b""), (501, {"content-type": "text/html"}, b"<html>nope</html>")],
+    ids=["page-404", "redirect", "page-501"],
+)  # fmt: skip
+def test_an_error_page_that_is_no_json_is_not_a_swift_api_server(status: int, headers: dict[str, str],
+                                                                 body: bytes) -> None:  # fmt: skip
+    # Another web server at the URL: `ls` exited 2 ("the request was wrong") and printed its whole page.
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers=headers, content=body)
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.get("/jobs")
+    assert (
+        caught.value.code == 3 and "is it a swift-api server?" in str(caught.value) and str(status) in str(caught.value)
+    )
+    assert "<" not in str(caught.value)
+
+
+def test_a_refusal_in_json_is_still_a_usage_error() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"detail": "Job 'x' not found"})
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.get("/jobs/x")
+    assert caught.value.code == 2 and str(caught.value) == "404 Not Found: Job 'x' not found"
+
+
+def test_a_download_writes_into_a_pipe_or_through_a_link_rather_than_replacing_it(tmp_path: Path) -> None:
+    # `-o` a FIFO, a symlink or a device (/dev/null) was replaced by a file: written beside it, then renamed over it.
+    content = b"0123456789" * 5000
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=content)
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"old")
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert api.download("/jobs/j/artifacts/f", pipe) == len(content)
+        reader.join(30)
+        assert read == [content] and stat.S_ISFIFO(pipe.lstat().st_mode)
+        api.download("/jobs/j/artifacts/f", link)
+        assert link.is_symlink() and real.read_bytes() == content
+        api.download("/jobs/j/artifacts/f", plain)
+        assert plain.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.bin", "pipe", "plain.bin", "real.bin"]
+
+
 def test_a_stream_that_keeps_closing_at_once_is_given_up(clock: Clock) -> None:
     # Each reconnect that opened (and said nothing) reset the give-up: it never came.
     calls: list[int] = []
@@ -494,7 +554,6 @@ def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture
 @pytest.fixture
 def tiny_server() -> Iterator[int]:
     """An HTTP server answering what `ls` and `watch` of a completed job read, in a thread of this test."""
-    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,10 +83,19 @@ def _detail(response: httpx.Response) -> str:
     return str(detail if detail is not None else body)[:500]
 
 
+def _is_json(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
+
+
 def check(response: httpx.Response) -> None:
-    """4xx: the request was wrong (usage, exit 2); 5xx: the server cannot serve (exit 3)."""
+    """4xx: the request was wrong (usage, exit 2); 5xx: the server cannot serve (exit 3). An answer without JSON
+    (a web server's 404 page, a redirect, a proxy's 502) is no refusal of this server's: exit 3, its page unshown."""
     if response.is_success:
         return
+    if not _is_json(response):
+        raise CliError(f"{response.request.url} answered {response.status_code} {response.reason_phrase}, not JSON: "
+                       "is it a swift-api server? (SWIFT_API_URL or --url)", EXIT_UNREACHABLE, response.status_code,
+                       _retry_after(response))  # fmt: skip
     code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
     raise CliError(f"{response.status_code} {response.reason_phrase}: {_detail(response)}", code,
                    response.status_code, _retry_after(response))  # fmt: skip
@@ -102,6 +112,11 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def not_swift_api(url: str, answered: str = "JSON") -> CliError:
     return CliError(f"{url} did not answer {answered}: is it a swift-api server?", EXIT_UNREACHABLE)
+
+
+def _discard(partial: Path | None) -> None:
+    if partial is not None:
+        partial.unlink(missing_ok=True)
 
 
 class Api:
@@ -160,27 +175,36 @@ class Api:
         return response.json()
 
     def download(self, path: str, target: Path) -> int:
-        """GET `path` into `target` (written next to it first, then renamed); the bytes written."""
-        partial = target.with_name(f".{target.name}.partial")
+        """GET `path` into `target`; the bytes written. A new or plain file is written next to it first, then
+        renamed over it (no one reads half a file); anything else (a FIFO, a device, a symlink) is written into,
+        as `curl -o` does: the rename replaced /dev/null, a pipe or a link with a file."""
+        try:
+            plain = stat.S_ISREG(target.lstat().st_mode)
+        except FileNotFoundError:
+            plain = True
+        except OSError as e:
+            raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
+        partial = target.with_name(f".{target.name}.partial") if plain else None
         written = 0
         try:
             with self.http.stream("GET", path, timeout=httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)) as response:
                 if not response.is_success:
                     response.read()
                     check(response)
-                with partial.open("wb") as fh:
+                with (partial or target).open("wb") as fh:
                     for chunk in response.iter_bytes():
                         fh.write(chunk)
                         written += len(chunk)
-            partial.replace(target)
+            if partial is not None:
+                partial.replace(target)
         except OSError as e:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
             raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
         except httpx.TransportError as e:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
             raise unreachable(self.url, e) from e
         except CliError:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
             raise
         return written
 
