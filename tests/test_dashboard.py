@@ -21,6 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Route, expect, sync_playwright
 
+from application.services.redis_service import EmbeddedRedis, find_redis_server
 from application.ui import views
 from application.ui.html import PageContext
 from tests.conftest import (
@@ -545,6 +546,12 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
     expect(page.locator("#login-error")).to_contain_text("not valid")
     assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
     assert not [c for c in tab.context.cookies() if c["name"] == COOKIE]
+    # One no header can carry (a pasted en dash): fetch() threw, the form took that for a network failure and kept
+    # the key, and every API call of every page then failed as "the server did not answer".
+    page.fill("#key", ALICE_KEY.replace("-", "\u2013", 1) + "\u2013x")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("printable ASCII")
+    assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
 
     page.fill("#key", ALICE_KEY)
     page.click("#login-form button[type=submit]")
@@ -554,6 +561,13 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
     assert (cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == (True, "Strict", "/")
     assert page.evaluate("localStorage.getItem('swiftApiKey')") == ALICE_KEY
     assert page.evaluate("document.cookie") == "", "the key cookie must not be readable by scripts"
+
+    # A key like that stored before this check: dropped, so the page still refreshes (from its cookie).
+    page.evaluate("localStorage.setItem('swiftApiKey', 'alice\u2013key-0123456789abcdef')")
+    page = tab.goto("/")
+    expect(page.locator("body")).to_have_attribute("data-refreshed", re.compile(r"\d+"), timeout=10_000)
+    assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
+    page.evaluate(f"localStorage.setItem('swiftApiKey', {ALICE_KEY!r})")
 
     # The lists, as alice: her job only.
     page = tab.goto("/")
@@ -596,6 +610,33 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
     expect(page).to_have_url(re.compile(r"/ui/login$"))
     assert not [c for c in tab.context.cookies() if c["name"] == COOKIE]
     assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
+
+
+@pytest.mark.timeout(180)
+def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
+    server_factory: Callable[..., ApiServer], tmp_path: Path, tabs: Callable[..., Tab]
+) -> None:
+    # During a Redis outage the queue page went on showing "2 of 2 GPUs free" without a word, and a reload showed
+    # the API's JSON.
+    binary = find_redis_server()
+    assert binary
+    own = EmbeddedRedis(tmp_path / "own-redis", binary)
+    own.start()
+    try:
+        server = server_factory(env={"REDIS_URL": own.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
+                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
+        tab = tabs(server)
+        page = tab.goto("/ui/queue")
+        expect(page.locator("body")).to_have_attribute("data-refreshed", re.compile(r"\d+"), timeout=10_000)
+        expect(page.locator("#notice")).to_be_hidden()
+    finally:
+        own.stop()
+    expect(page.locator("#notice")).to_contain_text("Not up to date: the server answered 503", timeout=15_000)
+    response = page.reload()
+    assert response is not None and response.status == 503
+    assert response.headers["content-type"].startswith("text/html") and response.headers["retry-after"] == "5"
+    expect(page.locator("h1")).to_have_text("Not available")
+    expect(page.locator("main")).to_contain_text("Redis) does not answer")
 
 
 # ---- without JavaScript; escaping ---------------------------------------------------------------------------

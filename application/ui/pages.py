@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.routing import APIRoute
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
@@ -26,7 +31,30 @@ from application.ui.html import PageContext, esc, page, template
 from application.ui.session import context, login_redirect, ui_caller
 from application.ui.session import router as session_router
 
-router = APIRouter(include_in_schema=False)
+
+class _PageRoute(APIRoute):
+    """A page that cannot read Redis says so as a page (503), not with the API's JSON: a reload during an outage
+    showed the browser `{"detail": ...}`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RedisError as exc:
+                down = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+                why = "does not answer" if down else f"refused the read ({exc})"
+                body = (f"<h1>Not available</h1><p class='error'>The server's store (Redis) {esc(why)}: nothing can "
+                        "be shown now. Jobs that run go on; reload this page in a moment.</p>")  # fmt: skip
+                shown = page(context(request, ui_caller(request)), "Not available", body, status_code=503)
+                shown.headers["Retry-After"] = "5"
+                return shown
+
+        return handle
+
+
+router = APIRouter(include_in_schema=False, route_class=_PageRoute)
 router.include_router(session_router)
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")

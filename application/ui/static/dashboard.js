@@ -20,12 +20,22 @@
   const keysOn = body.dataset.keys === "true";
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+  // What a key can be (printable ASCII, no spaces): fetch() throws on a header it cannot send, and every call
+  // then failed as if the server did not answer, the 401 that clears a bad key never coming.
+  const KEY_CHARS = /^[\x21-\x7e]+$/;
+
   function key() {
+    let k = null;
     try {
-      return localStorage.getItem(KEY);
+      k = localStorage.getItem(KEY);
     } catch (e) {
       return null; // storage disabled: the cookie still lets the lists render
     }
+    if (k && !KEY_CHARS.test(k)) {
+      setKey(null);
+      return null;
+    }
+    return k;
   }
 
   function setKey(value) {
@@ -220,6 +230,14 @@
     if (!parts.length) return;
     const every = Math.max(1000, Number(parts[0].dataset.refresh) || 3000);
     let busy = false;
+    // A refresh that fails says so, and since when the page has stood still: during a Redis outage the lists
+    // showed what they had, GPUs free and all, without a word.
+    let staleSince = null;
+    const stale = (why) => {
+      if (authNoticed) return;
+      staleSince = staleSince || new Date();
+      notice(`Not up to date: ${why} (showing what it said at ${staleSince.toLocaleTimeString()}); trying again.`);
+    };
     setInterval(async () => {
       if (busy || document.hidden) return;
       busy = true;
@@ -229,7 +247,10 @@
           authFailed();
           return;
         }
-        if (!r.ok) return;
+        if (!r.ok) {
+          stale(`the server answered ${r.status}`);
+          return;
+        }
         const doc = new DOMParser().parseFromString(await r.text(), "text/html");
         for (const part of document.querySelectorAll("[data-refresh]")) {
           const fresh = part.id && doc.getElementById(part.id);
@@ -240,8 +261,13 @@
           }
         }
         body.dataset.refreshed = String(Date.now());
+        if (staleSince) {
+          staleSince = null;
+          const box = document.getElementById("notice");
+          if (box && !authNoticed) box.hidden = true;
+        }
       } catch (e) {
-        /* the next tick tries again */
+        stale("the server did not answer"); // the next tick tries again
       } finally {
         busy = false;
       }
@@ -269,5 +295,6 @@
     stream,
     localTimes,
     sleep,
+    KEY_CHARS,
   });
 })();

@@ -15,6 +15,13 @@
     ev.preventDefault();
     const key = input.value.trim();
     error.textContent = "";
+    if (!d.KEY_CHARS.test(key)) {
+      // (a browser cannot send it, and no key has such characters: a paste that turned '-' into '–', say)
+      error.textContent = key ? "A key is printable ASCII without spaces: check how it was copied." : "Enter your key.";
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+      return;
+    }
     let r = null;
     try {
       r = await fetch(`${d.api}/jobs?limit=1`, { headers: { Authorization: `Bearer ${key}` }, cache: "no-store" });
