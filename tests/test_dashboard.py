@@ -434,6 +434,27 @@ def test_create_form_is_not_offered_again_once_the_job_is_created(server: ApiSer
 
 
 @pytest.mark.timeout(180)
+def test_a_create_whose_answer_was_lost_is_sent_again_as_the_same_job(server: ApiServer, workspace: Path,
+                                                                      tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    # The server created the job, the answer never came: the retry got "output_dir ... is in use by active job",
+    # and a user who then changed the folder created a second job.
+    tab = tabs(server)
+    page = tab.goto("/ui/new")
+    fill_form(page, workspace, "answer-lost")
+    posts: list[Route] = []
+    tab.page.route(lambda url: url.endswith("/training/jobs"), hold_nth(posts, 1))
+    page.click("#submit")
+    wait_for(lambda: pumped(page, posts), what="the create to be sent")
+    assert posts[0].fetch().status == 201  # the server has the job
+    posts[0].abort()
+    expect(page.locator("#form-error")).to_contain_text("did not answer")
+    page.click("#submit")
+    expect(page).to_have_url(re.compile(r"/ui/jobs/answer-lost$"))
+    listed = server.http.get("/jobs").json()
+    assert [j["job_id"] for j in listed["jobs"]] == ["answer-lost"]
+
+
+@pytest.mark.timeout(180)
 def test_a_deleted_job_is_not_offered_for_deletion_again(server: ApiServer, workspace: Path,
                                                          tabs: Callable[..., Tab]) -> None:  # fmt: skip
     # After the delete was answered its buttons came back while the list loaded: a second click got a 404.

@@ -96,6 +96,19 @@
     return bad ? null : out;
   }
 
+  // The same job sent again after its answer was lost (a dropped connection) carries the same Idempotency-Key:
+  // the server answers with the job it created, where a retry got "output_dir ... is in use by active job".
+  // A new key once the server has answered (it replays 4xx answers too) or the job changes.
+  let attempt = null;
+  function idempotencyKey(text) {
+    if (!attempt || attempt.text !== text) {
+      // (crypto.randomUUID needs https or localhost; getRandomValues does not)
+      const bytes = crypto.getRandomValues(new Uint8Array(16));
+      attempt = { text, key: Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("") };
+    }
+    return attempt.key;
+  }
+
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors();
@@ -104,11 +117,13 @@
     submit.disabled = true;
     let created = false; // then the page is on its way to the job's: a second click would post the job again
     try {
+      const text = JSON.stringify(body);
       const r = await d.apiJson("/jobs", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
+        headers: { "Content-Type": "application/json", "Idempotency-Key": idempotencyKey(text) },
+        body: text,
       });
+      if (r.status !== 0 && r.status !== 429 && r.status < 500) attempt = null;
       if (r.status === 201 && r.body && r.body.job_id) {
         created = true;
         location.assign(`${d.root}/ui/jobs/${encodeURIComponent(r.body.job_id)}`);
