@@ -758,7 +758,29 @@ def test_a_queue_reason_links_only_a_job_the_reader_may_open() -> None:
     ctx = PageContext("", "/api/v1/training", True, "bob", "user")
     entry = {"position": 1, "job_id": "his", "mine": True, "num_gpus": 2,
              "pending_reason": {"code": "reserved", "message": "held for a job ahead", "job_id": "hers"}}  # fmt: skip
-    overview = {"summary": {"length": 1, "free_gpus": 0, "total_gpus": 2, "running_jobs": 1, "policy": "fifo",
-                            "processor_running": True}, "entries": [entry]}  # fmt: skip
+    summary = {"length": 1, "offset": 0, "limit": 100, "free_gpus": 0, "total_gpus": 2, "running_jobs": 1,
+               "policy": "fifo", "processor_running": True}  # fmt: skip
+    overview = {"summary": summary, "entries": [entry]}
     assert 'href="/ui/jobs/hers"' not in views.queue_body(ctx, overview, set())
     assert 'href="/ui/jobs/hers"' in views.queue_body(ctx, overview, {"hers"})
+
+
+def test_a_queue_longer_than_its_page_says_so_and_links_the_rest() -> None:
+    # The queue page showed its first 100 jobs with nothing to say that more waited, and no way to them.
+    ctx = PageContext("", "/api/v1/training", True, "bob", "user")
+
+    def shown(offset: int) -> str:
+        entry = {"position": offset + 1, "job_id": f"j{offset}", "mine": True, "num_gpus": 1}
+        summary = {"length": 3, "offset": offset, "limit": 1, "free_gpus": 0, "total_gpus": 2, "running_jobs": 1,
+                   "policy": "backfill", "processor_running": True}  # fmt: skip
+        return views.queue_body(ctx, {"summary": summary, "entries": [entry]}, set())
+
+    first, last = shown(0), shown(2)
+    assert (
+        "1–1 of 3" in first
+        and 'href="/ui/queue?offset=1&amp;limit=1" rel="next"' in first
+        and 'rel="prev"' not in first
+    )
+    assert (
+        "3–3 of 3" in last and 'href="/ui/queue?offset=1&amp;limit=1" rel="prev"' in last and 'rel="next"' not in last
+    )

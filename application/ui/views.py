@@ -82,17 +82,17 @@ def _filters(ctx: PageContext, status: str | None, owner: str | None, admin: boo
     )
 
 
-def _pager(ctx: PageContext, listing: dict[str, Any], params: dict[str, str]) -> str:
-    offset, limit, total = listing["offset"], listing["limit"], listing["total"]
+def _pager(ctx: PageContext, path: str, params: dict[str, str], *, offset: int, limit: int, total: int, shown: int,
+           next_offset: int | None, words: tuple[str, str] = ("newer", "older")) -> str:  # fmt: skip
     links = []
     if offset > 0:
         prev = urlencode({**params, "offset": max(0, offset - limit), "limit": limit})
-        links.append(f'<a href="{esc(ctx.url("/ui/jobs?" + prev))}" rel="prev">← newer</a>')
-    if listing.get("next_offset") is not None:
-        nxt = urlencode({**params, "offset": listing["next_offset"], "limit": limit})
-        links.append(f'<a href="{esc(ctx.url("/ui/jobs?" + nxt))}" rel="next">older →</a>')
-    shown = f"{offset + 1}–{offset + len(listing['jobs'])} of {total}" if listing["jobs"] else f"0 of {total}"
-    return f'<p class="pager">{esc(shown)} {" ".join(links)}</p>'
+        links.append(f'<a href="{esc(ctx.url(f"{path}?{prev}"))}" rel="prev">← {words[0]}</a>')
+    if next_offset is not None:
+        nxt = urlencode({**params, "offset": next_offset, "limit": limit})
+        links.append(f'<a href="{esc(ctx.url(f"{path}?{nxt}"))}" rel="next">{words[1]} →</a>')
+    counted = f"{offset + 1}–{offset + shown} of {total}" if shown else f"0 of {total}"
+    return f'<p class="pager">{esc(counted)} {" ".join(links)}</p>'
 
 
 def jobs_body(ctx: PageContext, listing: dict[str, Any], status: str | None, owner: str | None, admin: bool,
@@ -104,7 +104,21 @@ def jobs_body(ctx: PageContext, listing: dict[str, Any], status: str | None, own
     grid = table(headers, rows, empty="No jobs match.", attrs='class="grid jobs"')
     return (
         f'<div class="title-row"><h1>Jobs</h1><a class="button push" href="{esc(ctx.url("/ui/new"))}">New job</a></div>'
-        f"{_filters(ctx, status, owner, admin)}{notice}" + live("jobs-live", grid + _pager(ctx, listing, params))
+        f"{_filters(ctx, status, owner, admin)}{notice}"
+        + live(
+            "jobs-live",
+            grid
+            + _pager(
+                ctx,
+                "/ui/jobs",
+                params,
+                offset=listing["offset"],
+                limit=listing["limit"],
+                total=listing["total"],
+                shown=len(listing["jobs"]),
+                next_offset=listing.get("next_offset"),
+            ),
+        )
     )
 
 
@@ -147,7 +161,12 @@ def queue_body(ctx: PageContext, overview: dict[str, Any], own: Collection[str])
     headers = ["#", "Job", "Owner", "Priority", "GPUs", "Waited", "Estimated wait", "Predicted run", "Why it waits"]
     rows = [_queue_row(ctx, e, own) for e in overview["entries"]]
     grid = table(headers, rows, empty="The queue is empty.", attrs='class="grid queue"')
-    return "<h1>GPU queue</h1>" + live("queue-live", f'<p class="summary">{summary}</p>{gpu_error}{grid}')
+    # (a queue longer than a page showed its first 100 with nothing to say there were more)
+    offset, limit, length = s["offset"], s["limit"], s["length"]
+    more = offset + limit if offset + limit < length else None
+    pager = _pager(ctx, "/ui/queue", {}, offset=offset, limit=limit, total=length, shown=len(rows), next_offset=more,
+                   words=("ahead", "behind"))  # fmt: skip
+    return "<h1>GPU queue</h1>" + live("queue-live", f'<p class="summary">{summary}</p>{gpu_error}{grid}{pager}')
 
 
 # ---- GPUs ---------------------------------------------------------------------------------------------------
