@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body
 
 COOKIE = "swift_api_key"
@@ -27,6 +29,20 @@ async def test_another_sites_form_can_neither_log_in_nor_log_out(app_factory: Ca
         client.cookies.clear()
         r = await client.post("http://test/ui/logout", headers={**same, "Cookie": f"{COOKIE}={ALICE_KEY}"})
         assert r.status_code == 303 and r.headers["set-cookie"].startswith(f'{COOKIE}=""')
+
+
+async def test_behind_a_proxy_prefix_the_login_returns_to_the_page_once_prefixed(
+    app_factory: Callable[..., Any],
+) -> None:
+    # `next` carried the prefix and the login put it in front again: /swift/swift/ui/queue, a 404.
+    async with app_factory(scheduler=False, API_KEYS=KEYS_SETTING) as client:
+        transport = httpx.ASGITransport(app=client.app, root_path="/swift")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as proxied:
+            r = await proxied.get("/swift/ui/queue?limit=5")
+            assert r.status_code == 303 and r.headers["location"] == "/swift/ui/login?next=%2Fui%2Fqueue%3Flimit%3D5"
+            form = {"key": ALICE_KEY, "next": "/ui/queue?limit=5"}
+            r = await proxied.post("/swift/ui/login", data=form, headers={"Sec-Fetch-Site": "same-origin"})
+            assert r.status_code == 303 and r.headers["location"] == "/swift/ui/queue?limit=5"
 
 
 async def test_another_owners_job_is_named_but_not_linked_on_the_gpu_page(app_factory: Callable[..., Any],

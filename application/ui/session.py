@@ -52,7 +52,11 @@ def safe_next(raw: str | None) -> str:
 
 def login_redirect(request: Request) -> RedirectResponse:
     root = str(request.scope.get("root_path", "")).rstrip("/")
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    # `next` is a path below the root (the login prefixes the root again): behind a proxy's prefix it sent the
+    # reader to /prefix/prefix/...
+    path = request.url.path
+    path = path[len(root) :] if root and path.startswith(root + "/") else path
+    target = path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse(f"{root}/ui/login?next={quote(target, safe='')}", status_code=303)
 
 

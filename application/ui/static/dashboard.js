@@ -81,7 +81,9 @@
     setKey(null);
     if (authNoticed) return;
     authNoticed = true;
-    const next = encodeURIComponent(location.pathname + location.search);
+    // (below the root: the login puts it in front again)
+    const here = root && location.pathname.startsWith(root + "/") ? location.pathname.slice(root.length) : location.pathname;
+    const next = encodeURIComponent(here + location.search);
     notice("The API refused this browser's key (or it has none).", {
       href: `${root}/ui/login?next=${next}`,
       text: "Log in",
