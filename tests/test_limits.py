@@ -67,6 +67,20 @@ async def test_gpus_per_owner_make_a_job_wait_without_blocking_others(app_factor
             await asyncio.sleep(0.05)
 
 
+async def test_a_job_held_by_its_owners_limit_is_not_told_there_are_no_free_gpus(app_factory: Callable[..., Any],
+                                                                                 tmp_path: Path) -> None:  # fmt: skip
+    # A CPU-only job started behind its owner's waiting job was answered "No free GPUs now".
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    limits = {"MAX_RUNNING_PER_OWNER": "2", "MAX_GPUS_PER_OWNER": "3", "SIMULATED_GPUS": "4x80"}
+    async with app_factory(API_KEYS=KEYS_SETTING, **limits) as client:
+        for name, gpus, want in (("x", 1, "running"), ("y", 3, "queued"), ("z", 0, "queued")):
+            r = await client.post("/jobs", json=body(tmp_path, name, num_gpus=gpus, auto_start=True),
+                                  headers=auth(ALICE_KEY))  # fmt: skip
+            assert r.json()["status"] == want, r.text
+        assert r.json()["pending_reason"]["code"] == "owner_limit", r.text
+        assert "No free GPUs" not in r.json()["message"] and "MAX_GPUS_PER_OWNER" in r.json()["message"], r.text
+
+
 async def test_runs_per_owner_count_cpu_only_jobs_too(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     # A CPU-only job holds no GPU: without MAX_RUNNING_PER_OWNER, one key ran any number at once on the host.
     make_model(tmp_path / "models" / "tiny-qwen2")

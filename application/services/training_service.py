@@ -327,7 +327,7 @@ class TrainingService:
             info = await self.queue_info(job_id)
             return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
-                                  message=await self._queued_message())  # fmt: skip
+                                  message=await self._queued_message(info.reason))  # fmt: skip
         if job.status == JobStatus.QUEUED:
             await self.cluster.publish_wakeup(job_id)
             info = await self.queue_info(job_id)
@@ -343,10 +343,13 @@ class TrainingService:
                     else ";") + " create a new job to train again"  # fmt: skip
         raise Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
 
-    async def _queued_message(self) -> str:
+    async def _queued_message(self, reason: PendingReason | None) -> str:
         if await self.cluster.leader() is None:
             return "No scheduler is running: the job is queued and starts when one does (python start.py)"
-        return "No free GPUs now: the job was added to the GPU queue"
+        if reason is None or reason.code == "resources":
+            return "No free GPUs now: the job was added to the GPU queue"
+        # (a CPU-only job held by its owner's limit was told "No free GPUs now")
+        return f"The job was added to the GPU queue: {reason.message}"
 
     async def await_job(self, job_id: str, done: Callable[[Job], bool], timeout: float) -> Job:
         deadline = time.monotonic() + timeout
