@@ -194,6 +194,27 @@ def test_the_3x_line_is_checked_against_its_own_list() -> None:
     assert "ms-swift 3.5.3" in refused("sft", {new_in_4[0]: None}, V3)
 
 
+def test_fsdp_turns_the_save_only_model_default_off_which_swift_refuses_beside_its_sharded_state() -> None:
+    # ms-swift 4.6.0 failed every fsdp2 job after its wait: "FSDP2 with SHARDED_STATE_DICT is not compatible with
+    # save_only_model=True", this server's default.
+    def create(training: dict[str, Any]) -> JobCreate:
+        return JobCreate.model_validate({"data_path": "d/x", "model_path": "m/x", "output_dir": "o", "num_gpus": 2,
+                                         "training": training})  # fmt: skip
+
+    assert create({"fsdp": "fsdp2"}).training.save_only_model is False
+    assert (
+        create({"fsdp": {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}}).training.save_only_model is False
+    )
+    assert create({"fsdp": "fsdp2", "save_only_model": False}).training.save_only_model is False
+    with pytest.raises(ValidationError, match="leave save_only_model out"):
+        create({"fsdp": "fsdp2", "save_only_model": True})
+    # A full state dict takes it; without fsdp the default stands.
+    full = {"fsdp": "full_shard", "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+    assert create({"fsdp": json.dumps(full), "save_only_model": True}).training.save_only_model is True
+    assert create({"fsdp": full}).training.save_only_model is True
+    assert create({}).training.save_only_model is True
+
+
 def test_old_and_swift_names_are_aliases_of_the_named_fields() -> None:
     t = TrainingParams.model_validate({"lora_target_modules": ["q_proj"], "num_train_epochs": 2, "tuner_type": "full",
                                        "per_device_train_batch_size": 4})  # fmt: skip

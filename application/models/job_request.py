@@ -6,6 +6,7 @@ Strict models: a request says what it means ("5" is not a priority), unknown fie
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
@@ -270,11 +271,32 @@ class JobCreate(_Strict):
                 raise ValueError("training.warmup_steps and training.warmup_ratio: set one of them (ms-swift "
                                  "refuses both)")  # fmt: skip
             t.warmup_ratio = 0.0
+        fsdp = (t.model_extra or {}).get("fsdp")
+        if fsdp not in (None, "") and _sharded(fsdp):
+            # ms-swift refuses save_only_model (this server's default) beside FSDP2's sharded state dict, and the
+            # job failed after its wait. Naming fsdp turns the default off, as naming warmup_steps does the ratio.
+            if "save_only_model" in t.model_fields_set and t.save_only_model:
+                raise ValueError("training.fsdp saves a sharded state dict, which ms-swift refuses beside "
+                                 "save_only_model true: leave save_only_model out (it is then false), or set "
+                                 "fsdp_config.state_dict_type FULL_STATE_DICT")  # fmt: skip
+            t.save_only_model = False
         if self.num_gpus == 0 and self.training.torch_dtype == "bfloat16":
             raise ValueError(
                 "torch_dtype bfloat16 needs a GPU: use float32 for a CPU-only job (num_gpus 0), or ask for GPUs"
             )
         return self
+
+
+def _sharded(fsdp: Any) -> bool:
+    """Whether swift's FSDP2 saves a sharded state dict with this `fsdp` (its default unless the config says)."""
+    if isinstance(fsdp, str):
+        try:
+            fsdp = json.loads(fsdp)
+        except ValueError:
+            return True  # a preset: fsdp2's is sharded
+    config = fsdp.get("fsdp_config") if isinstance(fsdp, dict) else None
+    kind = config.get("state_dict_type") if isinstance(config, dict) else None
+    return not isinstance(kind, str) or "SHARDED" in kind.upper()
 
 
 class JobPatch(_Strict):
