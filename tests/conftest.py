@@ -476,3 +476,21 @@ async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bo
             return job
         assert time.monotonic() < deadline, f"timed out waiting on {job_id}: {job['status']} {job['progress']}"
         await asyncio.sleep(0.05)
+
+
+# A server's Redis client settings that notice a Redis outage in about a second.
+QUICK_TO_GIVE_UP = {"REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1", "REDIS_CONNECT_TIMEOUT": "1"}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own, to stop (or to stop with SIGSTOP); let go on and stopped in teardown, which runs
+    even when the test is cut short (a coroutine's `finally` would not: the Redis would stay stopped for ever)."""
+    binary = find_redis_server()
+    assert binary
+    server = EmbeddedRedis(tmp_path / "own-redis", binary)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()

@@ -14,8 +14,18 @@ import pytest
 import redis
 
 from application.services.keys import Keys
-from application.services.redis_service import EmbeddedRedis, find_redis_server
-from tests.conftest import ROOT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, settings_for, wait_for
+from application.services.redis_service import EmbeddedRedis
+from tests.conftest import (
+    QUICK_TO_GIVE_UP,
+    ROOT,
+    ApiServer,
+    fake_dataset,
+    job_body,
+    make_model,
+    seed_swift_probe,
+    settings_for,
+    wait_for,
+)
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -240,17 +250,10 @@ def test_health_system_status_and_gpus(server: ApiServer, workspace: Path) -> No
 
 
 def test_health_is_503_with_the_reason_when_redis_is_gone(server_factory: Callable[..., ApiServer],
-                                                          tmp_path: Path) -> None:  # fmt: skip
-    binary = find_redis_server()
-    assert binary
-    own = EmbeddedRedis(tmp_path / "own-redis", binary)
-    own.start()
-    try:
-        server = server_factory(env={"REDIS_URL": own.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
-                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
-        assert server.http.get("/health").status_code == 200
-    finally:
-        own.stop()
+                                                          own_redis: EmbeddedRedis) -> None:  # fmt: skip
+    server = server_factory(env={"REDIS_URL": own_redis.url, **QUICK_TO_GIVE_UP})
+    assert server.http.get("/health").status_code == 200
+    own_redis.stop()
     r = wait_for(lambda: (resp := server.http.get("/health")).status_code == 503 and resp, timeout=15)
     assert r.json()["status"] == "unhealthy" and "Redis does not answer" in r.json()["detail"]
     assert server.http.get("/jobs").status_code == 503
@@ -388,20 +391,6 @@ async def test_system_status_says_no_queue_processor_runs_without_a_scheduler(
         processor = (await client.get("/queue/processor/status")).json()
         assert status["queue_processor"]["running"] is False and processor["running"] is False, status
         assert status["queue_processor"]["enabled"] == processor["enabled"]
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of the test's own, to stop with SIGSTOP; let go on and stopped in teardown, which runs even when
-    the test is cut short (a coroutine's `finally` would not: the Redis would stay stopped for ever)."""
-    binary = find_redis_server()
-    assert binary
-    server = EmbeddedRedis(tmp_path / "own-redis", binary)
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGCONT)
-    server.stop()
 
 
 async def test_health_answers_503_in_seconds_when_redis_hangs(own_redis: EmbeddedRedis, tmp_path: Path) -> None:

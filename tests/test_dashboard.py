@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Route, expect, sync_playwright
 
-from application.services.redis_service import EmbeddedRedis, find_redis_server
+from application.services.redis_service import EmbeddedRedis
 from application.ui import views
 from application.ui.html import PageContext
 from tests.conftest import (
@@ -30,6 +30,7 @@ from tests.conftest import (
     BOB_KEY,
     KEYS_SETTING,
     MODEL_DIR,
+    QUICK_TO_GIVE_UP,
     ROOT,
     ApiServer,
     auth,
@@ -635,23 +636,16 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
 
 @pytest.mark.timeout(180)
 def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
-    server_factory: Callable[..., ApiServer], tmp_path: Path, tabs: Callable[..., Tab]
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, tabs: Callable[..., Tab]
 ) -> None:
     # During a Redis outage the queue page went on showing "2 of 2 GPUs free" without a word, and a reload showed
     # the API's JSON.
-    binary = find_redis_server()
-    assert binary
-    own = EmbeddedRedis(tmp_path / "own-redis", binary)
-    own.start()
-    try:
-        server = server_factory(env={"REDIS_URL": own.url, "REDIS_RETRIES": "0", "REDIS_SOCKET_TIMEOUT": "1",
-                                     "REDIS_CONNECT_TIMEOUT": "1"})  # fmt: skip
-        tab = tabs(server)
-        page = tab.goto("/ui/queue")
-        expect(page.locator("body")).to_have_attribute("data-refreshed", re.compile(r"\d+"), timeout=10_000)
-        expect(page.locator("#notice")).to_be_hidden()
-    finally:
-        own.stop()
+    server = server_factory(env={"REDIS_URL": own_redis.url, **QUICK_TO_GIVE_UP})
+    tab = tabs(server)
+    page = tab.goto("/ui/queue")
+    expect(page.locator("body")).to_have_attribute("data-refreshed", re.compile(r"\d+"), timeout=10_000)
+    expect(page.locator("#notice")).to_be_hidden()
+    own_redis.stop()
     expect(page.locator("#notice")).to_contain_text("Not up to date: the server answered 503", timeout=15_000)
     response = page.reload()
     assert response is not None and response.status == 503
