@@ -342,6 +342,25 @@ def test_a_reference_model_only_for_a_full_fine_tune_that_uses_one() -> None:
     check_ref_model("dpo", "lora", {})
 
 
+def test_packing_needs_flash_attention_and_a_preference_type_that_packs() -> None:
+    # ms-swift 4.6.0 (SftArguments._check_padding_free): 'The "packing" feature requires a flash attention
+    # implementation', raised as the run starts; such jobs were accepted and failed after their wait.
+    from application.services.swift_arguments import check_packing
+
+    with pytest.raises(Invalid, match=r"training\.packing needs a flash attention implementation in ms-swift 4\.6\.0: "
+                                      r"set training\.attn_impl to one of flash_attn"):  # fmt: skip
+        check_packing("sft", None, {"packing": True, "attn_impl": "sdpa"}, 1, V4)
+    with pytest.raises(Invalid, match=r"training\.padding_free .* needs a GPU: leave it out of a job with num_gpus 0"):
+        check_packing("pt", None, {"padding_free": True}, 0, V4)
+    with pytest.raises(Invalid, match=r"does not work with rlhf_type 'orpo' .* \(only with grpo, dpo, kto, gkd\)"):
+        check_packing("rlhf", "orpo", {"packing": True, "attn_impl": "flash_attn"}, 2, V4)
+    check_packing("rlhf", "dpo", {"packing": True, "attn_impl": "flash_attention_2"}, 2, V4)
+    check_packing("sft", None, {"packing": False, "padding_free": False}, 0, V4)
+    check_packing("sft", None, {"attn_impl": "sdpa"}, 0, V4)
+    check_packing("sft", None, {"packing": True}, 0, V3)  # (3.x releases differ: swift says)
+    check_packing("sft", None, {"packing": True}, 0, None)
+
+
 def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
     req = JobCreate.model_validate(
         {
@@ -447,6 +466,9 @@ def test_preference_training_runs_swift_rlhf_and_checks_its_data(probed: ApiServ
     kto = probed.create(**qwen_body(workspace, "kto-one", kind="rlhf", rlhf_type="kto", data_path=str(data),
                                     training={"batch_size": 1, "gradient_accumulation_steps": 1}))  # fmt: skip
     assert kto.status_code == 422 and "total batch of 2 or more" in kto.json()["detail"], kto.text
+    # Packing without flash attention: refused before the wait, not failed after it.
+    packed = probed.create(**qwen_body(workspace, "packed", num_gpus=0, training={"packing": True}))
+    assert packed.status_code == 422 and "leave it out of a job with num_gpus 0" in packed.json()["detail"], packed.text
 
 
 def test_without_a_runnable_swift_health_is_degraded_and_creates_are_503(server_factory: Callable[..., ApiServer],

@@ -205,6 +205,33 @@ def check_ref_model(rlhf_type: str, train_type: str, arguments: Mapping[str, Any
                   f"{why}; leave it out")  # fmt: skip
 
 
+# ms-swift 4.x refuses, as it starts, packing or padding_free without a flash attention implementation
+# (SftArguments._check_padding_free), and beside an rlhf_type other than these (RLHFArguments).
+FLASH_ATTENTION = ("flash_attn", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+PACKING_RLHF_TYPES = ("grpo", "dpo", "kto", "gkd")
+
+
+def check_packing(kind: str, rlhf_type: str | None, arguments: Mapping[str, Any], gpus: int,
+                  info: SwiftInfo | None) -> None:  # fmt: skip
+    """Packing (which turns padding_free on) and padding_free as ms-swift 4.x takes them: every such job without
+    `attn_impl: flash_attn` was accepted and then failed after its wait. (3.x releases differ: left to swift.)"""
+    feature = "packing" if arguments.get("packing") else "padding_free" if arguments.get("padding_free") else None
+    major = info.version.split(".")[0] if info is not None else ""
+    if feature is None or info is None or not major.isdigit() or int(major) < 4:
+        return
+    where, version = f"training.{feature}", f"ms-swift {info.version}"
+    if arguments.get("attn_impl") not in FLASH_ATTENTION:
+        if gpus == 0:
+            raise Invalid(f"{where} needs a flash attention implementation in {version}, and flash attention needs "
+                          "a GPU: leave it out of a job with num_gpus 0")  # fmt: skip
+        raise Invalid(f"{where} needs a flash attention implementation in {version}: set training.attn_impl to one "
+                      f"of {', '.join(FLASH_ATTENTION)} (flash-attn installed beside ms-swift), or leave "
+                      f"{feature} out")  # fmt: skip
+    if kind == "rlhf" and rlhf_type not in PACKING_RLHF_TYPES:
+        raise Invalid(f"{where} does not work with rlhf_type '{rlhf_type}' in {version} (only with "
+                      f"{', '.join(PACKING_RLHF_TYPES)}): leave it out")  # fmt: skip
+
+
 def _closest(name: str, names: Any) -> str:
     near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
     return f": did you mean {' or '.join(near)}?" if near else ""

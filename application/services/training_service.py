@@ -61,6 +61,7 @@ from application.services.swift_arguments import (
     check_grpo_batch,
     check_kind,
     check_kto_batch,
+    check_packing,
     check_ref_model,
     require_usable_swift,
 )
@@ -185,6 +186,7 @@ class TrainingService:
         swift = await self.swift_info(meta)
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
+        check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, swift)
         if req.kind == "rlhf" and req.rlhf_type is not None:
             t = req.training
             check_ref_model(req.rlhf_type, t.train_type, arguments)
