@@ -442,6 +442,10 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     out = tmp_path / "logging.jsonl"
     got = cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
     assert got["bytes"] == out.stat().st_size and out.read_bytes() == (run / "logging.jsonl").read_bytes()
+    # `-o -` is standard output, as with curl (it wrote a file named '-' where the CLI ran).
+    piped = cli(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", "-")
+    assert piped.returncode == 0 and piped.stdout == (run / "logging.jsonl").read_text(), piped.stderr
+    assert not (ROOT / "-").exists() and f"{out.stat().st_size} bytes" in piped.stderr
     # A chosen checkpoint, exported into a named folder.
     wait_for(lambda: server.job("cli-up")["export"]["status"] != "running", what="the automatic export")
     exported = cli_json(server.port, "export", "cli-up", "--checkpoint", "checkpoint-2", "--output-name", "two")

@@ -149,12 +149,18 @@ def download(api: Api, args: argparse.Namespace, out: Output) -> int:
         # (the HTTP client would fold them into the URL, and the server answer a bare 404 for another path)
         raise CliError(f"{args.path!r}: name a path inside the job's output folder, without '..' parts "
                        f"(see: swift-api artifacts {args.job_id})", EXIT_USAGE)  # fmt: skip
+    url = job_path(args.job_id, "/artifacts/" + quote(args.path.strip("/")))
+    if args.output == "-":  # (as with curl -o -: the bytes to standard output, for a pipe; nothing else there)
+        written = api.download(url, None)
+        if not out.json:
+            out.note(f"standard output: {written} bytes")
+        return EXIT_OK
     target = Path(args.output or PurePosixPath(args.path).name)
     if not target.name:
         # '/' or '.' asks for the whole output folder, which has no name of its own to save it under
         raise CliError(f"{args.output or args.path!r} names no file to write: name one with -o FILE, or give a PATH "
                        f"that names a file or folder (see: swift-api artifacts {args.job_id})", EXIT_USAGE)  # fmt: skip
-    written = api.download(job_path(args.job_id, "/artifacts/" + quote(args.path.strip("/"))), target)
+    written = api.download(url, target)
     if out.json:
         out.emit({"job_id": args.job_id, "path": args.path, "file": str(target), "bytes": written})
     else:
@@ -249,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
     sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
     sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")
-    sub.add_argument("-o", "--output", help="where to write it (default: its name, here)")
+    sub.add_argument("-o", "--output", help="where to write it (default: its name, here; - for standard output)")
     sub = command("priority", set_priority, "change a waiting job's priority")
     sub.add_argument("priority", type=int, metavar="N", help="0-10, 10 first")
     command("queue", show("/queue", render.queue), "the GPU queue in order", job=False)

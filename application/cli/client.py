@@ -6,8 +6,9 @@ import math
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -174,32 +175,35 @@ class Api:
         check(response)
         return response.json()
 
-    def download(self, path: str, target: Path) -> int:
-        """GET `path` into `target`; the bytes written. A new or plain file is written next to it first, then
-        renamed over it (no one reads half a file); anything else (a FIFO, a device, a symlink) is written into,
-        as `curl -o` does: the rename replaced /dev/null, a pipe or a link with a file."""
+    def download(self, path: str, target: Path | None) -> int:
+        """GET `path` into `target` (None: standard output); the bytes written. A new or plain file is written
+        next to it first, then renamed over it (no one reads half a file); anything else (a FIFO, a device, a
+        symlink) is written into, as `curl -o` does: the rename replaced /dev/null, a pipe or a link with a file."""
         try:
-            plain = stat.S_ISREG(target.lstat().st_mode)
+            plain = target is not None and stat.S_ISREG(target.lstat().st_mode)
         except FileNotFoundError:
             plain = True
         except OSError as e:
             raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
-        partial = target.with_name(f".{target.name}.partial") if plain else None
+        partial = target.with_name(f".{target.name}.partial") if plain and target is not None else None
+        name = "standard output" if target is None else str(target)
         written = 0
         try:
             with self.http.stream("GET", path, timeout=httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)) as response:
                 if not response.is_success:
                     response.read()
                     check(response)
-                with (partial or target).open("wb") as fh:
+                sink = (partial or target).open("wb") if target is not None else nullcontext(sys.stdout.buffer)
+                with sink as fh:
                     for chunk in response.iter_bytes():
                         fh.write(chunk)
                         written += len(chunk)
-            if partial is not None:
+                    fh.flush()
+            if partial is not None and target is not None:
                 partial.replace(target)
         except OSError as e:
             _discard(partial)
-            raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
+            raise CliError(f"cannot write {name}: {e.strerror}", EXIT_USAGE) from e
         except httpx.TransportError as e:
             _discard(partial)
             raise unreachable(self.url, e) from e
