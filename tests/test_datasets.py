@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from application.exceptions import Invalid
-from application.services.datasets import _array_length, check_dataset, data_needs
+from application.services.datasets import FIRST_ROW_MAX, HEAD_BYTES, _array_length, check_dataset, data_needs
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -193,3 +194,45 @@ def test_unreadable_and_folder_data_sets(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(Invalid, match="not a file"):
         check_dataset("data_path", folder)
+
+
+def test_text_that_is_not_utf8_is_refused_as_ms_swift_would_refuse_it(tmp_path: Path) -> None:
+    # ms-swift's readers take UTF-8 only; json.loads guessed UTF-16 from the bytes, so such a file passed and its
+    # job failed after its wait.
+    line = json.dumps(MESSAGES) + "\n"
+    cases = {
+        "utf16.jsonl": ((line * 2).encode("utf-16"), "the file is UTF-16 text: save it as UTF-8"),
+        "utf16le.jsonl": ((line * 2).encode("utf-16-le"), "line 1 holds a NUL byte"),
+        "latin1.csv": ("query,response\nq,caf\u00e9\n".encode("latin-1"), "line 2 is not UTF-8 text (byte 0xe9)"),
+        "latin1.json": (('[{"query": "q", "response": "caf\u00e9"}]').encode("latin-1"), "not UTF-8 text"),
+    }
+    for name, (content, says) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(Invalid, match=re.escape(says)):
+            check_dataset("data_path", tmp_path / name)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() * 2)
+    assert check_dataset("data_path", tmp_path / "bom.jsonl").rows == 2
+    # The 8 MiB read may cut a character in two: that is no reason to refuse.
+    first = json.dumps({**MESSAGES, "pad": "x" * (HEAD_BYTES - 1000)}) + "\n"
+    prefix = '{"messages": [{"role": "user", "content": "'
+    if (HEAD_BYTES - 1 - len(first) - len(prefix)) % 2:
+        first = " " + first  # (the read's last byte is then the first of a two-byte character)
+    second = prefix + "\u00e9" * 1000 + '"}, {"role": "assistant", "content": "x"}]}\n'
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes((first + second + second).encode())
+    assert cut.read_bytes()[HEAD_BYTES - 1 : HEAD_BYTES + 1] == "\u00e9".encode()
+    assert check_dataset("data_path", cut).rows == 3
+
+
+def test_a_first_row_longer_than_the_head_is_read_whole(tmp_path: Path) -> None:
+    # A row with inline media past 8 MiB was refused as "no rows found in its first 8 MiB"; ms-swift reads it.
+    turns = [{"role": "user", "content": "x" * (HEAD_BYTES + 1000)}, {"role": "assistant", "content": "ok"}]
+    long = {"messages": turns}
+    assert check_dataset("data_path", write(tmp_path / "long.jsonl", [long, MESSAGES])).rows == 2
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([long, MESSAGES], indent=2))
+    assert check_dataset("data_path", pretty).rows == 2
+    endless = tmp_path / "endless.jsonl"
+    endless.write_bytes(b'{"messages": "' + b"x" * FIRST_ROW_MAX)
+    with pytest.raises(Invalid, match="its first row is longer than 64 MiB, more than the server checks"):
+        check_dataset("data_path", endless)

@@ -4,7 +4,8 @@ output), with what the kind of training needs per row (a rejected answer, a KTO 
 the `columns` argument's renames. A refusal names the file, the row and what is wrong; the row count is
 recorded for the scheduler.
 
-Synchronous and bounded: only the first HEAD_BYTES are parsed, and counting rows reads at most COUNT_MAX_BYTES.
+Synchronous and bounded: only the first HEAD_BYTES (or the first row, up to FIRST_ROW_MAX) are parsed, and
+counting rows reads at most COUNT_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from application.exceptions import Invalid
 from application.services.swift_arguments import PREFERENCE_TYPES
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
+FIRST_ROW_MAX = 64 << 20  # ... or from the first row, when it is longer
 SAMPLE_ROWS = 20
 COUNT_MAX_BYTES = 2 << 30  # exact row counts up to 2 GiB; past that an estimate
 JSON_ARRAY_MAX_BYTES = 64 << 20
@@ -151,9 +153,36 @@ def _check_messages(value: Any, where: str) -> None:
             raise Invalid(f"{where}[{i}] needs 'role' and 'content' (or 'from' and 'value')")
 
 
-def _head(path: Path) -> bytes:
+def _not_utf8(head: bytes, complete: bool) -> str | None:
+    """Why the file is no UTF-8 text, or None. ms-swift's readers (pyarrow's JSON, pandas' CSV) take UTF-8 only;
+    json.loads guessed UTF-16 from the bytes and took such a file, which then failed after the job's wait."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not complete and exc.reason == "unexpected end of data":
+            return None  # (a character cut by the 8 MiB read)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return "the file is UTF-16 text: save it as UTF-8, which ms-swift reads"
+        line = head.count(b"\n", 0, exc.start) + 1
+        byte = head[exc.start]
+        return f"line {line} is not UTF-8 text (byte 0x{byte:02x}): save the file as UTF-8, which ms-swift reads"
+    if (nul := text.find("\x00")) != -1:
+        return (f"line {text.count(chr(10), 0, nul) + 1} holds a NUL byte, which no text data set has (UTF-16 "
+                "without its byte order mark, or not text at all): save the file as UTF-8")  # fmt: skip
+    return None
+
+
+def _head(path: Path, limit: int = HEAD_BYTES) -> bytes:
+    """The first `limit` bytes, or more, up to FIRST_ROW_MAX, when no line ends in them: a first row longer than
+    the head (inline media) was refused as "no rows found", though ms-swift reads it."""
     with open(path, "rb") as f:
-        return f.read(HEAD_BYTES)
+        head = f.read(limit)
+        while b"\n" not in head and b"\r" not in head and len(head) < FIRST_ROW_MAX:
+            more = f.read(min(HEAD_BYTES, FIRST_ROW_MAX - len(head)))
+            if not more:
+                break
+            head += more
+        return head
 
 
 def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
@@ -282,7 +311,8 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         if not path.is_file():
             raise Invalid(f"{field} '{path}' is not a file")
         size = path.stat().st_size
-        head = _head(path)
+        # (a JSON array that size is read whole below anyway: its first element may be longer than the head)
+        head = _head(path, size if suffix == ".json" and size <= JSON_ARRAY_MAX_BYTES else HEAD_BYTES)
     except PermissionError:
         raise Invalid(f"{field} '{path}' cannot be read by the server (permissions)") from None
     except OSError as exc:
@@ -290,6 +320,8 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
     if size == 0 or not head.strip():
         raise Invalid(f"{field} '{path}' is empty")
     complete = len(head) >= size
+    if why := _not_utf8(head, complete):
+        raise Invalid(f"{field} '{path}': {why}")
     stripped = head.lstrip()
     rows: Iterator[tuple[int, Any]]
     if suffix == ".csv":
@@ -317,7 +349,10 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
     except Invalid as exc:
         raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if seen == 0:
-        raise Invalid(f"{field} '{path}': no rows found in its first {HEAD_BYTES >> 20} MiB")
+        if complete:
+            raise Invalid(f"{field} '{path}': no rows found")
+        raise Invalid(f"{field} '{path}': its first row is longer than {FIRST_ROW_MAX >> 20} MiB, more than the server "
+                      "checks: keep rows shorter (media as file paths rather than inline)")  # fmt: skip
     fmt = formats.pop() if len(formats) == 1 else "mixed"
     if suffix == ".json" and stripped.startswith(b"["):
         if size > JSON_ARRAY_MAX_BYTES:
