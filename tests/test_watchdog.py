@@ -4,6 +4,7 @@ watchdog swept by hand (its loop is not started), jobs put in the state a dead r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -173,6 +174,46 @@ async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_w
         assert job["status"] == "queued" and job["resume_from"] == str(again / "checkpoint-6"), job
         history = (await client.get("/jobs/again/progress", params={"history_limit": 100})).json()["history"]
         assert [p["step"] for p in history] == [1, 2, 4, 6], history
+
+
+async def test_a_run_that_ended_unwatched_keeps_the_checkpoint_and_the_end_time_it_left(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Its runner died at checkpoint-10 while no scheduler ran; swift trained on to checkpoint-20 and exited, and
+    the next leader recorded the end. The checkpoint the runner last saw won over logging.jsonl's, so the export
+    merged a checkpoint from half the training; and the end was stamped when the scheduler came back."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, AUTO_EXPORT=False) as client:
+        ended = {}
+        for name, exit_record in (("late", True), ("nofile", False)):
+            run_dir = tmp_path / "output" / name / "v0-20261126-155015"
+            for step in (10, 20):
+                (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+                (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+            lines = (FIXTURES / "sft_success.logging.jsonl").read_text().replace(
+                "/data/lab/out/v0-20261126-155015", str(run_dir))  # fmt: skip
+            (run_dir / "logging.jsonl").write_text(lines)
+            log_file = tmp_path / "output" / name / "logs" / f"{name}.train.log"
+            log_file.parent.mkdir(parents=True)
+            log_file.write_text((FIXTURES / "sft_success.stdout.txt").read_text())
+            ended[name] = time.time() - 3600
+            if exit_record:
+                pg.write_exit_file(log_file.with_suffix(".exit.json"), 0)
+                record = json.loads(log_file.with_suffix(".exit.json").read_text())
+                log_file.with_suffix(".exit.json").write_text(json.dumps({**record, "finished_at": ended[name]}))
+            else:
+                os.utime(log_file, (ended[name], ended[name]))
+            await client.post("/jobs", json=job_body(tmp_path, name))
+            fields = {"run_id": f"run-{name}", "runner": dead_runner(), "started_at": time.time() - 7200,
+                      "run_dir": str(run_dir), "log_file": str(log_file),
+                      "last_checkpoint": str(run_dir / "checkpoint-10")}  # fmt: skip
+            await client.scheduler.store.transition(name, JobStatus.RUNNING, fields=fields)
+        await client.scheduler.watchdog.sweep()
+        for name in ended:
+            job = (await client.get(f"/jobs/{name}")).json()
+            assert job["status"] == "completed", job
+            assert job["last_checkpoint"] == str(tmp_path / "output" / name / "v0-20261126-155015" / "checkpoint-20")
+            assert abs(job["finished_at"] - ended[name]) < 1, (job["finished_at"], ended[name])
 
 
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(

@@ -142,10 +142,18 @@ def group_members(pgid: int) -> list[int]:
 
 
 def read_exit_file(path: Path) -> int | None:
+    return read_exit(path)[0]
+
+
+def read_exit(path: Path) -> tuple[int | None, float | None]:
+    """The exit status the run's group leader recorded, and when (None, None without a readable record)."""
     try:
-        return int(json.loads(path.read_text())["exit_code"])
+        data = json.loads(path.read_text())
+        code = int(data["exit_code"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, None
+    at = data.get("finished_at")
+    return code, float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
 
 
 def write_exit_file(path: Path, code: int) -> None:

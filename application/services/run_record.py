@@ -37,9 +37,12 @@ def read_run(
     merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
     error: `record_end` keeps `tail`); the checkpoints of all the job's runs."""
     lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES), line_chars=STORED_LINE_CHARS) if log_file else []
+    watched = facts is not None
     if facts is None:
-        facts = RunFacts(run_dir=job.run_dir, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
-                         train_runtime=job.train_runtime)  # fmt: skip
+        # No one read the end of the log (its runner died): what the job recorded is from before then, so the
+        # run's logging.jsonl comes first, and the last checkpoint is the one it names or the newest on disk.
+        # The recorded one won, and an export merged a checkpoint from a quarter of the training.
+        facts = RunFacts(run_dir=job.run_dir, train_loss=job.train_loss, train_runtime=job.train_runtime)
     if facts.run_dir:
         logged = parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl")
         # The trainer writes it: a checkpoint it names out of the job's folder is not the job's (as in its log).
@@ -48,7 +51,7 @@ def read_run(
             logged.last_checkpoint = None
         if logged.best_checkpoint and not folder.holds(logged.best_checkpoint):
             logged.best_checkpoint = None
-        facts = facts.merged(logged)
+        facts = facts.merged(logged) if watched else logged.merged(facts)
     run_dirs = [a.run_dir for a in job.attempts[:-1]] + [facts.run_dir or job.run_dir]
     # A run that ended before swift named its folder made none: the checkpoints there are an earlier job's
     # (a folder is free again once its job ended), and a resume from them would train on its weights.

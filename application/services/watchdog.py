@@ -80,6 +80,13 @@ def merged_by_swift(log_file: Path, expected: str) -> bool:
     return parser.merged_path == expected
 
 
+def _modified(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime if path is not None else None
+    except OSError:
+        return None
+
+
 def killed_with_its_host(code: int | None) -> bool:
     """An exit status that fits a host going down with everything on it: none (the runner died first), or swift
     killed by SIGKILL (the runner saw that and wrote it down before it was killed too)."""
@@ -187,7 +194,7 @@ class Watchdog:
             return
         job = fresh
         log_file = Path(job.log_file) if job.log_file else None
-        code = pg.read_exit_file(log_file.with_suffix(".exit.json")) if log_file else None
+        code, exited_at = pg.read_exit(log_file.with_suffix(".exit.json")) if log_file else (None, None)
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         hung = self._hung.pop(job.run_id or "", None)
@@ -221,8 +228,12 @@ class Watchdog:
                 lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs"), True
         # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
         unexplained = (code is None and not finished) or (at_cap and not facts.finished)
+        # Stamped with when the run ended, as its runner would have, not with when this scheduler noticed (hours
+        # later, after a scheduler outage): the exit record's time, else swift's last write to its log for a run
+        # that got to its end.
+        ended_at = exited_at or (finished and await asyncio.to_thread(_modified, log_file)) or time.time()
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
-                         override=lost if unexplained and interrupt is None else None, now=time.time(),
+                         override=lost if unexplained and interrupt is None else None, now=min(ended_at, time.time()),
                          keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         try:
             await self._record_end(job, end)
