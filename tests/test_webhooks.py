@@ -185,6 +185,30 @@ async def test_a_receiver_answering_slowly_is_cut_at_the_timeout_not_waited_for(
         drip.close()
 
 
+async def test_a_slow_operator_url_holds_up_neither_a_jobs_own_url_nor_is_a_redirect_retried(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    # A notification's URLs were posted one after the other, each retried in full, in one of 16 slots for all:
+    # one slow or dead operator URL made every user's own URL wait out its retries (80 s with the defaults).
+    drip, own = Drip(), receiver({"status_completed": [302, 302, 302]})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"WEBHOOK_URLS": drip.url, "WEBHOOK_TIMEOUT_SECONDS": 3, "WEBHOOK_MAX_ATTEMPTS": 3,
+                "WEBHOOK_RETRY_SECONDS": 1, "WEBHOOK_ALLOW_PRIVATE": True}  # fmt: skip
+    try:
+        async with app_factory(**settings) as client:
+            body = job_body(tmp_path, "both", auto_start=True, webhook_url=own.url, training={"max_steps": 3})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            await until_failed(client, "both", f"not delivered to {own.url}: it answered HTTP 302, a redirect")
+            # ... at its first answer (a redirect is not followed, so not tried again), while the operator's URL is
+            # still being tried.
+            assert [h["x-swift-api-event"] for h, _, _ in own.received].count("status_completed") == 1
+            events = (await client.get("/jobs/both/events")).json()["events"]
+            assert not any(e["type"] == "webhook_failed" and "WEBHOOK_URLS[0]" in e["message"] for e in events)
+            await until_failed(client, "both", "not delivered to WEBHOOK_URLS[0] after 3 attempts", timeout=60)
+    finally:
+        drip.close()
+
+
 async def test_a_redis_error_recording_one_delivery_still_posts_to_the_other_urls(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:

@@ -2,9 +2,10 @@
 
 Notifications are queued in Redis in the same atomic step as the status change that causes them (lua.TRANSITION;
 an export's end through JobStore.notify). The leader moves each from the queue to a `delivering` list, POSTs
-it with retries and exponential backoff in a task of its own (at most MAX_PARALLEL at once, so a slow
-receiver never holds up scheduling), records every delivery as an event of the job, and only then drops it. A
-leader that dies mid-delivery leaves it in `delivering`; the next leader queues it again (at least once).
+it to each URL at once, with retries and exponential backoff, in tasks of their own (at most MAX_PARALLEL at
+once to one URL, so a slow receiver holds up neither scheduling nor the other receivers), records every
+delivery as an event of the job, and only then drops it. A leader that dies mid-delivery leaves it in
+`delivering`; the next leader queues it again (at least once).
 
 Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at": <Unix seconds>}`. Headers:
 `X-Swift-Api-Event`, `X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of
@@ -36,7 +37,11 @@ from application.exceptions import Invalid
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
+# POSTs under way to one URL at once, and notifications under way at once. Slots are per URL: with one slot
+# for a notification's every URL, one slow or dead receiver (an operator's, retried for a minute or more) held
+# them all, and every user's own URL waited behind it.
 MAX_PARALLEL = 16
+MAX_NOTIFICATIONS = 1024
 POLL_SECONDS = 0.5
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 
@@ -136,7 +141,8 @@ class Webhooks:
         self.settings = settings
         self.secret = settings.WEBHOOK_SECRET.get_secret_value() if settings.WEBHOOK_SECRET else None
         self.urls = settings.webhook_urls()
-        self._slots = asyncio.Semaphore(MAX_PARALLEL)
+        self._slots = asyncio.Semaphore(MAX_NOTIFICATIONS)
+        self._url_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # url -> (its slots, [its users])
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: Counter[str] = Counter()  # the notifications this leader's deliveries hold, as taken
 
@@ -211,8 +217,8 @@ class Webhooks:
             # The notification's own id (its event's): the same when a new leader delivers it again (at least once).
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
-                for url, own in targets.items():
-                    await self._post(client, url, body, item, delivery, own=own)
+                await asyncio.gather(*(self._post_in_turn(client, url, body, item, delivery, own=own)
+                                       for url, own in targets.items()))  # fmt: skip
             # Dropped only once Redis takes it: left under way, it would be requeued and posted again.
             await self._redis_retried(lambda: self.cluster.webhook_delivered(raw))
         except asyncio.CancelledError:
@@ -224,6 +230,19 @@ class Webhooks:
             if self._held[raw] <= 0:
                 del self._held[raw]
             self._slots.release()
+
+    async def _post_in_turn(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any],
+                            delivery: str, own: bool) -> None:  # fmt: skip
+        """`_post` once one of the URL's slots is free (a job's own URLs come and go: their slots with them)."""
+        slots, users = self._url_slots.setdefault(url, (asyncio.Semaphore(MAX_PARALLEL), [0]))
+        users[0] += 1
+        try:
+            async with slots:
+                await self._post(client, url, body, item, delivery, own=own)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._url_slots[url]
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
                     own: bool) -> None:  # fmt: skip
@@ -259,6 +278,12 @@ class Webhooks:
                                        r.status_code)  # fmt: skip
                     return
                 last = f"HTTP {r.status_code}"
+                if 300 <= r.status_code < 400:
+                    # Not followed, so not retried either: the same answer would come back each time.
+                    await self._record(item, "webhook_failed", f"{event} not delivered to {shown}: it answered "
+                                       f"{last}, a redirect, which deliveries do not follow: set the URL it points "
+                                       "to", shown, attempt, r.status_code)  # fmt: skip
+                    return
             except (httpx.TimeoutException, TimeoutError) as exc:
                 last = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
