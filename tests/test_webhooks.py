@@ -209,6 +209,29 @@ async def test_a_slow_operator_url_holds_up_neither_a_jobs_own_url_nor_is_a_redi
         drip.close()
 
 
+async def test_a_job_deleted_before_it_ended_is_notified_and_one_that_ended_is_not(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    # A waiting job (a queued quantized export, say) that was deleted was never heard of again: a receiver
+    # waiting for its end waited for ever.
+    own = receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_ALLOW_PRIVATE=True) as client:
+        for name in ("waits", "ran"):
+            body = job_body(tmp_path, name, auto_start=name == "ran", webhook_url=own.url, training={"max_steps": 2})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+        await until(lambda: "status_completed" in own.events())
+        # The completed one first: a notification of its delete would be taken (in order) before the other's.
+        for name in ("ran", "waits"):
+            assert (await client.delete(f"/jobs/{name}")).status_code == 204
+
+        def deleted() -> list[Any]:
+            return [json.loads(b) for h, b, _ in own.received if h["x-swift-api-event"] == "job_deleted"]
+
+        got = await until(deleted)
+        assert [(g["job_id"], g["job"]["status"]) for g in got] == [("waits", "pending")], got
+
+
 async def test_a_redis_error_recording_one_delivery_still_posts_to_the_other_urls(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:

@@ -170,8 +170,8 @@ def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
         if info.status != ExportStatus.RUNNING:
             return info
         return info.model_copy(update={"status": ExportStatus.STOPPED, "path": None,
-                                       "error": f"its export job '{info.job_id}' was deleted: what it wrote is in "
-                                                f"{info.output_dir}"})  # fmt: skip
+                                       "error": f"its export job '{info.job_id}' was deleted before it ended (what "
+                                                f"it wrote, if it ran, stays in {info.output_dir})"})  # fmt: skip
     status = STATUS_OF.get(job.status, ExportStatus.RUNNING)
     return info.model_copy(update={
         "status": status, "exit_code": job.exit_code, "finished_at": job.finished_at,

@@ -367,13 +367,15 @@ class JobStore(JobLog):
         owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
-            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created,
+            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created, "now": repr(time.time()),
+            "unended": [s.value for s in JobStatus if not s.is_terminal() and s != JobStatus.RUNNING],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
                   "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since,
-                  "queue_head": k.queue_head, "upload_users": [k.file_users(f) for f in uploads]},
+                  "queue_head": k.queue_head, "upload_users": [k.file_users(f) for f in uploads],
+                  "webhooks": k.webhooks, "webhooks_global": k.webhooks_global},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

@@ -313,9 +313,11 @@ return 1
 """
 )
 
-# Remove a job's record and every index entry, unless its status is in `refuse` or its export runs.
-# a: id, refuse, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta, leases,
-# expiry, exporting, status {s: key}, owner_status|nil, queue_head, upload_users (Keys.file_users of its uploads)}
+# Remove a job's record and every index entry, unless its status is in `refuse` or its export runs; a job whose
+# status is in `unended` is notified of as `job_deleted` (no status of it ever will be).
+# a: id, refuse, unended, now, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta,
+# leases, expiry, exporting, status {s: key}, owner_status|nil, queue_head, upload_users (Keys.file_users of its
+# uploads), webhooks, webhooks_global}
 DELETE = (
     _HELPERS
     + """
@@ -332,6 +334,7 @@ release_leases(k.leases, id)
 -- No longer a user of its uploads: the member the create added ('id|created_at', the time as stored).
 local created = redis.call('HGET', KEYS[1], 'created_at')
 for _, users in ipairs(k.upload_users or {}) do redis.call('SREM', users, id .. '|' .. created) end
+if member(cur, a.unended) then queue_webhook(k, id, 'job_deleted', cur, a.now, nil) end
 redis.call('DEL', KEYS[1], k.events, k.history, k.summary, k.sent)
 redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end
