@@ -126,6 +126,11 @@ def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., Api
     assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
     r = upload(server, b'{"messages":' + b"[" * 2000 + b"]" * 2000 + b"}\n", "deep.jsonl")  # was a 500
     assert r.status_code == 422 and "nested too deeply" in r.json()["detail"], r.text
+    # Its images as a job's create checks them: a file every job naming it would be refused for is not kept.
+    turns = [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "hello"}]
+    for image, says in (("/etc/hostname", "must be a file inside DATA_ROOTS"), ("../x.png", "'..'")):
+        r = upload(server, (json.dumps({"messages": turns, "images": [image]}) + "\n").encode() * 2, "pics.jsonl")
+        assert r.status_code == 422 and "pics.jsonl" in r.json()["detail"] and says in r.json()["detail"], r.text
     r = upload(server, b"query,response\nhi,hello,see image\n", "extra.csv")  # was a 500
     assert r.status_code == 422 and "line 2 has more fields than the header" in r.json()["detail"], r.text
     r = upload(server, VALID, "train.txt")
@@ -447,7 +452,9 @@ async def test_a_refused_delete_names_only_the_callers_own_jobs(
         assert refused.status_code == 409 and "admins-secret-job" not in detail, detail
         assert "your active job(s) alices-job" in detail and "1 active job(s) of other owners" in detail
         as_admin = (await client.delete(f"/files/{f['id']}", headers=auth(ADMIN_KEY))).json()["detail"]
-        assert "admins-secret-job" in as_admin and "alices-job" in as_admin
+        # (alice's job is not the admin's own: it was called "your active job")
+        assert "your active job(s) admins-secret-job (" in as_admin, as_admin
+        assert "the active job(s) of other owners alices-job (" in as_admin, as_admin
 
 
 def test_a_client_hanging_up_mid_upload_is_one_log_line_not_a_traceback(server: ApiServer) -> None:

@@ -36,6 +36,7 @@ from application.services.datasets import check_dataset
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
+from application.services.media_refs import check_media
 from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard
 from application.services.swift_arguments import DATA_ARGUMENTS
@@ -168,9 +169,14 @@ class FileStore:
         try:
             info = await asyncio.to_thread(check_dataset, "file", received.path,
                                          needs="either" if purpose == "rlhf" else None)  # fmt: skip
+            # Its rows' images, videos and audio as a job's create checks them (as this owner's), or every job
+            # naming the file would be refused after it was kept.
+            await asyncio.to_thread(check_media, "file", received.path, self.settings.data_roots(),
+                                    self.upload_guard(caller))  # fmt: skip
         except Invalid as exc:
             # Its message names the temp file; the client knows the file by its own name.
-            raise Invalid(exc.detail.replace(str(received.path), received.filename)) from None
+            detail = exc.detail.replace(str(received.path), received.filename)
+            raise Invalid(detail.replace(f"'{received.path.name}'", f"'{received.filename}'")) from None
         return FileObject(id=file_id, owner=caller.name, filename=received.filename, purpose=cast(Purpose, purpose),
                           bytes=received.size, sha256=received.sha256, rows=info.rows, rows_exact=info.rows_exact,
                           format=info.format, created_at=time.time(), path=str(final))  # fmt: skip
@@ -230,12 +236,16 @@ class FileStore:
             for job_id in looked:
                 pipe.hget(self.keys.job(job_id), "owner")
             owners = await pipe.execute()
-        mine = [j for j, o in zip(looked, owners, strict=True) if caller.owns(json.loads(o) if o else None)]
+        seen = [j for j, o in zip(looked, owners, strict=True) if caller.owns(json.loads(o) if o else None)]
+        # (an admin sees every job, but only theirs are "your" jobs)
+        mine = [j for j, o in zip(looked, owners, strict=True) if (json.loads(o) if o else None) == caller.name]
+        theirs = [j for j in seen if j not in mine]
         parts = []
-        if mine:
-            more = f" and {len(mine) - 5} more" if len(mine) > 5 else ""
-            parts.append(f"your active job(s) {', '.join(mine[:5])}{more} (stop them to delete it now)")
-        if others := len(looked) - len(mine):
+        for jobs, whose in ((mine, "your active job(s)"), (theirs, "the active job(s) of other owners")):
+            if jobs:
+                more = f" and {len(jobs) - 5} more" if len(jobs) > 5 else ""
+                parts.append(f"{whose} {', '.join(jobs[:5])}{more} (stop them to delete it now)")
+        if others := len(looked) - len(seen):
             parts.append(f"{others} active job(s) of other owners")
         if len(users) > len(looked):
             parts.append(f"{len(users) - len(looked)} more active job(s)")
