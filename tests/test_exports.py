@@ -79,6 +79,8 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
         ({"quant_method": "bnb", "quant_bits": 3}, 422, "quant_method bnb takes quant_bits 4 or 8, not 3"),
         ({"quant_method": "awq", "quant_bits": 8}, 422, "quant_method awq takes quant_bits 4, not 8"),
         ({"merge_lora": False}, 422, "nothing to export"),
+        # (it ran with --merge_lora true regardless)
+        ({"merge_lora": False, "quant_method": "bnb", "quant_bits": 4}, 422, "leave merge_lora out"),
         ({"merge": True}, 422, "unknown field"),
     ]
     for body, code, says in cases:

@@ -54,7 +54,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     if job.status not in ENDED_WITH_SWIFT:
         raise Conflict(
             f"job '{job.job_id}' is {job.status.value}: export needs a finished training run "
-            "(completed, stopped or failed with a checkpoint)"
+            "(completed, stopped, failed or paused, with a checkpoint)"
         )
     if job.export.status == ExportStatus.RUNNING:
         raise Conflict(f"an export of job '{job.job_id}' is already running: wait for it to end")
