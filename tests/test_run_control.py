@@ -227,6 +227,9 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert [c["step"] for c in older["checkpoints"]] == [10] and older["offset"] == 3 and older["total"] == 4
         events = [e["type"] for e in (await client.get("/jobs/pr/events")).json()["events"]]
         assert "paused" in events and events.count("status_running") == 2
+        # Its running time is both runs' (it was the second's alone), not the pause between them.
+        ran = sum(a["finished_at"] - a["started_at"] for a in done["attempts"])
+        assert (await client.get("/jobs/pr/status")).json()["duration_seconds"] == pytest.approx(ran)
 
 
 async def test_a_stop_during_a_pause_grace_stops_the_job(app_factory: Callable[..., Any], tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class StatusResponse(BaseModel):
     created_at: float
     started_at: float | None
     finished_at: float | None
-    duration_seconds: float | None
+    duration_seconds: float | None = Field(description="time spent running, over all its runs (see attempts)")
     error_message: str | None
     export: ExportInfo
     queue_position: int | None = None

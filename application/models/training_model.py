@@ -251,6 +251,16 @@ class Job(BaseModel):
     run_id: str | None = Field(None, description="one swift run of this job; its runner writes only under it")
 
     def duration_seconds(self, now: float) -> float | None:
+        """Time spent running, over all its runs: not a pause, nor a wait in the queue between runs (it was the
+        last run's alone after a resume, and everything since the first after a stop in the queue)."""
+        if self.attempts:
+            running = self.status == JobStatus.RUNNING
+            last = len(self.attempts) - 1
+            return sum(
+                (a.finished_at if a.finished_at is not None else now if running and i == last else
+                 self.finished_at or a.started_at) - a.started_at
+                for i, a in enumerate(self.attempts)
+            )  # fmt: skip
         if self.started_at is None:
             return None
         return (self.finished_at or now) - self.started_at
