@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -125,6 +126,9 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
         ({**base, "min_gpu_memory_gb": 100}, 422, ["min_gpu_memory_gb", "2 GPUs", "80"]),
         ({**base, "num_gpus": 0, "training": {"torch_dtype": "bfloat16"}}, 422, ["bfloat16", "float32"]),
         ({**base, "job_id": "busy"}, 409, ["busy", "taken"]),
+        # (the union's two refusals, "time_limit.int: ...; time_limit.str: ...", said neither what it takes)
+        ({**base, "time_limit": 1.5}, 422, ["time_limit is whole seconds (3600) or text such as '90m'"]),
+        ({**base, "time_limit": True}, 422, ["time_limit is whole seconds"]),
     ]
     for payload, code, words in cases:
         r = server.http.post("/jobs", json=payload)
@@ -136,6 +140,13 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
     r = server.http.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON (Expecting property name")
     assert "send one JSON object" in r.json()["detail"]
+    # NaN is no number a field takes (it was "should be less than or equal to 4096").
+    r = server.http.post("/jobs", content=json.dumps({**base, "min_gpu_memory_gb": float("nan")}).encode(),
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 422 and "min_gpu_memory_gb: nan is not a number" in r.json()["detail"], r.text
+    # A body of many unknown keys is answered with the first refusals, not each (1 MB of keys made 9 MB).
+    r = server.http.post("/jobs", json={**base, **{f"x{i}": i for i in range(500)}})
+    assert r.status_code == 422 and r.json()["detail"].endswith("; and 480 more") and len(r.json()["errors"]) == 20
     r = server.http.post("/jobs", json=["a", "list"])
     assert r.status_code == 422 and "send one JSON object" in r.json()["detail"], r.text
     # curl -d without -H sends the JSON as a form: say what to add (it said "Input should be a valid dictionary").
@@ -308,6 +319,11 @@ def test_a_relative_local_model_path_means_what_it_meant_to_the_caller(server: A
 # ---- what the published schema promises ---------------------------------------------------------------------
 
 
+async def chunks(body: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(body), 512):
+        yield body[i : i + 512]
+
+
 async def test_every_answer_the_body_limit_gives_and_head_are_in_the_schema(app_factory: Callable[..., Any]) -> None:
     # The body limit refuses an oversized body before any route runs, whatever the method, but only the routes
     # that read a body listed 413 (not /start, /stop, /pause, /resume); HEAD of an artifact was not listed.
@@ -327,6 +343,14 @@ async def test_every_answer_the_body_limit_gives_and_head_are_in_the_schema(app_
                 r = await client.request(method.upper(), f"http://test{path}", content=b"x" * 2048)
                 assert r.status_code == 413, (method, template, r.status_code)
                 assert "413" in operation["responses"], (method, template)
+                # Sent chunked (no Content-Length), a route that never reads its body ran its action anyway.
+                r = await client.request(method.upper(), f"http://test{path}", content=chunks(b"x" * 2048))
+                assert r.status_code == 413, (method, template, r.status_code, "chunked")
+                r = await client.request(method.upper(), f"http://test{path}", content=gzip.compress(b"{}"),
+                                         headers={"Content-Encoding": "gzip"})  # fmt: skip
+                assert r.status_code == 415, (method, template, r.status_code)
+                assert method == "head" or "send it uncompressed" in r.json()["detail"], (method, template)
+                assert "415" in operation["responses"], (method, template)
                 checked.append((method, template))
         assert ("post", f"{prefix}/jobs/{{job_id}}/start") in checked and len(checked) > 20
 

@@ -7,6 +7,7 @@ Strict models: a request says what it means ("5" is not a priority), unknown fie
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
@@ -221,6 +222,16 @@ class JobCreate(_Strict):
             raise ValueError(f"not a URL that can be posted to ({exc})") from None
         if not host or not parts.hostname:
             raise ValueError("names no host")
+        return v
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _whole_seconds(cls, v: Any) -> Any:
+        # (else the union's two refusals: "time_limit.int: Input should be a valid integer; time_limit.str: ...")
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return int(v)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))):
+            raise ValueError("time_limit is whole seconds (3600) or text such as '90m', '2h', '1h30m', '1d'")
         return v
 
     @field_validator("time_limit")

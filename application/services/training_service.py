@@ -433,7 +433,8 @@ class TrainingService:
         path = job.export.log_file if kind == "export" else job.log_file
         if attempt is not None and kind == "train":
             if not 1 <= attempt <= len(job.attempts):
-                raise NotFound(f"job '{job_id}' has no attempt {attempt}: its runs are 1 to {len(job.attempts)}")
+                runs = f"its runs are 1 to {len(job.attempts)}" if job.attempts else "it has not run yet"
+                raise NotFound(f"job '{job_id}' has no attempt {attempt}: {runs}")
             path = job.attempts[attempt - 1].log_file
         lines = await asyncio.to_thread(tail_lines, Path(path), limit) if path else []
         return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)
