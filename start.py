@@ -300,6 +300,9 @@ def main() -> None:
     if role not in ROLES or len(sys.argv) > 2:
         sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
     settings = get_settings()
+    if role != "scheduler" and (why := settings.open_to_the_network()):  # (the roles that listen)
+        print(f"swift-api: invalid settings: {why}", file=sys.stderr)
+        sys.exit(2)
     if not settings.DIE_WITH_PARENT:  # (said once, by the start.py that was run, not again by its scheduler)
         for line in unknown_settings(env_file(), os.environ):
             print(f"swift-api: warning: {line}: it is ignored", file=sys.stderr)

@@ -334,12 +334,16 @@ class Settings(BaseSettings):
         # Parsed here so a bad key list stops start-up with one line, like any other bad setting.
         keys = parse_api_keys(self.API_KEYS.get_secret_value() if self.API_KEYS else None, self.API_KEYS_FILE)
         self._api_keys = keys
-        if self.APP_HOST is not None and not keys and not self.ALLOW_UNAUTHENTICATED and not is_loopback(self.APP_HOST):
-            raise ValueError(
-                f"APP_HOST={self.APP_HOST} would let anyone on the network run and delete jobs: configure API_KEYS "
-                "or API_KEYS_FILE, bind 127.0.0.1, or set ALLOW_UNAUTHENTICATED=true"
-            )
         return self
+
+    def open_to_the_network(self) -> str | None:
+        """Why the API must not listen as configured (on a network address with no keys), or None. Checked by the
+        roles that listen (start.py): a runner or a scheduler listens on nothing, and a runner, which gets no keys,
+        failed every run when the env file named a network APP_HOST (env/.env.prod)."""
+        if self.APP_HOST is None or self._api_keys or self.ALLOW_UNAUTHENTICATED or is_loopback(self.APP_HOST):
+            return None
+        return (f"APP_HOST={self.APP_HOST} would let anyone on the network run and delete jobs: configure API_KEYS "
+                "or API_KEYS_FILE, bind 127.0.0.1, or set ALLOW_UNAUTHENTICATED=true")  # fmt: skip
 
     @property
     def api_keys(self) -> tuple[ApiKeyEntry, ...]:

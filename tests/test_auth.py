@@ -65,6 +65,10 @@ def test_an_open_server_refuses_to_listen_on_the_network(tmp_path: Path) -> None
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "APP_HOST=0.0.0.0" in lines[0] and "API_KEYS" in lines[0], out.stderr
     assert load_settings(APP_HOST="0.0.0.0", ALLOW_UNAUTHENTICATED=True).bind_host == "0.0.0.0"
+    # Only the roles that listen refuse it: a runner (which gets no keys) read APP_HOST=0.0.0.0 from env/.env.prod
+    # and refused to start, so every run of a server started with ENVIRONMENT=prod failed as 'runner_lost'.
+    assert "APP_HOST=0.0.0.0" in (load_settings(APP_HOST="0.0.0.0").open_to_the_network() or "")
+    assert load_settings(APP_HOST="0.0.0.0", API_KEYS=KEYS_SETTING).open_to_the_network() is None
     assert load_settings().bind_host == "127.0.0.1"
     assert load_settings(API_KEYS=KEYS_SETTING).bind_host == "0.0.0.0"
 

@@ -102,7 +102,8 @@ def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None 
     elif sig is not None:
         error = f"runner {signal_text(sig)}"
     elif returncode is not None:
-        error = f"runner exited with code {returncode} before recording the end of the run"
+        error = (f"runner exited with code {returncode} before recording the end of the run (why is in its own log, "
+                 "logs/<job_id>.runner.log in the job's output folder)")  # fmt: skip
     else:
         # Only a runner's parent learns how it ended.
         error = (
