@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from application.utils.log_files import open_in_place  # (standard library only itself)
+
 # What a runner renames its launch spec to (process_group.revoke_launch reads them): taken, then swift starting.
 CLAIMED, STARTED = ".claimed", ".started"
 
@@ -47,8 +49,9 @@ def _early_start(spec_file: str, run_id: str) -> tuple[subprocess.Popen[bytes], 
         log_file.parent.mkdir(parents=True, exist_ok=True)
         Path(spec["exit_file"]).unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in spec.get("unset", ())} | spec["env"]
-        made = not log_file.exists()
-        with open(log_file, "ab") as log:  # (emptied only once the run is still this runner's to start)
+        made = not os.path.lexists(log_file)
+        # Emptied only once the run is still this runner's to start; never opened through a link its owner made.
+        with open_in_place(log_file, "a") as log:
             try:
                 os.rename(claimed, started)
             except FileNotFoundError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ def export_log(job: Job) -> Path:
     taken = {e.log_file for e in (*job.exports, job.export) if e.log_file}
     while True:
         path = logs / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")
-        if str(path) not in taken and not path.exists():
+        if str(path) not in taken and not os.path.lexists(path):  # (a dangling link is no free name)
             return path
         n += 1
 

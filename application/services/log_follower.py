@@ -35,7 +35,7 @@ class LogFollower:
         taken = 0
         while True:
             size = CHUNK if budget is None else min(CHUNK, budget - taken)
-            data, self.offset = read_from(self.log_file, self.offset, size)
+            data, self.offset = read_from(self.log_file, self.offset, size, in_place=True)
             if not data:
                 return False
             self._take(self.parser.feed(data))

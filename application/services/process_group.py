@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from application.runner import CLAIMED, STARTED
+from application.utils.log_files import open_in_place
 
 START_TIME_TOLERANCE = 0.5
 # The environment variable that names the run (its run id, or an export's id) in swift and its children.
@@ -158,7 +159,8 @@ def read_exit(path: Path) -> tuple[int | None, float | None]:
 
 def write_exit_file(path: Path, code: int) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}))
+    with open_in_place(tmp, "w") as f:
+        f.write(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
     os.replace(tmp, path)
 
 
@@ -200,7 +202,7 @@ def spawn(argv: list[str], env: Mapping[str, str], cwd: Path, log_file: Path, *,
     that still runs, and a runner must outlive the scheduler that spawned it.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "wb" if fresh else "ab") as log:
+    with open_in_place(log_file, "w" if fresh else "a") as log:  # (not through a link the job's owner made)
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
                                 env=dict(env), start_new_session=True)  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import shlex
 import socket
 import time
@@ -50,6 +51,7 @@ from application.services.swift_command import (
     visible_env,
 )
 from application.utils.gpu_utils import GpuInventory
+from application.utils.log_files import open_in_place
 
 
 class PathMoved(OSError):
@@ -83,8 +85,13 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.realpath(path.parent) != str(path.parent):
+        # (the runs' logs and records would be written wherever it leads: another owner's folder, say)
+        raise PathMoved(f"the job's logs folder {path.parent} is a symbolic link: the server writes a job's logs only "
+                        "in its own folder; replace it with a folder", "output_dir")  # fmt: skip
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec))
+    with open_in_place(tmp, "w") as f:
+        f.write(json.dumps(spec).encode())
     tmp.replace(path)
     return path
 
@@ -95,7 +102,8 @@ def run_log(log_dir: Path, job_id: str, number: int) -> Path:
     deleted one must not write over that job's logs (a delete never removes what is on disk). Blocking."""
     while True:
         path = log_dir / (f"{job_id}.train.log" if number == 1 else f"{job_id}.train.{number}.log")
-        if not path.exists() and not path.with_suffix(".exit.json").exists():
+        # (lexists: a dangling link is no free name, it would have the run create the file it leads to)
+        if not os.path.lexists(path) and not os.path.lexists(path.with_suffix(".exit.json")):
             return path
         number += 1
 

@@ -36,7 +36,8 @@ def read_run(
     """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
     merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
     error: `record_end` keeps `tail`); the checkpoints of all the job's runs."""
-    lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES), line_chars=STORED_LINE_CHARS) if log_file else []
+    lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES), line_chars=STORED_LINE_CHARS, in_place=True) if log_file \
+        else []  # fmt: skip
     watched = facts is not None
     if facts is None:
         # No one read the end of the log (its runner died): what the job recorded is from before then, so the

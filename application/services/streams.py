@@ -34,6 +34,7 @@ from application.services.point_ids import (
     rewind_to,
     run_starts,
 )
+from application.utils.log_files import open_in_place, size_in_place
 from application.utils.log_tail import read_from, tail_start
 
 LOG_CHUNK = 64 * 1024
@@ -70,11 +71,9 @@ def message(data: str, *, event_id: str | None = None, event: str | None = None)
 
 
 def _size(path: str) -> int | None:
-    """The log's size: one stat of a local file, cheap enough for the event loop; reads go to a thread."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
+    """The log's size: one lstat of a local file, cheap enough for the event loop; reads go to a thread. None
+    for a link, as for a missing file (`log_files`)."""
+    return size_in_place(path)
 
 
 def _piece(buf: bytes) -> int:
@@ -91,7 +90,7 @@ def message_end(path: Path, offset: int) -> bool:
     after a newline, or inside a line longer than a piece, where it does not split a character (pieces of a long
     line end where the reads happened to end, so they cannot be told exactly). Blocking."""
     try:
-        with open(path, "rb") as fh:
+        with open_in_place(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             if offset == 0 or offset >= size:
                 return offset in (0, size)
@@ -204,7 +203,7 @@ class Streams:
         path = ahead.pop(0) if ahead else None
         offset = max(0, wanted - base) if wanted is not None else 0
         if wanted is None and tail is not None and path:
-            offset = await asyncio.to_thread(tail_start, path, tail)
+            offset = await asyncio.to_thread(tail_start, path, tail, in_place=True)
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
 
@@ -229,7 +228,7 @@ class Streams:
                 size = _size(path)
             data = b""
             if path and size != offset:
-                data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK)
+                data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK, in_place=True)
                 if data and end - len(data) < offset:
                     partial = b""  # the file was replaced: read again from its start
                 offset = end

@@ -436,7 +436,7 @@ class TrainingService:
                 runs = f"its runs are 1 to {len(job.attempts)}" if job.attempts else "it has not run yet"
                 raise NotFound(f"job '{job_id}' has no attempt {attempt}: {runs}")
             path = job.attempts[attempt - 1].log_file
-        lines = await asyncio.to_thread(tail_lines, Path(path), limit) if path else []
+        lines = await asyncio.to_thread(functools.partial(tail_lines, Path(path), limit, in_place=True)) if path else []
         return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)
 
     async def events(self, job_id: str, after: str | None, limit: int, caller: Caller) -> EventList:

@@ -76,7 +76,7 @@ def ran_to_its_end(facts: RunFacts) -> bool:
 def merged_by_swift(log_file: Path, expected: str) -> bool:
     """swift export's own last lines say it merged into `expected` (blocking: reads the log's tail)."""
     parser = SwiftLogParser()
-    parser.feed(("\n".join(tail_lines(log_file, 20)) + "\n").encode())
+    parser.feed(("\n".join(tail_lines(log_file, 20, in_place=True)) + "\n").encode())
     return parser.merged_path == expected
 
 

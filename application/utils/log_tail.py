@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
+
+from application.utils.log_files import is_linked, open_in_place
 
 # A log with no newline for megabytes (a tqdm bar that only ever writes \r) would otherwise make
 # tail_lines read the whole file looking for line starts.
@@ -34,14 +37,27 @@ def last_cr_segment(line: str) -> str:
     return ""
 
 
-def _read_back(path: Path | str, newlines: int, block_size: int, max_bytes: int) -> tuple[bytes, int, int] | None:
+def _open(path: Path | str, in_place: bool) -> BinaryIO | None:
+    """The file to read, None when it is missing (or, `in_place`, reached through a link: a job's log, see
+    `log_files`)."""
+    try:
+        return open_in_place(path) if in_place else open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        if in_place and is_linked(exc):
+            return None
+        raise
+
+
+def _read_back(path: Path | str, newlines: int, block_size: int, max_bytes: int,
+               in_place: bool = False) -> tuple[bytes, int, int] | None:  # fmt: skip
     """The file's end, read backwards by blocks until it holds more than `newlines` newlines, reaches the start
     or `max_bytes`: (those bytes, where they start, the file's size); None for a missing file."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    try:
-        f = open(path, "rb")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    f = _open(path, in_place)
+    if f is None:
         return None
     with f:
         end = f.seek(0, os.SEEK_END)
@@ -56,19 +72,19 @@ def _read_back(path: Path | str, newlines: int, block_size: int, max_bytes: int)
 
 
 def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES,
-               line_chars: int | None = None) -> list[str]:  # fmt: skip
+               line_chars: int | None = None, in_place: bool = False) -> list[str]:  # fmt: skip
     """The last `n` lines of a text log, read backwards by blocks from the end.
 
     Each line is shown as tqdm left it on screen (its last \\r segment), decoded with
     errors='replace', and without trailing whitespace. A missing file gives []. At most `max_bytes`
     are read, so the first line returned may be the tail end of a longer one. `line_chars`: each line
-    clipped to that many characters (`clip_line`).
+    clipped to that many characters (`clip_line`). `in_place`: a job's log, not read through a link (as missing).
     """
     if n <= 0:
         return []
     # n lines need n+1 newlines: the one that ends the line before the first, plus one that may
     # end the file. Reading one extra block in the no-final-newline case is harmless.
-    found = _read_back(path, n, block_size, max_bytes)
+    found = _read_back(path, n, block_size, max_bytes, in_place)
     if found is None:
         return []
     data, pos, end = found
@@ -87,11 +103,12 @@ def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     return [clip_line(line, line_chars) for line in found_lines] if line_chars else found_lines
 
 
-def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES) -> int:
+def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES,
+               in_place: bool = False) -> int:  # fmt: skip
     """The byte offset where the last `n` lines of a log start (a last line without a newline counts), read
     backwards by blocks; 0 when it has no more than `n`. At most `max_bytes` are read: past them, the first
     line that starts inside them (or the end, when none does). A missing file gives 0."""
-    found = _read_back(path, max(n, 0), block_size, max_bytes if n > 0 else 0)
+    found = _read_back(path, max(n, 0), block_size, max_bytes if n > 0 else 0, in_place)
     if found is None:
         return 0
     data, pos, end = found
@@ -111,7 +128,7 @@ def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     return pos + first + 1 if 0 <= first and pos + first + 1 < end else end
 
 
-def read_from(path: Path | str, offset: int, max_bytes: int) -> tuple[bytes, int]:
+def read_from(path: Path | str, offset: int, max_bytes: int, in_place: bool = False) -> tuple[bytes, int]:
     """Bytes of a growing file from `offset` (at most `max_bytes`) and the offset to read from next.
 
     A missing file gives (b"", offset). A file now shorter than `offset` was replaced or truncated,
@@ -121,9 +138,8 @@ def read_from(path: Path | str, offset: int, max_bytes: int) -> tuple[bytes, int
         raise ValueError("offset must be >= 0")
     if max_bytes <= 0:
         return b"", offset
-    try:
-        f = open(path, "rb")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    f = _open(path, in_place)
+    if f is None:
         return b"", offset
     with f:
         size = f.seek(0, os.SEEK_END)

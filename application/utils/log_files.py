@@ -1,0 +1,42 @@
+"""Opening a job's logs, and the small files beside them, only where they are: never through a link.
+
+A job's folder is its owner's, and on shared storage they may put links in it. The server's own processes write
+the logs there and the API reads them back, so a link (the log itself, or its `logs` folder) would have a run
+write wherever the server may (into another owner's folder, over its own files) or a log read return any file
+(/etc/passwd as a "log"). Each open here refuses a link as the file itself (O_NOFOLLOW) and on the way to its
+folder (the folder's real path must be the path as given, which holds for a job's: its output folder is stored
+resolved at create). A refusal is an OSError with errno ELOOP.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+_FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+
+
+def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> BinaryIO:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.realpath(folder) != folder:
+        raise OSError(errno.ELOOP, "a symbolic link leads to its folder: the server reads and writes a job's logs "
+                      "only in the job's own folder", str(path))  # fmt: skip
+    fd = os.open(path, _FLAGS[mode] | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "rb" if mode == "r" else "ab" if mode == "a" else "wb")
+
+
+def is_linked(error: OSError) -> bool:
+    """The refusal of `open_in_place` (or of O_NOFOLLOW on a link)."""
+    return error.errno == errno.ELOOP
+
+
+def size_in_place(path: Path | str) -> int | None:
+    """The file's size, None when it is missing or a link (one lstat: cheap enough for the event loop)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
