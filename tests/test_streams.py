@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from application.services.streams import _visible
+from application.services.streams import MAX_LINE, _visible
 from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for, wait_job
 
 
@@ -225,13 +225,15 @@ def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(
     log = Path(server.job("wide")["log_file"]).read_bytes()
     assert all("\ufffd" not in m.data for m in got)
     assert "".join(m.data for m in got) == "".join(_visible(raw) for raw in log.split(b"\n"))
+    # No message is longer than a piece, whether the line's newline came in the same read or not (it went whole).
+    assert max(len(m.data.encode()) for m in got) <= MAX_LINE
     # A piece's id resumes the stream right after it. (Where the next pieces end depends on where the reads
     # ended, which the first stream's timing against the writer decided: the text is what must match.)
     pieces = [i for i, m in enumerate(got) if "训练失败" in m.data and not m.data.startswith("RuntimeError")]
     assert len(pieces) >= 2
     cut = pieces[0]
     rest = data_of(read(server, "/jobs/wide/logs/stream", last_id=got[cut].id, stop=lambda got: False))
-    assert all("\ufffd" not in m.data for m in rest)
+    assert all("\ufffd" not in m.data for m in rest) and max(len(m.data.encode()) for m in rest) <= MAX_LINE
     assert "".join(m.data for m in rest) == "".join(m.data for m in got[cut + 1 :])
 
 
@@ -255,10 +257,13 @@ def test_a_log_of_many_short_lines_streams_every_line_with_its_id(server: ApiSer
     assert server.create(**job_body(workspace, "blank", auto_start=True, training={"max_steps": 2})).status_code == 201
     log = Path(server.wait_status("blank", "completed")["log_file"])
     with log.open("ab") as fh:
-        fh.write(b"\n" * 150_000 + b"the end\n")
+        fh.write(b"\n" * 150_000 + b"\rbar 1\rbar 2\r      \r\nthe end\n")
     got = data_of(read(server, "/jobs/blank/logs/stream", stop=lambda got: False, timeout=60))
     lines = log.read_bytes().split(b"\n")[:-1]
     assert [m.data for m in got] == [_visible(raw) for raw in lines]
+    # A bar tqdm cleared with blanks shows as GET .../logs shows it (it was a line of blanks here).
+    assert [m.data for m in got[-2:]] == server.http.get("/jobs/blank/logs", params={"limit": 2}).json()["lines"]
+    assert got[-2].data == "bar 2"
     ends = list(itertools.accumulate(len(raw) + 1 for raw in lines))
     assert [int(m.id or 0) for m in got] == ends and ends[-1] == log.stat().st_size
 

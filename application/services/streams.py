@@ -35,7 +35,7 @@ from application.services.point_ids import (
     run_starts,
 )
 from application.utils.log_files import open_in_place, size_in_place
-from application.utils.log_tail import read_from, tail_start
+from application.utils.log_tail import last_cr_segment, read_from, tail_start
 
 LOG_CHUNK = 64 * 1024
 # A line longer than this is sent in pieces (a runaway progress bar must not grow a stream's buffer).
@@ -110,9 +110,9 @@ def message_end(path: Path, offset: int) -> bool:
 
 
 def _visible(raw: bytes) -> str:
-    """What a terminal would show of one log line: the text after its last carriage return (tqdm redraws)."""
-    text = raw.decode("utf-8", errors="replace").rstrip("\r")
-    return text.rsplit("\r", 1)[-1]
+    """What a terminal would show of one log line: its last carriage-return segment with any text (tqdm redraws,
+    and clears its bar with blanks), as GET .../logs shows it."""
+    return last_cr_segment(raw.decode("utf-8", errors="replace").rstrip("\r"))
 
 
 class _Pace:
@@ -241,8 +241,9 @@ class Streams:
             pos, batch = 0, []
             while True:
                 cut = buf.find(b"\n", pos)
-                if cut < 0 and len(buf) - pos > MAX_LINE:
-                    cut = pos + _piece(buf[pos:]) - 1
+                # (its newline read with it or not: a line longer than a piece went whole when it was)
+                if (cut < 0 and len(buf) - pos > MAX_LINE) or cut - pos > MAX_LINE:
+                    cut = pos + _piece(buf[pos : pos + MAX_LINE + 1]) - 1
                 if cut < 0:
                     break
                 start += cut + 1 - pos

@@ -430,6 +430,10 @@ class TrainingService:
         self, job_id: str, limit: int, kind: str, caller: Caller, attempt: int | None = None
     ) -> LogsResponse:
         job = await self.require(job_id, caller)
+        if attempt is not None and kind == "export":
+            # (it was ignored: the newest export's log answered for any attempt)
+            raise Invalid("attempt counts a job's training runs (kind=train): kind=export is the current export's "
+                          "log; leave attempt out")  # fmt: skip
         path = job.export.log_file if kind == "export" else job.log_file
         if attempt is not None and kind == "train":
             if not 1 <= attempt <= len(job.attempts):
