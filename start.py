@@ -193,6 +193,17 @@ def serve_all(settings: Settings) -> None:
     stopping = threading.Event()
     failed: list[str] = []
     threading.Thread(target=_watch, args=(embedded, scheduler, stopping, failed), daemon=True).start()
+    told = threading.Event()
+
+    def tell_the_scheduler() -> None:
+        # As the stop begins, not once the API has drained: an open stream held the API for its whole grace first,
+        # and the two graces one after the other outlasted `docker stop -t 60` (SIGKILL mid-way, runs lost).
+        told_to_stop.wait()
+        if not told.is_set() and scheduler.poll() is None:
+            told.set()
+            scheduler.send_signal(signal.SIGTERM)
+
+    threading.Thread(target=tell_the_scheduler, daemon=True).start()
     try:
         get_settings.cache_clear()
         serve_api(get_settings())
@@ -202,7 +213,9 @@ def serve_all(settings: Settings) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # this shutdown runs to its end (SIGKILL still ends it)
         if scheduler.poll() is None:
-            scheduler.send_signal(signal.SIGTERM)
+            if not told.is_set():
+                told.set()
+                scheduler.send_signal(signal.SIGTERM)
             grace = 30.0
             if settings.STOP_RUNS_ON_SHUTDOWN:  # it stops this host's runs before it exits
                 from application.services.watchdog import RECORD_GRACE
