@@ -295,6 +295,14 @@ async def test_queueing_uses_the_priority_stored_at_that_moment(store: JobStore,
     await store.transition("p", JobStatus.QUEUED)
     assert await redis_client.zscore(store.keys.queue, "p") == queue_score(9, created)
     assert [(job_id, meta.priority) for job_id, meta in await store.queue_window(0, 5)] == [("p", 9)]
+    # Each change's event names the priority it replaced, not the one its caller read (concurrent PATCHes all
+    # said "from 2"): the events are the job's priority history.
+    await store.reprioritize(stale, 4, actor="t")
+    changes = [e for e in await store.events("p", None, 10) if e.type == "priority_changed"]
+    assert [(e.message, e.data) for e in changes] == [
+        ("priority changed from 2 to 9", {"from": 2, "to": 9}),
+        ("priority changed from 9 to 4", {"from": 9, "to": 4}),
+    ]
 
 
 async def test_a_follower_writes_only_into_its_own_run(store: JobStore) -> None:

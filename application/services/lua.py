@@ -400,8 +400,9 @@ return 1
 """
 )
 
-# Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event, maxlen,
-# updated_at (encoded), id, k: {queue, queue_meta, events, wakeup, summary}
+# Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event (its message
+# and data are written here, from the priority it replaces), maxlen, updated_at (encoded), id,
+# k: {queue, queue_meta, events, wakeup, summary}
 REPRIORITIZE = (
     _HELPERS
     + """
@@ -410,6 +411,10 @@ local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
 if fenced(KEYS[1]) then return {'missing'} end
 if cur ~= 'pending' and cur ~= 'queued' then return {'bad_state', cur} end
+-- The one it replaces now, not the one the caller read: concurrent changes each named a stale "from".
+local was = redis.call('HGET', KEYS[1], 'priority')
+a.event.message = 'priority changed from ' .. was .. ' to ' .. a.priority
+a.event.data = cjson.encode({from = tonumber(was), to = tonumber(a.priority)})
 redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
 refresh_summary(k.summary)
 if cur == 'queued' then
