@@ -306,6 +306,10 @@ def test_query_values_redis_cannot_take_are_422_not_500(server: ApiServer, works
         resp = server.http.get(path)
         assert resp.status_code == 422, (path, resp.text)
         assert resp.json()["detail"]
+    # A parameter given twice: the last one was used without a word (status=running&status=queued: queued alone).
+    resp = server.http.get("/jobs?status=running&status=queued")
+    assert resp.status_code == 422 and "query parameter 'status' is given 2 times" in resp.json()["detail"], resp.text
+    assert server.http.get("/jobs?status=pending&limit=5").json()["total"] == 1
 
 
 def test_a_relative_local_model_path_means_what_it_meant_to_the_caller(server: ApiServer, workspace: Path) -> None:
