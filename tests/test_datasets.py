@@ -229,6 +229,12 @@ def test_a_first_row_longer_than_the_head_is_read_whole(tmp_path: Path) -> None:
     turns = [{"role": "user", "content": "x" * (HEAD_BYTES + 1000)}, {"role": "assistant", "content": "ok"}]
     long = {"messages": turns}
     assert check_dataset("data_path", write(tmp_path / "long.jsonl", [long, MESSAGES])).rows == 2
+    # ... also after a CSV's header, or a blank first line (it waited only for a first newline of any kind).
+    wide = "x" * (HEAD_BYTES + 1000)
+    (tmp_path / "long.csv").write_text(f"query,response\nq,{wide}\nq,r\n")
+    assert check_dataset("data_path", tmp_path / "long.csv").rows == 2
+    (tmp_path / "blank.jsonl").write_text("\n" + json.dumps(long) + "\n" + json.dumps(MESSAGES) + "\n")
+    assert check_dataset("data_path", tmp_path / "blank.jsonl").rows == 2
     pretty = tmp_path / "pretty.json"
     pretty.write_text(json.dumps([long, MESSAGES], indent=2))
     assert check_dataset("data_path", pretty).rows == 2

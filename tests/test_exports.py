@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from application.exceptions import Invalid
 from application.models.job_request import TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
 from application.services import export_control
@@ -409,7 +410,7 @@ def test_a_full_models_quantized_export_runs_again_into_its_own_folder(tmp_path:
     # Paused or preempted after swift made --output_dir, a full model's export ran again without --exist_ok:
     # swift refuses an output folder that exists (FileExistsError).
     from application.models.job_request import ExportRequest
-    from application.services.quant_exports import quant_argv
+    from application.services.quant_exports import prepare_quant_job, quant_argv
 
     parent = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
                  output_dir=str(tmp_path), output_dir_requested="j", num_gpus=1,
@@ -418,6 +419,18 @@ def test_a_full_models_quantized_export_runs_again_into_its_own_folder(tmp_path:
                       ExportRequest(quant_method="bnb", quant_bits=4), tmp_path / "exports" / "x")  # fmt: skip
     assert argv[2:4] == ["--model", str(tmp_path / "checkpoint-4")]
     assert argv[argv.index("--exist_ok") + 1] == "true"
+    # A full model has no adapter to merge: merge_lora false (which its plain export needs) is no reason to refuse.
+    run = tmp_path / "out" / "j" / "v0-20261203-120000"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    ran = parent.model_copy(update={"output_dir": str(run.parent), "run_dir": str(run),
+                                    "last_checkpoint": str(run / "checkpoint-4")})  # fmt: skip
+    no_merge = ExportRequest(quant_method="bnb", quant_bits=4, merge_lora=False)
+    _, info = prepare_quant_job(ran, no_merge, "swift", tmp_path / "out", "j-quant", 0.0)
+    assert info.command and "--merge_lora" not in info.command
+    with pytest.raises(Invalid, match="leave merge_lora out"):  # (an adapter's is merged to be quantized)
+        prepare_quant_job(ran.model_copy(update={"training": TrainingParams()}), no_merge, "swift", tmp_path / "out",
+                          "j-quant", 0.0)  # fmt: skip
 
 
 async def test_a_paused_jobs_running_export_holds_back_its_resume_and_is_what_a_stop_stops(

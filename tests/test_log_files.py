@@ -13,6 +13,24 @@ from application.utils.log_files import open_in_place
 from tests.conftest import job_body, make_model, wait_job
 
 
+def test_an_exports_rerun_mark_and_exit_record_are_not_taken_through_a_link(tmp_path: Path) -> None:
+    # The line that marks an export run again was appended through a link planted as its log, before its spawn
+    # refused the link; an exit record planted as a link decided how a run ended.
+    from application.services import process_group as pg
+    from application.services.run_agent import _rerun_mark
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the server's own file\n")
+    (tmp_path / "j.export.log").symlink_to(victim)
+    with pytest.raises(OSError) as exc:
+        _rerun_mark(tmp_path / "j.export.log")
+    assert exc.value.errno == 40 and victim.read_text() == "the server's own file\n"
+    (tmp_path / "record.json").write_text('{"exit_code": 0, "finished_at": 1.0}')
+    (tmp_path / "j.exit.json").symlink_to(tmp_path / "record.json")
+    assert pg.read_exit(tmp_path / "j.exit.json") == (None, None)
+    assert pg.read_exit(tmp_path / "record.json") == (0, 1.0)
+
+
 def test_a_link_as_the_file_or_on_the_way_to_its_folder_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()

@@ -352,6 +352,8 @@ def test_packing_needs_flash_attention_and_a_preference_type_that_packs() -> Non
         check_packing("sft", None, {"packing": True, "attn_impl": "sdpa"}, 1, V4)
     with pytest.raises(Invalid, match=r"training\.padding_free .* needs a GPU: leave it out of a job with num_gpus 0"):
         check_packing("pt", None, {"padding_free": True}, 0, V4)
+    with pytest.raises(Invalid, match=r"needs a GPU"):  # (flash-attn named or not)
+        check_packing("sft", None, {"packing": True, "attn_impl": "flash_attn"}, 0, V4)
     with pytest.raises(Invalid, match=r"does not work with rlhf_type 'orpo' .* \(only with grpo, dpo, kto, gkd\)"):
         check_packing("rlhf", "orpo", {"packing": True, "attn_impl": "flash_attn"}, 2, V4)
     check_packing("rlhf", "dpo", {"packing": True, "attn_impl": "flash_attention_2"}, 2, V4)

@@ -172,12 +172,28 @@ def _not_utf8(head: bytes, complete: bool) -> str | None:
     return None
 
 
-def _head(path: Path, limit: int = HEAD_BYTES) -> bytes:
-    """The first `limit` bytes, or more, up to FIRST_ROW_MAX, when no line ends in them: a first row longer than
-    the head (inline media) was refused as "no rows found", though ms-swift reads it."""
+_BLANKS = re.compile(rb"\s*")
+
+
+def _ends_lines(head: bytes, lines: int) -> bool:
+    """Whether `head` ends `lines` lines with text in them (blank ones skipped), in linear time."""
+    pos = 0
+    for _ in range(lines):
+        pos = _BLANKS.match(head, pos).end()  # type: ignore[union-attr]  # (\s* always matches)
+        ends = [i for i in (head.find(b"\n", pos), head.find(b"\r", pos)) if i >= 0]
+        if pos >= len(head) or not ends:
+            return False
+        pos = min(ends) + 1
+    return True
+
+
+def _head(path: Path, limit: int = HEAD_BYTES, lines: int = 1) -> bytes:
+    """The first `limit` bytes, or more, up to FIRST_ROW_MAX, until they end `lines` lines with text (a CSV's
+    header and its first row): a first row longer than the head (inline media) was refused as "no rows found",
+    though ms-swift reads it."""
     with open(path, "rb") as f:
         head = f.read(limit)
-        while b"\n" not in head and b"\r" not in head and len(head) < FIRST_ROW_MAX:
+        while len(head) < FIRST_ROW_MAX and not _ends_lines(head, lines):
             more = f.read(min(HEAD_BYTES, FIRST_ROW_MAX - len(head)))
             if not more:
                 break
@@ -312,7 +328,8 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}' is not a file")
         size = path.stat().st_size
         # (a JSON array that size is read whole below anyway: its first element may be longer than the head)
-        head = _head(path, size if suffix == ".json" and size <= JSON_ARRAY_MAX_BYTES else HEAD_BYTES)
+        head = _head(path, size if suffix == ".json" and size <= JSON_ARRAY_MAX_BYTES else HEAD_BYTES,
+                     lines=2 if suffix == ".csv" else 1)  # fmt: skip
     except PermissionError:
         raise Invalid(f"{field} '{path}' cannot be read by the server (permissions)") from None
     except OSError as exc:

@@ -149,7 +149,8 @@ def read_exit_file(path: Path) -> int | None:
 def read_exit(path: Path) -> tuple[int | None, float | None]:
     """The exit status the run's group leader recorded, and when (None, None without a readable record)."""
     try:
-        data = json.loads(path.read_text())
+        with open_in_place(path) as fh:  # (a link its owner made is no record of this run)
+            data = json.loads(fh.read())
         code = int(data["exit_code"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, None

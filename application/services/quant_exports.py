@@ -37,9 +37,6 @@ def check_quantization(request: ExportRequest, info: SwiftInfo | None, gpus: int
     method, bits = request.quant_method, request.quant_bits
     if method is None:
         raise Invalid("quant_bits needs quant_method (awq, gptq, bnb or fp8)")
-    if not request.merge_lora:  # (it was taken and run with --merge_lora true regardless)
-        raise Invalid("a quantized export quantizes the model with its LoRA adapter merged: leave merge_lora out "
-                      "(or true), or export without quant_method to keep the adapter apart")  # fmt: skip
     if bits is None and method != "fp8":
         raise Invalid(f"quant_method {method} needs quant_bits (e.g. 4)")
     if info is not None and (fields := info.arguments.get("ExportArguments")):
@@ -85,6 +82,9 @@ def prepare_quant_job(
     if parent.status not in ENDED_WITH_SWIFT:
         raise Conflict(f"job '{parent.job_id}' is {parent.status.value}: export needs a finished training run "
                        "(completed, stopped, failed or paused, with a checkpoint)")  # fmt: skip
+    if not request.merge_lora and parent.training.train_type != "full":  # (run with --merge_lora true regardless)
+        raise Invalid("a quantized export quantizes the model with its LoRA adapter merged: leave merge_lora out "
+                      "(or true), or export without quant_method to keep the adapter apart")  # fmt: skip
     on_disk = own_checkpoints(parent, output_root)
     if request.checkpoint is not None:
         checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -54,6 +55,7 @@ from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
 from application.services.swift_errors import extract_error
+from application.utils.log_files import LINKED_LOG, is_linked, open_in_place
 from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
 
@@ -74,15 +76,15 @@ RERUN_MARK = b"---- swift-api: this export runs again from the start; above is t
 def _rerun_mark(log_file: Path) -> int:
     """Where this run's output will start in the export's log. Each export has a log of its own, so one already
     there is the output of a run its host cut short: it stays, above a line that says so."""
-    try:
-        size = log_file.stat().st_size
-    except FileNotFoundError:
+    if not os.path.lexists(log_file):
         return 0
-    with open(log_file, "ab+") as fh:  # appends, whatever is read before
+    with open_in_place(log_file, "r") as fh:  # (not through a link its owner made: that is refused)
+        size = os.fstat(fh.fileno()).st_size
         fh.seek(max(0, size - 1))
         ends_a_line = size == 0 or fh.read(1) == b"\n"
-        fh.write(RERUN_MARK if ends_a_line else b"\n" + RERUN_MARK)
-        return fh.tell()
+    with open_in_place(log_file, "a") as out:
+        out.write(RERUN_MARK if ends_a_line else b"\n" + RERUN_MARK)
+        return out.tell()
 
 
 def swift_env(gpu_env: dict[str, str] | None, run: str | None) -> dict[str, str]:
@@ -183,8 +185,12 @@ class Runner:
                 )
             proc = early
         except OSError as exc:
-            error = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run ./install_all.sh"
-            fields = {"error_message": error, "error_code": "launch", "finished_at": time.time()}
+            if is_linked(exc):
+                error, kind = f"its log {log_file} is a symbolic link (or one leads to it): {LINKED_LOG}", "output_dir"
+            else:
+                error, kind = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run " \
+                    "./install_all.sh", "launch"  # fmt: skip
+            fields = {"error_message": error, "error_code": kind, "finished_at": time.time()}
             await outbox.finish(JobStatus.FAILED, fields, f"training failed: {error}")
             return 1
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
@@ -346,7 +352,8 @@ class Runner:
             start = _rerun_mark(log_file)
             proc = pg.Child(pg.spawn(info.command, swift_env(None, info.export_id), job_dir, log_file))
         except OSError as exc:
-            error = escape or f"could not start swift: {exc}"
+            linked = f"its log {log_file} is a symbolic link (or one leads to it): {LINKED_LOG}"
+            error = escape or (linked if is_linked(exc) else f"could not start swift: {exc}")
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": error,
                                              "finished_at": time.time()})  # fmt: skip
             await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
@@ -371,11 +378,11 @@ class Runner:
             code = _returncode(proc)
             pg.write_exit_file(exit_file, code)
             parser = SwiftLogParser(root=str(job_dir))
-            data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024)
+            data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024, in_place=True)
             parser.feed(data)
             parser.flush()
-            tail = await asyncio.to_thread(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE,
-                                           line_chars=STORED_LINE_CHARS)  # fmt: skip
+            tail = await asyncio.to_thread(functools.partial(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE,
+                                                             line_chars=STORED_LINE_CHARS, in_place=True))  # fmt: skip
             merged = parser.merged_path or merged_path(info)
             update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
             event: tuple[str, str, dict[str, Any]]

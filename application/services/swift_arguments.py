@@ -220,10 +220,10 @@ def check_packing(kind: str, rlhf_type: str | None, arguments: Mapping[str, Any]
     if feature is None or info is None or not major.isdigit() or int(major) < 4:
         return
     where, version = f"training.{feature}", f"ms-swift {info.version}"
+    if gpus == 0:  # (attn_impl flash_attn or not: flash-attn runs on a GPU only)
+        raise Invalid(f"{where} needs a flash attention implementation in {version}, and flash attention needs "
+                      "a GPU: leave it out of a job with num_gpus 0")  # fmt: skip
     if arguments.get("attn_impl") not in FLASH_ATTENTION:
-        if gpus == 0:
-            raise Invalid(f"{where} needs a flash attention implementation in {version}, and flash attention needs "
-                          "a GPU: leave it out of a job with num_gpus 0")  # fmt: skip
         raise Invalid(f"{where} needs a flash attention implementation in {version}: set training.attn_impl to one "
                       f"of {', '.join(FLASH_ATTENTION)} (flash-attn installed beside ms-swift), or leave "
                       f"{feature} out")  # fmt: skip

@@ -82,7 +82,7 @@ def merged_by_swift(log_file: Path, expected: str) -> bool:
 
 def _modified(path: Path | None) -> float | None:
     try:
-        return path.stat().st_mtime if path is not None else None
+        return path.lstat().st_mtime if path is not None and not path.is_symlink() else None
     except OSError:
         return None
 

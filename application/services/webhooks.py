@@ -40,8 +40,9 @@ from application.services.job_store import JobStore
 # POSTs under way to one URL at once, and notifications under way at once. Slots are per URL: with one slot
 # for a notification's every URL, one slow or dead receiver (an operator's, retried for a minute or more) held
 # them all, and every user's own URL waited behind it.
+# (Bounded: each stays under way until every URL has its answer, and a new leader posts those again to all.)
 MAX_PARALLEL = 16
-MAX_NOTIFICATIONS = 1024
+MAX_NOTIFICATIONS = 128
 POLL_SECONDS = 0.5
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 

@@ -28,6 +28,9 @@ def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> Binar
     return os.fdopen(fd, "rb" if mode == "r" else "ab" if mode == "a" else "wb")
 
 
+LINKED_LOG = "the server writes and reads a job's logs only in its own folder: replace the link with a file"
+
+
 def is_linked(error: OSError) -> bool:
     """The refusal of `open_in_place` (or of O_NOFOLLOW on a link)."""
     return error.errno == errno.ELOOP
