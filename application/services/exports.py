@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.outbox import until_answered
 from application.services.path_sandbox import RealFolder, escaped_output_root
 from application.services.swift_command import build_export_command
+from application.utils.log_files import path_taken
 
 # A paused job's checkpoint can be exported too (the merge only reads it).
 ENDED_WITH_SWIFT = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED)
@@ -39,7 +39,7 @@ def export_log(job: Job) -> Path:
     taken = {e.log_file for e in (*job.exports, job.export) if e.log_file}
     while True:
         path = logs / (f"{job.job_id}.export.log" if n == 0 else f"{job.job_id}.export-{n + 1}.log")
-        if str(path) not in taken and not os.path.lexists(path):  # (a dangling link is no free name)
+        if str(path) not in taken and not path_taken(path):
             return path
         n += 1
 

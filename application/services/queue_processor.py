@@ -51,7 +51,7 @@ from application.services.swift_command import (
     visible_env,
 )
 from application.utils.gpu_utils import GpuInventory
-from application.utils.log_files import open_in_place
+from application.utils.log_files import open_in_place, path_taken
 
 
 class PathMoved(OSError):
@@ -102,8 +102,7 @@ def run_log(log_dir: Path, job_id: str, number: int) -> Path:
     deleted one must not write over that job's logs (a delete never removes what is on disk). Blocking."""
     while True:
         path = log_dir / (f"{job_id}.train.log" if number == 1 else f"{job_id}.train.{number}.log")
-        # (lexists: a dangling link is no free name, it would have the run create the file it leads to)
-        if not os.path.lexists(path) and not os.path.lexists(path.with_suffix(".exit.json")):
+        if not path_taken(path) and not path_taken(path.with_suffix(".exit.json")):
             return path
         number += 1
 

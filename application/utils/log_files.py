@@ -31,6 +31,17 @@ def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> Binar
 LINKED_LOG = "the server writes and reads a job's logs only in its own folder: replace the link with a file"
 
 
+def path_taken(path: Path | str) -> bool:
+    """Whether anything has this name, a link leading nowhere included (it would have a writer create the file it
+    leads to). An error other than a missing name is raised (os.path.lexists took a name too long for the system
+    for a free one)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def is_linked(error: OSError) -> bool:
     """The refusal of `open_in_place` (or of O_NOFOLLOW on a link)."""
     return error.errno == errno.ELOOP
