@@ -207,7 +207,7 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         bad = await client.get("/jobs/pr/logs", params={"attempt": 3})
         assert bad.status_code == 404 and "its runs are 1 to 2" in bad.json()["detail"]
         bad = await client.get("/jobs/pr/logs", params={"attempt": 1, "kind": "export"})
-        assert bad.status_code == 422 and "leave attempt out" in bad.json()["detail"]
+        assert bad.status_code == 404 and "leave attempt out" in bad.json()["detail"]
         assert "--resume_from_checkpoint" in done["command"] and "--resume_only_model" in done["command"]
         # The loss history goes on from the checkpoint: no step twice, none missing.
         history = (await client.get("/jobs/pr/progress", params={"history_limit": 1000})).json()["history"]

@@ -431,9 +431,10 @@ class TrainingService:
     ) -> LogsResponse:
         job = await self.require(job_id, caller)
         if attempt is not None and kind == "export":
-            # (it was ignored: the newest export's log answered for any attempt)
-            raise Invalid("attempt counts a job's training runs (kind=train): kind=export is the current export's "
-                          "log; leave attempt out")  # fmt: skip
+            # (it was ignored: the newest export's log answered for any attempt; a 404 as for a run it never had,
+            # the schema cannot say that the two do not go together)
+            raise NotFound(f"job '{job_id}' has no export attempt {attempt}: attempt counts its training runs "
+                           "(kind=train), and kind=export is the current export's log: leave attempt out")  # fmt: skip
         path = job.export.log_file if kind == "export" else job.log_file
         if attempt is not None and kind == "train":
             if not 1 <= attempt <= len(job.attempts):
