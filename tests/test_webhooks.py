@@ -216,7 +216,8 @@ async def test_a_job_deleted_before_it_ended_is_notified_and_one_that_ended_is_n
     # waiting for its end waited for ever.
     own = receiver({})
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(WEBHOOK_ALLOW_PRIVATE=True) as client:
+    # (no automatic export: a delete waits for one to end, 409)
+    async with app_factory(WEBHOOK_ALLOW_PRIVATE=True, AUTO_EXPORT=False) as client:
         for name in ("waits", "ran"):
             body = job_body(tmp_path, name, auto_start=name == "ran", webhook_url=own.url, training={"max_steps": 2})
             assert (await client.post("/jobs", json=body)).status_code == 201
