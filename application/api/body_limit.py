@@ -34,7 +34,7 @@ class BodyLimit:
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
         if encoding not in (b"", b"identity"):
             # (read as it came, a gzipped body was "not JSON this server can read ('utf-8' codec ...)")
-            await _answer(send, 415, f"the request body is compressed (Content-Encoding: "
+            await json_answer(send, 415, f"the request body is compressed (Content-Encoding: "
                                      f"{encoding.decode('latin-1')[:32]}): send it uncompressed")  # fmt: skip
             return
         if scope["path"] in self.exempt:
@@ -91,10 +91,10 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        await _answer(send, 413, f"the request body is larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)")
+        await json_answer(send, 413, f"the request body is larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)")
 
 
-async def _answer(send: Send, status: int, detail: str) -> None:
+async def json_answer(send: Send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail})
     await send(
         {

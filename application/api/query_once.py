@@ -3,11 +3,12 @@ was used without a word (`?status=running&status=queued` listed the queued jobs 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from application.api.body_limit import json_answer
 
 
 class QueryOnce:
@@ -21,11 +22,7 @@ class QueryOnce:
             repeated = [(name, n) for name, n in counts.items() if n > 1]
             if repeated:
                 name, n = repeated[0]
-                body = json.dumps({"detail": f"query parameter '{name[:64]}' is given {n} times: give it once (each "
-                                             "takes one value)"}).encode()  # fmt: skip
-                await send({"type": "http.response.start", "status": 422,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
+                await json_answer(send, 422, f"query parameter '{name[:64]}' is given {n} times: give it once (each "
+                                             "takes one value)")  # fmt: skip
                 return
         await self.app(scope, receive, send)

@@ -142,10 +142,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def read_exit_file(path: Path) -> int | None:
-    return read_exit(path)[0]
-
-
 def read_exit(path: Path) -> tuple[int | None, float | None]:
     """The exit status the run's group leader recorded, and when (None, None without a readable record)."""
     try:

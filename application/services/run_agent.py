@@ -55,7 +55,7 @@ from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
 from application.services.swift_errors import extract_error
-from application.utils.log_files import LINKED_LOG, is_linked, open_in_place
+from application.utils.log_files import is_linked, linked_log, open_in_place
 from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
 
@@ -186,7 +186,7 @@ class Runner:
             proc = early
         except OSError as exc:
             if is_linked(exc):
-                error, kind = f"its log {log_file} is a symbolic link (or one leads to it): {LINKED_LOG}", "output_dir"
+                error, kind = linked_log(log_file), "output_dir"
             else:
                 error, kind = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run " \
                     "./install_all.sh", "launch"  # fmt: skip
@@ -352,7 +352,7 @@ class Runner:
             start = _rerun_mark(log_file)
             proc = pg.Child(pg.spawn(info.command, swift_env(None, info.export_id), job_dir, log_file))
         except OSError as exc:
-            linked = f"its log {log_file} is a symbolic link (or one leads to it): {LINKED_LOG}"
+            linked = linked_log(log_file)
             error = escape or (linked if is_linked(exc) else f"could not start swift: {exc}")
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": error,
                                              "finished_at": time.time()})  # fmt: skip

@@ -70,12 +70,6 @@ def message(data: str, *, event_id: str | None = None, event: str | None = None)
     return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
 
 
-def _size(path: str) -> int | None:
-    """The log's size: one lstat of a local file, cheap enough for the event loop; reads go to a thread. None
-    for a link, as for a missing file (`log_files`)."""
-    return size_in_place(path)
-
-
 def _piece(buf: bytes) -> int:
     """How much of `buf` (no newline in its first MAX_LINE + 1 bytes) the next message takes: MAX_LINE bytes, fewer
     when that would split a UTF-8 character (a piece decoded alone would show it as U+FFFD)."""
@@ -188,7 +182,9 @@ class Streams:
         # base: where the log being read starts in the job's offsets; `ahead`: the logs of later runs.
         base, ahead = 0, list(runs)
         # One stat per earlier run (a job paused and resumed many times has many): in a thread, at once.
-        sizes = await asyncio.to_thread(lambda: [_size(done) or 0 for done in runs[:-1]]) if len(runs) > 1 else []
+        sizes = (
+            await asyncio.to_thread(lambda: [size_in_place(done) or 0 for done in runs[:-1]]) if len(runs) > 1 else []
+        )
         if wanted is not None:
             for length in sizes:
                 if wanted < base + length:
@@ -218,14 +214,14 @@ class Streams:
                 runs = await self._run_logs(job_id, kind, created) or []
                 later = runs[runs.index(path) + 1 :] if path in runs else runs
                 ahead += [log for log in later if log != path and log not in ahead]
-            size = _size(path) if path else None
+            size = size_in_place(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
                     yield message(_visible(partial), event_id=at(base + offset))
                 # An export's logs are one log each (a rerun appends to its own): its ids start again.
                 base = 0 if kind == "export" else base + offset
                 offset, partial, path = 0, b"", ahead.pop(0)
-                size = _size(path)
+                size = size_in_place(path)
             data = b""
             if path and size != offset:
                 data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK, in_place=True)
@@ -263,7 +259,7 @@ class Streams:
                     over, status = await self._ended(job_id, kind, created)
                     # Over, but with what was written before the end still unread (the status was read after
                     # the log): one more round.
-                    if over and (ahead or (path and _size(path) not in (None, offset))):
+                    if over and (ahead or (path and size_in_place(path) not in (None, offset))):
                         over = False
                         pace.sent = True
                     if over:

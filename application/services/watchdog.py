@@ -358,7 +358,7 @@ class Watchdog:
             return
         job, info = fresh, fresh.export
         await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
-        code = pg.read_exit_file(Path(info.log_file).with_suffix(".exit.json")) if info.log_file else None
+        code = pg.read_exit(Path(info.log_file).with_suffix(".exit.json"))[0] if info.log_file else None
         if code is None and info.log_file and not job.export_stop_requested and \
                 await asyncio.to_thread(merged_by_swift, Path(info.log_file), merged_path(info)):  # fmt: skip
             code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)

@@ -28,7 +28,10 @@ def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> Binar
     return os.fdopen(fd, "rb" if mode == "r" else "ab" if mode == "a" else "wb")
 
 
-LINKED_LOG = "the server writes and reads a job's logs only in its own folder: replace the link with a file"
+def linked_log(path: Path | str) -> str:
+    """Why a run with this log (refused by `open_in_place`) did not start."""
+    return (f"its log {path} is a symbolic link (or one leads to it): the server writes and reads a job's logs only "
+            "in its own folder: replace the link with a file")  # fmt: skip
 
 
 def path_taken(path: Path | str) -> bool:
