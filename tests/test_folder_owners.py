@@ -6,6 +6,7 @@ own atomic check, and the recording of folders stored by an older version."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -222,3 +223,28 @@ def test_folder_arg_names_every_folder_between_the_job_folder_and_the_root(folde
                                                                           ancestors: list[str]) -> None:  # fmt: skip
     arg = folder_arg(Path(folder), Path(root), None)
     assert arg == {"owner": "", "ancestors": ancestors, "prefix": folder.rstrip("/") + "/"}
+
+
+async def test_an_upload_may_not_name_images_in_another_owners_job_folder(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # (Here DATA_ROOTS holds OUTPUT_ROOT.) Bob's upload whose rows named images in alice's job folder was kept,
+    # counted in his quota, and then every create naming it was refused.
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        body = {**job_body(tmp_path, "alicepics", dataset="data"), "output_dir": "alicepics"}
+        assert (await client.post("/jobs", json=body, headers=auth(ALICE_KEY))).status_code == 201
+        picture = tmp_path / "output" / "alicepics" / "secret.png"
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        picture.write_bytes(b"\x89PNG")
+        turns = [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "hello"}]
+        answers = []
+        for image in (picture, picture.with_name("none.png")):  # the same answer whether or not it exists
+            rows = (json.dumps({"messages": turns, "images": [str(image)]}) + "\n").encode() * 2
+            r = await client.post("/files", files={"file": ("pics.jsonl", rows)}, headers=auth(BOB_KEY))
+            assert r.status_code == 422 and FOREIGN in r.json()["detail"], r.text
+            answers.append(r.json()["detail"].replace(image.name, "X"))
+        assert answers[0] == answers[1], answers
+        assert (await client.get("/files", headers=auth(BOB_KEY))).json()["files"] == []
+        # Alice may (her own job's folder), as a create of hers may.
+        r = await client.post("/files", files={"file": ("pics.jsonl", rows)}, headers=auth(ALICE_KEY))
+        assert r.status_code == 201, r.text

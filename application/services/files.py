@@ -33,12 +33,13 @@ from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, F
 from application.models.training_model import Job, JobStatus
 from application.services import lua_cluster
 from application.services.datasets import check_dataset
+from application.services.folder_owners import FolderIndex
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.media_refs import check_media
 from application.services.owner_slots import upload_slots
-from application.services.path_sandbox import Guard
+from application.services.path_sandbox import Guard, all_of, real_output_root
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 
@@ -81,6 +82,7 @@ class FileStore:
         self._forget_file = client.register_script(lua_cluster.FORGET_FILE)
         self._store_file = client.register_script(lua_cluster.STORE_FILE)
         self.slots = upload_slots(client, keys, settings)
+        self.folders = FolderIndex(client, keys)
 
     @property
     def root(self) -> Path:
@@ -171,8 +173,9 @@ class FileStore:
                                          needs="either" if purpose == "rlhf" else None)  # fmt: skip
             # Its rows' images, videos and audio as a job's create checks them (as this owner's), or every job
             # naming the file would be refused after it was kept.
-            await asyncio.to_thread(check_media, "file", received.path, self.settings.data_roots(),
-                                    self.upload_guard(caller))  # fmt: skip
+            guard = all_of(await self.folders.guard(real_output_root(self.settings.OUTPUT_ROOT), caller),
+                           self.upload_guard(caller))  # fmt: skip
+            await asyncio.to_thread(check_media, "file", received.path, self.settings.data_roots(), guard)
         except Invalid as exc:
             # Its message names the temp file; the client knows the file by its own name.
             detail = exc.detail.replace(str(received.path), received.filename)

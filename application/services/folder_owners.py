@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from application.auth import Caller
 from application.exceptions import Conflict, Invalid, Unavailable
 from application.services import lua, lua_cluster
 from application.services.job_codec import script_arg
@@ -96,8 +97,19 @@ class FolderIndex:
         self._foreign = client.register_script(lua.FOREIGN_FOLDER)
         self._mark_if_empty = client.register_script(lua_cluster.MARK_FOLDERS_INDEXED_IF_EMPTY)
 
+    async def guard(self, root: Path, caller: Caller, indexed: bool = False) -> FolderGuard | None:
+        """The `FolderGuard` for a caller's paths (OUTPUT_ROOT resolved is `root`): None for an admin, or on a
+        server without keys. Unavailable until the folders of jobs an older version stored are recorded, unless
+        `indexed` says they are."""
+        if caller.name is None or caller.is_admin:
+            return None
+        if not indexed and not await self.mark_indexed_if_empty():
+            raise Unavailable(FOLDERS_NOT_INDEXED, {"Retry-After": "5"})
+        return FolderGuard(root, caller.name, self.foreign, asyncio.get_running_loop())
+
     async def mark_indexed_if_empty(self) -> bool:
-        """True when nothing needs recording: no job is stored (a new install), so none is of an older version."""
+        """True when nothing needs recording: it is done, or no job is stored (a new install), so none is of an
+        older version."""
         return bool(await self._mark_if_empty(keys=[self.keys.jobs_index, self.keys.folders_indexed]))
 
     async def foreign(self, folder: dict[str, Any]) -> str | None:

@@ -109,9 +109,11 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2]
 return 0
 """
 
-# KEYS: the jobs index, Keys.folders_indexed. With no job stored there is no folder of an older version to record:
-# the marker is set here, so that users' creates on a new install need not wait for a scheduler's first start.
+# KEYS: the jobs index, Keys.folders_indexed. 1 when the folders are recorded, or with no job stored, when there
+# is no folder of an older version to record: the marker is set here, so that users' creates on a new install need
+# not wait for a scheduler's first start.
 MARK_FOLDERS_INDEXED_IF_EMPTY = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
 redis.call('SET', KEYS[2], '1')
 return 1

@@ -22,7 +22,7 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, Unavailable, refused
+from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, refused
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
@@ -38,7 +38,7 @@ from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
 from application.services.files import FileStore
-from application.services.folder_owners import FOLDERS_NOT_INDEXED, FolderGuard, folder_arg, foreign_output_dir
+from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
@@ -200,10 +200,7 @@ class TrainingService:
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
         # server without keys, may.
         output_root = real_output_root(self.settings.OUTPUT_ROOT)
-        guard = None if caller.name is None or caller.is_admin else FolderGuard(
-            output_root, caller.name, self.store.folders.foreign, asyncio.get_running_loop())  # fmt: skip
-        if guard is not None and not ctx.folders_indexed and not await self.store.folders.mark_indexed_if_empty():
-            raise Unavailable(FOLDERS_NOT_INDEXED, {"Retry-After": "5"})
+        guard = await self.store.folders.guard(output_root, caller, indexed=ctx.folders_indexed)
         check = functools.partial(
             check_request, data_path, req.model_path, req.output_dir, model_type=req.training.model_type,
             template=req.training.template, settings=self.settings, info=swift,
