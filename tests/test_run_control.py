@@ -315,8 +315,9 @@ async def test_a_job_paused_before_swift_names_its_run_folder_has_no_checkpoint_
 async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
+        # (long enough that it is still running when the stop comes on a loaded machine)
         body = job_body(tmp_path, "st", step_seconds=0.05, auto_start=True,
-                        training={"max_steps": 30, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+                        training={"max_steps": 100, "save_steps": 5, "logging_steps": 1})  # fmt: skip
         await client.post("/jobs", json=body)
         await wait_job(client, "st", lambda j: (j["progress"]["current_step"] or 0) >= 7)
         assert (await client.post("/jobs/st/stop")).json()["status"] == "stopped"
@@ -330,7 +331,7 @@ async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any]
         hog = job_body(tmp_path, "hog", step_seconds=0.05, auto_start=True, num_gpus=2, training={"max_steps": 400})
         assert (await client.post("/jobs", json=hog)).json()["status"] == "running"
         r = await client.post("/jobs/st/resume")
-        assert r.status_code == 200 and r.json()["resume_step"] in (5, 10, 15), r.text
+        assert r.status_code == 200 and r.json()["resume_step"] % 5 == 0 and r.json()["resume_step"] >= 5, r.text
         assert r.json()["status"] == "queued" and not r.json()["gpu_ids"], r.text
         assert (await client.get("/jobs/st")).json()["gpu_ids"] == []
         assert (await client.post("/jobs/hog/stop")).json()["status"] == "stopped"
