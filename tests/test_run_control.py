@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from application.models.training_model import Attempt, JobStatus
-from application.services.preemption import Candidate, choose_victims
+from application.services.preemption import Candidate, choose_victims, preemption_wait
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
 from tests.conftest import _until, job_body, make_model, wait_job
@@ -82,6 +82,24 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
     # Less work lost wins among equal priorities.
     cheaper = [*running[:1], Candidate("low-new", 1, (1,), 900.0, lost_seconds=900.0), *running[2:]]
     assert choose_victims(one, gpus, cheaper, **rules) == ["low-old"]
+
+
+def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -> None:
+    gpus = [gpu(0, "young"), gpu(1, "old"), gpu(2, "peer")]
+    running = [
+        Candidate("young", 1, (0,), started_at=900.0, lost_seconds=10.0),
+        Candidate("old", 1, (1,), started_at=100.0, lost_seconds=10.0),
+        Candidate("peer", 9, (2,), started_at=100.0, lost_seconds=10.0),
+    ]
+    rules = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 600.0, "now": 1000.0}
+    assert preemption_wait(QueuedJob("u", 9, 1000.0, 1, None, None, None), gpus, running, **rules) == (0.0, ["old"])
+    # Two GPUs: once the young run has run min_run too (at 1500).
+    assert preemption_wait(QueuedJob("u", 9, 1000.0, 2, None, None, None), gpus, running, **rules) == (
+        500.0, ["young", "old"])  # fmt: skip
+    # Never: a run of the same priority is no victim, and a run asked to stop already gives its GPU anyway.
+    assert preemption_wait(QueuedJob("u", 9, 1000.0, 3, None, None, None), gpus, running, **rules) is None
+    ending = [Candidate("young", 1, (0,), 900.0, 10.0, ending=True), *running[1:]]
+    assert preemption_wait(QueuedJob("u", 9, 1000.0, 1, (0,), None, None), gpus, ending, **rules) is None
 
 
 # ---- pause and resume ------------------------------------------------------------------------------------
@@ -538,12 +556,26 @@ async def test_no_preemption_before_the_minimum_run_time(app_factory: Callable[.
         await client.post("/jobs", json=job_body(tmp_path, "low", hang_after_steps=1, auto_start=True, priority=1))
         await wait_job(client, "low", lambda j: j["status"] == "running")
         r = await client.post("/jobs", json=job_body(tmp_path, "urgent", auto_start=True, priority=9))
-        assert r.json()["status"] == "queued" and r.json()["pending_reason"]["code"] == "resources"
+        # Its wait is the rest of the victim's minimum run time (the victim's end is unknown: the runs' ends
+        # alone gave no estimate, "resources").
+        created = r.json()
+        assert created["status"] == "queued" and created["pending_reason"]["code"] == "preemption", created
+        assert created["pending_reason"]["job_id"] == "low", created
+        assert "PREEMPTION_MIN_RUN_SECONDS" in created["pending_reason"]["message"], created
+        assert 500 < created["estimated_wait_time"]["seconds"] <= 600, created
         for _ in range(10):  # several passes (QUEUE_POLL_INTERVAL 1 s would do it; wake-ups do it faster)
             passed = await client.post("/queue/process")
             assert passed.status_code == 200, passed.text
         assert (await client.get("/jobs/low")).json()["status"] == "running"
         assert (await client.get("/jobs/low")).json()["preempt_for"] is None
+        status = (await client.get("/jobs/urgent/status")).json()
+        assert status["pending_reason"]["code"] == "preemption", status
+        queue = (await client.get("/queue")).json()["entries"]
+        assert queue[0]["pending_reason"]["code"] == "preemption", queue
+        # A job of the same priority waits for the run's end, which nobody can tell.
+        await client.delete("/queue/urgent")
+        r = await client.post("/jobs", json=job_body(tmp_path, "peer", auto_start=True, priority=1))
+        assert r.json()["pending_reason"]["code"] == "resources" and r.json()["estimated_wait_time"] is None, r.text
 
 
 @pytest.mark.parametrize("route", ["pause", "resume"])

@@ -93,8 +93,8 @@ class PredictedDuration(BaseModel):
     source: Literal["time_limit", "plan", "history", "progress"] | None = None
 
 
-PendingCode = Literal["priority", "resources", "reservation", "outside_processes", "gpu_unreadable", "owner_limit",
-                      "never", "processor_stopped"]  # fmt: skip
+PendingCode = Literal["priority", "resources", "reservation", "preemption", "outside_processes", "gpu_unreadable",
+                      "owner_limit", "never", "processor_stopped"]  # fmt: skip
 
 
 class PendingReason(BaseModel):
@@ -103,14 +103,17 @@ class PendingReason(BaseModel):
     code: PendingCode = Field(
         ...,
         description="priority: jobs ahead of it go first; resources: not enough free GPUs; reservation: the free "
-        "GPUs are held for job_id until about starts_at; outside_processes: GPUs it needs are busy with processes "
+        "GPUs are held for job_id until about starts_at; preemption: lower-priority runs (job_id the first) make way "
+        "for it from about starts_at (PREEMPTION); outside_processes: GPUs it needs are busy with processes "
         "the server did not start; gpu_unreadable: GPUs it needs could not be read (see GET /gpus); owner_limit: "
         "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead; never: the request "
         "cannot be met on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
     )
     message: str
-    job_id: str | None = Field(None, description="reservation: the job the GPUs are held for")
-    starts_at: float | None = Field(None, description="reservation: when that job should start (Unix seconds)")
+    job_id: str | None = Field(None, description="reservation: the job the GPUs are held for; preemption: the "
+                               "first run that makes way")  # fmt: skip
+    starts_at: float | None = Field(None, description="reservation: when that job should start; preemption: when "
+                                    "the runs are asked to (Unix seconds)")  # fmt: skip
 
 
 class Attempt(BaseModel):

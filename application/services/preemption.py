@@ -10,10 +10,14 @@ their checkpoints (`run_end.conclude`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from application.services.scheduler import GpuState, QueuedJob, gpu_is_free
+from application.services.scheduler import GpuState, QueuedJob, RunningJob, gpu_is_free
+
+# What preemption reads of each running job besides the planner's view (`candidates`).
+FIELDS = ("priority", "last_checkpoint_at", "preempt_for")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,24 @@ class Candidate:
     started_at: float
     lost_seconds: float  # training since its last checkpoint (or its start): what a preemption throws away
     ending: bool = False  # asked to stop, pause or make way already: its GPUs come back without a preemption
+
+
+def candidates(running: Sequence[RunningJob], rows: Sequence[Sequence[str | None]],
+               now: float) -> tuple[list[Candidate], bool]:  # fmt: skip
+    """The running jobs as preemption sees them, from their `FIELDS` (`rows`, stored JSON), and whether a
+    preemption is under way already (one of them is making way)."""
+    found = []
+    under_way = False
+    for r, (prio, saved, making_way) in zip(running, rows, strict=True):
+        under_way = under_way or bool(making_way and json.loads(making_way))
+        if prio is None or r.started_at is None:
+            continue
+        last_save = float(json.loads(saved)) if saved and json.loads(saved) else r.started_at
+        # A run past its time limit is being stopped by its runner (its grace): its GPUs come back anyway, and
+        # another run was preempted for them (RunningJob.ending).
+        found.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, r.started_at,
+                               now - max(r.started_at, last_save), r.ending))  # fmt: skip
+    return found, under_way
 
 
 def choose_victims(
@@ -91,3 +113,25 @@ def choose_victims(
         if enough(rest):
             chosen.remove(c)
     return [c.job_id for c in chosen]
+
+
+def preemption_wait(
+    job: QueuedJob,
+    gpus: Sequence[GpuState],
+    running: Sequence[Candidate],
+    *,
+    min_free_gb: float,
+    max_util: float,
+    min_run: float,
+    now: float,
+) -> tuple[float, list[str]] | None:
+    """For a waiting job's estimate: the seconds until preemption frees enough GPUs for it (0: the next pass
+    asks), with its victims then; None when lower-priority runs cannot free enough at any time."""
+    moments = sorted({max(now, c.started_at + min_run) for c in running
+                      if c.gpu_ids and not c.ending and c.priority < job.priority})  # fmt: skip
+    for at in moments:
+        victims = choose_victims(job, gpus, running, min_free_gb=min_free_gb, max_util=max_util, min_run=min_run,
+                                 now=at)  # fmt: skip
+        if victims:
+            return at - now, victims
+    return None

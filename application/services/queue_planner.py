@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from application.config import Settings
 from application.models.job_responses import WaitEstimate
 from application.models.training_model import PendingReason
+from application.services import preemption
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_codec import QueueMeta
 from application.services.job_store import JobStore
@@ -150,7 +151,35 @@ class Planner:
         """The plan for the first `upto` queued jobs (waits and why each waits); past ESTIMATE_WINDOW nobody
         can tell (they get no entry)."""
         queue = await queued(self.store, min(upto, ESTIMATE_WINDOW))
-        return plan(queue, view.gpus, view.running, self.policy, time.time(), head=head)
+        found = plan(queue, view.gpus, view.running, self.policy, time.time(), head=head)
+        if self.settings.PREEMPTION and found.head is not None:
+            await self._preempting(found, queue, view)
+        return found
+
+    async def _preempting(self, found: Plan, queue: list[QueuedJob], view: ClusterView) -> None:
+        """The head's wait when preemption frees its GPUs sooner than the runs' ends would (the scheduler preempts
+        for the head only, and for a job waiting on resources, not on its owner's limits)."""
+        head = found.head
+        reason = found.reasons.get(head) if head is not None else None
+        waiting = next((q for q in queue if q.job_id == head), None)
+        if waiting is None or reason is None or reason.code not in ("resources", "reservation"):
+            return
+        rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
+        now = time.time()
+        running, under_way = preemption.candidates(view.running, rows, now)
+        if under_way:  # (one at a time: its victims are planned as ending, so the head's wait counts them)
+            return
+        s = self.settings
+        sooner = preemption.preemption_wait(waiting, view.gpus, running, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
+                                            max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
+                                            now=now)  # fmt: skip
+        if sooner is None:
+            return
+        wait, victims = sooner
+        planned = found.waits.get(waiting.job_id)
+        if planned is None or wait < planned:
+            found.waits[waiting.job_id] = wait
+            found.reasons[waiting.job_id] = Reason("preemption", victims[0], wait, more=len(victims) - 1)
 
 
 def wait_estimate(seconds: float | None) -> WaitEstimate | None:

@@ -25,6 +25,7 @@ from loguru import logger
 
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
+from application.services import preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
@@ -34,7 +35,6 @@ from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import escaped_output_root, relinked_input
-from application.services.preemption import Candidate, choose_victims
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.refusals import Refusal
@@ -239,29 +239,20 @@ class QueueProcessor:
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
         # Whether a run is ending (asked to stop or pause, or past its time limit) and when it started come with
         # the view; what only preemption needs is read here.
-        rows = await self.store.get_fields([r.job_id for r in view.running],
-                                           ["priority", "last_checkpoint_at", "preempt_for"])  # fmt: skip
-        if any(making_way and json.loads(making_way) for *_, making_way in rows):
+        rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
+        now = time.time()
+        candidates, under_way = preemption.candidates(view.running, rows, now)
+        if under_way:
             return []
         job = await self.store.get(head_id)
         if job is None or job.status != JobStatus.QUEUED or job.stop_requested or job.pause_requested:
             return []  # (one asked to stop or pause is taken out of the queue by its start, not run)
-        now = time.time()
-        candidates = []
-        for r, (prio, saved, _) in zip(view.running, rows, strict=True):
-            if prio is None or r.started_at is None:
-                continue
-            last_save = float(json.loads(saved)) if saved and json.loads(saved) else r.started_at
-            # A run past its time limit is being stopped by its runner (its grace): its GPUs come back anyway, and
-            # another run was preempted for them (RunningJob.ending).
-            candidates.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, r.started_at,
-                                        now - max(r.started_at, last_save), r.ending))  # fmt: skip
         s = self.settings
         waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                              job.min_gpu_memory_gb)  # fmt: skip
-        victims = choose_victims(waiting, view.gpus, candidates, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
-                                 max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
-                                 now=now)  # fmt: skip
+        victims = preemption.choose_victims(waiting, view.gpus, candidates, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
+                                            max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
+                                            now=now)  # fmt: skip
         asked = []
         for victim in victims or []:
             try:

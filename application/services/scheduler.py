@@ -140,6 +140,7 @@ REASON_TEXT = {
     "gpu_unreadable": "GPUs it needs could not be read (NVML or the simulated GPU file failed): see GET /gpus",
     "owner_limit": "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead in the queue",
     "never": "this request can never be met on these GPUs",
+    "preemption": "lower-priority runs make way for it (PREEMPTION)",
 }
 
 
@@ -163,11 +164,13 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class Reason:
     """Why a queued job waits (Slurm's REASON): a code from REASON_TEXT, and the job holding the GPUs it
-    could use with when that job should start (seconds from now), for a reservation."""
+    could use with when that job should start (seconds from now), for a reservation; for a preemption, the first
+    run to make way, when, and how many more do."""
 
     code: str
     job_id: str | None = None
     starts_in: float | None = None
+    more: int = 0
 
     @property
     def text(self) -> str:
@@ -179,6 +182,12 @@ class Reason:
                 if self.starts_in >= 60
                 else f"GPUs held for {self.job_id}, which should start within a minute"
             )
+        if self.code == "preemption" and self.job_id is not None:
+            runs = f"lower-priority run {self.job_id}" + (f" and {self.more} more" if self.more else "")
+            if self.starts_in is None or self.starts_in < 1:
+                return f"{runs} will make way for it (preempted: back to the queue, to resume from a checkpoint)"
+            return (f"{runs} will make way for it once preemptible (PREEMPTION_MIN_RUN_SECONDS), in "
+                    f"{format_wait(self.starts_in).removeprefix('about ')}")  # fmt: skip
         return REASON_TEXT[self.code]
 
 
