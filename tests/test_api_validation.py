@@ -464,8 +464,14 @@ async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., An
         await cluster.put_gpu_snapshot({**reading, "taken_at": time.time()})
         assert (await client.get("/gpus")).json()["error"] is None
         await cluster.put_gpu_snapshot({**reading, "taken_at": time.time() - 300})
-        error = (await client.get("/gpus")).json()["error"]
+        gpus = (await client.get("/gpus")).json()
+        error = gpus["error"]
         assert error.startswith("this reading is 300 s old") and "is one running?" in error, error
+        # Every view of the same reading says so: /queue and /system/status showed its free GPUs and memory as if
+        # they were current.
+        assert gpus["summary"]["error"] == error, gpus
+        assert (await client.get("/queue")).json()["summary"]["gpu_error"] == error
+        assert (await client.get("/system/status")).json()["gpus"]["error"] == error
 
 
 async def test_a_lone_surrogate_in_training_arguments_is_a_422_and_stores_nothing(app_factory: Any,

@@ -480,7 +480,7 @@ def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:
 def test_gpu_summary() -> None:
     inv = SimulatedInventory(2, 24)
     inv.set_usage(0, memory_used_gb=6, utilization=80)
-    summary = gpu_summary(inv.snapshot())
+    summary = gpu_summary(inv.snapshot(), None)
     assert summary == {
         "backend": "simulated",
         "count": 2,
@@ -491,7 +491,8 @@ def test_gpu_summary() -> None:
         "driver_version": None,
         "error": None,
     }
-    empty = gpu_summary(NoGpuInventory("no driver").snapshot())
+    nothing = NoGpuInventory("no driver").snapshot()
+    empty = gpu_summary(nothing, nothing.error)
     assert (empty["count"], empty["mean_utilization"], empty["error"]) == (0, None, "no driver")
 
 

@@ -24,8 +24,18 @@ from application.models.training_model import JobStatus
 from application.services import lua_cluster
 from application.services.keys import Keys
 from application.services.scheduler import Head
+from application.utils.gpu_types import GpuSnapshot
 
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
+
+
+def reading_error(snapshot: GpuSnapshot, now: float) -> str | None:
+    """What is wrong with a published GPU reading: its own error, or its age once no scheduler renews it (its
+    memory, use and holders may have changed since)."""
+    age = now - snapshot.taken_at if snapshot.taken_at else None
+    if snapshot.error is None and age is not None and age > STALE_READING_SECONDS:
+        return f"this reading is {age:.0f} s old: no scheduler has published one since (is one running?)"
+    return snapshot.error
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 from application.auth import Caller
 from application.exceptions import ApiError, Conflict, refused
 from application.models.training_model import JobStatus
+from application.services.cluster_store import reading_error
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
 from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, pending_reason, queued, wait_estimate
@@ -80,7 +81,7 @@ class QueueService:
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
                 "processor_running": stopped is None,
-                "gpu_error": view.snapshot.error,
+                "gpu_error": reading_error(view.snapshot, now),
             },
         }
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import psutil
 
 from application import __version__
-from application.services.cluster_store import STALE_READING_SECONDS
+from application.services.cluster_store import reading_error
 from application.services.redis_service import RedisService
 from application.services.training_service import NO_READING, TrainingService, snapshot_of
 from application.utils.gpu_utils import gpu_summary
@@ -72,13 +72,10 @@ class SystemService:
             entry = g.to_dict()
             entry["job_id"] = leases.get(g.index)
             gpus.append(entry)
-        error = snapshot.error
-        age = time.time() - snapshot.taken_at if snapshot.taken_at else None
-        if error is None and age is not None and age > STALE_READING_SECONDS:
-            # The last reading a scheduler published: memory, use and holders may have changed since.
-            error = f"this reading is {age:.0f} s old: no scheduler has published one since (is one running?)"
+        error = reading_error(snapshot, time.time())
         return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": error,
-                "taken_at": snapshot.taken_at or None, "gpus": gpus, "summary": gpu_summary(snapshot)}  # fmt: skip
+                "taken_at": snapshot.taken_at or None, "gpus": gpus,
+                "summary": gpu_summary(snapshot, error)}  # fmt: skip
 
     async def _state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Redis's own health, and what the scheduler published, in one round trip."""
@@ -131,7 +128,7 @@ class SystemService:
                      "policy": settings.QUEUE_POLICY.value}  # fmt: skip
         return {
             **stats,
-            "gpus": gpu_summary(snapshot),
+            "gpus": gpu_summary(snapshot, reading_error(snapshot, time.time())),
             "jobs": counts,
             "queue_length": await self.service.store.queue_length() if state else None,
             "redis": redis,

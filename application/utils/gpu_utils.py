@@ -81,7 +81,8 @@ def create_inventory(
         return NoGpuInventory(reason)
 
 
-def gpu_summary(snapshot: GpuSnapshot) -> dict[str, Any]:
+def gpu_summary(snapshot: GpuSnapshot, error: str | None) -> dict[str, Any]:
+    """The reading's totals; `error` is what is wrong with it (`cluster_store.reading_error`)."""
     gpus = snapshot.gpus
     utilizations = [g.utilization for g in gpus if g.utilization is not None]
     return {
@@ -92,5 +93,5 @@ def gpu_summary(snapshot: GpuSnapshot) -> dict[str, Any]:
         "memory_free_gb": round(sum(g.memory_free_mb for g in gpus) / 1024, 2),
         "mean_utilization": round(sum(utilizations) / len(utilizations), 1) if utilizations else None,
         "driver_version": snapshot.driver_version,
-        "error": snapshot.error,
+        "error": error,
     }
