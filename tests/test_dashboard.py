@@ -131,6 +131,7 @@ def test_create_form_then_live_charts_log_and_stop(server: ApiServer, workspace:
     page.click("#submit")
     expect(page).to_have_url(re.compile(r"/ui/jobs/dash-live$"))
     assert server.job("dash-live")["status"] in ("running", "queued", "pending")
+    expect(page.locator("#files")).not_to_contain_text("checkpoint-50")  # (as rendered: step 50 is seconds away)
 
     # The loss chart: the history first, then more points from the progress stream while the run goes on.
     page.wait_for_function("() => window.dashboard.lossPoints && window.dashboard.lossPoints() > 0", timeout=30_000)
@@ -169,6 +170,11 @@ def test_create_form_then_live_charts_log_and_stop(server: ApiServer, workspace:
     expect(page.locator("#actions button[data-action=stop]")).to_be_disabled()
     expect(page.locator("#actions button[data-action=resume]")).to_be_enabled()
     expect(page.locator("#log-state")).to_have_text("ended", timeout=10_000)
+    # What the run wrote while the page was open is offered without a reload, as the checkpoints table shows it.
+    expect(page.locator("#checkpoints")).to_contain_text("checkpoint-50")
+    expect(page.locator("#files")).to_contain_text("checkpoint-50.tar", timeout=10_000)
+    href = page.locator("#files a", has_text="checkpoint-50.tar").get_attribute("href") or ""
+    assert href.endswith("/checkpoint-50.tar"), href
     tab.shot("job-stopped")
 
     # An axis whose ticks differ in their fourth digit (a learning rate near its peak) labels each tick apart.

@@ -180,7 +180,8 @@ def job_body(ctx: PageContext, job: dict[str, Any], checkpoints: list[dict[str, 
         f'<section class="card"><h2>Command</h2><pre class="command" id="command">{esc(command) or "—"}</pre></section>'
         f'<section class="card"><h2>Attempts</h2><div id="attempts-box">{attempts_table(job)}</div></section>'
         f'<section class="card"><h2>Checkpoints</h2><div id="checkpoints-box">{checkpoints_table(checkpoints)}</div>'
-        f'</section><section class="card"><h2>Files</h2>{files_table(ctx, job_id, listing)}</section>'
+        f'</section><section class="card"><h2>Files</h2><div id="files-box">{files_table(ctx, job_id, listing)}'
+        "</div></section>"
         f'<section class="card"><h2>Events</h2>{events_list(events)}</section>'
     )
     return head + _actions(job) + charts + log + details

@@ -2,7 +2,8 @@
  * the actions. Start-up: GET .../progress?history_limit=2000 draws the history, then the progress stream
  * continues after its newest point (its `stream_id`), so no point comes twice; a `rewind` drops the points of
  * steps a resumed run logs again.
- * The status, command, attempts and checkpoints are re-read from the API every few seconds.
+ * The status, command, attempts and checkpoints are re-read from the API every few seconds; the files the job
+ * wrote (GET .../artifacts, which walks its folder) whenever those say something new was written.
  * Test hooks: window.dashboard.lossPoints(), logText(), jobStatus().
  */
 "use strict";
@@ -319,6 +320,31 @@
     setStatus(status);
   }
 
+  // As job_view.files_table renders them: folders as tar first, then the files outside checkpoint folders.
+  const FILES_SHOWN = 200;
+  function showFiles(listing) {
+    const href = (p) => `${d.root}/ui${base}/files/${p.split("/").map(encodeURIComponent).join("/")}`;
+    const link = (p) => el("a", { href: href(p), download: "", text: p });
+    const rowsOut = [
+      ...(listing.folders || []).map((f) => [link(f.tar), text(f.kind), text(d.size(f.size))]),
+      ...(listing.files || [])
+        .filter((f) => f.kind !== "checkpoint" && f.kind !== "merged")
+        .map((f) => [link(f.path), text(f.kind), text(d.size(f.size))]),
+    ];
+    const more = rowsOut.length - FILES_SHOWN;
+    const note = more > 0 ? [el("p", { class: "muted small", text: `and ${more} more: GET .../artifacts lists them all.` })] : [];
+    document.getElementById("files-box").replaceChildren(
+      grid("files", ["File or folder", "Kind", "Size"], rowsOut.slice(0, FILES_SHOWN), "Nothing written yet."), ...note
+    );
+  }
+  // What says the job wrote something new (a run began or ended, a checkpoint, an export): the files are read
+  // again only then. The page's own render is the first.
+  let filesSeen = null;
+  function filesMark(job, checkpoints) {
+    const ex = job.export || {};
+    return JSON.stringify([job.status, (job.attempts || []).length, checkpoints.total, ex.status, ex.path]);
+  }
+
   let refreshing = null;
   function refreshJob() {
     // Calls that come while one is under way share it.
@@ -333,7 +359,15 @@
         if (!r.ok) return;
         showJob(r.body);
         const c = await d.apiJson(`${base}/checkpoints`);
-        if (c.ok) showCheckpoints(c.body);
+        if (!c.ok) return;
+        showCheckpoints(c.body);
+        const mark = filesMark(r.body, c.body);
+        if (filesSeen !== null && mark !== filesSeen) {
+          const f = await d.apiJson(`${base}/artifacts`);
+          if (f.ok) showFiles(f.body);
+          else return; // read again at the next refresh
+        }
+        filesSeen = mark;
       })().finally(() => (refreshing = null));
     }
     return refreshing;
