@@ -525,12 +525,57 @@ def test_a_key_no_header_can_carry_is_a_usage_error_that_does_not_show_it(key: s
     assert caught.value.code == 2 and "0123456789abcdef" not in str(caught.value)
 
 
-@pytest.mark.parametrize("job_id", [".", ".."])
-def test_dot_segments_are_not_job_ids(job_id: str) -> None:
-    # The URL dropped them: `status ..` asked for GET /jobs and `rm ..` sent DELETE /jobs.
+@pytest.mark.parametrize("job_id", [".", "..", "a/b"])
+def test_dot_segments_and_slashes_are_not_job_ids(job_id: str) -> None:
+    # The URL dropped the dots: `status ..` asked for GET /jobs and `rm ..` sent DELETE /jobs. A '/' (sent as
+    # %2F) reached no job route: a bare "404 Not Found: Not Found".
     with pytest.raises(CliError) as caught:
         job_path(job_id, "/status")
-    assert caught.value.code == 2
+    assert caught.value.code == 2 and "is not a job id" in str(caught.value)
+
+
+def test_a_url_that_reaches_no_route_says_which_url_to_give() -> None:
+    # SWIFT_API_URL=http://host:8000/api/v1 (the README's API_PREFIX, without /training): "404 Not Found: Not
+    # Found", exit 2, as if the request were wrong.
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    with Api("http://swift-api.test/api/v1", transport=httpx.MockTransport(server)) as api, \
+            pytest.raises(CliError) as caught:  # fmt: skip
+        api.get("/jobs")
+    said = str(caught.value)
+    assert caught.value.code == 3 and "http://swift-api.test/api/v1/jobs" in said, said
+    assert "/api/v1/training" in said and "SWIFT_API_URL" in said, said
+
+
+def test_a_refused_key_names_where_the_cli_takes_it_from() -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"detail": "an API key is required: send 'Authorization: Bearer <key>'"})
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.get("/jobs")
+    assert caught.value.code == 2 and "SWIFT_API_KEY or --key" in str(caught.value), caught.value
+
+
+def test_a_download_interrupted_by_ctrl_c_leaves_no_partial_file(tmp_path: Path) -> None:
+    # KeyboardInterrupt went past the clean-up: a hidden .NAME.partial (of a checkpoint's tar: gigabytes) stayed.
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 65536
+        raise KeyboardInterrupt
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=chunks())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(KeyboardInterrupt):
+        api.download("/jobs/j/artifacts/big.bin", tmp_path / "big.bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_submit_set_auto_start_false_creates_a_pending_job(server: ApiServer, workspace: Path) -> None:
+    # `--set` takes any create field, but auto_start was then set to true over it: the job started at once.
+    r = cli(server.port, "--json", *submit_args(workspace, "held", "--set", "auto_start=false"))
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "pending", (r.stdout, r.stderr)
+    assert server.job("held")["status"] == "pending"
 
 
 def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture[str]) -> None:

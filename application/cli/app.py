@@ -54,7 +54,7 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"model_path": args.model, "data_path": args.data, "output_dir": args.output_dir, "num_gpus": args.gpus,
              "priority": args.priority, "job_id": args.job_id}  # fmt: skip
     body.update({k: v for k, v in flags.items() if v is not None})
-    body["auto_start"] = True
+    body.setdefault("auto_start", True)  # (`--set auto_start=false` creates a pending job)
     if training:
         body["training"] = training
     return body

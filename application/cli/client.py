@@ -61,9 +61,10 @@ def api_root(url: str) -> str:
 
 
 def job_path(job_id: str, suffix: str = "") -> str:
-    # quote(safe=""): an id with '/' or '?' must not reach another route; the server then names what is wrong.
-    # '.' and '..' are path segments quote keeps and the URL then drops ("status .." asked for GET /jobs).
-    if job_id in (".", ".."):
+    # quote(safe=""): an id with '?' must not reach another route; the server then names what is wrong.
+    # '.' and '..' are path segments quote keeps and the URL then drops ("status .." asked for GET /jobs); a '/'
+    # (even as %2F) splits the path, which then matches no route at all.
+    if job_id in (".", "..") or "/" in job_id:
         raise CliError(f"'{job_id}' is not a job id: list your jobs with `ls`", EXIT_USAGE)
     return f"/jobs/{quote(job_id, safe='')}{suffix}"
 
@@ -97,9 +98,18 @@ def check(response: httpx.Response) -> None:
         raise CliError(f"{response.request.url} answered {response.status_code} {response.reason_phrase}, not JSON: "
                        "is it a swift-api server? (SWIFT_API_URL or --url)", EXIT_UNREACHABLE, response.status_code,
                        _retry_after(response))  # fmt: skip
+    detail = _detail(response)
+    if response.status_code == 404 and detail == "Not Found":
+        # The framework's own answer for a path no route has (every refusal of ours says what to do): the URL
+        # given is this server's, but not its API's root.
+        raise CliError(f"{response.request.url} is no route of this server (404): give the server's root "
+                       f"(http://host:port) or its API (...{API_PATH}) as SWIFT_API_URL or --url",
+                       EXIT_UNREACHABLE, response.status_code)  # fmt: skip
+    if response.status_code == 401:
+        detail += " (the CLI sends the key given as SWIFT_API_KEY or --key)"
     code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
-    raise CliError(f"{response.status_code} {response.reason_phrase}: {_detail(response)}", code,
-                   response.status_code, _retry_after(response))  # fmt: skip
+    raise CliError(f"{response.status_code} {response.reason_phrase}: {detail}", code, response.status_code,
+                   _retry_after(response))  # fmt: skip
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -207,7 +217,7 @@ class Api:
         except httpx.TransportError as e:
             _discard(partial)
             raise unreachable(self.url, e) from e
-        except CliError:
+        except BaseException:  # a refusal, or Ctrl-C: nothing half-written stays behind (gigabytes for a tar)
             _discard(partial)
             raise
         return written
