@@ -135,6 +135,9 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     assert head.status_code == 200 and head.headers["content-type"] == "application/x-tar"
     assert "content-length" not in head.headers  # as GET: streamed, its length unknown (not 0)
     assert server.http.head(f"/jobs/arts/artifacts/{run}/no-such-file").status_code == 404
+    # A folder of the job's, named without .tar: said to be one (it was "no such file or folder").
+    folder = server.http.get(f"/jobs/arts/artifacts/{run}/checkpoint-20")
+    assert folder.status_code == 404 and f"download it as '{run}/checkpoint-20.tar'" in folder.json()["detail"]
 
     # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.
     for folder in (f"{run}/checkpoint-20", run):
@@ -177,7 +180,7 @@ def test_hostile_paths_get_the_answer_a_missing_file_gets(server: ApiServer, wor
                  f"{run}//args.json", f"/{secret}", f"%2F{str(secret)[1:]}", "/etc/passwd", "to-secret",
                  "to-tmp/secret.txt", "to-tmp.tar", f"{run}/up/secret.txt", f"{run}/up.tar",
                  f"{run}/args.json%00", "%00", f"{run}%09/args.json", f"{run}/args.json%0a", f"{run}/args.json%0A",
-                 "pipe", f"{run}/checkpoint-20", ".tar",
+                 "pipe", ".tar",
                  f"{run}/checkpoint-20/.tar", ""]:  # fmt: skip
         assert raw_get(server, f"/jobs/safe/artifacts/{path}") == missing, path
     # A line break never matches a route (Starlette's `.` stops there): the router's own 404.
