@@ -237,6 +237,9 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
         assert "time limit of 2 s and was stopped" in job["error_message"] and "time_limit" in job["error_message"]
         assert job["stop_outcome"] == ("killed" if ignore_sigterm else "terminated")
         assert job["finished_at"] - job["started_at"] < 2 + grace + 3  # the limit, the grace, a poll or two
+        if ignore_sigterm:  # its GPUs were held until the trainer was killed, not until its launcher went
+            assert job["finished_at"] - job["started_at"] >= 2 + grace - 0.5, job
+            assert job["attempts"][-1]["finished_at"] == job["finished_at"], job["attempts"]
         assert group_members(group) == []  # swift's launcher, trainer and workers: all gone
         deadline = time.monotonic() + 10
         while psutil.pid_exists(runner) and psutil.Process(runner).status() != psutil.STATUS_ZOMBIE:

@@ -206,7 +206,7 @@ class Runner:
             parser.progress = job.progress
         started_at = job.started_at or time.time()
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
-        stopping: asyncio.Task[str] | None = None
+        stopping: asyncio.Task[tuple[str, float]] | None = None
         stop_requested = pause_requested = timed_out = orphaned = False
         preempt_for: str | None = None
         limit = job.time_limit_seconds
@@ -236,7 +236,7 @@ class Runner:
                 reason = (f"{interrupt} requested" if interrupt else "time limit" if timed_out
                           else "runner told to stop" if not orphaned else "orphaned")  # fmt: skip
                 logger.info("{}: SIGTERM to swift's process group {}", reason, proc.pid)
-                stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
+                stopping = asyncio.create_task(_end_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             try:
                 await outbox.flush()
             except Orphaned:
@@ -245,7 +245,9 @@ class Runner:
                 break
         async with self._beats("train", self.run_id):
             if stopping is not None:
-                outcome = await stopping
+                # swift's launcher goes at the SIGTERM; its trainer, holding the GPUs, may take the whole grace.
+                outcome, gone_at = await stopping
+                ended_at = max(ended_at, gone_at)
             else:
                 outcome = None
                 pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
@@ -361,14 +363,14 @@ class Runner:
         info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid),
                                        "process_stamp": pg.process_stamp(proc.pid)})  # fmt: skip
         await self._write_export(info, None)
-        stopping: asyncio.Task[str] | None = None
+        stopping: asyncio.Task[tuple[str, float]] | None = None
         asked = False  # to stop by its user (or the export is no longer this one): not by the host's shutdown
         while True:
             exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
             tick = await self._tick("export", export_id)
             asked = asked or (tick is not None and (tick.export_stop_requested or tick.export_id != export_id))
             if (asked or self.terminated.is_set()) and stopping is None and not exited:
-                stopping = asyncio.create_task(pg.terminate_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
+                stopping = asyncio.create_task(_end_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             if exited:
                 break
         async with self._beats("export", export_id):
@@ -434,6 +436,12 @@ class Runner:
         await until_answered("the export", lambda: while_running(
             self.store, self.job_id, info.export_id, lambda _: {"export": info}, event=event,
             exporting=False if final else None, notify=f"export_{info.status.value}" if final else None))  # fmt: skip
+
+
+async def _end_group(pgid: int, grace: float) -> tuple[str, float]:
+    """`pg.terminate_group`'s outcome, and when the group was gone: the run's end, when its GPUs came back."""
+    outcome = await pg.terminate_group(pgid, grace)
+    return outcome, time.time()
 
 
 def _returncode(proc: pg.Child) -> int:
