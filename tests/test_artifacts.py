@@ -136,8 +136,8 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     assert "content-length" not in head.headers  # as GET: streamed, its length unknown (not 0)
     assert server.http.head(f"/jobs/arts/artifacts/{run}/no-such-file").status_code == 404
     # A folder of the job's, named without .tar: said to be one (it was "no such file or folder").
-    folder = server.http.get(f"/jobs/arts/artifacts/{run}/checkpoint-20")
-    assert folder.status_code == 404 and f"download it as '{run}/checkpoint-20.tar'" in folder.json()["detail"]
+    unnamed = server.http.get(f"/jobs/arts/artifacts/{run}/checkpoint-20")
+    assert unnamed.status_code == 404 and f"download it as '{run}/checkpoint-20.tar'" in unnamed.json()["detail"]
 
     # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.
     for folder in (f"{run}/checkpoint-20", run):
