@@ -229,7 +229,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503)
+        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
+from application.services.redis_service import EmbeddedRedis
+from tests.conftest import FAKE_SWIFT, QUICK_TO_GIVE_UP, ApiServer, gated_swift, job_body, wait_for
 
 
 def job_processes(needle: str) -> list[psutil.Process]:
@@ -46,6 +49,28 @@ def start_running(server: ApiServer, workspace: Path, name: str, min_step: int =
 
 
 # ---- stop ---------------------------------------------------------------------------------------------------
+
+
+def test_a_stop_recorded_before_redis_went_away_is_answered_as_asked_not_try_again(
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
+) -> None:
+    # The stop was recorded, then Redis went away while the answer waited for the run to end: a 503 "try again
+    # when it is back", whose retry was then refused ("already stopped").
+    server = server_factory(env={"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "6", **QUICK_TO_GIVE_UP})
+    start_running(server, workspace, "held", ignore_sigterm=True, hang_after_steps=1)
+    answer: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: answer.append(server.http.post("/jobs/held/stop", timeout=60)))
+    asking.start()
+    wait_for(lambda: "stop_requested" in [e["type"] for e in server.http.get("/jobs/held/events").json()["events"]],
+             what="the stop to be recorded")  # fmt: skip
+    own_redis.stop()
+    asking.join(60)
+    r = answer[0]
+    assert r.status_code == 200 and r.json()["status"] == "running", r.text
+    assert "Stop requested" in r.json()["message"], r.text
+    # Other requests meanwhile: a 503 that says when to try again.
+    gone = server.http.get("/jobs")
+    assert gone.status_code == 503 and gone.headers.get("Retry-After") == "5", (gone.headers, gone.text)
 
 
 def test_stop_running_job_kills_the_whole_group_and_releases_gpus(server: ApiServer, workspace: Path) -> None:

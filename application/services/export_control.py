@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from application.auth import Caller
 from application.exceptions import Conflict, Unavailable, refused
 from application.models.job_request import ExportRequest
@@ -71,11 +74,17 @@ class ExportControl:
             if exc.reason == Refusal.EXPORT_STATE:
                 raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
             raise refused(job_id, exc, "job '{id}' is {status}: it cannot export now") from None
-        await self.cluster.publish_wakeup(f"export:{job_id}")
         # The leading scheduler's watchdog launches it: with none, it waits (as a queued job does, and says so).
-        message = f"Export of {info.checkpoint} started" if await self.cluster.leader() is not None else \
+        try:
+            await self.cluster.publish_wakeup(f"export:{job_id}")
+            leading: bool | None = await self.cluster.leader() is not None
+        except (RedisConnectionError, RedisTimeoutError):  # recorded: a 503 "try again" would be refused (running)
+            leading = None
+        message = f"Export of {info.checkpoint} started" if leading else \
             f"Export of {info.checkpoint} requested: no scheduler is running, it starts when one leads " \
-            "(python start.py scheduler)"  # fmt: skip
+            "(python start.py scheduler)" if leading is False else \
+            f"Export of {info.checkpoint} requested: Redis went away as it was recorded; it starts once Redis " \
+            "answers again"  # fmt: skip
         return ActionResponse(job_id=job_id, status=job.status, export=info, message=message)
 
     async def _quantize(self, job: Job, request: ExportRequest, caller: Caller) -> ActionResponse:

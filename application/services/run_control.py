@@ -67,7 +67,7 @@ class RunControl:
                                        event=("stop_requested", "stop requested: SIGTERM to the process group",
                                               None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
-            final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace)
+            final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace, job)
             if final.status == JobStatus.QUEUED:
                 # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
                 # still holds (were it missed here, the scheduler honours it before any new run).
@@ -94,7 +94,7 @@ class RunControl:
                 which = "it" if now.export.export_id == job.export.export_id else "another export now runs: it"
                 message = f"The export had already ended; {which} is {now.export.status.value}"
                 return ActionResponse(job_id=job_id, status=now.status, export=now.export, message=message)
-            final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace)
+            final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace, job)
             message = f"Export stopped ({final.export.status.value})"
             if final.status == JobStatus.PAUSED:
                 message += "; the job stays paused (POST .../stop again stops it)"
@@ -117,7 +117,8 @@ class RunControl:
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
-                                  self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS)  # fmt: skip
+                                             self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS,
+                                             job)  # fmt: skip
         paused = final.status == JobStatus.PAUSED
         resume_step = checkpoint_step(final.resume_from) if paused else None
         current = final.progress.current_step

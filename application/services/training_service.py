@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from application.auth import Caller
 from application.config import Settings
 from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, refused
@@ -350,13 +353,20 @@ class TrainingService:
         # (a CPU-only job held by its owner's limit was told "No free GPUs now")
         return f"The job was added to the GPU queue: {reason.message}"
 
-    async def await_job(self, job_id: str, done: Callable[[Job], bool], timeout: float) -> Job:
+    async def await_job(self, job_id: str, done: Callable[[Job], bool], timeout: float, seen: Job) -> Job:
+        """The job once `done`, or as it stands at `timeout`, for the answer to a request recorded already: while
+        Redis does not answer it is the last reading (`seen` before any), not a 503 "try again" whose retry would
+        be refused (the request took effect)."""
         deadline = time.monotonic() + timeout
-        job = await self._job(job_id)
-        while not done(job) and time.monotonic() < deadline:
+        job = seen
+        while True:
+            try:
+                job = await self._job(job_id)
+            except (RedisConnectionError, RedisTimeoutError):
+                pass
+            if done(job) or time.monotonic() >= deadline:
+                return job
             await asyncio.sleep(POLL_SECONDS)
-            job = await self._job(job_id)
-        return job
 
     async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
         """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
