@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application import __version__
 from application.config import Settings
@@ -201,7 +203,7 @@ class Scheduler:
             except Exception as exc:  # never let one bad pass kill the processor
                 self.processor.stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.processor.stats.last_error_at = time.time()
-                logger.exception("queue pass failed")
+                _log_failure("queue pass failed", exc)
                 with contextlib.suppress(Exception):
                     await self.cluster.record_pass(self.processor.stats.__dict__)
                     # Those who asked for this pass are told it failed, rather than left to time out.
@@ -215,9 +217,17 @@ class Scheduler:
                 await self.watchdog.sweep()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("watchdog sweep failed")
+            except Exception as exc:
+                _log_failure("watchdog sweep failed", exc)
             await asyncio.sleep(WATCH_INTERVAL)
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """Redis going away is expected (a restart, a fail-over): one line, not a traceback per pass and sweep."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        logger.warning("{}: Redis does not answer ({}); trying again", what, exc)
+    else:
+        logger.exception(what)
 
 
 async def _first(*aws: Awaitable[object]) -> None:

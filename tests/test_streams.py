@@ -17,8 +17,19 @@ import httpx
 import pytest
 import redis
 
+from application.services.redis_service import EmbeddedRedis
 from application.services.streams import MAX_LINE, _visible
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for, wait_job
+from tests.conftest import (
+    ALICE_KEY,
+    BOB_KEY,
+    KEYS_SETTING,
+    QUICK_TO_GIVE_UP,
+    ApiServer,
+    auth,
+    job_body,
+    wait_for,
+    wait_job,
+)
 
 
 @dataclass
@@ -325,6 +336,27 @@ def test_an_idle_stream_gets_heartbeats_and_a_missing_job_is_404(server_factory:
         got = read(server, "/jobs/idle/events/stream", last_id=bogus, stop=lambda got: len(data_of(got)) >= 1)
         assert data_of(got)[0].id == first["id"]
     server.http.post("/jobs/idle/stop")
+
+
+@pytest.mark.parametrize("kind", ["events", "progress", "logs"])
+def test_a_stream_ends_cleanly_when_redis_goes_away(server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis,
+                                                    workspace: Path, kind: str) -> None:  # fmt: skip
+    # It was cut mid-chunk (curl: exit 18), and each open stream logged an ASGI traceback. Ended, the client
+    # reconnects with its Last-Event-ID (EventSource, the CLI and the dashboard do) and misses nothing.
+    server = server_factory(env={"REDIS_URL": own_redis.url, "STREAM_HEARTBEAT_SECONDS": "0.3", **QUICK_TO_GIVE_UP})
+    server.create(**job_body(workspace, "cut", hang_after_steps=1, auto_start=True))
+    wait_for(lambda: server.job("cut")["progress"]["current_step"])
+    got: list[str] = []
+    with server.http.stream("GET", f"/jobs/cut/{kind}/stream", timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():  # (raised httpx.RemoteProtocolError when the response was cut)
+            got.append(line)
+            if line == ": keep-alive" and got.count(line) == 1:
+                own_redis.stop()
+    assert got, "nothing came before Redis went away"
+    logged = (server.workdir / f"server-{server.port}.log").read_text(errors="replace")
+    assert "Exception in ASGI application" not in logged and "Traceback" not in logged, logged[-3000:]
+    assert "Redis does not answer" in logged
 
 
 def test_one_key_holds_at_most_streams_per_owner_across_workers(server_factory: Callable[..., ApiServer],

@@ -7,6 +7,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.api.deps import E404, E429, CallerDep, JobId, Responses, Training
 from application.auth import Caller
@@ -36,8 +39,18 @@ async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> Str
     """The stream, once the caller may open one more (STREAMS_PER_OWNER; 429 otherwise)."""
     slot = await streams.slots.take(caller.name)
     # X-Accel-Buffering: nginx would otherwise hold the messages back until its buffer fills.
-    return StreamingResponse(holding(slot, gen), media_type="text/event-stream",
+    return StreamingResponse(_until_redis_goes(holding(slot, gen)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+async def _until_redis_goes(items: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`items`, ended whole when Redis stops answering (it was cut mid-chunk, with a traceback per stream): the
+    client reconnects with its Last-Event-ID, as after any end but `event: end`, and misses nothing."""
+    try:
+        async for item in items:
+            yield item
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        logger.warning("a job stream ends: Redis does not answer ({})", exc)
 
 
 @router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
