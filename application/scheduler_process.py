@@ -32,7 +32,7 @@ from application.services.launcher import LocalLauncher
 from application.services.leader import LeaderLock, scheduler_id
 from application.services.queue_processor import QueueProcessor
 from application.services.redis_service import RedisService
-from application.services.swift_command import SwiftVersion, detect_swift_version
+from application.services.swift_command import SwiftVersion, detect_swift_version, not_a_python_script
 from application.services.swift_info import probe, usable
 from application.services.watchdog import WATCH_INTERVAL, Watchdog
 from application.services.webhooks import Webhooks
@@ -91,7 +91,7 @@ class Scheduler:
             "bin": self.settings.SWIFT_BIN, "version": info.version if info else version.version,
             # The probe's version; its source is the setting's (or the --version check's) when they agree.
             "version_source": "detected" if info and info.version != version.version else version.source,
-            "found": found, "reason": reason,
+            "found": found, "reason": reason, "probe_error": not_a_python_script(self.settings.SWIFT_BIN),
             "probed": info is not None, "stamp": f"{self.ident}:{time.time()}",
         }, info.raw if info is not None else None  # fmt: skip
 

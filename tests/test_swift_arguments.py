@@ -16,7 +16,7 @@ from application.models.training_model import Job, JobStatus
 from application.services.swift_arguments import argv_of, check_arguments, check_kind, require_usable_swift
 from application.services.swift_command import SwiftVersion, build_sft_command
 from application.services.swift_info import SwiftInfo
-from tests.conftest import ApiServer, fake_dataset, job_body, make_model, seed_swift_probe
+from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, wait_for
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
 V4 = SwiftInfo.from_json(json.loads((FIX / "probe-4.6.0.json").read_text()))
@@ -399,6 +399,22 @@ def test_a_swift_that_cannot_run_refuses_creates_with_503() -> None:
 
 
 # ---- over HTTP: a server whose (fake) swift has the argument list of real ms-swift 4.6.0 ---------------------
+
+
+def test_a_wrapper_script_as_swift_bin_is_said_to_be_one(server_factory: Callable[..., ApiServer],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    # A /bin/sh wrapper around swift: its shell was handed the probe (a Python file) and /health said only that
+    # the arguments "could not be read with SWIFT_BIN's Python"; the log, a shell's "Syntax error".
+    wrapper = tmp_path / "swift-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec "{FAKE_SWIFT}" "$@"\n')
+    wrapper.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper), "SWIFT_VERSION": "4.6.0"})
+    swift = wait_for(lambda: (s := server.http.get("/health").json()["swift"])["detail"] and s, what="the probe")
+    assert swift["ok"] is True and swift["probed"] is False, swift
+    assert "is not ms-swift's console script" in swift["detail"] and "wrapper" in swift["detail"], swift
+    # It runs all the same: jobs are swift's.
+    assert server.create(**job_body(tmp_path, "wrapped", auto_start=True)).status_code == 201
+    assert wait_for(lambda: server.job("wrapped")["status"] == "completed", timeout=60)
 
 
 @pytest.fixture

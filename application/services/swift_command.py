@@ -37,6 +37,22 @@ class SwiftVersion:
         return "--tuner_type" if self.major >= 4 else "--train_type"
 
 
+# What a console script's shebang names when it is a Python's (python3, python3.11, pypy3): a wrapper script
+# for /bin/sh is none, and its shell reading the probe (a Python file) said "Syntax error".
+_PYTHON_NAME = re.compile(r"(?:python|pypy)[\d.]*")
+
+
+def not_a_python_script(swift_bin: str) -> str | None:
+    """Why ms-swift's arguments and version cannot be read through `swift_bin` (it runs, but is no console script
+    of a Python), or None."""
+    path = shutil.which(swift_bin)
+    if path is None or _interpreter_of(path) is not None:
+        return None
+    return (f"SWIFT_BIN={swift_bin} is not ms-swift's console script (its first line names no Python: a wrapper "
+            "script?), so ms-swift's arguments and version cannot be read from it: point SWIFT_BIN at ms-swift's "
+            "own `swift`, and set SWIFT_VERSION")  # fmt: skip
+
+
 def _interpreter_of(executable: str) -> str | None:
     """The Python that runs a console script: the one in its shebang."""
     try:
@@ -49,9 +65,8 @@ def _interpreter_of(executable: str) -> str | None:
     parts = first[2:].decode(errors="replace").strip().split()
     if not parts:
         return None
-    if Path(parts[0]).name == "env" and len(parts) > 1:
-        return shutil.which(parts[1])
-    return parts[0]
+    interpreter = shutil.which(parts[1]) if Path(parts[0]).name == "env" and len(parts) > 1 else parts[0]
+    return interpreter if interpreter and _PYTHON_NAME.fullmatch(Path(interpreter).name) else None
 
 
 def interpreter_of(swift_bin: str) -> str | None:

@@ -111,8 +111,8 @@ class SystemService:
         found = info.get("found", True)  # stored by an older scheduler: it did not check
         probed = bool(info.get("probed"))
         detail = info.get("reason") if not found else (
-            None if probed else "ms-swift's arguments could not be read with SWIFT_BIN's Python: jobs run, but only "
-            "the named training fields can be set")  # fmt: skip
+            None if probed else info.get("probe_error") or "ms-swift's arguments could not be read with SWIFT_BIN's "
+            "Python: jobs run, but only the named training fields can be set")  # fmt: skip
         return {"ok": bool(found), "version": info.get("version"), "version_source": info.get("version_source"),
                 "bin": info.get("bin"), "probed": probed, "detail": detail}  # fmt: skip
 
