@@ -139,7 +139,7 @@ def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Pa
     (folder / "a.jsonl").write_text(json.dumps(MESSAGES) + "\n")
     (folder / "inner").symlink_to(folder / "a.jsonl")  # a link that stays inside is fine
     hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
-    for name in ("val_dataset", "cached_dataset", "dataset"):
+    for name in ("val_dataset", "dataset"):
         checked = check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
                                 arguments={name: ["folder1"]})  # fmt: skip
         assert checked.arguments[name] == [str(folder.resolve())]
@@ -147,7 +147,7 @@ def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Pa
     (tmp_path / "outside" / "secret.jsonl").write_text(json.dumps(MESSAGES) + "\n")
     (folder / "sub").mkdir()
     (folder / "sub" / "b.jsonl").symlink_to(tmp_path / "outside" / "secret.jsonl")
-    for name in ("val_dataset", "cached_dataset", "dataset"):
+    for name in ("val_dataset", "dataset"):
         with pytest.raises(Invalid) as exc:
             check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
                           arguments={name: ["folder1"]})  # fmt: skip
@@ -172,6 +172,37 @@ def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Pa
     with pytest.raises(Invalid, match=r"'sub/to-other/leak\.jsonl' in that folder is a link that leads outside"):
         check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
                       arguments={"val_dataset": ["folder1"]})  # fmt: skip
+
+
+def test_a_cached_data_set_is_the_folder_swift_export_writes(tmp_path: Path) -> None:
+    # ms-swift reads it with load_from_disk: a save_to_disk folder (token ids in .arrow files, no media). Such a
+    # folder was refused (its .arrow files "cannot be checked"), and a .jsonl file or a hub id was taken, to fail
+    # after the wait.
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    cached = tmp_path / "data" / "cached"
+    for part in ("train", "val"):
+        (cached / part).mkdir(parents=True)
+        for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+            (cached / part / name).write_text("{}")
+    write(tmp_path / "data" / "train.jsonl", [MESSAGES])
+    hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
+
+    def check(name: str, value: str) -> Any:
+        return check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
+                             arguments={name: [value]}).arguments[name]  # fmt: skip
+
+    assert check("cached_dataset", "cached/train") == [str((cached / "train").resolve())]
+    assert check("cached_val_dataset", "cached/val#10") == [str((cached / "val").resolve()) + "#10"]
+    for value in ("cached", "train.jsonl"):
+        with pytest.raises(Invalid, match="is not a folder `swift export --to_cached_dataset` wrote"):
+            check("cached_dataset", value)
+    with pytest.raises(Invalid, match="is not a path that exists under DATA_ROOTS"):  # (no hub id)
+        check("cached_dataset", "AI-ModelScope/alpaca-gpt4-data-en")
+    # Its links are checked as any folder's.
+    (tmp_path / "secret.arrow").write_text("x")
+    (cached / "train" / "data-00001-of-00001.arrow").symlink_to(tmp_path / "secret.arrow")
+    with pytest.raises(Invalid, match="is a link that leads outside DATA_ROOTS"):
+        check("cached_dataset", "cached/train")
 
 
 def test_a_model_or_adapter_folder_may_not_hold_links_out_of_the_model_roots(tmp_path: Path) -> None:

@@ -151,8 +151,9 @@ def all_of(*guards: Guard | None) -> Guard | None:
 
 
 def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: Path, setting: str,
-            guard: Guard | None = None) -> Resolved:  # fmt: skip
-    """Apply the rules above to one request field. Synchronous: it may touch the disk (inside roots only)."""
+            guard: Guard | None = None, hub: bool = True) -> Resolved:  # fmt: skip
+    """Apply the rules above to one request field (`hub` False: it names a local path, whatever its form).
+    Synchronous: it may touch the disk (inside roots only)."""
     check_text(field, value)
     sample: int | None = None
     text = value
@@ -176,7 +177,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         if not _exists(real):
             raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
         return Resolved(_with_sample(str(real), sample), True, real, sample)
-    if is_hub_id(text, data=data):
+    if hub and is_hub_id(text, data=data):
         return Resolved(text, False)
     # A path relative to the roots: the first root that holds it wins.
     if m := _SAMPLE_RE.search(text):
@@ -189,6 +190,8 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
             guard(field, value, real)
         if _exists(real):
             return Resolved(_with_sample(str(real), sample), True, real, sample)
+    if not hub:
+        raise Invalid(f"{field} '{value}' is not a path that exists under {setting} ({_roots_text(real_roots)})")
     raise Invalid(
         f"{field} '{value}' is neither a hub id (namespace/name) nor a path that exists under {setting} "
         f"({_roots_text(real_roots)}): use a hub id, or a path inside one of those folders"

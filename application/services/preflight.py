@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,8 @@ def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, o
         return False
     named: list[tuple[Any, bool]] = [(data_path, True), (model_path, False)]
     for name, value in arguments.items():
+        if name in CACHED_ARGUMENTS:
+            return False  # (always a folder on the disk)
         if name in DATA_ARGUMENTS or name in MODEL_ARGUMENTS:
             named += [(item, name in DATA_ARGUMENTS) for item in (value if isinstance(value, list) else [value])]
     return all(isinstance(v, str) and is_hub_id(v, data=data) for v, data in named)
@@ -198,12 +201,15 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
         resolved = []
         for i, item in enumerate(items):
             where = f"training.{name}" + (f"[{i}]" if isinstance(value, list) else "")
-            if data:
+            if name in CACHED_ARGUMENTS:  # (no hub: ms-swift reads it with load_from_disk)
+                r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS",
+                            guard=guard, hub=False)  # fmt: skip
+                check_cached(where, r.path, settings.data_roots(), guard)
+            elif data:
                 r = resolve(where, item, settings.data_roots(), data=True, base=PROJECT_ROOT, setting="DATA_ROOTS",
                             guard=guard)  # fmt: skip
                 if r.path is not None and r.path.is_file():
-                    check_dataset(where, r.path, needs=None if name == "cached_dataset" else needs,
-                                  columns=renamed_columns(arguments))  # fmt: skip
+                    check_dataset(where, r.path, needs=needs, columns=renamed_columns(arguments))
                     check_media(where, r.path, settings.data_roots(), guard, media_columns(arguments))
                 elif r.path is not None and r.path.is_dir():
                     check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
@@ -216,3 +222,16 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
             resolved.append(r.value)
         out[name] = resolved if isinstance(value, list) else resolved[0]
     return out
+
+
+# What `swift export --to_cached_dataset` writes, and `cached_dataset` / `cached_val_dataset` name.
+CACHED_ARGUMENTS = frozenset({"cached_dataset", "cached_val_dataset"})
+
+
+def check_cached(where: str, path: Path | None, roots: Sequence[Path], guard: Guard | None) -> None:
+    """A cached data set: the train/ or val/ folder `swift export --to_cached_dataset` writes (Hugging Face's
+    save_to_disk), which ms-swift reads with load_from_disk. Token ids in .arrow files: no media to check."""
+    if path is None or not path.is_dir() or not any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
+        raise Invalid(f"{where} is not a folder `swift export --to_cached_dataset` wrote: name its train/ or val/ "
+                      "folder (the one holding state.json), inside DATA_ROOTS")  # fmt: skip
+    check_folder_links(where, path, roots, setting="DATA_ROOTS", guard=guard)
