@@ -108,6 +108,25 @@ async def test_create_refuses_a_broken_data_set_and_stores_its_row_count(
         assert r.status_code == 201 and (await client.get("/jobs/hub")).json()["dataset_rows"] is None
 
 
+def test_a_hub_models_type_and_template_are_checked_too(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
+    # Only a local model's were: a typo (or '--output_dir', which swift then read as an option) waited its turn
+    # and failed at its start.
+    from application.models.job_request import TrainingParams
+
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path)
+    data = write(tmp_path / "d.jsonl", [MESSAGES])
+    hub = "Qwen/Qwen2.5-0.5B-Instruct"
+    for model_type, template, says in (("qwen2_55", None, r"is not a model type of ms-swift 4.6.0 \(did you mean"),
+                                       ("qwen2", "qwen25", "is not a template of ms-swift 4.6.0")):  # fmt: skip
+        with pytest.raises(Invalid, match=says):
+            check_request(str(data), hub, "run", model_type=model_type, template=template, settings=settings,
+                          info=swift_4_6)  # fmt: skip
+    check_request(str(data), hub, "run", model_type="qwen2", template="qwen2_5", settings=settings, info=swift_4_6)
+    for field in ("model_type", "template"):
+        with pytest.raises(ValueError, match="should match pattern"):
+            TrainingParams.model_validate({field: "--output_dir"})
+
+
 def test_only_a_hub_only_request_on_a_local_disk_is_checked_without_a_thread() -> None:
     hub = ("AI-ModelScope/alpaca-gpt4-data-en#500", "Qwen/Qwen2.5-0.5B-Instruct")
     assert runs_inline(*hub, {"val_dataset": ["swift/self-cognition"]}, output_on_local_disk=True)

@@ -108,8 +108,11 @@ class TrainingParams(_Strict):
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     split_dataset_ratio: float | None = Field(None, ge=0, lt=1)
-    model_type: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
-    template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="needed by custom models")
+    # (a first '-' would make swift read the value as an option: its start failed on an argument error)
+    model_type: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
+                                   description="needed by custom models")  # fmt: skip
+    template: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
+                                 description="needed by custom models")  # fmt: skip
     multimodal: bool | None = Field(
         None, description="pass --vit_lr/--aligner_lr; default: guessed from the model (VL/vision config)"
     )

@@ -79,12 +79,7 @@ def check_model(field: str, path: Path, model_type: str | None, template: str | 
         raise Invalid(f"{field} '{path}' has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
     if info is None:
         return  # the installed ms-swift is unknown: it will tell at run time
-    if model_type is not None and model_type not in info.types:
-        raise Invalid(f"training.model_type '{model_type}' is not a model type of ms-swift {info.version}"
-                      + _closest(model_type, info.types))  # fmt: skip
-    if template is not None and template not in info.templates:
-        raise Invalid(f"training.template '{template}' is not a template of ms-swift {info.version}"
-                      + _closest(template, info.templates))  # fmt: skip
+    check_named_types(model_type, template, info)
     # ms-swift's own order (swift/model/model_meta.py): folder name, args.json, then the architecture.
     folder = path.name.replace("___", ".").lower()
     group_template: str | None = None
@@ -158,9 +153,21 @@ def check_request(
     if model.path is not None:
         check_model_links("model_path", model.path, settings, guard)
         check_model("model_path", model.path, model_type, template, info)
+    elif info is not None:  # a hub model: what it was given is checked all the same
+        check_named_types(model_type, template, info)
     return CheckedRequest(data.value, model.value, out, dataset,
                           resolve_arguments(arguments or {}, settings, needs=needs, guard=guard),
                           is_file(out))  # fmt: skip
+
+
+def check_named_types(model_type: str | None, template: str | None, info: SwiftInfo) -> None:
+    """training.model_type and training.template as the installed ms-swift knows them."""
+    if model_type is not None and model_type not in info.types:
+        raise Invalid(f"training.model_type '{model_type}' is not a model type of ms-swift {info.version}"
+                      + _closest(model_type, info.types))  # fmt: skip
+    if template is not None and template not in info.templates:
+        raise Invalid(f"training.template '{template}' is not a template of ms-swift {info.version}"
+                      + _closest(template, info.templates))  # fmt: skip
 
 
 def check_model_links(field: str, path: Path, settings: Settings, guard: Guard | None) -> None:
