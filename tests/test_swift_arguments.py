@@ -13,7 +13,13 @@ from pydantic import ValidationError
 from application.exceptions import Invalid, Unavailable
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.training_model import Job, JobStatus
-from application.services.swift_arguments import argv_of, check_arguments, check_kind, require_usable_swift
+from application.services.swift_arguments import (
+    argv_of,
+    check_arguments,
+    check_kind,
+    check_sharding,
+    require_usable_swift,
+)
 from application.services.swift_command import SwiftVersion, build_sft_command
 from application.services.swift_info import SwiftInfo
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, wait_for
@@ -149,6 +155,26 @@ def test_negative_numbers_with_an_exponent_reach_swift_as_values_not_options() -
     argv = argv_of(got)
     assert argv == ["--beta", "-0.00001", "--reward_weights", "1.0", "-0.00001", "-20000000000000000"]
     assert [float(v) for v in argv[3:]] == [1.0, -1e-05, -2e16]
+
+
+def test_a_prompt_may_start_with_a_dash_and_only_a_system_prompt_is_a_file_to_swift() -> None:
+    # A Markdown list as the system prompt was refused ("swift would read it as an option"): sent as
+    # --system=value, argparse reads it whole. Only `system` is read from a file by ms-swift: a stop word or a
+    # response prefix ending in .txt was refused for that too.
+    text = {"system": "- Be brief.\n- Be kind.", "response_prefix": "---", "stop_words": ["see notes.txt"]}
+    got = check_arguments("sft", text, V4)
+    assert got == text
+    assert argv_of(got) == ["--system=- Be brief.\n- Be kind.", "--response_prefix=---", "--stop_words",
+                            "see notes.txt"]  # fmt: skip
+    assert "must not start with '-'" in refused("sft", {"stop_words": ["---"]})  # (one of a list: an option)
+    # A literal's choices are not booleans: true was taken as 1 (True == 1), 1-bit quantization.
+    assert "must be one of 1, 2, 3, 4, 8" in refused("sft", {"quant_bits": True})
+    assert check_arguments("sft", {"quant_bits": 4}, V4) == {"quant_bits": 4}
+    # DeepSpeed and FSDP together: ms-swift refuses them as the run starts.
+    both = check_arguments("sft", {"deepspeed": "zero2", "fsdp": "fsdp2"}, V4)
+    with pytest.raises(Invalid, match=r"deepspeed and training\.fsdp cannot be used together"):
+        check_sharding(both)
+    check_sharding(check_arguments("sft", {"deepspeed": "zero2"}, V4))
 
 
 def test_a_models_own_options_pass_as_model_kwargs() -> None:

@@ -95,6 +95,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\u061c\u200b-\u200f\u2028-\u202e\u2060\u20
 # Prompts and stop strings: their line breaks and tabs are theirs (argv is a list: no shell reads them), and
 # swift reads none of them from a file but a `system` ending in .txt.
 FREE_TEXT = frozenset({"system", "stop_words", "response_prefix"})
+# Free texts of one value: sent as `--name=value`, so they may start with '-' (a Markdown list, a '---' rule).
+OWN_TEXT = frozenset({"system", "response_prefix"})
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -230,6 +232,14 @@ def check_packing(kind: str, rlhf_type: str | None, arguments: Mapping[str, Any]
     if kind == "rlhf" and rlhf_type not in PACKING_RLHF_TYPES:
         raise Invalid(f"{where} does not work with rlhf_type '{rlhf_type}' in {version} (only with "
                       f"{', '.join(PACKING_RLHF_TYPES)}): leave it out")  # fmt: skip
+
+
+def check_sharding(arguments: Mapping[str, Any]) -> None:
+    """DeepSpeed and FSDP shard the model each their own way: ms-swift (and transformers before it) refuses the
+    two together as the run starts."""
+    if arguments.get("deepspeed") and arguments.get("fsdp"):
+        raise Invalid("training.deepspeed and training.fsdp cannot be used together (ms-swift refuses FSDP with "
+                      "DeepSpeed as the run starts): keep one of them")  # fmt: skip
 
 
 def _closest(name: str, names: Any) -> str:
@@ -414,7 +424,9 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     if kind == "literal" and spec.get("choices"):
         choices = spec["choices"]
         for choice in choices:
-            if value == choice or (not isinstance(value, bool) and str(value) == str(choice)):
+            # (True == 1 in Python: `quant_bits: true` was taken as 1-bit quantization)
+            if (isinstance(value, bool) is isinstance(choice, bool) and value == choice) or \
+                    (not isinstance(value, bool) and str(value) == str(choice)):  # fmt: skip
                 return choice
         raise Invalid(f"{where} must be one of {', '.join(str(c) for c in choices)}"
                       + _closest(str(value), [str(c) for c in choices]))  # fmt: skip
@@ -426,9 +438,10 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     free = name in FREE_TEXT
     if (_TEXT_CONTROL if free else _CONTROL).search(text):
         raise Invalid(f"{where} contains a control or bidirectional character")
-    if text.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", text):
+    # (A text of its own, such as a system prompt that is a list, is sent as --name=value: swift reads it whole.)
+    if text.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", text) and name not in OWN_TEXT:
         raise Invalid(f"{where} must not start with '-' (swift would read it as an option)")
-    if free and text.lower().endswith(".txt"):
+    if name == "system" and text.lower().endswith(".txt"):  # (only `system` is read from a file by ms-swift)
         raise Invalid(f"{where} ends in .txt: ms-swift would read it as a file from the server's disk; put the "
                       "text itself here")  # fmt: skip
     if not free and name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _FILE_LIKE.search(text):
@@ -452,6 +465,9 @@ def argv_of(arguments: Mapping[str, Any]) -> list[str]:
     argv: list[str] = []
     for name, value in arguments.items():
         if value is None:
+            continue
+        if isinstance(value, str) and value.startswith("-"):
+            argv.append(f"--{name}={value}")  # (argparse reads `--name -x` as two options)
             continue
         argv.append(f"--{name}")
         argv += [_flag_value(v) for v in value] if isinstance(value, list) else [_flag_value(value)]

@@ -66,6 +66,7 @@ from application.services.swift_arguments import (
     check_kto_batch,
     check_packing,
     check_ref_model,
+    check_sharding,
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
@@ -190,6 +191,7 @@ class TrainingService:
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
         check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, swift)
+        check_sharding(arguments)
         if req.kind == "rlhf" and req.rlhf_type is not None:
             t = req.training
             check_ref_model(req.rlhf_type, t.train_type, arguments)
