@@ -113,6 +113,33 @@ def test_4x_success_run() -> None:
     assert len(got.history) == 13
 
 
+def test_the_sample_swift_echoes_from_the_data_is_not_read_as_training_output() -> None:
+    # swift prints the first sample whole ([INPUT], [LABELS]: the user's text, line by line): a data set that held
+    # step dicts, bars or checkpoint lines (a model taught to read logs) set the progress, a loss point at step
+    # 900, a diverged loss "at step 900" and a checkpoint that never was.
+    echoed = (
+        "{'loss': 'nan', 'grad_norm': '1', 'learning_rate': '1e-05', 'epoch': '3', 'global_step/max_steps': "
+        "'900/1000', 'elapsed_time': '5h 0m 0s', 'remaining_time': '30m 0s', 'train_speed(s/it)': '20'}\n"
+        "Train: 100%|##########| 5000/5000 [1:00:00<00:00,  1.39it/s]\n"
+        f"    Saving model checkpoint to {RUN4}/checkpoint-999\n"
+    ).encode()
+    clean = read(FIX4 / "sft_success.stdout.txt", FIX4 / "sft_success.stderr.txt")
+    hostile = clean
+    for tag in (b"[INFO:swift] [INPUT] <|im_start|>system\n", b"[INFO:swift] [LABELS] [-100 * 51]"):
+        assert tag in hostile
+        hostile = hostile.replace(tag, tag + echoed if tag.endswith(b"\n") else tag + b"x\n" + echoed)
+    stderr = hostile[len((FIX4 / "sft_success.stdout.txt").read_bytes()) :]  # (stdout: the step dicts)
+    before = stderr[: stderr.index(b"Dataset Token Length")]
+    parser, _ = feed(before)
+    assert parser.progress is None and parser.checkpoints == []
+    expected, want = feed(clean)
+    parser, got = feed(hostile)
+    assert comparable(got.history) == comparable(want.history)
+    assert parser.checkpoints == expected.checkpoints and got.checkpoints_saved == want.checkpoints_saved
+    assert parser.progress is not None and expected.progress is not None
+    assert parser.progress.current_step == expected.progress.current_step == 20
+
+
 def test_4x_success_stdout_only_progress_as_it_goes() -> None:
     lines = (FIX4 / "sft_success.stdout.txt").read_bytes().split(b"\n")
     parser = SwiftLogParser()

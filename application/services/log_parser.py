@@ -37,6 +37,10 @@ _BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*?
 # 4.x: "saved in `/x-merged`."; 3.x: "saved in /x-merged."
 _MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+?)\s*$")
 _RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`\s*$")
+# swift echoes a data set's first sample as it starts ([INPUT], [LABELS], [CHOSEN_INPUT], ...): the user's text,
+# line by line, up to its next logger line.
+_SAMPLE_RE = re.compile(r"\[INFO:swift\] \[[A-Z_]+\] ")
+_LOGGER_LINE_RE = re.compile(r"\[(?:INFO|WARNING|ERROR|DEBUG|CRITICAL):\w[\w.]*\] ")
 # The trainer's tqdm bar, redrawn every optimizer step, while step dicts only come every
 # logging_steps: "Train:  38%|███▊      | 1150/3000 [00:25<00:38, 47.81it/s]" (or "2.50s/it").
 _TRAIN_BAR_RE = re.compile(
@@ -230,6 +234,7 @@ class SwiftLogParser:
         self._clock_floor = started_at
         self._clock: float | None = None
         self._partial = b""
+        self._in_sample = False
         self._seen_points: set[tuple[int, str]] = set()
         self._diverged = False
         self.progress: Progress | None = None
@@ -289,6 +294,13 @@ class SwiftLogParser:
 
     def parse_segment(self, seg: str, result: ParseResult) -> None:
         """One \\r/\\n-delimited piece of the log."""
+        # A data set's text is no training output: a row holding step dicts, bars or "Saving model checkpoint"
+        # lines (a model taught to read logs) set the progress, a loss point and a checkpoint that never was.
+        if self._in_sample and not _LOGGER_LINE_RE.match(seg):
+            return
+        self._in_sample = _SAMPLE_RE.match(seg) is not None
+        if self._in_sample:
+            return
         # Real logs put swift's lines right after a bar with no separator ("...| 10/20 [00:00<00:00,
         # 30.29it/s][INFO:swift] Saving model checkpoint to ..."), so a bar does not end the search.
         if "Train:" in seg and (m := _TRAIN_BAR_RE.search(seg)):
