@@ -5,7 +5,12 @@ the queue at its place, and the scheduler's next start of it adds --resume_from_
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound, refused
@@ -23,6 +28,24 @@ from application.services.training_service import (
 )
 
 STOP_TRIES = 5
+POLL_SECONDS = 0.05  # while an action waits for the run to end
+
+
+async def await_job(svc: TrainingService, job_id: str, done: Callable[[Job], bool], timeout: float,
+                    seen: Job) -> Job:  # fmt: skip
+    """The job once `done`, or as it stands at `timeout`, for the answer to a request recorded already: while
+    Redis does not answer it is the last reading (`seen` before any), not a 503 "try again" whose retry would
+    be refused (the request took effect)."""
+    deadline = time.monotonic() + timeout
+    job = seen
+    while True:
+        try:
+            job = await svc.job(job_id)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass
+        if done(job) or time.monotonic() >= deadline:
+            return job
+        await asyncio.sleep(POLL_SECONDS)
 
 
 class RunControl:
@@ -67,7 +90,7 @@ class RunControl:
                                        event=("stop_requested", "stop requested: SIGTERM to the process group",
                                               None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
-            final = await svc.await_job(job_id, lambda j: j.status != JobStatus.RUNNING, grace, job)
+            final = await await_job(svc, job_id, lambda j: j.status != JobStatus.RUNNING, grace, job)
             if final.status == JobStatus.QUEUED:
                 # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
                 # still holds (were it missed here, the scheduler honours it before any new run).
@@ -94,7 +117,7 @@ class RunControl:
                 which = "it" if now.export.export_id == job.export.export_id else "another export now runs: it"
                 message = f"The export had already ended; {which} is {now.export.status.value}"
                 return ActionResponse(job_id=job_id, status=now.status, export=now.export, message=message)
-            final = await svc.await_job(job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace, job)
+            final = await await_job(svc, job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace, job)
             message = f"Export stopped ({final.export.status.value})"
             if final.status == JobStatus.PAUSED:
                 message += "; the job stays paused (POST .../stop again stops it)"
@@ -116,7 +139,7 @@ class RunControl:
                                                None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
-        final = await self.service.await_job(job_id, lambda j: j.status != JobStatus.RUNNING,
+        final = await await_job(self.service, job_id, lambda j: j.status != JobStatus.RUNNING,
                                              self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS,
                                              job)  # fmt: skip
         paused = final.status == JobStatus.PAUSED

@@ -15,13 +15,10 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.auth import Caller
 from application.config import Settings
@@ -78,7 +75,6 @@ from application.utils.log_tail import tail_lines
 # How long a start waits for the scheduler to pick the job up, and a stop for the runner to end the run.
 START_WAIT_SECONDS = 5.0
 STOP_EXTRA_SECONDS = 10.0
-POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,21 +350,6 @@ class TrainingService:
             return "No free GPUs now: the job was added to the GPU queue"
         # (a CPU-only job held by its owner's limit was told "No free GPUs now")
         return f"The job was added to the GPU queue: {reason.message}"
-
-    async def await_job(self, job_id: str, done: Callable[[Job], bool], timeout: float, seen: Job) -> Job:
-        """The job once `done`, or as it stands at `timeout`, for the answer to a request recorded already: while
-        Redis does not answer it is the last reading (`seen` before any), not a 503 "try again" whose retry would
-        be refused (the request took effect)."""
-        deadline = time.monotonic() + timeout
-        job = seen
-        while True:
-            try:
-                job = await self._job(job_id)
-            except (RedisConnectionError, RedisTimeoutError):
-                pass
-            if done(job) or time.monotonic() >= deadline:
-                return job
-            await asyncio.sleep(POLL_SECONDS)
 
     async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
         """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
