@@ -65,10 +65,10 @@ def browser() -> Iterator[Browser]:
 class Tab:
     """A browser context and its page, collecting uncaught script errors (a test ends with none)."""
 
-    def __init__(self, browser: Browser, base: str, *, javascript: bool = True) -> None:
+    def __init__(self, browser: Browser, base: str, *, javascript: bool = True, width: int = 1400) -> None:
         self.base = base
         self.context: BrowserContext = browser.new_context(
-            viewport={"width": 1400, "height": 1000}, java_script_enabled=javascript
+            viewport={"width": width, "height": 1000}, java_script_enabled=javascript
         )
         self.context.set_default_timeout(15_000)
         self.page: Page = self.context.new_page()
@@ -89,8 +89,8 @@ class Tab:
 def tabs(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[..., Tab]]:
     opened: list[Tab] = []
 
-    def open_tab(server: ApiServer, *, javascript: bool = True) -> Tab:
-        tab = Tab(browser, f"http://127.0.0.1:{server.port}", javascript=javascript)
+    def open_tab(server: ApiServer, *, javascript: bool = True, width: int = 1400) -> Tab:
+        tab = Tab(browser, f"http://127.0.0.1:{server.port}", javascript=javascript, width=width)
         opened.append(tab)
         return tab
 
@@ -511,10 +511,53 @@ def test_create_form_shows_validation_messages_next_to_fields(server: ApiServer,
     page.click("#submit")
     expect(slot).not_to_be_empty()
     expect(page.locator('[data-error-for="training"]')).to_contain_text("eval_steps: ")
+
+    # A check of the whole body names its field in its message (loc ["body"]), as a training argument's detail
+    # does: they went to the box under the form, no field marked.
+    page.fill("#f-max_steps", "5")
+    page.fill("#f-training_extra", '{"warmup_ratio": 1}')
+    page.fill("#f-rlhf_type", "dpo")
+    page.click("#submit")
+    expect(page.locator('[data-error-for="rlhf_type"]')).to_contain_text("rlhf_type is for kind 'rlhf'")
+    expect(page.locator("#f-rlhf_type")).to_have_attribute("aria-invalid", "true")
+    page.fill("#f-rlhf_type", "")
+    page.click("#submit")
+    box = page.locator('[data-error-for="training"]')
+    expect(box).to_have_text(re.compile(r"^training\.warmup_ratio must be less than 1"))
+    expect(page.locator("#f-training_extra")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#form-error")).to_be_hidden()
+    # A long path in a message wraps in its slot: it widened the page.
+    page.fill("#f-training_extra", "")
+    page.fill("#f-data_path", str(workspace / ("x" * 300 + ".jsonl")))
+    page.click("#submit")
+    expect(page.locator('[data-error-for="data_path"]')).not_to_be_empty()
+    width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], width
     assert server.http.get("/jobs").json()["total"] == 0
 
 
 # ---- the SSE reader: fetch() + getReader(), since EventSource cannot send Authorization ------------------------
+
+
+def test_the_lists_fit_a_phone_screen_their_tables_scrolling_in_their_own_box(
+    server: ApiServer, workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    # The jobs table was 1147 px wide on a 375 px screen: the whole page, header included, panned sideways, and
+    # badges broke inside their word ("queu/ed").
+    for name in ("phone-a", "phone-b"):
+        body = job_body(workspace, name, hang_after_steps=1, auto_start=True, num_gpus=2)
+        assert server.create(**body).status_code == 201
+    tab = tabs(server, width=375)
+    for path in ("/ui/jobs", "/ui/queue", "/ui/gpus"):
+        page = tab.goto(path)
+        page.wait_for_selector("table.grid")
+        width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], (path, width)
+    page = tab.goto("/ui/jobs")
+    badge = page.locator("tr[data-job='phone-b'] .badge")
+    assert badge.evaluate("b => b.getClientRects().length") == 1  # one line: not broken inside its word
+    for name in ("phone-a", "phone-b"):
+        server.http.post(f"/jobs/{name}/stop")
 
 
 def test_sse_reader_parses_reconnects_with_last_event_id_and_stops_at_end(

@@ -165,4 +165,4 @@ def eta(progress: dict[str, Any] | None, status: str | None) -> str:
 def table(headers: list[str], rows: list[str], *, empty: str, attrs: str = "") -> str:
     head = "".join(f"<th scope=col>{esc(h)}</th>" for h in headers)
     body = "".join(rows) or f'<tr><td colspan="{len(headers)}" class="muted">{esc(empty)}</td></tr>'
-    return f"<table {attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="table-scroll"><table {attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'

@@ -272,7 +272,8 @@
     const body = rows.length
       ? rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c))))
       : [el("tr", {}, el("td", { colspan: headers.length, class: "muted", text: empty }))];
-    return el("table", { class: "grid", id }, el("thead", {}, head), el("tbody", {}, ...body));
+    const table = el("table", { class: "grid", id }, el("thead", {}, head), el("tbody", {}, ...body));
+    return el("div", { class: "table-scroll" }, table); // (as html.table renders them)
   }
 
   const code = (t) => (t ? el("code", { text: t }) : el("span", { class: "muted", text: "—" }));

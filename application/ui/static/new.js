@@ -10,8 +10,10 @@
   const general = document.getElementById("form-error");
   const submit = document.getElementById("submit");
   const NUMBER = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
-  // Details of other 4xx answers start with the field they are about ("data_path '...' is not a file").
-  const FIELD_DETAIL = /^(data_path|model_path|output_dir|job_id|num_gpus|gpu_ids|priority|time_limit)\b/;
+  // Details of other 4xx answers (and the body-wide checks of a 422) start with the field they are about
+  // ("data_path '...' is not a file", "training.target_modle is not an argument of `swift sft`", "rlhf_type is
+  // for kind 'rlhf'"): a training argument's goes beside the training box.
+  const FIELD_DETAIL = /^(data_path|model_path|output_dir|job_id|kind|rlhf_type|num_gpus|gpu_ids|priority|time_limit|training(?:\.[\w]+)?)\b/;
 
   function slot(path) {
     // The field's own slot, else its parent's ("training.eval_steps" -> the JSON box for training), with the
@@ -36,7 +38,7 @@
     general.hidden = true;
   }
 
-  function showError(path, message) {
+  function showError(path, message, named = false) {
     const found = path ? slot(path) : null;
     if (!found) {
       general.textContent = general.textContent ? `${general.textContent}\n${message}` : message;
@@ -44,7 +46,7 @@
       return;
     }
     const target = found.target;
-    if (found.rest) message = `${found.rest}: ${message}`;
+    if (found.rest && !named) message = `${found.rest}: ${message}`; // (a detail names it already)
     target.textContent = target.textContent ? `${target.textContent}; ${message}` : message;
     const input = form.querySelector(`[name="${CSS.escape(target.dataset.errorFor)}"]`);
     if (input) {
@@ -133,12 +135,14 @@
       if (Array.isArray(answer.errors) && answer.errors.length) {
         for (const e of answer.errors) {
           const loc = (e.loc || []).filter((p, i) => !(i === 0 && p === "body")).join(".");
-          showError(loc, String(e.msg || "invalid").replace(/^Value error, /, ""));
+          const msg = String(e.msg || "invalid").replace(/^Value error, /, "");
+          const match = loc ? null : FIELD_DETAIL.exec(msg); // a check of the whole body names its field
+          showError(loc || (match ? match[1] : ""), msg, Boolean(match));
         }
       } else {
         const detail = String(answer.detail || `the server answered ${r.status}`);
         const match = FIELD_DETAIL.exec(detail);
-        showError(match ? match[1] : "", detail);
+        showError(match ? match[1] : "", detail, true);
       }
       const first = form.querySelector("[aria-invalid]");
       if (first) first.focus();
