@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from application.config import load_settings  # noqa: E402
+from application.config import Settings, load_settings  # noqa: E402
 from application.models.job_request import TrainingParams  # noqa: E402
 from application.models.training_model import Job, JobStatus  # noqa: E402
 from application.services.cluster_store import ClusterStore  # noqa: E402
@@ -42,6 +42,7 @@ from application.services.queue_processor import QueueProcessor  # noqa: E402
 from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
 from application.services.swift_command import SwiftVersion  # noqa: E402
 from application.utils.gpu_utils import SimulatedInventory  # noqa: E402
+from benchmarks.replay_api import free_port  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -50,11 +51,12 @@ def pct(values: list[float], p: float) -> float:
 
 
 def latency(redis_url: str, jobs: int, workdir: Path) -> None:
-    port = 18000 + os.getpid() % 1000
+    port = free_port()  # (one from the pid could be another server's: its answers were measured)
     swift = workdir / "short-swift"
     swift.write_text("#!/bin/sh\nsleep 0.2\n")
     swift.chmod(0o755)
-    env = {**os.environ, "ENVIRONMENT": "test", "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": "bench-latency",
+    inherited = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}  # (none of the caller's)
+    env = {**inherited, "ENVIRONMENT": "test", "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": "bench-latency",
            "APP_HOST": "127.0.0.1", "APP_PORT": str(port), "OUTPUT_ROOT": str(workdir / "out"),
            "LOG_DIR": str(workdir / "logs"), "SWIFT_BIN": str(swift), "SWIFT_VERSION": "4.6.0",
            "API_WORKERS": "1", "CREATE_RATE_LIMIT": "0",
@@ -69,12 +71,13 @@ def latency(redis_url: str, jobs: int, workdir: Path) -> None:
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    if http.get("/health").json().get("scheduler", {}).get("ok"):
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start")
+                    ready = http.get("/health").json().get("scheduler", {}).get("ok")
+                except (httpx.HTTPError, ValueError):
+                    ready = False
+                if ready and server.poll() is None:  # (its own: not another answering on the port)
+                    break
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start: see its output above")
                 time.sleep(0.1)
             ids = []
             for i in range(jobs):

@@ -35,6 +35,7 @@ from application.services.scheduler import (
     plan,
     queue_key,
 )
+from benchmarks.simulate_trace import positive
 
 NOW = 1_750_000_000.0
 N_GPUS = 8
@@ -91,7 +92,7 @@ def time_calls(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=positive, default=200)
     parser.add_argument("--sizes", default="100,1000,10000")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -92,7 +92,8 @@ def main() -> None:
         row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
         first = json.dumps({**row, "fake_swift": {"hang_after_steps": 1}})
         data.write_text(first + "\n" + (json.dumps(row) + "\n") * 20)
-        with Server(workdir, 1, 1800) as server:
+        # (STREAMS_PER_OWNER, 64 by default, counts every caller without a key as one: the rest got a 429)
+        with Server(workdir, 1, 1800, extra={"STREAMS_PER_OWNER": "0"}) as server:
             body = {"data_path": str(data), "model_path": str(model), "output_dir": "idle", "job_id": "idle",
                     "auto_start": True}  # fmt: skip
             r = server.http.post("/jobs", json=body)
@@ -111,6 +112,8 @@ def main() -> None:
             opened, (busy_api, busy_redis) = asyncio.run(hold_streams(base, "idle", args.streams, args.seconds,
                                                                       [api, redis]))  # fmt: skip
             server.http.post("/jobs/idle/stop")
+    if opened < args.streams:
+        raise SystemExit(f"only {opened} of {args.streams} streams opened: the figures would be for fewer")
     print(f"{opened} idle streams for {args.seconds:g} s (STREAM_POLL_SECONDS 0.5):")
     print(f"  API process  {100 * idle_api:.2f} % of a core without streams, {100 * busy_api:.2f} % with them"
           f" -> {100 * (busy_api - idle_api):.2f} % for the streams")  # fmt: skip

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.simulate_trace import Result, TraceJob, mode_of, plot_cdf, simulate, table  # noqa: E402
+from application.config import Settings  # noqa: E402
+from benchmarks.simulate_trace import Result, TraceJob, mode_of, plot_cdf, positive, simulate, table  # noqa: E402
 
 FAKE_SWIFT = ROOT / "tests" / "fake_swift" / "swift"
 # Seconds per step of each model (the fake swift sleeps that long per step): 3 kinds of model.
@@ -97,14 +99,24 @@ def body(workdir: Path, job: SyntheticJob, prefix: str = "") -> dict[str, Any]:
     }  # fmt: skip
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Server:
     """`python start.py` (API, scheduler and an embedded Redis) on simulated GPUs with the fake swift."""
 
     def __init__(self, workdir: Path, gpus: int, starvation: float, extra: dict[str, str] | None = None,
                  port: int | None = None) -> None:  # fmt: skip
-        self.port = port or 20000 + os.getpid() % 5000
+        # A port no one listens on: one derived from the pid could be another server's, whose answers were then
+        # measured (with its jobs left behind) while this one had quit ("address in use").
+        self.port = port or free_port()
         self.workdir = workdir
-        inherited = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # `start.py all` embeds one
+        # None of the caller's settings (REDIS_*: its Redis, not the embedded one; API_PREFIX, QUEUE_POLICY, ...):
+        # the server measured is the one described here.
+        inherited = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
         self.env = {
             **inherited, "APP_HOST": "127.0.0.1", "APP_PORT": str(self.port), "ENVIRONMENT": "test",
             "OUTPUT_ROOT": str(workdir / "output"), "DATA_ROOTS": str(workdir / "data"),
@@ -125,12 +137,17 @@ class Server:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if self.http.get("/health").json().get("scheduler", {}).get("ok"):
-                    return self
-            except httpx.HTTPError:
-                pass
+                ready = self.http.get("/health").json().get("scheduler", {}).get("ok")
+            except (httpx.HTTPError, ValueError):
+                ready = False
+            # (its own process still running: an answer from another server on the port is none of its)
+            if ready and self.proc.poll() is None:
+                return self
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit(f"the server did not start; see {self.workdir / 'server.log'}")
+                # __exit__ does not run when __enter__ raises, and the caller's temp folder (its log) goes next.
+                self.__exit__()
+                tail = (self.workdir / "server.log").read_text(errors="replace").splitlines()[-15:]
+                raise SystemExit("the server did not start; the end of its log:\n" + "\n".join(tail))
             time.sleep(0.2)
 
     def __exit__(self, *_: object) -> None:
@@ -222,8 +239,8 @@ def offline(trace: Sequence[SyntheticJob], run: LiveRun, gpus: int, starvation: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=60)
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--jobs", type=positive, default=60)
+    parser.add_argument("--gpus", type=positive, default=8)
     parser.add_argument("--span", type=float, default=240.0, help="seconds over which the jobs arrive")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--starvation", type=float, default=20.0, help="QUEUE_STARVATION_SECONDS (scaled down)")
@@ -238,8 +255,14 @@ def main() -> None:
     demand = sum(j.duration * j.num_gpus for j in trace)
     print(f"synthetic trace: {len(trace)} jobs over {args.span:g} s on {args.gpus} GPUs, offered load"
           f" {demand / args.span / args.gpus:.2f}; QUEUE_STARVATION_SECONDS {args.starvation:g}")  # fmt: skip
+    # What makes the trace: a saved run is compared only with the trace it ran (another gave a traceback, or a
+    # comparison with other jobs).
+    options = {k: getattr(args, k) for k in ("jobs", "gpus", "span", "seed", "starvation", "wide_every")}
     if args.load:
         saved = json.loads(args.load.read_text())
+        if saved.get("options", options) != options:
+            given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["options"].items())
+            raise SystemExit(f"{args.load} is a run of another trace: load it with {given}")
         run, processor = LiveRun(saved["jobs"], saved["wall"]), saved["processor"]
     else:
         with tempfile.TemporaryDirectory(prefix="swift-api-replay-") as tmp:
@@ -256,7 +279,8 @@ def main() -> None:
                     raise SystemExit(f"jobs failed: {failed}; see {workdir / 'server.log'}")
                 processor = server.http.get("/queue/processor/status").json()
         if args.save:
-            args.save.write_text(json.dumps({"jobs": run.jobs, "wall": run.wall, "processor": processor}))
+            args.save.write_text(json.dumps({"jobs": run.jobs, "wall": run.wall, "processor": processor,
+                                             "options": options}))  # fmt: skip
     sources: dict[str | None, int] = {}
     for j in run.jobs:
         src = (j.get("queued_prediction") or {}).get("source")

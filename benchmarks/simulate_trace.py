@@ -393,10 +393,21 @@ def stream_check(gpus: int, starvation: float, seed: int = 1) -> None:
               f" mean delay {human(statistics.fmean(r.delays))}")  # fmt: skip
 
 
+def positive(text: str) -> int:
+    """argparse's type for a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "philly.csv")
-    parser.add_argument("--gpus", type=int, default=64)
+    parser.add_argument("--gpus", type=positive, default=64)
     parser.add_argument("--cluster", help="only this virtual cluster id (e.g. 6214e9)")
     parser.add_argument("--limit", type=int, default=5000, help="at most this many jobs, from the earliest")
     parser.add_argument("--start", help="only jobs submitted at or after 'YYYY-MM-DD HH:MM:SS'")
