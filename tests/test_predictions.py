@@ -27,9 +27,7 @@ from application.services.predictions import (
     step_sample,
 )
 from application.services.process_group import group_members
-from application.services.scheduler import RunningJob, plan
 from tests.conftest import job_body, make_model, wait_job
-from tests.scheduler_cases import NOW, busy, gpus_free, job, ordered, policy_of
 
 # ---- time limits -----------------------------------------------------------------------------------------
 
@@ -120,22 +118,6 @@ def test_remaining_seconds_of_a_running_job() -> None:
     assert remaining_seconds(predicted=None, started_at=900.0, time_limit=150, now=now) == 50.0
     assert remaining_seconds(predicted=900.0, started_at=900.0, time_limit=150, now=now) == 50.0
     assert remaining_seconds(predicted=None, started_at=900.0, time_limit=None, now=now) is None
-    # Past its prediction it may end any moment, but no later than its limit: still a hard bound (it was
-    # unknown, and a same-priority job took the head's GPUs for far longer).
-    assert remaining_seconds(predicted=50.0, started_at=900.0, time_limit=150, now=now) == 50.0
-    assert remaining_seconds(predicted=50.0, started_at=900.0, time_limit=90, now=now) is None  # in its grace
-
-
-def test_a_run_past_its_prediction_but_under_its_time_limit_lends_the_heads_gpus_to_no_longer_job() -> None:
-    # The head needs 4 GPUs; a 2-GPU run has passed swift's estimate but is stopped at its limit in 4 s. A 60 s
-    # job of the head's priority started on the free GPUs, and the head waited for it, not for the limit.
-    remaining = remaining_seconds(predicted=20.0, started_at=NOW - 21, time_limit=25, now=NOW)
-    running = [RunningJob("overrun", (0, 1), remaining)]
-    gpus = busy(gpus_free(4), running)
-    queue = ordered(job("head", n=4, t=0, est=10.0), job("long", n=1, t=1, est=60.0))
-    p = plan(queue, gpus, running, policy_of(starvation_seconds=1800), NOW, head=("head", NOW - 10))
-    assert p.starts == [] and p.reasons["long"].code == "reservation", p
-    assert p.waits["head"] == pytest.approx(4.0), p
 
 
 def test_ratio_summary() -> None:

@@ -189,13 +189,10 @@ def remaining_seconds(
     *, predicted: float | None, started_at: float | None, time_limit: int | None, now: float
 ) -> float | None:
     """How much longer a running job should hold its GPUs: its prediction (swift's own remaining time once it
-    prints one) less what it has run, never past its time limit; once past its prediction, what is left of its
-    limit (a hard bound: its runner stops it there). None when unknown, or overrun with no limit: it may end at
+    prints one) less what it has run, never past its time limit. None when unknown or overrun: it may end at
     any moment, which is all a reservation may assume."""
     elapsed = max(0.0, now - started_at) if started_at is not None else 0.0
     left = predicted - elapsed if predicted is not None else None
-    if left is not None and left <= 0:
-        left = None
     if time_limit is not None and started_at is not None:
         cap = time_limit - elapsed
         left = cap if left is None else min(left, cap)
