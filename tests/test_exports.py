@@ -559,3 +559,32 @@ async def test_two_jobs_sharing_a_folder_asking_for_one_export_folder_at_once_ge
         replies = await asyncio.gather(client.post("/jobs/one/export", json={"output_name": "x"}),
                                        client.post("/jobs/two/export", json=quant))  # fmt: skip
         assert sorted(r.status_code for r in replies) == [200, 409], [r.text for r in replies]
+
+
+async def test_an_export_recorded_just_before_redis_went_away_is_answered_as_asked(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # Recorded, then Redis went away: the wake-up, the leader read and the request lock's release after it
+    # answered 503 "try again", and the retry was refused: "an export of job ... is already running".
+    from tests.conftest import QUICK_TO_GIVE_UP, make_model, wait_job
+    from tests.redis_proxy import RedisProxy
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    prefix = f"test-export-cut-{time.time_ns()}"
+    async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "cut", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "cut", lambda j: j["status"] == "completed")
+    proxy = RedisProxy(redis_url)
+    try:
+        async with app_factory(REDIS_KEY_PREFIX=prefix, REDIS_URL=proxy.url, scheduler=False,
+                               **QUICK_TO_GIVE_UP) as client:  # fmt: skip
+            proxy.cut_after(rb"export_started", lose_reply=False, down_seconds=3)
+            asked = await client.post("/jobs/cut/export")
+            assert proxy.fired.is_set()
+            assert asked.status_code == 200 and "Redis went away" in asked.json()["message"], asked.text
+    finally:
+        proxy.close()
+    async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
+        done = await wait_job(client, "cut", lambda j: j["export"]["status"] not in ("running", "none"))
+        assert done["export"]["status"] == "completed", done["export"]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.models.training_model import JobStatus
 from application.services import lua_cluster
@@ -139,7 +141,10 @@ class ClusterStore:
         try:
             yield True
         finally:
-            await asyncio.shield(self._release(keys=[key], args=[json.dumps({"value": token})]))
+            # With Redis gone, the key lapses at its TTL: what the block did stands (an answer that says "try
+            # again" would be a lie, and its retry refused).
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                await asyncio.shield(self._release(keys=[key], args=[json.dumps({"value": token})]))
 
     async def leader(self) -> Leader | None:
         async with self.r.pipeline(transaction=True) as pipe:
