@@ -212,7 +212,9 @@ def test_a_cached_data_set_is_the_folder_swift_export_writes(tmp_path: Path) -> 
 
     assert check("cached_dataset", "cached/train") == [str((cached / "train").resolve())]
     assert check("cached_val_dataset", "cached/val#10") == [str((cached / "val").resolve()) + "#10"]
-    for value in ("cached", "train.jsonl"):
+    (tmp_path / "data" / "split" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "split" / "dataset_dict.json").write_text('{"splits": ["train"]}')  # (a DatasetDict's)
+    for value in ("cached", "train.jsonl", "split"):
         with pytest.raises(Invalid, match="is not a folder `swift export --to_cached_dataset` wrote"):
             check("cached_dataset", value)
     with pytest.raises(Invalid, match="is not a path that exists under DATA_ROOTS"):  # (no hub id)

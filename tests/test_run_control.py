@@ -98,6 +98,11 @@ def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -
         500.0, ["young", "old"])  # fmt: skip
     # Never: a run of the same priority is no victim, and a run asked to stop already gives its GPU anyway.
     assert preemption_wait(QueuedJob("u", 9, 1000.0, 3, None, None, None), gpus, running, **rules) is None
+    # A fractional minimum run time: started_at + min_run - started_at may round below min_run.
+    odd = [Candidate("r", 1, (0,), started_at=1e9 + 0.1, lost_seconds=1.0)]
+    found = preemption_wait(QueuedJob("u", 9, 1.0, 1, None, None, None), [gpu(0, "r")], odd,
+                            **{**rules, "min_run": 90.3, "now": 1e9 + 10})  # fmt: skip
+    assert found is not None and found[1] == ["r"] and found[0] == pytest.approx(80.4), found
     ending = [Candidate("young", 1, (0,), 900.0, 10.0, ending=True), *running[1:]]
     assert preemption_wait(QueuedJob("u", 9, 1000.0, 1, (0,), None, None), gpus, ending, **rules) is None
 

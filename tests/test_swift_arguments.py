@@ -443,6 +443,23 @@ def test_a_wrapper_script_as_swift_bin_is_said_to_be_one(server_factory: Callabl
     assert wait_for(lambda: server.job("wrapped")["status"] == "completed", timeout=60)
 
 
+def test_the_python_of_a_console_script_pip_wrote_for_a_long_or_spaced_path(tmp_path: Path) -> None:
+    # pip writes `#!/bin/sh` and an '''exec' line when the Python's path does not fit a shebang: real ms-swift
+    # was then called a wrapper script.
+    from application.services.swift_command import interpreter_of, not_a_python_script
+
+    python = tmp_path / "my venv" / "bin" / "python3.11"
+    script = tmp_path / "swift"
+    script.write_text(f"#!/bin/sh\n'''exec' \"{python}\" \"$0\" \"$@\"\n' '''\nimport sys\n")
+    script.chmod(0o755)
+    assert interpreter_of(str(script)) == str(python)
+    assert not_a_python_script(str(script)) is None
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text('#!/bin/sh\nexec swift "$@"\n')
+    wrapper.chmod(0o755)
+    assert interpreter_of(str(wrapper)) is None and not_a_python_script(str(wrapper))
+
+
 @pytest.fixture
 def probed(server_factory: Callable[..., ApiServer], tmp_path: Path) -> ApiServer:
     seed_swift_probe(tmp_path)

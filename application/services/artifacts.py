@@ -332,7 +332,8 @@ def prepare_download(job: Job, output_root: Path, path: str, range_header: str |
     if found is not None:
         os.close(found[0])
         if stat.S_ISDIR(found[1].st_mode) and not path.endswith(".tar"):  # (inside the job's folder: it may say)
-            raise NotFound(f"'{path}' is a folder of job '{job.job_id}''s output: download it as '{path}.tar'")
+            named = path.rstrip("/")
+            raise NotFound(f"'{named}' is a folder of job '{job.job_id}''s output: download it as '{named}.tar'")
     if base is not None and path.endswith(".tar") and (folder := resolve(base, path[: -len(".tar")])):
         fd, st, real = folder
         if stat.S_ISDIR(st.st_mode):

@@ -130,8 +130,9 @@ def preemption_wait(
     moments = sorted({max(now, c.started_at + min_run) for c in running
                       if c.gpu_ids and not c.ending and c.priority < job.priority})  # fmt: skip
     for at in moments:
+        # (a hair past the moment: started_at + min_run - started_at can round below min_run)
         victims = choose_victims(job, gpus, running, min_free_gb=min_free_gb, max_util=max_util, min_run=min_run,
-                                 now=at)  # fmt: skip
+                                 now=at + 1e-6)  # fmt: skip
         if victims:
             return at - now, victims
     return None

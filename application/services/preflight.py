@@ -238,7 +238,8 @@ CACHED_ARGUMENTS = frozenset({"cached_dataset", "cached_val_dataset"})
 def check_cached(where: str, path: Path | None, roots: Sequence[Path], guard: Guard | None) -> None:
     """A cached data set: the train/ or val/ folder `swift export --to_cached_dataset` writes (Hugging Face's
     save_to_disk), which ms-swift reads with load_from_disk. Token ids in .arrow files: no media to check."""
-    if path is None or not path.is_dir() or not any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
+    # (a DatasetDict's folder, dataset_dict.json, loads as a dict of splits, which ms-swift cannot select from)
+    if path is None or not path.is_dir() or not (path / "state.json").is_file():
         raise Invalid(f"{where} is not a folder `swift export --to_cached_dataset` wrote: name its train/ or val/ "
                       "folder (the one holding state.json), inside DATA_ROOTS")  # fmt: skip
     check_folder_links(where, path, roots, setting="DATA_ROOTS", guard=guard)

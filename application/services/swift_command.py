@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ class SwiftVersion:
 # What a console script's shebang names when it is a Python's (python3, python3.11, pypy3): a wrapper script
 # for /bin/sh is none, and its shell reading the probe (a Python file) said "Syntax error".
 _PYTHON_NAME = re.compile(r"(?:python|pypy)[\d.]*")
+PIP_EXEC = b"'''exec' "  # (pip's sh launcher, the line after its shebang)
 
 
 def not_a_python_script(swift_bin: str) -> str | None:
@@ -54,14 +56,21 @@ def not_a_python_script(swift_bin: str) -> str | None:
 
 
 def _interpreter_of(executable: str) -> str | None:
-    """The Python that runs a console script: the one in its shebang."""
+    """The Python that runs a console script: the one in its shebang, or in the '''exec' line pip writes under
+    a `#!/bin/sh` one when the Python's path is too long for a shebang or holds a space."""
     try:
         with open(executable, "rb") as fh:
-            first = fh.readline(512)
+            first, second = fh.readline(512), fh.readline(4096)
     except OSError:
         return None
     if not first.startswith(b"#!"):
         return None
+    if second.startswith(PIP_EXEC):
+        try:
+            parts = shlex.split(second[len(PIP_EXEC) :].decode(errors="replace"))
+        except ValueError:
+            return None
+        return parts[0] if parts and _PYTHON_NAME.fullmatch(Path(parts[0]).name) else None
     parts = first[2:].decode(errors="replace").strip().split()
     if not parts:
         return None
