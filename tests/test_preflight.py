@@ -201,8 +201,10 @@ def test_a_cached_data_set_is_the_folder_swift_export_writes(tmp_path: Path) -> 
     cached = tmp_path / "data" / "cached"
     for part in ("train", "val"):
         (cached / part).mkdir(parents=True)
-        for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+        for name in ("data-00000-of-00001.arrow", "dataset_info.json"):
             (cached / part / name).write_text("{}")
+        (cached / part / "state.json").write_text(json.dumps({"_data_files": [
+            {"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "x"}))  # fmt: skip
     write(tmp_path / "data" / "train.jsonl", [MESSAGES])
     hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
 
@@ -219,6 +221,21 @@ def test_a_cached_data_set_is_the_folder_swift_export_writes(tmp_path: Path) -> 
             check("cached_dataset", value)
     with pytest.raises(Invalid, match="is not a path that exists under DATA_ROOTS"):  # (no hub id)
         check("cached_dataset", "AI-ModelScope/alpaca-gpt4-data-en")
+    # load_from_disk reads the files its state.json names: one outside the folder was read (any .arrow of the
+    # host), and the run's error said whether a path existed.
+    (tmp_path / "stolen.arrow").write_text("x")
+    state = cached / "train" / "state.json"
+    for name in (str(tmp_path / "stolen.arrow"), "../../../stolen.arrow", "sub/x.arrow", "missing.arrow"):
+        state.write_text(json.dumps({"_data_files": [{"filename": name}]}))
+        with pytest.raises(Invalid, match="which is no file of that folder"):
+            check("cached_dataset", "cached/train")
+    for text in ("{}", "not json", json.dumps({"_data_files": []})):
+        state.write_text(text)
+        with pytest.raises(Invalid, match="is not one save_to_disk wrote"):
+            check("cached_dataset", "cached/train")
+    state.write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    with pytest.raises(Invalid, match=r"must be inside DATA_ROOTS \([^)]*\)$"):  # (no hub id offered)
+        check("cached_dataset", "/etc")
     # Its links are checked as any folder's.
     (tmp_path / "secret.arrow").write_text("x")
     (cached / "train" / "data-00001-of-00001.arrow").symlink_to(tmp_path / "secret.arrow")

@@ -162,7 +162,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
     real_roots = _real_roots(tuple(roots))
     outside = (
         f"{field} must be inside {setting} ({_roots_text(real_roots)})"
-        + (" or be a hub id such as AI-ModelScope/alpaca-gpt4-data-en#500" if data else
+        + ("" if not hub else " or be a hub id such as AI-ModelScope/alpaca-gpt4-data-en#500" if data else
            " or be a hub id such as Qwen/Qwen2.5-7B-Instruct")
     )  # fmt: skip
     if is_local_syntax(text):

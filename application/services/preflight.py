@@ -243,3 +243,26 @@ def check_cached(where: str, path: Path | None, roots: Sequence[Path], guard: Gu
         raise Invalid(f"{where} is not a folder `swift export --to_cached_dataset` wrote: name its train/ or val/ "
                       "folder (the one holding state.json), inside DATA_ROOTS")  # fmt: skip
     check_folder_links(where, path, roots, setting="DATA_ROOTS", guard=guard)
+    # load_from_disk reads the files state.json names, joined to the folder: an absolute name, or one with '..',
+    # read any .arrow file of the host (and its error said whether a path existed).
+    for name in _cached_files(where, path / "state.json"):
+        if not name or "/" in name or "\\" in name or name in (".", "..") or not (path / name).is_file():
+            raise Invalid(f"{where}: its state.json names the data file {name[:200]!r}, which is no file of that "
+                          "folder: give the folder as swift export wrote it")  # fmt: skip
+
+
+STATE_MAX = 1 << 20  # a state.json save_to_disk writes is a few hundred bytes a file
+
+
+def _cached_files(where: str, state_file: Path) -> list[str]:
+    try:
+        with open(state_file, "rb") as f:
+            raw = f.read(STATE_MAX + 1)
+        state = json.loads(raw) if len(raw) <= STATE_MAX else None
+    except (OSError, ValueError):
+        state = None
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list) or not files or len(files) > 100_000:
+        raise Invalid(f"{where}: its state.json is not one save_to_disk wrote (no _data_files list): give the "
+                      "folder as swift export wrote it")  # fmt: skip
+    return [str(f.get("filename") or "") if isinstance(f, dict) else "" for f in files]
