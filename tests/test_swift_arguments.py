@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from application.models.training_model import Job, JobStatus
 from application.services.swift_arguments import (
     argv_of,
     check_arguments,
+    check_combinations,
     check_kind,
-    check_sharding,
     require_usable_swift,
 )
 from application.services.swift_command import SwiftVersion, build_sft_command
@@ -173,8 +174,27 @@ def test_a_prompt_may_start_with_a_dash_and_only_a_system_prompt_is_a_file_to_sw
     # DeepSpeed and FSDP together: ms-swift refuses them as the run starts.
     both = check_arguments("sft", {"deepspeed": "zero2", "fsdp": "fsdp2"}, V4)
     with pytest.raises(Invalid, match=r"deepspeed and training\.fsdp cannot be used together"):
-        check_sharding(both)
-    check_sharding(check_arguments("sft", {"deepspeed": "zero2"}, V4))
+        check_combinations(None, both)
+    check_combinations(None, check_arguments("sft", {"deepspeed": "zero2"}, V4))
+
+
+@pytest.mark.parametrize(("extra", "rlhf_type", "says"), [
+    # The README's QLoRA example had no quant_method: ms-swift then loads the model unquantized, silently.
+    ({"quant_bits": 4, "bnb_4bit_quant_type": "nf4"}, None, "does nothing without training.quant_method"),
+    ({"quant_method": "bnb", "quant_bits": 3}, None, "does not work with quant_method bnb"),
+    ({"quant_method": "bnb"}, None, "needs training.quant_bits (4, 8)"),
+    ({"quant_method": "quanto", "quant_bits": 1}, None, "use 2, 4, 8, float8"),
+    ({"quant_method": "eetq", "quant_bits": 4}, None, "use 8"),
+    ({"cached_dataset": ["/x/train"], "num_generations": 2}, "grpo", "not supported for GRPO"),
+    ({"cached_dataset": ["/x/train"], "streaming": True}, None, "streaming does not work with a cached data set"),
+])  # fmt: skip
+def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[str, Any], rlhf_type: str | None,
+                                                                    says: str) -> None:  # fmt: skip
+    with pytest.raises(Invalid, match=re.escape(says)):
+        check_combinations(rlhf_type, extra)
+    for fine in ({"quant_method": "bnb", "quant_bits": 4}, {"quant_method": "fp8"}, {"quant_method": "hqq",
+                 "quant_bits": 3}, {"cached_dataset": ["/x/train"]}):  # fmt: skip
+        check_combinations(None, fine)
 
 
 def test_a_models_own_options_pass_as_model_kwargs() -> None:

@@ -234,12 +234,34 @@ def check_packing(kind: str, rlhf_type: str | None, arguments: Mapping[str, Any]
                       f"{', '.join(PACKING_RLHF_TYPES)}): leave it out")  # fmt: skip
 
 
-def check_sharding(arguments: Mapping[str, Any]) -> None:
-    """DeepSpeed and FSDP shard the model each their own way: ms-swift (and transformers before it) refuses the
-    two together as the run starts."""
+# What ms-swift's get_quantization_config takes when it loads the model to train (4.x): the bits of each method.
+QUANT_BITS: dict[str, tuple[int | str, ...] | None] = {
+    "bnb": (4, 8), "hqq": (1, 2, 3, 4, 8), "eetq": (8,), "quanto": (2, 4, 8, "float8"), "fp8": None,
+}  # fmt: skip
+
+
+def check_combinations(rlhf_type: str | None, arguments: Mapping[str, Any]) -> None:
+    """Arguments that are fine one by one and that ms-swift refuses together as the run starts (after the wait),
+    or that do nothing together."""
     if arguments.get("deepspeed") and arguments.get("fsdp"):
         raise Invalid("training.deepspeed and training.fsdp cannot be used together (ms-swift refuses FSDP with "
                       "DeepSpeed as the run starts): keep one of them")  # fmt: skip
+    method, bits = arguments.get("quant_method"), arguments.get("quant_bits")
+    if bits is not None and method is None:
+        raise Invalid("training.quant_bits does nothing without training.quant_method: ms-swift then loads the "
+                      "model unquantized; set quant_method (bnb for QLoRA)")  # fmt: skip
+    allowed = QUANT_BITS.get(method) if isinstance(method, str) else None
+    if allowed is not None and bits is None:
+        raise Invalid(f"training.quant_method {method} needs training.quant_bits "
+                      f"({', '.join(str(b) for b in allowed)})")  # fmt: skip
+    if allowed is not None and bits not in allowed:
+        raise Invalid(f"training.quant_bits {bits} does not work with quant_method {method} in ms-swift: use "
+                      f"{', '.join(str(b) for b in allowed)}")  # fmt: skip
+    if arguments.get("cached_dataset") or arguments.get("cached_val_dataset"):
+        if rlhf_type == "grpo":
+            raise Invalid("training.cached_dataset is not supported for GRPO by ms-swift: give the data set itself")
+        if arguments.get("streaming"):
+            raise Invalid("training.streaming does not work with a cached data set in ms-swift: leave one out")
 
 
 def _closest(name: str, names: Any) -> str:

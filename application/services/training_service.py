@@ -58,12 +58,12 @@ from application.services.scheduler import Head, QueuedJob, Reason, gpu_is_free
 from application.services.swift_arguments import (
     DATA_ARGUMENTS,
     check_arguments,
+    check_combinations,
     check_grpo_batch,
     check_kind,
     check_kto_batch,
     check_packing,
     check_ref_model,
-    check_sharding,
     require_usable_swift,
 )
 from application.services.swift_info import SwiftInfo
@@ -187,7 +187,7 @@ class TrainingService:
         check_kind(req.kind, req.rlhf_type, swift)
         arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
         check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, swift)
-        check_sharding(arguments)
+        check_combinations(req.rlhf_type, arguments)
         if req.kind == "rlhf" and req.rlhf_type is not None:
             t = req.training
             check_ref_model(req.rlhf_type, t.train_type, arguments)
