@@ -799,12 +799,16 @@ def test_the_job_page_lists_what_the_job_wrote_with_links_that_download_it(serve
 def test_a_queue_reason_links_only_a_job_the_reader_may_open() -> None:
     ctx = PageContext("", "/api/v1/training", True, "bob", "user")
     entry = {"position": 1, "job_id": "his", "mine": True, "num_gpus": 2,
-             "pending_reason": {"code": "reserved", "message": "held for a job ahead", "job_id": "hers"}}  # fmt: skip
+             "pending_reason": {"code": "reservation", "message": "held for a job", "job_id": "hers"}}  # fmt: skip
     summary = {"length": 1, "offset": 0, "limit": 100, "free_gpus": 0, "total_gpus": 2, "running_jobs": 1,
                "policy": "fifo", "processor_running": True}  # fmt: skip
     overview = {"summary": summary, "entries": [entry]}
     assert 'href="/ui/jobs/hers"' not in views.queue_body(ctx, overview, set())
     assert 'href="/ui/jobs/hers"' in views.queue_body(ctx, overview, {"hers"})
+    # A preemption's job is the run that makes way, which its message names: "(for victim)" read as a wait for it.
+    entry["pending_reason"] = {"code": "preemption", "message": "lower-priority run hers will make way for it",
+                               "job_id": "hers"}  # fmt: skip
+    assert "(for " not in views.queue_body(ctx, overview, {"hers"})
 
 
 def test_a_queue_longer_than_its_page_says_so_and_links_the_rest() -> None:

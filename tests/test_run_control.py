@@ -91,8 +91,14 @@ def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -
         Candidate("old", 1, (1,), started_at=100.0, lost_seconds=10.0),
         Candidate("peer", 9, (2,), started_at=100.0, lost_seconds=10.0),
     ]
-    rules = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 600.0, "now": 1000.0}
+    rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 600.0, "now": 1000.0}
     assert preemption_wait(QueuedJob("u", 9, 1000.0, 1, None, None, None), gpus, running, **rules) == (0.0, ["old"])
+    # A run that ends by itself (its time limit) before it may be preempted: when it ends, the one other victim
+    # that job still needs; and none at all when its end frees enough (it was told "preempting young in 500 s").
+    two = QueuedJob("u", 9, 1000.0, 2, None, None, None)
+    assert preemption_wait(two, gpus, running, **rules, ends={"young": 100.0}) == (100.0, ["old"])
+    assert preemption_wait(QueuedJob("u", 9, 1000.0, 1, (0,), None, None), gpus, running, **rules,
+                           ends={"young": 100.0}) is None  # fmt: skip
     # Two GPUs: once the young run has run min_run too (at 1500).
     assert preemption_wait(QueuedJob("u", 9, 1000.0, 2, None, None, None), gpus, running, **rules) == (
         500.0, ["young", "old"])  # fmt: skip
@@ -501,6 +507,26 @@ async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_vict
         assert quick["status"] == "queued" and [a["outcome"] for a in quick["attempts"]] == ["preempted"], quick
         events = (await client.get("/jobs/quick/events")).json()["events"]
         assert [e["type"] for e in events].count("preempted") == 1, events
+
+
+async def test_while_its_victim_stops_a_waiting_job_says_it_is_being_made_way_for(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # From the preemption request until the victim's run had gone (a grace, for a trainer that ignores SIGTERM),
+    # the waiting job said "not enough free GPUs", naming no one.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(**{**PREEMPTING_2_GPUS, "SIMULATED_GPUS": "1x80", "STOP_GRACE_SECONDS": 6}) as client:
+        low = job_body(tmp_path, "low", priority=1, step_seconds=0.05, auto_start=True, ignore_sigterm=True,
+                       training={"max_steps": 2000, "save_steps": 5})  # fmt: skip
+        assert (await client.post("/jobs", json=low)).json()["status"] == "running"
+        await wait_job(client, "low", lambda j: (j["progress"]["current_step"] or 0) >= 1)
+        urgent = job_body(tmp_path, "urgent", priority=9, step_seconds=0.05, auto_start=True)
+        assert (await client.post("/jobs", json=urgent)).json()["status"] == "queued"
+        await wait_job(client, "low", lambda j: j["preempt_for"] == "urgent")
+        status = (await client.get("/jobs/urgent/status")).json()
+        assert status["status"] == "queued", status  # (the victim still stopping: its grace is 6 s)
+        assert status["pending_reason"]["code"] == "preemption" and status["pending_reason"]["job_id"] == "low"
+        await wait_job(client, "urgent", lambda j: j["status"] in ("running", "completed"), timeout=30)
 
 
 async def test_no_run_is_preempted_for_the_gpu_of_a_run_being_paused(app_factory: Callable[..., Any],

@@ -11,8 +11,9 @@ their checkpoints (`run_end.conclude`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from application.services.scheduler import GpuState, QueuedJob, RunningJob, gpu_is_free
 
@@ -124,15 +125,23 @@ def preemption_wait(
     max_util: float,
     min_run: float,
     now: float,
+    ends: Mapping[str, float] | None = None,
 ) -> tuple[float, list[str]] | None:
     """For a waiting job's estimate: the seconds until preemption frees enough GPUs for it (0: the next pass
-    asks), with its victims then; None when lower-priority runs cannot free enough at any time."""
+    asks), with its victims then; None when lower-priority runs cannot free enough at any time, or when runs
+    that end by themselves first (`ends`: their seconds left, by prediction or time limit) free enough."""
     moments = sorted({max(now, c.started_at + min_run) for c in running
-                      if c.gpu_ids and not c.ending and c.priority < job.priority})  # fmt: skip
+                      if c.gpu_ids and not c.ending and c.priority < job.priority}
+                     | {now + left for left in (ends or {}).values() if left > 0})  # fmt: skip
+    rules = {"min_free_gb": min_free_gb, "max_util": max_util}
     for at in moments:
+        # Runs over by then give their GPUs back anyway: none of them is a victim.
+        then = [replace(c, ending=True) if (ends or {}).get(c.job_id, math.inf) <= at - now else c for c in running]
         # (a hair past the moment: started_at + min_run - started_at can round below min_run)
-        victims = choose_victims(job, gpus, running, min_free_gb=min_free_gb, max_util=max_util, min_run=min_run,
-                                 now=at + 1e-6)  # fmt: skip
-        if victims:
+        if victims := choose_victims(job, gpus, then, min_run=min_run, now=at + 1e-6, **rules):
             return at - now, victims
+        # A stand-in victim holding every GPU: no victim chosen means the job needs none by then.
+        everything = Candidate("", -(2**62), tuple(g.index for g in gpus), -math.inf, 0.0)
+        if not choose_victims(job, gpus, [*then, everything], min_run=0, now=at, **rules):
+            return None
     return None

@@ -167,12 +167,19 @@ class Planner:
         rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
         now = time.time()
         running, under_way = preemption.candidates(view.running, rows, now)
-        if under_way:  # (one at a time: its victims are planned as ending, so the head's wait counts them)
+        making_way = [r.job_id for r, (*_, way) in zip(view.running, rows, strict=True)
+                      if way and json.loads(way) == waiting.job_id]  # fmt: skip
+        if making_way:  # (its victims' GPUs are planned as free already: the wait stands, the reason is theirs)
+            found.reasons[waiting.job_id] = Reason("preemption", making_way[0], 0.0, more=len(making_way) - 1)
+            return
+        if under_way:  # one preemption at a time: another job's
             return
         s = self.settings
+        # A run that ends by itself (its prediction or time limit) before it may be preempted makes way without it.
+        ends = {r.job_id: r.remaining_seconds for r in view.running if r.remaining_seconds is not None}
         sooner = preemption.preemption_wait(waiting, view.gpus, running, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
                                             max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
-                                            now=now)  # fmt: skip
+                                            now=now, ends=ends)  # fmt: skip
         if sooner is None:
             return
         wait, victims = sooner

@@ -128,7 +128,10 @@ def jobs_body(ctx: PageContext, listing: dict[str, Any], status: str | None, own
 def _reason(ctx: PageContext, reason: dict[str, Any] | None, own: Collection[str]) -> str:
     if not reason:
         return '<span class="muted">starts at the next pass</span>'
-    held = f" (for {job_ref(ctx, reason['job_id'], own)})" if reason.get("job_id") else ""
+    # (a reservation's job is the one the GPUs are held for; a preemption's, the run that makes way: its message
+    # names it already)
+    held = f" (for {job_ref(ctx, reason['job_id'], own)})" if reason.get("job_id") and reason.get("code") == \
+        "reservation" else ""  # fmt: skip
     return f'<span class="reason r-{esc(reason.get("code"))}">{esc(reason.get("message"))}</span>{held}'
 
 
