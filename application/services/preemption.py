@@ -135,8 +135,10 @@ def preemption_wait(
                      | {now + left for left in (ends or {}).values() if left > 0})  # fmt: skip
     rules = {"min_free_gb": min_free_gb, "max_util": max_util}
     for at in moments:
-        # Runs over by then give their GPUs back anyway: none of them is a victim.
-        then = [replace(c, ending=True) if (ends or {}).get(c.job_id, math.inf) <= at - now else c for c in running]
+        # Runs over by then give their GPUs back anyway: none of them is a victim. (A hair of slack again: a
+        # moment now + left, less now, can round below left.)
+        then = [replace(c, ending=True) if (ends or {}).get(c.job_id, math.inf) <= at - now + 1e-6 else c
+                for c in running]  # fmt: skip
         # (a hair past the moment: started_at + min_run - started_at can round below min_run)
         if victims := choose_victims(job, gpus, then, min_run=min_run, now=at + 1e-6, **rules):
             return at - now, victims
