@@ -136,6 +136,7 @@ async def test_a_job_stopped_while_it_waits_to_run_again_can_still_be_resumed(
         r = await client.post("/jobs/saver/stop")
         assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
         assert "still resumes it" in r.json()["message"] and r.json()["resume_from"] == waiting["resume_from"]
+        assert r.json()["resume_step"] == waiting["resume_step"], r.text  # (it said the checkpoint, not its step)
         assert (await client.get("/queue")).json()["summary"]["length"] == 0
         again = await client.post("/jobs/saver/resume")
         assert again.status_code == 200 and again.json()["resume_step"] == waiting["resume_step"], again.text

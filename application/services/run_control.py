@@ -76,11 +76,13 @@ class RunControl:
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
                                        message="stopped while paused", created_at=job.created_at)  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
+                                  resume_step=checkpoint_step(job.resume_from),
                                   message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
             to = await svc.leave_queue(job, "cancelled before it started", caller)
             if to == JobStatus.STOPPED:
                 return ActionResponse(job_id=job_id, status=to, resume_from=job.resume_from,
+                                      resume_step=checkpoint_step(job.resume_from),
                                       message="The job was stopped while it waited to run again (POST .../resume "
                                       "still resumes it)")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
