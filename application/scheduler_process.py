@@ -19,9 +19,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application import __version__
 from application.config import Settings
@@ -31,7 +29,7 @@ from application.services.keys import Keys
 from application.services.launcher import LocalLauncher
 from application.services.leader import LeaderLock, scheduler_id
 from application.services.queue_processor import QueueProcessor
-from application.services.redis_service import RedisService
+from application.services.redis_service import REDIS_AWAY, RedisService
 from application.services.swift_command import SwiftVersion, detect_swift_version, not_a_python_script
 from application.services.swift_info import probe, usable
 from application.services.watchdog import WATCH_INTERVAL, Watchdog
@@ -224,7 +222,7 @@ class Scheduler:
 
 def _log_failure(what: str, exc: Exception) -> None:
     """Redis going away is expected (a restart, a fail-over): one line, not a traceback per pass and sweep."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+    if isinstance(exc, REDIS_AWAY):
         logger.warning("{}: Redis does not answer ({}); trying again", what, exc)
     else:
         logger.exception(what)

@@ -8,12 +8,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from loguru import logger
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.api.deps import E404, E429, CallerDep, JobId, Responses, Training
 from application.auth import Caller
 from application.services.owner_slots import holding
+from application.services.redis_service import REDIS_AWAY
 from application.services.streams import Streams
 
 router = APIRouter(tags=["jobs"])
@@ -49,7 +48,7 @@ async def _until_redis_goes(items: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for item in items:
             yield item
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except REDIS_AWAY as exc:
         logger.warning("a job stream ends: Redis does not answer ({})", exc)
 
 

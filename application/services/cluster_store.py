@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from application.models.training_model import JobStatus
 from application.services import lua_cluster
 from application.services.keys import Keys
+from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
 from application.utils.gpu_types import GpuSnapshot
 
@@ -143,7 +142,7 @@ class ClusterStore:
         finally:
             # With Redis gone, the key lapses at its TTL: what the block did stands (an answer that says "try
             # again" would be a lie, and its retry refused).
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            with contextlib.suppress(*REDIS_AWAY):
                 await asyncio.shield(self._release(keys=[key], args=[json.dumps({"value": token})]))
 
     async def leader(self) -> Leader | None:

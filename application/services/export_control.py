@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from application.auth import Caller
 from application.exceptions import Conflict, Unavailable, refused
 from application.models.job_request import ExportRequest
@@ -26,6 +23,7 @@ from application.services.quant_exports import (
     prepare_quant_job,
     wants_quantization,
 )
+from application.services.redis_service import REDIS_AWAY
 from application.services.swift_arguments import require_usable_swift
 from application.services.training_service import TrainingService, snapshot_of
 
@@ -78,7 +76,7 @@ class ExportControl:
         try:
             await self.cluster.publish_wakeup(f"export:{job_id}")
             leading: bool | None = await self.cluster.leader() is not None
-        except (RedisConnectionError, RedisTimeoutError):  # recorded: a 503 "try again" would be refused (running)
+        except REDIS_AWAY:  # recorded: a 503 "try again" would be refused (running)
             leading = None
         message = f"Export of {info.checkpoint} started" if leading else \
             f"Export of {info.checkpoint} requested: no scheduler is running, it starts when one leads " \

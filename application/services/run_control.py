@@ -9,9 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound, refused
 from application.models.job_responses import ActionResponse, CheckpointList
@@ -19,6 +16,7 @@ from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.job_store import Refusal, TransitionRefused
+from application.services.redis_service import REDIS_AWAY
 from application.services.run_end import checkpoint_step
 from application.services.training_service import (
     START_WAIT_SECONDS,
@@ -41,7 +39,7 @@ async def await_job(svc: TrainingService, job_id: str, done: Callable[[Job], boo
     while True:
         try:
             job = await svc.job(job_id)
-        except (RedisConnectionError, RedisTimeoutError):
+        except REDIS_AWAY:
             pass
         if done(job) or time.monotonic() >= deadline:
             return job

@@ -14,9 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
@@ -26,6 +24,7 @@ from application.models.job_request import JOB_ID_RE
 from application.models.training_model import JobStatus
 from application.services import artifacts
 from application.services.owner_slots import holding
+from application.services.redis_service import REDIS_AWAY
 from application.ui import job_view, views
 from application.ui.html import PageContext, esc, page, template
 from application.ui.session import context, login_redirect, ui_caller
@@ -43,7 +42,7 @@ class _PageRoute(APIRoute):
             try:
                 return await handler(request)
             except RedisError as exc:
-                down = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+                down = isinstance(exc, REDIS_AWAY)
                 why = "does not answer" if down else f"refused the read ({exc})"
                 body = (f"<h1>Not available</h1><p class='error'>The server's store (Redis) {esc(why)}: nothing can "
                         "be shown now. Jobs that run go on; reload this page in a moment.</p>")  # fmt: skip
