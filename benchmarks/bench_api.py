@@ -138,6 +138,29 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise SystemExit(f"{url} did not answer")
 
 
+def wait_workers(server: subprocess.Popen[bytes], port: int, path: str, count: int, timeout: float = 60) -> None:
+    """Until each of the `count` uvicorn workers under `server` has answered a request. One answering is not
+    enough: wrk opens its connections at once and keeps them, so a worker still importing the app when it began
+    served none of them for the whole run (one of our two workers did all the creates in some runs, the bare
+    app's lighter workers were ready in time: the create ratio swung between 0.16 and 0.29)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(request)
+            client.recv(1024)
+            mine = client.getsockname()[1]
+            for worker in workers:
+                if any(c.raddr and c.raddr.port == mine for c in worker.net_connections("tcp")):
+                    seen.add(worker.pid)
+        if len(seen & {w.pid for w in workers}) >= count:
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"not every one of the {count} workers on port {port} answered within {timeout:g} s")
+
+
 def wrk(url: str, duration: float, connections: int, script: Path | None = None, env_lua: str = "",
         latency: bool = False) -> dict[str, float]:  # fmt: skip
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "10s"]
@@ -392,6 +415,8 @@ def main() -> None:
         try:
             wait_http(f"{ours_base}/health")
             wait_http(f"{bare_base}/health")
+            wait_workers(ours, ours_port, "/api/v1/training/health", workers)
+            wait_workers(bare, bare_port, "/health", workers)
             script = work / "create.lua"
             script.write_text(CREATE_LUA)
             a = measured(ours, f"{ours_base}/jobs", args.duration, args.connections, script,
