@@ -190,6 +190,11 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     missing = cli(server.port, "submit", "--data", "d.jsonl", "--output-dir", "x")
     assert missing.returncode == 2 and "--model" in missing.stderr
     assert cli(server.port, "ls", "--status", "sleeping").returncode == 2
+    # Past what the API takes: the flag and its bounds are named, not the API's query parameter (`query.limit`).
+    for args, flag, most in ((["ls", "--limit", "501"], "--limit", 500), (["logs", "x", "--lines", "10001"], "--lines",
+                                                                          10_000)):  # fmt: skip
+        too_many = cli(server.port, *args)
+        assert too_many.returncode == 2 and f"argument {flag}: must be from 1 to {most}" in too_many.stderr, args
     outside = cli(server.port, "download", "some-job", "../../etc/passwd")
     assert outside.returncode == 2 and "without '..' parts" in outside.stderr, outside.stderr
     bad_set = cli(server.port, *submit_args(workspace, "x", "--set", "max_steps"))

@@ -186,11 +186,18 @@ def run_watch(api: Api, args: argparse.Namespace, out: Output) -> int:
     return watch(api, args.job_id, out)
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _up_to(most: int) -> Callable[[str], int]:
+    """A count from 1 to the most the API's route takes: past it, its 422 named the query parameter (`limit`),
+    which this command does not have."""
+
+    def count(raw: str) -> int:
+        value = int(raw)
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {most}, got {value}")
+        return value
+
+    count.__name__ = "count"  # argparse names the type in its "invalid count value" message
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,14 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("ls", list_jobs, "list jobs, newest first", job=False)
     sub.add_argument("--status", choices=[s.value for s in JobStatus])
     sub.add_argument("--owner", help="another owner's jobs (admin key)")
-    sub.add_argument("--limit", type=_positive, default=50)
+    sub.add_argument("--limit", type=_up_to(500), default=50)
 
     command("status", show("/status", render.job_status), "a job's status, progress and error")
 
     sub = command("logs", logs, "a job's log")
     follow_help = "print the whole log, then follow it until the job ends (exit 0 if it completed)"
     sub.add_argument("-f", "--follow", action="store_true", help=follow_help)
-    sub.add_argument("--lines", type=_positive, default=100, help="last N lines (without -f)")
+    sub.add_argument("--lines", type=_up_to(10_000), default=100, help="last N lines (without -f)")
     sub.add_argument("--export", action="store_true", help="the export's log instead of the training's")
 
     command("watch", run_watch, "a live progress bar until the job ends; exit 0 if it completed, 1 if not")
@@ -251,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("file", metavar="FILE")
     sub.add_argument("--purpose", choices=["sft", "pt", "rlhf"], default="sft")
     sub = command("files", list_files, "your uploaded data sets, newest first", job=False)
-    sub.add_argument("--limit", type=_positive, default=50)
+    sub.add_argument("--limit", type=_up_to(500), default=50)
     command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
     sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
     sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")
