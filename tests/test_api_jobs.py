@@ -361,7 +361,11 @@ def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer
     # swift prints 'loss': 'nan' (and logging.jsonl NaN) once a run diverges: written into the job, it made its
     # page and every list page holding it unparseable (NaN is not JSON) for browsers and strict clients.
     body = job_body(
-        workspace, "diverged", auto_start=True, nan_from_step=3, training={"max_steps": 6, "logging_steps": 1}
+        workspace,
+        "diverged",
+        auto_start=True,
+        nan_from_step=3,
+        training={"max_steps": 6, "logging_steps": 1, "save_steps": 2, "save_total_limit": 5},
     )
     assert server.create(**body).status_code == 201
     server.wait_status("diverged", "completed")
@@ -381,3 +385,6 @@ def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer
     events = [e for e in server.http.get("/jobs/diverged/events").json()["events"] if e["type"] == "loss_not_finite"]
     assert len(events) == 1 and "at step 3: the run diverged" in events[0]["message"], events
     assert events[0]["data"]["step"] == 3
+    # A checkpoint saved after it has no loss to show: it showed step 2's, as healthy as the one before.
+    losses = {c["step"]: c["loss"] for c in strict(server.http.get("/jobs/diverged/checkpoints").text)["checkpoints"]}
+    assert losses[2] is not None and losses[4] is None and losses[6] is None, losses

@@ -53,14 +53,19 @@ def folder_size(path: Path) -> int | None:
 
 def _loss_at(history: list[LossPoint], step: int | None) -> float | None:
     """The training loss logged at `step` or nearest before it (checkpoints land between logging steps).
-    `history`: sorted by step (stable: of two points at one step, the later counts)."""
+    `history`: sorted by step (stable: of two points at one step, the later counts).
+
+    An evaluation's point has no loss of its own and is passed over; a training step's point without one (it has
+    a learning rate) logged a loss that was not a number: None, not the last finite loss before it, which made
+    checkpoints saved after a divergence look as healthy as the last one before it."""
     if step is None:
         return None
     i = bisect.bisect_right(history, step, key=lambda p: p.step)
     while i > 0:
         i -= 1
-        if history[i].loss is not None:
-            return history[i].loss
+        point = history[i]
+        if point.loss is not None or point.learning_rate is not None:
+            return point.loss
     return None
 
 
