@@ -557,3 +557,27 @@ async def test_a_notification_a_cut_off_take_left_under_way_goes_back_to_the_que
     assert await cluster.requeue_orphan_deliveries(["first"]) == 1
     assert await redis_client.lrange(keys.webhooks_delivering, 0, -1) == ["first"]
     assert [await cluster.take_webhook() for _ in range(2)] == ["second", "third"]  # in its place: next out
+
+
+async def test_a_retry_notification_says_why_and_a_failure_says_which_kind(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    # A retry arrived as a bare status_queued, its job's error_message null: nothing told it from a preemption.
+    # A failure's body named no error_code, so a receiver had to parse English to tell a time limit from a signal.
+    hook = receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(WEBHOOK_URLS=hook.url, AUTO_EXPORT=False) as client:
+        killed = job_body(tmp_path, "killed", step_seconds=0.02, sigkill_at_step=3, auto_start=True, max_retries=1,
+                          training={"max_steps": 8, "save_steps": 2, "logging_steps": 1})  # fmt: skip
+        broken = job_body(tmp_path, "broken", fail_at_step=2, auto_start=True, training={"max_steps": 8})
+        for body in (killed, broken):
+            assert (await client.post("/jobs", json=body)).status_code == 201
+        await until(lambda: {"status_completed", "status_failed"} <= set(hook.events()))
+        sent = {(json.loads(raw)["job_id"], h["x-swift-api-event"]): json.loads(raw) for h, raw, _ in hook.received}
+        retry = sent["killed", "status_queued"]["message"]
+        assert retry.startswith("attempt 1 failed (swift exited with code 247: it was killed by signal 9"), retry
+        assert "retry 1 of 1: back in the queue" in retry, retry
+        failed = sent["broken", "status_failed"]
+        assert failed["job"]["error_code"] == "exit_code" and failed["message"].startswith("training failed: "), failed
+        listed = (await client.get("/jobs")).json()["jobs"]
+        assert {j["job_id"]: j["error_code"] for j in listed} == {"killed": None, "broken": "exit_code"}

@@ -109,6 +109,8 @@ class JobSummary(BaseModel):
     progress: Progress
     export: ExportInfo
     error_message: str | None = None
+    error_code: str | None = Field(None, description="which kind of failure (as a job's page says it; null in "
+                                                     "entries written before the field)")  # fmt: skip
     predicted_duration: PredictedDuration | None = Field(
         None, description="how long the run should take, and from what (null in entries older than the field)"
     )

@@ -10,7 +10,7 @@ A refusal is returned as {reason, current status, detail}; `JobStore` turns the 
 # every script changing the job rewrites: a page is then one MGET, and nothing is decoded to serve it.
 SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_path", "output_dir", "num_gpus",
                   "gpu_ids", "created_at", "queued_at", "started_at", "finished_at", "progress", "export",
-                  "error_message", "predicted_duration", "kind", "export_of")  # fmt: skip
+                  "error_message", "error_code", "predicted_duration", "kind", "export_of")  # fmt: skip
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.
@@ -67,14 +67,15 @@ local function forget_head(head_key, id)
   local raw = redis.call('GET', head_key)
   if raw and cjson.decode(raw)[1] == id then redis.call('DEL', head_key) end
 end
-local function queue_webhook(k, id, event, from, at, ev)
-  -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, and the
-  -- event's id as the delivery's, however often it is sent.
+local function queue_webhook(k, id, event, from, at, ev, message)
+  -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, the
+  -- event's message (why: a retry's cause, a preemption's job), and the event's id as the delivery's, however
+  -- often it is sent.
   local hook = field(KEYS[1], 'webhook_url')
   if hook == cjson.null then hook = nil end
   if hook or redis.call('EXISTS', k.webhooks_global) == 1 then
     redis.call('LPUSH', k.webhooks, cjson.encode({job_id = id, event = event, from = from, hook = hook or '',
-      summary = redis.call('GET', k.summary), at = at, id = ev and (id .. '/' .. ev) or nil}))
+      summary = redis.call('GET', k.summary), at = at, id = ev and (id .. '/' .. ev) or nil, message = message}))
   end
 end
 local function free_output_dir(dirs, id)
@@ -259,7 +260,7 @@ local ev = add_event(k.events, a.event)
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
 -- Webhooks: an end, a pause, or a run sent back to the queue (preempted, retried), when anyone listens.
 if member(a.to, a.notify_on) or (a.to == 'queued' and cur == 'running') then
-  queue_webhook(k, id, 'status_' .. a.to, cur, a.finished_at or a.event.time, ev)
+  queue_webhook(k, id, 'status_' .. a.to, cur, a.finished_at or a.event.time, ev, a.event.message)
 end
 return {'ok', cur, ev}
 """
@@ -296,7 +297,9 @@ elseif a.exporting == false then
 end
 refresh_summary(a.k.summary)
 local ev = add_event(a.k.events, a.event)
-if a.notify then queue_webhook(a.k, a.id, a.notify, cur, a.event and a.event.time or a.now, ev) end
+if a.notify then
+  queue_webhook(a.k, a.id, a.notify, cur, a.event and a.event.time or a.now, ev, a.event and a.event.message)
+end
 return {'ok', cur}
 """
 )

@@ -7,7 +7,8 @@ once to one URL, so a slow receiver holds up neither scheduling nor the other re
 delivery as an event of the job, and only then drops it. A leader that dies mid-delivery leaves it in
 `delivering`; the next leader queues it again (at least once).
 
-Body: `{"event", "job_id", "job": <the job's summary as lists show it>, "at": <Unix seconds>}`. Headers:
+Body: `{"event", "job_id", "at": <Unix seconds>, "message": <the event's, or null>, "job": <the job's summary as
+lists show it>}`. Headers:
 `X-Swift-Api-Event`, `X-Swift-Api-Delivery` (the same on retries), `X-Swift-Api-Signature: sha256=<HMAC-SHA256 of
 the body with WEBHOOK_SECRET>`. A job's own webhook_url may not point into private networks unless
 WEBHOOK_ALLOW_PRIVATE: its name is resolved and checked before each attempt, and the POST goes to the address
@@ -214,7 +215,8 @@ class Webhooks:
                 targets.setdefault(item["hook"], True)
             job = json.loads(item["summary"]) if item.get("summary") else None
             at = float(item["at"]) if item.get("at") else None  # (stored as the text of a number)
-            body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at, "job": job}).encode()
+            body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at,
+                               "message": item.get("message"), "job": job}).encode()  # fmt: skip
             # The notification's own id (its event's): the same when a new leader delivers it again (at least once).
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
