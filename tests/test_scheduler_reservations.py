@@ -320,6 +320,20 @@ def test_under_strict_a_blocked_job_keeps_its_owners_turn_in_both_passes() -> No
     assert plan(q, gpus, running, strict, NOW).starts == [] == decide(q, gpus, running, strict, NOW)
 
 
+def test_a_job_needing_memory_an_outside_process_holds_is_told_so_not_too_few_gpus() -> None:
+    # An outside process left 30 of 80 GiB: enough for the GPU to count as free, not for a job asking 40. The job
+    # was told "not enough free GPUs" while /queue said every GPU was free and nothing of ours ran.
+    gpus = [gpu(0, free=30.0, util=10.0), gpu(1)]
+    q = ordered(job("pinned", t=1, ids=(0,), mem=40.0, est=10), job("any2", t=2, n=2, mem=40.0, est=10))
+    p = plan(q, gpus, [], policy_of(), NOW)
+    assert p.reasons["pinned"].code == "outside_processes"
+    assert p.reasons["any2"].code == "outside_processes"
+    # Where our own runs are what it waits for, it still says so.
+    held = [gpu(0, free=30.0, util=10.0), gpu(1, held="r")]
+    p = plan(ordered(job("one", n=1, mem=40.0, est=10)), held, [RunningJob("r", (1,), 100.0)], policy_of(), NOW)
+    assert p.reasons["one"].code in ("resources", "reservation")
+
+
 def test_a_gpu_whose_reading_failed_is_said_so_not_taken_for_outside_processes() -> None:
     unreadable = GpuState(0, 80.0, 80.0, 0.0, None, readable=False)  # NVML failed on it: nobody else is on it
     p = plan([job("a", est=10.0)], [unreadable], [], policy_of(), NOW)

@@ -200,7 +200,8 @@ class Timeline:
         # Our own jobs' GPUs come back; only when those are not enough do the outside processes hold it up.
         pool = [i for i in (ids or self.usable_mem) if i in self.usable_mem and self.usable_mem[i] >= need]
         ours = sum(1 for i in pool if i not in self.free_set and self.lb[i] != INF)
-        stuck = [i for i in pool if self.lb[i] == INF]
+        # A free GPU holds none of our jobs: less memory there than the job needs is an outside process's doing.
+        stuck = [i for i in pool if self.lb[i] == INF or (i in self.free_set and self.cap[i] < need)]
         if len(free) + ours < k and stuck:
             return "gpu_unreadable" if all(i in self.unreadable for i in stuck) else "outside_processes", None
         return "resources", None
