@@ -152,6 +152,16 @@ def test_third_job_queues_with_position_and_estimate_then_starts_when_a_gpu_free
     assert events[:2] == ["created", "status_running"]
 
 
+def test_creates_made_at_once_each_answer_why_their_job_waits(server: ApiServer, workspace: Path) -> None:
+    # A create forecasts the queue up to the position its job was stored at; jobs submitted before it but stored
+    # a moment later moved it past that part, and its answer said pending_reason null, estimated_wait_time null.
+    hold(server, workspace, "both", num_gpus=2)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: create(server, workspace, f"at-once-{i}", auto_start=True), range(12)))
+    assert all(a["status"] == "queued" for a in answers), answers
+    assert [a["job_id"] for a in answers if a["pending_reason"] is None] == [], answers
+
+
 def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, workspace: Path) -> None:
     assert create(server, workspace, "p")["status"] == "pending"
     hold(server, workspace, "h0")

@@ -464,17 +464,23 @@ class TrainingService:
     async def _placed(self, job_id: str, position: int | None, stopped: str | None, view: ClusterView | None = None,
                       head: Head | None = None) -> QueueInfo:  # fmt: skip
         """`queue_info` once the position and the processor's state are known (and the view, when read)."""
-        if position is None:
-            return QueueInfo(None, None, None)
-        if position > ESTIMATE_WINDOW or stopped is not None:
-            # The estimate simulates the queue ahead: past this many nobody can tell, and while no pass runs
-            # (no scheduler, or its switch is off) no wait can be told at all.
-            reason = pending_reason(Reason("priority"), time.time(), stopped)
-            return QueueInfo(position, None, reason)
-        if view is None:
-            fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
-            view = fresh
-        forecast = await self.planner.forecast(view, position, head)
+        for again in (False, True):
+            if position is None:  # (started or gone meanwhile)
+                return QueueInfo(None, None, None)
+            if position > ESTIMATE_WINDOW or stopped is not None:
+                # The estimate simulates the queue ahead: past this many nobody can tell, and while no pass runs
+                # (no scheduler, or its switch is off) no wait can be told at all.
+                reason = pending_reason(Reason("priority"), time.time(), stopped)
+                return QueueInfo(position, None, reason)
+            if view is None:
+                fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
+                view = fresh
+            forecast = await self.planner.forecast(view, position, head)
+            if again or job_id in forecast.reasons or any(s.job_id == job_id for s in forecast.starts):
+                break
+            # Jobs stored after `position` was read but submitted before this one (creates under way at once)
+            # moved it back past the part of the queue the forecast read: where it stands now.
+            position = await self.store.queue_position(job_id)
         return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
                          pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
 
