@@ -162,6 +162,32 @@ def test_creates_made_at_once_each_answer_why_their_job_waits(server: ApiServer,
     assert [a["job_id"] for a in answers if a["pending_reason"] is None] == [], answers
 
 
+def test_a_job_whose_gpus_are_gone_since_its_create_is_told_so_at_its_start(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # Restarted with fewer GPUs: a pending job's start queued it for ever ("this request can never be met"), and
+    # a start of such a queued one said it would start by itself.
+    first = server_factory(env={"SIMULATED_GPUS": "2x80"})
+    create(first, workspace, "pinned", gpu_ids=[1])
+    hold(first, workspace, "busy", num_gpus=2)
+    assert create(first, workspace, "two", num_gpus=2, auto_start=True)["status"] == "queued"
+    first.stop()
+    second = server_factory(env={"SIMULATED_GPUS": "1x80"}, prefix=first.prefix)
+    wait_for(lambda: len(second.http.get("/gpus").json()["gpus"]) == 1, what="the new GPU reading")
+    r = second.http.post("/jobs/pinned/start")
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        "job 'pinned' can never start here: gpu_ids [1] do not exist: this server has 1 "
+        "GPU, indices [0]. Delete it and create it again with a request these GPUs meet"
+    )
+    assert second.job("pinned")["status"] == "pending"
+    # One queued before the GPUs went: its reason says what to do, and so does a start of it.
+    r = second.http.post("/jobs/two/start")
+    assert r.status_code == 200 and r.json()["pending_reason"]["code"] == "never", r.text
+    assert r.json()["message"].startswith("The job is queued, but it cannot start: this request can never be met")
+    assert "create it again with num_gpus, gpu_ids or min_gpu_memory_gb" in r.json()["message"]
+
+
 def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, workspace: Path) -> None:
     assert create(server, workspace, "p")["status"] == "pending"
     hold(server, workspace, "h0")

@@ -28,27 +28,33 @@ def gpu_states(snapshot: GpuSnapshot, leases: Mapping[int, str]) -> list[GpuStat
 
 def impossible_request(req: JobCreate, snapshot: GpuSnapshot) -> str | None:
     """Why this server can never run the request, or None. (A busy GPU is not a reason: the job queues.)"""
-    if req.num_gpus == 0:
+    return impossible(req.num_gpus, req.gpu_ids, req.min_gpu_memory_gb, snapshot)
+
+
+def impossible(num_gpus: int, gpu_ids: Sequence[int] | None, min_gpu_memory_gb: float | None,
+               snapshot: GpuSnapshot) -> str | None:  # fmt: skip
+    """`impossible_request` of a job's GPU request (a stored job: the GPUs may have changed since its create)."""
+    if num_gpus == 0:
         return None
     count = len(snapshot.gpus)
     hint = " (use num_gpus 0 for a CPU-only run)" if count == 0 else ""
     where = f"this server has {count} GPU{'s' if count != 1 else ''}"
     if snapshot.error and count == 0:
         where += f" ({snapshot.error})"
-    if req.gpu_ids is not None:
+    if gpu_ids is not None:
         known = {g.index for g in snapshot.gpus}
-        unknown = [i for i in req.gpu_ids if i not in known]
+        unknown = [i for i in gpu_ids if i not in known]
         if unknown:
             return f"gpu_ids {unknown} do not exist: {where}, indices {sorted(known)}{hint}"
-    elif req.num_gpus > count:
-        return f"num_gpus={req.num_gpus} can never be met: {where}{hint}"
-    if req.min_gpu_memory_gb is not None:
-        candidates = [g for g in snapshot.gpus if req.gpu_ids is None or g.index in req.gpu_ids]
-        big = [g for g in candidates if g.size_unknown or g.memory_usable_mb / MB_PER_GB >= req.min_gpu_memory_gb]
-        if len(big) < req.num_gpus:
+    elif num_gpus > count:
+        return f"num_gpus={num_gpus} can never be met: {where}{hint}"
+    if min_gpu_memory_gb is not None:
+        candidates = [g for g in snapshot.gpus if gpu_ids is None or g.index in gpu_ids]
+        big = [g for g in candidates if g.size_unknown or g.memory_usable_mb / MB_PER_GB >= min_gpu_memory_gb]
+        if len(big) < num_gpus:
             largest = max((g.memory_usable_mb / MB_PER_GB for g in candidates), default=0.0)
             return (
-                f"min_gpu_memory_gb={req.min_gpu_memory_gb:g} can never be met on {req.num_gpus} GPU(s): "
+                f"min_gpu_memory_gb={min_gpu_memory_gb:g} can never be met on {num_gpus} GPU(s): "
                 f"{where}, the largest offers {math.floor(largest * 100) / 100:.2f} GiB (its total less what the "
                 "driver reserves)"
             )

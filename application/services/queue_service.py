@@ -37,7 +37,7 @@ class QueueService:
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
         view, queue, stopped, head = await asyncio.gather(
-            self.service.view(), queued(self.store, limit, start=offset), self.service.processor_stopped(),
+            self.service.view(), queued(self.store, limit, start=offset), self.service.placement.processor_stopped(),
             self.cluster.queue_head(),
         )  # fmt: skip
         forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
@@ -119,7 +119,7 @@ class QueueService:
             return {"job_id": job_id, "queued": False, "status": job.status.value, "queue_position": None,
                     "jobs_ahead": None, "estimated_wait_time": None,
                     "message": f"the job is not queued: it is {job.status.value}"}  # fmt: skip
-        info = await self.service.queue_info(job_id)
+        info = await self.service.placement.queue_info(job_id)
         return {
             "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": info.position or position,
             "jobs_ahead": (info.position or position) - 1, "priority": job.priority, "num_gpus": job.num_gpus,

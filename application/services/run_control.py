@@ -16,14 +16,10 @@ from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.job_store import Refusal, TransitionRefused
+from application.services.placement import NOT_QUEUED
 from application.services.redis_service import REDIS_AWAY
 from application.services.run_end import checkpoint_step
-from application.services.training_service import (
-    START_WAIT_SECONDS,
-    STOP_EXTRA_SECONDS,
-    QueueInfo,
-    TrainingService,
-)
+from application.services.training_service import START_WAIT_SECONDS, STOP_EXTRA_SECONDS, TrainingService
 
 STOP_TRIES = 5
 POLL_SECONDS = 0.05  # while an action waits for the run to end
@@ -213,9 +209,7 @@ class RunControl:
         after = await self.service.job(job_id)
         message = f"Resuming from {where}{await _fresh_schedule(checkpoint)}" if checkpoint else \
             "No checkpoint: training starts from the beginning"  # fmt: skip
-        info = (
-            await self.service.queue_info(job_id) if after.status == JobStatus.QUEUED else QueueInfo(None, None, None)
-        )
+        info = await self.service.placement.queue_info(job_id) if after.status == JobStatus.QUEUED else NOT_QUEUED
         return ActionResponse(job_id=job_id, status=after.status, message=message, resume_from=checkpoint,
                               resume_step=step, queue_position=info.position, estimated_wait_time=info.estimate,
                               pending_reason=info.reason, gpu_ids=after.gpu_ids or None)  # fmt: skip

@@ -16,7 +16,6 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,18 @@ from application.models.job_responses import (
     LogsResponse,
     ProgressResponse,
     StatusResponse,
-    WaitEstimate,
 )
-from application.models.training_model import Job, JobStatus, PendingReason
+from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
-from application.services.gpu_pool import gpu_states, impossible_request, queued_job
+from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.limits import CreateLimits
 from application.services.path_sandbox import all_of, real_output_root
+from application.services.placement import NOT_QUEUED, Placement, stopped_because
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
 from application.services.preflight import check_request, runs_inline
 from application.services.queue_planner import (
@@ -50,11 +49,9 @@ from application.services.queue_planner import (
     ClusterView,
     Planner,
     build_view,
-    pending_reason,
-    wait_estimate,
 )
 from application.services.run_history import RunHistory
-from application.services.scheduler import Head, QueuedJob, Reason, gpu_is_free
+from application.services.scheduler import QueuedJob, gpu_is_free
 from application.services.swift_arguments import (
     DATA_ARGUMENTS,
     check_arguments,
@@ -77,13 +74,6 @@ START_WAIT_SECONDS = 5.0
 STOP_EXTRA_SECONDS = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class QueueInfo:
-    position: int | None
-    estimate: WaitEstimate | None
-    reason: PendingReason | None
-
-
 def job_id_from(output_dir: Path) -> str:
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", output_dir.name).lstrip("._-")[:100]
     return base or "job"
@@ -102,6 +92,7 @@ class TrainingService:
         # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
         self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
         self.files = FileStore(settings, store.r, store.keys)
+        self.placement = Placement(store, cluster, self.planner, self.view)
 
     # ---- what the scheduler published ---------------------------------------------------------------
 
@@ -270,7 +261,7 @@ class TrainingService:
             raise Conflict(f"every job id from '{base_id}' to '{job.job_id}' is taken: pass a job_id")
         if job.status == JobStatus.PENDING and req.auto_start:
             try:
-                started = await self.start(job.job_id, caller)
+                started = await self.start(job.job_id, caller, gpus_checked=True)
             except (JobNotFound, Conflict):
                 # A delete or a stop of the job came between its create and its start: the create stands.
                 return await self._overtaken(job)
@@ -284,7 +275,7 @@ class TrainingService:
             forecast = stopped is None and position is not None and position <= ESTIMATE_WINDOW
             if forecast and view is None:
                 view = await build_view(self.store, snapshot, state=ctx.planning_state)
-            info = await self._placed(job.job_id, position, stopped, view, ctx.head)
+            info = await self.placement.placed(job.job_id, position, stopped, view, ctx.head)
             return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   predicted_duration=job.predicted_duration)  # fmt: skip
@@ -303,11 +294,20 @@ class TrainingService:
             job_id=job.job_id, status=status, message=message, predicted_duration=job.predicted_duration
         )
 
-    async def start(self, job_id: str, caller: Caller) -> ActionResponse:
+    async def start(self, job_id: str, caller: Caller, *, gpus_checked: bool = False) -> ActionResponse:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
         when its GPUs are free: at once when they are now."""
         job = await self.require(job_id, caller)
         if job.status == JobStatus.PENDING:
+            # The GPUs may have changed since its create checked them (a restart with fewer): queued, it waited
+            # for ever.
+            # (`gpus_checked`: by the create this start follows.)
+            snapshot = NO_READING if gpus_checked else await self.gpu_snapshot()
+            never = impossible(job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb, snapshot) \
+                if snapshot.taken_at else None  # fmt: skip
+            if never:
+                raise Conflict(f"job '{job_id}' can never start here: {never}. Delete it and create it again with "
+                               "a request these GPUs meet")  # fmt: skip
             try:
                 await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
                                             message="start requested: queued for the scheduler",
@@ -324,16 +324,19 @@ class TrainingService:
                                       message=f"Training started on {where}")  # fmt: skip
             if job.status != JobStatus.QUEUED:
                 return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}")
-            info = await self.queue_info(job_id)
+            info = await self.placement.queue_info(job_id)
             return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
-                                  message=await self._queued_message(info.reason))  # fmt: skip
+                                  message=await self.placement.queued_message(info.reason))  # fmt: skip
         if job.status == JobStatus.QUEUED:
             await self.cluster.publish_wakeup(job_id)
-            info = await self.queue_info(job_id)
+            info = await self.placement.queue_info(job_id)
+            message = "The job is queued: it starts by itself when its GPUs are free"
+            if info.reason is not None and info.reason.code == "never":
+                message = f"The job is queued, but it cannot start: {info.reason.message}"
             return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
-                                  message="The job is queued: it starts by itself when its GPUs are free")  # fmt: skip
+                                  message=message)  # fmt: skip
         hint = ""
         if job.status == JobStatus.PAUSED:
             hint = f"; resume it with POST .../jobs/{job_id}/resume"
@@ -342,14 +345,6 @@ class TrainingService:
             hint = (f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or" if resumable
                     else ";") + " create a new job to train again"  # fmt: skip
         raise Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
-
-    async def _queued_message(self, reason: PendingReason | None) -> str:
-        if await self.cluster.leader() is None:
-            return "No scheduler is running: the job is queued and starts when one does (python start.py)"
-        if reason is None or reason.code == "resources":
-            return "No free GPUs now: the job was added to the GPU queue"
-        # (a CPU-only job held by its owner's limit was told "No free GPUs now")
-        return f"The job was added to the GPU queue: {reason.message}"
 
     async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
         """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
@@ -365,7 +360,7 @@ class TrainingService:
 
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
-        info = await self.queue_info(job_id) if job.status == JobStatus.QUEUED else QueueInfo(None, None, None)
+        info = await self.placement.queue_info(job_id) if job.status == JobStatus.QUEUED else NOT_QUEUED
         return StatusResponse(
             job_id=job.job_id, status=job.status, priority=job.priority, gpu_ids=job.gpu_ids, progress=job.progress,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
@@ -450,47 +445,6 @@ class TrainingService:
             else [], checkpoints=job.checkpoints, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
             train_runtime=job.train_runtime, stream_id=format_id(keys[-1]) if keys else None,
         )  # fmt: skip
-
-    async def processor_stopped(self) -> str | None:
-        """Why no pass will start queued jobs (the switch is off, or no scheduler leads), or None."""
-        (enabled, _), leader = await asyncio.gather(self.cluster.processor_switch(), self.cluster.leader())
-        return stopped_because(enabled, leader is not None)
-
-    async def queue_info(self, job_id: str) -> QueueInfo:
-        """Where a queued job stands: its position, its estimated wait and why it waits."""
-        position, stopped = await asyncio.gather(self.store.queue_position(job_id), self.processor_stopped())
-        return await self._placed(job_id, position, stopped)
-
-    async def _placed(self, job_id: str, position: int | None, stopped: str | None, view: ClusterView | None = None,
-                      head: Head | None = None) -> QueueInfo:  # fmt: skip
-        """`queue_info` once the position and the processor's state are known (and the view, when read)."""
-        for again in (False, True):
-            if position is None:  # (started or gone meanwhile)
-                return QueueInfo(None, None, None)
-            if position > ESTIMATE_WINDOW or stopped is not None:
-                # The estimate simulates the queue ahead: past this many nobody can tell, and while no pass runs
-                # (no scheduler, or its switch is off) no wait can be told at all.
-                reason = pending_reason(Reason("priority"), time.time(), stopped)
-                return QueueInfo(position, None, reason)
-            if view is None:
-                fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
-                view = fresh
-            forecast = await self.planner.forecast(view, position, head)
-            if again or job_id in forecast.reasons or any(s.job_id == job_id for s in forecast.starts):
-                break
-            # Jobs stored after `position` was read but submitted before this one (creates under way at once)
-            # moved it back past the part of the queue the forecast read: where it stands now.
-            position = await self.store.queue_position(job_id)
-        return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
-                         pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
-
-
-def stopped_because(enabled: bool, leading: bool) -> str | None:
-    if not leading:
-        return "no scheduler is running: queued jobs start when one does (python start.py)"
-    if not enabled:
-        return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
-    return None
 
 
 NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
