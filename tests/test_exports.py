@@ -16,10 +16,12 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services import export_control
 from application.services.exports import (
     EXPORTS_KEPT,
+    as_they_stand,
     export_log,
     name_taken,
     put_export,
     record_auto_export,
+    settle,
     while_running,
 )
 from application.services.job_store import JobStore
@@ -139,15 +141,18 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     quant = [e for e in exports if e["job_id"] == "q-quant"]
     assert len(quant) == 1 and quant[0]["status"] == "completed" and quant[0]["path"] == str(target)
     assert quant[0]["quant_bits"] == 4 and quant[0]["quant_method"] == "awq"
+    # The job's own page says so too: it showed the record as stored, running for ever.
+    assert [e["status"] for e in server.job("q")["exports"] if e["job_id"] == "q-quant"] == ["completed"]
     # The export job neither taught the predictions nor exported itself.
     assert server.job("q-quant")["export"]["status"] == "none"
     again = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4,
                                                      "quant_method": "awq"})  # fmt: skip
     assert again.status_code == 409 and "name another with output_name" in again.json()["detail"]  # none was sent
-    # Its job deleted, the export is no longer shown running, and its id is not given to the next one.
+    # Its job deleted (by its user, or by JOB_RETENTION_DAYS), the export keeps how it ended and where its model
+    # is (it became "stopped: deleted before it ended", with no path), and its id is not given to the next one.
     assert server.http.delete("/jobs/q-quant").status_code == 204
     gone = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]
-    assert gone[0]["status"] == "stopped" and "was deleted" in gone[0]["error"], gone
+    assert (gone[0]["status"], gone[0]["path"], gone[0]["error"]) == ("completed", str(target), None), gone
     # A new job given that id since is not the export's (it could be another owner's).
     assert server.create(**job_body(workspace, "unrelated", job_id="q-quant")).status_code == 201
     still = [e for e in server.http.get("/jobs/q/exports").json()["exports"] if e["job_id"] == "q-quant"]
@@ -224,6 +229,30 @@ async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_c
     assert stored is not None
     ids = [e.export_id or "" for e in (*stored.exports, stored.export)]
     assert sorted(ids) == sorted([f"m{n}" for n in range(10)] + [f"q{n}" for n in range(10)]), ids
+
+
+async def test_a_quantized_export_deleted_before_it_ended_is_said_so_one_that_ended_keeps_its_end(
+    redis_client: Any,
+) -> None:
+    store = await completed_job(redis_client)
+    for name in ("ended", "waiting"):
+        info = ExportInfo(status=ExportStatus.RUNNING, export_id=name, job_id=f"j-{name}", checkpoint="c",
+                          output_dir=f"/out/j/exports/{name}")  # fmt: skip
+        await put_export(store, "j", info, current=False)
+    for name, status in (("ended", JobStatus.COMPLETED), ("waiting", JobStatus.QUEUED)):
+        end = 9.0 if name == "ended" else None
+        quant = Job(job_id=f"j-{name}", status=status, priority=5, owner=None, data_path="d", model_path="m",
+                    output_dir="/out/j", output_dir_requested="x", num_gpus=1, training=TrainingParams(), created_at=0,
+                    updated_at=0, kind="export", export_of="j", finished_at=end)  # fmt: skip
+        await settle(store, quant)  # as a delete or JOB_RETENTION_DAYS does before the record goes
+    stored = await store.get("j")
+    assert stored is not None
+    shown = {e.export_id: e for e in await as_they_stand(store, stored)}  # (neither export job exists)
+    assert (shown["ended"].status, shown["ended"].path, shown["ended"].finished_at) == (
+        ExportStatus.COMPLETED, "/out/j/exports/ended", 9.0)  # fmt: skip
+    assert shown["waiting"].status == ExportStatus.STOPPED and "deleted before it ended" in (
+        shown["waiting"].error or ""
+    )
 
 
 async def test_what_is_written_about_an_export_lands_only_while_that_export_runs(redis_client: Any) -> None:

@@ -247,7 +247,7 @@ def choose_checkpoint(job: Job, wanted: str, on_disk: list[str]) -> str:
                   "GET .../checkpoints")  # fmt: skip
 
 
-_EXPORTS = TypeAdapter(list[ExportInfo])
+EXPORT_LIST = TypeAdapter(list[ExportInfo])
 
 
 async def while_running(store: JobStore, job_id: str, export_id: str | None,
@@ -291,6 +291,29 @@ async def _kept(store: JobStore, job_id: str, exports: list[ExportInfo]) -> list
     return [e for i, e in enumerate(exports) if i >= cut or (e.job_id or "") in alive]
 
 
+async def settle(store: JobStore, job: Job) -> None:
+    """A quantized export's job about to be deleted (by its user, or by retention): the record its parent keeps of
+    it takes how it ended, which was read from this job (as_export). Gone, it turned a completed export into
+    "deleted before it ended", with no path to the model it wrote. Best effort: the parent may be gone too."""
+    if job.kind != "export" or job.export_of is None or not job.status.is_terminal():
+        return
+    parent = job.export_of
+    for _ in range(20):
+        raw_export, raw_list = (await store.get_fields([parent], ["export", "exports"]))[0]
+        if raw_list in (None, "null"):
+            return
+        exports = EXPORT_LIST.validate_json(raw_list)
+        if not any(e.job_id == job.job_id and e.status == ExportStatus.RUNNING for e in exports):
+            return  # (settled already, or not this job's: another one of its id)
+        settled = [as_export(e, job, parent) if e.job_id == job.job_id else e for e in exports]
+        try:
+            await store.update(parent, {"exports": settled}, unchanged={"export": raw_export, "exports": raw_list})
+            return
+        except TransitionRefused as exc:
+            if exc.reason != Refusal.CHANGED:
+                return
+
+
 async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:
     """Record a new export: as the job's current one (the one before joins the list), or, `current=False`, in
     its list (a quantized export: a job of its own). From the fields as stored, written only if they did not
@@ -298,7 +321,7 @@ async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current:
     JobStore.update's conditions and event."""
     for _ in range(20):
         raw_export, raw_list = (await store.get_fields([job_id], ["export", "exports"]))[0]
-        earlier = _EXPORTS.validate_json(raw_list) if raw_list not in (None, "null") else []
+        earlier = EXPORT_LIST.validate_json(raw_list) if raw_list not in (None, "null") else []
         if current:
             before = ExportInfo.model_validate_json(raw_export) if raw_export not in (None, "null") else None
             earlier += [before] if before is not None and before.status != ExportStatus.NONE else []

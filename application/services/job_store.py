@@ -49,6 +49,11 @@ from application.services.scheduler import queue_score
 INDEXED_FIELDS = frozenset({"job_id", "status", "owner", "priority", "created_at", "output_dir"})
 
 
+def joined(fields: Mapping[str, str]) -> str:
+    """A job's JSON text from its stored JSON values, nothing decoded."""
+    return "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
+
+
 class JobStore(JobLog):
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
         super().__init__(client, keys, events_max=events_max, history_max=history_max)
@@ -215,13 +220,14 @@ class JobStore(JobLog):
                         script_arg({"k": {"summary": self.keys.job_summary(job_id)}})]))  # fmt: skip
         return written
 
-    async def job_json(self, job_id: str) -> tuple[str | None, str] | None:
-        """(owner, the whole job as JSON text) assembled from the stored JSON values; None when it does not exist."""
+    async def job_json(self, job_id: str) -> tuple[str | None, dict[str, str]] | None:
+        """(owner, the job's stored JSON values by field: `joined` makes them the whole job's JSON text); None
+        when it does not exist."""
         raw = await self.r.hgetall(self.keys.job(job_id))
         if not raw:
             return None
         owner = raw.get("owner")
-        return (json.loads(owner) if owner else None), "{" + ",".join(f'"{k}":{v}' for k, v in raw.items()) + "}"
+        return (json.loads(owner) if owner else None), raw
 
     async def ids_with_status(self, *statuses: JobStatus) -> list[str]:
         async with self.r.pipeline(transaction=False) as pipe:

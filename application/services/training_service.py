@@ -35,10 +35,11 @@ from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
+from application.services.exports import EXPORT_LIST, as_they_stand, settle
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
-from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
@@ -389,10 +390,16 @@ class TrainingService:
         found = await self.store.job_json(job_id)
         if found is None or not caller.owns(found[0]):
             raise JobNotFound(job_id)
-        return found[1]
+        fields = found[1]
+        if '"job_id":"' in fields.get("exports", ""):
+            # A quantized export's record says running for ever: how its job stands (as GET .../exports says).
+            job = Job.model_validate_json(joined(fields))
+            fields["exports"] = EXPORT_LIST.dump_json(await as_they_stand(self.store, job)).decode()
+        return joined(fields)
 
     async def delete(self, job_id: str, caller: Caller) -> None:
         job = await self.require(job_id, caller)
+        await settle(self.store, job)
         try:
             await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
         except TransitionRefused as exc:

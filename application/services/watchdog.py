@@ -29,7 +29,7 @@ from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import merged_path, request_auto_export, run_again, while_running
+from application.services.exports import merged_path, request_auto_export, run_again, settle, while_running
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -439,6 +439,7 @@ class Watchdog:
             if job is None or not job.status.is_terminal():
                 continue  # gone, or resumed since (it leaves the expiry set)
             try:
+                await settle(self.store, job)
                 # (only the job read: not one created since under its id)
                 await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
                 removed.append(job_id)
