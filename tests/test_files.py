@@ -408,6 +408,34 @@ async def test_leftovers_in_every_data_roots_uploads_are_swept(redis_client: aio
     assert sorted(removed) == sorted(p.resolve() for p in leftovers) and not any(p.exists() for p in leftovers)
 
 
+async def test_orphans_past_the_first_sweeps_worth_of_recorded_files_are_swept_too(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # Each sweep looked at the same first `limit` old files, recorded ones counted: a folder holding more than
+    # that many kept every orphan past them for ever.
+    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    keys = Keys(f"sweep-{time.time_ns()}")
+    folder = tmp_path / "data" / "uploads" / "alice"
+    folder.mkdir(parents=True)
+    old = time.time() - 7 * 3600
+    recorded, orphans = [], []
+    for n in range(35):
+        path = folder / f"file-{n:024x}.jsonl"
+        path.write_bytes(VALID)
+        os.utime(path, (old, old))
+        if n % 7 == 3:
+            orphans.append(path)
+        else:
+            recorded.append(path)
+            await redis_client.hset(keys.file(path.name.split(".")[0]), "owner", '"alice"')
+    files = FileStore(settings, redis_client, keys)
+    removed: list[Path] = []
+    for _ in range(4):  # 35 old files, 10 looked at per sweep
+        removed += await files.sweep_orphans(limit=10)
+    assert sorted(removed) == sorted(p.resolve() for p in orphans)
+    assert all(p.exists() for p in recorded) and not any(p.exists() for p in orphans)
+
+
 async def test_another_owners_upload_is_refused_before_anything_looks_at_it(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ a record without its file.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import hashlib
 import json
@@ -49,6 +50,7 @@ FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
 # An upload file older than this with no record is left over from a crash (an upload takes far less).
 ORPHAN_AGE = 6 * 3600.0
+MAX_SWEPT = 200_000  # old upload files listed per sweep: past this many, the rest wait for a later sweep
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
 USERS_NAMED_MAX = 200  # a refused delete looks up this many of the file's jobs, to name the caller's own
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
@@ -83,6 +85,7 @@ class FileStore:
         self._store_file = client.register_script(lua_cluster.STORE_FILE)
         self.slots = upload_slots(client, keys, settings)
         self.folders = FolderIndex(client, keys)
+        self._swept: Path | None = None  # the last old upload file the last orphan sweep looked at
 
     @property
     def root(self) -> Path:
@@ -257,8 +260,9 @@ class FileStore:
     # ---- orphans --------------------------------------------------------------------------------------------
 
     def _candidates(self, older_than: float, limit: int) -> list[Path]:
-        """Upload files at least this old that may have no record: temp files a crash left mid-upload, and
-        stored names (the record is written after the rename). Bounded per call; synchronous (disk)."""
+        """Upload files at least this old that may have no record, in a stable order (by path): temp files a crash
+        left mid-upload, and stored names (the record is written after the rename). At most `limit`; synchronous
+        (disk)."""
         found: list[Path] = []
         owners: list[os.DirEntry[str]] = []
         for root in self.real_roots:  # every root's: uploads made while another came first are swept too
@@ -280,20 +284,28 @@ class FileStore:
                 except OSError:
                     continue
                 if len(found) >= limit:
-                    return found
-        return found
+                    return sorted(found)
+        return sorted(found)
 
     async def sweep_orphans(self, min_age: float = ORPHAN_AGE, limit: int = 1000) -> list[Path]:
         """Remove upload files with no record that are older than `min_age` seconds (a crash between the
-        write and the record, or mid-upload); the scheduler's watchdog calls this now and then."""
-        paths = await asyncio.to_thread(self._candidates, time.time() - min_age, limit)
+        write and the record, or mid-upload); the scheduler's watchdog calls this now and then.
+
+        Each call looks at `limit` of the old files, from where the last call stopped: the first `limit` every
+        time, recorded files included, never reached the orphans past them."""
+        paths = await asyncio.to_thread(self._candidates, time.time() - min_age, MAX_SWEPT)
+        start = bisect.bisect_right(paths, self._swept) if self._swept is not None else 0
+        window = (paths[start:] + paths[:start])[:limit]
+        self._swept = window[-1] if window else None
+        named = ((p, p.name.removeprefix(".").split(".")[0]) for p in window)
+        ours = [(p, file_id) for p, file_id in named if FILE_REF.match(file_id)]  # (other names are not ours)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for _, file_id in ours:
+                pipe.exists(self.keys.file(file_id))
+            recorded = await pipe.execute() if ours else []
         removed: list[Path] = []
-        for path in paths:
-            file_id = path.name.removeprefix(".").split(".")[0]
-            if not FILE_REF.match(file_id):
-                continue  # not a name the server gives: not ours to remove
-            partial = path.name.startswith(".")
-            if not partial and await self.r.exists(self.keys.file(file_id)):
+        for (path, _), has_record in zip(ours, recorded, strict=True):
+            if has_record and not path.name.startswith("."):  # (a temp name is never recorded)
                 continue
             await asyncio.to_thread(path.unlink, missing_ok=True)
             removed.append(path)
