@@ -123,6 +123,8 @@ def test_rejected_creates_are_4xx_with_helpful_messages_and_change_nothing(
         ({**base, "gpu_ids": []}, 422, ["gpu_ids"]),
         ({**base, "num_gpus": 3}, 422, ["num_gpus=3", "2 GPUs"]),
         ({**base, "num_gpus": 2, "gpu_ids": [0]}, 422, ["num_gpus", "gpu_ids"]),
+        # (it was taken, and the memory asked for ignored)
+        ({**base, "num_gpus": 0, "min_gpu_memory_gb": 10}, 422, ["min_gpu_memory_gb", "num_gpus 0"]),
         ({**base, "min_gpu_memory_gb": 100}, 422, ["min_gpu_memory_gb", "2 GPUs", "80"]),
         ({**base, "num_gpus": 0, "training": {"torch_dtype": "bfloat16"}}, 422, ["bfloat16", "float32"]),
         ({**base, "job_id": "busy"}, 409, ["busy", "taken"]),

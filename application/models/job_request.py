@@ -268,6 +268,9 @@ class JobCreate(_Strict):
             if "num_gpus" in self.model_fields_set and self.num_gpus != len(self.gpu_ids):
                 raise ValueError(f"num_gpus={self.num_gpus} disagrees with {len(self.gpu_ids)} gpu_ids")
             self.num_gpus = len(self.gpu_ids)
+        if self.num_gpus == 0 and self.min_gpu_memory_gb is not None:
+            raise ValueError("min_gpu_memory_gb is GPU memory: leave it out with num_gpus 0 (a CPU-only run), or ask "
+                             "for GPUs")  # fmt: skip
         if self.kind == "rlhf":
             self.rlhf_type = self.rlhf_type or "dpo"
         elif self.rlhf_type is not None:
