@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -50,7 +51,6 @@ FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
 # An upload file older than this with no record is left over from a crash (an upload takes far less).
 ORPHAN_AGE = 6 * 3600.0
-MAX_SWEPT = 200_000  # old upload files listed per sweep: past this many, the rest wait for a later sweep
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
 USERS_NAMED_MAX = 200  # a refused delete looks up this many of the file's jobs, to name the caller's own
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
@@ -85,7 +85,7 @@ class FileStore:
         self._store_file = client.register_script(lua_cluster.STORE_FILE)
         self.slots = upload_slots(client, keys, settings)
         self.folders = FolderIndex(client, keys)
-        self._swept: Path | None = None  # the last old upload file the last orphan sweep looked at
+        self._swept: str | None = None  # the last upload file the last orphan sweep looked at
 
     @property
     def root(self) -> Path:
@@ -260,43 +260,43 @@ class FileStore:
     # ---- orphans --------------------------------------------------------------------------------------------
 
     def _candidates(self, older_than: float, limit: int) -> list[Path]:
-        """Upload files at least this old that may have no record, in a stable order (by path): temp files a crash
-        left mid-upload, and stored names (the record is written after the rename). At most `limit`; synchronous
-        (disk)."""
-        found: list[Path] = []
-        owners: list[os.DirEntry[str]] = []
+        """The next `limit` upload files by path, from where the last call stopped (round the end to the start),
+        that are at least this old and may have no record: temp files a crash left mid-upload, and stored names
+        (the record is written after the rename). Synchronous (disk).
+
+        The first `limit` files each time, recorded ones counted, never reached the orphans past them. Names are
+        listed whole (cheap), and only the `limit` looked at are stat'ed."""
+        names: list[str] = []
         for root in self.real_roots:  # every root's: uploads made while another came first are swept too
             try:
-                owners += [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+                owners = [e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
             except OSError:
                 continue
-        for owner in owners:
-            try:
-                entries = list(os.scandir(owner.path))
-            except OSError:
-                continue
-            for e in entries:
-                if not (e.name.startswith((".file-", "file-")) and e.is_file(follow_symlinks=False)):
-                    continue
+            for owner in owners:
                 try:
-                    if e.stat(follow_symlinks=False).st_mtime <= older_than:
-                        found.append(Path(e.path))
+                    names += [os.path.join(owner, n) for n in os.listdir(owner) if n.startswith((".file-", "file-"))]
                 except OSError:
                     continue
-                if len(found) >= limit:
-                    return sorted(found)
-        return sorted(found)
+        names.sort()
+        start = bisect.bisect_right(names, self._swept) if self._swept is not None else 0
+        window = names[start : start + limit]
+        window += names[: min(start, limit - len(window))]
+        self._swept = window[-1] if window else None
+        found: list[Path] = []
+        for path in window:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mtime <= older_than:
+                found.append(Path(path))
+        return found
 
     async def sweep_orphans(self, min_age: float = ORPHAN_AGE, limit: int = 1000) -> list[Path]:
         """Remove upload files with no record that are older than `min_age` seconds (a crash between the
-        write and the record, or mid-upload); the scheduler's watchdog calls this now and then.
-
-        Each call looks at `limit` of the old files, from where the last call stopped: the first `limit` every
-        time, recorded files included, never reached the orphans past them."""
-        paths = await asyncio.to_thread(self._candidates, time.time() - min_age, MAX_SWEPT)
-        start = bisect.bisect_right(paths, self._swept) if self._swept is not None else 0
-        window = (paths[start:] + paths[:start])[:limit]
-        self._swept = window[-1] if window else None
+        write and the record, or mid-upload); the scheduler's watchdog calls this now and then. Each call looks
+        at `limit` files, from where the last one stopped."""
+        window = await asyncio.to_thread(self._candidates, time.time() - min_age, limit)
         named = ((p, p.name.removeprefix(".").split(".")[0]) for p in window)
         ours = [(p, file_id) for p, file_id in named if FILE_REF.match(file_id)]  # (other names are not ours)
         async with self.r.pipeline(transaction=False) as pipe:
