@@ -184,8 +184,14 @@ def as_export(info: ExportInfo, job: Job | None, parent: str) -> ExportInfo:
 
 async def as_they_stand(store: JobStore, job: Job) -> list[ExportInfo]:
     """The job's kept export records, a quantized one's as its job now stands (its record keeps 'running')."""
-    jobs = {j.job_id: j for j in await store.get_many([e.job_id for e in job.exports if e.job_id])}
-    return [as_export(e, jobs.get(e.job_id), job.job_id) if e.job_id else e for e in job.exports]
+    return await exports_as_they_stand(store, job.job_id, job.exports)
+
+
+async def exports_as_they_stand(store: JobStore, job_id: str, exports: list[ExportInfo]) -> list[ExportInfo]:
+    """`as_they_stand` of job `job_id`'s `exports`: only the export jobs still said to run are read."""
+    running = [e.job_id for e in exports if e.job_id and e.status == ExportStatus.RUNNING]
+    jobs = {j.job_id: j for j in await store.get_many(running)} if running else {}
+    return [as_export(e, jobs.get(e.job_id), job_id) if e.job_id else e for e in exports]
 
 
 def name_taken(job: Job, target: Path) -> bool:

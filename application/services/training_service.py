@@ -31,11 +31,11 @@ from application.models.job_responses import (
     ProgressResponse,
     StatusResponse,
 )
-from application.models.training_model import Job, JobStatus
+from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
-from application.services.exports import EXPORT_LIST, as_they_stand, settle
+from application.services.exports import EXPORT_LIST, exports_as_they_stand, settle
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
@@ -391,10 +391,13 @@ class TrainingService:
         if found is None or not caller.owns(found[0]):
             raise JobNotFound(job_id)
         fields = found[1]
-        if '"job_id":"' in fields.get("exports", ""):
-            # A quantized export's record says running for ever: how its job stands (as GET .../exports says).
-            job = Job.model_validate_json(joined(fields))
-            fields["exports"] = EXPORT_LIST.dump_json(await as_they_stand(self.store, job)).decode()
+        if '"job_id":"' in fields.get("exports", ""):  # (cheap: most jobs have no quantized export)
+            # A quantized export's record says running until it is settled: how its job stands, as GET .../exports
+            # says. Only the export list is decoded, and only the export jobs said to run are read.
+            exports = EXPORT_LIST.validate_json(fields["exports"])
+            if any(e.job_id and e.status == ExportStatus.RUNNING for e in exports):
+                exports = await exports_as_they_stand(self.store, job_id, exports)
+                fields["exports"] = EXPORT_LIST.dump_json(exports).decode()
         return joined(fields)
 
     async def delete(self, job_id: str, caller: Caller) -> None:
