@@ -359,6 +359,7 @@ async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
 async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     store: JobStore, redis_client: aioredis.Redis
 ) -> None:
+    assert await store.backfill_summaries() == 0  # (a scheduler's start on the empty store)
     await store.create(make_job("a", created=1000.0), message="", actor="t")
     await store.create(make_job("b", created=1001.0), message="", actor="t")
     await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0], fields={"gpu_ids": [0]})
@@ -374,6 +375,15 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     assert json.loads((await store.page_json(None, None, 0, 10))[1])[0]["job_id"] == "a"
     assert await store.backfill_summaries() == 1
     assert [j["job_id"] for j in json.loads((await store.page_json(None, None, 0, 10))[1])] == ["b", "a"]
+    assert await store.backfill_summaries() == 0  # (nothing to do on the next start)
+    # Summaries an older version wrote with fewer fields (before error_code) are all rewritten once: an ended
+    # job's summary is never rewritten otherwise, and its list entry lacked the key for good.
+    old = json.loads(await redis_client.get(store.keys.job_summary("a")) or "{}")
+    del old["error_code"]
+    await redis_client.set(store.keys.job_summary("a"), json.dumps(old))
+    await redis_client.set(store.keys.summary_fields, "job_id,status")
+    assert await store.backfill_summaries() == 2
+    assert all("error_code" in j for j in json.loads((await store.page_json(None, None, 0, 10))[1]))
     await store.transition("a", JobStatus.COMPLETED)
     await store.delete("a")
     assert not await redis_client.exists(store.keys.job_summary("a"))

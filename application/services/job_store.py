@@ -206,7 +206,11 @@ class JobStore(JobLog):
         return int(total), "[" + ",".join(s for s in summaries if s) + "]"
 
     async def backfill_summaries(self, batch: int = 500) -> int:
-        """Write the summaries that records from before they were kept lack (once, at a scheduler's start)."""
+        """Write the summaries that records from before they were kept lack, and rewrite every one when they were
+        written with other fields (a version that added `error_code`: a list entry of a job that ended before
+        lacked the key for good, as nothing rewrites an ended job's summary). Once, at a scheduler's start."""
+        fields = ",".join(lua.SUMMARY_FIELDS)
+        every = await self.r.get(self.keys.summary_fields) != fields
         written, start = 0, 0
         while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):
             start += batch
@@ -214,10 +218,13 @@ class JobStore(JobLog):
                 for job_id in ids:
                     pipe.exists(self.keys.job_summary(job_id))
                 present = await pipe.execute()
-            for job_id, there in zip(ids, present, strict=True):
-                if not there:
-                    written += int(await self._refresh_summary(keys=[self.keys.job(job_id)], args=[
-                        script_arg({"k": {"summary": self.keys.job_summary(job_id)}})]))  # fmt: skip
+            stale = [job_id for job_id, there in zip(ids, present, strict=True) if every or not there]
+            async with self.r.pipeline(transaction=False) as pipe:
+                for job_id in stale:
+                    await self._refresh_summary(keys=[self.keys.job(job_id)], args=[
+                        script_arg({"k": {"summary": self.keys.job_summary(job_id)}})], client=pipe)  # fmt: skip
+                written += sum(int(n) for n in await pipe.execute()) if stale else 0
+        await self.r.set(self.keys.summary_fields, fields)
         return written
 
     async def job_json(self, job_id: str) -> tuple[str | None, dict[str, str]] | None:

@@ -35,6 +35,12 @@ class Keys:
         return self._k("job", job_id, "sent")
 
     @property
+    def summary_fields(self) -> str:
+        """String: the fields the stored list summaries hold (lua.SUMMARY_FIELDS, comma-joined), as written by the
+        last scheduler that checked them: a version that holds others rewrites them all at its start."""
+        return self._k("summary", "fields")
+
+    @property
     def jobs_index(self) -> str:
         """Sorted set job_id -> created_at: every job, for listing newest first."""
         return self._k("jobs")
