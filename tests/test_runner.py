@@ -117,6 +117,22 @@ def test_a_run_that_fails_while_no_api_runs_gets_its_true_status(server_factory:
     assert all(g["job_id"] is None for g in second.http.get("/gpus").json()["gpus"])
 
 
+def test_a_run_whose_exit_status_cannot_be_written_beside_its_log_ends_with_swifts_own_error(
+    server: ApiServer, workspace: Path
+) -> None:
+    # A full disk: swift failed with "No space left on device", then the runner died writing its exit file, and
+    # the job said "runner exited with code 1" (a 0-byte runner log) and was retried as a lost runner.
+    blocked = server.output_root / "nospace" / "logs" / "nospace.train.exit.tmp"
+    blocked.mkdir(parents=True)  # (where the exit file is written first: it cannot be, as on a full disk)
+    body = job_body(workspace, "nospace", auto_start=True, max_retries=2, fail_at_step=2,
+                    fail_message="OSError: [Errno 28] No space left on device")  # fmt: skip
+    assert server.create(**body).status_code == 201
+    final = server.wait_status("nospace", "failed", "completed", "queued", timeout=20)
+    assert (final["status"], final["error_code"], final["retries"]) == ("failed", "exit_code", 0), final
+    assert "OSError: [Errno 28] No space left on device" in final["error_message"]
+    assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
+
+
 def test_a_runner_killed_by_sigkill_fails_its_job_within_two_seconds(server: ApiServer, workspace: Path) -> None:
     job = running(server, workspace, "victim", hang_after_steps=2)
     swift_group = job["pid"]

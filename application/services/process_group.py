@@ -154,11 +154,20 @@ def read_exit(path: Path) -> tuple[int | None, float | None]:
     return code, float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
 
 
-def write_exit_file(path: Path, code: int) -> None:
+def write_exit_file(path: Path, code: int) -> str | None:
+    """Write swift's exit status beside its log, for a watchdog to read should the runner die before it records
+    the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
+    that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1"."""
     tmp = path.with_suffix(".tmp")
-    with open_in_place(tmp, "w") as f:
-        f.write(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
-    os.replace(tmp, path)
+    try:
+        with open_in_place(tmp, "w") as f:
+            f.write(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return f"{exc.strerror or exc} ({path})"
+    return None
 
 
 def launch_spec(log_dir: Path, job_id: str, run_id: str) -> Path:

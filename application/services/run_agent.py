@@ -215,7 +215,8 @@ class Runner:
         while True:
             exited = await self._wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
             if exited and not recorded:
-                pg.write_exit_file(exit_file, _returncode(proc))
+                if unwritten := pg.write_exit_file(exit_file, _returncode(proc)):
+                    logger.warning("job {}: swift's exit status not written beside its log: {}", self.job_id, unwritten)
                 recorded, ended_at = True, time.time()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
             tick = await self._tick("train", self.run_id)
@@ -378,7 +379,9 @@ class Runner:
                 await stopping
             pg.kill_leftovers(proc.pid)
             code = _returncode(proc)
-            pg.write_exit_file(exit_file, code)
+            if unwritten := pg.write_exit_file(exit_file, code):
+                logger.warning("job {}: the export's exit status not written beside its log: {}", self.job_id,
+                               unwritten)  # fmt: skip
             parser = SwiftLogParser(root=str(job_dir))
             data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024, in_place=True)
             parser.feed(data)
