@@ -80,6 +80,7 @@ async def test_a_jobs_logs_are_never_written_or_read_through_a_link_its_owner_pl
         assert (await client.post("/jobs", json=body)).status_code == 201
         failed = await wait_job(client, "linked", lambda j: j["status"] == "failed")
         assert "logs folder" in failed["error_message"] and "symbolic link" in failed["error_message"], failed
+        assert failed["attempts"][-1]["outcome"] == "failed" and failed["attempts"][-1]["finished_at"], failed
         assert list(elsewhere.iterdir()) == []
 
         # Links planted as the next run's log names: skipped (a dangling one) or refused (the runner's log).
@@ -91,6 +92,9 @@ async def test_a_jobs_logs_are_never_written_or_read_through_a_link_its_owner_pl
         assert (await client.post("/jobs", json=body)).status_code == 201
         planted = await wait_job(client, "planted", lambda j: j["status"] in ("failed", "completed"))
         assert planted["status"] == "failed" and "runner could not be started" in planted["error_message"], planted
+        # Its attempt ends with it (left open, the job's page showed it running beside a failed job).
+        ended = planted["attempts"][-1]
+        assert (ended["outcome"], ended["error_code"]) == ("failed", "launch") and ended["finished_at"], ended
         assert victim.read_text() == "the server's own file\n" and not (tmp_path / "created-by-the-run.txt").exists()
         assert planted["log_file"] == str(out / "logs" / "planted.train.2.log"), planted["log_file"]
         assert os.path.islink(out / "logs" / "planted.train.log")

@@ -90,10 +90,25 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
         raise PathMoved(f"the job's logs folder {path.parent} is a symbolic link: the server writes a job's logs only "
                         "in its own folder; replace it with a folder", "output_dir")  # fmt: skip
     tmp = path.with_suffix(".tmp")
-    with open_in_place(tmp, "w") as f:
-        f.write(json.dumps(spec).encode())
-    tmp.replace(path)
+    try:
+        with open_in_place(tmp, "w") as f:
+            f.write(json.dumps(spec).encode())
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (a full disk left an empty one in the job's logs folder)
+        raise
     return path
+
+
+def launch_error(exc: OSError, log_dir: Path) -> str:
+    """What a launch that failed says: the folder it writes in, and what to change where that is the disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the run could not be started: no space left for the job's logs ({log_dir}): free space on the "
+                "disk of OUTPUT_ROOT, then resume the job (or create it again)")  # fmt: skip
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"the run could not be started: the job's logs folder cannot be written ({log_dir}: "
+                f"{exc.strerror}): OUTPUT_ROOT must be writable by the server")  # fmt: skip
+    return f"the runner could not be started: {exc}"
 
 
 def run_log(log_dir: Path, job_id: str, number: int) -> Path:
@@ -374,11 +389,14 @@ class QueueProcessor:
                 return False
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
-            moved = isinstance(exc, PathMoved)
-            error = str(exc) if moved else f"the runner could not be started: {exc}"
+            error = str(exc) if isinstance(exc, PathMoved) else launch_error(exc, log_dir)
             code = exc.code if isinstance(exc, PathMoved) else "launch"
+            # The attempt ends here too: left open, the job's page showed it running beside a failed job.
+            ended = attempt.model_copy(update={"finished_at": time.time(), "outcome": "failed", "error_code": code,
+                                               "error_message": error})  # fmt: skip
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
-                                        fields={"error_message": error, "error_code": code},
+                                        fields={"error_message": error, "error_code": code,
+                                                "attempts": [*job.attempts, ended]},
                                         message=f"training failed: {error}")  # fmt: skip
             return False
         try:

@@ -209,6 +209,8 @@ class RunControl:
         after = await self.service.job(job_id)
         message = f"Resuming from {where}{await _fresh_schedule(checkpoint)}" if checkpoint else \
             "No checkpoint: training starts from the beginning"  # fmt: skip
+        if after.status == JobStatus.FAILED:  # (its run could not even start: a full disk, say)
+            message = f"The resumed run failed as it started: {after.error_message}"
         info = await self.service.placement.queue_info(job_id) if after.status == JobStatus.QUEUED else NOT_QUEUED
         return ActionResponse(job_id=job_id, status=after.status, message=message, resume_from=checkpoint,
                               resume_step=step, queue_position=info.position, estimated_wait_time=info.estimate,

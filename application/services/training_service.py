@@ -324,7 +324,8 @@ class TrainingService:
                 return ActionResponse(job_id=job_id, status=job.status, gpu_ids=job.gpu_ids,
                                       message=f"Training started on {where}")  # fmt: skip
             if job.status != JobStatus.QUEUED:
-                return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}")
+                said = f": {job.error_message}" if job.status == JobStatus.FAILED and job.error_message else ""
+                return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
             info = await self.placement.queue_info(job_id)
             return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
