@@ -1,0 +1,40 @@
+"""The server's own log files (utils/logger.py): rotation, and a disk that refuses writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_a_log_file_the_disk_refuses_costs_one_line_not_a_traceback_per_record(tmp_path: Path) -> None:
+    # A full LOG_DIR: every record printed loguru's "--- Logging error in Loguru Handler ---" and a traceback of
+    # ~2 KB to stderr (under Docker, the same full disk); the server served on, its stderr flooded.
+    blocked = tmp_path / "logs" / "swift-api.log"
+    blocked.mkdir(parents=True)  # (cannot be opened as a file: as a full or read-only disk refuses it)
+    code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "
+            f"setup_logging('INFO', Path({str(blocked.parent)!r}))\n"
+            "for n in range(50): logger.info('record {}', n)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True)  # fmt: skip
+    lines = out.stderr.splitlines()
+    assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr[:2000]
+    refused = [line for line in lines if line.startswith("swift-api: cannot write")]
+    assert len(refused) == 1 and str(blocked) in refused[0] and "dropped until it can" in refused[0], lines
+    assert sum("record" in line for line in lines) == 50  # the console sink still has every record
+
+
+def test_a_log_file_is_rotated_past_its_size_keeping_the_last_few(tmp_path: Path) -> None:
+    from application.utils.logger import LogFile
+
+    sink = LogFile(tmp_path / "scheduler.log", max_bytes=1000, keep=3)
+    for n in range(100):
+        sink.write(f"line {n:03d} " + "x" * 90 + "\n")
+    sink.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["scheduler.log", "scheduler.log.1", "scheduler.log.2", "scheduler.log.3"], names
+    assert (tmp_path / "scheduler.log.1").stat().st_size > 1000
+    assert "line 099" in (tmp_path / "scheduler.log").read_text() or "line 099" in (
+        tmp_path / "scheduler.log.1").read_text()  # fmt: skip
