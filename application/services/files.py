@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import functools
 import hashlib
 import json
@@ -132,7 +133,10 @@ class FileStore:
                 temp_path=lambda suffix: folder / f".{file_id}.partial{suffix}",
             )  # fmt: skip
         except OSError as exc:
-            raise InsufficientStorage(f"the upload could not be written ({exc.strerror})") from None
+            # (it said only "the upload could not be written (Operation not permitted)": no folder, no fix)
+            fix = "free space on its disk" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                "the first DATA_ROOTS folder must be writable by the server"  # fmt: skip
+            raise InsufficientStorage(f"the upload could not be written in {folder} ({exc.strerror}): {fix}") from None
         final = folder / f"{file_id}{received.suffix}"
         try:
             meta = await self._check(file_id, received, final, caller)
