@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from application.services.keys import Keys
 from application.services.redis_service import EmbeddedRedis
@@ -453,6 +455,69 @@ async def test_health_answers_503_in_seconds_when_redis_hangs(own_redis: Embedde
         assert m.status_code == 503 and "did not answer within 5 s" in m.json()["detail"], m.text
         assert took_metrics < 7.0, took_metrics
         assert (await client.get("http://test/metrics")).status_code == 200  # and back once Redis is
+
+
+@pytest.fixture
+def snapshotting_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A Redis of the test's own that snapshots into a folder of its own (save points set): (its URL, the folder)."""
+    import subprocess
+
+    from application.services.redis_service import find_redis_server
+    from tests.conftest import free_port
+
+    binary, port, data = find_redis_server(), free_port(), tmp_path / "redis-data"
+    assert binary
+    data.mkdir()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save",
+                               "3600 1", "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        with redis.Redis.from_url(url) as direct:
+            wait_for(lambda: _pings(direct), what="the Redis")
+        yield url, data
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def test_health_says_when_redis_refuses_writes_though_it_answers_reads(
+    snapshotting_redis: tuple[str, Path], tmp_path: Path
+) -> None:
+    # A full disk under Redis's files: every create was 503 (MISCONF) while /health said healthy, redis ok.
+    import shutil
+
+    import httpx
+
+    from application.main import create_app
+
+    url, data = snapshotting_redis
+    app = create_app(settings_for(url, tmp_path))
+    direct = redis.asyncio.Redis.from_url(url)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test/api/v1/training") as client,
+    ):  # fmt: skip
+        before = (await client.get("/health")).json()
+        assert before["redis"]["ok"] is True and "error" not in before["redis"], before
+        shutil.rmtree(data)  # (its snapshot cannot be written: as on a full disk)
+        await direct.bgsave()
+        deadline = time.monotonic() + 10
+        while (await direct.info("persistence"))["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < deadline, "the save did not fail"
+            await asyncio.sleep(0.05)
+        with pytest.raises(redis.ResponseError, match="MISCONF"):
+            await direct.set("a", "b")
+        r = await client.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "degraded", r.text
+        assert r.json()["redis"]["ok"] is False and "refuses writes" in r.json()["redis"]["error"], r.text
+    await direct.aclose()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., Any], tmp_path: Path) -> None:

@@ -30,6 +30,15 @@ from application.utils.gpu_types import GpuSnapshot
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
 
 
+def persistence_error(info: Mapping[str, Any]) -> str | None:
+    """Why Redis refuses writes while it answers reads (MISCONF: its disk is full, say), from INFO persistence."""
+    if info.get("aof_enabled") in (1, "1") and info.get("aof_last_write_status") == "err":
+        return "Redis cannot write its append-only file (a full disk?) and refuses every write"
+    if info.get("rdb_last_bgsave_status") == "err":
+        return "Redis's last snapshot (RDB) failed (a full disk, or its folder gone?): it refuses writes until one does"
+    return None
+
+
 def reading_error(snapshot: GpuSnapshot, now: float) -> str | None:
     """What is wrong with a published GPU reading: its own error, or its age once no scheduler renews it (its
     memory, use and holders may have changed since)."""
@@ -256,13 +265,15 @@ class ClusterStore:
         """Everything /health shows, in one round trip: Redis itself, the leader, the GPU reading, ms-swift."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.info("server")
+            pipe.info("persistence")
             pipe.get(self.keys.leader)
             pipe.pttl(self.keys.leader)
             pipe.get(self.keys.gpu_snapshot)
             pipe.get(self.keys.swift_info)
-            info, leader, ttl, snapshot, swift = await pipe.execute()
+            info, persistence, leader, ttl, snapshot, swift = await pipe.execute()
         return {
             "redis": {k: str(info.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in info},
+            "persistence_error": persistence_error(persistence),
             "leader": Leader(leader, int(ttl)) if leader else None,
             "gpus": json.loads(snapshot) if snapshot else None,
             "swift": json.loads(swift) if swift else None,
