@@ -13,7 +13,8 @@ def test_a_log_file_the_disk_refuses_costs_one_line_not_a_traceback_per_record(t
     # A full LOG_DIR: every record printed loguru's "--- Logging error in Loguru Handler ---" and a traceback of
     # ~2 KB to stderr (under Docker, the same full disk); the server served on, its stderr flooded.
     blocked = tmp_path / "logs" / "swift-api.log"
-    blocked.mkdir(parents=True)  # (cannot be opened as a file: as a full or read-only disk refuses it)
+    blocked.parent.mkdir()
+    blocked.symlink_to("/dev/full")  # (every write fails with "No space left on device")
     code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "
             f"setup_logging('INFO', Path({str(blocked.parent)!r}))\n"
             "for n in range(50): logger.info('record {}', n)")  # fmt: skip

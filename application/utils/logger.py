@@ -22,8 +22,9 @@ class LogFile:
 
     def __init__(self, path: Path, max_bytes: int = 50 * 1024 * 1024, keep: int = 10) -> None:
         self.path, self.max_bytes, self.keep = path, max_bytes, keep
-        self._file: TextIO | None = None
         self._complained = -math.inf
+        # Opened now: a log file that cannot be opened at all stops the process as it starts (OSError).
+        self._file: TextIO | None = open(path, "a", encoding="utf-8")
 
     def write(self, message: str) -> None:
         try:
