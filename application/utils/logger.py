@@ -51,6 +51,10 @@ class LogFile:
                 older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
+    def stop(self) -> None:
+        """Called by loguru as the sink is removed (logger.remove)."""
+        self.close()
+
     def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
