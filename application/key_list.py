@@ -12,7 +12,12 @@ from typing import Any
 ROLES = ("admin", "user")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 MIN_KEY_LENGTH = 16
-MAX_KEY_CHARS = 512  # what a request's key is cut to before it is compared
+MAX_KEY_CHARS = 512
+# Names the server writes as an event's actor for what no key did: a key of that name made its owner's actions
+# look like the scheduler's (or keyless access) in every job's events.
+RESERVED_NAMES = frozenset({"scheduler", "anonymous"})
+# `a:user:k1;b:user:k2`: two entries joined with something else than ',' read as one key holding the second entry.
+_JOINED_ENTRY_RE = re.compile(r"[;|\s][A-Za-z0-9_.-]{1,64}:(?:admin|user):")
 # What a request can carry as it is: header values are read as Latin-1 bytes, so a key with other characters
 # (Cyrillic, say) was taken at start and then never matched.
 _KEY_RE = re.compile(r"[\x21-\x7e]+")
@@ -29,11 +34,15 @@ class ApiKeyEntry:
 def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
     if not isinstance(name, str) or not _KEY_NAME_RE.match(name):
         raise ValueError(f"{where}: the name must be 1-64 letters, digits, '_', '.' or '-'")
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"{where}: the name {name!r} is the server's own actor in job events: choose another")
+    if isinstance(key, str) and _JOINED_ENTRY_RE.search(key):
+        raise ValueError(f"{where} ({name}): the key holds another entry (name:role:...): separate entries with ','")
     if role not in ROLES:
         raise ValueError(f"{where} ({name}): role must be admin or user, not {role!r}")
     if not isinstance(key, str) or not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_CHARS or not _KEY_RE.fullmatch(key):
         raise ValueError(f"{where} ({name}): the key must be {MIN_KEY_LENGTH}-{MAX_KEY_CHARS} printable ASCII "
-                         f"characters without spaces; {_KEY_HINT}")  # fmt: skip
+                         f"characters without spaces (',' separates entries in API_KEYS); {_KEY_HINT}")  # fmt: skip
     return ApiKeyEntry(name, role, key)
 
 

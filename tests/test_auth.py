@@ -34,6 +34,12 @@ def test_keyring_identifies_each_key_and_refuses_others() -> None:
             ring.identify(wrong)
         assert exc.value.headers == {"WWW-Authenticate": "Bearer"}
     assert KeyRing([]).identify(None) == ANONYMOUS  # no keys configured: one open, single-user server
+    # The longest key with anything appended: it was cut to 512 characters before the comparison, and taken.
+    longest = "k" * 512
+    ring = KeyRing([ApiKeyEntry("carol", "user", longest)])
+    assert ring.identify(longest).name == "carol"
+    with pytest.raises(Unauthorized):
+        ring.identify(longest + "anything-else")
 
 
 def test_key_settings_fail_fast_with_one_line(tmp_path: Path) -> None:
@@ -50,6 +56,11 @@ def test_key_settings_fail_fast_with_one_line(tmp_path: Path) -> None:
         "a:user": "name:role:key",
         f"a:user:{ALICE_KEY},a:admin:{BOB_KEY}": "its own name",
         f"a:user:{ALICE_KEY},b:admin:{ALICE_KEY}": "share one key",
+        # The server's own actors in job events: a key so named made its owner's actions the scheduler's.
+        f"scheduler:user:{ALICE_KEY}": "the server's own actor",
+        f"anonymous:user:{ALICE_KEY}": "the server's own actor",
+        # Joined with ';': one key for a, holding b's entry; b's key never worked, and nothing said so.
+        f"a:user:{ALICE_KEY};b:user:{BOB_KEY}": "separate entries with ','",
     }
     for value, words in bad.items():
         with pytest.raises(SettingsError) as exc:

@@ -102,7 +102,7 @@ async def login(request: Request) -> Response:
         form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=8)
     except ValueError:  # more fields than a login form has
         return _login_page(request, "/", "The form could not be read.", 400)
-    key = (form.get("key") or [""])[0].strip()[:MAX_KEY_CHARS]
+    key = (form.get("key") or [""])[0].strip()[: MAX_KEY_CHARS + 1]  # (as KeyRing.identify: longer is no key)
     next_path = safe_next((form.get("next") or ["/"])[0])
     root = str(request.scope.get("root_path", "")).rstrip("/")
     if not _same_origin(request):
