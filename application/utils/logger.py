@@ -8,58 +8,43 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
 from loguru import logger
+from loguru._file_sink import FileSink  # (the sink loguru builds for a path; see LogFile)
 
 COMPLAIN_EVERY = 60.0  # seconds between two lines saying a log file cannot be written
 
 
 class LogFile:
-    """The file sink: rotated past `max_bytes` (the last `keep` kept as `<name>.1` ... `<name>.<keep>`). A write the
-    disk refuses (full, read-only) costs one line on stderr a minute, and the line is dropped: with loguru's own
-    file sink each one printed a traceback of ~2 KB to stderr, which under Docker lands on the same full disk."""
+    """The file sink: loguru's own (rotated past 50 MB, the newest 10 old files kept), wrapped so that a write the
+    disk refuses (full, read-only) costs one line on stderr a minute and the record is dropped. Added by its path,
+    loguru printed "--- Logging error in Loguru Handler ---" and a ~2 KB traceback to stderr for every record,
+    which under Docker lands on the same full disk.
 
-    def __init__(self, path: Path, max_bytes: int = 50 * 1024 * 1024, keep: int = 10) -> None:
-        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+    loguru's FileSink, not a rotation of our own: several API workers append to one file, and its rotation (a new
+    file at once, old ones kept by time) loses none of a quiet worker's lines where a rotation by position did."""
+
+    def __init__(self, path: Path, rotation: str = "50 MB", retention: int = 10) -> None:
+        self.path = path
         self._complained = -math.inf
         # Opened now: a log file that cannot be opened at all stops the process as it starts (OSError).
-        self._file: TextIO | None = open(path, "a", encoding="utf-8")
+        self._sink = FileSink(str(path), rotation=rotation, retention=retention)
 
     def write(self, message: str) -> None:
         try:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # (kept open between lines)
-            self._file.write(message)
-            self._file.flush()
-            if self._file.tell() > self.max_bytes:
-                self._rotate()
+            self._sink.write(message)
         except OSError as exc:
-            self.close()
             now = time.monotonic()
             if now - self._complained >= COMPLAIN_EVERY:
                 self._complained = now
                 with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write(f"swift-api: cannot write {self.path} ({exc.strerror or exc}): log lines are "
+                    sys.stderr.write(f"swift-api: cannot write {self.path} ({exc.strerror or exc}): log records are "
                                      "dropped until it can\n")  # fmt: skip
-
-    def _rotate(self) -> None:
-        self.close()
-        for n in range(self.keep - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
-        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
     def stop(self) -> None:
         """Called by loguru as the sink is removed (logger.remove)."""
-        self.close()
-
-    def close(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+        with contextlib.suppress(OSError):
+            self._sink.stop()
 
 
 class _InterceptHandler(logging.Handler):
