@@ -106,6 +106,9 @@ class Scheduler:
                 if self.stopping.is_set():
                     break
                 await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
+                # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of
+                # 100k jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
+                keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
                 if not self._migrated:
                     if written := await self.store.backfill_summaries():
                         logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
@@ -116,7 +119,7 @@ class Scheduler:
                         logger.info("recorded the owners of {} job folder(s) stored by an older version", recorded)
                     self._migrated = True
                 tasks = [
-                    asyncio.create_task(self.leader.keep(), name="leader-lock"),
+                    keeper,
                     asyncio.create_task(self._listen(), name="wakeups"),
                     asyncio.create_task(self._process(), name="queue-processor"),
                     asyncio.create_task(self._watch(), name="watchdog"),

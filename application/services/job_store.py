@@ -211,9 +211,20 @@ class JobStore(JobLog):
         lacked the key for good, as nothing rewrites an ended job's summary). Once, at a scheduler's start."""
         fields = ",".join(lua.SUMMARY_FIELDS)
         every = await self.r.get(self.keys.summary_fields) != fields
-        written, start = 0, 0
-        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):
-            start += batch
+        written, after, seen = 0, "-inf", set[str]()
+        # By score (creation time), not by rank: a job deleted meanwhile moved every later one down a rank, and
+        # one of them was skipped. Jobs of the boundary's score are read again, and passed over once seen.
+        while rows := await self.r.zrangebyscore(self.keys.jobs_index, after, "+inf", start=0, num=batch,
+                                                 withscores=True):  # fmt: skip
+            fresh = [job_id for job_id, _ in rows if job_id not in seen]
+            if not fresh:
+                if len(rows) < batch:
+                    break
+                batch *= 2  # (more jobs of one score than a batch: read more at once)
+                continue
+            after = repr(rows[-1][1])
+            seen = {job_id for job_id, score in rows if repr(score) == after}
+            ids = fresh
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.exists(self.keys.job_summary(job_id))
