@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from application.models.training_model import JobStatus
 from application.services import lua_cluster
@@ -28,15 +29,6 @@ from application.services.scheduler import Head
 from application.utils.gpu_types import GpuSnapshot
 
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
-
-
-def persistence_error(info: Mapping[str, Any]) -> str | None:
-    """Why Redis refuses writes while it answers reads (MISCONF: its disk is full, say), from INFO persistence."""
-    if info.get("aof_enabled") in (1, "1") and info.get("aof_last_write_status") == "err":
-        return "Redis cannot write its append-only file (a full disk?) and refuses every write"
-    if info.get("rdb_last_bgsave_status") == "err":
-        return "Redis's last snapshot (RDB) failed (a full disk, or its folder gone?): it refuses writes until one does"
-    return None
 
 
 def reading_error(snapshot: GpuSnapshot, now: float) -> str | None:
@@ -265,15 +257,20 @@ class ClusterStore:
         """Everything /health shows, in one round trip: Redis itself, the leader, the GPU reading, ms-swift."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.info("server")
-            pipe.info("persistence")
+            # A write, as every create makes: a Redis whose disk is full answers reads and refuses writes
+            # (MISCONF), and INFO cannot tell whether it refuses them (that depends on its configuration).
+            pipe.set(self.keys.health_probe, "1", px=60_000)
             pipe.get(self.keys.leader)
             pipe.pttl(self.keys.leader)
             pipe.get(self.keys.gpu_snapshot)
             pipe.get(self.keys.swift_info)
-            info, persistence, leader, ttl, snapshot, swift = await pipe.execute()
+            info, probe, leader, ttl, snapshot, swift = await pipe.execute(raise_on_error=False)
+        for answer in (info, leader, ttl, snapshot, swift):
+            if isinstance(answer, Exception):
+                raise answer
         return {
             "redis": {k: str(info.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in info},
-            "persistence_error": persistence_error(persistence),
+            "write_error": f"Redis refuses writes: {probe}" if isinstance(probe, ResponseError) else None,
             "leader": Leader(leader, int(ttl)) if leader else None,
             "gpus": json.loads(snapshot) if snapshot else None,
             "swift": json.loads(swift) if swift else None,

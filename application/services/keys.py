@@ -35,6 +35,11 @@ class Keys:
         return self._k("job", job_id, "sent")
 
     @property
+    def health_probe(self) -> str:
+        """String: written by each /health (a minute's TTL), to learn whether Redis takes writes."""
+        return self._k("health", "probe")
+
+    @property
     def summary_fields(self) -> str:
         """String: the fields the stored list summaries hold (lua.SUMMARY_FIELDS, comma-joined), as written by the
         last scheduler that checked them: a version that holds others rewrites them all at its start."""

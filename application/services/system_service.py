@@ -157,9 +157,9 @@ class SystemService:
         body["swift"] = self._swift(state["swift"])
         if not body["scheduler"]["ok"] or body["swift"]["ok"] is False:
             body["status"] = "degraded"
-        if state["persistence_error"]:
+        if state["write_error"]:
             # It answers reads, so it looked fine while every create, start and update was refused (MISCONF).
-            redis["ok"], redis["error"] = False, state["persistence_error"]
+            redis["ok"], redis["error"] = False, state["write_error"]
             body["status"] = "degraded"
         return True, body
 
