@@ -34,10 +34,8 @@ class ApiKeyEntry:
 def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
     if not isinstance(name, str) or not _KEY_NAME_RE.match(name):
         raise ValueError(f"{where}: the name must be 1-64 letters, digits, '_', '.' or '-'")
-    if name.lower() in RESERVED_NAMES:
+    if name in RESERVED_NAMES:
         raise ValueError(f"{where}: the name {name!r} is the server's own actor in job events: choose another")
-    if isinstance(key, str) and _JOINED_ENTRY_RE.search(key):
-        raise ValueError(f"{where} ({name}): the key holds another entry (name:role:...): separate entries with ','")
     if role not in ROLES:
         raise ValueError(f"{where} ({name}): role must be admin or user, not {role!r}")
     if not isinstance(key, str) or not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_CHARS or not _KEY_RE.fullmatch(key):
@@ -56,7 +54,11 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
         parts = raw.split(":", 2)
         if len(parts) != 3:
             raise ValueError(f"API_KEYS entry {i + 1} must be name:role:key (role admin or user)")
-        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), f"API_KEYS entry {i + 1}"))
+        where = f"API_KEYS entry {i + 1}"
+        if _JOINED_ENTRY_RE.search(parts[2]):
+            raise ValueError(f"{where} ({parts[0].strip()}): the key holds another entry (name:role:...): separate "
+                             "entries with ','")  # fmt: skip
+        entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), where))
     if file is not None:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
