@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from application.runner import CLAIMED, STARTED
-from application.utils.log_files import open_in_place
+from application.utils.log_files import open_in_place, replace_in_place
 
 START_TIME_TOLERANCE = 0.5
 # The environment variable that names the run (its run id, or an export's id) in swift and its children.
@@ -158,14 +158,9 @@ def write_exit_file(path: Path, code: int) -> str | None:
     """Write swift's exit status beside its log, for a watchdog to read should the runner die before it records
     the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
     that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1"."""
-    tmp = path.with_suffix(".tmp")
     try:
-        with open_in_place(tmp, "w") as f:
-            f.write(json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
-        os.replace(tmp, path)
+        replace_in_place(path, json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return f"{exc.strerror or exc} ({path})"
     return None
 

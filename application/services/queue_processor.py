@@ -51,7 +51,7 @@ from application.services.swift_command import (
     visible_env,
 )
 from application.utils.gpu_utils import GpuInventory
-from application.utils.log_files import open_in_place, path_taken
+from application.utils.log_files import path_taken, replace_in_place
 
 
 class PathMoved(OSError):
@@ -89,14 +89,7 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
         # (the runs' logs and records would be written wherever it leads: another owner's folder, say)
         raise PathMoved(f"the job's logs folder {path.parent} is a symbolic link: the server writes a job's logs only "
                         "in its own folder; replace it with a folder", "output_dir")  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open_in_place(tmp, "w") as f:
-            f.write(json.dumps(spec).encode())
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # (a full disk left an empty one in the job's logs folder)
-        raise
+    replace_in_place(path, json.dumps(spec).encode())  # (a full disk left an empty temp file in the logs folder)
     return path
 
 

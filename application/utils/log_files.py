@@ -28,6 +28,19 @@ def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> Binar
     return os.fdopen(fd, "rb" if mode == "r" else "ab" if mode == "a" else "wb")
 
 
+def replace_in_place(path: Path, data: bytes) -> None:
+    """Write `data` as `path` whole (a temp file beside it, then renamed), through `open_in_place`; a write that
+    fails (a full disk) leaves no empty temp file behind."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open_in_place(tmp, "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def linked_log(path: Path | str) -> str:
     """Why a run with this log (refused by `open_in_place`) did not start."""
     return (f"its log {path} is a symbolic link (or one leads to it): the server writes and reads a job's logs only "
