@@ -7,7 +7,6 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import shutil
@@ -17,19 +16,26 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
 
 from application.key_list import ApiKeyEntry, parse_api_keys
 from application.services.scheduler import LinkScore, Policy
+from application.setting_values import (
+    MAX_REDIS_DB,
+    check_redis_host,
+    check_redis_url,
+    is_loopback,
+    parse_rate,
+    parse_roots,
+    parse_simulated_gpus,
+    split_list,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_DIR = PROJECT_ROOT / "env"
-MAX_REDIS_DB = 15
 
 
 class GpuBackend(str, Enum):
@@ -237,40 +243,12 @@ class Settings(BaseSettings):
     @field_validator("REDIS_HOST")
     @classmethod
     def _host(cls, v: str | None) -> str | None:
-        # Anything with ':' is taken for an IPv6 address: "host:6380" or "redis://host" got a traceback, and a
-        # scheduler started again and again, rather than this line.
-        if v is None:
-            return v
-        try:
-            if ":" in v:
-                ipaddress.IPv6Address(v.removeprefix("[").removesuffix("]"))
-                return v
-        except ValueError:
-            pass
-        else:
-            if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})", v):
-                return v
-        raise ValueError("must be a host name or an IP address, without scheme or port (REDIS_PORT takes the port, "
-                         "REDIS_URL a whole URL)")  # fmt: skip
+        return None if v is None else check_redis_host(v)
 
     @field_validator("REDIS_URL")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        if v is not None:
-            try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
-                db = parse_url(v).get("db")
-                parts = urlsplit(v)
-                parts.port  # noqa: B018 (it raises for a port out of range)
-                if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
-                    raise ValueError  # the client reads a db that is not a number as db 0, silently
-            except ValueError:
-                # (not the client's own words: they may quote part of a password)
-                raise ValueError("not a Redis URL the client can read: check its port, db and query") from None
-            if db is not None and not 0 <= int(db) <= MAX_REDIS_DB:  # what a Redis server has unless told otherwise
-                raise ValueError(f"its db must be 0-{MAX_REDIS_DB}, as REDIS_DB's")
-        return v
+        return None if v is None else check_redis_url(v)
 
     @field_validator("CREATE_RATE_LIMIT")
     @classmethod
@@ -281,7 +259,7 @@ class Settings(BaseSettings):
     @field_validator("WEBHOOK_URLS")
     @classmethod
     def _webhook_urls(cls, v: str) -> str:
-        for url in _split(v):
+        for url in split_list(v):
             if not re.match(r"^https?://[^\s/?#]+", url):
                 raise ValueError(f"WEBHOOK_URLS: {url!r} is not an http(s) URL")
         return v
@@ -293,7 +271,7 @@ class Settings(BaseSettings):
             raise ValueError("must name at least one folder (comma-separated)")
         # A root may not exist yet (uploads make the first data root); one that is a file is a mistake, and
         # uploads into it answered 507 as if the disk were full.
-        for root in _roots(v):
+        for root in parse_roots(v, PROJECT_ROOT):
             try:
                 is_file = root.is_file()
             except OSError:
@@ -320,7 +298,7 @@ class Settings(BaseSettings):
         own: dict[str, Path | None] = {"the server's own folder": PROJECT_ROOT, "DATA_DIR": self.DATA_DIR,
                                        "LOG_DIR": self.LOG_DIR, "API_KEYS_FILE": self.API_KEYS_FILE}  # fmt: skip
         own |= {f"DATA_ROOTS folder {p}": p for p in self.data_roots()}
-        own |= {f"MODEL_ROOTS folder {p}": p for p in _roots(self.MODEL_ROOTS)}
+        own |= {f"MODEL_ROOTS folder {p}": p for p in parse_roots(self.MODEL_ROOTS, PROJECT_ROOT)}
         for name, path in own.items():
             real = Path(os.path.realpath(path)) if path is not None else None
             if real is not None and (real == root or root in real.parents):
@@ -356,14 +334,14 @@ class Settings(BaseSettings):
         return "0.0.0.0" if self.api_keys else "127.0.0.1"
 
     def webhook_urls(self) -> tuple[str, ...]:
-        return tuple(_split(self.WEBHOOK_URLS))
+        return tuple(split_list(self.WEBHOOK_URLS))
 
     def data_roots(self) -> tuple[Path, ...]:
-        return _roots(self.DATA_ROOTS)
+        return parse_roots(self.DATA_ROOTS, PROJECT_ROOT)
 
     def model_roots(self) -> tuple[Path, ...]:
         # A merged model written under OUTPUT_ROOT can be trained again.
-        return (*_roots(self.MODEL_ROOTS), self.OUTPUT_ROOT)
+        return (*parse_roots(self.MODEL_ROOTS, PROJECT_ROOT), self.OUTPUT_ROOT)
 
     def scheduling_policy(self, link_score: LinkScore | None = None) -> Policy:
         """The pure scheduler's Policy for these settings."""
@@ -403,61 +381,6 @@ class Settings(BaseSettings):
 
     def swift_bin_path(self) -> str | None:
         return shutil.which(self.SWIFT_BIN)
-
-
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-@lru_cache(maxsize=32)  # every create resolves its paths against the roots: parse each setting once
-def _roots(value: str) -> tuple[Path, ...]:
-    out: list[Path] = []
-    for part in value.split(","):
-        part = part.strip()
-        if part:
-            try:
-                p = Path(part).expanduser()
-            except RuntimeError:  # ~user of no such user: one line naming the setting, not a traceback
-                raise ValueError(f"{part!r}: cannot expand '~' here: give the folder's full path") from None
-            out.append(p if p.is_absolute() else PROJECT_ROOT / p)
-    return tuple(out)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*(?:/\s*(second|minute|hour|day))?\s*\Z")
-_RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-
-
-def parse_rate(value: str) -> tuple[int, float] | None:
-    """`30/minute` -> (30, 60.0); `0` -> None (no limit)."""
-    m = _RATE_RE.match(value)
-    if not m or (m.group(1) != "0" and not m.group(2)):
-        raise ValueError("must be a count per period, such as 30/minute or 1000/hour, or 0 for no limit")
-    count = int(m.group(1))
-    return None if count == 0 else (count, _RATE_PERIODS[m.group(2)])
-
-
-_SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*\Z")
-
-
-def parse_simulated_gpus(value: str) -> tuple[int, float]:
-    """`4` -> 4 GPUs of 80 GiB; `4x24` -> 4 GPUs of 24 GiB."""
-    m = _SIM_RE.match(value)
-    if not m:
-        raise ValueError("must be a GPU count, optionally with GiB per GPU, such as 4 or 4x80")
-    count = int(m.group(1))
-    memory = float(m.group(2)) if m.group(2) else 80.0
-    if count > 64 or memory <= 0:
-        raise ValueError("must be 0-64 GPUs with a positive GiB size, such as 4 or 4x80")
-    return count, memory
 
 
 _NOT_FOR_CHILDREN = frozenset(

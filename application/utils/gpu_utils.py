@@ -19,7 +19,7 @@ from typing import Any
 import pynvml
 from loguru import logger
 
-from application.config import parse_simulated_gpus
+from application.setting_values import parse_simulated_gpus
 from application.utils.gpu_types import MIB, SIMULATE_HINT, GpuInfo, GpuInventory, GpuProcess, GpuSnapshot
 from application.utils.nvml_inventory import (
     LINK_SCORE_BY_TOPOLOGY,

@@ -1,0 +1,105 @@
+"""The values a setting takes, parsed and checked: lists, folders, rates, simulated GPUs, Redis hosts and URLs.
+
+Each check raises ValueError with the words `Settings` shows next to the key's name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from redis.connection import parse_url
+
+MAX_REDIS_DB = 15
+
+
+def check_redis_host(v: str) -> str:
+    # Anything with ':' is taken for an IPv6 address: "host:6380" or "redis://host" got a traceback, and a
+    # scheduler started again and again, rather than this line.
+    try:
+        if ":" in v:
+            ipaddress.IPv6Address(v.removeprefix("[").removesuffix("]"))
+            return v
+    except ValueError:
+        pass
+    else:
+        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252})", v):
+            return v
+    raise ValueError("must be a host name or an IP address, without scheme or port (REDIS_PORT takes the port, "
+                     "REDIS_URL a whole URL)")  # fmt: skip
+
+
+def check_redis_url(v: str) -> str:
+    if not re.match(r"^(redis|rediss|unix)://", v):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    try:  # what the client reads of it, now: a typo in the port or db is one line here, not a crash loop
+        db = parse_url(v).get("db")
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 (it raises for a port out of range)
+        if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+            raise ValueError  # the client reads a db that is not a number as db 0, silently
+    except ValueError:
+        # (not the client's own words: they may quote part of a password)
+        raise ValueError("not a Redis URL the client can read: check its port, db and query") from None
+    if db is not None and not 0 <= int(db) <= MAX_REDIS_DB:  # what a Redis server has unless told otherwise
+        raise ValueError(f"its db must be 0-{MAX_REDIS_DB}, as REDIS_DB's")
+    return v
+
+
+def split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@lru_cache(maxsize=32)  # every create resolves its paths against the roots: parse each setting once
+def parse_roots(value: str, base: Path) -> tuple[Path, ...]:
+    """`a, ~/b` -> the folders; a relative one is under `base` (the project's root)."""
+    out: list[Path] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part:
+            try:
+                p = Path(part).expanduser()
+            except RuntimeError:  # ~user of no such user: one line naming the setting, not a traceback
+                raise ValueError(f"{part!r}: cannot expand '~' here: give the folder's full path") from None
+            out.append(p if p.is_absolute() else base / p)
+    return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_RATE_RE = re.compile(r"^\s*(\d{1,9})\s*(?:/\s*(second|minute|hour|day))?\s*\Z")
+_RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(value: str) -> tuple[int, float] | None:
+    """`30/minute` -> (30, 60.0); `0` -> None (no limit)."""
+    m = _RATE_RE.match(value)
+    if not m or (m.group(1) != "0" and not m.group(2)):
+        raise ValueError("must be a count per period, such as 30/minute or 1000/hour, or 0 for no limit")
+    count = int(m.group(1))
+    return None if count == 0 else (count, _RATE_PERIODS[m.group(2)])
+
+
+_SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*\Z")
+
+
+def parse_simulated_gpus(value: str) -> tuple[int, float]:
+    """`4` -> 4 GPUs of 80 GiB; `4x24` -> 4 GPUs of 24 GiB."""
+    m = _SIM_RE.match(value)
+    if not m:
+        raise ValueError("must be a GPU count, optionally with GiB per GPU, such as 4 or 4x80")
+    count = int(m.group(1))
+    memory = float(m.group(2)) if m.group(2) else 80.0
+    if count > 64 or memory <= 0:
+        raise ValueError("must be 0-64 GPUs with a positive GiB size, such as 4 or 4x80")
+    return count, memory
