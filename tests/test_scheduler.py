@@ -14,7 +14,6 @@ from application.services.scheduler import (
     QueuedJob,
     RunningJob,
     decide,
-    format_wait,
     gpu_is_free,
     next_head,
     plan,
@@ -487,32 +486,6 @@ def test_estimate_waits_unknown_running_estimate() -> None:
     q = [job("J1", est=10)]
     waits = estimate_waits(q, busy(gpus_free(1), running), running, min_free_gb=MIN_FREE, max_util=MAX_UTIL, now=NOW)
     assert waits == {"J1": None}
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (-5.0, "less than a minute"),
-        (0.0, "less than a minute"),
-        (59.9, "less than a minute"),
-        (60.0, "about 1 min"),
-        (300.0, "about 5 min"),
-        (329.0, "about 5 min"),
-        (3569.0, "about 59 min"),
-        (3599.0, "about 1 h"),
-        (4800.0, "about 1 h 20 min"),
-        (7200.0, "about 2 h"),
-        (86400.0, "about 1 d"),
-        (2 * 86400.0 + 3 * 3600.0 + 100.0, "about 2 d 3 h"),
-    ],
-)
-def test_format_wait(seconds: float, text: str) -> None:
-    assert format_wait(seconds) == text
-
-
-def test_format_wait_rejects_infinity() -> None:
-    with pytest.raises(ValueError):
-        format_wait(math.inf)
 
 
 # ---------------------------------------------------------------------------------------- performance

@@ -13,7 +13,8 @@ from application.models.training_model import PendingReason
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, Planner, pending_reason, wait_estimate
-from application.services.scheduler import Head, Reason
+from application.services.scheduler import Head
+from application.services.wait_reasons import Reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,10 @@ from application.services.scheduler import (
     Plan,
     Policy,
     QueuedJob,
-    Reason,
     RunningJob,
-    format_wait,
     plan,
 )
+from application.services.wait_reasons import Reason, format_wait
 from application.utils.gpu_types import GpuSnapshot
 
 WINDOW = 256

@@ -14,8 +14,9 @@ from application.services.cluster_store import reading_error
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
 from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, pending_reason, queued, wait_estimate
-from application.services.scheduler import Reason, gpu_is_free
+from application.services.scheduler import gpu_is_free
 from application.services.training_service import TrainingService
+from application.services.wait_reasons import Reason
 
 PASS_WAIT_SECONDS = 10.0
 
