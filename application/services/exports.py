@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -304,20 +304,19 @@ async def settle(store: JobStore, job: Job) -> None:
     if job.kind != "export" or job.export_of is None or not job.status.is_terminal():
         return
     parent = job.export_of
-    for _ in range(20):
-        raw_export, raw_list = (await store.get_fields([parent], ["export", "exports"]))[0]
+
+    async def change(raw_export: str | None, raw_list: str | None) -> dict[str, Any] | None:
         if raw_list in (None, "null"):
-            return
-        exports = EXPORT_LIST.validate_json(raw_list)
+            return None
+        exports = EXPORT_LIST.validate_json(raw_list or "")
         if not any(e.job_id == job.job_id and e.status == ExportStatus.RUNNING for e in exports):
-            return  # (settled already, or not this job's: another one of its id)
-        settled = [as_export(e, job, parent) if e.job_id == job.job_id else e for e in exports]
-        try:
-            await store.update(parent, {"exports": settled}, unchanged={"export": raw_export, "exports": raw_list})
-            return
-        except TransitionRefused as exc:
-            if exc.reason != Refusal.CHANGED:
-                return
+            return None  # (settled already, or not this job's: another one of its id)
+        return {"exports": [as_export(e, job, parent) if e.job_id == job.job_id else e for e in exports]}
+
+    try:
+        await _swap_exports(store, parent, change)
+    except TransitionRefused:
+        return
 
 
 async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current: bool = True, **update: Any) -> str:
@@ -325,19 +324,32 @@ async def put_export(store: JobStore, job_id: str, info: ExportInfo, *, current:
     its list (a quantized export: a job of its own). From the fields as stored, written only if they did not
     change meanwhile, else read again: a merge and a quantized export asked for at once both stay. `update`:
     JobStore.update's conditions and event."""
+
+    async def change(raw_export: str | None, raw_list: str | None) -> dict[str, Any]:
+        earlier = EXPORT_LIST.validate_json(raw_list) if raw_list not in (None, "null") else []
+        if not current:
+            return {"exports": await _kept(store, job_id, [*earlier, info])}
+        before = ExportInfo.model_validate_json(raw_export) if raw_export not in (None, "null") else None
+        earlier += [before] if before is not None and before.status != ExportStatus.NONE else []
+        return {"export": info, "export_stop_requested": False, "exports": await _kept(store, job_id, earlier)}
+
+    written = await _swap_exports(store, job_id, change, **update)
+    assert written is not None  # (change always has fields to write)
+    return written
+
+
+async def _swap_exports(store: JobStore, job_id: str,
+                        change: Callable[[str | None, str | None], Awaitable[dict[str, Any] | None]],
+                        **update: Any) -> str | None:  # fmt: skip
+    """Write `change(export, exports)` (the two fields as stored) only if neither changed since they were read,
+    else read them again: two writers of a job's export list (a merge and a quantized export, a settle) must
+    not drop each other's entry. None when `change` has nothing to write; TransitionRefused for any other
+    refusal, or CHANGED after 20 tries. `update`: JobStore.update's conditions and event."""
     for _ in range(20):
         raw_export, raw_list = (await store.get_fields([job_id], ["export", "exports"]))[0]
-        earlier = EXPORT_LIST.validate_json(raw_list) if raw_list not in (None, "null") else []
-        if current:
-            before = ExportInfo.model_validate_json(raw_export) if raw_export not in (None, "null") else None
-            earlier += [before] if before is not None and before.status != ExportStatus.NONE else []
-            fields: dict[str, Any] = {
-                "export": info,
-                "export_stop_requested": False,
-                "exports": await _kept(store, job_id, earlier),
-            }
-        else:
-            fields = {"exports": await _kept(store, job_id, [*earlier, info])}
+        fields = await change(raw_export, raw_list)
+        if fields is None:
+            return None
         try:
             return await store.update(job_id, fields, unchanged={"export": raw_export, "exports": raw_list}, **update)
         except TransitionRefused as exc:
