@@ -539,6 +539,47 @@ async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(a
         assert again.status_code == 409 and "leads out of the job's folder" in again.json()["detail"], again.text
 
 
+async def test_a_quantized_export_never_reads_or_writes_through_a_symlink_out_of_the_jobs_folder(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A merge was checked for links out of the job's folder; a quantized export was not: with the job's
+    # <checkpoint>-merged a link to another job's merged model, swift (which takes the model already merged there)
+    # would quantize that model into this job's exports/; with exports/ a link out, it was taken, queued, took a
+    # GPU and then failed saying to create the job again.
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    prefix = f"test-quant-escape-{time.time_ns()}"
+    outside = tmp_path / "outside"
+    (outside / "merged").mkdir(parents=True)
+    async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "qe", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "qe", lambda j: j["status"] == "completed")
+        checkpoint = Path(job["run_dir"]) / "checkpoint-2"
+        merged = Path(f"{checkpoint}-merged")
+        merged.symlink_to(outside / "merged", target_is_directory=True)
+        quant = {"checkpoint": "checkpoint-2", "quant_method": "bnb", "quant_bits": 4}
+        r = await client.post("/jobs/qe/export", json=quant)
+        assert r.status_code == 409 and f"{merged} leads out of the job's folder" in r.json()["detail"], r.text
+        merged.unlink()
+        exports = Path(job["output_dir"]) / "exports"
+        exports.symlink_to(outside, target_is_directory=True)
+        r = await client.post("/jobs/qe/export", json=quant)
+        assert r.status_code == 409 and "leads out of the job's folder" in r.json()["detail"], r.text
+        assert "create the job again" not in r.json()["detail"]
+        exports.unlink()
+    async with app_factory(REDIS_KEY_PREFIX=prefix, scheduler=False) as client:  # no scheduler runs
+        r = await client.post("/jobs/qe/export", json=quant)
+        assert r.status_code == 200, r.text
+        merged.symlink_to(outside / "merged", target_is_directory=True)  # made after the ask, before its start
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        export_job = await wait_job(client, "qe-quant", lambda j: j["status"] not in ("queued", "running"))
+        assert export_job["status"] == "failed", export_job
+        assert f"{merged} leads out of the job's folder" in export_job["error_message"], export_job["error_message"]
+        assert list((outside / "merged").iterdir()) == []
+
+
 async def test_jobs_that_share_an_output_folder_never_export_into_one_folder_at_once(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

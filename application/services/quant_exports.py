@@ -13,7 +13,14 @@ from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest, TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.checkpoints import own_checkpoints
-from application.services.exports import ENDED_WITH_SWIFT, choose_checkpoint, merging_into_default, name_taken
+from application.services.exports import (
+    ENDED_WITH_SWIFT,
+    choose_checkpoint,
+    export_escape,
+    merging_into_default,
+    name_taken,
+)
+from application.services.path_sandbox import RealFolder
 from application.services.swift_info import SwiftInfo
 
 # awq and gptq calibrate on samples of a data set: the job's own.
@@ -109,6 +116,9 @@ def prepare_quant_job(
             raise Conflict(f"the default output folder 'exports/{name}' is taken by an earlier export of this "
                            "checkpoint (written, or still running): name another with output_name")  # fmt: skip
         raise Conflict(f"output_name '{name}' is taken by an earlier export: choose another")
+    adapters = checkpoint if parent.training.train_type != "full" else None
+    if why := quant_escape(Path(parent.output_dir), target, adapters, output_root):
+        raise Conflict(why)
     argv = quant_argv(swift_bin, parent, checkpoint, request, target)
     job = Job(
         job_id=job_id, status=JobStatus.QUEUED, priority=parent.priority, owner=parent.owner,
@@ -123,3 +133,26 @@ def prepare_quant_job(
         log_file=str(Path(job.output_dir) / "logs" / f"{job_id}.train.log"), started_at=now,
     )  # fmt: skip
     return job, info
+
+
+def quant_escape(folder: Path, target: Path, adapters: str | None, output_root: Path) -> str | None:
+    """Why a quantized export would read or write out of its job's folder `folder` through a symlink: its target
+    (as a merge's), and for a LoRA `<adapters>-merged`, where swift merges the adapter first or takes the model
+    already there (a link to another owner's merged model would be quantized into this job's exports/)."""
+    if why := export_escape(folder, target, output_root):
+        return why
+    merged = Path(f"{adapters}-merged") if adapters else None
+    if merged is not None and not RealFolder(folder).holds(merged):
+        return (f"{merged} leads out of the job's folder {folder} (a symlink): swift merges the adapter there, or "
+                "reads the model already there, before it quantizes; remove the link")  # fmt: skip
+    return None
+
+
+def export_job_escape(job: Job, output_root: Path) -> str | None:
+    """quant_escape again as an export job starts, from the argv fixed when it was asked for: a link made since."""
+    argv = job.export_argv or []
+    if "--output_dir" not in argv:
+        return None
+    target = Path(argv[argv.index("--output_dir") + 1])
+    adapters = argv[argv.index("--adapters") + 1] if "--adapters" in argv else None
+    return quant_escape(target.parent.parent, target, adapters, output_root)  # (<job folder>/exports/<name>)

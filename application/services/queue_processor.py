@@ -35,6 +35,7 @@ from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import escaped_output_root, relinked_input
+from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.refusals import Refusal
@@ -74,11 +75,14 @@ def _inputs(job: Job) -> list[tuple[str, str, bool]]:
 
 
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
-                roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...]]) -> Path:  # fmt: skip
+                roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...]],
+                export_job: Job | None = None) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
     # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
-    escaped = escaped_output_root(Path(str(spec["cwd"])), output_root)
+    # An export job's folders first: its own lies in its parent's exports/, whose link it would blame on itself.
+    escaped = export_job_escape(export_job, output_root) if export_job is not None else None
+    escaped = escaped or escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
         raise PathMoved(escaped, "output_dir")
     relinked = relinked_input(inputs, *roots)
@@ -372,7 +376,8 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT, _inputs(job), self._input_roots)  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, _inputs(job), self._input_roots,
+                job if job.kind == "export" else None)  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip
