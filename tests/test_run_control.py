@@ -187,6 +187,53 @@ async def test_a_pause_that_a_stop_overtakes_claims_no_lost_steps(
         assert resumed.status_code == 200 and resumed.json()["resume_step"] >= 5, resumed.text
 
 
+async def test_a_stop_or_a_pause_answers_for_its_run_when_someone_resumes_the_job_at_once(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two users: one stops (or pauses) a run, the other resumes the job as soon as that took effect. The stop,
+    reading the job after the resume, took it for a run gone back to the queue by itself and stopped it again
+    ("stopped while it waited to run again"): the resume answered "queued" never ran. With the resumed run
+    started, a stop or a pause answered "not ended yet" after the whole grace (found by the concurrency hunt)."""
+    from application.services import run_control
+
+    monkeypatch.setattr(run_control, "POLL_SECONDS", 1.0)  # the answer reads the job late: the resume comes first
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="2x80", AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "t", step_seconds=0.05, auto_start=True, training={"max_steps": 400, "save_steps": 5})
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "t", lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        # A priority-10 job waits for both GPUs: once t's run stops it takes them, and t's resume waits.
+        hog = job_body(tmp_path, "hog", hang_after_steps=1, auto_start=True, num_gpus=2, priority=10)
+        assert (await client.post("/jobs", json=hog)).json()["status"] == "queued"
+        stop = asyncio.create_task(client.post("/jobs/t/stop"))
+        await wait_job(client, "t", lambda j: j["status"] == "stopped")
+        resumed = await client.post("/jobs/t/resume")
+        assert resumed.status_code == 200 and resumed.json()["status"] == "queued", resumed.text
+        answer = (await stop).json()
+        assert answer["message"].startswith("Training stopped"), answer
+        assert answer["message"].endswith("it has been resumed since: queued now"), answer
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        job = (await client.get("/jobs/t")).json()
+        assert job["status"] == "queued", job["status"]  # the resume holds
+        events = (await client.get("/jobs/t/events")).json()["events"]
+        assert not [e for e in events if "waited to run again" in e["message"]], events
+
+        # A pause, resumed at once, the resumed run starting on GPUs just freed.
+        assert (await client.post("/jobs/hog/stop")).json()["status"] == "stopped"
+        job = await wait_job(client, "t", lambda j: j["status"] == "running" and len(j["attempts"]) == 2)
+        at = job["attempts"][-1]["first_step"]
+        await wait_job(client, "t", lambda j: (j["progress"]["current_step"] or 0) >= at + 6)
+        t0 = time.monotonic()
+        pause = asyncio.create_task(client.post("/jobs/t/pause"))
+        await wait_job(client, "t", lambda j: j["status"] == "paused")
+        assert (await client.post("/jobs/t/resume")).status_code == 200
+        answer = (await pause).json()
+        assert answer["message"].startswith("Paused: resumes from"), answer
+        assert "it has been resumed since" in answer["message"] and answer["resume_step"] > at, answer
+        assert answer["lost_steps"] is not None and answer["lost_steps"] >= 0, answer
+        assert time.monotonic() - t0 < 8, "it waited for the resumed run to end (the grace: 13 s)"
+
+
 async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:

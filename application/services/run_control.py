@@ -12,7 +12,7 @@ from collections.abc import Callable
 from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound, refused
 from application.models.job_responses import ActionResponse, CheckpointList
-from application.models.training_model import ExportStatus, Job, JobStatus
+from application.models.training_model import Attempt, ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.job_store import Refusal, TransitionRefused
@@ -40,6 +40,29 @@ async def await_job(svc: TrainingService, job_id: str, done: Callable[[Job], boo
         if done(job) or time.monotonic() >= deadline:
             return job
         await asyncio.sleep(POLL_SECONDS)
+
+
+def _attempt(job: Job, run_id: str | None) -> Attempt | None:
+    return next((a for a in reversed(job.attempts) if a.run_id == run_id), None)
+
+
+def _run_end(job: Job, run_id: str | None) -> str | None:
+    """How run `run_id` ended (its attempt's outcome: stopped, paused, completed, failed, preempted, retried), or
+    None while it runs; whatever the job did since (resumed, started again by someone). A record without that
+    attempt ends by its status."""
+    attempt = _attempt(job, run_id)
+    if attempt is None:
+        return None if job.status == JobStatus.RUNNING else job.status.value
+    return (attempt.outcome or "ended") if attempt.finished_at is not None else None
+
+
+def _since(job: Job, rests: JobStatus | None) -> str:
+    """What the job did after the run ended, when it is no longer as that end left it (resumed by someone)."""
+    if job.status in (rests, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELLED) or (
+        rests is None and job.status in (JobStatus.PAUSED, JobStatus.QUEUED)
+    ):
+        return ""
+    return f"; it has been resumed since: {job.status.value} now"
 
 
 class RunControl:
@@ -86,23 +109,27 @@ class RunControl:
                                        event=("stop_requested", "stop requested: SIGTERM to the process group",
                                               None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
-            final = await await_job(svc, job_id, lambda j: j.status != JobStatus.RUNNING, grace, job)
-            if final.status == JobStatus.QUEUED:
+            # Judged by that run's own end: the job may be resumed or started again by someone else meanwhile.
+            final = await await_job(svc, job_id, lambda j: _run_end(j, job.run_id) is not None, grace, job)
+            outcome = _run_end(final, job.run_id)
+            if final.status == JobStatus.QUEUED and outcome in ("preempted", "retried"):
                 # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
-                # still holds (were it missed here, the scheduler honours it before any new run).
+                # still holds (were it missed here, the scheduler honours it before any new run). Not a resume
+                # someone asked for once the stop had taken effect.
                 try:
                     to = await svc.leave_queue(final, "stopped on request as its last run ended", caller)
                     final = final.model_copy(update={"status": to})
+                    outcome = to.value
                 except TransitionRefused:
                     final = await svc.require(job_id, caller)
-            if final.status == JobStatus.RUNNING:
+            if outcome is None:
                 message = "Stop requested: the run has not ended yet; see its status"
-            elif final.status == JobStatus.STOPPED:
-                message = f"Training stopped ({final.stop_outcome or 'terminated'})"
-            elif final.status == JobStatus.CANCELLED:
+            elif outcome == "stopped":
+                message = f"Training stopped ({final.stop_outcome or 'terminated'})" + _since(final, JobStatus.STOPPED)
+            elif outcome == "cancelled":
                 message = "The job was cancelled: its run had ended and gone back to the queue, with no checkpoint"
             else:
-                message = f"The job had already finished ({final.status.value})"
+                message = f"The run had already ended ({outcome})" + _since(final, None)
             return ActionResponse(job_id=job_id, status=final.status, message=message)
         if job.export.status == ExportStatus.RUNNING:
             # Only while the export this caller saw runs: one that ended meanwhile is not stopped, nor a new one.
@@ -115,6 +142,8 @@ class RunControl:
                 return ActionResponse(job_id=job_id, status=now.status, export=now.export, message=message)
             final = await await_job(svc, job_id, lambda j: j.export.status != ExportStatus.RUNNING, grace, job)
             message = f"Export stopped ({final.export.status.value})"
+            if final.export.status == ExportStatus.COMPLETED:  # (it ended as the stop came: the model is whole)
+                message = f"The export had already ended: completed, the merged model is in {final.export.path}"
             if final.status == JobStatus.PAUSED:
                 message += "; the job stays paused (POST .../stop again stops it)"
             if final.export.status == ExportStatus.RUNNING:
@@ -135,17 +164,20 @@ class RunControl:
                                                None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
-        final = await await_job(self.service, job_id, lambda j: j.status != JobStatus.RUNNING,
-                                             self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS,
-                                             job)  # fmt: skip
-        paused = final.status == JobStatus.PAUSED
+        # Judged by the run's own end, as a stop is: someone may resume the job as soon as it is paused.
+        final = await await_job(self.service, job_id, lambda j: _run_end(j, job.run_id) is not None,
+                                self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS, job)  # fmt: skip
+        ended = _run_end(final, job.run_id)
+        paused = ended == "paused"
         resume_step = checkpoint_step(final.resume_from) if paused else None
-        current = final.progress.current_step
+        attempt = _attempt(final, job.run_id)
+        current = attempt.last_step if attempt is not None and attempt.last_step is not None else \
+            final.progress.current_step  # fmt: skip
         # Only a pause that took effect has steps to train again; a stop or an end that won the race has none.
         lost = max(0, current - (resume_step or 0)) if current is not None and paused else None
-        if final.status == JobStatus.RUNNING:
+        if ended is None:
             message = "Pause requested: the run has not ended yet; see its status"
-        elif final.status == JobStatus.PAUSED:
+        elif paused:
             where = (
                 f"{final.resume_from} (step {resume_step})" if final.resume_from else "the beginning (no checkpoint)"
             )
@@ -153,9 +185,11 @@ class RunControl:
             again = f"; {steps} after it will be trained again" if final.resume_from else \
                 f"; {steps} it made will be trained again"  # fmt: skip
             fresh = await _fresh_schedule(final.resume_from)
-            message = f"Paused: resumes from {where}" + (again if lost else "") + fresh
+            message = (
+                f"Paused: resumes from {where}" + (again if lost else "") + fresh + _since(final, JobStatus.PAUSED)
+            )
         else:
-            message = f"The run had already ended ({final.status.value})"
+            message = f"The run had already ended ({ended})" + _since(final, None)
         return ActionResponse(job_id=job_id, status=final.status, message=message,
                               resume_from=final.resume_from if paused else None, resume_step=resume_step,
                               lost_steps=lost)  # fmt: skip
