@@ -199,6 +199,27 @@ def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, works
     server.wait_status("p", "running", timeout=10)
 
 
+def test_starts_sent_at_once_are_each_answered_as_a_start_of_the_job_as_it_stands(server: ApiServer,
+                                                                                 workspace: Path) -> None:  # fmt: skip
+    # A retrying client, or two colleagues: the start that lost the race to queue the job was a 409 "is queued now:
+    # it cannot be started", while a start of a queued job is a 200 (found by the concurrency hunt).
+    for i in range(4):
+        assert create(server, workspace, f"p{i}")["status"] == "pending"
+    hold(server, workspace, "h0")
+    hold(server, workspace, "h1")
+    with ThreadPoolExecutor(3) as pool:
+        for i in range(4):
+            answers = list(pool.map(lambda _: server.http.post(f"/jobs/p{i}/start"), range(3)))  # noqa: B023
+            assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+            assert {r.json()["status"] for r in answers} == {"queued"}, [r.text for r in answers]
+            events = [e["type"] for e in server.http.get(f"/jobs/p{i}/events").json()["events"]]
+            assert events.count("status_queued") == 1, events
+            # Taken out of the queue, it is a 409 as before, whoever cancelled it.
+            assert server.http.delete(f"/queue/p{i}").json()["status"] == "cancelled"
+            r = server.http.post(f"/jobs/p{i}/start")
+            assert r.status_code == 409 and "is cancelled: only a pending job can be started" in r.text, r.text
+
+
 def test_priority_then_fifo_order_patch_resorts_and_gpus_go_in_that_order(server: ApiServer,
                                                                           workspace: Path) -> None:  # fmt: skip
     hold(server, workspace, "a")

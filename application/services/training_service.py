@@ -314,15 +314,17 @@ class TrainingService:
                                             message="start requested: queued for the scheduler",
                                             created_at=job.created_at)  # fmt: skip
             except TransitionRefused as exc:
-                raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
+                if exc.current != JobStatus.QUEUED.value:
+                    raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
+                # Another start queued it first (a retried request, a colleague): answered as a start of a queued
+                # job is, not a 409 that says it cannot be started.
+                return await self._start_queued(job_id)
             # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
             if await self.cluster.leader() is not None:
                 await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
             job = await self._job(job_id)
             if job.status == JobStatus.RUNNING:
-                where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
-                return ActionResponse(job_id=job_id, status=job.status, gpu_ids=job.gpu_ids,
-                                      message=f"Training started on {where}")  # fmt: skip
+                return _started(job)
             if job.status != JobStatus.QUEUED:
                 said = f": {job.error_message}" if job.status == JobStatus.FAILED and job.error_message else ""
                 return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
@@ -331,22 +333,25 @@ class TrainingService:
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   message=await self.placement.queued_message(info.reason))  # fmt: skip
         if job.status == JobStatus.QUEUED:
-            await self.cluster.publish_wakeup(job_id)
-            info = await self.placement.queue_info(job_id)
-            message = "The job is queued: it starts by itself when its GPUs are free"
-            if info.reason is not None and info.reason.code == "never":
-                message = f"The job is queued, but it cannot start: {info.reason.message}"
-            return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
-                                  estimated_wait_time=info.estimate, pending_reason=info.reason,
-                                  message=message)  # fmt: skip
-        hint = ""
-        if job.status == JobStatus.PAUSED:
-            hint = f"; resume it with POST .../jobs/{job_id}/resume"
-        elif job.status != JobStatus.RUNNING:
-            resumable = job.status in (JobStatus.STOPPED, JobStatus.FAILED)
-            hint = (f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or" if resumable
-                    else ";") + " create a new job to train again"  # fmt: skip
-        raise Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
+            return await self._start_queued(job_id)
+        raise _not_startable(job)
+
+    async def _start_queued(self, job_id: str) -> ActionResponse:
+        """A start of a job that is queued: the scheduler is woken, and the answer is where the job stands after
+        that, read again (cancelled, or started, meanwhile: it was answered "queued")."""
+        await self.cluster.publish_wakeup(job_id)
+        info = await self.placement.queue_info(job_id)
+        job = await self._job(job_id)
+        if job.status == JobStatus.RUNNING:
+            return _started(job)
+        if job.status != JobStatus.QUEUED:
+            raise _not_startable(job)
+        message = "The job is queued: it starts by itself when its GPUs are free"
+        if info.reason is not None and info.reason.code == "never":
+            message = f"The job is queued, but it cannot start: {info.reason.message}"
+        return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
+                              estimated_wait_time=info.estimate, pending_reason=info.reason,
+                              message=message)  # fmt: skip
 
     async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
         """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
@@ -472,3 +477,21 @@ def _queued(job: Job) -> QueuedJob:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _started(job: Job) -> ActionResponse:
+    where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
+    return ActionResponse(job_id=job.job_id, status=job.status, gpu_ids=job.gpu_ids,
+                          message=f"Training started on {where}")  # fmt: skip
+
+
+def _not_startable(job: Job) -> Conflict:
+    job_id = job.job_id
+    hint = ""
+    if job.status == JobStatus.PAUSED:
+        hint = f"; resume it with POST .../jobs/{job_id}/resume"
+    elif job.status != JobStatus.RUNNING:
+        resumable = job.status in (JobStatus.STOPPED, JobStatus.FAILED)
+        hint = (f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or" if resumable
+                else ";") + " create a new job to train again"  # fmt: skip
+    return Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
