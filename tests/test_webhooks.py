@@ -231,6 +231,7 @@ async def test_a_job_deleted_before_it_ended_is_notified_and_one_that_ended_is_n
 
         got = await until(deleted)
         assert [(g["job_id"], g["job"]["status"]) for g in got] == [("waits", "pending")], got
+        assert got[0]["message"] == "deleted by anonymous before it ended", got  # (it was null)
 
 
 async def test_a_redis_error_recording_one_delivery_still_posts_to_the_other_urls(

@@ -384,14 +384,16 @@ class JobStore(JobLog):
                 raise refused
         raise refused
 
-    async def delete(self, job_id: str, uploads: Sequence[str] = (), *, created_at: float | None = None) -> JobStatus:
+    async def delete(self, job_id: str, uploads: Sequence[str] = (), *, created_at: float | None = None,
+                     actor: str | None = None) -> JobStatus:  # fmt: skip
         """Remove the record (and, as a user of `uploads`, from theirs); raises TransitionRefused(MISSING |
-        BAD_STATE (running) | EXPORT_STATE)."""
+        BAD_STATE (running) | EXPORT_STATE). `actor`: who deleted it, for the `job_deleted` notification."""
         k = self.keys
         owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
             "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created, "now": repr(time.time()),
+            "message": f"deleted by {actor} before it ended" if actor else "deleted before it ended",
             "unended": [s.value for s in JobStatus if not s.is_terminal() and s != JobStatus.RUNNING],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
                   "events": k.job_events(job_id), "history": k.job_history(job_id), "summary": k.job_summary(job_id),

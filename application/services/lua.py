@@ -337,7 +337,7 @@ release_leases(k.leases, id)
 -- No longer a user of its uploads: the member the create added ('id|created_at', the time as stored).
 local created = redis.call('HGET', KEYS[1], 'created_at')
 for _, users in ipairs(k.upload_users or {}) do redis.call('SREM', users, id .. '|' .. created) end
-if member(cur, a.unended) then queue_webhook(k, id, 'job_deleted', cur, a.now, nil) end
+if member(cur, a.unended) then queue_webhook(k, id, 'job_deleted', cur, a.now, nil, a.message) end
 redis.call('DEL', KEYS[1], k.events, k.history, k.summary, k.sent)
 redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end

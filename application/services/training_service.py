@@ -410,7 +410,8 @@ class TrainingService:
         job = await self.require(job_id, caller)
         await settle(self.store, job)
         try:
-            await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
+            await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at,
+                                    actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
                 detail = "job '{id}' is exporting its model: wait for the export to end, then delete it"
