@@ -138,6 +138,12 @@ def test_listing_downloads_ranges_and_tar_of_a_finished_job(server: ApiServer, w
     # A folder of the job's, named without .tar: said to be one (it was "no such file or folder").
     unnamed = server.http.get(f"/jobs/arts/artifacts/{run}/checkpoint-20")
     assert unnamed.status_code == 404 and f"download it as '{run}/checkpoint-20.tar'" in unnamed.json()["detail"]
+    # So is one whose name ends in .tar (it was "no such file or folder", as no folder d is there to tar).
+    (out / run / "odd" / "d.tar").mkdir(parents=True)
+    (out / run / "odd" / "d.tar" / "in.txt").write_text("x")
+    dotted = server.http.get(f"/jobs/arts/artifacts/{run}/odd/d.tar")
+    assert dotted.status_code == 404 and f"download it as '{run}/odd/d.tar.tar'" in dotted.json()["detail"], dotted.text
+    assert server.http.get(f"/jobs/arts/artifacts/{run}/odd/d.tar.tar").status_code == 200
 
     # A folder as tar: the same files and bytes; the run's last-checkpoint link stays a link.
     for folder in (f"{run}/checkpoint-20", run):

@@ -329,11 +329,12 @@ def prepare_download(job: Job, output_root: Path, path: str, range_header: str |
     found = resolve(base, path) if base else None
     if found is not None and stat.S_ISREG(found[1].st_mode):
         return _file_download(found[0], found[1], path.rsplit("/", 1)[-1], range_header, if_range, head)
+    # (inside the job's folder: it may say so; a folder named d.tar is one too, unless d is a folder to tar)
+    is_folder = found is not None and stat.S_ISDIR(found[1].st_mode)
     if found is not None:
         os.close(found[0])
-        if stat.S_ISDIR(found[1].st_mode) and not path.endswith(".tar"):  # (inside the job's folder: it may say)
-            named = path.rstrip("/")
-            raise NotFound(f"'{named}' is a folder of job '{job.job_id}''s output: download it as '{named}.tar'")
+    if is_folder and not path.endswith(".tar"):
+        raise _a_folder(job, path)
     if base is not None and path.endswith(".tar") and (folder := resolve(base, path[: -len(".tar")])):
         fd, st, real = folder
         if stat.S_ISDIR(st.st_mode):
@@ -344,7 +345,14 @@ def prepare_download(job: Job, output_root: Path, path: str, range_header: str |
                 return Download(200, TAR_MEDIA_TYPE, iter(()), headers)
             return Download(200, TAR_MEDIA_TYPE, tar_chunks(OwnedFd(fd), real, name), headers)
         os.close(fd)
+    if is_folder:
+        raise _a_folder(job, path)
     raise not_found(job.job_id)
+
+
+def _a_folder(job: Job, path: str) -> NotFound:
+    named = path.rstrip("/")
+    return NotFound(f"'{named}' is a folder of job '{job.job_id}''s output: download it as '{named}.tar'")
 
 
 def as_asked(path: str, url_path: str) -> str:
