@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,12 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
     again = server.http.post("/jobs/bad/export", json={"output_name": "once"})
     assert again.status_code == 409 and "choose another" in again.json()["detail"]
     assert len(server.http.get("/jobs/bad/exports").json()["exports"]) == 2
+    # Its checkpoints removed by hand: said so, not "has no checkpoint yet" (which sent users waiting).
+    for checkpoint in server.job("bad")["checkpoints"]:
+        shutil.rmtree(checkpoint)
+    for body in ({}, {"quant_method": "bnb", "quant_bits": 4}):
+        r = server.http.post("/jobs/bad/export", json=body)
+        assert r.status_code == 409 and "checkpoints are no longer on disk (2 recorded" in r.json()["detail"], r.text
 
 
 def test_an_export_takes_only_the_jobs_own_checkpoints_not_those_an_earlier_job_left_in_its_folder(
@@ -143,8 +150,11 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     assert quant[0]["quant_bits"] == 4 and quant[0]["quant_method"] == "awq"
     # The job's own page says so too: it showed the record as stored, running for ever.
     assert [e["status"] for e in server.job("q")["exports"] if e["job_id"] == "q-quant"] == ["completed"]
-    # The export job neither taught the predictions nor exported itself.
+    # The export job neither taught the predictions nor exported itself, and cannot be exported: it is said whose
+    # checkpoints to export (it "had no checkpoint yet").
     assert server.job("q-quant")["export"]["status"] == "none"
+    r = server.http.post("/jobs/q-quant/export", json={})
+    assert r.status_code == 409 and "is an export of job 'q': it has no checkpoints" in r.json()["detail"], r.text
     again = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-5", "quant_bits": 4,
                                                      "quant_method": "awq"})  # fmt: skip
     assert again.status_code == 409 and "name another with output_name" in again.json()["detail"]  # none was sent

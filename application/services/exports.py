@@ -73,7 +73,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     else:
         checkpoint = on_disk[-1] if on_disk else None
     if checkpoint is None or not Path(checkpoint).is_dir():
-        raise Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
+        raise no_checkpoint(job)
     output_dir = None
     if not request.output_name and merging_into_default(job, checkpoint):
         raise Conflict(f"a quantized export of {Path(checkpoint).name} writes {Path(checkpoint).name}-merged (its job "
@@ -94,6 +94,18 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok, output_dir=output_dir),
         log_file=str(export_log(job)), started_at=time.time(),
     )  # fmt: skip
+
+
+def no_checkpoint(job: Job) -> Conflict:
+    """Why a job has nothing to export: an export job has no checkpoints of its own ("yet" sent its users waiting),
+    and a job whose checkpoints were removed from disk is not one that has not saved any."""
+    if job.kind == "export":
+        return Conflict(f"job '{job.job_id}' is an export of job '{job.export_of}': it has no checkpoints; export "
+                        f"job '{job.export_of}''s instead")  # fmt: skip
+    if job.checkpoints:
+        return Conflict(f"job '{job.job_id}''s checkpoints are no longer on disk ({len(job.checkpoints)} recorded, the "
+                        f"newest {job.checkpoints[-1]}): nothing to export")  # fmt: skip
+    return Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
 
 
 async def record_auto_export(store: JobStore, settings: Settings, job_id: str,

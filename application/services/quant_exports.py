@@ -19,6 +19,7 @@ from application.services.exports import (
     export_escape,
     merging_into_default,
     name_taken,
+    no_checkpoint,
 )
 from application.services.path_sandbox import RealFolder
 from application.services.swift_info import SwiftInfo
@@ -100,7 +101,7 @@ def prepare_quant_job(
     elif on_disk:
         checkpoint = on_disk[-1]
     else:
-        raise Conflict(f"job '{parent.job_id}' has no checkpoint yet: nothing to export")
+        raise no_checkpoint(parent)
     # swift merges the adapter into <checkpoint>-merged first, or takes what that folder holds: not while another
     # export of the checkpoint writes it (a merge into it, or another quantized export). (A full model's is not
     # merged.)
