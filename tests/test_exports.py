@@ -100,7 +100,9 @@ def test_wrong_export_requests_are_refused_saying_what_to_change(server: ApiServ
         shutil.rmtree(checkpoint)
     for body in ({}, {"quant_method": "bnb", "quant_bits": 4}):
         r = server.http.post("/jobs/bad/export", json=body)
-        assert r.status_code == 409 and "checkpoints are no longer on disk (2 recorded" in r.json()["detail"], r.text
+        assert r.status_code == 409 and "checkpoints are no longer in its folder (2 recorded" in r.json()["detail"], (
+            r.text
+        )
 
 
 def test_an_export_takes_only_the_jobs_own_checkpoints_not_those_an_earlier_job_left_in_its_folder(

@@ -103,8 +103,9 @@ def no_checkpoint(job: Job) -> Conflict:
         return Conflict(f"job '{job.job_id}' is an export of job '{job.export_of}': it has no checkpoints; export "
                         f"job '{job.export_of}''s instead")  # fmt: skip
     if job.checkpoints:
-        return Conflict(f"job '{job.job_id}''s checkpoints are no longer on disk ({len(job.checkpoints)} recorded, the "
-                        f"newest {job.checkpoints[-1]}): nothing to export")  # fmt: skip
+        return Conflict(f"job '{job.job_id}''s checkpoints are no longer in its folder ({len(job.checkpoints)} "
+                        f"recorded, the newest {job.checkpoints[-1]}): removed, or a link on the folder's way leads "
+                        "elsewhere now; nothing to export")  # fmt: skip
     return Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
 
 

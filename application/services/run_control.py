@@ -112,20 +112,23 @@ class RunControl:
             # Judged by that run's own end: the job may be resumed or started again by someone else meanwhile.
             final = await await_job(svc, job_id, lambda j: _run_end(j, job.run_id) is not None, grace, job)
             outcome = _run_end(final, job.run_id)
-            if final.status == JobStatus.QUEUED and outcome in ("preempted", "retried"):
+            if outcome in ("preempted", "retried"):
                 # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
-                # still holds (were it missed here, the scheduler honours it before any new run). Not a resume
-                # someone asked for once the stop had taken effect.
-                try:
-                    to = await svc.leave_queue(final, "stopped on request as its last run ended", caller)
-                    final = final.model_copy(update={"status": to})
-                    outcome = to.value
-                except TransitionRefused:
-                    final = await svc.require(job_id, caller)
+                # still holds, here or by the scheduler before any new run (not a resume someone asked for once
+                # the stop had taken effect: that run's end was "stopped").
+                if final.status == JobStatus.QUEUED:
+                    try:
+                        to = await svc.leave_queue(final, "stopped on request as its last run ended", caller)
+                        final = final.model_copy(update={"status": to})
+                    except TransitionRefused:
+                        final = await svc.require(job_id, caller)
+                if final.status in (JobStatus.STOPPED, JobStatus.CANCELLED):
+                    outcome = final.status.value
             if outcome is None:
                 message = "Stop requested: the run has not ended yet; see its status"
             elif outcome == "stopped":
-                message = f"Training stopped ({final.stop_outcome or 'terminated'})" + _since(final, JobStatus.STOPPED)
+                how = f" ({final.stop_outcome or 'terminated'})" if final.status == JobStatus.STOPPED else ""
+                message = f"Training stopped{how}" + _since(final, JobStatus.STOPPED)
             elif outcome == "cancelled":
                 message = "The job was cancelled: its run had ended and gone back to the queue, with no checkpoint"
             else:
@@ -168,7 +171,9 @@ class RunControl:
         final = await await_job(self.service, job_id, lambda j: _run_end(j, job.run_id) is not None,
                                 self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS, job)  # fmt: skip
         ended = _run_end(final, job.run_id)
-        paused = ended == "paused"
+        # (a run that went back to the queue as the pause came, a retry or a preemption, rests paused by the
+        # scheduler before any new run)
+        paused = ended == "paused" or (ended in ("preempted", "retried") and final.status == JobStatus.PAUSED)
         resume_step = checkpoint_step(final.resume_from) if paused else None
         attempt = _attempt(final, job.run_id)
         current = attempt.last_step if attempt is not None and attempt.last_step is not None else \

@@ -314,40 +314,41 @@ class TrainingService:
                                             message="start requested: queued for the scheduler",
                                             created_at=job.created_at)  # fmt: skip
             except TransitionRefused as exc:
-                if exc.current != JobStatus.QUEUED.value:
+                if exc.current not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
                     raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
-                # Another start queued it first (a retried request, a colleague): answered as a start of a queued
-                # job is, not a 409 that says it cannot be started.
-                return await self._start_queued(job_id)
+                # Another start queued it first (a retried request, a colleague), and its pass may have started
+                # it already (a pending job has never run: only a start since this one's read did that). Answered
+                # as that start is, not a 409 that says it cannot be started.
+                return await self._answer_start(job_id, job.created_at)
             # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
             if await self.cluster.leader() is not None:
                 await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
-            job = await self._job(job_id)
-            if job.status == JobStatus.RUNNING:
-                return _started(job)
-            if job.status != JobStatus.QUEUED:
-                said = f": {job.error_message}" if job.status == JobStatus.FAILED and job.error_message else ""
-                return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
-            info = await self.placement.queue_info(job_id)
-            return ActionResponse(job_id=job_id, status=JobStatus.QUEUED, queue_position=info.position,
-                                  estimated_wait_time=info.estimate, pending_reason=info.reason,
-                                  message=await self.placement.queued_message(info.reason))  # fmt: skip
+            return await self._answer_start(job_id, job.created_at, just_queued=True)
         if job.status == JobStatus.QUEUED:
-            return await self._start_queued(job_id)
+            await self.cluster.publish_wakeup(job_id)
+            return await self._answer_start(job_id, job.created_at)
         raise _not_startable(job)
 
-    async def _start_queued(self, job_id: str) -> ActionResponse:
-        """A start of a job that is queued: the scheduler is woken, and the answer is where the job stands after
-        that, read again (cancelled, or started, meanwhile: it was answered "queued")."""
-        await self.cluster.publish_wakeup(job_id)
-        info = await self.placement.queue_info(job_id)
+    async def _answer_start(self, job_id: str, created_at: float, just_queued: bool = False) -> ActionResponse:
+        """Where a started job stands now, read again: running, queued (where, and why it waits), or failed to
+        launch; cancelled meanwhile is a 409 (it was answered "queued"), deleted meanwhile a 404."""
         job = await self._job(job_id)
+        if job.created_at != created_at:  # (its id taken again since: not this start's job)
+            raise JobNotFound(job_id)
         if job.status == JobStatus.RUNNING:
-            return _started(job)
+            where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
+            return ActionResponse(job_id=job_id, status=job.status, gpu_ids=job.gpu_ids,
+                                  message=f"Training started on {where}")  # fmt: skip
+        if job.status == JobStatus.FAILED:
+            said = f": {job.error_message}" if job.error_message else ""
+            return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
         if job.status != JobStatus.QUEUED:
             raise _not_startable(job)
+        info = await self.placement.queue_info(job_id)
         message = "The job is queued: it starts by itself when its GPUs are free"
-        if info.reason is not None and info.reason.code == "never":
+        if just_queued:
+            message = await self.placement.queued_message(info.reason)
+        elif info.reason is not None and info.reason.code == "never":
             message = f"The job is queued, but it cannot start: {info.reason.message}"
         return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
                               estimated_wait_time=info.estimate, pending_reason=info.reason,
@@ -478,12 +479,6 @@ def _queued(job: Job) -> QueuedJob:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [] if value is None else [value]
-
-
-def _started(job: Job) -> ActionResponse:
-    where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
-    return ActionResponse(job_id=job.job_id, status=job.status, gpu_ids=job.gpu_ids,
-                          message=f"Training started on {where}")  # fmt: skip
 
 
 def _not_startable(job: Job) -> Conflict:
