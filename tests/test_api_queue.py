@@ -257,6 +257,11 @@ def test_priority_then_fifo_order_patch_resorts_and_gpus_go_in_that_order(server
     assert server.http.get("/queue/mid1/status").json()["jobs_ahead"] == 3
     events = server.http.get("/jobs/low/events").json()["events"]
     assert any(e["type"] == "priority_changed" and e["data"] == {"from": 0, "to": 10} for e in events)
+    # The priority it has already: nothing changes, and no "priority changed from 10 to 10" joins the events.
+    same = server.http.patch("/jobs/low", json={"priority": 10})
+    assert same.status_code == 200 and same.json()["priority"] == 10, same.text
+    again = server.http.get("/jobs/low/events").json()["events"]
+    assert [e["type"] for e in again].count("priority_changed") == 1, again
 
     stop(server, "a")
     server.wait_status("low", "running", timeout=10)

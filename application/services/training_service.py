@@ -422,6 +422,8 @@ class TrainingService:
 
     async def set_priority(self, job_id: str, priority: int, caller: Caller) -> Job:
         job = await self.require(job_id, caller)
+        if priority == job.priority and job.status in (JobStatus.PENDING, JobStatus.QUEUED):
+            return job  # (it was an event "priority changed from 2 to 2")
         try:
             await self.store.reprioritize(job, priority, actor=caller.actor)
         except TransitionRefused as exc:
