@@ -56,11 +56,10 @@ def _run_end(job: Job, run_id: str | None) -> str | None:
     return (attempt.outcome or "ended") if attempt.finished_at is not None else None
 
 
-def _since(job: Job, rests: JobStatus | None) -> str:
-    """What the job did after the run ended, when it is no longer as that end left it (resumed by someone)."""
-    if job.status in (rests, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELLED) or (
-        rests is None and job.status in (JobStatus.PAUSED, JobStatus.QUEUED)
-    ):
+def _since(job: Job, outcome: str) -> str:
+    """What became of the job after its run ended `outcome`, when someone resumed it since: a run that went back
+    to the queue by itself (preempted, retried) is queued or running again as the scheduler left it."""
+    if outcome in ("preempted", "retried") or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return ""
     return f"; it has been resumed since: {job.status.value} now"
 
@@ -128,11 +127,11 @@ class RunControl:
                 message = "Stop requested: the run has not ended yet; see its status"
             elif outcome == "stopped":
                 how = f" ({final.stop_outcome or 'terminated'})" if final.status == JobStatus.STOPPED else ""
-                message = f"Training stopped{how}" + _since(final, JobStatus.STOPPED)
+                message = f"Training stopped{how}" + _since(final, outcome)
             elif outcome == "cancelled":
                 message = "The job was cancelled: its run had ended and gone back to the queue, with no checkpoint"
             else:
-                message = f"The run had already ended ({outcome})" + _since(final, None)
+                message = f"The run had already ended ({outcome})" + _since(final, outcome)
             return ActionResponse(job_id=job_id, status=final.status, message=message)
         if job.export.status == ExportStatus.RUNNING:
             # Only while the export this caller saw runs: one that ended meanwhile is not stopped, nor a new one.
@@ -190,11 +189,9 @@ class RunControl:
             again = f"; {steps} after it will be trained again" if final.resume_from else \
                 f"; {steps} it made will be trained again"  # fmt: skip
             fresh = await _fresh_schedule(final.resume_from)
-            message = (
-                f"Paused: resumes from {where}" + (again if lost else "") + fresh + _since(final, JobStatus.PAUSED)
-            )
+            message = f"Paused: resumes from {where}" + (again if lost else "") + fresh + _since(final, ended)
         else:
-            message = f"The run had already ended ({ended})" + _since(final, None)
+            message = f"The run had already ended ({ended})" + _since(final, ended)
         return ActionResponse(job_id=job_id, status=final.status, message=message,
                               resume_from=final.resume_from if paused else None, resume_step=resume_step,
                               lost_steps=lost)  # fmt: skip
