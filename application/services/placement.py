@@ -16,6 +16,9 @@ from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, Pla
 from application.services.scheduler import Head
 from application.services.wait_reasons import Reason
 
+# How far past a job's position its forecast reads (a plan of that many more queued jobs costs little).
+CREATES_AT_ONCE = 32
+
 
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
@@ -67,11 +70,13 @@ class Placement:
             if view is None:
                 fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
                 view = fresh
-            forecast = await self.planner.forecast(view, position, head)
+            # A little past its position: jobs submitted before it but stored a moment later (creates under way
+            # at once) move it back, and the plan of the first `position` jobs then no longer holds it.
+            forecast = await self.planner.forecast(view, position + CREATES_AT_ONCE, head)
             if again or job_id in forecast.reasons or any(s.job_id == job_id for s in forecast.starts):
                 break
-            # Jobs stored after `position` was read but submitted before this one (creates under way at once)
-            # moved it back past the part of the queue the forecast read: where it stands now.
+            # More of them than that moved it back past the part of the queue the forecast read: where it stands
+            # now.
             position = await self.store.queue_position(job_id)
         return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
                          pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
