@@ -243,6 +243,13 @@ def test_logs_limit_and_events_pagination(server: ApiServer, workspace: Path) ->
                            and server.http.get("/jobs/chatty/logs", params={"kind": "export"}).json())  # fmt: skip
     assert export_logs["kind"] == "export" and export_logs["lines"]
     assert export_logs["log_file"] != job["log_file"]
+    # A line that never ended (a bar printing only \r, for megabytes) is one clipped line of a page, not the whole
+    # 16 MB read window: it made a `limit=1` page 16-100 MB of JSON.
+    with open(job["log_file"], "ab") as f:
+        f.write(b"\x01" * 3_000_000)
+    last_two = server.http.get("/jobs/chatty/logs", params={"limit": 2}).json()["lines"]
+    assert last_two[0] == all_lines[-1]
+    assert last_two[1].startswith("\x01" * 16_384 + " … (2,983,616 more characters)") and len(last_two[1]) < 16_500
 
     everything = server.http.get("/jobs/chatty/events", params={"limit": 1000}).json()["events"]
     assert len(everything) >= 4

@@ -18,6 +18,10 @@ DEFAULT_TAIL_MAX_BYTES = 16 * 1024 * 1024
 # What one line of a log may take where it is stored or sent (a failed job's tail and error, its events): a
 # trainer that printed a 10 MB line made its job page 20 MB, and every list page holding it 3 MB.
 STORED_LINE_CHARS = 4000
+# What one line may take on a page of GET .../logs: a trainer's whole argument dump fits; a line of hundreds of
+# megabytes (a bar that never printed a newline) made one line of a `limit=1` page up to 100 MB of JSON. The
+# log stream and the log file itself (artifacts) have every byte.
+PAGE_LINE_CHARS = 16 * 1024
 
 
 def clip_line(line: str, limit: int = STORED_LINE_CHARS) -> str:
