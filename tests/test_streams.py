@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from application.services.redis_service import EmbeddedRedis
-from application.services.streams import MAX_LINE, _visible
+from application.services.streams import LINES_PER_SEND, MAX_LINE, _visible
 from tests.conftest import (
     ALICE_KEY,
     BOB_KEY,
@@ -531,3 +531,42 @@ async def test_an_open_progress_stream_sends_every_point_of_a_batch_longer_than_
         await asyncio.wait_for(rest(), 20)
         await stream.aclose()
         assert ids == [f"1.{s}-0" for s in range(1, 502)]
+
+
+async def test_a_progress_streams_backlog_comes_in_batches_with_turns_for_other_requests_between(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Opened on a finished run's history (2,000 points by default), a stream sent each point as a send of its own,
+    # with no turn for the worker's other requests between them: ten streams opening stalled /health for 0.9 s.
+    async with app_factory(scheduler=False) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "long"))).status_code == 201
+        streams = client.app.state.streams
+        now = time.time()
+        await streams.store.add_history("long", [{"step": s, "loss": 1.0, "time": now} for s in range(1, 2001)])
+        created = float(await streams.store.get_field("long", "created_at"))
+        turns = 0
+
+        async def other_request() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_request())
+        ids: list[str] = []
+        sends: list[tuple[int, int]] = []  # (points in the send, the other request's turns when it came)
+        stream = streams.progress("long", None, created)
+        try:
+            async with asyncio.timeout(20):
+                async for text in stream:
+                    got = [m.id for m in sse(iter(text.split("\n"))) if m.id]
+                    sends.append((len(got), turns))
+                    ids.extend(got)
+                    if len(ids) >= 2000:
+                        break
+        finally:
+            await stream.aclose()
+            other.cancel()
+        assert ids == [f"1.{s}-0" for s in range(1, 2001)]
+        assert len(sends) <= 8 and all(n <= LINES_PER_SEND for n, _ in sends)
+        assert all(later > earlier for (_, earlier), (_, later) in itertools.pairwise(sends)), sends
