@@ -39,6 +39,15 @@ def data(value: str, r: dict[str, Path]) -> path_sandbox.Resolved:
     return resolve("data_path", value, [r["data"]], data=True, base=r["base"], setting="DATA_ROOTS")
 
 
+@pytest.mark.parametrize("value", ["ns/name#0", "top.jsonl#0", "./datasets/top.jsonl#00", "/etc/shadow#0"])
+def test_a_sample_of_no_rows_is_refused_before_any_path_is_looked_at(roots: dict[str, Path], value: str) -> None:
+    # swift asserts a sample above 0: the job failed after its wait with a bare AssertionError.
+    with pytest.raises(Invalid) as exc:
+        data(value, roots)
+    assert exc.value.detail == (f"data_path '{value}' asks for 0 rows (#0): write #N with N of 1 or more to train "
+                                "on N rows, or leave #N out for the whole data set")  # fmt: skip
+
+
 def test_hub_ids_pass_untouched_and_local_paths_resolve_inside_roots(roots: dict[str, Path]) -> None:
     for hub in ("AI-ModelScope/coco#20000", "swift/self-cognition:default#500", "ns/name"):
         assert data(hub, roots) == path_sandbox.Resolved(hub, False)

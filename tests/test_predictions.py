@@ -161,6 +161,19 @@ async def test_each_source_through_the_api(app_factory: Callable[..., Any], tmp_
         assert predicted["source"] == "plan"
         assert actual < predicted["seconds"] < 2 * actual + 1.0
 
+        # `#N` on a local data set is what swift trains on (N rows sampled, or the set repeated): the plan is N
+        # rows', not the file's count (a local `#N` was ignored: a 10x job was planned as the file).
+        whole = (await client.post("/jobs", json=body(tmp_path, "whole"))).json()["predicted_duration"]
+        stored = (await client.get("/jobs/whole")).json()
+        rows, path = stored["dataset_rows"], stored["data_path"]
+        plans = {}
+        for name, n in (("same", rows), ("tenfold", 10 * rows)):
+            r = await client.post("/jobs", json=body(tmp_path, name, data_path=f"{path}#{n}"))
+            assert r.status_code == 201, r.text
+            plans[name] = r.json()["predicted_duration"]
+        assert whole["source"] == plans["same"]["source"] == plans["tenfold"]["source"] == "plan"
+        assert plans["same"]["seconds"] == whole["seconds"] < plans["tenfold"]["seconds"]
+
         # A hub data set has no row count: similar jobs' durations are all there is.
         hub = {"data_path": "swift/self-cognition", "training": {"max_length": 512}}
         first = await client.post("/jobs", json=body(tmp_path, "hub1", **hub))

@@ -155,6 +155,10 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
     """Apply the rules above to one request field (`hub` False: it names a local path, whatever its form).
     Synchronous: it may touch the disk (inside roots only)."""
     check_text(field, value)
+    if data and (m := _SAMPLE_RE.search(value)) and int(m.group(1)) == 0:
+        # (swift asserts a sample above 0: the job would fail after its wait with a bare AssertionError)
+        raise Invalid(f"{field} '{value}' asks for 0 rows (#0): write #N with N of 1 or more to train on N rows, or "
+                      "leave #N out for the whole data set")  # fmt: skip
     sample: int | None = None
     text = value
     if data and (m := _SAMPLE_RE.search(text)) and is_local_syntax(text):

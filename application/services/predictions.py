@@ -72,7 +72,7 @@ def format_limit(seconds: int) -> str:
 
 
 def hub_rows(data_path: str) -> int | None:
-    """The row count a hub data set id asks for ('AI-ModelScope/coco#20000'), if any."""
+    """The row count a data set asks for with `#N` ('AI-ModelScope/coco#20000', a local 'train.jsonl#500'), if any."""
     m = _HUB_ROWS_RE.search(data_path)
     return int(m.group(1)) if m else None
 

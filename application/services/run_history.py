@@ -36,7 +36,9 @@ def samples_per_step(job: Job) -> int:
 
 def steps_of(job: Job) -> int | None:
     t = job.training
-    rows = job.dataset_rows if job.dataset_rows is not None else hub_rows(job.data_path)
+    # `#N` is what swift trains on (N rows sampled, or the set repeated up to N), a local file's count or not.
+    sampled = hub_rows(job.data_path)
+    rows = sampled if sampled is not None else job.dataset_rows
     return plan_steps(
         max_steps=t.max_steps, num_epochs=t.num_epochs, rows=rows, split_ratio=t.split_dataset_ratio,
         batch_size=t.batch_size, grad_accum=t.gradient_accumulation_steps, num_gpus=job.num_gpus,
