@@ -266,7 +266,8 @@ def _check_folders(settings: Settings, role: str) -> None:
             if role != "api" or name == "LOG_DIR":
                 tempfile.NamedTemporaryFile(dir=folder, prefix=".swift-api-probe-").close()
         except OSError as exc:
-            print(f"swift-api: {name}={folder} cannot be used: {exc.strerror or exc}", file=sys.stderr)
+            why = "it is a file: name a folder" if folder.is_file() else exc.strerror or exc
+            print(f"swift-api: {name}={folder} cannot be used: {why}", file=sys.stderr)
             sys.exit(2)
     socket_path = settings.DATA_DIR / "redis" / "redis.sock"
     if role == "all" and settings.uses_embedded_redis and len(os.fsencode(socket_path)) > UNIX_PATH_MAX:

@@ -35,6 +35,8 @@ from application.setting_values import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Uploads (POST /files) live in <each DATA_ROOTS folder>/uploads/<owner folder>/.
+UPLOADS_DIR = "uploads"
 ENV_DIR = PROJECT_ROOT / "env"
 
 
@@ -193,6 +195,9 @@ class Settings(BaseSettings):
         # ({...} would make it a path parameter: any value there matched every route)
         if v and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v):
             raise ValueError("must be path segments of letters, digits, '.', '_', '~' or '-' (for example /api/v1)")
+        # (clients collapse /api/../training to /training before sending it: nothing could reach the API)
+        if any(part in (".", "..") for part in v.split("/")):
+            raise ValueError("must not have a '.' or '..' segment: clients remove them (for example /api/v1)")
         return v
 
     @field_validator("REDIS_KEY_PREFIX")
@@ -235,10 +240,24 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
 
+    @field_validator("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", mode="before")
+    @classmethod
+    def _folder_named(cls, v: Any) -> Any:
+        # (an empty value was the project's own folder: Redis's data or the logs landed among its sources)
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: name a folder, or leave the setting out for its default")
+        return v
+
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
     def _level(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v  # (LOG_LEVEL=debug was refused)
+
+    @field_validator("APP_HOST")
+    @classmethod
+    def _app_host(cls, v: str | None) -> str | None:
+        # [::1] as in a URL: bound as ::1 (it was refused as a network address, and no socket takes the brackets)
+        return v[1:-1] if v is not None and v.startswith("[") and v.endswith("]") else v
 
     @field_validator("REDIS_HOST")
     @classmethod
@@ -286,8 +305,10 @@ class Settings(BaseSettings):
             object.__setattr__(self, "SWIFT_BIN", str((PROJECT_ROOT / self.SWIFT_BIN).resolve()))
         for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE", "API_KEYS_FILE"):
             p: Path | None = getattr(self, name)
-            if p is not None and not p.is_absolute():
-                object.__setattr__(self, name, (PROJECT_ROOT / p).resolve())
+            if p is not None:
+                # ~ as DATA_ROOTS and MODEL_ROOTS take it (it made a folder named ~ inside the project)
+                p = p.expanduser()
+                object.__setattr__(self, name, p if p.is_absolute() else (PROJECT_ROOT / p).resolve())
         return self
 
     @model_validator(mode="after")
@@ -305,6 +326,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"OUTPUT_ROOT={self.OUTPUT_ROOT} holds {name}: every folder under OUTPUT_ROOT can be "
                                  "a job's output and be downloaded, so give it a folder of its own (such as "
                                  "./output)")  # fmt: skip
+        for data_root in self.data_roots():
+            uploads = Path(os.path.realpath(data_root / UPLOADS_DIR))
+            if root == uploads or uploads in root.parents:
+                # (a job named after an owner's folder there listed and downloaded their uploads as its artifacts)
+                raise ValueError(f"OUTPUT_ROOT={self.OUTPUT_ROOT} lies in {uploads}, where uploaded files are kept: "
+                                 "give it a folder of its own (such as ./output)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

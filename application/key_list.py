@@ -44,6 +44,18 @@ def _entry(name: Any, role: Any, key: Any, where: str) -> ApiKeyEntry:
     return ApiKeyEntry(name, role, key)
 
 
+class _Twice(ValueError):
+    pass
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal names: an admin key written twice became a user, without a word.
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _Twice(", ".join(sorted({n for n in names if names.count(n) > 1})))
+    return dict(pairs)
+
+
 def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ...]:
     """API_KEYS (`name:role:key,...`) and API_KEYS_FILE (`{"name": {"role": ..., "key": ...}}`) together."""
     entries: list[ApiKeyEntry] = []
@@ -61,9 +73,11 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
         entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), where))
     if file is not None:
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_once_each)
         except OSError as exc:
             raise ValueError(f"API_KEYS_FILE {file} cannot be read: {exc.strerror}") from None
+        except _Twice as exc:
+            raise ValueError(f"API_KEYS_FILE {file} names {exc} twice: each key needs its own name") from None
         except ValueError as exc:
             raise ValueError(f"API_KEYS_FILE {file} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):

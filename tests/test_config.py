@@ -63,6 +63,16 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         # Accepted, then every request answered 503 "DB index is out of range"; REDIS_DB=16 was refused.
         ("REDIS_URL", "redis://redis:6379/99", "db must be 0-15"),
         ("REDIS_URL", "unix:///run/redis.sock?db=16", "db must be 0-15"),
+        # Clients collapse dot segments before sending: the API answered nothing but 404 under such a prefix.
+        ("API_PREFIX", "/api/..", "'.' or '..' segment"),
+        ("API_PREFIX", "/./v1", "'.' or '..' segment"),
+        # Empty was the project's own folder: Redis's data or the logs among the sources.
+        ("DATA_DIR", "", "is empty: name a folder"),
+        ("LOG_DIR", " ", "is empty: name a folder"),
+        ("OUTPUT_ROOT", "", "is empty: name a folder"),
+        # A job named after an owner's folder there listed and downloaded their uploads as its artifacts.
+        ("OUTPUT_ROOT", "datasets/uploads", "where uploaded files are kept"),
+        ("OUTPUT_ROOT", "datasets/uploads/jobs", "where uploaded files are kept"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(
@@ -83,6 +93,37 @@ def test_a_redis_host_is_a_name_or_an_address(monkeypatch: pytest.MonkeyPatch, h
     monkeypatch.setenv("REDIS_HOST", host)
     monkeypatch.setenv("REDIS_PORT", "6380")
     assert redis_url(load_settings()) == url
+
+
+def test_a_home_folder_is_expanded_in_every_path_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # ~ was taken literally (a folder named ~ in the project) everywhere but in DATA_ROOTS and MODEL_ROOTS.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "keys.json").write_text('{"ann": {"role": "admin", "key": "ann-key-0123456789abcdef"}}')
+    for name, value in (("DATA_DIR", "~/d"), ("LOG_DIR", "~/logs"), ("OUTPUT_ROOT", "~/out"),
+                        ("API_KEYS_FILE", "~/keys.json")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    got = (settings.DATA_DIR, settings.LOG_DIR, settings.OUTPUT_ROOT, settings.API_KEYS_FILE)
+    assert got == (tmp_path / "d", tmp_path / "logs", tmp_path / "out", tmp_path / "keys.json")
+    assert [k.name for k in settings.api_keys] == ["ann"]
+
+
+def test_a_name_twice_in_the_key_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # json.loads keeps the last: the admin key written first stopped working, and "a" became a user, silently.
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"a": {"role": "admin", "key": "aaaa-0123456789abcdef"}, '
+                    '"a": {"role": "user", "key": "bbbb-0123456789abcdef"}}')  # fmt: skip
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert f"API_KEYS_FILE {keys} names a twice: each key needs its own name" in str(exc.value)
+
+
+def test_an_ipv6_host_written_as_in_a_url_is_bound_without_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [::1] was refused as "would let anyone on the network run and delete jobs".
+    monkeypatch.setenv("APP_HOST", "[::1]")
+    settings = load_settings()
+    assert settings.bind_host == "::1" and settings.open_to_the_network() is None
 
 
 def test_a_log_level_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +260,7 @@ def test_an_output_root_that_is_a_file_stops_the_api_role_with_one_line(tmp_path
                          text=True, timeout=60, check=False)  # fmt: skip
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "OUTPUT_ROOT=" in lines[0] and "cannot be used" in lines[0], out.stderr
+    assert len(lines) == 1 and "OUTPUT_ROOT=" in lines[0] and "cannot be used: it is a file: name a folder" in lines[0]
 
 
 def test_api_workers_that_fail_to_start_make_start_py_fail(tmp_path: Path) -> None:

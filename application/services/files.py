@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from loguru import logger
 
 from application.auth import Caller
-from application.config import Settings
+from application.config import UPLOADS_DIR, Settings
 from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
 from application.models.training_model import Job, JobStatus
@@ -46,7 +46,6 @@ from application.services.path_sandbox import Guard, all_of, real_output_root
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 
-UPLOADS_DIR = "uploads"
 SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
 FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
