@@ -108,6 +108,35 @@ async def test_create_refuses_a_broken_data_set_and_stores_its_row_count(
         assert r.status_code == 201 and (await client.get("/jobs/hub")).json()["dataset_rows"] is None
 
 
+async def test_the_servers_own_files_are_no_ones_data_set_or_model_whatever_the_roots_hold(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A data root holding API_KEYS_FILE (here: the data root holds everything) let a user key train on the key
+    # file: the data set check told its names, and the run's log would have shown its first rows.
+    model = make_model(tmp_path / "models" / "tiny-qwen2")
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"root": {"role": "admin", "key": "root-key-0123456789abcdef"},
+                                "bob": {"role": "user", "key": "bob-key-0123456789abcdef"}}))  # fmt: skip
+    (tmp_path / "logs").mkdir()
+    logged = write(tmp_path / "logs" / "rows.jsonl", [MESSAGES] * 3)
+    cases = {"keys": (str(keys), "API_KEYS_FILE"), "logs": (str(logged), "LOG_DIR"),
+             "probe": ("data/swift-probe/x.jsonl", "DATA_DIR")}  # fmt: skip
+    async with app_factory(API_KEYS_FILE=str(keys)) as client:
+        for who in ({"Authorization": "Bearer bob-key-0123456789abcdef"},
+                    {"Authorization": "Bearer root-key-0123456789abcdef"}):  # fmt: skip
+            for name, (path, setting) in cases.items():
+                body = {"data_path": path, "model_path": str(model), "output_dir": name}
+                r = await client.post("/jobs", json=body, headers=who)
+                assert r.status_code == 422, r.text
+                assert r.json()["detail"] == (f"data_path '{path}' lies in the server's own files ({setting}): name "
+                                              "a data set or model of your own")  # fmt: skip
+            r = await client.post("/jobs", headers=who, json={"data_path": "AI-ModelScope/alpaca-gpt4-data-en",
+                                                              "model_path": str(keys.parent / "data"),
+                                                              "output_dir": "m"})  # fmt: skip
+            assert r.status_code == 422 and "(DATA_DIR)" in r.json()["detail"], r.text
+        assert (await client.get("/jobs", headers=who)).json()["total"] == 0
+
+
 def test_a_hub_models_type_and_template_are_checked_too(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
     # Only a local model's were: a typo (or '--output_dir', which swift then read as an option) waited its turn
     # and failed at its start.
@@ -152,7 +181,9 @@ def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_o
 def test_a_data_set_folder_may_not_hold_links_out_of_the_data_roots(tmp_path: Path) -> None:
     # swift reads every file of a folder data set (val_dataset, cached_dataset, ...): a link in it to a file
     # outside DATA_ROOTS would have been read, and its rows printed in the job's log.
-    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    settings = settings_for(
+        "redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"), DATA_DIR=tmp_path / "server"
+    )
     folder = tmp_path / "data" / "folder1"
     folder.mkdir(parents=True)
     (folder / "a.jsonl").write_text(json.dumps(MESSAGES) + "\n")
@@ -197,7 +228,9 @@ def test_a_cached_data_set_is_the_folder_swift_export_writes(tmp_path: Path) -> 
     # ms-swift reads it with load_from_disk: a save_to_disk folder (token ids in .arrow files, no media). Such a
     # folder was refused (its .arrow files "cannot be checked"), and a .jsonl file or a hub id was taken, to fail
     # after the wait.
-    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    settings = settings_for(
+        "redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"), DATA_DIR=tmp_path / "server"
+    )
     cached = tmp_path / "data" / "cached"
     for part in ("train", "val"):
         (cached / part).mkdir(parents=True)

@@ -43,6 +43,7 @@ from application.services.keys import Keys
 from application.services.media_refs import check_media
 from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard, all_of, real_output_root
+from application.services.preflight import own_files
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 
@@ -180,7 +181,7 @@ class FileStore:
             # Its rows' images, videos and audio as a job's create checks them (as this owner's), or every job
             # naming the file would be refused after it was kept.
             guard = all_of(await self.folders.guard(real_output_root(self.settings.OUTPUT_ROOT), caller),
-                           self.upload_guard(caller))  # fmt: skip
+                           self.upload_guard(caller), own_files(self.settings))  # fmt: skip
             await asyncio.to_thread(check_media, "file", received.path, self.settings.data_roots(), guard)
         except Invalid as exc:
             # Its message names the temp file; the client knows the file by its own name.

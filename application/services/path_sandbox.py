@@ -137,6 +137,22 @@ def _roots_text(roots: Sequence[Path]) -> str:
 Guard = Callable[[str, str, Path], None]
 
 
+@lru_cache(maxsize=8)
+def own_files_guard(own: tuple[tuple[str, Path], ...]) -> Guard:
+    """Refuses the server's own files (`own`: (setting, path)) as anyone's data set or model, whatever the roots
+    hold: a data root that holds API_KEYS_FILE let a user train on the key file (its names were told by the
+    data set check, its keys would be in the run's log)."""
+    real = [(name, Path(os.path.realpath(path))) for name, path in own]
+
+    def guard(field: str, value: str, path: Path) -> None:
+        for name, folder in real:
+            if _inside(path, [folder]):
+                raise Invalid(f"{field} '{value}' lies in the server's own files ({name}): name a data set or "
+                              "model of your own")  # fmt: skip
+
+    return guard
+
+
 def all_of(*guards: Guard | None) -> Guard | None:
     """One guard that calls each of `guards` in turn (None when none is given)."""
     given = [g for g in guards if g is not None]

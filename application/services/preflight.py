@@ -26,9 +26,11 @@ from application.services.datasets import DatasetInfo, Needs, check_dataset, ren
 from application.services.media_refs import check_media, check_media_folder, media_columns
 from application.services.path_sandbox import (
     Guard,
+    all_of,
     check_folder_links,
     is_file,
     is_hub_id,
+    own_files_guard,
     resolve,
     resolve_output_dir,
 )
@@ -139,8 +141,9 @@ def check_request(
     arguments: dict[str, Any] | None = None,
     guard: Guard | None = None,
 ) -> CheckedRequest:
-    """The path sandbox (with `guard`, see path_sandbox.Guard), then the data set and model checks.
+    """The path sandbox (with `guard`, see path_sandbox.Guard, and `own_files`), then the data set and model checks.
     Synchronous (touches the disk): run it in a thread (a guard may be called only there)."""
+    guard = all_of(own_files(settings), guard)
     out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
     data = resolve("data_path", data_path, settings.data_roots(), data=True, base=PROJECT_ROOT,
                    setting="DATA_ROOTS", guard=guard)  # fmt: skip
@@ -168,6 +171,13 @@ def check_named_types(model_type: str | None, template: str | None, info: SwiftI
     if template is not None and template not in info.templates:
         raise Invalid(f"training.template '{template}' is not a template of ms-swift {info.version}"
                       + _closest(template, info.templates))  # fmt: skip
+
+
+def own_files(settings: Settings) -> Guard:
+    """No data set or model in the server's own files: its keys (API_KEYS_FILE, env/), Redis's data, its logs."""
+    own = (("DATA_DIR", settings.DATA_DIR), ("LOG_DIR", settings.LOG_DIR), ("API_KEYS_FILE", settings.API_KEYS_FILE),
+           ("the server's env/ folder", PROJECT_ROOT / "env"))  # fmt: skip
+    return own_files_guard(tuple((name, path) for name, path in own if path is not None))
 
 
 def check_model_links(field: str, path: Path, settings: Settings, guard: Guard | None) -> None:
