@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from application.config import PROJECT_ROOT, Settings
+from application.config import ENV_DIR, PROJECT_ROOT, Settings
 from application.exceptions import Invalid
 from application.services.datasets import DatasetInfo, Needs, check_dataset, renamed_columns
 from application.services.media_refs import check_media, check_media_folder, media_columns
@@ -176,7 +176,7 @@ def check_named_types(model_type: str | None, template: str | None, info: SwiftI
 def own_files(settings: Settings) -> Guard:
     """No data set or model in the server's own files: its keys (API_KEYS_FILE, env/), Redis's data, its logs."""
     own = (("DATA_DIR", settings.DATA_DIR), ("LOG_DIR", settings.LOG_DIR), ("API_KEYS_FILE", settings.API_KEYS_FILE),
-           ("the server's env/ folder", PROJECT_ROOT / "env"))  # fmt: skip
+           ("the server's env/ folder", ENV_DIR))  # fmt: skip
     return own_files_guard(tuple((name, path) for name, path in own if path is not None))
 
 
