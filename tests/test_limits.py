@@ -148,3 +148,35 @@ async def test_a_resume_counts_against_the_waiting_cap_as_a_create_does(app_fact
         await client.post("/jobs/w0/stop", headers=auth(ALICE_KEY))  # cancelled: no longer waiting
         resumed = await client.post("/jobs/p/resume", headers=auth(ALICE_KEY))
         assert resumed.status_code == 200, resumed.text
+
+
+async def test_a_job_asking_for_more_than_a_lowered_gpu_cap_is_told_it_can_never_start(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # MAX_GPUS_PER_OWNER lowered under a queued 2-GPU job: it said "owner_limit", its owner's jobs ahead, for ever;
+    # a pending one could be started, and a paused one resumed, into that same wait.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    alice = auth(ALICE_KEY)
+    shared = {"API_KEYS": KEYS_SETTING, "SIMULATED_GPUS": "2x80", "REDIS_KEY_PREFIX": f"cap-{time.time_ns()}"}
+    async with app_factory(MAX_GPUS_PER_OWNER="2", **shared) as client:
+        r = await client.post("/jobs", json=body(tmp_path, "p", num_gpus=2), headers=alice)
+        assert r.json()["status"] == "pending", r.text  # (its GPUs free: it may be started)
+        r = await client.post("/jobs", json=body(tmp_path, "r", num_gpus=2, auto_start=True), headers=alice)
+        assert r.json()["status"] == "running", r.text
+        assert (await client.post("/jobs/r/pause", headers=alice)).json()["status"] == "paused"
+        r = await client.post("/jobs", json=body(tmp_path, "a1", auto_start=True), headers=alice)
+        assert r.json()["status"] == "running", r.text
+        r = await client.post("/jobs", json=body(tmp_path, "q", num_gpus=2, auto_start=True), headers=alice)
+        assert r.json()["status"] == "queued" and r.json()["pending_reason"]["code"] == "owner_limit", r.text
+    async with app_factory(MAX_GPUS_PER_OWNER="1", **shared) as client:
+        reason = (await client.get("/queue/q/status", headers=alice)).json()["pending_reason"]
+        assert reason["code"] == "never" and reason["message"] == (
+            "it asks for more GPUs than its owner may hold (MAX_GPUS_PER_OWNER=1): cancel it (POST .../stop) and "
+            "create it again with num_gpus of 1 or fewer"
+        ), reason
+        cap = "it asks for 2 GPUs, more than one owner may hold (MAX_GPUS_PER_OWNER=1): create it again with num_gpus"
+        r = await client.post("/jobs/p/start", headers=alice)
+        assert r.status_code == 409 and r.json()["detail"] == f"job 'p' can never start: {cap} of 1 or fewer", r.text
+        r = await client.post("/jobs/r/resume", headers=alice)
+        assert r.status_code == 409 and r.json()["detail"] == f"job 'r' can never run again here: {cap} of 1 or fewer"
+        assert [(await client.get(f"/jobs/{j}", headers=alice)).json()["status"] for j in "pr"] == ["pending", "paused"]

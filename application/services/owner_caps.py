@@ -11,6 +11,14 @@ from collections.abc import Iterable
 INF = float("inf")
 
 
+def beyond_gpu_cap(num_gpus: int, owner: str | None, cap: int) -> str | None:
+    """Why an owner's job can never start under MAX_GPUS_PER_OWNER=`cap` (lowered since its create), or None."""
+    if not cap or owner is None or num_gpus <= cap:
+        return None
+    return (f"it asks for {num_gpus} GPUs, more than one owner may hold (MAX_GPUS_PER_OWNER={cap}): create it again "
+            f"with num_gpus of {cap} or fewer")  # fmt: skip
+
+
 class OwnerCaps:
     def __init__(self, gpu_cap: int, run_cap: int, running: Iterable[tuple[str | None, int, float | None]],
                  now: float) -> None:  # fmt: skip

@@ -16,6 +16,7 @@ from application.models.training_model import Attempt, ExportStatus, Job, JobSta
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.job_store import Refusal, TransitionRefused
+from application.services.owner_caps import beyond_gpu_cap
 from application.services.placement import NOT_QUEUED
 from application.services.redis_service import REDIS_AWAY
 from application.services.run_end import checkpoint_step
@@ -206,6 +207,8 @@ class RunControl:
                            " checkpoint, can be resumed")  # fmt: skip
         if gone := await self.service.files.gone_uploads(job):
             raise _upload_gone(job_id, gone[0])
+        if capped := beyond_gpu_cap(job.num_gpus, job.owner, self.service.settings.MAX_GPUS_PER_OWNER):
+            raise Conflict(f"job '{job_id}' can never run again here: {capped}")
         checkpoint = await asyncio.to_thread(newest_checkpoint, job)
         if checkpoint is None and job.status != JobStatus.PAUSED:
             raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "

@@ -356,6 +356,10 @@ def plan(
             break
         tl.level(job.priority)
         need = need_of(job)
+        if caps.gpu_cap and k > caps.gpu_cap and job.owner is not None:
+            # (the cap was lowered after its create: it said "owner_limit", its owner's jobs ahead, for ever)
+            waits[jid], reasons[jid] = None, Reason("never", gpu_cap=caps.gpu_cap)
+            continue
         if caps.over(job.owner, k):
             # It waits, reserving no GPU, no sooner than its owner's runs (and its waiting jobs ahead) give GPUs
             # back; its share of the cap is its own from now on.

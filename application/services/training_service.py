@@ -41,6 +41,7 @@ from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
+from application.services.owner_caps import beyond_gpu_cap
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
@@ -309,6 +310,8 @@ class TrainingService:
             if never:
                 raise Conflict(f"job '{job_id}' can never start here: {never}. Delete it and create it again with "
                                "a request these GPUs meet")  # fmt: skip
+            if capped := beyond_gpu_cap(job.num_gpus, job.owner, self.settings.MAX_GPUS_PER_OWNER):
+                raise Conflict(f"job '{job_id}' can never start: {capped}")
             try:
                 await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
                                             message="start requested: queued for the scheduler",

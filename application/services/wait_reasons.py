@@ -28,9 +28,13 @@ class Reason:
     job_id: str | None = None
     starts_in: float | None = None
     more: int = 0
+    gpu_cap: int | None = None  # never: more GPUs than MAX_GPUS_PER_OWNER (lowered since its create)
 
     @property
     def text(self) -> str:
+        if self.code == "never" and self.gpu_cap is not None:
+            return (f"it asks for more GPUs than its owner may hold (MAX_GPUS_PER_OWNER={self.gpu_cap}): cancel it "
+                    f"(POST .../stop) and create it again with num_gpus of {self.gpu_cap} or fewer")  # fmt: skip
         if self.code == "reservation" and self.job_id is not None:
             if self.starts_in is None:
                 return f"GPUs held for {self.job_id}, whose start depends on a run of unknown length"
