@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -512,16 +513,31 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         assert (await client.post("/jobs", json=body)).status_code == 201
         done = await wait_job(client, "old", lambda j: j["status"] == "completed")
         wait_for(lambda: time.time() > done["finished_at"] + retention, timeout=10)  # past its retention
-        assert (await client.post("/jobs/old/export")).status_code == 200
+        assert (await client.post("/jobs/old/export", json={"output_name": "kept"})).status_code == 200
         await wait_job(client, "old", lambda j: j["export"]["status"] == "completed")
         watchdog = client.scheduler.watchdog
         assert await watchdog.expire_old_jobs() == []
         assert (await client.get("/jobs/old")).status_code == 200
+        # Who writes each named export folder: an entry per export, which nothing ever dropped (a soak's hash
+        # grew by one for every named export, of jobs deleted or expired long ago).
+        store = client.app.state.training.store
+        claimed = [json.loads(v)["of"] for v in (await store.r.hgetall(store.keys.export_targets)).values()]
+        assert claimed == ["old"]
         deadline = time.monotonic() + 20
         while not await watchdog.expire_old_jobs():  # it still goes, the retention after the export's end
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
         assert (await client.get("/jobs/old")).status_code == 404
+        assert await store.r.hlen(store.keys.export_targets) == 0
+
+        body = job_body(tmp_path, "deleted", auto_start=True, training={"max_steps": 2, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "deleted", lambda j: j["status"] == "completed")
+        assert (await client.post("/jobs/deleted/export", json={"output_name": "kept"})).status_code == 200
+        await wait_job(client, "deleted", lambda j: j["export"]["status"] == "completed")
+        assert await store.r.hlen(store.keys.export_targets) == 1
+        assert (await client.delete("/jobs/deleted")).status_code == 204
+        assert await store.r.hlen(store.keys.export_targets) == 0
 
 
 async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(app_factory: Callable[..., Any],

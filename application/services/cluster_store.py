@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from application.models.training_model import JobStatus
+from application.models.training_model import Job, JobStatus
 from application.services import lua_cluster
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
@@ -110,6 +110,7 @@ class ClusterStore:
         self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
         self._create_context = client.register_script(lua_cluster.CREATE_CONTEXT)
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
+        self._release_export_targets = client.register_script(lua_cluster.RELEASE_EXPORT_TARGETS)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
@@ -232,6 +233,13 @@ class ClusterStore:
         """`target` claimed with `value` if its entry is still `expect` (None: none)."""
         return bool(await self._claim_export_target(keys=[self.keys.export_targets], args=[json.dumps(
             {"target": target, "expect": expect or "", "value": value})]))  # fmt: skip
+
+    async def release_export_targets(self, job: Job) -> None:
+        """After `job`'s record is deleted: the export folders it claimed are claimed by no one."""
+        targets = [e.output_dir for e in (job.export, *job.exports) if e.output_dir]
+        if targets:
+            await self._release_export_targets(keys=[self.keys.export_targets],
+                                               args=[json.dumps({"of": job.job_id, "targets": targets})])  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         await self.r.set(self.keys.queue_head, json.dumps(list(head)))

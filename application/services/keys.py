@@ -97,7 +97,8 @@ class Keys:
     @property
     def export_targets(self) -> str:
         """Hash export folder (`exports/<name>` of a job folder) -> who writes it (JSON, `ExportControl`): jobs
-        that share an output folder share its exports. An entry is taken over once its export has ended."""
+        that share an output folder share its exports. An entry is taken over once its export has ended, and dropped
+        with its job's record."""
         return self._k("export_targets")
 
     def idempotency(self, owner: str, digest: str) -> str:

@@ -150,3 +150,14 @@ if (redis.call('HGET', KEYS[1], a.target) or '') ~= a.expect then return 0 end
 redis.call('HSET', KEYS[1], a.target, a.value)
 return 1
 """
+
+# KEYS[1]: Keys.export_targets. a: of (a job whose record was deleted), targets (the folders its exports wrote).
+# Each entry still claimed by that job goes: nothing else ever dropped one (the hash grew with every export).
+RELEASE_EXPORT_TARGETS = """
+local a = cjson.decode(ARGV[1])
+for _, target in ipairs(a.targets) do
+  local held = redis.call('HGET', KEYS[1], target)
+  if held and cjson.decode(held)['of'] == a.of then redis.call('HDEL', KEYS[1], target) end
+end
+return 0
+"""

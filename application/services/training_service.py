@@ -422,6 +422,7 @@ class TrainingService:
             else:
                 detail = "job '{id}' is running: stop it first (POST .../jobs/{id}/stop), then delete it"
             raise refused(job_id, exc, detail) from None
+        await self.cluster.release_export_targets(job)
 
     async def set_priority(self, job_id: str, priority: int, caller: Caller) -> Job:
         job = await self.require(job_id, caller)

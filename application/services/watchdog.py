@@ -442,6 +442,7 @@ class Watchdog:
                 await settle(self.store, job)
                 # (only the job read: not one created since under its id)
                 await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
+                await self.cluster.release_export_targets(job)
                 removed.append(job_id)
             except TransitionRefused:
                 continue  # exporting right now, or gone already: the next sweep sees it again
