@@ -101,7 +101,7 @@ def serve_api(settings: Settings) -> None:
     os.environ["DIE_WITH_PARENT"] = "true"
     # /metrics must sum every worker's request durations: prometheus-client's multiprocess mode, in a folder
     # of this supervisor's own (emptied now: files of workers long gone would count again).
-    metrics_dir = Path(tempfile.mkdtemp(prefix="swift-api-metrics-"))
+    metrics_dir = _metrics_dir(settings.APP_PORT)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
@@ -115,6 +115,19 @@ def serve_api(settings: Settings) -> None:
     # restarts on failure must see one.
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         sys.exit(STARTUP_FAILURE)
+
+
+def _metrics_dir(port: int) -> Path:
+    """One name per user and port, emptied now: a supervisor killed with SIGKILL left a folder of its own in /tmp
+    for good (a random one each start); the next one on the port takes the same again. Another user's, or a
+    link, is not ours to empty: then a fresh one."""
+    path = Path(tempfile.gettempdir()) / f"swift-api-metrics-{os.getuid()}-{port}"
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir(mode=0o700)
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="swift-api-metrics-"))
+    return path
 
 
 def serve_scheduler(settings: Settings) -> None:

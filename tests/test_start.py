@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -236,6 +237,43 @@ def test_a_single_worker_api_role_stopped_by_ctrl_c_exits_cleanly(redis_url: str
         if api.poll() is None:
             api.kill()
             api.wait()
+
+
+def test_an_api_supervisor_killed_with_sigkill_leaves_no_metrics_folder_behind_once_started_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # Each start made a new random /tmp/swift-api-metrics-* that only a clean stop removed: a machine restarting its
+    # API after kill -9s (the OOM killer) gathered one for good per start.
+    settings = ApiServer(redis_url, tmp_path)  # (its environment: never started)
+    settings.http.close()
+    env = {**settings.env, "API_WORKERS": "2"}
+    folder = Path(tempfile.gettempdir()) / f"swift-api-metrics-{os.getuid()}-{settings.port}"  # (the port's own)
+    output = tmp_path / "api.out"
+
+    def run_until(stop: signal.Signals) -> None:
+        with output.open("wb") as out:
+            api = subprocess.Popen([sys.executable, str(ROOT / "start.py"), "api"], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            wait_for(lambda: output.read_text().count("Application startup complete") == 2 or api.poll() is not None,
+                     what="both API workers to start")  # fmt: skip
+            for _ in range(4):
+                httpx.get(f"http://127.0.0.1:{settings.port}/api/v1/training/health", timeout=10)
+            wait_for(lambda: any(folder.iterdir()), what="the workers' metrics files")
+            workers = psutil.Process(api.pid).children()
+            api.send_signal(stop)
+            api.wait(30)
+            wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+                     what="the workers to end with their supervisor")  # fmt: skip
+        finally:
+            if api.poll() is None:
+                api.kill()
+                api.wait()
+
+    run_until(signal.SIGKILL)
+    assert folder.is_dir()  # (what a SIGKILL leaves: the next start on the port takes it again)
+    run_until(signal.SIGTERM)
+    assert not folder.exists()
 
 
 def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> None:
