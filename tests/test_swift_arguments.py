@@ -187,6 +187,8 @@ def test_a_prompt_may_start_with_a_dash_and_only_a_system_prompt_is_a_file_to_sw
     ({"quant_method": "eetq", "quant_bits": 4}, None, "use 8"),
     ({"cached_dataset": ["/x/train"], "num_generations": 2}, "grpo", "not supported for GRPO"),
     ({"cached_dataset": ["/x/train"], "streaming": True}, None, "streaming does not work with a cached data set"),
+    # swift built PPO's value model from a reward model that was not there: an AttributeError after the wait.
+    ({}, "ppo", "rlhf_type 'ppo' needs training.reward_model"),
 ])  # fmt: skip
 def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[str, Any], rlhf_type: str | None,
                                                                     says: str) -> None:  # fmt: skip
@@ -195,6 +197,7 @@ def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[s
     for fine in ({"quant_method": "bnb", "quant_bits": 4}, {"quant_method": "fp8"}, {"quant_method": "hqq",
                  "quant_bits": 3}, {"cached_dataset": ["/x/train"]}):  # fmt: skip
         check_combinations(None, fine)
+    check_combinations("ppo", {"reward_model": ["Qwen/Qwen2.5-0.5B-Instruct"]})
 
 
 def test_a_models_own_options_pass_as_model_kwargs() -> None:

@@ -246,6 +246,9 @@ def check_combinations(rlhf_type: str | None, arguments: Mapping[str, Any]) -> N
     if arguments.get("deepspeed") and arguments.get("fsdp"):
         raise Invalid("training.deepspeed and training.fsdp cannot be used together (ms-swift refuses FSDP with "
                       "DeepSpeed as the run starts): keep one of them")  # fmt: skip
+    if rlhf_type == "ppo" and not arguments.get("reward_model"):  # (else an AttributeError as the run starts)
+        raise Invalid("rlhf_type 'ppo' needs training.reward_model: its value model starts from the reward model; "
+                      "name one (a hub id, or a folder inside MODEL_ROOTS)")  # fmt: skip
     method, bits = arguments.get("quant_method"), arguments.get("quant_bits")
     if bits is not None and method is None:
         raise Invalid("training.quant_bits does nothing without training.quant_method: ms-swift then loads the "
