@@ -686,3 +686,29 @@ async def test_an_export_recorded_just_before_redis_went_away_is_answered_as_ask
     async with app_factory(REDIS_KEY_PREFIX=prefix, AUTO_EXPORT=False) as client:
         done = await wait_job(client, "cut", lambda j: j["export"]["status"] not in ("running", "none"))
         assert done["export"]["status"] == "completed", done["export"]
+
+
+async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory: Callable[..., Any],
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    # A stop during swift's save leaves an empty checkpoint-N: an export of it (the default one too, when it was
+    # the last) started, and then failed with swift's "is not an adapter".
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "cut", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "cut", lambda j: j["status"] == "completed")
+        last = Path(job["last_checkpoint"])
+        assert last.name == "checkpoint-4"
+        for f in last.iterdir():
+            (shutil.rmtree if f.is_dir() else Path.unlink)(f)
+        r = await client.post("/jobs/cut/export", json={"checkpoint": "checkpoint-4"})
+        assert r.status_code == 409 and r.json()["detail"] == (
+            f"{last} holds no LoRA adapter (adapter_config.json): its save was cut short, or its files were removed; "
+            "export another checkpoint (GET .../checkpoints)"
+        ), r.text
+        r = await client.post("/jobs/cut/export")
+        assert r.status_code == 200 and Path(r.json()["export"]["checkpoint"]).name == "checkpoint-2", r.text
+        done = await wait_job(client, "cut", lambda j: j["export"]["status"] != "running")
+        assert done["export"]["status"] == "completed", done["export"]

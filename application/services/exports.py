@@ -68,12 +68,18 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     wanted = checkpoint or request.checkpoint
     if wanted is not None:
         checkpoint = choose_checkpoint(job, wanted, on_disk)
-    elif job.last_checkpoint in on_disk:  # (one of its own: not any path its log named)
-        checkpoint = job.last_checkpoint
     else:
-        checkpoint = on_disk[-1] if on_disk else None
+        # The last one (its own: not any path its log named), else the newest that holds an adapter: a save cut
+        # short by a stop leaves an empty checkpoint-N, which swift's merge refuses after the export started.
+        newest = [c for c in reversed(on_disk) if _has_adapter(c)]
+        checkpoint = job.last_checkpoint if job.last_checkpoint in newest else next(iter(newest), None)
+        if checkpoint is None and on_disk:
+            checkpoint = on_disk[-1]  # (refused below, named)
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise no_checkpoint(job)
+    if not _has_adapter(checkpoint):
+        raise Conflict(f"{checkpoint} holds no LoRA adapter (adapter_config.json): its save was cut short, or its "
+                       "files were removed; export another checkpoint (GET .../checkpoints)")  # fmt: skip
     output_dir = None
     if not request.output_name and merging_into_default(job, checkpoint):
         raise Conflict(f"a quantized export of {Path(checkpoint).name} writes {Path(checkpoint).name}-merged (its job "
@@ -94,6 +100,10 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok, output_dir=output_dir),
         log_file=str(export_log(job)), started_at=time.time(),
     )  # fmt: skip
+
+
+def _has_adapter(checkpoint: str) -> bool:
+    return (Path(checkpoint) / "adapter_config.json").is_file()
 
 
 def no_checkpoint(job: Job) -> Conflict:
