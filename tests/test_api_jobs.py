@@ -85,6 +85,9 @@ def test_create_pending_start_complete_progress_checkpoint_and_auto_export(serve
     assert len(losses) >= 4
     assert [p["step"] for p in prog["history"]] == sorted(p["step"] for p in prog["history"])
     assert prog["train_loss"] is not None and prog["train_runtime"] is not None
+    # The step's other numbers (token_acc here; rewards/* for DPO) under metrics: they were dropped.
+    train = [p for p in prog["history"] if p["loss"] is not None]
+    assert all(0 <= p["metrics"]["token_acc"] <= 1 for p in train), train[:2]
 
     last = prog["last_checkpoint"]
     assert last and last.endswith("checkpoint-20") and Path(last).is_dir()

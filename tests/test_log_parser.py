@@ -106,6 +106,7 @@ def test_4x_success_run() -> None:
         "grad_norm": 0.6385,
         "epoch": 0.025,
         "time": got.history[0]["time"],
+        "metrics": {"token_acc": 0.0},
     }
     assert next(pt for pt in got.history if pt["eval_loss"] is not None)["eval_loss"] == 8.26
     for point in got.history:
@@ -493,6 +494,14 @@ def test_dpo_run_has_the_shared_format_with_reward_keys() -> None:
     parser, got = feed(read(FIX4 / "rlhf_dpo.stdout.txt", FIX4 / "rlhf_dpo.stderr_tail.txt"))
     assert [pt["step"] for pt in got.history] == [1, 2, 3, 4, 5, 6]
     assert got.history[0]["loss"] == 0.6931 and got.history[-1]["loss"] == 0.3461
+    # What a DPO user watches: the reward margin and accuracy, by swift's own names (they were dropped).
+    assert got.history[1]["metrics"] == {
+        "rewards/chosen": 0.000681, "rewards/rejected": 0.000153, "rewards/accuracies": 1.0,
+        "rewards/margins": 0.000528, "logps/chosen": -22.14, "logps/rejected": -22.0, "logits/chosen": 0.006021,
+        "logits/rejected": 0.006564,
+    }  # fmt: skip
+    for point in got.history:
+        LossPoint.model_validate(point)
     run = "/data/lab/dpo/v0-20261130-102740"
     assert parser.checkpoints == [f"{run}/checkpoint-3", f"{run}/checkpoint-6"]
     assert parser.last_checkpoint == f"{run}/checkpoint-6" and parser.train_loss == 0.5771

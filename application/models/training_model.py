@@ -277,6 +277,10 @@ class LossPoint(BaseModel):
     grad_norm: float | None = None
     epoch: float | None = None
     time: float | None = None
+    metrics: dict[str, float] | None = Field(
+        None, description="every other number swift logged at this step, by its name: rlhf's rewards/margins, "
+        "rewards/accuracies, logps/*, logits/*, KTO's kl, ORPO's nll_loss, token_acc, eval_* (up to 32)",
+    )  # fmt: skip
 
 
 class Event(BaseModel):

@@ -16,6 +16,7 @@ for anywhere in a segment, not only at its start.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -125,9 +126,22 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
     return Progress(**data)
 
 
+# A step dict's keys that are a point's own fields, or say where the run is and how fast: every other number is
+# one of the run's metrics (DPO's rewards/margins and logps/*, KTO's kl, ORPO's nll_loss, token_acc, eval_*).
+_POINT_KEYS = frozenset({"loss", "eval_loss", "learning_rate", "grad_norm", "epoch", "global_step/max_steps",
+                         "current_step", "max_steps", "percentage", "elapsed_time", "remaining_time",
+                         "train_speed(s/it)", "train_speed(iter/s)", "memory(GiB)"})  # fmt: skip
+MAX_METRICS = 32
+
+
+def _metrics(d: dict[str, Any]) -> dict[str, float]:
+    found = ((key, finite(value)) for key, value in d.items() if key not in _POINT_KEYS and len(key) <= 64)
+    return dict(itertools.islice(((key, value) for key, value in found if value is not None), MAX_METRICS))
+
+
 def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str, Any]:
     """A point shaped like the API's LossPoint."""
-    return {
+    point = {
         "step": d["current_step"],
         "loss": finite(d.get("loss")) if kind == "train" else None,
         "eval_loss": finite(d.get("eval_loss")) if kind == "eval" else None,
@@ -136,6 +150,9 @@ def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str
         "epoch": finite(d.get("epoch")),
         "time": when,
     }
+    if metrics := _metrics(d):
+        point["metrics"] = metrics
+    return point
 
 
 def checkpoint_value(text: str) -> str | None:
