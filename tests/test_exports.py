@@ -708,6 +708,12 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
             f"{last} holds no LoRA adapter (adapter_config.json): its save was cut short, or its files were removed; "
             "export another checkpoint (GET .../checkpoints)"
         ), r.text
+        quant = {"quant_bits": 4, "quant_method": "bnb"}
+        r = await client.post("/jobs/cut/export", json={**quant, "checkpoint": "checkpoint-4"})
+        assert r.status_code == 409 and "holds no LoRA adapter" in r.json()["detail"], r.text
+        r = await client.post("/jobs/cut/export", json=quant)  # (a job of its own, for a GPU: cancelled)
+        assert r.status_code == 200 and Path(r.json()["export"]["checkpoint"]).name == "checkpoint-2", r.text
+        assert (await client.post(f"/jobs/{r.json()['export']['job_id']}/stop")).status_code == 200
         r = await client.post("/jobs/cut/export")
         assert r.status_code == 200 and Path(r.json()["export"]["checkpoint"]).name == "checkpoint-2", r.text
         done = await wait_job(client, "cut", lambda j: j["export"]["status"] != "running")

@@ -64,22 +64,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     # A quantized export runs as a GPU job of its own (services/quant_exports.py); this one merges on the CPU.
     if not request.merge_lora:
         raise Invalid("merge_lora false without quant_bits leaves nothing to export: leave merge_lora true")
-    on_disk = own_checkpoints(job, settings.OUTPUT_ROOT)
-    wanted = checkpoint or request.checkpoint
-    if wanted is not None:
-        checkpoint = choose_checkpoint(job, wanted, on_disk)
-    else:
-        # The last one (its own: not any path its log named), else the newest that holds an adapter: a save cut
-        # short by a stop leaves an empty checkpoint-N, which swift's merge refuses after the export started.
-        newest = [c for c in reversed(on_disk) if _has_adapter(c)]
-        checkpoint = job.last_checkpoint if job.last_checkpoint in newest else next(iter(newest), None)
-        if checkpoint is None and on_disk:
-            checkpoint = on_disk[-1]  # (refused below, named)
-    if checkpoint is None or not Path(checkpoint).is_dir():
-        raise no_checkpoint(job)
-    if not _has_adapter(checkpoint):
-        raise Conflict(f"{checkpoint} holds no LoRA adapter (adapter_config.json): its save was cut short, or its "
-                       "files were removed; export another checkpoint (GET .../checkpoints)")  # fmt: skip
+    checkpoint = pick_checkpoint(job, checkpoint or request.checkpoint, own_checkpoints(job, settings.OUTPUT_ROOT))
     output_dir = None
     if not request.output_name and merging_into_default(job, checkpoint):
         raise Conflict(f"a quantized export of {Path(checkpoint).name} writes {Path(checkpoint).name}-merged (its job "
@@ -102,8 +87,26 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
     )  # fmt: skip
 
 
-def _has_adapter(checkpoint: str) -> bool:
-    return (Path(checkpoint) / "adapter_config.json").is_file()
+def pick_checkpoint(job: Job, wanted: str | None, on_disk: list[str]) -> str:
+    """The checkpoint an export takes (blocking): the one `wanted`, or the last (its own: not any path its log
+    named), else the newest, that a LoRA job's holds its adapter: a save cut short by a stop leaves an empty
+    checkpoint-N, which swift refused after the export had started."""
+
+    def usable(path: str) -> bool:
+        return job.training.train_type == "full" or (Path(path) / "adapter_config.json").is_file()
+
+    if wanted is not None:
+        checkpoint: str | None = choose_checkpoint(job, wanted, on_disk)
+    else:
+        newest = [c for c in reversed(on_disk) if usable(c)]
+        checkpoint = job.last_checkpoint if job.last_checkpoint in newest else next(iter(newest), None)
+        checkpoint = checkpoint or (on_disk[-1] if on_disk else None)  # (refused below, named)
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        raise no_checkpoint(job)
+    if not usable(checkpoint):
+        raise Conflict(f"{checkpoint} holds no LoRA adapter (adapter_config.json): its save was cut short, or its "
+                       "files were removed; export another checkpoint (GET .../checkpoints)")  # fmt: skip
+    return checkpoint
 
 
 def no_checkpoint(job: Job) -> Conflict:

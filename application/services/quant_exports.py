@@ -15,11 +15,10 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services.checkpoints import own_checkpoints
 from application.services.exports import (
     ENDED_WITH_SWIFT,
-    choose_checkpoint,
     export_escape,
     merging_into_default,
     name_taken,
-    no_checkpoint,
+    pick_checkpoint,
 )
 from application.services.path_sandbox import RealFolder
 from application.services.swift_info import SwiftInfo
@@ -93,15 +92,7 @@ def prepare_quant_job(
     if not request.merge_lora and parent.training.train_type != "full":  # (run with --merge_lora true regardless)
         raise Invalid("a quantized export quantizes the model with its LoRA adapter merged: leave merge_lora out "
                       "(or true), or export without quant_method to keep the adapter apart")  # fmt: skip
-    on_disk = own_checkpoints(parent, output_root)
-    if request.checkpoint is not None:
-        checkpoint = choose_checkpoint(parent, request.checkpoint, on_disk)
-    elif parent.last_checkpoint in on_disk:  # (one of its own: not any path its log named)
-        checkpoint = parent.last_checkpoint
-    elif on_disk:
-        checkpoint = on_disk[-1]
-    else:
-        raise no_checkpoint(parent)
+    checkpoint = pick_checkpoint(parent, request.checkpoint, own_checkpoints(parent, output_root))
     # swift merges the adapter into <checkpoint>-merged first, or takes what that folder holds: not while another
     # export of the checkpoint writes it (a merge into it, or another quantized export). (A full model's is not
     # merged.)
