@@ -137,6 +137,38 @@ async def test_the_servers_own_files_are_no_ones_data_set_or_model_whatever_the_
         assert (await client.get("/jobs", headers=who)).json()["total"] == 0
 
 
+def test_the_servers_own_files_stay_its_own_in_a_folder_or_a_media_reference_and_roots_inside_them_are_users(
+    tmp_path: Path,
+) -> None:
+    # The review of the first guard: a folder holding the key file (val_dataset) passed, and so did the key file
+    # named as an image after another file of its folder; and a data root inside DATA_DIR refused everything.
+    keys = tmp_path / "data" / "cfg" / "keys.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(json.dumps({"root": {"role": "admin", "key": "root-key-0123456789abcdef"}}))
+    settings = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=str(tmp_path / "data"),
+                            DATA_DIR=tmp_path / "server", API_KEYS_FILE=str(keys))  # fmt: skip
+    hub = ("AI-ModelScope/alpaca-gpt4-data-en", "Qwen/Qwen2.5-0.5B-Instruct")
+    with pytest.raises(Invalid) as exc:
+        check_request(*hub, "run", model_type=None, template=None, settings=settings, info=None,
+                      arguments={"val_dataset": ["cfg"]})  # fmt: skip
+    assert exc.value.detail == ("training.val_dataset[0] 'cfg' holds the server's own files (API_KEYS_FILE): name a "
+                                "folder of your own data or model")  # fmt: skip
+    (keys.parent / "a.png").write_bytes(b"png")
+    rows = [{**MESSAGES, "images": [str(keys.parent / name)]} for name in ("a.png", "keys.json")]
+    data = write(tmp_path / "data" / "pictures.jsonl", rows)
+    with pytest.raises(Invalid) as exc:
+        check_request(str(data), hub[1], "run", model_type=None, template=None, settings=settings, info=None)
+    assert "lies in the server's own files (API_KEYS_FILE)" in exc.value.detail
+
+    # DATA_DIR=/srv/swift with DATA_ROOTS=/srv/swift/datasets: the data sets there are the users'.
+    inside = settings_for("redis://127.0.0.1:1/0", tmp_path / "srv", DATA_DIR=tmp_path / "srv",
+                          DATA_ROOTS=str(tmp_path / "srv" / "datasets"))  # fmt: skip
+    (tmp_path / "srv" / "datasets").mkdir(parents=True)
+    ours = write(tmp_path / "srv" / "datasets" / "t.jsonl", [MESSAGES])
+    assert check_request(str(ours), hub[1], "run", model_type=None, template=None, settings=inside,
+                         info=None).data_path == str(ours)  # fmt: skip
+
+
 def test_a_hub_models_type_and_template_are_checked_too(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
     # Only a local model's were: a typo (or '--output_dir', which swift then read as an option) waited its turn
     # and failed at its start.

@@ -179,7 +179,7 @@ class _Checker:
             return  # inline data
         if ref.startswith(("/", "~")):
             try:
-                real, folder = self.resolved(ref)
+                real, _ = self.resolved(ref)
             except ValueError:  # a NUL, a lone surrogate: text no path can hold
                 check_text(said, ref)  # (says what is wrong with it)
                 raise Invalid(f"{said}: {ref[:200]!r} cannot be a path: name a file inside DATA_ROOTS") from None
@@ -187,10 +187,11 @@ class _Checker:
                 roots = ", ".join(self.root_texts)
                 raise Invalid(f"{said}: '{ref[:200]}' must be a file inside DATA_ROOTS ({roots}), or inline data "
                               "(data:...;base64,...)")  # fmt: skip
-            if self.guard is not None and folder not in self.guarded:
-                self.guard(said, ref, Path(real))  # another owner's folder
-                # (a file holds no folder: its siblings' answer is the same)
-                self.guarded.add(folder)
+            if self.guard is not None and real not in self.guarded:
+                # Another owner's folder, or one of the server's own files: each file once (a file in a folder
+                # its siblings passed may be the key file).
+                self.guard(said, ref, Path(real))
+                self.guarded.add(real)
 
     def resolved(self, ref: str) -> tuple[str, str]:
         """The reference's real path and its real folder: each folder resolved once (a data set names thousands

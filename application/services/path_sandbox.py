@@ -138,17 +138,25 @@ Guard = Callable[[str, str, Path], None]
 
 
 @lru_cache(maxsize=8)
-def own_files_guard(own: tuple[tuple[str, Path], ...]) -> Guard:
-    """Refuses the server's own files (`own`: (setting, path)) as anyone's data set or model, whatever the roots
-    hold: a data root that holds API_KEYS_FILE let a user train on the key file (its names were told by the
-    data set check, its keys would be in the run's log)."""
-    real = [(name, Path(os.path.realpath(path))) for name, path in own]
+def own_files_guard(own: tuple[tuple[str, Path], ...], roots: tuple[Path, ...]) -> Guard:
+    """Refuses the server's own files (`own`: (setting, path)) as anyone's data set or model, and a folder that
+    holds them, whatever the roots hold: a data root that holds API_KEYS_FILE let a user train on the key file
+    (its names were told by the data set check, its keys would be in the run's log). A root inside one of them
+    (`roots`: DATA_DIR=/srv/swift, DATA_ROOTS=/srv/swift/datasets) is the users' all the same."""
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    real = []
+    for name, path in own:
+        folder = Path(os.path.realpath(path))
+        real.append((name, folder, [r for r in real_roots if folder in r.parents]))
 
     def guard(field: str, value: str, path: Path) -> None:
-        for name, folder in real:
-            if _inside(path, [folder]):
+        for name, folder, users in real:
+            if _inside(path, [folder]) and not _inside(path, users):
                 raise Invalid(f"{field} '{value}' lies in the server's own files ({name}): name a data set or "
                               "model of your own")  # fmt: skip
+            if path in folder.parents:
+                raise Invalid(f"{field} '{value}' holds the server's own files ({name}): name a folder of your own "
+                              "data or model")  # fmt: skip
 
     return guard
 

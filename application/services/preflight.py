@@ -143,7 +143,7 @@ def check_request(
 ) -> CheckedRequest:
     """The path sandbox (with `guard`, see path_sandbox.Guard, and `own_files`), then the data set and model checks.
     Synchronous (touches the disk): run it in a thread (a guard may be called only there)."""
-    guard = all_of(own_files(settings), guard)
+    guard = all_of(guard, own_files(settings))
     out = resolve_output_dir(output_dir, settings.OUTPUT_ROOT)
     data = resolve("data_path", data_path, settings.data_roots(), data=True, base=PROJECT_ROOT,
                    setting="DATA_ROOTS", guard=guard)  # fmt: skip
@@ -177,7 +177,8 @@ def own_files(settings: Settings) -> Guard:
     """No data set or model in the server's own files: its keys (API_KEYS_FILE, env/), Redis's data, its logs."""
     own = (("DATA_DIR", settings.DATA_DIR), ("LOG_DIR", settings.LOG_DIR), ("API_KEYS_FILE", settings.API_KEYS_FILE),
            ("the server's env/ folder", ENV_DIR))  # fmt: skip
-    return own_files_guard(tuple((name, path) for name, path in own if path is not None))
+    roots = (*settings.data_roots(), *settings.model_roots(), settings.OUTPUT_ROOT)
+    return own_files_guard(tuple((name, path) for name, path in own if path is not None), tuple(roots))
 
 
 def check_model_links(field: str, path: Path, settings: Settings, guard: Guard | None) -> None:
