@@ -536,8 +536,14 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         assert (await client.post("/jobs/deleted/export", json={"output_name": "kept"})).status_code == 200
         await wait_job(client, "deleted", lambda j: j["export"]["status"] == "completed")
         assert await store.r.hlen(store.keys.export_targets) == 1
+        # A quantized export waiting for its GPU still writes its folder once its parent's record is gone.
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        quant = {"output_name": "q", "quant_bits": 4, "quant_method": "bnb"}
+        child = (await client.post("/jobs/deleted/export", json=quant)).json()["export"]["job_id"]
+        assert child and await store.r.hlen(store.keys.export_targets) == 2
         assert (await client.delete("/jobs/deleted")).status_code == 204
-        assert await store.r.hlen(store.keys.export_targets) == 0
+        held = await store.r.hgetall(store.keys.export_targets)
+        assert [json.loads(v).get("job") for v in held.values()] == [child]
 
 
 async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(app_factory: Callable[..., Any],

@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from application.models.training_model import Job, JobStatus
+from application.models.training_model import TERMINAL_STATUSES, Job, JobStatus
 from application.services import lua_cluster
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
@@ -235,11 +235,15 @@ class ClusterStore:
             {"target": target, "expect": expect or "", "value": value})]))  # fmt: skip
 
     async def release_export_targets(self, job: Job) -> None:
-        """After `job`'s record is deleted: the export folders it claimed are claimed by no one."""
-        targets = [e.output_dir for e in (job.export, *job.exports) if e.output_dir]
-        if targets:
-            await self._release_export_targets(keys=[self.keys.export_targets],
-                                               args=[json.dumps({"of": job.job_id, "targets": targets})])  # fmt: skip
+        """After `job`'s record is deleted: the export folders it claimed are claimed by no one (but those its
+        quantized export jobs still write)."""
+        exports = [e for e in (job.export, *job.exports) if e.output_dir]
+        if exports:
+            # (an empty map: cjson makes [] of it, which the script indexes all the same)
+            children = {e.output_dir: self.keys.job(e.job_id) for e in exports if e.job_id}
+            await self._release_export_targets(keys=[self.keys.export_targets], args=[json.dumps({
+                "of": job.job_id, "targets": [e.output_dir for e in exports], "children": children,
+                "ended": [json.dumps(s.value) for s in TERMINAL_STATUSES]})])  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         await self.r.set(self.keys.queue_head, json.dumps(list(head)))
