@@ -301,6 +301,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
+        if self.SWIFT_BIN.startswith("~"):
+            object.__setattr__(self, "SWIFT_BIN", os.path.expanduser(self.SWIFT_BIN))
         if "/" in self.SWIFT_BIN and not Path(self.SWIFT_BIN).is_absolute():
             object.__setattr__(self, "SWIFT_BIN", str((PROJECT_ROOT / self.SWIFT_BIN).resolve()))
         for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE", "API_KEYS_FILE"):

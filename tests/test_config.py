@@ -100,9 +100,10 @@ def test_a_home_folder_is_expanded_in_every_path_setting(monkeypatch: pytest.Mon
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "keys.json").write_text('{"ann": {"role": "admin", "key": "ann-key-0123456789abcdef"}}')
     for name, value in (("DATA_DIR", "~/d"), ("LOG_DIR", "~/logs"), ("OUTPUT_ROOT", "~/out"),
-                        ("API_KEYS_FILE", "~/keys.json")):  # fmt: skip
+                        ("API_KEYS_FILE", "~/keys.json"), ("SWIFT_BIN", "~/venv/bin/swift")):  # fmt: skip
         monkeypatch.setenv(name, value)
     settings = load_settings()
+    assert settings.SWIFT_BIN == str(tmp_path / "venv" / "bin" / "swift")
     got = (settings.DATA_DIR, settings.LOG_DIR, settings.OUTPUT_ROOT, settings.API_KEYS_FILE)
     assert got == (tmp_path / "d", tmp_path / "logs", tmp_path / "out", tmp_path / "keys.json")
     assert [k.name for k in settings.api_keys] == ["ann"]
