@@ -328,6 +328,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"OUTPUT_ROOT={self.OUTPUT_ROOT} holds {name}: every folder under OUTPUT_ROOT can be "
                                  "a job's output and be downloaded, so give it a folder of its own (such as "
                                  "./output)")  # fmt: skip
+        for name in ("DATA_DIR", "LOG_DIR"):
+            server_folder = Path(os.path.realpath(getattr(self, name)))
+            for setting, roots in (("DATA_ROOTS", self.data_roots()), ("MODEL_ROOTS", self.model_roots())):
+                if any(Path(os.path.realpath(r)) == server_folder for r in roots):
+                    # (its every file the server's: each request naming one was refused, one by one)
+                    raise ValueError(f"{setting} names {name} ({server_folder}), the server's own folder: give the "
+                                     "data sets or models a folder of their own (one inside it is fine)")  # fmt: skip
         for data_root in self.data_roots():
             uploads = Path(os.path.realpath(data_root / UPLOADS_DIR))
             if root == uploads or uploads in root.parents:

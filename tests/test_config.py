@@ -73,6 +73,9 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
         # A job named after an owner's folder there listed and downloaded their uploads as its artifacts.
         ("OUTPUT_ROOT", "datasets/uploads", "where uploaded files are kept"),
         ("OUTPUT_ROOT", "datasets/uploads/jobs", "where uploaded files are kept"),
+        # Every file of such a root is the server's: each request naming one was refused, one by one.
+        ("DATA_ROOTS", "data", "DATA_ROOTS names DATA_DIR"),
+        ("MODEL_ROOTS", "logs", "MODEL_ROOTS names LOG_DIR"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(

@@ -109,7 +109,7 @@ async def test_an_input_that_leads_elsewhere_since_the_create_fails_the_run_befo
     body = job_body(tmp_path, "relinked", training={"max_steps": 2})
     Path(body["data_path"]).rename(roots / "team" / "t.jsonl")
     (secret / "t.jsonl").write_text("not for this job\n")
-    async with app_factory(DATA_ROOTS=str(roots)) as client:
+    async with app_factory(DATA_ROOTS=str(roots), DATA_DIR=tmp_path / "server") as client:
         r = await client.post("/jobs", json={**body, "data_path": "team/t.jsonl"})
         assert r.status_code == 201, r.text
         (roots / "team").rename(roots / "team.kept")
