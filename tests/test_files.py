@@ -413,7 +413,7 @@ async def test_orphans_past_the_first_sweeps_worth_of_recorded_files_are_swept_t
 ) -> None:
     # Each sweep looked at the same first `limit` old files, recorded ones counted: a folder holding more than
     # that many kept every orphan past them for ever.
-    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=str(tmp_path / "data"))
+    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=str(tmp_path / "data"), DATA_DIR=tmp_path / "d")
     keys = Keys(f"sweep-{time.time_ns()}")
     folder = tmp_path / "data" / "uploads" / "alice"
     folder.mkdir(parents=True)

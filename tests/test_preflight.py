@@ -161,8 +161,13 @@ def test_the_servers_own_files_stay_its_own_in_a_folder_or_a_media_reference_and
     assert "lies in the server's own files (API_KEYS_FILE)" in exc.value.detail
 
     # DATA_DIR=/srv/swift with DATA_ROOTS=/srv/swift/datasets: the data sets there are the users'.
-    inside = settings_for("redis://127.0.0.1:1/0", tmp_path / "srv", DATA_DIR=tmp_path / "srv",
-                          DATA_ROOTS=str(tmp_path / "srv" / "datasets"))  # fmt: skip
+    inside = settings_for(
+        "redis://127.0.0.1:1/0",
+        tmp_path / "srv",
+        DATA_DIR=tmp_path / "srv",
+        DATA_ROOTS=str(tmp_path / "srv" / "datasets"),
+        MODEL_ROOTS=str(tmp_path / "srv" / "models"),
+    )
     (tmp_path / "srv" / "datasets").mkdir(parents=True)
     ours = write(tmp_path / "srv" / "datasets" / "t.jsonl", [MESSAGES])
     assert check_request(str(ours), hub[1], "run", model_type=None, template=None, settings=inside,
