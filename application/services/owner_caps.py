@@ -48,7 +48,7 @@ class OwnerCaps:
         """A waiting job's share of its owner's limits, from `start` (None: not known) for `seconds`. Counted
         whatever its start, so that both scheduling passes count the same (`decide` does not work out every
         start); not for a job that can never start (more GPUs than the cap)."""
-        if not self.active or owner is None or (self.gpu_cap and k > self.gpu_cap):
+        if not self.active or beyond_gpu_cap(k, owner, self.gpu_cap) is not None:
             return
         end = start + max(0.0, seconds) if start is not None and start != INF and seconds is not None else None
         self._count(owner, k, end)

@@ -38,7 +38,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from application.services.owner_caps import OwnerCaps
+from application.services.owner_caps import OwnerCaps, beyond_gpu_cap
 from application.services.queue_order import PRIORITY_MAX, PRIORITY_MIN, queue_score, score_priority, score_submitted_at
 from application.services.timeline import INF, LinkScore, Timeline
 from application.services.wait_reasons import Reason, format_wait
@@ -356,7 +356,7 @@ def plan(
             break
         tl.level(job.priority)
         need = need_of(job)
-        if caps.gpu_cap and k > caps.gpu_cap and job.owner is not None:
+        if beyond_gpu_cap(k, job.owner, caps.gpu_cap) is not None:
             # (the cap was lowered after its create: it said "owner_limit", its owner's jobs ahead, for ever)
             waits[jid], reasons[jid] = None, Reason("never", gpu_cap=caps.gpu_cap)
             continue
