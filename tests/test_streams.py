@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -506,21 +506,28 @@ def test_an_export_log_stream_resumed_with_an_earlier_exports_id_sends_the_new_l
     assert [m.data for m in data_of(rest)] == [m.data for m in second[1:]]
 
 
+async def progress_stream_of(
+    client: Any, tmp_path: Path, job_id: str, steps: int
+) -> tuple[Any, AsyncGenerator[str, None]]:
+    """A new job with a loss history of `steps` points, and a progress stream opened on it (not read yet)."""
+    assert (await client.post("/jobs", json=job_body(tmp_path, job_id))).status_code == 201
+    streams = client.app.state.streams
+    now = time.time()
+    await streams.store.add_history(job_id, [{"step": s, "loss": 1.0, "time": now} for s in range(1, steps + 1)])
+    created = float(await streams.store.get_field(job_id, "created_at"))
+    return streams.store, streams.progress(job_id, None, created)
+
+
 async def test_an_open_progress_stream_sends_every_point_of_a_batch_longer_than_its_tail(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     # A runner back from a Redis outage writes what it held in one go, as a scheduler does filling in a dead
     # runner's history: an open stream read only the newest 200 and never sent the rest.
     async with app_factory(scheduler=False) as client:
-        assert (await client.post("/jobs", json=job_body(tmp_path, "bulk"))).status_code == 201
-        streams = client.app.state.streams
-        now = time.time()
-        await streams.store.add_history("bulk", [{"step": 1, "loss": 1.0, "time": now}])
-        created = float(await streams.store.get_field("bulk", "created_at"))
-        stream = streams.progress("bulk", None, created)
+        store, stream = await progress_stream_of(client, tmp_path, "bulk", 1)
         ids = [m.id for m in sse(iter((await anext(stream)).split("\n")))]
         assert ids == ["1.1-0"]
-        await streams.store.add_history("bulk", [{"step": s, "loss": 1.0, "time": now} for s in range(2, 502)])
+        await store.add_history("bulk", [{"step": s, "loss": 1.0, "time": time.time()} for s in range(2, 502)])
 
         async def rest() -> None:
             async for text in stream:
@@ -539,11 +546,7 @@ async def test_a_progress_streams_backlog_comes_in_batches_with_turns_for_other_
     # Opened on a finished run's history (2,000 points by default), a stream sent each point as a send of its own,
     # with no turn for the worker's other requests between them: ten streams opening stalled /health for 0.9 s.
     async with app_factory(scheduler=False) as client:
-        assert (await client.post("/jobs", json=job_body(tmp_path, "long"))).status_code == 201
-        streams = client.app.state.streams
-        now = time.time()
-        await streams.store.add_history("long", [{"step": s, "loss": 1.0, "time": now} for s in range(1, 2001)])
-        created = float(await streams.store.get_field("long", "created_at"))
+        _, stream = await progress_stream_of(client, tmp_path, "long", 2000)
         turns = 0
 
         async def other_request() -> None:
@@ -555,7 +558,6 @@ async def test_a_progress_streams_backlog_comes_in_batches_with_turns_for_other_
         other = asyncio.create_task(other_request())
         ids: list[str] = []
         sends: list[tuple[int, int]] = []  # (points in the send, the other request's turns when it came)
-        stream = streams.progress("long", None, created)
         try:
             async with asyncio.timeout(20):
                 async for text in stream:
