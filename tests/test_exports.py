@@ -709,6 +709,9 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
         assert last.name == "checkpoint-4"
         for f in last.iterdir():
             (shutil.rmtree if f.is_dir() else Path.unlink)(f)
+        listed = (await client.get("/jobs/cut/checkpoints")).json()["checkpoints"]
+        complete = [(Path(c["path"]).name, c["complete"]) for c in listed]
+        assert complete == [("checkpoint-2", True), ("checkpoint-4", False)], listed
         r = await client.post("/jobs/cut/export", json={"checkpoint": "checkpoint-4"})
         assert r.status_code == 409 and r.json()["detail"] == (
             f"{last} holds no LoRA adapter (adapter_config.json): its save was cut short, or its files were removed; "

@@ -77,6 +77,8 @@ class CheckpointInfo(BaseModel):
     size_bytes: int | None = None
     resume: bool = Field(False, description="the one the next resume would use")
     exported: bool = Field(False, description="a merge export of it completed (the job's exports list them)")
+    complete: bool = Field(True, description="holds the LoRA adapter an export needs: false for a save a stop cut "
+                                             "short, which no export takes")  # fmt: skip
 
 
 class CheckpointList(BaseModel):

@@ -22,6 +22,12 @@ def weights_only(checkpoint: str) -> bool:
     return not (Path(checkpoint) / "scheduler.pt").is_file()
 
 
+def holds_weights(job: Job, checkpoint: str) -> bool:
+    """A LoRA job's checkpoint holds its adapter (blocking): a save a stop cut short leaves an empty checkpoint-N,
+    which swift's export refuses ("is not an adapter")."""
+    return job.training.train_type == "full" or (Path(checkpoint) / "adapter_config.json").is_file()
+
+
 def first_resumable(paths: Iterable[str | None]) -> str | None:
     """The first of `paths` swift can resume from (its trainer_state.json is still on disk)."""
     return next((p for p in paths if p and (Path(p) / "trainer_state.json").is_file()), None)
@@ -108,6 +114,7 @@ def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], 
         step = checkpoint_step(path)
         out.append(CheckpointInfo(path=path, step=step, attempt=attempt, run_dir=str(folder.parent), time=when,
                                   loss=_loss_at(history, step), size_bytes=folder_size(folder),
-                                  resume=path == resume, exported=path in merged))  # fmt: skip
+                                  resume=path == resume, exported=path in merged,
+                                  complete=holds_weights(job, path)))  # fmt: skip
     return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), offset=offset, resume_from=resume,
                           exported=exported)  # fmt: skip

@@ -20,7 +20,7 @@ from application.config import Settings
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
-from application.services.checkpoints import own_checkpoints
+from application.services.checkpoints import holds_weights, own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.outbox import until_answered
 from application.services.path_sandbox import RealFolder, escaped_output_root
@@ -91,19 +91,15 @@ def pick_checkpoint(job: Job, wanted: str | None, on_disk: list[str]) -> str:
     """The checkpoint an export takes (blocking): the one `wanted`, or the last (its own: not any path its log
     named), else the newest, that a LoRA job's holds its adapter: a save cut short by a stop leaves an empty
     checkpoint-N, which swift refused after the export had started."""
-
-    def usable(path: str) -> bool:
-        return job.training.train_type == "full" or (Path(path) / "adapter_config.json").is_file()
-
     if wanted is not None:
         checkpoint: str | None = choose_checkpoint(job, wanted, on_disk)
     else:
-        newest = [c for c in reversed(on_disk) if usable(c)]
+        newest = [c for c in reversed(on_disk) if holds_weights(job, c)]
         checkpoint = job.last_checkpoint if job.last_checkpoint in newest else next(iter(newest), None)
         checkpoint = checkpoint or (on_disk[-1] if on_disk else None)  # (refused below, named)
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise no_checkpoint(job)
-    if not usable(checkpoint):
+    if not holds_weights(job, checkpoint):
         raise Conflict(f"{checkpoint} holds no LoRA adapter (adapter_config.json): its save was cut short, or its "
                        "files were removed; export another checkpoint (GET .../checkpoints)")  # fmt: skip
     return checkpoint
