@@ -121,6 +121,30 @@ async def test_an_input_that_leads_elsewhere_since_the_create_fails_the_run_befo
         assert str(secret) not in failed["error_message"] and not (secret / "logs").exists()
 
 
+async def test_an_input_relinked_to_the_key_file_inside_its_data_root_fails_the_run(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A link made since the create to elsewhere inside the roots is taken (data moved), but not to the server's
+    own files a data root holds: the run would have trained on API_KEYS_FILE, which the create refuses."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    roots = tmp_path / "data"
+    keys = roots / "cfg" / "keys.json"
+    keys.parent.mkdir(parents=True)
+    keys.write_text(json.dumps({"root": {"role": "admin", "key": "root-key-0123456789abcdef"}}))
+    body = job_body(tmp_path, "relinked", training={"max_steps": 2})
+    Path(body["data_path"]).rename(roots / "t.jsonl")
+    async with app_factory(DATA_ROOTS=str(roots), DATA_DIR=tmp_path / "server", API_KEYS_FILE=str(keys)) as client:
+        client.headers["Authorization"] = "Bearer root-key-0123456789abcdef"
+        r = await client.post("/jobs", json={**body, "data_path": "t.jsonl"})
+        assert r.status_code == 201, r.text
+        (roots / "t.jsonl").unlink()
+        (roots / "t.jsonl").symlink_to(keys)
+        assert (await client.post("/jobs/relinked/start")).status_code == 200
+        failed = await wait_job(client, "relinked", lambda j: j["status"] in ("failed", "completed"))
+        assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
+        assert f"data_path {roots / 't.jsonl'} now leads to another place" in failed["error_message"]
+
+
 async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queue_goes_on(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

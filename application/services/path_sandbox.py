@@ -325,12 +325,13 @@ def real_output_root(root: Path) -> Path:
 
 
 def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence[Path], model_roots: Sequence[Path],
-                   owned: Sequence[Path]) -> str | None:  # fmt: skip
+                   owned: Sequence[Path], own: Guard | None = None) -> str | None:  # fmt: skip
     """Why one of a job's local inputs (field, value, whether a data set: its `#N` sample aside), stored resolved
     at its create, now leads elsewhere: out of its roots (DATA_ROOTS for a data set; MODEL_ROOTS and OUTPUT_ROOT
     for a model), or into an `owned` area (OUTPUT_ROOT's job folders, the uploads folders), where whose files they
     are was checked at the create for the path as it was. A link elsewhere inside its roots (data moved to new
-    storage, a link left at its old place) is taken. None when none leads astray. Blocking: just before a run."""
+    storage, a link left at its old place) is taken, unless it leads into the server's own files (`own`: the
+    create's guard; a data root that holds API_KEYS_FILE). None when none leads astray. Blocking: just before a run."""
     real_data, real_models = _real_roots(tuple(data_roots)), _real_roots(tuple(model_roots))
     real_owned = _real_roots(tuple(owned))
     # An owned area that moved, a link left at its old place (as configured): the same path under it is the same file.
@@ -341,7 +342,7 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
             continue  # a hub id
         stored = os.path.normpath(path)
         resolved = Path(os.path.realpath(stored))
-        inside = _inside(resolved, real_data if data else real_models)
+        inside = _inside(resolved, real_data if data else real_models) and not _own(own, field, path, resolved)
         if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
             continue
         if inside and any(o in Path(stored).parents and resolved == r / Path(stored).relative_to(o) for o, r in moved):
@@ -349,6 +350,15 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
         return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
                 "job was created; remove it, or create the job again")  # fmt: skip
     return None
+
+
+def _own(guard: Guard | None, field: str, value: str, path: Path) -> bool:
+    try:
+        if guard is not None:
+            guard(field, value, path)
+    except Invalid:
+        return True
+    return False
 
 
 def escaped_output_root(output_dir: Path, root: Path) -> str | None:

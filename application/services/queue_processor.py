@@ -34,7 +34,8 @@ from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.metrics import record_scheduling_latency
-from application.services.path_sandbox import escaped_output_root, relinked_input
+from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
+from application.services.preflight import own_files
 from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -75,7 +76,7 @@ def _inputs(job: Job) -> list[tuple[str, str, bool]]:
 
 
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
-                roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...]],
+                roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard],
                 export_job: Job | None = None) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
@@ -170,7 +171,8 @@ class QueueProcessor:
         self.settings = settings
         # Where a job's inputs may lead at its run, and the areas of those whose files are their owners'.
         data = settings.data_roots()
-        self._input_roots = (data, settings.model_roots(), (settings.OUTPUT_ROOT, *(r / UPLOADS_DIR for r in data)))
+        self._input_roots = (data, settings.model_roots(), (settings.OUTPUT_ROOT, *(r / UPLOADS_DIR for r in data)),
+                             own_files(settings))  # fmt: skip
         self.launcher = launcher
         self.fence = fence
         self.version = version
