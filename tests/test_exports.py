@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -712,6 +713,8 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
         listed = (await client.get("/jobs/cut/checkpoints")).json()["checkpoints"]
         complete = [(Path(c["path"]).name, c["complete"]) for c in listed]
         assert complete == [("checkpoint-2", True), ("checkpoint-4", False)], listed
+        page = (await client.get("http://test/ui/jobs/cut")).text
+        assert re.search(r"checkpoint-4</code></td>.*?<td>incomplete</td></tr>", page), page
         r = await client.post("/jobs/cut/export", json={"checkpoint": "checkpoint-4"})
         assert r.status_code == 409 and r.json()["detail"] == (
             f"{last} holds no LoRA adapter (adapter_config.json): its save was cut short, or its files were removed; "

@@ -105,7 +105,8 @@ def attempts_table(job: dict[str, Any]) -> str:
 def checkpoints_table(checkpoints: list[dict[str, Any]]) -> str:
     rows = []
     for c in checkpoints:
-        marks = " ".join(m for m, on in (("resume", c.get("resume")), ("exported", c.get("exported"))) if on)
+        marks = " ".join(m for m, on in (("resume", c.get("resume")), ("exported", c.get("exported")),
+                                          ("incomplete", c.get("complete") is False)) if on)  # fmt: skip
         rows.append(
             f"<tr><td class=num>{esc(c.get('step'))}</td><td><code>{esc(c.get('path'))}</code></td>"
             f"<td>{when(c.get('time'))}</td><td>{number(c.get('loss'))}</td><td>{esc(size(c.get('size_bytes')))}</td>"

@@ -310,7 +310,7 @@
     const rowsOut = (list.checkpoints || []).map((c) => [
       text(c.step), code(c.path), d.timeEl(c.time), text(fmt(c.loss)),
       text(c.size_bytes == null ? "—" : d.size(c.size_bytes)),
-      text([c.resume && "resume", c.exported && "exported"].filter(Boolean).join(" ")),
+      text([c.resume && "resume", c.exported && "exported", c.complete === false && "incomplete"].filter(Boolean).join(" ")),
     ]);
     const shown = (list.checkpoints || []).length;
     const more = list.total > shown ? [el("p", { class: "muted", text: `the newest ${shown} of ${list.total}` })] : [];
