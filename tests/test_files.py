@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,33 +220,39 @@ async def test_without_keys_and_the_job_reference_helper(
         await client.aclose()
 
 
-async def test_files_left_by_a_crash_are_swept_and_recorded_ones_kept(
+async def test_an_upload_cut_by_a_crash_is_swept_and_no_other_deployments_uploads_are(
     server_factory: Callable[..., ApiServer], tmp_path: Path, redis_url: str
 ) -> None:
+    # Two deployments on one Redis (two prefixes) sharing a data root: the sweep took every upload without a
+    # record under its own prefix for an orphan, deleted the other's, and failed the jobs that named them.
     server = server_factory()
-    kept = upload(server, VALID, key=None).json()
+    other = server_factory(env={"DATA_DIR": str(tmp_path / "other-data"), "LOG_DIR": str(tmp_path / "other-logs"),
+                                "OUTPUT_ROOT": str(tmp_path / "other-output")})  # fmt: skip
+    kept, theirs = upload(server, VALID, key=None).json(), upload(other, VALID, key=None).json()
     folder = Path(kept["path"]).parent
-    old = time.time() - 7 * 3600
-    leftovers = [
-        folder / ".file-0123456789abcdef01234567.partial.jsonl",
-        folder / "file-89abcdef0123456701234567.jsonl",
-    ]
-    fresh = folder / ".file-fedcba9876543210fedcba98.partial.jsonl"  # an upload in progress
-    foreign = folder / "file-notes.jsonl"  # not a name the server gives
-    for path in [*leftovers, fresh, foreign]:
-        path.write_bytes(VALID)
-    for path in [*leftovers, foreign, Path(kept["path"])]:
-        os.utime(path, (old, old))
+    assert Path(theirs["path"]).parent == folder  # (one uploads folder: the anonymous owner's of both)
+    boundary = "b0undary"
+    head = (f"POST /api/v1/training/files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {10 * len(VALID)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n")  # fmt: skip
+    before = set(folder.iterdir())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as cut:
+        cut.sendall(head.encode() + VALID)
+        wait_for(lambda: set(folder.iterdir()) - before, what="the cut upload's temp file")
+        (partial,) = set(folder.iterdir()) - before
+        server.kill_all()  # mid-upload: no cleanup runs
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        keys = Keys(server.prefix)
         settings = settings_for(redis_url, tmp_path, REDIS_KEY_PREFIX=server.prefix)
-        removed = await FileStore(settings, client, keys).sweep_orphans()
+        files = FileStore(settings, client, Keys(server.prefix))
+        assert await files.sweep_orphans() == []  # (younger than ORPHAN_AGE: it may be an upload in progress)
+        assert await files.sweep_orphans(min_age=0) == [partial]
+        assert await files.sweep_orphans(min_age=0) == []
     finally:
         await client.aclose()
-    assert sorted(removed) == sorted(leftovers)
-    assert not any(p.exists() for p in leftovers) and fresh.exists() and foreign.exists()
-    assert Path(kept["path"]).exists() and server.http.get(f"/files/{kept['id']}").status_code == 200
+    assert not partial.exists() and Path(kept["path"]).exists() and Path(theirs["path"]).exists()
+    assert other.http.get(f"/files/{theirs['id']}").status_code == 200
 
 
 def test_an_owner_keeps_uploads_up_to_the_quota(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
@@ -391,49 +395,6 @@ async def test_uploads_made_while_another_data_root_came_first_stay_their_owners
     assert files.uploads_named([str(theirs) + "#10"], Caller("alice", "user")) == ["file-0123456789abcdef01234567"]
     with pytest.raises(Invalid, match="holds the uploads of every owner"):
         files.uploads_named([str(earlier.resolve())], Caller("bob", "user"))
-
-
-async def test_leftovers_in_every_data_roots_uploads_are_swept(redis_client: aioredis.Redis, tmp_path: Path) -> None:
-    # Only the first root's uploads folder was swept: a crash's leftovers under an earlier first root stayed.
-    earlier = tmp_path / "datasets"
-    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=f"{tmp_path / 'new'},{earlier}")
-    old = time.time() - 7 * 3600
-    leftovers = [root / "uploads" / "alice" / f".file-{n}123456789abcdef01234567.partial.jsonl"
-                 for n, root in enumerate((tmp_path / "new", earlier))]  # fmt: skip
-    for path in leftovers:
-        path.parent.mkdir(parents=True)
-        path.write_bytes(VALID)
-        os.utime(path, (old, old))
-    removed = await FileStore(settings, redis_client, Keys("t")).sweep_orphans()
-    assert sorted(removed) == sorted(p.resolve() for p in leftovers) and not any(p.exists() for p in leftovers)
-
-
-async def test_orphans_past_the_first_sweeps_worth_of_recorded_files_are_swept_too(
-    redis_client: aioredis.Redis, tmp_path: Path
-) -> None:
-    # Each sweep looked at the same first `limit` old files, recorded ones counted: a folder holding more than
-    # that many kept every orphan past them for ever.
-    settings = settings_for("redis://unused", tmp_path, DATA_ROOTS=str(tmp_path / "data"), DATA_DIR=tmp_path / "d")
-    keys = Keys(f"sweep-{time.time_ns()}")
-    folder = tmp_path / "data" / "uploads" / "alice"
-    folder.mkdir(parents=True)
-    old = time.time() - 7 * 3600
-    recorded, orphans = [], []
-    for n in range(35):
-        path = folder / f"file-{n:024x}.jsonl"
-        path.write_bytes(VALID)
-        os.utime(path, (old, old))
-        if n % 7 == 3:
-            orphans.append(path)
-        else:
-            recorded.append(path)
-            await redis_client.hset(keys.file(path.name.split(".")[0]), "owner", '"alice"')
-    files = FileStore(settings, redis_client, keys)
-    removed: list[Path] = []
-    for _ in range(4):  # 35 old files, 10 looked at per sweep
-        removed += await files.sweep_orphans(limit=10)
-    assert sorted(removed) == sorted(p.resolve() for p in orphans)
-    assert all(p.exists() for p in recorded) and not any(p.exists() for p in orphans)
 
 
 async def test_another_owners_upload_is_refused_before_anything_looks_at_it(

@@ -12,7 +12,7 @@ a record without its file.
 from __future__ import annotations
 
 import asyncio
-import bisect
+import contextlib
 import errno
 import functools
 import hashlib
@@ -20,7 +20,6 @@ import json
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from loguru import logger
+from redis.exceptions import RedisError
 
 from application.auth import Caller
 from application.config import UPLOADS_DIR, Settings
@@ -86,7 +86,6 @@ class FileStore:
         self._store_file = client.register_script(lua_cluster.STORE_FILE)
         self.slots = upload_slots(client, keys, settings)
         self.folders = FolderIndex(client, keys)
-        self._swept: str | None = None  # the last upload file the last orphan sweep looked at
 
     @property
     def root(self) -> Path:
@@ -127,6 +126,17 @@ class FileStore:
             raise InsufficientStorage(f"uploads cannot be stored in {folder} ({exc.strerror}): the first "
                                       "DATA_ROOTS folder must be writable") from None  # fmt: skip
         file_id = "file-" + secrets.token_hex(12)
+        # Marked before its first byte: whatever a crash from here on leaves, the orphan sweep finds.
+        marker = str(folder / file_id)
+        await self.r.zadd(self.keys.uploads_writing, {marker: time.time()})
+        try:
+            return await self._write(file_id, folder, chunks, content_type, content_length, caller)
+        finally:
+            with contextlib.suppress(RedisError):  # (left, it is the sweep's: it finds the record, or no file)
+                await self.r.zrem(self.keys.uploads_writing, marker)
+
+    async def _write(self, file_id: str, folder: Path, chunks: AsyncIterator[bytes], content_type: str | None,
+                     content_length: str | None, caller: Caller) -> FileObject:  # fmt: skip
         try:
             received = await receive_upload(
                 chunks, content_type, content_length, suffixes=SUFFIXES, max_file_bytes=self.settings.FILE_MAX_BYTES,
@@ -263,59 +273,47 @@ class FileStore:
 
     # ---- orphans --------------------------------------------------------------------------------------------
 
-    def _candidates(self, older_than: float, limit: int) -> list[Path]:
-        """The next `limit` upload files by path, from where the last call stopped (round the end to the start),
-        that are at least this old and may have no record: temp files a crash left mid-upload, and stored names
-        (the record is written after the rename). Synchronous (disk).
-
-        The first `limit` files each time, recorded ones counted, never reached the orphans past them. Names are
-        listed whole (cheap), and only the `limit` looked at are stat'ed."""
-        names: list[str] = []
-        for root in self.real_roots:  # every root's: uploads made while another came first are swept too
-            try:
-                owners = [e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
-            except OSError:
-                continue
-            for owner in owners:
-                try:
-                    names += [os.path.join(owner, n) for n in os.listdir(owner) if n.startswith((".file-", "file-"))]
-                except OSError:
-                    continue
-        names.sort()
-        start = bisect.bisect_right(names, self._swept) if self._swept is not None else 0
-        window = names[start : start + limit]
-        window += names[: min(start, limit - len(window))]
-        self._swept = window[-1] if window else None
-        found: list[Path] = []
-        for path in window:
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_mtime <= older_than:
-                found.append(Path(path))
-        return found
-
     async def sweep_orphans(self, min_age: float = ORPHAN_AGE, limit: int = 1000) -> list[Path]:
-        """Remove upload files with no record that are older than `min_age` seconds (a crash between the
-        write and the record, or mid-upload); the scheduler's watchdog calls this now and then. Each call looks
-        at `limit` files, from where the last one stopped."""
-        window = await asyncio.to_thread(self._candidates, time.time() - min_age, limit)
-        named = ((p, p.name.removeprefix(".").split(".")[0]) for p in window)
-        ours = [(p, file_id) for p, file_id in named if FILE_REF.match(file_id)]  # (other names are not ours)
+        """Remove what uploads that never got their record left on disk (a crash mid-upload, or between the write
+        and the record), once `min_age` seconds old; the scheduler's watchdog calls this now and then.
+
+        Only this deployment's uploads are looked at (`Keys.uploads_writing`): a sweep of every file in the
+        uploads folders without a record under this REDIS_KEY_PREFIX deleted the uploads of another deployment
+        sharing the data root (its records live under its own prefix), and failed its jobs."""
+        markers = await self.r.zrangebyscore(self.keys.uploads_writing, "-inf", time.time() - min_age, start=0,
+                                             num=limit)  # fmt: skip
+        if not markers:
+            return []
         async with self.r.pipeline(transaction=False) as pipe:
-            for _, file_id in ours:
-                pipe.exists(self.keys.file(file_id))
-            recorded = await pipe.execute() if ours else []
+            for marker in markers:
+                pipe.exists(self.keys.file(Path(marker).name))
+            recorded = await pipe.execute()
         removed: list[Path] = []
-        for (path, _), has_record in zip(ours, recorded, strict=True):
-            if has_record and not path.name.startswith("."):  # (a temp name is never recorded)
-                continue
-            await asyncio.to_thread(path.unlink, missing_ok=True)
-            removed.append(path)
+        for marker, has_record in zip(markers, recorded, strict=True):
+            if not has_record:
+                removed += await asyncio.to_thread(self._leftovers_of, Path(marker))
+            await self.r.zrem(self.keys.uploads_writing, marker)
         if removed:
             logger.info("removed {} upload file(s) without a record: {}", len(removed),
                         ", ".join(p.name for p in removed[:10]))  # fmt: skip
+        return removed
+
+    def _leftovers_of(self, marker: Path) -> list[Path]:
+        """Remove the files of one upload that has no record: its temp file, or its stored name (blocking)."""
+        file_id, folder = marker.name, marker.parent
+        if not FILE_REF.match(file_id) or self._uploads_root(marker) is None:
+            return []  # (not a marker this server writes)
+        removed = []
+        try:
+            with os.scandir(folder) as entries:
+                names = [e for e in entries if e.name.startswith((f"{file_id}.", f".{file_id}."))
+                         and e.is_file(follow_symlinks=False)]  # fmt: skip
+        except OSError:
+            return []
+        for entry in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
         return removed
 
     # ---- jobs -----------------------------------------------------------------------------------------------

@@ -82,6 +82,13 @@ class Keys:
         """Sorted set file_id -> created_at: every uploaded file, for an admin's listing."""
         return self._k("files")
 
+    @property
+    def uploads_writing(self) -> str:
+        """Sorted set '<folder>/<file id>' -> when its upload began: uploads whose files may lie on disk without a
+        record (a crash mid-upload, or between the write and the record); removed once recorded or cleaned up.
+        The orphan sweep looks at these only: another deployment's uploads in a shared data root are not ours."""
+        return self._k("files", "writing")
+
     def owner_file_bytes(self, owner: str) -> str:
         """String (integer): bytes of one owner's uploads, kept in step with its files (FILE_QUOTA_BYTES)."""
         return self._k("files", "bytes", owner)
