@@ -29,7 +29,13 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from application.config import Settings, env_file, get_settings, unknown_settings
-from application.services.redis_service import EmbeddedRedis, die_with_parent, find_redis_server
+from application.services.redis_service import (
+    EmbeddedRedis,
+    check_redis_access,
+    die_with_parent,
+    find_redis_server,
+    redis_url,
+)
 
 ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
@@ -339,6 +345,9 @@ def main() -> None:
             f"swift-api: the {role} role needs the Redis the other roles use: set REDIS_URL (or REDIS_HOST), "
             "or start everything with `python start.py`, which runs an embedded redis-server for all of them"
         )
+    if not settings.uses_embedded_redis and (why := check_redis_access(settings, redis_url(settings))):
+        print(f"swift-api: {why}", file=sys.stderr)
+        sys.exit(2)
     if role == "api":
         _check_listen(settings)
         serve_api(settings)

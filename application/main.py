@@ -42,7 +42,7 @@ from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.owner_slots import download_slots, stream_slots
 from application.services.queue_service import QueueService
-from application.services.redis_service import RedisService, die_with_parent
+from application.services.redis_service import RedisService, die_with_parent, redis_refusal
 from application.services.run_control import RunControl
 from application.services.streams import Streams
 from application.services.system_service import SystemService
@@ -229,13 +229,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        # (a wrong password is a ConnectionError to redis-py: not one to wait out)
+        if refused := redis_refusal(exc, settings.REDIS_KEY_PREFIX):
+            return JSONResponse({"detail": refused}, status_code=503)
         return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
         # e.g. a read-only replica or OOM: the store cannot take the change now
-        return JSONResponse({"detail": f"Redis refused the operation ({exc})"}, status_code=503)
+        detail = redis_refusal(exc, settings.REDIS_KEY_PREFIX) or f"Redis refused the operation ({exc})"
+        return JSONResponse({"detail": detail}, status_code=503)
 
     include_routes(app, settings.API_PREFIX)
     app.include_router(metrics_router)

@@ -13,6 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -52,6 +53,40 @@ def test_a_single_role_needs_a_shared_redis(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "start.py"), "bogus"], env=env, capture_output=True, text=True,
                          timeout=60, check=False)  # fmt: skip
     assert out.returncode == 1 and "usage" in out.stderr
+
+
+def test_a_redis_that_refuses_the_servers_credentials_or_rights_stops_each_role_saying_what_to_change(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # A wrong password was worded as an outage ("try again when it is back"), for ever; a Redis 7 ACL user without
+    # channel rights failed every create's script after its writes: a 503 for a job created and started.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "data"),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "output"), "REDIS_KEY_PREFIX": "refused",
+           "APP_PORT": "1", "GPU_BACKEND": "simulated"}  # fmt: skip
+    user = f"nochannels-{os.getpid()}"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw-0123456789", "~*", "+@all", "resetchannels")
+    try:
+        for password, said in (("pw-0123456789", "ACL SETUSER <user> ~refused:* &refused:* +@all"),
+                               ("wrong-password", "Redis refused this server's credentials")):  # fmt: skip
+            url = redis_url.replace("redis://", f"redis://{user}:{password}@", 1)
+            for role in ("api", "scheduler", "all"):
+                out = subprocess.run([sys.executable, str(ROOT / "start.py"), role], env={**env, "REDIS_URL": url},
+                                     capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+                assert out.returncode == 2 and said in out.stderr and password not in out.stderr, (role, out.stderr)
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+
+
+async def test_a_redis_that_stops_taking_the_servers_password_is_not_an_outage_to_wait_out(
+    app_factory: Callable[..., Any], redis_url: str
+) -> None:
+    wrong = redis_url.replace("redis://", "redis://nobody:wrong-password@", 1)
+    async with app_factory(scheduler=False, REDIS_URL=wrong, REDIS_RETRIES=0) as client:
+        r = await client.get("/jobs")
+        assert r.status_code == 503 and "Retry-After" not in r.headers, r.text
+        assert r.json()["detail"].startswith("Redis refused this server's credentials"), r.text
 
 
 def test_stopping_start_py_stops_its_processes_but_not_the_runners(server_factory: Callable[..., ApiServer],

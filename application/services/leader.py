@@ -18,6 +18,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.services.cluster_store import ClusterStore
+from application.services.redis_service import redis_refusal
 
 # How often one Redis error met while standing by is logged again.
 REPEAT_SECONDS = 30.0
@@ -50,7 +51,8 @@ class LeaderLock:
             except RedisError as exc:
                 # An error Redis answers at once (a db out of range) comes every poll: said again twice a minute.
                 if said[0] != str(exc) or time.monotonic() - said[1] > REPEAT_SECONDS:
-                    logger.warning("scheduler {}: Redis does not answer ({}); still standing by", self.ident, exc)
+                    why = redis_refusal(exc, self.cluster.keys.prefix) or f"Redis does not answer ({exc})"
+                    logger.warning("scheduler {}: {}; still standing by", self.ident, why)
                     said = (str(exc), time.monotonic())
                 value = None
             if value:

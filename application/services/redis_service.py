@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from loguru import logger
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -215,6 +216,45 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
         retry_on_error=list(REDIS_AWAY),
         health_check_interval=30,
     )
+
+
+# What a role needs of the Redis user, tried at start: its scripts, their keys, and their PUBLISH. A Redis 7 ACL
+# user without channel rights (acl-pubsub-default resetchannels) failed every create's script after its writes:
+# a 503 for a job that was in fact created and started.
+_ACCESS_PROBE = "redis.call('EXISTS', KEYS[1]); redis.call('PUBLISH', ARGV[1], 'probe'); return 1"
+
+
+def redis_refusal(exc: Exception, prefix: str) -> str | None:
+    """What the operator must change when Redis refuses this server itself (not an outage): its credentials, or
+    an ACL user's rights. None for anything else."""
+    if isinstance(exc, AuthenticationError):
+        return (f"Redis refused this server's credentials ({exc}): set the password (and the ACL user, if any) in "
+                "REDIS_URL, or REDIS_PASSWORD")  # fmt: skip
+    text = str(exc)
+    if isinstance(exc, NoPermissionError) or "NOPERM" in text or "can't publish to the channel" in text:
+        return (f"the Redis user may not do what the server needs ({text}): give it every command on keys and "
+                f"channels under the prefix, e.g. ACL SETUSER <user> ~{prefix}:* &{prefix}:* +@all")  # fmt: skip
+    return None
+
+
+def check_redis_access(settings: Settings, url: str, timeout: float = 5.0) -> str | None:
+    """One line saying what to change when the Redis a role is given refuses it (wrong password, an ACL user
+    without the rights), tried before the role starts; None when it answers, or when it does not answer yet (a
+    role waits for its Redis, as it outlasts an outage)."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from application.services.keys import Keys
+
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    try:
+        client = Redis.from_url(url, password=settings.REDIS_PASSWORD, socket_timeout=timeout,
+                                socket_connect_timeout=timeout)  # fmt: skip
+        with client:
+            client.eval(_ACCESS_PROBE, 1, keys.job("-access-probe-"), keys.wakeup_channel)
+    except RedisError as exc:
+        return redis_refusal(exc, settings.REDIS_KEY_PREFIX)
+    return None
 
 
 class RedisService:
