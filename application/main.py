@@ -6,6 +6,7 @@ that needs GPUs or processes.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -40,7 +41,7 @@ from application.services.idempotency import Idempotency
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
-from application.services.owner_slots import download_slots, stream_slots
+from application.services.owner_slots import ResponseCut, download_slots, stream_slots
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, die_with_parent, redis_refusal
 from application.services.run_control import RunControl
@@ -130,8 +131,15 @@ async def _build_routes(app: FastAPI) -> None:
     await app.router(scope, receive, send)
 
 
+def _not_a_cut_download(record: logging.LogRecord) -> bool:
+    """False for uvicorn's "Exception in ASGI application" of a download cut on purpose (said in one line where
+    it was cut): the exception is how the connection gets dropped, not a fault."""
+    return not (record.exc_info and isinstance(record.exc_info[1], ResponseCut))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cut_download)  # (once: a filter is added only once)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

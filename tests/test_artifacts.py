@@ -383,3 +383,63 @@ def test_a_listing_names_only_paths_a_download_can_ask_for(tmp_path: Path) -> No
     assert "logs/a.log" in {f.path for f in listing.files}
     asked = [f.path for f in listing.files] + [f.tar for f in listing.folders] + [link.path for link in listing.links]
     assert asked and all(len(p.encode()) <= MAX_PATH_BYTES for p in asked), max(map(len, asked))
+
+
+async def test_a_tar_download_whose_slot_lapsed_and_was_taken_is_cut_not_ended_as_if_whole(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A client that stopped reading past its slot's life, while others took the cap, had its tar end cleanly
+    # (the last chunk sent): with no Content-Length, curl and the CLI kept the short tar as the whole download.
+    import asyncio
+
+    from application.services.owner_slots import OwnerSlots, ResponseCut
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "tarred", auto_start=True))).status_code == 201
+        job = await wait_job(client, "tarred", lambda j: j["status"] == "completed")
+        run = Path(job["run_dir"]).name
+        (Path(job["run_dir"]) / "big.bin").write_bytes(os.urandom(1 << 20) * 4)
+        store = client.app.state.training.store
+        slots = OwnerSlots(store.r, store.keys.open_downloads, cap=1, ttl=0.3, setting="DOWNLOADS_PER_OWNER",
+                           what="downloads in progress", advice="wait")  # fmt: skip
+        client.app.state.download_slots = slots
+        path = f"/api/v1/training/jobs/tarred/artifacts/{run}.tar"
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+        sent: list[dict[str, Any]] = []
+        stalled, go_on = asyncio.Event(), asyncio.Event()
+
+        requested: list[bool] = []
+
+        async def receive() -> dict[str, Any]:
+            if not requested:
+                requested.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # (no disconnect: the client is there, only slow)
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not stalled.is_set():
+                stalled.set()
+                await go_on.wait()  # the client stops reading
+
+        download = asyncio.create_task(client.app(scope, receive, send))
+        await stalled.wait()
+        deadline = time.monotonic() + 10
+        while True:  # its slot lapses; another download of the owner's takes the one the cap allows
+            try:
+                await slots.take(None)
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the stalled download's slot never lapsed"
+                await asyncio.sleep(0.05)
+        go_on.set()
+        with pytest.raises(ResponseCut):
+            await asyncio.wait_for(download, 30)
+        bodies = [m for m in sent if m["type"] == "http.response.body"]
+        ended = [m.get("more_body", False) for m in bodies]
+        assert sent[0]["status"] == 200 and ended and all(ended), ended  # no last chunk: the client sees a cut

@@ -78,7 +78,7 @@ async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training
         if slot is not None:
             await slot.release()
         raise
-    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body)), status_code=got.status,
+    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body), whole=True), status_code=got.status,
                              headers=got.headers, media_type=got.media_type)  # fmt: skip
 
 

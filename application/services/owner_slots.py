@@ -121,8 +121,15 @@ def download_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> Ow
                       advice="wait for one to finish (a Range request resumes a file where it stopped)")  # fmt: skip
 
 
-async def holding(slot: Slot | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    """`items`, with `slot` renewed as they go and given back at the end (a client hanging up included)."""
+class ResponseCut(Exception):
+    """A download given up midway, raised out of its body: the server then drops the connection instead of ending
+    the body as if it were whole (a tar has no Content-Length: its client took the short body for all of it)."""
+
+
+async def holding(slot: Slot | None, items: AsyncIterator[T], *, whole: bool = False) -> AsyncIterator[T]:
+    """`items`, with `slot` renewed as they go and given back at the end (a client hanging up included). One
+    whose slot lapsed while its client stalled, and cannot take one again, ends there: a stream cleanly (its
+    client reconnects), a body that must be `whole` (a download) by ResponseCut."""
     if slot is None:
         async for item in items:
             yield item
@@ -132,5 +139,7 @@ async def holding(slot: Slot | None, items: AsyncIterator[T]) -> AsyncIterator[T
             yield item
     except TooMany as exc:  # its slot lapsed while the client stalled, and others took the cap meanwhile
         logger.info("{}: the response ends here", exc.detail)
+        if whole:
+            raise ResponseCut(exc.detail) from None
     finally:
         await slot.release()

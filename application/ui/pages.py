@@ -190,5 +190,5 @@ async def job_file(request: Request, job_id: str, path: str) -> Response:
         raise
     # What a job wrote, served from the dashboard's own origin: never run or sniffed as a page.
     headers = {**got.headers, "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
-    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body)), status_code=got.status,
+    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body), whole=True), status_code=got.status,
                              headers=headers, media_type=got.media_type)  # fmt: skip
