@@ -35,6 +35,7 @@ from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError, error_json
+from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.export_control import ExportControl
 from application.services.idempotency import Idempotency
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             die_with_parent()
         redis_service = RedisService(settings)
         client = await redis_service.connect()
+        await clock.sync(client)  # (Redis not answering yet: this host's clock until it does)
         keys = Keys(settings.REDIS_KEY_PREFIX)
         store = JobStore(client, keys, events_max=settings.EVENTS_MAX_PER_JOB, history_max=settings.LOSS_HISTORY_LIMIT)
         cluster = ClusterStore(client, keys)
@@ -183,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            clock.forget()  # (not read again through a closed client)
             await redis_service.close()
 
     app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan,

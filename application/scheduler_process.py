@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from application import __version__
 from application.config import Settings
+from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -98,6 +99,7 @@ class Scheduler:
     async def run(self) -> None:
         logger.info("scheduler {} (swift-api {}) standing by for the lead; GPUs: {}", self.ident, __version__,
                     self.inventory.backend)  # fmt: skip
+        await clock.sync(self.cluster.r)  # (Redis not answering yet: this host's clock until it does)
         publish = asyncio.create_task(self._publish_swift(), name="swift-probe")
         try:
             while not self.stopping.is_set():
@@ -203,7 +205,7 @@ class Scheduler:
                 raise
             except Exception as exc:  # never let one bad pass kill the processor
                 self.processor.stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.processor.stats.last_error_at = time.time()
+                self.processor.stats.last_error_at = clock.now()
                 _log_failure("queue pass failed", exc)
                 with contextlib.suppress(Exception):
                     await self.cluster.record_pass(self.processor.stats.__dict__)

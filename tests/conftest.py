@@ -334,10 +334,10 @@ def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Api
     servers: list[ApiServer] = []
 
     def make(env: dict[str, str] | None = None, prefix: str | None = None, workdir: Path | None = None,
-             wrap: list[str] | None = None) -> ApiServer:  # fmt: skip
+             wrap: list[str] | None = None, role: str = "all") -> ApiServer:  # fmt: skip
         s = ApiServer(redis_url, workdir or tmp_path, env, prefix, wrap)
         servers.append(s)
-        return s.start()
+        return s.start(role)
 
     yield make
     for s in servers:

@@ -19,7 +19,7 @@ import pytest
 from application.cli.client import Api, CliError, api_root, job_path
 from application.cli.follow import tail, watch
 from application.cli.output import Output
-from application.cli.render import text
+from application.cli.render import duration, text
 from application.cli.sse import follow
 from application.services.streams import _visible
 from tests.conftest import ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
@@ -661,3 +661,8 @@ def test_output_that_cannot_be_written_is_exit_2_not_a_failed_job(tiny_server: i
                            stderr=subprocess.PIPE, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 2 and "cannot write the output" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_duration_below_zero_prints_as_none_yet() -> None:
+    # (two hosts' clocks: it printed "-1:58:13" for a run 4 s old)
+    assert (duration(-114.85), duration(0.4), duration(3725)) == ("0:00", "0:00", "1:02:05")

@@ -41,7 +41,7 @@ def when(ts: float | None) -> str:
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    minutes, secs = divmod(int(seconds), 60)
+    minutes, secs = divmod(int(max(0.0, seconds)), 60)  # (a server's clocks may disagree by a little)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 

@@ -259,14 +259,15 @@ class Job(BaseModel):
         if self.attempts:
             running = self.status == JobStatus.RUNNING
             last = len(self.attempts) - 1
+            # (never below 0: a run's start and "now" come from two hosts' readings of one clock)
             return sum(
-                (a.finished_at if a.finished_at is not None else now if running and i == last else
-                 self.finished_at or a.started_at) - a.started_at
+                max(0.0, (a.finished_at if a.finished_at is not None else now if running and i == last else
+                          self.finished_at or a.started_at) - a.started_at)
                 for i, a in enumerate(self.attempts)
             )  # fmt: skip
         if self.started_at is None:
             return None
-        return (self.finished_at or now) - self.started_at
+        return max(0.0, (self.finished_at or now) - self.started_at)
 
 
 class LossPoint(BaseModel):

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from application.models.training_model import TERMINAL_STATUSES, Job, JobStatus
-from application.services import lua_cluster
+from application.services import clock, lua_cluster
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
@@ -308,14 +308,14 @@ class ClusterStore:
             previous, _ = await pipe.execute()
         changed = previous != flag
         if changed:
-            await self.r.hset(key, "since", repr(time.time()))
+            await self.r.hset(key, "since", repr(clock.now()))
             await self.publish_wakeup("processor")
         return bool(changed)
 
     async def init_processor_switch(self, on: bool) -> None:
         """Set the switch at start-up only if nobody set it yet (an operator's stop survives restarts)."""
         if await self.r.hsetnx(self.keys.processor_stats, "enabled", "1" if on else "0"):
-            await self.r.hset(self.keys.processor_stats, "since", repr(time.time()))
+            await self.r.hset(self.keys.processor_stats, "since", repr(clock.now()))
 
     async def record_pass(self, stats: Mapping[str, Any]) -> None:
         await self.r.hset(self.keys.processor_stats, mapping={k: json.dumps(v) for k, v in stats.items()})

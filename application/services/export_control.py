@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from application.exceptions import Conflict, Unavailable, refused
 from application.models.job_request import ExportRequest
 from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
+from application.services import clock
 from application.services.exports import ENDED_WITH_SWIFT, as_export, as_they_stand, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.quant_exports import (
@@ -99,7 +99,7 @@ class ExportControl:
                 continue
             settings = self.service.settings
             child, info = await asyncio.to_thread(prepare_quant_job, job, request, settings.SWIFT_BIN,
-                                                  settings.OUTPUT_ROOT, child_id, time.time())  # fmt: skip
+                                                  settings.OUTPUT_ROOT, child_id, clock.now())  # fmt: skip
             await self._claim(str(info.output_dir), {"of": job.job_id, "job": child_id})
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
@@ -141,7 +141,7 @@ class ExportControl:
         id). Conflict while an export of another job writes it: jobs that share an output folder share its
         exports/, and each job's own checks see only its own exports. Nothing releases a claim: the next
         request takes it over once that export has ended."""
-        value = json.dumps({**writer, "at": time.time()})
+        value = json.dumps({**writer, "at": clock.now()})
         for _ in range(5):
             held = await self.cluster.export_target(target)
             holder = json.loads(held) if held is not None else None
@@ -155,7 +155,7 @@ class ExportControl:
     async def _writing(self, held: dict[str, Any]) -> bool:
         """Whether the export that claimed a folder may still write it. One claimed moments ago may not be
         recorded yet (its request records it after claiming)."""
-        young = time.time() - float(held.get("at", 0)) < REQUEST_TTL
+        young = clock.now() - float(held.get("at", 0)) < REQUEST_TTL
         if "job" in held:  # a quantized export: a job of its own, while it is not over
             child = await self.store.get(held["job"])
             if child is None or child.export_of != held["of"]:

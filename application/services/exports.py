@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from application.config import Settings
 from application.exceptions import Conflict, Invalid
 from application.models.job_request import ExportRequest
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
+from application.services import clock
 from application.services.checkpoints import holds_weights, own_checkpoints
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.outbox import until_answered
@@ -83,7 +83,7 @@ def prepare_export(job: Job, settings: Settings, *, auto: bool, checkpoint: str 
         status=ExportStatus.RUNNING, export_id=uuid.uuid4().hex, auto=auto, checkpoint=checkpoint,
         merge_lora=request.merge_lora, output_dir=output_dir,
         command=build_export_command(settings.SWIFT_BIN, checkpoint, exist_ok=exist_ok, output_dir=output_dir),
-        log_file=str(export_log(job)), started_at=time.time(),
+        log_file=str(export_log(job)), started_at=clock.now(),
     )  # fmt: skip
 
 
@@ -150,7 +150,7 @@ async def request_auto_export(store: JobStore, settings: Settings, job_id: str,
     whose record Redis took and whose answer it lost is found by the next: an automatic export recorded since
     the first try began is the one asked for (trying again would find it running, and record a skip that
     never happened)."""
-    since, tried = time.time(), False
+    since, tried = clock.now(), False
 
     async def once() -> ExportInfo | None:
         nonlocal tried

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -34,7 +33,7 @@ from application.config import UPLOADS_DIR, Settings
 from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import FILE_ID_PATTERN, PURPOSES, FileList, FileObject, Purpose
 from application.models.training_model import Job, JobStatus
-from application.services import lua_cluster
+from application.services import clock, lua_cluster
 from application.services.datasets import check_dataset
 from application.services.folder_owners import FolderIndex
 from application.services.job_codec import script_arg
@@ -128,7 +127,7 @@ class FileStore:
         file_id = "file-" + secrets.token_hex(12)
         # Marked before its first byte: whatever a crash from here on leaves, the orphan sweep finds.
         marker = str(folder / file_id)
-        await self.r.zadd(self.keys.uploads_writing, {marker: time.time()})
+        await self.r.zadd(self.keys.uploads_writing, {marker: clock.now()})
         try:
             return await self._write(file_id, folder, chunks, content_type, content_length, caller)
         finally:
@@ -199,7 +198,7 @@ class FileStore:
             raise Invalid(detail.replace(f"'{received.path.name}'", f"'{received.filename}'")) from None
         return FileObject(id=file_id, owner=caller.name, filename=received.filename, purpose=cast(Purpose, purpose),
                           bytes=received.size, sha256=received.sha256, rows=info.rows, rows_exact=info.rows_exact,
-                          format=info.format, created_at=time.time(), path=str(final))  # fmt: skip
+                          format=info.format, created_at=clock.now(), path=str(final))  # fmt: skip
 
     # ---- read -----------------------------------------------------------------------------------------------
 
@@ -280,7 +279,7 @@ class FileStore:
         Only this deployment's uploads are looked at (`Keys.uploads_writing`): a sweep of every file in the
         uploads folders without a record under this REDIS_KEY_PREFIX deleted the uploads of another deployment
         sharing the data root (its records live under its own prefix), and failed its jobs."""
-        markers = await self.r.zrangebyscore(self.keys.uploads_writing, "-inf", time.time() - min_age, start=0,
+        markers = await self.r.zrangebyscore(self.keys.uploads_writing, "-inf", clock.now() - min_age, start=0,
                                              num=limit)  # fmt: skip
         if not markers:
             return []

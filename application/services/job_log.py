@@ -7,14 +7,13 @@ exists (a deleted job gets no new keys) and, for a runner, that it writes into i
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from application.models.training_model import Event, LossPoint
-from application.services import lua
+from application.services import clock, lua
 from application.services.job_codec import encode, event_payload, script_arg
 from application.services.keys import Keys
 from application.services.refusals import TransitionRefused
@@ -35,7 +34,7 @@ class JobLog:
     async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None,
                         *, actor: str = SCHEDULER) -> None:  # fmt: skip
         """An event written by someone other than the run's runner; none once the job is deleted."""
-        await self._append_guarded(job_id, event=event_payload(event_type, message, data, actor, time.time()))
+        await self._append_guarded(job_id, event=event_payload(event_type, message, data, actor, clock.now()))
 
     async def _append_guarded(self, job_id: str, *, event: Mapping[str, str] | None = None,
                               history: Sequence[str] | None = None, replace: bool = False) -> None:  # fmt: skip

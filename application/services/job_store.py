@@ -12,7 +12,6 @@ into words for HTTP is the service layer's job.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from application.models.training_model import (
     JobStatus,
     PredictedDuration,
 )
-from application.services import lua
+from application.services import clock, lua
 from application.services.folder_owners import FolderIndex
 from application.services.job_codec import (
     QueueMeta,
@@ -279,7 +278,7 @@ class JobStore(JobLog):
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
         _not_indexed(fields)
-        now = time.time()
+        now = clock.now()
         res = await self._guarded(keys=[self.keys.job(job_id)], args=[script_arg({
             "fields": encode_fields({**fields, "updated_at": now}),
             "statuses": [s.value for s in statuses] if statuses is not None else None,
@@ -330,7 +329,7 @@ class JobStore(JobLog):
         `uploads` (with `reopen`): the uploaded files it reads, UPLOAD_GONE unless all are still there.
         `refuse_export`: EXPORT_STATE while the job's export is in one of these.
         """
-        now = time.time() if now is None else now
+        now = clock.now() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
         if reopen:
             allowed |= {s for s, targets in REOPENABLE.items() if to in targets}
@@ -392,7 +391,7 @@ class JobStore(JobLog):
         owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
-            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created, "now": repr(time.time()),
+            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created, "now": repr(clock.now()),
             "message": f"deleted by {actor} before it ended" if actor else "deleted before it ended",
             "unended": [s.value for s in JobStatus if not s.is_terminal() and s != JobStatus.RUNNING],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
@@ -408,7 +407,7 @@ class JobStore(JobLog):
         return JobStatus(res[1])
 
     async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
-        now = time.time()
+        now = clock.now()
         k = self.keys
         res = await self._reprioritize(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "priority": json.dumps(priority), "score": repr(queue_score(priority, job.created_at)),

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from application.config import PROJECT_ROOT
 from application.models.training_model import RunnerInfo
+from application.services import clock
 from application.services import process_group as pg
 
 FORGET_AFTER = 600.0  # seconds an ended runner's exit status is kept for the watchdog
@@ -88,7 +89,7 @@ class LocalLauncher:
         self.children[proc.pid] = proc
         self._ended.pop(proc.pid, None)
         return RunnerInfo(host=self.host, pid=proc.pid, start_time=pg.process_start_time(proc.pid),
-                          stamp=pg.process_stamp(proc.pid), launched_at=time.time())  # fmt: skip
+                          stamp=pg.process_stamp(proc.pid), launched_at=clock.now())  # fmt: skip
 
     def exit_status(self, runner: RunnerInfo) -> int | None:
         proc = self.children.get(runner.pid or -1)

@@ -3,11 +3,10 @@ cap itself is counted by the store's create script."""
 
 from __future__ import annotations
 
-import time
-
 from application.auth import Caller
 from application.config import Settings
 from application.exceptions import TooMany
+from application.services import clock
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.keys import Keys
 
@@ -23,7 +22,7 @@ class CreateLimits:
 
     async def read(self, caller: Caller) -> CreateContext:
         """What a create needs from the store (one round trip), once this caller's limits let it through."""
-        now = time.time()
+        now = clock.now()
         rate = None
         if self.rate is not None:
             count, period = self.rate

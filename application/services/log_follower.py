@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from application.models.training_model import PredictedDuration, Progress
+from application.services import clock
 from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Outbox
 from application.utils.log_tail import read_from
@@ -55,7 +55,7 @@ class LogFollower:
             fields["progress"] = progress
             if progress.remaining_seconds is not None:
                 # swift's own estimate beats any prediction made before the run.
-                seconds = round(max(0.0, time.time() - self.started_at) + progress.remaining_seconds, 3)
+                seconds = round(max(0.0, clock.now() - self.started_at) + progress.remaining_seconds, 3)
                 if self.limit is not None:
                     seconds = min(seconds, float(self.limit))
                 fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
@@ -64,7 +64,7 @@ class LogFollower:
         if self.parser.last_checkpoint or result.checkpoints_saved:
             fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
         if result.checkpoints_saved:
-            fields["last_checkpoint_at"] = time.time()  # what a preemption would lose is counted from here
+            fields["last_checkpoint_at"] = clock.now()  # what a preemption would lose is counted from here
         if self.parser.best_checkpoint:
             fields["best_checkpoint"] = self.parser.best_checkpoint
         if self.parser.train_loss is not None:

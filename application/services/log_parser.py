@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from application.models.training_model import Progress
+from application.services import clock
 from application.services.path_sandbox import RealFolder
 from application.services.step_dicts import (
     duration_text,
@@ -98,7 +98,7 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
         data["train_speed"] = 1.0 / ips if ips > 0 else None
     if (mem := finite(d.get("memory(GiB)"))) is not None:
         data["memory_gib"] = mem
-    data["updated_at"] = time.time()
+    data["updated_at"] = clock.now()
     return Progress(**data)
 
 
@@ -122,7 +122,7 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
     rate = finite(m.group("rate"))
     if rate is not None and rate > 0:
         data["train_speed"] = rate if m.group("unit") == "s/it" else 1.0 / rate
-    data["updated_at"] = time.time()
+    data["updated_at"] = clock.now()
     return Progress(**data)
 
 
@@ -383,7 +383,7 @@ class SwiftLogParser:
             # (normalized: a loss printed as nan or inf is None here; swift prints no step dict without one)
             self._diverged = True
             result.diverged_at = key[0]
-        result.history.append(_history_point(d, kind, self._ran_at(d, now or time.time()) if live else None))
+        result.history.append(_history_point(d, kind, self._ran_at(d, now or clock.now()) if live else None))
 
     def _ran_at(self, d: dict[str, Any], now: float) -> float:
         """When a step ran: the trainer's start plus the step's elapsed time (not when its line was read, which

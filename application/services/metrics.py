@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from application.services import clock
 from application.services.cluster_store import STALE_READING_SECONDS, ClusterStore
 from application.services.job_store import JobStore
 
@@ -108,11 +109,11 @@ async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
     fams.append(jobs)
     fams.append(GaugeMetricFamily("swift_api_queue_length", "Jobs waiting in the GPU queue",
                                   value=float(state.queue_length)))  # fmt: skip
-    wait = time.time() - state.oldest_queued_at if state.oldest_queued_at is not None else 0.0
+    wait = clock.now() - state.oldest_queued_at if state.oldest_queued_at is not None else 0.0
     fams.append(GaugeMetricFamily("swift_api_queue_oldest_wait_seconds", "How long the oldest queued job has waited",
                                   value=max(0.0, wait)))  # fmt: skip
     taken = float((state.snapshot or {}).get("taken_at") or 0.0)
-    age = max(0.0, time.time() - taken) if taken else None
+    age = max(0.0, clock.now() - taken) if taken else None
     if age is not None:
         fams.append(GaugeMetricFamily("swift_api_gpu_reading_age_seconds", "How old the GPU reading is: a leading "
                                       "scheduler publishes one every few seconds", value=age))  # fmt: skip

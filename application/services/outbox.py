@@ -17,6 +17,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.models.training_model import JobStatus
+from application.services import clock
 from application.services.job_codec import event_payload
 from application.services.job_store import SCHEDULER, JobStore, Refusal, TransitionRefused
 from application.services.run_record import end_recorded
@@ -49,7 +50,7 @@ class Outbox:
 
     def event(self, event_type: str, message: str, data: dict[str, Any] | None = None) -> None:
         # Timed now, not when Redis takes it (maybe after an outage).
-        self.events.append(event_payload(event_type, message, data, SCHEDULER, time.time()))
+        self.events.append(event_payload(event_type, message, data, SCHEDULER, clock.now()))
 
     @property
     def pending(self) -> bool:

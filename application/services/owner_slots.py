@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.exceptions import TooMany
-from application.services import lua_cluster
+from application.services import clock, lua_cluster
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -55,7 +55,7 @@ class Slot:
                 self.renew_at = now + self.slots.ttl / 3
                 try:
                     async with self.slots.r.pipeline(transaction=False) as pipe:
-                        pipe.zadd(self.key, {self.id: time.time() + self.slots.ttl}, xx=True, ch=True)
+                        pipe.zadd(self.key, {self.id: clock.now() + self.slots.ttl}, xx=True, ch=True)
                         pipe.pexpire(self.key, int(self.slots.ttl * 1000))
                         renewed, _ = await pipe.execute()
                     if not renewed:
@@ -92,7 +92,7 @@ class OwnerSlots:
         return slot
 
     async def claim(self, slot: Slot) -> None:
-        now = time.time()
+        now = clock.now()
         held = int(await self._take(keys=[slot.key], args=[script_arg({
             "id": slot.id, "now": now, "expires": now + self.ttl, "cap": self.cap, "ttl_ms": int(self.ttl * 1000),
         })]))  # fmt: skip

@@ -4,12 +4,12 @@ create, start and resume answers, GET .../status, /queue/{id}/status)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from application.models.job_responses import WaitEstimate
 from application.models.training_model import PendingReason
+from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, Planner, pending_reason, wait_estimate
@@ -65,7 +65,7 @@ class Placement:
             if position > ESTIMATE_WINDOW or stopped is not None:
                 # The estimate simulates the queue ahead: past this many nobody can tell, and while no pass runs
                 # (no scheduler, or its switch is off) no wait can be told at all.
-                reason = pending_reason(Reason("priority"), time.time(), stopped)
+                reason = pending_reason(Reason("priority"), clock.now(), stopped)
                 return QueueInfo(position, None, reason)
             if view is None:
                 fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
@@ -79,7 +79,7 @@ class Placement:
             # now.
             position = await self.store.queue_position(job_id)
         return QueueInfo(position, wait_estimate(forecast.waits.get(job_id)),
-                         pending_reason(forecast.reasons.get(job_id), time.time(), stopped))  # fmt: skip
+                         pending_reason(forecast.reasons.get(job_id), clock.now(), stopped))  # fmt: skip
 
     async def queued_message(self, reason: PendingReason | None) -> str:
         """What a start (or resume) that queued its job answers."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from application.runner import CLAIMED, STARTED
+from application.services import clock
 from application.utils.log_files import open_in_place, replace_in_place
 
 START_TIME_TOLERANCE = 0.5
@@ -159,7 +160,7 @@ def write_exit_file(path: Path, code: int) -> str | None:
     the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
     that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1"."""
     try:
-        replace_in_place(path, json.dumps({"exit_code": code, "finished_at": time.time(), "pid": os.getpid()}).encode())
+        replace_in_place(path, json.dumps({"exit_code": code, "finished_at": clock.now(), "pid": os.getpid()}).encode())
     except OSError as exc:
         return f"{exc.strerror or exc} ({path})"
     return None

@@ -7,13 +7,12 @@ reading the scheduler published, to answer "would this start now?" and "how long
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 from application.config import Settings
 from application.models.job_responses import WaitEstimate
 from application.models.training_model import PendingReason
-from application.services import preemption
+from application.services import clock, preemption
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_codec import QueueMeta
 from application.services.job_store import JobStore
@@ -67,7 +66,7 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
     running: list[RunningJob] = []
     rows = await store.get_fields(running_ids, ["gpu_ids", "predicted_duration", "started_at", "time_limit_seconds",
                                                 "owner", *ENDING])  # fmt: skip
-    now = time.time()
+    now = clock.now()
     for job_id, (gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,
                                                                                            strict=True):  # fmt: skip
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
@@ -121,7 +120,7 @@ class Planner:
             if queue_length != 0:  # an empty queue needs no read
                 queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
             ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
-            found = plan(ranked, view.gpus, view.running, self.policy, time.time(), estimating=False, head=head)
+            found = plan(ranked, view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
             # Later jobs rank lower and cannot change the decisions for this prefix: look further only
             # while GPUs stay free after it.
             used = {i for s in found.starts for i in s.gpu_ids}
@@ -135,7 +134,7 @@ class Planner:
         deep = await self._cpu_only_past(len(queue), {q.job_id for q in ranked})
         if not deep:
             return found
-        return plan([*ranked, *deep], view.gpus, view.running, self.policy, time.time(), estimating=False, head=head)
+        return plan([*ranked, *deep], view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
 
     async def _cpu_only_past(self, read: int, seen: set[str]) -> list[QueuedJob]:
         """The CPU-only jobs of one page of the queue past the `read` jobs planned, a further page each pass
@@ -150,7 +149,7 @@ class Planner:
         """The plan for the first `upto` queued jobs (waits and why each waits); past ESTIMATE_WINDOW nobody
         can tell (they get no entry)."""
         queue = await queued(self.store, min(upto, ESTIMATE_WINDOW))
-        found = plan(queue, view.gpus, view.running, self.policy, time.time(), head=head)
+        found = plan(queue, view.gpus, view.running, self.policy, clock.now(), head=head)
         if self.settings.PREEMPTION and found.head is not None:
             await self._preempting(found, queue, view)
         return found
@@ -164,7 +163,7 @@ class Planner:
         if waiting is None or reason is None or reason.code not in ("resources", "reservation"):
             return
         rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
-        now = time.time()
+        now = clock.now()
         running, under_way = preemption.candidates(view.running, rows, now)
         making_way = [r.job_id for r, (*_, way) in zip(view.running, rows, strict=True)
                       if way and json.loads(way) == waiting.job_id]  # fmt: skip

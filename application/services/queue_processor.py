@@ -25,7 +25,7 @@ from loguru import logger
 
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
-from application.services import preemption
+from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
@@ -201,7 +201,7 @@ class QueueProcessor:
                 found = await self.planner.plan(view, head=head)
                 starts = found.starts
                 head_id = found.head
-                kept = next_head(head, found.head, time.time())
+                kept = next_head(head, found.head, clock.now())
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
             started: list[str] = []
@@ -226,7 +226,7 @@ class QueueProcessor:
             s = self.stats
             s.passes += 1
             s.jobs_started += len(started)
-            s.last_pass_at = time.time()
+            s.last_pass_at = clock.now()
             s.last_pass_ms = (time.perf_counter() - started_at) * 1000
             if started:
                 s.last_started = started
@@ -254,7 +254,7 @@ class QueueProcessor:
         # Whether a run is ending (asked to stop or pause, or past its time limit) and when it started come with
         # the view; what only preemption needs is read here.
         rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
-        now = time.time()
+        now = clock.now()
         candidates, under_way = preemption.candidates(view.running, rows, now)
         if under_way:
             return []
@@ -343,7 +343,7 @@ class QueueProcessor:
         env = visible_env(gpu_env)
         where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
-        now = time.time()
+        now = clock.now()
         attempt = Attempt(number=number, run_id=run_id, started_at=now, resumed_from=resume, first_step=step,
                           gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
         if job.attempts:
@@ -392,7 +392,7 @@ class QueueProcessor:
             error = str(exc) if isinstance(exc, PathMoved) else launch_error(exc, log_dir)
             code = exc.code if isinstance(exc, PathMoved) else "launch"
             # The attempt ends here too: left open, the job's page showed it running beside a failed job.
-            ended = attempt.model_copy(update={"finished_at": time.time(), "outcome": "failed", "error_code": code,
+            ended = attempt.model_copy(update={"finished_at": clock.now(), "outcome": "failed", "error_code": code,
                                                "error_message": error})  # fmt: skip
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
                                         fields={"error_message": error, "error_code": code,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
 from application.auth import Caller
 from application.exceptions import ApiError, Conflict, refused
 from application.models.training_model import JobStatus
+from application.services import clock
 from application.services.cluster_store import reading_error
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
@@ -43,7 +43,7 @@ class QueueService:
         )  # fmt: skip
         forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
                                                self.store.queued_since([q.job_id for q in queue]))  # fmt: skip
-        now = time.time()
+        now = clock.now()
         entries = [
             {
                 "position": offset + i + 1,
@@ -124,7 +124,7 @@ class QueueService:
         return {
             "job_id": job_id, "queued": True, "status": job.status.value, "queue_position": info.position or position,
             "jobs_ahead": (info.position or position) - 1, "priority": job.priority, "num_gpus": job.num_gpus,
-            "waited_seconds": round(time.time() - (job.queued_at or job.created_at), 3),
+            "waited_seconds": round(max(0.0, clock.now() - (job.queued_at or job.created_at)), 3),
             "estimated_wait_time": info.estimate, "pending_reason": info.reason,
             "predicted_duration": job.predicted_duration,
         }  # fmt: skip

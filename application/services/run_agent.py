@@ -39,6 +39,7 @@ from application.models.training_model import (
     Progress,
     RunnerInfo,
 )
+from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.exports import export_escape, merged_path, request_auto_export, run_again, while_running
@@ -67,7 +68,7 @@ HOST_SHUTDOWN = "the shutdown of its host"
 def me() -> RunnerInfo:
     pid = os.getpid()
     return RunnerInfo(host=socket.gethostname(), pid=pid, start_time=pg.process_start_time(pid),
-                      stamp=pg.process_stamp(pid), launched_at=time.time())  # fmt: skip
+                      stamp=pg.process_stamp(pid), launched_at=clock.now())  # fmt: skip
 
 
 RERUN_MARK = b"---- swift-api: this export runs again from the start; above is the output of its run cut short ----\n"
@@ -128,7 +129,7 @@ class Runner:
     async def _tick(self, kind: str, ident: str) -> RunnerTick | None:
         self.beaten.add(ident)
         beat = {"run_id": self.run_id, "kind": kind, "id": ident, "host": self.info.host, "pid": self.info.pid,
-                "at": time.time()}  # fmt: skip
+                "at": clock.now()}  # fmt: skip
         try:
             return await self.cluster.runner_tick(self.job_id, beat, self.settings.RUNNER_HEARTBEAT_TTL)
         except RedisError:
@@ -171,7 +172,7 @@ class Runner:
         await self._tick("train", self.run_id)  # at once: the first look at the log is a poll interval away
         outbox = Outbox(self.store, self.job_id, self.run_id)
         launched = job.runner.launched_at if job.runner else self.info.launched_at
-        outbox.set(runner=self.info.model_copy(update={"launched_at": launched, "ready_at": time.time()}))
+        outbox.set(runner=self.info.model_copy(update={"launched_at": launched, "ready_at": clock.now()}))
         log_file = Path(job.log_file or Path(job.output_dir) / "logs" / f"{job.job_id}.train.log")
         exit_file = log_file.with_suffix(".exit.json")
         try:
@@ -190,7 +191,7 @@ class Runner:
             else:
                 error, kind = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run " \
                     "./install_all.sh", "launch"  # fmt: skip
-            fields = {"error_message": error, "error_code": kind, "finished_at": time.time()}
+            fields = {"error_message": error, "error_code": kind, "finished_at": clock.now()}
             await outbox.finish(JobStatus.FAILED, fields, f"training failed: {error}")
             return 1
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
@@ -198,13 +199,13 @@ class Runner:
         where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
         outbox.set(pid=proc.pid, process_start_time=start_time, process_stamp=pg.process_stamp(proc.pid))
         outbox.event("process_started", f"swift started (pid {proc.pid}) on {where}",
-                     {"pid": proc.pid, "at": proc.started_at})  # fmt: skip
-        parser = SwiftLogParser(started_at=start_time, root=job.output_dir)
+                     {"pid": proc.pid, "at": clock.from_local(proc.started_at)})  # fmt: skip
+        parser = SwiftLogParser(started_at=clock.from_local(start_time), root=job.output_dir)
         if job.progress.current_step:
             # A resumed run: swift's bar starts again at 0 until the first new step; from the checkpoint's step
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
             parser.progress = job.progress
-        started_at = job.started_at or time.time()
+        started_at = job.started_at or clock.now()
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[tuple[str, float]] | None = None
         stop_requested = pause_requested = timed_out = orphaned = False
@@ -217,7 +218,7 @@ class Runner:
             if exited and not recorded:
                 if unwritten := pg.write_exit_file(exit_file, _returncode(proc)):
                     logger.warning("job {}: swift's exit status not written beside its log: {}", self.job_id, unwritten)
-                recorded, ended_at = True, time.time()  # (the end's time: Redis may keep the runner long after)
+                recorded, ended_at = True, clock.now()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
             tick = await self._tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
@@ -228,7 +229,7 @@ class Runner:
                 preempt_for = preempt_for or tick.preempt_for
             interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
             if limit is not None and not exited and not timed_out and stopping is None and interrupt is None and \
-                    time.time() - started_at > limit:  # fmt: skip
+                    clock.now() - started_at > limit:  # fmt: skip
                 timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
                 outbox.event("time_limit", f"time limit of {format_limit(limit)} reached: stopping the run",
                              {"time_limit_seconds": limit})  # fmt: skip
@@ -296,7 +297,7 @@ class Runner:
             if end.status == JobStatus.COMPLETED and first_run and training:
                 # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should
                 # already predict the jobs waiting behind this one from what it just took.
-                await self._learn(job, time.time() - started_at, facts.progress, facts.train_runtime)
+                await self._learn(job, clock.now() - started_at, facts.progress, facts.train_runtime)
             recorded = await outbox.finish(end.status, end.fields, end.message)
         if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
@@ -358,7 +359,7 @@ class Runner:
             linked = linked_log(log_file)
             error = escape or (linked if is_linked(exc) else f"could not start swift: {exc}")
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": error,
-                                             "finished_at": time.time()})  # fmt: skip
+                                             "finished_at": clock.now()})  # fmt: skip
             await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
             return 1
         info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid),
@@ -389,7 +390,7 @@ class Runner:
             tail = await asyncio.to_thread(functools.partial(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE,
                                                              line_chars=STORED_LINE_CHARS, in_place=True))  # fmt: skip
             merged = parser.merged_path or merged_path(info)
-            update: dict[str, Any] = {"exit_code": code, "finished_at": time.time()}
+            update: dict[str, Any] = {"exit_code": code, "finished_at": clock.now()}
             event: tuple[str, str, dict[str, Any]]
             if code == 0:
                 update |= {"status": ExportStatus.COMPLETED, "path": merged}
@@ -444,7 +445,7 @@ class Runner:
 async def _end_group(pgid: int, grace: float) -> tuple[str, float]:
     """`pg.terminate_group`'s outcome, and when the group was gone: the run's end, when its GPUs came back."""
     outcome = await pg.terminate_group(pgid, grace)
-    return outcome, time.time()
+    return outcome, clock.now()
 
 
 def _returncode(proc: pg.Child) -> int:
@@ -455,6 +456,7 @@ def _returncode(proc: pg.Child) -> int:
 
 async def _main(args: argparse.Namespace, settings: Settings, early: pg.Child | OSError | None) -> int:
     client = create_client(settings, redis_url(settings))
+    await clock.sync(client)  # (Redis not answering yet: this host's clock until it does)
     keys = Keys(settings.REDIS_KEY_PREFIX)
     store = JobStore(client, keys, events_max=settings.EVENTS_MAX_PER_JOB, history_max=settings.LOSS_HISTORY_LIMIT)
     runner = Runner(settings, store, ClusterStore(client, keys), args.job_id, args.run_id)

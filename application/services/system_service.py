@@ -17,6 +17,7 @@ from urllib.parse import quote
 import psutil
 
 from application import __version__
+from application.services import clock
 from application.services.cluster_store import reading_error
 from application.services.redis_service import RedisService
 from application.services.training_service import NO_READING, TrainingService, snapshot_of
@@ -72,7 +73,7 @@ class SystemService:
             entry = g.to_dict()
             entry["job_id"] = leases.get(g.index)
             gpus.append(entry)
-        error = reading_error(snapshot, time.time())
+        error = reading_error(snapshot, clock.now())
         return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": error,
                 "taken_at": snapshot.taken_at or None, "gpus": gpus,
                 "summary": gpu_summary(snapshot, error)}  # fmt: skip
@@ -96,7 +97,7 @@ class SystemService:
     def _scheduler(state: dict[str, Any]) -> dict[str, Any]:
         leader = state["leader"]
         snapshot = state["gpus"]
-        age = time.time() - float(snapshot.get("taken_at") or 0) if snapshot else None
+        age = clock.now() - float(snapshot.get("taken_at") or 0) if snapshot else None
         return {
             "ok": leader is not None,
             "leader": leader.scheduler_id if leader else None,
@@ -128,7 +129,7 @@ class SystemService:
                      "policy": settings.QUEUE_POLICY.value}  # fmt: skip
         return {
             **stats,
-            "gpus": gpu_summary(snapshot, reading_error(snapshot, time.time())),
+            "gpus": gpu_summary(snapshot, reading_error(snapshot, clock.now())),
             "jobs": counts,
             "queue_length": await self.service.store.queue_length() if state else None,
             "redis": redis,

@@ -32,6 +32,7 @@ from application.models.job_responses import (
     StatusResponse,
 )
 from application.models.training_model import ExportStatus, Job, JobStatus
+from application.services import clock
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
@@ -213,7 +214,7 @@ class TrainingService:
             named = req.training.model_dump(include=set(TrainingParams.model_fields))
             training = TrainingParams.model_validate({**named, **checked.arguments})
         base_id = req.job_id or job_id_from(checked.output_dir)
-        now = time.time()
+        now = clock.now()
         job = Job(
             job_id=base_id, status=JobStatus.PENDING, priority=req.priority, owner=caller.name,
             data_path=checked.data_path, model_path=checked.model_path, output_dir=str(checked.output_dir),
@@ -375,7 +376,7 @@ class TrainingService:
         return StatusResponse(
             job_id=job.job_id, status=job.status, priority=job.priority, gpu_ids=job.gpu_ids, progress=job.progress,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            duration_seconds=job.duration_seconds(time.time()), error_message=job.error_message,
+            duration_seconds=job.duration_seconds(clock.now()), error_message=job.error_message,
             error_code=job.error_code, export=job.export, queue_position=info.position,
             estimated_wait_time=info.estimate, pending_reason=info.reason, time_limit_seconds=job.time_limit_seconds,
             predicted_duration=job.predicted_duration,

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
+from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.exports import merged_path, request_auto_export, run_again, settle, while_running
@@ -151,7 +152,7 @@ class Watchdog:
         beating = bool(beat and beat.get("run_id") == job.run_id)
         if job.runner is None:
             # Launched but not recorded yet, or never launched (the scheduler died in between).
-            age = time.time() - (job.started_at or 0)
+            age = clock.now() - (job.started_at or 0)
             if age < 0:  # stamped by a scheduler whose clock is ahead of this one's: counted from first sight
                 age = time.monotonic() - self._unlaunched.setdefault(job.run_id or "", time.monotonic())
             return beating or age < RUNNER_START_GRACE
@@ -231,9 +232,10 @@ class Watchdog:
         # Stamped with when the run ended, as its runner would have, not with when this scheduler noticed (hours
         # later, after a scheduler outage): the exit record's time, else swift's last write to its log for a run
         # that got to its end.
-        ended_at = exited_at or (finished and await asyncio.to_thread(_modified, log_file)) or time.time()
+        modified = await asyncio.to_thread(_modified, log_file) if finished else None
+        ended_at = exited_at or (modified and clock.from_local(modified)) or clock.now()
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
-                         override=lost if unexplained and interrupt is None else None, now=min(ended_at, time.time()),
+                         override=lost if unexplained and interrupt is None else None, now=min(ended_at, clock.now()),
                          keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         try:
             await self._record_end(job, end)
@@ -330,7 +332,7 @@ class Watchdog:
             return
         if info.runner is None:
             if job.export_stop_requested:  # stopped before any scheduler launched it: it is not run at all
-                stopped = info.model_copy(update={"status": ExportStatus.STOPPED, "finished_at": time.time(),
+                stopped = info.model_copy(update={"status": ExportStatus.STOPPED, "finished_at": clock.now(),
                                                   "error": "export stopped on request before it started"})  # fmt: skip
                 await self._write_export(job.job_id, info.export_id, stopped,
                                          ("export_stopped", stopped.error or "", None), runner=None,
@@ -381,7 +383,7 @@ class Watchdog:
         if code == 0:  # its runner died after swift's success, before it recorded it
             status, error = ExportStatus.COMPLETED, None
             update["path"] = merged_path(info)
-        ended = info.model_copy(update={"status": status, "error": error, "finished_at": time.time(),
+        ended = info.model_copy(update={"status": status, "error": error, "finished_at": clock.now(),
                                         "exit_code": code, **update})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
                                  runner=runner, done=True)  # fmt: skip
@@ -399,7 +401,7 @@ class Watchdog:
             runner = await self.launcher.launch(job.job_id, job.run_id or "-", Path(job.output_dir) / "logs",
                                                 export_id=info.export_id)  # fmt: skip
         except OSError as exc:
-            failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": time.time(),
+            failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": clock.now(),
                                              "error": f"the export's runner could not be started: {exc}"})  # fmt: skip
             await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
                                      runner=None, done=True)  # fmt: skip
@@ -434,7 +436,7 @@ class Watchdog:
         if days <= 0:
             return []
         removed = []
-        for job_id in await self.store.expired(time.time() - days * 86400, batch):
+        for job_id in await self.store.expired(clock.now() - days * 86400, batch):
             job = await self.store.get(job_id)
             if job is None or not job.status.is_terminal():
                 continue  # gone, or resumed since (it leaves the expiry set)

@@ -11,7 +11,6 @@ NVML indices are physical (PCI bus order) and ignore CUDA_VISIBLE_DEVICES, as nv
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pynvml
 from loguru import logger
 
+from application.services import clock
 from application.setting_values import parse_simulated_gpus
 from application.utils.gpu_types import MIB, SIMULATE_HINT, GpuInfo, GpuInventory, GpuProcess, GpuSnapshot
 from application.utils.nvml_inventory import (
@@ -46,7 +46,7 @@ class NoGpuInventory:
         self.reason = reason
 
     def snapshot(self) -> GpuSnapshot:
-        return GpuSnapshot(self.backend, (), self.reason, None, time.time())
+        return GpuSnapshot(self.backend, (), self.reason, None, clock.now())
 
     def link_score(self, a: int, b: int) -> int | None:
         return None

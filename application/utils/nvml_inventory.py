@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -12,6 +11,7 @@ import psutil
 import pynvml
 from loguru import logger
 
+from application.services import clock
 from application.utils.gpu_types import MIB, GpuInfo, GpuProcess, GpuSnapshot, unreadable_gpu
 
 # Higher is a better path between two GPUs. NVLink and a shared board both avoid PCIe entirely;
@@ -97,7 +97,7 @@ class NvmlInventory:
                 return self._snapshot_locked()
         except Exception as exc:  # a bug here must still not break the caller's poll loop
             logger.exception("GPU snapshot failed")
-            return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, time.time())
+            return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, clock.now())
 
     def link_score(self, a: int, b: int) -> int | None:
         if a == b or not (0 <= a < self._count and 0 <= b < self._count):
@@ -131,7 +131,7 @@ class NvmlInventory:
 
     def _snapshot_locked(self) -> GpuSnapshot:
         if self._closed:
-            return GpuSnapshot(self.backend, (), "GPU inventory is closed", self._driver_version, time.time())
+            return GpuSnapshot(self.backend, (), "GPU inventory is closed", self._driver_version, clock.now())
         gpus: list[GpuInfo] = []
         problems: list[str] = []
         for index in range(self._count):
@@ -157,7 +157,7 @@ class NvmlInventory:
         if error != self._last_error and error is not None:
             logger.warning("GPU inventory: {}", error)
         self._last_error = error
-        return GpuSnapshot(self.backend, tuple(gpus), error, self._driver_version, time.time())
+        return GpuSnapshot(self.backend, tuple(gpus), error, self._driver_version, clock.now())
 
     def _handle(self, index: int) -> Any:
         handle = self._handles.get(index)

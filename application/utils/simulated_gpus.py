@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from loguru import logger
 
+from application.services import clock
 from application.utils.gpu_types import SIMULATE_HINT, GpuInfo, GpuProcess, GpuSnapshot, unreadable_gpu
 
 SIMULATED_LINK_SCORE = 1
@@ -143,10 +143,10 @@ class SimulatedInventory:
                 gpus = tuple(unreadable_gpu(i, self._gpu(i, None), file_error) for i in range(self.count))
             else:
                 gpus = tuple(self._gpu(i, usage.get(i)) for i in range(self.count))
-            return GpuSnapshot(self.backend, gpus, error, None, time.time())
+            return GpuSnapshot(self.backend, gpus, error, None, clock.now())
         except Exception as exc:  # the contract is never to raise
             logger.exception("simulated GPU snapshot failed")
-            return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, time.time())
+            return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, clock.now())
 
     def link_score(self, a: int, b: int) -> int | None:
         if a == b or not (0 <= a < self.count and 0 <= b < self.count):

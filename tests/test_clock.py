@@ -1,0 +1,79 @@
+"""One clock across hosts: an API role on a host whose clock is two minutes off the scheduler's host still
+shows true ages, durations and waits, and holds the per-owner caps with the others (services/clock.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT, ApiServer, job_body, wait_for
+
+SKEWED = str(ROOT / "tests" / "skewed_clock")
+
+
+def _api_off_by(server_factory: Callable[..., ApiServer], leader: ApiServer, seconds: float) -> ApiServer:
+    return server_factory(prefix=leader.prefix, role="api", env={
+        "PYTHONPATH": SKEWED, "SWIFT_API_TEST_CLOCK_SKEW": str(seconds), "STREAMS_PER_OWNER": "1"})  # fmt: skip
+
+
+def test_api_roles_on_hosts_whose_clocks_are_off_show_true_ages_durations_and_waits_and_share_the_caps(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # Each compared the times other hosts wrote with its own clock: ahead, it called a live scheduler's GPU
+    # reading 120 s old and took an owner's last stream (cutting the other host's off); behind, it showed a
+    # running job's duration and a queued job's wait as negative (hunt).
+    leader = server_factory(env={"SIMULATED_GPUS": "1x80", "STREAMS_PER_OWNER": "1"})
+    ahead, behind = _api_off_by(server_factory, leader, 120), _api_off_by(server_factory, leader, -120)
+    assert "this host's clock is +120." in ahead.server_log() and "is -120." in behind.server_log()
+    for api in (ahead, behind):
+        gpus = api.http.get("/health").json()["scheduler"]["gpu_reading_age_seconds"]
+        assert 0 <= gpus < 30, gpus
+        assert api.http.get("/gpus").json().get("error") is None
+    before = time.time()
+    r = behind.create(**job_body(workspace, "hog", auto_start=True, hang_after_steps=1))
+    assert r.status_code == 201, r.text
+    assert abs(behind.job("hog")["created_at"] - before) < 30  # stamped on the shared clock, not 120 s back
+    leader.wait_status("hog", "running")
+    r = behind.create(**job_body(workspace, "next", auto_start=True, training={"max_steps": 2}))
+    assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+    for api in (ahead, behind):
+        duration = api.http.get("/jobs/hog/status").json()["duration_seconds"]
+        assert 0 <= duration < 60, duration
+        waited = api.http.get("/queue/next/status").json()["waited_seconds"]
+        assert 0 <= waited < 60, waited
+    # One stream per owner over every host: the one ahead may not take a second, nor end the first.
+    with httpx.Client(base_url=leader.base, timeout=30) as first, \
+            first.stream("GET", "/jobs/hog/events/stream") as held:  # fmt: skip
+        assert held.status_code == 200
+        wait_for(lambda: ahead.http.get("/jobs/hog/events/stream", timeout=5).status_code == 429,
+                 timeout=10, what="the host ahead to count the stream held elsewhere")  # fmt: skip
+        assert leader.http.post("/jobs/hog/stop").status_code == 200
+        lines = [line for line in held.iter_lines() if line.startswith("data:")]
+        assert any('"stopped"' in line for line in lines), lines[-5:]
+
+
+async def test_the_clock_counts_on_from_redis_time_and_keeps_its_anchor_while_redis_is_away(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from application.services.clock import Clock
+
+    clock = Clock()
+    assert abs(clock.now() - time.time()) < 0.01  # (no reading yet: this host's clock)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await clock.sync(client)
+        seconds, micros = await client.time()
+        assert abs(clock.now() - (seconds + micros / 1e6)) < 0.05  # (one host here: the same clock)
+        assert abs(clock.from_local(1000.0) - 1000.0) < 0.05
+    finally:
+        await client.aclose()
+    away = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    try:
+        anchored = clock.now()
+        assert not await clock.sync(away)
+        assert 0 <= clock.now() - anchored < 5  # the anchor stands
+    finally:
+        await away.aclose()
