@@ -208,3 +208,31 @@ def test_a_launch_on_a_full_or_read_only_disk_says_which_folder_and_what_to_chan
     assert (
         "cannot be written (/srv/out/j/logs: Permission denied)" in locked and "OUTPUT_ROOT must be writable" in locked
     )
+
+
+async def test_a_start_asked_for_a_cpu_job_past_the_planned_window_starts_it_with_the_processor_off(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pass plans the first WINDOW queued jobs (and one deeper page for CPU-only ones, a further one each
+    # pass): a CPU-only job's own start (auto_start, POST .../start) past them started nothing, and with the
+    # processor off it never started (hunt: 19,600 queued).
+    from application.services import queue_planner
+
+    monkeypatch.setattr(queue_planner, "WINDOW", 2)
+    monkeypatch.setattr(queue_planner, "DEEP_PAGE", 2)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "hog", auto_start=True,
+                                                         hang_after_steps=1))).status_code == 201  # fmt: skip
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        for n in range(6):
+            r = await client.post("/jobs", json=job_body(tmp_path, f"gpu-{n}", auto_start=True))
+            assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        cpu: dict[str, Any] = {"num_gpus": 0, "training": {"torch_dtype": "float32", "max_steps": 2}}
+        r = await client.post("/jobs", json=job_body(tmp_path, "cpu-auto", auto_start=True, **cpu))
+        assert r.status_code == 201 and r.json()["status"] == "running", r.text
+        assert (await client.post("/jobs", json=job_body(tmp_path, "cpu-later", **cpu))).status_code == 201
+        r = await client.post("/jobs/cpu-later/start")
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        assert (await client.get("/jobs/gpu-5")).json()["status"] == "queued"  # (only the jobs asked for)

@@ -443,7 +443,10 @@ class JobStore(JobLog):
         return None if rank is None else int(rank) + 1
 
     async def queue_window(self, start: int, count: int) -> list[tuple[str, QueueMeta]]:
-        ids = await self.r.zrange(self.keys.queue, start, start + count - 1)
+        return await self.queue_entries(await self.r.zrange(self.keys.queue, start, start + count - 1))
+
+    async def queue_entries(self, ids: list[str]) -> list[tuple[str, QueueMeta]]:
+        """What the planner needs of these jobs, those of them queued (in the order given)."""
         if not ids:
             return []
         metas = await self.r.hmget(self.keys.queue_meta, ids)

@@ -110,10 +110,11 @@ class Planner:
 
     async def plan(
         self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None,
-        head: Head | None = None,
+        head: Head | None = None, wanted: set[str] | None = None,
     ) -> Plan:  # fmt: skip
         """What a pass would start now (and the queue's head). `extra` (a job not stored yet) is ranked among
-        the queue; `head` is the head as kept from earlier passes (`ClusterStore.queue_head`)."""
+        the queue; `head` is the head as kept from earlier passes (`ClusterStore.queue_head`); `wanted` are jobs
+        a user asked to start, planned behind the window when they lie past it."""
         queue: list[QueuedJob] = []
         size = WINDOW
         while True:
@@ -131,10 +132,16 @@ class Planner:
         # (`extra`'s own fate does not hang on CPU-only jobs: they take no GPU.)
         if extra is not None or len(queue) < size or (queue_length is not None and queue_length <= len(queue)):
             return found
-        deep = await self._cpu_only_past(len(queue), {q.job_id for q in ranked})
-        if not deep:
+        seen = {q.job_id for q in ranked}
+        deep = await self._cpu_only_past(len(queue), seen)
+        # A start asked for (POST .../start, auto_start) of a job past the window: a CPU-only one started only
+        # when the deep page came round to it (18 passes at 20,000 queued), and never with the processor off.
+        asked = [as_queued(job_id, meta) for job_id, meta in await self.store.queue_entries(
+            sorted((wanted or set()) - seen - {q.job_id for q in deep}))]  # fmt: skip
+        if not deep and not asked:
             return found
-        return plan([*ranked, *deep], view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
+        behind = sorted([*deep, *asked], key=_rank)
+        return plan([*ranked, *behind], view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
 
     async def _cpu_only_past(self, read: int, seen: set[str]) -> list[QueuedJob]:
         """The CPU-only jobs of one page of the queue past the `read` jobs planned, a further page each pass

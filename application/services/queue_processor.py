@@ -198,7 +198,7 @@ class QueueProcessor:
             head_id: str | None = None
             if await self.store.queue_length():
                 head = await self.cluster.queue_head()
-                found = await self.planner.plan(view, head=head)
+                found = await self.planner.plan(view, head=head, wanted=only)
                 starts = found.starts
                 head_id = found.head
                 kept = next_head(head, found.head, clock.now())

@@ -301,6 +301,8 @@ class TrainingService:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
         when its GPUs are free: at once when they are now."""
         job = await self.require(job_id, caller)
+        if job.status not in (JobStatus.PENDING, JobStatus.QUEUED):
+            raise _not_startable(job)
         if job.status == JobStatus.PENDING:
             # The GPUs may have changed since its create checked them (a restart with fewer): queued, it waited
             # for ever.
@@ -324,14 +326,11 @@ class TrainingService:
                 # it already (a pending job has never run: only a start since this one's read did that). Answered
                 # as that start is, not a 409 that says it cannot be started.
                 return await self._answer_start(job_id, job.created_at)
-            # An explicit start: the leader makes a pass for this job now, even with the processor switched off.
-            if await self.cluster.leader() is not None:
-                await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
-            return await self._answer_start(job_id, job.created_at, just_queued=True)
-        if job.status == JobStatus.QUEUED:
-            await self.cluster.publish_wakeup(job_id)
-            return await self._answer_start(job_id, job.created_at)
-        raise _not_startable(job)
+        # An explicit start, of a pending or a queued job: the leader makes a pass for it now, even with the
+        # processor switched off or the job deep in a long queue (a wake-up alone started neither).
+        if await self.cluster.leader() is not None:
+            await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
+        return await self._answer_start(job_id, job.created_at, just_queued=job.status == JobStatus.PENDING)
 
     async def _answer_start(self, job_id: str, created_at: float, just_queued: bool = False) -> ActionResponse:
         """Where a started job stands now, read again: running, queued (where, and why it waits), or failed to
