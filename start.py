@@ -345,9 +345,13 @@ def main() -> None:
             f"swift-api: the {role} role needs the Redis the other roles use: set REDIS_URL (or REDIS_HOST), "
             "or start everything with `python start.py`, which runs an embedded redis-server for all of them"
         )
-    if not settings.uses_embedded_redis and (why := check_redis_access(settings, redis_url(settings))):
-        print(f"swift-api: {why}", file=sys.stderr)
-        sys.exit(2)
+    if not settings.uses_embedded_redis:
+        why, warnings = check_redis_access(settings, redis_url(settings))
+        if why:
+            print(f"swift-api: {why}", file=sys.stderr)
+            sys.exit(2)
+        for line in warnings if not settings.DIE_WITH_PARENT else ():  # (said once, by the start.py that was run)
+            print(f"swift-api: warning: {line}", file=sys.stderr)
     if role == "api":
         _check_listen(settings)
         serve_api(settings)

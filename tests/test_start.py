@@ -331,3 +331,37 @@ def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> No
         assert start.told_to_stop.is_set() and supervisor.should_exit.is_set()
     finally:
         start.told_to_stop.clear()
+
+
+def test_a_redis_that_would_lose_jobs_is_warned_of_at_start(tmp_path: Path) -> None:
+    # With allkeys-lru, evicted job records stalled the queue and left GPUs leased to jobs no longer there; a Redis
+    # without persistence lost every job at its restart: neither said a word (hunt).
+    from application.services.redis_service import find_redis_server
+    from tests.conftest import free_port
+
+    binary = find_redis_server()
+    assert binary
+    port = free_port()
+    redis_server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp_path)],
+                                    stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: redis.Redis(port=port).ping(), what="the test's redis-server")
+        with socket.socket() as busy:  # (so that the API stops right after its checks)
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path / "d"),
+                   "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_ROOT": str(tmp_path / "out"), "GPU_BACKEND": "simulated",
+                   "APP_PORT": str(busy.getsockname()[1]), "REDIS_URL": f"redis://127.0.0.1:{port}/0"}  # fmt: skip
+            out = subprocess.run([sys.executable, str(ROOT / "start.py"), "api"], env=env, capture_output=True,
+                                 text=True, timeout=60, check=False)  # fmt: skip
+        lines = out.stderr.strip().splitlines()
+        assert lines[:2] == [
+            "swift-api: warning: Redis evicts keys when full (maxmemory-policy allkeys-lru): jobs, leases and the "
+            "queue can vanish; set maxmemory-policy noeviction",
+            "swift-api: warning: Redis keeps nothing across its restart (appendonly no, no save points): every job "
+            "is lost with it; set appendonly yes",
+        ], out.stderr
+    finally:
+        redis_server.kill()
+        redis_server.wait(10)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import psutil
@@ -237,10 +238,10 @@ def redis_refusal(exc: Exception, prefix: str) -> str | None:
     return None
 
 
-def check_redis_access(settings: Settings, url: str, timeout: float = 5.0) -> str | None:
-    """One line saying what to change when the Redis a role is given refuses it (wrong password, an ACL user
-    without the rights), tried before the role starts; None when it answers, or when it does not answer yet (a
-    role waits for its Redis, as it outlasts an outage)."""
+def check_redis_access(settings: Settings, url: str, timeout: float = 5.0) -> tuple[str | None, list[str]]:
+    """What the Redis a role is given says before the role starts: one line saying what to change when it
+    refuses the role (wrong password, an ACL user without the rights), and warnings of settings that lose jobs.
+    Neither when it does not answer yet (a role waits for its Redis, as it outlasts an outage)."""
     from redis import Redis
     from redis.exceptions import RedisError
 
@@ -249,12 +250,33 @@ def check_redis_access(settings: Settings, url: str, timeout: float = 5.0) -> st
     keys = Keys(settings.REDIS_KEY_PREFIX)
     try:
         client = Redis.from_url(url, password=settings.REDIS_PASSWORD, socket_timeout=timeout,
-                                socket_connect_timeout=timeout)  # fmt: skip
+                                socket_connect_timeout=timeout, decode_responses=True)  # fmt: skip
         with client:
             client.eval(_ACCESS_PROBE, 1, keys.job("-access-probe-"), keys.wakeup_channel)
+            return None, _data_loss_warnings(client)
     except RedisError as exc:
-        return redis_refusal(exc, settings.REDIS_KEY_PREFIX)
-    return None
+        return redis_refusal(exc, settings.REDIS_KEY_PREFIX), []
+
+
+def _data_loss_warnings(client: Any) -> list[str]:
+    """Redis settings under which jobs vanish: an evicting memory policy (a queued job's record evicted
+    stalled the queue; a running one's left its GPUs leased), and no persistence at all. Unread where CONFIG is
+    renamed away or refused (a managed Redis): nothing to say then."""
+    from redis.exceptions import RedisError
+
+    try:
+        config = client.config_get("maxmemory-policy") | client.config_get("appendonly") | client.config_get("save")
+    except RedisError:
+        return []
+    warnings = []
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        warnings.append(f"Redis evicts keys when full (maxmemory-policy {policy}): jobs, leases and the queue can "
+                        "vanish; set maxmemory-policy noeviction")  # fmt: skip
+    if config.get("appendonly") == "no" and not config.get("save"):
+        warnings.append("Redis keeps nothing across its restart (appendonly no, no save points): every job is lost "
+                        "with it; set appendonly yes")  # fmt: skip
+    return warnings
 
 
 class RedisService:
