@@ -236,3 +236,25 @@ async def test_a_start_asked_for_a_cpu_job_past_the_planned_window_starts_it_wit
         r = await client.post("/jobs/cpu-later/start")
         assert r.status_code == 200 and r.json()["status"] == "running", r.text
         assert (await client.get("/jobs/gpu-5")).json()["status"] == "queued"  # (only the jobs asked for)
+
+
+async def test_jobs_whose_records_redis_evicted_leave_the_queue_and_their_gpus(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Under an evicting maxmemory-policy: a queued job's record gone kept its queue entry, which the plan gave
+    # the free GPUs pass after pass (nothing behind it started), and a running one's kept its GPU leased (hunt).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        for name in ("evicted", "behind"):
+            r = await client.post("/jobs", json=job_body(tmp_path, name, auto_start=True, training={"max_steps": 2}))
+            assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        store = client.app.state.training.store
+        await store.r.delete(store.keys.job("evicted"), store.keys.job("hog"))  # as an evicting Redis would
+        behind = await wait_job(client, "behind", lambda j: j["status"] == "completed")
+        assert behind["exit_code"] == 0
+        queue = (await client.get("/queue")).json()
+        assert queue["entries"] == [], queue
+        assert (await client.get("/jobs/evicted")).status_code == 404 and await store.leases() == {}

@@ -60,6 +60,7 @@ class JobStore(JobLog):
         self._transition = client.register_script(lua.TRANSITION)
         self._guarded = client.register_script(lua.GUARDED_UPDATE)
         self._delete = client.register_script(lua.DELETE)
+        self._forget_lost = client.register_script(lua.FORGET_LOST)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
@@ -405,6 +406,16 @@ class JobStore(JobLog):
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)
         return JobStatus(res[1])
+
+    async def forget_lost(self, job_id: str) -> bool:
+        """Drop the index entries (queue, status, GPU leases) of a job whose record is gone; False, touching
+        nothing, while it exists."""
+        k = self.keys
+        every, _ = self._status_keys(None)
+        return bool(await self._forget_lost(keys=[k.job(job_id)], args=[script_arg({"id": job_id, "k": {
+            "all": k.jobs_index, "status": every, "queue": k.queue, "queue_meta": k.queue_meta,
+            "queued_since": k.queued_since, "leases": k.gpu_leases, "queue_head": k.queue_head, "expiry": k.expiry,
+            "exporting": k.exporting, "summary": k.job_summary(job_id)}})]))  # fmt: skip
 
     async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
         now = clock.now()

@@ -353,6 +353,29 @@ return {'ok', cur}
 """
 )
 
+# The index entries of a job whose record is gone (evicted by a Redis that evicts keys, or deleted by hand): out
+# of the queue, whose plan gave it GPUs pass after pass, and out of the running index, whose GPUs stayed leased to
+# it. Nothing while the record exists. a: id, k: {all, status (every status index), queue, queue_meta,
+# queued_since, leases, queue_head, expiry, exporting, summary}.
+FORGET_LOST = (
+    _HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local k, id = a.k, a.id
+release_leases(k.leases, id)
+for _, index in pairs(k.status) do redis.call('ZREM', index, id) end
+redis.call('ZREM', k.all, id)
+redis.call('ZREM', k.queue, id)
+redis.call('ZREM', k.queued_since, id)
+redis.call('HDEL', k.queue_meta, id)
+redis.call('ZREM', k.expiry, id)
+redis.call('SREM', k.exporting, id)
+forget_head(k.queue_head, id)
+redis.call('DEL', k.summary)
+return 1
+"""
+)
+
 # A runner's loss points and events, each written once though a batch whose reply an outage lost is sent again.
 # a: run_id, h_from / e_from (how many points / events of this run came before these), history (encoded points),
 # events, maxlen, history_max, k: {history, events, sent (hash: run, h, e: what Redis took of the current run)}.

@@ -213,6 +213,9 @@ class QueueProcessor:
                 except ValueError as exc:  # (pydantic's ValidationError): a record this version cannot read
                     await self._unreadable(start.job_id, exc)
                     continue
+                if job is None and await self.store.forget_lost(start.job_id):
+                    logger.warning("queued job {}'s record is gone (evicted by Redis, or deleted by hand): dropped "
+                                   "from the queue", start.job_id)  # fmt: skip
                 if job is None or job.status != JobStatus.QUEUED:
                     continue
                 try:

@@ -129,7 +129,12 @@ class Watchdog:
             raise
 
     async def _sweep(self) -> None:
-        running = await self.store.get_many(await self.store.ids_with_status(JobStatus.RUNNING))
+        ids = await self.store.ids_with_status(JobStatus.RUNNING)
+        running = await self.store.get_many(ids)
+        for lost in set(ids) - {job.job_id for job in running}:
+            if await self.store.forget_lost(lost):  # (its runner stops swift: the job is not its any more)
+                logger.warning("running job {}'s record is gone (evicted by Redis, or deleted by hand): its GPUs "
+                               "are free again", lost)  # fmt: skip
         beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
             if not self._runner_alive(job, beat):
