@@ -28,6 +28,7 @@ from starlette.routing import Match
 from application import __version__
 from application.api.body_limit import BodyLimit
 from application.api.deps import E413
+from application.api.head import HeadAsGet
 from application.api.metrics import router as metrics_router
 from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
 from application.api.query_once import QueryOnce
@@ -195,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.http_metrics = HttpMetrics()
     # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
     unlimited = {f"{settings.API_PREFIX}/training/files"}
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES, exempt=unlimited)
     app.add_middleware(QueryOnce)
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
