@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, ApiServer, job_body, wait_for
 
@@ -77,3 +78,38 @@ async def test_the_clock_counts_on_from_redis_time_and_keeps_its_anchor_while_re
         assert 0 <= clock.now() - anchored < 5  # the anchor stands
     finally:
         await away.aclose()
+
+
+async def test_a_process_started_while_redis_was_away_takes_redis_time_once_it_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its first reading failed, and nothing read again: it stayed on its own clock for good (review, hunt).
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from application.services import clock as clock_module
+    from application.services.redis_service import find_redis_server
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(clock_module, "RETRY_SECONDS", 0.1)
+    clock = clock_module.Clock()
+    port = free_port()
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    binary = find_redis_server()
+    assert binary
+    server: asyncio.subprocess.Process | None = None
+    try:
+        assert not await clock.sync(client) and not clock.anchored
+        argv = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+        server = await asyncio.create_subprocess_exec(binary, *argv, stdout=asyncio.subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not clock.anchored:
+            assert time.monotonic() < deadline, "the clock never read Redis's time once Redis answered"
+            clock.now()  # (what reads again, in the background, once due)
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+        if server is not None:
+            server.kill()
+            await server.wait()

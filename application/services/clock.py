@@ -14,7 +14,6 @@ Times of this host's own things stay on its own clock: file times (`os.stat`), p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -35,13 +34,17 @@ class Clock:
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def anchored(self) -> bool:
+        return self._anchor is not None
+
     def now(self) -> float:
         """Redis's time now, as Unix seconds (this host's clock until the first reading)."""
+        if self._client is not None and time.monotonic() >= self._next:
+            self._read_later()  # (a first reading that failed too: a process started while Redis was away)
         anchor = self._anchor
         if anchor is None:
             return time.time()
-        if self._client is not None and time.monotonic() >= self._next:
-            self._read_later()
         return anchor[0] + (time.monotonic() - anchor[1])
 
     def from_local(self, local: float) -> float:
@@ -66,6 +69,8 @@ class Clock:
             if best is None:
                 return False
         assert best is not None
+        if self._client is not client:
+            return False  # forgotten, or another client's meanwhile: not this reading's to set
         first = self._anchor is None
         self._anchor = (best[1], best[2])
         self._next = time.monotonic() + RESYNC_SECONDS
@@ -76,11 +81,14 @@ class Clock:
 
     def _read_later(self) -> None:
         """A reading in the background, once due: `now()` is called where nothing may wait."""
-        self._next = time.monotonic() + RETRY_SECONDS  # (one at a time)
-        with contextlib.suppress(RuntimeError):  # no running loop (a thread): the next call on the loop reads
-            self._task = asyncio.get_running_loop().create_task(self._resync(self._client))
-            return
-        self._next = 0.0
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a thread: the next call on the loop reads
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return  # (one at a time)
+        self._next = time.monotonic() + RETRY_SECONDS
+        self._task = loop.create_task(self._resync(self._client))
 
     async def _resync(self, client: Any) -> None:
         try:
@@ -90,7 +98,7 @@ class Clock:
 
     def forget(self) -> None:
         """Back to this host's clock (a test's, or a process's, Redis client is closed)."""
-        self._anchor, self._client, self._next = None, None, 0.0
+        self._anchor, self._client, self._next, self._task = None, None, 0.0, None
 
 
 _clock = Clock()
