@@ -191,10 +191,11 @@ class Scheduler:
                 enabled, _ = await self.cluster.processor_switch()
                 # With the processor off, only what was asked for starts: POST /queue/process (everything that
                 # fits) or the start of one job.
+                asked = {j for _, only in requests for j in only or ()}  # (planned even past the window)
                 if enabled or any(only is None for _, only in requests):
-                    started = await self.processor.run_pass()
+                    started = await self.processor.run_pass(wanted=asked)
                 elif requests:
-                    started = await self.processor.run_pass(only={j for _, only in requests for j in only or ()})
+                    started = await self.processor.run_pass(only=asked)
                 else:
                     started = []
                     await self.processor.view()  # still publish the GPU reading

@@ -210,22 +210,24 @@ def test_a_launch_on_a_full_or_read_only_disk_says_which_folder_and_what_to_chan
     )
 
 
-async def test_a_start_asked_for_a_cpu_job_past_the_planned_window_starts_it_with_the_processor_off(
-    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("processor", ["on", "off"])
+async def test_a_start_asked_for_a_cpu_job_past_the_planned_window_starts_it(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processor: str
 ) -> None:
     # A pass plans the first WINDOW queued jobs (and one deeper page for CPU-only ones, a further one each
-    # pass): a CPU-only job's own start (auto_start, POST .../start) past them started nothing, and with the
-    # processor off it never started (hunt: 19,600 queued).
+    # pass): a CPU-only job's own start (auto_start, POST .../start) past them started nothing until the deep
+    # page came round to it (18 passes at 19,600 queued), and with the processor off never (hunt, review).
     from application.services import queue_planner
 
     monkeypatch.setattr(queue_planner, "WINDOW", 2)
-    monkeypatch.setattr(queue_planner, "DEEP_PAGE", 2)
+    monkeypatch.setattr(queue_planner, "DEEP_PAGE", 0)  # (the deep page never comes round: the start alone)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
         assert (await client.post("/jobs", json=job_body(tmp_path, "hog", auto_start=True,
                                                          hang_after_steps=1))).status_code == 201  # fmt: skip
         await wait_job(client, "hog", lambda j: j["status"] == "running")
-        assert (await client.post("/queue/processor/stop")).status_code == 200
+        if processor == "off":
+            assert (await client.post("/queue/processor/stop")).status_code == 200
         for n in range(6):
             r = await client.post("/jobs", json=job_body(tmp_path, f"gpu-{n}", auto_start=True))
             assert r.status_code == 201 and r.json()["status"] == "queued", r.text

@@ -188,8 +188,9 @@ class QueueProcessor:
         await self.cluster.put_gpu_snapshot(snapshot.to_dict())
         return await build_view(self.store, snapshot, reclaim=True)
 
-    async def run_pass(self, only: set[str] | None = None) -> list[str]:
-        """Start every queued job that fits now (or, given `only`, those of them)."""
+    async def run_pass(self, only: set[str] | None = None, wanted: set[str] | None = None) -> list[str]:
+        """Start every queued job that fits now (or, given `only`, those of them); `only` and `wanted` (jobs a
+        user asked to start) are planned even when they lie past the planned window."""
         async with self._lock:
             started_at = time.perf_counter()
             await self.refresh_predictions()
@@ -198,7 +199,7 @@ class QueueProcessor:
             head_id: str | None = None
             if await self.store.queue_length():
                 head = await self.cluster.queue_head()
-                found = await self.planner.plan(view, head=head, wanted=only)
+                found = await self.planner.plan(view, head=head, wanted=(only or set()) | (wanted or set()))
                 starts = found.starts
                 head_id = found.head
                 kept = next_head(head, found.head, clock.now())
