@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -290,30 +291,38 @@ class FileStore:
         removed: list[Path] = []
         for marker, has_record in zip(markers, recorded, strict=True):
             if not has_record:
-                removed += await asyncio.to_thread(self._leftovers_of, Path(marker))
+                gone, settled = await asyncio.to_thread(self._leftovers_of, Path(marker), min_age)
+                removed += gone
+                if not settled:
+                    continue  # (still being written, or its folder unreadable now: the next sweep looks again)
             await self.r.zrem(self.keys.uploads_writing, marker)
         if removed:
             logger.info("removed {} upload file(s) without a record: {}", len(removed),
                         ", ".join(p.name for p in removed[:10]))  # fmt: skip
         return removed
 
-    def _leftovers_of(self, marker: Path) -> list[Path]:
-        """Remove the files of one upload that has no record: its temp file, or its stored name (blocking)."""
-        file_id, folder = marker.name, marker.parent
-        if not FILE_REF.match(file_id) or self._uploads_root(marker) is None:
-            return []  # (not a marker this server writes)
-        removed = []
+    def _leftovers_of(self, marker: Path, min_age: float) -> tuple[list[Path], bool]:
+        """Remove the files of one upload that has no record, its temp file or its stored name, unless one was
+        written within `min_age` seconds (an upload that lasts longer, still sending); whether it is settled
+        (blocking). The mark's folder is resolved first: a mark leads nowhere outside the uploads folders."""
+        file_id, folder = marker.name, Path(os.path.realpath(marker.parent))
+        if not FILE_REF.match(file_id) or self._uploads_root(folder / file_id) is None:
+            return [], True  # (not a mark this server writes)
         try:
+            names = (f"{file_id}.", f".{file_id}.")
             with os.scandir(folder) as entries:
-                names = [e for e in entries if e.name.startswith((f"{file_id}.", f".{file_id}."))
-                         and e.is_file(follow_symlinks=False)]  # fmt: skip
+                found = [(e.path, e.stat(follow_symlinks=False).st_mtime) for e in entries
+                         if e.name.startswith(names) and e.is_file(follow_symlinks=False)]  # fmt: skip
         except OSError:
-            return []
-        for entry in names:
+            return [], False
+        if any(time.time() - mtime < min_age for _, mtime in found):  # (this host's clock, as the file's)
+            return [], False
+        removed = []
+        for path, _ in found:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        return removed
+                os.unlink(path)
+                removed.append(Path(path))
+        return removed, True
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
