@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -41,3 +42,34 @@ def test_head_answers_every_get_route_as_get_would_without_a_body(server_factory
         assert stop.status_code == 405 and "POST" in stop.headers["allow"], stop.headers
         tar = http.head(f"{server.base}/jobs/done/artifacts/{Path(job['run_dir']).name}.tar")
         assert tar.status_code == 200 and "content-length" not in tar.headers
+
+
+async def test_head_on_downloads_leaves_no_file_open_and_the_apis_own_head_takes_no_slot(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A HEAD run as GET ends its body before the first chunk: the file a download had opened was left to the
+    # garbage collector (an unclosed-file warning; the suite's error), as for any client gone that soon.
+    import gc
+
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(DOWNLOADS_PER_OWNER=1) as client:
+        body = job_body(tmp_path, "d", auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "d", lambda j: j["status"] == "completed")
+        run = Path(job["run_dir"]).name
+        (Path(job["run_dir"]) / "big.bin").write_bytes(b"x" * (3 << 20))
+        ui = f"http://test/ui/jobs/d/files/{run}"
+        for _ in range(3):
+            for url in (f"{ui}/logging.jsonl", f"{ui}/big.bin", f"{ui}.tar", f"/jobs/d/artifacts/{run}/big.bin"):
+                r = await client.head(url)
+                assert r.status_code == 200 and r.content == b"", (url, r.status_code)
+            gc.collect()  # (an unclosed file would warn here)
+        # The API's download has a HEAD of its own (nothing read, no slot); the dashboard's link is GET's.
+        slot = await client.app.state.download_slots.take(None)
+        try:
+            assert (await client.head(f"/jobs/d/artifacts/{run}/big.bin")).status_code == 200
+            assert (await client.head(f"{ui}/big.bin")).status_code == 429
+        finally:
+            await slot.release()

@@ -9,14 +9,15 @@ ended after its first chunk, as for a client that hung up, not sent on into the 
 from __future__ import annotations
 
 import asyncio
+import re
 
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class HeadAsGet:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._head_paths: list[re.Pattern[str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "HEAD" or self._has_head(scope):
@@ -51,6 +52,18 @@ class HeadAsGet:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _has_head(self, scope: Scope) -> bool:
-        router = scope["app"].router if "app" in scope else None
-        routes = getattr(router, "routes", ())
-        return any("HEAD" in (getattr(r, "methods", None) or ()) and r.matches(scope)[0] == Match.FULL for r in routes)
+        # From the published schema, as main._allowed_methods: FastAPI builds an included router's routes on
+        # its first request, so the app's route list does not show them (a HEAD route looked absent).
+        if self._head_paths is None:
+            app = scope.get("app")
+            paths = app.openapi()["paths"] if app is not None and hasattr(app, "openapi") else {}
+            self._head_paths = [re.compile(_pattern(t)) for t, ops in paths.items() if "head" in ops]
+        return any(p.match(scope["path"]) for p in self._head_paths)
+
+
+def _pattern(template: str) -> str:
+    """A path template's regex: a parameter is one segment, the last one any rest (`{path:path}`)."""
+    parts = re.split(r"(\{[^/]+?\})", template)
+    last = len(parts) - 2
+    body = "".join((".+" if i == last else "[^/]+") if i % 2 else re.escape(part) for i, part in enumerate(parts))
+    return f"^{body}$"

@@ -28,7 +28,7 @@ _RECORD = tarfile.RECORDSIZE
 
 
 class OwnedFd:
-    """A folder fd that is closed when its owner is dropped, even if the body that uses it never starts."""
+    """An fd (a folder, a file) closed when its owner is dropped, even if the body that uses it never starts."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd

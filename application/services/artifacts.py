@@ -19,7 +19,6 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import quote
 
 from application.exceptions import Invalid, NotFound, RangeNotSatisfiable
@@ -289,20 +288,24 @@ def disposition(name: str) -> str:
     return f"attachment; filename=\"{plain}\"; filename*=utf-8''{quoted}"
 
 
-def _chunks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
-    with f:
+def _chunks(f: OwnedFd, start: int, end: int) -> Iterator[bytes]:
+    try:
         pos = start
         while pos < end:
-            data = os.pread(f.fileno(), min(CHUNK, end - pos), pos)
+            data = os.pread(f.fd, min(CHUNK, end - pos), pos)
             if not data:
                 return  # the file shrank since it was opened: the client sees a body shorter than announced
             pos += len(data)
             yield data
+    finally:
+        f.close()
 
 
 def _file_download(fd: int, st: os.stat_result, name: str, range_header: str | None, if_range: str | None,
                    head: bool) -> Download:  # fmt: skip
-    f = os.fdopen(fd, "rb", buffering=0)  # owns the fd from here: closed by the body, or when dropped
+    # Owns the fd from here: closed by the body, or when dropped (a body never started: a client gone before its
+    # first chunk; a file object left an unclosed-file warning then).
+    f = OwnedFd(fd)
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
     modified = email.utils.formatdate(st.st_mtime, usegmt=True)
     headers = {"Accept-Ranges": "bytes", "ETag": etag, "Last-Modified": modified,
