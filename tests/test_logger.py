@@ -38,3 +38,15 @@ def test_a_log_file_is_rotated_past_its_size_keeping_the_newest_few(tmp_path: Pa
     files = sorted(tmp_path.iterdir())
     assert (tmp_path / "scheduler.log") in files and len(files) == 4, files  # the current one and 3 old ones
     assert "line 099" in (tmp_path / "scheduler.log").read_text()
+
+
+def test_every_log_line_says_its_utc_offset(tmp_path: Path) -> None:
+    # Two hosts with another TZ interleaved lines hours apart in one log with nothing to tell them apart (hunt).
+    code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "
+            f"setup_logging('INFO', Path({str(tmp_path)!r}))\n"
+            "logger.info('hello')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True, env={"PATH": "/usr/bin:/bin", "TZ": "Asia/Shanghai"})  # fmt: skip
+    stamp = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} \+08:00 \| INFO"
+    assert re.match(stamp, out.stderr), out.stderr
+    assert re.match(stamp, (tmp_path / "swift-api.log").read_text()), (tmp_path / "swift-api.log").read_text()

@@ -59,10 +59,12 @@ class _InterceptHandler(logging.Handler):
 def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> None:
     """Console sink, plus `<log_dir>/<name>.log` (the scheduler logs to scheduler.log, API workers to swift-api.log)."""
     logger.remove()
-    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {process} | {message}")
+    # With the UTC offset: hosts (or containers) with another TZ wrote lines hours apart with nothing to say so.
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS Z} | {level: <7} | {process} | {message}")
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        logger.add(LogFile(log_dir / f"{name}.log"), level=level, colorize=False, enqueue=False)
+        in_file = "{time:YYYY-MM-DD HH:mm:ss.SSS Z} | {level: <8} | {name}:{function}:{line} - {message}"
+        logger.add(LogFile(log_dir / f"{name}.log"), level=level, colorize=False, enqueue=False, format=in_file)
     # Records below the sinks' level are not built at all: uvicorn's access line alone is a few % of a request.
     logging.basicConfig(handlers=[_InterceptHandler()], level=logger.level(level.upper()).no, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
