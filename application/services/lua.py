@@ -67,6 +67,15 @@ local function forget_head(head_key, id)
   local raw = redis.call('GET', head_key)
   if raw and cjson.decode(raw)[1] == id then redis.call('DEL', head_key) end
 end
+local function leave_queue_and_sweeps(k, id)
+  -- A job whose record goes: out of the queue and of what the watchdog sweeps (retention, exports).
+  redis.call('ZREM', k.queue, id)
+  redis.call('ZREM', k.queued_since, id)
+  redis.call('HDEL', k.queue_meta, id)
+  redis.call('ZREM', k.expiry, id)
+  redis.call('SREM', k.exporting, id)
+  forget_head(k.queue_head, id)
+end
 local function queue_webhook(k, id, event, from, at, ev, message)
   -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, the
   -- event's message (why: a retry's cause, a preemption's job), and the event's id as the delivery's, however
@@ -343,12 +352,7 @@ redis.call('ZREM', k.all, id)
 if k.owner_all then redis.call('ZREM', k.owner_all, id) end
 reindex(k.status, id, cur, nil, 0)
 reindex(k.owner_status, id, cur, nil, 0)
-redis.call('ZREM', k.queue, id)
-redis.call('ZREM', k.queued_since, id)
-redis.call('HDEL', k.queue_meta, id)
-redis.call('ZREM', k.expiry, id)
-redis.call('SREM', k.exporting, id)
-forget_head(k.queue_head, id)
+leave_queue_and_sweeps(k, id)
 return {'ok', cur}
 """
 )
@@ -365,12 +369,7 @@ local k, id = a.k, a.id
 release_leases(k.leases, id)
 for _, index in pairs(k.status) do redis.call('ZREM', index, id) end
 redis.call('ZREM', k.all, id)
-redis.call('ZREM', k.queue, id)
-redis.call('ZREM', k.queued_since, id)
-redis.call('HDEL', k.queue_meta, id)
-redis.call('ZREM', k.expiry, id)
-redis.call('SREM', k.exporting, id)
-forget_head(k.queue_head, id)
+leave_queue_and_sweeps(k, id)
 redis.call('DEL', k.summary)
 return 1
 """
