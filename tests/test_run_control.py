@@ -356,6 +356,26 @@ async def test_resume_without_a_checkpoint_starts_again(app_factory: Callable[..
         assert steps_of(history) == list(range(1, 25))
 
 
+async def test_a_paused_job_that_saved_no_checkpoint_is_cancelled_by_a_stop_not_promised_a_resume(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A stop used to leave it `stopped` with "POST .../resume still resumes it", and the resume then said it left
+    no checkpoint: a dead end the answer had promised a way out of."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "bare", step_seconds=0.1, auto_start=True,
+                        training={"max_steps": 40, "save_steps": 100})  # fmt: skip
+        await client.post("/jobs", json=body)
+        await wait_job(client, "bare", lambda j: (j["progress"]["current_step"] or 0) >= 2)
+        assert (await client.post("/jobs/bare/pause")).json()["resume_from"] is None
+        r = await client.post("/jobs/bare/stop")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        assert "no checkpoint" in r.json()["message"] and "resume" not in r.json()["message"].split(":")[0], r.text
+        assert (await client.get("/jobs/bare")).json()["status"] == "cancelled"
+        again = await client.post("/jobs/bare/resume")
+        assert again.status_code == 409 and "cancelled" in again.json()["detail"], again.text
+
+
 async def a_job_that_left_checkpoints_in(client: Any, tmp_path: Path, folder: str) -> list[str]:
     first = job_body(tmp_path, folder, auto_start=True, training={"max_steps": 4, "save_steps": 2})
     first["job_id"] = "first"

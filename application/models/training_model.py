@@ -42,7 +42,8 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.RUNNING: frozenset(
         {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PAUSED, JobStatus.QUEUED}
     ),
-    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.STOPPED}),
+    # (CANCELLED: stopped with no checkpoint, it could never be resumed)
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.STOPPED, JobStatus.CANCELLED}),
     JobStatus.COMPLETED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.STOPPED: frozenset(),

@@ -90,6 +90,14 @@ class RunControl:
         svc, job_id = self.service, job.job_id
         grace = svc.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS
         if job.status == JobStatus.PAUSED and job.export.status != ExportStatus.RUNNING:
+            # Stopped, it is resumable only from a checkpoint: one that saved none is cancelled, as a job taken
+            # out of the queue after a run that saved none is (`leave_queue`), not promised a resume refused later.
+            if await asyncio.to_thread(newest_checkpoint, job) is None:
+                await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(JobStatus.PAUSED,),
+                                           actor=caller.actor, message="cancelled while paused, with no checkpoint",
+                                           created_at=job.created_at)  # fmt: skip
+                message = "The paused job was cancelled: it saved no checkpoint to resume from"
+                return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message=message)
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
                                        message="stopped while paused", created_at=job.created_at)  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
