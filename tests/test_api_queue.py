@@ -169,6 +169,8 @@ def test_a_job_whose_gpus_are_gone_since_its_create_is_told_so_at_its_start(
     # a start of such a queued one said it would start by itself.
     first = server_factory(env={"SIMULATED_GPUS": "2x80"})
     create(first, workspace, "pinned", gpu_ids=[1])
+    hold(first, workspace, "rested", num_gpus=2)
+    assert first.http.post("/jobs/rested/pause").json()["status"] == "paused"
     hold(first, workspace, "busy", num_gpus=2)
     assert create(first, workspace, "two", num_gpus=2, auto_start=True)["status"] == "queued"
     first.stop()
@@ -186,6 +188,11 @@ def test_a_job_whose_gpus_are_gone_since_its_create_is_told_so_at_its_start(
     assert r.status_code == 200 and r.json()["pending_reason"]["code"] == "never", r.text
     assert r.json()["message"].startswith("The job is queued, but it cannot start: this request can never be met")
     assert "create it again with num_gpus, gpu_ids or min_gpu_memory_gb" in r.json()["message"]
+    # A paused one is not resumed into that wait either (the README: "not started or resumed either, 409").
+    r = second.http.post("/jobs/rested/resume")
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith("job 'rested' can never run again here: num_gpus=2 can never be met"), r.text
+    assert second.job("rested")["status"] == "paused"
 
 
 def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, workspace: Path) -> None:

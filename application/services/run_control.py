@@ -15,6 +15,7 @@ from application.models.job_responses import ActionResponse, CheckpointList
 from application.models.training_model import Attempt, ExportStatus, Job, JobStatus
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
+from application.services.gpu_pool import impossible
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.placement import NOT_QUEUED
@@ -215,6 +216,13 @@ class RunControl:
                            " checkpoint, can be resumed")  # fmt: skip
         if gone := await self.service.files.gone_uploads(job):
             raise _upload_gone(job_id, gone[0])
+        # As a start: the GPUs may have changed since its last run (a restart with fewer), and queued it would
+        # wait for ever.
+        snapshot = await self.service.gpu_snapshot()
+        never = impossible(job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb, snapshot) \
+            if snapshot.taken_at else None  # fmt: skip
+        if never:
+            raise Conflict(f"job '{job_id}' can never run again here: {never}")
         if capped := beyond_gpu_cap(job.num_gpus, job.owner, self.service.settings.MAX_GPUS_PER_OWNER):
             raise Conflict(f"job '{job_id}' can never run again here: {capped}")
         checkpoint = await asyncio.to_thread(newest_checkpoint, job)
