@@ -339,6 +339,38 @@ async def test_owner_indexes_follow_status_changes_and_delete(store: JobStore) -
     assert await store.expired(time.time() + 1, 10) == []
 
 
+async def test_a_lost_record_is_forgotten_by_its_owner_and_its_folder_too(store: JobStore) -> None:
+    # A record an evicting Redis dropped (or someone DEL'd): its owner's indexes kept counting it against the
+    # owner's waiting cap, and its folder's claim refused every new job naming that folder, for good.
+    for i in range(2):
+        await store.create(make_job(f"w{i}", owner="alice"), message="", actor="alice", max_waiting=2)
+    await store.transition("w0", JobStatus.QUEUED)
+    await store.r.delete(store.keys.job("w0"))
+    assert await store.forget_lost("w0")
+    assert await store.page_ids(None, "alice", 0, 10) == (["w1"], 1)
+    assert (await store.counts("alice"))["queued"] == 0
+    await store.create(make_job("w2", owner="alice"), message="", actor="alice", max_waiting=2)  # under the cap
+    await store.create(make_job("other", owner="alice").model_copy(update={"output_dir": "/out/w0"}), message="",
+                       actor="alice")  # fmt: skip
+    assert not await store.forget_lost("w1")  # (nothing while the record exists)
+    assert await store.page_ids(None, "alice", 0, 10) == (["other", "w2", "w1"], 3)
+
+
+async def test_a_delete_of_ended_jobs_only_refuses_a_job_resumed_since(store: JobStore) -> None:
+    # Retention read a job as ended, then a resume queued it again: deleting it then lost a job the user had
+    # just been told was resumed.
+    await store.create(make_job("r"), message="", actor="t")
+    await store.transition("r", JobStatus.RUNNING, acquire_gpus=[0])
+    await store.transition("r", JobStatus.STOPPED)
+    await store.transition("r", JobStatus.QUEUED, expect=(JobStatus.STOPPED,), reopen=True)
+    with pytest.raises(TransitionRefused) as refused:
+        await store.delete("r", ended_only=True)
+    assert refused.value.reason == Refusal.BAD_STATE and (await require(store, "r")).status == JobStatus.QUEUED
+    await store.transition("r", JobStatus.CANCELLED)
+    await store.delete("r", ended_only=True)
+    assert await store.get("r") is None
+
+
 async def test_events_record_who_caused_them(store: JobStore) -> None:
     await store.create(make_job("a", owner="alice"), message="made", actor="alice")
     await store.transition("a", JobStatus.RUNNING, actor="scheduler")

@@ -108,12 +108,24 @@ async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..
         for name in ("old", "live"):
             assert (await client.post("/jobs", json=body(tmp_path, name))).status_code == 201
         await client.post("/jobs/old/stop")
+        # Oldest of all, two entries retention can neither read nor find: one raised out of every sweep (and
+        # the orphan-upload sweep after it), and 100 of either kind held back every job behind them, for good.
+        store = client.app.state.training.store
+        await store.r.hset(
+            store.keys.job("unreadable"),
+            mapping={"job_id": '"unreadable"', "status": '"failed"', "created_at": "1.0", "priority": '"high"'},
+        )
+        await store.r.zadd(store.keys.expiry, {"unreadable": 1.0, "lost": 2.0})
         watchdog = client.scheduler.watchdog
         deadline = time.monotonic() + 10
-        while not await watchdog.expire_old_jobs():
+        removed: list[str] = []
+        while "old" not in removed:
             assert time.monotonic() < deadline
+            removed += await watchdog.expire_old_jobs()
             await asyncio.sleep(0.1)
         assert (await client.get("/jobs/old")).status_code == 404
+        assert "unreadable" in removed and (await client.get("/jobs/unreadable")).status_code == 404
+        assert await store.expired(time.time(), 10) == []
         assert (await client.get("/jobs/live")).status_code == 200  # still pending: never expires
         assert (tmp_path / "data.jsonl").is_file()  # files stay
 

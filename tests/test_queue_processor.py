@@ -260,3 +260,7 @@ async def test_jobs_whose_records_redis_evicted_leave_the_queue_and_their_gpus(
         queue = (await client.get("/queue")).json()
         assert queue["entries"] == [], queue
         assert (await client.get("/jobs/evicted")).status_code == 404 and await store.leases() == {}
+        # Its folder is free again (its claim outlived it: every new job naming that folder was "in use by
+        # another active job", for good).
+        again = await client.post("/jobs", json=job_body(tmp_path, "evicted", training={"max_steps": 2}))
+        assert again.status_code == 201, again.text

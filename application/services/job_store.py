@@ -11,6 +11,7 @@ into words for HTTP is the service layer's job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -385,14 +386,16 @@ class JobStore(JobLog):
         raise refused
 
     async def delete(self, job_id: str, uploads: Sequence[str] = (), *, created_at: float | None = None,
-                     actor: str | None = None) -> JobStatus:  # fmt: skip
+                     actor: str | None = None, ended_only: bool = False) -> JobStatus:  # fmt: skip
         """Remove the record (and, as a user of `uploads`, from theirs); raises TransitionRefused(MISSING |
-        BAD_STATE (running) | EXPORT_STATE). `actor`: who deleted it, for the `job_deleted` notification."""
+        BAD_STATE (running; with `ended_only`, any status but a terminal one) | EXPORT_STATE). `actor`: who
+        deleted it, for the `job_deleted` notification."""
         k = self.keys
         owner, created = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
-            "id": job_id, "refuse": [JobStatus.RUNNING.value], "created": created, "now": repr(clock.now()),
+            "id": job_id, "created": created, "now": repr(clock.now()),
+            "refuse": [s.value for s in JobStatus if not s.is_terminal()] if ended_only else [JobStatus.RUNNING.value],
             "message": f"deleted by {actor} before it ended" if actor else "deleted before it ended",
             "unended": [s.value for s in JobStatus if not s.is_terminal() and s != JobStatus.RUNNING],
             "k": {"all": k.jobs_index, "owner_all": k.owner_index(owner) if owner is not None else None,
@@ -411,11 +414,21 @@ class JobStore(JobLog):
         """Drop the index entries (queue, status, GPU leases) of a job whose record is gone; False, touching
         nothing, while it exists."""
         k = self.keys
-        every, _ = self._status_keys(None)
-        return bool(await self._forget_lost(keys=[k.job(job_id)], args=[script_arg({"id": job_id, "k": {
-            "all": k.jobs_index, "status": every, "queue": k.queue, "queue_meta": k.queue_meta,
-            "queued_since": k.queued_since, "leases": k.gpu_leases, "queue_head": k.queue_head, "expiry": k.expiry,
-            "exporting": k.exporting, "summary": k.job_summary(job_id)}})]))  # fmt: skip
+        # Its owner and output folder, from its summary when that is left: the owner's indexes counted it against
+        # the owner's waiting cap, and its folder's claim refused every new job naming that folder, for good.
+        owner = folder = None
+        with contextlib.suppress(ValueError, AttributeError):
+            summary = json.loads(await self.r.get(k.job_summary(job_id)) or "{}")
+            owner, folder = summary.get("owner"), summary.get("output_dir")
+        owner = owner if isinstance(owner, str) else None
+        every, mine = self._status_keys(owner)
+        return bool(await self._forget_lost(keys=[k.job(job_id)], args=[script_arg({
+            "id": job_id, "output_dir": folder if isinstance(folder, str) else None, "k": {
+                "all": k.jobs_index, "status": every, "queue": k.queue, "queue_meta": k.queue_meta,
+                "queued_since": k.queued_since, "leases": k.gpu_leases, "queue_head": k.queue_head,
+                "expiry": k.expiry, "exporting": k.exporting, "summary": k.job_summary(job_id),
+                "owner_all": k.owner_index(owner) if owner is not None else None, "owner_status": mine,
+                "output_dirs": k.output_dirs}})]))  # fmt: skip
 
     async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
         now = clock.now()

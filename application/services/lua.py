@@ -359,8 +359,9 @@ return {'ok', cur}
 
 # The index entries of a job whose record is gone (evicted by a Redis that evicts keys, or deleted by hand): out
 # of the queue, whose plan gave it GPUs pass after pass, and out of the running index, whose GPUs stayed leased to
-# it. Nothing while the record exists. a: id, k: {all, status (every status index), queue, queue_meta,
-# queued_since, leases, queue_head, expiry, exporting, summary}.
+# it. Nothing while the record exists. a: id, output_dir|nil, k: {all, status (every status index), owner_all|nil,
+# owner_status|nil (the owner's, when its summary named one), output_dirs, queue, queue_meta, queued_since,
+# leases, queue_head, expiry, exporting, summary}.
 FORGET_LOST = (
     _HELPERS
     + """
@@ -368,7 +369,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local k, id = a.k, a.id
 release_leases(k.leases, id)
 for _, index in pairs(k.status) do redis.call('ZREM', index, id) end
+for _, index in pairs(k.owner_status or {}) do redis.call('ZREM', index, id) end
 redis.call('ZREM', k.all, id)
+if k.owner_all then redis.call('ZREM', k.owner_all, id) end
+if a.output_dir and redis.call('HGET', k.output_dirs, a.output_dir) == id then
+  redis.call('HDEL', k.output_dirs, a.output_dir)
+end
 leave_queue_and_sweeps(k, id)
 redis.call('DEL', k.summary)
 return 1

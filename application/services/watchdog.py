@@ -442,17 +442,32 @@ class Watchdog:
             return []
         removed = []
         for job_id in await self.store.expired(clock.now() - days * 86400, batch):
-            job = await self.store.get(job_id)
-            if job is None or not job.status.is_terminal():
-                continue  # gone, or resumed since (it leaves the expiry set)
+            # The oldest first, every sweep: one left in place for good (a record gone, one no model reads) held
+            # back every job behind it, and the sweep of orphaned uploads after it.
+            try:
+                job = await self.store.get(job_id)
+            except ValueError as exc:  # (pydantic's ValidationError): its status is read by the script alone
+                logger.warning("job {}: its record cannot be read ({}); removing it as retention would", job_id, exc)
+                try:
+                    await self.store.delete(job_id, ended_only=True)
+                    removed.append(job_id)
+                except TransitionRefused:
+                    pass
+                continue
+            if job is None:
+                await self.store.forget_lost(job_id)  # (its expiry entry, and whatever else it left)
+                continue
+            if not job.status.is_terminal():
+                continue  # resumed since (it leaves the expiry set)
             try:
                 await settle(self.store, job)
-                # (only the job read: not one created since under its id)
-                await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at)
+                # (only the job read, still ended: not one created since under its id, nor one resumed since)
+                await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at,
+                                        ended_only=True)  # fmt: skip
                 await self.cluster.release_export_targets(job)
                 removed.append(job_id)
             except TransitionRefused:
-                continue  # exporting right now, or gone already: the next sweep sees it again
+                continue  # exporting right now, resumed or gone meanwhile: the next sweep sees it again
         if removed:
             logger.info("removed {} job record(s) older than {} days: {}", len(removed), days, ", ".join(removed))
         return removed
