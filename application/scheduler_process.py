@@ -40,6 +40,10 @@ from application.utils.gpu_utils import create_inventory
 SWIFT_FACTS_CHECK = 10.0  # seconds between looks at whether the published ms-swift facts are still in Redis
 
 
+# (no lock value is this: `LeaderLock` values are ids and tokens)
+NOT_LEADING = "-"
+
+
 class Scheduler:
     def __init__(self, settings: Settings, redis: RedisService) -> None:
         self.settings = settings
@@ -58,12 +62,18 @@ class Scheduler:
         self._swift_facts: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self.swift_facts_check = SWIFT_FACTS_CHECK
         self.processor = QueueProcessor(self.store, self.cluster, self.inventory, settings, self.launcher,
-                                        lambda: self.leader.value, self.swift_version, self.ident)  # fmt: skip
-        self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, lambda: self.leader.value)
+                                        self.fence, self.swift_version, self.ident)  # fmt: skip
+        self.watchdog = Watchdog(self.store, self.cluster, self.launcher, settings, self.fence)
         self.webhooks = Webhooks(self.store, self.cluster, settings)
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._migrated = False
+
+    def fence(self) -> str:
+        """The lock value this scheduler's status changes are fenced by. Once the lead is lost it is none: with no
+        fence a script checks nothing, so the changes still in flight as the tasks are cancelled (a start, a
+        run's end) would land unfenced; a value no lock holds refuses them."""
+        return self.leader.value or NOT_LEADING
 
     async def swift_version(self) -> SwiftVersion:
         if self._version is None:

@@ -430,26 +430,36 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     from application.services.redis_service import RedisService
 
     @asynccontextmanager
-    async def make(scheduler: bool = True, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async def make(scheduler: bool = True, lead: bool = False, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        """`scheduler=False`: no scheduler runs; with `lead=True` it holds the lead all the same (its loops do not
+        run: the test drives its passes and sweeps, fenced by its lock as a leader's are)."""
         settings = settings_for(redis_url, tmp_path, **overrides)
         app = create_app(settings)
         redis = RedisService(settings)
         await redis.connect()
         sched = Scheduler(settings, redis)
         task = asyncio.create_task(sched.run()) if scheduler else None
+        if task is None and lead:
+            await sched.leader.wait_for_leadership()
+            task = asyncio.create_task(sched.leader.keep())
         try:
             async with app.router.lifespan_context(app):
                 transport = httpx.ASGITransport(app=app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1/training") as client:
                     client.app = app  # type: ignore[attr-defined]
                     client.scheduler = sched  # type: ignore[attr-defined]
-                    if task is not None:
+                    if scheduler:
                         await _until(lambda: sched.leader.leading and sched.processor.stats.passes > 0)
                     yield client
         finally:
             sched.stopping.set()
-            if task is not None:
+            if scheduler and task is not None:
                 await asyncio.wait_for(task, 15)
+            elif task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await sched.leader.release()
             await redis.close()
             kill_processes_under(tmp_path)
             for proc in sched.launcher.children.values():  # reaped here, not warned about when collected

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import redis
 
+from application.models.training_model import JobStatus
+from application.services.job_store import Refusal, TransitionRefused
 from tests.conftest import _until, job_body, make_model, wait_job
 
 
@@ -63,6 +65,30 @@ async def test_a_scheduler_that_lost_its_lead_after_starting_a_run_launches_no_r
         finally:
             processor.fence = lead
             sync.close()
+
+
+async def test_a_scheduler_whose_lead_was_just_lost_starts_nothing(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The lost lock's value is set to none before the scheduler's tasks are cancelled, and a fence of none
+    checked nothing: a start in flight then took the job's GPUs with no one to launch its runner."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        r = await client.post("/jobs", json=job_body(tmp_path, "j", training={"max_steps": 2}))
+        assert r.status_code == 201 and r.json()["status"] == "pending", r.text
+        store, sched = client.app.state.training.store, client.scheduler
+        await store.transition("j", JobStatus.QUEUED, expect=(JobStatus.PENDING,))  # (no pass: the processor is off)
+        job = await store.get("j")
+        assert job is not None
+        held, sched.leader.value = sched.leader.value, None  # what LeaderLock.keep does as the lead is lost
+        try:
+            with pytest.raises(TransitionRefused) as refused:
+                await sched.processor.start_run(job, [0])
+        finally:
+            sched.leader.value = held
+        assert refused.value.reason == Refusal.NOT_LEADER
+        assert (await client.get("/jobs/j")).json()["status"] == "queued" and await store.leases() == {}
 
 
 async def test_a_stop_that_came_as_the_last_run_went_back_to_the_queue_is_honoured(

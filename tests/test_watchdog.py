@@ -68,7 +68,7 @@ async def test_swift_started_by_a_runner_that_died_before_recording_its_pid_is_s
     # The runner starts swift before it can record its pid: killed in between, its swift would train on in a
     # session of its own, on GPUs the next job is given.
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False) as client:
+    async with app_factory(scheduler=False, lead=True) as client:
         await running_with_dead_runner(client, tmp_path, "early")
         swift = marked("run-early", tmp_path)
         await client.scheduler.watchdog.sweep()
@@ -83,7 +83,7 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
     """The scheduler moves a job to running, then launches its runner: one that died in between left a job with
     no runner, no swift and no log, which the next leader failed as 'runner_lost', though nothing had run."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False, SIMULATED_GPUS="1x80") as client:
+    async with app_factory(scheduler=False, lead=True, SIMULATED_GPUS="1x80") as client:
         await client.post("/jobs", json=job_body(tmp_path, "orphan", step_seconds=0.01, training={"max_steps": 2}))
         log_file = tmp_path / "output" / "orphan" / "logs" / "orphan.train.log"
         scheduler = client.scheduler
@@ -136,7 +136,7 @@ async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_w
     """Its runner killed while no scheduler ran, swift trained on to its last step and end lines; the next leader
     recorded 'runner_lost' and kept the loss history the runner had written before it died (steps missing)."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False, AUTO_EXPORT=False) as client:
+    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
         run_dir = tmp_path / "output" / "ended" / "v0-20261126-155015"
         run_dir.mkdir(parents=True)
         shutil.copy(FIXTURES / "sft_success.logging.jsonl", run_dir / "logging.jsonl")
@@ -183,7 +183,7 @@ async def test_a_run_that_ended_unwatched_keeps_the_checkpoint_and_the_end_time_
     the next leader recorded the end. The checkpoint the runner last saw won over logging.jsonl's, so the export
     merged a checkpoint from half the training; and the end was stamped when the scheduler came back."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False, AUTO_EXPORT=False) as client:
+    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
         ended = {}
         for name, exit_record in (("late", True), ("nofile", False)):
             run_dir = tmp_path / "output" / name / "v0-20261126-155015"
@@ -222,7 +222,7 @@ async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its
     # The watchdog spends up to STOP_GRACE_SECONDS on each dead runner's leftovers: a stop asked of the next
     # job meanwhile must not be lost to the state the sweep read before (recorded lost and retried).
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False) as client:
+    async with app_factory(scheduler=False, lead=True) as client:
         termed = tmp_path / "got-sigterm"
         stubborn = marked("run-stubborn", tmp_path, f'trap "touch {termed}" TERM; while :; do sleep 0.05; done')
         await running_with_dead_runner(client, tmp_path, "stubborn", swift=stubborn)
@@ -243,7 +243,7 @@ async def test_an_export_that_swift_finished_after_its_runner_died_is_completed(
     """Its runner killed while Redis was down, swift export merged on to the end and said so in its log; with
     no exit status left, the export was recorded failed and its merged model went unlisted."""
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False) as client:
+    async with app_factory(scheduler=False, lead=True) as client:
         store = await completed_job(client, tmp_path, "late")
         checkpoint = tmp_path / "output" / "late" / "v0-20261126-155015" / "checkpoint-20"
         merged = Path(f"{checkpoint}-merged")
@@ -268,7 +268,7 @@ async def test_an_export_whose_runner_died_before_recording_swifts_pid_is_stoppe
     # The same window as a run's, for an export: its swift was left merging unwatched while the export was
     # recorded failed, and asking again put two exports into one folder.
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False) as client:
+    async with app_factory(scheduler=False, lead=True) as client:
         store = await completed_job(client, tmp_path, "merged")
         export = ExportInfo(status=ExportStatus.RUNNING, export_id="exp-merged", runner=dead_runner(),
                             started_at=time.time() - 30)  # fmt: skip
@@ -325,7 +325,7 @@ async def test_a_sweep_that_read_an_export_before_it_was_handed_back_does_not_fa
     from application.models.training_model import Job
     from application.services.exports import put_export, run_again
 
-    async with app_factory(scheduler=False) as client:
+    async with app_factory(scheduler=False, lead=True) as client:
         store, watchdog = client.app.state.training.store, client.scheduler.watchdog
         job = Job(job_id="j", status=JobStatus.COMPLETED, priority=5, owner=None, data_path="d", model_path="m",
                   output_dir=str(tmp_path / "output" / "j"), output_dir_requested="j", num_gpus=1,
