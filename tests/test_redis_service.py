@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 from application.config import Settings
 from application.services.redis_service import EmbeddedRedis, _safe_url, create_client, find_redis_server, redis_url
@@ -132,6 +134,46 @@ async def test_a_password_beside_a_url_and_an_ipv6_host_reach_redis(passworded_r
             await wait_until(client.ping)
         finally:
             await client.aclose()
+
+
+# Holds Redis for 0.8 s, as another client's slow script (or a fork's stall) does.
+BUSY = (
+    "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') until (t[1] - t0[1]) * 1e6 + t[2] - t0[2] > 8e5"
+)
+
+
+async def test_a_script_whose_reply_timed_out_is_not_run_again_by_the_client(passworded_redis: int) -> None:
+    """Past the socket timeout the client gave up on the reply, tried again on a new connection, and Redis ran
+    both: the one it read from the connection given up on, after the stall, too (a create answered "exists" for
+    the job it had just made; an upload counted twice against its owner's quota)."""
+    port = passworded_redis
+    settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PASSWORD="pw-0123", REDIS_SOCKET_TIMEOUT=0.3,
+                        REDIS_RETRIES=10)  # fmt: skip
+    client = create_client(settings, redis_url(settings))
+    other = redis.Redis(port=port, password="pw-0123")
+    try:
+        await wait_until(client.ping)
+        count = client.register_script("return redis.call('INCR', KEYS[1])")
+        assert await count(keys=["runs"]) == 1
+        hold = asyncio.create_task(asyncio.to_thread(other.eval, BUSY, 0))
+        deadline = time.monotonic() + 10
+        while True:  # until Redis is busy with it: a ping no longer answers at once
+            probe = redis.Redis(port=port, password="pw-0123", socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+            try:
+                await asyncio.to_thread(probe.ping)
+            except redis.exceptions.TimeoutError:
+                break
+            finally:
+                probe.close()
+            assert time.monotonic() < deadline and not hold.done(), "Redis never got busy"
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await count(keys=["runs"])
+        await hold
+        # Once by Redis after the stall (what the client sent before it gave up), never again by the client.
+        assert int(other.get("runs") or 0) <= 2
+    finally:
+        await client.aclose()
+        other.close()
 
 
 async def wait_until(ping: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> None:

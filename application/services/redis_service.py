@@ -206,7 +206,14 @@ def redis_url(settings: Settings) -> str:
 
 
 def create_client(settings: Settings, url: str) -> aioredis.Redis:
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
+    # Only a connection that failed is tried again (one Redis closed, a restart): not a reply that timed out.
+    # The command may have run all the same (Redis busy behind another client's script, a fork's stall, then
+    # reading what this client sent before it gave up), and a script run twice is not one run once: a create
+    # answered "exists" for the job it had just made, an upload counted twice against its owner's quota, a
+    # run's end refused as "ended by someone else" (no automatic export). A timeout reaches the caller, whose
+    # "the answer was lost" handling is there for it.
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES,
+                  supported_errors=(RedisConnectionError,))  # fmt: skip
     return aioredis.Redis.from_url(
         url,
         password=settings.REDIS_PASSWORD,  # a password in REDIS_URL wins over it (redis-py's from_url)
@@ -214,7 +221,7 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
         socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
         retry=retry,
-        retry_on_error=list(REDIS_AWAY),
+        retry_on_error=[RedisConnectionError],
         health_check_interval=30,
     )
 
