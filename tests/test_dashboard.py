@@ -706,6 +706,26 @@ def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
 
 
 @pytest.mark.timeout(180)
+def test_the_api_docs_load_and_fetch_nothing_from_anywhere_else(server: ApiServer, tabs: Callable[..., Tab]) -> None:
+    """ReDoc's footer drew its logo from cdn.redoc.ly: every visit told a third party this server's address (and,
+    offline, logged an error), where the README says the docs fetch nothing from a CDN."""
+    tab = tabs(server)
+    requested: list[str] = []
+    errors: list[str] = []
+    tab.page.on("request", lambda r: requested.append(r.url))
+    tab.page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page = tab.goto("/docs")
+    page.wait_for_selector(".opblock-summary", state="attached")
+    page = tab.goto("/redoc")
+    page.wait_for_selector('img[alt="redocly logo"]', state="attached")  # (drawn last, once the rest is)
+    assert page.locator("h2").count() > 3  # (its operations, drawn from /openapi.json)
+    elsewhere = [u for u in requested if not u.startswith((tab.base + "/", "data:", "blob:"))]
+    assert elsewhere == [] and errors == [], (elsewhere, errors)
+    for path in ("/docs", "/redoc"):
+        policy = tab.context.request.get(tab.base + path).headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "img-src 'self' data:" in policy, policy
+
+
 def test_lists_render_without_javascript_and_escape_hostile_text(server: ApiServer, workspace: Path,
                                                                  tabs: Callable[..., Tab]) -> None:  # fmt: skip
     hostile = job_body(workspace, "hostile", output_dir=HOSTILE)

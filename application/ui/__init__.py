@@ -14,6 +14,18 @@ from application.ui import pages
 
 STATIC = Path(__file__).resolve().parent / "static"
 VENDOR = "/static/vendor"
+# As the dashboard's pages (html.HEADERS), but for what the docs need: FastAPI's pages start Swagger UI and ReDoc
+# with an inline script, and ReDoc's search runs in a worker made from a blob. Nothing may be fetched from
+# elsewhere: the vendored bundles name outside addresses, and a browser sends this server's address with them.
+DOCS_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+    "'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+}
 
 
 def mount_ui(app: FastAPI) -> None:
@@ -24,17 +36,21 @@ def mount_ui(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=openapi_url, title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{VENDOR}/swagger-ui-bundle.js", swagger_css_url=f"{VENDOR}/swagger-ui.css",
             swagger_favicon_url=f"{VENDOR}/favicon-32x32.png",
             swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
         )  # fmt: skip
+        page.headers.update(DOCS_HEADERS)
+        return page
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc",
+        page = get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc",
                               redoc_js_url=f"{VENDOR}/redoc.standalone.js",
                               redoc_favicon_url=f"{VENDOR}/favicon-32x32.png", with_google_fonts=False)  # fmt: skip
+        page.headers.update(DOCS_HEADERS)
+        return page
 
     app.include_router(pages.router)
