@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing(settings.api_keys)
     app.state.http_metrics = HttpMetrics()
     # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
-    unlimited = {f"{settings.API_PREFIX}/training/files"}
+    unlimited = {("POST", f"{settings.API_PREFIX}/training/files")}
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES, exempt=unlimited)
     app.add_middleware(QueryOnce)

@@ -1,6 +1,7 @@
 """Refuse request bodies larger than MAX_REQUEST_BYTES before reading them whole (413), and compressed ones (415).
 
-`exempt` paths are routes that stream their bodies and enforce a limit of their own while reading (uploads).
+`exempt` (method, path) pairs are routes that stream their bodies and enforce a limit of their own while reading
+(uploads).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: Iterable[tuple[str, str]] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.exempt = frozenset(exempt)
@@ -37,7 +38,7 @@ class BodyLimit:
             await json_answer(send, 415, f"the request body is compressed (Content-Encoding: "
                                      f"{encoding.decode('latin-1')[:32]}): send it uncompressed")  # fmt: skip
             return
-        if scope["path"] in self.exempt:
+        if (scope["method"], scope["path"]) in self.exempt:  # (the upload, not every method of its path)
             await self.app(scope, receive, send)
             return
         declared = headers.get(b"content-length")

@@ -52,18 +52,18 @@ def add_units(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def add_body_limit(schema: dict[str, Any], exempt: set[str], description: str) -> dict[str, Any]:
+def add_body_limit(schema: dict[str, Any], exempt: set[tuple[str, str]], description: str) -> dict[str, Any]:
     """List 413 on every operation the MAX_REQUEST_BYTES middleware covers, and 415 (a compressed body) on every
     one. It refuses such a body before any route sees it, whatever the method and whether the route reads a body,
-    so a route's own `responses` would miss some (a body-less POST such as /start); `exempt` paths enforce a size
-    limit of their own."""
+    so a route's own `responses` would miss some (a body-less POST such as /start); `exempt` (method, path) pairs
+    enforce a size limit of their own."""
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     answer = {"description": description, "content": content}
     compressed = {"description": "The body is compressed (Content-Encoding): send it uncompressed", "content": content}
     for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             responses.setdefault("415", compressed)
-            if path not in exempt:
+            if (method.upper(), path) not in exempt:
                 responses.setdefault("413", answer)
     return schema

@@ -63,7 +63,8 @@ async def stream_logs(
                                       "(not the whole log); a reconnect's Last-Event-ID wins")] = None,
 ) -> StreamingResponse:  # fmt: skip
     """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
-    a comment heartbeat every 15 s keeps an idle stream open."""
+    a comment heartbeat every 15 s keeps an idle stream open. (Swagger UI's "Try it out" shows nothing until the
+    stream ends: follow a running job with `curl -N`, the dashboard or `swift-api logs -f`.)"""
     job = await svc.require(job_id, caller)
     return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id, job.created_at, tail))
 
@@ -72,16 +73,19 @@ async def stream_logs(
             operation_id="stream_job_events", summary="Follow the events (id: the event id)")  # fmt: skip
 async def stream_events(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
                         last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
+    """Each message: one event of GET .../events (type, message, time, actor, data). Ends with `event: end` once
+    the job is terminal. (Swagger UI shows nothing until the stream ends: use `curl -N` to follow it.)"""
     job = await svc.require(job_id, caller)
     return await _sse(streams, caller, streams.events(job_id, last_event_id, job.created_at))
 
 
 @router.get("/jobs/{job_id}/progress/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},
             operation_id="stream_job_progress",
-            summary="Follow the progress: one message per loss point (id: step)")  # fmt: skip
+            summary="Follow the progress: one message per loss point (id: <run>.<step>-<k>)")  # fmt: skip
 async def stream_progress(job_id: JobId, svc: Training, caller: CallerDep, streams: StreamsDep,
                           last_event_id: LastEventId = None) -> StreamingResponse:  # fmt: skip
     """Each message: the history point (step, loss, eval_loss, learning_rate, grad_norm, epoch, time) and
-    `progress` (current_step, max_steps, remaining_seconds, ...)."""
+    `progress` (current_step, max_steps, remaining_seconds, ...). Ends with `event: end` once the job is terminal
+    (Swagger UI shows nothing until then: use `curl -N` to follow it)."""
     job = await svc.require(job_id, caller)
     return await _sse(streams, caller, streams.progress(job_id, last_event_id, job.created_at))

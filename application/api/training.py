@@ -56,6 +56,16 @@ CREATE_EXAMPLES: dict[str, Any] = {
     },
 }  # fmt: skip
 
+# A body Swagger UI made up from the fields' own examples asked for a quantization (a GPU job) with 1 bit, which
+# awq refuses: the first example is what "Try it out" sends, a plain merge.
+EXPORT_EXAMPLES: dict[str, Any] = {
+    "merge": {"summary": "Merge the last checkpoint next to it (<checkpoint>-merged)", "value": {}},
+    "named": {"summary": "Merge one checkpoint into <output_dir>/exports/<output_name>",
+              "value": {"checkpoint": "checkpoint-20", "output_name": "merged-v1"}},
+    "quantized": {"summary": "Merge and quantize (a GPU job of its own, queued as a create is)",
+                  "value": {"quant_bits": 4, "quant_method": "awq", "output_name": "awq-int4"}},
+}  # fmt: skip
+
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=255, pattern=r"^[\x21-\x7e]{1,255}$",
@@ -109,10 +119,10 @@ async def stop_job(job_id: JobId, request: Request, control: Control, caller: Ca
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 
 
-@jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **WITH_BODY},
+@jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **E429, **WITH_BODY},
            summary="Merge a LoRA checkpoint into the model (swift export --merge_lora true)")  # fmt: skip
 async def export_job(job_id: JobId, request: Request, exports: Exports, caller: CallerDep, idem: IdempotencyDep,
-                     body: Annotated[ExportRequest | None, Body()] = None,
+                     body: Annotated[ExportRequest | None, Body(openapi_examples=EXPORT_EXAMPLES)] = None,
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
     """Without a body: the last checkpoint, merged next to it (`<checkpoint>-merged`). Each export is kept:
     GET .../exports lists them."""
@@ -142,7 +152,7 @@ async def pause_job(job_id: JobId, request: Request, ctl: Control, caller: Calle
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 
 
-@jobs.post("/jobs/{job_id}/resume", response_model=ActionResponse, responses={**E404, **E409},
+@jobs.post("/jobs/{job_id}/resume", response_model=ActionResponse, responses={**E404, **E409, **E429},
            summary="Resume a paused job, or a stopped or failed one from its last checkpoint")  # fmt: skip
 async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: CallerDep, idem: IdempotencyDep,
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
