@@ -3,6 +3,7 @@ judged by its exit code and what it prints. Streams are also checked in-process 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from application.cli.app import action
 from application.cli.client import Api, CliError, api_root, job_path
 from application.cli.follow import tail, watch
 from application.cli.output import Output
@@ -136,6 +138,20 @@ def test_logs_follow_prints_every_line_and_ends_with_the_job(server: ApiServer, 
 
 
 # ---- steering -----------------------------------------------------------------------------------------------
+
+
+def test_a_stop_that_takes_longer_than_the_clients_read_timeout_is_waited_for(
+    server_factory: Callable[..., ApiServer], workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server answers a stop once the run has ended, up to its STOP_GRACE_SECONDS (any length): the client's read
+    # timeout (60 s) ended `swift-api stop` with "cannot reach the server" (exit 3) for a stop under way.
+    server = server_factory(env={"STOP_GRACE_SECONDS": "3"})
+    slow = job_body(workspace, "slow", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+    assert server.create(**slow).json()["status"] == "running"
+    wait_for(lambda: server.job("slow")["pid"], what="its process")
+    with Api(f"http://127.0.0.1:{server.port}", timeout=1.0) as api:
+        assert action("stop")(api, argparse.Namespace(job_id="slow"), Output(as_json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "stopped"
 
 
 def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace: Path) -> None:

@@ -85,8 +85,12 @@ def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def action(verb: str) -> Command:
+    # A stop or a pause is answered once the run has ended: up to the server's STOP_GRACE_SECONDS (any length; the
+    # client's 60 s read said "cannot reach the server" for a stop that was under way).
+    wait = verb in ("stop", "pause")
+
     def run(api: Api, args: argparse.Namespace, out: Output) -> int:
-        out.show(api.post(job_path(args.job_id, f"/{verb}")), render.action)
+        out.show(api.post(job_path(args.job_id, f"/{verb}"), wait=wait), render.action)
         return EXIT_OK
 
     return run

@@ -150,12 +150,21 @@ class Api:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """The answer's JSON (None for an empty answer such as DELETE's 204)."""
+    def call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None,
+             wait: bool = False) -> Any:  # fmt: skip
+        """The answer's JSON (None for an empty answer such as DELETE's 204). `wait`: for as long as the server
+        takes to answer (it bounds the wait itself: a stop's, up to its STOP_GRACE_SECONDS and 10 s)."""
+        timeout = httpx.Timeout(None, connect=10.0) if wait else httpx.USE_CLIENT_DEFAULT
         try:
-            response = self.http.request(method, path, params=params, json=body)
+            response = self.http.request(method, path, params=params, json=body, timeout=timeout)
         except httpx.UnsupportedProtocol as e:
             raise CliError(f"bad server URL {self.url}: {e}", EXIT_USAGE) from e
+        except httpx.ReadTimeout as e:
+            if method == "GET":
+                raise unreachable(self.url, e) from e
+            # Sent and not answered in time: not "cannot reach the server", which says it was not done.
+            raise CliError(f"{self.url} did not answer {method} {path} in time: it may have been done all the same; "
+                           "look before trying again (`swift-api status <job>`)", EXIT_UNREACHABLE) from e  # fmt: skip
         except httpx.TransportError as e:
             raise unreachable(self.url, e) from e
         check(response)
@@ -169,8 +178,8 @@ class Api:
     def get(self, path: str, **params: Any) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
 
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.call("POST", path, body=body)
+    def post(self, path: str, body: Any = None, *, wait: bool = False) -> Any:
+        return self.call("POST", path, body=body, wait=wait)
 
     def upload(self, path: str, file: Path, purpose: str) -> Any:
         """POST /files with the file streamed from disk (httpx sends a file object in chunks)."""
