@@ -128,6 +128,19 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         Path(f"{pg.launch_spec(taken_log.parent, 'taken', 'run-taken')}{CLAIMED}").write_text("{}")
         await scheduler.watchdog.sweep()
         assert (await client.get("/jobs/taken")).json()["status"] == "running"
+        # Asked to stop before its runner came: it ends stopped, and its spec goes too (it stayed, and a scheduler
+        # that stalled before the launch could still start swift on GPUs given to the next job).
+        await client.post("/jobs", json=job_body(tmp_path, "asked", step_seconds=0.01, training={"max_steps": 2}))
+        asked_log = tmp_path / "output" / "asked" / "logs" / "asked.train.log"
+        fields = {**fields, "run_id": "run-asked", "started_at": time.time() - 30, "log_file": str(asked_log),
+                  "stop_requested": True}  # fmt: skip
+        await scheduler.store.transition("asked", JobStatus.RUNNING, fields=fields)  # ("taken" holds the GPU)
+        spec = pg.launch_spec(asked_log.parent, "asked", "run-asked")
+        spec.parent.mkdir(parents=True)
+        spec.write_text("{}")
+        await scheduler.watchdog.sweep()
+        assert (await client.get("/jobs/asked")).json()["status"] in ("stopped", "cancelled")
+        assert not spec.exists()
 
 
 async def test_a_run_that_trained_to_its_end_while_nobody_watched_is_completed_with_its_whole_history(

@@ -212,14 +212,16 @@ class Watchdog:
         # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
         finished = code is None and ran_to_its_end(facts)
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
-        if interrupt is None and job.runner is None and job.pid is None and code is None and not logged:
+        if job.runner is None and job.pid is None and code is None and not logged:
             # Moved to running, then its scheduler died (or stalled: it may launch yet) before the launch: nothing
-            # ran, nothing is lost, once no runner can start from its spec.
+            # ran, nothing is lost, once no runner can start from its spec. Revoked for a run asked to stop or
+            # pause too: its GPUs go to the next job, and a late launch would start swift on them.
             spec = pg.launch_spec(Path(job.output_dir) / "logs", job.job_id, job.run_id or "")
             if not await asyncio.to_thread(pg.revoke_launch, spec, log_file, RUNNER_START_GRACE):
                 return  # a runner took it after all: the next sweep sees it
-            job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
-            interrupt = "preempt"
+            if interrupt is None:
+                job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
+                interrupt = "preempt"
         elif interrupt is None and not finished and killed_with_its_host(code) and job.runner and \
                 self.launcher.outlived(job.runner):  # fmt: skip
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
