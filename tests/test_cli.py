@@ -652,7 +652,7 @@ def tiny_server() -> Iterator[int]:
         thread.join(10)
 
 
-@pytest.mark.parametrize("args", [["ls"], ["watch", "j"]])
+@pytest.mark.parametrize("args", [["ls"], ["watch", "j"], ["download", "j", "x.bin", "-o", "-"]])
 def test_output_to_a_reader_that_has_gone_exits_0(tiny_server: int, args: list[str]) -> None:
     # `swift-api watch j | true`: rich exited 1 itself on the broken pipe, which reads as "the job failed" (--json
     # output exited 0).

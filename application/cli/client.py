@@ -220,6 +220,9 @@ class Api:
                     fh.flush()
             if partial is not None and target is not None:
                 partial.replace(target)
+        except BrokenPipeError:  # `-o - | head`: the reader has gone, as for every other command (exit 0)
+            _discard(partial)
+            raise
         except OSError as e:
             _discard(partial)
             raise CliError(f"cannot write {name}: {e.strerror}", EXIT_USAGE) from e
