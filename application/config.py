@@ -301,10 +301,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
-        if self.SWIFT_BIN.startswith("~"):
-            object.__setattr__(self, "SWIFT_BIN", os.path.expanduser(self.SWIFT_BIN))
-        if "/" in self.SWIFT_BIN and not Path(self.SWIFT_BIN).is_absolute():
-            object.__setattr__(self, "SWIFT_BIN", str((PROJECT_ROOT / self.SWIFT_BIN).resolve()))
+        # A command (a bare name: looked up on PATH) or a path, relative to the project, as every path setting is.
+        for name in ("SWIFT_BIN", "REDIS_SERVER_BIN"):
+            command: str | None = getattr(self, name)
+            if command is None:
+                continue
+            if command.startswith("~"):
+                command = os.path.expanduser(command)
+            if "/" in command and not Path(command).is_absolute():
+                command = str((PROJECT_ROOT / command).resolve())
+            object.__setattr__(self, name, command)
         for name in ("DATA_DIR", "LOG_DIR", "OUTPUT_ROOT", "SIMULATED_GPU_USAGE_FILE", "API_KEYS_FILE"):
             p: Path | None = getattr(self, name)
             if p is not None:

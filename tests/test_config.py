@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,14 @@ def test_environment_selects_its_env_file_and_real_variables_win(monkeypatch: py
     assert settings.SWIFT_BIN == str(PROJECT_ROOT / "tests" / "fake_swift" / "swift")  # relative to the project
     monkeypatch.setenv("APP_PORT", "9123")
     assert load_settings().APP_PORT == 9123
+    # REDIS_SERVER_BIN too, as the README says of every path setting (it was looked up as written, from wherever
+    # the server was started: "is not a redis-server found here").
+    monkeypatch.setenv("REDIS_SERVER_BIN", "bin/redis-server")
+    assert load_settings().REDIS_SERVER_BIN == str(PROJECT_ROOT / "bin" / "redis-server")
+    monkeypatch.setenv("REDIS_SERVER_BIN", "~/redis/redis-server")
+    assert load_settings().REDIS_SERVER_BIN == os.path.expanduser("~/redis/redis-server")
+    monkeypatch.setenv("REDIS_SERVER_BIN", "redis-server")  # a command on PATH stays one
+    assert load_settings().REDIS_SERVER_BIN == "redis-server"
 
 
 def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
