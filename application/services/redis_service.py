@@ -205,15 +205,26 @@ def redis_url(settings: Settings) -> str:
     return f"redis://{host}:{settings.REDIS_PORT}/{settings.REDIS_DB}"
 
 
+class RetryUnsent(Retry):
+    """Tries a command again only when it cannot have reached Redis: a connection that failed (one Redis closed,
+    a restart), or one that timed out while connecting. Not a reply that timed out: the command may have run all
+    the same (Redis busy behind another client's script, a fork's stall, then reading what this client sent
+    before it gave up), and a script run twice is not one run once (a create answered "exists" for the job it
+    had just made, an upload counted twice against its owner's quota, a run's end refused as "ended by someone
+    else"). That timeout reaches the caller, whose "the answer was lost" handling is there for it."""
+
+    async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
+                              with_failure_count: bool = False) -> Any:  # fmt: skip
+        return await super().call_with_retry(do, fail, _unsent, with_failure_count)
+
+
+def _unsent(error: Exception) -> bool:
+    # (redis-py's words for a connect that timed out; a change of them only stops those retries)
+    return not isinstance(error, RedisTimeoutError) or str(error).startswith("Timeout connecting")
+
+
 def create_client(settings: Settings, url: str) -> aioredis.Redis:
-    # Only a connection that failed is tried again (one Redis closed, a restart): not a reply that timed out.
-    # The command may have run all the same (Redis busy behind another client's script, a fork's stall, then
-    # reading what this client sent before it gave up), and a script run twice is not one run once: a create
-    # answered "exists" for the job it had just made, an upload counted twice against its owner's quota, a
-    # run's end refused as "ended by someone else" (no automatic export). A timeout reaches the caller, whose
-    # "the answer was lost" handling is there for it.
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES,
-                  supported_errors=(RedisConnectionError,))  # fmt: skip
+    retry = RetryUnsent(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
     return aioredis.Redis.from_url(
         url,
         password=settings.REDIS_PASSWORD,  # a password in REDIS_URL wins over it (redis-py's from_url)
@@ -221,7 +232,7 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
         socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT,
         retry=retry,
-        retry_on_error=[RedisConnectionError],
+        retry_on_error=list(REDIS_AWAY),
         health_check_interval=30,
     )
 
