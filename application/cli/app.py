@@ -85,8 +85,8 @@ def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def action(verb: str) -> Command:
-    # A stop or a pause is answered once the run has ended: up to the server's STOP_GRACE_SECONDS (any length; the
-    # client's 60 s read said "cannot reach the server" for a stop that was under way).
+    # A stop or a pause is answered once the run has ended: up to the server's STOP_GRACE_SECONDS (the client's 60 s
+    # read said "cannot reach the server" for a stop that was under way); up to an hour, then "may have been done".
     wait = verb in ("stop", "pause")
 
     def run(api: Api, args: argparse.Namespace, out: Output) -> int:

@@ -22,6 +22,8 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+# A stop's or a pause's answer: longer than any stop grace in use, yet not for ever (a server that hangs).
+WAIT_READ_TIMEOUT = 3600.0
 
 # A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
 # outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
@@ -152,9 +154,9 @@ class Api:
 
     def call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None,
              wait: bool = False) -> Any:  # fmt: skip
-        """The answer's JSON (None for an empty answer such as DELETE's 204). `wait`: for as long as the server
-        takes to answer (it bounds the wait itself: a stop's, up to its STOP_GRACE_SECONDS and 10 s)."""
-        timeout = httpx.Timeout(None, connect=10.0) if wait else httpx.USE_CLIENT_DEFAULT
+        """The answer's JSON (None for an empty answer such as DELETE's 204). `wait`: up to WAIT_READ_TIMEOUT for
+        the answer (the server bounds its own wait: a stop's, up to its STOP_GRACE_SECONDS and 10 s)."""
+        timeout = httpx.Timeout(WAIT_READ_TIMEOUT, connect=10.0) if wait else httpx.USE_CLIENT_DEFAULT
         try:
             response = self.http.request(method, path, params=params, json=body, timeout=timeout)
         except httpx.UnsupportedProtocol as e:
