@@ -705,7 +705,6 @@ def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
 # ---- without JavaScript; escaping ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(180)
 def test_the_api_docs_load_and_fetch_nothing_from_anywhere_else(server: ApiServer, tabs: Callable[..., Tab]) -> None:
     """ReDoc's footer drew its logo from cdn.redoc.ly: every visit told a third party this server's address (and,
     offline, logged an error), where the README says the docs fetch nothing from a CDN."""
@@ -726,6 +725,7 @@ def test_the_api_docs_load_and_fetch_nothing_from_anywhere_else(server: ApiServe
         assert "default-src 'self'" in policy and "img-src 'self' data:" in policy, policy
 
 
+@pytest.mark.timeout(180)
 def test_lists_render_without_javascript_and_escape_hostile_text(server: ApiServer, workspace: Path,
                                                                  tabs: Callable[..., Tab]) -> None:  # fmt: skip
     hostile = job_body(workspace, "hostile", output_dir=HOSTILE)

@@ -457,6 +457,10 @@ class JobStore(JobLog):
         """Terminal jobs that finished before `before`, oldest first."""
         return list(await self.r.zrangebyscore(self.keys.expiry, "-inf", repr(before), start=0, num=limit))
 
+    async def unexpire(self, job_id: str) -> None:
+        """Out of retention's sight: a record it can neither read nor delete, left to an operator."""
+        await self.r.zrem(self.keys.expiry, job_id)
+
     # ---- queue and leases -------------------------------------------------------------------------------
 
     async def queue_length(self) -> int:

@@ -93,7 +93,8 @@ class RunControl:
         if job.status == JobStatus.PAUSED and job.export.status != ExportStatus.RUNNING:
             # Stopped, it is resumable only from a checkpoint: one that saved none is cancelled, as a job taken
             # out of the queue after a run that saved none is (`leave_queue`), not promised a resume refused later.
-            if await asyncio.to_thread(newest_checkpoint, job) is None:
+            # (the checkpoint its pause named counts too: a disk that cannot be read a moment shows none)
+            if job.resume_from is None and await asyncio.to_thread(newest_checkpoint, job) is None:
                 await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(JobStatus.PAUSED,),
                                            actor=caller.actor, message="cancelled while paused, with no checkpoint",
                                            created_at=job.created_at)  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
@@ -32,7 +32,7 @@ from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.exports import merged_path, request_auto_export, run_again, settle, while_running
 from application.services.files import FileStore
-from application.services.job_store import JobStore, TransitionRefused
+from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
 from application.services.outbox import until_answered
@@ -453,8 +453,12 @@ class Watchdog:
                 try:
                     await self.store.delete(job_id, ended_only=True)
                     removed.append(job_id)
-                except TransitionRefused:
-                    pass
+                except (TransitionRefused, ResponseError) as why:  # (a field the script cannot decode either)
+                    if isinstance(why, TransitionRefused) and why.reason == Refusal.EXPORT_STATE:
+                        continue  # exporting right now: the next sweep sees it again
+                    logger.warning("job {}: its record cannot be deleted either ({}): left to an operator "
+                                   "(DEL {})", job_id, why, self.store.keys.job(job_id))  # fmt: skip
+                    await self.store.unexpire(job_id)
                 continue
             if job is None:
                 await self.store.forget_lost(job_id)  # (its expiry entry, and whatever else it left)
