@@ -40,14 +40,17 @@ from application.services.folder_owners import FolderIndex
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
+from application.services.lost_replies import MaybeMade, landed, negated
 from application.services.media_refs import check_media
 from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard, all_of, real_output_root
 from application.services.preflight import own_files
+from application.services.redis_service import REDIS_AWAY
 from application.services.swift_arguments import DATA_ARGUMENTS
 from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
 
 SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
+RETRY = {"Retry-After": "5"}
 FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
 # An upload file older than this with no record is left over from a crash (an upload takes far less).
@@ -130,10 +133,21 @@ class FileStore:
         marker = str(folder / file_id)
         await self.r.zadd(self.keys.uploads_writing, {marker: clock.now()})
         try:
-            return await self._write(file_id, folder, chunks, content_type, content_length, caller)
-        finally:
-            with contextlib.suppress(RedisError):  # (left, it is the sweep's: it finds the record, or no file)
-                await self.r.zrem(self.keys.uploads_writing, marker)
+            meta = await self._write(file_id, folder, chunks, content_type, content_length, caller)
+        except MaybeMade:
+            raise  # (its file and mark stay: the sweep finds the record, or none and removes the file)
+        except BaseException:
+            await self._unmark(marker)
+            raise
+        await self._unmark(marker)
+        return meta
+
+    async def _unmark(self, marker: str) -> None:
+        with contextlib.suppress(RedisError):  # (left, it is the sweep's: it finds the record, or no file)
+            await self.r.zrem(self.keys.uploads_writing, marker)
+
+    async def _recorded(self, file_id: str) -> bool:
+        return bool(await self.r.exists(self.keys.file(file_id)))
 
     async def _write(self, file_id: str, folder: Path, chunks: AsyncIterator[bytes], content_type: str | None,
                      content_length: str | None, caller: Caller) -> FileObject:  # fmt: skip
@@ -167,6 +181,15 @@ class FileStore:
                     f"this upload ({meta.bytes} bytes) would bring the uploads of '{caller.actor}' to "
                     f"{held} bytes, over FILE_QUOTA_BYTES={quota}: delete some (DELETE /files/{{id}})"
                 )
+        except REDIS_AWAY as exc:  # its reply lost: it may have been stored all the same (lost_replies)
+            found = await landed(lambda: self._recorded(file_id))
+            if found:
+                return meta
+            if found is None:
+                raise MaybeMade(f"Redis did not answer in time: the upload may have been stored as {file_id}; "
+                                   "look (GET /files) before sending it again", RETRY) from exc  # fmt: skip
+            await off_loop(functools.partial(final.unlink, missing_ok=True))
+            raise
         except BaseException:
             await off_loop(functools.partial(final.unlink, missing_ok=True))
             raise
@@ -240,13 +263,29 @@ class FileStore:
         """Remove the record, then the file. Refused (409) while a pending, queued, running or paused job names it:
         the store records each job's uploads in the create's own script, and this check runs in the delete's."""
         meta = await self.get(file_id, caller)
-        reply = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
+        # Marked first, as an upload is: a reply lost once the record is gone leaves the file to the orphan sweep.
+        marker = str(Path(meta.path).parent / file_id)
+        await self.r.zadd(self.keys.uploads_writing, {marker: clock.now()})
+        try:
+            reply = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
+        except REDIS_AWAY as exc:  # (lost_replies)
+            gone = await landed(lambda: negated(self._recorded(file_id)))
+            if gone is None:
+                raise MaybeMade(f"Redis did not answer in time: file '{file_id}' may have been deleted; look "
+                                f"(GET /files/{file_id}) before deleting it again", RETRY) from exc  # fmt: skip
+            if not gone:
+                await self._unmark(marker)
+                raise
+            reply = ["ok"]
+        if reply[0] != "ok":
+            await self._unmark(marker)
         if reply[0] == "in_use":
             raise Conflict(f"file '{file_id}' is the data set of {await self._users_text(reply[1:], caller)}: "
                            "delete it once they end")  # fmt: skip
         if reply[0] == "gone":  # a concurrent delete won
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
+        await self._unmark(marker)
 
     async def _users_text(self, users: list[str], caller: Caller) -> str:
         """The active jobs using a file, as the caller may see them: their own by id, others' only counted (an

@@ -33,12 +33,14 @@ from application.services.files import UPLOADS_DIR
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
+from application.services.lost_replies import landed
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
 from application.services.preflight import own_files
 from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
+from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
@@ -252,6 +254,9 @@ class QueueProcessor:
         except Exception:  # (the record may defeat the transition too: the pass must still go on)
             logger.exception("queued job {} could not be failed", job_id)
 
+    async def _recorded(self, job_id: str, run_id: str) -> bool:
+        return bool(await self.store.get_field(job_id, "run_id") == run_id)
+
     async def preempt(self, head_id: str, view: ClusterView) -> list[str]:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
@@ -356,7 +361,7 @@ class QueueProcessor:
         progress = Progress(current_step=step, max_steps=total,
                             percentage=round(100.0 * step / total, 2) if step is not None and total else None,
                             ) if resume else Progress()  # fmt: skip
-        await self.store.transition(
+        started = self.store.transition(
             job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
             fields={
                 "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
@@ -374,6 +379,13 @@ class QueueProcessor:
                                              " from the beginning" if job.attempts else ""),
             data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
         )  # fmt: skip
+        try:
+            await started
+        except REDIS_AWAY:
+            # Its reply lost, the run may be recorded all the same (lost_replies): then it is launched, not left
+            # holding its GPUs, runner-less, until the watchdog gave it up as never launched.
+            if not await landed(lambda: self._recorded(job.job_id, run_id)):
+                raise
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
             # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or

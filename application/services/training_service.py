@@ -42,6 +42,7 @@ from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
+from application.services.lost_replies import created_anyway
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
@@ -53,6 +54,7 @@ from application.services.queue_planner import (
     Planner,
     build_view,
 )
+from application.services.redis_service import REDIS_AWAY
 from application.services.run_history import RunHistory
 from application.services.scheduler import QueuedJob, gpu_is_free
 from application.services.swift_arguments import (
@@ -238,6 +240,9 @@ class TrainingService:
                 position = await self.store.create(job, message=message, actor=caller.actor,
                                                    max_waiting=self.limits.max_waiting, uploads=uploads,
                                                    folder=folder)  # fmt: skip
+                break
+            except REDIS_AWAY as exc:  # (it may have been stored all the same: looked for)
+                position = await created_anyway(self.store, job, exc)
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:

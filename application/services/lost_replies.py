@@ -1,0 +1,61 @@
+"""Writes whose reply Redis did not give in time (busy past REDIS_SOCKET_TIMEOUT, then running what it had read):
+they may have been made all the same. The client sends none of them again (`redis_service.create_client`), so
+what a write was to make is looked for before anyone is told to try again, whose retry would make it twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from application.exceptions import Unavailable
+from application.models.training_model import Job, JobStatus
+from application.services.job_store import JobStore
+from application.services.redis_service import REDIS_AWAY
+
+LOOK_SECONDS = 10.0
+# Redis may take the look before the write it had read from the connection given up on: a second look after this.
+SETTLE_SECONDS = 0.5
+
+
+class MaybeMade(Unavailable):
+    """503 for a write that may have been made (its reply lost, and Redis away since): what it made is kept."""
+
+
+async def negated(check: Awaitable[bool]) -> bool:
+    return not await check
+
+
+async def landed(made: Callable[[], Awaitable[bool]], seconds: float = LOOK_SECONDS) -> bool | None:
+    """Whether the write is there, as read once Redis answers again; None when it did not answer for `seconds`."""
+    deadline = time.monotonic() + seconds
+    looks = 0
+    while True:
+        try:
+            if await made():
+                return True
+            looks += 1
+            if looks == 2:
+                return False
+            await asyncio.sleep(SETTLE_SECONDS)
+        except REDIS_AWAY:
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.2)
+
+
+async def created_anyway(store: JobStore, job: Job, lost: Exception) -> int | None:
+    """After a create whose reply was lost: the job's queue position (None when not queued) when it was stored;
+    else `lost` is raised again (nothing was stored: try again is true), or a 503 that says it may have been."""
+
+    async def made() -> bool:
+        return bool(await store.get_field(job.job_id, "created_at") == job.created_at)
+
+    found = await landed(made)
+    if found is None:
+        look = f"look (GET .../jobs/{job.job_id}) before creating it again"
+        raise MaybeMade(f"Redis did not answer in time: job '{job.job_id}' may have been created; {look}",
+                        {"Retry-After": "5"}) from lost  # fmt: skip
+    if not found:
+        raise lost
+    return await store.queue_position(job.job_id) if job.status == JobStatus.QUEUED else None

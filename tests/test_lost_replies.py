@@ -1,0 +1,111 @@
+"""Writes whose reply Redis lost after it had made them (a real Redis behind tests/redis_proxy.py): the server
+looks for what it wrote before it answers "try again", whose retry made it a second time or failed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from application.services import lua, lua_cluster
+from tests.conftest import QUICK_TO_GIVE_UP, job_body, make_model
+from tests.redis_proxy import RedisProxy
+
+WAITING = ("pending", "queued", "running")
+ROWS = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}) + "\n"
+
+
+def script(source: str) -> bytes:
+    """What the proxy looks for: the script's sha, as EVALSHA sends it."""
+    return re.escape(hashlib.sha1(source.encode()).hexdigest().encode())
+
+
+@asynccontextmanager
+async def through_a_proxy(app_factory: Callable[..., Any], redis_url: str, scheduler: bool = False) -> AsyncIterator[
+        tuple[httpx.AsyncClient, RedisProxy]]:  # fmt: skip
+    proxy = RedisProxy(redis_url)
+    try:
+        async with app_factory(REDIS_URL=proxy.url, scheduler=scheduler, **QUICK_TO_GIVE_UP) as client:
+            yield client, proxy
+    finally:
+        proxy.close()
+
+
+def upload(client: httpx.AsyncClient, name: str) -> Any:
+    return client.post("/files", files={"file": (name, (ROWS * 20).encode(), "application/octet-stream")})
+
+
+async def test_a_create_stored_before_its_reply_was_lost_is_answered_as_made_once(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # It answered 503 "try again"; the retry then made the job a second time under a derived id (or, with its
+    # job_id, was refused as "taken"), and an auto_start job was left pending.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
+        assert (await client.post("/jobs", json=job_body(tmp_path, "first"))).status_code == 201  # (scripts loaded)
+        proxy.cut_after(script(lua.CREATE), lose_reply=True, down_seconds=1.0)
+        r = await client.post("/jobs", json=job_body(tmp_path, "second"))
+        assert proxy.fired.is_set()
+        assert r.status_code == 201 and r.json()["job_id"] == "second", r.text
+        listed = (await client.get("/jobs")).json()
+        assert sorted(j["job_id"] for j in listed["jobs"]) == ["first", "second"], listed
+
+
+async def test_an_upload_stored_before_its_reply_was_lost_keeps_its_file(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # It answered 503 and deleted the file, while its record (and its bytes against the owner's quota) stayed: a
+    # listed upload with no data, which every job naming it failed on.
+    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
+        assert (await upload(client, "first.jsonl")).status_code == 201  # (scripts loaded)
+        proxy.cut_after(script(lua_cluster.STORE_FILE), lose_reply=True, down_seconds=1.0)
+        r = await upload(client, "second.jsonl")
+        assert proxy.fired.is_set()
+        assert r.status_code == 201, r.text
+        assert Path(r.json()["path"]).is_file()
+        listed = (await client.get("/files")).json()
+        assert sorted(f["filename"] for f in listed["files"]) == ["first.jsonl", "second.jsonl"], listed
+
+
+async def test_a_file_delete_made_before_its_reply_was_lost_removes_the_file(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # It answered 503 with the record gone and the file left on disk for good: the retry was 404, and no sweep
+    # looked at it.
+    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
+        first, second = [(await upload(client, f"{n}.jsonl")).json() for n in ("first", "second")]
+        assert (await client.delete(f"/files/{first['id']}")).status_code == 204  # (scripts loaded)
+        proxy.cut_after(script(lua_cluster.FORGET_FILE), lose_reply=True, down_seconds=1.0)
+        r = await client.delete(f"/files/{second['id']}")
+        assert proxy.fired.is_set()
+        assert r.status_code == 204, r.text
+        assert not Path(second["path"]).exists()
+        assert (await client.get(f"/files/{second['id']}")).status_code == 404
+
+
+async def test_a_start_recorded_before_its_reply_was_lost_is_launched_not_given_up(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # The scheduler took the lost reply for a start that did not happen: the job held its GPU with no runner until
+    # the watchdog gave it up, "preempted for the stop of the scheduler that was starting it", and ran it again.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, scheduler=True) as (client, proxy):
+        proxy.cut_after(rb'"to":"running"', lose_reply=True, down_seconds=1.0)
+        body = job_body(tmp_path, "lost", auto_start=True, step_seconds=0.01, training={"max_steps": 2})
+        # (the create's own wait for that start is cut too: its answer may be a 503; the job is made either way)
+        assert (await client.post("/jobs", json=body)).status_code in (201, 503)
+        deadline = time.monotonic() + 30
+        while (r := await client.get("/jobs/lost")).status_code != 200 or r.json()["status"] in WAITING:
+            assert time.monotonic() < deadline, r.text  # (503 while the proxy is down)
+            await asyncio.sleep(0.1)
+        done = r.json()
+        assert proxy.fired.is_set()
+        assert done["status"] == "completed" and len(done["attempts"]) == 1, done["attempts"]
