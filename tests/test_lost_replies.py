@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from application.services import lua, lua_cluster
 from tests.conftest import QUICK_TO_GIVE_UP, job_body, make_model
@@ -29,29 +30,37 @@ def script(source: str) -> bytes:
 
 
 @asynccontextmanager
-async def through_a_proxy(app_factory: Callable[..., Any], redis_url: str, scheduler: bool = False) -> AsyncIterator[
-        tuple[httpx.AsyncClient, RedisProxy]]:  # fmt: skip
+async def through_a_proxy(
+    app_factory: Callable[..., Any], redis_url: str, scheduler: bool = False, retries: int = 0, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, RedisProxy]]:
     proxy = RedisProxy(redis_url)
+    settings = {**QUICK_TO_GIVE_UP, "REDIS_RETRIES": str(retries), **overrides}
     try:
-        async with app_factory(REDIS_URL=proxy.url, scheduler=scheduler, **QUICK_TO_GIVE_UP) as client:
+        async with app_factory(REDIS_URL=proxy.url, scheduler=scheduler, **settings) as client:
             yield client, proxy
     finally:
         proxy.close()
+
+
+# A reply lost with its connection: met by the caller (no retries, Redis away a second), or sent again at once by
+# redis-py's retry of a dropped connection (the script then runs twice).
+LOSSES = pytest.mark.parametrize(("retries", "down"), [(0, 1.0), (3, 0.05)], ids=["met", "sent-again"])
 
 
 def upload(client: httpx.AsyncClient, name: str) -> Any:
     return client.post("/files", files={"file": (name, (ROWS * 20).encode(), "application/octet-stream")})
 
 
+@LOSSES
 async def test_a_create_stored_before_its_reply_was_lost_is_answered_as_made_once(
-    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path, retries: int, down: float
 ) -> None:
     # It answered 503 "try again"; the retry then made the job a second time under a derived id (or, with its
     # job_id, was refused as "taken"), and an auto_start job was left pending.
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
+    async with through_a_proxy(app_factory, redis_url, retries=retries) as (client, proxy):
         assert (await client.post("/jobs", json=job_body(tmp_path, "first"))).status_code == 201  # (scripts loaded)
-        proxy.cut_after(script(lua.CREATE), lose_reply=True, down_seconds=1.0)
+        proxy.cut_after(script(lua.CREATE), lose_reply=True, down_seconds=down)
         r = await client.post("/jobs", json=job_body(tmp_path, "second"))
         assert proxy.fired.is_set()
         assert r.status_code == 201 and r.json()["job_id"] == "second", r.text
@@ -59,46 +68,55 @@ async def test_a_create_stored_before_its_reply_was_lost_is_answered_as_made_onc
         assert sorted(j["job_id"] for j in listed["jobs"]) == ["first", "second"], listed
 
 
+@LOSSES
 async def test_an_upload_stored_before_its_reply_was_lost_keeps_its_file(
-    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path, retries: int, down: float
 ) -> None:
     # It answered 503 and deleted the file, while its record (and its bytes against the owner's quota) stayed: a
     # listed upload with no data, which every job naming it failed on.
-    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
-        assert (await upload(client, "first.jsonl")).status_code == 201  # (scripts loaded)
-        proxy.cut_after(script(lua_cluster.STORE_FILE), lose_reply=True, down_seconds=1.0)
+    size = len((ROWS * 20).encode())
+    async with through_a_proxy(app_factory, redis_url, retries=retries, FILE_QUOTA_BYTES=2 * size) as (client, proxy):
+        first = await upload(client, "first.jsonl")
+        assert first.status_code == 201  # (scripts loaded)
+        proxy.cut_after(script(lua_cluster.STORE_FILE), lose_reply=True, down_seconds=down)
         r = await upload(client, "second.jsonl")
         assert proxy.fired.is_set()
         assert r.status_code == 201, r.text
         assert Path(r.json()["path"]).is_file()
         listed = (await client.get("/files")).json()
         assert sorted(f["filename"] for f in listed["files"]) == ["first.jsonl", "second.jsonl"], listed
+        # Counted once against the quota (run twice, it was counted twice, for good: 413 with room to spare).
+        assert (await client.delete(f"/files/{first.json()['id']}")).status_code == 204
+        third = await upload(client, "third.jsonl")
+        assert third.status_code == 201, third.text
 
 
+@LOSSES
 async def test_a_file_delete_made_before_its_reply_was_lost_removes_the_file(
-    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path, retries: int, down: float
 ) -> None:
     # It answered 503 with the record gone and the file left on disk for good: the retry was 404, and no sweep
     # looked at it.
-    async with through_a_proxy(app_factory, redis_url) as (client, proxy):
+    async with through_a_proxy(app_factory, redis_url, retries=retries) as (client, proxy):
         first, second = [(await upload(client, f"{n}.jsonl")).json() for n in ("first", "second")]
         assert (await client.delete(f"/files/{first['id']}")).status_code == 204  # (scripts loaded)
-        proxy.cut_after(script(lua_cluster.FORGET_FILE), lose_reply=True, down_seconds=1.0)
+        proxy.cut_after(script(lua_cluster.FORGET_FILE), lose_reply=True, down_seconds=down)
         r = await client.delete(f"/files/{second['id']}")
         assert proxy.fired.is_set()
-        assert r.status_code == 204, r.text
+        assert r.status_code == (204 if retries == 0 else 404), r.text  # (run twice: "gone", as a second delete)
         assert not Path(second["path"]).exists()
         assert (await client.get(f"/files/{second['id']}")).status_code == 404
 
 
+@LOSSES
 async def test_a_start_recorded_before_its_reply_was_lost_is_launched_not_given_up(
-    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path, retries: int, down: float
 ) -> None:
     # The scheduler took the lost reply for a start that did not happen: the job held its GPU with no runner until
     # the watchdog gave it up, "preempted for the stop of the scheduler that was starting it", and ran it again.
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with through_a_proxy(app_factory, redis_url, scheduler=True) as (client, proxy):
-        proxy.cut_after(rb'"to":"running"', lose_reply=True, down_seconds=1.0)
+    async with through_a_proxy(app_factory, redis_url, scheduler=True, retries=retries) as (client, proxy):
+        proxy.cut_after(rb'"to":"running"', lose_reply=True, down_seconds=down)
         body = job_body(tmp_path, "lost", auto_start=True, step_seconds=0.01, training={"max_steps": 2})
         # (the create's own wait for that start is cut too: its answer may be a 503; the job is made either way)
         assert (await client.post("/jobs", json=body)).status_code in (201, 503)

@@ -40,7 +40,7 @@ from application.services.folder_owners import FolderIndex
 from application.services.job_codec import script_arg
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from application.services.lost_replies import MaybeMade, landed, negated
+from application.services.lost_replies import MaybeMade, landed, negated, never_sent
 from application.services.media_refs import check_media
 from application.services.owner_slots import upload_slots
 from application.services.path_sandbox import Guard, all_of, real_output_root
@@ -182,14 +182,17 @@ class FileStore:
                     f"{held} bytes, over FILE_QUOTA_BYTES={quota}: delete some (DELETE /files/{{id}})"
                 )
         except REDIS_AWAY as exc:  # its reply lost: it may have been stored all the same (lost_replies)
+            if never_sent(exc):
+                await off_loop(functools.partial(final.unlink, missing_ok=True))
+                raise
             found = await landed(lambda: self._recorded(file_id))
             if found:
                 return meta
-            if found is None:
-                raise MaybeMade(f"Redis did not answer in time: the upload may have been stored as {file_id}; "
-                                   "look (GET /files) before sending it again", RETRY) from exc  # fmt: skip
-            await off_loop(functools.partial(final.unlink, missing_ok=True))
-            raise
+            # Its file and mark stay either way: a write still on its way may land later, and the sweep removes
+            # the file only once no record came.
+            maybe = "may have been stored" if found is None else "was not stored"
+            raise MaybeMade(f"Redis did not answer in time: the upload {maybe} as {file_id}; look (GET /files) "
+                            "before sending it again", RETRY) from exc  # fmt: skip
         except BaseException:
             await off_loop(functools.partial(final.unlink, missing_ok=True))
             raise
@@ -269,20 +272,21 @@ class FileStore:
         try:
             reply = await self._forget(file_id, owner_folder(meta.owner), meta.bytes)
         except REDIS_AWAY as exc:  # (lost_replies)
-            gone = await landed(lambda: negated(self._recorded(file_id)))
-            if gone is None:
-                raise MaybeMade(f"Redis did not answer in time: file '{file_id}' may have been deleted; look "
-                                f"(GET /files/{file_id}) before deleting it again", RETRY) from exc  # fmt: skip
-            if not gone:
+            if never_sent(exc):
                 await self._unmark(marker)
                 raise
+            gone = await landed(lambda: negated(self._recorded(file_id)))
+            if not gone:  # (its mark stays: a delete still on its way may land later; the sweep looks)
+                raise MaybeMade(f"Redis did not answer in time: file '{file_id}' may have been deleted; look "
+                                f"(GET /files/{file_id}) before deleting it again", RETRY) from exc  # fmt: skip
             reply = ["ok"]
-        if reply[0] != "ok":
-            await self._unmark(marker)
         if reply[0] == "in_use":
+            await self._unmark(marker)
             raise Conflict(f"file '{file_id}' is the data set of {await self._users_text(reply[1:], caller)}: "
                            "delete it once they end")  # fmt: skip
-        if reply[0] == "gone":  # a concurrent delete won
+        if reply[0] == "gone":  # a concurrent delete won, or this one's script ran twice: the file is no one's
+            await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
+            await self._unmark(marker)
             raise _not_found(file_id)
         await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
         await self._unmark(marker)

@@ -10,6 +10,7 @@ runs the request. An answer is stored, or a key released, only by the worker tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 from application.exceptions import ApiError, Conflict, Invalid, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.heartbeat import beating
+from application.services.lost_replies import MaybeMade
 
 TTL_SECONDS = 24 * 3600
 LEASE_SECONDS = 10.0
@@ -86,7 +88,11 @@ class Idempotency:
                 status, body, headers = await call()
         except ApiError as exc:
             if exc.status_code in (429, 503):
-                await self.store.release_idempotency(rkey, claim)
+                # Free for a retry, but not after a create that may have been made (Redis away: a retry would make
+                # it again): that claim lapses with its lease. A release Redis does not take lapses too.
+                if not isinstance(exc, MaybeMade):
+                    with contextlib.suppress(RedisError):
+                        await self.store.release_idempotency(rkey, claim)
                 raise
             # As the error handler renders it (main._api_error), so that the replay is the same bytes.
             first = error_json({"detail": exc.detail}).decode()

@@ -8,10 +8,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from redis.exceptions import RedisError
+
 from application.exceptions import Unavailable
 from application.models.training_model import Job, JobStatus
 from application.services.job_store import JobStore
-from application.services.redis_service import REDIS_AWAY
 
 LOOK_SECONDS = 10.0
 # Redis may take the look before the write it had read from the connection given up on: a second look after this.
@@ -26,32 +27,46 @@ async def negated(check: Awaitable[bool]) -> bool:
     return not await check
 
 
+def never_sent(error: Exception) -> bool:
+    """A connection that could not be made (redis-py's words for it): the write cannot have reached Redis."""
+    return "connecting" in str(error)
+
+
 async def landed(made: Callable[[], Awaitable[bool]], seconds: float = LOOK_SECONDS) -> bool | None:
-    """Whether the write is there, as read once Redis answers again; None when it did not answer for `seconds`."""
+    """Whether the write is there, as read once Redis answers again; None when it did not answer within `seconds`
+    (each look too: one look may otherwise wait out a socket timeout and every reconnect)."""
     deadline = time.monotonic() + seconds
     looks = 0
     while True:
         try:
-            if await made():
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                found = await made()
+            if found:
                 return True
             looks += 1
             if looks == 2:
                 return False
             await asyncio.sleep(SETTLE_SECONDS)
-        except REDIS_AWAY:
+        except (RedisError, TimeoutError):  # (a busy Redis's BUSY too: no answer yet)
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.2)
+
+
+async def own_create(store: JobStore, job: Job) -> bool:
+    """The job stored under this id is the one this create made (its script run twice: a reply lost on a dropped
+    connection, which redis-py sends again)."""
+    return bool(await store.get_field(job.job_id, "created_at") == job.created_at)
 
 
 async def created_anyway(store: JobStore, job: Job, lost: Exception) -> int | None:
     """After a create whose reply was lost: the job's queue position (None when not queued) when it was stored;
     else `lost` is raised again (nothing was stored: try again is true), or a 503 that says it may have been."""
 
-    async def made() -> bool:
-        return bool(await store.get_field(job.job_id, "created_at") == job.created_at)
+    if never_sent(lost):
+        raise lost
 
-    found = await landed(made)
+    found = await landed(lambda: own_create(store, job))
     if found is None:
         look = f"look (GET .../jobs/{job.job_id}) before creating it again"
         raise MaybeMade(f"Redis did not answer in time: job '{job.job_id}' may have been created; {look}",

@@ -49,6 +49,8 @@ return 1
 # Returns {'ok', held} or {'over', what it would have been}.
 STORE_FILE = """
 local a = cjson.decode(ARGV[1])
+-- Run again (its first reply lost, a retried connection): stored once, counted once.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', redis.call('GET', KEYS[4]) or '0'} end
 local held = tonumber(redis.call('GET', KEYS[4]) or '0') + a.bytes
 if a.quota > 0 and held > a.quota then return {'over', string.format('%.0f', held)} end
 redis.call('SET', KEYS[1], a.meta)

@@ -33,7 +33,7 @@ from application.services.files import UPLOADS_DIR
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.lost_replies import landed
+from application.services.lost_replies import landed, never_sent
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
 from application.services.preflight import own_files
@@ -381,10 +381,11 @@ class QueueProcessor:
         )  # fmt: skip
         try:
             await started
-        except REDIS_AWAY:
-            # Its reply lost, the run may be recorded all the same (lost_replies): then it is launched, not left
-            # holding its GPUs, runner-less, until the watchdog gave it up as never launched.
-            if not await landed(lambda: self._recorded(job.job_id, run_id)):
+        except (*REDIS_AWAY, TransitionRefused) as exc:
+            # Its reply lost, the run may be recorded all the same (lost_replies; refused as no longer queued when
+            # a dropped connection's retry ran it twice): then it is launched, not left holding its GPUs,
+            # runner-less, until the watchdog gave it up as never launched.
+            if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run_id)):
                 raise
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:

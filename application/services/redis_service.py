@@ -206,12 +206,13 @@ def redis_url(settings: Settings) -> str:
 
 
 class RetryUnsent(Retry):
-    """Tries a command again only when it cannot have reached Redis: a connection that failed (one Redis closed,
-    a restart), or one that timed out while connecting. Not a reply that timed out: the command may have run all
-    the same (Redis busy behind another client's script, a fork's stall, then reading what this client sent
-    before it gave up), and a script run twice is not one run once (a create answered "exists" for the job it
-    had just made, an upload counted twice against its owner's quota, a run's end refused as "ended by someone
-    else"). That timeout reaches the caller, whose "the answer was lost" handling is there for it."""
+    """Tries a command again on a connection that failed (mostly one Redis closed: a restart, an idle timeout) or
+    one that timed out while connecting; not on a reply that timed out. That command may have run all the same
+    (Redis busy behind another client's script, a fork's stall, then reading what this client sent before it
+    gave up), and a script run twice is not one run once (a create answered "exists" for the job it had just
+    made, an upload counted twice against its owner's quota). The timeout reaches the caller, whose "the answer
+    was lost" handling is there for it (lost_replies); so does a connection dropped after Redis ran a command,
+    which is retried, for the writes that checks (a create that finds its own job, an upload stored once)."""
 
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:  # fmt: skip

@@ -42,7 +42,7 @@ from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
-from application.services.lost_replies import created_anyway
+from application.services.lost_replies import created_anyway, own_create
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
@@ -245,6 +245,9 @@ class TrainingService:
                 position = await created_anyway(self.store, job, exc)
                 break
             except TransitionRefused as exc:
+                if exc.reason == Refusal.EXISTS and await own_create(self.store, job):
+                    position = await self.store.queue_position(job.job_id) if job.status == JobStatus.QUEUED else None
+                    break
                 if exc.reason == Refusal.WAITING_CAP:
                     raise self.limits.over_cap(caller.name, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.UPLOAD_GONE:

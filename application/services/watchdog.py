@@ -454,8 +454,12 @@ class Watchdog:
                     await self.store.delete(job_id, ended_only=True)
                     removed.append(job_id)
                 except (TransitionRefused, ResponseError) as why:  # (a field the script cannot decode either)
-                    if isinstance(why, TransitionRefused) and why.reason == Refusal.EXPORT_STATE:
-                        continue  # exporting right now: the next sweep sees it again
+                    missing = isinstance(why, TransitionRefused) and why.reason == Refusal.MISSING
+                    if missing and await self.store.forget_lost(job_id):
+                        continue  # (gone meanwhile; not one without a created_at, which the delete takes for gone)
+                    if (isinstance(why, TransitionRefused) and why.reason == Refusal.EXPORT_STATE) or \
+                            str(why).startswith(("BUSY", "OOM", "LOADING")):  # fmt: skip
+                        continue  # exporting right now, or Redis unable for a moment: the next sweep sees it again
                     logger.warning("job {}: its record cannot be deleted either ({}): left to an operator "
                                    "(DEL {})", job_id, why, self.store.keys.job(job_id))  # fmt: skip
                     await self.store.unexpire(job_id)
