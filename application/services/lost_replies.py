@@ -1,6 +1,8 @@
-"""Writes whose reply Redis did not give in time (busy past REDIS_SOCKET_TIMEOUT, then running what it had read):
-they may have been made all the same. The client sends none of them again (`redis_service.create_client`), so
-what a write was to make is looked for before anyone is told to try again, whose retry would make it twice."""
+"""Writes whose reply was lost: Redis busy past REDIS_SOCKET_TIMEOUT (then running what it had read), or a
+connection dropped after Redis ran the command. They may have been made all the same. The client does not send
+a timed-out command again (`redis_service.RetryUnsent`), so what a write was to make is looked for before anyone
+is told to try again, whose retry would make it twice; a dropped connection's command it does send again, so
+those writes also take a second run of their own script for the first (`own_create`, STORE_FILE)."""
 
 from __future__ import annotations
 
@@ -62,10 +64,8 @@ async def own_create(store: JobStore, job: Job) -> bool:
 async def created_anyway(store: JobStore, job: Job, lost: Exception) -> int | None:
     """After a create whose reply was lost: the job's queue position (None when not queued) when it was stored;
     else `lost` is raised again (nothing was stored: try again is true), or a 503 that says it may have been."""
-
     if never_sent(lost):
         raise lost
-
     found = await landed(lambda: own_create(store, job))
     if found is None:
         look = f"look (GET .../jobs/{job.job_id}) before creating it again"

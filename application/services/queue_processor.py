@@ -379,12 +379,16 @@ class QueueProcessor:
                                              " from the beginning" if job.attempts else ""),
             data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
         )  # fmt: skip
+        # Its reply lost, the run may be recorded all the same (lost_replies): then it is launched, not left holding
+        # its GPUs, runner-less, until the watchdog gave it up as never launched.
         try:
             await started
-        except (*REDIS_AWAY, TransitionRefused) as exc:
-            # Its reply lost, the run may be recorded all the same (lost_replies; refused as no longer queued when
-            # a dropped connection's retry ran it twice): then it is launched, not left holding its GPUs,
-            # runner-less, until the watchdog gave it up as never launched.
+        except TransitionRefused as exc:
+            # (refused as running already: by its own first run, when a dropped connection's retry sent it again;
+            # any other refusal, a stop that came first say, costs no look)
+            if exc.current != JobStatus.RUNNING.value or not await self._recorded(job.job_id, run_id):
+                raise
+        except REDIS_AWAY as exc:
             if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run_id)):
                 raise
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))

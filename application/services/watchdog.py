@@ -437,6 +437,23 @@ class Watchdog:
                                     notify=f"export_{info.status.value}" if done else None)  # fmt: skip
         return wrote is not None
 
+    async def _expire_unreadable(self, job_id: str) -> bool:
+        """Delete an expired record no model reads; whether it went. One the delete cannot take either leaves
+        retention's index (a warning names the key to delete by hand), unless that may change by the next sweep."""
+        try:
+            await self.store.delete(job_id, ended_only=True)
+            return True
+        except (TransitionRefused, ResponseError) as why:  # (a field the script cannot decode either)
+            refusal = why.reason if isinstance(why, TransitionRefused) else None
+            if refusal == Refusal.MISSING and await self.store.forget_lost(job_id):
+                return False  # (gone meanwhile; not one without a created_at, which the delete takes for gone)
+            if refusal == Refusal.EXPORT_STATE or str(why).startswith(("BUSY", "OOM", "LOADING")):
+                return False  # exporting right now, or Redis unable for a moment: the next sweep sees it again
+            logger.warning("job {}: its record cannot be deleted either ({}): left to an operator (DEL {})", job_id,
+                           why, self.store.keys.job(job_id))  # fmt: skip
+            await self.store.unexpire(job_id)
+            return False
+
     async def expire_old_jobs(self, batch: int = 100) -> list[str]:
         """Delete the records of jobs that ended more than JOB_RETENTION_DAYS ago (their files stay)."""
         days = self.settings.JOB_RETENTION_DAYS
@@ -450,19 +467,8 @@ class Watchdog:
                 job = await self.store.get(job_id)
             except ValueError as exc:  # (pydantic's ValidationError): its status is read by the script alone
                 logger.warning("job {}: its record cannot be read ({}); removing it as retention would", job_id, exc)
-                try:
-                    await self.store.delete(job_id, ended_only=True)
+                if await self._expire_unreadable(job_id):
                     removed.append(job_id)
-                except (TransitionRefused, ResponseError) as why:  # (a field the script cannot decode either)
-                    missing = isinstance(why, TransitionRefused) and why.reason == Refusal.MISSING
-                    if missing and await self.store.forget_lost(job_id):
-                        continue  # (gone meanwhile; not one without a created_at, which the delete takes for gone)
-                    if (isinstance(why, TransitionRefused) and why.reason == Refusal.EXPORT_STATE) or \
-                            str(why).startswith(("BUSY", "OOM", "LOADING")):  # fmt: skip
-                        continue  # exporting right now, or Redis unable for a moment: the next sweep sees it again
-                    logger.warning("job {}: its record cannot be deleted either ({}): left to an operator "
-                                   "(DEL {})", job_id, why, self.store.keys.job(job_id))  # fmt: skip
-                    await self.store.unexpire(job_id)
                 continue
             if job is None:
                 await self.store.forget_lost(job_id)  # (its expiry entry, and whatever else it left)
