@@ -312,7 +312,11 @@ def test_events_and_progress_streams_resume_and_end(server: ApiServer, workspace
         got = server.http.get("/jobs/evp/progress", params={"history_limit": limit}).json()
         assert got["stream_id"] == "1.40-1" and len(got["history"]) == min(limit, len(points)), limit
 
-    wait_for(lambda: server.job("evp")["status"] == "completed")
+    # Ended, its automatic export too: the export's events come after the job's end (read before them, the list
+    # lacked the last event the stream then sent).
+    wait_for(
+        lambda: (j := server.job("evp"))["status"] == "completed" and j["export"]["status"] not in ("none", "running")
+    )
     every = server.http.get("/jobs/evp/events", params={"limit": 1000}).json()["events"]
     head = data_of(read(server, "/jobs/evp/events/stream", stop=lambda got: len(data_of(got)) >= 2))
     tail = read(server, "/jobs/evp/events/stream", last_id=head[-1].id, stop=lambda got: False)
