@@ -1,5 +1,5 @@
-"""Jobs, the queue and GPU leases in Redis (events and loss history: job_log.py, which this store extends); with
-the modules it names, the only code that talks to Redis.
+"""Jobs, the queue and GPU leases in Redis (events and loss history: job_log.py; reads of the queue and the
+leases: queue_view.py; this store extends both); with the modules it names, the only code that talks to Redis.
 
 A job is a hash with one field per top-level `Job` field, each JSON-encoded, so writers of different
 fields (a run's progress, the API's priority change) never overwrite each other. Every status change goes
@@ -40,6 +40,7 @@ from application.services.job_codec import (
 from application.services.job_log import SCHEDULER as SCHEDULER
 from application.services.job_log import JobLog
 from application.services.keys import Keys
+from application.services.queue_view import QueueView
 from application.services.refusals import Refusal as Refusal
 from application.services.refusals import TransitionRefused as TransitionRefused
 from application.services.scheduler import queue_score
@@ -54,7 +55,7 @@ def joined(fields: Mapping[str, str]) -> str:
     return "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
 
 
-class JobStore(JobLog):
+class JobStore(JobLog, QueueView):
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
         super().__init__(client, keys, events_max=events_max, history_max=history_max)
         self._create = client.register_script(lua.CREATE)
@@ -181,15 +182,6 @@ class JobStore(JobLog):
                 pipe.zcard(self.keys.owner_status_index(owner, s) if owner else self.keys.status_index(s))
             values = await pipe.execute()
         return {s.value: int(v) for s, v in zip(JobStatus, values, strict=True)}
-
-    async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
-        """GPU leases, running job ids and the queue's length, in one round trip."""
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.gpu_leases)
-            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
-            pipe.zcard(self.keys.queue)
-            leases, running, length = await pipe.execute()
-        return {int(k): v for k, v in leases.items()}, list(running), int(length)
 
     async def page_json(self, status: JobStatus | None, owner: str | None, offset: int,
                         limit: int) -> tuple[int, str]:  # fmt: skip
@@ -460,50 +452,6 @@ class JobStore(JobLog):
     async def unexpire(self, job_id: str) -> None:
         """Out of retention's sight: a record it can neither read nor delete, left to an operator."""
         await self.r.zrem(self.keys.expiry, job_id)
-
-    # ---- queue and leases -------------------------------------------------------------------------------
-
-    async def queue_length(self) -> int:
-        return int(await self.r.zcard(self.keys.queue))
-
-    async def queue_position(self, job_id: str) -> int | None:
-        rank = await self.r.zrank(self.keys.queue, job_id)
-        return None if rank is None else int(rank) + 1
-
-    async def queue_window(self, start: int, count: int) -> list[tuple[str, QueueMeta]]:
-        return await self.queue_entries(await self.r.zrange(self.keys.queue, start, start + count - 1))
-
-    async def queue_entries(self, ids: list[str]) -> list[tuple[str, QueueMeta]]:
-        """What the planner needs of these jobs, those of them queued (in the order given)."""
-        if not ids:
-            return []
-        metas = await self.r.hmget(self.keys.queue_meta, ids)
-        pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
-        decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
-        return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
-
-    async def queued_since(self, job_ids: list[str]) -> list[float | None]:
-        """When each of these queued jobs entered the queue this time (a resumed, preempted or retried job keeps
-        its submission time for its place, not for how long it has waited)."""
-        return list(await self.r.zmscore(self.keys.queued_since, job_ids)) if job_ids else []
-
-    async def leases(self) -> dict[int, str]:
-        raw = await self.r.hgetall(self.keys.gpu_leases)
-        return {int(k): v for k, v in raw.items()}
-
-    async def drop_lease(self, gpu: int, job_id: str) -> bool:
-        """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
-        return bool(
-            await self._drop_lease(keys=[self.keys.gpu_leases], args=[script_arg({"gpu": str(gpu), "id": job_id})])
-        )
-
-    async def forget_idle_export(self, job_id: str) -> bool:
-        """Out of the exports to watch, unless an export of the job runs now; whether it was taken out."""
-        return bool(await self._forget_idle_export(keys=[self.keys.job(job_id)], args=[script_arg({
-            "id": job_id, "k": {"exporting": self.keys.exporting}})]))  # fmt: skip
-
-    async def exporting(self) -> list[str]:
-        return sorted(await self.r.smembers(self.keys.exporting))
 
 
 def _not_indexed(fields: Mapping[str, Any]) -> None:

@@ -1,0 +1,73 @@
+"""The queue, the GPU leases and the exports under watch, as the scheduler and the pages read them.
+
+`JobStore` extends this class (callers use the store); its scripts are registered there, with the others.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+from application.models.training_model import JobStatus
+from application.services.job_codec import QueueMeta, script_arg
+from application.services.keys import Keys
+
+
+class QueueView:
+    r: Any
+    keys: Keys
+    _drop_lease: AsyncScript
+    _forget_idle_export: AsyncScript
+
+    async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
+        """GPU leases, running job ids and the queue's length, in one round trip."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.gpu_leases)
+            pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
+            pipe.zcard(self.keys.queue)
+            leases, running, length = await pipe.execute()
+        return {int(k): v for k, v in leases.items()}, list(running), int(length)
+
+    async def queue_length(self) -> int:
+        return int(await self.r.zcard(self.keys.queue))
+
+    async def queue_position(self, job_id: str) -> int | None:
+        rank = await self.r.zrank(self.keys.queue, job_id)
+        return None if rank is None else int(rank) + 1
+
+    async def queue_window(self, start: int, count: int) -> list[tuple[str, QueueMeta]]:
+        return await self.queue_entries(await self.r.zrange(self.keys.queue, start, start + count - 1))
+
+    async def queue_entries(self, ids: list[str]) -> list[tuple[str, QueueMeta]]:
+        """What the planner needs of these jobs, those of them queued (in the order given)."""
+        if not ids:
+            return []
+        metas = await self.r.hmget(self.keys.queue_meta, ids)
+        pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
+        decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
+        return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
+
+    async def queued_since(self, job_ids: list[str]) -> list[float | None]:
+        """When each of these queued jobs entered the queue this time (a resumed, preempted or retried job keeps
+        its submission time for its place, not for how long it has waited)."""
+        return list(await self.r.zmscore(self.keys.queued_since, job_ids)) if job_ids else []
+
+    async def leases(self) -> dict[int, str]:
+        raw = await self.r.hgetall(self.keys.gpu_leases)
+        return {int(k): v for k, v in raw.items()}
+
+    async def drop_lease(self, gpu: int, job_id: str) -> bool:
+        """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
+        return bool(
+            await self._drop_lease(keys=[self.keys.gpu_leases], args=[script_arg({"gpu": str(gpu), "id": job_id})])
+        )
+
+    async def forget_idle_export(self, job_id: str) -> bool:
+        """Out of the exports to watch, unless an export of the job runs now; whether it was taken out."""
+        return bool(await self._forget_idle_export(keys=[self.keys.job(job_id)], args=[script_arg({
+            "id": job_id, "k": {"exporting": self.keys.exporting}})]))  # fmt: skip
+
+    async def exporting(self) -> list[str]:
+        return sorted(await self.r.smembers(self.keys.exporting))
