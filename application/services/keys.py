@@ -94,7 +94,7 @@ class Keys:
         return self._k("files", "bytes", owner)
 
     def owner_files(self, owner: str) -> str:
-        """Sorted set file_id -> created_at: one owner's uploads (`owner` as services.files.owner_folder names it)."""
+        """Sorted set file_id -> created_at: one owner's uploads (`owner` as upload_refs.owner_folder names it)."""
         return self._k("files", "owner", owner)
 
     def export_request(self, job_id: str) -> str:
