@@ -22,6 +22,7 @@ from typing import Any
 
 from application.config import ENV_DIR, PROJECT_ROOT, Settings
 from application.exceptions import Invalid
+from application.models.job_request import JobCreate
 from application.services.datasets import DatasetInfo, Needs, check_dataset, renamed_columns
 from application.services.media_refs import check_media, check_media_folder, media_columns
 from application.services.path_sandbox import (
@@ -34,7 +35,17 @@ from application.services.path_sandbox import (
     resolve,
     resolve_output_dir,
 )
-from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
+from application.services.swift_arguments import (
+    DATA_ARGUMENTS,
+    MODEL_ARGUMENTS,
+    check_arguments,
+    check_combinations,
+    check_grpo_batch,
+    check_kind,
+    check_kto_batch,
+    check_packing,
+    check_ref_model,
+)
 from application.services.swift_info import SwiftInfo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
@@ -161,6 +172,25 @@ def check_request(
     return CheckedRequest(data.value, model.value, out, dataset,
                           resolve_arguments(arguments or {}, settings, needs=needs, guard=guard),
                           is_file(out))  # fmt: skip
+
+
+def check_swift_request(req: JobCreate, extra: dict[str, Any], info: SwiftInfo | None, *,
+                        pending: bool) -> dict[str, Any]:  # fmt: skip
+    """The kind and the ms-swift arguments of a create, each alone and together (no disk): its arguments
+    converted. `pending`: the scheduler has published no ms-swift probe yet."""
+    check_kind(req.kind, req.rlhf_type, info)
+    arguments = check_arguments(req.kind, extra, info, pending=pending)
+    check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, info)
+    check_combinations(req.rlhf_type, arguments)
+    if req.kind == "rlhf" and req.rlhf_type is not None:
+        t = req.training
+        check_ref_model(req.rlhf_type, t.train_type, arguments)
+        if req.rlhf_type == "kto":
+            check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
+        elif req.rlhf_type == "grpo":
+            check_grpo_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments,
+                             t.split_dataset_ratio)  # fmt: skip
+    return arguments
 
 
 def check_named_types(model_type: str | None, template: str | None, info: SwiftInfo) -> None:

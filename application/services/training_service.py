@@ -47,7 +47,7 @@ from application.services.owner_caps import beyond_gpu_cap
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
-from application.services.preflight import check_request, runs_inline
+from application.services.preflight import check_request, check_swift_request, runs_inline
 from application.services.queue_planner import (
     ESTIMATE_WINDOW,
     ClusterView,
@@ -57,17 +57,7 @@ from application.services.queue_planner import (
 from application.services.redis_service import REDIS_AWAY
 from application.services.run_history import RunHistory
 from application.services.scheduler import QueuedJob, gpu_is_free
-from application.services.swift_arguments import (
-    DATA_ARGUMENTS,
-    check_arguments,
-    check_combinations,
-    check_grpo_batch,
-    check_kind,
-    check_kto_batch,
-    check_packing,
-    check_ref_model,
-    require_usable_swift,
-)
+from application.services.swift_arguments import DATA_ARGUMENTS, require_usable_swift
 from application.services.swift_info import SwiftInfo
 from application.services.webhooks import refuse_undeliverable
 from application.utils.filesystems import on_local_disk
@@ -180,18 +170,7 @@ class TrainingService:
             refuse_undeliverable(req.webhook_url)
         data_path, extra = await self.files.with_upload_paths(req.data_path, req.training.extra_arguments, caller)
         swift = await self.swift_info(meta)
-        check_kind(req.kind, req.rlhf_type, swift)
-        arguments = check_arguments(req.kind, extra, swift, pending=meta is None)
-        check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, swift)
-        check_combinations(req.rlhf_type, arguments)
-        if req.kind == "rlhf" and req.rlhf_type is not None:
-            t = req.training
-            check_ref_model(req.rlhf_type, t.train_type, arguments)
-            if req.rlhf_type == "kto":
-                check_kto_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments)
-            elif req.rlhf_type == "grpo":
-                check_grpo_batch(t.batch_size, t.gradient_accumulation_steps, req.num_gpus, arguments,
-                                 t.split_dataset_ratio)  # fmt: skip
+        arguments = check_swift_request(req, extra, swift, pending=meta is None)
         # Paths, data set and model are checked before the job takes a queue slot: a job that cannot start
         # fails now, not after its wait. Disk work, so in a thread unless it is only an lstat or two.
         # A key's owner may not use another owner's job folders (folder_owners); an admin, or everyone on a
