@@ -327,9 +327,15 @@ class FileStore(UploadRefs):
             return [], False
         if any(time.time() - mtime < min_age for _, mtime in found):  # (this host's clock, as the file's)
             return [], False
-        removed = []
+        removed, settled = [], True
         for path, _ in found:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
                 removed.append(Path(path))
-        return removed, True
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # (EACCES, EROFS: the mark stays, and the sweep goes on to the next one)
+                logger.warning("upload file {} has no record but cannot be removed ({}): remove it by hand", path,
+                               exc.strerror)  # fmt: skip
+                settled = False
+        return removed, settled
