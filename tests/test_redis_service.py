@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from redis.retry import Retry
 from application.config import Settings
 from application.services.redis_service import EmbeddedRedis, _safe_url, create_client, find_redis_server, redis_url
 from tests.conftest import free_port
+from tests.redis_proxy import RedisProxy
 
 
 def embedded(folder: Path) -> EmbeddedRedis:
@@ -176,6 +179,28 @@ async def test_a_script_whose_reply_timed_out_is_not_run_again_by_the_client(pas
     finally:
         await client.aclose()
         other.close()
+
+
+async def test_a_command_whose_connection_dropped_before_its_reply_is_not_sent_again(redis_url: str) -> None:
+    """redis-py's retry of a failed connection sent the command again, and Redis ran it twice: a runner's end was
+    refused as "ended already" (no automatic export), a slot counted twice (a 429), a stop answered 409 though it
+    stopped the job. The caller meets the error instead (each caller's look for what it wrote is there for it)."""
+    proxy = RedisProxy(redis_url)
+    settings = Settings(REDIS_URL=proxy.url, REDIS_RETRIES=5)
+    client = create_client(settings, proxy.url)
+    try:
+        count = client.register_script("return redis.call('INCR', KEYS[1])")
+        key = f"runs-{uuid.uuid4().hex}"
+        assert await count(keys=[key]) == 1  # (loaded: the next call is one EVALSHA)
+        proxy.cut_after(re.escape(count.sha.encode()), lose_reply=True, down_seconds=0.0)
+        with pytest.raises(RedisConnectionError):
+            await count(keys=[key])
+        assert proxy.fired.is_set()
+        assert int(await client.get(key) or 0) == 2  # run once more, not twice
+        assert await count(keys=[key]) == 3  # (and the next command goes out on a new connection)
+    finally:
+        await client.aclose()
+        proxy.close()
 
 
 async def busy(port: int, hold: asyncio.Task[Any]) -> None:

@@ -1,8 +1,9 @@
 """Writes whose reply was lost: Redis busy past REDIS_SOCKET_TIMEOUT (then running what it had read), or a
-connection dropped after Redis ran the command. They may have been made all the same. The client does not send
-a timed-out command again (`redis_service.RetryUnsent`), so what a write was to make is looked for before anyone
-is told to try again, whose retry would make it twice; a dropped connection's command it does send again, so
-those writes also take a second run of their own script for the first (`own_create`, STORE_FILE)."""
+connection dropped after Redis ran the command. They may have been made all the same. The client sends neither
+again (`redis_service.RetryUnsent`), so what a write was to make is looked for before anyone is told to try
+again, whose retry would make it twice. The writes also take a second run of their own script for the first
+(`own_create`, STORE_FILE): redis-py sent a dropped connection's command again until ReplyLost, and a client
+of another make may still."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ async def landed(made: Callable[[], Awaitable[bool]], seconds: float = LOOK_SECO
 
 async def own_create(store: JobStore, job: Job) -> bool:
     """The job stored under this id is the one this create made (its script run twice: a reply lost on a dropped
-    connection, which redis-py sends again)."""
+    connection, sent again)."""
     return bool(await store.get_field(job.job_id, "created_at") == job.created_at)
 
 

@@ -206,13 +206,15 @@ def redis_url(settings: Settings) -> str:
 
 
 class RetryUnsent(Retry):
-    """Tries a command again on a connection that failed (mostly one Redis closed: a restart, an idle timeout) or
-    one that timed out while connecting; not on a reply that timed out. That command may have run all the same
-    (Redis busy behind another client's script, a fork's stall, then reading what this client sent before it
-    gave up), and a script run twice is not one run once (a create answered "exists" for the job it had just
-    made, an upload counted twice against its owner's quota). The timeout reaches the caller, whose "the answer
-    was lost" handling is there for it (lost_replies); so does a connection dropped after Redis ran a command,
-    which is retried, for the writes that checks (a create that finds its own job, an upload stored once)."""
+    """Tries a command again only when it cannot have reached Redis: its connection could not be made (refused,
+    timed out while connecting) or was found closed before it went out. Not once it was sent: a reply that timed
+    out, or a connection that dropped before the reply came (`ReplyLost`). Redis may have run that command all
+    the same (busy behind another client's script, a fork's stall, a connection cut after the command), and a
+    script run twice is not one run once (a create answered "exists" for the job it had just made, an upload
+    counted twice against its owner's quota, a runner's end refused as "ended already", so no automatic export).
+    The error reaches the caller, whose "the answer was lost" handling is there for it (lost_replies, the runner's
+    outbox). A pooled connection Redis closed meanwhile (a restart, its idle `timeout`) is found closed when it is
+    taken from the pool, before anything is sent on it, and replaced unseen."""
 
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:  # fmt: skip
@@ -220,14 +222,65 @@ class RetryUnsent(Retry):
 
 
 def _unsent(error: Exception) -> bool:
+    if isinstance(error, ReplyLost):
+        return False
     # (redis-py's words for a connect that timed out; a change of them only stops those retries)
     return not isinstance(error, RedisTimeoutError) or str(error).startswith("Timeout connecting")
 
 
+class ReplyLost(RedisConnectionError):
+    """The connection failed after a command went out and before its reply came back: it may have run."""
+
+
+class _OwedReply:
+    """Marks a connection failure met while a sent command's reply is owed as `ReplyLost`. The handshake of a
+    new connection (AUTH, SELECT) and the PING of a health check are not marked: they may be sent again."""
+
+    _owed = False
+    _handshake = False
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._handshake = True
+        try:
+            await super().on_connect_check_health(check_health)  # type: ignore[misc]
+        finally:
+            self._handshake = False
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._owed = False
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        # (a command's own sends check health; a health check's PING, and a pipeline's later replies, don't
+        # change what is owed: it stays owed until the next command goes out)
+        self._owed = check_health and not self._handshake
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except RedisConnectionError as exc:
+            if self._owed and not isinstance(exc, ReplyLost):
+                raise ReplyLost(str(exc)) from exc
+            raise
+
+
+class _Connection(_OwedReply, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_OwedReply, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_OwedReply, aioredis.UnixDomainSocketConnection):
+    pass
+
+
 def create_client(settings: Settings, url: str) -> aioredis.Redis:
     retry = RetryUnsent(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
+    scheme = urlsplit(url).scheme
+    connection_class = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
     return aioredis.Redis.from_url(
         url,
+        connection_class=connection_class,
         password=settings.REDIS_PASSWORD,  # a password in REDIS_URL wins over it (redis-py's from_url)
         decode_responses=True,
         socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
