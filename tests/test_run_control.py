@@ -418,6 +418,8 @@ async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any]
         await client.post("/jobs", json=body)
         await wait_job(client, "st", lambda j: (j["progress"]["current_step"] or 0) >= 7)
         assert (await client.post("/jobs/st/stop")).json()["status"] == "stopped"
+        r = await client.post("/jobs/st/start")
+        assert r.status_code == 409 and "resume it from its last checkpoint with POST" in r.json()["detail"], r.text
         # Stopped is terminal, but its checkpoint can still be resumed; the output folder is claimed again.
         other = job_body(tmp_path, "st", step_seconds=0.05, training={"max_steps": 3}, job_id="taker")
         assert (await client.post("/jobs", json=other)).status_code == 201  # the folder was free meanwhile
@@ -442,6 +444,10 @@ async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any]
         await wait_job(client, "bad", lambda j: j["status"] == "failed")
         r = await client.post("/jobs/bad/resume")
         assert r.status_code == 409 and "no checkpoint" in r.json()["detail"]
+        # Nor does a start of it offer a resume that is then refused (lifecycle audit).
+        r = await client.post("/jobs/bad/start")
+        assert r.status_code == 409 and "/resume" not in r.json()["detail"], r.text
+        assert "left no checkpoint" in r.json()["detail"] and "create a new job" in r.json()["detail"], r.text
         assert (await client.post("/jobs/nope/resume")).status_code == 404
 
 

@@ -289,7 +289,7 @@ class TrainingService:
         when its GPUs are free: at once when they are now."""
         job = await self.require(job_id, caller)
         if job.status not in (JobStatus.PENDING, JobStatus.QUEUED):
-            raise _not_startable(job)
+            raise await _not_startable(job)
         if job.status == JobStatus.PENDING:
             # The GPUs may have changed since its create checked them (a restart with fewer): queued, it waited
             # for ever.
@@ -333,7 +333,7 @@ class TrainingService:
             said = f": {job.error_message}" if job.error_message else ""
             return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
         if job.status != JobStatus.QUEUED:
-            raise _not_startable(job)
+            raise await _not_startable(job)
         info = await self.placement.queue_info(job_id)
         message = "The job is queued: it starts by itself when its GPUs are free"
         if just_queued:
@@ -475,13 +475,18 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [] if value is None else [value]
 
 
-def _not_startable(job: Job) -> Conflict:
+async def _not_startable(job: Job) -> Conflict:
     job_id = job.job_id
     hint = ""
     if job.status == JobStatus.PAUSED:
         hint = f"; resume it with POST .../jobs/{job_id}/resume"
+    elif job.status in (JobStatus.STOPPED, JobStatus.FAILED):
+        # (as the resume decides: offered only when it would be taken)
+        if await asyncio.to_thread(newest_checkpoint, job):
+            hint = f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or create a new job"
+        else:
+            hint = "; it left no checkpoint to resume from: create a new job"
+        hint += " to train again"
     elif job.status != JobStatus.RUNNING:
-        resumable = job.status in (JobStatus.STOPPED, JobStatus.FAILED)
-        hint = (f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or" if resumable
-                else ";") + " create a new job to train again"  # fmt: skip
+        hint = "; create a new job to train again"
     return Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
