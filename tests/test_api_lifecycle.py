@@ -216,6 +216,9 @@ def test_stop_during_the_automatic_export_stops_the_export(server_factory: Calla
     job = server.wait_status("merging", "completed")
     job = wait_for(lambda: (j := server.job("merging"))["export"]["pid"] and j, what="the export to start")
     assert job["export"]["status"] == "running"
+    # A delete meanwhile is refused, and says how to end the export sooner (lifecycle audit: it offered no stop).
+    r = server.http.delete("/jobs/merging")
+    assert r.status_code == 409 and "POST .../jobs/merging/stop" in r.json()["detail"], r.text
     r = server.http.post("/jobs/merging/stop")
     assert r.status_code == 200 and r.json()["status"] == "completed" and "Export stopped" in r.json()["message"]
     job = wait_for(lambda: (j := server.job("merging"))["export"]["status"] != "running" and j, what="export end")

@@ -405,7 +405,8 @@ class TrainingService:
                                     actor=caller.actor)  # fmt: skip
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
-                detail = "job '{id}' is exporting its model: wait for the export to end, then delete it"
+                detail = ("job '{id}' is exporting its model: wait for the export to end, or stop it (POST "
+                          ".../jobs/{id}/stop), then delete it")  # fmt: skip
             else:
                 detail = "job '{id}' is running: stop it first (POST .../jobs/{id}/stop), then delete it"
             raise refused(job_id, exc, detail) from None
