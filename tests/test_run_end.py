@@ -9,7 +9,7 @@ from pathlib import Path
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job, JobStatus
 from application.services.log_parser import RunFacts
-from application.services.run_end import final_status
+from application.services.run_end import final_status, runner_lost
 from application.services.run_record import read_run, record_end
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
@@ -94,3 +94,12 @@ def test_a_checkpoint_logging_jsonl_names_out_of_the_job_folder_is_not_the_jobs(
         assert facts.best_checkpoint == (str(best) if best.is_relative_to(out) else None)
         end = record_end(job, 0, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)
         assert end.fields["last_checkpoint"] == str(run / "checkpoint-2")
+
+
+def test_a_runners_own_exit_code_is_not_read_as_a_signal() -> None:
+    # The scheduler reads a runner's status from Popen, where a signal is negative: 247 is the runner's own exit
+    # code, not swift's "256 - 9" (that reading is for swift's launchers), and was reported as a SIGKILL.
+    assert (runner_lost(-9, 4321).error_message or "").startswith("runner killed by signal 9 (SIGKILL")
+    for code in (247, 137):
+        own = runner_lost(code, 4321).error_message or ""
+        assert own.startswith(f"runner exited with code {code} before recording the end of the run"), own

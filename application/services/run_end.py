@@ -44,6 +44,12 @@ def exit_signal(code: int | None) -> int | None:
     return sig
 
 
+def popen_signal(code: int | None) -> int | None:
+    """The signal that ended a process this one started and waited for (Popen: a negative status). Unlike
+    `exit_signal`, a positive code is the process's own: a runner's is never a child's signal passed on."""
+    return exit_signal(code) if code is not None and code < 0 else None
+
+
 def signal_text(sig: int) -> str:
     try:
         name = signal.Signals(sig).name
@@ -96,7 +102,7 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
 def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None = None) -> RunEnd:
     """A run whose runner died before it could record the end (the scheduler stops what is left of it), or was
     killed by the scheduler `killed_for` this reason."""
-    sig = exit_signal(returncode)
+    sig = popen_signal(returncode)
     if killed_for is not None:
         error = killed_for
     elif sig is not None:

@@ -41,6 +41,7 @@ from application.services.run_end import (
     checkpoint_step,
     exit_signal,
     host_went_down,
+    popen_signal,
     runner_lost,
     signal_text,
 )
@@ -398,7 +399,7 @@ class Watchdog:
     def _how_it_ended(self, runner: RunnerInfo) -> str:
         """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
         code = self.launcher.exit_status(runner)
-        sig = exit_signal(code)
+        sig = popen_signal(code)
         if sig is not None:
             return f"was {signal_text(sig)}"
         return f"exited with code {code}" if code is not None else f"died (pid {runner.pid})"
