@@ -418,9 +418,6 @@ class Settings(BaseSettings):
     def uses_embedded_redis(self) -> bool:
         return self.REDIS_URL is None and self.REDIS_HOST is None and self.REDIS_EMBEDDED
 
-    def simulated_gpus(self) -> tuple[int, float]:
-        return parse_simulated_gpus(self.SIMULATED_GPUS)
-
     def swift_bin_path(self) -> str | None:
         return shutil.which(self.SWIFT_BIN)
 

@@ -91,15 +91,22 @@ def parse_rate(value: str) -> tuple[int, float] | None:
 
 
 _SIM_RE = re.compile(r"^\s*(\d{1,3})\s*(?:[xX]\s*(\d+(?:\.\d+)?))?\s*\Z")
+SIMULATED_GPUS_MAX = 64
 
 
-def parse_simulated_gpus(value: str) -> tuple[int, float]:
-    """`4` -> 4 GPUs of 80 GiB; `4x24` -> 4 GPUs of 24 GiB."""
-    m = _SIM_RE.match(value)
-    if not m:
-        raise ValueError("must be a GPU count, optionally with GiB per GPU, such as 4 or 4x80")
-    count = int(m.group(1))
-    memory = float(m.group(2)) if m.group(2) else 80.0
-    if count > 64 or memory <= 0:
-        raise ValueError("must be 0-64 GPUs with a positive GiB size, such as 4 or 4x80")
-    return count, memory
+def parse_simulated_gpus(value: str) -> tuple[float, ...]:
+    """Each simulated GPU's GiB, in index order: `4` -> 4 GPUs of 80 GiB; `4x24` -> 4 of 24 GiB; `2x80,2x24` -> two
+    of 80 GiB, then two of 24 GiB."""
+    sizes: list[float] = []
+    for group in value.split(","):
+        m = _SIM_RE.match(group)
+        if not m:
+            raise ValueError("must be a GPU count, optionally with GiB per GPU, such as 4 or 4x80, or groups of them "
+                             "such as 2x80,2x24")  # fmt: skip
+        memory = float(m.group(2)) if m.group(2) else 80.0
+        if memory <= 0:
+            raise ValueError("must give each GPU a positive GiB size, such as 4 or 4x80")
+        sizes += [memory] * int(m.group(1))
+    if len(sizes) > SIMULATED_GPUS_MAX:
+        raise ValueError(f"must be 0-{SIMULATED_GPUS_MAX} GPUs in all, such as 4 or 4x80")
+    return tuple(sizes)

@@ -217,10 +217,14 @@ def test_a_redis_server_bin_that_is_not_there_is_named(tmp_path: Path) -> None:
 
 
 def test_simulated_gpus_format() -> None:
-    assert parse_simulated_gpus("4") == (4, 80.0)
-    assert parse_simulated_gpus("2x24") == (2, 24.0)
-    with pytest.raises(ValueError):
-        parse_simulated_gpus("4x")
+    assert parse_simulated_gpus("4") == (80.0,) * 4
+    assert parse_simulated_gpus("2x24") == (24.0, 24.0)
+    assert parse_simulated_gpus("0") == ()
+    # Mixed sizes, in index order: a queue's min_gpu_memory_gb can be tried without such a machine.
+    assert parse_simulated_gpus("2x80, 1x24,1") == (80.0, 80.0, 24.0, 80.0)
+    for bad in ("4x", "2x80,", "40x80,40x24", "1x0", ",2"):
+        with pytest.raises(ValueError):
+            parse_simulated_gpus(bad)
 
 
 def test_the_image_run_alone_uses_the_embedded_redis(monkeypatch: pytest.MonkeyPatch) -> None:

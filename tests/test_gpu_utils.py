@@ -499,3 +499,14 @@ def test_gpu_summary() -> None:
 def test_usage_file_setting(tmp_path: Path) -> None:
     settings = load_settings(SIMULATED_GPU_USAGE_FILE=str(tmp_path / "u.json"))
     assert settings.SIMULATED_GPU_USAGE_FILE == tmp_path / "u.json"
+
+
+def test_simulated_gpus_of_mixed_sizes_each_have_their_own_memory(tmp_path: Path) -> None:
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps({"2": {"memory_used_gb": 20}}))
+    inv = create_inventory("simulated", "2x80,1x24", usage)
+    snap = inv.snapshot()
+    assert [g.memory_total_mb for g in snap.gpus] == [80 * 1024, 80 * 1024, 24 * 1024] and snap.error is None
+    assert snap.gpus[2].memory_free_mb == 4 * 1024
+    usage.write_text(json.dumps({"2": {"memory_used_gb": 30}}))  # more than that GPU has, if not than GPU 0
+    assert "memory_used_gb" in (inv.snapshot().error or "")

@@ -69,8 +69,8 @@ def create_inventory(
     """
     name = (backend.value if isinstance(backend, Enum) else str(backend)).strip().lower()
     if name == "simulated":
-        count, memory_gb = parse_simulated_gpus(simulated_gpus)
-        return SimulatedInventory(count, memory_gb, usage_file)
+        sizes = parse_simulated_gpus(simulated_gpus)
+        return SimulatedInventory(len(sizes), sizes, usage_file)
     if name not in ("auto", "nvml"):
         raise ValueError(f"unknown GPU backend {backend!r}: expected auto, nvml or simulated")
     try:

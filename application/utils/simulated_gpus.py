@@ -50,18 +50,19 @@ def _parse_process(raw: Any, where: str) -> GpuProcess:
     return GpuProcess(pid, used, name)
 
 
-def _parse_usage(data: Any, count: int, memory_gb: float) -> dict[int, _Usage]:
+def _parse_usage(data: Any, sizes: Sequence[float]) -> dict[int, _Usage]:
     """Validate the whole file strictly, so a typo is reported instead of silently meaning "free"."""
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError('top level must be an object such as {"0": {"memory_used_gb": 70}}')
     usage: dict[int, _Usage] = {}
+    count = len(sizes)
     for key, entry in data.items():
         if not (isinstance(key, str) and key.isdigit() and int(key) < count):
             known = f"0-{count - 1}" if count else "there are none"
             raise ValueError(f"key {key!r} is not a simulated GPU index ({known})")
-        where = f"GPU {key}"
+        where, memory_gb = f"GPU {key}", sizes[int(key)]
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be an object")
         unknown = set(entry) - {"memory_used_gb", "utilization", "processes"}
@@ -93,13 +94,17 @@ class SimulatedInventory:
 
     backend: str = "simulated"
 
-    def __init__(self, count: int, memory_gb: float, usage_file: Path | None = None) -> None:
+    def __init__(self, count: int, memory_gb: float | Sequence[float], usage_file: Path | None = None) -> None:
+        """`count` GPUs of `memory_gb` GiB each, or of the GiB each has in index order (SIMULATED_GPUS=2x80,2x24)."""
         if count < 0:
             raise ValueError("count must be >= 0")
-        if not memory_gb > 0:
+        sizes = tuple(float(m) for m in memory_gb) if isinstance(memory_gb, Sequence) else (float(memory_gb),) * count
+        if len(sizes) != count:
+            raise ValueError(f"{len(sizes)} memory sizes for {count} GPUs")
+        if not all(m > 0 for m in sizes):
             raise ValueError("memory_gb must be positive")
         self.count = count
-        self.memory_gb = float(memory_gb)
+        self.sizes = sizes
         self.usage_file = usage_file
         self._lock = threading.Lock()
         self._overrides: dict[int, _Usage] = {}
@@ -118,7 +123,7 @@ class SimulatedInventory:
         """Replace GPU `index`'s in-process usage; raises ValueError on values no GPU could have."""
         if not 0 <= index < self.count:
             raise ValueError(f"GPU index {index} is not one of 0-{self.count - 1}")
-        used = _number(memory_used_gb, "memory_used_gb", 0, self.memory_gb)
+        used = _number(memory_used_gb, "memory_used_gb", 0, self.sizes[index])
         util = _number(utilization, "utilization", 0, 100)
         with self._lock:
             self._overrides[index] = _Usage(used * 1024, util, tuple(processes))
@@ -158,7 +163,7 @@ class SimulatedInventory:
         pass
 
     def _gpu(self, index: int, usage: _Usage | None) -> GpuInfo:
-        total = self.memory_gb * 1024
+        total = self.sizes[index] * 1024
         used = usage.memory_used_mb if usage else 0.0
         return GpuInfo(
             index=index,
@@ -191,9 +196,7 @@ class SimulatedInventory:
         if key != self._file_key:
             self._file_key = key
             try:
-                self._file_usage = _parse_usage(
-                    json.loads(path.read_text(encoding="utf-8")), self.count, self.memory_gb
-                )
+                self._file_usage = _parse_usage(json.loads(path.read_text(encoding="utf-8")), self.sizes)
                 self._file_error = None
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 self._file_usage = {}
