@@ -68,6 +68,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._migrated = False
+        self._starts_from = 0.0  # (monotonic) no run starts before: see `_hold_starts`
 
     def fence(self) -> str:
         """The lock value this scheduler's status changes are fenced by. Once the lead is lost it is none: with no
@@ -118,6 +119,7 @@ class Scheduler:
                 if self.stopping.is_set():
                     break
                 await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
+                self._hold_starts()
                 # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of
                 # 100k jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
                 keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
@@ -189,14 +191,32 @@ class Scheduler:
                 logger.warning("wake-up listener: {}; retrying", exc)
                 await asyncio.sleep(1.0)
 
+    def _hold_starts(self) -> None:
+        """After a lead that ended with Redis losing the lock (or away for a whole TTL), start nothing until runs
+        Redis may have forgotten have ended. Back from a snapshot or a backup, it shows their GPUs free and their
+        jobs queued again, while their runners, finding their runs no longer recorded, stop swift within a poll
+        and a stop grace: a start meanwhile put a second run on the same GPU (a hunt, Redis rolled back)."""
+        if not self.leader.redis_lost_it:
+            return
+        self.leader.redis_lost_it = False
+        hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
+        self._starts_from = time.monotonic() + hold
+        logger.warning("scheduler {}: Redis lost the lead's lock, and may have lost runs that go on: no run starts "
+                       "for {:g} s, while any it no longer knows end", self.ident, hold)  # fmt: skip
+
     async def _process(self) -> None:
         self._wake.set()
         while True:
+            held = self._starts_from - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.QUEUE_POLL_INTERVAL)
+                wait = self.settings.QUEUE_POLL_INTERVAL if held <= 0 else min(held, self.settings.QUEUE_POLL_INTERVAL)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
             requests: list[tuple[str, list[str] | None]] = []
             try:
+                if self._starts_from > time.monotonic():
+                    await self.processor.view()  # still publish the GPU reading; asked-for passes wait too
+                    continue
                 requests = await self.cluster.take_pass_requests()
                 enabled, _ = await self.cluster.processor_switch()
                 # With the processor off, only what was asked for starts: POST /queue/process (everything that

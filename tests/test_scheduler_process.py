@@ -159,6 +159,27 @@ def test_a_standby_leads_within_five_seconds_of_the_leaders_death(server: ApiSer
         spare.wait(20)
 
 
+def test_after_redis_lost_the_lock_no_run_starts_until_runs_it_may_have_forgotten_have_ended(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
+) -> None:
+    # Redis back from an older snapshot showed a running job's GPU free and the job queued again, while its runner,
+    # finding its run no longer recorded, was still stopping swift: the scheduler took the lead at once and
+    # started a second run on that GPU (a hunt with Redis rolled back). Losing the lock that way, it now waits.
+    server = server_factory(env={"STOP_GRACE_SECONDS": "3"})
+    sync = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        key = Keys(server.prefix).leader
+        first = wait_for(lambda: sync.get(key), what="a leader")
+        sync.delete(key)  # (as a Redis restarted from a snapshot taken before this lock was written)
+        wait_for(lambda: (v := sync.get(key)) and v != first, what="the lead taken again")
+        retaken = time.time()
+        create(server, workspace, "after", auto_start=True, training={"max_steps": 2})
+        job = server.wait_status("after", "completed", timeout=30)
+        assert job["started_at"] - retaken >= 3.0, job["started_at"] - retaken  # (the stop grace at least)
+    finally:
+        sync.close()
+
+
 def test_a_scheduler_that_dies_is_started_again_and_the_runs_go_on(server: ApiServer, workspace: Path) -> None:
     # In a container, the end of `start.py scheduler` would end the container and every runner in it.
     job = running(server, workspace, "on", min_step=3, step_seconds=0.1, training={"max_steps": 60})

@@ -36,6 +36,9 @@ class LeaderLock:
         self.value: str | None = None  # the lock's value while we lead: the fence every start carries
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None  # why the last leadership ended, as logged
+        # The last leadership ended with Redis losing the lock or away for a whole TTL: back, it may hold an older
+        # state (a snapshot, a backup) that has forgotten runs that go on, on GPUs it shows as free.
+        self.redis_lost_it = False
         self._renewed_at = time.monotonic()  # when the lock's TTL last started to run, at the latest
 
     @property
@@ -76,35 +79,39 @@ class LeaderLock:
                 if await self.cluster.renew_leadership(self.value, self.ttl):
                     last_ok = sent
                     continue
-                reason = await self._why_refused(time.monotonic() - last_ok)
+                reason, lost_by_redis = await self._why_refused(time.monotonic() - last_ok)
             except RedisError as exc:
                 if time.monotonic() - last_ok < self.ttl:
                     continue  # the lock may still be ours: try again before it can have expired
-                reason = f"Redis did not answer for a whole TTL ({exc})"
+                reason, lost_by_redis = f"Redis did not answer for a whole TTL ({exc})", True
             logger.warning("scheduler {} lost the lead: {}", self.ident, reason)
+            self.redis_lost_it = lost_by_redis
             self.lost_reason = reason
             self.value = None
             self.lost.set()
             return
 
-    async def _why_refused(self, since_renewal: float) -> str:
+    async def _why_refused(self, since_renewal: float) -> tuple[str, bool]:
         """Why a renewal was refused. A lock that simply expired (this process or Redis stalled past the TTL, and no
         other scheduler exists) is not a lock taken by another scheduler: the operator looks for different causes
         (load on this host, versus a second scheduler they may not know of)."""
         try:
             holder = await self.cluster.leader()
         except RedisError as exc:
-            return f"the lock is no longer ours, and who holds it cannot be read ({exc})"
+            return f"the lock is no longer ours, and who holds it cannot be read ({exc})", False
         if holder is not None:
             return (f"another scheduler holds the lock ({holder.scheduler_id}, fencing token "
-                    f"{holder.value.partition(':')[0]})")  # fmt: skip
+                    f"{holder.value.partition(':')[0]})"), False  # fmt: skip
         late = since_renewal - self.ttl
         if late >= 0:
-            return (f"the lock expired: renewed {since_renewal:.3f} s after the last renewal, {late:.3f} s past its "
-                    f"TTL of {self.ttl:g} s (this process or Redis stalled); no scheduler holds it now")  # fmt: skip
+            stalled = (
+                f"the lock expired: renewed {since_renewal:.3f} s after the last renewal, {late:.3f} s "
+                f"past its TTL of {self.ttl:g} s (this process or Redis stalled); no scheduler holds it now"
+            )
+            return stalled, False
         # Within its TTL: Redis lost the key (a restart without persistence, a flush), not a late renewal.
         return (f"the lock is gone {since_renewal:.3f} s after the last renewal, before its TTL of {self.ttl:g} s ran "
-                "out (Redis lost it: a restart or a flush?); no scheduler holds it now")  # fmt: skip
+                "out (Redis lost it: a restart or a flush?); no scheduler holds it now"), True  # fmt: skip
 
     async def release(self) -> None:
         if self.value is not None:
