@@ -333,6 +333,32 @@ def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> No
         start.told_to_stop.clear()
 
 
+def test_a_redis_that_keeps_only_snapshots_is_warned_of(tmp_path: Path) -> None:
+    # RDB only (stock redis.conf): back from its last snapshot, a stop since was undone and the job ran again, and a
+    # run it forgot was started a second time (hunt, Redis rolled back); it was not warned of.
+    from application.services.redis_service import _data_loss_warnings, find_redis_server
+    from tests.conftest import free_port
+
+    binary = find_redis_server()
+    assert binary
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "900 1",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        wait_for(client.ping, what="the test's redis-server")
+        assert _data_loss_warnings(client) == [
+            "Redis keeps only its snapshots across a restart (appendonly no, save 900 1): a restart loses what was "
+            "written since the last one; set appendonly yes"
+        ]
+        client.config_set("appendonly", "yes")
+        assert _data_loss_warnings(client) == []
+    finally:
+        client.close()
+        server.kill()
+        server.wait(10)
+
+
 def test_a_redis_that_would_lose_jobs_is_warned_of_at_start(tmp_path: Path) -> None:
     # With allkeys-lru, evicted job records stalled the queue and left GPUs leased to jobs no longer there; a Redis
     # without persistence lost every job at its restart: neither said a word (hunt).

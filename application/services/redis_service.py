@@ -348,6 +348,10 @@ def _data_loss_warnings(client: Any) -> list[str]:
     if config.get("appendonly") == "no" and not config.get("save"):
         warnings.append("Redis keeps nothing across its restart (appendonly no, no save points): every job is lost "
                         "with it; set appendonly yes")  # fmt: skip
+    elif config.get("appendonly") == "no":
+        # Back from a snapshot, stops, pauses and deletes since are undone, and runs it forgot are run again.
+        warnings.append(f"Redis keeps only its snapshots across a restart (appendonly no, save {config['save']}): "
+                        "a restart loses what was written since the last one; set appendonly yes")  # fmt: skip
     return warnings
 
 
