@@ -198,9 +198,30 @@ async def test_a_command_whose_connection_dropped_before_its_reply_is_not_sent_a
         assert proxy.fired.is_set()
         assert int(await client.get(key) or 0) == 2  # run once more, not twice
         assert await count(keys=[key]) == 3  # (and the next command goes out on a new connection)
+        # A command that changes nothing is sent again, as before (a 503 for a read cut by a proxy: the review).
+        proxy.cut_after(re.escape(key.encode()), lose_reply=True, down_seconds=0.0)
+        assert await client.get(key) == "3" and proxy.fired.is_set()
     finally:
         await client.aclose()
         proxy.close()
+
+
+async def test_a_subscriber_whose_connection_redis_closed_reconnects_and_hears_on(redis_url: str) -> None:
+    # Its SUBSCRIBE was taken for a write whose reply is owed: the drop came out of listen() as a lost reply.
+    client = create_client(Settings(REDIS_URL=redis_url, REDIS_RETRIES=3), redis_url)
+    channel = f"wake-{uuid.uuid4().hex}"
+    try:
+        async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(channel)
+            await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            heard = None
+            deadline = time.monotonic() + 10
+            while heard is None and time.monotonic() < deadline:
+                await client.publish(channel, "hello")
+                heard = await pubsub.get_message(timeout=0.2)
+            assert heard is not None and heard["data"] == "hello"
+    finally:
+        await client.aclose()
 
 
 async def busy(port: int, hold: asyncio.Task[Any]) -> None:

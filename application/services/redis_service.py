@@ -214,7 +214,8 @@ class RetryUnsent(Retry):
     counted twice against its owner's quota, a runner's end refused as "ended already", so no automatic export).
     The error reaches the caller, whose "the answer was lost" handling is there for it (lost_replies, the runner's
     outbox). A pooled connection Redis closed meanwhile (a restart, its idle `timeout`) is found closed when it is
-    taken from the pool, before anything is sent on it, and replaced unseen."""
+    taken from the pool, once this process's event loop has seen the close, and replaced unseen; a command that
+    changes nothing is sent again as before."""
 
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:  # fmt: skip
@@ -232,12 +233,24 @@ class ReplyLost(RedisConnectionError):
     """The connection failed after a command went out and before its reply came back: it may have run."""
 
 
+# Commands that change nothing (or, SCRIPT LOAD, nothing twice): sent again after a lost reply, as before.
+_REPEATABLE = frozenset({
+    "GET", "MGET", "EXISTS", "TTL", "PTTL", "TYPE", "STRLEN", "HGET", "HMGET", "HGETALL", "HEXISTS", "HLEN",
+    "LRANGE", "LLEN", "SMEMBERS", "SCARD", "SISMEMBER", "SMISMEMBER", "ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE",
+    "ZREVRANGEBYSCORE", "ZCARD", "ZSCORE", "ZMSCORE", "ZRANK", "ZREVRANK", "ZCOUNT", "XRANGE", "XREVRANGE", "XLEN",
+    "PING", "TIME", "INFO", "DBSIZE", "SCRIPT",
+})  # fmt: skip
+
+
 class _OwedReply:
-    """Marks a connection failure met while a sent command's reply is owed as `ReplyLost`. The handshake of a
-    new connection (AUTH, SELECT) and the PING of a health check are not marked: they may be sent again."""
+    """Marks a connection failure met while a sent command's reply is owed as `ReplyLost`. Not marked: the
+    handshake of a new connection (AUTH, SELECT), the PING of a health check, commands that change nothing,
+    a pub/sub connection's messages, and errors Redis answered (LOADING, a refused password): those may all be
+    sent again."""
 
     _owed = False
     _handshake = False
+    _repeatable = False
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         self._handshake = True
@@ -246,18 +259,25 @@ class _OwedReply:
         finally:
             self._handshake = False
 
+    async def send_command(self, *args: Any, **kwargs: Any) -> None:
+        name = args[0] if args else b""
+        self._repeatable = (name.decode() if isinstance(name, bytes) else str(name)).upper() in _REPEATABLE
+        await super().send_command(*args, **kwargs)  # type: ignore[misc]
+
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         self._owed = False
+        repeatable, self._repeatable = self._repeatable, False  # (a pipeline's sends come here directly)
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
         # (a command's own sends check health; a health check's PING, and a pipeline's later replies, don't
         # change what is owed: it stays owed until the next command goes out)
-        self._owed = check_health and not self._handshake
+        self._owed = check_health and not self._handshake and not repeatable
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except RedisConnectionError as exc:
-            if self._owed and not isinstance(exc, ReplyLost):
+            # (only the connection's failure: LOADING and a refused password are Redis's answers, subclasses)
+            if self._owed and type(exc) is RedisConnectionError and not kwargs.get("push_request"):
                 raise ReplyLost(str(exc)) from exc
             raise
 
