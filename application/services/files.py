@@ -304,7 +304,10 @@ class FileStore(UploadRefs):
                 gone, settled = await asyncio.to_thread(self._leftovers_of, Path(marker), min_age)
                 removed += gone
                 if not settled:
-                    continue  # (still being written, or its folder unreadable now: the next sweep looks again)
+                    # Still being written, its folder unreadable now, or a file that cannot be removed: looked at
+                    # again in `min_age`, behind the others (a thousand such marks held back every newer one).
+                    await self.r.zadd(self.keys.uploads_writing, {marker: clock.now()}, xx=True)
+                    continue
             await self.r.zrem(self.keys.uploads_writing, marker)
         if removed:
             logger.info("removed {} upload file(s) without a record: {}", len(removed),
