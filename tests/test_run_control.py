@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from application.models.training_model import Attempt, JobStatus
+from application.services import process_group as pg
 from application.services.preemption import Candidate, choose_victims, preemption_wait
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
@@ -418,6 +419,9 @@ async def test_resume_a_stopped_job_and_refusals(app_factory: Callable[..., Any]
         await client.post("/jobs", json=body)
         await wait_job(client, "st", lambda j: (j["progress"]["current_step"] or 0) >= 7)
         assert (await client.post("/jobs/st/stop")).json()["status"] == "stopped"
+        # Its runner wrote beside swift's exit status what it ended the run for (read should Redis forget it).
+        log_file = Path((await client.get("/jobs/st")).json()["log_file"])
+        assert pg.read_exit_asked(log_file.with_suffix(".exit.json")) == (True, False, None)
         r = await client.post("/jobs/st/start")
         assert r.status_code == 409 and "resume it from its last checkpoint with POST" in r.json()["detail"], r.text
         # Stopped is terminal, but its checkpoint can still be resumed; the output folder is claimed again.

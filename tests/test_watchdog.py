@@ -229,6 +229,26 @@ async def test_a_run_that_ended_unwatched_keeps_the_checkpoint_and_the_end_time_
             assert abs(job["finished_at"] - ended[name]) < 1, (job["finished_at"], ended[name])
 
 
+@pytest.mark.parametrize(("asked", "status"), [({"stop": True}, "stopped"), ({"pause": True}, "paused"),
+                                               (None, "queued")])  # fmt: skip
+async def test_what_a_runner_ended_its_run_for_decides_the_end_when_the_record_no_longer_says_so(
+    app_factory: Callable[..., Any], tmp_path: Path, asked: dict[str, Any] | None, status: str
+) -> None:
+    # Redis back from an older snapshot: the stop (or pause) its runner acted on is gone from the record, and the
+    # run killed by that stop's SIGTERM was retried from the beginning, or failed "killed by signal 15" (hunt).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
+        log_file = tmp_path / "output" / "rolled" / "logs" / "rolled.train.log"
+        log_file.parent.mkdir(parents=True)
+        log_file.write_text("")
+        pg.write_exit_file(log_file.with_suffix(".exit.json"), -15, asked)
+        await running_with_dead_runner(client, tmp_path, "rolled", max_retries=2)
+        await client.scheduler.store.update("rolled", {"log_file": str(log_file)})
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/rolled")).json()
+        assert job["status"] == status, job
+
+
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -155,15 +156,33 @@ def read_exit(path: Path) -> tuple[int | None, float | None]:
     return code, float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
 
 
-def write_exit_file(path: Path, code: int) -> str | None:
+def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, at: float | None = None) -> str | None:
     """Write swift's exit status beside its log, for a watchdog to read should the runner die before it records
     the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
-    that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1"."""
+    that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1".
+
+    `asked`: what the run was asked to end for (stop, pause, preempt_for), as the runner acted on it: a Redis
+    back from an older snapshot no longer says so, and the run was retried or failed instead of stopped."""
+    record: dict[str, Any] = {"exit_code": code, "finished_at": at or clock.now(), "pid": os.getpid()}
+    if asked:
+        record["asked"] = asked
     try:
-        replace_in_place(path, json.dumps({"exit_code": code, "finished_at": clock.now(), "pid": os.getpid()}).encode())
+        replace_in_place(path, json.dumps(record).encode())
     except OSError as exc:
         return f"{exc.strerror or exc} ({path})"
     return None
+
+
+def read_exit_asked(path: Path) -> tuple[bool, bool, str | None]:
+    """What the runner wrote in the exit record that the run was asked to end for: (stop, pause, preempt_for)."""
+    try:
+        with open_in_place(path) as fh:
+            asked = json.loads(fh.read()).get("asked") or {}
+        preempt_for = asked.get("preempt_for")
+        return bool(asked.get("stop") is True), bool(asked.get("pause") is True), \
+            preempt_for if isinstance(preempt_for, str) and preempt_for else None  # fmt: skip
+    except (OSError, ValueError, AttributeError):
+        return False, False, None
 
 
 def launch_spec(log_dir: Path, job_id: str, run_id: str) -> Path:

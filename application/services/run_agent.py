@@ -284,6 +284,10 @@ class Runner:
                 # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
                 # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
                 preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
+            if interrupt is not None and recorded:
+                ended_for = {"stop": interrupt == "stop", "pause": interrupt == "pause", "preempt_for": preempt_for}
+                if unwritten := pg.write_exit_file(exit_file, code, ended_for, at=ended_at):
+                    logger.warning("job {}: what the run was asked to end for not written: {}", self.job_id, unwritten)
             asked = job.model_copy(update={"preempt_for": preempt_for})
             end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
                              stop_outcome=outcome if stopping is not None else None, now=ended_at,

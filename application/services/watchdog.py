@@ -202,6 +202,12 @@ class Watchdog:
         job = fresh
         log_file = Path(job.log_file) if job.log_file else None
         code, exited_at = pg.read_exit(log_file.with_suffix(".exit.json")) if log_file else (None, None)
+        if code is not None and log_file is not None:
+            # What its runner acted on, should the record no longer say so (Redis back from an older snapshot).
+            stop, pause, preempt_for = pg.read_exit_asked(log_file.with_suffix(".exit.json"))
+            asked = {"stop_requested": job.stop_requested or stop, "pause_requested": job.pause_requested or pause,
+                     "preempt_for": job.preempt_for or preempt_for}  # fmt: skip
+            job = job.model_copy(update=asked)
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         hung = self._hung.pop(job.run_id or "", None)
