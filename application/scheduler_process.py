@@ -69,6 +69,8 @@ class Scheduler:
         self.stopping = asyncio.Event()
         self._migrated = False
         self._starts_from = 0.0  # (monotonic) no run starts before: see `_hold_starts`
+        self._held_why = ""
+        self._deferred: set[str] = set()  # jobs whose start was asked for while starts were held
 
     def fence(self) -> str:
         """The lock value this scheduler's status changes are fenced by. Once the lead is lost it is none: with no
@@ -119,7 +121,9 @@ class Scheduler:
                 if self.stopping.is_set():
                     break
                 await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
-                self._hold_starts()
+                if self.leader.redis_lost_it:
+                    self._hold_starts("Redis lost the lead's lock")
+                self.leader.redis_lost_it = False
                 # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of
                 # 100k jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
                 keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
@@ -191,18 +195,17 @@ class Scheduler:
                 logger.warning("wake-up listener: {}; retrying", exc)
                 await asyncio.sleep(1.0)
 
-    def _hold_starts(self) -> None:
-        """After a lead that ended with Redis losing the lock (or away for a whole TTL), start nothing until runs
-        Redis may have forgotten have ended. Back from a snapshot or a backup, it shows their GPUs free and their
-        jobs queued again, while their runners, finding their runs no longer recorded, stop swift within a poll
-        and a stop grace: a start meanwhile put a second run on the same GPU (a hunt, Redis rolled back)."""
-        if not self.leader.redis_lost_it:
-            return
-        self.leader.redis_lost_it = False
+    def _hold_starts(self, why: str) -> None:
+        """Start nothing until runs Redis may have forgotten have ended. Back from a snapshot or a backup, Redis
+        shows their GPUs free and their jobs queued again, while their runners, finding their runs no longer
+        recorded, stop swift within a poll and a stop grace: a start meanwhile put a second run on the same GPU (a
+        hunt, Redis rolled back). Redis cannot tell a restart that kept everything from one that did not."""
         hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
         self._starts_from = time.monotonic() + hold
-        logger.warning("scheduler {}: Redis lost the lead's lock, and may have lost runs that go on: no run starts "
-                       "for {:g} s, while any it no longer knows end", self.ident, hold)  # fmt: skip
+        self._held_why = (f"no run starts until {time.strftime('%H:%M:%S', time.localtime(time.time() + hold))}: "
+                          f"{why}, and runs it may have forgotten must end first")  # fmt: skip
+        logger.warning("scheduler {}: {} (for {:g} s)", self.ident, self._held_why, hold)
+        self.processor.stats.last_error, self.processor.stats.last_error_at = self._held_why, clock.now()
 
     async def _process(self) -> None:
         self._wake.set()
@@ -214,21 +217,32 @@ class Scheduler:
             self._wake.clear()
             requests: list[tuple[str, list[str] | None]] = []
             try:
+                # Each round, not only at taking the lead: back from a snapshot that still held this lead's lock,
+                # Redis takes its renewals as before.
+                if await self.cluster.redis_restarted():
+                    self._hold_starts("Redis restarted since the scheduler last looked")
                 if self._starts_from > time.monotonic():
-                    await self.processor.view()  # still publish the GPU reading; asked-for passes wait too
+                    await self.processor.view()  # still publish the GPU reading
+                    await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)
+                    # Asked-for passes are told why none is made (a start's job stays queued: it starts after).
+                    for request_id, only in await self.cluster.take_pass_requests():
+                        self._deferred |= set(only or ())
+                        await self.cluster.answer_pass(request_id, {"error": self._held_why})
                     continue
                 requests = await self.cluster.take_pass_requests()
                 enabled, _ = await self.cluster.processor_switch()
                 # With the processor off, only what was asked for starts: POST /queue/process (everything that
-                # fits) or the start of one job.
-                asked = {j for _, only in requests for j in only or ()}  # (planned even past the window)
+                # fits) or the start of one job (one asked for while starts were held, too).
+                asked = {j for _, only in requests for j in only or ()} | self._deferred  # (even past the window)
+                self._deferred = set()
                 if enabled or any(only is None for _, only in requests):
                     started = await self.processor.run_pass(wanted=asked)
-                elif requests:
+                elif asked:
                     started = await self.processor.run_pass(only=asked)
                 else:
                     started = []
                     await self.processor.view()  # still publish the GPU reading
+                    await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)
                 for request_id, only in requests:
                     await self.cluster.answer_pass(request_id, started if only is None else
                                                    [j for j in started if j in only])  # fmt: skip

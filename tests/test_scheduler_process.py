@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
 from application.services.leader import LeaderLock
+from application.services.redis_service import EmbeddedRedis
 from tests.conftest import ROOT, ApiServer, wait_for
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
@@ -176,6 +178,29 @@ def test_after_redis_lost_the_lock_no_run_starts_until_runs_it_may_have_forgotte
         create(server, workspace, "after", auto_start=True, training={"max_steps": 2})
         job = server.wait_status("after", "completed", timeout=30)
         assert job["started_at"] - retaken >= 3.0, job["started_at"] - retaken  # (the stop grace at least)
+    finally:
+        sync.close()
+
+
+def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgotten_runs_have_ended(
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
+) -> None:
+    # Redis back from a snapshot that still held this scheduler's lock (or a standby taking the lead after Redis
+    # restarted) has no lost lock to go by: Redis's run_id tells it. A Redis that kept everything cannot be told
+    # from one back from a snapshot (review).
+    server = server_factory(env={"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "3"})
+    sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        create(server, workspace, "before", auto_start=True, training={"max_steps": 2})
+        server.wait_status("before", "completed", timeout=30)  # (no hold on a new deployment's first lead)
+        own_redis.stop()
+        own_redis.start()
+        back = time.time()
+        create(server, workspace, "after", auto_start=True, training={"max_steps": 2})
+        job = server.wait_status("after", "completed", timeout=40)
+        assert job["started_at"] - back >= 3.0, job["started_at"] - back  # (the stop grace at least)
+        said = server.http.get("/queue/processor/status").json()
+        assert "Redis restarted since the scheduler last looked" in json.dumps(said), said
     finally:
         sync.close()
 

@@ -114,6 +114,19 @@ class ClusterStore:
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
+    async def redis_restarted(self) -> bool:
+        """Whether Redis restarted since the leader last asked (its run_id is another now), and so may have come
+        back from an older state (a snapshot, a backup) that forgot runs which go on. Recorded for the next ask, by
+        this leader or the next. False when nothing was recorded yet (a new deployment) or INFO is refused."""
+        try:
+            run_id = str((await self.r.info("server")).get("run_id") or "")
+        except ResponseError:
+            return False
+        if not run_id:
+            return False
+        previous = await self.r.set(self.keys.redis_run, run_id, get=True)
+        return previous is not None and previous != run_id
+
     async def acquire_leadership(self, scheduler_id: str, ttl: float) -> str | None:
         """The lock's value (with a new fencing token) when this scheduler now leads, else None."""
         value = await self._acquire(keys=[self.keys.leader], args=[json.dumps(

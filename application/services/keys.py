@@ -205,6 +205,12 @@ class Keys:
         return self._k("scheduler", "leader")
 
     @property
+    def redis_run(self) -> str:
+        """String: the run_id of the Redis server the last scheduler took the lead on (`INFO server`); another one
+        now says Redis restarted since, perhaps from an older state."""
+        return self._k("scheduler", "redis_run")
+
+    @property
     def leader_epoch(self) -> str:
         """Counter: each new leadership takes the next value as its fencing token."""
         return self._k("scheduler", "epoch")

@@ -70,6 +70,7 @@ class LeaderLock:
         assert self.value is not None
         interval = self.ttl / 3
         last_ok = self._renewed_at
+        away = False  # Redis did not answer a renewal since the last one it took
         while True:
             await asyncio.sleep(interval)
             # When the renewal was sent, not answered: the lock's new TTL runs from some moment after this, so a
@@ -77,10 +78,14 @@ class LeaderLock:
             sent = time.monotonic()
             try:
                 if await self.cluster.renew_leadership(self.value, self.ttl):
-                    last_ok = sent
+                    last_ok, away = sent, False
                     continue
-                reason, lost_by_redis = await self._why_refused(time.monotonic() - last_ok)
+                reason, how = await self._why_refused(time.monotonic() - last_ok)
+                # Away, then back without the lock, no one holding it: a Redis that restarted (in 2-3 s a lock of
+                # 3 s looks expired), not a stall of this process.
+                lost_by_redis = how == "gone" or (how == "expired" and away)
             except RedisError as exc:
+                away = True
                 if time.monotonic() - last_ok < self.ttl:
                     continue  # the lock may still be ours: try again before it can have expired
                 reason, lost_by_redis = f"Redis did not answer for a whole TTL ({exc})", True
@@ -91,27 +96,27 @@ class LeaderLock:
             self.lost.set()
             return
 
-    async def _why_refused(self, since_renewal: float) -> tuple[str, bool]:
+    async def _why_refused(self, since_renewal: float) -> tuple[str, str]:
         """Why a renewal was refused. A lock that simply expired (this process or Redis stalled past the TTL, and no
         other scheduler exists) is not a lock taken by another scheduler: the operator looks for different causes
         (load on this host, versus a second scheduler they may not know of)."""
         try:
             holder = await self.cluster.leader()
         except RedisError as exc:
-            return f"the lock is no longer ours, and who holds it cannot be read ({exc})", False
+            return f"the lock is no longer ours, and who holds it cannot be read ({exc})", "unknown"
         if holder is not None:
             return (f"another scheduler holds the lock ({holder.scheduler_id}, fencing token "
-                    f"{holder.value.partition(':')[0]})"), False  # fmt: skip
+                    f"{holder.value.partition(':')[0]})"), "taken"  # fmt: skip
         late = since_renewal - self.ttl
         if late >= 0:
             stalled = (
                 f"the lock expired: renewed {since_renewal:.3f} s after the last renewal, {late:.3f} s "
                 f"past its TTL of {self.ttl:g} s (this process or Redis stalled); no scheduler holds it now"
             )
-            return stalled, False
+            return stalled, "expired"
         # Within its TTL: Redis lost the key (a restart without persistence, a flush), not a late renewal.
         return (f"the lock is gone {since_renewal:.3f} s after the last renewal, before its TTL of {self.ttl:g} s ran "
-                "out (Redis lost it: a restart or a flush?); no scheduler holds it now"), True  # fmt: skip
+                "out (Redis lost it: a restart or a flush?); no scheduler holds it now"), "gone"  # fmt: skip
 
     async def release(self) -> None:
         if self.value is not None:
