@@ -2,8 +2,8 @@
 
 The leader lock, runner heartbeats, the scheduler's GPU reading and ms-swift facts (API workers have neither
 GPUs nor ms-swift of their own), the processor switch and statistics, manual pass requests, wake-ups,
-idempotency records and rate counters, the webhook queue and the shared metrics. Like `JobStore`, the only
-place these keys are read or written.
+idempotency records and rate counters, the webhook queue (webhook_queue.py, which this store extends) and the
+shared metrics. Like `JobStore`, the only place these keys are read or written.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from application.services import clock, lua_cluster
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
+from application.services.webhook_queue import WebhookQueue
 from application.utils.gpu_types import GpuSnapshot
 
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
@@ -99,7 +99,7 @@ class MetricsState:
     running: list[str]  # running jobs (the first of them)
 
 
-class ClusterStore:
+class ClusterStore(WebhookQueue):
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.r: Any = client
         self.keys = keys
@@ -407,48 +407,6 @@ class ClusterStore:
     async def release_idempotency(self, key: str, claim: str) -> None:
         """Free the key for a retry, if it is still claimed by `claim`."""
         await self._release(keys=[key], args=[json.dumps({"value": claim})])
-
-    # ---- webhooks (queued by the store with each status change, delivered by the leader) ------------------
-
-    async def announce_webhooks(self, every_job: bool) -> None:
-        """Whether every job notifies (WEBHOOK_URLS), or only those with a webhook_url: read by the scripts."""
-        if every_job:
-            await self.r.set(self.keys.webhooks_global, "1")
-        else:
-            await self.r.delete(self.keys.webhooks_global)
-
-    async def requeue_webhook_deliveries(self) -> None:
-        """What a previous leader was delivering when it went, back in the queue (delivered at least once)."""
-        # The newest taken first, each to the end deliveries are taken from: the oldest goes out first again.
-        while await self.r.lmove(self.keys.webhooks_delivering, self.keys.webhooks, "LEFT", "RIGHT"):
-            pass
-
-    async def requeue_orphan_deliveries(self, held: Collection[str]) -> int:
-        """The deliveries under way that no delivery of this leader holds (`held`), back in the queue: a take whose
-        answer an outage cut off moved its notification with no one to deliver it. How many went back."""
-        k = self.keys
-        kept = Counter(held)
-        orphans: list[str] = []
-        for raw in await self.r.lrange(k.webhooks_delivering, 0, -1):  # the newest taken first
-            if kept[raw]:
-                kept[raw] -= 1
-            else:
-                orphans.append(raw)
-        if orphans:
-            async with self.r.pipeline(transaction=True) as pipe:
-                for raw in orphans:  # as requeue_webhook_deliveries: the oldest goes out first again
-                    pipe.lrem(k.webhooks_delivering, 1, raw)
-                    pipe.rpush(k.webhooks, raw)
-                await pipe.execute()
-        return len(orphans)
-
-    async def take_webhook(self) -> str | None:
-        """The oldest notification, moved to the deliveries under way until `webhook_delivered`."""
-        raw: str | None = await self.r.lmove(self.keys.webhooks, self.keys.webhooks_delivering, "RIGHT", "LEFT")
-        return raw
-
-    async def webhook_delivered(self, raw: str) -> None:
-        await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
 
     # ---- metrics -------------------------------------------------------------------------------------------
 
