@@ -45,7 +45,7 @@ from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.owner_slots import ResponseCut, download_slots, stream_slots
 from application.services.queue_service import QueueService
-from application.services.redis_service import RedisService, die_with_parent, redis_refusal
+from application.services.redis_service import RedisService, die_with_parent, may_have_run, redis_refusal
 from application.services.run_control import RunControl
 from application.services.streams import Streams
 from application.services.system_service import SystemService
@@ -241,12 +241,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         # (a wrong password is a ConnectionError to redis-py: not one to wait out)
         if refused := redis_refusal(exc, settings.REDIS_KEY_PREFIX):
             return JSONResponse({"detail": refused}, status_code=503)
-        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503,
-                            headers={"Retry-After": "5"})  # fmt: skip
+        detail = f"Redis does not answer ({exc}); try again when it is back"
+        if request.method not in ("GET", "HEAD") and may_have_run(exc):
+            # Sent, and its answer lost: "try again" would do it twice, or be refused for what it already did.
+            detail = (f"Redis did not answer ({exc}): this {request.method} may have been carried out all the same; "
+                      "once Redis is back, look at what it was to change (a GET) before you send it again")  # fmt: skip
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:

@@ -223,14 +223,18 @@ class RetryUnsent(Retry):
 
 
 def _unsent(error: Exception) -> bool:
-    if isinstance(error, ReplyLost):
-        return False
-    # (redis-py's words for a connect that timed out; a change of them only stops those retries)
-    return not isinstance(error, RedisTimeoutError) or str(error).startswith("Timeout connecting")
+    return not may_have_run(error)
 
 
 class ReplyLost(RedisConnectionError):
     """The connection failed after a command went out and before its reply came back: it may have run."""
+
+
+def may_have_run(error: Exception) -> bool:
+    """Whether the command that met `error` may have run: its reply was lost, or timed out once sent."""
+    # (redis-py's words for a connect that timed out; a change of them only stops those retries)
+    return isinstance(error, ReplyLost) or (isinstance(error, RedisTimeoutError) and
+                                            not str(error).startswith("Timeout connecting"))  # fmt: skip
 
 
 # Commands that change nothing (or, SCRIPT LOAD, nothing twice): sent again after a lost reply, as before.
