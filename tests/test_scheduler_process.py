@@ -182,6 +182,22 @@ def test_after_redis_lost_the_lock_no_run_starts_until_runs_it_may_have_forgotte
         sync.close()
 
 
+async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_one_counts_as_one(
+    redis_client: aioredis.Redis,
+) -> None:
+    keys = Keys("t")
+    cluster, store = ClusterStore(redis_client, keys), JobStore(redis_client, keys)
+    assert await cluster.redis_restarted() is False  # a new deployment: nothing to forget
+    assert await cluster.redis_restarted() is False  # the same Redis
+    await redis_client.set(keys.redis_run, "another-redis")
+    assert await cluster.redis_restarted() is True and await cluster.redis_restarted() is False
+    # Restored from a snapshot taken before run_ids were recorded (an upgrade, then a restore): jobs, no run_id
+    # (a hunt: the new leader started a second run on a GPU an orphan still held).
+    await store.create(make_job("j", JobStatus.QUEUED), message="", actor="t")
+    await redis_client.delete(keys.redis_run)
+    assert await cluster.redis_restarted() is True and await cluster.redis_restarted() is False
+
+
 def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgotten_runs_have_ended(
     server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
 ) -> None:

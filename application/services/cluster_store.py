@@ -117,7 +117,8 @@ class ClusterStore(WebhookQueue):
     async def redis_restarted(self) -> bool:
         """Whether Redis restarted since the leader last asked (its run_id is another now), and so may have come
         back from an older state (a snapshot, a backup) that forgot runs which go on. Recorded for the next ask, by
-        this leader or the next. False when nothing was recorded yet (a new deployment) or INFO is refused."""
+        this leader or the next. Nothing recorded yet counts as a restart when jobs are stored (a snapshot taken
+        before a version that records it), not for a new deployment. False when INFO is refused."""
         try:
             run_id = str((await self.r.info("server")).get("run_id") or "")
         except ResponseError:
@@ -125,7 +126,9 @@ class ClusterStore(WebhookQueue):
         if not run_id:
             return False
         previous = await self.r.set(self.keys.redis_run, run_id, get=True)
-        return previous is not None and previous != run_id
+        if previous is None:
+            return bool(await self.r.zcard(self.keys.jobs_index))
+        return bool(previous != run_id)
 
     async def acquire_leadership(self, scheduler_id: str, ttl: float) -> str | None:
         """The lock's value (with a new fencing token) when this scheduler now leads, else None."""
