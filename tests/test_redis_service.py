@@ -201,6 +201,10 @@ async def test_a_command_whose_connection_dropped_before_its_reply_is_not_sent_a
         # A command that changes nothing is sent again, as before (a 503 for a read cut by a proxy: the review).
         proxy.cut_after(re.escape(key.encode()), lose_reply=True, down_seconds=0.0)
         assert await client.get(key) == "3" and proxy.fired.is_set()
+        # So is the SCRIPT LOAD of a script Redis no longer has (after its restart): the script then runs once.
+        await client.script_flush()
+        proxy.cut_after(rb"LOAD", lose_reply=True, down_seconds=0.0)
+        assert await count(keys=[key]) == 4 and proxy.fired.is_set()
     finally:
         await client.aclose()
         proxy.close()

@@ -230,6 +230,12 @@ class ReplyLost(RedisConnectionError):
     """The connection failed after a command went out and before its reply came back: it may have run."""
 
 
+def lost_reply_detail(method: str, error: Exception) -> str:
+    """What a change whose Redis reply was lost answers (503): it may have been carried out."""
+    return (f"Redis did not answer ({error}): this {method} may have been carried out all the same; once Redis is "
+            "back, look at what it was to change (a GET) before you send it again")  # fmt: skip
+
+
 def may_have_run(error: Exception) -> bool:
     """Whether the command that met `error` may have run: its reply was lost, or timed out once sent."""
     # (redis-py's words for a connect that timed out; a change of them only stops those retries)
@@ -265,7 +271,9 @@ class _OwedReply:
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
         name = args[0] if args else b""
-        self._repeatable = (name.decode() if isinstance(name, bytes) else str(name)).upper() in _REPEATABLE
+        # (redis-py sends some two-word commands as one argument: "SCRIPT LOAD")
+        word = (name.decode() if isinstance(name, bytes) else str(name)).upper().split(" ", 1)[0]
+        self._repeatable = word in _REPEATABLE
         await super().send_command(*args, **kwargs)  # type: ignore[misc]
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
