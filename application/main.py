@@ -45,7 +45,13 @@ from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.owner_slots import ResponseCut, download_slots, stream_slots
 from application.services.queue_service import QueueService
-from application.services.redis_service import RedisService, die_with_parent, may_have_run, redis_refusal
+from application.services.redis_service import (
+    RedisService,
+    die_with_parent,
+    lost_reply_detail,
+    may_have_run,
+    redis_refusal,
+)
 from application.services.run_control import RunControl
 from application.services.streams import Streams
 from application.services.system_service import SystemService
@@ -248,8 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = f"Redis does not answer ({exc}); try again when it is back"
         if request.method not in ("GET", "HEAD") and may_have_run(exc):
             # Sent, and its answer lost: "try again" would do it twice, or be refused for what it already did.
-            detail = (f"Redis did not answer ({exc}): this {request.method} may have been carried out all the same; "
-                      "once Redis is back, look at what it was to change (a GET) before you send it again")  # fmt: skip
+            detail = lost_reply_detail(request.method, exc)
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RedisError)

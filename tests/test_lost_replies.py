@@ -143,3 +143,21 @@ async def test_a_change_whose_reply_was_lost_says_it_may_have_been_made(
         assert proxy.fired.is_set()
         assert r.status_code == 503 and "may have been carried out all the same" in r.json()["detail"], r.text
         assert (await client.get("/jobs/waiting")).json()["status"] == "cancelled"
+
+
+async def test_a_keyed_change_whose_reply_was_lost_answers_its_retry_the_same_not_twice(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # The key's claim was freed: the retry ran the change again (an export ran twice) or was refused for what the
+    # first did (a stop: 409 "already cancelled"), where the README promises the first answer.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, retries=3) as (client, proxy):
+        assert (await client.post("/jobs", json=job_body(tmp_path, "waiting"))).status_code == 201
+        proxy.cut_after(script(lua.TRANSITION), lose_reply=True, down_seconds=0.05)
+        key = {"Idempotency-Key": "stop-once"}
+        first = await client.post("/jobs/waiting/stop", headers=key)
+        assert proxy.fired.is_set() and first.status_code == 503, first.text
+        again = await client.post("/jobs/waiting/stop", headers=key)
+        assert again.status_code == 503 and again.json() == first.json(), again.text
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert (await client.get("/jobs/waiting")).json()["status"] == "cancelled"

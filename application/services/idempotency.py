@@ -26,6 +26,7 @@ from application.exceptions import ApiError, Conflict, Invalid, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.heartbeat import beating
 from application.services.lost_replies import MaybeMade
+from application.services.redis_service import lost_reply_detail, may_have_run
 
 TTL_SECONDS = 24 * 3600
 LEASE_SECONDS = 10.0
@@ -99,7 +100,14 @@ class Idempotency:
             await self.store.finish_idempotency(rkey, claim, exc.status_code, first, TTL_SECONDS,
                                                 exc.headers or {})  # fmt: skip
             raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception) and may_have_run(exc):
+                # Its change may have been made (a reply Redis lost): a retry with the key gets this answer, not a
+                # second run (an export ran twice). Should Redis not take it either, the claim lapses with its lease.
+                answer = error_json({"detail": lost_reply_detail("POST", exc)}).decode()
+                with contextlib.suppress(RedisError):
+                    await self.store.finish_idempotency(rkey, claim, 503, answer, TTL_SECONDS, {"Retry-After": "5"})
+                raise
             await asyncio.shield(self.store.release_idempotency(rkey, claim))
             raise
         response = _response(status, body, headers)
