@@ -17,6 +17,7 @@ from application.models.training_model import ExportInfo, ExportStatus, Job
 from application.services import clock
 from application.services.exports import ENDED_WITH_SWIFT, as_export, as_they_stand, prepare_export, put_export
 from application.services.job_store import Refusal, TransitionRefused
+from application.services.lost_replies import created_anyway
 from application.services.quant_exports import (
     CALIBRATED,
     check_quantization,
@@ -106,9 +107,12 @@ class ExportControl:
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
                 # Only awq and gptq read the data set (they calibrate on it): only they hold its upload.
                 reads = [child.data_path] if request.quant_method in CALIBRATED else []
-                await self.store.create(child, actor=caller.actor, max_waiting=self.service.limits.max_waiting,
-                                        uploads=self.service.files.uploads_named(reads, caller),
-                                        message=message)  # fmt: skip
+                try:
+                    await self.store.create(child, actor=caller.actor, max_waiting=self.service.limits.max_waiting,
+                                            uploads=self.service.files.uploads_named(reads, caller),
+                                            message=message)  # fmt: skip
+                except REDIS_AWAY as exc:  # (it may have been stored all the same: looked for, then listed)
+                    await created_anyway(self.store, child, exc)
                 break
             except TransitionRefused as exc:
                 if exc.reason == Refusal.WAITING_CAP:
