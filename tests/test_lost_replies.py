@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from application.services import lua, lua_cluster
-from tests.conftest import QUICK_TO_GIVE_UP, job_body, make_model
+from tests.conftest import QUICK_TO_GIVE_UP, job_body, make_model, wait_job
 from tests.redis_proxy import RedisProxy
 
 WAITING = ("pending", "queued", "running")
@@ -161,3 +161,20 @@ async def test_a_keyed_change_whose_reply_was_lost_answers_its_retry_the_same_no
         assert again.status_code == 503 and again.json() == first.json(), again.text
         assert again.headers.get("Idempotent-Replayed") == "true"
         assert (await client.get("/jobs/waiting")).json()["status"] == "cancelled"
+
+
+async def test_a_quantized_export_whose_job_create_reply_was_lost_is_listed_on_its_parent(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # Its job was stored and ran, but the parent's exports never listed it, and a retry was refused for its folder.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, scheduler=True, retries=3) as (client, proxy):
+        body = job_body(tmp_path, "q", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "q", lambda j: j["status"] == "completed" and j["export"]["status"] == "completed")
+        proxy.cut_after(script(lua.CREATE), lose_reply=True, down_seconds=0.05)
+        r = await client.post("/jobs/q/export", json={"quant_method": "bnb", "quant_bits": 8})
+        assert proxy.fired.is_set()
+        assert r.status_code == 200 and "queued as job 'q-quant'" in r.json()["message"], r.text
+        listed = (await client.get("/jobs/q/exports")).json()["exports"]
+        assert [e.get("job_id") for e in listed if e.get("job_id")] == ["q-quant"], listed
