@@ -23,7 +23,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from application.config import Settings
-from application.services.redis_service import EmbeddedRedis, _safe_url, create_client, find_redis_server, redis_url
+from application.services.redis_service import (
+    EmbeddedRedis,
+    _safe_url,
+    create_client,
+    find_redis_server,
+    may_have_run,
+    redis_url,
+)
 from tests.conftest import free_port
 from tests.redis_proxy import RedisProxy
 
@@ -226,6 +233,31 @@ async def test_a_subscriber_whose_connection_redis_closed_reconnects_and_hears_o
             assert heard is not None and heard["data"] == "hello"
     finally:
         await client.aclose()
+
+
+async def test_a_read_that_timed_out_is_not_taken_for_a_change_that_may_have_been_made(passworded_redis: int) -> None:
+    # A stop's read of the job timing out under a stalled Redis answered "may have been carried out", and an
+    # Idempotency-Key kept that answer for a day, though nothing had been written (review).
+    port = passworded_redis
+    settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PASSWORD="pw-0123", REDIS_SOCKET_TIMEOUT=0.3)
+    client = create_client(settings, redis_url(settings))
+    other = redis.Redis(port=port, password="pw-0123")
+    try:
+        await wait_until(client.ping)
+        for _ in range(3):  # (a loaded machine may let the read in before Redis is busy: that try is no test)
+            hold = asyncio.create_task(asyncio.to_thread(other.eval, BUSY, 0))
+            await busy(port, hold)
+            try:
+                await client.hgetall("job")
+            except redis.exceptions.TimeoutError as exc:
+                await hold
+                assert not may_have_run(exc), repr(exc)
+                return
+            await hold
+        pytest.fail("the read never met a busy Redis")
+    finally:
+        await client.aclose()
+        other.close()
 
 
 async def busy(port: int, hold: asyncio.Task[Any]) -> None:

@@ -223,11 +223,16 @@ class RetryUnsent(Retry):
 
 
 def _unsent(error: Exception) -> bool:
-    return not may_have_run(error)
+    # (a timed-out read is not sent again either: under a stalled Redis each try would wait a whole timeout)
+    return not isinstance(error, ReplyLost) and not _sent_and_timed_out(error)
 
 
 class ReplyLost(RedisConnectionError):
     """The connection failed after a command went out and before its reply came back: it may have run."""
+
+
+class ReadTimedOut(RedisTimeoutError):
+    """The reply of a command that changes nothing timed out: nothing can have been changed by it."""
 
 
 def lost_reply_detail(method: str, error: Exception) -> str:
@@ -237,10 +242,13 @@ def lost_reply_detail(method: str, error: Exception) -> str:
 
 
 def may_have_run(error: Exception) -> bool:
-    """Whether the command that met `error` may have run: its reply was lost, or timed out once sent."""
+    """Whether the change that met `error` may have been made: its reply was lost, or timed out once sent."""
+    return isinstance(error, ReplyLost) or (_sent_and_timed_out(error) and not isinstance(error, ReadTimedOut))
+
+
+def _sent_and_timed_out(error: Exception) -> bool:
     # (redis-py's words for a connect that timed out; a change of them only stops those retries)
-    return isinstance(error, ReplyLost) or (isinstance(error, RedisTimeoutError) and
-                                            not str(error).startswith("Timeout connecting"))  # fmt: skip
+    return isinstance(error, RedisTimeoutError) and not str(error).startswith("Timeout connecting")
 
 
 # Commands that change nothing (or, SCRIPT LOAD, nothing twice): sent again after a lost reply, as before.
@@ -291,6 +299,10 @@ class _OwedReply:
             # (only the connection's failure: LOADING and a refused password are Redis's answers, subclasses)
             if self._owed and type(exc) is RedisConnectionError and not kwargs.get("push_request"):
                 raise ReplyLost(str(exc)) from exc
+            raise
+        except RedisTimeoutError as exc:
+            if not self._owed and type(exc) is RedisTimeoutError:
+                raise ReadTimedOut(str(exc)) from exc
             raise
 
 
