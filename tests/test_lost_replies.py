@@ -159,7 +159,8 @@ async def test_a_keyed_change_whose_reply_was_lost_answers_its_retry_the_same_no
         assert proxy.fired.is_set() and first.status_code == 503, first.text
         again = await client.post("/jobs/waiting/stop", headers=key)
         assert again.status_code == 503 and again.json() == first.json(), again.text
-        assert again.headers.get("Idempotent-Replayed") == "true"
+        # (no Retry-After: a client that follows it with the same key would get this answer for a day)
+        assert again.headers.get("Idempotent-Replayed") == "true" and "Retry-After" not in again.headers
         assert (await client.get("/jobs/waiting")).json()["status"] == "cancelled"
 
 
@@ -178,3 +179,18 @@ async def test_a_quantized_export_whose_job_create_reply_was_lost_is_listed_on_i
         assert r.status_code == 200 and "queued as job 'q-quant'" in r.json()["message"], r.text
         listed = (await client.get("/jobs/q/exports")).json()["exports"]
         assert [e.get("job_id") for e in listed if e.get("job_id")] == ["q-quant"], listed
+
+
+async def test_a_create_whose_start_lost_its_pass_request_is_answered_as_created(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # The job was stored and queued; only the request for a pass lost its reply: the create answered 503, which its
+    # Idempotency-Key then kept for a day (review).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, scheduler=True, retries=3) as (client, proxy):
+        assert (await client.post("/jobs", json=job_body(tmp_path, "first"))).status_code == 201  # (scripts loaded)
+        proxy.cut_after(rb"RPUSH", lose_reply=True, down_seconds=0.05)
+        body = job_body(tmp_path, "second", auto_start=True, training={"max_steps": 2})
+        r = await client.post("/jobs", json=body, headers={"Idempotency-Key": "create-once"})
+        assert proxy.fired.is_set()
+        assert r.status_code == 201 and r.json()["status"] in ("queued", "running", "completed"), r.text

@@ -3,8 +3,10 @@
 The first request with a key claims it in Redis (SET NX) for a short lease its worker renews while it works;
 its answer is kept 24 h. Concurrent retries wait for that answer and return it; the same key with another
 request is 409. Answers that a retry should not see again (429, 503, an unexpected failure) release the key
-instead of being stored; a claim whose worker died (killed mid-request) lapses with its lease, and a retry then
-runs the request. An answer is stored, or a key released, only by the worker that still holds its claim.
+instead of being stored, except a change whose Redis reply was lost: it may have been made, so its 503 is the
+key's answer (a retry would make it twice); a claim whose worker died (killed mid-request) lapses with its
+lease, and a retry then runs the request. An answer is stored, or a key released, only by the worker that still
+holds its claim.
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ class Idempotency:
                 # Its change may have been made (a reply Redis lost): a retry with the key gets this answer, not a
                 # second run (an export ran twice). Should Redis not take it either, the claim lapses with its lease.
                 answer = error_json({"detail": lost_reply_detail("POST", exc)}).decode()
-                with contextlib.suppress(RedisError):
-                    await self.store.finish_idempotency(rkey, claim, 503, answer, TTL_SECONDS, {"Retry-After": "5"})
+                with contextlib.suppress(RedisError):  # (no Retry-After: the same key gets this answer for a day)
+                    await self.store.finish_idempotency(rkey, claim, 503, answer, TTL_SECONDS, {})
                 raise
             await asyncio.shield(self.store.release_idempotency(rkey, claim))
             raise

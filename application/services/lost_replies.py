@@ -72,6 +72,7 @@ async def created_anyway(store: JobStore, job: Job, lost: Exception) -> int | No
         look = f"look (GET .../jobs/{job.job_id}) before creating it again"
         raise MaybeMade(f"Redis did not answer in time: job '{job.job_id}' may have been created; {look}",
                         {"Retry-After": "5"}) from lost  # fmt: skip
-    if not found:
-        raise lost
+    if not found:  # looked for, twice: certainly not made, and a retry (with its key too) may make it
+        raise Unavailable(f"Redis did not answer ({lost}): job '{job.job_id}' was not created; try again",
+                          {"Retry-After": "5"}) from lost  # fmt: skip
     return await store.queue_position(job.job_id) if job.status == JobStatus.QUEUED else None

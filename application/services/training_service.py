@@ -10,6 +10,7 @@ job is stored in `preflight`, state in `job_store`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -252,8 +253,9 @@ class TrainingService:
         if job.status == JobStatus.PENDING and req.auto_start:
             try:
                 started = await self.start(job.job_id, caller, gpus_checked=True)
-            except (JobNotFound, Conflict):
-                # A delete or a stop of the job came between its create and its start: the create stands.
+            except (JobNotFound, Conflict, *REDIS_AWAY):
+                # A delete or a stop of the job came between its create and its start, or Redis lost the start's
+                # answer: the create stands, answered as the job is now.
                 return await self._overtaken(job)
             return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
                                                                 "estimated_wait_time", "pending_reason"}),
@@ -315,8 +317,9 @@ class TrainingService:
                 return await self._answer_start(job_id, job.created_at)
         # An explicit start, of a pending or a queued job: the leader makes a pass for it now, even with the
         # processor switched off or the job deep in a long queue (a wake-up alone started neither).
-        if await self.cluster.leader() is not None:
-            await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
+        with contextlib.suppress(*REDIS_AWAY):  # (asked or not, the queued job starts at a pass: answered as is)
+            if await self.cluster.leader() is not None:
+                await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
         return await self._answer_start(job_id, job.created_at, just_queued=job.status == JobStatus.PENDING)
 
     async def _answer_start(self, job_id: str, created_at: float, just_queued: bool = False) -> ActionResponse:
