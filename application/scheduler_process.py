@@ -122,7 +122,8 @@ class Scheduler:
                     break
                 await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
                 if self.leader.redis_lost_it:
-                    self._hold_starts("Redis lost the lead's lock")
+                    with contextlib.suppress(RedisError):
+                        await self._hold_starts("Redis lost the lead's lock")
                 self.leader.redis_lost_it = False
                 # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of
                 # 100k jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
@@ -195,17 +196,23 @@ class Scheduler:
                 logger.warning("wake-up listener: {}; retrying", exc)
                 await asyncio.sleep(1.0)
 
-    def _hold_starts(self, why: str) -> None:
+    async def _hold_starts(self, why: str) -> None:
         """Start nothing until runs Redis may have forgotten have ended. Back from a snapshot or a backup, Redis
         shows their GPUs free and their jobs queued again, while their runners, finding their runs no longer
         recorded, stop swift within a poll and a stop grace: a start meanwhile put a second run on the same GPU (a
-        hunt, Redis rolled back). Redis cannot tell a restart that kept everything from one that did not."""
+        hunt, Redis rolled back). Redis cannot tell a restart that kept everything from one that did not. Kept in
+        Redis, for a standby that takes the lead meanwhile."""
         hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
-        self._starts_from = time.monotonic() + hold
-        self._held_why = (f"no run starts until {time.strftime('%H:%M:%S', time.localtime(time.time() + hold))}: "
-                          f"{why}, and runs it may have forgotten must end first")  # fmt: skip
-        logger.warning("scheduler {}: {} (for {:g} s)", self.ident, self._held_why, hold)
-        self.processor.stats.last_error, self.processor.stats.last_error_at = self._held_why, clock.now()
+        until = time.strftime("%H:%M:%S", time.localtime(time.time() + hold))
+        said = f"no run starts until {until}: {why}, and runs it may have forgotten must end first"
+        logger.warning("scheduler {}: {} (for {:g} s)", self.ident, said, hold)
+        self._hold_locally(hold, said)
+        await self.cluster.hold_starts(said, hold)
+
+    def _hold_locally(self, seconds: float, why: str) -> None:
+        self._starts_from = max(self._starts_from, time.monotonic() + seconds)
+        self._held_why = why
+        self.processor.stats.last_error, self.processor.stats.last_error_at = why, clock.now()
 
     async def _process(self) -> None:
         self._wake.set()
@@ -220,7 +227,10 @@ class Scheduler:
                 # Each round, not only at taking the lead: back from a snapshot that still held this lead's lock,
                 # Redis takes its renewals as before.
                 if await self.cluster.redis_restarted():
-                    self._hold_starts("Redis restarted since the scheduler last looked")
+                    await self._hold_starts("Redis restarted since the scheduler last looked")
+                held, why = await self.cluster.starts_held()
+                if held > 0:
+                    self._hold_locally(held, why)
                 if self._starts_from > time.monotonic():
                     await self.processor.view()  # still publish the GPU reading
                     await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)
@@ -234,7 +244,6 @@ class Scheduler:
                 # With the processor off, only what was asked for starts: POST /queue/process (everything that
                 # fits) or the start of one job (one asked for while starts were held, too).
                 asked = {j for _, only in requests for j in only or ()} | self._deferred  # (even past the window)
-                self._deferred = set()
                 if enabled or any(only is None for _, only in requests):
                     started = await self.processor.run_pass(wanted=asked)
                 elif asked:
@@ -242,7 +251,7 @@ class Scheduler:
                 else:
                     started = []
                     await self.processor.view()  # still publish the GPU reading
-                    await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)
+                self._deferred = set()  # (kept until a pass was made for them)
                 for request_id, only in requests:
                     await self.cluster.answer_pass(request_id, started if only is None else
                                                    [j for j in started if j in only])  # fmt: skip

@@ -212,6 +212,9 @@ def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgo
         own_redis.stop()
         own_redis.start()
         back = time.time()
+        # A scheduler that leads next (a standby, or this one started again) keeps the hold (review).
+        wait_for(lambda: sync.exists(Keys(server.prefix).starts_held), what="the hold")
+        scheduler_of(server).send_signal(signal.SIGKILL)
         create(server, workspace, "after", auto_start=True, training={"max_steps": 2})
         job = server.wait_status("after", "completed", timeout=40)
         assert job["started_at"] - back >= 3.0, job["started_at"] - back  # (the stop grace at least)

@@ -130,6 +130,18 @@ class ClusterStore(WebhookQueue):
             return bool(await self.r.zcard(self.keys.jobs_index))
         return bool(previous != run_id)
 
+    async def hold_starts(self, why: str, seconds: float) -> None:
+        await self.r.set(self.keys.starts_held, why, px=max(1, int(seconds * 1000)))
+
+    async def starts_held(self) -> tuple[float, str]:
+        """How long no run may start yet (0 when it may), and why: a hold any leader set, kept across a change of
+        leader (a standby taking the lead within it)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.pttl(self.keys.starts_held)
+            pipe.get(self.keys.starts_held)
+            left_ms, why = await pipe.execute()
+        return (left_ms / 1000 if left_ms and left_ms > 0 else 0.0), why or ""
+
     async def acquire_leadership(self, scheduler_id: str, ttl: float) -> str | None:
         """The lock's value (with a new fencing token) when this scheduler now leads, else None."""
         value = await self._acquire(keys=[self.keys.leader], args=[json.dumps(

@@ -205,6 +205,12 @@ class Keys:
         return self._k("scheduler", "leader")
 
     @property
+    def starts_held(self) -> str:
+        """String with a TTL: why no run starts until it expires (set by a leader that saw Redis restart, kept for
+        whichever scheduler leads next)."""
+        return self._k("scheduler", "starts_held")
+
+    @property
     def redis_run(self) -> str:
         """String: the run_id of the Redis server the last scheduler took the lead on (`INFO server`); another one
         now says Redis restarted since, perhaps from an older state."""
