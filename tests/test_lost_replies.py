@@ -194,3 +194,19 @@ async def test_a_create_whose_start_lost_its_pass_request_is_answered_as_created
         r = await client.post("/jobs", json=body, headers={"Idempotency-Key": "create-once"})
         assert proxy.fired.is_set()
         assert r.status_code == 201 and r.json()["status"] in ("queued", "running", "completed"), r.text
+
+
+async def test_the_watchdogs_event_of_a_dead_runners_end_is_written_once_though_its_reply_was_lost(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # Sent again after a lost reply, the requeued run's `retry` event was listed twice (the end-to-end recheck).
+    from tests.test_watchdog import running_with_dead_runner
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, retries=3, lead=True, AUTO_EXPORT=False) as (client, proxy):
+        await running_with_dead_runner(client, tmp_path, "requeued", max_retries=2)
+        proxy.cut_after(rb"(?s)" + script(lua.APPEND) + rb".*retry", lose_reply=True, down_seconds=0.05)
+        await client.scheduler.watchdog.sweep()  # type: ignore[attr-defined]
+        assert proxy.fired.is_set()
+        events = [e["type"] for e in (await client.get("/jobs/requeued/events")).json()["events"]]
+        assert events.count("retry") == 1, events

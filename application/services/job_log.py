@@ -36,6 +36,14 @@ class JobLog:
         """An event written by someone other than the run's runner; none once the job is deleted."""
         await self._append_guarded(job_id, event=event_payload(event_type, message, data, actor, clock.now()))
 
+    async def add_event_once(self, job_id: str, event_type: str, message: str,
+                             data: Mapping[str, Any] | None = None, *, since: str | None) -> None:  # fmt: skip
+        """`add_event`, unless one of this type and message was written after the event `since`: for a write
+        tried again after Redis lost a try's reply (the `retry` event of a requeued run was listed twice)."""
+        if any(e.type == event_type and e.message == message for e in await self.events(job_id, since, 50)):
+            return
+        await self.add_event(job_id, event_type, message, data)
+
     async def _append_guarded(self, job_id: str, *, event: Mapping[str, str] | None = None,
                               history: Sequence[str] | None = None, replace: bool = False) -> None:  # fmt: skip
         k = self.keys

@@ -262,8 +262,8 @@ class Watchdog:
                        None, end.status.value, end.message)  # fmt: skip
         # The end is recorded, so no later sweep sees this run again: what follows it is done here, Redis or not.
         if end.event is not None:
-            event = end.event
-            await until_answered("an event", lambda: self.store.add_event(job.job_id, *event))
+            event, since = end.event, await until_answered("the events", lambda: self.store.newest_event_id(job.job_id))
+            await until_answered("an event", lambda: self.store.add_event_once(job.job_id, *event, since=since))
         # A requeued run's steps past the checkpoint it resumes from are trained again: only those up to it (they
         # were lost for good: the next run starts after them).
         upto = checkpoint_step(end.fields.get("resume_from")) if end.status == JobStatus.QUEUED else None
