@@ -251,11 +251,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (a wrong password is a ConnectionError to redis-py: not one to wait out)
         if refused := redis_refusal(exc, settings.REDIS_KEY_PREFIX):
             return JSONResponse({"detail": refused}, status_code=503)
-        detail = f"Redis does not answer ({exc}); try again when it is back"
         if request.method not in ("GET", "HEAD") and may_have_run(exc):
-            # Sent, and its answer lost: "try again" would do it twice, or be refused for what it already did.
-            detail = lost_reply_detail(request.method, exc)
-        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+            # Sent, and its answer lost: "try again" would do it twice, or be refused for what it already did (no
+            # Retry-After, as an Idempotency-Key's kept answer has none).
+            return JSONResponse({"detail": lost_reply_detail(request.method, exc)}, status_code=503)
+        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:

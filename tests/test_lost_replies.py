@@ -156,7 +156,7 @@ async def test_a_keyed_change_whose_reply_was_lost_answers_its_retry_the_same_no
         proxy.cut_after(script(lua.TRANSITION), lose_reply=True, down_seconds=0.05)
         key = {"Idempotency-Key": "stop-once"}
         first = await client.post("/jobs/waiting/stop", headers=key)
-        assert proxy.fired.is_set() and first.status_code == 503, first.text
+        assert proxy.fired.is_set() and first.status_code == 503 and "Retry-After" not in first.headers, first.text
         again = await client.post("/jobs/waiting/stop", headers=key)
         assert again.status_code == 503 and again.json() == first.json(), again.text
         # (no Retry-After: a client that follows it with the same key would get this answer for a day)
@@ -210,3 +210,20 @@ async def test_the_watchdogs_event_of_a_dead_runners_end_is_written_once_though_
         assert proxy.fired.is_set()
         events = [e["type"] for e in (await client.get("/jobs/requeued/events")).json()["events"]]
         assert events.count("retry") == 1, events
+
+
+async def test_an_auto_start_create_whose_start_met_redis_away_answers_created_and_says_to_look(
+    app_factory: Callable[..., Any], redis_url: str, tmp_path: Path
+) -> None:
+    # The job was stored; its start's reply was lost and Redis stayed away for the look at how it stands: a 503
+    # "try again" freed the Idempotency-Key, and the retry was refused for the job's own folder (last review).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with through_a_proxy(app_factory, redis_url, scheduler=True, retries=0) as (client, proxy):
+        first = job_body(tmp_path, "first", auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=first)).status_code == 201  # (scripts loaded, a GPU reading)
+        await wait_job(client, "first", lambda j: j["status"] == "completed")
+        proxy.cut_after(rb"(?s)" + script(lua.TRANSITION) + rb".*queued", lose_reply=True, down_seconds=1.0)
+        body = job_body(tmp_path, "second", auto_start=True, training={"max_steps": 2})
+        r = await client.post("/jobs", json=body, headers={"Idempotency-Key": "create-once"})
+        assert proxy.fired.is_set()
+        assert r.status_code == 201 and "Redis did not say whether it started" in r.json()["message"], r.text

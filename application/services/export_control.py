@@ -26,7 +26,8 @@ from application.services.quant_exports import (
 )
 from application.services.redis_service import REDIS_AWAY
 from application.services.swift_arguments import require_usable_swift
-from application.services.training_service import TrainingService, snapshot_of
+from application.services.training_service import TrainingService
+from application.utils.gpu_types import snapshot_of
 
 # How long one export request may hold its job's exports (a stalled one loses them after), and how long another
 # waits for them.

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi.responses import Response
+from loguru import logger
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
@@ -28,7 +29,7 @@ from application.exceptions import ApiError, Conflict, Invalid, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.heartbeat import beating
 from application.services.lost_replies import MaybeMade
-from application.services.redis_service import lost_reply_detail, may_have_run
+from application.services.redis_service import REDIS_AWAY, lost_reply_detail, may_have_run
 
 TTL_SECONDS = 24 * 3600
 LEASE_SECONDS = 10.0
@@ -113,7 +114,13 @@ class Idempotency:
             await asyncio.shield(self.store.release_idempotency(rkey, claim))
             raise
         response = _response(status, body, headers)
-        await self.store.finish_idempotency(rkey, claim, status, bytes(response.body).decode(), TTL_SECONDS, headers)
+        try:
+            await self.store.finish_idempotency(rkey, claim, status, bytes(response.body).decode(), TTL_SECONDS,
+                                                headers)  # fmt: skip
+        except REDIS_AWAY as exc:
+            # Done all the same: answered, not a 503 for what was made (the claim lapses with its lease).
+            logger.warning("the answer to Idempotency-Key {} was not kept ({}): a retry after {:g} s runs again",
+                           rkey, exc, self.lease)  # fmt: skip
         return response
 
     async def _renew(self, rkey: str, claim: str) -> None:

@@ -20,7 +20,8 @@ from application import __version__
 from application.services import clock
 from application.services.cluster_store import reading_error
 from application.services.redis_service import RedisService
-from application.services.training_service import NO_READING, TrainingService, snapshot_of
+from application.services.training_service import TrainingService
+from application.utils.gpu_types import NO_READING, snapshot_of
 from application.utils.gpu_utils import gpu_summary
 
 HEALTH_TIMEOUT = 3.0  # seconds /health waits for Redis before it answers 503

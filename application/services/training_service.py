@@ -55,14 +55,14 @@ from application.services.queue_planner import (
     Planner,
     build_view,
 )
-from application.services.redis_service import REDIS_AWAY
+from application.services.redis_service import REDIS_AWAY, may_have_run
 from application.services.run_history import RunHistory
 from application.services.scheduler import QueuedJob, gpu_is_free
 from application.services.swift_arguments import DATA_ARGUMENTS, require_usable_swift
 from application.services.swift_info import SwiftInfo
 from application.services.webhooks import refuse_undeliverable
 from application.utils.filesystems import on_local_disk
-from application.utils.gpu_types import GpuSnapshot
+from application.utils.gpu_types import NO_READING, GpuSnapshot, snapshot_of
 from application.utils.log_tail import PAGE_LINE_CHARS, tail_lines
 
 # How long a start waits for the scheduler to pick the job up, and a stop for the runner to end the run.
@@ -255,8 +255,13 @@ class TrainingService:
                 started = await self.start(job.job_id, caller, gpus_checked=True)
             except (JobNotFound, Conflict, *REDIS_AWAY):
                 # A delete or a stop of the job came between its create and its start, or Redis lost the start's
-                # answer: the create stands, answered as the job is now.
-                return await self._overtaken(job)
+                # answer: the create stands, answered as the job is now (or, Redis still away, as it was made).
+                with contextlib.suppress(*REDIS_AWAY):
+                    return await self._overtaken(job)
+                return CreateResponse(job_id=job.job_id, status=job.status, predicted_duration=job.predicted_duration,
+                                      message=f"Training job created; Redis did not say whether it started: look "
+                                      f"(GET .../jobs/{job.job_id}), and start it (POST .../start) if it is still "
+                                      "pending")  # fmt: skip
             return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
                                                                 "estimated_wait_time", "pending_reason"}),
                                   predicted_duration=job.predicted_duration)  # fmt: skip
@@ -317,9 +322,13 @@ class TrainingService:
                 return await self._answer_start(job_id, job.created_at)
         # An explicit start, of a pending or a queued job: the leader makes a pass for it now, even with the
         # processor switched off or the job deep in a long queue (a wake-up alone started neither).
-        with contextlib.suppress(*REDIS_AWAY):  # (asked or not, the queued job starts at a pass: answered as is)
+        try:
             if await self.cluster.leader() is not None:
                 await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
+        except REDIS_AWAY as exc:
+            if not may_have_run(exc):  # (a request that never went out: with the processor off, none would start it)
+                raise
+            # Asked for, its answer lost: the pass starts it all the same; answered as the job stands.
         return await self._answer_start(job_id, job.created_at, just_queued=job.status == JobStatus.PENDING)
 
     async def _answer_start(self, job_id: str, created_at: float, just_queued: bool = False) -> ActionResponse:
@@ -461,13 +470,6 @@ class TrainingService:
             else [], checkpoints=job.checkpoints, last_checkpoint=job.last_checkpoint, train_loss=job.train_loss,
             train_runtime=job.train_runtime, stream_id=format_id(keys[-1]) if keys else None,
         )  # fmt: skip
-
-
-NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
-
-
-def snapshot_of(data: dict[str, Any] | None) -> GpuSnapshot:
-    return GpuSnapshot.from_dict(data) if data is not None else NO_READING
 
 
 def _queued(job: Job) -> QueuedJob:

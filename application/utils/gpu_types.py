@@ -94,3 +94,11 @@ class GpuInventory(Protocol):
     def link_score(self, a: int, b: int) -> int | None: ...
 
     def close(self) -> None: ...
+
+
+NO_READING = GpuSnapshot("none", (), "no GPU reading yet: is a scheduler running? (python start.py)", None, 0.0)
+
+
+def snapshot_of(data: dict[str, Any] | None) -> GpuSnapshot:
+    """The reading a scheduler published (`GpuSnapshot.to_dict`), or NO_READING before any."""
+    return GpuSnapshot.from_dict(data) if data is not None else NO_READING
