@@ -150,8 +150,12 @@ class ApiServer:
             "API_WORKERS": "1",
             "LOG_LEVEL": "DEBUG",
             "FAKE_SWIFT_STEP_SECONDS": "0.02",
+            # What a server leaves in the temporary folder (the API workers' metrics folder, which a kill -9
+            # leaves behind by design) goes with the test's own folder.
+            "TMPDIR": str(workdir / "tmp"),
             **(env or {}),
         }
+        Path(self.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
         self.http = httpx.Client(base_url=self.base, timeout=30)

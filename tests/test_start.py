@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -282,7 +281,7 @@ def test_an_api_supervisor_killed_with_sigkill_leaves_no_metrics_folder_behind_o
     settings = ApiServer(redis_url, tmp_path)  # (its environment: never started)
     settings.http.close()
     env = {**settings.env, "API_WORKERS": "2"}
-    folder = Path(tempfile.gettempdir()) / f"swift-api-metrics-{os.getuid()}-{settings.port}"  # (the port's own)
+    folder = Path(env["TMPDIR"]) / f"swift-api-metrics-{os.getuid()}-{settings.port}"  # (the port's own)
     output = tmp_path / "api.out"
 
     def run_until(stop: signal.Signals) -> None:
