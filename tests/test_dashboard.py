@@ -831,6 +831,17 @@ def test_a_queue_reason_links_only_a_job_the_reader_may_open() -> None:
     assert "(for " not in views.queue_body(ctx, overview, {"hers"})
 
 
+def test_the_queue_page_says_why_nothing_starts_while_starts_are_held() -> None:
+    ctx = PageContext("", "/api/v1/training", True, "bob", "user")
+    summary = {"length": 0, "offset": 0, "limit": 100, "free_gpus": 2, "total_gpus": 2, "running_jobs": 0,
+               "policy": "fifo", "processor_running": True}  # fmt: skip
+    assert "no run starts" not in views.queue_body(ctx, {"summary": summary, "entries": []}, set())
+    summary["starts_held"] = "no run starts until 12:00:00: Redis restarted <since> the scheduler last looked"
+    assert "no run starts until 12:00:00: Redis restarted &lt;since&gt;" in views.queue_body(
+        ctx, {"summary": summary, "entries": []}, set()
+    )
+
+
 def test_a_queue_longer_than_its_page_says_so_and_links_the_rest() -> None:
     # The queue page showed its first 100 jobs with nothing to say that more waited, and no way to them.
     ctx = PageContext("", "/api/v1/training", True, "bob", "user")

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -26,7 +26,7 @@ from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
 from application.services.leader import LeaderLock
 from application.services.redis_service import EmbeddedRedis
-from tests.conftest import ROOT, ApiServer, wait_for
+from tests.conftest import ROOT, ApiServer, job_body, wait_for, wait_job
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
 from tests.test_runner import running
@@ -222,6 +222,35 @@ def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgo
         assert "Redis restarted since the scheduler last looked" in json.dumps(said), said
     finally:
         sync.close()
+
+
+async def test_a_job_that_waits_out_a_start_hold_is_told_why_though_the_gpus_look_free(
+    app_factory: Callable[..., Any], workspace: Path
+) -> None:
+    # It was told "No free GPUs now" with no reason, and /queue showed both GPUs free with nothing held.
+    why = "no run starts until 12:00:00: Redis restarted since the scheduler last looked, and runs it may have " \
+          "forgotten must end first"  # fmt: skip
+    async with app_factory() as client:
+        held_at = time.time()
+        await client.scheduler.cluster.hold_starts(why, 8)  # (as a leader that saw Redis restart sets it)
+        r = await client.post("/jobs", json=job_body(workspace, "held", auto_start=True, num_gpus=2,
+                                                     training={"max_steps": 2}))  # fmt: skip
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["status"] == "queued", created
+        assert created["pending_reason"]["code"] == "processor_stopped" and created["pending_reason"]["message"] == why
+        assert created["message"] == f"The job was added to the GPU queue: {why}"
+        queue = (await client.get("/queue")).json()
+        assert queue["summary"]["starts_held"] == why and queue["summary"]["free_gpus"] == 2, queue
+        assert queue["summary"]["processor_running"] is True  # (its switch: the hold ends by itself)
+        assert queue["entries"][0]["pending_reason"]["message"] == why
+        assert (await client.get("/queue/held/status")).json()["pending_reason"]["message"] == why
+        # Created behind it (the create's own answer, from what it read in one round trip):
+        after = (await client.post("/jobs", json=job_body(workspace, "after", training={"max_steps": 2}))).json()
+        assert after["status"] == "queued" and after["pending_reason"]["message"] == why, after
+        job = await wait_job(client, "held", lambda j: j["status"] == "completed", timeout=40)
+        assert job["started_at"] >= held_at + 7.5, job["started_at"] - held_at  # (after the hold, not before)
+        assert (await client.get("/queue")).json()["summary"]["starts_held"] is None
 
 
 def test_a_scheduler_that_dies_is_started_again_and_the_runs_go_on(server: ApiServer, workspace: Path) -> None:

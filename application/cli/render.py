@@ -149,7 +149,8 @@ def queue(body: dict[str, Any]) -> RenderableType:
     s = body.get("summary") or {}
     summary = text(f"{s.get('length', 0)} queued · {s.get('running_jobs', 0)} running · "
                    f"{s.get('free_gpus', 0)}/{s.get('total_gpus', 0)} GPUs free · policy {s.get('policy')}"
-                   + ("" if s.get("processor_running", True) else " · processor stopped"), "dim")  # fmt: skip
+                   + ("" if s.get("processor_running", True) else " · processor stopped")
+                   + (f" · {s['starts_held']}" if s.get("starts_held") else ""), "dim")  # fmt: skip
     return Group(table, summary) if body.get("entries") else summary
 
 

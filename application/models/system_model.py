@@ -37,6 +37,11 @@ class QueueSummary(BaseModel):
     running_jobs: int
     policy: str
     processor_running: bool
+    starts_held: str | None = Field(
+        None,
+        description="why no run starts for a few seconds, though GPUs look free (after a Redis restart, runs "
+        "Redis may have forgotten must end first), and until when",
+    )
     gpu_error: str | None = None
 
 

@@ -108,7 +108,8 @@ class PendingReason(BaseModel):
         "for it from about starts_at (PREEMPTION); outside_processes: GPUs it needs are busy with processes "
         "the server did not start; gpu_unreadable: GPUs it needs could not be read (see GET /gpus); owner_limit: "
         "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead; never: the request "
-        "cannot be met on these GPUs; processor_stopped: the queue processor is off or no scheduler runs",
+        "cannot be met on these GPUs; processor_stopped: no pass starts jobs now: the queue processor is off, no "
+        "scheduler runs, or starts are held for a few seconds after a Redis restart",
     )
     message: str
     job_id: str | None = Field(None, description="reservation: the job the GPUs are held for; preemption: the "

@@ -82,6 +82,7 @@ class CreateContext:
     processor_enabled: bool
     rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
     folders_indexed: bool = True  # the folders of jobs stored by an older version are recorded (folder_owners)
+    starts_held: str | None = None  # why no run starts for a moment (`hold_starts`), while it holds
 
     @property
     def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -238,18 +239,18 @@ class ClusterStore(WebhookQueue):
         """What a create needs, in one command (lua_cluster.CREATE_CONTEXT). `rate` (window key, period) counts
         this create."""
         keys = [self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
-                self.keys.leader, self.keys.folders_indexed, self.keys.gpu_leases,
+                self.keys.leader, self.keys.folders_indexed, self.keys.starts_held, self.keys.gpu_leases,
                 self.keys.status_index(JobStatus.RUNNING), self.keys.queue, self.keys.processor_stats]  # fmt: skip
         if rate is not None:
             keys.append(rate[0])
         out = await self._create_context(keys=keys, args=[max(1, int(rate[1])) + 1 if rate is not None else 0])
-        (snapshot, info, head, version, leader, indexed), leases, running, length, leader_ttl, enabled, count = out
+        (snapshot, info, head, version, leader, indexed, held), leases, running, length, leader_ttl, enabled, n = out
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in zip(leases[::2], leases[1::2], strict=True)}, running=list(running),
             queue_length=int(length), head=_head(head), history_version=int(version or 0),
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
-            rate_count=int(count) if rate is not None else None, folders_indexed=bool(indexed),
+            rate_count=int(n) if rate is not None else None, folders_indexed=bool(indexed), starts_held=held or None,
         )  # fmt: skip
 
     async def export_target(self, target: str) -> str | None:

@@ -123,29 +123,27 @@ return 1
 
 # What a create reads before it stores the job, as one command: a pipeline of eight costs an API worker several
 # times the CPU in the client library. KEYS: the GPU reading, ms-swift facts, queue head, history version, leader,
-# folders_indexed (read as one MGET), GPU leases, the running index, the queue, the processor's statistics, then
-# the caller's rate window when creates are rate limited. ARGV[1]: that window's expiry in seconds (0: no limit).
-# The window is set with its expiry before it is counted: the counter never exists without one.
+# folders_indexed, the start hold (read as one MGET), GPU leases, the running index, the queue, the processor's
+# statistics, then the caller's rate window when creates are rate limited. ARGV[1]: that window's expiry in seconds
+# (0: no limit). The window is set with its expiry before it is counted: the counter never exists without one.
 CREATE_CONTEXT = """
 local out = {
-  redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]),
-  redis.call('HGETALL', KEYS[7]),
-  redis.call('ZRANGE', KEYS[8], 0, -1),
-  redis.call('ZCARD', KEYS[9]),
+  redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]),
+  redis.call('HGETALL', KEYS[8]),
+  redis.call('ZRANGE', KEYS[9], 0, -1),
+  redis.call('ZCARD', KEYS[10]),
   redis.call('PTTL', KEYS[5]),
-  redis.call('HGET', KEYS[10], 'enabled'),
+  redis.call('HGET', KEYS[11], 'enabled'),
   false,
 }
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
-  redis.call('SET', KEYS[11], 0, 'EX', ttl, 'NX')
-  out[7] = redis.call('INCR', KEYS[11])
+  redis.call('SET', KEYS[12], 0, 'EX', ttl, 'NX')
+  out[7] = redis.call('INCR', KEYS[12])
 end
 return out
 """
 
-# KEYS[1]: Keys.export_targets. a: target, expect (what the caller read: '' for none), value. Set only while the
-# entry still holds what the caller read, so that of two requests that both found a folder free one wins.
 CLAIM_EXPORT_TARGET = """
 local a = cjson.decode(ARGV[1])
 if (redis.call('HGET', KEYS[1], a.target) or '') ~= a.expect then return 0 end

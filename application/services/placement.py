@@ -30,12 +30,29 @@ class QueueInfo:
 NOT_QUEUED = QueueInfo(None, None, None)
 
 
-def stopped_because(enabled: bool, leading: bool) -> str | None:
+def stopped_because(enabled: bool, leading: bool, held: str | None = None) -> str | None:
+    """Why no pass starts queued jobs now, or None. `held`: why the scheduler holds every start for a moment (after
+    a Redis restart): the GPUs then look free, and a job that would take them waits all the same."""
     if not leading:
         return "no scheduler is running: queued jobs start when one does (python start.py)"
+    if held:
+        return held
     if not enabled:
         return "the queue processor is stopped: POST /queue/processor/start (or start the job explicitly)"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PassState:
+    """Whether passes start queued jobs: the processor's switch, a leading scheduler, and a hold of every start."""
+
+    enabled: bool
+    leading: bool
+    held: str | None
+
+    @property
+    def stopped(self) -> str | None:
+        return stopped_because(self.enabled, self.leading, self.held)
 
 
 class Placement:
@@ -46,10 +63,15 @@ class Placement:
         self.planner = planner
         self.view = view
 
+    async def pass_state(self) -> PassState:
+        (enabled, _), leader, (held, why) = await asyncio.gather(
+            self.cluster.processor_switch(), self.cluster.leader(), self.cluster.starts_held()
+        )
+        return PassState(enabled, leader is not None, why if held > 0 else None)
+
     async def processor_stopped(self) -> str | None:
-        """Why no pass will start queued jobs (the switch is off, or no scheduler leads), or None."""
-        (enabled, _), leader = await asyncio.gather(self.cluster.processor_switch(), self.cluster.leader())
-        return stopped_because(enabled, leader is not None)
+        """Why no pass will start queued jobs (the switch is off, no scheduler leads, or starts are held), or None."""
+        return (await self.pass_state()).stopped
 
     async def queue_info(self, job_id: str) -> QueueInfo:
         """Where a queued job stands: its position, its estimated wait and why it waits."""

@@ -37,10 +37,11 @@ class QueueService:
         self.settings = service.settings
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
-        view, queue, stopped, head = await asyncio.gather(
-            self.service.view(), queued(self.store, limit, start=offset), self.service.placement.processor_stopped(),
+        view, queue, state, head = await asyncio.gather(
+            self.service.view(), queued(self.store, limit, start=offset), self.service.placement.pass_state(),
             self.cluster.queue_head(),
         )  # fmt: skip
+        stopped = state.stopped
         forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
                                                self.store.queued_since([q.job_id for q in queue]))  # fmt: skip
         now = clock.now()
@@ -81,7 +82,8 @@ class QueueService:
                 ),
                 "running_jobs": len(view.running),
                 "policy": self.settings.QUEUE_POLICY.value,
-                "processor_running": stopped is None,
+                "processor_running": state.enabled and state.leading,
+                "starts_held": state.held if state.leading else None,
                 "gpu_error": reading_error(view.snapshot, now),
             },
         }

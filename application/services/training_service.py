@@ -268,7 +268,7 @@ class TrainingService:
         if job.status == JobStatus.QUEUED:
             # What the create read already is the view a forecast needs (its leases and running jobs are from
             # a moment ago; the queue is read again, with this job in it).
-            stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None)
+            stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None, ctx.starts_held)
             forecast = stopped is None and position is not None and position <= ESTIMATE_WINDOW
             if forecast and view is None:
                 view = await build_view(self.store, snapshot, state=ctx.planning_state)

@@ -161,6 +161,8 @@ def queue_body(ctx: PageContext, overview: dict[str, Any], own: Collection[str])
     ]
     summary = " · ".join(esc(f) for f in facts)
     gpu_error = f'<p class="error">{esc(s["gpu_error"])}</p>' if s.get("gpu_error") else ""
+    if s.get("starts_held"):  # (the GPUs look free, and nothing starts: why)
+        gpu_error += f'<p class="error">{esc(s["starts_held"])}</p>'
     headers = ["#", "Job", "Owner", "Priority", "GPUs", "Waited", "Estimated wait", "Predicted run", "Why it waits"]
     rows = [_queue_row(ctx, e, own) for e in overview["entries"]]
     grid = table(headers, rows, empty="The queue is empty.", attrs='class="grid queue"')
