@@ -14,13 +14,8 @@ from pydantic import ValidationError
 from application.exceptions import Invalid, Unavailable
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.training_model import Job, JobStatus
-from application.services.swift_arguments import (
-    argv_of,
-    check_arguments,
-    check_combinations,
-    check_kind,
-    require_usable_swift,
-)
+from application.services.swift_arguments import argv_of, check_arguments, require_usable_swift
+from application.services.swift_combinations import check_combinations, check_kind
 from application.services.swift_command import SwiftVersion, build_sft_command
 from application.services.swift_info import SwiftInfo
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, wait_for
@@ -75,6 +70,9 @@ def test_unknown_names_get_the_closest_real_ones() -> None:
     ("local_repo_path", "/srv/repo", "anywhere on the server"),
     ("custom_register_path", ["evil.py"], "runs Python files"),
     ("external_plugins", ["plugin.py"], "runs Python files"),
+    # An args.json in a model folder set the data set (another owner's upload) and external_plugins, unchecked.
+    ("load_args", True, "args.json in the model or adapter folder"),
+    ("load_data_args", True, "args.json in the model or adapter folder"),
     ("rlhf_type", "dpo", "rlhf_type"),
     ("push_to_hub", True, "server's own hub token"),
     # Addresses the run would connect to from the server's network.
@@ -313,7 +311,7 @@ def test_warmup_steps_replace_the_default_warmup_ratio_which_swift_refuses_besid
 
 
 def test_kto_needs_a_total_batch_of_two_or_more() -> None:
-    from application.services.swift_arguments import check_kto_batch
+    from application.services.swift_combinations import check_kto_batch
 
     with pytest.raises(Invalid, match="total batch of 2 or more"):
         check_kto_batch(1, 1, 0, {})  # ms-swift: "Batch size is 1 (too small). KTO will not work properly"
@@ -345,7 +343,7 @@ def test_arguments_are_checked_as_swifts_own_parser_takes_them_not_as_annotated(
 
 
 def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
-    from application.services.swift_arguments import check_grpo_batch
+    from application.services.swift_combinations import check_grpo_batch
 
     # The defaults (1 x 1 process x 4 steps) and swift's 8 generations: ms-swift says "generation_batch_size (4)
     # must be evenly divisible by num_generations (8). Valid values: [2, 4]."
@@ -381,7 +379,7 @@ def test_grpo_generation_batch_must_divide_into_its_generations() -> None:
 
 
 def test_a_reference_model_only_for_a_full_fine_tune_that_uses_one() -> None:
-    from application.services.swift_arguments import check_ref_model
+    from application.services.swift_combinations import check_ref_model
 
     for rlhf_type, train_type in (("dpo", "lora"), ("kto", "lora"), ("orpo", "full"), ("simpo", "full")):
         with pytest.raises(Invalid, match=r"training\.ref_model is only for a full fine-tune"):
@@ -394,7 +392,7 @@ def test_a_reference_model_only_for_a_full_fine_tune_that_uses_one() -> None:
 def test_packing_needs_flash_attention_and_a_preference_type_that_packs() -> None:
     # ms-swift 4.6.0 (SftArguments._check_padding_free): 'The "packing" feature requires a flash attention
     # implementation', raised as the run starts; such jobs were accepted and failed after their wait.
-    from application.services.swift_arguments import check_packing
+    from application.services.swift_combinations import check_packing
 
     with pytest.raises(Invalid, match=r"training\.packing needs a flash attention implementation in ms-swift 4\.6\.0: "
                                       r"set training\.attn_impl to one of flash_attn"):  # fmt: skip

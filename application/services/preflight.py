@@ -35,10 +35,8 @@ from application.services.path_sandbox import (
     resolve,
     resolve_output_dir,
 )
-from application.services.swift_arguments import (
-    DATA_ARGUMENTS,
-    MODEL_ARGUMENTS,
-    check_arguments,
+from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS, check_arguments
+from application.services.swift_combinations import (
     check_combinations,
     check_grpo_batch,
     check_kind,
