@@ -13,7 +13,7 @@ import redis
 
 from application.models.training_model import JobStatus
 from application.services.job_store import Refusal, TransitionRefused
-from tests.conftest import _until, job_body, make_model, wait_job
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, _until, auth, job_body, make_model, wait_job
 
 
 async def test_a_job_whose_folder_cannot_be_used_fails_alone_and_the_queue_goes_on(
@@ -169,6 +169,42 @@ async def test_an_input_relinked_to_the_key_file_inside_its_data_root_fails_the_
         failed = await wait_job(client, "relinked", lambda j: j["status"] in ("failed", "completed"))
         assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
         assert f"data_path {roots / 't.jsonl'} now leads to another place" in failed["error_message"]
+
+
+async def test_a_link_made_in_a_model_folder_since_the_create_is_checked_again_before_the_run(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A model folder's links were checked at the create only: a file replaced since by a link to another owner's
+    checkpoint (or out of the roots) was trained on, and merged into the owner's export (a hunt)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    bobs_weights = tmp_path / "output" / "bobs" / "model.safetensors"
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    async with app_factory(API_KEYS=KEYS_SETTING, MODEL_ROOTS=str(tmp_path / "models")) as client:
+        client.headers.update(auth(BOB_KEY))
+        assert (await client.post("/jobs", json=job_body(tmp_path, "bobs"))).status_code == 201
+        for path in (bobs_weights, outside):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"weights")
+        cases = [
+            (ALICE_KEY, "alices", bobs_weights, "overlaps the folder of another owner's job"),
+            (ADMIN_KEY, "roots", outside, "is a link that leads outside MODEL_ROOTS"),
+            (ADMIN_KEY, "admins", bobs_weights, None),
+        ]  # (an admin may use anyone's files, as at the create)
+        for key, name, target, says in cases:
+            client.headers.update(auth(key))
+            model = make_model(tmp_path / "models" / name)
+            body = {**job_body(tmp_path, name, training={"max_steps": 2}), "model_path": str(model)}
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            (model / "model.safetensors").unlink(missing_ok=True)
+            (model / "model.safetensors").symlink_to(target)
+            assert (await client.post(f"/jobs/{name}/start")).status_code == 200
+            ended = await wait_job(client, name, lambda j: j["status"] in ("failed", "completed"))
+            if says is None:
+                assert ended["status"] == "completed", ended
+                continue
+            assert ended["status"] == "failed" and ended["error_code"] == "input_path", ended
+            assert f"model_path {model} changed since the job was created" in ended["error_message"], ended
+            assert says in ended["error_message"] and ended["started_at"] is not None, ended
 
 
 async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queue_goes_on(

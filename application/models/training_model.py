@@ -190,6 +190,8 @@ class Job(BaseModel):
     status: JobStatus
     priority: int
     owner: str | None = Field(None, description="the name of the API key that created it (None: no keys)")
+    owner_checked: bool = Field(False, description="its create kept its paths out of other owners' files (a user "
+                                "key): each run checks its folders' links again the same way")  # fmt: skip
     data_path: str
     model_path: str
     output_dir: str

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from application.exceptions import Invalid
+from application.exceptions import Invalid, Unavailable
 
 MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
@@ -349,6 +349,25 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
             continue
         return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
                 "job was created; remove it, or create the job again")  # fmt: skip
+    return None
+
+
+def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence[Path], model_roots: Sequence[Path],
+                    guard: Guard | None) -> str | None:  # fmt: skip
+    """Why a folder among a job's local inputs (as `relinked_input` takes them) now holds a link its create would
+    have refused: out of its roots, or (`guard`, the create's) into another owner's files; made since, the run
+    would load what it leads to. None when none does. Blocking: just before a run."""
+    for field, value, data in inputs:
+        path = _SAMPLE_RE.sub("", value) if data else value
+        if not os.path.isabs(path) or not os.path.isdir(path):
+            continue  # a hub id, or a file (relinked_input's)
+        try:
+            check_folder_links(field, Path(path), data_roots if data else model_roots, guard=guard,
+                               setting="DATA_ROOTS" if data else "MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+        except Invalid as exc:
+            return f"{field} {path} changed since the job was created: {exc.detail}"
+        except Unavailable as exc:  # (whose folder a link leads into could not be read: not run unchecked)
+            return f"the links in {field} {path} could not be checked before the run: {exc.detail}"
     return None
 
 

@@ -23,19 +23,27 @@ from pathlib import Path
 
 from loguru import logger
 
+from application.auth import USER, Caller
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
-from application.services.files import UPLOADS_DIR
+from application.services.files import UPLOADS_DIR, FileStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.lost_replies import landed, never_sent
 from application.services.metrics import record_scheduling_latency
-from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
+from application.services.path_sandbox import (
+    Guard,
+    all_of,
+    escaped_output_root,
+    real_output_root,
+    relinked_folder,
+    relinked_input,
+)
 from application.services.preflight import own_files
 from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
@@ -79,7 +87,7 @@ def _inputs(job: Job) -> list[tuple[str, str, bool]]:
 
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
                 roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard],
-                export_job: Job | None = None) -> Path:  # fmt: skip
+                export_job: Job | None = None, folder_guard: Guard | None = None) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
     # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
@@ -88,7 +96,8 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     escaped = escaped or escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
         raise PathMoved(escaped, "output_dir")
-    relinked = relinked_input(inputs, *roots)
+    # A link made in a model or data folder since (to another owner's checkpoint, out of the roots) too (a hunt).
+    relinked = relinked_input(inputs, *roots) or relinked_folder(inputs, roots[0], roots[1], folder_guard)
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +184,7 @@ class QueueProcessor:
         data = settings.data_roots()
         self._input_roots = (data, settings.model_roots(), (settings.OUTPUT_ROOT, *(r / UPLOADS_DIR for r in data)),
                              own_files(settings))  # fmt: skip
+        self._files = FileStore(settings, store.r, store.keys)
         self.launcher = launcher
         self.fence = fence
         self.version = version
@@ -253,6 +263,16 @@ class QueueProcessor:
             pass
         except Exception:  # (the record may defeat the transition too: the pass must still go on)
             logger.exception("queued job {} could not be failed", job_id)
+
+    async def _create_guard(self, job: Job) -> Guard | None:
+        """What the job's create kept its paths from (the server's files; another owner's job folders and uploads
+        for a user's job), for its folders' links at each run."""
+        own = self._input_roots[3]
+        if not job.owner_checked or job.owner is None:
+            return own
+        owner = Caller(job.owner, USER)
+        root = real_output_root(self.settings.OUTPUT_ROOT)
+        return all_of(own, await self.store.folders.guard(root, owner, indexed=True), self._files.upload_guard(owner))
 
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
@@ -400,7 +420,7 @@ class QueueProcessor:
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
             }, self.settings.OUTPUT_ROOT, _inputs(job), self._input_roots,
-                job if job.kind == "export" else None)  # fmt: skip
+                job if job.kind == "export" else None, await self._create_guard(job))  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip

@@ -199,6 +199,7 @@ class TrainingService:
         now = clock.now()
         job = Job(
             job_id=base_id, status=JobStatus.PENDING, priority=req.priority, owner=caller.name,
+            owner_checked=guard is not None,
             data_path=checked.data_path, model_path=checked.model_path, output_dir=str(checked.output_dir),
             output_dir_requested=req.output_dir, dataset_rows=checked.dataset.rows if checked.dataset else None,
             num_gpus=req.num_gpus, gpu_ids_requested=req.gpu_ids, min_gpu_memory_gb=req.min_gpu_memory_gb,
