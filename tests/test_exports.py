@@ -574,6 +574,30 @@ async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(a
         assert again.status_code == 409 and "leads out of the job's folder" in again.json()["detail"], again.text
 
 
+async def test_an_export_never_merges_a_base_model_whose_folder_links_out_of_the_roots_since_the_create(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # swift export loads the base model to merge the adapter into: a file of its folder replaced by a link since
+    # (out of MODEL_ROOTS, to another owner's checkpoint) was merged into the export (a hunt).
+    from tests.conftest import make_model, wait_job
+
+    model = make_model(tmp_path / "models" / "own")
+    secret = tmp_path / "elsewhere" / "model.safetensors"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not this job's")
+    async with app_factory(AUTO_EXPORT=False, MODEL_ROOTS=str(tmp_path / "models")) as client:
+        body = {**job_body(tmp_path, "merge", auto_start=True, training={"max_steps": 2}), "model_path": str(model)}
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "merge", lambda j: j["status"] == "completed")
+        (model / "model.safetensors").symlink_to(secret)
+        assert (await client.post("/jobs/merge/export")).status_code == 200
+        done = await wait_job(client, "merge", lambda j: j["export"]["status"] != "running")
+        assert done["export"]["status"] == "failed", done["export"]
+        assert f"model_path {model} changed since the job was created" in done["export"]["error"]
+        assert "leads outside MODEL_ROOTS" in done["export"]["error"] and str(secret) not in done["export"]["error"]
+        assert not Path(done["export"]["checkpoint"] + "-merged").exists()
+
+
 async def test_a_quantized_export_never_reads_or_writes_through_a_symlink_out_of_the_jobs_folder(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -23,28 +23,19 @@ from pathlib import Path
 
 from loguru import logger
 
-from application.auth import USER, Caller
 from application.config import Settings
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
-from application.services.files import UPLOADS_DIR, FileStore
 from application.services.gpu_pool import queued_job
+from application.services.input_checks import InputGuards, inputs_moved, local_inputs
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.lost_replies import landed, never_sent
 from application.services.metrics import record_scheduling_latency
-from application.services.path_sandbox import (
-    Guard,
-    all_of,
-    escaped_output_root,
-    real_output_root,
-    relinked_folder,
-    relinked_input,
-)
-from application.services.preflight import own_files
+from application.services.path_sandbox import Guard, escaped_output_root
 from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -53,7 +44,6 @@ from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
-from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 from application.services.swift_command import (
     GPU_VARIABLES,
     SERVER_VARIABLES,
@@ -74,17 +64,6 @@ class PathMoved(OSError):
         self.code = code
 
 
-def _inputs(job: Job) -> list[tuple[str, str, bool]]:
-    """The job's local inputs as stored (field, value, whether a data set); hub ids are not paths."""
-    arguments = job.training.model_dump()
-    found = [("data_path", job.data_path, True), ("model_path", job.model_path, False)]
-    for name in sorted(DATA_ARGUMENTS | MODEL_ARGUMENTS):
-        value = arguments.get(name)
-        found += [(name, v, name in DATA_ARGUMENTS) for v in (value if isinstance(value, list) else [value])
-                  if isinstance(v, str)]  # fmt: skip
-    return found
-
-
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
                 roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard],
                 export_job: Job | None = None, folder_guard: Guard | None = None) -> Path:  # fmt: skip
@@ -97,7 +76,7 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     if escaped:
         raise PathMoved(escaped, "output_dir")
     # A link made in a model or data folder since (to another owner's checkpoint, out of the roots) too (a hunt).
-    relinked = relinked_input(inputs, *roots) or relinked_folder(inputs, roots[0], roots[1], folder_guard)
+    relinked = inputs_moved(inputs, roots, folder_guard)
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,11 +159,8 @@ class QueueProcessor:
         self.cluster = cluster
         self.inventory = inventory
         self.settings = settings
-        # Where a job's inputs may lead at its run, and the areas of those whose files are their owners'.
-        data = settings.data_roots()
-        self._input_roots = (data, settings.model_roots(), (settings.OUTPUT_ROOT, *(r / UPLOADS_DIR for r in data)),
-                             own_files(settings))  # fmt: skip
-        self._files = FileStore(settings, store.r, store.keys)
+        self._inputs = InputGuards.of(settings, store)  # where a job's inputs may lead at its run
+        self._input_roots = self._inputs.roots
         self.launcher = launcher
         self.fence = fence
         self.version = version
@@ -263,16 +239,6 @@ class QueueProcessor:
             pass
         except Exception:  # (the record may defeat the transition too: the pass must still go on)
             logger.exception("queued job {} could not be failed", job_id)
-
-    async def _create_guard(self, job: Job) -> Guard | None:
-        """What the job's create kept its paths from (the server's files; another owner's job folders and uploads
-        for a user's job), for its folders' links at each run."""
-        own = self._input_roots[3]
-        if not job.owner_checked or job.owner is None:
-            return own
-        owner = Caller(job.owner, USER)
-        root = real_output_root(self.settings.OUTPUT_ROOT)
-        return all_of(own, await self.store.folders.guard(root, owner, indexed=True), self._files.upload_guard(owner))
 
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
@@ -419,8 +385,8 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT, _inputs(job), self._input_roots,
-                job if job.kind == "export" else None, await self._create_guard(job))  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, local_inputs(job), self._input_roots,
+                job if job.kind == "export" else None, await self._inputs.of_job(job))  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip

@@ -44,6 +44,7 @@ from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.exports import export_escape, merged_path, request_auto_export, run_again, while_running
 from application.services.heartbeat import beating
+from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_follower import READ_BUDGET, LogFollower
@@ -352,7 +353,9 @@ class Runner:
         exit_file = log_file.with_suffix(".exit.json")
         target = Path(info.output_dir) if info.output_dir else Path(f"{info.checkpoint}-merged")
         # Asked for a while ago (no scheduler ran, or its host went down): a symlink may lead out of the folder since.
-        escape = await asyncio.to_thread(export_escape, job_dir, target, self.settings.OUTPUT_ROOT)
+        # So may the base model's folder (swift export loads it to merge into).
+        escape = await InputGuards.of(self.settings, self.store).moved(await self._job(), models_only=True)
+        escape = escape or await asyncio.to_thread(export_escape, job_dir, target, self.settings.OUTPUT_ROOT)
         try:
             if escape:
                 raise OSError(escape)
