@@ -196,15 +196,18 @@ class Scheduler:
                 logger.warning("wake-up listener: {}; retrying", exc)
                 await asyncio.sleep(1.0)
 
-    async def _hold_starts(self, why: str) -> None:
-        """Start nothing until runs Redis may have forgotten have ended. Back from a snapshot or a backup, Redis
-        shows their GPUs free and their jobs queued again, while their runners, finding their runs no longer
-        recorded, stop swift within a poll and a stop grace: a start meanwhile put a second run on the same GPU (a
-        hunt, Redis rolled back). Redis cannot tell a restart that kept everything from one that did not. Kept in
-        Redis, for a standby that takes the lead meanwhile."""
+    def _hold(self, why: str) -> tuple[str, float]:
+        """What a hold of every start says, and for how long: until runs Redis may have forgotten have ended. Back
+        from a snapshot or a backup, Redis shows their GPUs free and their jobs queued again, while their runners,
+        finding their runs no longer recorded, stop swift within a poll and a stop grace: a start meanwhile put a
+        second run on the same GPU (a hunt, Redis rolled back). Redis cannot tell a restart that kept everything
+        from one that did not. Kept in Redis, for a standby that takes the lead meanwhile."""
         hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
         until = time.strftime("%H:%M:%S", time.localtime(time.time() + hold))
-        said = f"no run starts until {until}: {why}, and runs it may have forgotten must end first"
+        return f"no run starts until {until}: {why}, and runs it may have forgotten must end first", hold
+
+    async def _hold_starts(self, why: str) -> None:
+        said, hold = self._hold(why)
         logger.warning("scheduler {}: {} (for {:g} s)", self.ident, said, hold)
         self._hold_locally(hold, said)
         await self.cluster.hold_starts(said, hold)
@@ -226,9 +229,11 @@ class Scheduler:
             try:
                 # Each round, not only at taking the lead: back from a snapshot that still held this lead's lock,
                 # Redis takes its renewals as before.
-                if await self.cluster.redis_restarted():
-                    await self._hold_starts("Redis restarted since the scheduler last looked")
-                held, why = await self.cluster.starts_held()
+                restarted, held, why = await self.cluster.restart_hold(
+                    *self._hold("Redis restarted since the scheduler last looked")
+                )
+                if restarted:
+                    logger.warning("scheduler {}: {} (for {:g} s)", self.ident, why, held)
                 if held > 0:
                     self._hold_locally(held, why)
                 if self._starts_from > time.monotonic():

@@ -187,15 +187,27 @@ async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_
 ) -> None:
     keys = Keys("t")
     cluster, store = ClusterStore(redis_client, keys), JobStore(redis_client, keys)
-    assert await cluster.redis_restarted() is False  # a new deployment: nothing to forget
-    assert await cluster.redis_restarted() is False  # the same Redis
+
+    async def restarted() -> bool:
+        return (await cluster.restart_hold("held for a test", 30))[0]
+
+    assert await restarted() is False  # a new deployment: nothing to forget
+    assert await restarted() is False  # the same Redis
+    assert await cluster.starts_held() == (0.0, "")
     await redis_client.set(keys.redis_run, "another-redis")
-    assert await cluster.redis_restarted() is True and await cluster.redis_restarted() is False
+    assert await restarted() is True and await restarted() is False
+    # The hold is in Redis with the run_id's record, for any leader that asks next (it was written after the run_id
+    # was recorded: one write that failed lost it for a standby).
+    left, why = await cluster.starts_held()
+    assert 25 < left <= 30 and why == "held for a test"
+    again, left_now, why_now = await cluster.restart_hold("another", 30)  # (the same Redis: told, not held anew)
+    assert again is False and 20 < left_now <= left and why_now == "held for a test"
+    await redis_client.delete(keys.starts_held)
     # Restored from a snapshot taken before run_ids were recorded (an upgrade, then a restore): jobs, no run_id
     # (a hunt: the new leader started a second run on a GPU an orphan still held).
     await store.create(make_job("j", JobStatus.QUEUED), message="", actor="t")
     await redis_client.delete(keys.redis_run)
-    assert await cluster.redis_restarted() is True and await cluster.redis_restarted() is False
+    assert await restarted() is True and await restarted() is False
 
 
 def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgotten_runs_have_ended(

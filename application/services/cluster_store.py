@@ -112,24 +112,25 @@ class ClusterStore(WebhookQueue):
         self._create_context = client.register_script(lua_cluster.CREATE_CONTEXT)
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
         self._release_export_targets = client.register_script(lua_cluster.RELEASE_EXPORT_TARGETS)
+        self._restart_hold = client.register_script(lua_cluster.RESTART_HOLD)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
-    async def redis_restarted(self) -> bool:
+    async def restart_hold(self, why: str, seconds: float) -> tuple[bool, float, str]:
         """Whether Redis restarted since the leader last asked (its run_id is another now), and so may have come
-        back from an older state (a snapshot, a backup) that forgot runs which go on. Recorded for the next ask, by
-        this leader or the next. Nothing recorded yet counts as a restart when jobs are stored (a snapshot taken
-        before a version that records it), not for a new deployment. False when INFO is refused."""
+        back from an older state (a snapshot, a backup) that forgot runs which go on: then no run starts for
+        `seconds` (`why`), held in Redis for this leader or the next. Nothing recorded yet counts as a restart when
+        jobs are stored (a snapshot taken before a version that records it), not for a new deployment; with INFO
+        refused, none is told. Also how long starts are held now (0: they are not), and why. Two round trips."""
         try:
             run_id = str((await self.r.info("server")).get("run_id") or "")
         except ResponseError:
-            return False
-        if not run_id:
-            return False
-        previous = await self.r.set(self.keys.redis_run, run_id, get=True)
-        if previous is None:
-            return bool(await self.r.zcard(self.keys.jobs_index))
-        return bool(previous != run_id)
+            run_id = ""
+        restarted, left_ms, held_why = await self._restart_hold(
+            keys=[self.keys.redis_run, self.keys.starts_held, self.keys.jobs_index],
+            args=[json.dumps({"run_id": run_id, "why": why, "ms": max(1, int(seconds * 1000))})],
+        )
+        return bool(restarted), int(left_ms) / 1000, held_why or ""
 
     async def hold_starts(self, why: str, seconds: float) -> None:
         await self.r.set(self.keys.starts_held, why, px=max(1, int(seconds * 1000)))

@@ -169,3 +169,25 @@ for _, target in ipairs(a.targets) do
 end
 return 0
 """
+
+# KEYS: Keys.redis_run, Keys.starts_held, Keys.jobs_index. a: run_id (Redis's, from INFO; '' when not known), why,
+# ms. Redis restarted since the leader last asked when the run_id recorded is another, or when none is and jobs are
+# stored (a snapshot from before a version that records it): then starts are held `ms`. The run_id is recorded
+# only with its hold, so that a hold that could not be written is not missed by the next leader to ask. Returns
+# {restarted, the hold's ms left (0: none), why}.
+RESTART_HOLD = """
+local a = cjson.decode(ARGV[1])
+local restarted = false
+if a.run_id ~= '' then
+  local previous = redis.call('GET', KEYS[1])
+  if previous then
+    restarted = previous ~= a.run_id
+  else
+    restarted = redis.call('ZCARD', KEYS[3]) > 0
+  end
+  if restarted then redis.call('SET', KEYS[2], a.why, 'PX', a.ms) end
+  redis.call('SET', KEYS[1], a.run_id)
+end
+local left = redis.call('PTTL', KEYS[2])
+return {restarted and 1 or 0, left > 0 and left or 0, left > 0 and redis.call('GET', KEYS[2]) or ''}
+"""
