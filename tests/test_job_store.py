@@ -425,10 +425,19 @@ async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> No
     await store.create(make_job("q", JobStatus.QUEUED), message="created", actor="t")
     entry = json.loads((await store.page_json(None, None, 0, 10))[1])[0]
     assert entry["predicted_duration"] == {"seconds": None, "source": None}
-    assert await store.set_prediction("q", PredictedDuration(seconds=90.0, source="plan"))
+    assert await store.set_predictions({"q": PredictedDuration(seconds=90.0, source="plan")}) == 1
     entry = json.loads((await store.page_json(None, None, 0, 10))[1])[0]
     assert entry["predicted_duration"] == {"seconds": 90.0, "source": "plan"}
     assert JobSummary.model_validate(entry).predicted_duration == PredictedDuration(seconds=90.0, source="plan")
+    # Only a job that still waits takes one (one started meanwhile has its run's own).
+    await store.create(make_job("r", JobStatus.RUNNING), message="created", actor="t")
+    assert (
+        await store.set_predictions(
+            {"r": PredictedDuration(seconds=5.0, source="plan"), "gone": PredictedDuration(seconds=5.0, source="plan")}
+        )
+        == 0
+    )
+    assert (await store.get("r")).predicted_duration == PredictedDuration()  # type: ignore[union-attr]
 
 
 async def test_create_answers_the_queue_position_of_a_queued_job(store: JobStore) -> None:

@@ -438,12 +438,18 @@ class JobStore(JobLog, QueueView):
             raise TransitionRefused.from_reply(res)
         return JobStatus(res[1])
 
-    async def set_prediction(self, job_id: str, prediction: PredictedDuration) -> bool:
-        """Give a job that waits (pending or queued) the prediction found for it since it was created."""
-        return bool(await self._set_prediction(keys=[self.keys.job(job_id)], args=[script_arg({
-            "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
-            "k": {"queue_meta": self.keys.queue_meta, "summary": self.keys.job_summary(job_id)},
-        })]))  # fmt: skip
+    async def set_predictions(self, found: Mapping[str, PredictedDuration]) -> int:
+        """Give jobs that wait (pending or queued) the predictions found for them since they were created, in one
+        round trip; how many still waited."""
+        if not found:
+            return 0
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id, prediction in found.items():
+                await self._set_prediction(keys=[self.keys.job(job_id)], args=[script_arg({
+                    "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
+                    "k": {"queue_meta": self.keys.queue_meta, "summary": self.keys.job_summary(job_id)},
+                })], client=pipe)  # fmt: skip
+            return sum(int(n) for n in await pipe.execute())
 
     async def expired(self, before: float, limit: int) -> list[str]:
         """Terminal jobs that finished before `before`, oldest first."""
