@@ -6,6 +6,8 @@ that needs GPUs or processes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -64,6 +66,10 @@ Fine-tuning as a service: submit a job, the server allocates GPUs, queues by pri
 runs the real `swift sft` CLI of ms-swift, follows progress, logs and events, and exports the merged model
 with `swift export`. All state lives in Redis.
 """
+
+# A stopping worker gives back the request slots it holds (streams, uploads, downloads) within this, else they
+# lapse by themselves.
+SLOTS_RELEASE_SECONDS = 2.0
 
 
 class ErrorResponse(JSONResponse):
@@ -193,6 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             clock.forget()  # (not read again through a closed client)
+            with contextlib.suppress(RedisError, TimeoutError):  # (else they lapse by themselves)
+                slots = (app.state.streams.slots, app.state.download_slots, training.files.slots)
+                await asyncio.wait_for(asyncio.gather(*(s.release_all() for s in slots)), SLOTS_RELEASE_SECONDS)
             await redis_service.close()
 
     app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan,

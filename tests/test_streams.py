@@ -363,6 +363,29 @@ def test_a_stream_ends_cleanly_when_redis_goes_away(server_factory: Callable[...
     assert "Redis does not answer" in logged
 
 
+def test_a_server_that_stops_gives_back_the_stream_slots_it_held(server_factory: Callable[..., ApiServer],
+                                                                   workspace: Path) -> None:  # fmt: skip
+    # A stop cut the streams once its grace ran out, then closed Redis before their own release landed: their
+    # slots stayed counted until they lapsed, and the clients reconnecting were refused (429) for ~40 s (a hunt).
+    from application.services.keys import Keys
+
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "STREAMS_PER_OWNER": "2", "STOP_GRACE_SECONDS": "1"})
+    assert server.http.post("/jobs", json=job_body(workspace, "alices"), headers=auth(ALICE_KEY)).status_code == 201
+    key = Keys(server.prefix).open_streams("alice")
+    sync = redis.Redis.from_url(server.env["REDIS_URL"], decode_responses=True)
+    try:
+        with contextlib.ExitStack() as open_streams:
+            for path in ("/jobs/alices/events/stream", "/jobs/alices/logs/stream"):  # (a pending job: they stay)
+                http = open_streams.enter_context(httpx.Client(base_url=server.base, timeout=30))
+                assert open_streams.enter_context(http.stream("GET", path, headers=auth(ALICE_KEY))).status_code == 200
+            assert sync.zcard(key) == 2
+            server.stop()
+            assert server.proc is not None and server.proc.returncode is not None
+            assert sync.zcard(key) == 0, sync.zrange(key, 0, -1)
+    finally:
+        sync.close()
+
+
 def test_one_key_holds_at_most_streams_per_owner_across_workers(server_factory: Callable[..., ApiServer],
                                                                  workspace: Path) -> None:  # fmt: skip
     server = server_factory(env={"API_KEYS": KEYS_SETTING, "STREAMS_PER_OWNER": "2", "API_WORKERS": "2",

@@ -69,6 +69,7 @@ class Slot:
         # mid-poll): in a cancelled scope every await is cancelled at once, and the slot would not go back.
         with anyio.CancelScope(shield=True), contextlib.suppress(RedisError):  # (else it lapses by itself)
             await self.slots.r.zrem(self.key, self.id)
+            self.slots.held.discard(self)  # (given back: `release_all` need not)
 
 
 class OwnerSlots:
@@ -82,6 +83,18 @@ class OwnerSlots:
         self.what = what
         self.advice = advice
         self._take = client.register_script(lua_cluster.OWNER_SLOT)
+        self.held: set[Slot] = set()  # this process's, until given back
+
+    async def release_all(self) -> None:
+        """Give back every slot this process holds (a worker stopping): a stop cuts its streams when its grace runs
+        out and closes Redis before their own release lands, and their slots stayed counted until they lapsed,
+        their clients refused (429) as they reconnected."""
+        held, self.held = list(self.held), set()
+        if held:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for slot in held:
+                    pipe.zrem(slot.key, slot.id)
+                await pipe.execute()
 
     async def take(self, owner: str | None) -> Slot | None:
         """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already."""
@@ -99,6 +112,7 @@ class OwnerSlots:
         if held >= 0:
             raise TooMany(f"{slot.owner or 'anonymous'} already has {held} {self.what} ({self.setting}={self.cap}): "
                           f"{self.advice}", retry_after=5)  # fmt: skip
+        self.held.add(slot)
 
 
 def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
