@@ -574,11 +574,13 @@ async def test_an_export_never_writes_through_a_symlink_out_of_the_jobs_folder(a
         assert again.status_code == 409 and "leads out of the job's folder" in again.json()["detail"], again.text
 
 
-async def test_an_export_never_merges_a_base_model_whose_folder_links_out_of_the_roots_since_the_create(
-    app_factory: Callable[..., Any], tmp_path: Path
+@pytest.mark.parametrize("quantized", [False, True])
+async def test_an_export_never_loads_a_base_model_whose_folder_links_out_of_the_roots_since_the_create(
+    app_factory: Callable[..., Any], tmp_path: Path, quantized: bool
 ) -> None:
-    # swift export loads the base model to merge the adapter into: a file of its folder replaced by a link since
-    # (out of MODEL_ROOTS, to another owner's checkpoint) was merged into the export (a hunt).
+    # swift export loads the base model (named in the checkpoint's args.json) to merge the adapter into: a file of
+    # its folder replaced by a link since (out of MODEL_ROOTS, to another owner's checkpoint) was merged in, or
+    # quantized by an export job of its own (a hunt; a review).
     from tests.conftest import make_model, wait_job
 
     model = make_model(tmp_path / "models" / "own")
@@ -590,12 +592,22 @@ async def test_an_export_never_merges_a_base_model_whose_folder_links_out_of_the
         assert (await client.post("/jobs", json=body)).status_code == 201
         await wait_job(client, "merge", lambda j: j["status"] == "completed")
         (model / "model.safetensors").symlink_to(secret)
-        assert (await client.post("/jobs/merge/export")).status_code == 200
-        done = await wait_job(client, "merge", lambda j: j["export"]["status"] != "running")
-        assert done["export"]["status"] == "failed", done["export"]
-        assert f"model_path {model} changed since the job was created" in done["export"]["error"]
-        assert "leads outside MODEL_ROOTS" in done["export"]["error"] and str(secret) not in done["export"]["error"]
-        assert not Path(done["export"]["checkpoint"] + "-merged").exists()
+        ask = {"quant_method": "bnb", "quant_bits": 4} if quantized else None
+        asked = await client.post("/jobs/merge/export", json=ask)
+        assert asked.status_code == 200, asked.text
+        if quantized:
+            job = await wait_job(
+                client, asked.json()["export"]["job_id"], lambda j: j["status"] not in ("queued", "running")
+            )
+            assert job["status"] == "failed" and job["error_code"] == "input_path", job
+            error = job["error_message"]
+        else:
+            done = await wait_job(client, "merge", lambda j: j["export"]["status"] != "running")
+            assert done["export"]["status"] == "failed", done["export"]
+            assert not Path(done["export"]["checkpoint"] + "-merged").exists()
+            error = done["export"]["error"]
+        assert f"model_path {model} changed since the job was created" in error, error
+        assert "leads outside MODEL_ROOTS" in error and str(secret) not in error
 
 
 async def test_a_quantized_export_never_reads_or_writes_through_a_symlink_out_of_the_jobs_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 from collections.abc import Callable
@@ -204,7 +205,39 @@ async def test_a_link_made_in_a_model_folder_since_the_create_is_checked_again_b
                 continue
             assert ended["status"] == "failed" and ended["error_code"] == "input_path", ended
             assert f"model_path {model} changed since the job was created" in ended["error_message"], ended
-            assert says in ended["error_message"] and ended["started_at"] is not None, ended
+            assert says in ended["error_message"] and ended["started_at"] is None, ended  # (no GPU taken)
+
+
+async def test_a_job_whose_folder_links_redis_is_slow_to_tell_of_waits_for_the_next_pass(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whose folder a model folder's link leads into is read from Redis before the run: one slow answer failed the
+    job for good ("try again"), or left it running without a runner (a review)."""
+    from application.services import folder_owners
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING, MODEL_ROOTS=str(tmp_path / "models")) as client:
+        client.headers.update(auth(ALICE_KEY))
+        assert (await client.post("/jobs", json=job_body(tmp_path, "first", training={"max_steps": 2},
+                                                         auto_start=True))).status_code == 201  # fmt: skip
+        await wait_job(client, "first", lambda j: j["status"] == "completed")
+        (tmp_path / "output" / "first" / "w.bin").write_bytes(b"her own")
+        model = make_model(tmp_path / "models" / "linked")
+        (model / "extra.bin").symlink_to(tmp_path / "output" / "first" / "w.bin")  # (her own job's: allowed)
+        body = {**job_body(tmp_path, "second", training={"max_steps": 2}), "model_path": str(model)}
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        real, slow = folder_owners.FolderIndex.foreign, [1.0]
+
+        async def answering_late_once(self: Any, folder: dict[str, Any]) -> str | None:
+            await asyncio.sleep(slow.pop() if slow else 0)  # (one read Redis is slow to answer)
+            return await real(self, folder)
+
+        monkeypatch.setattr(folder_owners, "READ_TIMEOUT", 0.2)
+        monkeypatch.setattr(folder_owners.FolderIndex, "foreign", answering_late_once)
+        assert (await client.post("/jobs/second/start")).status_code == 200
+        ended = await wait_job(client, "second", lambda j: j["status"] in ("failed", "completed"))
+        assert ended["status"] == "completed" and not slow, ended
+        assert len(ended["attempts"]) == 1, ended["attempts"]
 
 
 async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queue_goes_on(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from application.auth import USER, Caller
 from application.config import Settings
+from application.exceptions import Unavailable
 from application.models.training_model import Job
 from application.services.files import UPLOADS_DIR, FileStore
 from application.services.job_store import JobStore
@@ -19,15 +20,18 @@ from application.services.preflight import own_files
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
 
 
-def local_inputs(job: Job, models_only: bool = False) -> list[tuple[str, str, bool]]:
-    """The job's local inputs as stored (field, value, whether a data set); hub ids are not paths."""
+def local_inputs(job: Job, base_model: bool = False) -> list[tuple[str, str, bool]]:
+    """The job's local inputs as stored (field, value, whether a data set); hub ids are not paths. `base_model`:
+    only the model an export of its checkpoints loads (swift export takes it from the checkpoint's args.json)."""
+    if base_model:
+        return [("model_path", job.model_path, False)]
     arguments = job.training.model_dump()
     found = [("data_path", job.data_path, True), ("model_path", job.model_path, False)]
     for name in sorted(DATA_ARGUMENTS | MODEL_ARGUMENTS):
         value = arguments.get(name)
         found += [(name, v, name in DATA_ARGUMENTS) for v in (value if isinstance(value, list) else [value])
                   if isinstance(v, str)]  # fmt: skip
-    return [f for f in found if not (models_only and f[2])]
+    return found
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,31 @@ class InputGuards:
         root = real_output_root(self.settings.OUTPUT_ROOT)
         return all_of(own, await self.store.folders.guard(root, owner, indexed=True), self.files.upload_guard(owner))
 
-    async def moved(self, job: Job | None, models_only: bool = False) -> str | None:
-        """`inputs_moved` for the job (`models_only`: an export, which reads no data set), in a worker thread."""
+    async def moved(self, job: Job | None, base_model: bool = False) -> str | None:
+        """`inputs_moved` for the job (`base_model`: an export of its checkpoint), in a worker thread; a link
+        whose folder's owner Redis did not tell in time is a reason too (try again)."""
         if job is None:
             return None
         guard = await self.of_job(job)
-        return await asyncio.to_thread(inputs_moved, local_inputs(job, models_only), self.roots, guard)
+        try:
+            return await asyncio.to_thread(inputs_moved, local_inputs(job, base_model), self.roots, guard)
+        except Unavailable as exc:
+            return f"the links in the job's model folder could not be checked: {exc.detail}"
+
+    async def folders_moved(self, inputs: list[tuple[str, str, bool]], guard: Guard | None) -> str | None:
+        """`relinked_folder` in a worker thread. Unavailable when whose folder a link leads into could not be read
+        in time: a run does not start unchecked, nor fails for a slow Redis (its job waits for the next pass)."""
+        data, models, _, _ = self.roots
+        return await asyncio.to_thread(relinked_folder, inputs, data, models, guard)
+
+    async def of_run(self, job: Job) -> tuple[list[tuple[str, str, bool]], Guard | None]:
+        """What a run of the job reads, and the guard to check it with. A quantized export's job reads its parent's
+        checkpoint, the data set to calibrate on and the base model the checkpoint's args.json names, its parent's
+        files under its parent's create's guards."""
+        parent = await self.store.get(job.export_of) if job.kind == "export" and job.export_of else None
+        if parent is None:
+            return local_inputs(job), await self.of_job(job)
+        return [*local_inputs(job), *local_inputs(parent, base_model=True)], await self.of_job(parent)
 
 
 def inputs_moved(inputs: list[tuple[str, str, bool]],

@@ -144,6 +144,8 @@ end
 return out
 """
 
+# KEYS[1]: Keys.export_targets. a: target, expect (what the caller read: '' for none), value. Set only while the
+# entry still holds what the caller read, so that of two requests that both found a folder free one wins.
 CLAIM_EXPORT_TARGET = """
 local a = cjson.decode(ARGV[1])
 if (redis.call('HGET', KEYS[1], a.target) or '') ~= a.expect then return 0 end

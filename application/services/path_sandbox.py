@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from application.exceptions import Invalid, Unavailable
+from application.exceptions import Invalid
 
 MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
@@ -364,10 +364,8 @@ def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequenc
         try:
             check_folder_links(field, Path(path), data_roots if data else model_roots, guard=guard,
                                setting="DATA_ROOTS" if data else "MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
-        except Invalid as exc:
+        except Invalid as exc:  # (Unavailable, whose folder a link leads into not read, is raised: not now)
             return f"{field} {path} changed since the job was created: {exc.detail}"
-        except Unavailable as exc:  # (whose folder a link leads into could not be read: not run unchecked)
-            return f"the links in {field} {path} could not be checked before the run: {exc.detail}"
     return None
 
 

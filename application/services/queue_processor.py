@@ -24,18 +24,19 @@ from pathlib import Path
 from loguru import logger
 
 from application.config import Settings
+from application.exceptions import Unavailable
 from application.models.training_model import Attempt, Job, JobStatus, Progress
 from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
-from application.services.input_checks import InputGuards, inputs_moved, local_inputs
+from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.lost_replies import landed, never_sent
 from application.services.metrics import record_scheduling_latency
-from application.services.path_sandbox import Guard, escaped_output_root
+from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
 from application.services.quant_exports import export_job_escape
 from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -66,7 +67,7 @@ class PathMoved(OSError):
 
 def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
                 roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard],
-                export_job: Job | None = None, folder_guard: Guard | None = None) -> Path:  # fmt: skip
+                export_job: Job | None = None) -> Path:  # fmt: skip
     # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
     # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
     # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
@@ -75,8 +76,7 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     escaped = escaped or escaped_output_root(Path(str(spec["cwd"])), output_root)
     if escaped:
         raise PathMoved(escaped, "output_dir")
-    # A link made in a model or data folder since (to another owner's checkpoint, out of the roots) too (a hunt).
-    relinked = inputs_moved(inputs, roots, folder_guard)
+    relinked = relinked_input(inputs, *roots)
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +331,20 @@ class QueueProcessor:
                                         fields={"error_message": error, "error_code": "output_dir"},
                                         message=f"training failed: {error}")  # fmt: skip
             return False
+        # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots)
+        # had the run read what it leads to (a hunt). Before its GPUs are taken: a Redis too slow to tell whose
+        # folder a link leads into leaves the job queued.
+        inputs, guard = await self._inputs.of_run(job)
+        try:
+            moved = await self._inputs.folders_moved(inputs, guard)
+        except Unavailable as exc:
+            logger.warning("job {} not started: its folders' links could not be checked ({})", job.job_id, exc.detail)
+            return False
+        if moved:
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": moved, "error_code": "input_path"},
+                                        message=f"training failed: {moved}")  # fmt: skip
+            return False
         step = checkpoint_step(resume)
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
@@ -384,8 +398,8 @@ class QueueProcessor:
                 "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
                 "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
                 "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
-            }, self.settings.OUTPUT_ROOT, local_inputs(job), self._input_roots,
-                job if job.kind == "export" else None, await self._inputs.of_job(job))  # fmt: skip
+            }, self.settings.OUTPUT_ROOT, inputs, self._input_roots,
+                job if job.kind == "export" else None)  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
                 await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
                                         fence=self.fence())  # fmt: skip

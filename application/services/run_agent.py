@@ -354,7 +354,7 @@ class Runner:
         target = Path(info.output_dir) if info.output_dir else Path(f"{info.checkpoint}-merged")
         # Asked for a while ago (no scheduler ran, or its host went down): a symlink may lead out of the folder since.
         # So may the base model's folder (swift export loads it to merge into).
-        escape = await InputGuards.of(self.settings, self.store).moved(await self._job(), models_only=True)
+        escape = await InputGuards.of(self.settings, self.store).moved(await self._job(), base_model=True)
         escape = escape or await asyncio.to_thread(export_escape, job_dir, target, self.settings.OUTPUT_ROOT)
         try:
             if escape:
