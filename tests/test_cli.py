@@ -445,6 +445,31 @@ def test_a_stream_that_keeps_closing_at_once_is_given_up(clock: Clock) -> None:
     assert 60 <= clock.now - 1000 <= 70
 
 
+def test_a_stream_whose_heartbeats_are_further_apart_than_the_read_timeout_is_followed_on(clock: Clock) -> None:
+    # STREAM_HEARTBEAT_SECONDS may be up to 300 s: a stream that said nothing before the client's 60 s read timed
+    # out counted as a server that could not serve it, and `logs -f` / `watch` gave up (exit 3) after two (a hunt).
+    from application.cli.client import STREAM_READ_TIMEOUT
+
+    calls: list[int] = []
+    sse = {"content-type": "text/event-stream"}
+
+    class Silent(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            clock.now += STREAM_READ_TIMEOUT
+            raise httpx.ReadTimeout("timed out")
+            yield b""  # (a generator)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) < 6:
+            return httpx.Response(200, headers=sse, stream=Silent())
+        return httpx.Response(200, headers=sse, content=b'event: end\ndata: {"status": "completed"}\n\n')
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert [m.event for m in follow(api, "/jobs/job/logs/stream")] == ["end"]
+    assert len(calls) == 6
+
+
 def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServer, workspace: Path,
                                                                  tmp_path: Path) -> None:  # fmt: skip
     data = Path(job_body(workspace, "cli-up", step_seconds=0.01)["data_path"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from application.cli.client import EXIT_UNREACHABLE, Api, CliError, unreachable
+from application.cli.client import EXIT_UNREACHABLE, STREAM_READ_TIMEOUT, Api, CliError, unreachable
 
 # How long a stream that was once connected keeps trying to come back before the CLI gives up (exit 3): long
 # enough to ride out a server restart.
@@ -70,9 +70,10 @@ def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterato
     while True:
         heard = [False]
         wait = 0.0
+        answered: float | None = None
         try:
             with api.stream(path, params or {}, last_id) as lines:
-                connected = True
+                connected, answered = True, time.monotonic()
                 for message in parse(_noting(lines, heard)):
                     if message.id is not None:
                         last_id = message.id
@@ -91,9 +92,10 @@ def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterato
             error, wait = e, min(e.retry_after or 0.0, RETRY_AFTER_MAX)
         else:
             error = ConnectionError("the stream closed before the job ended")
-        # Only a stream that said something (a message, a heartbeat) was back: one that closes at once, again and
-        # again, is a server that cannot serve it, and must reach the give-up.
-        if heard[0]:
+        # Only a stream that said something (a message, a heartbeat), or stayed open a while (a server whose
+        # STREAM_HEARTBEAT_SECONDS is longer than the client's read timeout), was back: one that closes at once,
+        # again and again, is a server that cannot serve it, and must reach the give-up.
+        if heard[0] or (answered is not None and time.monotonic() - answered >= STREAM_READ_TIMEOUT / 2):
             down_since, attempt = None, 0
         now = time.monotonic()
         if down_since is None:
