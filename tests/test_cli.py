@@ -571,8 +571,9 @@ def test_a_key_no_header_can_carry_is_a_usage_error_that_does_not_show_it(key: s
     assert caught.value.code == 2 and "0123456789abcdef" not in str(caught.value)
 
 
-@pytest.mark.parametrize("job_id", [".", "..", "a/b"])
+@pytest.mark.parametrize("job_id", [".", "..", "a/b", ""])
 def test_dot_segments_and_slashes_are_not_job_ids(job_id: str) -> None:
+    # ('': an unset $JOB asked for GET /status, answered as a server URL to fix, exit 3.)
     # The URL dropped the dots: `status ..` asked for GET /jobs and `rm ..` sent DELETE /jobs. A '/' (sent as
     # %2F) reached no job route: a bare "404 Not Found: Not Found".
     with pytest.raises(CliError) as caught:
@@ -622,6 +623,27 @@ def test_submit_set_auto_start_false_creates_a_pending_job(server: ApiServer, wo
     r = cli(server.port, "--json", *submit_args(workspace, "held", "--set", "auto_start=false"))
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "pending", (r.stdout, r.stderr)
     assert server.job("held")["status"] == "pending"
+    # ... and started from the CLI too (there was no `start`: `resume` was refused, `watch` waited for ever).
+    r = cli(server.port, "--json", "start", "held")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] in ("running", "queued"), (r.stdout, r.stderr)
+    server.wait_status("held", "completed")
+
+
+def test_a_submit_whose_follow_fails_says_the_job_was_created_with_its_own_exit_code() -> None:
+    # A stream refused once the job existed (429: the key's STREAMS_PER_OWNER open) was exit 2, "refused": a
+    # script that retries on it submitted the job again.
+    from application.cli.app import build_parser, submit
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(201, json={"job_id": "made", "status": "running", "message": "Training started"})
+        return httpx.Response(429, headers={"Retry-After": "5"}, json={"detail": "alice already has 4 streams open"})
+
+    args = build_parser().parse_args(["submit", "--model", "m", "--data", "d", "--output-dir", "o", "--follow"])
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        submit(api, args, Output(as_json=True))
+    assert caught.value.code == 4 and "streams open" in str(caught.value), caught.value
+    assert "job made was created: follow it with `swift-api watch made`" in str(caught.value)
 
 
 def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture[str]) -> None:

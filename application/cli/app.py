@@ -1,7 +1,8 @@
 """`swift-api`: submit, follow and steer training jobs on a swift-api server.
 
 Exit codes: 0 success; 1 a followed job ended failed, stopped or cancelled; 2 a usage error, or the server
-refused the request (4xx: its `detail` is printed); 3 the server is unreachable or failing (5xx).
+refused the request (4xx: its `detail` is printed); 3 the server is unreachable or failing (5xx); 4 `submit
+--follow` created the job but could not follow it (follow it with `watch ID`; do not submit it again).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from application.cli import render
-from application.cli.client import DEFAULT_URL, EXIT_OK, EXIT_USAGE, Api, CliError, job_path
+from application.cli.client import DEFAULT_URL, EXIT_NOT_FOLLOWED, EXIT_OK, EXIT_USAGE, Api, CliError, job_path
 from application.cli.follow import tail, watch
 from application.cli.output import Output
 from application.models.job_request import JobCreate
@@ -63,7 +64,17 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
 def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
     created = api.post("/jobs", create_body(args))
     out.show(created, render.action)
-    return watch(api, created["job_id"], out) if args.follow else EXIT_OK
+    if not args.follow:
+        return EXIT_OK
+    try:
+        return watch(api, created["job_id"], out)
+    except CliError as e:
+        # Exit 2 or 3 told a script that retries on them to submit the job again: it exists, and runs.
+        raise CliError(
+            f"{e} (job {created['job_id']} was created: follow it with `swift-api watch "
+            f"{created['job_id']}`, do not submit it again)",
+            EXIT_NOT_FOLLOWED,
+        ) from e
 
 
 def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
@@ -99,7 +110,7 @@ def action(verb: str) -> Command:
 def show(path: str, renderer: Callable[[Any], Any]) -> Command:
     def run(api: Api, args: argparse.Namespace, out: Output) -> int:
         job_id = getattr(args, "job_id", None)
-        out.show(api.get(job_path(job_id, path) if job_id else path), renderer)
+        out.show(api.get(job_path(job_id, path) if job_id is not None else path), renderer)
         return EXIT_OK
 
     return run
@@ -244,12 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", show("/status", render.job_status), "a job's status, progress and error")
 
     sub = command("logs", logs, "a job's log")
-    follow_help = "print the whole log, then follow it until the job ends (exit 0 if it completed)"
+    follow_help = (
+        "print the current run's whole log (a resumed job's earlier runs: GET .../logs?attempt=N), then "
+        "follow it until the job ends (exit 0 if it completed)"
+    )
     sub.add_argument("-f", "--follow", action="store_true", help=follow_help)
     sub.add_argument("--lines", type=_up_to(10_000), default=100, help="last N lines (without -f)")
     sub.add_argument("--export", action="store_true", help="the export's log instead of the training's")
 
     command("watch", run_watch, "a live progress bar until the job ends; exit 0 if it completed, 1 if not")
+    command("start", action("start"), "start a pending job (submitted with --set auto_start=false)")
     command("stop", action("stop"), "stop a running job, or cancel a waiting one")
     command("pause", action("pause"), "pause a running job (it resumes from its last checkpoint)")
     command("resume", action("resume"), "resume a paused job, or a stopped/failed one with a checkpoint")

@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_NOT_FOLLOWED = 4  # `submit --follow`: the job was created, but following it failed (do not submit it again)
 # A stop's or a pause's answer: longer than any stop grace in use, yet not for ever (a server that hangs).
 WAIT_READ_TIMEOUT = 3600.0
 
@@ -66,7 +67,7 @@ def job_path(job_id: str, suffix: str = "") -> str:
     # quote(safe=""): an id with '?' must not reach another route; the server then names what is wrong.
     # '.' and '..' are path segments quote keeps and the URL then drops ("status .." asked for GET /jobs); a '/'
     # (even as %2F) splits the path, which then matches no route at all.
-    if job_id in (".", "..") or "/" in job_id:
+    if job_id in ("", ".", "..") or "/" in job_id:  # ('': an unset $JOB, which asked for GET /status)
         raise CliError(f"'{job_id}' is not a job id: list your jobs with `ls`", EXIT_USAGE)
     return f"/jobs/{quote(job_id, safe='')}{suffix}"
 
