@@ -35,13 +35,13 @@ def test_everyday_arguments_are_converted_to_what_the_cli_parses() -> None:
     got = check_arguments("sft", {
         "target_modules": ["q_proj", "v_proj"], "lr_scheduler_type": "linear", "seed": "7", "system": "Be brief.",
         "report_to": "tensorboard", "attn_impl": "sdpa", "quant_bits": "4", "freeze_vit": "false", "packing": True,
-        "streaming": False, "deepspeed": "zero2", "model_kwargs": {"rope_scaling": None}, "weight_decay": 0,
+        "streaming": False, "deepspeed": "zero2", "model_kwargs": {"MAX_PIXELS": 1003520}, "weight_decay": 0,
         "max_grad_norm": 0.5, "bnb_4bit_quant_type": None,
     }, V4)  # fmt: skip
     assert got == {
         "target_modules": ["q_proj", "v_proj"], "lr_scheduler_type": "linear", "seed": 7, "system": "Be brief.",
         "report_to": ["tensorboard"], "attn_impl": "sdpa", "quant_bits": 4, "freeze_vit": False, "packing": True,
-        "streaming": False, "deepspeed": "zero2", "model_kwargs": '{"rope_scaling":null}', "weight_decay": 0.0,
+        "streaming": False, "deepspeed": "zero2", "model_kwargs": '{"MAX_PIXELS":1003520}', "weight_decay": 0.0,
         "max_grad_norm": 0.5,
     }  # fmt: skip
     assert argv_of(got)[:6] == ["--target_modules", "q_proj", "v_proj", "--lr_scheduler_type", "linear", "--seed"]
@@ -50,7 +50,7 @@ def test_everyday_arguments_are_converted_to_what_the_cli_parses() -> None:
     # Inside a JSON object only paths out of the job's folder are refused: stop strings, file names, hub ids
     # and folders inside it pass (escaped by the JSON encoding).
     free = {"stop": ["\n\n", "\u202e"], "tokenizer_file": "tokenizer.json", "out": "./runs/tb", "repo": "org/model"}
-    assert json.loads(check_arguments("sft", {"model_kwargs": free}, V4)["model_kwargs"]) == free
+    assert json.loads(check_arguments("sft", {"lr_scheduler_kwargs": free}, V4)["lr_scheduler_kwargs"]) == free
 
 
 def test_unknown_names_get_the_closest_real_ones() -> None:
@@ -122,13 +122,23 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc/x"}}}},
      "training.deepspeed.zero_optimization.offload_param.nvme_path is a path that leaves"),
     ({"deepspeed": {"tensorboard": {"enabled": True, "output_path": "runs/../../x"}}}, "is a path that leaves"),
-    ({"model_kwargs": {"cache_dir": "~/cache"}}, "training.model_kwargs.cache_dir is a path that leaves"),
-    ({"model_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "training.model_kwargs.paths[1] is a path that leaves"),
-    # ms-swift sets model_kwargs as environment variables: the run's proxy, hub endpoint or libraries were free.
-    ({"model_kwargs": {"HTTPS_PROXY": "http://10.1.2.3:3128"}}, "HTTPS_PROXY would change how the server runs it"),
-    ({"model_kwargs": {"hf_endpoint": "http://evil.example"}}, "HF_ENDPOINT would change how the server runs it"),
-    ({"model_kwargs": {"LD_LIBRARY_PATH": "lib"}}, "LD_LIBRARY_PATH would change"),
-    ({"model_kwargs": {"A=B": "1"}}, "name it with letters, digits and '_'"),
+    ({"lr_scheduler_kwargs": {"cache_dir": "~/cache"}}, "training.lr_scheduler_kwargs.cache_dir is a path that"),
+    ({"lr_scheduler_kwargs": '{"paths": ["ok", "/srv/other"]}'}, "lr_scheduler_kwargs.paths[1] is a path that"),
+    ({"lr_scheduler_kwargs": {"paths": "runs:/srv/other"}}, "lr_scheduler_kwargs.paths is a path that leaves"),
+    # Through fsspec, tensorboard wrote anywhere (file://) and PUT to any host (webhdfs://): a hunt.
+    ({"deepspeed": {"tensorboard": {"output_path": "file:///tmp/x"}}}, "tensorboard.output_path is a URL"),
+    ({"model_revision": "webhdfs://10.0.0.5:9870/tb"}, "training.model_revision is a URL"),
+    # ms-swift sets model_kwargs as environment variables of the run: only a model's own options are taken.
+    # BROWSER and MPLBACKEND ran a shell command as training ended; TENSORBOARD_LOGGING_DIR wrote anywhere (a hunt).
+    ({"model_kwargs": {"BROWSER": "sh -c 'id > /tmp/x' %s", "MPLBACKEND": "module://antigravity"}},
+     "training.model_kwargs.BROWSER: ms-swift sets each item as an environment variable of the run, and only"),
+    ({"model_kwargs": {"TENSORBOARD_LOGGING_DIR": "runs"}}, "only a model's own options are taken"),
+    ({"model_kwargs": {"HTTPS_PROXY": "http://10.1.2.3:3128"}}, "only a model's own options are taken"),
+    ({"model_kwargs": {"hf_endpoint": "x"}}, "only a model's own options are taken"),
+    ({"model_kwargs": {"SWIFT_ALLOW_INTERNAL_URL": "true"}}, "only a model's own options are taken"),
+    ({"model_kwargs": {"max_pixel": 1}}, "did you mean MAX_PIXELS"),
+    ({"model_kwargs": {"A=B": "1"}}, "only a model's own options are taken"),
+    ({"model_kwargs": {"FPS": [1, 2]}}, "training.model_kwargs.FPS is set as an environment variable"),
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)

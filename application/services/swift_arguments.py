@@ -88,7 +88,9 @@ MAX_ITEMS = 256
 # A `.` or `..` component names a folder relative to swift's (the job's folder), or above it.
 _FILE_LIKE = re.compile(r"(^(/|~))|((^|/)\.{1,2}(/|$))|(\.(txt|json|jsonl|yaml|yml|py|csv|sh|pkl|pt|bin)$)", re.I)
 # A path that leaves swift's working folder (the job's own): absolute, from a home folder, or through `..`.
-_LEAVES_FOLDER = re.compile(r"^(/|~)|(^|/)\.\.(/|$)")
+_LEAVES_FOLDER = re.compile(r"^(/|~)|(^|/)\.\.(/|$)|:(/|~)")
+# A URL: libraries write and read through them (fsspec: file://, hdfs://, s3://, ftp://), from the server's network.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SECRET_NAME = re.compile(r"(_token|api_key|secret|password)$")
 # Addresses the run would connect to from the server's network (a webhook, a mail server, a vLLM or teacher
 # server): the request's choice would reach internal hosts.
@@ -216,9 +218,9 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
         if not isinstance(value, dict):
             presets = f" or one of {', '.join(sorted(WORDS[name]))}" if name in WORDS else ""
             raise Invalid(f"{where} takes a JSON object{presets}")
-        _check_object(where, value)
         if name in ENV_ARGUMENTS:
             _check_environment(where, value)
+        _check_object(where, value)
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
         if len(text) > 64 * 1024:
             raise Invalid(f"{where}: at most 64 KiB of JSON")
@@ -226,26 +228,37 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     return _scalar(where, name, value, spec)
 
 
-# Arguments whose items ms-swift sets as environment variables of the run (upper-cased): meant for a model's
-# own options (MAX_PIXELS, FPS, ...), not for those that steer its network, libraries, hubs, trackers or GPUs.
+# Arguments whose items ms-swift sets as environment variables of the run (upper-cased), for a model's own options.
+# Only the names its models and templates read are taken: any other variable steers the process (BROWSER with
+# MPLBACKEND ran a shell command as training ended, TENSORBOARD_LOGGING_DIR wrote anywhere: a hunt), and a list of
+# forbidden names cannot be made complete. (ms-swift 3.x and 4.x, and qwen_vl_utils; SWIFT_* are its safety
+# switches, and paths are left out but ROOT_IMAGE_DIR, which stays inside the job's folder.)
 ENV_ARGUMENTS = frozenset({"model_kwargs"})
-_PROCESS_ENV = re.compile(
-    r"(PATH|HOME|USER|SHELL|ENV|BASH_ENV|IFS|TMPDIR|TMP|TEMP|RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|NNODES|"
-    r"NODE_RANK|NPROC_PER_NODE|USE_HF|.*PROXY|(LD|PYTHON|HF|HUGGINGFACE|MODELSCOPE|WANDB|SWANLAB|REQUESTS|CURL|SSL|"
-    r"CUDA|NCCL|TORCH|OMP|MKL|MASTER|XDG|TRANSFORMERS|DS|DEEPSPEED|ACCELERATE|TRITON|GIT|PERL|RUBY|NODE|JAVA|GLIBC|"
-    r"MALLOC|SWIFT|TOKENIZERS|NVIDIA|VLLM|TF|XLA|AWS|GOOGLE|AZURE|OSS|COMET|MLFLOW|NEPTUNE|CLEARML|DVC)\w*)"
+MODEL_ENV = frozenset(
+    """
+    MAX_PIXELS MIN_PIXELS MAX_RATIO IMAGE_FACTOR IMAGE_MAX_TOKEN_NUM IMAGE_MIN_TOKEN_NUM VIDEO_MAX_PIXELS
+    VIDEO_MIN_PIXELS VIDEO_TOTAL_PIXELS VIDEO_MAX_TOKEN_NUM VIDEO_MIN_TOKEN_NUM FRAME_FACTOR FPS FPS_MIN_FRAMES
+    FPS_MAX_FRAMES NFRAMES NUM_FRAMES MAX_NUM_FRAMES VLLM_NUM_FRAMES SPATIAL_MERGE_SIZE MAX_NUM VIDEO_MAX_NUM
+    MAX_SLICE_NUMS VIDEO_MAX_SLICE_NUMS HD_NUM INPUT_SIZE IMAGE_SIZE IMG_SIZE BASE_SIZE CROP_MODE NUM_CROPS
+    MAX_PARTITION DOWNSAMPLE_MODE VIDEO_SEGMENTS STACK_FRAMES MOSSVL_VISION_CHUNKED_LENGTH VIDEO_LOAD_BACKEND
+    FORCE_QWENVL_VIDEO_READER SAMPLING_RATE N_MELS USE_AUDIO_IN_VIDEO ENABLE_AUDIO_OUTPUT INIT_AUDIO INIT_TTS
+    SPEAKER_NAME ENABLE_THINKING THINKING_MODE THINKING_BUDGET REASONING_EFFORT SEED_USE_THINKING
+    SEED_USE_BUDGET_INTERVAL NO_REPEAT_NGRAM_SIZE NGRAM_WINDOW CFG_WEIGHT CFG_SCALE GENERATION_RATIO
+    QWENVL_BBOX_FORMAT MAX_POSITIVE_SAMPLES MAX_NEGATIVE_SAMPLES MSO_PANELS MSO_NO_PANELS MSO_BRANCH_CHUNK
+    DEVICE_TFLOPS ROOT_IMAGE_DIR
+""".split()
 )
 
 
 def _check_environment(where: str, value: Mapping[str, Any]) -> None:
-    for key in value:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
-            raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable: name it with letters, "
-                          "digits and '_'")  # fmt: skip
-        if _PROCESS_ENV.fullmatch(key.upper()):
-            raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable of the run, and "
-                          f"{key.upper()} would change how the server runs it (its network, libraries, hubs or "
-                          "GPUs): only a model's own options (such as MAX_PIXELS) go here")  # fmt: skip
+    for key, item in value.items():
+        if key.upper() not in MODEL_ENV:
+            near = closest_names(key.upper(), MODEL_ENV)
+            raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable of the run, and only a "
+                          f"model's own options are taken (such as MAX_PIXELS, FPS_MAX_FRAMES, VIDEO_MAX_PIXELS)"
+                          f"{near or '; see the README for the list'}")  # fmt: skip
+        if isinstance(item, (dict, list)):
+            raise Invalid(f"{where}.{key} is set as an environment variable: give a number, true/false or a word")
 
 
 def _check_object(where: str, value: Any, depth: int = 0) -> None:
@@ -262,6 +275,9 @@ def _check_object(where: str, value: Any, depth: int = 0) -> None:
             _check_object(f"{where}[{i}]", item, depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise Invalid(f"{where} takes a finite number")
+    elif isinstance(value, str) and _URL.search(value):
+        raise Invalid(f"{where} is a URL: a library would read or write through it from the server's network; "
+                      "leave it out or name a place inside the job's folder")  # fmt: skip
     elif isinstance(value, str) and _LEAVES_FOLDER.search(value):
         raise Invalid(
             f"{where} is a path that leaves the job's folder (absolute, ~ or ..): ms-swift would read or write "
@@ -324,6 +340,8 @@ def _scalar(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
     if name == "system" and text.lower().endswith(".txt"):  # (only `system` is read from a file by ms-swift)
         raise Invalid(f"{where} ends in .txt: ms-swift would read it as a file from the server's disk; put the "
                       "text itself here")  # fmt: skip
+    if not free and name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _URL.search(text):
+        raise Invalid(f"{where} is a URL: ms-swift would read or write through it from the server's network")
     if not free and name not in DATA_ARGUMENTS | MODEL_ARGUMENTS and _FILE_LIKE.search(text):
         raise Invalid(f"{where} looks like a file path: ms-swift would read it from the server's disk. Only "
                       "data sets (data_path, dataset, val_dataset) and models (model_path, ref_model, adapters, "
