@@ -123,11 +123,15 @@ def serve_api(settings: Settings) -> None:
         sys.exit(STARTUP_FAILURE)
 
 
+def metrics_folder(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"swift-api-metrics-{os.getuid()}-{port}"
+
+
 def _metrics_dir(port: int) -> Path:
     """One name per user and port, emptied now: a supervisor killed with SIGKILL left a folder of its own in /tmp
     for good (a random one each start); the next one on the port takes the same again. Another user's, or a
     link, is not ours to empty: then a fresh one."""
-    path = Path(tempfile.gettempdir()) / f"swift-api-metrics-{os.getuid()}-{port}"
+    path = metrics_folder(port)
     shutil.rmtree(path, ignore_errors=True)
     try:
         path.mkdir(mode=0o700)

@@ -13,6 +13,7 @@ environment before anything reads it, so servers the tests start inherit only wh
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -150,12 +151,8 @@ class ApiServer:
             "API_WORKERS": "1",
             "LOG_LEVEL": "DEBUG",
             "FAKE_SWIFT_STEP_SECONDS": "0.02",
-            # What a server leaves in the temporary folder (the API workers' metrics folder, which a kill -9
-            # leaves behind by design) goes with the test's own folder.
-            "TMPDIR": str(workdir / "tmp"),
             **(env or {}),
         }
-        Path(self.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
         self.http = httpx.Client(base_url=self.base, timeout=30)
@@ -348,6 +345,12 @@ def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Api
         s.stop()
     # Swift processes outlive the API by design: nothing a test started may outlive the test.
     kill_processes_under(tmp_path)
+    # Nor its API workers' metrics folder, which a kill -9 of their supervisor leaves by design (start.py: one per
+    # port, taken again by the next start there). (Not the servers' TMPDIR: a long one broke swift's sockets.)
+    from start import metrics_folder
+
+    for s in servers:
+        shutil.rmtree(metrics_folder(s.port), ignore_errors=True)
 
 
 def _cmdline(p: Any) -> list[str]:

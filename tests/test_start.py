@@ -19,6 +19,7 @@ import psutil
 import pytest
 import redis
 
+from start import metrics_folder
 from tests.conftest import ROOT, ApiServer, job_body, kill_processes_under, wait_for
 
 
@@ -281,7 +282,7 @@ def test_an_api_supervisor_killed_with_sigkill_leaves_no_metrics_folder_behind_o
     settings = ApiServer(redis_url, tmp_path)  # (its environment: never started)
     settings.http.close()
     env = {**settings.env, "API_WORKERS": "2"}
-    folder = Path(env["TMPDIR"]) / f"swift-api-metrics-{os.getuid()}-{settings.port}"  # (the port's own)
+    folder = metrics_folder(settings.port)  # (the port's own)
     output = tmp_path / "api.out"
 
     def run_until(stop: signal.Signals) -> None:

@@ -179,8 +179,9 @@ def test_real_swift_sft_paused_at_a_checkpoint_resumed_and_exported(
                  what="the first checkpoint")  # fmt: skip
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{diagnose(server, job_id)}") from None
-    paused = server.http.post(f"/jobs/{job_id}/pause").json()
-    assert paused["status"] == "paused", (paused, diagnose(server, job_id))
+    answer = server.http.post(f"/jobs/{job_id}/pause")
+    paused = answer.json()
+    assert answer.status_code == 200 and paused["status"] == "paused", (answer.text, diagnose(server, job_id))
     at = paused["resume_step"]
     assert at is not None and at % save == 0 and save <= at < steps, paused
     assert paused["resume_from"].endswith(f"checkpoint-{at}"), paused
