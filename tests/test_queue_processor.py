@@ -240,6 +240,31 @@ async def test_a_job_whose_folder_links_redis_is_slow_to_tell_of_waits_for_the_n
         assert len(ended["attempts"]) == 1, ended["attempts"]
 
 
+async def test_a_quantized_export_whose_parents_record_cannot_be_read_holds_up_no_other_job(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The start of a quantized export reads its parent's record to check the base model's folder: a record that
+    could not be read failed every pass, and no job behind the export ever started (a review)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80", AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "p", auto_start=True, priority=9, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "p", lambda j: j["status"] == "completed")
+        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=hog)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        asked = await client.post("/jobs/p/export", json={"quant_method": "bnb", "quant_bits": 4})
+        assert asked.status_code == 200, asked.text
+        fine = job_body(tmp_path, "fine", priority=1, auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=fine)).json()["status"] == "queued"
+        store = client.app.state.training.store
+        await store.r.hset(store.keys.job("p"), mapping={"num_gpus": json.dumps("one")})  # (as a hand wrote it)
+        assert (await client.post("/jobs/hog/stop")).status_code == 200
+        await wait_job(client, "fine", lambda j: j["status"] == "completed", timeout=30)
+        export = await wait_job(client, asked.json()["export"]["job_id"], lambda j: j["status"] != "queued")
+        assert export["status"] in ("running", "completed"), export
+
+
 async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queue_goes_on(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -139,6 +139,7 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"model_kwargs": {"max_pixel": 1}}, "did you mean MAX_PIXELS"),
     ({"model_kwargs": {"A=B": "1"}}, "only a model's own options are taken"),
     ({"model_kwargs": {"FPS": [1, 2]}}, "training.model_kwargs.FPS is set as an environment variable"),
+    ({"model_kwargs": {"FPS": None}}, "leave it out for the model's default"),  # ("None" failed the run)
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)
@@ -211,6 +212,9 @@ def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[s
 def test_a_models_own_options_pass_as_model_kwargs() -> None:
     assert check_arguments("sft", {"model_kwargs": {"MAX_PIXELS": 1003520, "fps": 2}}, V4) == {
         "model_kwargs": '{"MAX_PIXELS":1003520,"fps":2}'}  # fmt: skip
+    # The embedding and reranker losses read their settings from the environment only (a review).
+    losses = {"INFONCE_TEMPERATURE": 0.05, "INFONCE_USE_BATCH": True, "LISTWISE_RERANKER_TEMPERATURE": 0.5}
+    assert json.loads(check_arguments("sft", {"model_kwargs": losses}, V4)["model_kwargs"]) == losses
 
 
 def test_prompts_and_stop_strings_keep_their_line_breaks_and_may_start_with_a_slash() -> None:

@@ -6,6 +6,7 @@ when the create kept them out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,10 @@ class InputGuards:
         """What a run of the job reads, and the guard to check it with. A quantized export's job reads its parent's
         checkpoint, the data set to calibrate on and the base model the checkpoint's args.json names, its parent's
         files under its parent's create's guards."""
-        parent = await self.store.get(job.export_of) if job.kind == "export" and job.export_of else None
+        parent = None
+        if job.kind == "export" and job.export_of:
+            with contextlib.suppress(ValueError):  # (a record that cannot be read: as a parent deleted meanwhile)
+                parent = await self.store.get(job.export_of)
         if parent is None:
             return local_inputs(job), await self.of_job(job)
         return [*local_inputs(job), *local_inputs(parent, base_model=True)], await self.of_job(parent)

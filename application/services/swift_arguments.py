@@ -232,7 +232,8 @@ def convert(where: str, name: str, value: Any, spec: Mapping[str, Any]) -> Any:
 # Only the names its models and templates read are taken: any other variable steers the process (BROWSER with
 # MPLBACKEND ran a shell command as training ended, TENSORBOARD_LOGGING_DIR wrote anywhere: a hunt), and a list of
 # forbidden names cannot be made complete. (ms-swift 3.x and 4.x, and qwen_vl_utils; SWIFT_* are its safety
-# switches, and paths are left out but ROOT_IMAGE_DIR, which stays inside the job's folder.)
+# switches, and paths are left out but ROOT_IMAGE_DIR and MSO_PANELS, kept inside the job's folder. The embedding
+# and reranker losses take their settings from here only.)
 ENV_ARGUMENTS = frozenset({"model_kwargs"})
 MODEL_ENV = frozenset(
     """
@@ -245,7 +246,10 @@ MODEL_ENV = frozenset(
     SPEAKER_NAME ENABLE_THINKING THINKING_MODE THINKING_BUDGET REASONING_EFFORT SEED_USE_THINKING
     SEED_USE_BUDGET_INTERVAL NO_REPEAT_NGRAM_SIZE NGRAM_WINDOW CFG_WEIGHT CFG_SCALE GENERATION_RATIO
     QWENVL_BBOX_FORMAT MAX_POSITIVE_SAMPLES MAX_NEGATIVE_SAMPLES MSO_PANELS MSO_NO_PANELS MSO_BRANCH_CHUNK
-    DEVICE_TFLOPS ROOT_IMAGE_DIR
+    DEVICE_TFLOPS ROOT_IMAGE_DIR IMAGE_AREA MAX_POSITION_EMBEDDINGS INFONCE_TEMPERATURE INFONCE_USE_BATCH
+    INFONCE_HARD_NEGATIVES INFONCE_MASK_FAKE_NEGATIVE INFONCE_INCLUDE_QQ INFONCE_INCLUDE_DD INFONCE_FAKE_NEG_MARGIN
+    LISTWISE_RERANKER_TEMPERATURE LISTWISE_RERANKER_MIN_GROUP_SIZE GENERATIVE_RERANKER_POSITIVE_TOKEN
+    GENERATIVE_RERANKER_NEGATIVE_TOKEN CLEF_LABEL_SMOOTHING CLEF_BRIER_WEIGHT OMNIJEV_RPS_WEIGHT
 """.split()
 )
 
@@ -257,8 +261,9 @@ def _check_environment(where: str, value: Mapping[str, Any]) -> None:
             raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable of the run, and only a "
                           f"model's own options are taken (such as MAX_PIXELS, FPS_MAX_FRAMES, VIDEO_MAX_PIXELS)"
                           f"{near or '; see the README for the list'}")  # fmt: skip
-        if isinstance(item, (dict, list)):
-            raise Invalid(f"{where}.{key} is set as an environment variable: give a number, true/false or a word")
+        if item is None or isinstance(item, (dict, list)):  # (ms-swift sets str(value): "None" failed the run)
+            raise Invalid(f"{where}.{key} is set as an environment variable: give a number, true/false or a word "
+                          "(leave it out for the model's default)")  # fmt: skip
 
 
 def _check_object(where: str, value: Any, depth: int = 0) -> None:
