@@ -470,6 +470,27 @@ def test_a_stream_whose_heartbeats_are_further_apart_than_the_read_timeout_is_fo
     assert len(calls) == 6
 
 
+def test_a_stream_that_stays_open_and_says_nothing_is_given_up_past_the_longest_heartbeat(clock: Clock) -> None:
+    # Counting a stream that stayed open as the server back (above), one that never said anything was followed
+    # for ever, though the README promised exit 3 (a review).
+    from application.cli.client import STREAM_READ_TIMEOUT
+    from application.cli.sse import SILENCE_SECONDS
+
+    class Silent(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            clock.now += STREAM_READ_TIMEOUT
+            raise httpx.ReadTimeout("timed out")
+            yield b""  # (a generator)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Silent())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        list(follow(api, "/jobs/job/logs/stream"))
+    assert caught.value.code == 3
+    assert SILENCE_SECONDS < clock.now - 1000 <= SILENCE_SECONDS + STREAM_READ_TIMEOUT + 10
+
+
 def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServer, workspace: Path,
                                                                  tmp_path: Path) -> None:  # fmt: skip
     data = Path(job_body(workspace, "cli-up", step_seconds=0.01)["data_path"])

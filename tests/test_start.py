@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -305,10 +306,13 @@ def test_an_api_supervisor_killed_with_sigkill_leaves_no_metrics_folder_behind_o
                 api.kill()
                 api.wait()
 
-    run_until(signal.SIGKILL)
-    assert folder.is_dir()  # (what a SIGKILL leaves: the next start on the port takes it again)
-    run_until(signal.SIGTERM)
-    assert not folder.exists()
+    try:
+        run_until(signal.SIGKILL)
+        assert folder.is_dir()  # (what a SIGKILL leaves: the next start on the port takes it again)
+        run_until(signal.SIGTERM)
+        assert not folder.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # (not left in /tmp by a failure between the two)
 
 
 def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> None:

@@ -66,15 +66,13 @@ def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
     out.show(created, render.action)
     if not args.follow:
         return EXIT_OK
+    made = f"job {created['job_id']} was created: follow it with `swift-api watch {created['job_id']}`, do not " \
+           "submit it again"  # fmt: skip
     try:
         return watch(api, created["job_id"], out)
     except CliError as e:
         # Exit 2 or 3 told a script that retries on them to submit the job again: it exists, and runs.
-        raise CliError(
-            f"{e} (job {created['job_id']} was created: follow it with `swift-api watch "
-            f"{created['job_id']}`, do not submit it again)",
-            EXIT_NOT_FOLLOWED,
-        ) from e
+        raise CliError(f"{e} ({made})", EXIT_NOT_FOLLOWED) from e
 
 
 def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:

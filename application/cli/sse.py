@@ -16,6 +16,9 @@ from application.cli.client import EXIT_UNREACHABLE, STREAM_READ_TIMEOUT, Api, C
 # How long a stream that was once connected keeps trying to come back before the CLI gives up (exit 3): long
 # enough to ride out a server restart.
 RECONNECT_SECONDS = 60.0
+# How long a stream that stays open may say nothing (no message, no heartbeat) before the CLI gives up: past the
+# longest STREAM_HEARTBEAT_SECONDS a server takes (300 s).
+SILENCE_SECONDS = 330.0
 BACKOFF_MAX = 5.0
 # The longest a Retry-After is waited for at a time (a 429 names when a stream slot frees, a 503 a restart).
 RETRY_AFTER_MAX = 30.0
@@ -62,10 +65,12 @@ def parse(lines: Iterable[str]) -> Iterator[Message]:
 def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterator[Message]:
     """Every message of the stream at `path` up to and including its `end` event. A connection that drops (or a
     server that restarts, or is busy: 429, 503) is reopened with the last id seen, so nothing is lost or repeated;
-    a server that never answered, or sends nothing for RECONNECT_SECONDS, is exit 3."""
+    a server that never answered, or sends nothing for RECONNECT_SECONDS (SILENCE_SECONDS while its streams stay
+    open), is exit 3."""
     last_id: str | None = None
     connected = False
     down_since: float | None = None
+    last_heard = time.monotonic()
     attempt = 0
     while True:
         heard = [False]
@@ -95,9 +100,13 @@ def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterato
         # Only a stream that said something (a message, a heartbeat), or stayed open a while (a server whose
         # STREAM_HEARTBEAT_SECONDS is longer than the client's read timeout), was back: one that closes at once,
         # again and again, is a server that cannot serve it, and must reach the give-up.
-        if heard[0] or (answered is not None and time.monotonic() - answered >= STREAM_READ_TIMEOUT / 2):
-            down_since, attempt = None, 0
         now = time.monotonic()
+        if heard[0]:
+            last_heard = now
+        if heard[0] or (answered is not None and now - answered >= STREAM_READ_TIMEOUT / 2):
+            down_since, attempt = None, 0
+        if now - last_heard > SILENCE_SECONDS:  # (open, and silent for longer than any heartbeat)
+            raise unreachable(api.url, error)
         if down_since is None:
             down_since = now
         left = down_since + RECONNECT_SECONDS - now
