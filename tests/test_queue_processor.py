@@ -208,6 +208,36 @@ async def test_a_link_made_in_a_model_folder_since_the_create_is_checked_again_b
             assert says in ended["error_message"] and ended["started_at"] is None, ended  # (no GPU taken)
 
 
+async def test_media_a_data_file_names_since_the_create_are_checked_before_the_run(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A data file's media were checked at the create only: rewritten since to name a file out of DATA_ROOTS (or
+    another owner's upload), its run had swift open it (a hunt). A file changed without such media still runs."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    roots, secret = tmp_path / "data", tmp_path / "secret.png"
+    roots.mkdir()
+    secret.write_bytes(b"not for this job")
+    async with app_factory(DATA_ROOTS=str(roots), DATA_DIR=tmp_path / "server") as client:
+        for name in ("changed", "grown"):
+            body = job_body(tmp_path, name, training={"max_steps": 2})
+            Path(body["data_path"]).rename(roots / f"{name}.jsonl")
+            assert (await client.post("/jobs", json={**body, "data_path": f"{name}.jsonl"})).status_code == 201
+        chat = [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "hello"}]
+        with (roots / "changed.jsonl").open("a") as f:
+            f.write(json.dumps({"messages": chat, "images": [str(secret)]}) + "\n")
+        with (roots / "grown.jsonl").open("a") as f:
+            f.write(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "more"}]}) + "\n")  # fmt: skip
+        for name in ("changed", "grown"):
+            assert (await client.post(f"/jobs/{name}/start")).status_code == 200
+        failed = await wait_job(client, "changed", lambda j: j["status"] in ("failed", "completed"))
+        assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
+        assert f"data_path {roots / 'changed.jsonl'} changed since the job was created" in failed["error_message"]
+        assert "must be a file inside DATA_ROOTS" in failed["error_message"] and failed["started_at"] is None
+        assert (await wait_job(client, "grown", lambda j: j["status"] in ("failed", "completed")))["status"] == \
+            "completed"  # fmt: skip
+
+
 async def test_a_job_whose_folder_links_redis_is_slow_to_tell_of_waits_for_the_next_pass(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,18 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from application.auth import USER, Caller
 from application.config import Settings
-from application.exceptions import Unavailable
+from application.exceptions import Invalid, Unavailable
 from application.models.training_model import Job
 from application.services.files import UPLOADS_DIR, FileStore
 from application.services.job_store import JobStore
-from application.services.path_sandbox import Guard, all_of, real_output_root, relinked_folder, relinked_input
+from application.services.media_refs import check_media, media_columns
+from application.services.path_sandbox import (
+    Guard,
+    all_of,
+    real_output_root,
+    relinked_folder,
+    relinked_input,
+    without_sample,
+)
 from application.services.preflight import own_files
 from application.services.swift_arguments import DATA_ARGUMENTS, MODEL_ARGUMENTS
+
+# A data file's modification time is the file system's clock, the create's this server's: a file written this
+# little before the create is read again too.
+CLOCK_SLACK = 2.0
 
 
 def local_inputs(job: Job, base_model: bool = False) -> list[tuple[str, str, bool]]:
@@ -75,11 +89,18 @@ class InputGuards:
         except Unavailable as exc:
             return f"the links in the job's model folder could not be checked: {exc.detail}"
 
-    async def folders_moved(self, inputs: list[tuple[str, str, bool]], guard: Guard | None) -> str | None:
-        """`relinked_folder` in a worker thread. Unavailable when whose folder a link leads into could not be read
-        in time: a run does not start unchecked, nor fails for a slow Redis (its job waits for the next pass)."""
+    async def folders_moved(self, job: Job, inputs: list[tuple[str, str, bool]], guard: Guard | None) -> str | None:
+        """`relinked_folder`, then `remedia` of the data files changed since the job's create, in a worker thread.
+        Unavailable when whose folder a path leads into could not be read in time: a run does not start
+        unchecked, nor fails for a slow Redis (its job waits for the next pass)."""
         data, models, _, _ = self.roots
-        return await asyncio.to_thread(relinked_folder, inputs, data, models, guard)
+        columns = media_columns(job.training.model_dump())
+
+        def check() -> str | None:
+            return relinked_folder(inputs, data, models, guard) or remedia(inputs, data, guard, columns,
+                                                                           job.created_at)  # fmt: skip
+
+        return await asyncio.to_thread(check)
 
     async def of_run(self, job: Job) -> tuple[list[tuple[str, str, bool]], Guard | None]:
         """What a run of the job reads, and the guard to check it with. A quantized export's job reads its parent's
@@ -100,3 +121,25 @@ def inputs_moved(inputs: list[tuple[str, str, bool]],
     """Why one of the inputs now leads where its create would not have let it (None when none does). Blocking:
     in a worker thread (`guard` may read Redis through the event loop)."""
     return relinked_input(inputs, *roots) or relinked_folder(inputs, roots[0], roots[1], guard)
+
+
+def remedia(inputs: list[tuple[str, str, bool]], roots: tuple[Path, ...], guard: Guard | None,
+            columns: tuple[str, ...], since: float) -> str | None:  # fmt: skip
+    """Why a data file written since `since` (its job's create) now names media its create would have refused
+    (a path out of DATA_ROOTS, another owner's upload): swift opens what a row names. Only a changed file is read
+    again (a scan costs what the create's did). Blocking."""
+    for field, value, data in inputs:
+        path = without_sample(value)
+        if not data or not os.path.isabs(path):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # gone: swift says so, as it would have before
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime < since - CLOCK_SLACK:
+            continue
+        try:
+            check_media(field, Path(path), roots, guard, columns)
+        except Invalid as exc:
+            return f"{field} {path} changed since the job was created: {exc.detail}"
+    return None

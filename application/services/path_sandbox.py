@@ -46,6 +46,13 @@ _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _MODEL_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}$")
 _DATA_HUB_RE = re.compile(rf"^{_NAME}/{_NAME}(?::{_NAME}(?:/{_NAME})*)?(?:#\d{{1,12}})?$")
 _SAMPLE_RE = re.compile(r"#(\d{1,12})$")
+
+
+def without_sample(value: str) -> str:
+    """A data set's stored value without its `#N` sample count: the path itself."""
+    return _SAMPLE_RE.sub("", value)
+
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
 # A name that ends like a file is a relative path, not a hub id ("team/train.jsonl").
 _FILE_LIKE = (*DATA_SUFFIXES, ".txt", ".parquet", ".tsv", ".arrow")
@@ -337,7 +344,7 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
     # An owned area that moved, a link left at its old place (as configured): the same path under it is the same file.
     moved = [(Path(os.path.abspath(o)), r) for o, r in zip(owned, real_owned, strict=True)]
     for field, value, data in inputs:
-        path = _SAMPLE_RE.sub("", value) if data else value
+        path = without_sample(value) if data else value
         if not os.path.isabs(path):
             continue  # a hub id
         stored = os.path.normpath(path)
@@ -358,7 +365,7 @@ def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequenc
     have refused: out of its roots, or (`guard`, the create's) into another owner's files; made since, the run
     would load what it leads to. None when none does. Blocking: just before a run."""
     for field, value, data in inputs:
-        path = _SAMPLE_RE.sub("", value) if data else value
+        path = without_sample(value) if data else value
         if not os.path.isabs(path) or not os.path.isdir(path):
             continue  # a hub id, or a file (relinked_input's)
         try:

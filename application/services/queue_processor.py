@@ -331,12 +331,12 @@ class QueueProcessor:
                                         fields={"error_message": error, "error_code": "output_dir"},
                                         message=f"training failed: {error}")  # fmt: skip
             return False
-        # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots)
-        # had the run read what it leads to (a hunt). Before its GPUs are taken: a Redis too slow to tell whose
-        # folder a link leads into leaves the job queued.
+        # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
+        # or media a data file names since, had the run read what they lead to (a hunt). Before its GPUs are
+        # taken: a Redis too slow to tell whose folder a path leads into leaves the job queued.
         inputs, guard = await self._inputs.of_run(job)
         try:
-            moved = await self._inputs.folders_moved(inputs, guard)
+            moved = await self._inputs.folders_moved(job, inputs, guard)
         except Unavailable as exc:
             logger.warning("job {} not started: its folders' links could not be checked ({})", job.job_id, exc.detail)
             return False
