@@ -445,24 +445,30 @@ def test_a_stream_that_keeps_closing_at_once_is_given_up(clock: Clock) -> None:
     assert 60 <= clock.now - 1000 <= 70
 
 
+class SilentUntilReadTimeout(httpx.SyncByteStream):
+    """A stream that opens, says nothing, and times out the client's read (the test clock moved on that long)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def __iter__(self) -> Iterator[bytes]:
+        from application.cli.client import STREAM_READ_TIMEOUT
+
+        self.clock.now += STREAM_READ_TIMEOUT
+        raise httpx.ReadTimeout("timed out")
+        yield b""  # (a generator)
+
+
 def test_a_stream_whose_heartbeats_are_further_apart_than_the_read_timeout_is_followed_on(clock: Clock) -> None:
     # STREAM_HEARTBEAT_SECONDS may be up to 300 s: a stream that said nothing before the client's 60 s read timed
     # out counted as a server that could not serve it, and `logs -f` / `watch` gave up (exit 3) after two (a hunt).
-    from application.cli.client import STREAM_READ_TIMEOUT
-
     calls: list[int] = []
     sse = {"content-type": "text/event-stream"}
-
-    class Silent(httpx.SyncByteStream):
-        def __iter__(self) -> Iterator[bytes]:
-            clock.now += STREAM_READ_TIMEOUT
-            raise httpx.ReadTimeout("timed out")
-            yield b""  # (a generator)
 
     def server(request: httpx.Request) -> httpx.Response:
         calls.append(1)
         if len(calls) < 6:
-            return httpx.Response(200, headers=sse, stream=Silent())
+            return httpx.Response(200, headers=sse, stream=SilentUntilReadTimeout(clock))
         return httpx.Response(200, headers=sse, content=b'event: end\ndata: {"status": "completed"}\n\n')
 
     with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
@@ -476,14 +482,8 @@ def test_a_stream_that_stays_open_and_says_nothing_is_given_up_past_the_longest_
     from application.cli.client import STREAM_READ_TIMEOUT
     from application.cli.sse import SILENCE_SECONDS
 
-    class Silent(httpx.SyncByteStream):
-        def __iter__(self) -> Iterator[bytes]:
-            clock.now += STREAM_READ_TIMEOUT
-            raise httpx.ReadTimeout("timed out")
-            yield b""  # (a generator)
-
     def server(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Silent())
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=SilentUntilReadTimeout(clock))
 
     with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
         list(follow(api, "/jobs/job/logs/stream"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ class InputGuards:
     def of(cls, settings: Settings, store: JobStore) -> InputGuards:
         return cls(settings, store, FileStore(settings, store.r, store.keys))
 
-    @property
+    @functools.cached_property
     def roots(self) -> tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard]:
         """DATA_ROOTS, MODEL_ROOTS, the areas of those whose files are their owners', the server's own files."""
         data = self.settings.data_roots()
@@ -71,7 +72,7 @@ class InputGuards:
     async def of_job(self, job: Job) -> Guard | None:
         """What the job's create kept its paths from: the server's files; another owner's job folders and uploads
         for a user's job (an admin's may use anyone's)."""
-        own = own_files(self.settings)
+        own = self.roots[3]
         if not job.owner_checked or job.owner is None:
             return own
         owner = Caller(job.owner, USER)
