@@ -77,6 +77,25 @@ async def test_swift_started_by_a_runner_that_died_before_recording_its_pid_is_s
         assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
 
 
+async def test_a_running_record_this_version_cannot_read_does_not_stop_the_watch_over_the_others(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """One running job's record with a value a hand or another version wrote raised out of every sweep: no dead
+    runner of anyone's was noticed (its GPUs held for good), nor an export watched, nor an old job expired."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True) as client:
+        for name in ("odd", "early"):
+            await running_with_dead_runner(client, tmp_path, name)
+        store = client.scheduler.store
+        await store.r.hset(store.keys.job("odd"), "num_gpus", json.dumps("one"))
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/early")).json()
+        assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+        # Left as it is, for its owner or an operator to delete: this version cannot tell how its run stands.
+        assert json.loads(await store.r.hget(store.keys.job("odd"), "status")) == "running"
+        await client.scheduler.watchdog.sweep()
+
+
 async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_then_runs(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -137,6 +137,8 @@ class JobStore(JobLog, QueueView):
         return bool(await self.r.exists(self.keys.job(job_id)))
 
     async def get_many(self, job_ids: Iterable[str]) -> list[Job]:
+        """The jobs whose records exist and this version can read (a value written by hand or by another
+        version: skipped, as a sweep over many jobs must go on past it; `get` raises on it)."""
         ids = list(job_ids)
         if not ids:
             return []
@@ -144,7 +146,12 @@ class JobStore(JobLog, QueueView):
             for job_id in ids:
                 pipe.hgetall(self.keys.job(job_id))
             raws = await pipe.execute()
-        return [decode_job(raw) for raw in raws if raw]
+        jobs = []
+        for raw in raws:
+            if raw:
+                with contextlib.suppress(ValueError):
+                    jobs.append(decode_job(raw))
+        return jobs
 
     async def get_field(self, job_id: str, name: str) -> Any:
         raw = await self.r.hget(self.keys.job(job_id), name)

@@ -112,6 +112,7 @@ class Watchdog:
         self.host = socket.gethostname()
         self._last_retention = 0.0
         self.files = FileStore(settings, store.r, store.keys)
+        self._unreadable: set[str] = set()  # running jobs whose records this version cannot read (warned once)
         # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
         self._silent: dict[str, float] = {}
         self._hung: dict[str, str] = {}
@@ -136,6 +137,12 @@ class Watchdog:
             if await self.store.forget_lost(lost):  # (its runner stops swift: the job is not its any more)
                 logger.warning("running job {}'s record is gone (evicted by Redis, or deleted by hand): its GPUs "
                                "are free again", lost)  # fmt: skip
+            elif lost not in self._unreadable:
+                self._unreadable.add(lost)
+                logger.warning("running job {}'s record cannot be read by this version (a value written by hand or "
+                               "by another version): its runner is not watched until it is mended or the job is "
+                               "deleted", lost)  # fmt: skip
+        self._unreadable &= set(ids)
         beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
             if not self._runner_alive(job, beat):
