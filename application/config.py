@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     # Uploads one key may have in progress at once, over all API workers (429 beyond; 0: no limit): the quota can
     # only count a file once it is whole, so this bounds what one key's uploads hold on disk meanwhile.
     UPLOADS_PER_OWNER: int = Field(4, ge=0, le=10_000)
+    # An upload whose client sends nothing for this long is ended (408, its partial file removed): stalled, it
+    # would keep its socket and partial file, and its slot (which lapses) would let the key open more.
+    UPLOAD_IDLE_SECONDS: float = Field(30.0, ge=1, le=3600)
     # Artifact downloads one key may have in progress at once, over all API workers (429 beyond; 0: no limit).
     DOWNLOADS_PER_OWNER: int = Field(8, ge=0, le=10_000)
 

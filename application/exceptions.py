@@ -79,6 +79,10 @@ class InsufficientStorage(ApiError):
     status_code = 507
 
 
+class RequestTimeout(ApiError):
+    status_code = 408
+
+
 class TooMany(ApiError):
     status_code = 429
 

@@ -376,21 +376,27 @@ async def test_a_new_job_that_reuses_a_deleted_jobs_id_does_not_hold_the_old_job
         assert refused.status_code == 409 and "exp" in refused.json()["detail"], refused.text
 
 
-def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Callable[..., ApiServer],
-                                                            redis_url: str) -> None:  # fmt: skip
-    server = server_factory(env={"API_KEYS": KEYS_SETTING, "UPLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
+def multipart_upload(key: str, filename: str = "slow.jsonl") -> tuple[bytes, bytes]:
+    """A raw upload request of VALID: its head, and its body."""
     boundary = "b0undary"
     body = (
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
         + VALID
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    head = (f"POST /api/v1/training/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE_KEY}\r\n"
+    head = (f"POST /api/v1/training/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()  # fmt: skip
+    return head, body
+
+
+def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Callable[..., ApiServer],
+                                                            redis_url: str) -> None:  # fmt: skip
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "UPLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
+    head, body = multipart_upload(ALICE_KEY)
     slots = redis.Redis.from_url(redis_url, decode_responses=True)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow, slots:
         slow.sendall(head + body[:100])  # an upload in progress: the rest of its body comes later
@@ -406,6 +412,38 @@ def test_one_key_has_at_most_uploads_per_owner_in_progress(server_factory: Calla
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
     assert upload(server, VALID).status_code == 201  # the slot came back with the end of the first
+
+
+def test_a_stalled_upload_is_ended_before_its_slot_could_lapse(server_factory: Callable[..., ApiServer],
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """An upload whose client stopped sending kept its socket and partial file for ever, and its slot lapsed
+    after a minute: one key could hold any number of partial uploads on disk, past UPLOADS_PER_OWNER."""
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "UPLOADS_PER_OWNER": "1", "UPLOAD_IDLE_SECONDS": "2"})
+    head, body = multipart_upload(ALICE_KEY)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        slow.sendall(head + body[: len(body) // 2])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"UPLOAD_IDLE_SECONDS" in answer, answer
+    assert stored_files(tmp_path) == []  # its partial file removed
+    assert upload(server, VALID).status_code == 201  # and its slot given back
+    # Sent on at a steady pace, however slowly in all, it is not idle.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as steady:
+        steady.sendall(head)
+        for start in range(0, len(body), len(body) // 4 + 1):
+            steady.sendall(body[start : start + len(body) // 4 + 1])
+            time.sleep(0.3)
+        answer = steady.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+
+
+def test_a_file_name_as_browsers_and_curl_escape_it_is_shown_as_it_was(server: ApiServer) -> None:
+    # curl, httpx and browsers write '"' as %22 (and line ends as %0D%0A) in a multipart file name: it was shown as
+    # `my data %22x%22.jsonl`.
+    r = server.http.post("/files", files={"file": ('my data "x".jsonl', VALID, "application/octet-stream")})
+    assert r.status_code == 201 and r.json()["filename"] == 'my data "x".jsonl', r.text
 
 
 async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_their_uploads(

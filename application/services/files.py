@@ -43,7 +43,7 @@ from application.services.path_sandbox import all_of, real_output_root
 from application.services.preflight import own_files
 from application.services.redis_service import REDIS_AWAY
 from application.services.upload_refs import ACTIVE_STATUSES, FILE_REF, UploadRefs, owner_folder
-from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload
+from application.services.upload_stream import ReceivedUpload, off_loop, receive_upload, until_idle
 
 SUFFIXES = (".jsonl", ".json", ".csv")  # what check_dataset reads
 RETRY = {"Retry-After": "5"}
@@ -78,6 +78,7 @@ class FileStore(UploadRefs):
         """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind. At most
         UPLOADS_PER_OWNER of one key's at once (429)."""
         slot = await self.slots.take(caller.name)
+        chunks = until_idle(chunks, self.settings.UPLOAD_IDLE_SECONDS)
         if slot is None:
             return await self._upload(chunks, content_type, content_length, caller)
         try:

@@ -30,8 +30,8 @@ from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
 ANONYMOUS_BUCKET = "-"
-# An upload's or download's slot lapses when no chunk has passed for this long (it is renewed as they pass).
-UPLOAD_SLOT_SECONDS = 60.0
+# A download's slot lapses when no chunk has passed for this long (it is renewed as they pass); an upload's
+# lasts twice UPLOAD_IDLE_SECONDS, so that a stalled upload is ended before its slot can lapse.
 DOWNLOAD_SLOT_SECONDS = 60.0
 T = TypeVar("T")
 
@@ -124,7 +124,8 @@ def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> Owne
 
 
 def upload_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
-    return OwnerSlots(client, keys.open_uploads, cap=settings.UPLOADS_PER_OWNER, ttl=UPLOAD_SLOT_SECONDS,
+    return OwnerSlots(client, keys.open_uploads, cap=settings.UPLOADS_PER_OWNER,
+                      ttl=2 * settings.UPLOAD_IDLE_SECONDS,
                       setting="UPLOADS_PER_OWNER", what="uploads in progress",
                       advice="wait for one to finish")  # fmt: skip
 

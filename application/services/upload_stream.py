@@ -20,7 +20,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from application.exceptions import ApiError, Invalid, TooLarge, UnsupportedMediaType
+from application.exceptions import ApiError, Invalid, RequestTimeout, TooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -44,14 +44,36 @@ class ReceivedUpload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
+# How browsers, curl and httpx write these three in a multipart file name (HTML's form encoding, RFC 7578 4.2).
+_FORM_ESCAPES = {"%22": '"', "%0A": "\n", "%0D": "\r", "%0a": "\n", "%0d": "\r"}
+
+
 def display_name(raw: str) -> str:
     """The client's file name without any folder part or unprintable character, at most FILENAME_MAX_CHARS."""
+    for escaped, char in _FORM_ESCAPES.items():
+        raw = raw.replace(escaped, char)
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable()).strip()
     if len(name) > FILENAME_MAX_CHARS:
         suffix = suffix_of(name)[:16]
         name = name[: FILENAME_MAX_CHARS - len(suffix)] + suffix
     return name or "upload"
+
+
+async def until_idle(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """`chunks`, ended with a 408 when none comes for `seconds` (UPLOAD_IDLE_SECONDS): a stalled upload held its
+    socket and partial file for as long as its client liked, and its lapsed slot let the key open more."""
+    it = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                chunk = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"nothing of the upload came for {seconds:g} s (UPLOAD_IDLE_SECONDS): it was "
+                                 "ended; send it again") from None  # fmt: skip
+        yield chunk
 
 
 def suffix_of(name: str) -> str:
