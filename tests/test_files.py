@@ -439,6 +439,22 @@ def test_a_stalled_upload_is_ended_before_its_slot_could_lapse(server_factory: C
     assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
 
 
+def test_an_owners_uploads_folder_that_is_a_link_out_of_the_uploads_folder_is_not_followed(
+    server_factory: Callable[..., ApiServer], tmp_path: Path
+) -> None:
+    """A link planted as uploads/bob (by anyone who may write in the data root) led bob's uploads out of the
+    uploads folder, where nothing kept them his: other keys trained on them, and a delete ignored his jobs."""
+    shared = tmp_path / "shared" / "bobx"
+    shared.mkdir(parents=True)
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "uploads" / "bob").symlink_to(shared)
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    r = upload(server, VALID, key=BOB_KEY)
+    assert r.status_code == 507 and "is a link out of the uploads folder" in r.json()["detail"], r.text
+    assert list(shared.iterdir()) == []
+    assert upload(server, VALID).status_code == 201  # another owner's folder is no concern of it
+
+
 def test_a_file_name_as_browsers_and_curl_escape_it_is_shown_as_it_was(server: ApiServer) -> None:
     # curl, httpx and browsers write '"' as %22 (and line ends as %0D%0A) in a multipart file name: it was shown as
     # `my data %22x%22.jsonl`.

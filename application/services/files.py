@@ -93,9 +93,17 @@ class FileStore(UploadRefs):
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
             # Resolved, as the path sandbox resolves a job's data_path: the stored path is the one jobs record.
             folder = await asyncio.to_thread(folder.resolve)
+            uploads = Path(await asyncio.to_thread(os.path.realpath, self.root))
         except OSError as exc:
             raise InsufficientStorage(f"uploads cannot be stored in {folder} ({exc.strerror}): the first "
                                       "DATA_ROOTS folder must be writable") from None  # fmt: skip
+        if folder != uploads / owner_folder(caller.name):
+            # A link put there (by anyone who may write in the data root) led the owner's uploads out of the
+            # uploads folder, where nothing keeps them the owner's: other keys could train on them.
+            logger.warning("uploads of {} refused: {} leads to {}, out of the uploads folder", caller.name,
+                           self.root / owner_folder(caller.name), folder)  # fmt: skip
+            raise InsufficientStorage(f"uploads cannot be stored: {self.root / owner_folder(caller.name)} is a link "
+                                      "out of the uploads folder; an operator must remove it")  # fmt: skip
         file_id = "file-" + secrets.token_hex(12)
         # Marked before its first byte: whatever a crash from here on leaves, the orphan sweep finds.
         marker = str(folder / file_id)
