@@ -440,6 +440,22 @@ async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> No
     assert (await store.get("r")).predicted_duration == PredictedDuration()  # type: ignore[union-attr]
 
 
+async def test_a_priority_change_and_a_prediction_landing_together_each_keep_the_other(store: JobStore) -> None:
+    # The priority change rewrote the whole queue entry from the job as its caller read it: a prediction the
+    # scheduler set in between was lost (GET /queue showed no duration, backfill took the job as unknown); and
+    # the prediction's rewrite rounded the submission time to 14 digits.
+    created = 1796439622.7939234
+    await store.create(make_job("q", JobStatus.QUEUED, created=created), message="created", actor="t")
+    stale = await require(store, "q")
+    assert await store.set_predictions({"q": PredictedDuration(seconds=123.5, source="plan")}) == 1
+    await store.reprioritize(stale, 7, actor="t")
+    [(_, meta)] = await store.queue_window(0, 5)
+    assert (meta.priority, meta.estimated_duration, meta.submitted_at) == (7, 123.5, created)
+    assert await store.set_predictions({"q": PredictedDuration(seconds=60.0, source="plan")}) == 1
+    [(_, meta)] = await store.queue_window(0, 5)
+    assert (meta.priority, meta.estimated_duration, meta.submitted_at) == (7, 60.0, created)
+
+
 async def test_create_answers_the_queue_position_of_a_queued_job(store: JobStore) -> None:
     now = time.time()
     assert await store.create(make_job("late", JobStatus.QUEUED, created=now), message="c", actor="t") == 1

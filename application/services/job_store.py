@@ -453,7 +453,8 @@ class JobStore(JobLog, QueueView):
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id, prediction in found.items():
                 await self._set_prediction(keys=[self.keys.job(job_id)], args=[script_arg({
-                    "id": job_id, "predicted": prediction.model_dump_json(), "seconds": prediction.seconds,
+                    "id": job_id, "predicted": prediction.model_dump_json(),
+                    "seconds": encode_value(prediction.seconds),
                     "k": {"queue_meta": self.keys.queue_meta, "summary": self.keys.job_summary(job_id)},
                 })], client=pipe)  # fmt: skip
             return sum(int(n) for n in await pipe.execute())

@@ -450,7 +450,11 @@ redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
 refresh_summary(k.summary)
 if cur == 'queued' then
   redis.call('ZADD', k.queue, a.score, a.id)
-  redis.call('HSET', k.queue_meta, a.id, a.meta)
+  -- The priority is the entry's first item: changed in place, so that a prediction the scheduler set since the
+  -- caller read the job is not undone.
+  local raw = redis.call('HGET', k.queue_meta, a.id)
+  local rest = raw and string.find(raw, ',', 1, true)
+  redis.call('HSET', k.queue_meta, a.id, rest and ('[' .. a.priority .. string.sub(raw, rest)) or a.meta)
   redis.call('PUBLISH', k.wakeup, a.id)
 end
 add_event(k.events, a.event)
@@ -458,9 +462,9 @@ return {'ok', cur}
 """
 )
 
-# A prediction found for a job that waits: on the job, and in its queue entry's meta (index 6, estimated
-# duration, changed in place so a concurrent priority change is not undone). a: id, predicted, seconds,
-# k {queue_meta, summary}
+# A prediction found for a job that waits: on the job, and in its queue entry's meta (its 6th item of 7, the
+# estimated duration, changed in place so a concurrent priority change is not undone). a: id, predicted,
+# seconds (encoded), k {queue_meta, summary}
 SET_PREDICTION = (
     _HELPERS
     + """
@@ -469,10 +473,12 @@ if cur ~= 'pending' and cur ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'predicted_duration', a.predicted, 'queued_prediction', a.predicted)
 refresh_summary(a.k.summary)
 local raw = redis.call('HGET', a.k.queue_meta, a.id)
-if raw then
-  local m = cjson.decode(raw)
-  m[6] = a.seconds
-  redis.call('HSET', a.k.queue_meta, a.id, cjson.encode(m))
+-- Between the last two commas (the 7th item, the owner, is a key name or null: no comma), the rest kept as
+-- written: cjson would write the submission time again rounded to 14 digits.
+local last = raw and string.find(raw, ',[^,]*$')
+local before = last and string.find(string.sub(raw, 1, last - 1), ',[^,]*$')
+if before then
+  redis.call('HSET', a.k.queue_meta, a.id, string.sub(raw, 1, before) .. a.seconds .. string.sub(raw, last))
 end
 return 1
 """
