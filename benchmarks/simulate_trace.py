@@ -149,6 +149,7 @@ def simulate(
     passes = 0
     pass_seconds = 0.0
     head: Head | None = None
+    head_since: dict[str, float] = {}
 
     def prediction_for(j: TraceJob) -> float | None:
         if mode.knowledge == "oracle":
@@ -205,9 +206,13 @@ def simulate(
             pass_seconds += time.perf_counter() - t0
             passes += 1
             starts = decision.starts
-        kept = next_head(head, decision.head, t) if mode.policy != "easy" else None
+        # As the queue processor keeps it: each job's clock is its own until it starts.
+        kept = next_head(head, decision.head, t, head_since.get(decision.head or "")) if mode.policy != "easy" else None
+        if kept is not None:
+            head_since.setdefault(*kept)
         if kept != head and kept is not None and 0.0 < mode.starvation < math.inf:
-            heapq.heappush(events, (kept[1] + mode.starvation, WAKE, kept[0]))  # its reservation then binds all
+            # (its reservation then binds all)
+            heapq.heappush(events, (max(t, kept[1] + mode.starvation), WAKE, kept[0]))
         head = kept
         if not starts:
             continue
@@ -215,6 +220,7 @@ def simulate(
             jid = st.job_id
             running[jid] = (st.gpu_ids, t)
             started[jid] = t
+            head_since.pop(jid, None)
             heapq.heappush(events, (t + runtime[jid], END, jid))
             if mode.knowledge in ("predicted", "progress") and runtime[jid] > progress_after:
                 heapq.heappush(events, (t + progress_after, PROGRESS, jid))

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from application.models.job_request import TrainingParams
 from application.models.job_responses import JobSummary
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
+from application.services.cluster_store import ClusterStore
 from application.services.job_codec import event_payload
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
@@ -275,6 +276,24 @@ async def test_the_starvation_clock_of_a_head_ends_with_its_stint_in_the_queue(s
     await store.r.set(head, json.dumps(["y", 100.0]))
     await store.delete("y")
     assert await store.r.get(head) is None
+
+
+async def test_each_waiting_job_keeps_its_own_starvation_clock_until_it_leaves_the_queue(store: JobStore) -> None:
+    cluster = ClusterStore(store.r, store.keys)
+    for job_id in ("big", "urgent", "gone"):
+        await store.create(make_job(job_id, status=JobStatus.QUEUED), message="", actor="t")
+    await cluster.set_queue_head(("big", 100.25))
+    await cluster.set_queue_head(("urgent", 110.5))  # ahead of it for a moment: its clock is its own
+    assert (await cluster.queue_head(), await cluster.head_since("big")) == (("urgent", 110.5), 100.25)
+    await store.transition("urgent", JobStatus.RUNNING)
+    assert (await cluster.queue_head(), await cluster.head_since("urgent")) == (None, None)
+    assert await cluster.head_since("big") == 100.25
+    await store.transition("big", JobStatus.CANCELLED)
+    assert await cluster.head_since("big") is None
+    # A head found by a pass that no longer waits when it is written (stopped meanwhile): nothing kept for it.
+    await store.delete("gone")
+    await cluster.set_queue_head(("gone", 120.0))
+    assert (await cluster.queue_head(), await cluster.head_since("gone")) == (None, None)
 
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:

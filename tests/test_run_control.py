@@ -587,6 +587,32 @@ async def test_a_victim_does_not_take_back_the_gpu_it_freed_while_the_other_vict
         assert [e["type"] for e in events].count("preempted") == 1, events
 
 
+async def test_a_gpu_freed_for_a_job_is_not_taken_by_another_of_its_priority_while_the_other_victim_stops(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The first victim stopped at once, and a job of the head's priority with no prediction took the GPU it
+    freed (a young head's reservation bound only known durations): the head waited for that job as well, and
+    on more GPUs the next pass preempted yet another run for it."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(**PREEMPTING_2_GPUS) as client:
+        for name, priority, ignore_sigterm in (("quick", 5, False), ("slow", 2, True)):
+            body = job_body(tmp_path, name, priority=priority, step_seconds=0.05, auto_start=True,
+                            training={"max_steps": 600, "save_steps": 5}, ignore_sigterm=ignore_sigterm)  # fmt: skip
+            assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        for name in ("quick", "slow"):
+            await wait_job(client, name, lambda j: (j["progress"]["current_step"] or 0) >= 6)
+        for name, gpus in (("big", 2), ("same", 1)):
+            body = job_body(tmp_path, name, priority=9, num_gpus=gpus, step_seconds=0.05, auto_start=True,
+                            training={"max_steps": 5})  # fmt: skip
+            assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
+        await wait_job(client, "big", lambda j: j["status"] in ("running", "completed"), timeout=30)
+        same = (await client.get("/jobs/same")).json()
+        assert same["status"] == "queued" and same["attempts"] == [], same
+        for name in ("big", "same"):
+            done = await wait_job(client, name, lambda j: j["status"] in ("completed", "failed"), timeout=60)
+            assert done["status"] == "completed", (name, done["error_message"])
+
+
 async def test_while_its_victim_stops_a_waiting_job_says_it_is_being_made_way_for(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -517,3 +517,11 @@ def test_a_head_stamped_in_the_future_counts_from_now() -> None:
     assert next_head(("a", NOW + 3600), None, NOW) == ("a", NOW)
     assert next_head(("a", NOW - 60), "a", NOW) == ("a", NOW - 60)
     assert next_head(("a", NOW - 60), "b", NOW) == ("b", NOW)
+    assert next_head(None, "b", NOW, since=NOW + 60) == ("b", NOW)
+
+
+def test_a_head_found_again_keeps_the_clock_it_started_before() -> None:
+    # A job ahead of it for a moment (a higher priority one) made a new head; back at the head, its clock
+    # restarted, and a stream of such jobs kept it from ever draining the GPUs.
+    assert next_head(("urgent", NOW - 5), "big", NOW, since=NOW - 600) == ("big", NOW - 600)
+    assert next_head(("big", NOW - 600), "big", NOW, since=NOW - 1) == ("big", NOW - 600)

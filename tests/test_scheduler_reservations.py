@@ -44,6 +44,7 @@ def simulate(
     }
     starts: dict[str, float] = {}
     head: scheduler.Head | None = None
+    head_since: dict[str, float] = {}  # as the store keeps it: each job's own, until it leaves the queue
     events: list[float] = [end for _, end in running]
     while t <= horizon:
         while pending and pending[-1][0] <= t:
@@ -65,13 +66,16 @@ def simulate(
             # As the queue processor does: the head and since when are kept from pass to pass.
             p = plan(queue, gpus, runs, policy_of(policy) if isinstance(policy, str) else policy, t,
                      estimating=False, head=head)  # fmt: skip
-            chosen, head = p.starts, next_head(head, p.head, t)
+            chosen, head = p.starts, next_head(head, p.head, t, head_since.get(p.head or ""))
+            if head is not None:
+                head_since.setdefault(*head)
         by_id = {j.job_id: j for j in queue}
         for s in chosen:
             j = by_id[s.job_id]
             end = t + durations[j.job_id]
             active[j.job_id] = (s.gpu_ids, end, None if j.estimated_duration is None else t + j.estimated_duration)
             starts[j.job_id] = t
+            head_since.pop(j.job_id, None)
             heapq.heappush(events, end)
         queue = [j for j in queue if j.job_id not in starts]
         if pending:
@@ -128,6 +132,23 @@ def test_starvation_fallback_is_first_fit_then_drains_for_the_big_job() -> None:
     assert len(before) >= 10
     assert 400.0 <= starts["big"] <= patience + 150.0
     assert len(starts) == len(arrivals)
+
+
+def test_starvation_clock_is_the_heads_own_and_not_restarted_by_a_job_briefly_ahead_of_it() -> None:
+    # The clock was one (id, since): a higher priority job waiting a moment at the head restarted it, and with
+    # one every 10 s the big job (unknown durations everywhere: only the starvation rule drains for it) never
+    # started while 1-GPU jobs of its own priority kept taking each freed GPU.
+    running = [(RunningJob(f"r{i}", (i,), None), 2.0 * (i + 1)) for i in range(4)]
+    arrivals = [(0.0, QueuedJob("big", 5, 0.0, 4, None, None, None), 50.0)]
+    for k in range(150):
+        at = 0.5 + 2.0 * k
+        arrivals.append((at, QueuedJob(f"s{k:03d}", 5, at, 1, None, None, None), 8.0))
+    for k in range(30):
+        at = 5.0 + 10.0 * k
+        arrivals.append((at, QueuedJob(f"x{k:02d}", 6, at, 1, None, None, None), 3.0))
+    starts = simulate(policy_of(starvation_seconds=15.0), arrivals, running, n_gpus=4, horizon=2000.0)
+    # At the head from the start: 15 s, then the longest run still going (8 s), then a pass.
+    assert starts["big"] <= 15.0 + 8.0 + 1.0, starts["big"]
 
 
 def test_starvation_young_reservation_still_binds_known_estimates() -> None:
@@ -187,6 +208,23 @@ def test_a_gpu_backfilled_under_a_reservation_is_planned_free_only_after_the_res
     p = plan(queue, gpus, [RunningJob("r0", (0, 1), 10.0)], policy_of(), NOW)
     assert [s.job_id for s in p.starts] == ["fill"]
     assert p.waits == {"big": 10.0, "fill": 0.0, "pair": 20.0}
+
+
+def test_a_head_that_runs_are_preempted_for_holds_the_gpus_they_free() -> None:
+    # "head" (young: its reservation soft for its own priority) preempted "v0" and "v1"; "v0" stopped at once,
+    # and "same" (its priority, no estimate) took v0's GPU: the next pass preempted a third run for "head".
+    policy = policy_of(starvation_seconds=1e9)
+    gpus = [gpu(0), gpu(1, held="v1"), gpu(2, held="r2"), gpu(3, held="r3")]
+    making_way = [RunningJob("v1", (1,), 0.0, ending=True, making_way_for="head"),
+                  *(RunningJob(f"r{i}", (i,), None) for i in (2, 3))]  # fmt: skip
+    queue = ordered(job("head", priority=9, t=0.0, n=2), job("same", priority=9, t=1.0))
+    p = plan(queue, gpus, making_way, policy, NOW, estimating=False, head=("head", NOW))
+    assert p.starts == [] and p.head == "head"
+    # Made way for another job (or for none): young, it binds only the known, and "same" takes the free GPU.
+    for other in ("someone", None):
+        running = [RunningJob("v1", (1,), 0.0, ending=True, making_way_for=other), *making_way[1:]]
+        p = plan(queue, gpus, running, policy, NOW, estimating=False, head=("head", NOW))
+        assert p.starts == [Start("same", (0,))]
 
 
 def test_an_overrunning_job_counts_as_ending_any_moment() -> None:

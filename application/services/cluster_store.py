@@ -113,6 +113,7 @@ class ClusterStore(WebhookQueue):
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
         self._release_export_targets = client.register_script(lua_cluster.RELEASE_EXPORT_TARGETS)
         self._restart_hold = client.register_script(lua_cluster.RESTART_HOLD)
+        self._set_head = client.register_script(lua_cluster.SET_HEAD)
 
     # ---- the leader lock -----------------------------------------------------------------------------
 
@@ -276,7 +277,13 @@ class ClusterStore(WebhookQueue):
                 "ended": [json.dumps(s.value) for s in TERMINAL_STATUSES]})])  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
-        await self.r.set(self.keys.queue_head, json.dumps(list(head)))
+        k = self.keys
+        await self._set_head(keys=[k.queue, k.queue_head, k.head_since], args=[head[0], repr(head[1])])
+
+    async def head_since(self, job_id: str) -> float | None:
+        """Since when `job_id` has been the head at times, in its present stint in the queue (None: never)."""
+        raw = await self.r.hget(self.keys.head_since, job_id)
+        return float(raw) if raw else None
 
     async def put_swift_info(self, info: Mapping[str, Any], probe: Mapping[str, Any] | None) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

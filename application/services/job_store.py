@@ -375,7 +375,8 @@ class JobStore(JobLog, QueueView):
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
                       "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
                       "webhooks": k.webhooks, "webhooks_global": k.webhooks_global,
-                      "owner_status": mine, "queued_since": k.queued_since, "queue_head": k.queue_head},
+                      "owner_status": mine, "queued_since": k.queued_since, "queue_head": k.queue_head,
+                      "head_since": k.head_since},
             })])  # fmt: skip
             if res[0] == "ok":
                 return JobStatus(res[1])
@@ -402,7 +403,8 @@ class JobStore(JobLog, QueueView):
                   "sent": k.job_sent(job_id), "output_dirs": k.output_dirs,
                   "queue": k.queue, "queue_meta": k.queue_meta, "leases": k.gpu_leases, "expiry": k.expiry,
                   "exporting": k.exporting, "status": every, "owner_status": mine, "queued_since": k.queued_since,
-                  "queue_head": k.queue_head, "upload_users": [k.file_users(f) for f in uploads],
+                  "queue_head": k.queue_head, "head_since": k.head_since,
+                  "upload_users": [k.file_users(f) for f in uploads],
                   "webhooks": k.webhooks, "webhooks_global": k.webhooks_global},
         })])  # fmt: skip
         if res[0] != "ok":
@@ -425,6 +427,7 @@ class JobStore(JobLog, QueueView):
             "id": job_id, "output_dir": folder if isinstance(folder, str) else None, "k": {
                 "all": k.jobs_index, "status": every, "queue": k.queue, "queue_meta": k.queue_meta,
                 "queued_since": k.queued_since, "leases": k.gpu_leases, "queue_head": k.queue_head,
+                "head_since": k.head_since,
                 "expiry": k.expiry, "exporting": k.exporting, "summary": k.job_summary(job_id),
                 "owner_all": k.owner_index(owner) if owner is not None else None, "owner_status": mine,
                 "output_dirs": k.output_dirs}})]))  # fmt: skip

@@ -176,6 +176,12 @@ class Keys:
         return self._k("queue", "head")
 
     @property
+    def head_since(self) -> str:
+        """Hash job id -> since when it has been the head at times in its present stint in the queue: the
+        starvation rule's clock is the job's, not restarted by a job briefly ahead of it."""
+        return self._k("queue", "head_since")
+
+    @property
     def wakeup_channel(self) -> str:
         """Pub/sub channel: anything that may let a queued job start (the leading scheduler wakes at once)."""
         return self._k("queue", "wakeup")

@@ -61,11 +61,12 @@ local function release_leases(leases, id)
     if held[i + 1] == id then redis.call('HDEL', leases, held[i]) end
   end
 end
-local function forget_head(head_key, id)
+local function forget_head(k, id)
   -- The starvation rule's clock belongs to the job that waited: a later stint in the queue (or a later job
   -- given the same id) starts its own.
-  local raw = redis.call('GET', head_key)
-  if raw and cjson.decode(raw)[1] == id then redis.call('DEL', head_key) end
+  redis.call('HDEL', k.head_since, id)
+  local raw = redis.call('GET', k.queue_head)
+  if raw and cjson.decode(raw)[1] == id then redis.call('DEL', k.queue_head) end
 end
 local function leave_queue_and_sweeps(k, id)
   -- A job whose record goes: out of the queue and of what the watchdog sweeps (retention, exports).
@@ -74,7 +75,7 @@ local function leave_queue_and_sweeps(k, id)
   redis.call('HDEL', k.queue_meta, id)
   redis.call('ZREM', k.expiry, id)
   redis.call('SREM', k.exporting, id)
-  forget_head(k.queue_head, id)
+  forget_head(k, id)
 end
 local function queue_webhook(k, id, event, from, at, ev, message)
   -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, the
@@ -199,7 +200,7 @@ return {'ok'}
 # event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil, cap|nil (the owner's
 # pending + queued jobs a move into the queue may not reach), refuse_export|nil (export statuses that refuse it),
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
-#     owner_status {s: key}|nil, queue_head}
+#     owner_status {s: key}|nil, queue_head, head_since}
 TRANSITION = (
     _HELPERS
     + """
@@ -258,7 +259,7 @@ else
   redis.call('ZREM', k.queue, id)
   redis.call('ZREM', k.queued_since, id)
   redis.call('HDEL', k.queue_meta, id)
-  if cur == 'queued' then forget_head(k.queue_head, id) end
+  if cur == 'queued' then forget_head(k, id) end
 end
 if a.terminal then
   free_output_dir(k.output_dirs, id)
@@ -328,8 +329,8 @@ return 1
 # Remove a job's record and every index entry, unless its status is in `refuse` or its export runs; a job whose
 # status is in `unended` is notified of as `job_deleted` (no status of it ever will be).
 # a: id, refuse, unended, now, k: {all, owner_all|nil, events, history, summary, output_dirs, queue, queue_meta,
-# leases, expiry, exporting, status {s: key}, owner_status|nil, queue_head, upload_users (Keys.file_users of its
-# uploads), webhooks, webhooks_global}
+# leases, expiry, exporting, status {s: key}, owner_status|nil, queue_head, head_since, upload_users
+# (Keys.file_users of its uploads), webhooks, webhooks_global}
 DELETE = (
     _HELPERS
     + """
@@ -361,7 +362,7 @@ return {'ok', cur}
 # of the queue, whose plan gave it GPUs pass after pass, and out of the running index, whose GPUs stayed leased to
 # it. Nothing while the record exists. a: id, output_dir|nil, k: {all, status (every status index), owner_all|nil,
 # owner_status|nil (the owner's, when its summary named one), output_dirs, queue, queue_meta, queued_since,
-# leases, queue_head, expiry, exporting, summary}.
+# leases, queue_head, head_since, expiry, exporting, summary}.
 FORGET_LOST = (
     _HELPERS
     + """

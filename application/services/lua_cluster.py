@@ -111,6 +111,15 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2]
 return 0
 """
 
+# The queue's head, and since when it is (kept as the job's own until it leaves the queue: the store's scripts drop
+# it then), while it is still queued: written for a job gone meanwhile, a later stint under its id would inherit
+# an old clock. KEYS: the queue, queue_head, head_since; ARGV: the id, since.
+SET_HEAD = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], '[' .. cjson.encode(ARGV[1]) .. ',' .. ARGV[2] .. ']')  -- (cjson: 14 digits)
+return redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2])
+"""
+
 # KEYS: the jobs index, Keys.folders_indexed. 1 when the folders are recorded, or with no job stored, when there
 # is no folder of an older version to record: the marker is set here, so that users' creates on a new install need
 # not wait for a scheduler's first start.

@@ -82,9 +82,10 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
             remaining = 0.0
         over = limit is not None and started is not None and now - float(started) >= float(limit)
         owner = json.loads(owner_raw) if owner_raw else None
+        way = json.loads(ending[0]) if ending[0] else None  # (preempt_for)
         running.append(RunningJob(job_id=job_id, gpu_ids=ids, remaining_seconds=remaining, owner=owner,
-                                  started_at=float(started) if started is not None else None,
-                                  ending=asked or over))  # fmt: skip
+                                  started_at=float(started) if started is not None else None, ending=asked or over,
+                                  making_way_for=way if isinstance(way, str) else None))  # fmt: skip
     return ClusterView(snapshot, gpu_states(snapshot, leases), running)
 
 

@@ -190,7 +190,9 @@ class QueueProcessor:
                 found = await self.planner.plan(view, head=head, wanted=(only or set()) | (wanted or set()))
                 starts = found.starts
                 head_id = found.head
-                kept = next_head(head, found.head, clock.now())
+                new = found.head is not None and (head is None or head[0] != found.head)
+                since = await self.cluster.head_since(found.head) if new and found.head else None
+                kept = next_head(head, found.head, clock.now(), since)
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
             started: list[str] = []

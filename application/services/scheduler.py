@@ -97,6 +97,7 @@ class RunningJob:
     started_at: float | None = None
     # Asked to stop, pause or make way, or past its time limit (its runner stops it): its GPUs come back anyway.
     ending: bool = False
+    making_way_for: str | None = None  # preempted for this queued job
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +164,17 @@ class Plan:
 Head = tuple[str, float]
 
 
-def next_head(stored: Head | None, found: str | None, now: float) -> Head | None:
-    """The head to keep after a pass that found `found` (None: the pass did not look that far). A time in the
-    future (stored by a scheduler on a host whose clock is ahead) counts from now: kept, it made the head's
-    reservation soft for the skew besides QUEUE_STARVATION_SECONDS."""
+def next_head(stored: Head | None, found: str | None, now: float, since: float | None = None) -> Head | None:
+    """The head to keep after a pass that found `found` (None: the pass did not look that far). `since`: when
+    `found` first became the head in its present stint in the queue, if it was before (the caller keeps that per
+    job: a job briefly ahead of it, a higher priority one say, restarted its clock, and it could wait for ever). A
+    time in the future (stored by a scheduler on a host whose clock is ahead) counts from now: kept, it made the
+    head's reservation soft for the skew besides QUEUE_STARVATION_SECONDS."""
     if stored is not None and stored[1] > now:
         stored = (stored[0], now)
     if found is None or (stored is not None and stored[0] == found):
         return stored
-    return (found, now)
+    return (found, now if since is None else min(since, now))
 
 
 def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: Policy, now: float) -> Timeline:
@@ -250,7 +253,8 @@ def plan(
     without an estimate it never backfills onto held GPUs. A reservation binds the jobs of its own priority
     only where both sides are known (the candidate's estimate and the reservation's start), except the
     head's once it has been the head (`head`: the id and since when, from earlier passes) for
-    `starvation_seconds`: that one binds them all. Every reservation binds lower priorities.
+    `starvation_seconds`, or while runs are preempted for it: that one binds them all (a job of its priority took
+    each GPU a victim freed, and the next pass preempted more runs). Every reservation binds lower priorities.
 
     CPU-only jobs always start. Requests that can never be met are skipped. A job whose owner holds
     `owner_gpu_cap` GPUs (counting those its owner's waiting jobs ahead of it need: the cap is taken in queue
@@ -268,6 +272,7 @@ def plan(
     caps = OwnerCaps(policy.owner_gpu_cap, policy.owner_run_cap,
                      ((r.owner, len(r.gpu_ids), r.remaining_seconds) for r in running), now)  # fmt: skip
     seen: set[str] = set()
+    making_way = {r.making_way_for for r in running if r.making_way_for is not None}
     blocked_by: str | None = None  # strict: the first blocked job
     floor = (now, True)  # strict: nothing is planned before the job ahead of it
 
@@ -415,7 +420,7 @@ def plan(
             # The head drains its GPUs once it has waited starvation_seconds at the head; the jobs behind it
             # take their turn there (so a backlog of old jobs is not FIFO: each head gets its time).
             since = head[1] if head is not None and head[0] == jid else now
-            soft = now - since < policy.starvation_seconds
+            soft = now - since < policy.starvation_seconds and jid not in making_way
         else:
             soft = True
         start, exact = tl.reserve(jid, ids, k, need, policy.min_free_gb, est, floor if strict else None, soft=soft)
