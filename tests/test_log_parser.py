@@ -538,3 +538,51 @@ def test_paths_a_data_set_row_prints_into_the_log_are_not_the_runs(tmp_path: Pat
     cut = SwiftLogParser(root="/data/lab/out")
     cut.feed(echoed[: echoed.index("Dataset Token Length")].encode())
     assert (cut.run_dir, cut.checkpoints, cut.last_checkpoint) == (RUN4, [], None)
+
+
+def test_lines_no_number_or_path_fits_are_skipped_and_the_run_is_read_on(tmp_path: Path) -> None:
+    # Each raised out of the runner's parser (OverflowError, ValueError): the runner died, swift trained on
+    # unwatched, and a run that trained to its end was recorded "runner lost".
+    huge = "1" + "0" * 400
+    hostile = [
+        "{'loss': '1.0', 'global_step/max_steps': '" + huge + "/20'}",
+        "{'loss': " + huge + ", 'global_step/max_steps': '2/20'}",
+        "Train:  50%|#####     | " + huge + "/" + huge + " [00:01<00:01, 1.00it/s]",
+        "[INFO:swift] Saving model checkpoint to " + str(tmp_path) + "/a\x00b",
+    ]
+    good = "{'loss': '0.5', 'global_step/max_steps': '3/20'}"
+    parser = SwiftLogParser(root=str(tmp_path))
+    result = parser.feed(("\n".join([*hostile, good]) + "\n").encode())
+    assert [(p["step"], p["loss"]) for p in result.history] == [(2, None), (3, 0.5)]
+    assert parser.progress is not None and (parser.progress.current_step, parser.progress.max_steps) == (3, 20)
+    assert parser.checkpoints == []
+
+
+def test_a_path_followed_by_a_long_run_of_blanks_is_read_in_linear_time(tmp_path: Path) -> None:
+    # `(.+?)\s*$` backtracked quadratically: 300 KB of spaces and a letter after a path took the runner minutes of
+    # CPU, and the scheduler killed it as hung (a run that trained to its end then counted as "runner lost").
+    line = f"[INFO:swift] Saving model checkpoint to {tmp_path}/v0-1/checkpoint-5" + " " * 300_000
+    parser = SwiftLogParser(root=str(tmp_path))
+    parser.feed((line + "y\n" + line + "\n").encode())
+    assert parser.checkpoints == [f"{tmp_path}/v0-1/checkpoint-5" + " " * 300_000 + "y",
+                                  f"{tmp_path}/v0-1/checkpoint-5"]  # fmt: skip
+
+
+def test_logging_jsonl_is_read_only_from_a_regular_file_and_in_bounded_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A FIFO in its place held the runner (and then the watchdog) for ever; a link to /dev/zero filled their memory.
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    assert parse_logging_jsonl(fifo).history == []
+    link = tmp_path / "zero.jsonl"
+    link.symlink_to("/dev/zero")
+    assert parse_logging_jsonl(link).history == []
+    # A line no swift writes (a value of 400 digits, one longer than any summary) is skipped; the rest is read.
+    from application.services import run_outputs
+
+    monkeypatch.setattr(run_outputs, "LINE_MAX_BYTES", 4096)
+    step = '{"loss": %s, "global_step/max_steps": "%d/3"}\n'
+    path = tmp_path / "logging.jsonl"
+    path.write_text(step % ("1" + "0" * 400, 1) + '{"loss": "' + "x" * 10_000 + '"}\n' + step % ("0.5", 3))
+    assert [(p["step"], p["loss"]) for p in parse_logging_jsonl(path).history] == [(1, None), (3, 0.5)]

@@ -96,6 +96,31 @@ async def test_a_running_record_this_version_cannot_read_does_not_stop_the_watch
         await client.scheduler.watchdog.sweep()
 
 
+async def test_one_jobs_step_of_the_sweep_that_raises_does_not_stop_the_others(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's output this version could not read (a logging.jsonl value no number fits) raised out of the end
+    of its dead runner's run at every sweep: no other dead runner was noticed, nor an export watched."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True) as client:
+        for name in ("odd", "early"):
+            await running_with_dead_runner(client, tmp_path, name)
+        sweeper = client.scheduler.watchdog
+        end = sweeper.runner_died
+
+        async def failing_for_odd(job: Any) -> None:  # (the fault: whatever raises while ending that one run)
+            if job.job_id == "odd":
+                raise OverflowError("int too large to convert to float")
+            await end(job)
+
+        monkeypatch.setattr(sweeper, "runner_died", failing_for_odd)
+        await sweeper.sweep()
+        await sweeper.sweep()
+        job = (await client.get("/jobs/early")).json()
+        assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+        assert (await client.get("/jobs/odd")).json()["status"] == "running"
+
+
 async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_then_runs(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

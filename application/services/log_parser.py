@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from loguru import logger
+
 from application.models.training_model import Progress
 from application.services import clock
 from application.services.path_sandbox import RealFolder
@@ -31,13 +33,15 @@ from application.services.step_dicts import (
     parse_step_dict,
 )
 
-_RUN_DIR_RE = re.compile(r"\[INFO:[^\]]*\] output_dir: (?P<path>.+?)\s*$")
-_SAVING_RE = re.compile(r"Saving model checkpoint to (?P<path>.+?)\s*$")
-_LAST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] last_model_checkpoint: (?P<path>.*?)\s*$")
-_BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*?)\s*$")
+# Matched against a segment with its trailing blanks cut (`parse_segment`): written as `(.+?)\s*$`, a line of a
+# path, 300 KB of spaces and one more letter took the runner minutes of CPU (quadratic backtracking).
+_RUN_DIR_RE = re.compile(r"\[INFO:[^\]]*\] output_dir: (?P<path>.+)$")
+_SAVING_RE = re.compile(r"Saving model checkpoint to (?P<path>.+)$")
+_LAST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] last_model_checkpoint: (?P<path>.*)$")
+_BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*)$")
 # 4.x: "saved in `/x-merged`."; 3.x: "saved in /x-merged."
-_MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+?)\s*$")
-_RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`\s*$")
+_MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+)$")
+_RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`$")
 # swift echoes a data set's first sample as it starts ([INPUT], [LABELS], [CHOSEN_INPUT], ...): the user's text,
 # line by line, up to its next logger line.
 _SAMPLE_RE = re.compile(r"\[INFO:swift\] \[[A-Z_]+\] ")
@@ -45,7 +49,7 @@ _LOGGER_LINE_RE = re.compile(r"\[(?:INFO|WARNING|ERROR|DEBUG|CRITICAL):\w[\w.]*\
 # The trainer's tqdm bar, redrawn every optimizer step, while step dicts only come every
 # logging_steps: "Train:  38%|███▊      | 1150/3000 [00:25<00:38, 47.81it/s]" (or "2.50s/it").
 _TRAIN_BAR_RE = re.compile(
-    r"Train:\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+    r"Train:\s*\d+%\|[^|]*\|\s*(?P<n>\d{1,18})/(?P<total>\d{1,18})\s*"
     r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:]+|\?)"
     r"(?:,\s*(?:(?P<rate>[\d.]+)(?P<unit>it/s|s/it)|\?it/s))?"
 )
@@ -157,7 +161,7 @@ def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str
 
 def checkpoint_value(text: str) -> str | None:
     text = text.strip()
-    return None if text in ("", "None", "null") else text
+    return None if text in ("", "None", "null") or "\x00" in text else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +256,7 @@ class SwiftLogParser:
         self._clock: float | None = None
         self._partial = b""
         self._in_sample = False
+        self._unreadable = 0  # lines skipped because reading them raised
         self._seen_points: set[tuple[int, str]] = set()
         self._diverged = False
         self.progress: Progress | None = None
@@ -307,10 +312,19 @@ class SwiftLogParser:
     def _parse_block(self, block: bytes, result: ParseResult) -> None:
         for raw in re.split(rb"[\r\n]", block):
             if raw.strip():
-                self.parse_segment(raw.decode("utf-8", errors="replace"), result)
+                try:
+                    self.parse_segment(raw.decode("utf-8", errors="replace"), result)
+                except (ValueError, ArithmeticError, RecursionError) as exc:
+                    # What the trainer prints is not ours to trust (a number of 400 digits, a NUL in a path):
+                    # raised on, it ended the runner, and a run that trained to its end was "runner lost".
+                    if not self._unreadable:
+                        logger.warning("a log line this parser cannot read was skipped ({}: {})",
+                                       type(exc).__name__, str(exc)[:200])  # fmt: skip
+                    self._unreadable += 1
 
     def parse_segment(self, seg: str, result: ParseResult) -> None:
         """One \\r/\\n-delimited piece of the log."""
+        seg = seg.rstrip()
         # A data set's text is no training output: a row holding step dicts, bars or "Saving model checkpoint"
         # lines (a model taught to read logs) set the progress, a loss point and a checkpoint that never was.
         if self._in_sample and not _LOGGER_LINE_RE.match(seg):

@@ -122,7 +122,10 @@ class RealFolder:
         self.prefix = os.path.realpath(folder) + os.sep
 
     def holds(self, path: str | os.PathLike[str]) -> bool:
-        return os.path.realpath(path).startswith(self.prefix)
+        try:
+            return os.path.realpath(path).startswith(self.prefix)
+        except ValueError:  # a NUL in it: no path at all
+            return False
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from application.services.step_dicts import normalize_step_dict
 
 _CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
 _VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
+# The summary line holds the whole log_history (megabytes for a long run): a line longer than this is none swift
+# writes (read through in blocks, skipped), and no more than FILE_MAX_BYTES of a file is read.
+LINE_MAX_BYTES = 64 << 20
+FILE_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -30,19 +35,12 @@ def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
     empty result; a half-written last line is skipped."""
     result = LoggingJsonl()
     parser = SwiftLogParser()
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return result
-    with f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                raw = json.loads(line)
-            except ValueError:
-                continue
+    for data in _lines(path):
+        line = data.decode("utf-8", errors="replace").strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            raw = json.loads(line)
             if not isinstance(raw, dict):
                 continue
             if "last_model_checkpoint" in raw or "log_history" in raw:
@@ -54,11 +52,39 @@ def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
                 continue
             step_result = ParseResult()
             parser.handle_step_dict(normalize_step_dict(raw), step_result, live=False)
-            result.history.extend(step_result.history)
+        except (ValueError, ArithmeticError, RecursionError):
+            continue  # (a half-written last line; a value no number fits: 1 and 400 zeros)
+        result.history.extend(step_result.history)
     result.progress = parser.progress
     result.train_loss = parser.train_loss
     result.train_runtime = parser.train_runtime
     return result
+
+
+def _lines(path: Path | str) -> Iterator[bytes]:
+    """A regular file's lines, at most LINE_MAX_BYTES each: opened without following a last link and never
+    blocking (a FIFO there held the runner, then the watchdog, for ever; /dev/zero behind a link filled their
+    memory). Nothing for anything else, or a file that cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        read = 0
+        while read < FILE_MAX_BYTES:
+            line = f.readline(LINE_MAX_BYTES)
+            read += len(line)
+            if not line:
+                return
+            if len(line) < LINE_MAX_BYTES or line.endswith(b"\n"):
+                yield line
+                continue
+            while read < FILE_MAX_BYTES and (rest := f.readline(1 << 20)):  # the rest of the long line
+                read += len(rest)
+                if rest.endswith(b"\n"):
+                    break
 
 
 def job_checkpoints(output_dir: Path | str, run_dirs: Iterable[str | None]) -> list[str]:

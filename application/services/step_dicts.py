@@ -15,7 +15,7 @@ from typing import Any
 _STEP_KEYS = frozenset({"global_step/max_steps", "loss", "eval_loss", "train_runtime", "train_loss"})
 _MAX_DICT_CHARS = 100_000
 _NUMBER_RE = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
-_STEPS_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+_STEPS_RE = re.compile(r"\s*(\d{1,18})\s*/\s*(\d{1,18})\s*")  # (longer: no step count, and int() raises)
 
 
 def _to_number(value: Any) -> Any:
@@ -32,11 +32,14 @@ def finite(value: Any) -> float | None:
     """A finite number, or None: a diverged run's `nan`/`inf` loss is no point to plot (nor valid JSON)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
-        value = float(value)
-    if isinstance(value, int | float):
-        number = float(value)
-        return number if math.isfinite(number) else None
+    try:
+        if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, int | float):
+            number = float(value)
+            return number if math.isfinite(number) else None
+    except OverflowError:  # an int too large for a float (a 400-digit "loss"): no point either
+        pass
     return None
 
 

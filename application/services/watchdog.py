@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,7 @@ class Watchdog:
         self._last_retention = 0.0
         self.files = FileStore(settings, store.r, store.keys)
         self._unreadable: set[str] = set()  # running jobs whose records this version cannot read (warned once)
+        self._failing: set[str] = set()  # jobs whose step of the sweep raised (logged once)
         # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
         self._silent: dict[str, float] = {}
         self._hung: dict[str, str] = {}
@@ -146,20 +147,36 @@ class Watchdog:
         beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
             if not self._runner_alive(job, beat):
-                await self.runner_died(job)
+                await self._alone(job.job_id, self.runner_died(job))
         exporting = await self.store.get_many(await self.store.exporting())
         for job in exporting:
-            await self._watch_export(job)
+            await self._alone(job.job_id, self._watch_export(job))
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
         self._silent = {key: since for key, since in self._silent.items() if key in watched}
         self._hung = {key: why for key, why in self._hung.items() if key in watched}
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
         self._launched = {key: at for key, at in self._launched.items() if key in watched}
+        self._failing &= {job.job_id for job in (*running, *exporting)}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
             await self.expire_old_jobs()
             await self.files.sweep_orphans()
+
+    async def _alone(self, job_id: str, step: Awaitable[None]) -> None:
+        """One job's step of the sweep, whose failure is that job's: raised on, one run's unreadable output (a
+        logging.jsonl value no number fits) stopped every sweep, and no dead runner of anyone's was noticed
+        again. Redis going away still ends the sweep (`sweep`)."""
+        try:
+            await step
+        except RedisError:
+            raise
+        except Exception:
+            if job_id not in self._failing:  # (a traceback once, not one every sweep)
+                self._failing.add(job_id)
+                logger.exception("watchdog: job {} could not be looked after; the sweep goes on", job_id)
+        else:
+            self._failing.discard(job_id)
 
     def _runner_alive(self, job: Job, beat: dict[str, Any] | None) -> bool:
         beating = bool(beat and beat.get("run_id") == job.run_id)
