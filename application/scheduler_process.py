@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 
 from application import __version__
 from application.config import Settings
@@ -288,6 +288,8 @@ def _log_failure(what: str, exc: Exception) -> None:
     """Redis going away is expected (a restart, a fail-over): one line, not a traceback per pass and sweep."""
     if isinstance(exc, REDIS_AWAY):
         logger.warning("{}: Redis does not answer ({}); trying again", what, exc)
+    elif isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or str(exc).startswith("MISCONF"):
+        logger.warning("{}: Redis refuses writes ({}); trying again", what, exc)
     else:
         logger.exception(what)
 

@@ -28,7 +28,7 @@ from application.services.exports import prepare_export, put_export
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.launcher import LocalLauncher
-from application.services.redis_service import create_client
+from application.services.redis_service import EmbeddedRedis, create_client
 from application.services.run_agent import RERUN_MARK, Runner
 from application.services.watchdog import Watchdog
 from tests.conftest import gated_swift, kill_processes_under, settings_for
@@ -164,6 +164,39 @@ async def test_a_runner_on_another_host_is_not_judged_dead_for_a_redis_outage(cu
     await until(lost, 15)
     job = await require(store, "r")
     assert time.monotonic() - silent_since >= 3 and job.status == JobStatus.FAILED, job.error_message
+
+
+async def test_a_runner_is_not_judged_hung_while_redis_refuses_writes(own_redis: EmbeddedRedis,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """A Redis at its maxmemory (noeviction), or with a full disk, answers reads and refuses writes: no runner's
+    heartbeat landed, and the watchdog, which only reads, killed every training as hung after 30 s."""
+    settings = settings_for(own_redis.url, tmp_path, RUNNER_HEARTBEAT_TTL=1, RUNNER_POLL_INTERVAL=0.1)
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        store, cluster = JobStore(client, keys), ClusterStore(client, keys)
+        watchdog = Watchdog(store, cluster, Unlaunched(), settings, fence=lambda: None)
+        run_id = uuid.uuid4().hex
+        await store.create(make_job("r"), message="created", actor="t")
+        remote = RunnerInfo(host="another-host", pid=4242, launched_at=time.time())
+        await store.transition("r", JobStatus.RUNNING, fields={"run_id": run_id, "runner": remote})
+        beat = {"run_id": run_id, "kind": "run", "id": run_id, "host": "another-host", "pid": 4242, "at": time.time()}
+        await cluster.runner_tick("r", beat, 1)
+        await watchdog.sweep()
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", "1")
+        with pytest.raises(RedisError, match="maxmemory"):
+            await cluster.runner_tick("r", beat, 1)  # the runner's beats are refused from now on
+        refused_until = time.monotonic() + 3 * settings.RUNNER_HEARTBEAT_TTL + 2
+        while time.monotonic() < refused_until:
+            assert not await sweeps(watchdog)  # (it says why: Redis refuses writes)
+            await asyncio.sleep(0.2)
+        await client.config_set("maxmemory", "0")
+        await cluster.runner_tick("r", beat, 1)  # beating again
+        assert await sweeps(watchdog)
+        assert (await require(store, "r")).status == JobStatus.RUNNING
+    finally:
+        await client.aclose()
 
 
 class TaskLauncher:

@@ -325,6 +325,10 @@ class ClusterStore(WebhookQueue):
             "swift": json.loads(swift) if swift else None,
         }
 
+    async def check_writable(self) -> None:
+        """Raises Redis's refusal (OOM, MISCONF, READONLY) while it takes no writes."""
+        await self.r.set(self.keys.health_probe, "1", px=60_000)
+
     async def published(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The scheduler's GPU reading and ms-swift facts, in one round trip."""
         snapshot, info = await self.r.mget([self.keys.gpu_snapshot, self.keys.swift_info])

@@ -124,6 +124,9 @@ class Watchdog:
 
     async def sweep(self) -> None:
         try:
+            # Heartbeats are writes: while Redis refuses them (at its maxmemory, its disk full) none lands, and a
+            # sweep that only read judged every runner hung. Refused here, this sweep counts as an outage.
+            await self.cluster.check_writable()
             await self._sweep()
         except RedisError:
             # No runner could beat while Redis was away (every heartbeat key lapsed): silence counts from the
