@@ -253,6 +253,14 @@ def test_logs_limit_and_events_pagination(server: ApiServer, workspace: Path) ->
     last_two = server.http.get("/jobs/chatty/logs", params={"limit": 2}).json()["lines"]
     assert last_two[0] == all_lines[-1]
     assert last_two[1].startswith("\x01" * 16_384 + " … (2,983,616 more characters)") and len(last_two[1]) < 16_500
+    # Many such lines: each character six bytes of JSON, 1,100 of them made a page of 100 MB. At most 8 MiB, the
+    # newest lines.
+    with open(job["log_file"], "ab") as f:
+        f.write((b"\x01" * 16_000 + b"\n") * 1_100 + b"the last line\n")
+    page = server.http.get("/jobs/chatty/logs", params={"limit": 1_200})
+    lines = page.json()["lines"]
+    assert len(page.content) <= 8 * 1024 * 1024 + 1024 and 50 < len(lines) < 1_100, (len(page.content), len(lines))
+    assert lines[-1] == "the last line" and lines[-2] == "\x01" * 16_000 and page.json()["count"] == len(lines)
 
     everything = server.http.get("/jobs/chatty/events", params={"limit": 1000}).json()["events"]
     assert len(everything) >= 4

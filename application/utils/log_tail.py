@@ -7,6 +7,7 @@ here reads a whole file.
 from __future__ import annotations
 
 import os
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,20 @@ STORED_LINE_CHARS = 4000
 # megabytes (a bar that never printed a newline) made one line of a `limit=1` page up to 100 MB of JSON. The
 # log stream and the log file itself (artifacts) have every byte.
 PAGE_LINE_CHARS = 16 * 1024
+# What a whole page's lines may take as JSON: a control character is six bytes there ("\\u0001"), so 1,100 lines of
+# them made a 100 MB page (and a worker's memory grew by hundreds of MB under a few such requests).
+PAGE_MAX_BYTES = 8 * 1024 * 1024
+
+
+def newest_within(lines: list[str], max_bytes: int = PAGE_MAX_BYTES) -> list[str]:
+    """The newest of `lines` whose JSON (escaped as ASCII: an upper bound) fits in `max_bytes`, oldest first."""
+    kept, size = 0, 0
+    for line in reversed(lines):
+        size += len(encode_basestring_ascii(line)) + 1
+        if size > max_bytes:
+            break
+        kept += 1
+    return lines[len(lines) - kept :]
 
 
 def clip_line(line: str, limit: int = STORED_LINE_CHARS) -> str:
