@@ -148,6 +148,26 @@ def test_a_runner_killed_by_sigkill_fails_its_job_within_two_seconds(server: Api
     assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
 
 
+def test_a_process_of_the_run_in_a_session_of_its_own_does_not_outlive_the_run(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # The run's leftovers were killed by process group only: a child that called setsid() lived on after the run
+    # ended, its GPU's lease freed, with CUDA_VISIBLE_DEVICES still naming the GPU (it would hold its memory).
+    pid_file = workspace / "escaped.pid"
+    swift = workspace / "swift-with-an-escapee"
+    swift.write_text(f"#!/bin/sh\nsetsid sh -c 'echo $$ > {pid_file}; exec sleep 300' &\nexec {FAKE_SWIFT} \"$@\"\n")
+    swift.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(swift)})
+    r = server.create(**job_body(workspace, "leaky", auto_start=True, training={"max_steps": 2}))
+    assert r.status_code == 201, r.text
+    escaped = int(wait_for(lambda: pid_file.is_file() and pid_file.read_text().strip(), what="the escapee"))
+    assert os.getsid(escaped) != os.getsid(0)  # (in a session of its own, out of the run's group)
+    done = server.wait_status("leaky", "completed", "failed", timeout=60)
+    assert done["status"] == "completed", done["error_message"]
+    wait_for(lambda: not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == psutil.STATUS_ZOMBIE,
+             timeout=10, what="the escapee to be killed")  # fmt: skip
+
+
 def test_a_runner_that_stops_answering_is_killed_and_its_run_stopped(
     server_factory: Callable[..., ApiServer], workspace: Path
 ) -> None:

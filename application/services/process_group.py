@@ -292,6 +292,10 @@ async def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool
     return True
 
 
-def kill_leftovers(pgid: int) -> None:
-    """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer)."""
+def kill_leftovers(pgid: int, run: str | None = None) -> None:
+    """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer),
+    nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held
+    its GPU after the run ended). `run` scans every process: call it in a thread."""
     signal_group(pgid, signal.SIGKILL)
+    for group in marked_groups(run) if run else ():
+        signal_group(group, signal.SIGKILL)

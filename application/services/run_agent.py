@@ -253,7 +253,8 @@ class Runner:
                 ended_at = max(ended_at, gone_at)
             else:
                 outcome = None
-                pg.kill_leftovers(proc.pid)  # orphaned dataloader workers, a stray trainer: nothing may outlive the run
+            # orphaned dataloader workers, a stray trainer, one in a session of its own: nothing may outlive the run
+            await asyncio.to_thread(pg.kill_leftovers, proc.pid, self.run_id)
             code = _returncode(proc)
             follow.read()
             follow.flush()
@@ -385,7 +386,7 @@ class Runner:
         async with self._beats("export", export_id):
             if stopping is not None:
                 await stopping
-            pg.kill_leftovers(proc.pid)
+            await asyncio.to_thread(pg.kill_leftovers, proc.pid, export_id)
             code = _returncode(proc)
             if unwritten := pg.write_exit_file(exit_file, code):
                 logger.warning("job {}: the export's exit status not written beside its log: {}", self.job_id,
