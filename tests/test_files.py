@@ -455,6 +455,23 @@ def test_an_owners_uploads_folder_that_is_a_link_out_of_the_uploads_folder_is_no
     assert upload(server, VALID).status_code == 201  # another owner's folder is no concern of it
 
 
+def test_a_delete_whose_file_cannot_be_removed_now_is_done_and_leaves_the_file_to_the_sweep(
+    server_factory: Callable[..., ApiServer], tmp_path: Path, redis_url: str
+) -> None:
+    # The record went first, then the unlink raised (a read-only mount): a 500 for a delete that was done.
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    f = upload(server, VALID).json()
+    path = Path(f["path"])
+    path.unlink()
+    (path / "in-the-way").mkdir(parents=True)  # (unlink fails on it as on a read-only mount)
+    r = server.http.delete(f"/files/{f['id']}", headers=auth(ALICE_KEY))
+    assert r.status_code == 204, r.text
+    assert server.http.get(f"/files/{f['id']}", headers=auth(ALICE_KEY)).status_code == 404
+    marks = redis.Redis.from_url(redis_url, decode_responses=True)
+    with marks:
+        assert str(path.parent / f["id"]) in marks.zrange(Keys(server.prefix).uploads_writing, 0, -1)
+
+
 def test_a_file_name_as_browsers_and_curl_escape_it_is_shown_as_it_was(server: ApiServer) -> None:
     # curl, httpx and browsers write '"' as %22 (and line ends as %0D%0A) in a multipart file name: it was shown as
     # `my data %22x%22.jsonl`.

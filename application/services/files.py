@@ -260,12 +260,21 @@ class FileStore(UploadRefs):
             await self._unmark(marker)
             raise Conflict(f"file '{file_id}' is the data set of {await self._users_text(reply[1:], caller)}: "
                            "delete it once they end")  # fmt: skip
-        if reply[0] == "gone":  # a concurrent delete won, or this one's script ran twice: the file is no one's
-            await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
+        removed = await self._remove(meta.path)
+        if removed:
             await self._unmark(marker)
+        if reply[0] == "gone":  # a concurrent delete won, or this one's script ran twice: the file is no one's
             raise _not_found(file_id)
-        await asyncio.to_thread(Path(meta.path).unlink, missing_ok=True)
-        await self._unmark(marker)
+
+    async def _remove(self, path: str) -> bool:
+        """The file of a record deleted: False, and left to the orphan sweep (its mark stays), when it cannot be
+        removed now (a read-only mount): the delete is done all the same, not a 500."""
+        try:
+            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+        except OSError as exc:
+            logger.warning("upload file {} not removed ({}): the orphan sweep tries again", path, exc.strerror)
+            return False
+        return True
 
     async def _users_text(self, users: list[str], caller: Caller) -> str:
         """The active jobs using a file, as the caller may see them: their own by id, others' only counted (an
