@@ -50,6 +50,20 @@ def test_a_link_as_the_file_or_on_the_way_to_its_folder_is_refused(tmp_path: Pat
         assert f.read() == b"ok\n"
 
 
+def test_a_fifo_in_a_logs_place_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    # Opened for reading, a FIFO made in a log's place held GET .../logs for ever (in a worker thread: a few such
+    # requests took every thread an API worker has).
+    from application.utils.log_tail import tail_lines
+
+    fifo = tmp_path / "j.train.log"
+    os.mkfifo(fifo)
+    for mode in ("r", "a", "w"):
+        with pytest.raises(OSError) as exc:
+            open_in_place(fifo, mode)
+        assert exc.value.errno in (40, 6), (mode, exc.value)  # (ELOOP; ENXIO: a FIFO with no reader, for a write)
+    assert tail_lines(fifo, 10, in_place=True) == []
+
+
 async def test_a_jobs_logs_are_never_written_or_read_through_a_link_its_owner_planted(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

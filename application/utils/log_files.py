@@ -5,7 +5,8 @@ the logs there and the API reads them back, so a link (the log itself, or its `l
 write wherever the server may (into another owner's folder, over its own files) or a log read return any file
 (/etc/passwd as a "log"). Each open here refuses a link as the file itself (O_NOFOLLOW) and on the way to its
 folder (the folder's real path must be the path as given, which holds for a job's: its output folder is stored
-resolved at create). A refusal is an OSError with errno ELOOP.
+resolved at create). Nor anything but a regular file: a FIFO made in a log's place held each reader for ever (a
+few of them took every thread an API worker has). A refusal is an OSError with errno ELOOP.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> Binar
     if os.path.realpath(folder) != folder:
         raise OSError(errno.ELOOP, "a symbolic link leads to its folder: the server reads and writes a job's logs "
                       "only in the job's own folder", str(path))  # fmt: skip
-    fd = os.open(path, _FLAGS[mode] | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    # (O_NONBLOCK: the open of a FIFO returns, or fails, at once; it changes nothing for a regular file.)
+    fd = os.open(path, _FLAGS[mode] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ELOOP, "not a regular file: the server reads and writes a job's logs only as files in "
+                      "the job's own folder", str(path))  # fmt: skip
     return os.fdopen(fd, "rb" if mode == "r" else "ab" if mode == "a" else "wb")
 
 
