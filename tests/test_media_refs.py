@@ -243,3 +243,20 @@ def test_a_data_set_gone_since_its_first_read_is_a_422_not_a_500(tmp_path: Path)
     # The data set check reads the file first; a delete of the upload in between made this an unhandled error.
     with pytest.raises(Invalid, match=r"data_path '.*gone.jsonl' cannot be read \(No such file or directory\)"):
         check_media("data_path", tmp_path / "gone.jsonl", [tmp_path], None)
+
+
+def test_a_fifo_in_a_folder_data_set_is_refused_at_once_not_waited_on(tmp_path: Path, roots: list[Path]) -> None:
+    # Opened as any file, a FIFO named like a data file held the create's worker thread for ever (a few such
+    # creates took every thread an API worker has).
+    import os
+
+    from application.services.datasets import check_dataset
+
+    folder = tmp_path / "data" / "set"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", [{"messages": CHAT}])
+    os.mkfifo(folder / "b.jsonl")
+    with pytest.raises(Invalid, match=r"b\.jsonl' cannot be read \(not a regular file\)"):
+        check_media_folder("data_path", folder, roots, None)
+    with pytest.raises(Invalid, match="is not a file"):
+        check_dataset("data_path", folder / "b.jsonl")

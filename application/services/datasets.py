@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from application.exceptions import Invalid
 from application.services.swift_arguments import PREFERENCE_TYPES
+from application.utils.regular_files import open_regular
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
 FIRST_ROW_MAX = 64 << 20  # ... or from the first row, when it is longer
@@ -191,7 +192,7 @@ def _head(path: Path, limit: int = HEAD_BYTES, lines: int = 1) -> bytes:
     """The first `limit` bytes, or more, up to FIRST_ROW_MAX, until they end `lines` lines with text (a CSV's
     header and its first row): a first row longer than the head (inline media) was refused as "no rows found",
     though ms-swift reads it."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(limit)
         while len(head) < FIRST_ROW_MAX and not _ends_lines(head, lines):
             more = f.read(min(HEAD_BYTES, FIRST_ROW_MAX - len(head)))
@@ -293,7 +294,7 @@ def _count_lines(path: Path, size: int, cr_ends: bool = False) -> tuple[int, boo
     COUNT_MAX_BYTES. Read in blocks: the line a block begins with may have begun in the blocks before.
     `cr_ends`: lines end with a bare CR (an old Mac CSV)."""
     count, read, open_row = 0, 0, False  # open_row: what the blocks before ended with has content
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while read < COUNT_MAX_BYTES:
             block = f.read(1 << 20)
             if not block:
@@ -375,7 +376,7 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         if size > JSON_ARRAY_MAX_BYTES:
             return DatasetInfo(None, False, fmt)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 length = _array_length(f.read().decode("utf-8"))
         except (OSError, ValueError) as exc:
             raise Invalid(f"{field} '{path}' is not a valid JSON array ({exc})") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from typing import Any, BinaryIO
 from application.exceptions import Invalid
 from application.services.datasets import csv_records
 from application.services.path_sandbox import Guard, check_text
+from application.utils.regular_files import open_regular
 
 _SOURCE = "source"
 BLOCK = 8 << 20
@@ -58,18 +60,18 @@ def check_media(field: str, path: Path, roots: Sequence[Path], guard: Guard | No
 
 
 def _check_media(field: str, path: Path, check: _Checker) -> None:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         if not _marked_anywhere(check, f):
             return
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as t:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", errors="replace", newline="") as t:
             try:
                 for number, row in csv_records(t, header=check.csv_header):
                     check.row(row, f"line {number}")
             except Invalid as exc:
                 raise Invalid(f"{field} '{path.name}': {exc.detail}") from None
         return
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(BLOCK)
         f.seek(0)
         rows = _array_rows(check, f) if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else _lines(check, f)

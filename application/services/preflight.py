@@ -45,6 +45,7 @@ from application.services.swift_combinations import (
     check_ref_model,
 )
 from application.services.swift_info import SwiftInfo
+from application.utils.regular_files import open_regular
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model",
                    "qwen.tiktoken", "tiktoken.model")  # fmt: skip
@@ -295,7 +296,7 @@ STATE_MAX = 1 << 20  # a state.json save_to_disk writes is a few hundred bytes a
 
 def _cached_files(where: str, state_file: Path) -> list[str]:
     try:
-        with open(state_file, "rb") as f:
+        with open_regular(state_file) as f:
             raw = f.read(STATE_MAX + 1)
         state = json.loads(raw) if len(raw) <= STATE_MAX else None
     except (OSError, ValueError):

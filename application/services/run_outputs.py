@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from application.services.log_parser import ParseResult, RunFacts, SwiftLogParser, checkpoint_value
 from application.services.step_dicts import normalize_step_dict
+from application.utils.regular_files import open_regular
 
 _CHECKPOINT_DIR_RE = re.compile(r"checkpoint-(\d+)")
 _VERSION_DIR_RE = re.compile(r"v(\d+)-.+")
@@ -66,12 +66,10 @@ def _lines(path: Path | str) -> Iterator[bytes]:
     blocking (a FIFO there held the runner, then the watchdog, for ever; /dev/zero behind a link filled their
     memory). Nothing for anything else, or a file that cannot be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        f = open_regular(path, follow=False)
     except (OSError, ValueError):
         return
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
+    with f:
         read = 0
         while read < FILE_MAX_BYTES:
             line = f.readline(LINE_MAX_BYTES)
