@@ -66,6 +66,19 @@ def test_a_model_folder_needs_config_and_tokenizer(tmp_path: Path, swift_4_6: Sw
         check_model("model_path", folder / "config.json", None, None, swift_4_6)
 
 
+def test_a_fifo_among_a_model_folders_files_is_not_waited_on(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
+    # Its args.json, read as any file, held the create's worker thread for ever.
+    import os
+
+    folder = tmp_path / "my-model"  # (a name ms-swift does not know: it looks in args.json next)
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (folder / "tokenizer_config.json").write_text("{}")
+    os.mkfifo(folder / "args.json")
+    with pytest.raises(Invalid, match=r"training\.model_type"):
+        check_model("model_path", folder, None, None, swift_4_6)
+
+
 def test_ms_swift_must_be_able_to_tell_the_type_and_template(tmp_path: Path, swift_4_6: SwiftInfo) -> None:
     # The real ms-swift 4.6.0 fails on exactly these (fixtures fail_no_model_type / fail_no_template).
     tiny = make_model(tmp_path / "tiny-qwen2")

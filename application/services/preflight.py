@@ -53,9 +53,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def _read_json(path: Path) -> Any:
     try:
-        if path.stat().st_size > 16 << 20:
-            return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:  # (a FIFO as a model's config.json held the create's thread for ever)
+            raw = f.read((16 << 20) + 1)
+        return json.loads(raw) if len(raw) <= 16 << 20 else None
     except (OSError, ValueError, RecursionError):
         return None
 

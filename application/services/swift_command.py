@@ -17,6 +17,7 @@ from application.config import Settings
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job
 from application.services.swift_arguments import argv_of
+from application.utils.regular_files import open_regular
 
 NEWEST_MAJOR = 4
 _VL_NAME = re.compile(r"(^|[-_/.])(vl|vision|omni|llava|internvl|minicpm-v|cogvlm|qvq)([-_/.0-9]|$)", re.I)
@@ -124,8 +125,9 @@ def is_multimodal(model_path: str, explicit: bool | None) -> bool:
     config = Path(model_path) / "config.json"
     if config.is_file():
         try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError):
+            with open_regular(config) as f:
+                data = json.loads(f.read(16 << 20))
+        except (OSError, ValueError, RecursionError):
             data = {}
         if isinstance(data, dict) and ("vision_config" in data or "visual" in data):
             return True
