@@ -568,6 +568,25 @@ def test_a_path_followed_by_a_long_run_of_blanks_is_read_in_linear_time(tmp_path
                                   f"{tmp_path}/v0-1/checkpoint-5"]  # fmt: skip
 
 
+def test_a_bar_not_ended_yet_whose_times_no_number_fits_is_skipped() -> None:
+    # The newest frame of a bar (no \r after it yet) is read apart from the lines: it raised out of the runner.
+    parser = SwiftLogParser()
+    parser.feed(b"Train:  50%|#####     | 1/2 [" + b"9" * 400 + b":00<00:01, 1.00it/s]")
+    parser.feed(b"\rTrain: 100%|##########| 2/2 [00:02<00:00, 1.00it/s]")
+    assert parser.progress is not None and parser.progress.current_step == 2
+
+
+@pytest.mark.parametrize("repeated", ["[INFO:", "run sh: `", "Saving model checkpoint to ", "Train:  5%|"])
+def test_a_line_repeating_a_patterns_words_is_read_in_linear_time(repeated: str) -> None:
+    # "[INFO:" said 16,000 times took 3 s (and the time grew with the square of the length): the runner parses in
+    # its event loop, and one that stops beating is killed as hung. 1 MiB here: minutes, were it quadratic.
+    words = " output_dir: /x last_model_checkpoint: /y"
+    line = repeated * ((1 << 20) // len(repeated)) + words + "x"
+    parser = SwiftLogParser()
+    parser.feed(line.encode() + b"\n{'loss': '0.5', 'global_step/max_steps': '1/2'}\n")
+    assert parser.progress is not None and parser.progress.current_step == 1
+
+
 def test_logging_jsonl_is_read_only_from_a_regular_file_and_in_bounded_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +34,18 @@ from application.services.step_dicts import (
     parse_step_dict,
 )
 
-# Matched against a segment with its trailing blanks cut (`parse_segment`): written as `(.+?)\s*$`, a line of a
-# path, 300 KB of spaces and one more letter took the runner minutes of CPU (quadratic backtracking).
-_RUN_DIR_RE = re.compile(r"\[INFO:[^\]]*\] output_dir: (?P<path>.+)$")
+# Linear in the line's length, however it repeats their words (a trainer's line is not ours to trust; the runner
+# parses in its event loop, and one that stops beating is killed as hung): matched against a segment with its
+# trailing blanks cut (`parse_segment`), so a path ends the line, with the logger's name bounded, and `run sh`
+# tried at its first place only. Written as `(.+?)\s*$` and `[^\]]*`, a path followed by 300 KB of blanks, or
+# "[INFO:" said 16,000 times, took seconds to minutes.
+_RUN_DIR_RE = re.compile(r"\[INFO:[^\]]{0,64}\] output_dir: (?P<path>.+)$")
 _SAVING_RE = re.compile(r"Saving model checkpoint to (?P<path>.+)$")
-_LAST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] last_model_checkpoint: (?P<path>.*)$")
-_BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]*\] best_model_checkpoint: (?P<path>.*)$")
+_LAST_CKPT_RE = re.compile(r"\[INFO:[^\]]{0,64}\] last_model_checkpoint: (?P<path>.*)$")
+_BEST_CKPT_RE = re.compile(r"\[INFO:[^\]]{0,64}\] best_model_checkpoint: (?P<path>.*)$")
 # 4.x: "saved in `/x-merged`."; 3.x: "saved in /x-merged."
 _MERGED_RE = re.compile(r"Successfully merged LoRA and saved in (?P<path>.+)$")
+_RUN_SH = "run sh: `"
 _RUN_SH_RE = re.compile(r"run sh: `(?P<cmd>.*)`$")
 # swift echoes a data set's first sample as it starts ([INPUT], [LABELS], [CHOSEN_INPUT], ...): the user's text,
 # line by line, up to its next logger line.
@@ -50,7 +55,7 @@ _LOGGER_LINE_RE = re.compile(r"\[(?:INFO|WARNING|ERROR|DEBUG|CRITICAL):\w[\w.]*\
 # logging_steps: "Train:  38%|███▊      | 1150/3000 [00:25<00:38, 47.81it/s]" (or "2.50s/it").
 _TRAIN_BAR_RE = re.compile(
     r"Train:\s*\d+%\|[^|]*\|\s*(?P<n>\d{1,18})/(?P<total>\d{1,18})\s*"
-    r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:]+|\?)"
+    r"\[(?P<elapsed>[\d:]{1,20})<(?P<remaining>[\d:]{1,20}|\?)"
     r"(?:,\s*(?:(?P<rate>[\d.]+)(?P<unit>it/s|s/it)|\?it/s))?"
 )
 
@@ -286,12 +291,25 @@ class SwiftLogParser:
         # tqdm writes its newest frame with no \r after it until the next redraw: read a complete bar now
         # (without consuming it), or progress would lag one step behind, forever on a hung trainer.
         if self._partial.lstrip().startswith(b"Train:") and self._partial.rstrip().endswith(b"]"):
-            tail = self._partial.decode("utf-8", errors="replace")
-            if m := _TRAIN_BAR_RE.search(tail):
-                progress = _merge_bar(self.progress, m)
-                if progress is not None:
-                    self.progress = result.progress = progress
+            self._safely(self._read_bar, self._partial.decode("utf-8", errors="replace"), result)
         return result
+
+    def _read_bar(self, tail: str, result: ParseResult) -> None:
+        if m := _TRAIN_BAR_RE.search(tail):
+            progress = _merge_bar(self.progress, m)
+            if progress is not None:
+                self.progress = result.progress = progress
+
+    def _safely(self, parse: Callable[[str, ParseResult], None], seg: str, result: ParseResult) -> None:
+        try:
+            parse(seg, result)
+        except (ValueError, ArithmeticError, RecursionError) as exc:
+            # What the trainer prints is not ours to trust (a number of 400 digits, a NUL in a path): raised on,
+            # it ended the runner, and a run that trained to its end was "runner lost".
+            if not self._unreadable:
+                logger.warning("a log line this parser cannot read was skipped ({}: {})", type(exc).__name__,
+                               str(exc)[:200])  # fmt: skip
+            self._unreadable += 1
 
     def facts(self) -> RunFacts:
         return RunFacts(
@@ -312,15 +330,7 @@ class SwiftLogParser:
     def _parse_block(self, block: bytes, result: ParseResult) -> None:
         for raw in re.split(rb"[\r\n]", block):
             if raw.strip():
-                try:
-                    self.parse_segment(raw.decode("utf-8", errors="replace"), result)
-                except (ValueError, ArithmeticError, RecursionError) as exc:
-                    # What the trainer prints is not ours to trust (a number of 400 digits, a NUL in a path):
-                    # raised on, it ended the runner, and a run that trained to its end was "runner lost".
-                    if not self._unreadable:
-                        logger.warning("a log line this parser cannot read was skipped ({}: {})",
-                                       type(exc).__name__, str(exc)[:200])  # fmt: skip
-                    self._unreadable += 1
+                self._safely(self.parse_segment, raw.decode("utf-8", errors="replace"), result)
 
     def parse_segment(self, seg: str, result: ParseResult) -> None:
         """One \\r/\\n-delimited piece of the log."""
@@ -366,7 +376,7 @@ class SwiftLogParser:
                 path = path[:-1]
             if self._inside(path.strip("`")):
                 self.merged_path = result.merged_path = path.strip("`")
-        elif "run sh: `" in seg and (m := _RUN_SH_RE.search(seg)):
+        elif (at := seg.find(_RUN_SH)) >= 0 and (m := _RUN_SH_RE.match(seg, at)):
             self.command_line = result.command_line = m.group("cmd")
 
     def _inside(self, path: str | None) -> bool:
