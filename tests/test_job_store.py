@@ -473,6 +473,11 @@ async def test_a_priority_change_and_a_prediction_landing_together_each_keep_the
     assert await store.set_predictions({"q": PredictedDuration(seconds=60.0, source="plan")}) == 1
     [(_, meta)] = await store.queue_window(0, 5)
     assert (meta.priority, meta.estimated_duration, meta.submitted_at) == (7, 60.0, created)
+    # An entry an older version wrote, without its owner: the estimate is still its 6th item.
+    await store.r.hset(store.keys.queue_meta, "q", json.dumps([7, created, 1, None, None, 60.0]))
+    assert await store.set_predictions({"q": PredictedDuration(seconds=99.0, source="plan")}) == 1
+    [(_, meta)] = await store.queue_window(0, 5)
+    assert (meta.min_gpu_memory_gb, meta.estimated_duration, meta.owner) == (None, 99.0, None)
 
 
 async def test_create_answers_the_queue_position_of_a_queued_job(store: JobStore) -> None:

@@ -27,7 +27,7 @@ from application.models.training_model import (
     JobStatus,
     PredictedDuration,
 )
-from application.services import clock, lua
+from application.services import clock, lua, lua_cluster
 from application.services.folder_owners import FolderIndex
 from application.services.job_codec import (
     QueueMeta,
@@ -64,7 +64,7 @@ class JobStore(JobLog, QueueView):
         self._delete = client.register_script(lua.DELETE)
         self._forget_lost = client.register_script(lua.FORGET_LOST)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
-        self._drop_lease = client.register_script(lua.DROP_LEASE)
+        self._drop_lease = client.register_script(lua_cluster.DROP_LEASE)
         self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)

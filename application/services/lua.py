@@ -451,8 +451,7 @@ redis.call('HSET', KEYS[1], 'priority', a.priority, 'updated_at', a.updated_at)
 refresh_summary(k.summary)
 if cur == 'queued' then
   redis.call('ZADD', k.queue, a.score, a.id)
-  -- The priority is the entry's first item: changed in place, so that a prediction the scheduler set since the
-  -- caller read the job is not undone.
+  -- Its first item, in place: a prediction the scheduler set since the caller read the job stays.
   local raw = redis.call('HGET', k.queue_meta, a.id)
   local rest = raw and string.find(raw, ',', 1, true)
   redis.call('HSET', k.queue_meta, a.id, rest and ('[' .. a.priority .. string.sub(raw, rest)) or a.meta)
@@ -463,9 +462,10 @@ return {'ok', cur}
 """
 )
 
-# A prediction found for a job that waits: on the job, and in its queue entry's meta (its 6th item of 7, the
-# estimated duration, changed in place so a concurrent priority change is not undone). a: id, predicted,
-# seconds (encoded), k {queue_meta, summary}
+# A prediction found for a job that waits: on the job, and in its queue entry's meta (its 6th item of 7, between
+# the last two commas: the owner's name has none), changed in place so a concurrent priority change is not undone,
+# as text (cjson would round the submission time to 14 digits). a: id, predicted, seconds (encoded),
+# k {queue_meta, summary}
 SET_PREDICTION = (
     _HELPERS
     + """
@@ -474,12 +474,14 @@ if cur ~= 'pending' and cur ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'predicted_duration', a.predicted, 'queued_prediction', a.predicted)
 refresh_summary(a.k.summary)
 local raw = redis.call('HGET', a.k.queue_meta, a.id)
--- Between the last two commas (the 7th item, the owner, is a key name or null: no comma), the rest kept as
--- written: cjson would write the submission time again rounded to 14 digits.
-local last = raw and string.find(raw, ',[^,]*$')
-local before = last and string.find(string.sub(raw, 1, last - 1), ',[^,]*$')
-if before then
+local m = raw and cjson.decode(raw)
+if m and #m == 7 then
+  local last = string.find(raw, ',[^,]*$')
+  local before = string.find(string.sub(raw, 1, last - 1), ',[^,]*$')
   redis.call('HSET', a.k.queue_meta, a.id, string.sub(raw, 1, before) .. a.seconds .. string.sub(raw, last))
+elseif m then  -- (an entry of an older version, without its owner)
+  m[6] = cjson.decode(a.seconds)
+  redis.call('HSET', a.k.queue_meta, a.id, cjson.encode(m))
 end
 return 1
 """
@@ -494,10 +496,3 @@ refresh_summary(a.k.summary)
 return 1
 """
 )
-
-# KEYS[1]: gpu leases. a: gpu, id. Drops the lease only if that job still holds it.
-DROP_LEASE = """
-local a = cjson.decode(ARGV[1])
-if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
-return 0
-"""

@@ -202,3 +202,10 @@ end
 local left = redis.call('PTTL', KEYS[2])
 return {restarted and 1 or 0, left > 0 and left or 0, left > 0 and redis.call('GET', KEYS[2]) or ''}
 """
+
+# KEYS[1]: gpu leases. a: gpu, id. Drops the lease only if that job still holds it.
+DROP_LEASE = """
+local a = cjson.decode(ARGV[1])
+if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
+return 0
+"""
