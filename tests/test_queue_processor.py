@@ -414,3 +414,26 @@ async def test_jobs_whose_records_redis_evicted_leave_the_queue_and_their_gpus(
         # another active job", for good).
         again = await client.post("/jobs", json=job_body(tmp_path, "evicted", training={"max_steps": 2}))
         assert again.status_code == 201, again.text
+
+
+async def test_a_head_found_again_keeps_its_starvation_clock_and_is_planned_with_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A higher-priority job waiting a moment at the head restarted the clock of the job it came ahead of, so a
+    stream of such jobs kept a wide job's reservation soft for ever."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, SIMULATED_GPUS="1x80") as client:
+        processor, cluster = client.scheduler.processor, client.scheduler.cluster
+        await client.post("/jobs", json=job_body(tmp_path, "hog", hang_after_steps=1, auto_start=True))
+        assert await processor.run_pass() == ["hog"]
+        await client.post("/jobs", json=job_body(tmp_path, "big", auto_start=True))
+        await processor.run_pass()
+        first = await cluster.queue_head()
+        assert first is not None and first[0] == "big"
+        await client.post("/jobs", json=job_body(tmp_path, "urgent", priority=9, auto_start=True))
+        await processor.run_pass()
+        assert (await cluster.queue_head() or ("",))[0] == "urgent"
+        assert (await client.post("/jobs/urgent/stop")).status_code == 200  # (cancelled: out of the queue)
+        await processor.run_pass()
+        assert await cluster.queue_head() == first
+        await client.post("/jobs/hog/stop")

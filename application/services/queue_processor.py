@@ -187,12 +187,17 @@ class QueueProcessor:
             head_id: str | None = None
             if await self.store.queue_length():
                 head = await self.cluster.queue_head()
-                found = await self.planner.plan(view, head=head, wanted=(only or set()) | (wanted or set()))
+                asked = (only or set()) | (wanted or set())
+                found = await self.planner.plan(view, head=head, wanted=asked)
+                # A head found again keeps the clock it started before (`next_head`), and is planned with it: as
+                # a young head, one pass let jobs of its priority take the GPUs it had waited for.
+                back = found.head is not None and (head is None or head[0] != found.head)
+                since = await self.cluster.head_since(found.head) if back and found.head else None
+                kept = next_head(head, found.head, clock.now(), since)
+                if since is not None and kept is not None:
+                    found = await self.planner.plan(view, head=kept, wanted=asked)
                 starts = found.starts
                 head_id = found.head
-                new = found.head is not None and (head is None or head[0] != found.head)
-                since = await self.cluster.head_since(found.head) if new and found.head else None
-                kept = next_head(head, found.head, clock.now(), since)
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
             started: list[str] = []
