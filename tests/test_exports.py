@@ -517,7 +517,7 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         assert (await client.post("/jobs/old/export", json={"output_name": "kept"})).status_code == 200
         await wait_job(client, "old", lambda j: j["export"]["status"] == "completed")
         watchdog = client.scheduler.watchdog
-        assert await watchdog.expire_old_jobs() == []
+        assert await watchdog.retention.expire_old_jobs() == []
         assert (await client.get("/jobs/old")).status_code == 200
         # Who writes each named export folder: an entry per export, which nothing ever dropped (a soak's hash
         # grew by one for every named export, of jobs deleted or expired long ago).
@@ -525,7 +525,7 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         claimed = [json.loads(v)["of"] for v in (await store.r.hgetall(store.keys.export_targets)).values()]
         assert claimed == ["old"]
         deadline = time.monotonic() + 20
-        while not await watchdog.expire_old_jobs():  # it still goes, the retention after the export's end
+        while not await watchdog.retention.expire_old_jobs():  # it still goes, the retention after the export's end
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
         assert (await client.get("/jobs/old")).status_code == 404

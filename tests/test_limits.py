@@ -126,7 +126,7 @@ async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..
         removed: list[str] = []
         while "old" not in removed:
             assert time.monotonic() < deadline
-            removed += await watchdog.expire_old_jobs()
+            removed += await watchdog.retention.expire_old_jobs()
             await asyncio.sleep(0.1)
         assert (await client.get("/jobs/old")).status_code == 404
         assert "unreadable" in removed and (await client.get("/jobs/unreadable")).status_code == 404

@@ -121,6 +121,20 @@ async def test_one_jobs_step_of_the_sweep_that_raises_does_not_stop_the_others(
         assert (await client.get("/jobs/odd")).json()["status"] == "running"
 
 
+async def test_a_process_of_a_dead_runners_run_in_a_session_of_its_own_is_stopped_too(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Only the recorded group was stopped: a child that had called setsid() trained on, on GPUs the next job got.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True) as client:
+        swift, escaped = marked("run-leaky", tmp_path), marked("run-leaky", tmp_path)
+        await running_with_dead_runner(client, tmp_path, "leaky", swift=swift)
+        await client.scheduler.watchdog.sweep()
+        assert swift.wait(10) is not None and escaped.wait(10) is not None
+        job = (await client.get("/jobs/leaky")).json()
+        assert job["status"] == "failed" and job["error_code"] == "runner_lost", job
+
+
 async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_then_runs(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,19 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from application.config import Settings
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
 from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.exports import merged_path, request_auto_export, run_again, settle, while_running
+from application.services.exports import merged_path, request_auto_export, run_again, while_running
 from application.services.files import FileStore
-from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.log_parser import RunFacts, SwiftLogParser
 from application.services.outbox import until_answered
+from application.services.retention import Retention
 from application.services.run_end import (
     Conclusion,
     checkpoint_step,
@@ -112,6 +113,7 @@ class Watchdog:
         self.host = socket.gethostname()
         self._last_retention = 0.0
         self.files = FileStore(settings, store.r, store.keys)
+        self.retention = Retention(settings, store, cluster, self.files)
         self._unreadable: set[str] = set()  # running jobs whose records this version cannot read (warned once)
         self._failing: set[str] = set()  # jobs whose step of the sweep raised (logged once)
         # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
@@ -163,7 +165,7 @@ class Watchdog:
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
-            await self.expire_old_jobs()
+            await self.retention.expire_old_jobs()
             await self.files.sweep_orphans()
 
     async def _alone(self, job_id: str, step: Awaitable[None]) -> None:
@@ -335,14 +337,16 @@ class Watchdog:
         alone (a trainer that ignored the SIGTERM its launcher died of would train on GPUs given to the next
         job), nor only what has a recorded pid (a runner can die between starting swift and recording it: its
         processes are found by their mark). Returns how it ended ("gone" when nothing was left)."""
-        if pid is None and mark:
-            groups = await asyncio.to_thread(pg.marked_groups, mark)
+        marked = await asyncio.to_thread(pg.marked_groups, mark) if mark else []
+        if pid is None:
+            groups, escaped = marked, []
         else:
             alive = await asyncio.to_thread(pg.run_group_alive, pid, start_time, stamp, mark)
-            groups = [pid] if alive and pid else []
+            groups = [pid] if alive else []
+            escaped = [g for g in marked if g != pid]  # in a session of its own (setsid): stopped too, not told
         grace = self.settings.STOP_GRACE_SECONDS
-        outcomes = await asyncio.gather(*(pg.terminate_group(g, grace) for g in groups))
-        return outcomes[0] if outcomes else "gone"
+        outcomes = await asyncio.gather(*(pg.terminate_group(g, grace) for g in [*groups, *escaped]))
+        return outcomes[0] if groups else "gone"
 
     async def stop_local_runs(self) -> list[str]:
         """End the runs and exports whose runners live on this host, for a scheduler stopping where they cannot
@@ -470,54 +474,3 @@ class Watchdog:
                                     exporting=False if done else None,
                                     notify=f"export_{info.status.value}" if done else None)  # fmt: skip
         return wrote is not None
-
-    async def _expire_unreadable(self, job_id: str) -> bool:
-        """Delete an expired record no model reads; whether it went. One the delete cannot take either leaves
-        retention's index (a warning names the key to delete by hand), unless that may change by the next sweep."""
-        try:
-            await self.store.delete(job_id, ended_only=True)
-            return True
-        except (TransitionRefused, ResponseError) as why:  # (a field the script cannot decode either)
-            refusal = why.reason if isinstance(why, TransitionRefused) else None
-            if refusal == Refusal.MISSING and await self.store.forget_lost(job_id):
-                return False  # (gone meanwhile; not one without a created_at, which the delete takes for gone)
-            if refusal == Refusal.EXPORT_STATE or str(why).startswith(("BUSY", "OOM", "LOADING")):
-                return False  # exporting right now, or Redis unable for a moment: the next sweep sees it again
-            logger.warning("job {}: its record cannot be deleted either ({}): left to an operator (DEL {})", job_id,
-                           why, self.store.keys.job(job_id))  # fmt: skip
-            await self.store.unexpire(job_id)
-            return False
-
-    async def expire_old_jobs(self, batch: int = 100) -> list[str]:
-        """Delete the records of jobs that ended more than JOB_RETENTION_DAYS ago (their files stay)."""
-        days = self.settings.JOB_RETENTION_DAYS
-        if days <= 0:
-            return []
-        removed = []
-        for job_id in await self.store.expired(clock.now() - days * 86400, batch):
-            # The oldest first, every sweep: one left in place for good (a record gone, one no model reads) held
-            # back every job behind it, and the sweep of orphaned uploads after it.
-            try:
-                job = await self.store.get(job_id)
-            except ValueError as exc:  # (pydantic's ValidationError): its status is read by the script alone
-                logger.warning("job {}: its record cannot be read ({}); removing it as retention would", job_id, exc)
-                if await self._expire_unreadable(job_id):
-                    removed.append(job_id)
-                continue
-            if job is None:
-                await self.store.forget_lost(job_id)  # (its expiry entry, and whatever else it left)
-                continue
-            if not job.status.is_terminal():
-                continue  # resumed since (it leaves the expiry set)
-            try:
-                await settle(self.store, job)
-                # (only the job read, still ended: not one created since under its id, nor one resumed since)
-                await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at,
-                                        ended_only=True)  # fmt: skip
-                await self.cluster.release_export_targets(job)
-                removed.append(job_id)
-            except TransitionRefused:
-                continue  # exporting right now, resumed or gone meanwhile: the next sweep sees it again
-        if removed:
-            logger.info("removed {} job record(s) older than {} days: {}", len(removed), days, ", ".join(removed))
-        return removed
