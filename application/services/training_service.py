@@ -63,7 +63,7 @@ from application.services.swift_info import SwiftInfo
 from application.services.webhooks import refuse_undeliverable
 from application.utils.filesystems import on_local_disk
 from application.utils.gpu_types import NO_READING, GpuSnapshot, snapshot_of
-from application.utils.log_tail import PAGE_LINE_CHARS, newest_within, tail_lines
+from application.utils.log_tail import page_lines
 
 # How long a start waits for the scheduler to pick the job up, and a stop for the runner to end the run.
 START_WAIT_SECONDS = 5.0
@@ -451,11 +451,7 @@ class TrainingService:
                 runs = f"its runs are 1 to {len(job.attempts)}" if job.attempts else "it has not run yet"
                 raise NotFound(f"job '{job_id}' has no attempt {attempt}: {runs}")
             path = job.attempts[attempt - 1].log_file
-
-        def page(log: Path) -> list[str]:
-            return newest_within(tail_lines(log, n=limit, line_chars=PAGE_LINE_CHARS, in_place=True))
-
-        lines = await asyncio.to_thread(page, Path(path)) if path else []
+        lines = await asyncio.to_thread(page_lines, Path(path), limit) if path else []
         return LogsResponse(job_id=job_id, log_file=path, lines=lines, count=len(lines), kind=kind)
 
     async def events(self, job_id: str, after: str | None, limit: int, caller: Caller) -> EventList:

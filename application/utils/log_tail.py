@@ -122,6 +122,12 @@ def tail_lines(path: Path | str, n: int, block_size: int = 65536, max_bytes: int
     return [clip_line(line, line_chars) for line in found_lines] if line_chars else found_lines
 
 
+def page_lines(path: Path | str, n: int) -> list[str]:
+    """A job log's last `n` lines as a page of GET .../logs shows them: each clipped to PAGE_LINE_CHARS, and no
+    more of the newest than fit in PAGE_MAX_BYTES of JSON."""
+    return newest_within(tail_lines(path, n, line_chars=PAGE_LINE_CHARS, in_place=True))
+
+
 def tail_start(path: Path | str, n: int, block_size: int = 65536, max_bytes: int = DEFAULT_TAIL_MAX_BYTES,
                in_place: bool = False) -> int:  # fmt: skip
     """The byte offset where the last `n` lines of a log start (a last line without a newline counts), read
