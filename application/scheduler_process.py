@@ -288,7 +288,7 @@ def _log_failure(what: str, exc: Exception) -> None:
     """Redis going away is expected (a restart, a fail-over): one line, not a traceback per pass and sweep."""
     if isinstance(exc, REDIS_AWAY):
         logger.warning("{}: Redis does not answer ({}); trying again", what, exc)
-    elif isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or str(exc).startswith("MISCONF"):
+    elif isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or str(exc).startswith(("MISCONF", "NOREPLICAS")):
         logger.warning("{}: Redis refuses writes ({}); trying again", what, exc)
     else:
         logger.exception(what)

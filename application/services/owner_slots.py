@@ -31,8 +31,10 @@ from application.services.keys import Keys
 
 ANONYMOUS_BUCKET = "-"
 # A download's slot lapses when no chunk has passed for this long (it is renewed as they pass); an upload's
-# lasts twice UPLOAD_IDLE_SECONDS, so that a stalled upload is ended before its slot can lapse.
+# lasts twice UPLOAD_IDLE_SECONDS, so that a stalled upload is ended before its slot can lapse, and at least this
+# long (the checks of a large data set after its last chunk do not renew it).
 DOWNLOAD_SLOT_SECONDS = 60.0
+UPLOAD_SLOT_MIN_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -125,7 +127,7 @@ def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> Owne
 
 def upload_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
     return OwnerSlots(client, keys.open_uploads, cap=settings.UPLOADS_PER_OWNER,
-                      ttl=2 * settings.UPLOAD_IDLE_SECONDS,
+                      ttl=max(UPLOAD_SLOT_MIN_SECONDS, 2 * settings.UPLOAD_IDLE_SECONDS),
                       setting="UPLOADS_PER_OWNER", what="uploads in progress",
                       advice="wait for one to finish")  # fmt: skip
 
