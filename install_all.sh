@@ -8,8 +8,26 @@
 #   TORCH_INDEX_URL=... ./install_all.sh            # an extra index for it ("" for none). Default: PyTorch's CPU
 #                                                   # index on a machine without nvidia-smi, when it answers
 #                                                   # (PyPI's torch is the multi-GB CUDA build)
+#   ./install_all.sh --tests                        # also what the test suite needs outside Python: Debian's
+#                                                   # chromium (the dashboard's browser tests drive it), if missing
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+
+if [ "${1:-}" = "--tests" ] && ! command -v chromium >/dev/null 2>&1; then
+  # Playwright's own browser download is unreachable from many networks: the tests drive Debian's chromium.
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+  if command -v apt-get >/dev/null 2>&1 && as_root apt-get update -q && \
+      DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q chromium fonts-liberation; then
+    echo "chromium installed for the dashboard's browser tests"
+  else
+    echo "install_all.sh: the dashboard's browser tests need chromium on PATH: install it as root" \
+      "(apt-get install chromium fonts-liberation), then run this again" >&2
+    exit 1
+  fi
+elif [ -n "${1:-}" ] && [ "${1:-}" != "--tests" ]; then
+  echo "usage: ./install_all.sh [--tests]" >&2
+  exit 2
+fi
 venv="${SWIFT_VENV:-$here/.swift-venv}"
 swift_version="${MS_SWIFT_VERSION:-4.6.0}"
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
