@@ -332,10 +332,24 @@ def _no_cancelled_streams_at_stop(record: logging.LogRecord) -> bool:
     return not (told_to_stop.is_set() and isinstance(error, asyncio.CancelledError))
 
 
+USAGE = f"""usage: python start.py [{"|".join(ROLES)}]
+
+  all        (the default) the embedded Redis when no REDIS_URL/REDIS_HOST is set, the scheduler and the API
+             workers; stopping it stops them all, but not the runs (their runners go on)
+  api        the API workers alone (API_WORKERS), on APP_HOST:APP_PORT
+  scheduler  the scheduler alone (the queue, the runners, the watchdog; a standby while another one leads)
+
+Settings come from the environment and env/.env.<ENVIRONMENT> (README: Configuration), e.g.
+  APP_PORT=8080 GPU_BACKEND=simulated SIMULATED_GPUS=4x80 python start.py"""
+
+
 def main() -> None:
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(USAGE)
+        return
     role = sys.argv[1] if len(sys.argv) > 1 else "all"
     if role not in ROLES or len(sys.argv) > 2:
-        sys.exit(f"usage: python start.py [{'|'.join(ROLES)}]")
+        sys.exit(USAGE)
     settings = get_settings()
     if role != "scheduler" and (why := settings.open_to_the_network()):  # (the roles that listen)
         print(f"swift-api: invalid settings: {why}", file=sys.stderr)

@@ -54,6 +54,11 @@ def test_a_single_role_needs_a_shared_redis(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "start.py"), "bogus"], env=env, capture_output=True, text=True,
                          timeout=60, check=False)  # fmt: skip
     assert out.returncode == 1 and "usage" in out.stderr
+    # Asked for, the usage is an answer, not an error (it was exit 1, naming neither the roles nor the port).
+    for ask in ("--help", "-h"):
+        out = subprocess.run([sys.executable, str(ROOT / "start.py"), ask], env=env, capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        assert out.returncode == 0 and "scheduler  the scheduler alone" in out.stdout and "APP_PORT" in out.stdout
 
 
 def test_a_redis_that_refuses_the_servers_credentials_or_rights_stops_each_role_saying_what_to_change(
