@@ -199,6 +199,18 @@ def test_a_stopping_scheduler_container_has_the_time_to_send_its_runs_back(monke
     assert m and int(m.group(1)) > settings.STOP_GRACE_SECONDS + RECORD_GRACE
 
 
+def test_a_stopping_api_container_has_the_time_to_finish_its_open_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The API workers give open requests requests_grace to finish (a stop or a pause answers once its run has
+    # ended): Docker's default of 10 s SIGKILLed them first.
+    from start import requests_grace
+
+    api = compose()["services"]["api"]
+    for key, value in {**assignments("ENV"), **service_env(api)}.items():
+        monkeypatch.setenv(key, value)
+    m = re.fullmatch(r"(\d+)s", str(api.get("stop_grace_period")))
+    assert m and int(m.group(1)) > requests_grace(load_settings())
+
+
 def test_the_scheduler_health_check_looks_for_the_scheduler_itself() -> None:
     # Not for `start.py scheduler`, which lives on while the scheduler it keeps starting dies again and again.
     from start import SCHEDULER_MODULE
