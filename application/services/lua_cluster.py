@@ -116,7 +116,8 @@ return 0
 # an old clock. KEYS: the queue, queue_head, head_since; ARGV: the id, since.
 SET_HEAD = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], '[' .. cjson.encode(ARGV[1]) .. ',' .. ARGV[2] .. ']')  -- (cjson: 14 digits)
+-- (the time as given: cjson would write it rounded to 14 digits)
+redis.call('SET', KEYS[2], '[' .. cjson.encode(ARGV[1]) .. ',' .. ARGV[2] .. ']')
 return redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2])
 """
 
