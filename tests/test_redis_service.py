@@ -348,3 +348,16 @@ def test_data_redis_7_wrote_is_not_opened_by_a_redis_6_that_would_start_empty(tm
         server = EmbeddedRedis(folder, newer)
         server.start()
         server.stop()
+
+
+async def test_a_burst_of_more_commands_than_connections_waits_for_one(redis_url: str, tmp_path: Path) -> None:
+    # redis-py's default pool raised "Too many connections" past 100: 400 starts at once answered 503 "Redis does
+    # not answer" with Redis fine, most of them after the job had been queued.
+    from tests.conftest import settings_for
+
+    client = create_client(settings_for(redis_url, tmp_path), redis_url)
+    try:
+        waits = await asyncio.gather(*(client.blpop([f"nothing-{i}"], timeout=0.2) for i in range(300)))
+        assert waits == [None] * 300
+    finally:
+        await client.aclose()

@@ -337,12 +337,20 @@ class _UnixConnection(_OwedReply, aioredis.UnixDomainSocketConnection):
     pass
 
 
+# A process's connections to Redis. Past them a command waits for one (as long as a connect and a reply may take):
+# redis-py's default pool raised at once, so a burst of requests (400 starts at once) answered 503 "Redis does not
+# answer" with Redis fine, and often after the change was made (its second command found no connection).
+MAX_CONNECTIONS = 100
+
+
 def create_client(settings: Settings, url: str) -> aioredis.Redis:
     retry = RetryUnsent(ExponentialBackoff(cap=1.0, base=0.05), settings.REDIS_RETRIES)
     scheme = urlsplit(url).scheme
     connection_class = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=settings.REDIS_CONNECT_TIMEOUT + settings.REDIS_SOCKET_TIMEOUT,
         connection_class=connection_class,
         password=settings.REDIS_PASSWORD,  # a password in REDIS_URL wins over it (redis-py's from_url)
         decode_responses=True,
@@ -352,6 +360,7 @@ def create_client(settings: Settings, url: str) -> aioredis.Redis:
         retry_on_error=list(REDIS_AWAY),
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 # What a role needs of the Redis user, tried at start: its scripts, their keys, and their PUBLISH. A Redis 7 ACL
