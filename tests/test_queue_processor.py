@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -437,3 +438,28 @@ async def test_a_head_found_again_keeps_its_starvation_clock_and_is_planned_with
         await processor.run_pass()
         assert await cluster.queue_head() == first
         await client.post("/jobs/hog/stop")
+
+
+async def test_a_start_refused_because_the_job_was_stopped_meanwhile_keeps_its_loss_history(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The points past the checkpoint a run resumes from were dropped before its move to running: a stop (or a
+    dequeue) that came first refused that move, and the history of a job that never ran again was cut for good."""
+    from application.models.training_model import Attempt
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, SIMULATED_GPUS="1x80") as client:
+        store, processor = client.scheduler.store, client.scheduler.processor
+        await client.post("/jobs", json=job_body(tmp_path, "paused"))
+        checkpoint = tmp_path / "output" / "paused" / "v0-1" / "checkpoint-20"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        first = Attempt(number=1, run_id="r1", started_at=time.time() - 60, outcome="paused")
+        await store.transition("paused", JobStatus.RUNNING, fields={"run_id": "r1", "attempts": [first]})
+        await store.add_history("paused", [{"step": s, "loss": 1.0, "time": time.time()} for s in range(1, 24)])
+        await store.transition("paused", JobStatus.QUEUED, fields={"resume_from": str(checkpoint)})
+        job = await store.get("paused")
+        await store.transition("paused", JobStatus.CANCELLED)  # the stop that came first
+        with pytest.raises(TransitionRefused):
+            await processor.start_run(job, [0])
+        assert [p.step for p in await store.history("paused", 100)] == list(range(1, 24))

@@ -361,8 +361,6 @@ class QueueProcessor:
         now = clock.now()
         attempt = Attempt(number=number, run_id=run_id, started_at=now, resumed_from=resume, first_step=step,
                           gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
-        if job.attempts:
-            await self.store.trim_history(job.job_id, step)
         total = job.progress.max_steps
         progress = Progress(current_step=step, max_steps=total,
                             percentage=round(100.0 * step / total, 2) if step is not None and total else None,
@@ -397,6 +395,15 @@ class QueueProcessor:
         except REDIS_AWAY as exc:
             if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run_id)):
                 raise
+        if job.attempts:
+            # The steps past the checkpoint it resumes from are logged again: dropped once the run is recorded, not
+            # before (a stop or a dequeue that came first cut the history of a job that never ran again). No run
+            # writes yet: its runner is launched below.
+            try:
+                await self.store.trim_history(job.job_id, step)
+            except REDIS_AWAY as exc:
+                logger.warning("job {}: its loss points past step {} not dropped ({}): the run logs them again",
+                               job.job_id, step, exc)  # fmt: skip
         await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
         try:
             # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
