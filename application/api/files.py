@@ -25,6 +25,7 @@ E404: Responses = {404: {"model": ErrorResponse, "description": "No file with th
 UPLOAD_ERRORS: Responses = {
     **E400,
     413: {"model": ErrorResponse, "description": "The file is larger than FILE_MAX_BYTES"},
+    408: {"model": ErrorResponse, "description": "Nothing of the body came for UPLOAD_IDLE_SECONDS: send it again"},
     415: {"model": ErrorResponse, "description": "The body is not multipart/form-data"},
     429: {"model": ErrorResponse, "description": "UPLOADS_PER_OWNER uploads of this key are in progress already"},
     507: {"model": ErrorResponse, "description": "The server could not store the file (disk full, read-only root)"},
