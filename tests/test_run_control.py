@@ -188,6 +188,26 @@ async def test_a_pause_that_a_stop_overtakes_claims_no_lost_steps(
         assert resumed.status_code == 200 and resumed.json()["resume_step"] >= 5, resumed.text
 
 
+async def test_many_stops_or_pauses_at_once_add_one_event(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """Users (or a script's retries) asking at the same moment: each request read the flag unset and wrote its
+    own event, 'stop requested' ten times for one stop (found by the concurrency hunt)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="2x80", AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+        for name in ("stopped", "paused"):
+            body = job_body(tmp_path, name, hang_after_steps=1, auto_start=True, training={"max_steps": 50})
+            assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        await wait_job(client, "stopped", lambda j: (j["progress"]["current_step"] or 0) >= 1)
+        await wait_job(client, "paused", lambda j: (j["progress"]["current_step"] or 0) >= 1)
+        answers = await asyncio.gather(*(client.post("/jobs/stopped/stop") for _ in range(8)),
+                                       *(client.post("/jobs/paused/pause") for _ in range(8)))  # fmt: skip
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        for name, event in (("stopped", "stop_requested"), ("paused", "pause_requested")):
+            ended = name
+            job = await wait_job(client, name, lambda j: j["status"] == ended)  # noqa: B023 (awaited here)
+            events = [e["type"] for e in (await client.get(f"/jobs/{name}/events")).json()["events"]]
+            assert events.count(event) == 1, (job["status"], events)
+
+
 async def test_a_stop_or_a_pause_answers_for_its_run_when_someone_resumes_the_job_at_once(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

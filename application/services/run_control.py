@@ -70,6 +70,25 @@ class RunControl:
     def __init__(self, service: TrainingService) -> None:
         self.service = service
 
+    async def _ask_once(self, job: Job, flag: str, caller: Caller) -> None:
+        """Set a running job's `stop_requested` or `pause_requested` with its event, once: a request asked again
+        while the run ends, or many at the same moment, add no event (the flag must still be as read when it is
+        written: of requests that race, one writes it)."""
+        if getattr(job, flag):
+            return
+        store = self.service.store
+        ((raw,),) = await store.get_fields([job.job_id], [flag])
+        if raw == "true":
+            return
+        what = flag.removesuffix("_requested")
+        try:
+            await store.update(job.job_id, {flag: True}, statuses=(JobStatus.RUNNING,), unchanged={flag: raw},
+                               event=(flag, f"{what} requested: SIGTERM to the process group", None),
+                               actor=caller.actor, created_at=job.created_at)  # fmt: skip
+        except TransitionRefused as exc:
+            if exc.reason != Refusal.CHANGED:
+                raise
+
     async def stop(self, job_id: str, caller: Caller) -> ActionResponse:
         """Stop what the job does now: a run (SIGTERM to its group, grace, SIGKILL, by its runner), a wait (it
         is cancelled), a rest (a paused job is stopped), an export. A start, a resume or the scheduler may move
@@ -114,10 +133,7 @@ class RunControl:
                                       "still resumes it)")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
         if job.status == JobStatus.RUNNING:
-            if not job.stop_requested:  # asked again while the run ends: one event, not one per request
-                await svc.store.update(job_id, {"stop_requested": True}, statuses=(JobStatus.RUNNING,),
-                                       event=("stop_requested", "stop requested: SIGTERM to the process group",
-                                              None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
+            await self._ask_once(job, "stop_requested", caller)
             # The run's runner (or, when it is gone, the scheduler's watchdog) stops it: SIGTERM, grace, SIGKILL.
             # Judged by that run's own end: the job may be resumed or started again by someone else meanwhile.
             final = await await_job(svc, job_id, lambda j: _run_end(j, job.run_id) is not None, grace, job)
@@ -171,10 +187,7 @@ class RunControl:
             hint = " (resume it with POST .../resume)" if job.status == JobStatus.PAUSED else ""
             raise Conflict(f"job '{job_id}' is {job.status.value}: only a running job can be paused{hint}")
         try:
-            if not job.pause_requested:  # asked again while the run ends: one event, not one per request
-                await self.service.store.update(job_id, {"pause_requested": True}, statuses=(JobStatus.RUNNING,),
-                                        event=("pause_requested", "pause requested: SIGTERM to the process group",
-                                               None), actor=caller.actor, created_at=job.created_at)  # fmt: skip
+            await self._ask_once(job, "pause_requested", caller)
         except TransitionRefused as exc:
             raise refused(job_id, exc, "job '{id}' is {status} now: only a running job can be paused") from None
         # Judged by the run's own end, as a stop is: someone may resume the job as soon as it is paused.
