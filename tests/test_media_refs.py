@@ -209,6 +209,30 @@ def test_a_folder_data_set_has_each_data_file_checked(tmp_path: Path, roots: lis
         check_media_folder("training.dataset", folder, roots, None)
 
 
+def test_a_folder_data_set_counts_its_data_files_not_its_images(
+    tmp_path: Path, roots: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image data set laid out as a folder (its rows beside 10,001 images) was refused as holding "more than
+    10000 files", though the README promises 100,000 looked at: only the data files it reads count."""
+    from application.services import media_refs
+
+    folder = tmp_path / "data" / "set"
+    (folder / "images").mkdir(parents=True)
+    for i in range(media_refs.FOLDER_FILES_MAX + 1):
+        (folder / "images" / f"{i}.jpg").touch()
+    write_rows(folder / "train.jsonl", [{"messages": CHAT, "images": [str(folder / "images" / "0.jpg")]}])
+    check_media_folder("training.dataset", folder, roots, None)
+    monkeypatch.setattr(media_refs, "FOLDER_FILES_MAX", 3)  # (as many data files as it takes, made quickly)
+    for i in range(3):
+        write_rows(folder / f"more{i}.jsonl", [{"messages": CHAT}])
+    with pytest.raises(Invalid, match=r"more than 3 data files \(.jsonl, .json, .csv\)"):
+        check_media_folder("training.dataset", folder, roots, None)
+    monkeypatch.setattr(media_refs, "FOLDER_FILES_MAX", 10_000)
+    monkeypatch.setattr(media_refs, "MAX_FOLDER_ENTRIES", 1_000)  # (a folder grown since the link check)
+    with pytest.raises(Invalid, match="more than 1,000 files and folders"):
+        check_media_folder("training.dataset", folder, roots, None)
+
+
 def test_another_owners_folder_is_refused_by_the_guard(tmp_path: Path, roots: list[Path]) -> None:
     seen: list[Path] = []
 

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from application.exceptions import Invalid
 from application.services.datasets import csv_records
-from application.services.path_sandbox import Guard, check_text
+from application.services.path_sandbox import MAX_FOLDER_ENTRIES, Guard, check_text
 from application.utils.regular_files import open_regular
 
 _SOURCE = "source"
@@ -88,16 +88,23 @@ _UNREADABLE = (".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar
 def check_media_folder(field: str, folder: Path, roots: Sequence[Path], guard: Guard | None,
                        columns: Sequence[str] = ()) -> None:  # fmt: skip
     """A folder data set: ms-swift (Hugging Face's loader) reads every data file in it, so each is checked; a
-    file whose rows cannot be read here (columnar, compressed) is refused."""
-    seen = 0
-    for place, _, names in os.walk(folder):
+    file whose rows cannot be read here (columnar, compressed) is refused. Its other files (the images of an
+    image data set laid out beside its rows) are not counted against FOLDER_FILES_MAX, only against
+    MAX_FOLDER_ENTRIES, which the link check applies too."""
+    entries = data_files = 0
+    for place, folders, names in os.walk(folder):
+        entries += len(folders) + len(names)
+        if entries > MAX_FOLDER_ENTRIES:  # (it grew since the link check)
+            raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: name a "
+                          "folder with fewer")  # fmt: skip
         for name in sorted(names):
-            seen += 1
-            if seen > FOLDER_FILES_MAX:
-                raise Invalid(f"{field}: the folder holds more than {FOLDER_FILES_MAX} files: give its data files")
             path = Path(place) / name
             suffix = path.suffix.lower()
             if suffix in (".jsonl", ".json", ".csv"):
+                data_files += 1
+                if data_files > FOLDER_FILES_MAX:
+                    raise Invalid(f"{field}: the folder holds more than {FOLDER_FILES_MAX:,} data files (.jsonl, "
+                                  ".json, .csv): name fewer, or a folder of fewer")  # fmt: skip
                 check_media(field, path, roots, guard, columns)
             elif suffix in _UNREADABLE:
                 raise Invalid(f"{field}: the folder holds {path.relative_to(folder)}, whose rows the server cannot "
