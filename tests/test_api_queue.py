@@ -184,10 +184,12 @@ def test_a_job_whose_gpus_are_gone_since_its_create_is_told_so_at_its_start(
     )
     assert second.job("pinned")["status"] == "pending"
     # One queued before the GPUs went: its reason says what to do, and so does a start of it.
-    r = second.http.post("/jobs/two/start")
-    assert r.status_code == 200 and r.json()["pending_reason"]["code"] == "never", r.text
-    assert r.json()["message"].startswith("The job is queued, but it cannot start: this request can never be met")
-    assert "create it again with num_gpus, gpu_ids or min_gpu_memory_gb" in r.json()["message"]
+    r = second.http.post("/jobs/two/start")  # (it answered 200 "queued"; the README says 409)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith("job 'two' is queued but can never start here: this request can never be")
+    assert "create it again with num_gpus, gpu_ids or min_gpu_memory_gb" in r.json()["detail"]
+    assert second.job("two")["status"] == "queued"
+    assert second.http.get("/jobs/two/status").json()["pending_reason"]["code"] == "never"
     # A paused one is not resumed into that wait either (the README: "not started or resumed either, 409").
     r = second.http.post("/jobs/rested/resume")
     assert r.status_code == 409, r.text

@@ -352,7 +352,8 @@ class TrainingService:
         if just_queued:
             message = await self.placement.queued_message(info.reason)
         elif info.reason is not None and info.reason.code == "never":
-            message = f"The job is queued, but it cannot start: {info.reason.message}"
+            # Not started, as a pending job that can never start is not (409): this start changed nothing.
+            raise Conflict(f"job '{job_id}' is queued but can never start here: {info.reason.message}")
         return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
                               estimated_wait_time=info.estimate, pending_reason=info.reason,
                               message=message)  # fmt: skip
