@@ -271,6 +271,7 @@ def test_health_is_503_with_the_reason_when_redis_is_gone(server_factory: Callab
     own_redis.stop()
     r = wait_for(lambda: (resp := server.http.get("/health")).status_code == 503 and resp, timeout=15)
     assert r.json()["status"] == "unhealthy" and "Redis does not answer" in r.json()["detail"]
+    assert r.headers.get("retry-after") == "5", r.headers  # as every route's 503 while Redis does not answer
     assert server.http.get("/jobs").status_code == 503
     assert server.proc is not None and server.proc.poll() is None  # the server stays up
 

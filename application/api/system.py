@@ -32,4 +32,4 @@ async def get_health(system: System, caller: KnownCallerDep) -> JSONResponse:
     """Needs no API key, so load balancers and health checks can call it. Where keys are configured, a caller
     without a valid one sees the status and what is up, not the errors, leader, paths or versions behind it."""
     ok, body = await system.health(full=caller is not None)
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200) if ok else JSONResponse(body, 503, headers={"Retry-After": "5"})
