@@ -8,6 +8,7 @@ Screenshots go to $SWIFT_API_TEST_ARTIFACTS (default: <repo>/test-results/dashbo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -214,6 +215,29 @@ def test_the_job_page_shows_progress_when_its_streams_are_refused(
         # say why they do not move.
         expect(page.locator("#job-progress")).to_contain_text("12/200", timeout=30_000)
         expect(page.locator("#charts-state")).to_contain_text("too many open streams", timeout=15_000)
+
+
+def test_the_job_page_shows_a_diverged_loss_and_trainer_text_that_cannot_reverse_the_page(
+    server: ApiServer, workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    """A loss gone NaN kept showing the last good one in the header; a right-to-left override in a trainer's
+    error reversed the code the page appends to it, '(edoc_tixe)' (found by the dashboard hunt)."""
+    body = job_body(workspace, "nan", step_seconds=0.3, nan_from_step=4, auto_start=True,
+                    training={"max_steps": 200, "logging_steps": 1})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    page = tabs(server).goto("/ui/jobs/nan")
+    expect(page.locator("#job-loss")).not_to_have_text(re.compile(r"^(—)?$"), timeout=30_000)
+    expect(page.locator("#job-loss")).to_have_text("—", timeout=30_000)
+    assert server.http.post("/jobs/nan/stop").status_code == 200
+    hostile = job_body(workspace, "rlo", fail_at_step=1, fail_message="RuntimeError: \u202eboom", auto_start=True)
+    assert server.create(**hostile).status_code == 201
+    server.wait_status("rlo", "failed")
+    page = tabs(server).goto("/ui/jobs/rlo")
+    page.wait_for_function("() => window.dashboard.jobStatus && window.dashboard.jobStatus() === 'failed'")
+    page.evaluate("() => document.getElementById('job-error').textContent = ''")  # (what the script shows next)
+    expect(page.locator("#job-error")).to_contain_text("boom", timeout=15_000)
+    text = page.locator("#job-error").inner_text()
+    assert "\u202e" not in text and "\ufffdboom" in text and text.endswith("(exit_code)"), text
 
 
 @pytest.mark.timeout(180)
@@ -675,16 +699,20 @@ def test_login_with_api_keys_then_lists_and_actions(server_factory: Callable[...
         r = http.get("/ui/gpus")
         assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=%2Fui%2Fgpus"
 
-    # Log out: the cookie and the stored key are gone.
+    # Log out: the cookie and the stored key are gone, and so is one authorized in Swagger UI (/docs keeps it in
+    # this origin's localStorage: the next person at this browser called the API as alice).
+    swagger = {"HTTPBearer": {"name": "HTTPBearer", "schema": {"type": "http", "scheme": "bearer"}, "value": ALICE_KEY}}
+    page.evaluate("(kept) => localStorage.setItem('authorized', kept)", json.dumps(swagger))
     page.click("header form[data-logout] button")
     expect(page).to_have_url(re.compile(r"/ui/login$"))
     assert not [c for c in tab.context.cookies() if c["name"] == COOKIE]
     assert page.evaluate("localStorage.getItem('swiftApiKey')") is None
+    assert page.evaluate("localStorage.getItem('authorized')") is None
 
 
 @pytest.mark.timeout(180)
 def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
-    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, tabs: Callable[..., Tab]
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, tabs: Callable[..., Tab], workspace: Path
 ) -> None:
     # During a Redis outage the queue page went on showing "2 of 2 GPUs free" without a word, and a reload showed
     # the API's JSON.
@@ -693,8 +721,13 @@ def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
     page = tab.goto("/ui/queue")
     expect(page.locator("body")).to_have_attribute("data-refreshed", re.compile(r"\d+"), timeout=10_000)
     expect(page.locator("#notice")).to_be_hidden()
+    assert server.create(**job_body(workspace, "kept")).status_code == 201
+    job_page = tabs(server).goto("/ui/jobs/kept")
+    job_page.wait_for_function("() => window.dashboard.jobStatus && window.dashboard.jobStatus() === 'pending'")
     own_redis.stop()
     expect(page.locator("#notice")).to_contain_text("Not up to date: the server answered 503", timeout=15_000)
+    # The job page says so too: its status and actions stood as they were with only "reconnecting…" by the log.
+    expect(job_page.locator("#notice")).to_contain_text("Not up to date: Redis does not answer", timeout=15_000)
     response = page.reload()
     assert response is not None and response.status == 503
     assert response.headers["content-type"].startswith("text/html") and response.headers["retry-after"] == "5"
@@ -861,3 +894,18 @@ def test_a_queue_longer_than_its_page_says_so_and_links_the_rest() -> None:
     assert (
         "3–3 of 3" in last and 'href="/ui/queue?offset=1&amp;limit=1" rel="prev"' in last and 'rel="next"' not in last
     )
+
+
+def test_a_jobs_row_shows_an_excerpt_of_its_error_with_no_bidi_control_and_a_page_past_the_end_links_back() -> None:
+    """Found by the dashboard hunt: one failed job's 4,000-character error made its row 7,000 px tall (the admin's
+    first page buried); a right-to-left override in it reversed the text after it ("(edoc_tixe)"); and from an
+    offset past the end, "newer" led to another empty page, 19 clicks from any job."""
+    ctx = PageContext("", "/api/v1/training", True, "root", "admin")
+    error = "RuntimeError: \u202eboom" + "x" * 4000
+    job = {"job_id": "j", "status": "failed", "error_message": error, "progress": {}}
+    page = views.jobs_body(ctx, {"jobs": [job], "offset": 0, "limit": 50, "total": 1}, None, None, True)
+    shown = page.split('class="error small"')[1].split("</div>")[0]
+    assert "x" * views.ERROR_SHOWN not in shown.split(">", 1)[1] and "…" in shown
+    assert "\u202e" not in page and "RuntimeError: \ufffdboom" in page
+    past = views.jobs_body(ctx, {"jobs": [], "offset": 1000, "limit": 50, "total": 65}, None, None, True)
+    assert "0 of 65" in past and 'href="/ui/jobs?offset=15&amp;limit=50" rel="prev"' in past

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -34,9 +35,14 @@ HEADERS = {
 }
 
 
+# Bidi embedding, override and isolate controls: in a trainer's error or an event they reversed what the page
+# shows after them ("(edoc_tixe)", an actor's name); shown as U+FFFD instead.
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
 def esc(value: Any) -> str:
     """Text for an element or a quoted attribute; None shows as an empty string."""
-    return "" if value is None else html.escape(str(value), quote=True)
+    return "" if value is None else html.escape(_BIDI_CONTROLS.sub("\ufffd", str(value)), quote=True)
 
 
 @cache

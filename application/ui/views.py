@@ -11,6 +11,7 @@ from application.models.training_model import JobStatus
 from application.ui.html import PageContext, badge, bar, duration, esc, eta, number, progress_cell, table, when
 
 REFRESH_MS = 3000
+ERROR_SHOWN = 300  # characters of a job's error shown in its row of the jobs list
 
 
 def job_link(ctx: PageContext, job_id: str | None) -> str:
@@ -56,7 +57,10 @@ def _job_row(ctx: PageContext, job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     status = job.get("status")
     error = job.get("error_message")
-    err = f'<div class="error small" title="{esc(error)}">{esc(error)}</div>' if error else ""
+    # An excerpt: a failed run's whole message (4,000 characters) made its row thousands of pixels tall and buried
+    # everyone else's jobs; the job's page and the title show all of it.
+    shown = f"{error[:ERROR_SHOWN]}…" if error and len(error) > ERROR_SHOWN else error
+    err = f'<div class="error small" title="{esc(error)}">{esc(shown)}</div>' if error else ""
     return (
         f'<tr data-job="{esc(job.get("job_id"))}"><td>{job_link(ctx, job.get("job_id"))}</td>'
         f"<td>{badge(status)}{err}</td><td>{esc(job.get('owner') or '—')}</td><td>{esc(job.get('priority'))}</td>"
@@ -85,8 +89,8 @@ def _filters(ctx: PageContext, status: str | None, owner: str | None, admin: boo
 def _pager(ctx: PageContext, path: str, params: dict[str, str], *, offset: int, limit: int, total: int, shown: int,
            next_offset: int | None, words: tuple[str, str] = ("newer", "older")) -> str:  # fmt: skip
     links = []
-    if offset > 0:
-        prev = urlencode({**params, "offset": max(0, offset - limit), "limit": limit})
+    if offset > 0:  # (from past the end: the last page that has rows, not the empty one before it)
+        prev = urlencode({**params, "offset": max(0, min(offset, total) - limit), "limit": limit})
         links.append(f'<a href="{esc(ctx.url(f"{path}?{prev}"))}" rel="prev">← {words[0]}</a>')
     if next_offset is not None:
         nxt = urlencode({**params, "offset": next_offset, "limit": limit})

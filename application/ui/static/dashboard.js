@@ -54,12 +54,18 @@
     return h;
   }
 
+  /**
+   * Text as shown: bidi embedding, override and isolate controls (which trainer output and error messages may
+   * carry) become U+FFFD, so that they cannot reverse what the page shows after them ("(exit_code)", an actor).
+   */
+  const plain = (value) => String(value).replace(/[\u202A-\u202E\u2066-\u2069]/g, "\uFFFD");
+
   /** An element with text (never parsed as HTML) and optional attributes and children. */
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
     for (const [name, value] of Object.entries(attrs || {})) {
       if (value === null || value === undefined || value === false) continue;
-      if (name === "text") node.textContent = String(value);
+      if (name === "text") node.textContent = plain(value);
       else node.setAttribute(name, value === true ? "" : String(value));
     }
     for (const child of children) {
@@ -71,6 +77,10 @@
   function notice(text, link) {
     const box = document.getElementById("notice");
     if (!box) return;
+    if (text === null) {
+      box.hidden = true;
+      return;
+    }
     box.replaceChildren(document.createTextNode(text + " "));
     if (link) box.append(el("a", { href: link.href, text: link.text }));
     box.hidden = false;
@@ -277,7 +287,18 @@
   }
 
   const logout = document.querySelector("[data-logout]");
-  if (logout) logout.addEventListener("submit", () => setKey(null));
+  if (logout) {
+    logout.addEventListener("submit", () => {
+      setKey(null);
+      // Swagger UI (/docs, this origin) keeps a key authorized there in localStorage: the next person at this
+      // browser would call the API with it.
+      try {
+        localStorage.removeItem("authorized");
+      } catch (e) {
+        // storage disabled: nothing was kept
+      }
+    });
+  }
 
   localTimes(document);
   startRefresh();
@@ -289,6 +310,7 @@
     key,
     setKey,
     el,
+    plain,
     timeEl,
     size,
     notice,

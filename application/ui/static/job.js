@@ -130,7 +130,8 @@
     const s = p.remaining_seconds;
     document.getElementById("job-eta").textContent =
       status !== "running" ? "—" : typeof s === "number" ? duration(s) : p.remaining_time || "—";
-    if (p.loss !== undefined && p.loss !== null) document.getElementById("job-loss").textContent = fmt(p.loss);
+    // null: the step's loss was not a number (NaN, inf): not the last good one shown on as if it were this step's
+    if (p.loss !== undefined) document.getElementById("job-loss").textContent = p.loss === null ? "—" : fmt(p.loss);
   }
 
   function duration(s) {
@@ -208,7 +209,7 @@
 
   function eventItem(e) {
     return el("li", { "data-event": e.id }, d.timeEl(e.time), " ", el("span", { class: "ev-type", text: e.type }), " ",
-      document.createTextNode(e.message || ""), " ", el("span", { class: "muted", text: e.actor || "" }));
+      document.createTextNode(d.plain(e.message || "")), " ", el("span", { class: "muted", text: e.actor || "" }));
   }
 
   async function followEvents() {
@@ -277,14 +278,14 @@
   }
 
   const code = (t) => (t ? el("code", { text: t }) : el("span", { class: "muted", text: "—" }));
-  const text = (t) => document.createTextNode(t === null || t === undefined ? "" : String(t));
+  const text = (t) => document.createTextNode(t === null || t === undefined ? "" : d.plain(t));
 
   function showJob(job) {
     exporting = (job.export || {}).status === "running";
     setStatus(job.status);
     showProgress(job.progress);
     const err = document.getElementById("job-error");
-    err.textContent = job.error_message ? `${job.error_message}${job.error_code ? ` (${job.error_code})` : ""}` : "";
+    err.textContent = job.error_message ? `${d.plain(job.error_message)}${job.error_code ? ` (${job.error_code})` : ""}` : "";
     err.hidden = !job.error_message;
     document.getElementById("command").textContent = job.command_line || "—";
     fact("priority", text(job.priority));
@@ -347,6 +348,7 @@
   }
 
   let refreshing = null;
+  let staleSince = null;
   function refreshJob() {
     // Calls that come while one is under way share it.
     if (!refreshing) {
@@ -357,7 +359,16 @@
           setStatus("deleted");
           return;
         }
-        if (!r.ok) return;
+        if (!r.ok) {
+          // The page says it stands still, as the lists do: status, progress and actions are as last read.
+          if (r.status !== 401) staleSince = staleSince || new Date();
+          if (staleSince) d.notice(`Not up to date: ${r.body?.detail || `the server answered ${r.status}`} (showing what it said at ${staleSince.toLocaleTimeString()}); trying again.`);
+          return;
+        }
+        if (staleSince) {
+          staleSince = null;
+          d.notice(null);
+        }
         showJob(r.body);
         const c = await d.apiJson(`${base}/checkpoints`);
         if (!c.ok) return;
