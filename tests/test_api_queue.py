@@ -373,6 +373,11 @@ def test_processor_stop_keeps_queued_jobs_waiting_manual_pass_and_restart(server
     create(server, workspace, "b", auto_start=True, step_seconds=0.05, training={"max_steps": 1000})
     # c keeps its GPU until stopped below: a run that ended by itself would free it for d on a slow machine.
     assert create(server, workspace, "c", hang_after_steps=1)["status"] == "queued"
+    # A start of it while its GPUs are busy does not start it, and the answer does not say it starts by itself.
+    r = server.http.post("/jobs/c/start")
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+    assert r.json()["message"] == ("The job is queued and did not start (its GPUs are not free), nor will it by "
+                                   "itself: the queue processor is stopped: POST /queue/processor/start")  # fmt: skip
     stop(server, "a")
     assert {g["index"]: g["job_id"] for g in server.http.get("/gpus").json()["gpus"]}[a["gpu_ids"][0]] is None
     step = wait_for(lambda: server.job("b")["progress"]["current_step"], what="b's progress")

@@ -351,6 +351,11 @@ class TrainingService:
         message = "The job is queued: it starts by itself when its GPUs are free"
         if just_queued:
             message = await self.placement.queued_message(info.reason)
+        elif info.reason is not None and info.reason.code == "processor_stopped":
+            # Not "it starts by itself": no pass does now. (An explicit start starts a job whose GPUs are free
+            # whatever the switch: not this one, whose GPUs were not.)
+            message = f"The job is queued and did not start (its GPUs are not free), nor will it by itself: " \
+                f"{info.reason.message.replace(' (or start the job explicitly)', '')}"  # fmt: skip
         elif info.reason is not None and info.reason.code == "never":
             # Not started, as a pending job that can never start is not (409): this start changed nothing.
             raise Conflict(f"job '{job_id}' is queued but can never start here: {info.reason.message}")
