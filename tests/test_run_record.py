@@ -9,7 +9,7 @@ import pytest
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job, JobStatus, Progress
 from application.services.log_parser import RunFacts
-from application.services.run_record import record_end
+from application.services.run_record import record_end, unrecorded_checkpoints
 
 
 @pytest.mark.parametrize(("code", "interrupt", "status"), [
@@ -47,3 +47,13 @@ def test_a_pause_names_the_checkpoint_the_next_run_resumes_from_not_one_cut_off(
     assert end.status == JobStatus.PAUSED
     assert end.fields["resume_from"] == str(done)
     assert end.event is not None and end.event[2]["resume_step"] == 4 and end.event[2]["lost_steps"] == 5
+
+
+def test_the_checkpoints_a_dead_runner_did_not_record_are_those_of_its_run_past_the_last_it_did() -> None:
+    run, earlier = "/o/v1-b", "/o/v0-a"
+    found = [f"{earlier}/checkpoint-5", f"{run}/checkpoint-10", f"{run}/checkpoint-15", f"{run}/checkpoint-20"]
+    assert unrecorded_checkpoints(found, run, f"{run}/checkpoint-10") == found[2:]
+    # It recorded none of this run (its last one is the earlier run's, the one it resumed from): all of this run's.
+    assert unrecorded_checkpoints(found, run, f"{earlier}/checkpoint-5") == found[1:]
+    assert unrecorded_checkpoints(found, run, None) == found[1:]
+    assert unrecorded_checkpoints(found, None, None) == [] and unrecorded_checkpoints(found, run, found[-1]) == []

@@ -280,11 +280,17 @@ async def test_a_run_that_ended_unwatched_keeps_the_checkpoint_and_the_end_time_
                       "last_checkpoint": str(run_dir / "checkpoint-10")}  # fmt: skip
             await client.scheduler.store.transition(name, JobStatus.RUNNING, fields=fields)
         await client.scheduler.watchdog.sweep()
+        await client.scheduler.watchdog.sweep()  # (a second sweep adds nothing)
         for name in ended:
             job = (await client.get(f"/jobs/{name}")).json()
             assert job["status"] == "completed", job
             assert job["last_checkpoint"] == str(tmp_path / "output" / name / "v0-20261126-155015" / "checkpoint-20")
             assert abs(job["finished_at"] - ended[name]) < 1, (job["finished_at"], ended[name])
+            # The checkpoint saved while no runner watched has its event, as the one the runner saw would have
+            # (hunt AH: five saves in the log, two events).
+            events = (await client.get(f"/jobs/{name}/events")).json()["events"]
+            saved = [e["data"]["path"] for e in events if e["type"] == "checkpoint_saved"]
+            assert saved == [job["last_checkpoint"]], events
 
 
 @pytest.mark.parametrize(("asked", "status"), [({"stop": True}, "stopped"), ({"pause": True}, "paused"),

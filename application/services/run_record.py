@@ -14,7 +14,7 @@ from application.services.checkpoints import first_resumable
 from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.path_sandbox import RealFolder
-from application.services.run_end import Conclusion, RunEnd, conclude, final_status
+from application.services.run_end import Conclusion, RunEnd, checkpoint_step, conclude, final_status
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
 from application.utils.log_tail import STORED_LINE_CHARS, tail_lines
 
@@ -58,6 +58,17 @@ def read_run(
     # (a folder is free again once its job ended), and a resume from them would train on its weights.
     checkpoints = job_checkpoints(Path(job.output_dir), run_dirs) if any(run_dirs) else []
     return facts, lines, checkpoints
+
+
+def unrecorded_checkpoints(checkpoints: list[str], run_dir: str | None, last_recorded: str | None) -> list[str]:
+    """The checkpoints a run saved after the last one its runner recorded, which died before it read them: those
+    in the run's folder past that one's step (all of it when the runner recorded none there). Their events
+    ("checkpoint saved") were missing while GET .../checkpoints listed them."""
+    if not run_dir:
+        return []
+    folder = Path(run_dir)
+    after = checkpoint_step(last_recorded) if last_recorded and Path(last_recorded).parent == folder else None
+    return [c for c in checkpoints if Path(c).parent == folder and (after is None or (checkpoint_step(c) or 0) > after)]
 
 
 def record_end(

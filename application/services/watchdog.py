@@ -47,7 +47,13 @@ from application.services.run_end import (
     signal_text,
 )
 from application.services.run_outputs import parse_logging_jsonl
-from application.services.run_record import end_recorded, interrupt_of, read_run, record_end
+from application.services.run_record import (
+    end_recorded,
+    interrupt_of,
+    read_run,
+    record_end,
+    unrecorded_checkpoints,
+)
 from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
@@ -290,8 +296,11 @@ class Watchdog:
         logger.warning("job {}: runner {} gone; recorded {} ({})", job.job_id, job.runner.pid if job.runner else
                        None, end.status.value, end.message)  # fmt: skip
         # The end is recorded, so no later sweep sees this run again: what follows it is done here, Redis or not.
+        since = await until_answered("the events", lambda: self.store.newest_event_id(job.job_id))
+        for path in unrecorded_checkpoints(checkpoints, facts.run_dir, job.last_checkpoint):
+            await until_answered("an event", self._saved_event(job.job_id, path, since))
         if end.event is not None:
-            event, since = end.event, await until_answered("the events", lambda: self.store.newest_event_id(job.job_id))
+            event = end.event
             await until_answered("an event", lambda: self.store.add_event_once(job.job_id, *event, since=since))
         # A requeued run's steps past the checkpoint it resumes from are trained again: only those up to it (they
         # were lost for good: the next run starts after them).
@@ -303,6 +312,10 @@ class Watchdog:
         if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await request_auto_export(self.store, self.settings, job.job_id, lambda: None)
+
+    def _saved_event(self, job_id: str, path: str, since: str | None) -> Callable[[], Awaitable[None]]:
+        return lambda: self.store.add_event_once(job_id, "checkpoint_saved", f"checkpoint saved: {path}",
+                                                 {"path": path}, since=since)  # fmt: skip
 
     async def _record_end(self, job: Job, end: Conclusion) -> None:
         """Record the end a sweep concluded; TransitionRefused when someone else recorded one first. A write whose
