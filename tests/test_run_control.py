@@ -805,3 +805,18 @@ async def test_a_stop_racing_a_start_or_a_delete_stops_or_says_404(app_factory: 
                                                   client.post(f"/jobs/gone{i}/{action}"))  # fmt: skip
             assert deleted.status_code in (204, 409) and acted.status_code in (200, 404, 409), acted.text
             assert "None" not in acted.text, acted.text
+
+
+async def test_a_start_whose_run_is_over_before_its_answer_reads_it_says_so_not_409(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The start's answer reads the job after the pass that started it: a run short enough to have completed by
+    then was answered 409 'completed: cannot be started', for a start that had started it. (What the answer makes
+    of the job is driven here with a run over already: the race itself is a matter of milliseconds.)"""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "short", auto_start=True, training={"max_steps": 2})
+        created = (await client.post("/jobs", json=body)).json()
+        job = await wait_job(client, "short", lambda j: j["status"] == "completed")
+        answer = await client.app.state.training._answer_start("short", job["created_at"])
+        assert (answer.status, answer.message) == ("completed", "Training started and has completed"), created

@@ -345,6 +345,8 @@ class TrainingService:
         if job.status == JobStatus.FAILED:
             said = f": {job.error_message}" if job.error_message else ""
             return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
+        if job.status == JobStatus.COMPLETED:  # (a short run, over before this answer read it: not a 409)
+            return ActionResponse(job_id=job_id, status=job.status, message="Training started and has completed")
         if job.status != JobStatus.QUEUED:
             raise await _not_startable(job)
         info = await self.placement.queue_info(job_id)
