@@ -530,6 +530,28 @@ async def test_a_job_is_not_deleted_while_its_quantized_export_waits_or_runs(app
         await client.post("/jobs/hog/stop")
 
 
+async def test_a_paused_quantized_export_resumed_says_it_runs_again_not_that_training_starts_over(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.conftest import gated_swift, make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    wrapper, gate = gated_swift(tmp_path)  # (the export waits at the gate: it is running when paused)
+    async with app_factory(SWIFT_BIN=str(wrapper), AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "e", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "e", lambda j: j["status"] == "completed")
+        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
+        assert (await client.post("/jobs/e/export", json=asked)).status_code == 200
+        await wait_job(client, "e-quant", lambda j: j["status"] == "running")
+        assert (await client.post("/jobs/e-quant/pause")).json()["status"] == "paused"
+        r = await client.post("/jobs/e-quant/resume")
+        assert r.status_code == 200, r.text
+        assert r.json()["message"] == "The export runs again from its start (swift export does not resume)", r.text
+        gate.touch()
+        await wait_job(client, "e-quant", lambda j: j["status"] == "completed")
+
+
 async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app_factory: Callable[..., Any],
                                                                              tmp_path: Path) -> None:  # fmt: skip
     # Exported when its record was about to expire, the job was removed within a minute of the export's end.

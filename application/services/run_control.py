@@ -278,6 +278,8 @@ class RunControl:
         after = await self.service.job(job_id)
         message = f"Resuming from {where}{await _fresh_schedule(checkpoint)}" if checkpoint else \
             "No checkpoint: training starts from the beginning"  # fmt: skip
+        if job.kind == "export":  # (a quantized export: it has no checkpoints of its own, and trains nothing)
+            message = "The export runs again from its start (swift export does not resume)"
         if after.status == JobStatus.FAILED:  # (its run could not even start: a full disk, say)
             message = f"The resumed run failed as it started: {after.error_message}"
         info = await self.service.placement.queue_info(job_id) if after.status == JobStatus.QUEUED else NOT_QUEUED
