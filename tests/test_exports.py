@@ -502,34 +502,6 @@ async def test_a_paused_jobs_running_export_holds_back_its_resume_and_is_what_a_
         await client.post("/jobs/p/stop")
 
 
-async def test_a_job_is_not_deleted_while_its_quantized_export_waits_or_runs(app_factory: Callable[..., Any],
-                                                                             tmp_path: Path) -> None:  # fmt: skip
-    # A merge held the delete back, a quantized export (a job of its own) did not: the parent went (204) while its
-    # export read its checkpoint and wrote into its folder, the export's record then found only through its job.
-    from tests.conftest import make_model, wait_job
-
-    make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(SIMULATED_GPUS="1x80", AUTO_EXPORT=False) as client:
-        hog = job_body(tmp_path, "hog", hang_after_steps=1, auto_start=True)
-        assert (await client.post("/jobs", json=hog)).json()["status"] == "running"
-        body = job_body(tmp_path, "q", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "q", lambda j: j["status"] == "completed")
-        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
-        assert (await client.post("/jobs/q/export", json=asked)).status_code == 200
-        assert (await client.get("/jobs/q-quant")).json()["status"] == "queued"  # (the GPU is the hog's)
-        r = await client.delete("/jobs/q")
-        assert r.status_code == 409, r.text
-        assert r.json()["detail"] == (
-            "job 'q' has a quantized export that has not ended: job 'q-quant' is queued; wait for it to end, or "
-            "stop it (POST .../jobs/q-quant/stop), then delete this job"
-        )
-        assert (await client.get("/jobs/q")).status_code == 200
-        assert (await client.post("/jobs/q-quant/stop")).status_code == 200
-        assert (await client.delete("/jobs/q")).status_code == 204
-        await client.post("/jobs/hog/stop")
-
-
 async def test_a_paused_quantized_export_resumed_says_it_runs_again_not_that_training_starts_over(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -421,14 +421,6 @@ class TrainingService:
     async def delete(self, job_id: str, caller: Caller) -> None:
         job = await self.require(job_id, caller)
         await settle(self.store, job)
-        # A quantized export is a job of its own, reading this job's checkpoint and writing into its folder: the
-        # delete waits for it as for a merge (it went on, its record then found only through its own job).
-        said_to_run = [e.job_id for e in job.exports if e.job_id and e.status == ExportStatus.RUNNING]
-        for quant in await self.store.get_many(said_to_run) if said_to_run else ():
-            if quant.export_of == job_id and not quant.status.is_terminal():
-                raise Conflict(f"job '{job_id}' has a quantized export that has not ended: job '{quant.job_id}' is "
-                               f"{quant.status.value}; wait for it to end, or stop it (POST .../jobs/{quant.job_id}"
-                               "/stop), then delete this job")  # fmt: skip
         try:
             await self.store.delete(job_id, self.files.uploads_of(job), created_at=job.created_at,
                                     actor=caller.actor)  # fmt: skip
