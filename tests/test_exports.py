@@ -502,6 +502,23 @@ async def test_a_paused_jobs_running_export_holds_back_its_resume_and_is_what_a_
         await client.post("/jobs/p/stop")
 
 
+async def test_many_stops_of_an_export_at_once_add_one_event(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # Each read the flag unset and wrote its own "export stop requested" (review AK, as stops of a run did).
+    from tests.conftest import gated_swift, make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    wrapper, _gate = gated_swift(tmp_path)  # (never opened: the automatic export runs until stopped)
+    async with app_factory(SWIFT_BIN=str(wrapper), STOP_GRACE_SECONDS=1) as client:
+        body = job_body(tmp_path, "x", num_gpus=0, auto_start=True, training={"max_steps": 2, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "x", lambda j: j["export"]["status"] == "running" and j["export"]["pid"] is not None)
+        answers = await asyncio.gather(*(client.post("/jobs/x/stop") for _ in range(8)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        await wait_job(client, "x", lambda j: j["export"]["status"] == "stopped")
+        events = [e["type"] for e in (await client.get("/jobs/x/events")).json()["events"]]
+        assert events.count("export_stop_requested") == 1, events
+
+
 async def test_a_paused_quantized_export_resumed_says_it_runs_again_not_that_training_starts_over(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

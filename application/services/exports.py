@@ -279,23 +279,28 @@ EXPORT_LIST = TypeAdapter(list[ExportInfo])
 
 
 async def while_running(store: JobStore, job_id: str, export_id: str | None,
-                        fields: Callable[[ExportInfo], Mapping[str, Any] | None],
+                        fields: Callable[[ExportInfo], Mapping[str, Any] | None], *, once: str | None = None,
                         **update: Any) -> ExportInfo | None:  # fmt: skip
     """Write `fields(export)` only while `export_id` is the job's export and runs, judged from the record as it
     is at the write (not a copy read earlier: its runner, a new request or another scheduler may have written
     since); `fields` may look at that record and decline (None). The export written over, or None when it
     ended, was replaced, the job is gone or `fields` declined. `update`: JobStore.update's event, actor and
-    `exporting`."""
+    `exporting`. `once`: a flag of the job (`export_stop_requested`) already set, by another request at the
+    same moment say, is not written again, nor its event added: the export is answered as written over."""
+    names = ["export", once] if once else ["export"]
     for _ in range(10):
-        raw = (await store.get_fields([job_id], ["export"]))[0][0]
+        raw, *flag = (await store.get_fields([job_id], names))[0]
         current = ExportInfo.model_validate_json(raw) if raw not in (None, "null") else None
         if current is None or current.export_id != export_id or current.status != ExportStatus.RUNNING:
             return None
+        if once and flag[0] == "true":
+            return current
         wanted = fields(current)
         if wanted is None:
             return None
+        unchanged = {"export": raw, **({once: flag[0]} if once else {})}
         try:
-            await store.update(job_id, wanted, unchanged={"export": raw}, **update)
+            await store.update(job_id, wanted, unchanged=unchanged, **update)
             return current
         except TransitionRefused as exc:
             if exc.reason != Refusal.CHANGED:

@@ -164,7 +164,7 @@ class RunControl:
             # Only while the export this caller saw runs: one that ended meanwhile is not stopped, nor a new one.
             asked = ("export_stop_requested", "export stop requested", None)
             if await while_running(svc.store, job_id, job.export.export_id, lambda _: {"export_stop_requested": True},
-                                   actor=caller.actor, event=asked) is None:  # fmt: skip
+                                   once="export_stop_requested", actor=caller.actor, event=asked) is None:  # fmt: skip
                 now = await svc.require(job_id, caller)
                 which = "it" if now.export.export_id == job.export.export_id else "another export now runs: it"
                 message = f"The export had already ended; {which} is {now.export.status.value}"
