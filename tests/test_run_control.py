@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from application.models.training_model import Attempt, JobStatus
+from application.services import job_start
 from application.services import process_group as pg
 from application.services.preemption import Candidate, choose_victims, preemption_wait
 from application.services.run_end import RunEnd, checkpoint_step, retryable
@@ -818,5 +819,20 @@ async def test_a_start_whose_run_is_over_before_its_answer_reads_it_says_so_not_
         body = job_body(tmp_path, "short", auto_start=True, training={"max_steps": 2})
         created = (await client.post("/jobs", json=body)).json()
         job = await wait_job(client, "short", lambda j: j["status"] == "completed")
-        answer = await client.app.state.training._answer_start("short", job["created_at"])
+        answer = await job_start.answer_start(client.app.state.training, "short", job["created_at"])
         assert (answer.status, answer.message) == ("completed", "Training started and has completed"), created
+
+
+async def test_a_start_of_a_queued_job_with_no_scheduler_says_it_starts_when_one_runs(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # It said "did not start (its GPUs are not free), nor will it by itself: no scheduler is running: queued jobs
+    # start when one does" (review AK): no pass had looked at the GPUs, and it does start once a scheduler runs.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        body = job_body(tmp_path, "waits", auto_start=True)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
+        r = await client.post("/jobs/waits/start")
+        assert r.status_code == 200, r.text
+        assert r.json()["message"] == ("The job is queued: no scheduler is running: queued jobs start when one does "
+                                       "(python start.py)")  # fmt: skip

@@ -16,12 +16,13 @@ from application.models.training_model import Attempt, ExportStatus, Job, JobSta
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.gpu_pool import impossible
+from application.services.job_start import START_WAIT_SECONDS
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.placement import NOT_QUEUED
 from application.services.redis_service import REDIS_AWAY
 from application.services.run_end import checkpoint_step
-from application.services.training_service import START_WAIT_SECONDS, STOP_EXTRA_SECONDS, TrainingService
+from application.services.training_service import STOP_EXTRA_SECONDS, TrainingService
 
 STOP_TRIES = 5
 POLL_SECONDS = 0.05  # while an action waits for the run to end

@@ -15,7 +15,6 @@ import functools
 import json
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,17 @@ from application.models.job_responses import (
     StatusResponse,
 )
 from application.models.training_model import ExportStatus, Job, JobStatus
-from application.services import clock
+from application.services import clock, job_start
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
 from application.services.datasets import data_needs
 from application.services.exports import EXPORT_LIST, exports_as_they_stand, settle
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
-from application.services.gpu_pool import gpu_states, impossible, impossible_request, queued_job
+from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
-from application.services.owner_caps import beyond_gpu_cap
 from application.services.path_sandbox import all_of, real_output_root
 from application.services.placement import NOT_QUEUED, Placement, stopped_because
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
@@ -55,18 +53,17 @@ from application.services.queue_planner import (
     Planner,
     build_view,
 )
-from application.services.redis_service import REDIS_AWAY, may_have_run
+from application.services.redis_service import REDIS_AWAY
 from application.services.run_history import RunHistory
 from application.services.scheduler import QueuedJob, gpu_is_free
 from application.services.swift_arguments import DATA_ARGUMENTS, require_usable_swift
 from application.services.swift_info import SwiftInfo
 from application.services.webhooks import refuse_undeliverable
 from application.utils.filesystems import on_local_disk
-from application.utils.gpu_types import NO_READING, GpuSnapshot, snapshot_of
+from application.utils.gpu_types import GpuSnapshot, snapshot_of
 from application.utils.log_tail import page_lines
 
-# How long a start waits for the scheduler to pick the job up, and a stop for the runner to end the run.
-START_WAIT_SECONDS = 5.0
+# How much longer than its grace a stop waits for the runner to end the run (a start waits START_WAIT_SECONDS).
 STOP_EXTRA_SECONDS = 10.0
 
 
@@ -294,76 +291,8 @@ class TrainingService:
 
     async def start(self, job_id: str, caller: Caller, *, gpus_checked: bool = False) -> ActionResponse:
         """A pending job joins the queue at its place (priority, submission time) and the scheduler starts it
-        when its GPUs are free: at once when they are now."""
-        job = await self.require(job_id, caller)
-        if job.status not in (JobStatus.PENDING, JobStatus.QUEUED):
-            raise await _not_startable(job)
-        if job.status == JobStatus.PENDING:
-            # The GPUs may have changed since its create checked them (a restart with fewer): queued, it waited
-            # for ever.
-            # (`gpus_checked`: by the create this start follows.)
-            snapshot = NO_READING if gpus_checked else await self.gpu_snapshot()
-            never = impossible(job.num_gpus, job.gpu_ids_requested, job.min_gpu_memory_gb, snapshot) \
-                if snapshot.taken_at else None  # fmt: skip
-            if never:
-                raise Conflict(f"job '{job_id}' can never start here: {never}. Delete it and create it again with "
-                               "a request these GPUs meet")  # fmt: skip
-            if capped := beyond_gpu_cap(job.num_gpus, job.owner, self.settings.MAX_GPUS_PER_OWNER):
-                raise Conflict(f"job '{job_id}' can never start: {capped}")
-            try:
-                await self.store.transition(job_id, JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor=caller.actor,
-                                            message="start requested: queued for the scheduler",
-                                            created_at=job.created_at)  # fmt: skip
-            except TransitionRefused as exc:
-                if exc.current not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
-                    raise refused(job_id, exc, "job '{id}' is {status} now: it cannot be started") from None
-                # Another start queued it first (a retried request, a colleague), and its pass may have started
-                # it already (a pending job has never run: only a start since this one's read did that). Answered
-                # as that start is, not a 409 that says it cannot be started.
-                return await self._answer_start(job_id, job.created_at)
-        # An explicit start, of a pending or a queued job: the leader makes a pass for it now, even with the
-        # processor switched off or the job deep in a long queue (a wake-up alone started neither).
-        try:
-            if await self.cluster.leader() is not None:
-                await self.cluster.request_pass(uuid.uuid4().hex, START_WAIT_SECONDS, only=[job_id])
-        except REDIS_AWAY as exc:
-            if not may_have_run(exc):  # (a request that never went out: with the processor off, none would start it)
-                raise
-            # Asked for, its answer lost: the pass starts it all the same; answered as the job stands.
-        return await self._answer_start(job_id, job.created_at, just_queued=job.status == JobStatus.PENDING)
-
-    async def _answer_start(self, job_id: str, created_at: float, just_queued: bool = False) -> ActionResponse:
-        """Where a started job stands now, read again: running, queued (where, and why it waits), or failed to
-        launch; cancelled meanwhile is a 409 (it was answered "queued"), deleted meanwhile a 404."""
-        job = await self._job(job_id)
-        if job.created_at != created_at:  # (its id taken again since: not this start's job)
-            raise JobNotFound(job_id)
-        if job.status == JobStatus.RUNNING:
-            where = f"GPUs {job.gpu_ids}" if job.gpu_ids else "the CPU"
-            return ActionResponse(job_id=job_id, status=job.status, gpu_ids=job.gpu_ids,
-                                  message=f"Training started on {where}")  # fmt: skip
-        if job.status == JobStatus.FAILED:
-            said = f": {job.error_message}" if job.error_message else ""
-            return ActionResponse(job_id=job_id, status=job.status, message=f"The job is {job.status.value}{said}")
-        if job.status == JobStatus.COMPLETED:  # (a short run, over before this answer read it: not a 409)
-            return ActionResponse(job_id=job_id, status=job.status, message="Training started and has completed")
-        if job.status != JobStatus.QUEUED:
-            raise await _not_startable(job)
-        info = await self.placement.queue_info(job_id)
-        message = "The job is queued: it starts by itself when its GPUs are free"
-        if just_queued:
-            message = await self.placement.queued_message(info.reason)
-        elif info.reason is not None and info.reason.code == "processor_stopped":
-            # Not "it starts by itself": no pass does now. (An explicit start starts a job whose GPUs are free
-            # whatever the switch: not this one, whose GPUs were not.)
-            message = f"The job is queued and did not start (its GPUs are not free), nor will it by itself: " \
-                f"{info.reason.message.replace(' (or start the job explicitly)', '')}"  # fmt: skip
-        elif info.reason is not None and info.reason.code == "never":
-            # Not started, as a pending job that can never start is not (409): this start changed nothing.
-            raise Conflict(f"job '{job_id}' is queued but can never start here: {info.reason.message}")
-        return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
-                              estimated_wait_time=info.estimate, pending_reason=info.reason,
-                              message=message)  # fmt: skip
+        when its GPUs are free: at once when they are now (`job_start`)."""
+        return await job_start.start(self, job_id, caller, gpus_checked=gpus_checked)
 
     async def leave_queue(self, job: Job, message: str, caller: Caller) -> JobStatus:
         """A waiting job taken out: cancelled, or stopped when it ran before and left a checkpoint (resumed,
@@ -487,20 +416,3 @@ def _queued(job: Job) -> QueuedJob:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [] if value is None else [value]
-
-
-async def _not_startable(job: Job) -> Conflict:
-    job_id = job.job_id
-    hint = ""
-    if job.status == JobStatus.PAUSED:
-        hint = f"; resume it with POST .../jobs/{job_id}/resume"
-    elif job.status in (JobStatus.STOPPED, JobStatus.FAILED):
-        # (as the resume decides: offered only when it would be taken)
-        if await asyncio.to_thread(newest_checkpoint, job):
-            hint = f"; resume it from its last checkpoint with POST .../jobs/{job_id}/resume, or create a new job"
-        else:
-            hint = "; it left no checkpoint to resume from: create a new job"
-        hint += " to train again"
-    elif job.status != JobStatus.RUNNING:
-        hint = "; create a new job to train again"
-    return Conflict(f"job '{job_id}' is {job.status.value}: only a pending job can be started{hint}")
