@@ -311,6 +311,7 @@
     setKey,
     el,
     plain,
+    authNoticed: () => authNoticed,
     timeEl,
     size,
     notice,

@@ -360,15 +360,15 @@
           return;
         }
         if (!r.ok) {
-          // The page says it stands still, as the lists do: status, progress and actions are as last read.
-          if (r.status !== 401) staleSince = staleSince || new Date();
-          if (staleSince) d.notice(`Not up to date: ${r.body?.detail || `the server answered ${r.status}`} (showing what it said at ${staleSince.toLocaleTimeString()}); trying again.`);
+          // The page says it stands still, as the lists do: status, progress and actions are as last read. (Not
+          // over the notice that says to log in again, which a refused key shows.)
+          if (r.status === 401 || d.authNoticed()) return;
+          staleSince = staleSince || new Date();
+          d.notice(`Not up to date: ${r.body?.detail || `the server answered ${r.status}`} (showing what it said at ${staleSince.toLocaleTimeString()}); trying again.`);
           return;
         }
-        if (staleSince) {
-          staleSince = null;
-          d.notice(null);
-        }
+        if (staleSince && !d.authNoticed()) d.notice(null); // (only the notice this showed)
+        staleSince = null;
         showJob(r.body);
         const c = await d.apiJson(`${base}/checkpoints`);
         if (!c.ok) return;
