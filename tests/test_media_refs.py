@@ -233,6 +233,25 @@ def test_a_folder_data_set_counts_its_data_files_not_its_images(
         check_media_folder("training.dataset", folder, roots, None)
 
 
+def test_a_folder_data_set_has_the_data_files_behind_its_folder_links_checked_too(
+    tmp_path: Path, roots: list[Path]
+) -> None:
+    """A link to another folder inside the roots passed the link check, and the walk did not follow it: the rows
+    there could name any file as an image (review AK)."""
+    other = tmp_path / "data" / "other"
+    other.mkdir(parents=True)
+    write_rows(other / "b.jsonl", [{"messages": CHAT, "images": ["/etc/passwd"]}])
+    folder = tmp_path / "data" / "set"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", [{"messages": CHAT}])
+    (folder / "more").symlink_to(other)
+    (other / "up").symlink_to(folder)  # (a loop: each folder is read once)
+    with pytest.raises(Invalid, match="/etc/passwd"):
+        check_media_folder("training.dataset", folder, roots, None)
+    (other / "b.jsonl").unlink()
+    check_media_folder("training.dataset", folder, roots, None)
+
+
 def test_another_owners_folder_is_refused_by_the_guard(tmp_path: Path, roots: list[Path]) -> None:
     seen: list[Path] = []
 

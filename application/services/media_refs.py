@@ -92,7 +92,17 @@ def check_media_folder(field: str, folder: Path, roots: Sequence[Path], guard: G
     image data set laid out beside its rows) are not counted against FOLDER_FILES_MAX, only against
     MAX_FOLDER_ENTRIES, which the link check applies too."""
     entries = data_files = 0
-    for place, folders, names in os.walk(folder):
+    # Into folders its links lead to, as swift's loader goes (the link check kept them inside the roots): the
+    # data files there name media too. Each folder once, so a link to a folder above is no loop.
+    seen = {os.path.realpath(folder)}
+    for place, folders, names in os.walk(folder, followlinks=True):
+        unseen = []
+        for name in folders:
+            real = os.path.realpath(os.path.join(place, name))
+            if real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        folders[:] = unseen
         entries += len(folders) + len(names)
         if entries > MAX_FOLDER_ENTRIES:  # (it grew since the link check)
             raise Invalid(f"{field}: the folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders: name a "
