@@ -443,3 +443,32 @@ async def test_a_tar_download_whose_slot_lapsed_and_was_taken_is_cut_not_ended_a
         bodies = [m for m in sent if m["type"] == "http.response.body"]
         ended = [m.get("more_body", False) for m in bodies]
         assert sent[0]["status"] == 200 and ended and all(ended), ended  # no last chunk: the client sees a cut
+
+
+async def test_after_output_root_moved_the_lists_say_why_they_are_empty_and_a_link_left_behind_mends_them(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """An operator moved OUTPUT_ROOT: every job's files and checkpoints listed as none (200, empty), and its
+    export said its checkpoints had been removed, while all were on disk (hunt AI)."""
+    from tests.conftest import make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    prefix = f"test-moved-{time.time_ns()}"  # (one Redis state across the two servers)
+    async with app_factory(AUTO_EXPORT=False, REDIS_KEY_PREFIX=prefix) as client:
+        body = job_body(tmp_path, "moved", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "moved", lambda j: j["status"] == "completed")
+        listed = (await client.get("/jobs/moved/artifacts")).json()
+        assert listed["files"] and listed["not_read"] is None
+    (tmp_path / "output").rename(tmp_path / "output2")
+    async with app_factory(scheduler=False, OUTPUT_ROOT=str(tmp_path / "output2"), REDIS_KEY_PREFIX=prefix) as client:
+        listed = (await client.get("/jobs/moved/artifacts")).json()
+        assert listed["files"] == [] and "or OUTPUT_ROOT moved (a link at its old path" in listed["not_read"]
+        checkpoints = (await client.get("/jobs/moved/checkpoints")).json()
+        assert checkpoints["checkpoints"] == [] and "OUTPUT_ROOT moved" in checkpoints["not_read"]
+        r = await client.post("/jobs/moved/export", json={})
+        assert r.status_code == 409 and "or OUTPUT_ROOT moved since" in r.json()["detail"], r.text
+        (tmp_path / "output").symlink_to(tmp_path / "output2")  # as the message advises
+        listed = (await client.get("/jobs/moved/artifacts")).json()
+        assert listed["files"] and listed["not_read"] is None
+        assert (await client.get("/jobs/moved/checkpoints")).json()["total"] == 2

@@ -33,6 +33,12 @@ class ArtifactLink(BaseModel):
     target: str = Field(..., description="where it points, relative to the output folder")
 
 
+NOT_READ = (
+    "why the job's folder is not read, when it is not: it leads elsewhere since the job was created (a symlink on "
+    "its way), or lies outside OUTPUT_ROOT, which moved (leave a link at the old path)"
+)
+
+
 class ArtifactList(BaseModel):
     job_id: str
     files: list[ArtifactFile]
@@ -42,3 +48,4 @@ class ArtifactList(BaseModel):
     )
     total_bytes: int = Field(..., description="the sum of the sizes of the files listed")
     truncated: bool = Field(False, description="the folder holds more entries than one listing looks at")
+    not_read: str | None = Field(None, description=NOT_READ)

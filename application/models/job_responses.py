@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from application.models.artifact_model import NOT_READ
 from application.models.training_model import (
     Event,
     ExportInfo,
@@ -90,6 +91,7 @@ class CheckpointList(BaseModel):
     offset: int = 0
     resume_from: str | None = None
     exported: str | None = Field(None, description="the checkpoint the newest completed merge export is of")
+    not_read: str | None = Field(None, description=NOT_READ)
 
 
 class JobSummary(BaseModel):

@@ -229,7 +229,8 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
     files.sort(key=lambda f: f.path)
     return ArtifactList(job_id=job.job_id, files=files, folders=sorted(folders.values(), key=lambda f: f.path),
                         links=sorted(links, key=lambda link: link.path), total_bytes=sum(f.size for f in files),
-                        truncated=truncated)  # fmt: skip
+                        truncated=truncated,
+                        not_read=escaped_output_root(Path(job.output_dir), output_root))  # fmt: skip
 
 
 async def listing(job: Job, output_root: Path) -> ArtifactList:

@@ -117,4 +117,5 @@ def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], 
                                   resume=path == resume, exported=path in merged,
                                   complete=holds_weights(job, path)))  # fmt: skip
     return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), offset=offset, resume_from=resume,
-                          exported=exported)  # fmt: skip
+                          exported=exported,
+                          not_read=escaped_output_root(Path(job.output_dir), output_root))  # fmt: skip

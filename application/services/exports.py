@@ -114,7 +114,8 @@ def no_checkpoint(job: Job) -> Conflict:
     if job.checkpoints:
         return Conflict(f"job '{job.job_id}''s checkpoints are no longer in its folder ({len(job.checkpoints)} "
                         f"recorded, the newest {job.checkpoints[-1]}): removed, or a link on the folder's way leads "
-                        "elsewhere now; nothing to export")  # fmt: skip
+                        "elsewhere now, or OUTPUT_ROOT moved since (GET .../checkpoints says which under "
+                        "not_read); nothing to export")  # fmt: skip
     return Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
 
 

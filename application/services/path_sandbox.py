@@ -404,5 +404,6 @@ def escaped_output_root(output_dir: Path, root: Path) -> str | None:
                 "after the job was created; remove it, or create the job again")  # fmt: skip
     return (
         f"output_dir {output_dir} now resolves to {resolved}, outside OUTPUT_ROOT ({real_root}): a symlink on its "
-        "way changed after the job was created, or OUTPUT_ROOT moved; create the job again"
+        "way changed after the job was created, or OUTPUT_ROOT moved (a link at its old path to the new one makes "
+        "its jobs' folders theirs again); create the job again"
     )
