@@ -579,7 +579,11 @@ async def test_a_jobs_record_is_kept_the_retention_from_its_last_exports_end(app
         # A quantized export waiting for its GPU still writes its folder once its parent's record is gone.
         assert (await client.post("/queue/processor/stop")).status_code == 200
         quant = {"output_name": "q", "quant_bits": 4, "quant_method": "bnb"}
-        child = (await client.post("/jobs/deleted/export", json=quant)).json()["export"]["job_id"]
+        answer = (await client.post("/jobs/deleted/export", json=quant)).json()
+        child = answer["export"]["job_id"]
+        # Not "it starts on a free GPU": nothing starts it while the processor is stopped (hunt AI).
+        assert answer["message"].endswith("it waits: the queue processor is stopped: POST /queue/processor/start "
+                                          "(or start the job explicitly)"), answer["message"]  # fmt: skip
         assert child and await store.r.hlen(store.keys.export_targets) == 2
         assert (await client.delete("/jobs/deleted")).status_code == 204
         held = await store.r.hgetall(store.keys.export_targets)

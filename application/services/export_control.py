@@ -134,11 +134,14 @@ class ExportControl:
                                     f"'{child_id}' (it needs a GPU)", {"job_id": child_id}))  # fmt: skip
         except TransitionRefused:
             pass  # deleted meanwhile: the export job runs anyway, and lists itself
+        when = "it starts on a free GPU"
+        if stopped := await self.service.placement.processor_stopped():  # (not "on a free GPU": nothing starts it)
+            when = f"it waits: {stopped}"
         return ActionResponse(
             job_id=job.job_id,
             status=job.status,
             export=as_export(info, child, job.job_id),  # as GET .../exports shows it: with its job's status
-            message=f"Quantized export queued as job '{child_id}': it starts on a free GPU",
+            message=f"Quantized export queued as job '{child_id}': {when}",
         )
 
     async def _claim(self, target: str, writer: dict[str, Any]) -> None:
