@@ -276,3 +276,17 @@ def test_a_real_folder_holds_what_lies_under_it_once_every_link_is_followed(tmp_
     assert not folder.holds(tmp_path / "out" / "job2" / "checkpoint-1")  # a sibling sharing the name's start
     assert not folder.holds(job / ".." / "job2")
     assert not folder.holds(job)  # the folder is not under itself
+
+
+def test_an_input_no_longer_inside_the_roots_which_changed_is_refused_before_the_run(tmp_path: Path) -> None:
+    # An operator took a data root away (privacy): the jobs that waited to read it read it all the same, its path
+    # resolving to itself whatever the roots (hunt AI).
+    kept, dropped, out = tmp_path / "kept", tmp_path / "dropped", tmp_path / "output"
+    for folder in (kept, dropped, out):
+        folder.mkdir()
+    (dropped / "t.jsonl").write_text("{}\n")
+    inputs = [("data_path", str(dropped / "t.jsonl"), True)]
+    assert relinked_input(inputs, (kept, dropped), (out,), (out,)) is None
+    why = relinked_input(inputs, (kept,), (out,), (out,))
+    assert why == (f"data_path {dropped / 't.jsonl'} is no longer inside DATA_ROOTS, which changed since the job "
+                   "was created: create the job again with a path inside them")  # fmt: skip

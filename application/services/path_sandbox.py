@@ -341,7 +341,8 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
     for a model), or into an `owned` area (OUTPUT_ROOT's job folders, the uploads folders), where whose files they
     are was checked at the create for the path as it was. A link elsewhere inside its roots (data moved to new
     storage, a link left at its old place) is taken, unless it leads into the server's own files (`own`: the
-    create's guard; a data root that holds API_KEYS_FILE). None when none leads astray. Blocking: just before a run."""
+    create's guard; a data root that holds API_KEYS_FILE); so is one no longer inside its roots, which changed.
+    None when none leads astray. Blocking: just before a run."""
     real_data, real_models = _real_roots(tuple(data_roots)), _real_roots(tuple(model_roots))
     real_owned = _real_roots(tuple(owned))
     # An owned area that moved, a link left at its old place (as configured): the same path under it is the same file.
@@ -352,7 +353,13 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
             continue  # a hub id
         stored = os.path.normpath(path)
         resolved = Path(os.path.realpath(stored))
-        inside = _inside(resolved, real_data if data else real_models) and not _own(own, field, path, resolved)
+        in_roots = _inside(resolved, real_data if data else real_models)
+        if str(resolved) == stored and not in_roots:
+            # The roots changed since its create (an operator took a data root away: its jobs read it on).
+            setting = "DATA_ROOTS" if data else "MODEL_ROOTS or OUTPUT_ROOT"
+            return (f"{field} {path} is no longer inside {setting}, which changed since the job was created: create "
+                    "the job again with a path inside them")  # fmt: skip
+        inside = in_roots and not _own(own, field, path, resolved)
         if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
             continue
         if inside and any(o in Path(stored).parents and resolved == r / Path(stored).relative_to(o) for o, r in moved):
