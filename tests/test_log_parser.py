@@ -605,3 +605,18 @@ def test_logging_jsonl_is_read_only_from_a_regular_file_and_in_bounded_lines(
     path = tmp_path / "logging.jsonl"
     path.write_text(step % ("1" + "0" * 400, 1) + '{"loss": "' + "x" * 10_000 + '"}\n' + step % ("0.5", 3))
     assert [(p["step"], p["loss"]) for p in parse_logging_jsonl(path).history] == [(1, None), (3, 0.5)]
+
+
+def test_ppo_steps_without_a_loss_are_points_with_their_own_numbers() -> None:
+    # swift rlhf --rlhf_type ppo logs objective/*, loss/policy_avg, loss/value_avg, lr ... and no `loss`: every
+    # step was taken for something else, and the job's history was empty (hunt AJ, the real ms-swift 4.6.0).
+    parser, got = feed(read(FIX4 / "rlhf_ppo.log.txt"))
+    assert [p["step"] for p in got.history] == list(range(1, 51))
+    assert all(p["loss"] is None for p in got.history) and all(r.diverged_at is None for r in got.results)
+    points = [LossPoint.model_validate(point) for point in got.history]
+    first = points[0].metrics or {}
+    assert first["objective/scores"] == -0.07495 and first["loss/value_avg"] == 0.01286 and first["lr"] == 0
+    assert parser.progress is not None and (parser.progress.current_step, parser.progress.max_steps) == (50, 50)
+    logged = parse_logging_jsonl(FIX4 / "rlhf_ppo.logging.jsonl")
+    assert [p["step"] for p in logged.history] == list(range(1, 51))
+    assert logged.history[1]["metrics"]["loss/policy_avg"] == -0.0014538

@@ -72,6 +72,10 @@ def _dict_kind(d: dict[str, Any]) -> str:
         return "eval"
     if "loss" in d:
         return "train"
+    if "current_step" in d and _metrics(d):
+        # A trainer that logs no `loss` (PPO: objective/*, loss/policy_avg, lr...): its step is a point all the
+        # same, with those numbers (its history was empty).
+        return "train"
     return "other"
 
 
@@ -403,7 +407,7 @@ class SwiftLogParser:
         if key in self._seen_points:
             return
         self._seen_points.add(key)
-        if kind == "train" and d.get("loss") is None and not self._diverged:
+        if kind == "train" and "loss" in d and d["loss"] is None and not self._diverged:
             # (normalized: a loss printed as nan or inf is None here; swift prints no step dict without one)
             self._diverged = True
             result.diverged_at = key[0]
