@@ -148,6 +148,25 @@ def test_preference_data_needs_a_rejected_answer(tmp_path: Path) -> None:
     assert check_dataset("data_path", pref, needs="rejected").rows == 1
 
 
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        ({**MESSAGES, "rejected_response": None}, "is null"),
+        ({**MESSAGES, "rejected_response": "hello"}, "is the chosen answer itself"),
+        ({"query": "hi", "response": "hello", "rejected_response": "hello"}, "is the chosen answer itself"),
+    ],
+)
+def test_a_rejected_answer_swift_would_drop_is_refused_naming_its_row(tmp_path: Path, row: dict[str, Any],
+                                                                        why: str) -> None:  # fmt: skip
+    # ms-swift drops a row whose rejected_response is null or the chosen answer ("the data will be deleted"): a
+    # file of them passed the check and the run failed on a bare ZeroDivisionError (hunt AJ, the real swift).
+    good = {**MESSAGES, "rejected_response": "no"}
+    pref = write(tmp_path / "pref.jsonl", [good, good, row])
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", pref, needs="rejected")
+    assert "line 3" in exc.value.detail and f"'rejected_response' {why}: ms-swift drops such a row" in exc.value.detail
+
+
 def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -> None:
     plain = write(tmp_path / "plain.jsonl", [MESSAGES])
     labelled = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": True}, {**MESSAGES, "label": False}])

@@ -125,6 +125,10 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "rejected" and not rejected:
         raise Invalid(f"{where}: preference training needs a rejected answer per row: add 'rejected_response' "
                       "(or 'rejected_messages')")  # fmt: skip
+    if "rejected_response" in row and (why := _unusable_rejection(row, fmt)):
+        # ms-swift drops such a row ("There are errors in the dataset, the data will be deleted"); with none left
+        # the run failed on a bare ZeroDivisionError after its wait.
+        raise Invalid(f"{where}: its 'rejected_response' {why}: ms-swift drops such a row; give a different answer")
     if needs == "label" and not labelled:
         raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
                       "undesirable one")  # fmt: skip
@@ -132,6 +136,23 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
         raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
                       "'rejected_messages'), a 'label' true/false for KTO, or a prompt alone for GRPO/PPO")  # fmt: skip
     return fmt
+
+
+def _unusable_rejection(row: dict[str, Any], fmt: str) -> str | None:
+    """Why ms-swift would drop a row for its rejected_response (its preprocessor's _check_rejected_response): null,
+    or the chosen answer itself."""
+    value = row["rejected_response"]
+    if value is None:
+        return "is null"
+    if not isinstance(value, str):
+        return None
+    if fmt == "messages":
+        turns = next(row[k] for k in MESSAGE_KEYS if k in row)
+        last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+        chosen = last.get("content", last.get("value"))
+    else:
+        chosen = next((row[k] for k in RESPONSE_KEYS if k in row), None)
+    return "is the chosen answer itself" if value == chosen else None
 
 
 def _has_prompt(row: dict[str, Any]) -> bool:
