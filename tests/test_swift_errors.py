@@ -123,3 +123,17 @@ def test_extract_error_rank_prefixes_chains_and_junk() -> None:
     assert (
         extract_error(["ValueError: at the very start of a cut tail"]) == "ValueError: at the very start of a cut tail"
     )
+
+
+def test_a_run_left_with_no_rows_says_why_not_only_its_last_exception() -> None:
+    # Real ms-swift 4.6.0 DPO runs (hunt AJ): every row longer than max_length ended on "TypeError: 'NoneType'
+    # object is not iterable"; every rejected_response null, on a bare ZeroDivisionError.
+    why = ("(swift had no rows left: 'Dataset filtered, origin length: 20, filtered dataset length: 0': each row was "
+           "longer than max_length or could not be read (the log's warnings name those))")  # fmt: skip
+    too_long = (FIX4 / "fail_all_rows_too_long.log_tail.txt").read_text().splitlines()
+    assert extract_error(too_long) == f"TypeError: 'NoneType' object is not iterable {why}"
+    dropped = (FIX4 / "fail_rejected_null.log_tail.txt").read_text().splitlines()
+    assert extract_error(dropped) == f"ZeroDivisionError: integer division or modulo by zero {why}"
+    # Without swift's count (a tail cut above it), its warnings for the rows it dropped say it.
+    cut = [line for line in dropped if "Dataset filtered" not in line]
+    assert "'There are errors in the dataset, the data will be deleted' for each row" in (extract_error(cut) or "")

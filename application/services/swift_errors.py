@@ -72,4 +72,26 @@ def extract_error(lines: list[str]) -> str | None:
         specific = line
         break
     found = specific or noise
+    if found and (why := _no_rows_left(cleaned, found)):
+        found = f"{found} ({why})"
     return found[:_MAX_ERROR_CHARS] if found else None
+
+
+# swift's own account of a data set it emptied, which its final exception (a ZeroDivisionError in sample_dataset,
+# a TypeError later on) does not give.
+_FILTERED_TO_NONE_RE = re.compile(r"Dataset filtered, origin length: (?P<n>\d+), filtered dataset length: 0\b")
+_ROWS_DELETED = "There are errors in the dataset, the data will be deleted"
+
+
+def _no_rows_left(lines: list[str], error: str) -> str | None:
+    """Why swift had no rows left to train on, when its log says so: every row longer than max_length, or every
+    row dropped as one it could not read (then it fails dividing by the rows' count)."""
+    for line in reversed(lines):
+        if m := _FILTERED_TO_NONE_RE.search(line):
+            return (f"swift had no rows left: 'Dataset filtered, origin length: {m['n']}, filtered dataset length: "
+                    "0': each row was longer than max_length or could not be read (the log's warnings name "
+                    "those)")  # fmt: skip
+    if error.startswith("ZeroDivisionError") and any(_ROWS_DELETED in line for line in lines):
+        return (f"swift had no rows left: '{_ROWS_DELETED}' for each row it could not read; the log's warnings "
+                "above it name them")  # fmt: skip
+    return None
