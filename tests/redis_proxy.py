@@ -10,17 +10,25 @@ import re
 import socket
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 
 class RedisProxy:
     def __init__(self, upstream_url: str) -> None:
         parts = urlsplit(upstream_url)
-        self.upstream_port = parts.port or 6379
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.port: int = self.listener.getsockname()[1]
-        self.url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
+        if parts.scheme == "unix":
+            # The suite's own Redis (no TEST_REDIS_URL: the README's test command) listens on a unix socket: the
+            # proxy is reached over TCP all the same, on that socket's database. (It read the URL's missing port
+            # as 6379, proxied nothing, and 29 tests failed outside CI.)
+            self.upstream: tuple[int, str | tuple[str, int]] = (socket.AF_UNIX, unquote(parts.path))
+            db = parse_qs(parts.query).get("db", ["0"])[0]
+            self.url = f"redis://127.0.0.1:{self.port}/{db}"
+        else:
+            self.upstream = (socket.AF_INET, ("127.0.0.1", parts.port or 6379))
+            self.url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
         self.fired = threading.Event()
         self._trigger: tuple[re.Pattern[bytes], bool, float] | None = None
         self._down_until = 0.0
@@ -58,9 +66,12 @@ class RedisProxy:
             if time.monotonic() < self._down_until:
                 client.close()
                 continue
+            upstream = socket.socket(self.upstream[0], socket.SOCK_STREAM)
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                upstream.settimeout(5)
+                upstream.connect(self.upstream[1])
             except OSError:
+                upstream.close()
                 client.close()
                 continue
             upstream.settimeout(None)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
 import psutil
@@ -61,6 +62,14 @@ def test_a_single_role_needs_a_shared_redis(tmp_path: Path) -> None:
         assert out.returncode == 0 and "scheduler  the scheduler alone" in out.stdout and "APP_PORT" in out.stdout
 
 
+def with_credentials(url: str, user: str, password: str) -> str:
+    """`url` logging in as `user`: in its netloc, or, for the suite's own Redis on a unix socket (the README's test
+    command, without TEST_REDIS_URL), as redis-py's query parameters (the netloc's were dropped: no login at all)."""
+    if urlsplit(url).scheme == "unix":
+        return f"{url}{'&' if '?' in url else '?'}username={quote(user)}&password={quote(password)}"
+    return url.replace("redis://", f"redis://{user}:{password}@", 1)
+
+
 def test_a_redis_that_refuses_the_servers_credentials_or_rights_stops_each_role_saying_what_to_change(
     redis_url: str, tmp_path: Path
 ) -> None:
@@ -75,7 +84,7 @@ def test_a_redis_that_refuses_the_servers_credentials_or_rights_stops_each_role_
     try:
         for password, said in (("pw-0123456789", "ACL SETUSER <user> ~refused:* &refused:* +@all"),
                                ("wrong-password", "Redis refused this server's credentials")):  # fmt: skip
-            url = redis_url.replace("redis://", f"redis://{user}:{password}@", 1)
+            url = with_credentials(redis_url, user, password)
             for role in ("api", "scheduler", "all"):
                 out = subprocess.run([sys.executable, str(ROOT / "start.py"), role], env={**env, "REDIS_URL": url},
                                      capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
@@ -88,7 +97,7 @@ def test_a_redis_that_refuses_the_servers_credentials_or_rights_stops_each_role_
 async def test_a_redis_that_stops_taking_the_servers_password_is_not_an_outage_to_wait_out(
     app_factory: Callable[..., Any], redis_url: str
 ) -> None:
-    wrong = redis_url.replace("redis://", "redis://nobody:wrong-password@", 1)
+    wrong = with_credentials(redis_url, "nobody", "wrong-password")
     async with app_factory(scheduler=False, REDIS_URL=wrong, REDIS_RETRIES=0) as client:
         r = await client.get("/jobs")
         assert r.status_code == 503 and "Retry-After" not in r.headers, r.text
