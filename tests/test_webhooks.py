@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from application.services.webhooks import is_public, pinned
-from tests.conftest import job_body, make_model
+from tests.conftest import job_body, make_model, wait_job
 
 SECRET = "webhook-secret-0123456789"
 
@@ -209,6 +209,40 @@ async def test_a_slow_operator_url_holds_up_neither_a_jobs_own_url_nor_is_a_redi
         drip.close()
 
 
+async def test_notifications_held_by_a_slow_operator_url_do_not_hold_back_a_jobs_own_url(
+    app_factory: Callable[..., Any],
+    tmp_path: Path,
+    receiver: Callable[[dict[str, list[int]]], Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each notification held one of 128 slots until every URL had its answer: a backlog held by a slow operator URL
+    # made every job's own URL wait behind it, minutes after a burst of ends (hunt AL). Two slots here, so that two
+    # notifications are such a backlog.
+    from application.services import webhooks
+
+    monkeypatch.setattr(webhooks, "MAX_NOTIFICATIONS", 2)
+    drip, own = Drip(), receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"WEBHOOK_URLS": drip.url, "WEBHOOK_TIMEOUT_SECONDS": 3, "WEBHOOK_MAX_ATTEMPTS": 2,
+                "WEBHOOK_RETRY_SECONDS": 1, "WEBHOOK_ALLOW_PRIVATE": True, "AUTO_EXPORT": False}  # fmt: skip
+    try:
+        async with app_factory(**settings) as client:
+            for name in ("first", "second"):
+                body = job_body(tmp_path, name, num_gpus=0, auto_start=True, training={"max_steps": 1})
+                assert (await client.post("/jobs", json=body)).status_code == 201
+                await wait_job(client, name, lambda j: j["status"] == "completed")
+            body = job_body(tmp_path, "mine", num_gpus=0, auto_start=True, webhook_url=own.url,
+                            training={"max_steps": 1})  # fmt: skip
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            await until(lambda: "status_completed" in own.events(), timeout=30)
+            # ... while the operator's URL was still being tried for the two before it.
+            for name in ("first", "second"):
+                events = (await client.get(f"/jobs/{name}/events")).json()["events"]
+                assert not [e for e in events if e["type"].startswith("webhook_")], events
+    finally:
+        drip.close()
+
+
 async def test_a_job_deleted_before_it_ended_is_notified_and_one_that_ended_is_not(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:
@@ -277,7 +311,15 @@ async def test_a_jobs_own_url_into_a_private_network_is_refused_unless_allowed(
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(WEBHOOK_SECRET=SECRET) as client:
         # Written as an address: refused at once (it was stored, to fail at every notification).
-        literal = (hook.url, "http://127.1:9/x", "http://0x7f000001/x", "http://[::ffff:10.0.0.1]/x", "http://0.0.0.0/")
+        literal = (
+            hook.url,
+            "http://127.1:9/x",
+            "http://0x7f000001/x",
+            "http://[::ffff:10.0.0.1]/x",
+            "http://0.0.0.0/",
+            "http://127.0.0.1.:9/x",
+            "http://0.0.0.0./",
+        )  # (a trailing dot was taken for a name: hunt AL)
         for url in literal:
             r = await client.post("/jobs", json=job_body(tmp_path, "literal", webhook_url=url))
             assert r.status_code == 422 and "WEBHOOK_ALLOW_PRIVATE=true" in r.json()["detail"], (url, r.text)

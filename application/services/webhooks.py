@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -38,12 +39,15 @@ from application.exceptions import Invalid
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
-# POSTs under way to one URL at once, and notifications under way at once. Slots are per URL: with one slot
-# for a notification's every URL, one slow or dead receiver (an operator's, retried for a minute or more) held
-# them all, and every user's own URL waited behind it.
+# POSTs under way to one URL at once; notifications whose job's own URL is still being posted; notifications
+# under way in all. Slots are per URL: with one slot for a notification's every URL, one slow or dead receiver
+# (an operator's, retried for a minute or more) held them all, and every user's own URL waited behind it. So a
+# notification leaves the second count once its own URL has its answer, though the operator's is still posted:
+# 128 notifications held by a dead WEBHOOK_URLS receiver made every job's own webhook wait minutes.
 # (Bounded: each stays under way until every URL has its answer, and a new leader posts those again to all.)
 MAX_PARALLEL = 16
 MAX_NOTIFICATIONS = 128
+MAX_BACKLOG = 10_000
 POLL_SECONDS = 0.5
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 
@@ -104,7 +108,9 @@ def _plain(address: str) -> str:
 
 def literal_address(host: str) -> str | None:
     """The address a host written as one names (127.0.0.1, and the forms the resolver also reads as addresses:
-    127.1, 0x7f000001, 2130706433, [::ffff:127.0.0.1]), normalised; None for a name. No lookup is made."""
+    127.1, 0x7f000001, 2130706433, [::ffff:127.0.0.1], and any of them with the root's trailing dot), normalised;
+    None for a name. No lookup is made."""
+    host = host.removesuffix(".") if not host.startswith("[") else host
     try:
         return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
     except ValueError:
@@ -144,6 +150,10 @@ class Webhooks:
         self.secret = settings.WEBHOOK_SECRET.get_secret_value() if settings.WEBHOOK_SECRET else None
         self.urls = settings.webhook_urls()
         self._slots = asyncio.Semaphore(MAX_NOTIFICATIONS)
+        self._backlog = asyncio.Semaphore(MAX_BACKLOG)
+        # Made once (about 20 ms of CPU each, on the scheduler's loop: a client per notification made a burst of
+        # deliveries slow every scheduling pass 40-fold).
+        self._tls: ssl.SSLContext | None = None
         self._url_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # url -> (its slots, [its users])
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: Counter[str] = Counter()  # the notifications this leader's deliveries hold, as taken
@@ -157,6 +167,7 @@ class Webhooks:
     async def run(self) -> None:
         """Deliver until cancelled (the lead lost, a stop). A Redis error, however long, only pauses it: the leader
         that keeps its lead through an outage must not go on without deliveries."""
+        self._tls = await asyncio.to_thread(httpx.create_ssl_context)
         await self._redis_retried(self._start)
         # A take whose answer an outage cut off may have moved a notification to the deliveries under way with no
         # task to deliver it: looked for once Redis answers again.
@@ -179,6 +190,7 @@ class Webhooks:
                 if raw is None:
                     await asyncio.sleep(POLL_SECONDS)
                     continue
+                await self._backlog.acquire()
                 await self._slots.acquire()
                 self._held[raw] += 1
                 task = asyncio.create_task(self._deliver(raw))
@@ -206,6 +218,14 @@ class Webhooks:
             pause = min(pause * 2, RETRY_MAX)
 
     async def _deliver(self, raw: str) -> None:
+        own_posted = False
+
+        def free_slot() -> None:
+            nonlocal own_posted
+            if not own_posted:
+                own_posted = True
+                self._slots.release()
+
         try:
             item = json.loads(raw)
             # The operator's URLs are posted as they are; a job's own URL is checked (`own`), unless it is one
@@ -219,9 +239,19 @@ class Webhooks:
                                "message": item.get("message"), "job": job}).encode()  # fmt: skip
             # The notification's own id (its event's): the same when a new leader delivers it again (at least once).
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
-            async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS) as client:
-                await asyncio.gather(*(self._post_in_turn(client, url, body, item, delivery, own=own)
-                                       for url, own in targets.items()))  # fmt: skip
+            async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS,
+                                         verify=self._tls or True) as client:  # fmt: skip
+                posts = {url: asyncio.ensure_future(self._post_in_turn(client, url, body, item, delivery, own=own))
+                         for url, own in targets.items()}  # fmt: skip
+                try:
+                    own_urls = [posts[url] for url, own in targets.items() if own]
+                    if own_urls:
+                        await asyncio.gather(*own_urls)
+                    free_slot()  # (the operator's URLs may still be posted: the next notification is taken meanwhile)
+                    await asyncio.gather(*posts.values())
+                finally:  # (cancelled, the lead lost: none posts on)
+                    for post in posts.values():
+                        post.cancel()
             # Dropped only once Redis takes it: left under way, it would be requeued and posted again.
             await self._redis_retried(lambda: self.cluster.webhook_delivered(raw))
         except asyncio.CancelledError:
@@ -232,7 +262,8 @@ class Webhooks:
             self._held[raw] -= 1
             if self._held[raw] <= 0:
                 del self._held[raw]
-            self._slots.release()
+            free_slot()
+            self._backlog.release()
 
     async def _post_in_turn(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any],
                             delivery: str, own: bool) -> None:  # fmt: skip
