@@ -27,6 +27,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -48,6 +49,7 @@ from application.services.job_store import JobStore
 MAX_PARALLEL = 16
 MAX_NOTIFICATIONS = 128
 MAX_BACKLOG = 10_000
+_LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="webhook-dns")  # (threads start at the first lookup)
 POLL_SECONDS = 0.5
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 
@@ -336,7 +338,9 @@ class Webhooks:
         # The name as httpx sends it (IDNA 2008): resolving the text (IDNA 2003: straße.de as strasse.de) looked up
         # another domain than the Host header named.
         host = httpx.URL(url).raw_host.decode("ascii")
-        found = await asyncio.to_thread(addresses, host)
+        # In threads of their own: a lookup a black-holed name server never answers holds its thread past the
+        # attempt's timeout, and in the default pool a user's many such names stalled the scheduler's own reads.
+        found = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, addresses, host)
         # Nor this host's own public addresses: its services listening on every interface are not the user's.
         if not all(map(is_public, found)) or any(_plain(a) in own_addresses() for a in found):
             return None
