@@ -256,6 +256,10 @@ def test_an_input_in_an_owned_area_that_moved_with_a_link_left_behind_is_the_sam
     out.symlink_to(tmp_path / "out-new", target_is_directory=True)
     roots = ((data,), (out,), (out, data / "uploads"))
     assert relinked_input([("data_path", upload, True), ("model_path", model, False)], *roots) is None
+    # The same with the settings naming the new places (review AM: a quantized export of a checkpoint stored under
+    # the old OUTPUT_ROOT was refused after the README's move, which changes OUTPUT_ROOT and leaves a link).
+    moved = ((tmp_path / "d1-new",), (tmp_path / "out-new",), (tmp_path / "out-new", tmp_path / "d1-new" / "uploads"))
+    assert relinked_input([("data_path", upload, True), ("model_path", model, False)], *moved) is None
     # But not a link inside the area, made since, to another owner's files.
     (data / "uploads" / "alice").rename(data / "uploads" / "alice.kept")
     (data / "uploads" / "alice").symlink_to(data / "uploads" / "bob", target_is_directory=True)

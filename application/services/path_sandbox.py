@@ -345,8 +345,6 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
     None when none leads astray. Blocking: just before a run."""
     real_data, real_models = _real_roots(tuple(data_roots)), _real_roots(tuple(model_roots))
     real_owned = _real_roots(tuple(owned))
-    # An owned area that moved, a link left at its old place (as configured): the same path under it is the same file.
-    moved = [(Path(os.path.abspath(o)), r) for o, r in zip(owned, real_owned, strict=True)]
     for field, value, data in inputs:
         path = without_sample(value) if data else value
         if not os.path.isabs(path):
@@ -362,11 +360,27 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
         inside = in_roots and not _own(own, field, path, resolved)
         if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
             continue
-        if inside and any(o in Path(stored).parents and resolved == r / Path(stored).relative_to(o) for o, r in moved):
+        if inside and _moved_area(Path(stored), resolved, real_owned):
             continue
         return (f"{field} {path} now leads to another place: a symlink on its way was made or changed after the "
                 "job was created; remove it, or create the job again")  # fmt: skip
     return None
+
+
+def _moved_area(stored: Path, resolved: Path, real_owned: Sequence[Path]) -> bool:
+    """Whether `stored` is the same path under an owned area that moved, a link left at its old place (whether the
+    setting names the old place or the new): an ancestor of it resolves to the area, and the rest of the path is
+    as stored (no link inside the area, which could lead into another owner's files)."""
+    for root in real_owned:
+        if root not in resolved.parents:
+            continue
+        rest = resolved.relative_to(root)
+        ancestor = stored
+        for _ in rest.parts:
+            ancestor = ancestor.parent
+        if ancestor / rest == stored and os.path.realpath(ancestor) == str(root):
+            return True
+    return False
 
 
 def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence[Path], model_roots: Sequence[Path],
