@@ -72,7 +72,7 @@ def extract_error(lines: list[str]) -> str | None:
         specific = line
         break
     found = specific or noise
-    if found and (why := _no_rows_left(cleaned, found)):
+    if found and found.startswith(_NO_ROWS_ERRORS) and (why := _no_rows_left(cleaned, found)):
         found = f"{found} ({why})"
     return found[:_MAX_ERROR_CHARS] if found else None
 
@@ -81,6 +81,9 @@ def extract_error(lines: list[str]) -> str | None:
 # a TypeError later on) does not give.
 _FILTERED_TO_NONE_RE = re.compile(r"Dataset filtered, origin length: (?P<n>\d+), filtered dataset length: 0\b")
 _ROWS_DELETED = "There are errors in the dataset, the data will be deleted"
+# What swift 4.6 raises with no rows (sample_dataset divides by them; the trainer iterates None): swift logs its
+# count for each data set, the validation set's too, so the hint is only for these.
+_NO_ROWS_ERRORS = ("ZeroDivisionError", "TypeError: 'NoneType' object is not iterable")
 
 
 def _no_rows_left(lines: list[str], error: str) -> str | None:
