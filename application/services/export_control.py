@@ -5,6 +5,7 @@ job's exports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,9 @@ class ExportControl:
         except TransitionRefused:
             pass  # deleted meanwhile: the export job runs anyway, and lists itself
         when = "it starts on a free GPU"
-        if stopped := await self.service.placement.processor_stopped():  # (not "on a free GPU": nothing starts it)
-            when = f"it waits: {stopped}"
+        with contextlib.suppress(*REDIS_AWAY):  # (recorded: a 503 "try again" would queue a second export)
+            if stopped := await self.service.placement.processor_stopped():  # (nothing starts it on a free GPU)
+                when = f"it waits: {stopped}"
         return ActionResponse(
             job_id=job.job_id,
             status=job.status,
