@@ -169,7 +169,11 @@ class Webhooks:
     async def run(self) -> None:
         """Deliver until cancelled (the lead lost, a stop). A Redis error, however long, only pauses it: the leader
         that keeps its lead through an outage must not go on without deliveries."""
-        self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        try:
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        except Exception:  # (SSL_CERT_FILE unreadable, say: each delivery then says so, as before, not none at all)
+            logger.exception("webhooks: the TLS context could not be made")
+            self._tls = None
         await self._redis_retried(self._start)
         # A take whose answer an outage cut off may have moved a notification to the deliveries under way with no
         # task to deliver it: looked for once Redis answers again.
@@ -193,7 +197,11 @@ class Webhooks:
                     await asyncio.sleep(POLL_SECONDS)
                     continue
                 await self._backlog.acquire()
-                await self._slots.acquire()
+                try:
+                    await self._slots.acquire()
+                except BaseException:  # (cancelled: the lead lost; this object serves the next term too)
+                    self._backlog.release()
+                    raise
                 self._held[raw] += 1
                 task = asyncio.create_task(self._deliver(raw))
                 self._tasks.add(task)
@@ -251,9 +259,10 @@ class Webhooks:
                         await asyncio.gather(*own_urls)
                     free_slot()  # (the operator's URLs may still be posted: the next notification is taken meanwhile)
                     await asyncio.gather(*posts.values())
-                finally:  # (cancelled, the lead lost: none posts on)
+                finally:  # (cancelled, the lead lost: none posts on, nor outlives the client)
                     for post in posts.values():
                         post.cancel()
+                    await asyncio.gather(*posts.values(), return_exceptions=True)
             # Dropped only once Redis takes it: left under way, it would be requeued and posted again.
             await self._redis_retried(lambda: self.cluster.webhook_delivered(raw))
         except asyncio.CancelledError:
