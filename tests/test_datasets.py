@@ -167,6 +167,14 @@ def test_a_rejected_answer_swift_would_drop_is_refused_naming_its_row(tmp_path: 
     assert "line 3" in exc.value.detail and f"'rejected_response' {why}: ms-swift drops such a row" in exc.value.detail
 
 
+def test_an_empty_rejected_cell_of_a_csv_file_is_refused(tmp_path: Path) -> None:
+    # The CSV reader here gives "", ms-swift's loader null: a row it drops (review AM).
+    pref = tmp_path / "pref.csv"
+    pref.write_text("query,response,rejected_response\nhi,hello,go away\nhi,hello,\n")
+    with pytest.raises(Invalid, match="'rejected_response' is empty: ms-swift drops such a row"):
+        check_dataset("data_path", pref, needs="rejected")
+
+
 def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -> None:
     plain = write(tmp_path / "plain.jsonl", [MESSAGES])
     labelled = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": True}, {**MESSAGES, "label": False}])

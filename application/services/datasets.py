@@ -125,7 +125,7 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "rejected" and not rejected:
         raise Invalid(f"{where}: preference training needs a rejected answer per row: add 'rejected_response' "
                       "(or 'rejected_messages')")  # fmt: skip
-    if "rejected_response" in row and (why := _unusable_rejection(row, fmt)):
+    if "rejected_response" in row and (why := _unusable_rejection(row, fmt, text)):
         # ms-swift drops such a row ("There are errors in the dataset, the data will be deleted"); with none left
         # the run failed on a bare ZeroDivisionError after its wait.
         raise Invalid(f"{where}: its 'rejected_response' {why}: ms-swift drops such a row; give a different answer")
@@ -138,12 +138,12 @@ def _row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     return fmt
 
 
-def _unusable_rejection(row: dict[str, Any], fmt: str) -> str | None:
-    """Why ms-swift would drop a row for its rejected_response (its preprocessor's _check_rejected_response): null,
-    or the chosen answer itself."""
+def _unusable_rejection(row: dict[str, Any], fmt: str, text: bool) -> str | None:
+    """Why ms-swift would drop a row for its rejected_response (its preprocessor's _check_rejected_response): null
+    (in a CSV file (`text`), an empty cell, which its loader reads as null), or the chosen answer itself."""
     value = row["rejected_response"]
-    if value is None:
-        return "is null"
+    if value is None or (text and value == ""):
+        return "is null" if value is None else "is empty"
     if not isinstance(value, str):
         return None
     if fmt == "messages":
