@@ -90,8 +90,10 @@ def _parts(text: str) -> list[str] | None:
 def job_folder(job: Job, output_root: Path) -> Path | None:
     """The job's output folder, resolved; None when it is missing, (moved) outside OUTPUT_ROOT, or leads to
     another folder than the one resolved at its create (a link made since: to another owner's folder)."""
-    if escaped_output_root(Path(job.output_dir), output_root) is not None:
-        return None
+    return None if escaped_output_root(Path(job.output_dir), output_root) is not None else _existing_folder(job)
+
+
+def _existing_folder(job: Job) -> Path | None:
     base = Path(os.path.realpath(job.output_dir))
     return base if base.is_dir() else None
 
@@ -192,7 +194,8 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
     folders: dict[str, ArtifactFolder] = {}
     links: list[ArtifactLink] = []
     truncated = False
-    base = job_folder(job, output_root)
+    not_read = escaped_output_root(Path(job.output_dir), output_root)  # (job_folder's, said why)
+    base = None if not_read else _existing_folder(job)
     try:
         fd = os.open(base, DIR_FLAGS) if base else None
     except OSError:
@@ -229,8 +232,7 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
     files.sort(key=lambda f: f.path)
     return ArtifactList(job_id=job.job_id, files=files, folders=sorted(folders.values(), key=lambda f: f.path),
                         links=sorted(links, key=lambda link: link.path), total_bytes=sum(f.size for f in files),
-                        truncated=truncated,
-                        not_read=escaped_output_root(Path(job.output_dir), output_root))  # fmt: skip
+                        truncated=truncated, not_read=not_read)  # fmt: skip
 
 
 async def listing(job: Job, output_root: Path) -> ArtifactList:

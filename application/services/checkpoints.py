@@ -79,8 +79,10 @@ def own_checkpoints(job: Job, output_root: Path) -> list[str]:
     """The checkpoints of this job's runs, oldest first (blocking): not those an earlier job left in its folder.
     A job that ran but whose run folders are unknown (swift ended before it named one) has none, and so has one
     whose folder a symlink now leads elsewhere (as its files are not listed: `escaped_output_root`)."""
-    if escaped_output_root(Path(job.output_dir), output_root):
-        return []
+    return [] if escaped_output_root(Path(job.output_dir), output_root) else _run_checkpoints(job)
+
+
+def _run_checkpoints(job: Job) -> list[str]:
     run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
     if job.attempts and not any(run_dirs):
         return []
@@ -91,7 +93,8 @@ def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], 
                          offset: int = 0) -> CheckpointList:  # fmt: skip
     """The newest `limit` checkpoints but the newest `offset` (oldest first), each looked at on disk (its size: a
     walk of its folder)."""
-    every = own_checkpoints(job, output_root)
+    not_read = escaped_output_root(Path(job.output_dir), output_root)  # (own_checkpoints', said why)
+    every = [] if not_read else _run_checkpoints(job)
     resume = first_resumable(reversed(every))
     end = max(0, len(every) - offset)
     paths = every[max(0, end - limit) : end]
@@ -117,5 +120,4 @@ def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], 
                                   resume=path == resume, exported=path in merged,
                                   complete=holds_weights(job, path)))  # fmt: skip
     return CheckpointList(job_id=job.job_id, checkpoints=out, total=len(every), offset=offset, resume_from=resume,
-                          exported=exported,
-                          not_read=escaped_output_root(Path(job.output_dir), output_root))  # fmt: skip
+                          exported=exported, not_read=not_read)  # fmt: skip
