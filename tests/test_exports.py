@@ -140,6 +140,9 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     target = Path(job["output_dir"]) / "exports" / "checkpoint-5-awq-int4"
     child = server.wait_status("q-quant", "completed")
     assert child["kind"] == "export" and child["export_of"] == "q" and len(child["gpu_ids"]) == 1
+    # Its end is an export's, not a training's.
+    events = server.http.get("/jobs/q-quant/events").json()["events"]
+    assert [e["message"] for e in events if e["type"] == "status_completed"] == ["export completed"], events
     # Lists (and webhooks, which send the list entry) tell an export's job from a training run, and whose it is.
     listed = next(j for j in server.http.get("/jobs").json()["jobs"] if j["job_id"] == "q-quant")
     assert (listed["kind"], listed["export_of"]) == ("export", "q")

@@ -9,7 +9,7 @@ from pathlib import Path
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job, JobStatus
 from application.services.log_parser import RunFacts
-from application.services.run_end import final_status, runner_lost
+from application.services.run_end import final_status, runner_lost, work_of
 from application.services.run_record import read_run, record_end
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
@@ -103,3 +103,14 @@ def test_a_runners_own_exit_code_is_not_read_as_a_signal() -> None:
     for code in (247, 137):
         own = runner_lost(code, 4321).error_message or ""
         assert own.startswith(f"runner exited with code {code} before recording the end of the run"), own
+
+
+def test_an_export_jobs_end_is_worded_as_an_exports() -> None:
+    export = Job(job_id="q-quant", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+                 output_dir="/o", output_dir_requested="o", num_gpus=1, kind="export", export_of="q",
+                 training=TrainingParams(), created_at=0, updated_at=0)  # fmt: skip
+    failed = final_status(1, False, RunFacts(), TRACEBACK, work_of(export))
+    assert failed.message.startswith("export failed: FileNotFoundError"), failed.message
+    assert runner_lost(-9, 4321, work="export").message.startswith("export failed: runner killed by signal 9")
+    assert final_status(0, False, RunFacts(), [], work_of(export.model_copy(update={"kind": "sft"}))).message == \
+        "training completed"  # fmt: skip

@@ -52,7 +52,7 @@ from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox, until_answered
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
-from application.services.run_end import RunEnd, exit_signal, signal_text
+from application.services.run_end import RunEnd, exit_signal, signal_text, work_of
 from application.services.run_history import RunHistory
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
@@ -281,7 +281,7 @@ class Runner:
                 spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
                 error = (f"the run exceeded its time limit of {spelled} and was stopped: "
                          "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
-                override = RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "time_limit")
+                override = RunEnd(JobStatus.FAILED, f"{work_of(job)} failed: {error}", error, "time_limit")
             elif self.terminated.is_set() and code != 0 and interrupt is None:
                 # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
                 # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.

@@ -24,6 +24,11 @@ class RunEnd:
     error_code: str | None = None
 
 
+def work_of(job: Job) -> str:
+    """What a job's run is called in its end messages: an export job's is no training."""
+    return "export" if job.kind == "export" else "training"
+
+
 def exit_signal(code: int | None) -> int | None:
     """The signal that ended a process: a negative status (Popen), 128+N (shells, torchrun) or 256-N (a Python
     launcher passing its child's -N to sys.exit, as swift's cli/main.py does)."""
@@ -59,8 +64,9 @@ def signal_text(sig: int) -> str:
     return f"killed by signal {sig} ({name}{hint})"
 
 
-def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, log_tail: list[str]) -> RunEnd:
-    """The status a finished run gets.
+def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, log_tail: list[str],
+                 work: str = "training") -> RunEnd:  # fmt: skip
+    """The status a finished run gets; `work` names the run in its messages ("export" for an export job's).
 
     * exit 0: completed, even if a stop arrived as it finished on its own;
     * a stop was requested: stopped (with no exit status, a log that reached its end is no proof of success:
@@ -69,15 +75,15 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
     * anything else: failed, with the trainer's own error when the log has one, else what ended it.
     """
     if exit_code == 0:
-        return RunEnd(JobStatus.COMPLETED, "training completed")
+        return RunEnd(JobStatus.COMPLETED, f"{work} completed")
     if stop_requested:
         return RunEnd(JobStatus.STOPPED, "stopped on request")
     if exit_code is None and facts.finished:
-        return RunEnd(JobStatus.COMPLETED, "training completed")
+        return RunEnd(JobStatus.COMPLETED, f"{work} completed")
     found = extract_error(log_tail)
     if exit_code is None:
         error = found or "the swift process ended unwatched and left no exit status"
-        return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "lost")
+        return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "lost")
     sig = exit_signal(exit_code)
     if sig is not None:
         # A signal says more than the last step dict before it (the OOM killer leaves no traceback).
@@ -85,21 +91,22 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
             f"swift exited with code {exit_code}: it was {signal_text(sig)}"  # fmt: skip
         if found is not None:
             error += f"; last error in the log: {found}"
-        return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "signal")
+        return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "signal")
     cause = root_cause(log_tail)
     if cause is not None and cause[1] < 0:
         # A multi-GPU run: torchrun exits 1 whatever ended the rank that failed first; a signal (the OOM killer)
         # is worth a retry as it is for a single process.
         rank, code = cause
         error = f"training process (rank {rank}) was {signal_text(-code)}"
-        return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "signal")
+        return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "signal")
     # (Not a rule of ====, nor a bare exception name with nothing after it.)
     last = next((line for line in reversed(log_tail) if _WORDS.search(line)), "")
     error = found or f"swift exited with code {exit_code}" + (f": {last}" if last else "")
-    return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "exit_code")
+    return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "exit_code")
 
 
-def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None = None) -> RunEnd:
+def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None = None,
+                work: str = "training") -> RunEnd:  # fmt: skip
     """A run whose runner died before it could record the end (the scheduler stops what is left of it), or was
     killed by the scheduler `killed_for` this reason."""
     sig = popen_signal(returncode)
@@ -116,14 +123,14 @@ def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None 
             f"the runner (pid {pid}) died without recording the end of the run (how it died is known only "
             "to the scheduler that started it, which has stopped or restarted since, or runs on another host)"
         )
-    return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "runner_lost")
+    return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "runner_lost")
 
 
-def host_went_down(times: int, limit: int, what: str) -> RunEnd:
+def host_went_down(times: int, limit: int, what: str, work: str = "training") -> RunEnd:
     """A run whose host went down under it once more than HOST_RESTART_REQUEUES lets it go back to the queue."""
     error = (f"its host went down under {what} {times} time(s) (HOST_RESTART_REQUEUES={limit}): it may be what "
              "brings the host down (host memory, a driver fault), so it is not run again")  # fmt: skip
-    return RunEnd(JobStatus.FAILED, f"training failed: {error}", error, "host_restarts")
+    return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "host_restarts")
 
 
 # ---- what the end of a run means for the job: pause, preemption, retries ---------------------------------

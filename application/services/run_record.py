@@ -14,7 +14,7 @@ from application.services.checkpoints import first_resumable
 from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.path_sandbox import RealFolder
-from application.services.run_end import Conclusion, RunEnd, checkpoint_step, conclude, final_status
+from application.services.run_end import Conclusion, RunEnd, checkpoint_step, conclude, final_status, work_of
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
 from application.utils.log_tail import STORED_LINE_CHARS, tail_lines
 
@@ -77,7 +77,7 @@ def record_end(
 ) -> Conclusion:  # fmt: skip
     """The job's next status and every field to write with it. `override`: an end the exit status cannot tell
     (a time limit, a runner terminated or lost); `keep`: how many of the `tail` lines to store with a failure."""
-    end = override or final_status(code, interrupt is not None, facts, tail)
+    end = override or final_status(code, interrupt is not None, facts, tail, work_of(job))
     fields: dict[str, Any] = {
         "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir or job.run_dir,
         "last_checkpoint": facts.last_checkpoint or next(reversed(checkpoints), None),

@@ -45,6 +45,7 @@ from application.services.run_end import (
     popen_signal,
     runner_lost,
     signal_text,
+    work_of,
 )
 from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import (
@@ -246,7 +247,8 @@ class Watchdog:
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         hung = self._hung.pop(job.run_id or "", None)
-        lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None)
+        lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None,
+                           work_of(job))  # fmt: skip
         at_cap = False
         facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None,
                                                            self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
@@ -275,7 +277,8 @@ class Watchdog:
                 job = job.model_copy(update={"preempt_for": HOST_RESTART})
                 interrupt = "preempt"
             else:
-                lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs"), True
+                lost, at_cap = host_went_down(before + 1, self.settings.HOST_RESTART_REQUEUES, "this job's runs",
+                                              work_of(job)), True  # fmt: skip
         # Unless the log shows the training finished, a run over that cap ends as lost, whatever swift's status.
         unexplained = (code is None and not finished) or (at_cap and not facts.finished)
         # Stamped with when the run ended, as its runner would have, not with when this scheduler noticed (hours
