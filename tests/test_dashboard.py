@@ -39,6 +39,7 @@ from tests.conftest import (
     gated_swift,
     job_body,
     make_model,
+    seed_swift_probe,
     wait_for,
 )
 
@@ -238,6 +239,25 @@ def test_the_job_page_shows_a_diverged_loss_and_trainer_text_that_cannot_reverse
     expect(page.locator("#job-error")).to_contain_text("boom", timeout=15_000)
     text = page.locator("#job-error").inner_text()
     assert "\u202e" not in text and "\ufffdboom" in text and text.endswith("(exit_code)"), text
+
+
+def test_a_ppo_jobs_page_charts_its_reward_and_learning_rate(server_factory: Callable[..., ApiServer],
+                                                               workspace: Path, tmp_path: Path,
+                                                               tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    """PPO logs no loss and names its learning rate `lr`: both charts it had stayed empty (hunt AJ)."""
+    seed_swift_probe(tmp_path)  # (reward_model is checked against swift's own argument list)
+    server = server_factory()
+    body = job_body(workspace, "ppo", kind="rlhf", rlhf_type="ppo", auto_start=True, step_seconds=0.05,
+                    training={"max_steps": 30, "logging_steps": 1, "reward_model": str(workspace / MODEL_DIR),
+                              "model_type": "qwen2", "template": "qwen2_5"})  # fmt: skip
+    assert (r := server.create(**body)).status_code == 201, r.text
+    server.wait_status("ppo", "completed")
+    page = tabs(server).goto("/ui/jobs/ppo")
+    expect(page.locator("#charts figcaption").first).to_contain_text("Reward")
+    page.wait_for_function("() => window.dashboard.lossPoints && window.dashboard.lossPoints() === 30", timeout=30_000)
+    assert page.evaluate("window.dashboard.lrPoints()") == 30
+    history = server.http.get("/jobs/ppo/progress", params={"history_limit": 100}).json()["history"]
+    assert history[-1]["learning_rate"] is not None and history[-1]["metrics"]["objective/rlhf_reward"] == 0.1
 
 
 @pytest.mark.timeout(180)

@@ -615,8 +615,12 @@ def test_ppo_steps_without_a_loss_are_points_with_their_own_numbers() -> None:
     assert all(p["loss"] is None for p in got.history) and all(r.diverged_at is None for r in got.results)
     points = [LossPoint.model_validate(point) for point in got.history]
     first = points[0].metrics or {}
-    assert first["objective/scores"] == -0.07495 and first["loss/value_avg"] == 0.01286 and first["lr"] == 0
+    assert first["objective/scores"] == -0.07495 and first["loss/value_avg"] == 0.01286 and "lr" not in first
+    # Its `lr` is the learning rate (the dashboard's chart of it was empty).
+    assert [p.learning_rate for p in points[:3]] == [0.0, 3.333e-05, 6.667e-05]
+    assert parser.progress is not None and parser.progress.learning_rate == points[-1].learning_rate
     assert parser.progress is not None and (parser.progress.current_step, parser.progress.max_steps) == (50, 50)
     logged = parse_logging_jsonl(FIX4 / "rlhf_ppo.logging.jsonl")
     assert [p["step"] for p in logged.history] == list(range(1, 51))
     assert logged.history[1]["metrics"]["loss/policy_avg"] == -0.0014538
+    assert logged.history[1]["learning_rate"] == 3.333e-05

@@ -98,6 +98,8 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
         for key in ("loss", "learning_rate", "grad_norm", "token_acc"):
             if key in d:
                 data[key] = finite(d[key])
+        if "learning_rate" not in d and "lr" in d:
+            data["learning_rate"] = finite(d["lr"])
     if kind == "eval" and "eval_loss" in d:
         data["eval_loss"] = finite(d["eval_loss"])
     for key in ("elapsed_time", "remaining_time"):
@@ -141,7 +143,8 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
 
 # A step dict's keys that are a point's own fields, or say where the run is and how fast: every other number is
 # one of the run's metrics (DPO's rewards/margins and logps/*, KTO's kl, ORPO's nll_loss, token_acc, eval_*).
-_POINT_KEYS = frozenset({"loss", "eval_loss", "learning_rate", "grad_norm", "epoch", "global_step/max_steps",
+# PPO (trl) names its learning rate `lr`.
+_POINT_KEYS = frozenset({"loss", "eval_loss", "learning_rate", "lr", "grad_norm", "epoch", "global_step/max_steps",
                          "current_step", "max_steps", "percentage", "elapsed_time", "remaining_time",
                          "train_speed(s/it)", "train_speed(iter/s)", "memory(GiB)"})  # fmt: skip
 MAX_METRICS = 32
@@ -158,7 +161,7 @@ def _history_point(d: dict[str, Any], kind: str, when: float | None) -> dict[str
         "step": d["current_step"],
         "loss": finite(d.get("loss")) if kind == "train" else None,
         "eval_loss": finite(d.get("eval_loss")) if kind == "eval" else None,
-        "learning_rate": finite(d.get("learning_rate")),
+        "learning_rate": finite(d["learning_rate"] if "learning_rate" in d else d.get("lr")),
         "grad_norm": finite(d.get("grad_norm")),
         "epoch": finite(d.get("epoch")),
         "time": when,

@@ -164,8 +164,13 @@ def job_body(ctx: PageContext, job: dict[str, Any], checkpoints: list[dict[str, 
     )
     charts = (
         '<p id="charts-state" class="muted small" role="status"></p><section class="charts" id="charts">'
-        '<figure><figcaption>Loss and eval loss</figcaption><div class="chart" id="chart-loss"></div></figure>'
-        '<figure><figcaption>Learning rate</figcaption><div class="chart" id="chart-lr"></div></figure>'
+        + (
+            "<figure><figcaption>Reward (<code>objective/rlhf_reward</code>)</figcaption>"
+            '<div class="chart" id="chart-loss" data-series="reward"></div></figure>'
+            if job.get("rlhf_type") == "ppo"  # (it logs no loss)
+            else '<figure><figcaption>Loss and eval loss</figcaption><div class="chart" id="chart-loss"></div></figure>'
+        )
+        + '<figure><figcaption>Learning rate</figcaption><div class="chart" id="chart-lr"></div></figure>'
         '<figure><figcaption>Gradient norm</figcaption><div class="chart" id="chart-grad"></div></figure>'
         "<noscript><p class=muted>The charts need JavaScript.</p></noscript></section>"
     )

@@ -46,6 +46,10 @@
   // One row per step; a training and an evaluation point logged at the same step share it.
   const rows = { x: [], loss: [], eval: [], lr: [], grad: [] };
   const FIELDS = { loss: "loss", eval: "eval_loss", lr: "learning_rate", grad: "grad_norm" };
+  // PPO logs no loss: its first chart is the reward, one of its point's metrics.
+  const REWARD = "objective/rlhf_reward";
+  const rewardChart = document.getElementById("chart-loss")?.dataset.series === "reward";
+  const value = (p, k) => (k === "loss" && rewardChart ? (p.metrics || {})[REWARD] : p[FIELDS[k]]);
   const charts = [];
   const fmt = (v, digits = 4) =>
     v === null || v === undefined ? "—" : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(digits - 2) : +v.toPrecision(digits);
@@ -98,10 +102,10 @@
     }
     const last = rows.x.length - 1;
     if (last >= 0 && rows.x[last] === p.step) {
-      for (const [k, f] of Object.entries(FIELDS)) if (p[f] !== undefined && p[f] !== null) rows[k][last] = p[f];
+      for (const k of Object.keys(FIELDS)) if (value(p, k) !== undefined && value(p, k) !== null) rows[k][last] = value(p, k);
     } else {
       rows.x.push(p.step);
-      for (const [k, f] of Object.entries(FIELDS)) rows[k].push(p[f] === undefined ? null : p[f]);
+      for (const k of Object.keys(FIELDS)) rows[k].push(value(p, k) === undefined ? null : value(p, k));
     }
     redraw();
   }
@@ -442,7 +446,7 @@
   }
 
   // ---- start ----------------------------------------------------------------------------------------------
-  chart("chart-loss", [["loss", "#2563eb", "loss"], ["eval_loss", "#dc2626", "eval"]]);
+  chart("chart-loss", rewardChart ? [["reward", "#2563eb", "loss"]] : [["loss", "#2563eb", "loss"], ["eval_loss", "#dc2626", "eval"]]);
   chart("chart-lr", [["learning rate", "#059669", "lr"]]);
   chart("chart-grad", [["grad norm", "#d97706", "grad"]]);
   window.addEventListener("resize", () => {
@@ -463,6 +467,7 @@
   Object.assign(d, {
     tickLabels,
     lossPoints: () => rows.loss.filter((v) => v !== null && v !== undefined).length,
+    lrPoints: () => rows.lr.filter((v) => v !== null && v !== undefined).length,
     chartPoints: () => rows.x.length,
     logText: () => log.textContent,
     jobStatus: () => status,
