@@ -141,6 +141,11 @@ class GpuSummary(BaseModel):
     error: str | None = None
 
 
+class HeldGpu(BaseModel):
+    index: int
+    job_id: str
+
+
 class GpuList(BaseModel):
     backend: str
     driver_version: str | None = None
@@ -148,6 +153,11 @@ class GpuList(BaseModel):
     taken_at: float | None = Field(None, description="when the scheduler read them (Unix seconds)")
     gpus: list[GpuInfoOut]
     summary: GpuSummary
+    missing: list[HeldGpu] = Field(
+        default_factory=list,
+        description="GPUs a job still holds that the reading does not show: removed, or hidden since the job "
+        "started (CUDA_VISIBLE_DEVICES, SIMULATED_GPUS); they are free again when that job ends",
+    )
 
 
 class RedisHealth(BaseModel):

@@ -75,8 +75,12 @@ class SystemService:
             entry["job_id"] = leases.get(g.index)
             gpus.append(entry)
         error = reading_error(snapshot, clock.now())
+        seen = {g.index for g in snapshot.gpus}
+        # (A reading that failed shows no GPU: its error says so, and nothing is "missing" then.)
+        read = snapshot.taken_at and snapshot.error is None
+        missing = [{"index": i, "job_id": job} for i, job in sorted(leases.items()) if read and i not in seen]
         return {"backend": snapshot.backend, "driver_version": snapshot.driver_version, "error": error,
-                "taken_at": snapshot.taken_at or None, "gpus": gpus,
+                "taken_at": snapshot.taken_at or None, "gpus": gpus, "missing": missing,
                 "summary": gpu_summary(snapshot, error)}  # fmt: skip
 
     async def _state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
