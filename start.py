@@ -29,6 +29,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from application.config import Settings, env_file, get_settings, unknown_settings
+from application.http_protocol import http_protocol
 from application.services.redis_service import (
     EmbeddedRedis,
     check_redis_access,
@@ -97,7 +98,7 @@ def serve_api(settings: Settings) -> None:
         logging.getLogger("uvicorn.error").addFilter(_no_cancelled_streams_at_stop)
         # (what uvicorn.run does, with a server that records the stop signals it takes)
         config = uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None,
-                                timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
+                                timeout_graceful_shutdown=requests_grace(settings), http=http_protocol())  # fmt: skip
         server = _Server(config)
         server.run()
         if not server.started:
@@ -112,7 +113,7 @@ def serve_api(settings: Settings) -> None:
     try:
         config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
                                 port=settings.APP_PORT, workers=settings.API_WORKERS, log_config=None,
-                                timeout_graceful_shutdown=requests_grace(settings))  # fmt: skip
+                                timeout_graceful_shutdown=requests_grace(settings), http=http_protocol())  # fmt: skip
         supervisor = _Multiprocess(config, sockets=[config.bind_socket()])
         supervisor.run()
     finally:
