@@ -127,6 +127,16 @@ BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
     "deep.jsonl": ('{"messages":' + "[" * 100_000 + "]" * 100_000 + "}\n", ["line 1", "nested too deeply"]),
     "deep.json": ('[{"messages":' + "[" * 100_000 + "]" * 100_000 + "}]", ["element 1", "nested too deeply"]),
     "deeper.json": ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    # What ms-swift's reader (pyarrow's JSON) refuses after the job's wait, and Python's took (hunt AO).
+    "nan.jsonl": ('{"messages": [{"role": "user", "content": NaN}]}\n', ["line 1", "NaN is no JSON value"]),
+    "inf.json": ('[{"messages": [{"role": "user", "content": -Infinity}]}]', ["element 1", "-Infinity is no JSON"]),
+    "number.jsonl": ([{"messages": [{"role": "user", "content": 5}]}], ["line 1", "content must be text", "int"]),
+    "object.jsonl": ([{"messages": [{"role": "user", "content": {"a": 1}}]}], ["content must be text", "dict"]),
+    "surrogate.jsonl": ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}\n', ["line 1", "no pair"]),
+    "surrogate.json": ('[{"messages": [{"role": "user", "content": "\\udc00"}]}]', ["element 1", "no pair"]),
+    # Python's own message named its setting (sys.set_int_max_str_digits), not what to change in the file.
+    "digits.jsonl": ('{"messages": [], "n": 1' + "0" * 5000 + "}\n", ["line 1", "more than 4300 digits"]),
+    "digits.json": ('[{"n": 1' + "0" * 5000 + "}]", ["element 1", "more than 4300 digits"]),
 }  # fmt: skip
 
 
@@ -137,6 +147,14 @@ def test_a_broken_data_set_names_the_file_the_row_and_the_problem(tmp_path: Path
         check_dataset("data_path", write(tmp_path / name, content))
     for word in words:
         assert word in exc.value.detail, (word, exc.value.detail)
+    assert "set_int_max_str_digits" not in exc.value.detail
+
+
+def test_content_ms_swift_takes_passes_text_blocks_none_and_paired_escapes(tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": None, "tool_calls": []}]},
+            {"messages": [{"role": "user", "content": "\U0001F600 \u00e9"}]}]  # fmt: skip
+    assert check_dataset("data_path", write(tmp_path / "ok.jsonl", rows)).rows == 2  # (json.dumps escapes the pair)
 
 
 def test_preference_data_needs_a_rejected_answer(tmp_path: Path) -> None:

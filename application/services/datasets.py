@@ -173,6 +173,47 @@ def _check_messages(value: Any, where: str) -> None:
             raise Invalid(f'{where}[{i}] must be an object such as {{"role": "user", "content": "..."}}')
         if not ({"role", "content"} <= msg.keys() or {"from", "value"} <= msg.keys()):
             raise Invalid(f"{where}[{i}] needs 'role' and 'content' (or 'from' and 'value')")
+        # Text, content blocks, or none (a tool call's turn); ms-swift's reader refuses a number or an object in a
+        # column of text ("changed from string to number"), after the job's wait.
+        content = msg.get("content", msg.get("value"))
+        if content is not None and not isinstance(content, (str, list)):
+            raise Invalid(f"{where}[{i}]: its content must be text (or a list of content blocks), not "
+                          f"{type(content).__name__}: quote it")  # fmt: skip
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no JSON value (ms-swift's reader refuses it): write a number or null")
+
+
+def _loads(raw: bytes | str) -> Any:
+    """A row as ms-swift's reader (pyarrow's JSON) takes it: no NaN or Infinity, no unpaired surrogate escape."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # (Python's own limit, whose message names its setting)
+            raise ValueError("a number of more than 4300 digits") from None
+        raise
+    if _SURROGATE_ESCAPE.search(raw if isinstance(raw, bytes) else raw.encode()):
+        _paired(value)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _paired(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\ud800-\\udfff escape with no pair: that is no character") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _paired(k)
+            _paired(v)
+    elif isinstance(value, list):
+        for v in value:
+            _paired(v)
 
 
 def _not_utf8(head: bytes, complete: bool) -> str | None:
@@ -231,7 +272,7 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
         if not raw.strip():
             continue
         try:
-            yield number, json.loads(raw)
+            yield number, _loads(raw)
         except ValueError as exc:
             raise Invalid(f"line {number} is not valid JSON ({exc})") from None
         except RecursionError:  # (Python's decoder recurses per level: a 500 with a traceback, before)
@@ -240,7 +281,8 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
 
 def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
     text = head.decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_no_constant)
+    escapes = bool(_SURROGATE_ESCAPE.search(head))
     pos = text.index("[") + 1
     n = 0
     while True:
@@ -250,7 +292,11 @@ def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
             return
         try:
             value, pos = decoder.raw_decode(text, pos)
+            if escapes:
+                _paired(value)
         except ValueError as exc:
+            if "integer string conversion" in str(exc):
+                exc = ValueError("a number of more than 4300 digits")
             if not complete and n > 0:
                 return  # cut by the 8 MiB read
             raise Invalid(f"element {n + 1} of the JSON array is not valid JSON ({exc})") from None
