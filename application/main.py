@@ -242,6 +242,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             why = str(cause)[:100]
             if isinstance(cause, RecursionError):
                 why = "nested too deeply"
+            elif isinstance(cause, UnicodeDecodeError):  # (JSON is UTF-8, whatever charset a Content-Type names)
+                why = f"byte {cause.start} is not UTF-8: JSON is sent as UTF-8, whatever charset it declares"
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"

@@ -416,9 +416,17 @@ async def test_the_schema_and_the_server_agree(app_factory: Callable[..., Any], 
 
         r = await client.post("/jobs", content=chunked(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "MAX_REQUEST_BYTES" in r.json()["detail"], r.text
-        for raw, why in ((b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
-                         (b'{"priority": ' + b"9" * 5000 + b"}", "a number with more than 4300 digits")):  # fmt: skip
-            r = await client.post("/jobs", content=raw, headers={"content-type": "application/json"})
+        # (A Latin-1 body: its declared charset was ignored, and Python's codec error was all it was told.)
+        for raw, why, kind in (
+            (b"[" * 50_000 + b"]" * 50_000, "nested too deeply", "application/json"),
+            (b'{"priority": ' + b"9" * 5000 + b"}", "a number with more than 4300 digits", "application/json"),
+            (
+                '{"data_path": "caf\u00e9"}'.encode("latin-1"),
+                "byte 18 is not UTF-8: JSON is sent as UTF-8, whatever charset it declares",
+                "application/json; charset=latin-1",
+            ),
+        ):
+            r = await client.post("/jobs", content=raw, headers={"content-type": kind})
             assert r.status_code == 400 and r.json()["detail"] == (
                 f"body: not JSON this server can read ({why}): send one JSON object"), r.text  # fmt: skip
         # history_limit=0 means no points.
