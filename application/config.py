@@ -16,6 +16,7 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
@@ -281,9 +282,17 @@ class Settings(BaseSettings):
     @field_validator("WEBHOOK_URLS")
     @classmethod
     def _webhook_urls(cls, v: str) -> str:
-        for url in split_list(v):
+        # Named by place, never quoted: a URL holds its receiver's token (a Slack hook's path, a password).
+        for i, url in enumerate(split_list(v)):
             if not re.match(r"^https?://[^\s/?#]+", url):
-                raise ValueError(f"WEBHOOK_URLS: {url!r} is not an http(s) URL")
+                raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) is not an http(s) URL: start it with "
+                                 "http:// or https://")  # fmt: skip
+            try:
+                port = urlsplit(url).port
+            except ValueError:
+                port = 0
+            if port == 0:
+                raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) has a port that is not 1-65535")
         return v
 
     @field_validator("DATA_ROOTS", "MODEL_ROOTS")
@@ -426,9 +435,10 @@ class Settings(BaseSettings):
 
 
 _NOT_FOR_CHILDREN = frozenset(
-    {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET"}
-)
-_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET"})
+    {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET",
+     "WEBHOOK_URLS"}  # (the scheduler posts; a runner only queues, by a flag in Redis)
+)  # fmt: skip
+_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET", "WEBHOOK_URLS"})
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -197,6 +197,31 @@ def test_a_redis_url_the_client_cannot_read_shows_none_of_its_password(monkeypat
     assert "REDIS_URL" in str(exc.value) and "s3cr" not in str(exc.value)
 
 
+@pytest.mark.parametrize(("urls", "says"), [
+    ("https://hooks.slack.com/services/T0/B0/SLACKSECRET,htps://ci.example.com/hook", "WEBHOOK_URLS[1] (counting "
+     "from 0) is not an http(s) URL"),
+    ("ftp://u:PASSWORD@x/y?token=SECRET", "WEBHOOK_URLS[0] (counting from 0) is not an http(s) URL"),
+    ("http://SECRET:PASSWORD@x:99999/hook", "WEBHOOK_URLS[0] (counting from 0) has a port that is not 1-65535"),
+])  # fmt: skip
+def test_a_bad_webhook_url_is_named_by_place_never_quoted(monkeypatch: pytest.MonkeyPatch, urls: str,
+                                                          says: str) -> None:  # fmt: skip
+    # A typo in one URL printed every URL's token to the terminal and the logs (hunt AP).
+    monkeypatch.setenv("WEBHOOK_URLS", urls)
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert says in str(exc.value) and "SECRET" not in str(exc.value) and "PASSWORD" not in str(exc.value)
+
+
+def test_a_runner_is_not_given_the_keys_the_webhook_secret_or_the_operators_webhook_urls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEBHOOK_URLS", "https://hooks.example.com/T0/SECRET")
+    monkeypatch.setenv("WEBHOOK_SECRET", "s" * 32)
+    settings = load_settings()
+    env = settings.runner_env({"WEBHOOK_URLS": "x", "PATH": "/bin", "API_KEYS": "k"})
+    assert {"WEBHOOK_URLS", "WEBHOOK_SECRET", "API_KEYS"}.isdisjoint(env) and env["PATH"] == "/bin"
+
+
 def test_start_py_stops_with_one_line_on_a_bad_setting(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ENVIRONMENT": "dev", "GPU_BACKEND": "cuda", "HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, str(PROJECT_ROOT / "start.py")], env=env, capture_output=True, text=True,
