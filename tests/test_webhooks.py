@@ -209,6 +209,31 @@ async def test_a_slow_operator_url_holds_up_neither_a_jobs_own_url_nor_is_a_redi
         drip.close()
 
 
+async def test_an_operator_urls_failure_is_in_the_servers_log_its_reason_only_there(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The only trace was the job's own events, which its user reads, without the reason (hunt AP).
+    from loguru import logger
+
+    with socket.socket() as held:  # a port nothing listens on
+        held.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{held.getsockname()[1]}/hook?token=SECRET"
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    warned: list[str] = []
+    async with app_factory(WEBHOOK_URLS=dead, WEBHOOK_MAX_ATTEMPTS=1) as client:
+        # (after the app set up its logging, which removes what was there)
+        sink = logger.add(lambda m: warned.append(str(m)), level="WARNING", format="{message}",
+                          filter="application.services.webhooks")  # fmt: skip
+        try:
+            body = job_body(tmp_path, "hooked", auto_start=True, training={"max_steps": 3})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            await until_failed(client, "hooked", "not delivered to WEBHOOK_URLS[0] after 1 attempts (ConnectError)")
+            lines = [w for w in warned if "of job hooked not delivered to WEBHOOK_URLS[0] after 1 attempts" in w]
+            assert lines and "(ConnectError: " in lines[0] and "SECRET" not in lines[0], warned
+        finally:
+            logger.remove(sink)
+
+
 async def test_notifications_held_by_a_slow_operator_url_do_not_hold_back_a_jobs_own_url(
     app_factory: Callable[..., Any],
     tmp_path: Path,

@@ -301,7 +301,7 @@ class Webhooks:
         if self.secret:
             headers["X-Swift-Api-Signature"] = signature(self.secret, body)
         attempts = self.settings.WEBHOOK_MAX_ATTEMPTS
-        last = ""
+        last = why = ""  # why: for the operator's log, which may say what the job's events do not
         for attempt in range(1, attempts + 1):
             try:
                 # httpx's timeout bounds each read, not the POST: a receiver answering a byte a second held a
@@ -322,20 +322,28 @@ class Webhooks:
                                        f"{r.status_code}, attempt {attempt})", shown, attempt,
                                        r.status_code)  # fmt: skip
                     return
-                last = f"HTTP {r.status_code}"
+                last = why = f"HTTP {r.status_code}"
                 if 300 <= r.status_code < 400:
+                    if not own:
+                        logger.warning("webhook {} of job {}: {} answered {}, a redirect, which deliveries do "
+                                       "not follow: set the URL it points to", event, item["job_id"], shown,
+                                       last)  # fmt: skip
                     # Not followed, so not retried either: the same answer would come back each time.
                     await self._record(item, "webhook_failed", f"{event} not delivered to {shown}: it answered "
                                        f"{last}, a redirect, which deliveries do not follow: set the URL it points "
                                        "to", shown, attempt, r.status_code)  # fmt: skip
                     return
             except (httpx.TimeoutException, TimeoutError) as exc:
-                last = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
+                last = why = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
                 # An error's text may hold the URL in some form of its own: an operator's is not shown at all.
-                last = f"{type(exc).__name__}: {exc}" if own else type(exc).__name__
+                why = f"{type(exc).__name__}: {exc}"
+                last = why if own else type(exc).__name__
             if attempt < attempts:
                 await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
+        if not own:  # (the operator's own URL: the job's events are the user's, its log is the operator's)
+            logger.warning("webhook {} of job {} not delivered to {} after {} attempts ({})", event, item["job_id"],
+                           shown, attempts, why)  # fmt: skip
         await self._record(item, "webhook_failed", f"{event} not delivered to {shown} after {attempts} attempts "
                            f"({last})", shown, attempts, None)  # fmt: skip
 
