@@ -522,6 +522,24 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
         assert not any(line.startswith("WEBHOOK_SECRET=") for line in runner)
 
 
+def test_a_swift_that_cannot_be_run_fails_the_job_saying_whose_it_is_and_is_logged_as_an_error(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # The user was told to set SWIFT_BIN, and nothing above INFO was logged anywhere (hunt AP).
+    wrapper = tmp_path / "swift"
+    wrapper.write_text(f'#!/bin/sh\nexec "{FAKE_SWIFT}" "$@"\n')
+    wrapper.chmod(0o755)
+    server = server_factory(env={"SWIFT_BIN": str(wrapper)})
+    assert server.create(**job_body(workspace, "noexec", training={"max_steps": 3})).status_code == 201
+    wrapper.chmod(0o644)  # (after the server read swift's version)
+    assert server.http.post("/jobs/noexec/start").status_code == 200
+    failed = server.wait_status("noexec", "failed")
+    assert failed["error_code"] == "launch" and "Permission denied" in failed["error_message"], failed
+    assert failed["error_message"].endswith("the server's operator must set SWIFT_BIN or run ./install_all.sh")
+    runner_log = Path(failed["output_dir"]) / "logs" / "noexec.runner.log"
+    assert any("| ERROR" in line and "could not start swift" in line for line in runner_log.read_text().splitlines())
+
+
 def test_a_runner_given_the_launch_spec_of_another_run_starts_nothing(tmp_path: Path) -> None:
     log = tmp_path / "late.train.2.log"
     log.write_bytes(b"the other run's output\n")

@@ -190,8 +190,10 @@ class Runner:
             if is_linked(exc):
                 error, kind = linked_log(log_file), "output_dir"
             else:
-                error, kind = f"could not start swift ({job.command[0]}): {exc}; set SWIFT_BIN or run " \
-                    "./install_all.sh", "launch"  # fmt: skip
+                # The server's setup, not the job's: the user is told whose it is, the operator's log says so.
+                error, kind = f"could not start swift ({job.command[0]}): {exc}; the server's operator must set " \
+                    "SWIFT_BIN or run ./install_all.sh", "launch"  # fmt: skip
+                logger.error("job {}: {}", self.job_id, error)
             fields = {"error_message": error, "error_code": kind, "finished_at": clock.now()}
             await outbox.finish(JobStatus.FAILED, fields, f"training failed: {error}")
             return 1
