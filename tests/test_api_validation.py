@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import redis.asyncio
@@ -323,6 +324,17 @@ def test_query_values_redis_cannot_take_are_422_not_500(server: ApiServer, works
     resp = server.http.get("/jobs?status=running&status=queued")
     assert resp.status_code == 422 and "query parameter 'status' is given 2 times" in resp.json()["detail"], resp.text
     assert server.http.get("/jobs?status=pending&limit=5").json()["total"] == 1
+    # One the route does not take: a typo listed every job, unsaid (hunt AO); a HEAD, and a page, as well.
+    resp = server.http.get("/jobs?stauts=running")
+    assert resp.status_code == 422 and resp.json()["detail"].startswith(
+        "query parameter 'stauts' is not one this route takes (it takes: "
+    ), resp.text
+    assert "status" in resp.json()["detail"] and "limit" in resp.json()["detail"]
+    assert server.http.head("/jobs/q?verbose=1").status_code == 422
+    assert "(it takes: none)" in server.http.post("/jobs/q/start?now=1").json()["detail"]
+    assert server.http.get("/jobs/q/progress?history_limit=3").status_code == 200
+    root = server.base.split("/api/")[0]
+    assert httpx.get(f"{root}/ui/login?next=/ui/jobs/q&whatever=1").status_code == 200  # (pages are no API route)
 
 
 def test_a_relative_local_model_path_means_what_it_meant_to_the_caller(server: ApiServer, workspace: Path) -> None:

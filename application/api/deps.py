@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from application.api.query_names import refuse_unknown_query
 from application.auth import Caller, KeyRing, presented_key
 from application.exceptions import Unauthorized
 from application.models.job_request import JOB_ID_HELP
@@ -28,7 +29,10 @@ async def current_caller(
     api_key: Annotated[str | None, Security(_api_key)],
 ) -> Caller:
     ring: KeyRing = request.app.state.keys
-    return ring.identify(bearer.credentials if bearer else api_key)
+    caller = ring.identify(bearer.credentials if bearer else api_key)
+    if request.scope.get("query_string"):
+        refuse_unknown_query(request)
+    return caller
 
 
 async def known_caller(request: Request) -> Caller | None:
