@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -151,6 +152,22 @@ def _not_a_cut_download(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], ResponseCut))
 
 
+class _OutageLog:
+    """Redis errors requests met, as warnings in the server's log: at most one a minute for one cause (an outage
+    fails every request), and at once for another."""
+
+    EVERY_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self.last: tuple[str, float] | None = None
+
+    def seen(self, text: str) -> None:
+        now = time.monotonic()
+        if self.last is None or self.last[0] != text or now - self.last[1] >= self.EVERY_SECONDS:
+            self.last = (text, now)
+            logger.warning("{}", text)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.getLogger("uvicorn.error").addFilter(_not_a_cut_download)  # (once: a filter is added only once)
@@ -195,6 +212,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         shown = f"[{host}]" if ":" in host else host
         logger.info("swift-api {} API worker {} ready on http://{}:{}: API under {}/training, Swagger at /docs",
                     __version__, os.getpid(), shown, settings.APP_PORT, settings.API_PREFIX)  # fmt: skip
+        try:  # (it serves all the same, and outlasts the outage: "ready" alone hid it)
+            await asyncio.wait_for(client.ping(), 2)
+        except Exception as exc:
+            why = redis_refusal(exc, settings.REDIS_KEY_PREFIX) or f"Redis does not answer yet ({exc})"
+            outages.seen(f"{why}: requests are answered 503 until it does")
         try:
             yield
         finally:
@@ -256,23 +278,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("{} {}: the client disconnected before its request body ended", request.method, request.url.path)
         return Response(status_code=400)
 
+    outages = _OutageLog()
+
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         # (a wrong password is a ConnectionError to redis-py: not one to wait out)
-        if refused := redis_refusal(exc, settings.REDIS_KEY_PREFIX):
-            return JSONResponse({"detail": refused}, status_code=503)
+        refused = redis_refusal(exc, settings.REDIS_KEY_PREFIX)
+        # The operator's to see (these were INFO access lines alone); the error's text, with Redis's address, is
+        # not the caller's.
+        outages.seen(f"requests answered 503: {refused or f'Redis does not answer ({exc})'}")
+        if refused:
+            return JSONResponse({"detail": "this server cannot use its Redis (its operator's setup: see the server's "
+                                           "log): try again later"}, status_code=503)  # fmt: skip
         if request.method not in ("GET", "HEAD") and may_have_run(exc):
             # Sent, and its answer lost: "try again" would do it twice, or be refused for what it already did (no
             # Retry-After, as an Idempotency-Key's kept answer has none).
             return JSONResponse({"detail": lost_reply_detail(request.method, exc)}, status_code=503)
-        return JSONResponse({"detail": f"Redis does not answer ({exc}); try again when it is back"}, status_code=503,
+        return JSONResponse({"detail": "Redis does not answer; try again when it is back"}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
         # e.g. a read-only replica or OOM: the store cannot take the change now
-        detail = redis_refusal(exc, settings.REDIS_KEY_PREFIX) or f"Redis refused the operation ({exc})"
+        refused = redis_refusal(exc, settings.REDIS_KEY_PREFIX)
+        outages.seen(f"requests answered 503: {refused or f'Redis refused an operation ({exc})'}")
+        detail = "this server cannot use its Redis (its operator's setup: see the server's log): try again later" \
+            if refused else f"Redis refused the operation ({exc})"  # fmt: skip
         return JSONResponse({"detail": detail}, status_code=503)
 
     include_routes(app, settings.API_PREFIX)
