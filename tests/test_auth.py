@@ -194,6 +194,26 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
         assert [(e["type"], e["actor"]) for e in events] == [("created", "alice"), ("status_cancelled", "root")]
 
 
+async def test_a_key_or_an_idempotency_key_given_twice_is_refused(app_factory: Callable[..., Any],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    # Two keys: the first was used (the job was alice's); two Idempotency-Keys: the first alone was kept (hunt AO).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(API_KEYS=KEYS_SETTING) as client:
+        body = _create_body(tmp_path, "twice")
+        for headers in ([("Authorization", f"Bearer {ALICE_KEY}"), ("Authorization", f"Bearer {BOB_KEY}")],
+                        [("X-API-Key", ALICE_KEY), ("x-api-key", BOB_KEY)],
+                        [("X-API-Key", ALICE_KEY), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]):  # fmt: skip
+            r = await client.post("/jobs", json=body, headers=httpx.Headers(headers))
+            name = headers[-1][0]
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"].lower() == f"the {name.lower()} header is given more than once: send it once"
+        assert (await client.get("/jobs/twice", headers=auth(ADMIN_KEY))).status_code == 404
+        # One of each is as before, and no key at all is still told so first.
+        r = await client.post("/jobs", json=body, headers=[("X-API-Key", ALICE_KEY), ("Idempotency-Key", "k1")])
+        assert r.status_code == 201, r.text
+        assert (await client.get("/jobs", headers=[("X-API-Key", "nope"), ("X-API-Key", "x")])).status_code == 401
+
+
 async def test_without_keys_everything_is_open_to_the_local_user(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

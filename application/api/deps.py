@@ -9,7 +9,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from application.api.query_names import refuse_unknown_query
 from application.auth import Caller, KeyRing, presented_key
-from application.exceptions import Unauthorized
+from application.exceptions import Invalid, Unauthorized
 from application.models.job_request import JOB_ID_HELP
 from application.models.job_responses import ErrorResponse, ValidationErrorResponse
 from application.services.export_control import ExportControl
@@ -29,10 +29,28 @@ async def current_caller(
     api_key: Annotated[str | None, Security(_api_key)],
 ) -> Caller:
     ring: KeyRing = request.app.state.keys
+    once = _given_once(request.scope["headers"])
     caller = ring.identify(bearer.credentials if bearer else api_key)
+    if once is not None:  # (after the key: who has none is told that first)
+        raise Invalid(f"the {once} header is given more than once: send it once")
     if request.scope.get("query_string"):
         refuse_unknown_query(request)
     return caller
+
+
+_ONCE = {b"authorization": "Authorization", b"x-api-key": "X-API-Key", b"idempotency-key": "Idempotency-Key"}
+
+
+def _given_once(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first of the headers that may come once that came twice, or None: the first of two keys was used (the
+    job was the first owner's), and of two Idempotency-Keys the first alone was kept (hunt AO)."""
+    seen: set[bytes] = set()
+    for name, _ in headers:
+        if name in _ONCE:
+            if name in seen:
+                return _ONCE[name]
+            seen.add(name)
+    return None
 
 
 async def known_caller(request: Request) -> Caller | None:
