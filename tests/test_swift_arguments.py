@@ -56,6 +56,8 @@ def test_everyday_arguments_are_converted_to_what_the_cli_parses() -> None:
 def test_unknown_names_get_the_closest_real_ones() -> None:
     assert "did you mean target_modules" in refused("sft", {"target_module": ["all-linear"]})
     assert "not an argument of `swift sft` in ms-swift 4.6.0" in refused("sft", {"no_such_thing": 1})
+    long = refused("sft", {"x" * 10_000: 1})  # (it came back whole: hunt AO)
+    assert long.startswith(f"training.{'x' * 64}... (10000 characters) is not an argument") and len(long) < 300
     # An argument of another kind of training says which kind has it.
     assert "`swift rlhf`" in refused("sft", {"beta": 0.1}) and "kind 'rlhf'" in refused("sft", {"beta": 0.1})
     assert check_arguments("rlhf", {"beta": 0.1}, V4) == {"beta": 0.1}

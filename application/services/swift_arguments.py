@@ -136,7 +136,8 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
     out: dict[str, Any] = {}
     fields = fields_of(info, kind) if info is not None else {}
     for name, value in extra.items():
-        where = f"training.{name}"
+        # (clipped: a 10,000-character name came back whole in the message)
+        where = f"training.{name}" if len(name) <= 64 else f"training.{name[:64]}... ({len(name)} characters)"
         _refuse_surrogates(where, name, value)
         if name in MANAGED:
             raise Invalid(f"{where} is managed by the server: {MANAGED[name]}")
