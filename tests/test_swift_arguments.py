@@ -142,6 +142,7 @@ def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: st
     ({"model_kwargs": {"A=B": "1"}}, "only a model's own options are taken"),
     ({"model_kwargs": {"FPS": [1, 2]}}, "training.model_kwargs.FPS is set as an environment variable"),
     ({"model_kwargs": {"FPS": None}}, "leave it out for the model's default"),  # ("None" failed the run)
+    ({"model_kwargs": {"MAX_PIXELS": "a\x00b"}}, "training.model_kwargs.MAX_PIXELS is set as an environment"),
 ])  # fmt: skip
 def test_bad_values_are_refused_saying_what_to_change(extra: dict[str, Any], says: str) -> None:
     assert says in refused("sft", extra)

@@ -262,7 +262,8 @@ def _check_environment(where: str, value: Mapping[str, Any]) -> None:
             raise Invalid(f"{where}.{key}: ms-swift sets each item as an environment variable of the run, and only a "
                           f"model's own options are taken (such as MAX_PIXELS, FPS_MAX_FRAMES, VIDEO_MAX_PIXELS)"
                           f"{near or '; see the README for the list'}")  # fmt: skip
-        if item is None or isinstance(item, (dict, list)):  # (ms-swift sets str(value): "None" failed the run)
+        # (ms-swift sets str(value): "None" failed the run, and a NUL byte is no environment variable's)
+        if item is None or isinstance(item, (dict, list)) or (isinstance(item, str) and "\x00" in item):
             raise Invalid(f"{where}.{key} is set as an environment variable: give a number, true/false or a word "
                           "(leave it out for the model's default)")  # fmt: skip
 
