@@ -423,6 +423,35 @@ async def test_an_international_name_is_looked_up_as_it_is_sent(monkeypatch: pyt
     assert looked == ["xn--strae-oqa.de"] and aimed is not None
 
 
+async def test_one_host_is_looked_up_once_at_a_time_for_all_who_post_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's many notifications to one black-holed name each held a lookup thread: all 4 of them, so every other
+    # user's own URLs timed out waiting for a thread (review AM).
+    from application.services import webhooks
+
+    release = threading.Event()
+    calls: list[str] = []
+    real = socket.getaddrinfo
+
+    def slow(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "slow.hooks.test":
+            return real(host, *args, **kwargs)
+        calls.append(host)
+        release.wait(10)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    waiting = [asyncio.create_task(webhooks.Webhooks._aim("http://slow.hooks.test/x")) for _ in range(8)]
+    await asyncio.sleep(0)  # (each runs up to its wait for the lookup)
+    await until(lambda: bool(calls))
+    waiting[0].cancel()  # one that gives up does not cancel the others' lookup
+    # Another host is looked up meanwhile, in a thread the slow name does not hold.
+    other = await asyncio.wait_for(webhooks.Webhooks._aim("http://93.184.215.14/x"), 5)
+    assert other is not None and calls == ["slow.hooks.test"]
+    release.set()
+    aimed = await asyncio.gather(*waiting[1:])
+    assert all(a is not None and str(a[0]) == "http://93.184.215.14/x" for a in aimed) and len(calls) == 1
+
+
 def test_ipv6_forms_that_reach_a_private_ipv4_address_are_not_public() -> None:
     # IPv6 that reaches an IPv4 address through a gateway (NAT64, 6to4, IPv4-compatible, IPv4-translated),
     # site-local, multicast: Python calls them global.

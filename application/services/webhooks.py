@@ -24,10 +24,11 @@ import ipaddress
 import json
 import socket
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -56,6 +57,27 @@ RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling whil
 
 def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+_LOOKING_UP: dict[str, Future[list[str]]] = {}  # host -> its lookup under way, shared by all who ask meanwhile
+_LOOKING_UP_LOCK = threading.RLock()  # (a lookup already done runs its callback at once, in the caller's thread)
+
+
+def lookup(host: str) -> Future[list[str]]:
+    """`addresses(host)` in the lookup threads, once at a time per host: a user's many notifications to one
+    black-holed name held all 4 threads, and every other user's own URLs timed out waiting for one."""
+    with _LOOKING_UP_LOCK:
+        found = _LOOKING_UP.get(host)
+        if found is None:
+            found = _LOOKING_UP[host] = _LOOKUPS.submit(addresses, host)
+            found.add_done_callback(lambda done: _looked_up(host, done))
+        return found
+
+
+def _looked_up(host: str, done: Future[list[str]]) -> None:
+    with _LOOKING_UP_LOCK:
+        if _LOOKING_UP.get(host) is done:
+            del _LOOKING_UP[host]
 
 
 def addresses(host: str) -> list[str]:
@@ -357,7 +379,8 @@ class Webhooks:
         host = httpx.URL(url).raw_host.decode("ascii")
         # In threads of their own: a lookup a black-holed name server never answers holds its thread past the
         # attempt's timeout, and in the default pool a user's many such names stalled the scheduler's own reads.
-        found = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, addresses, host)
+        # (shielded: one caller given up cancels its own wait, not the lookup the others share)
+        found = await asyncio.shield(asyncio.wrap_future(lookup(host)))
         # Nor this host's own public addresses: its services listening on every interface are not the user's.
         if not all(map(is_public, found)) or any(_plain(a) in own_addresses() for a in found):
             return None
