@@ -178,6 +178,8 @@ def test_a_job_whose_gpus_are_gone_since_its_create_is_told_so_at_its_start(
     wait_for(lambda: len(second.http.get("/gpus").json()["gpus"]) == 1, what="the new GPU reading")
     # The GPU "busy" still holds is listed apart (it was in no list).
     assert second.http.get("/gpus").json()["missing"] == [{"index": 1, "job_id": "busy"}]
+    page = second.http.get(second.base.split("/api/")[0] + "/ui/gpus").text
+    assert 'id="gpus-missing"' in page and "GPU 1: held by" in page and "busy" in page.split("gpus-missing")[1]
     r = second.http.post("/jobs/pinned/start")
     assert r.status_code == 409, r.text
     assert r.json()["detail"] == (

@@ -215,4 +215,9 @@ def gpus_body(ctx: PageContext, reading: dict[str, Any], own: Collection[str]) -
     headers = ["#", "GPU", "Memory", "Utilization", "Temp.", "Power", "Held by", "Processes"]
     rows = [_gpu_row(ctx, g, own) for g in reading["gpus"]]
     grid = table(headers, rows, empty="No GPUs.", attrs='class="grid gpus"')
-    return "<h1>GPUs</h1>" + live("gpus-live", f'<p class="summary">{summary}</p>{error}{grid}')
+    missing = "".join(f"<li>GPU {esc(m['index'])}: held by {job_ref(ctx, m['job_id'], own)}</li>"
+                      for m in reading.get("missing") or [])  # fmt: skip
+    if missing:
+        missing = ('<p class="error">Held by a job but not in the reading (removed, or hidden since the job '
+                   f'started); free again when that job ends:</p><ul id="gpus-missing">{missing}</ul>')  # fmt: skip
+    return "<h1>GPUs</h1>" + live("gpus-live", f'<p class="summary">{summary}</p>{error}{grid}{missing}')
