@@ -40,6 +40,21 @@ def test_a_log_file_is_rotated_past_its_size_keeping_the_newest_few(tmp_path: Pa
     assert "line 099" in (tmp_path / "scheduler.log").read_text()
 
 
+def test_a_record_that_meets_another_workers_rotation_is_written_not_dropped(tmp_path: Path) -> None:
+    # API workers share one file: a worker rotating it renamed it away as this one rotated too, whose rename then
+    # found no file, and the record was dropped with "cannot write ... No such file or directory" (hunt AP).
+    from application.utils.logger import LogFile
+
+    path = tmp_path / "swift-api.log"
+    sink = LogFile(path, rotation="1 KB", retention=10)
+    sink.write("first " + "x" * 900 + "\n")
+    path.rename(tmp_path / "swift-api.rotated-by-another-worker.log")  # (what the other worker's rotation does)
+    sink.write("second, past the size " + "y" * 200 + "\n")
+    sink.write("third\n")
+    sink.stop()
+    assert "second, past the size" in path.read_text() and "third" in path.read_text()
+
+
 def test_every_log_line_says_its_utc_offset(tmp_path: Path) -> None:
     # Two hosts with another TZ interleaved lines hours apart in one log with nothing to tell them apart (hunt).
     code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "

@@ -32,7 +32,12 @@ class LogFile:
 
     def write(self, message: str) -> None:
         try:
-            self._sink.write(message)
+            try:
+                self._sink.write(message)
+            except FileNotFoundError:
+                # Another worker rotated the shared file as this one did: its rename found no file (and its own
+                # file was closed). Written again, into the file the other one started.
+                self._sink.write(message)
         except OSError as exc:
             now = time.monotonic()
             if now - self._complained >= COMPLAIN_EVERY:
