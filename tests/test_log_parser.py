@@ -253,6 +253,27 @@ def test_3x_success_run() -> None:
     assert [pt["step"] for pt in got.history if pt["eval_loss"] is not None] == [10, 20]
 
 
+def test_a_long_run_does_not_grow_its_parser_and_two_ranks_steps_still_count_once() -> None:
+    # Every step's key was kept to drop another rank's copy: 130 B per step, for ever (a runner grew 5 MB over
+    # 25k steps: hunt AN).
+    import tracemalloc
+
+    parser = SwiftLogParser()
+    line = "{'loss': '1.5', 'learning_rate': '1e-05', 'epoch': '0.1', 'global_step/max_steps': '%d/100000'}\n"
+    tracemalloc.start()
+    try:
+        for step in range(1, 2001):
+            parser.feed((line % step).encode())
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(2001, 22001):
+            got = parser.feed((line % step).encode() * 2)  # (both ranks print it)
+            assert len(got.history) == 1
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, grown  # (2.6 MB for these 20,000 steps before)
+
+
 def test_cpu_two_process_run_dedupes_steps() -> None:
     parser, got = feed((FIX4 / "sft_nproc2_cpu.stdout.txt").read_bytes())
     assert [pt["step"] for pt in got.history] == [1, 2, 3, 4]

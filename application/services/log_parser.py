@@ -63,6 +63,7 @@ _TRAIN_BAR_RE = re.compile(
 # A segment with no \r or \n for this long is not a log line (binary junk, or a bar that never
 # ends); it is dropped rather than held in memory forever.
 _MAX_PARTIAL_BYTES = 1 << 20
+SEEN_POINTS_KEPT = 1024  # (step, kind) keys remembered to skip the same step's dict from another rank
 
 
 def _dict_kind(d: dict[str, Any]) -> str:
@@ -269,7 +270,9 @@ class SwiftLogParser:
         self._partial = b""
         self._in_sample = False
         self._unreadable = 0  # lines skipped because reading them raised
-        self._seen_points: set[tuple[int, str]] = set()
+        # The newest points only: ranks print a step's dict within lines of each other, and a set of every step
+        # held 130 B per step for the whole run (a runner at 19 steps/s grew for ever: hunt AN).
+        self._seen_points: dict[tuple[int, str], None] = {}
         self._diverged = False
         self.progress: Progress | None = None
         self.run_dir: str | None = None
@@ -409,7 +412,9 @@ class SwiftLogParser:
         key = (int(d["current_step"]), kind)
         if key in self._seen_points:
             return
-        self._seen_points.add(key)
+        self._seen_points[key] = None
+        if len(self._seen_points) > SEEN_POINTS_KEPT:
+            del self._seen_points[next(iter(self._seen_points))]  # (the oldest: dicts keep insertion order)
         if kind == "train" and "loss" in d and d["loss"] is None and not self._diverged:
             # (normalized: a loss printed as nan or inf is None here; swift prints no step dict without one)
             self._diverged = True
