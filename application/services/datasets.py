@@ -173,22 +173,13 @@ def _check_messages(value: Any, where: str) -> None:
             raise Invalid(f'{where}[{i}] must be an object such as {{"role": "user", "content": "..."}}')
         if not ({"role", "content"} <= msg.keys() or {"from", "value"} <= msg.keys()):
             raise Invalid(f"{where}[{i}] needs 'role' and 'content' (or 'from' and 'value')")
-        # Text, content blocks, or none (a tool call's turn); ms-swift's reader refuses a number or an object in a
-        # column of text ("changed from string to number"), after the job's wait.
-        content = msg.get("content", msg.get("value"))
-        if content is not None and not isinstance(content, (str, list)):
-            raise Invalid(f"{where}[{i}]: its content must be text (or a list of content blocks), not "
-                          f"{type(content).__name__}: quote it")  # fmt: skip
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is no JSON value (ms-swift's reader refuses it): write a number or null")
 
 
 def _loads(raw: bytes | str) -> Any:
-    """A row as ms-swift's reader (pyarrow's JSON) takes it: no NaN or Infinity, no unpaired surrogate escape."""
+    """A row as ms-swift's reader (datasets' JSON) takes it: no unpaired surrogate escape. (Content that is an
+    object or a number, and NaN, it takes: a tool call's arguments, a score.)"""
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(raw)
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # (Python's own limit, whose message names its setting)
             raise ValueError("a number of more than 4300 digits") from None
@@ -281,7 +272,7 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
 
 def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
     text = head.decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder(parse_constant=_no_constant)
+    decoder = json.JSONDecoder()
     escapes = bool(_SURROGATE_ESCAPE.search(head))
     pos = text.index("[") + 1
     n = 0
