@@ -256,8 +256,9 @@ class ReadTimedOut(RedisTimeoutError):
 
 def lost_reply_detail(method: str, error: Exception) -> str:
     """What a change whose Redis reply was lost answers (503): it may have been carried out."""
-    return (f"Redis did not answer ({error}): this {method} may have been carried out all the same; once Redis is "
-            "back, look at what it was to change (a GET) before you send it again")  # fmt: skip
+    # (not the error's text: it names Redis's address, which is the operator's; their log has it)
+    return (f"Redis did not answer ({type(error).__name__}): this {method} may have been carried out all the same; "
+            "once Redis is back, look at what it was to change (a GET) before you send it again")  # fmt: skip
 
 
 def may_have_run(error: Exception) -> bool:
