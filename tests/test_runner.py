@@ -538,6 +538,20 @@ def test_a_swift_that_cannot_be_run_fails_the_job_saying_whose_it_is_and_is_logg
     assert failed["error_message"].endswith("the server's operator must set SWIFT_BIN or run ./install_all.sh")
     runner_log = Path(failed["output_dir"]) / "logs" / "noexec.runner.log"
     assert any("| ERROR" in line and "could not start swift" in line for line in runner_log.read_text().splitlines())
+    # A quantized export's job says it is an export that failed (it said "training failed": review AQ).
+    wrapper.chmod(0o755)
+    body = job_body(workspace, "parent", auto_start=True, training={"max_steps": 2, "save_steps": 2})
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: (j := server.job("parent"))["status"] == "completed" and j["export"]["status"] == "completed",
+             what="the run and its automatic export")  # fmt: skip
+    wrapper.chmod(0o644)
+    r = server.http.post("/jobs/parent/export", json={"checkpoint": "checkpoint-2", "quant_bits": 4,
+                                                      "quant_method": "awq"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    server.wait_status("parent-quant", "failed")
+    events = server.http.get("/jobs/parent-quant/events").json()["events"]
+    ended = [e["message"] for e in events if e["type"] == "status_failed"]
+    assert len(ended) == 1 and ended[0].startswith("export failed: could not start swift"), events
 
 
 def test_a_runner_given_the_launch_spec_of_another_run_starts_nothing(tmp_path: Path) -> None:

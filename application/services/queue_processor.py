@@ -42,7 +42,7 @@ from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
 from application.services.queue_planner import ClusterView, Planner, build_view
 from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
-from application.services.run_end import checkpoint_step
+from application.services.run_end import checkpoint_step, work_of
 from application.services.run_history import RunHistory
 from application.services.scheduler import Start, next_head
 from application.services.swift_command import (
@@ -336,7 +336,7 @@ class QueueProcessor:
             error = f"its output folder cannot be used: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": error, "error_code": "output_dir"},
-                                        message=f"training failed: {error}")  # fmt: skip
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
             return False
         # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
         # or media a data file names since, had the run read what they lead to (a hunt). Before its GPUs are
@@ -350,7 +350,7 @@ class QueueProcessor:
         if moved:
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": moved, "error_code": "input_path"},
-                                        message=f"training failed: {moved}")  # fmt: skip
+                                        message=f"{work_of(job)} failed: {moved}")  # fmt: skip
             return False
         step = checkpoint_step(resume)
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
@@ -431,7 +431,7 @@ class QueueProcessor:
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
                                         fields={"error_message": error, "error_code": code,
                                                 "attempts": [*job.attempts, ended]},
-                                        message=f"training failed: {error}")  # fmt: skip
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
             return False
         try:
             await self.store.update(job.job_id, {"runner": runner}, run_id=run_id, statuses=(JobStatus.RUNNING,))

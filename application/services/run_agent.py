@@ -195,7 +195,7 @@ class Runner:
                     "SWIFT_BIN or run ./install_all.sh", "launch"  # fmt: skip
                 logger.error("job {}: {}", self.job_id, error)
             fields = {"error_message": error, "error_code": kind, "finished_at": clock.now()}
-            await outbox.finish(JobStatus.FAILED, fields, f"training failed: {error}")
+            await outbox.finish(JobStatus.FAILED, fields, f"{work_of(job)} failed: {error}")
             return 1
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
         start_time = pg.process_start_time(proc.pid) or time.time()
