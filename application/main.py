@@ -153,18 +153,19 @@ def _not_a_cut_download(record: logging.LogRecord) -> bool:
 
 
 class _OutageLog:
-    """Redis errors requests met, as warnings in the server's log: at most one a minute for one cause (an outage
-    fails every request), and at once for another."""
+    """Redis errors requests met, as warnings in the server's log: at most one a minute for each kind of error (an
+    outage fails every request, with texts that differ by a detail), and at once for a new kind."""
 
     EVERY_SECONDS = 60.0
 
     def __init__(self) -> None:
-        self.last: tuple[str, float] | None = None
+        self.last: dict[str, float] = {}
 
-    def seen(self, text: str) -> None:
+    def seen(self, exc: BaseException, text: str) -> None:
         now = time.monotonic()
-        if self.last is None or self.last[0] != text or now - self.last[1] >= self.EVERY_SECONDS:
-            self.last = (text, now)
+        kind = type(exc).__name__
+        if now - self.last.get(kind, -math.inf) >= self.EVERY_SECONDS:
+            self.last[kind] = now
             logger.warning("{}", text)
 
 
@@ -215,8 +216,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:  # (it serves all the same, and outlasts the outage: "ready" alone hid it)
             await asyncio.wait_for(client.ping(), 2)
         except Exception as exc:
-            why = redis_refusal(exc, settings.REDIS_KEY_PREFIX) or f"Redis does not answer yet ({exc})"
-            outages.seen(f"{why}: requests are answered 503 until it does")
+            why = (
+                redis_refusal(exc, settings.REDIS_KEY_PREFIX)
+                or f"Redis does not answer yet ({exc or type(exc).__name__})"
+            )
+            outages.seen(exc, f"{why}: requests are answered 503 until it does")
         try:
             yield
         finally:
@@ -287,7 +291,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         refused = redis_refusal(exc, settings.REDIS_KEY_PREFIX)
         # The operator's to see (these were INFO access lines alone); the error's text, with Redis's address, is
         # not the caller's.
-        outages.seen(f"requests answered 503: {refused or f'Redis does not answer ({exc})'}")
+        outages.seen(exc, f"requests answered 503: {refused or f'Redis does not answer ({exc})'}")
         if refused:
             return JSONResponse({"detail": "this server cannot use its Redis (its operator's setup: see the server's "
                                            "log): try again later"}, status_code=503)  # fmt: skip
@@ -302,7 +306,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:
         # e.g. a read-only replica or OOM: the store cannot take the change now
         refused = redis_refusal(exc, settings.REDIS_KEY_PREFIX)
-        outages.seen(f"requests answered 503: {refused or f'Redis refused an operation ({exc})'}")
+        outages.seen(exc, f"requests answered 503: {refused or f'Redis refused an operation ({exc})'}")
         detail = "this server cannot use its Redis (its operator's setup: see the server's log): try again later" \
             if refused else f"Redis refused the operation ({exc})"  # fmt: skip
         return JSONResponse({"detail": detail}, status_code=503)
