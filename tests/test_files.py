@@ -52,7 +52,8 @@ def stored_files(root: Path) -> list[Path]:
     return sorted(p for p in uploads.rglob("*") if p.is_file()) if uploads.exists() else []
 
 
-def test_upload_list_get_delete_and_owners(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:
+def test_upload_list_get_delete_and_owners(server_factory: Callable[..., ApiServer], tmp_path: Path,
+                                           redis_url: str) -> None:  # fmt: skip
     server = server_factory(env={"API_KEYS": KEYS_SETTING})
     r = upload(server, VALID, "my data.jsonl")
     assert r.status_code == 201, r.text
@@ -114,6 +115,14 @@ def test_upload_list_get_delete_and_owners(server_factory: Callable[..., ApiServ
     # An admin may delete anyone's.
     assert server.http.delete(f"/files/{bobs['id']}", headers=auth(ADMIN_KEY)).status_code == 204
     assert stored_files(tmp_path) == [Path(hostile["path"])]
+    # An owner's byte count goes with their last file (one per owner who ever uploaded stayed: hunt AN).
+    direct = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = Keys(server.prefix)
+        assert direct.get(keys.owner_file_bytes("bob")) is None
+        assert direct.get(keys.owner_file_bytes("alice")) == str(hostile["bytes"])
+    finally:
+        direct.close()
 
 
 def test_rejected_uploads_leave_nothing_behind(server_factory: Callable[..., ApiServer], tmp_path: Path) -> None:

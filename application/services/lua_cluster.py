@@ -88,7 +88,8 @@ if redis.call('DEL', KEYS[1]) == 0 then return {'gone'} end
 redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[2], a.id)
 redis.call('ZREM', KEYS[3], a.id)
-redis.call('DECRBY', KEYS[4], a.bytes)
+-- (a counter back at 0 goes: one per owner who ever uploaded stayed for ever, hunt AN)
+if redis.call('DECRBY', KEYS[4], a.bytes) <= 0 then redis.call('DEL', KEYS[4]) end
 return {'ok'}
 """
 
