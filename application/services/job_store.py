@@ -167,7 +167,7 @@ class JobStore(JobLog, QueueView):
             rows: list[list[str | None]] = await pipe.execute()
         return rows
 
-    def _index(self, status: JobStatus | None, owner: str | None) -> str:
+    def index_of(self, status: JobStatus | None, owner: str | None) -> str:
         k = self.keys
         if owner is None:
             return k.status_index(status) if status else k.jobs_index
@@ -176,7 +176,7 @@ class JobStore(JobLog, QueueView):
     async def page_ids(self, status: JobStatus | None, owner: str | None, offset: int,
                        limit: int) -> tuple[list[str], int]:  # fmt: skip
         """A page of job ids, newest first: every owner's when `owner` is None."""
-        index = self._index(status, owner)
+        index = self.index_of(status, owner)
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zcard(index)
             pipe.zrevrange(index, offset, offset + limit - 1)
@@ -197,13 +197,17 @@ class JobStore(JobLog, QueueView):
         Each job's summary is kept as one JSON string by the scripts that change the job (lua.SUMMARY_FIELDS):
         a page is the index read and one MGET, joined as text. Redis does no work per field, Python decodes nothing.
         """
-        index = self._index(status, owner)
+        index = self.index_of(status, owner)
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.zcard(index)
             pipe.zrevrange(index, offset, offset + limit - 1)
             total, ids = await pipe.execute()
+        return int(total), await self.summaries_json(ids)
+
+    async def summaries_json(self, ids: list[str]) -> str:
+        """The JobSummary of each of `ids` still stored, as a JSON array."""
         summaries = await self.r.mget([self.keys.job_summary(i) for i in ids]) if ids else []
-        return int(total), "[" + ",".join(s for s in summaries if s) + "]"
+        return "[" + ",".join(s for s in summaries if s) + "]"
 
     async def backfill_summaries(self, batch: int = 500) -> int:
         """Write the summaries that records from before they were kept lack, and rewrite every one when they were

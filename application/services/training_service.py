@@ -40,6 +40,7 @@ from application.services.exports import EXPORT_LIST, exports_as_they_stand, set
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
+from application.services.job_pages import Cursor, cursor_text, page_after, parse_cursor
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
@@ -319,17 +320,27 @@ class TrainingService:
         )  # fmt: skip
 
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
-                        caller: Caller) -> str:  # fmt: skip
-        """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json)."""
+                        caller: Caller, cursor: str | None = None) -> str:  # fmt: skip
+        """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json): by
+        offset, or after a cursor (job_pages), whose next one the first page gives too."""
+        after = parse_cursor(cursor) if cursor is not None else None
+        if after is not None and offset:
+            raise Invalid("give offset or cursor, not both: a cursor names where its page starts")
         if not caller.is_admin:
             if owner not in (None, caller.name):  # a filter matching none of what this key may see
-                return f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null}}'
+                return (f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null,'
+                        '"next_cursor":null}')  # fmt: skip
             owner = caller.name
-        total, page = await self.store.page_json(status, owner, offset, limit)
-        nxt = offset + limit if offset + limit < total else None
+        nxt_cursor: Cursor | None = None
+        if offset:
+            total, page = await self.store.page_json(status, owner, offset, limit)
+        else:
+            total, page, nxt_cursor = await page_after(self.store, status, owner, after, limit)
+        nxt = offset + limit if offset + limit < total and after is None else None
+        shown = "null" if nxt_cursor is None else json.dumps(cursor_text(nxt_cursor))
         return (
             f'{{"jobs":{page},"total":{total},"offset":{offset},"limit":{limit},'
-            f'"next_offset":{"null" if nxt is None else nxt}}}'
+            f'"next_offset":{"null" if nxt is None else nxt},"next_cursor":{shown}}}'
         )
 
     async def job_json(self, job_id: str, caller: Caller) -> str:
