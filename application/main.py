@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -163,7 +163,9 @@ class _OutageLog:
 
     def seen(self, exc: BaseException, text: str) -> None:
         now = time.monotonic()
-        kind = type(exc).__name__
+        # Redis's own errors by their code too (MISCONF, NOPERM, OOM, READONLY: each the operator's to act on)
+        code = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else ""
+        kind = f"{type(exc).__module__}.{type(exc).__name__}:{code}"
         if now - self.last.get(kind, -math.inf) >= self.EVERY_SECONDS:
             self.last[kind] = now
             logger.warning("{}", text)
@@ -218,7 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             why = (
                 redis_refusal(exc, settings.REDIS_KEY_PREFIX)
-                or f"Redis does not answer yet ({exc or type(exc).__name__})"
+                or f"Redis does not answer yet ({str(exc) or type(exc).__name__})"
             )
             outages.seen(exc, f"{why}: requests are answered 503 until it does")
         try:
