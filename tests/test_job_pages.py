@@ -41,6 +41,11 @@ async def test_a_walk_by_cursor_lists_every_job_once_while_others_are_deleted_an
         assert [i for i in untouched if i not in seen] == [], (seen, deleted)
         tied = [i for i in seen if i in ids[10:15]]
         assert tied == sorted(tied, reverse=True)  # (one instant: newest first means highest id first)
+        # An offset page gives the next page's cursor too, which leads where its next_offset does (nothing changed).
+        by_offset = (await client.get("/jobs", params={"limit": 3, "offset": 3})).json()
+        after = (await client.get("/jobs", params={"limit": 3, "cursor": by_offset["next_cursor"]})).json()
+        again = (await client.get("/jobs", params={"limit": 3, "offset": by_offset["next_offset"]})).json()
+        assert after["jobs"] == again["jobs"] and len(after["jobs"]) == 3
         # A cursor with an offset, or one this server did not give, is a 422 saying what to pass.
         r = await client.get("/jobs", params={"cursor": "1000.0~j01", "offset": 4})
         assert r.status_code == 422 and "give offset or cursor, not both" in r.json()["detail"]

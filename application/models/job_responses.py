@@ -130,9 +130,11 @@ class JobList(BaseModel):
     offset: int
     limit: int
     next_offset: int | None
-    next_cursor: str | None = Field(None, description="pass it as `cursor` for the next page: jobs deleted "
-                                                      "meanwhile shift no job out of it (null past the first page "
-                                                      "of an offset walk, and on the last page)")  # fmt: skip
+    next_cursor: str | None = Field(
+        None,
+        description="pass it as `cursor` for the next page: jobs deleted meanwhile shift no job out of it "
+        "(null on the last page)",
+    )
 
 
 class ProgressResponse(BaseModel):

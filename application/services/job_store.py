@@ -190,20 +190,6 @@ class JobStore(JobLog, QueueView):
             values = await pipe.execute()
         return {s.value: int(v) for s, v in zip(JobStatus, values, strict=True)}
 
-    async def page_json(self, status: JobStatus | None, owner: str | None, offset: int,
-                        limit: int) -> tuple[int, str]:  # fmt: skip
-        """(total, a JSON array of JobSummary) for a page, newest first; every owner's when `owner` is None.
-
-        Each job's summary is kept as one JSON string by the scripts that change the job (lua.SUMMARY_FIELDS):
-        a page is the index read and one MGET, joined as text. Redis does no work per field, Python decodes nothing.
-        """
-        index = self.index_of(status, owner)
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.zcard(index)
-            pipe.zrevrange(index, offset, offset + limit - 1)
-            total, ids = await pipe.execute()
-        return int(total), await self.summaries_json(ids)
-
     async def summaries_json(self, ids: list[str]) -> str:
         """The JobSummary of each of `ids` still stored, as a JSON array."""
         summaries = await self.r.mget([self.keys.job_summary(i) for i in ids]) if ids else []

@@ -40,7 +40,7 @@ from application.services.exports import EXPORT_LIST, exports_as_they_stand, set
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
-from application.services.job_pages import Cursor, cursor_text, page_after, parse_cursor
+from application.services.job_pages import cursor_text, page_after, page_at, parse_cursor
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
@@ -331,9 +331,8 @@ class TrainingService:
                 return (f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null,'
                         '"next_cursor":null}')  # fmt: skip
             owner = caller.name
-        nxt_cursor: Cursor | None = None
-        if offset:
-            total, page = await self.store.page_json(status, owner, offset, limit)
+        if after is None:
+            total, page, nxt_cursor = await page_at(self.store, status, owner, offset, limit)
         else:
             total, page, nxt_cursor = await page_after(self.store, status, owner, after, limit)
         nxt = offset + limit if offset + limit < total and after is None else None
