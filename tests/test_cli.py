@@ -97,6 +97,13 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     row = next((line for line in listing.splitlines() if line.split()[:1] == ["later"]), listing)
     assert "~1:30:00 time_limit" in row, row
     assert row.split()[3:5] == ["1", "gpu"], row  # asked for, not held: not to be read as GPU #1
+    # Past the first page: the footer names the next one, and --after reaches it (only --limit, up to 500, was
+    # there: hunt AR).
+    first = cli(server.port, "ls", "--limit", "1").stdout
+    assert "1 of 2 jobs; the next page: ls --after " in first, first
+    after = first.rsplit("ls --after ", 1)[1].split()[0]
+    rest = cli_json(server.port, "ls", "--limit", "1", "--after", after)
+    assert [j["job_id"] for j in rest["jobs"]] == ["done"] and rest["next_cursor"] is None
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")

@@ -76,7 +76,8 @@ def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
-    out.show(api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit), render.jobs)
+    out.show(api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit, cursor=args.after),
+             render.jobs)  # fmt: skip
     return EXIT_OK
 
 
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--status", choices=[s.value for s in JobStatus])
     sub.add_argument("--owner", help="another owner's jobs (admin key)")
     sub.add_argument("--limit", type=_up_to(500), default=50)
+    sub.add_argument("--after", metavar="CURSOR", help="the page after this one (the cursor the last page printed)")
 
     command("status", show("/status", render.job_status), "a job's status, progress and error")
 

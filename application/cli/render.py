@@ -85,7 +85,8 @@ def jobs(body: dict[str, Any]) -> RenderableType:
                       text(steps(progress)), text(number(progress.get("loss"))), text(estimate(job)),
                       text(when(job.get("created_at"))), text(job.get("model_path")))  # fmt: skip
     shown = len(body.get("jobs", []))
-    footer = text(f"{shown} of {body.get('total', shown)} jobs", "dim")
+    more = f"; the next page: ls --after {body['next_cursor']}" if body.get("next_cursor") else ""
+    footer = text(f"{shown} of {body.get('total', shown)} jobs{more}", "dim")
     return Group(table, footer) if shown else footer
 
 
