@@ -55,6 +55,24 @@ def test_a_record_that_meets_another_workers_rotation_is_written_not_dropped(tmp
     assert "second, past the size" in path.read_text() and "third" in path.read_text()
 
 
+def test_workers_sharing_a_log_file_go_on_writing_into_the_current_one_after_a_rotation(tmp_path: Path) -> None:
+    # After one worker rotated the file, another kept writing into the renamed one, then renamed the first one's
+    # new file as it rotated in turn: swift-api.log held one worker's lines, the rest went to old files (review AT).
+    from application.utils.logger import LogFile
+
+    path = tmp_path / "swift-api.log"
+    a, b = LogFile(path, rotation="1 KB", retention=100), LogFile(path, rotation="1 KB", retention=100)
+    for n in range(30):
+        a.write(f"a {n:02d} " + "x" * 90 + "\n")
+        b.write(f"b {n:02d} " + "y" * 90 + "\n")
+    a.stop()
+    b.stop()
+    current = path.read_text()
+    assert "a 29 " in current and "b 29 " in current, current
+    every = "".join(p.read_text() for p in tmp_path.iterdir())
+    assert all(f"a {n:02d} " in every and f"b {n:02d} " in every for n in range(30))  # (and none lost)
+
+
 def test_every_log_line_says_its_utc_offset(tmp_path: Path) -> None:
     # Two hosts with another TZ interleaved lines hours apart in one log with nothing to tell them apart (hunt).
     code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "

@@ -28,7 +28,10 @@ class LogFile:
         self.path = path
         self._complained = -math.inf
         # Opened now: a log file that cannot be opened at all stops the process as it starts (OSError).
-        self._sink = FileSink(str(path), rotation=rotation, retention=retention)
+        # watch: each write goes to the file at `path` now (one stat), not to the one this worker opened, which
+        # another worker may have renamed as it rotated: then the two renamed each other's new files in turn, and
+        # the current file held one worker's lines (review AT).
+        self._sink = FileSink(str(path), rotation=rotation, retention=retention, watch=True)
 
     def write(self, message: str) -> None:
         try:
