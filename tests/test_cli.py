@@ -100,10 +100,17 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     # Past the first page: the footer names the next one, and --after reaches it (only --limit, up to 500, was
     # there: hunt AR).
     first = cli(server.port, "ls", "--limit", "1").stdout
-    assert "1 of 2 jobs; the next page: ls --after " in first, first
-    after = first.rsplit("ls --after ", 1)[1].split()[0]
+    assert "1 of 2 jobs; the next page: ls --limit 1 --after " in first, first  # (its filters kept: hunt AW)
+    after = first.rsplit("--after ", 1)[1].split()[0]
     rest = cli_json(server.port, "ls", "--limit", "1", "--after", after)
     assert [j["job_id"] for j in rest["jobs"]] == ["done"] and rest["next_cursor"] is None
+    # An 80-column terminal cut the job id to 'qwen2.5…': the id is what every other command takes (hunt AW).
+    long_id = "qwen2.5-7b-instruct-alpaca-lora-r16"
+    assert server.create(**job_body(workspace, long_id)).status_code == 201
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}", "COLUMNS": "80"}
+    narrow = subprocess.run([sys.executable, "-m", "application.cli", "ls"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert long_id in narrow.stdout and "completed" in narrow.stdout, narrow.stdout
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")
@@ -173,6 +180,12 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
     assert server.job("waiter")["priority"] == 9
     assert cli_json(server.port, "queue")["entries"][0]["job_id"] == "waiter"
     assert "waiter" in cli(server.port, "queue").stdout
+    # A queue longer than a page says which positions these are and how to go on (it showed the first 100, no
+    # more: hunt AW).
+    assert server.create(**job_body(workspace, "waiter-two-with-a-long-name", auto_start=True)).status_code == 201
+    paged = cli(server.port, "queue", "--limit", "1")
+    assert "positions 1-1; the next page: queue --offset 1" in paged.stdout, paged.stdout
+    assert "waiter-two-with-a-long-name" in cli(server.port, "queue", "--offset", "1").stdout
     refused = cli(server.port, "priority", "waiter", "42")
     assert refused.returncode == 2 and "priority" in refused.stderr
 
@@ -504,6 +517,10 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     up = cli_json(server.port, "upload", str(data))
     assert up["rows"] == 21 and up["id"].startswith("file-")
     assert any(f["id"] == up["id"] for f in cli_json(server.port, "files")["files"])
+    second = cli_json(server.port, "upload", str(data))
+    page = cli(server.port, "files", "--limit", "1")
+    assert page.stdout.startswith(second["id"]) and "1-1 of 2 files; the next page: files --offset 1" in page.stderr
+    assert cli(server.port, "files", "--offset", "1").stdout.startswith(up["id"])
     args = submit_args(workspace, "cli-up", "--set", "max_steps=4", "--set", "save_steps=2", "--follow")
     args[args.index("--data") + 1] = up["id"]
     r = cli(server.port, *args)
@@ -537,8 +554,8 @@ def test_log_lines_and_messages_reach_the_terminal_without_control_sequences(
     out.line("step 1\x1b[2J\x1b]0;owned\x07\tloss 0.5\x9b31m")
     out.error("job 'x\x1b[1A' failed")
     got = capsys.readouterr()
-    assert got.out == "step 1[2J]0;owned\tloss 0.531m\n"
-    assert "\x1b" not in got.err and "job 'x[1A' failed" in got.err
+    assert got.out == "step 1\tloss 0.5\n"  # (whole sequences: "[2J]0;owned" was left of them, hunt AW)
+    assert "\x1b" not in got.err and "job 'x' failed" in got.err
 
 
 def test_json_output_escapes_c1_controls_and_line_separators_and_keeps_other_text_readable(
@@ -558,7 +575,7 @@ def test_tables_show_server_text_without_control_sequences(capsys: pytest.Captur
     # A failed job's error_message is a line of its log: `status` prints it through rich, which passes escape
     # sequences on as they are.
     Output(as_json=False).show({}, lambda _: text("training failed: \x1b]0;owned\x07boom\x1b[2J"))
-    assert capsys.readouterr().out.strip() == "training failed: ]0;ownedboom[2J"
+    assert capsys.readouterr().out.strip() == "training failed: boom"
 
 
 def test_watch_shows_log_text_without_control_sequences_or_markup(capsys: pytest.CaptureFixture[str]) -> None:
@@ -757,3 +774,76 @@ def test_output_that_cannot_be_written_is_exit_2_not_a_failed_job(tiny_server: i
 def test_a_duration_below_zero_prints_as_none_yet() -> None:
     # (two hosts' clocks: it printed "-1:58:13" for a run 4 s old)
     assert (duration(-114.85), duration(0.4), duration(3725)) == ("0:00", "0:00", "1:02:05")
+
+
+# ---- a server that is not swift-api, or not of this version (hunt AW) -------------------------------------------
+
+
+@pytest.fixture
+def strange_server() -> Iterator[int]:
+    """JSON of another shape, HTML where JSON belongs, a body its Content-Encoding does not describe."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, kind: str, body: bytes, *headers: tuple[str, str]) -> None:
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path.split("?")[0].endswith("/gpus"):
+                self.answer("application/json", b"not gzip at all", ("content-encoding", "gzip"))
+            elif self.path.split("?")[0].endswith("/files"):
+                self.answer("application/json", b'{"files": 5, "total": 1}')
+            else:
+                self.answer("application/json", b'{"jobs": "x", "entries": 7, "status": ["?"]}')
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.answer("text/html", b"<html>hello</html>")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield httpd.server_address[1]
+        httpd.shutdown()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("args", [["ls"], ["queue"], ["status", "j"], ["files"], ["gpus"], ["upload", "DATA"]])
+def test_a_server_answering_what_swift_api_does_not_is_one_line_and_exit_3(strange_server: int, tmp_path: Path,
+                                                                          args: list[str]) -> None:  # fmt: skip
+    # Each was a traceback and exit 1, which says a job failed.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    r = cli(strange_server, *[str(data) if a == "DATA" else a for a in args], timeout=60)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert "swift-api server" in r.stderr, r.stderr
+
+
+def test_a_password_in_the_url_is_never_printed_nor_a_closed_stdout_a_traceback() -> None:
+    port = free_port()
+    env = {**os.environ, "SWIFT_API_URL": f"http://user:SECRETPW@127.0.0.1:{port}"}
+    r = subprocess.run([sys.executable, "-m", "application.cli", "ls"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3 and "SECRETPW" not in r.stderr and "***@127.0.0.1" in r.stderr, r.stderr
+    # `swift-api ls >&-`: stdout closed (an AttributeError on its isatty).
+    r = subprocess.run([sys.executable, "-m", "application.cli", "ls"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=60, close_fds=True,
+                       preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_log_text_cannot_drive_or_reorder_the_terminal() -> None:
+    # A title-setting OSC left "]0;TITLE" once its ESC went; bidi controls reordered the line (hunt AW).
+    from application.cli.output import printable
+
+    raw = "a\x1b]0;TITLE\x07b \x1b[31mred\x1b[0m \u202eevil\u202c z\u200bw \x07bell\ttab"
+    assert printable(raw) == "ab red evil zw bell\ttab"

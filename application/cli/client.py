@@ -29,6 +29,8 @@ WAIT_READ_TIMEOUT = 3600.0
 # A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
 # outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
 STREAM_READ_TIMEOUT = 60.0
+# Each read or write of an upload (the server answers once it has checked the whole file: rows counted)
+UPLOAD_STEP_TIMEOUT = 600.0
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*\Z")  # what a Bearer token can carry
 
 
@@ -72,9 +74,18 @@ def job_path(job_id: str, suffix: str = "") -> str:
     return f"/jobs/{quote(job_id, safe='')}{suffix}"
 
 
+def shown_url(url: str | httpx.URL) -> str:
+    """`url` as an error may print it: without a password written into it (the key never goes in a URL)."""
+    parsed = httpx.URL(str(url))
+    return str(parsed.copy_with(userinfo=b"***")) if parsed.userinfo else str(url)
+
+
 def unreachable(url: str, error: Exception) -> CliError:
     reason = str(error) or type(error).__name__
-    return CliError(f"cannot reach the server at {url}: {reason} (set SWIFT_API_URL or --url)", EXIT_UNREACHABLE)
+    if (parsed := httpx.URL(url)).userinfo:
+        reason = reason.replace(parsed.userinfo.decode("ascii", "replace"), "***")
+    return CliError(f"cannot reach the server at {shown_url(url)}: {reason} (set SWIFT_API_URL or --url)",
+                    EXIT_UNREACHABLE)  # fmt: skip
 
 
 def _detail(response: httpx.Response) -> str:
@@ -98,14 +109,15 @@ def check(response: httpx.Response) -> None:
     if response.is_success:
         return
     if not _is_json(response):
-        raise CliError(f"{response.request.url} answered {response.status_code} {response.reason_phrase}, not JSON: "
+        raise CliError(f"{shown_url(response.request.url)} answered {response.status_code} {response.reason_phrase}, "
+                       "not JSON: "
                        "is it a swift-api server? (SWIFT_API_URL or --url)", EXIT_UNREACHABLE, response.status_code,
                        _retry_after(response))  # fmt: skip
     detail = _detail(response)
     if response.status_code == 404 and detail == "Not Found":
         # The framework's own answer for a path no route has (every refusal of ours says what to do): the URL
         # given is this server's, but not its API's root.
-        raise CliError(f"{response.request.url} is no route of this server (404): give the server's root "
+        raise CliError(f"{shown_url(response.request.url)} is no route of this server (404): give the server's root "
                        f"(http://host:port) or its API (...{API_PATH}) as SWIFT_API_URL or --url",
                        EXIT_UNREACHABLE, response.status_code)  # fmt: skip
     if response.status_code == 401:
@@ -125,7 +137,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def not_swift_api(url: str, answered: str = "JSON") -> CliError:
-    return CliError(f"{url} did not answer {answered}: is it a swift-api server?", EXIT_UNREACHABLE)
+    return CliError(f"{shown_url(url)} did not answer {answered}: is it a swift-api server?", EXIT_UNREACHABLE)
 
 
 def _discard(partial: Path | None) -> None:
@@ -161,15 +173,18 @@ class Api:
         try:
             response = self.http.request(method, path, params=params, json=body, timeout=timeout)
         except httpx.UnsupportedProtocol as e:
-            raise CliError(f"bad server URL {self.url}: {e}", EXIT_USAGE) from e
+            raise CliError(f"bad server URL {shown_url(self.url)}: {e}", EXIT_USAGE) from e
         except httpx.ReadTimeout as e:
             if method == "GET":
                 raise unreachable(self.url, e) from e
             # Sent and not answered in time: not "cannot reach the server", which says it was not done.
-            raise CliError(f"{self.url} did not answer {method} {path} in time: it may have been done all the same; "
+            raise CliError(f"{shown_url(self.url)} did not answer {method} {path} in time: it may have been done all "
+                           "the same; "
                            "look before trying again (`swift-api status <job>`)", EXIT_UNREACHABLE) from e  # fmt: skip
         except httpx.TransportError as e:
             raise unreachable(self.url, e) from e
+        except httpx.DecodingError as e:  # (a body its Content-Encoding does not describe)
+            raise not_swift_api(self.url) from e
         check(response)
         if not response.content:
             return None
@@ -188,14 +203,27 @@ class Api:
         """POST /files with the file streamed from disk (httpx sends a file object in chunks)."""
         try:
             with file.open("rb") as fh:
+                # No bound on the whole upload (a big file takes its time), but on each step of it: a server that
+                # takes the connection and then neither reads nor answers held the command for ever.
                 response = self.http.post(path, files={"file": (file.name, fh)}, data={"purpose": purpose},
-                                          timeout=httpx.Timeout(None, connect=10.0))  # fmt: skip
+                                          timeout=httpx.Timeout(UPLOAD_STEP_TIMEOUT, connect=10.0))  # fmt: skip
         except OSError as e:
             raise CliError(f"cannot read {file}: {e.strerror}", EXIT_USAGE) from e
+        except httpx.ReadTimeout as e:
+            raise CliError(
+                f"{shown_url(self.url)} did not answer the upload within {UPLOAD_STEP_TIMEOUT:g} s: it may "
+                "have been stored all the same; look with `swift-api files`",
+                EXIT_UNREACHABLE,
+            ) from e
         except httpx.TransportError as e:
             raise unreachable(self.url, e) from e
+        except httpx.DecodingError as e:
+            raise not_swift_api(self.url) from e
         check(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as e:
+            raise not_swift_api(self.url) from e
 
     def download(self, path: str, target: Path | None) -> int:
         """GET `path` into `target` (None: standard output); the bytes written. A new or plain file is written

@@ -6,10 +6,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console, RenderableType
+
+from application.cli.client import EXIT_UNREACHABLE, CliError
 
 
 class Output:
@@ -17,15 +20,27 @@ class Output:
         self.json = as_json
         # Piped (to awk, grep, a file) without COLUMNS, rich would lay tables out 80 wide, cutting job ids with
         # an ellipsis and wrapping rows: a line per row at its natural width instead.
-        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        wide = sys.stdout is not None and not sys.stdout.isatty() and "COLUMNS" not in os.environ  # (None: closed)
         self.console = _Console(highlight=False, width=100_000 if wide else None)
         self.errors = _Console(stderr=True, highlight=False)
 
     def show(self, body: Any, render: Callable[[Any], RenderableType]) -> None:
         if self.json:
             self.emit(body)
-        else:
-            self.console.print(render(body))
+            return
+        with self.answer_shape():
+            shown = render(body)
+        self.console.print(shown)
+
+    @contextmanager
+    def answer_shape(self) -> Iterator[None]:
+        """Reading the server's answer: one of another shape than this server's (another service at that URL, a
+        proxy's JSON) is one line and exit 3, not a traceback and exit 1 (which says a job failed)."""
+        try:
+            yield
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CliError("the server's answer is not what a swift-api server sends: is SWIFT_API_URL (or --url) "
+                           "a swift-api server of this version?", EXIT_UNREACHABLE) from e  # fmt: skip
 
     def emit(self, body: Any) -> None:
         # One compact document per line: a followed job's messages then read as JSON Lines. Non-ASCII text stays
@@ -58,7 +73,13 @@ class _Console(Console):
             raise BrokenPipeError
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Whole escape sequences (an OSC that sets the window title left "]0;TITLE" behind once its ESC went), then
+# C0/C1 controls, and the bidi and zero-width controls that reorder or hide what a line shows.
+_CONTROL = re.compile(
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC (a title), to its BEL or ST
+    r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b[@-_]?"  # CSI (ESC [ or C1's), and any other ESC
+    "|[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
+)
 # (json.dumps escapes C0 controls itself; it leaves these in strings as they are)
 _RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
 
