@@ -76,8 +76,11 @@ def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
-    out.show(api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit, cursor=args.after),
-             render.jobs)  # fmt: skip
+    body = api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit, cursor=args.after)
+    # The next page's command keeps this one's filters (without them it listed every job).
+    again = ["ls", *(["--status", args.status] if args.status else []), *(["--owner", args.owner] if args.owner else
+             []), *(["--limit", str(args.limit)] if args.limit != 50 else [])]  # fmt: skip
+    out.show(body, lambda b: render.jobs(b, again))
     return EXIT_OK
 
 
@@ -134,14 +137,24 @@ def upload(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
-    body = api.get("/files", limit=args.limit)
+    body = api.get("/files", limit=args.limit, offset=args.offset or None)
     if out.json:
         out.emit(body)
-    else:
+        return EXIT_OK
+    with out.answer_shape():
         for f in body["files"]:
             out.line(
                 f"{f['id']}  {f['purpose']:5}  {f['rows'] or '?':>8} rows  {f['bytes']:>12} bytes  {f['filename']}"
             )
+        more = f"; the next page: files --offset {body['next_offset']}" if body.get("next_offset") else ""
+        out.note(f"{args.offset + 1}-{args.offset + len(body['files'])} of {body['total']} files{more}"
+                 if body["files"] else f"no files ({body['total']} in all)")  # fmt: skip
+    return EXIT_OK
+
+
+def queue(api: Api, args: argparse.Namespace, out: Output) -> int:
+    body = api.get("/queue", limit=args.limit, offset=args.offset or None)
+    out.show(body, lambda b: render.queue(b, args.offset))
     return EXIT_OK
 
 
@@ -149,7 +162,8 @@ def artifacts(api: Api, args: argparse.Namespace, out: Output) -> int:
     body = api.get(job_path(args.job_id, "/artifacts"))
     if out.json:
         out.emit(body)
-    else:
+        return EXIT_OK
+    with out.answer_shape():
         for f in body["files"]:
             out.line(f"{f['size']:>12}  {f['kind']:11}  {f['path']}")
         for d in body.get("folders", []):
@@ -264,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--export", action="store_true", help="the export's log instead of the training's")
 
     command("watch", run_watch, "a live progress bar until the job ends; exit 0 if it completed, 1 if not")
-    command("start", action("start"), "start a pending job (submitted with --set auto_start=false)")
+    command("start", action("start"), "start a pending job (one submitted with --set auto_start=false while its "
+            "GPUs were free; a queued one starts by itself)")  # fmt: skip
     command("stop", action("stop"), "stop a running job, or cancel a waiting one")
     command("pause", action("pause"), "pause a running job (it resumes from its last checkpoint)")
     command("resume", action("resume"), "resume a paused job, or a stopped/failed one with a checkpoint")
@@ -278,13 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--purpose", choices=["sft", "pt", "rlhf"], default="sft")
     sub = command("files", list_files, "your uploaded data sets, newest first", job=False)
     sub.add_argument("--limit", type=_up_to(500), default=50)
+    sub.add_argument("--offset", type=_up_to(10_000_000), default=0, help="skip the newest N")
     command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
     sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
     sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")
     sub.add_argument("-o", "--output", help="where to write it (default: its name, here; - for standard output)")
     sub = command("priority", set_priority, "change a waiting job's priority")
     sub.add_argument("priority", type=int, metavar="N", help="0-10, 10 first")
-    command("queue", show("/queue", render.queue), "the GPU queue in order", job=False)
+    sub = command("queue", queue, "the GPU queue in order", job=False)
+    sub.add_argument("--limit", type=_up_to(500), default=100)
+    sub.add_argument("--offset", type=_up_to(10_000_000), default=0, help="from position N + 1")
     command("gpus", show("/gpus", render.gpu_list), "the GPUs and the jobs holding them", job=False)
     command("rm", remove, "delete a job's record (never its output on disk)")
     return parser

@@ -76,16 +76,27 @@ def estimate(job: dict[str, Any]) -> str:
     return f"~{duration(predicted['seconds'])} {predicted.get('source') or ''}".rstrip()
 
 
-def jobs(body: dict[str, Any]) -> RenderableType:
-    table = Table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "EST", "CREATED", "MODEL", box=None,
-                  header_style="bold")  # fmt: skip
+def _table(*columns: str, keep: dict[str, int]) -> Table:
+    """A table whose `keep` columns are never cut to an ellipsis below their width: the job id is what every other
+    command takes (an 80-column terminal showed 'qwen2.5…')."""
+    table = Table(box=None, header_style="bold")
+    for name in columns:
+        table.add_column(name, no_wrap=name in keep, min_width=keep.get(name))
+    return table
+
+
+def jobs(body: dict[str, Any], again: list[str] | None = None) -> RenderableType:
+    ids = max((len(str(j.get("job_id"))) for j in body.get("jobs", [])), default=3)
+    table = _table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "EST", "CREATED", "MODEL",
+                   keep={"JOB": min(ids, 64), "STATUS": 9})  # fmt: skip
     for job in body.get("jobs", []):
         progress = job.get("progress") or {}
         table.add_row(text(job["job_id"]), status(job["status"]), text(job.get("priority")), text(gpus(job)),
                       text(steps(progress)), text(number(progress.get("loss"))), text(estimate(job)),
                       text(when(job.get("created_at"))), text(job.get("model_path")))  # fmt: skip
     shown = len(body.get("jobs", []))
-    more = f"; the next page: ls --after {body['next_cursor']}" if body.get("next_cursor") else ""
+    more = f"; the next page: {' '.join([*(again or ['ls']), '--after', body['next_cursor']])}" if \
+        body.get("next_cursor") else ""  # fmt: skip
     footer = text(f"{shown} of {body.get('total', shown)} jobs{more}", "dim")
     return Group(table, footer) if shown else footer
 
@@ -140,8 +151,9 @@ def action(body: dict[str, Any]) -> RenderableType:
     return Group(line, text(wait, "dim")) if wait else line
 
 
-def queue(body: dict[str, Any]) -> RenderableType:
-    table = Table("#", "JOB", "OWNER", "PRI", "GPUS", "WAITED", "ESTIMATE", "REASON", box=None, header_style="bold")
+def queue(body: dict[str, Any], offset: int = 0) -> RenderableType:
+    ids = max((len(str(e.get("job_id"))) for e in body.get("entries", [])), default=3)
+    table = _table("#", "JOB", "OWNER", "PRI", "GPUS", "WAITED", "ESTIMATE", "REASON", keep={"JOB": min(ids, 64)})
     for e in body.get("entries", []):
         reason = (e.get("pending_reason") or {}).get("code")
         table.add_row(text(e["position"]), text(e["job_id"]), text(e.get("owner")), text(e["priority"]),
@@ -152,7 +164,12 @@ def queue(body: dict[str, Any]) -> RenderableType:
                    f"{s.get('free_gpus', 0)}/{s.get('total_gpus', 0)} GPUs free · policy {s.get('policy')}"
                    + ("" if s.get("processor_running", True) else " · processor stopped")
                    + (f" · {s['starts_held']}" if s.get("starts_held") else ""), "dim")  # fmt: skip
-    return Group(table, summary) if body.get("entries") else summary
+    entries = body.get("entries") or []
+    after = offset + len(entries)
+    if entries and (offset or after < s.get("length", 0)):  # (a page of a longer queue: which, and how to go on)
+        more = f"; the next page: queue --offset {after}" if after < s.get("length", 0) else ""
+        return Group(table, summary, text(f"positions {offset + 1}-{after}{more}", "dim"))
+    return Group(table, summary) if entries else summary
 
 
 def gpu_list(body: dict[str, Any]) -> RenderableType:

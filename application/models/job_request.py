@@ -168,7 +168,9 @@ class JobCreate(_Strict):
         description="explicit GPU indices (default: chosen automatically)",
     )
     min_gpu_memory_gb: float | None = Field(None, gt=0, le=4096)
-    auto_start: bool = Field(False, description="start at once when GPUs are free (else the job waits as pending)")
+    auto_start: bool = Field(False, description="start at once when its GPUs are free; without it such a job waits "
+                             "as pending for POST .../start (a job whose GPUs are busy is queued either way, and "
+                             "starts by itself when they free up)")  # fmt: skip
     webhook_url: str | None = Field(
         None,
         max_length=2048,
