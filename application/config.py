@@ -16,7 +16,6 @@ from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
@@ -28,6 +27,7 @@ from application.setting_values import (
     MAX_REDIS_DB,
     check_redis_host,
     check_redis_url,
+    check_webhook_urls,
     is_loopback,
     parse_rate,
     parse_roots,
@@ -282,18 +282,7 @@ class Settings(BaseSettings):
     @field_validator("WEBHOOK_URLS")
     @classmethod
     def _webhook_urls(cls, v: str) -> str:
-        # Named by place, never quoted: a URL holds its receiver's token (a Slack hook's path, a password).
-        for i, url in enumerate(split_list(v)):
-            if not re.match(r"^https?://[^\s/?#]+", url):
-                raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) is not an http(s) URL: start it with "
-                                 "http:// or https://")  # fmt: skip
-            try:
-                port = urlsplit(url).port
-            except ValueError:
-                port = 0
-            if port == 0:
-                raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) has a port that is not 1-65535")
-        return v
+        return check_webhook_urls(v)
 
     @field_validator("DATA_ROOTS", "MODEL_ROOTS")
     @classmethod

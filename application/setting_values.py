@@ -49,6 +49,21 @@ def check_redis_url(v: str) -> str:
     return v
 
 
+def check_webhook_urls(v: str) -> str:
+    # Named by place, never quoted: a URL holds its receiver's token (a Slack hook's path, a password).
+    for i, url in enumerate(split_list(v)):
+        if not re.match(r"^https?://[^\s/?#]+", url):
+            raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) is not an http(s) URL: start it with http:// or "
+                             "https://")  # fmt: skip
+        try:
+            port = urlsplit(url).port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"WEBHOOK_URLS[{i}] (counting from 0) has a port that is not 1-65535")
+    return v
+
+
 def split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
