@@ -110,7 +110,15 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}", "COLUMNS": "80"}
     narrow = subprocess.run([sys.executable, "-m", "application.cli", "ls"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
-    assert long_id in narrow.stdout and "completed" in narrow.stdout, narrow.stdout
+    # Folded onto more lines in its column, not cut, and the other columns still shown (review AX: a column held
+    # at the id's width squeezed them to nothing).
+    rows = narrow.stdout.splitlines()
+    start, end = rows[0].index("JOB"), rows[0].index("STATUS")
+    at = next((i for i, row in enumerate(rows) if i and long_id.startswith(row[start:end].strip() or "-")), 0)
+    job_column = "".join(row[start:end].strip() for row in rows[at : at + 8])
+    assert at and job_column.startswith(long_id), narrow.stdout
+    assert "pending" in rows[at] and "later" in narrow.stdout and "done" in narrow.stdout, narrow.stdout
+    assert all(name in rows[0] for name in ("GPUS", "STEP", "LOSS", "MODEL")), rows[0]
 
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")
@@ -184,7 +192,7 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
     # more: hunt AW).
     assert server.create(**job_body(workspace, "waiter-two-with-a-long-name", auto_start=True)).status_code == 201
     paged = cli(server.port, "queue", "--limit", "1")
-    assert "positions 1-1; the next page: queue --offset 1" in paged.stdout, paged.stdout
+    assert "positions 1-1; the next page: queue --limit 1 --offset 1" in paged.stdout, paged.stdout
     assert "waiter-two-with-a-long-name" in cli(server.port, "queue", "--offset", "1").stdout
     refused = cli(server.port, "priority", "waiter", "42")
     assert refused.returncode == 2 and "priority" in refused.stderr
@@ -519,8 +527,10 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     assert any(f["id"] == up["id"] for f in cli_json(server.port, "files")["files"])
     second = cli_json(server.port, "upload", str(data))
     page = cli(server.port, "files", "--limit", "1")
-    assert page.stdout.startswith(second["id"]) and "1-1 of 2 files; the next page: files --offset 1" in page.stderr
-    assert cli(server.port, "files", "--offset", "1").stdout.startswith(up["id"])
+    assert page.stdout.startswith(second["id"])
+    assert "1-1 of 2 files; the next page: files --limit 1 --offset 1" in page.stderr, page.stderr  # (review AX)
+    assert cli(server.port, "files", "--limit", "1", "--offset", "1").stdout.startswith(up["id"])
+    assert cli(server.port, "files", "--offset", "0").returncode == 0  # (0, the default, was refused)
     args = submit_args(workspace, "cli-up", "--set", "max_steps=4", "--set", "save_steps=2", "--follow")
     args[args.index("--data") + 1] = up["id"]
     r = cli(server.port, *args)
@@ -799,12 +809,17 @@ def strange_server() -> Iterator[int]:
                 self.answer("application/json", b"not gzip at all", ("content-encoding", "gzip"))
             elif self.path.split("?")[0].endswith("/files"):
                 self.answer("application/json", b'{"files": 5, "total": 1}')
+            elif self.path.split("?")[0].endswith("/logs"):
+                self.answer("application/json", b'["a", "list"]')
             else:
                 self.answer("application/json", b'{"jobs": "x", "entries": 7, "status": ["?"]}')
 
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            self.answer("text/html", b"<html>hello</html>")
+            sent = self.rfile.read(int(self.headers.get("content-length") or 0))
+            if b"\r\n\r\npt\r\n" in sent:  # (`upload --purpose pt`: JSON of another shape)
+                self.answer("application/json", b'{"detail": "stored"}')
+            else:
+                self.answer("text/html", b"<html>hello</html>")
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -817,7 +832,8 @@ def strange_server() -> Iterator[int]:
         thread.join(10)
 
 
-@pytest.mark.parametrize("args", [["ls"], ["queue"], ["status", "j"], ["files"], ["gpus"], ["upload", "DATA"]])
+@pytest.mark.parametrize("args", [["ls"], ["queue"], ["status", "j"], ["files"], ["gpus"], ["upload", "DATA"],
+                                  ["upload", "DATA", "--purpose", "pt"], ["logs", "j"]])  # fmt: skip
 def test_a_server_answering_what_swift_api_does_not_is_one_line_and_exit_3(strange_server: int, tmp_path: Path,
                                                                           args: list[str]) -> None:  # fmt: skip
     # Each was a traceback and exit 1, which says a job failed.

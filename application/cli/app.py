@@ -91,7 +91,8 @@ def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
     body = api.get(job_path(args.job_id, "/logs"), limit=args.lines, kind=kind)
     if out.json:
         out.emit(body)
-    else:
+        return EXIT_OK
+    with out.answer_shape():
         for line in body.get("lines", []):
             out.line(line)
     return EXIT_OK
@@ -130,7 +131,8 @@ def upload(api: Api, args: argparse.Namespace, out: Output) -> int:
     body = api.upload("/files", Path(args.file), args.purpose)
     if out.json:
         out.emit(body)
-    else:
+        return EXIT_OK
+    with out.answer_shape():
         out.console.print(render.text(f"{body['id']}  {body['rows']} rows  {body['bytes']} bytes  sha256 "
                                       f"{body['sha256'][:12]}…  (use it as --data {body['id']})"))  # fmt: skip
     return EXIT_OK
@@ -146,7 +148,8 @@ def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
             out.line(
                 f"{f['id']}  {f['purpose']:5}  {f['rows'] or '?':>8} rows  {f['bytes']:>12} bytes  {f['filename']}"
             )
-        more = f"; the next page: files --offset {body['next_offset']}" if body.get("next_offset") else ""
+        limit = f" --limit {args.limit}" if args.limit != 50 else ""
+        more = f"; the next page: files{limit} --offset {body['next_offset']}" if body.get("next_offset") else ""
         out.note(f"{args.offset + 1}-{args.offset + len(body['files'])} of {body['total']} files{more}"
                  if body["files"] else f"no files ({body['total']} in all)")  # fmt: skip
     return EXIT_OK
@@ -154,7 +157,7 @@ def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 def queue(api: Api, args: argparse.Namespace, out: Output) -> int:
     body = api.get("/queue", limit=args.limit, offset=args.offset or None)
-    out.show(body, lambda b: render.queue(b, args.offset))
+    out.show(body, lambda b: render.queue(b, args.offset, args.limit))
     return EXIT_OK
 
 
@@ -214,14 +217,14 @@ def run_watch(api: Api, args: argparse.Namespace, out: Output) -> int:
     return watch(api, args.job_id, out)
 
 
-def _up_to(most: int) -> Callable[[str], int]:
-    """A count from 1 to the most the API's route takes: past it, its 422 named the query parameter (`limit`),
-    which this command does not have."""
+def _up_to(most: int, least: int = 1) -> Callable[[str], int]:
+    """A count from `least` to the most the API's route takes: past it, its 422 named the query parameter
+    (`limit`), which this command does not have."""
 
     def count(raw: str) -> int:
         value = int(raw)
-        if not 1 <= value <= most:
-            raise argparse.ArgumentTypeError(f"must be from 1 to {most}, got {value}")
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be from {least} to {most}, got {value}")
         return value
 
     count.__name__ = "count"  # argparse names the type in its "invalid count value" message
@@ -293,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--purpose", choices=["sft", "pt", "rlhf"], default="sft")
     sub = command("files", list_files, "your uploaded data sets, newest first", job=False)
     sub.add_argument("--limit", type=_up_to(500), default=50)
-    sub.add_argument("--offset", type=_up_to(10_000_000), default=0, help="skip the newest N")
+    sub.add_argument("--offset", type=_up_to(10_000_000, 0), default=0, help="skip the newest N")
     command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
     sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
     sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")
@@ -302,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("priority", type=int, metavar="N", help="0-10, 10 first")
     sub = command("queue", queue, "the GPU queue in order", job=False)
     sub.add_argument("--limit", type=_up_to(500), default=100)
-    sub.add_argument("--offset", type=_up_to(10_000_000), default=0, help="from position N + 1")
+    sub.add_argument("--offset", type=_up_to(10_000_000, 0), default=0, help="from position N + 1")
     command("gpus", show("/gpus", render.gpu_list), "the GPUs and the jobs holding them", job=False)
     command("rm", remove, "delete a job's record (never its output on disk)")
     return parser

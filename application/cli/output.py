@@ -76,9 +76,10 @@ class _Console(Console):
 # Whole escape sequences (an OSC that sets the window title left "]0;TITLE" behind once its ESC went), then
 # C0/C1 controls, and the bidi and zero-width controls that reorder or hide what a line shows.
 _CONTROL = re.compile(
-    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC (a title), to its BEL or ST
+    r"(?:\x1b\]|\x9d)[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"  # OSC (a title), to its BEL or ST, not past its line
     r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b[@-_]?"  # CSI (ESC [ or C1's), and any other ESC
-    "|[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]"
+    # (not ZWNJ/ZWJ, U+200C/D: Persian words and emoji sequences need them)
+    "|[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 )
 # (json.dumps escapes C0 controls itself; it leaves these in strings as they are)
 _RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")

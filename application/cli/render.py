@@ -76,19 +76,18 @@ def estimate(job: dict[str, Any]) -> str:
     return f"~{duration(predicted['seconds'])} {predicted.get('source') or ''}".rstrip()
 
 
-def _table(*columns: str, keep: dict[str, int]) -> Table:
-    """A table whose `keep` columns are never cut to an ellipsis below their width: the job id is what every other
-    command takes (an 80-column terminal showed 'qwen2.5…')."""
+def _table(*columns: str, whole: str) -> Table:
+    """A table whose `whole` column folds onto more lines rather than end in an ellipsis: the job id is what every
+    other command takes (an 80-column terminal showed 'qwen2.5…'), and a column held at its width squeezed the
+    others out of sight (review AX)."""
     table = Table(box=None, header_style="bold")
     for name in columns:
-        table.add_column(name, no_wrap=name in keep, min_width=keep.get(name))
+        table.add_column(name, overflow="fold" if name == whole else "ellipsis")
     return table
 
 
 def jobs(body: dict[str, Any], again: list[str] | None = None) -> RenderableType:
-    ids = max((len(str(j.get("job_id"))) for j in body.get("jobs", [])), default=3)
-    table = _table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "EST", "CREATED", "MODEL",
-                   keep={"JOB": min(ids, 64), "STATUS": 9})  # fmt: skip
+    table = _table("JOB", "STATUS", "PRI", "GPUS", "STEP", "LOSS", "EST", "CREATED", "MODEL", whole="JOB")
     for job in body.get("jobs", []):
         progress = job.get("progress") or {}
         table.add_row(text(job["job_id"]), status(job["status"]), text(job.get("priority")), text(gpus(job)),
@@ -151,9 +150,8 @@ def action(body: dict[str, Any]) -> RenderableType:
     return Group(line, text(wait, "dim")) if wait else line
 
 
-def queue(body: dict[str, Any], offset: int = 0) -> RenderableType:
-    ids = max((len(str(e.get("job_id"))) for e in body.get("entries", [])), default=3)
-    table = _table("#", "JOB", "OWNER", "PRI", "GPUS", "WAITED", "ESTIMATE", "REASON", keep={"JOB": min(ids, 64)})
+def queue(body: dict[str, Any], offset: int = 0, limit: int = 100) -> RenderableType:
+    table = _table("#", "JOB", "OWNER", "PRI", "GPUS", "WAITED", "ESTIMATE", "REASON", whole="JOB")
     for e in body.get("entries", []):
         reason = (e.get("pending_reason") or {}).get("code")
         table.add_row(text(e["position"]), text(e["job_id"]), text(e.get("owner")), text(e["priority"]),
@@ -167,7 +165,8 @@ def queue(body: dict[str, Any], offset: int = 0) -> RenderableType:
     entries = body.get("entries") or []
     after = offset + len(entries)
     if entries and (offset or after < s.get("length", 0)):  # (a page of a longer queue: which, and how to go on)
-        more = f"; the next page: queue --offset {after}" if after < s.get("length", 0) else ""
+        shown = f" --limit {limit}" if limit != 100 else ""
+        more = f"; the next page: queue{shown} --offset {after}" if after < s.get("length", 0) else ""
         return Group(table, summary, text(f"positions {offset + 1}-{after}{more}", "dim"))
     return Group(table, summary) if entries else summary
 
