@@ -322,7 +322,7 @@ class TrainingService:
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
                         caller: Caller, cursor: str | None = None) -> str:  # fmt: skip
         """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json): by
-        offset, or after a cursor (job_pages), whose next one the first page gives too."""
+        offset, or after a cursor (job_pages); every page with a next one names that one's cursor."""
         after = parse_cursor(cursor) if cursor is not None else None
         if after is not None and offset:
             raise Invalid("give offset or cursor, not both: a cursor names where its page starts")
