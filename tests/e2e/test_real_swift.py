@@ -158,11 +158,12 @@ def test_real_swift_sft_paused_at_a_checkpoint_resumed_and_exported(
     t0 = time.monotonic()
     server = real_server(server_factory, swift, data.parent)
     steps, save = MAX_STEPS, 4
-    # Accumulating 8 micro-batches a step makes steps slow enough on a CPU to pause well before the end (16 steps
-    # after the first checkpoint: 128 micro-batches, against the 2 s a pause takes to land).
+    # Accumulating 16 micro-batches a step makes steps slow enough on a CPU to pause well before the end (16 steps
+    # after the first checkpoint: 256 micro-batches, against the 2 s a pause takes to land; with 8, a quiet machine
+    # finished the run before the pause came).
     training = {
         "model_type": "qwen2", "template": "qwen2_5", "max_steps": steps, "logging_steps": 2, "save_steps": save,
-        "eval_steps": 10, "split_dataset_ratio": 0.2, "gradient_accumulation_steps": 8, "max_length": 256,
+        "eval_steps": 10, "split_dataset_ratio": 0.2, "gradient_accumulation_steps": 16, "max_length": 256,
         "lora_rank": 8, "lora_alpha": 16, "dataloader_num_workers": 0, "dataset_num_proc": 1, "save_total_limit": 6,
     }  # fmt: skip
     r = server.create(data_path=str(data), model_path=str(model), output_dir="e2e_real_swift", num_gpus=0,
