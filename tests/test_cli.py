@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -723,12 +725,27 @@ def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture
 # ---- a reader that has gone ---------------------------------------------------------------------------------
 
 
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def _serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """An HTTP server in a thread of this test; yields its port."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield httpd.server_address[1]
+        httpd.shutdown()
+        thread.join(10)
+
+
 @pytest.fixture
 def tiny_server() -> Iterator[int]:
     """An HTTP server answering what `ls` and `watch` of a completed job read, in a thread of this test."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def do_GET(self) -> None:
             if self.path.endswith("/stream"):
                 kind, body = "text/event-stream", b'event: end\ndata: {"status": "completed"}\n\n'
@@ -743,15 +760,8 @@ def tiny_server() -> Iterator[int]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        yield httpd.server_address[1]
-        httpd.shutdown()
-        thread.join(10)
+    with _serve(Handler) as port:
+        yield port
 
 
 @pytest.mark.parametrize("args", [["ls"], ["watch", "j"], ["download", "j", "x.bin", "-o", "-"]])
@@ -792,9 +802,8 @@ def test_a_duration_below_zero_prints_as_none_yet() -> None:
 @pytest.fixture
 def strange_server() -> Iterator[int]:
     """JSON of another shape, HTML where JSON belongs, a body its Content-Encoding does not describe."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_QuietHandler):
         def answer(self, kind: str, body: bytes, *headers: tuple[str, str]) -> None:
             self.send_response(200)
             self.send_header("content-type", kind)
@@ -821,15 +830,8 @@ def strange_server() -> Iterator[int]:
             else:
                 self.answer("text/html", b"<html>hello</html>")
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        yield httpd.server_address[1]
-        httpd.shutdown()
-        thread.join(10)
+    with _serve(Handler) as port:
+        yield port
 
 
 @pytest.mark.parametrize("args", [["ls"], ["queue"], ["status", "j"], ["files"], ["gpus"], ["upload", "DATA"],
