@@ -161,6 +161,23 @@ def test_logs_follow_prints_every_line_and_ends_with_the_job(server: ApiServer, 
     assert cli_json(server.port, "logs", "chatty", "--lines", "3")["count"] == 3
 
 
+def test_logs_of_a_quantized_export_are_its_export_jobs(server: ApiServer, workspace: Path) -> None:
+    body = job_body(workspace, "q", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+    assert server.create(**body).status_code == 201
+    wait_for(lambda: (j := server.job("q"))["status"] == "completed" and j["export"]["status"] == "completed",
+             what="the run and its automatic export")  # fmt: skip
+    r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"})
+    assert r.status_code == 200, r.text
+    # It said "export none" at once: the quantized export runs as a job of its own, with the log.
+    followed = cli(server.port, "logs", "q", "--export", "-f")
+    assert followed.returncode == 0 and "runs as job q-quant" in followed.stderr, followed.stderr
+    assert "q-quant: completed" in followed.stderr, followed.stderr
+    log = Path(server.job("q-quant")["log_file"]).read_bytes()
+    assert followed.stdout.splitlines() == [_visible(raw) for raw in log.split(b"\n")[:-1]] != []
+    last = cli(server.port, "logs", "q", "--export", "--lines", "3")
+    assert last.stdout.splitlines() == followed.stdout.splitlines()[-3:], last.stderr
+
+
 # ---- steering -----------------------------------------------------------------------------------------------
 
 

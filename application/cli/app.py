@@ -85,10 +85,15 @@ def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
-    kind = "export" if args.export else "train"
+    job_id, kind = args.job_id, "export" if args.export else "train"
+    # A quantized export runs as a job of its own, with the log of its run: its parent has no export log (the
+    # stream ended at once with "export none").
+    if kind == "export" and (child := _quantized_export_job(api, job_id, out)):
+        out.note(f"-- the export of {job_id} is quantized: it runs as job {child}, whose log this is")
+        job_id, kind = child, "train"
     if args.follow:
-        return tail(api, args.job_id, kind, out)
-    body = api.get(job_path(args.job_id, "/logs"), limit=args.lines, kind=kind)
+        return tail(api, job_id, kind, out)
+    body = api.get(job_path(job_id, "/logs"), limit=args.lines, kind=kind)
     if out.json:
         out.emit(body)
         return EXIT_OK
@@ -96,6 +101,14 @@ def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
         for line in body.get("lines", []):
             out.line(line)
     return EXIT_OK
+
+
+def _quantized_export_job(api: Api, job_id: str, out: Output) -> str | None:
+    """The job its newest export runs as, when that export is a quantized one."""
+    with out.answer_shape():
+        exports = api.get(job_path(job_id, "/exports"))["exports"]
+        child = exports[-1]["job_id"] if exports else None
+    return child if isinstance(child, str) else None
 
 
 def action(verb: str) -> Command:
@@ -278,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("-f", "--follow", action="store_true", help=follow_help)
     sub.add_argument("--lines", type=_up_to(10_000), default=100, help="last N lines (without -f)")
-    sub.add_argument("--export", action="store_true", help="the export's log instead of the training's")
+    sub.add_argument(
+        "--export",
+        action="store_true",
+        help="the newest export's log instead of the training's (a quantized export's: its job's)",
+    )
 
     command("watch", run_watch, "a live progress bar until the job ends; exit 0 if it completed, 1 if not")
     command("start", action("start"), "start a pending job (one submitted with --set auto_start=false while its "
