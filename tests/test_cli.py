@@ -547,7 +547,10 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     second = cli_json(server.port, "upload", str(data))
     page = cli(server.port, "files", "--limit", "1")
     assert page.stdout.startswith(second["id"])
-    assert "1-1 of 2 files; the next page: files --limit 1 --offset 1" in page.stderr, page.stderr  # (review AX)
+    assert "1-1 of 2 files; the next page: files --limit 1 --after " in page.stderr, page.stderr  # (review AX)
+    after = page.stderr.rsplit("--after ", 1)[1].split()[0]
+    rest = cli(server.port, "files", "--limit", "1", "--after", after)
+    assert rest.stdout.startswith(up["id"]) and rest.stderr.strip() == "1 of 2 files", rest.stderr
     assert cli(server.port, "files", "--limit", "1", "--offset", "1").stdout.startswith(up["id"])
     assert cli(server.port, "files", "--offset", "0").returncode == 0  # (0, the default, was refused)
     args = submit_args(workspace, "cli-up", "--set", "max_steps=4", "--set", "save_steps=2", "--follow")

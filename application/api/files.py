@@ -10,6 +10,7 @@ from application.api.deps import E400, CallerDep, Responses
 from application.models.file_model import FILE_ID_HELP, FILE_ID_PATTERN, PURPOSES, FileList, FileObject
 from application.models.job_responses import ErrorResponse
 from application.services.files import SUFFIXES, FileStore
+from application.services.index_pages import CURSOR_HELP, CURSOR_PATTERN
 
 router = APIRouter(tags=["files"])
 
@@ -73,8 +74,9 @@ async def list_files(
                                        description="one owner's; a user key sees its own (another's: none)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=CURSOR_HELP)] = None,
 ) -> FileList:  # fmt: skip
-    return await files.list_files(caller, owner, offset, limit)
+    return await files.list_files(caller, owner, offset, limit, cursor)
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=E404, summary="One uploaded file")

@@ -39,7 +39,7 @@ from application.models.job_responses import (
 )
 from application.models.training_model import Job, JobStatus
 from application.services.idempotency import fingerprint
-from application.services.job_pages import CURSOR_PATTERN
+from application.services.index_pages import CURSOR_HELP, CURSOR_PATTERN
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
 CREATE_EXAMPLES: dict[str, Any] = {
@@ -214,8 +214,7 @@ async def list_jobs(
                                        description="one owner's; a user key sees its own (another's: none)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="a page's next_cursor: the page after it, "
-                                        "which jobs deleted meanwhile do not shift (offsets do)")] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=CURSOR_HELP)] = None,
 ) -> Response:  # fmt: skip
     page = await svc.list_jobs(status_filter, owner, offset, limit, caller, cursor)
     return Response(page, media_type="application/json")

@@ -152,7 +152,7 @@ def upload(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
-    body = api.get("/files", limit=args.limit, offset=args.offset or None)
+    body = api.get("/files", limit=args.limit, offset=args.offset or None, cursor=args.after)
     if out.json:
         out.emit(body)
         return EXIT_OK
@@ -161,10 +161,11 @@ def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
             out.line(
                 f"{f['id']}  {f['purpose']:5}  {f['rows'] or '?':>8} rows  {f['bytes']:>12} bytes  {f['filename']}"
             )
+        # The next page by cursor: uploads deleted meanwhile (a clean-up walking the list) shift none out of it.
         limit = f" --limit {args.limit}" if args.limit != 50 else ""
-        more = f"; the next page: files{limit} --offset {body['next_offset']}" if body.get("next_offset") else ""
-        out.note(f"{args.offset + 1}-{args.offset + len(body['files'])} of {body['total']} files{more}"
-                 if body["files"] else f"no files ({body['total']} in all)")  # fmt: skip
+        more = f"; the next page: files{limit} --after {body['next_cursor']}" if body.get("next_cursor") else ""
+        shown = f"{args.offset + 1}-{args.offset + len(body['files'])}" if args.after is None else len(body["files"])
+        out.note(f"{shown} of {body['total']} files{more}" if body["files"] else f"no files ({body['total']} in all)")
     return EXIT_OK
 
 
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("files", list_files, "your uploaded data sets, newest first", job=False)
     sub.add_argument("--limit", type=_up_to(500), default=50)
     sub.add_argument("--offset", type=_up_to(10_000_000, 0), default=0, help="skip the newest N")
+    sub.add_argument("--after", metavar="CURSOR", help="the page after this one (the cursor the last page printed)")
     command("artifacts", artifacts, "the files a job wrote (checkpoints, logging.jsonl, images, ...)")
     sub = command("download", download, "download a job's file, or a folder as <folder>.tar")
     sub.add_argument("path", metavar="PATH", help="as `artifacts` lists it, e.g. v0-.../checkpoint-20.tar")

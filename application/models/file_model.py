@@ -35,3 +35,8 @@ class FileList(BaseModel):
     offset: int
     limit: int
     next_offset: int | None
+    next_cursor: str | None = Field(
+        None,
+        description="pass it as `cursor` for the next page: files deleted meanwhile shift no file out of it (they do "
+        "with next_offset)",
+    )

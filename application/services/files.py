@@ -34,6 +34,7 @@ from application.models.file_model import PURPOSES, FileList, FileObject, Purpos
 from application.services import clock, lua_cluster
 from application.services.datasets import check_dataset
 from application.services.folder_owners import FolderIndex
+from application.services.index_pages import cursor_text, ids_after, ids_at, one_way
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 from application.services.lost_replies import MaybeMade, landed, negated, never_sent
@@ -216,25 +217,28 @@ class FileStore(UploadRefs):
             raise _not_found(file_id)
         return meta
 
-    async def list_files(self, caller: Caller, owner: str | None, offset: int, limit: int) -> FileList:
-        """Newest first. A user key lists its own; an admin key everyone's, or one owner's with `owner`."""
+    async def list_files(self, caller: Caller, owner: str | None, offset: int, limit: int,
+                         cursor: str | None = None) -> FileList:  # fmt: skip
+        """Newest first, at an offset or after a cursor (index_pages). A user key lists its own; an admin key
+        everyone's, or one owner's with `owner`."""
+        after = one_way(offset, cursor)
         if not caller.is_admin and owner not in (None, caller.name):
-            return FileList(files=[], total=0, offset=offset, limit=limit, next_offset=None)
+            return FileList(files=[], total=0, offset=offset, limit=limit, next_offset=None, next_cursor=None)
         if not caller.is_admin:
             index = self.keys.owner_files(owner_folder(caller.name))
         elif owner is not None:
             index = self.keys.owner_files(owner_folder(owner))
         else:
             index = self.keys.files_index
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.zcard(index)
-            pipe.zrevrange(index, offset, offset + limit - 1)
-            total, ids = await pipe.execute()
+        if after is None:
+            total, ids, nxt_cursor = await ids_at(self.r, index, offset, limit)
+        else:
+            total, ids, nxt_cursor = await ids_after(self.r, index, after, limit)
         raws = await self.r.mget([self.keys.file(i) for i in ids]) if ids else []
         files = [FileObject.model_validate_json(raw) for raw in raws if raw]
-        total = int(total)
-        nxt = offset + limit if offset + limit < total else None
-        return FileList(files=files, total=total, offset=offset, limit=limit, next_offset=nxt)
+        nxt = offset + limit if offset + limit < total and after is None else None
+        return FileList(files=files, total=total, offset=offset, limit=limit, next_offset=nxt,
+                        next_cursor=cursor_text(nxt_cursor) if nxt_cursor else None)  # fmt: skip
 
     # ---- delete ---------------------------------------------------------------------------------------------
 

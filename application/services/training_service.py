@@ -40,7 +40,8 @@ from application.services.exports import EXPORT_LIST, exports_as_they_stand, set
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
-from application.services.job_pages import cursor_text, page_after, page_at, parse_cursor
+from application.services.index_pages import cursor_text, one_way
+from application.services.job_pages import page_after, page_at
 from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
@@ -323,9 +324,7 @@ class TrainingService:
                         caller: Caller, cursor: str | None = None) -> str:  # fmt: skip
         """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json): by
         offset, or after a cursor (job_pages); every page with a next one names that one's cursor."""
-        after = parse_cursor(cursor) if cursor is not None else None
-        if after is not None and offset:
-            raise Invalid("give offset or cursor, not both: a cursor names where its page starts")
+        after = one_way(offset, cursor)
         if not caller.is_admin:
             if owner not in (None, caller.name):  # a filter matching none of what this key may see
                 return (f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null,'
