@@ -599,3 +599,36 @@ async def test_a_progress_streams_backlog_comes_in_batches_with_turns_for_other_
         assert ids == [f"1.{s}-0" for s in range(1, 2001)]
         assert len(sends) <= 8 and all(n <= LINES_PER_SEND for n, _ in sends)
         assert all(later > earlier for (_, earlier), (_, later) in itertools.pairwise(sends)), sends
+
+
+async def test_events_dropped_past_events_max_per_job_are_said_so_in_pages_and_streams(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A client paging with `after` (or resuming with Last-Event-ID) past a trimmed part skipped it unsaid.
+    async with app_factory(scheduler=False, EVENTS_MAX_PER_JOB=10) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "few"))).status_code == 201
+        assert (await client.post("/jobs", json=job_body(tmp_path, "many"))).status_code == 201
+        store = client.app.state.streams.store
+        first = (await client.get("/jobs/many/events")).json()
+        assert first["dropped_before"] is None and first["events"][0]["type"] == "created"
+        seen = first["events"][-1]["id"]
+        for i in range(300):  # Redis trims whole blocks of 100: enough for two
+            await store.add_event("many", "note", f"n{i}")
+        page = (await client.get("/jobs/many/events", params={"limit": 5})).json()
+        oldest = page["events"][0]["id"]
+        assert page["dropped_before"] == oldest and page["events"][0]["type"] == "note", page
+        assert (await client.get("/jobs/many/events", params={"after": seen})).json()["dropped_before"] == oldest
+        later = (await client.get("/jobs/many/events", params={"after": oldest})).json()
+        assert later["dropped_before"] is None and later["events"], later
+        assert (await client.get("/jobs/few/events")).json()["dropped_before"] is None  # nothing was trimmed
+
+        created = float(await store.get_field("many", "created_at"))
+        for last_id, want in ((seen, True), (oldest, False)):
+            stream = client.app.state.streams.events("many", last_id, created)
+            head = [m for m in sse(iter((await anext(stream)).split("\n"))) if not m.comment]
+            await stream.aclose()
+            if want:
+                assert head[0].event == "dropped" and json.loads(head[0].data)["oldest"] == oldest, head
+                assert "EVENTS_MAX_PER_JOB" in json.loads(head[0].data)["message"]
+            else:
+                assert head[0].event is None and head[0].id != oldest, head

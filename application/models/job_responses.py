@@ -162,6 +162,11 @@ class EventList(BaseModel):
     job_id: str
     events: list[Event]
     next_after: str | None
+    dropped_before: str | None = Field(
+        None,
+        description="set when events this page would have started with were dropped (EVENTS_MAX_PER_JOB keeps the "
+        "newest): the oldest event kept, which the page starts at",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -21,6 +21,17 @@ from application.services.refusals import TransitionRefused
 SCHEDULER = "scheduler"
 
 
+def dropped_note(oldest: str) -> str:
+    return (f"older events were dropped (EVENTS_MAX_PER_JOB keeps the newest): the oldest kept is {oldest}, and "
+            "some before it, after the point asked for, are gone")  # fmt: skip
+
+
+def event_order(event_id: str) -> tuple[int, int]:
+    """A Redis stream id as Redis orders them (by number, not as text)."""
+    ms, _, seq = event_id.partition("-")
+    return (int(ms), int(seq))
+
+
 class JobLog:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
         # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
@@ -60,6 +71,16 @@ class JobLog:
                   actor=f.get("actor"), data=json.loads(f.get("data") or "{}"))
             for eid, f in rows
         ]  # fmt: skip
+
+    async def events_dropped(self, job_id: str, after: str | None) -> str | None:
+        """The oldest event kept, when events a read from `after` (None: from the start) would have listed were
+        dropped: EVENTS_MAX_PER_JOB keeps the newest, and a job's first event ('created') is gone. A drop that
+        ended exactly at `after` reads as one too (Redis 6.2 keeps no count of what a stream dropped)."""
+        rows = await self.r.xrange(self.keys.job_events(job_id), min="-", max="+", count=1)
+        if not rows or rows[0][1].get("type") == "created":
+            return None
+        oldest: str = rows[0][0]
+        return oldest if after is None or event_order(after) < event_order(oldest) else None
 
     async def newest_event_id(self, job_id: str) -> str | None:
         rows = await self.r.xrevrange(self.keys.job_events(job_id), max="+", min="-", count=1)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from application.models.training_model import JobStatus
+from application.services.job_log import dropped_note, event_order
 from application.services.job_store import JobStore
 from application.services.owner_slots import OwnerSlots
 from application.services.point_ids import (
@@ -293,8 +294,11 @@ class Streams:
         # Events are only ever added after the newest: an id past it is not one this stream sent (a stale id of
         # another Redis, a hand-made one). It would skip every event up to it, so the stream starts over instead.
         newest = await self.store.newest_event_id(job_id) if after else None
-        if after and (newest is None or _event_key(after) > _event_key(newest)):
+        if after and (newest is None or event_order(after) > event_order(newest)):
             after = None
+        if oldest := await self.store.events_dropped(job_id, after):
+            # Without it a client resuming (or starting) past a trimmed part could not tell the gap.
+            yield message(json.dumps({"oldest": oldest, "message": dropped_note(oldest)}), event="dropped")
         pace = _Pace(self.poll, self.heartbeat)
         while True:
             check, beat = pace.tick()
@@ -413,9 +417,3 @@ def _event_id(raw: str | None) -> str | None:
     if not raw or not _EVENT_ID.fullmatch(raw):
         return None
     return raw if all(int(part) <= _EVENT_ID_PART_MAX for part in raw.split("-")) else None
-
-
-def _event_key(event_id: str) -> tuple[int, int]:
-    """A Redis stream id as Redis orders them (by number, not as text)."""
-    ms, _, seq = event_id.partition("-")
-    return (int(ms), int(seq))

@@ -219,18 +219,26 @@
   async function followEvents() {
     const all = [];
     let after = null;
+    // Older events dropped (EVENTS_MAX_PER_JOB keeps the newest) are said so, not silently missing.
+    const dropped = (message) => el("li", { class: "muted", "data-dropped": "", text: message });
     for (let page = 0; page < 20; page++) {
       const r = await d.apiJson(`${base}/events?limit=1000${after ? `&after=${encodeURIComponent(after)}` : ""}`);
       if (!r.ok) break;
+      if (r.body.dropped_before) all.push({ dropped: `older events were dropped: the oldest kept is ${r.body.dropped_before}` });
       all.push(...r.body.events);
       after = r.body.next_after;
       if (!after) break;
     }
-    if (all.length) events.replaceChildren(...all.map(eventItem));
-    const last = all.length ? all[all.length - 1].id : events.lastElementChild && events.lastElementChild.dataset.event;
+    if (all.length) events.replaceChildren(...all.map((e) => (e.dropped ? dropped(e.dropped) : eventItem(e))));
+    const shown = all.filter((e) => !e.dropped);
+    const last = shown.length ? shown[shown.length - 1].id : events.lastElementChild && events.lastElementChild.dataset.event;
     await d.stream(`${base}/events/stream`, {
       lastId: last || null,
       onMessage: (m) => {
+        if (m.event === "dropped") {
+          events.append(dropped(JSON.parse(m.data).message));
+          return;
+        }
         events.append(eventItem(JSON.parse(m.data)));
         refreshJob();
       },
