@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import BaseModel
 
-from application.exceptions import Unavailable
+from application.auth import Caller
+from application.exceptions import Conflict, Unavailable
+from application.models.job_request import JobCreate
 from application.models.job_responses import ActionResponse
 from application.models.training_model import JobStatus
 from application.services.cluster_store import ClusterStore
-from application.services.idempotency import REPLAY_HEADER, Idempotency
+from application.services.idempotency import REPLAY_HEADER, Idempotency, held_claim
 from application.services.keys import Keys
 from tests.conftest import job_body, make_model
 
@@ -155,3 +158,45 @@ async def test_an_answer_is_kept_when_its_claim_lapsed_with_nobody_retrying(redi
     assert (await idem.run("alice", "k5", same, stalled)).status_code == 200
     again = await idem.run("alice", "k5", same, stalled)
     assert again.headers[REPLAY_HEADER] == "true" and calls == ["call"]
+
+
+async def test_a_create_stalled_past_its_lease_does_not_make_the_job_a_retry_made(app_factory: Callable[..., Any],
+                                                                                 tmp_path: Path) -> None:  # fmt: skip
+    # Hunt AY: an API worker frozen (SIGSTOP) mid-create past its lease; a retry through another worker created
+    # the job, and the frozen one, woken, created it again as 'dup-2': the run was trained twice.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False) as client:
+        state = client.app.state
+        idem, svc = state.idempotency, state.training
+        anyone = Caller(None, "admin")
+        request = JobCreate.model_validate(body(tmp_path, "dup"))
+        answers: list[Any] = []
+
+        async def same() -> str:
+            return "the-same-request"
+
+        async def create(stall: Callable[[], Awaitable[None]]) -> tuple[int, BaseModel, dict[str, str]]:
+            await stall()
+            return 201, await svc.create(request, anyone, held_claim()), {}
+
+        async def taken_over() -> None:  # its lease lapsed, and a retry took the key and created the job
+            rkey = idem.store.keys.idempotency("-", hashlib.sha256(b"k6").hexdigest())
+            retry = json.dumps({"fingerprint": "the-same-request", "state": "running", "claim": "the-retry"})
+            await state.redis.client.set(rkey, retry)
+            answers.append(await svc.create(request, anyone))
+            assert (await client.post("/jobs/dup/stop")).status_code == 200  # over: its folder is free again
+
+        with pytest.raises(Conflict) as refused:
+            await idem.run(None, "k6", same, lambda: create(taken_over))
+        assert "stalled past its Idempotency-Key's lease" in refused.value.detail
+        listed = (await client.get("/jobs")).json()
+        assert [j["job_id"] for j in listed["jobs"]] == [answers[0].job_id] == ["dup"], listed
+
+        async def lapsed() -> None:  # its lease lapsed with nobody retrying: it creates, and its answer is kept
+            await state.redis.client.delete(idem.store.keys.idempotency("-", hashlib.sha256(b"k7").hexdigest()))
+
+        request = JobCreate.model_validate(body(tmp_path, "once"))
+        first = await idem.run(None, "k7", same, lambda: create(lapsed))
+        again = await idem.run(None, "k7", same, lambda: create(lapsed))
+        assert first.status_code == 201 and again.headers[REPLAY_HEADER] == "true" and again.body == first.body
+        assert (await client.get("/jobs")).json()["total"] == 2

@@ -38,7 +38,7 @@ from application.models.job_responses import (
     StatusResponse,
 )
 from application.models.training_model import Job, JobStatus
-from application.services.idempotency import fingerprint
+from application.services.idempotency import fingerprint, held_claim
 from application.services.index_pages import CURSOR_HELP, CURSOR_PATTERN
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
@@ -92,7 +92,7 @@ async def create_job(body: Annotated[JobCreate, Body(openapi_examples=CREATE_EXA
     before the job is stored, so a job that could not start is refused now (422) rather than after its wait."""
 
     async def call() -> tuple[int, CreateResponse, dict[str, str]]:
-        created = await svc.create(body, caller)
+        created = await svc.create(body, caller, held_claim())
         # The job's path, written out: url_for searches every route, a tenth of a create's cost.
         return 201, created, {"Location": f"{request.scope.get('root_path', '')}{svc.settings.API_PREFIX}"
                                           f"/training/jobs/{created.job_id}"}  # fmt: skip
@@ -129,7 +129,7 @@ async def export_job(job_id: JobId, request: Request, exports: Exports, caller: 
     GET .../exports lists them."""
 
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await exports.export(job_id, caller, body), {}
+        return 200, await exports.export(job_id, caller, body, held_claim()), {}
 
     return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
 

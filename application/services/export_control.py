@@ -17,7 +17,8 @@ from application.models.job_responses import ActionResponse
 from application.models.training_model import ExportInfo, ExportStatus, Job
 from application.services import clock
 from application.services.exports import ENDED_WITH_SWIFT, as_export, as_they_stand, prepare_export, put_export
-from application.services.job_store import Refusal, TransitionRefused
+from application.services.idempotency import claim_lost
+from application.services.job_store import Claim, Refusal, TransitionRefused
 from application.services.lost_replies import created_anyway
 from application.services.quant_exports import (
     CALIBRATED,
@@ -42,9 +43,11 @@ class ExportControl:
         self.store = service.store
         self.cluster = service.cluster
 
-    async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None) -> ActionResponse:
+    async def export(self, job_id: str, caller: Caller, request: ExportRequest | None = None,
+                     claim: Claim | None = None) -> ActionResponse:  # fmt: skip
         """Prepare the export and ask for it; the scheduler's watchdog launches its runner (a quantized export
-        is queued as a GPU job of its own instead: services/quant_exports.py)."""
+        is queued as a GPU job of its own instead: services/quant_exports.py). `claim`: the request's
+        Idempotency-Key claim, which must still hold when a quantized export's job is stored."""
         await self.service.require(job_id, caller)
         # One request of a job at a time, from reading its exports to recording the new one: a merge and a
         # quantized export asked for at once into one output_name both saw it free, and both were accepted.
@@ -54,7 +57,7 @@ class ExportControl:
                                   {"Retry-After": "5"})  # fmt: skip
             job = await self.service.require(job_id, caller)
             if request is not None and wants_quantization(request):
-                return await self._quantize(job, request, caller)
+                return await self._quantize(job, request, caller, claim)
             return await self._merge(job, request, caller)
 
     async def _merge(self, job: Job, request: ExportRequest | None, caller: Caller) -> ActionResponse:
@@ -88,7 +91,8 @@ class ExportControl:
             "answers again"  # fmt: skip
         return ActionResponse(job_id=job_id, status=job.status, export=info, message=message)
 
-    async def _quantize(self, job: Job, request: ExportRequest, caller: Caller) -> ActionResponse:
+    async def _quantize(self, job: Job, request: ExportRequest, caller: Caller,
+                        claim: Claim | None) -> ActionResponse:  # fmt: skip
         published, meta = await self.cluster.published()
         require_usable_swift(meta)
         check_quantization(request, await self.service.swift_info(meta), len(snapshot_of(published).gpus))
@@ -112,7 +116,7 @@ class ExportControl:
                 try:
                     await self.store.create(child, actor=caller.actor, max_waiting=self.service.limits.max_waiting,
                                             uploads=self.service.files.uploads_named(reads, caller),
-                                            message=message)  # fmt: skip
+                                            message=message, claim=claim)  # fmt: skip
                 except REDIS_AWAY as exc:  # (it may have been stored all the same: looked for, then listed)
                     await created_anyway(self.store, child, exc)
                 break
@@ -125,6 +129,8 @@ class ExportControl:
                                    "data") from None  # fmt: skip
                 if exc.reason == Refusal.OUTPUT_DIR_BUSY:
                     raise Conflict(f"an export into {info.output_dir} is already waiting or running") from None
+                if exc.reason == Refusal.CLAIM_LOST:
+                    raise claim_lost() from None
                 if exc.reason != Refusal.EXISTS:
                     raise Conflict(f"the export job could not be stored ({exc.reason.value}): try again") from None
         else:

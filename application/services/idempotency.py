@@ -19,6 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from fastapi.responses import Response
 from loguru import logger
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 from application.exceptions import ApiError, Conflict, Invalid, error_json
 from application.services.cluster_store import ClusterStore
 from application.services.heartbeat import beating
+from application.services.job_store import Claim
 from application.services.lost_replies import MaybeMade
 from application.services.redis_service import REDIS_AWAY, lost_reply_detail, may_have_run
 
@@ -38,6 +40,22 @@ WAIT_SECONDS = 30.0
 REPLAY_HEADER = "Idempotent-Replayed"
 
 Outcome = tuple[int, BaseModel, dict[str, str]]
+
+# The claim of the request being handled, while its `call` runs: a create checks it still holds in the step that
+# stores the job (a worker frozen past its lease, the job created meanwhile by a retry, created it again).
+_HELD: ContextVar[Claim | None] = ContextVar("idempotency_claim", default=None)
+
+
+def held_claim() -> Claim | None:
+    return _HELD.get()
+
+
+def claim_lost() -> Conflict:
+    return Conflict(
+        f"this request stalled past its Idempotency-Key's lease ({LEASE_SECONDS:g} s), so another "
+        "request with the key may have been handled meanwhile: nothing was made by this one; send it "
+        "again with the key to get that request's answer (or, if there was none, to make it now)"
+    )
 
 
 def fingerprint(method: str, path: str, body: bytes) -> str:
@@ -88,8 +106,12 @@ class Idempotency:
         try:
             # Renewed until the answer is stored (a renewal after it would cut its 24 h to a lease); ended by a
             # flag, not a cancellation redis-py may swallow (the claim was then renewed for ever).
-            async with beating(lambda: self._renew(rkey, claim), self.lease / 3):
-                status, body, headers = await call()
+            held = _HELD.set(Claim(rkey, claim, int(self.lease * 1000)))
+            try:
+                async with beating(lambda: self._renew(rkey, claim), self.lease / 3):
+                    status, body, headers = await call()
+            finally:
+                _HELD.reset(held)
         except ApiError as exc:
             if exc.status_code in (429, 503):
                 # Free for a retry, but not after a create that may have been made (Redis away: a retry would make

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -55,6 +55,14 @@ def joined(fields: Mapping[str, str]) -> str:
     return "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
 
 
+class Claim(NamedTuple):
+    """The claim of an Idempotency-Key (idempotency.held_claim): its key, its value, its lease."""
+
+    key: str
+    value: str
+    lease_ms: int
+
+
 class JobStore(JobLog, QueueView):
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_max: int = 1000, history_max: int = 2000):
         super().__init__(client, keys, events_max=events_max, history_max=history_max)
@@ -93,13 +101,15 @@ class JobStore(JobLog, QueueView):
     # ---- jobs -------------------------------------------------------------------------------------------
 
     async def create(self, job: Job, *, message: str, actor: str, max_waiting: int = 0,
-                     uploads: Sequence[str] = (), folder: Mapping[str, Any] | None = None) -> int | None:  # fmt: skip
+                     uploads: Sequence[str] = (), folder: Mapping[str, Any] | None = None,
+                     claim: Claim | None = None) -> int | None:  # fmt: skip
         """Store a new job, and return its queue position (1 first) when it is queued; raises
         TransitionRefused(EXISTS), (OUTPUT_DIR_BUSY, detail=the holder), (WAITING_CAP, detail=how many) when
         its owner already has `max_waiting` pending or queued jobs (0: no cap), (UPLOAD_GONE, detail=the id)
         when one of the uploaded files it names (`uploads`, their ids) has been deleted meanwhile, or
         (FOREIGN_FOLDER) when `folder` (`folder_owners.folder_arg`, with `check`) overlaps another owner's job
-        folder. Its output folder is recorded as its owner's (if no job recorded it before)."""
+        folder, or (CLAIM_LOST) when `claim` (the Idempotency-Key's) no longer holds. Its output folder is recorded
+        as its owner's (if no job recorded it before)."""
         k = self.keys
         queued = job.status == JobStatus.QUEUED
         capped = job.owner if max_waiting else None  # the owner whose cap counts (anonymous callers have none)
@@ -114,6 +124,7 @@ class JobStore(JobLog, QueueView):
             "cap": max_waiting if capped else None,
             "uploads": list(uploads),
             "folder": folder or {"owner": job.owner or ""},
+            "claim": claim._asdict() if claim else None,
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "history": k.job_history(job.job_id), "sent": k.job_sent(job.job_id),
                   "output_dirs": k.output_dirs, "folder_owners": k.folder_owners, "folders": k.folders,

@@ -21,6 +21,7 @@ class Refusal(str, Enum):
     CHANGED = "changed"
     FOREIGN_FOLDER = "foreign_folder"
     OUTPUT_IS_FILE = "output_is_file"
+    CLAIM_LOST = "claim_lost"
 
 
 class TransitionRefused(Exception):

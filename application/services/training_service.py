@@ -40,9 +40,10 @@ from application.services.exports import EXPORT_LIST, exports_as_they_stand, set
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
+from application.services.idempotency import claim_lost
 from application.services.index_pages import cursor_text, one_way
 from application.services.job_pages import page_after, page_at
-from application.services.job_store import JobStore, Refusal, TransitionRefused, joined
+from application.services.job_store import Claim, JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
 from application.services.path_sandbox import all_of, real_output_root
@@ -153,7 +154,8 @@ class TrainingService:
             raise JobNotFound(job_id)
         return job
 
-    async def create(self, req: JobCreate, caller: Caller) -> CreateResponse:
+    async def create(self, req: JobCreate, caller: Caller, claim: Claim | None = None) -> CreateResponse:
+        """`claim`: the request's Idempotency-Key claim, which must still hold when the job is stored."""
         # One round trip: the caller's limits, what the scheduler published, and what a plan needs.
         ctx = await self.limits.read(caller)
         snapshot, meta = snapshot_of(ctx.snapshot), ctx.swift
@@ -219,7 +221,7 @@ class TrainingService:
             try:
                 position = await self.store.create(job, message=message, actor=caller.actor,
                                                    max_waiting=self.limits.max_waiting, uploads=uploads,
-                                                   folder=folder)  # fmt: skip
+                                                   folder=folder, claim=claim)  # fmt: skip
                 break
             except REDIS_AWAY as exc:  # (it may have been stored all the same: looked for)
                 position = await created_anyway(self.store, job, exc)
@@ -230,6 +232,8 @@ class TrainingService:
                     break
                 if exc.reason == Refusal.WAITING_CAP:
                     raise self.limits.over_cap(caller.name, int(exc.detail or 0)) from None
+                if exc.reason == Refusal.CLAIM_LOST:
+                    raise claim_lost() from None
                 if exc.reason == Refusal.UPLOAD_GONE:
                     raise Invalid(f"uploaded file '{exc.detail}' was deleted while this job was being created: "
                                   "upload it again (POST /files)") from None  # fmt: skip
