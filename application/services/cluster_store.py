@@ -2,8 +2,8 @@
 
 The leader lock, runner heartbeats, the scheduler's GPU reading and ms-swift facts (API workers have neither
 GPUs nor ms-swift of their own), the processor switch and statistics, manual pass requests, wake-ups,
-idempotency records and rate counters, the webhook queue (webhook_queue.py, which this store extends) and the
-shared metrics. Like `JobStore`, the only place these keys are read or written.
+idempotency records (idempotency_records.py) and rate counters, the webhook queue (webhook_queue.py; this store
+extends both) and the shared metrics. Like `JobStore`, the only place these keys are read or written.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from application.models.training_model import TERMINAL_STATUSES, Job, JobStatus
 from application.services import clock, lua_cluster
+from application.services.idempotency_records import IdempotencyRecords
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
@@ -100,7 +101,7 @@ class MetricsState:
     running: list[str]  # running jobs (the first of them)
 
 
-class ClusterStore(WebhookQueue):
+class ClusterStore(WebhookQueue, IdempotencyRecords):
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.r: Any = client
         self.keys = keys
@@ -410,31 +411,6 @@ class ClusterStore(WebhookQueue):
             await pubsub.subscribe(self.keys.wakeup_channel)
             async for message in pubsub.listen():
                 yield str(message.get("data"))
-
-    # ---- idempotency and rate limits ---------------------------------------------------------------
-
-    async def claim_idempotency(self, key: str, claim: str, lease: float) -> dict[str, Any] | None:
-        """Claim `key` for a first request with the record `claim` (its state running) for `lease` seconds (returns
-        None), or return what an earlier request with it stored (None's stand-in when it lapsed meanwhile)."""
-        if await self.r.set(key, claim, nx=True, px=int(lease * 1000)):
-            return None
-        raw = await self.r.get(key)
-        return json.loads(raw) if raw else {**json.loads(claim), "state": "gone"}
-
-    async def renew_idempotency(self, key: str, claim: str, lease: float) -> bool:
-        """Extend the claim while it is still this one (the leader lock's script: the same compare and expire)."""
-        return bool(await self._renew(keys=[key], args=[json.dumps({"value": claim, "ttl_ms": int(lease * 1000)})]))
-
-    async def finish_idempotency(self, key: str, claim: str, status: int, body: str, ttl: int,
-                                 headers: Mapping[str, str]) -> None:  # fmt: skip
-        """The answer in place of `claim`, if the key is still claimed by it."""
-        answer = json.dumps({"fingerprint": json.loads(claim)["fingerprint"], "state": "done", "status": status,
-                             "body": body, "headers": dict(headers)})  # fmt: skip
-        await self._claim_answer(keys=[key], args=[json.dumps({"value": claim, "answer": answer, "ttl_s": ttl})])
-
-    async def release_idempotency(self, key: str, claim: str) -> None:
-        """Free the key for a retry, if it is still claimed by `claim`."""
-        await self._release(keys=[key], args=[json.dumps({"value": claim})])
 
     # ---- metrics -------------------------------------------------------------------------------------------
 
