@@ -48,6 +48,11 @@ async def running_with_dead_runner(client: httpx.AsyncClient, tmp_path: Path, na
     await client.scheduler.store.transition(name, JobStatus.RUNNING, fields=fields)  # type: ignore[attr-defined]
 
 
+def sleeper() -> subprocess.Popen[bytes]:
+    """A live process that sleeps for ten minutes."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
 async def completed_job(client: httpx.AsyncClient, tmp_path: Path, name: str) -> Any:
     """A job whose run completed under run `run-<name>` (as recorded); the store, to give it an export."""
     await client.post("/jobs", json=job_body(tmp_path, name))
@@ -439,3 +444,29 @@ async def test_a_sweep_that_read_an_export_before_it_was_handed_back_does_not_fa
         await watchdog._watch_export(stale)
         export = (await client.get("/jobs/j")).json()["export"]
         assert export["status"] == "running" and export["runner"] is None, export  # the next sweep launches it
+
+
+async def test_a_scheduler_that_lost_the_lead_kills_no_silent_runner(app_factory: Callable[..., Any],
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    # Hunt AY: a scheduler frozen mid-sweep (SIGSTOP) woke after a standby had taken the lead, judged a runner
+    # by the heartbeats it read before its stall, and killed it: only the record of the end was fenced.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, RUNNER_HEARTBEAT_TTL=1) as client:
+        store, dog = client.scheduler.store, client.scheduler.watchdog
+        await client.post("/jobs", json=job_body(tmp_path, "quiet"))
+        runner = sleeper()  # alive, never beating
+        try:
+            info = RunnerInfo(host=socket.gethostname(), pid=runner.pid, start_time=pg.process_start_time(runner.pid),
+                              stamp=pg.process_stamp(runner.pid), launched_at=time.time() - 30)  # fmt: skip
+            await store.transition("quiet", JobStatus.RUNNING, fields={"run_id": "run-quiet", "runner": info,
+                                                                        "started_at": time.time() - 30})  # fmt: skip
+            await store.r.set(store.keys.leader, "7:another-scheduler")  # a standby leads now
+            past = time.monotonic() + dog.silence.patience + 1
+            while time.monotonic() < past:  # silent for longer than a leader waits before it kills
+                await dog.sweep()
+                await asyncio.sleep(0.2)
+            assert runner.poll() is None, "a scheduler that no longer leads killed a runner"
+            assert (await client.get("/jobs/quiet")).json()["status"] == "running"
+        finally:
+            runner.kill()
+            runner.wait()

@@ -221,6 +221,17 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
         pairs = zip(raws[::2], raws[1::2], strict=True)
         return [json.loads(own or legacy) if own or legacy else None for own, legacy in pairs]
 
+    async def heartbeat_and_lead(self, job_id: str, ident: str | None,
+                                 fence: str | None) -> tuple[dict[str, Any] | None, bool]:  # fmt: skip
+        """`runner_heartbeat`, and whether `fence` is still the leader lock's value (None: unfenced, as in the
+        store's transitions), read together."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.runner_heartbeat(job_id, ident or "-"))
+            pipe.get(self.keys.runner_heartbeat(job_id))
+            pipe.get(self.keys.leader)
+            own, legacy, leader = await pipe.execute()
+        return (json.loads(own or legacy) if own or legacy else None), fence is None or leader == fence
+
     async def drop_runner_heartbeats(self, job_id: str, idents: Iterable[str]) -> None:
         if keys := [self.keys.runner_heartbeat(job_id, ident) for ident in idents]:
             await self.r.delete(*keys)

@@ -2,7 +2,7 @@
 
 Every WATCH_INTERVAL it looks at each running job's runner: dead (its exit status seen by the launcher, its
 pid gone or reused on this host, its heartbeat expired on another; or alive on this host but silent, with no
-heartbeat for HUNG_AFTER_TTLS heartbeat TTLs: stopped or hung, it is killed), the scheduler stops what is left of the
+heartbeat for a while (runner_silence): stopped or hung, it is killed), the scheduler stops what is left of the
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
 next to the log when there is one, or as `failed` naming what killed the runner; a runner older than its host
 (rebooted, or a container started again) died with it, with swift (killed, or no status written), and its job
@@ -55,13 +55,10 @@ from application.services.run_record import (
     record_end,
     unrecorded_checkpoints,
 )
+from application.services.runner_silence import Silence
 from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
-# A runner on this host whose process lives but whose heartbeat has been missing this many RUNNER_HEARTBEAT_TTLs
-# (or RUNNER_POLL_INTERVALs, when longer) in a row, as this scheduler saw it, is stopped (SIGSTOP) or hung: it
-# would hold its GPUs, and ignore stops and time limits, for ever.
-HUNG_AFTER_TTLS = 3
 # A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
 RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
@@ -123,9 +120,7 @@ class Watchdog:
         self.retention = Retention(settings, store, cluster, self.files)
         self._unreadable: set[str] = set()  # running jobs whose records this version cannot read (warned once)
         self._failing: set[str] = set()  # jobs whose step of the sweep raised (logged once)
-        # By run or export id: when its live runner was first seen without a heartbeat; why it was killed.
-        self._silent: dict[str, float] = {}
-        self._hung: dict[str, str] = {}
+        self.silence = Silence(cluster, launcher, settings, fence)
         # By run id: when a run with no runner yet, stamped in this host's future, was first seen.
         self._unlaunched: dict[str, float] = {}
         # By export id: when this scheduler launched a runner for it whose record Redis did not take.
@@ -140,7 +135,7 @@ class Watchdog:
         except RedisError:
             # No runner could beat while Redis was away (every heartbeat key lapsed): silence counts from the
             # first sweep that reads Redis again, or a live runner was judged dead for Redis's outage.
-            self._silent.clear()
+            self.silence.clear()
             raise
 
     async def _sweep(self) -> None:
@@ -158,14 +153,13 @@ class Watchdog:
         self._unreadable &= set(ids)
         beats = await self.cluster.runner_heartbeats([(job.job_id, job.run_id) for job in running])
         for job, beat in zip(running, beats, strict=True):
-            if not self._runner_alive(job, beat):
+            if not await self._runner_alive(job, beat):
                 await self._alone(job.job_id, self.runner_died(job))
         exporting = await self.store.get_many(await self.store.exporting())
         for job in exporting:
             await self._alone(job.job_id, self._watch_export(job))
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
-        self._silent = {key: since for key, since in self._silent.items() if key in watched}
-        self._hung = {key: why for key, why in self._hung.items() if key in watched}
+        self.silence.keep_only(watched)
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
         self._launched = {key: at for key, at in self._launched.items() if key in watched}
         self._failing &= {job.job_id for job in (*running, *exporting)}
@@ -190,42 +184,21 @@ class Watchdog:
         else:
             self._failing.discard(job_id)
 
-    def _runner_alive(self, job: Job, beat: dict[str, Any] | None) -> bool:
-        beating = bool(beat and beat.get("run_id") == job.run_id)
+    async def _runner_alive(self, job: Job, beat: dict[str, Any] | None) -> bool:
+        def own(b: dict[str, Any] | None) -> bool:
+            return bool(b and b.get("run_id") == job.run_id)
+
+        beating = own(beat)
         if job.runner is None:
             # Launched but not recorded yet, or never launched (the scheduler died in between).
             age = clock.now() - (job.started_at or 0)
             if age < 0:  # stamped by a scheduler whose clock is ahead of this one's: counted from first sight
                 age = time.monotonic() - self._unlaunched.setdefault(job.run_id or "", time.monotonic())
-            return beating or age < RUNNER_START_GRACE
+            return beating or age < RUNNER_START_GRACE or not await self.silence.confirmed(job.job_id, job.run_id, own)
         alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
-            return self._silence(job.run_id, beating) < self._patience
-        return alive and not self._killed_silent(job.run_id, job.runner, beating, job.job_id)
-
-    @property
-    def _patience(self) -> float:
-        # A runner beats every RUNNER_POLL_INTERVAL: set longer than the TTL, its key lapses between beats.
-        return HUNG_AFTER_TTLS * max(self.settings.RUNNER_HEARTBEAT_TTL, self.settings.RUNNER_POLL_INTERVAL)
-
-    def _silence(self, key: str | None, beating: bool) -> float:
-        """How long the runner of `key` (a run or export id) has gone without a heartbeat, as this scheduler saw
-        it: from the first sweep that found none (a runner not seen beating yet, a Redis that was away)."""
-        if beating or key is None:
-            self._silent.pop(key or "", None)
-            return 0.0
-        return time.monotonic() - self._silent.setdefault(key, time.monotonic())
-
-    def _killed_silent(self, key: str | None, runner: RunnerInfo, beating: bool, job_id: str) -> bool:
-        """Kill a live runner of this host that has not beaten for HUNG_AFTER_TTLS heartbeat TTLs in a row (as this
-        scheduler saw it), keeping why under `key` (its run or export id) for the record of the end."""
-        silent = self._silence(key, beating)
-        if silent < self._patience or key is None or not self.launcher.kill(runner):
-            return False
-        self._hung[key] = (f"runner (pid {runner.pid}) stopped answering: no heartbeat for {silent:.0f} s "
-                           "while its process lived (stopped or hung); it was killed")  # fmt: skip
-        logger.warning("job {}: {}", job_id, self._hung[key])
-        return True
+            return not await self.silence.gone(job.job_id, job.run_id, beating, own)
+        return alive and not await self.silence.killed(job.job_id, job.run_id, job.runner, beating, own)
 
     async def runner_died(self, job: Job) -> None:
         """Stop what is left of a run whose runner is gone, and record how it ended."""
@@ -246,7 +219,7 @@ class Watchdog:
             job = job.model_copy(update=asked)
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
-        hung = self._hung.pop(job.run_id or "", None)
+        hung = self.silence.hung.pop(job.run_id or "", None)
         lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None,
                            work_of(job))  # fmt: skip
         at_cap = False
@@ -408,9 +381,15 @@ class Watchdog:
         alive = self.launcher.is_alive(runner)
         if alive is not False:
             beat = await self.cluster.runner_heartbeat(job.job_id, info.export_id)
-            beating = bool(beat and beat.get("id") == info.export_id)
-            alive = self._silence(info.export_id, beating) < self._patience if alive is None else \
-                not self._killed_silent(info.export_id, runner, beating, job.job_id)  # fmt: skip
+
+            def own(b: dict[str, Any] | None) -> bool:
+                return bool(b and b.get("id") == info.export_id)
+
+            beating = own(beat)
+            if alive is None:
+                alive = not await self.silence.gone(job.job_id, info.export_id, beating, own)
+            else:
+                alive = not await self.silence.killed(job.job_id, info.export_id, runner, beating, own)
         if alive:
             return
         # Read again: the runner may have recorded its end, handed the export back (its host going down) or been
@@ -426,7 +405,7 @@ class Watchdog:
                 await asyncio.to_thread(merged_by_swift, Path(info.log_file), merged_path(info)):  # fmt: skip
             code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)
         status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
-        hung = self._hung.pop(info.export_id or "", None)
+        hung = self.silence.hung.pop(info.export_id or "", None)
         error: str | None = "export stopped on request" if job.export_stop_requested else \
             f"the export's {hung}" if hung else \
             f"the export's runner {self._how_it_ended(runner)} before recording its end"  # fmt: skip
