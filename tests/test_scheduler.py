@@ -248,6 +248,20 @@ def test_strict_names_its_blocked_job_the_head_while_some_gpus_are_free() -> Non
         assert (p.head, p.starts) == ("high", []), name
 
 
+def test_strict_names_no_head_behind_a_job_that_waits_on_outside_processes() -> None:
+    # Hunt AZ: with no GPU free, strict named "B" the head (its runs preempted for it), though "A" ahead of it,
+    # waiting on GPU 1's outside process, blocks it: "low" was preempted for a start strict never made.
+    running = [RunningJob("low", (0,), 500.0)]
+    gpus = [gpu(0, held="low"), gpu(1, util=95.0)]
+    q = ordered(job("A", t=0, n=2, est=100.0), job("B", priority=3, t=1, est=100.0))
+    quick = plan(q, gpus, running, policy_of("strict"), NOW, estimating=False)
+    full = plan(q, gpus, running, policy_of("strict"), NOW)
+    assert quick.head == full.head is None and full.reasons["A"].code == "outside_processes"
+    # A job ahead that its owner's limits hold back, or that can never start, blocks nothing: the next one heads.
+    q = ordered(job("never", t=0, n=3), job("B", priority=3, t=1, est=100.0))
+    assert plan(q, gpus, running, policy_of("strict"), NOW, estimating=False).head == "B"
+
+
 def test_a_job_that_may_take_any_gpu_leaves_the_one_a_job_behind_it_names() -> None:
     q = ordered(job("any", t=1), job("pinned", t=2, ids=(0,)))
     assert run(q, gpus_free(2)) == {"any": (1,), "pinned": (0,)}

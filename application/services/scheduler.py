@@ -309,8 +309,11 @@ def plan(
 
     def cpu_only_rest(rest: Iterator[QueuedJob], find_head: bool = False) -> str | None:
         """Nothing more can start on a GPU in this pass; only CPU-only jobs remain to be found. `find_head`:
-        the first GPU job that could ever start, too."""
+        the first GPU job that could ever start, too; under strict, as the full pass names it: only the first
+        GPU job that blocks those behind it (strict named one behind a job waiting on outside processes, whose
+        runs were preempted for a start strict then never made)."""
         first = None
+        looking = find_head
         for j in rest:
             if j.job_id in running_ids or j.job_id in seen:
                 continue
@@ -319,10 +322,18 @@ def plan(
             if k == 0:
                 cpu_only(j)
             elif k > 0:
-                if find_head and first is None and may_head(j):
-                    first = j.job_id
+                if looking and may_head(j):
+                    first, looking = j.job_id, False
+                elif looking and strict and blocks(j, k):
+                    looking = False
                 waits_for_gpus(j, k)
         return first
+
+    def blocks(j: QueuedJob, k: int) -> bool:
+        """Under strict, whether the job blocks the GPU jobs behind it (as the full pass counts it: one its
+        owner's limits hold back, or one that can never start, does not)."""
+        return not caps.over(j.owner, k) and beyond_gpu_cap(k, j.owner, caps.gpu_cap) is None and \
+            tl.feasible(j.gpu_ids, k, need_of(j))  # fmt: skip
 
     if not estimating and not tl.free_order:
         # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now).
