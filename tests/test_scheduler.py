@@ -133,9 +133,10 @@ def test_min_gpu_memory_picks_a_gpu_with_enough_free_memory() -> None:
     gpus = [gpu(0, free=24), gpu(1, free=60), gpu(2, free=30)]
     assert run([job("a", mem=50)], gpus) == {"a": (1,)}
     assert run([job("a", n=2, mem=28)], gpus) == {"a": (1, 2)}
-    # Not enough GPUs with that much free memory now: it waits, and only it under backfill.
+    # Not enough GPUs with that much free memory now: it waits, and "b" starts under backfill, leaving "a" the one
+    # GPU with 50 GB free now.
     q = ordered(job("a", t=1, n=2, mem=50, est=100), job("b", t=2, est=50))
-    assert run(q, gpus) == {"b": (1,)}
+    assert run(q, gpus) == {"b": (2,)}
 
 
 def test_best_topology_set_wins_over_memory_order() -> None:
@@ -274,6 +275,10 @@ def test_a_job_that_may_take_any_gpu_leaves_the_big_one_a_job_behind_it_needs() 
     q = ordered(job("any", t=1), job("big", t=2, mem=60.0))
     assert run(q, gpus) == {"any": (0,), "big": (1,)}
     assert run(ordered(job("any", t=1)), gpus) == {"any": (1,)}
+    # A card as big whose memory an outside process holds half of is, for now, the smaller one (hunt AZ: it looked
+    # as wanted as the whole one, "any" took the whole one, and "big" waited).
+    gpus = [gpu(0, total=80.0), gpu(1, total=80.0, free=40.0)]
+    assert run(ordered(job("any", t=1), job("big", t=2, mem=70.0)), gpus) == {"any": (1,), "big": (0,)}
 
 
 def test_a_job_needing_a_big_gpu_takes_the_smallest_that_serves_it_leaving_the_biggest_to_a_bigger_need() -> None:

@@ -227,7 +227,8 @@ def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timel
         elif need > policy.min_free_gb:
             needs.add(need)
     ordered = sorted(needs)
-    wants = {i: (i in named, bisect.bisect_right(ordered, m)) for i, m in tl.usable_mem.items()}
+    # By the memory a job could get there now: an outside process on a free GPU leaves it less than its card.
+    wants = {i: (i in named, bisect.bisect_right(ordered, m)) for i, m in tl.cap.items()}
     return {i: w for i, w in wants.items() if w != (False, 0)}
 
 
