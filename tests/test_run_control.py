@@ -67,7 +67,7 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
         Candidate("mid", 5, (2,), started_at=100.0, lost_seconds=5.0),
         Candidate("top", 9, (3,), started_at=100.0, lost_seconds=5.0),
     ]
-    rules = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
+    rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
     one = QueuedJob("urgent", 9, 1000.0, 1, None, None, None)
     assert choose_victims(one, gpus, running, **rules) == ["low-new"]  # lowest priority, then most recent
     two = QueuedJob("urgent", 9, 1000.0, 2, None, None, None)
@@ -84,6 +84,13 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
     # Less work lost wins among equal priorities.
     cheaper = [*running[:1], Candidate("low-new", 1, (1,), 900.0, lost_seconds=900.0), *running[2:]]
     assert choose_victims(one, gpus, cheaper, **rules) == ["low-old"]
+    # A run that ends before the work its preemption would throw away is waited for (hunt AZ: 3,000 s of training
+    # were thrown away to save 5 s); one that ends later, or whose end is unknown, is a victim as before.
+    assert choose_victims(one, gpus, running, **rules, ends={"low-new": 5.0}) is None  # its GPU comes back
+    assert choose_victims(two, gpus, running, **rules, ends={"low-new": 5.0}) == ["low-old"]
+    assert choose_victims(pinned, gpus, running, **rules, ends={"mid": 5.0}) is None
+    assert choose_victims(pinned, gpus, running, **rules, ends={"mid": 50.0}) == ["mid"]
+    assert preemption_wait(pinned, gpus, running, **rules, ends={"mid": 5.0}) is None  # (it frees the GPU itself)
 
 
 def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -> None:

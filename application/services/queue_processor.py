@@ -266,9 +266,10 @@ class QueueProcessor:
         s = self.settings
         waiting = queued_job(job.job_id, job.priority, job.created_at, job.num_gpus, job.gpu_ids_requested,
                              job.min_gpu_memory_gb)  # fmt: skip
+        ends = {r.job_id: r.remaining_seconds for r in view.running if r.remaining_seconds is not None}
         victims = preemption.choose_victims(waiting, view.gpus, candidates, min_free_gb=s.GPU_MIN_FREE_MEMORY_GB,
                                             max_util=s.GPU_MAX_UTILIZATION, min_run=s.PREEMPTION_MIN_RUN_SECONDS,
-                                            now=now)  # fmt: skip
+                                            now=now, ends=ends)  # fmt: skip
         asked = []
         for victim in victims or []:
             try:
