@@ -26,8 +26,9 @@ import redis.asyncio as aioredis
 from application.config import Settings
 
 CALLER_ENV = dict(os.environ)
+# What the server, the fake swift and the CLI (SWIFT_API_*: a user's own, to reach their server) would read.
 for _name in [*Settings.model_fields, "ENVIRONMENT", "FAKE_SWIFT_VERSION", "FAKE_SWIFT_STEP_SECONDS",
-              "FAKE_SWIFT_FIXTURES", "CUDA_VISIBLE_DEVICES"]:  # fmt: skip
+              "FAKE_SWIFT_FIXTURES", "CUDA_VISIBLE_DEVICES", "SWIFT_API_KEY", "SWIFT_API_URL"]:  # fmt: skip
     os.environ.pop(_name, None)
 
 from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
