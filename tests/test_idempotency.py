@@ -21,7 +21,7 @@ from application.models.training_model import JobStatus
 from application.services.cluster_store import ClusterStore
 from application.services.idempotency import REPLAY_HEADER, Idempotency, held_claim
 from application.services.keys import Keys
-from tests.conftest import job_body, make_model
+from tests.conftest import _until, job_body, make_model
 
 
 def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
@@ -106,7 +106,7 @@ async def test_a_claim_whose_worker_died_lapses_and_a_long_request_keeps_its_own
     # A request longer than the lease keeps its claim (renewed): a retry meanwhile waits for its answer.
     calls.clear()
     first = asyncio.create_task(idem.run("alice", "k2", same, lambda: answer(1.2)))
-    await asyncio.sleep(0.1)
+    await _until(lambda: calls == ["call"])  # it holds the claim: it is working
     again = await idem.run("alice", "k2", same, lambda: answer(0))
     assert calls == ["call"] and again.headers[REPLAY_HEADER] == "true" and (await first).status_code == 200
     assert await redis_client.ttl(cluster.keys.idempotency("alice", hashlib.sha256(b"k2").hexdigest())) > 3600

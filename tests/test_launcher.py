@@ -73,7 +73,7 @@ async def test_runners_that_recorded_their_own_end_are_reaped_then_forgotten(
 ) -> None:
     # Nobody asks about a runner that recorded its own end: without reaping, each run left a zombie behind
     # in the scheduler, and its entry in the launcher for ever.
-    monkeypatch.setattr(launcher_module, "FORGET_AFTER", 0.0, raising=False)
+    monkeypatch.setattr(launcher_module, "FORGET_AFTER", 0.0)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
         for name in ("z1", "z2"):

@@ -20,7 +20,7 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.redis_service import create_client
 from application.services.run_agent import Runner
-from tests.conftest import kill_processes_under, settings_for
+from tests.conftest import _until, kill_processes_under, settings_for
 from tests.redis_proxy import RedisProxy
 from tests.test_job_store import make_job, require
 
@@ -79,8 +79,7 @@ async def test_an_export_whose_runner_is_told_to_end_while_redis_is_away_is_left
     proxy, runner, store = completed
     proxy.cut_after(rb"export_started", lose_reply=True, down_seconds=1.0)
     exporting = asyncio.create_task(runner._auto_export(here=True))
-    while not proxy.fired.is_set():  # Redis took the export as this runner's, and its answer is lost
-        await asyncio.sleep(0.01)
+    await _until(proxy.fired.is_set)  # Redis took the export as this runner's, and its answer is lost
     runner.terminated.set()  # then its host goes down, while it waits for Redis to come back
     await asyncio.wait_for(exporting, 30)
     job = await require(store, "j")

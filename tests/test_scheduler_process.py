@@ -349,6 +349,14 @@ async def wait_value(read: Callable[[], Awaitable[T | None]], timeout: float) ->
     return value
 
 
+async def until_requests(client: Any, count: int, timeout: float = 10.0) -> None:
+    """Until `count` manual pass requests wait in the list."""
+    deadline = time.monotonic() + timeout
+    while await client.llen(Keys("t").pass_requests) < count:
+        assert time.monotonic() < deadline, f"no {count} pass requests in time"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_no_redis_error(redis_url: str) -> None:
     # One BLPOP as long as the wait outlasted the client's socket timeout (both 5 s by default): the read timed
     # out, was retried, and a start answered 503 "Redis does not answer" after 21 s with Redis fine.
@@ -360,16 +368,14 @@ async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_
         cluster = ClusterStore(client, Keys("t"))
         assert await cluster.request_pass("nobody-answers", timeout=1.5) is None  # no leader: no answer
         waiting = asyncio.create_task(cluster.request_pass("answered", timeout=5))
-        while not await client.llen(Keys("t").pass_requests) >= 2:
-            await asyncio.sleep(0.05)
+        await until_requests(client, 2)
         await asyncio.sleep(1.2)  # the answer comes after more than one socket timeout
         await cluster.answer_pass("answered", ["j1"])
         assert await asyncio.wait_for(waiting, 10) == ["j1"]
         # A pass that failed says so: no answer, at once (not "no job fits"); a wait of (almost) nothing is no
         # BLPOP for ever.
         failed = asyncio.create_task(cluster.request_pass("failed", timeout=30))
-        while not await client.llen(Keys("t").pass_requests) >= 3:
-            await asyncio.sleep(0.05)
+        await until_requests(client, 3)
         await cluster.answer_pass("failed", {"error": "ValidationError: ..."})
         assert await asyncio.wait_for(failed, 5) is None
         assert await asyncio.wait_for(cluster.request_pass("instant", timeout=0.0003), 2) is None
