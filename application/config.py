@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from enum import Enum
@@ -418,9 +417,6 @@ class Settings(BaseSettings):
     @property
     def uses_embedded_redis(self) -> bool:
         return self.REDIS_URL is None and self.REDIS_HOST is None and self.REDIS_EMBEDDED
-
-    def swift_bin_path(self) -> str | None:
-        return shutil.which(self.SWIFT_BIN)
 
 
 _NOT_FOR_CHILDREN = frozenset(

@@ -301,9 +301,9 @@ async def test_list_newest_first_with_status_filter(store: JobStore) -> None:
     for i in range(5):
         await store.create(make_job(f"j{i}", created=1000.0 + i), message="", actor="t")
     await store.transition("j1", JobStatus.CANCELLED)
-    ids, total = await store.page_ids(None, None, 0, 3)
+    total, ids, _ = await store.page(None, None, 0, 3)
     assert ids == ["j4", "j3", "j2"] and total == 5
-    ids, total = await store.page_ids(JobStatus.PENDING, None, 2, 10)
+    total, ids, _ = await store.page(JobStatus.PENDING, None, 2, 10)
     assert ids == ["j2", "j0"] and total == 4
 
 
@@ -345,17 +345,17 @@ async def test_owner_indexes_follow_status_changes_and_delete(store: JobStore) -
     await store.create(make_job("a2", owner="alice", created=1001.0), message="", actor="alice")
     await store.create(make_job("b1", owner="bob", created=1002.0), message="", actor="bob")
     await store.create(make_job("n1", created=1003.0), message="", actor="anonymous")
-    assert await store.page_ids(None, "alice", 0, 10) == (["a2", "a1"], 2)
-    assert await store.page_ids(None, None, 0, 10) == (["n1", "b1", "a2", "a1"], 4)
+    assert (await store.page(None, "alice", 0, 10))[:2] == (2, ["a2", "a1"])
+    assert (await store.page(None, None, 0, 10))[:2] == (4, ["n1", "b1", "a2", "a1"])
     await store.transition("a1", JobStatus.RUNNING, acquire_gpus=[0])
-    assert await store.page_ids(JobStatus.RUNNING, "alice", 0, 10) == (["a1"], 1)
-    assert await store.page_ids(JobStatus.PENDING, "alice", 0, 10) == (["a2"], 1)
+    assert (await store.page(JobStatus.RUNNING, "alice", 0, 10))[:2] == (1, ["a1"])
+    assert (await store.page(JobStatus.PENDING, "alice", 0, 10))[:2] == (1, ["a2"])
     assert (await store.counts("bob"))["pending"] == 1 and (await store.counts())["pending"] == 3
     await store.transition("a1", JobStatus.COMPLETED)
     assert await store.expired(time.time() + 1, 10) == ["a1"]
     await store.delete("a1")
-    assert await store.page_ids(None, "alice", 0, 10) == (["a2"], 1)
-    assert await store.page_ids(JobStatus.COMPLETED, "alice", 0, 10) == ([], 0)
+    assert (await store.page(None, "alice", 0, 10))[:2] == (1, ["a2"])
+    assert (await store.page(JobStatus.COMPLETED, "alice", 0, 10))[:2] == (0, [])
     assert await store.expired(time.time() + 1, 10) == []
 
 
@@ -367,13 +367,13 @@ async def test_a_lost_record_is_forgotten_by_its_owner_and_its_folder_too(store:
     await store.transition("w0", JobStatus.QUEUED)
     await store.r.delete(store.keys.job("w0"))
     assert await store.forget_lost("w0")
-    assert await store.page_ids(None, "alice", 0, 10) == (["w1"], 1)
+    assert (await store.page(None, "alice", 0, 10))[:2] == (1, ["w1"])
     assert (await store.counts("alice"))["queued"] == 0
     await store.create(make_job("w2", owner="alice"), message="", actor="alice", max_waiting=2)  # under the cap
     await store.create(make_job("other", owner="alice").model_copy(update={"output_dir": "/out/w0"}), message="",
                        actor="alice")  # fmt: skip
     assert not await store.forget_lost("w1")  # (nothing while the record exists)
-    assert await store.page_ids(None, "alice", 0, 10) == (["other", "w2", "w1"], 3)
+    assert (await store.page(None, "alice", 0, 10))[:2] == (3, ["other", "w2", "w1"])
 
 
 async def test_a_delete_of_ended_jobs_only_refuses_a_job_resumed_since(store: JobStore) -> None:

@@ -282,16 +282,6 @@ async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
     return "killed"
 
 
-async def wait_group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
-    """Wait (sending nothing) up to `timeout` seconds for every member of the group to exit."""
-    deadline = time.monotonic() + timeout
-    while await _members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(poll)
-    return True
-
-
 def kill_leftovers(pgid: int, run: str | None = None) -> None:
     """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer),
     nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held

@@ -35,9 +35,6 @@ if TYPE_CHECKING:  # swift_info imports swift_command, which renders these argum
 NAMED_FIELDS = tuple(TrainingParams.model_fields)
 KIND_CLASSES = {"sft": "SftArguments", "pt": "PretrainArguments", "rlhf": "RLHFArguments"}
 
-# Named TrainingParams fields and the swift names they stand for (both spellings are accepted in `training`).
-SWIFT_NAMES = {"num_epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
-               "train_type": "tuner_type"}  # fmt: skip
 MANAGED = {
     "model": "set the job's model_path",
     "output_dir": "set the job's output_dir (a folder under OUTPUT_ROOT)",
@@ -104,10 +101,6 @@ FREE_TEXT = frozenset({"system", "stop_words", "response_prefix"})
 # Free texts of one value: sent as `--name=value`, so they may start with '-' (a Markdown list, a '---' rule).
 OWN_TEXT = frozenset({"system", "response_prefix"})
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def swift_name(name: str) -> str:
-    return SWIFT_NAMES.get(name, name)
 
 
 def fields_of(info: SwiftInfo, kind: str) -> dict[str, dict[str, Any]]:
