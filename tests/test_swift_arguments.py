@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from application.models.job_request import JobCreate, TrainingParams
 from application.models.training_model import Job, JobStatus
 from application.services.swift_arguments import argv_of, check_arguments, require_usable_swift
 from application.services.swift_combinations import check_combinations, check_kind
-from application.services.swift_command import SwiftVersion, build_sft_command
+from application.services.swift_command import SwiftVersion, build_sft_command, detect_swift_version
 from application.services.swift_info import SwiftInfo
 from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, seed_swift_probe, wait_for
 
@@ -595,3 +596,24 @@ def test_an_uploaded_file_serves_as_val_dataset_and_extra_dataset(probed: ApiSer
     assert cmd[cmd.index("--dataset") + 2] == stored and cmd[cmd.index("--val_dataset") + 1] == stored
     unknown = probed.create(**qwen_body(workspace, "valfile2", training={"val_dataset": "file-" + "0" * 24}))
     assert unknown.status_code == 422 and "no such file" in unknown.json()["detail"]
+
+
+def test_a_look_at_the_installed_swift_runs_without_the_servers_secrets_or_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It inherited the whole environment: the API keys, the Redis password and the webhook secret went to
+    # ms-swift's imports, and a GPU too (review BA).
+    dump = tmp_path / "env.txt"
+    python = tmp_path / "python3"
+    python.write_text(f"#!/bin/sh\nenv > {dump}\necho 4.6.0\n")
+    python.chmod(0o755)
+    swift = tmp_path / "swift"
+    swift.write_text(f"#!{python}\n")
+    swift.chmod(0o755)
+    monkeypatch.setenv("API_KEYS", "alice:a-secret-key")
+    monkeypatch.setenv("WEBHOOK_SECRET", "another-secret")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert detect_swift_version(str(swift), None) == SwiftVersion("4.6.0", "detected")
+    seen = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert "API_KEYS" not in seen and "WEBHOOK_SECRET" not in seen and seen["CUDA_VISIBLE_DEVICES"] == ""
+    assert seen["PATH"] == os.environ["PATH"]

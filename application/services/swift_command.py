@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -96,7 +97,7 @@ def detect_swift_version(swift_bin: str, override: str | None, timeout: float = 
         try:
             out = subprocess.run(
                 [python, "-c", "import importlib.metadata as m; print(m.version('ms-swift'))"],
-                capture_output=True, text=True, timeout=timeout, check=False,
+                capture_output=True, text=True, timeout=timeout, check=False, env=probe_env(),
             )  # fmt: skip
             version = out.stdout.strip()
             if out.returncode == 0 and re.fullmatch(r"\d+(\.\d+)*\S*", version):
@@ -237,6 +238,12 @@ def build_env(
             env["MASTER_PORT"] = str(master_port)
     env.update(extra)
     return env
+
+
+def probe_env() -> dict[str, str]:
+    """What a look at the installed ms-swift runs with: this process's environment less the server's settings
+    (its keys, Redis password, webhook secret: ms-swift's imports are not ours to trust with them), no GPU."""
+    return build_env(os.environ, [])
 
 
 def visible_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from loguru import logger
 
-from application.services.swift_command import interpreter_of
+from application.services.swift_command import interpreter_of, probe_env
 
 PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "swift_probe.py"
 
@@ -105,7 +105,7 @@ def probe(swift_bin: str, version: str | None, cache_dir: Path, timeout: float =
             pass
     try:
         out = subprocess.run([python, str(PROBE_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False,
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+                             stdin=subprocess.DEVNULL, env=probe_env())  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         logger.warning("ms-swift probe with {} failed: {}", python, exc)
         return None
