@@ -138,7 +138,7 @@ class FolderIndex:
                     first.setdefault(json.loads(output_dir), json.loads(owner or "null") or "")
         items = list(first.items())
         for i in range(0, len(items), batch):
-            async with self.r.pipeline(transaction=False) as pipe:
+            async with self.r.pipeline(transaction=True) as pipe:  # (a folder's owner and its index entry together)
                 pipe.hset(self.keys.folder_owners, mapping=dict(items[i : i + batch]))
                 pipe.zadd(self.keys.folders, {folder: 0 for folder, _ in items[i : i + batch]})
                 await pipe.execute()
