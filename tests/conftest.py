@@ -405,6 +405,7 @@ def server(server_factory: Callable[..., ApiServer]) -> ApiServer:
 # ---- the app in this process (service rules in milliseconds; subprocess servers stay for processes/signals) --
 
 import asyncio  # noqa: E402
+import inspect  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 
 ALICE_KEY = "alice-key-0123456789abcdef"
@@ -478,11 +479,21 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     kill_processes_under(tmp_path)
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+async def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "a condition") -> Any:
+    """`check`'s first true value (awaited when it gives an awaitable), polled until `timeout`."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for the in-process scheduler"
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    await until(predicate, timeout, "the in-process scheduler")
 
 
 async def wait_job(client: Any, job_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> Any:

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,17 +17,10 @@ from application.services.log_parser import SwiftLogParser
 from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.services.swift_errors import extract_error
 from application.utils.log_tail import tail_lines
+from tests.conftest import wait_for
 
 FAKE_SWIFT = Path(__file__).resolve().parent / "fake_swift" / "swift"
 ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def gone(pid: int) -> bool:

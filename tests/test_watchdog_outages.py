@@ -31,7 +31,7 @@ from application.services.launcher import LocalLauncher
 from application.services.redis_service import EmbeddedRedis, create_client
 from application.services.run_agent import RERUN_MARK, Runner
 from application.services.watchdog import Watchdog
-from tests.conftest import gated_swift, kill_processes_under, settings_for
+from tests.conftest import gated_swift, kill_processes_under, settings_for, until
 from tests.redis_proxy import RedisProxy
 from tests.test_job_store import make_job, require
 
@@ -67,13 +67,6 @@ async def cut(redis_url: str, tmp_path: Path) -> AsyncIterator[Cut]:
         proxy.close()
         await c.cut.aclose()
         await c.direct.aclose()
-
-
-async def until(check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def sweeps(watchdog: Watchdog) -> bool:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from application.services.webhooks import is_public, pinned
-from tests.conftest import job_body, make_model, wait_job
+from tests.conftest import job_body, make_model, until, wait_job
 
 SECRET = "webhook-secret-0123456789"
 
@@ -77,14 +77,6 @@ def receiver() -> Iterator[Callable[[dict[str, list[int]]], Receiver]]:
     yield make
     for r in made:
         r.__exit__()
-
-
-async def until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-    return got
 
 
 async def test_signed_delivery_retried_after_a_500_and_recorded(
