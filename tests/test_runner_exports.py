@@ -18,7 +18,18 @@ import pytest
 import redis
 
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, gated_swift, job_body, wait_for
+from tests.conftest import (
+    ADMIN_KEY,
+    ALICE_KEY,
+    FAKE_SWIFT,
+    KEYS_SETTING,
+    ApiServer,
+    auth,
+    gated_swift,
+    job_body,
+    wait_for,
+)
+from tests.test_metrics import scrape, value
 from tests.test_runner import older_than_this_host, running, stop_the_scheduler, stored
 
 
@@ -198,3 +209,33 @@ def test_a_run_that_completes_as_its_host_shuts_down_leaves_its_export_to_the_ne
                     what="the automatic export")  # fmt: skip
     assert done["export"]["status"] == "completed" and done["export"]["checkpoint"].endswith("checkpoint-12")
     r.close()
+
+
+def test_an_owner_runs_at_most_max_running_per_owner_merge_exports_at_once(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # Hunt BC: merges run on the scheduler's host (CPU, and 15 GB+ of memory for a 7B model), and one owner ran
+    # one per finished job at once, past MAX_RUNNING_PER_OWNER=2; /metrics showed none of them.
+    wrapper, gate = gated_swift(tmp_path)  # every export waits for the gate
+    env = {"SWIFT_BIN": str(wrapper), "MAX_RUNNING_PER_OWNER": "2", "AUTO_EXPORT": "false", "API_KEYS": KEYS_SETTING}
+    server = server_factory(env=env)
+    server.http.headers.update(auth(ALICE_KEY))
+    names = ("e1", "e2", "e3")
+    for name in names:
+        assert server.create(**job_body(workspace, name, auto_start=True, training={"max_steps": 2})).status_code == 201
+        server.wait_status(name, "completed")
+    for name in names:
+        assert server.http.post(f"/jobs/{name}/export", json={}).status_code == 200
+    started = wait_for(lambda: len(s := [n for n in names if server.job(n)["export"]["pid"]]) == 2 and s,
+                       what="two exports to start")  # fmt: skip
+    waiting = next(n for n in names if n not in started)
+    said = wait_for(lambda: [e for e in server.http.get(f"/jobs/{waiting}/events").json()["events"]
+                             if e["type"] == "export_waiting"], what="the third to say it waits")  # fmt: skip
+    assert "MAX_RUNNING_PER_OWNER=2" in said[0]["message"], said
+    assert server.job(waiting)["export"]["pid"] is None  # not launched
+    assert value(scrape(server, ADMIN_KEY), "swift_api_exports_running") == 3
+    gate.touch()  # the two end; the third runs then
+    for name in names:
+        done = wait_for(lambda: (j := server.job(name))["export"]["status"] != "running" and j, timeout=60,  # noqa: B023
+                        what=f"{name}'s export")  # fmt: skip
+        assert done["export"]["status"] == "completed", done["export"]

@@ -99,6 +99,7 @@ class MetricsState:
     leases: dict[str, str]  # GPU index -> job
     latency: dict[str, str]  # the scheduling-latency histogram's hash
     running: list[str]  # running jobs (the first of them)
+    exporting: int  # jobs whose merge export runs or waits to be launched
 
 
 class ClusterStore(WebhookQueue, IdempotencyRecords):
@@ -465,13 +466,15 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
             pipe.hgetall(self.keys.gpu_leases)
             pipe.hgetall(self.keys.metric("scheduling_latency"))
             pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, running_max - 1)
+            pipe.scard(self.keys.exporting)
             replies = await pipe.execute()
         counts = replies[: len(statuses)]
-        queue_length, oldest, snapshot, leases, latency, running = replies[len(statuses) :]
+        queue_length, oldest, snapshot, leases, latency, running, exporting = replies[len(statuses) :]
         return MetricsState(
             counts={s: int(n) for s, n in zip(statuses, counts, strict=True)}, queue_length=int(queue_length),
             oldest_queued_at=float(oldest[0][1]) if oldest else None,
             snapshot=json.loads(snapshot) if snapshot else None, leases=leases, latency=latency, running=running,
+            exporting=int(exporting),
         )  # fmt: skip
 
 

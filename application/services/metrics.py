@@ -109,6 +109,9 @@ async def shared_metrics(store: JobStore, cluster: ClusterStore) -> bytes:
     fams.append(jobs)
     fams.append(GaugeMetricFamily("swift_api_queue_length", "Jobs waiting in the GPU queue",
                                   value=float(state.queue_length)))  # fmt: skip
+    # (a quantized export is a job of its own: counted in swift_api_jobs)
+    fams.append(GaugeMetricFamily("swift_api_exports_running", "Merge exports running or waiting to be launched",
+                                  value=float(state.exporting)))  # fmt: skip
     wait = clock.now() - state.oldest_queued_at if state.oldest_queued_at is not None else 0.0
     fams.append(GaugeMetricFamily("swift_api_queue_oldest_wait_seconds", "How long the oldest queued job has waited",
                                   value=max(0.0, wait)))  # fmt: skip

@@ -14,10 +14,12 @@ where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,8 @@ class Watchdog:
         self._unlaunched: dict[str, float] = {}
         # By export id: when this scheduler launched a runner for it whose record Redis did not take.
         self._launched: dict[str, float] = {}
+        self._exports_run: Counter[str] = Counter()  # by owner: merge exports running (this sweep's count)
+        self._held_back: set[str | None] = set()  # export ids waiting for their owner's MAX_RUNNING_PER_OWNER
 
     async def sweep(self) -> None:
         try:
@@ -156,12 +160,16 @@ class Watchdog:
             if not await self._runner_alive(job, beat):
                 await self._alone(job.job_id, self.runner_died(job))
         exporting = await self.store.get_many(await self.store.exporting())
+        # Merge exports run by each owner now (launched, or run by a run's runner after its training).
+        self._exports_run = Counter(j.owner for j in exporting if j.owner is not None and (
+            j.export.runner is not None or j.export.export_id in self._launched))  # fmt: skip
         for job in exporting:
             await self._alone(job.job_id, self._watch_export(job))
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
         self.silence.keep_only(watched)
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
         self._launched = {key: at for key, at in self._launched.items() if key in watched}
+        self._held_back &= watched
         self._failing &= {job.job_id for job in (*running, *exporting)}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
@@ -375,6 +383,8 @@ class Watchdog:
             launched = self._launched.get(info.export_id or "")
             if launched is None or time.monotonic() - launched > RUNNER_START_GRACE:
                 # (one launched already, whose record Redis did not take, may be about to take it itself)
+                if launched is None and await self._held_by_cap(job):
+                    return
                 await self._launch_export(job, info)
             return
         runner = info.runner
@@ -427,6 +437,23 @@ class Watchdog:
                                         "exit_code": code, **update})  # fmt: skip
         await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
                                  runner=runner, done=True)  # fmt: skip
+
+    async def _held_by_cap(self, job: Job) -> bool:
+        """Whether the job's export waits for its owner's merge exports to number fewer than MAX_RUNNING_PER_OWNER
+        (each merge runs on this host's CPU and memory: one owner could run one per finished job at once); else
+        it counts as one of them from now on."""
+        cap, owner = self.settings.MAX_RUNNING_PER_OWNER, job.owner
+        if not cap or owner is None:
+            return False
+        if self._exports_run[owner] >= cap:
+            if job.export.export_id not in self._held_back:
+                self._held_back.add(job.export.export_id)
+                why = f"the export waits: '{owner}' runs {cap} already (MAX_RUNNING_PER_OWNER={cap})"
+                with contextlib.suppress(TransitionRefused):  # (deleted meanwhile)
+                    await self.store.add_event(job.job_id, "export_waiting", why, {"cap": cap})
+            return True
+        self._exports_run[owner] += 1
+        return False
 
     def _how_it_ended(self, runner: RunnerInfo) -> str:
         """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
