@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from application.exceptions import Invalid
 from application.models.job_request import TrainingParams
@@ -29,7 +30,7 @@ from application.services.exports import (
 )
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from tests.conftest import ApiServer, job_body, wait_for
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
 
 
 def test_export_of_a_chosen_checkpoint_into_a_named_folder_keeps_every_export(server: ApiServer,
@@ -812,3 +813,32 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
         assert r.status_code == 200 and Path(r.json()["export"]["checkpoint"]).name == "checkpoint-2", r.text
         done = await wait_job(client, "cut", lambda j: j["export"]["status"] != "running")
         assert done["export"]["status"] == "completed", done["export"]
+
+
+def test_another_owner_cannot_use_up_a_jobs_export_ids_and_a_refused_one_leaves_no_claim(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
+) -> None:
+    # Hunt BC: bob created (and cancelled) jobs q-quant, q-quant-2 ... q-quant-99, and no quantized export of
+    # alice's q could be queued for 90 days; a refused export left its folder's claim in Redis for good; and the
+    # 429 for alice's cap named the admin who asked.
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "MAX_QUEUED_PER_OWNER": "1", "AUTO_EXPORT": "false"})
+    alice, bob, admin = auth(ALICE_KEY), auth(BOB_KEY), auth(ADMIN_KEY)
+    body = job_body(workspace, "q", auto_start=True, training={"max_steps": 2, "save_steps": 2})
+    assert server.http.post("/jobs", json=body, headers=alice).status_code == 201
+    wait_for(lambda: server.http.get("/jobs/q", headers=alice).json()["status"] == "completed", what="q's run")
+    for taken in ["q-quant", *(f"q-quant-{n}" for n in range(2, 10))]:
+        assert server.http.post("/jobs", json=job_body(workspace, taken, job_id=taken), headers=bob).status_code == 201
+        assert server.http.post(f"/jobs/{taken}/stop", headers=bob).status_code == 200
+    assert server.http.post("/jobs", json=job_body(workspace, "waits"), headers=alice).status_code == 201  # her cap
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    claims = f"{server.prefix}:export_targets"
+    before = r.hgetall(claims)
+    quantize = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
+    over = server.http.post("/jobs/q/export", json=quantize, headers=admin)
+    assert over.status_code == 429 and over.json()["detail"].startswith("'alice' already has 1"), over.text
+    assert r.hgetall(claims) == before
+    assert server.http.post("/jobs/waits/stop", headers=alice).status_code == 200
+    queued = server.http.post("/jobs/q/export", json=quantize, headers=alice)
+    assert queued.status_code == 200, queued.text
+    assert re.search(r"queued as job 'q-quant-[0-9a-f]{8}'", queued.json()["message"]), queued.text
+    r.close()

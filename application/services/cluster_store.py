@@ -274,7 +274,7 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
         return raw
 
     async def claim_export_target(self, target: str, expect: str | None, value: str) -> bool:
-        """`target` claimed with `value` if its entry is still `expect` (None: none)."""
+        """`target` claimed with `value` ("": released) if its entry is still `expect` (None: none)."""
         return bool(await self._claim_export_target(keys=[self.keys.export_targets], args=[json.dumps(
             {"target": target, "expect": expect or "", "value": value})]))  # fmt: skip
 

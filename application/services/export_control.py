@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,17 @@ class ExportControl:
         named = {e.job_id for e in (*job.exports, job.export) if e.job_id}
         # Its quantized exports as their jobs stand: one whose job was deleted before it ran holds no name.
         job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
-        for attempt in range(1, 100):
-            child_id = f"{job.job_id}-quant" + (f"-{attempt}" if attempt > 1 else "")
+        for attempt in range(1, 20):
+            # Past the first few, a random one: another owner could take <id>-quant-2 ... -99 (their own jobs'
+            # ids, any name), and no export of this job could be queued any more.
+            suffix = "" if attempt == 1 else f"-{attempt}" if attempt < 10 else f"-{secrets.token_hex(4)}"
+            child_id = f"{job.job_id}-quant{suffix}"
             if child_id in named:
                 continue
             settings = self.service.settings
             child, info = await asyncio.to_thread(prepare_quant_job, job, request, settings.SWIFT_BIN,
                                                   settings.OUTPUT_ROOT, child_id, clock.now())  # fmt: skip
-            await self._claim(str(info.output_dir), {"of": job.job_id, "job": child_id})
+            replaced, claimed = await self._claim(str(info.output_dir), {"of": job.job_id, "job": child_id})
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
@@ -121,8 +125,10 @@ class ExportControl:
                     await created_anyway(self.store, child, exc)
                 break
             except TransitionRefused as exc:
-                if exc.reason == Refusal.WAITING_CAP:
-                    raise self.service.limits.over_cap(caller.name, int(exc.detail or 0)) from None
+                if exc.reason != Refusal.EXISTS:  # refused: the folder's claim as it was (each one stayed for good)
+                    await self.cluster.claim_export_target(str(info.output_dir), claimed, replaced or "")
+                if exc.reason == Refusal.WAITING_CAP:  # (the owner's cap: not an admin's who asked)
+                    raise self.service.limits.over_cap(job.owner, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.UPLOAD_GONE:
                     raise Conflict(f"{request.quant_method} calibrates on the job's data set, and its uploaded file "
                                    f"'{exc.detail}' has been deleted: quantize with bnb or fp8, which need no "
@@ -134,7 +140,7 @@ class ExportControl:
                 if exc.reason != Refusal.EXISTS:
                     raise Conflict(f"the export job could not be stored ({exc.reason.value}): try again") from None
         else:
-            raise Conflict(f"every export job id from '{job.job_id}-quant' on is taken: delete old ones")
+            raise Conflict(f"no free export job id from '{job.job_id}-quant' on was found: try again")
         try:
             await put_export(self.store, job.job_id, info, current=False, actor=caller.actor, created_at=job.created_at,
                              event=("export_started", f"quantized export of {info.checkpoint} queued as job "
@@ -152,11 +158,11 @@ class ExportControl:
             message=f"Quantized export queued as job '{child_id}': {when}",
         )
 
-    async def _claim(self, target: str, writer: dict[str, Any]) -> None:
+    async def _claim(self, target: str, writer: dict[str, Any]) -> tuple[str | None, str]:
         """`target` claimed for this export (`writer`: the job it exports, and its export id or its export job's
-        id). Conflict while an export of another job writes it: jobs that share an output folder share its
-        exports/, and each job's own checks see only its own exports. Nothing releases a claim: the next
-        request takes it over once that export has ended."""
+        id); (the claim it replaced, its own). Conflict while an export of another job writes it: jobs that share
+        an output folder share its exports/, and each job's own checks see only its own exports. The next request
+        takes a claim over once that export has ended (a refused request puts back the claim it replaced)."""
         value = json.dumps({**writer, "at": clock.now()})
         for _ in range(5):
             held = await self.cluster.export_target(target)
@@ -165,7 +171,7 @@ class ExportControl:
                 raise Conflict(f"an export of another job in this output folder is writing {Path(target).name}: wait "
                                "for it to end, or choose another output_name")  # fmt: skip
             if await self.cluster.claim_export_target(target, held, value):
-                return
+                return held, value
         raise Unavailable("other export requests are claiming this folder: retry in a moment", {"Retry-After": "5"})
 
     async def _writing(self, held: dict[str, Any]) -> bool:

@@ -160,7 +160,7 @@ return out
 CLAIM_EXPORT_TARGET = """
 local a = cjson.decode(ARGV[1])
 if (redis.call('HGET', KEYS[1], a.target) or '') ~= a.expect then return 0 end
-redis.call('HSET', KEYS[1], a.target, a.value)
+if a.value == '' then redis.call('HDEL', KEYS[1], a.target) else redis.call('HSET', KEYS[1], a.target, a.value) end
 return 1
 """
 
