@@ -336,6 +336,17 @@ def test_an_owner_keeps_uploads_up_to_the_quota(server_factory: Callable[..., Ap
     assert first.status_code == 201 and second.status_code == 201
     third = upload(server, VALID)
     assert third.status_code == 413 and "FILE_QUOTA_BYTES" in third.json()["detail"]
+    # A body too long for the quota by its length alone is refused before it is sent (hunt BC: each one was
+    # received and checked whole first). Nothing of it is sent here: the answer comes all the same.
+    host, port = server.base.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /api/v1/training/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE_KEY}\r\n"
+                     f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(VALID) + 20_000}\r\n"
+                     "\r\n".encode())  # fmt: skip
+        answer = b""
+        while b"they hold" not in answer and (got := sock.recv(65536)):
+            answer += got
+    assert answer.startswith(b"HTTP/1.1 413") and b"they hold" in answer, answer
     assert server.http.get("/files", headers=auth(ALICE_KEY)).json()["total"] == 2
     assert len(stored_files(tmp_path)) == 2  # the refused one left nothing on disk
     assert upload(server, VALID, key=BOB_KEY).status_code == 201  # the quota is per owner

@@ -53,6 +53,11 @@ ORPHAN_AGE = 6 * 3600.0
 USERS_NAMED_MAX = 200  # a refused delete looks up this many of the file's jobs, to name the caller's own
 
 
+# The most a multipart body holds besides the file: boundaries, part headers (a file name up to 255 bytes), the
+# purpose field.
+MULTIPART_FRAMING = 16 * 1024
+
+
 def _not_found(file_id: str) -> NotFound:
     return NotFound(f"file '{file_id}' not found: list your files with GET .../training/files")
 
@@ -78,6 +83,7 @@ class FileStore(UploadRefs):
                      caller: Caller) -> FileObject:  # fmt: skip
         """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind. At most
         UPLOADS_PER_OWNER of one key's at once (429)."""
+        await self._refuse_over_quota(content_length, caller)
         slot = await self.slots.take(caller.name)
         chunks = until_idle(chunks, self.settings.UPLOAD_IDLE_SECONDS)
         if slot is None:
@@ -86,6 +92,19 @@ class FileStore(UploadRefs):
             return await self._upload(slot.renewing(chunks), content_type, content_length, caller)
         finally:
             await slot.release()
+
+    async def _refuse_over_quota(self, content_length: str | None, caller: Caller) -> None:
+        """413 before the first byte when the body's length alone (less room for its multipart framing) takes the
+        owner's uploads over FILE_QUOTA_BYTES: an owner at the quota sent file after file, each received and checked
+        whole before it was refused. The store still counts the exact bytes in the step that keeps the file."""
+        quota = self.settings.FILE_QUOTA_BYTES
+        if not quota or not content_length or not content_length.isdigit():
+            return
+        held = int(await self.r.get(self.keys.owner_file_bytes(owner_folder(caller.name))) or 0)
+        if held + int(content_length) - MULTIPART_FRAMING > quota:
+            raise TooLarge(f"this upload ({content_length} bytes with its form) would bring the uploads of "
+                           f"'{caller.actor}' past FILE_QUOTA_BYTES={quota} (they hold {held} bytes): delete some "
+                           "(DELETE /files/{id})")  # fmt: skip
 
     async def _upload(self, chunks: AsyncIterator[bytes], content_type: str | None, content_length: str | None,
                       caller: Caller) -> FileObject:  # fmt: skip
