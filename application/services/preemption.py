@@ -4,8 +4,8 @@ Determined preempts low-priority work and resumes it from checkpoints; Slurm's R
 queued job that cannot start may take the GPUs of running jobs of strictly lower priority: as few as needed,
 preferring the lowest priority, then the least work lost since their last checkpoint, then the most recently
 started. A job that has run less than `min_run` seconds since its last start is never preempted, so two jobs
-cannot take GPUs from each other in turn; nor one that should end before the work it would lose. The victims
-go back to the queue at their place and resume from their checkpoints (`run_end.conclude`).
+cannot take GPUs from each other in turn; one that should end soon, before the work it would lose, is waited
+for. The victims go back to the queue at their place and resume from their checkpoints (`run_end.conclude`).
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ def choose_victims(
     ends: Mapping[str, float] | None = None,
 ) -> list[str] | None:
     """The running jobs to preempt so that `job` can start, or None when lower-priority jobs cannot free
-    enough (or none may be preempted yet). `ends`: runs' seconds left (by prediction or time limit); one that
-    ends before the work its preemption would throw away is waited for instead (3,000 s of training were lost to
-    save 5 s: hunt AZ). Its GPUs count as coming back, as those of a run being stopped do."""
-    running = [replace(c, ending=True) if _ends_first(c, ends) else c for c in running]
+    enough (or none may be preempted yet). `ends`: runs' seconds left (by prediction or time limit); while one
+    whose GPUs would serve the job ends within `min_run`, and before the work its preemption would throw away,
+    nothing is preempted: its end is waited for (3,000 s of training were lost to save 5 s: hunt AZ), and the
+    next passes find its GPUs free (`preemption_wait` plans the preemption for then)."""
     by_index = {g.index: g for g in gpus}
     need = max(min_free_gb, job.min_gpu_memory_gb or 0.0)
     wanted = set(job.gpu_ids) if job.gpu_ids else None
@@ -95,6 +95,8 @@ def choose_victims(
 
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business
+    if any(not c.ending and _ends_first(c, ends, min_run) and helps(c) for c in running):
+        return None
     eligible = sorted(
         (
             c
@@ -120,9 +122,11 @@ def choose_victims(
     return [c.job_id for c in chosen]
 
 
-def _ends_first(c: Candidate, ends: Mapping[str, float] | None) -> bool:
+def _ends_first(c: Candidate, ends: Mapping[str, float] | None, within: float) -> bool:
+    """The run should end within `within` seconds, and before the work since its last checkpoint (bounded: a
+    run with no checkpoint past half its estimate would be waited for that long)."""
     left = (ends or {}).get(c.job_id)
-    return left is not None and left <= c.lost_seconds
+    return left is not None and left <= min(c.lost_seconds, within)
 
 
 def preemption_wait(
