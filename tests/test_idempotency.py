@@ -192,11 +192,18 @@ async def test_a_create_stalled_past_its_lease_does_not_make_the_job_a_retry_mad
         listed = (await client.get("/jobs")).json()
         assert [j["job_id"] for j in listed["jobs"]] == [answers[0].job_id] == ["dup"], listed
 
-        async def lapsed() -> None:  # its lease lapsed with nobody retrying: it creates, and its answer is kept
+        async def lapsed() -> None:  # its lease lapsed (a retry's record may have lapsed after its create too)
             await state.redis.client.delete(idem.store.keys.idempotency("-", hashlib.sha256(b"k7").hexdigest()))
 
         request = JobCreate.model_validate(body(tmp_path, "once"))
-        first = await idem.run(None, "k7", same, lambda: create(lapsed))
-        again = await idem.run(None, "k7", same, lambda: create(lapsed))
+        with pytest.raises(Conflict):
+            await idem.run(None, "k7", same, lambda: create(lapsed))
+        assert (await client.get("/jobs")).json()["total"] == 1
+
+        async def prompt() -> None:
+            pass
+
+        first = await idem.run(None, "k7", same, lambda: create(prompt))  # the client sends it again
+        again = await idem.run(None, "k7", same, lambda: create(prompt))
         assert first.status_code == 201 and again.headers[REPLAY_HEADER] == "true" and again.body == first.body
         assert (await client.get("/jobs")).json()["total"] == 2

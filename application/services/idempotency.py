@@ -50,11 +50,16 @@ def held_claim() -> Claim | None:
     return _HELD.get()
 
 
-def claim_lost() -> Conflict:
-    return Conflict(
-        f"this request stalled past its Idempotency-Key's lease ({LEASE_SECONDS:g} s), so another "
-        "request with the key may have been handled meanwhile: nothing was made by this one; send it "
-        "again with the key to get that request's answer (or, if there was none, to make it now)"
+class ClaimLost(Conflict):
+    """The request's claim no longer held when it would have made something: its answer is not the key's (the key
+    is another request's, or free for the client's next try)."""
+
+
+def claim_lost() -> ClaimLost:
+    return ClaimLost(
+        "this request stalled past its Idempotency-Key's lease, so another request with the key may have been "
+        "handled meanwhile: nothing was made by this one; send it again with the key to get that request's "
+        "answer (or, if there was none, to make it now)"
     )
 
 
@@ -106,13 +111,15 @@ class Idempotency:
         try:
             # Renewed until the answer is stored (a renewal after it would cut its 24 h to a lease); ended by a
             # flag, not a cancellation redis-py may swallow (the claim was then renewed for ever).
-            held = _HELD.set(Claim(rkey, claim, int(self.lease * 1000)))
+            held = _HELD.set(Claim(rkey, claim))
             try:
                 async with beating(lambda: self._renew(rkey, claim), self.lease / 3):
                     status, body, headers = await call()
             finally:
                 _HELD.reset(held)
         except ApiError as exc:
+            if isinstance(exc, ClaimLost):
+                raise
             if exc.status_code in (429, 503):
                 # Free for a retry, but not after a create that may have been made (Redis away: a retry would make
                 # it again): that claim lapses with its lease. A release Redis does not take lapses too.

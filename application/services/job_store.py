@@ -57,11 +57,10 @@ def joined(fields: Mapping[str, str]) -> str:
 
 
 class Claim(NamedTuple):
-    """The claim of an Idempotency-Key (idempotency.held_claim): its key, its value, its lease."""
+    """The claim of an Idempotency-Key (idempotency.held_claim): its key and value."""
 
     key: str
     value: str
-    lease_ms: int
 
 
 class JobStore(JobLog, QueueView):

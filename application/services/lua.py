@@ -109,7 +109,7 @@ end
 # is queued, the first event. a: id, fields, created_at, status, output_dir, score|nil, meta, event, maxlen,
 # cap|nil (the owner's most pending + queued jobs: counted here, so that overlapping creates cannot pass it),
 # uploads (ids of the uploaded files it names: each must still have its record, and the job is recorded as a
-# user of each, see FORGET_FILE), claim|nil ({key, value, lease_ms}: an Idempotency-Key's claim that must still hold),
+# user of each, see FORGET_FILE), claim|nil ({key, value}: an Idempotency-Key's claim that must still hold),
 # k: {all, owner_all|nil, status, owner_status|nil, events, history, sent, output_dirs, queue, queue_meta, wakeup,
 #     summary, owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and
 #     .file_users)}.
@@ -156,13 +156,9 @@ CREATE = (
     + """
 local k = a.k
 -- A request with an Idempotency-Key creates only while its claim is held: a worker that stalled past its lease
--- (a retry then created the job) created it a second time when it woke. A claim that lapsed with nobody
--- retrying is taken again (its answer is then kept: a retry replays it).
-if a.claim then
-  local held = redis.call('GET', a.claim.key)
-  if not held then redis.call('SET', a.claim.key, a.claim.value, 'PX', a.claim.lease_ms)
-  elseif held ~= a.claim.value then return {'claim_lost'} end
-end
+-- (a retry then created the job) created it a second time when it woke. A lapsed claim is lost too: a retry's
+-- record may have lapsed after its create (its answer not kept), and nothing tells that from nobody retrying.
+if a.claim and redis.call('GET', a.claim.key) ~= a.claim.value then return {'claim_lost'} end
 if a.cap then
   local waiting = redis.call('ZCARD', k.owner_pending) + redis.call('ZCARD', k.owner_queued)
   if waiting >= a.cap then return {'waiting_cap', '', tostring(waiting)} end
