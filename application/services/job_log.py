@@ -64,22 +64,41 @@ class JobLog:
         })])  # fmt: skip
 
     async def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
-        start = f"({after}" if after else "-"
-        rows = await self.r.xrange(self.keys.job_events(job_id), min=start, max="+", count=limit)
-        return [
+        return (await self.events_page(job_id, after, limit))[0]
+
+    async def events_page(self, job_id: str, after: str | None, limit: int) -> tuple[list[Event], str | None]:
+        """Up to `limit` events after `after` (None: from the start), and `events_dropped` for that read, read
+        together (apart, a trim in between said the page's own first events were dropped)."""
+        key = self.keys.job_events(job_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xrange(key, min=f"({after}" if after else "-", max="+", count=limit)
+            pipe.xrange(key, min="-", max="+", count=1)
+            pipe.xlen(key)
+            rows, first, length = await pipe.execute()
+        events = [
             Event(id=eid, time=float(f.get("time", 0)), type=f.get("type", ""), message=f.get("message", ""),
                   actor=f.get("actor"), data=json.loads(f.get("data") or "{}"))
             for eid, f in rows
         ]  # fmt: skip
+        return events, self._dropped(first, int(length), after)
 
     async def events_dropped(self, job_id: str, after: str | None) -> str | None:
         """The oldest event kept, when events a read from `after` (None: from the start) would have listed were
-        dropped: EVENTS_MAX_PER_JOB keeps the newest, and a job's first event ('created') is gone. A drop that
-        ended exactly at `after` reads as one too (Redis 6.2 keeps no count of what a stream dropped)."""
-        rows = await self.r.xrange(self.keys.job_events(job_id), min="-", max="+", count=1)
-        if not rows or rows[0][1].get("type") == "created":
+        dropped: EVENTS_MAX_PER_JOB keeps the newest. A drop that ended exactly at `after` reads as one too (Redis
+        6.2 keeps no count of what a stream dropped)."""
+        key = self.keys.job_events(job_id)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xrange(key, min="-", max="+", count=1)
+            pipe.xlen(key)
+            first, length = await pipe.execute()
+        return self._dropped(first, int(length), after)
+
+    def _dropped(self, first: list[Any], length: int, after: str | None) -> str | None:
+        # Trimmed only at EVENTS_MAX_PER_JOB (in whole blocks: what is kept is never fewer): a shorter stream
+        # whose first event is not 'created' is one a version before 3ddb2e2 left under a reused id, not a drop.
+        if not first or length < self.events_max or first[0][1].get("type") == "created":
             return None
-        oldest: str = rows[0][0]
+        oldest: str = first[0][0]
         return oldest if after is None or event_order(after) < event_order(oldest) else None
 
     async def newest_event_id(self, job_id: str) -> str | None:

@@ -406,9 +406,9 @@ class TrainingService:
 
     async def events(self, job_id: str, after: str | None, limit: int, caller: Caller) -> EventList:
         await self.require(job_id, caller)
-        events = await self.store.events(job_id, after, limit)
+        events, dropped = await self.store.events_page(job_id, after, limit)
         return EventList(job_id=job_id, events=events, next_after=events[-1].id if len(events) == limit else None,
-                         dropped_before=await self.store.events_dropped(job_id, after))  # fmt: skip
+                         dropped_before=dropped)  # fmt: skip
 
     async def progress(self, job_id: str, history_limit: int, caller: Caller) -> ProgressResponse:
         job = await self.require(job_id, caller)
