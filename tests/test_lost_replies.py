@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from application.services import lua, lua_cluster
+from application.services import lua, lua_cluster, lua_log
 from tests.conftest import QUICK_TO_GIVE_UP, job_body, make_model, wait_job
 from tests.redis_proxy import RedisProxy
 
@@ -193,7 +193,7 @@ async def test_the_watchdogs_event_of_a_dead_runners_end_is_written_once_though_
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with through_a_proxy(app_factory, redis_url, retries=3, lead=True, AUTO_EXPORT=False) as (client, proxy):
         await running_with_dead_runner(client, tmp_path, "requeued", max_retries=2)
-        proxy.cut_after(rb"(?s)" + script(lua.APPEND) + rb".*retry", lose_reply=True, down_seconds=0.05)
+        proxy.cut_after(rb"(?s)" + script(lua_log.APPEND) + rb".*retry", lose_reply=True, down_seconds=0.05)
         await client.scheduler.watchdog.sweep()  # type: ignore[attr-defined]
         assert proxy.fired.is_set()
         events = [e["type"] for e in (await client.get("/jobs/requeued/events")).json()["events"]]

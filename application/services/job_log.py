@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from application.models.training_model import Event, LossPoint
-from application.services import clock, lua
+from application.services import clock, lua_log
 from application.services.job_codec import encode, event_payload, script_arg
 from application.services.keys import Keys
 from application.services.refusals import TransitionRefused
@@ -39,8 +39,8 @@ class JobLog:
         self.keys = keys
         self.events_max = events_max
         self.history_max = history_max
-        self._run_append = client.register_script(lua.RUN_APPEND)
-        self._append = client.register_script(lua.APPEND)
+        self._run_append = client.register_script(lua_log.RUN_APPEND)
+        self._append = client.register_script(lua_log.APPEND)
 
     async def add_event(self, job_id: str, event_type: str, message: str, data: Mapping[str, Any] | None = None,
                         *, actor: str = SCHEDULER) -> None:  # fmt: skip

@@ -14,7 +14,7 @@ SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_p
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.
-_HELPERS = (
+HELPERS = (
     """
 local a = cjson.decode(ARGV[1])
 local function hset_pairs(key, obj)
@@ -151,7 +151,7 @@ return foreign_folder(a.folder, a.k.owners, a.k.folders) or false
 )
 
 CREATE = (
-    _HELPERS
+    HELPERS
     + _FOREIGN_FOLDER
     + """
 local k = a.k
@@ -206,7 +206,7 @@ return {'ok'}
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
 #     owner_status {s: key}|nil, queue_head, head_since}
 TRANSITION = (
-    _HELPERS
+    HELPERS
     + """
 local k = a.k
 local cur = field(KEYS[1], 'status')
@@ -287,7 +287,7 @@ return {'ok', cur, ev}
 # webhook's event, queued in the same step: an export's end), now, k: {events, summary, exporting, webhooks,
 # webhooks_global, expiry}
 GUARDED_UPDATE = (
-    _HELPERS
+    HELPERS
     + """
 local cur = field(KEYS[1], 'status')
 if not cur then return {'missing'} end
@@ -321,7 +321,7 @@ return {'ok', cur}
 # Out of the set of exports to watch, unless its export runs (a request may have come since the caller read
 # the job). a: id, k: {exporting}
 FORGET_IDLE_EXPORT = (
-    _HELPERS
+    HELPERS
     + """
 local exp = field(KEYS[1], 'export')
 if exp and exp.status == 'running' then return 0 end
@@ -336,7 +336,7 @@ return 1
 # leases, expiry, exporting, status {s: key}, owner_status|nil, queue_head, head_since, upload_users
 # (Keys.file_users of its uploads), webhooks, webhooks_global}
 DELETE = (
-    _HELPERS
+    HELPERS
     + """
 local k = a.k
 local cur = field(KEYS[1], 'status')
@@ -368,7 +368,7 @@ return {'ok', cur}
 # owner_status|nil (the owner's, when its summary named one), output_dirs, queue, queue_meta, queued_since,
 # leases, queue_head, head_since, expiry, exporting, summary}.
 FORGET_LOST = (
-    _HELPERS
+    HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local k, id = a.k, a.id
@@ -386,61 +386,11 @@ return 1
 """
 )
 
-# A runner's loss points and events, each written once though a batch whose reply an outage lost is sent again.
-# a: run_id, h_from / e_from (how many points / events of this run came before these), history (encoded points),
-# events, maxlen, history_max, k: {history, events, sent (hash: run, h, e: what Redis took of the current run)}.
-RUN_APPEND = (
-    _HELPERS
-    + """
-local k = a.k
--- Only into its own run of a job that exists: a batch flushed after the job was deleted (or after a newer run
--- began) would otherwise leave keys that a later job under the same id inherits.
-if field(KEYS[1], 'run_id') ~= a.run_id then return {'other_run', ''} end
-local sent = redis.call('HMGET', k.sent, 'run', 'h', 'e')
-local h_done, e_done = 0, 0
-if sent[1] == a.run_id then h_done, e_done = tonumber(sent[2]), tonumber(sent[3]) end
-local points = a.history or {}
-local fresh = {}
-for i, p in ipairs(points) do
-  if a.h_from + i > h_done then fresh[#fresh + 1] = p end
-  if #fresh == 1000 or (i == #points and #fresh > 0) then  -- unpack takes a few thousand values at most
-    redis.call('RPUSH', k.history, unpack(fresh))
-    fresh = {}
-  end
-end
-if #points > 0 then redis.call('LTRIM', k.history, -a.history_max, -1) end
-local events = a.events or {}
-for i, ev in ipairs(events) do
-  if a.e_from + i > e_done then add_event(k.events, ev) end
-end
-redis.call('HSET', k.sent, 'run', a.run_id, 'h', math.max(h_done, a.h_from + #points),
-  'e', math.max(e_done, a.e_from + #events))
-return {'ok'}
-"""
-)
-
-# Events and loss points written by someone other than the run's runner (a scheduler, the watchdog), only while
-# the job exists: a write racing its DELETE would leave keys that a later job under the same id inherits.
-# a: event|nil, history (encoded points)|nil, replace (the history is `history` from now on), maxlen,
-# history_max, k: {events, history}. Returns 1, or 0 when there is no such job.
-APPEND = (
-    _HELPERS
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local k = a.k
-add_event(k.events, a.event)
-if a.replace then redis.call('DEL', k.history) end
-for _, p in ipairs(a.history or {}) do redis.call('RPUSH', k.history, p) end
-if a.history then redis.call('LTRIM', k.history, -a.history_max, -1) end
-return 1
-"""
-)
-
 # Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event (its message
 # and data are written here, from the priority it replaces), maxlen, updated_at (encoded), id,
 # k: {queue, queue_meta, events, wakeup, summary}
 REPRIORITIZE = (
-    _HELPERS
+    HELPERS
     + """
 local k = a.k
 local cur = field(KEYS[1], 'status')
@@ -471,7 +421,7 @@ return {'ok', cur}
 # as text (cjson would round the submission time to 14 digits). a: id, predicted, seconds (encoded),
 # k {queue_meta, summary}
 SET_PREDICTION = (
-    _HELPERS
+    HELPERS
     + """
 local cur = field(KEYS[1], 'status')
 if cur ~= 'pending' and cur ~= 'queued' then return 0 end
@@ -493,7 +443,7 @@ return 1
 
 # Rewrite one job's summary (for records stored before summaries were kept). a: k {summary}
 REFRESH_SUMMARY = (
-    _HELPERS
+    HELPERS
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 refresh_summary(a.k.summary)
