@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.idempotency import REPLAY_HEADER, Idempotency, held_claim
 from application.services.keys import Keys
 from tests.conftest import _until, job_body, make_model
+from tests.test_job_store import make_job
 
 
 def body(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
@@ -207,3 +209,33 @@ async def test_a_create_stalled_past_its_lease_does_not_make_the_job_a_retry_mad
         again = await idem.run(None, "k7", same, lambda: create(prompt))
         assert first.status_code == 201 and again.headers[REPLAY_HEADER] == "true" and again.body == first.body
         assert (await client.get("/jobs")).json()["total"] == 2
+
+
+async def test_a_merge_export_stalled_past_its_lease_does_not_export_again(app_factory: Callable[..., Any],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    # Review BB: a worker stalled past its lease on a merge export ran swift export a second time once the
+    # export a retry asked for had ended.
+    async with app_factory(scheduler=False) as client:
+        state = client.app.state
+        store, settings = state.training.store, state.training.settings
+        run_dir = settings.OUTPUT_ROOT / "x" / "v0-20261203-000000"
+        (run_dir / "checkpoint-5").mkdir(parents=True)
+        (run_dir / "checkpoint-5" / "adapter_config.json").write_text("{}")  # (a LoRA checkpoint: exportable)
+        job = make_job("x", JobStatus.COMPLETED).model_copy(update={
+            "run_id": "run1", "output_dir": str(settings.OUTPUT_ROOT / "x"), "run_dir": str(run_dir),
+            "finished_at": time.time(), "checkpoints": [str(run_dir / "checkpoint-5")]})  # fmt: skip
+        await store.create(job, message="created", actor="t")
+        rkey = state.idempotency.store.keys.idempotency("-", hashlib.sha256(b"k8").hexdigest())
+
+        async def same() -> str:
+            return "the-same-request"
+
+        async def stalled() -> tuple[int, BaseModel, dict[str, str]]:
+            retry = json.dumps({"fingerprint": "the-same-request", "state": "running", "claim": "the-retry"})
+            await state.redis.client.set(rkey, retry)  # its lease lapsed, and a retry took the key
+            return 200, await state.exports.export("x", Caller(None, "admin"), None, held_claim()), {}
+
+        with pytest.raises(Conflict) as refused:
+            await state.idempotency.run(None, "k8", same, stalled)
+        assert "stalled past its Idempotency-Key's lease" in refused.value.detail
+        assert (await client.get("/jobs/x")).json()["export"]["status"] == "none"  # nothing asked of swift

@@ -59,9 +59,10 @@ class ExportControl:
             job = await self.service.require(job_id, caller)
             if request is not None and wants_quantization(request):
                 return await self._quantize(job, request, caller, claim)
-            return await self._merge(job, request, caller)
+            return await self._merge(job, request, caller, claim)
 
-    async def _merge(self, job: Job, request: ExportRequest | None, caller: Caller) -> ActionResponse:
+    async def _merge(self, job: Job, request: ExportRequest | None, caller: Caller,
+                     claim: Claim | None) -> ActionResponse:  # fmt: skip
         job_id = job.job_id
         # Its quantized exports as their jobs stand: the name of one that failed is free again.
         job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
@@ -71,13 +72,15 @@ class ExportControl:
         try:
             await put_export(
                 self.store, job_id, info, statuses=ENDED_WITH_SWIFT, created_at=job.created_at,
-                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor, exporting=True,
+                refuse_export=(ExportStatus.RUNNING,), actor=caller.actor, exporting=True, claim=claim,
                 event=("export_started", f"export of {info.checkpoint} requested",
                        {"checkpoint": info.checkpoint, "auto": False}),
             )  # fmt: skip
         except TransitionRefused as exc:
             if exc.reason == Refusal.EXPORT_STATE:
                 raise Conflict(f"an export of job '{job_id}' is already running: wait for it to end") from None
+            if exc.reason == Refusal.CLAIM_LOST:  # (a worker stalled past its lease: a retry exported meanwhile)
+                raise claim_lost() from None
             raise refused(job_id, exc, "job '{id}' is {status}: it cannot export now") from None
         # The leading scheduler's watchdog launches it: with none, it waits (as a queued job does, and says so).
         try:

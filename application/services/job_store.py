@@ -271,12 +271,14 @@ class JobStore(JobLog, QueueView):
         fence: str | None = None,
         created_at: float | None = None,
         notify: str | None = None,
+        claim: Claim | None = None,
     ) -> str:
         """Set fields only if the job still exists (and is in `statuses`, its export not in `refuse_export`, the
         `unchanged` fields still as stored when the caller read them (`get_fields`): CHANGED otherwise; with
         `fence`, only while that scheduler leads);
         `exporting` puts the job in (True) or out of (False) the exports the watchdog watches, in the same step;
-        `notify` queues that webhook event in it too (an export's end: none is lost between two steps).
+        `notify` queues that webhook event in it too (an export's end: none is lost between two steps);
+        `claim`: an Idempotency-Key's claim that must still hold (CLAIM_LOST).
 
         Returns the job's status; raises TransitionRefused otherwise. A deleted job is never recreated.
         """
@@ -290,7 +292,7 @@ class JobStore(JobLog, QueueView):
             "maxlen": self.events_max, "run_id": run_id, "id": job_id, "exporting": exporting, "fence": fence,
             "unchanged": {name: raw or "" for name, raw in unchanged.items()} if unchanged else None,
             "created": encode_value(created_at) if created_at is not None else None,
-            "notify": notify, "now": repr(now),
+            "notify": notify, "now": repr(now), "claim": claim._asdict() if claim else None,
             "k": {"events": self.keys.job_events(job_id), "summary": self.keys.job_summary(job_id),
                   "exporting": self.keys.exporting, "leader": self.keys.leader, "webhooks": self.keys.webhooks,
                   "webhooks_global": self.keys.webhooks_global, "expiry": self.keys.expiry},

@@ -298,6 +298,7 @@ if a.refuse_export then
 end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
+if a.claim and redis.call('GET', a.claim.key) ~= a.claim.value then return {'claim_lost', cur} end
 for name, was in pairs(a.unchanged or {}) do
   if (redis.call('HGET', KEYS[1], name) or '') ~= was then return {'changed', cur, name} end
 end
