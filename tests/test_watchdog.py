@@ -470,3 +470,30 @@ async def test_a_scheduler_that_lost_the_lead_kills_no_silent_runner(app_factory
         finally:
             runner.kill()
             runner.wait()
+
+
+async def test_a_runner_that_beat_since_the_sweeps_read_is_not_killed(app_factory: Callable[..., Any],
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    # Hunt AY: a scheduler frozen between reading the heartbeats and judging them woke to kill a runner that had
+    # beaten all along; the silence is read again right before the kill.
+    async with app_factory(scheduler=False, lead=True, RUNNER_HEARTBEAT_TTL=1) as client:
+        dog, cluster = client.scheduler.watchdog, client.scheduler.cluster
+        runner = sleeper()
+        try:
+            info = RunnerInfo(host=socket.gethostname(), pid=runner.pid, start_time=pg.process_start_time(runner.pid),
+                              stamp=pg.process_stamp(runner.pid), launched_at=time.time() - 30)  # fmt: skip
+
+            def own(beat: dict[str, Any] | None) -> bool:
+                return bool(beat and beat.get("run_id") == "run-b")
+
+            since = time.monotonic()
+            assert dog.silence.of("run-b", False) < 1  # first seen silent
+            await _until(lambda: time.monotonic() - since > dog.silence.patience, timeout=30)
+            # A beat lands after the sweep read none (the stall): the stale read is not acted on.
+            await cluster.runner_tick("b", {"id": "run-b", "run_id": "run-b", "kind": "run"}, 5)
+            assert not await dog.silence.killed("b", "run-b", info, False, own)
+            assert runner.poll() is None
+            assert dog.silence.of("run-b", False) < 1  # silent from now on, not from before the beat
+        finally:
+            runner.kill()
+            runner.wait()
