@@ -91,6 +91,8 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
     assert choose_victims(two, gpus, running, **rules, ends={"low-new": 5.0}) is None
     assert preemption_wait(two, gpus, running, **rules, ends={"low-new": 5.0}) == (5.0, ["low-old"])
     assert choose_victims(one, gpus, running, **rules, ends={"low-new": 200.0}) == ["low-new"]  # past min_run
+    # A run it would not preempt (of the job's priority) ending soon puts nothing off (review BE).
+    assert sorted(choose_victims(two, gpus, running, **rules, ends={"top": 1.0}) or []) == ["low-new", "low-old"]
     assert choose_victims(pinned, gpus, running, **rules, ends={"mid": 5.0}) is None
     assert choose_victims(pinned, gpus, running, **rules, ends={"mid": 50.0}) == ["mid"]
     assert preemption_wait(pinned, gpus, running, **rules, ends={"mid": 5.0}) is None  # (it frees the GPU itself)

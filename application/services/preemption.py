@@ -63,8 +63,8 @@ def choose_victims(
     ends: Mapping[str, float] | None = None,
 ) -> list[str] | None:
     """The running jobs to preempt so that `job` can start, or None when lower-priority jobs cannot free
-    enough (or none may be preempted yet). `ends`: runs' seconds left (by prediction or time limit); while one
-    whose GPUs would serve the job ends within `min_run`, and before the work its preemption would throw away,
+    enough (or none may be preempted yet). `ends`: runs' seconds left (by prediction or time limit); while a
+    run it would preempt ends within `min_run`, and before the work its preemption would throw away,
     nothing is preempted: its end is waited for (3,000 s of training were lost to save 5 s: hunt AZ), and the
     next passes find its GPUs free (`preemption_wait` plans the preemption for then)."""
     by_index = {g.index: g for g in gpus}
@@ -95,14 +95,16 @@ def choose_victims(
 
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business
-    if any(not c.ending and _ends_first(c, ends, min_run) and helps(c) for c in running):
+
+    def may_go(c: Candidate) -> bool:
+        return not c.ending and c.priority < job.priority and now - c.started_at >= min_run and helps(c)
+
+    # Only a run it would otherwise preempt is waited for: one of a higher priority ending soon (a backfilled
+    # one after another) could put the preemption off for ever (review BE).
+    if any(may_go(c) and _ends_first(c, ends, min_run) for c in running):
         return None
     eligible = sorted(
-        (
-            c
-            for c in running
-            if not c.ending and c.priority < job.priority and now - c.started_at >= min_run and helps(c)
-        ),
+        (c for c in running if may_go(c)),
         key=lambda c: (c.priority, c.lost_seconds, -c.started_at, c.job_id),
     )
     chosen: list[Candidate] = []
