@@ -224,11 +224,13 @@ def test_an_owner_runs_at_most_max_running_per_owner_merge_exports_at_once(
     for name in names:
         assert server.create(**job_body(workspace, name, auto_start=True, training={"max_steps": 2})).status_code == 201
         server.wait_status(name, "completed")
-    for name in names:
-        assert server.http.post(f"/jobs/{name}/export", json={}).status_code == 200
+    for name in reversed(names):  # asked e3, e2, e1: the first two asked run (review BE: it was by job id)
+        asked = server.http.post(f"/jobs/{name}/export", json={})
+        assert asked.status_code == 200 and "once fewer than 2 of 'alice''s exports run" in asked.json()["message"]
     started = wait_for(lambda: len(s := [n for n in names if server.job(n)["export"]["pid"]]) == 2 and s,
                        what="two exports to start")  # fmt: skip
     waiting = next(n for n in names if n not in started)
+    assert waiting == "e1", started
     said = wait_for(lambda: [e for e in server.http.get(f"/jobs/{waiting}/events").json()["events"]
                              if e["type"] == "export_waiting"], what="the third to say it waits")  # fmt: skip
     assert "MAX_RUNNING_PER_OWNER=2" in said[0]["message"], said

@@ -88,7 +88,12 @@ class ExportControl:
             leading: bool | None = await self.cluster.leader() is not None
         except REDIS_AWAY:  # recorded: a 503 "try again" would be refused (running)
             leading = None
-        message = f"Export of {info.checkpoint} started" if leading else \
+        cap = self.service.settings.MAX_RUNNING_PER_OWNER
+        # (the watchdog holds an owner's exports past the cap back: this one may wait, which its events say)
+        started = f"Export of {info.checkpoint} started" if not (cap and job.owner) else \
+            f"Export of {info.checkpoint} requested: it starts now, or once fewer than {cap} of '{job.owner}''s " \
+            "exports run (MAX_RUNNING_PER_OWNER)"  # fmt: skip
+        message = started if leading else \
             f"Export of {info.checkpoint} requested: no scheduler is running, it starts when one leads " \
             "(python start.py scheduler)" if leading is False else \
             f"Export of {info.checkpoint} requested: Redis went away as it was recorded; it starts once Redis " \
@@ -104,6 +109,7 @@ class ExportControl:
         named = {e.job_id for e in (*job.exports, job.export) if e.job_id}
         # Its quantized exports as their jobs stand: one whose job was deleted before it ran holds no name.
         job = job.model_copy(update={"exports": await as_they_stand(self.store, job)})
+        before: dict[str, str | None] = {}  # by folder: the claim there before this request's first one
         for attempt in range(1, 20):
             # Past the first few, a random one: another owner could take <id>-quant-2 ... -99 (their own jobs'
             # ids, any name), and no export of this job could be queued any more.
@@ -115,6 +121,7 @@ class ExportControl:
             child, info = await asyncio.to_thread(prepare_quant_job, job, request, settings.SWIFT_BIN,
                                                   settings.OUTPUT_ROOT, child_id, clock.now())  # fmt: skip
             replaced, claimed = await self._claim(str(info.output_dir), {"of": job.job_id, "job": child_id})
+            before.setdefault(str(info.output_dir), replaced)
             try:
                 # A job of its own: the owner's queue cap and the uploads it reads count as for any job.
                 message = f"quantized export of {info.checkpoint} (job '{job.job_id}') queued"
@@ -129,7 +136,8 @@ class ExportControl:
                 break
             except TransitionRefused as exc:
                 if exc.reason != Refusal.EXISTS:  # refused: the folder's claim as it was (each one stayed for good)
-                    await self.cluster.claim_export_target(str(info.output_dir), claimed, replaced or "")
+                    await self.cluster.claim_export_target(str(info.output_dir), claimed,
+                                                           before[str(info.output_dir)] or "")  # fmt: skip
                 if exc.reason == Refusal.WAITING_CAP:  # (the owner's cap: not an admin's who asked)
                     raise self.service.limits.over_cap(job.owner, int(exc.detail or 0)) from None
                 if exc.reason == Refusal.UPLOAD_GONE:

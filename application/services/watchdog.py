@@ -163,7 +163,7 @@ class Watchdog:
         # Merge exports run by each owner now (launched, or run by a run's runner after its training).
         self._exports_run = Counter(j.owner for j in exporting if j.owner is not None and (
             j.export.runner is not None or j.export.export_id in self._launched))  # fmt: skip
-        for job in exporting:
+        for job in sorted(exporting, key=lambda j: j.export.started_at or 0.0):  # (held back: the first asked first)
             await self._alone(job.job_id, self._watch_export(job))
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
         self.silence.keep_only(watched)
@@ -443,7 +443,7 @@ class Watchdog:
         (each merge runs on this host's CPU and memory: one owner could run one per finished job at once); else
         it counts as one of them from now on."""
         cap, owner = self.settings.MAX_RUNNING_PER_OWNER, job.owner
-        if not cap or owner is None:
+        if not cap or owner is None or job.export.auto:  # (a run's own, launched again: part of the run)
             return False
         if self._exports_run[owner] >= cap:
             if job.export.export_id not in self._held_back:
