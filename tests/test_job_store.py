@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,7 +12,6 @@ from application.models.job_responses import JobSummary
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.cluster_store import ClusterStore
 from application.services.job_codec import event_payload
-from application.services.job_pages import page_at
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
@@ -408,6 +408,11 @@ async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
     assert [p.step for p in await store.history("a", 1)] == [1]
 
 
+async def listed(store: JobStore, status: JobStatus | None) -> list[dict[str, Any]]:
+    """The first page of the job list, as it answers."""
+    return list(json.loads(await store.summaries_json((await store.page(status, None, 0, 10))[1])))
+
+
 async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     store: JobStore, redis_client: aioredis.Redis
 ) -> None:
@@ -416,17 +421,17 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     await store.create(make_job("b", created=1001.0), message="", actor="t")
     await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0], fields={"gpu_ids": [0]})
     await store.update("a", {"progress": {"current_step": 7, "max_steps": 10}})
-    total, page, _ = await page_at(store, None, None, 0, 10)
-    jobs = json.loads(page)
+    total, ids, _ = await store.page(None, None, 0, 10)
+    jobs = json.loads(await store.summaries_json(ids))
     assert total == 2 and [j["job_id"] for j in jobs] == ["b", "a"]
     assert jobs[1]["status"] == "running" and jobs[1]["progress"]["current_step"] == 7 and jobs[1]["gpu_ids"] == [0]
     await store.reprioritize(await require(store, "b"), 9, actor="t")
-    assert json.loads((await page_at(store, JobStatus.PENDING, None, 0, 10))[1])[0]["priority"] == 9
+    assert (await listed(store, JobStatus.PENDING))[0]["priority"] == 9
     # A record written before summaries were kept gets one from the scheduler's start-up pass.
     await redis_client.delete(store.keys.job_summary("b"))
-    assert json.loads((await page_at(store, None, None, 0, 10))[1])[0]["job_id"] == "a"
+    assert (await listed(store, None))[0]["job_id"] == "a"
     assert await store.backfill_summaries() == 1
-    assert [j["job_id"] for j in json.loads((await page_at(store, None, None, 0, 10))[1])] == ["b", "a"]
+    assert [j["job_id"] for j in await listed(store, None)] == ["b", "a"]
     assert await store.backfill_summaries() == 0  # (nothing to do on the next start)
     # Summaries an older version wrote with fewer fields (before error_code) are all rewritten once: an ended
     # job's summary is never rewritten otherwise, and its list entry lacked the key for good.
@@ -435,7 +440,7 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     await redis_client.set(store.keys.job_summary("a"), json.dumps(old))
     await redis_client.set(store.keys.summary_fields, "job_id,status")
     assert await store.backfill_summaries() == 2
-    assert all("error_code" in j for j in json.loads((await page_at(store, None, None, 0, 10))[1]))
+    assert all("error_code" in j for j in await listed(store, None))
     await store.transition("a", JobStatus.COMPLETED)
     await store.delete("a")
     assert not await redis_client.exists(store.keys.job_summary("a"))
@@ -443,10 +448,10 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
 
 async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> None:
     await store.create(make_job("q", JobStatus.QUEUED), message="created", actor="t")
-    entry = json.loads((await page_at(store, None, None, 0, 10))[1])[0]
+    entry = (await listed(store, None))[0]
     assert entry["predicted_duration"] == {"seconds": None, "source": None}
     assert await store.set_predictions({"q": PredictedDuration(seconds=90.0, source="plan")}) == 1
-    entry = json.loads((await page_at(store, None, None, 0, 10))[1])[0]
+    entry = (await listed(store, None))[0]
     assert entry["predicted_duration"] == {"seconds": 90.0, "source": "plan"}
     assert JobSummary.model_validate(entry).predicted_duration == PredictedDuration(seconds=90.0, source="plan")
     # Only a job that still waits takes one (one started meanwhile has its run's own).

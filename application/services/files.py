@@ -34,7 +34,7 @@ from application.models.file_model import PURPOSES, FileList, FileObject, Purpos
 from application.services import clock, lua_cluster
 from application.services.datasets import check_dataset
 from application.services.folder_owners import FolderIndex
-from application.services.index_pages import cursor_text, ids_after, ids_at, one_way
+from application.services.index_pages import cursor_text, ids_page, one_way
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 from application.services.lost_replies import MaybeMade, landed, negated, never_sent
@@ -249,10 +249,7 @@ class FileStore(UploadRefs):
             index = self.keys.owner_files(owner_folder(owner))
         else:
             index = self.keys.files_index
-        if after is None:
-            total, ids, nxt_cursor = await ids_at(self.r, index, offset, limit)
-        else:
-            total, ids, nxt_cursor = await ids_after(self.r, index, after, limit)
+        total, ids, nxt_cursor = await ids_page(self.r, index, offset, limit, after)
         raws = await self.r.mget([self.keys.file(i) for i in ids]) if ids else []
         files = [FileObject.model_validate_json(raw) for raw in raws if raw]
         nxt = offset + limit if offset + limit < total and after is None else None

@@ -43,10 +43,15 @@ def one_way(offset: int, cursor: str | None) -> Cursor | None:
     return after
 
 
-async def ids_at(r: Redis, index: str, offset: int, limit: int) -> tuple[int, list[str], Cursor | None]:
-    """(entries in all, the ids of the page at `offset`, the next page's cursor or None). The ids come with
-    their scores: the last one's is the cursor (read apart, an entry deleted between the reads left a page with
-    more after it and no cursor)."""
+async def ids_page(r: Redis, index: str, offset: int, limit: int,
+                   after: Cursor | None) -> tuple[int, list[str], Cursor | None]:  # fmt: skip
+    """(entries in all, the ids of the page at `offset` or `after` a cursor, the next page's cursor or None)."""
+    return await (_ids_at(r, index, offset, limit) if after is None else _ids_after(r, index, after, limit))
+
+
+async def _ids_at(r: Redis, index: str, offset: int, limit: int) -> tuple[int, list[str], Cursor | None]:
+    # The ids come with their scores: the last one's is the cursor (read apart, an entry deleted between the
+    # reads left a page with more after it and no cursor).
     async with r.pipeline(transaction=False) as pipe:
         pipe.zcard(index)
         pipe.zrevrange(index, offset, offset + limit - 1, withscores=True)
@@ -56,8 +61,7 @@ async def ids_at(r: Redis, index: str, offset: int, limit: int) -> tuple[int, li
     return int(total), ids, (float(scored[-1][1]), ids[-1]) if more and ids else None
 
 
-async def ids_after(r: Redis, index: str, cursor: Cursor, limit: int) -> tuple[int, list[str], Cursor | None]:
-    """As `ids_at`, for the page after `cursor`."""
+async def _ids_after(r: Redis, index: str, cursor: Cursor, limit: int) -> tuple[int, list[str], Cursor | None]:
     score = cursor[0]
     async with r.pipeline(transaction=False) as pipe:
         pipe.zcard(index)

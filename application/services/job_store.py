@@ -29,7 +29,7 @@ from application.models.training_model import (
 )
 from application.services import clock, lua, lua_cluster
 from application.services.folder_owners import FolderIndex
-from application.services.index_pages import Cursor, ids_after, ids_at
+from application.services.index_pages import Cursor, ids_page
 from application.services.job_codec import (
     QueueMeta,
     decode_job,
@@ -178,22 +178,17 @@ class JobStore(JobLog, QueueView):
             rows: list[list[str | None]] = await pipe.execute()
         return rows
 
-    def index_of(self, status: JobStatus | None, owner: str | None) -> str:
+    def _index(self, status: JobStatus | None, owner: str | None) -> str:
         k = self.keys
         if owner is None:
             return k.status_index(status) if status else k.jobs_index
         return k.owner_status_index(owner, status) if status else k.owner_index(owner)
 
-    async def page(self, status: JobStatus | None, owner: str | None, offset: int,
-                   limit: int) -> tuple[int, list[str], Cursor | None]:  # fmt: skip
-        """(jobs in all, a page of job ids at `offset`, newest first, the next page's cursor or None): every
-        owner's when `owner` is None (index_pages)."""
-        return await ids_at(self.r, self.index_of(status, owner), offset, limit)
-
-    async def page_after(self, status: JobStatus | None, owner: str | None, cursor: Cursor,
-                         limit: int) -> tuple[int, list[str], Cursor | None]:  # fmt: skip
-        """As `page`, for the page after `cursor`."""
-        return await ids_after(self.r, self.index_of(status, owner), cursor, limit)
+    async def page(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
+                   after: Cursor | None = None) -> tuple[int, list[str], Cursor | None]:  # fmt: skip
+        """(jobs in all, a page of job ids at `offset` or `after` a cursor, newest first, the next page's cursor
+        or None): every owner's when `owner` is None (index_pages)."""
+        return await ids_page(self.r, self._index(status, owner), offset, limit, after)
 
     async def counts(self, owner: str | None = None) -> dict[str, int]:
         async with self.r.pipeline(transaction=False) as pipe:

@@ -42,7 +42,6 @@ from application.services.folder_owners import folder_arg, foreign_output_dir
 from application.services.gpu_pool import gpu_states, impossible_request, queued_job
 from application.services.idempotency import claim_lost
 from application.services.index_pages import cursor_text, one_way
-from application.services.job_pages import page_after, page_at
 from application.services.job_store import Claim, JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
 from application.services.lost_replies import created_anyway, own_create
@@ -327,17 +326,15 @@ class TrainingService:
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
                         caller: Caller, cursor: str | None = None) -> str:  # fmt: skip
         """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json): by
-        offset, or after a cursor (job_pages); every page with a next one names that one's cursor."""
+        offset, or after a cursor (index_pages); every page with a next one names that one's cursor."""
         after = one_way(offset, cursor)
         if not caller.is_admin:
             if owner not in (None, caller.name):  # a filter matching none of what this key may see
                 return (f'{{"jobs":[],"total":0,"offset":{offset},"limit":{limit},"next_offset":null,'
                         '"next_cursor":null}')  # fmt: skip
             owner = caller.name
-        if after is None:
-            total, page, nxt_cursor = await page_at(self.store, status, owner, offset, limit)
-        else:
-            total, page, nxt_cursor = await page_after(self.store, status, owner, after, limit)
+        total, ids, nxt_cursor = await self.store.page(status, owner, offset, limit, after)
+        page = await self.store.summaries_json(ids)
         nxt = offset + limit if offset + limit < total and after is None else None
         shown = "null" if nxt_cursor is None else json.dumps(cursor_text(nxt_cursor))
         return (

@@ -1,4 +1,4 @@
-"""Walking the job list by cursor while jobs are deleted and created: none skipped, none twice."""
+"""Walking a list by cursor (index_pages) while entries are deleted and created: none skipped, none twice."""
 
 from __future__ import annotations
 
