@@ -144,6 +144,9 @@ def test_a_quantized_export_runs_as_a_gpu_job_of_its_own(server: ApiServer, work
     # Its end is an export's, not a training's.
     events = server.http.get("/jobs/q-quant/events").json()["events"]
     assert [e["message"] for e in events if e["type"] == "status_completed"] == ["export completed"], events
+    # The job it exports says so too.
+    told = [e for e in server.http.get("/jobs/q/events").json()["events"] if e["data"].get("job_id") == "q-quant"]
+    assert [e["type"] for e in told] == ["export_started", "export_completed"], told
     # Lists (and webhooks, which send the list entry) tell an export's job from a training run, and whose it is.
     listed = next(j for j in server.http.get("/jobs").json()["jobs"] if j["job_id"] == "q-quant")
     assert (listed["kind"], listed["export_of"]) == ("export", "q")
@@ -247,6 +250,37 @@ async def test_a_merge_and_a_quantized_export_recorded_at_once_both_stay(redis_c
     assert stored is not None
     ids = [e.export_id or "" for e in (*stored.exports, stored.export)]
     assert sorted(ids) == sorted([f"m{n}" for n in range(10)] + [f"q{n}" for n in range(10)]), ids
+
+
+async def test_how_a_quantized_export_ended_is_an_event_of_the_job_it_exports(redis_client: Any) -> None:
+    """A merge's end is on the job's events; a quantized export's was only on its own job's, so a user following
+    the job (its events, its stream, the dashboard) never heard that the export failed."""
+    store = await completed_job(redis_client)
+    for n, to in enumerate((JobStatus.FAILED, JobStatus.COMPLETED, JobStatus.CANCELLED)):
+        child = Job(job_id=f"j-quant-{n}", status=JobStatus.QUEUED, priority=5, owner=None, data_path="d",
+                    model_path="m", output_dir=f"/out/j/exports/{n}", output_dir_requested="x", num_gpus=1,
+                    training=TrainingParams(), created_at=n, updated_at=n, kind="export", export_of="j")  # fmt: skip
+        await store.create(child, message="queued", actor="t")
+        info = ExportInfo(status=ExportStatus.RUNNING, export_id=f"q{n}", job_id=child.job_id, checkpoint="c")
+        await put_export(store, "j", info, current=False)
+        if to != JobStatus.CANCELLED:
+            await store.transition(child.job_id, JobStatus.RUNNING)
+        await store.transition(child.job_id, to, message="exit code 1" if to == JobStatus.FAILED else "")
+    events = await store.events("j", None, 100)
+    ended = [(e.type, e.message, e.data["job_id"]) for e in events if e.type.startswith("export_")]
+    assert ended == [
+        ("export_failed", "quantized export job 'j-quant-0' failed: exit code 1", "j-quant-0"),
+        ("export_completed", "quantized export job 'j-quant-1' completed", "j-quant-1"),
+        ("export_stopped", "quantized export job 'j-quant-2' cancelled", "j-quant-2"),
+    ], ended
+    # A job that only names "j" (not in j's export list: another owner's job given the same id since) tells j
+    # nothing.
+    stray = Job(job_id="stray", status=JobStatus.QUEUED, priority=5, owner=None, data_path="d", model_path="m",
+                output_dir="/out/stray", output_dir_requested="x", num_gpus=1, training=TrainingParams(), created_at=9,
+                updated_at=9, kind="export", export_of="j")  # fmt: skip
+    await store.create(stray, message="queued", actor="t")
+    await store.transition("stray", JobStatus.FAILED, message="boom")
+    assert len(await store.events("j", None, 100)) == len(events)
 
 
 async def test_a_quantized_export_deleted_before_it_ended_is_said_so_one_that_ended_keeps_its_end(

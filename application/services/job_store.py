@@ -78,19 +78,22 @@ class JobStore(JobLog, QueueView):
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
         self.folders = FolderIndex(client, keys)
 
-    async def _incarnation(self, job_id: str, created_at: float | None) -> tuple[str | None, str]:
-        """The job's owner and its `created_at` as stored, read together: a script given that time acts only on
-        that job, so the owner's index keys built from it are that job's (an id deleted and created again by
-        another owner in between got the first owner's indexes). MISSING when the job is gone, or is not the
-        one created at `created_at`, the job the caller read."""
-        owner, created = await self.r.hmget(self.keys.job(job_id), ["owner", "created_at"])
+    async def _incarnation(self, job_id: str, created_at: float | None) -> tuple[str | None, str, str | None]:
+        """The job's owner, its `created_at` as stored and the job it exports (a quantized export's), read
+        together: a script given that time acts only on that job, so the owner's index keys built from it are
+        that job's (an id deleted and created again by another owner in between got the first owner's indexes).
+        MISSING when the job is gone, or is not the one created at `created_at`, the job the caller read."""
+        owner, created, export_of = await self.r.hmget(self.keys.job(job_id), ["owner", "created_at", "export_of"])
         if created is None or (created_at is not None and json.loads(created) != created_at):
             raise TransitionRefused(Refusal.MISSING)
-        try:
-            name = json.loads(owner) if owner else None
-        except ValueError:  # a record written by hand: its job can still be failed, stopped and deleted
-            name = None
-        return (name if isinstance(name, str) else None), created
+        names: list[str | None] = []
+        for raw in (owner, export_of):
+            try:
+                name = json.loads(raw) if raw else None
+            except ValueError:  # a record written by hand: its job can still be failed, stopped and deleted
+                name = None
+            names.append(name if isinstance(name, str) else None)
+        return names[0], created, names[1]
 
     def _status_keys(self, owner: str | None) -> tuple[dict[str, str], dict[str, str] | None]:
         k = self.keys
@@ -344,9 +347,17 @@ class JobStore(JobLog, QueueView):
             extra.setdefault("started_at", now)
         if to.is_terminal():
             extra.setdefault("finished_at", now)
-        owner, created = await self._incarnation(job_id, created_at)
+        owner, created, export_of = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         k = self.keys
+        parent = None
+        if export_of and to.is_terminal():
+            # The job it exports says how its quantized export ended, as it says how a merge ended.
+            ended = {JobStatus.COMPLETED: "export_completed", JobStatus.CANCELLED: "export_stopped"}
+            parent = {"job": k.job(export_of), "events": k.job_events(export_of), "event": event_payload(
+                ended.get(to, "export_failed"), f"quantized export job '{job_id}' {to.value}"
+                + (f": {message}" if message and to != JobStatus.COMPLETED else ""),
+                {"job_id": job_id, "status": to.value}, actor, now)}  # fmt: skip
         for _ in range(5):
             queue: dict[str, Any] = {"queue": "remove"}
             if to == JobStatus.QUEUED:
@@ -369,7 +380,7 @@ class JobStore(JobLog, QueueView):
                 "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
                 "created": created, "uploads": [{"id": f, "file": k.file(f), "users": k.file_users(f)}
                                                 for f in uploads] if reopen else [],
-                "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)],
+                "notify_on": [s.value for s in (*TERMINAL_STATUSES, JobStatus.PAUSED)], "parent": parent,
                 "k": {"events": k.job_events(job_id), "output_dirs": k.output_dirs, "queue": k.queue,
                       "queue_meta": k.queue_meta, "leases": k.gpu_leases, "wakeup": k.wakeup_channel,
                       "expiry": k.expiry, "leader": k.leader, "summary": k.job_summary(job_id), "status": every,
@@ -390,7 +401,7 @@ class JobStore(JobLog, QueueView):
         BAD_STATE (running; with `ended_only`, any status but a terminal one) | EXPORT_STATE). `actor`: who
         deleted it, for the `job_deleted` notification."""
         k = self.keys
-        owner, created = await self._incarnation(job_id, created_at)
+        owner, created, _ = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         res = await self._delete(keys=[k.job(job_id)], args=[script_arg({
             "id": job_id, "created": created, "now": repr(clock.now()),
