@@ -190,7 +190,7 @@ async def test_a_create_stalled_past_its_lease_does_not_make_the_job_a_retry_mad
 
         with pytest.raises(Conflict) as refused:
             await idem.run(None, "k6", same, lambda: create(taken_over))
-        assert "stalled past its Idempotency-Key's lease" in refused.value.detail
+        assert "stalled past its Idempotency-Key's lease (10 s)" in refused.value.detail
         listed = (await client.get("/jobs")).json()
         assert [j["job_id"] for j in listed["jobs"]] == [answers[0].job_id] == ["dup"], listed
 
@@ -237,5 +237,5 @@ async def test_a_merge_export_stalled_past_its_lease_does_not_export_again(app_f
 
         with pytest.raises(Conflict) as refused:
             await state.idempotency.run(None, "k8", same, stalled)
-        assert "stalled past its Idempotency-Key's lease" in refused.value.detail
+        assert "stalled past its Idempotency-Key's lease (10 s)" in refused.value.detail
         assert (await client.get("/jobs/x")).json()["export"]["status"] == "none"  # nothing asked of swift

@@ -57,9 +57,9 @@ class ClaimLost(Conflict):
 
 def claim_lost() -> ClaimLost:
     return ClaimLost(
-        "this request stalled past its Idempotency-Key's lease, so another request with the key may have been "
-        "handled meanwhile: nothing was made by this one; send it again with the key to get that request's "
-        "answer (or, if there was none, to make it now)"
+        f"this request stalled past its Idempotency-Key's lease ({LEASE_SECONDS:g} s), so another request with the "
+        "key may have been handled meanwhile: nothing was made by this one; send it again with the key to get that "
+        "request's answer (or, if there was none, to make it now)"
     )
 
 
