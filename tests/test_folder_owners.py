@@ -163,7 +163,7 @@ async def test_the_store_refuses_another_owners_folder_atomically_and_records_th
     admin = make_job("e", owner="root").model_copy(update={"output_dir": "/out/a/admin"})
     await store.create(admin, message="created", actor="root", folder=folder_arg(Path("/out/a/admin"), root, "root"))
     assert await store.folders.foreign(folder_arg(Path("/out/a"), root, "bob")) == "/out/a"
-    assert await store.folders.foreign(folder_arg(Path("/out/a"), root, "alice")) == "/out/a/admin"
+    assert await store.folders.foreign(folder_arg(Path("/out/a"), root, "alice")) == "/out/a"  # it holds root's
     assert await store.folders.foreign(folder_arg(Path("/out/b"), root, "bob")) is None
     assert await store.folders.foreign(folder_arg(Path("/out/a0"), root, "bob")) is None  # a name, not a parent
 
@@ -183,6 +183,48 @@ async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_once(
     assert await store.folders.backfill() == 0  # once
 
 
+async def test_a_folder_holding_thousands_of_the_owners_own_is_told_from_one_holding_another_owners(
+    store: JobStore,
+) -> None:
+    """Whether a folder holds another owner's is counted, not walked: an owner with 100,000 folders under one
+    made each such check walk them all in Redis (1.8 s, every other client waiting: hunt BI)."""
+    root = Path("/out")
+    mine = {f"/out/alice/r{n:05}": 0 for n in range(3000)}
+    await store.r.hset(store.keys.folder_owners, mapping=dict.fromkeys(mine, "alice"))
+    await store.r.zadd(store.keys.folders, mine)
+    await store.r.zadd(store.keys.owner_folders("alice"), mine)
+    assert await store.folders.foreign(folder_arg(Path("/out/alice"), root, "alice")) is None
+    assert await store.folders.foreign(folder_arg(Path("/out/alice"), root, "bob")) == "/out/alice"
+    # One of bob's among them, last in order: found all the same.
+    bobs = Path("/out/alice/r99999")
+    await store.create(make_job("b", owner="bob").model_copy(update={"output_dir": str(bobs)}), message="created",
+                       actor="root", folder=folder_arg(bobs, root, "bob"))  # fmt: skip
+    assert await store.folders.foreign(folder_arg(Path("/out/alice"), root, "alice")) == "/out/alice"
+    assert await store.folders.foreign(folder_arg(Path("/out/alice/r00001"), root, "alice")) is None
+    assert await store.folders.foreign(folder_arg(Path("/out/alic"), root, "alice")) is None  # a name, not a parent
+
+
+async def test_folders_recorded_before_they_were_kept_by_owner_are_put_in_their_owners_sets_once(
+    store: JobStore,
+) -> None:
+    root = Path("/out")
+    for job_id, owner in (("a", "alice"), ("b", "bob"), ("n", None)):
+        folder = Path(f"/out/x/{job_id}")
+        await store.create(make_job(job_id, owner=owner).model_copy(update={"output_dir": str(folder)}),
+                           message="created", actor="x", folder=folder_arg(folder, root, owner))  # fmt: skip
+    # As the version before left them: folders recorded, no set per owner.
+    for owner in ("alice", "bob", ""):
+        await store.r.delete(store.keys.owner_folders(owner))
+    await store.r.set(store.keys.folders_recorded, "1")
+    assert await store.folders.backfill() == 0  # (nothing recorded again)
+    assert await store.folders.foreign(folder_arg(Path("/out/x/a"), root, "alice")) is None
+    assert await store.folders.foreign(folder_arg(Path("/out/x"), root, "alice")) == "/out/x"  # bob's, and none's
+    assert await store.r.zrange(store.keys.owner_folders(""), 0, -1) == ["/out/x/n"]
+    await store.r.delete(store.keys.owner_folders("alice"))
+    await store.folders.backfill()
+    assert await store.r.zcard(store.keys.owner_folders("alice")) == 0  # once
+
+
 async def test_a_folder_recorded_since_an_upgrade_goes_to_the_owner_of_its_first_job(store: JobStore) -> None:
     await store.create(make_job("old", owner="alice"), message="created", actor="x")
     await store.r.delete(store.keys.folder_owners, store.keys.folders, store.keys.folders_indexed)
@@ -193,6 +235,9 @@ async def test_a_folder_recorded_since_an_upgrade_goes_to_the_owner_of_its_first
     assert await store.r.hget(store.keys.folder_owners, "/out/old") == "root"
     await store.folders.backfill()
     assert await store.r.hget(store.keys.folder_owners, "/out/old") == "alice"
+    # and it is alice's own from then on, not root's.
+    assert await store.folders.foreign(folder_arg(Path("/out"), Path("/"), "alice")) is None
+    assert await store.r.zrange(store.keys.owner_folders("root"), 0, -1) == []
 
 
 async def test_a_guard_whose_read_does_not_come_back_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:

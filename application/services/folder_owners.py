@@ -110,37 +110,67 @@ class FolderIndex:
     async def mark_indexed_if_empty(self) -> bool:
         """True when nothing needs recording: it is done, or no job is stored (a new install), so none is of an
         older version."""
-        return bool(await self._mark_if_empty(keys=[self.keys.jobs_index, self.keys.folders_indexed]))
+        k = self.keys
+        return bool(await self._mark_if_empty(keys=[k.jobs_index, k.folders_indexed, k.folders, k.folders_recorded]))
 
     async def foreign(self, folder: dict[str, Any]) -> str | None:
-        """The first job folder of another owner that `folder` (`folder_arg`) overlaps, or None."""
+        """Where `folder` (`folder_arg`) overlaps another owner's job folder: the first folder it lies in (or
+        itself) that is another owner's, or itself when it holds one; None when neither."""
         k = self.keys
-        found = await self._foreign(keys=[k.folder_owners], args=[script_arg(
-            {"folder": folder, "k": {"owners": k.folder_owners, "folders": k.folders}})])  # fmt: skip
+        found = await self._foreign(keys=[k.folder_owners], args=[script_arg({"folder": folder, "k": {
+            "owners": k.folder_owners, "folders": k.folders, "mine": k.owner_folders(folder["owner"])}})])  # fmt: skip
         return str(found) if found else None
 
     async def backfill(self, batch: int = 500) -> int:
-        """Record the folders of jobs stored by a version that did not (once, at a scheduler's start), each as
-        the owner's of the first job that wrote there: an admin's create (unchecked) since the upgrade may
-        have recorded one of them as theirs. Users' creates wait for this (FOLDERS_NOT_INDEXED)."""
-        if await self.r.exists(self.keys.folders_indexed):
+        """Once, at a scheduler's start after an upgrade: record the folders of jobs stored by a version that did
+        not, each as the owner's of the first job that wrote there (an admin's create, unchecked, since the
+        upgrade may have recorded one of them as theirs), then put each recorded folder in its owner's
+        `owner_folders`. Users' creates wait for this (FOLDERS_NOT_INDEXED). Returns how many folders the first
+        step recorded."""
+        k = self.keys
+        if await self.r.exists(k.folders_indexed):
             return 0
+        recorded = 0
+        if not await self.r.exists(k.folders_recorded):
+            recorded = await self._record_from_jobs(batch)
+            await self.r.set(k.folders_recorded, "1")
+        # By rank, a page at a time: folders are only ever added, so one added meanwhile (its create puts it in
+        # its owner's set itself) moves those after it along, and a page reads one again rather than missing one.
+        start = 0
+        while folders := await self.r.zrange(k.folders, start, start + batch - 1):
+            start += batch
+            owners = await self.r.hmget(k.folder_owners, folders)
+            async with self.r.pipeline(transaction=True) as pipe:
+                for folder, owner in zip(folders, owners, strict=True):
+                    if owner is not None:
+                        pipe.zadd(k.owner_folders(owner), {folder: 0})
+                await pipe.execute()
+        await self.r.set(k.folders_indexed, "1")
+        return recorded
+
+    async def _record_from_jobs(self, batch: int) -> int:
+        k = self.keys
         first: dict[str, str] = {}
         start = 0
-        while ids := await self.r.zrange(self.keys.jobs_index, start, start + batch - 1):  # oldest first
+        while ids := await self.r.zrange(k.jobs_index, start, start + batch - 1):  # oldest first
             start += batch
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hmget(self.keys.job(job_id), ["output_dir", "owner"])
+                    pipe.hmget(k.job(job_id), ["output_dir", "owner"])
                 rows = await pipe.execute()
             for output_dir, owner in rows:
                 if output_dir:
                     first.setdefault(json.loads(output_dir), json.loads(owner or "null") or "")
         items = list(first.items())
         for i in range(0, len(items), batch):
-            async with self.r.pipeline(transaction=True) as pipe:  # (a folder's owner and its index entry together)
-                pipe.hset(self.keys.folder_owners, mapping=dict(items[i : i + batch]))
-                pipe.zadd(self.keys.folders, {folder: 0 for folder, _ in items[i : i + batch]})
+            part = dict(items[i : i + batch])
+            before = await self.r.hmget(k.folder_owners, list(part))
+            async with self.r.pipeline(transaction=True) as pipe:  # (a folder's owner and its index entries together)
+                pipe.hset(k.folder_owners, mapping=part)
+                pipe.zadd(k.folders, {folder: 0 for folder in part})
+                for (folder, owner), was in zip(part.items(), before, strict=True):
+                    if was is not None and was != owner:  # (an admin's create since the upgrade)
+                        pipe.zrem(k.owner_folders(was), folder)
+                    pipe.zadd(k.owner_folders(owner), {folder: 0})
                 await pipe.execute()
-        await self.r.set(self.keys.folders_indexed, "1")
         return len(items)

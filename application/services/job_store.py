@@ -116,6 +116,7 @@ class JobStore(JobLog, QueueView):
         k = self.keys
         queued = job.status == JobStatus.QUEUED
         capped = job.owner if max_waiting else None  # the owner whose cap counts (anonymous callers have none)
+        folder = folder or {"owner": job.owner or ""}
         res = await self._create(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "fields": encode_fields(job.model_dump()), "created_at": repr(job.created_at),
             "output_dir": job.output_dir,
@@ -126,11 +127,12 @@ class JobStore(JobLog, QueueView):
             "maxlen": self.events_max,
             "cap": max_waiting if capped else None,
             "uploads": list(uploads),
-            "folder": folder or {"owner": job.owner or ""},
+            "folder": folder,
             "claim": claim._asdict() if claim else None,
             "k": {"all": k.jobs_index, "status": k.status_index(job.status), "events": k.job_events(job.job_id),
                   "history": k.job_history(job.job_id), "sent": k.job_sent(job.job_id),
                   "output_dirs": k.output_dirs, "folder_owners": k.folder_owners, "folders": k.folders,
+                  "owner_folders": k.owner_folders(folder["owner"]),
                   "queue": k.queue, "queue_meta": k.queue_meta, "queued_since": k.queued_since,
                   "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id),
                   **({"owner_all": k.owner_index(job.owner),

@@ -145,10 +145,20 @@ class Keys:
         """Sorted set of the same folders, all at score 0: the folders inside one are a ZRANGEBYLEX away."""
         return self._k("folders")
 
+    def owner_folders(self, owner: str) -> str:
+        """Sorted set of the folders `folder_owners` gives `owner` ("" for none), all at score 0: whether a folder
+        holds another owner's is two ZLEXCOUNTs (all folders inside it, and this owner's), whatever their number."""
+        return self._k("folders", "of", owner)
+
     @property
-    def folders_indexed(self) -> str:
+    def folders_recorded(self) -> str:
         """Set once the folders of jobs stored by an older version are in `folder_owners`."""
         return self._k("folders", "indexed")
+
+    @property
+    def folders_indexed(self) -> str:
+        """Set once every folder of `folder_owners` is also in its owner's `owner_folders` (and recorded)."""
+        return self._k("folders", "indexed", "by-owner")
 
     @property
     def queue(self) -> str:

@@ -114,39 +114,34 @@ end
 #     summary, owner_pending|nil, owner_queued|nil, upload_files, upload_users (the uploads' Keys.file and
 #     .file_users)}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
-# The first job folder of another owner that a folder overlaps (that folder itself, one it lies in, or one
-# inside it), or nil. f: owner ("" for none), ancestors (the folder and the folders it lies in, up to
-# OUTPUT_ROOT), prefix (the folder and "/"); owners, folders: `Keys.folder_owners`, `Keys.folders`.
+# Where a folder overlaps another owner's job folder: the first folder it lies in (or itself) that is another
+# owner's, or the folder itself when it holds one; nil when neither. f: owner ("" for none), ancestors (the folder
+# and the folders it lies in, up to OUTPUT_ROOT), prefix (the folder and "/"); owners, folders, mine:
+# `Keys.folder_owners`, `Keys.folders`, `Keys.owner_folders(owner)`.
 _FOREIGN_FOLDER = """
-local function foreign_folder(f, owners, folders)
+local function foreign_folder(f, owners, folders, mine)
   for _, dir in ipairs(f.ancestors) do
     local owner = redis.call('HGET', owners, dir)
     if owner and owner ~= f.owner then return dir end
   end
-  -- Everything that starts with the prefix: '0' is the byte after '/'.
-  local hi = '(' .. string.sub(f.prefix, 1, -2) .. '0'
-  local offset = 0
-  while true do
-    local page = redis.call('ZRANGEBYLEX', folders, '[' .. f.prefix, hi, 'LIMIT', offset, 500)
-    if #page == 0 then return nil end
-    local found = redis.call('HMGET', owners, unpack(page))
-    for i, owner in ipairs(found) do
-      if owner and owner ~= f.owner then return page[i] end
-    end
-    if #page < 500 then return nil end
-    offset = offset + #page
+  -- Every folder that starts with the prefix ('0' is the byte after '/'), against the owner's own: counted, not
+  -- walked (an owner with 100,000 folders under one made each such check walk them all, and Redis with it).
+  local lo, hi = '[' .. f.prefix, '(' .. string.sub(f.prefix, 1, -2) .. '0'
+  if redis.call('ZLEXCOUNT', folders, lo, hi) > redis.call('ZLEXCOUNT', mine, lo, hi) then
+    return string.sub(f.prefix, 1, -2)
   end
+  return nil
 end
 """
 
-# a: the folder (as above) and k: {owners, folders}.
+# a: the folder (as above) and k: {owners, folders, mine}.
 FOREIGN_FOLDER = (
     """
 local a = cjson.decode(ARGV[1])
 """
     + _FOREIGN_FOLDER
     + """
-return foreign_folder(a.folder, a.k.owners, a.k.folders) or false
+return foreign_folder(a.folder, a.k.owners, a.k.folders, a.k.mine) or false
 """
 )
 
@@ -165,7 +160,9 @@ if a.cap then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 -- Whose folder it lies in comes first: neither a job there nor a file is any of this caller's business.
-if a.folder.check and foreign_folder(a.folder, k.folder_owners, k.folders) then return {'foreign_folder'} end
+if a.folder.check and foreign_folder(a.folder, k.folder_owners, k.folders, k.owner_folders) then
+  return {'foreign_folder'}
+end
 local holder = redis.call('HGET', k.output_dirs, a.output_dir)
 if holder then return {'output_dir_busy', '', holder} end
 if a.folder.is_file then return {'output_is_file'} end
@@ -182,7 +179,9 @@ if k.owner_all then
   redis.call('ZADD', k.owner_status, a.created_at, a.id)
 end
 redis.call('HSET', k.output_dirs, a.output_dir, a.id)
-redis.call('HSETNX', k.folder_owners, a.output_dir, a.folder.owner)
+if redis.call('HSETNX', k.folder_owners, a.output_dir, a.folder.owner) == 1 then
+  redis.call('ZADD', k.owner_folders, 0, a.output_dir)
+end
 redis.call('ZADD', k.folders, 0, a.output_dir)
 refresh_summary(k.summary)
 -- Under this id there is no job: anything kept under its names is a deleted one's (a write that raced the delete).

@@ -122,12 +122,13 @@ redis.call('SET', KEYS[2], '[' .. cjson.encode(ARGV[1]) .. ',' .. ARGV[2] .. ']'
 return redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2])
 """
 
-# KEYS: the jobs index, Keys.folders_indexed. 1 when the folders are recorded, or with no job stored, when there
-# is no folder of an older version to record: the marker is set here, so that users' creates on a new install need
-# not wait for a scheduler's first start.
+# KEYS: the jobs index, Keys.folders_indexed, Keys.folders, Keys.folders_recorded. 1 when the folders are
+# recorded, or with neither a job nor a folder stored, when there is nothing of an older version to record: the
+# markers are set here, so that users' creates on a new install need not wait for a scheduler's first start.
 MARK_FOLDERS_INDEXED_IF_EMPTY = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
+if redis.call('ZCARD', KEYS[1]) > 0 or redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
+redis.call('SET', KEYS[4], '1')
 redis.call('SET', KEYS[2], '1')
 return 1
 """
