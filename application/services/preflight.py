@@ -23,6 +23,7 @@ from typing import Any
 from application.config import ENV_DIR, PROJECT_ROOT, Settings
 from application.exceptions import Invalid
 from application.models.job_request import JobCreate
+from application.services.dataset_folders import check_data_folder
 from application.services.datasets import DatasetInfo, Needs, check_dataset, renamed_columns
 from application.services.media_refs import check_media, check_media_folder, media_columns
 from application.services.path_sandbox import (
@@ -260,6 +261,7 @@ def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: N
                     check_media(where, r.path, settings.data_roots(), guard, media_columns(arguments))
                 elif r.path is not None and r.path.is_dir():
                     check_folder_links(where, r.path, settings.data_roots(), setting="DATA_ROOTS", guard=guard)
+                    check_data_folder(where, r.path)
                     check_media_folder(where, r.path, settings.data_roots(), guard, media_columns(arguments))
             else:
                 r = resolve(where, item, settings.model_roots(), data=False, base=PROJECT_ROOT,
