@@ -56,6 +56,8 @@ def test_hub_ids_pass_untouched_and_local_paths_resolve_inside_roots(roots: dict
     assert data("./datasets/top.jsonl", roots).path == roots["data"] / "top.jsonl"
     assert data("team/train.jsonl", roots).path == inside  # relative to a root
     assert data("top.jsonl#100", roots).value == f"{roots['data'] / 'top.jsonl'}#100"
+    # namespace/name.jsonl#N is a local file's sample too, not a hub id (swift went to the hub with it: hunt BG).
+    assert data("team/train.jsonl#5", roots).value == f"{inside}#5"
     model = resolve("model_path", "Qwen/Qwen2.5-7B-Instruct", [roots["data"]], data=False, base=roots["base"],
                     setting="MODEL_ROOTS")  # fmt: skip
     assert model.local is False

@@ -109,7 +109,8 @@ def is_hub_id(value: str, *, data: bool) -> bool:
     return (
         not is_local_syntax(value)
         and hub.match(value) is not None
-        and not (data and value.lower().endswith(_FILE_LIKE))
+        # (`team/train.jsonl#5` is a local file's sample, as `team/train.jsonl` is the file)
+        and not (data and _SAMPLE_RE.sub("", value).lower().endswith(_FILE_LIKE))
         and ".." not in value.split("/")
     )
 
