@@ -78,6 +78,9 @@ def test_unknown_names_get_the_closest_real_ones() -> None:
     ("load_data_args", True, "args.json in the model or adapter folder"),
     ("rlhf_type", "dpo", "rlhf_type"),
     ("push_to_hub", True, "server's own hub token"),
+    # trackio deploys a Hugging Face Space with the server's HF_TOKEN (hunt BG).
+    ("trackio_space_id", "someone/space", "server's own HF_TOKEN"),
+    ("trackio_static_space_id", "someone/static", "server's own HF_TOKEN"),
     # Addresses the run would connect to from the server's network.
     ("swanlab_webhook_url", "http://10.0.0.1/hook", "from the server's network"),
     ("vllm_server_base_url", ["http://169.254.169.254"], "from the server's network"),
@@ -88,6 +91,14 @@ def test_unknown_names_get_the_closest_real_ones() -> None:
 def test_managed_and_code_loading_arguments_are_refused_with_the_reason(name: str, value: Any, says: str) -> None:
     message = refused("sft", {name: value})
     assert "managed by the server" in message and says in message
+
+
+def test_report_to_integrations_that_publish_with_the_servers_token_are_refused() -> None:
+    for value in (["trackio"], ["tensorboard", "TrackIO"], "all", ["all"]):
+        message = refused("sft", {"report_to": value})
+        assert "is refused" in message and "HF_TOKEN" in message and "report to tensorboard" in message, message
+    for value in (["tensorboard"], ["wandb", "tensorboard"], ["none"], "swanlab"):
+        assert "report_to" in check_arguments("sft", {"report_to": value}, V4)
 
 
 @pytest.mark.parametrize(("extra", "says"), [

@@ -60,6 +60,14 @@ MANAGED = {
     "download it from the artifacts and push it yourself",
 }
 
+# report_to integrations that publish with the server's own credentials, as push_to_hub would: trackio creates
+# and deploys a Hugging Face Space with its HF_TOKEN (and "all" is every one installed, trackio among them).
+REPORT_REFUSED = {
+    "trackio": "trackio publishes a Hugging Face Space with the server's own HF_TOKEN (as push_to_hub would)",
+    "all": "'all' reports to every integration installed, trackio among them (it publishes with the server's "
+    "HF_TOKEN): name the ones you want",
+}
+
 # Arguments that name data sets or models: resolved by the pre-flight check like data_path / model_path.
 DATA_ARGUMENTS = frozenset({"dataset", "val_dataset", "cached_dataset", "cached_val_dataset", "chord_sft_dataset"})
 MODEL_ARGUMENTS = frozenset({"ref_model", "reward_model", "teacher_model", "adapters", "ref_adapters",
@@ -134,6 +142,8 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         _refuse_surrogates(where, name, value)
         if name in MANAGED:
             raise Invalid(f"{where} is managed by the server: {MANAGED[name]}")
+        if name.startswith("trackio_"):
+            raise Invalid(f"{where} is managed by the server: {REPORT_REFUSED['trackio']}")
         if _SECRET_NAME.search(name):
             raise Invalid(f"{where} is managed by the server: a secret does not belong in a job (it would be stored "
                           "and shown): set it in the server's environment")  # fmt: skip
@@ -159,6 +169,12 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         if value is None:
             continue
         out[name] = convert(where, name, value, spec)
+        if name == "report_to":
+            for item in out[name] if isinstance(out[name], list) else [out[name]]:
+                if (why := REPORT_REFUSED.get(str(item).strip().lower())) is not None:
+                    raise Invalid(f"{where} '{item}' is refused: {why}; report to tensorboard (the default: its "
+                                  "files are in the job's artifacts), or to wandb / swanlab where the operator "
+                                  "set them up")  # fmt: skip
     return out
 
 
