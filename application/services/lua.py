@@ -115,9 +115,9 @@ end
 #     .file_users)}.
 # Returns {'ok'}, or {'ok', its rank in the queue} for a queued job.
 # Where a folder overlaps another owner's job folder: the first folder it lies in (or itself) that is another
-# owner's, or the folder itself when it holds one; nil when neither. f: owner ("" for none), ancestors (the folder
-# and the folders it lies in, up to OUTPUT_ROOT), prefix (the folder and "/"); owners, folders, mine:
-# `Keys.folder_owners`, `Keys.folders`, `Keys.owner_folders(owner)`.
+# owner's, or the first folder inside it that is; nil when neither. It writes (the repair below). f: owner ("" for
+# none), ancestors (the folder and the folders it lies in, up to OUTPUT_ROOT), prefix (the folder and "/");
+# owners, folders, mine: `Keys.folder_owners`, `Keys.folders`, `Keys.owner_folders(owner)`.
 _FOREIGN_FOLDER = """
 local function foreign_folder(f, owners, folders, mine)
   for _, dir in ipairs(f.ancestors) do
@@ -127,10 +127,26 @@ local function foreign_folder(f, owners, folders, mine)
   -- Every folder that starts with the prefix ('0' is the byte after '/'), against the owner's own: counted, not
   -- walked (an owner with 100,000 folders under one made each such check walk them all, and Redis with it).
   local lo, hi = '[' .. f.prefix, '(' .. string.sub(f.prefix, 1, -2) .. '0'
-  if redis.call('ZLEXCOUNT', folders, lo, hi) > redis.call('ZLEXCOUNT', mine, lo, hi) then
-    return string.sub(f.prefix, 1, -2)
+  local total = redis.call('ZLEXCOUNT', folders, lo, hi)
+  -- One not in the owner's set is another owner's, or the owner's own recorded by a version that kept no such set
+  -- (an API worker not yet upgraded): that one goes into the set, and the next is looked for. At most 64 such a
+  -- check (past them, refused: the safe side; what it put in the set counts at the next check).
+  local base = redis.call('ZLEXCOUNT', folders, '-', '(' .. f.prefix)  -- the rank of the range's first
+  for _ = 1, 64 do
+    if total <= redis.call('ZLEXCOUNT', mine, lo, hi) then return nil end
+    -- The first folder of the range that is not the owner's: the first k whose count of the owner's folders up
+    -- to it falls short of k + 1 (the owner's are a part of all), by bisection over ranks, O(log n) each step.
+    local lo_k, hi_k = 0, total - 1
+    while lo_k < hi_k do
+      local mid = math.floor((lo_k + hi_k) / 2)
+      local at = redis.call('ZRANGE', folders, base + mid, base + mid)[1]
+      if redis.call('ZLEXCOUNT', mine, lo, '[' .. at) >= mid + 1 then lo_k = mid + 1 else hi_k = mid end
+    end
+    local first = redis.call('ZRANGE', folders, base + lo_k, base + lo_k)[1]
+    if redis.call('HGET', owners, first) ~= f.owner then return first end
+    redis.call('ZADD', mine, 0, first)
   end
-  return nil
+  return string.sub(f.prefix, 1, -2)
 end
 """
 
