@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,19 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
                                     headers=auth(BOB_KEY))  # fmt: skip
         assert refused.status_code == 503 and "try again in a few seconds" in refused.text, refused.text
         assert refused.headers["Retry-After"] == "5"
+        assert "a scheduler not yet upgraded does not record them" in refused.text
+        # An upload is refused so too, before its body is read (it was, after the whole file had come in).
+        received: list[int] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(64):
+                received.append(1)
+                yield b"x" * 65536
+
+        upload = await client.post("/files", content=body(), headers={
+            **auth(BOB_KEY), "Content-Type": "multipart/form-data; boundary=b"})  # fmt: skip
+        assert upload.status_code == 503 and "whose job folders are whose" in upload.text, upload.text
+        assert len(received) < 64, len(received)
         assert (await create(ADMIN_KEY, "roots"))[0] == 201
         await store.folders.backfill()
         assert (await create(BOB_KEY, "bobs3"))[0] == 201

@@ -84,6 +84,8 @@ class FileStore(UploadRefs):
         """Stream the body to disk, check it as a data set, store it; every failure leaves nothing behind. At most
         UPLOADS_PER_OWNER of one key's at once (429)."""
         await self._refuse_over_quota(content_length, caller)
+        # Before the body: a 503 until the folders are indexed came after the whole file had been received.
+        await self.folders.guard(real_output_root(self.settings.OUTPUT_ROOT), caller)
         slot = await self.slots.take(caller.name)
         chunks = until_idle(chunks, self.settings.UPLOAD_IDLE_SECONDS)
         if slot is None:

@@ -33,8 +33,8 @@ from application.services.keys import Keys
 # How long a check run in a thread waits for its Redis read on the event loop.
 READ_TIMEOUT = 30.0
 FOLDERS_NOT_INDEXED = ("the scheduler has not recorded whose job folders are whose yet (it does so as it starts, "
-                       "once after an upgrade): try again in a few seconds, "
-                       "or start a scheduler if none runs")  # fmt: skip
+                       "once after an upgrade): try again in a few seconds, or start a scheduler if none runs "
+                       "(one of this version: a scheduler not yet upgraded does not record them)")  # fmt: skip
 
 
 def folder_arg(folder: Path, root: Path, owner: str | None) -> dict[str, Any]:
