@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from application.models.training_model import JobStatus
+from application.services import clock
 from application.services.job_store import Refusal, TransitionRefused
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, _until, auth, job_body, make_model, wait_job
 
@@ -210,31 +212,39 @@ async def test_a_link_made_in_a_model_folder_since_the_create_is_checked_again_b
 
 
 async def test_media_a_data_file_names_since_the_create_are_checked_before_the_run(
-    app_factory: Callable[..., Any], tmp_path: Path
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A data file's media were checked at the create only: rewritten since to name a file out of DATA_ROOTS (or
-    another owner's upload), its run had swift open it (a hunt). A file changed without such media still runs."""
+    another owner's upload), its run had swift open it (a hunt). A file changed without such media still runs.
+    Neither Redis's clock running ahead of this host's (the create's time is Redis's, a file's this host's) nor
+    a modification time set back hides a change (hunt BH)."""
+    real_now = clock.now
+    monkeypatch.setattr(clock, "now", lambda: real_now() + 90)
     make_model(tmp_path / "models" / "tiny-qwen2")
     roots, secret = tmp_path / "data", tmp_path / "secret.png"
     roots.mkdir()
     secret.write_bytes(b"not for this job")
     async with app_factory(DATA_ROOTS=str(roots), DATA_DIR=tmp_path / "server") as client:
-        for name in ("changed", "grown"):
+        for name in ("changed", "grown", "backdated"):
             body = job_body(tmp_path, name, training={"max_steps": 2})
             Path(body["data_path"]).rename(roots / f"{name}.jsonl")
             assert (await client.post("/jobs", json={**body, "data_path": f"{name}.jsonl"})).status_code == 201
         chat = [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "hello"}]
-        with (roots / "changed.jsonl").open("a") as f:
-            f.write(json.dumps({"messages": chat, "images": [str(secret)]}) + "\n")
+        for name in ("changed", "backdated"):
+            with (roots / f"{name}.jsonl").open("a") as f:
+                f.write(json.dumps({"messages": chat, "images": [str(secret)]}) + "\n")
+        hour_ago = time.time() - 3600
+        os.utime(roots / "backdated.jsonl", (hour_ago, hour_ago))
         with (roots / "grown.jsonl").open("a") as f:
             f.write(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "more"}]}) + "\n")  # fmt: skip
-        for name in ("changed", "grown"):
+        for name in ("changed", "grown", "backdated"):
             assert (await client.post(f"/jobs/{name}/start")).status_code == 200
-        failed = await wait_job(client, "changed", lambda j: j["status"] in ("failed", "completed"))
-        assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
-        assert f"data_path {roots / 'changed.jsonl'} changed since the job was created" in failed["error_message"]
-        assert "must be a file inside DATA_ROOTS" in failed["error_message"] and failed["started_at"] is None
+        for name in ("changed", "backdated"):
+            failed = await wait_job(client, name, lambda j: j["status"] in ("failed", "completed"))
+            assert failed["status"] == "failed" and failed["error_code"] == "input_path", failed
+            assert f"data_path {roots / f'{name}.jsonl'} changed since the job was created" in failed["error_message"]
+            assert "must be a file inside DATA_ROOTS" in failed["error_message"] and failed["started_at"] is None
         assert (await wait_job(client, "grown", lambda j: j["status"] in ("failed", "completed")))["status"] == \
             "completed"  # fmt: skip
 

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from application.auth import USER, Caller
 from application.config import Settings
 from application.exceptions import Invalid, Unavailable
 from application.models.training_model import Job
+from application.services import clock
 from application.services.files import UPLOADS_DIR, FileStore
 from application.services.job_store import JobStore
 from application.services.media_refs import check_media, media_columns
@@ -96,10 +98,12 @@ class InputGuards:
         unchecked, nor fails for a slow Redis (its job waits for the next pass)."""
         data, models, _, _ = self.roots
         columns = media_columns(job.training.model_dump())
+        # The create's time on this host's clock, which file times are on: on Redis's (the create's), a file
+        # changed after the create looked older than it when Redis's clock ran ahead (hunt BH: 90 s).
+        since = job.created_at - (clock.now() - time.time())
 
         def check() -> str | None:
-            return relinked_folder(inputs, data, models, guard) or remedia(inputs, data, guard, columns,
-                                                                           job.created_at)  # fmt: skip
+            return relinked_folder(inputs, data, models, guard) or remedia(inputs, data, guard, columns, since)
 
         return await asyncio.to_thread(check)
 
@@ -126,9 +130,10 @@ def inputs_moved(inputs: list[tuple[str, str, bool]],
 
 def remedia(inputs: list[tuple[str, str, bool]], roots: tuple[Path, ...], guard: Guard | None,
             columns: tuple[str, ...], since: float) -> str | None:  # fmt: skip
-    """Why a data file written since `since` (its job's create) now names media its create would have refused
-    (a path out of DATA_ROOTS, another owner's upload): swift opens what a row names. Only a changed file is read
-    again (a scan costs what the create's did). Blocking."""
+    """Why a data file changed since `since` (its job's create, on this host's clock) now names media its create
+    would have refused (a path out of DATA_ROOTS, another owner's upload): swift opens what a row names. Only a
+    changed file is read again (a scan costs what the create's did). Its inode's change time counts too: its
+    writer can set its modification time back (`touch -d`), not that. Blocking."""
     for field, value, data in inputs:
         path = without_sample(value)
         if not data or not os.path.isabs(path):
@@ -137,7 +142,7 @@ def remedia(inputs: list[tuple[str, str, bool]], roots: tuple[Path, ...], guard:
             st = os.stat(path)
         except OSError:
             continue  # gone: swift says so, as it would have before
-        if not stat.S_ISREG(st.st_mode) or st.st_mtime < since - CLOCK_SLACK:
+        if not stat.S_ISREG(st.st_mode) or max(st.st_mtime, st.st_ctime) < since - CLOCK_SLACK:
             continue
         try:
             check_media(field, Path(path), roots, guard, columns)
