@@ -120,23 +120,17 @@ class Scheduler:
                 await _first(lead, self.stopping.wait())
                 if self.stopping.is_set():
                     break
-                await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
-                if self.leader.redis_lost_it:
-                    with contextlib.suppress(RedisError):
-                        await self._hold_starts("Redis lost the lead's lock")
-                self.leader.redis_lost_it = False
-                # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of
-                # 100k jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
-                keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
-                if not self._migrated:
-                    if written := await self.store.backfill_summaries():
-                        logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
-                    if recorded := await self.watchdog.files.backfill_users(self.store):
-                        logger.info("recorded {} upload(s) read by active jobs", recorded)
-                    await self.cluster.backfill_queued_since()
-                    if recorded := await self.store.folders.backfill():
-                        logger.info("recorded the owners of {} job folder(s) stored by an older version", recorded)
-                    self._migrated = True
+                try:
+                    keeper = await self._take_lead()
+                except RedisError as exc:
+                    # A reply lost right after the lock was taken killed the process: the lock then sat unused for
+                    # its TTL, and each restart waited twice as long (hunt BH). Stand by again instead.
+                    logger.warning("scheduler {} lost Redis while taking the lead ({}): standing by again",
+                                   self.ident, exc)  # fmt: skip
+                    await self.leader.release()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), 1.0)
+                    continue
                 tasks = [
                     keeper,
                     asyncio.create_task(self._listen(), name="wakeups"),
@@ -153,6 +147,31 @@ class Scheduler:
             self.inventory.close()
             after = "runners go on" if stopped is None else f"runs stopped, back in the queue: {stopped or '-'}"
             logger.info("scheduler {} stopped; {}", self.ident, after)
+
+    async def _take_lead(self) -> asyncio.Task[None]:
+        """What a new leader does before its loops start; returns the task that keeps the lock."""
+        await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
+        if self.leader.redis_lost_it:
+            with contextlib.suppress(RedisError):
+                await self._hold_starts("Redis lost the lead's lock")
+        self.leader.redis_lost_it = False
+        # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of 100k
+        # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
+        keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
+        try:
+            if not self._migrated:
+                if written := await self.store.backfill_summaries():
+                    logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
+                if recorded := await self.watchdog.files.backfill_users(self.store):
+                    logger.info("recorded {} upload(s) read by active jobs", recorded)
+                await self.cluster.backfill_queued_since()
+                if recorded := await self.store.folders.backfill():
+                    logger.info("recorded the owners of {} job folder(s) stored by an older version", recorded)
+                self._migrated = True
+        except BaseException:
+            await cancel([keeper])
+            raise
+        return keeper
 
     async def _stop_runs(self) -> list[str]:
         try:

@@ -381,3 +381,42 @@ async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_
         assert await asyncio.wait_for(cluster.request_pass("instant", timeout=0.0003), 2) is None
     finally:
         await client.aclose()
+
+
+async def test_a_reply_lost_right_after_the_lead_was_taken_stands_the_scheduler_by_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # One lost reply as a new leader set up its queue switch ended the process: the lock sat unused for its TTL,
+    # and each restart waited twice as long (hunt BH).
+    from loguru import logger
+
+    from application.scheduler_process import Scheduler
+    from application.services.redis_service import RedisService
+    from tests.conftest import _until, settings_for
+
+    settings = settings_for(redis_url, tmp_path)
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(str(m)), level="WARNING", format="{message}")
+    service = RedisService(settings)
+    await service.connect()
+    scheduler = Scheduler(settings, service)
+    real = scheduler.cluster.init_processor_switch
+    calls: list[bool] = []
+
+    async def lost_once(on: bool) -> None:
+        calls.append(on)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        await real(on)
+
+    scheduler.cluster.init_processor_switch = lost_once  # type: ignore[method-assign]
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await _until(lambda: scheduler.leader.leading and scheduler.processor.stats.passes > 0, timeout=30)
+        assert len(calls) == 2 and not task.done()
+        assert any("lost Redis while taking the lead" in m and "standing by again" in m for m in said), said
+    finally:
+        scheduler.stopping.set()
+        await asyncio.wait_for(task, 15)
+        logger.remove(sink)
+        await service.close()
