@@ -473,3 +473,35 @@ async def test_a_start_refused_because_the_job_was_stopped_meanwhile_keeps_its_l
         with pytest.raises(TransitionRefused):
             await processor.start_run(job, [0])
         assert [p.step for p in await store.history("paused", 100)] == list(range(1, 24))
+
+
+async def test_a_reply_lost_between_a_runs_record_and_its_launch_still_launches_it(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost reply to the scheduling-latency metric (or to the check that the run is still this scheduler's),
+    between the run's record and its launch, ended the pass: the job showed running with no runner until the
+    watchdog requeued it as "preempted for the stop of the scheduler" (hunt BH)."""
+    from application.services import job_store as job_store_module
+    from application.services import queue_processor
+
+    lost = [redis.ConnectionError("Connection closed by server."), redis.ConnectionError("Connection reset.")]
+
+    async def metric_lost(*args: Any) -> None:
+        raise lost.pop(0)
+
+    real_update = job_store_module.JobStore.update
+
+    async def check_lost_once(self: Any, job_id: str, fields: Any, **kwargs: Any) -> Any:
+        if not fields and kwargs.get("fence") and lost:
+            raise lost.pop(0)
+        return await real_update(self, job_id, fields, **kwargs)
+
+    monkeypatch.setattr(queue_processor, "record_scheduling_latency", metric_lost)
+    monkeypatch.setattr(job_store_module.JobStore, "update", check_lost_once)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        body = job_body(tmp_path, "lost", auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        ended = await wait_job(client, "lost", lambda j: j["status"] in ("failed", "completed", "queued") and
+                               bool(j.get("attempts")))  # fmt: skip
+        assert ended["status"] == "completed" and len(ended["attempts"]) == 1 and not lost, ended

@@ -247,6 +247,18 @@ class QueueProcessor:
         except Exception:  # (the record may defeat the transition too: the pass must still go on)
             logger.exception("queued job {} could not be failed", job_id)
 
+    async def _still_ours(self, job_id: str, run_id: str) -> None:
+        """TransitionRefused unless the job still runs this run and this scheduler still leads. It writes nothing
+        but its check, so a lost reply is asked again: one dropped connection left a recorded run unlaunched,
+        holding its GPUs until the watchdog gave it up (hunt BH)."""
+        for attempt in range(3):
+            try:
+                await self.store.update(job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id, fence=self.fence())
+                return
+            except REDIS_AWAY:
+                if attempt == 2:
+                    raise
+
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
 
@@ -405,7 +417,10 @@ class QueueProcessor:
             except REDIS_AWAY as exc:
                 logger.warning("job {}: its loss points past step {} not dropped ({}): the run logs them again",
                                job.job_id, step, exc)  # fmt: skip
-        await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
+        try:
+            await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
+        except REDIS_AWAY as exc:  # a figure for /metrics: the run is recorded and is launched all the same (hunt BH)
+            logger.warning("job {}: its scheduling latency not recorded ({})", job.job_id, exc)
         try:
             # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
             # overwrite, the spec of the run its successor started instead (the runner checks the run id too).
@@ -416,8 +431,7 @@ class QueueProcessor:
             }, self.settings.OUTPUT_ROOT, inputs, self._input_roots,
                 job if job.kind == "export" else None)  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
-                await self.store.update(job.job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id,
-                                        fence=self.fence())  # fmt: skip
+                await self._still_ours(job.job_id, run_id)
             except TransitionRefused as exc:
                 spec.unlink(missing_ok=True)
                 logger.warning("job {} run {} not launched: {}", job.job_id, run_id, exc)
