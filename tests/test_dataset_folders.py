@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from application.exceptions import Invalid
+from application.services.path_sandbox import relinked_folder
 from application.services.preflight import check_request
 from tests.conftest import settings_for
 
@@ -55,6 +56,12 @@ def test_a_card_whose_data_files_stay_in_the_folder_is_taken(tmp_path: Path) -> 
     "---\nconfigs:\n- config_name: default\n  data_dir: data/../../other\n---\n",
     "---\nconfigs:\n- config_name: x\n  data_files: 'zip://*.jsonl::data/a.zip'\n---\n",
     "---\ndata_files: ~/x.jsonl\n---\n",
+    # An fsspec protocol reads the absolute path after it (review BL).
+    "---\nconfigs:\n- config_name: x\n  data_files:\n  - split: train\n    path: 'file:/srv/up/*.jsonl'\n---\n",
+    "---\nconfigs:\n- config_name: default\n  data_files: [data/a.jsonl, 'local:/srv/s.jsonl']\n---\n",
+    # A closing line with spaces or a tab after it ends the header for huggingface_hub (review BL).
+    "---\nconfigs:\n- config_name: default\n  data_files: ../../secret/s.jsonl\n--- \n",
+    "---\nconfigs:\n- config_name: default\n  data_files: ../../secret/s.jsonl\n---\t\n# text\n",
 ])  # fmt: skip
 def test_a_card_that_has_the_loader_read_outside_the_folder_is_refused(tmp_path: Path, card: str) -> None:
     folder(tmp_path, card)
@@ -76,3 +83,12 @@ def test_a_folder_with_dataset_infos_json_is_refused_since_swift_renames_it(tmp_
     (f / "dataset_infos.json").write_text("{}")
     assert "holds dataset_infos.json, which ms-swift renames" in refused(tmp_path)
     assert (f / "dataset_infos.json").is_file()
+
+
+def test_a_card_changed_after_the_create_is_read_again_before_the_run(tmp_path: Path) -> None:
+    f = folder(tmp_path, "---\nconfigs:\n- config_name: default\n  data_files: data/*.jsonl\n---\n")
+    inputs = [("training.dataset[0]", str(f), True)]
+    assert relinked_folder(inputs, [tmp_path / "data"], [], None) is None
+    (f / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: ../../x/*.jsonl\n---\n")
+    why = relinked_folder(inputs, [tmp_path / "data"], [], None)
+    assert why is not None and "changed since the job was created" in why and "outside the folder" in why, why

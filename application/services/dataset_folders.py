@@ -22,10 +22,17 @@ from application.exceptions import Invalid
 
 CARD_FILES = ("README.md", ".huggingface.yaml")  # datasets' REPOCARD_FILENAME and REPOYAML_FILENAME
 MAX_CARD_BYTES = 1 << 20
-# huggingface_hub's RepoCard header: the YAML between a first line of --- and the next.
-_FRONT_MATTER = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
-# A pattern that reaches out of the folder: absolute, from a home folder, through `..`, or a URL / fsspec chain.
-_LEAVES = re.compile(r"^\s*[/\\~]|(^|[/\\])\.\.([/\\]|$)|://|::|^[A-Za-z]:")
+# The card's header: the YAML between a first line of --- and the next. huggingface_hub's own (1.33) takes a
+# closing line with spaces or tabs after it, its older releases did not, and a later one may take more: each
+# reading is checked (a header that only one of them finds hid a pattern: review BL).
+_FRONT_MATTERS = (
+    re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))"),  # huggingface_hub 1.33
+    re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))"),
+    re.compile(r"^(\s*---[ \t]*(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---)"),
+)
+# A pattern that reaches out of the folder: absolute, from a home folder, through `..`, or with a colon: a URL, an
+# fsspec protocol or chain (`file:/abs`, `local:`, `zip::`, `hf://`), a drive.
+_LEAVES = re.compile(r"^\s*[/\\~]|(^|[/\\])\.\.([/\\]|$)|:")
 
 
 def check_data_folder(field: str, path: Path) -> None:
@@ -55,14 +62,20 @@ def check_data_folder(field: str, path: Path) -> None:
 
 
 def _check_card(field: str, folder: str, name: str, text: str) -> None:
-    if name.endswith(".md"):
-        found = _FRONT_MATTER.match(text)
-        if found is None:
-            return  # no header: nothing for the loader in it
-        text = found.group(2)
+    if not name.endswith(".md"):
+        _check_yaml(field, folder, name, text, strict=True)
+        return
+    for i, pattern in enumerate(_FRONT_MATTERS):
+        if found := pattern.match(text):  # (none: no header, nothing for the loader in it)
+            _check_yaml(field, folder, name, found.group(2), strict=i == 0)
+
+
+def _check_yaml(field: str, folder: str, name: str, text: str, *, strict: bool) -> None:
     try:
         card = yaml.safe_load(text)
     except yaml.YAMLError:
+        if not strict:
+            return  # (another library's reading of the header: the loader's own is checked)
         raise Invalid(
             f"{field} '{folder}': the YAML of its {name} cannot be read, so which files the data set "
             "loader would take from it cannot be checked: fix it, or name the data files instead"

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from application.exceptions import Invalid
+from application.services.dataset_folders import check_data_folder
 
 MAX_COMPONENTS = 64
 MAX_COMPONENT_BYTES = 255
@@ -388,7 +389,8 @@ def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequenc
                     guard: Guard | None) -> str | None:  # fmt: skip
     """Why a folder among a job's local inputs (as `relinked_input` takes them) now holds a link its create would
     have refused: out of its roots, or (`guard`, the create's) into another owner's files; made since, the run
-    would load what it leads to. None when none does. Blocking: just before a run."""
+    would load what it leads to. A data set folder's card is read again too (`dataset_folders`). None when none
+    does. Blocking: just before a run."""
     for field, value, data in inputs:
         path = without_sample(value) if data else value
         if not os.path.isabs(path) or not os.path.isdir(path):
@@ -396,6 +398,8 @@ def relinked_folder(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequenc
         try:
             check_folder_links(field, Path(path), data_roots if data else model_roots, guard=guard,
                                setting="DATA_ROOTS" if data else "MODEL_ROOTS or OUTPUT_ROOT")  # fmt: skip
+            if data:
+                check_data_folder(field, Path(path))
         except Invalid as exc:  # (Unavailable, whose folder a link leads into not read, is raised: not now)
             return f"{field} {path} changed since the job was created: {exc.detail}"
     return None
