@@ -110,10 +110,17 @@ async def test_a_user_cannot_write_into_read_from_or_wrap_another_owners_job_fol
         # An upload is refused so too, before its body is read (it was, after the whole file had come in).
         received: list[int] = []
 
-        async def body() -> AsyncIterator[bytes]:
-            for _ in range(64):
+        async def body() -> AsyncIterator[bytes]:  # (a well-formed upload: read, it would be taken whole)
+            received.append(1)
+            yield (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+                   b"Content-Type: application/octet-stream\r\n\r\n")  # fmt: skip
+            row = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello"}]}).encode() + b"\n"  # fmt: skip
+            for _ in range(62):
                 received.append(1)
-                yield b"x" * 65536
+                yield row * 1000
+            received.append(1)
+            yield b"\r\n--b--\r\n"
 
         upload = await client.post("/files", content=body(), headers={
             **auth(BOB_KEY), "Content-Type": "multipart/form-data; boundary=b"})  # fmt: skip
