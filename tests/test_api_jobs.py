@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, fake_dataset, job_body, make_model, wait_for, wait_job
 
 MODEL_DIR = "models/tiny-qwen2"
 
@@ -406,3 +406,31 @@ def test_a_run_whose_loss_turns_nan_keeps_its_pages_valid_json(server: ApiServer
     # A checkpoint saved after it has no loss to show: it showed step 2's, as healthy as the one before.
     losses = {c["step"]: c["loss"] for c in strict(server.http.get("/jobs/diverged/checkpoints").text)["checkpoints"]}
     assert losses[2] is not None and losses[4] is None and losses[6] is None, losses
+
+
+async def test_a_queued_create_whose_wait_estimate_redis_did_not_answer_says_created(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is stored before its wait is estimated: a lost reply there answered 503 "this POST may have been
+    carried out", and the retry was refused as a second job in its folder (hunt BH)."""
+    import redis
+
+    from application.services.placement import Placement
+
+    async with app_factory() as client:
+        hog = job_body(tmp_path, "hog", auto_start=True, num_gpus=2, hang_after_steps=1)
+        assert (await client.post("/jobs", json=hog)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        real, lost = Placement.placed, [redis.ConnectionError("Connection closed by server.")]
+
+        async def placed_lost_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if lost:
+                raise lost.pop()
+            return await real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Placement, "placed", placed_lost_once)
+        r = await client.post("/jobs", json=job_body(tmp_path, "waits", auto_start=True, num_gpus=1))
+        assert r.status_code == 201 and not lost, r.text
+        assert r.json()["status"] == "queued" and r.json()["queue_position"] == 1, r.json()
+        assert "Redis did not answer for its wait estimate: see GET .../queue/waits/status" in r.json()["message"]
+        assert (await client.get("/jobs/waits")).json()["status"] == "queued"

@@ -273,9 +273,17 @@ class TrainingService:
             # a moment ago; the queue is read again, with this job in it).
             stopped = stopped_because(ctx.processor_enabled, ctx.leader is not None, ctx.starts_held)
             forecast = stopped is None and position is not None and position <= ESTIMATE_WINDOW
-            if forecast and view is None:
-                view = await build_view(self.store, snapshot, state=ctx.planning_state)
-            info = await self.placement.placed(job.job_id, position, stopped, view, ctx.head)
+            try:
+                if forecast and view is None:
+                    view = await build_view(self.store, snapshot, state=ctx.planning_state)
+                info = await self.placement.placed(job.job_id, position, stopped, view, ctx.head)
+            except REDIS_AWAY:
+                # The job is stored: a 503 "may have been carried out" for it had the retry refused as a second job
+                # in its folder (hunt BH). Answered without the estimate, which GET .../queue/{id} gives.
+                return CreateResponse(job_id=job.job_id, status=job.status, queue_position=position,
+                                      predicted_duration=job.predicted_duration,
+                                      message=f"{message}; Redis did not answer for its wait estimate: see GET "
+                                      f".../queue/{job.job_id}/status")  # fmt: skip
             return CreateResponse(job_id=job.job_id, status=job.status, message=message, queue_position=info.position,
                                   estimated_wait_time=info.estimate, pending_reason=info.reason,
                                   predicted_duration=job.predicted_duration)  # fmt: skip
