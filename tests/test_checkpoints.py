@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from application.models.job_request import TrainingParams
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus
+from application.services import clock
 from application.services.checkpoints import describe_checkpoints
 
 
@@ -57,3 +60,15 @@ def test_a_run_folder_that_is_a_symlink_out_of_the_job_folder_holds_none_of_its_
         listed = describe_checkpoints(job, root, [])
         assert all("outside" not in c.path and not c.path.startswith(str(linked)) for c in listed.checkpoints)
         assert listed.resume_from is None or listed.resume_from.startswith(str(job_dir / "v0-"))
+
+
+def test_a_checkpoints_time_is_on_the_shared_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job's times are Redis's; a checkpoint's was its folder's mtime on this host's clock, so with Redis 90 s
+    # ahead the checkpoints showed saved before the run began (hunt BH).
+    run = tmp_path / "v0-1"
+    _checkpoint(run, 5)
+    real_now = clock.now
+    monkeypatch.setattr(clock._clock, "now", lambda: real_now() + 90)
+    listed = describe_checkpoints(_job(tmp_path, run), tmp_path.parent, [])
+    saved = (run / "checkpoint-5").stat().st_mtime
+    assert listed.checkpoints[0].time is not None and abs(listed.checkpoints[0].time - (saved + 90)) < 1

@@ -31,6 +31,7 @@ from application.models.artifact_model import (
     FolderKind,
 )
 from application.models.training_model import Job
+from application.services import clock
 from application.services.artifact_tar import CHUNK, DIR_FLAGS, FILE_FLAGS, OwnedFd, link_inside, tar_chunks, walk
 from application.services.path_sandbox import check_text, escaped_output_root
 
@@ -210,8 +211,8 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
             if not _listable(f"{rel}.tar" if stat.S_ISDIR(st.st_mode) else rel):
                 continue
             if stat.S_ISREG(st.st_mode):
-                files.append(ArtifactFile(path=rel, size=st.st_size, mtime=st.st_mtime, kind=file_kind(parts),
-                                          run=_run_of(parts)))  # fmt: skip
+                files.append(ArtifactFile(path=rel, size=st.st_size, mtime=clock.from_local(st.st_mtime),
+                                          kind=file_kind(parts), run=_run_of(parts)))  # fmt: skip
             elif stat.S_ISDIR(st.st_mode) and (kind := folder_kind(parts)):
                 folders[rel] = ArtifactFolder(path=rel, kind=kind, run=parts[0] if _RUN_RE.match(parts[0]) else None,
                                               tar=f"{rel}.tar", size=0)  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from application.models.job_responses import CheckpointInfo, CheckpointList
 from application.models.training_model import ExportStatus, Job, LossPoint
+from application.services import clock
 from application.services.path_sandbox import escaped_output_root
 from application.services.run_end import checkpoint_step
 from application.services.run_outputs import job_checkpoints
@@ -108,7 +109,9 @@ def describe_checkpoints(job: Job, output_root: Path, history: list[LossPoint], 
     for path in paths:
         folder = Path(path)
         try:
-            when: float | None = folder.stat().st_mtime
+            # (on the shared clock, as the job's started_at: a host whose clock was 90 s behind Redis's showed its
+            # checkpoints saved before the run began: hunt BH)
+            when: float | None = clock.from_local(folder.stat().st_mtime)
         except OSError:
             continue  # removed meanwhile (save_total_limit)
         attempt = next((a.number for a in reversed(job.attempts) if a.run_dir and path.startswith(a.run_dir + "/")),
