@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.datasets import FIRST_ROW_MAX, HEAD_BYTES, _array_length, check_dataset, data_needs
+from application.services.dataset_rows import data_needs
+from application.services.datasets import FIRST_ROW_MAX, HEAD_BYTES, _array_length, check_dataset
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.datasets import data_needs
+from application.services.dataset_rows import data_needs
 from application.services.preflight import check_model, check_request, runs_inline
 from application.services.swift_info import SwiftInfo
 from tests.conftest import ROOT, make_model, settings_for

@@ -24,7 +24,8 @@ from application.config import ENV_DIR, PROJECT_ROOT, Settings
 from application.exceptions import Invalid
 from application.models.job_request import JobCreate
 from application.services.dataset_folders import check_data_folder
-from application.services.datasets import DatasetInfo, Needs, check_dataset, renamed_columns
+from application.services.dataset_rows import Needs, renamed_columns
+from application.services.datasets import DatasetInfo, check_dataset
 from application.services.media_refs import check_media, check_media_folder, media_columns
 from application.services.path_sandbox import (
     Guard,

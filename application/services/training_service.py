@@ -35,7 +35,7 @@ from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services import clock, job_start
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore, CreateContext
-from application.services.datasets import data_needs
+from application.services.dataset_rows import data_needs
 from application.services.exports import EXPORT_LIST, exports_as_they_stand, settle
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
