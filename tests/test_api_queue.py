@@ -507,7 +507,8 @@ def test_switching_the_processor_off_and_on_never_hangs_or_strands_a_job(server_
     finally:
         halt.set()
         flipper.join(15)
-    assert [j["job_id"] for j in jobs if j["status"] != "completed"] == []
+    ended = [(j["job_id"], j["status"], j["error_message"]) for j in jobs]
+    assert [j["job_id"] for j in jobs if j["status"] != "completed"] == [], ended
     assert all(j["pid"] for j in jobs)
     assert len(answers) >= 10 and set(answers) == {200}, answers
     # The switch still means what it says afterwards.

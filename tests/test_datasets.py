@@ -116,7 +116,7 @@ BROKEN: dict[str, tuple[list[Any] | str, list[str]]] = {
     "badline.jsonl": (json.dumps(MESSAGES) + "\n" * 2 + '{"messages": [}\n',
                       ["badline.jsonl", "line 3", "not valid JSON"]),
     "columns.jsonl": ([{"foo": 1, "bar": 2}], ["line 1", "no columns", "found: bar, foo", "messages"]),
-    "notlist.jsonl": ([{"messages": "hello"}], ["line 1", "'messages' must be a non-empty list"]),
+    "notlist.jsonl": ([{"messages": "hello"}], ["line 1", "is a text that is neither JSON nor"]),
     "norole.jsonl": ([MESSAGES, {"messages": [{"content": "x"}]}], ["line 2", "'messages'[0]", "'role'"]),
     "scalar.jsonl": (["just a string"], ["line 1", "JSON object"]),
     "empty.jsonl": ("", ["is empty"]),
@@ -152,7 +152,7 @@ def test_content_ms_swift_takes_passes_blocks_objects_numbers_nan_and_paired_esc
     # agent data was refused for a while (review AQ).
     rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                           {"role": "tool_call", "content": {"name": "f", "arguments": {"x": 1}}},
-                          {"role": "tool", "content": 5}, {"role": "assistant", "content": None}]},
+                          {"role": "tool", "content": 5}, {"role": "assistant", "content": "done"}]},
             {"messages": [{"role": "user", "content": "\U0001F600 \u00e9"}], "score": float("nan")}]  # fmt: skip
     assert check_dataset("data_path", write(tmp_path / "ok.jsonl", rows)).rows == 2  # (json.dumps escapes the pair)
 
@@ -185,12 +185,75 @@ def test_a_rejected_answer_swift_would_drop_is_refused_naming_its_row(tmp_path: 
     assert "line 3" in exc.value.detail and f"'rejected_response' {why}: ms-swift drops such a row" in exc.value.detail
 
 
-def test_an_empty_rejected_cell_of_a_csv_file_is_refused(tmp_path: Path) -> None:
-    # The CSV reader here gives "", ms-swift's loader null: a row it drops (review AM).
+def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path) -> None:
+    # ms-swift's loader reads CSV with na_filter off: an empty cell is "", not null, and `swift rlhf --rlhf_type
+    # dpo` trains on it (hunt BK, with the real CLI). It was refused as a row swift drops.
     pref = tmp_path / "pref.csv"
     pref.write_text("query,response,rejected_response\nhi,hello,go away\nhi,hello,\n")
-    with pytest.raises(Invalid, match="'rejected_response' is empty: ms-swift drops such a row"):
-        check_dataset("data_path", pref, needs="rejected")
+    assert check_dataset("data_path", pref, needs="rejected").rows == 2
+
+
+# Each failed `swift sft` / `swift rlhf` with the real ms-swift 4.6 after its wait, or trained (hunt BK).
+REFUSED_ROWS = [
+    ("num.csv", "query,response\nWhat is 2+2?,4\nWhat is 3+3?,6\n", None, "column 'response' holds only numbers"),
+    ("bool.csv", "query,response\nok?,true\nno?,false\n", None, "column 'response' holds only true/false"),
+    ("num.jsonl", [{"query": "2+2?", "response": 4}], None, "its 'response' is a int: ms-swift takes text"),
+    ("sys.jsonl", [{"query": 7, "response": "x"}], None, "its 'query' is a int"),
+    ("dev.jsonl", [{"messages": [{"role": "developer", "content": "be brief"}, *MESSAGES["messages"]]}], None,
+     "role 'developer' is not one ms-swift takes"),
+    ("model.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "model", "value": "yo"}]}],
+     None, "from 'model' is not one ms-swift takes"),
+    ("null.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}],
+     None, "its content is null"),
+    ("int.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 4}]}], None,
+     "its content is a int"),
+    ("kto.jsonl", [{"messages": [*MESSAGES["messages"], {"role": "user", "content": "more?"}], "label": False}],
+     "label", "end it with the assistant's turn"),
+    ("kto.csv", "query,response,label\nq1,answer one, true\n", "label", "KTO needs a 'label' per row"),
+    ("dup.jsonl", [{"query": "hi", "Query": "hey", "response": "x"}], None, "columns 'query' and 'Query' are one"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needs", "says"), REFUSED_ROWS, ids=[r[0] + r[3][:20] for r in REFUSED_ROWS]
+)
+def test_rows_ms_swift_fails_on_are_refused(tmp_path: Path, name: str, content: Any, needs: Any, says: str) -> None:
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        write(path, content)
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", path, needs=needs)
+    assert says in exc.value.detail, exc.value.detail
+
+
+def test_rows_ms_swift_trains_on_are_taken(tmp_path: Path) -> None:
+    chat = json.dumps(MESSAGES["messages"])
+    taken = {
+        # Column names without regard to case, as swift matches them.
+        "upper.csv": "Query,Response\nhi,yo\n",
+        # A conversation as text: swift reads it as JSON (or a Python literal).
+        "text.jsonl": json.dumps({"messages": chat}) + "\n",
+        "text.csv": "messages\n" + '"' + chat.replace('"', '""') + '"\n',
+        # OpenAI's tool calls may leave content out.
+        "calls.jsonl": json.dumps({"messages": [{"role": "user", "content": "weather?"}, {"role": "assistant",
+                                   "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                                   {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]})
+        + "\n",
+        # A column of numbers beside text is text to pandas.
+        "mixed.csv": "query,response\nWhat is 2+2?,4\nSay hi,hi\n",
+    }  # fmt: skip
+    for name, content in taken.items():
+        (tmp_path / name).write_text(content)
+        assert check_dataset("data_path", tmp_path / name).rows == 1 + (name == "mixed.csv"), name
+
+
+def test_a_suffix_not_in_lower_case_is_refused_with_the_name_to_give(tmp_path: Path) -> None:
+    # swift maps 'jsonl' to the json reader, not 'JSONL': it looked for a hub data set named JSONL (hunt BK).
+    path = write(tmp_path / "data.JSONL", [MESSAGES])
+    with pytest.raises(Invalid, match=r"rename it to 'data\.jsonl'"):
+        check_dataset("data_path", path)
 
 
 def test_kto_data_needs_a_label_and_an_rlhf_upload_either_kind(tmp_path: Path) -> None:

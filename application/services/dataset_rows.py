@@ -6,7 +6,9 @@ argument's renames, with what the kind of training needs (a rejected answer, a K
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -20,6 +22,20 @@ QUERY_KEYS = ("query", "prompt", "input", "instruction", "question", "problem")
 RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_key", "answers", "solution", "text",
                  "completion", "content")  # fmt: skip
 REJECTED_KEYS = ("rejected_response", "rejected_messages")
+# The roles ms-swift's MessagesPreprocessor takes, as written: it maps human/gpt/bot, function_call and observation
+# to its own, and asserts the rest (swift/dataset/preprocessor/core.py _check_messages: every row of another
+# role is dropped, and with none left the run failed after its wait: hunt BK).
+ROLES = frozenset({"system", "user", "human", "assistant", "gpt", "bot", "tool", "tool_call", "tool_response",
+                   "function_call", "function-call", "function_response", "function-response", "observation",
+                   "observations"})  # fmt: skip
+ANSWER_ROLES = frozenset({"assistant", "gpt", "bot"})
+TEXT_ROLES = frozenset({"system", "user", "human", *ANSWER_ROLES})
+# Columns ms-swift encodes as text: a number, a true/false or an object there failed the run ('int' object is not
+# iterable). A CSV column of numbers only is read as numbers (pandas guesses each column's type).
+TEXT_KEYS = ("query", "response", "system", "rejected_response", "instruction", "input", "output", "prompt")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_BOOL_WORDS = frozenset({"True", "False", "TRUE", "FALSE", "true", "false"})
+MAX_MESSAGES_TEXT = 1 << 20
 FORMATS_HELP = (
     "messages (a list of {role, content}), conversations ({from, value}), query/response, "
     "instruction/input/output, or a text/response column"
@@ -67,8 +83,8 @@ def label_kind(label: Any, text: bool) -> str | None:
     """What a KTO label is ("bool" or "number"), or None when ms-swift could not sum it: true/false or 1/0; in
     a CSV file (`text`) those words, which the CSV reader turns into booleans or numbers when a column holds
     one kind only (a column mixing them stays text)."""
-    if text:
-        word = label.strip().lower() if isinstance(label, str) else None
+    if text:  # (as written: pandas keeps " true" as text)
+        word = label.lower() if isinstance(label, str) else None
         return "bool" if word in ("true", "false") else "number" if word in ("1", "0") else None
     if isinstance(label, bool):
         return "bool"
@@ -81,12 +97,18 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
         raise Invalid(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     if columns:
         row = renamed(row, columns)
+    row = _lower_keys(row, where)
     fmt = None
     for key in MESSAGE_KEYS:
         if key in row:
+            row = {**row, key: _repaired(row[key], f"{where}: '{key}'")}
             _check_messages(row[key], f"{where}: '{key}'")
             fmt = "messages"
             break
+    for key in TEXT_KEYS if needs != "prompt" else ("query", "system", "prompt", "instruction", "input"):
+        if isinstance(row.get(key), bool | int | float | dict):
+            kind = "true/false" if isinstance(row[key], bool) else type(row[key]).__name__
+            raise Invalid(f"{where}: its '{key}' is a {kind}: ms-swift takes text there; quote it")
     if fmt is None:
         if any(k in row for k in RESPONSE_KEYS):
             fmt = "query/response"
@@ -109,6 +131,12 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "label" and not labelled:
         raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
                       "undesirable one")  # fmt: skip
+    if needs == "label" and fmt == "messages":
+        turns = next(row[k] for k in MESSAGE_KEYS if k in row)
+        if turns[-1].get("role", turns[-1].get("from")) not in ANSWER_ROLES:
+            # (its KL pairing asserts it, outside the per-row guard: one such row failed the whole run)
+            raise Invalid(f"{where}: KTO takes a conversation's last turn as the answer it labels: end it with "
+                          "the assistant's turn")  # fmt: skip
     if needs == "either" and not (rejected or labelled or _has_prompt(row)):
         raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
                       "'rejected_messages'), a 'label' true/false for KTO, or a prompt alone for GRPO/PPO")  # fmt: skip
@@ -116,11 +144,11 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
 
 
 def _unusable_rejection(row: dict[str, Any], fmt: str, text: bool) -> str | None:
-    """Why ms-swift would drop a row for its rejected_response (its preprocessor's _check_rejected_response): null
-    (in a CSV file (`text`), an empty cell, which its loader reads as null), or the chosen answer itself."""
+    """Why ms-swift would drop a row for its rejected_response (its preprocessor's _check_rejected_response): null,
+    or the chosen answer itself. (An empty CSV cell is an empty text: its loader reads CSV with na_filter off.)"""
     value = row["rejected_response"]
-    if value is None or (text and value == ""):
-        return "is null" if value is None else "is empty"
+    if value is None:
+        return "is null"
     if not isinstance(value, str):
         return None
     if fmt == "messages":
@@ -148,5 +176,73 @@ def _check_messages(value: Any, where: str) -> None:
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
             raise Invalid(f'{where}[{i}] must be an object such as {{"role": "user", "content": "..."}}')
-        if not ({"role", "content"} <= msg.keys() or {"from", "value"} <= msg.keys()):
+        role_key, content_key = ("role", "content") if "role" in msg or "content" in msg else ("from", "value")
+        calls = "tool_calls" in msg  # (OpenAI's: its content may be null or left out)
+        if role_key not in msg or (content_key not in msg and not calls):
             raise Invalid(f"{where}[{i}] needs 'role' and 'content' (or 'from' and 'value')")
+        role, content = msg[role_key], msg.get(content_key)
+        if not isinstance(role, str) or role not in ROLES:
+            raise Invalid(f"{where}[{i}]: {role_key} {str(role)[:40]!r} is not one ms-swift takes: use system, user, "
+                          "assistant or tool (or human, gpt, function_call, observation)")  # fmt: skip
+        if content is None and not calls:
+            raise Invalid(f"{where}[{i}]: its {content_key} is null: ms-swift drops such a row; give text")
+        # (a tool call's or result's object or number ms-swift turns into text itself: review AQ)
+        if content is not None and not isinstance(content, str | list) and role in TEXT_ROLES:
+            kind = "true/false" if isinstance(content, bool) else type(content).__name__
+            raise Invalid(f"{where}[{i}]: its {content_key} is a {kind}: ms-swift takes text (or a list of content "
+                          "blocks); quote it")  # fmt: skip
+
+
+def _repaired(value: Any, where: str) -> Any:
+    """A conversation given as text (a CSV cell, a JSON string) as ms-swift repairs it: read as JSON, else as a
+    Python literal (its default_repair_messages)."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > MAX_MESSAGES_TEXT:
+        raise Invalid(f"{where} is a text of more than 1 MiB: write the conversation as a JSON list")
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise Invalid(f"{where} is a text that is neither JSON nor a Python literal: ms-swift cannot read it as "
+                      "a conversation") from None  # fmt: skip
+
+
+def _lower_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """The row's columns as ms-swift matches them: without regard to case ("Query" is its query)."""
+    if all(not isinstance(k, str) or k == k.lower() for k in row):
+        return row
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        name = k.lower() if isinstance(k, str) else k
+        if name in out:
+            raise Invalid(f"{where}: columns '{name}' and '{k}' are one column to ms-swift (it matches names "
+                          "without regard to case): keep one")  # fmt: skip
+        out[name] = v
+    return out
+
+
+class CsvColumns:
+    """Whether a CSV column that ms-swift encodes as text holds only numbers, or only true/false: pandas, which
+    its loader reads CSV with, then gives them as numbers or booleans, and every row failed ('int' object is not
+    iterable: hunt BK)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, set[str]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if isinstance(k, str) and k.lower() in TEXT_KEYS and isinstance(v, str):
+                kind = "number" if _NUMBER.fullmatch(v) else "true/false" if v in _BOOL_WORDS else "text"
+                self.kinds.setdefault(k, set()).add(kind)
+
+    def check(self) -> None:
+        for name, kinds in self.kinds.items():
+            if kinds in ({"number"}, {"true/false"}):
+                kind = kinds.pop()
+                raise Invalid(f"column '{name}' holds only {'numbers' if kind == 'number' else kind} values: ms-swift "
+                              "reads CSV with pandas, which gives such a column as non-text, and its rows fail; "
+                              "write the file as .jsonl with the values as quoted text")  # fmt: skip

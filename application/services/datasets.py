@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from application.exceptions import Invalid
-from application.services.dataset_rows import Needs, label_kind, renamed, row_format
+from application.services.dataset_rows import CsvColumns, Needs, label_kind, renamed, row_format
 from application.utils.regular_files import open_regular
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -245,6 +245,9 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise Invalid(f"{field} '{name}': ms-swift data sets here must be .jsonl, .json or .csv files")
+    if path.suffix != suffix:  # (its loader maps 'jsonl' to the json reader, not 'JSONL': that went to the hub)
+        raise Invalid(f"{field} '{name}': ms-swift reads a data file's type from its suffix in lower case only: "
+                      f"rename it to '{path.stem}{suffix}'")  # fmt: skip
     try:
         if not path.is_file():
             raise Invalid(f"{field} '{path}' is not a file")
@@ -271,12 +274,15 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         rows, unit = _jsonl_rows(head, complete), "line"
     formats: set[str] = set()
     labels: set[str | None] = set()
+    typed = CsvColumns()
     seen = 0
     try:
         for number, row in rows:
             formats.add(row_format(row, f"{unit} {number}", needs=needs, text=suffix == ".csv", columns=columns))
             if columns and isinstance(row, dict):
                 row = renamed(row, columns)
+            if suffix == ".csv":
+                typed.add(row)
             if suffix == ".csv" and needs in ("label", "either") and isinstance(row, dict) and "label" in row:
                 labels.add(label_kind(row["label"], True))
                 if {"bool", "number"} <= labels:
@@ -285,6 +291,7 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
+        typed.check()
     except Invalid as exc:
         raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if seen == 0:
