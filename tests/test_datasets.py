@@ -211,6 +211,8 @@ REFUSED_ROWS = [
      "label", "end it with the assistant's turn"),
     ("kto.csv", "query,response,label\nq1,answer one, true\n", "label", "KTO needs a 'label' per row"),
     ("dup.jsonl", [{"query": "hi", "Query": "hey", "response": "x"}], None, "columns 'query' and 'Query' are one"),
+    ("twice.jsonl", '{"query": "hi", "response": "yo", "response": "b"}\n', None,
+     "the key 'response' appears twice in one object"),
 ]  # fmt: skip
 
 
@@ -247,6 +249,9 @@ def test_rows_ms_swift_trains_on_are_taken(tmp_path: Path) -> None:
     for name, content in taken.items():
         (tmp_path / name).write_text(content)
         assert check_dataset("data_path", tmp_path / name).rows == 1 + (name == "mixed.csv"), name
+    # KTO sums its labels: 1.0 and 0.0 sum as 1 and 0 do.
+    kto = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": 1.0}, {**MESSAGES, "label": 0.0}])
+    assert check_dataset("data_path", kto, needs="label").rows == 2
 
 
 def test_a_suffix_not_in_lower_case_is_refused_with_the_name_to_give(tmp_path: Path) -> None:

@@ -85,10 +85,10 @@ def label_kind(label: Any, text: bool) -> str | None:
     one kind only (a column mixing them stays text)."""
     if text:  # (as written: pandas keeps " true" as text)
         word = label.lower() if isinstance(label, str) else None
-        return "bool" if word in ("true", "false") else "number" if word in ("1", "0") else None
+        return "bool" if word in ("true", "false") else "number" if word in ("1", "0", "1.0", "0.0") else None
     if isinstance(label, bool):
         return "bool"
-    return "number" if type(label) is int and label in (0, 1) else None
+    return "number" if type(label) in (int, float) and label in (0, 1) else None
 
 
 def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,

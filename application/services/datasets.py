@@ -42,7 +42,7 @@ def _loads(raw: bytes | str) -> Any:
     """A row as ms-swift's reader (datasets' JSON) takes it: no unpaired surrogate escape. (Content that is an
     object or a number, and NaN, it takes: a tool call's arguments, a score.)"""
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_unique)
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # (Python's own limit, whose message names its setting)
             raise ValueError("a number of more than 4300 digits") from None
@@ -53,6 +53,17 @@ def _loads(raw: bytes | str) -> Any:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are each there once: pyarrow, which ms-swift's reader loads JSON with, refuses one
+    with a key twice ("Column(/response) was specified twice": hunt BK); Python keeps the last."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key '{twice[:40]}' appears twice in one object, which ms-swift's reader refuses")
+    return obj
 
 
 def _paired(value: Any) -> None:
@@ -135,7 +146,7 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
 
 def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
     text = head.decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique)
     escapes = bool(_SURROGATE_ESCAPE.search(head))
     pos = text.index("[") + 1
     n = 0
