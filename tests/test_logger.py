@@ -83,3 +83,24 @@ def test_every_log_line_says_its_utc_offset(tmp_path: Path) -> None:
     stamp = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} \+08:00 \| INFO"
     assert re.match(stamp, out.stderr), out.stderr
     assert re.match(stamp, (tmp_path / "swift-api.log").read_text()), (tmp_path / "swift-api.log").read_text()
+
+
+def test_a_logged_traceback_shows_no_frames_variables(tmp_path: Path) -> None:
+    # loguru's `diagnose` printed each frame's variables: a failed webhook's URLs with their tokens (hunt BM).
+    code = ("from pathlib import Path; from loguru import logger; from application.utils.logger import setup_logging; "
+            f"setup_logging('INFO', Path({str(tmp_path)!r}))\n"
+            "def deliver(url):\n"
+            "    raise OSError('refused')\n"
+            "target = 'https://hooks.example/T0K3N-s3cr3t'\n"
+            "try:\n"
+            "    deliver(target)\n"
+            "except OSError:\n"
+            "    logger.exception('webhook delivery failed')\n")  # fmt: skip
+    script = tmp_path / "deliver.py"  # (from a file: a frame's variables are shown beside its source lines)
+    script.write_text(code.replace("'https://hooks.example/T0K3N-s3cr3t'", "'https://hooks.example/' + 'T0K3N' * 2"))
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})  # fmt: skip
+    written = (tmp_path / "swift-api.log").read_text()
+    for text in (out.stderr, written):
+        assert "webhook delivery failed" in text and "OSError: refused" in text, text
+        assert "T0K3NT0K3N" not in text, text

@@ -68,11 +68,15 @@ def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> 
     """Console sink, plus `<log_dir>/<name>.log` (the scheduler logs to scheduler.log, API workers to swift-api.log)."""
     logger.remove()
     # With the UTC offset: hosts (or containers) with another TZ wrote lines hours apart with nothing to say so.
-    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS Z} | {level: <7} | {process} | {message}")
+    # Tracebacks without their frames' variables (loguru's `diagnose`): they printed a failed webhook's URLs, which
+    # often carry a token, and whatever else a frame held (hunt BM).
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS Z} | {level: <7} | {process} | {message}",
+               diagnose=False)  # fmt: skip
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         in_file = "{time:YYYY-MM-DD HH:mm:ss.SSS Z} | {level: <8} | {name}:{function}:{line} - {message}"
-        logger.add(LogFile(log_dir / f"{name}.log"), level=level, colorize=False, enqueue=False, format=in_file)
+        logger.add(LogFile(log_dir / f"{name}.log"), level=level, colorize=False, enqueue=False, format=in_file,
+                   diagnose=False)  # fmt: skip
     # Records below the sinks' level are not built at all: uvicorn's access line alone is a few % of a request.
     logging.basicConfig(handlers=[_InterceptHandler()], level=logger.level(level.upper()).no, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
