@@ -275,6 +275,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
+        if exc.status_code == 404 and detail == "Not Found":
+            # No route has the path: "curl host:8000/health" got a bare "Not Found" (hunt BM). Still "Not Found"
+            # first, which clients (the CLI) tell a wrong URL by.
+            api = f"{settings.API_PREFIX}/training"
+            detail = (f"Not Found: no route answers {request.method} {request.url.path[:200]}; this server's API is "
+                      f"under {api} (its health: {api}/health), and /docs lists its routes")  # fmt: skip
         return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)

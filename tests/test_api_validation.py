@@ -595,3 +595,15 @@ async def test_a_lone_surrogate_in_training_arguments_is_a_422_and_stores_nothin
             assert (await client.get(f"/jobs/{name}")).status_code == 404
         listed = (await client.get("/jobs")).json()
         assert listed["total"] == 0
+
+
+async def test_a_path_no_route_answers_names_where_the_api_is(app_factory: Callable[..., Any]) -> None:
+    # `curl localhost:8000/health` got a bare {"detail": "Not Found"} (hunt BM).
+    async with app_factory(scheduler=False) as client:
+        r = await client.get("http://test/health")
+        assert r.status_code == 404, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("Not Found: no route answers GET /health;") and "/api/v1/training/health" in detail
+        assert "/docs" in detail
+        # A 404 of ours keeps its own words.
+        assert (await client.get("/jobs/nope")).json()["detail"].startswith("job 'nope' not found")

@@ -661,15 +661,17 @@ def test_dot_segments_and_slashes_are_not_job_ids(job_id: str) -> None:
 def test_a_url_that_reaches_no_route_says_which_url_to_give() -> None:
     # SWIFT_API_URL=http://host:8000/api/v1 (the README's API_PREFIX, without /training): "404 Not Found: Not
     # Found", exit 2, as if the request were wrong.
-    def server(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(404, json={"detail": "Not Found"})
+    for answer in ("Not Found", "Not Found: no route answers GET /api/v1/jobs; this server's API is under ..."):
 
-    with Api("http://swift-api.test/api/v1", transport=httpx.MockTransport(server)) as api, \
-            pytest.raises(CliError) as caught:  # fmt: skip
-        api.get("/jobs")
-    said = str(caught.value)
-    assert caught.value.code == 3 and "http://swift-api.test/api/v1/jobs" in said, said
-    assert "/api/v1/training" in said and "SWIFT_API_URL" in said, said
+        def server(request: httpx.Request, answer: str = answer) -> httpx.Response:
+            return httpx.Response(404, json={"detail": answer})
+
+        with Api("http://swift-api.test/api/v1", transport=httpx.MockTransport(server)) as api, \
+                pytest.raises(CliError) as caught:  # fmt: skip
+            api.get("/jobs")
+        said = str(caught.value)
+        assert caught.value.code == 3 and "http://swift-api.test/api/v1/jobs" in said, said
+        assert "/api/v1/training" in said and "SWIFT_API_URL" in said, said
 
 
 def test_a_refused_key_names_where_the_cli_takes_it_from() -> None:

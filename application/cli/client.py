@@ -114,7 +114,7 @@ def check(response: httpx.Response) -> None:
                        "is it a swift-api server? (SWIFT_API_URL or --url)", EXIT_UNREACHABLE, response.status_code,
                        _retry_after(response))  # fmt: skip
     detail = _detail(response)
-    if response.status_code == 404 and detail == "Not Found":
+    if response.status_code == 404 and (detail == "Not Found" or detail.startswith("Not Found: no route")):
         # The framework's own answer for a path no route has (every refusal of ours says what to do): the URL
         # given is this server's, but not its API's root.
         raise CliError(f"{shown_url(response.request.url)} is no route of this server (404): give the server's root "
