@@ -39,7 +39,7 @@ def host_stats(output_root: Path) -> dict[str, Any]:
     load1, load5, load15 = os.getloadavg()
     gib = 1024**3
     return {
-        "cpu": {"count": psutil.cpu_count(), "percent": psutil.cpu_percent(interval=None)},
+        "cpu": {"count": psutil.cpu_count()},
         "memory": {"total_gb": round(vm.total / gib, 2), "used_gb": round(vm.used / gib, 2),
                    "available_gb": round(vm.available / gib, 2), "percent": vm.percent},
         "disk": {"path": str(output_root), "total_gb": round(disk.total / gib, 2), "used_gb": round(disk.used / gib, 2),
@@ -125,6 +125,9 @@ class SystemService:
     async def system_status(self) -> dict[str, Any]:
         settings = self.service.settings
         stats = await asyncio.to_thread(host_stats, settings.OUTPUT_ROOT)
+        # On this thread, which the constructor primed: psutil measures from the calling thread's previous call,
+        # and a worker thread's first said 0.0 whatever the load (hunt BM). (It reads /proc/stat: microseconds.)
+        stats["cpu"]["percent"] = psutil.cpu_percent(interval=None)
         redis, state = await self._state()
         snapshot = snapshot_of(state["gpus"] if state else None)
         counts = await self.service.store.counts() if state else None
