@@ -46,9 +46,14 @@ fi
 cpu_index="https://download.pytorch.org/whl/cpu"
 if [ -z "${TORCH_INDEX_URL+set}" ]; then
   TORCH_INDEX_URL=""
-  if ! command -v nvidia-smi >/dev/null 2>&1 && \
-      "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "torch from the configured index (an NVIDIA GPU is here: its CUDA build)"
+  elif "$venv/bin/python" -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" 2>/dev/null; then
     TORCH_INDEX_URL="$cpu_index"
+  else
+    # Said, not silent: on a machine without a CPU wheel at hand, pip now fetches PyPI's multi-GB CUDA build.
+    echo "torch from the configured index: PyTorch's CPU index ($cpu_index) did not answer, so this may be the" \
+      "multi-GB CUDA build; set TORCH_INDEX_URL to another index of CPU wheels to avoid it"
   fi
 fi
 if [ -n "$TORCH_INDEX_URL" ]; then
