@@ -122,7 +122,7 @@ class Scheduler:
                     break
                 try:
                     keeper = await self._take_lead()
-                except RedisError as exc:
+                except REDIS_AWAY as exc:  # (a refusal that would come again, WRONGTYPE say, still ends the process)
                     # A reply lost right after the lock was taken killed the process: the lock then sat unused for
                     # its TTL, and each restart waited twice as long (hunt BH). Stand by again instead.
                     logger.warning("scheduler {} lost Redis while taking the lead ({}): standing by again",
