@@ -213,6 +213,13 @@ REFUSED_ROWS = [
     ("dup.jsonl", [{"query": "hi", "Query": "hey", "response": "x"}], None, "columns 'query' and 'Query' are one"),
     ("twice.jsonl", '{"query": "hi", "response": "yo", "response": "b"}\n', None,
      "the key 'response' appears twice in one object"),
+    # Review BN: every column ms-swift maps to the answer is encoded; the messages column, label and
+    # rejected_response are matched only as written.
+    ("gsm.csv", "question,answer\nWhat is 1+1?,2\n", None, "column 'answer' holds only numbers"),
+    ("answer.jsonl", [{"problem": "1+1?", "answer": 2}], None, "its 'answer' is a int"),
+    ("Messages.jsonl", [{"Messages": MESSAGES["messages"]}], None, "no columns ms-swift can train on"),
+    ("Label.jsonl", [{**MESSAGES, "Label": True}], "label", "KTO needs a 'label' per row"),
+    ("Rejected.jsonl", [{**MESSAGES, "Rejected_Response": "no"}], "rejected", "needs a rejected answer"),
 ]  # fmt: skip
 
 
@@ -252,6 +259,38 @@ def test_rows_ms_swift_trains_on_are_taken(tmp_path: Path) -> None:
     # KTO sums its labels: 1.0 and 0.0 sum as 1 and 0 do.
     kto = write(tmp_path / "kto.jsonl", [{**MESSAGES, "label": 1.0}, {**MESSAGES, "label": 0.0}])
     assert check_dataset("data_path", kto, needs="label").rows == 2
+    (tmp_path / "kto.csv").write_text("query,response,label\nq1,a1,1.00\nq2,a2,0.00\n")
+    assert check_dataset("data_path", tmp_path / "kto.csv", needs="label").rows == 2
+
+
+TAKEN_ROWS = [
+    # Each trained with the real ms-swift 4.6 (review BN): alpaca joins a numeric input as text; a CSV column
+    # with text past its first rows is text to pandas; GRPO's answers only reward functions read; an array's
+    # repeated key keeps its last value; a column swift does not map may share a name with another in case;
+    # ms-swift's own paired turns.
+    ("alpaca.jsonl", [{"instruction": "Square this number", "input": 2, "output": "4"}] * 2, None, 2),
+    ("alpaca.csv", "instruction,input,output\nSquare this number,2,It is 4\n", None, 1),
+    ("late.csv", "query,response\n" + "".join(f"What is {n}+0?,{n}\n" for n in range(25)) + "What is 1/7?,1/7\n",
+     None, 26),
+    ("grpo.csv", "query,response\nWhat is 1+1?,2\n", "prompt", 1),
+    ("grpo.jsonl", [{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": 2}],
+                    "solution": 2}], "prompt", 1),
+    ("array.json", '[{"query": "hi", "response": "old", "response": "hello"}]', None, 1),
+    ("id.jsonl", [{"id": 0, "ID": "row-0", "query": "hi", "response": "yo"}], None, 1),
+    ("pairs.jsonl", [{"system": "be kind", "conversation": [{"human": "hi", "assistant": "hello"}]}], None, 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "needs", "rows"), TAKEN_ROWS, ids=[r[0] for r in TAKEN_ROWS])
+def test_rows_ms_swift_trains_on_in_these_shapes_are_taken(
+    tmp_path: Path, name: str, content: Any, needs: Any, rows: int
+) -> None:
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        write(path, content)
+    assert check_dataset("data_path", path, needs=needs).rows == rows
 
 
 def test_a_suffix_not_in_lower_case_is_refused_with_the_name_to_give(tmp_path: Path) -> None:

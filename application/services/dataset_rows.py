@@ -30,9 +30,14 @@ ROLES = frozenset({"system", "user", "human", "assistant", "gpt", "bot", "tool",
                    "observations"})  # fmt: skip
 ANSWER_ROLES = frozenset({"assistant", "gpt", "bot"})
 TEXT_ROLES = frozenset({"system", "user", "human", *ANSWER_ROLES})
-# Columns ms-swift encodes as text: a number, a true/false or an object there failed the run ('int' object is not
-# iterable). A CSV column of numbers only is read as numbers (pandas guesses each column's type).
-TEXT_KEYS = ("query", "response", "system", "rejected_response", "instruction", "input", "output", "prompt")
+# Columns a query/response row's template encodes as text (the names ms-swift maps to query, response and system):
+# a number, a true/false or an object there failed the run ('int' object is not iterable: hunt BK). Not for GRPO
+# or PPO, whose answers only reward functions read, nor alpaca's instruction and input, which it joins as text.
+TEXT_KEYS = (*QUERY_KEYS, *RESPONSE_KEYS, "system", "rejected_response")
+ALPACA_KEYS = frozenset({"instruction", "input"})
+# The names ms-swift's ResponsePreprocessor matches without regard to case ("Query", "Instruction"): others, the
+# messages column, `label` and `rejected_response` among them, only as written.
+ANY_CASE_KEYS = frozenset({*QUERY_KEYS, *RESPONSE_KEYS, "system"})
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _BOOL_WORDS = frozenset({"True", "False", "TRUE", "FALSE", "true", "false"})
 MAX_MESSAGES_TEXT = 1 << 20
@@ -85,7 +90,9 @@ def label_kind(label: Any, text: bool) -> str | None:
     one kind only (a column mixing them stays text)."""
     if text:  # (as written: pandas keeps " true" as text)
         word = label.lower() if isinstance(label, str) else None
-        return "bool" if word in ("true", "false") else "number" if word in ("1", "0", "1.0", "0.0") else None
+        if word in ("true", "false"):
+            return "bool"
+        return "number" if word is not None and _NUMBER.fullmatch(word) and float(word) in (0, 1) else None
     if isinstance(label, bool):
         return "bool"
     return "number" if type(label) in (int, float) and label in (0, 1) else None
@@ -98,17 +105,19 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if columns:
         row = renamed(row, columns)
     row = _lower_keys(row, where)
+    encoded = needs not in ("prompt", "either")  # (GRPO's and PPO's answers are for reward functions only)
     fmt = None
     for key in MESSAGE_KEYS:
         if key in row:
             row = {**row, key: _repaired(row[key], f"{where}: '{key}'")}
-            _check_messages(row[key], f"{where}: '{key}'")
+            _check_messages(row[key], f"{where}: '{key}'", typed=encoded)
             fmt = "messages"
             break
-    for key in TEXT_KEYS if needs != "prompt" else ("query", "system", "prompt", "instruction", "input"):
-        if isinstance(row.get(key), bool | int | float | dict):
-            kind = "true/false" if isinstance(row[key], bool) else type(row[key]).__name__
-            raise Invalid(f"{where}: its '{key}' is a {kind}: ms-swift takes text there; quote it")
+    if fmt is None and encoded:
+        for key in text_keys(row):
+            if isinstance(row.get(key), bool | int | float | dict):
+                kind = "true/false" if isinstance(row[key], bool) else type(row[key]).__name__
+                raise Invalid(f"{where}: its '{key}' is a {kind}: ms-swift takes text there; quote it")
     if fmt is None:
         if any(k in row for k in RESPONSE_KEYS):
             fmt = "query/response"
@@ -170,12 +179,20 @@ def _has_prompt(row: dict[str, Any]) -> bool:
     return last.get("role", last.get("from")) in ("user", "human")
 
 
-def _check_messages(value: Any, where: str) -> None:
+def text_keys(row: Mapping[str, Any]) -> list[str]:
+    """The row's columns that its template encodes as text (see TEXT_KEYS)."""
+    skip = ALPACA_KEYS if "instruction" in row else frozenset()
+    return [k for k in TEXT_KEYS if k in row and k not in skip]
+
+
+def _check_messages(value: Any, where: str, *, typed: bool = True) -> None:
     if not isinstance(value, list) or not value:
         raise Invalid(f"{where} must be a non-empty list of messages")
     for i, msg in enumerate(value):
         if not isinstance(msg, dict):
             raise Invalid(f'{where}[{i}] must be an object such as {{"role": "user", "content": "..."}}')
+        if _is_pair(msg):  # ({"human": ..., "assistant": ...}: ms-swift's sharegpt pairs, a turn each)
+            continue
         role_key, content_key = ("role", "content") if "role" in msg or "content" in msg else ("from", "value")
         calls = "tool_calls" in msg  # (OpenAI's: its content may be null or left out)
         if role_key not in msg or (content_key not in msg and not calls):
@@ -187,10 +204,16 @@ def _check_messages(value: Any, where: str) -> None:
         if content is None and not calls:
             raise Invalid(f"{where}[{i}]: its {content_key} is null: ms-swift drops such a row; give text")
         # (a tool call's or result's object or number ms-swift turns into text itself: review AQ)
-        if content is not None and not isinstance(content, str | list) and role in TEXT_ROLES:
+        if typed and content is not None and not isinstance(content, str | list) and role in TEXT_ROLES:
             kind = "true/false" if isinstance(content, bool) else type(content).__name__
             raise Invalid(f"{where}[{i}]: its {content_key} is a {kind}: ms-swift takes text (or a list of content "
                           "blocks); quote it")  # fmt: skip
+
+
+def _is_pair(msg: dict[str, Any]) -> bool:
+    return not ({"role", "content", "from", "value"} & msg.keys()) and bool(
+        {"user", "human"} & msg.keys() and ANSWER_ROLES & msg.keys()
+    )
 
 
 def _repaired(value: Any, where: str) -> Any:
@@ -212,12 +235,13 @@ def _repaired(value: Any, where: str) -> Any:
 
 
 def _lower_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """The row's columns as ms-swift matches them: without regard to case ("Query" is its query)."""
-    if all(not isinstance(k, str) or k == k.lower() for k in row):
+    """The row's columns as ms-swift matches them: the query/response names without regard to case ("Query" is
+    its query), the rest only as written ("Messages", "Label" are not its messages and label)."""
+    if all(not isinstance(k, str) or k == k.lower() or k.lower() not in ANY_CASE_KEYS for k in row):
         return row
     out: dict[str, Any] = {}
     for k, v in row.items():
-        name = k.lower() if isinstance(k, str) else k
+        name = k.lower() if isinstance(k, str) and k.lower() in ANY_CASE_KEYS else k
         if name in out:
             raise Invalid(f"{where}: columns '{name}' and '{k}' are one column to ms-swift (it matches names "
                           "without regard to case): keep one")  # fmt: skip
@@ -228,14 +252,18 @@ def _lower_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
 class CsvColumns:
     """Whether a CSV column that ms-swift encodes as text holds only numbers, or only true/false: pandas, which
     its loader reads CSV with, then gives them as numbers or booleans, and every row failed ('int' object is not
-    iterable: hunt BK)."""
+    iterable: hunt BK). Judged on the whole file (pandas types a column by all of it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, needs: Needs) -> None:
         self.kinds: dict[str, set[str]] = {}
+        self.encoded = needs not in ("prompt", "either")
 
     def add(self, row: dict[str, Any]) -> None:
-        for k, v in row.items():
-            if isinstance(k, str) and k.lower() in TEXT_KEYS and isinstance(v, str):
+        if not self.encoded or any(k in row for k in MESSAGE_KEYS):
+            return
+        for k in text_keys(_lower_keys(row, "")):
+            v = next(val for key, val in row.items() if isinstance(key, str) and key.lower() == k)
+            if isinstance(v, str):
                 kind = "number" if _NUMBER.fullmatch(v) else "true/false" if v in _BOOL_WORDS else "text"
                 self.kinds.setdefault(k, set()).add(kind)
 

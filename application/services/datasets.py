@@ -42,7 +42,7 @@ def _loads(raw: bytes | str) -> Any:
     """A row as ms-swift's reader (datasets' JSON) takes it: no unpaired surrogate escape. (Content that is an
     object or a number, and NaN, it takes: a tool call's arguments, a score.)"""
     try:
-        value = json.loads(raw, object_pairs_hook=_unique)
+        value = json.loads(raw, object_pairs_hook=_unique)  # (JSON lines: pyarrow's; an array is read otherwise)
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # (Python's own limit, whose message names its setting)
             raise ValueError("a number of more than 4300 digits") from None
@@ -146,7 +146,7 @@ def _jsonl_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
 
 def _json_array_rows(head: bytes, complete: bool) -> Iterator[tuple[int, Any]]:
     text = head.decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder(object_pairs_hook=_unique)
+    decoder = json.JSONDecoder()  # (datasets reads an array with ujson, which keeps a key's last value)
     escapes = bool(_SURROGATE_ESCAPE.search(head))
     pos = text.index("[") + 1
     n = 0
@@ -285,7 +285,7 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         rows, unit = _jsonl_rows(head, complete), "line"
     formats: set[str] = set()
     labels: set[str | None] = set()
-    typed = CsvColumns()
+    typed = CsvColumns(needs)
     seen = 0
     try:
         for number, row in rows:
@@ -302,7 +302,6 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
-        typed.check()
     except Invalid as exc:
         raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if seen == 0:
@@ -329,7 +328,12 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         # Records, not lines: a quoted field may hold line breaks (the header is the reader's, blank lines none).
         # The sampled rows' reader goes on to the end: the file is read once more, not twice.
         try:
-            return DatasetInfo(seen + sum(1 for _ in rows), True, fmt)
+            count = seen
+            for _, row in rows:  # (their column types too: pandas types a column by all of it)
+                typed.add(renamed(row, columns) if columns else row)
+                count += 1
+            typed.check()
+            return DatasetInfo(count, True, fmt)
         except Invalid as exc:  # a record past the rows sampled
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
