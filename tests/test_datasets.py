@@ -195,10 +195,10 @@ def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path)
 
 # Each failed `swift sft` / `swift rlhf` with the real ms-swift 4.6 after its wait, or trained (hunt BK).
 REFUSED_ROWS = [
-    ("num.csv", "query,response\nWhat is 2+2?,4\nWhat is 3+3?,6\n", None, "column 'response' holds only numbers"),
-    ("bool.csv", "query,response\nok?,true\nno?,false\n", None, "column 'response' holds only true/false"),
-    ("num.jsonl", [{"query": "2+2?", "response": 4}], None, "its 'response' is a int: ms-swift takes text"),
-    ("sys.jsonl", [{"query": 7, "response": "x"}], None, "its 'query' is a int"),
+    ("num.csv", "query,response\nWhat is 2+2?,4\nWhat is 3+3?,6\n", None, "first 2 rows, only numbers"),
+    ("bool.csv", "query,response\nok?,true\nno?,false\n", None, "2 rows, only true/false"),
+    ("num.jsonl", [{"query": "2+2?", "response": 4}], None, "'response' holds no text"),
+    ("sys.jsonl", [{"query": 7, "response": "x"}], None, "column 'query' holds no text"),
     ("dev.jsonl", [{"messages": [{"role": "developer", "content": "be brief"}, *MESSAGES["messages"]]}], None,
      "role 'developer' is not one ms-swift takes"),
     ("model.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "model", "value": "yo"}]}],
@@ -215,11 +215,20 @@ REFUSED_ROWS = [
      "the key 'response' appears twice in one object"),
     # Review BN: every column ms-swift maps to the answer is encoded; the messages column, label and
     # rejected_response are matched only as written.
-    ("gsm.csv", "question,answer\nWhat is 1+1?,2\n", None, "column 'answer' holds only numbers"),
-    ("answer.jsonl", [{"problem": "1+1?", "answer": 2}], None, "its 'answer' is a int"),
+    ("gsm.csv", "question,answer\nWhat is 1+1?,2\n", None, "'answer' holds no text"),
+    ("answer.jsonl", [{"problem": "1+1?", "answer": 2}], None, "column 'answer' holds no text"),
     ("Messages.jsonl", [{"Messages": MESSAGES["messages"]}], None, "no columns ms-swift can train on"),
     ("Label.jsonl", [{**MESSAGES, "Label": True}], "label", "KTO needs a 'label' per row"),
     ("Rejected.jsonl", [{**MESSAGES, "Rejected_Response": "no"}], "rejected", "needs a rejected answer"),
+    # Review BO: a GRPO prompt is encoded (only its answers are not); a system column beside a conversation is;
+    # a rejected answer is; an instruction with no input is the query; rows of two formats lose one.
+    ("grpo_q.jsonl", [{"query": 5}], "prompt", "'query' holds no text"),
+    ("SYSTEM.jsonl", [{"SYSTEM": 5, **MESSAGES}], None, "'system' holds no text"),
+    ("rej.jsonl", [{**MESSAGES, "rejected_response": 100}], "rejected", "'rejected_response' holds no text"),
+    ("inst.jsonl", [{"instruction": 1, "output": "yes"}], None, "'instruction' holds no text"),
+    ("alpaca_num.jsonl", [{"instruction": 1, "input": "", "output": "yes"}], None,
+     "'instruction' and 'input' give no text query"),
+    ("mixed.jsonl", [MESSAGES, {"query": "hi", "response": "yo"}], None, "its rows mix conversations with"),
 ]  # fmt: skip
 
 
@@ -278,6 +287,10 @@ TAKEN_ROWS = [
     ("array.json", '[{"query": "hi", "response": "old", "response": "hello"}]', None, 1),
     ("id.jsonl", [{"id": 0, "ID": "row-0", "query": "hi", "response": "yo"}], None, 1),
     ("pairs.jsonl", [{"system": "be kind", "conversation": [{"human": "hi", "assistant": "hello"}]}], None, 1),
+    # Review BO: of two answer columns ms-swift renames neither and uses 'response'; some text makes a column text.
+    ("two.jsonl", [{"question": "What is 0+2?", "response": "It is 2.", "answer": 2}], None, 1),
+    ("Two.jsonl", [{"Question": "What is 0+2?", "Response": "It is 2.", "Answer": 2}], None, 1),
+    ("some.jsonl", [{"query": "2+2?", "response": 4}, {"query": "hi", "response": "yo"}], None, 2),
 ]  # fmt: skip
 
 
@@ -331,10 +344,15 @@ def test_grpo_and_ppo_take_prompts_alone_and_other_kinds_still_need_answers(tmp_
         assert check_dataset("data_path", prompts, needs=data_needs("rlhf", rlhf_type)).rows == 2
     # An upload for rlhf (its type not known yet): GRPO's usual forms too, a prompt with a solution, or a
     # conversation ending with the user's turn.
-    grpo = write(tmp_path / "grpo.jsonl", [{"problem": "1+1?", "solution": "2"},
-                                           {"messages": [{"role": "user", "content": "1+1?"}]}])  # fmt: skip
-    for data in (prompts, grpo):
+    grpo = write(tmp_path / "grpo.jsonl", [{"problem": "1+1?", "solution": "2"}, {"problem": "2+2?", "solution": "4"}])
+    chats = write(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "1+1?"}]}] * 2)
+    for data in (prompts, grpo, chats):
         assert check_dataset("file", data, needs="either").rows == 2
+    # Both forms in one file: ms-swift reads it as conversations and drops the others (review BO).
+    mixed = write(tmp_path / "mixed.jsonl", [{"problem": "1+1?", "solution": "2"},
+                                             {"messages": [{"role": "user", "content": "1+1?"}]}])  # fmt: skip
+    with pytest.raises(Invalid, match="its rows mix conversations with"):
+        check_dataset("file", mixed, needs="either")
     kinds: list[tuple[str, str | None]] = [("sft", None), ("rlhf", "dpo"), ("rlhf", "gkd")]
     for kind, other in kinds:
         with pytest.raises(Invalid, match="no columns ms-swift can train on"):

@@ -30,14 +30,15 @@ ROLES = frozenset({"system", "user", "human", "assistant", "gpt", "bot", "tool",
                    "observations"})  # fmt: skip
 ANSWER_ROLES = frozenset({"assistant", "gpt", "bot"})
 TEXT_ROLES = frozenset({"system", "user", "human", *ANSWER_ROLES})
-# Columns a query/response row's template encodes as text (the names ms-swift maps to query, response and system):
-# a number, a true/false or an object there failed the run ('int' object is not iterable: hunt BK). Not for GRPO
-# or PPO, whose answers only reward functions read, nor alpaca's instruction and input, which it joins as text.
-TEXT_KEYS = (*QUERY_KEYS, *RESPONSE_KEYS, "system", "rejected_response")
-ALPACA_KEYS = frozenset({"instruction", "input"})
-# The names ms-swift's ResponsePreprocessor matches without regard to case ("Query", "Instruction"): others, the
-# messages column, `label` and `rejected_response` among them, only as written.
-ANY_CASE_KEYS = frozenset({*QUERY_KEYS, *RESPONSE_KEYS, "system"})
+SYSTEM_KEYS = ("system", "system_prompt")
+# What ms-swift's preprocessors rename to query, response and system (without regard to case): a name is renamed
+# when it is the only one of its target's in the row; of two or more, none is, and the column named as the target
+# itself is the one used (its safe_rename_columns). The used ones its template encodes as text: a number, a
+# true/false or an object there failed the run ('int' object is not iterable: hunt BK; a second, unused answer
+# column of numbers trained: review BO). Not the answers of GRPO or PPO, which only reward functions read.
+TARGETS = (("query", QUERY_KEYS), ("response", RESPONSE_KEYS), ("system", SYSTEM_KEYS))
+ANY_CASE_KEYS = frozenset({*QUERY_KEYS, *RESPONSE_KEYS, *SYSTEM_KEYS})
+CSV_TYPED_ROWS = 10_000  # datasets' CSV reader takes a column's type from its first batch of this many rows
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _BOOL_WORDS = frozenset({"True", "False", "TRUE", "FALSE", "true", "false"})
 MAX_MESSAGES_TEXT = 1 << 20
@@ -105,19 +106,18 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if columns:
         row = renamed(row, columns)
     row = _lower_keys(row, where)
-    encoded = needs not in ("prompt", "either")  # (GRPO's and PPO's answers are for reward functions only)
     fmt = None
     for key in MESSAGE_KEYS:
         if key in row:
             row = {**row, key: _repaired(row[key], f"{where}: '{key}'")}
-            _check_messages(row[key], f"{where}: '{key}'", typed=encoded)
+            _check_messages(row[key], f"{where}: '{key}'", needs=needs)
             fmt = "messages"
             break
-    if fmt is None and encoded:
-        for key in text_keys(row):
-            if isinstance(row.get(key), bool | int | float | dict):
-                kind = "true/false" if isinstance(row[key], bool) else type(row[key]).__name__
-                raise Invalid(f"{where}: its '{key}' is a {kind}: ms-swift takes text there; quote it")
+    if fmt is None and "instruction" in row and "input" in row:
+        instruction, given = row["instruction"], row["input"]
+        if not (instruction and given) and not isinstance(instruction or given, str):
+            # (alpaca joins the two as text only when both are given; else the one given must be text)
+            raise Invalid(f"{where}: its 'instruction' and 'input' give no text query: ms-swift takes text there")
     if fmt is None:
         if any(k in row for k in RESPONSE_KEYS):
             fmt = "query/response"
@@ -179,13 +179,27 @@ def _has_prompt(row: dict[str, Any]) -> bool:
     return last.get("role", last.get("from")) in ("user", "human")
 
 
-def text_keys(row: Mapping[str, Any]) -> list[str]:
-    """The row's columns that its template encodes as text (see TEXT_KEYS)."""
-    skip = ALPACA_KEYS if "instruction" in row else frozenset()
-    return [k for k in TEXT_KEYS if k in row and k not in skip]
+def text_columns(row: Mapping[str, Any], needs: Needs, *, messages: bool) -> list[str]:
+    """The row's columns (names as `_lower_keys` leaves them) whose values ms-swift's template encodes as text
+    (see TARGETS): the system column beside a conversation, and the query, response and system ones of a
+    query/response row (not alpaca's instruction and input, joined; not GRPO's or PPO's answers); and a
+    rejected_response."""
+    used = []
+    for target, names in TARGETS:
+        if messages and target != "system":
+            continue
+        if target == "response" and needs == "prompt":
+            continue
+        found = [k for k in row if isinstance(k, str) and k.lower() in names]
+        key = found[0] if len(found) == 1 else target if target in row else None
+        if key is not None and not (key in ("instruction", "input") and "instruction" in row and "input" in row):
+            used.append(key)
+    if needs != "prompt" and "rejected_response" in row:
+        used.append("rejected_response")
+    return used
 
 
-def _check_messages(value: Any, where: str, *, typed: bool = True) -> None:
+def _check_messages(value: Any, where: str, *, needs: Needs = None) -> None:
     if not isinstance(value, list) or not value:
         raise Invalid(f"{where} must be a non-empty list of messages")
     for i, msg in enumerate(value):
@@ -204,6 +218,8 @@ def _check_messages(value: Any, where: str, *, typed: bool = True) -> None:
         if content is None and not calls:
             raise Invalid(f"{where}[{i}]: its {content_key} is null: ms-swift drops such a row; give text")
         # (a tool call's or result's object or number ms-swift turns into text itself: review AQ)
+        # (GRPO's and PPO's answers only reward functions read; an rlhf upload's kind is not known yet)
+        typed = needs != "either" and not (needs == "prompt" and role in ANSWER_ROLES)
         if typed and content is not None and not isinstance(content, str | list) and role in TEXT_ROLES:
             kind = "true/false" if isinstance(content, bool) else type(content).__name__
             raise Invalid(f"{where}[{i}]: its {content_key} is a {kind}: ms-swift takes text (or a list of content "
@@ -249,28 +265,47 @@ def _lower_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-class CsvColumns:
-    """Whether a CSV column that ms-swift encodes as text holds only numbers, or only true/false: pandas, which
-    its loader reads CSV with, then gives them as numbers or booleans, and every row failed ('int' object is not
-    iterable: hunt BK). Judged on the whole file (pandas types a column by all of it)."""
+class TextColumns:
+    """Whether a column that ms-swift's template encodes as text (`text_columns`) holds no text at all, only numbers,
+    true/false or objects, in the first rows read: the file's reader (pandas for CSV, pyarrow for JSON) then gives
+    the column as non-text, and every row failed ('int' object is not iterable), or the next batch's text failed
+    the load (hunt BK, review BO). A column with some text is read as text, and trained. In a CSV file (`text`),
+    what pandas would read as a number or a boolean; up to CSV_TYPED_ROWS rows, its first batch."""
 
-    def __init__(self, needs: Needs) -> None:
+    def __init__(self, needs: Needs, text: bool) -> None:
         self.kinds: dict[str, set[str]] = {}
-        self.encoded = needs not in ("prompt", "either")
+        self.needs = needs
+        self.text = text
+        self.rows = 0
 
-    def add(self, row: dict[str, Any]) -> None:
-        if not self.encoded or any(k in row for k in MESSAGE_KEYS):
+    def add(self, row: Any) -> None:
+        if self.rows >= CSV_TYPED_ROWS or self.needs == "either" or not isinstance(row, dict):
             return
-        for k in text_keys(_lower_keys(row, "")):
-            v = next(val for key, val in row.items() if isinstance(key, str) and key.lower() == k)
-            if isinstance(v, str):
-                kind = "number" if _NUMBER.fullmatch(v) else "true/false" if v in _BOOL_WORDS else "text"
-                self.kinds.setdefault(k, set()).add(kind)
+        self.rows += 1
+        lowered = _lower_keys(row, "")
+        messages = any(m in lowered for m in MESSAGE_KEYS)
+        keys = text_columns(lowered, self.needs, messages=messages)
+        if messages and self.text:  # (a CSV of conversations with a system column of numbers
+            keys = [k for k in keys if k == "rejected_response"]  # trained: review BO's n12)
+        for k in keys:
+            self.kinds.setdefault(k, set()).add(_kind(lowered[k], self.text))
 
     def check(self) -> None:
         for name, kinds in self.kinds.items():
-            if kinds in ({"number"}, {"true/false"}):
-                kind = kinds.pop()
-                raise Invalid(f"column '{name}' holds only {'numbers' if kind == 'number' else kind} values: ms-swift "
-                              "reads CSV with pandas, which gives such a column as non-text, and its rows fail; "
-                              "write the file as .jsonl with the values as quoted text")  # fmt: skip
+            if kinds and "text" not in kinds and kinds != {"none"}:
+                shown = " and ".join(sorted(kinds - {"none"}))
+                raise Invalid(f"column '{name}' holds no text in its first {self.rows:,} rows, only {shown}: "
+                              "ms-swift's reader then gives the column as non-text, and its rows fail; give the "
+                              "values as quoted text (a CSV file: write it as .jsonl with quoted values)")  # fmt: skip
+
+
+def _kind(value: Any, text: bool) -> str:
+    if value is None:
+        return "none"
+    if text and isinstance(value, str):
+        return "numbers" if _NUMBER.fullmatch(value) else "true/false" if value in _BOOL_WORDS else "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "numbers"
+    return "objects" if isinstance(value, dict) else "text"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from application.exceptions import Invalid
-from application.services.dataset_rows import CsvColumns, Needs, label_kind, renamed, row_format
+from application.services.dataset_rows import CSV_TYPED_ROWS, Needs, TextColumns, label_kind, renamed, row_format
 from application.utils.regular_files import open_regular
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -285,15 +286,14 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         rows, unit = _jsonl_rows(head, complete), "line"
     formats: set[str] = set()
     labels: set[str | None] = set()
-    typed = CsvColumns(needs)
+    typed = TextColumns(needs, text=suffix == ".csv")
     seen = 0
     try:
         for number, row in rows:
             formats.add(row_format(row, f"{unit} {number}", needs=needs, text=suffix == ".csv", columns=columns))
             if columns and isinstance(row, dict):
                 row = renamed(row, columns)
-            if suffix == ".csv":
-                typed.add(row)
+            typed.add(row)
             if suffix == ".csv" and needs in ("label", "either") and isinstance(row, dict) and "label" in row:
                 labels.add(label_kind(row["label"], True))
                 if {"bool", "number"} <= labels:
@@ -302,6 +302,8 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
+        if suffix != ".csv":  # (a CSV's column types are judged on more of its rows, below)
+            typed.check()
     except Invalid as exc:
         raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if seen == 0:
@@ -309,6 +311,11 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}': no rows found")
         raise Invalid(f"{field} '{path}': its first row is longer than {FIRST_ROW_MAX >> 20} MiB, more than the server "
                       "checks: keep rows shorter (media as file paths rather than inline)")  # fmt: skip
+    if "messages" in formats and len(formats) > 1:
+        # ms-swift reads a file in one format, by its columns: the rows of the other were dropped (review BO)
+        others = ", ".join(sorted(formats - {"messages"}))
+        raise Invalid(f"{field} '{path}': its rows mix conversations with {others} rows: ms-swift reads the file as "
+                      "conversations and drops the others; use one format")  # fmt: skip
     fmt = formats.pop() if len(formats) == 1 else "mixed"
     if suffix == ".json" and stripped.startswith(b"["):
         if size > JSON_ARRAY_MAX_BYTES:
@@ -321,6 +328,13 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         except RecursionError:
             raise Invalid(f"{field} '{path}' is nested too deeply to be a data set") from None
         return DatasetInfo(length, True, fmt)
+    if suffix == ".csv" and not complete:
+        try:  # (the column types of the rows past those sampled, as far as the head reads: see CsvColumns)
+            for _, row in itertools.islice(rows, max(0, CSV_TYPED_ROWS - seen)):
+                typed.add(renamed(row, columns) if columns else row)
+            typed.check()
+        except Invalid as exc:
+            raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if suffix == ".csv" and complete:
         if (line := _unclosed_quote(head)) is not None:
             raise Invalid(f"{field} '{path}': a quoted field is still open at its end (line {line}): ms-swift's "
