@@ -275,7 +275,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
-        if exc.status_code == 404 and detail == "Not Found":
+        if exc.status_code == 404 and detail == "Not Found" and not request.url.path.startswith("/static/"):
             # No route has the path: "curl host:8000/health" got a bare "Not Found" (hunt BM). Still "Not Found"
             # first, which clients (the CLI) tell a wrong URL by.
             api = f"{settings.API_PREFIX}/training"

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
 
 from application import __version__
 from application.config import Settings
@@ -122,7 +122,8 @@ class Scheduler:
                     break
                 try:
                     keeper = await self._take_lead()
-                except REDIS_AWAY as exc:  # (a refusal that would come again, WRONGTYPE say, still ends the process)
+                except (*REDIS_AWAY, ReadOnlyError, TryAgainError) as exc:  # (away, or failing over: a refusal that
+                    # would come again, WRONGTYPE say, still ends the process)
                     # A reply lost right after the lock was taken killed the process: the lock then sat unused for
                     # its TTL, and each restart waited twice as long (hunt BH). Stand by again instead.
                     logger.warning("scheduler {} lost Redis while taking the lead ({}): standing by again",

@@ -605,8 +605,9 @@ async def test_a_path_no_route_answers_names_where_the_api_is(app_factory: Calla
         detail = r.json()["detail"]
         assert detail.startswith("Not Found: no route answers GET /health;") and "/api/v1/training/health" in detail
         assert "/docs" in detail
-        # A 404 of ours keeps its own words.
+        # A 404 of ours keeps its own words, and a file the dashboard's static folder lacks is not found there.
         assert (await client.get("/jobs/nope")).json()["detail"].startswith("job 'nope' not found")
+        assert (await client.get("http://test/static/nope.js")).json()["detail"] == "Not Found"
 
 
 async def test_the_first_system_status_of_a_worker_says_the_cpu_in_use(app_factory: Callable[..., Any]) -> None:
