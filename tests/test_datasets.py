@@ -195,10 +195,10 @@ def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path)
 
 # Each failed `swift sft` / `swift rlhf` with the real ms-swift 4.6 after its wait, or trained (hunt BK).
 REFUSED_ROWS = [
-    ("num.csv", "query,response\nWhat is 2+2?,4\nWhat is 3+3?,6\n", None, "first 2 rows, only numbers"),
-    ("bool.csv", "query,response\nok?,true\nno?,false\n", None, "2 rows, only true/false"),
-    ("num.jsonl", [{"query": "2+2?", "response": 4}], None, "'response' holds no text"),
-    ("sys.jsonl", [{"query": 7, "response": "x"}], None, "column 'query' holds no text"),
+    ("num.csv", "query,response\nWhat is 2+2?,4\nWhat is 3+3?,6\n", None, "only numbers in its first 2 rows"),
+    ("bool.csv", "query,response\nok?,true\nno?,false\n", None, "holds only true/false in its first 2 rows"),
+    ("num.jsonl", [{"query": "2+2?", "response": 4}], None, "its 'response' is a number: ms-swift takes text"),
+    ("sys.jsonl", [{"query": 7, "response": "x"}], None, "its 'query' is a number"),
     ("dev.jsonl", [{"messages": [{"role": "developer", "content": "be brief"}, *MESSAGES["messages"]]}], None,
      "role 'developer' is not one ms-swift takes"),
     ("model.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "model", "value": "yo"}]}],
@@ -215,20 +215,33 @@ REFUSED_ROWS = [
      "the key 'response' appears twice in one object"),
     # Review BN: every column ms-swift maps to the answer is encoded; the messages column, label and
     # rejected_response are matched only as written.
-    ("gsm.csv", "question,answer\nWhat is 1+1?,2\n", None, "'answer' holds no text"),
-    ("answer.jsonl", [{"problem": "1+1?", "answer": 2}], None, "column 'answer' holds no text"),
+    ("gsm.csv", "question,answer\nWhat is 1+1?,2\n", None, "'answer' holds only numbers"),
+    ("answer.jsonl", [{"problem": "1+1?", "answer": 2}], None, "its 'answer' is a number"),
     ("Messages.jsonl", [{"Messages": MESSAGES["messages"]}], None, "no columns ms-swift can train on"),
     ("Label.jsonl", [{**MESSAGES, "Label": True}], "label", "KTO needs a 'label' per row"),
     ("Rejected.jsonl", [{**MESSAGES, "Rejected_Response": "no"}], "rejected", "needs a rejected answer"),
     # Review BO: a GRPO prompt is encoded (only its answers are not); a system column beside a conversation is;
     # a rejected answer is; an instruction with no input is the query; rows of two formats lose one.
-    ("grpo_q.jsonl", [{"query": 5}], "prompt", "'query' holds no text"),
-    ("SYSTEM.jsonl", [{"SYSTEM": 5, **MESSAGES}], None, "'system' holds no text"),
-    ("rej.jsonl", [{**MESSAGES, "rejected_response": 100}], "rejected", "'rejected_response' holds no text"),
-    ("inst.jsonl", [{"instruction": 1, "output": "yes"}], None, "'instruction' holds no text"),
+    ("grpo_q.jsonl", [{"query": 5}], "prompt", "its 'query' is a number"),
+    ("SYSTEM.jsonl", [{"SYSTEM": 5, **MESSAGES}], None, "its 'system' is a number"),
+    ("rej.jsonl", [{**MESSAGES, "rejected_response": 100}], "rejected", "its 'rejected_response' is a number"),
+    ("inst.jsonl", [{"instruction": 1, "output": "yes"}], None, "its 'instruction' is a number"),
     ("alpaca_num.jsonl", [{"instruction": 1, "input": "", "output": "yes"}], None,
      "'instruction' and 'input' give no text query"),
     ("mixed.jsonl", [MESSAGES, {"query": "hi", "response": "yo"}], None, "its rows mix conversations with"),
+    # Review BP: a JSON number among text answers is a row swift drops; TRL's conversational prompt/completion
+    # (lists of messages) fails; two answer names with no 'response' leave no answer (labels all -100), two
+    # question names no question (mixed-case alpaca: swift chooses alpaca by the names as written); pandas
+    # reads " 42" as a number; an alpaca instruction of numbers with no input is the query alone.
+    ("some.jsonl", [{"query": "hi", "response": "yo"}, {"query": "0+1?", "response": 1}], None,
+     "line 2: its 'response' is a number"),
+    ("trl.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant",
+                    "content": "yo"}]}], None, "a conversation goes in a 'messages' column"),
+    ("tweets.csv", "id,keyword,location,text,target\n1,,,Our Deeds are the Reason,1\n", None,
+     "columns 'text', 'target' all name the answer"),
+    ("Alpaca.csv", "Instruction,Input,Output\nSay hi,,hello\n", None, "'instruction', 'input' all name the question"),
+    ("spaced.csv", "query,response\nhi, 42\nyo,7 \n", None, "'response' holds only numbers"),
+    ("alpaca_num.csv", "instruction,input,output\n5,,yes\n6,,no\n", None, "'instruction' holds only numbers"),
 ]  # fmt: skip
 
 
@@ -287,10 +300,11 @@ TAKEN_ROWS = [
     ("array.json", '[{"query": "hi", "response": "old", "response": "hello"}]', None, 1),
     ("id.jsonl", [{"id": 0, "ID": "row-0", "query": "hi", "response": "yo"}], None, 1),
     ("pairs.jsonl", [{"system": "be kind", "conversation": [{"human": "hi", "assistant": "hello"}]}], None, 1),
-    # Review BO: of two answer columns ms-swift renames neither and uses 'response'; some text makes a column text.
+    # Review BO: of two answer columns ms-swift renames neither and uses 'response'.
     ("two.jsonl", [{"question": "What is 0+2?", "response": "It is 2.", "answer": 2}], None, 1),
     ("Two.jsonl", [{"Question": "What is 0+2?", "Response": "It is 2.", "Answer": 2}], None, 1),
-    ("some.jsonl", [{"query": "2+2?", "response": 4}, {"query": "hi", "response": "yo"}], None, 2),
+    ("answers.jsonl", [{"query": "hi", "response": ["yo", "hello"]}], None, 1),  # (a list of answers: the first)
+    ("onetrue.csv", "query,response\nhi,1\nyo,true\n", None, 2),  # (numbers and true/false: pandas keeps text)
 ]  # fmt: skip
 
 

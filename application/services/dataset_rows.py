@@ -105,6 +105,7 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
         raise Invalid(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     if columns:
         row = renamed(row, columns)
+    alpaca = "instruction" in row and "input" in row  # (ms-swift chooses alpaca by these names as written)
     row = _lower_keys(row, where)
     fmt = None
     for key in MESSAGE_KEYS:
@@ -113,11 +114,22 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
             _check_messages(row[key], f"{where}: '{key}'", needs=needs)
             fmt = "messages"
             break
-    if fmt is None and "instruction" in row and "input" in row:
+    if fmt is None and alpaca and not text:
         instruction, given = row["instruction"], row["input"]
         if not (instruction and given) and not isinstance(instruction or given, str):
             # (alpaca joins the two as text only when both are given; else the one given must be text)
             raise Invalid(f"{where}: its 'instruction' and 'input' give no text query: ms-swift takes text there")
+    if needs != "either":  # (an rlhf upload, its kind unknown: checked with the job that names it)
+        used, clashes = used_columns(row, needs, messages=fmt == "messages", alpaca=alpaca)
+        for target, names in clashes:
+            what = "question" if target == "query" else "answer"
+            raise Invalid(f"{where}: columns {', '.join(repr(n) for n in names)} all name the {what} to ms-swift, "
+                          f"which then takes none of them as the {what}: keep one, or rename the others with "
+                          "training.columns")  # fmt: skip
+        for key, target in [] if text else used:  # (a CSV's values are all text here: see CsvColumns)
+            if (kind := _json_kind(row[key], target)) not in ("text", "none"):
+                hint = " (a conversation goes in a 'messages' column)" if kind == "a list" else ""
+                raise Invalid(f"{where}: its '{key}' is {kind}: ms-swift takes text there; quote it{hint}")
     if fmt is None:
         if any(k in row for k in RESPONSE_KEYS):
             fmt = "query/response"
@@ -179,24 +191,41 @@ def _has_prompt(row: dict[str, Any]) -> bool:
     return last.get("role", last.get("from")) in ("user", "human")
 
 
-def text_columns(row: Mapping[str, Any], needs: Needs, *, messages: bool) -> list[str]:
-    """The row's columns (names as `_lower_keys` leaves them) whose values ms-swift's template encodes as text
-    (see TARGETS): the system column beside a conversation, and the query, response and system ones of a
-    query/response row (not alpaca's instruction and input, joined; not GRPO's or PPO's answers); and a
-    rejected_response."""
-    used = []
+def used_columns(row: Mapping[str, Any], needs: Needs, *, messages: bool,
+                 alpaca: bool) -> tuple[list[tuple[str, str]], list[tuple[str, list[str]]]]:  # fmt: skip
+    """The row's columns (names as `_lower_keys` leaves them) ms-swift's template encodes as text, each with its
+    target (see TARGETS): the system column beside a conversation; a query/response row's query (not alpaca's,
+    the join of instruction and input), response (not GRPO's or PPO's: only reward functions read it) and system;
+    a rejected answer. And the targets two or more names claim with none named as the target itself: ms-swift
+    renames none of them, and the row has no question or answer (review BP: the answer tokens all -100)."""
+    used: list[tuple[str, str]] = []
+    clashes: list[tuple[str, list[str]]] = []
     for target, names in TARGETS:
-        if messages and target != "system":
-            continue
-        if target == "response" and needs == "prompt":
+        if (messages and target != "system") or (target == "query" and alpaca):
             continue
         found = [k for k in row if isinstance(k, str) and k.lower() in names]
         key = found[0] if len(found) == 1 else target if target in row else None
-        if key is not None and not (key in ("instruction", "input") and "instruction" in row and "input" in row):
-            used.append(key)
+        if target == "response" and needs == "prompt":
+            continue
+        if key is None and len(found) > 1 and target != "system":
+            clashes.append((target, found))
+        elif key is not None:
+            used.append((key, target))
     if needs != "prompt" and "rejected_response" in row:
-        used.append("rejected_response")
-    return used
+        used.append(("rejected_response", "rejected"))
+    return used, clashes
+
+
+def _json_kind(value: Any, target: str) -> str:
+    """What a JSON value is to the template: text (a response may be a list of answers, the first taken), none, or
+    what it is instead (ms-swift fails the row: a number, true/false, an object, a list of messages)."""
+    if value is None or isinstance(value, str):
+        return "none" if value is None else "text"
+    if isinstance(value, list) and target == "response" and value and isinstance(value[0], str):
+        return "text"
+    if isinstance(value, bool):
+        return "a true/false"
+    return {int: "a number", float: "a number", dict: "an object", list: "a list"}.get(type(value), "no text")
 
 
 def _check_messages(value: Any, where: str, *, needs: Needs = None) -> None:
@@ -265,47 +294,49 @@ def _lower_keys(row: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-class TextColumns:
-    """Whether a column that ms-swift's template encodes as text (`text_columns`) holds no text at all, only numbers,
-    true/false or objects, in the first rows read: the file's reader (pandas for CSV, pyarrow for JSON) then gives
-    the column as non-text, and every row failed ('int' object is not iterable), or the next batch's text failed
-    the load (hunt BK, review BO). A column with some text is read as text, and trained. In a CSV file (`text`),
-    what pandas would read as a number or a boolean; up to CSV_TYPED_ROWS rows, its first batch."""
+class CsvColumns:
+    """Whether a CSV column that ms-swift's template encodes as text (`used_columns`) holds only numbers, or only
+    true/false, in its first CSV_TYPED_ROWS rows (datasets' first batch): pandas then types the column so, and
+    every row failed ('int' object is not iterable), or the next batch's text failed the load (hunt BK, reviews
+    BO, BP). A column of both, or with any other text (an empty cell too: `na_filter` is off), is text. An alpaca
+    instruction of numbers fails where its input is empty (the query is then the instruction alone)."""
 
-    def __init__(self, needs: Needs, text: bool) -> None:
+    def __init__(self, needs: Needs) -> None:
         self.kinds: dict[str, set[str]] = {}
         self.needs = needs
-        self.text = text
         self.rows = 0
+        self.empty_input = False
 
     def add(self, row: Any) -> None:
         if self.rows >= CSV_TYPED_ROWS or self.needs == "either" or not isinstance(row, dict):
             return
         self.rows += 1
+        alpaca = "instruction" in row and "input" in row
         lowered = _lower_keys(row, "")
         messages = any(m in lowered for m in MESSAGE_KEYS)
-        keys = text_columns(lowered, self.needs, messages=messages)
-        if messages and self.text:  # (a CSV of conversations with a system column of numbers
-            keys = [k for k in keys if k == "rejected_response"]  # trained: review BO's n12)
+        used, _ = used_columns(lowered, self.needs, messages=messages, alpaca=alpaca)
+        keys = [k for k, _ in used if not messages or k == "rejected_response"]  # (a CSV of conversations with
+        if alpaca and not messages:  # a system column of numbers trained: review BO's n12)
+            keys.append("instruction")
+            self.empty_input = self.empty_input or lowered["input"] == ""
         for k in keys:
-            self.kinds.setdefault(k, set()).add(_kind(lowered[k], self.text))
+            self.kinds.setdefault(k, set()).add(_csv_kind(lowered[k]))
 
     def check(self) -> None:
         for name, kinds in self.kinds.items():
-            if kinds and "text" not in kinds and kinds != {"none"}:
-                shown = " and ".join(sorted(kinds - {"none"}))
-                raise Invalid(f"column '{name}' holds no text in its first {self.rows:,} rows, only {shown}: "
-                              "ms-swift's reader then gives the column as non-text, and its rows fail; give the "
-                              "values as quoted text (a CSV file: write it as .jsonl with quoted values)")  # fmt: skip
+            if name == "instruction" and not self.empty_input:
+                continue
+            if kinds in ({"numbers"}, {"true/false"}):
+                raise Invalid(f"column '{name}' holds only {kinds.pop()} in its first {self.rows:,} rows: ms-swift "
+                              "reads CSV with pandas, which then gives the column as non-text, and its rows fail; "
+                              "write the file as .jsonl with the values as quoted text")  # fmt: skip
 
 
-def _kind(value: Any, text: bool) -> str:
-    if value is None:
-        return "none"
-    if text and isinstance(value, str):
-        return "numbers" if _NUMBER.fullmatch(value) else "true/false" if value in _BOOL_WORDS else "text"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "numbers"
-    return "objects" if isinstance(value, dict) else "text"
+# What pandas' CSV reader takes for a number: spaces around it, and inf / infinity, too (review BP).
+_CSV_NUMBER = re.compile(r"\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity)\s*", re.IGNORECASE)
+
+
+def _csv_kind(value: Any) -> str:
+    if not isinstance(value, str):
+        return "text"
+    return "numbers" if _CSV_NUMBER.fullmatch(value) else "true/false" if value in _BOOL_WORDS else "text"

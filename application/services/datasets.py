@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from application.exceptions import Invalid
-from application.services.dataset_rows import CSV_TYPED_ROWS, Needs, TextColumns, label_kind, renamed, row_format
+from application.services.dataset_rows import CSV_TYPED_ROWS, CsvColumns, Needs, label_kind, renamed, row_format
 from application.utils.regular_files import open_regular
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -286,14 +286,15 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         rows, unit = _jsonl_rows(head, complete), "line"
     formats: set[str] = set()
     labels: set[str | None] = set()
-    typed = TextColumns(needs, text=suffix == ".csv")
+    typed = CsvColumns(needs)
     seen = 0
     try:
         for number, row in rows:
             formats.add(row_format(row, f"{unit} {number}", needs=needs, text=suffix == ".csv", columns=columns))
             if columns and isinstance(row, dict):
                 row = renamed(row, columns)
-            typed.add(row)
+            if suffix == ".csv":
+                typed.add(row)
             if suffix == ".csv" and needs in ("label", "either") and isinstance(row, dict) and "label" in row:
                 labels.add(label_kind(row["label"], True))
                 if {"bool", "number"} <= labels:
@@ -302,8 +303,6 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             seen += 1
             if seen >= SAMPLE_ROWS:
                 break
-        if suffix != ".csv":  # (a CSV's column types are judged on more of its rows, below)
-            typed.check()
     except Invalid as exc:
         raise Invalid(f"{field} '{path}': {exc.detail}") from None
     if seen == 0:
