@@ -304,6 +304,12 @@ TAKEN_ROWS = [
     ("two.jsonl", [{"question": "What is 0+2?", "response": "It is 2.", "answer": 2}], None, 1),
     ("Two.jsonl", [{"Question": "What is 0+2?", "Response": "It is 2.", "Answer": 2}], None, 1),
     ("answers.jsonl", [{"query": "hi", "response": ["yo", "hello"]}], None, 1),  # (a list of answers: the first)
+    # Review BQ: tatsu-lab/alpaca's shape: alpaca takes 'output' by name, whatever other answer names are there.
+    ("tatsu.jsonl", [{"instruction": "Translate the sentence into French.", "input": "I love cats.",
+                      "output": "J'aime les chats.", "text": "Below is an instruction ... J'aime les chats."},
+                     {"instruction": "Say hi.", "input": "", "output": "Hi!", "text": "Below ... Hi!"}], None, 2),
+    ("tatsu.csv", "instruction,input,output,text\nSay hi.,,Hi!,Below ... Hi!\n", None, 1),
+    ("answer_too.jsonl", [{"instruction": "1+1?", "input": "", "output": "It is 2.", "answer": "2"}], None, 1),
     ("onetrue.csv", "query,response\nhi,1\nyo,true\n", None, 2),  # (numbers and true/false: pandas keeps text)
 ]  # fmt: skip
 

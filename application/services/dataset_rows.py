@@ -205,6 +205,8 @@ def used_columns(row: Mapping[str, Any], needs: Needs, *, messages: bool,
             continue
         found = [k for k in row if isinstance(k, str) and k.lower() in names]
         key = found[0] if len(found) == 1 else target if target in row else None
+        if target == "response" and alpaca and "output" in row:
+            key = "output"  # (alpaca takes its answer from 'output' by name, beside a 'text' say: review BQ)
         if target == "response" and needs == "prompt":
             continue
         if key is None and len(found) > 1 and target != "system":
