@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from application.services.streams import end_streams
+
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 4 x 8 KiB headers; API keys and cookies are far smaller
 
 _BODY = json.dumps({"detail": f"the request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB: send fewer or "
@@ -85,6 +87,11 @@ if HttpToolsProtocol is not None:
             if self._unparsed > MAX_HEAD_BYTES and not self.transport.is_closing():
                 self._too_large = True
                 self.send_400_response("")
+
+        def shutdown(self) -> None:
+            # uvicorn's stop begins here, in each worker, before it waits out its grace for open requests.
+            end_streams()
+            super().shutdown()
 
         def send_400_response(self, msg: str) -> None:
             if not self._too_large:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import signal
+import socket
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
@@ -638,3 +640,32 @@ async def test_events_dropped_past_events_max_per_job_are_said_so_in_pages_and_s
                 assert "EVENTS_MAX_PER_JOB" in json.loads(head[0].data)["message"]
             else:
                 assert head[0].event is None and head[0].id != oldest, head
+
+
+def test_a_server_stop_ends_its_open_streams_at_once_for_their_clients_to_reconnect(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # Open streams held every stop for its whole grace (STOP_GRACE_SECONDS + 5 s), and were then cut, each with an
+    # "Exception in ASGI application" traceback in the workers of API_WORKERS > 1 (hunt BM).
+    server = server_factory(env={"API_WORKERS": "2", "STOP_GRACE_SECONDS": "100", "STREAM_HEARTBEAT_SECONDS": "0.3"})
+    server.create(**job_body(workspace, "open", hang_after_steps=1, auto_start=True))
+    wait_for(lambda: server.job("open")["progress"]["current_step"], what="the run's first step")
+    assert server.proc is not None
+    with contextlib.ExitStack() as stack:
+        followers = []
+        for kind in ("events", "progress", "logs"):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=40))
+            sock.sendall(f"GET /api/v1/training/jobs/open/{kind}/stream HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            got = b""
+            while b": keep-alive" not in got:
+                got += sock.recv(65536)
+            followers.append((sock, got))
+        server.proc.send_signal(signal.SIGTERM)
+        for sock, got in followers:
+            while chunk := sock.recv(65536):  # (times out after 40 s, well inside the grace)
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n0\r\n\r\n"), got[-300:]  # whole
+            assert b"event: end" not in got  # (which would tell the client not to come back)
+    server.proc.wait(40)
+    logged = (server.workdir / f"server-{server.port}.log").read_text(errors="replace")
+    assert "Exception in ASGI application" not in logged and "Cancel" not in logged, logged[-3000:]

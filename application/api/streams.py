@@ -13,7 +13,7 @@ from application.api.deps import E404, E429, CallerDep, JobId, Responses, Traini
 from application.auth import Caller
 from application.services.owner_slots import holding
 from application.services.redis_service import REDIS_AWAY
-from application.services.streams import Streams
+from application.services.streams import ServerStopping, Streams
 
 router = APIRouter(tags=["jobs"])
 
@@ -43,13 +43,16 @@ async def _sse(streams: Streams, caller: Caller, gen: AsyncIterator[str]) -> Str
 
 
 async def _until_redis_goes(items: AsyncIterator[str]) -> AsyncIterator[str]:
-    """`items`, ended whole when Redis stops answering (it was cut mid-chunk, with a traceback per stream): the
-    client reconnects with its Last-Event-ID, as after any end but `event: end`, and misses nothing."""
+    """`items`, ended whole when Redis stops answering (it was cut mid-chunk, with a traceback per stream) or the
+    server stops: the client reconnects with its Last-Event-ID, as after any end but `event: end`, and misses
+    nothing."""
     try:
         async for item in items:
             yield item
     except REDIS_AWAY as exc:
         logger.warning("a job stream ends: Redis does not answer ({})", exc)
+    except ServerStopping:
+        pass
 
 
 @router.get("/jobs/{job_id}/logs/stream", response_class=StreamingResponse, responses={**SSE, **E404, **E429},

@@ -66,6 +66,22 @@ IDLE_POLL = 1.0
 IDLE_AFTER = 4
 
 
+class ServerStopping(Exception):
+    """Raised in a stream at its next poll once its server has begun to stop (`end_streams`)."""
+
+
+_stopping = False
+
+
+def end_streams() -> None:
+    """This process's HTTP server begins to stop: each open stream ends at its next poll, whole and without
+    `event: end`, so its client reconnects with its Last-Event-ID (to another worker, or to this server once it is
+    back) and misses nothing. A stream follows its run to the end: left open, it held every stop for the whole
+    grace, and was then cut with a traceback."""
+    global _stopping
+    _stopping = True
+
+
 def message(data: str, *, event_id: str | None = None, event: str | None = None) -> str:
     head = (f"id: {event_id}\n" if event_id is not None else "") + (f"event: {event}\n" if event else "")
     return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
@@ -137,12 +153,16 @@ class _Pace:
 
     async def sleep(self, busy: bool, behind: bool = False) -> None:
         """`behind`: more is waiting to be read now, so the next read comes at once (after the other tasks')."""
+        if _stopping:
+            raise ServerStopping
         self.idle = 0 if busy else self.idle + 1
         self.sent = self.sent or busy
         if behind:
             await asyncio.sleep(0)
             return
         await asyncio.sleep(self.poll if self.idle < IDLE_AFTER else max(self.poll, IDLE_POLL))
+        if _stopping:
+            raise ServerStopping
 
 
 class Streams:
