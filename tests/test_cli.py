@@ -292,8 +292,12 @@ def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., Api
     ("http://h:8000/", "http://h:8000/api/v1/training"),
     ("h:8000", "http://h:8000/api/v1/training"),
     ("https://h/proxy/api/v1/training/", "https://h/proxy/api/v1/training"),
+    ("http://h:8000/training", "http://h:8000/training"),  # (API_PREFIX="")
+    # A server behind a proxy at a sub-path: that is its root (it was taken for the API: every command a 404).
+    ("https://h/swift", "https://h/swift/api/v1/training"),
+    ("https://h/teams/swift/", "https://h/teams/swift/api/v1/training"),
 ])  # fmt: skip
-def test_a_server_root_gets_the_api_path_and_a_url_with_a_path_is_kept(given: str, root: str) -> None:
+def test_a_server_root_gets_the_api_path_and_a_url_of_the_api_is_kept(given: str, root: str) -> None:
     assert api_root(given) == root
 
 

@@ -46,7 +46,9 @@ class CliError(Exception):
 
 
 def api_root(url: str) -> str:
-    """The API's base URL: a bare server root gets /api/v1/training; a URL with a path is taken as it is."""
+    """The API's base URL: a URL whose path ends in /training is taken as it is (every API prefix's routes are under
+    .../training); any other is the server's root, at a proxy's sub-path too (http://host/swift), and gets
+    /api/v1/training."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
@@ -62,7 +64,7 @@ def api_root(url: str) -> str:
     if "%" in parsed.host and ":" not in parsed.host:
         raise CliError(f"bad server URL {url!r}: {parsed.host!r} is not a host name or address", EXIT_USAGE)
     url = url.rstrip("/")
-    return url if parsed.path.strip("/") else url + API_PATH
+    return url if parsed.path.rstrip("/").endswith("/training") else url + API_PATH
 
 
 def job_path(job_id: str, suffix: str = "") -> str:
@@ -103,22 +105,31 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
 
 
+_PROXY_HINTS = {
+    413: "a proxy in front of the server refused the body as too large (nginx: client_max_body_size)",
+    504: "a proxy in front of the server gave up waiting for its answer, which may still come to pass (nginx: "
+         "proxy_read_timeout); look at the job before trying again",
+}  # fmt: skip
+
+
 def check(response: httpx.Response) -> None:
     """4xx: the request was wrong (usage, exit 2); 5xx: the server cannot serve (exit 3). An answer without JSON
     (a web server's 404 page, a redirect, a proxy's 502) is no refusal of this server's: exit 3, its page unshown."""
     if response.is_success:
         return
     if not _is_json(response):
+        # A proxy's own answers (the server's are JSON): they said to check the URL, which was right.
+        hint = _PROXY_HINTS.get(response.status_code, "is it a swift-api server? (SWIFT_API_URL or --url)")
         raise CliError(f"{shown_url(response.request.url)} answered {response.status_code} {response.reason_phrase}, "
-                       "not JSON: "
-                       "is it a swift-api server? (SWIFT_API_URL or --url)", EXIT_UNREACHABLE, response.status_code,
+                       f"not JSON: {hint}", EXIT_UNREACHABLE, response.status_code,
                        _retry_after(response))  # fmt: skip
     detail = _detail(response)
     if response.status_code == 404 and (detail == "Not Found" or detail.startswith("Not Found: no route")):
         # The framework's own answer for a path no route has (every refusal of ours says what to do): the URL
         # given is this server's, but not its API's root.
         raise CliError(f"{shown_url(response.request.url)} is no route of this server (404): give the server's root "
-                       f"(http://host:port) or its API (...{API_PATH}) as SWIFT_API_URL or --url",
+                       f"(http://host:port, or a proxy's http://host/path) or its API (...{API_PATH}) as "
+                       "SWIFT_API_URL or --url",
                        EXIT_UNREACHABLE, response.status_code)  # fmt: skip
     if response.status_code == 401:
         detail += " (the CLI sends the key given as SWIFT_API_KEY or --key)"
