@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -97,9 +98,7 @@ def serve_api(settings: Settings) -> None:
         # Streams still open when the stop's grace runs out are cancelled: each logged a long traceback.
         logging.getLogger("uvicorn.error").addFilter(_no_cancelled_streams_at_stop)
         # (what uvicorn.run does, with a server that records the stop signals it takes)
-        config = uvicorn.Config(create_app(settings), host=settings.bind_host, port=settings.APP_PORT, log_config=None,
-                                timeout_graceful_shutdown=requests_grace(settings), http=http_protocol())  # fmt: skip
-        server = _Server(config)
+        server = _Server(_uvicorn_config(create_app(settings), settings))
         server.run()
         if not server.started:
             sys.exit(STARTUP_FAILURE)
@@ -111,9 +110,7 @@ def serve_api(settings: Settings) -> None:
     metrics_dir = _metrics_dir(settings.APP_PORT)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
-        config = uvicorn.Config("application.main:create_app", factory=True, host=settings.bind_host,
-                                port=settings.APP_PORT, workers=settings.API_WORKERS, log_config=None,
-                                timeout_graceful_shutdown=requests_grace(settings), http=http_protocol())  # fmt: skip
+        config = _uvicorn_config("application.main:create_app", settings, factory=True, workers=settings.API_WORKERS)
         supervisor = _Multiprocess(config, sockets=[config.bind_socket()])
         supervisor.run()
     finally:
@@ -122,6 +119,13 @@ def serve_api(settings: Settings) -> None:
     # restarts on failure must see one.
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         sys.exit(STARTUP_FAILURE)
+
+
+def _uvicorn_config(app: Any, settings: Settings, **more: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.bind_host, port=settings.APP_PORT, log_config=None,
+                          timeout_graceful_shutdown=requests_grace(settings), http=http_protocol(),
+                          root_path=settings.ROOT_PATH, forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
+                          **more)  # fmt: skip
 
 
 def metrics_folder(port: int) -> Path:

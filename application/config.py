@@ -7,6 +7,7 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -101,6 +102,12 @@ class Settings(BaseSettings):
     APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)
     MAX_REQUEST_BYTES: int = Field(1 << 20, ge=1024, le=1 << 30)
+    # Behind a reverse proxy at a sub-path (https://host/swift/ passed on as /...): the path the clients see in
+    # front of every route, for the links, redirects, Swagger UI and the login cookie's path.
+    ROOT_PATH: str = ""
+    # The proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, comma-separated;
+    # "*" for any): the client's address and whether it came over https (the login cookie's Secure flag).
+    FORWARDED_ALLOW_IPS: str = "127.0.0.1"
 
     # Access. API_KEYS: comma-separated `name:role:key` (role admin|user); or API_KEYS_FILE, a JSON file
     # {"<name>": {"role": "...", "key": "..."}}. Without keys the server answers anyone who can reach it, so it
@@ -189,7 +196,7 @@ class Settings(BaseSettings):
     # A run is never preempted before it has run this long since its last start (no thrashing).
     PREEMPTION_MIN_RUN_SECONDS: float = Field(600.0, ge=0, le=30 * 86400)
 
-    @field_validator("API_PREFIX")
+    @field_validator("API_PREFIX", "ROOT_PATH")
     @classmethod
     def _prefix(cls, v: str) -> str:
         v = v.rstrip("/")
@@ -201,6 +208,18 @@ class Settings(BaseSettings):
         # (clients collapse /api/../training to /training before sending it: nothing could reach the API)
         if any(part in (".", "..") for part in v.split("/")):
             raise ValueError("must not have a '.' or '..' segment: clients remove them (for example /api/v1)")
+        return v
+
+    @field_validator("FORWARDED_ALLOW_IPS")
+    @classmethod
+    def _forwarded_allow_ips(cls, v: str) -> str:
+        for entry in split_list(v):
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an address or a network (for example 127.0.0.1,10.0.0.0/8 "
+                                     "or *)") from None  # fmt: skip
         return v
 
     @field_validator("REDIS_KEY_PREFIX")
@@ -421,7 +440,8 @@ class Settings(BaseSettings):
 
 _NOT_FOR_CHILDREN = frozenset(
     {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET",
-     "WEBHOOK_URLS"}  # (the scheduler posts; a runner only queues, by a flag in Redis)
+     "WEBHOOK_URLS",  # (the scheduler posts; a runner only queues, by a flag in Redis)
+     "ROOT_PATH", "FORWARDED_ALLOW_IPS"}
 )  # fmt: skip
 _SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET", "WEBHOOK_URLS"})
 

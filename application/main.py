@@ -32,9 +32,11 @@ from application import __version__
 from application.api.body_limit import BodyLimit
 from application.api.deps import E413
 from application.api.head import HeadAsGet
+from application.api.local_only import LocalOnly
 from application.api.metrics import router as metrics_router
 from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
 from application.api.query_once import QueryOnce
+from application.api.route_path import route_path
 from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
@@ -213,8 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The address too: uvicorn's own "running on" line is off (log_config=None), and the port may be any.
         host = settings.bind_host
         shown = f"[{host}]" if ":" in host else host
-        logger.info("swift-api {} API worker {} ready on http://{}:{}: API under {}/training, Swagger at /docs",
-                    __version__, os.getpid(), shown, settings.APP_PORT, settings.API_PREFIX)  # fmt: skip
+        behind = f" (behind a proxy at {settings.ROOT_PATH})" if settings.ROOT_PATH else ""
+        logger.info("swift-api {} API worker {} ready on http://{}:{}{}: API under {}/training, Swagger at /docs",
+                    __version__, os.getpid(), shown, settings.APP_PORT, behind, settings.API_PREFIX)  # fmt: skip
         try:  # (it serves all the same, and outlasts the outage: "ready" alone hid it)
             await asyncio.wait_for(client.ping(), 2)
         except Exception as exc:
@@ -243,6 +246,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES, exempt=unlimited)
     app.add_middleware(QueryOnce)
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
+    if not settings.api_keys and not settings.ALLOW_UNAUTHENTICATED:
+        app.add_middleware(LocalOnly)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -262,7 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette names only the methods of the first route that matched the path; list them all.
-            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
+            headers["Allow"] = ", ".join(_allowed_methods(app, route_path(request.scope)))
         detail = str(exc.detail)
         if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
             # FastAPI's "There was an error parsing the body": JSON its parser gave up on, said plainly.
@@ -275,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
-        if exc.status_code == 404 and detail == "Not Found" and not request.url.path.startswith("/static/"):
+        if exc.status_code == 404 and detail == "Not Found" and not route_path(request.scope).startswith("/static/"):
             # No route has the path: "curl host:8000/health" got a bare "Not Found" (hunt BM). Still "Not Found"
             # first, which clients (the CLI) tell a wrong URL by.
             api = f"{settings.API_PREFIX}/training"

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from application.api.route_path import route_path
+
 
 class BodyTooLarge(HTTPException):
     """An HTTPException, so that a route reading the body (FastAPI turns any other error there into a 400)
@@ -38,7 +40,7 @@ class BodyLimit:
             await json_answer(send, 415, f"the request body is compressed (Content-Encoding: "
                                      f"{encoding.decode('latin-1')[:32]}): send it uncompressed")  # fmt: skip
             return
-        if (scope["method"], scope["path"]) in self.exempt:  # (the upload, not every method of its path)
+        if (scope["method"], route_path(scope)) in self.exempt:  # (the upload, not every method of its path)
             await self.app(scope, receive, send)
             return
         declared = headers.get(b"content-length")

@@ -13,6 +13,8 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from application.api.route_path import route_path
+
 
 class HeadAsGet:
     def __init__(self, app: ASGIApp) -> None:
@@ -58,7 +60,8 @@ class HeadAsGet:
             app = scope.get("app")
             paths = app.openapi()["paths"] if app is not None and hasattr(app, "openapi") else {}
             self._head_paths = [re.compile(_pattern(t)) for t, ops in paths.items() if "head" in ops]
-        return any(p.match(scope["path"]) for p in self._head_paths)
+        path = route_path(scope)
+        return any(p.match(path) for p in self._head_paths)
 
 
 def _pattern(template: str) -> str:

@@ -25,6 +25,7 @@ from application.api.deps import (
     Training,
     current_caller,
 )
+from application.api.route_path import route_path
 from application.models.job_request import ExportRequest, JobCreate, JobPatch
 from application.models.job_responses import (
     ActionResponse,
@@ -77,7 +78,7 @@ jobs = APIRouter(tags=["jobs"])
 
 
 async def _print(request: Request) -> str:
-    return fingerprint(request.method, request.url.path, await request.body())
+    return fingerprint(request.method, route_path(request.scope), await request.body())
 
 
 @jobs.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=CreateResponse,

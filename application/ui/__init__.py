@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -35,21 +35,25 @@ def mount_ui(app: FastAPI) -> None:
     openapi_url = app.openapi_url or "/openapi.json"
 
     @app.get("/docs", include_in_schema=False)
-    async def swagger() -> HTMLResponse:
+    async def swagger(request: Request) -> HTMLResponse:
+        # Behind a proxy at a sub-path (ROOT_PATH) the page's URLs need it in front, as the dashboard's links.
+        root = str(request.scope.get("root_path", "")).rstrip("/")
         page = get_swagger_ui_html(
-            openapi_url=openapi_url, title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{VENDOR}/swagger-ui-bundle.js", swagger_css_url=f"{VENDOR}/swagger-ui.css",
-            swagger_favicon_url=f"{VENDOR}/favicon-32x32.png",
+            openapi_url=root + openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{VENDOR}/swagger-ui-bundle.js", swagger_css_url=f"{root}{VENDOR}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{VENDOR}/favicon-32x32.png",
             swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
         )  # fmt: skip
         page.headers.update(DOCS_HEADERS)
         return page
 
     @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        page = get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc",
-                              redoc_js_url=f"{VENDOR}/redoc.standalone.js",
-                              redoc_favicon_url=f"{VENDOR}/favicon-32x32.png", with_google_fonts=False)  # fmt: skip
+    async def redoc(request: Request) -> HTMLResponse:
+        root = str(request.scope.get("root_path", "")).rstrip("/")
+        page = get_redoc_html(openapi_url=root + openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}{VENDOR}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{VENDOR}/favicon-32x32.png",
+                              with_google_fonts=False)  # fmt: skip
         page.headers.update(DOCS_HEADERS)
         return page
 

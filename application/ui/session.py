@@ -115,7 +115,8 @@ async def login(request: Request) -> Response:
     except Unauthorized as exc:
         return _login_page(request, next_path, exc.detail, 401)
     response = RedirectResponse(f"{root}{next_path}", status_code=303)
-    response.set_cookie(COOKIE, quote(key, safe=""), max_age=COOKIE_MAX_AGE, path="/", httponly=True,
+    # Its path is this server's own (behind a proxy at a sub-path, the other sites on the host got the key).
+    response.set_cookie(COOKIE, quote(key, safe=""), max_age=COOKIE_MAX_AGE, path=f"{root}/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")  # fmt: skip
     return response
 
@@ -131,5 +132,6 @@ async def logout(request: Request) -> Response:
         return page(ctx, "Log out", body, status_code=403)
     root = str(request.scope.get("root_path", "")).rstrip("/")
     response = RedirectResponse(f"{root}/ui/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    response.delete_cookie(COOKIE, path=f"{root}/", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")  # fmt: skip
     return response
