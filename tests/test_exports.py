@@ -551,7 +551,13 @@ async def test_many_stops_of_an_export_at_once_add_one_event(app_factory: Callab
         assert (await client.post("/jobs", json=body)).status_code == 201
         await wait_job(client, "x", lambda j: j["export"]["status"] == "running" and j["export"]["pid"] is not None)
         answers = await asyncio.gather(*(client.post("/jobs/x/stop") for _ in range(8)))
-        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        # A stop that comes once the export has ended (the first ones' grace can pass before a loaded machine gets
+        # to the last) has nothing to stop.
+        late = {"detail": "job 'x' is already completed: nothing to stop"}
+        assert any(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert all(a.status_code == 200 or (a.status_code == 409 and a.json() == late) for a in answers), [
+            a.text for a in answers
+        ]
         await wait_job(client, "x", lambda j: j["export"]["status"] == "stopped")
         events = [e["type"] for e in (await client.get("/jobs/x/events")).json()["events"]]
         assert events.count("export_stop_requested") == 1, events
