@@ -619,3 +619,15 @@ async def test_the_first_system_status_of_a_worker_says_the_cpu_in_use(app_facto
             pass
         percent = (await client.get("/system/status")).json()["cpu"]["percent"]
         assert percent > 0, percent
+
+
+async def test_swagger_uis_cpu_example_is_created_as_it_is_on_a_server_without_gpus(
+    app_factory: Callable[..., Any], workspace: Path
+) -> None:
+    # Both earlier examples ask for a GPU: on the quick start's server, without one, "Try it out" got a 422.
+    async with app_factory(GPU_BACKEND="auto", MODEL_ROOTS=str(workspace / "models")) as client:
+        spec = (await client.get("http://test/openapi.json")).json()
+        body = spec["paths"]["/api/v1/training/jobs"]["post"]["requestBody"]["content"]["application/json"]
+        cpu = body["examples"]["cpu"]["value"]
+        r = await client.post("/jobs", json={**cpu, "auto_start": False})
+        assert r.status_code == 201, r.text

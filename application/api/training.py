@@ -56,6 +56,13 @@ CREATE_EXAMPLES: dict[str, Any] = {
                   "num_gpus": 1, "auto_start": True, "time_limit": "2h", "max_retries": 1,
                   "training": {"max_steps": 200, "save_steps": 50}},
     },
+    # (The others ask for a GPU, which a server without one answers 422: the README's quick start, on the CPU.)
+    "cpu": {
+        "summary": "On the CPU (num_gpus 0): the README's tiny model and data set, in ./models and ./datasets",
+        "value": {"data_path": "data.jsonl", "model_path": "tiny-qwen2", "output_dir": "tiny", "num_gpus": 0,
+                  "auto_start": True,
+                  "training": {"model_type": "qwen2", "template": "qwen2_5", "max_steps": 20, "save_steps": 10}},
+    },
 }  # fmt: skip
 
 # A body Swagger UI made up from the fields' own examples asked for a quantization (a GPU job) with 1 bit, which
