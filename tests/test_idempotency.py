@@ -53,6 +53,23 @@ async def test_twenty_concurrent_creates_with_one_key_make_one_job(app_factory: 
         assert (await client.get("/jobs")).json()["total"] == 1
 
 
+async def test_an_actions_key_sent_again_for_a_new_job_under_a_deleted_jobs_id_is_another_request(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The replay said "cancelled", of the new job, which was still pending (hunt BR).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        headers = {"Idempotency-Key": "stop-1"}
+        assert (await client.post("/jobs", json=body(tmp_path, "ik"))).status_code == 201
+        assert (await client.post("/jobs/ik/stop", headers=headers)).json()["status"] == "cancelled"
+        assert (await client.delete("/jobs/ik")).status_code == 204
+        assert (await client.post("/jobs", json=body(tmp_path, "ik"))).status_code == 201
+        again = await client.post("/jobs/ik/stop", headers=headers)
+        assert again.status_code == 409 and "different request" in again.json()["detail"], again.text
+        assert "Idempotent-Replayed" not in again.headers
+        assert (await client.get("/jobs/ik")).json()["status"] == "pending"
+
+
 async def test_a_retried_action_gets_the_first_answer(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:

@@ -41,6 +41,7 @@ from application.models.job_responses import (
 from application.models.training_model import Job, JobStatus
 from application.services.idempotency import fingerprint, held_claim
 from application.services.index_pages import CURSOR_HELP, CURSOR_PATTERN
+from application.services.training_service import TrainingService
 
 # What "Try it out" sends: jobs that run as they are (the hub ids download on first use).
 CREATE_EXAMPLES: dict[str, Any] = {
@@ -84,8 +85,14 @@ IdempotencyKey = Annotated[
 jobs = APIRouter(tags=["jobs"])
 
 
-async def _print(request: Request) -> str:
-    return fingerprint(request.method, route_path(request.scope), await request.body())
+async def _print(request: Request, job_id: str | None = None) -> str:
+    path = route_path(request.scope)
+    if job_id is not None:
+        # Which job, too: a job deleted and created again under its id is another job, and the same key sent for
+        # it replayed the deleted one's answer ("cancelled", of a job still pending: hunt BR).
+        training: TrainingService = request.app.state.training
+        path += "\0" + str((await training.store.get_fields([job_id], ["created_at"]))[0][0])
+    return fingerprint(request.method, path, await request.body())
 
 
 @jobs.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=CreateResponse,
@@ -115,7 +122,7 @@ async def start_job(job_id: JobId, request: Request, svc: Training, caller: Call
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
         return 200, await svc.start(job_id, caller), {}
 
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
 
 
 @jobs.post("/jobs/{job_id}/stop", response_model=ActionResponse, responses={**E404, **E409},
@@ -125,7 +132,7 @@ async def stop_job(job_id: JobId, request: Request, control: Control, caller: Ca
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
         return 200, await control.stop(job_id, caller), {}
 
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
 
 
 @jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **E429, **WITH_BODY},
@@ -139,7 +146,7 @@ async def export_job(job_id: JobId, request: Request, exports: Exports, caller: 
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
         return 200, await exports.export(job_id, caller, body, held_claim()), {}
 
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
 
 
 @jobs.get("/jobs/{job_id}/exports", response_model=ExportList, responses=E404,
@@ -158,7 +165,7 @@ async def pause_job(job_id: JobId, request: Request, ctl: Control, caller: Calle
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
         return 200, await ctl.pause(job_id, caller), {}
 
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
 
 
 @jobs.post("/jobs/{job_id}/resume", response_model=ActionResponse, responses={**E404, **E409, **E429},
@@ -171,7 +178,7 @@ async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: Call
     async def call() -> tuple[int, ActionResponse, dict[str, str]]:
         return 200, await ctl.resume(job_id, caller), {}
 
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request), call)
+    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
 
 
 @jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,
