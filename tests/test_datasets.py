@@ -432,3 +432,20 @@ def test_a_first_row_longer_than_the_head_is_read_whole(tmp_path: Path) -> None:
     endless.write_bytes(b'{"messages": "' + b"x" * FIRST_ROW_MAX)
     with pytest.raises(Invalid, match="its first row is longer than 64 MiB, more than the server checks"):
         check_dataset("data_path", endless)
+
+
+@pytest.mark.parametrize("first", ["conversations", "query/response"])
+def test_a_row_of_the_other_kind_past_the_sampled_rows_is_found(tmp_path: Path, first: str) -> None:
+    # Two files joined with cat: ms-swift took the file's columns from all its rows, read it as conversations and
+    # dropped every other row, in either order (review BP); only the first 20 rows were looked at.
+    chat, pair = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, \
+        {"query": "hi", "response": "yo"}  # fmt: skip
+    rows = [chat] * 30 + [pair] * 5 if first == "conversations" else [pair] * 30 + [chat] * 5
+    (tmp_path / "joined.json").write_text(json.dumps(rows))
+    for data in (write(tmp_path / "joined.jsonl", rows), tmp_path / "joined.json"):
+        with pytest.raises(Invalid, match=r"(line|element) 31 is (not )?a conversation, where the rows before it"):
+            check_dataset("data_path", data)
+    assert check_dataset("data_path", write(tmp_path / "one.jsonl", [pair] * 35)).rows == 35
+    # The word as a value, or a key deeper down, is no conversation.
+    named = [pair] * 30 + [{"query": "messages", "response": "yo", "meta": {"messages": 1}}]
+    assert check_dataset("data_path", write(tmp_path / "named.jsonl", named)).rows == 31

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from application.exceptions import Invalid
-from application.services.dataset_rows import CSV_TYPED_ROWS, CsvColumns, Needs, label_kind, renamed, row_format
+from application.services.dataset_rows import (
+    CSV_TYPED_ROWS,
+    MESSAGE_KEYS,
+    CsvColumns,
+    Needs,
+    label_kind,
+    renamed,
+    row_format,
+)
 from application.utils.regular_files import open_regular
 
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
@@ -315,13 +323,24 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         others = ", ".join(sorted(formats - {"messages"}))
         raise Invalid(f"{field} '{path}': its rows mix conversations with {others} rows: ms-swift reads the file as "
                       "conversations and drops the others; use one format")  # fmt: skip
+    # A row of the other kind past those sampled (two files joined with cat) does the same, in either order: the
+    # file's columns are all its rows' (review BP). Each row's kind is looked at, as far as the head reads (a JSON
+    # array's: as it is counted).
+    kinds = _Kinds("messages" in formats, unit, columns, after=number if seen >= SAMPLE_ROWS else None)
+    if suffix != ".csv" and unit == "line" and kinds.after is not None:
+        try:
+            kinds.lines(head, complete)
+        except Invalid as exc:
+            raise Invalid(f"{field} '{path}': {exc.detail}") from None
     fmt = formats.pop() if len(formats) == 1 else "mixed"
     if suffix == ".json" and stripped.startswith(b"["):
         if size > JSON_ARRAY_MAX_BYTES:
             return DatasetInfo(None, False, fmt)
         try:
             with open_regular(path) as f:
-                length = _array_length(f.read().decode("utf-8"))
+                length = _array_length(f.read().decode("utf-8"), kinds.row if kinds.after is not None else None)
+        except Invalid as exc:
+            raise Invalid(f"{field} '{path}': {exc.detail}") from None
         except (OSError, ValueError) as exc:
             raise Invalid(f"{field} '{path}' is not a valid JSON array ({exc})") from None
         except RecursionError:
@@ -360,12 +379,53 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
 
 
 _BLANK = re.compile(r"[ \t\n\r]*")
+_CONVERSATION_KEYS = tuple(f'"{k}"'.encode() for k in MESSAGE_KEYS)
 
 
-def _array_length(text: str) -> int:
+class _Kinds:
+    """Whether each row past the `after` sampled ones is a conversation as they are (`conversations`): Invalid at
+    the first that is not."""
+
+    def __init__(self, conversations: bool, unit: str, columns: Mapping[str, str] | None, after: int | None) -> None:
+        self.conversations = conversations
+        self.unit = unit
+        self.columns = columns
+        self.after = after
+
+    def row(self, number: int, row: Any) -> None:
+        if number <= (self.after or 0) or not isinstance(row, dict):
+            return
+        if self.columns:
+            row = renamed(row, self.columns)
+        if any(k in row for k in MESSAGE_KEYS) != self.conversations:
+            this = "not a conversation, where the rows before it are" if self.conversations else \
+                "a conversation, where the rows before it are not"  # fmt: skip
+            raise Invalid(f"{self.unit} {number} is {this}: ms-swift reads the file as conversations and drops the "
+                          "other rows; use one format")  # fmt: skip
+
+    def lines(self, head: bytes, complete: bool) -> None:
+        """The head's JSON lines past the sample: a line is decoded only when its bytes could make it the other
+        kind (one naming a conversation key where none is expected, or none where one is), so the scan costs
+        little more than reading the head (decoding each line of 8 MiB took 100 ms a create)."""
+        lines = head.split(b"\n")
+        if not complete:
+            lines = lines[:-1]
+        for number, raw in enumerate(lines[self.after or 0 :], start=(self.after or 0) + 1):
+            if not self.columns and any(k in raw for k in _CONVERSATION_KEYS) == self.conversations:
+                continue
+            if raw.strip():
+                try:
+                    self.row(number, _loads(raw))
+                except ValueError as exc:
+                    raise Invalid(f"line {number} is not valid JSON ({exc})") from None
+                except RecursionError:
+                    raise Invalid(f"line {number} is nested too deeply to be a data set row") from None
+
+
+def _array_length(text: str, each: Callable[[int, Any], None] | None = None) -> int:
     """The rows of a JSON array, decoded one at a time: json.loads of the whole holds the GIL throughout (3 s for
     60 MB), and this runs in a thread beside the event loop, which it stalled that long. ValueError if the text
-    is not one JSON array."""
+    is not one JSON array. `each(number, row)` is shown each row."""
     decoder = json.JSONDecoder()
     at = _BLANK.match(text).end()  # type: ignore[union-attr]
     if text[at : at + 1] != "[":
@@ -374,8 +434,10 @@ def _array_length(text: str) -> int:
     rows = 0
     if text[at : at + 1] != "]":
         while True:
-            _, at = decoder.raw_decode(text, at)
+            row, at = decoder.raw_decode(text, at)
             rows += 1
+            if each is not None:
+                each(rows, row)
             at = _BLANK.match(text, at).end()  # type: ignore[union-attr]
             mark = text[at : at + 1]
             if mark == "]":
