@@ -882,3 +882,35 @@ def test_another_owner_cannot_use_up_a_jobs_export_ids_and_a_refused_one_leaves_
     assert queued.status_code == 200, queued.text
     assert re.search(r"queued as job 'q-quant-[0-9a-f]{8}'", queued.json()["message"]), queued.text
     r.close()
+
+
+async def test_a_jobs_record_is_kept_while_its_quantized_export_runs_and_the_retention_after_its_end(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Retention removed the job at its next sweep while its quantized export's job still ran (hunt BR): the
+    # export's end then had no job to tell, and the record went before the README's "after its last export ends".
+    from tests.conftest import gated_swift, make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    wrapper, gate = gated_swift(tmp_path)
+    retention = 6.0
+    async with app_factory(SWIFT_BIN=str(wrapper), JOB_RETENTION_DAYS=retention / 86400, AUTO_EXPORT=False) as client:
+        body = job_body(tmp_path, "r", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        done = await wait_job(client, "r", lambda j: j["status"] == "completed")
+        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
+        assert (await client.post("/jobs/r/export", json=asked)).status_code == 200
+        await wait_job(client, "r-quant", lambda j: j["status"] == "running")
+        wait_for(lambda: time.time() > done["finished_at"] + retention, timeout=20)  # past its retention
+        retention_of = client.scheduler.watchdog.retention
+        assert await retention_of.expire_old_jobs() == []
+        assert (await client.get("/jobs/r")).status_code == 200
+        gate.touch()
+        quant = await wait_job(client, "r-quant", lambda j: j["status"] == "completed")
+        assert quant["finished_at"] + retention > time.time() + 1, "a machine too slow to tell"
+        assert "r" not in await retention_of.expire_old_jobs()  # kept the retention from the export's end
+        assert (await client.get("/jobs/r")).status_code == 200
+        deadline = time.monotonic() + 20
+        while "r" not in await retention_of.expire_old_jobs():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)

@@ -356,10 +356,11 @@ class JobStore(JobLog, QueueView):
         if export_of and to.is_terminal():
             # The job it exports says how its quantized export ended, as it says how a merge ended.
             ended = {JobStatus.COMPLETED: "export_completed", JobStatus.CANCELLED: "export_stopped"}
-            parent = {"job": k.job(export_of), "events": k.job_events(export_of), "event": event_payload(
-                ended.get(to, "export_failed"), f"quantized export job '{job_id}' {to.value}"
-                + (f": {message}" if message and to != JobStatus.COMPLETED else ""),
-                {"job_id": job_id, "status": to.value}, actor, now)}  # fmt: skip
+            parent = {"id": export_of, "job": k.job(export_of), "events": k.job_events(export_of),
+                      "event": event_payload(ended.get(to, "export_failed"), f"quantized export job '{job_id}' "
+                                             f"{to.value}" + (f": {message}" if message and to != JobStatus.COMPLETED
+                                                              else ""),
+                                             {"job_id": job_id, "status": to.value}, actor, now)}  # fmt: skip
         for _ in range(5):
             queue: dict[str, Any] = {"queue": "remove"}
             if to == JobStatus.QUEUED:

@@ -218,7 +218,7 @@ return {'ok'}
 # 'remove'), priority (the one `score` was computed from), score, meta, acquire (GPU indexes), terminal,
 # event, maxlen, wake, run_id|nil, fence|nil (the leader lock's value), finished_at|nil, cap|nil (the owner's
 # pending + queued jobs a move into the queue may not reach), refuse_export|nil (export statuses that refuse it),
-# parent|nil ({job, events, event}: a quantized export's end, told to the job it exports),
+# parent|nil ({id, job, events, event}: a quantized export's end, told to the job it exports; its expiry renewed),
 # k: {events, output_dirs, queue, queue_meta, leases, wakeup, expiry, leader, summary, status {s: key},
 #     owner_status {s: key}|nil, queue_head, head_since}
 TRANSITION = (
@@ -293,7 +293,11 @@ if a.parent then
   for _, e in ipairs(field(a.parent.job, 'exports') or {}) do
     if type(e) == 'table' and e.job_id == id then listed = true end
   end
-  if listed then add_event(a.parent.events, a.parent.event) end
+  if listed then
+    add_event(a.parent.events, a.parent.event)
+    -- Kept JOB_RETENTION_DAYS from its exports' ends, a quantized one's too (XX: only a job that ended).
+    redis.call('ZADD', k.expiry, 'XX', a.finished_at, a.parent.id)
+  end
 end
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
 -- Webhooks: an end, a pause, or a run sent back to the queue (preempted, retried), when anyone listens.

@@ -9,9 +9,10 @@ from loguru import logger
 from redis.exceptions import ResponseError
 
 from application.config import Settings
+from application.models.training_model import ExportStatus
 from application.services import clock
 from application.services.cluster_store import ClusterStore
-from application.services.exports import settle
+from application.services.exports import as_they_stand, settle
 from application.services.files import FileStore
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 
@@ -61,6 +62,8 @@ class Retention:
                 continue
             if not job.status.is_terminal():
                 continue  # resumed since (it leaves the expiry set)
+            if any(e.job_id and e.status == ExportStatus.RUNNING for e in await as_they_stand(self.store, job)):
+                continue  # its quantized export's job has not ended (whose end keeps it RETENTION_DAYS more)
             try:
                 await settle(self.store, job)
                 # (only the job read, still ended: not one created since under its id, nor one resumed since)
