@@ -914,3 +914,29 @@ async def test_a_jobs_record_is_kept_while_its_quantized_export_runs_and_the_ret
         while "r" not in await retention_of.expire_old_jobs():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+
+
+async def test_a_quantized_exports_folder_claim_goes_with_its_job_once_its_parent_is_gone(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The parent deleted while its quantized export ran left the export's folder claimed, and nothing ever
+    # dropped it: not the export job's end, nor its delete (hunt BR).
+    from tests.conftest import gated_swift, make_model, wait_job
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    wrapper, gate = gated_swift(tmp_path)
+    async with app_factory(SWIFT_BIN=str(wrapper), AUTO_EXPORT=False) as client:
+        store = client.app.state.training.store
+        body = job_body(tmp_path, "qp", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "qp", lambda j: j["status"] == "completed")
+        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
+        assert (await client.post("/jobs/qp/export", json=asked)).status_code == 200
+        await wait_job(client, "qp-quant", lambda j: j["status"] == "running")
+        assert (await client.delete("/jobs/qp")).status_code == 204
+        claims = [json.loads(v) for v in (await store.r.hgetall(store.keys.export_targets)).values()]
+        assert claims and all(c["job"] == "qp-quant" for c in claims), claims  # (it still writes there)
+        gate.touch()
+        await wait_job(client, "qp-quant", lambda j: j["status"] == "completed")
+        assert (await client.delete("/jobs/qp-quant")).status_code == 204
+        assert await store.r.hlen(store.keys.export_targets) == 0

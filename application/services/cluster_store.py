@@ -280,14 +280,23 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
 
     async def release_export_targets(self, job: Job) -> None:
         """After `job`'s record is deleted: the export folders it claimed are claimed by no one (but those its
-        quantized export jobs still write)."""
+        quantized export jobs still write); of a quantized export's job, the folder it wrote."""
+        ended = [json.dumps(s.value) for s in TERMINAL_STATUSES]
         exports = [e for e in (job.export, *job.exports) if e.output_dir]
         if exports:
             # (an empty map: cjson makes [] of it, which the script indexes all the same)
             children = {e.output_dir: self.keys.job(e.job_id) for e in exports if e.job_id}
             await self._release_export_targets(keys=[self.keys.export_targets], args=[json.dumps({
                 "of": job.job_id, "targets": [e.output_dir for e in exports], "children": children,
-                "ended": [json.dumps(s.value) for s in TERMINAL_STATUSES]})])  # fmt: skip
+                "ended": ended})])  # fmt: skip
+        argv = job.export_argv or []
+        if job.kind == "export" and job.export_of and "--output_dir" in argv[:-1]:
+            # A quantized export's own folder, left claimed by its job's delete while it ran (hunt BR): kept for
+            # good once the job went, and taken for that job's again by one created later under its id.
+            target = argv[argv.index("--output_dir") + 1]
+            await self._release_export_targets(keys=[self.keys.export_targets], args=[json.dumps({
+                "of": job.export_of, "job": job.job_id, "targets": [target], "children": {},
+                "ended": ended})])  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         k = self.keys

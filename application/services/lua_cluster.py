@@ -166,7 +166,8 @@ return 1
 """
 
 # KEYS[1]: Keys.export_targets. a: of (a job whose record was deleted), targets (the folders its exports wrote),
-# children (target -> the job hash of the quantized export writing it), ended (terminal statuses, as stored).
+# children (target -> the job hash of the quantized export writing it), ended (terminal statuses, as stored),
+# job|nil (a quantized export's job whose record was deleted: of is its parent, and only its own claim goes).
 # Each entry still claimed by that job goes (nothing else ever dropped one: the hash grew with every export),
 # but one whose quantized export job has not ended: it still writes there.
 RELEASE_EXPORT_TARGETS = """
@@ -175,7 +176,8 @@ local ended = {}
 for _, s in ipairs(a.ended) do ended[s] = true end
 for _, target in ipairs(a.targets) do
   local held = redis.call('HGET', KEYS[1], target)
-  if held and cjson.decode(held)['of'] == a.of then
+  local holder = held and cjson.decode(held)
+  if holder and holder['of'] == a.of and (not a.job or holder['job'] == a.job) then
     local child = a.children and a.children[target]
     local status = child and redis.call('HGET', child, 'status')
     if not status or ended[status] then redis.call('HDEL', KEYS[1], target) end
