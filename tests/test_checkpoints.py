@@ -56,7 +56,9 @@ def test_a_run_folder_that_is_a_symlink_out_of_the_job_folder_holds_none_of_its_
     _checkpoint(job_dir / "v0-20260101-000000", 5)
     linked = job_dir / "v1-20260101-000001"
     linked.symlink_to(tmp_path / "outside")
-    for job in (_job(job_dir), _job(job_dir, run_dir=linked)):  # (its run folder unknown, or named)
+    ran = _job(job_dir).model_copy(update={"started_at": 1.0})
+    assert describe_checkpoints(ran, root, []).total == 1  # (a record that ran, of a version that named no folder)
+    for job in (ran, _job(job_dir, run_dir=linked)):  # (its run folder unknown, or named)
         listed = describe_checkpoints(job, root, [])
         assert all("outside" not in c.path and not c.path.startswith(str(linked)) for c in listed.checkpoints)
         assert listed.resume_from is None or listed.resume_from.startswith(str(job_dir / "v0-"))
@@ -72,3 +74,12 @@ def test_a_checkpoints_time_is_on_the_shared_clock(tmp_path: Path, monkeypatch: 
     listed = describe_checkpoints(_job(tmp_path, run), tmp_path.parent, [])
     saved = (run / "checkpoint-5").stat().st_mtime
     assert listed.checkpoints[0].time is not None and abs(listed.checkpoints[0].time - (saved + 90)) < 1
+
+
+def test_a_job_that_never_ran_has_none_of_the_checkpoints_left_in_its_folder(tmp_path: Path) -> None:
+    # A job created again in a deleted job's folder listed that job's checkpoints as its own (hunt BR).
+    root = tmp_path / "out"
+    _checkpoint(root / "j" / "v0-20260101-000000", 5)
+    pending = _job(root / "j").model_copy(update={"status": JobStatus.PENDING})
+    listed = describe_checkpoints(pending, root, [])
+    assert listed.checkpoints == [] and listed.resume_from is None

@@ -85,8 +85,8 @@ def own_checkpoints(job: Job, output_root: Path) -> list[str]:
 
 def _run_checkpoints(job: Job) -> list[str]:
     run_dirs = [a.run_dir for a in job.attempts] + [job.run_dir]
-    if job.attempts and not any(run_dirs):
-        return []
+    if (job.attempts or job.started_at is None) and not any(run_dirs):
+        return []  # (one that never ran has none: a deleted job's, in the folder it reuses, are not its own)
     return job_checkpoints(Path(job.output_dir), run_dirs)
 
 
