@@ -12,10 +12,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from application.api.body_limit import json_answer
 
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})  # (every request's, but through a proxy: no parse)
+
 
 def is_local(client: tuple[str, int] | list[object] | None) -> bool:
     """Whether a scope's client is this host: no address (a unix socket) or a loopback one."""
-    if not client:
+    if not client or client[0] in _LOOPBACK:
         return True
     try:
         address = ipaddress.ip_address(str(client[0]))
