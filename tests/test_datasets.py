@@ -449,3 +449,15 @@ def test_a_row_of_the_other_kind_past_the_sampled_rows_is_found(tmp_path: Path, 
     # The word as a value, or a key deeper down, is no conversation.
     named = [pair] * 30 + [{"query": "messages", "response": "yo", "meta": {"messages": 1}}]
     assert check_dataset("data_path", write(tmp_path / "named.jsonl", named)).rows == 31
+
+
+def test_a_jsonl_file_holding_one_json_array_is_read_as_datasets_reads_it(tmp_path: Path) -> None:
+    # datasets reads a .jsonl whose lines are no JSON lines as one JSON document, and ms-swift trained on it; it
+    # was refused as "line 1 is not valid JSON" (hunt BK).
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps([MESSAGES] * 3, indent=2))
+    assert check_dataset("data_path", pretty).rows == 3
+    lines_of_arrays = tmp_path / "arrays.jsonl"
+    lines_of_arrays.write_text(json.dumps([MESSAGES]) + "\n" + json.dumps([MESSAGES]) + "\n")
+    with pytest.raises(Invalid, match="is not a valid JSON array"):
+        check_dataset("data_path", lines_of_arrays)

@@ -285,10 +285,12 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
     if why := _not_utf8(head, complete):
         raise Invalid(f"{field} '{path}': {why}")
     stripped = head.lstrip()
+    array = False
     rows: Iterator[tuple[int, Any]]
     if suffix == ".csv":
         rows, unit = _csv_rows(head, complete), "line"
-    elif suffix == ".json" and stripped.startswith(b"["):
+    elif array := stripped.startswith(b"["):
+        # (a .jsonl holding one JSON array too: datasets reads it as one when its lines are not JSON lines)
         rows, unit = _json_array_rows(head, complete), "element"
     else:
         rows, unit = _jsonl_rows(head, complete), "line"
@@ -333,7 +335,7 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
         except Invalid as exc:
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     fmt = formats.pop() if len(formats) == 1 else "mixed"
-    if suffix == ".json" and stripped.startswith(b"["):
+    if suffix != ".csv" and array:
         if size > JSON_ARRAY_MAX_BYTES:
             return DatasetInfo(None, False, fmt)
         try:
