@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -155,6 +156,12 @@ class Scheduler:
         if self.leader.redis_lost_it:
             with contextlib.suppress(RedisError):
                 await self._hold_starts("Redis lost the lead's lock")
+        elif forgotten := await self._forgotten_runs():
+            # A scheduler started on a Redis that lost its data (or was restored from an older snapshot) while
+            # runs went on: their runners end them once they find their records gone, but until then they hold
+            # GPUs that Redis calls free (hunt BU: a new run was started on them at once).
+            with contextlib.suppress(RedisError):
+                await self._hold_starts(f"runs Redis does not know still end on this host ({', '.join(forgotten)})")
         self.leader.redis_lost_it = False
         # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of 100k
         # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
@@ -225,6 +232,20 @@ class Scheduler:
         hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
         until = time.strftime("%H:%M:%S", time.localtime(time.time() + hold))
         return f"no run starts until {until}: {why}, and runs it may have forgotten must end first", hold
+
+    async def _forgotten_runs(self) -> list[str]:
+        """The jobs of this deployment's runners alive on this host whose runs (or exports) Redis does not know."""
+        found = await asyncio.to_thread(self.launcher.runners)
+        if not found:
+            return []
+        fields = await self.store.get_fields([r.job_id for r in found], ["status", "run_id", "export"])
+        forgotten = []
+        for runner, (status, run_id, export) in zip(found, fields, strict=True):
+            known = status is not None and (json.loads(run_id or "null") == runner.run_id if runner.export_id is None
+                                            else runner.export_id in (export or ""))  # fmt: skip
+            if not known:
+                forgotten.append(runner.job_id)
+        return sorted(set(forgotten))[:10]
 
     async def _hold_starts(self, why: str) -> None:
         said, hold = self._hold(why)

@@ -236,6 +236,32 @@ def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgo
         sync.close()
 
 
+def test_a_scheduler_started_on_a_redis_that_lost_everything_waits_for_the_runs_it_does_not_know(
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
+) -> None:
+    # start.py stopped (its runners go on), Redis back empty, start.py started again: the new leader had no lost
+    # lock and no Redis run_id to go by, and started a run at once on the GPU an orphaned run still held (hunt BU).
+    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"}
+    first = server_factory(env=env)
+    create(first, workspace, "orphan", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+    runner = wait_for(lambda: (j := first.job("orphan"))["pid"] and j["runner"], what="the run")["pid"]
+    first.stop()
+    sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sync.flushall()  # (as a Redis that kept nothing across its restart)
+        again = server_factory(env=env, prefix=first.prefix)
+        if not psutil.pid_exists(runner):
+            pytest.fail("the orphaned runner ended before the new scheduler led: too slow a machine to tell")
+        create(again, workspace, "next", auto_start=True, training={"max_steps": 2})
+        said = again.http.get("/queue/processor/status").json()
+        assert "runs Redis does not know still end on this host (orphan)" in json.dumps(said), said
+        gone = wait_for(lambda: not psutil.pid_exists(runner) and time.time(), timeout=30, what="the orphan's end")
+        job = again.wait_status("next", "completed", timeout=40)
+        assert job["started_at"] >= gone - 0.5, (job["started_at"], gone)  # (its GPU: not while the orphan held it)
+    finally:
+        sync.close()
+
+
 async def test_a_job_that_waits_out_a_start_hold_is_told_why_though_the_gpus_look_free(
     app_factory: Callable[..., Any], workspace: Path
 ) -> None:

@@ -17,8 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import psutil
 
 from application.config import PROJECT_ROOT
 from application.models.training_model import RunnerInfo
@@ -26,6 +29,14 @@ from application.services import clock
 from application.services import process_group as pg
 
 FORGET_AFTER = 600.0  # seconds an ended runner's exit status is kept for the watchdog
+RUNNER_MODULE = "application.runner"
+
+
+@dataclass(frozen=True)
+class LiveRunner:
+    job_id: str
+    run_id: str
+    export_id: str | None  # (None: a training run)
 
 
 class RunnerLauncher(Protocol):
@@ -63,6 +74,10 @@ class RunnerLauncher(Protocol):
     def outlived(self, runner: RunnerInfo) -> bool:
         """Whether the runner's host has started again since the runner did (a reboot, a container's restart):
         then it died with everything on its host, not of its own. False when this launcher cannot tell."""
+        ...
+
+    def runners(self) -> list[LiveRunner]:
+        """This deployment's runners alive where this launcher launches, whoever launched them (blocking)."""
         ...
 
 
@@ -149,3 +164,23 @@ class LocalLauncher:
             if now - self._ended.setdefault(pid, now) > FORGET_AFTER:
                 del self.children[pid]
                 del self._ended[pid]
+
+    def runners(self) -> list[LiveRunner]:
+        # Known by their command line and the settings they were started with: the same key prefix and output
+        # root (another deployment's on this host, or a test's, are not ours).
+        ours = (self.env.get("REDIS_KEY_PREFIX"), self.env.get("OUTPUT_ROOT"))
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            argv = p.info["cmdline"] or []
+            if RUNNER_MODULE not in argv[:4] or len(argv) < argv.index(RUNNER_MODULE) + 3:
+                continue
+            try:
+                env = p.environ()
+            except (psutil.Error, OSError):
+                continue
+            if (env.get("REDIS_KEY_PREFIX"), env.get("OUTPUT_ROOT")) != ours:
+                continue
+            at = argv.index(RUNNER_MODULE)
+            export = argv[argv.index("--export") + 1] if "--export" in argv[at:-1] else None
+            found.append(LiveRunner(argv[at + 1], argv[at + 2], export))
+        return found
