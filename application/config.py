@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     ROOT_PATH: str = ""
     # The proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, comma-separated;
     # "*" for any): the client's address and whether it came over https (the login cookie's Secure flag).
-    FORWARDED_ALLOW_IPS: str = "127.0.0.1"
+    FORWARDED_ALLOW_IPS: str = "127.0.0.1,::1"
 
     # Access. API_KEYS: comma-separated `name:role:key` (role admin|user); or API_KEYS_FILE, a JSON file
     # {"<name>": {"role": "...", "key": "..."}}. Without keys the server answers anyone who can reach it, so it

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from application.services.streams import end_streams
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 4 x 8 KiB headers; API keys and cookies are far smaller
@@ -28,10 +30,16 @@ except ImportError:  # (uvicorn[standard] installs httptools on CPython)
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
-def http_protocol() -> type[asyncio.Protocol] | str:
+def http_protocol() -> type[asyncio.Protocol]:
     """What uvicorn.Config's `http` takes: the bounded httptools protocol, or h11 (which bounds heads itself)
-    where httptools is not installed."""
-    return "h11" if HttpToolsProtocol is None else BoundedHttpToolsProtocol
+    where httptools is not installed; either ends the open streams when the server stops."""
+    return EndingH11Protocol if HttpToolsProtocol is None else BoundedHttpToolsProtocol
+
+
+class EndingH11Protocol(H11Protocol):
+    def shutdown(self) -> None:
+        end_streams()  # (as BoundedHttpToolsProtocol's)
+        super().shutdown()
 
 
 class _HeadTooLarge(Exception):

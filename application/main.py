@@ -283,9 +283,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if exc.status_code == 404 and detail == "Not Found" and not route_path(request.scope).startswith("/static/"):
             # No route has the path: "curl host:8000/health" got a bare "Not Found" (hunt BM). Still "Not Found"
             # first, which clients (the CLI) tell a wrong URL by.
-            api = f"{settings.API_PREFIX}/training"
+            root = str(request.scope.get("root_path", "")).rstrip("/")  # (behind a proxy at a sub-path)
+            api = f"{root}{settings.API_PREFIX}/training"
             detail = (f"Not Found: no route answers {request.method} {request.url.path[:200]}; this server's API is "
-                      f"under {api} (its health: {api}/health), and /docs lists its routes")  # fmt: skip
+                      f"under {api} (its health: {api}/health), and {root}/docs lists its routes")  # fmt: skip
         return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)

@@ -296,6 +296,8 @@ def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., Api
     # A server behind a proxy at a sub-path: that is its root (it was taken for the API: every command a 404).
     ("https://h/swift", "https://h/swift/api/v1/training"),
     ("https://h/teams/swift/", "https://h/teams/swift/api/v1/training"),
+    ("http://h:8000/api/v1", "http://h:8000/api/v1/training"),  # (the README's API_PREFIX)
+    ("https://h/swift/api/", "https://h/swift/api/v1/training"),
 ])  # fmt: skip
 def test_a_server_root_gets_the_api_path_and_a_url_of_the_api_is_kept(given: str, root: str) -> None:
     assert api_root(given) == root
@@ -663,18 +665,18 @@ def test_dot_segments_and_slashes_are_not_job_ids(job_id: str) -> None:
 
 
 def test_a_url_that_reaches_no_route_says_which_url_to_give() -> None:
-    # SWIFT_API_URL=http://host:8000/api/v1 (the README's API_PREFIX, without /training): "404 Not Found: Not
+    # SWIFT_API_URL=http://host:8000/v2/training (an API_PREFIX this server does not have): "404 Not Found: Not
     # Found", exit 2, as if the request were wrong.
-    for answer in ("Not Found", "Not Found: no route answers GET /api/v1/jobs; this server's API is under ..."):
+    for answer in ("Not Found", "Not Found: no route answers GET /v2/training/jobs; this server's API is under ..."):
 
         def server(request: httpx.Request, answer: str = answer) -> httpx.Response:
             return httpx.Response(404, json={"detail": answer})
 
-        with Api("http://swift-api.test/api/v1", transport=httpx.MockTransport(server)) as api, \
+        with Api("http://swift-api.test/v2/training", transport=httpx.MockTransport(server)) as api, \
                 pytest.raises(CliError) as caught:  # fmt: skip
             api.get("/jobs")
         said = str(caught.value)
-        assert caught.value.code == 3 and "http://swift-api.test/api/v1/jobs" in said, said
+        assert caught.value.code == 3 and "http://swift-api.test/v2/training/jobs" in said, said
         assert "/api/v1/training" in said and "SWIFT_API_URL" in said, said
 
 

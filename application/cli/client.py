@@ -47,8 +47,8 @@ class CliError(Exception):
 
 def api_root(url: str) -> str:
     """The API's base URL: a URL whose path ends in /training is taken as it is (every API prefix's routes are under
-    .../training); any other is the server's root, at a proxy's sub-path too (http://host/swift), and gets
-    /api/v1/training."""
+    .../training); one ending in /api/v1 or /api gets the rest; any other is the server's root, at a proxy's
+    sub-path too (http://host/swift), and gets /api/v1/training."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
@@ -63,8 +63,12 @@ def api_root(url: str) -> str:
         raise CliError(f"bad server URL {url!r}: the port must be 1-65535", EXIT_USAGE)
     if "%" in parsed.host and ":" not in parsed.host:
         raise CliError(f"bad server URL {url!r}: {parsed.host!r} is not a host name or address", EXIT_USAGE)
-    url = url.rstrip("/")
-    return url if parsed.path.rstrip("/").endswith("/training") else url + API_PATH
+    url, path = url.rstrip("/"), parsed.path.rstrip("/")
+    if path.endswith("/training"):
+        return url
+    # (the README's API_PREFIX, /api/v1, given without /training: its rest)
+    given = next((p for p in ("/api/v1", "/api") if path.endswith(p)), "")
+    return url + API_PATH[len(given) :]
 
 
 def job_path(job_id: str, suffix: str = "") -> str:
@@ -107,6 +111,8 @@ def _is_json(response: httpx.Response) -> bool:
 
 _PROXY_HINTS = {
     413: "a proxy in front of the server refused the body as too large (nginx: client_max_body_size)",
+    502: "a proxy in front of the server could not reach it: is the server running?",
+    503: "a proxy in front of the server could not reach it: is the server running?",
     504: "a proxy in front of the server gave up waiting for its answer, which may still come to pass (nginx: "
          "proxy_read_timeout); look at the job before trying again",
 }  # fmt: skip
