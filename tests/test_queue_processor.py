@@ -505,3 +505,34 @@ async def test_a_reply_lost_between_a_runs_record_and_its_launch_still_launches_
         ended = await wait_job(client, "lost", lambda j: j["status"] in ("failed", "completed", "queued") and
                                bool(j.get("attempts")))  # fmt: skip
         assert ended["status"] == "completed" and len(ended["attempts"]) == 1 and not lost, ended
+
+
+async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run_again(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Redis back from a snapshot in which a job waited: the job had since completed, and it ran again from its
+    # start, told to no one (hunt BU). A deleted job's logs in the folder a new job reuses are older than it.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        for name in ("restored", "reused"):
+            body = job_body(tmp_path, name, step_seconds=0.01, training={"max_steps": 2})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+        for name, ended in (("restored", clock.now() + 1), ("reused", clock.now() - 3600)):
+            logs = tmp_path / "output" / name / "logs"
+            logs.mkdir(parents=True)
+            (logs / f"{name}.train.log").write_text("a run of long ago\n")
+            (logs / f"{name}.train.exit.json").write_text(json.dumps({"exit_code": 0, "finished_at": ended}))
+        assert (await client.post("/jobs/reused/start")).status_code == 200
+        reused = await wait_job(client, "reused", lambda j: j["status"] == "completed")
+        assert [Path(a["log_file"]).name for a in reused["attempts"]] == ["reused.train.2.log"]
+        r = await client.post("/jobs/restored/start")
+        assert r.status_code == 200, r.text
+        restored = await wait_job(client, "restored", lambda j: j["status"] == "failed")
+        assert restored["error_code"] == "unknown_run", restored
+        assert "its folder holds 1 run(s) of it that its record did not know (the last: logs/restored.train.log, " \
+               "ended with completed at " in restored["error_message"], restored["error_message"]  # fmt: skip
+        assert [(a["outcome"], Path(a["log_file"]).name) for a in restored["attempts"]] == [
+            ("completed", "restored.train.log")]  # fmt: skip
+        logs = await client.get("/jobs/restored/logs", params={"attempt": 1})
+        assert [line for line in logs.json()["lines"]] == ["a run of long ago"], logs.text
+        assert restored["error_message"].endswith("create a new job to train again")

@@ -44,6 +44,7 @@ from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step, work_of
 from application.services.run_history import RunHistory
+from application.services.run_logs import log_name, run_log, unknown_runs
 from application.services.scheduler import Start, next_head
 from application.services.swift_command import (
     GPU_VARIABLES,
@@ -54,7 +55,7 @@ from application.services.swift_command import (
     visible_env,
 )
 from application.utils.gpu_utils import GpuInventory
-from application.utils.log_files import path_taken, replace_in_place
+from application.utils.log_files import replace_in_place
 
 
 class PathMoved(OSError):
@@ -97,17 +98,6 @@ def launch_error(exc: OSError, log_dir: Path) -> str:
         return (f"the run could not be started: the job's logs folder cannot be written ({log_dir}: "
                 f"{exc.strerror}): OUTPUT_ROOT must be writable by the server")  # fmt: skip
     return f"the runner could not be started: {exc}"
-
-
-def run_log(log_dir: Path, job_id: str, number: int) -> Path:
-    """The log of a job's `number`-th run, a file of its own: a resumed run's log starts empty and the earlier
-    ones stay (attempts[].log_file). A name a file already has is skipped: a job given the id and folder of a
-    deleted one must not write over that job's logs (a delete never removes what is on disk). Blocking."""
-    while True:
-        path = log_dir / (f"{job_id}.train.log" if number == 1 else f"{job_id}.train.{number}.log")
-        if not path_taken(path) and not path_taken(path.with_suffix(".exit.json")):
-            return path
-        number += 1
 
 
 def _resume_point(job: Job) -> tuple[str | None, bool]:
@@ -339,6 +329,9 @@ class QueueProcessor:
         try:
             resume, weights_only = await asyncio.to_thread(_resume_point, job) if job.attempts else (None, False)
             log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
+            # (only where a run's log name was taken: a deleted job's, or one of a run the record does not know)
+            skipped = log_file.name != log_name(job.job_id, number)
+            forgotten = await asyncio.to_thread(unknown_runs, job, log_dir) if skipped else []
         except OSError as exc:
             # This job's folder, not the pass: raised on, it stopped every start behind it, pass after pass. A
             # path no file can ever be made in fails the job; anything else (a disk or mount that may come back)
@@ -349,6 +342,19 @@ class QueueProcessor:
             error = f"its output folder cannot be used: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": error, "error_code": "output_dir"},
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
+            return False
+        if forgotten:
+            last = forgotten[-1]
+            how = f"ended with {last.outcome}" if last.outcome else "its end not recorded"
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.started_at))
+            error = (f"its folder holds {len(forgotten)} run(s) of it that its record did not know (the last: logs/"
+                     f"{Path(last.log_file or '').name}, {how} at {when}): Redis came back from an older state. Not "
+                     "run again: those runs' files are in its folder (their logs: GET .../logs?attempt=N); create a "
+                     "new job to train again")  # fmt: skip
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": error, "error_code": "unknown_run",
+                                                "attempts": [*job.attempts, *forgotten]},
                                         message=f"{work_of(job)} failed: {error}")  # fmt: skip
             return False
         # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
