@@ -571,12 +571,7 @@ async def test_a_paused_quantized_export_resumed_says_it_runs_again_not_that_tra
     make_model(tmp_path / "models" / "tiny-qwen2")
     wrapper, gate = gated_swift(tmp_path)  # (the export waits at the gate: it is running when paused)
     async with app_factory(SWIFT_BIN=str(wrapper), AUTO_EXPORT=False) as client:
-        body = job_body(tmp_path, "e", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "e", lambda j: j["status"] == "completed")
-        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
-        assert (await client.post("/jobs/e/export", json=asked)).status_code == 200
-        await wait_job(client, "e-quant", lambda j: j["status"] == "running")
+        await quantizing(client, tmp_path, "e")
         assert (await client.post("/jobs/e-quant/pause")).json()["status"] == "paused"
         r = await client.post("/jobs/e-quant/resume")
         assert r.status_code == 200, r.text
@@ -895,12 +890,8 @@ async def test_a_jobs_record_is_kept_while_its_quantized_export_runs_and_the_ret
     wrapper, gate = gated_swift(tmp_path)
     retention = 6.0
     async with app_factory(SWIFT_BIN=str(wrapper), JOB_RETENTION_DAYS=retention / 86400, AUTO_EXPORT=False) as client:
-        body = job_body(tmp_path, "r", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        done = await wait_job(client, "r", lambda j: j["status"] == "completed")
-        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
-        assert (await client.post("/jobs/r/export", json=asked)).status_code == 200
-        await wait_job(client, "r-quant", lambda j: j["status"] == "running")
+        await quantizing(client, tmp_path, "r")
+        done = (await client.get("/jobs/r")).json()
         wait_for(lambda: time.time() > done["finished_at"] + retention, timeout=20)  # past its retention
         retention_of = client.scheduler.watchdog.retention
         assert await retention_of.expire_old_jobs() == []
@@ -927,12 +918,7 @@ async def test_a_quantized_exports_folder_claim_goes_with_its_job_once_its_paren
     wrapper, gate = gated_swift(tmp_path)
     async with app_factory(SWIFT_BIN=str(wrapper), AUTO_EXPORT=False) as client:
         store = client.app.state.training.store
-        body = job_body(tmp_path, "qp", num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "qp", lambda j: j["status"] == "completed")
-        asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
-        assert (await client.post("/jobs/qp/export", json=asked)).status_code == 200
-        await wait_job(client, "qp-quant", lambda j: j["status"] == "running")
+        await quantizing(client, tmp_path, "qp")
         assert (await client.delete("/jobs/qp")).status_code == 204
         claims = [json.loads(v) for v in (await store.r.hgetall(store.keys.export_targets)).values()]
         assert claims and all(c["job"] == "qp-quant" for c in claims), claims  # (it still writes there)
@@ -940,3 +926,16 @@ async def test_a_quantized_exports_folder_claim_goes_with_its_job_once_its_paren
         await wait_job(client, "qp-quant", lambda j: j["status"] == "completed")
         assert (await client.delete("/jobs/qp-quant")).status_code == 204
         assert await store.r.hlen(store.keys.export_targets) == 0
+
+
+async def quantizing(client: Any, tmp_path: Path, name: str) -> None:
+    """A CPU job `name` run to its end, then its bnb export (a job of its own, `<name>-quant`) until it runs: behind
+    a gated swift, it waits there until the gate is opened."""
+    from tests.conftest import wait_job
+
+    body = job_body(tmp_path, name, num_gpus=0, auto_start=True, training={"max_steps": 4, "save_steps": 2})
+    assert (await client.post("/jobs", json=body)).status_code == 201
+    await wait_job(client, name, lambda j: j["status"] == "completed")
+    asked = {"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"}
+    assert (await client.post(f"/jobs/{name}/export", json=asked)).status_code == 200
+    await wait_job(client, f"{name}-quant", lambda j: j["status"] == "running")
