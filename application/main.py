@@ -267,7 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette names only the methods of the first route that matched the path; list them all.
-            headers["Allow"] = ", ".join(_allowed_methods(app, route_path(request.scope)))
+            headers["Allow"] = ", ".join(_allowed_methods(app, route_path(request.scope, settings.ROOT_PATH)))
         detail = str(exc.detail)
         if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
             # FastAPI's "There was an error parsing the body": JSON its parser gave up on, said plainly.
@@ -280,10 +280,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             elif "digits" in why:
                 why = "a number with more than 4300 digits"
             detail = f"body: not JSON this server can read ({why}): send one JSON object"
-        if exc.status_code == 404 and detail == "Not Found" and not route_path(request.scope).startswith("/static/"):
+        path = route_path(request.scope, settings.ROOT_PATH)
+        if exc.status_code == 404 and detail == "Not Found" and not path.startswith("/static/"):
             # No route has the path: "curl host:8000/health" got a bare "Not Found" (hunt BM). Still "Not Found"
             # first, which clients (the CLI) tell a wrong URL by.
-            root = str(request.scope.get("root_path", "")).rstrip("/")  # (behind a proxy at a sub-path)
+            root = settings.ROOT_PATH  # (behind a proxy at a sub-path)
             api = f"{root}{settings.API_PREFIX}/training"
             detail = (f"Not Found: no route answers {request.method} {request.url.path[:200]}; this server's API is "
                       f"under {api} (its health: {api}/health), and {root}/docs lists its routes")  # fmt: skip

@@ -511,28 +511,40 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     # Redis back from a snapshot in which a job waited: the job had since completed, and it ran again from its
-    # start, told to no one (hunt BU). A deleted job's logs in the folder a new job reuses are older than it.
+    # start, told to no one (hunt BU). A deleted job's run in the folder a new job reuses is another job's, even
+    # one that ended after the new job was created (its runner stopping once Redis lost its record: review BV).
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
+        created = {}
         for name in ("restored", "reused"):
             body = job_body(tmp_path, name, step_seconds=0.01, training={"max_steps": 2})
             assert (await client.post("/jobs", json=body)).status_code == 201
-        for name, ended in (("restored", clock.now() + 1), ("reused", clock.now() - 3600)):
-            logs = tmp_path / "output" / name / "logs"
-            logs.mkdir(parents=True)
-            (logs / f"{name}.train.log").write_text("a run of long ago\n")
-            (logs / f"{name}.train.exit.json").write_text(json.dumps({"exit_code": 0, "finished_at": ended}))
+            created[name] = (await client.get(f"/jobs/{name}")).json()["created_at"]
+        for name, of in (("restored", created["restored"]), ("reused", created["reused"] - 3600)):
+            folder = tmp_path / "output" / name
+            (folder / "v0-20261205-101010" / "checkpoint-2").mkdir(parents=True)
+            (folder / "logs").mkdir()
+            (folder / "logs" / f"{name}.train.log").write_text("a run Redis forgot\n")
+            (folder / "logs" / f"{name}.train.exit.json").write_text(json.dumps({
+                "exit_code": 0, "finished_at": clock.now() + 1, "job_created_at": of,
+                "run_dir": str(folder / "v0-20261205-101010")}))  # fmt: skip
         assert (await client.post("/jobs/reused/start")).status_code == 200
         reused = await wait_job(client, "reused", lambda j: j["status"] == "completed")
         assert [Path(a["log_file"]).name for a in reused["attempts"]] == ["reused.train.2.log"]
+        # What its runner writes beside the log to be told apart so: whose run it was, and its run folder.
+        record = json.loads((tmp_path / "output" / "reused" / "logs" / "reused.train.2.exit.json").read_text())
+        assert record["job_created_at"] == created["reused"] and record["run_dir"] == reused["run_dir"], record
         r = await client.post("/jobs/restored/start")
         assert r.status_code == 200, r.text
         restored = await wait_job(client, "restored", lambda j: j["status"] == "failed")
         assert restored["error_code"] == "unknown_run", restored
         assert "its folder holds 1 run(s) of it that its record did not know (the last: logs/restored.train.log, " \
                "ended with completed at " in restored["error_message"], restored["error_message"]  # fmt: skip
+        assert restored["error_message"].endswith("create a new job to train again")
         assert [(a["outcome"], Path(a["log_file"]).name) for a in restored["attempts"]] == [
             ("completed", "restored.train.log")]  # fmt: skip
         logs = await client.get("/jobs/restored/logs", params={"attempt": 1})
-        assert [line for line in logs.json()["lines"]] == ["a run of long ago"], logs.text
-        assert restored["error_message"].endswith("create a new job to train again")
+        assert [line for line in logs.json()["lines"]] == ["a run Redis forgot"], logs.text
+        # Its checkpoints are its own again (listed, exportable).
+        listed = (await client.get("/jobs/restored/checkpoints")).json()["checkpoints"]
+        assert [Path(c["path"]).name for c in listed] == ["checkpoint-2"], listed

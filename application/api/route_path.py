@@ -6,9 +6,10 @@ from __future__ import annotations
 from starlette.types import Scope
 
 
-def route_path(scope: Scope) -> str:
+def route_path(scope: Scope, root: str | None = None) -> str:
+    """`root`: the app's own root path (ROOT_PATH), where the scope's may hold a mount's too (/static's files)."""
     path: str = scope["path"]
-    root: str = scope.get("root_path", "")
+    root = scope.get("root_path", "") if root is None else root
     if root and (path == root or path.startswith(root + "/")):
         return path[len(root) :] or "/"
     return path

@@ -479,6 +479,10 @@ class JobStore(JobLog, QueueView):
         """Terminal jobs that finished before `before`, oldest first."""
         return list(await self.r.zrangebyscore(self.keys.expiry, "-inf", repr(before), start=0, num=limit))
 
+    async def keep_until(self, job_id: str, at: float) -> None:
+        """Retention looks at the job again once `at` is past (only one that ended: XX)."""
+        await self.r.zadd(self.keys.expiry, {job_id: at}, xx=True, gt=True)
+
     async def unexpire(self, job_id: str) -> None:
         """Out of retention's sight: a record it can neither read nor delete, left to an operator."""
         await self.r.zrem(self.keys.expiry, job_id)

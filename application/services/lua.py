@@ -296,7 +296,7 @@ if a.parent then
   if listed then
     add_event(a.parent.events, a.parent.event)
     -- Kept JOB_RETENTION_DAYS from its exports' ends, a quantized one's too (XX: only a job that ended).
-    redis.call('ZADD', k.expiry, 'XX', a.finished_at, a.parent.id)
+    redis.call('ZADD', k.expiry, 'XX', 'GT', a.finished_at, a.parent.id)
   end
 end
 if a.wake then redis.call('PUBLISH', k.wakeup, id) end
@@ -336,7 +336,7 @@ if a.exporting == true then
 elseif a.exporting == false then
   redis.call('SREM', a.k.exporting, a.id)
   -- An ended job's record is kept JOB_RETENTION_DAYS from its export's end too (XX: only one that ended).
-  redis.call('ZADD', a.k.expiry, 'XX', a.now, a.id)
+  redis.call('ZADD', a.k.expiry, 'XX', 'GT', a.now, a.id)
 end
 refresh_summary(a.k.summary)
 local ev = add_event(a.k.events, a.event)

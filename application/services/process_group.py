@@ -156,14 +156,17 @@ def read_exit(path: Path) -> tuple[int | None, float | None]:
     return code, float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
 
 
-def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, at: float | None = None) -> str | None:
+def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, at: float | None = None,
+                    about: dict[str, Any] | None = None) -> str | None:  # fmt: skip
     """Write swift's exit status beside its log, for a watchdog to read should the runner die before it records
     the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
     that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1".
 
     `asked`: what the run was asked to end for (stop, pause, preempt_for), as the runner acted on it: a Redis
-    back from an older snapshot no longer says so, and the run was retried or failed instead of stopped."""
-    record: dict[str, Any] = {"exit_code": code, "finished_at": at or clock.now(), "pid": os.getpid()}
+    back from an older snapshot no longer says so, and the run was retried or failed instead of stopped.
+    `about`: which job it was a run of (its `job_created_at`), and its `run_dir`, for a record that Redis lost
+    (`run_logs.unknown_runs`)."""
+    record: dict[str, Any] = {"exit_code": code, "finished_at": at or clock.now(), "pid": os.getpid(), **(about or {})}
     if asked:
         record["asked"] = asked
     try:
@@ -171,6 +174,16 @@ def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, 
     except OSError as exc:
         return f"{exc.strerror or exc} ({path})"
     return None
+
+
+def read_exit_record(path: Path) -> dict[str, Any] | None:
+    """The whole exit record beside a run's log, or None without a readable one."""
+    try:
+        with open_in_place(path) as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_exit_asked(path: Path) -> tuple[bool, bool, str | None]:
@@ -241,6 +254,13 @@ class Child:
     @property
     def returncode(self) -> int | None:
         return self.popen.poll()
+
+    @property
+    def ended_with(self) -> int:
+        """The exit status of a child known to have ended."""
+        code = self.popen.poll()
+        assert code is not None
+        return code
 
     async def wait(self) -> int:
         if self._waiter is None:

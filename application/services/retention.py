@@ -16,6 +16,10 @@ from application.services.exports import as_they_stand, settle
 from application.services.files import FileStore
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 
+# A job kept for its running quantized export is looked at again after this (or the retention, if shorter): less
+# than its export's end renews it by, which only moves a job's time on.
+RECHECK_SECONDS = 3600.0
+
 
 @dataclass(frozen=True)
 class Retention:
@@ -63,7 +67,10 @@ class Retention:
             if not job.status.is_terminal():
                 continue  # resumed since (it leaves the expiry set)
             if any(e.job_id and e.status == ExportStatus.RUNNING for e in await as_they_stand(self.store, job)):
-                continue  # its quantized export's job has not ended (whose end keeps it RETENTION_DAYS more)
+                # Its quantized export's job has not ended (whose end keeps it the retention more): out of the
+                # oldest the sweep reads until then, or a hundred such (paused exports) held back every job behind.
+                await self.store.keep_until(job_id, clock.now() - days * 86400 + min(days * 86400, RECHECK_SECONDS))
+                continue
             try:
                 await settle(self.store, job)
                 # (only the job read, still ended: not one created since under its id, nor one resumed since)

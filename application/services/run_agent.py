@@ -54,6 +54,7 @@ from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
 from application.services.run_end import RunEnd, exit_signal, signal_text, work_of
 from application.services.run_history import RunHistory
+from application.services.run_logs import exit_about
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
 from application.services.swift_errors import extract_error
@@ -219,7 +220,8 @@ class Runner:
         while True:
             exited = await self._wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
             if exited and not recorded:
-                if unwritten := pg.write_exit_file(exit_file, _returncode(proc)):
+                about = exit_about(job, parser.run_dir)
+                if unwritten := pg.write_exit_file(exit_file, proc.ended_with, about=about):
                     logger.warning("job {}: swift's exit status not written beside its log: {}", self.job_id, unwritten)
                 recorded, ended_at = True, clock.now()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
@@ -257,7 +259,7 @@ class Runner:
                 outcome = None
             # orphaned dataloader workers, a stray trainer, one in a session of its own: nothing may outlive the run
             await asyncio.to_thread(pg.kill_leftovers, proc.pid, self.run_id)
-            code = _returncode(proc)
+            code = proc.ended_with
             follow.read()
             follow.flush()
             if orphaned:
@@ -288,9 +290,11 @@ class Runner:
                 # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
                 # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
                 preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
-            if interrupt is not None and recorded:
-                ended_for = {"stop": interrupt == "stop", "pause": interrupt == "pause", "preempt_for": preempt_for}
-                if unwritten := pg.write_exit_file(exit_file, code, ended_for, at=ended_at):
+            if recorded and (interrupt is not None or facts.run_dir):  # (its run folder: known once the log is read)
+                ended_for = None if interrupt is None else {"stop": interrupt == "stop", "pause": interrupt == "pause",
+                                                            "preempt_for": preempt_for}  # fmt: skip
+                if unwritten := pg.write_exit_file(exit_file, code, ended_for, at=ended_at,
+                                                   about=exit_about(job, facts.run_dir)):  # fmt: skip
                     logger.warning("job {}: what the run was asked to end for not written: {}", self.job_id, unwritten)
             asked = job.model_copy(update={"preempt_for": preempt_for})
             end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
@@ -389,7 +393,7 @@ class Runner:
             if stopping is not None:
                 await stopping
             await asyncio.to_thread(pg.kill_leftovers, proc.pid, export_id)
-            code = _returncode(proc)
+            code = proc.ended_with
             if unwritten := pg.write_exit_file(exit_file, code):
                 logger.warning("job {}: the export's exit status not written beside its log: {}", self.job_id,
                                unwritten)  # fmt: skip
@@ -456,12 +460,6 @@ async def _end_group(pgid: int, grace: float) -> tuple[str, float]:
     """`pg.terminate_group`'s outcome, and when the group was gone: the run's end, when its GPUs came back."""
     outcome = await pg.terminate_group(pgid, grace)
     return outcome, clock.now()
-
-
-def _returncode(proc: pg.Child) -> int:
-    code = proc.returncode
-    assert code is not None
-    return code
 
 
 async def _main(args: argparse.Namespace, settings: Settings, early: pg.Child | OSError | None) -> int:

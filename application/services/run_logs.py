@@ -6,9 +6,9 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
+from typing import Any
 
 from application.models.training_model import Attempt, Job
-from application.services import clock
 from application.services import process_group as pg
 from application.utils.log_files import path_taken
 
@@ -28,27 +28,37 @@ def run_log(log_dir: Path, job_id: str, number: int) -> Path:
         number += 1
 
 
+def exit_about(job: Job, run_dir: str | None) -> dict[str, Any]:
+    """What a run's exit record says of it beyond its exit (`pg.write_exit_file`): whose run it was (the job's
+    creation time: another job may take its id and folder) and swift's run folder."""
+    return {"job_created_at": job.created_at, "run_dir": run_dir}
+
+
 def unknown_runs(job: Job, log_dir: Path) -> list[Attempt]:
-    """Runs of the job since its creation that its record does not know, from their logs in its folder: Redis came
-    back from an older state (a snapshot, a restored backup) in which it waited, and a completed job ran again
-    from its start (hunt BU). A deleted job's logs, under the same id in the folder it reuses, are older than this
-    job. As attempts of its own, which it then knows. Blocking."""
+    """Runs of the job that its record does not know, from the exit records beside their logs in its folder: Redis
+    came back from an older state (a snapshot, a restored backup) in which it waited, and a completed job ran
+    again from its start (hunt BU). Only a record naming this job's creation time counts: a deleted job's, under
+    the same id in the folder it reuses, is another job's, even one that ended after this job was created (its
+    run stopping after Redis lost its record: review BV). As attempts of its own, which it then knows. Blocking."""
     known = {Path(a.log_file).name for a in job.attempts if a.log_file}
     found: list[Attempt] = []
     for path in sorted(log_dir.glob(f"{glob.escape(job.job_id)}.train*.log"), key=lambda p: (len(p.name), p.name)):
         if path.name in known or not _RUN_LOG.fullmatch(path.name[len(job.job_id) :]):
             continue
-        code, ended = pg.read_exit(path.with_suffix(".exit.json"))
-        try:
-            at = ended if ended is not None else clock.from_local(path.stat().st_mtime)
-        except OSError:
+        record = pg.read_exit_record(path.with_suffix(".exit.json")) or {}
+        of, code, at = record.get("job_created_at"), record.get("exit_code"), record.get("finished_at")
+        if not isinstance(of, (int, float)) or not _number(at) or abs(of - job.created_at) > 1e-6:
             continue
-        if at >= job.created_at:
-            outcome = None if code is None else "completed" if code == 0 else "failed"
-            found.append(Attempt(number=len(job.attempts) + len(found) + 1, run_id="unknown", started_at=at,
-                                 finished_at=at, outcome=outcome, error_code="unknown_run",
-                                 log_file=str(path)))  # fmt: skip
+        run_dir = record.get("run_dir")
+        outcome = None if not isinstance(code, int) else "completed" if code == 0 else "failed"
+        found.append(Attempt(number=len(job.attempts) + len(found) + 1, run_id="unknown", started_at=at,
+                             finished_at=at, outcome=outcome, error_code="unknown_run", log_file=str(path),
+                             run_dir=run_dir if isinstance(run_dir, str) else None))  # fmt: skip
     return found
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _RUN_LOG = re.compile(r"\.train(\.[0-9]+)?\.log")
