@@ -446,9 +446,16 @@ def test_a_row_of_the_other_kind_past_the_sampled_rows_is_found(tmp_path: Path, 
         with pytest.raises(Invalid, match=r"(line|element) 31 is (not )?a conversation, where the rows before it"):
             check_dataset("data_path", data)
     assert check_dataset("data_path", write(tmp_path / "one.jsonl", [pair] * 35)).rows == 35
-    # The word as a value, or a key deeper down, is no conversation.
+    # The word as a value, or a key deeper down, is no conversation; nor, among conversations, does it make one.
     named = [pair] * 30 + [{"query": "messages", "response": "yo", "meta": {"messages": 1}}]
     assert check_dataset("data_path", write(tmp_path / "named.jsonl", named)).rows == 31
+    told = [chat] * 30 + [{"query": 'what are "messages"?', "response": "messages"}]
+    with pytest.raises(Invalid, match="line 31 is not a conversation"):
+        check_dataset("data_path", write(tmp_path / "told.jsonl", told))
+    # A column renamed to a conversation's name is one, in any case (as ms-swift renames).
+    renamed_rows = [pair] * 30 + [{"Dialog": chat["messages"]}]
+    with pytest.raises(Invalid, match="line 31 is a conversation"):
+        check_dataset("data_path", write(tmp_path / "renamed.jsonl", renamed_rows), columns={"dialog": "messages"})
 
 
 def test_a_jsonl_file_holding_one_json_array_is_read_as_datasets_reads_it(tmp_path: Path) -> None:
