@@ -28,7 +28,7 @@ from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from application.services.launcher import LocalLauncher
+from application.services.launcher import LiveRunner, LocalLauncher
 from application.services.leader import LeaderLock, scheduler_id
 from application.services.queue_processor import QueueProcessor
 from application.services.redis_service import REDIS_AWAY, RedisService
@@ -159,9 +159,12 @@ class Scheduler:
         elif forgotten := await self._forgotten_runs():
             # A scheduler started on a Redis that lost its data (or was restored from an older snapshot) while
             # runs went on: their runners end them once they find their records gone, but until then they hold
-            # GPUs that Redis calls free (hunt BU: a new run was started on them at once).
+            # GPUs that Redis calls free (hunt BU: a new run was started on them at once). For as long as the
+            # stop grace they were started with, which may be longer than this scheduler's (review BV).
+            names = ", ".join(sorted({r.job_id for r in forgotten})[:10])
             with contextlib.suppress(RedisError):
-                await self._hold_starts(f"runs Redis does not know still end on this host ({', '.join(forgotten)})")
+                await self._hold_starts(f"runs Redis does not know still end on this host ({names})",
+                                        max(r.ends_within for r in forgotten))  # fmt: skip
         self.leader.redis_lost_it = False
         # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of 100k
         # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
@@ -223,18 +226,18 @@ class Scheduler:
                 logger.warning("wake-up listener: {}; retrying", exc)
                 await asyncio.sleep(1.0)
 
-    def _hold(self, why: str) -> tuple[str, float]:
+    def _hold(self, why: str, at_least: float = 0.0) -> tuple[str, float]:
         """What a hold of every start says, and for how long: until runs Redis may have forgotten have ended. Back
         from a snapshot or a backup, Redis shows their GPUs free and their jobs queued again, while their runners,
         finding their runs no longer recorded, stop swift within a poll and a stop grace: a start meanwhile put a
         second run on the same GPU (a hunt, Redis rolled back). Redis cannot tell a restart that kept everything
         from one that did not. Kept in Redis, for a standby that takes the lead meanwhile."""
-        hold = self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0
+        hold = max(at_least, self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0)
         until = time.strftime("%H:%M:%S", time.localtime(time.time() + hold))
         return f"no run starts until {until}: {why}, and runs it may have forgotten must end first", hold
 
-    async def _forgotten_runs(self) -> list[str]:
-        """The jobs of this deployment's runners alive on this host whose runs (or exports) Redis does not know."""
+    async def _forgotten_runs(self) -> list[LiveRunner]:
+        """This deployment's runners alive on this host whose runs (or exports) Redis does not know."""
         found = await asyncio.to_thread(self.launcher.runners)
         if not found:
             return []
@@ -244,11 +247,11 @@ class Scheduler:
             known = status is not None and (json.loads(run_id or "null") == runner.run_id if runner.export_id is None
                                             else runner.export_id in (export or ""))  # fmt: skip
             if not known:
-                forgotten.append(runner.job_id)
-        return sorted(set(forgotten))[:10]
+                forgotten.append(runner)
+        return forgotten
 
-    async def _hold_starts(self, why: str) -> None:
-        said, hold = self._hold(why)
+    async def _hold_starts(self, why: str, at_least: float = 0.0) -> None:
+        said, hold = self._hold(why, at_least)
         logger.warning("scheduler {}: {} (for {:g} s)", self.ident, said, hold)
         self._hold_locally(hold, said)
         await self.cluster.hold_starts(said, hold)

@@ -85,3 +85,45 @@ async def test_runners_that_recorded_their_own_end_are_reaped_then_forgotten(
         assert len(pids) == 2
         await _until(lambda: not launcher.children, timeout=10)
         assert not any(psutil.pid_exists(pid) for pid in pids)  # a zombie still has its pid
+
+
+def test_the_runners_listed_are_this_deployments_with_the_grace_they_were_started_with(tmp_path: Path) -> None:
+    # What a scheduler taking the lead holds starts for (a Redis that lost its data: hunt BU, review BV): processes
+    # that look like runners, with the key prefix and output root they were started with.
+    import subprocess
+
+    def fake_runner(*args: str, **env: str) -> subprocess.Popen[bytes]:
+        # (`sh -c` keeps its own command line while `sleep` runs: it has more to do after it)
+        return subprocess.Popen(["/bin/sh", "-c", "sleep 60; :", "-m", "application.runner", *args],
+                                env={"PATH": os.environ["PATH"], **env})  # fmt: skip
+
+    output = tmp_path / "output"
+    output.mkdir()
+    (tmp_path / "link").symlink_to(output)
+    ours = {"REDIS_KEY_PREFIX": "deploy-a", "OUTPUT_ROOT": str(output)}
+    started = [
+        fake_runner(
+            "train-job", "r1", "--launch", "spec.json", **ours, STOP_GRACE_SECONDS="30", RUNNER_POLL_INTERVAL="1"
+        ),
+        fake_runner("export-job", "-", "--export", "e7", **{**ours, "OUTPUT_ROOT": str(tmp_path / "link")}),
+        fake_runner("theirs", "r2", **{**ours, "REDIS_KEY_PREFIX": "deploy-b"}),
+        fake_runner("elsewhere", "r3", **{**ours, "OUTPUT_ROOT": str(tmp_path)}),
+    ]
+    try:
+        launcher = LocalLauncher({**os.environ, **ours})
+        found = _until_value(lambda: sorted(launcher.runners(), key=lambda r: r.job_id), 2)
+        assert [(r.job_id, r.run_id, r.export_id) for r in found] == [("export-job", "-", "e7"),
+                                                                       ("train-job", "r1", None)]  # fmt: skip
+        assert found[1].ends_within == 33.0 and found[0].ends_within == 1.0
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
+def _until_value(read: Callable[[], list[Any]], n: int, timeout: float = 10.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while len(got := read()) < n:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+    return got

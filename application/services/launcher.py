@@ -37,6 +37,7 @@ class LiveRunner:
     job_id: str
     run_id: str
     export_id: str | None  # (None: a training run)
+    ends_within: float = 0.0  # its stop grace and two polls, as it was started with: how long it may take to end
 
 
 class RunnerLauncher(Protocol):
@@ -168,19 +169,26 @@ class LocalLauncher:
     def runners(self) -> list[LiveRunner]:
         # Known by their command line and the settings they were started with: the same key prefix and output
         # root (another deployment's on this host, or a test's, are not ours).
-        ours = (self.env.get("REDIS_KEY_PREFIX"), self.env.get("OUTPUT_ROOT"))
+        ours = (self.env.get("REDIS_KEY_PREFIX"), os.path.realpath(self.env.get("OUTPUT_ROOT") or "."))
         found = []
         for p in psutil.process_iter(["cmdline"]):
             argv = p.info["cmdline"] or []
-            if RUNNER_MODULE not in argv[:4] or len(argv) < argv.index(RUNNER_MODULE) + 3:
+            if RUNNER_MODULE not in argv[:6] or len(argv) < argv.index(RUNNER_MODULE) + 3:
                 continue
             try:
                 env = p.environ()
             except (psutil.Error, OSError):
                 continue
-            if (env.get("REDIS_KEY_PREFIX"), env.get("OUTPUT_ROOT")) != ours:
+            if (env.get("REDIS_KEY_PREFIX"), os.path.realpath(env.get("OUTPUT_ROOT") or ".")) != ours:
                 continue
             at = argv.index(RUNNER_MODULE)
             export = argv[argv.index("--export") + 1] if "--export" in argv[at:-1] else None
-            found.append(LiveRunner(argv[at + 1], argv[at + 2], export))
+            found.append(LiveRunner(argv[at + 1], argv[at + 2], export, _ends_within(env)))
         return found
+
+
+def _ends_within(env: Mapping[str, str]) -> float:
+    try:
+        return float(env.get("STOP_GRACE_SECONDS", 0)) + 2 * float(env.get("RUNNER_POLL_INTERVAL", 0)) + 1.0
+    except ValueError:
+        return 0.0
