@@ -7,7 +7,6 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import sys
@@ -25,9 +24,11 @@ from application.key_list import ApiKeyEntry, parse_api_keys
 from application.services.scheduler import LinkScore, Policy
 from application.setting_values import (
     MAX_REDIS_DB,
+    check_networks,
     check_redis_host,
     check_redis_url,
     check_webhook_urls,
+    describe_error,
     is_loopback,
     parse_rate,
     parse_roots,
@@ -213,14 +214,7 @@ class Settings(BaseSettings):
     @field_validator("FORWARDED_ALLOW_IPS")
     @classmethod
     def _forwarded_allow_ips(cls, v: str) -> str:
-        for entry in split_list(v):
-            if entry != "*":
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"{entry!r} is not an address or a network (for example 127.0.0.1,10.0.0.0/8 "
-                                     "or *)") from None  # fmt: skip
-        return v
+        return check_networks(v)
 
     @field_validator("REDIS_KEY_PREFIX")
     @classmethod
@@ -446,31 +440,12 @@ _NOT_FOR_CHILDREN = frozenset(
 _SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET", "WEBHOOK_URLS"})
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error.get("loc", ())) or "settings"
-    ctx = error.get("ctx") or {}
-    if error.get("type") == "literal_error" and "expected" in ctx:
-        allowed = ctx["expected"]
-    elif error.get("type") == "enum" and "expected" in ctx:
-        allowed = ctx["expected"]
-    else:
-        allowed = None
-    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    if not error.get("loc"):
-        return f"invalid settings: {msg}"  # a rule across keys; its input would be every value, secrets too
-    got = "***" if key in _SECRET_KEYS else repr(error.get("input"))
-    text = f"invalid setting {key}={got}: {msg}"
-    if allowed and str(allowed) not in msg:
-        text += f" (allowed: {allowed})"
-    return text
-
-
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, or exit with one readable line per bad key."""
     try:
         return Settings(_env_file=env_file(), **overrides)
     except ValidationError as exc:
-        lines = [_describe(dict(e)) for e in exc.errors()]
+        lines = [describe_error(dict(e), _SECRET_KEYS) for e in exc.errors()]
         raise SettingsError("; ".join(lines)) from None
 
 

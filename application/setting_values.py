@@ -9,6 +9,7 @@ import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from redis.connection import parse_url
@@ -125,3 +126,35 @@ def parse_simulated_gpus(value: str) -> tuple[float, ...]:
     if len(sizes) > SIMULATED_GPUS_MAX:
         raise ValueError(f"must be 0-{SIMULATED_GPUS_MAX} GPUs in all, such as 4 or 4x80")
     return tuple(sizes)
+
+
+def check_networks(v: str) -> str:
+    """FORWARDED_ALLOW_IPS: addresses or networks, comma-separated, or '*'."""
+    for entry in split_list(v):
+        if entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an address or a network (for example 127.0.0.1,10.0.0.0/8 "
+                                 "or *)") from None  # fmt: skip
+    return v
+
+
+def describe_error(error: dict[str, Any], secret: frozenset[str]) -> str:
+    """One readable line for a settings validation error (a secret's value is not shown)."""
+    key = ".".join(str(p) for p in error.get("loc", ())) or "settings"
+    ctx = error.get("ctx") or {}
+    if error.get("type") == "literal_error" and "expected" in ctx:
+        allowed = ctx["expected"]
+    elif error.get("type") == "enum" and "expected" in ctx:
+        allowed = ctx["expected"]
+    else:
+        allowed = None
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not error.get("loc"):
+        return f"invalid settings: {msg}"  # a rule across keys; its input would be every value, secrets too
+    got = "***" if key in secret else repr(error.get("input"))
+    text = f"invalid setting {key}={got}: {msg}"
+    if allowed and str(allowed) not in msg:
+        text += f" (allowed: {allowed})"
+    return text
