@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,32 +166,30 @@ def test_sigterm_lets_start_py_stop_the_scheduler_and_this_hosts_runs_before_it_
 def test_the_scheduler_is_told_to_stop_as_the_stop_begins_not_once_the_api_has_drained(
     server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
 ) -> None:
-    # An open stream held the API for its whole grace before the scheduler was told: the two graces one after the
-    # other outlasted `docker stop -t 60`, whose SIGKILL then came before this host's runs went back to the queue.
+    # A request in flight (an open stream, then) held the API for its whole grace before the scheduler was told:
+    # the two graces one after the other outlasted `docker stop -t 60`, whose SIGKILL then came before this host's
+    # runs went back to the queue. (Streams now end at once at a stop: a slow upload holds the API here.)
+    from tests.test_files import multipart_upload
+
     server = server_factory(env={"STOP_RUNS_ON_SHUTDOWN": "true", "API_WORKERS": "2", "STOP_GRACE_SECONDS": "4"})
     server.create(**job_body(workspace, "drain", auto_start=True, step_seconds=0.1, training={"max_steps": 500}))
     wait_for(lambda: (server.job("drain")["progress"]["current_step"] or 0) >= 2, what="the run")
-    opened, closed = threading.Event(), threading.Event()
-
-    def follow() -> None:
+    head, body = multipart_upload("any-key")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
+        upload.sendall(head + body[: len(body) // 2])  # (the rest never comes: the API drains it to its grace)
+        wait_for(lambda: any(p.is_file() for p in (server.workdir / "uploads").rglob("*")), what="the upload's start")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        wait_for(lambda: json.loads(r.hget(f"{server.prefix}:job:drain", "status") or "null") == "queued",
+                 timeout=60, what="the run back in the queue")  # fmt: skip
+        r.close()
+        upload.setblocking(False)
         try:
-            with httpx.stream("GET", f"{server.base}/jobs/drain/logs/stream", timeout=120) as r:
-                opened.set()
-                for _ in r.iter_raw():
-                    pass
-        except httpx.HTTPError:
-            pass
-        closed.set()
-
-    threading.Thread(target=follow, daemon=True).start()
-    assert opened.wait(30)
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    wait_for(lambda: json.loads(r.hget(f"{server.prefix}:job:drain", "status") or "null") == "queued",
-             timeout=60, what="the run back in the queue")  # fmt: skip
-    r.close()
-    assert not closed.is_set(), "the run went back to the queue only once the API had let its stream go"
+            ended = upload.recv(1) == b""
+        except BlockingIOError:
+            ended = False  # (still open: nothing came yet)
+        assert not ended, "the run went back to the queue only once the API had let the upload go"
     assert server.proc.wait(90) == 0
 
 
