@@ -6,6 +6,11 @@ from __future__ import annotations
 from starlette.types import Scope
 
 
+def root_of(scope: Scope) -> str:
+    """The path in front of the app's routes as the client sees it ('' or '/swift'): for links and redirects."""
+    return str(scope.get("root_path", "")).rstrip("/")
+
+
 def route_path(scope: Scope, root: str | None = None) -> str:
     """`root`: the app's own root path (ROOT_PATH), where the scope's may hold a mount's too (/static's files)."""
     path: str = scope["path"]

@@ -146,13 +146,17 @@ def group_members(pgid: int) -> list[int]:
 
 def read_exit(path: Path) -> tuple[int | None, float | None]:
     """The exit status the run's group leader recorded, and when (None, None without a readable record)."""
+    code, at = exit_of(read_exit_record(path) or {})
+    return (None, None) if code is None else (code, at)
+
+
+def exit_of(record: dict[str, Any]) -> tuple[int | None, float | None]:
+    """An exit record's status and its time, each None when it holds none."""
     try:
-        with open_in_place(path) as fh:  # (a link its owner made is no record of this run)
-            data = json.loads(fh.read())
-        code = int(data["exit_code"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    at = data.get("finished_at")
+        code: int | None = int(record["exit_code"])
+    except (KeyError, ValueError, TypeError):
+        code = None
+    at = record.get("finished_at")
     return code, float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
 
 
@@ -179,7 +183,7 @@ def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, 
 def read_exit_record(path: Path) -> dict[str, Any] | None:
     """The whole exit record beside a run's log, or None without a readable one."""
     try:
-        with open_in_place(path) as fh:
+        with open_in_place(path) as fh:  # (a link its owner made is no record of this run)
             data = json.loads(fh.read())
     except (OSError, ValueError):
         return None

@@ -46,19 +46,15 @@ def unknown_runs(job: Job, log_dir: Path) -> list[Attempt]:
         if path.name in known or not _RUN_LOG.fullmatch(path.name[len(job.job_id) :]):
             continue
         record = pg.read_exit_record(path.with_suffix(".exit.json")) or {}
-        of, code, at = record.get("job_created_at"), record.get("exit_code"), record.get("finished_at")
-        if not isinstance(of, (int, float)) or not _number(at) or abs(of - job.created_at) > 1e-6:
+        (code, at), of = pg.exit_of(record), record.get("job_created_at")
+        if not isinstance(of, (int, float)) or at is None or abs(of - job.created_at) > 1e-6:
             continue
         run_dir = record.get("run_dir")
-        outcome = None if not isinstance(code, int) else "completed" if code == 0 else "failed"
+        outcome = None if code is None else "completed" if code == 0 else "failed"
         found.append(Attempt(number=len(job.attempts) + len(found) + 1, run_id="unknown", started_at=at,
                              finished_at=at, outcome=outcome, error_code="unknown_run", log_file=str(path),
                              run_dir=run_dir if isinstance(run_dir, str) else None))  # fmt: skip
     return found
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _RUN_LOG = re.compile(r"\.train(\.[0-9]+)?\.log")

@@ -10,6 +10,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from application.api.route_path import root_of
 from application.ui import pages
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -37,7 +38,7 @@ def mount_ui(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def swagger(request: Request) -> HTMLResponse:
         # Behind a proxy at a sub-path (ROOT_PATH) the page's URLs need it in front, as the dashboard's links.
-        root = str(request.scope.get("root_path", "")).rstrip("/")
+        root = root_of(request.scope)
         page = get_swagger_ui_html(
             openapi_url=root + openapi_url, title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{root}{VENDOR}/swagger-ui-bundle.js", swagger_css_url=f"{root}{VENDOR}/swagger-ui.css",
@@ -49,7 +50,7 @@ def mount_ui(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = str(request.scope.get("root_path", "")).rstrip("/")
+        root = root_of(request.scope)
         page = get_redoc_html(openapi_url=root + openapi_url, title=f"{app.title} - ReDoc",
                               redoc_js_url=f"{root}{VENDOR}/redoc.standalone.js",
                               redoc_favicon_url=f"{root}{VENDOR}/favicon-32x32.png",

@@ -19,6 +19,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
+from application.api.route_path import root_of
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 NAV = (("jobs", "/ui/jobs", "Jobs"), ("queue", "/ui/queue", "Queue"), ("gpus", "/ui/gpus", "GPUs"),
        ("new", "/ui/new", "New job"))  # fmt: skip
@@ -62,7 +64,7 @@ class PageContext:
 
     @classmethod
     def of(cls, request: Request, user: str | None, role: str) -> PageContext:
-        root = str(request.scope.get("root_path", "")).rstrip("/")
+        root = root_of(request.scope)
         prefix = request.app.state.settings.API_PREFIX
         return cls(root, f"{root}{prefix}/training", bool(request.app.state.keys.enabled), user, role)
 

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, quote, unquote
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
+from application.api.route_path import root_of
 from application.auth import MAX_KEY_CHARS, Caller, KeyRing, presented_key
 from application.exceptions import Unauthorized
 from application.ui.html import PageContext, esc, page, template
@@ -51,7 +52,7 @@ def safe_next(raw: str | None) -> str:
 
 
 def login_redirect(request: Request) -> RedirectResponse:
-    root = str(request.scope.get("root_path", "")).rstrip("/")
+    root = root_of(request.scope)
     # `next` is a path below the root (the login prefixes the root again): behind a proxy's prefix it sent the
     # reader to /prefix/prefix/...
     path = request.url.path
@@ -104,7 +105,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, "/", "The form could not be read.", 400)
     key = (form.get("key") or [""])[0].strip()[: MAX_KEY_CHARS + 1]  # (as KeyRing.identify: longer is no key)
     next_path = safe_next((form.get("next") or ["/"])[0])
-    root = str(request.scope.get("root_path", "")).rstrip("/")
+    root = root_of(request.scope)
     if not _same_origin(request):
         return _login_page(request, next_path, "This form was sent from another site: log in from this page.", 403)
     ring: KeyRing = request.app.state.keys
@@ -130,7 +131,7 @@ async def logout(request: Request) -> Response:
             f'another site: you are still logged in. <a href="{esc(ctx.url("/"))}">Go on</a></p></section>'
         )
         return page(ctx, "Log out", body, status_code=403)
-    root = str(request.scope.get("root_path", "")).rstrip("/")
+    root = root_of(request.scope)
     response = RedirectResponse(f"{root}/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path=f"{root}/", httponly=True, samesite="strict",
                            secure=request.url.scheme == "https")  # fmt: skip
