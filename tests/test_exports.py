@@ -813,10 +813,12 @@ async def test_an_export_recorded_just_before_redis_went_away_is_answered_as_ask
         assert done["export"]["status"] == "completed", done["export"]
 
 
+@pytest.mark.parametrize("cut_by", ["stop", "full disk"])
 async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory: Callable[..., Any],
-                                                                     tmp_path: Path) -> None:  # fmt: skip
+                                                                     tmp_path: Path, cut_by: str) -> None:  # fmt: skip
     # A stop during swift's save leaves an empty checkpoint-N: an export of it (the default one too, when it was
-    # the last) started, and then failed with swift's "is not an adapter".
+    # the last) started, and then failed with swift's "is not an adapter". A full disk left an empty
+    # adapter_config.json (PEFT writes it after the weights): listed complete, and exported (hunt BW).
     from tests.conftest import make_model, wait_job
 
     make_model(tmp_path / "models" / "tiny-qwen2")
@@ -828,6 +830,8 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
         assert last.name == "checkpoint-4"
         for f in last.iterdir():
             (shutil.rmtree if f.is_dir() else Path.unlink)(f)
+        if cut_by == "full disk":
+            (last / "adapter_config.json").touch()
         listed = (await client.get("/jobs/cut/checkpoints")).json()["checkpoints"]
         complete = [(Path(c["path"]).name, c["complete"]) for c in listed]
         assert complete == [("checkpoint-2", True), ("checkpoint-4", False)], listed

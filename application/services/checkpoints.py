@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,8 +26,15 @@ def weights_only(checkpoint: str) -> bool:
 
 def holds_weights(job: Job, checkpoint: str) -> bool:
     """A LoRA job's checkpoint holds its adapter (blocking): a save a stop cut short leaves an empty checkpoint-N,
-    which swift's export refuses ("is not an adapter")."""
-    return job.training.train_type == "full" or (Path(checkpoint) / "adapter_config.json").is_file()
+    which swift's export refuses ("is not an adapter"). PEFT writes the weights, then adapter_config.json: a
+    full disk left that empty, after no weights at all (hunt BW: listed complete, and exported)."""
+    if job.training.train_type == "full":
+        return True
+    try:
+        config = (Path(checkpoint) / "adapter_config.json").stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(config.st_mode) and config.st_size > 0
 
 
 def first_resumable(paths: Iterable[str | None]) -> str | None:
