@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import time
@@ -355,20 +354,6 @@ async def test_the_queue_past_the_forecasts_reach_says_the_jobs_ahead_come_first
                 "code"], (entry, own)  # fmt: skip
         assert [e["pending_reason"]["code"] for e in entries[2:]] == ["priority", "priority"]
         assert (await client.post("/jobs/busy/stop")).status_code == 200
-
-
-def test_a_launch_on_a_full_or_read_only_disk_says_which_folder_and_what_to_change() -> None:
-    # It said "the runner could not be started: [Errno 28] No space left on device": no folder, no fix.
-    from application.services.queue_processor import launch_error
-
-    logs = Path("/srv/out/j/logs")
-    full = launch_error(OSError(errno.ENOSPC, "No space left on device"), logs)
-    assert "no space left for the job's logs (/srv/out/j/logs)" in full and "free space" in full
-    assert "resume the job" in full
-    locked = launch_error(PermissionError(errno.EACCES, "Permission denied"), logs)
-    assert (
-        "cannot be written (/srv/out/j/logs: Permission denied)" in locked and "OUTPUT_ROOT must be writable" in locked
-    )
 
 
 @pytest.mark.parametrize("processor", ["on", "off"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job, JobStatus
 from application.services.log_parser import RunFacts
-from application.services.run_end import final_status, runner_lost, work_of
+from application.services.run_end import export_error, final_status, runner_lost, work_of
 from application.services.run_record import read_run, record_end
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
@@ -40,6 +40,27 @@ def test_a_run_asked_to_end_is_stopped_and_any_other_end_has_failed_saying_why()
     assert unseen.status == JobStatus.FAILED and unseen.error_code == "lost"
 
 
+def test_a_run_or_export_that_failed_on_a_full_disk_says_so_first() -> None:
+    # The full disk cut swift's log mid-line: the error was "swift exited with code 1:     (run_dir / "runs" /
+    # name).w", and "No space left on device" was nowhere (hunt BW).
+    cut = ["Traceback (most recent call last):", '    (run_dir / "runs" / name).w']
+    full = final_status(1, False, RunFacts(), cut, disk_free=16 * 1024)
+    assert full.status == JobStatus.FAILED and full.error_code == "disk_full"
+    assert (full.error_message or "").startswith("the disk of the job's output folder is full (16 KiB free)")
+    assert "free space on it (OUTPUT_ROOT), then resume the job if it saved a checkpoint" in (full.error_message or "")
+    assert 'swift exited with code 1:     (run_dir / "runs" / name).w' in (full.error_message or "")
+    # Room left, or not known: the log's own error, as before; a signal is the signal whatever the disk.
+    assert final_status(1, False, RunFacts(), cut, disk_free=10 << 30).error_code == "exit_code"
+    assert final_status(1, False, RunFacts(), cut).error_code == "exit_code"
+    assert final_status(-9, False, RunFacts(), cut, disk_free=0).error_code == "signal"
+    assert final_status(1, True, RunFacts(), cut, disk_free=0).status == JobStatus.STOPPED
+    export = export_error(1, [], 3 << 20)
+    assert export.startswith("the disk of the job's output folder is full (3.0 MiB free)") and "export again" in export
+    assert export.endswith("swift export exited with code 1")
+    assert export_error(1, [], 1 << 40) == "swift export exited with code 1"
+    assert export_error(-9, [], 0).startswith("swift export was killed by signal 9")
+
+
 def test_a_multi_gpu_runs_failure_names_the_ranks_error_and_a_killed_rank_is_retryable(tmp_path: Path) -> None:
     # torchrun exits 1 whatever ended the rank that failed first, and prints ~7 lines per rank and its own
     # traceback after the trainer's: the error read "swift exited with code 1: ======", and a rank the OOM killer
@@ -48,13 +69,13 @@ def test_a_multi_gpu_runs_failure_names_the_ranks_error_and_a_killed_rank_is_ret
               output_dir=str(tmp_path), output_dir_requested="j", num_gpus=8, training=TrainingParams(),
               created_at=0, updated_at=0, max_retries=1)  # fmt: skip
     raised = FIX / "torchrun_8ranks_one_raises.log"
-    facts, tail, checkpoints = read_run(job, raised, RunFacts(), 50)
+    facts, tail, checkpoints, _ = read_run(job, raised, RunFacts(), 50)
     end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0,
                      keep=50)  # fmt: skip
     assert end.status == JobStatus.FAILED and end.fields["error_message"].startswith("RuntimeError: NCCL error in")
     assert len(end.fields["log_tail"]) == 50
     killed = FIX / "torchrun_2ranks_one_sigkilled.log"
-    facts, tail, checkpoints = read_run(job, killed, RunFacts(), 50)
+    facts, tail, checkpoints, _ = read_run(job, killed, RunFacts(), 50)
     end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)
     assert end.status == JobStatus.QUEUED and end.fields["retries"] == 1, end  # retried, as a single process is
     assert "rank 0" in end.message and "signal 9" in end.message, end.message
@@ -67,7 +88,7 @@ def test_a_huge_last_log_line_is_stored_clipped_in_the_error_and_the_tail(tmp_pa
               created_at=0, updated_at=0)  # fmt: skip
     log = tmp_path / "j.train.log"
     log.write_text("Train:  50%|#####| 1/2\n" + "x" * 10_000_000 + "\nwords " + "y" * 3_000_000 + "\n")
-    facts, tail, checkpoints = read_run(job, log, RunFacts(), 20)
+    facts, tail, checkpoints, _ = read_run(job, log, RunFacts(), 20)
     end = record_end(job, 1, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0,
                      keep=20)  # fmt: skip
     error = end.fields["error_message"]
@@ -89,7 +110,7 @@ def test_a_checkpoint_logging_jsonl_names_out_of_the_job_folder_is_not_the_jobs(
         summary = {"last_model_checkpoint": str(tmp_path / "elsewhere" / "checkpoint-2"),
                    "best_model_checkpoint": str(best), "train_loss": 1.0}  # fmt: skip
         (run / "logging.jsonl").write_text(json.dumps(summary) + "\n")
-        facts, tail, checkpoints = read_run(job, None, RunFacts(run_dir=str(run)), 20)
+        facts, tail, checkpoints, _ = read_run(job, None, RunFacts(run_dir=str(run)), 20)
         assert facts.last_checkpoint is None and facts.finished
         assert facts.best_checkpoint == (str(best) if best.is_relative_to(out) else None)
         end = record_end(job, 0, facts, tail, checkpoints, interrupt=None, stop_outcome=None, override=None, now=1.0)

@@ -40,7 +40,7 @@ class QueueSummary(BaseModel):
     starts_held: str | None = Field(
         None,
         description="why no run starts for a few seconds, though GPUs look free (after a Redis restart, runs "
-        "Redis may have forgotten must end first), and until when",
+        "Redis may have forgotten must end first; OUTPUT_ROOT's disk full or read-only), and until when",
     )
     gpu_error: str | None = None
 
@@ -174,6 +174,8 @@ class SchedulerHealth(BaseModel):
     leader: str | None = None
     gpu_reading_age_seconds: float | None = None
     error: str | None = None
+    starts_held: str | None = Field(None, description="why no run starts now (OUTPUT_ROOT's disk full or read-only, "
+                                    "a Redis restart): the status is then degraded")  # fmt: skip
 
 
 class SwiftHealth(BaseModel):

@@ -335,8 +335,9 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
             pipe.pttl(self.keys.leader)
             pipe.get(self.keys.gpu_snapshot)
             pipe.get(self.keys.swift_info)
-            info, probe, leader, ttl, snapshot, swift = await pipe.execute(raise_on_error=False)
-        for answer in (info, leader, ttl, snapshot, swift):
+            pipe.get(self.keys.starts_held)
+            info, probe, leader, ttl, snapshot, swift, held = await pipe.execute(raise_on_error=False)
+        for answer in (info, leader, ttl, snapshot, swift, held):
             if isinstance(answer, Exception):
                 raise answer
         return {
@@ -345,6 +346,7 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
             "leader": Leader(leader, int(ttl)) if leader else None,
             "gpus": json.loads(snapshot) if snapshot else None,
             "swift": json.loads(swift) if swift else None,
+            "starts_held": held or None,
         }
 
     async def check_writable(self) -> None:

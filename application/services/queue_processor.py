@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -30,6 +31,7 @@ from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
+from application.services.disk_space import launch_error, whole_disk
 from application.services.gpu_pool import queued_job
 from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore, TransitionRefused
@@ -89,15 +91,8 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     return path
 
 
-def launch_error(exc: OSError, log_dir: Path) -> str:
-    """What a launch that failed says: the folder it writes in, and what to change where that is the disk."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"the run could not be started: no space left for the job's logs ({log_dir}): free space on the "
-                "disk of OUTPUT_ROOT, then resume the job (or create it again)")  # fmt: skip
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"the run could not be started: the job's logs folder cannot be written ({log_dir}: "
-                f"{exc.strerror}): OUTPUT_ROOT must be writable by the server")  # fmt: skip
-    return f"the runner could not be started: {exc}"
+# How long no run starts once one could not be launched for OUTPUT_ROOT's disk (`_wait_for_disk`).
+DISK_HOLD_SECONDS = 30.0
 
 
 def _resume_point(job: Job) -> tuple[str | None, bool]:
@@ -249,6 +244,18 @@ class QueueProcessor:
                 if attempt == 2:
                     raise
 
+    async def _wait_for_disk(self, job: Job, run_id: str, started: dict[str, Any], error: str) -> None:
+        """Back to its place in the queue, as it was before this launch, and no run starts for DISK_HOLD_SECONDS:
+        OUTPUT_ROOT's disk is full or read-only, the operator's to mend, and each job that came to the head
+        meanwhile failed at its launch in turn (hunt BW)."""
+        await self.cluster.hold_starts(f"{error}; runs start again once it is mended (tried every "
+                                       f"{DISK_HOLD_SECONDS:g} s)", DISK_HOLD_SECONDS)  # fmt: skip
+        before = {name: getattr(job, name) for name in started}
+        await self.store.transition(job.job_id, JobStatus.QUEUED, expect=(JobStatus.RUNNING,), run_id=run_id,
+                                    fields={**before, "queued_at": job.queued_at, "started_at": job.started_at},
+                                    message=f"not started, back in its place in the queue: {error}")  # fmt: skip
+        logger.warning("job {}: not started ({}): starts held for {:g} s", job.job_id, error, DISK_HOLD_SECONDS)
+
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
 
@@ -384,9 +391,7 @@ class QueueProcessor:
         progress = Progress(current_step=step, max_steps=total,
                             percentage=round(100.0 * step / total, 2) if step is not None and total else None,
                             ) if resume else Progress()  # fmt: skip
-        started = self.store.transition(
-            job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
-            fields={
+        fields: dict[str, Any] = {
                 "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
                 "swift_version": version.version, "log_file": str(log_file),
                 "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None, "process_stamp": None,
@@ -397,8 +402,10 @@ class QueueProcessor:
                 # This run's folder is not known until swift names it: the last run's would be taken for its own
                 # (its attempt recorded with it; its logging.jsonl read as this run's end).
                 "run_dir": None,
-            },
-            message=f"started on {where}" + (f", resuming from {resume}" if resume else
+        }  # fmt: skip
+        started = self.store.transition(
+            job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
+            fields=fields, message=f"started on {where}" + (f", resuming from {resume}" if resume else
                                              " from the beginning" if job.attempts else ""),
             data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
         )  # fmt: skip
@@ -444,7 +451,14 @@ class QueueProcessor:
                 return False
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
-            error = str(exc) if isinstance(exc, PathMoved) else launch_error(exc, log_dir)
+            if not isinstance(exc, PathMoved) and await asyncio.to_thread(whole_disk, exc, self.settings.OUTPUT_ROOT):
+                await self._wait_for_disk(job, run_id, fields, launch_error(exc, log_dir))
+                return False
+            error = (
+                str(exc)
+                if isinstance(exc, PathMoved)
+                else launch_error(exc, log_dir, "resume the job" if job.checkpoints else "create the job again")
+            )
             code = exc.code if isinstance(exc, PathMoved) else "launch"
             # The attempt ends here too: left open, the job's page showed it running beside a failed job.
             ended = attempt.model_copy(update={"finished_at": clock.now(), "outcome": "failed", "error_code": code,

@@ -42,6 +42,7 @@ from application.models.training_model import (
 from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
+from application.services.disk_space import free_bytes
 from application.services.exports import export_escape, merged_path, request_auto_export, run_again, while_running
 from application.services.heartbeat import beating
 from application.services.input_checks import InputGuards
@@ -52,12 +53,11 @@ from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox, until_answered
 from application.services.predictions import format_limit
 from application.services.redis_service import create_client, redis_url
-from application.services.run_end import RunEnd, exit_signal, signal_text, work_of
+from application.services.run_end import RunEnd, export_error, work_of
 from application.services.run_history import RunHistory
 from application.services.run_logs import exit_about
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
-from application.services.swift_errors import extract_error
 from application.utils.log_files import is_linked, linked_log, open_in_place
 from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
@@ -265,7 +265,7 @@ class Runner:
             if orphaned:
                 logger.info("job {} run {} is not this runner's any more: end not recorded", self.job_id, self.run_id)
                 return 0
-            facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
+            facts, tail, checkpoints, free = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
                                                                self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
             # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
             # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
@@ -299,7 +299,7 @@ class Runner:
             asked = job.model_copy(update={"preempt_for": preempt_for})
             end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
                              stop_outcome=outcome if stopping is not None else None, now=ended_at,
-                             keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
+                             keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free)  # fmt: skip
             if timed_out and override is not None:
                 end.fields["stop_outcome"] = outcome or "gone"
             if end.event is not None:
@@ -420,12 +420,8 @@ class Runner:
             elif asked:
                 update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
                 event = ("export_stopped", "export stopped on request", {})
-            else:  # a signal nobody here sent is a failure (the OOM killer), as for a training run
-                found = extract_error(tail)
-                sig = exit_signal(code)  # -9, or 137 / 247 from a launcher whose worker the signal hit
-                error = found or (f"swift export was {signal_text(sig)}" if sig is not None and code < 0 else
-                                  f"swift export exited with code {code}: it was {signal_text(sig)}" if sig is not None
-                                  else f"swift export exited with code {code}")  # fmt: skip
+            else:
+                error = export_error(code, tail, await asyncio.to_thread(free_bytes, job_dir))
                 update |= {"status": ExportStatus.FAILED, "error": error}
                 event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
             await self._write_export(info.model_copy(update=update), event, final=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
+from application.services.disk_space import DISK_FULL_BYTES
 from application.services.log_parser import RunFacts
 from application.services.swift_errors import extract_error, root_cause
 
@@ -64,9 +65,21 @@ def signal_text(sig: int) -> str:
     return f"killed by signal {sig} ({name}{hint})"
 
 
+def disk_full(free: int | None, error: str, export: bool = False) -> str | None:
+    """The error of a failed run (an `export`'s) whose folder's disk is (all but) full, its log's error after it;
+    None when it is not (`free`: the bytes free there at its end, None when not known)."""
+    if free is None or free >= DISK_FULL_BYTES:
+        return None
+    left = f"{free / (1 << 20):.1f} MiB" if free >= 1 << 20 else f"{free // 1024} KiB"
+    again = "export again" if export else "resume the job if it saved a checkpoint, else create it again"
+    return (f"the disk of the job's output folder is full ({left} free), which cuts what swift writes there short, "
+            f"its log too: free space on it (OUTPUT_ROOT), then {again}; {error}")  # fmt: skip
+
+
 def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, log_tail: list[str],
-                 work: str = "training") -> RunEnd:  # fmt: skip
-    """The status a finished run gets; `work` names the run in its messages ("export" for an export job's).
+                 work: str = "training", disk_free: int | None = None) -> RunEnd:  # fmt: skip
+    """The status a finished run gets; `work` names the run in its messages ("export" for an export job's);
+    `disk_free`: the bytes free on its folder's disk when it ended.
 
     * exit 0: completed, even if a stop arrived as it finished on its own;
     * a stop was requested: stopped (with no exit status, a log that reached its end is no proof of success:
@@ -102,7 +115,20 @@ def final_status(exit_code: int | None, stop_requested: bool, facts: RunFacts, l
     # (Not a rule of ====, nor a bare exception name with nothing after it.)
     last = next((line for line in reversed(log_tail) if _WORDS.search(line)), "")
     error = found or f"swift exited with code {exit_code}" + (f": {last}" if last else "")
+    if full := disk_full(disk_free, error, export=work == "export"):
+        return RunEnd(JobStatus.FAILED, f"{work} failed: {full}", full, "disk_full")
     return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "exit_code")
+
+
+def export_error(exit_code: int, log_tail: list[str], disk_free: int | None) -> str:
+    """Why a `swift export` that nobody asked to end failed: its log's error, else what ended it (a signal nobody
+    here sent: the OOM killer, as for a training run); its disk first when that is full."""
+    found = extract_error(log_tail)
+    sig = exit_signal(exit_code)  # -9, or 137 / 247 from a launcher whose worker the signal hit
+    error = found or (f"swift export was {signal_text(sig)}" if sig is not None and exit_code < 0 else
+                      f"swift export exited with code {exit_code}: it was {signal_text(sig)}" if sig is not None
+                      else f"swift export exited with code {exit_code}")  # fmt: skip
+    return (disk_full(disk_free, error, export=True) if sig is None else None) or error
 
 
 def runner_lost(returncode: int | None, pid: int | None, killed_for: str | None = None,

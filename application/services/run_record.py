@@ -11,6 +11,7 @@ from typing import Any
 
 from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import first_resumable
+from application.services.disk_space import free_bytes
 from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.path_sandbox import RealFolder
@@ -32,10 +33,10 @@ ERROR_SCAN_LINES = 400
 
 def read_run(
     job: Job, log_file: Path | None, facts: RunFacts | None, tail: int
-) -> tuple[RunFacts, list[str], list[str]]:
+) -> tuple[RunFacts, list[str], list[str], int | None]:
     """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
     merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
-    error: `record_end` keeps `tail`); the checkpoints of all the job's runs."""
+    error: `record_end` keeps `tail`); the checkpoints of all the job's runs; the bytes free on their disk."""
     lines = tail_lines(log_file, max(tail, ERROR_SCAN_LINES), line_chars=STORED_LINE_CHARS, in_place=True) if log_file \
         else []  # fmt: skip
     watched = facts is not None
@@ -57,7 +58,7 @@ def read_run(
     # A run that ended before swift named its folder made none: the checkpoints there are an earlier job's
     # (a folder is free again once its job ended), and a resume from them would train on its weights.
     checkpoints = job_checkpoints(Path(job.output_dir), run_dirs) if any(run_dirs) else []
-    return facts, lines, checkpoints
+    return facts, lines, checkpoints, free_bytes(job.output_dir)
 
 
 def unrecorded_checkpoints(checkpoints: list[str], run_dir: str | None, last_recorded: str | None) -> list[str]:
@@ -74,10 +75,12 @@ def unrecorded_checkpoints(checkpoints: list[str], run_dir: str | None, last_rec
 def record_end(
     job: Job, code: int | None, facts: RunFacts, tail: list[str], checkpoints: list[str], *,
     interrupt: str | None, stop_outcome: str | None, override: RunEnd | None, now: float, keep: int | None = None,
+    disk_free: int | None = None,
 ) -> Conclusion:  # fmt: skip
     """The job's next status and every field to write with it. `override`: an end the exit status cannot tell
-    (a time limit, a runner terminated or lost); `keep`: how many of the `tail` lines to store with a failure."""
-    end = override or final_status(code, interrupt is not None, facts, tail, work_of(job))
+    (a time limit, a runner terminated or lost); `keep`: how many of the `tail` lines to store with a failure;
+    `disk_free`: the bytes free on the disk of the job's folder (`read_run`)."""
+    end = override or final_status(code, interrupt is not None, facts, tail, work_of(job), disk_free)
     fields: dict[str, Any] = {
         "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir or job.run_dir,
         "last_checkpoint": facts.last_checkpoint or next(reversed(checkpoints), None),

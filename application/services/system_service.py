@@ -164,7 +164,10 @@ class SystemService:
                        "error": gpus.get("error", NO_READING.error)}  # fmt: skip
         body["scheduler"] = self._scheduler(state)
         body["swift"] = self._swift(state["swift"])
-        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False:
+        if state["starts_held"]:
+            # No run starts for a moment: OUTPUT_ROOT's disk full or read-only, Redis restarted (`hold_starts`).
+            body["scheduler"]["starts_held"] = state["starts_held"]
+        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False or state["starts_held"]:
             body["status"] = "degraded"
         if state["write_error"]:
             # It answers reads, so it looked fine while every create, start and update was refused (MISCONF).

@@ -32,6 +32,7 @@ from application.models.training_model import ExportInfo, ExportStatus, Job, Job
 from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
+from application.services.disk_space import launch_error
 from application.services.exports import merged_path, request_auto_export, run_again, while_running
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
@@ -231,7 +232,7 @@ class Watchdog:
         lost = runner_lost(returncode, job.runner.pid if job.runner else None, f"its {hung}" if hung else None,
                            work_of(job))  # fmt: skip
         at_cap = False
-        facts, tail, checkpoints = await asyncio.to_thread(read_run, job, log_file, None,
+        facts, tail, checkpoints, free = await asyncio.to_thread(read_run, job, log_file, None,
                                                            self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
         # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
@@ -269,7 +270,7 @@ class Watchdog:
         ended_at = exited_at or (modified and clock.from_local(modified)) or clock.now()
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=lost if unexplained and interrupt is None else None, now=min(ended_at, clock.now()),
-                         keep=self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
+                         keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free)  # fmt: skip
         try:
             await self._record_end(job, end)
         except TransitionRefused:
@@ -464,12 +465,12 @@ class Watchdog:
         return f"exited with code {code}" if code is not None else f"died (pid {runner.pid})"
 
     async def _launch_export(self, job: Job, info: ExportInfo) -> None:
+        logs = Path(job.output_dir) / "logs"
         try:
-            runner = await self.launcher.launch(job.job_id, job.run_id or "-", Path(job.output_dir) / "logs",
-                                                export_id=info.export_id)  # fmt: skip
+            runner = await self.launcher.launch(job.job_id, job.run_id or "-", logs, export_id=info.export_id)
         except OSError as exc:
             failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": clock.now(),
-                                             "error": f"the export's runner could not be started: {exc}"})  # fmt: skip
+                                             "error": launch_error(exc, logs, "export again", "export")})  # fmt: skip
             await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
                                      runner=None, done=True)  # fmt: skip
             return

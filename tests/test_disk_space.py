@@ -1,0 +1,152 @@
+"""The disk of a job's folder when a launch or a run fails: what the failure says, and whether it is the whole of
+OUTPUT_ROOT's disk (the queue then waits) or the job's folder alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from application.services import disk_space
+from application.services.disk_space import free_bytes, launch_error, whole_disk
+from tests.conftest import job_body, kill_processes_under, make_model, wait_job
+
+
+def test_a_launch_on_a_full_or_read_only_disk_says_which_folder_and_what_to_change() -> None:
+    # It said "the runner could not be started: [Errno 28] No space left on device": no folder, no fix.
+    logs = Path("/srv/out/j/logs")
+    full = launch_error(OSError(errno.ENOSPC, "No space left on device"), logs)
+    assert "no space left for the job's logs (/srv/out/j/logs)" in full and "free space" in full
+    # A job that never saved a checkpoint cannot be resumed (409 "create a new job"): it was told to (hunt BW).
+    assert full.endswith("then create the job again")
+    assert launch_error(OSError(errno.EDQUOT, "Disk quota exceeded"), logs, "resume the job").endswith("resume the job")
+    locked = launch_error(PermissionError(errno.EACCES, "Permission denied"), logs)
+    assert (
+        "cannot be written (/srv/out/j/logs: Permission denied)" in locked and "OUTPUT_ROOT must be writable" in locked
+    )
+    # An export's runner, in the same words (it gave the raw errno).
+    export = launch_error(OSError(errno.EROFS, "Read-only file system"), logs, "export again", "export")
+    assert export.startswith("the export could not be started: the job's logs folder cannot be written")
+
+
+def test_only_a_full_read_only_or_over_quota_output_root_holds_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = free_bytes(tmp_path)
+    assert free is not None and free > 0
+    assert free_bytes(tmp_path / "missing") is None
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    # A job's folder full while OUTPUT_ROOT's disk has room: a mount of its own, that job's alone.
+    monkeypatch.setattr(disk_space, "DISK_FULL_BYTES", 1)
+    assert not whole_disk(enospc, tmp_path)
+    monkeypatch.setattr(disk_space, "DISK_FULL_BYTES", free + (1 << 40))  # (this disk, taken for all but full)
+    assert whole_disk(enospc, tmp_path)
+    assert whole_disk(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)  # (the server user's quota: all jobs)
+    assert not whole_disk(OSError(errno.EROFS, "Read-only file system"), tmp_path)  # (OUTPUT_ROOT's is writable)
+    assert not whole_disk(PermissionError(errno.EACCES, "Permission denied"), tmp_path)
+    assert not whole_disk(enospc, tmp_path / "missing")
+
+
+# ---- on a real disk that fills up: a tmpfs as OUTPUT_ROOT ----------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs mounted where the tests' settings put OUTPUT_ROOT, to fill up. Mounting needs root
+    (CAP_SYS_ADMIN): skipped where it is refused."""
+    target = tmp_path / "output"
+    target.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "swift-api-test", str(target)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()})")
+    try:
+        yield target
+    finally:
+        kill_processes_under(tmp_path)
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Writes a file until the disk is full; the file, to free it again."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as f:
+        while True:
+            f.write(b"\0" * (64 * 1024))
+            f.flush()
+    return filler
+
+
+async def poll(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not done(value := await read()):
+        assert time.monotonic() < deadline, value
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
+    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each job that came to the head failed at its launch, one after another, saying "free space, then resume
+    # the job", and its resume was then 409 "left no checkpoint": the whole queue lost to the operator's disk.
+    from application.services import queue_processor
+
+    monkeypatch.setattr(queue_processor, "DISK_HOLD_SECONDS", 1.0)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        filler = fill(small_disk)
+        for name in ("first", "second"):
+            body = job_body(tmp_path, name, auto_start=True, training={"max_steps": 2})
+            assert (await client.post("/jobs", json=body)).status_code == 201
+
+        async def health() -> Any:
+            return (await client.get("/health")).json()
+
+        held = await poll(health, lambda h: h["scheduler"].get("starts_held"))
+        assert held["status"] == "degraded"
+        assert "no space left for the job's logs" in held["scheduler"]["starts_held"], held
+        assert "runs start again once it is mended" in held["scheduler"]["starts_held"]
+        # Still waiting, in their places, as they were: no run recorded, nothing failed.
+        first = (await client.get("/jobs/first")).json()
+        assert first["status"] == "queued" and first["attempts"] == [] and first["started_at"] is None, first
+        events = (await client.get("/jobs/first/events")).json()["events"]
+        assert any("not started, back in its place in the queue: " in e["message"] for e in events), events
+        queue = (await client.get("/queue")).json()
+        assert [e["job_id"] for e in queue["entries"]] == ["first", "second"], queue
+        filler.unlink()
+        for name in ("first", "second"):
+            done = await wait_job(client, name, lambda j: j["status"] in ("completed", "failed"), timeout=60)
+            assert done["status"] == "completed" and len(done["attempts"]) == 1, done
+        assert (await poll(health, lambda h: not h["scheduler"].get("starts_held")))["status"] == "healthy"
+
+
+async def test_a_run_the_full_disk_cut_short_fails_saying_the_disk_is_full(
+    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path
+) -> None:
+    # Its error was a fragment of the traceback the full disk cut ("swift exited with code 1:     (run_dir /
+    # "runs" / name).w"), and "No space left on device" was nowhere (hunt BW).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        training = {"max_steps": 200, "save_steps": 5, "logging_steps": 1}
+        body = job_body(tmp_path, "cut", auto_start=True, step_seconds=0.1, training=training)
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "cut", lambda j: (j["progress"]["current_step"] or 0) >= 2)
+        filler = fill(small_disk)
+        job = await wait_job(client, "cut", lambda j: j["status"] not in ("running",), timeout=60)
+        assert job["status"] == "failed" and job["error_code"] == "disk_full", job
+        assert job["error_message"].startswith("the disk of the job's output folder is full ("), job
+        assert "free space on it (OUTPUT_ROOT)" in job["error_message"]
+        filler.unlink()
+
+        async def gpus() -> Any:
+            return (await client.get("/gpus")).json()["gpus"]
+
+        await poll(gpus, lambda listed: all(g["job_id"] is None for g in listed))  # (its GPU is free again)
