@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)
     MAX_REQUEST_BYTES: int = Field(1 << 20, ge=1024, le=1 << 30)
+    # A request's line and headers must arrive within this (408); a client that reads nothing of its response for
+    # CLIENT_STALL_SECONDS is dropped (below every slot's life: a stalled stream must not outlive its slot).
+    CLIENT_HEAD_SECONDS: float = Field(20.0, gt=0, le=600)
+    CLIENT_STALL_SECONDS: float = Field(30.0, gt=0, le=50)
     # Behind a reverse proxy at a sub-path (https://host/swift/ passed on as /...): the path the clients see in
     # front of every route, for the links, redirects, Swagger UI and the login cookie's path.
     ROOT_PATH: str = ""

@@ -1,27 +1,66 @@
-"""uvicorn's HTTP protocol with a bound on a request's head: its request line and headers (and chunked trailers).
+"""uvicorn's HTTP protocol with bounds on what one connection may hold: its request's head, and time.
 
 httptools, which uvicorn picks when it is installed, keeps a header, and the URL, in memory until it ends, and
 takes any number of headers: one request with no key and a 300 MB header took an API worker from 146 MB to 674 MB
 before it was answered 401 (hunt AO). h11 bounds a head (16 KiB, answered 400) but parses in Python. This keeps
 httptools and answers 431, then closes the connection, once a message's request line, headers and trailers pass
 MAX_HEAD_BYTES, or once that much has arrived with nothing parsed out of it (one header line that never ends).
+
+uvicorn bounds no time but a kept-alive connection's idle one, and any byte resets that: 2,000 connections that
+sent a header line every 20 s, or nothing at all, held their sockets (and a body each, read before the key was
+looked at) for as long as they liked (hunt BY). So a request's line and headers must arrive within
+CLIENT_HEAD_SECONDS, its body at BODY_MIN_RATE at least, over windows a little longer than UPLOAD_IDLE_SECONDS
+(an idle upload's own 408 comes first), while the server reads it (408, closed); and a client that has read
+nothing of a response for CLIENT_STALL_SECONDS is dropped (a stream stuck in its send held its STREAMS_PER_OWNER
+slot past its lapse, and the cap let another one open in its place). `configure` sets them from the settings, in
+each worker as it creates its app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from application.config import Settings
 from application.services.streams import end_streams
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 4 x 8 KiB headers; API keys and cookies are far smaller
+BODY_MIN_RATE = 500  # bytes per second, as Apache's mod_reqtimeout asks by default
+
+
+@dataclass(frozen=True)
+class _Limits:
+    head: float = 20.0
+    body_window: float = 35.0
+    stall: float = 30.0
+
+    @property
+    def body_min(self) -> int:
+        return int(BODY_MIN_RATE * self.body_window)
+
+
+_limits = _Limits()
+
+
+def configure(settings: Settings) -> None:
+    global _limits
+    _limits = _Limits(settings.CLIENT_HEAD_SECONDS, settings.UPLOAD_IDLE_SECONDS + 5, settings.CLIENT_STALL_SECONDS)
+
 
 _BODY = json.dumps({"detail": f"the request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB: send fewer or "
                               "shorter headers, or a shorter URL"}).encode()  # fmt: skip
 _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
               b"content-length: " + str(len(_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY)  # fmt: skip
+
+
+def _timed_out(detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)  # fmt: skip
 
 
 try:
@@ -54,6 +93,77 @@ if HttpToolsProtocol is not None:
         _unparsed = 0  # bytes received since the parser last handed anything over
         _parsed = False
         _too_large = False
+        _deadline: asyncio.TimerHandle | None = None  # the head's, or the body's window's
+        _body_bytes = 0  # in the body's window
+        _begun = False  # a byte of this request came
+        _stall: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(_limits.head, self._head_late)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            for timer in (self._deadline, self._stall):
+                if timer is not None:
+                    timer.cancel()
+            self._deadline = self._stall = None
+            super().connection_lost(exc)
+
+        def _arm(self, seconds: float, late: Callable[[], None]) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_late(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                # (a connection that never sent a byte is closed without a word, as nginx does)
+                if self._begun:
+                    self.logger.info("a request's head did not arrive within %g s: answered 408", _limits.head)
+                    self.transport.write(
+                        _timed_out(
+                            f"the request line and headers did not arrive within "
+                            f"{_limits.head:g} s (CLIENT_HEAD_SECONDS): send them at once"
+                        )
+                    )
+                self.transport.close()
+
+        def _body_late(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self._body_bytes >= _limits.body_min or self.flow.read_paused:
+                # (fast enough; or the server holds what came unread: not the client's to hurry)
+                self._body_bytes = 0
+                self._arm(_limits.body_window, self._body_late)
+                return
+            self.logger.info("a request's body came slower than %d bytes in %g s: answered 408", _limits.body_min,
+                             _limits.body_window)  # fmt: skip
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(_timed_out(f"the request body came slower than {_limits.body_min:,} bytes in "
+                                                f"{_limits.body_window:g} s: send it at once"))  # fmt: skip
+            self.transport.close()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(_limits.stall, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def _stalled(self) -> None:
+            self._stall = None
+            self.logger.info("a client read nothing of its response for %g s: dropped", _limits.stall)
+            self.transport.abort()  # (close would wait for the unread data to go)
 
         def _count(self, n: int) -> None:
             self._parsed = True
@@ -63,7 +173,9 @@ if HttpToolsProtocol is not None:
                 raise _HeadTooLarge
 
         def on_message_begin(self) -> None:
-            self._head_bytes, self._parsed = 0, True
+            self._head_bytes, self._parsed, self._begun = 0, True, True
+            if self._deadline is None:  # (the next request on a kept-alive connection)
+                self._arm(_limits.head, self._head_late)
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -76,18 +188,26 @@ if HttpToolsProtocol is not None:
 
         def on_headers_complete(self) -> None:
             self._parsed = True
+            self._disarm()
+            if any(name in (b"content-length", b"transfer-encoding") and value not in (b"0", b"") for name, value in
+                   self.headers):  # fmt: skip
+                self._body_bytes = 0
+                self._arm(_limits.body_window, self._body_late)
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
             self._parsed = True
+            self._body_bytes += len(body)
             super().on_body(body)
 
         def on_message_complete(self) -> None:
-            self._parsed = True
+            self._parsed, self._begun = True, False
+            self._disarm()
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
             self._parsed = False
+            self._begun = True
             super().data_received(data)
             # A chunk the parser handed nothing of over is all part of one line it holds (a pipelined request's
             # body, or a head that ended in it, did hand something over).

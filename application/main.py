@@ -28,10 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from application import __version__
+from application import __version__, http_protocol
 from application.api.body_limit import BodyLimit
 from application.api.deps import E413
 from application.api.head import HeadAsGet
+from application.api.key_first import KeyFirst
 from application.api.local_only import LocalOnly
 from application.api.metrics import router as metrics_router
 from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
@@ -239,12 +240,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_tags=TAGS,
                   generate_unique_id_function=operation_id)  # fmt: skip
     app.state.keys = KeyRing(settings.api_keys)
+    http_protocol.configure(settings)  # (in each worker, whose uvicorn takes the protocol class by its name)
     app.state.http_metrics = HttpMetrics()
     # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
     unlimited = {("POST", f"{settings.API_PREFIX}/training/files")}
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_REQUEST_BYTES, exempt=unlimited)
     app.add_middleware(QueryOnce)
+    app.add_middleware(KeyFirst, api_root=f"{settings.API_PREFIX}/training")  # (before BodyLimit reads a body)
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
     if not settings.api_keys and not settings.ALLOW_UNAUTHENTICATED:
         app.add_middleware(LocalOnly)

@@ -1,15 +1,20 @@
-"""The bound on a request's head, through a real server (start.py, uvicorn, httptools) and raw sockets."""
+"""The bounds on a request's head and on a connection's time, through a real server (start.py, uvicorn, httptools)
+and raw sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
 
 from application.http_protocol import MAX_HEAD_BYTES
-from tests.conftest import ApiServer
+from tests.conftest import ApiServer, job_body
 
 PATH = b"/api/v1/training/jobs"
 
@@ -85,3 +90,92 @@ def test_the_bound_is_the_heads_whatever_its_reads_and_pipelined_bodies_do_not_c
     # A head within the bound is served as before.
     ok = server.http.get("/jobs", headers={f"X-Pad-{i}": "p" * 1000 for i in range(40)})
     assert ok.status_code == 200, ok.text
+
+
+# ---- time: a head, a body, a response nobody reads ------------------------------------------------------------
+
+QUICK = {"CLIENT_HEAD_SECONDS": "1", "UPLOAD_IDLE_SECONDS": "1", "CLIENT_STALL_SECONDS": "1"}
+
+
+def _trickle(sock: socket.socket, piece: bytes, every: float, most: float) -> tuple[bytes, float]:
+    """Sends `piece` every `every` seconds until the server answers or closes (at most `most` seconds); returns
+    what it sent back and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(every)
+    while time.monotonic() - started < most:
+        try:
+            if answer := sock.recv(65536):
+                return answer + _answer(sock), time.monotonic() - started
+            return b"", time.monotonic() - started  # (closed)
+        except TimeoutError:
+            pass
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            return b"", time.monotonic() - started
+    raise AssertionError(f"still open after {most} s")
+
+
+def _detail(answer: bytes) -> str:
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer, answer[:300]
+    return str(json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"])
+
+
+def test_a_head_or_a_body_that_comes_too_slowly_is_answered_408_and_closed(
+    server_factory: Callable[..., ApiServer],
+) -> None:
+    # 1,500 connections sending a header line every 20 s, and 500 sending nothing, held their sockets for as long
+    # as they liked: uvicorn's only clock is a kept-alive connection's, and any byte resets it (hunt BY).
+    server = server_factory(env=QUICK)
+    address = ("127.0.0.1", server.port)
+    with socket.create_connection(address) as silent, socket.create_connection(address) as slow:
+        slow.sendall(b"GET " + PATH + b" HTTP/1.1\r\nHost: x\r\n")
+        answer, took = _trickle(slow, b"X-More: a\r\n", 0.2, 15)
+        assert _detail(answer).startswith("the request line and headers did not arrive within 1 s (CLIENT_HEAD_")
+        assert took < 5, took
+        answer, _ = _trickle(silent, b"", 0.2, 15)  # (sends nothing)
+        assert answer == b""  # closed without a word
+    with socket.create_connection(address) as body:
+        body.sendall(b"POST " + PATH + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+        answer, took = _trickle(body, b" " * 10, 0.2, 30)  # 50 bytes/s, where 500 are asked
+        assert _detail(answer).startswith("the request body came slower than 3,000 bytes in 6 s"), answer
+        assert took < 15, took
+    # What comes at once is served as before, on a connection kept alive across a pause longer than those limits.
+    with httpx.Client(base_url=server.base, timeout=10) as client:
+        assert client.get("/jobs").status_code == 200
+        time.sleep(1.5)  # (idle between two requests: uvicorn's keep-alive, 5 s, is the one that counts)
+        assert client.post("/jobs/none/stop", json={"pad": "p" * 50_000}).status_code == 404
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_stream_slot_given_back(
+    server_factory: Callable[..., ApiServer], workspace: Path
+) -> None:
+    # A stream stuck in its send never renewed its STREAMS_PER_OWNER slot: it lapsed, and the cap let another
+    # stream open beside the stalled one, again and again (one key held 256, 539 MB unsent: hunt BY).
+    server = server_factory(env={**QUICK, "STREAMS_PER_OWNER": "1"})
+    body = job_body(workspace, "loud", fail_at_step=2, fail_message="RuntimeError: " + "x" * (8 << 20),
+                    auto_start=True, training={"max_steps": 5})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    server.wait_status("loud", "failed")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.port))
+    with stalled:
+        stalled.sendall(b"GET " + PATH + b"/loud/logs/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.settimeout(10)
+        assert stalled.recv(16) == b"HTTP/1.1 200 OK\r"  # (open: it holds the slot), and then reads no more
+        assert server.http.get("/jobs/loud/events/stream").status_code == 429
+        deadline = time.monotonic() + 20
+        while True:  # (it holds the one slot until the server drops it; not until the slot lapses, 35 s on)
+            with server.http.stream("GET", "/jobs/loud/events/stream") as again:
+                if again.status_code == 200:
+                    break
+                assert again.status_code == 429 and time.monotonic() < deadline, again.status_code
+            time.sleep(0.2)
+        stalled.settimeout(10)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):  # what the kernels held, then the end
+            while chunk := stalled.recv(1 << 20):
+                got += len(chunk)
+        assert 0 < got < 8 << 20, got  # cut: not the whole log

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,13 +97,14 @@ class BodyLimit:
         await json_answer(send, 413, f"the request body is larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)")
 
 
-async def json_answer(send: Send, status: int, detail: str) -> None:
+async def json_answer(send: Send, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail})
+    more = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *more],
         }
     )
     await send({"type": "http.response.body", "body": body.encode()})

@@ -118,9 +118,12 @@ class OwnerSlots:
 
 
 def stream_slots(client: aioredis.Redis, keys: Keys, settings: Settings) -> OwnerSlots:
-    # Three heartbeats: a live stream renews well before its slot lapses, even when it only sends those.
+    # Three heartbeats: a live stream renews well before its slot lapses, even when it only sends those. And longer
+    # than a client may stall (CLIENT_STALL_SECONDS, then http_protocol drops it): a stream stuck in its send
+    # renews nothing, its slot lapsed, and the cap let another open in its place (hunt BY).
+    beats = max(3 * settings.STREAM_HEARTBEAT_SECONDS, settings.CLIENT_STALL_SECONDS + 5)
     return OwnerSlots(client, keys.open_streams, cap=settings.STREAMS_PER_OWNER,
-                      ttl=3 * settings.STREAM_HEARTBEAT_SECONDS + settings.STREAM_POLL_SECONDS,
+                      ttl=beats + settings.STREAM_POLL_SECONDS,
                       setting="STREAMS_PER_OWNER", what="streams open",
                       advice="close one (a dashboard tab, a curl -N) or wait for one to end")  # fmt: skip
 
