@@ -628,6 +628,32 @@ def test_logging_jsonl_is_read_only_from_a_regular_file_and_in_bounded_lines(
     assert [(p["step"], p["loss"]) for p in parse_logging_jsonl(path).history] == [(1, None), (3, 0.5)]
 
 
+def test_only_the_end_of_a_long_logging_jsonl_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # All of it was read, a point kept per step: 479 MB (3M steps) took the scheduler's watchdog to 3.9 GB and
+    # minutes of the GIL its leader needs (the lead lost 8 times), and a runner to 1.35 GB (hunt BX).
+    from application.services import run_outputs
+
+    monkeypatch.setattr(run_outputs, "TAIL_BYTES", 64 << 10)
+    step = '{"loss": %s, "learning_rate": 1e-05, "epoch": 0.1, "global_step/max_steps": "%d/5000"}\n'
+    steps = "".join(step % (1 + 1 / n, n) for n in range(1, 5001))
+    train = '{"train_runtime": 99.5, "train_loss": 1.25, "epoch": 1.0, "global_step/max_steps": "5000/5000"}\n'
+    summary = {"last_model_checkpoint": "/out/v0-1/checkpoint-5000", "best_model_checkpoint": None,
+               "log_history": [{"loss": 1.0, "step": n} for n in range(1, 20_000)]}  # fmt: skip
+    path = tmp_path / "logging.jsonl"
+    path.write_text(steps + train + json.dumps(summary) + "\n")
+    assert path.stat().st_size > 10 * run_outputs.TAIL_BYTES  # (the summary alone too: only its head is read)
+    log = parse_logging_jsonl(path)
+    assert log.finished and log.last_checkpoint == "/out/v0-1/checkpoint-5000" and log.best_checkpoint is None
+    assert log.train_loss == 1.25 and log.train_runtime == 99.5
+    assert log.progress is not None and log.progress.current_step == 5000
+    read = [p["step"] for p in log.history]
+    assert read == list(range(read[0], 5001)) and 100 < len(read) < 1000  # the last steps, no more
+    # Still being written: no summary yet, and the last line half written.
+    path.write_text(steps + '{"loss": 0.5, "glo')
+    log = parse_logging_jsonl(path)
+    assert not log.finished and log.progress is not None and log.progress.current_step == 5000
+
+
 def test_ppo_steps_without_a_loss_are_points_with_their_own_numbers() -> None:
     # swift rlhf --rlhf_type ppo logs objective/*, loss/policy_avg, loss/value_avg, lr ... and no `loss`: every
     # step was taken for something else, and the job's history was empty (hunt AJ, the real ms-swift 4.6.0).
