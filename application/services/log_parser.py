@@ -278,6 +278,7 @@ class SwiftLogParser:
         self.run_dir: str | None = None
         self.command_line: str | None = None
         self.checkpoints: list[str] = []
+        self._saved: set[str] = set()  # (the checkpoints, to look up: a log of 200,000 saves took 198 s, hunt BX)
         self.last_checkpoint: str | None = None
         self.best_checkpoint: str | None = None
         self.train_loss: float | None = None
@@ -369,7 +370,8 @@ class SwiftLogParser:
                 self.run_dir = result.run_dir = m.group("path")
         elif "Saving model checkpoint to " in seg and (m := _SAVING_RE.search(seg)):
             path = m.group("path")
-            if path not in self.checkpoints and self._inside(path):
+            if path not in self._saved and self._inside(path):
+                self._saved.add(path)
                 self.checkpoints.append(path)
                 result.checkpoints_saved.append(path)
         elif "_model_checkpoint: " in seg:
