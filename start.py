@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -348,7 +350,19 @@ Settings come from the environment and env/.env.<ENVIRONMENT> (README: Configura
   APP_PORT=8080 GPU_BACKEND=simulated SIMULATED_GPUS=4x80 python start.py"""
 
 
+def more_open_files() -> None:
+    """The soft limit on open files up to the hard one, for this process and what it starts: each connection,
+    stream and Redis connection of an API worker holds one, and at a soft limit of 256 a worker reset every new
+    connection, /health's too, without a word in any log (hunt BY)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # (no more than the kernel's nr_open default)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main() -> None:
+    more_open_files()
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(USAGE)
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -319,6 +320,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"detail": lost_reply_detail(request.method, exc)}, status_code=503)
         return JSONResponse({"detail": "Redis does not answer; try again when it is back"}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
+
+    @app.exception_handler(OSError)
+    async def _out_of_files(_: Request, exc: OSError) -> JSONResponse:
+        # A worker at its limit on open files failed wherever a request opened one (/proc for /system/status):
+        # a bare 500 with a traceback, for what is the load of the moment (hunt BY). Any other stays a 500.
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise exc
+        outages.seen(exc, f"requests answered 503: this API worker has run out of open files ({exc})")
+        return ErrorResponse({"detail": "the server has too many connections open right now: try again shortly"},
+                             status_code=503, headers={"Retry-After": "5"})  # fmt: skip
 
     @app.exception_handler(RedisError)
     async def _redis_error(_: Request, exc: Exception) -> JSONResponse:

@@ -265,6 +265,28 @@ def test_health_system_status_and_gpus(server: ApiServer, workspace: Path) -> No
     assert holders[running["gpu_ids"][0]] == "a" and list(holders.values()).count(None) == 1
 
 
+async def test_a_worker_out_of_open_files_answers_503_not_a_bare_500(
+    app_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At its limit on open files a worker failed wherever a request opened one: /system/status reads /proc, and
+    # answered a bare "500 Internal Server Error" 23 times under a load of idle connections (hunt BY).
+    import errno
+
+    import psutil
+
+    async with app_factory() as client:
+
+        def out_of_files() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(psutil, "virtual_memory", out_of_files)
+        r = await client.get("/system/status")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert r.json()["detail"] == "the server has too many connections open right now: try again shortly"
+        monkeypatch.undo()
+        assert (await client.get("/system/status")).status_code == 200
+
+
 def test_health_is_503_with_the_reason_when_redis_is_gone(server_factory: Callable[..., ApiServer],
                                                           own_redis: EmbeddedRedis) -> None:  # fmt: skip
     server = server_factory(env={"REDIS_URL": own_redis.url, **QUICK_TO_GIVE_UP})

@@ -415,3 +415,18 @@ def test_a_redis_that_would_lose_jobs_is_warned_of_at_start(tmp_path: Path) -> N
     finally:
         redis_server.kill()
         redis_server.wait(10)
+
+
+def test_a_low_soft_limit_on_open_files_is_raised_to_the_hard_one(server_factory: Callable[..., ApiServer]) -> None:
+    # At a soft limit of 256, a worker reset every new connection (/health's too) once its clients held 256
+    # files, without a word in any log, while the hard limit allowed far more (hunt BY).
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    server = server_factory(wrap=["sh", "-c", 'ulimit -Sn 256 && exec "$@"', "sh"])
+    assert server.proc is not None
+    limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+    soft_now, hard_now = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert soft_now == hard_now and soft_now != "256", limits
