@@ -11,15 +11,19 @@ sent a header line every 20 s, or nothing at all, held their sockets (and a body
 looked at) for as long as they liked (hunt BY). So a request's line and headers must arrive within
 CLIENT_HEAD_SECONDS, its body at BODY_MIN_RATE at least, over windows a little longer than UPLOAD_IDLE_SECONDS
 (an idle upload's own 408 comes first), while the server reads it (408, closed); and a client that has read
-nothing of a response for CLIENT_STALL_SECONDS is dropped (a stream stuck in its send held its STREAMS_PER_OWNER
-slot past its lapse, and the cap let another one open in its place). `configure` sets them from the settings, in
-each worker as it creates its app.
+nothing of a response for CLIENT_STALL_SECONDS is dropped, not one that reads slowly (a stream stuck in its send
+held its STREAMS_PER_OWNER slot past its lapse, and the cap let another one open in its place). `configure` sets
+them from the settings, in each worker as it creates its app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ from application.services.streams import end_streams
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 4 x 8 KiB headers; API keys and cookies are far smaller
 BODY_MIN_RATE = 500  # bytes per second, as Apache's mod_reqtimeout asks by default
+LINGER_SECONDS = 2.0  # a 408's connection reads on, and drops what comes, this long before it closes
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ if HttpToolsProtocol is not None:
         _body_bytes = 0  # in the body's window
         _begun = False  # a byte of this request came
         _stall: asyncio.TimerHandle | None = None
+        _unsent = 0  # what was left to send when the response's writes were last seen to move
+        _discarding = False  # answered and closing: what still comes is not read
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -121,17 +128,18 @@ if HttpToolsProtocol is not None:
 
         def _head_late(self) -> None:
             self._deadline = None
-            if not self.transport.is_closing():
-                # (a connection that never sent a byte is closed without a word, as nginx does)
-                if self._begun:
-                    self.logger.info("a request's head did not arrive within %g s: answered 408", _limits.head)
-                    self.transport.write(
-                        _timed_out(
-                            f"the request line and headers did not arrive within "
-                            f"{_limits.head:g} s (CLIENT_HEAD_SECONDS): send them at once"
-                        )
-                    )
-                self.transport.close()
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # (the next request's head, pipelined behind a response still going: its time starts after it)
+                self._arm(_limits.head, self._head_late)
+                return
+            if not self._begun:
+                self.transport.close()  # (a connection that never sent a byte: closed without a word, as nginx does)
+                return
+            self.logger.info("a request's head did not arrive within %g s: answered 408", _limits.head)
+            self._refuse(_timed_out(f"the request line and headers did not arrive within {_limits.head:g} s "
+                                    "(CLIENT_HEAD_SECONDS): send them at once"))  # fmt: skip
 
         def _body_late(self) -> None:
             self._deadline = None
@@ -144,15 +152,38 @@ if HttpToolsProtocol is not None:
                 return
             self.logger.info("a request's body came slower than %d bytes in %g s: answered 408", _limits.body_min,
                              _limits.body_window)  # fmt: skip
-            if self.cycle is None or not self.cycle.response_started:
-                self.transport.write(_timed_out(f"the request body came slower than {_limits.body_min:,} bytes in "
-                                                f"{_limits.body_window:g} s: send it at once"))  # fmt: skip
-            self.transport.close()
+            answered = self.cycle is not None and self.cycle.response_started
+            detail = (f"the request body came slower than {BODY_MIN_RATE} bytes/s ({_limits.body_min:,} bytes in "
+                      f"{_limits.body_window:g} s): send it over a faster link, or through a proxy that takes the "
+                      "whole body first")  # fmt: skip
+            self._refuse(b"" if answered else _timed_out(detail))
+
+        def _refuse(self, answer: bytes) -> None:
+            """Writes `answer` and closes, reading on for a moment first: closed with what the client was still
+            sending unread, the connection is reset, and the client may lose the answer (review BZ)."""
+            self._discarding = True
+            if answer:
+                self.transport.write(answer)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._stall is None:
+                self._unsent = self._pending()
                 self._stall = self.loop.call_later(_limits.stall, self._stalled)
+
+        def _pending(self) -> int:
+            """What is written and not yet taken by the client: the transport's buffer, and the kernel's. The
+            transport's alone moves in steps of a third of the kernel's (megabytes): a client reading 400 KB/s
+            left it still for seconds."""
+            pending = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            return pending
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -162,6 +193,16 @@ if HttpToolsProtocol is not None:
 
         def _stalled(self) -> None:
             self._stall = None
+            if not self.flow.write_paused:
+                return
+            # (closing too: a response that ended with Connection: close waits there for its unread data to go)
+            unsent = self._pending()
+            if unsent < self._unsent:
+                # It read some: a slow reader, not a stalled one (one reading 100 KB/s was cut 5.6 MB into an
+                # 8.4 MB page of log, which has no Range to go on from: review BZ).
+                self._unsent = unsent
+                self._stall = self.loop.call_later(_limits.stall, self._stalled)
+                return
             self.logger.info("a client read nothing of its response for %g s: dropped", _limits.stall)
             self.transport.abort()  # (close would wait for the unread data to go)
 
@@ -206,6 +247,8 @@ if HttpToolsProtocol is not None:
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                return
             self._parsed = False
             self._begun = True
             super().data_received(data)
