@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 # Under this much free space, the disk is what failed a run: the full disk cut swift's log short, the traceback
@@ -15,31 +16,53 @@ _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def free_bytes(folder: str | Path) -> int | None:
-    """The bytes this process may still write on `folder`'s disk; None when it cannot be read. Root writes into
-    the blocks a file system keeps back (ext4's 5%), which others see as full."""
+    """The bytes this process may still write on `folder`'s disk, 0 when no file can be made there any more (out
+    of inodes, with bytes to spare: review BZ); None when it cannot be read. Root writes into the blocks a file
+    system keeps back (ext4's 5%), which others see as full."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return None
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    root = os.geteuid() == 0
+    if st.f_files and not (st.f_ffree if root else st.f_favail):  # (f_files 0: a file system with no inode count)
+        return 0
+    return (st.f_bfree if root else st.f_bavail) * st.f_frsize
+
+
+def write_refused(output_root: Path) -> OSError | None:
+    """The error a file written in OUTPUT_ROOT gets now for its disk (full, out of inodes, over quota, read-only),
+    or None when one can be written there (or fails for anything else: not the disk's). A probe, written and
+    removed: what a launch does first."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".swift-api-disk-probe-", dir=output_root)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        return exc if exc.errno in _DISK_ERRNOS else None
+    return None
+
+
+def disk_state(exc: OSError, output_root: Path) -> str:
+    """How OUTPUT_ROOT's disk stands, after `exc`: "read-only", "full (12 KiB free)", and so on."""
+    if exc.errno == errno.EROFS:
+        return "read-only"
+    if exc.errno == errno.EDQUOT:
+        return "over the server user's quota"
+    free = free_bytes(output_root)
+    return "full" if free is None else f"full ({_size(free)} free)" if free else "full (no file can be made there)"
 
 
 def whole_disk(exc: OSError, output_root: Path) -> bool:
-    """Whether a launch failed for OUTPUT_ROOT's disk as a whole, full or read-only there (every launch would fail
-    alike), not for the job's folder alone (a mount of its own, say: that job's run fails). A quota (EDQUOT) is
-    the server user's, every job's."""
-    if exc.errno not in _DISK_ERRNOS:
-        return False
-    if exc.errno == errno.EDQUOT:
-        return True
-    try:
-        st = os.statvfs(output_root)
-    except OSError:
-        return False
-    if exc.errno == errno.EROFS:
-        return bool(st.f_flag & os.ST_RDONLY)
-    free = free_bytes(output_root)
-    return free is not None and free < DISK_FULL_BYTES
+    """Whether a launch failed for OUTPUT_ROOT's disk as a whole, full, over quota or read-only there (every launch
+    would fail alike), not for the job's folder alone (a mount of its own, say: that job's run fails)."""
+    return exc.errno in _DISK_ERRNOS and write_refused(output_root) is not None
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n // 1024} KiB"
 
 
 def launch_error(exc: OSError, log_dir: Path, again: str = "create the job again", what: str = "run") -> str:

@@ -31,7 +31,7 @@ from application.services import clock, preemption
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
-from application.services.disk_space import launch_error, whole_disk
+from application.services.disk_space import disk_state, launch_error, whole_disk, write_refused
 from application.services.gpu_pool import queued_job
 from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore, TransitionRefused
@@ -91,7 +91,7 @@ def _write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: 
     return path
 
 
-# How long no run starts once one could not be launched for OUTPUT_ROOT's disk (`_wait_for_disk`).
+# How long no run starts once one could not be launched for OUTPUT_ROOT's disk, and then while it stays so.
 DISK_HOLD_SECONDS = 30.0
 
 
@@ -155,6 +155,7 @@ class QueueProcessor:
         self._history_seen = -1
         self.stats = PassStats()
         self._lock = asyncio.Lock()
+        self._disk_held = False  # starts are held for OUTPUT_ROOT's disk: it is looked at before each start
 
     async def view(self) -> ClusterView:
         snapshot = await asyncio.to_thread(self.inventory.snapshot)
@@ -244,17 +245,24 @@ class QueueProcessor:
                 if attempt == 2:
                     raise
 
-    async def _wait_for_disk(self, job: Job, run_id: str, started: dict[str, Any], error: str) -> None:
-        """Back to its place in the queue, as it was before this launch, and no run starts for DISK_HOLD_SECONDS:
-        OUTPUT_ROOT's disk is full or read-only, the operator's to mend, and each job that came to the head
-        meanwhile failed at its launch in turn (hunt BW)."""
-        await self.cluster.hold_starts(f"{error}; runs start again once it is mended (tried every "
-                                       f"{DISK_HOLD_SECONDS:g} s)", DISK_HOLD_SECONDS)  # fmt: skip
+    async def _wait_for_disk(self, job: Job, run_id: str, started: dict[str, Any], exc: OSError) -> None:
+        """Back to its place in the queue, as it was before this launch, and no run starts while OUTPUT_ROOT's
+        disk is full or read-only: the operator's to mend, and each job that came to the head meanwhile failed at
+        its launch in turn (hunt BW)."""
+        why = await asyncio.to_thread(disk_state, exc, self.settings.OUTPUT_ROOT)
+        await self._hold_for_disk(why)
         before = {name: getattr(job, name) for name in started}
         await self.store.transition(job.job_id, JobStatus.QUEUED, expect=(JobStatus.RUNNING,), run_id=run_id,
                                     fields={**before, "queued_at": job.queued_at, "started_at": job.started_at},
-                                    message=f"not started, back in its place in the queue: {error}")  # fmt: skip
-        logger.warning("job {}: not started ({}): starts held for {:g} s", job.job_id, error, DISK_HOLD_SECONDS)
+                                    message=f"not started, back in its place in the queue: OUTPUT_ROOT's disk is "
+                                            f"{why}")  # fmt: skip
+
+    async def _hold_for_disk(self, why: str) -> None:
+        self._disk_held = True
+        await self.cluster.hold_starts(f"no run starts: OUTPUT_ROOT's disk is {why}: free space on it (or make it "
+                                       "writable), and the waiting jobs start by themselves (looked at every "
+                                       f"{DISK_HOLD_SECONDS:g} s)", DISK_HOLD_SECONDS)  # fmt: skip
+        logger.warning("no run starts for {:g} s: OUTPUT_ROOT's disk is {}", DISK_HOLD_SECONDS, why)
 
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
@@ -330,6 +338,13 @@ class QueueProcessor:
             await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"pause_requested": False}, message=message)  # fmt: skip
             return False
+        if self._disk_held:
+            # Looked at before a run is started and given back again: two events a try on the job at the head, for
+            # as long as the disk stays full (review BZ).
+            if refused := await asyncio.to_thread(write_refused, self.settings.OUTPUT_ROOT):
+                await self._hold_for_disk(await asyncio.to_thread(disk_state, refused, self.settings.OUTPUT_ROOT))
+                return False
+            self._disk_held = False
         version = await self.version()
         log_dir = Path(job.output_dir) / "logs"
         number = len(job.attempts) + 1
@@ -452,7 +467,7 @@ class QueueProcessor:
             runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
         except OSError as exc:
             if not isinstance(exc, PathMoved) and await asyncio.to_thread(whole_disk, exc, self.settings.OUTPUT_ROOT):
-                await self._wait_for_disk(job, run_id, fields, launch_error(exc, log_dir))
+                await self._wait_for_disk(job, run_id, fields, exc)
                 return False
             error = (
                 str(exc)

@@ -70,9 +70,10 @@ def disk_full(free: int | None, error: str, export: bool = False) -> str | None:
     None when it is not (`free`: the bytes free there at its end, None when not known)."""
     if free is None or free >= DISK_FULL_BYTES:
         return None
-    left = f"{free / (1 << 20):.1f} MiB" if free >= 1 << 20 else f"{free // 1024} KiB"
+    left = f"{free / (1 << 20):.1f} MiB free" if free >= 1 << 20 else f"{free // 1024} KiB free" if free else \
+        "no file can be made there"  # fmt: skip
     again = "export again" if export else "resume the job if it saved a checkpoint, else create it again"
-    return (f"the disk of the job's output folder is full ({left} free), which cuts what swift writes there short, "
+    return (f"the disk of the job's output folder is full ({left}), which cuts what swift writes there short, "
             f"its log too: free space on it (OUTPUT_ROOT), then {again}; {error}")  # fmt: skip
 
 
