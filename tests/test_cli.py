@@ -703,6 +703,23 @@ def test_a_download_interrupted_by_ctrl_c_leaves_no_partial_file(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_the_server_cut_says_so_not_that_the_server_cannot_be_reached(tmp_path: Path) -> None:
+    # A download dropped for reading too slowly said "cannot reach the server at ...: peer closed connection
+    # without sending complete message body" (hunt CA).
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 65536
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=chunks())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.download("/jobs/j/artifacts/big.bin", tmp_path / "big.bin")
+    assert str(caught.value).startswith("the download was cut after 65,536 bytes (peer closed"), caught.value
+    assert "cannot reach" not in str(caught.value) and caught.value.code == 3
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_submit_set_auto_start_false_creates_a_pending_job(server: ApiServer, workspace: Path) -> None:
     # `--set` takes any create field, but auto_start was then set to true over it: the job started at once.
     r = cli(server.port, "--json", *submit_args(workspace, "held", "--set", "auto_start=false"))

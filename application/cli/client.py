@@ -255,11 +255,13 @@ class Api:
         partial = target.with_name(f".{target.name}.partial") if plain and target is not None else None
         name = "standard output" if target is None else str(target)
         written = 0
+        started = False
         try:
             with self.http.stream("GET", path, timeout=httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)) as response:
                 if not response.is_success:
                     response.read()
                     check(response)
+                started = True
                 sink = (partial or target).open("wb") if target is not None else nullcontext(sys.stdout.buffer)
                 with sink as fh:
                     for chunk in response.iter_bytes():
@@ -276,6 +278,10 @@ class Api:
             raise CliError(f"cannot write {name}: {e.strerror}", EXIT_USAGE) from e
         except httpx.TransportError as e:
             _discard(partial)
+            if started:  # (it answered: "cannot reach the server" sent people looking at the wrong thing, hunt CA)
+                raise CliError(f"the download was cut after {written:,} bytes ({e}): run the command again; a client "
+                               "that reads nothing for CLIENT_STALL_SECONDS (a slow pipe, say) is dropped",
+                               EXIT_UNREACHABLE) from e  # fmt: skip
             raise unreachable(self.url, e) from e
         except BaseException:  # a refusal, or Ctrl-C: nothing half-written stays behind (gigabytes for a tar)
             _discard(partial)
