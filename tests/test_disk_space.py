@@ -50,21 +50,27 @@ def test_a_launch_that_fails_for_its_own_folder_does_not_hold_the_queue(tmp_path
 # ---- on a real disk that fills up: a tmpfs as OUTPUT_ROOT ----------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs mounted where the tests' settings put OUTPUT_ROOT, to fill up. Mounting needs root
-    (CAP_SYS_ADMIN): skipped where it is refused."""
-    target = tmp_path / "output"
+@contextlib.contextmanager
+def tmpfs(target: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `target` (made) with `options`, unmounted after. Mounting needs root (CAP_SYS_ADMIN):
+    the test is skipped where it is refused."""
     target.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "swift-api-test", str(target)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "swift-api-test", str(target)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()})")
     try:
         yield target
     finally:
-        kill_processes_under(tmp_path)
+        kill_processes_under(target.parent)
         subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB disk where the tests' settings put OUTPUT_ROOT, to fill up."""
+    with tmpfs(tmp_path / "output", "size=16m") as disk:
+        yield disk
 
 
 def fill(disk: Path) -> Path:
@@ -129,13 +135,7 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
 def test_a_disk_out_of_inodes_is_full_whatever_bytes_it_has(tmp_path: Path) -> None:
     # Empty files took every inode of OUTPUT_ROOT's disk with 200 MB free: each job failed at its launch, told
     # to free space, rather than waiting (review BZ).
-    disk = tmp_path / "inodes"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=64", "swift-api-test", str(disk)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "inodes", "size=16m,nr_inodes=64") as disk:
         assert write_refused(disk) is None
         with contextlib.suppress(OSError):
             for n in range(1000):
@@ -143,8 +143,6 @@ def test_a_disk_out_of_inodes_is_full_whatever_bytes_it_has(tmp_path: Path) -> N
         assert free_bytes(disk) == 0 and whole_disk(OSError(errno.ENOSPC, "No space left on device"), disk)
         refused = write_refused(disk)
         assert refused is not None and disk_state(refused, disk) == "full (no file can be made there)"
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
 
 
 async def test_a_run_the_full_disk_cut_short_fails_saying_the_disk_is_full(
