@@ -152,18 +152,18 @@ if HttpToolsProtocol is not None:
                 return
             self.logger.info("a request's body came slower than %d bytes in %g s: answered 408", _limits.body_min,
                              _limits.body_window)  # fmt: skip
-            answered = self.cycle is not None and self.cycle.response_started
-            detail = (f"the request body came slower than {BODY_MIN_RATE} bytes/s ({_limits.body_min:,} bytes in "
-                      f"{_limits.body_window:g} s): send it over a faster link, or through a proxy that takes the "
-                      "whole body first")  # fmt: skip
-            self._refuse(b"" if answered else _timed_out(detail))
+            if self.cycle is not None and self.cycle.response_started:
+                self.transport.close()  # (answered already, or answering: nothing to add, and no end to write)
+                return
+            self._refuse(_timed_out(f"the request body came slower than {BODY_MIN_RATE} bytes/s ({_limits.body_min:,} "
+                                    f"bytes in {_limits.body_window:g} s): send it over a faster link, or through a "
+                                    "proxy that takes the whole body first"))  # fmt: skip
 
         def _refuse(self, answer: bytes) -> None:
             """Writes `answer` and closes, reading on for a moment first: closed with what the client was still
             sending unread, the connection is reset, and the client may lose the answer (review BZ)."""
             self._discarding = True
-            if answer:
-                self.transport.write(answer)
+            self.transport.write(answer)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
