@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     APP_HOST: str | None = None
     APP_PORT: int = Field(8000, ge=1, le=65535)
     MAX_REQUEST_BYTES: int = Field(1 << 20, ge=1024, le=1 << 30)
-    # A request's line and headers must arrive within this (408); a client that reads nothing of its response for
+    # A request's line and headers must arrive within this (408); a client that takes under 500 B/s of a response for
     # CLIENT_STALL_SECONDS is dropped (below every slot's life: a stalled stream must not outlive its slot).
     CLIENT_HEAD_SECONDS: float = Field(20.0, gt=0, le=600)
     CLIENT_STALL_SECONDS: float = Field(30.0, gt=0, le=50)

@@ -10,10 +10,10 @@ uvicorn bounds no time but a kept-alive connection's idle one, and any byte rese
 sent a header line every 20 s, or nothing at all, held their sockets (and a body each, read before the key was
 looked at) for as long as they liked (hunt BY). So a request's line and headers must arrive within
 CLIENT_HEAD_SECONDS, its body at BODY_MIN_RATE at least, over windows a little longer than UPLOAD_IDLE_SECONDS
-(an idle upload's own 408 comes first), while the server reads it (408, closed); and a client that has read
-nothing of a response for CLIENT_STALL_SECONDS is dropped, not one that reads slowly (a stream stuck in its send
-held its STREAMS_PER_OWNER slot past its lapse, and the cap let another one open in its place). `configure` sets
-them from the settings, in each worker as it creates its app.
+(an idle upload's own 408 comes first), while the server reads it (408, closed); and a client that takes less than
+BODY_MIN_RATE of a response over CLIENT_STALL_SECONDS is dropped (a stream stuck in its send held its
+STREAMS_PER_OWNER slot past its lapse, and the cap let another one open in its place). `configure` sets them from
+the settings, in each worker as it creates its app.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ if HttpToolsProtocol is not None:
             self.logger.info("a request's body came slower than %d bytes in %g s: answered 408", _limits.body_min,
                              _limits.body_window)  # fmt: skip
             if self.cycle is not None and self.cycle.response_started:
+                self._cut_cycle()
                 self.transport.close()  # (answered already, or answering: nothing to add, and no end to write)
                 return
             self._refuse(_timed_out(f"the request body came slower than {BODY_MIN_RATE} bytes/s ({_limits.body_min:,} "
@@ -161,12 +162,20 @@ if HttpToolsProtocol is not None:
 
         def _refuse(self, answer: bytes) -> None:
             """Writes `answer` and closes, reading on for a moment first: closed with what the client was still
-            sending unread, the connection is reset, and the client may lose the answer (review BZ)."""
+            sending unread, the connection is reset, and the client may lose the answer (review BZ). A request
+            still being served is told its client left: what it sends then goes nowhere (a write after the EOF
+            raised, a traceback per request, review CB)."""
             self._discarding = True
+            self._cut_cycle()
             self.transport.write(answer)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+        def _cut_cycle(self) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # (as at connection_lost: uvicorn's send then drops what comes)
+                self.cycle.message_event.set()
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -197,13 +206,15 @@ if HttpToolsProtocol is not None:
                 return
             # (closing too: a response that ended with Connection: close waits there for its unread data to go)
             unsent = self._pending()
-            if unsent < self._unsent:
-                # It read some: a slow reader, not a stalled one (one reading 100 KB/s was cut 5.6 MB into an
-                # 8.4 MB page of log, which has no Range to go on from: review BZ).
+            if self._unsent - unsent >= BODY_MIN_RATE * _limits.stall:
+                # It read: a slow reader, not a stalled one (one reading 100 KB/s was cut 5.6 MB into an 8.4 MB
+                # page of log, which has no Range to go on from: review BZ). At 500 bytes/s at least, as a body
+                # must come: one taking 2 KB a window held a worker's 8 MB and a slot for 35 hours (review CB).
                 self._unsent = unsent
                 self._stall = self.loop.call_later(_limits.stall, self._stalled)
                 return
-            self.logger.info("a client read nothing of its response for %g s: dropped", _limits.stall)
+            self.logger.info("a client took less than %d bytes/s of its response for %g s: dropped", BODY_MIN_RATE,
+                             _limits.stall)  # fmt: skip
             self.transport.abort()  # (close would wait for the unread data to go)
 
         def _count(self, n: int) -> None:
