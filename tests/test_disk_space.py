@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from application.services import disk_space
 from application.services.disk_space import disk_state, free_bytes, launch_error, whole_disk, write_refused
 from tests.conftest import job_body, kill_processes_under, make_model, wait_job
 
@@ -35,13 +36,19 @@ def test_a_launch_on_a_full_or_read_only_disk_says_which_folder_and_what_to_chan
     assert export.startswith("the export could not be started: the job's logs folder cannot be written")
 
 
-def test_a_launch_that_fails_for_its_own_folder_does_not_hold_the_queue(tmp_path: Path) -> None:
+def test_a_launch_that_fails_for_its_own_folder_does_not_hold_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     free = free_bytes(tmp_path)
     assert free is not None and free > 0
     assert free_bytes(tmp_path / "missing") is None
     # OUTPUT_ROOT takes a file: the job's folder alone failed (a mount of its own), its run fails.
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
         assert not whole_disk(OSError(code, "refused"), tmp_path)
+    # A little room left there, which a probe fits in and a launch did not: full (review CB).
+    monkeypatch.setattr(disk_space, "DISK_FULL_BYTES", free + (1 << 40))
+    assert whole_disk(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert not whole_disk(OSError(errno.EROFS, "Read-only file system"), tmp_path)
     assert write_refused(tmp_path) is None and list(tmp_path.iterdir()) == []  # (the probe is removed)
     assert disk_state(OSError(errno.EROFS, "Read-only file system"), tmp_path) == "read-only"
     assert disk_state(OSError(errno.ENOSPC, "No space left on device"), tmp_path).startswith("full (")

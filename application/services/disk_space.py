@@ -36,9 +36,11 @@ def write_refused(output_root: Path) -> OSError | None:
     try:
         fd, name = tempfile.mkstemp(prefix=".swift-api-disk-probe-", dir=output_root)
         try:
-            os.write(fd, b"\0" * 4096)
+            try:
+                os.write(fd, b"\0" * 4096)
+            finally:
+                os.close(fd)  # (on NFS a full disk may be told here)
         finally:
-            os.close(fd)
             os.unlink(name)
     except OSError as exc:
         return exc if exc.errno in _DISK_ERRNOS else None
@@ -57,8 +59,13 @@ def disk_state(exc: OSError, output_root: Path) -> str:
 
 def whole_disk(exc: OSError, output_root: Path) -> bool:
     """Whether a launch failed for OUTPUT_ROOT's disk as a whole, full, over quota or read-only there (every launch
-    would fail alike), not for the job's folder alone (a mount of its own, say: that job's run fails)."""
-    return exc.errno in _DISK_ERRNOS and write_refused(output_root) is not None
+    would fail alike), not for the job's folder alone (a mount of its own, say: that job's run fails). A disk with
+    a little room left (a probe fits, a launch did not) is full too."""
+    if exc.errno not in _DISK_ERRNOS:
+        return False
+    if exc.errno == errno.ENOSPC and (free := free_bytes(output_root)) is not None and free < DISK_FULL_BYTES:
+        return True
+    return write_refused(output_root) is not None
 
 
 def _size(n: int) -> str:

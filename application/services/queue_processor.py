@@ -206,7 +206,11 @@ class QueueProcessor:
                 except TransitionRefused as exc:
                     # The job or one of its GPUs changed under us, or we no longer lead: the next pass decides.
                     logger.debug("start of {} refused: {}", start.job_id, exc.reason.value)
-            if self.settings.PREEMPTION and head_id is not None and not started and only is None:
+                if self._disk_held:
+                    break  # (none starts while OUTPUT_ROOT's disk takes no file: the next try is the hold's)
+            # (nor is a run stopped for a head that cannot start: its checkpoint would go to that full disk)
+            if self.settings.PREEMPTION and head_id is not None and not started and only is None and \
+                    not self._disk_held:  # fmt: skip
                 await self.preempt(head_id, view)
             s = self.stats
             s.passes += 1
