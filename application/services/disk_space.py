@@ -54,7 +54,7 @@ def disk_state(exc: OSError, output_root: Path) -> str:
     if exc.errno == errno.EDQUOT:
         return "over the server user's quota"
     free = free_bytes(output_root)
-    return "full" if free is None else f"full ({_size(free)} free)" if free else "full (no file can be made there)"
+    return "full" if free is None else f"full ({room(free)})"
 
 
 def whole_disk(exc: OSError, output_root: Path) -> bool:
@@ -68,8 +68,11 @@ def whole_disk(exc: OSError, output_root: Path) -> bool:
     return write_refused(output_root) is not None
 
 
-def _size(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n // 1024} KiB"
+def room(free: int) -> str:
+    """`free_bytes`' answer in words: "12 KiB free", "no file can be made there"."""
+    if not free:
+        return "no file can be made there"
+    return f"{free / (1 << 20):.1f} MiB free" if free >= 1 << 20 else f"{free // 1024} KiB free"
 
 
 def launch_error(exc: OSError, log_dir: Path, again: str = "create the job again", what: str = "run") -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
-from application.services.disk_space import DISK_FULL_BYTES
+from application.services.disk_space import DISK_FULL_BYTES, room
 from application.services.log_parser import RunFacts
 from application.services.swift_errors import extract_error, root_cause
 
@@ -70,10 +70,8 @@ def disk_full(free: int | None, error: str, export: bool = False) -> str | None:
     None when it is not (`free`: the bytes free there at its end, None when not known)."""
     if free is None or free >= DISK_FULL_BYTES:
         return None
-    left = f"{free / (1 << 20):.1f} MiB free" if free >= 1 << 20 else f"{free // 1024} KiB free" if free else \
-        "no file can be made there"  # fmt: skip
     again = "export again" if export else "resume the job if it saved a checkpoint, else create it again"
-    return (f"the disk of the job's output folder is full ({left}), which cuts what swift writes there short, "
+    return (f"the disk of the job's output folder is full ({room(free)}), which cuts what swift writes there short, "
             f"its log too: free space on it (OUTPUT_ROOT), then {again}; {error}")  # fmt: skip
 
 
