@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from application.api.body_limit import carries_body
 from application.config import Settings
 from application.services.streams import end_streams
 
@@ -241,8 +242,7 @@ if HttpToolsProtocol is not None:
         def on_headers_complete(self) -> None:
             self._parsed = True
             self._disarm()
-            if any(name in (b"content-length", b"transfer-encoding") and value not in (b"0", b"") for name, value in
-                   self.headers):  # fmt: skip
+            if carries_body(self.headers):
                 self._body_bytes = 0
                 self._arm(_limits.body_window, self._body_late)
             super().on_headers_complete()

@@ -97,6 +97,13 @@ class BodyLimit:
         await json_answer(send, 413, f"the request body is larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)")
 
 
+def carries_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's headers (lower-cased names, as uvicorn gives them) announce a body: a Content-Length
+    other than 0, or a Transfer-Encoding."""
+    return any(name in (b"content-length", b"transfer-encoding") and value.strip() not in (b"0", b"")
+               for name, value in headers)  # fmt: skip
+
+
 async def json_answer(send: Send, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail})
     more = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
