@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from application.models.training_model import Job, JobStatus
 from application.services.checkpoints import first_resumable
@@ -31,9 +31,16 @@ def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None
 ERROR_SCAN_LINES = 400
 
 
-def read_run(
-    job: Job, log_file: Path | None, facts: RunFacts | None, tail: int
-) -> tuple[RunFacts, list[str], list[str], int | None]:
+class RunRead(NamedTuple):
+    """What `read_run` found of a run."""
+
+    facts: RunFacts
+    tail: list[str]  # the log's last lines
+    checkpoints: list[str]  # of all the job's runs
+    disk_free: int | None  # bytes free on the disk of the job's folder
+
+
+def read_run(job: Job, log_file: Path | None, facts: RunFacts | None, tail: int) -> RunRead:
     """What a run left (blocking: call it in a thread): what its log said (`facts`, or what the job recorded),
     merged with its logging.jsonl; the log's last lines (at least `tail`, ERROR_SCAN_LINES to search for the
     error: `record_end` keeps `tail`); the checkpoints of all the job's runs; the bytes free on their disk."""
@@ -58,7 +65,7 @@ def read_run(
     # A run that ended before swift named its folder made none: the checkpoints there are an earlier job's
     # (a folder is free again once its job ended), and a resume from them would train on its weights.
     checkpoints = job_checkpoints(Path(job.output_dir), run_dirs) if any(run_dirs) else []
-    return facts, lines, checkpoints, free_bytes(job.output_dir)
+    return RunRead(facts, lines, checkpoints, free_bytes(job.output_dir))
 
 
 def unrecorded_checkpoints(checkpoints: list[str], run_dir: str | None, last_recorded: str | None) -> list[str]:
