@@ -171,7 +171,7 @@ class Scheduler:
         keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
         try:
             if not self._migrated:
-                if written := await self.store.backfill_summaries():
+                if written := await self.store.summaries.backfill():
                     logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
                 if recorded := await self.watchdog.files.backfill_users(self.store):
                     logger.info("recorded {} upload(s) read by active jobs", recorded)

@@ -410,19 +410,19 @@ async def test_history_limit_zero_gives_no_points(store: JobStore) -> None:
 
 async def listed(store: JobStore, status: JobStatus | None) -> list[dict[str, Any]]:
     """The first page of the job list, as it answers."""
-    return list(json.loads(await store.summaries_json((await store.page(status, None, 0, 10))[1])))
+    return list(json.loads(await store.summaries.page_json((await store.page(status, None, 0, 10))[1])))
 
 
 async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     store: JobStore, redis_client: aioredis.Redis
 ) -> None:
-    assert await store.backfill_summaries() == 0  # (a scheduler's start on the empty store)
+    assert await store.summaries.backfill() == 0  # (a scheduler's start on the empty store)
     await store.create(make_job("a", created=1000.0), message="", actor="t")
     await store.create(make_job("b", created=1001.0), message="", actor="t")
     await store.transition("a", JobStatus.RUNNING, acquire_gpus=[0], fields={"gpu_ids": [0]})
     await store.update("a", {"progress": {"current_step": 7, "max_steps": 10}})
     total, ids, _ = await store.page(None, None, 0, 10)
-    jobs = json.loads(await store.summaries_json(ids))
+    jobs = json.loads(await store.summaries.page_json(ids))
     assert total == 2 and [j["job_id"] for j in jobs] == ["b", "a"]
     assert jobs[1]["status"] == "running" and jobs[1]["progress"]["current_step"] == 7 and jobs[1]["gpu_ids"] == [0]
     await store.reprioritize(await require(store, "b"), 9, actor="t")
@@ -430,16 +430,16 @@ async def test_lists_come_from_summaries_every_change_keeps_and_old_records_get(
     # A record written before summaries were kept gets one from the scheduler's start-up pass.
     await redis_client.delete(store.keys.job_summary("b"))
     assert (await listed(store, None))[0]["job_id"] == "a"
-    assert await store.backfill_summaries() == 1
+    assert await store.summaries.backfill() == 1
     assert [j["job_id"] for j in await listed(store, None)] == ["b", "a"]
-    assert await store.backfill_summaries() == 0  # (nothing to do on the next start)
+    assert await store.summaries.backfill() == 0  # (nothing to do on the next start)
     # Summaries an older version wrote with fewer fields (before error_code) are all rewritten once: an ended
     # job's summary is never rewritten otherwise, and its list entry lacked the key for good.
     old = json.loads(await redis_client.get(store.keys.job_summary("a")) or "{}")
     del old["error_code"]
     await redis_client.set(store.keys.job_summary("a"), json.dumps(old))
     await redis_client.set(store.keys.summary_fields, "job_id,status")
-    assert await store.backfill_summaries() == 2
+    assert await store.summaries.backfill() == 2
     assert all("error_code" in j for j in await listed(store, None))
     await store.transition("a", JobStatus.COMPLETED)
     await store.delete("a")

@@ -40,6 +40,7 @@ from application.services.job_codec import (
 )
 from application.services.job_log import SCHEDULER as SCHEDULER
 from application.services.job_log import JobLog
+from application.services.job_summaries import JobSummaries
 from application.services.keys import Keys
 from application.services.queue_view import QueueView
 from application.services.refusals import Refusal as Refusal
@@ -73,10 +74,10 @@ class JobStore(JobLog, QueueView):
         self._forget_lost = client.register_script(lua.FORGET_LOST)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua_cluster.DROP_LEASE)
-        self._refresh_summary = client.register_script(lua.REFRESH_SUMMARY)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
         self.folders = FolderIndex(client, keys)
+        self.summaries = JobSummaries(client, keys)
 
     async def _incarnation(self, job_id: str, created_at: float | None) -> tuple[str | None, str, str | None]:
         """The job's owner, its `created_at` as stored and the job it exports (a quantized export's), read
@@ -201,44 +202,6 @@ class JobStore(JobLog, QueueView):
                 pipe.zcard(self.keys.owner_status_index(owner, s) if owner else self.keys.status_index(s))
             values = await pipe.execute()
         return {s.value: int(v) for s, v in zip(JobStatus, values, strict=True)}
-
-    async def summaries_json(self, ids: list[str]) -> str:
-        """The JobSummary of each of `ids` still stored, as a JSON array."""
-        summaries = await self.r.mget([self.keys.job_summary(i) for i in ids]) if ids else []
-        return "[" + ",".join(s for s in summaries if s) + "]"
-
-    async def backfill_summaries(self, batch: int = 500) -> int:
-        """Write the summaries that records from before they were kept lack, and rewrite every one when they were
-        written with other fields (a version that added `error_code`: a list entry of a job that ended before
-        lacked the key for good, as nothing rewrites an ended job's summary). Once, at a scheduler's start."""
-        fields = ",".join(lua.SUMMARY_FIELDS)
-        every = await self.r.get(self.keys.summary_fields) != fields
-        written, after, seen = 0, "-inf", set[str]()
-        # By score (creation time), not by rank: a job deleted meanwhile moved every later one down a rank, and
-        # one of them was skipped. Jobs of the boundary's score are read again, and passed over once seen.
-        while rows := await self.r.zrangebyscore(self.keys.jobs_index, after, "+inf", start=0, num=batch,
-                                                 withscores=True):  # fmt: skip
-            fresh = [job_id for job_id, _ in rows if job_id not in seen]
-            if not fresh:
-                if len(rows) < batch:
-                    break
-                batch *= 2  # (more jobs of one score than a batch: read more at once)
-                continue
-            after = repr(rows[-1][1])
-            seen = {job_id for job_id, score in rows if repr(score) == after}
-            ids = fresh
-            async with self.r.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.exists(self.keys.job_summary(job_id))
-                present = await pipe.execute()
-            stale = [job_id for job_id, there in zip(ids, present, strict=True) if every or not there]
-            async with self.r.pipeline(transaction=False) as pipe:
-                for job_id in stale:
-                    await self._refresh_summary(keys=[self.keys.job(job_id)], args=[
-                        script_arg({"k": {"summary": self.keys.job_summary(job_id)}})], client=pipe)  # fmt: skip
-                written += sum(int(n) for n in await pipe.execute()) if stale else 0
-        await self.r.set(self.keys.summary_fields, fields)
-        return written
 
     async def job_json(self, job_id: str) -> tuple[str | None, dict[str, str]] | None:
         """(owner, the job's stored JSON values by field: `joined` makes them the whole job's JSON text); None

@@ -8,9 +8,10 @@ A refusal is returned as {reason, current status, detail}; `JobStore` turns the 
 
 # What a job list shows of each job (JobSummary), kept as one JSON string per job (`Keys.job_summary`) that
 # every script changing the job rewrites: a page is then one MGET, and nothing is decoded to serve it.
+# A new field goes at the end: an entry an older version wrote is told by its last field's absence (job_summaries).
 SUMMARY_FIELDS = ("job_id", "status", "priority", "owner", "model_path", "data_path", "output_dir", "num_gpus",
                   "gpu_ids", "created_at", "queued_at", "started_at", "finished_at", "progress", "export",
-                  "error_message", "error_code", "predicted_duration", "kind", "export_of")  # fmt: skip
+                  "error_message", "predicted_duration", "kind", "export_of", "error_code")  # fmt: skip
 _SUMMARY_FIELDS_LUA = "{" + ", ".join(f"'{f}'" for f in SUMMARY_FIELDS) + "}"
 
 # Shared helpers, prepended to each script.

@@ -333,7 +333,7 @@ class TrainingService:
 
     async def list_jobs(self, status: JobStatus | None, owner: str | None, offset: int, limit: int,
                         caller: Caller, cursor: str | None = None) -> str:  # fmt: skip
-        """A page of JobSummary as JSON text, assembled from what is stored (see JobStore.summaries_json): by
+        """A page of JobSummary as JSON text, assembled from what is stored (see job_summaries): by
         offset, or after a cursor (index_pages); every page with a next one names that one's cursor."""
         after = one_way(offset, cursor)
         if not caller.is_admin:
@@ -342,7 +342,7 @@ class TrainingService:
                         '"next_cursor":null}')  # fmt: skip
             owner = caller.name
         total, ids, nxt_cursor = await self.store.page(status, owner, offset, limit, after)
-        page = await self.store.summaries_json(ids)
+        page = await self.store.summaries.page_json(ids)
         nxt = offset + limit if offset + limit < total and after is None else None
         shown = "null" if nxt_cursor is None else json.dumps(cursor_text(nxt_cursor))
         return (
