@@ -188,7 +188,9 @@ async def test_the_store_refuses_another_owners_folder_atomically_and_records_th
     assert await store.folders.foreign(folder_arg(Path("/out/a0"), root, "bob")) is None  # a name, not a parent
 
 
-async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_once(store: JobStore) -> None:
+async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_and_a_downgrades_at_the_next_start(
+    store: JobStore,
+) -> None:
     root = Path("/out")
     for job_id, owner in (("old1", "alice"), ("old2", None)):
         await store.create(make_job(job_id, owner=owner), message="created", actor="x")
@@ -199,8 +201,21 @@ async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_once(
     assert await store.folders.foreign(folder_arg(Path("/out/old1/x"), root, "bob")) == "/out/old1"
     assert await store.folders.foreign(folder_arg(Path("/out/old2"), root, "bob")) == "/out/old2"
     assert await store.folders.foreign(folder_arg(Path("/out/old1"), root, "alice")) is None
-    await store.r.delete(store.keys.folder_owners)
-    assert await store.folders.backfill() == 0  # once
+    assert await store.folders.backfill() == 0  # (the next start: nothing more)
+    # A downgrade to such a version, then this one again: the jobs it stored are recorded at the next start, as
+    # their first job's owner's, and nothing recorded since is overwritten. Bob's create took alice's folder from
+    # the downgrade, read her files and had it recorded as his (hunt CC).
+    for job_id in ("old3", "old4"):
+        await store.create(make_job(job_id, owner="alice"), message="created", actor="x")
+    await store.r.hdel(store.keys.folder_owners, "/out/old3", "/out/old4")
+    await store.r.zrem(store.keys.folders, "/out/old3", "/out/old4")
+    await store.r.hset(store.keys.folder_owners, "/out/old4", "bob")  # (recorded since)
+    assert await store.folders.foreign(folder_arg(Path("/out/old3"), root, "bob")) is None
+    assert await store.folders.backfill() == 1
+    assert await store.folders.foreign(folder_arg(Path("/out/old3"), root, "bob")) == "/out/old3"
+    assert await store.folders.foreign(folder_arg(Path("/out/old3"), root, "alice")) is None
+    assert await store.r.hget(store.keys.folder_owners, "/out/old4") == "bob"
+    assert await store.folders.backfill() == 0
 
 
 async def test_a_folder_holding_thousands_of_the_owners_own_is_told_from_one_holding_another_owners(

@@ -96,6 +96,7 @@ class FolderIndex:
         self.keys = keys
         self._foreign = client.register_script(lua.FOREIGN_FOLDER)
         self._mark_if_empty = client.register_script(lua_cluster.MARK_FOLDERS_INDEXED_IF_EMPTY)
+        self._record_missing_script = client.register_script(lua_cluster.RECORD_MISSING_FOLDERS)
 
     async def guard(self, root: Path, caller: Caller, indexed: bool = False) -> FolderGuard | None:
         """The `FolderGuard` for a caller's paths (OUTPUT_ROOT resolved is `root`): None for an admin, or on a
@@ -122,14 +123,17 @@ class FolderIndex:
         return str(found) if found else None
 
     async def backfill(self, batch: int = 500) -> int:
-        """Once, at a scheduler's start after an upgrade: record the folders of jobs stored by a version that did
-        not, each as the owner's of the first job that wrote there (an admin's create, unchecked, since the
-        upgrade may have recorded one of them as theirs), then put each recorded folder in its owner's
-        `owner_folders`. Users' creates wait for this (FOLDERS_NOT_INDEXED). Returns how many folders the first
-        step recorded."""
+        """At a scheduler's start: once after an upgrade, record the folders of jobs stored by a version that did
+        not, each as the owner's of the first job that wrote there (an admin's create, unchecked, since the upgrade
+        may have recorded one of them as theirs), then put each recorded folder in its owner's `owner_folders`.
+        Users' creates wait for this (FOLDERS_NOT_INDEXED). At each later start, only those still unrecorded (a
+        downgrade's jobs), nothing recorded overwritten. Returns how many folders it recorded."""
         k = self.keys
         if await self.r.exists(k.folders_indexed):
-            return 0
+            # Recorded once; but a version from before that (a downgrade, then this one again) stored jobs without
+            # recording their folders, and another owner's create took such a folder, read its files and had it
+            # recorded as theirs (hunt CC). Each start records those it finds unrecorded.
+            return await self._record_from_jobs(batch, missing=True)
         recorded = 0
         if not await self.r.exists(k.folders_recorded):
             recorded = await self._record_from_jobs(batch)
@@ -148,7 +152,7 @@ class FolderIndex:
         await self.r.set(k.folders_indexed, "1")
         return recorded
 
-    async def _record_from_jobs(self, batch: int) -> int:
+    async def _record_from_jobs(self, batch: int, missing: bool = False) -> int:
         k = self.keys
         first: dict[str, str] = {}
         start = 0
@@ -162,6 +166,8 @@ class FolderIndex:
                 if output_dir:
                     first.setdefault(json.loads(output_dir), json.loads(owner or "null") or "")
         items = list(first.items())
+        if missing:
+            return await self._record_missing(items, batch)
         for i in range(0, len(items), batch):
             part = dict(items[i : i + batch])
             before = await self.r.hmget(k.folder_owners, list(part))
@@ -174,3 +180,16 @@ class FolderIndex:
                     pipe.zadd(k.owner_folders(owner), {folder: 0})
                 await pipe.execute()
         return len(items)
+
+    async def _record_missing(self, items: list[tuple[str, str]], batch: int) -> int:
+        k = self.keys
+        recorded = 0
+        for i in range(0, len(items), batch):
+            part = items[i : i + batch]
+            there = await self.r.hmget(k.folder_owners, [folder for folder, _ in part])
+            absent = [{"folder": folder, "owner": owner, "mine": k.owner_folders(owner)}
+                      for (folder, owner), was in zip(part, there, strict=True) if was is None]  # fmt: skip
+            if absent:
+                recorded += int(await self._record_missing_script(
+                    keys=[k.folder_owners], args=[script_arg({"folders": absent, "all": k.folders})]))  # fmt: skip
+        return recorded

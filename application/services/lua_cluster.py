@@ -133,6 +133,23 @@ redis.call('SET', KEYS[2], '1')
 return 1
 """
 
+# Folders of jobs a version that did not record them stored after the first upgrade (a downgrade's), each as
+# the owner's of its first job, and only where none is recorded: a create since may have recorded it. KEYS[1]:
+# Keys.folder_owners; a: folders ({folder, owner, mine: Keys.owner_folders(owner)}), all (Keys.folders).
+# Returns how many it recorded.
+RECORD_MISSING_FOLDERS = """
+local a = cjson.decode(ARGV[1])
+local n = 0
+for _, f in ipairs(a.folders) do
+  if redis.call('HSETNX', KEYS[1], f.folder, f.owner) == 1 then
+    redis.call('ZADD', a.all, 0, f.folder)
+    redis.call('ZADD', f.mine, 0, f.folder)
+    n = n + 1
+  end
+end
+return n
+"""
+
 # What a create reads before it stores the job, as one command: a pipeline of eight costs an API worker several
 # times the CPU in the client library. KEYS: the GPU reading, ms-swift facts, queue head, history version, leader,
 # folders_indexed, the start hold (read as one MGET), GPU leases, the running index, the queue, the processor's
