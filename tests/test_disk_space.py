@@ -103,9 +103,9 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
 ) -> None:
     # Each job that came to the head failed at its launch, one after another, saying "free space, then resume
     # the job", and its resume was then 409 "left no checkpoint": the whole queue lost to the operator's disk.
-    from application.services import queue_processor
+    from application.services import run_start
 
-    monkeypatch.setattr(queue_processor, "DISK_HOLD_SECONDS", 1.0)
+    monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
         filler = fill(small_disk)

@@ -467,7 +467,7 @@ async def test_a_reply_lost_between_a_runs_record_and_its_launch_still_launches_
     between the run's record and its launch, ended the pass: the job showed running with no runner until the
     watchdog requeued it as "preempted for the stop of the scheduler" (hunt BH)."""
     from application.services import job_store as job_store_module
-    from application.services import queue_processor
+    from application.services import run_start
 
     lost = [redis.ConnectionError("Connection closed by server."), redis.ConnectionError("Connection reset.")]
 
@@ -481,7 +481,7 @@ async def test_a_reply_lost_between_a_runs_record_and_its_launch_still_launches_
             raise lost.pop(0)
         return await real_update(self, job_id, fields, **kwargs)
 
-    monkeypatch.setattr(queue_processor, "record_scheduling_latency", metric_lost)
+    monkeypatch.setattr(run_start, "record_scheduling_latency", metric_lost)
     monkeypatch.setattr(job_store_module.JobStore, "update", check_lost_once)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:

@@ -1,0 +1,332 @@
+"""Starting one run of a queued job, for the queue processor: the last checks (runs its record does not know,
+links made in its folders since its create), its record (the status change, fenced by the leader lock, with its
+GPUs' leases), its spec and its runner's launch; and the hold on starts while OUTPUT_ROOT's disk takes no file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shlex
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from application.config import Settings
+from application.exceptions import Unavailable
+from application.models.training_model import Attempt, Job, JobStatus, Progress
+from application.services import clock
+from application.services import process_group as pg
+from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
+from application.services.cluster_store import ClusterStore
+from application.services.disk_space import disk_state, launch_error, whole_disk, write_refused
+from application.services.input_checks import InputGuards
+from application.services.job_store import JobStore, TransitionRefused
+from application.services.launcher import RunnerLauncher
+from application.services.lost_replies import landed, never_sent
+from application.services.metrics import record_scheduling_latency
+from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
+from application.services.quant_exports import export_job_escape
+from application.services.redis_service import REDIS_AWAY
+from application.services.refusals import Refusal
+from application.services.run_end import checkpoint_step, work_of
+from application.services.run_logs import log_name, run_log, unknown_runs
+from application.services.swift_command import (
+    GPU_VARIABLES,
+    SERVER_VARIABLES,
+    SwiftVersion,
+    build_env,
+    build_sft_command,
+    visible_env,
+)
+from application.utils.log_files import replace_in_place
+
+
+class PathMoved(OSError):
+    """The job's output folder or one of its inputs leads elsewhere since its create: the run does not start."""
+
+    def __init__(self, why: str, code: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+def write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: list[tuple[str, str, bool]],
+               roots: tuple[tuple[Path, ...], tuple[Path, ...], tuple[Path, ...], Guard],
+               export_job: Job | None = None) -> Path:  # fmt: skip
+    # The paths were sandboxed when the job was created; a symlink made since must not take this run's files
+    # (its log, its checkpoints) outside the root or into another job's folder, nor have it read what lies
+    # outside DATA_ROOTS and MODEL_ROOTS (or another owner's files), so check again before the first write.
+    # An export job's folders first: its own lies in its parent's exports/, whose link it would blame on itself.
+    escaped = export_job_escape(export_job, output_root) if export_job is not None else None
+    escaped = escaped or escaped_output_root(Path(str(spec["cwd"])), output_root)
+    if escaped:
+        raise PathMoved(escaped, "output_dir")
+    relinked = relinked_input(inputs, *roots)
+    if relinked:
+        raise PathMoved(relinked, "input_path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.realpath(path.parent) != str(path.parent):
+        # (the runs' logs and records would be written wherever it leads: another owner's folder, say)
+        raise PathMoved(f"the job's logs folder {path.parent} is a symbolic link: the server writes a job's logs only "
+                        "in its own folder; replace it with a folder", "output_dir")  # fmt: skip
+    replace_in_place(path, json.dumps(spec).encode())  # (a full disk left an empty temp file in the logs folder)
+    return path
+
+
+# How long no run starts once one could not be launched for OUTPUT_ROOT's disk, and then while it stays so.
+DISK_HOLD_SECONDS = 30.0
+
+
+def resume_point(job: Job) -> tuple[str | None, bool]:
+    """The checkpoint a job that ran before resumes from (the one asked for, else its newest still on disk), and
+    whether it holds only weights (saved with save_only_model: no optimizer or scheduler state)."""
+    candidates = [job.resume_from, *reversed(job.checkpoints)] if job.resume_from else list(reversed(job.checkpoints))
+    found = first_resumable(candidates)
+    if found is None:
+        return None, False
+    return found, weights_only(found)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# What a path that no file can ever be made in raises: the job's folder, not the disk, is at fault.
+_UNUSABLE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP})
+
+
+class RunStarter:
+    def __init__(
+        self,
+        store: JobStore,
+        cluster: ClusterStore,
+        settings: Settings,
+        launcher: RunnerLauncher,
+        fence: Callable[[], str | None],
+        version: Callable[[], Awaitable[SwiftVersion]],
+        scheduler_id: str,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.settings = settings
+        self._inputs = InputGuards.of(settings, store)  # where a job's inputs may lead at its run
+        self._input_roots = self._inputs.roots
+        self.launcher = launcher
+        self.fence = fence
+        self.version = version
+        self.scheduler_id = scheduler_id
+        self.disk_held = False  # starts are held for OUTPUT_ROOT's disk: it is looked at before each start
+
+    async def start(self, job: Job, gpu_ids: list[int]) -> bool:
+        """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
+        that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
+        disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
+        if job.stop_requested:
+            # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
+            # its runner had read its flags just before it came): honoured here, not undone by a new run.
+            to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
+            await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        message="stopped on request as its last run ended: not run again")  # fmt: skip
+            return False
+        if job.pause_requested:
+            message = f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
+            await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"pause_requested": False}, message=message)  # fmt: skip
+            return False
+        if self.disk_held:
+            # Looked at before a run is started and given back again: two events a try on the job at the head, for
+            # as long as the disk stays full (review BZ).
+            if refused := await asyncio.to_thread(write_refused, self.settings.OUTPUT_ROOT):
+                await self.hold_for_disk(await asyncio.to_thread(disk_state, refused, self.settings.OUTPUT_ROOT))
+                return False
+            self.disk_held = False
+        version = await self.version()
+        log_dir = Path(job.output_dir) / "logs"
+        number = len(job.attempts) + 1
+        try:
+            resume, weights_only = await asyncio.to_thread(resume_point, job) if job.attempts else (None, False)
+            log_file = await asyncio.to_thread(run_log, log_dir, job.job_id, number)
+            # (only where a run's log name was taken: a deleted job's, or one of a run the record does not know)
+            skipped = log_file.name != log_name(job.job_id, number)
+            forgotten = await asyncio.to_thread(unknown_runs, job, log_dir) if skipped else []
+        except OSError as exc:
+            # This job's folder, not the pass: raised on, it stopped every start behind it, pass after pass. A
+            # path no file can ever be made in fails the job; anything else (a disk or mount that may come back)
+            # leaves it queued for the next pass.
+            if exc.errno not in _UNUSABLE_PATH:
+                logger.warning("job {} not started: its output folder cannot be read now ({})", job.job_id, exc)
+                return False
+            error = f"its output folder cannot be used: {exc}"
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": error, "error_code": "output_dir"},
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
+            return False
+        if forgotten:
+            last = forgotten[-1]
+            how = f"ended with {last.outcome}" if last.outcome else "its end not recorded"
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.started_at))
+            error = (f"its folder holds {len(forgotten)} run(s) of it that its record did not know (the last: logs/"
+                     f"{Path(last.log_file or '').name}, {how} at {when}): Redis came back from an older state. Not "
+                     "run again: those runs' files are in its folder (their logs: GET .../logs?attempt=N); create a "
+                     "new job to train again")  # fmt: skip
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": error, "error_code": "unknown_run",
+                                                "attempts": [*job.attempts, *forgotten]},
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
+            return False
+        # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
+        # or media a data file names since, had the run read what they lead to (a hunt). Before its GPUs are
+        # taken: a Redis too slow to tell whose folder a path leads into leaves the job queued.
+        inputs, guard = await self._inputs.of_run(job)
+        try:
+            moved = await self._inputs.folders_moved(job, inputs, guard)
+        except Unavailable as exc:
+            logger.warning("job {} not started: its folders' links could not be checked ({})", job.job_id, exc.detail)
+            return False
+        if moved:
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields={"error_message": moved, "error_code": "input_path"},
+                                        message=f"{work_of(job)} failed: {moved}")  # fmt: skip
+            return False
+        step = checkpoint_step(resume)
+        argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
+        gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
+        env = visible_env(gpu_env)
+        where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
+        run_id = uuid.uuid4().hex
+        now = clock.now()
+        attempt = Attempt(number=number, run_id=run_id, started_at=now, resumed_from=resume, first_step=step,
+                          gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
+        total = job.progress.max_steps
+        progress = Progress(current_step=step, max_steps=total,
+                            percentage=round(100.0 * step / total, 2) if step is not None and total else None,
+                            ) if resume else Progress()  # fmt: skip
+        fields: dict[str, Any] = {
+                "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
+                "swift_version": version.version, "log_file": str(log_file),
+                "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None, "process_stamp": None,
+                "process_start_time": None, "exit_code": None, "error_message": None, "error_code": None,
+                "progress": progress, "run_id": run_id, "runner": None, "scheduled_by": self.scheduler_id,
+                "attempts": [*job.attempts, attempt], "resume_from": resume, "pause_requested": False,
+                "preempt_for": None, "finished_at": None, "log_tail": None, "last_checkpoint_at": None,
+                # This run's folder is not known until swift names it: the last run's would be taken for its own
+                # (its attempt recorded with it; its logging.jsonl read as this run's end).
+                "run_dir": None,
+        }  # fmt: skip
+        started = self.store.transition(
+            job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
+            fields=fields, message=f"started on {where}" + (f", resuming from {resume}" if resume else
+                                             " from the beginning" if job.attempts else ""),
+            data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
+        )  # fmt: skip
+        # Its reply lost, the run may be recorded all the same (lost_replies): then it is launched, not left holding
+        # its GPUs, runner-less, until the watchdog gave it up as never launched.
+        try:
+            await started
+        except TransitionRefused as exc:
+            # (refused as running already: by its own first run, when a dropped connection's retry sent it again;
+            # any other refusal, a stop that came first say, costs no look)
+            if exc.current != JobStatus.RUNNING.value or not await self._recorded(job.job_id, run_id):
+                raise
+        except REDIS_AWAY as exc:
+            if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run_id)):
+                raise
+        if job.attempts:
+            # The steps past the checkpoint it resumes from are logged again: dropped once the run is recorded, not
+            # before (a stop or a dequeue that came first cut the history of a job that never ran again). No run
+            # writes yet: its runner is launched below.
+            try:
+                await self.store.trim_history(job.job_id, step)
+            except REDIS_AWAY as exc:
+                logger.warning("job {}: its loss points past step {} not dropped ({}): the run logs them again",
+                               job.job_id, step, exc)  # fmt: skip
+        try:
+            await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
+        except REDIS_AWAY as exc:  # a figure for /metrics: the run is recorded and is launched all the same (hunt BH)
+            logger.warning("job {}: its scheduling latency not recorded ({})", job.job_id, exc)
+        try:
+            # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
+            # overwrite, the spec of the run its successor started instead (the runner checks the run id too).
+            spec = await asyncio.to_thread(write_spec, pg.launch_spec(log_dir, job.job_id, run_id), {
+                "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
+                "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
+                "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
+            }, self.settings.OUTPUT_ROOT, inputs, self._input_roots,
+                job if job.kind == "export" else None)  # fmt: skip
+            try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
+                await self._still_ours(job.job_id, run_id)
+            except TransitionRefused as exc:
+                spec.unlink(missing_ok=True)
+                logger.warning("job {} run {} not launched: {}", job.job_id, run_id, exc)
+                return False
+            runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
+        except OSError as exc:
+            if not isinstance(exc, PathMoved) and await asyncio.to_thread(whole_disk, exc, self.settings.OUTPUT_ROOT):
+                await self._wait_for_disk(job, run_id, fields, exc)
+                return False
+            error = (
+                str(exc)
+                if isinstance(exc, PathMoved)
+                else launch_error(exc, log_dir, "resume the job" if job.checkpoints else "create the job again")
+            )
+            code = exc.code if isinstance(exc, PathMoved) else "launch"
+            # The attempt ends here too: left open, the job's page showed it running beside a failed job.
+            ended = attempt.model_copy(update={"finished_at": clock.now(), "outcome": "failed", "error_code": code,
+                                               "error_message": error})  # fmt: skip
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
+                                        fields={"error_message": error, "error_code": code,
+                                                "attempts": [*job.attempts, ended]},
+                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
+            return False
+        try:
+            await self.store.update(job.job_id, {"runner": runner}, run_id=run_id, statuses=(JobStatus.RUNNING,))
+        except TransitionRefused as exc:
+            # Given up meanwhile (this scheduler stalled before the launch): its runner starts nothing.
+            if exc.reason == Refusal.OTHER_RUN:
+                logger.warning("job {} run {} was given up before its runner started", job.job_id, run_id)
+                return False
+            # (else it ended already: a run that fails at once)
+        return True
+
+    async def _still_ours(self, job_id: str, run_id: str) -> None:
+        """TransitionRefused unless the job still runs this run and this scheduler still leads. It writes nothing
+        but its check, so a lost reply is asked again: one dropped connection left a recorded run unlaunched,
+        holding its GPUs until the watchdog gave it up (hunt BH)."""
+        for attempt in range(3):
+            try:
+                await self.store.update(job_id, {}, statuses=(JobStatus.RUNNING,), run_id=run_id, fence=self.fence())
+                return
+            except REDIS_AWAY:
+                if attempt == 2:
+                    raise
+
+    async def _wait_for_disk(self, job: Job, run_id: str, started: dict[str, Any], exc: OSError) -> None:
+        """Back to its place in the queue, as it was before this launch, and no run starts while OUTPUT_ROOT's
+        disk is full or read-only: the operator's to mend, and each job that came to the head meanwhile failed at
+        its launch in turn (hunt BW)."""
+        why = await asyncio.to_thread(disk_state, exc, self.settings.OUTPUT_ROOT)
+        await self.hold_for_disk(why)
+        before = {name: getattr(job, name) for name in started}
+        await self.store.transition(job.job_id, JobStatus.QUEUED, expect=(JobStatus.RUNNING,), run_id=run_id,
+                                    fields={**before, "queued_at": job.queued_at, "started_at": job.started_at},
+                                    message=f"not started, back in its place in the queue: OUTPUT_ROOT's disk is "
+                                            f"{why}")  # fmt: skip
+
+    async def hold_for_disk(self, why: str) -> None:
+        self.disk_held = True
+        await self.cluster.hold_starts(f"no run starts: OUTPUT_ROOT's disk is {why}: free space on it (or make it "
+                                       "writable), and the waiting jobs start by themselves (looked at every "
+                                       f"{DISK_HOLD_SECONDS:g} s)", DISK_HOLD_SECONDS)  # fmt: skip
+        logger.warning("no run starts for {:g} s: OUTPUT_ROOT's disk is {}", DISK_HOLD_SECONDS, why)
+
+    async def _recorded(self, job_id: str, run_id: str) -> bool:
+        return bool(await self.store.get_field(job_id, "run_id") == run_id)
