@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from application.services import disk_space
-from application.services.disk_space import disk_state, free_bytes, launch_error, whole_disk, write_refused
+from application.services.disk_space import (
+    disk_state,
+    disk_trouble,
+    free_bytes,
+    launch_error,
+    start_refused,
+    whole_disk,
+    write_refused,
+)
 from tests.conftest import job_body, kill_processes_under, make_model, wait_job
 
 
@@ -121,21 +129,53 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
         assert held["scheduler"]["starts_held"].startswith("no run starts: OUTPUT_ROOT's disk is full ("), held
         # Not "create the job again", with another job's folder, on every waiting job (review BZ).
         assert "the waiting jobs start by themselves" in held["scheduler"]["starts_held"]
-        # Looked at again before each try, not started and given back: one pair of events, not two a try.
+        # The disk looked at by each pass, before any start: no run started and given back (two events a try).
         passes = client.scheduler.processor.stats.passes
         await poll(health, lambda _: client.scheduler.processor.stats.passes >= passes + 3)
         # Still waiting, in their places, as they were: no run recorded, nothing failed.
         first = (await client.get("/jobs/first")).json()
         assert first["status"] == "queued" and first["attempts"] == [] and first["started_at"] is None, first
         events = (await client.get("/jobs/first/events")).json()["events"]
-        back = [e for e in events if e["message"].startswith("not started, back in its place in the queue: ")]
-        assert len(back) == 1 and "OUTPUT_ROOT's disk is full" in back[0]["message"], events
+        assert not [e for e in events if e["type"] not in ("created", "status_queued")], events
         queue = (await client.get("/queue")).json()
         assert [e["job_id"] for e in queue["entries"]] == ["first", "second"], queue
         filler.unlink()
         for name in ("first", "second"):
             done = await wait_job(client, name, lambda j: j["status"] in ("completed", "failed"), timeout=60)
             assert done["status"] == "completed" and len(done["attempts"]) == 1, done
+        assert (await poll(health, lambda h: not h["scheduler"].get("starts_held")))["status"] == "healthy"
+
+
+def test_a_full_or_read_only_disk_is_told_from_its_figures_alone(tmp_path: Path) -> None:
+    # What each pass looks at, writing nothing: the starts wait before a run fails on the disk.
+    with tmpfs(tmp_path / "small", "size=16m") as disk:
+        assert disk_trouble(disk) is None  # (a small volume, empty: not full at its 16 MiB)
+        filler = fill(disk)
+        assert (disk_trouble(disk) or "").startswith("full ("), disk_trouble(disk)
+        filler.unlink()
+        assert start_refused(disk) is None and list(disk.iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert disk_trouble(disk) == "read-only" and start_refused(disk) == "read-only"
+
+
+async def test_health_says_the_output_disk_is_full_while_no_job_waits(
+    app_factory: Callable[..., Any], small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said healthy over a full OUTPUT_ROOT for as long as no job came to start (hunt BW).
+    from application.services import run_start
+
+    monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
+    async with app_factory(AUTO_EXPORT=False) as client:
+
+        async def health() -> Any:
+            return (await client.get("/health")).json()
+
+        assert (await health())["status"] == "healthy"
+        filler = fill(small_disk)
+        held = await poll(health, lambda h: h["scheduler"].get("starts_held"))
+        assert held["status"] == "degraded", held
+        assert held["scheduler"]["starts_held"].startswith("no run starts: OUTPUT_ROOT's disk is full ("), held
+        filler.unlink()
         assert (await poll(health, lambda h: not h["scheduler"].get("starts_held")))["status"] == "healthy"
 
 

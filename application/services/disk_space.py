@@ -57,6 +57,30 @@ def disk_state(exc: OSError, output_root: Path) -> str:
     return "full" if free is None else f"full ({room(free)})"
 
 
+def disk_trouble(output_root: Path) -> str | None:
+    """How OUTPUT_ROOT's disk keeps runs from starting, read from its figures alone: "read-only", "full (12 KiB
+    free)" (under DISK_FULL_BYTES, or a hundredth of a disk smaller than 6.4 GB: a small volume is not full at
+    its size); None when it does not, or cannot be read. No write: a look each pass."""
+    try:
+        st = os.statvfs(output_root)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return "read-only"
+    free = free_bytes(output_root)
+    full = free is not None and free < min(DISK_FULL_BYTES, st.f_blocks * st.f_frsize // 100)
+    return f"full ({room(free or 0)})" if full else None
+
+
+def start_refused(output_root: Path) -> str | None:
+    """`disk_trouble`, or how a probe written there was refused: what holds the starts (a quota the figures do not
+    show refuses the probe)."""
+    if trouble := disk_trouble(output_root):
+        return trouble
+    refused = write_refused(output_root)
+    return disk_state(refused, output_root) if refused is not None else None
+
+
 def whole_disk(exc: OSError, output_root: Path) -> bool:
     """Whether a launch failed for OUTPUT_ROOT's disk as a whole, full, over quota or read-only there (every launch
     would fail alike), not for the job's folder alone (a mount of its own, say: that job's run fails). A disk with

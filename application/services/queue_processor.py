@@ -80,6 +80,7 @@ class QueueProcessor:
         user asked to start) are planned even when they lie past the planned window."""
         async with self._lock:
             started_at = time.perf_counter()
+            await self.starter.look_at_disk()
             await self.refresh_predictions()
             view = await self.view()
             starts: list[Start] = []

@@ -26,7 +26,7 @@ from application.services import clock
 from application.services import process_group as pg
 from application.services.checkpoints import first_resumable, newest_checkpoint, weights_only
 from application.services.cluster_store import ClusterStore
-from application.services.disk_space import disk_state, launch_error, whole_disk, write_refused
+from application.services.disk_space import disk_state, disk_trouble, launch_error, start_refused, whole_disk
 from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -80,7 +80,7 @@ def write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: l
     return path
 
 
-# How long no run starts once one could not be launched for OUTPUT_ROOT's disk, and then while it stays so.
+# How long /health says no run starts for OUTPUT_ROOT's disk after it was last found so (a pass looks again).
 DISK_HOLD_SECONDS = 30.0
 
 
@@ -125,6 +125,7 @@ class RunStarter:
         self.version = version
         self.scheduler_id = scheduler_id
         self.disk_held = False  # starts are held for OUTPUT_ROOT's disk: it is looked at before each start
+        self._disk_said: str | None = None  # how the disk stood when last logged
 
     async def start(self, job: Job, gpu_ids: list[int]) -> bool:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
@@ -145,8 +146,8 @@ class RunStarter:
         if self.disk_held:
             # Looked at before a run is started and given back again: two events a try on the job at the head, for
             # as long as the disk stays full (review BZ).
-            if refused := await asyncio.to_thread(write_refused, self.settings.OUTPUT_ROOT):
-                await self.hold_for_disk(await asyncio.to_thread(disk_state, refused, self.settings.OUTPUT_ROOT))
+            if why := await asyncio.to_thread(start_refused, self.settings.OUTPUT_ROOT):
+                await self.hold_for_disk(why)
                 return False
             self.disk_held = False
         version = await self.version()
@@ -321,12 +322,24 @@ class RunStarter:
                                     message=f"not started, back in its place in the queue: OUTPUT_ROOT's disk is "
                                             f"{why}")  # fmt: skip
 
+    async def look_at_disk(self) -> None:
+        """Each pass, jobs waiting or not: OUTPUT_ROOT's disk full or read-only holds the starts before a run fails
+        on it, and /health says so (it said healthy over a full disk while no job waited: hunt BW)."""
+        why = await asyncio.to_thread(disk_trouble, self.settings.OUTPUT_ROOT)
+        if why is None:
+            self._disk_said = None
+        else:
+            await self.hold_for_disk(why)
+
     async def hold_for_disk(self, why: str) -> None:
         self.disk_held = True
         await self.cluster.hold_starts(f"no run starts: OUTPUT_ROOT's disk is {why}: free space on it (or make it "
-                                       "writable), and the waiting jobs start by themselves (looked at every "
-                                       f"{DISK_HOLD_SECONDS:g} s)", DISK_HOLD_SECONDS)  # fmt: skip
-        logger.warning("no run starts for {:g} s: OUTPUT_ROOT's disk is {}", DISK_HOLD_SECONDS, why)
+                                       "writable), and the waiting jobs start by themselves (looked at before "
+                                       "each start)", DISK_HOLD_SECONDS)  # fmt: skip
+        kind = why.split(" (")[0]  # (once, not at each pass or try, while it stays full)
+        if kind != self._disk_said:
+            self._disk_said = kind
+            logger.warning("no run starts: OUTPUT_ROOT's disk is {}", why)
 
     async def _recorded(self, job_id: str, run_id: str) -> bool:
         return bool(await self.store.get_field(job_id, "run_id") == run_id)
