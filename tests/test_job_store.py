@@ -365,8 +365,17 @@ async def test_a_lost_record_is_forgotten_by_its_owner_and_its_folder_too(store:
     for i in range(2):
         await store.create(make_job(f"w{i}", owner="alice"), message="", actor="alice", max_waiting=2)
     await store.transition("w0", JobStatus.QUEUED)
+    # Its events and history, and its export folders' claims (but one its quantized export's job holds): kept
+    # without an expiry, they stayed for good (hunt CD).
+    k = store.keys
+    await store.r.hset(k.export_targets, mapping={
+        "/out/w0/exports/m": json.dumps({"of": "w0", "export": "e1"}), "/out/w1/exports/m": json.dumps({"of": "w1"}),
+        "/out/w0/exports/q": json.dumps({"of": "w0", "job": "w0-q"})})  # fmt: skip
+    await store.r.rpush(k.job_history("w0"), "{}")
     await store.r.delete(store.keys.job("w0"))
     assert await store.forget_lost("w0")
+    assert not await store.r.exists(k.job_events("w0"), k.job_history("w0"))
+    assert sorted(await store.r.hkeys(k.export_targets)) == ["/out/w0/exports/q", "/out/w1/exports/m"]
     assert (await store.page(None, "alice", 0, 10))[:2] == (1, ["w1"])
     assert (await store.counts("alice"))["queued"] == 0
     await store.create(make_job("w2", owner="alice"), message="", actor="alice", max_waiting=2)  # under the cap

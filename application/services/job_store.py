@@ -406,7 +406,8 @@ class JobStore(JobLog, QueueView):
                 "head_since": k.head_since,
                 "expiry": k.expiry, "exporting": k.exporting, "summary": k.job_summary(job_id),
                 "owner_all": k.owner_index(owner) if owner is not None else None, "owner_status": mine,
-                "output_dirs": k.output_dirs}})]))  # fmt: skip
+                "output_dirs": k.output_dirs, "events": k.job_events(job_id), "history": k.job_history(job_id),
+                "sent": k.job_sent(job_id), "export_targets": k.export_targets}})]))  # fmt: skip
 
     async def reprioritize(self, job: Job, priority: int, *, actor: str) -> JobStatus:
         now = clock.now()
