@@ -135,6 +135,25 @@ async def test_terminal_jobs_expire_after_the_retention(app_factory: Callable[..
         assert (tmp_path / "data.jsonl").is_file()  # files stay
 
 
+async def test_a_backlog_of_expired_records_goes_a_batch_after_another_in_one_sweep(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A hundred a sweep, a sweep a minute: a backlog (retention turned on, or lowered) of 100,000 records took
+    # 17 h to go, all of them in Redis's memory meanwhile (hunt CD).
+    from application.models.training_model import JobStatus
+    from tests.test_job_store import make_job
+
+    async with app_factory() as client:
+        store = client.app.state.training.store
+        for n in range(250):
+            await store.create(make_job(f"old{n:03}", JobStatus.PENDING), message="", actor="t")
+            await store.transition(f"old{n:03}", JobStatus.CANCELLED)
+        await store.r.zadd(store.keys.expiry, {f"old{n:03}": 1.0 + n for n in range(250)})  # (ended long ago)
+        removed = await client.scheduler.watchdog.retention.expire_old_jobs(batch=100, budget=60)  # (a slow machine)
+        assert len(removed) == 250 and removed[0] == "old000", len(removed)
+        assert await store.expired(time.time(), 10) == [] and (await store.counts(None))["cancelled"] == 0
+
+
 async def test_a_burst_of_creates_cannot_pass_the_waiting_cap(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     # Each create reads the owner's count and then writes: the cap must hold when creates overlap, too.
     make_model(tmp_path / "models" / "tiny-qwen2")
