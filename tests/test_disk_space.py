@@ -146,6 +146,35 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
         assert (await poll(health, lambda h: not h["scheduler"].get("starts_held")))["status"] == "healthy"
 
 
+async def test_a_stop_asked_for_as_a_launch_fails_on_the_full_disk_is_not_undone(
+    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job went back to the queue with the flags it had before its start: the user's stop, taken by then
+    # (answered 200), was undone, and the job ran once the disk was freed (review BZ).
+    from application.services import run_start
+
+    monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False) as client:
+        starter = client.scheduler.processor.starter
+        launch = starter.launcher.launch
+        filled: list[Path] = []
+
+        async def stopped_then_full(*args: Any, **kwargs: Any) -> Any:
+            assert (await client.post("/jobs/late/stop")).status_code == 200
+            filled.append(fill(small_disk))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        starter.launcher.launch = stopped_then_full
+        body = job_body(tmp_path, "late", auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "late", lambda j: bool(filled))
+        starter.launcher.launch = launch
+        filled[0].unlink()
+        job = await wait_job(client, "late", lambda j: j["status"] in ("cancelled", "stopped", "completed"), timeout=60)
+        assert job["status"] == "cancelled" and job["attempts"] == [], job
+
+
 def test_a_full_or_read_only_disk_is_told_from_its_figures_alone(tmp_path: Path) -> None:
     # What each pass looks at, writing nothing: the starts wait before a run fails on the disk.
     with tmpfs(tmp_path / "small", "size=16m") as disk:

@@ -316,7 +316,8 @@ class RunStarter:
         its launch in turn (hunt BW)."""
         why = await asyncio.to_thread(disk_state, exc, self.settings.OUTPUT_ROOT)
         await self.hold_for_disk(why)
-        before = {name: getattr(job, name) for name in started}
+        # But a stop or pause asked for since the run was recorded: the next pass honours it (it was undone).
+        before = {name: getattr(job, name) for name in started if name not in ("stop_requested", "pause_requested")}
         await self.store.transition(job.job_id, JobStatus.QUEUED, expect=(JobStatus.RUNNING,), run_id=run_id,
                                     fields={**before, "queued_at": job.queued_at, "started_at": job.started_at},
                                     message=f"not started, back in its place in the queue: OUTPUT_ROOT's disk is "
