@@ -571,6 +571,17 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     out = tmp_path / "logging.jsonl"
     got = cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
     assert got["bytes"] == out.stat().st_size and out.read_bytes() == (run / "logging.jsonl").read_bytes()
+    # One the network cut goes on from what it kept, named by the file's ETag: the rest asked for, with If-Range.
+    whole = out.read_bytes()
+    out.unlink()
+    tag = server.http.head(f"/jobs/cli-up/artifacts/{run.name}/logging.jsonl").headers["etag"].strip('"')
+    (tmp_path / f".logging.jsonl.{tag}.partial").write_bytes(whole[:100])
+    got = cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
+    assert got["bytes"] == len(whole) and out.read_bytes() == whole and not list(tmp_path.glob(".logging.jsonl.*"))
+    # A start kept of another version of the file: all of it again.
+    (tmp_path / ".logging.jsonl.0-1.partial").write_bytes(b"not its start")
+    cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
+    assert out.read_bytes() == whole and not list(tmp_path.glob(".logging.jsonl.*"))
     # `-o -` is standard output, as with curl (it wrote a file named '-' where the CLI ran).
     piped = cli(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", "-")
     assert piped.returncode == 0 and piped.stdout == (run / "logging.jsonl").read_text(), piped.stderr
@@ -718,6 +729,36 @@ def test_a_download_the_server_cut_says_so_not_that_the_server_cannot_be_reached
     assert str(caught.value).startswith("the download was cut after 65,536 bytes (peer closed"), caught.value
     assert "cannot reach" not in str(caught.value) and caught.value.code == 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_the_network_cut_goes_on_from_what_it_kept(tmp_path: Path) -> None:
+    # A merged model's gigabytes started over at each cut.
+    content = bytes(range(256)) * 1024
+    cut = [True]
+
+    def server(request: httpx.Request) -> httpx.Response:
+        headers = {"ETag": '"abc-40000"', "Accept-Ranges": "bytes"}
+        start = 0
+        if request.headers.get("if-range") == '"abc-40000"' and (asked := request.headers.get("range")):
+            start = int(asked.removeprefix("bytes=").rstrip("-"))
+            headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
+
+        def chunks() -> Iterator[bytes]:
+            yield content[start : start + 65536]
+            if cut.pop() if cut else False:
+                raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+            yield content[start + 65536 :]
+
+        return httpx.Response(206 if start else 200, headers=headers, content=chunks())
+
+    target = tmp_path / "big.bin"
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        with pytest.raises(CliError) as caught:
+            api.download("/jobs/j/artifacts/big.bin", target)
+        assert "cut after 65,536 bytes" in str(caught.value) and "goes on from there" in str(caught.value)
+        assert [p.name for p in tmp_path.iterdir()] == [".big.bin.abc-40000.partial"]
+        assert api.download("/jobs/j/artifacts/big.bin", target) == len(content)
+    assert target.read_bytes() == content and list(tmp_path.iterdir()) == [target]
 
 
 def test_submit_set_auto_start_false_creates_a_pending_job(server: ApiServer, workspace: Path) -> None:

@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 import httpx
 
+from application.cli import partial
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_PATH = "/api/v1/training"
 
@@ -242,49 +244,73 @@ class Api:
         except ValueError as e:
             raise not_swift_api(self.url) from e
 
-    def download(self, path: str, target: Path | None) -> int:
-        """GET `path` into `target` (None: standard output); the bytes written. A new or plain file is written
-        next to it first, then renamed over it (no one reads half a file); anything else (a FIFO, a device, a
-        symlink) is written into, as `curl -o` does: the rename replaced /dev/null, a pipe or a link with a file."""
+    def download(self, path: str, target: Path | None, again: bool = True) -> int:
+        """GET `path` into `target` (None: standard output); the file's bytes. A new or plain file is written next
+        to it first, then renamed over it (no one reads half a file); one the network cut is kept there, and the
+        next download of it asks for the rest (`partial`). Anything else (a FIFO, a device, a symlink) is written
+        into, as `curl -o` does: the rename replaced /dev/null, a pipe or a link with a file."""
         try:
             plain = target is not None and stat.S_ISREG(target.lstat().st_mode)
         except FileNotFoundError:
             plain = True
         except OSError as e:
             raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
-        partial = target.with_name(f".{target.name}.partial") if plain and target is not None else None
+        part = partial.kept_or_new(target) if plain and target is not None else None
         name = "standard output" if target is None else str(target)
         written = 0
         started = False
+        timeout = httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)
         try:
-            with self.http.stream("GET", path, timeout=httpx.Timeout(STREAM_READ_TIMEOUT, connect=10.0)) as response:
+            with self.http.stream("GET", path, timeout=timeout, headers=part.headers() if part else {}) as response:
+                if response.status_code == 416 and part is not None and part.offset:
+                    # (what was kept is no start of the file: all of it again, once)
+                    complete = response.headers.get("content-range") == f"bytes */{part.offset}"
+                    if complete and target is not None:
+                        part.path.replace(target)
+                        return part.offset
+                    _discard(part.path)
+                    if again:
+                        return self.download(path, target, again=False)
                 if not response.is_success:
                     response.read()
                     check(response)
                 started = True
-                sink = (partial or target).open("wb") if target is not None else nullcontext(sys.stdout.buffer)
+                appending = False
+                if part is not None and target is not None:
+                    part, appending = partial.for_response(part, target, response)
+                    written = part.offset if appending else 0
+                elif response.status_code == 206:
+                    raise CliError("the server answered part of the file only: run the command again", EXIT_UNREACHABLE)
+                into = part.path if part is not None else target  # (a FIFO, a device, a link: written into)
+                sink = into.open("ab" if appending else "wb") if into is not None else nullcontext(sys.stdout.buffer)
                 with sink as fh:
                     for chunk in response.iter_bytes():
                         fh.write(chunk)
                         written += len(chunk)
                     fh.flush()
-            if partial is not None and target is not None:
-                partial.replace(target)
+            if part is not None and target is not None:
+                part.path.replace(target)
         except BrokenPipeError:  # `-o - | head`: the reader has gone, as for every other command (exit 0)
-            _discard(partial)
+            _discard(part.path if part else None)
             raise
         except OSError as e:
-            _discard(partial)
+            _discard(part.path if part else None)
             raise CliError(f"cannot write {name}: {e.strerror}", EXIT_USAGE) from e
         except httpx.TransportError as e:
-            _discard(partial)
+            kept = started and part is not None and part.tag is not None and written > 0
+            if not kept:
+                _discard(part.path if part else None)
             if started:  # (it answered: "cannot reach the server" sent people looking at the wrong thing, hunt CA)
-                raise CliError(f"the download was cut after {written:,} bytes ({e}): run the command again; a client "
-                               "that reads nothing for CLIENT_STALL_SECONDS (a slow pipe, say) is dropped",
+                then = "run the command again: it goes on from there" if kept else "run the command again"
+                raise CliError(f"the download was cut after {written:,} bytes ({e}): {then}; a client that reads "
+                               "nothing for CLIENT_STALL_SECONDS (a slow pipe, say) is dropped",
                                EXIT_UNREACHABLE) from e  # fmt: skip
             raise unreachable(self.url, e) from e
-        except BaseException:  # a refusal, or Ctrl-C: nothing half-written stays behind (gigabytes for a tar)
-            _discard(partial)
+        except BaseException as exc:  # a refusal, or Ctrl-C: nothing half-written stays behind (gigabytes for a tar)
+            # (but what a cut kept, while the server is away for a moment: the next try goes on from it)
+            away = isinstance(exc, CliError) and exc.status in (429, 502, 503, 504)
+            if not (away and part is not None and part.tag is not None):
+                _discard(part.path if part else None)
             raise
         return written
 
