@@ -70,3 +70,17 @@ async def test_a_redis_that_takes_no_writes_still_lists_every_field(own_redis: E
         assert entry["error_code"] is None and entry["kind"] is None and entry["error_message"] == "boom"
     finally:
         await client.aclose()
+
+
+async def test_an_older_entry_of_a_job_whose_record_is_gone_is_listed_with_every_field(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    # Its record evicted, its entry left until a sweep forgets it: rewritten (in vain) on every page, and listed
+    # without the fields (review CF).
+    await failed_job(store, "a")
+    key = store.keys.job_summary("a")
+    older = [f for f in lua.SUMMARY_FIELDS if f != "error_code"]
+    await redis_client.set(key, as_written_by(await redis_client.get(key) or "", older))
+    await redis_client.delete(store.keys.job("a"))
+    entry = (await listed(store, None))[0]
+    assert entry["job_id"] == "a" and entry["error_code"] is None and set(lua.SUMMARY_FIELDS) <= set(entry), entry

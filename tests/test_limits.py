@@ -149,8 +149,10 @@ async def test_a_backlog_of_expired_records_goes_a_batch_after_another_in_one_sw
             await store.create(make_job(f"old{n:03}", JobStatus.PENDING), message="", actor="t")
             await store.transition(f"old{n:03}", JobStatus.CANCELLED)
         await store.r.zadd(store.keys.expiry, {f"old{n:03}": 1.0 + n for n in range(250)})  # (ended long ago)
+        # Lost records among them (evicted): a batch with any was taken for the last one (review CF).
+        await store.r.delete(*(store.keys.job(f"old{n:03}") for n in range(0, 100, 10)))
         removed = await client.scheduler.watchdog.retention.expire_old_jobs(batch=100, budget=60)  # (a slow machine)
-        assert len(removed) == 250 and removed[0] == "old000", len(removed)
+        assert len(removed) == 240 and removed[0] == "old001", len(removed)
         assert await store.expired(time.time(), 10) == [] and (await store.counts(None))["cancelled"] == 0
 
 

@@ -57,7 +57,9 @@ class JobSummaries:
                         script_arg({"k": {"summary": self.keys.job_summary(job_id)}})], client=pipe)  # fmt: skip
                     pipe.get(self.keys.job_summary(job_id))
                 replies = await pipe.execute()
-            return dict(zip(ids, replies[1::2], strict=True))
+            # (one still stale: its record is gone, the entry left until the next sweep forgets it; review CF)
+            return {job_id: _with_every_field(s) if s and stale(s) else s
+                    for job_id, s in zip(ids, replies[1::2], strict=True)}  # fmt: skip
         except RedisError:
             # (a Redis that takes no writes now: each field there all the same, null where the entry lacks it)
             summaries = await self.r.mget([self.keys.job_summary(i) for i in ids])

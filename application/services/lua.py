@@ -396,8 +396,8 @@ return {'ok', cur}
 # of the queue, whose plan gave it GPUs pass after pass, and out of the running index, whose GPUs stayed leased to
 # it. Nothing while the record exists. a: id, output_dir|nil, k: {all, status (every status index), owner_all|nil,
 # owner_status|nil (the owner's, when its summary named one), output_dirs, queue, queue_meta, queued_since,
-# leases, queue_head, head_since, expiry, exporting, summary, events, history, sent, export_targets}. Its events,
-# loss history and export folders' claims go too: kept without an expiry, they stayed for good (hunt CD).
+# leases, queue_head, head_since, expiry, exporting, summary, events, history, sent}. Its events and loss history
+# go too: kept without an expiry, they stayed for good (hunt CD; its export claims: JobStore.forget_lost).
 FORGET_LOST = (
     HELPERS
     + """
@@ -413,14 +413,6 @@ if a.output_dir and redis.call('HGET', k.output_dirs, a.output_dir) == id then
 end
 leave_queue_and_sweeps(k, id)
 redis.call('DEL', k.summary, k.events, k.history, k.sent)
-local claims = redis.call('HGETALL', k.export_targets)
-for i = 1, #claims, 2 do
-  local ok, holder = pcall(cjson.decode, claims[i + 1])
-  -- (a quantized export's job claims for itself: released by its own delete, it may still write there)
-  if ok and type(holder) == 'table' and holder['of'] == id and not holder['job'] then
-    redis.call('HDEL', k.export_targets, claims[i])
-  end
-end
 return 1
 """
 )

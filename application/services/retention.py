@@ -59,9 +59,10 @@ class Retention:
         removed: list[str] = []
         deadline = time.monotonic() + budget
         while True:
-            went = await self._expire_batch(days, batch)
+            went, read = await self._expire_batch(days, batch)
             removed += went
-            if len(went) < batch or time.monotonic() >= deadline:
+            # (read, not removed: records lost, kept for an export or resumed, come in the backlogs too: review CF)
+            if read < batch or not went or time.monotonic() >= deadline:
                 break
         if removed:
             more = f" and {len(removed) - 20} more" if len(removed) > 20 else ""
@@ -69,9 +70,11 @@ class Retention:
                         ", ".join(removed[:20]), more)  # fmt: skip
         return removed
 
-    async def _expire_batch(self, days: float, batch: int) -> list[str]:
+    async def _expire_batch(self, days: float, batch: int) -> tuple[list[str], int]:
+        """(the records removed, how many expired ones were read)."""
         removed = []
-        for job_id in await self.store.expired(clock.now() - days * 86400, batch):
+        expired = await self.store.expired(clock.now() - days * 86400, batch)
+        for job_id in expired:
             # The oldest first, every sweep: one left in place for good (a record gone, one no model reads) held
             # back every job behind it, and the sweep of orphaned uploads after it.
             try:
@@ -100,4 +103,4 @@ class Retention:
                 removed.append(job_id)
             except TransitionRefused:
                 continue  # exporting right now, resumed or gone meanwhile: the next sweep sees it again
-        return removed
+        return removed, len(expired)
