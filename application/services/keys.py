@@ -156,6 +156,11 @@ class Keys:
         return self._k("folders", "indexed")
 
     @property
+    def folders_scanned(self) -> str:
+        """String: the creation time of the newest job whose folder a scheduler's start has looked at."""
+        return self._k("folders", "scanned")
+
+    @property
     def folders_indexed(self) -> str:
         """Set once every folder of `folder_owners` is also in its owner's `owner_folders` (and recorded)."""
         return self._k("folders", "indexed", "by-owner")
