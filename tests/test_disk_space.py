@@ -175,6 +175,40 @@ async def test_a_stop_asked_for_as_a_launch_fails_on_the_full_disk_is_not_undone
         assert job["status"] == "cancelled" and job["attempts"] == [], job
 
 
+async def test_a_disk_that_does_not_answer_stops_no_round_and_takes_one_thread(
+    app_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hung NFS mount under OUTPUT_ROOT: each round waited for its look, every pass stopped with it, GPU readings
+    # too, and each round took another thread (review CF).
+    import threading
+
+    from application.services import run_start
+
+    answer = threading.Event()
+    looks: list[Path] = []
+
+    def hung(root: Path) -> str | None:
+        looks.append(root)
+        answer.wait(30)
+        return None
+
+    monkeypatch.setattr(run_start, "disk_trouble", hung)
+    monkeypatch.setattr(run_start, "LOOK_SECONDS", 0.05)
+    async with app_factory() as client:
+        starter = client.scheduler.processor.starter
+        for _ in range(3):
+            await starter.look_at_disk()  # (returns: the disk's answer is waited for no longer)
+
+        async def health() -> Any:
+            return (await client.get("/health")).json()
+
+        passes = client.scheduler.processor.stats.passes
+        await poll(health, lambda _: client.scheduler.processor.stats.passes >= passes + 2)  # (rounds go on)
+        assert len(looks) == 1, looks
+        answer.set()
+        await poll(health, lambda _: len(looks) > 1)  # (looked at again once that look ended)
+
+
 def test_a_full_or_read_only_disk_is_told_from_its_figures_alone(tmp_path: Path) -> None:
     # What each pass looks at, writing nothing: the starts wait before a run fails on the disk.
     with tmpfs(tmp_path / "small", "size=16m") as disk:
@@ -200,6 +234,8 @@ async def test_health_says_the_output_disk_is_full_while_no_job_waits(
             return (await client.get("/health")).json()
 
         assert (await health())["status"] == "healthy"
+        # The processor stopped by its operator, too: only a pass looked (review CF).
+        assert (await client.post("/queue/processor/stop")).status_code == 200
         filler = fill(small_disk)
         held = await poll(health, lambda h: h["scheduler"].get("starts_held"))
         assert held["status"] == "degraded", held

@@ -71,6 +71,9 @@ class QueueProcessor:
         self._lock = asyncio.Lock()
 
     async def view(self) -> ClusterView:
+        """The GPU reading, published, and what a pass plans on; made each round, a pass or not (the processor off,
+        starts held), as is the look at OUTPUT_ROOT's disk."""
+        await self.starter.look_at_disk()
         snapshot = await asyncio.to_thread(self.inventory.snapshot)
         await self.cluster.put_gpu_snapshot(snapshot.to_dict())
         return await build_view(self.store, snapshot, reclaim=True)
@@ -80,7 +83,6 @@ class QueueProcessor:
         user asked to start) are planned even when they lie past the planned window."""
         async with self._lock:
             started_at = time.perf_counter()
-            await self.starter.look_at_disk()
             await self.refresh_predictions()
             view = await self.view()
             starts: list[Start] = []

@@ -80,8 +80,10 @@ def write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: l
     return path
 
 
-# How long /health says no run starts for OUTPUT_ROOT's disk after it was last found so (a pass looks again).
-DISK_HOLD_SECONDS = 30.0
+# How long no run starts for OUTPUT_ROOT's disk after it was last found so: the processor's rounds wait for it,
+# then look again (30 s left a freed disk unused for that long: review CF).
+DISK_HOLD_SECONDS = 5.0
+LOOK_SECONDS = 1.0
 
 
 def resume_point(job: Job) -> tuple[str | None, bool]:
@@ -126,6 +128,7 @@ class RunStarter:
         self.scheduler_id = scheduler_id
         self.disk_held = False  # starts are held for OUTPUT_ROOT's disk: it is looked at before each start
         self._disk_said: str | None = None  # how the disk stood when last logged
+        self._look: asyncio.Future[str | None] | None = None
 
     async def start(self, job: Job, gpu_ids: list[int]) -> bool:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
@@ -324,9 +327,16 @@ class RunStarter:
                                             f"{why}")  # fmt: skip
 
     async def look_at_disk(self) -> None:
-        """Each pass, jobs waiting or not: OUTPUT_ROOT's disk full or read-only holds the starts before a run fails
-        on it, and /health says so (it said healthy over a full disk while no job waited: hunt BW)."""
-        why = await asyncio.to_thread(disk_trouble, self.settings.OUTPUT_ROOT)
+        """Each round of the queue processor, jobs waiting or not, the processor on or off: OUTPUT_ROOT's disk full
+        or read-only holds the starts before a run fails on it, and /health says so (it said healthy over a full
+        disk while no job waited: hunt BW). One look at a time, waited for a second at most: a disk that does not
+        answer (a hung NFS mount) must not stop the rounds, nor take a thread a round (review CF)."""
+        if self._look is None or self._look.done():
+            self._look = asyncio.ensure_future(asyncio.to_thread(disk_trouble, self.settings.OUTPUT_ROOT))
+        try:
+            why = await asyncio.wait_for(asyncio.shield(self._look), LOOK_SECONDS)
+        except TimeoutError:
+            return
         if why is None:
             self._disk_said = None
         else:
