@@ -64,6 +64,7 @@ from application.services.streams import Streams
 from application.services.system_service import SystemService
 from application.services.training_service import TrainingService
 from application.ui import mount_ui
+from application.utils.log_files import allow_moved_root
 from application.utils.logger import setup_logging
 
 DESCRIPTION = """
@@ -242,6 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   generate_unique_id_function=operation_id)  # fmt: skip
     app.state.keys = KeyRing(settings.api_keys)
     http_protocol.configure(settings)  # (in each worker, whose uvicorn takes the protocol class by its name)
+    allow_moved_root(settings.OUTPUT_ROOT)
     app.state.http_metrics = HttpMetrics()
     # Uploads stream to disk under their own limit (FILE_MAX_BYTES, enforced while reading: services/upload_stream).
     unlimited = {("POST", f"{settings.API_PREFIX}/training/files")}

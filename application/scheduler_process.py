@@ -37,6 +37,7 @@ from application.services.swift_info import probe, usable
 from application.services.watchdog import WATCH_INTERVAL, Watchdog
 from application.services.webhooks import Webhooks
 from application.utils.gpu_utils import create_inventory
+from application.utils.log_files import allow_moved_root
 
 SWIFT_FACTS_CHECK = 10.0  # seconds between looks at whether the published ms-swift facts are still in Redis
 
@@ -48,6 +49,7 @@ NOT_LEADING = "-"
 class Scheduler:
     def __init__(self, settings: Settings, redis: RedisService) -> None:
         self.settings = settings
+        allow_moved_root(settings.OUTPUT_ROOT)
         assert redis.client is not None
         client = redis.client
         keys = Keys(settings.REDIS_KEY_PREFIX)

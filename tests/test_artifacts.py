@@ -472,3 +472,10 @@ async def test_after_output_root_moved_the_lists_say_why_they_are_empty_and_a_li
         listed = (await client.get("/jobs/moved/artifacts")).json()
         assert listed["files"] and listed["not_read"] is None
         assert (await client.get("/jobs/moved/checkpoints")).json()["total"] == 2
+        # Its logs too: read as none (200, no line), their stream never ended (hunt CE).
+        assert (await client.get("/jobs/moved/logs")).json()["lines"]
+    # And a run or an export through it: refused as "a symbolic link leads to its folder" (hunt CE).
+    async with app_factory(AUTO_EXPORT=False, OUTPUT_ROOT=str(tmp_path / "output2"), REDIS_KEY_PREFIX=prefix) as client:
+        assert (await client.post("/jobs/moved/export", json={"output_name": "after"})).status_code == 200
+        job = await wait_job(client, "moved", lambda j: j["export"]["status"] not in ("running", "pending"))
+        assert job["export"]["status"] == "completed", job["export"]

@@ -50,6 +50,33 @@ def test_a_link_as_the_file_or_on_the_way_to_its_folder_is_refused(tmp_path: Pat
         assert f.read() == b"ok\n"
 
 
+def test_a_folder_stored_before_output_root_moved_is_reached_through_the_link_left_at_its_old_place_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from application.utils import log_files
+
+    monkeypatch.setattr(log_files, "_ROOTS", [])
+    new = tmp_path / "output-new"
+    (new / "job" / "logs").mkdir(parents=True)
+    (new / "job" / "logs" / "run.log").write_bytes(b"step 1\n")
+    (new / "bob" / "logs").mkdir(parents=True)
+    (new / "bob" / "logs" / "run.log").write_bytes(b"bob's\n")
+    (tmp_path / "output").symlink_to(new)  # the README's move
+    stored = tmp_path / "output" / "job" / "logs" / "run.log"
+    with pytest.raises(OSError, match="a symbolic link leads to its folder"):
+        open_in_place(stored)  # (no OUTPUT_ROOT told)
+    for configured in (new, tmp_path / "output"):  # the new settings, or a runner's from before the move
+        log_files.allow_moved_root(configured)
+        with open_in_place(stored) as f:
+            assert f.read() == b"step 1\n"
+    # A link inside the root is an owner's: through one to the root itself, a folder stored under the root leads
+    # into another owner's (alice's job folder made a link after its create).
+    (new / "alice").mkdir()
+    (new / "alice" / "x").symlink_to(new)
+    with pytest.raises(OSError, match="a symbolic link leads to its folder"):
+        open_in_place(new / "alice" / "x" / "bob" / "logs" / "run.log")
+
+
 def test_a_fifo_in_a_logs_place_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
     # Opened for reading, a FIFO made in a log's place held GET .../logs for ever (in a worker thread: a few such
     # requests took every thread an API worker has).

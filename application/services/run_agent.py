@@ -58,7 +58,7 @@ from application.services.run_history import RunHistory
 from application.services.run_logs import exit_about
 from application.services.run_record import interrupt_of, read_run, record_end
 from application.services.swift_command import build_env
-from application.utils.log_files import is_linked, linked_log, open_in_place
+from application.utils.log_files import allow_moved_root, is_linked, linked_log, open_in_place
 from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
 
@@ -487,6 +487,7 @@ def run(args: argparse.Namespace, early: tuple[subprocess.Popen[bytes], float] |
             pg.signal_group(early[0].pid, signal.SIGKILL)  # nobody could record it: it must not run unwatched
         return 2
     setup_logging(settings.LOG_LEVEL, None)
+    allow_moved_root(settings.OUTPUT_ROOT)
     logger.info("runner {} for job {} ({}) started", os.getpid(), args.job_id,
                 f"export {args.export}" if args.export else f"run {args.run_id}")  # fmt: skip
     child = pg.Child(*early) if isinstance(early, tuple) else early

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
 import shlex
 import socket
 import time
@@ -46,7 +45,7 @@ from application.services.swift_command import (
     build_sft_command,
     visible_env,
 )
-from application.utils.log_files import replace_in_place
+from application.utils.log_files import in_place, replace_in_place
 
 
 class PathMoved(OSError):
@@ -72,7 +71,7 @@ def write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: l
     if relinked:
         raise PathMoved(relinked, "input_path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.realpath(path.parent) != str(path.parent):
+    if not in_place(str(path.parent)):
         # (the runs' logs and records would be written wherever it leads: another owner's folder, say)
         raise PathMoved(f"the job's logs folder {path.parent} is a symbolic link: the server writes a job's logs only "
                         "in its own folder; replace it with a folder", "output_dir")  # fmt: skip

@@ -5,8 +5,9 @@ the logs there and the API reads them back, so a link (the log itself, or its `l
 write wherever the server may (into another owner's folder, over its own files) or a log read return any file
 (/etc/passwd as a "log"). Each open here refuses a link as the file itself (O_NOFOLLOW) and on the way to its
 folder (the folder's real path must be the path as given, which holds for a job's: its output folder is stored
-resolved at create). Nor anything but a regular file: a FIFO made in a log's place held each reader for ever (a
-few of them took every thread an API worker has). A refusal is an OSError with errno ELOOP.
+resolved at create; but for the link OUTPUT_ROOT's move leaves at its old place). Nor anything but a regular
+file: a FIFO made in a log's place held each reader for ever (a few of them took every thread an API worker
+has). A refusal is an OSError with errno ELOOP.
 """
 
 from __future__ import annotations
@@ -19,10 +20,41 @@ from typing import BinaryIO, Literal
 
 _FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
 
+# OUTPUT_ROOT as this process's settings name it (`allow_moved_root`), resolved at each look: it may move while a
+# runner runs.
+_ROOTS: list[str] = []
+
+
+def allow_moved_root(output_root: Path | str) -> None:
+    """A job folder stored before OUTPUT_ROOT moved, reached through the link left at its old place (the README's
+    way to move it), is its own all the same: after the move, every earlier job's run, log and export was refused
+    as "a symbolic link leads to its folder" (hunt CE). Called by each process with its settings."""
+    _ROOTS[:] = [os.path.abspath(output_root)]
+
+
+def _moved(folder: str, resolved: str) -> bool:
+    """Whether `folder` lies outside OUTPUT_ROOT as it is now (a path stored before it moved: none stored since
+    does), and leads into it through a link at OUTPUT_ROOT's old place alone: the rest of the path is as stored (a
+    link inside the root is an owner's, and may lead into another owner's folder)."""
+    for configured in _ROOTS:
+        root = os.path.realpath(configured)
+        if not resolved.startswith(root + os.sep) or folder.startswith(root + os.sep):
+            continue
+        rest = resolved[len(root) :]
+        if folder.endswith(rest) and os.path.realpath(folder[: -len(rest)]) == root:
+            return True
+    return False
+
+
+def in_place(folder: str) -> bool:
+    """Whether no link leads to `folder` (absolute), but the one OUTPUT_ROOT's move left (`allow_moved_root`)."""
+    resolved = os.path.realpath(folder)
+    return resolved == folder or _moved(folder, resolved)
+
 
 def open_in_place(path: Path | str, mode: Literal["r", "a", "w"] = "r") -> BinaryIO:
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.realpath(folder) != folder:
+    if not in_place(folder):
         raise OSError(errno.ELOOP, "a symbolic link leads to its folder: the server reads and writes a job's logs "
                       "only in the job's own folder", str(path))  # fmt: skip
     # (O_NONBLOCK: the open of a FIFO returns, or fails, at once; it changes nothing for a regular file.)
