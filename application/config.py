@@ -402,6 +402,11 @@ class Settings(BaseSettings):
         # A merged model written under OUTPUT_ROOT can be trained again.
         return (*parse_roots(self.MODEL_ROOTS, PROJECT_ROOT), self.OUTPUT_ROOT)
 
+    def missing_roots(self) -> list[tuple[str, Path]]:
+        """The DATA_ROOTS and MODEL_ROOTS that are no folder here (a typo, a mount not there yet): warned of."""
+        named = (("DATA_ROOTS", self.data_roots()), ("MODEL_ROOTS", parse_roots(self.MODEL_ROOTS, PROJECT_ROOT)))
+        return [(name, root) for name, roots in named for root in roots if not root.is_dir()]
+
     def scheduling_policy(self, link_score: LinkScore | None = None) -> Policy:
         """The pure scheduler's Policy for these settings."""
         return Policy(name=self.QUEUE_POLICY.value, min_free_gb=self.GPU_MIN_FREE_MEMORY_GB,

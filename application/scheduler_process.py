@@ -50,6 +50,10 @@ class Scheduler:
     def __init__(self, settings: Settings, redis: RedisService) -> None:
         self.settings = settings
         allow_moved_root(settings.OUTPUT_ROOT)
+        # (a typo there started without a word, and every stored job whose data lay in the root meant failed as
+        # it started: hunt CE)
+        for name, root in settings.missing_roots():
+            logger.warning("{} names {}, which is no folder here: no job can read from it (a typo?)", name, root)
         assert redis.client is not None
         client = redis.client
         keys = Keys(settings.REDIS_KEY_PREFIX)

@@ -294,5 +294,6 @@ def test_an_input_no_longer_inside_the_roots_which_changed_is_refused_before_the
     inputs = [("data_path", str(dropped / "t.jsonl"), True)]
     assert relinked_input(inputs, (kept, dropped), (out,), (out,)) is None
     why = relinked_input(inputs, (kept,), (out,), (out,))
-    assert why == (f"data_path {dropped / 't.jsonl'} is no longer inside DATA_ROOTS, which changed since the job "
-                   "was created: create the job again with a path inside them")  # fmt: skip
+    assert why == (f"data_path {dropped / 't.jsonl'} is no longer inside DATA_ROOTS, which the server's operator "
+                   "changed since the job was created: it runs again once DATA_ROOTS holds it (resume it then), or "
+                   "create the job again with a path inside them")  # fmt: skip

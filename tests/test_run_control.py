@@ -19,7 +19,7 @@ from application.services import process_group as pg
 from application.services.preemption import Candidate, choose_victims, preemption_wait
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
-from tests.conftest import _until, job_body, make_model, wait_job
+from tests.conftest import _until, job_body, make_model, settings_for, wait_job
 
 T = TypeVar("T")
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -848,3 +848,32 @@ async def test_a_start_of_a_queued_job_with_no_scheduler_says_it_starts_when_one
         assert r.status_code == 200, r.text
         assert r.json()["message"] == ("The job is queued: no scheduler is running: queued jobs start when one does "
                                        "(python start.py)")  # fmt: skip
+
+
+async def test_a_job_whose_data_the_operator_took_out_of_data_roots_runs_again_once_they_hold_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # DATA_ROOTS narrowed at a restart: each waiting job failed as it started, told to create the job again
+    # (which lost what it had), and a resume was accepted to fail at once (hunt CE).
+    prefix = f"test-roots-{time.time_ns()}"  # (one Redis state across the servers)
+    (tmp_path / "narrow").mkdir()
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        body = job_body(tmp_path, "held", auto_start=False, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).status_code == 201
+    # (a root that is no folder, a typo: warned of as the scheduler starts)
+    narrowed = settings_for("redis://127.0.0.1:1/0", tmp_path, DATA_ROOTS=f"{tmp_path / 'narrow'},{tmp_path / 'typo'}")
+    assert narrowed.missing_roots() == [("DATA_ROOTS", tmp_path / "typo")]
+    async with app_factory(REDIS_KEY_PREFIX=prefix, DATA_ROOTS=str(tmp_path / "narrow")) as client:
+        await client.post("/jobs/held/start")
+        failed = await wait_job(client, "held", lambda j: j["status"] == "failed")
+        assert failed["error_code"] == "input_path", failed
+        assert "which the server's operator changed" in failed["error_message"], failed
+        assert "resume it then" in failed["error_message"], failed
+        r = await client.post("/jobs/held/resume")
+        assert r.status_code == 409 and "stays failed" in r.json()["detail"], r.text
+        assert (await client.get("/jobs/held")).json()["status"] == "failed"
+    async with app_factory(REDIS_KEY_PREFIX=prefix) as client:
+        r = await client.post("/jobs/held/resume")  # (no checkpoint: nothing ran, it starts over)
+        assert r.status_code == 200, r.text
+        done = await wait_job(client, "held", lambda j: j["status"] in ("completed", "failed"), timeout=60)
+        assert done["status"] == "completed", done

@@ -357,8 +357,9 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
         if str(resolved) == stored and not in_roots:
             # The roots changed since its create (an operator took a data root away: its jobs read it on).
             setting = "DATA_ROOTS" if data else "MODEL_ROOTS or OUTPUT_ROOT"
-            return (f"{field} {path} is no longer inside {setting}, which changed since the job was created: create "
-                    "the job again with a path inside them")  # fmt: skip
+            return (f"{field} {path} is no longer inside {setting}, which the server's operator changed since the "
+                    f"job was created: it runs again once {setting} holds it (resume it then), or create the job "
+                    "again with a path inside them")  # fmt: skip
         inside = in_roots and not _own(own, field, path, resolved)
         if str(resolved) == stored or (inside and not _inside(resolved, real_owned)):
             continue

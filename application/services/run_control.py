@@ -16,6 +16,7 @@ from application.models.training_model import Attempt, ExportStatus, Job, JobSta
 from application.services.checkpoints import describe_checkpoints, newest_checkpoint, weights_only
 from application.services.exports import while_running
 from application.services.gpu_pool import impossible
+from application.services.input_checks import InputGuards
 from application.services.job_start import START_WAIT_SECONDS
 from application.services.job_store import Refusal, TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
@@ -240,8 +241,13 @@ class RunControl:
             raise Conflict(f"job '{job_id}' can never run again here: {never}")
         if capped := beyond_gpu_cap(job.num_gpus, job.owner, self.service.settings.MAX_GPUS_PER_OWNER):
             raise Conflict(f"job '{job_id}' can never run again here: {capped}")
+        # Its inputs where its run will look for them: an operator who narrowed DATA_ROOTS since had a paused job
+        # fail at its start, and told "create the job again", which lost its checkpoints (hunt CE).
+        if moved := await InputGuards.of(self.service.settings, self.service.store).moved(job):
+            raise Conflict(f"job '{job_id}' cannot run again now, and stays {job.status.value}: {moved}")
         checkpoint = await asyncio.to_thread(newest_checkpoint, job)
-        if checkpoint is None and job.status != JobStatus.PAUSED:
+        # (one failed as it started, for where its inputs led: nothing ran, nothing is lost by starting over)
+        if checkpoint is None and job.status != JobStatus.PAUSED and job.error_code != "input_path":
             raise Conflict(f"job '{job_id}' is {job.status.value} and left no checkpoint to resume from: create a new "
                            "job to train again")  # fmt: skip
         step = checkpoint_step(checkpoint)
