@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from application.models.job_request import JobCreate
-from application.services.gpu_pool import gpu_states, impossible_request
+from application.services.gpu_pool import gpu_states, impossible_request, never_free
 from application.services.preemption import Candidate, choose_victims
 from application.services.scheduler import Policy, QueuedJob, RunningJob, gpu_is_free, plan
 from application.utils.gpu_types import GpuInfo, GpuSnapshot, unreadable_gpu
@@ -47,6 +47,17 @@ def test_a_memory_request_an_idle_gpu_cannot_offer_is_refused_at_create_not_left
     offered = 81050 / 1024
     assert impossible_request(create(min_gpu_memory_gb=offered), snap) is None
     assert starts(offered, snap) == ["a"]
+
+
+def test_a_free_memory_setting_past_every_gpus_memory_is_the_operators_to_lower_not_the_users() -> None:
+    # GPU_MIN_FREE_MEMORY_GB=100 on 80 GB cards: every GPU job queued for ever ("never"), its user told to change
+    # num_gpus or min_gpu_memory_gb, which could not help (hunt CE).
+    snap = snapshot(a100_80gb(0), a100_80gb(1))
+    why = never_free(snap, 100.0)
+    assert why is not None and "GPU_MIN_FREE_MEMORY_GB=100" in why and "79.15 GiB" in why and "operator" in why
+    assert starts(0.0, snap) == ["a"] and never_free(snap, 79.0, num_gpus=2) is None
+    assert never_free(snap, 100.0, num_gpus=0) is None  # (a CPU job takes no GPU)
+    assert never_free(snapshot(), 100.0) is None  # (no GPU: impossible_request says so)
 
 
 def test_memory_other_processes_use_still_keeps_a_job_off_a_gpu() -> None:
@@ -110,3 +121,17 @@ def test_a_gpu_never_read_is_of_unknown_size_not_of_none() -> None:
     queued = [QueuedJob("a", 5, now - 10, 1, (1,), 40.0, None)]
     found = plan(queued, gpu_states(snap, {}), [], Policy(), now)
     assert found.starts == [] and found.reasons["a"].code != "never"
+
+
+async def test_a_create_on_gpus_the_setting_keeps_from_ever_being_free_is_503_and_health_says_why(
+    app_factory: Any, tmp_path: Any
+) -> None:
+    from tests.conftest import job_body, make_model
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(GPU_MIN_FREE_MEMORY_GB=100, SIMULATED_GPUS="2x80") as client:
+        r = await client.post("/jobs", json=job_body(tmp_path, "gpu", num_gpus=1))
+        assert r.status_code == 503 and "GPU_MIN_FREE_MEMORY_GB=100" in r.json()["detail"], r.text
+        assert (await client.post("/jobs", json=job_body(tmp_path, "cpu", num_gpus=0))).status_code == 201
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded" and "GPU_MIN_FREE_MEMORY_GB=100" in health["gpu"]["never_free"], health

@@ -191,6 +191,7 @@ class GpuHealth(BaseModel):
     backend: str
     count: int
     error: str | None = None
+    never_free: str | None = Field(None, description="why no GPU can ever take a job (a setting): then degraded")
 
 
 class Health(BaseModel):

@@ -61,6 +61,23 @@ def impossible(num_gpus: int, gpu_ids: Sequence[int] | None, min_gpu_memory_gb: 
     return None
 
 
+def never_free(snapshot: GpuSnapshot, min_free_gb: float, num_gpus: int = 1) -> str | None:
+    """Why `num_gpus` GPUs here can never count as free together whatever a request asks: GPU_MIN_FREE_MEMORY_GB
+    past their memory, the operator's setting (a job then queued for ever, its user told to change its request:
+    hunt CE); None when they can."""
+    if num_gpus == 0 or not snapshot.gpus or min_free_gb <= 0:
+        return None
+    sizes = [math.inf if g.size_unknown else g.memory_usable_mb / MB_PER_GB for g in snapshot.gpus]
+    if sum(size >= min_free_gb for size in sizes) >= num_gpus:
+        return None
+    largest = math.floor(max(sizes) * 100) / 100
+    return (
+        f"the server's setting GPU_MIN_FREE_MEMORY_GB={min_free_gb:g} (the memory a GPU must have free to take "
+        f"a job) leaves fewer than {num_gpus} of its GPUs that can ever count as free (the largest offers "
+        f"{largest:.2f} GiB): no request can change that; its operator must lower the setting"
+    )
+
+
 def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, gpu_ids: Sequence[int] | None,
                min_gpu_memory_gb: float | None, estimated_duration: float | None = None, *,
                owner: str | None = None) -> QueuedJob:  # fmt: skip

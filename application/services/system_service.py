@@ -19,6 +19,7 @@ import psutil
 from application import __version__
 from application.services import clock
 from application.services.cluster_store import reading_error
+from application.services.gpu_pool import never_free
 from application.services.redis_service import RedisService
 from application.services.training_service import TrainingService
 from application.utils.gpu_types import NO_READING, snapshot_of
@@ -164,12 +165,14 @@ class SystemService:
         gpus = state["gpus"] or {}
         body["gpu"] = {"backend": gpus.get("backend", "none"), "count": len(gpus.get("gpus", ())),
                        "error": gpus.get("error", NO_READING.error)}  # fmt: skip
+        if never := never_free(snapshot_of(state["gpus"]), self.service.settings.GPU_MIN_FREE_MEMORY_GB):
+            body["gpu"]["never_free"] = never
         body["scheduler"] = self._scheduler(state)
         body["swift"] = self._swift(state["swift"])
         if state["starts_held"]:
             # No run starts for a moment: OUTPUT_ROOT's disk full or read-only, Redis restarted (`hold_starts`).
             body["scheduler"]["starts_held"] = state["starts_held"]
-        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False or state["starts_held"]:
+        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False or state["starts_held"] or never:
             body["status"] = "degraded"
         if state["write_error"]:
             # It answers reads, so it looked fine while every create, start and update was refused (MISCONF).

@@ -21,7 +21,7 @@ from typing import Any
 
 from application.auth import Caller
 from application.config import Settings
-from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, refused
+from application.exceptions import Conflict, Invalid, JobNotFound, NotFound, Unavailable, refused
 from application.models.job_request import JobCreate, TrainingParams
 from application.models.job_responses import (
     ActionResponse,
@@ -39,7 +39,7 @@ from application.services.dataset_rows import data_needs
 from application.services.exports import EXPORT_LIST, exports_as_they_stand, settle
 from application.services.files import FileStore
 from application.services.folder_owners import folder_arg, foreign_output_dir
-from application.services.gpu_pool import gpu_states, impossible_request, queued_job
+from application.services.gpu_pool import gpu_states, impossible_request, never_free, queued_job
 from application.services.idempotency import claim_lost
 from application.services.index_pages import cursor_text, one_way
 from application.services.job_store import Claim, JobStore, Refusal, TransitionRefused, joined
@@ -161,6 +161,8 @@ class TrainingService:
         reason = impossible_request(req, snapshot) if snapshot.taken_at else None
         if reason:
             raise Invalid(reason)
+        if snapshot.taken_at and (setting := never_free(snapshot, self.settings.GPU_MIN_FREE_MEMORY_GB, req.num_gpus)):
+            raise Unavailable(setting)
         cap = self.settings.MAX_GPUS_PER_OWNER
         if cap and caller.name is not None and req.num_gpus > cap:
             raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
