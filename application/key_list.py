@@ -71,6 +71,7 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
             raise ValueError(f"{where} ({parts[0].strip()}): the key holds another entry (name:role:...): separate "
                              "entries with ','")  # fmt: skip
         entries.append(_entry(parts[0].strip(), parts[1].strip(), parts[2].strip(), where))
+    listed = len(entries)
     if file is not None:
         try:
             data = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_once_each)
@@ -88,7 +89,10 @@ def parse_api_keys(text: str | None, file: Path | None) -> tuple[ApiKeyEntry, ..
             entries.append(_entry(name, spec.get("role"), spec.get("key"), f"API_KEYS_FILE entry {name!r}"))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
-        raise ValueError("each key needs its own name: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+        twice = sorted({n for n in names if names.count(n) > 1})
+        # (where each is: alice in API_KEYS and in the file said only "each key needs its own name: alice")
+        where = " in API_KEYS and in API_KEYS_FILE" if set(twice) & set(names[listed:]) else " in API_KEYS"
+        raise ValueError(f"each key needs its own name: {', '.join(twice)} named twice{where}")
     if len({e.key for e in entries}) != len(entries):
         raise ValueError("two names share one key: give each its own")
     return tuple(entries)

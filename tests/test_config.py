@@ -130,6 +130,12 @@ def test_a_name_twice_in_the_key_file_is_refused(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SettingsError) as exc:
         load_settings()
     assert f"API_KEYS_FILE {keys} names a twice: each key needs its own name" in str(exc.value)
+    # Once in each: said where (hunt CE).
+    keys.write_text('{"a": {"role": "admin", "key": "aaaa-0123456789abcdef"}}')
+    monkeypatch.setenv("API_KEYS", "a:user:bbbb-0123456789abcdef")
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert "each key needs its own name: a named twice in API_KEYS and in API_KEYS_FILE" in str(exc.value)
 
 
 def test_an_ipv6_host_written_as_in_a_url_is_bound_without_its_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
