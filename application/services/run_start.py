@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import math
 import shlex
 import socket
 import time
@@ -83,6 +84,7 @@ def write_spec(path: Path, spec: dict[str, object], output_root: Path, inputs: l
 # then look again (30 s left a freed disk unused for that long: review CF).
 DISK_HOLD_SECONDS = 5.0
 LOOK_SECONDS = 1.0
+LOOK_EVERY_SECONDS = 1.0
 
 
 def resume_point(job: Job) -> tuple[str | None, bool]:
@@ -128,6 +130,7 @@ class RunStarter:
         self.disk_held = False  # starts are held for OUTPUT_ROOT's disk: it is looked at before each start
         self._disk_said: str | None = None  # how the disk stood when last logged
         self._look: asyncio.Future[str | None] | None = None
+        self._looked_at = -math.inf  # (monotonic) when the last look began
 
     async def start(self, job: Job, gpu_ids: list[int]) -> bool:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
@@ -329,9 +332,13 @@ class RunStarter:
         """Each round of the queue processor, jobs waiting or not, the processor on or off: OUTPUT_ROOT's disk full
         or read-only holds the starts before a run fails on it, and /health says so (it said healthy over a full
         disk while no job waited: hunt BW). One look at a time, waited for a second at most: a disk that does not
-        answer (a hung NFS mount) must not stop the rounds, nor take a thread a round (review CF)."""
-        if self._look is None or self._look.done():
-            self._look = asyncio.ensure_future(asyncio.to_thread(disk_trouble, self.settings.OUTPUT_ROOT))
+        answer (a hung NFS mount) must not stop the rounds, nor take a thread a round (review CF). At most one a
+        second, not a thread's hop in each pass of a chain of hand-overs under load; a start looks for itself."""
+        now = time.monotonic()
+        if (self._look is not None and not self._look.done()) or now - self._looked_at < LOOK_EVERY_SECONDS:
+            return  # (the last look's answer stands: a hold it set lasts DISK_HOLD_SECONDS)
+        self._looked_at = now
+        self._look = asyncio.ensure_future(asyncio.to_thread(disk_trouble, self.settings.OUTPUT_ROOT))
         try:
             why = await asyncio.wait_for(asyncio.shield(self._look), LOOK_SECONDS)
         except TimeoutError:
