@@ -333,7 +333,8 @@ class RunStarter:
         or read-only holds the starts before a run fails on it, and /health says so (it said healthy over a full
         disk while no job waited: hunt BW). One look at a time, waited for a second at most: a disk that does not
         answer (a hung NFS mount) must not stop the rounds, nor take a thread a round (review CF). At most one a
-        second, not a thread's hop in each pass of a chain of hand-overs under load; a start looks for itself."""
+        second, not a thread's hop in each pass of a chain of hand-overs under load (a launch the disk refuses in
+        between puts its job back in its place: `_wait_for_disk`)."""
         now = time.monotonic()
         if (self._look is not None and not self._look.done()) or now - self._looked_at < LOOK_EVERY_SECONDS:
             return  # (the last look's answer stands: a hold it set lasts DISK_HOLD_SECONDS)
