@@ -575,13 +575,15 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     whole = out.read_bytes()
     out.unlink()
     tag = server.http.head(f"/jobs/cli-up/artifacts/{run.name}/logging.jsonl").headers["etag"].strip('"')
-    (tmp_path / f".logging.jsonl.{tag}.partial").write_bytes(whole[:100])
+    (tmp_path / f".logging.jsonl.partial-{tag}").write_bytes(whole[:100])
     got = cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
     assert got["bytes"] == len(whole) and out.read_bytes() == whole and not list(tmp_path.glob(".logging.jsonl.*"))
     # A start kept of another version of the file: all of it again.
-    (tmp_path / ".logging.jsonl.0-1.partial").write_bytes(b"not its start")
+    (tmp_path / ".logging.jsonl.partial-0-1").write_bytes(b"not its start")
+    (tmp_path / ".logging.jsonl.partial-x.partial").write_bytes(b"another target's")  # (logging.jsonl.partial-x's)
     cli_json(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", str(out))
-    assert out.read_bytes() == whole and not list(tmp_path.glob(".logging.jsonl.*"))
+    assert out.read_bytes() == whole
+    assert [p.name for p in tmp_path.glob(".logging.jsonl.*")] == [".logging.jsonl.partial-x.partial"]
     # `-o -` is standard output, as with curl (it wrote a file named '-' where the CLI ran).
     piped = cli(server.port, "download", "cli-up", f"{run.name}/logging.jsonl", "-o", "-")
     assert piped.returncode == 0 and piped.stdout == (run / "logging.jsonl").read_text(), piped.stderr
@@ -756,7 +758,7 @@ def test_a_download_the_network_cut_goes_on_from_what_it_kept(tmp_path: Path) ->
         with pytest.raises(CliError) as caught:
             api.download("/jobs/j/artifacts/big.bin", target)
         assert "cut after 65,536 bytes" in str(caught.value) and "goes on from there" in str(caught.value)
-        assert [p.name for p in tmp_path.iterdir()] == [".big.bin.abc-40000.partial"]
+        assert [p.name for p in tmp_path.iterdir()] == [".big.bin.partial-abc-40000"]
         assert api.download("/jobs/j/artifacts/big.bin", target) == len(content)
     assert target.read_bytes() == content and list(tmp_path.iterdir()) == [target]
 

@@ -210,6 +210,9 @@ async def test_the_folders_of_jobs_stored_by_an_older_version_are_recorded_and_a
     await store.r.hdel(store.keys.folder_owners, "/out/old3", "/out/old4")
     await store.r.zrem(store.keys.folders, "/out/old3", "/out/old4")
     await store.r.hset(store.keys.folder_owners, "/out/old4", "bob")  # (recorded since)
+    # (a record written by hand, read at every start now: it must not keep a scheduler from leading)
+    await store.r.hset(store.keys.job("by-hand"), mapping={"output_dir": "{not json", "owner": "7"})
+    await store.r.zadd(store.keys.jobs_index, {"by-hand": time.time()})
     assert await store.folders.foreign(folder_arg(Path("/out/old3"), root, "bob")) is None
     assert await store.folders.backfill() == 1
     assert await store.folders.foreign(folder_arg(Path("/out/old3"), root, "bob")) == "/out/old3"

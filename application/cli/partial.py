@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 
-# The ETags kept in a file name: those of the server's files (hex mtime and size), or alike.
-_TAG = re.compile(r'^"([0-9A-Za-z._-]{1,80})"\Z')
+# The ETags kept in a file name: those of the server's files (hex mtime and size), or alike: no dot, so that
+# `.NAME.partial-TAG` is never another target's partial file (`.a.partial-b.partial`, of `a.partial-b`).
+_TAG = re.compile(r'^"([0-9A-Za-z_-]{1,80})"\Z')
 
 
 @dataclass
@@ -32,15 +33,15 @@ class Partial:
 
 
 def kept_or_new(target: Path) -> Partial:
-    """The partial file of a download of `target` cut short before (the newest, others removed), else a new one."""
-    kept = sorted(target.parent.glob(f".{glob.escape(target.name)}.*.partial"), key=_modified, reverse=True)
+    """The partial file of a download of `target` cut short before (the newest; others of it removed), else a new
+    one. Only names `_named` would give are looked at: another target's file is never taken, nor removed."""
+    prefix = f".{target.name}.partial-"
+    found = [p for p in target.parent.glob(f"{glob.escape(prefix)}*") if _TAG.match(f'"{p.name[len(prefix) :]}"')]
+    kept = sorted(found, key=_modified, reverse=True)
     for old in kept[1:]:
         old.unlink(missing_ok=True)
     if kept:
-        tag = kept[0].name[len(target.name) + 2 : -len(".partial")]
-        if _TAG.match(f'"{tag}"'):
-            return Partial(kept[0], tag)
-        kept[0].unlink(missing_ok=True)
+        return Partial(kept[0], kept[0].name[len(prefix) :])
     return Partial(target.with_name(f".{target.name}.partial"), None)
 
 
@@ -53,7 +54,7 @@ def for_response(partial: Partial, target: Path, response: httpx.Response) -> tu
     partial.path.unlink(missing_ok=True)
     found = _TAG.match(response.headers.get("etag", ""))
     if found and response.headers.get("accept-ranges") == "bytes":
-        return Partial(target.with_name(f".{target.name}.{found.group(1)}.partial"), found.group(1)), False
+        return Partial(target.with_name(f".{target.name}.partial-{found.group(1)}"), found.group(1)), False
     return Partial(target.with_name(f".{target.name}.partial"), None), False
 
 

@@ -198,7 +198,7 @@ class FolderIndex:
                 for job_id in fresh:
                     pipe.hmget(k.job(job_id), ["output_dir", "owner"])
                 rows_read = await pipe.execute()
-            jobs = [(json.loads(d), json.loads(o or "null") or "") for d, o in rows_read if d]
+            jobs = [job for d, o in rows_read if d and (job := _folder_and_owner(d, o)) is not None]
             there = await self.r.hmget(k.folder_owners, [folder for folder, _ in jobs]) if jobs else []
             absent = [{"folder": folder, "owner": owner, "mine": k.owner_folders(owner)}
                       for (folder, owner), was in zip(jobs, there, strict=True) if was is None]  # fmt: skip
@@ -208,3 +208,13 @@ class FolderIndex:
         if newest is not None and (mark is None or newest > float(mark)):
             await self.r.set(k.folders_scanned, repr(newest))
         return recorded
+
+
+def _folder_and_owner(output_dir: str, owner: str | None) -> tuple[str, str] | None:
+    """A stored job's folder and owner ("" for none); None for a record written by hand that holds neither as JSON:
+    read at every start now, one such record must not keep a scheduler from leading."""
+    try:
+        folder, name = json.loads(output_dir), json.loads(owner or "null") or ""
+    except ValueError:
+        return None
+    return (folder, name) if isinstance(folder, str) and isinstance(name, str) else None
