@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -106,14 +107,23 @@ async def poll(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], 
     return value
 
 
-async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
-    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Each job that came to the head failed at its launch, one after another, saying "free space, then resume
-    # the job", and its resume was then 409 "left no checkpoint": the whole queue lost to the operator's disk.
+@pytest.fixture
+def short_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starts held for the disk for a second, not DISK_HOLD_SECONDS: the tests wait for the hold to end."""
     from application.services import run_start
 
     monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
+
+
+async def health_of(client: Any) -> Any:
+    return (await client.get("/health")).json()
+
+
+async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
+    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, short_hold: None
+) -> None:
+    # Each job that came to the head failed at its launch, one after another, saying "free space, then resume
+    # the job", and its resume was then 409 "left no checkpoint": the whole queue lost to the operator's disk.
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
         filler = fill(small_disk)
@@ -121,8 +131,7 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
             body = job_body(tmp_path, name, auto_start=True, training={"max_steps": 2})
             assert (await client.post("/jobs", json=body)).status_code == 201
 
-        async def health() -> Any:
-            return (await client.get("/health")).json()
+        health = functools.partial(health_of, client)
 
         held = await poll(health, lambda h: h["scheduler"].get("starts_held"))
         assert held["status"] == "degraded"
@@ -149,13 +158,10 @@ async def test_a_full_output_disk_holds_the_queue_and_fails_no_job(
 
 
 async def test_a_stop_asked_for_as_a_launch_fails_on_the_full_disk_is_not_undone(
-    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+    app_factory: Callable[..., Any], tmp_path: Path, small_disk: Path, short_hold: None
 ) -> None:
     # The job went back to the queue with the flags it had before its start: the user's stop, taken by then
     # (answered 200), was undone, and the job ran once the disk was freed (review BZ).
-    from application.services import run_start
-
-    monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(AUTO_EXPORT=False) as client:
         starter = client.scheduler.processor.starter
@@ -201,8 +207,7 @@ async def test_a_disk_that_does_not_answer_stops_no_round_and_takes_one_thread(
         for _ in range(3):
             await starter.look_at_disk()  # (returns: the disk's answer is waited for no longer)
 
-        async def health() -> Any:
-            return (await client.get("/health")).json()
+        health = functools.partial(health_of, client)
 
         passes = client.scheduler.processor.stats.passes
         await poll(health, lambda _: client.scheduler.processor.stats.passes >= passes + 2)  # (rounds go on)
@@ -224,16 +229,11 @@ def test_a_full_or_read_only_disk_is_told_from_its_figures_alone(tmp_path: Path)
 
 
 async def test_health_says_the_output_disk_is_full_while_no_job_waits(
-    app_factory: Callable[..., Any], small_disk: Path, monkeypatch: pytest.MonkeyPatch
+    app_factory: Callable[..., Any], small_disk: Path, short_hold: None
 ) -> None:
     # It said healthy over a full OUTPUT_ROOT for as long as no job came to start (hunt BW).
-    from application.services import run_start
-
-    monkeypatch.setattr(run_start, "DISK_HOLD_SECONDS", 1.0)
     async with app_factory(AUTO_EXPORT=False) as client:
-
-        async def health() -> Any:
-            return (await client.get("/health")).json()
+        health = functools.partial(health_of, client)
 
         assert (await health())["status"] == "healthy"
         # The processor stopped by its operator, too: only a pass looked (review CF).

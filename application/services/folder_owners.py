@@ -27,6 +27,7 @@ from typing import Any
 from application.auth import Caller
 from application.exceptions import Conflict, Invalid, Unavailable
 from application.services import lua, lua_cluster
+from application.services.index_pages import walk_by_score
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -184,16 +185,9 @@ class FolderIndex:
         """By score (creation time), oldest first: HSETNX then gives a folder to its first job's owner."""
         k = self.keys
         mark = await self.r.get(k.folders_scanned)
-        after, seen, recorded, newest = repr(float(mark) - 86400) if mark else "-inf", set[str](), 0, None
-        while rows := await self.r.zrangebyscore(k.jobs_index, after, "+inf", start=0, num=batch, withscores=True):
-            fresh = [job_id for job_id, _ in rows if job_id not in seen]
-            if not fresh:
-                if len(rows) < batch:
-                    break
-                batch *= 2  # (more jobs of one score than a batch)
-                continue
-            after, newest = repr(rows[-1][1]), rows[-1][1]
-            seen = {job_id for job_id, score in rows if repr(score) == after}
+        after, recorded, newest = repr(float(mark) - 86400) if mark else "-inf", 0, None
+        async for fresh, newest_of_page in walk_by_score(self.r, k.jobs_index, after, batch):
+            newest = newest_of_page
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in fresh:
                     pipe.hmget(k.job(job_id), ["output_dir", "owner"])

@@ -9,6 +9,8 @@ its score (its creation time) and id, as the indexes are scored.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -74,3 +76,22 @@ async def _ids_after(r: Redis, index: str, cursor: Cursor, limit: int) -> tuple[
     more = len(found) > limit
     found = found[:limit]
     return int(total), [i for i, _ in found], (found[-1][1], found[-1][0]) if more and found else None
+
+
+async def walk_by_score(
+    r: Any, key: str, after: str = "-inf", batch: int = 500
+) -> AsyncIterator[tuple[list[str], float]]:
+    """Every member of the index `key` scored past `after`, oldest first, a page at a time: (its ids, the page's last
+    score). By score, not by rank: a member deleted meanwhile moved every later one down a rank, and one of them was
+    skipped. Members of the boundary's score are read again, and passed over once seen."""
+    seen: set[str] = set()
+    while rows := await r.zrangebyscore(key, after, "+inf", start=0, num=batch, withscores=True):
+        fresh = [member for member, _ in rows if member not in seen]
+        if not fresh:
+            if len(rows) < batch:
+                return
+            batch *= 2  # (more members of one score than a batch: read more at once)
+            continue
+        after = repr(rows[-1][1])
+        seen = {member for member, score in rows if repr(score) == after}
+        yield fresh, rows[-1][1]

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from application.services import lua
+from application.services.index_pages import walk_by_score
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -71,20 +72,8 @@ class JobSummaries:
         lacked the key for good, as nothing rewrites an ended job's summary). Once, at a scheduler's start."""
         fields = ",".join(lua.SUMMARY_FIELDS)
         every = await self.r.get(self.keys.summary_fields) != fields
-        written, after, seen = 0, "-inf", set[str]()
-        # By score (creation time), not by rank: a job deleted meanwhile moved every later one down a rank, and
-        # one of them was skipped. Jobs of the boundary's score are read again, and passed over once seen.
-        while rows := await self.r.zrangebyscore(self.keys.jobs_index, after, "+inf", start=0, num=batch,
-                                                 withscores=True):  # fmt: skip
-            fresh = [job_id for job_id, _ in rows if job_id not in seen]
-            if not fresh:
-                if len(rows) < batch:
-                    break
-                batch *= 2  # (more jobs of one score than a batch: read more at once)
-                continue
-            after = repr(rows[-1][1])
-            seen = {job_id for job_id, score in rows if repr(score) == after}
-            ids = fresh
+        written = 0
+        async for ids, _ in walk_by_score(self.r, self.keys.jobs_index, batch=batch):
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.exists(self.keys.job_summary(job_id))
