@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from application.models.job_request import JobCreate
@@ -58,6 +59,25 @@ def test_a_free_memory_setting_past_every_gpus_memory_is_the_operators_to_lower_
     assert starts(0.0, snap) == ["a"] and never_free(snap, 79.0, num_gpus=2) is None
     assert never_free(snap, 100.0, num_gpus=0) is None  # (a CPU job takes no GPU)
     assert never_free(snapshot(), 100.0) is None  # (no GPU: impossible_request says so)
+
+
+def test_a_queued_job_the_free_memory_setting_holds_back_tells_its_user_the_operator_must_change_it() -> None:
+    # Raised past the cards' memory after these jobs were queued: the create check no longer sees them, and their
+    # reason named the user's num_gpus and min_gpu_memory_gb, which could not help.
+    now, snap = time.time(), snapshot(a100_80gb(0), a100_80gb(1))
+    queued = [QueuedJob("plain", 5, now - 10, 1, None, None, None),
+              QueuedJob("asks_40", 5, now - 9, 2, None, 40.0, None),
+              QueuedJob("asks_90", 5, now - 8, 1, None, 90.0, None),
+              QueuedJob("gpu_7", 5, now - 7, 1, (7,), None, None)]  # fmt: skip
+    found = plan(queued, gpu_states(snap, {}), [], Policy(min_free_gb=100.0), now)
+    assert found.starts == [] and {r.code for r in found.reasons.values()} == {"never"}
+    for jid in ("plain", "asks_40"):
+        text = found.reasons[jid].text
+        assert "GPU_MIN_FREE_MEMORY_GB=100" in text and "operator" in text and "create it again" not in text, text
+    # A request no setting could make possible is still its user's to change.
+    for jid in ("asks_90", "gpu_7"):
+        text = found.reasons[jid].text
+        assert "create it again" in text and "GPU_MIN_FREE_MEMORY_GB" not in text, text
 
 
 def test_memory_other_processes_use_still_keeps_a_job_off_a_gpu() -> None:
@@ -135,3 +155,25 @@ async def test_a_create_on_gpus_the_setting_keeps_from_ever_being_free_is_503_an
         assert (await client.post("/jobs", json=job_body(tmp_path, "cpu", num_gpus=0))).status_code == 201
         health = (await client.get("/health")).json()
         assert health["status"] == "degraded" and "GPU_MIN_FREE_MEMORY_GB=100" in health["gpu"]["never_free"], health
+
+
+async def test_a_job_the_free_memory_setting_raised_since_holds_back_is_the_operators_to_release(
+    app_factory: Any, tmp_path: Any
+) -> None:
+    from tests.conftest import job_body
+
+    same = {"REDIS_KEY_PREFIX": f"test-{uuid.uuid4().hex[:8]}", "SIMULATED_GPUS": "2x80"}
+    async with app_factory(**same) as client:
+        r = await client.post("/jobs", json=job_body(tmp_path, "gpu", num_gpus=1))
+        assert r.status_code == 201 and r.json()["status"] == "pending", r.text
+        job_id = r.json()["job_id"]
+    async with app_factory(GPU_MIN_FREE_MEMORY_GB=100, **same) as client:
+        r = await client.post(f"/jobs/{job_id}/start")
+        assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+        assert "operator must lower" in r.json()["message"], r.text
+        r = await client.post(f"/jobs/{job_id}/start")
+        assert r.status_code == 409, r.text
+        detail = r.json()["detail"]
+        assert "cannot start while the server's setting GPU_MIN_FREE_MEMORY_GB=100" in detail, detail
+        reason = (await client.get(f"/jobs/{job_id}/status")).json()["pending_reason"]
+        assert reason["code"] == "never" and "operator must lower" in reason["message"], reason

@@ -98,7 +98,9 @@ async def answer_start(svc: TrainingService, job_id: str, created_at: float,
             )
     elif info.reason is not None and info.reason.code == "never":
         # Not started, as a pending job that can never start is not (409): this start changed nothing.
-        raise Conflict(f"job '{job_id}' is queued but can never start here: {info.reason.message}")
+        # (Unless the operator's setting is why: the job starts by itself once it is lowered.)
+        cannot = "cannot start while" if "GPU_MIN_FREE_MEMORY_GB" in info.reason.message else "can never start here:"
+        raise Conflict(f"job '{job_id}' is queued but {cannot} {info.reason.message}")
     return ActionResponse(job_id=job_id, status=job.status, queue_position=info.position,
                           estimated_wait_time=info.estimate, pending_reason=info.reason,
                           message=message)  # fmt: skip

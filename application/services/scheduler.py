@@ -281,6 +281,12 @@ def plan(
         mem = j.min_gpu_memory_gb
         return policy.min_free_gb if mem is None or mem < policy.min_free_gb else mem
 
+    def never(j: QueuedJob, ids: tuple[int, ...] | None, k: int) -> Reason:
+        # Whose to change: the request's, or the operator's GPU_MIN_FREE_MEMORY_GB when the request alone fits.
+        if need_of(j) > (j.min_gpu_memory_gb or 0.0) and tl.feasible(ids, k, j.min_gpu_memory_gb or 0.0):
+            return Reason("never", min_free_gb=policy.min_free_gb)
+        return Reason("never")
+
     def may_head(j: QueuedJob) -> bool:
         # As the full pass names it: the first job with a reservation, so not one that waits on outside
         # processes (both passes naming different heads in turn restarted the head's clock at every switch).
@@ -381,7 +387,7 @@ def plan(
             # It waits, reserving no GPU, no sooner than its owner's runs (and its waiting jobs ahead) give GPUs
             # back; its share of the cap is its own from now on.
             if not tl.feasible(ids, k, need):
-                waits[jid], reasons[jid] = None, Reason("never")
+                waits[jid], reasons[jid] = None, never(job, ids, k)
                 continue
             back = caps.under_cap_at(job.owner, k) if job.owner is not None else None
             start, exact, _ = tl.earliest(ids, k, need, policy.min_free_gb)
@@ -396,7 +402,7 @@ def plan(
             waits_for_gpus(job, k)
             continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
         if not tl.feasible(ids, k, need):
-            waits[jid], reasons[jid] = None, Reason("never")
+            waits[jid], reasons[jid] = None, never(job, ids, k)
             continue
         chosen = tl.fit(ids, k, need, policy.min_free_gb, e) if may_fit else None
         if chosen is not None:

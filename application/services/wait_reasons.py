@@ -29,12 +29,19 @@ class Reason:
     starts_in: float | None = None
     more: int = 0
     gpu_cap: int | None = None  # never: more GPUs than MAX_GPUS_PER_OWNER (lowered since its create)
+    # never: GPU_MIN_FREE_MEMORY_GB past the memory of the GPUs it could use (raised since its create), which no
+    # request of its user's could change (hunt CE)
+    min_free_gb: float | None = None
 
     @property
     def text(self) -> str:
         if self.code == "never" and self.gpu_cap is not None:
             return (f"it asks for more GPUs than its owner may hold (MAX_GPUS_PER_OWNER={self.gpu_cap}): cancel it "
                     f"(POST .../stop) and create it again with num_gpus of {self.gpu_cap} or fewer")  # fmt: skip
+        if self.code == "never" and self.min_free_gb is not None:
+            return (f"the server's setting GPU_MIN_FREE_MEMORY_GB={self.min_free_gb:g} (the memory a GPU must have "
+                    "free to take a job) is more than the GPUs this job could use offer: no request can change "
+                    "that; its operator must lower the setting, and the job then starts by itself")  # fmt: skip
         if self.code == "reservation" and self.job_id is not None:
             if self.starts_in is None:
                 return f"GPUs held for {self.job_id}, whose start depends on a run of unknown length"
