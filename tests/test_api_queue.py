@@ -529,3 +529,33 @@ def test_stopping_the_processor_stops_it_for_every_api_process(server_factory: C
     holds_for(second, 2.5, lambda: second.job("b")["status"] == "queued", "b must wait: the processor is off")
     assert second.http.post("/queue/processor/start").json()["running"] is True
     assert first.wait_status("b", "running", timeout=10)["gpu_ids"] == a["gpu_ids"]
+
+
+async def test_the_queue_pages_length_agrees_with_its_entries_while_jobs_come_and_go(
+    app_factory: Any, tmp_path: Path
+) -> None:
+    # The length was read apart from the entries, after the forecast: 55 against 54 listed while jobs were queued
+    # and cancelled (hunt CH).
+    import asyncio
+
+    async with app_factory(scheduler=False, CREATE_RATE_LIMIT="0") as client:
+        body = job_body(tmp_path, "churn", num_gpus=1, auto_start=True)
+        churning = True
+
+        async def churn() -> None:
+            for i in itertools.count():
+                if not churning:
+                    return
+                r = await client.post("/jobs", json={**body, "job_id": f"c{i}", "output_dir": f"c{i}"})
+                assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+                if i % 2:
+                    assert (await client.delete(f"/queue/c{i - 1}")).status_code == 200
+
+        task = asyncio.create_task(churn())
+        try:
+            for _ in range(60):
+                q = (await client.get("/queue", params={"limit": 500})).json()
+                assert q["summary"]["length"] == len(q["entries"]), q["summary"]
+        finally:
+            churning = False
+            await task

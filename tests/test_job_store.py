@@ -11,7 +11,7 @@ from application.models.job_request import TrainingParams
 from application.models.job_responses import JobSummary
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
 from application.services.cluster_store import ClusterStore
-from application.services.job_codec import event_payload
+from application.services.job_codec import QueueMeta, event_payload
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
 from application.services.keys import Keys
 
@@ -584,3 +584,19 @@ async def test_a_change_for_the_job_a_caller_read_never_lands_on_one_created_sin
     assert await store.transition("x", JobStatus.QUEUED, expect=(JobStatus.PENDING,), actor="bob",
                                   created_at=bobs.created_at) == JobStatus.PENDING  # fmt: skip
     assert await store.r.zrange(k.owner_status_index("bob", JobStatus.QUEUED), 0, -1) == ["x"]
+
+
+async def test_a_queue_page_is_read_at_one_moment_past_luas_unpack_limit(store: JobStore) -> None:
+    # 9,000 queued: one HMGET of them all would pass unpack()'s limit in the script (some 8,000 values).
+    ids = [f"q{i:05d}" for i in range(9000)]
+    await store.r.zadd(store.keys.queue, {job_id: i for i, job_id in enumerate(ids)})
+    gone = {"q00003", "q08999"}  # (their meta missing: not listed, still counted, as the queue holds them)
+    await store.r.hset(store.keys.queue_meta, mapping={
+        job_id: QueueMeta(5, float(i), 1, None, None).encode() for i, job_id in enumerate(ids) if job_id not in gone
+    })  # fmt: skip
+    length, page = await store.queue_page(0, 9000)
+    assert length == 9000 and [job_id for job_id, _ in page] == [i for i in ids if i not in gone]
+    assert page[4] == ("q00005", QueueMeta(5, 5.0, 1, None, None))
+    length, page = await store.queue_page(8990, 100)
+    assert length == 9000 and [job_id for job_id, _ in page] == ids[8990:8999]
+    assert await store.queue_page(9000, 10) == (9000, [])

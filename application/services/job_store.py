@@ -76,6 +76,7 @@ class JobStore(JobLog, QueueView):
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua_cluster.DROP_LEASE)
+        self._queue_page = client.register_script(lua_cluster.QUEUE_PAGE)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
         self.folders = FolderIndex(client, keys)

@@ -231,3 +231,16 @@ local a = cjson.decode(ARGV[1])
 if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
 return 0
 """
+
+# KEYS[1]: the queue, KEYS[2]: its meta. ARGV: first, last rank. The queue's length and a window of it with its
+# entries' meta, read at one moment: a page whose "length" was read apart from its entries disagreed with them
+# while jobs came and went (hunt CH). HMGET by the thousand: unpack() stops at Lua's C stack (some 8,000 values).
+QUEUE_PAGE = """
+local ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+local metas = {}
+for i = 1, #ids, 1000 do
+  local got = redis.call('HMGET', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
+  for j = 1, #got do metas[#metas + 1] = got[j] end
+end
+return {redis.call('ZCARD', KEYS[1]), ids, metas}
+"""

@@ -13,7 +13,13 @@ from application.services import clock
 from application.services.cluster_store import reading_error
 from application.services.job_store import TransitionRefused
 from application.services.predictions import ratio_summary
-from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, pending_reason, queued, wait_estimate
+from application.services.queue_planner import (
+    ESTIMATE_WINDOW,
+    ClusterView,
+    as_queued,
+    pending_reason,
+    wait_estimate,
+)
 from application.services.scheduler import gpu_is_free
 from application.services.training_service import TrainingService
 from application.services.wait_reasons import Reason
@@ -37,10 +43,12 @@ class QueueService:
         self.settings = service.settings
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
-        view, queue, state, head = await asyncio.gather(
-            self.service.view(), queued(self.store, limit, start=offset), self.service.placement.pass_state(),
+        # (The length read with the page: read apart, it disagreed with the entries while jobs came and went.)
+        view, (length, page), state, head = await asyncio.gather(
+            self.service.view(), self.store.queue_page(offset, limit), self.service.placement.pass_state(),
             self.cluster.queue_head(),
         )  # fmt: skip
+        queue = [as_queued(job_id, meta) for job_id, meta in page]
         stopped = state.stopped
         forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
                                                self.store.queued_since([q.job_id for q in queue]))  # fmt: skip
@@ -73,7 +81,7 @@ class QueueService:
         return {
             "entries": entries,
             "summary": {
-                "length": await self.store.queue_length(),
+                "length": length,
                 "offset": offset,
                 "limit": limit,
                 "total_gpus": len(view.gpus),

@@ -19,6 +19,7 @@ class QueueView:
     r: Any
     keys: Keys
     _drop_lease: AsyncScript
+    _queue_page: AsyncScript
     _forget_idle_export: AsyncScript
 
     async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -38,13 +39,23 @@ class QueueView:
         return None if rank is None else int(rank) + 1
 
     async def queue_window(self, start: int, count: int) -> list[tuple[str, QueueMeta]]:
-        return await self.queue_entries(await self.r.zrange(self.keys.queue, start, start + count - 1))
+        return (await self.queue_page(start, count))[1]
+
+    async def queue_page(self, start: int, count: int) -> tuple[int, list[tuple[str, QueueMeta]]]:
+        """The queue's length, and what the planner needs of `count` queued jobs from rank `start`, read at one
+        moment."""
+        length, ids, metas = await self._queue_page(keys=[self.keys.queue, self.keys.queue_meta],
+                                                    args=[start, start + count - 1])  # fmt: skip
+        return int(length), self._decode_meta(ids, metas)
 
     async def queue_entries(self, ids: list[str]) -> list[tuple[str, QueueMeta]]:
         """What the planner needs of these jobs, those of them queued (in the order given)."""
         if not ids:
             return []
-        metas = await self.r.hmget(self.keys.queue_meta, ids)
+        return self._decode_meta(ids, await self.r.hmget(self.keys.queue_meta, ids))
+
+    @staticmethod
+    def _decode_meta(ids: list[str], metas: list[str | None]) -> list[tuple[str, QueueMeta]]:
         pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
         decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
         return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
