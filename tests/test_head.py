@@ -73,3 +73,19 @@ async def test_head_on_downloads_leaves_no_file_open_and_the_apis_own_head_takes
             assert (await client.head(f"{ui}/big.bin")).status_code == 429
         finally:
             await slot.release()
+
+
+async def test_a_head_is_counted_under_its_route_in_the_request_metrics(app_factory: Callable[..., Any]) -> None:
+    # Monitors probing with HEAD were counted as route="unmatched", with the 404s, and never under their routes.
+    async with app_factory(scheduler=False) as client:
+        for path in ("/health", "/jobs", "/jobs"):
+            assert (await client.head(path)).status_code == 200, path
+        assert (await client.head("/no-such-route")).status_code == 404
+        metrics = (await client.get("http://test/metrics")).text
+    counts = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("swift_api_http_request_duration_seconds_count{") and 'method="HEAD"' in line}
+    assert counts == {
+        'swift_api_http_request_duration_seconds_count{method="HEAD",route="/health",status="2xx"}': 1,
+        'swift_api_http_request_duration_seconds_count{method="HEAD",route="/jobs",status="2xx"}': 2,
+        'swift_api_http_request_duration_seconds_count{method="HEAD",route="unmatched",status="4xx"}': 1,
+    }, counts

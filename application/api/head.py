@@ -49,7 +49,13 @@ class HeadAsGet:
             message.cancel()
             return {"type": "http.disconnect"}
 
-        await self.app({**scope, "method": "GET"}, gone_once_answered, headers_only)
+        inner = {**scope, "method": "GET"}
+        try:
+            await self.app(inner, gone_once_answered, headers_only)
+        finally:
+            # The route the router matched, for the metrics around this (HEAD was counted as "unmatched": hunt CJ).
+            if "route" in inner:
+                scope["route"] = inner["route"]
         if started:  # (ended once the route is done: what it holds, a download's or a stream's slot, is back)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
