@@ -43,6 +43,8 @@ from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
 from application.exceptions import ApiError, error_json
+from application.models.file_model import FILE_ID_HELP
+from application.models.job_request import JOB_ID_HELP
 from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.export_control import ExportControl
@@ -87,6 +89,18 @@ class ErrorResponse(JSONResponse):
 ERRORS_SHOWN = 20
 
 
+# What a query, path or header value that does not match its pattern should be, in words: the regex was the
+# message, and a bad cursor never reached parse_cursor's plain one (hunt CJ).
+PATTERN_WORDS = {
+    "cursor": "not one this server gave: pass a page's next_cursor as it came",
+    "after": "not an event id: pass the id of the last event already seen, as it came (such as 1733450000000-0)",
+    "owner": "an owner's name is 1-64 characters: letters, digits, '_', '.', '-'",
+    "job_id": f"not a job id: {JOB_ID_HELP}",
+    "file_id": f"not a file id: {FILE_ID_HELP}",
+    "Idempotency-Key": "1-255 printable ASCII characters, no spaces: a key of your own per request (a UUID)",
+}
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     errors = exc.errors()
@@ -96,6 +110,8 @@ def _validation_message(exc: RequestValidationError) -> str:
         given = err.get("input")
         if isinstance(given, float) and not math.isfinite(given):
             msg = f"{given} is not a number this field takes: send a finite number"
+        elif err.get("type") == "string_pattern_mismatch" and (words := _pattern_words(err.get("loc", ()))):
+            msg = words
         elif err.get("type") == "extra_forbidden":
             msg = "unknown field: remove it (see the schema at /docs)"
         elif err.get("type") == "json_invalid":
@@ -109,6 +125,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     if len(errors) > ERRORS_SHOWN:
         parts.append(f"and {len(errors) - ERRORS_SHOWN} more")
     return "; ".join(parts)
+
+
+def _pattern_words(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    return PATTERN_WORDS.get(str(loc[-1])) if len(loc) == 2 and loc[0] in ("query", "path", "header") else None
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

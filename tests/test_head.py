@@ -82,8 +82,11 @@ async def test_a_head_is_counted_under_its_route_in_the_request_metrics(app_fact
             assert (await client.head(path)).status_code == 200, path
         assert (await client.head("/no-such-route")).status_code == 404
         metrics = (await client.get("http://test/metrics")).text
-    counts = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-              if line.startswith("swift_api_http_request_duration_seconds_count{") and 'method="HEAD"' in line}
+    counts = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("swift_api_http_request_duration_seconds_count{") and 'method="HEAD"' in line
+    }
     assert counts == {
         'swift_api_http_request_duration_seconds_count{method="HEAD",route="/health",status="2xx"}': 1,
         'swift_api_http_request_duration_seconds_count{method="HEAD",route="/jobs",status="2xx"}': 2,
