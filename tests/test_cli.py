@@ -553,10 +553,12 @@ def test_upload_train_on_it_then_list_and_download_what_it_wrote(server: ApiServ
     second = cli_json(server.port, "upload", str(data))
     page = cli(server.port, "files", "--limit", "1")
     assert page.stdout.startswith(second["id"])
-    assert "1-1 of 2 files; the next page: files --limit 1 --after " in page.stderr, page.stderr  # (review AX)
-    after = page.stderr.rsplit("--after ", 1)[1].split()[0]
+    # The footer is the last line of stdout, as ls's and queue's are (it went to stderr: hunt CJ).
+    last = page.stdout.strip().splitlines()[-1]
+    assert last.startswith("1-1 of 2 files; the next page: files --limit 1 --after "), page.stdout  # (review AX)
+    after = last.rsplit("--after ", 1)[1].split()[0]
     rest = cli(server.port, "files", "--limit", "1", "--after", after)
-    assert rest.stdout.startswith(up["id"]) and rest.stderr.strip() == "1 of 2 files", rest.stderr
+    assert rest.stdout.startswith(up["id"]) and rest.stdout.strip().endswith("\n1 of 2 files"), rest.stdout
     assert cli(server.port, "files", "--limit", "1", "--offset", "1").stdout.startswith(up["id"])
     assert cli(server.port, "files", "--offset", "0").returncode == 0  # (0, the default, was refused)
     args = submit_args(workspace, "cli-up", "--set", "max_steps=4", "--set", "save_steps=2", "--follow")
@@ -953,3 +955,20 @@ def test_log_text_cannot_drive_or_reorder_the_terminal() -> None:
 
     raw = "a\x1b]0;TITLE\x07b \x1b[31mred\x1b[0m \u202eevil\u202c z\u200bw \x07bell\ttab"
     assert printable(raw) == "ab red evil zw bell\ttab"
+
+
+def test_an_explicit_empty_key_sends_none_and_no_key_given_takes_the_environments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `--key ''`, to try a call unauthenticated, sent SWIFT_API_KEY all the same (hunt CJ).
+    monkeypatch.setenv("SWIFT_API_KEY", "env-key")
+    sent: list[str | None] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"jobs": [], "total": 0})
+
+    for key in ("", None, "own-key"):
+        with Api("http://swift-api.test", key, transport=httpx.MockTransport(server)) as api:
+            api.get("/jobs")
+    assert sent == [None, "Bearer env-key", "Bearer own-key"]

@@ -165,7 +165,8 @@ def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
         limit = f" --limit {args.limit}" if args.limit != 50 else ""
         more = f"; the next page: files{limit} --after {body['next_cursor']}" if body.get("next_cursor") else ""
         shown = f"{args.offset + 1}-{args.offset + len(body['files'])}" if args.after is None else len(body["files"])
-        out.note(f"{shown} of {body['total']} files{more}" if body["files"] else f"no files ({body['total']} in all)")
+        # On stdout, as ls and queue write theirs: a script's `| tail -1` found the next page there only (hunt CJ).
+        out.footer(f"{shown} of {body['total']} files{more}" if body["files"] else f"no files ({body['total']} in all)")
     return EXIT_OK
 
 

@@ -168,7 +168,8 @@ class Api:
     def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.url = api_root(url or os.environ.get("SWIFT_API_URL") or DEFAULT_URL)
-        key = (key or os.environ.get("SWIFT_API_KEY") or "").strip()  # a key file's line break, a pasted space
+        # An explicit --key '' is no key (to try a call unauthenticated), not SWIFT_API_KEY's (hunt CJ).
+        key = (os.environ.get("SWIFT_API_KEY", "") if key is None else key).strip()  # (a key file's line break)
         if not _HEADER_SAFE.match(key):
             # Never echoed: the error would carry the key into a CI log.
             raise CliError("the API key (SWIFT_API_KEY or --key) holds spaces, control or non-ASCII characters, which "

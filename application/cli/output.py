@@ -56,6 +56,10 @@ class Output:
         sys.stdout.write(printable(raw) + "\n")
         sys.stdout.flush()
 
+    def footer(self, message: str) -> None:
+        """A listing's last line (how many, the next page's command), with the listing on stdout."""
+        self.console.print(printable(message), style="dim", markup=False, soft_wrap=True)
+
     def note(self, message: str, style: str = "dim") -> None:
         self.errors.print(printable(message), style=style, markup=False, soft_wrap=True)
 
