@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import signal
 import socket
 import time
@@ -248,6 +249,19 @@ def test_a_line_longer_than_a_message_is_sent_in_pieces_that_split_no_character(
     rest = data_of(read(server, "/jobs/wide/logs/stream", last_id=got[cut].id, stop=lambda got: False))
     assert all("\ufffd" not in m.data for m in rest) and max(len(m.data.encode()) for m in rest) <= MAX_LINE
     assert "".join(m.data for m in rest) == "".join(m.data for m in got[cut + 1 :])
+
+
+def test_a_piece_of_a_line_of_bar_redraws_shows_a_whole_redraw(server: ApiServer, workspace: Path) -> None:
+    # Only tqdm redraws for more than a piece (no dict lines): a piece ends where the reads fell, and its last
+    # carriage-return segment was the start of a redraw ("Train:  63%": hunt CJ).
+    body = job_body(workspace, "bars", step_seconds=0.005, auto_start=True,
+                    training={"max_steps": 400, "logging_steps": 100000, "save_steps": 100000})  # fmt: skip
+    assert server.create(**body).status_code == 201
+    server.wait_status("bars", "completed")
+    bars = [m.data for m in data_of(read(server, "/jobs/bars/logs/stream", stop=lambda got: False))
+            if m.data.startswith("Train:")]  # fmt: skip
+    whole = re.compile(r"Train: +\d+%\|.{10}\| \d+/400 \[[^\]]+\]")
+    assert len(bars) >= 2 and all(whole.fullmatch(b) for b in bars), bars
 
 
 def test_a_log_longer_than_a_read_is_sent_without_a_poll_between_its_chunks(

@@ -126,6 +126,16 @@ def _visible(raw: bytes) -> str:
     return last_cr_segment(raw.decode("utf-8", errors="replace").rstrip("\r"))
 
 
+def _piece_visible(raw: bytes) -> str:
+    """What to show of a piece of a long line, which ends where the reads fell, often inside a redraw: its last
+    whole redraw (the text before its last carriage return), not the start of one ("Train:  63%": hunt CJ). A
+    piece with fewer than two carriage returns holds no whole redraw: shown as it is."""
+    last = raw.rfind(b"\r")
+    if last > 0 and raw.rfind(b"\r", 0, last) >= 0 and (shown := _visible(raw[:last])).strip():
+        return shown
+    return _visible(raw)
+
+
 class _Pace:
     """When a stream polls, checks the job's status and sends a heartbeat: the sleeping happens here."""
 
@@ -264,8 +274,11 @@ class Streams:
                 if cut < 0:
                     break
                 start += cut + 1 - pos
-                line = buf[pos:cut] if buf[cut] == NEWLINE else buf[pos : cut + 1]  # (a piece of a long line)
-                batch.append(message(_visible(line), event_id=at(start)))
+                if buf[cut] == NEWLINE:
+                    shown = _visible(buf[pos:cut])
+                else:  # a piece of a long line
+                    shown = _piece_visible(buf[pos : cut + 1])
+                batch.append(message(shown, event_id=at(start)))
                 pos = cut + 1
                 if len(batch) == LINES_PER_SEND:
                     yield "".join(batch)
