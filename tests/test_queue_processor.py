@@ -533,3 +533,27 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
         # Its checkpoints are its own again (listed, exportable).
         listed = (await client.get("/jobs/restored/checkpoints")).json()["checkpoints"]
         assert [Path(c["path"]).name for c in listed] == ["checkpoint-2"], listed
+
+
+async def test_a_run_the_running_index_lost_keeps_its_gpu_and_is_indexed_again(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The running index evicted (allkeys-lru) or deleted by hand: each pass dropped the leases of the runs it no
+    # longer listed, and the queued job started on a GPU a run still trained on (hunt CI: 3 trainers, 2 GPUs).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=hog)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        body = job_body(tmp_path, "next", auto_start=True, training={"max_steps": 2})
+        assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
+        store = client.app.state.training.store
+        running = store.keys.status_index(JobStatus.RUNNING)
+        await store.r.delete(running)
+        assert (await client.post("/queue/process")).json()["started"] == []
+        assert await store.r.hgetall(store.keys.gpu_leases) == {"0": "hog"}
+        assert await store.r.zrange(running, 0, -1) == ["hog"]
+        assert (await client.get("/jobs/next")).json()["status"] == "queued"
+        # It still ends as runs do, and the queue goes on.
+        assert (await client.post("/jobs/hog/stop")).status_code == 200
+        await wait_job(client, "next", lambda j: j["status"] == "completed")

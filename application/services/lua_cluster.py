@@ -225,11 +225,23 @@ local left = redis.call('PTTL', KEYS[2])
 return {restarted and 1 or 0, left > 0 and left or 0, left > 0 and redis.call('GET', KEYS[2]) or ''}
 """
 
-# KEYS[1]: gpu leases. a: gpu, id. Drops the lease only if that job still holds it.
+# KEYS[1]: gpu leases, KEYS[2]: the holder's record, KEYS[3]: the running index. a: gpu, id. Drops the lease
+# only if that job still holds it (1), and not while its record says it runs on that GPU: then the index lost it
+# (a key evicted or deleted), which is put back (-1). Dropped, the lease went to a queued job beside the run
+# (hunt CI: three trainers on two GPUs).
 DROP_LEASE = """
 local a = cjson.decode(ARGV[1])
-if redis.call('HGET', KEYS[1], a.gpu) == a.id then return redis.call('HDEL', KEYS[1], a.gpu) end
-return 0
+if redis.call('HGET', KEYS[1], a.gpu) ~= a.id then return 0 end
+if redis.call('HGET', KEYS[2], 'status') == '"running"' then
+  local gpus = redis.call('HGET', KEYS[2], 'gpu_ids')
+  for _, g in ipairs(gpus and cjson.decode(gpus) or {}) do
+    if tostring(g) == a.gpu then
+      redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[2], 'created_at'), a.id)
+      return -1
+    end
+  end
+end
+return redis.call('HDEL', KEYS[1], a.gpu)
 """
 
 # KEYS[1]: the queue, KEYS[2]: its meta. ARGV: first, last rank. The queue's length and a window of it with its

@@ -56,12 +56,14 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
     """GPUs with their leases, and the running jobs with their remaining time. `reclaim` (the scheduler only)
     drops leases whose job no longer runs; `state` is `JobStore.planning_state()` when already read."""
     leases, running_ids, _ = state if state is not None else await store.planning_state()
-    leases = dict(leases)
+    leases, running_ids = dict(leases), list(running_ids)
     running_set = set(running_ids)
     for gpu, holder in list(leases.items()):
         if holder not in running_set:
-            if reclaim:
-                await store.drop_lease(gpu, holder)
+            if reclaim and await store.drop_lease(gpu, holder) is None:
+                running_set.add(holder)  # (it runs there: the index had lost it, and has it again)
+                running_ids.append(holder)
+                continue
             leases.pop(gpu)
     running: list[RunningJob] = []
     rows = await store.get_fields(running_ids, ["gpu_ids", "predicted_duration", "started_at", "time_limit_seconds",

@@ -69,11 +69,14 @@ class QueueView:
         raw = await self.r.hgetall(self.keys.gpu_leases)
         return {int(k): v for k, v in raw.items()}
 
-    async def drop_lease(self, gpu: int, job_id: str) -> bool:
-        """Release one GPU lease if `job_id` still holds it (a lease whose job is gone)."""
-        return bool(
-            await self._drop_lease(keys=[self.keys.gpu_leases], args=[script_arg({"gpu": str(gpu), "id": job_id})])
-        )
+    async def drop_lease(self, gpu: int, job_id: str) -> bool | None:
+        """Release one GPU lease if `job_id` still holds it (a lease whose job is not in the running index):
+        whether it was released; None when the job's record says it runs on that GPU, and the index, which had
+        lost it, holds it again."""
+        done = await self._drop_lease(keys=[self.keys.gpu_leases, self.keys.job(job_id),
+                                            self.keys.status_index(JobStatus.RUNNING)],
+                                      args=[script_arg({"gpu": str(gpu), "id": job_id})])  # fmt: skip
+        return None if int(done) < 0 else bool(done)
 
     async def forget_idle_export(self, job_id: str) -> bool:
         """Out of the exports to watch, unless an export of the job runs now; whether it was taken out."""
