@@ -434,3 +434,20 @@ async def test_a_queued_create_whose_wait_estimate_redis_did_not_answer_says_cre
         assert r.json()["status"] == "queued" and r.json()["queue_position"] == 1, r.json()
         assert "Redis did not answer for its wait estimate: see GET .../queue/waits/status" in r.json()["message"]
         assert (await client.get("/jobs/waits")).json()["status"] == "queued"
+
+
+async def test_a_listed_job_whose_record_is_gone_leaves_the_list_when_deleted(app_factory: Any, tmp_path: Path) -> None:
+    # Its record evicted (allkeys-lru) or deleted by hand: GET /jobs listed it for good, and DELETE was a 404.
+    async with app_factory(scheduler=False) as client:
+        for name in ("ghost", "kept"):
+            assert (await client.post("/jobs", json=job_body(tmp_path, name, num_gpus=0))).status_code == 201
+        store = client.app.state.training.store
+        await store.r.delete(store.keys.job("ghost"))
+        assert {j["job_id"] for j in (await client.get("/jobs")).json()["jobs"]} == {"ghost", "kept"}
+        r = await client.delete("/jobs/ghost")
+        assert r.status_code == 404, r.text
+        listed = (await client.get("/jobs")).json()
+        assert [j["job_id"] for j in listed["jobs"]] == ["kept"] and listed["total"] == 1, listed
+        # A job that is there is not touched by another's 404.
+        assert (await client.delete("/jobs/no-such-job")).status_code == 404
+        assert (await client.get("/jobs/kept")).status_code == 200
