@@ -38,6 +38,7 @@ from application.services.watchdog import WATCH_INTERVAL, Watchdog
 from application.services.webhooks import Webhooks
 from application.utils.gpu_utils import create_inventory
 from application.utils.log_files import allow_moved_root
+from application.utils.logger import OutageLog
 
 SWIFT_FACTS_CHECK = 10.0  # seconds between looks at whether the published ms-swift facts are still in Redis
 
@@ -334,12 +335,17 @@ class Scheduler:
             await asyncio.sleep(WATCH_INTERVAL)
 
 
+# (A sweep every half second said so 7,200 times an hour while Redis refused writes: hunt CI.)
+_OUTAGES = OutageLog()
+
+
 def _log_failure(what: str, exc: Exception) -> None:
-    """Redis going away is expected (a restart, a fail-over): one line, not a traceback per pass and sweep."""
+    """Redis going away is expected (a restart, a fail-over): one line a minute, not a traceback per pass and
+    sweep."""
     if isinstance(exc, REDIS_AWAY):
-        logger.warning("{}: Redis does not answer ({}); trying again", what, exc)
+        _OUTAGES.seen(exc, f"{what}: Redis does not answer ({exc}); trying again", about=what)
     elif isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or str(exc).startswith(("MISCONF", "NOREPLICAS")):
-        logger.warning("{}: Redis refuses writes ({}); trying again", what, exc)
+        _OUTAGES.seen(exc, f"{what}: Redis refuses writes ({exc}); trying again", about=what)
     else:
         logger.exception(what)
 

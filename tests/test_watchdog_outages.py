@@ -286,3 +286,48 @@ async def test_an_export_launched_again_after_its_record_was_lost_runs_once(cut:
 async def _running_swift(store: JobStore) -> bool:
     job = await store.get("x")
     return job is not None and job.export.pid is not None
+
+
+async def test_redis_refusing_writes_is_said_once_a_minute_and_its_503_names_no_script(
+    own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A sweep every half second logged "watchdog sweep failed: Redis refuses writes" 7,200 times an hour, and the
+    503 a refused write answered carried our script's hash and line (hunt CI)."""
+    import httpx
+    from loguru import logger
+
+    from application import scheduler_process
+    from application.main import create_app
+    from application.scheduler_process import _log_failure
+
+    scheduler_process._OUTAGES.last.clear()  # (what earlier tests in this process said)
+    settings = settings_for(own_redis.url, tmp_path)
+    app = create_app(settings)
+    client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    warned: list[str] = []
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test/api/v1/training") as http,
+        ):
+            # (after the app's start, which sets the log's sinks up anew)
+            sink = logger.add(lambda m: warned.append(str(m)), level="WARNING", format="{message}")
+            body = {"data_path": "org/data", "model_path": "org/model", "output_dir": "o", "num_gpus": 0}
+            assert (await http.post("/jobs", json=body)).status_code == 201
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", "1")
+            r = await http.patch("/jobs/o", json={"priority": 9})
+            assert r.status_code == 503 and "maxmemory" in r.json()["detail"], r.text
+            assert "script" not in r.json()["detail"], r.text
+            with pytest.raises(RedisError) as caught:
+                await client.set(f"{settings.REDIS_KEY_PREFIX}:probe", "x")
+            refused = caught.value
+            for _ in range(5):
+                _log_failure("watchdog sweep failed", refused)
+            _log_failure("queue pass failed", refused)  # (another kind: said at once)
+            await client.config_set("maxmemory", "0")
+            logger.remove(sink)
+    finally:
+        await client.aclose()
+    said = [w for w in warned if "Redis refuses writes" in w]
+    assert [w.split(":", 1)[0] for w in said] == ["watchdog sweep failed", "queue pass failed"], said

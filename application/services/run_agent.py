@@ -52,7 +52,7 @@ from application.services.log_follower import READ_BUDGET, LogFollower
 from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox, until_answered
 from application.services.predictions import format_limit
-from application.services.redis_service import create_client, redis_url
+from application.services.redis_service import REDIS_AWAY, create_client, redis_url
 from application.services.run_end import RunEnd, export_error, work_of
 from application.services.run_history import RunHistory
 from application.services.run_logs import exit_about
@@ -124,7 +124,9 @@ class Runner:
                     raise
                 if time.monotonic() - warned > 60:
                     warned = time.monotonic()
-                    logger.warning("Redis does not answer yet ({}); retrying", exc)
+                    # (A refused password is an answer: "does not answer" sent its operator to the wrong place.)
+                    said = "does not answer yet" if isinstance(exc, REDIS_AWAY) else "refuses this runner's read"
+                    logger.warning("Redis {} ({}); retrying", said, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.terminated.wait(), 1.0)
 

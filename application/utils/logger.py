@@ -11,6 +11,7 @@ from pathlib import Path
 
 from loguru import logger
 from loguru._file_sink import FileSink  # (the sink loguru builds for a path; see LogFile)
+from redis.exceptions import ResponseError
 
 COMPLAIN_EVERY = 60.0  # seconds between two lines saying a log file cannot be written
 
@@ -85,3 +86,23 @@ def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> 
     # httpx logs every request's URL at INFO: a webhook's URL often carries its token.
     for quiet in ("httpx", "httpcore"):
         logging.getLogger(quiet).setLevel(max(logging.WARNING, logger.level(level.upper()).no))
+
+
+class OutageLog:
+    """Redis errors met again and again, as warnings in the log: at most one a minute for each kind of error (an
+    outage fails every request, pass and sweep, with texts that differ by a detail), and at once for a new kind.
+    `about`: what failed, each its own kind (a pass, a sweep)."""
+
+    EVERY_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def seen(self, exc: BaseException, text: str, about: str = "") -> None:
+        now = time.monotonic()
+        # Redis's own errors by their code too (MISCONF, NOPERM, OOM, READONLY: each the operator's to act on)
+        code = str(exc).split(" ", 1)[0] if isinstance(exc, ResponseError) else ""
+        kind = f"{about}|{type(exc).__module__}.{type(exc).__name__}:{code}"
+        if now - self.last.get(kind, -math.inf) >= self.EVERY_SECONDS:
+            self.last[kind] = now
+            logger.warning("{}", text)
