@@ -36,7 +36,6 @@ from application.models.training_model import (
     ExportStatus,
     Job,
     JobStatus,
-    Progress,
     RunnerInfo,
 )
 from application.services import clock
@@ -308,24 +307,18 @@ class Runner:
                 outbox.event(*end.event)
             first_run = not job.attempts or job.attempts[-1].resumed_from is None
             training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
-            if end.status == JobStatus.COMPLETED and first_run and training:
-                # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should
-                # already predict the jobs waiting behind this one from what it just took.
-                await self._learn(job, clock.now() - started_at, facts.progress, facts.train_runtime)
+            took = (job, clock.now() - started_at, facts.progress, facts.train_runtime)
+            # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should already
+            # predict the jobs waiting behind this one from what it just took.
+            history = RunHistory(self.store.r, self.store.keys)
+            learnt = end.status != JobStatus.COMPLETED or not (first_run and training) or await history.learn(*took)
             recorded = await outbox.finish(end.status, end.fields, end.message)
+            if recorded and not learnt:  # (refused before: Redis, which took the end, takes it now; hunt CI)
+                await history.learn(*took)
         if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
         return 0
-
-    async def _learn(self, job: Job, duration: float, progress: Progress | None, runtime: float | None) -> None:
-        """Teach the predictions what this completed run took (speed per sample, duration)."""
-        steps = (progress.current_step or progress.max_steps) if progress else None
-        per_step = runtime / steps if runtime and steps else progress.train_speed if progress else None
-        try:
-            await RunHistory(self.store.r, self.store.keys).record(job, duration, steps, per_step)
-        except RedisError as exc:
-            logger.warning("could not record the run's duration for predictions: {}", exc)
 
     async def _auto_export(self, here: bool) -> None:
         """Record the automatic export of the run that completed: run by this runner (`here`), or requested, for

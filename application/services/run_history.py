@@ -6,9 +6,12 @@ import json
 from typing import Any
 
 import redis.asyncio as aioredis
+from loguru import logger
+from redis.exceptions import RedisError, ResponseError
 
-from application.models.training_model import Job, PredictedDuration
+from application.models.training_model import Job, PredictedDuration, Progress
 from application.services.keys import Keys
+from application.services.lost_replies import never_sent
 from application.services.predictions import (
     StepSample,
     hub_rows,
@@ -104,6 +107,19 @@ class RunHistory:
                 pipe.ltrim(self.keys.prediction_errors, 0, ERRORS_KEEP - 1)
             pipe.incr(self.keys.history_version)
             await pipe.execute()
+
+    async def learn(self, job: Job, duration: float, progress: Progress | None, runtime: float | None) -> bool:
+        """Teach the predictions what this completed run took (`record`, from its progress); False when that
+        should be tried again: refused, or never sent, so not made (a lost reply's may have been, and twice would
+        skew the predictions)."""
+        steps = (progress.current_step or progress.max_steps) if progress else None
+        per_step = runtime / steps if runtime and steps else progress.train_speed if progress else None
+        try:
+            await self.record(job, duration, steps, per_step)
+        except RedisError as exc:
+            logger.warning("could not record the run's duration for predictions: {}", exc)
+            return not (isinstance(exc, ResponseError) or never_sent(exc))
+        return True
 
     async def version(self) -> int:
         return int(await self.r.get(self.keys.history_version) or 0)
