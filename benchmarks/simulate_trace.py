@@ -202,7 +202,7 @@ def simulate(
             pass_seconds += time.perf_counter() - t0
             passes += 1
         else:
-            decision = plan(queue, gpus, run_view, policy, t, estimating=False, head=head)
+            decision = plan(queue, gpus, run_view, policy, t, estimating=False, head=head, clocks=head_since)
             pass_seconds += time.perf_counter() - t0
             passes += 1
             starts = decision.starts
@@ -213,6 +213,11 @@ def simulate(
         if kept != head and kept is not None and 0.0 < mode.starvation < math.inf:
             # (its reservation then binds all)
             heapq.heappush(events, (max(t, kept[1] + mode.starvation), WAKE, kept[0]))
+        for level_head in decision.heads if mode.policy != "easy" else ():  # (each priority's head: its own clock)
+            if level_head not in head_since:
+                head_since[level_head] = t
+                if 0.0 < mode.starvation < math.inf:
+                    heapq.heappush(events, (t + mode.starvation, WAKE, level_head))
         head = kept
         if not starts:
             continue

@@ -557,3 +557,27 @@ async def test_a_run_the_running_index_lost_keeps_its_gpu_and_is_indexed_again(
         # It still ends as runs do, and the queue goes on.
         assert (await client.post("/jobs/hog/stop")).status_code == 200
         await wait_job(client, "next", lambda j: j["status"] == "completed")
+
+
+async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Each priority's first waiting job is the head of its own, for the starvation rule (hunt CL): its clock is
+    # kept in Redis as the queue's head's is, so a scheduler taking over goes on counting.
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=hog)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        for name, priority in (("high", 7), ("low", 5), ("low2", 5)):
+            body = job_body(tmp_path, name, auto_start=True, priority=priority, training={"max_steps": 2})
+            assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
+        store = client.app.state.training.store
+        assert (await client.post("/queue/process")).json()["started"] == []
+        clocks = await store.head_clocks()
+        assert set(clocks) == {"high", "low"}, clocks
+        assert (await client.post("/queue/process")).status_code == 200
+        assert await store.head_clocks() == clocks  # (kept: not restarted by later passes)
+        # Gone from the queue, a job's clock goes with it.
+        assert (await client.delete("/queue/high")).status_code == 200
+        assert set(await store.head_clocks()) == {"low"}

@@ -249,6 +249,16 @@ def test_strict_names_its_blocked_job_the_head_while_some_gpus_are_free() -> Non
         assert (p.head, p.starts) == ("high", []), name
 
 
+def test_a_pass_that_fills_the_last_gpu_names_the_head_the_full_plan_names() -> None:
+    # The scheduler's pass stopped looking once its starts took every free GPU, and named no head: the head's
+    # starvation clock, and preemption for it, began a pass late (hunt CL: 2,819 of 20,000 random cases).
+    q = ordered(job("A", t=0, n=2, est=600.0), job("W", t=1, n=2), job("cpu", t=2, n=0))
+    for name in ("backfill", "strict"):
+        quick = plan(q, gpus_free(2), [], policy_of(name), NOW, estimating=False)
+        full = plan(q, gpus_free(2), [], policy_of(name), NOW)
+        assert quick.head == full.head == "W" and [s.job_id for s in quick.starts] == ["A", "cpu"], name
+
+
 def test_strict_names_no_head_behind_a_job_that_waits_on_outside_processes() -> None:
     # Hunt AZ: with no GPU free, strict named "B" the head (its runs preempted for it), though "A" ahead of it,
     # waiting on GPU 1's outside process, blocks it: "low" was preempted for a start strict never made.

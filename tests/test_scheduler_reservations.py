@@ -4,6 +4,7 @@ arriving over time), wrong estimates, owners' caps, and what a plan tells the jo
 from __future__ import annotations
 
 import heapq
+import math
 
 import pytest
 
@@ -63,12 +64,14 @@ def simulate(
                 got = run([j], busy(gpus, [*runs, *(RunningJob(s.job_id, s.gpu_ids, 0) for s in chosen)]))
                 chosen += [Start(jid, ids) for jid, ids in got.items()]
         else:
-            # As the queue processor does: the head and since when are kept from pass to pass.
+            # As the queue processor does: the head, and each priority's, with since when, kept from pass to pass.
             p = plan(queue, gpus, runs, policy_of(policy) if isinstance(policy, str) else policy, t,
-                     estimating=False, head=head)  # fmt: skip
+                     estimating=False, head=head, clocks=head_since)  # fmt: skip
             chosen, head = p.starts, next_head(head, p.head, t, head_since.get(p.head or ""))
             if head is not None:
                 head_since.setdefault(*head)
+            for level_head in p.heads:
+                head_since.setdefault(level_head, t)
         by_id = {j.job_id: j for j in queue}
         for s in chosen:
             j = by_id[s.job_id]
@@ -149,6 +152,24 @@ def test_starvation_clock_is_the_heads_own_and_not_restarted_by_a_job_briefly_ah
     starts = simulate(policy_of(starvation_seconds=15.0), arrivals, running, n_gpus=4, horizon=2000.0)
     # At the head from the start: 15 s, then the longest run still going (8 s), then a pass.
     assert starts["big"] <= 15.0 + 8.0 + 1.0, starts["big"]
+
+
+def test_starvation_a_job_blocked_at_a_higher_priority_leaves_each_lower_priority_its_own_head() -> None:
+    # A higher-priority job pinned to GPU 0, which a long run holds, was the queue's head for as long: the big
+    # job's reservation stayed soft, and 1-GPU jobs of its priority (unknown durations) took each GPU it had
+    # waited for (hunt CL: not started after 40 h). It is its priority's head, with a clock of its own.
+    running = [(RunningJob("long", (0,), None), 5000.0), *((RunningJob(f"r{i}", (i,), None), 2.0 * i)
+                                                          for i in (1, 2, 3))]  # fmt: skip
+    arrivals = [(0.0, QueuedJob("big", 5, 0.0, 3, None, None, None), 50.0),
+                (0.2, QueuedJob("pinned", 7, 0.2, 1, (0,), None, None), 60.0)]  # fmt: skip
+    for k in range(150):
+        at = 0.5 + 2.0 * k
+        arrivals.append((at, QueuedJob(f"s{k:03d}", 5, at, 1, None, None, None), 8.0))
+    starts = simulate(policy_of(starvation_seconds=15.0), arrivals, running, n_gpus=4, horizon=2000.0)
+    assert "pinned" not in starts  # (GPU 0 is the long run's till 5,000 s)
+    # Its own priority's head from its first pass: 15 s, then the longest run still going (8 s), then a pass.
+    assert starts.get("big", math.inf) <= 15.0 + 8.0 + 2.0, starts.get("big")
+    assert len(starts) > 100  # (the small jobs ran before and after it)
 
 
 def test_starvation_young_reservation_still_binds_known_estimates() -> None:

@@ -77,6 +77,7 @@ class JobStore(JobLog, QueueView):
         self._reprioritize = client.register_script(lua.REPRIORITIZE)
         self._drop_lease = client.register_script(lua_cluster.DROP_LEASE)
         self._queue_page = client.register_script(lua_cluster.QUEUE_PAGE)
+        self._mark_heads = client.register_script(lua_cluster.MARK_HEADS)
         self._set_prediction = client.register_script(lua.SET_PREDICTION)
         self._forget_idle_export = client.register_script(lua.FORGET_IDLE_EXPORT)
         self.folders = FolderIndex(client, keys)

@@ -133,6 +133,15 @@ redis.call('SET', KEYS[2], '1')
 return 1
 """
 
+# The heads of their priorities (`Plan.heads`) and since when, each kept as the job's own, as SET_HEAD keeps the
+# queue's, while it is still queued. KEYS: the queue, head_since; ARGV: since, the ids.
+MARK_HEADS = """
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[1]) end
+end
+return 0
+"""
+
 # Folders of jobs a version that did not record them stored after the first upgrade (a downgrade's), each as
 # the owner's of its first job, and only where none is recorded: a create since may have recorded it. KEYS[1]:
 # Keys.folder_owners; a: folders ({folder, owner, mine: Keys.owner_folders(owner)}), all (Keys.folders).

@@ -113,7 +113,7 @@ class Planner:
 
     async def plan(
         self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None,
-        head: Head | None = None, wanted: set[str] | None = None,
+        head: Head | None = None, wanted: set[str] | None = None, clocks: dict[str, float] | None = None,
     ) -> Plan:  # fmt: skip
         """What a pass would start now (and the queue's head). `extra` (a job not stored yet) is ranked among
         the queue; `head` is the head as kept from earlier passes (`ClusterStore.queue_head`); `wanted` are jobs
@@ -124,7 +124,8 @@ class Planner:
             if queue_length != 0:  # an empty queue needs no read
                 queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
             ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
-            found = plan(ranked, view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
+            found = plan(ranked, view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head,
+                         clocks=clocks)  # fmt: skip
             # Later jobs rank lower and cannot change the decisions for this prefix: look further only
             # while GPUs stay free after it.
             used = {i for s in found.starts for i in s.gpu_ids}
@@ -144,7 +145,8 @@ class Planner:
         if not deep and not asked:
             return found
         behind = sorted([*deep, *asked], key=_rank)
-        return plan([*ranked, *behind], view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head)
+        return plan([*ranked, *behind], view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head,
+                    clocks=clocks)  # fmt: skip
 
     async def _cpu_only_past(self, read: int, seen: set[str]) -> list[QueuedJob]:
         """The CPU-only jobs of one page of the queue past the `read` jobs planned, a further page each pass

@@ -88,20 +88,17 @@ class QueueProcessor:
             starts: list[Start] = []
             head_id: str | None = None
             if await self.store.queue_length():
-                head = await self.cluster.queue_head()
+                head, clocks = await asyncio.gather(self.cluster.queue_head(), self.store.head_clocks())
                 asked = (only or set()) | (wanted or set())
-                found = await self.planner.plan(view, head=head, wanted=asked)
-                # A head found again keeps the clock it started before (`next_head`), and is planned with it: as
-                # a young head, one pass let jobs of its priority take the GPUs it had waited for.
-                back = found.head is not None and (head is None or head[0] != found.head)
-                since = await self.cluster.head_since(found.head) if back and found.head else None
-                kept = next_head(head, found.head, clock.now(), since)
-                if since is not None and kept is not None:
-                    found = await self.planner.plan(view, head=kept, wanted=asked)
+                # A head found again keeps the clock it started before (`clocks`, `next_head`), and is planned
+                # with it: as a young head, one pass let jobs of its priority take the GPUs it had waited for.
+                found = await self.planner.plan(view, head=head, wanted=asked, clocks=clocks)
+                kept = next_head(head, found.head, clock.now(), clocks.get(found.head) if found.head else None)
                 starts = found.starts
                 head_id = found.head
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
+                await self.store.mark_heads([h for h in found.heads if h not in clocks], clock.now())
             started: list[str] = []
             for start in starts:
                 if only is not None and start.job_id not in only:

@@ -20,6 +20,7 @@ class QueueView:
     keys: Keys
     _drop_lease: AsyncScript
     _queue_page: AsyncScript
+    _mark_heads: AsyncScript
     _forget_idle_export: AsyncScript
 
     async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -59,6 +60,16 @@ class QueueView:
         pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
         decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
         return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
+
+    async def head_clocks(self) -> dict[str, float]:
+        """Since when each queued job that has been the head of the queue or of its priority has been (the
+        starvation rule's clocks; the scripts drop a job's as it leaves the queue)."""
+        return {job_id: float(since) for job_id, since in (await self.r.hgetall(self.keys.head_since)).items()}
+
+    async def mark_heads(self, job_ids: list[str], since: float) -> None:
+        """Start the clocks of these heads that have none, while they are queued."""
+        if job_ids:
+            await self._mark_heads(keys=[self.keys.queue, self.keys.head_since], args=[repr(since), *job_ids])
 
     async def queued_since(self, job_ids: list[str]) -> list[float | None]:
         """When each of these queued jobs entered the queue this time (a resumed, preempted or retried job keeps

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from application.services.owner_caps import OwnerCaps, beyond_gpu_cap
 from application.services.queue_order import PRIORITY_MAX, PRIORITY_MIN, queue_score, score_priority, score_submitted_at
@@ -158,6 +158,8 @@ class Plan:
     reasons: dict[str, Reason]
     # The first job that waits with a reservation: the head whose wait the starvation rule counts.
     head: str | None = None
+    # The first of each priority (the head among them): each priority's head whose wait that rule counts.
+    heads: list[str] = field(default_factory=list)
 
 
 # (job id, since when): the queue's head as the scheduler last saw it, for the starvation rule.
@@ -241,6 +243,7 @@ def plan(
     *,
     estimating: bool = True,
     head: Head | None = None,
+    clocks: Mapping[str, float] | None = None,
 ) -> Plan:
     """One pass over the queue (in queue order): what starts now, when each other job should start, and why
     it waits. `decide` is this with `estimating` False: it stops looking once nothing more can start.
@@ -255,7 +258,10 @@ def plan(
     only where both sides are known (the candidate's estimate and the reservation's start), except the
     head's once it has been the head (`head`: the id and since when, from earlier passes) for
     `starvation_seconds`, or while runs are preempted for it: that one binds them all (a job of its priority took
-    each GPU a victim freed, and the next pass preempted more runs). Every reservation binds lower priorities.
+    each GPU a victim freed, and the next pass preempted more runs). The same holds for the first blocked job of
+    each lower priority, the head of its own (since when: `clocks`): a job blocked at a higher priority, the
+    queue's head, left a large job's reservation soft for ever, and a stream of small jobs of its priority took
+    its GPUs (hunt CL). Every reservation binds lower priorities.
 
     CPU-only jobs always start. Requests that can never be met are skipped. A job whose owner holds
     `owner_gpu_cap` GPUs (counting those its owner's waiting jobs ahead of it need: the cap is taken in queue
@@ -329,8 +335,12 @@ def plan(
             if k == 0:
                 cpu_only(j)
             elif k > 0:
-                if looking and may_head(j):
-                    first, looking = j.job_id, False
+                # (and each priority's head, but under strict, whose reservations all bind: their clocks start)
+                headed = strict or j.priority in level_heads
+                if (looking or not headed) and may_head(j):
+                    first, looking = (j.job_id, False) if looking else (first, looking)
+                    if not headed:
+                        level_heads[j.priority] = j.job_id
                 elif looking and strict and blocks(j, k):
                     looking = False
                 waits_for_gpus(j, k)
@@ -342,10 +352,11 @@ def plan(
         return not caps.over(j.owner, k) and beyond_gpu_cap(k, j.owner, caps.gpu_cap) is None and \
             tl.feasible(j.gpu_ids, k, need_of(j))  # fmt: skip
 
+    level_heads: dict[int, str] = {}  # the first blocked job of each priority with a reservation
     if not estimating and not tl.free_order:
         # Every GPU is busy: the head is the first GPU job that could ever start (its clock starts now).
         first = cpu_only_rest(iter(queue), find_head=True)
-        return Plan(starts, waits, reasons, first)
+        return Plan(starts, waits, reasons, first, list(level_heads.values()))
 
     found_head: str | None = None
     it = iter(queue)
@@ -359,7 +370,11 @@ def plan(
         if not estimating and k > 0 and not (strict or tl.open_gpus) and \
                 (est is None or est > tl.max_slack):  # fmt: skip
             # Deep in a long queue: no slack can change any more, and this job fits in none (it waits, and takes
-            # its share of its owner's cap, as the full pass counts it).
+            # its share of its owner's cap, as the full pass counts it). The head of its priority all the same,
+            # as the full pass names it (the queue's, when none is yet: its clock started a pass late, hunt CL).
+            if job.priority not in level_heads and may_head(job):
+                level_heads[job.priority] = jid
+                found_head = found_head or jid
             waits_for_gpus(job, k)
             continue
         seen.add(jid)
@@ -374,8 +389,12 @@ def plan(
                 waits[jid], reasons[jid] = (back - now if back is not None else None), Reason("owner_limit")
             continue
         if not estimating and (blocked_by is not None or not tl.free_order or tl.closed):
+            # (the head all the same, as the full pass names it: its clock started a pass late)
+            look = found_head is None and blocked_by is None  # (strict: none behind the job that blocks them)
+            first = jid if look and may_head(job) else None
             waits_for_gpus(job, k)
-            cpu_only_rest(it)
+            after = cpu_only_rest(it, find_head=look and first is None and not (strict and blocks(job, k)))
+            found_head = found_head or first or after
             break
         tl.level(job.priority)
         need = need_of(job)
@@ -434,23 +453,25 @@ def plan(
             continue
         if strict or policy.starvation_seconds <= 0:
             soft = False
-        elif found_head is None:
-            # The head drains its GPUs once it has waited starvation_seconds at the head; the jobs behind it
-            # take their turn there (so a backlog of old jobs is not FIFO: each head gets its time).
-            since = head[1] if head is not None and head[0] == jid else now
-            soft = now - since < policy.starvation_seconds and jid not in making_way
+        elif job.priority not in level_heads:
+            # A head drains its GPUs once it has waited starvation_seconds at the head (of the queue, or of its
+            # priority); the jobs behind it take their turn there (so a backlog of old jobs is not FIFO: each
+            # head gets its time).
+            since = head[1] if head is not None and head[0] == jid else (clocks or {}).get(jid, now)
+            soft = now - min(since, now) < policy.starvation_seconds and jid not in making_way
         else:
             soft = True
         start, exact = tl.reserve(jid, ids, k, need, policy.min_free_gb, est, floor if strict else None, soft=soft)
         waits_for_gpus(job, k, start)
-        if found_head is None and start != INF:
-            found_head = jid
+        if start != INF:
+            found_head = found_head or jid
+            level_heads.setdefault(job.priority, jid)
         if strict:
             floor = (start, exact)
         waits[jid] = start - now if exact and start != INF else None
         if not strict and tl.open_gpus and tl.reservations >= BACKFILL_DEPTH:
             tl.close_unreserved()
-    return Plan(starts, waits, reasons, found_head)
+    return Plan(starts, waits, reasons, found_head, list(level_heads.values()))
 
 
 def decide(
