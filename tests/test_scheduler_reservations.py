@@ -172,6 +172,23 @@ def test_starvation_a_job_blocked_at_a_higher_priority_leaves_each_lower_priorit
     assert len(starts) > 100  # (the small jobs ran before and after it)
 
 
+def test_a_reservation_is_planned_on_the_gpus_the_start_will_take_so_a_big_memory_job_is_told_true() -> None:
+    # An 80 GB card and two 24 GB cards, every duration known. "j4" needs 40 GB, so the 80 GB card: it was told
+    # it starts when "j3" (planned there, the biggest card first) ends at 174 s; but "j3"'s start left that card
+    # to the jobs that need it, "j5" took it, and "j4" started at 243 s (hunt CL).
+    running = [RunningJob("a", (0, 1), 35.0), RunningJob("b", (2,), 0.001)]
+    gpus = [gpu(0, held="a"), gpu(1, total=24.0, held="a"), gpu(2, total=24.0, held="b")]
+    q = ordered(job("j3", t=0, n=2, est=139.0), job("j5", t=1, est=208.0), job("j4", t=2, mem=40.0, est=172.0))
+    told = plan(q, gpus, running, policy_of("backfill"), NOW).waits["j4"]
+    assert told is not None
+    later = plan(q, [gpu(0), gpu(1, total=24.0), gpu(2, total=24.0)], [], policy_of("backfill"), NOW + 35.0)
+    started = {s.job_id: s.gpu_ids for s in later.starts}
+    assert 0 in started.get("j5", ()) or 0 in started.get("j3", ()), started
+    on_card = next(j for j, ids in started.items() if 0 in ids)
+    ends = 35.0 + {"j3": 139.0, "j5": 208.0}[on_card]
+    assert ends <= told + 1e-6, (started, told)
+
+
 def test_starvation_young_reservation_still_binds_known_estimates() -> None:
     # Both durations known: backfill decides even while the big job is young, so it starts when planned.
     arrivals, running = starvation_case(small_estimate=True)

@@ -270,7 +270,7 @@ def plan(
     """
     strict = policy.name == "strict"
     tl = _timeline(gpus, running, policy, now)
-    if len(tl.free_order) > 1:
+    if tl.free_order or estimating:  # (reservations choose by it too: not for a quick pass with none free)
         tl.wanted = _wanted(queue, running, tl, policy)
     starts: list[Start] = []
     waits: dict[str, float | None] = {}
