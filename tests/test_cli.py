@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from application.cli.app import action
 from application.cli.client import Api, CliError, api_root, job_path
 from application.cli.follow import tail, watch
 from application.cli.output import Output
-from application.cli.render import duration, text
+from application.cli.render import duration, gpus, text
 from application.cli.sse import follow
 from application.services.streams import _visible
 from tests.conftest import ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
@@ -99,6 +100,12 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     row = next((line for line in listing.splitlines() if line.split()[:1] == ["later"]), listing)
     assert "~1:30:00 time_limit" in row, row
     assert row.split()[3:5] == ["1", "gpu"], row  # asked for, not held: not to be read as GPU #1
+    # Held, they are named as GPUs (a bare "0" read like a count), in `status` as in `ls` (hunt CN).
+    held = {"status": "running", "gpu_ids": [0], "num_gpus": 1}
+    assert gpus(held) == "gpu 0" and gpus({**held, "gpu_ids": [0, 1], "num_gpus": 2}) == "gpus 0,1"
+    assert gpus({**held, "status": "failed"}) == "1 gpu" and gpus({"num_gpus": 0}) == "cpu"
+    shown = cli(server.port, "status", "done").stdout
+    assert re.search(r"gpus\s+cpu\s*$", shown, re.MULTILINE), shown  # (it was blank for a CPU job)
     # Past the first page: the footer names the next one, and --after reaches it (only --limit, up to 500, was
     # there: hunt AR).
     first = cli(server.port, "ls", "--limit", "1").stdout

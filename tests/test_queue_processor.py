@@ -566,6 +566,8 @@ async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
     # kept in Redis as the queue's head's is, so a scheduler taking over goes on counting.
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
+        empty = (await client.post("/queue/process")).json()
+        assert empty["message"] == "the queue is empty", empty  # (it said no queued job fits: hunt CN)
         hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
         assert (await client.post("/jobs", json=hog)).status_code == 201
         await wait_job(client, "hog", lambda j: j["status"] == "running")
@@ -573,7 +575,8 @@ async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
             body = job_body(tmp_path, name, auto_start=True, priority=priority, training={"max_steps": 2})
             assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
         store = client.app.state.training.store
-        assert (await client.post("/queue/process")).json()["started"] == []
+        passed = (await client.post("/queue/process")).json()
+        assert passed["started"] == [] and passed["message"] == "no queued job fits the free GPUs now", passed
         clocks = await store.head_clocks()
         assert set(clocks) == {"high", "low"}, clocks
         assert (await client.post("/queue/process")).status_code == 200

@@ -60,7 +60,7 @@ CREATE_EXAMPLES: dict[str, Any] = {
     # (The others ask for a GPU, which a server without one answers 422: the README's quick start, on the CPU.)
     "cpu": {
         "summary": "On the CPU (num_gpus 0): the README's tiny model and data set, in ./models and ./datasets",
-        "value": {"data_path": "data.jsonl", "model_path": "tiny-qwen2", "output_dir": "tiny", "num_gpus": 0,
+        "value": {"data_path": "data.jsonl", "model_path": "tiny-qwen2", "output_dir": "tiny-swagger", "num_gpus": 0,
                   "auto_start": True,
                   "training": {"model_type": "qwen2", "template": "qwen2_5", "max_steps": 20, "save_steps": 10}},
     },

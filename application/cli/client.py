@@ -135,9 +135,10 @@ def check(response: httpx.Response) -> None:
     if response.status_code == 404 and (detail == "Not Found" or detail.startswith("Not Found: no route")):
         # The framework's own answer for a path no route has (every refusal of ours says what to do): the URL
         # given is this server's, but not its API's root.
+        # (A server with an API_PREFIX of its own is found by its API's URL only: hunt CN.)
         raise CliError(f"{shown_url(response.request.url)} is no route of this server (404): give the server's root "
-                       f"(http://host:port, or a proxy's http://host/path) or its API (...{API_PATH}) as "
-                       "SWIFT_API_URL or --url",
+                       f"(http://host:port, or a proxy's http://host/path) or its API (...{API_PATH}; with an "
+                       "API_PREFIX of its own, .../<API_PREFIX>/training) as SWIFT_API_URL or --url",
                        EXIT_UNREACHABLE, response.status_code)  # fmt: skip
     if response.status_code == 401:
         detail += " (the CLI sends the key given as SWIFT_API_KEY or --key)"

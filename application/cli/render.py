@@ -59,11 +59,12 @@ def steps(progress: dict[str, Any]) -> str:
 
 
 def gpus(job: dict[str, Any]) -> str:
-    """The GPUs a running job holds ("0,1"), else how many it asks for ("2 gpus", "cpu"): a bare count read
-    like a GPU's index, and a job that ended no longer holds the GPUs its record names."""
+    """The GPUs a running job holds ("gpu 0", "gpus 0,1"), else how many it asks for ("2 gpus", "cpu"): a bare
+    count read like a GPU's index, a bare index like a count (hunt CN), and a job that ended no longer holds the
+    GPUs its record names."""
     ids = job.get("gpu_ids") or []
     if ids and job.get("status") == "running":
-        return ",".join(map(str, ids))
+        return ("gpus " if len(ids) > 1 else "gpu ") + ",".join(map(str, ids))
     n = int(job.get("num_gpus") or 0)
     return "cpu" if n == 0 else f"{n} gpu" + ("s" if n > 1 else "")
 
@@ -115,7 +116,7 @@ def job_status(body: dict[str, Any]) -> RenderableType:
         ("job", text(body["job_id"], "bold")),
         ("status", status(body["status"])),
         ("priority", body.get("priority")),
-        ("gpus", ",".join(map(str, body.get("gpu_ids") or []))),
+        ("gpus", gpus(body)),
         ("queue", _wait(body)),
         ("step", steps(progress)),
         ("loss", number(progress.get("loss"))),

@@ -103,10 +103,12 @@ class QueueService:
         if started is None:
             raise NoScheduler(f"the scheduler made no pass within {PASS_WAIT_SECONDS:g} s, or its pass failed (GET "
                               "/queue/processor/status says why): try again")  # fmt: skip
+        length = await self.store.queue_length()
+        none = "the queue is empty" if not length else "no queued job fits the free GPUs now"  # (hunt CN)
         return {
             "started": started,
-            "queue_length": await self.store.queue_length(),
-            "message": f"started {len(started)} job(s)" if started else "no queued job fits the free GPUs now",
+            "queue_length": length,
+            "message": f"started {len(started)} job(s)" if started else none,
         }
 
     async def remove(self, job_id: str, caller: Caller) -> dict[str, Any]:
