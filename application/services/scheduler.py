@@ -33,11 +33,10 @@ Policy choices (documented in the README):
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from application.services.gpu_wants import wanted
 from application.services.owner_caps import OwnerCaps, beyond_gpu_cap
 from application.services.queue_order import PRIORITY_MAX, PRIORITY_MIN, queue_score, score_priority, score_submitted_at
 from application.services.timeline import INF, LinkScore, Timeline
@@ -191,49 +190,6 @@ def _timeline(gpus: Sequence[GpuState], running: Sequence[RunningJob], policy: P
     return tl
 
 
-# How far down the queue `_wanted` looks: a pass over 10,000 queued jobs took 1 ms more under strict for it.
-WANTED_LOOKAHEAD = 512
-
-
-def _wanted(queue: Sequence[QueuedJob], running: Sequence[RunningJob], tl: Timeline,
-            policy: Policy) -> dict[int, tuple[bool, int]]:  # fmt: skip
-    """How much the queued jobs that could start now want each GPU that some of them can use and others cannot:
-    whether a job names it (`gpu_ids`), and how many of the `min_gpu_memory_gb` asked above the default it is
-    big enough for. A job free to choose takes the least wanted GPUs first: it took the one GPU a job behind
-    it named (or the one big card a bigger request needed) and left another idle, and that job waited. Jobs
-    that can never start here, or that their owner's limits hold back (as `plan` counts them: in queue order),
-    want nothing now."""
-    caps = OwnerCaps(policy.owner_gpu_cap, policy.owner_run_cap,
-                     ((r.owner, len(r.gpu_ids), None) for r in running), 0.0)  # fmt: skip
-    named: set[int] = set()
-    needs: set[float] = set()
-    for j in itertools.islice(queue, WANTED_LOOKAHEAD):
-        k = len(j.gpu_ids) if j.gpu_ids else j.num_gpus
-        mem = j.min_gpu_memory_gb
-        need = mem if mem is not None and mem > policy.min_free_gb else policy.min_free_gb
-        if k == 0 and caps.active:  # (a CPU-only job counts toward its owner's runs at once, as in `plan`)
-            if caps.over(j.owner, 0):
-                caps.claim(j.owner, 0, None, None)
-            else:
-                caps.add(j.owner, 0, None)
-        if k <= 0 or not tl.feasible(j.gpu_ids, k, need):
-            continue
-        held_back = caps.over(j.owner, k)
-        # As `plan` counts it: a job that waits on GPUs busy outside (or unreadable) takes no share.
-        if caps.active and tl.earliest(j.gpu_ids, k, need, policy.min_free_gb)[0] != INF:
-            caps.claim(j.owner, k, None, None)
-        if held_back:
-            continue
-        if j.gpu_ids:
-            named.update(j.gpu_ids)
-        elif need > policy.min_free_gb:
-            needs.add(need)
-    ordered = sorted(needs)
-    # By the memory a job could get there now: an outside process on a free GPU leaves it less than its card.
-    wants = {i: (i in named, bisect.bisect_right(ordered, m)) for i, m in tl.cap.items()}
-    return {i: w for i, w in wants.items() if w != (False, 0)}
-
-
 def plan(
     queue: Sequence[QueuedJob],
     gpus: Sequence[GpuState],
@@ -271,7 +227,7 @@ def plan(
     strict = policy.name == "strict"
     tl = _timeline(gpus, running, policy, now)
     if tl.free_order or estimating:  # (reservations choose by it too: not for a quick pass with none free)
-        tl.wanted = _wanted(queue, running, tl, policy)
+        tl.wanted = wanted(queue, running, tl, policy)
     starts: list[Start] = []
     waits: dict[str, float | None] = {}
     reasons: dict[str, Reason] = {}
@@ -359,6 +315,16 @@ def plan(
         return Plan(starts, waits, reasons, first, list(level_heads.values()))
 
     found_head: str | None = None
+
+    def name_head(j: QueuedJob) -> None:
+        """As the full pass names them, where a quick pass skips the rest of a job's work: the first job of its
+        priority that could ever start heads it (and the queue, when none does yet). Left unnamed, the next one
+        of its priority was, and its clock started ahead of it (review CM); the queue's started a pass late."""
+        nonlocal found_head
+        if j.priority not in level_heads and may_head(j):
+            level_heads[j.priority] = j.job_id
+            found_head = found_head or j.job_id
+
     it = iter(queue)
     for job in it:
         jid = job.job_id
@@ -370,11 +336,8 @@ def plan(
         if not estimating and k > 0 and not (strict or tl.open_gpus) and \
                 (est is None or est > tl.max_slack):  # fmt: skip
             # Deep in a long queue: no slack can change any more, and this job fits in none (it waits, and takes
-            # its share of its owner's cap, as the full pass counts it). The head of its priority all the same,
-            # as the full pass names it (the queue's, when none is yet: its clock started a pass late, hunt CL).
-            if job.priority not in level_heads and may_head(job):
-                level_heads[job.priority] = jid
-                found_head = found_head or jid
+            # its share of its owner's cap, as the full pass counts it).
+            name_head(job)
             waits_for_gpus(job, k)
             continue
         seen.add(jid)
@@ -418,6 +381,7 @@ def plan(
         e = INF if est is None else max(0.0, est)
         may_fit = blocked_by is None and tl.may_fit(k, e)
         if not (may_fit or estimating or strict or tl.open_gpus):
+            name_head(job)
             waits_for_gpus(job, k)
             continue  # it cannot start, and its reservation would change nothing: skip the rest of the work
         if not tl.feasible(ids, k, need):
@@ -449,6 +413,7 @@ def plan(
                 waits_for_gpus(job, k)
                 continue
         elif not (tl.open_gpus or estimating):
+            name_head(job)
             waits_for_gpus(job, k)
             continue
         if strict or policy.starvation_seconds <= 0:

@@ -112,7 +112,7 @@ class Timeline:
         self.reservations = 0
         self._link_cache: dict[tuple[int, int], int] = {}
         self._fit_count: dict[float, int] = {}
-        # GPUs that queued jobs need and others could do without, and how much (`scheduler._wanted`): the last
+        # GPUs that queued jobs need and others could do without, and how much (`gpu_wants.wanted`): the last
         # choice of a job that may take others.
         self.wanted: dict[int, tuple[bool, int]] = {}
 
