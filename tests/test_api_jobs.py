@@ -448,6 +448,16 @@ async def test_a_listed_job_whose_record_is_gone_leaves_the_list_when_deleted(ap
         assert r.status_code == 404, r.text
         listed = (await client.get("/jobs")).json()
         assert [j["job_id"] for j in listed["jobs"]] == ["kept"] and listed["total"] == 1, listed
-        # A job that is there is not touched by another's 404.
-        assert (await client.delete("/jobs/no-such-job")).status_code == 404
-        assert (await client.get("/jobs/kept")).status_code == 200
+    # Another owner's delete (a 404) leaves a job that is there as it was: its entries go only with its record.
+    from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth
+
+    async with app_factory(scheduler=False, API_KEYS=KEYS_SETTING) as client:
+        body = job_body(tmp_path, "alices", num_gpus=1, auto_start=True)
+        assert (await client.post("/jobs", json=body, headers=auth(ALICE_KEY))).status_code == 201
+        store = client.app.state.training.store
+        entries = [store.keys.queue, store.keys.jobs_index]
+        before = [await store.r.zrange(key, 0, -1) for key in entries]
+        assert (await client.delete("/jobs/alices", headers=auth(BOB_KEY))).status_code == 404
+        assert [await store.r.zrange(key, 0, -1) for key in entries] == before and before[0] == ["alices"]
+        listed = (await client.get("/jobs", headers=auth(ALICE_KEY))).json()["jobs"]
+        assert [j["job_id"] for j in listed] == ["alices"]

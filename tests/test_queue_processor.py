@@ -581,6 +581,16 @@ async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
         assert set(clocks) == {"high", "low"}, clocks
         assert (await client.post("/queue/process")).status_code == 200
         assert await store.head_clocks() == clocks  # (kept: not restarted by later passes)
+        # Moved to another priority, a job's clock starts again there: kept, one raised was at once hard at its
+        # new priority, and runs were preempted for it (review CM).
+        assert (await client.patch("/jobs/low2", json={"priority": 9})).status_code == 200
+        assert (await client.patch("/jobs/low", json={"priority": 6})).status_code == 200
+        assert set(await store.head_clocks()) == {"high"}
+        assert (await client.post("/queue/process")).status_code == 200
+        again = await store.head_clocks()
+        assert set(again) == {"high", "low", "low2"} and again["low"] > clocks["low"], again
+        assert (await client.patch("/jobs/low", json={"priority": 6})).status_code == 200  # (the same: kept)
+        assert (await store.head_clocks())["low"] == again["low"]
         # Gone from the queue, a job's clock goes with it.
         assert (await client.delete("/queue/high")).status_code == 200
-        assert set(await store.head_clocks()) == {"low"}
+        assert set(await store.head_clocks()) == {"low", "low2"}

@@ -439,7 +439,8 @@ class JobStore(JobLog, QueueView):
             "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
                                    {"from": job.priority, "to": priority}, actor, now),
             "k": {"queue": k.queue, "queue_meta": k.queue_meta, "events": k.job_events(job.job_id),
-                  "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id)},
+                  "wakeup": k.wakeup_channel, "summary": k.job_summary(job.job_id), "queue_head": k.queue_head,
+                  "head_since": k.head_since},
         })])  # fmt: skip
         if res[0] != "ok":
             raise TransitionRefused.from_reply(res)

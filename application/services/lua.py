@@ -419,7 +419,7 @@ return 1
 
 # Change a pending/queued job's priority and re-sort it. a: priority (encoded), score, meta, event (its message
 # and data are written here, from the priority it replaces), maxlen, updated_at (encoded), id,
-# k: {queue, queue_meta, events, wakeup, summary}
+# k: {queue, queue_meta, events, wakeup, summary, queue_head, head_since}
 REPRIORITIZE = (
     HELPERS
     + """
@@ -440,6 +440,9 @@ if cur == 'queued' then
   local raw = redis.call('HGET', k.queue_meta, a.id)
   local rest = raw and string.find(raw, ',', 1, true)
   redis.call('HSET', k.queue_meta, a.id, rest and ('[' .. a.priority .. string.sub(raw, rest)) or a.meta)
+  -- Its clock was of its time at the head of another priority: kept, a job raised was at once hard there, and
+  -- had runs preempted for it (review CM).
+  if was ~= a.priority then forget_head(k, a.id) end
   redis.call('PUBLISH', k.wakeup, a.id)
 end
 add_event(k.events, a.event)
