@@ -281,20 +281,27 @@ async def test_the_starvation_clock_of_a_head_ends_with_its_stint_in_the_queue(s
 
 async def test_each_waiting_job_keeps_its_own_starvation_clock_until_it_leaves_the_queue(store: JobStore) -> None:
     cluster = ClusterStore(store.r, store.keys)
-    for job_id in ("big", "urgent", "gone"):
+
+    async def since(job_id: str) -> float | None:
+        return (await store.head_clocks()).get(job_id)
+
+    for job_id in ("big", "urgent", "gone", "low"):
         await store.create(make_job(job_id, status=JobStatus.QUEUED), message="", actor="t")
     await cluster.set_queue_head(("big", 100.25))
     await cluster.set_queue_head(("urgent", 110.5))  # ahead of it for a moment: its clock is its own
-    assert (await cluster.queue_head(), await cluster.head_since("big")) == (("urgent", 110.5), 100.25)
+    assert (await cluster.queue_head(), await since("big")) == (("urgent", 110.5), 100.25)
+    await store.mark_heads(["low", "big", "nobody"], 115.0)  # (each priority's head: a clock kept is kept)
+    assert await store.head_clocks() == {"big": 100.25, "urgent": 110.5, "low": 115.0}
     await store.transition("urgent", JobStatus.RUNNING)
-    assert (await cluster.queue_head(), await cluster.head_since("urgent")) == (None, None)
-    assert await cluster.head_since("big") == 100.25
+    assert (await cluster.queue_head(), await since("urgent")) == (None, None)
+    assert await since("big") == 100.25
     await store.transition("big", JobStatus.CANCELLED)
-    assert await cluster.head_since("big") is None
+    assert await since("big") is None
     # A head found by a pass that no longer waits when it is written (stopped meanwhile): nothing kept for it.
     await store.delete("gone")
     await cluster.set_queue_head(("gone", 120.0))
-    assert (await cluster.queue_head(), await cluster.head_since("gone")) == (None, None)
+    await store.mark_heads(["gone"], 120.0)
+    assert (await cluster.queue_head(), await since("gone")) == (None, None)
 
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:

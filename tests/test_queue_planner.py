@@ -44,3 +44,28 @@ async def test_a_cpu_only_job_deep_in_a_long_queue_starts_while_every_gpu_is_bus
             assert [s.job_id for s in found.starts] == ["cpu"]
             return
     raise AssertionError("the CPU-only job was not found again")
+
+
+async def test_the_forecast_plans_with_the_heads_clocks_as_the_scheduler_does(
+    redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # "big" has waited long as the head of its priority, behind a higher-priority job that waits for GPU 0: the
+    # scheduler holds GPU 1 for it, but GET /queue and the create's estimate, planned without the clocks, told
+    # "small" it starts at the next pass (review CM).
+    store = JobStore(redis_client, Keys("clocks"))
+    now = time.time()
+    for job_id, priority, n in (("urgent", 7, 1), ("big", 5, 2), ("small", 5, 1)):
+        job = make_job(job_id, JobStatus.QUEUED, priority, now + len(job_id), n)
+        if job_id == "urgent":  # (it names GPU 0, which a run of unknown length holds)
+            job = job.model_copy(update={"gpu_ids_requested": [0]})
+        await store.create(job, message="", actor="t")
+    gpus = [GpuState(0, 80.0, 80.0, None, held_by="long"), GpuState(1, 80.0, 80.0, None, held_by=None)]
+    view = ClusterView(GpuSnapshot("simulated", (), None, None, now), gpus, [RunningJob("long", (0,), None)])
+    planner = Planner(store, settings_for(redis_url, tmp_path, QUEUE_STARVATION_SECONDS=1800))
+    young = await planner.forecast(view, 10)
+    assert [s.job_id for s in young.starts] == ["small"]  # (a young head of its priority: first fit)
+    await store.mark_heads(["big"], now - 5000)
+    held = await planner.forecast(view, 10, clocks=await store.head_clocks())
+    assert held.starts == [] and held.reasons["small"].code == "reservation", held
+    assert held.reasons["small"].job_id == "big"
+    assert (await planner.plan(view, clocks=await store.head_clocks())).starts == []  # (as the scheduler's pass)

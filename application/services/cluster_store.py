@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -84,6 +84,7 @@ class CreateContext:
     rate_count: int | None  # this window's creates by the caller, this one included (None: no rate limit)
     folders_indexed: bool = True  # the folders of jobs stored by an older version are recorded (folder_owners)
     starts_held: str | None = None  # why no run starts for a moment (`hold_starts`), while it holds
+    clocks: dict[str, float] = field(default_factory=dict)  # the heads' since when (`QueueView.head_clocks`)
 
     @property
     def planning_state(self) -> tuple[dict[int, str], list[str], int]:
@@ -255,17 +256,20 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
         this create."""
         keys = [self.keys.gpu_snapshot, self.keys.swift_info, self.keys.queue_head, self.keys.history_version,
                 self.keys.leader, self.keys.folders_indexed, self.keys.starts_held, self.keys.gpu_leases,
-                self.keys.status_index(JobStatus.RUNNING), self.keys.queue, self.keys.processor_stats]  # fmt: skip
+                self.keys.status_index(JobStatus.RUNNING), self.keys.queue, self.keys.processor_stats,
+                self.keys.head_since]  # fmt: skip
         if rate is not None:
             keys.append(rate[0])
         out = await self._create_context(keys=keys, args=[max(1, int(rate[1])) + 1 if rate is not None else 0])
-        (snapshot, info, head, version, leader, indexed, held), leases, running, length, leader_ttl, enabled, n = out
+        (snapshot, info, head, version, leader, indexed, held), leases, running, length, leader_ttl, enabled, n, \
+            clocks = out  # fmt: skip
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in zip(leases[::2], leases[1::2], strict=True)}, running=list(running),
             queue_length=int(length), head=_head(head), history_version=int(version or 0),
             leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
             rate_count=int(n) if rate is not None else None, folders_indexed=bool(indexed), starts_held=held or None,
+            clocks={j: float(t) for j, t in zip(clocks[::2], clocks[1::2], strict=True)},
         )  # fmt: skip
 
     async def export_target(self, target: str) -> str | None:
@@ -301,11 +305,6 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
     async def set_queue_head(self, head: Head) -> None:
         k = self.keys
         await self._set_head(keys=[k.queue, k.queue_head, k.head_since], args=[head[0], repr(head[1])])
-
-    async def head_since(self, job_id: str) -> float | None:
-        """Since when `job_id` has been the head at times, in its present stint in the queue (None: never)."""
-        raw = await self.r.hget(self.keys.head_since, job_id)
-        return float(raw) if raw else None
 
     async def put_swift_info(self, info: Mapping[str, Any], probe: Mapping[str, Any] | None) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

@@ -162,8 +162,9 @@ return n
 # What a create reads before it stores the job, as one command: a pipeline of eight costs an API worker several
 # times the CPU in the client library. KEYS: the GPU reading, ms-swift facts, queue head, history version, leader,
 # folders_indexed, the start hold (read as one MGET), GPU leases, the running index, the queue, the processor's
-# statistics, then the caller's rate window when creates are rate limited. ARGV[1]: that window's expiry in seconds
-# (0: no limit). The window is set with its expiry before it is counted: the counter never exists without one.
+# statistics, the heads' clocks, then the caller's rate window when creates are rate limited. ARGV[1]: that
+# window's expiry in seconds (0: no limit). The window is set with its expiry before it is counted: the counter
+# never exists without one.
 CREATE_CONTEXT = """
 local out = {
   redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]),
@@ -173,11 +174,12 @@ local out = {
   redis.call('PTTL', KEYS[5]),
   redis.call('HGET', KEYS[11], 'enabled'),
   false,
+  redis.call('HGETALL', KEYS[12]),
 }
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
-  redis.call('SET', KEYS[12], 0, 'EX', ttl, 'NX')
-  out[7] = redis.call('INCR', KEYS[12])
+  redis.call('SET', KEYS[13], 0, 'EX', ttl, 'NX')
+  out[7] = redis.call('INCR', KEYS[13])
 end
 return out
 """

@@ -79,7 +79,7 @@ class Placement:
         return await self.placed(job_id, position, stopped)
 
     async def placed(self, job_id: str, position: int | None, stopped: str | None, view: ClusterView | None = None,
-                     head: Head | None = None) -> QueueInfo:  # fmt: skip
+                     head: Head | None = None, clocks: dict[str, float] | None = None) -> QueueInfo:  # fmt: skip
         """`queue_info` once the position and the processor's state are known (and the view, when read)."""
         for again in (False, True):
             if position is None:  # (started or gone meanwhile)
@@ -90,11 +90,12 @@ class Placement:
                 reason = pending_reason(Reason("priority"), clock.now(), stopped)
                 return QueueInfo(position, None, reason)
             if view is None:
-                fresh, head = await asyncio.gather(self.view(), self.cluster.queue_head())
+                fresh, head, clocks = await asyncio.gather(self.view(), self.cluster.queue_head(),
+                                                           self.store.head_clocks())  # fmt: skip
                 view = fresh
             # A little past its position: jobs submitted before it but stored a moment later (creates under way
             # at once) move it back, and the plan of the first `position` jobs then no longer holds it.
-            forecast = await self.planner.forecast(view, position + CREATES_AT_ONCE, head)
+            forecast = await self.planner.forecast(view, position + CREATES_AT_ONCE, head, clocks)
             if again or job_id in forecast.reasons or any(s.job_id == job_id for s in forecast.starts):
                 break
             # More of them than that moved it back past the part of the queue the forecast read: where it stands

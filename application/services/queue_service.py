@@ -44,13 +44,13 @@ class QueueService:
 
     async def overview(self, offset: int, limit: int, caller: Caller) -> dict[str, Any]:
         # (The length read with the page: read apart, it disagreed with the entries while jobs came and went.)
-        view, (length, page), state, head = await asyncio.gather(
+        view, (length, page), state, head, clocks = await asyncio.gather(
             self.service.view(), self.store.queue_page(offset, limit), self.service.placement.pass_state(),
-            self.cluster.queue_head(),
+            self.cluster.queue_head(), self.store.head_clocks(),
         )  # fmt: skip
         queue = [as_queued(job_id, meta) for job_id, meta in page]
         stopped = state.stopped
-        forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head),
+        forecast, since = await asyncio.gather(self.service.planner.forecast(view, offset + limit, head, clocks),
                                                self.store.queued_since([q.job_id for q in queue]))  # fmt: skip
         now = clock.now()
         entries = [

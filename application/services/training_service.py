@@ -123,7 +123,8 @@ class TrainingService:
         if len(free) < k:
             return False, None
         view = await build_view(self.store, snapshot, state=ctx.planning_state)
-        found = await self.planner.plan(view, extra=_queued(job), queue_length=ctx.queue_length, head=ctx.head)
+        found = await self.planner.plan(view, extra=_queued(job), queue_length=ctx.queue_length, head=ctx.head,
+                                        clocks=ctx.clocks)  # fmt: skip
         return any(s.job_id == job.job_id for s in found.starts), view
 
     # ---- jobs ---------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ class TrainingService:
             try:
                 if forecast and view is None:
                     view = await build_view(self.store, snapshot, state=ctx.planning_state)
-                info = await self.placement.placed(job.job_id, position, stopped, view, ctx.head)
+                info = await self.placement.placed(job.job_id, position, stopped, view, ctx.head, ctx.clocks)
             except REDIS_AWAY:
                 # The job is stored: a 503 "may have been carried out" for it had the retry refused as a second job
                 # in its folder (hunt BH). Answered without the estimate, which GET .../queue/{id} gives.
