@@ -42,6 +42,11 @@ async def test_a_sample_redis_refused_is_to_be_tried_again_and_one_that_may_have
         await client.config_set("maxmemory", "0")
         assert await history.learn(job, 60.0, progress, 55.0) is True
         assert await client.lrange(durations, 0, -1) == ["60.0"]
+        # An error in EXEC itself leaves the transaction's other writes made: not to be tried again (twice).
+        await client.delete(history.keys.history_version)
+        await client.rpush(history.keys.history_version, "a list")
+        assert await history.learn(job, 62.0, progress, 55.0) is True
+        assert await client.lrange(durations, 0, -1) == ["62.0", "60.0"]
     finally:
         await client.aclose()
     # A reply lost on a dropped connection: the sample may be there already, so it is not tried again.

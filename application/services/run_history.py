@@ -7,7 +7,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from loguru import logger
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    ExecAbortError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 
 from application.models.training_model import Job, PredictedDuration, Progress
 from application.services.keys import Keys
@@ -28,6 +35,10 @@ ERRORS_KEEP = 1000
 # A kind of run not seen again for this long is forgotten: the keys are one per model, data set, GPU count and
 # training settings (each list capped at KEEP), so without an end their number grows with every variation tried.
 HISTORY_TTL_SECONDS = 180 * 86400
+# Refusals that abort the whole transaction, so nothing of a sample was written: it may be written again. (An
+# error in EXEC itself, a WRONGTYPE say, leaves the other commands applied: again, it would count twice. Review CM.)
+REFUSED = (ExecAbortError, OutOfMemoryError, ReadOnlyError, NoPermissionError, AuthenticationError)
+REFUSED_CODES = ("MISCONF", "NOAUTH", "EXECABORT", "NOREPLICAS")
 # Predictions remembered per process while no run ends (teams submit the same jobs again and again).
 CACHE_SIZE = 1024
 
@@ -118,7 +129,7 @@ class RunHistory:
             await self.record(job, duration, steps, per_step)
         except RedisError as exc:
             logger.warning("could not record the run's duration for predictions: {}", exc)
-            return not (isinstance(exc, ResponseError) or never_sent(exc))
+            return not (isinstance(exc, REFUSED) or str(exc).startswith(REFUSED_CODES) or never_sent(exc))
         return True
 
     async def version(self) -> int:

@@ -40,8 +40,8 @@ class Reason:
                     f"(POST .../stop) and create it again with num_gpus of {self.gpu_cap} or fewer")  # fmt: skip
         if self.code == "never" and self.min_free_gb is not None:
             return (f"the server's setting GPU_MIN_FREE_MEMORY_GB={self.min_free_gb:g} (the memory a GPU must have "
-                    "free to take a job) is more than the GPUs this job could use offer: no request can change "
-                    "that; its operator must lower the setting, and the job then starts by itself")  # fmt: skip
+                    "free to take a job) is more than enough of the GPUs this job could use offer: its operator "
+                    "must lower the setting, and the job then starts by itself")  # fmt: skip
         if self.code == "reservation" and self.job_id is not None:
             if self.starts_in is None:
                 return f"GPUs held for {self.job_id}, whose start depends on a run of unknown length"
