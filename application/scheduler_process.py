@@ -240,7 +240,7 @@ class Scheduler:
         second run on the same GPU (a hunt, Redis rolled back). Redis cannot tell a restart that kept everything
         from one that did not. Kept in Redis, for a standby that takes the lead meanwhile."""
         hold = max(at_least, self.settings.STOP_GRACE_SECONDS + 2 * self.settings.RUNNER_POLL_INTERVAL + 1.0)
-        until = time.strftime("%H:%M:%S", time.localtime(time.time() + hold))
+        until = time.strftime("%H:%M:%S %Z", time.localtime(time.time() + hold))  # (with its zone: hunt CN)
         return f"no run starts until {until}: {why}, and runs it may have forgotten must end first", hold
 
     async def _forgotten_runs(self) -> list[LiveRunner]:
