@@ -129,6 +129,9 @@ def test_json_ls_status_watch_and_rm_of_a_finished_job(server: ApiServer, worksp
     assert "pending" in rows[at] and "later" in narrow.stdout and "done" in narrow.stdout, narrow.stdout
     assert all(name in rows[0] for name in ("GPUS", "STEP", "LOSS", "MODEL")), rows[0]
 
+    # Off a terminal, plain lines: where the job stands, then its end (the bar drew nothing in a CI log: hunt CN).
+    plain = cli(server.port, "watch", "done")
+    assert plain.returncode == 0 and plain.stdout.splitlines()[-1].startswith("done completed 5/5"), plain.stdout
     # A finished job's progress stream replays its history, then ends: JSON Lines, one per point.
     r = cli(server.port, "watch", "done", "--json")
     assert r.returncode == 0, r.stderr

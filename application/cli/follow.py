@@ -3,6 +3,8 @@ and 1 when it ended any other way (failed, stopped, cancelled, deleted)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
@@ -10,7 +12,10 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from application.cli import render
 from application.cli.client import EXIT_JOB_FAILED, EXIT_OK, Api, job_path
 from application.cli.output import Output, printable
-from application.cli.sse import follow
+from application.cli.sse import Message, follow
+
+# Off a terminal (a CI log, a file) the bar draws nothing until the end: a plain line at most this often instead.
+PLAIN_EVERY_SECONDS = 10.0
 
 
 def exit_for(status: str | None) -> int:
@@ -29,11 +34,52 @@ def watch(api: Api, job_id: str, out: Output) -> int:
             out.emit({"event": message.event, **body} if message.event else body)
             end = body if message.end else end
         return exit_for(end.get("status"))
+    if not out.console.is_terminal:
+        end = _plain(job_id, start, stream, out)
+    else:
+        end = _bar(job_id, start, stream, out)
+    final = end.get("status")
+    if final in ("failed", "stopped"):
+        error = api.get(job_path(job_id, "/status")).get("error_message")
+        if error:
+            out.note(error, style="red")
+    return exit_for(final)
+
+
+def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: Output) -> dict[str, Any]:
+    """One line per PLAIN_EVERY_SECONDS, and the last: in a CI log `watch` showed nothing until the job ended
+    (hunt CN)."""
+
+    def line(status: str, progress: dict[str, Any]) -> None:
+        current, total = progress.get("current_step"), progress.get("max_steps")
+        steps = f" {current}/{total or '?'}" if current is not None else ""
+        eta = progress.get("remaining_time") or render.duration(progress.get("remaining_seconds"))
+        loss = render.number(progress.get("loss"))
+        out.line(f"{job_id} {status}{steps}" + (f" loss {loss}" if loss else "") + (f" ETA {eta}" if eta else ""))
+
+    line(start["status"], start.get("progress") or {})
+    said = time.monotonic()
+    for message in stream:
+        if message.event == "rewind":
+            continue
+        body = message.json()
+        progress = body.get("progress") or {}
+        if message.end:
+            line(str(body.get("status")), progress)
+            return dict(body)
+        if time.monotonic() - said >= PLAIN_EVERY_SECONDS:
+            line("running", {**progress, "loss": body.get("loss", progress.get("loss"))})
+            said = time.monotonic()
+    return {}
+
+
+def _bar(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: Output) -> dict[str, Any]:
     # markup=False, and fields printable(): they hold text of the run's log (a '[/x]' broke rich's markup, an
     # escape sequence drove the terminal).
     columns = (TextColumn("{task.description}", markup=False), BarColumn(),
                TextColumn("{task.fields[steps]}", markup=False), TextColumn("loss {task.fields[loss]}", markup=False),
                TextColumn("ETA {task.fields[eta]}", markup=False))  # fmt: skip
+    end: dict[str, Any] = {}
     with Progress(*columns, console=out.console) as bar:
         task = bar.add_task(f"{job_id} {start['status']}", total=None, steps="", loss="", eta="")
         _update(bar, task, start.get("progress") or {})
@@ -50,12 +96,7 @@ def watch(api: Api, job_id: str, out: Output) -> int:
                 progress = {**progress, "loss": body.get("loss", progress.get("loss"))}
                 bar.update(task, description=f"{job_id} running")
             _update(bar, task, progress)
-    final = end.get("status")
-    if final in ("failed", "stopped"):
-        error = api.get(job_path(job_id, "/status")).get("error_message")
-        if error:
-            out.note(error, style="red")
-    return exit_for(final)
+    return end
 
 
 def _update(bar: Progress, task: TaskID, progress: dict[str, Any]) -> None:
