@@ -69,3 +69,23 @@ async def test_the_forecast_plans_with_the_heads_clocks_as_the_scheduler_does(
     assert held.starts == [] and held.reasons["small"].code == "reservation", held
     assert held.reasons["small"].job_id == "big"
     assert (await planner.plan(view, clocks=await store.head_clocks())).starts == []  # (as the scheduler's pass)
+
+
+async def test_a_job_asked_to_start_past_the_window_heads_neither_the_queue_nor_its_priority(
+    redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Planned behind the window, out of queue order, it was named the head ahead of 40 jobs of its priority the
+    # pass never read, and its starvation clock started (reviews CM, CO).
+    store = JobStore(redis_client, Keys("asked"))
+    now = time.time()
+    for i in range(WINDOW):  # (2 GPUs each on a 1-GPU server: none can ever start, none heads)
+        await store.create(make_job(f"w{i:04d}", JobStatus.QUEUED, created=now + i, num_gpus=2), message="", actor="t")
+    for i in range(40):
+        await store.create(make_job(f"p{i:04d}", JobStatus.QUEUED, created=now + 1000 + i), message="", actor="t")
+    await store.create(make_job("asked", JobStatus.QUEUED, created=now + 5000), message="", actor="t")
+    gpus = [GpuState(0, 80.0, 80.0, None, held_by="running")]
+    view = ClusterView(GpuSnapshot("simulated", (), None, None, now), gpus, [RunningJob("running", (0,), None)])
+    planner = Planner(store, settings_for(redis_url, tmp_path, QUEUE_STARVATION_SECONDS=1800))
+    alone = await planner.plan(view)
+    found = await planner.plan(view, wanted={"asked"})
+    assert (found.head, found.heads) == (alone.head, alone.heads) and "asked" not in found.heads, found

@@ -40,6 +40,10 @@ async def test_a_sample_redis_refused_is_to_be_tried_again_and_one_that_may_have
         await client.config_set("maxmemory", "1")
         assert await history.learn(job, 60.0, progress, 55.0) is False  # (refused: made nowhere, to try again)
         await client.config_set("maxmemory", "0")
+        # NOREPLICAS (MISCONF alike), which redis-py words "Command # 1 (...) of pipeline caused error: ...".
+        await client.config_set("min-replicas-to-write", "1")
+        assert await history.learn(job, 60.0, progress, 55.0) is False
+        await client.config_set("min-replicas-to-write", "0")
         assert await history.learn(job, 60.0, progress, 55.0) is True
         assert await client.lrange(durations, 0, -1) == ["60.0"]
         # An error in EXEC itself leaves the transaction's other writes made: not to be tried again (twice).

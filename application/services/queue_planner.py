@@ -145,9 +145,12 @@ class Planner:
         if not deep and not asked:
             return found
         behind = sorted([*deep, *asked], key=_rank)
+        window = found
         found = plan([*ranked, *behind], view.gpus, view.running, self.policy, clock.now(), estimating=False,
                      head=head, clocks=clocks)  # fmt: skip
-        # (Planned out of queue order, behind jobs of their priority not read: none of them heads it. Review CM.)
+        # Planned out of queue order, behind jobs of their priority not read: none of them heads it, nor the queue
+        # (its clock started ahead of 40 jobs of its priority: reviews CM, CO). The window's heads stand.
+        found.head = found.head if found.head in seen else window.head
         found.heads = [h for h in found.heads if h in seen]
         return found
 
