@@ -19,6 +19,13 @@ from application.services.job_store import Refusal, TransitionRefused
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, _until, auth, job_body, make_model, wait_job
 
 
+async def hog_the_gpu(client: Any, tmp_path: Path) -> None:
+    """A run named "hog" that holds its GPU (the only one, on these servers) until stopped."""
+    body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+    assert (await client.post("/jobs", json=body)).status_code == 201
+    await wait_job(client, "hog", lambda j: j["status"] == "running")
+
+
 async def test_a_job_whose_folder_cannot_be_used_fails_alone_and_the_queue_goes_on(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -290,9 +297,7 @@ async def test_a_quantized_export_whose_parents_record_cannot_be_read_holds_up_n
         body = job_body(tmp_path, "p", auto_start=True, priority=9, training={"max_steps": 2})
         assert (await client.post("/jobs", json=body)).status_code == 201
         await wait_job(client, "p", lambda j: j["status"] == "completed")
-        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=hog)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)
         asked = await client.post("/jobs/p/export", json={"quant_method": "bnb", "quant_bits": 4})
         assert asked.status_code == 200, asked.text
         fine = job_body(tmp_path, "fine", priority=1, auto_start=True, training={"max_steps": 2})
@@ -312,9 +317,7 @@ async def test_a_queued_job_whose_record_cannot_be_read_fails_alone_and_the_queu
     no job of anyone's started while it was queued."""
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
-        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=hog)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)
         for name, priority in (("unreadable", 9), ("fine", 1)):
             body = job_body(tmp_path, name, priority=priority, auto_start=True, step_seconds=0.01,
                             training={"max_steps": 2})  # fmt: skip
@@ -393,9 +396,7 @@ async def test_jobs_whose_records_redis_evicted_leave_the_queue_and_their_gpus(
     # the free GPUs pass after pass (nothing behind it started), and a running one's kept its GPU leased (hunt).
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
-        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)
         for name in ("evicted", "behind"):
             r = await client.post("/jobs", json=job_body(tmp_path, name, auto_start=True, training={"max_steps": 2}))
             assert r.status_code == 201 and r.json()["status"] == "queued", r.text
@@ -542,9 +543,7 @@ async def test_a_run_the_running_index_lost_keeps_its_gpu_and_is_indexed_again(
     # longer listed, and the queued job started on a GPU a run still trained on (hunt CI: 3 trainers, 2 GPUs).
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:
-        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=hog)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)
         body = job_body(tmp_path, "next", auto_start=True, training={"max_steps": 2})
         assert (await client.post("/jobs", json=body)).json()["status"] == "queued"
         store = client.app.state.training.store
@@ -568,9 +567,7 @@ async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
     async with app_factory(SIMULATED_GPUS="1x80") as client:
         empty = (await client.post("/queue/process")).json()
         assert empty["message"] == "the queue is empty", empty  # (it said no queued job fits: hunt CN)
-        hog = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=hog)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)
         for name, priority in (("high", 7), ("low", 5), ("low2", 5)):
             body = job_body(tmp_path, name, auto_start=True, priority=priority, training={"max_steps": 2})
             assert (await client.post("/jobs", json=body)).json()["status"] == "queued"

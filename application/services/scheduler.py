@@ -294,7 +294,8 @@ def plan(
                 # (and each priority's head, but under strict, whose reservations all bind: their clocks start)
                 headed = strict or j.priority in level_heads
                 if (looking or not headed) and may_head(j):
-                    first, looking = (j.job_id, False) if looking else (first, looking)
+                    if looking:
+                        first, looking = j.job_id, False
                     if not headed:
                         level_heads[j.priority] = j.job_id
                 elif looking and strict and blocks(j, k):
