@@ -158,8 +158,8 @@ class Settings(BaseSettings):
     AUTO_EXPORT: bool = True
     # A runner reads its run's log, checks for stop requests and beats its heartbeat this often.
     RUNNER_POLL_INTERVAL: float = Field(0.5, gt=0, le=60)
-    # A runner whose heartbeat is older than this is lost (another host; on its own host the scheduler
-    # sees its death at once from the pid and its stamp, and kills one silent for 3 of these as hung).
+    # A runner on another host is lost once the scheduler has seen no heartbeat for 3 of these; on its own host
+    # the scheduler sees its death at once from the pid and its stamp, and kills one silent for 3 of these as hung.
     RUNNER_HEARTBEAT_TTL: float = Field(10.0, ge=1, le=3600)
     # The scheduler leader's lock: a standby takes over this long after the leader stops renewing it.
     LEADER_TTL_SECONDS: float = Field(3.0, ge=0.5, le=300)

@@ -1,8 +1,8 @@
-"""Replay a GPU-cluster trace through the server's own `scheduler.decide` and `predictions` (run by hand).
+"""Replay a GPU-cluster trace through the server's own `scheduler.plan` and `predictions` (run by hand).
 
 The trace is Microsoft's Philly trace as processed for the Pollux simulator (../shared/traces/README.md): one
 row per job with its submission time, duration, GPU count and virtual cluster. Each job is queued at its
-submission time and started when `decide` says so; it ends `duration` (+ --startup) seconds later. The
+submission time and started when `plan` says so; it ends `duration` (+ --startup) seconds later. The
 scheduler sees only what the live server would know, per policy:
 
     fifo       QUEUE_POLICY=strict (all jobs share one priority, so strict is FIFO)

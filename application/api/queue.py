@@ -56,7 +56,7 @@ async def process_queue(queue: Queue, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.delete("/queue/{job_id}", response_model=QueueRemoval, responses={**E404, **E409},
-               summary="Remove a queued job (it becomes cancelled)")  # fmt: skip
+               summary="Remove a queued job (cancelled; stopped when it ran before and left a checkpoint)")  # fmt: skip
 async def remove_from_queue(job_id: JobId, queue: Queue, caller: CallerDep) -> dict[str, Any]:
     return await queue.remove(job_id, caller)
 

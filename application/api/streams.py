@@ -66,8 +66,9 @@ async def stream_logs(
                                       "(not the whole log); a reconnect's Last-Event-ID wins")] = None,
 ) -> StreamingResponse:  # fmt: skip
     """Ends with `event: end` once the job is terminal (for `kind=export`: once the export is no longer running);
-    a comment heartbeat every 15 s keeps an idle stream open. (Swagger UI's "Try it out" shows nothing until the
-    stream ends: follow a running job with `curl -N`, the dashboard or `swift-api logs -f`.)"""
+    a comment heartbeat every STREAM_HEARTBEAT_SECONDS (15 s) keeps an idle stream open. (Swagger UI's "Try it
+    out" shows nothing until the stream ends: follow a running job with `curl -N`, the dashboard or
+    `swift-api logs -f`.)"""
     job = await svc.require(job_id, caller)
     return await _sse(streams, caller, streams.logs(job_id, kind, last_event_id, job.created_at, tail))
 

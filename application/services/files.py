@@ -5,7 +5,8 @@ the client's file name is kept for display only. It is streamed to a hidden temp
 the pre-flight data set check, then renamed into place, so a listed file is always complete and valid.
 
 Redis holds one JSON record per file (Keys.file) and two sorted sets by creation time (the owner's, everyone's);
-both change together in MULTI/EXEC. A crash between the rename and the record leaves an unlisted file on disk, never
+one Lua script (STORE_FILE) writes them with the owner's byte count, refusing a file past FILE_QUOTA_BYTES, and
+FORGET_FILE takes all of it back. A crash between the rename and the record leaves an unlisted file on disk, never
 a record without its file.
 """
 

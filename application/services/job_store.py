@@ -1,5 +1,6 @@
 """Jobs, the queue and GPU leases in Redis (events and loss history: job_log.py; reads of the queue and the
-leases: queue_view.py; this store extends both); with the modules it names, the only code that talks to Redis.
+leases: queue_view.py; this store extends both). Only the store modules talk to Redis: these, cluster_store.py
+and the few that keep one record each (files, run_history, owner_slots, idempotency_records, ...).
 
 A job is a hash with one field per top-level `Job` field, each JSON-encoded, so writers of different
 fields (a run's progress, the API's priority change) never overwrite each other. Every status change goes

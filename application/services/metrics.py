@@ -34,6 +34,7 @@ MAX_RUNNING = 500
 
 
 def multiprocess_dir() -> str | None:
+    # Read from the environment, not Settings: prometheus-client itself reads this variable (start.py sets it).
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 

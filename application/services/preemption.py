@@ -1,4 +1,4 @@
-"""Which running jobs to preempt for a waiting one (PREEMPTION=on): a pure function, like `scheduler.decide`.
+"""Which running jobs to preempt for a waiting one (PREEMPTION=on): a pure function, like `scheduler.plan`.
 
 Determined preempts low-priority work and resumes it from checkpoints; Slurm's REQUEUE does the same. Here a
 queued job that cannot start may take the GPUs of running jobs of strictly lower priority: as few as needed,

@@ -32,7 +32,7 @@ from application.services.wait_reasons import Reason, format_wait
 from application.utils.gpu_types import GpuSnapshot
 
 WINDOW = 256
-# decide() looks at most BACKFILL_DEPTH blocked jobs deep, so reading further cannot start anything more.
+# plan() looks at most BACKFILL_DEPTH blocked jobs deep, so reading further cannot start anything more.
 MAX_WINDOW = 2 * BACKFILL_DEPTH
 # Estimates simulate the queue forward: bounded so a request never pays for a whole long queue.
 ESTIMATE_WINDOW = 1000

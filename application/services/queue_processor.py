@@ -2,9 +2,9 @@
 
 It wakes at once on anything that may let a job start (a job queued, ended or re-prioritised, a lease
 released: the store publishes those on one channel) and every QUEUE_POLL_INTERVAL seconds to notice GPUs
-freed by processes outside the system. The decision is `scheduler.decide`, a pure function; this module
-reads its inputs, starts what it returns (`run_start`: the status change, fenced by the leader lock, then the
-runner) and publishes the GPU reading for the API workers.
+freed by processes outside the system. The decision is `scheduler.plan` (through `queue_planner.Planner`), a
+pure function; this module reads its inputs, starts what it returns (`run_start`: the status change, fenced by
+the leader lock, then the runner) and publishes the GPU reading for the API workers.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which queued jobs to start now, and on which GPUs: pure functions, no Redis, no I/O, no clock.
 
-The caller (the queue processor) reads the queue, the GPU states and the running jobs, calls `decide`, and
-acts on the returned starts. Keeping the decision pure lets the same code run in tests, in the trace
+The caller (the queue processor, through `queue_planner.Planner`) reads the queue, the GPU states and the running
+jobs, calls `plan`, and acts on the returned starts (`decide` is `plan`'s starts alone, for callers that want no
+waits or reasons). Keeping the decision pure lets the same code run in tests, in the trace
 simulator (`benchmarks/simulate_trace.py`) and in the server, and makes every decision reproducible from
 its inputs.
 
