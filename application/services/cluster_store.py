@@ -44,7 +44,6 @@ def reading_error(snapshot: GpuSnapshot, now: float) -> str | None:
 @dataclass(frozen=True)
 class Leader:
     value: str  # "<fencing token>:<scheduler id>"
-    ttl_ms: int
 
     @property
     def scheduler_id(self) -> str:
@@ -182,11 +181,8 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
                 await asyncio.shield(self._release(keys=[key], args=[json.dumps({"value": token})]))
 
     async def leader(self) -> Leader | None:
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.get(self.keys.leader)
-            pipe.pttl(self.keys.leader)
-            value, ttl = await pipe.execute()
-        return Leader(value, int(ttl)) if value else None
+        value = await self.r.get(self.keys.leader)
+        return Leader(value) if value else None
 
     # ---- runners ------------------------------------------------------------------------------------
 
@@ -261,13 +257,12 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
         if rate is not None:
             keys.append(rate[0])
         out = await self._create_context(keys=keys, args=[max(1, int(rate[1])) + 1 if rate is not None else 0])
-        (snapshot, info, head, version, leader, indexed, held), leases, running, length, leader_ttl, enabled, n, \
-            clocks = out  # fmt: skip
+        (snapshot, info, head, version, leader, indexed, held), leases, running, length, enabled, n, clocks = out
         return CreateContext(
             snapshot=json.loads(snapshot) if snapshot else None, swift=json.loads(info) if info else None,
             leases={int(k): v for k, v in zip(leases[::2], leases[1::2], strict=True)}, running=list(running),
             queue_length=int(length), head=_head(head), history_version=int(version or 0),
-            leader=Leader(leader, int(leader_ttl)) if leader else None, processor_enabled=enabled == "1",
+            leader=Leader(leader) if leader else None, processor_enabled=enabled == "1",
             rate_count=int(n) if rate is not None else None, folders_indexed=bool(indexed), starts_held=held or None,
             clocks={j: float(t) for j, t in zip(clocks[::2], clocks[1::2], strict=True)},
         )  # fmt: skip
@@ -331,18 +326,17 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
             # (MISCONF), and INFO cannot tell whether it refuses them (that depends on its configuration).
             pipe.set(self.keys.health_probe, "1", px=60_000)
             pipe.get(self.keys.leader)
-            pipe.pttl(self.keys.leader)
             pipe.get(self.keys.gpu_snapshot)
             pipe.get(self.keys.swift_info)
             pipe.get(self.keys.starts_held)
-            info, probe, leader, ttl, snapshot, swift, held = await pipe.execute(raise_on_error=False)
-        for answer in (info, leader, ttl, snapshot, swift, held):
+            info, probe, leader, snapshot, swift, held = await pipe.execute(raise_on_error=False)
+        for answer in (info, leader, snapshot, swift, held):
             if isinstance(answer, Exception):
                 raise answer
         return {
             "redis": {k: str(info.get(k)) for k in ("redis_version", "uptime_in_seconds") if k in info},
             "write_error": f"Redis refuses writes: {probe}" if isinstance(probe, ResponseError) else None,
-            "leader": Leader(leader, int(ttl)) if leader else None,
+            "leader": Leader(leader) if leader else None,
             "gpus": json.loads(snapshot) if snapshot else None,
             "swift": json.loads(swift) if swift else None,
             "starts_held": held or None,

@@ -171,7 +171,6 @@ local out = {
   redis.call('HGETALL', KEYS[8]),
   redis.call('ZRANGE', KEYS[9], 0, -1),
   redis.call('ZCARD', KEYS[10]),
-  redis.call('PTTL', KEYS[5]),
   redis.call('HGET', KEYS[11], 'enabled'),
   false,
   redis.call('HGETALL', KEYS[12]),
@@ -179,7 +178,7 @@ local out = {
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
   redis.call('SET', KEYS[13], 0, 'EX', ttl, 'NX')
-  out[7] = redis.call('INCR', KEYS[13])
+  out[6] = redis.call('INCR', KEYS[13])
 end
 return out
 """
