@@ -33,13 +33,9 @@ from uvicorn.supervisors import Multiprocess
 
 from application.config import Settings, env_file, get_settings, unknown_settings
 from application.http_protocol import http_protocol
-from application.services.redis_service import (
-    EmbeddedRedis,
-    check_redis_access,
-    die_with_parent,
-    find_redis_server,
-    redis_url,
-)
+from application.services.embedded_redis import EmbeddedRedis, find_redis_server
+from application.services.process_group import die_with_parent
+from application.services.redis_service import check_redis_access, redis_url
 
 ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)

@@ -39,8 +39,9 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.owner_slots import ResponseCut, download_slots, stream_slots
+from application.services.process_group import die_with_parent
 from application.services.queue_service import QueueService
-from application.services.redis_service import RedisService, die_with_parent, redis_refusal
+from application.services.redis_service import RedisService, redis_refusal
 from application.services.run_control import RunControl
 from application.services.streams import Streams
 from application.services.system_service import SystemService

@@ -385,7 +385,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     from application.config import get_settings
-    from application.services.redis_service import die_with_parent
+    from application.services.process_group import die_with_parent
     from application.utils.logger import setup_logging
 
     settings = get_settings()

@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from application.models.job_request import TrainingParams  # noqa: E402
 from application.models.training_model import Job, JobStatus  # noqa: E402
+from application.services.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
 from application.services.job_store import JobStore  # noqa: E402
 from application.services.keys import Keys  # noqa: E402
-from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
 from benchmarks.bench_streams import cpu_seconds  # noqa: E402
 
 PREFIX = "bench"

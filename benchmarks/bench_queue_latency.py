@@ -35,11 +35,11 @@ from application.config import Settings, load_settings  # noqa: E402
 from application.models.job_request import TrainingParams  # noqa: E402
 from application.models.training_model import Job, JobStatus  # noqa: E402
 from application.services.cluster_store import ClusterStore  # noqa: E402
+from application.services.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
 from application.services.job_store import JobStore  # noqa: E402
 from application.services.keys import Keys  # noqa: E402
 from application.services.launcher import LocalLauncher  # noqa: E402
 from application.services.queue_processor import QueueProcessor  # noqa: E402
-from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
 from application.services.swift_command import SwiftVersion  # noqa: E402
 from application.utils.gpu_utils import SimulatedInventory  # noqa: E402
 from benchmarks.replay_api import free_port  # noqa: E402

@@ -31,7 +31,7 @@ for _name in [*Settings.model_fields, "ENVIRONMENT", "FAKE_SWIFT_VERSION", "FAKE
               "FAKE_SWIFT_FIXTURES", "CUDA_VISIBLE_DEVICES", "SWIFT_API_KEY", "SWIFT_API_URL"]:  # fmt: skip
     os.environ.pop(_name, None)
 
-from application.services.redis_service import EmbeddedRedis, find_redis_server  # noqa: E402
+from application.services.embedded_redis import EmbeddedRedis, find_redis_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SWIFT = ROOT / "tests" / "fake_swift" / "swift"

@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.process_group import group_members
-from application.services.redis_service import EmbeddedRedis
 from tests.conftest import FAKE_SWIFT, QUICK_TO_GIVE_UP, ApiServer, gated_swift, job_body, wait_for
 
 

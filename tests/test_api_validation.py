@@ -17,8 +17,8 @@ import pytest
 import redis
 import redis.asyncio
 
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.keys import Keys
-from application.services.redis_service import EmbeddedRedis
 from tests.conftest import (
     QUICK_TO_GIVE_UP,
     ROOT,
@@ -521,7 +521,7 @@ def snapshotting_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A Redis of the test's own that snapshots into a folder of its own (save points set): (its URL, the folder)."""
     import subprocess
 
-    from application.services.redis_service import find_redis_server
+    from application.services.embedded_redis import find_redis_server
     from tests.conftest import free_port
 
     binary, port, data = find_redis_server(), free_port(), tmp_path / "redis-data"

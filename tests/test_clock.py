@@ -89,7 +89,7 @@ async def test_a_process_started_while_redis_was_away_takes_redis_time_once_it_a
     import redis.asyncio as aioredis
 
     from application.services import clock as clock_module
-    from application.services.redis_service import find_redis_server
+    from application.services.embedded_redis import find_redis_server
     from tests.conftest import free_port
 
     monkeypatch.setattr(clock_module, "RETRY_SECONDS", 0.1)

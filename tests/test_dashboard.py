@@ -22,7 +22,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Route, expect, sync_playwright
 
-from application.services.redis_service import EmbeddedRedis
+from application.services.embedded_redis import EmbeddedRedis
 from application.ui import views
 from application.ui.html import PageContext
 from tests.conftest import (

@@ -9,9 +9,9 @@ import redis.asyncio as aioredis
 
 from application.models.training_model import JobStatus
 from application.services import lua
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from application.services.redis_service import EmbeddedRedis
 from tests.test_job_store import listed, make_job
 
 

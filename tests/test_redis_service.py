@@ -23,15 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from application.config import Settings
-from application.services.redis_service import (
-    EmbeddedRedis,
-    _safe_url,
-    create_client,
-    find_redis_server,
-    lost_reply_detail,
-    may_have_run,
-    redis_url,
-)
+from application.services.embedded_redis import EmbeddedRedis, find_redis_server
+from application.services.redis_service import _safe_url, create_client, lost_reply_detail, may_have_run, redis_url
 from tests.conftest import free_port
 from tests.redis_proxy import RedisProxy
 

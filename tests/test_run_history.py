@@ -9,8 +9,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from application.models.training_model import Progress
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.keys import Keys
-from application.services.redis_service import EmbeddedRedis
 from application.services.run_history import HISTORY_TTL_SECONDS, RunHistory, keys_of
 from tests.test_job_store import make_job
 

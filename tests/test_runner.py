@@ -261,7 +261,7 @@ def test_a_run_that_logged_faster_than_its_runner_parses_still_stops_when_asked(
 
 def test_a_redis_outage_mid_run_loses_no_step(server_factory: Callable[..., ApiServer], workspace: Path,
                                               tmp_path: Path) -> None:  # fmt: skip
-    from application.services.redis_service import EmbeddedRedis, find_redis_server
+    from application.services.embedded_redis import EmbeddedRedis, find_redis_server
 
     binary = find_redis_server()
     assert binary

@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 from application.models.training_model import JobStatus
 from application.scheduler_process import cancel
 from application.services.cluster_store import ClusterStore
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
 from application.services.leader import LeaderLock
-from application.services.redis_service import EmbeddedRedis
 from tests.conftest import ROOT, ApiServer, job_body, wait_for, wait_job
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
@@ -333,7 +333,8 @@ async def test_the_ms_swift_facts_are_published_once_redis_answers(tmp_path: Pat
     from loguru import logger
 
     from application.scheduler_process import Scheduler
-    from application.services.redis_service import EmbeddedRedis, RedisService, find_redis_server
+    from application.services.embedded_redis import EmbeddedRedis, find_redis_server
+    from application.services.redis_service import RedisService
     from tests.conftest import _until, seed_swift_probe, settings_for
 
     folder = tmp_path / "later"

@@ -360,7 +360,8 @@ def test_only_a_stop_signal_to_the_api_supervisor_counts_as_told_to_stop() -> No
 def test_a_redis_that_keeps_only_snapshots_is_warned_of(tmp_path: Path) -> None:
     # RDB only (stock redis.conf): back from its last snapshot, a stop since was undone and the job ran again, and a
     # run it forgot was started a second time (hunt, Redis rolled back); it was not warned of.
-    from application.services.redis_service import _data_loss_warnings, find_redis_server
+    from application.services.embedded_redis import find_redis_server
+    from application.services.redis_service import _data_loss_warnings
     from tests.conftest import free_port
 
     binary = find_redis_server()
@@ -386,7 +387,7 @@ def test_a_redis_that_keeps_only_snapshots_is_warned_of(tmp_path: Path) -> None:
 def test_a_redis_that_would_lose_jobs_is_warned_of_at_start(tmp_path: Path) -> None:
     # With allkeys-lru, evicted job records stalled the queue and left GPUs leased to jobs no longer there; a Redis
     # without persistence lost every job at its restart: neither said a word (hunt).
-    from application.services.redis_service import find_redis_server
+    from application.services.embedded_redis import find_redis_server
     from tests.conftest import free_port
 
     binary = find_redis_server()

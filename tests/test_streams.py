@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from application.services.redis_service import EmbeddedRedis
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.streams import LINES_PER_SEND, MAX_LINE, _visible
 from tests.conftest import (
     ALICE_KEY,

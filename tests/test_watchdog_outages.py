@@ -24,11 +24,12 @@ from application.config import Settings
 from application.models.training_model import Attempt, ExportStatus, JobStatus, RunnerInfo
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
+from application.services.embedded_redis import EmbeddedRedis
 from application.services.exports import prepare_export, put_export
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.launcher import LocalLauncher
-from application.services.redis_service import EmbeddedRedis, create_client
+from application.services.redis_service import create_client
 from application.services.run_agent import RERUN_MARK, Runner
 from application.services.watchdog import Watchdog
 from tests.conftest import gated_swift, kill_processes_under, settings_for, until

@@ -578,9 +578,10 @@ async def test_deliveries_go_on_after_a_redis_outage_the_leader_kept_its_lead_th
 
     from application.models.training_model import JobStatus
     from application.services.cluster_store import ClusterStore
+    from application.services.embedded_redis import EmbeddedRedis, find_redis_server
     from application.services.job_store import JobStore
     from application.services.keys import Keys
-    from application.services.redis_service import EmbeddedRedis, create_client, find_redis_server
+    from application.services.redis_service import create_client
     from application.services.webhooks import Webhooks
     from tests.conftest import settings_for
     from tests.test_job_store import make_job

@@ -313,3 +313,14 @@ def kill_leftovers(pgid: int, run: str | None = None) -> None:
     signal_group(pgid, signal.SIGKILL)
     for group in marked_groups(run) if run else ():
         signal_group(group, signal.SIGKILL)
+
+
+def die_with_parent() -> None:
+    """In a child: SIGTERM when its parent dies (Linux), so a killed start.py leaves nothing serving behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
