@@ -160,7 +160,8 @@ class Scheduler:
     async def _take_lead(self) -> asyncio.Task[None]:
         """What a new leader does before its loops start; returns the task that keeps the lock."""
         await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
-        if self.leader.redis_lost_it:
+        data_lost = self.leader.redis_lost_it
+        if data_lost:
             with contextlib.suppress(RedisError):
                 await self._hold_starts("Redis lost the lead's lock")
         elif forgotten := await self._forgotten_runs():
@@ -177,14 +178,18 @@ class Scheduler:
         # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
         keeper = asyncio.create_task(self.leader.keep(), name="leader-lock")
         try:
-            if not self._migrated:
+            # Again after Redis lost its data (flushed, replaced, restored from a backup): their markers went with
+            # it, and users' creates wait for the folders' one (hunt CR: 503 for every user until a restart, once
+            # an admin's create had made the jobs index non-empty before any user's could set it).
+            if not self._migrated or data_lost:
+                older = "stored since Redis lost its data" if data_lost else "stored by an older version"
                 if written := await self.store.summaries.backfill():
-                    logger.info("wrote the list summaries of {} job(s) stored by an older version", written)
+                    logger.info("wrote the list summaries of {} job(s) {}", written, older)
                 if recorded := await self.watchdog.files.backfill_users(self.store):
                     logger.info("recorded {} upload(s) read by active jobs", recorded)
                 await self.cluster.backfill_queued_since()
                 if recorded := await self.store.folders.backfill():
-                    logger.info("recorded the owners of {} job folder(s) stored by an older version", recorded)
+                    logger.info("recorded the owners of {} job folder(s) {}", recorded, older)
                 self._migrated = True
         except BaseException:
             await cancel([keeper])

@@ -142,6 +142,32 @@ async def test_a_new_install_takes_users_jobs_before_any_scheduler_has_run(
         assert r.status_code == 201, r.text
 
 
+async def test_users_create_again_once_the_scheduler_leads_a_redis_that_lost_its_data(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Redis flushed (or replaced, or restored from a backup): the folders' marker went with it. An admin's create
+    # came first, so the jobs index was not empty when a user's could set it, and the scheduler that led again
+    # recorded nothing: every user's create was 503 "not recorded ... yet" until it was restarted (hunt CR).
+    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
+        scheduler = client.scheduler  # type: ignore[attr-defined]
+        await scheduler.cluster.r.flushdb()
+        body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
+        assert (await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))).status_code == 201
+        deadline = time.monotonic() + 30
+        while True:
+            body = {**job_body(tmp_path, "bobs", dataset="data"), "output_dir": "bobs"}
+            r = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
+            if r.status_code == 201:
+                break
+            assert r.status_code == 503 and "not recorded whose job folders" in r.text, r.text
+            assert time.monotonic() < deadline, f"a user's create is still refused after the flush: {r.text}"
+            await asyncio.sleep(0.2)
+        # (and the admin's folder is the admin's: another user may not take it)
+        body = {**job_body(tmp_path, "into", dataset="data"), "output_dir": "admins/into"}
+        r = await client.post("/jobs", json=body, headers=auth(ALICE_KEY))
+        assert r.status_code == 409 and FOREIGN in r.text, r.text
+
+
 async def test_without_keys_every_folder_is_open_and_recorded_for_when_keys_come(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
