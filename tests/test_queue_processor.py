@@ -509,6 +509,7 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
         for name, of in (("restored", created["restored"]), ("reused", created["reused"] - 3600)):
             folder = tmp_path / "output" / name
             (folder / "v0-20261205-101010" / "checkpoint-2").mkdir(parents=True)
+            (folder / "v0-20261205-101010" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
             (folder / "logs").mkdir()
             (folder / "logs" / f"{name}.train.log").write_text("a run Redis forgot\n")
             (folder / "logs" / f"{name}.train.exit.json").write_text(json.dumps({
@@ -526,7 +527,8 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
         assert restored["error_code"] == "unknown_run", restored
         assert "its folder holds 1 run(s) of it that its record did not know (the last: logs/restored.train.log, " \
                "ended with completed at " in restored["error_message"], restored["error_message"]  # fmt: skip
-        assert restored["error_message"].endswith("create a new job to train again")
+        assert restored["error_message"].endswith("resume it from its newest checkpoint (POST .../resume), or "
+                                                  "export one (GET .../checkpoints)"), restored["error_message"]
         assert [(a["outcome"], Path(a["log_file"]).name) for a in restored["attempts"]] == [
             ("completed", "restored.train.log")]  # fmt: skip
         logs = await client.get("/jobs/restored/logs", params={"attempt": 1})
@@ -534,6 +536,11 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
         # Its checkpoints are its own again (listed, exportable).
         listed = (await client.get("/jobs/restored/checkpoints")).json()["checkpoints"]
         assert [Path(c["path"]).name for c in listed] == ["checkpoint-2"], listed
+        # ... and a resume goes on from the one it lists (it found none: "create a new job", hunt CR).
+        r = await client.post("/jobs/restored/resume")
+        assert r.status_code == 200 and r.json()["resume_from"] == listed[0]["path"], r.text
+        resumed = await wait_job(client, "restored", lambda j: j["status"] in ("completed", "failed"))
+        assert resumed["status"] == "completed" and resumed["attempts"][-1]["resumed_from"] == listed[0]["path"]
 
 
 async def test_a_run_the_running_index_lost_keeps_its_gpu_and_is_indexed_again(

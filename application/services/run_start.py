@@ -38,6 +38,7 @@ from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
 from application.services.run_end import checkpoint_step, work_of
 from application.services.run_logs import log_name, run_log, unknown_runs
+from application.services.run_outputs import job_checkpoints
 from application.services.swift_command import (
     GPU_VARIABLES,
     SERVER_VARIABLES,
@@ -177,17 +178,7 @@ class RunStarter:
                                         message=f"{work_of(job)} failed: {error}")  # fmt: skip
             return False
         if forgotten:
-            last = forgotten[-1]
-            how = f"ended with {last.outcome}" if last.outcome else "its end not recorded"
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.started_at))
-            error = (f"its folder holds {len(forgotten)} run(s) of it that its record did not know (the last: logs/"
-                     f"{Path(last.log_file or '').name}, {how} at {when}): Redis came back from an older state. Not "
-                     "run again: those runs' files are in its folder (their logs: GET .../logs?attempt=N); create a "
-                     "new job to train again")  # fmt: skip
-            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                        fields={"error_message": error, "error_code": "unknown_run",
-                                                "attempts": [*job.attempts, *forgotten]},
-                                        message=f"{work_of(job)} failed: {error}")  # fmt: skip
+            await self._forgotten(job, forgotten)
             return False
         # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
         # or media a data file names since, had the run read what they lead to (a hunt). Before its GPUs are
@@ -348,6 +339,32 @@ class RunStarter:
             self._disk_said = None
         else:
             await self.hold_for_disk(why)
+
+    async def _forgotten(self, job: Job, forgotten: list[Attempt]) -> None:
+        """Redis came back from an older state in which the job waited, and its folder holds runs of it since: not
+        run again, failed with those runs as its attempts and their checkpoints as its own (a resume, or an
+        export, goes on from them: they were listed, yet a resume found none, hunt CR)."""
+        runs = [*job.attempts, *forgotten]
+        run_dirs = [a.run_dir for a in runs] + [job.run_dir]
+        # (no run folder known: every checkpoint in its folder would be listed, a deleted job's among them)
+        found = await asyncio.to_thread(job_checkpoints, job.output_dir, run_dirs) if any(run_dirs) else []
+        checkpoints = [*job.checkpoints, *(c for c in found if c not in job.checkpoints)]
+        last = forgotten[-1]
+        how = f"ended with {last.outcome}" if last.outcome else "its end not recorded"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.started_at))
+        then = ("resume it from its newest checkpoint (POST .../resume), or export one (GET .../checkpoints)"
+                if checkpoints else "create a new job to train again")  # fmt: skip
+        error = (
+            f"its folder holds {len(forgotten)} run(s) of it that its record did not know (the last: logs/"
+            f"{Path(last.log_file or '').name}, {how} at {when}): Redis came back from an older state. Not "
+            f"run again: those runs' files are in its folder (their logs: GET .../logs?attempt=N); {then}"
+        )
+        logger.warning("job {} not started: {}", job.job_id, error)
+        await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                    fields={"error_message": error, "error_code": "unknown_run", "attempts": runs,
+                                            "checkpoints": checkpoints,
+                                            "last_checkpoint": checkpoints[-1] if checkpoints else job.last_checkpoint},
+                                    message=f"{work_of(job)} failed: {error}")  # fmt: skip
 
     async def hold_for_disk(self, why: str) -> None:
         self.disk_held = True
