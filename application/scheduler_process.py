@@ -161,18 +161,19 @@ class Scheduler:
         """What a new leader does before its loops start; returns the task that keeps the lock."""
         await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
         data_lost = self.leader.redis_lost_it
-        if data_lost:
+        forgotten: list[LiveRunner] = []
+        with contextlib.suppress(RedisError):
+            forgotten = await self._forgotten_runs()
+        # A Redis that lost its data (or was restored from an older snapshot) while runs went on: their runners end
+        # them once they find their records gone, but until then they hold GPUs that Redis calls free (hunt BU: a
+        # new run was started on them at once). For as long as the stop grace they were started with, which may
+        # be longer than this scheduler's (review BV). Named, for the operator: their jobs are gone from the API.
+        names = ", ".join(sorted({r.job_id for r in forgotten})[:10])
+        ending = f"runs Redis does not know still end on this host ({names})" if forgotten else ""
+        if data_lost or forgotten:
+            why = "; ".join(w for w in ("Redis lost the lead's lock" if data_lost else "", ending) if w)
             with contextlib.suppress(RedisError):
-                await self._hold_starts("Redis lost the lead's lock")
-        elif forgotten := await self._forgotten_runs():
-            # A scheduler started on a Redis that lost its data (or was restored from an older snapshot) while
-            # runs went on: their runners end them once they find their records gone, but until then they hold
-            # GPUs that Redis calls free (hunt BU: a new run was started on them at once). For as long as the
-            # stop grace they were started with, which may be longer than this scheduler's (review BV).
-            names = ", ".join(sorted({r.job_id for r in forgotten})[:10])
-            with contextlib.suppress(RedisError):
-                await self._hold_starts(f"runs Redis does not know still end on this host ({names})",
-                                        max(r.ends_within for r in forgotten))  # fmt: skip
+                await self._hold_starts(why, max((r.ends_within for r in forgotten), default=0.0))
         self.leader.redis_lost_it = False
         # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of 100k
         # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.

@@ -149,7 +149,7 @@ async def test_users_create_again_once_the_scheduler_leads_a_redis_that_lost_its
     # came first, so the jobs index was not empty when a user's could set it, and the scheduler that led again
     # recorded nothing: every user's create was 503 "not recorded ... yet" until it was restarted (hunt CR).
     async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
-        scheduler = client.scheduler  # type: ignore[attr-defined]
+        scheduler = client.scheduler
         await scheduler.cluster.r.flushdb()
         body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
         assert (await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))).status_code == 201

@@ -527,8 +527,9 @@ async def test_a_job_whose_folder_shows_runs_its_record_does_not_know_is_not_run
         assert restored["error_code"] == "unknown_run", restored
         assert "its folder holds 1 run(s) of it that its record did not know (the last: logs/restored.train.log, " \
                "ended with completed at " in restored["error_message"], restored["error_message"]  # fmt: skip
-        assert restored["error_message"].endswith("resume it from its newest checkpoint (POST .../resume), or "
-                                                  "export one (GET .../checkpoints)"), restored["error_message"]
+        assert restored["error_message"].endswith(
+            "resume it from its newest checkpoint (POST .../resume), or export one (GET .../checkpoints)"
+        ), restored["error_message"]
         assert [(a["outcome"], Path(a["log_file"]).name) for a in restored["attempts"]] == [
             ("completed", "restored.train.log")]  # fmt: skip
         logs = await client.get("/jobs/restored/logs", params={"attempt": 1})

@@ -262,6 +262,26 @@ def test_a_scheduler_started_on_a_redis_that_lost_everything_waits_for_the_runs_
         sync.close()
 
 
+def test_a_leader_whose_redis_was_flushed_names_the_runs_it_no_longer_knows(
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
+) -> None:
+    # Redis flushed under a running server: the hold said only "Redis lost the lead's lock", and the runs being
+    # ended (whose jobs the API no longer shows) were named nowhere in the server's log (hunt CR).
+    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"}
+    server = server_factory(env=env)
+    create(server, workspace, "flushed", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+    wait_for(lambda: (j := server.job("flushed"))["pid"] and j["runner"], what="the run")
+    sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        sync.flushall()
+        log = server.workdir / f"server-{server.port}.log"
+        said = wait_for(lambda: "runs Redis does not know still end on this host (flushed)" in
+                        (text := log.read_text(errors="replace")) and text, what="the hold naming the run")  # fmt: skip
+        assert "Redis lost the lead's lock; runs Redis does not know" in said
+    finally:
+        sync.close()
+
+
 async def test_a_job_that_waits_out_a_start_hold_is_told_why_though_the_gpus_look_free(
     app_factory: Callable[..., Any], workspace: Path
 ) -> None:
