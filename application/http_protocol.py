@@ -63,6 +63,15 @@ _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: ap
               b"content-length: " + str(len(_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BODY)  # fmt: skip
 
 
+def _bad_request(msg: str) -> bytes:
+    # As every other error: JSON with a detail that says what to change (uvicorn answers text/plain).
+    body = json.dumps({"detail": f"not a valid HTTP/1.1 request ({msg.rstrip('.') or 'unparsable'}): check the "
+                                 "request line (an upper-case method, a URL of printable ASCII) and the headers "
+                                 "(one Content-Length of digits, or chunked alone)"}).encode()  # fmt: skip
+    return (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)  # fmt: skip
+
+
 def _timed_out(detail: str) -> bytes:
     body = json.dumps({"detail": detail}).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
@@ -277,7 +286,8 @@ if HttpToolsProtocol is not None:
 
         def send_400_response(self, msg: str) -> None:
             if not self._too_large:
-                super().send_400_response(msg)
+                self.transport.write(_bad_request(msg))
+                self.transport.close()
                 return
             self.logger.warning("a request's head passed %d bytes: answered 431", MAX_HEAD_BYTES)
             self.transport.write(_TOO_LARGE)

@@ -93,6 +93,22 @@ def test_the_bound_is_the_heads_whatever_its_reads_and_pipelined_bodies_do_not_c
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"get " + PATH + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # (a lower-case method)
+    b"GET " + PATH + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 15, 15\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # (HTTP/2's preface)
+])  # fmt: skip
+def test_a_request_that_is_not_http_is_answered_as_every_error_is(server: ApiServer, request_bytes: bytes) -> None:
+    # uvicorn's own 400 was text/plain "Invalid HTTP request received.": every other error is JSON (hunt CP).
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request_bytes)
+        answer = _answer(sock)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["detail"].startswith("not a valid HTTP/1.1 request (Invalid HTTP request received)"), body
+    assert server.http.get("/jobs").status_code == 200  # (the worker serves on)
+
+
 # ---- time: a head, a body, a response nobody reads ------------------------------------------------------------
 
 QUICK = {"CLIENT_HEAD_SECONDS": "1", "UPLOAD_IDLE_SECONDS": "1", "CLIENT_STALL_SECONDS": "1"}
