@@ -25,6 +25,7 @@ RESYNC_SECONDS = 300.0
 RETRY_SECONDS = 10.0  # after a failed reading (Redis away): the anchor so far stands meanwhile
 SAMPLES = 3  # the reading of the shortest round trip of these is kept: a busy loop's delay is not the clock's
 SKEW_WARNING_SECONDS = 2.0
+OFFSET_STEP = 0.001  # how far the two clocks' difference moves before `from_local` takes it again
 
 
 class Clock:
@@ -33,6 +34,7 @@ class Clock:
         self._next = 0.0  # monotonic time of the next reading
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._offset: float | None = None  # Redis's clock less this host's, as `from_local` last took it
 
     @property
     def anchored(self) -> bool:
@@ -48,8 +50,13 @@ class Clock:
         return anchor[0] + (time.monotonic() - anchor[1])
 
     def from_local(self, local: float) -> float:
-        """A time of this host's clock (a file's mtime) on the shared one."""
-        return local + (self.now() - time.time())
+        """A time of this host's clock (a file's mtime) on the shared one. The offset is kept until it moves by more
+        than OFFSET_STEP (a step of either clock, a new anchor): taken afresh at each call, it moved by a few
+        microseconds, and an unchanged file's time changed from one read to the next (hunt CP)."""
+        offset = self.now() - time.time()
+        if self._offset is None or abs(offset - self._offset) > OFFSET_STEP:
+            self._offset = offset
+        return local + self._offset
 
     async def sync(self, client: Any) -> bool:
         """Read Redis's time now and read it again every RESYNC_SECONDS from here on (on the next `now()` past
