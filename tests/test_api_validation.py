@@ -630,6 +630,9 @@ async def test_a_path_no_route_answers_names_where_the_api_is(app_factory: Calla
         # A 404 of ours keeps its own words, and a file the dashboard's static folder lacks is not found there.
         assert (await client.get("/jobs/nope")).json()["detail"].startswith("job 'nope' not found")
         assert (await client.get("http://test/static/nope.js")).json()["detail"] == "Not Found"
+        # A newline in a path (an artifact's name): no route takes it, and it is said so, not as another path.
+        r = await client.get("/jobs/nope/artifacts/a%0Ab")
+        assert r.status_code == 404 and "the path holds a control character" in r.json()["detail"], r.text
 
 
 async def test_the_first_system_status_of_a_worker_says_the_cpu_in_use(app_factory: Callable[..., Any]) -> None:

@@ -155,6 +155,11 @@ def install_error_handlers(app: FastAPI, settings: Settings, outages: OutageLog)
             api = f"{root}{settings.API_PREFIX}/training"
             detail = (f"Not Found: no route answers {request.method} {request.url.path[:200]}; this server's API is "
                       f"under {api} (its health: {api}/health), and {root}/docs lists its routes")  # fmt: skip
+            if any(ord(c) < 32 or ord(c) == 127 for c in path):
+                # A newline in a file's path matched no route (Starlette's paths stop at one), and the message
+                # showed the path without it: another path than the one asked for (hunt CP).
+                detail = ("Not Found: the path holds a control character (a newline, a tab, ...), which no route "
+                          "or artifact name here takes: percent-encode only printable characters")  # fmt: skip
         return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)
