@@ -6,6 +6,7 @@ Every route but GET /health needs an API key when keys are configured (see `deps
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response, status
@@ -26,6 +27,7 @@ from application.api.deps import (
     current_caller,
 )
 from application.api.route_path import route_path
+from application.auth import Caller
 from application.models.job_request import ExportRequest, JobCreate, JobPatch
 from application.models.job_responses import (
     ActionResponse,
@@ -39,7 +41,7 @@ from application.models.job_responses import (
     StatusResponse,
 )
 from application.models.training_model import Job, JobStatus
-from application.services.idempotency import fingerprint, held_claim
+from application.services.idempotency import Idempotency, fingerprint, held_claim
 from application.services.index_pages import CURSOR_HELP, CURSOR_PATTERN
 from application.services.training_service import TrainingService
 
@@ -91,8 +93,18 @@ async def _print(request: Request, job_id: str | None = None) -> str:
         # Which job, too: a job deleted and created again under its id is another job, and the same key sent for
         # it replayed the deleted one's answer ("cancelled", of a job still pending: hunt BR).
         training: TrainingService = request.app.state.training
-        path += "\0" + str((await training.store.get_fields([job_id], ["created_at"]))[0][0])
+        path += "\0" + await training.created_stamp(job_id)
     return fingerprint(request.method, path, await request.body())
+
+
+async def _action(request: Request, job_id: str, caller: Caller, idem: Idempotency, key: str | None,
+                  act: Callable[[], Awaitable[ActionResponse]]) -> Response:  # fmt: skip
+    """An action on a job, its answer kept under the request's Idempotency-Key (when it has one)."""
+
+    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
+        return 200, await act(), {}
+
+    return await idem.run(caller.name, key, lambda: _print(request, job_id), call)
 
 
 @jobs.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=CreateResponse,
@@ -119,20 +131,14 @@ async def create_job(body: Annotated[JobCreate, Body(openapi_examples=CREATE_EXA
            summary="Start a pending job (a queued one starts by itself)")  # fmt: skip
 async def start_job(job_id: JobId, request: Request, svc: Training, caller: CallerDep, idem: IdempotencyDep,
                     idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
-    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await svc.start(job_id, caller), {}
-
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
+    return await _action(request, job_id, caller, idem, idempotency_key, lambda: svc.start(job_id, caller))
 
 
 @jobs.post("/jobs/{job_id}/stop", response_model=ActionResponse, responses={**E404, **E409},
            summary="Stop a running job (SIGTERM to its group, then SIGKILL), or cancel a waiting one")  # fmt: skip
 async def stop_job(job_id: JobId, request: Request, control: Control, caller: CallerDep, idem: IdempotencyDep,
                    idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
-    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await control.stop(job_id, caller), {}
-
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
+    return await _action(request, job_id, caller, idem, idempotency_key, lambda: control.stop(job_id, caller))
 
 
 @jobs.post("/jobs/{job_id}/export", response_model=ActionResponse, responses={**E404, **E409, **E429, **WITH_BODY},
@@ -142,11 +148,9 @@ async def export_job(job_id: JobId, request: Request, exports: Exports, caller: 
                      idempotency_key: IdempotencyKey = None) -> Response:  # fmt: skip
     """Without a body: the last checkpoint, merged next to it (`<checkpoint>-merged`). Each export is kept:
     GET .../exports lists them."""
-
-    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await exports.export(job_id, caller, body, held_claim()), {}
-
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
+    return await _action(
+        request, job_id, caller, idem, idempotency_key, lambda: exports.export(job_id, caller, body, held_claim())
+    )
 
 
 @jobs.get("/jobs/{job_id}/exports", response_model=ExportList, responses=E404,
@@ -162,10 +166,7 @@ async def pause_job(job_id: JobId, request: Request, ctl: Control, caller: Calle
     """Stops the run like a stop (SIGTERM to its process group, grace, SIGKILL). swift saves nothing on SIGTERM:
     the answer says which checkpoint and step the job will resume from, and how many steps since are lost."""
 
-    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await ctl.pause(job_id, caller), {}
-
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
+    return await _action(request, job_id, caller, idem, idempotency_key, lambda: ctl.pause(job_id, caller))
 
 
 @jobs.post("/jobs/{job_id}/resume", response_model=ActionResponse, responses={**E404, **E409, **E429},
@@ -175,10 +176,7 @@ async def resume_job(job_id: JobId, request: Request, ctl: Control, caller: Call
     """Back in the queue at its place (priority, original submission time); the run gets the same arguments plus
     --resume_from_checkpoint <newest checkpoint>. A paused job with no checkpoint starts from the beginning."""
 
-    async def call() -> tuple[int, ActionResponse, dict[str, str]]:
-        return 200, await ctl.resume(job_id, caller), {}
-
-    return await idem.run(caller.name, idempotency_key, lambda: _print(request, job_id), call)
+    return await _action(request, job_id, caller, idem, idempotency_key, lambda: ctl.resume(job_id, caller))
 
 
 @jobs.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList, responses=E404,

@@ -102,6 +102,10 @@ class TrainingService:
         rows = await self.store.get_fields(ids, ["owner"])
         return {i for i, (owner,) in zip(ids, rows, strict=True) if owner and caller.owns(json.loads(owner))}
 
+    async def created_stamp(self, job_id: str) -> str:
+        """The job's creation time as stored ('None' when there is no job): which job an id names now."""
+        return str((await self.store.get_fields([job_id], ["created_at"]))[0][0])
+
     async def job(self, job_id: str) -> Job:
         """The job whoever may see it (for actions already authorized)."""
         return await self._job(job_id)
