@@ -10,8 +10,10 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from application.api.deps import CallerDep, JobId, Responses, Training
+from application.auth import Caller
 from application.models.artifact_model import ArtifactList
 from application.models.job_responses import ErrorResponse
+from application.models.training_model import Job
 from application.services import artifacts
 from application.services.owner_slots import holding
 
@@ -70,16 +72,25 @@ async def download_job_artifact(job_id: JobId, path: ArtifactPath, svc: Training
     """A file answers 200, or 206 for a Range (resumable downloads); `<folder>.tar` streams a checkpoint, merged
     model or run folder as an uncompressed tar, read as it is sent (a real file of that name wins)."""
     job = await svc.require(job_id, caller)
-    slot = await request.app.state.download_slots.take(caller.name)  # DOWNLOADS_PER_OWNER (429)
+    return await download_response(request, job, caller, path, range_header, if_range)
+
+
+async def download_response(request: Request, job: Job, caller: Caller, path: str, range_header: str | None,
+                            if_range: str | None, headers: dict[str, str] | None = None,
+                            ) -> StreamingResponse:  # fmt: skip
+    """A job's file or `<folder>.tar`, streamed while it holds one of its owner's DOWNLOADS_PER_OWNER slots (429
+    when none is free), given back once it is sent or could not be (the API's route, and the dashboard's)."""
+    state = request.app.state
+    slot = await state.download_slots.take(caller.name)
     try:
-        got = await artifacts.download(job, svc.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
+        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
                                        range_header, if_range)  # fmt: skip
     except BaseException:
         if slot is not None:
             await slot.release()
         raise
     return StreamingResponse(holding(slot, iterate_in_threadpool(got.body), whole=True), status_code=got.status,
-                             headers=got.headers, media_type=got.media_type)  # fmt: skip
+                             headers={**got.headers, **(headers or {})}, media_type=got.media_type)  # fmt: skip
 
 
 # No content: a HEAD answer never has a body, so the schema promises its statuses and headers only.

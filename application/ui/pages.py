@@ -15,15 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
-from starlette.concurrency import iterate_in_threadpool
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from application.api.artifacts import download_response
 from application.auth import Caller
 from application.exceptions import ApiError, JobNotFound
 from application.models.job_request import JOB_ID_RE
 from application.models.training_model import JobStatus
 from application.services import artifacts
-from application.services.owner_slots import holding
 from application.services.redis_service import REDIS_AWAY
 from application.ui import job_view, views
 from application.ui.html import PageContext, esc, page, template
@@ -176,19 +175,15 @@ async def job_file(request: Request, job_id: str, path: str) -> Response:
         if not JOB_ID_RE.match(job_id):
             raise JobNotFound(job_id)
         job = await state.training.require(job_id, caller)
-        slot = await state.download_slots.take(caller.name)  # DOWNLOADS_PER_OWNER, as for the API's route (429)
+        # What a job wrote, served from the dashboard's own origin: never run or sniffed as a page.
+        return await download_response(
+            request,
+            job,
+            caller,
+            path,
+            request.headers.get("range"),
+            request.headers.get("if-range"),
+            {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
+        )
     except ApiError as exc:
         return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
-    try:
-        got = await artifacts.download(job, state.settings.OUTPUT_ROOT, artifacts.as_asked(path, request.scope["path"]),
-                                       request.headers.get("range"), request.headers.get("if-range"))  # fmt: skip
-    except BaseException as exc:
-        if slot is not None:
-            await slot.release()
-        if isinstance(exc, ApiError):
-            return Response(exc.detail, status_code=exc.status_code, headers=exc.headers, media_type="text/plain")
-        raise
-    # What a job wrote, served from the dashboard's own origin: never run or sniffed as a page.
-    headers = {**got.headers, "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
-    return StreamingResponse(holding(slot, iterate_in_threadpool(got.body), whole=True), status_code=got.status,
-                             headers=headers, media_type=got.media_type)  # fmt: skip
