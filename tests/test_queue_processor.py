@@ -338,9 +338,9 @@ async def test_the_queue_past_the_forecasts_reach_says_the_jobs_ahead_come_first
 ) -> None:
     # Past ESTIMATE_WINDOW GET /queue gave no reason, which says "the next pass starts it" (the dashboard wrote
     # so), while each job's own status said `priority`.
-    from application.services import placement, queue_planner, queue_service, training_service
+    from application.services import job_create, placement, queue_planner, queue_service
 
-    for module in (queue_planner, queue_service, training_service, placement):
+    for module in (queue_planner, queue_service, job_create, placement):
         monkeypatch.setattr(module, "ESTIMATE_WINDOW", 2)
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="1x80") as client:

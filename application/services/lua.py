@@ -78,6 +78,15 @@ local function leave_queue_and_sweeps(k, id)
   redis.call('SREM', k.exporting, id)
   forget_head(k, id)
 end
+local function drop_entries(k, id)
+  -- Everything of a job whose record goes but its record and status indexes: leases, list indexes, the queue,
+  -- the sweeps, and its events, loss history and summary (kept without an expiry, they stayed for good).
+  release_leases(k.leases, id)
+  redis.call('ZREM', k.all, id)
+  if k.owner_all then redis.call('ZREM', k.owner_all, id) end
+  leave_queue_and_sweeps(k, id)
+  redis.call('DEL', k.events, k.history, k.summary, k.sent)
+end
 local function queue_webhook(k, id, event, from, at, ev, message)
   -- When anyone listens (the job's own URL, or the operator's): with the job as it is after this step, the
   -- event's message (why: a retry's cause, a preemption's job), and the event's id as the delivery's, however
@@ -377,17 +386,15 @@ local exp = field(KEYS[1], 'export')
 if exp and exp.status == 'running' then return {'export_state', cur, 'running'} end
 local id = a.id
 free_output_dir(k.output_dirs, id)
-release_leases(k.leases, id)
 -- No longer a user of its uploads: the member the create added ('id|created_at', the time as stored).
 local created = redis.call('HGET', KEYS[1], 'created_at')
 for _, users in ipairs(k.upload_users or {}) do redis.call('SREM', users, id .. '|' .. created) end
+-- (with the job's summary as it was: before it goes)
 if member(cur, a.unended) then queue_webhook(k, id, 'job_deleted', cur, a.now, nil, a.message) end
-redis.call('DEL', KEYS[1], k.events, k.history, k.summary, k.sent)
-redis.call('ZREM', k.all, id)
-if k.owner_all then redis.call('ZREM', k.owner_all, id) end
+redis.call('DEL', KEYS[1])
+drop_entries(k, id)
 reindex(k.status, id, cur, nil, 0)
 reindex(k.owner_status, id, cur, nil, 0)
-leave_queue_and_sweeps(k, id)
 return {'ok', cur}
 """
 )
@@ -403,16 +410,12 @@ FORGET_LOST = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local k, id = a.k, a.id
-release_leases(k.leases, id)
 for _, index in pairs(k.status) do redis.call('ZREM', index, id) end
 for _, index in pairs(k.owner_status or {}) do redis.call('ZREM', index, id) end
-redis.call('ZREM', k.all, id)
-if k.owner_all then redis.call('ZREM', k.owner_all, id) end
 if a.output_dir and redis.call('HGET', k.output_dirs, a.output_dir) == id then
   redis.call('HDEL', k.output_dirs, a.output_dir)
 end
-leave_queue_and_sweeps(k, id)
-redis.call('DEL', k.summary, k.events, k.history, k.sent)
+drop_entries(k, id)
 return 1
 """
 )
