@@ -79,6 +79,9 @@ class Scheduler:
         self._starts_from = 0.0  # (monotonic) no run starts before: see `_hold_starts`
         self._held_why = ""
         self._deferred: set[str] = set()  # jobs whose start was asked for while starts were held
+        # Redis lost its data: once the hold's time is up, starts wait on while runners of this host whose runs it
+        # does not know still live (`_hold_for_forgotten`).
+        self._forgotten_may_live = False
 
     def fence(self) -> str:
         """The lock value this scheduler's status changes are fenced by. Once the lead is lost it is none: with no
@@ -162,7 +165,8 @@ class Scheduler:
         await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
         data_lost = self.leader.redis_lost_it
         forgotten: list[LiveRunner] = []
-        with contextlib.suppress(RedisError):
+        # (Not read, after a loss, the hold is the usual one; else the lead is not taken without it, as before.)
+        with contextlib.suppress(*((RedisError,) if data_lost else ())):
             forgotten = await self._forgotten_runs()
         # A Redis that lost its data (or was restored from an older snapshot) while runs went on: their runners end
         # them once they find their records gone, but until then they hold GPUs that Redis calls free (hunt BU: a
@@ -174,6 +178,7 @@ class Scheduler:
             why = "; ".join(w for w in ("Redis lost the lead's lock" if data_lost else "", ending) if w)
             with contextlib.suppress(RedisError):
                 await self._hold_starts(why, max((r.ends_within for r in forgotten), default=0.0))
+            self._forgotten_may_live = True
         self.leader.redis_lost_it = False
         # Kept from now: the migrations below may outlast the lock's TTL (a rewrite of every summary of 100k
         # jobs), and a lock let lapse meanwhile handed the lead to a standby that did them all again.
@@ -249,6 +254,23 @@ class Scheduler:
         until = time.strftime("%H:%M:%S %Z", time.localtime(time.time() + hold))  # (with its zone: hunt CN)
         return f"no run starts until {until}: {why}, and runs it may have forgotten must end first", hold
 
+    async def _hold_for_forgotten(self) -> None:
+        """Past a hold for a Redis that lost its data: starts wait on, a second at a time, while a runner of this
+        host whose run Redis does not know still lives. A runner whose connection hung rather than broke learned of
+        the loss a socket timeout after the scheduler did, and a second run was given its GPU while its swift was
+        still within its stop grace (hunt CT: 1.4 s). It ends once swift's whole group has."""
+        alive = await self._forgotten_runs()
+        if not alive:
+            self._forgotten_may_live = False
+            return
+        names = ", ".join(sorted({r.job_id for r in alive})[:10])
+        said = f"no run starts yet: runs Redis does not know still end on this host ({names})"
+        if not self._held_why.startswith(said):
+            logger.warning("scheduler {}: {}", self.ident, said)
+        seconds = min(1.0, self.settings.QUEUE_POLL_INTERVAL)
+        self._hold_locally(seconds, said)
+        await self.cluster.hold_starts(said, seconds + 1.0)  # (what a queued job's reason says meanwhile)
+
     async def _forgotten_runs(self) -> list[LiveRunner]:
         """This deployment's runners alive on this host whose runs (or exports) Redis does not know."""
         found = await asyncio.to_thread(self.launcher.runners)
@@ -291,8 +313,11 @@ class Scheduler:
                 )
                 if restarted:
                     logger.warning("scheduler {}: {} (for {:g} s)", self.ident, why, held)
+                    self._forgotten_may_live = True
                 if held > 0:
                     self._hold_locally(held, why)
+                if self._forgotten_may_live and self._starts_from <= time.monotonic():
+                    await self._hold_for_forgotten()
                 if self._starts_from > time.monotonic():
                     await self.processor.view()  # still publish the GPU reading
                     await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)

@@ -282,6 +282,42 @@ def test_a_leader_whose_redis_was_flushed_names_the_runs_it_no_longer_knows(
         sync.close()
 
 
+def test_no_run_starts_on_a_gpu_while_a_runner_that_has_not_noticed_the_loss_of_its_record_lives(
+    server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
+) -> None:
+    # A runner whose Redis connection hung learned of a flush a socket timeout after the scheduler: the hold's time
+    # was up while its swift was still in its stop grace, and the next run shared the GPU for 1.4 s (hunt CT). A
+    # stopped runner (SIGSTOP) is one that has not noticed, for as long as the test wants.
+    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "2", "SIMULATED_GPUS": "1x80"}
+    server = server_factory(env=env)
+    create(server, workspace, "first", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+    job = wait_for(lambda: (j := server.job("first"))["pid"] and j["runner"] and j, what="the run")
+    runner, trainer = psutil.Process(job["runner"]["pid"]), job["pid"]
+    sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    runner.send_signal(signal.SIGSTOP)
+    try:
+        sync.flushall()
+        flushed = time.monotonic()
+        create(server, workspace, "next", auto_start=True, training={"max_steps": 2})
+
+        # Past the hold's own time (2 + 2 x 0.5 + 1 s): still held, for the run this host still has.
+        def held() -> str | None:
+            said = json.dumps(server.http.get("/queue/processor/status").json())
+            return said if "still end on this host (first)" in said else None
+
+        said = wait_for(held, timeout=30, what="the hold naming the run")
+        while time.monotonic() - flushed < 8:
+            assert server.job("next")["status"] == "queued", said
+            time.sleep(0.2)
+        assert psutil.pid_exists(trainer)
+    finally:
+        runner.send_signal(signal.SIGCONT)
+        sync.close()
+    gone = wait_for(lambda: not psutil.pid_exists(trainer) and time.time(), timeout=30, what="the first run's end")
+    started = server.wait_status("next", "completed", timeout=40)["started_at"]
+    assert started >= gone - 0.5, (started, gone)  # (not while the first run's swift lived)
+
+
 async def test_a_job_that_waits_out_a_start_hold_is_told_why_though_the_gpus_look_free(
     app_factory: Callable[..., Any], workspace: Path
 ) -> None:
