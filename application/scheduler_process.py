@@ -75,7 +75,8 @@ class Scheduler:
         self.webhooks = Webhooks(self.store, self.cluster, settings)
         self._wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self._migrated = False
+        # The start-up backfills: due at the first lead and after Redis lost its data, until they have all been made.
+        self._backfills_due = True
         self._starts_from = 0.0  # (monotonic) no run starts before: see `_hold_starts`
         self._held_why = ""
         self._deferred: set[str] = set()  # jobs whose start was asked for while starts were held
@@ -164,8 +165,9 @@ class Scheduler:
         """What a new leader does before its loops start; returns the task that keeps the lock."""
         await self.cluster.init_processor_switch(self.settings.QUEUE_PROCESSOR_AUTOSTART)
         data_lost = self.leader.redis_lost_it
+        self._backfills_due = self._backfills_due or data_lost
         forgotten: list[LiveRunner] = []
-        # (Not read, after a loss, the hold is the usual one; else the lead is not taken without it, as before.)
+        # After a loss, Redis failing this read leaves the usual hold; otherwise the error ends the lead, as before.
         with contextlib.suppress(*((RedisError,) if data_lost else ())):
             forgotten = await self._forgotten_runs()
         # A Redis that lost its data (or was restored from an older snapshot) while runs went on: their runners end
@@ -186,17 +188,19 @@ class Scheduler:
         try:
             # Again after Redis lost its data (flushed, replaced, restored from a backup): their markers went with
             # it, and users' creates wait for the folders' one (hunt CR: 503 for every user until a restart, once
-            # an admin's create had made the jobs index non-empty before any user's could set it).
-            if not self._migrated or data_lost:
-                older = "stored since Redis lost its data" if data_lost else "stored by an older version"
+            # an admin's create had made the jobs index non-empty before any user's could set it). Also when that
+            # marker is gone and this scheduler did not see the loss (a standby took the lock first), and until a
+            # pass of them has succeeded (one cut short by a Redis error is made at the next lead: review CV).
+            if self._backfills_due or not await self.store.folders.mark_indexed_if_empty():
+                # (jobs an older version stored, or stored since Redis lost its data)
                 if written := await self.store.summaries.backfill():
-                    logger.info("wrote the list summaries of {} job(s) {}", written, older)
+                    logger.info("wrote the list summaries of {} job(s) that had none", written)
                 if recorded := await self.watchdog.files.backfill_users(self.store):
                     logger.info("recorded {} upload(s) read by active jobs", recorded)
                 await self.cluster.backfill_queued_since()
                 if recorded := await self.store.folders.backfill():
-                    logger.info("recorded the owners of {} job folder(s) {}", recorded, older)
-                self._migrated = True
+                    logger.info("recorded the owners of {} job folder(s) not recorded yet", recorded)
+                self._backfills_due = False
         except BaseException:
             await cancel([keeper])
             raise
@@ -269,7 +273,9 @@ class Scheduler:
             logger.warning("scheduler {}: {}", self.ident, said)
         seconds = min(1.0, self.settings.QUEUE_POLL_INTERVAL)
         self._hold_locally(seconds, said)
-        await self.cluster.hold_starts(said, seconds + 1.0)  # (what a queued job's reason says meanwhile)
+        # (what a queued job's reason says meanwhile; no longer than this look's own hold, which the next round
+        # reads back: held for a second more, the next start waited 2 s after the runner's end, review CV)
+        await self.cluster.hold_starts(said, seconds)
 
     async def _forgotten_runs(self) -> list[LiveRunner]:
         """This deployment's runners alive on this host whose runs (or exports) Redis does not know."""

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from application.scheduler_process import Scheduler
 from application.services.folder_owners import folder_arg
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
+from application.services.redis_service import RedisService
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model, seed_swift_probe
 from tests.test_job_store import make_job
 
@@ -166,6 +168,53 @@ async def test_users_create_again_once_the_scheduler_leads_a_redis_that_lost_its
         body = {**job_body(tmp_path, "into", dataset="data"), "output_dir": "admins/into"}
         r = await client.post("/jobs", json=body, headers=auth(ALICE_KEY))
         assert r.status_code == 409 and FOREIGN in r.text, r.text
+
+
+async def test_a_standby_that_led_before_takes_over_a_flushed_redis_and_users_create_again(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The scheduler that took the lock a flush let go was the standby, not the leader that saw its lock gone: it
+    # had led before, so it made no backfill, and every user's create was 503 until a restart (review CV).
+    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
+        a: Scheduler = client.scheduler
+        deadline = time.monotonic() + 20
+        while not a.leader.leading:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        redis_b = RedisService(a.settings)
+        await redis_b.connect()
+        b = Scheduler(a.settings, redis_b)
+        b._backfills_due = False  # (as after an earlier lead of its own: its backfills were made then)
+        task_b = asyncio.create_task(b.run())
+        try:
+            await asyncio.sleep(0.5)
+            # Flush until the standby, not the leader, takes the lock that Redis lost (it polls every 0.2 s, the
+            # leader renews every TTL/3 = 1 s): the leader then hears "another scheduler holds the lock".
+            for _ in range(5):
+                await a.cluster.r.flushdb()
+                deadline = time.monotonic() + 10
+                while not (a.leader.leading ^ b.leader.leading):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)
+                if b.leader.leading:
+                    break
+            assert b.leader.leading, "the standby never took the lead"
+            body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
+            r = await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))
+            assert r.status_code == 201, r.text
+            deadline = time.monotonic() + 15
+            while True:
+                body = {**job_body(tmp_path, "bobs", dataset="data"), "output_dir": "bobs"}
+                last = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
+                if last.status_code == 201:
+                    break
+                assert time.monotonic() < deadline, f"a user's create is still refused after the flush: {last.text}"
+                await asyncio.sleep(0.5)
+        finally:
+            b.stopping.set()
+            await asyncio.wait_for(task_b, 30)
+            await redis_b.close()
 
 
 async def test_without_keys_every_folder_is_open_and_recorded_for_when_keys_come(
