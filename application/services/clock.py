@@ -25,7 +25,8 @@ RESYNC_SECONDS = 300.0
 RETRY_SECONDS = 10.0  # after a failed reading (Redis away): the anchor so far stands meanwhile
 SAMPLES = 3  # the reading of the shortest round trip of these is kept: a busy loop's delay is not the clock's
 SKEW_WARNING_SECONDS = 2.0
-OFFSET_STEP = 0.001  # how far the two clocks' difference moves before `from_local` takes it again
+OFFSET_STEP = 0.01  # the grain of `from_local`'s offset, and how far it moves before it is taken again
+SAME_CLOCK_SECONDS = 0.05  # clocks this close are one clock for a file's time (what a skew of more moves)
 
 
 class Clock:
@@ -50,12 +51,14 @@ class Clock:
         return anchor[0] + (time.monotonic() - anchor[1])
 
     def from_local(self, local: float) -> float:
-        """A time of this host's clock (a file's mtime) on the shared one. The offset is kept until it moves by more
-        than OFFSET_STEP (a step of either clock, a new anchor): taken afresh at each call, it moved by a few
-        microseconds, and an unchanged file's time changed from one read to the next (hunt CP)."""
+        """A time of this host's clock (a file's mtime) on the shared one: the file's own time where the two clocks
+        agree within SAME_CLOCK_SECONDS (one host, or hosts kept in step by NTP), else moved by their offset in
+        steps of OFFSET_STEP, kept until it moves by more than a step. Taken afresh at each call, the offset moved
+        by microseconds, and each API worker's by its own: an unchanged file's time changed from one read to the
+        next (hunt CP, review CV)."""
         offset = self.now() - time.time()
         if self._offset is None or abs(offset - self._offset) > OFFSET_STEP:
-            self._offset = offset
+            self._offset = 0.0 if abs(offset) < SAME_CLOCK_SECONDS else round(offset / OFFSET_STEP) * OFFSET_STEP
         return local + self._offset
 
     async def sync(self, client: Any) -> bool:
