@@ -95,6 +95,10 @@ class EndingH11Protocol(H11Protocol):
         end_streams()  # (as BoundedHttpToolsProtocol's)
         super().shutdown()
 
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(_bad_request(msg))  # (as BoundedHttpToolsProtocol's: JSON, not uvicorn's text)
+        self.transport.close()
+
 
 class _HeadTooLarge(Exception):
     """Raised in a parser callback to stop the parse: httptools hands it to uvicorn as a parser error, whose 400

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -107,6 +108,36 @@ def test_a_request_that_is_not_http_is_answered_as_every_error_is(server: ApiSer
     assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), answer[:300]
     assert json.loads(body)["detail"].startswith("not a valid HTTP/1.1 request (Invalid HTTP request received)"), body
     assert server.http.get("/jobs").status_code == 200  # (the worker serves on)
+
+
+def test_the_h11_fallback_answers_a_request_that_is_not_http_as_json_too() -> None:
+    # Where httptools is not installed uvicorn parses with h11, whose 400 was text/plain still (review CV).
+    import threading
+
+    import uvicorn
+
+    from application.http_protocol import EndingH11Protocol
+    from tests.conftest import free_port, wait_for
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=EndingH11Protocol, log_config=None,
+                                           lifespan="off"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, what="the server")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")  # (a space in the URL)
+            head, body = _answer(sock).split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, head
+        assert json.loads(body)["detail"].startswith("not a valid HTTP/1.1 request"), body
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 # ---- time: a head, a body, a response nobody reads ------------------------------------------------------------

@@ -37,8 +37,9 @@ from application.utils.gpu_types import GpuSnapshot, snapshot_of
 if TYPE_CHECKING:
     from application.services.training_service import TrainingService
 
-# Ids tried from one output folder's name (`<name>`, `<name>-2`, ...) before the create asks for a job_id.
-MAX_ID_TRIES = 1000
+# Ids tried from one output folder's name (`<name>`, `<name>-2`, ... `<name>-999`) before the create asks for a
+# job_id.
+MAX_ID_TRIES = 999
 
 
 def job_id_from(output_dir: Path) -> str:
@@ -161,7 +162,7 @@ async def _store(svc: TrainingService, job: Job, req: JobCreate, caller: Caller,
                  uploads: list[str], folder: dict[str, Any], claim: Claim | None) -> int | None:  # fmt: skip
     """Stores the job under its id, or the next free one made from its folder's name; its queue position."""
     base_id = job.job_id
-    for attempt in range(1, MAX_ID_TRIES):
+    for attempt in range(1, MAX_ID_TRIES + 1):
         try:
             return await svc.store.create(job, message=message, actor=caller.actor,
                                           max_waiting=svc.limits.max_waiting, uploads=uploads,
@@ -173,7 +174,7 @@ async def _store(svc: TrainingService, job: Job, req: JobCreate, caller: Caller,
                 return await svc.store.queue_position(job.job_id) if job.status == JobStatus.QUEUED else None
             await _refused(svc, exc, req, caller)
             job.job_id = f"{base_id}-{attempt + 1}"
-    raise Conflict(f"every job id from '{base_id}' to '{job.job_id}' is taken: pass a job_id")
+    raise Conflict(f"every job id from '{base_id}' to '{base_id}-{MAX_ID_TRIES}' is taken: pass a job_id")
 
 
 async def _refused(svc: TrainingService, exc: TransitionRefused, req: JobCreate, caller: Caller) -> None:
