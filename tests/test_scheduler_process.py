@@ -203,11 +203,20 @@ async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_
     again, left_now, why_now = await cluster.restart_hold("another", 30)  # (the same Redis: told, not held anew)
     assert again is False and 20 < left_now <= left and why_now == "held for a test"
     await redis_client.delete(keys.starts_held)
-    # Restored from a snapshot taken before run_ids were recorded (an upgrade, then a restore): jobs, no run_id
-    # (a hunt: the new leader started a second run on a GPU an orphan still held).
-    await store.create(make_job("j", JobStatus.QUEUED), message="", actor="t")
+    # A new deployment whose first job was created before the scheduler's first look: nothing to forget (it
+    # waited out a hold, told "Redis restarted": hunt CW).
+    await store.create(make_job("new", JobStatus.QUEUED), message="", actor="t")
+    await redis_client.delete(keys.redis_run)
+    assert await restarted() is False
+    # Restored from a snapshot taken before run_ids were recorded (an upgrade, then a restore): jobs of before, no
+    # run_id (a hunt: the new leader started a second run on a GPU an orphan still held); or new ones but one runs.
+    await store.create(make_job("j", JobStatus.QUEUED, created=time.time() - 3600), message="", actor="t")
     await redis_client.delete(keys.redis_run)
     assert await restarted() is True and await restarted() is False
+    await store.delete("j", [], actor="t")
+    await store.create(make_job("r", JobStatus.RUNNING), message="", actor="t")
+    await redis_client.delete(keys.redis_run)
+    assert await restarted() is True
 
 
 def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgotten_runs_have_ended(

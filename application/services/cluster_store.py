@@ -30,6 +30,8 @@ from application.services.webhook_queue import WebhookQueue
 from application.utils.gpu_types import GpuSnapshot
 
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
+# A Redis with no run_id recorded whose jobs are all this new, none running, is a new deployment's (`restart_hold`).
+FRESH_SECONDS = 300.0
 
 
 def reading_error(snapshot: GpuSnapshot, now: float) -> str | None:
@@ -123,15 +125,30 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
         """Whether Redis restarted since the leader last asked (its run_id is another now), and so may have come
         back from an older state (a snapshot, a backup) that forgot runs which go on: then no run starts for
         `seconds` (`why`), held in Redis for this leader or the next. Nothing recorded yet counts as a restart when
-        jobs are stored (a snapshot taken before a version that records it), not for a new deployment; with INFO
-        refused, none is told. Also how long starts are held now (0: they are not), and why. Two round trips."""
+        jobs are stored (a snapshot taken before a version that records it), not for a new deployment (no job, or
+        only jobs of its first FRESH_SECONDS, none running); with INFO refused, none is told. Also how long starts
+        are held now (0: they are not), and why. Two round trips."""
         try:
             run_id = str((await self.r.info("server")).get("run_id") or "")
         except ResponseError:
             run_id = ""
         restarted, left_ms, held_why = await self._restart_hold(
-            keys=[self.keys.redis_run, self.keys.starts_held, self.keys.jobs_index],
-            args=[json.dumps({"run_id": run_id, "why": why, "ms": max(1, int(seconds * 1000))})],
+            keys=[
+                self.keys.redis_run,
+                self.keys.starts_held,
+                self.keys.jobs_index,
+                self.keys.status_index(JobStatus.RUNNING),
+            ],
+            args=[
+                json.dumps(
+                    {
+                        "run_id": run_id,
+                        "why": why,
+                        "ms": max(1, int(seconds * 1000)),
+                        "fresh_since": clock.now() - FRESH_SECONDS,
+                    }
+                )
+            ],
         )
         return bool(restarted), int(left_ms) / 1000, held_why or ""
 

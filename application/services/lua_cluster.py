@@ -213,11 +213,13 @@ end
 return 0
 """
 
-# KEYS: Keys.redis_run, Keys.starts_held, Keys.jobs_index. a: run_id (Redis's, from INFO; '' when not known), why,
-# ms. Redis restarted since the leader last asked when the run_id recorded is another, or when none is and jobs are
-# stored (a snapshot from before a version that records it): then starts are held `ms`. The run_id is recorded
-# only with its hold, so that a hold that could not be written is not missed by the next leader to ask. Returns
-# {restarted, the hold's ms left (0: none), why}.
+# KEYS: Keys.redis_run, Keys.starts_held, Keys.jobs_index, the running index. a: run_id (Redis's, from INFO; ''
+# when not known), why, ms, fresh_since. Redis restarted since the leader last asked when the run_id recorded is
+# another, or when none is and jobs are stored (a snapshot from before a version that records it), unless every one
+# of them was created since `fresh_since` and none runs: a new deployment whose first job came before the
+# scheduler's first look (it waited out a hold, told "Redis restarted": hunt CW). Then starts are held `ms`. The
+# run_id is recorded only with its hold, so that a hold that could not be written is not missed by the next leader
+# to ask. Returns {restarted, the hold's ms left (0: none), why}.
 RESTART_HOLD = """
 local a = cjson.decode(ARGV[1])
 local restarted = false
@@ -226,7 +228,8 @@ if a.run_id ~= '' then
   if previous then
     restarted = previous ~= a.run_id
   else
-    restarted = redis.call('ZCARD', KEYS[3]) > 0
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    restarted = oldest[2] ~= nil and (tonumber(oldest[2]) < a.fresh_since or redis.call('ZCARD', KEYS[4]) > 0)
   end
   if restarted then redis.call('SET', KEYS[2], a.why, 'PX', a.ms) end
   redis.call('SET', KEYS[1], a.run_id)
