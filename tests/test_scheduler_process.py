@@ -279,7 +279,7 @@ def test_a_leader_whose_redis_was_flushed_names_the_runs_it_no_longer_knows(
     env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"}
     server = server_factory(env=env)
     create(server, workspace, "flushed", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
-    wait_for(lambda: (j := server.job("flushed"))["pid"] and j["runner"], what="the run")
+    job = wait_for(lambda: (j := server.job("flushed"))["pid"] and j["runner"] and j, what="the run")
     sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
     try:
         sync.flushall()
@@ -287,6 +287,9 @@ def test_a_leader_whose_redis_was_flushed_names_the_runs_it_no_longer_knows(
         said = wait_for(lambda: "runs Redis does not know still end on this host (flushed)" in
                         (text := log.read_text(errors="replace")) and text, what="the hold naming the run")  # fmt: skip
         assert "Redis lost the lead's lock; runs Redis does not know" in said
+        # The runner's own log says why it stops the run (it said "orphaned", at INFO: hunt CW).
+        runner_log = Path(job["log_file"]).parent / "flushed.runner.log"
+        wait_for(lambda: "Redis records no such job" in runner_log.read_text(errors="replace"), what="the runner's why")
     finally:
         sync.close()
 

@@ -227,8 +227,14 @@ class Runner:
                 recorded, ended_at = True, clock.now()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
             tick = await self._tick("train", self.run_id)
-            if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value):
-                orphaned = True  # deleted, ended or taken over by another run: this run must not go on
+            if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value) and \
+                    not orphaned:  # fmt: skip
+                # Deleted, ended or taken over by another run: this run must not go on. Said as a warning, with
+                # what Redis holds: after a flush or a restore this log is the only one that names the run (hunt CW).
+                orphaned = True
+                logger.warning("job {} run {}: Redis records {} (its run: {}), not this run: stopping it; its end is "
+                               "not recorded (the job deleted, or Redis lost its data or went back to an older state)",
+                               self.job_id, self.run_id, tick.status or "no such job", tick.run_id)  # fmt: skip
             if tick is not None:
                 stop_requested = stop_requested or tick.stop_requested
                 pause_requested = pause_requested or tick.pause_requested
