@@ -20,8 +20,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from application.models.training_model import TERMINAL_STATUSES, Job, JobStatus
+from application.models.training_model import JobStatus
 from application.services import clock, lua_cluster
+from application.services.export_targets import ExportTargets
 from application.services.idempotency_records import IdempotencyRecords
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
@@ -104,7 +105,7 @@ class MetricsState:
     exporting: int  # jobs whose merge export runs or waits to be launched
 
 
-class ClusterStore(WebhookQueue, IdempotencyRecords):
+class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.r: Any = client
         self.keys = keys
@@ -283,36 +284,6 @@ class ClusterStore(WebhookQueue, IdempotencyRecords):
             rate_count=int(n) if rate is not None else None, folders_indexed=bool(indexed), starts_held=held or None,
             clocks={j: float(t) for j, t in zip(clocks[::2], clocks[1::2], strict=True)},
         )  # fmt: skip
-
-    async def export_target(self, target: str) -> str | None:
-        """Who writes the export folder `target` (Keys.export_targets), as claimed."""
-        raw: str | None = await self.r.hget(self.keys.export_targets, target)
-        return raw
-
-    async def claim_export_target(self, target: str, expect: str | None, value: str) -> bool:
-        """`target` claimed with `value` ("": released) if its entry is still `expect` (None: none)."""
-        return bool(await self._claim_export_target(keys=[self.keys.export_targets], args=[json.dumps(
-            {"target": target, "expect": expect or "", "value": value})]))  # fmt: skip
-
-    async def release_export_targets(self, job: Job) -> None:
-        """After `job`'s record is deleted: the export folders it claimed are claimed by no one (but those its
-        quantized export jobs still write); of a quantized export's job, the folder it wrote."""
-        ended = [json.dumps(s.value) for s in TERMINAL_STATUSES]
-        exports = [e for e in (job.export, *job.exports) if e.output_dir]
-        if exports:
-            # (an empty map: cjson makes [] of it, which the script indexes all the same)
-            children = {e.output_dir: self.keys.job(e.job_id) for e in exports if e.job_id}
-            await self._release_export_targets(keys=[self.keys.export_targets], args=[json.dumps({
-                "of": job.job_id, "targets": [e.output_dir for e in exports], "children": children,
-                "ended": ended})])  # fmt: skip
-        argv = job.export_argv or []
-        if job.kind == "export" and job.export_of and "--output_dir" in argv[:-1]:
-            # A quantized export's own folder, left claimed by its job's delete while it ran (hunt BR): kept for
-            # good once the job went, and taken for that job's again by one created later under its id.
-            target = argv[argv.index("--output_dir") + 1]
-            await self._release_export_targets(keys=[self.keys.export_targets], args=[json.dumps({
-                "of": job.export_of, "job": job.job_id, "targets": [target], "children": {},
-                "ended": ended})])  # fmt: skip
 
     async def set_queue_head(self, head: Head) -> None:
         k = self.keys
