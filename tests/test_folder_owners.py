@@ -144,6 +144,23 @@ async def test_a_new_install_takes_users_jobs_before_any_scheduler_has_run(
         assert r.status_code == 201, r.text
 
 
+async def admin_then_user_create(client: Any, tmp_path: Path, within: float) -> None:
+    """After Redis lost its data: an admin's create first (201), then a user's, refused only as waiting for the
+    folders to be recorded, and taken `within` seconds."""
+    body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
+    r = await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + within
+    while True:
+        body = {**job_body(tmp_path, "bobs", dataset="data"), "output_dir": "bobs"}
+        r = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
+        if r.status_code == 201:
+            return
+        assert r.status_code == 503 and "not recorded whose job folders" in r.text, r.text
+        assert time.monotonic() < deadline, f"a user's create is still refused after the flush: {r.text}"
+        await asyncio.sleep(0.2)
+
+
 async def test_users_create_again_once_the_scheduler_leads_a_redis_that_lost_its_data(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -153,17 +170,7 @@ async def test_users_create_again_once_the_scheduler_leads_a_redis_that_lost_its
     async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
         scheduler = client.scheduler
         await scheduler.cluster.r.flushdb()
-        body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
-        assert (await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))).status_code == 201
-        deadline = time.monotonic() + 30
-        while True:
-            body = {**job_body(tmp_path, "bobs", dataset="data"), "output_dir": "bobs"}
-            r = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
-            if r.status_code == 201:
-                break
-            assert r.status_code == 503 and "not recorded whose job folders" in r.text, r.text
-            assert time.monotonic() < deadline, f"a user's create is still refused after the flush: {r.text}"
-            await asyncio.sleep(0.2)
+        await admin_then_user_create(client, tmp_path, within=30)
         # (and the admin's folder is the admin's: another user may not take it)
         body = {**job_body(tmp_path, "into", dataset="data"), "output_dir": "admins/into"}
         r = await client.post("/jobs", json=body, headers=auth(ALICE_KEY))
@@ -200,17 +207,7 @@ async def test_a_standby_that_led_before_takes_over_a_flushed_redis_and_users_cr
                 if b.leader.leading:
                     break
             assert b.leader.leading, "the standby never took the lead"
-            body = {**job_body(tmp_path, "admins", dataset="data"), "output_dir": "admins"}
-            r = await client.post("/jobs", json=body, headers=auth(ADMIN_KEY))
-            assert r.status_code == 201, r.text
-            deadline = time.monotonic() + 15
-            while True:
-                body = {**job_body(tmp_path, "bobs", dataset="data"), "output_dir": "bobs"}
-                last = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
-                if last.status_code == 201:
-                    break
-                assert time.monotonic() < deadline, f"a user's create is still refused after the flush: {last.text}"
-                await asyncio.sleep(0.5)
+            await admin_then_user_create(client, tmp_path, within=15)
         finally:
             b.stopping.set()
             await asyncio.wait_for(task_b, 30)

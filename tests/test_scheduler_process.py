@@ -245,20 +245,29 @@ def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgo
         sync.close()
 
 
+def hanging_run(server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path, name: str,
+                grace: float) -> tuple[ApiServer, dict[str, Any]]:  # fmt: skip
+    """A server on `own_redis` (one GPU) running job `name`, whose trainer hangs after a step and ignores SIGTERM
+    (it holds the GPU until `grace` has passed), and the job once its runner is recorded."""
+    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": f"{grace:g}", "SIMULATED_GPUS": "1x80"}
+    server = server_factory(env=env)
+    create(server, workspace, name, auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+    return server, wait_for(lambda: (j := server.job(name))["pid"] and j["runner"] and j, what="the run")
+
+
 def test_a_scheduler_started_on_a_redis_that_lost_everything_waits_for_the_runs_it_does_not_know(
     server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis, workspace: Path
 ) -> None:
     # start.py stopped (its runners go on), Redis back empty, start.py started again: the new leader had no lost
     # lock and no Redis run_id to go by, and started a run at once on the GPU an orphaned run still held (hunt BU).
-    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"}
-    first = server_factory(env=env)
-    create(first, workspace, "orphan", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
-    runner = wait_for(lambda: (j := first.job("orphan"))["pid"] and j["runner"], what="the run")["pid"]
+    first, job = hanging_run(server_factory, own_redis, workspace, "orphan", grace=8)
+    runner = job["runner"]["pid"]
     first.stop()
     sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
     try:
         sync.flushall()  # (as a Redis that kept nothing across its restart)
-        again = server_factory(env=env, prefix=first.prefix)
+        again = server_factory(env={"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"},
+                               prefix=first.prefix)  # fmt: skip
         if not psutil.pid_exists(runner):
             pytest.fail("the orphaned runner ended before the new scheduler led: too slow a machine to tell")
         create(again, workspace, "next", auto_start=True, training={"max_steps": 2})
@@ -276,10 +285,7 @@ def test_a_leader_whose_redis_was_flushed_names_the_runs_it_no_longer_knows(
 ) -> None:
     # Redis flushed under a running server: the hold said only "Redis lost the lead's lock", and the runs being
     # ended (whose jobs the API no longer shows) were named nowhere in the server's log (hunt CR).
-    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"}
-    server = server_factory(env=env)
-    create(server, workspace, "flushed", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
-    job = wait_for(lambda: (j := server.job("flushed"))["pid"] and j["runner"] and j, what="the run")
+    server, job = hanging_run(server_factory, own_redis, workspace, "flushed", grace=8)
     sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
     try:
         sync.flushall()
@@ -300,10 +306,7 @@ def test_no_run_starts_on_a_gpu_while_a_runner_that_has_not_noticed_the_loss_of_
     # A runner whose Redis connection hung learned of a flush a socket timeout after the scheduler: the hold's time
     # was up while its swift was still in its stop grace, and the next run shared the GPU for 1.4 s (hunt CT). A
     # stopped runner (SIGSTOP) is one that has not noticed, for as long as the test wants.
-    env = {"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "2", "SIMULATED_GPUS": "1x80"}
-    server = server_factory(env=env)
-    create(server, workspace, "first", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
-    job = wait_for(lambda: (j := server.job("first"))["pid"] and j["runner"] and j, what="the run")
+    server, job = hanging_run(server_factory, own_redis, workspace, "first", grace=2)
     runner, trainer = psutil.Process(job["runner"]["pid"]), job["pid"]
     sync = redis.Redis.from_url(own_redis.url, decode_responses=True)
     runner.send_signal(signal.SIGSTOP)
