@@ -115,8 +115,9 @@ def test_create_pending_start_complete_progress_checkpoint_and_auto_export(serve
 def test_auto_start_runs_at_once_and_cpu_job_uses_float32(server: ApiServer, workspace: Path) -> None:
     r = created(server, body(workspace, "auto", auto_start=True))
     assert r["job_id"] == "auto" and r["status"] == "running"
+    assert r["gpu_ids"] == [0] and r["message"] == "Training started on GPUs [0]"
     cpu = created(server, body(workspace, "cpu", auto_start=True, num_gpus=0))
-    assert cpu["status"] == "running"
+    assert cpu["status"] == "running" and cpu["gpu_ids"] == []
     job = server.wait_status("auto", "completed")
     assert flag(job["command"], "--torch_dtype") == "bfloat16"
     # num_gpus 0: float32 (the fake, like real swift, fails bf16 without a GPU) and no visible GPU.

@@ -27,6 +27,7 @@ class CreateResponse(BaseModel):
     estimated_wait_time: WaitEstimate | None = None
     pending_reason: PendingReason | None = None
     predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
+    gpu_ids: list[int] | None = Field(None, description="auto_start: the GPUs its run started on")
 
 
 class WaitEstimate(BaseModel):

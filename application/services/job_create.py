@@ -215,7 +215,7 @@ async def _auto_start(svc: TrainingService, job: Job, caller: Caller) -> CreateR
                               f"(GET .../jobs/{job.job_id}), and start it (POST .../start) if it is still "
                               "pending")  # fmt: skip
     return CreateResponse(**started.model_dump(include={"job_id", "status", "message", "queue_position",
-                                                        "estimated_wait_time", "pending_reason"}),
+                                                        "estimated_wait_time", "pending_reason", "gpu_ids"}),
                           predicted_duration=job.predicted_duration)  # fmt: skip
 
 
