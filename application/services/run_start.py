@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.disk_space import disk_state, disk_trouble, launch_error, start_refused, whole_disk
 from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore, TransitionRefused
-from application.services.launcher import RunnerLauncher
+from application.services.launcher import RunnerInfo, RunnerLauncher
 from application.services.lost_replies import landed, never_sent
 from application.services.metrics import record_scheduling_latency
 from application.services.path_sandbox import Guard, escaped_output_root, relinked_input
@@ -108,6 +109,23 @@ def free_port() -> int:
 _UNUSABLE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP})
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One run as `RunStarter.start` records and launches it."""
+
+    run_id: str
+    now: float
+    gpu_ids: list[int]
+    resume: str | None
+    step: int | None
+    argv: list[str]
+    gpu_env: dict[str, str]
+    attempt: Attempt
+    fields: dict[str, Any]
+    log_dir: Path
+    log_file: Path
+
+
 class RunStarter:
     def __init__(
         self,
@@ -137,6 +155,35 @@ class RunStarter:
         """Move a queued job to running on `gpu_ids` (leases taken in the same step) and launch its runner. A job
         that ran before resumes from its checkpoint (`resume_from`, else the newest of its checkpoints still on
         disk) or, with none, starts again from the beginning; its loss history keeps the steps before it."""
+        if not await self._startable(job):
+            return False
+        version = await self.version()
+        log_dir = Path(job.output_dir) / "logs"
+        found = await self._resume_and_log(job, log_dir)
+        if found is None:
+            return False
+        inputs = await self._inputs_unmoved(job)
+        if inputs is None:
+            return False
+        run = self._run(job, gpu_ids, version, log_dir, *found)
+        await self._record(job, run)
+        await self._after_record(job, run)
+        runner = await self._launch(job, run, inputs)
+        if runner is None:
+            return False
+        try:
+            await self.store.update(job.job_id, {"runner": runner}, run_id=run.run_id, statuses=(JobStatus.RUNNING,))
+        except TransitionRefused as exc:
+            # Given up meanwhile (this scheduler stalled before the launch): its runner starts nothing.
+            if exc.reason == Refusal.OTHER_RUN:
+                logger.warning("job {} run {} was given up before its runner started", job.job_id, run.run_id)
+                return False
+            # (else it ended already: a run that fails at once)
+        return True
+
+    async def _startable(self, job: Job) -> bool:
+        """False for a stop or pause asked as its last run ended (honoured here), or while OUTPUT_ROOT's disk
+        stays full."""
         if job.stop_requested:
             # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
             # its runner had read its flags just before it came): honoured here, not undone by a new run.
@@ -156,8 +203,11 @@ class RunStarter:
                 await self.hold_for_disk(why)
                 return False
             self.disk_held = False
-        version = await self.version()
-        log_dir = Path(job.output_dir) / "logs"
+        return True
+
+    async def _resume_and_log(self, job: Job, log_dir: Path) -> tuple[str | None, bool, Path] | None:
+        """The checkpoint the run resumes from, whether it holds only weights, and the run's log file; None when
+        the job is not started (left queued, or failed here)."""
         number = len(job.attempts) + 1
         try:
             resume, weights_only = await asyncio.to_thread(resume_point, job) if job.attempts else (None, False)
@@ -171,15 +221,20 @@ class RunStarter:
             # leaves it queued for the next pass.
             if exc.errno not in _UNUSABLE_PATH:
                 logger.warning("job {} not started: its output folder cannot be read now ({})", job.job_id, exc)
-                return False
+                return None
             error = f"its output folder cannot be used: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": error, "error_code": "output_dir"},
                                         message=f"{work_of(job)} failed: {error}")  # fmt: skip
-            return False
+            return None
         if forgotten:
             await self._forgotten(job, forgotten)
-            return False
+            return None
+        return resume, weights_only, log_file
+
+    async def _inputs_unmoved(self, job: Job) -> list[tuple[str, str, bool]] | None:
+        """The run's inputs, or None when one leads elsewhere since the create (the job failed) or Redis could
+        not tell (left queued)."""
         # A link made in a model or data folder since its create (to another owner's checkpoint, out of the roots),
         # or media a data file names since, had the run read what they lead to (a hunt). Before its GPUs are
         # taken: a Redis too slow to tell whose folder a path leads into leaves the job queued.
@@ -188,27 +243,29 @@ class RunStarter:
             moved = await self._inputs.folders_moved(job, inputs, guard)
         except Unavailable as exc:
             logger.warning("job {} not started: its folders' links could not be checked ({})", job.job_id, exc.detail)
-            return False
+            return None
         if moved:
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
                                         fields={"error_message": moved, "error_code": "input_path"},
                                         message=f"{work_of(job)} failed: {moved}")  # fmt: skip
-            return False
+            return None
+        return inputs
+
+    def _run(self, job: Job, gpu_ids: list[int], version: SwiftVersion, log_dir: Path, resume: str | None,
+             weights_only: bool, log_file: Path) -> _Run:  # fmt: skip
         step = checkpoint_step(resume)
         argv = build_sft_command(self.settings.SWIFT_BIN, job, version, resume_from=resume, weights_only=weights_only)
         gpu_env = build_env({}, gpu_ids, master_port=free_port() if len(gpu_ids) > 1 else None)
-        env = visible_env(gpu_env)
-        where = f"GPUs {gpu_ids}" if gpu_ids else "CPU"
         run_id = uuid.uuid4().hex
         now = clock.now()
-        attempt = Attempt(number=number, run_id=run_id, started_at=now, resumed_from=resume, first_step=step,
-                          gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
+        attempt = Attempt(number=len(job.attempts) + 1, run_id=run_id, started_at=now, resumed_from=resume,
+                          first_step=step, gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
         total = job.progress.max_steps
         progress = Progress(current_step=step, max_steps=total,
                             percentage=round(100.0 * step / total, 2) if step is not None and total else None,
                             ) if resume else Progress()  # fmt: skip
         fields: dict[str, Any] = {
-                "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": env,
+                "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": visible_env(gpu_env),
                 "swift_version": version.version, "log_file": str(log_file),
                 "log_offset": 0, "stop_requested": False, "stop_outcome": None, "pid": None, "process_stamp": None,
                 "process_start_time": None, "exit_code": None, "error_message": None, "error_code": None,
@@ -219,11 +276,16 @@ class RunStarter:
                 # (its attempt recorded with it; its logging.jsonl read as this run's end).
                 "run_dir": None,
         }  # fmt: skip
+        return _Run(run_id, now, gpu_ids, resume, step, argv, gpu_env, attempt, fields, log_dir, log_file)
+
+    async def _record(self, job: Job, run: _Run) -> None:
+        """The job running this run, its GPUs leased in the same step."""
+        where = f"GPUs {run.gpu_ids}" if run.gpu_ids else "CPU"
         started = self.store.transition(
-            job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=gpu_ids, fence=self.fence(),
-            fields=fields, message=f"started on {where}" + (f", resuming from {resume}" if resume else
-                                             " from the beginning" if job.attempts else ""),
-            data={"gpu_ids": gpu_ids, "attempt": attempt.number, "resumed_from": resume}, now=now,
+            job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=run.gpu_ids, fence=self.fence(),
+            fields=run.fields, message=f"started on {where}" + (f", resuming from {run.resume}" if run.resume else
+                                                 " from the beginning" if job.attempts else ""),
+            data={"gpu_ids": run.gpu_ids, "attempt": run.attempt.number, "resumed_from": run.resume}, now=run.now,
         )  # fmt: skip
         # Its reply lost, the run may be recorded all the same (lost_replies): then it is launched, not left holding
         # its GPUs, runner-less, until the watchdog gave it up as never launched.
@@ -232,67 +294,64 @@ class RunStarter:
         except TransitionRefused as exc:
             # (refused as running already: by its own first run, when a dropped connection's retry sent it again;
             # any other refusal, a stop that came first say, costs no look)
-            if exc.current != JobStatus.RUNNING.value or not await self._recorded(job.job_id, run_id):
+            if exc.current != JobStatus.RUNNING.value or not await self._recorded(job.job_id, run.run_id):
                 raise
         except REDIS_AWAY as exc:
-            if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run_id)):
+            if never_sent(exc) or not await landed(lambda: self._recorded(job.job_id, run.run_id)):
                 raise
+
+    async def _after_record(self, job: Job, run: _Run) -> None:
         if job.attempts:
             # The steps past the checkpoint it resumes from are logged again: dropped once the run is recorded, not
             # before (a stop or a dequeue that came first cut the history of a job that never ran again). No run
             # writes yet: its runner is launched below.
             try:
-                await self.store.trim_history(job.job_id, step)
+                await self.store.trim_history(job.job_id, run.step)
             except REDIS_AWAY as exc:
                 logger.warning("job {}: its loss points past step {} not dropped ({}): the run logs them again",
-                               job.job_id, step, exc)  # fmt: skip
+                               job.job_id, run.step, exc)  # fmt: skip
         try:
-            await record_scheduling_latency(self.cluster, max(0.0, now - (job.queued_at or job.created_at)))
+            await record_scheduling_latency(self.cluster, max(0.0, run.now - (job.queued_at or job.created_at)))
         except REDIS_AWAY as exc:  # a figure for /metrics: the run is recorded and is launched all the same (hunt BH)
             logger.warning("job {}: its scheduling latency not recorded ({})", job.job_id, exc)
+
+    async def _launch(self, job: Job, run: _Run, inputs: list[tuple[str, str, bool]]) -> RunnerInfo | None:
+        """The runner launched (what the launcher says of it), or None when the run was given up, or its launch
+        failed (the job failed, or back in the queue while the disk is full)."""
         try:
             # One spec per run: a scheduler that stalled here and lost its lead must not launch from, or
             # overwrite, the spec of the run its successor started instead (the runner checks the run id too).
-            spec = await asyncio.to_thread(write_spec, pg.launch_spec(log_dir, job.job_id, run_id), {
-                "run_id": run_id, "argv": argv, "env": {**gpu_env, pg.RUN_MARK: run_id},
-                "unset": [*GPU_VARIABLES, *SERVER_VARIABLES],
-                "cwd": job.output_dir, "log_file": str(log_file), "exit_file": str(log_file.with_suffix(".exit.json")),
+            spec = await asyncio.to_thread(write_spec, pg.launch_spec(run.log_dir, job.job_id, run.run_id), {
+                "run_id": run.run_id, "argv": run.argv, "env": {**run.gpu_env, pg.RUN_MARK: run.run_id},
+                "unset": [*GPU_VARIABLES, *SERVER_VARIABLES], "cwd": job.output_dir, "log_file": str(run.log_file),
+                "exit_file": str(run.log_file.with_suffix(".exit.json")),
             }, self.settings.OUTPUT_ROOT, inputs, self._input_roots,
                 job if job.kind == "export" else None)  # fmt: skip
             try:  # still this scheduler's run to start: no trainer of a run given up on reaches a GPU
-                await self._still_ours(job.job_id, run_id)
+                await self._still_ours(job.job_id, run.run_id)
             except TransitionRefused as exc:
                 spec.unlink(missing_ok=True)
-                logger.warning("job {} run {} not launched: {}", job.job_id, run_id, exc)
-                return False
-            runner = await self.launcher.launch(job.job_id, run_id, log_dir, spec=spec)
+                logger.warning("job {} run {} not launched: {}", job.job_id, run.run_id, exc)
+                return None
+            return await self.launcher.launch(job.job_id, run.run_id, run.log_dir, spec=spec)
         except OSError as exc:
             if not isinstance(exc, PathMoved) and await asyncio.to_thread(whole_disk, exc, self.settings.OUTPUT_ROOT):
-                await self._wait_for_disk(job, run_id, fields, exc)
-                return False
+                await self._wait_for_disk(job, run.run_id, run.fields, exc)
+                return None
             error = (
                 str(exc)
                 if isinstance(exc, PathMoved)
-                else launch_error(exc, log_dir, "resume the job" if job.checkpoints else "create the job again")
+                else launch_error(exc, run.log_dir, "resume the job" if job.checkpoints else "create the job again")
             )
             code = exc.code if isinstance(exc, PathMoved) else "launch"
             # The attempt ends here too: left open, the job's page showed it running beside a failed job.
-            ended = attempt.model_copy(update={"finished_at": clock.now(), "outcome": "failed", "error_code": code,
-                                               "error_message": error})  # fmt: skip
-            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run_id,
+            ended = run.attempt.model_copy(update={"finished_at": clock.now(), "outcome": "failed", "error_code": code,
+                                                   "error_message": error})  # fmt: skip
+            await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.RUNNING,), run_id=run.run_id,
                                         fields={"error_message": error, "error_code": code,
                                                 "attempts": [*job.attempts, ended]},
                                         message=f"{work_of(job)} failed: {error}")  # fmt: skip
-            return False
-        try:
-            await self.store.update(job.job_id, {"runner": runner}, run_id=run_id, statuses=(JobStatus.RUNNING,))
-        except TransitionRefused as exc:
-            # Given up meanwhile (this scheduler stalled before the launch): its runner starts nothing.
-            if exc.reason == Refusal.OTHER_RUN:
-                logger.warning("job {} run {} was given up before its runner started", job.job_id, run_id)
-                return False
-            # (else it ended already: a run that fails at once)
-        return True
+            return None
 
     async def _still_ours(self, job_id: str, run_id: str) -> None:
         """TransitionRefused unless the job still runs this run and this scheduler still leads. It writes nothing
