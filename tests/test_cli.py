@@ -229,10 +229,19 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
     wait_for(lambda: (server.job("hog")["progress"]["current_step"] or 0) >= 3, what="hog to pass a checkpoint")
     env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}"}
     with subprocess.Popen([sys.executable, "-m", "application.cli", "watch", "hog"], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watcher:  # fmt: skip
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watcher, \
+         subprocess.Popen([sys.executable, "-m", "application.cli", "logs", "hog", "-f"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as tailer:  # fmt: skip
+        said = {"watch": lines_of(watcher.stdout), "logs": lines_of(tailer.stderr)}
+        wait_for(lambda: said["watch"], what="watch to show where the job stands")  # (then the pause is news)
         paused = cli(server.port, "pause", "hog")
         assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
         assert server.job("hog")["status"] == "paused"
+        # Both followers say so, and follow on (a paused job showed "running": hunt CZ).
+        wait_for(lambda: any(line.startswith("hog paused: still followed") for line in said["watch"]),
+                 what="watch to say the job is paused")  # fmt: skip
+        wait_for(lambda: any(line.startswith("-- hog paused") for line in said["logs"]), what="logs -f to say it")
+        assert watcher.poll() is None and tailer.poll() is None
         assert "will be redone" not in paused.stdout  # the steps lost are said once, in the message
         shown = cli(server.port, "status", "hog")
         assert shown.returncode == 0 and "paused" in shown.stdout and "eta" not in shown.stdout, shown.stdout
@@ -241,11 +250,18 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
         assert server.job("hog")["status"] in ("queued", "running")
         stopped = cli(server.port, "stop", "hog")
         assert stopped.returncode == 0, stopped.stderr
-        out, err = watcher.communicate(timeout=60)
+        assert watcher.wait(timeout=60) == 1 and tailer.wait(timeout=60) == 1
     final = server.job("hog")["status"]
     assert final in ("stopped", "cancelled")
-    assert watcher.returncode == 1, out + err
-    assert f"hog {final}" in out
+    out = "\n".join(said["watch"])
+    assert f"hog {final}" in out and any(line.startswith("hog running") for line in said["watch"]), out
+
+
+def lines_of(stream: Any) -> list[str]:
+    """The lines a follower prints, as it prints them (read in a thread)."""
+    got: list[str] = []
+    threading.Thread(target=lambda: got.extend(line.rstrip("\n") for line in stream), daemon=True).start()
+    return got
 
 
 # ---- exit codes ---------------------------------------------------------------------------------------------

@@ -358,6 +358,37 @@ def test_an_idle_stream_gets_heartbeats_and_a_missing_job_is_404(server_factory:
     server.http.post("/jobs/idle/stop")
 
 
+def statuses(messages: list[Message]) -> list[str]:
+    return [json.loads(m.data)["status"] for m in messages if m.event == "status"]
+
+
+def test_the_log_and_progress_streams_say_the_status_they_find_and_its_changes(server: ApiServer,
+                                                                               workspace: Path) -> None:  # fmt: skip
+    # A follower showed "running" for a job paused since (hunt CZ): the streams say a pause, and a run again.
+    server.create(**job_body(workspace, "st", step_seconds=0.1, auto_start=True,
+                             training={"max_steps": 2000, "save_steps": 2, "logging_steps": 1}))  # fmt: skip
+    wait_for(lambda: (server.job("st")["progress"]["current_step"] or 0) >= 3, what="st to pass a checkpoint")
+    seen = lambda want: lambda got: want in statuses(got)  # noqa: E731
+    for kind in ("progress", "logs"):
+        assert statuses(read(server, f"/jobs/st/{kind}/stream", stop=seen("running")))[0] == "running"
+    assert server.http.post("/jobs/st/pause").json()["status"] == "paused"
+    for kind in ("progress", "logs"):
+        got = read(server, f"/jobs/st/{kind}/stream", stop=seen("paused"))
+        assert statuses(got) == ["paused"] and all(m.id is None for m in got if m.event == "status"), got
+    with httpx.Client(base_url=server.base, timeout=30) as http, http.stream("GET", "/jobs/st/progress/stream") as r:
+        changes: list[str] = []
+        for msg in sse(r.iter_lines()):
+            if msg.event == "status":
+                changes.append(json.loads(msg.data)["status"])
+                if changes == ["paused"]:
+                    assert server.http.post("/jobs/st/resume").status_code == 200
+                if changes[-1] == "running":
+                    break
+    assert changes[0] == "paused" and changes[-1] == "running" and set(changes) <= {"paused", "queued", "running"}
+    server.http.post("/jobs/st/stop")
+    assert read(server, "/jobs/st/logs/stream", stop=lambda got: False)[-1].event == "end"
+
+
 @pytest.mark.parametrize("kind", ["events", "progress", "logs"])
 def test_a_stream_ends_cleanly_when_redis_goes_away(server_factory: Callable[..., ApiServer], own_redis: EmbeddedRedis,
                                                     workspace: Path, kind: str) -> None:  # fmt: skip
@@ -568,7 +599,7 @@ async def test_an_open_progress_stream_sends_every_point_of_a_batch_longer_than_
     # runner's history: an open stream read only the newest 200 and never sent the rest.
     async with app_factory(scheduler=False) as client:
         store, stream = await progress_stream_of(client, tmp_path, "bulk", 1)
-        ids = [m.id for m in sse(iter((await anext(stream)).split("\n")))]
+        ids = [m.id for m in sse(iter((await anext(stream)).split("\n"))) if m.id]
         assert ids == ["1.1-0"]
         await store.add_history("bulk", [{"step": s, "loss": 1.0, "time": time.time()} for s in range(2, 502)])
 

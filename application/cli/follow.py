@@ -1,5 +1,6 @@
 """Following a job until it ends: `watch` (a live progress bar) and `logs -f`. Both exit 0 when the job completed
-and 1 when it ended any other way (failed, stopped, cancelled, deleted)."""
+and 1 when it ended any other way (failed, stopped, cancelled, deleted); a pause or a preemption is said, and
+followed on."""
 
 from __future__ import annotations
 
@@ -20,6 +21,29 @@ PLAIN_EVERY_SECONDS = 10.0
 
 def exit_for(status: str | None) -> int:
     return EXIT_OK if status == "completed" else EXIT_JOB_FAILED
+
+
+class _Status:
+    """What a stream's `event: status` says, for people: any status but running, then running again once one was
+    said (a paused job showed "running" for as long as it stayed paused, hunt CZ)."""
+
+    def __init__(self, job_id: str, start: str | None = None) -> None:
+        self.job_id = job_id
+        self.last = start
+
+    def worth(self, message: Message) -> str | None:
+        """The message's status, when it is one worth saying; None otherwise."""
+        status = str(message.json().get("status"))
+        worth = status != self.last and (status != "running" or self.last is not None)
+        self.last = status
+        return status if worth else None
+
+    def text(self, status: str) -> str:
+        if status == "paused":
+            return f"{self.job_id} paused: still followed; it goes on once resumed (`swift-api resume {self.job_id}`)"
+        if status == "queued":
+            return f"{self.job_id} queued: back in the queue, it goes on when it starts again"
+        return f"{self.job_id} {status}"
 
 
 def watch(api: Api, job_id: str, out: Output) -> int:
@@ -59,8 +83,13 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
 
     line(start["status"], start.get("progress") or {})
     said = time.monotonic()
+    shown = _Status(job_id, start["status"])
     for message in stream:
         if message.event == "rewind":
+            continue
+        if message.event == "status":
+            if now := shown.worth(message):
+                out.line(shown.text(now))
             continue
         body = message.json()
         progress = body.get("progress") or {}
@@ -68,7 +97,7 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
             line(str(body.get("status")), progress)
             return dict(body)
         if time.monotonic() - said >= PLAIN_EVERY_SECONDS:
-            line("running", {**progress, "loss": body.get("loss", progress.get("loss"))})
+            line(shown.last or "running", {**progress, "loss": body.get("loss", progress.get("loss"))})
             said = time.monotonic()
     return {}
 
@@ -83,9 +112,16 @@ def _bar(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: Out
     with Progress(*columns, console=out.console) as bar:
         task = bar.add_task(f"{job_id} {start['status']}", total=None, steps="", loss="", eta="")
         _update(bar, task, start.get("progress") or {})
+        shown = _Status(job_id, start["status"])
         for message in stream:
             if message.event == "rewind":
                 continue  # the bar shows the newest step only
+            if message.event == "status":
+                if now := shown.worth(message):
+                    bar.update(task, description=f"{job_id} {now}")
+                    if now in ("paused", "queued"):
+                        bar.console.print(printable(shown.text(now)), style="dim", markup=False)
+                continue
             body = message.json()
             progress = body.get("progress") or {}
             if message.end:
@@ -111,9 +147,15 @@ def _update(bar: Progress, task: TaskID, progress: dict[str, Any]) -> None:
 def tail(api: Api, job_id: str, kind: str, out: Output) -> int:
     """`logs -f`: the log from its start, then each line as swift writes it, until the job (or export) ends."""
     end: dict[str, Any] = {}
+    shown = _Status(job_id)
     for message in follow(api, job_path(job_id, "/logs/stream"), {"kind": kind}):
         if message.end:
             end = message.json()
+        elif message.event == "status":
+            if out.json:
+                out.emit({"event": "status", **message.json()})
+            elif now := shown.worth(message):
+                out.note(f"-- {shown.text(now)}")
         elif out.json:
             out.emit({"id": message.id, "line": message.data})
         else:

@@ -6,7 +6,8 @@ and loss history in Redis) and yields SSE messages whose `id:` lets a client res
 point. Every poll reads a bounded amount (LOG_CHUNK bytes, EVENTS_BATCH events, HISTORY_TAIL points), so a
 stream holds little memory whatever the job wrote; file reads run in a thread, so no stream blocks the event
 loop.
-A comment line every heartbeat keeps proxies from closing an idle stream; `event: end` says the job is over.
+A comment line every heartbeat keeps proxies from closing an idle stream; `event: status` says the job's status
+when the stream first looks and at each change (a pause, a preemption), `event: end` that the job is over.
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ class Streams:
             offset = await asyncio.to_thread(tail_start, path, tail, in_place=True)
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
+        shown: str | None = None  # the status last sent (`event: status`)
 
         def at(n: int) -> str:
             return f"{_log_tag(path)}-{n}" if kind == "export" else str(n)
@@ -242,9 +244,13 @@ class Streams:
             if check:
                 # A new run writes a new log (.../logs?attempt=N): every one after this, even a run that
                 # started and ended since the last look.
-                runs = await self._run_logs(job_id, kind, created) or []
+                listed, now = await self._logs_and_status(job_id, kind, created)
+                runs = listed or []
                 later = runs[runs.index(path) + 1 :] if path in runs else runs
                 ahead += [log for log in later if log != path and log not in ahead]
+                if kind == "train" and now is not None and now != shown and not JobStatus(now).is_terminal():
+                    shown = now  # (a busy log's status too: one that runs again after a pause)
+                    yield status_message(now)
             size = size_in_place(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
@@ -309,10 +315,18 @@ class Streams:
     async def _run_logs(self, job_id: str, kind: str, created: float) -> list[str] | None:
         """The logs of the job's runs, oldest first, the current one last (an export has one: the current);
         None once the id is another job's."""
-        fields = await self.store.get_fields([job_id], ["log_file", "export", "attempts", "created_at"])
-        log_raw, export_raw, attempts_raw, created_raw = fields[0]
+        return (await self._logs_and_status(job_id, kind, created))[0]
+
+    async def _logs_and_status(self, job_id: str, kind: str, created: float) -> tuple[list[str] | None, str | None]:
+        """`_run_logs`, and the job's status in the same read."""
+        fields = await self.store.get_fields([job_id], ["log_file", "export", "attempts", "created_at", "status"])
+        log_raw, export_raw, attempts_raw, created_raw, status_raw = fields[0]
         if not _same(created_raw, created):
-            return None
+            return None, None
+        return self._logs_of(kind, log_raw, export_raw, attempts_raw), json.loads(status_raw) if status_raw else None
+
+    @staticmethod
+    def _logs_of(kind: str, log_raw: str | None, export_raw: str | None, attempts_raw: str | None) -> list[str]:
         if kind == "export":
             current = (json.loads(export_raw) or {}).get("log_file") if export_raw else None
             return [current] if current else []
@@ -363,6 +377,7 @@ class Streams:
         first = True
         newest: tuple[int, str | None] = (-1, None)
         pace = _Pace(self.poll, self.heartbeat)
+        shown: str | None = None
         while True:
             check, beat = pace.tick()
             # The history's length and newest point say whether anything changed: only then is it read.
@@ -391,14 +406,18 @@ class Streams:
                     if not could_have_sent(last, max((key for key, _ in keyed), default=BEFORE_ANY), len(starts)):
                         last = BEFORE_ANY
                 fresh = [(key, p.model_dump(exclude_none=True)) for key, p in keyed if key > last]
-            progress = await self._progress(job_id, created) if fresh else None
+            progress, now = await self._progress(job_id, created) if fresh else (None, None)
+            said = ""
+            if now is not None and now != shown and not JobStatus(now).is_terminal():
+                shown = now  # (said with the points: those of a run again after a pause come without a pause)
+                said = status_message(now)
             if fresh and progress is None:
                 fresh = []  # the id is another job's now: the next status check ends the stream
                 pace.sent = True
             if fresh and progress is not None:
                 # A finished run's whole history (2,000 points by default) on connect: sent point by point, with no
                 # turn for the loop's other requests between them, ten streams opening stalled them for 0.9 s.
-                out: list[str] = []
+                out: list[str] = [said] if said else []
                 for key, point in fresh:
                     if (step := rewind_to(last, key, starts)) is not None:
                         out.append(message(json.dumps({"step": step}), event="rewind"))
@@ -418,10 +437,13 @@ class Streams:
                         yield message(json.dumps({"status": status}), event="end")
                         return
                     if over and await self.store.history_marker(job_id) == newest:
-                        yield message(json.dumps({"status": status, **(await self._progress(job_id, created) or {})}),
-                                      event="end")  # fmt: skip
+                        last_progress = (await self._progress(job_id, created))[0] or {}
+                        yield message(json.dumps({"status": status, **last_progress}), event="end")
                         return
                     pace.sent = pace.sent or over
+                    if not over and status != shown:
+                        shown = status
+                        yield status_message(status)
                 if beat:
                     yield ": keep-alive\n\n"
             await pace.sleep(bool(fresh))
@@ -429,14 +451,20 @@ class Streams:
     async def _same(self, job_id: str, created: float) -> bool:
         return _same((await self.store.get_fields([job_id], ["created_at"]))[0][0], created)
 
-    async def _progress(self, job_id: str, created: float) -> dict[str, Any] | None:
-        """The job's progress for a message; None once the id is another job's."""
-        raw, created_raw = (await self.store.get_fields([job_id], ["progress", "created_at"]))[0]
+    async def _progress(self, job_id: str, created: float) -> tuple[dict[str, Any] | None, str | None]:
+        """The job's progress for a message, and its status; (None, None) once the id is another job's."""
+        raw, created_raw, status_raw = (await self.store.get_fields([job_id], ["progress", "created_at", "status"]))[0]
         if not _same(created_raw, created):
-            return None
+            return None, None
         p = json.loads(raw) if raw else {}
         keys = ("current_step", "max_steps", "remaining_seconds", "remaining_time", "percentage", "loss")
-        return {"progress": {k: p.get(k) for k in keys}}
+        return {"progress": {k: p.get(k) for k in keys}}, json.loads(status_raw) if status_raw else None
+
+
+def status_message(status: str) -> str:
+    """`event: status`: the job's status as the stream first sees it and at each change short of its end (paused,
+    queued again, running): a follower showed "running" for a job paused hours ago (hunt CZ)."""
+    return message(json.dumps({"status": status}), event="status")
 
 
 def _same(created_raw: str | None, created: float) -> bool:

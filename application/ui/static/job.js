@@ -160,6 +160,7 @@
     await d.stream(`${base}/progress/stream`, {
       lastId,
       onMessage: (m) => {
+        if (m.event === "status") return; // (the page's header shows the status: refreshed with the job)
         if (m.event === "rewind") {
           // a resumed run logs these steps again: what was drawn for them goes
           rewind(JSON.parse(m.data).step);
@@ -202,7 +203,9 @@
   function followLog() {
     // The last lines of a long log, not all of it: a run's log reaches hundreds of megabytes.
     return d.stream(`${base}/logs/stream?tail=${MAX_LINES}`, {
-      onMessage: (m) => logLine(m.data),
+      onMessage: (m) => {
+        if (m.event !== "status") logLine(m.data);
+      },
       onEnd: (m) => logLine(`── end of log (${JSON.parse(m.data).status}) ──`),
       onState: (s) => (logState.textContent = s),
     });
