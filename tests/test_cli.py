@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -791,6 +792,72 @@ def test_a_download_the_network_cut_goes_on_from_what_it_kept(tmp_path: Path) ->
     assert target.read_bytes() == content and list(tmp_path.iterdir()) == [target]
 
 
+def test_a_range_the_download_did_not_ask_for_is_never_saved_as_the_file(tmp_path: Path) -> None:
+    # A 206 for another range than the rest of the kept start was written as the whole file: a file short of its
+    # start, said to be downloaded (hunt CZ).
+    content = bytes(range(256)) * 80
+
+    def server(request: httpx.Request) -> httpx.Response:
+        headers = {"ETag": '"abc-5000"', "Accept-Ranges": "bytes", "Content-Range": f"bytes 5-{len(content) - 1}/"
+                   f"{len(content)}"}  # fmt: skip
+        return httpx.Response(206, headers=headers, content=content[5:])
+
+    target = tmp_path / "big.bin"
+    (tmp_path / ".big.bin.partial-abc-5000").write_bytes(content[:10])
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.download("/jobs/j/artifacts/big.bin", target)
+    assert "another part of the file (bytes 5-20479/20480)" in str(caught.value) and caught.value.code == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_answer_shorter_than_its_length_is_a_cut_not_a_file(tmp_path: Path) -> None:
+    # The size was never checked: an answer that ended early was renamed over the target as the whole file.
+    content = b"y" * 70000
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked = request.headers.get("range")
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        headers = {"ETag": '"t-1"', "Accept-Ranges": "bytes", "Content-Length": str(len(content) - start)}
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
+            return httpx.Response(206, headers=headers, content=iter([content[start:]]))
+        return httpx.Response(200, headers=headers, content=iter([content[:65536]]))  # (then the body just ends)
+
+    target = tmp_path / "big.bin"
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        with pytest.raises(CliError) as caught:
+            api.download("/jobs/j/artifacts/big.bin", target)
+        assert "ended after 65,536 of its 70,000 bytes" in str(caught.value), caught.value
+        assert "goes on from there" in str(caught.value) and not target.exists()
+        assert api.download("/jobs/j/artifacts/big.bin", target) == len(content)
+    assert target.read_bytes() == content and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_second_download_of_one_file_at_once_is_refused_and_leaves_the_first_whole(tmp_path: Path) -> None:
+    # Two downloads of one file wrote one partial file at once: one of them exited 0 over a corrupt file (hunt CZ).
+    content = bytes(range(256)) * 512
+    target = tmp_path / "big.bin"
+    second: list[BaseException] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        def chunks() -> Iterator[bytes]:
+            yield content[:65536]
+            with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as again:
+                try:
+                    again.download("/jobs/j/artifacts/big.bin", target)
+                except CliError as e:
+                    second.append(e)
+            yield content[65536:]
+
+        return httpx.Response(200, headers={"ETag": '"x-1"', "Accept-Ranges": "bytes"}, content=chunks())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert api.download("/jobs/j/artifacts/big.bin", target) == len(content)
+    assert [str(e) for e in second] == [f"{target} is being downloaded by another command: wait for it to end, or "
+                                        "stop it"]  # fmt: skip
+    assert target.read_bytes() == content and list(tmp_path.iterdir()) == [target]
+
+
 def test_submit_set_auto_start_false_creates_a_pending_job(server: ApiServer, workspace: Path) -> None:
     # `--set` takes any create field, but auto_start was then set to true over it: the job started at once.
     r = cli(server.port, "--json", *submit_args(workspace, "held", "--set", "auto_start=false"))
@@ -998,3 +1065,50 @@ def test_an_explicit_empty_key_sends_none_and_no_key_given_takes_the_environment
         with Api("http://swift-api.test", key, transport=httpx.MockTransport(server)) as api:
             api.get("/jobs")
     assert sent == [None, "Bearer env-key", "Bearer own-key"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_download_killed_by_sigterm_or_sighup_leaves_no_partial_file(tmp_path: Path, signum: int) -> None:
+    # Only Ctrl-C cleaned up: `kill` (a CI job cancelled, a closed terminal) left a hidden partial tar behind.
+    done = threading.Event()
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(10 * 65536))
+            self.end_headers()
+            self.wfile.write(b"z" * 65536)
+            self.wfile.flush()
+            done.wait(30)  # (the rest never comes)
+
+    with _serve(Handler) as port:
+        env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{port}"}
+        with subprocess.Popen([sys.executable, "-m", "application.cli", "download", "j", "big.tar"], env=env,
+                              cwd=tmp_path, stderr=subprocess.PIPE) as proc:  # fmt: skip
+            wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob(".big.tar.partial*")), what="a partial file")
+            proc.send_signal(signum)
+            assert proc.wait(30) == 128 + signum
+        done.set()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_into_a_folder_writes_the_file_in_it(tmp_path: Path) -> None:
+    # `-o models/` wrote a file named `models`; `-o models` (a folder) was "Is a directory" (hunt CZ).
+    from application.cli.app import build_parser, download
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"weights")
+
+    (tmp_path / "there").mkdir()
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        args = build_parser().parse_args(["download", "j", "ck/model.bin", "-o", f"{tmp_path / 'there'}/"])
+        assert download(api, args, Output(True)) == 0
+        args = build_parser().parse_args(["download", "j", "ck/other.bin", "-o", str(tmp_path / "there")])
+        assert download(api, args, Output(True)) == 0
+        # A folder that is not there is not made (as cp): said, and no file takes its name.
+        args = build_parser().parse_args(["download", "j", "ck/model.bin", "-o", f"{tmp_path / 'new'}/"])
+        with pytest.raises(CliError) as caught:
+            download(api, args, Output(True))
+        assert str(caught.value).endswith("new/model.bin: No such file or directory") and caught.value.code == 2
+    assert sorted(p.name for p in (tmp_path / "there").iterdir()) == ["model.bin", "other.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -201,7 +202,10 @@ def download(api: Api, args: argparse.Namespace, out: Output) -> int:
         if not out.json:
             out.note(f"standard output: {written} bytes")
         return EXIT_OK
-    target = Path(args.output or PurePosixPath(args.path).name)
+    name = PurePosixPath(args.path).name
+    target = Path(args.output or name)
+    if args.output and (args.output.endswith("/") or target.is_dir()) and name:
+        target = target / name  # (as cp does: `-o models/` wrote a file named models, hunt CZ)
     if not target.name:
         # '/' or '.' asks for the whole output folder, which has no name of its own to save it under
         raise CliError(f"{args.output or args.path!r} names no file to write: name one with -o FILE, or give a PATH "
@@ -331,9 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Signalled(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C is: a download's clean-up then runs (killed,
+    it left gigabytes of hidden partial file behind: hunt CZ)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
     out = Output(getattr(args, "json", False))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_signalled)
     try:
         with Api(getattr(args, "url", None), getattr(args, "key", None)) as api:
             code: int = args.run(api, args, out)
@@ -343,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except _Signalled as e:
+        return 128 + e.signum
     except BrokenPipeError:
         # `swift-api logs ID | head`: the reader has gone. Point stdout at /dev/null so that Python's own flush at
         # exit does not fail a second time.

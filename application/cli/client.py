@@ -257,7 +257,22 @@ class Api:
             plain = True
         except OSError as e:
             raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
-        part = partial.kept_or_new(target) if plain and target is not None else None
+        if target is None or not plain:
+            return self._download(path, target, None, again)
+        try:
+            lock = partial.DownloadLock(target)
+        except BlockingIOError as e:
+            raise CliError(f"{target} is being downloaded by another command: wait for it to end, or stop it",
+                           EXIT_USAGE) from e  # fmt: skip
+        except OSError as e:
+            raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from e
+        try:
+            return self._download(path, target, partial.kept_or_new(target), again)
+        finally:
+            lock.release()
+
+    def _download(self, path: str, target: Path | None, part: partial.Partial | None, again: bool) -> int:
+        """`download` into `part` (None: written into `target`, or standard output), the lock on it held."""
         name = "standard output" if target is None else str(target)
         written = 0
         started = False
@@ -271,8 +286,8 @@ class Api:
                         part.path.replace(target)
                         return part.offset
                     _discard(part.path)
-                    if again:
-                        return self.download(path, target, again=False)
+                    if again and target is not None:
+                        return self._download(path, target, partial.kept_or_new(target), again=False)
                 if not response.is_success:
                     response.read()
                     check(response)
@@ -290,8 +305,16 @@ class Api:
                         fh.write(chunk)
                         written += len(chunk)
                     fh.flush()
+                expected = partial.expected_size(response)
+            if expected is not None and written != expected:
+                # (a connection closed at a chunk's end reads as a whole answer: renamed over the target, a short
+                # file was said to be downloaded)
+                raise httpx.ReadError(f"the answer ended after {written:,} of its {expected:,} bytes")
             if part is not None and target is not None:
                 part.path.replace(target)
+        except partial.NotTheRest as e:
+            raise CliError(f"the server sent another part of the file ({e}) than the rest asked for: run the command "
+                           "again", EXIT_UNREACHABLE) from e  # fmt: skip
         except BrokenPipeError:  # `-o - | head`: the reader has gone, as for every other command (exit 0)
             _discard(part.path if part else None)
             raise

@@ -5,7 +5,9 @@ gigabytes started over at each cut."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,17 +47,67 @@ def kept_or_new(target: Path) -> Partial:
     return Partial(target.with_name(f".{target.name}.partial"), None)
 
 
+class NotTheRest(Exception):
+    """A 206 whose range is not the rest of what was kept: no whole file, nor its end."""
+
+
+class DownloadLock:
+    """Held while a target is downloaded: a second download of it (another shell, a retry loop) raises
+    BlockingIOError rather than writing the same partial file, which corrupted it (hunt CZ). The lock file,
+    `.NAME.lock` beside the target, goes when the download ends."""
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(f".{target.name}.lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, self.path):  # (not one the last holder removed as this one opened it)
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # (before the close: whoever locks it next opens a new one)
+        os.close(self.fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def for_response(partial: Partial, target: Path, response: httpx.Response) -> tuple[Partial, bool]:
     """Where this answer goes: appended to `partial` (True: it sends the rest), or a partial file from its start,
     named by its ETag where the server takes ranges (the file then resumable), the old one removed."""
-    if response.status_code == 206 and partial.offset and \
-            response.headers.get("content-range", "").startswith(f"bytes {partial.offset}-"):  # fmt: skip
-        return partial, True
+    if response.status_code == 206:
+        if partial.offset and response.headers.get("content-range", "").startswith(f"bytes {partial.offset}-"):
+            return partial, True
+        # (saved as the whole file, it was a file short of its start: hunt CZ)
+        partial.path.unlink(missing_ok=True)
+        raise NotTheRest(response.headers.get("content-range", ""))
     partial.path.unlink(missing_ok=True)
     found = _TAG.match(response.headers.get("etag", ""))
     if found and response.headers.get("accept-ranges") == "bytes":
         return Partial(target.with_name(f".{target.name}.partial-{found.group(1)}"), found.group(1)), False
     return Partial(target.with_name(f".{target.name}.partial"), None), False
+
+
+def expected_size(response: httpx.Response) -> int | None:
+    """The whole file's bytes, as the answer gives them (Content-Range's total, else Content-Length where no
+    encoding changes what is written), or None."""
+    found = re.fullmatch(r"bytes \d+-\d+/(\d+)", response.headers.get("content-range", ""))
+    if found:
+        return int(found.group(1))
+    length = response.headers.get("content-length", "")
+    if response.status_code == 200 and length.isdigit() and "content-encoding" not in response.headers:
+        return int(length)
+    return None
 
 
 def _modified(path: Path) -> float:
