@@ -1112,3 +1112,43 @@ def test_download_into_a_folder_writes_the_file_in_it(tmp_path: Path) -> None:
         assert str(caught.value).endswith("new/model.bin: No such file or directory") and caught.value.code == 2
     assert sorted(p.name for p in (tmp_path / "there").iterdir()) == ["model.bin", "other.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
+
+
+def test_a_create_whose_answer_was_lost_is_sent_again_under_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "cannot reach the server" (exit 3) for a job created all the same; the command run again made a second one.
+    from application.cli import client
+
+    monkeypatch.setattr(client, "RESEND_AFTER_SECONDS", 0.0)
+    keys: list[str | None] = []
+    lost = [False, True]  # (popped from the end: the first answer is lost)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("idempotency-key"))
+        if request.method == "POST" and lost.pop():
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(201, json={"job_id": "made", "status": "queued", "message": "created"})
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert api.post("/jobs", {"output_dir": "made"})["job_id"] == "made"
+        assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
+        # Lost twice: said it may have been done, not that the server cannot be reached.
+        lost[:] = [True, True]
+        with pytest.raises(CliError) as caught:
+            api.post("/jobs/made/stop")
+        assert "it may have been done all the same" in str(caught.value) and caught.value.code == 3
+        assert "cannot reach" not in str(caught.value)
+        assert len(keys) == 4 and keys[2] == keys[3] != keys[0]
+        # A GET is never keyed; a connection never made is never sent again.
+        assert api.get("/jobs")["job_id"] == "made" and keys[4] is None
+
+
+def test_a_create_never_sent_is_unreachable_and_not_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request.method)
+        raise httpx.ConnectError("Connection refused")
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.post("/jobs", {"output_dir": "x"})
+    assert "cannot reach" in str(caught.value) and caught.value.code == 3 and sent == ["POST"]

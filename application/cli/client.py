@@ -7,6 +7,8 @@ import os
 import re
 import stat
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,6 +33,9 @@ WAIT_READ_TIMEOUT = 3600.0
 # A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
 # outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
 STREAM_READ_TIMEOUT = 60.0
+# How long a create or an action whose connection closed before its answer waits before it is sent again (under
+# its Idempotency-Key: a restarting server's port is taken again within a second or two).
+RESEND_AFTER_SECONDS = 1.0
 # Each read or write of an upload (the server answers once it has checked the whole file: rows counted)
 UPLOAD_STEP_TIMEOUT = 600.0
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*\Z")  # what a Bearer token can carry
@@ -160,6 +165,11 @@ def not_swift_api(url: str, answered: str = "JSON") -> CliError:
     return CliError(f"{shown_url(url)} did not answer {answered}: is it a swift-api server?", EXIT_UNREACHABLE)
 
 
+def may_be_done(url: str, method: str, path: str, what: str) -> CliError:
+    return CliError(f"{shown_url(url)} {what} to {method} {path}: it may have been done all the same; look before "
+                    "trying again (`swift-api status <job>`)", EXIT_UNREACHABLE)  # fmt: skip
+
+
 def _discard(partial: Path | None) -> None:
     if partial is not None:
         partial.unlink(missing_ok=True)
@@ -191,21 +201,32 @@ class Api:
         """The answer's JSON (None for an empty answer such as DELETE's 204). `wait`: up to WAIT_READ_TIMEOUT for
         the answer (the server bounds its own wait: a stop's, up to its STOP_GRACE_SECONDS and 10 s)."""
         timeout = httpx.Timeout(WAIT_READ_TIMEOUT, connect=10.0) if wait else httpx.USE_CLIENT_DEFAULT
-        try:
-            response = self.http.request(method, path, params=params, json=body, timeout=timeout)
-        except httpx.UnsupportedProtocol as e:
-            raise CliError(f"bad server URL {shown_url(self.url)}: {e}", EXIT_USAGE) from e
-        except httpx.ReadTimeout as e:
-            if method == "GET":
+        # A create or an action whose answer was lost is sent again under the same key, which the server answers
+        # with the first one's answer: "cannot reach the server" for a job created all the same, and a second job
+        # for the same command run again (hunt CZ).
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if method == "POST" else {}
+        for attempt in range(1 + bool(headers)):
+            try:
+                response = self.http.request(method, path, params=params, json=body, timeout=timeout, headers=headers)
+                break
+            except httpx.UnsupportedProtocol as e:
+                raise CliError(f"bad server URL {shown_url(self.url)}: {e}", EXIT_USAGE) from e
+            except httpx.ReadTimeout as e:
+                if method == "GET":
+                    raise unreachable(self.url, e) from e
+                # Sent and not answered in time: not "cannot reach the server", which says it was not done.
+                raise may_be_done(self.url, method, path, "did not answer in time") from e
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:  # (never sent)
                 raise unreachable(self.url, e) from e
-            # Sent and not answered in time: not "cannot reach the server", which says it was not done.
-            raise CliError(f"{shown_url(self.url)} did not answer {method} {path} in time: it may have been done all "
-                           "the same; "
-                           "look before trying again (`swift-api status <job>`)", EXIT_UNREACHABLE) from e  # fmt: skip
-        except httpx.TransportError as e:
-            raise unreachable(self.url, e) from e
-        except httpx.DecodingError as e:  # (a body its Content-Encoding does not describe)
-            raise not_swift_api(self.url) from e
+            except httpx.TransportError as e:
+                if method == "GET":
+                    raise unreachable(self.url, e) from e
+                if attempt == 0 and headers:
+                    time.sleep(RESEND_AFTER_SECONDS)
+                    continue
+                raise may_be_done(self.url, method, path, f"closed the connection without an answer ({e})") from e
+            except httpx.DecodingError as e:  # (a body its Content-Encoding does not describe)
+                raise not_swift_api(self.url) from e
         check(response)
         if not response.content:
             return None
