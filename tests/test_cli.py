@@ -229,11 +229,8 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
 
     wait_for(lambda: (server.job("hog")["progress"]["current_step"] or 0) >= 3, what="hog to pass a checkpoint")
     env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}"}
-    with subprocess.Popen([sys.executable, "-m", "application.cli", "watch", "hog"], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watcher, \
-         subprocess.Popen([sys.executable, "-m", "application.cli", "logs", "hog", "-f"], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as tailer:  # fmt: skip
-        said = {"watch": lines_of(watcher.stdout), "logs": lines_of(tailer.stderr)}
+    with following(env, ["watch", "hog"]) as watcher, following(env, ["logs", "hog", "-f"]) as tailer:
+        said = {"watch": lines_of(watcher.stdout), "logs": lines_of(tailer.stderr), "log": lines_of(tailer.stdout)}
         wait_for(lambda: said["watch"], what="watch to show where the job stands")  # (then the pause is news)
         paused = cli(server.port, "pause", "hog")
         assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
@@ -246,6 +243,7 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
         assert "will be redone" not in paused.stdout  # the steps lost are said once, in the message
         shown = cli(server.port, "status", "hog")
         assert shown.returncode == 0 and "paused" in shown.stdout and "eta" not in shown.stdout, shown.stdout
+        assert re.search(r"gpus\s+2 gpus", shown.stdout), shown.stdout  # (it said "cpu": hunt CZ)
         resumed = cli(server.port, "resume", "hog")
         assert resumed.returncode == 0, resumed.stderr
         assert server.job("hog")["status"] in ("queued", "running")
@@ -256,6 +254,19 @@ def test_priority_queue_pause_resume_stop_and_watch(server: ApiServer, workspace
     assert final in ("stopped", "cancelled")
     out = "\n".join(said["watch"])
     assert f"hog {final}" in out and any(line.startswith("hog running") for line in said["watch"]), out
+
+
+@contextmanager
+def following(env: dict[str, str], args: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """A CLI command that follows a job, killed if the test ends before it does (Popen's own exit waited for it:
+    a failed assertion hung the test until its timeout)."""
+    with subprocess.Popen([sys.executable, "-m", "application.cli", *args], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def lines_of(stream: Any) -> list[str]:

@@ -53,6 +53,7 @@ class StatusResponse(BaseModel):
     job_id: str
     status: JobStatus
     priority: int
+    num_gpus: int = Field(description="the GPUs it asks for (0: CPU only)")
     gpu_ids: list[int]
     progress: Progress
     created_at: float

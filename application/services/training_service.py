@@ -141,7 +141,8 @@ class TrainingService:
         job = await self.require(job_id, caller)
         info = await self.placement.queue_info(job_id) if job.status == JobStatus.QUEUED else NOT_QUEUED
         return StatusResponse(
-            job_id=job.job_id, status=job.status, priority=job.priority, gpu_ids=job.gpu_ids, progress=job.progress,
+            job_id=job.job_id, status=job.status, priority=job.priority, num_gpus=job.num_gpus, gpu_ids=job.gpu_ids,
+            progress=job.progress,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
             duration_seconds=job.duration_seconds(clock.now()), error_message=job.error_message,
             error_code=job.error_code, export=job.export, queue_position=info.position,
