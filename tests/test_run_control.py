@@ -345,6 +345,28 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
         assert (await client.get("/jobs/pr/status")).json()["duration_seconds"] == pytest.approx(ran)
 
 
+async def test_a_job_paused_once_its_training_ended_keeps_its_figures_through_a_resume_that_trains_no_step(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Paused in swift's shutdown after its last checkpoint, it resumed into a run that trains nothing: the job
+    # completed with no loss, and the train_loss (0.0) and runtime of a run of no step (hunt CY).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory() as client:
+        training = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
+        body = job_body(tmp_path, "late", hang_after_summary=True, auto_start=True, training=training)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        ended = await wait_job(client, "late", lambda j: j["train_loss"] is not None)
+        assert ended["progress"]["current_step"] == 4 and ended["progress"]["loss"] is not None
+        paused = (await client.post("/jobs/late/pause")).json()
+        assert paused["status"] == "paused" and paused["resume_step"] == 4 and paused["lost_steps"] == 0, paused
+        assert (await client.post("/jobs/late/resume")).status_code == 200
+        done = await wait_job(client, "late", lambda j: j["status"] == "completed")
+        assert done["attempts"][-1]["first_step"] == 4
+        assert done["train_loss"] == ended["train_loss"] != 0.0 and done["train_runtime"] == ended["train_runtime"]
+        kept = ("current_step", "loss", "eval_loss", "learning_rate", "grad_norm", "token_acc", "epoch")
+        assert {k: done["progress"][k] for k in kept} == {k: ended["progress"][k] for k in kept}, done["progress"]
+
+
 async def test_a_stop_during_a_pause_grace_stops_the_job(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     # swift's launcher dies at the pause's SIGTERM, its trainer (ignoring SIGTERM) only at the grace's SIGKILL:
     # a stop sent in between was accepted while the job still ran, so it must decide how the run ends.

@@ -285,6 +285,12 @@ class SwiftLogParser:
         self.train_runtime: float | None = None
         self.merged_path: str | None = None
         self.training_ended = False
+        self.resumed_at: int | None = None  # the step a resumed run goes on from
+
+    def resume_from(self, progress: Progress) -> None:
+        """A resumed run: its progress goes on from where the job stood (`current_step`, its checkpoint's step)."""
+        self.progress = progress
+        self.resumed_at = progress.current_step
 
     def feed(self, data: bytes) -> ParseResult:
         """Parse the complete segments in `data` (plus what was left over); a trailing segment with
@@ -400,6 +406,10 @@ class SwiftLogParser:
         points get the current time only when `live` (read as the run goes, not afterwards)."""
         kind = _dict_kind(d)
         if kind == "other" and "current_step" not in d:
+            return
+        if kind == "summary" and self.resumed_at is not None and d.get("current_step") == self.resumed_at:
+            # A run resumed from the last step's checkpoint (paused as its training ended) trains no step: its
+            # summary's loss (0.0), runtime and speed are no training's, and replaced the job's (hunt CY).
             return
         self.progress = result.progress = _merge_progress(self.progress, d, kind)
         if kind == "summary":

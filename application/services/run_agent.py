@@ -209,7 +209,7 @@ class Runner:
         if job.progress.current_step:
             # A resumed run: swift's bar starts again at 0 until the first new step; from the checkpoint's step
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
-            parser.progress = job.progress
+            parser.resume_from(job.progress)
         started_at = job.started_at or clock.now()
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[tuple[str, float]] | None = None

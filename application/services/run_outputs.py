@@ -35,12 +35,14 @@ class LoggingJsonl(RunFacts):
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def parse_logging_jsonl(path: Path | str) -> LoggingJsonl:
+def parse_logging_jsonl(path: Path | str, resumed_at: int | None = None) -> LoggingJsonl:
     """Read logging.jsonl's end (numeric JSON, one line per logged step, then a summary line holding
     last_model_checkpoint and log_history); for when stdout was lost. `history`: the points of the steps read. A
-    missing file gives an empty result; a half-written last line is skipped."""
+    missing file gives an empty result; a half-written last line is skipped. `resumed_at`: the step the run
+    resumed from (its checkpoint's)."""
     result = LoggingJsonl()
     parser = SwiftLogParser()
+    parser.resumed_at = resumed_at
     lines, last_head = _tail(path)
     for data in lines:
         if len(data) > LINE_MAX_BYTES:

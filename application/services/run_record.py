@@ -53,7 +53,8 @@ def read_run(job: Job, log_file: Path | None, facts: RunFacts | None, tail: int)
         # The recorded one won, and an export merged a checkpoint from a quarter of the training.
         facts = RunFacts(run_dir=job.run_dir, train_loss=job.train_loss, train_runtime=job.train_runtime)
     if facts.run_dir:
-        logged = parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl")
+        logged = parse_logging_jsonl(Path(facts.run_dir) / "logging.jsonl",
+                                     job.attempts[-1].first_step if job.attempts else None)  # fmt: skip
         # The trainer writes it: a checkpoint it names out of the job's folder is not the job's (as in its log).
         folder = RealFolder(job.output_dir)
         if logged.last_checkpoint and not folder.holds(logged.last_checkpoint):

@@ -105,6 +105,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# A step's own figures, kept for a run that resumes from the step its job stood at.
+_STEP_FIGURES = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "token_acc")
+
 # What a path that no file can ever be made in raises: the job's folder, not the disk, is at fault.
 _UNUSABLE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP})
 
@@ -261,9 +264,12 @@ class RunStarter:
         attempt = Attempt(number=len(job.attempts) + 1, run_id=run_id, started_at=now, resumed_from=resume,
                           first_step=step, gpu_ids=gpu_ids, log_file=str(log_file))  # fmt: skip
         total = job.progress.max_steps
+        # The figures of the step it goes on from, where the last run stopped right there (paused after its last
+        # checkpoint): a run that trains no step more showed none at its end (hunt CY).
+        kept = job.progress.model_dump(include=set(_STEP_FIGURES)) if step == job.progress.current_step else {}
         progress = Progress(current_step=step, max_steps=total,
                             percentage=round(100.0 * step / total, 2) if step is not None and total else None,
-                            ) if resume else Progress()  # fmt: skip
+                            **kept) if resume else Progress()  # fmt: skip
         fields: dict[str, Any] = {
                 "gpu_ids": gpu_ids, "command": argv, "command_line": shlex.join(argv), "env": visible_env(gpu_env),
                 "swift_version": version.version, "log_file": str(log_file),
