@@ -83,3 +83,24 @@ def test_a_job_that_never_ran_has_none_of_the_checkpoints_left_in_its_folder(tmp
     pending = _job(root / "j").model_copy(update={"status": JobStatus.PENDING})
     listed = describe_checkpoints(pending, root, [])
     assert listed.checkpoints == [] and listed.resume_from is None
+
+
+def test_a_checkpoint_whose_adapter_weights_are_gone_is_not_resumed_from(tmp_path: Path) -> None:
+    # Listed complete and resumed from: swift then read the folder as a hub id and failed (hunt CY).
+    from application.services.checkpoints import first_resumable
+
+    def checkpoint(name: str, *files: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("{}")
+        return str(folder)
+
+    whole = checkpoint("checkpoint-10", "trainer_state.json", "adapter_config.json", "adapter_model.safetensors")
+    older = checkpoint("checkpoint-5", "trainer_state.json", "adapter_config.json", "adapter_model.bin")
+    gutted = checkpoint("checkpoint-15", "trainer_state.json", "adapter_config.json")
+    full = checkpoint("checkpoint-20", "trainer_state.json", "model.safetensors")  # (full training: no adapter)
+    assert first_resumable([gutted, whole]) == whole
+    assert first_resumable([gutted, older]) == older
+    assert first_resumable([full, whole]) == full
+    assert first_resumable([gutted]) is None

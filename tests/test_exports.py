@@ -813,7 +813,7 @@ async def test_an_export_recorded_just_before_redis_went_away_is_answered_as_ask
         assert done["export"]["status"] == "completed", done["export"]
 
 
-@pytest.mark.parametrize("cut_by", ["stop", "full disk"])
+@pytest.mark.parametrize("cut_by", ["stop", "full disk", "weights removed"])
 async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory: Callable[..., Any],
                                                                      tmp_path: Path, cut_by: str) -> None:  # fmt: skip
     # A stop during swift's save leaves an empty checkpoint-N: an export of it (the default one too, when it was
@@ -832,6 +832,9 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
             (shutil.rmtree if f.is_dir() else Path.unlink)(f)
         if cut_by == "full disk":
             (last / "adapter_config.json").touch()
+        if cut_by == "weights removed":  # (by hand: a resume from it failed in swift, hunt CY)
+            (last / "adapter_config.json").write_text('{"r": 8}')
+            (last / "trainer_state.json").write_text("{}")
         listed = (await client.get("/jobs/cut/checkpoints")).json()["checkpoints"]
         complete = [(Path(c["path"]).name, c["complete"]) for c in listed]
         assert complete == [("checkpoint-2", True), ("checkpoint-4", False)], listed
@@ -839,12 +842,13 @@ async def test_a_checkpoint_whose_save_was_cut_short_is_not_exported(app_factory
         assert re.search(r"checkpoint-4</code></td>.*?<td>incomplete</td></tr>", page), page
         r = await client.post("/jobs/cut/export", json={"checkpoint": "checkpoint-4"})
         assert r.status_code == 409 and r.json()["detail"] == (
-            f"{last} holds no LoRA adapter (adapter_config.json): its save was cut short, or its files were removed; "
+            f"{last} holds no whole LoRA adapter (adapter_config.json and its weights): its save was cut short, or its "
+            "files were removed; "
             "export another checkpoint (GET .../checkpoints)"
         ), r.text
         quant = {"quant_bits": 4, "quant_method": "bnb"}
         r = await client.post("/jobs/cut/export", json={**quant, "checkpoint": "checkpoint-4"})
-        assert r.status_code == 409 and "holds no LoRA adapter" in r.json()["detail"], r.text
+        assert r.status_code == 409 and "holds no whole LoRA adapter" in r.json()["detail"], r.text
         r = await client.post("/jobs/cut/export", json=quant)  # (a job of its own, for a GPU: cancelled)
         assert r.status_code == 200 and Path(r.json()["export"]["checkpoint"]).name == "checkpoint-2", r.text
         assert (await client.post(f"/jobs/{r.json()['export']['job_id']}/stop")).status_code == 200

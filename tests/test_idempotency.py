@@ -248,6 +248,7 @@ async def test_a_merge_export_stalled_past_its_lease_does_not_export_again(app_f
         run_dir = settings.OUTPUT_ROOT / "x" / "v0-20261203-000000"
         (run_dir / "checkpoint-5").mkdir(parents=True)
         (run_dir / "checkpoint-5" / "adapter_config.json").write_text("{}")  # (a LoRA checkpoint: exportable)
+        (run_dir / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"weights")
         job = make_job("x", JobStatus.COMPLETED).model_copy(update={
             "run_id": "run1", "output_dir": str(settings.OUTPUT_ROOT / "x"), "run_dir": str(run_dir),
             "finished_at": time.time(), "checkpoints": [str(run_dir / "checkpoint-5")]})  # fmt: skip

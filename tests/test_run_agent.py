@@ -38,6 +38,7 @@ async def completed(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[Redis
     run_dir = output / "v0-20261203-000000"
     (run_dir / "checkpoint-5").mkdir(parents=True)
     (run_dir / "checkpoint-5" / "adapter_config.json").write_text("{}")  # (a LoRA checkpoint: exportable)
+    (run_dir / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"weights")
     now = time.time()
     job = make_job("j", JobStatus.COMPLETED).model_copy(update={
         "run_id": "run1", "output_dir": str(output), "run_dir": str(run_dir), "finished_at": now,

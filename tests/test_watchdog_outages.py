@@ -108,6 +108,7 @@ async def test_a_run_whose_recorded_end_lost_its_answer_still_gets_its_automatic
     run_dir = output / "v0-20261203-000000"
     (run_dir / "checkpoint-5").mkdir(parents=True)
     (run_dir / "checkpoint-5" / "adapter_config.json").write_text("{}")  # (a LoRA checkpoint: exportable)
+    (run_dir / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"weights")
     log = output / "logs" / "k.train.log"
     log.parent.mkdir(parents=True)
     log.write_text("training\n")
@@ -249,6 +250,7 @@ async def test_an_export_launched_again_after_its_record_was_lost_runs_once(cut:
     run_dir = output / "v0-20261203-000000"
     (run_dir / "checkpoint-5").mkdir(parents=True)
     (run_dir / "checkpoint-5" / "adapter_config.json").write_text("{}")  # (a LoRA checkpoint: exportable)
+    (run_dir / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"weights")
     await store.create(make_job("x", JobStatus.COMPLETED).model_copy(update={
         "run_id": "run1", "output_dir": str(output), "run_dir": str(run_dir), "finished_at": time.time(),
     }), message="created", actor="t")  # fmt: skip

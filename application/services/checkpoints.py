@@ -34,12 +34,27 @@ def holds_weights(job: Job, checkpoint: str) -> bool:
         config = (Path(checkpoint) / "adapter_config.json").stat()
     except OSError:
         return False
-    return stat.S_ISREG(config.st_mode) and config.st_size > 0
+    return stat.S_ISREG(config.st_mode) and config.st_size > 0 and _adapter_weights(Path(checkpoint))
+
+
+# PEFT's adapter weights, as safetensors (its default) or a torch pickle.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _adapter_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ADAPTER_WEIGHTS)
 
 
 def first_resumable(paths: Iterable[str | None]) -> str | None:
-    """The first of `paths` swift can resume from (its trainer_state.json is still on disk)."""
-    return next((p for p in paths if p and (Path(p) / "trainer_state.json").is_file()), None)
+    """The first of `paths` swift can resume from: its trainer_state.json is still on disk, and an adapter's
+    weights beside its adapter_config.json (one whose weights were deleted was resumed from, and swift failed
+    reading the folder as a hub id: hunt CY)."""
+    return next((p for p in paths if p and (Path(p) / "trainer_state.json").is_file() and _whole_adapter(Path(p))),
+                None)  # fmt: skip
+
+
+def _whole_adapter(folder: Path) -> bool:
+    return not (folder / "adapter_config.json").exists() or _adapter_weights(folder)
 
 
 def newest_checkpoint(job: Job) -> str | None:

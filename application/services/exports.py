@@ -100,8 +100,9 @@ def pick_checkpoint(job: Job, wanted: str | None, on_disk: list[str]) -> str:
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise no_checkpoint(job)
     if not holds_weights(job, checkpoint):
-        raise Conflict(f"{checkpoint} holds no LoRA adapter (adapter_config.json): its save was cut short, or its "
-                       "files were removed; export another checkpoint (GET .../checkpoints)")  # fmt: skip
+        raise Conflict(f"{checkpoint} holds no whole LoRA adapter (adapter_config.json and its weights): its save "
+                       "was cut short, or its files were removed; export another checkpoint (GET "
+                       ".../checkpoints)")  # fmt: skip
     return checkpoint
 
 
