@@ -175,7 +175,8 @@ class QueueProcessor:
             try:
                 await self.store.update(victim, {"preempt_for": head_id}, statuses=(JobStatus.RUNNING,), event=(
                     "preemption_requested", f"preempted for {head_id} (priority {job.priority}): the run stops, "
-                    "goes back to the queue and resumes from its last checkpoint", {"by": head_id}))  # fmt: skip
+                    "goes back to the queue and resumes from its last checkpoint (from the beginning without one)",
+                    {"by": head_id}))  # fmt: skip
             except TransitionRefused:
                 continue  # it ended meanwhile: its GPUs come back anyway (and it was not preempted)
             asked.append(victim)

@@ -53,7 +53,8 @@ class Reason:
         if self.code == "preemption" and self.job_id is not None:
             runs = f"lower-priority run {self.job_id}" + (f" and {self.more} more" if self.more else "")
             if self.starts_in is None or self.starts_in < 1:
-                return f"{runs} will make way for it (preempted: back to the queue, to resume from its last checkpoint)"
+                return (f"{runs} will make way for it (preempted: back to the queue, to resume from its last "
+                        "checkpoint, or from the beginning without one)")  # fmt: skip
             return (f"{runs} will make way for it once preemptible (PREEMPTION_MIN_RUN_SECONDS), in "
                     f"{format_wait(self.starts_in).removeprefix('about ')}")  # fmt: skip
         return REASON_TEXT[self.code]
