@@ -323,6 +323,12 @@ def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., Api
     assert refused.returncode == 2 and "401" in refused.stderr
     assert cli(server.port, "ls", key=ALICE_KEY).returncode == 0
     assert cli(server.port, "--key", ALICE_KEY, "queue").returncode == 0
+    # A proxy's user and password in the URL take the Authorization header: the key goes as X-API-Key (it was
+    # dropped: 401, hunt CZ).
+    behind = f"http://proxyuser:proxypw@127.0.0.1:{server.port}"
+    r = subprocess.run([sys.executable, "-m", "application.cli", "--url", behind, "--key", ALICE_KEY, "--json", "ls"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "jobs" in json.loads(r.stdout), r.stderr
 
 
 @pytest.mark.parametrize(("given", "root"), [
@@ -1051,6 +1057,15 @@ def test_a_password_in_the_url_is_never_printed_nor_a_closed_stdout_a_traceback(
                        stderr=subprocess.PIPE, text=True, timeout=60, close_fds=True,
                        preexec_fn=lambda: os.close(1))  # fmt: skip
     assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--json", "ls"], ["ls"], ["logs", "j"]])
+def test_a_command_run_with_standard_output_closed_does_its_work_quietly(tiny_server: int, args: list[str]) -> None:
+    # `>&-`: a traceback and exit 1 ("the job failed"), or "not what a swift-api server sends" (hunt CZ).
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{tiny_server}"}
+    r = subprocess.run([sys.executable, "-m", "application.cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_log_text_cannot_drive_or_reorder_the_terminal() -> None:

@@ -350,6 +350,8 @@ def _raise_signalled(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
+    if sys.stdout is None:  # (started with standard output closed, `>&-`: what print() does, not a traceback)
+        sys.stdout = open(os.devnull, "w")
     out = Output(getattr(args, "json", False))
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_signalled)

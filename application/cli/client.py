@@ -185,7 +185,10 @@ class Api:
             # Never echoed: the error would carry the key into a CI log.
             raise CliError("the API key (SWIFT_API_KEY or --key) holds spaces, control or non-ASCII characters, which "
                            "no key has: check how it was copied", EXIT_USAGE)  # fmt: skip
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # A URL with a user and password (a proxy's basic auth) takes the Authorization header: the key then goes
+        # as X-API-Key, which the server reads as well (it was dropped, and the server answered 401: hunt CZ).
+        header = "X-API-Key" if httpx.URL(self.url).userinfo else "Authorization"
+        headers = {header: key if header == "X-API-Key" else f"Bearer {key}"} if key else {}
         # Stop and pause answer only once the run has ended (up to the server's stop grace), hence a long read.
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
                                  transport=transport)  # fmt: skip
