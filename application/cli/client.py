@@ -93,10 +93,14 @@ def shown_url(url: str | httpx.URL) -> str:
     return str(parsed.copy_with(userinfo=b"***")) if parsed.userinfo else str(url)
 
 
-def unreachable(url: str, error: Exception) -> CliError:
+def unreachable(url: str, error: Exception, lost_for: float | None = None) -> CliError:
+    """`lost_for`: a stream's server, which answered before, has not been back for that long (no URL to fix)."""
     reason = str(error) or type(error).__name__
     if (parsed := httpx.URL(url)).userinfo:
         reason = reason.replace(parsed.userinfo.decode("ascii", "replace"), "***")
+    if lost_for is not None:
+        return CliError(f"lost the server at {shown_url(url)} for {lost_for:.0f} s: {reason}; the job goes on "
+                        "there: follow it again once the server is back", EXIT_UNREACHABLE)  # fmt: skip
     return CliError(f"cannot reach the server at {shown_url(url)}: {reason} (set SWIFT_API_URL or --url)",
                     EXIT_UNREACHABLE)  # fmt: skip
 

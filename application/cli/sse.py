@@ -106,12 +106,13 @@ def follow(api: Api, path: str, params: dict[str, Any] | None = None) -> Iterato
         if heard[0] or (answered is not None and now - answered >= STREAM_READ_TIMEOUT / 2):
             down_since, attempt = None, 0
         if now - last_heard > SILENCE_SECONDS:  # (open, and silent for longer than any heartbeat)
-            raise unreachable(api.url, error)
+            raise unreachable(api.url, error, now - last_heard)
         if down_since is None:
             down_since = now
         left = down_since + RECONNECT_SECONDS - now
         if left < 0:
-            raise unreachable(api.url, error)
+            # (it answered before: "set SWIFT_API_URL" sent people to fix a URL that was right, hunt CZ)
+            raise unreachable(api.url, error, now - down_since)
         time.sleep(max(min(0.25 * 2**attempt, BACKOFF_MAX), min(wait, left)))
         attempt += 1
 
