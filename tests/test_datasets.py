@@ -468,3 +468,18 @@ def test_a_jsonl_file_holding_one_json_array_is_read_as_datasets_reads_it(tmp_pa
     lines_of_arrays.write_text(json.dumps([MESSAGES]) + "\n" + json.dumps([MESSAGES]) + "\n")
     with pytest.raises(Invalid, match="is not a valid JSON array"):
         check_dataset("data_path", lines_of_arrays)
+
+
+@pytest.mark.parametrize("rows", [1000, 300_000])
+def test_a_file_cut_short_past_the_rows_sampled_is_refused(tmp_path: Path, rows: int) -> None:
+    # Only its first rows were decoded: a file whose copy was interrupted passed, and the job failed in ms-swift's
+    # reader after its wait (hunt DD). Within the head read and past it.
+    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text((row + "\n") * rows + "\n\n")
+    assert check_dataset("data_path", whole).rows == rows
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text((row + "\n") * rows + row[:40])
+    with pytest.raises(Invalid) as caught:
+        check_dataset("data_path", cut)
+    assert "its last line is not valid JSON" in caught.value.detail and "copy it again" in caught.value.detail

@@ -35,6 +35,7 @@ from application.utils.regular_files import open_regular
 HEAD_BYTES = 8 << 20  # rows checked come from the first 8 MiB
 FIRST_ROW_MAX = 64 << 20  # ... or from the first row, when it is longer
 SAMPLE_ROWS = 20
+LAST_LINE_MAX = 1 << 20  # a file's last line is decoded too, when it is no longer than this
 COUNT_MAX_BYTES = 2 << 30  # exact row counts up to 2 GiB; past that an estimate
 JSON_ARRAY_MAX_BYTES = 64 << 20
 CSV_FIELD_MAX = 64 << 20
@@ -372,12 +373,31 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
         count, exact = _count_lines(path, size, cr_ends=suffix == ".csv" and b"\n" not in head and b"\r" in head)
+        last = _last_line(path) if suffix != ".csv" and seen >= SAMPLE_ROWS else None
     except OSError as exc:  # opened again to count: the file may have gone since its head was read
         raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
+    if last is not None:
+        try:
+            _loads(last)
+        except (ValueError, RecursionError) as exc:
+            # (an interrupted copy, a full disk: the rows past the sample were not decoded, and the job failed in
+            # ms-swift's reader after its wait, hunt DD)
+            raise Invalid(f"{field} '{path}': its last line is not valid JSON ({exc}): the file looks cut short "
+                          "(an interrupted copy, a disk that filled up); copy it again") from None  # fmt: skip
     if suffix == ".csv":
         # Lines less the header: an estimate, as quoted fields may hold line breaks.
         return DatasetInfo(max(0, count - 1), False, fmt)
     return DatasetInfo(count, exact, fmt)
+
+
+def _last_line(path: Path, most: int = LAST_LINE_MAX) -> bytes | None:
+    """The file's last line with any text, when it is at most `most` bytes (else None: not read)."""
+    with open_regular(path) as f:
+        end = f.seek(0, 2)
+        f.seek(max(0, end - most - 2))
+        tail = f.read().rstrip(b" \t\r\n")
+    cut = tail.rfind(b"\n")
+    return tail[cut + 1 :] if cut >= 0 or end <= most + 2 else None
 
 
 _BLANK = re.compile(r"[ \t\n\r]*")
