@@ -396,6 +396,20 @@ async def test_a_new_job_that_reuses_a_deleted_jobs_id_does_not_hold_the_old_job
         assert refused.status_code == 409 and "exp" in refused.json()["detail"], refused.text
 
 
+async def test_a_file_id_takes_a_sample_count_as_a_path_does(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    # `file-...#3` was refused as neither a path nor a hub id, where `data.jsonl#3` was taken (hunt DD).
+    async with app_factory(scheduler=False) as client:
+        up = (await client.post("/files", files={"file": ("a.jsonl", VALID, "application/octet-stream")})).json()
+        r = await client.post("/jobs", json=job_body(tmp_path, "some", data_path=f"{up['id']}#3"))
+        assert r.status_code == 201, r.text
+        job = (await client.get("/jobs/some")).json()
+        assert job["data_path"] == f"{up['path']}#3", job
+        refused = await client.delete(f"/files/{up['id']}")  # (recorded as the job's)
+        assert refused.status_code == 409 and "some" in refused.json()["detail"], refused.text
+        r = await client.post("/jobs", json=job_body(tmp_path, "none", data_path="file-" + "0" * 24 + "#3"))
+        assert r.status_code == 422 and "no such file" in r.json()["detail"], r.text
+
+
 def multipart_upload(key: str, filename: str = "slow.jsonl") -> tuple[bytes, bytes]:
     """A raw upload request of VALID: its head, and its body."""
     boundary = "b0undary"

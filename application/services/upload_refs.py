@@ -28,6 +28,7 @@ from application.services.swift_arguments import DATA_ARGUMENTS
 FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
+_SAMPLE = re.compile(r"#\d{1,12}$")  # ... as the sandbox takes it
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
 _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # A job in one of these may still read its data set: its files cannot be deleted.
@@ -182,6 +183,10 @@ class UploadRefs:
             if val is not None:
                 val = await files.resolve_file_ref(val, caller, "training.val_dataset") or val
         """
+        # A file id takes `#N` (N rows sampled), as a path does (it was refused as neither path nor hub id: hunt DD).
+        found = _SAMPLE.search(value)
+        sample = found.group() if found else ""
+        value = value[: len(value) - len(sample)]
         if not FILE_REF.match(value):
             return None
         meta = await self._load(value)
@@ -189,7 +194,7 @@ class UploadRefs:
             raise Invalid(f"{field} {value}: no such file — upload it with POST /files")
         if not await asyncio.to_thread(Path(meta.path).is_file):
             raise Invalid(f"{field} {value}: its file is gone from the server — upload it again with POST /files")
-        return meta.path
+        return meta.path + sample
 
 
 def _index(argv: list[str], flag: str) -> int | None:
