@@ -49,7 +49,7 @@ def test_create_pending_start_complete_progress_checkpoint_and_auto_export(serve
     assert r.status_code == 201, r.text
     assert r.json() == {"job_id": "training_001", "status": "pending", "message": r.json()["message"],
                         "queue_position": None, "estimated_wait_time": None, "pending_reason": None,
-                        "predicted_duration": {"seconds": None, "source": None}}  # fmt: skip
+                        "predicted_duration": {"seconds": None, "source": None}, "gpu_ids": None}  # fmt: skip
     assert r.json()["message"]
     assert server.job("training_001")["status"] == "pending"
     assert server.http.get("/jobs/training_001/status").json()["status"] == "pending"
