@@ -358,6 +358,12 @@ def test_an_idle_stream_gets_heartbeats_and_a_missing_job_is_404(server_factory:
     server.http.post("/jobs/idle/stop")
 
 
+def for_seconds(seconds: float) -> Callable[[list[Message]], bool]:
+    """A `read` stop: the messages that came within that long."""
+    until = time.monotonic() + seconds
+    return lambda got: time.monotonic() > until
+
+
 def statuses(messages: list[Message]) -> list[str]:
     return [json.loads(m.data)["status"] for m in messages if m.event == "status"]
 
@@ -371,6 +377,10 @@ def test_the_log_and_progress_streams_say_the_status_they_find_and_its_changes(s
     seen = lambda want: lambda got: want in statuses(got)  # noqa: E731
     for kind in ("progress", "logs"):
         assert statuses(read(server, f"/jobs/st/{kind}/stream", stop=seen("running")))[0] == "running"
+        # Said once, however many lines and points come after it (the log's was sent again after each batch:
+        # hunt DB).
+        got = read(server, f"/jobs/st/{kind}/stream", stop=for_seconds(4))  # (steps every 0.1 s: many batches)
+        assert statuses(got) == ["running"], [m for m in got if m.event == "status"]
     assert server.http.post("/jobs/st/pause").json()["status"] == "paused"
     for kind in ("progress", "logs"):
         got = read(server, f"/jobs/st/{kind}/stream", stop=seen("paused"))

@@ -234,7 +234,7 @@ class Streams:
             offset = await asyncio.to_thread(tail_start, path, tail, in_place=True)
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
-        shown: str | None = None  # the status last sent (`event: status`)
+        status_sent: str | None = None  # the status last sent (`event: status`)
 
         def at(n: int) -> str:
             return f"{_log_tag(path)}-{n}" if kind == "export" else str(n)
@@ -248,8 +248,8 @@ class Streams:
                 runs = listed or []
                 later = runs[runs.index(path) + 1 :] if path in runs else runs
                 ahead += [log for log in later if log != path and log not in ahead]
-                if kind == "train" and now is not None and now != shown and not JobStatus(now).is_terminal():
-                    shown = now  # (a busy log's status too: one that runs again after a pause)
+                if kind == "train" and now is not None and now != status_sent and not JobStatus(now).is_terminal():
+                    status_sent = now  # (a busy log's status too: one that runs again after a pause)
                     yield status_message(now)
             size = size_in_place(path) if path else None
             if ahead and size in (None, offset):
@@ -377,7 +377,7 @@ class Streams:
         first = True
         newest: tuple[int, str | None] = (-1, None)
         pace = _Pace(self.poll, self.heartbeat)
-        shown: str | None = None
+        status_sent: str | None = None
         while True:
             check, beat = pace.tick()
             # The history's length and newest point say whether anything changed: only then is it read.
@@ -408,8 +408,8 @@ class Streams:
                 fresh = [(key, p.model_dump(exclude_none=True)) for key, p in keyed if key > last]
             progress, now = await self._progress(job_id, created) if fresh else (None, None)
             said = ""
-            if now is not None and now != shown and not JobStatus(now).is_terminal():
-                shown = now  # (said with the points: those of a run again after a pause come without a pause)
+            if now is not None and now != status_sent and not JobStatus(now).is_terminal():
+                status_sent = now  # (said with the points: those of a run again after a pause come without a pause)
                 said = status_message(now)
             if fresh and progress is None:
                 fresh = []  # the id is another job's now: the next status check ends the stream
@@ -441,8 +441,8 @@ class Streams:
                         yield message(json.dumps({"status": status, **last_progress}), event="end")
                         return
                     pace.sent = pace.sent or over
-                    if not over and status != shown:
-                        shown = status
+                    if not over and status != status_sent:
+                        status_sent = status
                         yield status_message(status)
                 if beat:
                     yield ": keep-alive\n\n"
