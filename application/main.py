@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 slots = (app.state.streams.slots, app.state.download_slots, training.files.slots)
                 await asyncio.wait_for(asyncio.gather(*(s.release_all() for s in slots)), SLOTS_RELEASE_SECONDS)
             await redis_service.close()
+            training.checks.close()
 
     app = FastAPI(title="swift-api", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_tags=TAGS,

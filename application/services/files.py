@@ -33,6 +33,7 @@ from application.config import UPLOADS_DIR, Settings
 from application.exceptions import Conflict, InsufficientStorage, Invalid, NotFound, TooLarge
 from application.models.file_model import PURPOSES, FileList, FileObject, Purpose
 from application.services import clock, lua_cluster
+from application.services.check_pool import CheckPool
 from application.services.datasets import check_dataset
 from application.services.folder_owners import FolderIndex
 from application.services.index_pages import cursor_text, ids_page, one_way
@@ -64,8 +65,9 @@ def _not_found(file_id: str) -> NotFound:
 
 
 class FileStore(UploadRefs):
-    def __init__(self, settings: Settings, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, keys: Keys, checks: CheckPool | None = None) -> None:
         self.settings = settings
+        self.checks = checks or CheckPool()  # where an upload's data set check runs (its threads made when used)
         # redis-py types replies as bytes|str unions even with decode_responses=True: treat them as str.
         self.r: Any = client
         self.keys = keys
@@ -211,13 +213,14 @@ class FileStore(UploadRefs):
         if purpose not in PURPOSES:
             raise Invalid(f"purpose '{purpose[:32]}' is not one of {', '.join(PURPOSES)}")
         try:
-            info = await asyncio.to_thread(check_dataset, "file", received.path,
-                                         needs="either" if purpose == "rlhf" else None)  # fmt: skip
+            info = await self.checks.run(caller.name, functools.partial(
+                check_dataset, "file", received.path, needs="either" if purpose == "rlhf" else None))  # fmt: skip
             # Its rows' images, videos and audio as a job's create checks them (as this owner's), or every job
             # naming the file would be refused after it was kept.
             guard = all_of(await self.folders.guard(real_output_root(self.settings.OUTPUT_ROOT), caller),
                            self.upload_guard(caller), own_files(self.settings))  # fmt: skip
-            await asyncio.to_thread(check_media, "file", received.path, self.settings.data_roots(), guard)
+            await self.checks.run(caller.name, functools.partial(check_media, "file", received.path,
+                                                                 self.settings.data_roots(), guard))  # fmt: skip
         except Invalid as exc:
             # Its message names the temp file; the client knows the file by its own name.
             detail = exc.detail.replace(str(received.path), received.filename)

@@ -4,7 +4,6 @@ id, and the answer that says where it stands (started with `auto_start`, or its 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import re
@@ -106,7 +105,7 @@ async def _checked_job(svc: TrainingService, req: JobCreate, caller: Caller,
     )  # fmt: skip
     # Inline, no path but the output folder's is looked at: the guard is never called.
     inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=svc.output_on_local_disk)
-    checked = check() if inline else await asyncio.to_thread(check)
+    checked = check() if inline else await svc.checks.run(caller.name, check)
     # Uploads named by their path are recorded with the job (another owner's is refused: their folder also
     # lies inside DATA_ROOTS).
     data_sets = [checked.data_path, *(v for n in DATA_ARGUMENTS for v in _as_list(checked.arguments.get(n)))]

@@ -31,6 +31,7 @@ from application.models.job_responses import (
 )
 from application.models.training_model import ExportStatus, Job, JobStatus
 from application.services import clock, job_create, job_start
+from application.services.check_pool import CheckPool
 from application.services.checkpoints import newest_checkpoint
 from application.services.cluster_store import ClusterStore
 from application.services.exports import EXPORT_LIST, exports_as_they_stand, settle
@@ -63,7 +64,8 @@ class TrainingService:
         self._swift: tuple[str, SwiftInfo | None] | None = None
         # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
         self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
-        self.files = FileStore(settings, store.r, store.keys)
+        self.checks = CheckPool()  # the disk checks of creates and uploads
+        self.files = FileStore(settings, store.r, store.keys, self.checks)
         self.placement = Placement(store, cluster, self.planner, self.view)
 
     # ---- what the scheduler published ---------------------------------------------------------------
