@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body
 
@@ -68,3 +69,15 @@ async def test_gpus_whose_reading_fails_are_shown_unreadable_and_start_nothing(a
         assert page.count(">unreadable<") == 2
         r = await client.post("/jobs", json=job_body(tmp_path, "waits", auto_start=True))
         assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ("/ui/jobs/x?status=running", True), ("/", True), ("/ui/queue", True),
+    ("//evil.example/x", False), ("/\\evil", False), ("/ui/logout", False), ("/ui/login?next=/ui", False),
+    ("/api/v1/training/jobs", False), ("/docs", False),
+])  # fmt: skip
+def test_a_login_goes_on_only_to_a_dashboard_page(given: str, kept: bool) -> None:
+    # `next` led to the API (a JSON 401: it reads no cookie), a logout (405) or the login form again (hunt DB).
+    from application.ui.session import safe_next
+
+    assert safe_next(given) == (given if kept else "/")

@@ -45,8 +45,12 @@ def ui_caller(request: Request) -> Caller | None:
 
 
 def safe_next(raw: str | None) -> str:
-    """Only a path on this site: `//host` or `/\\host` would send the reader elsewhere after logging in."""
+    """Only a page of this dashboard: `//host` or `/\\host` would send the reader elsewhere after logging in, and
+    the API (which reads no cookie: a 401), the login form or a logout led nowhere (hunt DB)."""
     if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw or any(ord(c) < 0x20 for c in raw):
+        return "/"
+    path = raw.split("?", 1)[0].split("#", 1)[0]
+    if path != "/" and (not path.startswith("/ui/") or path.rstrip("/") in ("/ui/login", "/ui/logout")):
         return "/"
     return raw
 
