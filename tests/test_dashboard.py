@@ -929,3 +929,80 @@ def test_a_jobs_row_shows_an_excerpt_of_its_error_with_no_bidi_control_and_a_pag
     assert "\u202e" not in page and "RuntimeError: \ufffdboom" in page
     past = views.jobs_body(ctx, {"jobs": [], "offset": 1000, "limit": 50, "total": 65}, None, None, True)
     assert "0 of 65" in past and 'href="/ui/jobs?offset=15&amp;limit=50" rel="prev"' in past
+
+
+def test_refreshes_keep_a_selection_and_a_table_scrolled_sideways(server: ApiServer, workspace: Path,
+                                                                  tabs: Callable[..., Tab]) -> None:  # fmt: skip
+    # Every 3 s the job page rewrote its command and tables, and the lists swapped their sections in: a selection
+    # (a checkpoint's path, to copy it) went, and a table scrolled sideways on a narrow screen went back (hunt DB).
+    body = job_body(workspace, "sel", auto_start=True, training={"max_steps": 4, "save_steps": 2})
+    assert server.create(**body).status_code == 201
+    server.wait_status("sel", "completed")
+    running = job_body(workspace, "moving", step_seconds=0.2, auto_start=True, training={"max_steps": 2000})
+    assert server.create(**running).status_code == 201
+    page = tabs(server).goto("/ui/jobs/sel")
+    page.wait_for_function("() => window.dashboard.jobReads() >= 1")
+    for selector in ("#command", "#checkpoints-box code"):
+        picked = page.evaluate(f"""() => {{
+            const node = document.querySelector({selector!r});
+            const range = document.createRange();
+            range.selectNodeContents(node);
+            getSelection().removeAllRanges();
+            getSelection().addRange(range);
+            return [getSelection().toString(), window.dashboard.jobReads()];
+        }}""")
+        assert picked[0], selector
+        page.wait_for_function(f"() => window.dashboard.jobReads() >= {picked[1] + 2}")
+        assert page.evaluate("() => getSelection().toString()") == picked[0], selector
+    page = tabs(server, width=375).goto("/ui/jobs")
+    scroller = page.locator(".table-scroll").first
+    page.wait_for_function("() => document.body.dataset.refreshed")
+    scrolled = scroller.evaluate("t => { t.scrollLeft = 150; return t.scrollLeft; }")
+    assert scrolled > 0
+    swaps = int(page.evaluate("() => document.body.dataset.swapped || 0"))
+    page.wait_for_function(f"() => Number(document.body.dataset.swapped || 0) >= {swaps + 2}", timeout=30_000)
+    assert page.locator(".table-scroll").first.evaluate("t => t.scrollLeft") == scrolled
+    server.http.post("/jobs/moving/stop")
+
+
+def test_a_page_stops_following_once_another_tab_logs_in_as_someone_else(
+    server_factory: Callable[..., ApiServer], workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    # Bob's login in a second tab made alice's open job page call her running job "deleted", and her list show
+    # bob's jobs under her name (hunt DB).
+    server = server_factory(env={"API_KEYS": KEYS_SETTING})
+    body = job_body(workspace, "hers", step_seconds=0.2, auto_start=True, training={"max_steps": 2000})
+    assert server.http.post("/jobs", json=body, headers=auth(ALICE_KEY)).status_code == 201
+    tab = tabs(server)
+    page = tab.page
+    page.goto(tab.base + "/ui/login?next=%2Fui%2Fjobs%2Fhers")
+    page.fill("#key", ALICE_KEY)
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#log-state")).to_have_text("live")
+    other = tab.context.new_page()
+    other.goto(tab.base + "/ui/login")
+    other.fill("#key", BOB_KEY)
+    other.click("#login-form button[type=submit]")
+    expect(other.locator("header .who")).to_contain_text("bob (user)")
+    expect(page.locator("#notice")).to_contain_text("logged in or out in another tab: this page stopped following")
+    expect(page.locator("#log-state")).to_have_text("stopped: the key changed in another tab")
+    # Read with bob's key now, her job is not his to see: said so, not that it was deleted.
+    expect(page.locator("section [data-status]").first).to_have_text("not visible")
+    assert server.http.get("/jobs/hers", headers=auth(ALICE_KEY)).json()["status"] == "running"
+    server.http.post("/jobs/hers/stop", headers=auth(ALICE_KEY))
+
+
+def test_trainer_text_with_terminal_colours_and_bidi_controls_reaches_the_log_plain(
+    server: ApiServer, workspace: Path, tabs: Callable[..., Tab]
+) -> None:
+    # The live log showed a right-to-left override reversing the line, and escape codes raw (hunt DB).
+    hostile = job_body(workspace, "tty", fail_at_step=1, auto_start=True,
+                       fail_message="RuntimeError: \u202eboom \x1b[1;31mred\x1b[0m done")  # fmt: skip
+    assert server.create(**hostile).status_code == 201
+    server.wait_status("tty", "failed")
+    page = tabs(server).goto("/ui/jobs/tty")
+    page.wait_for_function("() => window.dashboard.logText().includes('done')")
+    line = next(x for x in page.evaluate("() => window.dashboard.logText()").splitlines() if "boom" in x)
+    assert line == "RuntimeError: \ufffdboom red done", repr(line)
+    expect(page.locator("#job-error")).to_contain_text("red done")
+    assert "\x1b" not in page.locator("#job-error").inner_text()

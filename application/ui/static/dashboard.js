@@ -58,7 +58,10 @@
    * Text as shown: bidi embedding, override and isolate controls (which trainer output and error messages may
    * carry) become U+FFFD, so that they cannot reverse what the page shows after them ("(exit_code)", an actor).
    */
-  const plain = (value) => String(value).replace(/[\u202A-\u202E\u2066-\u2069]/g, "\uFFFD");
+  const plain = (value) =>
+    String(value)
+      .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, "") // terminal colours (DeepSpeed's warnings): shown raw before
+      .replace(/[\u202A-\u202E\u2066-\u2069]/g, "\uFFFD");
 
   /** An element with text (never parsed as HTML) and optional attributes and children. */
   function el(tag, attrs, ...children) {
@@ -73,6 +76,30 @@
     }
     return node;
   }
+
+  /** Rebuild `box` from build() only when `mark` (what it shows, as text) changed: rebuilt at every refresh, a
+   * selection in it (a checkpoint's path, to copy it) was lost every few seconds (hunt DB). */
+  function replaceIfChanged(box, mark, build) {
+    if (!box || box.dataset.mark === mark) return;
+    box.dataset.mark = mark;
+    box.replaceChildren(...build());
+  }
+
+  // The key this page was opened with changed in another tab (a login as someone else, a logout): its streams
+  // end and its refreshes stop, rather than show another owner's lists under this page's name or call this
+  // owner's job deleted (hunt DB).
+  let keyChanged = false;
+  const streams = new Set();
+  window.addEventListener("storage", (e) => {
+    if (e.key !== KEY && e.key !== null) return;
+    if (keyChanged || e.newValue === e.oldValue) return;
+    keyChanged = true;
+    for (const c of streams) c.abort();
+    notice("This browser logged in or out in another tab: this page stopped following.", {
+      href: location.href,
+      text: "Reload",
+    });
+  });
 
   function notice(text, link) {
     const box = document.getElementById("notice");
@@ -136,11 +163,18 @@
     let last = handlers.lastId || null;
     let delay = 500;
     const state = handlers.onState || (() => {});
+    const control = new AbortController();
+    streams.add(control);
     for (;;) {
+      if (keyChanged) {
+        state("stopped: the key changed in another tab");
+        streams.delete(control);
+        return;
+      }
       try {
         const h = headers({ Accept: "text/event-stream" });
         if (last) h["Last-Event-ID"] = last;
-        const r = await fetch(api + path, { headers: h, cache: "no-store" });
+        const r = await fetch(api + path, { headers: h, cache: "no-store", signal: control.signal });
         if (r.status === 401) {
           authFailed();
           state("not allowed");
@@ -250,8 +284,16 @@
       staleSince = staleSince || new Date();
       notice(`Not up to date: ${why} (showing what it said at ${staleSince.toLocaleTimeString()}); trying again.`);
     };
+    const html = new Map(); // each section's HTML as last served: swapped in only when it changed
+    let pressed = false; // (a drag under way: a selection being made)
+    document.addEventListener("mousedown", () => (pressed = true));
+    document.addEventListener("mouseup", () => (pressed = false));
+    const selecting = (part) => {
+      const sel = window.getSelection();
+      return pressed || (sel && !sel.isCollapsed && part.contains(sel.anchorNode));
+    };
     setInterval(async () => {
-      if (busy || document.hidden) return;
+      if (busy || document.hidden || keyChanged) return;
       busy = true;
       try {
         const r = await fetch(location.href, { headers: headers({ Accept: "text/html" }), cache: "no-store" });
@@ -266,10 +308,16 @@
         const doc = new DOMParser().parseFromString(await r.text(), "text/html");
         for (const part of document.querySelectorAll("[data-refresh]")) {
           const fresh = part.id && doc.getElementById(part.id);
-          if (fresh) {
+          // Not when nothing changed, nor over a selection being made (both lost it every few seconds), and
+          // a table scrolled sideways stays so (it went back to its left edge: hunt DB).
+          if (fresh && html.get(part.id) !== fresh.outerHTML && !selecting(part)) {
+            html.set(part.id, fresh.outerHTML);
+            const scrolled = [...part.querySelectorAll(".table-scroll")].map((t) => t.scrollLeft);
             const node = document.importNode(fresh, true);
             localTimes(node);
             part.replaceWith(node);
+            node.querySelectorAll(".table-scroll").forEach((t, i) => (t.scrollLeft = scrolled[i] || 0));
+            body.dataset.swapped = String(Number(body.dataset.swapped || 0) + 1); // (a test hook)
           }
         }
         body.dataset.refreshed = String(Date.now());
@@ -311,6 +359,8 @@
     setKey,
     el,
     plain,
+    replaceIfChanged,
+    keyChanged: () => keyChanged,
     authNoticed: () => authNoticed,
     timeEl,
     size,

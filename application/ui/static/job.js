@@ -4,7 +4,7 @@
  * steps a resumed run logs again.
  * The status, command, attempts and checkpoints are re-read from the API every few seconds; the files the job
  * wrote (GET .../artifacts, which walks its folder) whenever those say something new was written.
- * Test hooks: window.dashboard.lossPoints(), logText(), jobStatus().
+ * Test hooks: window.dashboard.lossPoints(), logText(), jobStatus(), jobReads().
  */
 "use strict";
 
@@ -188,7 +188,8 @@
 
   function flushLog() {
     if (!pending.length) return;
-    log.append(...pending.map((line) => line + "\n"));
+    // (as the error box and events show text: bidi controls cannot reorder the line, escape codes are dropped)
+    log.append(...pending.map((line) => d.plain(line) + "\n"));
     pending = [];
     while (log.childNodes.length > MAX_LINES) log.firstChild.remove();
     if (follow.checked) log.scrollTop = log.scrollHeight;
@@ -302,7 +303,9 @@
     const err = document.getElementById("job-error");
     err.textContent = job.error_message ? `${d.plain(job.error_message)}${job.error_code ? ` (${job.error_code})` : ""}` : "";
     err.hidden = !job.error_message;
-    document.getElementById("command").textContent = job.command_line || "—";
+    // Written only when it changed: rewritten at each refresh, a selection in it (to copy it) was lost (hunt DB).
+    const command = document.getElementById("command");
+    if (command.textContent !== (job.command_line || "—")) command.textContent = job.command_line || "—";
     fact("priority", text(job.priority));
     const ids = (job.gpu_ids || []).map((i) => `#${i}`).join(", ") || (job.num_gpus === 0 ? "CPU" : "—");
     fact("gpus", text(`${job.num_gpus} asked · ${ids}`));
@@ -317,9 +320,9 @@
       text(`${a.first_step || 0}–${a.last_step === null || a.last_step === undefined ? "" : a.last_step}`),
       code(a.resumed_from), text(a.error_message || ""),
     ]);
-    document.getElementById("attempts-box").replaceChildren(
-      grid("attempts", ["#", "Started", "Ended", "Outcome", "Steps", "Resumed from", "Error"], attempts, "No run yet.")
-    );
+    d.replaceIfChanged(document.getElementById("attempts-box"), JSON.stringify(job.attempts || []), () => [
+      grid("attempts", ["#", "Started", "Ended", "Outcome", "Steps", "Resumed from", "Error"], attempts, "No run yet."),
+    ]);
   }
 
   function showCheckpoints(list) {
@@ -330,9 +333,9 @@
     ]);
     const shown = (list.checkpoints || []).length;
     const more = list.total > shown ? [el("p", { class: "muted", text: `the newest ${shown} of ${list.total}` })] : [];
-    document.getElementById("checkpoints-box").replaceChildren(
-      grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet."), ...more
-    );
+    d.replaceIfChanged(document.getElementById("checkpoints-box"), JSON.stringify(list), () => [
+      grid("checkpoints", ["Step", "Path", "Written", "Loss", "Size", ""], rowsOut, "No checkpoint yet."), ...more,
+    ]);
     checkpointCount = Math.max(list.total || 0, shown);
     setStatus(status);
   }
@@ -364,6 +367,7 @@
 
   let refreshing = null;
   let staleSince = null;
+  let jobReads = 0;
   function refreshJob() {
     // Calls that come while one is under way share it.
     if (!refreshing) {
@@ -371,7 +375,8 @@
         const r = await d.apiJson(base);
         if (r.status === 404) {
           gone = true;
-          setStatus("deleted");
+          // (or this browser's key is another owner's now: logged in as someone else in another tab)
+          setStatus(d.keyChanged() ? "not visible" : "deleted");
           return;
         }
         if (!r.ok) {
@@ -385,6 +390,7 @@
         if (staleSince && !d.authNoticed()) d.notice(null); // (only the notice this showed)
         staleSince = null;
         showJob(r.body);
+        jobReads += 1;
         const c = await d.apiJson(`${base}/checkpoints`);
         if (!c.ok) return;
         showCheckpoints(c.body);
@@ -482,5 +488,6 @@
     chartPoints: () => rows.x.length,
     logText: () => log.textContent,
     jobStatus: () => status,
+    jobReads: () => jobReads,
   });
 })();
