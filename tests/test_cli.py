@@ -176,6 +176,11 @@ def test_logs_follow_prints_every_line_and_ends_with_the_job(server: ApiServer, 
 def test_logs_of_a_quantized_export_are_its_export_jobs(server: ApiServer, workspace: Path) -> None:
     body = job_body(workspace, "q", auto_start=True, training={"max_steps": 4, "save_steps": 2})
     assert server.create(**body).status_code == 201
+    # A job with no export: a usage error, not an empty log (exit 0) or "export none" (exit 1, "the job failed").
+    assert server.create(**job_body(workspace, "idle")).status_code == 201
+    for flags in ((), ("-f",)):
+        none = cli(server.port, "logs", "idle", "--export", *flags)
+        assert none.returncode == 2 and "job idle has no export" in none.stderr, (flags, none.stderr)
     wait_for(lambda: (j := server.job("q"))["status"] == "completed" and j["export"]["status"] == "completed",
              what="the run and its automatic export")  # fmt: skip
     r = server.http.post("/jobs/q/export", json={"checkpoint": "checkpoint-2", "quant_bits": 4, "quant_method": "bnb"})

@@ -105,10 +105,14 @@ def logs(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def _quantized_export_job(api: Api, job_id: str, out: Output) -> str | None:
-    """The job its newest export runs as, when that export is a quantized one."""
+    """The job its newest export runs as, when that export is a quantized one. A job with no export is a usage
+    error: its log was empty and exit 0, or, followed, "export none" and exit 1, "the job failed" (hunt CZ)."""
     with out.answer_shape():
         exports = api.get(job_path(job_id, "/exports"))["exports"]
         child = exports[-1]["job_id"] if exports else None
+    if not exports:
+        raise CliError(f"job {job_id} has no export to show the log of: export it with `swift-api export {job_id}`",
+                       EXIT_USAGE)  # fmt: skip
     return child if isinstance(child, str) else None
 
 
