@@ -57,3 +57,34 @@ def test_the_checkpoints_a_dead_runner_did_not_record_are_those_of_its_run_past_
     assert unrecorded_checkpoints(found, run, f"{earlier}/checkpoint-5") == found[1:]
     assert unrecorded_checkpoints(found, run, None) == found[1:]
     assert unrecorded_checkpoints(found, None, None) == [] and unrecorded_checkpoints(found, run, found[-1]) == []
+
+
+def test_what_a_run_was_asked_to_end_for_stays_once_seen_and_the_strongest_wins() -> None:
+    from application.services.run_record import Asked
+
+    asked = Asked()
+    asked.take(False, False, "big-job")
+    assert asked.interrupt == "preempt"
+    asked.take(False, True, None)  # (a later read without the preemption keeps it)
+    assert (asked.interrupt, asked.preempt_for) == ("pause", "big-job")
+    asked.take(True, False, None)
+    assert asked.interrupt == "stop"
+
+
+def test_a_time_limit_outranks_any_request_and_a_host_going_down_requeues_the_run() -> None:
+    from application.services.run_record import HOST_SHUTDOWN, Asked, run_ended_for
+
+    paused = Asked(pause=True)
+    interrupt, preempt_for, override = run_ended_for(paused, -15, timed_out=True, limit=90, told_to_end=False,
+                                                     work="training")  # fmt: skip
+    assert (interrupt, preempt_for) == (None, None) and override is not None
+    assert override.status == JobStatus.FAILED and override.error_code == "time_limit"
+    assert "time limit of 1 min 30 s (90 s)" in (override.error_message or ""), override
+    # Done before its limit was noticed (exit 0): no override, the request stands.
+    assert run_ended_for(paused, 0, timed_out=True, limit=90, told_to_end=False, work="training") == \
+        ("pause", None, None)  # fmt: skip
+    assert run_ended_for(Asked(), -15, timed_out=False, limit=None, told_to_end=True, work="training") == \
+        ("preempt", HOST_SHUTDOWN, None)  # fmt: skip
+    # A request of the user's is what ended it, not the host.
+    assert run_ended_for(Asked(stop=True), -15, timed_out=False, limit=None, told_to_end=True, work="training") == \
+        ("stop", None, None)  # fmt: skip

@@ -52,18 +52,16 @@ from application.services.log_parser import SwiftLogParser
 from application.services.outbox import Orphaned, Outbox, until_answered
 from application.services.predictions import format_limit
 from application.services.redis_service import REDIS_AWAY, create_client, redis_url
-from application.services.run_end import RunEnd, export_error, work_of
+from application.services.run_end import export_error, work_of
 from application.services.run_history import RunHistory
 from application.services.run_logs import exit_about
-from application.services.run_record import interrupt_of, read_run, record_end
+from application.services.run_record import HOST_SHUTDOWN, Asked, read_run, record_end, run_ended_for
 from application.services.swift_command import build_env
 from application.utils.log_files import allow_moved_root, is_linked, linked_log, open_in_place
 from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
 from application.utils.logger import setup_logging
 
 START_ATTEMPTS_SECONDS = 60.0
-# What a run stopped because its runner was told to end (SIGTERM) was preempted for.
-HOST_SHUTDOWN = "the shutdown of its host"
 
 
 def me() -> RunnerInfo:
@@ -157,47 +155,17 @@ class Runner:
     async def train(self, early: pg.Child | OSError | None = None) -> int:
         """Follow the training run to its recorded end. `early`: swift as the entry already started it (from the
         launch spec the scheduler wrote), so a GPU handed over waits for no import of ours."""
-        try:
-            job = await self._job(patient=isinstance(early, pg.Child))
-        except RedisError as exc:
-            if not isinstance(early, pg.Child):
-                raise
-            # Told to end before Redis came back: nobody could record the run, so it must not train on unwatched.
-            logger.error("job {} run {}: Redis never answered ({}); stopping swift", self.job_id, self.run_id, exc)
-            await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
-            return 1
-        if job is None or job.status != JobStatus.RUNNING or job.run_id != self.run_id or not job.command:
-            logger.info("job {} run {} is not this runner's to run (it is {}): leaving", self.job_id, self.run_id,
-                        job.status.value if job else "gone")  # fmt: skip
-            if isinstance(early, pg.Child):
-                await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
-            return 0
+        job = await self._own_run(early)
+        if not isinstance(job, Job):
+            return job
         await self._tick("train", self.run_id)  # at once: the first look at the log is a poll interval away
         outbox = Outbox(self.store, self.job_id, self.run_id)
         launched = job.runner.launched_at if job.runner else self.info.launched_at
         outbox.set(runner=self.info.model_copy(update={"launched_at": launched, "ready_at": clock.now()}))
         log_file = Path(job.log_file or Path(job.output_dir) / "logs" / f"{job.job_id}.train.log")
         exit_file = log_file.with_suffix(".exit.json")
-        try:
-            if isinstance(early, OSError):
-                raise early
-            if early is None:
-                exit_file.unlink(missing_ok=True)
-                Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-                early = pg.Child(
-                    pg.spawn(job.command, swift_env(job.env, self.run_id), Path(job.output_dir), log_file, fresh=True)
-                )
-            proc = early
-        except OSError as exc:
-            if is_linked(exc):
-                error, kind = linked_log(log_file), "output_dir"
-            else:
-                # The server's setup, not the job's: the user is told whose it is, the operator's log says so.
-                error, kind = f"could not start swift ({job.command[0]}): {exc}; the server's operator must set " \
-                    "SWIFT_BIN or run ./install_all.sh", "launch"  # fmt: skip
-                logger.error("job {}: {}", self.job_id, error)
-            fields = {"error_message": error, "error_code": kind, "finished_at": clock.now()}
-            await outbox.finish(JobStatus.FAILED, fields, f"{work_of(job)} failed: {error}")
+        proc = await self._start_swift(job, early, outbox, log_file, exit_file)
+        if proc is None:
             return 1
         # A process that already ended (an instant failure) has no start time left to read: the launch's is close.
         start_time = pg.process_start_time(proc.pid) or time.time()
@@ -213,8 +181,8 @@ class Runner:
         started_at = job.started_at or clock.now()
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[tuple[str, float]] | None = None
-        stop_requested = pause_requested = timed_out = orphaned = False
-        preempt_for: str | None = None
+        asked = Asked()
+        timed_out = orphaned = False
         limit = job.time_limit_seconds
         behind = recorded = False
         ended_at = 0.0
@@ -236,10 +204,8 @@ class Runner:
                                "not recorded (the job deleted, or Redis lost its data or went back to an older state)",
                                self.job_id, self.run_id, tick.status or "no such job", tick.run_id)  # fmt: skip
             if tick is not None:
-                stop_requested = stop_requested or tick.stop_requested
-                pause_requested = pause_requested or tick.pause_requested
-                preempt_for = preempt_for or tick.preempt_for
-            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
+                asked.take(tick.stop_requested, tick.pause_requested, tick.preempt_for)
+            interrupt = asked.interrupt
             if limit is not None and not exited and not timed_out and stopping is None and interrupt is None and \
                     clock.now() - started_at > limit:  # fmt: skip
                 timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
@@ -280,31 +246,18 @@ class Runner:
             # end as recorded).
             tick = await self._tick("train", self.run_id)
             if tick is not None and tick.run_id == self.run_id:
-                stop_requested = stop_requested or tick.stop_requested
-                pause_requested = pause_requested or tick.pause_requested
-                preempt_for = preempt_for or tick.preempt_for
-            interrupt = interrupt_of(stop_requested, pause_requested, preempt_for)
-            override: RunEnd | None = None
-            if timed_out and code != 0 and limit is not None:
-                # The limit stopped it: a pause, preemption or stop asked during its grace does not turn the
-                # end into a rest (a preempted run came back with a fresh limit, again and again).
-                interrupt = preempt_for = None
-                spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
-                error = (f"the run exceeded its time limit of {spelled} and was stopped: "
-                         "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
-                override = RunEnd(JobStatus.FAILED, f"{work_of(job)} failed: {error}", error, "time_limit")
-            elif self.terminated.is_set() and code != 0 and interrupt is None:
-                # The host (or a scheduler that takes its runs with it) is going down, not the run: like Slurm's
-                # requeue after a node failure, it goes back to the queue and resumes from its last checkpoint.
-                preempt_for, interrupt = HOST_SHUTDOWN, "preempt"
+                asked.take(tick.stop_requested, tick.pause_requested, tick.preempt_for)
+            interrupt, preempt_for, override = run_ended_for(
+                asked, code, timed_out=timed_out, limit=limit, told_to_end=self.terminated.is_set(), work=work_of(job)
+            )
             if recorded and (interrupt is not None or facts.run_dir):  # (its run folder: known once the log is read)
                 ended_for = None if interrupt is None else {"stop": interrupt == "stop", "pause": interrupt == "pause",
                                                             "preempt_for": preempt_for}  # fmt: skip
                 if unwritten := pg.write_exit_file(exit_file, code, ended_for, at=ended_at,
                                                    about=exit_about(job, facts.run_dir)):  # fmt: skip
                     logger.warning("job {}: what the run was asked to end for not written: {}", self.job_id, unwritten)
-            asked = job.model_copy(update={"preempt_for": preempt_for})
-            end = record_end(asked, code, facts, tail, checkpoints, interrupt=interrupt, override=override,
+            end = record_end(job.model_copy(update={"preempt_for": preempt_for}), code, facts, tail, checkpoints,
+                             interrupt=interrupt, override=override,
                              stop_outcome=outcome if stopping is not None else None, now=ended_at,
                              keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free)  # fmt: skip
             if timed_out and override is not None:
@@ -325,6 +278,52 @@ class Runner:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
         return 0
+
+    async def _own_run(self, early: pg.Child | OSError | None) -> Job | int:
+        """The job, when this run is its to run; else the runner's exit status (swift, if the entry started it,
+        stopped)."""
+        try:
+            job = await self._job(patient=isinstance(early, pg.Child))
+        except RedisError as exc:
+            if not isinstance(early, pg.Child):
+                raise
+            # Told to end before Redis came back: nobody could record the run, so it must not train on unwatched.
+            logger.error("job {} run {}: Redis never answered ({}); stopping swift", self.job_id, self.run_id, exc)
+            await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
+            return 1
+        if job is None or job.status != JobStatus.RUNNING or job.run_id != self.run_id or not job.command:
+            logger.info("job {} run {} is not this runner's to run (it is {}): leaving", self.job_id, self.run_id,
+                        job.status.value if job else "gone")  # fmt: skip
+            if isinstance(early, pg.Child):
+                await pg.terminate_group(early.pid, self.settings.STOP_GRACE_SECONDS)
+            return 0
+        return job
+
+    async def _start_swift(self, job: Job, early: pg.Child | OSError | None, outbox: Outbox, log_file: Path,
+                           exit_file: Path) -> pg.Child | None:  # fmt: skip
+        """swift, as the entry started it or started now; None when it could not start (the job failed)."""
+        assert job.command  # (`_own_run` runs only a job with one)
+        try:
+            if isinstance(early, OSError):
+                raise early
+            if early is None:
+                exit_file.unlink(missing_ok=True)
+                Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+                early = pg.Child(
+                    pg.spawn(job.command, swift_env(job.env, self.run_id), Path(job.output_dir), log_file, fresh=True)
+                )
+            return early
+        except OSError as exc:
+            if is_linked(exc):
+                error, kind = linked_log(log_file), "output_dir"
+            else:
+                # The server's setup, not the job's: the user is told whose it is, the operator's log says so.
+                error, kind = f"could not start swift ({job.command[0]}): {exc}; the server's operator must set " \
+                    "SWIFT_BIN or run ./install_all.sh", "launch"  # fmt: skip
+                logger.error("job {}: {}", self.job_id, error)
+            fields = {"error_message": error, "error_code": kind, "finished_at": clock.now()}
+            await outbox.finish(JobStatus.FAILED, fields, f"{work_of(job)} failed: {error}")
+            return None
 
     async def _auto_export(self, here: bool) -> None:
         """Record the automatic export of the run that completed: run by this runner (`here`), or requested, for

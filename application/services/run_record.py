@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +15,7 @@ from application.services.disk_space import free_bytes
 from application.services.job_store import JobStore
 from application.services.log_parser import RunFacts
 from application.services.path_sandbox import RealFolder
+from application.services.predictions import format_limit
 from application.services.run_end import Conclusion, RunEnd, checkpoint_step, conclude, final_status, work_of
 from application.services.run_outputs import job_checkpoints, parse_logging_jsonl
 from application.utils.log_tail import STORED_LINE_CHARS, tail_lines
@@ -24,6 +25,46 @@ def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None
     """Why a run was asked to end early, the strongest first: a stop ends the job, a pause rests it, a
     preemption sends it back to the queue."""
     return "stop" if stop else "pause" if pause else "preempt" if preempt_for else None
+
+
+# What a run stopped because its runner was told to end (SIGTERM) was preempted for.
+HOST_SHUTDOWN = "the shutdown of its host"
+
+
+@dataclass
+class Asked:
+    """What a run was asked to end for, as its runner read it: a request, once seen, stays."""
+
+    stop: bool = False
+    pause: bool = False
+    preempt_for: str | None = None
+
+    def take(self, stop: bool, pause: bool, preempt_for: str | None) -> None:
+        self.stop = self.stop or stop
+        self.pause = self.pause or pause
+        self.preempt_for = self.preempt_for or preempt_for
+
+    @property
+    def interrupt(self) -> str | None:
+        return interrupt_of(self.stop, self.pause, self.preempt_for)
+
+
+def run_ended_for(asked: Asked, code: int | None, *, timed_out: bool, limit: int | None, told_to_end: bool,
+                  work: str) -> tuple[str | None, str | None, RunEnd | None]:  # fmt: skip
+    """(interrupt, preempt_for, override) of a run that ended with `code`: what it was asked to end for, and an
+    end its exit status cannot tell. Its time limit, when it stopped the run, outranks any request; a runner told
+    to end (`told_to_end`: its host goes down) sends the run back to the queue, as Slurm requeues after a node
+    failure, to resume from its last checkpoint."""
+    if timed_out and code != 0 and limit is not None:
+        # (a pause, preemption or stop asked during its grace does not turn the end into a rest: a preempted run
+        # came back with a fresh limit, again and again)
+        spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
+        error = (f"the run exceeded its time limit of {spelled} and was stopped: "
+                 "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
+        return None, None, RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "time_limit")
+    if told_to_end and code != 0 and asked.interrupt is None:
+        return "preempt", HOST_SHUTDOWN, None
+    return asked.interrupt, asked.preempt_for, None
 
 
 # How far back a failed run's log is searched for its error: torchrun adds ~7 lines per rank and its own
