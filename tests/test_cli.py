@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -547,8 +548,8 @@ def test_a_stream_that_keeps_closing_at_once_is_given_up(clock: Clock) -> None:
     assert got == ["one"] and caught.value.code == 3 and "closed before the job ended" in str(caught.value)
     assert 60 <= clock.now - 1000 <= 70
     # It answered before: no URL to fix (it said "set SWIFT_API_URL or --url": hunt CZ).
-    assert str(caught.value).startswith("lost the server at http://swift-api.test/api/v1/training for 6")
-    assert "follow it again once the server is back" in str(caught.value) and "SWIFT_API_URL" not in str(caught.value)
+    assert str(caught.value).startswith("no stream from http://swift-api.test/api/v1/training for 6")
+    assert "follow it again once the server answers" in str(caught.value) and "SWIFT_API_URL" not in str(caught.value)
 
 
 class SilentUntilReadTimeout(httpx.SyncByteStream):
@@ -1159,22 +1160,49 @@ def test_a_create_whose_answer_was_lost_is_sent_again_under_its_key(monkeypatch:
 
     def server(request: httpx.Request) -> httpx.Response:
         keys.append(request.headers.get("idempotency-key"))
-        if request.method == "POST" and lost.pop():
+        if request.method == "POST" and (lost.pop() if lost else True):
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
         return httpx.Response(201, json={"job_id": "made", "status": "queued", "message": "created"})
 
     with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
         assert api.post("/jobs", {"output_dir": "made"})["job_id"] == "made"
         assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
-        # Lost twice: said it may have been done, not that the server cannot be reached.
-        lost[:] = [True, True]
+        # Never answered for RESEND_FOR_SECONDS: said it may have been done, not that the server cannot be reached.
+        monkeypatch.setattr(client, "RESEND_FOR_SECONDS", 0.3)
         with pytest.raises(CliError) as caught:
             api.post("/jobs/made/stop")
         assert "it may have been done all the same" in str(caught.value) and caught.value.code == 3
         assert "cannot reach" not in str(caught.value)
-        assert len(keys) == 4 and keys[2] == keys[3] != keys[0]
-        # A GET is never keyed; a connection never made is never sent again.
-        assert api.get("/jobs")["job_id"] == "made" and keys[4] is None
+        assert len(keys) > 3 and set(keys[2:]) == {keys[2]} != {keys[0]}
+        # A GET is never keyed, nor sent again.
+        lost.append(False)
+        assert api.get("/jobs")["job_id"] == "made" and keys[-1] is None
+
+
+def test_a_create_sent_again_to_a_server_that_restarts_says_it_may_have_been_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sent again to a port refused (the server restarting), it said "cannot reach the server (set SWIFT_API_URL)":
+    # the job may exist, and the command run again made a second one (review DE). Over real sockets.
+    from application.cli import client
+
+    monkeypatch.setattr(client, "RESEND_FOR_SECONDS", 1.0)
+    monkeypatch.setattr(client, "RESEND_AFTER_SECONDS", 0.1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    heard: list[bytes] = []
+
+    def take_one_then_go() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            heard.append(conn.recv(65536))  # the request, taken; no answer
+        listener.close()  # (then refused, as a server between two lives)
+
+    threading.Thread(target=take_one_then_go, daemon=True).start()
+    with Api(f"http://127.0.0.1:{port}") as api, pytest.raises(CliError) as caught:
+        api.post("/jobs", {"output_dir": "made"})
+    assert "may have been done all the same" in str(caught.value) and "SWIFT_API_URL" not in str(caught.value)
+    assert caught.value.code == 3 and b"idempotency-key: " in heard[0].lower()
 
 
 def test_a_create_never_sent_is_unreachable_and_not_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1187,3 +1215,29 @@ def test_a_create_never_sent_is_unreachable_and_not_sent_again(monkeypatch: pyte
     with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
         api.post("/jobs", {"output_dir": "x"})
     assert "cannot reach" in str(caught.value) and caught.value.code == 3 and sent == ["POST"]
+
+
+def test_a_download_under_nohup_outlives_a_sighup(tmp_path: Path) -> None:
+    # The handler that cleans up at SIGHUP was installed over nohup's SIG_IGN: a logout ended the download (review
+    # DE).
+    done = threading.Event()
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(10 * 65536))
+            self.end_headers()
+            self.wfile.write(b"z" * 65536)
+            self.wfile.flush()
+            done.wait(30)
+
+    with _serve(Handler) as port:
+        env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{port}"}
+        with subprocess.Popen([sys.executable, "-m", "application.cli", "download", "j", "big.tar"], env=env,
+                              cwd=tmp_path, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as proc:  # fmt: skip
+            wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob(".big.tar.partial*")), what="a partial file")
+            proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGTERM)  # (then this one ends it: had the first, it would say 129)
+            assert proc.wait(30) == 128 + signal.SIGTERM
+        done.set()

@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     out = Output(getattr(args, "json", False))
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_signalled)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # (`nohup swift-api download ...` must outlive a logout)
+            signal.signal(signum, _raise_signalled)
     try:
         with Api(getattr(args, "url", None), getattr(args, "key", None)) as api:
             code: int = args.run(api, args, out)

@@ -33,9 +33,10 @@ WAIT_READ_TIMEOUT = 3600.0
 # A stream is reconnected losslessly (Last-Event-ID), so a read timeout only costs a reconnect; it must merely
 # outlast the server's heartbeat (15 s by default) so that an idle stream is not torn down every few seconds.
 STREAM_READ_TIMEOUT = 60.0
-# How long a create or an action whose connection closed before its answer waits before it is sent again (under
-# its Idempotency-Key: a restarting server's port is taken again within a second or two).
+# A create or an action whose connection closed before its answer is sent again under its Idempotency-Key, every
+# RESEND_AFTER_SECONDS for up to RESEND_FOR_SECONDS: a server that restarts takes its port again within seconds.
 RESEND_AFTER_SECONDS = 1.0
+RESEND_FOR_SECONDS = 15.0
 # Each read or write of an upload (the server answers once it has checked the whole file: rows counted)
 UPLOAD_STEP_TIMEOUT = 600.0
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*\Z")  # what a Bearer token can carry
@@ -99,8 +100,8 @@ def unreachable(url: str, error: Exception, lost_for: float | None = None) -> Cl
     if (parsed := httpx.URL(url)).userinfo:
         reason = reason.replace(parsed.userinfo.decode("ascii", "replace"), "***")
     if lost_for is not None:
-        return CliError(f"lost the server at {shown_url(url)} for {lost_for:.0f} s: {reason}; the job goes on "
-                        "there: follow it again once the server is back", EXIT_UNREACHABLE)  # fmt: skip
+        return CliError(f"no stream from {shown_url(url)} for {lost_for:.0f} s ({reason}): the job goes on there; "
+                        "follow it again once the server answers", EXIT_UNREACHABLE)  # fmt: skip
     return CliError(f"cannot reach the server at {shown_url(url)}: {reason} (set SWIFT_API_URL or --url)",
                     EXIT_UNREACHABLE)  # fmt: skip
 
@@ -212,7 +213,8 @@ class Api:
         # with the first one's answer: "cannot reach the server" for a job created all the same, and a second job
         # for the same command run again (hunt CZ).
         headers = {"Idempotency-Key": uuid.uuid4().hex} if method == "POST" else {}
-        for attempt in range(1 + bool(headers)):
+        sent_at: float | None = None  # when a request of these was first sent and its answer lost
+        while True:
             try:
                 response = self.http.request(method, path, params=params, json=body, timeout=timeout, headers=headers)
                 break
@@ -223,15 +225,15 @@ class Api:
                     raise unreachable(self.url, e) from e
                 # Sent and not answered in time: not "cannot reach the server", which says it was not done.
                 raise may_be_done(self.url, method, path, "did not answer in time") from e
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:  # (never sent)
-                raise unreachable(self.url, e) from e
             except httpx.TransportError as e:
-                if method == "GET":
+                never_sent = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+                if method == "GET" or (never_sent and sent_at is None):
                     raise unreachable(self.url, e) from e
-                if attempt == 0 and headers:
-                    time.sleep(RESEND_AFTER_SECONDS)
-                    continue
-                raise may_be_done(self.url, method, path, f"closed the connection without an answer ({e})") from e
+                # The answer lost (or, sent again, a server that restarts): under its key, until it answers.
+                sent_at = sent_at if sent_at is not None else time.monotonic()
+                if not headers or time.monotonic() - sent_at > RESEND_FOR_SECONDS:
+                    raise may_be_done(self.url, method, path, f"did not answer ({e})") from e
+                time.sleep(RESEND_AFTER_SECONDS)
             except httpx.DecodingError as e:  # (a body its Content-Encoding does not describe)
                 raise not_swift_api(self.url) from e
         check(response)

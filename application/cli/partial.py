@@ -5,6 +5,7 @@ gigabytes started over at each cut."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
@@ -61,7 +62,12 @@ class DownloadLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in _NO_LOCKS:
+                        raise
+                    break  # (a filesystem with no locks, some FUSE and CIFS mounts: downloaded as before)
                 if _same_file(fd, self.path):  # (not one the last holder removed as this one opened it)
                     break
             except BaseException:
@@ -73,6 +79,9 @@ class DownloadLock:
     def release(self) -> None:
         self.path.unlink(missing_ok=True)  # (before the close: whoever locks it next opens a new one)
         os.close(self.fd)
+
+
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 def _same_file(fd: int, path: Path) -> bool:
