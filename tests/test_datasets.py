@@ -470,11 +470,12 @@ def test_a_jsonl_file_holding_one_json_array_is_read_as_datasets_reads_it(tmp_pa
         check_dataset("data_path", lines_of_arrays)
 
 
-@pytest.mark.parametrize("rows", [1000, 300_000])
-def test_a_file_cut_short_past_the_rows_sampled_is_refused(tmp_path: Path, rows: int) -> None:
+@pytest.mark.parametrize(("rows", "text"), [(1000, "hi"), (300_000, "hi"), (40, "x" * 600_000)])
+def test_a_file_cut_short_past_the_rows_sampled_is_refused(tmp_path: Path, rows: int, text: str) -> None:
     # Only its first rows were decoded: a file whose copy was interrupted passed, and the job failed in ms-swift's
-    # reader after its wait (hunt DD). Within the head read and past it.
-    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    # reader after its wait (hunt DD). Within the head read and past it, and rows so long that fewer than the
+    # sample fit in the head (review DE).
+    row = json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "hello"}]})
     whole = tmp_path / "whole.jsonl"
     whole.write_text((row + "\n") * rows + "\n\n")
     assert check_dataset("data_path", whole).rows == rows

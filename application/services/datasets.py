@@ -373,7 +373,9 @@ def check_dataset(field: str, path: Path, *, needs: Needs = None, columns: Mappi
             raise Invalid(f"{field} '{path}': {exc.detail}") from None
     try:
         count, exact = _count_lines(path, size, cr_ends=suffix == ".csv" and b"\n" not in head and b"\r" in head)
-        last = _last_line(path) if suffix != ".csv" and seen >= SAMPLE_ROWS else None
+        # (whenever rows were left undecoded: past the sample, or past the head, rows long enough that fewer than
+        # the sample fit in it, review DE)
+        last = _last_line(path) if suffix != ".csv" and (seen >= SAMPLE_ROWS or not complete) else None
     except OSError as exc:  # opened again to count: the file may have gone since its head was read
         raise Invalid(f"{field} '{path}' cannot be read ({exc.strerror})") from None
     if last is not None:
