@@ -1241,3 +1241,14 @@ def test_a_download_under_nohup_outlives_a_sighup(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)  # (then this one ends it: had the first, it would say 129)
             assert proc.wait(30) == 128 + signal.SIGTERM
         done.set()
+
+
+def test_a_followed_job_queued_for_the_first_time_is_not_said_to_be_back_in_the_queue() -> None:
+    from application.cli.follow import _Status
+    from application.cli.sse import Message
+
+    queued = Message('{"status": "queued"}', event="status")
+    first = _Status("j")
+    assert first.worth(queued) == "queued" and first.text("queued") == "j queued: it is followed once it starts"
+    again = _Status("j", "running")
+    assert again.worth(queued) == "queued" and "back in the queue" in again.text("queued")

@@ -75,6 +75,8 @@ async def test_gpus_whose_reading_fails_are_shown_unreadable_and_start_nothing(a
     ("/ui/jobs/x?status=running", True), ("/", True), ("/ui/queue", True),
     ("//evil.example/x", False), ("/\\evil", False), ("/ui/logout", False), ("/ui/login?next=/ui", False),
     ("/api/v1/training/jobs", False), ("/docs", False),
+    ("/ui/../api/v1/training/jobs", False), ("/ui/%2e%2e/api/v1/training/jobs", False), ("/ui/./login", False),
+    ("/ui//login", False), ("/ui/jobs/", True),
 ])  # fmt: skip
 def test_a_login_goes_on_only_to_a_dashboard_page(given: str, kept: bool) -> None:
     # `next` led to the API (a JSON 401: it reads no cookie), a logout (405) or the login form again (hunt DB).

@@ -30,19 +30,23 @@ class _Status:
     def __init__(self, job_id: str, start: str | None = None) -> None:
         self.job_id = job_id
         self.last = start
+        self.ran = start not in (None, "pending", "queued")  # (queued again, or for the first time)
 
     def worth(self, message: Message) -> str | None:
         """The message's status, when it is one worth saying; None otherwise."""
         status = str(message.json().get("status"))
         worth = status != self.last and (status != "running" or self.last is not None)
         self.last = status
+        self.ran = self.ran or status not in ("pending", "queued")
         return status if worth else None
 
     def text(self, status: str) -> str:
         if status == "paused":
             return f"{self.job_id} paused: still followed; it goes on once resumed (`swift-api resume {self.job_id}`)"
-        if status == "queued":
+        if status == "queued" and self.ran:
             return f"{self.job_id} queued: back in the queue, it goes on when it starts again"
+        if status == "queued":
+            return f"{self.job_id} queued: it is followed once it starts"
         return f"{self.job_id} {status}"
 
 

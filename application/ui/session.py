@@ -50,6 +50,9 @@ def safe_next(raw: str | None) -> str:
     if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw or any(ord(c) < 0x20 for c in raw):
         return "/"
     path = raw.split("?", 1)[0].split("#", 1)[0]
+    segments = unquote(path).split("/")[1:]
+    if any(part in ("", ".", "..") for part in segments[:-1]) or segments[-1] in (".", ".."):
+        return "/"  # (`/ui/../api/...`: the browser resolves it, review DE)
     if path != "/" and (not path.startswith("/ui/") or path.rstrip("/") in ("/ui/login", "/ui/logout")):
         return "/"
     return raw

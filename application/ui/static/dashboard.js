@@ -178,10 +178,12 @@
         if (r.status === 401) {
           authFailed();
           state("not allowed");
+          streams.delete(control);
           return;
         }
         if (r.status === 404) {
           state("gone");
+          streams.delete(control);
           return;
         }
         if (r.status === 429) {
@@ -214,6 +216,7 @@
                 const msg = { id, event: event || "message", data: data.join("\n") };
                 if (msg.event === "end") {
                   reader.cancel().catch(() => {});
+                  streams.delete(control);
                   state("ended");
                   if (handlers.onEnd) handlers.onEnd(msg);
                   return;
@@ -286,8 +289,12 @@
     };
     const html = new Map(); // each section's HTML as last served: swapped in only when it changed
     let pressed = false; // (a drag under way: a selection being made)
-    document.addEventListener("mousedown", () => (pressed = true));
-    document.addEventListener("mouseup", () => (pressed = false));
+    document.addEventListener("mousedown", (e) => (pressed = e.button === 0));
+    // (a right click's menu, a drag out of the window: no mouseup comes, and the lists stood still, review DE)
+    for (const type of ["mouseup", "contextmenu", "dragend", "pointercancel"]) {
+      document.addEventListener(type, () => (pressed = false));
+    }
+    window.addEventListener("blur", () => (pressed = false));
     const selecting = (part) => {
       const sel = window.getSelection();
       return pressed || (sel && !sel.isCollapsed && part.contains(sel.anchorNode));
