@@ -1103,9 +1103,10 @@ def test_an_explicit_empty_key_sends_none_and_no_key_given_takes_the_environment
     assert sent == [None, "Bearer env-key", "Bearer own-key"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_download_killed_by_sigterm_or_sighup_leaves_no_partial_file(tmp_path: Path, signum: int) -> None:
-    # Only Ctrl-C cleaned up: `kill` (a CI job cancelled, a closed terminal) left a hidden partial tar behind.
+@contextmanager
+def download_stalled_midway(tmp_path: Path, ignore_sighup: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """`swift-api download j big.tar` into `tmp_path` from a server that sends 64 KiB of its 640 KiB and no more;
+    yielded once the partial file holds them."""
     done = threading.Event()
 
     class Handler(_QuietHandler):
@@ -1117,14 +1118,29 @@ def test_a_download_killed_by_sigterm_or_sighup_leaves_no_partial_file(tmp_path:
             self.wfile.flush()
             done.wait(30)  # (the rest never comes)
 
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     with _serve(Handler) as port:
         env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{port}"}
         with subprocess.Popen([sys.executable, "-m", "application.cli", "download", "j", "big.tar"], env=env,
-                              cwd=tmp_path, stderr=subprocess.PIPE) as proc:  # fmt: skip
+                              cwd=tmp_path, stderr=subprocess.PIPE,
+                              preexec_fn=nohup if ignore_sighup else None) as proc:  # fmt: skip
             wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob(".big.tar.partial*")), what="a partial file")
-            proc.send_signal(signum)
-            assert proc.wait(30) == 128 + signum
-        done.set()
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                done.set()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_download_killed_by_sigterm_or_sighup_leaves_no_partial_file(tmp_path: Path, signum: int) -> None:
+    # Only Ctrl-C cleaned up: `kill` (a CI job cancelled, a closed terminal) left a hidden partial tar behind.
+    with download_stalled_midway(tmp_path) as proc:
+        proc.send_signal(signum)
+        assert proc.wait(30) == 128 + signum
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1220,27 +1236,10 @@ def test_a_create_never_sent_is_unreachable_and_not_sent_again(monkeypatch: pyte
 def test_a_download_under_nohup_outlives_a_sighup(tmp_path: Path) -> None:
     # The handler that cleans up at SIGHUP was installed over nohup's SIG_IGN: a logout ended the download (review
     # DE).
-    done = threading.Event()
-
-    class Handler(_QuietHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-length", str(10 * 65536))
-            self.end_headers()
-            self.wfile.write(b"z" * 65536)
-            self.wfile.flush()
-            done.wait(30)
-
-    with _serve(Handler) as port:
-        env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{port}"}
-        with subprocess.Popen([sys.executable, "-m", "application.cli", "download", "j", "big.tar"], env=env,
-                              cwd=tmp_path, stderr=subprocess.PIPE,
-                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as proc:  # fmt: skip
-            wait_for(lambda: any(p.stat().st_size for p in tmp_path.glob(".big.tar.partial*")), what="a partial file")
-            proc.send_signal(signal.SIGHUP)
-            proc.send_signal(signal.SIGTERM)  # (then this one ends it: had the first, it would say 129)
-            assert proc.wait(30) == 128 + signal.SIGTERM
-        done.set()
+    with download_stalled_midway(tmp_path, ignore_sighup=True) as proc:
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)  # (then this one ends it: had the first, it would say 129)
+        assert proc.wait(30) == 128 + signal.SIGTERM
 
 
 def test_a_followed_job_queued_for_the_first_time_is_not_said_to_be_back_in_the_queue() -> None:

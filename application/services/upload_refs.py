@@ -22,13 +22,12 @@ from application.models.file_model import FILE_ID_PATTERN, FileObject
 from application.models.training_model import Job, JobStatus
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from application.services.path_sandbox import Guard
+from application.services.path_sandbox import Guard, without_sample
 from application.services.swift_arguments import DATA_ARGUMENTS
 
 FILE_REF = re.compile(FILE_ID_PATTERN)
 ANONYMOUS_FOLDER = "_"
 _SAMPLE_SUFFIX = re.compile(r"#\d+$")  # data_path's "#N rows" as the sandbox keeps it
-_SAMPLE = re.compile(r"#\d{1,12}$")  # ... as the sandbox takes it
 _STORED_NAME = re.compile(r"^(file-[0-9a-f]{24})\.")  # an upload's name on disk: its id and suffix
 _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 # A job in one of these may still read its data set: its files cannot be deleted.
@@ -184,8 +183,7 @@ class UploadRefs:
                 val = await files.resolve_file_ref(val, caller, "training.val_dataset") or val
         """
         # A file id takes `#N` (N rows sampled), as a path does (it was refused as neither path nor hub id: hunt DD).
-        found = _SAMPLE.search(value)
-        sample = found.group() if found else ""
+        sample = value[len(without_sample(value)) :]
         value = value[: len(value) - len(sample)]
         if not FILE_REF.match(value):
             return None
