@@ -197,12 +197,8 @@ class Runner:
             tick = await self._tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value) and \
                     not orphaned:  # fmt: skip
-                # Deleted, ended or taken over by another run: this run must not go on. Said as a warning, with
-                # what Redis holds: after a flush or a restore this log is the only one that names the run (hunt CW).
                 orphaned = True
-                logger.warning("job {} run {}: Redis records {} (its run: {}), not this run: stopping it; its end is "
-                               "not recorded (the job deleted, or Redis lost its data or went back to an older state)",
-                               self.job_id, self.run_id, tick.status or "no such job", tick.run_id)  # fmt: skip
+                self._say_orphaned(tick)
             if tick is not None:
                 asked.take(tick.stop_requested, tick.pause_requested, tick.preempt_for)
             interrupt = asked.interrupt
@@ -220,6 +216,8 @@ class Runner:
             try:
                 await outbox.flush()
             except Orphaned:
+                if not orphaned:  # (a write refused before a heartbeat saw it: said all the same)
+                    self._say_orphaned(await self._tick("train", self.run_id))
                 orphaned = True
             if exited and not behind:
                 break
@@ -278,6 +276,14 @@ class Runner:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
         return 0
+
+    def _say_orphaned(self, tick: RunnerTick | None) -> None:
+        """Deleted, ended or taken over by another run: this run must not go on. Said as a warning, with what
+        Redis holds: after a flush or a restore this log is the only one that names the run (hunt CW)."""
+        status, run = (tick.status or "no such job", tick.run_id) if tick is not None else ("nothing readable", None)
+        logger.warning("job {} run {}: Redis records {} (its run: {}), not this run: stopping it; its end is not "
+                       "recorded (the job deleted, or Redis lost its data or went back to an older state)",
+                       self.job_id, self.run_id, status, run)  # fmt: skip
 
     async def _own_run(self, early: pg.Child | OSError | None) -> Job | int:
         """The job, when this run is its to run; else the runner's exit status (swift, if the entry started it,
