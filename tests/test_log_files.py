@@ -17,13 +17,13 @@ def test_an_exports_rerun_mark_and_exit_record_are_not_taken_through_a_link(tmp_
     # The line that marks an export run again was appended through a link planted as its log, before its spawn
     # refused the link; an exit record planted as a link decided how a run ended.
     from application.services import process_group as pg
-    from application.services.run_agent import _rerun_mark
+    from application.services.export_run import rerun_mark
 
     victim = tmp_path / "victim.txt"
     victim.write_text("the server's own file\n")
     (tmp_path / "j.export.log").symlink_to(victim)
     with pytest.raises(OSError) as exc:
-        _rerun_mark(tmp_path / "j.export.log")
+        rerun_mark(tmp_path / "j.export.log")
     assert exc.value.errno == 40 and victim.read_text() == "the server's own file\n"
     (tmp_path / "record.json").write_text('{"exit_code": 0, "finished_at": 1.0}')
     (tmp_path / "j.exit.json").symlink_to(tmp_path / "record.json")

@@ -25,12 +25,13 @@ from application.models.training_model import Attempt, ExportStatus, JobStatus, 
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.embedded_redis import EmbeddedRedis
+from application.services.export_run import RERUN_MARK
 from application.services.exports import prepare_export, put_export
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.launcher import LocalLauncher
 from application.services.redis_service import create_client
-from application.services.run_agent import RERUN_MARK, Runner
+from application.services.run_agent import Runner
 from application.services.watchdog import Watchdog
 from tests.conftest import gated_swift, kill_processes_under, settings_for, until
 from tests.redis_proxy import RedisProxy

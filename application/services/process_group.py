@@ -306,6 +306,12 @@ async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
     return "killed"
 
 
+async def end_group(pgid: int, grace: float) -> tuple[str, float]:
+    """`terminate_group`'s outcome, and when the group was gone: the run's end, when its GPUs came back."""
+    outcome = await terminate_group(pgid, grace)
+    return outcome, clock.now()
+
+
 def kill_leftovers(pgid: int, run: str | None = None) -> None:
     """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer),
     nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held

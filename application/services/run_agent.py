@@ -3,7 +3,7 @@
 The scheduler launches it detached, in its own session, with an explicit environment (see `launcher`). It
 starts `swift sft` (or `swift export`) in a session of its own, reads its log as it grows, and writes
 progress, loss history, checkpoints, events and the final status to Redis itself, fenced by the run id
-(an export by its export id). It beats a heartbeat, honours stop requests (SIGTERM to swift's group, a
+(an export, `export_run`, by its export id). It beats a heartbeat, honours stop requests (SIGTERM to swift's group, a
 grace, SIGKILL), runs the automatic export after a successful run, and keeps every update through a Redis
 outage until Redis answers again (`outbox`). No API or scheduler process needs to be alive for any of this.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import socket
@@ -25,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 from redis.exceptions import RedisError
@@ -33,7 +31,6 @@ from redis.exceptions import RedisError
 from application.config import Settings, SettingsError, load_settings
 from application.models.training_model import (
     ExportInfo,
-    ExportStatus,
     Job,
     JobStatus,
     RunnerInfo,
@@ -41,24 +38,22 @@ from application.models.training_model import (
 from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
-from application.services.disk_space import free_bytes
-from application.services.exports import export_escape, merged_path, request_auto_export, run_again, while_running
+from application.services.export_run import ExportRun
+from application.services.exports import request_auto_export
 from application.services.heartbeat import beating
-from application.services.input_checks import InputGuards
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.log_follower import READ_BUDGET, LogFollower
 from application.services.log_parser import SwiftLogParser
-from application.services.outbox import Orphaned, Outbox, until_answered
+from application.services.outbox import Orphaned, Outbox
 from application.services.predictions import format_limit
 from application.services.redis_service import REDIS_AWAY, create_client, redis_url
-from application.services.run_end import export_error, work_of
+from application.services.run_end import work_of
 from application.services.run_history import RunHistory
 from application.services.run_logs import exit_about
-from application.services.run_record import HOST_SHUTDOWN, Asked, read_run, record_end, run_ended_for
-from application.services.swift_command import build_env
-from application.utils.log_files import allow_moved_root, is_linked, linked_log, open_in_place
-from application.utils.log_tail import STORED_LINE_CHARS, read_from, tail_lines
+from application.services.run_record import Asked, read_run, record_end, run_ended_for
+from application.services.swift_command import swift_env
+from application.utils.log_files import allow_moved_root, is_linked, linked_log
 from application.utils.logger import setup_logging
 
 START_ATTEMPTS_SECONDS = 60.0
@@ -68,30 +63,6 @@ def me() -> RunnerInfo:
     pid = os.getpid()
     return RunnerInfo(host=socket.gethostname(), pid=pid, start_time=pg.process_start_time(pid),
                       stamp=pg.process_stamp(pid), launched_at=clock.now())  # fmt: skip
-
-
-RERUN_MARK = b"---- swift-api: this export runs again from the start; above is the output of its run cut short ----\n"
-
-
-def _rerun_mark(log_file: Path) -> int:
-    """Where this run's output will start in the export's log. Each export has a log of its own, so one already
-    there is the output of a run its host cut short: it stays, above a line that says so."""
-    if not os.path.lexists(log_file):
-        return 0
-    with open_in_place(log_file, "r") as fh:  # (not through a link its owner made: that is refused)
-        size = os.fstat(fh.fileno()).st_size
-        fh.seek(max(0, size - 1))
-        ends_a_line = size == 0 or fh.read(1) == b"\n"
-    with open_in_place(log_file, "a") as out:
-        out.write(RERUN_MARK if ends_a_line else b"\n" + RERUN_MARK)
-        return out.tell()
-
-
-def swift_env(gpu_env: dict[str, str] | None, run: str | None) -> dict[str, str]:
-    """The runner's own environment (explicit, from the launcher) with the run's GPU variables; none given
-    means no GPU (an export merges on the CPU: the training GPUs already went back to the queue). Marked with
-    the run (`pg.RUN_MARK`), so that what is left of it can be told from another group that has its number."""
-    return build_env(os.environ, [], extra={**(gpu_env or {}), **({pg.RUN_MARK: run} if run else {})})
 
 
 class Runner:
@@ -107,7 +78,7 @@ class Runner:
 
     # ---- shared -------------------------------------------------------------------------------------
 
-    async def _job(self, patient: bool = False) -> Job | None:
+    async def job(self, patient: bool = False) -> Job | None:
         """The job, waiting out a Redis that is not up yet (the runner may start while it restarts): for
         START_ATTEMPTS_SECONDS, or, `patient` (swift already runs), until it answers or the runner is told to end,
         as it would mid-run (a runner that gave up left swift training unwatched, and its end recorded lost)."""
@@ -127,7 +98,7 @@ class Runner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.terminated.wait(), 1.0)
 
-    async def _tick(self, kind: str, ident: str) -> RunnerTick | None:
+    async def tick(self, kind: str, ident: str) -> RunnerTick | None:
         self.beaten.add(ident)
         beat = {"run_id": self.run_id, "kind": kind, "id": ident, "host": self.info.host, "pid": self.info.pid,
                 "at": clock.now()}  # fmt: skip
@@ -136,12 +107,12 @@ class Runner:
         except RedisError:
             return None
 
-    def _beats(self, kind: str, ident: str) -> contextlib.AbstractAsyncContextManager[None]:
+    def beats(self, kind: str, ident: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Beat in the background meanwhile: swift's stop grace, reading a long run's logging.jsonl or a slow Redis
         may last past the few heartbeat TTLs after which the scheduler kills a silent runner as hung."""
-        return beating(lambda: self._tick(kind, ident), self.settings.RUNNER_POLL_INTERVAL)
+        return beating(lambda: self.tick(kind, ident), self.settings.RUNNER_POLL_INTERVAL)
 
-    async def _wait(self, proc: pg.Child, timeout: float) -> bool:
+    async def wait(self, proc: pg.Child, timeout: float) -> bool:
         """Sleep until the process exits, the runner is told to go, or `timeout`; True when it exited."""
         waiters = {asyncio.ensure_future(proc.wait()), asyncio.ensure_future(self.terminated.wait())}
         _, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -158,7 +129,7 @@ class Runner:
         job = await self._own_run(early)
         if not isinstance(job, Job):
             return job
-        await self._tick("train", self.run_id)  # at once: the first look at the log is a poll interval away
+        await self.tick("train", self.run_id)  # at once: the first look at the log is a poll interval away
         outbox = Outbox(self.store, self.job_id, self.run_id)
         launched = job.runner.launched_at if job.runner else self.info.launched_at
         outbox.set(runner=self.info.model_copy(update={"launched_at": launched, "ready_at": clock.now()}))
@@ -187,14 +158,14 @@ class Runner:
         behind = recorded = False
         ended_at = 0.0
         while True:
-            exited = await self._wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
+            exited = await self.wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
             if exited and not recorded:
                 about = exit_about(job, parser.run_dir)
                 if unwritten := pg.write_exit_file(exit_file, proc.ended_with, about=about):
                     logger.warning("job {}: swift's exit status not written beside its log: {}", self.job_id, unwritten)
                 recorded, ended_at = True, clock.now()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
-            tick = await self._tick("train", self.run_id)
+            tick = await self.tick("train", self.run_id)
             if tick is not None and (tick.run_id != self.run_id or tick.status != JobStatus.RUNNING.value) and \
                     not orphaned:  # fmt: skip
                 orphaned = True
@@ -212,16 +183,16 @@ class Runner:
                 reason = (f"{interrupt} requested" if interrupt else "time limit" if timed_out
                           else "runner told to stop" if not orphaned else "orphaned")  # fmt: skip
                 logger.info("{}: SIGTERM to swift's process group {}", reason, proc.pid)
-                stopping = asyncio.create_task(_end_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
+                stopping = asyncio.create_task(pg.end_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
             try:
                 await outbox.flush()
             except Orphaned:
                 if not orphaned:  # (a write refused before a heartbeat saw it: said all the same)
-                    self._say_orphaned(await self._tick("train", self.run_id))
+                    self._say_orphaned(await self.tick("train", self.run_id))
                 orphaned = True
             if exited and not behind:
                 break
-        async with self._beats("train", self.run_id):
+        async with self.beats("train", self.run_id):
             if stopping is not None:
                 # swift's launcher goes at the SIGTERM; its trainer, holding the GPUs, may take the whole grace.
                 outcome, gone_at = await stopping
@@ -242,7 +213,7 @@ class Runner:
             # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
             # Read last, just before the end is computed and written (a request in between is answered with the
             # end as recorded).
-            tick = await self._tick("train", self.run_id)
+            tick = await self.tick("train", self.run_id)
             if tick is not None and tick.run_id == self.run_id:
                 asked.take(tick.stop_requested, tick.pause_requested, tick.preempt_for)
             interrupt, preempt_for, override = run_ended_for(
@@ -289,7 +260,7 @@ class Runner:
         """The job, when this run is its to run; else the runner's exit status (swift, if the entry started it,
         stopped)."""
         try:
-            job = await self._job(patient=isinstance(early, pg.Child))
+            job = await self.job(patient=isinstance(early, pg.Child))
         except RedisError as exc:
             if not isinstance(early, pg.Child):
                 raise
@@ -343,125 +314,8 @@ class Runner:
             # Even when told to end meanwhile: the export then leaves itself to the next scheduler (`export`).
             await self.export(info.export_id or "", prepared=info)
 
-    # ---- export ------------------------------------------------------------------------------------
-
     async def export(self, export_id: str, prepared: ExportInfo | None = None) -> int:
-        info = prepared
-        if info is None:
-            job = await self._job()
-            if job is None or job.export.export_id != export_id or job.export.status != ExportStatus.RUNNING:
-                logger.info("export {} of {} is not this runner's to run: leaving", export_id, self.job_id)
-                return 0
-            claimed = await self._claim(export_id)
-            if claimed is None:
-                logger.info("export {} of {} is another runner's: leaving", export_id, self.job_id)
-                return 0
-            info = claimed
-        await self._tick("export", export_id)
-        assert info.command and info.log_file
-        log_file = Path(info.log_file)
-        job_dir = log_file.parent.parent
-        # As for a run: swift's status is on disk before anything else, so that a scheduler can record the
-        # export's end if this runner dies before it does.
-        exit_file = log_file.with_suffix(".exit.json")
-        target = Path(info.output_dir) if info.output_dir else Path(f"{info.checkpoint}-merged")
-        # Asked for a while ago (no scheduler ran, or its host went down): a symlink may lead out of the folder since.
-        # So may the base model's folder (swift export loads it to merge into).
-        escape = await InputGuards.of(self.settings, self.store).moved(await self._job(), base_model=True)
-        escape = escape or await asyncio.to_thread(export_escape, job_dir, target, self.settings.OUTPUT_ROOT)
-        try:
-            if escape:
-                raise OSError(escape)
-            exit_file.unlink(missing_ok=True)
-            start = _rerun_mark(log_file)
-            proc = pg.Child(pg.spawn(info.command, swift_env(None, info.export_id), job_dir, log_file))
-        except OSError as exc:
-            linked = linked_log(log_file)
-            error = escape or (linked if is_linked(exc) else f"could not start swift: {exc}")
-            failed = info.model_copy(update={"status": ExportStatus.FAILED, "error": error,
-                                             "finished_at": clock.now()})  # fmt: skip
-            await self._write_export(failed, ("export_failed", failed.error or "", None), final=True)
-            return 1
-        info = info.model_copy(update={"pid": proc.pid, "process_start_time": pg.process_start_time(proc.pid),
-                                       "process_stamp": pg.process_stamp(proc.pid)})  # fmt: skip
-        await self._write_export(info, None)
-        stopping: asyncio.Task[tuple[str, float]] | None = None
-        asked = False  # to stop by its user (or the export is no longer this one): not by the host's shutdown
-        while True:
-            exited = await self._wait(proc, self.settings.RUNNER_POLL_INTERVAL)
-            tick = await self._tick("export", export_id)
-            asked = asked or (tick is not None and (tick.export_stop_requested or tick.export_id != export_id))
-            if (asked or self.terminated.is_set()) and stopping is None and not exited:
-                stopping = asyncio.create_task(_end_group(proc.pid, self.settings.STOP_GRACE_SECONDS))
-            if exited:
-                break
-        async with self._beats("export", export_id):
-            if stopping is not None:
-                await stopping
-            await asyncio.to_thread(pg.kill_leftovers, proc.pid, export_id)
-            code = proc.ended_with
-            if unwritten := pg.write_exit_file(exit_file, code):
-                logger.warning("job {}: the export's exit status not written beside its log: {}", self.job_id,
-                               unwritten)  # fmt: skip
-            parser = SwiftLogParser(root=str(job_dir))
-            data, _ = await asyncio.to_thread(read_from, log_file, start, 16 * 1024 * 1024, in_place=True)
-            parser.feed(data)
-            parser.flush()
-            tail = await asyncio.to_thread(functools.partial(tail_lines, log_file, self.settings.LOG_TAIL_ON_FAILURE,
-                                                             line_chars=STORED_LINE_CHARS, in_place=True))  # fmt: skip
-            merged = parser.merged_path or merged_path(info)
-            update: dict[str, Any] = {"exit_code": code, "finished_at": clock.now()}
-            event: tuple[str, str, dict[str, Any]]
-            if code == 0:
-                update |= {"status": ExportStatus.COMPLETED, "path": merged}
-                event = ("export_completed", f"merged model written to {merged}", {"path": merged})
-            elif stopping is not None and not asked:  # its host goes down
-                message = (
-                    f"export of {info.checkpoint} interrupted by {HOST_SHUTDOWN}: it runs again once a scheduler leads"
-                )
-                await self._write_export(
-                    run_again(info), ("export_interrupted", message, {"checkpoint": info.checkpoint})
-                )
-                return 0
-            elif asked:
-                update |= {"status": ExportStatus.STOPPED, "error": "export stopped on request"}
-                event = ("export_stopped", "export stopped on request", {})
-            else:
-                error = export_error(code, tail, await asyncio.to_thread(free_bytes, job_dir))
-                update |= {"status": ExportStatus.FAILED, "error": error}
-                event = ("export_failed", f"export failed: {error}", {"log_tail": tail[-10:]})
-            await self._write_export(info.model_copy(update=update), event, final=True)
-        return 0
-
-    async def _claim(self, export_id: str) -> ExportInfo | None:
-        """Record this runner as the export's, unless another runner already is: a scheduler whose record of a
-        launch failed (Redis) launches it again, and two swift exports would write one folder. None then."""
-        me = self.info
-
-        def mine(now: ExportInfo) -> dict[str, Any] | None:
-            return {"export": now.model_copy(update={"runner": me})} if now.runner is None or \
-                now.runner.is_process(me) else None  # fmt: skip
-
-        before = await until_answered("the export's runner", lambda: while_running(self.store, self.job_id,
-                                                                                   export_id, mine))  # fmt: skip
-        return before.model_copy(update={"runner": me}) if before is not None else None
-
-    async def _write_export(self, info: ExportInfo, event: tuple[str, str, dict[str, Any] | None] | None,
-                            final: bool = False) -> None:  # fmt: skip
-        """Write this export's state while it is still the job's current export and runs (retrying through
-        outages). Not over an end a scheduler recorded meanwhile (it judged this runner dead: its heartbeat went
-        stale on another host), nor twice: one end, one event, one webhook."""
-        # The end and the way out of the watched exports in one step: a new request may follow at once. A retry
-        # after a lost answer finds the export no longer running and writes nothing.
-        await until_answered("the export", lambda: while_running(
-            self.store, self.job_id, info.export_id, lambda _: {"export": info}, event=event,
-            exporting=False if final else None, notify=f"export_{info.status.value}" if final else None))  # fmt: skip
-
-
-async def _end_group(pgid: int, grace: float) -> tuple[str, float]:
-    """`pg.terminate_group`'s outcome, and when the group was gone: the run's end, when its GPUs came back."""
-    outcome = await pg.terminate_group(pgid, grace)
-    return outcome, clock.now()
+        return await ExportRun(self, export_id).run(prepared)
 
 
 async def _main(args: argparse.Namespace, settings: Settings, early: pg.Child | OSError | None) -> int:

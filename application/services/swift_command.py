@@ -17,6 +17,7 @@ from loguru import logger
 from application.config import Settings
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job
+from application.services import process_group as pg
 from application.services.swift_arguments import argv_of
 from application.utils.regular_files import open_regular
 
@@ -250,3 +251,10 @@ def visible_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables the job's detail shows (the rest is the server's own environment)."""
     names = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NPROC_PER_NODE", "MASTER_PORT")
     return {k: env[k] for k in names if k in env}
+
+
+def swift_env(gpu_env: dict[str, str] | None, run: str | None) -> dict[str, str]:
+    """The runner's own environment (explicit, from the launcher) with the run's GPU variables; none given
+    means no GPU (an export merges on the CPU: the training GPUs already went back to the queue). Marked with
+    the run (`pg.RUN_MARK`), so that what is left of it can be told from another group that has its number."""
+    return build_env(os.environ, [], extra={**(gpu_env or {}), **({pg.RUN_MARK: run} if run else {})})
