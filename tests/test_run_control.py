@@ -268,6 +268,34 @@ async def test_a_stop_or_a_pause_answers_for_its_run_when_someone_resumes_the_jo
         assert time.monotonic() - t0 < 8, "it waited for the resumed run to end (the grace: 13 s)"
 
 
+async def test_a_stops_answer_says_what_a_resume_would_do(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """The stop of a running job named no checkpoint (hunt CY): the user learnt only by resuming whether the job
+    could be resumed, and from where. Now it says so as the pause's answer does."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="2x80", AUTO_EXPORT=False) as client:
+        training = {"max_steps": 400, "save_steps": 5}
+        body = job_body(tmp_path, "saved", step_seconds=0.05, auto_start=True, training=training)
+        assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        bare = job_body(tmp_path, "bare", hang_after_steps=1, auto_start=True, training={"max_steps": 50})
+        assert (await client.post("/jobs", json=bare)).json()["status"] == "running"
+        await wait_job(client, "saved", lambda j: (j["progress"]["current_step"] or 0) >= 7)
+        await wait_job(client, "bare", lambda j: (j["progress"]["current_step"] or 0) >= 1)
+        stopped = (await client.post("/jobs/saved/stop")).json()
+        assert stopped["status"] == "stopped" and stopped["resume_step"] is not None, stopped
+        assert stopped["resume_step"] >= 5 and stopped["resume_step"] % 5 == 0, stopped
+        assert stopped["resume_from"].endswith(f"/checkpoint-{stopped['resume_step']}"), stopped
+        assert stopped["lost_steps"] is not None and stopped["lost_steps"] >= 0, stopped
+        assert f"POST .../resume resumes it from {stopped['resume_from']}" in stopped["message"], stopped
+        resumed = (await client.post("/jobs/saved/resume")).json()
+        assert resumed["resume_from"] == stopped["resume_from"], (stopped, resumed)
+
+        answer = (await client.post("/jobs/bare/stop")).json()
+        assert answer["status"] == "stopped" and answer["resume_from"] is None and answer["lost_steps"] is None
+        assert answer["message"].endswith("it saved no checkpoint: POST .../resume cannot resume it"), answer
+        refused = await client.post("/jobs/bare/resume")
+        assert refused.status_code == 409 and "no checkpoint" in refused.json()["detail"], refused.text
+
+
 async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Callable[..., Any], tmp_path: Path) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:

@@ -157,6 +157,20 @@ class RunControl:
             elif outcome == "stopped":
                 how = f" ({final.stop_outcome or 'terminated'})" if final.status == JobStatus.STOPPED else ""
                 message = f"Training stopped{how}" + _since(final, outcome)
+                if final.status == JobStatus.STOPPED:
+                    # What a resume would do, said where the user decides (as the pause's answer does).
+                    checkpoint = await asyncio.to_thread(newest_checkpoint, final)
+                    step = checkpoint_step(checkpoint)
+                    lost = _lost_steps(final, job.run_id, step) if checkpoint else None
+                    if checkpoint is None:
+                        message += "; it saved no checkpoint: POST .../resume cannot resume it"
+                    else:
+                        message += f"; POST .../resume resumes it from {checkpoint} (step {step})"
+                        message += (", the step after it trained again" if lost == 1 else
+                                    f", the {lost} steps after it trained again" if lost else "")  # fmt: skip
+                        message += await _fresh_schedule(checkpoint)
+                    return ActionResponse(job_id=job_id, status=final.status, message=message, resume_from=checkpoint,
+                                          resume_step=step, lost_steps=lost)  # fmt: skip
             elif outcome == "cancelled":
                 message = "The job was cancelled: its run had ended and gone back to the queue, with no checkpoint"
             else:
@@ -200,11 +214,8 @@ class RunControl:
         # scheduler before any new run)
         paused = ended == "paused" or (ended in ("preempted", "retried") and final.status == JobStatus.PAUSED)
         resume_step = checkpoint_step(final.resume_from) if paused else None
-        attempt = _attempt(final, job.run_id)
-        current = attempt.last_step if attempt is not None and attempt.last_step is not None else \
-            final.progress.current_step  # fmt: skip
         # Only a pause that took effect has steps to train again; a stop or an end that won the race has none.
-        lost = max(0, current - (resume_step or 0)) if current is not None and paused else None
+        lost = _lost_steps(final, job.run_id, resume_step) if paused else None
         if ended is None:
             message = "Pause requested: the run has not ended yet; see its status"
         elif paused:
@@ -299,6 +310,14 @@ class RunControl:
         history = await self.service.store.history(job_id, self.service.settings.LOSS_HISTORY_LIMIT)
         return await asyncio.to_thread(describe_checkpoints, job, self.service.settings.OUTPUT_ROOT, history, limit,
                                      offset)  # fmt: skip
+
+
+def _lost_steps(job: Job, run_id: str | None, resume_step: int | None) -> int | None:
+    """Steps the run `run_id` trained past the checkpoint a resume starts from (all of them without one)."""
+    attempt = _attempt(job, run_id)
+    current = attempt.last_step if attempt is not None and attempt.last_step is not None else \
+        job.progress.current_step  # fmt: skip
+    return max(0, current - (resume_step or 0)) if current is not None else None
 
 
 async def _fresh_schedule(checkpoint: str | None) -> str:
