@@ -308,8 +308,13 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     bad_set = cli(server.port, *submit_args(workspace, "x", "--set", "max_steps"))
     assert bad_set.returncode == 2 and "key=value" in bad_set.stderr
 
+    # The refusal names the flag that sent the field too (hunt CZ: only `training.warp_speed`, `query.cursor`).
     unknown = cli(server.port, *submit_args(workspace, "y", "--set", "warp_speed=9"))
-    assert unknown.returncode == 2 and "warp_speed" in unknown.stderr
+    assert unknown.returncode == 2 and "training.warp_speed (--set warp_speed): " in unknown.stderr, unknown.stderr
+    limit = cli(server.port, *submit_args(workspace, "y", "--set", "time_limit=soon"))
+    assert limit.returncode == 2 and "time_limit (--set time_limit): " in limit.stderr, limit.stderr
+    cursor = cli(server.port, "ls", "--after", "x" * 300)
+    assert cursor.returncode == 2 and "query.cursor (--after): " in cursor.stderr, cursor.stderr
     detail = server.http.get("/jobs/nope/status").json()["detail"]
     not_found = cli(server.port, "status", "nope")
     assert not_found.returncode == 2 and detail in not_found.stderr
@@ -502,6 +507,21 @@ def test_a_refusal_in_json_is_still_a_usage_error() -> None:
     with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
         api.get("/jobs/x")
     assert caught.value.code == 2 and str(caught.value) == "404 Not Found: Job 'x' not found"
+
+
+def test_a_refusal_that_names_a_route_names_the_command_that_calls_it() -> None:
+    detail = ("job 'pr' is paused: resume it with POST .../jobs/pr/resume; see GET .../logs?attempt=2 and "
+              "GET .../checkpoints, or POST .../stop")  # fmt: skip
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"detail": detail})
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api, pytest.raises(CliError) as caught:
+        api.post("/jobs/pr/start")
+    assert str(caught.value) == (
+        "409 Conflict: job 'pr' is paused: resume it with POST .../jobs/pr/resume (swift-api resume); see GET "
+        ".../logs?attempt=2 and GET .../checkpoints, or POST .../stop (swift-api stop)"
+    )
 
 
 def test_a_download_writes_into_a_pipe_or_through_a_link_rather_than_replacing_it(tmp_path: Path) -> None:

@@ -62,8 +62,16 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+# The create's fields by the flag of `submit` that sends each; any other is a --set.
+SUBMIT_FLAGS = {**{field: f"--set {field}" for field in TOP_LEVEL_FIELDS}, "training.*": "--set",
+                "model_path": "--model", "data_path": "--data", "output_dir": "--output-dir", "num_gpus": "--gpus",
+                "priority": "--priority", "job_id": "--job-id"}  # fmt: skip
+AFTER_FLAG = {"query.cursor": "--after"}
+
+
 def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
-    created = api.post("/jobs", create_body(args))
+    with api.naming(SUBMIT_FLAGS):
+        created = api.post("/jobs", create_body(args))
     out.show(created, render.action)
     if not args.follow:
         return EXIT_OK
@@ -77,7 +85,8 @@ def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_jobs(api: Api, args: argparse.Namespace, out: Output) -> int:
-    body = api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit, cursor=args.after)
+    with api.naming(AFTER_FLAG):
+        body = api.get("/jobs", status=args.status, owner=args.owner, limit=args.limit, cursor=args.after)
     # The next page's command keeps this one's filters (without them it listed every job).
     again = ["ls", *(["--status", args.status] if args.status else []), *(["--owner", args.owner] if args.owner else
              []), *(["--limit", str(args.limit)] if args.limit != 50 else [])]  # fmt: skip
@@ -157,7 +166,8 @@ def upload(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def list_files(api: Api, args: argparse.Namespace, out: Output) -> int:
-    body = api.get("/files", limit=args.limit, offset=args.offset or None, cursor=args.after)
+    with api.naming(AFTER_FLAG):
+        body = api.get("/files", limit=args.limit, offset=args.offset or None, cursor=args.after)
     if out.json:
         out.emit(body)
         return EXIT_OK

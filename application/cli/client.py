@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,39 @@ _PROXY_HINTS = {
 }  # fmt: skip
 
 
-def check(response: httpx.Response) -> None:
+# The server's refusals name its routes and fields; the CLI's user typed commands and flags (hunt CZ).
+_ROUTE_COMMANDS = {("POST", "resume"): "resume", ("POST", "start"): "start", ("POST", "stop"): "stop",
+                   ("POST", "pause"): "pause", ("POST", "export"): "export", ("GET", "logs"): "logs",
+                   ("GET", "artifacts"): "artifacts", ("GET", "status"): "status"}  # fmt: skip
+# `POST .../resume`, `POST .../jobs/{id}/resume`, `POST .../jobs/pr/resume`; not `GET .../logs?attempt=N`,
+# which no command does.
+_ROUTE = re.compile(r"\b(GET|POST) \.\.\./(?:jobs/[^/\s?]+/)?([a-z]+)(?![\w?/{])")
+
+
+def _commands_named(detail: str) -> str:
+    def add(m: re.Match[str]) -> str:
+        command = _ROUTE_COMMANDS.get((m.group(1), m.group(2)))
+        return f"{m.group(0)} (swift-api {command})" if command else m.group(0)
+
+    return _ROUTE.sub(add, detail)
+
+
+def _flags_named(detail: str, flags: Mapping[str, str]) -> str:
+    """A 422's `field: what is wrong` parts with the flag that sent the field: `query.cursor (--after): ...`.
+    `flags` maps a field to its flag; `training.*` names the flag of the fields under `training` (`--set`), which
+    is followed by the field's own name."""
+
+    def named(part: str) -> str:
+        field, sep, rest = part.partition(": ")
+        under, _, name = field.partition(".")
+        flag = flags.get(field) or (f"{flags['training.*']} {name}" if under == "training" and name and
+                                    "training.*" in flags else None)  # fmt: skip
+        return f"{field} ({flag}): {rest}" if sep and flag else part
+
+    return "; ".join(named(part) for part in detail.split("; "))
+
+
+def check(response: httpx.Response, flags: Mapping[str, str] | None = None) -> None:
     """4xx: the request was wrong (usage, exit 2); 5xx: the server cannot serve (exit 3). An answer without JSON
     (a web server's 404 page, a redirect, a proxy's 502) is no refusal of this server's: exit 3, its page unshown."""
     if response.is_success:
@@ -152,6 +184,7 @@ def check(response: httpx.Response) -> None:
                        EXIT_UNREACHABLE, response.status_code)  # fmt: skip
     if response.status_code == 401:
         detail += " (the CLI sends the key given as SWIFT_API_KEY or --key)"
+    detail = _commands_named(_flags_named(detail, flags) if flags and response.status_code == 422 else detail)
     code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
     raise CliError(f"{response.status_code} {response.reason_phrase}: {detail}", code, response.status_code,
                    _retry_after(response))  # fmt: skip
@@ -197,12 +230,22 @@ class Api:
         # Stop and pause answer only once the run has ended (up to the server's stop grace), hence a long read.
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
                                  transport=transport)  # fmt: skip
+        self.flags: Mapping[str, str] = {}  # the command's flags by the field each sends (`naming`)
 
     def __enter__(self) -> Api:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.http.close()
+
+    @contextmanager
+    def naming(self, flags: Mapping[str, str]) -> Iterator[None]:
+        """Refusals of the calls made meanwhile name the command's flags beside the API's fields."""
+        self.flags = flags
+        try:
+            yield
+        finally:
+            self.flags = {}
 
     def call(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None,
              wait: bool = False) -> Any:  # fmt: skip
@@ -236,7 +279,7 @@ class Api:
                 time.sleep(RESEND_AFTER_SECONDS)
             except httpx.DecodingError as e:  # (a body its Content-Encoding does not describe)
                 raise not_swift_api(self.url) from e
-        check(response)
+        check(response, self.flags)
         if not response.content:
             return None
         try:
