@@ -4,6 +4,7 @@ recorded as an event; a job's own URL into a private network is refused unless a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from application.services.webhooks import is_public, pinned
-from tests.conftest import job_body, make_model, until, wait_job
+from application.services.webhooks import is_public, pinned, retry_after
+from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model, until, wait_job
 
 SECRET = "webhook-secret-0123456789"
 
@@ -126,8 +127,9 @@ async def until_failed(client: Any, job_id: str, text: str, timeout: float = 30.
 
 
 class Drip:
-    """A receiver that answers 200 and then sends its 100-byte body a byte every 0.2 s: each read comes well
-    within any timeout, the whole answer takes 20 s."""
+    """A receiver that answers 200 and then sends its 100-byte header a byte every 0.2 s: each read comes well
+    within any timeout, the whole answer takes 20 s. (Its body is never waited for: see
+    test_an_answers_body_is_never_read.)"""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -147,11 +149,12 @@ class Drip:
         with conn:
             try:
                 conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: ")
                 for _ in range(100):
                     if self.done.wait(0.2):
                         return
                     conn.sendall(b"x")
+                conn.sendall(b"\r\nContent-Length: 0\r\n\r\n")
             except OSError:
                 return
 
@@ -233,11 +236,11 @@ async def test_notifications_held_by_a_slow_operator_url_do_not_hold_back_a_jobs
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Each notification held one of 128 slots until every URL had its answer: a backlog held by a slow operator URL
-    # made every job's own URL wait behind it, minutes after a burst of ends (hunt AL). Two slots here, so that two
-    # notifications are such a backlog.
+    # made every job's own URL wait behind it, minutes after a burst of ends (hunt AL). One post at once to a URL
+    # here, so that two notifications are such a backlog.
     from application.services import webhooks
 
-    monkeypatch.setattr(webhooks, "MAX_NOTIFICATIONS", 2)
+    monkeypatch.setattr(webhooks, "MAX_PARALLEL", 1)
     drip, own = Drip(), receiver({})
     make_model(tmp_path / "models" / "tiny-qwen2")
     settings = {"WEBHOOK_URLS": drip.url, "WEBHOOK_TIMEOUT_SECONDS": 3, "WEBHOOK_MAX_ATTEMPTS": 2,
@@ -454,18 +457,28 @@ def test_ipv6_forms_that_reach_a_private_ipv4_address_are_not_public() -> None:
     assert is_public("2606:4700::1111") and is_public("::ffff:93.184.215.14")
 
 
-async def test_a_job_naming_the_operators_url_cannot_silence_it(
+async def test_a_job_naming_the_operators_url_cannot_silence_it_nor_learn_it_is_theirs(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
 ) -> None:
+    """A job's own URL that was one of the operator's skipped the private-network check: a user could try URLs
+    (an internal hook's token) until one was taken, and its events then named it WEBHOOK_URLS[i] (hunt DF)."""
     hook = receiver({})  # on loopback: a job's own URL there is refused, the operator's is not
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(WEBHOOK_URLS=hook.url, WEBHOOK_SECRET=SECRET) as client:
+        answers = []
+        for guess in (hook.url, hook.url + "?token=wrong"):
+            r = await client.post("/jobs", json=job_body(tmp_path, "guess", webhook_url=guess))
+            answers.append((r.status_code, r.json()["detail"]))
+        assert answers[0] == answers[1] and answers[0][0] == 422, answers
+    async with app_factory(WEBHOOK_URLS=hook.url, WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE=True) as client:
         body = job_body(tmp_path, "same", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
         assert (await client.post("/jobs", json=body)).status_code == 201
-        await until(lambda: {"status_completed", "export_completed"} <= set(hook.events()))
-        assert hook.events().count("status_completed") == 1  # posted once, as the operator's
+        await until(lambda: hook.events().count("status_completed") == 2)  # as the operator's, and as its own
         events = (await client.get("/jobs/same/events")).json()["events"]
-        assert not [e for e in events if e["type"] == "webhook_failed"], events
+        delivered = sorted(e["message"].split(" (")[0] for e in events if e["type"] == "webhook_delivered"
+                           and e["message"].startswith("status_completed"))  # fmt: skip
+        assert delivered == ["status_completed delivered to WEBHOOK_URLS[0]",
+                             f"status_completed delivered to {hook.url}"], delivered  # fmt: skip
 
 
 async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with_the_same_ids(
@@ -490,11 +503,11 @@ async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with
     assert [await cluster.take_webhook() for _ in range(3)] == items  # oldest first, as before
     hooks = Webhooks(JobStore(redis_client, keys), cluster, settings)
     for raw in (items[0], items[0], items[1]):  # the first delivered twice (at least once)
-        await hooks._slots.acquire()
+        await hooks._backlog.acquire()
         await hooks._deliver(raw)
     # Two notifications alike in all but their own id (a job paused twice at one step) are two deliveries.
     for n in (1, 2):
-        await hooks._slots.acquire()
+        await hooks._backlog.acquire()
         await hooks._deliver(json.dumps({"job_id": "j", "event": "status_paused", "at": "", "id": f"j/{n}-0"}))
     ids = [h["x-swift-api-delivery"] for h, _, _ in hook.received]
     assert ids[0] == ids[1] != ids[2] and ids[3] != ids[4], ids
@@ -672,3 +685,130 @@ async def test_a_retry_notification_says_why_and_a_failure_says_which_kind(
         assert failed["job"]["error_code"] == "exit_code" and failed["message"].startswith("training failed: "), failed
         listed = (await client.get("/jobs")).json()["jobs"]
         assert {j["job_id"]: j["error_code"] for j in listed} == {"killed": None, "broken": "exit_code"}
+
+
+class Silent:
+    """A receiver that takes each connection and the request, and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+async def test_one_users_dead_url_holds_up_neither_the_operators_nor_another_users_own(
+    app_factory: Callable[..., Any],
+    tmp_path: Path,
+    receiver: Callable[[dict[str, list[int]]], Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every notification held one of 128 slots for all until its job's own URL answered: bob's few hundred jobs
+    with a URL that never answers held them all, and alice's and the operator's webhooks came minutes late (hunt
+    DF). Bob now waits in his own lane (one post at once here), and past OWNER_WAITING (3 here) of his waiting,
+    his own URL is not posted to at all."""
+    from application.services import webhooks
+
+    monkeypatch.setattr(webhooks, "OWNER_PARALLEL", 1)
+    monkeypatch.setattr(webhooks, "OWNER_WAITING", 3)
+    silent, operator, alices = Silent(), receiver({}), receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"API_KEYS": KEYS_SETTING, "WEBHOOK_URLS": operator.url, "WEBHOOK_ALLOW_PRIVATE": True,
+                "WEBHOOK_TIMEOUT_SECONDS": 60, "WEBHOOK_MAX_ATTEMPTS": 1}  # fmt: skip
+    try:
+        async with app_factory(**settings) as client:
+            bob = [f"bob-{n}" for n in range(5)]
+            for name in bob:
+                body = job_body(tmp_path, name, webhook_url=silent.url)
+                assert (await client.post("/jobs", json=body, headers=auth(BOB_KEY))).status_code == 201
+                assert (await client.post(f"/jobs/{name}/stop", headers=auth(BOB_KEY))).json()["status"] == "cancelled"
+            await until(lambda: len(operator.events()) == 5, what="the operator's notifications of bob's jobs")
+            mine = job_body(tmp_path, "alices", webhook_url=alices.url)
+            assert (await client.post("/jobs", json=mine, headers=auth(ALICE_KEY))).status_code == 201
+            assert (await client.post("/jobs/alices/stop", headers=auth(ALICE_KEY))).json()["status"] == "cancelled"
+            await until(lambda: alices.events() == ["status_cancelled"], timeout=10, what="alice's own notification")
+            await until(lambda: len(operator.events()) == 6, timeout=10, what="the operator's of alice's job")
+
+            async def not_sent(name: str) -> bool:
+                events = (await client.get(f"/jobs/{name}/events", headers=auth(BOB_KEY))).json()["events"]
+                return any(e["type"] == "webhook_failed" and "notifications of this owner's jobs already wait for"
+                           in e["message"] for e in events)  # fmt: skip
+
+            # Bob's first is being posted, two more wait for his lane; the other two are not sent there at all.
+            await until(lambda: asyncio.gather(*(not_sent(name) for name in bob)), what="bob's refused ones")
+            refused = [name for name in bob if await not_sent(name)]
+            assert len(refused) == 2, refused
+            assert len(silent.held) == 1  # one post at once for bob, still unanswered
+    finally:
+        silent.close()
+
+
+async def test_an_answers_body_is_never_read_and_a_final_refusal_is_not_retried(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[[dict[str, list[int]]], Receiver]
+) -> None:
+    """The whole answer was read: a 600 MB one cost the leader 665 MB, and a 200 whose body trickled timed out and
+    was posted again, three times (hunt DF). A 404 or a 400 (a chat webhook refusing the body) was retried as a
+    500 is."""
+    drip = socket.create_server(("127.0.0.1", 0))
+    sent = threading.Event()
+
+    def endless() -> None:  # a 200 at once, then a body that never ends
+        conn, _ = drip.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+            with contextlib.suppress(OSError):
+                while not sent.wait(0.05):
+                    conn.sendall(b"x" * 1024)
+
+    threading.Thread(target=endless, daemon=True).start()
+    gone = receiver({"status_cancelled": [404, 404, 404]})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"WEBHOOK_URLS": f"http://127.0.0.1:{drip.getsockname()[1]}/hook", "WEBHOOK_ALLOW_PRIVATE": True,
+                "WEBHOOK_TIMEOUT_SECONDS": 2, "WEBHOOK_MAX_ATTEMPTS": 3, "WEBHOOK_RETRY_SECONDS": 0.2}  # fmt: skip
+    try:
+        async with app_factory(**settings) as client:
+            body = job_body(tmp_path, "hooked", webhook_url=gone.url)
+            assert (await client.post("/jobs", json=body)).status_code == 201
+            assert (await client.post("/jobs/hooked/stop")).json()["status"] == "cancelled"
+
+            async def events() -> list[dict[str, Any]]:
+                got = (await client.get("/jobs/hooked/events")).json()["events"]
+                return [e for e in got if e["type"].startswith("webhook_")]
+
+            await until(lambda: _both(events), what="both deliveries recorded")
+            recorded = {e["message"].split(" (")[0]: e for e in await events()}
+            delivered = recorded["status_cancelled delivered to WEBHOOK_URLS[0]"]
+            assert delivered["type"] == "webhook_delivered", recorded
+            failed = next(e for e in await events() if e["type"] == "webhook_failed")
+            assert failed["message"] == (f"status_cancelled not delivered to {gone.url}: it answered HTTP 404, which "
+                                         "another attempt would not change"), failed  # fmt: skip
+            assert len(gone.received) == 1
+    finally:
+        sent.set()
+        drip.close()
+
+
+async def _both(events: Callable[[], Any]) -> bool:
+    return len(await events()) >= 2
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    assert retry_after("30") == 30.0 and retry_after(" 5 ") == 5.0
+    assert retry_after(None) is None and retry_after("soon") is None and retry_after("-3") is None
+    later = retry_after(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 120)))
+    assert later is not None and 100 < later <= 120
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # (in the past: at once)

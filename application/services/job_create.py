@@ -80,8 +80,8 @@ def _refuse_at_once(svc: TrainingService, req: JobCreate, caller: Caller, snapsh
     if cap and caller.name is not None and req.num_gpus > cap:
         raise Invalid(f"num_gpus={req.num_gpus} is more than one owner may hold (MAX_GPUS_PER_OWNER={cap})")
     require_usable_swift(ctx.swift)
-    # (A URL of the operator's own is posted to as theirs, unchecked.)
-    if req.webhook_url and not s.WEBHOOK_ALLOW_PRIVATE and req.webhook_url not in s.webhook_urls():
+    # Even one of the operator's URLs: let through, it told a user who guessed one that it was (hunt DF).
+    if req.webhook_url and not s.WEBHOOK_ALLOW_PRIVATE:
         refuse_undeliverable(req.webhook_url)
 
 

@@ -3,7 +3,8 @@
 Notifications are queued in Redis in the same atomic step as the status change that causes them (lua.TRANSITION;
 an export's end through JobStore.notify). The leader moves each from the queue to a `delivering` list, POSTs
 it to each URL at once, with retries and exponential backoff, in tasks of their own (at most MAX_PARALLEL at
-once to one URL, so a slow receiver holds up neither scheduling nor the other receivers), records every
+once to one URL, and OWNER_PARALLEL to one owner's own URLs, so a slow receiver holds up neither scheduling nor
+the other receivers), records every
 delivery as an event of the job, and only then drops it. A leader that dies mid-delivery leaves it in
 `delivering`; the next leader queues it again (at least once).
 
@@ -18,6 +19,8 @@ checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import hashlib
 import hmac
 import ipaddress
@@ -27,7 +30,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,15 +44,18 @@ from application.exceptions import Invalid
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
 
-# POSTs under way to one URL at once; notifications whose job's own URL is still being posted; notifications
-# under way in all. Slots are per URL: with one slot for a notification's every URL, one slow or dead receiver
-# (an operator's, retried for a minute or more) held them all, and every user's own URL waited behind it. So a
-# notification leaves the second count once its own URL has its answer, though the operator's is still posted:
-# 128 notifications held by a dead WEBHOOK_URLS receiver made every job's own webhook wait minutes.
-# (Bounded: each stays under way until every URL has its answer, and a new leader posts those again to all.)
+# POSTs under way to one URL at once, and to one owner's own URLs (its jobs' webhook_url) at once. Nothing
+# bounds all notifications under way but MAX_BACKLOG: a cap for all (128, held until a job's own URL had its
+# answer) let one user's few hundred jobs with a URL that never answers stop every delivery, the operator's
+# included, for minutes (hunt DF). Such a user now waits in a lane of their own, and past OWNER_WAITING of
+# theirs waiting, their own URLs are not posted to at all (recorded as webhook_failed) rather than queued without
+# end. An operator's URL is posted once per notification whatever its jobs name.
 MAX_PARALLEL = 16
-MAX_NOTIFICATIONS = 128
+OWNER_PARALLEL = 16
+OWNER_WAITING = 256
 MAX_BACKLOG = 10_000
+RETRY_AFTER_MAX = 60.0  # the longest Retry-After (429, 503) honoured; longer ones wait this long
+RETRIED_4XX = frozenset({408, 425, 429})  # the 4xx answers that a later attempt may not get; others are final
 _LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="webhook-dns")  # (threads start at the first lookup)
 POLL_SECONDS = 0.5
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
@@ -166,6 +172,46 @@ def pinned(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str,
     )  # (the name's ASCII form, as the lookup used)
 
 
+class Lanes:
+    """At most `width` at once per key (a URL, an owner). A key's semaphore lives while someone holds or waits for
+    it: a job's own URLs and their owners come and go."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._lanes: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    def users(self, key: str) -> int:
+        """Those holding or waiting for `key`'s lane."""
+        lane = self._lanes.get(key)
+        return lane[1][0] if lane else 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: str) -> AsyncIterator[None]:
+        slots, users = self._lanes.setdefault(key, (asyncio.Semaphore(self.width), [0]))
+        users[0] += 1
+        try:
+            async with slots:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._lanes[key]
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header's seconds (delay-seconds or an HTTP date), None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+
+
 class Webhooks:
     def __init__(self, store: JobStore, cluster: ClusterStore, settings: Settings) -> None:
         self.store = store
@@ -173,12 +219,12 @@ class Webhooks:
         self.settings = settings
         self.secret = settings.WEBHOOK_SECRET.get_secret_value() if settings.WEBHOOK_SECRET else None
         self.urls = settings.webhook_urls()
-        self._slots = asyncio.Semaphore(MAX_NOTIFICATIONS)
         self._backlog = asyncio.Semaphore(MAX_BACKLOG)
         # Made once (about 20 ms of CPU each, on the scheduler's loop: a client per notification made a burst of
         # deliveries slow every scheduling pass 40-fold).
         self._tls: ssl.SSLContext | None = None
-        self._url_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # url -> (its slots, [its users])
+        self._urls = Lanes(MAX_PARALLEL)
+        self._owners = Lanes(OWNER_PARALLEL)  # posts to a job's own URL, by the job's owner
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: Counter[str] = Counter()  # the notifications this leader's deliveries hold, as taken
 
@@ -219,11 +265,6 @@ class Webhooks:
                     await asyncio.sleep(POLL_SECONDS)
                     continue
                 await self._backlog.acquire()
-                try:
-                    await self._slots.acquire()
-                except BaseException:  # (cancelled: the lead lost; this object serves the next term too)
-                    self._backlog.release()
-                    raise
                 self._held[raw] += 1
                 task = asyncio.create_task(self._deliver(raw))
                 self._tasks.add(task)
@@ -250,22 +291,16 @@ class Webhooks:
             pause = min(pause * 2, RETRY_MAX)
 
     async def _deliver(self, raw: str) -> None:
-        own_posted = False
-
-        def free_slot() -> None:
-            nonlocal own_posted
-            if not own_posted:
-                own_posted = True
-                self._slots.release()
-
         try:
             item = json.loads(raw)
-            # The operator's URLs are posted as they are; a job's own URL is checked (`own`), unless it is one
-            # of the operator's (then it is posted once, as theirs: a job must not be able to silence it).
-            targets = dict.fromkeys(self.urls, False)
-            if item.get("hook"):
-                targets.setdefault(item["hook"], True)
             job = json.loads(item["summary"]) if item.get("summary") else None
+            # The operator's URLs, then the job's own (checked: `own`, its owner's lane). One of the operator's named
+            # as the job's own is posted as both: as theirs (a job must not be able to silence it), and as the
+            # job's, checked as any other, so that the answers never tell a user which URLs are the operator's.
+            owner = str((job or {}).get("owner") or "")
+            targets: list[tuple[str, str | None]] = [(url, None) for url in self.urls]
+            if item.get("hook"):
+                targets.append((item["hook"], owner))
             at = float(item["at"]) if item.get("at") else None  # (stored as the text of a number)
             body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at,
                                "message": item.get("message"), "job": job}).encode()  # fmt: skip
@@ -273,18 +308,14 @@ class Webhooks:
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS,
                                          verify=self._tls or True) as client:  # fmt: skip
-                posts = {url: asyncio.ensure_future(self._post_in_turn(client, url, body, item, delivery, own=own))
-                         for url, own in targets.items()}  # fmt: skip
+                posts = [asyncio.ensure_future(self._post_in_turn(client, url, body, item, delivery, owner=of))
+                         for url, of in targets]  # fmt: skip
                 try:
-                    own_urls = [posts[url] for url, own in targets.items() if own]
-                    if own_urls:
-                        await asyncio.gather(*own_urls)
-                    free_slot()  # (the operator's URLs may still be posted: the next notification is taken meanwhile)
-                    await asyncio.gather(*posts.values())
+                    await asyncio.gather(*posts)
                 finally:  # (cancelled, the lead lost: none posts on, nor outlives the client)
-                    for post in posts.values():
+                    for post in posts:
                         post.cancel()
-                    await asyncio.gather(*posts.values(), return_exceptions=True)
+                    await asyncio.gather(*posts, return_exceptions=True)
             # Dropped only once Redis takes it: left under way, it would be requeued and posted again.
             await self._redis_retried(lambda: self.cluster.webhook_delivered(raw))
         except asyncio.CancelledError:
@@ -295,21 +326,22 @@ class Webhooks:
             self._held[raw] -= 1
             if self._held[raw] <= 0:
                 del self._held[raw]
-            free_slot()
             self._backlog.release()
 
     async def _post_in_turn(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any],
-                            delivery: str, own: bool) -> None:  # fmt: skip
-        """`_post` once one of the URL's slots is free (a job's own URLs come and go: their slots with them)."""
-        slots, users = self._url_slots.setdefault(url, (asyncio.Semaphore(MAX_PARALLEL), [0]))
-        users[0] += 1
-        try:
-            async with slots:
-                await self._post(client, url, body, item, delivery, own=own)
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._url_slots[url]
+                            delivery: str, owner: str | None) -> None:  # fmt: skip
+        """`_post` once one of the URL's slots is free, and for a job's own URL (`owner` given) one of its owner's."""
+        if owner is None:
+            async with self._urls.held(url):
+                await self._post(client, url, body, item, delivery, own=False)
+            return
+        if self._owners.users(owner) >= OWNER_WAITING:
+            await self._record(item, "webhook_failed", f"{item['event']} not sent to {url}: {OWNER_WAITING} "
+                               "notifications of this owner's jobs already wait for their own webhook URLs (does "
+                               "one not answer?)", url, 0, None)  # fmt: skip
+            return
+        async with self._owners.held(owner), self._urls.held(url):
+            await self._post(client, url, body, item, delivery, own=True)
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
                     own: bool) -> None:  # fmt: skip
@@ -323,17 +355,22 @@ class Webhooks:
         if self.secret:
             headers["X-Swift-Api-Signature"] = signature(self.secret, body)
         attempts = self.settings.WEBHOOK_MAX_ATTEMPTS
+        wait: float | None = None  # the seconds an answer's Retry-After asked for
         last = why = ""  # why: for the operator's log, which may say what the job's events do not
         for attempt in range(1, attempts + 1):
             try:
                 # httpx's timeout bounds each read, not the POST: a receiver answering a byte a second held a
                 # delivery slot for as long as it liked (all of them, with 16 such URLs).
+                # Up to the answer's status line and headers only: its body is never read (a receiver's endless or
+                # 600 MB answer was read whole into the leader's memory, and one trickled after its 200 timed
+                # out a notification it had taken, to be posted again: hunt DF).
                 async with asyncio.timeout(self.settings.WEBHOOK_TIMEOUT_SECONDS):
                     aimed = await self._aim(url) if checked else (url, {}, {})
                     if aimed is not None:
                         target, extra, extensions = aimed
-                        r = await client.post(target, content=body, headers={**headers, **extra},
-                                              extensions=extensions)  # fmt: skip
+                        async with client.stream("POST", target, content=body, headers={**headers, **extra},
+                                                 extensions=extensions) as r:  # fmt: skip
+                            pass
                 if aimed is None:
                     await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points at this host or "
                                        "into a private network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0,
@@ -345,6 +382,16 @@ class Webhooks:
                                        r.status_code)  # fmt: skip
                     return
                 last = why = f"HTTP {r.status_code}"
+                wait = retry_after(r.headers.get("Retry-After")) if r.status_code in (429, 503) else None
+                if 400 <= r.status_code < 500 and r.status_code not in RETRIED_4XX:
+                    # The receiver refuses this body for good (a bad payload, a URL it no longer has): another
+                    # attempt gets the same answer.
+                    await self._record(item, "webhook_failed", f"{event} not delivered to {shown}: it answered {last}, "
+                                       "which another attempt would not change", shown, attempt,
+                                       r.status_code)  # fmt: skip
+                    if not own:
+                        logger.warning("webhook {} of job {}: {} answered {}", event, item["job_id"], shown, last)
+                    return
                 if 300 <= r.status_code < 400:
                     if not own:
                         logger.warning("webhook {} of job {}: {} answered {}, a redirect, which deliveries do "
@@ -356,13 +403,17 @@ class Webhooks:
                                        "to", shown, attempt, r.status_code)  # fmt: skip
                     return
             except (httpx.TimeoutException, TimeoutError) as exc:
+                wait = None
                 last = why = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
+                wait = None
                 # An error's text may hold the URL in some form of its own: an operator's is not shown at all.
                 why = f"{type(exc).__name__}: {exc}"
                 last = why if own else type(exc).__name__
             if attempt < attempts:
-                await asyncio.sleep(self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1))
+                backoff = self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1)
+                # A receiver that asked to wait (429, 503 with Retry-After) is not asked again sooner.
+                await asyncio.sleep(max(backoff, min(wait, RETRY_AFTER_MAX)) if wait is not None else backoff)
         if not own:  # (the operator's own URL: the job's events are the user's, its log is the operator's)
             logger.warning("webhook {} of job {} not delivered to {} after {} attempts ({})", event, item["job_id"],
                            shown, attempts, why)  # fmt: skip
