@@ -185,6 +185,38 @@ def test_a_rejected_answer_swift_would_drop_is_refused_naming_its_row(tmp_path: 
     assert "line 3" in exc.value.detail and f"'rejected_response' {why}: ms-swift drops such a row" in exc.value.detail
 
 
+@pytest.mark.parametrize(
+    ("row", "says"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "rejected_response": "no"}, "end it with the assistant's"),
+        ({"conversations": [{"from": "human", "value": "hi"}], "rejected_response": "no"}, "end it with the"),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+                "rejected_response": "no",
+            },
+            "and that turn is empty: give the answer's text",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "rejected_messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}],
+            },
+            "end it with the assistant's turn",
+        ),
+    ],
+)
+def test_a_preference_row_with_no_chosen_answer_is_refused(tmp_path: Path, row: dict[str, Any], says: str) -> None:
+    # The same rows as {"query", "rejected_response"} were refused, but as a conversation ending with the user's turn
+    # DPO and RM trained to the end on no chosen answer (logps/chosen 0, rewards 0) and completed (hunt DH).
+    good = {**MESSAGES, "rejected_response": "no"}
+    pref = write(tmp_path / "pref.jsonl", [good, row])
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", pref, needs="rejected")
+    assert "line 2" in exc.value.detail and "takes a conversation's last turn as the chosen answer" in exc.value.detail
+    assert says in exc.value.detail, exc.value.detail
+
+
 def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path) -> None:
     # ms-swift's loader reads CSV with na_filter off: an empty cell is "", not null, and `swift rlhf --rlhf_type
     # dpo` trains on it (hunt BK, with the real CLI). It was refused as a row swift drops.

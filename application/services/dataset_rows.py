@@ -152,12 +152,17 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
     if needs == "label" and not labelled:
         raise Invalid(f"{where}: KTO needs a 'label' per row: true for a desirable answer, false for an "
                       "undesirable one")  # fmt: skip
-    if needs == "label" and fmt == "messages":
-        turns = next(row[k] for k in MESSAGE_KEYS if k in row)
-        if turns[-1].get("role", turns[-1].get("from")) not in ANSWER_ROLES:
-            # (its KL pairing asserts it, outside the per-row guard: one such row failed the whole run)
-            raise Invalid(f"{where}: KTO takes a conversation's last turn as the answer it labels: end it with "
-                          "the assistant's turn")  # fmt: skip
+    if needs in ("label", "rejected") and fmt == "messages":
+        last = next(row[k] for k in MESSAGE_KEYS if k in row)[-1]
+        if last.get("role", last.get("from")) not in ANSWER_ROLES:
+            # (KTO's KL pairing asserts it, outside the per-row guard: one such row failed the whole run. DPO and
+            # RM trained on such rows to the end with no chosen answer at all: logps/chosen 0, rewards 0: hunt DH)
+            what = "the answer it labels" if needs == "label" else "the chosen answer"
+            raise Invalid(f"{where}: {'KTO' if needs == 'label' else 'preference training'} takes a conversation's "
+                          f"last turn as {what}: end it with the assistant's turn")  # fmt: skip
+        if needs == "rejected" and not last.get("content", last.get("value")):
+            raise Invalid(f"{where}: preference training takes a conversation's last turn as the chosen answer, "
+                          "and that turn is empty: give the answer's text")  # fmt: skip
     if needs == "either" and not (rejected or labelled or _has_prompt(row)):
         raise Invalid(f"{where}: rlhf data needs a rejected answer per row ('rejected_response' or "
                       "'rejected_messages'), a 'label' true/false for KTO, or a prompt alone for GRPO/PPO")  # fmt: skip
