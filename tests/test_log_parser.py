@@ -192,6 +192,8 @@ def test_dicts_interleaved_with_tqdm_bars() -> None:
     assert [pt["step"] for pt in got.history] == [2]
     assert got.checkpoints_saved == ["/x/v0-1/checkpoint-3"]
     assert parser.progress is not None and parser.progress.loss == 8.28
+    # The bar's step 3 is 0.075 epochs on from 0.05 at step 2: the epoch was step 2's until the next step dict.
+    assert (parser.progress.current_step, parser.progress.epoch) == (3, 0.08)
 
 
 def test_tqdm_train_bar_moves_progress_between_logged_steps() -> None:
