@@ -467,6 +467,21 @@ def test_kinds_build_their_own_command_with_the_extra_arguments() -> None:
         check_kind("rlhf", "dpoo", V4)
 
 
+def test_streaming_without_max_steps_is_refused_at_create() -> None:
+    # A streamed data set has no length: swift refused to start ("max_steps has to be specified"), after the job's
+    # wait (hunt DH, the real swift).
+    from application.services.preflight import check_swift_request
+
+    def req(training: dict[str, Any]) -> JobCreate:
+        return JobCreate(data_path="d/x", model_path="m/x", output_dir="o", training=TrainingParams(**training))
+
+    streamed = req({"streaming": True})
+    with pytest.raises(Invalid, match=r"training\.streaming needs training\.max_steps"):
+        check_swift_request(streamed, streamed.training.extra_arguments, V4, pending=False)
+    for fine in (req({"streaming": True, "max_steps": 10}), req({"streaming": False})):
+        check_swift_request(fine, fine.training.extra_arguments, V4, pending=False)
+
+
 def test_a_swift_that_cannot_run_refuses_creates_with_503() -> None:
     require_usable_swift(None)  # not known yet: the runner will tell
     require_usable_swift({"found": True})

@@ -183,6 +183,10 @@ def check_swift_request(req: JobCreate, extra: dict[str, Any], info: SwiftInfo |
     arguments = check_arguments(req.kind, extra, info, pending=pending)
     check_packing(req.kind, req.rlhf_type, arguments, req.num_gpus, info)
     check_combinations(req.rlhf_type, arguments)
+    if arguments.get("streaming") and req.training.max_steps is None:
+        # (swift's own ValueError as the run starts, after the job's wait: hunt DH)
+        raise Invalid("training.streaming needs training.max_steps: a streamed data set has no length, so ms-swift "
+                      "cannot tell how many steps an epoch has and refuses to start without it")  # fmt: skip
     if req.kind == "rlhf" and req.rlhf_type is not None:
         t = req.training
         check_ref_model(req.rlhf_type, t.train_type, arguments)
