@@ -217,6 +217,17 @@ def test_a_preference_row_with_no_chosen_answer_is_refused(tmp_path: Path, row: 
     assert says in exc.value.detail, exc.value.detail
 
 
+def test_a_chosen_rejected_file_is_told_how_to_name_its_columns(tmp_path: Path) -> None:
+    # "no columns ms-swift can train on (found: chosen, prompt, rejected)" said nothing of the rename that works
+    # (hunt DH, the real swift).
+    pairs = write(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "go away"}])
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", pairs, needs="rejected")
+    assert 'training.columns {"chosen": "response", "rejected": "rejected_response"}' in exc.value.detail
+    renames = {"chosen": "response", "rejected": "rejected_response"}
+    assert check_dataset("data_path", pairs, needs="rejected", columns=renames).rows == 1
+
+
 def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path) -> None:
     # ms-swift's loader reads CSV with na_filter off: an empty cell is "", not null, and `swift rlhf --rlhf_type
     # dpo` trains on it (hunt BK, with the real CLI). It was refused as a row swift drops.

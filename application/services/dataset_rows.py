@@ -139,7 +139,14 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
             fmt = "prompt"
         else:
             found = ", ".join(sorted(map(str, row))[:12]) or "none"
-            raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}")
+            # (the common chosen/rejected preference file, as many hubs have it: hunt DH)
+            pairs = (
+                ' (a chosen/rejected file: training.columns {"chosen": "response", "rejected": '
+                '"rejected_response"} names them as ms-swift reads them)'
+                if {"chosen", "rejected"} <= set(row)
+                else ""
+            )
+            raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}{pairs}")
     rejected = any(k in row for k in REJECTED_KEYS)
     labelled = label_kind(row.get("label"), text) is not None
     if needs == "rejected" and not rejected:
