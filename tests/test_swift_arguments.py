@@ -213,6 +213,10 @@ def test_a_prompt_may_start_with_a_dash_and_only_a_system_prompt_is_a_file_to_sw
     ({"cached_dataset": ["/x/train"], "streaming": True}, None, "streaming does not work with a cached data set"),
     # swift built PPO's value model from a reward model that was not there: an AttributeError after the wait.
     ({}, "ppo", "rlhf_type 'ppo' needs training.reward_model"),
+    # ms-swift asserted these as the run started (hunt DH, the real swift).
+    ({"loss_type": ["kto", "apo_zero_unpaired"]}, "kto", "several training.loss_type values are for rlhf_type 'dpo'"),
+    ({"loss_type": ["sigmoid"], "loss_weights": [1.0]}, "orpo", "training.loss_weights is for rlhf_type 'dpo' only"),
+    ({"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0]}, "dpo", "has 1 weight(s) for 2 loss type(s)"),
 ])  # fmt: skip
 def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[str, Any], rlhf_type: str | None,
                                                                     says: str) -> None:  # fmt: skip
@@ -222,6 +226,9 @@ def test_arguments_ms_swift_refuses_together_are_refused_at_create(extra: dict[s
                  "quant_bits": 3}, {"cached_dataset": ["/x/train"]}):  # fmt: skip
         check_combinations(None, fine)
     check_combinations("ppo", {"reward_model": ["Qwen/Qwen2.5-0.5B-Instruct"]})
+    check_combinations("dpo", {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2]})
+    check_combinations("kto", {"loss_type": ["kto"]})
+    check_combinations(None, {"loss_type": ["infonce", "x"], "loss_weights": [1.0]})  # (sft: not these rules)
 
 
 def test_a_models_own_options_pass_as_model_kwargs() -> None:

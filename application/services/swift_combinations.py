@@ -156,8 +156,27 @@ def check_combinations(rlhf_type: str | None, arguments: Mapping[str, Any]) -> N
     if allowed is not None and bits not in allowed:
         raise Invalid(f"training.quant_bits {bits} does not work with quant_method {method} in ms-swift: use "
                       f"{', '.join(str(b) for b in allowed)}")  # fmt: skip
+    if rlhf_type is not None:
+        check_loss_types(rlhf_type, arguments)
     if arguments.get("cached_dataset") or arguments.get("cached_val_dataset"):
         if rlhf_type == "grpo":
             raise Invalid("training.cached_dataset is not supported for GRPO by ms-swift: give the data set itself")
         if arguments.get("streaming"):
             raise Invalid("training.streaming does not work with a cached data set in ms-swift: leave one out")
+
+
+def check_loss_types(rlhf_type: str, arguments: Mapping[str, Any]) -> None:
+    """Several loss_type values (MPO) and loss_weights are DPO's alone, one weight per loss type: ms-swift 4.x
+    asserts it as the run starts (RLHFArguments._process_loss_type), after the job's wait (hunt DH)."""
+    loss, weights = arguments.get("loss_type"), arguments.get("loss_weights")
+    types = loss if isinstance(loss, list) else [loss] if loss is not None else []
+    if len(types) > 1 and rlhf_type != "dpo":
+        raise Invalid(f"several training.loss_type values are for rlhf_type 'dpo' only (ms-swift's mixed "
+                      f"preference training), not '{rlhf_type}': give one")  # fmt: skip
+    if weights is None:
+        return
+    if rlhf_type != "dpo":
+        raise Invalid(f"training.loss_weights is for rlhf_type 'dpo' only, not '{rlhf_type}': leave it out")
+    if isinstance(weights, list) and len(weights) != max(1, len(types)):
+        raise Invalid(f"training.loss_weights has {len(weights)} weight(s) for {max(1, len(types))} loss type(s): "
+                      "give one weight per training.loss_type value")  # fmt: skip
