@@ -1,6 +1,6 @@
 """Pairs and batch sizes ms-swift refuses only as the run starts (after the job's wait), refused at create: the kind
 of training against the installed ms-swift, KTO's and GRPO's batch rules, a reference model, packing and
-padding_free, quantization bits, a cached data set with GRPO or streaming. Pure: no I/O."""
+padding_free, quantization bits, a cached data set with GRPO or streaming, DPO's several loss types. Pure: no I/O."""
 
 from __future__ import annotations
 
