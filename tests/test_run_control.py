@@ -98,6 +98,42 @@ def test_choose_victims_as_few_as_needed_lowest_priority_least_lost_newest() -> 
     assert preemption_wait(pinned, gpus, running, **rules, ends={"mid": 5.0}) is None  # (it frees the GPU itself)
 
 
+def test_choose_victims_frees_no_more_gpus_and_stops_no_more_runs_than_needed() -> None:
+    """Least work lost in wall seconds alone chose a 3-GPU run for a 1-GPU job, two of whose GPUs then sat idle
+    and which could not run again until a third came free; and two 1-GPU runs where one 2-GPU run would do
+    (hunt DI)."""
+    rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
+    gpus = [gpu(0, "big"), gpu(1, "big"), gpu(2, "big"), gpu(3, "small")]
+    running = [Candidate("big", 2, (0, 1, 2), 100.0, lost_seconds=100.0),
+               Candidate("small", 2, (3,), 100.0, lost_seconds=101.0)]  # fmt: skip
+    one = QueuedJob("urgent", 9, 1000.0, 1, None, None, None)
+    assert choose_victims(one, gpus, running, **rules) == ["small"]
+    gpus = [gpu(0, "a"), gpu(1, "b"), gpu(2, "c"), gpu(3, "c")]
+    running = [Candidate("a", 2, (0,), 100.0, 10.0), Candidate("b", 2, (1,), 100.0, 10.0),
+               Candidate("c", 2, (2, 3), 100.0, 500.0)]  # fmt: skip
+    two = QueuedJob("urgent", 9, 1000.0, 2, None, None, None)
+    assert choose_victims(two, gpus, running, **rules) == ["c"]
+    # Fewer GPUs idle outranks fewer runs: two 1-GPU runs rather than a 3-GPU one for two GPUs.
+    gpus = [gpu(0, "a"), gpu(1, "b"), gpu(2, "c"), gpu(3, "c"), gpu(4, "c")]
+    running = [Candidate("a", 2, (0,), 100.0, 10.0), Candidate("b", 2, (1,), 100.0, 10.0),
+               Candidate("c", 2, (2, 3, 4), 100.0, 1.0)]  # fmt: skip
+    assert sorted(choose_victims(two, gpus, running, **rules) or []) == ["a", "b"]
+    # The lowest priority outranks all of it: a priority-1 3-GPU run before a priority-2 1-GPU one.
+    running = [Candidate("a", 2, (0,), 100.0, 10.0), Candidate("c", 1, (2, 3, 4), 100.0, 900.0)]
+    assert choose_victims(one, gpus, running, **rules) == ["c"]
+    # Pinned: only the run on the GPU it names, however much else it holds.
+    assert choose_victims(QueuedJob("u", 9, 1000.0, 1, (3,), None, None), gpus, running, **rules) == ["c"]
+
+
+def test_choose_victims_among_many_runs_still_takes_as_few_as_needed() -> None:
+    # Past EXACT_SEARCH_MAX runs the choice is greedy, by the same order.
+    rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
+    gpus = [gpu(i, f"r{i}") for i in range(16)]
+    running = [Candidate(f"r{i}", 1, (i,), 100.0, lost_seconds=100.0 + i) for i in range(16)]
+    three = QueuedJob("urgent", 9, 1000.0, 3, None, None, None)
+    assert sorted(choose_victims(three, gpus, running, **rules) or []) == ["r0", "r1", "r2"]
+
+
 def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -> None:
     gpus = [gpu(0, "young"), gpu(1, "old"), gpu(2, "peer")]
     running = [

@@ -1,19 +1,22 @@
 """Which running jobs to preempt for a waiting one (PREEMPTION=on): a pure function, like `scheduler.plan`.
 
-Determined preempts low-priority work and resumes it from checkpoints; Slurm's REQUEUE does the same. Here a
-queued job that cannot start may take the GPUs of running jobs of strictly lower priority: as few as needed,
-preferring the lowest priority, then the least work lost since their last checkpoint, then the most recently
-started. A job that has run less than `min_run` seconds since its last start is never preempted, so two jobs
-cannot take GPUs from each other in turn; one that should end soon, before the work it would lose, is waited
-for. The victims go back to the queue at their place and resume from their checkpoints (`run_end.conclude`).
+Determined preempts low-priority work and resumes it from checkpoints; Slurm's REQUEUE does the same. Here a queued
+job that cannot start may take the GPUs of running jobs of strictly lower priority: as few as needed, preferring
+the lowest priority, then the fewest GPUs freed past the need, the fewest runs, the least work lost since their
+last checkpoint (times the GPUs held), the most recently started (`_fewest`). A job that has run less than
+`min_run` seconds since its last start is never preempted, so two jobs cannot take GPUs from each other in turn;
+one that should end soon, before the work it would lose, is waited for. The victims go back to the queue at their
+place and resume from their checkpoints (`run_end.conclude`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from application.services.scheduler import GpuState, QueuedJob, RunningJob, gpu_is_free
 
@@ -88,40 +91,72 @@ def choose_victims(
         # A GPU a victim gives back has all its memory again.
         return sum(1 for i in freed if i in usable) >= k
 
-    def helps(c: Candidate) -> bool:
+    def gives(c: Candidate) -> int:
+        """How many of the GPUs the job lacks `c` gives back."""
         if wanted is not None:
-            return bool(wanted & set(c.gpu_ids))
-        return any(i in usable for i in c.gpu_ids)
+            return len(wanted & set(c.gpu_ids))
+        return sum(1 for i in c.gpu_ids if i in usable)
 
     if enough(free):
         return None  # it can start without anyone's GPUs: not preemption's business
 
     def may_go(c: Candidate) -> bool:
-        return not c.ending and c.priority < job.priority and now - c.started_at >= min_run and helps(c)
+        return not c.ending and c.priority < job.priority and now - c.started_at >= min_run and gives(c) > 0
 
     # Only a run it would otherwise preempt is waited for: one of a higher priority ending soon (a backfilled
     # one after another) could put the preemption off for ever (review BE).
     if any(may_go(c) and _ends_first(c, ends, min_run) for c in running):
         return None
-    eligible = sorted(
-        (c for c in running if may_go(c)),
-        key=lambda c: (c.priority, c.lost_seconds, -c.started_at, c.job_id),
-    )
-    chosen: list[Candidate] = []
-    freed = set(free)
-    for c in eligible:
-        if enough(freed):
-            break
-        chosen.append(c)
-        freed |= set(c.gpu_ids)
-    if not enough(freed):
+    short = len(wanted - free) if wanted is not None else k - sum(1 for i in free if i in usable)
+    chosen = _fewest([c for c in running if may_go(c)], gives, short)
+    return [c.job_id for c in chosen] if chosen is not None else None
+
+
+# The runs `_fewest` weighs every set of (255 sets at most, about a millisecond: a pass runs it for the head and
+# the queue's estimates for each moment they look at); past that, it adds runs one by one, by the same order.
+EXACT_SEARCH_MAX = 8
+
+
+def _fewest(eligible: Sequence[Candidate], gives: Callable[[Candidate], int], short: int) -> list[Candidate] | None:
+    """The victims that give `short` more of the GPUs the job can use (`gives`: how many a run gives; their GPUs
+    are disjoint), chosen by, in order: the lowest priority among them; the fewest GPUs freed past the need (a
+    3-GPU run preempted for a 1-GPU job left two idle, and it could not run again until a third came free: hunt
+    DI); the fewest runs; the least work lost (seconds since the last checkpoint, times the GPUs each held); the
+    most recently started. Only the lowest priorities that can give enough are weighed at all."""
+    by_priority = sorted(eligible, key=lambda c: c.priority)
+    total, upto = 0, 0
+    while upto < len(by_priority) and total < short:  # the lowest priorities that can give enough
+        total += gives(by_priority[upto])
+        upto += 1
+    if total < short:
         return None
-    # As few as needed: drop, least preferred first, any victim the others make unnecessary.
-    for c in reversed(list(chosen)):
-        rest = set(free).union(*(set(o.gpu_ids) for o in chosen if o is not c))
-        if enough(rest):
-            chosen.remove(c)
-    return [c.job_id for c in chosen]
+    top = by_priority[upto - 1].priority
+    pool = [c for c in by_priority if c.priority <= top and gives(c) > 0]
+
+    def cost(victims: Sequence[Candidate]) -> tuple[Any, ...]:
+        return (max(c.priority for c in victims), sum(len(c.gpu_ids) for c in victims) - short, len(victims),
+                sum(c.lost_seconds * len(c.gpu_ids) for c in victims), sorted(-c.started_at for c in victims),
+                sorted(c.job_id for c in victims))  # fmt: skip
+
+    if len(pool) > EXACT_SEARCH_MAX:
+        # Greedy: the cheapest first by the same order, then any the others make unnecessary dropped.
+        chosen: list[Candidate] = []
+        for c in sorted(pool, key=lambda c: cost([c])):
+            if sum(map(gives, chosen)) >= short:
+                break
+            chosen.append(c)
+        for c in reversed(list(chosen)):
+            if sum(gives(o) for o in chosen if o is not c) >= short:
+                chosen.remove(c)
+        return chosen
+    best: tuple[tuple[Any, ...], list[Candidate]] | None = None
+    for size in range(1, len(pool) + 1):
+        if best is not None and best[0][1] == 0:
+            break  # (no GPU idle already, and a larger set stops more runs; every set's top priority is `top`)
+        for victims in itertools.combinations(pool, size):
+            if sum(map(gives, victims)) >= short and (best is None or cost(victims) < best[0]):
+                best = (cost(victims), list(victims))
+    return best[1] if best is not None else None
 
 
 def _ends_first(c: Candidate, ends: Mapping[str, float] | None, within: float) -> bool:
