@@ -30,7 +30,7 @@ from application.services.queue_planner import ESTIMATE_WINDOW, ClusterView, bui
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import QueuedJob, gpu_is_free
 from application.services.swift_arguments import DATA_ARGUMENTS, require_usable_swift
-from application.services.webhooks import refuse_undeliverable
+from application.services.webhook_addresses import refuse_undeliverable
 from application.utils.gpu_types import GpuSnapshot, snapshot_of
 
 if TYPE_CHECKING:
