@@ -524,6 +524,24 @@ def test_a_refusal_that_names_a_route_names_the_command_that_calls_it() -> None:
     )
 
 
+def test_an_answer_and_a_refusal_name_the_command_and_the_flag_the_user_typed() -> None:
+    from rich.console import Console
+
+    from application.cli import render
+    from application.cli.app import build_parser, submit_flags
+
+    stopped = {"job_id": "j", "status": "stopped", "message": "Training stopped; POST .../resume resumes it from x"}
+    console = Console(width=200, record=True)
+    console.print(render.action(stopped))
+    assert "POST .../resume (swift-api resume) resumes it from x" in console.export_text()
+    # (review DJ: `--set num_gpus=2` was named as --gpus)
+    args = build_parser().parse_args(["submit", "--model", "m", "--data", "d", "--output-dir", "o", "--set",
+                                      "num_gpus=2"])  # fmt: skip
+    flags = submit_flags(args)
+    assert flags["num_gpus"] == "--set num_gpus" and flags["model_path"] == "--model"
+    assert flags["training.*"] == "--set" and flags["time_limit"] == "--set time_limit"
+
+
 def test_a_download_writes_into_a_pipe_or_through_a_link_rather_than_replacing_it(tmp_path: Path) -> None:
     # `-o` a FIFO, a symlink or a device (/dev/null) was replaced by a file: written beside it, then renamed over it.
     content = b"0123456789" * 5000

@@ -62,15 +62,27 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-# The create's fields by the flag of `submit` that sends each; any other is a --set.
-SUBMIT_FLAGS = {**{field: f"--set {field}" for field in TOP_LEVEL_FIELDS}, "training.*": "--set",
-                "model_path": "--model", "data_path": "--data", "output_dir": "--output-dir", "num_gpus": "--gpus",
+# The create's fields by the flag of `submit` that sends each, when given; any other is a --set.
+SUBMIT_FLAGS = {"model_path": "--model", "data_path": "--data", "output_dir": "--output-dir", "num_gpus": "--gpus",
                 "priority": "--priority", "job_id": "--job-id"}  # fmt: skip
 AFTER_FLAG = {"query.cursor": "--after"}
+EXPORT_FLAGS = {"checkpoint": "--checkpoint", "output_name": "--output-name", "quant_bits": "--quant-bits",
+                "quant_method": "--quant-method"}  # fmt: skip
+
+
+def submit_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The flag that sent each field of this create (`--set model_path=...` is named as such, not as --model)."""
+    given = {"model_path": args.model, "data_path": args.data, "output_dir": args.output_dir, "num_gpus": args.gpus,
+             "priority": args.priority, "job_id": args.job_id}  # fmt: skip
+    return {
+        **{field: f"--set {field}" for field in TOP_LEVEL_FIELDS},
+        "training.*": "--set",
+        **{field: flag for field, flag in SUBMIT_FLAGS.items() if given[field] is not None},
+    }
 
 
 def submit(api: Api, args: argparse.Namespace, out: Output) -> int:
-    with api.naming(SUBMIT_FLAGS):
+    with api.naming(submit_flags(args)):
         created = api.post("/jobs", create_body(args))
     out.show(created, render.action)
     if not args.follow:
@@ -150,7 +162,9 @@ def export(api: Api, args: argparse.Namespace, out: Output) -> int:
     options = {"checkpoint": args.checkpoint, "output_name": args.output_name, "quant_bits": args.quant_bits,
                "quant_method": args.quant_method}  # fmt: skip
     body = {k: v for k, v in options.items() if v is not None}
-    out.show(api.post(job_path(args.job_id, "/export"), body or None), render.action)
+    with api.naming(EXPORT_FLAGS):
+        answer = api.post(job_path(args.job_id, "/export"), body or None)
+    out.show(answer, render.action)
     return EXIT_OK
 
 

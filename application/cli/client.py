@@ -139,7 +139,7 @@ _ROUTE_COMMANDS = {("POST", "resume"): "resume", ("POST", "start"): "start", ("P
 _ROUTE = re.compile(r"\b(GET|POST) \.\.\./(?:jobs/[^/\s?]+/)?([a-z]+)(?![\w?/{])")
 
 
-def _commands_named(detail: str) -> str:
+def commands_named(detail: str) -> str:
     def add(m: re.Match[str]) -> str:
         command = _ROUTE_COMMANDS.get((m.group(1), m.group(2)))
         return f"{m.group(0)} (swift-api {command})" if command else m.group(0)
@@ -184,7 +184,7 @@ def check(response: httpx.Response, flags: Mapping[str, str] | None = None) -> N
                        EXIT_UNREACHABLE, response.status_code)  # fmt: skip
     if response.status_code == 401:
         detail += " (the CLI sends the key given as SWIFT_API_KEY or --key)"
-    detail = _commands_named(_flags_named(detail, flags) if flags and response.status_code == 422 else detail)
+    detail = commands_named(_flags_named(detail, flags) if flags and response.status_code == 422 else detail)
     code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
     raise CliError(f"{response.status_code} {response.reason_phrase}: {detail}", code, response.status_code,
                    _retry_after(response))  # fmt: skip

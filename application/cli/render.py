@@ -9,6 +9,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from application.cli.client import commands_named
 from application.cli.output import printable
 
 STATUS_STYLES = {
@@ -145,7 +146,9 @@ def job_status(body: dict[str, Any]) -> RenderableType:
 
 def action(body: dict[str, Any]) -> RenderableType:
     """The answer to create/stop/pause/resume/export: what happened, and where the job now stands."""
-    line = Text.assemble(text(body["job_id"], "bold"), " ", status(body["status"]), ": ", text(body.get("message")))
+    # (a route the message names with the command that calls it, as refusals have it)
+    said = commands_named(body["message"]) if isinstance(body.get("message"), str) else body.get("message")
+    line = Text.assemble(text(body["job_id"], "bold"), " ", status(body["status"]), ": ", text(said))
     # The message already names the checkpoint a pause or resume goes back to, and the steps lost.
     wait = _wait(body)
     return Group(line, text(wait, "dim")) if wait else line

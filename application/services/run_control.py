@@ -115,7 +115,8 @@ class RunControl:
             # Stopped, it is resumable only from a checkpoint: one that saved none is cancelled, as a job taken
             # out of the queue after a run that saved none is (`leave_queue`), not promised a resume refused later.
             # (the checkpoint its pause named counts too: a disk that cannot be read a moment shows none)
-            if job.resume_from is None and await asyncio.to_thread(newest_checkpoint, job) is None:
+            newest = await asyncio.to_thread(newest_checkpoint, job)
+            if job.resume_from is None and newest is None:
                 await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(JobStatus.PAUSED,),
                                            actor=caller.actor, message="cancelled while paused, with no checkpoint",
                                            created_at=job.created_at)  # fmt: skip
@@ -123,14 +124,17 @@ class RunControl:
                 return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message=message)
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
                                        message="stopped while paused", created_at=job.created_at)  # fmt: skip
-            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=job.resume_from,
-                                  resume_step=checkpoint_step(job.resume_from),
+            # What a resume would take (its newest checkpoint: review DJ), or the one its pause named.
+            checkpoint = newest or job.resume_from
+            return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=checkpoint,
+                                  resume_step=checkpoint_step(checkpoint),
                                   message="The paused job was stopped (POST .../resume still resumes it)")  # fmt: skip
         if job.status in (JobStatus.PENDING, JobStatus.QUEUED):
             to = await svc.leave_queue(job, "cancelled before it started", caller)
             if to == JobStatus.STOPPED:
-                return ActionResponse(job_id=job_id, status=to, resume_from=job.resume_from,
-                                      resume_step=checkpoint_step(job.resume_from),
+                checkpoint = await asyncio.to_thread(newest_checkpoint, job) or job.resume_from
+                return ActionResponse(job_id=job_id, status=to, resume_from=checkpoint,
+                                      resume_step=checkpoint_step(checkpoint),
                                       message="The job was stopped while it waited to run again (POST .../resume "
                                       "still resumes it)")  # fmt: skip
             return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message="The job was cancelled")
