@@ -20,8 +20,8 @@ import pytest
 
 from application.models.training_model import ExportInfo, ExportStatus, JobStatus, RunnerInfo
 from application.runner import CLAIMED
+from application.services import launcher
 from application.services import process_group as pg
-from application.services import watchdog
 from tests.conftest import ROOT, _until, job_body, make_model, wait_job
 
 FIXTURES = ROOT / "tests" / "fixtures" / "swift"
@@ -167,7 +167,7 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         assert job["status"] == "completed" and job["progress"]["current_step"] == 2, job
         # Started by a scheduler whose clock is 2 minutes ahead: lost once it has been seen for the grace, not
         # only once this host's clock reaches that start (its GPUs were held for the skew, with nothing running).
-        monkeypatch.setattr(watchdog, "RUNNER_START_GRACE", 1.0)
+        monkeypatch.setattr(launcher, "RUNNER_START_GRACE", 1.0)
         await client.post("/jobs", json=job_body(tmp_path, "ahead", step_seconds=0.01, training={"max_steps": 2}))
         fields = {**fields, "run_id": "run-ahead", "started_at": time.time() + 120,
                   "log_file": str(tmp_path / "output" / "ahead" / "logs" / "ahead.train.log")}  # fmt: skip
@@ -182,7 +182,7 @@ async def test_a_run_whose_runner_was_never_launched_goes_back_to_the_queue_and_
         events = (await client.get("/jobs/ahead/events")).json()["events"]
         assert any("never launched" in e["message"] for e in events), [(e["type"], e["message"]) for e in events]
         # A runner that took its spec a moment ago (swift's log not made yet) was launched: the run is not given up.
-        monkeypatch.setattr(watchdog, "RUNNER_START_GRACE", 15.0)
+        monkeypatch.setattr(launcher, "RUNNER_START_GRACE", 15.0)
         await client.post("/jobs", json=job_body(tmp_path, "taken", step_seconds=0.01, training={"max_steps": 2}))
         taken_log = tmp_path / "output" / "taken" / "logs" / "taken.train.log"
         fields = {**fields, "run_id": "run-taken", "started_at": time.time() - 30, "log_file": str(taken_log)}
@@ -318,6 +318,34 @@ async def test_what_a_runner_ended_its_run_for_decides_the_end_when_the_record_n
         assert job["status"] == status, job
 
 
+@pytest.mark.parametrize(("asked", "limit", "status", "code"), [
+    ({"time_limit": True}, 3600, "failed", "time_limit"),  # its runner wrote that the limit stopped it
+    (None, 20, "failed", "time_limit"),  # it ended 30 s after its start, past its 20 s limit
+    ({"stop": True}, 20, "failed", "time_limit"),  # the limit outranks a request, as for the runner
+    (None, 3600, "queued", None),  # a signal well within its limit: retried
+])  # fmt: skip
+async def test_a_run_whose_runner_died_in_its_time_limits_grace_fails_on_its_time_limit(
+    app_factory: Callable[..., Any], tmp_path: Path, asked: dict[str, Any] | None, limit: int, status: str,
+    code: str | None,
+) -> None:  # fmt: skip
+    # Its runner killed in the grace after the limit's SIGTERM: the launcher's -15 was all the record said, and
+    # the run was retried as killed by a signal, with a fresh limit (hunt DK); with no retries left it failed
+    # "killed by signal 15".
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
+        log_file = tmp_path / "output" / "limited" / "logs" / "limited.train.log"
+        log_file.parent.mkdir(parents=True)
+        log_file.write_text("")
+        pg.write_exit_file(log_file.with_suffix(".exit.json"), -15, asked)
+        await running_with_dead_runner(client, tmp_path, "limited", max_retries=2, time_limit=limit)
+        await client.scheduler.store.update("limited", {"log_file": str(log_file)})
+        await client.scheduler.watchdog.sweep()
+        job = (await client.get("/jobs/limited")).json()
+        assert (job["status"], job["error_code"]) == (status, code), job
+        if code == "time_limit":
+            assert "exceeded its time limit" in job["error_message"] and job["retries"] == 0, job
+
+
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -441,7 +469,7 @@ async def test_a_sweep_that_read_an_export_before_it_was_handed_back_does_not_fa
         stale = await store.get("j")  # the sweep's read
         await store.update("j", {"export": run_again(running)})  # the runner hands it back
         assert stale is not None
-        await watchdog._watch_export(stale)
+        await watchdog.exports.watch(stale)
         export = (await client.get("/jobs/j")).json()["export"]
         assert export["status"] == "running" and export["runner"] is None, export  # the next sweep launches it
 

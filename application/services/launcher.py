@@ -40,6 +40,11 @@ class LiveRunner:
     ends_within: float = 0.0  # its stop grace and two polls, as it was started with: how long it may take to end
 
 
+# A run (or an export) whose runner has not shown up this long after it was started is lost (the scheduler died in
+# between).
+RUNNER_START_GRACE = 15.0
+
+
 class RunnerLauncher(Protocol):
     async def launch(self, job_id: str, run_id: str, log_dir: Path, *, export_id: str | None = None,
                      spec: Path | None = None) -> RunnerInfo:  # fmt: skip

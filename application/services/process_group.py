@@ -166,8 +166,9 @@ def write_exit_file(path: Path, code: int, asked: dict[str, Any] | None = None, 
     the end; None, or why it could not (a full disk): the runner records the end in Redis all the same. A runner
     that died of it lost swift's own error ("No space left on device") to a "runner exited with code 1".
 
-    `asked`: what the run was asked to end for (stop, pause, preempt_for), as the runner acted on it: a Redis
-    back from an older snapshot no longer says so, and the run was retried or failed instead of stopped.
+    `asked`: what the run was asked to end for (stop, pause, preempt_for), or its time limit (time_limit), as the
+    runner acted on it: a Redis back from an older snapshot no longer says so, and the run was retried or failed
+    instead of stopped; a runner killed in the limit's grace left only a SIGTERM's end.
     `about`: which job it was a run of (its `job_created_at`), and its `run_dir`, for a record that Redis lost
     (`run_logs.unknown_runs`)."""
     record: dict[str, Any] = {"exit_code": code, "finished_at": at or clock.now(), "pid": os.getpid(), **(about or {})}
@@ -200,6 +201,12 @@ def read_exit_asked(path: Path) -> tuple[bool, bool, str | None]:
             preempt_for if isinstance(preempt_for, str) and preempt_for else None  # fmt: skip
     except (OSError, ValueError, AttributeError):
         return False, False, None
+
+
+def read_exit_timed_out(path: Path) -> bool:
+    """Whether the runner wrote in the exit record that the run's time limit stopped it."""
+    asked = (read_exit_record(path) or {}).get("asked")
+    return isinstance(asked, dict) and asked.get("time_limit") is True
 
 
 def launch_spec(log_dir: Path, job_id: str, run_id: str) -> Path:

@@ -161,7 +161,8 @@ class Runner:
             exited = await self.wait(proc, 0 if behind else self.settings.RUNNER_POLL_INTERVAL)
             if exited and not recorded:
                 about = exit_about(job, parser.run_dir)
-                if unwritten := pg.write_exit_file(exit_file, proc.ended_with, about=about):
+                limited = {"time_limit": True} if timed_out else None
+                if unwritten := pg.write_exit_file(exit_file, proc.ended_with, limited, about=about):
                     logger.warning("job {}: swift's exit status not written beside its log: {}", self.job_id, unwritten)
                 recorded, ended_at = True, clock.now()  # (the end's time: Redis may keep the runner long after)
             behind = follow.read(READ_BUDGET)
@@ -222,6 +223,8 @@ class Runner:
             if recorded and (interrupt is not None or facts.run_dir):  # (its run folder: known once the log is read)
                 ended_for = None if interrupt is None else {"stop": interrupt == "stop", "pause": interrupt == "pause",
                                                             "preempt_for": preempt_for}  # fmt: skip
+                if override is not None and timed_out:
+                    ended_for = {"time_limit": True}
                 if unwritten := pg.write_exit_file(exit_file, code, ended_for, at=ended_at,
                                                    about=exit_about(job, facts.run_dir)):  # fmt: skip
                     logger.warning("job {}: what the run was asked to end for not written: {}", self.job_id, unwritten)

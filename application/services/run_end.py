@@ -267,3 +267,9 @@ def _lost_text(lost: int | None, checkpoint: str | None) -> str:
         return ""
     after = "after it" if checkpoint else "so far"
     return f"; the step trained {after} is lost" if lost == 1 else f"; the {lost} steps trained {after} are lost"
+
+
+def killed_with_its_host(code: int | None) -> bool:
+    """An exit status that fits a host going down with everything on it: none (the runner died first), or swift
+    killed by SIGKILL (the runner saw that and wrote it down before it was killed too)."""
+    return code is None or exit_signal(code) == signal.SIGKILL

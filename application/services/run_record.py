@@ -29,6 +29,8 @@ def interrupt_of(stop: bool, pause: bool, preempt_for: str | None) -> str | None
 
 # What a run stopped because its runner was told to end (SIGTERM) was preempted for.
 HOST_SHUTDOWN = "the shutdown of its host"
+# What the runs of a host that started again since their runners did were preempted for.
+HOST_RESTART = "the restart of its host"
 
 
 @dataclass

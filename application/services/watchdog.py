@@ -6,20 +6,18 @@ heartbeat for a while (runner_silence): stopped or hung, it is killed), the sche
 run (SIGTERM to swift's group, grace, SIGKILL) and records the truth, from the exit status the runner wrote
 next to the log when there is one, or as `failed` naming what killed the runner; a runner older than its host
 (rebooted, or a container started again) died with it, with swift (killed, or no status written), and its job
-goes back to the queue to resume, up to HOST_RESTART_REQUEUES times. The same for exports; export requests
-(an API worker asked) get their runner launched here. Expired job records are removed. A scheduler stopping
+goes back to the queue to resume, up to HOST_RESTART_REQUEUES times. A run that ended past its time limit was
+stopped by it, whoever records it. The same for exports, and export requests (an API worker asked) get their
+runner launched here (`export_watch`). Expired job records are removed. A scheduler stopping
 where its runners die with it (STOP_RUNS_ON_SHUTDOWN) ends their runs through it first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,49 +26,45 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from application.config import Settings
-from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, RunnerInfo
-from application.services import clock
+from application.models.training_model import Job, JobStatus, RunnerInfo
+from application.services import clock, launcher
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
-from application.services.disk_space import launch_error
-from application.services.exports import merged_path, request_auto_export, run_again, while_running
+from application.services.export_watch import ExportWatch
+from application.services.exports import request_auto_export
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.log_parser import RunFacts, SwiftLogParser
+from application.services.log_parser import RunFacts
 from application.services.outbox import until_answered
 from application.services.retention import Retention
 from application.services.run_end import (
     Conclusion,
     checkpoint_step,
-    exit_signal,
     host_went_down,
-    popen_signal,
+    killed_with_its_host,
     runner_lost,
-    signal_text,
     work_of,
 )
 from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import (
+    HOST_RESTART,
+    Asked,
     end_recorded,
     interrupt_of,
     read_run,
     record_end,
+    run_ended_for,
     unrecorded_checkpoints,
 )
 from application.services.runner_silence import Silence
-from application.utils.log_tail import tail_lines
 
 WATCH_INTERVAL = 0.5
-# A run whose runner has not shown up this long after it was started is lost (the scheduler died in between).
-RUNNER_START_GRACE = 15.0
 RETENTION_EVERY = 60.0
 # The stored points a fill of the loss history compares with (the newest step's are among them).
 FILL_LOOKBACK = 8
 # After swift's grace, how long a runner told to stop may take to record its run's end.
 RECORD_GRACE = 10.0
-# What the runs of a host that started again since their runners did were preempted for.
-HOST_RESTART = "the restart of its host"
 # What a run whose runner was never launched goes back to the queue for.
 NEVER_LAUNCHED = "the stop of the scheduler that was starting it (its runner was never launched)"
 
@@ -83,24 +77,11 @@ def ran_to_its_end(facts: RunFacts) -> bool:
         p.current_step >= p.max_steps  # fmt: skip
 
 
-def merged_by_swift(log_file: Path, expected: str) -> bool:
-    """swift export's own last lines say it merged into `expected` (blocking: reads the log's tail)."""
-    parser = SwiftLogParser()
-    parser.feed(("\n".join(tail_lines(log_file, 20, in_place=True)) + "\n").encode())
-    return parser.merged_path == expected
-
-
 def _modified(path: Path | None) -> float | None:
     try:
         return path.lstat().st_mtime if path is not None and not path.is_symlink() else None
     except OSError:
         return None
-
-
-def killed_with_its_host(code: int | None) -> bool:
-    """An exit status that fits a host going down with everything on it: none (the runner died first), or swift
-    killed by SIGKILL (the runner saw that and wrote it down before it was killed too)."""
-    return code is None or exit_signal(code) == signal.SIGKILL
 
 
 class Watchdog:
@@ -126,10 +107,7 @@ class Watchdog:
         self.silence = Silence(cluster, launcher, settings, fence)
         # By run id: when a run with no runner yet, stamped in this host's future, was first seen.
         self._unlaunched: dict[str, float] = {}
-        # By export id: when this scheduler launched a runner for it whose record Redis did not take.
-        self._launched: dict[str, float] = {}
-        self._exports_run: Counter[str] = Counter()  # by owner: merge exports running (this sweep's count)
-        self._held_back: set[str | None] = set()  # export ids waiting for their owner's MAX_RUNNING_PER_OWNER
+        self.exports = ExportWatch(store, cluster, launcher, settings, self.silence, self._stop_leftovers)
 
     async def sweep(self) -> None:
         try:
@@ -162,15 +140,13 @@ class Watchdog:
                 await self._alone(job.job_id, self.runner_died(job))
         exporting = await self.store.get_many(await self.store.exporting())
         # Merge exports run by each owner now (launched, or run by a run's runner after its training).
-        self._exports_run = Counter(j.owner for j in exporting if j.owner is not None and (
-            j.export.runner is not None or j.export.export_id in self._launched))  # fmt: skip
+        self.exports.count(exporting)
         for job in sorted(exporting, key=lambda j: j.export.started_at or 0.0):  # (held back: the first asked first)
-            await self._alone(job.job_id, self._watch_export(job))
+            await self._alone(job.job_id, self.exports.watch(job))
         watched = {job.run_id for job in running} | {job.export.export_id for job in exporting}
         self.silence.keep_only(watched)
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
-        self._launched = {key: at for key, at in self._launched.items() if key in watched}
-        self._held_back &= watched
+        self.exports.keep_only(watched)
         self._failing &= {job.job_id for job in (*running, *exporting)}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
@@ -203,7 +179,11 @@ class Watchdog:
             age = clock.now() - (job.started_at or 0)
             if age < 0:  # stamped by a scheduler whose clock is ahead of this one's: counted from first sight
                 age = time.monotonic() - self._unlaunched.setdefault(job.run_id or "", time.monotonic())
-            return beating or age < RUNNER_START_GRACE or not await self.silence.confirmed(job.job_id, job.run_id, own)
+            return (
+                beating
+                or age < launcher.RUNNER_START_GRACE
+                or not await self.silence.confirmed(job.job_id, job.run_id, own)
+            )
         alive = self.launcher.is_alive(job.runner)
         if alive is None:  # another host: only its heartbeat can tell
             return not await self.silence.gone(job.job_id, job.run_id, beating, own)
@@ -220,12 +200,14 @@ class Watchdog:
         job = fresh
         log_file = Path(job.log_file) if job.log_file else None
         code, exited_at = pg.read_exit(log_file.with_suffix(".exit.json")) if log_file else (None, None)
+        limit_hit = False
         if code is not None and log_file is not None:
             # What its runner acted on, should the record no longer say so (Redis back from an older snapshot).
             stop, pause, preempt_for = pg.read_exit_asked(log_file.with_suffix(".exit.json"))
             asked = {"stop_requested": job.stop_requested or stop, "pause_requested": job.pause_requested or pause,
                      "preempt_for": job.preempt_for or preempt_for}  # fmt: skip
             job = job.model_copy(update=asked)
+            limit_hit = pg.read_exit_timed_out(log_file.with_suffix(".exit.json"))
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         hung = self.silence.hung.pop(job.run_id or "", None)
@@ -237,19 +219,29 @@ class Watchdog:
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
         # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
         finished = code is None and ran_to_its_end(facts)
+        # A run of swift that ended past its time limit, short of its end, was stopped by it, as its runner would
+        # have recorded (a runner killed in the limit's grace left a SIGTERM's end, recorded as a signal and
+        # retried: hunt DK). The limit outranks any request, as for the runner.
+        limit = job.time_limit_seconds
+        ran = code is not None or job.pid is not None  # (swift started: a run never launched had no time)
+        past = limit is not None and job.started_at is not None and (exited_at or clock.now()) - job.started_at > limit
+        timed_out = run_ended_for(Asked(), code, timed_out=True, limit=limit, told_to_end=False, work=work_of(job))[2] \
+            if not finished and (limit_hit or (ran and past)) else None  # fmt: skip
+        if timed_out is not None:
+            interrupt = None
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
         if job.runner is None and job.pid is None and code is None and not logged:
             # Moved to running, then its scheduler died (or stalled: it may launch yet) before the launch: nothing
             # ran, nothing is lost, once no runner can start from its spec. Revoked for a run asked to stop or
             # pause too: its GPUs go to the next job, and a late launch would start swift on them.
             spec = pg.launch_spec(Path(job.output_dir) / "logs", job.job_id, job.run_id or "")
-            if not await asyncio.to_thread(pg.revoke_launch, spec, log_file, RUNNER_START_GRACE):
+            if not await asyncio.to_thread(pg.revoke_launch, spec, log_file, launcher.RUNNER_START_GRACE):
                 return  # a runner took it after all: the next sweep sees it
             if interrupt is None:
                 job = job.model_copy(update={"preempt_for": NEVER_LAUNCHED})
                 interrupt = "preempt"
-        elif interrupt is None and not finished and killed_with_its_host(code) and job.runner and \
-                self.launcher.outlived(job.runner):  # fmt: skip
+        elif interrupt is None and not finished and timed_out is None and killed_with_its_host(code) and \
+                job.runner and self.launcher.outlived(job.runner):  # fmt: skip
             # Its host (machine or container) went down with everything on it: as for a host that shuts down
             # in order, the job goes back to the queue to resume from its last checkpoint. Not for ever, though:
             # the run itself may be what brings its host down. (Attempts recorded before `preempted_for`
@@ -268,9 +260,12 @@ class Watchdog:
         # that got to its end.
         modified = await asyncio.to_thread(_modified, log_file) if finished else None
         ended_at = exited_at or (modified and clock.from_local(modified)) or clock.now()
+        override = timed_out or (lost if unexplained and interrupt is None else None)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
-                         override=lost if unexplained and interrupt is None else None, now=min(ended_at, clock.now()),
-                         keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free)  # fmt: skip
+                         override=override, now=min(ended_at, clock.now()), keep=self.settings.LOG_TAIL_ON_FAILURE,
+                         disk_free=free)  # fmt: skip
+        if timed_out is not None:
+            end.fields["stop_outcome"] = outcome or "gone"
         try:
             await self._record_end(job, end)
         except TransitionRefused:
@@ -367,133 +362,3 @@ class Watchdog:
         if left:
             logger.warning("runner(s) of {} still running after the grace: they end with this host", ", ".join(left))
         return list(stopping)
-
-    async def _watch_export(self, job: Job) -> None:
-        info = job.export
-        if info.status != ExportStatus.RUNNING:
-            await self.store.forget_idle_export(job.job_id)
-            return
-        if info.runner is None:
-            if job.export_stop_requested:  # stopped before any scheduler launched it: it is not run at all
-                stopped = info.model_copy(update={"status": ExportStatus.STOPPED, "finished_at": clock.now(),
-                                                  "error": "export stopped on request before it started"})  # fmt: skip
-                await self._write_export(job.job_id, info.export_id, stopped,
-                                         ("export_stopped", stopped.error or "", None), runner=None,
-                                         done=True)  # fmt: skip
-                return
-            launched = self._launched.get(info.export_id or "")
-            if launched is None or time.monotonic() - launched > RUNNER_START_GRACE:
-                # (one launched already, whose record Redis did not take, may be about to take it itself)
-                if launched is None and await self._held_by_cap(job):
-                    return
-                await self._launch_export(job, info)
-            return
-        runner = info.runner
-        alive = self.launcher.is_alive(runner)
-        if alive is not False:
-            beat = await self.cluster.runner_heartbeat(job.job_id, info.export_id)
-
-            def own(b: dict[str, Any] | None) -> bool:
-                return bool(b and b.get("id") == info.export_id)
-
-            beating = own(beat)
-            if alive is None:
-                alive = not await self.silence.gone(job.job_id, info.export_id, beating, own)
-            else:
-                alive = not await self.silence.killed(job.job_id, info.export_id, runner, beating, own)
-        if alive:
-            return
-        # Read again: the runner may have recorded its end, handed the export back (its host going down) or been
-        # asked to stop since this sweep's read.
-        fresh = await self.store.get(job.job_id)
-        if fresh is None or fresh.export.export_id != info.export_id or fresh.export.status != ExportStatus.RUNNING \
-                or fresh.export.runner != runner:  # fmt: skip
-            return
-        job, info = fresh, fresh.export
-        await self._stop_leftovers(info.pid, info.process_start_time, info.process_stamp, info.export_id)
-        code = pg.read_exit(Path(info.log_file).with_suffix(".exit.json"))[0] if info.log_file else None
-        if code is None and info.log_file and not job.export_stop_requested and \
-                await asyncio.to_thread(merged_by_swift, Path(info.log_file), merged_path(info)):  # fmt: skip
-            code = 0  # swift finished the merge while no runner was left to record it (Redis was down, say)
-        status = ExportStatus.STOPPED if job.export_stop_requested else ExportStatus.FAILED
-        hung = self.silence.hung.pop(info.export_id or "", None)
-        error: str | None = "export stopped on request" if job.export_stop_requested else \
-            f"the export's {hung}" if hung else \
-            f"the export's runner {self._how_it_ended(runner)} before recording its end"  # fmt: skip
-        if not job.export_stop_requested and killed_with_its_host(code) and self.launcher.outlived(runner):
-            if info.host_restarts < self.settings.HOST_RESTART_REQUEUES:
-                message = f"export of {info.checkpoint} interrupted by {HOST_RESTART}: it runs again"
-                await self._write_export(job.job_id, info.export_id, run_again(info, host_restart=True),
-                                         ("export_interrupted", message, {"checkpoint": info.checkpoint}),
-                                         runner=runner)  # fmt: skip
-                return  # the next sweep launches it
-            limit = self.settings.HOST_RESTART_REQUEUES
-            error = host_went_down(info.host_restarts + 1, limit, "this export").error_message
-            code = None
-        update: dict[str, Any] = {}
-        if code == 0:  # its runner died after swift's success, before it recorded it
-            status, error = ExportStatus.COMPLETED, None
-            update["path"] = merged_path(info)
-        ended = info.model_copy(update={"status": status, "error": error, "finished_at": clock.now(),
-                                        "exit_code": code, **update})  # fmt: skip
-        await self._write_export(job.job_id, info.export_id, ended, (f"export_{status.value}", error or "", None),
-                                 runner=runner, done=True)  # fmt: skip
-
-    async def _held_by_cap(self, job: Job) -> bool:
-        """Whether the job's export waits for its owner's merge exports to number fewer than MAX_RUNNING_PER_OWNER
-        (each merge runs on this host's CPU and memory: one owner could run one per finished job at once); else
-        it counts as one of them from now on."""
-        cap, owner = self.settings.MAX_RUNNING_PER_OWNER, job.owner
-        if not cap or owner is None or job.export.auto:  # (a run's own, launched again: part of the run)
-            return False
-        if self._exports_run[owner] >= cap:
-            if job.export.export_id not in self._held_back:
-                self._held_back.add(job.export.export_id)
-                why = f"the export waits: '{owner}' runs {cap} already (MAX_RUNNING_PER_OWNER={cap})"
-                with contextlib.suppress(TransitionRefused):  # (deleted meanwhile)
-                    await self.store.add_event(job.job_id, "export_waiting", why, {"cap": cap})
-            return True
-        self._exports_run[owner] += 1
-        return False
-
-    def _how_it_ended(self, runner: RunnerInfo) -> str:
-        """What this scheduler saw of a runner's end (only the one that started it sees its exit status)."""
-        code = self.launcher.exit_status(runner)
-        sig = popen_signal(code)
-        if sig is not None:
-            return f"was {signal_text(sig)}"
-        return f"exited with code {code}" if code is not None else f"died (pid {runner.pid})"
-
-    async def _launch_export(self, job: Job, info: ExportInfo) -> None:
-        logs = Path(job.output_dir) / "logs"
-        try:
-            runner = await self.launcher.launch(job.job_id, job.run_id or "-", logs, export_id=info.export_id)
-        except OSError as exc:
-            failed = info.model_copy(update={"status": ExportStatus.FAILED, "finished_at": clock.now(),
-                                             "error": launch_error(exc, logs, "export again", "export")})  # fmt: skip
-            await self._write_export(job.job_id, info.export_id, failed, ("export_failed", failed.error or "", None),
-                                     runner=None, done=True)  # fmt: skip
-            return
-        self._launched[info.export_id or ""] = time.monotonic()
-        await self._record_export_runner(job.job_id, info.export_id, runner)
-        self._launched.pop(info.export_id or "", None)
-
-    async def _record_export_runner(self, job_id: str, export_id: str | None, runner: RunnerInfo) -> None:
-        """Add the runner to the export's record as it is now: the runner may already have written its pid, or
-        even its end (a quick export, a scheduler stalled after the launch), which a copy read before the
-        launch would undo (a completed export back to running, for good). Not over another runner that took
-        it (launched by an earlier sweep whose record failed): this one then leaves by itself."""
-        await while_running(self.store, job_id, export_id, lambda now: {"export": now.model_copy(
-            update={"runner": runner})} if now.runner is None or now.runner.is_process(runner) else None)  # fmt: skip
-
-    async def _write_export(self, job_id: str, export_id: str | None, info: ExportInfo,
-                            event: tuple[str, str, dict[str, Any] | None] | None, *, runner: RunnerInfo | None,
-                            done: bool = False) -> bool:  # fmt: skip
-        """Record `info` while that export still runs with `runner`, the runner (or none) it was judged by;
-        False when its runner recorded its end or handed it back meanwhile, a new export replaced it, or the
-        job is gone (nothing written then: not over a newer record, not twice)."""
-        wrote = await while_running(self.store, job_id, export_id,
-                                    lambda now: {"export": info} if now.runner == runner else None, event=event,
-                                    exporting=False if done else None,
-                                    notify=f"export_{info.status.value}" if done else None)  # fmt: skip
-        return wrote is not None
