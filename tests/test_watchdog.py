@@ -321,7 +321,8 @@ async def test_what_a_runner_ended_its_run_for_decides_the_end_when_the_record_n
 @pytest.mark.parametrize(("asked", "limit", "status", "code"), [
     ({"time_limit": True}, 3600, "failed", "time_limit"),  # its runner wrote that the limit stopped it
     (None, 20, "failed", "time_limit"),  # it ended 30 s after its start, past its 20 s limit
-    ({"stop": True}, 20, "failed", "time_limit"),  # the limit outranks a request, as for the runner
+    ({"stop": True, "time_limit": True}, 20, "failed", "time_limit"),  # it outranks a request, as for the runner
+    ({"stop": True}, 20, "stopped", None),  # a stop its runner acted on, its grace past the limit
     (None, 3600, "queued", None),  # a signal well within its limit: retried
 ])  # fmt: skip
 async def test_a_run_whose_runner_died_in_its_time_limits_grace_fails_on_its_time_limit(

@@ -219,14 +219,15 @@ class Watchdog:
         # With no exit status, only a run that got to its last step and its end lines is taken as completed (not
         # requeued, not lost): swift trains on while no runner, and no scheduler, watches it.
         finished = code is None and ran_to_its_end(facts)
-        # A run of swift that ended past its time limit, short of its end, was stopped by it, as its runner would
-        # have recorded (a runner killed in the limit's grace left a SIGTERM's end, recorded as a signal and
-        # retried: hunt DK). The limit outranks any request, as for the runner.
+        # A run of swift stopped by its time limit fails on it, as its runner would have recorded (a runner killed
+        # in the limit's grace left a SIGTERM's end, recorded as a signal and retried: hunt DK): the runner wrote
+        # so beside the log (then the limit outranks any request, as for the runner), or, asked nothing, it ended
+        # short of its end past its limit.
         limit = job.time_limit_seconds
         ran = code is not None or job.pid is not None  # (swift started: a run never launched had no time)
         past = limit is not None and job.started_at is not None and (exited_at or clock.now()) - job.started_at > limit
         timed_out = run_ended_for(Asked(), code, timed_out=True, limit=limit, told_to_end=False, work=work_of(job))[2] \
-            if not finished and (limit_hit or (ran and past)) else None  # fmt: skip
+            if not finished and (limit_hit or (ran and past and interrupt is None)) else None  # fmt: skip
         if timed_out is not None:
             interrupt = None
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
