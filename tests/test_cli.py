@@ -524,6 +524,25 @@ def test_a_refusal_that_names_a_route_names_the_command_that_calls_it() -> None:
     )
 
 
+def test_status_shows_a_running_jobs_time_limit_and_the_time_left_before_it() -> None:
+    # Only swift's eta (8 minutes) was shown for a run its 30 s limit would stop (hunt DK).
+    import time
+
+    from rich.console import Console
+
+    from application.cli import render
+
+    body = {"job_id": "j", "status": "running", "time_limit_seconds": 30, "started_at": time.time() - 10,
+            "progress": {"current_step": 3, "max_steps": 300, "remaining_time": "8m 14s"}}  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(render.job_status(body))
+    shown = console.export_text()
+    assert "eta" in shown and "8m 14s" in shown
+    assert re.search(r"time limit\s+0:30 \(0:(19|20) left\)", shown), shown
+    console.print(render.job_status({**body, "status": "failed"}))
+    assert re.search(r"time limit\s+0:30 *\n", console.export_text()), shown
+
+
 def test_an_answer_and_a_refusal_name_the_command_and_the_flag_the_user_typed() -> None:
     from rich.console import Console
 

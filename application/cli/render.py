@@ -110,6 +110,18 @@ def _wait(body: dict[str, Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _limit(body: dict[str, Any]) -> str | None:
+    """The run's time limit, and while it runs the time left before it stops the run (swift's eta may be later:
+    hunt DK)."""
+    limit = body.get("time_limit_seconds")
+    if not limit:
+        return None
+    started = body.get("started_at")
+    if body["status"] != "running" or not started:
+        return duration(limit)
+    return f"{duration(limit)} ({duration(max(0.0, started + limit - time.time()))} left)"
+
+
 def job_status(body: dict[str, Any]) -> RenderableType:
     progress = body.get("progress") or {}
     export = body.get("export") or {}
@@ -127,6 +139,7 @@ def job_status(body: dict[str, Any]) -> RenderableType:
             if body["status"] == "running"
             else None,
         ),
+        ("time limit", _limit(body)),
         ("created", when(body.get("created_at"))),
         ("started", when(body.get("started_at"))),
         ("finished", when(body.get("finished_at"))),

@@ -56,9 +56,11 @@ class LogFollower:
             if progress.remaining_seconds is not None:
                 # swift's own estimate beats any prediction made before the run.
                 seconds = round(max(0.0, clock.now() - self.started_at) + progress.remaining_seconds, 3)
-                if self.limit is not None:
-                    seconds = min(seconds, float(self.limit))
-                fields["predicted_duration"] = PredictedDuration(seconds=seconds, source="progress")
+                # (past its limit the run is stopped: the limit is then what the prediction is, and says so)
+                predicted = PredictedDuration(seconds=seconds, source="progress")
+                if self.limit is not None and seconds > self.limit:
+                    predicted = PredictedDuration(seconds=float(self.limit), source="time_limit")
+                fields["predicted_duration"] = predicted
         if self.parser.run_dir:
             fields["run_dir"] = self.parser.run_dir
         if self.parser.last_checkpoint or result.checkpoints_saved:
