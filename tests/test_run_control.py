@@ -602,10 +602,13 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
 
         failed = await wait_job(client, "broken", lambda j: j["status"] == "failed")
         assert len(failed["attempts"]) == 1 and failed["retries"] == 0  # an error that would repeat
+        # ... and it says why it ends the job that had retries (hunt DK: only swift's error was shown).
+        assert failed["error_message"].endswith("(not retried: an error the run printed would only repeat)")
 
         oomed = await wait_job(client, "oom", lambda j: j["status"] == "failed", timeout=40)
         assert [a["outcome"] for a in oomed["attempts"]] == ["retried", "failed"]  # the same step twice: stop
         assert "CUDA out of memory" in oomed["error_message"]
+        assert oomed["error_message"].endswith("(not retried: out of GPU memory at step 7 again)"), oomed
 
 
 async def test_a_run_killed_before_swift_names_its_run_folder_is_retried_from_the_beginning(

@@ -88,3 +88,23 @@ def test_a_time_limit_outranks_any_request_and_a_host_going_down_requeues_the_ru
     # A request of the user's is what ended it, not the host.
     assert run_ended_for(Asked(stop=True), -15, timed_out=False, limit=None, told_to_end=True, work="training") == \
         ("stop", None, None)  # fmt: skip
+
+
+@pytest.mark.parametrize(("retries", "max_retries", "says"), [
+    (2, 2, "(not retried: its 2 retries are used up)"), (1, 1, "(not retried: its retry is used up)"),
+    (0, 0, None), (0, 2, "retry"),
+])  # fmt: skip
+def test_a_failure_that_ends_a_job_given_retries_says_why(retries: int, max_retries: int, says: str | None) -> None:
+    # The last failure of a job whose retries ran out showed only its cause (hunt DK).
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/nowhere", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0, retries=retries, max_retries=max_retries)  # fmt: skip
+    end = record_end(job, -9, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=None, now=1.0)
+    if says == "retry":
+        assert end.status == JobStatus.QUEUED and "retry 1 of 2" in end.message
+        return
+    assert end.status == JobStatus.FAILED
+    message = end.fields["error_message"]
+    assert message.startswith("swift was killed by signal 9") and (
+        message.endswith(says) if says else "(" not in message.partition(" (SIGKILL)")[2]
+    ), message

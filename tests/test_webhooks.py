@@ -476,11 +476,18 @@ async def test_a_job_naming_the_operators_url_cannot_silence_it_nor_learn_it_is_
         body = job_body(tmp_path, "same", auto_start=True, webhook_url=hook.url, training={"max_steps": 3})
         assert (await client.post("/jobs", json=body)).status_code == 201
         await until(lambda: hook.events().count("status_completed") == 2)  # as the operator's, and as its own
-        events = (await client.get("/jobs/same/events")).json()["events"]
-        delivered = sorted(e["message"].split(" (")[0] for e in events if e["type"] == "webhook_delivered"
-                           and e["message"].startswith("status_completed"))  # fmt: skip
-        assert delivered == ["status_completed delivered to WEBHOOK_URLS[0]",
-                             f"status_completed delivered to {hook.url}"], delivered  # fmt: skip
+
+        async def delivered() -> list[str]:
+            events = (await client.get("/jobs/same/events")).json()["events"]
+            return sorted(e["message"].split(" (")[0] for e in events if e["type"] == "webhook_delivered"
+                          and e["message"].startswith("status_completed"))  # fmt: skip
+
+        async def both() -> bool:  # (each is recorded once its answer came: after the receiver saw it)
+            return len(await delivered()) == 2
+
+        await until(both, what="both deliveries recorded")
+        assert await delivered() == ["status_completed delivered to WEBHOOK_URLS[0]",
+                                     f"status_completed delivered to {hook.url}"]  # fmt: skip
 
 
 async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with_the_same_ids(
@@ -721,12 +728,12 @@ async def test_one_users_dead_url_holds_up_neither_the_operators_nor_another_use
     """Every notification held one of 128 slots for all until its job's own URL answered: bob's few hundred jobs
     with a URL that never answers held them all, and alice's and the operator's webhooks came minutes late (hunt
     DF). Bob now waits in his own lane (one post at once here), and once LANE_WAITING (3 here) of his wait in a
-    lane that has delivered nothing for STUCK_SECONDS (none here), his own URL is not posted to at all."""
+    lane that has delivered nothing for STUCK_SECONDS (0.5 s here), his own URL is not posted to at all."""
     from application.services import webhooks
 
     monkeypatch.setattr(webhooks, "OWNER_PARALLEL", 1)
     monkeypatch.setattr(webhooks, "LANE_WAITING", 3)
-    monkeypatch.setattr(webhooks, "STUCK_SECONDS", 0.0)
+    monkeypatch.setattr(webhooks, "STUCK_SECONDS", 0.5)
     silent, operator, alices = Silent(), receiver({}), receiver({})
     make_model(tmp_path / "models" / "tiny-qwen2")
     settings = {"API_KEYS": KEYS_SETTING, "WEBHOOK_URLS": operator.url, "WEBHOOK_ALLOW_PRIVATE": True,
@@ -734,10 +741,19 @@ async def test_one_users_dead_url_holds_up_neither_the_operators_nor_another_use
     try:
         async with app_factory(**settings) as client:
             bob = [f"bob-{n}" for n in range(5)]
-            for name in bob:
+
+            async def ends(name: str) -> None:
                 body = job_body(tmp_path, name, webhook_url=silent.url)
                 assert (await client.post("/jobs", json=body, headers=auth(BOB_KEY))).status_code == 201
                 assert (await client.post(f"/jobs/{name}/stop", headers=auth(BOB_KEY))).json()["status"] == "cancelled"
+
+            for name in bob[:3]:
+                await ends(name)
+            # His lane holds three, and has delivered nothing for STUCK_SECONDS: the next two are not posted.
+            lanes = client.scheduler.webhooks._owners
+            await until(lambda: lanes.stuck("bob") is not None, what="bob's lane found stuck")
+            for name in bob[3:]:
+                await ends(name)
             await until(lambda: len(operator.events()) == 5, what="the operator's notifications of bob's jobs")
             mine = job_body(tmp_path, "alices", webhook_url=alices.url)
             assert (await client.post("/jobs", json=mine, headers=auth(ALICE_KEY))).status_code == 201

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
@@ -235,6 +235,11 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         message = (f"attempt {len(attempts)} failed ({end.error_message}); retry {job.retries + 1} of "
                    f"{job.max_retries}: back in the queue, resumes from {where}")  # fmt: skip
         event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts)})
+    elif interrupt is None and end.status == JobStatus.FAILED and job.max_retries and \
+            (why := _not_retried(job, end, last_step, previous)):  # fmt: skip
+        # A job given retries says why this failure ends it (hunt DK: only swift's error was shown).
+        end = replace(end, error_message=f"{end.error_message} ({why})")
+        message = f"{message} ({why})"
     if status == JobStatus.QUEUED:
         # A pause asked after the run's end was read stays asked: the next pass pauses the job, not runs it.
         del fields["pause_requested"]
@@ -254,6 +259,18 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
         current.last_step = last_step
         fields["attempts"] = attempts
     return Conclusion(status, message, fields, event)
+
+
+def _not_retried(job: Job, end: RunEnd, last_step: int | None, previous: Attempt | None) -> str | None:
+    if retryable(end, last_step, previous):
+        spent = "its retry is" if job.max_retries == 1 else f"its {job.max_retries} retries are"
+        return f"not retried: {spent} used up" if job.retries >= job.max_retries else None
+    if end.error_code == "exit_code" and is_oom(end.error_message):
+        return f"not retried: out of GPU memory at step {last_step} again" if last_step is not None else \
+            "not retried: out of GPU memory at the same step again"  # fmt: skip
+    if end.error_code == "time_limit":
+        return "not retried: a time limit is never retried"
+    return "not retried: an error the run printed would only repeat"
 
 
 def _lost(last_step: int | None, checkpoint_step: int | None) -> int | None:
