@@ -226,6 +226,15 @@ def test_a_chosen_rejected_file_is_told_how_to_name_its_columns(tmp_path: Path) 
     assert 'training.columns {"chosen": "response", "rejected": "rejected_response"}' in exc.value.detail
     renames = {"chosen": "response", "rejected": "rejected_response"}
     assert check_dataset("data_path", pairs, needs="rejected", columns=renames).rows == 1
+    # trl's form, conversations: the rename that works for them (the texts' was refused next: review DL).
+    chats = write(tmp_path / "chats.jsonl", [{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                  "content": "hello"}], "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                  "content": "go away"}]}])  # fmt: skip
+    with pytest.raises(Invalid) as exc:
+        check_dataset("data_path", chats, needs="rejected")
+    assert 'training.columns {"chosen": "messages", "rejected": "rejected_messages"}' in exc.value.detail
+    renames = {"chosen": "messages", "rejected": "rejected_messages"}
+    assert check_dataset("data_path", chats, needs="rejected", columns=renames).rows == 1
 
 
 def test_an_empty_rejected_cell_of_a_csv_file_is_an_empty_answer(tmp_path: Path) -> None:

@@ -193,7 +193,22 @@ def test_dicts_interleaved_with_tqdm_bars() -> None:
     assert got.checkpoints_saved == ["/x/v0-1/checkpoint-3"]
     assert parser.progress is not None and parser.progress.loss == 8.28
     # The bar's step 3 is 0.075 epochs on from 0.05 at step 2: the epoch was step 2's until the next step dict.
-    assert (parser.progress.current_step, parser.progress.epoch) == (3, 0.08)
+    assert (parser.progress.current_step, parser.progress.epoch) == (3, 0.075)
+
+
+@pytest.mark.parametrize(("per_epoch", "step", "epoch"), [(40, 2, 0.05), (1000, 1, 0.001)])
+def test_the_epoch_between_logged_steps_goes_with_the_bar_without_drifting(per_epoch: int, step: int,
+                                                                           epoch: float) -> None:  # fmt: skip
+    # Scaled bar after bar from the last bar's rounded epoch, it drifted to 1.19 at the end of an epoch, or stuck at
+    # 0 for good (review DL).
+    parser = SwiftLogParser()
+    parser.feed((f"{{'loss': '1.0', 'epoch': '{epoch}', 'global_step/max_steps': '{step}/{2 * per_epoch}'}}\n"
+                 ).encode())  # fmt: skip
+    for n in range(step + 1, per_epoch + 1):
+        parser.feed(f"\rTrain:  1%|#| {n}/{2 * per_epoch} [00:01<00:10,  9.00it/s]\n".encode())
+        if n == per_epoch // 2:
+            assert parser.progress is not None and parser.progress.epoch == pytest.approx(0.5, abs=1e-4)
+    assert parser.progress is not None and parser.progress.epoch == pytest.approx(1.0, abs=1e-4)
 
 
 def test_tqdm_train_bar_moves_progress_between_logged_steps() -> None:

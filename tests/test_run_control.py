@@ -126,12 +126,25 @@ def test_choose_victims_frees_no_more_gpus_and_stops_no_more_runs_than_needed() 
 
 
 def test_choose_victims_among_many_runs_still_takes_as_few_as_needed() -> None:
-    # Past EXACT_SEARCH_MAX runs the choice is greedy, by the same order.
+    # Past EXACT_SEARCH_MAX runs the choice is greedy: four 1-GPU runs were stopped where one 4-GPU run would do
+    # (review DL).
     rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
     gpus = [gpu(i, f"r{i}") for i in range(16)]
     running = [Candidate(f"r{i}", 1, (i,), 100.0, lost_seconds=100.0 + i) for i in range(16)]
     three = QueuedJob("urgent", 9, 1000.0, 3, None, None, None)
     assert sorted(choose_victims(three, gpus, running, **rules) or []) == ["r0", "r1", "r2"]
+    mixed = [*running[:12], Candidate("four", 1, (12, 13, 14, 15), 100.0, lost_seconds=500.0)]
+    assert choose_victims(QueuedJob("u", 9, 1000.0, 4, None, None, None), gpus, mixed, **rules) == ["four"]
+
+
+def test_choose_victims_stops_no_run_while_one_of_a_lower_priority_trains_on() -> None:
+    # Two priority-1 runs were stopped where the priority-0 run and one priority-1 run would do (review DL).
+    rules: dict[str, Any] = {"min_free_gb": 2.0, "max_util": 90.0, "min_run": 60.0, "now": 1000.0}
+    gpus = [gpu(0, "low"), gpu(1, "mid1"), gpu(2, "mid2")]
+    running = [Candidate("low", 0, (0,), 100.0, lost_seconds=3000.0), Candidate("mid1", 1, (1,), 100.0, 60.0),
+               Candidate("mid2", 1, (2,), 100.0, 60.0)]  # fmt: skip
+    two = QueuedJob("u", 9, 1000.0, 2, None, None, None)
+    assert sorted(choose_victims(two, gpus, running, **rules) or []) == ["low", "mid1"]
 
 
 def test_preemption_wait_is_when_enough_lower_priority_runs_may_be_preempted() -> None:

@@ -108,3 +108,19 @@ def test_a_failure_that_ends_a_job_given_retries_says_why(retries: int, max_retr
     assert message.startswith("swift was killed by signal 9") and (
         message.endswith(says) if says else "(" not in message.partition(" (SIGKILL)")[2]
     ), message
+
+
+def test_a_failure_whose_message_says_what_to_do_gets_no_retry_note() -> None:
+    # A host that went down too often said "(not retried: an error the run printed would only repeat)" (review DL).
+    from application.services.run_end import RunEnd
+
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/nowhere", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0, max_retries=2)  # fmt: skip
+    for code in ("host_restarts", "disk_full"):
+        gone = RunEnd(JobStatus.FAILED, "training failed: x", "x: free some space", code)
+        end = record_end(job, None, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=gone, now=1.0)
+        assert end.fields["error_message"] == "x: free some space", end.fields
+    printed = RunEnd(JobStatus.FAILED, "training failed: y", "ValueError: y", "exit_code")
+    end = record_end(job, 1, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=printed, now=1.0)
+    assert end.fields["error_message"] == "ValueError: y (not retried: an error the run printed would only repeat)"

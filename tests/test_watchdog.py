@@ -298,6 +298,22 @@ async def test_a_run_that_ended_unwatched_keeps_the_checkpoint_and_the_end_time_
             assert saved == [job["last_checkpoint"]], events
 
 
+async def swept_after_a_sigterm(app_factory: Callable[..., Any], tmp_path: Path, name: str,
+                                asked: dict[str, Any] | None, **options: Any) -> Any:  # fmt: skip
+    """The job `name` (created with `options`) after a sweep, its runner dead and its exit record saying swift
+    ended by SIGTERM, with what the runner wrote it was asked (`asked`)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
+        log_file = tmp_path / "output" / name / "logs" / f"{name}.train.log"
+        log_file.parent.mkdir(parents=True)
+        log_file.write_text("")
+        pg.write_exit_file(log_file.with_suffix(".exit.json"), -15, asked)
+        await running_with_dead_runner(client, tmp_path, name, **options)
+        await client.scheduler.store.update(name, {"log_file": str(log_file)})
+        await client.scheduler.watchdog.sweep()
+        return (await client.get(f"/jobs/{name}")).json()
+
+
 @pytest.mark.parametrize(("asked", "status"), [({"stop": True}, "stopped"), ({"pause": True}, "paused"),
                                                (None, "queued")])  # fmt: skip
 async def test_what_a_runner_ended_its_run_for_decides_the_end_when_the_record_no_longer_says_so(
@@ -305,17 +321,8 @@ async def test_what_a_runner_ended_its_run_for_decides_the_end_when_the_record_n
 ) -> None:
     # Redis back from an older snapshot: the stop (or pause) its runner acted on is gone from the record, and the
     # run killed by that stop's SIGTERM was retried from the beginning, or failed "killed by signal 15" (hunt).
-    make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
-        log_file = tmp_path / "output" / "rolled" / "logs" / "rolled.train.log"
-        log_file.parent.mkdir(parents=True)
-        log_file.write_text("")
-        pg.write_exit_file(log_file.with_suffix(".exit.json"), -15, asked)
-        await running_with_dead_runner(client, tmp_path, "rolled", max_retries=2)
-        await client.scheduler.store.update("rolled", {"log_file": str(log_file)})
-        await client.scheduler.watchdog.sweep()
-        job = (await client.get("/jobs/rolled")).json()
-        assert job["status"] == status, job
+    job = await swept_after_a_sigterm(app_factory, tmp_path, "rolled", asked, max_retries=2)
+    assert job["status"] == status, job
 
 
 @pytest.mark.parametrize(("asked", "limit", "status", "code"), [
@@ -332,19 +339,41 @@ async def test_a_run_whose_runner_died_in_its_time_limits_grace_fails_on_its_tim
     # Its runner killed in the grace after the limit's SIGTERM: the launcher's -15 was all the record said, and
     # the run was retried as killed by a signal, with a fresh limit (hunt DK); with no retries left it failed
     # "killed by signal 15".
+    job = await swept_after_a_sigterm(app_factory, tmp_path, "limited", asked, max_retries=2, time_limit=limit)
+    assert (job["status"], job["error_code"]) == (status, code), job
+    if code == "time_limit":
+        assert "exceeded its time limit" in job["error_message"] and job["retries"] == 0, job
+
+
+@pytest.mark.parametrize(("limit", "written_after", "status"), [
+    (None, 1800, "queued"), (3600, 1800, "queued"), (3600, None, "queued"),  # died with its host within its limit
+    (3600, 3700, "failed"),  # swift still wrote past its limit: the limit stopped it
+])  # fmt: skip
+async def test_a_run_that_died_with_its_host_is_judged_by_when_it_ended_not_when_it_was_found(
+    app_factory: Callable[..., Any], tmp_path: Path, limit: int | None, written_after: int | None, status: str
+) -> None:
+    # Its host crashed 30 minutes into a 1-hour limit and came back 3 hours after the start: with no exit record,
+    # "now" stood for the run's end, and it failed on its time limit instead of going back to the queue (review DL).
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(scheduler=False, lead=True, AUTO_EXPORT=False) as client:
-        log_file = tmp_path / "output" / "limited" / "logs" / "limited.train.log"
+        await client.post("/jobs", json=job_body(tmp_path, "rebooted", max_retries=2, time_limit=limit))
+        started = time.time() - 3 * 3600
+        log_file = tmp_path / "output" / "rebooted" / "logs" / "rebooted.train.log"
         log_file.parent.mkdir(parents=True)
-        log_file.write_text("")
-        pg.write_exit_file(log_file.with_suffix(".exit.json"), -15, asked)
-        await running_with_dead_runner(client, tmp_path, "limited", max_retries=2, time_limit=limit)
-        await client.scheduler.store.update("limited", {"log_file": str(log_file)})
+        if written_after is not None:
+            log_file.write_text("Train:  10%|#| 10/100 [00:30<01:30,  1.00it/s]\n")
+            os.utime(log_file, (started + written_after, started + written_after))
+        dead = dead_runner()
+        runner = dead.model_copy(update={"start_time": started, "stamp": "an-earlier-boot/123456",
+                                         "launched_at": started})  # fmt: skip
+        await client.scheduler.store.transition("rebooted", JobStatus.RUNNING, fields={
+            "run_id": "run-rebooted", "runner": runner, "started_at": started, "pid": dead.pid,
+            "log_file": str(log_file) if written_after is not None else None})  # fmt: skip
         await client.scheduler.watchdog.sweep()
-        job = (await client.get("/jobs/limited")).json()
-        assert (job["status"], job["error_code"]) == (status, code), job
-        if code == "time_limit":
-            assert "exceeded its time limit" in job["error_message"] and job["retries"] == 0, job
+        job = (await client.get("/jobs/rebooted")).json()
+        assert job["status"] == status, (job["status"], job["error_code"], job["error_message"])
+        if status == "failed":
+            assert job["error_code"] == "time_limit", job
 
 
 async def test_a_stop_asked_while_the_watchdog_stops_another_run_decides_how_its_job_ends(

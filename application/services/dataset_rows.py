@@ -139,13 +139,15 @@ def row_format(row: Any, where: str, *, needs: Needs, text: bool = False,
             fmt = "prompt"
         else:
             found = ", ".join(sorted(map(str, row))[:12]) or "none"
-            # (the common chosen/rejected preference file, as many hubs have it: hunt DH)
-            pairs = (
-                ' (a chosen/rejected file: training.columns {"chosen": "response", "rejected": '
-                '"rejected_response"} names them as ms-swift reads them)'
-                if {"chosen", "rejected"} <= set(row)
-                else ""
-            )
+            # (the common chosen/rejected preference file, as many hubs have it, of texts or, trl's, of
+            # conversations: hunt DH, review DL)
+            pairs = ""
+            if {"chosen", "rejected"} <= set(row):
+                chats = isinstance(row["chosen"], list)
+                to_chosen = "messages" if chats else "response"
+                to_rejected = f"rejected_{to_chosen}"
+                pairs = (f' (a chosen/rejected file: training.columns {{"chosen": "{to_chosen}", "rejected": '
+                         f'"{to_rejected}"}} names them as ms-swift reads them)')  # fmt: skip
             raise Invalid(f"{where}: no columns ms-swift can train on (found: {found}); use {FORMATS_HELP}{pairs}")
     rejected = any(k in row for k in REJECTED_KEYS)
     labelled = label_kind(row.get("label"), text) is not None

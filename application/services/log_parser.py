@@ -118,8 +118,9 @@ def _merge_progress(previous: Progress | None, d: dict[str, Any], kind: str) -> 
     return Progress(**data)
 
 
-def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
-    """The progress after a tqdm Train bar, or None when it says nothing new (a redraw)."""
+def _merge_bar(previous: Progress | None, m: re.Match[str], anchor: tuple[int, float] | None = None) -> Progress | None:
+    """The progress after a tqdm Train bar, or None when it says nothing new (a redraw). `anchor`: the step and
+    epoch of the last step dict, which the epoch between logged steps is scaled from."""
     n, total = int(m.group("n")), int(m.group("total"))
     if total <= 0:
         return None
@@ -128,9 +129,10 @@ def _merge_bar(previous: Progress | None, m: re.Match[str]) -> Progress | None:
     if current is not None and (n < current or (n == current and data.get("max_steps") == total)):
         return None
     # The epoch is the last step dict's, logged every logging_steps: carried as it was, it lagged the bar's step
-    # (step 4 of 6 at epoch 1.5 with 2 steps an epoch: hunt DH). Epochs go as steps do.
-    if data.get("epoch") is not None and current:
-        data["epoch"] = round(data["epoch"] * n / current, 2)
+    # (step 4 of 6 at epoch 1.5 with 2 steps an epoch: hunt DH). Epochs go as steps do, from that dict's own
+    # (scaled from the last bar's, the rounding compounded: 1.19 for 1.0, or 0 for good: review DL).
+    if anchor is not None and anchor[0] > 0 and anchor[1] > 0:
+        data["epoch"] = round(anchor[1] * n / anchor[0], 4)
     data["current_step"] = n
     data["max_steps"] = total
     data["percentage"] = round(100.0 * n / total, 2)
@@ -273,6 +275,7 @@ class SwiftLogParser:
         self._clock: float | None = None
         self._partial = b""
         self._in_sample = False
+        self._epoch_at: tuple[int, float] | None = None  # the last step dict's step and epoch (`_merge_bar`)
         self._unreadable = 0  # lines skipped because reading them raised
         # The newest points only: ranks print a step's dict within lines of each other, and a set of every step
         # held 130 B per step for the whole run (a runner at 19 steps/s grew for ever: hunt AN).
@@ -317,7 +320,7 @@ class SwiftLogParser:
 
     def _read_bar(self, tail: str, result: ParseResult) -> None:
         if m := _TRAIN_BAR_RE.search(tail):
-            progress = _merge_bar(self.progress, m)
+            progress = _merge_bar(self.progress, m, self._epoch_at)
             if progress is not None:
                 self.progress = result.progress = progress
 
@@ -366,7 +369,7 @@ class SwiftLogParser:
         # Real logs put swift's lines right after a bar with no separator ("...| 10/20 [00:00<00:00,
         # 30.29it/s][INFO:swift] Saving model checkpoint to ..."), so a bar does not end the search.
         if "Train:" in seg and (m := _TRAIN_BAR_RE.search(seg)):
-            progress = _merge_bar(self.progress, m)
+            progress = _merge_bar(self.progress, m, self._epoch_at)
             if progress is not None:
                 self.progress = result.progress = progress
         if "{'" in seg:
@@ -416,6 +419,8 @@ class SwiftLogParser:
             # summary's loss (0.0), runtime and speed are no training's, and replaced the job's (hunt CY).
             return
         self.progress = result.progress = _merge_progress(self.progress, d, kind)
+        if kind == "train" and self.progress.current_step and self.progress.epoch is not None:
+            self._epoch_at = (self.progress.current_step, self.progress.epoch)
         if kind == "summary":
             if (train_loss := finite(d.get("train_loss"))) is not None:
                 self.train_loss = result.train_loss = train_loss

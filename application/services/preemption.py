@@ -119,7 +119,8 @@ EXACT_SEARCH_MAX = 8
 
 def _fewest(eligible: Sequence[Candidate], gives: Callable[[Candidate], int], short: int) -> list[Candidate] | None:
     """The victims that give `short` more of the GPUs the job can use (`gives`: how many a run gives; their GPUs
-    are disjoint), chosen by, in order: the lowest priority among them; the fewest GPUs freed past the need (a
+    are disjoint), chosen by, in order: the lowest priorities (how far above the lowest their priorities are,
+    summed); the fewest GPUs freed past the need (a
     3-GPU run preempted for a 1-GPU job left two idle, and it could not run again until a third came free: hunt
     DI); the fewest runs; the least work lost (seconds since the last checkpoint, times the GPUs each held); the
     most recently started. Only the lowest priorities that can give enough are weighed at all."""
@@ -132,16 +133,26 @@ def _fewest(eligible: Sequence[Candidate], gives: Callable[[Candidate], int], sh
         return None
     top = by_priority[upto - 1].priority
     pool = [c for c in by_priority if c.priority <= top and gives(c) > 0]
+    floor = pool[0].priority
 
     def cost(victims: Sequence[Candidate]) -> tuple[Any, ...]:
-        return (max(c.priority for c in victims), sum(len(c.gpu_ids) for c in victims) - short, len(victims),
-                sum(c.lost_seconds * len(c.gpu_ids) for c in victims), sorted(-c.started_at for c in victims),
-                sorted(c.job_id for c in victims))  # fmt: skip
+        # First how far above the lowest priority its victims are, summed: two priority-1 runs were stopped where a
+        # priority-0 run and one priority-1 run would do, the priority-0 one training on (review DL); runs of one
+        # priority are then told apart by the GPUs they leave idle, not by their number.
+        return (sum(c.priority - floor for c in victims), sum(len(c.gpu_ids) for c in victims) - short,
+                len(victims), sum(c.lost_seconds * len(c.gpu_ids) for c in victims),
+                sorted(-c.started_at for c in victims), sorted(c.job_id for c in victims))  # fmt: skip
+
+    def alone(c: Candidate) -> tuple[Any, ...]:
+        """A run's place in the greedy order: those that give the most without freeing GPUs past the need first
+        (four 1-GPU runs were stopped where one 4-GPU run would do: review DL)."""
+        return (c.priority, max(0, len(c.gpu_ids) - short), -gives(c), c.lost_seconds * len(c.gpu_ids),
+                -c.started_at, c.job_id)  # fmt: skip
 
     if len(pool) > EXACT_SEARCH_MAX:
-        # Greedy: the cheapest first by the same order, then any the others make unnecessary dropped.
+        # Greedy: the cheapest first, then any the others make unnecessary dropped.
         chosen: list[Candidate] = []
-        for c in sorted(pool, key=lambda c: cost([c])):
+        for c in sorted(pool, key=alone):
             if sum(map(gives, chosen)) >= short:
                 break
             chosen.append(c)
@@ -151,8 +162,6 @@ def _fewest(eligible: Sequence[Candidate], gives: Callable[[Candidate], int], sh
         return chosen
     best: tuple[tuple[Any, ...], list[Candidate]] | None = None
     for size in range(1, len(pool) + 1):
-        if best is not None and best[0][1] == 0:
-            break  # (no GPU idle already, and a larger set stops more runs; every set's top priority is `top`)
         for victims in itertools.combinations(pool, size):
             if sum(map(gives, victims)) >= short and (best is None or cost(victims) < best[0]):
                 best = (cost(victims), list(victims))

@@ -270,7 +270,9 @@ def _not_retried(job: Job, end: RunEnd, last_step: int | None, previous: Attempt
             "not retried: out of GPU memory at the same step again"  # fmt: skip
     if end.error_code == "time_limit":
         return "not retried: a time limit is never retried"
-    return "not retried: an error the run printed would only repeat"
+    if end.error_code == "exit_code":
+        return "not retried: an error the run printed would only repeat"
+    return None  # (a full disk, a host that went down too often: their messages say what to do)
 
 
 def _lost(last_step: int | None, checkpoint_step: int | None) -> int | None:

@@ -223,11 +223,16 @@ class Watchdog:
         # in the limit's grace left a SIGTERM's end, recorded as a signal and retried: hunt DK): the runner wrote
         # so beside the log (then the limit outranks any request, as for the runner), or, asked nothing, it ended
         # short of its end past its limit.
-        limit = job.time_limit_seconds
-        ran = code is not None or job.pid is not None  # (swift started: a run never launched had no time)
-        past = limit is not None and job.started_at is not None and (exited_at or clock.now()) - job.started_at > limit
+        # When it ended: its exit record's time, else swift's last write to its log (not now: a run that died with
+        # its host 30 minutes into a 1-hour limit, noticed hours later, failed on its limit, not requeued: review DL).
+        limit, ended = job.time_limit_seconds, exited_at
+        if code is None and limit is not None and interrupt is None and not limit_hit:
+            written = await asyncio.to_thread(_modified, log_file)
+            ended = clock.from_local(written) if written is not None else None
+        past = limit is not None and job.started_at is not None and ended is not None and \
+            ended - job.started_at > limit  # fmt: skip
         timed_out = run_ended_for(Asked(), code, timed_out=True, limit=limit, told_to_end=False, work=work_of(job))[2] \
-            if not finished and (limit_hit or (ran and past and interrupt is None)) else None  # fmt: skip
+            if not finished and (limit_hit or (past and interrupt is None)) else None  # fmt: skip
         if timed_out is not None:
             interrupt = None
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
