@@ -233,7 +233,7 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
         assert "time limit of 2 s and was stopped" in job["error_message"] and "time_limit" in job["error_message"]
         assert job["stop_outcome"] == ("killed" if ignore_sigterm else "terminated")
         # Beside the log too, for a scheduler that finds its runner dead in the grace (hunt DK: "signal", retried).
-        assert pg.read_exit_timed_out(Path(job["log_file"]).with_suffix(".exit.json"))
+        assert pg.exit_timed_out(pg.read_exit_record(Path(job["log_file"]).with_suffix(".exit.json")) or {})
         assert job["finished_at"] - job["started_at"] < 2 + grace + 3  # the limit, the grace, a poll or two
         if ignore_sigterm:  # its GPUs were held until the trainer was killed, not until its launcher went
             assert job["finished_at"] - job["started_at"] >= 2 + grace - 0.5, job

@@ -193,19 +193,22 @@ def read_exit_record(path: Path) -> dict[str, Any] | None:
 
 def read_exit_asked(path: Path) -> tuple[bool, bool, str | None]:
     """What the runner wrote in the exit record that the run was asked to end for: (stop, pause, preempt_for)."""
-    try:
-        with open_in_place(path) as fh:
-            asked = json.loads(fh.read()).get("asked") or {}
-        preempt_for = asked.get("preempt_for")
-        return bool(asked.get("stop") is True), bool(asked.get("pause") is True), \
-            preempt_for if isinstance(preempt_for, str) and preempt_for else None  # fmt: skip
-    except (OSError, ValueError, AttributeError):
+    return exit_asked(read_exit_record(path) or {})
+
+
+def exit_asked(record: dict[str, Any]) -> tuple[bool, bool, str | None]:
+    """`read_exit_asked` of a record already read."""
+    asked = record.get("asked")
+    if not isinstance(asked, dict):
         return False, False, None
+    preempt_for = asked.get("preempt_for")
+    return asked.get("stop") is True, asked.get("pause") is True, \
+        preempt_for if isinstance(preempt_for, str) and preempt_for else None  # fmt: skip
 
 
-def read_exit_timed_out(path: Path) -> bool:
-    """Whether the runner wrote in the exit record that the run's time limit stopped it."""
-    asked = (read_exit_record(path) or {}).get("asked")
+def exit_timed_out(record: dict[str, Any]) -> bool:
+    """Whether the runner wrote in the exit record (read) that the run's time limit stopped it."""
+    asked = record.get("asked")
     return isinstance(asked, dict) and asked.get("time_limit") is True
 
 

@@ -60,13 +60,18 @@ def run_ended_for(asked: Asked, code: int | None, *, timed_out: bool, limit: int
     if timed_out and code != 0 and limit is not None:
         # (a pause, preemption or stop asked during its grace does not turn the end into a rest: a preempted run
         # came back with a fresh limit, again and again)
-        spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
-        error = (f"the run exceeded its time limit of {spelled} and was stopped: "
-                 "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
-        return None, None, RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "time_limit")
+        return None, None, time_limit_end(limit, work)
     if told_to_end and code != 0 and asked.interrupt is None:
         return "preempt", HOST_SHUTDOWN, None
     return asked.interrupt, asked.preempt_for, None
+
+
+def time_limit_end(limit: int, work: str) -> RunEnd:
+    """The end of a run its time limit stopped (whoever records it: its runner, or a watchdog)."""
+    spelled = format_limit(limit) + ("" if limit < 60 else f" ({limit} s)")
+    error = (f"the run exceeded its time limit of {spelled} and was stopped: "
+             "raise time_limit or shorten the run (max_steps, num_epochs)")  # fmt: skip
+    return RunEnd(JobStatus.FAILED, f"{work} failed: {error}", error, "time_limit")
 
 
 # How far back a failed run's log is searched for its error: torchrun adds ~7 lines per rank and its own

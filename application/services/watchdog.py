@@ -49,12 +49,11 @@ from application.services.run_end import (
 from application.services.run_outputs import parse_logging_jsonl
 from application.services.run_record import (
     HOST_RESTART,
-    Asked,
     end_recorded,
     interrupt_of,
     read_run,
     record_end,
-    run_ended_for,
+    time_limit_end,
     unrecorded_checkpoints,
 )
 from application.services.runner_silence import Silence
@@ -199,15 +198,18 @@ class Watchdog:
             return
         job = fresh
         log_file = Path(job.log_file) if job.log_file else None
-        code, exited_at = pg.read_exit(log_file.with_suffix(".exit.json")) if log_file else (None, None)
+        record = (pg.read_exit_record(log_file.with_suffix(".exit.json")) if log_file else None) or {}
+        code, exited_at = pg.exit_of(record)
         limit_hit = False
-        if code is not None and log_file is not None:
+        if code is None:
+            exited_at = None
+        else:
             # What its runner acted on, should the record no longer say so (Redis back from an older snapshot).
-            stop, pause, preempt_for = pg.read_exit_asked(log_file.with_suffix(".exit.json"))
+            stop, pause, preempt_for = pg.exit_asked(record)
             asked = {"stop_requested": job.stop_requested or stop, "pause_requested": job.pause_requested or pause,
                      "preempt_for": job.preempt_for or preempt_for}  # fmt: skip
             job = job.model_copy(update=asked)
-            limit_hit = pg.read_exit_timed_out(log_file.with_suffix(".exit.json"))
+            limit_hit = pg.exit_timed_out(record)
         interrupt = interrupt_of(job.stop_requested, job.pause_requested, job.preempt_for)
         # With no exit status and no request to end it, all that is known is that the runner died.
         hung = self.silence.hung.pop(job.run_id or "", None)
@@ -231,8 +233,8 @@ class Watchdog:
             ended = clock.from_local(written) if written is not None else None
         past = limit is not None and job.started_at is not None and ended is not None and \
             ended - job.started_at > limit  # fmt: skip
-        timed_out = run_ended_for(Asked(), code, timed_out=True, limit=limit, told_to_end=False, work=work_of(job))[2] \
-            if not finished and (limit_hit or (past and interrupt is None)) else None  # fmt: skip
+        timed_out = time_limit_end(limit, work_of(job)) if limit is not None and code != 0 and not finished and \
+            (limit_hit or (past and interrupt is None)) else None  # fmt: skip
         if timed_out is not None:
             interrupt = None
         logged = log_file is not None and await asyncio.to_thread(os.path.exists, log_file)
