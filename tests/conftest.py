@@ -98,6 +98,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 
 _prefixes = itertools.count()
 
@@ -118,6 +119,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}")
+
+
+def gone(pid: int) -> bool:
+    """The process has ended: a zombie counts, as its reaping is up to whoever adopted it (in a container, an
+    init that may take its time), and it holds no GPU, file or port."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 class ApiServer:

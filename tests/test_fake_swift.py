@@ -17,17 +17,10 @@ from application.services.log_parser import SwiftLogParser
 from application.services.run_outputs import find_checkpoints, parse_logging_jsonl
 from application.services.swift_errors import extract_error
 from application.utils.log_tail import tail_lines
-from tests.conftest import wait_for
+from tests.conftest import gone, wait_for
 
 FAKE_SWIFT = Path(__file__).resolve().parent / "fake_swift" / "swift"
 ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class Workspace:

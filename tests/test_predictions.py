@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from application.models.job_request import JobCreate
@@ -28,7 +27,7 @@ from application.services.predictions import (
     step_sample,
 )
 from application.services.process_group import group_members
-from tests.conftest import job_body, make_model, wait_job
+from tests.conftest import gone, job_body, make_model, wait_job
 
 # ---- time limits -----------------------------------------------------------------------------------------
 
@@ -240,7 +239,7 @@ async def test_time_limit_stops_the_run_and_its_whole_tree(
             assert job["attempts"][-1]["finished_at"] == job["finished_at"], job["attempts"]
         assert group_members(group) == []  # swift's launcher, trainer and workers: all gone
         deadline = time.monotonic() + 10
-        while psutil.pid_exists(runner) and psutil.Process(runner).status() != psutil.STATUS_ZOMBIE:
+        while not gone(runner):
             assert time.monotonic() < deadline, "the runner outlived its run"
             await asyncio.sleep(0.05)
         events = (await client.get("/jobs/slow/events")).json()["events"]

@@ -22,7 +22,7 @@ import redis
 
 from application.runner import CLAIMED, _early_start
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, job_body, wait_for
+from tests.conftest import FAKE_SWIFT, ApiServer, gone, job_body, wait_for
 from tests.redis_proxy import RedisProxy
 
 
@@ -164,8 +164,7 @@ def test_a_process_of_the_run_in_a_session_of_its_own_does_not_outlive_the_run(
     assert os.getsid(escaped) != os.getsid(0)  # (in a session of its own, out of the run's group)
     done = server.wait_status("leaky", "completed", "failed", timeout=60)
     assert done["status"] == "completed", done["error_message"]
-    wait_for(lambda: not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == psutil.STATUS_ZOMBIE,
-             timeout=10, what="the escapee to be killed")  # fmt: skip
+    wait_for(lambda: gone(escaped), timeout=10, what="the escapee to be killed")
 
 
 def test_a_runner_that_stops_answering_is_killed_and_its_run_stopped(
@@ -180,8 +179,7 @@ def test_a_runner_that_stops_answering_is_killed_and_its_run_stopped(
     assert server.http.post("/jobs/mute/stop").status_code == 200
     ended = server.wait_status("mute", "stopped", "failed", "completed", timeout=30)
     assert ended["status"] == "stopped", ended  # the stop asked for decides the end
-    assert not psutil.pid_exists(job["runner"]["pid"]) or \
-        psutil.Process(job["runner"]["pid"]).status() == psutil.STATUS_ZOMBIE  # fmt: skip
+    assert gone(job["runner"]["pid"])
     assert group_members(swift_group) == []
     assert all(g["job_id"] is None for g in server.http.get("/gpus").json()["gpus"])
 

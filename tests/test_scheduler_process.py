@@ -26,7 +26,7 @@ from application.services.embedded_redis import EmbeddedRedis
 from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.keys import Keys
 from application.services.leader import LeaderLock
-from tests.conftest import ROOT, ApiServer, job_body, wait_for, wait_job
+from tests.conftest import ROOT, ApiServer, gone, job_body, wait_for, wait_job
 from tests.test_api_queue import GpuChecker, assert_all_ran_without_sharing, burst, create, hold
 from tests.test_job_store import make_job
 from tests.test_runner import running
@@ -268,14 +268,14 @@ def test_a_scheduler_started_on_a_redis_that_lost_everything_waits_for_the_runs_
         sync.flushall()  # (as a Redis that kept nothing across its restart)
         again = server_factory(env={"REDIS_URL": own_redis.url, "STOP_GRACE_SECONDS": "8", "SIMULATED_GPUS": "1x80"},
                                prefix=first.prefix)  # fmt: skip
-        if not psutil.pid_exists(runner):
+        if gone(runner):
             pytest.fail("the orphaned runner ended before the new scheduler led: too slow a machine to tell")
         create(again, workspace, "next", auto_start=True, training={"max_steps": 2})
         said = again.http.get("/queue/processor/status").json()
         assert "runs Redis does not know still end on this host (orphan)" in json.dumps(said), said
-        gone = wait_for(lambda: not psutil.pid_exists(runner) and time.time(), timeout=30, what="the orphan's end")
+        ended = wait_for(lambda: gone(runner) and time.time(), timeout=30, what="the orphan's end")
         job = again.wait_status("next", "completed", timeout=40)
-        assert job["started_at"] >= gone - 0.5, (job["started_at"], gone)  # (its GPU: not while the orphan held it)
+        assert job["started_at"] >= ended - 0.5, (job["started_at"], ended)  # (its GPU: not while the orphan held it)
     finally:
         sync.close()
 
@@ -328,9 +328,9 @@ def test_no_run_starts_on_a_gpu_while_a_runner_that_has_not_noticed_the_loss_of_
     finally:
         runner.send_signal(signal.SIGCONT)
         sync.close()
-    gone = wait_for(lambda: not psutil.pid_exists(trainer) and time.time(), timeout=30, what="the first run's end")
+    ended = wait_for(lambda: gone(trainer) and time.time(), timeout=30, what="the first run's end")
     started = server.wait_status("next", "completed", timeout=40)["started_at"]
-    assert started >= gone - 0.5, (started, gone)  # (not while the first run's swift lived)
+    assert started >= ended - 0.5, (started, ended)  # (not while the first run's swift lived)
 
 
 async def test_a_job_that_waits_out_a_start_hold_is_told_why_though_the_gpus_look_free(
