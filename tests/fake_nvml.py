@@ -4,6 +4,7 @@ call or by GPU, topology and NVLink as a test sets them."""
 from __future__ import annotations
 
 import os
+import threading
 from types import SimpleNamespace
 
 import pynvml
@@ -24,6 +25,7 @@ class FakeNvml:
         self.fail: dict[str, int] = {}
         self.crash: dict[str, Exception] = {}
         self.calls: list[str] = []
+        self.hang: dict[str, threading.Event] = {}  # a call that blocks until its event is set (a hung driver)
         self.used_bytes = 10 * GIB
         self.reserved_bytes = 512 * MIB
         self.topology = {
@@ -38,6 +40,8 @@ class FakeNvml:
 
     def _check(self, name: str, gpu: int | None = None) -> None:
         self.calls.append(name)
+        if (gate := self.hang.get(name)) is not None:
+            gate.wait()
         if name in self.crash:
             raise self.crash[name]
         code = self.fail.get(f"{name}@{gpu}", self.fail.get(name))

@@ -598,6 +598,7 @@ async def test_gpus_says_when_its_reading_is_stale(app_factory: Callable[..., An
         assert gpus["summary"]["error"] == error, gpus
         assert (await client.get("/queue")).json()["summary"]["gpu_error"] == error
         assert (await client.get("/system/status")).json()["gpus"]["error"] == error
+        assert (await client.get("/health")).json()["gpu"]["error"] == error
 
 
 async def test_a_lone_surrogate_in_training_arguments_is_a_422_and_stores_nothing(app_factory: Any,

@@ -3,6 +3,8 @@ event loop of its own, which async tests there would clash with)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,14 @@ async def test_gpus_whose_reading_fails_are_shown_unreadable_and_start_nothing(a
         assert page.count(">unreadable<") == 2
         r = await client.post("/jobs", json=job_body(tmp_path, "waits", auto_start=True))
         assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        # (it said healthy while no GPU could be read: hunt DO)
+        health = (await client.get("/health")).json()
+        assert health["status"] == "degraded" and "malformed" in health["gpu"]["error"], health
+        usage.write_text("{}")
+        deadline = time.monotonic() + 20
+        while (health := (await client.get("/health")).json())["status"] != "healthy":
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize(("given", "kept"), [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from application.utils.gpu_utils import (
     GpuProcess,
     NoGpuInventory,
     NvmlInventory,
+    NvmlStarting,
     NvmlUnavailableError,
     SimulatedInventory,
     create_inventory,
     gpu_summary,
 )
+from application.utils.nvml_inventory import CLOSE_WAIT_SECONDS
+from tests.conftest import wait_for
 from tests.fake_nvml import NO_SUCH_PID, FakeNvml
 
 
@@ -267,7 +271,8 @@ def test_missing_nvml_gives_no_gpu_inventory(backend: str) -> None:
     inv = create_inventory(backend, "4")
     assert isinstance(inv, NoGpuInventory)
     snap = inv.snapshot()
-    assert (snap.backend, snap.gpus, snap.driver_version) == ("none", (), None)
+    # (a GPU host only when asked for NVML: /health says degraded then)
+    assert (snap.backend, snap.gpus, snap.driver_version) == ("none" if "auto" in backend else "nvml", (), None)
     assert snap.error is not None
     assert snap.error.startswith("NVML could not be loaded: ")
     assert "GPU_BACKEND=simulated" in snap.error and "SIMULATED_GPUS=4" in snap.error
@@ -295,6 +300,27 @@ def test_nvml_init_failure_falls_back(fake: FakeNvml, code: int, text: str) -> N
     assert isinstance(inv, NoGpuInventory)
     assert inv.snapshot().error is not None
     assert text in str(inv.snapshot().error)
+
+
+def test_nvml_that_could_not_start_is_started_again(fake: FakeNvml) -> None:
+    # A driver/library mismatch at start-up (an upgrade not yet rebooted) left the scheduler without GPUs, saying
+    # healthy, until someone restarted it.
+    fake.fail["nvmlInit"] = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
+    inv = create_inventory("auto", nvml=fake)
+    snap = inv.snapshot()
+    assert (snap.backend, snap.gpus) == ("nvml", ())  # (a GPU host in trouble, not one without GPUs)
+    assert "NVML could not start: " in str(snap.error) and "tried again every 30 s" in str(snap.error)
+    assert isinstance(inv, NvmlStarting)
+    inits = fake.calls.count("nvmlInit")
+    inv.snapshot()
+    assert fake.calls.count("nvmlInit") == inits  # (not at every reading)
+    del fake.fail["nvmlInit"]
+    inv._next = 0.0  # (as when its time is up)
+    snap = inv.snapshot()
+    assert (snap.backend, len(snap.gpus), snap.error) == ("nvml", 2, None)
+    assert inv.backend == "nvml"
+    inv.close()
+    assert fake.calls.count("nvmlShutdown") == 1
 
 
 def test_nvml_count_failure_falls_back_and_shuts_down(fake: FakeNvml) -> None:
@@ -439,6 +465,7 @@ def test_nvml_with_no_gpus_says_so() -> None:
 def test_link_scores_follow_topology_and_are_cached() -> None:
     fake = FakeNvml(gpus=3, nvlink=frozenset({(1, 2)}))
     inv = NvmlInventory(fake)
+    inv.snapshot()  # (where they are read)
     assert inv.link_score(0, 1) == LINK_SCORE_BY_TOPOLOGY[pynvml.NVML_TOPOLOGY_SINGLE]
     assert inv.link_score(1, 0) == inv.link_score(0, 1)
     assert inv.link_score(0, 2) == LINK_SCORE_BY_TOPOLOGY[pynvml.NVML_TOPOLOGY_SYSTEM] == 0
@@ -446,9 +473,22 @@ def test_link_scores_follow_topology_and_are_cached() -> None:
     assert LINK_SCORE_NVLINK > inv.link_score(0, 1) > inv.link_score(0, 2)  # type: ignore[operator]
     assert inv.link_score(1, 1) is None
     assert inv.link_score(0, 3) is None
+    asked = fake.calls.count("nvmlDeviceGetTopologyCommonAncestor")
+    inv.snapshot()
+    assert fake.calls.count("nvmlDeviceGetTopologyCommonAncestor") == asked == 2  # (1-2 is NVLink: none)
+    inv.close()
+
+
+def test_link_score_never_calls_nvml(fake: FakeNvml) -> None:
+    # The scheduler asks while it plans, on its event loop: one slow topology call stalled it all, its lead lost.
+    inv = NvmlInventory(fake)
+    fake.hang["nvmlDeviceGetTopologyCommonAncestor"] = threading.Event()  # (never set: a call would hang)
+    fake.hang["nvmlDeviceGetP2PStatus"] = threading.Event()
+    assert inv.link_score(0, 1) is None  # (not read yet: unknown, at once)
+    del fake.hang["nvmlDeviceGetTopologyCommonAncestor"], fake.hang["nvmlDeviceGetP2PStatus"]
+    inv.snapshot()
     calls = len(fake.calls)
-    for a, b in [(0, 1), (0, 2), (1, 2)]:
-        inv.link_score(a, b)
+    assert inv.link_score(0, 1) == LINK_SCORE_BY_TOPOLOGY[pynvml.NVML_TOPOLOGY_SINGLE]
     assert len(fake.calls) == calls
     inv.close()
 
@@ -457,11 +497,33 @@ def test_link_score_unknown_when_nvml_cannot_tell(fake: FakeNvml) -> None:
     fake.fail["nvmlDeviceGetP2PStatus"] = pynvml.NVML_ERROR_NOT_SUPPORTED
     fake.fail["nvmlDeviceGetTopologyCommonAncestor"] = pynvml.NVML_ERROR_UNKNOWN
     inv = NvmlInventory(fake)
+    inv.snapshot()
     assert inv.link_score(0, 1) is None
-    # A transient failure is not remembered.
+    # A transient failure is not remembered, and not asked again at every reading either.
     del fake.fail["nvmlDeviceGetTopologyCommonAncestor"]
+    asked = fake.calls.count("nvmlDeviceGetTopologyCommonAncestor")
+    inv.snapshot()
+    assert fake.calls.count("nvmlDeviceGetTopologyCommonAncestor") == asked
+    inv.LINK_RETRY_SECONDS = 0.0
+    inv._link_retry.clear()  # (as when its time is up)
+    inv.snapshot()
     assert inv.link_score(0, 1) == LINK_SCORE_BY_TOPOLOGY[pynvml.NVML_TOPOLOGY_SINGLE]
     inv.close()
+
+
+def test_close_does_not_wait_for_a_hung_reading(fake: FakeNvml) -> None:
+    # Shutting down waited for the lock a hung snapshot held: the scheduler was left running with no parent.
+    inv = NvmlInventory(fake)
+    gate = fake.hang["nvmlDeviceGetMemoryInfo_v2"] = threading.Event()
+    reading = threading.Thread(target=inv.snapshot, daemon=True)
+    reading.start()
+    wait_for(lambda: "nvmlDeviceGetMemoryInfo_v2" in fake.calls, what="the reading to hang")
+    started = time.monotonic()
+    inv.close()
+    assert time.monotonic() - started < CLOSE_WAIT_SECONDS + 1
+    assert "nvmlShutdown" not in fake.calls  # (not under a call still in the library)
+    gate.set()
+    reading.join(5)
 
 
 def test_close_shuts_nvml_down_once(fake: FakeNvml) -> None:

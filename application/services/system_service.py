@@ -22,7 +22,7 @@ from application.services.cluster_store import reading_error
 from application.services.gpu_pool import never_free
 from application.services.redis_service import RedisService
 from application.services.training_service import TrainingService
-from application.utils.gpu_types import NO_READING, snapshot_of
+from application.utils.gpu_types import snapshot_of
 from application.utils.gpu_utils import gpu_summary
 
 HEALTH_TIMEOUT = 3.0  # seconds /health waits for Redis before it answers 503
@@ -162,17 +162,21 @@ class SystemService:
         if state is None:
             body["detail"] = f"Redis does not answer: {redis['error']}"
             return False, body
-        gpus = state["gpus"] or {}
-        body["gpu"] = {"backend": gpus.get("backend", "none"), "count": len(gpus.get("gpus", ())),
-                       "error": gpus.get("error", NO_READING.error)}  # fmt: skip
-        if never := never_free(snapshot_of(state["gpus"]), self.service.settings.GPU_MIN_FREE_MEMORY_GB):
+        reading = snapshot_of(state["gpus"])
+        body["gpu"] = {"backend": reading.backend, "count": len(reading.gpus),
+                       "error": reading_error(reading, clock.now())}  # fmt: skip
+        if never := never_free(reading, self.service.settings.GPU_MIN_FREE_MEMORY_GB):
             body["gpu"]["never_free"] = never
+        # GPUs that cannot be read (lost, NVML failing or hung), NVML without GPUs, or a reading no scheduler renews;
+        # not a server meant to have none (no NVML library, SIMULATED_GPUS=0), whose `error` says so all the same.
+        gpu_trouble = any(g.error for g in reading.gpus) or (reading.backend == "nvml" and not reading.gpus) or (
+            reading.error is None and body["gpu"]["error"] is not None)  # fmt: skip
         body["scheduler"] = self._scheduler(state)
         body["swift"] = self._swift(state["swift"])
         if state["starts_held"]:
             # No run starts for a moment: OUTPUT_ROOT's disk full or read-only, Redis restarted (`hold_starts`).
             body["scheduler"]["starts_held"] = state["starts_held"]
-        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False or state["starts_held"] or never:
+        if not body["scheduler"]["ok"] or body["swift"]["ok"] is False or state["starts_held"] or never or gpu_trouble:
             body["status"] = "degraded"
         if state["write_error"]:
             # It answers reads, so it looked fine while every create, start and update was refused (MISCONF).

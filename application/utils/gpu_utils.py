@@ -11,6 +11,7 @@ NVML indices are physical (PCI bus order) and ignore CUDA_VISIBLE_DEVICES, as nv
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from application.utils.simulated_gpus import SIMULATED_LINK_SCORE, SimulatedInve
 
 __all__ = [
     "LINK_SCORE_BY_TOPOLOGY", "LINK_SCORE_NVLINK", "MIB", "SIMULATED_LINK_SCORE", "GpuInfo", "GpuInventory",
-    "GpuProcess", "GpuSnapshot", "NoGpuInventory", "NvmlInventory", "NvmlUnavailableError", "SimulatedInventory",
-    "create_inventory", "gpu_summary",
+    "GpuProcess", "GpuSnapshot", "NoGpuInventory", "NvmlInventory", "NvmlStarting", "NvmlUnavailableError",
+    "SimulatedInventory", "create_inventory", "gpu_summary",
 ]  # fmt: skip
 
 
@@ -53,6 +54,56 @@ class NoGpuInventory:
 
     def close(self) -> None:
         pass
+
+
+class NvmlStarting(NoGpuInventory):
+    """NVML that could not start: no GPUs, with NVML's reason, and started again every RETRY_SECONDS (in the
+    reading's thread) until it does; its readings are then NvmlInventory's. It was tried once: a driver mismatch
+    at start-up (an upgrade not yet rebooted, a driver still loading) left the scheduler GPU-less, saying
+    healthy, until someone restarted it (hunt DO).
+
+    Its backend is `none` on a host without NVML's library when GPU_BACKEND=auto (a CPU-only host, as expected),
+    `nvml` otherwise (a GPU host in trouble, or one asked for NVML: `/health` says degraded)."""
+
+    RETRY_SECONDS = 30.0
+
+    def __init__(self, nvml: Any, error: BaseException, asked: str = "auto") -> None:
+        self._nvml = nvml
+        self._asked = asked
+        self._started: NvmlInventory | None = None
+        self._next = time.monotonic() + self.RETRY_SECONDS
+        self._failed(error)
+
+    def snapshot(self) -> GpuSnapshot:
+        if self._started is None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.RETRY_SECONDS
+            try:
+                self._started = NvmlInventory(self._nvml)
+                self.backend = self._started.backend
+                logger.info("NVML started: {} GPU(s)", self._started.count)
+            except Exception as exc:
+                before = self.reason
+                self._failed(exc)
+                if self.reason != before:
+                    logger.warning("GPU_BACKEND: {}", self.reason)
+        if self._started is not None:
+            return self._started.snapshot()
+        return GpuSnapshot(self.backend, (), self.reason, None, clock.now())
+
+    def link_score(self, a: int, b: int) -> int | None:
+        return self._started.link_score(a, b) if self._started else None
+
+    def close(self) -> None:
+        if self._started is not None:
+            self._started.close()
+
+    def _failed(self, error: BaseException) -> None:
+        cause = error.__cause__ if isinstance(error, NvmlUnavailableError) else error
+        absent = getattr(cause, "value", None) == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+        self.backend = "none" if absent and self._asked == "auto" else "nvml"
+        self.reason = f"NVML could not be loaded: {nvml_message(error)}; {SIMULATE_HINT}" if absent else (
+            f"NVML could not start: {nvml_message(error)} (nvidia-smi says more about the NVIDIA driver); tried "
+            f"again every {self.RETRY_SECONDS:.0f} s")  # fmt: skip
 
 
 def create_inventory(
@@ -76,9 +127,10 @@ def create_inventory(
     try:
         return NvmlInventory(nvml)
     except Exception as exc:
-        reason = f"NVML could not be loaded: {nvml_message(exc)}; {SIMULATE_HINT}"
-        logger.warning("GPU_BACKEND={}: {}", name, reason)
-        return NoGpuInventory(reason)
+        starting = NvmlStarting(nvml, exc, name)
+        logger.warning("GPU_BACKEND={}: {} (tried again every {:.0f} s)", name, starting.reason,
+                       NvmlStarting.RETRY_SECONDS)  # fmt: skip
+        return starting
 
 
 def gpu_summary(snapshot: GpuSnapshot, error: str | None) -> dict[str, Any]:

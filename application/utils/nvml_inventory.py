@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +37,7 @@ _MISSING_VARIANT_CODES = frozenset(
 )
 
 T = TypeVar("T")
+CLOSE_WAIT_SECONDS = 2.0
 
 
 class NvmlUnavailableError(RuntimeError):
@@ -64,6 +67,7 @@ class NvmlInventory:
     """
 
     backend: str = "nvml"
+    LINK_RETRY_SECONDS = 60.0
 
     def __init__(self, nvml: Any = pynvml) -> None:
         self._nvml = nvml
@@ -84,6 +88,7 @@ class NvmlInventory:
         # Which variant of a versioned call works, per (call, GPU), so old drivers pay one failure, once.
         self._variant: dict[tuple[str, int], int] = {}
         self._links: dict[tuple[int, int], int | None] = {}
+        self._link_retry: dict[tuple[int, int], float] = {}  # a pair NVML could not tell: when to ask again
         self._last_error: str | None = None
         self._last_read: dict[int, GpuInfo] = {}
 
@@ -100,28 +105,22 @@ class NvmlInventory:
             return GpuSnapshot(self.backend, (), f"GPU query failed unexpectedly: {exc!r}", None, clock.now())
 
     def link_score(self, a: int, b: int) -> int | None:
-        if a == b or not (0 <= a < self._count and 0 <= b < self._count):
-            return None
-        key = (min(a, b), max(a, b))
-        try:
-            with self._lock:
-                if self._closed:
-                    return None
-                if key not in self._links:
-                    known, score = self._read_link(*key)
-                    if not known:
-                        return score
-                    self._links[key] = score
-                return self._links[key]
-        except Exception:
-            logger.exception("GPU topology query failed")
-            return None
+        """From what the snapshots read (never NVML itself: the scheduler asks while it plans, on its event loop,
+        where one slow topology call stalled everything, its lead lost: hunt DO)."""
+        return self._links.get((min(a, b), max(a, b)))
 
     def close(self) -> None:
-        with self._lock:
+        # A snapshot hung in NVML holds the lock for good: shutting down must not wait for it (the scheduler was
+        # left running with no parent: hunt DO).
+        if not self._lock.acquire(timeout=CLOSE_WAIT_SECONDS):
+            logger.warning("NVML is still busy with a GPU reading: not shut down")
+            return
+        try:
             if not self._closed:
                 self._closed = True
                 self._shutdown()
+        finally:
+            self._lock.release()
 
     def _shutdown(self) -> None:
         try:
@@ -149,6 +148,7 @@ class NvmlInventory:
                 continue
             self._last_read[index] = gpu
             gpus.append(gpu)
+        self._read_links([g.index for g in gpus if g.error is None])
         error: str | None = None
         if problems:
             error = "NVML could not read " + "; ".join(problems) + " (counted as busy until it reads again)"
@@ -247,6 +247,23 @@ class NvmlInventory:
         # Inside a container NVML reports host PIDs that psutil cannot see; NVML can still name them.
         name = self._optional(self._nvml.nvmlSystemGetProcessName, pid)
         return os.path.basename(str(name)) if name else None
+
+    def _read_links(self, readable: list[int]) -> None:
+        """Each pair of readable GPUs' link, once (a transient failure: again after LINK_RETRY_SECONDS)."""
+        now = time.monotonic()
+        for key in itertools.combinations(readable, 2):
+            if key in self._links or self._link_retry.get(key, 0.0) > now:
+                continue
+            try:
+                known, score = self._read_link(*key)
+            except Exception:
+                logger.exception("GPU topology query failed")
+                known, score = False, None
+            if known:
+                self._links[key] = score
+                self._link_retry.pop(key, None)
+            else:
+                self._link_retry[key] = now + self.LINK_RETRY_SECONDS
 
     def _read_link(self, a: int, b: int) -> tuple[bool, int | None]:
         """(whether the answer may be cached, score)."""

@@ -1,0 +1,63 @@
+"""The scheduler's GPU reading given up on when NVML hangs, against the NVML stand-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from application.utils.gpu_reader import GpuReader
+from application.utils.gpu_utils import NvmlInventory
+from tests.fake_nvml import FakeNvml
+
+
+async def test_a_hung_reading_counts_every_gpu_busy_and_is_not_waited_for_again() -> None:
+    # A hung NVML call held the scheduler's pass for good, without a word: /queue showed every GPU free, /health
+    # said healthy, and the scheduler could not shut down.
+    fake = FakeNvml(gpus=2)
+    inv = NvmlInventory(fake)
+    reader = GpuReader(inv, timeout=0.5)
+    first = await reader.read()
+    assert [g.error for g in first.gpus] == [None, None]
+
+    gate = fake.hang["nvmlDeviceGetMemoryInfo_v2"] = threading.Event()
+    try:
+        began = time.monotonic()
+        hung = await reader.read()
+        assert 0.4 < time.monotonic() - began < 5
+        assert hung.error is not None and "the GPU reading has not come back" in hung.error
+        assert [(g.index, g.memory_free_mb, g.uuid) for g in hung.gpus] == [(0, 0.0, "GPU-fake-0"),
+                                                                            (1, 0.0, "GPU-fake-1")]  # fmt: skip
+        assert all(g.error == hung.error for g in hung.gpus)
+        # The next round looks, and does not start another reading behind the hung one.
+        readings = fake.calls.count("nvmlDeviceGetMemoryInfo_v2")
+        began = time.monotonic()
+        again = await reader.read()
+        assert time.monotonic() - began < 0.3 and again.error is not None
+        assert fake.calls.count("nvmlDeviceGetMemoryInfo_v2") == readings
+    finally:
+        gate.set()
+    del fake.hang["nvmlDeviceGetMemoryInfo_v2"]
+    deadline = time.monotonic() + 10
+    while (back := await reader.read()).error is not None:  # (the hung one comes back; then fresh ones)
+        assert time.monotonic() < deadline, back.error
+    assert [g.error for g in back.gpus] == [None, None]
+    inv.close()
+
+
+async def test_a_reading_that_raises_is_raised_to_the_caller() -> None:
+    class Broken:
+        backend = "nvml"
+
+        def snapshot(self) -> None:
+            raise RuntimeError("a bug")
+
+        def link_score(self, a: int, b: int) -> None:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        await GpuReader(Broken(), timeout=5).read()  # type: ignore[arg-type]
