@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from application.exceptions import Invalid
-from application.services.media_refs import BLOCK, check_media, check_media_folder, media_columns
+from application.services.media_refs import BLOCK, SCAN_BLOCK, check_media, check_media_folder, media_columns
 from tests.conftest import job_body, make_model
 
 CHAT = [{"role": "user", "content": "<image>what is it?"}, {"role": "assistant", "content": "a cat"}]
@@ -77,6 +77,23 @@ def test_rows_far_down_a_large_file_and_escaped_column_names_are_read(tmp_path: 
     with pytest.raises(Invalid) as exc:
         check_media("data_path", path, roots, None)
     assert f"line {text.count(chr(10))}, 'images'" in exc.value.detail, exc.value.detail
+
+
+@pytest.mark.parametrize("shift", range(-8, 9, 2))
+def test_a_reference_across_the_scans_blocks_or_in_a_row_longer_than_one_is_found(
+    tmp_path: Path, roots: list[Path], shift: int
+) -> None:
+    # The scan reads SCAN_BLOCK at a time (a search over 8 MiB held the GIL, stalling the API for 124 ms).
+    ref = '"images": ["' + str(tmp_path / "outside" / "secret.png") + '"]}\n'
+    pad = SCAN_BLOCK - len('{"messages": [], "x": "') - len('", ') + shift  # ("images" astride the boundary)
+    first = '{"messages": [], "x": "' + "a" * pad + '", ' + ref
+    long_row = '{"messages": [], "x": "' + "b" * (3 * SCAN_BLOCK) + '", ' + ref
+    for name, text in (("astride.jsonl", first), ("long.jsonl", json.dumps({"messages": CHAT}) + "\n" + long_row)):
+        path = tmp_path / "data" / name
+        path.write_text(text)
+        with pytest.raises(Invalid) as exc:
+            check_media("data_path", path, roots, None)
+        assert "'images'" in exc.value.detail and "line" in exc.value.detail, (name, exc.value.detail)
 
 
 def test_json_arrays_and_csv_columns(tmp_path: Path, roots: list[Path]) -> None:

@@ -33,6 +33,10 @@ from application.utils.regular_files import open_regular
 
 _SOURCE = "source"
 BLOCK = 8 << 20
+# What one regex search or split takes at a time when a file is scanned: a call holds the GIL, and one over 8 MiB
+# (124 ms) stalled the API's event loop for every user at each create or upload of a big data set (hunt DM). An
+# array's elements are still decoded BLOCK at a time (each read re-joins what is left of the last).
+SCAN_BLOCK = 256 << 10
 MAX_ROW_BYTES = 64 << 20  # a row (a line, an array element) longer than this is refused, not read whole
 SWIFT_PATH_MAX = 2000  # longer strings are base64 to ms-swift, never a path (its _check_path)
 
@@ -281,7 +285,7 @@ def _strings(value: Any) -> Iterator[str]:
 
 def _marked_anywhere(check: _Checker, f: BinaryIO) -> bool:
     tail = b""
-    while block := f.read(BLOCK):
+    while block := f.read(SCAN_BLOCK):
         if check.marked(tail + block):
             return True
         tail = block[-check.overlap :]
@@ -294,7 +298,7 @@ def _too_long(check: _Checker, where: str) -> Invalid:
 
 def _lines(check: _Checker, f: BinaryIO) -> Iterator[tuple[str, Any]]:
     number, parts, held = 0, [], 0
-    while block := f.read(BLOCK):
+    while block := f.read(SCAN_BLOCK):
         cut = block.rfind(b"\n") + 1
         if cut == 0:  # no line ends here: kept, not searched again
             parts.append(block)
