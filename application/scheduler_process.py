@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -126,6 +127,10 @@ class Scheduler:
                     self.inventory.backend)  # fmt: skip
         await clock.sync(self.cluster.r)  # (Redis not answering yet: this host's clock until it does)
         publish = asyncio.create_task(self._publish_swift(), name="swift-probe")
+        # (as API workers do: what start-up built, out of the collector's sight, so that a full collection does not
+        # stall a pass, a hand-over with it, for tens of milliseconds)
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stopping.is_set():
                 lead = asyncio.create_task(self.leader.wait_for_leadership())
@@ -154,6 +159,7 @@ class Scheduler:
                 await _first(self.leader.lost.wait(), self.stopping.wait())
                 await cancel(tasks)
         finally:
+            gc.unfreeze()  # (a scheduler run in a process that goes on: a test's)
             await cancel([publish])
             await self.leader.release()  # first: a standby elsewhere may lead (and restart these runs) at once
             stopped = await self._stop_runs() if self.settings.STOP_RUNS_ON_SHUTDOWN else None
