@@ -31,11 +31,12 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from application.config import Settings, env_file, get_settings, unknown_settings
+from application.config import Settings, env_file, get_settings
 from application.http_protocol import http_protocol
 from application.services.embedded_redis import EmbeddedRedis, find_redis_server
 from application.services.process_group import die_with_parent
 from application.services.redis_service import check_redis_access, redis_url
+from application.setting_names import unknown_settings
 
 ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)

@@ -6,7 +6,6 @@ A bad value stops start-up with one line naming the key and what is allowed (see
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -16,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from dotenv import dotenv_values
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,6 +31,7 @@ from application.setting_values import (
     parse_rate,
     parse_roots,
     parse_simulated_gpus,
+    parse_visible_devices,
     split_list,
 )
 
@@ -168,6 +167,8 @@ class Settings(BaseSettings):
     LOG_TAIL_ON_FAILURE: int = Field(50, ge=1, le=1000)
 
     GPU_BACKEND: GpuBackend = GpuBackend.AUTO
+    # The GPUs NVML's scheduler may use (it gave runs every GPU, those the operator held back included: hunt DO).
+    CUDA_VISIBLE_DEVICES: str | None = None
     SIMULATED_GPUS: str = "0"
     # JSON file whose per-GPU usage the simulated backend re-reads, so tests can make GPUs look busy.
     SIMULATED_GPU_USAGE_FILE: Path | None = None
@@ -234,6 +235,11 @@ class Settings(BaseSettings):
     def _simulated(cls, v: str) -> str:
         parse_simulated_gpus(v)
         return v
+
+    @field_validator("CUDA_VISIBLE_DEVICES")
+    @classmethod
+    def _visible(cls, v: str | None) -> str | None:
+        return None if v is None else ",".join(parse_visible_devices(v))
 
     @field_validator("SWIFT_VERSION")
     @classmethod
@@ -460,29 +466,6 @@ def load_settings(**overrides: Any) -> Settings:
 
 class SettingsError(Exception):
     pass
-
-
-def unknown_settings(env_file: Path | None, environ: Mapping[str, str]) -> list[str]:
-    """What looks meant as a setting but is none: each key of the env file that is not a setting, and each
-    environment variable a letter or two (or only its case) away from one. Both are ignored, so without a word the
-    default was used instead (QUEUE_POLCY=strict ran the backfill policy)."""
-    known = set(Settings.model_fields)
-    by_case = {k.lower(): k for k in known}
-
-    def guess(name: str) -> str | None:
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.85)
-        return by_case.get(name.lower()) or (close[0] if close else None)
-
-    found: list[str] = []
-    for name in dotenv_values(env_file) if env_file is not None else ():
-        if name not in known:
-            hint = guess(name)
-            found.append(f"{env_file}: {name} is not a setting" + (f" (did you mean {hint}?)" if hint else ""))
-    for name in sorted(environ):
-        hint = None if name in known else guess(name)
-        if hint:
-            found.append(f"the environment variable {name} is not a setting (did you mean {hint}?)")
-    return found
 
 
 @lru_cache(maxsize=1)

@@ -64,7 +64,8 @@ class Scheduler:
         self.cluster = ClusterStore(client, keys)
         self.ident = scheduler_id()
         self.inventory = create_inventory(settings.GPU_BACKEND.value, settings.SIMULATED_GPUS,
-                                          settings.SIMULATED_GPU_USAGE_FILE)  # fmt: skip
+                                          settings.SIMULATED_GPU_USAGE_FILE,
+                                          visible=settings.CUDA_VISIBLE_DEVICES)  # fmt: skip
         self.launcher = LocalLauncher(settings.runner_env(os.environ))
         self.leader = LeaderLock(self.cluster, self.ident, settings.LEADER_TTL_SECONDS)
         self._version: SwiftVersion | None = None

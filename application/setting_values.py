@@ -128,6 +128,20 @@ def parse_simulated_gpus(value: str) -> tuple[float, ...]:
     return tuple(sizes)
 
 
+def parse_visible_devices(value: str) -> tuple[str, ...]:
+    """CUDA_VISIBLE_DEVICES as the scheduler honours it: the GPUs it may use, by index as nvidia-smi numbers them
+    (PCI bus order, as runs see them) or by uuid (GPU-..., or a unique start of one); '' hides every GPU."""
+    entries = tuple(e.strip() for e in value.split(",")) if value.strip() else ()
+    for entry in entries:
+        if entry.startswith("MIG-"):
+            raise ValueError(f"names a MIG instance ({entry}): the scheduler gives runs whole GPUs; name GPUs by index "
+                             "or uuid, such as 2,3")  # fmt: skip
+        if not (entry.isdigit() or (entry.startswith("GPU-") and len(entry) > 4)):
+            raise ValueError(f"{entry!r} is no GPU index (0, 1, ...) nor GPU uuid (GPU-...): name the GPUs the "
+                             "scheduler may use, such as 2,3")  # fmt: skip
+    return entries
+
+
 def check_networks(v: str) -> str:
     """FORWARDED_ALLOW_IPS: addresses or networks, comma-separated, or '*'."""
     for entry in split_list(v):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from application.config import PROJECT_ROOT, SettingsError, load_settings, unknown_settings
+from application.config import PROJECT_ROOT, SettingsError, load_settings
 from application.services.redis_service import redis_url
+from application.setting_names import unknown_settings
 from application.setting_values import parse_simulated_gpus
 from tests.conftest import free_port
 

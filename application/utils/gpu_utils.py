@@ -6,7 +6,8 @@ Every backend answers `snapshot()` without raising: the scheduler polls it throu
 Memory figures are MiB (1024**2 bytes) although the fields say `_mb`, because that is the unit
 nvidia-smi prints and operators compare against; the `_gb` figures in `gpu_summary` are GiB.
 
-NVML indices are physical (PCI bus order) and ignore CUDA_VISIBLE_DEVICES, as nvidia-smi's do.
+NVML indices are physical (PCI bus order), as nvidia-smi's are, and stay so: CUDA_VISIBLE_DEVICES in the scheduler's
+environment only leaves GPUs out (runs get theirs as CUDA_DEVICE_ORDER=PCI_BUS_ID indices).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pynvml
 from loguru import logger
 
 from application.services import clock
-from application.setting_values import parse_simulated_gpus
+from application.setting_values import parse_simulated_gpus, parse_visible_devices
 from application.utils.gpu_types import MIB, SIMULATE_HINT, GpuInfo, GpuInventory, GpuProcess, GpuSnapshot
 from application.utils.nvml_inventory import (
     LINK_SCORE_BY_TOPOLOGY,
@@ -67,9 +68,11 @@ class NvmlStarting(NoGpuInventory):
 
     RETRY_SECONDS = 30.0
 
-    def __init__(self, nvml: Any, error: BaseException, asked: str = "auto") -> None:
+    def __init__(self, nvml: Any, error: BaseException, asked: str = "auto",
+                 visible: tuple[str, ...] | None = None) -> None:  # fmt: skip
         self._nvml = nvml
         self._asked = asked
+        self._visible = visible
         self._started: NvmlInventory | None = None
         self._next = time.monotonic() + self.RETRY_SECONDS
         self._failed(error)
@@ -78,7 +81,7 @@ class NvmlStarting(NoGpuInventory):
         if self._started is None and time.monotonic() >= self._next:
             self._next = time.monotonic() + self.RETRY_SECONDS
             try:
-                self._started = NvmlInventory(self._nvml)
+                self._started = NvmlInventory(self._nvml, self._visible)
                 self.backend = self._started.backend
                 logger.info("NVML started: {} GPU(s)", self._started.count)
             except Exception as exc:
@@ -112,6 +115,7 @@ def create_inventory(
     usage_file: Path | None = None,
     *,
     nvml: Any = pynvml,
+    visible: str | None = None,
 ) -> GpuInventory:
     """Build the inventory GPU_BACKEND asks for; a missing NVML gives NoGpuInventory, never an exception.
 
@@ -124,10 +128,11 @@ def create_inventory(
         return SimulatedInventory(len(sizes), sizes, usage_file)
     if name not in ("auto", "nvml"):
         raise ValueError(f"unknown GPU backend {backend!r}: expected auto, nvml or simulated")
+    only = None if visible is None else parse_visible_devices(visible)  # (CUDA_VISIBLE_DEVICES)
     try:
-        return NvmlInventory(nvml)
+        return NvmlInventory(nvml, only)
     except Exception as exc:
-        starting = NvmlStarting(nvml, exc, name)
+        starting = NvmlStarting(nvml, exc, name, only)
         logger.warning("GPU_BACKEND={}: {} (tried again every {:.0f} s)", name, starting.reason,
                        NvmlStarting.RETRY_SECONDS)  # fmt: skip
         return starting

@@ -69,7 +69,7 @@ class NvmlInventory:
     backend: str = "nvml"
     LINK_RETRY_SECONDS = 60.0
 
-    def __init__(self, nvml: Any = pynvml) -> None:
+    def __init__(self, nvml: Any = pynvml, visible: tuple[str, ...] | None = None) -> None:
         self._nvml = nvml
         self._lock = threading.Lock()
         self._closed = False
@@ -91,10 +91,35 @@ class NvmlInventory:
         self._link_retry: dict[tuple[int, int], float] = {}  # a pair NVML could not tell: when to ask again
         self._last_error: str | None = None
         self._last_read: dict[int, GpuInfo] = {}
+        self._indices = list(range(self._count)) if visible is None else self._visible(visible)
 
     @property
     def count(self) -> int:
-        return self._count
+        return len(self._indices)
+
+    def _visible(self, visible: tuple[str, ...]) -> list[int]:
+        """The indices CUDA_VISIBLE_DEVICES leaves (indices kept as NVML's: what /gpus, leases and runs say)."""
+        kept = []
+        for index in range(self._count):
+            if str(index) in visible:
+                kept.append(index)
+                continue
+            uuids = [v for v in visible if v.startswith("GPU-")]
+            try:
+                uuid = str(self._nvml.nvmlDeviceGetUUID(self._handle(index))) if uuids else ""
+            except pynvml.NVMLError as exc:
+                logger.warning("GPU {}'s uuid could not be read ({}): CUDA_VISIBLE_DEVICES cannot keep it",
+                               index, nvml_message(exc))  # fmt: skip
+                continue
+            if any(uuid.startswith(u) for u in uuids):
+                kept.append(index)
+        unknown = [v for v in visible if v.isdigit() and int(v) >= self._count]
+        if unknown:
+            logger.warning("CUDA_VISIBLE_DEVICES names GPUs NVML does not list: {} (it lists {})", ",".join(unknown),
+                           self._count)  # fmt: skip
+        logger.info("CUDA_VISIBLE_DEVICES={}: the scheduler uses GPUs {} of the {} NVML lists", ",".join(visible),
+                    kept, self._count)  # fmt: skip
+        return kept
 
     def snapshot(self) -> GpuSnapshot:
         try:
@@ -133,7 +158,7 @@ class NvmlInventory:
             return GpuSnapshot(self.backend, (), "GPU inventory is closed", self._driver_version, clock.now())
         gpus: list[GpuInfo] = []
         problems: list[str] = []
-        for index in range(self._count):
+        for index in self._indices:
             try:
                 gpu = self._read_gpu(index)
             except Exception as exc:  # NVMLError mostly; anything else from one GPU must not blank the others
@@ -154,6 +179,8 @@ class NvmlInventory:
             error = "NVML could not read " + "; ".join(problems) + " (counted as busy until it reads again)"
         elif self._count == 0:
             error = "NVML is loaded but reports no GPUs"
+        elif not self._indices:
+            error = f"CUDA_VISIBLE_DEVICES leaves none of the {self._count} GPUs NVML lists"
         if error != self._last_error and error is not None:
             logger.warning("GPU inventory: {}", error)
         self._last_error = error
