@@ -230,6 +230,11 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-64 characters of letters, digits, '_', '.' or '-' (no ':')")
         return v
 
+    @field_validator("GPU_BACKEND", "QUEUE_POLICY", mode="before")
+    @classmethod
+    def _any_case(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v  # (GPU_BACKEND=NVML was refused for its case)
+
     @field_validator("SIMULATED_GPUS")
     @classmethod
     def _simulated(cls, v: str) -> str:

@@ -24,7 +24,7 @@ from loguru import logger
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
 
 from application import __version__
-from application.config import Settings
+from application.config import GpuBackend, Settings
 from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.job_store import JobStore
@@ -54,6 +54,9 @@ class Scheduler:
         allow_moved_root(settings.OUTPUT_ROOT)
         # (a typo there started without a word, and every stored job whose data lay in the root meant failed as
         # it started: hunt CE)
+        if settings.SIMULATED_GPUS.strip() not in ("", "0") and settings.GPU_BACKEND != GpuBackend.SIMULATED:
+            logger.warning("SIMULATED_GPUS={} is not used: GPU_BACKEND={} reads NVML (GPU_BACKEND=simulated "
+                           "simulates GPUs)", settings.SIMULATED_GPUS, settings.GPU_BACKEND.value)  # fmt: skip
         for name, root in settings.missing_roots():
             logger.warning("{} names {}, which is no folder here: no job can read from it (a typo?)", name, root)
         assert redis.client is not None

@@ -41,6 +41,12 @@ def test_redis_url_wins_and_embedded_only_without_a_server(monkeypatch: pytest.M
     assert not load_settings().uses_embedded_redis
 
 
+def test_a_backend_or_policy_is_read_in_any_case() -> None:
+    # GPU_BACKEND=NVML was refused for its case, though the inventory read it in any case.
+    settings = load_settings(GPU_BACKEND=" NVML", QUEUE_POLICY="Strict")
+    assert (settings.GPU_BACKEND.value, settings.QUEUE_POLICY.value) == ("nvml", "strict")
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

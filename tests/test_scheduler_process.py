@@ -18,6 +18,7 @@ import psutil
 import pytest
 import redis
 import redis.asyncio as aioredis
+from loguru import logger
 
 from application.models.training_model import JobStatus
 from application.scheduler_process import cancel
@@ -121,7 +122,6 @@ async def test_a_lock_that_expired_under_load_is_not_reported_as_taken_by_anothe
 
 async def test_an_error_redis_answers_at_once_is_logged_once_while_standing_by(redis_url: str) -> None:
     # A db index Redis does not have is refused at once: "Redis does not answer" every 0.2 s filled the log.
-    from loguru import logger
 
     said: list[str] = []
     sink = logger.add(lambda m: said.append(str(m)), level="WARNING", format="{message}")
@@ -401,7 +401,6 @@ def test_two_schedulers_through_a_failover_never_share_a_job_or_a_gpu(
 async def test_the_ms_swift_facts_are_published_once_redis_answers(tmp_path: Path) -> None:
     # A scheduler that starts while Redis is down tried once: /health said "not known yet" and every create
     # naming an extra swift argument was 503 "try again shortly" for good.
-    from loguru import logger
 
     from application.scheduler_process import Scheduler
     from application.services.embedded_redis import EmbeddedRedis, find_redis_server
@@ -486,7 +485,6 @@ async def test_a_reply_lost_right_after_the_lead_was_taken_stands_the_scheduler_
 ) -> None:
     # One lost reply as a new leader set up its queue switch ended the process: the lock sat unused for its TTL,
     # and each restart waited twice as long (hunt BH).
-    from loguru import logger
 
     from application.scheduler_process import Scheduler
     from application.services.redis_service import RedisService
@@ -518,3 +516,10 @@ async def test_a_reply_lost_right_after_the_lead_was_taken_stands_the_scheduler_
         await asyncio.wait_for(task, 15)
         logger.remove(sink)
         await service.close()
+
+
+def test_simulated_gpus_with_another_backend_is_told_at_start(server_factory: Callable[..., ApiServer]) -> None:
+    # It was ignored without a word, and the "no GPU" hint then told the operator to set SIMULATED_GPUS=4.
+    server = server_factory(env={"GPU_BACKEND": "auto", "SIMULATED_GPUS": "4"})
+    wait_for(lambda: "SIMULATED_GPUS=4 is not used: GPU_BACKEND=auto reads NVML" in server.server_log(),
+             timeout=20, what="the warning")  # fmt: skip

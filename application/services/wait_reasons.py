@@ -13,7 +13,8 @@ REASON_TEXT = {
     "gpu_unreadable": "GPUs it needs could not be read (NVML or the simulated GPU file failed): see GET /gpus",
     "owner_limit": "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead in the queue",
     "never": "this request can never be met on these GPUs (GET /gpus: fewer, smaller or other GPUs than it "
-    "names): cancel it (POST .../stop) and create it again with num_gpus, gpu_ids or min_gpu_memory_gb they meet",
+    "names): it starts if such GPUs come back; else cancel it (POST .../stop) and create it again with num_gpus, "
+    "gpu_ids or min_gpu_memory_gb they meet",
     "preemption": "lower-priority runs make way for it (PREEMPTION)",
 }
 
