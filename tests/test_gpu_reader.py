@@ -8,6 +8,7 @@ import time
 import pytest
 
 from application.utils.gpu_reader import GpuReader
+from application.utils.gpu_types import NO_READING, GpuSnapshot
 from application.utils.gpu_utils import NvmlInventory
 from tests.fake_nvml import FakeNvml
 
@@ -49,9 +50,12 @@ async def test_a_hung_reading_counts_every_gpu_busy_and_is_not_waited_for_again(
 async def test_a_reading_that_raises_is_raised_to_the_caller() -> None:
     class Broken:
         backend = "nvml"
+        fixed = False
 
-        def snapshot(self) -> None:
-            raise RuntimeError("a bug")
+        def snapshot(self) -> GpuSnapshot:
+            if not self.fixed:
+                raise RuntimeError("a bug")
+            return NO_READING
 
         def link_score(self, a: int, b: int) -> None:
             return None
@@ -59,5 +63,9 @@ async def test_a_reading_that_raises_is_raised_to_the_caller() -> None:
         def close(self) -> None:
             pass
 
+    broken = Broken()
+    reader = GpuReader(broken, timeout=5)
     with pytest.raises(RuntimeError, match="a bug"):
-        await GpuReader(Broken(), timeout=5).read()  # type: ignore[arg-type]
+        await reader.read()
+    broken.fixed = True
+    assert await reader.read() is NO_READING  # (read afresh, not the failure again)

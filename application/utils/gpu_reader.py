@@ -32,13 +32,15 @@ class GpuReader:
     async def read(self) -> GpuSnapshot:
         if self._pending is None:
             self._pending, self._since = self._start(), time.monotonic()
-        waited = time.monotonic() - self._since
+        pending, waited = self._pending, time.monotonic() - self._since
         try:
-            snapshot = await asyncio.wait_for(asyncio.shield(self._pending), max(0.0, self.timeout - waited))
+            self._last = await asyncio.wait_for(asyncio.shield(pending), max(0.0, self.timeout - waited))
         except TimeoutError:
             return self._hung(time.monotonic() - self._since)
-        self._pending, self._last = None, snapshot
-        return snapshot
+        finally:
+            if pending.done():  # (a reading that raised is not raised again: the next round reads afresh)
+                self._pending = None
+        return self._last
 
     def _start(self) -> asyncio.Future[GpuSnapshot]:
         loop = asyncio.get_running_loop()
