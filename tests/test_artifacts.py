@@ -262,6 +262,31 @@ def test_one_key_has_at_most_downloads_per_owner_in_progress(server_factory: Cal
              .status_code == 206, timeout=10, what="a download of alice's once hers was closed")  # fmt: skip
 
 
+def test_a_large_log_page_takes_a_download_slot_while_it_is_sent(server_factory: Callable[..., ApiServer],
+                                                                  workspace: Path) -> None:  # fmt: skip
+    # Whole pages had no cap: one key's 250 pages of 8 MiB, never read, took the API workers to 1.4 GB each
+    # (hunt DN).
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "DOWNLOADS_PER_OWNER": "1", "API_WORKERS": "2"})
+    mine = auth(ALICE_KEY)
+    assert server.http.post("/jobs", headers=mine, json=job_body(workspace, "loud", auto_start=True)).status_code == 201
+    log = Path(wait_for(lambda: (j := server.http.get("/jobs/loud", headers=mine).json())["status"] == "completed"
+                        and j["log_file"], what="the run to end"))  # fmt: skip
+    with log.open("a") as f:
+        f.writelines(f"{n:05d} " + "l" * 794 + "\n" for n in range(10_000))  # an 8 MB page: more than sockets hold
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        with http.stream("GET", "/jobs/loud/logs?limit=10000", headers=mine) as unread:
+            assert unread.status_code == 200 and int(unread.headers["content-length"]) > 8_000_000
+            refused = server.http.get("/jobs/loud/logs?limit=10000", headers=mine)
+            assert refused.status_code == 429 and "DOWNLOADS_PER_OWNER=1" in refused.json()["detail"], refused.text
+            assert refused.headers["retry-after"] == "5"
+            small = server.http.get("/jobs/loud/logs?limit=10", headers=mine)  # (a small page takes none)
+            assert small.status_code == 200 and len(small.json()["lines"]) == 10
+        page = wait_for(lambda: (r := server.http.get("/jobs/loud/logs?limit=10000", headers=mine)).status_code
+                        == 200 and r, timeout=10, what="its slot back once it was closed")  # fmt: skip
+    lines = page.json()["lines"]
+    assert len(lines) == 10_000 and lines[-1].startswith("09999 ") and lines[0].startswith("00000 ")
+
+
 @pytest.mark.parametrize(("header", "size", "expected"), [
     (None, 10, None), ("bytes=0-0", 10, (0, 1)), ("bytes=2-", 10, (2, 10)), ("bytes=-3", 10, (7, 10)),
     ("bytes=-30", 10, (0, 10)), ("BYTES = 1 - 2", 10, (1, 3)), ("bytes=5-2", 10, None), ("items=0-1", 10, None),

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response, status
 
 from application.api import artifacts, files, queue, streams, system
+from application.api.artifacts import page_response
 from application.api.deps import (
     COMMON,
     E404,
@@ -240,17 +241,17 @@ async def delete_job(job_id: JobId, svc: Training, caller: CallerDep) -> Respons
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@jobs.get("/jobs/{job_id}/logs", response_model=LogsResponse, responses=E404,
+@jobs.get("/jobs/{job_id}/logs", response_model=LogsResponse, responses={**E404, **E429},
           summary="Last lines of the job's combined stdout/stderr")  # fmt: skip
 async def get_job_logs(
-    job_id: JobId, svc: Training, caller: CallerDep,
+    job_id: JobId, svc: Training, caller: CallerDep, request: Request,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     kind: Annotated[Literal["train", "export"], Query(description="the training run's log or the export's")] = "train",
     attempt: Annotated[int | None, Query(ge=1, le=1000, description="an earlier run's log (default: the last)")] = None,
 ) -> Response:  # fmt: skip
     page = await svc.logs(job_id, limit, kind, caller, attempt)
     # Up to 10,000 lines of up to 16 K characters each: encoded in a thread, not on the loop every request shares.
-    return Response(await asyncio.to_thread(page.model_dump_json), media_type="application/json")
+    return await page_response(request, caller, await asyncio.to_thread(lambda: page.model_dump_json().encode()))
 
 
 @jobs.get("/jobs/{job_id}/events", response_model=EventList, responses=E404,
