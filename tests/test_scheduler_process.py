@@ -480,6 +480,36 @@ async def test_a_start_waiting_longer_than_the_socket_timeout_for_the_leader_is_
         await client.aclose()
 
 
+async def test_many_waits_for_a_pass_leave_the_connection_pool_to_other_requests(redis_url: str) -> None:
+    # Each wait held a pooled connection in its BLPOP: 600 starts at once (any user may start) took all 100 of a
+    # worker's, and other users' requests waited seconds for one, or were 503 (hunt DN).
+    from application.services.cluster_store import PASS_WAITERS, ClusterStore
+    from application.services.keys import Keys
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, decode_responses=True, max_connections=PASS_WAITERS + 4, timeout=5
+    )  # (as the server's: a command waits for one)
+    client = aioredis.Redis.from_pool(pool)
+    watch = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        cluster = ClusterStore(client, Keys("t"))
+        waits = [asyncio.create_task(cluster.request_pass(f"w{i}", timeout=20)) for i in range(60)]
+        await until_requests(client, 60)
+        deadline = time.monotonic() + 10
+        while not (blocked := [c for c in watch.client_list() if c["cmd"] == "blpop"]):
+            assert time.monotonic() < deadline, "no wait in Redis"
+            await asyncio.sleep(0.05)
+        assert len(blocked) <= PASS_WAITERS, blocked
+        for i in range(20):  # (another user's requests meanwhile: a connection each time)
+            assert await asyncio.wait_for(client.set(f"t:other:{i}", 1), 2)
+        for i in range(60):  # (an answer waits in Redis for its wait's turn)
+            await cluster.answer_pass(f"w{i}", [f"j{i}"])
+        assert await asyncio.wait_for(asyncio.gather(*waits), 20) == [[f"j{i}"] for i in range(60)]
+    finally:
+        watch.close()
+        await client.aclose()
+
+
 async def test_a_reply_lost_right_after_the_lead_was_taken_stands_the_scheduler_by_again(
     redis_url: str, tmp_path: Path
 ) -> None:

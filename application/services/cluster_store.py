@@ -30,6 +30,7 @@ from application.services.scheduler import Head
 from application.services.webhook_queue import WebhookQueue
 from application.utils.gpu_types import GpuSnapshot
 
+PASS_WAITERS = 8  # waits for a pass's answer one process has in Redis at once
 STALE_READING_SECONDS = 60.0  # a leading scheduler publishes its GPU reading every few seconds
 # A Redis with no run_id recorded whose jobs are all this new, none running, is a new deployment's (`restart_hold`).
 FRESH_SECONDS = 300.0
@@ -118,6 +119,7 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
         self._release_export_targets = client.register_script(lua_cluster.RELEASE_EXPORT_TARGETS)
         self._restart_hold = client.register_script(lua_cluster.RESTART_HOLD)
+        self._pass_waits = asyncio.Semaphore(PASS_WAITERS)
         self._set_head = client.register_script(lua_cluster.SET_HEAD)
 
     # ---- the leader lock -----------------------------------------------------------------------------
@@ -375,20 +377,30 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
     async def request_pass(self, request_id: str, timeout: float, only: list[str] | None = None) -> list[str] | None:
         """Ask the leader for a pass now (starting only `only`, when given) and wait for the jobs it started;
         None when no answer came in time."""
+        deadline = time.monotonic() + timeout
         await self.r.rpush(self.keys.pass_requests, json.dumps({"id": request_id, "only": only}))
         await self.publish_wakeup("pass")
-        # In steps shorter than the client's socket timeout: one BLPOP as long as the wait (5 s, like
-        # REDIS_SOCKET_TIMEOUT's default) timed out its socket read, retried, and answered 503 after 21 s.
-        socket_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout") or 2.0
-        step = max(0.1, min(1.0, socket_timeout / 2))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0.01:  # (BLPOP takes a timeout of 0 as "for ever")
-            reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=round(min(step, left), 3))
-            if reply:
-                answer = json.loads(reply[1])
-                # A pass that failed answers {"error": ...}: as no answer (the caller says to try again).
-                return list(answer) if isinstance(answer, list) else None
-        return None
+        # Each wait holds a pooled connection in its BLPOP: 600 starts at once took all of a worker's, and other
+        # users' requests waited seconds for one, or were 503 (hunt DN). Past PASS_WAITERS they wait their turn
+        # holding none (the answer waits in Redis for a minute).
+        try:
+            await asyncio.wait_for(self._pass_waits.acquire(), timeout)
+        except TimeoutError:
+            return None
+        try:
+            # In steps shorter than the client's socket timeout: one BLPOP as long as the wait (5 s, like
+            # REDIS_SOCKET_TIMEOUT's default) timed out its socket read, retried, and answered 503 after 21 s.
+            socket_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout") or 2.0
+            step = max(0.1, min(1.0, socket_timeout / 2))
+            while (left := deadline - time.monotonic()) > 0.01:  # (BLPOP takes a timeout of 0 as "for ever")
+                reply = await self.r.blpop([self.keys.pass_result(request_id)], timeout=round(min(step, left), 3))
+                if reply:
+                    answer = json.loads(reply[1])
+                    # A pass that failed answers {"error": ...}: as no answer (the caller says to try again).
+                    return list(answer) if isinstance(answer, list) else None
+            return None
+        finally:
+            self._pass_waits.release()
 
     async def take_pass_requests(self) -> list[tuple[str, list[str] | None]]:
         async with self.r.pipeline(transaction=True) as pipe:
