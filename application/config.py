@@ -31,7 +31,6 @@ from application.setting_values import (
     parse_rate,
     parse_roots,
     parse_simulated_gpus,
-    parse_visible_devices,
     split_list,
 )
 
@@ -167,7 +166,8 @@ class Settings(BaseSettings):
     LOG_TAIL_ON_FAILURE: int = Field(50, ge=1, le=1000)
 
     GPU_BACKEND: GpuBackend = GpuBackend.AUTO
-    # The GPUs NVML's scheduler may use (it gave runs every GPU, those the operator held back included: hunt DO).
+    # The GPUs NVML's scheduler may use (it gave runs every GPU, those the operator held back included: hunt DO);
+    # read as CUDA reads it, by the scheduler only (gpu_utils.create_inventory), never refused.
     CUDA_VISIBLE_DEVICES: str | None = None
     SIMULATED_GPUS: str = "0"
     # JSON file whose per-GPU usage the simulated backend re-reads, so tests can make GPUs look busy.
@@ -240,11 +240,6 @@ class Settings(BaseSettings):
     def _simulated(cls, v: str) -> str:
         parse_simulated_gpus(v)
         return v
-
-    @field_validator("CUDA_VISIBLE_DEVICES")
-    @classmethod
-    def _visible(cls, v: str | None) -> str | None:
-        return None if v is None else ",".join(parse_visible_devices(v))
 
     @field_validator("SWIFT_VERSION")
     @classmethod

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from dotenv import dotenv_values
 
 from application.config import Settings
+
+# Other tools' variables, one letter from ours (NVIDIA_VISIBLE_DEVICES, which container runtimes set, was taken for
+# a misspelt CUDA_VISIBLE_DEVICES: review DP).
+_DEVICES = re.compile(r"[A-Z0-9_]*_VISIBLE_DEVICES|(NVIDIA|CUDA|NCCL|HIP|ROCR|ROCM)_[A-Z0-9_]*")
 
 
 def unknown_settings(env_file: Path | None, environ: Mapping[str, str]) -> list[str]:
@@ -28,7 +33,7 @@ def unknown_settings(env_file: Path | None, environ: Mapping[str, str]) -> list[
             hint = guess(name)
             found.append(f"{env_file}: {name} is not a setting" + (f" (did you mean {hint}?)" if hint else ""))
     for name in sorted(environ):
-        hint = None if name in known else guess(name)
+        hint = None if name in known or _DEVICES.fullmatch(name.upper()) else guess(name)
         if hint:
             found.append(f"the environment variable {name} is not a setting (did you mean {hint}?)")
     return found

@@ -128,18 +128,18 @@ def parse_simulated_gpus(value: str) -> tuple[float, ...]:
     return tuple(sizes)
 
 
-def parse_visible_devices(value: str) -> tuple[str, ...]:
+def parse_visible_devices(value: str) -> tuple[tuple[str, ...], str | None]:
     """CUDA_VISIBLE_DEVICES as the scheduler honours it: the GPUs it may use, by index as nvidia-smi numbers them
-    (PCI bus order, as runs see them) or by uuid (GPU-..., or a unique start of one); '' hides every GPU."""
-    entries = tuple(e.strip() for e in value.split(",")) if value.strip() else ()
-    for entry in entries:
+    (PCI bus order, as runs see them) or by uuid (GPU-..., or a unique start of one). Read as CUDA reads it: up to
+    the first entry it cannot take (-1, NoDevFiles: none), which is returned with why; '' hides every GPU."""
+    kept: list[str] = []
+    for entry in (e.strip() for e in value.split(",")) if value.strip() else ():
         if entry.startswith("MIG-"):
-            raise ValueError(f"names a MIG instance ({entry}): the scheduler gives runs whole GPUs; name GPUs by index "
-                             "or uuid, such as 2,3")  # fmt: skip
+            return tuple(kept), f"{entry} is a MIG instance: the scheduler gives runs whole GPUs"
         if not (entry.isdigit() or (entry.startswith("GPU-") and len(entry) > 4)):
-            raise ValueError(f"{entry!r} is no GPU index (0, 1, ...) nor GPU uuid (GPU-...): name the GPUs the "
-                             "scheduler may use, such as 2,3")  # fmt: skip
-    return entries
+            return tuple(kept), f"{entry!r} is no GPU index (0, 1, ...) nor GPU uuid (GPU-...)"
+        kept.append(entry)
+    return tuple(kept), None
 
 
 def check_networks(v: str) -> str:

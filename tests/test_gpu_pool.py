@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -177,3 +178,15 @@ async def test_a_job_the_free_memory_setting_raised_since_holds_back_is_the_oper
         assert "cannot start while the server's setting GPU_MIN_FREE_MEMORY_GB=100" in detail, detail
         reason = (await client.get(f"/jobs/{job_id}/status")).json()["pending_reason"]
         assert reason["code"] == "never" and "operator must lower" in reason["message"], reason
+
+
+async def test_a_server_meant_to_have_no_gpus_is_healthy_all_the_same(app_factory: Any) -> None:
+    # (/health turns degraded while GPUs cannot be read: not for a server without any, which says why in `error`)
+    async with app_factory(SIMULATED_GPUS="0") as client:
+        deadline = time.monotonic() + 20
+        while (health := (await client.get("/health")).json())["gpu"]["error"] is None or "no GPU reading" in str(
+            health["gpu"]["error"]
+        ):  # (until the scheduler published its first reading)
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.1)
+        assert health["status"] == "healthy" and "SIMULATED_GPUS=0" in health["gpu"]["error"], health

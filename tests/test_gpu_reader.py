@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
+import pynvml
 import pytest
 
+from application.services.gpu_pool import impossible
 from application.utils.gpu_reader import GpuReader
 from application.utils.gpu_types import NO_READING, GpuSnapshot
-from application.utils.gpu_utils import NvmlInventory
+from application.utils.gpu_utils import NvmlInventory, create_inventory
 from tests.fake_nvml import FakeNvml
 
 
@@ -69,3 +71,19 @@ async def test_a_reading_that_raises_is_raised_to_the_caller() -> None:
         await reader.read()
     broken.fixed = True
     assert await reader.read() is NO_READING  # (read afresh, not the failure again)
+
+
+async def test_gpus_nvml_cannot_list_are_those_last_published_unreadable_not_none() -> None:
+    # A hung first reading, or NVML not started after a restart (a driver upgrade), published no GPU: every GPU
+    # create was refused as one that "can never be met", and jobs pinned to a GPU as naming one that does not exist.
+    fake = FakeNvml(gpus=2)
+    fake.fail["nvmlInit"] = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
+    reader = GpuReader(create_inventory("auto", nvml=fake), timeout=5)
+    alone = await reader.read()
+    assert alone.gpus == () and alone.gpus_unknown and impossible(1, [1], None, alone) is None  # (unknown: queues)
+    published = GpuSnapshot.from_dict((await GpuReader(NvmlInventory(FakeNvml(gpus=2))).read()).to_dict())
+    reader.remember(published)
+    seen = await reader.read()
+    assert [(g.index, g.uuid, g.memory_free_mb) for g in seen.gpus] == [(0, "GPU-fake-0", 0.0), (1, "GPU-fake-1", 0.0)]
+    assert all(g.error and "NVML could not start" in g.error for g in seen.gpus) and seen.error == alone.error
+    assert impossible(2, None, None, seen) is None and impossible(3, None, None, seen) is not None

@@ -36,6 +36,8 @@ def impossible(num_gpus: int, gpu_ids: Sequence[int] | None, min_gpu_memory_gb: 
     """`impossible_request` of a job's GPU request (a stored job: the GPUs may have changed since its create)."""
     if num_gpus == 0:
         return None
+    if snapshot.gpus_unknown:
+        return None
     count = len(snapshot.gpus)
     hint = " (use num_gpus 0 for a CPU-only run)" if count == 0 else ""
     where = f"this server has {count} GPU{'s' if count != 1 else ''}"

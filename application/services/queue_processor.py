@@ -30,6 +30,7 @@ from application.services.run_start import RunStarter
 from application.services.scheduler import Start, next_head
 from application.services.swift_command import SwiftVersion
 from application.utils.gpu_reader import GpuReader
+from application.utils.gpu_types import snapshot_of
 from application.utils.gpu_utils import GpuInventory
 
 
@@ -62,6 +63,7 @@ class QueueProcessor:
         self.cluster = cluster
         self.inventory = inventory
         self.reader = GpuReader(inventory)
+        self._remembered = False
         self.settings = settings
         self.fence = fence
         # (the fence looked up at each use: a test stands in for a lead lost by setting this one)
@@ -76,6 +78,9 @@ class QueueProcessor:
         """The GPU reading, published, and what a pass plans on; made each round, a pass or not (the processor off,
         starts held), as is the look at OUTPUT_ROOT's disk."""
         await self.starter.look_at_disk()
+        if not self._remembered:
+            self.reader.remember(snapshot_of(await self.cluster.gpu_snapshot()))
+            self._remembered = True
         snapshot = await self.reader.read()
         await self.cluster.put_gpu_snapshot(snapshot.to_dict())
         return await build_view(self.store, snapshot, reclaim=True)

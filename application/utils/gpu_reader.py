@@ -29,18 +29,30 @@ class GpuReader:
         self._since = 0.0  # when the pending reading began (monotonic)
         self._last: GpuSnapshot | None = None
 
+    def remember(self, snapshot: GpuSnapshot) -> None:
+        """The GPUs a reading showed before this process read any (the one its predecessor published): what a
+        reading that cannot list them (NVML hung, or not started) shows, unreadable. Without them it showed none,
+        and every GPU create was refused as one that can never be met (review DP)."""
+        if self._last is None and snapshot.backend == self.inventory.backend and snapshot.gpus:
+            self._last = snapshot
+
     async def read(self) -> GpuSnapshot:
         if self._pending is None:
             self._pending, self._since = self._start(), time.monotonic()
         pending, waited = self._pending, time.monotonic() - self._since
         try:
-            self._last = await asyncio.wait_for(asyncio.shield(pending), max(0.0, self.timeout - waited))
+            snapshot = await asyncio.wait_for(asyncio.shield(pending), max(0.0, self.timeout - waited))
         except TimeoutError:
-            return self._hung(time.monotonic() - self._since)
+            return self._unreadable(f"the GPU reading has not come back for {time.monotonic() - self._since:.0f} s "
+                                    "(NVML hung: a GPU fallen off the bus, or a driver being reset?); every GPU counts "
+                                    "as busy until it does")  # fmt: skip
         finally:
             if pending.done():  # (a reading that raised is not raised again: the next round reads afresh)
                 self._pending = None
-        return self._last
+        if snapshot.gpus_unknown:
+            return self._unreadable(str(snapshot.error))
+        self._last = snapshot
+        return snapshot
 
     def _start(self) -> asyncio.Future[GpuSnapshot]:
         loop = asyncio.get_running_loop()
@@ -66,9 +78,7 @@ class GpuReader:
         threading.Thread(target=work, name="gpu-reading", daemon=True).start()
         return future
 
-    def _hung(self, seconds: float) -> GpuSnapshot:
-        why = (f"the GPU reading has not come back for {seconds:.0f} s (NVML hung: a GPU fallen off the bus, or a "
-               "driver being reset?); every GPU counts as busy until it does")  # fmt: skip
+    def _unreadable(self, why: str) -> GpuSnapshot:
         last = self._last
         gpus = tuple(unreadable_gpu(g.index, g, why) for g in last.gpus) if last else ()
         return GpuSnapshot(self.inventory.backend, gpus, why, last.driver_version if last else None, clock.now())

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 MIB = 1024 * 1024
 SIMULATE_HINT = "set GPU_BACKEND=simulated with SIMULATED_GPUS=4 to simulate GPUs"
+NVML_NOT_STARTED = "NVML could not start"  # (how a reading begins whose GPUs are unknown, not absent)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class GpuSnapshot:
     error: str | None
     driver_version: str | None
     taken_at: float
+
+    @property
+    def gpus_unknown(self) -> bool:
+        """NVML could not start: how many GPUs there are is unknown, not none."""
+        return not self.gpus and (self.error or "").startswith(NVML_NOT_STARTED)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,7 @@
 """What the GPUs on this host hold right now, from NVML or from a simulation.
 
-Every backend answers `snapshot()` without raising: the scheduler polls it through
-`asyncio.to_thread`, and a driver hiccup must become a readable `error`, never a dead poll loop.
+Every backend answers `snapshot()` without raising: the scheduler polls it in a thread of its own (gpu_reader.py),
+and a driver hiccup must become a readable `error`, never a dead poll loop.
 
 Memory figures are MiB (1024**2 bytes) although the fields say `_mb`, because that is the unit
 nvidia-smi prints and operators compare against; the `_gb` figures in `gpu_summary` are GiB.
@@ -22,7 +22,15 @@ from loguru import logger
 
 from application.services import clock
 from application.setting_values import parse_simulated_gpus, parse_visible_devices
-from application.utils.gpu_types import MIB, SIMULATE_HINT, GpuInfo, GpuInventory, GpuProcess, GpuSnapshot
+from application.utils.gpu_types import (
+    MIB,
+    NVML_NOT_STARTED,
+    SIMULATE_HINT,
+    GpuInfo,
+    GpuInventory,
+    GpuProcess,
+    GpuSnapshot,
+)
 from application.utils.nvml_inventory import (
     LINK_SCORE_BY_TOPOLOGY,
     LINK_SCORE_NVLINK,
@@ -105,7 +113,7 @@ class NvmlStarting(NoGpuInventory):
         absent = getattr(cause, "value", None) == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
         self.backend = "none" if absent and self._asked == "auto" else "nvml"
         self.reason = f"NVML could not be loaded: {nvml_message(error)}; {SIMULATE_HINT}" if absent else (
-            f"NVML could not start: {nvml_message(error)} (nvidia-smi says more about the NVIDIA driver); tried "
+            f"{NVML_NOT_STARTED}: {nvml_message(error)} (nvidia-smi says more about the NVIDIA driver); tried "
             f"again every {self.RETRY_SECONDS:.0f} s")  # fmt: skip
 
 
@@ -128,13 +136,17 @@ def create_inventory(
         return SimulatedInventory(len(sizes), sizes, usage_file)
     if name not in ("auto", "nvml"):
         raise ValueError(f"unknown GPU backend {backend!r}: expected auto, nvml or simulated")
-    only = None if visible is None else parse_visible_devices(visible)  # (CUDA_VISIBLE_DEVICES)
+    only = None
+    if visible is not None:  # (CUDA_VISIBLE_DEVICES)
+        only, stopped = parse_visible_devices(visible)
+        if stopped:
+            logger.warning("CUDA_VISIBLE_DEVICES={!r}: {}; read as CUDA reads it, up to there: {}", visible, stopped,
+                           ",".join(only) or "no GPU")  # fmt: skip
     try:
         return NvmlInventory(nvml, only)
     except Exception as exc:
         starting = NvmlStarting(nvml, exc, name, only)
-        logger.warning("GPU_BACKEND={}: {} (tried again every {:.0f} s)", name, starting.reason,
-                       NvmlStarting.RETRY_SECONDS)  # fmt: skip
+        logger.warning("GPU_BACKEND={}: {}", name, starting.reason)
         return starting
 
 

@@ -99,24 +99,26 @@ class NvmlInventory:
 
     def _visible(self, visible: tuple[str, ...]) -> list[int]:
         """The indices CUDA_VISIBLE_DEVICES leaves (indices kept as NVML's: what /gpus, leases and runs say)."""
-        kept = []
+        uuids = [v for v in visible if v.startswith("GPU-")]
+        kept, named = [], set()
         for index in range(self._count):
             if str(index) in visible:
                 kept.append(index)
                 continue
-            uuids = [v for v in visible if v.startswith("GPU-")]
             try:
                 uuid = str(self._nvml.nvmlDeviceGetUUID(self._handle(index))) if uuids else ""
             except pynvml.NVMLError as exc:
                 logger.warning("GPU {}'s uuid could not be read ({}): CUDA_VISIBLE_DEVICES cannot keep it",
                                index, nvml_message(exc))  # fmt: skip
                 continue
-            if any(uuid.startswith(u) for u in uuids):
+            if found := [u for u in uuids if uuid.startswith(u)]:
                 kept.append(index)
-        unknown = [v for v in visible if v.isdigit() and int(v) >= self._count]
+                named.update(found)
+        unknown = [v for v in visible if v.isdigit() and int(v) >= self._count] + [u for u in uuids if u not in named]
         if unknown:
-            logger.warning("CUDA_VISIBLE_DEVICES names GPUs NVML does not list: {} (it lists {})", ",".join(unknown),
-                           self._count)  # fmt: skip
+            logger.warning("CUDA_VISIBLE_DEVICES names GPUs NVML does not list: {} (it lists {}; in a container NVML "
+                           "numbers the GPUs it was given from 0: name them by uuid, or leave CUDA_VISIBLE_DEVICES "
+                           "unset)", ",".join(unknown), self._count)  # fmt: skip
         logger.info("CUDA_VISIBLE_DEVICES={}: the scheduler uses GPUs {} of the {} NVML lists", ",".join(visible),
                     kept, self._count)  # fmt: skip
         return kept
