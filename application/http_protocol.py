@@ -125,6 +125,14 @@ if HttpToolsProtocol is not None:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm(_limits.head, self._head_late)
+            # What the kernel holds for a client that keeps its window shut is dropped by the kernel after the stall
+            # rule's time, whatever the server does meanwhile: closed after a `Connection: close` answer (uvicorn
+            # closes as soon as it wrote it), or kept open by small requests that reset the rule's clocks, it stayed
+            # for minutes (review DQ). Zero-window probes count against TCP_USER_TIMEOUT on Linux 5.11 and later.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_limits.stall * 1000))
 
         def connection_lost(self, exc: Exception | None) -> None:
             for timer in (self._deadline, self._stall, self._unread):
