@@ -13,7 +13,8 @@ from application.config import Settings
 
 # Other tools' variables, one letter from ours (NVIDIA_VISIBLE_DEVICES, which container runtimes set, was taken for
 # a misspelt CUDA_VISIBLE_DEVICES: review DP).
-_DEVICES = re.compile(r"[A-Z0-9_]*_VISIBLE_DEVICES|(NVIDIA|CUDA|NCCL|HIP|ROCR|ROCM)_[A-Z0-9_]*")
+# A typo of CUDA_VISIBLE_DEVICES itself still gets its hint (review DQ).
+_DEVICES = re.compile(r"(?!CUDA_)[A-Z0-9_]*_VISIBLE_DEVICES|(NVIDIA|NCCL|HIP|ROCR|ROCM)_[A-Z0-9_]*")
 
 
 def unknown_settings(env_file: Path | None, environ: Mapping[str, str]) -> list[str]:

@@ -278,7 +278,7 @@ def test_a_large_log_page_takes_a_download_slot_while_it_is_sent(server_factory:
             assert unread.status_code == 200 and int(unread.headers["content-length"]) > 8_000_000
             refused = server.http.get("/jobs/loud/logs?limit=10000", headers=mine)
             assert refused.status_code == 429 and "DOWNLOADS_PER_OWNER=1" in refused.json()["detail"], refused.text
-            assert refused.headers["retry-after"] == "5"
+            assert refused.headers["retry-after"] == "5" and "ask for fewer lines" in refused.json()["detail"]
             small = server.http.get("/jobs/loud/logs?limit=10", headers=mine)  # (a small page takes none)
             assert small.status_code == 200 and len(small.json()["lines"]) == 10
         page = wait_for(lambda: (r := server.http.get("/jobs/loud/logs?limit=10000", headers=mine)).status_code

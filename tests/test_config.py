@@ -164,11 +164,13 @@ def test_a_misspelled_setting_is_named_with_the_one_meant(tmp_path: Path) -> Non
     found = unknown_settings(env, {"REDIS_PASWORD": "x", "PATH": "/bin", "HOME": "/root", "TEST_REDIS_URL": "x",
                                    "SWIFT_API_KEYS": "x", "APP_PORT": "1",
                                    # (other tools' variables, as container runtimes set them: review DP)
-                                   "NVIDIA_VISIBLE_DEVICES": "all", "ROCR_VISIBLE_DEVICES": "0"})  # fmt: skip
+                                   "NVIDIA_VISIBLE_DEVICES": "all", "ROCR_VISIBLE_DEVICES": "0",
+                                   "CUDA_VISIBLE_DEVICE": "2"})  # fmt: skip
     assert found == [
         f"{env}: QUEUE_POLCY is not a setting (did you mean QUEUE_POLICY?)",
         f"{env}: redis_port is not a setting (did you mean REDIS_PORT?)",
         f"{env}: HF_HOME is not a setting",
+        "the environment variable CUDA_VISIBLE_DEVICE is not a setting (did you mean CUDA_VISIBLE_DEVICES?)",
         "the environment variable REDIS_PASWORD is not a setting (did you mean REDIS_PASSWORD?)",
     ]
     for shipped in ("dev", "test", "prod"):

@@ -87,3 +87,16 @@ async def test_gpus_nvml_cannot_list_are_those_last_published_unreadable_not_non
     assert [(g.index, g.uuid, g.memory_free_mb) for g in seen.gpus] == [(0, "GPU-fake-0", 0.0), (1, "GPU-fake-1", 0.0)]
     assert all(g.error and "NVML could not start" in g.error for g in seen.gpus) and seen.error == alone.error
     assert impossible(2, None, None, seen) is None and impossible(3, None, None, seen) is not None
+
+
+async def test_a_first_reading_that_hangs_with_nothing_published_refuses_no_gpu_request() -> None:
+    # (a fresh Redis, or a new key prefix: no earlier reading to list; every GPU create was a 422, review DQ)
+    fake = FakeNvml(gpus=2)
+    gate = fake.hang["nvmlDeviceGetMemoryInfo_v2"] = threading.Event()
+    inv = NvmlInventory(fake)
+    try:
+        hung = await GpuReader(inv, timeout=0.3).read()
+        assert hung.gpus == () and hung.gpus_unknown and impossible(1, [1], None, hung) is None
+    finally:
+        gate.set()
+    inv.close()

@@ -459,6 +459,8 @@ def test_an_unexpected_error_reading_one_gpu_does_not_blank_the_others(
     ("2,3", [2, 3]), ("3,1", [1, 3]), ("GPU-fake-2", [2]), ("GPU-fake-0,3", [0, 3]), ("1,7", [1]), ("", []),
     # As CUDA reads it: up to the first entry it cannot take (these were refused at start, every role with them).
     ("-1", []), ("NoDevFiles", []), ("1,-1,2", [1]), ("2,MIG-4f1e-aa,3", [2]),
+    # (up to the first entry that names no GPU, or several: review DQ)
+    ("0,5,1", [0]), ("01,2", [1, 2]), ("GPU-fake", []), ("GPU-fake-1,GPU-nope,2", [1]),
 ])  # fmt: skip
 def test_cuda_visible_devices_leaves_gpus_out_and_keeps_their_indices(visible: str, kept: list[int]) -> None:
     # The operator's CUDA_VISIBLE_DEVICES=2,3 was ignored: runs got GPUs 0 and 1, held back for someone else.

@@ -104,7 +104,9 @@ async def page_response(request: Request, caller: Caller, body: bytes) -> Respon
     key's 250 unread ones took the API workers from 90 MB to 1.4 GB each (hunt DN)."""
     if len(body) <= LARGE_PAGE_BYTES:
         return Response(body, media_type="application/json")
-    slot = await request.app.state.download_slots.take(caller.name)
+    slot = await request.app.state.download_slots.take(
+        caller.name, "a log page over 256 KiB counts as one: wait for one to finish, or ask for fewer lines"
+    )
 
     async def chunks() -> AsyncIterator[memoryview]:
         view = memoryview(body)

@@ -98,22 +98,23 @@ class OwnerSlots:
                     pipe.zrem(slot.key, slot.id)
                 await pipe.execute()
 
-    async def take(self, owner: str | None) -> Slot | None:
-        """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already."""
+    async def take(self, owner: str | None, advice: str | None = None) -> Slot | None:
+        """A slot for one more request of `owner` (None with no cap); TooMany when they hold the cap already,
+        saying `advice` (what this request may do instead) or the slots' own."""
         if not self.cap:
             return None
         slot = Slot(self, self.key_of(owner or ANONYMOUS_BUCKET), owner)
-        await self.claim(slot)
+        await self.claim(slot, advice)
         return slot
 
-    async def claim(self, slot: Slot) -> None:
+    async def claim(self, slot: Slot, advice: str | None = None) -> None:
         now = clock.now()
         held = int(await self._take(keys=[slot.key], args=[script_arg({
             "id": slot.id, "now": now, "expires": now + self.ttl, "cap": self.cap, "ttl_ms": int(self.ttl * 1000),
         })]))  # fmt: skip
         if held >= 0:
             raise TooMany(f"{slot.owner or 'anonymous'} already has {held} {self.what} ({self.setting}={self.cap}): "
-                          f"{self.advice}", retry_after=5)  # fmt: skip
+                          f"{advice or self.advice}", retry_after=5)  # fmt: skip
         self.held.add(slot)
 
 

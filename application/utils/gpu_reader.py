@@ -16,7 +16,7 @@ import threading
 import time
 
 from application.services import clock
-from application.utils.gpu_types import GpuInventory, GpuSnapshot, unreadable_gpu
+from application.utils.gpu_types import READING_HUNG, GpuInventory, GpuSnapshot, unreadable_gpu
 
 READ_TIMEOUT_SECONDS = 10.0
 
@@ -43,9 +43,9 @@ class GpuReader:
         try:
             snapshot = await asyncio.wait_for(asyncio.shield(pending), max(0.0, self.timeout - waited))
         except TimeoutError:
-            return self._unreadable(f"the GPU reading has not come back for {time.monotonic() - self._since:.0f} s "
-                                    "(NVML hung: a GPU fallen off the bus, or a driver being reset?); every GPU counts "
-                                    "as busy until it does")  # fmt: skip
+            return self._unreadable(f"{READING_HUNG} for {time.monotonic() - self._since:.0f} s (NVML hung: a GPU "
+                                    "fallen off the bus, or a driver being reset?); every GPU counts as busy until it "
+                                    "does")  # fmt: skip
         finally:
             if pending.done():  # (a reading that raised is not raised again: the next round reads afresh)
                 self._pending = None

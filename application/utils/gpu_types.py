@@ -7,7 +7,9 @@ from typing import Any, Protocol
 
 MIB = 1024 * 1024
 SIMULATE_HINT = "set GPU_BACKEND=simulated with SIMULATED_GPUS=4 to simulate GPUs"
-NVML_NOT_STARTED = "NVML could not start"  # (how a reading begins whose GPUs are unknown, not absent)
+# How readings begin whose GPUs are unknown, not absent: none of them is judged impossible meanwhile.
+NVML_NOT_STARTED = "NVML could not start"
+READING_HUNG = "the GPU reading has not come back"
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class GpuSnapshot:
 
     @property
     def gpus_unknown(self) -> bool:
-        """NVML could not start: how many GPUs there are is unknown, not none."""
-        return not self.gpus and (self.error or "").startswith(NVML_NOT_STARTED)
+        """NVML could not start, or its first reading hung: how many GPUs there are is unknown, not none."""
+        return not self.gpus and (self.error or "").startswith((NVML_NOT_STARTED, READING_HUNG))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -98,30 +98,32 @@ class NvmlInventory:
         return len(self._indices)
 
     def _visible(self, visible: tuple[str, ...]) -> list[int]:
-        """The indices CUDA_VISIBLE_DEVICES leaves (indices kept as NVML's: what /gpus, leases and runs say)."""
-        uuids = [v for v in visible if v.startswith("GPU-")]
-        kept, named = [], set()
-        for index in range(self._count):
-            if str(index) in visible:
-                kept.append(index)
-                continue
-            try:
-                uuid = str(self._nvml.nvmlDeviceGetUUID(self._handle(index))) if uuids else ""
-            except pynvml.NVMLError as exc:
-                logger.warning("GPU {}'s uuid could not be read ({}): CUDA_VISIBLE_DEVICES cannot keep it",
-                               index, nvml_message(exc))  # fmt: skip
-                continue
-            if found := [u for u in uuids if uuid.startswith(u)]:
-                kept.append(index)
-                named.update(found)
-        unknown = [v for v in visible if v.isdigit() and int(v) >= self._count] + [u for u in uuids if u not in named]
-        if unknown:
-            logger.warning("CUDA_VISIBLE_DEVICES names GPUs NVML does not list: {} (it lists {}; in a container NVML "
-                           "numbers the GPUs it was given from 0: name them by uuid, or leave CUDA_VISIBLE_DEVICES "
-                           "unset)", ",".join(unknown), self._count)  # fmt: skip
+        """The indices CUDA_VISIBLE_DEVICES leaves (indices kept as NVML's: what /gpus, leases and runs say), read
+        as CUDA reads it: up to the first entry that names no GPU, or more than one (review DQ)."""
+        kept: set[int] = set()
+        for entry in visible:
+            if entry.isdigit():
+                found = [int(entry)] if int(entry) < self._count else []
+            else:
+                found = [i for i in range(self._count) if self._uuid(i).startswith(entry)]
+            if len(found) != 1:
+                why = "starts the uuids of several GPUs" if found else "names no GPU NVML lists"
+                logger.warning("CUDA_VISIBLE_DEVICES={}: {} {} (NVML lists {}; in a container it numbers the GPUs it "
+                               "was given from 0: name them by uuid, or leave CUDA_VISIBLE_DEVICES unset); read as "
+                               "CUDA reads it, up to there", ",".join(visible), entry, why, self._count)  # fmt: skip
+                break
+            kept.update(found)
         logger.info("CUDA_VISIBLE_DEVICES={}: the scheduler uses GPUs {} of the {} NVML lists", ",".join(visible),
-                    kept, self._count)  # fmt: skip
-        return kept
+                    sorted(kept), self._count)  # fmt: skip
+        return sorted(kept)
+
+    def _uuid(self, index: int) -> str:
+        try:
+            return str(self._nvml.nvmlDeviceGetUUID(self._handle(index)))
+        except pynvml.NVMLError as exc:
+            logger.warning("GPU {}'s uuid could not be read ({}): CUDA_VISIBLE_DEVICES cannot name it", index,
+                           nvml_message(exc))  # fmt: skip
+            return ""
 
     def snapshot(self) -> GpuSnapshot:
         try:
