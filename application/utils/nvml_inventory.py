@@ -101,11 +101,13 @@ class NvmlInventory:
         """The indices CUDA_VISIBLE_DEVICES leaves (indices kept as NVML's: what /gpus, leases and runs say), read
         as CUDA reads it: up to the first entry that names no GPU, or more than one (review DQ)."""
         kept: set[int] = set()
+        uuids: list[str] | None = None  # (read once, and only when an entry names a uuid)
         for entry in visible:
             if entry.isdigit():
                 found = [int(entry)] if int(entry) < self._count else []
             else:
-                found = [i for i in range(self._count) if self._uuid(i).startswith(entry)]
+                uuids = uuids if uuids is not None else [self._uuid(i) for i in range(self._count)]
+                found = [i for i, uuid in enumerate(uuids) if uuid.startswith(entry)]
             if len(found) != 1:
                 why = "starts the uuids of several GPUs" if found else "names no GPU NVML lists"
                 logger.warning("CUDA_VISIBLE_DEVICES={}: {} {} (NVML lists {}; in a container it numbers the GPUs it "
