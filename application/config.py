@@ -37,6 +37,7 @@ from application.setting_values import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Uploads (POST /files) live in <each DATA_ROOTS folder>/uploads/<owner folder>/.
 UPLOADS_DIR = "uploads"
+RETRY_BACKOFF_CAP = 600.0  # the longest wait of a retry, however many came before it
 ENV_DIR = PROJECT_ROOT / "env"
 
 
@@ -201,6 +202,9 @@ class Settings(BaseSettings):
     STREAMS_PER_OWNER: int = Field(64, ge=0, le=100_000)
     # A run is never preempted before it has run this long since its last start (no thrashing).
     PREEMPTION_MIN_RUN_SECONDS: float = Field(600.0, ge=0, le=30 * 86400)
+    # A retried run waits this long in the queue before it may start, doubled at each retry of the job and at most
+    # RETRY_BACKOFF_CAP: a fault of a minute (a node's, a file system's) used up every retry in seconds.
+    RETRY_BACKOFF_SECONDS: float = Field(30.0, ge=0, le=RETRY_BACKOFF_CAP)
 
     @field_validator("API_PREFIX", "ROOT_PATH")
     @classmethod

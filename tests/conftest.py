@@ -159,6 +159,7 @@ class ApiServer:
             "STOP_GRACE_SECONDS": "3",
             "QUEUE_POLL_INTERVAL": "1",
             "RUNNER_POLL_INTERVAL": "0.1",
+            "RETRY_BACKOFF_SECONDS": "0",  # (a test of the backoff sets its own)
             "API_WORKERS": "1",
             "LOG_LEVEL": "DEBUG",
             "FAKE_SWIFT_STEP_SECONDS": "0.02",
@@ -435,6 +436,7 @@ def settings_for(redis_url: str, workdir: Path, **overrides: Any) -> Settings:
         "MODEL_ROOTS": str(workdir), "LOG_DIR": workdir / "logs", "DATA_DIR": workdir / "data",
         "SWIFT_BIN": str(FAKE_SWIFT), "SWIFT_VERSION": "4.6.0", "GPU_BACKEND": "simulated", "SIMULATED_GPUS": "2x80",
         "STOP_GRACE_SECONDS": 3, "QUEUE_POLL_INTERVAL": 1, "RUNNER_POLL_INTERVAL": 0.1, "LOG_LEVEL": "WARNING",
+        "RETRY_BACKOFF_SECONDS": 0,  # (a test of the backoff sets its own)
     }  # fmt: skip
     values.update(overrides)
     return Settings(_env_file=None, **values)

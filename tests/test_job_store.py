@@ -495,6 +495,11 @@ async def test_a_priority_change_and_a_prediction_landing_together_each_keep_the
     assert await store.set_predictions({"q": PredictedDuration(seconds=60.0, source="plan")}) == 1
     [(_, meta)] = await store.queue_window(0, 5)
     assert (meta.priority, meta.estimated_duration, meta.submitted_at) == (7, 60.0, created)
+    # An entry with a retry's time (its 8th item): the estimate is its 6th still, and the time stays.
+    await store.r.hset(store.keys.queue_meta, "q", json.dumps([7, created, 2, [0, 1], None, 60.0, "al", 1e9 + 0.5]))
+    assert await store.set_predictions({"q": PredictedDuration(seconds=42.0, source="plan")}) == 1
+    [(_, meta)] = await store.queue_window(0, 5)
+    assert (meta.gpu_ids, meta.estimated_duration, meta.owner, meta.retry_at) == ([0, 1], 42.0, "al", 1e9 + 0.5)
     # An entry an older version wrote, without its owner: the estimate is still its 6th item.
     await store.r.hset(store.keys.queue_meta, "q", json.dumps([7, created, 1, None, None, 60.0]))
     assert await store.set_predictions({"q": PredictedDuration(seconds=99.0, source="plan")}) == 1

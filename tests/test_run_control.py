@@ -594,7 +594,7 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="3x80") as client:
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="3x80", RETRY_BACKOFF_SECONDS=2) as client:
         common: dict[str, Any] = {"auto_start": True, "max_retries": 2}
         killed = job_body(tmp_path, "killed", step_seconds=0.02, sigkill_at_step=7,
                           training={"max_steps": 12, "save_steps": 5, "logging_steps": 1}, **common)  # fmt: skip
@@ -604,14 +604,25 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
         for b in (killed, broken, oom):
             assert (await client.post("/jobs", json=b)).status_code == 201
 
+        # Back in the queue, it waits out its backoff with GPUs free, and says so (hunt DK: a minute-long fault
+        # used up every retry in seconds).
+        waiting = await wait_job(client, "killed", lambda j: j["retries"] == 1 or j["status"] == "failed")
+        status = (await client.get("/jobs/killed/status")).json()
+        if status["status"] == "queued":  # (unless the 2 s were over by this read)
+            assert status["pending_reason"]["code"] == "retry_backoff", status
+            assert status["pending_reason"]["starts_at"] == pytest.approx(waiting["retry_at"], abs=0.01), status
         done = await wait_job(client, "killed", lambda j: j["status"] in ("completed", "failed"))
         assert done["status"] == "completed" and done["retries"] == 1
         first, second = done["attempts"]
         assert (first["outcome"], first["error_code"]) == ("retried", "signal")
+        assert done["retry_at"] == pytest.approx(first["finished_at"] + 2, abs=0.01), done
+        assert second["started_at"] >= done["retry_at"], done
         assert second["resumed_from"].endswith("checkpoint-5") and second["outcome"] == "completed"
         events = (await client.get("/jobs/killed/events")).json()["events"]
         retry = next(e for e in events if e["type"] == "retry")
         assert "retry 1 of 2" in retry["message"] and retry["data"]["resume_step"] == 5
+        assert "starts again in less than a minute at the earliest" in retry["message"], retry["message"]
+        assert retry["data"]["retry_at"] == done["retry_at"]
 
         failed = await wait_job(client, "broken", lambda j: j["status"] == "failed")
         assert len(failed["attempts"]) == 1 and failed["retries"] == 0  # an error that would repeat
@@ -620,6 +631,7 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
 
         oomed = await wait_job(client, "oom", lambda j: j["status"] == "failed", timeout=40)
         assert [a["outcome"] for a in oomed["attempts"]] == ["retried", "failed"]  # the same step twice: stop
+        assert oomed["attempts"][1]["started_at"] >= oomed["attempts"][0]["finished_at"] + 2, oomed
         assert "CUDA out of memory" in oomed["error_message"]
         assert oomed["error_message"].endswith("(not retried: out of GPU memory at step 7 again)"), oomed
 

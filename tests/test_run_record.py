@@ -124,3 +124,23 @@ def test_a_failure_whose_message_says_what_to_do_gets_no_retry_note() -> None:
     printed = RunEnd(JobStatus.FAILED, "training failed: y", "ValueError: y", "exit_code")
     end = record_end(job, 1, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=printed, now=1.0)
     assert end.fields["error_message"] == "ValueError: y (not retried: an error the run printed would only repeat)"
+
+
+def test_a_retry_waits_longer_each_time_up_to_the_cap() -> None:
+    # A fault of a minute (a node's, a file system's) used up every retry in seconds (hunt DK).
+    from application.config import RETRY_BACKOFF_CAP
+    from application.services.run_end import retry_wait
+
+    assert [retry_wait(30, n) for n in (1, 2, 3, 4, 5, 6, 10)] == [30, 60, 120, 240, 480, 600, 600]
+    assert retry_wait(0, 3) == 0 and retry_wait(600, 1) == RETRY_BACKOFF_CAP
+    job = Job(job_id="j", status=JobStatus.RUNNING, priority=5, owner=None, data_path="d", model_path="m",
+              output_dir="/nowhere", output_dir_requested="j", num_gpus=1, training=TrainingParams(), created_at=0,
+              updated_at=0, retries=2, max_retries=5)  # fmt: skip
+    end = record_end(job, -9, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=None, now=1000.0,
+                     backoff=30)  # fmt: skip
+    assert end.status == JobStatus.QUEUED and end.fields["retry_at"] == 1120.0, end.fields
+    assert "retry 3 of 5: back in the queue, starts again in 2 min at the earliest" in end.message, end.message
+    assert end.event is not None and end.event[2]["retry_at"] == 1120.0
+    # Without a backoff it goes back at once, as before.
+    end = record_end(job, -9, RunFacts(), [], [], interrupt=None, stop_outcome=None, override=None, now=1000.0)
+    assert end.fields["retry_at"] is None and "back in the queue, resumes from" in end.message

@@ -102,6 +102,23 @@ def test_multi_gpu_job_needs_all_its_gpus_free() -> None:
     assert run([job("big", n=4)], gpus, [RunningJob("other", (2,), 100.0)]) == {}
 
 
+def test_a_retry_waiting_out_its_backoff_neither_starts_nor_holds_gpus_for_the_jobs_behind_it() -> None:
+    # Its place stays (its original submission time), but before retry_at it is out of the pass, as Slurm leaves a
+    # job whose begin time is ahead: free GPUs go to the jobs behind it, it heads nothing, and says when it may start.
+    from dataclasses import replace
+
+    for name in ("backfill", "strict"):
+        q = ordered(replace(job("retried", t=1, n=2), retry_at=NOW + 90), job("next", t=2), job("last", t=3))
+        found = plan(q, gpus_free(2), [], policy_of(name), NOW)
+        assert {s.job_id for s in found.starts} == {"next", "last"}, name
+        assert found.reasons["retried"].code == "retry_backoff" and found.reasons["retried"].starts_in == 90
+        assert "waits about 2 min more before it may start again" in found.reasons["retried"].text
+        assert found.waits["retried"] is None and found.head is None
+        # Its time come, it starts first again.
+        later = plan(q, gpus_free(2), [], policy_of(name), NOW + 90)
+        assert [s.job_id for s in later.starts] == ["retried"] and later.reasons.get("retried") is None
+
+
 def test_cpu_only_jobs_always_start() -> None:
     running = [RunningJob("r", (0,), None)]
     gpus = busy(gpus_free(1), running)

@@ -95,7 +95,7 @@ class PredictedDuration(BaseModel):
 
 
 PendingCode = Literal["priority", "resources", "reservation", "preemption", "outside_processes", "gpu_unreadable",
-                      "owner_limit", "never", "processor_stopped"]  # fmt: skip
+                      "owner_limit", "never", "processor_stopped", "retry_backoff"]  # fmt: skip
 
 
 class PendingReason(BaseModel):
@@ -109,13 +109,15 @@ class PendingReason(BaseModel):
         "the server did not start; gpu_unreadable: GPUs it needs could not be read (see GET /gpus); owner_limit: "
         "its owner is at MAX_GPUS_PER_OWNER or MAX_RUNNING_PER_OWNER, with its jobs ahead; never: the request "
         "cannot be met on these GPUs; processor_stopped: no pass starts jobs now: the queue processor is off, no "
-        "scheduler runs, or starts are held for a few seconds after a Redis restart",
+        "scheduler runs, or starts are held for a few seconds after a Redis restart; retry_backoff: a retried run "
+        "waits until starts_at before it may start (RETRY_BACKOFF_SECONDS)",
     )
     message: str
     job_id: str | None = Field(None, description="reservation: the job the GPUs are held for; preemption: the "
                                "first run that makes way")  # fmt: skip
     starts_at: float | None = Field(None, description="reservation: when that job should start; preemption: when "
-                                    "the runs are asked to (Unix seconds)")  # fmt: skip
+                                    "the runs are asked to; retry_backoff: when it may start again "
+                                    "(Unix seconds)")  # fmt: skip
 
 
 class Attempt(BaseModel):
@@ -234,6 +236,8 @@ class Job(BaseModel):
     max_retries: int = Field(0, description="automatic retries after a retryable failure")
     webhook_url: str | None = Field(None, description="this job's own notification URL")
     retries: int = Field(0, description="automatic retries used so far")
+    retry_at: float | None = Field(None, description="a retried job waits in the queue until then before it may "
+                                   "start again (RETRY_BACKOFF_SECONDS, doubled at each retry)")  # fmt: skip
     resume_from: str | None = Field(None, description="the checkpoint the next run resumes from")
     attempts: list[Attempt] = Field(default_factory=list, description="one per run")
     last_checkpoint_at: float | None = Field(None, description="when the current run last saved a checkpoint")

@@ -82,7 +82,7 @@ def never_free(snapshot: GpuSnapshot, min_free_gb: float, num_gpus: int = 1) -> 
 
 def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, gpu_ids: Sequence[int] | None,
                min_gpu_memory_gb: float | None, estimated_duration: float | None = None, *,
-               owner: str | None = None) -> QueuedJob:  # fmt: skip
+               owner: str | None = None, retry_at: float | None = None) -> QueuedJob:  # fmt: skip
     return QueuedJob(
         job_id=job_id,
         priority=priority,
@@ -92,4 +92,5 @@ def queued_job(job_id: str, priority: int, submitted_at: float, num_gpus: int, g
         min_gpu_memory_gb=min_gpu_memory_gb,
         estimated_duration=estimated_duration,
         owner=owner,
+        retry_at=retry_at,
     )

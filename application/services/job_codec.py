@@ -95,20 +95,21 @@ class QueueMeta:
     min_gpu_memory_gb: float | None
     estimated_duration: float | None = None
     owner: str | None = None
+    retry_at: float | None = None  # a retried run's: not started before then
 
     def encode(self) -> str:
-        return json.dumps(
-            [self.priority, self.submitted_at, self.num_gpus, self.gpu_ids, self.min_gpu_memory_gb,
-             self.estimated_duration, self.owner],
-            separators=(",", ":"),
-        )  # fmt: skip
+        items = [self.priority, self.submitted_at, self.num_gpus, self.gpu_ids, self.min_gpu_memory_gb,
+                 self.estimated_duration, self.owner]  # fmt: skip
+        if self.retry_at is not None:  # (an 8th item only when there is one: most entries keep the 7 of before)
+            items.append(self.retry_at)
+        return json.dumps(items, separators=(",", ":"))
 
     @classmethod
     def decode(cls, raw: str) -> QueueMeta:
         return cls(*json.loads(raw))
 
     @classmethod
-    def of(cls, job: Job, priority: int | None = None) -> QueueMeta:
+    def of(cls, job: Job, priority: int | None = None, *, retry_at: float | None = None) -> QueueMeta:
         return cls(job.priority if priority is None else priority, job.created_at, job.num_gpus,
                    job.gpu_ids_requested, job.min_gpu_memory_gb, job.predicted_duration.seconds,
-                   owner=job.owner)  # fmt: skip
+                   owner=job.owner, retry_at=retry_at)  # fmt: skip

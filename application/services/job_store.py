@@ -313,6 +313,8 @@ class JobStore(JobLog, QueueView):
         extra["updated_at"] = now
         if to == JobStatus.QUEUED:
             extra.setdefault("queued_at", now)
+            # Only a retry's own move waits (its `retry_at`): a resume or a preemption goes back at once.
+            extra.setdefault("retry_at", None)
         elif to == JobStatus.RUNNING:
             extra.setdefault("started_at", now)
         if to.is_terminal():
@@ -335,7 +337,8 @@ class JobStore(JobLog, QueueView):
                 job = await self.get(job_id)
                 if job is None:
                     raise TransitionRefused(Refusal.MISSING)
-                queue = {"queue": "add", "priority": job.priority, "meta": QueueMeta.of(job).encode(),
+                queue = {"queue": "add", "priority": job.priority,
+                         "meta": QueueMeta.of(job, retry_at=extra["retry_at"]).encode(),
                          "score": repr(queue_score(job.priority, job.created_at))}  # fmt: skip
             res = await self._transition(keys=[k.job(job_id)], args=[script_arg({
                 "id": job_id, "to": to.value, "allowed": sorted(s.value for s in allowed),
@@ -436,7 +439,8 @@ class JobStore(JobLog, QueueView):
         res = await self._reprioritize(keys=[k.job(job.job_id)], args=[script_arg({
             "id": job.job_id, "priority": json.dumps(priority), "score": repr(queue_score(priority, job.created_at)),
             "created": encode_value(job.created_at),
-            "meta": QueueMeta.of(job, priority).encode(), "updated_at": json.dumps(now), "maxlen": self.events_max,
+            "meta": QueueMeta.of(job, priority, retry_at=job.retry_at).encode(), "updated_at": json.dumps(now),
+            "maxlen": self.events_max,
             "event": event_payload("priority_changed", f"priority changed from {job.priority} to {priority}",
                                    {"from": job.priority, "to": priority}, actor, now),
             "k": {"queue": k.queue, "queue_meta": k.queue_meta, "events": k.job_events(job.job_id),

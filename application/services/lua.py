@@ -453,10 +453,10 @@ return {'ok', cur}
 """
 )
 
-# A prediction found for a job that waits: on the job, and in its queue entry's meta (its 6th item of 7, between
-# the last two commas: the owner's name has none), changed in place so a concurrent priority change is not undone,
-# as text (cjson would round the submission time to 14 digits). a: id, predicted, seconds (encoded),
-# k {queue_meta, summary}
+# A prediction found for a job that waits: on the job, and in its queue entry's meta (its 6th item of 7, or of 8
+# with a retry's time: between the two commas before the owner, whose name has none), changed in place so a
+# concurrent priority change is not undone, as text (cjson would round the submission time to 14 digits).
+# a: id, predicted, seconds (encoded), k {queue_meta, summary}
 SET_PREDICTION = (
     HELPERS
     + """
@@ -466,9 +466,10 @@ redis.call('HSET', KEYS[1], 'predicted_duration', a.predicted, 'queued_predictio
 refresh_summary(a.k.summary)
 local raw = redis.call('HGET', a.k.queue_meta, a.id)
 local m = raw and cjson.decode(raw)
-if m and #m == 7 then
-  local last = string.find(raw, ',[^,]*$')
-  local before = string.find(string.sub(raw, 1, last - 1), ',[^,]*$')
+if m and (#m == 7 or #m == 8) then
+  local commas = {}
+  for at in string.gmatch(raw, '(),') do commas[#commas + 1] = at end
+  local last, before = commas[#commas - (#m - 7)], commas[#commas - (#m - 7) - 1]
   redis.call('HSET', a.k.queue_meta, a.id, string.sub(raw, 1, before) .. a.seconds .. string.sub(raw, last))
 elseif m then  -- (an entry of an older version, without its owner)
   m[6] = cjson.decode(a.seconds)

@@ -93,7 +93,7 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
 
 def as_queued(job_id: str, meta: QueueMeta) -> QueuedJob:
     return queued_job(job_id, meta.priority, meta.submitted_at, meta.num_gpus, meta.gpu_ids, meta.min_gpu_memory_gb,
-                      meta.estimated_duration, owner=meta.owner)  # fmt: skip
+                      meta.estimated_duration, owner=meta.owner, retry_at=meta.retry_at)  # fmt: skip
 
 
 async def queued(store: JobStore, count: int, start: int = 0) -> list[QueuedJob]:

@@ -231,7 +231,8 @@ class Runner:
             end = record_end(job.model_copy(update={"preempt_for": preempt_for}), code, facts, tail, checkpoints,
                              interrupt=interrupt, override=override,
                              stop_outcome=outcome if stopping is not None else None, now=ended_at,
-                             keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free)  # fmt: skip
+                             keep=self.settings.LOG_TAIL_ON_FAILURE, disk_free=free,
+                             backoff=self.settings.RETRY_BACKOFF_SECONDS)  # fmt: skip
             if timed_out and override is not None:
                 end.fields["stop_outcome"] = outcome or "gone"
             if end.event is not None:

@@ -11,10 +11,12 @@ import signal
 from dataclasses import dataclass, replace
 from typing import Any
 
+from application.config import RETRY_BACKOFF_CAP
 from application.models.training_model import Attempt, Job, JobStatus
 from application.services.disk_space import DISK_FULL_BYTES, room
 from application.services.log_parser import RunFacts
 from application.services.swift_errors import extract_error, root_cause
+from application.services.wait_reasons import format_wait
 
 
 @dataclass(frozen=True)
@@ -199,14 +201,21 @@ class Conclusion:
     event: tuple[str, str, dict[str, Any]] | None = None
 
 
+def retry_wait(backoff: float, retry: int) -> float:
+    """How long retry number `retry` (1 for the first) waits before it may start: `backoff` (RETRY_BACKOFF_SECONDS),
+    doubled at each retry after the first, at most RETRY_BACKOFF_CAP."""
+    return min(RETRY_BACKOFF_CAP, backoff * 2.0 ** min(retry - 1, 32))
+
+
 def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | None, last_step: int | None,
-             run_dir: str | None, now: float) -> Conclusion:  # fmt: skip
+             run_dir: str | None, now: float, backoff: float = 0.0) -> Conclusion:  # fmt: skip
     """What a run's end means, given how it ended (`end`), why it was interrupted (`interrupt`: "stop", "pause",
     "preempt" or None) and the checkpoint a next run would resume from.
 
     A run that completed is completed whatever else was asked. A pause rests the job as `paused`; a preemption
     puts it back in the queue (its original submission time keeps its place); a retryable failure with
-    retries left does the same; both resume from `checkpoint` (from the start when there is none).
+    retries left does the same, to start no sooner than `retry_wait(backoff, ...)` after `now`; both resume from
+    `checkpoint` (from the start when there is none).
     """
     attempts = [a.model_copy() for a in job.attempts]
     current = attempts[-1] if attempts else None
@@ -232,9 +241,13 @@ def conclude(job: Job, end: RunEnd, *, interrupt: str | None, checkpoint: str | 
     elif interrupt is None and job.retries < job.max_retries and retryable(end, last_step, previous):
         status, outcome = JobStatus.QUEUED, "retried"
         fields["retries"] = job.retries + 1
+        wait = retry_wait(backoff, job.retries + 1)
+        fields["retry_at"] = now + wait if wait > 0 else None
+        after = f", starts again in {format_wait(wait).removeprefix('about ')} at the earliest" if wait > 0 else ""
         message = (f"attempt {len(attempts)} failed ({end.error_message}); retry {job.retries + 1} of "
-                   f"{job.max_retries}: back in the queue, resumes from {where}")  # fmt: skip
-        event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts)})
+                   f"{job.max_retries}: back in the queue{after}, resumes from {where}")  # fmt: skip
+        event = ("retry", message, {**resume, "error_code": end.error_code, "attempt": len(attempts),
+                                    "retry_at": fields["retry_at"]})  # fmt: skip
     elif interrupt is None and end.status == JobStatus.FAILED and job.max_retries and \
             (why := _not_retried(job, end, last_step, previous)):  # fmt: skip
         # A job given retries says why this failure ends it (hunt DK: only swift's error was shown).

@@ -131,11 +131,11 @@ def unrecorded_checkpoints(checkpoints: list[str], run_dir: str | None, last_rec
 def record_end(
     job: Job, code: int | None, facts: RunFacts, tail: list[str], checkpoints: list[str], *,
     interrupt: str | None, stop_outcome: str | None, override: RunEnd | None, now: float, keep: int | None = None,
-    disk_free: int | None = None,
+    disk_free: int | None = None, backoff: float = 0.0,
 ) -> Conclusion:  # fmt: skip
     """The job's next status and every field to write with it. `override`: an end the exit status cannot tell
     (a time limit, a runner terminated or lost); `keep`: how many of the `tail` lines to store with a failure;
-    `disk_free`: the bytes free on the disk of the job's folder (`read_run`)."""
+    `disk_free`: the bytes free on the disk of the job's folder (`read_run`); `backoff`: RETRY_BACKOFF_SECONDS."""
     end = override or final_status(code, interrupt is not None, facts, tail, work_of(job), disk_free)
     fields: dict[str, Any] = {
         "exit_code": code, "checkpoints": checkpoints, "run_dir": facts.run_dir or job.run_dir,
@@ -159,7 +159,7 @@ def record_end(
     # can resume from (a folder cut before its trainer_state.json was written is not).
     resume = first_resumable(reversed(checkpoints))
     c = conclude(job, end, interrupt=interrupt, checkpoint=resume, last_step=last_step, run_dir=fields["run_dir"],
-                 now=now)  # fmt: skip
+                 now=now, backoff=backoff)  # fmt: skip
     if c.status.is_terminal():
         # When the run ended, not when Redis took the write (after an outage the runner rode out, say).
         fields["finished_at"] = now

@@ -75,6 +75,7 @@ class QueuedJob:
     min_gpu_memory_gb: float | None
     estimated_duration: float | None
     owner: str | None = None
+    retry_at: float | None = None  # a retried run: not started, nor planned for, before then
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +212,17 @@ def plan(
     CPU-only jobs always start; requests that can never be met are skipped; a job past its owner's limits
     (taken in queue order) waits without blocking or reserving. Waits are None when the start depends on a
     missing estimate, on outside processes, or on a request that can never be met.
+
+    A retried run waiting out its backoff (`retry_at` ahead) is left out of the pass, as Slurm leaves a job whose
+    begin time is ahead: it neither starts, nor heads, nor holds GPUs for when it may start.
     """
-    return _Pass(queue, gpus, running, policy, now, estimating, head, clocks).run()
+    later = {j.job_id: j.retry_at - now for j in queue if j.retry_at is not None and j.retry_at > now}
+    if later:
+        queue = [j for j in queue if j.job_id not in later]
+    found = _Pass(queue, gpus, running, policy, now, estimating, head, clocks).run()
+    for job_id, left in later.items():
+        found.waits[job_id], found.reasons[job_id] = None, Reason("retry_backoff", starts_in=left)
+    return found
 
 
 class _Pass:

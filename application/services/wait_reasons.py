@@ -16,6 +16,7 @@ REASON_TEXT = {
     "names): it starts if such GPUs come back; else cancel it (POST .../stop) and create it again with num_gpus, "
     "gpu_ids or min_gpu_memory_gb they meet",
     "preemption": "lower-priority runs make way for it (PREEMPTION)",
+    "retry_backoff": "a retried run waits a while before it may start again (RETRY_BACKOFF_SECONDS)",
 }
 
 
@@ -58,6 +59,11 @@ class Reason:
                         "checkpoint, or from the beginning without one)")  # fmt: skip
             return (f"{runs} will make way for it once preemptible (PREEMPTION_MIN_RUN_SECONDS), in "
                     f"{format_wait(self.starts_in).removeprefix('about ')}")  # fmt: skip
+        if self.code == "retry_backoff" and self.starts_in is not None:
+            return (
+                f"its run failed and was retried: it waits {format_wait(self.starts_in)} more before it may "
+                "start again (RETRY_BACKOFF_SECONDS, doubled at each retry), in case what failed it was passing"
+            )
         return REASON_TEXT[self.code]
 
 

@@ -271,7 +271,7 @@ class Watchdog:
         override = timed_out or (lost if unexplained and interrupt is None else None)
         end = record_end(job, code, facts, tail, checkpoints, interrupt=interrupt, stop_outcome=outcome,
                          override=override, now=min(ended_at, clock.now()), keep=self.settings.LOG_TAIL_ON_FAILURE,
-                         disk_free=free)  # fmt: skip
+                         disk_free=free, backoff=self.settings.RETRY_BACKOFF_SECONDS)  # fmt: skip
         if timed_out is not None:
             end.fields["stop_outcome"] = outcome or "gone"
         try:
