@@ -31,12 +31,13 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from application.config import Settings, env_file, get_settings
+from application.config import CLIENT_VARIABLES, Settings, env_file, get_settings
 from application.http_protocol import http_protocol
 from application.services.embedded_redis import EmbeddedRedis, find_redis_server
 from application.services.process_group import die_with_parent
 from application.services.redis_service import check_redis_access, redis_url
 from application.setting_names import unknown_settings
+from application.utils.process_privacy import keep_private
 
 ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
@@ -151,7 +152,7 @@ def serve_scheduler(settings: Settings) -> None:
     if settings.DIE_WITH_PARENT:
         die_with_parent()
     argv = [sys.executable, "-m", SCHEDULER_MODULE]
-    env = {**os.environ, "DIE_WITH_PARENT": "true"}  # a killed keeper leaves no scheduler behind
+    env = scheduler_env()
     stopping: list[int] = []
     child: subprocess.Popen[bytes] | None = None
 
@@ -186,6 +187,14 @@ def serve_scheduler(settings: Settings) -> None:
         pause = min(pause * 2, 30.0)
 
 
+def scheduler_env() -> dict[str, str]:
+    """This environment, for the scheduler (and its keeper): without the API keys, which only the API uses
+    (its runners' swift runs code a job brings), and dying with this process, so that a killed start.py leaves
+    no scheduler behind."""
+    return {k: v for k, v in os.environ.items() if k not in ("API_KEYS", *CLIENT_VARIABLES)} | \
+        {"DIE_WITH_PARENT": "true"}  # fmt: skip
+
+
 def serve_all(settings: Settings) -> None:
     embedded = None
     binary = None
@@ -209,7 +218,7 @@ def serve_all(settings: Settings) -> None:
               f"persistence in {embedded.data_dir}", file=sys.stderr, flush=True)  # fmt: skip
     scheduler = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "scheduler"],
-        env={**os.environ, "DIE_WITH_PARENT": "true"},
+        env=scheduler_env(),
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
     # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM or SIGINT and then raises it again,
@@ -367,6 +376,10 @@ def main() -> None:
     if role not in ROLES or len(sys.argv) > 2:
         sys.exit(USAGE)
     settings = get_settings()
+    # Before anything is started or written: what it starts inherits the mask (a runner or swift's child, exec'd,
+    # does not inherit the dumpable flag: the scheduler and API workers set theirs).
+    os.umask(int(settings.UMASK, 8))
+    keep_private()
     if role != "scheduler" and (why := settings.open_to_the_network()):  # (the roles that listen)
         print(f"swift-api: invalid settings: {why}", file=sys.stderr)
         sys.exit(2)

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
 
     LOG_LEVEL: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     LOG_DIR: Path = PROJECT_ROOT / "logs"
+    # The mode bits nothing the server writes has (umask's octal): 077 keeps uploads, checkpoints, logs and Redis's
+    # files its user's alone (at the operator's 022, every account on the host read every team's: hunt DR).
+    UMASK: str = "077"
 
     API_PREFIX: str = "/api/v1"
     # HTTP worker processes of the API role (stateless: every request goes to the store).
@@ -224,6 +227,14 @@ class Settings(BaseSettings):
     @classmethod
     def _forwarded_allow_ips(cls, v: str) -> str:
         return check_networks(v)
+
+    @field_validator("UMASK")
+    @classmethod
+    def _umask(cls, v: str) -> str:
+        if not re.fullmatch(r"0?0[0-7]{2}", v.strip()):  # (the owner's bits kept: the server reads what it writes)
+            raise ValueError("must be 3 octal digits starting with 0, as umask takes them: 077 (the server's user "
+                             "alone reads what it writes) or 027 (its group too)")  # fmt: skip
+        return v.strip()[-3:]
 
     @field_validator("REDIS_KEY_PREFIX")
     @classmethod
@@ -451,7 +462,9 @@ class Settings(BaseSettings):
         return self.REDIS_URL is None and self.REDIS_HOST is None and self.REDIS_EMBEDDED
 
 
-_NOT_FOR_CHILDREN = frozenset(
+# The swift-api CLI's own variables (an operator's shell that started the server may hold its key).
+CLIENT_VARIABLES = ("SWIFT_API_KEY", "SWIFT_API_URL")
+_NOT_FOR_CHILDREN = frozenset(CLIENT_VARIABLES) | frozenset(
     {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET",
      "WEBHOOK_URLS",  # (the scheduler posts; a runner only queues, by a flag in Redis)
      "ROOT_PATH", "FORWARDED_ALLOW_IPS"}

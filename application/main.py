@@ -50,6 +50,7 @@ from application.services.training_service import TrainingService
 from application.ui import mount_ui
 from application.utils.log_files import allow_moved_root
 from application.utils.logger import OutageLog, setup_logging
+from application.utils.process_privacy import keep_private
 
 DESCRIPTION = """
 Fine-tuning as a service: submit a job, the server allocates GPUs, queues by priority (0-10, 10 first),
@@ -91,8 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging(settings.LOG_LEVEL, settings.LOG_DIR)
-        if settings.DIE_WITH_PARENT:
+        if settings.DIE_WITH_PARENT:  # (a worker start.py started: its own process, exec'd, so dumpable again)
             die_with_parent()
+            keep_private()
         redis_service = RedisService(settings)
         client = await redis_service.connect()
         await clock.sync(client)  # (Redis not answering yet: this host's clock until it does)

@@ -168,6 +168,10 @@ class ApiServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
         self.http = httpx.Client(base_url=self.base, timeout=30)
+        # (with API_KEYS, /health says whether a scheduler leads to an admin only)
+        keys = [entry.split(":") for entry in self.env.get("API_KEYS", "").split(",") if entry.count(":") == 2]
+        admin = next((key for _, role, key in keys if role == "admin"), None)
+        self.admin = {"Authorization": f"Bearer {admin}"} if admin else {}
 
     def start(self, role: str = "all") -> ApiServer:
         self.log = open(self.workdir / f"server-{self.port}.log", "ab")
@@ -185,7 +189,7 @@ class ApiServer:
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.server_log()}")
         try:
-            r = self.http.get("/health")
+            r = self.http.get("/health", headers=self.admin)
         except httpx.HTTPError:
             return False
         # Ready once a scheduler leads and has published its GPU reading and what it found of ms-swift (creates

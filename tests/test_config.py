@@ -92,6 +92,11 @@ def test_a_backend_or_policy_is_read_in_any_case() -> None:
         # Every file of such a root is the server's: each request naming one was refused, one by one.
         ("DATA_ROOTS", "data", "DATA_ROOTS names DATA_DIR"),
         ("MODEL_ROOTS", "logs", "MODEL_ROOTS names LOG_DIR"),
+        # A mask of the owner's own bits: the server could not read back what it wrote.
+        ("UMASK", "777", "starting with 0"),
+        ("UMASK", "0o77", "3 octal digits"),
+        ("UMASK", "099", "3 octal digits"),
+        ("RETRY_BACKOFF_SECONDS", "601", "less than or equal to 600"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(

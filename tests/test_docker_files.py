@@ -151,8 +151,9 @@ def test_compose_requires_api_keys() -> None:
     doc = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     with pytest.raises(ValueError, match="SWIFT_API_KEYS"):
         interpolate(doc, {})
-    for name in PYTHON_SERVICES:
-        assert service_env(compose()["services"][name])["API_KEYS"] == KEYS
+    assert service_env(compose()["services"]["api"])["API_KEYS"] == KEYS
+    # Not the scheduler's: code a job brings runs in its container (hunt DR: it read them from /proc).
+    assert "API_KEYS" not in service_env(compose()["services"]["scheduler"])
 
 
 def test_dockerfile_is_hadolint_clean(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import redis
 
 from application.runner import CLAIMED, _early_start
 from application.services.process_group import group_members
-from tests.conftest import FAKE_SWIFT, ApiServer, gone, job_body, wait_for
+from tests.conftest import ADMIN_KEY, FAKE_SWIFT, KEYS_SETTING, ApiServer, gone, job_body, wait_for
 from tests.redis_proxy import RedisProxy
 
 
@@ -503,21 +503,28 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
                        f'exec "{FAKE_SWIFT}" "$@"\n')  # fmt: skip
     wrapper.chmod(0o755)
     server = server_factory(env={"SWIFT_BIN": str(wrapper), "WEBHOOK_SECRET": "hook-secret-0123456789abcdef",
-                                 "HF_TOKEN": "the-operators-hub-token"})  # fmt: skip
+                                 "HF_TOKEN": "the-operators-hub-token", "API_KEYS": KEYS_SETTING,
+                                 "SWIFT_API_KEY": ADMIN_KEY})  # fmt: skip
+    # The scheduler, whose runners start swift, has no keys to give: it uses none (hunt DR: job code read them,
+    # the admin's among them, from /proc/<scheduler>/environ).
+    for scheduler in (*server.schedulers(), server.scheduler_keeper()):
+        assert not {"API_KEYS", "SWIFT_API_KEY"} & set(scheduler.environ()), scheduler.cmdline()
+    server.http.headers.update(server.admin)
     server.create(**job_body(workspace, "envjob", auto_start=True, training={"max_steps": 3}))
     server.wait_status("envjob", "completed")
     wait_for(lambda: server.job("envjob")["export"]["status"] == "completed", what="the automatic export")
     for command in ("sft", "export"):
         env = dict(line.split("=", 1) for line in (tmp_path / f"env-of-{command}").read_text().splitlines()
                    if "=" in line)  # fmt: skip
-        leaked = sorted(set(env) & {"REDIS_URL", "REDIS_KEY_PREFIX", "WEBHOOK_SECRET", "OUTPUT_ROOT", "SWIFT_BIN"})
+        leaked = sorted(set(env) & {"REDIS_URL", "REDIS_KEY_PREFIX", "WEBHOOK_SECRET", "OUTPUT_ROOT", "SWIFT_BIN",
+                                    "API_KEYS", "SWIFT_API_KEY"})  # fmt: skip
         assert leaked == [], f"swift {command} got {leaked}"
         assert env["HF_TOKEN"] == "the-operators-hub-token" and "CUDA_VISIBLE_DEVICES" in env
         assert env["FAKE_SWIFT_STEP_SECONDS"] == "0.02"  # the rest of the environment is swift's to use
         # Its runner (swift's parent) needs Redis, not what only the HTTP server uses.
         runner = (tmp_path / f"env-of-runner-{command}").read_text().splitlines()
         assert any(line.startswith("REDIS_URL=") for line in runner)
-        assert not any(line.startswith("WEBHOOK_SECRET=") for line in runner)
+        assert not any(line.startswith(("WEBHOOK_SECRET=", "API_KEYS=", "SWIFT_API_KEY=")) for line in runner)
 
 
 def test_a_swift_that_cannot_be_run_fails_the_job_saying_whose_it_is_and_is_logged_as_an_error(

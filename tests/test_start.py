@@ -431,3 +431,24 @@ def test_a_low_soft_limit_on_open_files_is_raised_to_the_hard_one(server_factory
     limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
     soft_now, hard_now = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
     assert soft_now == hard_now and soft_now != "256", limits
+
+
+def test_what_the_server_writes_is_its_users_alone(server_factory: Callable[..., ApiServer], workspace: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    # At the operator's umask (022), every account on the host could read every team's uploads, checkpoints and
+    # logs, and Redis's files (hunt DR): UMASK (077) masks what the server, its runners and swift write.
+    server = server_factory(wrap=["sh", "-c", 'umask 022 && exec "$@"', "sh"])
+    rows = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 20
+    r = server.http.post("/files", files={"file": ("train.jsonl", rows, "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    body = job_body(workspace, "private", auto_start=True, training={"max_steps": 3})
+    assert server.create(**body).status_code == 201
+    done = server.wait_status("private", "completed")
+    wait_for(lambda: server.job("private")["export"]["status"] == "completed", what="the automatic export")
+    written = [p for top in (Path(done["output_dir"]), tmp_path / "logs", tmp_path / "uploads")
+               for p in [top, *top.rglob("*")]]  # fmt: skip
+    assert any(p.suffix == ".jsonl" and "uploads" in p.parts for p in written), written
+    assert any("checkpoint-" in p.name for p in written) and any(p.suffix == ".log" for p in written), written
+    shared = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in written if not p.is_symlink()
+              and p.lstat().st_mode & 0o077]  # fmt: skip
+    assert shared == [], "\n".join(shared)

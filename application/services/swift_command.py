@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from application.config import Settings
+from application.config import CLIENT_VARIABLES, Settings
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job
 from application.services import process_group as pg
@@ -222,14 +222,15 @@ def build_export_command(
 GPU_VARIABLES = ("NPROC_PER_NODE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
 # The server's own settings (API keys, Redis credentials, the webhook secret, ...) are no business of swift, which
 # runs code a user chose (a hub model's remote code, report_to integrations): kept out of its environment.
-SERVER_VARIABLES = tuple(sorted(Settings.model_fields))
+SERVER_VARIABLES = tuple(sorted({*Settings.model_fields, *CLIENT_VARIABLES}))
+_SERVER_NAMES = frozenset(SERVER_VARIABLES)
 
 
 def build_env(
     base: Mapping[str, str], gpu_ids: list[int], *, master_port: int | None = None, extra: Mapping[str, str] = {}
 ) -> dict[str, str]:
     """The whole environment of a swift process: `base` with the GPU variables set explicitly (then `extra`)."""
-    env = {k: v for k, v in base.items() if k not in GPU_VARIABLES and k not in Settings.model_fields}
+    env = {k: v for k, v in base.items() if k not in GPU_VARIABLES and k not in _SERVER_NAMES}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # so NVML's indices and CUDA's agree
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)  # "" = no GPU for a CPU-only job
     env["PYTHONUNBUFFERED"] = "1"
