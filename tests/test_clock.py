@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import ROOT, ApiServer, job_body, wait_for
 
 SKEWED = str(ROOT / "tests" / "skewed_clock")
+STEPPED = str(ROOT / "tests" / "stepped_clock")
 
 
 def _api_off_by(server_factory: Callable[..., ApiServer], leader: ApiServer, seconds: float) -> ApiServer:
@@ -116,3 +117,31 @@ async def test_a_process_started_while_redis_was_away_takes_redis_time_once_it_a
         if server is not None:
             server.kill()
             await server.wait()
+
+
+def test_a_step_of_redis_clock_mid_run_neither_fires_the_time_limit_early_nor_goes_unsaid(
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+) -> None:
+    # Redis's clock stepped an hour ahead mid-run (its host's NTP, a VM resumed): the runner, reading it, stopped a
+    # run with a 10-minute limit at once, a step back left one going an hour past it, and nothing said the clock
+    # had moved (hunt DT). The limit counts the run's time on the runner's monotonic clock.
+    step = tmp_path / "redis-step"
+    step.write_text("0")
+    server = server_factory(env={"PYTHONPATH": f"{STEPPED}:{ROOT}", "SWIFT_API_TEST_REDIS_STEP_FILE": str(step),
+                                 "SWIFT_API_TEST_CLOCK_RESYNC": "0.5"})  # fmt: skip
+    r = server.create(**job_body(workspace, "limited", auto_start=True, time_limit=8, hang_after_steps=1))
+    assert r.status_code == 201, r.text
+    running = server.wait_status("limited", "running")
+    began = time.monotonic()
+    # (once its runner has read the clock and the log: the step comes mid-run)
+    wait_for(lambda: server.job("limited")["progress"]["current_step"], what="the run's first step")
+    step.write_text("3600")
+    runner_log = Path(running["output_dir"]) / "logs" / "limited.runner.log"
+    wait_for(lambda: "Redis's clock moved +3600." in runner_log.read_text(), timeout=15, what="the runner to say")
+    server_log = tmp_path / f"server-{server.port}.log"  # (the API's and the scheduler's)
+    # (the API reads the clock again when a request asks it the time: a status does)
+    wait_for(lambda: server.http.get("/jobs/limited/status").status_code == 200 and
+             server_log.read_text().count("Redis's clock moved +3600.") >= 2, what="the API and scheduler")  # fmt: skip
+    done = server.wait_status("limited", "failed", timeout=30)
+    assert done["error_code"] == "time_limit", done
+    assert time.monotonic() - began > 5, "the time limit fired at the step"

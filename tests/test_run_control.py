@@ -817,6 +817,10 @@ async def test_no_run_is_preempted_for_the_gpu_of_a_run_past_its_time_limit(app_
             body = job_body(tmp_path, name, priority=1, step_seconds=0.05, auto_start=True, ignore_sigterm=stubborn,
                             time_limit=limit, training={"max_steps": 2000, "save_steps": 5})  # fmt: skip
             assert (await client.post("/jobs", json=body)).json()["status"] == "running"
+        # What the limit leaves the run, on the server's clock (the CLI showed it on its own host's: hunt DT).
+        status = (await client.get("/jobs/timing-out/status")).json()
+        assert 0 <= status["time_limit_left_seconds"] <= 2, status
+        assert (await client.get("/jobs/healthy/status")).json()["time_limit_left_seconds"] is None
 
         deadline = time.monotonic() + 30
         while "time_limit" not in [e["type"] for e in (await client.get("/jobs/timing-out/events")).json()["events"]]:

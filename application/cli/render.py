@@ -116,10 +116,10 @@ def _limit(body: dict[str, Any]) -> str | None:
     limit = body.get("time_limit_seconds")
     if not limit:
         return None
-    started = body.get("started_at")
-    if body["status"] != "running" or not started:
+    left = body.get("time_limit_left_seconds")  # (the server's clock: this host's may be off by minutes)
+    if body["status"] != "running" or left is None:
         return duration(limit)
-    return f"{duration(limit)} ({duration(max(0.0, started + limit - time.time()))} left)"
+    return f"{duration(limit)} ({duration(left)} left)"
 
 
 def job_status(body: dict[str, Any]) -> RenderableType:

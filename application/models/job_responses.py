@@ -64,6 +64,8 @@ class StatusResponse(BaseModel):
     export: ExportInfo
     queue_position: int | None = None
     time_limit_seconds: int | None = None
+    time_limit_left_seconds: float | None = Field(None, description="while it runs: how long its time limit leaves "
+                                                  "this run before it is stopped (on the server's clock)")  # fmt: skip
     predicted_duration: PredictedDuration = Field(default_factory=PredictedDuration)
     pending_reason: PendingReason | None = Field(None, description="why a queued job waits")
     estimated_wait_time: WaitEstimate | None = None

@@ -25,6 +25,7 @@ RESYNC_SECONDS = 300.0
 RETRY_SECONDS = 10.0  # after a failed reading (Redis away): the anchor so far stands meanwhile
 SAMPLES = 3  # the reading of the shortest round trip of these is kept: a busy loop's delay is not the clock's
 SKEW_WARNING_SECONDS = 2.0
+STEP_WARNING_SECONDS = 1.0  # a reading this far from the last one's prediction is a step (drift is microseconds)
 OFFSET_STEP = 0.01  # the grain of `from_local`'s offset, and how far it moves before it is taken again
 SAME_CLOCK_SECONDS = 0.05  # clocks this close are one clock for a file's time (what a skew of more moves)
 
@@ -82,12 +83,25 @@ class Clock:
         if self._client is not client:
             return False  # forgotten, or another client's meanwhile: not this reading's to set
         first = self._anchor is None
+        moved = 0.0 if first else best[1] - self.now_at(best[2])
         self._anchor = (best[1], best[2])
         self._next = time.monotonic() + RESYNC_SECONDS
         skew = time.time() - self.now()
         if first and abs(skew) > SKEW_WARNING_SECONDS:
             logger.warning("this host's clock is {:+.1f} s off Redis's: times are kept on Redis's clock", skew)
+        elif abs(moved) > STEP_WARNING_SECONDS:
+            # Nothing else tells a step of Redis's clock (its host's NTP, an operator, a VM resumed): times this
+            # process wrote before and after it disagree by as much (hunt DT).
+            logger.warning("Redis's clock moved {:+.1f} s since this process last read it (a step of its host's "
+                           "clock?): times from here are on the new reading", moved)  # fmt: skip
         return True
+
+    def now_at(self, monotonic: float) -> float:
+        """Redis's time at this process's monotonic time `monotonic`, by the anchor (this host's clock without)."""
+        anchor = self._anchor
+        if anchor is None:
+            return time.time() - (time.monotonic() - monotonic)
+        return anchor[0] + (monotonic - anchor[1])
 
     def _read_later(self) -> None:
         """A reading in the background, once due: `now()` is called where nothing may wait."""

@@ -116,7 +116,8 @@ class LeaderLock:
             return stalled, "expired"
         # Within its TTL: Redis lost the key (a restart without persistence, a flush), not a late renewal.
         return (f"the lock is gone {since_renewal:.3f} s after the last renewal, before its TTL of {self.ttl:g} s ran "
-                "out (Redis lost it: a restart or a flush?); no scheduler holds it now"), "gone"  # fmt: skip
+                "out (Redis lost it: a restart or a flush? or its clock stepped forward, which expires keys early); no "
+                "scheduler holds it now"), "gone"  # fmt: skip
 
     async def release(self) -> None:
         if self.value is not None:

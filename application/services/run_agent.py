@@ -57,6 +57,7 @@ from application.utils.log_files import allow_moved_root, is_linked, linked_log
 from application.utils.logger import setup_logging
 
 START_ATTEMPTS_SECONDS = 60.0
+LOADED = time.monotonic()  # (about when this runner started: it loads this module first)
 
 
 def me() -> RunnerInfo:
@@ -150,6 +151,11 @@ class Runner:
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
             parser.resume_from(job.progress)
         started_at = job.started_at or clock.now()
+        # The run's time so far as the shared clock tells it, but no more than this runner has lived (a step of
+        # Redis's clock between the scheduler's stamp and this runner's first reading is not run time), then this
+        # host's monotonic clock: a step (its host's NTP, a VM resumed) that a later reading took fired a limit an
+        # hour early, or left a run going an hour past it (hunt DT).
+        ran = Elapsed(min(clock.now() - started_at, time.monotonic() - LOADED))
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[tuple[str, float]] | None = None
         asked = Asked()
@@ -175,7 +181,7 @@ class Runner:
                 asked.take(tick.stop_requested, tick.pause_requested, tick.preempt_for)
             interrupt = asked.interrupt
             if limit is not None and not exited and not timed_out and stopping is None and interrupt is None and \
-                    clock.now() - started_at > limit:  # fmt: skip
+                    ran.seconds() > limit:  # fmt: skip
                 timed_out = True  # Slurm's TIMEOUT: the run had the time it asked for
                 outbox.event("time_limit", f"time limit of {format_limit(limit)} reached: stopping the run",
                              {"time_limit_seconds": limit})  # fmt: skip
@@ -239,7 +245,7 @@ class Runner:
                 outbox.event(*end.event)
             first_run = not job.attempts or job.attempts[-1].resumed_from is None
             training = job.kind != "export"  # a quantized export's run teaches no training speed, exports nothing
-            took = (job, clock.now() - started_at, facts.progress, facts.train_runtime)
+            took = (job, ran.seconds(), facts.progress, facts.train_runtime)
             # Before the end is written: the end frees the GPUs and wakes the scheduler, whose pass should already
             # predict the jobs waiting behind this one from what it just took.
             history = RunHistory(self.store.r, self.store.keys)
@@ -356,3 +362,15 @@ def run(args: argparse.Namespace, early: tuple[subprocess.Popen[bytes], float] |
                 f"export {args.export}" if args.export else f"run {args.run_id}")  # fmt: skip
     child = pg.Child(*early) if isinstance(early, tuple) else early
     return asyncio.run(_main(args, settings, child))
+
+
+class Elapsed:
+    """Seconds since a start: `before` at creation, then this process's monotonic clock."""
+
+    __slots__ = ("_before", "_since")
+
+    def __init__(self, before: float) -> None:
+        self._before, self._since = max(0.0, before), time.monotonic()
+
+    def seconds(self) -> float:
+        return self._before + (time.monotonic() - self._since)

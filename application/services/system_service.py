@@ -148,7 +148,7 @@ class SystemService:
             "queue_processor": processor,
             "swift": self._swift(state["swift"]) if state else None,
             "version": __version__,
-            "uptime_seconds": round(time.time() - self.service.started_at, 3),
+            "uptime_seconds": round(time.monotonic() - self.service.started, 3),
         }
 
     async def health(self, full: bool = True) -> tuple[bool, dict[str, Any]]:

@@ -60,7 +60,7 @@ class TrainingService:
         self.limits = CreateLimits(settings, store.keys, cluster)
         self.planner = Planner(store, settings)
         self.history = RunHistory(store.r, store.keys)
-        self.started_at = time.time()
+        self.started = time.monotonic()  # (uptime: a step of the wall clock made it negative or a day long)
         self._swift: tuple[str, SwiftInfo | None] | None = None
         # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
         self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
@@ -142,11 +142,15 @@ class TrainingService:
     async def status(self, job_id: str, caller: Caller) -> StatusResponse:
         job = await self.require(job_id, caller)
         info = await self.placement.queue_info(job_id) if job.status == JobStatus.QUEUED else NOT_QUEUED
+        now = clock.now()
+        left = None
+        if job.status == JobStatus.RUNNING and job.time_limit_seconds and job.started_at is not None:
+            left = round(max(0.0, job.started_at + job.time_limit_seconds - now), 3)
         return StatusResponse(
             job_id=job.job_id, status=job.status, priority=job.priority, num_gpus=job.num_gpus, gpu_ids=job.gpu_ids,
             progress=job.progress,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            duration_seconds=job.duration_seconds(clock.now()), error_message=job.error_message,
+            duration_seconds=job.duration_seconds(now), error_message=job.error_message, time_limit_left_seconds=left,
             error_code=job.error_code, export=job.export, queue_position=info.position,
             estimated_wait_time=info.estimate, pending_reason=info.reason, time_limit_seconds=job.time_limit_seconds,
             predicted_duration=job.predicted_duration,
