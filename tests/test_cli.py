@@ -1310,3 +1310,19 @@ def test_a_followed_job_queued_for_the_first_time_is_not_said_to_be_back_in_the_
     assert first.worth(queued) == "queued" and first.text("queued") == "j queued: it is followed once it starts"
     again = _Status("j", "running")
     assert again.worth(queued) == "queued" and "back in the queue" in again.text("queued")
+
+
+def test_a_refused_field_gets_its_flag_beside_it_whatever_its_message_says_next() -> None:
+    # With the installed ms-swift's arguments read, the refusals put words between the field and any colon:
+    # "training.lr is not an argument of ...: did you mean lr_scheduler_type?" showed no flag, or the message
+    # twice with the flag inside it (review DS).
+    from application.cli.client import _flags_named
+
+    flags = {"training.*": "--set", "query.cursor": "--after"}
+    assert _flags_named("training.target_module is not an argument of `swift sft` in ms-swift 4.6.0: did you mean "
+                        "target_modules?", flags) == ("training.target_module (--set target_module) is not an "
+                        "argument of `swift sft` in ms-swift 4.6.0: did you mean target_modules?")  # fmt: skip
+    assert _flags_named("query.cursor: not a cursor; training.beta is an argument of `swift rlhf`", flags) == (
+        "query.cursor (--after): not a cursor; training.beta (--set beta) is an argument of `swift rlhf`"
+    )
+    assert _flags_named("the body is not JSON: expecting value", flags) == "the body is not JSON: expecting value"

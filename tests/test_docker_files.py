@@ -386,9 +386,11 @@ def dockerignored(path: str) -> bool:
 
 
 def test_build_context_leaves_out_venvs_outputs_and_git() -> None:
+    # (and a keys file put beside the env examples, which the image copies: review DS)
     for path in (".swift-venv/bin/swift", ".venv/bin/python", "output/job/checkpoint-1/model.safetensors",
                  ".git/HEAD", "logs/server.log", "data/redis/appendonly.aof", "models/qwen/config.json",
-                 "datasets/train.jsonl", "application/__pycache__/config.cpython-311.pyc", ".env"):  # fmt: skip
+                 "datasets/train.jsonl", "application/__pycache__/config.cpython-311.pyc", ".env",
+                 "env/api_keys.json"):  # fmt: skip
         assert dockerignored(path), path
     # Everything the Dockerfile copies is still sent (application/models is code, not ./models).
     copied = [src for word, rest in instructions() if word == "COPY" for src in shlex.split(rest)[:-1]]

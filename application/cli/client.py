@@ -147,17 +147,25 @@ def commands_named(detail: str) -> str:
     return _ROUTE.sub(add, detail)
 
 
+_FIELD = re.compile(r"[A-Za-z_][\w.\[\]]*(?=: | )")
+
+
 def _flags_named(detail: str, flags: Mapping[str, str]) -> str:
     """A 422's `field: what is wrong` parts with the flag that sent the field: `query.cursor (--after): ...`.
     `flags` maps a field to its flag; `training.*` names the flag of the fields under `training` (`--set`), which
     is followed by the field's own name."""
 
     def named(part: str) -> str:
-        field, sep, rest = part.partition(": ")
+        # (the field leads its part, followed by ': ' or by words: "training.lr is not an argument of ...: did
+        # you mean ...?" got its flag in the middle of its message, the message repeated: review DS)
+        m = _FIELD.match(part)
+        if m is None:
+            return part
+        field = m.group(0)
         under, _, name = field.partition(".")
         flag = flags.get(field) or (f"{flags['training.*']} {name}" if under == "training" and name and
                                     "training.*" in flags else None)  # fmt: skip
-        return f"{field} ({flag}): {rest}" if sep and flag else part
+        return f"{field} ({flag}){part[m.end() :]}" if flag else part
 
     return "; ".join(named(part) for part in detail.split("; "))
 

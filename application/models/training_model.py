@@ -247,8 +247,8 @@ class Job(BaseModel):
     error_message: str | None = None
     error_code: str | None = Field(
         None,
-        description="why it failed: exit_code, signal, launch, time_limit, runner_lost, lost, host_restarts, "
-        "output_dir",
+        description="why it failed: exit_code, disk_full, signal, launch, time_limit, runner_lost, lost, "
+        "host_restarts, output_dir, input_path, unknown_run (README: Running swift, following it, restarts)",
     )
     log_tail: list[str] | None = None
     progress: Progress = Field(default_factory=Progress)
