@@ -117,7 +117,9 @@ async def test_every_route_needs_a_key_and_users_see_only_their_own_jobs(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     make_model(tmp_path / "models" / "tiny-qwen2")
-    async with app_factory(API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0") as client:
+    async with app_factory(
+        API_KEYS=KEYS_SETTING, CREATE_RATE_LIMIT="0", WEBHOOK_SECRET="a-webhook-secret-0123456789"
+    ) as client:
         spec = client.app.openapi()
         routes = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops]
         assert len(routes) >= 20

@@ -911,3 +911,34 @@ async def test_retry_after_is_waited_and_only_final_refusals_are_not_retried(
         assert [status for _, _, status in busy.received] == [503, 408, 200]
         await until_failed(client, "refusing", "it answered HTTP 403, which another attempt would not change")
         assert len(refusing.received) == 1
+
+
+async def test_a_jobs_own_url_is_signed_with_its_owners_key_not_the_operators_secret(
+    app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    # A user could verify their own deliveries only with WEBHOOK_SECRET, and with it forge the operator's (hunt DR).
+    operator, own = receiver({}), receiver({})
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    settings = {"API_KEYS": KEYS_SETTING, "WEBHOOK_URLS": operator.url, "WEBHOOK_SECRET": SECRET,
+                "WEBHOOK_ALLOW_PRIVATE": True}  # fmt: skip
+    async with app_factory(**settings) as client:
+        alices = (await client.get("/webhooks/signing-key", headers=auth(ALICE_KEY))).json()
+        bobs = (await client.get("/webhooks/signing-key", headers=auth(BOB_KEY))).json()
+        assert alices["owner"] == "alice" and alices["header"] == "X-Swift-Api-Signature"
+        assert len({alices["signing_key"], bobs["signing_key"], SECRET}) == 3
+        assert (await client.get("/webhooks/signing-key")).status_code == 401
+        body = job_body(tmp_path, "mine", auto_start=True, webhook_url=own.url, training={"max_steps": 3})
+        assert (await client.post("/jobs", json=body, headers=auth(ALICE_KEY))).status_code == 201
+        await until(lambda: "status_completed" in own.events() and "status_completed" in operator.events())
+
+    def signed_with(key: str, delivery: tuple[Any, ...]) -> bool:
+        headers, body, _ = delivery
+        return hmac.compare_digest(headers["x-swift-api-signature"],
+                                   "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest())  # fmt: skip
+
+    assert own.received and all(signed_with(alices["signing_key"], d) for d in own.received)
+    assert not any(signed_with(SECRET, d) or signed_with(bobs["signing_key"], d) for d in own.received)
+    assert operator.received and all(signed_with(SECRET, d) for d in operator.received)
+    async with app_factory() as client:  # (no WEBHOOK_SECRET: nothing is signed)
+        r = await client.get("/webhooks/signing-key")
+        assert r.status_code == 404 and "WEBHOOK_SECRET" in r.json()["detail"], r.text

@@ -7,8 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from application.api.deps import KnownCallerDep, System
-from application.models.system_model import GpuList, Health, SystemStatus
+from application.api.deps import E404, CallerDep, KnownCallerDep, System
+from application.exceptions import NotFound
+from application.models.system_model import GpuList, Health, SystemStatus, WebhookKey
+from application.services.webhooks import owner_key
 
 router = APIRouter()
 public = APIRouter(tags=["system"])
@@ -24,6 +26,18 @@ async def gpus(system: System) -> dict[str, Any]:
             summary="CPU, memory, disk, load, GPUs, job counts, Redis, version, uptime")  # fmt: skip
 async def get_system_status(system: System) -> dict[str, Any]:
     return await system.system_status()
+
+
+@router.get("/webhooks/signing-key", response_model=WebhookKey, tags=["system"], responses=E404,
+            operation_id="get_webhook_signing_key",
+            summary="The key that signs the notifications to your jobs' own webhook_url")  # fmt: skip
+async def get_webhook_signing_key(system: System, caller: CallerDep) -> WebhookKey:
+    """Each key's owner has one of its own, derived from the operator's WEBHOOK_SECRET: with it a receiver checks
+    that a notification came from this server, and it signs nothing of another owner's nor the operator's."""
+    secret = system.service.settings.WEBHOOK_SECRET
+    if secret is None:
+        raise NotFound("this server signs no notification (its operator has set no WEBHOOK_SECRET)")
+    return WebhookKey(owner=caller.name, signing_key=owner_key(secret.get_secret_value(), caller.name))
 
 
 @public.get("/health", response_model=None, responses={200: {"model": Health}, 503: {"model": Health}},

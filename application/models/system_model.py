@@ -218,3 +218,13 @@ class SystemStatus(BaseModel):
     swift: SwiftHealth | None = None
     version: str
     uptime_seconds: float = Field(..., description="of this API worker")
+
+
+class WebhookKey(BaseModel):
+    """What verifies the notifications to the own `webhook_url` of your jobs."""
+
+    owner: str | None = Field(description="whose jobs' notifications it signs (null: no API_KEYS, one for all)")
+    signing_key: str = Field(description="the HMAC-SHA256 key: X-Swift-Api-Signature is sha256=<hex HMAC of the "
+                             "body with this key>; the operator's WEBHOOK_URLS are signed with "
+                             "WEBHOOK_SECRET")  # fmt: skip
+    header: str = "X-Swift-Api-Signature"

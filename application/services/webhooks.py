@@ -63,6 +63,13 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def owner_key(secret: str, owner: str | None) -> str:
+    """The key that signs the notifications to the own `webhook_url`s of `owner`'s jobs (None: no API_KEYS, where
+    every caller is the same anonymous one): derived from WEBHOOK_SECRET, which a user verifying their own
+    deliveries had to be given, and with it the power to forge the operator's (hunt DR)."""
+    return hmac.new(secret.encode(), b"swift-api webhook owner:" + (owner or "").encode(), hashlib.sha256).hexdigest()
+
+
 @dataclass
 class _Lane:
     slots: asyncio.Semaphore
@@ -203,9 +210,11 @@ class Webhooks:
             # owners: its URL's own). One of the operator's named as the job's own is posted as both: as theirs (a
             # job must not be able to silence it), and as the job's, checked as any other, so that the answers never
             # tell a user which URLs are the operator's.
-            targets: list[tuple[str, str | None]] = [(url, None) for url in self.urls]
+            targets: list[tuple[str, str | None, str | None]] = [(url, None, self.secret) for url in self.urls]
             if hook := item.get("hook"):
-                targets.append((hook, str((job or {}).get("owner") or f"url {hook}")))
+                owner = (job or {}).get("owner")
+                targets.append((hook, str(owner or f"url {hook}"),
+                                owner_key(self.secret, owner) if self.secret else None))  # fmt: skip
             at = float(item["at"]) if item.get("at") else None  # (stored as the text of a number)
             body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at,
                                "message": item.get("message"), "job": job}).encode()  # fmt: skip
@@ -213,8 +222,9 @@ class Webhooks:
             delivery = hashlib.sha256(str(item.get("id") or raw).encode()).hexdigest()[:32]
             async with httpx.AsyncClient(timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS,
                                          verify=self._tls or True) as client:  # fmt: skip
-                posts = [asyncio.ensure_future(self._post_in_turn(client, url, body, item, delivery, owner=of))
-                         for url, of in targets]  # fmt: skip
+                posts = [asyncio.ensure_future(self._post_in_turn(client, url, body, item, delivery, owner=of,
+                                                                  signer=signer))
+                         for url, of, signer in targets]  # fmt: skip
                 try:
                     # One post's error cancels none of the others (a receiver's header that could not be read
                     # cancelled the operator's post mid-flight: review DJ).
@@ -238,7 +248,7 @@ class Webhooks:
             self._backlog.release()
 
     async def _post_in_turn(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any],
-                            delivery: str, owner: str | None) -> None:  # fmt: skip
+                            delivery: str, owner: str | None, signer: str | None) -> None:  # fmt: skip
         """`_post` once one of the URL's slots is free, and for a job's own URL (`owner` given) one of its owner's
         too; not at all into a lane that is stuck (`Lanes.stuck`)."""
         lanes = [(self._urls, url)] if owner is None else [(self._owners, owner), (self._urls, f"own {url}")]
@@ -257,7 +267,7 @@ class Webhooks:
         async with contextlib.AsyncExitStack() as held:
             for found, key in lanes:
                 await held.enter_async_context(found.held(key))
-            if await self._post(client, url, body, item, delivery, own=owner is not None):
+            if await self._post(client, url, body, item, delivery, own=owner is not None, signer=signer):
                 for found, key in lanes:
                     found.delivered(key)
 
@@ -270,8 +280,9 @@ class Webhooks:
         return True
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, item: dict[str, Any], delivery: str,
-                    own: bool) -> bool:  # fmt: skip
-        """POST with retries, the outcome recorded as the job's event; whether the URL took it (2xx)."""
+                    own: bool, signer: str | None) -> bool:  # fmt: skip
+        """POST with retries (signed with `signer`), the outcome recorded as the job's event; whether the URL took it
+        (2xx)."""
         event = item["event"]
         checked = own and not self.settings.WEBHOOK_ALLOW_PRIVATE
         # The job's events (which its owner reads) name the operator's URLs by their place in the setting: such a
@@ -279,8 +290,8 @@ class Webhooks:
         shown = url if own else f"WEBHOOK_URLS[{self.urls.index(url)}]"
         headers = {"Content-Type": "application/json", "User-Agent": "swift-api-webhooks",
                    "X-Swift-Api-Event": event, "X-Swift-Api-Delivery": delivery}  # fmt: skip
-        if self.secret:
-            headers["X-Swift-Api-Signature"] = signature(self.secret, body)
+        if signer:
+            headers["X-Swift-Api-Signature"] = signature(signer, body)
         attempts = self.settings.WEBHOOK_MAX_ATTEMPTS
         wait: float | None = None  # the seconds an answer's Retry-After asked for
         last = why = ""  # why: for the operator's log, which may say what the job's events do not
