@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,7 +32,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from application.config import CLIENT_VARIABLES, Settings, env_file, get_settings
+from application.config import CLIENT_VARIABLES, SECRET_VARIABLES, Settings, env_file, get_settings
 from application.http_protocol import http_protocol
 from application.services.embedded_redis import EmbeddedRedis, find_redis_server
 from application.services.process_group import die_with_parent
@@ -109,6 +110,13 @@ def serve_api(settings: Settings) -> None:
     # of this supervisor's own (emptied now: files of workers long gone would count again).
     metrics_dir = _metrics_dir(settings.APP_PORT)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # multiprocessing's resource tracker, which the first spawned worker starts, lives as long as the server and
+    # is dumpable: started here, without the secrets, job code cannot read them in its /proc (review DV).
+    held = {k: os.environ.pop(k) for k in SECRET_VARIABLES if k in os.environ}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        os.environ.update(held)
     try:
         config = _uvicorn_config("application.main:create_app", settings, factory=True, workers=settings.API_WORKERS)
         supervisor = _Multiprocess(config, sockets=[config.bind_socket()])
@@ -368,6 +376,7 @@ def more_open_files() -> None:
 
 
 def main() -> None:
+    keep_private()  # (first: its environment holds the keys until then)
     more_open_files()
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(USAGE)
@@ -379,7 +388,6 @@ def main() -> None:
     # Before anything is started or written: what it starts inherits the mask (a runner or swift's child, exec'd,
     # does not inherit the dumpable flag: the scheduler and API workers set theirs).
     os.umask(int(settings.UMASK, 8))
-    keep_private()
     if role != "scheduler" and (why := settings.open_to_the_network()):  # (the roles that listen)
         print(f"swift-api: invalid settings: {why}", file=sys.stderr)
         sys.exit(2)

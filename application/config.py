@@ -464,6 +464,9 @@ class Settings(BaseSettings):
 
 # The swift-api CLI's own variables (an operator's shell that started the server may hold its key).
 CLIENT_VARIABLES = ("SWIFT_API_KEY", "SWIFT_API_URL")
+# What a helper process that needs none of them (redis-server, multiprocessing's resource tracker) starts without.
+SECRET_VARIABLES = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET", "WEBHOOK_URLS",
+                              *CLIENT_VARIABLES})  # fmt: skip
 _NOT_FOR_CHILDREN = frozenset(CLIENT_VARIABLES) | frozenset(
     {"APP_HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED", "DIE_WITH_PARENT", "WEBHOOK_SECRET",
      "WEBHOOK_URLS",  # (the scheduler posts; a runner only queues, by a flag in Redis)

@@ -86,15 +86,16 @@ def _not_a_cut_download(record: logging.LogRecord) -> bool:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.DIE_WITH_PARENT:  # (a worker start.py started: its own process, exec'd, so dumpable again)
+        keep_private()
     logging.getLogger("uvicorn.error").addFilter(_not_a_cut_download)  # (once: a filter is added only once)
     outages = OutageLog()  # (Redis's outages, said once each: at start-up and by the error handlers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging(settings.LOG_LEVEL, settings.LOG_DIR)
-        if settings.DIE_WITH_PARENT:  # (a worker start.py started: its own process, exec'd, so dumpable again)
+        if settings.DIE_WITH_PARENT:
             die_with_parent()
-            keep_private()
         redis_service = RedisService(settings)
         client = await redis_service.connect()
         await clock.sync(client)  # (Redis not answering yet: this host's clock until it does)

@@ -431,16 +431,17 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
+    from application.utils.process_privacy import keep_private
+
+    keep_private()  # (first: its environment holds the webhook secret until then)
     from application.config import get_settings
     from application.services.process_group import die_with_parent
     from application.utils.logger import setup_logging
-    from application.utils.process_privacy import keep_private
 
     settings = get_settings()
     if settings.DIE_WITH_PARENT:
         die_with_parent()
     os.umask(int(settings.UMASK, 8))  # (as start.py sets it, for a scheduler started alone)
-    keep_private()
     try:
         setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
     except OSError as exc:  # exit 2: its keeper (start.py scheduler) does not start it again for this

@@ -1326,3 +1326,6 @@ def test_a_refused_field_gets_its_flag_beside_it_whatever_its_message_says_next(
         "query.cursor (--after): not a cursor; training.beta (--set beta) is an argument of `swift rlhf`"
     )
     assert _flags_named("the body is not JSON: expecting value", flags) == "the body is not JSON: expecting value"
+    assert _flags_named("training.lora-rank: unknown field: did you mean lora_rank?", flags) == (
+        "training.lora-rank (--set lora-rank): unknown field: did you mean lora_rank?"
+    )  # (a key as typed: review DV)

@@ -504,11 +504,14 @@ def test_swift_runs_without_the_servers_keys_and_redis_credentials(
     wrapper.chmod(0o755)
     server = server_factory(env={"SWIFT_BIN": str(wrapper), "WEBHOOK_SECRET": "hook-secret-0123456789abcdef",
                                  "HF_TOKEN": "the-operators-hub-token", "API_KEYS": KEYS_SETTING,
-                                 "SWIFT_API_KEY": ADMIN_KEY})  # fmt: skip
+                                 "SWIFT_API_KEY": ADMIN_KEY, "API_WORKERS": "2"})  # fmt: skip
     # The scheduler, whose runners start swift, has no keys to give: it uses none (hunt DR: job code read them,
-    # the admin's among them, from /proc/<scheduler>/environ).
+    # the admin's among them, from /proc/<scheduler>/environ); nor has the API workers' resource tracker, which
+    # lives as long as the server, dumpable (review DV).
     for scheduler in (*server.schedulers(), server.scheduler_keeper()):
         assert not {"API_KEYS", "SWIFT_API_KEY"} & set(scheduler.environ()), scheduler.cmdline()
+    trackers = [p for p in server.processes() if "resource_tracker" in " ".join(p.cmdline())]
+    assert trackers and not any({"API_KEYS", "SWIFT_API_KEY", "WEBHOOK_SECRET"} & set(p.environ()) for p in trackers)
     server.http.headers.update(server.admin)
     server.create(**job_body(workspace, "envjob", auto_start=True, training={"max_steps": 3}))
     server.wait_status("envjob", "completed")

@@ -147,7 +147,7 @@ def commands_named(detail: str) -> str:
     return _ROUTE.sub(add, detail)
 
 
-_FIELD = re.compile(r"[A-Za-z_][\w.\[\]]*(?=: | )")
+_FIELD = re.compile(r"[A-Za-z_][^\s:;]*(?=: | )")  # (a key as typed: `--set lora-rank=8`, review DV)
 
 
 def _flags_named(detail: str, flags: Mapping[str, str]) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import psutil
 
+from application.config import SECRET_VARIABLES
 from application.services.process_group import die_with_parent
 from application.utils.log_tail import read_from
 
@@ -87,6 +88,8 @@ class EmbeddedRedis:
         log_from = log_file.stat().st_size if log_file.exists() else 0
         self.process = subprocess.Popen(
             args,
+            # (it needs none of the server's secrets, and its memory is readable by code a job runs: review DV)
+            env={k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
