@@ -19,7 +19,7 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from application.key_list import ApiKeyEntry, parse_api_keys
-from application.services.scheduler import LinkScore, Policy
+from application.services.scheduler import RETRY_BACKOFF_CAP, LinkScore, Policy
 from application.setting_values import (
     MAX_REDIS_DB,
     check_networks,
@@ -37,7 +37,6 @@ from application.setting_values import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Uploads (POST /files) live in <each DATA_ROOTS folder>/uploads/<owner folder>/.
 UPLOADS_DIR = "uploads"
-RETRY_BACKOFF_CAP = 600.0  # the longest wait of a retry, however many came before it
 ENV_DIR = PROJECT_ROOT / "env"
 
 

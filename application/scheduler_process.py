@@ -318,6 +318,8 @@ class Scheduler:
             held = self._starts_from - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 wait = self.settings.QUEUE_POLL_INTERVAL if held <= 0 else min(held, self.settings.QUEUE_POLL_INTERVAL)
+                if (due := self.processor.retry_due) is not None:  # (a retry's backoff ends: a pass then, not later)
+                    wait = min(wait, max(0.05, due - clock.now()))
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
             requests: list[tuple[str, list[str] | None]] = []

@@ -145,3 +145,33 @@ def test_a_step_of_redis_clock_mid_run_neither_fires_the_time_limit_early_nor_go
     done = server.wait_status("limited", "failed", timeout=30)
     assert done["error_code"] == "time_limit", done
     assert time.monotonic() - began > 5, "the time limit fired at the step"
+
+
+async def test_a_slow_reading_of_redis_time_is_no_step_of_its_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An anchor is as good as half its round trip: a first reading slow on a busy loop, then a quick one, was
+    # logged as "Redis's clock moved +1.3 s" (review DU).
+    import asyncio
+
+    from loguru import logger
+
+    from application.services import clock as clock_module
+
+    class Redis:
+        delay = 3.0
+
+        async def time(self) -> tuple[int, int]:
+            await asyncio.sleep(self.delay)  # (answered at the end of the round trip)
+            now = time.time()
+            return int(now), int((now % 1) * 1e6)
+
+    monkeypatch.setattr(clock_module, "SAMPLES", 1)
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(str(m)), level="WARNING")
+    try:
+        clock, client = clock_module.Clock(), Redis()
+        assert await clock.sync(client)
+        client.delay = 0.0
+        assert await clock.sync(client)
+    finally:
+        logger.remove(sink)
+    assert not [m for m in said if "clock moved" in m], said

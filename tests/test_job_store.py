@@ -500,6 +500,10 @@ async def test_a_priority_change_and_a_prediction_landing_together_each_keep_the
     assert await store.set_predictions({"q": PredictedDuration(seconds=42.0, source="plan")}) == 1
     [(_, meta)] = await store.queue_window(0, 5)
     assert (meta.gpu_ids, meta.estimated_duration, meta.owner, meta.retry_at) == ([0, 1], 42.0, "al", 1e9 + 0.5)
+    # An entry a later version wrote, with items this one does not know: read for what it knows (review DU).
+    await store.r.hset(store.keys.queue_meta, "q", json.dumps([7, created, 1, None, None, 60.0, "al", None, "new"]))
+    [(_, meta)] = await store.queue_window(0, 5)
+    assert (meta.priority, meta.owner, meta.retry_at) == (7, "al", None)
     # An entry an older version wrote, without its owner: the estimate is still its 6th item.
     await store.r.hset(store.keys.queue_meta, "q", json.dumps([7, created, 1, None, None, 60.0]))
     assert await store.set_predictions({"q": PredictedDuration(seconds=99.0, source="plan")}) == 1

@@ -128,8 +128,8 @@ def test_a_failure_whose_message_says_what_to_do_gets_no_retry_note() -> None:
 
 def test_a_retry_waits_longer_each_time_up_to_the_cap() -> None:
     # A fault of a minute (a node's, a file system's) used up every retry in seconds (hunt DK).
-    from application.config import RETRY_BACKOFF_CAP
     from application.services.run_end import retry_wait
+    from application.services.scheduler import RETRY_BACKOFF_CAP
 
     assert [retry_wait(30, n) for n in (1, 2, 3, 4, 5, 6, 10)] == [30, 60, 120, 240, 480, 600, 600]
     assert retry_wait(0, 3) == 0 and retry_wait(600, 1) == RETRY_BACKOFF_CAP

@@ -117,6 +117,10 @@ def test_a_retry_waiting_out_its_backoff_neither_starts_nor_holds_gpus_for_the_j
         # Its time come, it starts first again.
         later = plan(q, gpus_free(2), [], policy_of(name), NOW + 90)
         assert [s.job_id for s in later.starts] == ["retried"] and later.reasons.get("retried") is None
+        # One further off than any backoff lasts was set before a step back of the clock: over (it waited an hour
+        # more: review DU).
+        stepped = plan([replace(job("retried", n=2), retry_at=NOW + 3600)], gpus_free(2), [], policy_of(name), NOW)
+        assert [s.job_id for s in stepped.starts] == ["retried"], name
 
 
 def test_cpu_only_jobs_always_start() -> None:

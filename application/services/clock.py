@@ -37,6 +37,7 @@ class Clock:
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
         self._offset: float | None = None  # Redis's clock less this host's, as `from_local` last took it
+        self._round_trip = 0.0  # of the anchor's reading
 
     @property
     def anchored(self) -> bool:
@@ -84,12 +85,14 @@ class Clock:
             return False  # forgotten, or another client's meanwhile: not this reading's to set
         first = self._anchor is None
         moved = 0.0 if first else best[1] - self.now_at(best[2])
-        self._anchor = (best[1], best[2])
+        # (each anchor is as good as half its round trip: a slow one, on a busy loop, is no step of the clock)
+        unsure = (self._round_trip + best[0]) / 2
+        self._anchor, self._round_trip = (best[1], best[2]), best[0]
         self._next = time.monotonic() + RESYNC_SECONDS
         skew = time.time() - self.now()
         if first and abs(skew) > SKEW_WARNING_SECONDS:
             logger.warning("this host's clock is {:+.1f} s off Redis's: times are kept on Redis's clock", skew)
-        elif abs(moved) > STEP_WARNING_SECONDS:
+        elif abs(moved) > STEP_WARNING_SECONDS + unsure:
             # Nothing else tells a step of Redis's clock (its host's NTP, an operator, a VM resumed): times this
             # process wrote before and after it disagree by as much (hunt DT).
             logger.warning("Redis's clock moved {:+.1f} s since this process last read it (a step of its host's "

@@ -106,7 +106,12 @@ class QueueMeta:
 
     @classmethod
     def decode(cls, raw: str) -> QueueMeta:
-        return cls(*json.loads(raw))
+        return cls.of_items(json.loads(raw))
+
+    @classmethod
+    def of_items(cls, items: list[Any]) -> QueueMeta:
+        # (items a later version appends are not this one's: a retry's 8th broke the versions before it: review DU)
+        return cls(*items[:8])
 
     @classmethod
     def of(cls, job: Job, priority: int | None = None, *, retry_at: float | None = None) -> QueueMeta:

@@ -96,6 +96,8 @@ async def answer_start(svc: TrainingService, job_id: str, created_at: float,
                 "The job is queued and could not start now; nothing starts it by itself while the queue "
                 "processor is stopped: POST /queue/processor/start, or start it again when its GPUs are free"
             )
+    elif info.reason is not None and info.reason.code == "retry_backoff":  # (a start does not cut it short)
+        message = f"The job is queued: {info.reason.message}"
     elif info.reason is not None and info.reason.code == "never":
         # Not started, as a pending job that can never start is not (409): this start changed nothing.
         # (Unless the operator's setting is why: the job starts by itself once it is lowered.)

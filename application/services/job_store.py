@@ -317,6 +317,7 @@ class JobStore(JobLog, QueueView):
             extra.setdefault("retry_at", None)
         elif to == JobStatus.RUNNING:
             extra.setdefault("started_at", now)
+            extra.setdefault("retry_at", None)  # (its backoff is over: not shown for ever after)
         if to.is_terminal():
             extra.setdefault("finished_at", now)
         owner, created, export_of = await self._incarnation(job_id, created_at)

@@ -72,6 +72,7 @@ class QueueProcessor:
         self.history = RunHistory(store.r, store.keys)
         self._history_seen = -1
         self.stats = PassStats()
+        self.retry_due: float | None = None  # the first retry's end of backoff the last pass planned around
         self._lock = asyncio.Lock()
 
     async def view(self) -> ClusterView:
@@ -94,6 +95,7 @@ class QueueProcessor:
             view = await self.view()
             starts: list[Start] = []
             head_id: str | None = None
+            self.retry_due = None
             if await self.store.queue_length():
                 head, clocks = await asyncio.gather(self.cluster.queue_head(), self.store.head_clocks())
                 asked = (only or set()) | (wanted or set())
@@ -103,6 +105,8 @@ class QueueProcessor:
                 kept = next_head(head, found.head, clock.now(), clocks.get(found.head) if found.head else None)
                 starts = found.starts
                 head_id = found.head
+                backoffs = [r.starts_in for r in found.reasons.values() if r.code == "retry_backoff" and r.starts_in]
+                self.retry_due = clock.now() + min(backoffs) if backoffs else None
                 if kept != head and kept is not None:
                     await self.cluster.set_queue_head(kept)
                 await self.store.mark_heads([h for h in found.heads if h not in clocks], clock.now())

@@ -59,7 +59,7 @@ class QueueView:
     def _decode_meta(ids: list[str], metas: list[str | None]) -> list[tuple[str, QueueMeta]]:
         pairs = [(job_id, m) for job_id, m in zip(ids, metas, strict=True) if m]
         decoded = json.loads("[" + ",".join(m for _, m in pairs) + "]")  # one parse, not one per job
-        return [(job_id, QueueMeta(*fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
+        return [(job_id, QueueMeta.of_items(fields)) for (job_id, _), fields in zip(pairs, decoded, strict=True)]
 
     async def head_clocks(self) -> dict[str, float]:
         """Since when each queued job that has been the head of the queue or of its priority has been (the

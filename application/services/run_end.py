@@ -11,10 +11,10 @@ import signal
 from dataclasses import dataclass, replace
 from typing import Any
 
-from application.config import RETRY_BACKOFF_CAP
 from application.models.training_model import Attempt, Job, JobStatus
 from application.services.disk_space import DISK_FULL_BYTES, room
 from application.services.log_parser import RunFacts
+from application.services.scheduler import RETRY_BACKOFF_CAP
 from application.services.swift_errors import extract_error, root_cause
 from application.services.wait_reasons import format_wait
 

@@ -123,6 +123,8 @@ def gpu_is_free(gpu: GpuState, *, min_free_gb: float, max_util: float) -> bool:
 
 # ------------------------------------------------------------------------------------------ the planner
 
+RETRY_BACKOFF_CAP = 600.0  # the longest wait of a retry, however many came before it
+
 # How many blocked jobs backfill plans around in one pass. Past this many, free GPUs nobody reserved are
 # held back rather than risk delaying a blocked job the pass never looked at. Like Slurm's bf_max_job_test,
 # it bounds a pass's cost on a long queue of jobs that cannot start.
@@ -216,7 +218,9 @@ def plan(
     A retried run waiting out its backoff (`retry_at` ahead) is left out of the pass, as Slurm leaves a job whose
     begin time is ahead: it neither starts, nor heads, nor holds GPUs for when it may start.
     """
-    later = {j.job_id: j.retry_at - now for j in queue if j.retry_at is not None and j.retry_at > now}
+    # (one further off than any backoff lasts was set before a step back of the clock: it is over)
+    later = {j.job_id: j.retry_at - now for j in queue
+             if j.retry_at is not None and now < j.retry_at <= now + RETRY_BACKOFF_CAP}  # fmt: skip
     if later:
         queue = [j for j in queue if j.job_id not in later]
     found = _Pass(queue, gpus, running, policy, now, estimating, head, clocks).run()
