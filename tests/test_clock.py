@@ -142,6 +142,9 @@ def test_a_step_of_redis_clock_mid_run_neither_fires_the_time_limit_early_nor_go
     # (the API reads the clock again when a request asks it the time: a status does)
     wait_for(lambda: server.http.get("/jobs/limited/status").status_code == 200 and
              server_log.read_text().count("Redis's clock moved +3600.") >= 2, what="the API and scheduler")  # fmt: skip
+    # Its start moved with the clock: the time its limit leaves is what it was, not 0 (review DU).
+    wait_for(lambda: 0 < server.http.get("/jobs/limited/status").json()["time_limit_left_seconds"] < 8,
+             timeout=5, what="the run's start to have moved with the clock")  # fmt: skip
     done = server.wait_status("limited", "failed", timeout=30)
     assert done["error_code"] == "time_limit", done
     assert time.monotonic() - began > 5, "the time limit fired at the step"
