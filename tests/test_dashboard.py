@@ -938,6 +938,8 @@ def test_refreshes_keep_a_selection_and_a_table_scrolled_sideways(server: ApiSer
     body = job_body(workspace, "sel", auto_start=True, training={"max_steps": 4, "save_steps": 2})
     assert server.create(**body).status_code == 201
     server.wait_status("sel", "completed")
+    # (its automatic export done: the export's end rightly changes the checkpoints box, which one was exported)
+    wait_for(lambda: server.job("sel")["export"]["status"] == "completed", what="the automatic export")
     running = job_body(workspace, "moving", step_seconds=0.2, auto_start=True, training={"max_steps": 2000})
     assert server.create(**running).status_code == 201
     page = tabs(server).goto("/ui/jobs/sel")

@@ -154,11 +154,13 @@ class Runner:
             # (set at the start) only later steps count, or the job showed 0% all through the data skip.
             parser.resume_from(job.progress)
         started_at = job.started_at or clock.now()
-        # The run's time so far as the shared clock tells it, but no more than this runner has lived (a step of
-        # Redis's clock between the scheduler's stamp and this runner's first reading is not run time), then this
-        # host's monotonic clock: a step (its host's NTP, a VM resumed) that a later reading took fired a limit an
-        # hour early, or left a run going an hour past it (hunt DT).
-        ran = Elapsed(min(clock.now() - started_at, time.monotonic() - LOADED))
+        # The run's time so far as the shared clock tells it (its launch included), unless that is further than a
+        # step from what this runner has lived (a step of Redis's clock between the scheduler's stamp and this
+        # runner's first reading is no run time), then this host's monotonic clock: a step (its host's NTP, a VM
+        # resumed) that a later reading took fired a limit an hour early, or left a run going an hour past it
+        # (hunt DT).
+        since, age = clock.now() - started_at, time.monotonic() - LOADED
+        ran = Elapsed(since if abs(since - age) <= RESTAMP_SECONDS else age)
         follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
         stopping: asyncio.Task[tuple[str, float]] | None = None
         asked = Asked()
