@@ -387,7 +387,7 @@ def main() -> None:
     settings = get_settings()
     # Before anything is started or written: what it starts inherits the mask (a runner or swift's child, exec'd,
     # does not inherit the dumpable flag: the scheduler and API workers set theirs).
-    os.umask(int(settings.UMASK, 8))
+    os.umask(settings.umask)
     if role != "scheduler" and (why := settings.open_to_the_network()):  # (the roles that listen)
         print(f"swift-api: invalid settings: {why}", file=sys.stderr)
         sys.exit(2)

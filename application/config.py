@@ -457,6 +457,11 @@ class Settings(BaseSettings):
         return out
 
     @property
+    def umask(self) -> int:
+        """UMASK as `os.umask` takes it."""
+        return int(self.UMASK, 8)
+
+    @property
     def uses_embedded_redis(self) -> bool:
         return self.REDIS_URL is None and self.REDIS_HOST is None and self.REDIS_EMBEDDED
 
@@ -471,7 +476,6 @@ _NOT_FOR_CHILDREN = frozenset(CLIENT_VARIABLES) | frozenset(
      "WEBHOOK_URLS",  # (the scheduler posts; a runner only queues, by a flag in Redis)
      "ROOT_PATH", "FORWARDED_ALLOW_IPS"}
 )  # fmt: skip
-_SECRET_KEYS = frozenset({"API_KEYS", "REDIS_PASSWORD", "REDIS_URL", "WEBHOOK_SECRET", "WEBHOOK_URLS"})
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -479,7 +483,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(_env_file=env_file(), **overrides)
     except ValidationError as exc:
-        lines = [describe_error(dict(e), _SECRET_KEYS) for e in exc.errors()]
+        lines = [describe_error(dict(e), SECRET_VARIABLES) for e in exc.errors()]
         raise SettingsError("; ".join(lines)) from None
 
 

@@ -443,7 +443,7 @@ def main() -> None:
     settings = get_settings()
     if settings.DIE_WITH_PARENT:
         die_with_parent()
-    os.umask(int(settings.UMASK, 8))  # (as start.py sets it, for a scheduler started alone)
+    os.umask(settings.umask)  # (as start.py sets it, for a scheduler started alone)
     try:
         setup_logging(settings.LOG_LEVEL, settings.LOG_DIR, "scheduler")
     except OSError as exc:  # exit 2: its keeper (start.py scheduler) does not start it again for this
