@@ -311,6 +311,12 @@ def test_exit_2_for_usage_errors_and_refused_requests(server: ApiServer, workspa
     # The refusal names the flag that sent the field too (hunt CZ: only `training.warp_speed`, `query.cursor`).
     unknown = cli(server.port, *submit_args(workspace, "y", "--set", "warp_speed=9"))
     assert unknown.returncode == 2 and "training.warp_speed (--set warp_speed): " in unknown.stderr, unknown.stderr
+    # A number past a float's range is sent as the text typed, which the server refuses by name (a traceback).
+    huge = cli(server.port, *submit_args(workspace, "y", "--set", "lora_rank=1e999"))
+    assert huge.returncode == 2 and "training.lora_rank (--set lora_rank): " in huge.stderr, huge.stderr
+    assert "Traceback" not in huge.stderr
+    item = cli(server.port, *submit_args(workspace, "y", "--set", 'gpu_ids=[0, "x"]'))
+    assert item.returncode == 2 and "gpu_ids.1 (--set gpu_ids): " in item.stderr, item.stderr
     limit = cli(server.port, *submit_args(workspace, "y", "--set", "time_limit=soon"))
     assert limit.returncode == 2 and "time_limit (--set time_limit): " in limit.stderr, limit.stderr
     cursor = cli(server.port, "ls", "--after", "x" * 300)
@@ -1329,3 +1335,7 @@ def test_a_refused_field_gets_its_flag_beside_it_whatever_its_message_says_next(
     assert _flags_named("training.lora-rank: unknown field: did you mean lora_rank?", flags) == (
         "training.lora-rank (--set lora-rank): unknown field: did you mean lora_rank?"
     )  # (a key as typed: review DV)
+    # An item's place names its list's flag (hunt DS: `gpu_ids.1` had none).
+    assert _flags_named("training.target_modules.0: not a string", flags) == (
+        "training.target_modules.0 (--set target_modules): not a string"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -38,8 +39,14 @@ def _value(raw: str) -> Any:
     def no_constants(name: str) -> Any:
         raise ValueError(name)  # NaN/Infinity are not JSON: the server would refuse the body
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # 1e999 is inf, which no JSON body can carry (it was a traceback: hunt DS)
+            raise ValueError(number)
+        return value
+
     try:
-        return json.loads(raw, parse_constant=no_constants)
+        return json.loads(raw, parse_constant=no_constants, parse_float=finite)
     except ValueError:
         return raw
 
