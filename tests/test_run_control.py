@@ -641,6 +641,38 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
         assert oomed["error_message"].endswith("(not retried: out of GPU memory at step 7 again)"), oomed
 
 
+async def test_a_stop_or_a_pause_that_lands_as_a_run_ends_retried_takes_effect_before_its_backoff_ends(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A pause (or stop) accepted just after the runner read its flags: the run ends "retried" and the job goes
+    back to the queue with the request still asked. It was honoured only by the start that would have run the job,
+    once its backoff (up to 10 minutes) was over: queued all that time, answered "the run had already ended"
+    (review DU)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="2x80", RETRY_BACKOFF_SECONDS=600) as client:
+        store = client.app.state.training.store
+        for name in ("paused", "stopped"):
+            body = job_body(tmp_path, name, step_seconds=0.02, sigkill_at_step=7, auto_start=True, max_retries=1,
+                            training={"max_steps": 12, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+            assert (await client.post("/jobs", json=body)).status_code == 201
+        for name in ("paused", "stopped"):
+            await wait_job(client, name, lambda j: j["retries"] == 1 and j["status"] == "queued")
+        # What the race leaves: the request written after the run's end was read (the API's own pause answers
+        # with the job paused when it sees this; the scheduler pauses any it did not see).
+        await store.update("paused", {"pause_requested": True}, statuses=(JobStatus.QUEUED,))
+        await store.update("stopped", {"stop_requested": True}, statuses=(JobStatus.QUEUED,))
+        paused = await wait_job(client, "paused", lambda j: j["status"] != "queued", timeout=20)
+        assert paused["status"] == "paused" and paused["retry_at"] is None and not paused["pause_requested"], paused
+        stopped = await wait_job(client, "stopped", lambda j: j["status"] != "queued", timeout=20)
+        assert stopped["status"] == "stopped", stopped
+        events = (await client.get("/jobs/paused/events")).json()["events"]
+        assert events[-1]["message"].startswith("paused on request as its last run ended: resumes from "), events[-1]
+        # Resumed, it runs at once: the backoff was the failed run's, not the resumed job's.
+        assert (await client.post("/jobs/paused/resume")).status_code == 200
+        done = await wait_job(client, "paused", lambda j: j["status"] in ("completed", "failed"), timeout=40)
+        assert done["status"] == "completed", done
+
+
 async def test_a_run_killed_before_swift_names_its_run_folder_is_retried_from_the_beginning(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

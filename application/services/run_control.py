@@ -22,7 +22,7 @@ from application.services.job_store import Refusal, TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.placement import NOT_QUEUED
 from application.services.redis_service import REDIS_AWAY
-from application.services.run_end import checkpoint_step
+from application.services.run_end import PAUSED_AS_IT_ENDED, checkpoint_step, paused_as_it_ended
 from application.services.training_service import STOP_EXTRA_SECONDS, TrainingService
 
 STOP_TRIES = 5
@@ -214,8 +214,16 @@ class RunControl:
         final = await await_job(self.service, job_id, lambda j: _run_end(j, job.run_id) is not None,
                                 self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS, job)  # fmt: skip
         ended = _run_end(final, job.run_id)
-        # (a run that went back to the queue as the pause came, a retry or a preemption, rests paused by the
-        # scheduler before any new run)
+        if ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.pause_requested:
+            # Its run went back to the queue as the pause came: it rests paused now (a retry waited out its
+            # backoff queued: review DU), here or by the scheduler before any new run.
+            try:
+                await self.service.store.transition(job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,),
+                                                    fields=PAUSED_AS_IT_ENDED, message=paused_as_it_ended(final),
+                                                    actor=caller.actor, created_at=final.created_at)  # fmt: skip
+                final = final.model_copy(update={"status": JobStatus.PAUSED, "pause_requested": False})
+            except TransitionRefused:
+                final = await self.service.require(job_id, caller)
         paused = ended == "paused" or (ended in ("preempted", "retried") and final.status == JobStatus.PAUSED)
         resume_step = checkpoint_step(final.resume_from) if paused else None
         # Only a pause that took effect has steps to train again; a stop or an end that won the race has none.

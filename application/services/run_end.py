@@ -201,6 +201,14 @@ class Conclusion:
     event: tuple[str, str, dict[str, Any]] | None = None
 
 
+# What a queued job asked to pause as its last run ended (a retry, a preemption) gets as it rests paused.
+PAUSED_AS_IT_ENDED = {"pause_requested": False, "retry_at": None}
+
+
+def paused_as_it_ended(job: Job) -> str:
+    return f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
+
+
 def retry_wait(backoff: float, retry: int) -> float:
     """How long retry number `retry` (1 for the first) waits before it may start: `backoff` (RETRY_BACKOFF_SECONDS),
     doubled at each retry after the first, at most RETRY_BACKOFF_CAP."""

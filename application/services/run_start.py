@@ -37,7 +37,7 @@ from application.services.path_sandbox import Guard, escaped_output_root, relink
 from application.services.quant_exports import export_job_escape
 from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
-from application.services.run_end import checkpoint_step, work_of
+from application.services.run_end import PAUSED_AS_IT_ENDED, checkpoint_step, paused_as_it_ended, work_of
 from application.services.run_logs import log_name, run_log, unknown_runs
 from application.services.run_outputs import job_checkpoints
 from application.services.swift_command import (
@@ -187,17 +187,7 @@ class RunStarter:
     async def _startable(self, job: Job) -> bool:
         """False for a stop or pause asked as its last run ended (honoured here), or while OUTPUT_ROOT's disk
         stays full."""
-        if job.stop_requested:
-            # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
-            # its runner had read its flags just before it came): honoured here, not undone by a new run.
-            to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
-            await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                        message="stopped on request as its last run ended: not run again")  # fmt: skip
-            return False
-        if job.pause_requested:
-            message = f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
-            await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                        fields={"pause_requested": False}, message=message)  # fmt: skip
+        if await self.honour_asks(job):
             return False
         if self.disk_held:
             # Looked at before a run is started and given back again: two events a try on the job at the head, for
@@ -207,6 +197,22 @@ class RunStarter:
                 return False
             self.disk_held = False
         return True
+
+    async def honour_asks(self, job: Job) -> bool:
+        """Whether the queued job was asked to stop or pause as its last run ended, and is now stopped (cancelled
+        without a checkpoint) or paused. Raises TransitionRefused when it changed meanwhile."""
+        if job.stop_requested:
+            # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
+            # its runner had read its flags just before it came): honoured here, not undone by a new run.
+            to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
+            await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        message="stopped on request as its last run ended: not run again")  # fmt: skip
+            return True
+        if job.pause_requested:
+            await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        fields=PAUSED_AS_IT_ENDED, message=paused_as_it_ended(job))  # fmt: skip
+            return True
+        return False
 
     async def _resume_and_log(self, job: Job, log_dir: Path) -> tuple[str | None, bool, Path] | None:
         """The checkpoint the run resumes from, whether it holds only weights, and the run's log file; None when
