@@ -349,7 +349,9 @@ async def test_pause_then_resume_continues_from_the_checkpoint(app_factory: Call
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory() as client:
         training = {"max_steps": 40, "save_steps": 10, "logging_steps": 1, "save_total_limit": 5}
-        body = job_body(tmp_path, "pr", step_seconds=0.05, resume_skip_seconds=1.5, auto_start=True, training=training)
+        # (its first run waits at step 14 for the pause: a loaded machine let it run past step 20 before it came)
+        body = job_body(tmp_path, "pr", step_seconds=0.05, resume_skip_seconds=1.5, auto_start=True, training=training,
+                        hang_first_run_after_steps=14)  # fmt: skip
         assert (await client.post("/jobs", json=body)).json()["status"] == "running"
         await wait_job(client, "pr", lambda j: (j["progress"]["current_step"] or 0) >= 14)
         r = await client.post("/jobs/pr/pause")
