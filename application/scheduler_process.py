@@ -318,7 +318,9 @@ class Scheduler:
             held = self._starts_from - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 wait = self.settings.QUEUE_POLL_INTERVAL if held <= 0 else min(held, self.settings.QUEUE_POLL_INTERVAL)
-                if (due := self.processor.retry_due) is not None:  # (a retry's backoff ends: a pass then, not later)
+                # A retry's backoff ends: a pass then, not later. (One past was woken for already: with no pass
+                # since, the processor stopped or starts held, it made this loop turn every 50 ms: review DW.)
+                if (due := self.processor.retry_due) is not None and due > clock.now():
                     wait = min(wait, max(0.05, due - clock.now()))
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()

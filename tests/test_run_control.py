@@ -643,6 +643,43 @@ async def test_retries_resume_a_killed_run_but_not_a_failure_that_repeats(
         assert oomed["error_message"].endswith("(not retried: out of GPU memory at step 7 again)"), oomed
 
 
+async def test_a_retry_in_its_backoff_with_the_processor_stopped(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review DW: once its backoff was over, with no pass since (the processor stopped), the scheduler's loop turned
+    every 50 ms, reading the GPUs and publishing them each time, until the processor was started again; a start
+    meanwhile said to start it again "when its GPUs are free"; and a stop left its retry_at on the ended job."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, RETRY_BACKOFF_SECONDS=2, QUEUE_POLL_INTERVAL=5) as client:
+        body = job_body(tmp_path, "killed", step_seconds=0.02, sigkill_at_step=3, auto_start=True, max_retries=2,
+                        training={"max_steps": 50})  # fmt: skip
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        job = await wait_job(client, "killed", lambda j: j["retries"] == 1 and j["status"] == "queued")
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        started = (await client.post("/jobs/killed/start")).json()
+        assert started["status"] == "queued" and "processor" in started["message"], started
+        assert "retried: it waits" in started["message"] and "GPUs are free" not in started["message"], started
+
+        processor = client.scheduler.processor
+        views = 0
+        view = processor.view
+
+        async def counted() -> Any:
+            nonlocal views
+            views += 1
+            return await view()
+
+        monkeypatch.setattr(processor, "view", counted)
+        await _until(lambda: time.time() > job["retry_at"] + 0.5)
+        views = 0
+        await asyncio.sleep(2)  # (a measure of how often the loop turns, not a wait for something to happen)
+        assert views <= 1, f"the scheduler's loop turned {views} times in 2 s with QUEUE_POLL_INTERVAL=5"
+
+        assert (await client.post("/jobs/killed/stop")).status_code == 200
+        ended = (await client.get("/jobs/killed")).json()
+        assert ended["status"] in ("cancelled", "stopped") and ended["retry_at"] is None, ended
+
+
 async def test_a_stop_or_a_pause_that_lands_as_a_run_ends_retried_takes_effect_before_its_backoff_ends(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

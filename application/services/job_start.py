@@ -12,11 +12,13 @@ from application.auth import Caller
 from application.exceptions import Conflict, JobNotFound, refused
 from application.models.job_responses import ActionResponse
 from application.models.training_model import Job, JobStatus
+from application.services import clock
 from application.services.checkpoints import newest_checkpoint
 from application.services.gpu_pool import impossible
 from application.services.job_store import TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.redis_service import REDIS_AWAY, may_have_run
+from application.services.wait_reasons import Reason
 from application.utils.gpu_types import NO_READING
 
 if TYPE_CHECKING:
@@ -89,7 +91,11 @@ async def answer_start(svc: TrainingService, job_id: str, created_at: float,
     elif info.reason is not None and info.reason.code == "processor_stopped":
         state = await svc.placement.pass_state()
         message = f"The job is queued: {info.reason.message}"
-        if state.leading and not state.held and not state.enabled:
+        backoff = job.retry_at - clock.now() if job.retry_at is not None else 0.0
+        if backoff > 0:
+            # Its backoff is what a start waits for first, not its GPUs (review DW: "when its GPUs are free").
+            message += f"; and {Reason('retry_backoff', starts_in=backoff).text}"
+        elif state.leading and not state.held and not state.enabled:
             # Not "it starts by itself": no pass does while the switch is off, and the pass made for this start
             # (which starts a job whatever the switch) did not start it.
             message = (

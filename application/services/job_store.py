@@ -320,6 +320,7 @@ class JobStore(JobLog, QueueView):
             extra.setdefault("retry_at", None)  # (its backoff is over: not shown for ever after)
         if to.is_terminal():
             extra.setdefault("finished_at", now)
+            extra.setdefault("retry_at", None)  # (a retry stopped in its backoff waits for nothing: review DW)
         owner, created, export_of = await self._incarnation(job_id, created_at)
         every, mine = self._status_keys(owner)
         k = self.keys
