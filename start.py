@@ -9,6 +9,13 @@
 
 from __future__ import annotations
 
+if __name__ in ("__main__", "__mp_main__"):  # (start.py, and each API worker: multiprocessing runs it first so)
+    # Before the other imports (1.5 s of them, 3 s in a worker): until then its environment, API_KEYS and
+    # WEBHOOK_SECRET included, is readable by code a job runs as this user, which may restart it (review DW).
+    from application.utils.process_privacy import keep_private as _keep_private
+
+    _keep_private()
+
 import asyncio
 import contextlib
 import logging
@@ -112,11 +119,20 @@ def serve_api(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # multiprocessing's resource tracker, which the first spawned worker starts, lives as long as the server and
     # is dumpable: started here, without the secrets, job code cannot read them in its /proc (review DV).
-    held = {k: os.environ.pop(k) for k in SECRET_VARIABLES if k in os.environ}
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        os.environ.update(held)
+    # Each time it starts: one that died (killed by code a job runs, as the server's user may) is started again by
+    # the next worker spawned, from this environment (review DW).
+    tracker = resource_tracker._resource_tracker
+    ensure_running = tracker.ensure_running
+
+    def ensure_running_without_secrets() -> None:
+        held = {k: os.environ.pop(k) for k in SECRET_VARIABLES if k in os.environ}
+        try:
+            ensure_running()
+        finally:
+            os.environ.update(held)
+
+    tracker.ensure_running = ensure_running_without_secrets  # type: ignore[method-assign]
+    tracker.ensure_running()
     try:
         config = _uvicorn_config("application.main:create_app", settings, factory=True, workers=settings.API_WORKERS)
         supervisor = _Multiprocess(config, sockets=[config.bind_socket()])
@@ -376,7 +392,7 @@ def more_open_files() -> None:
 
 
 def main() -> None:
-    keep_private()  # (first: its environment holds the keys until then)
+    keep_private()  # (already, when run as a script: for a caller of main() of its own)
     more_open_files()
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(USAGE)

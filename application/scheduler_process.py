@@ -9,6 +9,13 @@ takes over at once; if it dies, a standby leads within LEADER_TTL_SECONDS.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # (python -m application.scheduler_process: its keeper starts it again while runs go on)
+    # Before the other imports (3 s of them): until then its environment, WEBHOOK_SECRET included, is readable by
+    # code a job runs as this user, which may kill it to have it started again (review DW).
+    from application.utils.process_privacy import keep_private as _keep_private
+
+    _keep_private()
+
 import asyncio
 import contextlib
 import gc
@@ -437,7 +444,7 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     from application.utils.process_privacy import keep_private
 
-    keep_private()  # (first: its environment holds the webhook secret until then)
+    keep_private()  # (already, when run as a module: for a caller of main() of its own)
     from application.config import get_settings
     from application.services.process_group import die_with_parent
     from application.utils.logger import setup_logging

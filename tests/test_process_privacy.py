@@ -30,3 +30,31 @@ def test_a_private_process_is_not_dumpable_and_its_environment_is_kept_from_its_
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+# Runs a server's entry point as its launcher does, and reads PR_GET_DUMPABLE as its first import after the
+# privacy block (asyncio, in both) begins; exits there.
+PROBE = """
+import ctypes, runpy, sys
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "asyncio":
+            print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0), flush=True)
+            raise SystemExit(0)
+sys.meta_path.insert(0, Probe())
+if sys.argv[1].endswith(".py"):
+    runpy.run_path(sys.argv[1], run_name=sys.argv[2])
+else:
+    runpy.run_module(sys.argv[1], run_name=sys.argv[2], alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("entry, run_name", [("start.py", "__main__"), ("start.py", "__mp_main__"),
+                                             ("application.scheduler_process", "__main__")])  # fmt: skip
+def test_a_server_process_is_not_dumpable_before_its_imports(entry: str, run_name: str) -> None:
+    # Not from its main(): its imports took 1.5 to 3.5 s, while job code (which may kill a scheduler or an API
+    # worker to have it started again) could read API_KEYS and WEBHOOK_SECRET in its /proc (review DW). An API
+    # worker runs start.py as __mp_main__ first.
+    probe = subprocess.run([sys.executable, "-c", PROBE, entry, run_name], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert probe.returncode == 0 and probe.stdout.split() == ["0"], (probe.stdout, probe.stderr)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from start import metrics_folder
-from tests.conftest import ROOT, ApiServer, job_body, kill_processes_under, wait_for
+from tests.conftest import KEYS_SETTING, ROOT, ApiServer, _cmdline, job_body, kill_processes_under, wait_for
 
 
 def test_one_command_runs_everything_on_an_embedded_redis_that_keeps_the_data(
@@ -452,3 +452,25 @@ def test_what_the_server_writes_is_its_users_alone(server_factory: Callable[...,
     shared = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in written if not p.is_symlink()
               and p.lstat().st_mode & 0o077]  # fmt: skip
     assert shared == [], "\n".join(shared)
+
+
+def test_a_resource_tracker_started_again_has_no_secrets(server_factory: Callable[..., ApiServer]) -> None:
+    # The API workers' resource tracker is dumpable and lives as long as the server: it is started without the
+    # secrets (review DV). One that died (job code, as the server's user, may kill it) was started again by the
+    # next worker spawned, from start.py's environment: API_KEYS and WEBHOOK_SECRET readable again (review DW).
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "WEBHOOK_SECRET": "hook-secret-0123456789abcdef",
+                                 "API_WORKERS": "2"})  # fmt: skip
+
+    def trackers() -> list[Any]:
+        return [p for p in server.processes() if "resource_tracker" in " ".join(_cmdline(p))]
+
+    first = trackers()
+    assert first and not any({"API_KEYS", "WEBHOOK_SECRET"} & set(p.environ()) for p in first)
+    for p in first:
+        p.kill()
+    worker = next(p for p in server.processes() if "multiprocessing" in " ".join(_cmdline(p)) and p not in first)
+    worker.kill()  # uvicorn starts another, which starts a tracker
+    wait_for(lambda: any(p.pid not in {f.pid for f in first} for p in trackers()), what="a tracker started again")
+    again = [p for p in trackers() if p.pid not in {f.pid for f in first}]
+    assert not any({"API_KEYS", "WEBHOOK_SECRET"} & set(p.environ()) for p in again), [p.environ() for p in again]
+    wait_for(lambda: server.http.get("/health").status_code == 200, what="the API serving on")

@@ -15,8 +15,6 @@ import ctypes
 import os
 import sys
 
-from loguru import logger
-
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 
@@ -30,6 +28,8 @@ def keep_private() -> bool:
         if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 or libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError) as exc:  # (a libc without prctl, a seccomp profile that refuses it)
+        from loguru import logger  # (here: this module is imported before any other, see start.py)
+
         logger.warning("this process stays dumpable (prctl: {}): code a job runs as this user can read its "
                        "environment, API_KEYS included", exc)  # fmt: skip
         return False
