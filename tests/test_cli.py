@@ -349,6 +349,21 @@ def test_the_api_key_is_sent_as_a_bearer_token(server_factory: Callable[..., Api
     assert r.returncode == 0 and "jobs" in json.loads(r.stdout), r.stderr
 
 
+def test_signing_key_prints_the_key_alone_and_rotates_it(server_factory: Callable[..., ApiServer]) -> None:
+    # What verifies a job's own notifications, for a receiver's configuration: it took curl (review DW).
+    server = server_factory(env={"API_KEYS": KEYS_SETTING, "WEBHOOK_SECRET": "hook-secret-0123456789abcdef"})
+    shown = cli(server.port, "signing-key", key=ALICE_KEY)
+    assert shown.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}\n", shown.stdout), (shown.stdout, shown.stderr)
+    rotated = cli(server.port, "signing-key", "--rotate", key=ALICE_KEY)
+    assert rotated.returncode == 0 and "rotated (generation 1)" in rotated.stderr, rotated.stderr
+    assert re.fullmatch(r"[0-9a-f]{64}\n", rotated.stdout) and rotated.stdout != shown.stdout
+    now = json.loads(cli(server.port, "--json", "signing-key", key=ALICE_KEY).stdout)
+    assert now["signing_key"] == rotated.stdout.strip() and now["owner"] == "alice" and now["generation"] == 1
+    bare = server_factory()  # (no WEBHOOK_SECRET)
+    none = cli(bare.port, "signing-key")
+    assert none.returncode == 2 and "WEBHOOK_SECRET" in none.stderr, none.stderr
+
+
 @pytest.mark.parametrize(("given", "root"), [
     ("http://h:8000", "http://h:8000/api/v1/training"),
     ("http://h:8000/", "http://h:8000/api/v1/training"),

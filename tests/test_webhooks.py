@@ -22,7 +22,7 @@ import pytest
 from application.services import webhook_addresses
 from application.services.webhook_addresses import is_public, pinned
 from application.services.webhooks import retry_after
-from tests.conftest import ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model, until, wait_job
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, auth, job_body, make_model, until, wait_job
 
 SECRET = "webhook-secret-0123456789"
 
@@ -922,7 +922,9 @@ async def test_a_jobs_own_url_is_signed_with_its_owners_key_not_the_operators_se
     settings = {"API_KEYS": KEYS_SETTING, "WEBHOOK_URLS": operator.url, "WEBHOOK_SECRET": SECRET,
                 "WEBHOOK_ALLOW_PRIVATE": True}  # fmt: skip
     async with app_factory(**settings) as client:
-        alices = (await client.get("/webhooks/signing-key", headers=auth(ALICE_KEY))).json()
+        answer = await client.get("/webhooks/signing-key", headers=auth(ALICE_KEY))
+        assert answer.headers["cache-control"] == "no-store"  # (review DW)
+        alices = answer.json()
         bobs = (await client.get("/webhooks/signing-key", headers=auth(BOB_KEY))).json()
         assert alices["owner"] == "alice" and alices["header"] == "X-Swift-Api-Signature"
         assert len({alices["signing_key"], bobs["signing_key"], SECRET}) == 3
@@ -939,6 +941,28 @@ async def test_a_jobs_own_url_is_signed_with_its_owners_key_not_the_operators_se
     assert own.received and all(signed_with(alices["signing_key"], d) for d in own.received)
     assert not any(signed_with(SECRET, d) or signed_with(bobs["signing_key"], d) for d in own.received)
     assert operator.received and all(signed_with(SECRET, d) for d in operator.received)
+
+    # One owner's key replaced on its own (review DW: an API key rotated under its name kept its signing key, and
+    # only a new WEBHOOK_SECRET, everyone's keys at once, replaced it).
+    before = len(own.received)
+    async with app_factory(**settings) as client:
+        assert (await client.post("/webhooks/signing-key/rotate", params={"owner": "bob"},
+                                  headers=auth(ALICE_KEY))).status_code == 403  # fmt: skip
+        rotated = await client.post("/webhooks/signing-key/rotate", headers=auth(ALICE_KEY))
+        assert rotated.status_code == 200 and rotated.headers["cache-control"] == "no-store", rotated.text
+        new = rotated.json()
+        assert new["owner"] == "alice" and new["generation"] == 1 and new["signing_key"] != alices["signing_key"]
+        assert (await client.get("/webhooks/signing-key", headers=auth(ALICE_KEY))).json() == new
+        assert (await client.get("/webhooks/signing-key", headers=auth(BOB_KEY))).json() == bobs  # (bob's stays)
+        by_admin = await client.post("/webhooks/signing-key/rotate", params={"owner": "bob"}, headers=auth(ADMIN_KEY))
+        assert by_admin.json()["owner"] == "bob" and by_admin.json()["signing_key"] != bobs["signing_key"]
+        body = job_body(tmp_path, "again", auto_start=True, webhook_url=own.url, training={"max_steps": 3})
+        assert (await client.post("/jobs", json=body, headers=auth(ALICE_KEY))).status_code == 201
+        await until(lambda: own.events().count("status_completed") == 2)
+    after = own.received[before:]
+    assert after and all(signed_with(new["signing_key"], d) for d in after)
+    assert not any(signed_with(alices["signing_key"], d) for d in after)
     async with app_factory() as client:  # (no WEBHOOK_SECRET: nothing is signed)
         r = await client.get("/webhooks/signing-key")
         assert r.status_code == 404 and "WEBHOOK_SECRET" in r.json()["detail"], r.text
+        assert (await client.post("/webhooks/signing-key/rotate")).status_code == 404

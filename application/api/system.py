@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
-from application.api.deps import E404, CallerDep, KnownCallerDep, System
-from application.exceptions import NotFound
+from application.api.deps import E403, CallerDep, KnownCallerDep, Responses, System
+from application.models.job_responses import ErrorResponse
 from application.models.system_model import GpuList, Health, SystemStatus, WebhookKey
-from application.services.webhooks import owner_key
 
 router = APIRouter()
+NOT_SIGNED: Responses = {
+    404: {"model": ErrorResponse, "description": "The server signs no notification (no WEBHOOK_SECRET)"}
+}
 public = APIRouter(tags=["system"])
 
 
@@ -28,16 +30,28 @@ async def get_system_status(system: System) -> dict[str, Any]:
     return await system.system_status()
 
 
-@router.get("/webhooks/signing-key", response_model=WebhookKey, tags=["system"], responses=E404,
+@router.get("/webhooks/signing-key", response_model=WebhookKey, tags=["system"], responses=NOT_SIGNED,
             operation_id="get_webhook_signing_key",
             summary="The key that signs the notifications to your jobs' own webhook_url")  # fmt: skip
-async def get_webhook_signing_key(system: System, caller: CallerDep) -> WebhookKey:
+async def get_webhook_signing_key(system: System, caller: CallerDep, response: Response) -> WebhookKey:
     """Each key's owner has one of its own, derived from the operator's WEBHOOK_SECRET: with it a receiver checks
     that a notification came from this server, and it signs nothing of another owner's nor the operator's."""
-    secret = system.service.settings.WEBHOOK_SECRET
-    if secret is None:
-        raise NotFound("this server signs no notification (its operator has set no WEBHOOK_SECRET)")
-    return WebhookKey(owner=caller.name, signing_key=owner_key(secret.get_secret_value(), caller.name))
+    response.headers["Cache-Control"] = "no-store"  # (a secret: no cache or proxy on the way keeps it, review DW)
+    return await system.signing_key(caller)
+
+
+@router.post("/webhooks/signing-key/rotate", response_model=WebhookKey, tags=["system"],
+             responses={**E403, **NOT_SIGNED}, operation_id="rotate_webhook_signing_key",
+             summary="Replace the key that signs your jobs' notifications (the one before signs no more)")  # fmt: skip
+async def rotate_webhook_signing_key(
+    system: System, caller: CallerDep, response: Response,
+    owner: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                       description="an admin key: another owner's (default: the key's own)")] = None,
+) -> WebhookKey:  # fmt: skip
+    """For a key that may have been seen by someone else (an API key rotated under the same name keeps its signing
+    key): deliveries from now on, retries of earlier ones included, are signed with the new one."""
+    response.headers["Cache-Control"] = "no-store"
+    return await system.signing_key(caller, owner, rotate=True)
 
 
 @public.get("/health", response_model=None, responses={200: {"model": Health}, 503: {"model": Health}},

@@ -267,6 +267,19 @@ def remove(api: Api, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def signing_key(api: Api, args: argparse.Namespace, out: Output) -> int:
+    body = api.post("/webhooks/signing-key/rotate") if args.rotate else api.get("/webhooks/signing-key")
+    if out.json:
+        out.emit(body)
+        return EXIT_OK
+    with out.answer_shape():
+        key, generation = str(body["signing_key"]), int(body["generation"])
+    out.line(key)  # (alone on its line: `KEY=$(swift-api signing-key)`)
+    if args.rotate:
+        out.note(f"rotated (generation {generation}): your jobs' notifications are signed with this key from now on")
+    return EXIT_OK
+
+
 def run_watch(api: Api, args: argparse.Namespace, out: Output) -> int:
     return watch(api, args.job_id, out)
 
@@ -367,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--offset", type=_up_to(10_000_000, 0), default=0, help="from position N + 1")
     command("gpus", show("/gpus", render.gpu_list), "the GPUs and the jobs holding them", job=False)
     command("rm", remove, "delete a job's record (never its output on disk)")
+    sub = command("signing-key", signing_key, "the key that signs the notifications to your jobs' own webhook_url "
+                  "(X-Swift-Api-Signature)", job=False)  # fmt: skip
+    sub.add_argument("--rotate", action="store_true", help="replace it first: the one before signs no more")
     return parser
 
 

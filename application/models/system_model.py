@@ -228,3 +228,4 @@ class WebhookKey(BaseModel):
                              "body with this key>; the operator's WEBHOOK_URLS are signed with "
                              "WEBHOOK_SECRET")  # fmt: skip
     header: str = "X-Swift-Api-Signature"
+    generation: int = Field(0, description="how many times it was rotated (POST /webhooks/signing-key/rotate)")

@@ -289,6 +289,11 @@ class Keys:
         return self._k("webhooks", "delivering")
 
     @property
+    def webhook_signing(self) -> str:
+        """Hash: owner ("" for no keys) -> how many times its signing key was rotated (absent: never)."""
+        return self._k("webhooks", "signing")
+
+    @property
     def webhooks_global(self) -> str:
         """String, present while WEBHOOK_URLS is set: every job notifies, not only those with a webhook_url."""
         return self._k("webhooks", "global")

@@ -17,11 +17,15 @@ from urllib.parse import quote
 import psutil
 
 from application import __version__
+from application.auth import Caller
+from application.exceptions import NotFound
+from application.models.system_model import WebhookKey
 from application.services import clock
 from application.services.cluster_store import reading_error
 from application.services.gpu_pool import never_free
 from application.services.redis_service import RedisService
 from application.services.training_service import TrainingService
+from application.services.webhooks import owner_key
 from application.utils.gpu_types import snapshot_of
 from application.utils.gpu_utils import gpu_summary
 
@@ -66,6 +70,20 @@ class SystemService:
         # start.py's embedded server lives under DATA_DIR and is reached through its unix socket.
         # (its URL quotes the path: a DATA_DIR with a space or '%' in it)
         self.embedded = redis.url.startswith("unix://") and quote(str(service.settings.DATA_DIR)) in redis.url
+
+    async def signing_key(self, caller: Caller, owner: str | None = None, rotate: bool = False) -> WebhookKey:
+        """The key that signs the notifications to the own webhook_url of the caller's jobs (an admin: of `owner`'s
+        too); `rotate` replaces it first, so that the one before signs no more."""
+        secret = self.service.settings.WEBHOOK_SECRET
+        if owner is not None and owner != caller.name:
+            caller.require_admin("the signing key of another owner's jobs")
+        whose = caller.name if owner is None else owner
+        if secret is None:
+            raise NotFound("this server signs no notification (its operator has set no WEBHOOK_SECRET)")
+        cluster = self.service.cluster
+        generation = await (cluster.rotate_signing_key(whose) if rotate else cluster.signing_generation(whose))
+        return WebhookKey(owner=whose, signing_key=owner_key(secret.get_secret_value(), whose, generation),
+                          generation=generation)  # fmt: skip
 
     async def gpus(self) -> dict[str, Any]:
         snapshot = await self.service.gpu_snapshot()

@@ -56,3 +56,11 @@ class WebhookQueue:
 
     async def webhook_delivered(self, raw: str) -> None:
         await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
+
+    async def signing_generation(self, owner: str | None) -> int:
+        """How many times `owner`'s signing key was rotated (see `webhooks.owner_key`)."""
+        return int(await self.r.hget(self.keys.webhook_signing, owner or "") or 0)
+
+    async def rotate_signing_key(self, owner: str | None) -> int:
+        """A new signing key for `owner`'s own webhook URLs (the one before no longer signs): its generation."""
+        return int(await self.r.hincrby(self.keys.webhook_signing, owner or "", 1))

@@ -63,11 +63,15 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def owner_key(secret: str, owner: str | None) -> str:
+def owner_key(secret: str, owner: str | None, generation: int = 0) -> str:
     """The key that signs the notifications to the own `webhook_url`s of `owner`'s jobs (None: no API_KEYS, where
     every caller is the same anonymous one): derived from WEBHOOK_SECRET, which a user verifying their own
-    deliveries had to be given, and with it the power to forge the operator's (hunt DR)."""
-    return hmac.new(secret.encode(), b"swift-api webhook owner:" + (owner or "").encode(), hashlib.sha256).hexdigest()
+    deliveries had to be given, and with it the power to forge the operator's (hunt DR). `generation` counts its
+    rotations: one owner's key can be replaced without WEBHOOK_SECRET, and so everyone's (review DW)."""
+    message = b"swift-api webhook owner:" + (owner or "").encode()
+    if generation:
+        message += b"\ngeneration:" + str(generation).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -213,8 +217,17 @@ class Webhooks:
             targets: list[tuple[str, str | None, str | None]] = [(url, None, self.secret) for url in self.urls]
             if hook := item.get("hook"):
                 owner = (job or {}).get("owner")
-                targets.append((hook, str(owner or f"url {hook}"),
-                                owner_key(self.secret, owner) if self.secret else None))  # fmt: skip
+                signer = None
+                if self.secret:
+                    generation = 0
+
+                    async def read() -> None:
+                        nonlocal generation
+                        generation = await self.cluster.signing_generation(owner)
+
+                    await self._redis_retried(read)  # (its key now: one rotated since the event was queued)
+                    signer = owner_key(self.secret, owner, generation)
+                targets.append((hook, str(owner or f"url {hook}"), signer))
             at = float(item["at"]) if item.get("at") else None  # (stored as the text of a number)
             body = json.dumps({"event": item["event"], "job_id": item["job_id"], "at": at,
                                "message": item.get("message"), "job": job}).encode()  # fmt: skip
