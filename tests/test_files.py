@@ -524,6 +524,11 @@ async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_thei
         await store.r.delete(store.keys.file_users(f["id"]))  # what a version before the record stored
         assert await training.files.backfill_users(store) == 1  # what a scheduler does as it starts
         assert await training.files.backfill_users(store) == 1  # (again: no harm)
+        # A start looks only at the jobs created since a day before the last one looked (a walk of every active job
+        # held a new leader's first pass back: hunt DX); this version's creates record their uploads themselves.
+        await store.r.set(store.keys.upload_users_scanned, repr(time.time() + 2 * 86400))
+        assert await training.files.backfill_users(store) == 0
+        await store.r.delete(store.keys.upload_users_scanned)
         refused = await client.delete(f"/files/{f['id']}")
         assert refused.status_code == 409 and "old" in refused.json()["detail"], refused.text
         assert (await client.post("/jobs/old/stop")).status_code == 200

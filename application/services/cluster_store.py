@@ -445,6 +445,12 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         """Record when the queued jobs an older version stored entered the queue (their `queued_at`), for the
         longest wait /metrics shows (once, at a scheduler's start)."""
         recorded, start, queued = 0, 0, self.keys.status_index(JobStatus.QUEUED)
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.zcard(queued)
+            pipe.zcard(self.keys.queued_since)
+            waiting, known = await pipe.execute()
+        if known >= waiting:  # (this version's moves keep one in the other: no walk of every queued job, hunt DX)
+            return 0
         while ids := await self.r.zrange(queued, start, start + batch - 1):
             start += batch
             async with self.r.pipeline(transaction=False) as pipe:

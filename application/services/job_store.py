@@ -217,10 +217,12 @@ class JobStore(JobLog, QueueView):
         owner = raw.get("owner")
         return (json.loads(owner) if owner else None), raw
 
-    async def ids_with_status(self, *statuses: JobStatus) -> list[str]:
+    async def ids_with_status(self, *statuses: JobStatus, created_after: float | None = None) -> list[str]:
+        """The ids of the jobs in `statuses`; only those created after `created_after` when given."""
+        low = "-inf" if created_after is None else f"({created_after!r}"
         async with self.r.pipeline(transaction=False) as pipe:
             for s in statuses:
-                pipe.zrange(self.keys.status_index(s), 0, -1)
+                pipe.zrangebyscore(self.keys.status_index(s), low, "+inf")
             lists = await pipe.execute()
         return [job_id for ids in lists for job_id in ids]
 

@@ -46,6 +46,16 @@ class Keys:
         return self._k("summary", "fields")
 
     @property
+    def upload_users_scanned(self) -> str:
+        """String: the creation time of the newest active job whose uploads a scheduler's start has recorded."""
+        return self._k("files", "users", "scanned")
+
+    @property
+    def summaries_scanned(self) -> str:
+        """String: the creation time of the newest job whose summary a scheduler's start has looked at."""
+        return self._k("summary", "scanned")
+
+    @property
     def jobs_index(self) -> str:
         """Sorted set job_id -> created_at: every job, for listing newest first."""
         return self._k("jobs")
