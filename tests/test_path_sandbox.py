@@ -297,3 +297,22 @@ def test_an_input_no_longer_inside_the_roots_which_changed_is_refused_before_the
     assert why == (f"data_path {dropped / 't.jsonl'} is no longer inside DATA_ROOTS, which the server's operator "
                    "changed since the job was created: it runs again once DATA_ROOTS holds it (resume it then), or "
                    "create the job again with a path inside them")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["team/train.jsonl#3", "{data}/team/train.jsonl#3"])
+def test_a_sample_whose_whole_name_is_a_file_is_refused(roots: dict[str, Path], value: str) -> None:
+    # ms-swift reads `x.jsonl#3` as that file when it exists (DatasetSyntax.parse: os.path.exists first), so the
+    # checked `x.jsonl` was not what it trained on; a link of that name led it out of the roots.
+    value = value.format(data=roots["data"])
+    (roots["data"] / "team" / "train.jsonl#3").symlink_to(roots["secret"] / "shadow.jsonl")
+    with pytest.raises(Invalid, match="would read that one"):
+        data(value, roots)
+    assert data("team/train.jsonl#4", roots).value == f"{roots['data'] / 'team' / 'train.jsonl'}#4"
+
+
+def test_a_sample_whose_whole_name_became_a_file_after_the_create_is_caught_before_the_run(
+        roots: dict[str, Path]) -> None:  # fmt: skip
+    stored = data("team/train.jsonl#3", roots).value
+    assert relinked_input([("data_path", stored, True)], [roots["data"]], [], []) is None
+    (roots["data"] / "team" / "train.jsonl#3").symlink_to(roots["secret"] / "shadow.jsonl")
+    assert "would read it instead" in (relinked_input([("data_path", stored, True)], [roots["data"]], [], []) or "")

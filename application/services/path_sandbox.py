@@ -216,6 +216,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
             guard(field, value, real)
         if not _exists(real):
             raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
+        _refuse_shadowed_sample(field, value, real, sample)
         return Resolved(_with_sample(str(real), sample), True, real, sample)
     if hub and is_hub_id(text, data=data):
         return Resolved(text, False)
@@ -229,6 +230,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         if guard is not None:
             guard(field, value, real)
         if _exists(real):
+            _refuse_shadowed_sample(field, value, real, sample)
             return Resolved(_with_sample(str(real), sample), True, real, sample)
     if not hub:
         raise Invalid(f"{field} '{value}' is not a path that exists under {setting} ({_roots_text(real_roots)})")
@@ -293,6 +295,21 @@ def _with_sample(path: str, sample: int | None) -> str:
     return f"{path}#{sample}" if sample is not None else path
 
 
+def shadowed_sample(value: str) -> bool:
+    """Whether a stored data set `<path>#N` names an existing entry as a whole: ms-swift (DatasetSyntax.parse) reads
+    a path that exists as it is before it splits `#N` off, so it would read `x.jsonl#5` (any file, or a link out of
+    the roots) instead of the `x.jsonl` that was checked."""
+    return without_sample(value) != value and os.path.lexists(value)
+
+
+def _refuse_shadowed_sample(field: str, value: str, real: Path, sample: int | None) -> None:
+    if sample is not None and shadowed_sample(_with_sample(str(real), sample)):
+        raise Invalid(
+            f"{field} '{value}': a file named '{real.name}#{sample}' lies beside '{real.name}', and ms-swift "
+            f"would read that one instead of {sample} rows of '{real.name}': rename it, or leave #N out"
+        )
+
+
 def resolve_output_dir(requested: str, root: Path) -> Path:
     """Relative paths resolve under OUTPUT_ROOT; nothing (`..`, absolute paths, symlinks) may leave it."""
     check_text("output_dir", requested)
@@ -351,6 +368,10 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
         path = without_sample(value) if data else value
         if not os.path.isabs(path):
             continue  # a hub id
+        if data and shadowed_sample(value):
+            return (f"{field} {value}: a file of that whole name is there (made since the job was created, or the "
+                    f"server that took it did not look), and ms-swift would read it instead of the rows of {path}: "
+                    "rename it, and create the job again")  # fmt: skip
         stored = os.path.normpath(path)
         resolved = Path(os.path.realpath(stored))
         in_roots = _inside(resolved, real_data if data else real_models)
