@@ -513,6 +513,30 @@ def test_a_file_name_as_browsers_and_curl_escape_it_is_shown_as_it_was(server: A
     assert r.status_code == 201 and r.json()["filename"] == 'my data "x".jsonl', r.text
 
 
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        # .NET's MultipartFormDataContent and PowerShell's -Form: an RFC 2047 word in `filename`, RFC 5987 `filename*`
+        'filename="=?utf-8?B?6K6t57uDIOaVsOaNri5qc29ubA==?="; '
+        "filename*=utf-8''%E8%AE%AD%E7%BB%83%20%E6%95%B0%E6%8D%AE.jsonl",
+        "filename*=UTF-8''%E8%AE%AD%E7%BB%83%20%E6%95%B0%E6%8D%AE.jsonl",
+        'filename="=?utf-8?B?6K6t57uDIOaVsOaNri5qc29ubA==?="',
+    ],
+)
+def test_a_non_ascii_file_name_as_dotnet_clients_write_it_is_read(server: ApiServer, disposition: str) -> None:
+    # It was 422 ("the name must end in .jsonl"): `filename*` was dropped, the encoded word taken as the name.
+    body = (
+        (
+            f"--b0undary\r\nContent-Disposition: form-data; name=file; {disposition}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + VALID
+        + b"\r\n--b0undary--\r\n"
+    )
+    r = server.http.post("/files", content=body, headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert r.status_code == 201 and r.json()["filename"] == "训练 数据.jsonl", r.text
+
+
 async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_their_uploads(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.errors
+import email.header
 import hashlib
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+from urllib.parse import unquote
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
@@ -48,9 +52,34 @@ class ReceivedUpload:
 _FORM_ESCAPES = {"%22": '"', "%0A": "\n", "%0D": "\r", "%0a": "\n", "%0d": "\r"}
 
 
-def display_name(raw: str) -> str:
+# RFC 5987 `filename*=utf-8''%E8%AE%AD.jsonl`, which python-multipart drops: .NET's MultipartFormDataContent and
+# PowerShell's -Form send it beside a `filename` that holds an RFC 2047 word (`=?utf-8?B?6K6t?=`) for a non-ASCII name.
+_STAR_RE = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([A-Za-z0-9_-]+)'[^']*'([^;"\s]+)""", re.IGNORECASE)
+
+
+def client_filename(header: bytes | None, plain: bytes | None) -> str | None:
+    """The file name a part's Content-Disposition gives, sanitized (display_name): `filename*` when it is there and
+    readable, else `filename` (an RFC 2047 encoded word in it decoded); None when the part names none."""
+    if header and (m := _STAR_RE.search(header)):
+        try:
+            name = unquote(m.group(2).decode("ascii"), encoding=m.group(1).decode("ascii"), errors="strict")
+            return display_name(name, form_escaped=False)
+        except (LookupError, UnicodeError):
+            pass
+    if plain is None:
+        return None
+    text = plain.decode("utf-8", "replace")
+    if text.startswith("=?") and text.endswith("?="):
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except (LookupError, UnicodeError, ValueError, email.errors.HeaderParseError):
+            pass
+    return display_name(text)
+
+
+def display_name(raw: str, form_escaped: bool = True) -> str:
     """The client's file name without any folder part or unprintable character, at most FILENAME_MAX_CHARS."""
-    for escaped, char in _FORM_ESCAPES.items():
+    for escaped, char in _FORM_ESCAPES.items() if form_escaped else ():
         raw = raw.replace(escaped, char)
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable()).strip()
@@ -142,14 +171,14 @@ class _Receiver:
     def headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get("content-disposition"))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        raw_filename = options.get(b"filename")
+        raw_filename = client_filename(self.headers.get("content-disposition"), options.get(b"filename"))
         if name == self.file_field:
             if raw_filename is None:
                 raise Invalid(f"'{self.file_field}' must be a file part (with a filename), not a text field")
             self.file_parts += 1
             if self.file_parts > 1:
                 raise Invalid(f"send one file per request: this body has more than one '{self.file_field}' part")
-            self.filename = display_name(raw_filename.decode("utf-8", "replace"))
+            self.filename = raw_filename
             self.suffix = suffix_of(self.filename)
             if self.suffix not in self.suffixes:
                 raise Invalid(f"{self.file_field} '{self.filename}': the name must end in "
