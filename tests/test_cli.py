@@ -79,6 +79,24 @@ def test_submit_follow_exits_1_when_the_job_fails(server: ApiServer, workspace: 
     assert job["status"] == "failed" and job["error_message"] and job["error_message"] in r.stderr
 
 
+def test_text_the_terminals_encoding_cannot_hold_is_escaped_not_a_traceback(server: ApiServer, workspace: Path) -> None:
+    # A Windows console or redirect in GBK (no emoji), cp1252 (no CJK): `status` and `--json` were a traceback and exit
+    # 1 ("the job failed"), `logs` blamed the server ("not what a swift-api server sends", exit 3).
+    message = "RuntimeError: CUDA 内存不足 🎉"
+    assert cli(server.port, *submit_args(workspace, "cli-gbk", "--follow", fail_at_step=2,
+                                         fail_message=message)).returncode == 1  # fmt: skip
+    env = {**os.environ, "SWIFT_API_URL": f"http://127.0.0.1:{server.port}", "COLUMNS": "200"}
+    for encoding in ("gbk", "ascii"):
+        for args in (["status", "cli-gbk"], ["--json", "status", "cli-gbk"], ["logs", "cli-gbk", "--lines", "3"]):
+            r = subprocess.run([sys.executable, "-m", "application.cli", *args], cwd=ROOT, capture_output=True,
+                               env={**env, "PYTHONIOENCODING": encoding}, timeout=60)  # fmt: skip
+            assert r.returncode == 0 and b"Traceback" not in r.stderr, (encoding, args, r.stderr)
+            if args[0] == "--json":  # JSON's own escapes, which any reader takes
+                assert json.loads(r.stdout)["error_message"] == message, (encoding, r.stdout)
+            else:
+                assert b"\\U0001f389" in r.stdout, (encoding, args, r.stdout)
+
+
 # ---- reading jobs -------------------------------------------------------------------------------------------
 
 

@@ -403,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
     if sys.stdout is None:  # (started with standard output closed, `>&-`: what print() does, not a traceback)
         sys.stdout = open(os.devnull, "w")
+    for stream in (sys.stdout, sys.stderr):
+        # An output whose encoding cannot hold the text (a Windows console's or redirect's GBK or cp1252, a locale
+        # without UTF-8): what it cannot hold goes out as \uXXXX, not a traceback (exit 1: "the job failed"), nor
+        # a `logs` that blamed the server ("not what a swift-api server sends", exit 3).
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     out = Output(getattr(args, "json", False))
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # (`nohup swift-api download ...` must outlive a logout)

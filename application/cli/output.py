@@ -46,7 +46,10 @@ class Output:
         # One compact document per line: a followed job's messages then read as JSON Lines. Non-ASCII text stays
         # readable, but json.dumps passes C1 controls (U+009B is a CSI some terminals obey, like ESC [) and the
         # line separators U+2028/2029 (line ends to some readers) through raw: those go out escaped.
-        document = _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(body, ensure_ascii=False))
+        # An output in another encoding than UTF-8 (a Windows console's GBK) gets \u escapes, which any JSON reader
+        # takes: the encoder's own escapes of what GBK cannot hold (`\U0001f389`) are no JSON.
+        utf = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("_", "-").startswith("utf")
+        document = _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(body, ensure_ascii=not utf))
         sys.stdout.write(document + "\n")
         sys.stdout.flush()
 
