@@ -712,6 +712,40 @@ async def test_a_stop_or_a_pause_that_lands_as_a_run_ends_retried_takes_effect_b
         assert done["status"] == "completed", done
 
 
+@pytest.mark.parametrize("also_stop", [False, True])
+async def test_a_pause_that_lands_as_the_run_ends_retried_answers_with_the_job_paused_or_stopped(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, also_stop: bool
+) -> None:
+    """The pause request's own part of the race above: it answered "the run had already ended (retried)" and left
+    the job queued. A stop asked as well wins, as it does in the scheduler (review DY: the pause won)."""
+    from application.services.run_control import RunControl
+
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="2x80", RETRY_BACKOFF_SECONDS=600) as client:
+        store = client.app.state.training.store
+        body = job_body(tmp_path, "j", step_seconds=0.05, sigkill_at_step=7, auto_start=True, max_retries=1,
+                        training={"max_steps": 40, "save_steps": 5, "logging_steps": 1})  # fmt: skip
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "j", lambda j: j["status"] == "running")
+        assert (await client.post("/queue/processor/stop")).status_code == 200  # (no pass does it instead)
+
+        async def late(self: RunControl, job: Any, flag: str, caller: Any) -> None:
+            # The request written just after the runner read its flags: the run ends retried with it asked.
+            await wait_job(client, "j", lambda j: j["retries"] == 1 and j["status"] == "queued")
+            await store.update("j", {flag: True}, statuses=(JobStatus.QUEUED,))
+            if also_stop:
+                await store.update("j", {"stop_requested": True}, statuses=(JobStatus.QUEUED,))
+
+        monkeypatch.setattr(RunControl, "_ask_once", late)
+        answer = (await client.post("/jobs/j/pause")).json()
+        job = (await client.get("/jobs/j")).json()
+        if also_stop:
+            assert answer["status"] == job["status"] == "stopped", (answer, job)  # (checkpoint-5 stays)
+        else:
+            assert answer["status"] == job["status"] == "paused" and job["retry_at"] is None, (answer, job)
+            assert answer["message"].startswith("Paused: resumes from ") and answer["resume_step"] == 5, answer
+
+
 async def test_a_run_killed_before_swift_names_its_run_folder_is_retried_from_the_beginning(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -214,7 +214,14 @@ class RunControl:
         final = await await_job(self.service, job_id, lambda j: _run_end(j, job.run_id) is not None,
                                 self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS, job)  # fmt: skip
         ended = _run_end(final, job.run_id)
-        if ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.pause_requested:
+        if ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.stop_requested:
+            # A stop asked as well wins, as the scheduler's `honour_asks` has it (review DY).
+            try:
+                to = await self.service.leave_queue(final, "stopped on request as its last run ended", caller)
+                final = final.model_copy(update={"status": to})
+            except TransitionRefused:
+                final = await self.service.require(job_id, caller)
+        elif ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.pause_requested:
             # Its run went back to the queue as the pause came: it rests paused now (a retry waited out its
             # backoff queued: review DU), here or by the scheduler before any new run.
             try:
