@@ -478,6 +478,11 @@ async def test_a_start_looks_only_at_the_summaries_of_jobs_created_since_the_las
     assert await redis_client.exists(store.keys.job_summary("downgrade"))
     await redis_client.set(store.keys.summary_fields, "job_id,status")  # (fields changed: every job again)
     assert await store.summaries.backfill() == 3
+    # One job stamped by a clock ahead does not move the mark past now, and with it past the jobs created after it
+    # (review DY: their summaries were never written).
+    await store.create(make_job("ahead", created=time.time() + 3 * 86400), message="", actor="t")
+    await store.summaries.backfill()
+    assert float(await redis_client.get(store.keys.summaries_scanned) or 0) <= time.time()
 
 
 async def test_a_prediction_found_later_shows_in_the_list(store: JobStore) -> None:
@@ -584,6 +589,10 @@ async def test_the_longest_wait_counts_from_when_a_job_entered_the_queue_not_fro
     await store.create(legacy, message="created", actor="t")
     await store.r.delete(store.keys.queued_since)
     assert await cluster.backfill_queued_since() == 1 and await cluster.backfill_queued_since() == 0
+    # A stale entry (a downgrade's, of a job no longer queued) does not hide one missing (review DY).
+    await store.r.zadd(store.keys.queued_since, {"gone": now - 100})
+    await store.r.zrem(store.keys.queued_since, "legacy")
+    assert await cluster.backfill_queued_since() == 1
     assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now - 5, abs=0.01)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from application.auth import Caller
 from application.exceptions import Conflict, Invalid, Unavailable
 from application.services import lua, lua_cluster
-from application.services.index_pages import walk_by_score
+from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark, walk_by_score
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -185,7 +185,7 @@ class FolderIndex:
         """By score (creation time), oldest first: HSETNX then gives a folder to its first job's owner."""
         k = self.keys
         mark = await self.r.get(k.folders_scanned)
-        after, recorded, newest = repr(float(mark) - 86400) if mark else "-inf", 0, None
+        after, recorded, newest = repr(float(mark) - MARK_SLACK_SECONDS) if mark else "-inf", 0, None
         async for fresh, newest_of_page in walk_by_score(self.r, k.jobs_index, after, batch):
             newest = newest_of_page
             async with self.r.pipeline(transaction=False) as pipe:
@@ -199,8 +199,7 @@ class FolderIndex:
             if absent:
                 recorded += int(await self._record_missing_script(
                     keys=[k.folder_owners], args=[script_arg({"folders": absent, "all": k.folders})]))  # fmt: skip
-        if newest is not None and (mark is None or newest > float(mark)):
-            await self.r.set(k.folders_scanned, repr(newest))
+        await advance_mark(self.r, k.folders_scanned, mark, newest)
         return recorded
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from application.exceptions import Invalid
+from application.services import clock
 
 Cursor = tuple[float, str]  # (score, id) of the last entry a page listed
 CURSOR_PATTERN = r"^(-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,3})?)~([A-Za-z0-9_.-]{1,128})$"
@@ -95,3 +96,18 @@ async def walk_by_score(
         after = repr(rows[-1][1])
         seen = {member for member, score in rows if repr(score) == after}
         yield fresh, rows[-1][1]
+
+
+# A start's walks look at the jobs created since a day before the last one's mark: other hosts' clocks.
+MARK_SLACK_SECONDS = 86_400.0
+
+
+async def advance_mark(r: Any, key: str, mark: str | None, newest: float | None) -> None:
+    """Keep at `key` the creation time of the newest job a start's walk looked at (`newest`), past `mark` (what the
+    key held), never past this moment: one job stamped by a clock ahead moved it for good, and the jobs created after
+    it were never looked at (review DY)."""
+    if newest is None:
+        return
+    newest = min(newest, clock.now())
+    if mark is None or newest > float(mark):
+        await r.set(key, repr(newest))

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from application.services import lua
-from application.services.index_pages import walk_by_score
+from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark, walk_by_score
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -77,7 +77,7 @@ class JobSummaries:
         # job held a new leader's first pass back 3.5-5.6 s at 70,000 jobs: hunt DX). Every job when the fields
         # changed.
         mark = None if every else await self.r.get(self.keys.summaries_scanned)
-        after, newest = (repr(float(mark) - 86400) if mark else "-inf"), None
+        after, newest = (repr(float(mark) - MARK_SLACK_SECONDS) if mark else "-inf"), None
         written = 0
         async for ids, newest_of_page in walk_by_score(self.r, self.keys.jobs_index, after, batch=batch):
             newest = newest_of_page
@@ -92,6 +92,5 @@ class JobSummaries:
                         script_arg({"k": {"summary": self.keys.job_summary(job_id)}})], client=pipe)  # fmt: skip
                 written += sum(int(n) for n in await pipe.execute()) if stale_ids else 0
         await self.r.set(self.keys.summary_fields, fields)
-        if newest is not None and (mark is None or newest > float(mark)):
-            await self.r.set(self.keys.summaries_scanned, repr(newest))
+        await advance_mark(self.r, self.keys.summaries_scanned, mark, newest)
         return written

@@ -20,6 +20,7 @@ from application.config import UPLOADS_DIR, Settings
 from application.exceptions import Invalid
 from application.models.file_model import FILE_ID_PATTERN, FileObject
 from application.models.training_model import Job, JobStatus
+from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.path_sandbox import Guard, without_sample
@@ -78,7 +79,8 @@ class UploadRefs:
         # record their uploads, so only a downgrade's jobs can lack it (reading every active job held a new leader's
         # first pass back 1.7-2.6 s at 20,000 queued: hunt DX).
         mark = await self.r.get(self.keys.upload_users_scanned)
-        ids = await jobs.ids_with_status(*ACTIVE_STATUSES, created_after=float(mark) - 86400 if mark else None)
+        since = float(mark) - MARK_SLACK_SECONDS if mark else None
+        ids = await jobs.ids_with_status(*ACTIVE_STATUSES, created_after=since)
         rows = await jobs.get_fields(ids, ["data_path", "training", "created_at"])
         newest = max((t for _, _, c in rows if isinstance(t := _number(c), float)), default=None)
         recorded = 0
@@ -90,8 +92,7 @@ class UploadRefs:
                     pipe.sadd(self.keys.file_users(file_id), f"{job_id}|{created_at}")
                     recorded += 1
             await pipe.execute()
-        if newest is not None and (mark is None or newest > float(mark)):
-            await self.r.set(self.keys.upload_users_scanned, repr(newest))
+        await advance_mark(self.r, self.keys.upload_users_scanned, mark, newest)
         return recorded
 
     def uploads_of(self, job: Job) -> list[str]:
