@@ -954,6 +954,8 @@ async def test_a_jobs_own_url_is_signed_with_its_owners_key_not_the_operators_se
         assert new["owner"] == "alice" and new["generation"] == 1 and new["signing_key"] != alices["signing_key"]
         assert (await client.get("/webhooks/signing-key", headers=auth(ALICE_KEY))).json() == new
         assert (await client.get("/webhooks/signing-key", headers=auth(BOB_KEY))).json() == bobs  # (bob's stays)
+        typo = await client.post("/webhooks/signing-key/rotate", params={"owner": "bobb"}, headers=auth(ADMIN_KEY))
+        assert typo.status_code == 422 and "no API key has that name" in typo.json()["detail"], typo.text
         by_admin = await client.post("/webhooks/signing-key/rotate", params={"owner": "bob"}, headers=auth(ADMIN_KEY))
         assert by_admin.json()["owner"] == "bob" and by_admin.json()["signing_key"] != bobs["signing_key"]
         body = job_body(tmp_path, "again", auto_start=True, webhook_url=own.url, training={"max_steps": 3})

@@ -273,7 +273,7 @@ def signing_key(api: Api, args: argparse.Namespace, out: Output) -> int:
         out.emit(body)
         return EXIT_OK
     with out.answer_shape():
-        key, generation = str(body["signing_key"]), int(body["generation"])
+        key, generation = str(body["signing_key"]), int(body.get("generation", 0))  # (a server before rotation)
     out.line(key)  # (alone on its line: `KEY=$(swift-api signing-key)`)
     if args.rotate:
         out.note(f"rotated (generation {generation}): your jobs' notifications are signed with this key from now on")
