@@ -79,9 +79,6 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
-            # Each job's events are a stream, most of a few entries: a node of 1 KB rather than 4 KB keeps one of
-            # 1 to 20 entries in 1.2-3.4 KB rather than 4.3 KB, a third of a job's memory (hunt DX).
-            "--stream-node-max-bytes", "1024",
             "--pidfile", str(pidfile),
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
