@@ -223,7 +223,8 @@ def test_the_job_page_shows_a_diverged_loss_and_trainer_text_that_cannot_reverse
 ) -> None:
     """A loss gone NaN kept showing the last good one in the header; a right-to-left override in a trainer's
     error reversed the code the page appends to it, '(edoc_tixe)' (found by the dashboard hunt)."""
-    body = job_body(workspace, "nan", step_seconds=0.3, nan_from_step=4, auto_start=True,
+    # (a real loss for 15 steps, 4.5 s: a loaded machine's page refreshed past 3 steps' window without showing one)
+    body = job_body(workspace, "nan", step_seconds=0.3, nan_from_step=16, auto_start=True,
                     training={"max_steps": 200, "logging_steps": 1})  # fmt: skip
     assert server.create(**body).status_code == 201
     page = tabs(server).goto("/ui/jobs/nan")

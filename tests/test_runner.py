@@ -32,9 +32,11 @@ def stored(r: redis.Redis, prefix: str, job_id: str) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
-def running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, **options: Any) -> dict[str, Any]:
-    r = server.create(**job_body(workspace, name, auto_start=True, **options))
-    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+def running(server: ApiServer, workspace: Path, name: str, min_step: int = 1, created: bool = False,
+            **options: Any) -> dict[str, Any]:  # fmt: skip
+    if not created:
+        r = server.create(**job_body(workspace, name, auto_start=True, **options))
+        assert r.status_code == 201 and r.json()["status"] == "running", r.text
     return wait_for(lambda: (j := server.job(name))["runner"] and j["pid"] and
                     (j["progress"]["current_step"] or 0) >= min_step and j, what=f"{name} to run")  # fmt: skip
 
@@ -79,7 +81,11 @@ def test_every_api_worker_and_the_scheduler_killed_runs_go_on_and_end_recorded(
     first = server_factory(env={"API_WORKERS": "2", "SIMULATED_GPUS": "3x80"})
     assert len(first.processes()) >= 4  # start.py, the uvicorn supervisor's 2 workers, the scheduler
     names = ["r0", "r1", "r2"]
-    jobs = {n: running(first, workspace, n, step_seconds=0.15, training={"max_steps": 30}) for n in names}
+    # All three created before any is waited for: one after another, the first could end before the third ran.
+    for n in names:
+        assert first.create(**job_body(workspace, n, auto_start=True, step_seconds=0.15,
+                                       training={"max_steps": 30})).status_code == 201  # fmt: skip
+    jobs = {n: running(first, workspace, n, created=True) for n in names}
     first.kill_all()
     assert all(psutil.pid_exists(j["runner"]["pid"]) for j in jobs.values()), "runners outlive API and scheduler"
 
