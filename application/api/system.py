@@ -49,7 +49,7 @@ async def rotate_webhook_signing_key(
                                        description="an admin key: another owner's (default: the key's own)")] = None,
 ) -> WebhookKey:  # fmt: skip
     """For a key that may have been seen by someone else (an API key rotated under the same name keeps its signing
-    key): deliveries from now on, retries of earlier ones included, are signed with the new one."""
+    key): deliveries begun from now on, of earlier notifications too, are signed with the new one."""
     response.headers["Cache-Control"] = "no-store"
     return await system.signing_key(caller, owner, rotate=True)
 
