@@ -13,7 +13,11 @@ from application.models.system_model import GpuList, Health, SystemStatus, Webho
 
 router = APIRouter()
 NOT_SIGNED: Responses = {
-    404: {"model": ErrorResponse, "description": "The server signs no notification (no WEBHOOK_SECRET)"}
+    404: {
+        "model": ErrorResponse,
+        "description": "The server signs no notification (no WEBHOOK_SECRET); or no API "
+        "key has the name an admin's ?owner= gives",
+    }
 }
 public = APIRouter(tags=["system"])
 

@@ -18,7 +18,7 @@ import psutil
 
 from application import __version__
 from application.auth import Caller
-from application.exceptions import Invalid, NotFound
+from application.exceptions import NotFound
 from application.models.system_model import WebhookKey
 from application.services import clock
 from application.services.cluster_store import reading_error
@@ -79,7 +79,7 @@ class SystemService:
             caller.require_admin("the signing key of another owner's jobs")
             if owner not in {entry.name for entry in self.service.settings.api_keys}:
                 # (a typo answered 200 and rotated no one's key: review DY)
-                raise Invalid(f"owner '{owner}': no API key has that name (API_KEYS, API_KEYS_FILE)")
+                raise NotFound(f"owner '{owner}': no API key has that name (API_KEYS, API_KEYS_FILE)")
         whose = caller.name if owner is None else owner
         if secret is None:
             raise NotFound("this server signs no notification (its operator has set no WEBHOOK_SECRET)")
