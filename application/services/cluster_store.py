@@ -24,6 +24,7 @@ from application.models.training_model import JobStatus
 from application.services import clock, lua_cluster
 from application.services.export_targets import ExportTargets
 from application.services.idempotency_records import IdempotencyRecords
+from application.services.job_store import job_fields
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
@@ -455,17 +456,12 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         if not missing:
             return 0
         recorded = 0
-        for at, job_id in zip(await self._job_fields(missing, "queued_at"), missing, strict=True):
+        rows = await job_fields(self.r, self.keys, missing, ["queued_at"])
+        for (at,), job_id in zip(rows, missing, strict=True):
             if at and json.loads(at) is not None:  # still queued when it is added, or not at all
                 recorded += int(await self._queued_since(keys=[queued, self.keys.queued_since],
                                                          args=[job_id, repr(float(json.loads(at)))]))  # fmt: skip
         return recorded
-
-    async def _job_fields(self, job_ids: list[str], name: str) -> list[str | None]:
-        async with self.r.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(self.keys.job(job_id), name)
-            return list(await pipe.execute())
 
     async def metrics_state(self, running_max: int) -> MetricsState:
         """What /metrics shows beside the HTTP figures, in one round trip (counts from the indexes, no scan)."""

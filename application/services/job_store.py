@@ -181,13 +181,7 @@ class JobStore(JobLog, QueueView):
 
     async def get_fields(self, job_ids: list[str], names: list[str]) -> list[list[str | None]]:
         """Raw (still JSON-encoded) values of `names` for each job, one round trip."""
-        if not job_ids:
-            return []
-        async with self.r.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), names)
-            rows: list[list[str | None]] = await pipe.execute()
-        return rows
+        return await job_fields(self.r, self.keys, job_ids, names)
 
     def _index(self, status: JobStatus | None, owner: str | None) -> str:
         k = self.keys
@@ -485,3 +479,15 @@ class JobStore(JobLog, QueueView):
 def _not_indexed(fields: Mapping[str, Any]) -> None:
     if indexed := INDEXED_FIELDS.intersection(fields):
         raise ValueError(f"{', '.join(sorted(indexed))}: changed only by the operations that keep its indexes")
+
+
+async def job_fields(r: aioredis.Redis, keys: Keys, job_ids: list[str], names: list[str]) -> list[list[str | None]]:
+    """Raw (still JSON-encoded) values of `names` for each job, one round trip (the cluster store's backfill
+    reads job records through this too)."""
+    if not job_ids:
+        return []
+    async with r.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), names)
+        rows: list[list[str | None]] = await pipe.execute()
+    return rows
