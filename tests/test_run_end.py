@@ -9,7 +9,7 @@ from pathlib import Path
 from application.models.job_request import TrainingParams
 from application.models.training_model import Job, JobStatus
 from application.services.log_parser import RunFacts
-from application.services.run_end import export_error, final_status, runner_lost, work_of
+from application.services.run_end import export_error, final_status, honoured_ask, runner_lost, work_of
 from application.services.run_record import read_run, record_end
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
@@ -135,3 +135,18 @@ def test_an_export_jobs_end_is_worded_as_an_exports() -> None:
     assert runner_lost(-9, 4321, work="export").message.startswith("export failed: runner killed by signal 9")
     assert final_status(0, False, RunFacts(), [], work_of(export.model_copy(update={"kind": "sft"}))).message == \
         "training completed"  # fmt: skip
+
+
+def test_a_stop_or_pause_asked_as_a_run_ended_queued_is_honoured_the_stop_first() -> None:
+    # The scheduler's pass and the pause's and stop's own answers all rest such a job by this one rule.
+    queued = Job(job_id="j", status=JobStatus.QUEUED, priority=5, owner=None, data_path="d", model_path="m",
+                 output_dir="/o", output_dir_requested="o", num_gpus=1, training=TrainingParams(), created_at=0,
+                 updated_at=0, retry_at=50.0, resume_from="/o/v0/checkpoint-10")  # fmt: skip
+    assert honoured_ask(queued, checkpoint=True) is None
+    paused = honoured_ask(queued.model_copy(update={"pause_requested": True}), checkpoint=True)
+    assert paused is not None and paused.status == JobStatus.PAUSED
+    assert paused.fields == {"pause_requested": False, "retry_at": None}
+    assert paused.message.endswith("resumes from /o/v0/checkpoint-10")
+    both = queued.model_copy(update={"pause_requested": True, "stop_requested": True})
+    assert (honoured_ask(both, checkpoint=True) or paused).status == JobStatus.STOPPED
+    assert (honoured_ask(both, checkpoint=False) or paused).status == JobStatus.CANCELLED

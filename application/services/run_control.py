@@ -22,7 +22,7 @@ from application.services.job_store import Refusal, TransitionRefused
 from application.services.owner_caps import beyond_gpu_cap
 from application.services.placement import NOT_QUEUED
 from application.services.redis_service import REDIS_AWAY
-from application.services.run_end import PAUSED_AS_IT_ENDED, checkpoint_step, paused_as_it_ended
+from application.services.run_end import checkpoint_step, honoured_ask
 from application.services.training_service import STOP_EXTRA_SECONDS, TrainingService
 
 STOP_TRIES = 5
@@ -48,6 +48,23 @@ async def await_job(svc: TrainingService, job_id: str, done: Callable[[Job], boo
 
 def _attempt(job: Job, run_id: str | None) -> Attempt | None:
     return next((a for a in reversed(job.attempts) if a.run_id == run_id), None)
+
+
+async def _rest_as_asked(svc: TrainingService, job: Job, caller: Caller) -> Job:
+    """The job whose run ended as a stop or pause came and went back to the queue (a retry, a preemption), rested
+    as asked (`honoured_ask`, as the scheduler's pass does), or as it is now when it changed meanwhile."""
+    if job.status != JobStatus.QUEUED:
+        return job
+    checkpoint = job.stop_requested and await asyncio.to_thread(newest_checkpoint, job) is not None
+    asked = honoured_ask(job, checkpoint)
+    if asked is None:
+        return job
+    try:
+        await svc.store.transition(job.job_id, asked.status, expect=(JobStatus.QUEUED,), fields=asked.fields,
+                                   message=asked.message, actor=caller.actor, created_at=job.created_at)  # fmt: skip
+    except TransitionRefused:
+        return await svc.require(job.job_id, caller)
+    return job.model_copy(update={"status": asked.status, **asked.fields})
 
 
 def _run_end(job: Job, run_id: str | None) -> str | None:
@@ -148,12 +165,7 @@ class RunControl:
                 # Its run ended as the stop came and went back to the queue (a retry, a preemption): the stop
                 # still holds, here or by the scheduler before any new run (not a resume someone asked for once
                 # the stop had taken effect: that run's end was "stopped").
-                if final.status == JobStatus.QUEUED:
-                    try:
-                        to = await svc.leave_queue(final, "stopped on request as its last run ended", caller)
-                        final = final.model_copy(update={"status": to})
-                    except TransitionRefused:
-                        final = await svc.require(job_id, caller)
+                final = await _rest_as_asked(svc, final, caller)
                 if final.status in (JobStatus.STOPPED, JobStatus.CANCELLED):
                     outcome = final.status.value
             if outcome is None:
@@ -214,23 +226,11 @@ class RunControl:
         final = await await_job(self.service, job_id, lambda j: _run_end(j, job.run_id) is not None,
                                 self.service.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS, job)  # fmt: skip
         ended = _run_end(final, job.run_id)
-        if ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.stop_requested:
-            # A stop asked as well wins, as the scheduler's `honour_asks` has it (review DY).
-            try:
-                to = await self.service.leave_queue(final, "stopped on request as its last run ended", caller)
-                final = final.model_copy(update={"status": to})
-            except TransitionRefused:
-                final = await self.service.require(job_id, caller)
-        elif ended in ("preempted", "retried") and final.status == JobStatus.QUEUED and final.pause_requested:
+        if ended in ("preempted", "retried"):
             # Its run went back to the queue as the pause came: it rests paused now (a retry waited out its
-            # backoff queued: review DU), here or by the scheduler before any new run.
-            try:
-                await self.service.store.transition(job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,),
-                                                    fields=PAUSED_AS_IT_ENDED, message=paused_as_it_ended(final),
-                                                    actor=caller.actor, created_at=final.created_at)  # fmt: skip
-                final = final.model_copy(update={"status": JobStatus.PAUSED, "pause_requested": False})
-            except TransitionRefused:
-                final = await self.service.require(job_id, caller)
+            # backoff queued: review DU), here or by the scheduler before any new run; stopped when a stop was
+            # asked as well.
+            final = await _rest_as_asked(self.service, final, caller)
         paused = ended == "paused" or (ended in ("preempted", "retried") and final.status == JobStatus.PAUSED)
         resume_step = checkpoint_step(final.resume_from) if paused else None
         # Only a pause that took effect has steps to train again; a stop or an end that won the race has none.

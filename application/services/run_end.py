@@ -201,12 +201,17 @@ class Conclusion:
     event: tuple[str, str, dict[str, Any]] | None = None
 
 
-# What a queued job asked to pause as its last run ended (a retry, a preemption) gets as it rests paused.
-PAUSED_AS_IT_ENDED = {"pause_requested": False, "retry_at": None}
-
-
-def paused_as_it_ended(job: Job) -> str:
-    return f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
+def honoured_ask(job: Job, checkpoint: bool) -> Conclusion | None:
+    """What a queued job asked to stop or pause as its last run ended (a retry, a preemption: its runner had read
+    its flags just before the ask came) rests as, before any new run; None when neither was asked. A stop asked as
+    well as a pause wins (review DY). `checkpoint`: whether it left one (a stop of a job that did is resumable)."""
+    if job.stop_requested:
+        to = JobStatus.STOPPED if checkpoint else JobStatus.CANCELLED
+        return Conclusion(to, "stopped on request as its last run ended", {})
+    if job.pause_requested:
+        message = f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
+        return Conclusion(JobStatus.PAUSED, message, {"pause_requested": False, "retry_at": None})
+    return None
 
 
 def retry_wait(backoff: float, retry: int) -> float:

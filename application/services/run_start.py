@@ -37,7 +37,7 @@ from application.services.path_sandbox import Guard, escaped_output_root, relink
 from application.services.quant_exports import export_job_escape
 from application.services.redis_service import REDIS_AWAY
 from application.services.refusals import Refusal
-from application.services.run_end import PAUSED_AS_IT_ENDED, checkpoint_step, paused_as_it_ended, work_of
+from application.services.run_end import checkpoint_step, honoured_ask, work_of
 from application.services.run_logs import log_name, run_log, unknown_runs
 from application.services.run_outputs import job_checkpoints
 from application.services.swift_command import (
@@ -201,18 +201,13 @@ class RunStarter:
     async def honour_asks(self, job: Job) -> bool:
         """Whether the queued job was asked to stop or pause as its last run ended, and is now stopped (cancelled
         without a checkpoint) or paused. Raises TransitionRefused when it changed meanwhile."""
-        if job.stop_requested:
-            # A stop (or pause) accepted as the last run ended and went back to the queue (a retry, a preemption:
-            # its runner had read its flags just before it came): honoured here, not undone by a new run.
-            to = JobStatus.STOPPED if await asyncio.to_thread(newest_checkpoint, job) else JobStatus.CANCELLED
-            await self.store.transition(job.job_id, to, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                        message="stopped on request as its last run ended: not run again")  # fmt: skip
-            return True
-        if job.pause_requested:
-            await self.store.transition(job.job_id, JobStatus.PAUSED, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                        fields=PAUSED_AS_IT_ENDED, message=paused_as_it_ended(job))  # fmt: skip
-            return True
-        return False
+        checkpoint = job.stop_requested and await asyncio.to_thread(newest_checkpoint, job) is not None
+        asked = honoured_ask(job, checkpoint)
+        if asked is None:
+            return False
+        await self.store.transition(job.job_id, asked.status, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                    fields=asked.fields, message=asked.message)  # fmt: skip
+        return True
 
     async def _resume_and_log(self, job: Job, log_dir: Path) -> tuple[str | None, bool, Path] | None:
         """The checkpoint the run resumes from, whether it holds only weights, and the run's log file; None when
