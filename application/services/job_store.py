@@ -213,12 +213,17 @@ class JobStore(JobLog, QueueView):
 
     async def ids_with_status(self, *statuses: JobStatus, created_after: float | None = None) -> list[str]:
         """The ids of the jobs in `statuses`; only those created after `created_after` when given."""
+        return list(await self.created_times(*statuses, created_after=created_after))
+
+    async def created_times(self, *statuses: JobStatus, created_after: float | None = None) -> dict[str, float]:
+        """The jobs in `statuses` (created after `created_after` when given) and their creation times: the status
+        indexes' scores."""
         low = "-inf" if created_after is None else f"({created_after!r}"
         async with self.r.pipeline(transaction=False) as pipe:
             for s in statuses:
-                pipe.zrangebyscore(self.keys.status_index(s), low, "+inf")
+                pipe.zrangebyscore(self.keys.status_index(s), low, "+inf", withscores=True)
             lists = await pipe.execute()
-        return [job_id for ids in lists for job_id in ids]
+        return {job_id: float(score) for pairs in lists for job_id, score in pairs}
 
     async def update(
         self,

@@ -35,15 +35,6 @@ _SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 
 
-def _number(raw: str | None) -> float | None:
-    """A stored JSON number (a creation time), or None for anything else (a record written by hand)."""
-    try:
-        value = json.loads(raw) if raw else None
-    except ValueError:
-        return None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def owner_folder(owner: str | None) -> str:
     """The owner's folder (and index) name: the key's name when it is a safe folder name, `_` without keys.
 
@@ -80,9 +71,10 @@ class UploadRefs:
         # first pass back 1.7-2.6 s at 20,000 queued: hunt DX).
         mark = await self.r.get(self.keys.upload_users_scanned)
         since = float(mark) - MARK_SLACK_SECONDS if mark else None
-        ids = await jobs.ids_with_status(*ACTIVE_STATUSES, created_after=since)
+        created = await jobs.created_times(*ACTIVE_STATUSES, created_after=since)
+        ids = list(created)
         rows = await jobs.get_fields(ids, ["data_path", "training", "created_at"])
-        newest = max((t for _, _, c in rows if isinstance(t := _number(c), float)), default=None)
+        newest = max(created.values(), default=None)
         recorded = 0
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id, (data_path, training, created_at) in zip(ids, rows, strict=True):
