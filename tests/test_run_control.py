@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from application.auth import Caller
 from application.models.training_model import Attempt, JobStatus
 from application.services import job_start
 from application.services import process_group as pg
 from application.services.preemption import Candidate, choose_victims, preemption_wait
+from application.services.run_control import _rest_as_asked
 from application.services.run_end import RunEnd, checkpoint_step, retryable
 from application.services.scheduler import GpuState, QueuedJob
 from tests.conftest import _until, job_body, make_model, settings_for, wait_job
@@ -1105,3 +1107,27 @@ async def test_a_job_whose_data_the_operator_took_out_of_data_roots_runs_again_o
         assert r.status_code == 200, r.text
         done = await wait_job(client, "held", lambda j: j["status"] in ("completed", "failed"), timeout=60)
         assert done["status"] == "completed", done
+
+
+async def test_an_ask_honoured_late_does_not_undo_a_resume(app_factory: Callable[..., Any], tmp_path: Path) -> None:
+    """A pause's answer (or a scheduler's pass) rests a job asked to pause or stop as its run ended queued. Its copy
+    of the job was read before: if the job has rested so meanwhile and been resumed (which clears the ask), the
+    stale copy paused or stopped the resumed job again."""
+    async with app_factory(scheduler=False) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "late"))).status_code == 201
+        training = client.app.state.training
+        queued = await training.store.get("late")
+        assert queued is not None and queued.status == JobStatus.QUEUED
+        admin = Caller(None, "admin")
+        for ask in ("pause_requested", "stop_requested"):
+            rested = await _rest_as_asked(training, queued.model_copy(update={ask: True}), admin)
+            assert rested.status == JobStatus.QUEUED, ask
+            now = await training.store.get("late")
+            assert now is not None and now.status == JobStatus.QUEUED, ask
+        # An ask that still holds is honoured.
+        await training.store.update("late", {"pause_requested": True})
+        asked = await training.store.get("late")
+        assert asked is not None
+        assert (await _rest_as_asked(training, asked, admin)).status == JobStatus.PAUSED
+        paused = await training.store.get("late")
+        assert paused is not None and paused.status == JobStatus.PAUSED and not paused.pause_requested

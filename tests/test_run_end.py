@@ -146,6 +146,7 @@ def test_a_stop_or_pause_asked_as_a_run_ended_queued_is_honoured_the_stop_first(
     paused = honoured_ask(queued.model_copy(update={"pause_requested": True}), checkpoint=True)
     assert paused is not None and paused.status == JobStatus.PAUSED
     assert paused.fields == {"pause_requested": False, "retry_at": None}
+    assert paused.unchanged == {"pause_requested": "true"}  # (a resume since cleared it: not paused again)
     assert paused.message.endswith("resumes from /o/v0/checkpoint-10")
     both = queued.model_copy(update={"pause_requested": True, "stop_requested": True})
     assert (honoured_ask(both, checkpoint=True) or paused).status == JobStatus.STOPPED

@@ -289,6 +289,7 @@ class JobStore(JobLog, QueueView):
         created_at: float | None = None,
         uploads: Sequence[str] = (),
         refuse_export: Iterable[ExportStatus] | None = None,
+        unchanged: Mapping[str, str | None] | None = None,
     ) -> JobStatus:
         """The one way a job's status changes. Returns the previous status.
 
@@ -301,7 +302,8 @@ class JobStore(JobLog, QueueView):
         the output folder again (OUTPUT_DIR_BUSY when another active job took it meanwhile). `max_waiting` (a
         user's resume): WAITING_CAP when the move would give its owner more pending and queued jobs than that.
         `uploads` (with `reopen`): the uploaded files it reads, UPLOAD_GONE unless all are still there.
-        `refuse_export`: EXPORT_STATE while the job's export is in one of these.
+        `refuse_export`: EXPORT_STATE while the job's export is in one of these. `unchanged`: CHANGED unless these
+        fields still hold these raw (JSON) values, as for `update`.
         """
         now = clock.now() if now is None else now
         allowed = {s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets}
@@ -354,6 +356,7 @@ class JobStore(JobLog, QueueView):
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence, "cap": max_waiting if max_waiting and owner else None,
+                "unchanged": dict(unchanged or {}),
                 "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
                 "created": created, "uploads": [{"id": f, "file": k.file(f), "users": k.file_users(f)}
                                                 for f in uploads] if reopen else [],

@@ -244,6 +244,9 @@ if a.refuse_export then
 end
 local refused = fenced(KEYS[1])
 if refused then return {refused, cur} end
+for name, was in pairs(a.unchanged or {}) do
+  if (redis.call('HGET', KEYS[1], name) or '') ~= was then return {'changed', cur, name} end
+end
 local dir = nil
 if a.reopen then
   -- Out of a terminal state (resume): the output folder must be free again, and it is claimed again.

@@ -61,7 +61,8 @@ async def _rest_as_asked(svc: TrainingService, job: Job, caller: Caller) -> Job:
         return job
     try:
         await svc.store.transition(job.job_id, asked.status, expect=(JobStatus.QUEUED,), fields=asked.fields,
-                                   message=asked.message, actor=caller.actor, created_at=job.created_at)  # fmt: skip
+                                   message=asked.message, actor=caller.actor, created_at=job.created_at,
+                                   unchanged=asked.unchanged)  # fmt: skip
     except TransitionRefused:
         return await svc.require(job.job_id, caller)
     return job.model_copy(update={"status": asked.status, **asked.fields})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from application.models.training_model import Attempt, Job, JobStatus
@@ -199,18 +199,23 @@ class Conclusion:
     message: str
     fields: dict[str, Any]
     event: tuple[str, str, dict[str, Any]] | None = None
+    # Raw values the record must still hold for it to be written (`JobStore.transition`'s `unchanged`).
+    unchanged: dict[str, str] = field(default_factory=dict)
 
 
 def honoured_ask(job: Job, checkpoint: bool) -> Conclusion | None:
     """What a queued job asked to stop or pause as its last run ended (a retry, a preemption: its runner had read
     its flags just before the ask came) rests as, before any new run; None when neither was asked. A stop asked as
-    well as a pause wins (review DY). `checkpoint`: whether it left one (a stop of a job that did is resumable)."""
+    well as a pause wins (review DY). `checkpoint`: whether it left one (a stop of a job that did is resumable).
+    Written only while the ask still holds: a caller's copy read before the job rested so and was resumed (which
+    clears it) would undo the resume."""
     if job.stop_requested:
         to = JobStatus.STOPPED if checkpoint else JobStatus.CANCELLED
-        return Conclusion(to, "stopped on request as its last run ended", {})
+        return Conclusion(to, "stopped on request as its last run ended", {}, unchanged={"stop_requested": "true"})
     if job.pause_requested:
         message = f"paused on request as its last run ended: resumes from {job.resume_from or 'the beginning'}"
-        return Conclusion(JobStatus.PAUSED, message, {"pause_requested": False, "retry_at": None})
+        return Conclusion(JobStatus.PAUSED, message, {"pause_requested": False, "retry_at": None},
+                          unchanged={"pause_requested": "true"})  # fmt: skip
     return None
 
 

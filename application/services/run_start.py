@@ -206,7 +206,7 @@ class RunStarter:
         if asked is None:
             return False
         await self.store.transition(job.job_id, asked.status, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                    fields=asked.fields, message=asked.message)  # fmt: skip
+                                    fields=asked.fields, message=asked.message, unchanged=asked.unchanged)  # fmt: skip
         return True
 
     async def _resume_and_log(self, job: Job, log_dir: Path) -> tuple[str | None, bool, Path] | None:
