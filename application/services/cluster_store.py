@@ -24,7 +24,7 @@ from application.models.training_model import JobStatus
 from application.services import clock, lua_cluster
 from application.services.export_targets import ExportTargets
 from application.services.idempotency_records import IdempotencyRecords
-from application.services.job_store import job_fields
+from application.services.job_reads import job_fields
 from application.services.keys import Keys
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
