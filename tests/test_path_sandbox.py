@@ -316,3 +316,29 @@ def test_a_sample_whose_whole_name_became_a_file_after_the_create_is_caught_befo
     assert relinked_input([("data_path", stored, True)], [roots["data"]], [], []) is None
     (roots["data"] / "team" / "train.jsonl#3").symlink_to(roots["secret"] / "shadow.jsonl")
     assert "would read it instead" in (relinked_input([("data_path", stored, True)], [roots["data"]], [], []) or "")
+
+
+@pytest.mark.parametrize("sample", ["", "#3"])
+def test_a_data_set_ms_swift_would_read_as_another_path_is_refused(roots: dict[str, Path], sample: str) -> None:
+    # DatasetSyntax.parse splits a value that is not a path as a whole at its first `::` (hf::, ms::) and strips
+    # blanks off what it reads: `<root>/a::<outside>/x.jsonl#3` read `<outside>/x.jsonl`, `<root>/set ` read
+    # `<root>/set` (review EA).
+    decoy = roots["data"] / ("a::" + str(roots["secret"]).lstrip("/")) / "shadow.jsonl"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text('{"query": "q", "response": "r"}\n')
+    with pytest.raises(Invalid, match="holds '::'"):
+        data(f"{decoy}{sample}", roots)
+    (roots["data"] / "set ").mkdir()
+    (roots["data"] / "set " / "t.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    with pytest.raises(Invalid, match="ends with a blank"):
+        data(f"{roots['data'] / 'set '}{sample}", roots)
+
+
+def test_a_data_set_with_a_colon_gone_since_the_create_is_caught_before_the_run(roots: dict[str, Path]) -> None:
+    # Gone, `<root>/a:b/t.jsonl` is read by ms-swift as `<root>/a` (a subset's syntax): a folder no one checked.
+    (roots["data"] / "a:b").mkdir()
+    (roots["data"] / "a:b" / "t.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    stored = data("a:b/t.jsonl#3", roots).value
+    assert relinked_input([("data_path", stored, True)], [roots["data"]], [], []) is None
+    (roots["data"] / "a:b" / "t.jsonl").unlink()
+    assert "is gone" in (relinked_input([("data_path", stored, True)], [roots["data"]], [], []) or "")

@@ -302,12 +302,31 @@ def shadowed_sample(value: str) -> bool:
     return without_sample(value) != value and os.path.lexists(value)
 
 
+def misread(value: str) -> str | None:
+    """Why ms-swift's DatasetSyntax.parse would not read the stored local data set `value` (`<path>` or `<path>#N`)
+    as the path checked, None when it would. Besides a whole name `x.jsonl#N` beside it (shadowed_sample): a value
+    that is not a path as a whole is split at its first `::` (`hf::`/`ms::`, so `<root>/a::/elsewhere/x.jsonl#N`
+    read `/elsewhere/x.jsonl`) and at its first `:` (a subset) when what is left does not exist, and what it reads
+    is stripped of blanks at its ends (`<root>/set ` read `<root>/set`). Decided from the text and the entries
+    inside the roots only (nothing outside them is looked at)."""
+    path = without_sample(value)
+    if path != path.strip():
+        return "it begins or ends with a blank, which ms-swift strips off"
+    if "::" in value:
+        return "it holds '::', where ms-swift splits a hub's name off a data set (hf::, ms::)"
+    if ":" in path and not os.path.lexists(path):
+        return "it holds ':' and is gone, so ms-swift would read the part before the ':' (a subset's syntax)"
+    return None
+
+
 def _refuse_shadowed_sample(field: str, value: str, real: Path, sample: int | None) -> None:
     if sample is not None and shadowed_sample(_with_sample(str(real), sample)):
         raise Invalid(
             f"{field} '{value}': a file named '{real.name}#{sample}' lies beside '{real.name}', and ms-swift "
             f"would read that one instead of {sample} rows of '{real.name}': rename it, or leave #N out"
         )
+    if why := misread(_with_sample(str(real), sample)):
+        raise Invalid(f"{field} '{value}': ms-swift would not read the path checked ({why}): rename it")
 
 
 def resolve_output_dir(requested: str, root: Path) -> Path:
@@ -372,6 +391,9 @@ def relinked_input(inputs: Iterable[tuple[str, str, bool]], data_roots: Sequence
             return (f"{field} {value}: a file of that whole name is there (made since the job was created, or the "
                     f"server that took it did not look), and ms-swift would read it instead of the rows of {path}: "
                     "rename it, and create the job again")  # fmt: skip
+        if data and (why := misread(value)):
+            return (f"{field} {value}: ms-swift would not read the path checked ({why}): rename it, and create the "
+                    "job again")  # fmt: skip
         stored = os.path.normpath(path)
         resolved = Path(os.path.realpath(stored))
         in_roots = _inside(resolved, real_data if data else real_models)
