@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from application.models.job_request import TrainingParams
 from application.models.job_responses import JobSummary
 from application.models.training_model import ExportInfo, ExportStatus, Job, JobStatus, PredictedDuration
+from application.services import lua
 from application.services.cluster_store import ClusterStore
 from application.services.job_codec import QueueMeta, event_payload
 from application.services.job_store import JobStore, Refusal, TransitionRefused, queue_score
@@ -595,6 +596,9 @@ async def test_the_longest_wait_counts_from_when_a_job_entered_the_queue_not_fro
     await store.r.zrem(store.keys.queued_since, "legacy")
     assert await cluster.backfill_queued_since() == 1
     assert await store.r.zscore(store.keys.queued_since, "legacy") == pytest.approx(now - 5, abs=0.01)
+    # ... and is dropped, not read as the longest wait for good (review EA).
+    assert await store.r.zscore(store.keys.queued_since, "gone") is None
+    assert (await cluster.metrics_state(10)).oldest_queued_at == pytest.approx(now - 5, abs=0.01)
 
 
 async def test_a_change_for_the_job_a_caller_read_never_lands_on_one_created_since_under_its_id(
@@ -644,3 +648,18 @@ async def test_a_queue_page_is_read_at_one_moment_past_luas_unpack_limit(store: 
     length, page = await store.queue_page(8990, 100)
     assert length == 9000 and [job_id for job_id, _ in page] == ids[8990:8999]
     assert await store.queue_page(9000, 10) == (9000, [])
+
+
+async def test_a_mark_an_older_version_moved_past_now_is_not_trusted(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    # Before review DY's mend, one job stamped by a clock ahead moved the mark for good; the mend kept new marks
+    # from passing now, but a mark already past it (the deployment the mend was for) hid later jobs still (review EA).
+    now = time.time()
+    await redis_client.set(store.keys.summaries_scanned, repr(now + 30 * 86400))
+    await redis_client.set(store.keys.summary_fields, ",".join(lua.SUMMARY_FIELDS))  # (no full walk for fields)
+    await store.create(make_job("later", created=now - 60), message="", actor="t")
+    await redis_client.delete(store.keys.job_summary("later"))
+    await store.summaries.backfill()
+    assert await redis_client.exists(store.keys.job_summary("later"))
+    assert float(await redis_client.get(store.keys.summaries_scanned) or 0) <= time.time()

@@ -116,6 +116,7 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         self._release = client.register_script(lua_cluster.LEADER_RELEASE)
         self._claim_answer = client.register_script(lua_cluster.CLAIM_ANSWER)
         self._queued_since = client.register_script(lua_cluster.QUEUED_SINCE)
+        self._queued_since_stale = client.register_script(lua_cluster.QUEUED_SINCE_STALE)
         self._create_context = client.register_script(lua_cluster.CREATE_CONTEXT)
         self._claim_export_target = client.register_script(lua_cluster.CLAIM_EXPORT_TARGET)
         self._release_export_targets = client.register_script(lua_cluster.RELEASE_EXPORT_TARGETS)
@@ -453,6 +454,9 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         # Two reads of ids, not a read of every queued job's record (1.5-2.6 s at 20,000 queued: hunt DX); by
         # membership, not by counts (a downgrade's stale entry hid a missing one: review DY).
         missing = sorted(set(waiting) - set(known))
+        if stale := sorted(set(known) - set(waiting)):  # (dropped only if still not queued, in the script)
+            for i in range(0, len(stale), 1000):
+                await self._queued_since_stale(keys=[queued, self.keys.queued_since], args=stale[i : i + 1000])
         if not missing:
             return 0
         recorded = 0

@@ -27,7 +27,7 @@ from typing import Any
 from application.auth import Caller
 from application.exceptions import Conflict, Invalid, Unavailable
 from application.services import lua, lua_cluster
-from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark, walk_by_score
+from application.services.index_pages import advance_mark, walk_by_score, walk_from
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -185,8 +185,8 @@ class FolderIndex:
         """By score (creation time), oldest first: HSETNX then gives a folder to its first job's owner."""
         k = self.keys
         mark = await self.r.get(k.folders_scanned)
-        after, recorded, newest = repr(float(mark) - MARK_SLACK_SECONDS) if mark else "-inf", 0, None
-        async for fresh, newest_of_page in walk_by_score(self.r, k.jobs_index, after, batch):
+        start, recorded, newest = walk_from(mark), 0, None
+        async for fresh, newest_of_page in walk_by_score(self.r, k.jobs_index, start, batch):
             newest = newest_of_page
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in fresh:

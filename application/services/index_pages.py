@@ -80,11 +80,12 @@ async def _ids_after(r: Redis, index: str, cursor: Cursor, limit: int) -> tuple[
 
 
 async def walk_by_score(
-    r: Any, key: str, after: str = "-inf", batch: int = 500
+    r: Any, key: str, start: float | None = None, batch: int = 500
 ) -> AsyncIterator[tuple[list[str], float]]:
-    """Every member of the index `key` scored past `after`, oldest first, a page at a time: (its ids, the page's last
-    score). By score, not by rank: a member deleted meanwhile moved every later one down a rank, and one of them was
-    skipped. Members of the boundary's score are read again, and passed over once seen."""
+    """Every member of the index `key` scored from `start` on (every one when None), oldest first, a page at a time:
+    (its ids, the page's last score). By score, not by rank: a member deleted meanwhile moved every later one down a
+    rank, and one of them was skipped. Members of the boundary's score are read again, and passed over once seen."""
+    after = "-inf" if start is None else repr(start)
     seen: set[str] = set()
     while rows := await r.zrangebyscore(key, after, "+inf", start=0, num=batch, withscores=True):
         fresh = [member for member, _ in rows if member not in seen]
@@ -102,12 +103,21 @@ async def walk_by_score(
 MARK_SLACK_SECONDS = 86_400.0
 
 
+def walk_from(mark: str | None) -> float | None:
+    """Where a start's walk begins: a day before `mark`; every job (None) when there is none, or when it lies more
+    than that day past this moment (an older version let one job stamped by a clock ahead move it there: the jobs
+    created since were never looked at, review EA; one less ahead, another host's clock, is covered by the day)."""
+    if mark is None or float(mark) > clock.now() + MARK_SLACK_SECONDS:
+        return None
+    return float(mark) - MARK_SLACK_SECONDS
+
+
 async def advance_mark(r: Any, key: str, mark: str | None, newest: float | None) -> None:
     """Keep at `key` the creation time of the newest job a start's walk looked at (`newest`), past `mark` (what the
     key held), never past this moment: one job stamped by a clock ahead moved it for good, and the jobs created after
-    it were never looked at (review DY)."""
+    it were never looked at (review DY); a mark already past it is brought back (review EA)."""
     if newest is None:
         return
     newest = min(newest, clock.now())
-    if mark is None or newest > float(mark):
+    if mark is None or newest > float(mark) or float(mark) > clock.now():
         await r.set(key, repr(newest))

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from application.services import lua
-from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark, walk_by_score
+from application.services.index_pages import advance_mark, walk_by_score, walk_from
 from application.services.job_codec import script_arg
 from application.services.keys import Keys
 
@@ -77,9 +77,9 @@ class JobSummaries:
         # job held a new leader's first pass back 3.5-5.6 s at 70,000 jobs: hunt DX). Every job when the fields
         # changed.
         mark = None if every else await self.r.get(self.keys.summaries_scanned)
-        after, newest = (repr(float(mark) - MARK_SLACK_SECONDS) if mark else "-inf"), None
+        start, newest = walk_from(mark), None
         written = 0
-        async for ids, newest_of_page in walk_by_score(self.r, self.keys.jobs_index, after, batch=batch):
+        async for ids, newest_of_page in walk_by_score(self.r, self.keys.jobs_index, start, batch=batch):
             newest = newest_of_page
             async with self.r.pipeline(transaction=False) as pipe:
                 for job_id in ids:

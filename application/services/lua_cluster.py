@@ -112,6 +112,16 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZADD', KEYS[2]
 return 0
 """
 
+# Entries of jobs no longer queued (a downgrade's: an older version's moves left them), dropped: the oldest of them
+# was /metrics' longest wait for good (review EA). KEYS: the queued status index, queued_since; ARGV: the ids.
+QUEUED_SINCE_STALE = """
+local n = 0
+for _, id in ipairs(ARGV) do
+  if not redis.call('ZSCORE', KEYS[1], id) then n = n + redis.call('ZREM', KEYS[2], id) end
+end
+return n
+"""
+
 # The queue's head, and since when it is (kept as the job's own until it leaves the queue: the store's scripts drop
 # it then), while it is still queued: written for a job gone meanwhile, a later stint under its id would inherit
 # an old clock. KEYS: the queue, queue_head, head_since; ARGV: the id, since.

@@ -20,7 +20,7 @@ from application.config import UPLOADS_DIR, Settings
 from application.exceptions import Invalid
 from application.models.file_model import FILE_ID_PATTERN, FileObject
 from application.models.training_model import Job, JobStatus
-from application.services.index_pages import MARK_SLACK_SECONDS, advance_mark
+from application.services.index_pages import advance_mark, walk_from
 from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.path_sandbox import Guard, without_sample
@@ -70,8 +70,7 @@ class UploadRefs:
         # record their uploads, so only a downgrade's jobs can lack it (reading every active job held a new leader's
         # first pass back 1.7-2.6 s at 20,000 queued: hunt DX).
         mark = await self.r.get(self.keys.upload_users_scanned)
-        since = float(mark) - MARK_SLACK_SECONDS if mark else None
-        created = await jobs.created_times(*ACTIVE_STATUSES, created_after=since)
+        created = await jobs.created_times(*ACTIVE_STATUSES, created_after=walk_from(mark))
         ids = list(created)
         rows = await jobs.get_fields(ids, ["data_path", "training", "created_at"])
         newest = max(created.values(), default=None)
