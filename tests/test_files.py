@@ -550,8 +550,16 @@ async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_thei
         assert await training.files.backfill_users(store) == 1  # (again: no harm)
         # A start looks only at the jobs created since a day before the last one looked (a walk of every active job
         # held a new leader's first pass back: hunt DX); this version's creates record their uploads themselves.
-        await store.r.set(store.keys.upload_users_scanned, repr(time.time() + 2 * 86400))
+        # (as if created 3 days before the mark: its index score, put back after)
+        old = await store.get("old")
+        assert old is not None
+        await store.r.zadd(store.keys.status_index(old.status), {"old": time.time() - 3 * 86400})
+        await store.r.set(store.keys.upload_users_scanned, repr(time.time()))
         assert await training.files.backfill_users(store) == 0
+        await store.r.zadd(store.keys.status_index(old.status), {"old": old.created_at})
+        # A mark more than a day ahead (an older version let a clock ahead move it) is not trusted: all are looked at.
+        await store.r.set(store.keys.upload_users_scanned, repr(time.time() + 2 * 86400))
+        assert await training.files.backfill_users(store) == 1
         await store.r.delete(store.keys.upload_users_scanned)
         refused = await client.delete(f"/files/{f['id']}")
         assert refused.status_code == 409 and "old" in refused.json()["detail"], refused.text
