@@ -537,6 +537,35 @@ def test_a_non_ascii_file_name_as_dotnet_clients_write_it_is_read(server: ApiSer
     assert r.status_code == 201 and r.json()["filename"] == "训练 数据.jsonl", r.text
 
 
+def test_a_filename_star_is_read_only_where_and_as_rfc_5987_has_it(server: ApiServer) -> None:
+    def post(disposition: str, purpose: str = "") -> httpx.Response:
+        body = (
+            (
+                f"--b0undary\r\nContent-Disposition: form-data; name=file; {disposition}\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + VALID
+            + b"\r\n"
+        )
+        if purpose:
+            body += f"--b0undary\r\nContent-Disposition: form-data; name=purpose; {purpose}\r\n\r\nrlhf\r\n".encode()
+        body += b"--b0undary--\r\n"
+        return server.http.post("/files", content=body,
+                                headers={"Content-Type": "multipart/form-data; boundary=b0undary"})  # fmt: skip
+
+    # Only one that cannot be read: it said "must be a file part (with a filename), not a text field" (review EA).
+    for unreadable in ("filename*=undefined''%41.jsonl", "filename*=utf-8''", "filename*=rot13''n.wfbay"):
+        r = post(unreadable)
+        assert r.status_code == 422 and "filename* cannot be read" in r.json()["detail"], (unreadable, r.text)
+    # Inside a quoted filename it is no parameter: the name is the quoted one (it was shown as b.jsonl).
+    r = post("filename=\"a.csv; filename*=utf-8''b.jsonl\"")
+    assert r.status_code == 201 and r.json()["filename"] == "a.csv; filename*=utf-8''b.jsonl", r.text
+    # A text field is a text field by its plain filename: a `purpose` part carrying a filename* was dropped (the
+    # file then stored as sft).
+    r = post('filename="t.jsonl"', purpose="filename*=utf-8''p.txt")
+    assert r.status_code == 422 and "rejected_response" in r.json()["detail"], r.text
+
+
 async def test_active_jobs_an_older_version_stored_are_recorded_as_users_of_their_uploads(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -54,18 +54,30 @@ _FORM_ESCAPES = {"%22": '"', "%0A": "\n", "%0D": "\r", "%0a": "\n", "%0d": "\r"}
 
 # RFC 5987 `filename*=utf-8''%E8%AE%AD.jsonl`, which python-multipart drops: .NET's MultipartFormDataContent and
 # PowerShell's -Form send it beside a `filename` that holds an RFC 2047 word (`=?utf-8?B?6K6t?=`) for a non-ASCII name.
-_STAR_RE = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([A-Za-z0-9_-]+)'[^']*'([^;"\s]+)""", re.IGNORECASE)
+_STAR_RE = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([A-Za-z0-9_-]+)'[^']*'([^;"\s]*)""", re.IGNORECASE)
+# Quoted values (but `filename*`'s own, which some clients quote): a `filename="a; filename*=..."` names no `filename*`.
+_QUOTED_RE = re.compile(rb'(?<!\*=)"(?:[^"\\]|\\.)*"')
+# The two charsets RFC 5987 asks for: any Python codec (rot13, unicode_escape) was taken.
+_STAR_CHARSETS = ("utf-8", "iso-8859-1")
 
 
 def client_filename(header: bytes | None, plain: bytes | None) -> str | None:
     """The file name a part's Content-Disposition gives, sanitized (display_name): `filename*` when it is there and
-    readable, else `filename` (an RFC 2047 encoded word in it decoded); None when the part names none."""
-    if header and (m := _STAR_RE.search(header)):
+    readable, else `filename` (an RFC 2047 encoded word in it decoded); None when the part names none. Invalid when
+    it gives only a `filename*` that cannot be read."""
+    if header and (m := _STAR_RE.search(_QUOTED_RE.sub(b'""', header))):
+        charset = m.group(1).decode("ascii").lower()
         try:
-            name = unquote(m.group(2).decode("ascii"), encoding=m.group(1).decode("ascii"), errors="strict")
+            if charset not in _STAR_CHARSETS or not m.group(2):
+                raise LookupError(charset)
+            name = unquote(m.group(2).decode("ascii"), encoding=charset, errors="strict")
             return display_name(name, form_escaped=False)
         except (LookupError, UnicodeError):
-            pass
+            if plain is None:
+                raise Invalid(
+                    "the file part's filename* cannot be read: send it as utf-8'' (or iso-8859-1'') and the name "
+                    "percent-encoded, e.g. filename*=utf-8''%E8%AE%AD.jsonl, or send a plain filename"
+                ) from None
     if plain is None:
         return None
     text = plain.decode("utf-8", "replace")
@@ -171,8 +183,8 @@ class _Receiver:
     def headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get("content-disposition"))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        raw_filename = client_filename(self.headers.get("content-disposition"), options.get(b"filename"))
         if name == self.file_field:
+            raw_filename = client_filename(self.headers.get("content-disposition"), options.get(b"filename"))
             if raw_filename is None:
                 raise Invalid(f"'{self.file_field}' must be a file part (with a filename), not a text field")
             self.file_parts += 1
@@ -184,7 +196,8 @@ class _Receiver:
                 raise Invalid(f"{self.file_field} '{self.filename}': the name must end in "
                               f"{', '.join(self.suffixes)} (the suffix tells the data set's format)")  # fmt: skip
             self.target = self.file_field
-        elif name and raw_filename is None:
+        elif name and options.get(b"filename") is None:
+            # (a text field by its plain `filename` alone: a `purpose` part carrying a `filename*` was dropped)
             if name in self.fields:  # (its values were joined: purpose=sft twice read 'sftsft')
                 raise Invalid(f"the form field '{name}' is sent more than once: send it once")
             self.target = name
