@@ -743,6 +743,7 @@ async def test_a_pause_that_lands_as_the_run_ends_retried_answers_with_the_job_p
         job = (await client.get("/jobs/j")).json()
         if also_stop:
             assert answer["status"] == job["status"] == "stopped", (answer, job)  # (checkpoint-5 stays)
+            assert answer["message"].endswith("a stop asked as well wins over the pause: the job is stopped"), answer
         else:
             assert answer["status"] == job["status"] == "paused" and job["retry_at"] is None, (answer, job)
             assert answer["message"].startswith("Paused: resumes from ") and answer["resume_step"] == 5, answer

@@ -249,6 +249,8 @@ class RunControl:
             message = f"Paused: resumes from {where}" + (again if lost else "") + fresh + _since(final, ended)
         else:
             message = f"The run had already ended ({ended})" + _since(final, ended)
+            if ended in ("preempted", "retried") and final.status in (JobStatus.STOPPED, JobStatus.CANCELLED):
+                message += f"; a stop asked as well wins over the pause: the job is {final.status.value}"
         return ActionResponse(job_id=job_id, status=final.status, message=message,
                               resume_from=final.resume_from if paused else None, resume_step=resume_step,
                               lost_steps=lost)  # fmt: skip
