@@ -29,7 +29,7 @@ from application.cli.output import Output
 from application.cli.render import duration, gpus, text
 from application.cli.sse import follow
 from application.services.streams import _visible
-from tests.conftest import ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
+from tests.conftest import ADMIN_KEY, ALICE_KEY, KEYS_SETTING, ROOT, ApiServer, free_port, job_body, wait_for
 
 
 def cli(port: int, *args: str, key: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -377,6 +377,13 @@ def test_signing_key_prints_the_key_alone_and_rotates_it(server_factory: Callabl
     assert re.fullmatch(r"[0-9a-f]{64}\n", rotated.stdout) and rotated.stdout != shown.stdout
     now = json.loads(cli(server.port, "--json", "signing-key", key=ALICE_KEY).stdout)
     assert now["signing_key"] == rotated.stdout.strip() and now["owner"] == "alice" and now["generation"] == 1
+    # An admin replaces another owner's key (review EA: only through the API before); --owner alone shows no one's.
+    by_admin = cli(server.port, "signing-key", "--rotate", "--owner", "alice", key=ADMIN_KEY)
+    assert by_admin.returncode == 0 and "rotated (generation 2)" in by_admin.stderr, by_admin.stderr
+    assert json.loads(cli(server.port, "--json", "signing-key", key=ALICE_KEY).stdout)["signing_key"] == \
+        by_admin.stdout.strip()  # fmt: skip
+    alone = cli(server.port, "signing-key", "--owner", "alice", key=ADMIN_KEY)
+    assert alone.returncode == 2 and "--owner goes with --rotate" in alone.stderr, alone.stderr
     bare = server_factory()  # (no WEBHOOK_SECRET)
     none = cli(bare.port, "signing-key")
     assert none.returncode == 2 and "WEBHOOK_SECRET" in none.stderr, none.stderr

@@ -268,7 +268,13 @@ def remove(api: Api, args: argparse.Namespace, out: Output) -> int:
 
 
 def signing_key(api: Api, args: argparse.Namespace, out: Output) -> int:
-    body = api.post("/webhooks/signing-key/rotate") if args.rotate else api.get("/webhooks/signing-key")
+    if args.owner is not None and not args.rotate:
+        raise CliError("--owner goes with --rotate: an admin key replaces another owner's key (it shows no one's)",
+                       EXIT_USAGE)  # fmt: skip
+    if args.rotate:
+        body = api.call("POST", "/webhooks/signing-key/rotate", params={"owner": args.owner} if args.owner else None)
+    else:
+        body = api.get("/webhooks/signing-key")
     if out.json:
         out.emit(body)
         return EXIT_OK
@@ -383,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("signing-key", signing_key, "the key that signs the notifications to your jobs' own webhook_url "
                   "(X-Swift-Api-Signature)", job=False)  # fmt: skip
     sub.add_argument("--rotate", action="store_true", help="replace it first: the one before signs no more")
+    sub.add_argument("--owner", help="with --rotate, an admin key: replace another owner's key (printed to you)")
     return parser
 
 
