@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from application.exceptions import RangeNotSatisfiable
+from application.exceptions import NotFound, RangeNotSatisfiable
 from application.services.artifact_tar import CHUNK, OwnedFd, tar_chunks
 from application.services.artifacts import MAX_ENTRIES, parse_range
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, ApiServer, auth, job_body, wait_for
@@ -504,3 +504,71 @@ async def test_after_output_root_moved_the_lists_say_why_they_are_empty_and_a_li
         assert (await client.post("/jobs/moved/export", json={"output_name": "after"})).status_code == 200
         job = await wait_job(client, "moved", lambda j: j["export"]["status"] not in ("running", "pending"))
         assert job["export"]["status"] == "completed", job["export"]
+
+
+def test_an_output_folder_swapped_for_a_link_while_it_is_read_gives_nothing_of_theirs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The output folder was resolved twice, once to check it, once to read it: a job whose code swapped its
+    folder for a link to another owner's between the two read that one's files (hunt EB). The folder read is
+    the one checked, and it is opened without following a link on its way."""
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job, JobStatus
+    from application.services import artifacts
+
+    root = tmp_path / "output"
+    mine, theirs = root / "alice-job", root / "bob-job"
+    mine.mkdir(parents=True)
+    theirs.mkdir()
+    (theirs / "secret.txt").write_text("bob's")
+    (theirs / "ckpt").mkdir()
+    job = Job(job_id="alice-job", status=JobStatus.COMPLETED, priority=5, owner="alice", data_path="d", model_path="m",
+              output_dir=str(mine), output_dir_requested="alice-job", num_gpus=0, training=TrainingParams(),
+              created_at=0, updated_at=0)  # fmt: skip
+    real_realpath = os.path.realpath
+
+    def swap_after_first(path: Any, *args: Any, **kwargs: Any) -> str:
+        resolved = real_realpath(path, *args, **kwargs)
+        if str(path) == str(mine) and not (tmp_path / "swapped").exists():  # the check saw the folder: swap now
+            (tmp_path / "swapped").touch()
+            mine.rename(tmp_path / "alice-job.real")
+            mine.symlink_to(theirs)
+        return resolved
+
+    def put_back() -> None:
+        (tmp_path / "swapped").unlink()
+        mine.unlink()
+        (tmp_path / "alice-job.real").rename(mine)
+
+    monkeypatch.setattr(os.path, "realpath", swap_after_first)
+    with pytest.raises(NotFound):
+        artifacts.prepare_download(job, root, "secret.txt")
+    put_back()
+    with pytest.raises(NotFound):
+        artifacts.prepare_download(job, root, "ckpt.tar")
+    put_back()
+    assert [f.path for f in artifacts.list_artifacts(job, root).files] == []
+
+
+def test_links_are_resolved_by_the_kernel_with_its_bound(tmp_path: Path) -> None:
+    """os.path.realpath follows any number of links: a job's 4,000 links of `a0/a1/...` (800 links to `.`) took
+    one listing 68 s of CPU in the default executor, and six listings stalled other owners' downloads (hunt EB).
+    A link is now resolved as the kernel resolves it (40 links at most): one beyond that leads nowhere."""
+    from application.services.artifact_tar import real_path
+    from application.services.artifacts import resolve
+
+    base = tmp_path / "out"
+    base.mkdir()
+    (base / "file").write_text("x")
+    for i in range(50):
+        os.symlink(f"c{i + 1}" if i < 49 else "file", base / f"c{i}")
+    for i in range(100):
+        os.symlink(".", base / f"a{i}")
+    os.symlink("/".join(f"a{i}" for i in range(100)) + "/file", base / "long")
+    os.mkfifo(base / "pipe")
+    assert real_path(base / "c45") == base / "file" and real_path(base / "c0") is None
+    assert real_path(base / "long") is None and real_path(base / "missing") is None
+    assert real_path(base / "pipe") == base / "pipe"  # (O_PATH: not opened for reading, no wait for a writer)
+    found = resolve(base, "c45")
+    assert found is not None and found[2] == base / "file"
+    os.close(found[0])
+    assert resolve(base, "c0") is None and resolve(base, "long") is None

@@ -32,8 +32,17 @@ from application.models.artifact_model import (
 )
 from application.models.training_model import Job
 from application.services import clock
-from application.services.artifact_tar import CHUNK, DIR_FLAGS, FILE_FLAGS, OwnedFd, link_inside, tar_chunks, walk
-from application.services.path_sandbox import check_text, escaped_output_root
+from application.services.artifact_tar import (
+    CHUNK,
+    DIR_FLAGS,
+    FILE_FLAGS,
+    OwnedFd,
+    link_inside,
+    real_path,
+    tar_chunks,
+    walk,
+)
+from application.services.path_sandbox import check_text, output_folder
 
 # One listing looks at this many entries at most: a folder of millions of files costs one bounded walk.
 MAX_ENTRIES = 5000
@@ -91,18 +100,34 @@ def _parts(text: str) -> list[str] | None:
 def job_folder(job: Job, output_root: Path) -> Path | None:
     """The job's output folder, resolved; None when it is missing, (moved) outside OUTPUT_ROOT, or leads to
     another folder than the one resolved at its create (a link made since: to another owner's folder)."""
-    return None if escaped_output_root(Path(job.output_dir), output_root) is not None else _existing_folder(job)
+    return output_folder(Path(job.output_dir), output_root)[0]
 
 
-def _existing_folder(job: Job) -> Path | None:
-    base = Path(os.path.realpath(job.output_dir))
-    return base if base.is_dir() else None
+_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_folder(base: Path) -> int:
+    """An fd of the folder `base` (a resolved path), opened one component at a time from `/` without following
+    any link: a link swapped in on its way since it was resolved (and checked) is ELOOP or ENOTDIR, not followed
+    to another owner's folder."""
+    parts = base.parts[1:]
+    # (O_PATH on the way: a folder above may be one its user can pass through, not read)
+    fd = os.open("/", _PATH_FLAGS if parts else DIR_FLAGS)
+    try:
+        for i, part in enumerate(parts):
+            child = os.open(part, DIR_FLAGS if i == len(parts) - 1 else _PATH_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _open_inside(base: Path, parts: list[str]) -> tuple[int, os.stat_result] | None:
     """Open base/parts (already free of symlinks) without following any link: (fd, fstat), or None."""
     try:
-        fd = os.open(base, DIR_FLAGS)
+        fd = open_folder(base)
     except OSError:
         return None
     try:
@@ -126,8 +151,8 @@ def resolve(base: Path, text: str) -> tuple[int, os.stat_result, Path] | None:
     parts = _parts(text)
     if parts is None:
         return None
-    real = Path(os.path.realpath(base.joinpath(*parts)))
-    if real == base:
+    real = real_path(base.joinpath(*parts))  # (bounded, and no exception for a link swapped while it is read)
+    if real is None or real == base:
         return None
     if base not in real.parents:
         return None
@@ -195,10 +220,9 @@ def list_artifacts(job: Job, output_root: Path) -> ArtifactList:
     folders: dict[str, ArtifactFolder] = {}
     links: list[ArtifactLink] = []
     truncated = False
-    not_read = escaped_output_root(Path(job.output_dir), output_root)  # (job_folder's, said why)
-    base = None if not_read else _existing_folder(job)
+    base, not_read = output_folder(Path(job.output_dir), output_root)  # (job_folder's, said why)
     try:
-        fd = os.open(base, DIR_FLAGS) if base else None
+        fd = open_folder(base) if base else None
     except OSError:
         base = fd = None
     try:

@@ -462,8 +462,22 @@ def escaped_output_root(output_dir: Path, root: Path) -> str | None:
     """Why a job's output folder, as resolved when the job was created, now leads elsewhere (a symlink on its
     way made or changed since: out of OUTPUT_ROOT, or into another job's folder) or out of OUTPUT_ROOT (which
     moved); None while it does not. Checked again just before a run writes there and before its files are read."""
+    return output_folder(output_dir, root)[1]
+
+
+def output_folder(output_dir: Path, root: Path) -> tuple[Path | None, str | None]:
+    """(the folder to read, None) while `escaped_output_root` has nothing to say, else (None, why): one
+    resolution, so that what was checked is what is read (two let a link swapped in between be read)."""
     real_root = _real_roots((root,))[0]
-    resolved = Path(os.path.realpath(output_dir))
+    try:
+        resolved = Path(os.path.realpath(output_dir))
+    except OSError:  # a link on its way changed while it was read (readlink: EINVAL): not to be read now
+        return None, f"output_dir {output_dir} changed while it was being resolved: a symlink on its way moves"
+    why = _escaped(output_dir, resolved, real_root)
+    return (None, why) if why else (resolved, None)
+
+
+def _escaped(output_dir: Path, resolved: Path, real_root: Path) -> str | None:
     if real_root in resolved.parents:
         if resolved == output_dir or real_root not in output_dir.parents:
             return None  # as created; or a record from before OUTPUT_ROOT moved, reached through a link left behind
