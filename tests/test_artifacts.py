@@ -506,6 +506,37 @@ async def test_after_output_root_moved_the_lists_say_why_they_are_empty_and_a_li
         assert job["export"]["status"] == "completed", job["export"]
 
 
+def test_a_tar_step_returns_while_its_entries_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Links leading out are left out and write nothing: a step of the stream still returns every YIELD_SECONDS
+    (with b""), so that a client's hang-up ends it; one step over 200,000 such links held its thread and its
+    download slot for 16 s after the client left (hunt EB)."""
+    from application.services import artifact_tar
+
+    folder = tmp_path / "many-links"
+    folder.mkdir()
+    for i in range(300):
+        os.symlink("/etc/passwd", folder / f"l{i}")
+    monkeypatch.setattr(artifact_tar, "YIELD_SECONDS", 0.0)
+    chunks = list(tar_chunks(OwnedFd(os.open(folder, os.O_RDONLY | os.O_DIRECTORY)), folder, "many-links"))
+    assert len(chunks) > 100 and b"".join(chunks[:-1]) == b"".join(chunks)[: sum(map(len, chunks[:-1]))]
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+        assert tar.getnames() == ["many-links"]
+
+
+def test_a_tar_keeps_permission_bits_only(tmp_path: Path) -> None:
+    """Members are uid 0: a set-user-ID bit a job put on its file made a set-user-ID-root program where root
+    extracted the tar with GNU tar (hunt EB)."""
+    folder = tmp_path / "suid"
+    (folder / "sg").mkdir(parents=True)
+    (folder / "prog").write_bytes(b"#!/bin/sh\n")
+    os.chmod(folder / "prog", 0o4755)
+    os.chmod(folder / "sg", 0o3777)
+    body = b"".join(tar_chunks(OwnedFd(os.open(folder, os.O_RDONLY | os.O_DIRECTORY)), folder, "suid"))
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert {m.name: m.mode for m in tar} == {"suid": (folder.stat().st_mode & 0o777), "suid/prog": 0o755,
+                                                  "suid/sg": 0o777}  # fmt: skip
+
+
 def test_an_output_folder_swapped_for_a_link_while_it_is_read_gives_nothing_of_theirs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The output folder was resolved twice, once to check it, once to read it: a job whose code swapped its

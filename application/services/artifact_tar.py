@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,9 @@ CHUNK = 512 * 1024
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted in the folder must not hang the open; it changes nothing for regular files.
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# A step of the tar stream returns at least this often, with what it has (b"" when nothing): only between
+# steps does a client's hang-up end the stream and give its download slot back.
+YIELD_SECONDS = 0.5
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 
@@ -103,7 +107,9 @@ def link_inside(root: Path, rel: str, name: str, parent_fd: int) -> str | None:
 def _header(name: str, st: os.stat_result, kind: bytes, size: int = 0, linkname: str = "") -> bytes:
     info = tarfile.TarInfo(name)
     info.type, info.size, info.linkname = kind, size, linkname
-    info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+    # Permission bits only: members are root's (uid 0), so a set-user-ID bit a job set on its file made a
+    # set-user-ID-root program wherever root extracted the tar with GNU tar (its default keeps owner and mode).
+    info.mode, info.mtime = stat.S_IMODE(st.st_mode) & 0o777, int(st.st_mtime)
     info.uid = info.gid = 0
     info.uname = info.gname = ""  # the server's user names are nobody's business
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -124,9 +130,18 @@ def tar_chunks(folder: OwnedFd, real: Path, name: str) -> Iterator[bytes]:
     """The folder open as `folder` (real path `real`), as a tar whose entries all lie under `name/`."""
     out = bytearray()
     written = 0
+    due = time.monotonic() + YIELD_SECONDS
     try:
         out += _header(name, os.fstat(folder.fd), tarfile.DIRTYPE)
         for rel, entry, parent_fd, st in walk(folder.fd):
+            if time.monotonic() >= due:
+                # What it has, even b"": entries left out (links leading out, FIFOs, files that would not open)
+                # write nothing, and a step that never ended held its thread and its download slot however long
+                # ago its client hung up (200,000 links leading out: 16 s of CPU, the slot held throughout).
+                due = time.monotonic() + YIELD_SECONDS
+                written += len(out)
+                yield bytes(out)
+                out.clear()
             member = f"{name}/{rel}"
             if stat.S_ISDIR(st.st_mode):
                 out += _header(member, st, tarfile.DIRTYPE)
