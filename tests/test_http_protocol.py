@@ -284,10 +284,10 @@ def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_response(
             reader.settimeout(10)
             got = b""
             while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < _length(got):
-                chunk = reader.recv(65536)  # about 400 KB/s: the server's writes wait on it for seconds
+                chunk = reader.recv(65536)  # about 800 KB/s: the server's writes wait on it for seconds
                 assert chunk, f"closed after {len(got)} bytes"
                 got += chunk
-                time.sleep(0.02)
+                time.sleep(0.01)
         assert got.startswith(b"HTTP/1.1 200 "), got[:200]
         lines = json.loads(got.split(b"\r\n\r\n", 1)[1])["lines"]
         assert len(lines) == 10_000 and lines[-1].startswith("09999 "), len(lines)
