@@ -104,3 +104,21 @@ def test_a_logged_traceback_shows_no_frames_variables(tmp_path: Path) -> None:
     for text in (out.stderr, written):
         assert "webhook delivery failed" in text and "OSError: refused" in text, text
         assert "T0K3NT0K3N" not in text, text
+
+
+def test_a_message_cannot_start_a_line_of_its_own(tmp_path: Path) -> None:
+    # A client's X-Forwarded-For reached uvicorn's access line as it came: a NEL (a line break to Python's
+    # splitlines), CR/LF or ESC in it forged a line of the log's own shape (hunt ED). Tracebacks keep their lines.
+    code = ("import logging; from pathlib import Path; from loguru import logger; "
+            "from application.utils.logger import setup_logging; "
+            f"setup_logging('INFO', Path({str(tmp_path)!r}))\n"
+            "logging.getLogger('uvicorn.access').info('%s - %s', '10.0.0.1\\x852026 | INFO | 6.6.6.6', 'GET /')\n"
+            "logger.info('a {}', 'x\\r\\nFORGED \\x1b[2J\\u2028\\x9b\\ttab')\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError:\n    logger.exception('boom')\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=True)
+    text = (tmp_path / "swift-api.log").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert r"10.0.0.1\x852026 | INFO | 6.6.6.6 - GET /" in lines[0], lines
+    assert lines[1].endswith("- a x\\r\\nFORGED \\x1b[2J\\u2028\\x9b\ttab"), lines
+    assert lines[2].endswith("- boom") and lines[3].startswith("Traceback") and "ZeroDivisionError" in text, lines
+    assert len(lines) > 4

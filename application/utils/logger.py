@@ -5,15 +5,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from loguru._file_sink import FileSink  # (the sink loguru builds for a path; see LogFile)
 from redis.exceptions import ResponseError
 
+if TYPE_CHECKING:
+    from loguru import Record
+
 COMPLAIN_EVERY = 60.0  # seconds between two lines saying a log file cannot be written
+# What may end or rewrite a log line inside a message: C0 controls but the tab (CR, LF, ESC), DEL, C1 controls
+# (U+0085 NEL is a line break to Python's splitlines and Unicode-aware viewers, U+009B a CSI) and the Unicode line
+# and paragraph separators. A client's X-Forwarded-For (believed from FORWARDED_ALLOW_IPS) reached uvicorn's
+# access line as it came: "10.0.0.1<NEL>2026-... | INFO ... - 6.6.6.6:0 - ..." read as two lines, the second one
+# forged (hunt ED).
+_LINE_BREAKERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def one_line(record: Record) -> None:
+    """Loguru patcher: a record's message stays on its one line, its control characters shown escaped (\\x85).
+    A traceback is the record's exception, formatted apart, and keeps its lines."""
+    message = record["message"]
+    if _LINE_BREAKERS.search(message):
+        record["message"] = _LINE_BREAKERS.sub(_escaped, message)
 
 
 class LogFile:
@@ -68,6 +91,7 @@ class _InterceptHandler(logging.Handler):
 def setup_logging(level: str, log_dir: Path | None, name: str = "swift-api") -> None:
     """Console sink, plus `<log_dir>/<name>.log` (the scheduler logs to scheduler.log, API workers to swift-api.log)."""
     logger.remove()
+    logger.configure(patcher=one_line)
     # With the UTC offset: hosts (or containers) with another TZ wrote lines hours apart with nothing to say so.
     # Tracebacks without their frames' variables (loguru's `diagnose`): they printed a failed webhook's URLs, which
     # often carry a token, and whatever else a frame held (hunt BM).
