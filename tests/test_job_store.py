@@ -663,3 +663,16 @@ async def test_a_mark_an_older_version_moved_past_now_is_not_trusted(
     await store.summaries.backfill()
     assert await redis_client.exists(store.keys.job_summary("later"))
     assert float(await redis_client.get(store.keys.summaries_scanned) or 0) <= time.time()
+
+
+async def test_a_transitions_unchanged_field_given_as_none_must_be_absent(store: JobStore) -> None:
+    """As for `update`: None (a field the caller read as missing) is '' in the script. Left None, the pruning of
+    the script's argument dropped it, and the guard passed whatever the field held (review EC)."""
+    await store.create(make_job("g"), message="created", actor="t")
+    await store.r.hset(store.keys.job("g"), "stray", '"x"')
+    with pytest.raises(TransitionRefused) as exc:
+        await store.transition("g", JobStatus.QUEUED, expect=(JobStatus.PENDING,), unchanged={"stray": None})
+    assert exc.value.reason == Refusal.CHANGED
+    await store.r.hdel(store.keys.job("g"), "stray")
+    await store.transition("g", JobStatus.QUEUED, expect=(JobStatus.PENDING,), unchanged={"stray": None})
+    assert (await require(store, "g")).status == JobStatus.QUEUED

@@ -278,7 +278,7 @@ class JobStore(JobReads, JobLog, QueueView):
                                        {"status": to.value, **(data or {})}, actor, now),
                 "maxlen": self.events_max, "wake": to in (JobStatus.QUEUED, JobStatus.PAUSED) or to.is_terminal(),
                 "run_id": run_id, "fence": fence, "cap": max_waiting if max_waiting and owner else None,
-                "unchanged": dict(unchanged or {}),
+                "unchanged": {name: raw or "" for name, raw in (unchanged or {}).items()},
                 "refuse_export": [s.value for s in refuse_export] if refuse_export is not None else None,
                 "created": created, "uploads": [{"id": f, "file": k.file(f), "users": k.file_users(f)}
                                                 for f in uploads] if reopen else [],
