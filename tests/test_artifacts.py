@@ -599,6 +599,18 @@ def test_links_are_resolved_by_the_kernel_with_its_bound(tmp_path: Path) -> None
     assert real_path(base / "c45") == base / "file" and real_path(base / "c0") is None
     assert real_path(base / "long") is None and real_path(base / "missing") is None
     assert real_path(base / "pipe") == base / "pipe"  # (O_PATH: not opened for reading, no wait for a writer)
+    # A name that truly ends in the kernel's mark of an unlinked file is that file (it was a 404, review EC)...
+    (base / "report (deleted)").write_text("y")
+    assert real_path(base / "report (deleted)") == base / "report (deleted)"
+    # ... and an unlinked one is nothing, even beside a file named as its mark.
+    (base / "gone").write_text("z")
+    fd = os.open(base / "gone", os.O_RDONLY)
+    try:
+        os.unlink(base / "gone")
+        (base / "gone (deleted)").write_text("other")
+        assert real_path(f"/proc/self/fd/{fd}") is None
+    finally:
+        os.close(fd)
     found = resolve(base, "c45")
     assert found is not None and found[2] == base / "file"
     os.close(found[0])

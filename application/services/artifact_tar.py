@@ -85,11 +85,22 @@ def real_path(path: str | Path) -> Path | None:
         return None
     try:
         real = os.readlink(_PROC_FD / str(fd))
+        if not real.startswith("/"):
+            return None
+        if real.endswith(" (deleted)"):
+            # The kernel's mark of an unlinked file, or a name that truly ends so ("report (deleted)"): the
+            # latter is the very file opened.
+            try:
+                named, opened = os.stat(real, follow_symlinks=False), os.fstat(fd)
+            except OSError:
+                return None
+            if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+                return None
     except OSError:
         return None
     finally:
         os.close(fd)
-    return Path(real) if real.startswith("/") and not real.endswith(" (deleted)") else None
+    return Path(real)
 
 
 def link_inside(root: Path, rel: str, name: str, parent_fd: int) -> str | None:
