@@ -560,6 +560,9 @@ def test_a_filename_star_is_read_only_where_and_as_rfc_5987_has_it(server: ApiSe
     # Inside a quoted filename it is no parameter: the name is the quoted one (it was shown as b.jsonl).
     r = post("filename=\"a.csv; filename*=utf-8''b.jsonl\"")
     assert r.status_code == 201 and r.json()["filename"] == "a.csv; filename*=utf-8''b.jsonl", r.text
+    # Blanks around a quoted filename*'s '=' (its quotes were taken for a quoted value and emptied: review EC).
+    r = post("filename*= \"utf-8''%E8%AE%AD.jsonl\"")
+    assert r.status_code == 201 and r.json()["filename"] == "\u8bad.jsonl", r.text
     # A text field is a text field by its plain filename: a `purpose` part carrying a filename* was dropped (the
     # file then stored as sft).
     r = post('filename="t.jsonl"', purpose="filename*=utf-8''p.txt")

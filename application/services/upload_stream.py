@@ -55,8 +55,16 @@ _FORM_ESCAPES = {"%22": '"', "%0A": "\n", "%0D": "\r", "%0a": "\n", "%0d": "\r"}
 # RFC 5987 `filename*=utf-8''%E8%AE%AD.jsonl`, which python-multipart drops: .NET's MultipartFormDataContent and
 # PowerShell's -Form send it beside a `filename` that holds an RFC 2047 word (`=?utf-8?B?6K6t?=`) for a non-ASCII name.
 _STAR_RE = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([A-Za-z0-9_-]+)'[^']*'([^;"\s]*)""", re.IGNORECASE)
-# Quoted values (but `filename*`'s own, which some clients quote): a `filename="a; filename*=..."` names no `filename*`.
-_QUOTED_RE = re.compile(rb'(?<!\*=)"(?:[^"\\]|\\.)*"')
+# Quoted values (but `filename*`'s own, which some clients quote, blanks around its `=` too): a
+# `filename="a; filename*=..."` names no `filename*`.
+_QUOTED_RE = re.compile(rb'(\*\s*=\s*)?"(?:[^"\\]|\\.)*"')
+
+
+def _unquoted(header: bytes) -> bytes:
+    """`header` with every quoted value but `filename*`'s emptied."""
+    return _QUOTED_RE.sub(lambda m: m.group(0) if m.group(1) else b'""', header)
+
+
 # The two charsets RFC 5987 asks for: any Python codec (rot13, unicode_escape) was taken.
 _STAR_CHARSETS = ("utf-8", "iso-8859-1")
 
@@ -65,7 +73,7 @@ def client_filename(header: bytes | None, plain: bytes | None) -> str | None:
     """The file name a part's Content-Disposition gives, sanitized (display_name): `filename*` when it is there and
     readable, else `filename` (an RFC 2047 encoded word in it decoded); None when the part names none. Invalid when
     it gives only a `filename*` that cannot be read."""
-    if header and (m := _STAR_RE.search(_QUOTED_RE.sub(b'""', header))):
+    if header and (m := _STAR_RE.search(_unquoted(header))):
         charset = m.group(1).decode("ascii").lower()
         try:
             if charset not in _STAR_CHARSETS or not m.group(2):
