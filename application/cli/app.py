@@ -272,7 +272,9 @@ def signing_key(api: Api, args: argparse.Namespace, out: Output) -> int:
         raise CliError("--owner goes with --rotate: an admin key replaces another owner's key (it shows no one's)",
                        EXIT_USAGE)  # fmt: skip
     if args.rotate:
-        body = api.call("POST", "/webhooks/signing-key/rotate", params={"owner": args.owner} if args.owner else None)
+        # (--owner "" goes to the API, which refuses it: left out, it rotated the admin's own key)
+        owner = {"owner": args.owner} if args.owner is not None else None
+        body = api.call("POST", "/webhooks/signing-key/rotate", params=owner)
     else:
         body = api.get("/webhooks/signing-key")
     if out.json:
