@@ -313,7 +313,9 @@ def misread(value: str) -> str | None:
     if path != path.strip():
         return "it begins or ends with a blank, which ms-swift strips off"
     if "::" in value:
-        return "it holds '::', where ms-swift splits a hub's name off a data set (hf::, ms::)"
+        # (refused without #N too: a file deleted before its run is split so, to a path relative to swift's folder)
+        return "it holds '::', where ms-swift splits a hub's name (hf::, ms::) off a data set it does not find as a " \
+            "whole, as with #N"  # fmt: skip
     if ":" in path and not os.path.lexists(path):
         return "it holds ':' and is gone, so ms-swift would read the part before the ':' (a subset's syntax)"
     return None
