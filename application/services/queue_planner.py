@@ -7,6 +7,7 @@ reading the scheduler published, to answer "would this start now?" and "how long
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ WINDOW = 256
 MAX_WINDOW = 2 * BACKFILL_DEPTH
 # Estimates simulate the queue forward: bounded so a request never pays for a whole long queue.
 ESTIMATE_WINDOW = 1000
-# A forecast of more queued jobs than this is planned in a thread (about 50 us a job).
+# A forecast of more queued jobs than this is planned in a thread (about 50 us a job), one of its own: in the
+# default executor it waited behind disk work (listings, checkpoints: review EC).
 THREADED_PLAN_JOBS = 100
+_PLANNING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="forecast")
 # Queued jobs read past the window per pass, looking for CPU-only ones (see Planner._cpu_only_past).
 DEEP_PAGE = 1024
 
@@ -177,7 +180,8 @@ class Planner:
         if len(queue) > THREADED_PLAN_JOBS:
             # 40-60 ms of CPU at 1,000 jobs: in the event loop it held every other request back that long (a
             # status or a queue page of a deep job); in a thread the loop takes its turns (each its own copies).
-            found = await asyncio.to_thread(functools.partial(plan, *args, head=head, clocks=clocks))
+            found = await asyncio.get_running_loop().run_in_executor(
+                _PLANNING, functools.partial(plan, *args, head=head, clocks=clocks))  # fmt: skip
         else:
             found = plan(*args, head=head, clocks=clocks)
         if self.settings.PREEMPTION and found.head is not None:
