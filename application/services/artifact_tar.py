@@ -22,6 +22,8 @@ from application.services.path_sandbox import MAX_COMPONENTS
 
 CHUNK = 512 * 1024
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH = getattr(os, "O_PATH", 0)  # (Linux: an fd that reads nothing, for passing through a folder or resolving)
+PATH_FLAGS = (_O_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted in the folder must not hang the open; it changes nothing for regular files.
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # A step of the tar stream returns at least this often, with what it has (b"" when nothing): only between
@@ -64,7 +66,6 @@ def walk(dir_fd: int, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, s
                     os.close(child)
 
 
-_O_PATH = getattr(os, "O_PATH", 0)
 _PROC_FD = Path("/proc/self/fd")
 
 

@@ -36,6 +36,7 @@ from application.services.artifact_tar import (
     CHUNK,
     DIR_FLAGS,
     FILE_FLAGS,
+    PATH_FLAGS,
     OwnedFd,
     link_inside,
     real_path,
@@ -103,19 +104,16 @@ def job_folder(job: Job, output_root: Path) -> Path | None:
     return output_folder(Path(job.output_dir), output_root)[0]
 
 
-_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def open_folder(base: Path) -> int:
     """An fd of the folder `base` (a resolved path), opened one component at a time from `/` without following
     any link: a link swapped in on its way since it was resolved (and checked) is ELOOP or ENOTDIR, not followed
     to another owner's folder."""
     parts = base.parts[1:]
     # (O_PATH on the way: a folder above may be one its user can pass through, not read)
-    fd = os.open("/", _PATH_FLAGS if parts else DIR_FLAGS)
+    fd = os.open("/", PATH_FLAGS if parts else DIR_FLAGS)
     try:
         for i, part in enumerate(parts):
-            child = os.open(part, DIR_FLAGS if i == len(parts) - 1 else _PATH_FLAGS, dir_fd=fd)
+            child = os.open(part, DIR_FLAGS if i == len(parts) - 1 else PATH_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:

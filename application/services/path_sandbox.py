@@ -216,7 +216,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
             guard(field, value, real)
         if not _exists(real):
             raise Invalid(f"{field} '{value}' does not exist (resolved inside {setting} to {real})")
-        _refuse_shadowed_sample(field, value, real, sample)
+        _refuse_misread(field, value, real, sample)
         return Resolved(_with_sample(str(real), sample), True, real, sample)
     if hub and is_hub_id(text, data=data):
         return Resolved(text, False)
@@ -230,7 +230,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         if guard is not None:
             guard(field, value, real)
         if _exists(real):
-            _refuse_shadowed_sample(field, value, real, sample)
+            _refuse_misread(field, value, real, sample)
             return Resolved(_with_sample(str(real), sample), True, real, sample)
     if not hub:
         raise Invalid(f"{field} '{value}' is not a path that exists under {setting} ({_roots_text(real_roots)})")
@@ -321,7 +321,7 @@ def misread(value: str) -> str | None:
     return None
 
 
-def _refuse_shadowed_sample(field: str, value: str, real: Path, sample: int | None) -> None:
+def _refuse_misread(field: str, value: str, real: Path, sample: int | None) -> None:
     if sample is not None and shadowed_sample(_with_sample(str(real), sample)):
         raise Invalid(
             f"{field} '{value}': a file named '{real.name}#{sample}' lies beside '{real.name}', and ms-swift "
