@@ -334,10 +334,20 @@ class Scheduler:
             requests: list[tuple[str, list[str] | None]] = []
             try:
                 # Each round, not only at taking the lead: back from a snapshot that still held this lead's lock,
-                # Redis takes its renewals as before.
-                restarted, held, why = await self.cluster.restart_hold(
-                    *self._hold("Redis restarted since the scheduler last looked")
-                )
+                # Redis takes its renewals as before. The round's reads in parallel: each waits its turn in a Redis
+                # busy with the API's requests, and they are a hand-over's latency.
+                hold, taken, switch = await asyncio.gather(
+                    self.cluster.restart_hold(*self._hold("Redis restarted since the scheduler last looked")),
+                    self.cluster.take_pass_requests(), self.cluster.processor_switch(), return_exceptions=True,
+                )  # fmt: skip
+                requests = taken if isinstance(taken, list) else []  # (taken: answered below, whatever else failed)
+                if isinstance(hold, BaseException):
+                    raise hold
+                if isinstance(taken, BaseException):
+                    raise taken
+                if isinstance(switch, BaseException):
+                    raise switch
+                (restarted, held, why), (enabled, _) = hold, switch
                 if restarted:
                     logger.warning("scheduler {}: {} (for {:g} s)", self.ident, why, held)
                     self._forgotten_may_live = True
@@ -349,12 +359,10 @@ class Scheduler:
                     await self.processor.view()  # still publish the GPU reading
                     await self.cluster.record_pass(self.processor.stats.__dict__)  # (its last_error says why)
                     # Asked-for passes are told why none is made (a start's job stays queued: it starts after).
-                    for request_id, only in await self.cluster.take_pass_requests():
+                    for request_id, only in requests:
                         self._deferred |= set(only or ())
                         await self.cluster.answer_pass(request_id, {"error": self._held_why})
                     continue
-                requests = await self.cluster.take_pass_requests()
-                enabled, _ = await self.cluster.processor_switch()
                 # With the processor off, only what was asked for starts: POST /queue/process (everything that
                 # fits) or the start of one job (one asked for while starts were held, too).
                 asked = {j for _, only in requests for j in only or ()} | self._deferred  # (even past the window)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -83,22 +84,30 @@ class QueueProcessor:
         if not self._remembered:
             self.reader.remember(snapshot_of(await self.cluster.gpu_snapshot()))
             self._remembered = True
-        snapshot = await self.reader.read()
-        await self.cluster.put_gpu_snapshot(snapshot.to_dict())
-        return await build_view(self.store, snapshot, reclaim=True)
+        # (each part in parallel with what does not need it: a pass's round trips wait their turns in a Redis busy
+        # with the API's requests, and those before a start are a hand-over's latency)
+        snapshot, state = await asyncio.gather(self.reader.read(), self.store.planning_state())
+        _, view = await asyncio.gather(self.cluster.put_gpu_snapshot(snapshot.to_dict()),
+                                       build_view(self.store, snapshot, reclaim=True, state=state))  # fmt: skip
+        return view
 
     async def run_pass(self, only: set[str] | None = None, wanted: set[str] | None = None) -> list[str]:
         """Start every queued job that fits now (or, given `only`, those of them); `only` and `wanted` (jobs a
         user asked to start) are planned even when they lie past the planned window."""
         async with self._lock:
             started_at = time.perf_counter()
-            await self.refresh_predictions()
-            view = await self.view()
+            # (in parallel, as in `view`)
+            _, view, length, head, clocks = await asyncio.gather(
+                self.refresh_predictions(), self.view(), self.store.queue_length(), self.cluster.queue_head(),
+                self.store.head_clocks(),
+            )  # fmt: skip
             starts: list[Start] = []
             head_id: str | None = None
+            # The heads' clocks, written once the starts are made: a head is a job the plan could not start, so
+            # the order changes nothing, and its round trips are not a hand-over's.
+            marks: list[Callable[[], Awaitable[None]]] = []
             self.retry_due = None
-            if await self.store.queue_length():
-                head, clocks = await asyncio.gather(self.cluster.queue_head(), self.store.head_clocks())
+            if length:
                 asked = (only or set()) | (wanted or set())
                 # A head found again keeps the clock it started before (`clocks`, `next_head`), and is planned
                 # with it: as a young head, one pass let jobs of its priority take the GPUs it had waited for.
@@ -110,8 +119,9 @@ class QueueProcessor:
                 self.retry_due = clock.now() + min(backoffs) if backoffs else None
                 await self._asked_while_backing_off([i for i, r in found.reasons.items() if r.code == "retry_backoff"])
                 if kept != head and kept is not None:
-                    await self.cluster.set_queue_head(kept)
-                await self.store.mark_heads([h for h in found.heads if h not in clocks], clock.now())
+                    marks.append(functools.partial(self.cluster.set_queue_head, kept))
+                marks.append(functools.partial(self.store.mark_heads, [h for h in found.heads if h not in clocks],
+                                               clock.now()))  # fmt: skip
             started: list[str] = []
             for start in starts:
                 if only is not None and start.job_id not in only:
@@ -138,6 +148,7 @@ class QueueProcessor:
             if self.settings.PREEMPTION and head_id is not None and not started and only is None and \
                     not self.starter.disk_held:  # fmt: skip
                 await self.preempt(head_id, view)
+            await asyncio.gather(*(mark() for mark in marks))
             s = self.stats
             s.passes += 1
             s.jobs_started += len(started)

@@ -172,6 +172,7 @@ class RunStarter:
         await self._record(job, run)
         await self._after_record(job, run)
         runner = await self._launch(job, run, inputs)
+        await self._note_latency(job, run)  # (once launched: /metrics' figure is no hand-over's round trip)
         if runner is None:
             return False
         try:
@@ -317,6 +318,8 @@ class RunStarter:
             except REDIS_AWAY as exc:
                 logger.warning("job {}: its loss points past step {} not dropped ({}): the run logs them again",
                                job.job_id, run.step, exc)  # fmt: skip
+
+    async def _note_latency(self, job: Job, run: _Run) -> None:
         try:
             await record_scheduling_latency(self.cluster, max(0.0, run.now - (job.queued_at or job.created_at)))
         except REDIS_AWAY as exc:  # a figure for /metrics: the run is recorded and is launched all the same (hunt BH)
