@@ -75,8 +75,14 @@ def event_payload(
             "data": json.dumps(dict(data or {}))}  # fmt: skip
 
 
+_PLAIN = frozenset((str, int, float, bool, list))
+
+
 def _pruned(a: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _pruned(v) if isinstance(v, Mapping) else v for k, v in a.items() if v is not None}
+    # (a plain value's type looked up first: an isinstance check against the Mapping ABC for each of a job's
+    # ~60 encoded fields was 4 % of a create's CPU)
+    return {k: v if type(v) in _PLAIN else _pruned(v) if isinstance(v, Mapping) else v for k, v in a.items()
+            if v is not None}  # fmt: skip
 
 
 def script_arg(a: Mapping[str, Any]) -> str:
