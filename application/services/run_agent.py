@@ -217,17 +217,12 @@ class Runner:
                 ended_at = max(ended_at, gone_at)
             else:
                 outcome = None
-            # Nothing may outlive the run. What is left in swift's group (orphaned dataloader workers, a stray
-            # trainer) is killed at once. What left the group for a session of its own is known only by the run's
-            # mark: a scan of every process, 10-40 ms under load, made once the end is recorded, not before (a
-            # hand-over waited for it; beside the recording, its thread held the GIL the recording waited for).
-            # Such a leftover is dead long before the next run's swift, a runner's start-up later, reaches its GPU.
-            pg.signal_group(proc.pid, signal.SIGKILL)
+            # orphaned dataloader workers, a stray trainer, one in a session of its own: nothing may outlive the run
+            await asyncio.to_thread(pg.kill_leftovers, proc.pid, self.run_id)
             code = proc.ended_with
             follow.read()
             follow.flush()
             if orphaned:
-                await asyncio.to_thread(pg.kill_marked, self.run_id)
                 logger.info("job {} run {} is not this runner's any more: end not recorded", self.job_id, self.run_id)
                 return 0
             facts, tail, checkpoints, free = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
@@ -267,7 +262,6 @@ class Runner:
             history = RunHistory(self.store.r, self.store.keys)
             learnt = end.status != JobStatus.COMPLETED or not (first_run and training) or await history.learn(*took)
             recorded = await outbox.finish(end.status, end.fields, end.message)
-            await asyncio.to_thread(pg.kill_marked, self.run_id)
             if recorded and not learnt:  # (refused before: Redis, which took the end, takes it now; hunt CI)
                 await history.learn(*took)
         if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
