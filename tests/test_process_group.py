@@ -91,6 +91,25 @@ def test_a_run_group_is_alive_while_a_member_marked_with_the_run_outlives_its_le
         _gone(leader.pid)
 
 
+def test_the_groups_marked_with_a_run_are_those_of_its_exact_mark() -> None:
+    # Found by its mark alone (a process that left the run's group by setsid()), read as each environment lies
+    # in /proc: the mark first or last in it counts; a longer mark, or a value that holds the mark, does not.
+    clean = {k: v for k, v in os.environ.items() if k != pg.RUN_MARK}
+    envs = {"first": {pg.RUN_MARK: "run-1", **clean}, "last": {**clean, pg.RUN_MARK: "run-1"},
+            "longer": {**clean, pg.RUN_MARK: "run-10"},
+            "inside": {**clean, "OTHER": f"{pg.RUN_MARK}=run-1"}}  # fmt: skip
+    procs = {name: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
+                                    start_new_session=True) for name, env in envs.items()}  # fmt: skip
+    try:
+        assert pg.marked_groups("run-1") == sorted([procs["first"].pid, procs["last"].pid])
+        assert pg.marked_groups("run-10") == [procs["longer"].pid]
+        assert pg.marked_groups("run-") == []
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_a_group_that_has_a_runs_old_number_is_not_that_run(tmp_path: Path) -> None:
     # Its leader has the pid of an ended run's leader (another stamp) ...
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,

@@ -118,15 +118,29 @@ def run_group_alive(pgid: int | None, start_time: float | None, stamp: str | Non
 def marked_groups(run: str) -> list[int]:
     """The process groups of whatever is left of the run `run`, known by its mark alone: for a run whose runner
     died after it started swift but before it recorded swift's pid. Scans every process: call it in a thread."""
+    pids = [int(name) for name in os.listdir(_PROC) if name.isdigit()] if _RAW else psutil.pids()
     groups = set()
-    for p in psutil.process_iter():
-        if _marked(p.pid, run):
+    for pid in pids:
+        if _marked(pid, run):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                groups.add(os.getpgid(p.pid))
+                groups.add(os.getpgid(pid))
     return sorted(g for g in groups if g > 1)
 
 
+_PROC = "/proc"
+_RAW = os.path.isfile(f"{_PROC}/self/environ")  # (Linux: elsewhere psutil reads environments its own way)
+
+
 def _marked(pid: int, run: str) -> bool:
+    if _RAW:
+        # The environment a process started with, searched as it lies in /proc: psutil parses each into a dict,
+        # and a scan of every process took 6 ms on a quiet 2-core box, 11-20 ms under load (1.7 this way). A
+        # runner makes one before it records its run's end, so a hand-over waited for it.
+        try:
+            with open(f"{_PROC}/{pid}/environ", "rb") as fh:
+                return f"\0{RUN_MARK}={run}\0".encode() in b"\0" + fh.read() + b"\0"
+        except OSError:  # (gone, a kernel thread, another user's)
+            return False
     try:
         return psutil.Process(pid).environ().get(RUN_MARK) == run
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
