@@ -383,6 +383,11 @@ class Scheduler:
                 self.processor.stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.processor.stats.last_error_at = clock.now()
                 _log_failure("queue pass failed", exc)
+                # The starts asked for are made by a later round, as a held round's are: taken from Redis (with the
+                # round's other reads, or before its pass failed), they are asked for nowhere else, and with the
+                # processor off nothing else starts them.
+                for _, only in requests:
+                    self._deferred |= set(only or ())
                 with contextlib.suppress(Exception):
                     await self.cluster.record_pass(self.processor.stats.__dict__)
                     # Those who asked for this pass are told it failed, rather than left to time out.

@@ -599,3 +599,86 @@ async def test_a_pass_starts_the_clock_of_each_prioritys_head_and_keeps_it(
         # Gone from the queue, a job's clock goes with it.
         assert (await client.delete("/queue/high")).status_code == 200
         assert set(await store.head_clocks()) == {"low", "low2"}
+
+
+async def test_a_start_asked_in_a_round_whose_other_reads_failed_is_made_by_a_later_round(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The round's reads go out together: a start's request taken in a round whose restart-hold read failed was
+    answered with the error and forgotten. With the processor off nothing else starts it: it stayed queued for
+    good (before, the request stayed in Redis and the next round made the pass for it)."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        r = await client.post("/jobs", json=job_body(tmp_path, "asked", training={"max_steps": 2}))
+        assert r.status_code == 201 and r.json()["status"] == "pending", r.text
+        cluster = client.scheduler.cluster
+        real_hold, real_take = cluster.restart_hold, cluster.take_pass_requests
+        taken: list[str] = []
+        failed: list[bool] = []
+
+        async def take() -> list[tuple[str, list[str] | None]]:
+            requests = await real_take()
+            taken.extend(request_id for request_id, _ in requests)
+            return requests
+
+        async def hold(why: str, seconds: float) -> tuple[bool, float, str]:
+            answer = await real_hold(why, seconds)
+            await asyncio.sleep(0.05)  # (the round's take has landed)
+            if taken and not failed:
+                failed.append(True)
+                raise redis.ConnectionError("Connection closed by server.")  # (one lost reply)
+            return answer
+
+        cluster.restart_hold, cluster.take_pass_requests = hold, take
+        try:
+            assert (await client.post("/jobs/asked/start")).status_code == 200
+            assert failed, "the round that took the start's request did not fail"
+            job = await wait_job(client, "asked", lambda j: j["status"] != "queued", timeout=15)
+            assert job["status"] in ("running", "completed"), job
+        finally:
+            cluster.restart_hold, cluster.take_pass_requests = real_hold, real_take
+
+
+async def test_a_heads_clock_forgotten_by_a_priority_change_during_a_passs_starts_stays_forgotten(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The heads' clocks are written after the pass's starts: a priority change meanwhile forgot the head's clock
+    (its time at the head of another priority, review CM), and the pass wrote the old one back."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="2x80") as client:
+        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        store, processor = client.app.state.training.store, client.scheduler.processor
+        for name, gpus, priority in (("big", 2, 5), ("small", 1, 9)):
+            r = await client.post("/jobs", json=job_body(tmp_path, name, num_gpus=gpus, priority=priority,
+                                                          training={"max_steps": 2}))  # fmt: skip
+            assert r.status_code == 201, r.text
+            if r.json()["status"] == "pending":
+                await store.transition(name, JobStatus.QUEUED, expect=(JobStatus.PENDING,))
+        # big has waited at the head of priority 5 for an hour (its clock, as earlier passes kept it); the queue's
+        # head was small, which this pass starts
+        await store.r.hset(
+            store.keys.head_since, mapping={"big": repr(clock.now() - 3600), "small": repr(clock.now() - 10)}
+        )
+        await store.r.set(store.keys.queue_head, json.dumps(["small", clock.now() - 10]))
+        real = processor.start_run
+        changed: list[float] = []
+
+        async def start_run(job: Any, gpu_ids: list[int]) -> bool:
+            r = await client.patch("/jobs/big", json={"priority": 6})  # (a user, as the pass starts others)
+            assert r.status_code == 200, r.text
+            changed.append(clock.now())
+            return await real(job, gpu_ids)
+
+        processor.start_run = start_run
+        try:
+            before = clock.now()
+            started = await processor.run_pass(only={"small"})
+        finally:
+            processor.start_run = real
+        assert started == ["small"] and changed, (started, changed)
+        since = await store.r.hget(store.keys.head_since, "big")
+        assert since is None or float(since) >= changed[0], (since, before, changed)

@@ -103,8 +103,7 @@ class QueueProcessor:
             )  # fmt: skip
             starts: list[Start] = []
             head_id: str | None = None
-            # The heads' clocks, written once the starts are made: a head is a job the plan could not start, so
-            # the order changes nothing, and its round trips are not a hand-over's.
+            # The heads' clocks: their round trips are no hand-over's (see `marking`).
             marks: list[Callable[[], Awaitable[None]]] = []
             self.retry_due = None
             if length:
@@ -122,33 +121,42 @@ class QueueProcessor:
                     marks.append(functools.partial(self.cluster.set_queue_head, kept))
                 marks.append(functools.partial(self.store.mark_heads, [h for h in found.heads if h not in clocks],
                                                clock.now()))  # fmt: skip
-            started: list[str] = []
-            for start in starts:
-                if only is not None and start.job_id not in only:
-                    continue
-                try:
-                    job = await self.store.get(start.job_id)
-                except ValueError as exc:  # (pydantic's ValidationError): a record this version cannot read
-                    await self._unreadable(start.job_id, exc)
-                    continue
-                if job is None and await self.store.forget_lost(start.job_id):
-                    logger.warning("queued job {}'s record is gone (evicted by Redis, or deleted by hand): dropped "
-                                   "from the queue", start.job_id)  # fmt: skip
-                if job is None or job.status != JobStatus.QUEUED:
-                    continue
-                try:
-                    if await self.start_run(job, list(start.gpu_ids)):
-                        started.append(start.job_id)
-                except TransitionRefused as exc:
-                    # The job or one of its GPUs changed under us, or we no longer lead: the next pass decides.
-                    logger.debug("start of {} refused: {}", start.job_id, exc.reason.value)
-                if self.starter.disk_held:
-                    break  # (none starts while OUTPUT_ROOT's disk takes no file: the next try is the hold's)
-            # (nor is a run stopped for a head that cannot start: its checkpoint would go to that full disk)
-            if self.settings.PREEMPTION and head_id is not None and not started and only is None and \
-                    not self.starter.disk_held:  # fmt: skip
-                await self.preempt(head_id, view)
-            await asyncio.gather(*(mark() for mark in marks))
+            # The heads' clocks go out now, beside the starts, not after them: a priority change or a dequeue
+            # made while the starts went on forgot a head's clock (`forget_head`), and a write after them put
+            # the old one back (its time at the head of another priority: at once hard there). Awaited
+            # whatever the starts did: a pass that failed at a start left them unwritten.
+            marking = asyncio.gather(*(mark() for mark in marks))
+            try:
+                started: list[str] = []
+                for start in starts:
+                    if only is not None and start.job_id not in only:
+                        continue
+                    try:
+                        job = await self.store.get(start.job_id)
+                    except ValueError as exc:  # (pydantic's ValidationError): a record this version cannot read
+                        await self._unreadable(start.job_id, exc)
+                        continue
+                    if job is None and await self.store.forget_lost(start.job_id):
+                        logger.warning("queued job {}'s record is gone (evicted by Redis, or deleted by hand): dropped "
+                                       "from the queue", start.job_id)  # fmt: skip
+                    if job is None or job.status != JobStatus.QUEUED:
+                        continue
+                    try:
+                        if await self.start_run(job, list(start.gpu_ids)):
+                            started.append(start.job_id)
+                    except TransitionRefused as exc:
+                        # The job or one of its GPUs changed under us, or we no longer lead: the next pass decides.
+                        logger.debug("start of {} refused: {}", start.job_id, exc.reason.value)
+                    if self.starter.disk_held:
+                        break  # (none starts while OUTPUT_ROOT's disk takes no file: the next try is the hold's)
+                # (nor is a run stopped for a head that cannot start: its checkpoint would go to that full disk)
+                if self.settings.PREEMPTION and head_id is not None and not started and only is None and \
+                        not self.starter.disk_held:  # fmt: skip
+                    await self.preempt(head_id, view)
+            except BaseException:
+                await asyncio.gather(marking, return_exceptions=True)
+                raise
+            await marking
             s = self.stats
             s.passes += 1
             s.jobs_started += len(started)
