@@ -341,7 +341,13 @@ def kill_leftovers(pgid: int, run: str | None = None) -> None:
     nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held
     its GPU after the run ended). `run` scans every process: call it in a thread."""
     signal_group(pgid, signal.SIGKILL)
-    for group in marked_groups(run) if run else ():
+    if run:
+        kill_marked(run)
+
+
+def kill_marked(run: str) -> None:
+    """Kill what is left of the run `run` anywhere, known by its mark. Scans every process: call it in a thread."""
+    for group in marked_groups(run):
         signal_group(group, signal.SIGKILL)
 
 

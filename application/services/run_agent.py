@@ -217,16 +217,23 @@ class Runner:
                 ended_at = max(ended_at, gone_at)
             else:
                 outcome = None
-            # orphaned dataloader workers, a stray trainer, one in a session of its own: nothing may outlive the run
-            await asyncio.to_thread(pg.kill_leftovers, proc.pid, self.run_id)
+            # Nothing may outlive the run: what is left in swift's group (orphaned dataloader workers, a stray
+            # trainer) dies at once; what left the group for a session of its own is found by the run's mark.
+            pg.signal_group(proc.pid, signal.SIGKILL)
             code = proc.ended_with
             follow.read()
             follow.flush()
             if orphaned:
+                await asyncio.to_thread(pg.kill_marked, self.run_id)
                 logger.info("job {} run {} is not this runner's any more: end not recorded", self.job_id, self.run_id)
                 return 0
-            facts, tail, checkpoints, free = await asyncio.to_thread(read_run, job, log_file, parser.facts(),
-                                                               self.settings.LOG_TAIL_ON_FAILURE)  # fmt: skip
+            # The scan for marked leftovers beside the reading of the run's files: both are done before the end is
+            # written (nothing of the run holds its GPUs once it says they are free), and a hand-over waited for
+            # each in turn.
+            (facts, tail, checkpoints, free), _ = await asyncio.gather(
+                asyncio.to_thread(read_run, job, log_file, parser.facts(), self.settings.LOG_TAIL_ON_FAILURE),
+                asyncio.to_thread(pg.kill_marked, self.run_id),
+            )  # fmt: skip
             # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
             # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
             # Read last, just before the end is computed and written (a request in between is answered with the
