@@ -121,14 +121,18 @@ class Planner:
     async def plan(
         self, view: ClusterView, extra: QueuedJob | None = None, queue_length: int | None = None,
         head: Head | None = None, wanted: set[str] | None = None, clocks: dict[str, float] | None = None,
+        first: list[QueuedJob] | None = None,
     ) -> Plan:  # fmt: skip
         """What a pass would start now (and the queue's head). `extra` (a job not stored yet) is ranked among
         the queue; `head` is the head as kept from earlier passes (`ClusterStore.queue_head`); `wanted` are jobs
-        a user asked to start, planned behind the window when they lie past it."""
+        a user asked to start, planned behind the window when they lie past it; `first`, the first WINDOW jobs
+        of the queue when the caller read them already (`queued`)."""
         queue: list[QueuedJob] = []
         size = WINDOW
         while True:
-            if queue_length != 0:  # an empty queue needs no read
+            if first is not None and not queue:
+                queue.extend(first)
+            elif queue_length != 0:  # an empty queue needs no read
                 queue.extend(await queued(self.store, size - len(queue), start=len(queue)))
             ranked = sorted([*queue, extra], key=_rank) if extra is not None else queue
             found = plan(ranked, view.gpus, view.running, self.policy, clock.now(), estimating=False, head=head,

@@ -25,11 +25,10 @@ from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.queue_planner import WINDOW as PREDICTION_WINDOW
-from application.services.queue_planner import ClusterView, Planner, build_view
+from application.services.queue_planner import WINDOW, ClusterView, Planner, build_view, queued
 from application.services.run_history import RunHistory
 from application.services.run_start import RunStarter
-from application.services.scheduler import Start, next_head
+from application.services.scheduler import QueuedJob, Start, next_head
 from application.services.swift_command import SwiftVersion
 from application.utils.gpu_reader import GpuReader
 from application.utils.gpu_types import snapshot_of
@@ -97,8 +96,8 @@ class QueueProcessor:
         async with self._lock:
             started_at = time.perf_counter()
             # (in parallel, as in `view`)
-            _, view, length, head, clocks = await asyncio.gather(
-                self.refresh_predictions(), self.view(), self.store.queue_length(), self.cluster.queue_head(),
+            window, view, length, head, clocks = await asyncio.gather(
+                self._predicted_window(), self.view(), self.store.queue_length(), self.cluster.queue_head(),
                 self.store.head_clocks(),
             )  # fmt: skip
             starts: list[Start] = []
@@ -110,7 +109,7 @@ class QueueProcessor:
                 asked = (only or set()) | (wanted or set())
                 # A head found again keeps the clock it started before (`clocks`, `next_head`), and is planned
                 # with it: as a young head, one pass let jobs of its priority take the GPUs it had waited for.
-                found = await self.planner.plan(view, head=head, wanted=asked, clocks=clocks)
+                found = await self.planner.plan(view, head=head, wanted=asked, clocks=clocks, first=window)
                 kept = next_head(head, found.head, clock.now(), clocks.get(found.head) if found.head else None)
                 starts = found.starts
                 head_id = found.head
@@ -167,6 +166,11 @@ class QueueProcessor:
                 logger.info("queue pass started {}", ", ".join(started))
             await self.cluster.record_pass(s.__dict__)
             return started
+
+    async def _predicted_window(self) -> list[QueuedJob]:
+        """The queue's first WINDOW jobs, read once the jobs that a run's end taught a prediction have it."""
+        await self.refresh_predictions()
+        return await queued(self.store, WINDOW)
 
     async def _asked_while_backing_off(self, job_ids: list[str]) -> None:
         """Retries waiting out their backoff that were asked to stop or pause as their run ended are stopped or
@@ -243,7 +247,7 @@ class QueueProcessor:
         self._history_seen = version
         # Read and written in one round trip each, and predicted once per kind of job (the history's version is
         # the cache's key): one by one, it was three round trips for each of up to 256 jobs after a run's end.
-        window = await self.store.queue_window(0, PREDICTION_WINDOW)
+        window = await self.store.queue_window(0, WINDOW)
         predictions = {}
         for job in await self.store.get_many(job_id for job_id, meta in window if meta.estimated_duration is None):
             prediction = await self.history.predict(job, version)
