@@ -144,3 +144,42 @@ async def test_a_runner_whose_redis_is_away_at_its_start_waits_for_it_while_swif
         proxy.close()
         await runners.aclose()
         await direct.aclose()
+
+
+async def test_a_runner_whose_reading_of_the_run_fails_ends_only_once_the_marked_scan_is_done(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scan for marked leftovers goes out beside read_run: read_run failing must not end the runner (its
+    # heartbeats dropped, its Redis closed) while the scan still runs.
+    done: list[str] = []
+
+    def failing_read(*_: object) -> None:
+        raise RuntimeError("unreadable run")
+
+    def slow_kill(run: str) -> None:
+        time.sleep(0.5)
+        done.append(run)
+
+    monkeypatch.setattr(run_agent, "read_run", failing_read)
+    monkeypatch.setattr(pg, "kill_marked", slow_kill)
+    settings = settings_for(redis_url, tmp_path, AUTO_EXPORT=False)
+    keys = Keys(settings.REDIS_KEY_PREFIX)
+    client = create_client(settings, redis_url)
+    store = JobStore(client, keys)
+    try:
+        output = settings.OUTPUT_ROOT / "r"
+        log_file = output / "logs" / "s.train.log"
+        log_file.parent.mkdir(parents=True)
+        command = ["sh", "-c", "echo trained; exit 0"]
+        job = make_job("r", JobStatus.RUNNING).model_copy(update={
+            "run_id": "r", "output_dir": str(output), "log_file": str(log_file), "command": command,
+            "started_at": time.time(), "attempts": [Attempt(number=1, run_id="r", started_at=time.time())],
+        })  # fmt: skip
+        await store.create(job, message="created", actor="t")
+        swift = pg.Child(pg.spawn(command, {**os.environ, pg.RUN_MARK: "r"}, output, log_file))
+        with pytest.raises(RuntimeError, match="unreadable run"):
+            await asyncio.wait_for(Runner(settings, store, ClusterStore(client, keys), "r", "r").train(swift), 30)
+        assert done == ["r"]
+    finally:
+        kill_processes_under(tmp_path)
+        await client.aclose()

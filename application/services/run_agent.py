@@ -230,10 +230,17 @@ class Runner:
             # The scan for marked leftovers beside the reading of the run's files: both are done before the end is
             # written (nothing of the run holds its GPUs once it says they are free), and a hand-over waited for
             # each in turn.
-            (facts, tail, checkpoints, free), _ = await asyncio.gather(
+            # (Each awaited to its end, even when the other fails: a failed read must not end the runner while the
+            # scan still runs.)
+            got, scanned = await asyncio.gather(
                 asyncio.to_thread(read_run, job, log_file, parser.facts(), self.settings.LOG_TAIL_ON_FAILURE),
-                asyncio.to_thread(pg.kill_marked, self.run_id),
+                asyncio.to_thread(pg.kill_marked, self.run_id), return_exceptions=True,
             )  # fmt: skip
+            if isinstance(scanned, BaseException):
+                raise scanned
+            if isinstance(got, BaseException):
+                raise got
+            facts, tail, checkpoints, free = got
             # swift's launcher dies at the first SIGTERM while its trainer may take the whole grace to go: a stop or
             # pause asked meanwhile was accepted (the job was still running) and must decide the end, not be lost.
             # Read last, just before the end is computed and written (a request in between is answered with the
