@@ -682,3 +682,32 @@ async def test_a_heads_clock_forgotten_by_a_priority_change_during_a_passs_start
         assert started == ["small"] and changed, (started, changed)
         since = await store.r.hget(store.keys.head_since, "big")
         assert since is None or float(since) >= changed[0], (since, before, changed)
+
+
+async def test_the_window_a_pass_plans_after_a_runs_end_holds_the_predictions_that_end_taught(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The window a pass plans is the one the predictions' refresh read when it wrote none (one round trip fewer
+    on the way from a run's end to the next start), and is read again when it wrote some."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="2x80") as client:
+        await hog_the_gpu(client, tmp_path)
+        a = job_body(tmp_path, "a", auto_start=True, step_seconds=0.2, training={"max_steps": 20})
+        assert (await client.post("/jobs", json=a)).json()["status"] == "running"
+        # "b" waits, queued before anything was known of its kind, and no pass starts it once "a" ends.
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        b = job_body(tmp_path, "b", auto_start=True, training={"max_steps": 20})
+        assert (await client.post("/jobs", json=b)).json()["status"] == "queued"
+        await wait_job(client, "a", lambda j: j["status"] == "completed")
+        store = client.app.state.training.store
+
+        async def stored() -> dict[str, float | None]:
+            return {job_id: meta.estimated_duration for job_id, meta in await store.queue_window(0, 10)}
+
+        assert (await stored())["b"] is None  # (no pass since "a" ended)
+        processor = client.scheduler.processor
+        written = {q.job_id: q.estimated_duration for q in await processor._predicted_window()}
+        assert written["b"] is not None and written == await stored()
+        processor._history_seen = None  # (the same news again: this refresh finds nothing to write)
+        kept = {q.job_id: q.estimated_duration for q in await processor._predicted_window()}
+        assert kept == written

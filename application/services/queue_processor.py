@@ -25,7 +25,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.queue_planner import WINDOW, ClusterView, Planner, build_view, queued
+from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, queued
 from application.services.run_history import RunHistory
 from application.services.run_start import RunStarter
 from application.services.scheduler import QueuedJob, Start, next_head
@@ -169,8 +169,8 @@ class QueueProcessor:
 
     async def _predicted_window(self) -> list[QueuedJob]:
         """The queue's first WINDOW jobs, read once the jobs that a run's end taught a prediction have it."""
-        await self.refresh_predictions()
-        return await queued(self.store, WINDOW)
+        window = await self.refresh_predictions()
+        return await queued(self.store, WINDOW) if window is None else window
 
     async def _asked_while_backing_off(self, job_ids: list[str]) -> None:
         """Retries waiting out their backoff that were asked to stop or pause as their run ended are stopped or
@@ -238,12 +238,14 @@ class QueueProcessor:
             logger.info("preempting {} for {}", ", ".join(asked), head_id)
         return victims or []
 
-    async def refresh_predictions(self) -> int:
+    async def refresh_predictions(self) -> list[QueuedJob] | None:
         """Jobs queued before anything was known of their kind get a prediction once a run teaches one (the
-        history grew since the last look). Only the head of the queue: a pass never plans past it."""
+        history grew since the last look). Only the head of the queue: a pass never plans past it. The window
+        it read when that wrote nothing, as the pass plans it (read again, it was one more round trip on the way
+        from a run's end to the next start); None when it read none or changed it."""
         version = await self.history.version()
         if version == self._history_seen:
-            return 0
+            return None
         self._history_seen = version
         # Read and written in one round trip each, and predicted once per kind of job (the history's version is
         # the cache's key): one by one, it was three round trips for each of up to 256 jobs after a run's end.
@@ -256,7 +258,8 @@ class QueueProcessor:
         found = await self.store.set_predictions(predictions)
         if found:
             logger.info("{} queued job(s) got a predicted duration from the runs just recorded", found)
-        return found
+            return None
+        return [as_queued(job_id, meta) for job_id, meta in window]
 
     async def start_run(self, job: Job, gpu_ids: list[int]) -> bool:
         """Start a run of `job` on `gpu_ids` (see `RunStarter.start`)."""
