@@ -183,7 +183,7 @@ def test_after_redis_lost_the_lock_no_run_starts_until_runs_it_may_have_forgotte
 
 
 async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_one_counts_as_one(
-    redis_client: aioredis.Redis,
+    redis_client: aioredis.Redis, redis_url: str
 ) -> None:
     keys = Keys("t")
     cluster, store = ClusterStore(redis_client, keys), JobStore(redis_client, keys)
@@ -193,6 +193,7 @@ async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_
 
     assert await restarted() is False  # a new deployment: nothing to forget
     assert await restarted() is False  # the same Redis
+    assert await redis_client.get(keys.redis_run) == (await redis_client.info("server"))["run_id"]
     assert await cluster.starts_held() == (0.0, "")
     await redis_client.set(keys.redis_run, "another-redis")
     assert await restarted() is True and await restarted() is False
@@ -217,6 +218,20 @@ async def test_a_redis_restart_is_told_by_its_run_id_and_a_stored_state_without_
     await store.create(make_job("r", JobStatus.RUNNING), message="", actor="t")
     await redis_client.delete(keys.redis_run)
     assert await restarted() is True
+    # A Redis user without INFO's right: no restart can be told (none is, and nothing is recorded).
+    await redis_client.delete(keys.redis_run, keys.starts_held)
+    user = f"no-info-{os.getpid()}"
+    await redis_client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                                   commands=["+@all", "-info"])  # fmt: skip
+    limited = aioredis.Redis.from_url(redis_url, username=user, password="pw", decode_responses=True)
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await limited.info("server")
+        assert await ClusterStore(limited, keys).restart_hold("held", 30) == (False, 0.0, "")
+        assert await redis_client.get(keys.redis_run) is None
+    finally:
+        await limited.aclose()
+        await redis_client.acl_deluser(user)
 
 
 def test_a_scheduler_that_leads_after_redis_restarted_starts_nothing_until_forgotten_runs_have_ended(

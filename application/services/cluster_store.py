@@ -132,11 +132,8 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
         `seconds` (`why`), held in Redis for this leader or the next. Nothing recorded yet counts as a restart when
         jobs are stored (a snapshot taken before a version that records it), not for a new deployment (no job, or
         only jobs of its first FRESH_SECONDS, none running); with INFO refused, none is told. Also how long starts
-        are held now (0: they are not), and why. Two round trips."""
-        try:
-            run_id = str((await self.r.info("server")).get("run_id") or "")
-        except ResponseError:
-            run_id = ""
+        are held now (0: they are not), and why. One round trip: INFO is read by the script (the scheduler asks
+        each round, and a round's reads lie between a run's end and the next start)."""
         restarted, left_ms, held_why = await self._restart_hold(
             keys=[
                 self.keys.redis_run,
@@ -147,7 +144,6 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
             args=[
                 json.dumps(
                     {
-                        "run_id": run_id,
                         "why": why,
                         "ms": max(1, int(seconds * 1000)),
                         "fresh_since": clock.now() - FRESH_SECONDS,

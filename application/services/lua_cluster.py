@@ -223,26 +223,29 @@ end
 return 0
 """
 
-# KEYS: Keys.redis_run, Keys.starts_held, Keys.jobs_index, the running index. a: run_id (Redis's, from INFO; ''
-# when not known), why, ms, fresh_since. Redis restarted since the leader last asked when the run_id recorded is
-# another, or when none is and jobs are stored (a snapshot from before a version that records it), unless every one
-# of them was created since `fresh_since` and none runs: a new deployment whose first job came before the
-# scheduler's first look (it waited out a hold, told "Redis restarted": hunt CW). Then starts are held `ms`. The
-# run_id is recorded only with its hold, so that a hold that could not be written is not missed by the next leader
-# to ask. Returns {restarted, the hold's ms left (0: none), why}.
+# KEYS: Keys.redis_run, Keys.starts_held, Keys.jobs_index, the running index. a: why, ms, fresh_since. The
+# run_id is Redis's, from INFO read here (none when INFO is refused: then no restart is told). Redis restarted since
+# the leader last asked when the run_id recorded is another, or when none is and jobs are stored (a snapshot from
+# before a version that records it), unless every one of them was created since `fresh_since` and none runs: a new
+# deployment whose first job came before the scheduler's first look (it waited out a hold, told "Redis
+# restarted": hunt CW). Then starts are held `ms`. The run_id is recorded only with its hold, so that a hold that
+# could not be written is not missed by the next leader to ask. Returns {restarted, the hold's ms left (0: none),
+# why}.
 RESTART_HOLD = """
 local a = cjson.decode(ARGV[1])
+local info = redis.pcall('INFO', 'server')
+local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or nil
 local restarted = false
-if a.run_id ~= '' then
+if run_id then
   local previous = redis.call('GET', KEYS[1])
   if previous then
-    restarted = previous ~= a.run_id
+    restarted = previous ~= run_id
   else
     local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     restarted = oldest[2] ~= nil and (tonumber(oldest[2]) < a.fresh_since or redis.call('ZCARD', KEYS[4]) > 0)
   end
   if restarted then redis.call('SET', KEYS[2], a.why, 'PX', a.ms) end
-  redis.call('SET', KEYS[1], a.run_id)
+  redis.call('SET', KEYS[1], run_id)
 end
 local left = redis.call('PTTL', KEYS[2])
 return {restarted and 1 or 0, left > 0 and left or 0, left > 0 and redis.call('GET', KEYS[2]) or ''}
