@@ -711,3 +711,30 @@ async def test_the_window_a_pass_plans_after_a_runs_end_holds_the_predictions_th
         processor._history_seen = None  # (the same news again: this refresh finds nothing to write)
         kept = {q.job_id: q.estimated_duration for q in await processor._predicted_window()}
         assert kept == written
+
+
+@pytest.mark.parametrize("seconds", [60.0, None])
+async def test_the_window_a_pass_plans_leaves_out_a_job_that_left_the_queue_while_its_prediction_was_made(
+    app_factory: Callable[..., Any], tmp_path: Path, seconds: float | None
+) -> None:
+    """A refresh whose predictions found none of their jobs still waiting (they left the queue after it read the
+    window), or that found none to make, handed the pass the window it read: the jobs that left were planned."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(AUTO_EXPORT=False, SIMULATED_GPUS="1x80") as client:
+        await hog_the_gpu(client, tmp_path)
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        b = job_body(tmp_path, "b", auto_start=True, training={"max_steps": 20})
+        assert (await client.post("/jobs", json=b)).json()["status"] == "queued"
+        processor = client.scheduler.processor
+        predict = processor.history.predict
+
+        async def predict_while_b_leaves(job: Any, version: int | None = None) -> Any:
+            assert (await client.post("/jobs/b/stop")).status_code == 200  # (queued: it leaves the queue)
+            found = await predict(job, version)
+            return found.model_copy(update={"seconds": seconds, "source": "history" if seconds else None})
+
+        processor.history.predict = predict_while_b_leaves
+        processor._history_seen = None
+        window = [q.job_id for q in await processor._predicted_window()]
+        assert (await client.get("/jobs/b")).json()["status"] == "cancelled"
+        assert "b" not in window, window

@@ -241,8 +241,9 @@ class QueueProcessor:
     async def refresh_predictions(self) -> list[QueuedJob] | None:
         """Jobs queued before anything was known of their kind get a prediction once a run teaches one (the
         history grew since the last look). Only the head of the queue: a pass never plans past it. The window
-        it read when that wrote nothing, as the pass plans it (read again, it was one more round trip on the way
-        from a run's end to the next start); None when it read none or changed it."""
+        it read, as the pass plans it, when every job in it had a prediction already (read again, it was one
+        more round trip on the way from a run's end to the next start); else None: read again after the round
+        trips that predicted, it leaves out a job that left the queue meanwhile (review EG)."""
         version = await self.history.version()
         if version == self._history_seen:
             return None
@@ -250,16 +251,17 @@ class QueueProcessor:
         # Read and written in one round trip each, and predicted once per kind of job (the history's version is
         # the cache's key): one by one, it was three round trips for each of up to 256 jobs after a run's end.
         window = await self.store.queue_window(0, WINDOW)
+        unknown = [job_id for job_id, meta in window if meta.estimated_duration is None]
+        if not unknown:
+            return [as_queued(job_id, meta) for job_id, meta in window]
         predictions = {}
-        for job in await self.store.get_many(job_id for job_id, meta in window if meta.estimated_duration is None):
+        for job in await self.store.get_many(unknown):
             prediction = await self.history.predict(job, version)
             if prediction.seconds is not None:
                 predictions[job.job_id] = prediction
-        found = await self.store.set_predictions(predictions)
-        if found:
+        if found := await self.store.set_predictions(predictions):
             logger.info("{} queued job(s) got a predicted duration from the runs just recorded", found)
-            return None
-        return [as_queued(job_id, meta) for job_id, meta in window]
+        return None
 
     async def start_run(self, job: Job, gpu_ids: list[int]) -> bool:
         """Start a run of `job` on `gpu_ids` (see `RunStarter.start`)."""
