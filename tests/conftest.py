@@ -467,6 +467,10 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
         """`scheduler=False`: no scheduler runs; with `lead=True` it holds the lead all the same (its loops do not
         run: the test drives its passes and sweeps, fenced by its lock as a leader's are)."""
         settings = settings_for(redis_url, tmp_path, **overrides)
+        # What every task awaits, printed into the test's output should it still run when its timeout nears: two
+        # in-process tests (of ~1,600) hung until pytest-timeout's 120 s under load, whose thread dump showed only
+        # an event loop waiting.
+        dump = asyncio.get_running_loop().call_later(TASKS_DUMPED_AFTER, _dump_tasks)
         app = create_app(settings)
         redis = RedisService(settings)
         await redis.connect()
@@ -485,6 +489,7 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
                         await _until(lambda: sched.leader.leading and sched.processor.stats.passes > 0)
                     yield client
         finally:
+            dump.cancel()
             sched.stopping.set()
             if scheduler and task is not None:
                 await asyncio.wait_for(task, 15)
@@ -501,6 +506,22 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     yield make
     kill_processes_under(tmp_path)
+
+
+TASKS_DUMPED_AFTER = 100.0
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=sys.stderr)
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # (down the chain of awaits: a task's own stack shows its outermost frame only)
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}", file=sys.stderr)
+            else:
+                print(f"    awaits {awaited!r}", file=sys.stderr)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
 
 
 async def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "a condition") -> Any:
