@@ -459,7 +459,7 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """`async with app_factory(API_KEYS=...) as client:` an httpx client on create_app(settings), its lifespan
     run, with a scheduler in this process too (its runners are real processes)."""
     from application.main import create_app
-    from application.scheduler_process import Scheduler
+    from application.scheduler_process import Scheduler, cancel
     from application.services.redis_service import RedisService
 
     @asynccontextmanager
@@ -489,20 +489,23 @@ def app_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
                         await _until(lambda: sched.leader.leading and sched.processor.stats.passes > 0)
                     yield client
         finally:
-            dump.cancel()
             sched.stopping.set()
             if scheduler and task is not None:
                 await asyncio.wait_for(task, 15)
             elif task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Cancelled until it is done, as the scheduler cancels its own tasks: a cancellation that coincides
+                # with a renewal's reply can be swallowed (3.11's wait_for, redis-py), and the lock kept renewing
+                # while this waited for it until the test's timeout (three hangs of 120 s under load).
+                await cancel([task])
+                if not task.cancelled():
+                    task.result()  # (what it ended with, raised here)
                 await sched.leader.release()
             await redis.close()
             kill_processes_under(tmp_path)
             for proc in sched.launcher.children.values():  # reaped here, not warned about when collected
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
+            dump.cancel()  # (last: the teardown is where the hangs were)
 
     yield make
     kill_processes_under(tmp_path)
