@@ -8,12 +8,15 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from application.models.training_model import JobStatus
+from application.services import preemption
+from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore
 from application.services.keys import Keys
-from application.services.queue_planner import WINDOW, ClusterView, Planner
+from application.services.queue_planner import WINDOW, ClusterView, Planner, build_view
 from application.services.scheduler import GpuState, RunningJob
 from application.utils.gpu_types import GpuSnapshot
 from tests.conftest import settings_for
+from tests.test_gpu_pool import a100_80gb, snapshot
 from tests.test_job_store import make_job
 
 
@@ -89,3 +92,28 @@ async def test_a_job_asked_to_start_past_the_window_heads_neither_the_queue_nor_
     alone = await planner.plan(view)
     found = await planner.plan(view, wanted={"asked"})
     assert (found.head, found.heads) == (alone.head, alone.heads) and "asked" not in found.heads, found
+
+
+async def test_a_run_that_ends_between_the_views_reads_is_seen_gone_and_its_gpu_free(
+    redis_client: aioredis.Redis,
+) -> None:
+    # Its pause ended after the leases were read and before its fields were: the view had a run holding GPU 0 and
+    # not ending (the end clears pause_requested), and preemption stopped "healthy" for a GPU already free
+    # (a stress loop of test_run_control's pause test).
+    store = JobStore(redis_client, Keys("ended"))
+    for job_id, gpu in (("pausing", 0), ("healthy", 1)):
+        await store.create(make_job(job_id, priority=1), message="", actor="t")
+        await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu], fields={"gpu_ids": [gpu]})
+    await store.update("pausing", {"pause_requested": True})
+    state = await store.planning_state()
+    await store.transition("pausing", JobStatus.PAUSED, fields={"pause_requested": False})
+
+    view = await build_view(store, snapshot(a100_80gb(0), a100_80gb(1)), state=state)
+    assert [r.job_id for r in view.running] == ["healthy"]
+    assert [(g.index, g.held_by) for g in view.gpus] == [(0, None), (1, "healthy")]
+    rows = await store.get_fields(["healthy"], list(preemption.FIELDS))
+    candidates, under_way = preemption.candidates(view.running, rows, time.time())
+    urgent = queued_job("urgent", 9, time.time(), 1, None, None)
+    assert not under_way
+    assert preemption.choose_victims(urgent, view.gpus, candidates, min_free_gb=0, max_util=100, min_run=0,
+                                     now=time.time()) is None  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from application.config import Settings
 from application.models.job_responses import WaitEstimate
-from application.models.training_model import PendingReason
+from application.models.training_model import JobStatus, PendingReason
 from application.services import clock, preemption
 from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_codec import QueueMeta
@@ -56,6 +56,7 @@ class ClusterView:
 
 # A running job's fields that say its run is being ended.
 ENDING = ("preempt_for", "pause_requested", "stop_requested")
+RUNNING = JobStatus.RUNNING.value
 
 
 async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
@@ -73,11 +74,18 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
                 continue
             leases.pop(gpu)
     running: list[RunningJob] = []
-    rows = await store.get_fields(running_ids, ["gpu_ids", "predicted_duration", "started_at", "time_limit_seconds",
-                                                "owner", *ENDING])  # fmt: skip
+    rows = await store.get_fields(running_ids, ["status", "gpu_ids", "predicted_duration", "started_at",
+                                                "time_limit_seconds", "owner", *ENDING])  # fmt: skip
+    # A run that ended since the leases were read has released its GPUs with its status (one script), and the
+    # end cleared the fields that said it was ending: kept, it was a run holding GPUs and ending never, and a
+    # run was preempted for a GPU already free.
+    ended = {job_id for job_id, row in zip(running_ids, rows, strict=True) if row[0] and json.loads(row[0]) != RUNNING}
+    leases = {gpu: holder for gpu, holder in leases.items() if holder not in ended}
     now = clock.now()
-    for job_id, (gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,
-                                                                                           strict=True):  # fmt: skip
+    for job_id, (_, gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,
+                                                                                              strict=True):  # fmt: skip
+        if job_id in ended:
+            continue
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
         predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
         started = json.loads(started_raw) if started_raw else None
