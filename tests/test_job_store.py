@@ -303,6 +303,13 @@ async def test_each_waiting_job_keeps_its_own_starvation_clock_until_it_leaves_t
     await cluster.set_queue_head(("gone", 120.0))
     await store.mark_heads(["gone"], 120.0)
     assert (await cluster.queue_head(), await since("gone")) == (None, None)
+    # A head found with the clock the pass read, which a priority change forgot since: not written back.
+    await cluster.set_queue_head(("low", 115.0), 115.0)
+    assert await cluster.queue_head() == ("low", 115.0)
+    await store.r.hdel(store.keys.head_since, "low")  # (as a priority change does)
+    await store.r.delete(store.keys.queue_head)
+    await cluster.set_queue_head(("low", 115.0), 115.0)
+    assert (await cluster.queue_head(), await since("low")) == (None, None)
 
 
 async def test_list_newest_first_with_status_filter(store: JobStore) -> None:

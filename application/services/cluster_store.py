@@ -285,9 +285,12 @@ class ClusterStore(WebhookQueue, IdempotencyRecords, ExportTargets):
             clocks={j: float(t) for j, t in zip(clocks[::2], clocks[1::2], strict=True)},
         )  # fmt: skip
 
-    async def set_queue_head(self, head: Head) -> None:
+    async def set_queue_head(self, head: Head, read: float | None = None) -> None:
+        """`read`: the head's clock as the caller read it (`QueueView.head_clocks`), if it had one: nothing is
+        written unless it still stands."""
         k = self.keys
-        await self._set_head(keys=[k.queue, k.queue_head, k.head_since], args=[head[0], repr(head[1])])
+        await self._set_head(keys=[k.queue, k.queue_head, k.head_since],
+                             args=[head[0], repr(head[1]), "" if read is None else repr(read)])  # fmt: skip
 
     async def put_swift_info(self, info: Mapping[str, Any], probe: Mapping[str, Any] | None) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

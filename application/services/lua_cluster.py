@@ -124,9 +124,13 @@ return n
 
 # The queue's head, and since when it is (kept as the job's own until it leaves the queue: the store's scripts drop
 # it then), while it is still queued: written for a job gone meanwhile, a later stint under its id would inherit
-# an old clock. KEYS: the queue, queue_head, head_since; ARGV: the id, since.
+# an old clock. KEYS: the queue, queue_head, head_since; ARGV: the id, since, and the clock the caller read for it
+# ('' for none): written only while that clock still stands (a priority change, or a stint that ended, forgot it
+# after the pass read it, and the pass wrote it back: at once hard at its new priority).
 SET_HEAD = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local read = redis.call('HGET', KEYS[3], ARGV[1])
+if ARGV[3] ~= '' and (not read or tonumber(read) ~= tonumber(ARGV[3])) then return 0 end
 -- (the time as given: cjson would write it rounded to 14 digits)
 redis.call('SET', KEYS[2], '[' .. cjson.encode(ARGV[1]) .. ',' .. ARGV[2] .. ']')
 return redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2])
