@@ -14,9 +14,24 @@ import pytest
 import redis
 
 from application.models.training_model import JobStatus
+from application.scheduler_process import Scheduler
 from application.services import clock
 from application.services.job_store import Refusal, TransitionRefused
-from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, KEYS_SETTING, _until, auth, job_body, make_model, wait_job
+from application.services.queue_planner import build_view
+from application.services.redis_service import RedisService
+from tests.conftest import (
+    ADMIN_KEY,
+    ALICE_KEY,
+    BOB_KEY,
+    KEYS_SETTING,
+    _until,
+    auth,
+    job_body,
+    make_model,
+    settings_for,
+    wait_job,
+)
+from tests.test_job_store import make_job
 
 
 async def hog_the_gpu(client: Any, tmp_path: Path) -> None:
@@ -738,3 +753,80 @@ async def test_the_window_a_pass_plans_leaves_out_a_job_that_left_the_queue_whil
         window = [q.job_id for q in await processor._predicted_window()]
         assert (await client.get("/jobs/b")).json()["status"] == "cancelled"
         assert "b" not in window, window
+
+
+async def test_a_heads_clock_forgotten_by_a_priority_change_while_the_pass_plans_stays_forgotten(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The pass reads the heads' clocks with its first reads and writes the queue's head, with the clock it read,
+    after its plan: a priority change in between forgot the clock (its time at the head of another priority,
+    review CM), and the pass wrote it back, for good. The job raised was at once hard at its new priority: a job
+    of that priority that could take the free GPU waited behind it."""
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="2x80") as client:
+        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        assert (await client.post("/queue/processor/stop")).status_code == 200
+        store, processor = client.app.state.training.store, client.scheduler.processor
+        r = await client.post("/jobs", json=job_body(tmp_path, "big", num_gpus=2, priority=5,
+                                                      training={"max_steps": 2}))  # fmt: skip
+        assert r.status_code == 201, r.text
+        if r.json()["status"] == "pending":
+            await store.transition("big", JobStatus.QUEUED, expect=(JobStatus.PENDING,))
+        # big has headed priority 5 for an hour (its clock, as earlier passes kept it); no head is stored.
+        await store.r.hset(store.keys.head_since, "big", repr(clock.now() - 3600))
+        await store.r.delete(store.keys.queue_head)
+        real = processor.planner.plan
+        changed: list[float] = []
+
+        async def plan(*args: Any, **kwargs: Any) -> Any:
+            found = await real(*args, **kwargs)
+            if not changed:
+                r = await client.patch("/jobs/big", json={"priority": 9})  # (a user, as the pass plans)
+                assert r.status_code == 200, r.text
+                changed.append(clock.now())
+            return found
+
+        processor.planner.plan = plan
+        try:
+            assert await processor.run_pass() == []
+        finally:
+            processor.planner.plan = real
+        assert changed
+        since = await store.r.hget(store.keys.head_since, "big")
+        assert since is None or float(since) >= changed[0], (since, changed)
+        # What it does: a job of big's new priority that the free GPU fits, and big's soft reservation lets
+        # start (nothing tells when either ends), waits behind big as behind a head that waited an hour.
+        r = await client.post("/jobs", json=job_body(tmp_path, "small", priority=9, training={"max_steps": 2}))
+        if r.json()["status"] == "pending":
+            await store.transition("small", JobStatus.QUEUED, expect=(JobStatus.PENDING,))
+        assert await processor.run_pass() == ["small"]
+        await client.post("/jobs/hog/stop")
+
+
+async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_its_gpu_and_no_run_is_preempted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # The pass plans and tries its starts between its view and the preemption: a run that ended meanwhile gave its
+    # GPU back, and "low" was preempted (its work since its last checkpoint lost) for a GPU already free (hunt EH).
+    settings = settings_for(redis_url, tmp_path, PREEMPTION=True, SIMULATED_GPUS="2x80")
+    service = RedisService(settings)
+    await service.connect()
+    try:
+        processor = Scheduler(settings, service).processor
+        store = processor.store
+        # "done" (priority 7: above the head, never a victim) on GPU 0, "low" (priority 1) on GPU 1, both running
+        # for an hour; "head" (priority 5, 1 GPU) waits.
+        for job_id, priority, gpu in (("done", 7, 0), ("low", 1, 1)):
+            await store.create(make_job(job_id, priority=priority), message="", actor="t")
+            await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu],
+                                   fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
+        await store.create(make_job("head", JobStatus.QUEUED, priority=5), message="", actor="t")
+        view = await build_view(store, processor.inventory.snapshot())
+        await store.transition("done", JobStatus.COMPLETED)  # it ends after the view: GPU 0 is free
+        assert await processor.preempt("head", view) == []
+        low = await store.get("low")
+        assert low is not None and low.status == JobStatus.RUNNING and low.preempt_for is None, low
+    finally:
+        await service.close()

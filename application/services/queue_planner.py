@@ -56,7 +56,11 @@ class ClusterView:
 
 # A running job's fields that say its run is being ended.
 ENDING = ("preempt_for", "pause_requested", "stop_requested")
-RUNNING = JobStatus.RUNNING.value
+
+
+def left_running(status: str | None) -> bool:
+    """Whether a job's stored status (raw JSON) says it runs no more (None, no record, says nothing)."""
+    return status is not None and json.loads(status) != JobStatus.RUNNING.value
 
 
 async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
@@ -79,7 +83,7 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
     # A run that ended since the leases were read has released its GPUs with its status (one script), and the
     # end cleared the fields that said it was ending: kept, it was a run holding GPUs and ending never, and a
     # run was preempted for a GPU already free.
-    ended = {job_id for job_id, row in zip(running_ids, rows, strict=True) if row[0] and json.loads(row[0]) != RUNNING}
+    ended = {job_id for job_id, row in zip(running_ids, rows, strict=True) if left_running(row[0])}
     leases = {gpu: holder for gpu, holder in leases.items() if holder not in ended}
     now = clock.now()
     for job_id, (_, gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,

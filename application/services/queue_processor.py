@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, queued
+from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, left_running, queued
 from application.services.run_history import RunHistory
 from application.services.run_start import RunStarter
 from application.services.scheduler import QueuedJob, Start, next_head
@@ -117,7 +118,8 @@ class QueueProcessor:
                 self.retry_due = clock.now() + min(backoffs) if backoffs else None
                 await self._asked_while_backing_off([i for i, r in found.reasons.items() if r.code == "retry_backoff"])
                 if kept != head and kept is not None:
-                    marks.append(functools.partial(self.cluster.set_queue_head, kept))
+                    # (only while the clock read for it stands: one a priority change forgot since is not put back)
+                    marks.append(functools.partial(self.cluster.set_queue_head, kept, clocks.get(kept[0])))
                 marks.append(functools.partial(self.store.mark_heads, [h for h in found.heads if h not in clocks],
                                                clock.now()))  # fmt: skip
             # The heads' clocks go out now, beside the starts, not after them: a priority change or a dequeue
@@ -206,10 +208,13 @@ class QueueProcessor:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
         # Whether a run is ending (asked to stop or pause, or past its time limit) and when it started come with
-        # the view; what only preemption needs is read here.
-        rows = await self.store.get_fields([r.job_id for r in view.running], list(preemption.FIELDS))
+        # the view; what only preemption needs is read here, with the status: a run that ended since the view
+        # (the plan and the starts came between) gave its GPUs back, and another run was preempted for them.
+        rows = await self.store.get_fields([r.job_id for r in view.running], [*preemption.FIELDS, "status"])
+        ended = {r.job_id for r, row in zip(view.running, rows, strict=True) if left_running(row[-1])}
+        running = [dataclasses.replace(r, ending=True) if r.job_id in ended else r for r in view.running]
         now = clock.now()
-        candidates, under_way = preemption.candidates(view.running, rows, now)
+        candidates, under_way = preemption.candidates(running, [row[:-1] for row in rows], now)
         if under_way:
             return []
         job = await self.store.get(head_id)
