@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -830,3 +831,38 @@ async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_i
         assert low is not None and low.status == JobStatus.RUNNING and low.preempt_for is None, low
     finally:
         await service.close()
+
+
+async def test_a_start_whose_job_was_deleted_and_created_again_under_its_id_does_not_run_the_old_ones_command(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The start's checks await (the look at its inputs, the version, the folder): Alice's queued job deleted and
+    # Bob's created under its id meanwhile, the start recorded Alice's command, data and folder on Bob's job and
+    # launched it (hunt EI).
+    async with app_factory(scheduler=False, lead=True, API_KEYS=KEYS_SETTING, SIMULATED_GPUS="1x80") as client:
+        r = await client.post("/jobs", json=job_body(tmp_path, "x", auto_start=True), headers=auth(ALICE_KEY))
+        assert r.status_code == 201, r.text
+        store = client.app.state.training.store
+        starter = client.scheduler.processor.starter
+        job = await store.get("x")
+        assert job is not None and job.status == JobStatus.QUEUED
+        inputs = starter._inputs_unmoved
+
+        async def meanwhile(j: Any) -> Any:
+            found = await inputs(j)
+            assert (await client.delete("/jobs/x", headers=auth(ALICE_KEY))).status_code == 204
+            body = {**job_body(tmp_path, "bobs", auto_start=True), "job_id": "x"}
+            r = await client.post("/jobs", json=body, headers=auth(BOB_KEY))
+            assert r.status_code == 201, r.text
+            return found
+
+        starter._inputs_unmoved = meanwhile
+        with contextlib.suppress(TransitionRefused):
+            assert not await starter.start(job, [0])
+        now = await store.get("x")
+        # Bob's job x, still queued, as his own (not running Alice's command, on her data, into output/x).
+        assert now is not None and now.owner == "bob" and now.status == JobStatus.QUEUED, (
+            now,
+            now and now.command_line,
+        )
+        assert now.output_dir.endswith("bobs") and await store.leases() == {}

@@ -207,7 +207,8 @@ class RunStarter:
         if asked is None:
             return False
         await self.store.transition(job.job_id, asked.status, expect=(JobStatus.QUEUED,), fence=self.fence(),
-                                    fields=asked.fields, message=asked.message, unchanged=asked.unchanged)  # fmt: skip
+                                    created_at=job.created_at, fields=asked.fields, message=asked.message,
+                                    unchanged=asked.unchanged)  # fmt: skip
         return True
 
     async def _resume_and_log(self, job: Job, log_dir: Path) -> tuple[str | None, bool, Path] | None:
@@ -229,6 +230,7 @@ class RunStarter:
                 return None
             error = f"its output folder cannot be used: {exc}"
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        created_at=job.created_at,
                                         fields={"error_message": error, "error_code": "output_dir"},
                                         message=f"{work_of(job)} failed: {error}")  # fmt: skip
             return None
@@ -251,6 +253,7 @@ class RunStarter:
             return None
         if moved:
             await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                        created_at=job.created_at,
                                         fields={"error_message": moved, "error_code": "input_path"},
                                         message=f"{work_of(job)} failed: {moved}")  # fmt: skip
             return None
@@ -291,6 +294,9 @@ class RunStarter:
         where = f"GPUs {run.gpu_ids}" if run.gpu_ids else "CPU"
         started = self.store.transition(
             job.job_id, JobStatus.RUNNING, expect=(JobStatus.QUEUED,), acquire_gpus=run.gpu_ids, fence=self.fence(),
+            # Only the job read: one deleted meanwhile and created again under its id (by another owner, perhaps)
+            # would run this one's command, on this one's data, into this one's folder.
+            created_at=job.created_at,
             fields=run.fields, message=f"started on {where}" + (f", resuming from {run.resume}" if run.resume else
                                                  " from the beginning" if job.attempts else ""),
             data={"gpu_ids": run.gpu_ids, "attempt": run.attempt.number, "resumed_from": run.resume}, now=run.now,
@@ -430,6 +436,7 @@ class RunStarter:
         )
         logger.warning("job {} not started: {}", job.job_id, error)
         await self.store.transition(job.job_id, JobStatus.FAILED, expect=(JobStatus.QUEUED,), fence=self.fence(),
+                                    created_at=job.created_at,
                                     fields={"error_message": error, "error_code": "unknown_run", "attempts": runs,
                                             "checkpoints": checkpoints,
                                             "last_checkpoint": checkpoints[-1] if checkpoints else job.last_checkpoint},
