@@ -15,11 +15,13 @@ import pytest
 
 from application.auth import Caller
 from application.models.training_model import Attempt, JobStatus
-from application.services import job_start
+from application.services import clock, job_start, run_control
 from application.services import process_group as pg
+from application.services.log_parser import RunFacts
 from application.services.preemption import Candidate, choose_victims, preemption_wait
 from application.services.run_control import _rest_as_asked
 from application.services.run_end import RunEnd, checkpoint_step, retryable
+from application.services.run_record import record_end
 from application.services.scheduler import GpuState, QueuedJob
 from tests.conftest import _until, job_body, make_model, settings_for, wait_job
 
@@ -1137,3 +1139,37 @@ async def test_an_ask_honoured_late_does_not_undo_a_resume(app_factory: Callable
         assert (await _rest_as_asked(training, asked, admin)).status == JobStatus.PAUSED
         paused = await training.store.get("late")
         assert paused is not None and paused.status == JobStatus.PAUSED and not paused.pause_requested
+
+
+async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_the_job(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause under way; a stop lands once the runner has read the run's flags for the last time (the pause alone)
+    and before it writes the end. The stop was accepted (the job ran), so it decides the end, as during the grace;
+    it was answered "The run had already ended (paused)", the job left paused with stop_requested set (hunt EI)."""
+    async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "ps"))).status_code == 201
+        store = client.app.state.training.store
+        # Running as a scheduler's start leaves it, with no runner: the test writes the runner's end itself.
+        await store.transition("ps", JobStatus.RUNNING, fields={
+            "run_id": "r1", "attempts": [Attempt(number=1, run_id="r1", started_at=clock.now())]})  # fmt: skip
+        await store.update("ps", {"pause_requested": True})  # the pause, as its runner read it last
+        wait = run_control.await_job
+
+        async def end_written_once_the_stop_is_asked(*args: Any) -> Any:
+            # The stop's flag is stored (accepted: the job still ran); the runner now writes the end it computed
+            # from the pause alone (`record_end`, then `Outbox.finish`'s transition).
+            assert (await store.get_fields(["ps"], ["stop_requested"]))[0][0] == "true"
+            job = await store.get("ps")
+            assert job is not None
+            end = record_end(job, -15, RunFacts(), [], [], interrupt="pause", stop_outcome="terminated",
+                             override=None, now=clock.now())  # fmt: skip
+            await store.transition("ps", end.status, expect=(JobStatus.RUNNING,), fields=end.fields,
+                                   message=end.message, run_id="r1")  # fmt: skip
+            return await wait(*args)
+
+        monkeypatch.setattr(run_control, "await_job", end_written_once_the_stop_is_asked)
+        r = await client.post("/jobs/ps/stop")
+        job = (await client.get("/jobs/ps")).json()
+        assert job["status"] in ("stopped", "cancelled"), (r.json(), job["status"], job["stop_requested"])
+        assert r.json()["status"] == job["status"]

@@ -5,6 +5,7 @@ the queue at its place, and the scheduler's next start of it adds --resume_from_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -169,6 +170,13 @@ class RunControl:
                 final = await _rest_as_asked(svc, final, caller)
                 if final.status in (JobStatus.STOPPED, JobStatus.CANCELLED):
                     outcome = final.status.value
+            if outcome == "paused" and final.status == JobStatus.PAUSED and final.stop_requested and \
+                    final.export.status != ExportStatus.RUNNING:  # fmt: skip
+                # The stop was accepted while the run went on, after its runner (or a watchdog) had read the pause
+                # alone for its end: it still holds, as a stop of the paused job (a resume since clears the flag).
+                with contextlib.suppress(TransitionRefused):
+                    return await self._stop(final, caller)
+                final = await svc.require(job_id, caller)
             if outcome is None:
                 message = "Stop requested: the run has not ended yet; see its status"
             elif outcome == "stopped":
