@@ -94,7 +94,7 @@ async def test_a_job_asked_to_start_past_the_window_heads_neither_the_queue_nor_
     assert (found.head, found.heads) == (alone.head, alone.heads) and "asked" not in found.heads, found
 
 
-async def test_a_run_that_ends_between_the_views_reads_is_seen_gone_and_its_gpu_free(
+async def test_a_run_that_ends_between_the_views_reads_is_seen_ending_and_no_run_is_preempted_for_its_gpu(
     redis_client: aioredis.Redis,
 ) -> None:
     # Its pause ended after the leases were read and before its fields were: the view had a run holding GPU 0 and
@@ -109,9 +109,11 @@ async def test_a_run_that_ends_between_the_views_reads_is_seen_gone_and_its_gpu_
     await store.transition("pausing", JobStatus.PAUSED, fields={"pause_requested": False})
 
     view = await build_view(store, snapshot(a100_80gb(0), a100_80gb(1)), state=state)
-    assert [r.job_id for r in view.running] == ["healthy"]
-    assert [(g.index, g.held_by) for g in view.gpus] == [(0, None), (1, "healthy")]
-    rows = await store.get_fields(["healthy"], list(preemption.FIELDS))
+    assert [(r.job_id, r.ending, r.remaining_seconds) for r in view.running] == [("pausing", True, 0.0),
+                                                                                 ("healthy", False, None)]  # fmt: skip
+    # (its GPU is started on by the next pass, which the end woke: see build_view)
+    assert [(g.index, g.held_by) for g in view.gpus] == [(0, "pausing"), (1, "healthy")]
+    rows = await store.get_fields(["pausing", "healthy"], list(preemption.FIELDS))
     candidates, under_way = preemption.candidates(view.running, rows, time.time())
     urgent = queued_job("urgent", 9, time.time(), 1, None, None)
     assert not under_way

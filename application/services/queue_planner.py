@@ -80,22 +80,19 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
     running: list[RunningJob] = []
     rows = await store.get_fields(running_ids, ["status", "gpu_ids", "predicted_duration", "started_at",
                                                 "time_limit_seconds", "owner", *ENDING])  # fmt: skip
-    # A run that ended since the leases were read has released its GPUs with its status (one script), and the
-    # end cleared the fields that said it was ending: kept, it was a run holding GPUs and ending never, and a
-    # run was preempted for a GPU already free.
-    ended = {job_id for job_id, row in zip(running_ids, rows, strict=True) if left_running(row[0])}
-    leases = {gpu: holder for gpu, holder in leases.items() if holder not in ended}
     now = clock.now()
-    for job_id, (_, gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(running_ids, rows,
-                                                                                              strict=True):  # fmt: skip
-        if job_id in ended:
-            continue
+    for job_id, (status_raw, gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(
+            running_ids, rows, strict=True):  # fmt: skip
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
         predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
         started = json.loads(started_raw) if started_raw else None
         limit = json.loads(limit_raw) if limit_raw else None
         remaining = remaining_seconds(predicted=predicted, started_at=started, time_limit=limit, now=now)
-        asked = any(raw and json.loads(raw) for raw in ending)
+        # A run that ended since the leases were read (its end clears the asks) counts as ending: taken for a run
+        # holding its GPUs and ending never, another run was preempted for a GPU already free. Its GPUs stay held
+        # in this view: a start on them waits for the next pass (the end woke it), which reads the history that
+        # end taught first (the runner records it before the end), and plans with the prediction it makes.
+        asked = left_running(status_raw) or any(raw and json.loads(raw) for raw in ending)
         if asked:
             # Asked to stop (preempted, paused, stopped): its GPUs come back now. Planned for its predicted end, a
             # preemption's first victim, back in the queue, fitted "before" the head's reservation and took
