@@ -663,9 +663,7 @@ async def test_a_heads_clock_forgotten_by_a_priority_change_during_a_passs_start
     (its time at the head of another priority, review CM), and the pass wrote the old one back."""
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="2x80") as client:
-        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)  # (one of the two)
         assert (await client.post("/queue/processor/stop")).status_code == 200
         store, processor = client.app.state.training.store, client.scheduler.processor
         for name, gpus, priority in (("big", 2, 5), ("small", 1, 9)):
@@ -765,9 +763,7 @@ async def test_a_heads_clock_forgotten_by_a_priority_change_while_the_pass_plans
     of that priority that could take the free GPU waited behind it."""
     make_model(tmp_path / "models" / "tiny-qwen2")
     async with app_factory(SIMULATED_GPUS="2x80") as client:
-        body = job_body(tmp_path, "hog", auto_start=True, hang_after_steps=1)
-        assert (await client.post("/jobs", json=body)).status_code == 201
-        await wait_job(client, "hog", lambda j: j["status"] == "running")
+        await hog_the_gpu(client, tmp_path)  # (one of the two)
         assert (await client.post("/queue/processor/stop")).status_code == 200
         store, processor = client.app.state.training.store, client.scheduler.processor
         r = await client.post("/jobs", json=job_body(tmp_path, "big", num_gpus=2, priority=5,
