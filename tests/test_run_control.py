@@ -1141,6 +1141,24 @@ async def test_an_ask_honoured_late_does_not_undo_a_resume(app_factory: Callable
         assert paused is not None and paused.status == JobStatus.PAUSED and not paused.pause_requested
 
 
+async def _running_without_runner(store: Any, job_id: str, run_id: str) -> None:
+    """Running as a scheduler's start leaves it, with no runner: the test writes the runner's end itself."""
+    job = await store.get(job_id)
+    attempt = Attempt(number=len(job.attempts) + 1, run_id=run_id, started_at=clock.now())
+    await store.transition(job_id, JobStatus.RUNNING, fields={"run_id": run_id, "stop_requested": False,
+                                                              "pause_requested": False,
+                                                              "attempts": [*job.attempts, attempt]})  # fmt: skip
+
+
+async def _runner_ends_paused(store: Any, job_id: str, run_id: str) -> None:
+    """The end a runner that read the pause alone writes (`record_end`, then `Outbox.finish`'s transition)."""
+    job = await store.get(job_id)
+    end = record_end(job, -15, RunFacts(), [], [], interrupt="pause", stop_outcome="terminated", override=None,
+                     now=clock.now())  # fmt: skip
+    await store.transition(job_id, end.status, expect=(JobStatus.RUNNING,), fields=end.fields, message=end.message,
+                           run_id=run_id)  # fmt: skip
+
+
 async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_the_job(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1150,22 +1168,14 @@ async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_t
     async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
         assert (await client.post("/jobs", json=job_body(tmp_path, "ps"))).status_code == 201
         store = client.app.state.training.store
-        # Running as a scheduler's start leaves it, with no runner: the test writes the runner's end itself.
-        await store.transition("ps", JobStatus.RUNNING, fields={
-            "run_id": "r1", "attempts": [Attempt(number=1, run_id="r1", started_at=clock.now())]})  # fmt: skip
+        await _running_without_runner(store, "ps", "r1")
         await store.update("ps", {"pause_requested": True})  # the pause, as its runner read it last
         wait = run_control.await_job
 
         async def end_written_once_the_stop_is_asked(*args: Any) -> Any:
-            # The stop's flag is stored (accepted: the job still ran); the runner now writes the end it computed
-            # from the pause alone (`record_end`, then `Outbox.finish`'s transition).
+            # The stop's flag is stored (accepted: the job still ran); the runner now writes the end it computed.
             assert (await store.get_fields(["ps"], ["stop_requested"]))[0][0] == "true"
-            job = await store.get("ps")
-            assert job is not None
-            end = record_end(job, -15, RunFacts(), [], [], interrupt="pause", stop_outcome="terminated",
-                             override=None, now=clock.now())  # fmt: skip
-            await store.transition("ps", end.status, expect=(JobStatus.RUNNING,), fields=end.fields,
-                                   message=end.message, run_id="r1")  # fmt: skip
+            await _runner_ends_paused(store, "ps", "r1")
             return await wait(*args)
 
         monkeypatch.setattr(run_control, "await_job", end_written_once_the_stop_is_asked)
@@ -1173,3 +1183,62 @@ async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_t
         job = (await client.get("/jobs/ps")).json()
         assert job["status"] in ("stopped", "cancelled"), (r.json(), job["status"], job["stop_requested"])
         assert r.json()["status"] == job["status"]
+
+
+async def test_that_stop_leaves_a_job_resumed_run_and_paused_again_since_paused(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop above reads the paused job, then stops it: a resume, a new run and a pause of that run (a pause,
+    not the stop) in between, and the job was cancelled, for good (review EJ)."""
+    async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "pp"))).status_code == 201
+        store = client.app.state.training.store
+        await _running_without_runner(store, "pp", "r1")
+        await store.update("pp", {"pause_requested": True})
+        wait = run_control.await_job
+
+        async def then_resumed_and_paused(*args: Any) -> Any:
+            await _runner_ends_paused(store, "pp", "r1")
+            final = await wait(*args)
+            assert final.status == JobStatus.PAUSED and final.stop_requested
+            assert (await client.post("/jobs/pp/resume")).status_code == 200
+            await _running_without_runner(store, "pp", "r2")
+            await store.update("pp", {"pause_requested": True})
+            await _runner_ends_paused(store, "pp", "r2")
+            return final
+
+        monkeypatch.setattr(run_control, "await_job", then_resumed_and_paused)
+        r = await client.post("/jobs/pp/stop")
+        job = (await client.get("/jobs/pp")).json()
+        assert job["status"] == "paused", (r.json(), job["status"])
+
+
+async def test_two_stops_accepted_as_a_pause_ended_both_say_what_stopped_the_job(
+    app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one whose stop of the paused job was refused (the other's came first) said "The run had already ended
+    # (paused)" of a job now cancelled (review EJ).
+    async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
+        assert (await client.post("/jobs", json=job_body(tmp_path, "p2"))).status_code == 201
+        store = client.app.state.training.store
+        await _running_without_runner(store, "p2", "r1")
+        await store.update("p2", {"pause_requested": True})
+        wait = run_control.await_job
+        both_asked = asyncio.Event()
+        waits = 0
+
+        async def end_once_both_wait(*args: Any) -> Any:
+            nonlocal waits
+            waits += 1
+            if waits == 2:
+                await _runner_ends_paused(store, "p2", "r1")
+                both_asked.set()
+            await both_asked.wait()
+            return await wait(*args)
+
+        monkeypatch.setattr(run_control, "await_job", end_once_both_wait)
+        answers = await asyncio.gather(client.post("/jobs/p2/stop"), client.post("/jobs/p2/stop"))
+        job = (await client.get("/jobs/p2")).json()
+        assert job["status"] in ("stopped", "cancelled"), job
+        for r in answers:
+            assert r.json()["status"] == job["status"] and "already ended" not in r.json()["message"], r.json()

@@ -127,8 +127,11 @@ class RunControl:
                                           message=f"The job already ended ({job.status.value})")  # fmt: skip
         raise Conflict(f"job '{job_id}' keeps changing (it is {job.status.value} now): stop it again")
 
-    async def _stop(self, job: Job, caller: Caller) -> ActionResponse:
+    async def _stop(self, job: Job, caller: Caller, stop_asked: bool = False) -> ActionResponse:
+        """`stop_asked`: a paused job is stopped only while the stop it was asked as a run still stands (a resume since
+        clears it, and a pause of a later run does not set it)."""
         svc, job_id = self.service, job.job_id
+        still = {"stop_requested": "true"} if stop_asked else None
         grace = svc.settings.STOP_GRACE_SECONDS + STOP_EXTRA_SECONDS
         if job.status == JobStatus.PAUSED and job.export.status != ExportStatus.RUNNING:
             # Stopped, it is resumable only from a checkpoint: one that saved none is cancelled, as a job taken
@@ -138,11 +141,12 @@ class RunControl:
             if job.resume_from is None and newest is None:
                 await svc.store.transition(job_id, JobStatus.CANCELLED, expect=(JobStatus.PAUSED,),
                                            actor=caller.actor, message="cancelled while paused, with no checkpoint",
-                                           created_at=job.created_at)  # fmt: skip
+                                           created_at=job.created_at, unchanged=still)  # fmt: skip
                 message = "The paused job was cancelled: it saved no checkpoint to resume from"
                 return ActionResponse(job_id=job_id, status=JobStatus.CANCELLED, message=message)
             await svc.store.transition(job_id, JobStatus.STOPPED, expect=(JobStatus.PAUSED,), actor=caller.actor,
-                                       message="stopped while paused", created_at=job.created_at)  # fmt: skip
+                                       message="stopped while paused", created_at=job.created_at,
+                                       unchanged=still)  # fmt: skip
             # What a resume would take (its newest checkpoint: review DJ), or the one its pause named.
             checkpoint = newest or job.resume_from
             return ActionResponse(job_id=job_id, status=JobStatus.STOPPED, resume_from=checkpoint,
@@ -175,8 +179,12 @@ class RunControl:
                 # The stop was accepted while the run went on, after its runner (or a watchdog) had read the pause
                 # alone for its end: it still holds, as a stop of the paused job (a resume since clears the flag).
                 with contextlib.suppress(TransitionRefused):
-                    return await self._stop(final, caller)
+                    return await self._stop(final, caller, stop_asked=True)
                 final = await svc.require(job_id, caller)
+                if final.status in (JobStatus.STOPPED, JobStatus.CANCELLED):  # (by a stop asked beside this one)
+                    return ActionResponse(job_id=job_id, status=final.status,
+                                          message=f"The paused job was {final.status.value} by a stop asked "
+                                          "at the same time")  # fmt: skip
             if outcome is None:
                 message = "Stop requested: the run has not ended yet; see its status"
             elif outcome == "stopped":
