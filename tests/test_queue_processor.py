@@ -862,3 +862,31 @@ async def test_a_start_whose_job_was_deleted_and_created_again_under_its_id_does
             now and now.command_line,
         )
         assert now.output_dir.endswith("bobs") and await store.leases() == {}
+
+
+async def test_a_pause_asked_after_the_passs_view_keeps_another_run_from_being_preempted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # The queue's window, which names the head, is read beside the view and can come after it: a pause asked in
+    # between, and the run being paused still counted as busy and not ending. "healthy" (a checkpoint just saved:
+    # the least work to lose) was preempted for GPUs that the pause was giving back (a stress loop of
+    # test_run_control's pause test).
+    settings = settings_for(redis_url, tmp_path, PREEMPTION=True, SIMULATED_GPUS="2x80")
+    service = RedisService(settings)
+    await service.connect()
+    try:
+        processor = Scheduler(settings, service).processor
+        store = processor.store
+        for job_id, gpu in (("pausing", 0), ("healthy", 1)):
+            await store.create(make_job(job_id, priority=1), message="", actor="t")
+            await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu],
+                                   fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
+        await store.update("healthy", {"last_checkpoint_at": time.time()})
+        view = await build_view(store, processor.inventory.snapshot())
+        await store.update("pausing", {"pause_requested": True})  # asked after the view
+        await store.create(make_job("urgent", JobStatus.QUEUED, priority=9), message="", actor="t")
+        assert await processor.preempt("urgent", view) == []
+        healthy = await store.get("healthy")
+        assert healthy is not None and healthy.preempt_for is None, healthy
+    finally:
+        await service.close()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -208,13 +209,17 @@ class QueueProcessor:
         """PREEMPTION=on: ask the runs of lower priority that hold what the head of the queue needs to make way
         (see `preemption`). One preemption at a time: none while an earlier one is still under way."""
         # Whether a run is ending (asked to stop or pause, or past its time limit) and when it started come with
-        # the view; what only preemption needs is read here, with the status: a run that ended since the view
-        # (the plan and the starts came between) gave its GPUs back, and another run was preempted for them.
-        rows = await self.store.get_fields([r.job_id for r in view.running], [*preemption.FIELDS, "status"])
-        ended = {r.job_id for r, row in zip(view.running, rows, strict=True) if left_running(row[-1])}
-        running = [dataclasses.replace(r, ending=True) if r.job_id in ended else r for r in view.running]
+        # the view; what only preemption needs is read here, with whether each run is ending now: the queue's
+        # window, which named the head, can be newer than the view (read beside it, after more round trips), so
+        # a pause asked, or a run ended, since the view made another run the victim for GPUs coming back anyway.
+        n = len(preemption.FIELDS)
+        now_fields = [*preemption.FIELDS, "status", "pause_requested", "stop_requested"]
+        rows = await self.store.get_fields([r.job_id for r in view.running], now_fields)
+        ending = {r.job_id for r, row in zip(view.running, rows, strict=True)
+                  if left_running(row[n]) or any(raw and json.loads(raw) for raw in row[n + 1:])}  # fmt: skip
+        running = [dataclasses.replace(r, ending=True) if r.job_id in ending else r for r in view.running]
         now = clock.now()
-        candidates, under_way = preemption.candidates(running, [row[:-1] for row in rows], now)
+        candidates, under_way = preemption.candidates(running, [row[:n] for row in rows], now)
         if under_way:
             return []
         job = await self.store.get(head_id)
