@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ import redis
 from application.models.training_model import JobStatus
 from application.scheduler_process import Scheduler
 from application.services import clock
-from application.services.job_store import Refusal, TransitionRefused
+from application.services.job_store import JobStore, Refusal, TransitionRefused
 from application.services.queue_planner import build_view
+from application.services.queue_processor import QueueProcessor
 from application.services.redis_service import RedisService
 from tests.conftest import (
     ADMIN_KEY,
@@ -802,31 +803,42 @@ async def test_a_heads_clock_forgotten_by_a_priority_change_while_the_pass_plans
         await client.post("/jobs/hog/stop")
 
 
+@contextlib.asynccontextmanager
+async def preempting_processor(redis_url: str, tmp_path: Path) -> AsyncIterator[QueueProcessor]:
+    """A real scheduler's queue processor (PREEMPTION on, 2 GPUs), not started: the test calls its steps."""
+    settings = settings_for(redis_url, tmp_path, PREEMPTION=True, SIMULATED_GPUS="2x80")
+    service = RedisService(settings)
+    await service.connect()
+    try:
+        yield Scheduler(settings, service).processor
+    finally:
+        await service.close()
+
+
+async def running_for_an_hour(store: JobStore, job_id: str, priority: int, gpu: int) -> None:
+    """A job recorded running on `gpu` for an hour, with no runner."""
+    await store.create(make_job(job_id, priority=priority), message="", actor="t")
+    await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu],
+                           fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
+
+
 async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_its_gpu_and_no_run_is_preempted(
     redis_url: str, tmp_path: Path
 ) -> None:
     # The pass plans and tries its starts between its view and the preemption: a run that ended meanwhile gave its
     # GPU back, and "low" was preempted (its work since its last checkpoint lost) for a GPU already free (hunt EH).
-    settings = settings_for(redis_url, tmp_path, PREEMPTION=True, SIMULATED_GPUS="2x80")
-    service = RedisService(settings)
-    await service.connect()
-    try:
-        processor = Scheduler(settings, service).processor
+    async with preempting_processor(redis_url, tmp_path) as processor:
         store = processor.store
         # "done" (priority 7: above the head, never a victim) on GPU 0, "low" (priority 1) on GPU 1, both running
         # for an hour; "head" (priority 5, 1 GPU) waits.
         for job_id, priority, gpu in (("done", 7, 0), ("low", 1, 1)):
-            await store.create(make_job(job_id, priority=priority), message="", actor="t")
-            await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu],
-                                   fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
+            await running_for_an_hour(store, job_id, priority, gpu)
         await store.create(make_job("head", JobStatus.QUEUED, priority=5), message="", actor="t")
         view = await build_view(store, processor.inventory.snapshot())
         await store.transition("done", JobStatus.COMPLETED)  # it ends after the view: GPU 0 is free
         assert await processor.preempt("head", view) == []
         low = await store.get("low")
         assert low is not None and low.status == JobStatus.RUNNING and low.preempt_for is None, low
-    finally:
-        await service.close()
 
 
 async def test_a_start_whose_job_was_deleted_and_created_again_under_its_id_does_not_run_the_old_ones_command(
@@ -871,16 +883,10 @@ async def test_a_pause_asked_after_the_passs_view_keeps_another_run_from_being_p
     # between, and the run being paused still counted as busy and not ending. "healthy" (a checkpoint just saved:
     # the least work to lose) was preempted for GPUs that the pause was giving back (a stress loop of
     # test_run_control's pause test).
-    settings = settings_for(redis_url, tmp_path, PREEMPTION=True, SIMULATED_GPUS="2x80")
-    service = RedisService(settings)
-    await service.connect()
-    try:
-        processor = Scheduler(settings, service).processor
+    async with preempting_processor(redis_url, tmp_path) as processor:
         store = processor.store
         for job_id, gpu in (("pausing", 0), ("healthy", 1)):
-            await store.create(make_job(job_id, priority=1), message="", actor="t")
-            await store.transition(job_id, JobStatus.RUNNING, acquire_gpus=[gpu],
-                                   fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
+            await running_for_an_hour(store, job_id, 1, gpu)
         await store.update("healthy", {"last_checkpoint_at": time.time()})
         view = await build_view(store, processor.inventory.snapshot())
         await store.update("pausing", {"pause_requested": True})  # asked after the view
@@ -888,5 +894,3 @@ async def test_a_pause_asked_after_the_passs_view_keeps_another_run_from_being_p
         assert await processor.preempt("urgent", view) == []
         healthy = await store.get("healthy")
         assert healthy is not None and healthy.preempt_for is None, healthy
-    finally:
-        await service.close()

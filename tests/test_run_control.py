@@ -1159,6 +1159,15 @@ async def _runner_ends_paused(store: Any, job_id: str, run_id: str) -> None:
                            run_id=run_id)  # fmt: skip
 
 
+async def _being_paused(client: Any, tmp_path: Path, job_id: str) -> Any:
+    """A job created, running with no runner (run "r1"), and asked to pause; its store."""
+    assert (await client.post("/jobs", json=job_body(tmp_path, job_id))).status_code == 201
+    store = client.app.state.training.store
+    await _running_without_runner(store, job_id, "r1")
+    await store.update(job_id, {"pause_requested": True})
+    return store
+
+
 async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_the_job(
     app_factory: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1166,10 +1175,7 @@ async def test_a_stop_accepted_after_the_runner_read_a_pause_alone_still_stops_t
     and before it writes the end. The stop was accepted (the job ran), so it decides the end, as during the grace;
     it was answered "The run had already ended (paused)", the job left paused with stop_requested set (hunt EI)."""
     async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
-        assert (await client.post("/jobs", json=job_body(tmp_path, "ps"))).status_code == 201
-        store = client.app.state.training.store
-        await _running_without_runner(store, "ps", "r1")
-        await store.update("ps", {"pause_requested": True})  # the pause, as its runner read it last
+        store = await _being_paused(client, tmp_path, "ps")  # (the pause, as its runner read it last)
         wait = run_control.await_job
 
         async def end_written_once_the_stop_is_asked(*args: Any) -> Any:
@@ -1191,10 +1197,7 @@ async def test_that_stop_leaves_a_job_resumed_run_and_paused_again_since_paused(
     """The stop above reads the paused job, then stops it: a resume, a new run and a pause of that run (a pause,
     not the stop) in between, and the job was cancelled, for good (review EJ)."""
     async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
-        assert (await client.post("/jobs", json=job_body(tmp_path, "pp"))).status_code == 201
-        store = client.app.state.training.store
-        await _running_without_runner(store, "pp", "r1")
-        await store.update("pp", {"pause_requested": True})
+        store = await _being_paused(client, tmp_path, "pp")  # (the pause, as its runner read it last)
         wait = run_control.await_job
 
         async def then_resumed_and_paused(*args: Any) -> Any:
@@ -1219,10 +1222,7 @@ async def test_two_stops_accepted_as_a_pause_ended_both_say_what_stopped_the_job
     # The one whose stop of the paused job was refused (the other's came first) said "The run had already ended
     # (paused)" of a job now cancelled (review EJ).
     async with app_factory(scheduler=False, AUTO_EXPORT=False, STOP_GRACE_SECONDS=1) as client:
-        assert (await client.post("/jobs", json=job_body(tmp_path, "p2"))).status_code == 201
-        store = client.app.state.training.store
-        await _running_without_runner(store, "p2", "r1")
-        await store.update("p2", {"pause_requested": True})
+        store = await _being_paused(client, tmp_path, "p2")  # (the pause, as its runner read it last)
         wait = run_control.await_job
         both_asked = asyncio.Event()
         waits = 0
