@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from application.config import Settings
@@ -58,9 +59,11 @@ class ClusterView:
 ENDING = ("preempt_for", "pause_requested", "stop_requested")
 
 
-def left_running(status: str | None) -> bool:
-    """Whether a job's stored status (raw JSON) says it runs no more (None, no record, says nothing)."""
-    return status is not None and json.loads(status) != JobStatus.RUNNING.value
+def is_ending(status: str | None, asks: Sequence[str | None]) -> bool:
+    """Whether a running job's stored status and asks (raw JSON, as `ENDING` names them) say its run ends: it runs
+    no more (a record gone says nothing), or it was asked to stop, pause or make way."""
+    return (status is not None and json.loads(status) != JobStatus.RUNNING.value) or \
+        any(raw and json.loads(raw) for raw in asks)  # fmt: skip
 
 
 async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
@@ -92,7 +95,7 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
         # holding its GPUs and ending never, another run was preempted for a GPU already free. Its GPUs stay held
         # in this view: a start on them waits for the next pass (the end woke it), which reads the history that
         # end taught first (the runner records it before the end), and plans with the prediction it makes.
-        asked = left_running(status_raw) or any(raw and json.loads(raw) for raw in ending)
+        asked = is_ending(status_raw, ending)
         if asked:
             # Asked to stop (preempted, paused, stopped): its GPUs come back now. Planned for its predicted end, a
             # preemption's first victim, back in the queue, fitted "before" the head's reservation and took

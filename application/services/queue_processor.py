@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from application.services.cluster_store import ClusterStore
 from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
-from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, left_running, queued
+from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, is_ending, queued
 from application.services.run_history import RunHistory
 from application.services.run_start import RunStarter
 from application.services.scheduler import QueuedJob, Start, next_head
@@ -213,10 +212,10 @@ class QueueProcessor:
         # window, which named the head, can be newer than the view (read beside it, after more round trips), so
         # a pause asked, or a run ended, since the view made another run the victim for GPUs coming back anyway.
         n = len(preemption.FIELDS)
-        now_fields = [*preemption.FIELDS, "status", "pause_requested", "stop_requested"]
+        now_fields = [*preemption.FIELDS, "status", "pause_requested", "stop_requested"]  # (+ preempt_for in FIELDS)
         rows = await self.store.get_fields([r.job_id for r in view.running], now_fields)
         ending = {r.job_id for r, row in zip(view.running, rows, strict=True)
-                  if left_running(row[n]) or any(raw and json.loads(raw) for raw in row[n + 1:])}  # fmt: skip
+                  if is_ending(row[n], row[n + 1:])}  # fmt: skip
         running = [dataclasses.replace(r, ending=True) if r.job_id in ending else r for r in view.running]
         now = clock.now()
         candidates, under_way = preemption.candidates(running, [row[:n] for row in rows], now)
