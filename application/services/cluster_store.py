@@ -26,6 +26,7 @@ from application.services.export_targets import ExportTargets
 from application.services.idempotency_records import IdempotencyRecords
 from application.services.job_reads import job_fields
 from application.services.keys import Keys
+from application.services.queue_view import PlanningState
 from application.services.redis_service import REDIS_AWAY
 from application.services.scheduler import Head
 from application.services.webhook_queue import WebhookQueue
@@ -91,8 +92,8 @@ class CreateContext:
     clocks: dict[str, float] = field(default_factory=dict)  # the heads' since when (`QueueView.head_clocks`)
 
     @property
-    def planning_state(self) -> tuple[dict[int, str], list[str], int]:
-        return self.leases, self.running, self.queue_length
+    def planning_state(self) -> PlanningState:
+        return PlanningState(self.leases, self.running, self.queue_length, self.history_version)
 
 
 @dataclass(frozen=True)

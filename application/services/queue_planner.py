@@ -21,6 +21,7 @@ from application.services.gpu_pool import gpu_states, queued_job
 from application.services.job_codec import QueueMeta
 from application.services.job_store import JobStore
 from application.services.predictions import remaining_seconds
+from application.services.queue_view import PlanningState
 from application.services.scheduler import (
     BACKFILL_DEPTH,
     GpuState,
@@ -67,11 +68,11 @@ def is_ending(status: str | None, asks: Sequence[str | None]) -> bool:
 
 
 async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = False,
-                     state: tuple[dict[int, str], list[str], int] | None = None) -> ClusterView:  # fmt: skip
+                     state: PlanningState | None = None) -> ClusterView:  # fmt: skip
     """GPUs with their leases, and the running jobs with their remaining time. `reclaim` (the scheduler only)
     drops leases whose job no longer runs; `state` is `JobStore.planning_state()` when already read."""
-    leases, running_ids, _ = state if state is not None else await store.planning_state()
-    leases, running_ids = dict(leases), list(running_ids)
+    state = state if state is not None else await store.planning_state()
+    leases, running_ids = dict(state.leases), list(state.running)
     running_set = set(running_ids)
     for gpu, holder in list(leases.items()):
         if holder not in running_set:

@@ -27,12 +27,13 @@ from application.services.gpu_pool import queued_job
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
 from application.services.queue_planner import WINDOW, ClusterView, Planner, as_queued, build_view, is_ending, queued
+from application.services.queue_view import PlanningState
 from application.services.run_history import RunHistory
 from application.services.run_start import RunStarter
 from application.services.scheduler import QueuedJob, Start, next_head
 from application.services.swift_command import SwiftVersion
 from application.utils.gpu_reader import GpuReader
-from application.utils.gpu_types import snapshot_of
+from application.utils.gpu_types import GpuSnapshot, snapshot_of
 from application.utils.gpu_utils import GpuInventory
 
 
@@ -80,6 +81,9 @@ class QueueProcessor:
     async def view(self) -> ClusterView:
         """The GPU reading, published, and what a pass plans on; made each round, a pass or not (the processor off,
         starts held), as is the look at OUTPUT_ROOT's disk."""
+        return await self._built(*await self._read())
+
+    async def _read(self) -> tuple[GpuSnapshot, PlanningState]:
         await self.starter.look_at_disk()
         if not self._remembered:
             self.reader.remember(snapshot_of(await self.cluster.gpu_snapshot()))
@@ -87,9 +91,20 @@ class QueueProcessor:
         # (each part in parallel with what does not need it: a pass's round trips wait their turns in a Redis busy
         # with the API's requests, and those before a start are a hand-over's latency)
         snapshot, state = await asyncio.gather(self.reader.read(), self.store.planning_state())
+        return snapshot, state
+
+    async def _built(self, snapshot: GpuSnapshot, state: PlanningState) -> ClusterView:
         _, view = await asyncio.gather(self.cluster.put_gpu_snapshot(snapshot.to_dict()),
                                        build_view(self.store, snapshot, reclaim=True, state=state))  # fmt: skip
         return view
+
+    async def _view_and_window(self) -> tuple[ClusterView, list[QueuedJob], int]:
+        """`view`, the queue's window and its length. The window is read after the state, with its history
+        version, beside the view's last reads: see `JobStore.planning_state`."""
+        snapshot, state = await self._read()
+        view, window = await asyncio.gather(self._built(snapshot, state),
+                                            self._predicted_window(state.history_version))  # fmt: skip
+        return view, window, state.queue_length
 
     async def run_pass(self, only: set[str] | None = None, wanted: set[str] | None = None) -> list[str]:
         """Start every queued job that fits now (or, given `only`, those of them); `only` and `wanted` (jobs a
@@ -97,9 +112,8 @@ class QueueProcessor:
         async with self._lock:
             started_at = time.perf_counter()
             # (in parallel, as in `view`)
-            window, view, length, head, clocks = await asyncio.gather(
-                self._predicted_window(), self.view(), self.store.queue_length(), self.cluster.queue_head(),
-                self.store.head_clocks(),
+            (view, window, length), head, clocks = await asyncio.gather(
+                self._view_and_window(), self.cluster.queue_head(), self.store.head_clocks(),
             )  # fmt: skip
             starts: list[Start] = []
             head_id: str | None = None
@@ -169,9 +183,9 @@ class QueueProcessor:
             await self.cluster.record_pass(s.__dict__)
             return started
 
-    async def _predicted_window(self) -> list[QueuedJob]:
+    async def _predicted_window(self, history_version: int) -> list[QueuedJob]:
         """The queue's first WINDOW jobs, read once the jobs that a run's end taught a prediction have it."""
-        window = await self.refresh_predictions()
+        window = await self.refresh_predictions(history_version)
         return await queued(self.store, WINDOW) if window is None else window
 
     async def _asked_while_backing_off(self, job_ids: list[str]) -> None:
@@ -247,13 +261,12 @@ class QueueProcessor:
             logger.info("preempting {} for {}", ", ".join(asked), head_id)
         return victims or []
 
-    async def refresh_predictions(self) -> list[QueuedJob] | None:
+    async def refresh_predictions(self, version: int) -> list[QueuedJob] | None:
         """Jobs queued before anything was known of their kind get a prediction once a run teaches one (the
         history grew since the last look). Only the head of the queue: a pass never plans past it. The window
         it read, as the pass plans it, when every job in it had a prediction already (read again, it was one
         more round trip on the way from a run's end to the next start); else None: read again after the round
         trips that predicted, it leaves out a job that left the queue meanwhile (review EG)."""
-        version = await self.history.version()
         if version == self._history_seen:
             return None
         self._history_seen = version

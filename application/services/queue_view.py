@@ -6,13 +6,22 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.commands.core import AsyncScript
 
 from application.models.training_model import JobStatus
 from application.services.job_codec import QueueMeta, script_arg
 from application.services.keys import Keys
+
+
+class PlanningState(NamedTuple):
+    """What the scheduler plans on, read at one moment (`QueueView.planning_state`)."""
+
+    leases: dict[int, str]  # GPU -> the job holding it
+    running: list[str]
+    queue_length: int
+    history_version: int  # the run history's (`RunHistory`): what the predictions were made from
 
 
 class QueueView:
@@ -23,14 +32,18 @@ class QueueView:
     _mark_heads: AsyncScript
     _forget_idle_export: AsyncScript
 
-    async def planning_state(self) -> tuple[dict[int, str], list[str], int]:
-        """GPU leases, running job ids and the queue's length, in one round trip."""
+    async def planning_state(self) -> PlanningState:
+        """GPU leases, running job ids, the queue's length and the run history's version, in one round trip. The
+        version is read last: a run's end teaches the history before its script frees its GPUs, so a state that
+        has them free has the version that knows that run (read before, the pass that the end woke started the
+        job behind it with no prediction, and none came after: it no longer waited)."""
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.gpu_leases)
             pipe.zrange(self.keys.status_index(JobStatus.RUNNING), 0, -1)
             pipe.zcard(self.keys.queue)
-            leases, running, length = await pipe.execute()
-        return {int(k): v for k, v in leases.items()}, list(running), int(length)
+            pipe.get(self.keys.history_version)
+            leases, running, length, version = await pipe.execute()
+        return PlanningState({int(k): v for k, v in leases.items()}, list(running), int(length), int(version or 0))
 
     async def queue_length(self) -> int:
         return int(await self.r.zcard(self.keys.queue))

@@ -134,8 +134,5 @@ class RunHistory:
             return not (isinstance(exc, REFUSED) or REFUSED_CODES.search(str(exc)) or never_sent(exc))
         return True
 
-    async def version(self) -> int:
-        return int(await self.r.get(self.keys.history_version) or 0)
-
     async def ratios(self) -> list[float]:
         return [float(x) for x in await self.r.lrange(self.keys.prediction_errors, 0, ERRORS_KEEP - 1)]
