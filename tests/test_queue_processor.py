@@ -863,8 +863,9 @@ async def running_for_an_hour(store: JobStore, job_id: str, priority: int, gpu: 
                            fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
 
 
+@pytest.mark.parametrize("deleted", [False, True])
 async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_its_gpu_and_no_run_is_preempted(
-    redis_url: str, tmp_path: Path
+    redis_url: str, tmp_path: Path, deleted: bool
 ) -> None:
     # The pass plans and tries its starts between its view and the preemption: a run that ended meanwhile gave its
     # GPU back, and "low" was preempted (its work since its last checkpoint lost) for a GPU already free (hunt EH).
@@ -877,6 +878,8 @@ async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_i
         await store.create(make_job("head", JobStatus.QUEUED, priority=5), message="", actor="t")
         view = await build_view(store, processor.inventory.snapshot())
         await store.transition("done", JobStatus.COMPLETED)  # it ends after the view: GPU 0 is free
+        if deleted:  # (and its record with it: review EJ, a record gone counted as a run going on)
+            await store.delete("done")
         assert await processor.preempt("head", view) == []
         low = await store.get("low")
         assert low is not None and low.status == JobStatus.RUNNING and low.preempt_for is None, low

@@ -44,13 +44,18 @@ def candidates(running: Sequence[RunningJob], rows: Sequence[Sequence[str | None
     under_way = False
     for r, (prio, saved, making_way) in zip(running, rows, strict=True):
         under_way = under_way or bool(making_way and json.loads(making_way))
+        # A run asked to stop, pause or make way, past its time limit (its runner stops it in its grace) or with
+        # its record gone gives its GPUs back anyway: only they count (preempting another run for them threw its
+        # work away), whatever else could be read of it.
+        if r.ending:
+            found.append(Candidate(r.job_id, int(json.loads(prio)) if prio else 0, r.gpu_ids, r.started_at or now,
+                                   0.0, ending=True))  # fmt: skip
+            continue
         if prio is None or r.started_at is None:
             continue
         last_save = float(json.loads(saved)) if saved and json.loads(saved) else r.started_at
-        # A run past its time limit is being stopped by its runner (its grace): its GPUs come back anyway, and
-        # another run was preempted for them (RunningJob.ending).
         found.append(Candidate(r.job_id, int(json.loads(prio)), r.gpu_ids, r.started_at,
-                               now - max(r.started_at, last_save), r.ending))  # fmt: skip
+                               now - max(r.started_at, last_save)))  # fmt: skip
     return found, under_way
 
 

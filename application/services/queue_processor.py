@@ -228,8 +228,10 @@ class QueueProcessor:
         n = len(preemption.FIELDS)
         now_fields = [*preemption.FIELDS, "status", "pause_requested", "stop_requested"]  # (+ preempt_for in FIELDS)
         rows = await self.store.get_fields([r.job_id for r in view.running], now_fields)
+        # (a record gone says here that its run ends: deleted since the view, it had ended first; counted as going
+        # on, it held GPUs that were free, and another run was preempted for them: review EJ)
         ending = {r.job_id for r, row in zip(view.running, rows, strict=True)
-                  if is_ending(row[n], row[n + 1:])}  # fmt: skip
+                  if row[n] is None or is_ending(row[n], row[n + 1:])}  # fmt: skip
         running = [dataclasses.replace(r, ending=True) if r.job_id in ending else r for r in view.running]
         now = clock.now()
         candidates, under_way = preemption.candidates(running, [row[:n] for row in rows], now)
