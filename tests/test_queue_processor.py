@@ -863,6 +863,23 @@ async def running_for_an_hour(store: JobStore, job_id: str, priority: int, gpu: 
                            fields={"gpu_ids": [gpu], "started_at": time.time() - 3600})  # fmt: skip
 
 
+async def test_a_run_whose_record_is_gone_is_not_a_reason_to_preempt_another(redis_url: str, tmp_path: Path) -> None:
+    # Its record evicted by Redis (or deleted by hand) while it runs: its index entry and lease stay until the
+    # watchdog forgets it, and its runner stops on finding no record. The view gave it no GPUs (they come from the
+    # record), so GPU 0 stayed busy for preemption, and "low" was preempted for it (review EK).
+    async with preempting_processor(redis_url, tmp_path) as processor:
+        store = processor.store
+        for job_id, priority, gpu in (("gone", 7, 0), ("low", 1, 1)):
+            await running_for_an_hour(store, job_id, priority, gpu)
+        await store.create(make_job("head", JobStatus.QUEUED, priority=5), message="", actor="t")
+        await store.r.delete(store.keys.job("gone"))
+        view = await build_view(store, processor.inventory.snapshot(), reclaim=True)
+        assert [(r.job_id, r.gpu_ids) for r in view.running if r.job_id == "gone"] == [("gone", (0,))], view.running
+        assert await processor.preempt("head", view) == []
+        low = await require(store, "low")
+        assert low.status == JobStatus.RUNNING and low.preempt_for is None, low
+
+
 @pytest.mark.parametrize("deleted", [False, True])
 async def test_a_run_that_ends_between_the_passs_view_and_its_preemption_frees_its_gpu_and_no_run_is_preempted(
     redis_url: str, tmp_path: Path, deleted: bool

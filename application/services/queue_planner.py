@@ -88,6 +88,8 @@ async def build_view(store: JobStore, snapshot: GpuSnapshot, *, reclaim: bool = 
     for job_id, (status_raw, gpu_raw, predicted_raw, started_raw, limit_raw, owner_raw, *ending) in zip(
             running_ids, rows, strict=True):  # fmt: skip
         ids = tuple(json.loads(gpu_raw)) if gpu_raw else ()
+        if status_raw is None:  # (its record gone, evicted or deleted by hand: its leases say what it holds)
+            ids = tuple(sorted(gpu for gpu, holder in leases.items() if holder == job_id))
         predicted = json.loads(predicted_raw).get("seconds") if predicted_raw else None
         started = json.loads(started_raw) if started_raw else None
         limit = json.loads(limit_raw) if limit_raw else None
