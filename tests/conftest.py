@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_SWIFT = ROOT / "tests" / "fake_swift" / "swift"
 
 
+@pytest.hookimpl(optionalhook=True)  # (without xdist: `-p no:xdist -o addopts=""`)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     # One more than the cores: the tests wait on the processes they start, and at one worker per core a 2-core
     # VM sat a quarter idle (with 3 workers 5 %, and the suite took 1,402 s against the last CI's 1,573). Up to
@@ -54,8 +55,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # minutes, sent out last (by xdist, which put the files with the most tests first), kept one worker busy 100 s
     # after the others had finished. Then the files with the most tests, as xdist ordered them.
     counts = collections.Counter(item.nodeid.split("::")[0] for item in items)
-    items.sort(key=lambda item: ("/e2e/" not in item.nodeid, -counts[item.nodeid.split("::")[0]],
-                                 item.nodeid.split("::")[0]))  # fmt: skip
+
+    def file_order(item: pytest.Item) -> tuple[bool, int, str]:
+        file = item.nodeid.split("::")[0]
+        return "/e2e/" not in file, -counts[file], file
+
+    items.sort(key=file_order)
 
 
 def worker_database(url: str) -> str:
