@@ -18,6 +18,7 @@ from application.models.training_model import Job, JobStatus
 from application.scheduler_process import Scheduler
 from application.services import clock
 from application.services.job_store import JobStore, Refusal, TransitionRefused
+from application.services.process_group import group_members
 from application.services.queue_planner import build_view
 from application.services.queue_processor import QueueProcessor
 from application.services.queue_view import PlanningState
@@ -878,6 +879,27 @@ async def test_a_run_whose_record_is_gone_is_not_a_reason_to_preempt_another(red
         assert await processor.preempt("head", view) == []
         low = await require(store, "low")
         assert low.status == JobStatus.RUNNING and low.preempt_for is None, low
+
+
+async def test_the_gpu_of_a_run_whose_record_is_gone_stays_held_until_its_trainer_is_gone(
+    app_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Its runner, finding no record, stops swift: SIGTERM, the grace, SIGKILL. The watchdog freed its lease at
+    # once, and "behind" started on the GPU while the trainer, ignoring SIGTERM, still ran (review EK).
+    make_model(tmp_path / "models" / "tiny-qwen2")
+    async with app_factory(SIMULATED_GPUS="1x80") as client:
+        body = job_body(tmp_path, "stubborn", auto_start=True, hang_after_steps=1, ignore_sigterm=True)
+        assert (await client.post("/jobs", json=body)).status_code == 201
+        group = (await wait_job(client, "stubborn", lambda j: j["pid"] is not None))["pid"]
+        r = await client.post("/jobs", json=job_body(tmp_path, "behind", auto_start=True, training={"max_steps": 2}))
+        assert r.json()["status"] == "queued", r.text
+        store = client.app.state.training.store
+        await store.r.delete(store.keys.job("stubborn"))  # as an evicting Redis does
+        deadline = time.monotonic() + 30
+        while (await client.get("/jobs/behind")).json()["status"] == "queued":
+            assert time.monotonic() < deadline, "behind never started"
+            await asyncio.sleep(0.05)
+        assert group_members(group) == [], "behind started on the GPU of a trainer still running"
 
 
 @pytest.mark.parametrize("deleted", [False, True])

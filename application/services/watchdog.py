@@ -64,6 +64,8 @@ RETENTION_EVERY = 60.0
 FILL_LOOKBACK = 8
 # After swift's grace, how long a runner told to stop may take to record its run's end.
 RECORD_GRACE = 10.0
+# After swift's grace and two of its runner's ticks, how long that runner may take to kill and reap swift's group.
+LOST_MARGIN_SECONDS = 1.0
 # What a run whose runner was never launched goes back to the queue for.
 NEVER_LAUNCHED = "the stop of the scheduler that was starting it (its runner was never launched)"
 
@@ -103,6 +105,7 @@ class Watchdog:
         self.retention = Retention(settings, store, cluster, self.files)
         self._unreadable: set[str] = set()  # running jobs whose records this version cannot read (warned once)
         self._failing: set[str] = set()  # jobs whose step of the sweep raised (logged once)
+        self._lost_since: dict[str, float] = {}  # running jobs whose records are gone: since when (monotonic)
         self.silence = Silence(cluster, launcher, settings, fence)
         # By run id: when a run with no runner yet, stamped in this host's future, was first seen.
         self._unlaunched: dict[str, float] = {}
@@ -123,8 +126,16 @@ class Watchdog:
     async def _sweep(self) -> None:
         ids = await self.store.ids_with_status(JobStatus.RUNNING)
         running = await self.store.get_many(ids)
-        for lost in set(ids) - {job.job_id for job in running}:
-            if await self.store.forget_lost(lost):  # (its runner stops swift: the job is not its any more)
+        lost_now = set(ids) - {job.job_id for job in running}
+        self._lost_since = {job_id: self._lost_since.get(job_id, time.monotonic()) for job_id in lost_now}
+        s = self.settings
+        # Its runner, finding no record, stops swift (SIGTERM, its grace, SIGKILL): its GPUs are not free before.
+        # Freed at once, a job started on a GPU still held by a trainer that took its grace (review EK).
+        wait = s.STOP_GRACE_SECONDS + 2 * s.RUNNER_POLL_INTERVAL + LOST_MARGIN_SECONDS
+        for lost in lost_now:
+            if time.monotonic() - self._lost_since[lost] < wait:
+                continue
+            if await self.store.forget_lost(lost):  # (its runner has stopped swift: the job is not its any more)
                 logger.warning("running job {}'s record is gone (evicted by Redis, or deleted by hand): its GPUs "
                                "are free again", lost)  # fmt: skip
             elif lost not in self._unreadable:
