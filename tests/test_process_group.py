@@ -128,3 +128,25 @@ def test_a_group_that_has_a_runs_old_number_is_not_that_run(tmp_path: Path) -> N
         assert not pg.run_group_alive(leader.pid, None, "another-boot/5", "run-1")
     finally:
         _gone(leader.pid)
+
+
+def test_killing_what_is_left_of_a_run_returns_once_it_is_gone(tmp_path: Path) -> None:
+    # The runner writes the run's end, which frees its GPUs, after this: it returned at the SIGKILL while a large
+    # process was still on its way out (its memory, a GPU's, not yet free), and the next job started on its GPU
+    # (hunt EL). One process in the run's group, one that left it but carries the run's mark; 256 MB each: their
+    # exits take a while (about 50 ms here).
+    big = "import time; b = b'\\x01' * (256 << 20); open({!r}, 'w').write('x'); time.sleep(600)"
+    in_group = subprocess.Popen([sys.executable, "-c", big.format(str(tmp_path / "a"))], start_new_session=True)
+    marked = subprocess.Popen([sys.executable, "-c", big.format(str(tmp_path / "b"))], start_new_session=True,
+                              env={**os.environ, pg.RUN_MARK: "run-9"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
+            assert time.monotonic() < deadline, "the processes never filled their memory"
+            time.sleep(0.02)
+        pg.kill_marked("run-9", in_group.pid, wait=10)
+        assert pg.group_members(in_group.pid) == [] and pg.group_members(marked.pid) == []
+    finally:
+        for proc in (in_group, marked):
+            proc.kill()
+            proc.wait()

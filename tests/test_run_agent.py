@@ -156,7 +156,7 @@ async def test_a_runner_whose_reading_of_the_run_fails_ends_only_once_the_marked
     def failing_read(*_: object) -> None:
         raise RuntimeError("unreadable run")
 
-    def slow_kill(run: str) -> None:
+    def slow_kill(run: str, *_: object) -> None:
         time.sleep(0.5)
         done.append(run)
 

@@ -130,6 +130,9 @@ def marked_groups(run: str) -> list[int]:
 
 
 _PROC = "/proc"
+# How long what is left of a run is waited for once killed: its GPUs' memory comes back only once its exit is
+# through, and the run's end frees them.
+KILL_WAIT_SECONDS = 10.0
 _RAW = os.path.isfile(f"{_PROC}/self/environ")  # (Linux: elsewhere psutil reads environments its own way)
 
 
@@ -330,7 +333,7 @@ async def terminate_group(pgid: int, grace: float, poll: float = 0.05) -> str:
     if not await _members(pgid):
         return "terminated"
     signal_group(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
     while await _members(pgid) and time.monotonic() < deadline:
         await asyncio.sleep(poll)
     return "killed"
@@ -342,19 +345,43 @@ async def end_group(pgid: int, grace: float) -> tuple[str, float]:
     return outcome, clock.now()
 
 
-def kill_leftovers(pgid: int, run: str | None = None) -> None:
+def kill_leftovers(pgid: int, run: str | None = None, wait: float = 0.0) -> None:
     """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer),
     nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held
-    its GPU after the run ended). `run` scans every process: call it in a thread."""
-    signal_group(pgid, signal.SIGKILL)
+    its GPU after the run ended). `run` scans every process: call it in a thread. `wait`: as `kill_marked`'s."""
     if run:
-        kill_marked(run)
+        kill_marked(run, pgid, wait)
+    else:
+        signal_group(pgid, signal.SIGKILL)
 
 
-def kill_marked(run: str) -> None:
-    """Kill what is left of the run `run` anywhere, known by its mark. Scans every process: call it in a thread."""
-    for group in marked_groups(run):
-        signal_group(group, signal.SIGKILL)
+def kill_marked(run: str, pgid: int | None = None, wait: float = 0.0, poll: float = 0.05) -> None:
+    """Kill what is left of the run `run` anywhere, known by its mark, and of its group `pgid`. With `wait`,
+    return once none of it is left, or after that many seconds: a SIGKILLed process holds its memory, a GPU's
+    too, until its exit is through (a second for a large one), and the run's end, written next, frees its GPUs
+    (the next job started on them beside a dying trainer: hunt EL). Scans every process: call it in a thread."""
+    mine = os.getpgrp()
+    left = {g for g in (*marked_groups(run), pgid) if g and g > 1 and g != mine}
+    deadline = time.monotonic() + wait
+    while left:
+        for group in left:
+            signal_group(group, signal.SIGKILL)
+        if wait <= 0:
+            return
+        left = {g for g in left if _group_lives(g)}
+        if not left or time.monotonic() >= deadline:
+            return
+        time.sleep(poll)
+
+
+def _group_lives(pgid: int) -> bool:
+    """Whether a process of the group is left, an exited one not yet reaped aside: one signal, and a scan only
+    while the group has members (a zombie's memory is free)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return bool(group_members(pgid))
 
 
 def die_with_parent() -> None:

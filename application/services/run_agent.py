@@ -224,7 +224,7 @@ class Runner:
             follow.read()
             follow.flush()
             if orphaned:
-                await asyncio.to_thread(pg.kill_marked, self.run_id)
+                await asyncio.to_thread(pg.kill_marked, self.run_id, proc.pid, pg.KILL_WAIT_SECONDS)
                 logger.info("job {} run {} is not this runner's any more: end not recorded", self.job_id, self.run_id)
                 return 0
             # The scan for marked leftovers beside the reading of the run's files: both are done before the end is
@@ -234,7 +234,7 @@ class Runner:
             # scan still runs.)
             got, scanned = await asyncio.gather(
                 asyncio.to_thread(read_run, job, log_file, parser.facts(), self.settings.LOG_TAIL_ON_FAILURE),
-                asyncio.to_thread(pg.kill_marked, self.run_id), return_exceptions=True,
+                asyncio.to_thread(pg.kill_marked, self.run_id, proc.pid, pg.KILL_WAIT_SECONDS), return_exceptions=True,
             )  # fmt: skip
             if isinstance(scanned, BaseException):
                 raise scanned
