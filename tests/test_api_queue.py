@@ -216,6 +216,17 @@ def test_pending_job_whose_start_finds_no_gpu_is_queued(server: ApiServer, works
     server.wait_status("p", "running", timeout=10)
 
 
+def test_a_create_whose_derived_id_is_a_running_jobs_waits_pending(server: ApiServer, workspace: Path) -> None:
+    # Without auto_start, a job whose GPUs are free waits `pending` for POST start. One whose id, derived from its
+    # output_dir, was a running job's (stored as `<id>-2`) was planned under that id, which no pass starts: it was
+    # queued, and the scheduler started it without being asked (the README check EM).
+    hold(server, workspace, "busy")
+    body = shared_job_body(workspace, "other", dataset="d-other", hang_after_steps=1)
+    body["output_dir"] = "sub/busy"
+    r = server.create(**body)
+    assert r.status_code == 201 and r.json()["job_id"] == "busy-2" and r.json()["status"] == "pending", r.text
+
+
 def test_starts_sent_at_once_are_each_answered_as_a_start_of_the_job_as_it_stands(server: ApiServer,
                                                                                  workspace: Path) -> None:  # fmt: skip
     # A retrying client, or two colleagues: the start that lost the race to queue the job was a 409 "is queued now:

@@ -5,6 +5,7 @@ id, and the answer that says where it stands (started with `auto_start`, or its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 from pathlib import Path
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 # Ids tried from one output folder's name (`<name>`, `<name>-2`, ... `<name>-999`) before the create asks for a
 # job_id.
 MAX_ID_TRIES = 999
+# The id a create's job is planned under before it is stored (no job id can start with a space).
+NEW_JOB = " new job"
 
 
 def job_id_from(output_dir: Path) -> str:
@@ -152,9 +155,12 @@ async def _fits(svc: TrainingService, job: Job, snapshot: GpuSnapshot,
     if len(free) < k:
         return False, None
     view = await build_view(svc.store, snapshot, state=ctx.planning_state)
-    found = await svc.planner.plan(view, extra=_queued(job), queue_length=ctx.queue_length, head=ctx.head,
+    # Planned under an id no job can have: the id derived from output_dir may still be another job's (the store
+    # then gives this one `-2`, ...), and a pass never starts a job under the id of one that runs or waits.
+    candidate = dataclasses.replace(_queued(job), job_id=NEW_JOB)
+    found = await svc.planner.plan(view, extra=candidate, queue_length=ctx.queue_length, head=ctx.head,
                                    clocks=ctx.clocks)  # fmt: skip
-    return any(s.job_id == job.job_id for s in found.starts), view
+    return any(s.job_id == NEW_JOB for s in found.starts), view
 
 
 async def _store(svc: TrainingService, job: Job, req: JobCreate, caller: Caller, message: str, *,
