@@ -12,7 +12,6 @@ environment before anything reads it, so servers the tests start inherit only wh
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import sys
@@ -48,19 +47,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     # VM sat a quarter idle (with 3 workers 5 %, and the suite took 1,402 s against the last CI's 1,573). Up to
     # 8: the workers share one Redis server, one database each (of its 16).
     return max(1, min((os.cpu_count() or 1) + 1, 8))
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The files go to the workers in this order (--no-loadscope-reorder). The real ms-swift's file first: its 3
-    # minutes, sent out last (by xdist, which put the files with the most tests first), kept one worker busy 100 s
-    # after the others had finished. Then the files with the most tests, as xdist ordered them.
-    counts = collections.Counter(item.nodeid.split("::")[0] for item in items)
-
-    def file_order(item: pytest.Item) -> tuple[bool, int, str]:
-        file = item.nodeid.split("::")[0]
-        return "/e2e/" not in file, -counts[file], file
-
-    items.sort(key=file_order)
 
 
 def worker_database(url: str) -> str:
