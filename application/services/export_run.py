@@ -111,7 +111,7 @@ class ExportRun:
         async with runner.beats("export", export_id):
             if stopping is not None:
                 await stopping
-            await asyncio.to_thread(pg.kill_leftovers, proc.pid, export_id, pg.KILL_WAIT_SECONDS)
+            await asyncio.to_thread(pg.kill_marked, export_id, proc.pid, pg.KILL_WAIT_SECONDS)
             code = proc.ended_with
             if unwritten := pg.write_exit_file(exit_file, code):
                 logger.warning("job {}: the export's exit status not written beside its log: {}", runner.job_id,

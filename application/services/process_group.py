@@ -345,21 +345,13 @@ async def end_group(pgid: int, grace: float) -> tuple[str, float]:
     return outcome, clock.now()
 
 
-def kill_leftovers(pgid: int, run: str | None = None, wait: float = 0.0) -> None:
-    """After the leader exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer),
-    nor, given the run's mark, what left its group for a session of its own (a child that called setsid() held
-    its GPU after the run ended). `run` scans every process: call it in a thread. `wait`: as `kill_marked`'s."""
-    if run:
-        kill_marked(run, pgid, wait)
-    else:
-        signal_group(pgid, signal.SIGKILL)
-
-
 def kill_marked(run: str, pgid: int | None = None, wait: float = 0.0, poll: float = 0.05) -> None:
-    """Kill what is left of the run `run` anywhere, known by its mark, and of its group `pgid`. With `wait`,
-    return once none of it is left, or after that many seconds: a SIGKILLed process holds its memory, a GPU's
-    too, until its exit is through (a second for a large one), and the run's end, written next, frees its GPUs
-    (the next job started on them beside a dying trainer: hunt EL). Scans every process: call it in a thread."""
+    """Kill what is left of the run `run` anywhere, known by its mark, and of its group `pgid`: after the leader
+    exits, nothing of the run may survive (orphaned dataloader workers, a stray trainer, a child that called
+    setsid() and held its GPU after the run ended). With `wait`, return once none of it is left, or after that
+    many seconds: a SIGKILLed process holds its memory, a GPU's too, until its exit is through (a second for a
+    large one), and the run's end, written next, frees its GPUs (the next job started on them beside a dying
+    trainer: hunt EL). Scans every process: call it in a thread."""
     mine = os.getpgrp()
     left = {g for g in (*marked_groups(run), pgid) if g and g > 1 and g != mine}
     deadline = time.monotonic() + wait
