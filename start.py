@@ -33,19 +33,20 @@ import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from application.config import CLIENT_VARIABLES, SECRET_VARIABLES, Settings, env_file, get_settings
-from application.http_protocol import http_protocol
-from application.services.embedded_redis import EmbeddedRedis, find_redis_server
-from application.services.process_group import die_with_parent
-from application.services.redis_service import check_redis_access, redis_url
 from application.setting_names import unknown_settings
 from application.utils.process_privacy import keep_private
+
+# The rest of what a role uses is imported where it is used: `start.py all` starts a `start.py scheduler` (the
+# keeper), which starts the scheduler, and the keeper needs none of the API's modules nor the embedded Redis's.
+if TYPE_CHECKING:
+    from application.services.embedded_redis import EmbeddedRedis
 
 ROLES = ("all", "api", "scheduler")
 SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
@@ -146,6 +147,8 @@ def serve_api(settings: Settings) -> None:
 
 
 def _uvicorn_config(app: Any, settings: Settings, **more: Any) -> uvicorn.Config:
+    from application.http_protocol import http_protocol
+
     return uvicorn.Config(app, host=settings.bind_host, port=settings.APP_PORT, log_config=None,
                           timeout_graceful_shutdown=requests_grace(settings), http=http_protocol(),
                           root_path=settings.ROOT_PATH, forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
@@ -173,6 +176,8 @@ def serve_scheduler(settings: Settings) -> None:
     """The scheduler in a child process, started again when it dies without being told to (a crash, the OOM
     killer): what holds this process (a container's init, a service manager) must not end for the death of one
     scheduler, since a container's end would take its runners with it."""
+    from application.services.process_group import die_with_parent
+
     if settings.DIE_WITH_PARENT:
         die_with_parent()
     argv = [sys.executable, "-m", SCHEDULER_MODULE]
@@ -220,6 +225,9 @@ def scheduler_env() -> dict[str, str]:
 
 
 def serve_all(settings: Settings) -> None:
+    from application.services.embedded_redis import EmbeddedRedis, find_redis_server
+    from application.services.process_group import die_with_parent
+
     embedded = None
     binary = None
     if settings.uses_embedded_redis:
@@ -417,6 +425,8 @@ def main() -> None:
             "or start everything with `python start.py`, which runs an embedded redis-server for all of them"
         )
     if not settings.uses_embedded_redis:
+        from application.services.redis_service import check_redis_access, redis_url
+
         why, warnings = check_redis_access(settings, redis_url(settings))
         if why:
             print(f"swift-api: {why}", file=sys.stderr)
