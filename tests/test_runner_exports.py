@@ -17,6 +17,7 @@ import psutil
 import pytest
 import redis
 
+from application.services.keys import Keys
 from application.services.process_group import group_members
 from tests.conftest import (
     ADMIN_KEY,
@@ -241,3 +242,30 @@ def test_an_owner_runs_at_most_max_running_per_owner_merge_exports_at_once(
         done = wait_for(lambda: (j := server.job(name))["export"]["status"] != "running" and j, timeout=60,  # noqa: B023
                         what=f"{name}'s export")  # fmt: skip
         assert done["export"]["status"] == "completed", done["export"]
+
+
+def test_the_automatic_export_a_dead_runner_still_owed_is_asked_for_once_by_the_scheduler(
+    server_factory: Callable[..., ApiServer], workspace: Path, redis_url: str
+) -> None:
+    # What a runner killed between writing its run's end and asking for the automatic export leaves: the export
+    # owed (written before the end), the runner gone. The job stayed completed with no export and no word why
+    # (hunt EL: 2 kills in 12, timed on the status).
+    server = server_factory(env={"AUTO_EXPORT": "false"})  # (so that no runner asks for it itself)
+    server.create(**job_body(workspace, "x", auto_start=True, training={"max_steps": 2}))
+    job = server.wait_status("x", "completed")
+    assert job["export"]["status"] == "none", job["export"]
+    wait_for(lambda: not psutil.pid_exists(job["runner"]["pid"]), what="its runner to exit")
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    owed = Keys(server.prefix).exports_owed
+    r.zadd(owed, {"x": time.time() - 5})
+    done = wait_for(lambda: (j := server.job("x"))["export"]["status"] == "completed" and j, timeout=60,
+                    what="the owed export to be asked for and run")  # fmt: skip
+    assert done["export"]["auto"] is True and r.zcard(owed) == 0, done["export"]
+    # Owed again (a runner's note that outlived its ask): asked for already since the end, so not again.
+    r.zadd(owed, {"x": time.time() - 5})
+    wait_for(lambda: r.zcard(owed) == 0, what="the note to be dropped")
+    events = server.http.get("/jobs/x/events").json()["events"]
+    asked = [e["message"] for e in events if e["type"] == "export_started"]
+    assert len(asked) == 1 and "requested" in asked[0], asked
+    assert server.job("x")["export"]["export_id"] == done["export"]["export_id"]
+    r.close()

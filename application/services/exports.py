@@ -120,11 +120,36 @@ def no_checkpoint(job: Job) -> Conflict:
     return Conflict(f"job '{job.job_id}' has no checkpoint yet: nothing to export")
 
 
+async def owe_auto_export(store: JobStore, job_id: str) -> None:
+    """Note, before a completed run's end is written, that its automatic export is still to be asked for (kept
+    until `record_auto_export` has decided it): a scheduler asks for those whose runner died first."""
+    await until_answered("the export owed", lambda: store.r.zadd(store.keys.exports_owed, {job_id: clock.now()}))
+
+
+async def owed_auto_exports(store: JobStore, before: float) -> list[tuple[str, float]]:
+    """(job id, since when) of the automatic exports owed since before `before`, the oldest first (100 at most)."""
+    owed = await store.r.zrangebyscore(store.keys.exports_owed, "-inf", before, start=0, num=100, withscores=True)
+    return [(job_id, float(since)) for job_id, since in owed]
+
+
+async def forgive_auto_export(store: JobStore, job_id: str) -> None:
+    await store.r.zrem(store.keys.exports_owed, job_id)
+
+
 async def record_auto_export(store: JobStore, settings: Settings, job_id: str,
                              runner: RunnerInfo | None) -> ExportInfo | None:  # fmt: skip
     """The automatic export of a run that completed, recorded: as run by `runner` (the run's own, which goes
     on to run it), or, with None, requested (a scheduler launches a runner for it). None when there is none:
-    a full-parameter run has nothing to merge; or an export was asked for meanwhile, and theirs runs."""
+    a full-parameter run has nothing to merge; or an export was asked for meanwhile, and theirs runs. Whatever
+    it decides, the export is no longer owed."""
+    info = await _record_auto_export(store, settings, job_id, runner)
+    # (not when that raised: the run's runner tries again, and if it dies first, a scheduler asks for it)
+    await forgive_auto_export(store, job_id)
+    return info
+
+
+async def _record_auto_export(store: JobStore, settings: Settings, job_id: str,
+                              runner: RunnerInfo | None) -> ExportInfo | None:  # fmt: skip
     job = await store.get(job_id)
     if job is None or job.training.train_type == "full":
         return None

@@ -231,6 +231,12 @@ class Keys:
         return self._k("exporting")
 
     @property
+    def exports_owed(self) -> str:
+        """Sorted set, job id -> when its run's end was written: the automatic exports that runs which completed
+        are still to ask for. Its runner dying between the end and the ask lost the export for good (hunt EL)."""
+        return self._k("exports_owed")
+
+    @property
     def leader(self) -> str:
         """String with a TTL: `<fencing token>:<scheduler id>` of the scheduler that may start and stop runs."""
         return self._k("scheduler", "leader")

@@ -39,7 +39,7 @@ from application.services import clock
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore, RunnerTick
 from application.services.export_run import ExportRun
-from application.services.exports import request_auto_export
+from application.services.exports import owe_auto_export, request_auto_export
 from application.services.heartbeat import beating
 from application.services.job_store import JobStore
 from application.services.keys import Keys
@@ -275,10 +275,13 @@ class Runner:
             # predict the jobs waiting behind this one from what it just took.
             history = RunHistory(self.store.r, self.store.keys)
             learnt = end.status != JobStatus.COMPLETED or not (first_run and training) or await history.learn(*took)
+            exports = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training
+            if exports:  # (owed until asked for: this runner may die between the end and the ask)
+                await owe_auto_export(self.store, self.job_id)
             recorded = await outbox.finish(end.status, end.fields, end.message)
             if recorded and not learnt:  # (refused before: Redis, which took the end, takes it now; hunt CI)
                 await history.learn(*took)
-        if recorded and end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training:
+        if recorded and exports:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
         return 0

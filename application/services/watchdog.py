@@ -31,7 +31,7 @@ from application.services import clock, launcher
 from application.services import process_group as pg
 from application.services.cluster_store import ClusterStore
 from application.services.export_watch import ExportWatch
-from application.services.exports import request_auto_export
+from application.services.exports import forgive_auto_export, owe_auto_export, owed_auto_exports, request_auto_export
 from application.services.files import FileStore
 from application.services.job_store import JobStore, TransitionRefused
 from application.services.launcher import RunnerLauncher
@@ -66,6 +66,10 @@ FILL_LOOKBACK = 8
 RECORD_GRACE = 10.0
 # After swift's grace and two of its runner's ticks, how long that runner may take to kill and reap swift's group.
 LOST_MARGIN_SECONDS = 1.0
+# How long after a completed run's end its automatic export may stay owed before a sweep looks at it: its runner,
+# alive, asks at once. One on another host, whose life only its heartbeat would tell, is given longer.
+OWED_WAIT = 1.0
+REMOTE_OWED_WAIT = 60.0
 # What a run whose runner was never launched goes back to the queue for.
 NEVER_LAUNCHED = "the stop of the scheduler that was starting it (its runner was never launched)"
 
@@ -157,7 +161,10 @@ class Watchdog:
         self.silence.keep_only(watched)
         self._unlaunched = {key: since for key, since in self._unlaunched.items() if key in watched}
         self.exports.keep_only(watched)
-        self._failing &= {job.job_id for job in (*running, *exporting)}
+        owed = await owed_auto_exports(self.store, clock.now() - OWED_WAIT)
+        for job_id, since in owed:
+            await self._alone(job_id, self._owed_export(job_id, since))
+        self._failing &= {job.job_id for job in (*running, *exporting)} | {job_id for job_id, _ in owed}
         self.launcher.reap()
         if time.monotonic() - self._last_retention > RETENTION_EVERY:
             self._last_retention = time.monotonic()
@@ -285,6 +292,10 @@ class Watchdog:
                          disk_free=free, backoff=self.settings.RETRY_BACKOFF_SECONDS)  # fmt: skip
         if timed_out is not None:
             end.fields["stop_outcome"] = outcome or "gone"
+        # (a quantized export's own job exports nothing)
+        exports = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and job.kind != "export"
+        if exports:  # (owed until asked for below: this scheduler may die first)
+            await owe_auto_export(self.store, job.job_id)
         try:
             await self._record_end(job, end)
         except TransitionRefused:
@@ -308,9 +319,27 @@ class Watchdog:
             # Only the sweep whose record of the end was taken fills in, once.
             run_dir = Path(facts.run_dir)
             await until_answered("the loss history", lambda: self._fill_history(job.job_id, run_dir, upto))
-        if end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT:
+        if exports:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await request_auto_export(self.store, self.settings, job.job_id, lambda: None)
+
+    async def _owed_export(self, job_id: str, since: float) -> None:
+        """Ask for the automatic export of a run that completed, when its runner (or the scheduler that recorded its
+        end) died before asking (hunt EL: the job stayed completed, with no export and no word why)."""
+        job = await self.store.get(job_id)
+        if job is None or job.status != JobStatus.COMPLETED:  # deleted, or its end was never recorded
+            await forgive_auto_export(self.store, job_id)
+            return
+        export = job.export
+        if export is not None and (export.started_at or 0.0) >= (job.finished_at or 0.0):  # asked for since
+            await forgive_auto_export(self.store, job_id)
+            return
+        alive = self.launcher.is_alive(job.runner) if job.runner is not None else False
+        if alive or (alive is None and clock.now() - since < REMOTE_OWED_WAIT):
+            return  # its runner asks for it (another host's: only time tells)
+        logger.warning("job {}: its run completed, but its runner ended before asking for the automatic export: "
+                       "asked for now", job_id)  # fmt: skip
+        await request_auto_export(self.store, self.settings, job_id, lambda: None)
 
     def _saved_event(self, job_id: str, path: str, since: str | None) -> Callable[[], Awaitable[None]]:
         return lambda: self.store.add_event_once(job_id, "checkpoint_saved", f"checkpoint saved: {path}",
