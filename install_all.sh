@@ -8,19 +8,9 @@
 #   TORCH_INDEX_URL=... ./install_all.sh            # an extra index for it ("" for none). Default: PyTorch's CPU
 #                                                   # index on a machine without nvidia-smi, when it answers
 #                                                   # (PyPI's torch is the multi-GB CUDA build)
-#   COMPILE_BYTECODE=0 ./install_all.sh            # no .pyc files written at install: each module is compiled
-#                                                   # when first imported instead (CI: the tests import a small
-#                                                   # part of torch and transformers; about 50 s of CPU less).
-#                                                   # Not for a venv its users cannot write to (a Docker image's)
 #   ./install_all.sh --tests                        # also what the test suite needs outside Python: Debian's
 #                                                   # chromium (the dashboard's browser tests drive it), if missing
 set -euo pipefail
-compile=()
-case "${COMPILE_BYTECODE:-1}" in
-  1) ;;
-  0) compile=(--no-compile) ;;
-  *) echo "install_all.sh: COMPILE_BYTECODE is 1 (the default) or 0, not '$COMPILE_BYTECODE'" >&2; exit 2 ;;
-esac
 here="$(cd "$(dirname "$0")" && pwd)"
 
 if [ "${1:-}" = "--tests" ] && ! command -v chromium >/dev/null 2>&1; then
@@ -68,9 +58,9 @@ if [ -z "${TORCH_INDEX_URL+set}" ]; then
 fi
 if [ -n "$TORCH_INDEX_URL" ]; then
   echo "torch from $TORCH_INDEX_URL (and the configured index)"
-  "$venv/bin/python" -m pip install -q "${compile[@]}" "$torch_spec" --extra-index-url "$TORCH_INDEX_URL"
+  "$venv/bin/python" -m pip install -q "$torch_spec" --extra-index-url "$TORCH_INDEX_URL"
 else
-  "$venv/bin/python" -m pip install -q "${compile[@]}" "$torch_spec"
+  "$venv/bin/python" -m pip install -q "$torch_spec"
 fi
 torch_installed="$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")"
 constraints="$(mktemp)"
@@ -91,7 +81,7 @@ pyarrow<20
 C
 fi
 # msgspec: ms-swift's GRPO and GKD trainers import it without declaring it (every such run died at import).
-"$venv/bin/python" -m pip install -q "${compile[@]}" "ms-swift==$swift_version" msgspec -c "$constraints"
+"$venv/bin/python" -m pip install -q "ms-swift==$swift_version" msgspec -c "$constraints"
 rm -f "$constraints"
 "$venv/bin/python" -c "import importlib.metadata as m; print('ms-swift', m.version('ms-swift'), 'torch', m.version('torch'))"
 echo "swift CLI: $venv/bin/swift"

@@ -400,14 +400,3 @@ def test_build_context_leaves_out_venvs_outputs_and_git() -> None:
         kept = [p for p in files if "__pycache__" not in p.parts]
         assert kept and not [p for p in kept if dockerignored(p.relative_to(ROOT).as_posix())], src
     assert not dockerignored("application/models/training_model.py")
-
-
-@pytest.mark.parametrize("value", ["no", "2"])
-def test_install_all_refuses_a_compile_bytecode_it_does_not_know_before_installing_anything(
-    tmp_path: Path, value: str
-) -> None:
-    venv = tmp_path / "swift-venv"
-    r = subprocess.run([str(ROOT / "install_all.sh")], env={**os.environ, "COMPILE_BYTECODE": value,
-                       "SWIFT_VENV": str(venv)}, capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert r.returncode == 2 and f"COMPILE_BYTECODE is 1 (the default) or 0, not '{value}'" in r.stderr, r.stderr
-    assert not venv.exists()
