@@ -15,6 +15,10 @@ if __name__ in ("__main__", "__mp_main__"):  # (start.py, and each API worker: m
     from application.utils.process_privacy import keep_private as _keep_private
 
     _keep_private()
+    if __name__ == "__main__":
+        from application.keeper import keep_for_parent as _keep_for_parent
+
+        _keep_for_parent()  # (returns unless this is the keeper `start.py all` started: then nothing more to import)
 
 import asyncio
 import contextlib
@@ -29,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 from types import FrameType
@@ -40,6 +43,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from application.config import CLIENT_VARIABLES, SECRET_VARIABLES, Settings, env_file, get_settings
+from application.keeper import STARTED_BY, carry_on, die_with_parent, keep_scheduler
 from application.setting_names import unknown_settings
 from application.utils.process_privacy import keep_private
 
@@ -49,11 +53,6 @@ if TYPE_CHECKING:
     from application.services.embedded_redis import EmbeddedRedis
 
 ROLES = ("all", "api", "scheduler")
-SCHEDULER_MODULE = "application.scheduler_process"  # what the `scheduler` role runs (and keeps running)
-# How long the `scheduler` role waits before it starts a scheduler that died again (doubling up to 30 s).
-KEEPER_PAUSE = 1.0
-# A scheduler that exits with this will fail the same way again (its settings, its folders): not started again.
-CANNOT_START = 2
 UNIX_PATH_MAX = 107  # bytes of a unix socket's path (108 with its final NUL)
 # How long `all` waits, once its scheduler's keeper has ended, for a stop signal of its own to show: a service
 # manager may signal every process at once, and the keeper may end before this process has seen its own signal.
@@ -99,7 +98,7 @@ def serve_api(settings: Settings) -> None:
 
         # Outside uvicorn's stop signals, a SIGHUP (a log rotation's, a closed terminal's) ended this process:
         # there is nothing to restart here, and the log files rotate themselves.
-        signal.signal(signal.SIGHUP, _carry_on)
+        signal.signal(signal.SIGHUP, carry_on)
         # uvicorn stops on SIGTERM or SIGINT, then raises it again: `start.py api` died of it (a Ctrl-C with a
         # KeyboardInterrupt traceback), where a stop asked for is a clean exit.
         for sig in STOP_SIGNALS:
@@ -173,47 +172,7 @@ def _metrics_dir(port: int) -> Path:
 
 
 def serve_scheduler(settings: Settings) -> None:
-    """The scheduler in a child process, started again when it dies without being told to (a crash, the OOM
-    killer): what holds this process (a container's init, a service manager) must not end for the death of one
-    scheduler, since a container's end would take its runners with it."""
-    from application.services.process_group import die_with_parent
-
-    if settings.DIE_WITH_PARENT:
-        die_with_parent()
-    argv = [sys.executable, "-m", SCHEDULER_MODULE]
-    env = scheduler_env()
-    stopping: list[int] = []
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(sig: int, _: object) -> None:
-        stopping.append(sig)
-        if child is not None and child.poll() is None:
-            child.send_signal(sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, _carry_on)  # (it ended this keeper, and its scheduler with it)
-    pause = KEEPER_PAUSE
-    while not stopping:
-        started = time.monotonic()
-        child = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None)
-        if stopping:  # told to stop while it was starting
-            child.send_signal(stopping[0])
-        code = child.wait()
-        if stopping:
-            sys.exit(code if code >= 0 else 0)
-        if code == CANNOT_START:
-            print(f"swift-api: the scheduler cannot start (exit {code}: see the line above): not starting it again",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            sys.exit(code)
-        if time.monotonic() - started > 60:
-            pause = KEEPER_PAUSE  # it ran a while: not a scheduler that keeps dying, which waits ever longer
-        print(f"swift-api: the scheduler (pid {child.pid}) exited with {code}; starting another in {pause:g} s",
-              file=sys.stderr, flush=True)  # fmt: skip
-        deadline = time.monotonic() + pause
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.1)
-        pause = min(pause * 2, 30.0)
+    keep_scheduler(scheduler_env(), with_parent=settings.DIE_WITH_PARENT)
 
 
 def scheduler_env() -> dict[str, str]:
@@ -226,7 +185,6 @@ def scheduler_env() -> dict[str, str]:
 
 def serve_all(settings: Settings) -> None:
     from application.services.embedded_redis import EmbeddedRedis, find_redis_server
-    from application.services.process_group import die_with_parent
 
     embedded = None
     binary = None
@@ -250,7 +208,7 @@ def serve_all(settings: Settings) -> None:
               f"persistence in {embedded.data_dir}", file=sys.stderr, flush=True)  # fmt: skip
     scheduler = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "scheduler"],
-        env=scheduler_env(),
+        env=scheduler_env() | {STARTED_BY: str(os.getpid())},  # (its keeper: no settings of its own to read)
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
     # uvicorn, when it serves in this process (API_WORKERS=1), stops on SIGTERM or SIGINT and then raises it again,
@@ -363,11 +321,6 @@ def _check_listen(settings: Settings) -> None:
 def _exit_on_signal(sig: int, _: object) -> None:
     told_to_stop.set()
     raise SystemExit(0)  # through the `finally` that stops the rest in order
-
-
-def _carry_on(sig: int, _: object) -> None:
-    print(f"swift-api: {signal.Signals(sig).name} taken: nothing to restart or reopen (log files rotate "
-          "themselves); serving on", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _no_cancelled_streams_at_stop(record: logging.LogRecord) -> bool:

@@ -32,6 +32,7 @@ from application.api.query_once import QueryOnce
 from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
+from application.keeper import die_with_parent
 from application.services import clock
 from application.services.cluster_store import ClusterStore
 from application.services.export_control import ExportControl
@@ -40,7 +41,6 @@ from application.services.job_store import JobStore
 from application.services.keys import Keys
 from application.services.metrics import HttpMetrics, MetricsMiddleware
 from application.services.owner_slots import ResponseCut, download_slots, stream_slots
-from application.services.process_group import die_with_parent
 from application.services.queue_service import QueueService
 from application.services.redis_service import RedisService, redis_refusal
 from application.services.run_control import RunControl

@@ -459,7 +459,7 @@ def main() -> None:
 
     keep_private()  # (already, when run as a module: for a caller of main() of its own)
     from application.config import get_settings
-    from application.services.process_group import die_with_parent
+    from application.keeper import die_with_parent
     from application.utils.logger import setup_logging
 
     settings = get_settings()

@@ -227,7 +227,7 @@ class ApiServer:
     def schedulers(self) -> list[Any]:
         """The scheduler processes themselves (a pid is in the leader's id), not `start.py scheduler`, which keeps
         one running."""
-        from start import SCHEDULER_MODULE
+        from application.keeper import SCHEDULER_MODULE
 
         return [p for p in self.processes() if SCHEDULER_MODULE in _cmdline(p)]
 

@@ -214,7 +214,7 @@ def test_a_stopping_api_container_has_the_time_to_finish_its_open_requests(monke
 
 def test_the_scheduler_health_check_looks_for_the_scheduler_itself() -> None:
     # Not for `start.py scheduler`, which lives on while the scheduler it keeps starting dies again and again.
-    from start import SCHEDULER_MODULE
+    from application.keeper import SCHEDULER_MODULE
 
     assert compose()["services"]["scheduler"]["healthcheck"]["test"] == ["CMD", "pgrep", "-f", SCHEDULER_MODULE]
 

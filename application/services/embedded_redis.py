@@ -18,7 +18,7 @@ from urllib.parse import quote
 import psutil
 
 from application.config import SECRET_VARIABLES
-from application.services.process_group import die_with_parent
+from application.keeper import die_with_parent
 from application.utils.log_tail import read_from
 
 

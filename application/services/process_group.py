@@ -374,14 +374,3 @@ def _group_lives(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return bool(group_members(pgid))
-
-
-def die_with_parent() -> None:
-    """In a child: SIGTERM when its parent dies (Linux), so a killed start.py leaves nothing serving behind."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
