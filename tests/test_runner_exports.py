@@ -71,7 +71,7 @@ def test_an_export_of_a_host_that_went_down_whole_runs_again(
 
 
 def test_an_export_leaves_swifts_status_next_to_its_log_and_a_scheduler_records_it_when_the_runner_cannot(
-    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path
+    server_factory: Callable[..., ApiServer], workspace: Path, tmp_path: Path, redis_url: str
 ) -> None:
     wrapper, gate = gated_swift(tmp_path)
     gate.touch()
@@ -80,6 +80,8 @@ def test_an_export_leaves_swifts_status_next_to_its_log_and_a_scheduler_records_
     done = wait_for(lambda: (j := server.job("e"))["export"]["status"] == "completed" and j, timeout=60,
                     what="the automatic export")  # fmt: skip
     assert json.loads(Path(done["export"]["log_file"]).with_suffix(".exit.json").read_text())["exit_code"] == 0
+    with redis.Redis.from_url(redis_url) as r:  # (the runner's note that it owed the export, dropped once asked)
+        assert r.zcard(Keys(server.prefix).exports_owed) == 0
 
     # A second export, whose runner dies once swift has succeeded and written that down, before its own record.
     gate.unlink()
