@@ -327,7 +327,12 @@ class Watchdog:
         """Ask for the automatic export of a run that completed, when its runner (or the scheduler that recorded its
         end) died before asking (hunt EL: the job stayed completed, with no export and no word why)."""
         job = await self.store.get(job_id)
-        if job is None or job.status != JobStatus.COMPLETED:  # deleted, or its end was never recorded
+        if job is not None and job.status == JobStatus.RUNNING:
+            # Its end not written yet: a runner retrying it through a Redis outage noted the export first (dropped
+            # now, a death after the end lost the export again: review EN). A runner that dies first gets its end
+            # recorded by `runner_died`, which notes the export again.
+            return
+        if job is None or job.status != JobStatus.COMPLETED:  # deleted, or its run ended otherwise
             await forgive_auto_export(self.store, job_id)
             return
         export = job.export
