@@ -184,8 +184,9 @@ async def request_auto_export(store: JobStore, settings: Settings, job_id: str,
         if tried:
             job = await store.get(job_id)
             export = job.export if job is not None else None
-            if export is not None and export.auto and export.status == ExportStatus.RUNNING and \
-                    (export.started_at or 0.0) >= since:  # fmt: skip
+            # (whatever its status: asked for by a scheduler while this runner could not reach Redis, it may have
+            # run already, and recorded again it would merge a second time: review EN)
+            if export is not None and export.auto and (export.started_at or 0.0) >= since:
                 return export
         tried = True
         return await record_auto_export(store, settings, job_id, runner())
