@@ -45,9 +45,13 @@ def keep_for_parent() -> None:
     that start.py's pid in STARTED_BY), with nothing more imported: that start.py checked the settings and the
     folders, and this process inherited its umask and its limit on open files; the scheduler reads its own
     settings. Otherwise return."""
-    if sys.argv[1:] != ["scheduler"] or os.environ.get(STARTED_BY) != str(os.getppid()):
+    parent = os.getppid()
+    if sys.argv[1:] != ["scheduler"] or os.environ.get(STARTED_BY) != str(parent):
         return
-    keep_scheduler({k: v for k, v in os.environ.items() if k != STARTED_BY}, with_parent=True)
+    die_with_parent()
+    if os.getppid() != parent:  # gone before it could take this process with it: nothing to keep
+        sys.exit(0)
+    keep_scheduler({k: v for k, v in os.environ.items() if k != STARTED_BY}, with_parent=False)
     sys.exit(0)
 
 
