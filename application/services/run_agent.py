@@ -275,13 +275,13 @@ class Runner:
             # predict the jobs waiting behind this one from what it just took.
             history = RunHistory(self.store.r, self.store.keys)
             learnt = end.status != JobStatus.COMPLETED or not (first_run and training) or await history.learn(*took)
-            exports = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training
-            if exports:  # (owed until asked for: this runner may die between the end and the ask)
+            auto_export = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and training
+            if auto_export:  # (owed until asked for: this runner may die between the end and the ask)
                 await owe_auto_export(self.store, self.job_id)
             recorded = await outbox.finish(end.status, end.fields, end.message)
             if recorded and not learnt:  # (refused before: Redis, which took the end, takes it now; hunt CI)
                 await history.learn(*took)
-        if recorded and exports:
+        if recorded and auto_export:
             # A runner told to end (its host shuts down) leaves the export to the next scheduler to lead.
             await self._auto_export(here=not self.terminated.is_set())
         return 0

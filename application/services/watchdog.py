@@ -293,8 +293,8 @@ class Watchdog:
         if timed_out is not None:
             end.fields["stop_outcome"] = outcome or "gone"
         # (a quantized export's own job exports nothing)
-        exports = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and job.kind != "export"
-        if exports:  # (owed until asked for below: this scheduler may die first)
+        auto_export = end.status == JobStatus.COMPLETED and self.settings.AUTO_EXPORT and job.kind != "export"
+        if auto_export:  # (owed until asked for below: this scheduler may die first)
             await owe_auto_export(self.store, job.job_id)
         try:
             await self._record_end(job, end)
@@ -319,7 +319,7 @@ class Watchdog:
             # Only the sweep whose record of the end was taken fills in, once.
             run_dir = Path(facts.run_dir)
             await until_answered("the loss history", lambda: self._fill_history(job.job_id, run_dir, upto))
-        if exports:
+        if auto_export:
             # The automatic export its dead runner could not run: requested here, launched by the next sweep.
             await request_auto_export(self.store, self.settings, job.job_id, lambda: None)
 
