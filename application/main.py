@@ -29,6 +29,7 @@ from application.api.local_only import LocalOnly
 from application.api.metrics import router as metrics_router
 from application.api.openapi import TAGS, add_body_limit, add_units, operation_id
 from application.api.query_once import QueryOnce
+from application.api.response_headers import ResponseHeaders
 from application.api.training import include_routes
 from application.auth import KeyRing
 from application.config import Settings, get_settings
@@ -171,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.http_metrics)
     if not settings.api_keys and not settings.ALLOW_UNAUTHENTICATED:
         app.add_middleware(LocalOnly)
+    app.add_middleware(ResponseHeaders)  # (outermost: the refusals of the others get its headers too)
 
     install_error_handlers(app, settings, outages)
     include_routes(app, settings.API_PREFIX)
