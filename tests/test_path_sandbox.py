@@ -342,3 +342,22 @@ def test_a_data_set_with_a_colon_gone_since_the_create_is_caught_before_the_run(
     assert relinked_input([("data_path", stored, True)], [roots["data"]], [], []) is None
     (roots["data"] / "a:b" / "t.jsonl").unlink()
     assert "is gone" in (relinked_input([("data_path", stored, True)], [roots["data"]], [], []) or "")
+
+
+@pytest.mark.parametrize("value", ["datasets/train", "datasets/team:default#5"])
+def test_a_hub_id_named_after_a_root_is_refused_with_the_local_spellings(roots: dict[str, Path], value: str) -> None:
+    # `models/tiny-qwen2` beside MODEL_ROOTS=./models was downloaded from the hub: the job failed after its wait
+    # with a network error (hunt EO). The answer is the same whether the folder exists.
+    with pytest.raises(Invalid) as exc:
+        data(value, roots)
+    rest = value.partition("/")[2]
+    assert exc.value.detail == (
+        f"data_path '{value}' has the form of a hub id (namespace/name), which swift would download, but "
+        f"'datasets' is the name of the folder {roots['data']} in DATA_ROOTS: for '{rest}' in that folder, write "
+        f"'{rest}' (DATA_ROOTS paths are relative to it) or '{roots['data'] / rest}'. A hub namespace named as one "
+        "of those folders cannot be used here"
+    )
+    assert data("team/train.jsonl", roots).local  # (a file's path under a root stays one)
+    with pytest.raises(Invalid, match="'tiny-qwen2' in that folder"):
+        resolve("model_path", "datasets/tiny-qwen2", [roots["data"]], data=False, base=roots["base"],
+                setting="MODEL_ROOTS")  # fmt: skip

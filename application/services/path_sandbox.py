@@ -219,6 +219,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         _refuse_misread(field, value, real, sample)
         return Resolved(_with_sample(str(real), sample), True, real, sample)
     if hub and is_hub_id(text, data=data):
+        _refuse_root_named(field, value, text, roots, real_roots, setting)
         return Resolved(text, False)
     # A path relative to the roots: the first root that holds it wins.
     if m := _SAMPLE_RE.search(text):
@@ -238,6 +239,22 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         f"{field} '{value}' is neither a hub id (namespace/name) nor a path that exists under {setting} "
         f"({_roots_text(real_roots)}): use a hub id, or a path inside one of those folders"
     )
+
+
+def _refuse_root_named(field: str, value: str, text: str, roots: Sequence[Path], real_roots: Sequence[Path],
+                       setting: str) -> None:  # fmt: skip
+    """A hub id whose namespace is a root's own name (`models/tiny-qwen2` beside MODEL_ROOTS=./models) is that
+    root's folder far more often than a hub namespace of that name: swift tried to download it, and the job failed
+    after its wait with a network error (hunt EO). No filesystem call: the answer is the same whether it exists."""
+    namespace, _, rest = text.partition("/")
+    for root, real in zip(roots, real_roots, strict=True):
+        if namespace in (Path(root).name, real.name):
+            raise Invalid(
+                f"{field} '{value}' has the form of a hub id (namespace/name), which swift would download, but "
+                f"'{namespace}' is the name of the folder {real} in {setting}: for '{rest}' in that folder, write "
+                f"'{rest}' ({setting} paths are relative to it) or '{real / rest}'. A hub namespace named as one of "
+                f"those folders cannot be used here"
+            )
 
 
 def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Sequence[Path]) -> bool:
