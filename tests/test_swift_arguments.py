@@ -270,6 +270,22 @@ def test_without_the_argument_list_only_named_fields_can_be_set() -> None:
     assert exc.value.headers == {"Retry-After": "5"}
 
 
+@pytest.mark.parametrize(("name", "hint"), [
+    ("lr", "did you mean learning_rate?"), ("epochs", "did you mean num_epochs?"),
+    ("LR", "did you mean learning_rate?"),
+    ("priorty", "priority is a field of the job, not of its training: set it beside `training`, not inside it"),
+    ("num_gpu", "num_gpus is a field of the job, not of its training"),
+    ("auto_start", "auto_start is a field of the job"),
+])  # fmt: skip
+@pytest.mark.parametrize("info", [V4, None])
+def test_a_name_another_trainer_uses_or_a_field_of_the_job_is_named_as_what_it_means(
+    name: str, hint: str, info: SwiftInfo | None
+) -> None:
+    # `training.lr` said only that it was no argument of swift; `--set epochs=2` suggested max_epochs, and
+    # `--set priorty=2` nothing (hunt EO).
+    assert f"training.{name}: unknown field: {hint}" in refused("sft", {name: 1}, info)
+
+
 def test_the_3x_line_is_checked_against_its_own_list() -> None:
     assert check_arguments("sft", {"target_modules": "all-linear", "deepspeed": "zero3"}, V3) == {
         "target_modules": ["all-linear"], "deepspeed": "zero3"}  # fmt: skip

@@ -27,12 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 from application.exceptions import Invalid, Unavailable
 from application.models.job_request import ALIASES as ALIASES
-from application.models.job_request import TrainingParams
+from application.models.job_request import JobCreate, TrainingParams
 
 if TYPE_CHECKING:  # swift_info imports swift_command, which renders these arguments
     from application.services.swift_info import SwiftInfo
 
 NAMED_FIELDS = tuple(TrainingParams.model_fields)
+# Names other trainers use for the named fields, which no spelling distance finds: named as a hint only.
+GUESSED = {"lr": "learning_rate", "epochs": "num_epochs", "epoch": "num_epochs", "bs": "batch_size",
+           "rank": "lora_rank", "r": "lora_rank", "alpha": "lora_alpha", "dtype": "torch_dtype",
+           "grad_accum": "gradient_accumulation_steps", "accumulation_steps": "gradient_accumulation_steps",
+           "warmup": "warmup_ratio", "steps": "max_steps", "max_len": "max_length",
+           "seq_len": "max_length"}  # fmt: skip
+# The job's own fields, which a CLI's `--set` or a nested body puts under `training` by mistake.
+JOB_FIELDS = tuple(name for name in JobCreate.model_fields if name != "training")
 KIND_CLASSES = {"sft": "SftArguments", "pt": "PretrainArguments", "rlhf": "RLHFArguments"}
 
 MANAGED = {
@@ -150,8 +158,8 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         if _ADDRESS_NAME.search(name):
             raise Invalid(f"{where} is managed by the server: the run would connect to that address from the "
                           "server's network; an operator sets such services up")  # fmt: skip
-        if name not in fields and (near := difflib.get_close_matches(name, NAMED_FIELDS, n=1, cutoff=0.8)):
-            raise Invalid(f"{where}: unknown field: did you mean {near[0]}?")
+        if name not in fields and (hint := _unknown_field_hint(name)):
+            raise Invalid(f"{where}: unknown field: {hint}")
         if info is None or not info.arguments:
             if pending:
                 raise Unavailable("the scheduler has not read the installed ms-swift's arguments yet (it does at "
@@ -176,6 +184,18 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
                                   "files are in the job's artifacts), or to wandb / swanlab where the operator "
                                   "set them up")  # fmt: skip
     return out
+
+
+def _unknown_field_hint(name: str) -> str | None:
+    """What a name that is no argument of swift's was likely meant as: a named field (misspelt, or as another
+    trainer calls it), or a field of the job itself set under `training`."""
+    if near := difflib.get_close_matches(name, NAMED_FIELDS, n=1, cutoff=0.8):
+        return f"did you mean {near[0]}?"
+    if (meant := GUESSED.get(name.lower())) is not None:
+        return f"did you mean {meant}?"
+    if job := difflib.get_close_matches(name, JOB_FIELDS, n=1, cutoff=0.8):
+        return f"{job[0]} is a field of the job, not of its training: set it beside `training`, not inside it"
+    return None
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
