@@ -1037,6 +1037,21 @@ def test_watch_json_passes_a_rewind_on_as_an_event(capsys: pytest.CaptureFixture
                      {"event": "end", "status": "completed"}]  # fmt: skip
 
 
+def test_watch_of_a_job_that_had_ended_says_its_end_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # Its status, read first, and the stream's end said the same line twice (hunt EO).
+    progress = {"current_step": 20, "max_steps": 20, "loss": 8.288, "remaining_seconds": 0}
+    stream = f"event: end\ndata: {json.dumps({'status': 'completed', 'progress': progress})}\n\n"
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"job_id": "tiny", "status": "completed", "progress": progress})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream.encode())
+
+    with Api("http://swift-api.test", transport=httpx.MockTransport(server)) as api:
+        assert watch(api, "tiny", Output(as_json=False)) == 0
+    assert capsys.readouterr().out.splitlines() == ["tiny completed 20/20 loss 8.288 ETA 0:00"]
+
+
 # ---- a reader that has gone ---------------------------------------------------------------------------------
 
 

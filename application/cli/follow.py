@@ -78,12 +78,20 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
     """One line per PLAIN_EVERY_SECONDS, and the last: in a CI log `watch` showed nothing until the job ended
     (hunt CN)."""
 
+    said_last: list[str] = []
+
     def line(status: str, progress: dict[str, Any]) -> None:
         current, total = progress.get("current_step"), progress.get("max_steps")
         steps = f" {current}/{total or '?'}" if current is not None else ""
         eta = progress.get("remaining_time") or render.duration(progress.get("remaining_seconds"))
         loss = render.number(progress.get("loss"))
-        out.line(f"{job_id} {status}{steps}" + (f" loss {loss}" if loss else "") + (f" ETA {eta}" if eta else ""))
+        text = f"{job_id} {status}{steps}" + (f" loss {loss}" if loss else "") + (f" ETA {eta}" if eta else "")
+        say(text)
+
+    def say(text: str) -> None:
+        if said_last != [text]:  # (a job that had ended: its start and its end said the same, twice)
+            out.line(text)
+            said_last[:] = [text]
 
     line(start["status"], start.get("progress") or {})
     said = time.monotonic()
@@ -93,7 +101,7 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
             continue
         if message.event == "status":
             if now := shown.worth(message):
-                out.line(shown.text(now))
+                say(shown.text(now))
             continue
         body = message.json()
         progress = body.get("progress") or {}
