@@ -1390,6 +1390,10 @@ def test_a_refused_field_gets_its_flag_beside_it_whatever_its_message_says_next(
     assert _flags_named("training.lora-rank: unknown field: did you mean lora_rank?", flags) == (
         "training.lora-rank (--set lora-rank): unknown field: did you mean lora_rank?"
     )  # (a key as typed: review DV)
+    # A field given with its value names it too (hunt EO: `--gpus 9` was answered without the flag).
+    assert _flags_named("num_gpus=9 can never be met: this server has 4 GPUs", {"num_gpus": "--gpus"}) == (
+        "num_gpus=9 (--gpus) can never be met: this server has 4 GPUs"
+    )
     # An item's place names its list's flag (hunt DS: `gpu_ids.1` had none).
     assert _flags_named("training.target_modules.0: not a string", flags) == (
         "training.target_modules.0 (--set target_modules): not a string"

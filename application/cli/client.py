@@ -161,12 +161,12 @@ def _flags_named(detail: str, flags: Mapping[str, str]) -> str:
         m = _FIELD.match(part)
         if m is None:
             return part
-        field = m.group(0)
+        field = m.group(0).partition("=")[0]  # (`num_gpus=9 can never be met` names num_gpus: hunt EO)
         under, _, rest = field.partition(".")
         name = rest.partition(".")[0]  # (an item's place names its list's flag: `gpu_ids.1`, hunt DS)
         flag = flags.get(field) or flags.get(under) or (f"{flags['training.*']} {name}" if under == "training" and
                                                         name and "training.*" in flags else None)  # fmt: skip
-        return f"{field} ({flag}){part[m.end() :]}" if flag else part
+        return f"{m.group(0)} ({flag}){part[m.end() :]}" if flag else part
 
     return "; ".join(named(part) for part in detail.split("; "))
 
