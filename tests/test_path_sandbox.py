@@ -354,7 +354,7 @@ def test_a_hub_id_named_after_a_root_is_refused_with_the_local_spellings(roots: 
     assert exc.value.detail == (
         f"data_path '{value}' has the form of a hub id (namespace/name), which swift would download, but "
         f"'datasets' is the name of the folder {roots['data']} in DATA_ROOTS: for '{rest}' in that folder, write "
-        f"'{rest}' (DATA_ROOTS paths are relative to it) or '{roots['data'] / rest}'. A hub namespace named as one "
+        f"'{rest}' (a path relative to DATA_ROOTS) or '{roots['data'] / rest}'. A hub namespace named as one "
         "of those folders cannot be used here"
     )
     assert data("team/train.jsonl", roots).local  # (a file's path under a root stays one)

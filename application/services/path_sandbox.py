@@ -252,7 +252,7 @@ def _refuse_root_named(field: str, value: str, text: str, roots: Sequence[Path],
             raise Invalid(
                 f"{field} '{value}' has the form of a hub id (namespace/name), which swift would download, but "
                 f"'{namespace}' is the name of the folder {real} in {setting}: for '{rest}' in that folder, write "
-                f"'{rest}' ({setting} paths are relative to it) or '{real / rest}'. A hub namespace named as one of "
+                f"'{rest}' (a path relative to {setting}) or '{real / rest}'. A hub namespace named as one of "
                 f"those folders cannot be used here"
             )
 
