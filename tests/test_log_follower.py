@@ -17,10 +17,11 @@ FIX = Path(__file__).parent / "fixtures" / "swift"
 RUN = "/data/lab/out/v0-20261126-155015"
 
 
-def follower(log: Path, started_at: float, limit: int | None = None) -> tuple[LogFollower, Outbox]:
+def follower(log: Path, started_at: float, limit: int | None = None,
+             checkpoints: list[str] | None = None) -> tuple[LogFollower, Outbox]:  # fmt: skip
     # Never flushed, so never connected: what the follower queued stays in the outbox to be looked at.
     outbox = Outbox(JobStore(aioredis.Redis(), Keys("t")), "job", "run")
-    return LogFollower(log, SwiftLogParser(root="/data/lab/out"), outbox, started_at, limit), outbox
+    return LogFollower(log, SwiftLogParser(root="/data/lab/out"), outbox, started_at, limit, checkpoints or []), outbox
 
 
 def real_log() -> bytes:
@@ -91,3 +92,21 @@ def test_a_loss_that_turns_nan_is_told_once_with_its_step(tmp_path: Path) -> Non
     told = [e for e in outbox.events if e["type"] == "loss_not_finite"]
     assert len(told) == 1 and "at step 2: the run diverged" in told[0]["message"], told
     assert [p.get("loss") for p in outbox.history] == [8.264, None, None]
+
+
+def test_a_running_jobs_checkpoints_grow_with_each_one_saved(tmp_path: Path) -> None:
+    # Only the run's end wrote the list: a running job showed `checkpoints: []` beside its last_checkpoint, and
+    # after a resume the earlier run's alone (hunt EO).
+    log = tmp_path / "train.log"
+    data = real_log()
+    cut = data.index(b"checkpoint-20")
+    earlier = "/data/lab/out/v0-20261126-140000/checkpoint-5"
+    follow, outbox = follower(log, time.time(), checkpoints=[earlier])
+    log.write_bytes(data[:cut])
+    follow.read()
+    assert outbox.fields["checkpoints"] == [earlier, f"{RUN}/checkpoint-10"]
+    assert outbox.fields["last_checkpoint"] == f"{RUN}/checkpoint-10"
+    log.write_bytes(data)
+    follow.read()
+    follow.flush()
+    assert outbox.fields["checkpoints"] == [earlier, f"{RUN}/checkpoint-10", f"{RUN}/checkpoint-20"]

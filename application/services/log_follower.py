@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ class LogFollower:
     """Reads what the run's log gained since the last read and queues what it says in the outbox."""
 
     def __init__(self, log_file: Path, parser: SwiftLogParser, outbox: Outbox, started_at: float,
-                 limit: int | None = None) -> None:  # fmt: skip
+                 limit: int | None = None, checkpoints: Sequence[str] = ()) -> None:  # fmt: skip
+        """`checkpoints`: the job's as its earlier runs left them; each one this run saves is added to them."""
         self.log_file = log_file
+        self.checkpoints = list(checkpoints)
         self.parser = parser
         self.outbox = outbox
         self.started_at = started_at
@@ -67,6 +70,9 @@ class LogFollower:
             fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
         if result.checkpoints_saved:
             fields["last_checkpoint_at"] = clock.now()  # what a preemption would lose is counted from here
+            # The job's list, beside its last_checkpoint, while the run goes on (its end writes what is on disk).
+            self.checkpoints += [c for c in result.checkpoints_saved if c not in self.checkpoints]
+            fields["checkpoints"] = list(self.checkpoints)
         if self.parser.best_checkpoint:
             fields["best_checkpoint"] = self.parser.best_checkpoint
         if self.parser.train_loss is not None:

@@ -161,7 +161,7 @@ class Runner:
         # (hunt DT).
         since, age = clock.now() - started_at, time.monotonic() - LOADED
         ran = Elapsed(since if abs(since - age) <= RESTAMP_SECONDS else age)
-        follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds)
+        follow = LogFollower(log_file, parser, outbox, started_at, job.time_limit_seconds, job.checkpoints)
         stopping: asyncio.Task[tuple[str, float]] | None = None
         asked = Asked()
         timed_out = orphaned = False
