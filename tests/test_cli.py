@@ -1394,6 +1394,14 @@ def test_a_refused_field_gets_its_flag_beside_it_whatever_its_message_says_next(
     assert _flags_named("num_gpus=9 can never be met: this server has 4 GPUs", {"num_gpus": "--gpus"}) == (
         "num_gpus=9 (--gpus) can never be met: this server has 4 GPUs"
     )
+    # So does a field the message tells the user to set (hunt EO).
+    told = (
+        "ms-swift cannot tell the model type of 'm' from its folder name, and its architecture Qwen2 fits several: "
+        "set training.model_type (one of qwen2, qwen2_gte) and training.template (qwen2: qwen2_5)"
+    )
+    assert _flags_named(told, flags) == told.replace("model_type (", "model_type (--set model_type) (").replace(
+        "template (", "template (--set template) ("
+    )
     # An item's place names its list's flag (hunt DS: `gpu_ids.1` had none).
     assert _flags_named("training.target_modules.0: not a string", flags) == (
         "training.target_modules.0 (--set target_modules): not a string"

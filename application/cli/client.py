@@ -148,6 +148,7 @@ def commands_named(detail: str) -> str:
 
 
 _FIELD = re.compile(r"[A-Za-z_][^\s:;]*(?=: | )")  # (a key as typed: `--set lora-rank=8`, review DV)
+_SET_FIELD = re.compile(r"(?:\bset |\) and )training\.([A-Za-z_]\w*)(?! \(--)")
 
 
 def _flags_named(detail: str, flags: Mapping[str, str]) -> str:
@@ -168,7 +169,11 @@ def _flags_named(detail: str, flags: Mapping[str, str]) -> str:
                                                         name and "training.*" in flags else None)  # fmt: skip
         return f"{m.group(0)} ({flag}){part[m.end() :]}" if flag else part
 
-    return "; ".join(named(part) for part in detail.split("; "))
+    named_parts = "; ".join(named(part) for part in detail.split("; "))
+    if "training.*" not in flags:
+        return named_parts
+    # A message that tells what to set: "set training.model_type (one of ...) and training.template (...)" (hunt EO).
+    return _SET_FIELD.sub(lambda m: f"{m.group(0)} ({flags['training.*']} {m.group(1)})", named_parts)
 
 
 def check(response: httpx.Response, flags: Mapping[str, str] | None = None) -> None:
