@@ -344,20 +344,43 @@ def test_a_data_set_with_a_colon_gone_since_the_create_is_caught_before_the_run(
     assert "is gone" in (relinked_input([("data_path", stored, True)], [roots["data"]], [], []) or "")
 
 
-@pytest.mark.parametrize("value", ["datasets/train", "datasets/team:default#5"])
-def test_a_hub_id_named_after_a_root_is_refused_with_the_local_spellings(roots: dict[str, Path], value: str) -> None:
-    # `models/tiny-qwen2` beside MODEL_ROOTS=./models was downloaded from the hub: the job failed after its wait
-    # with a network error (hunt EO). The answer is the same whether the folder exists.
+@pytest.mark.parametrize(("value", "local"), [("datasets/team", "team"), ("datasets/team#5", "team#5")])
+def test_a_hub_id_naming_a_path_in_a_root_of_its_name_is_refused_with_the_local_spellings(
+    roots: dict[str, Path], value: str, local: str
+) -> None:
+    # `models/tiny-qwen2` beside MODEL_ROOTS=./models, which held tiny-qwen2, was downloaded from the hub: the job
+    # failed after its wait with a network error (hunt EO).
     with pytest.raises(Invalid) as exc:
         data(value, roots)
-    rest = value.partition("/")[2]
     assert exc.value.detail == (
         f"data_path '{value}' has the form of a hub id (namespace/name), which swift would download, but "
-        f"'datasets' is the name of the folder {roots['data']} in DATA_ROOTS: for '{rest}' in that folder, write "
-        f"'{rest}' (a path relative to DATA_ROOTS) or '{roots['data'] / rest}'. A hub namespace named as one "
-        "of those folders cannot be used here"
+        f"DATA_ROOTS's folder {roots['data']} holds '{local.partition('#')[0]}': to use that, write '{local}' (a "
+        f"path relative to DATA_ROOTS) or '{roots['data'] / local}'. A hub id that names a path in those folders "
+        "this way cannot be used here"
     )
-    assert data("team/train.jsonl", roots).local  # (a file's path under a root stays one)
-    with pytest.raises(Invalid, match="'tiny-qwen2' in that folder"):
+    assert data(local, roots).local  # (what it says to write is taken)
+    with pytest.raises(Invalid, match="holds 'tiny-qwen2'"):
+        make_model(roots["data"] / "tiny-qwen2")
         resolve("model_path", "datasets/tiny-qwen2", [roots["data"]], data=False, base=roots["base"],
                 setting="MODEL_ROOTS")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["datasets/no-such-name", "datasets/team:default", "datasets/escape"])
+def test_a_hub_id_in_a_namespace_named_as_a_root_is_one_when_that_root_holds_no_such_path(
+    roots: dict[str, Path], value: str
+) -> None:
+    # (DATA_ROOTS=/srv/swift made `swift/self-cognition` a 422, with no way around it: review EQ. A subset is only
+    # a hub's; a link out of the root is nothing of the root's.)
+    assert data(value, roots) == path_sandbox.Resolved(value, False)
+
+
+def test_another_owners_folder_named_so_is_refused_whether_it_exists(roots: dict[str, Path]) -> None:
+    def guard(field: str, value: str, real: Path) -> None:
+        if real.name.startswith("theirs"):
+            raise Invalid(f"{field}: another owner's folder")
+
+    (roots["data"] / "theirs").mkdir()
+    for name in ("theirs", "theirs-not-there"):
+        with pytest.raises(Invalid, match="another owner's folder"):
+            resolve("data_path", f"datasets/{name}", [roots["data"]], data=True, base=roots["base"],
+                    setting="DATA_ROOTS", guard=guard)  # fmt: skip

@@ -213,6 +213,9 @@ def test_only_a_hub_only_request_on_a_local_disk_is_checked_without_a_thread() -
     assert not runs_inline("./train.jsonl", hub[1], {}, output_on_local_disk=True)
     assert not runs_inline(hub[0], hub[1], {"val_dataset": ["swift/x", "team/val.jsonl"]}, output_on_local_disk=True)
     assert not runs_inline(hub[0], "~/models/qwen", {}, output_on_local_disk=True)
+    # A hub id in a namespace named as a root is looked for in that root: on the disk, so in a thread.
+    assert not runs_inline(hub[0], "models/qwen", {}, output_on_local_disk=True, roots=frozenset({"models"}))
+    assert runs_inline(hub[0], "models/qwen", {}, output_on_local_disk=True, roots=frozenset({"datasets"}))
 
 
 def test_the_inline_check_still_refuses_an_output_dir_that_a_symlink_takes_out_of_output_root(tmp_path: Path) -> None:

@@ -107,7 +107,8 @@ async def _checked_job(svc: TrainingService, req: JobCreate, caller: Caller,
         guard=all_of(guard, svc.files.upload_guard(caller)),
     )  # fmt: skip
     # Inline, no path but the output folder's is looked at: the guard is never called.
-    inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=svc.output_on_local_disk)
+    inline = runs_inline(data_path, req.model_path, arguments, output_on_local_disk=svc.output_on_local_disk,
+                         roots=svc.root_names)  # fmt: skip
     checked = check() if inline else await svc.checks.run(caller.name, check)
     # Uploads named by their path are recorded with the job (another owner's is refused: their folder also
     # lies inside DATA_ROOTS).

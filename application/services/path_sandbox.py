@@ -219,7 +219,7 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
         _refuse_misread(field, value, real, sample)
         return Resolved(_with_sample(str(real), sample), True, real, sample)
     if hub and is_hub_id(text, data=data):
-        _refuse_root_named(field, value, text, roots, real_roots, setting)
+        _refuse_root_named(field, value, text, roots, real_roots, setting, guard)
         return Resolved(text, False)
     # A path relative to the roots: the first root that holds it wins.
     if m := _SAMPLE_RE.search(text):
@@ -242,19 +242,37 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
 
 
 def _refuse_root_named(field: str, value: str, text: str, roots: Sequence[Path], real_roots: Sequence[Path],
-                       setting: str) -> None:  # fmt: skip
-    """A hub id whose namespace is a root's own name (`models/tiny-qwen2` beside MODEL_ROOTS=./models) is that
-    root's folder far more often than a hub namespace of that name: swift tried to download it, and the job failed
-    after its wait with a network error (hunt EO). No filesystem call: the answer is the same whether it exists."""
+                       setting: str, guard: Guard | None) -> None:  # fmt: skip
+    """A hub id whose namespace is a root's folder name and whose name is there (`models/tiny-qwen2` beside
+    MODEL_ROOTS=./models, which holds tiny-qwen2): swift downloaded it, and the job failed after its wait with a
+    network error (hunt EO). Looked for as a path relative to that root is (another owner's folder refused first,
+    whether it exists); a hub id naming nothing there, or a subset (`:name`, only a hub's), is a hub id."""
     namespace, _, rest = text.partition("/")
-    for root, real in zip(roots, real_roots, strict=True):
-        if namespace in (Path(root).name, real.name):
+    if ":" in rest:
+        return
+    local = _SAMPLE_RE.sub("", rest)
+    for root, real_root in zip(roots, real_roots, strict=True):
+        if namespace not in (Path(root).name, real_root.name):
+            continue
+        candidate = real_root / local
+        real = Path(os.path.realpath(candidate))
+        if not _inside(real, [real_root]) or not _inside_as_written(candidate, [real_root], [real_root]):
+            continue
+        if guard is not None:
+            guard(field, value, real)
+        if _exists(real):
             raise Invalid(
                 f"{field} '{value}' has the form of a hub id (namespace/name), which swift would download, but "
-                f"'{namespace}' is the name of the folder {real} in {setting}: for '{rest}' in that folder, write "
-                f"'{rest}' (a path relative to {setting}) or '{real / rest}'. A hub namespace named as one of "
-                f"those folders cannot be used here"
+                f"{setting}'s folder {real_root} holds '{local}': to use that, write '{rest}' (a path relative to "
+                f"{setting}) or '{real_root / rest}'. A hub id that names a path in those folders this way cannot "
+                "be used here"
             )
+
+
+def root_names(roots: Sequence[Path]) -> frozenset[str]:
+    """The folder names of `roots` as configured and as resolved: a hub id's namespace among them is looked for
+    on the disk (`_refuse_root_named`)."""
+    return frozenset(name for r in roots for name in (Path(r).name, Path(os.path.realpath(r)).name))
 
 
 def _inside_as_written(candidate: Path, roots: Sequence[Path], real_roots: Sequence[Path]) -> bool:

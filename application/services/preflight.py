@@ -224,12 +224,14 @@ def check_model_links(field: str, path: Path, settings: Settings, guard: Guard |
                            fix="copy the files in instead")  # fmt: skip
 
 
-def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool) -> bool:
+def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, output_on_local_disk: bool,
+                roots: frozenset[str] = frozenset()) -> bool:  # fmt: skip
     """May `check_request` run on the event loop? Yes when every data set and model is a hub id: all it then
     touches is the output folder's path (an lstat per folder level), and only when OUTPUT_ROOT is on a local
     disk (`utils.filesystems.on_local_disk`, found at start-up). Such a lookup takes microseconds, less than
     the hop to a thread and back (measured with benchmarks/bench_api.py: the hop alone cost a fifth of the
-    route's throughput); a network mount that stalls must not stall the loop."""
+    route's throughput); a network mount that stalls must not stall the loop. `roots`: the roots' folder names
+    (`path_sandbox.root_names`): a hub id in such a namespace is looked for on the disk."""
     if not output_on_local_disk:
         return False
     named: list[tuple[Any, bool]] = [(data_path, True), (model_path, False)]
@@ -238,7 +240,8 @@ def runs_inline(data_path: str, model_path: str, arguments: dict[str, Any], *, o
             return False  # (always a folder on the disk)
         if name in DATA_ARGUMENTS or name in MODEL_ARGUMENTS:
             named += [(item, name in DATA_ARGUMENTS) for item in (value if isinstance(value, list) else [value])]
-    return all(isinstance(v, str) and is_hub_id(v, data=data) for v, data in named)
+    return all(isinstance(v, str) and is_hub_id(v, data=data) and v.partition("/")[0] not in roots
+               for v, data in named)  # fmt: skip
 
 
 def resolve_arguments(arguments: dict[str, Any], settings: Settings, *, needs: Needs,

@@ -39,6 +39,7 @@ from application.services.files import FileStore
 from application.services.index_pages import cursor_text, one_way
 from application.services.job_store import Claim, JobStore, Refusal, TransitionRefused, joined
 from application.services.limits import CreateLimits
+from application.services.path_sandbox import root_names
 from application.services.placement import NOT_QUEUED, Placement
 from application.services.point_ids import POINTS_PER_STEP, format_id, keys_of
 from application.services.queue_planner import ClusterView, Planner, build_view
@@ -64,6 +65,7 @@ class TrainingService:
         self._swift: tuple[str, SwiftInfo | None] | None = None
         # Read here, at start-up, so that no request makes this filesystem call (README "Benchmarks").
         self.output_on_local_disk = on_local_disk(settings.OUTPUT_ROOT)
+        self.root_names = root_names([*settings.data_roots(), *settings.model_roots()])
         self.checks = CheckPool()  # the disk checks of creates and uploads
         self.files = FileStore(settings, store.r, store.keys, self.checks)
         self.placement = Placement(store, cluster, self.planner, self.view)
