@@ -158,7 +158,10 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         if _ADDRESS_NAME.search(name):
             raise Invalid(f"{where} is managed by the server: the run would connect to that address from the "
                           "server's network; an operator sets such services up")  # fmt: skip
-        if name not in fields and (hint := _unknown_field_hint(name)):
+        # (not before the scheduler has read the list: a real argument, max_epochs or model_author, was refused
+        # for a field it resembles, where a retry would have been taken: review EQ)
+        listed = info is not None and bool(info.arguments)
+        if name not in fields and (listed or not pending) and (hint := _unknown_field_hint(name, listed)):
             raise Invalid(f"{where}: unknown field: {hint}")
         if info is None or not info.arguments:
             if pending:
@@ -186,14 +189,18 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
     return out
 
 
-def _unknown_field_hint(name: str) -> str | None:
+def _unknown_field_hint(name: str, listed: bool) -> str | None:
     """What a name that is no argument of swift's was likely meant as: a named field (misspelt, or as another
-    trainer calls it), or a field of the job itself set under `training`."""
+    trainer calls it), or a field of the job itself set under `training`. `listed`: swift's arguments are known
+    (else a name like a job field's may be one of them: model_author is no misspelt model_path)."""
     if near := difflib.get_close_matches(name, NAMED_FIELDS, n=1, cutoff=0.8):
         return f"did you mean {near[0]}?"
     if (meant := GUESSED.get(name.lower())) is not None:
         return f"did you mean {meant}?"
-    if job := difflib.get_close_matches(name, JOB_FIELDS, n=1, cutoff=0.8):
+    job = (
+        [name] if name in JOB_FIELDS else difflib.get_close_matches(name, JOB_FIELDS, n=1, cutoff=0.8) if listed else []
+    )
+    if job:
         return f"{job[0]} is a field of the job, not of its training: set it beside `training`, not inside it"
     return None
 
