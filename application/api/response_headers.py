@@ -1,4 +1,5 @@
-"""What every answer gets, whoever made it (a route, an error handler, a middleware's refusal, Starlette itself).
+"""What every answer gets, whoever made it (a route, an error handler, a middleware's refusal, Starlette's 404 and
+405); not the plain-text 500 of an unhandled error, which Starlette's outermost middleware writes.
 
 - `X-Content-Type-Options: nosniff`: an error's JSON can quote what the request sent (a job id from the path), and
   a browser must not take it for a page. The dashboard's and the docs' pages set it themselves, with the rest of
