@@ -94,19 +94,31 @@ def test_a_loss_that_turns_nan_is_told_once_with_its_step(tmp_path: Path) -> Non
     assert [p.get("loss") for p in outbox.history] == [8.264, None, None]
 
 
-def test_a_running_jobs_checkpoints_grow_with_each_one_saved(tmp_path: Path) -> None:
+def test_a_running_jobs_checkpoints_grow_with_each_one_saved_less_those_removed(tmp_path: Path) -> None:
     # Only the run's end wrote the list: a running job showed `checkpoints: []` beside its last_checkpoint, and
-    # after a resume the earlier run's alone (hunt EO).
-    log = tmp_path / "train.log"
-    data = real_log()
+    # after a resume the earlier run's alone (hunt EO). Those save_total_limit removes go (review EQ).
+    out = tmp_path / "out"
+    run = out / "v0-20261126-155015"
+    data = real_log().replace(b"/data/lab/out", str(out).encode())
     cut = data.index(b"checkpoint-20")
-    earlier = "/data/lab/out/v0-20261126-140000/checkpoint-5"
-    follow, outbox = follower(log, time.time(), checkpoints=[earlier])
+    earlier = out / "v0-20261126-140000" / "checkpoint-5"
+    for folder in (earlier, run / "checkpoint-10"):
+        folder.mkdir(parents=True)
+    outbox = Outbox(JobStore(aioredis.Redis(), Keys("t")), "job", "run")
+    log = tmp_path / "train.log"
+    follow = LogFollower(log, SwiftLogParser(root=str(out)), outbox, time.time(), None, [str(earlier)])
     log.write_bytes(data[:cut])
     follow.read()
-    assert outbox.fields["checkpoints"] == [earlier, f"{RUN}/checkpoint-10"]
-    assert outbox.fields["last_checkpoint"] == f"{RUN}/checkpoint-10"
+    assert outbox.fields["checkpoints"] == [str(earlier), f"{run}/checkpoint-10"]
+    assert outbox.fields["last_checkpoint"] == f"{run}/checkpoint-10"
+    (run / "checkpoint-20").mkdir()
+    log.write_bytes(data[: data.index(b"\n", cut) + 1])
+    follow.read()
+    assert outbox.fields["checkpoints"] == [str(earlier), f"{run}/checkpoint-10", f"{run}/checkpoint-20"]
+    # swift removes the oldest just after it says it saved the newest: the next read leaves it out.
+    earlier.rmdir()
+    (run / "checkpoint-10").rmdir()
     log.write_bytes(data)
     follow.read()
     follow.flush()
-    assert outbox.fields["checkpoints"] == [earlier, f"{RUN}/checkpoint-10", f"{RUN}/checkpoint-20"]
+    assert outbox.fields["checkpoints"] == [f"{run}/checkpoint-20"]

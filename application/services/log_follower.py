@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class LogFollower:
         """`checkpoints`: the job's as its earlier runs left them; each one this run saves is added to them."""
         self.log_file = log_file
         self.checkpoints = list(checkpoints)
+        self.rotating = False  # a checkpoint was saved at the last read: older ones may be removed just after
         self.parser = parser
         self.outbox = outbox
         self.started_at = started_at
@@ -70,9 +72,16 @@ class LogFollower:
             fields["last_checkpoint"] = self.parser.last_checkpoint or result.checkpoints_saved[-1]
         if result.checkpoints_saved:
             fields["last_checkpoint_at"] = clock.now()  # what a preemption would lose is counted from here
-            # The job's list, beside its last_checkpoint, while the run goes on (its end writes what is on disk).
             self.checkpoints += [c for c in result.checkpoints_saved if c not in self.checkpoints]
-            fields["checkpoints"] = list(self.checkpoints)
+        if result.checkpoints_saved or self.rotating:
+            # The job's list, beside its last_checkpoint, while the run goes on (its end writes what is on disk):
+            # less those save_total_limit removed (review EQ), which swift does just after it says it saved one,
+            # so looked at again at the next read too.
+            kept = [c for c in self.checkpoints if os.path.isdir(c)]
+            if kept != self.checkpoints or result.checkpoints_saved:
+                self.checkpoints = kept
+                fields["checkpoints"] = list(kept)
+            self.rotating = bool(result.checkpoints_saved)
         if self.parser.best_checkpoint:
             fields["best_checkpoint"] = self.parser.best_checkpoint
         if self.parser.train_loss is not None:
