@@ -300,6 +300,18 @@ def test_a_name_another_trainer_uses_or_a_field_of_the_job_is_named_as_what_it_m
     assert expected in refused("sft", {name: 1}, info)
 
 
+def test_a_fraction_out_of_its_bounds_is_refused_before_the_run() -> None:
+    # lora_dropout 1.5 was taken, and the run failed once started: "dropout probability has to be between 0 and 1"
+    # (hunt ES).
+    assert refused("sft", {"lora_dropout": 1.5}) == "training.lora_dropout is 1.5: it takes a value from 0 to 1"
+    assert refused("sft", {"adam_beta2": 1}) == (
+        "training.adam_beta2 is 1: it takes a value from 0 up to, not including, 1"
+    )
+    assert "from 0 to 1" in refused("sft", {"lora_dropout": -0.1})
+    assert check_arguments("sft", {"lora_dropout": 1, "adam_beta2": 0.999, "lora_alpha": 32}, V4) == {
+        "lora_dropout": 1.0, "adam_beta2": 0.999, "lora_alpha": 32}  # fmt: skip
+
+
 def test_the_3x_line_is_checked_against_its_own_list() -> None:
     assert check_arguments("sft", {"target_modules": "all-linear", "deepspeed": "zero3"}, V3) == {
         "target_modules": ["all-linear"], "deepspeed": "zero3"}  # fmt: skip

@@ -180,6 +180,7 @@ def check_arguments(kind: str, extra: Mapping[str, Any], info: SwiftInfo | None,
         if value is None:
             continue
         out[name] = convert(where, name, value, spec)
+        _check_range(where, name, out[name])
         if name == "report_to":
             for item in out[name] if isinstance(out[name], list) else [out[name]]:
                 if (why := REPORT_REFUSED.get(str(item).strip().lower())) is not None:
@@ -203,6 +204,23 @@ def _unknown_field_hint(name: str, listed: bool) -> str | None:
     if job:
         return f"{job[0]} is a field of the job, not of its training: set it beside `training`, not inside it"
     return None
+
+
+# Arguments a fraction or a probability: their bounds (a high bound kept out when False), which swift's parser does
+# not check; torch or transformers refuse a value outside them only once the run has started, after its wait
+# (lora_dropout 1.5: "dropout probability has to be between 0 and 1": hunt ES).
+UNIT_INTERVAL = {"lora_dropout": True, "boft_dropout": True, "vera_dropout": True, "label_smoothing_factor": True,
+                 "freeze_parameters_ratio": True, "top_p": True, "min_p": True, "adam_beta1": False,
+                 "adam_beta2": False}  # fmt: skip
+
+
+def _check_range(where: str, name: str, value: Any) -> None:
+    closed = UNIT_INTERVAL.get(name)
+    if closed is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if value < 0 or value > 1 or (value == 1 and not closed):
+        bounds = "to 1" if closed else "up to, not including, 1"
+        raise Invalid(f"{where} is {value:g}: it takes a value from 0 {bounds}")
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
