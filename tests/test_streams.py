@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
@@ -397,6 +398,39 @@ def test_the_log_and_progress_streams_say_the_status_they_find_and_its_changes(s
     assert changes[0] == "paused" and changes[-1] == "running" and set(changes) <= {"paused", "queued", "running"}
     server.http.post("/jobs/st/stop")
     assert read(server, "/jobs/st/logs/stream", stop=lambda got: False)[-1].event == "end"
+
+
+def test_a_pause_is_said_after_the_points_and_lines_its_run_wrote_before_it(server: ApiServer,
+                                                                           workspace: Path) -> None:  # fmt: skip
+    # The stream said "paused" and then the run's last steps, read in the same poll (review ER): a follower showed
+    # the job paused, then counting on.
+    server.create(**job_body(workspace, "po", step_seconds=0.3, auto_start=True,
+                             training={"max_steps": 400, "save_steps": 5, "logging_steps": 1}))  # fmt: skip
+    got: dict[str, list[Message]] = {"progress": [], "logs": []}
+
+    def follow(kind: str) -> None:
+        def keep(messages: list[Message]) -> bool:  # (each as it comes, for the test to watch)
+            got[kind].append(messages[-1])
+            return False
+
+        read(server, f"/jobs/po/{kind}/stream", stop=keep, timeout=90)
+
+    readers = [threading.Thread(target=follow, args=(kind,)) for kind in got]
+    for reader in readers:
+        reader.start()
+    wait_for(lambda: (server.job("po")["progress"]["current_step"] or 0) >= 6, what="po past a checkpoint")
+    assert server.http.post("/jobs/po/pause").json()["status"] == "paused"
+    said = lambda kind: any(m.event == "status" and "paused" in m.data for m in list(got[kind]))  # noqa: E731
+    wait_for(lambda: said("progress") and said("logs"), what="both streams to say the pause")
+    assert server.http.post("/jobs/po/stop").status_code == 200
+    for reader in readers:
+        reader.join(60)
+    for kind, messages in got.items():
+        assert messages[-1].event == "end", (kind, messages[-3:])
+        paused = next(i for i, m in enumerate(messages) if m.event == "status" and "paused" in m.data)
+        after = [m for m in data_of(messages[paused:])]
+        assert after == [], (kind, [m.id for m in after])
+        assert data_of(messages[:paused]), kind
 
 
 @pytest.mark.parametrize("kind", ["events", "progress", "logs"])

@@ -235,6 +235,7 @@ class Streams:
         partial = b""
         pace = _Pace(self.poll, self.heartbeat)
         status_sent: str | None = None  # the status last sent (`event: status`)
+        status_due = ""  # its message, until the log read so far is sent
 
         def at(n: int) -> str:
             return f"{_log_tag(path)}-{n}" if kind == "export" else str(n)
@@ -250,11 +251,16 @@ class Streams:
                 ahead += [log for log in later if log != path and log not in ahead]
                 if kind == "train" and now is not None and now != status_sent and not JobStatus(now).is_terminal():
                     status_sent = now  # (a busy log's status too: one that runs again after a pause)
-                    yield status_message(now)
+                    # Said once the log read so far is sent, up to where it stands now: after the lines of a run
+                    # that ended, before the next run's (review ER: "paused", then the lines of the run it ended).
+                    status_due = status_message(now)
             size = size_in_place(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
                     yield message(_visible(partial), event_id=at(base + offset))
+                if status_due:
+                    yield status_due
+                    status_due = ""
                 # An export's logs are one log each (a rerun appends to its own): its ids start again.
                 base = 0 if kind == "export" else base + offset
                 offset, partial, path = 0, b"", ahead.pop(0)
@@ -294,6 +300,12 @@ class Streams:
                 yield "".join(batch)
                 sent = True
             partial = buf[pos:]
+            if status_due and len(data) < LOG_CHUNK:
+                if partial and status_sent != JobStatus.RUNNING:  # its run has ended: no newline will end its last line
+                    yield message(_visible(partial), event_id=at(base + offset))
+                    partial = b""
+                yield status_due
+                status_due = ""
             if not (sent or len(data) == LOG_CHUNK):
                 if check:
                     over, status = await self._ended(job_id, kind, created)
@@ -417,7 +429,10 @@ class Streams:
             if fresh and progress is not None:
                 # A finished run's whole history (2,000 points by default) on connect: sent point by point, with no
                 # turn for the loop's other requests between them, ten streams opening stalled them for 0.9 s.
-                out: list[str] = [said] if said else []
+                # A new run is said before its points; a rest (paused, queued again) after the points of the run
+                # that ended, which it wrote before its end (review ER: "paused", then two more steps).
+                ahead_of_points = said and now == JobStatus.RUNNING
+                out: list[str] = [said] if ahead_of_points else []
                 for key, point in fresh:
                     if (step := rewind_to(last, key, starts)) is not None:
                         out.append(message(json.dumps({"step": step}), event="rewind"))
@@ -427,6 +442,8 @@ class Streams:
                         yield "".join(out)
                         out = []
                         await asyncio.sleep(0)
+                if said and not ahead_of_points:
+                    out.append(said)
                 if out:
                     yield "".join(out)
             else:
