@@ -522,6 +522,68 @@ async def test_a_new_leader_sends_what_the_last_was_delivering_oldest_first_with
     assert ids[0] == ids[1] != ids[2] and ids[3] != ids[4], ids
 
 
+async def test_a_new_leader_goes_on_counting_the_attempts_the_last_made(
+    redis_client: Any, tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    # Each leader counted from 1: a notification posted twice before its leader died said "attempt 1" when the next
+    # one delivered it, and one whose receiver never answered was retried for as long as leaders kept dying
+    # (review ER).
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job, JobStatus
+    from application.services.cluster_store import ClusterStore
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+    from application.services.webhooks import Webhooks
+    from tests.conftest import settings_for
+
+    hook = receiver({"status_completed": [500, 500], "status_failed": [500] * 9})
+    # (a leader dies in the pause after its second attempt: 1 s, then)
+    settings = settings_for("redis://unused", tmp_path, WEBHOOK_URLS=hook.url, WEBHOOK_MAX_ATTEMPTS=3,
+                            WEBHOOK_RETRY_SECONDS=0.5)  # fmt: skip
+    keys = Keys(f"hooks-{time.time_ns()}")
+    store, cluster = JobStore(redis_client, keys), ClusterStore(redis_client, keys)
+    now = time.time()
+    for job_id in ("done", "lost"):
+        job = Job(job_id=job_id, status=JobStatus.PENDING, priority=5, data_path="a/b", model_path="c/d",
+                  output_dir=f"/o/{job_id}", output_dir_requested=job_id, num_gpus=0, training=TrainingParams(),
+                  created_at=now, updated_at=now)  # fmt: skip
+        await store.create(job, message="created", actor="test")
+    summary = await redis_client.get(keys.job_summary("done"))
+
+    async def leader_dies_after(raw: str, event: str, posts: int) -> None:
+        hooks = Webhooks(store, cluster, settings)
+        await hooks._backlog.acquire()
+        task = asyncio.create_task(hooks._deliver(raw))
+        await until(lambda: sum(h["x-swift-api-event"] == event for h, _, _ in hook.received) >= posts)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def next_leader_delivers(raw: str) -> None:
+        hooks = Webhooks(store, cluster, settings)
+        await hooks._backlog.acquire()
+        await hooks._deliver(raw)
+
+    async def recorded(job_id: str) -> list[dict[str, Any]]:
+        events = await store.events(job_id, None, 100)
+        return [e.model_dump() for e in events if e.type.startswith("webhook_")]
+
+    done = json.dumps({"job_id": "done", "event": "status_completed", "at": now, "summary": summary})
+    await leader_dies_after(done, "status_completed", 2)
+    await next_leader_delivers(done)
+    assert [s for h, _, s in hook.received if h["x-swift-api-event"] == "status_completed"] == [500, 500, 200]
+    [delivered] = await recorded("done")
+    assert delivered["data"]["attempts"] == 3 and "attempt 3" in delivered["message"], delivered
+
+    lost = json.dumps({"job_id": "lost", "event": "status_failed", "at": now,
+                       "summary": await redis_client.get(keys.job_summary("lost"))})  # fmt: skip
+    await leader_dies_after(lost, "status_failed", 2)
+    await next_leader_delivers(lost)
+    assert sum(h["x-swift-api-event"] == "status_failed" for h, _, _ in hook.received) == 3  # one more, not three
+    [failed] = await recorded("lost")
+    assert failed["type"] == "webhook_failed" and "after 3 attempts" in failed["message"], failed
+
+
 async def test_a_url_that_cannot_be_parsed_is_refused_and_one_stored_before_fails_once(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[..., Receiver]
 ) -> None:

@@ -304,6 +304,10 @@ class Keys:
         """List: notifications the leader took and is delivering (back to the queue if it dies meanwhile)."""
         return self._k("webhooks", "delivering")
 
+    def webhook_attempts(self, delivery: str) -> str:
+        """Hash, expiring: a delivery's URL (its digest) -> the attempts made to post it, by any leader."""
+        return self._k("webhooks", "attempts", delivery)
+
     @property
     def webhook_signing(self) -> str:
         """Hash: owner ("" for no keys) -> how many times its signing key was rotated (absent: never)."""

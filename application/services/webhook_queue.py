@@ -6,6 +6,7 @@ delivered, so a leader that goes (or an outage that cuts off a take's answer) lo
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Collection
 from typing import Any
@@ -56,6 +57,18 @@ class WebhookQueue:
 
     async def webhook_delivered(self, raw: str) -> None:
         await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
+
+    async def count_webhook_attempt(self, delivery: str, url: str, ttl: int) -> int:
+        """One more attempt at posting `delivery` to `url`: how many there have been, this one included, by every
+        leader (one that died mid-delivery counted its own: the next goes on from there, not from 1). The count
+        lapses `ttl` seconds after the last attempt."""
+        key = self.keys.webhook_attempts(delivery)
+        field = hashlib.sha256(url.encode()).hexdigest()[:32]  # (a URL may hold a token: not kept as it is)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, field, 1)
+            pipe.expire(key, ttl)
+            count, _ = await pipe.execute()
+        return int(count)
 
     async def signing_generation(self, owner: str | None) -> int:
         """How many times `owner`'s signing key was rotated (see `webhooks.owner_key`)."""

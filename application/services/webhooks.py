@@ -56,6 +56,7 @@ MAX_BACKLOG = 10_000
 RETRY_AFTER_MAX = 60.0  # the longest Retry-After (429, 503) honoured; longer ones wait this long
 RETRIED_4XX = frozenset({408, 425, 429})  # the 4xx answers that a later attempt may not get; others are final
 POLL_SECONDS = 0.5
+WEBHOOK_ATTEMPTS_TTL = 86_400.0  # how long a delivery's count of attempts outlives its last attempt
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # the pause after a Redis error, doubling while Redis does not answer
 
 
@@ -308,7 +309,8 @@ class Webhooks:
         attempts = self.settings.WEBHOOK_MAX_ATTEMPTS
         wait: float | None = None  # the seconds an answer's Retry-After asked for
         last = why = ""  # why: for the operator's log, which may say what the job's events do not
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while (attempt := await self._next_attempt(delivery, url, attempt)) <= attempts:
             try:
                 # httpx's timeout bounds each read, not the POST: a receiver answering a byte a second held a
                 # delivery slot for as long as it liked (all of them, with 16 such URLs).
@@ -367,10 +369,20 @@ class Webhooks:
                 await asyncio.sleep(max(backoff, min(wait, RETRY_AFTER_MAX)) if wait is not None else backoff)
         if not own:  # (the operator's own URL: the job's events are the user's, its log is the operator's)
             logger.warning("webhook {} of job {} not delivered to {} after {} attempts ({})", event, item["job_id"],
-                           shown, attempts, why)  # fmt: skip
+                           shown, attempts, why or "made by an earlier leader")  # fmt: skip
         await self._record(item, "webhook_failed", f"{event} not delivered to {shown} after {attempts} attempts "
-                           f"({last})", shown, attempts, None)  # fmt: skip
+                           f"({last or 'made by an earlier leader'})", shown, attempts, None)  # fmt: skip
         return False
+
+    async def _next_attempt(self, delivery: str, url: str, attempt: int) -> int:
+        """The number of the next attempt, counted in Redis across leaders (review ER: a leader that started
+        again began at 1, so a notification was retried without end while leaders kept dying); counted here alone
+        while Redis does not answer."""
+        ttl = int(WEBHOOK_ATTEMPTS_TTL)
+        try:
+            return max(attempt + 1, await self.cluster.count_webhook_attempt(delivery, url, ttl))
+        except RedisError:
+            return attempt + 1
 
     async def _record(self, item: dict[str, Any], kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
