@@ -245,8 +245,8 @@ def _refuse_root_named(field: str, value: str, text: str, roots: Sequence[Path],
                        setting: str, guard: Guard | None) -> None:  # fmt: skip
     """A hub id whose namespace is a root's folder name and whose name is there (`models/tiny-qwen2` beside
     MODEL_ROOTS=./models, which holds tiny-qwen2): swift downloaded it, and the job failed after its wait with a
-    network error (hunt EO). Looked for as a path relative to that root is (another owner's folder refused first,
-    whether it exists); a hub id naming nothing there, or a subset (`:name`, only a hub's), is a hub id."""
+    network error (hunt EO). It is looked for as a path relative to that root would be (another owner's folder is
+    refused first, whether it exists); one naming nothing there, or a subset (`:name`: only a hub's), is a hub id."""
     namespace, _, rest = text.partition("/")
     if ":" in rest:
         return

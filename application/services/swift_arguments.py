@@ -198,12 +198,13 @@ def _unknown_field_hint(name: str, listed: bool) -> str | None:
         return f"did you mean {near[0]}?"
     if (meant := GUESSED.get(name.lower())) is not None:
         return f"did you mean {meant}?"
-    job = (
-        [name] if name in JOB_FIELDS else difflib.get_close_matches(name, JOB_FIELDS, n=1, cutoff=0.8) if listed else []
-    )
-    if job:
-        return f"{job[0]} is a field of the job, not of its training: set it beside `training`, not inside it"
-    return None
+    if name in JOB_FIELDS:
+        job = name
+    elif listed and (near := difflib.get_close_matches(name, JOB_FIELDS, n=1, cutoff=0.8)):
+        job = near[0]
+    else:
+        return None
+    return f"{job} is a field of the job, not of its training: set it beside `training`, not inside it"
 
 
 # Arguments a fraction or a probability: their bounds (a high bound kept out when False), which swift's parser does
