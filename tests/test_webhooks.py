@@ -584,6 +584,53 @@ async def test_a_new_leader_goes_on_counting_the_attempts_the_last_made(
     assert failed["type"] == "webhook_failed" and "after 3 attempts" in failed["message"], failed
 
 
+async def test_attempts_counted_across_leaders_are_each_targets_own_and_end_with_the_last_leaders_outcome(
+    redis_client: Any, tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    # Review EU: the operator's URL named as the job's own (posted as both) shared one count, each using up the
+    # other's attempts; and a notification delivered at its last attempt by a leader that died before dropping it
+    # was said failed by the next ("after 3 attempts (made by an earlier leader)").
+    from application.models.job_request import TrainingParams
+    from application.models.training_model import Job, JobStatus
+    from application.services.cluster_store import ClusterStore
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+    from application.services.webhooks import Webhooks
+    from tests.conftest import settings_for
+
+    hook = receiver({"status_failed": [500] * 20, "status_completed": [500, 500]})
+    settings = settings_for("redis://unused", tmp_path, WEBHOOK_URLS=hook.url, WEBHOOK_MAX_ATTEMPTS=3,
+                            WEBHOOK_RETRY_SECONDS=0.05, WEBHOOK_ALLOW_PRIVATE=True)  # fmt: skip
+    keys = Keys(f"hooks-{time.time_ns()}")
+    store, cluster = JobStore(redis_client, keys), ClusterStore(redis_client, keys)
+    now = time.time()
+    job = Job(job_id="j", status=JobStatus.PENDING, priority=5, data_path="a/b", model_path="c/d",
+              output_dir="/o/j", output_dir_requested="j", num_gpus=0, training=TrainingParams(), created_at=now,
+              updated_at=now)  # fmt: skip
+    await store.create(job, message="created", actor="test")
+    summary = await redis_client.get(keys.job_summary("j"))
+
+    async def deliver(raw: str) -> None:  # by a leader of its own
+        hooks = Webhooks(store, cluster, settings)
+        await hooks._backlog.acquire()
+        await hooks._deliver(raw)
+
+    async def recorded() -> list[tuple[str, str]]:
+        return [(e.type, e.message) for e in await store.events("j", None, 100) if e.type.startswith("webhook_")]
+
+    await deliver(json.dumps({"job_id": "j", "event": "status_failed", "at": now, "summary": summary,
+                              "hook": hook.url, "id": "j/1-0"}))  # fmt: skip
+    assert sum(h["x-swift-api-event"] == "status_failed" for h, _, _ in hook.received) == 6  # 3 each
+    assert [m for _, m in await recorded()] == [f"status_failed not delivered to {t} after 3 attempts (HTTP 500)"
+                                                for t in ("WEBHOOK_URLS[0]", hook.url)]  # fmt: skip
+    done = json.dumps({"job_id": "j", "event": "status_completed", "at": now, "summary": summary, "id": "j/2-0"})
+    await deliver(done)  # delivered at its third attempt
+    await deliver(done)  # taken again: its leader died before dropping it
+    assert [s for h, _, s in hook.received if h["x-swift-api-event"] == "status_completed"] == [500, 500, 200]
+    delivered = "status_completed delivered to WEBHOOK_URLS[0] (HTTP 200, attempt 3)"
+    assert (await recorded())[2:] == [("webhook_delivered", delivered)]
+
+
 async def test_a_url_that_cannot_be_parsed_is_refused_and_one_stored_before_fails_once(
     app_factory: Callable[..., Any], tmp_path: Path, receiver: Callable[..., Receiver]
 ) -> None:

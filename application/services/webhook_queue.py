@@ -58,12 +58,12 @@ class WebhookQueue:
     async def webhook_delivered(self, raw: str) -> None:
         await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
 
-    async def count_webhook_attempt(self, delivery: str, url: str, ttl: int) -> int:
-        """One more attempt at posting `delivery` to `url`: how many there have been, this one included, by every
-        leader (one that died mid-delivery counted its own: the next goes on from there, not from 1). The count
-        lapses `ttl` seconds after the last attempt."""
+    async def count_webhook_attempt(self, delivery: str, target: str, ttl: int) -> int:
+        """One more attempt at posting `delivery` to `target` (its URL, and whose it is): how many there have been,
+        this one included, by every leader (one that died mid-delivery counted its own: the next goes on from
+        there, not from 1). The count lapses `ttl` seconds after the last attempt."""
         key = self.keys.webhook_attempts(delivery)
-        field = hashlib.sha256(url.encode()).hexdigest()[:32]  # (a URL may hold a token: not kept as it is)
+        field = hashlib.sha256(target.encode()).hexdigest()[:32]  # (a URL may hold a token: not kept as it is)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, field, 1)
             pipe.expire(key, ttl)

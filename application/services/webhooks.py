@@ -310,7 +310,9 @@ class Webhooks:
         wait: float | None = None  # the seconds an answer's Retry-After asked for
         last = why = ""  # why: for the operator's log, which may say what the job's events do not
         attempt = 0
-        while (attempt := await self._next_attempt(delivery, url, attempt)) <= attempts:
+        # (the operator's URL named as the job's own is two targets, each with its own attempts: review EU)
+        counted = f"{'own' if own else 'operator'} {url}"
+        while (attempt := await self._next_attempt(delivery, counted, attempt)) <= attempts:
             try:
                 # httpx's timeout bounds each read, not the POST: a receiver answering a byte a second held a
                 # delivery slot for as long as it liked (all of them, with 16 such URLs).
@@ -367,20 +369,26 @@ class Webhooks:
                 backoff = self.settings.WEBHOOK_RETRY_SECONDS * 2 ** (attempt - 1)
                 # A receiver that asked to wait (429, 503 with Retry-After) is not asked again sooner.
                 await asyncio.sleep(max(backoff, min(wait, RETRY_AFTER_MAX)) if wait is not None else backoff)
+        if not last:
+            # Every attempt was an earlier leader's, which died before it dropped the notification: it may have
+            # recorded the outcome, or been answered 200 at its last (review EU: a delivered one was said failed).
+            logger.info("webhook {} of job {}: every attempt at {} was made by an earlier leader; not posted again",
+                        event, item["job_id"], shown)  # fmt: skip
+            return False
         if not own:  # (the operator's own URL: the job's events are the user's, its log is the operator's)
             logger.warning("webhook {} of job {} not delivered to {} after {} attempts ({})", event, item["job_id"],
-                           shown, attempts, why or "made by an earlier leader")  # fmt: skip
+                           shown, attempts, why)  # fmt: skip
         await self._record(item, "webhook_failed", f"{event} not delivered to {shown} after {attempts} attempts "
-                           f"({last or 'made by an earlier leader'})", shown, attempts, None)  # fmt: skip
+                           f"({last})", shown, attempts, None)  # fmt: skip
         return False
 
-    async def _next_attempt(self, delivery: str, url: str, attempt: int) -> int:
+    async def _next_attempt(self, delivery: str, target: str, attempt: int) -> int:
         """The number of the next attempt, counted in Redis across leaders (review ER: a leader that started
         again began at 1, so a notification was retried without end while leaders kept dying); counted here alone
         while Redis does not answer."""
         ttl = int(WEBHOOK_ATTEMPTS_TTL)
         try:
-            return max(attempt + 1, await self.cluster.count_webhook_attempt(delivery, url, ttl))
+            return max(attempt + 1, await self.cluster.count_webhook_attempt(delivery, target, ttl))
         except RedisError:
             return attempt + 1
 
