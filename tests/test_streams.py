@@ -403,34 +403,46 @@ def test_the_log_and_progress_streams_say_the_status_they_find_and_its_changes(s
 def test_a_pause_is_said_after_the_points_and_lines_its_run_wrote_before_it(server: ApiServer,
                                                                            workspace: Path) -> None:  # fmt: skip
     # The stream said "paused" and then the run's last steps, read in the same poll (review ER): a follower showed
-    # the job paused, then counting on.
+    # the job paused, then counting on. A log stream reconnected into an earlier run said it after that run's
+    # lines, and then sent the next run's (review EU).
     server.create(**job_body(workspace, "po", step_seconds=0.3, auto_start=True,
                              training={"max_steps": 400, "save_steps": 5, "logging_steps": 1}))  # fmt: skip
-    got: dict[str, list[Message]] = {"progress": [], "logs": []}
+    got: dict[str, list[Message]] = {"progress": [], "logs": [], "reconnected": []}
 
-    def follow(kind: str) -> None:
+    def follow(kind: str, path: str, last_id: str | None = None) -> None:
         def keep(messages: list[Message]) -> bool:  # (each as it comes, for the test to watch)
             got[kind].append(messages[-1])
             return False
 
-        read(server, f"/jobs/po/{kind}/stream", stop=keep, timeout=90)
+        read(server, path, last_id=last_id, stop=keep, timeout=120)
 
-    readers = [threading.Thread(target=follow, args=(kind,)) for kind in got]
+    readers = [threading.Thread(target=follow, args=(kind, f"/jobs/po/{kind}/stream")) for kind in ("progress", "logs")]
     for reader in readers:
         reader.start()
-    wait_for(lambda: (server.job("po")["progress"]["current_step"] or 0) >= 6, what="po past a checkpoint")
-    assert server.http.post("/jobs/po/pause").json()["status"] == "paused"
-    said = lambda kind: any(m.event == "status" and "paused" in m.data for m in list(got[kind]))  # noqa: E731
-    wait_for(lambda: said("progress") and said("logs"), what="both streams to say the pause")
+    pauses = lambda kind: sum(m.event == "status" and "paused" in m.data for m in list(got[kind]))  # noqa: E731
+
+    def pause_after(step: int, n: int) -> None:
+        wait_for(lambda: (server.job("po")["progress"]["current_step"] or 0) >= step, what=f"po past {step}")
+        assert server.http.post("/jobs/po/pause").json()["status"] == "paused"
+        wait_for(lambda: pauses("progress") >= n and pauses("logs") >= n, what="both streams to say the pause")
+
+    pause_after(6, 1)
+    assert server.http.post("/jobs/po/resume").status_code == 200
+    pause_after(14, 2)
+    first_line = data_of(got["logs"])[0].id
+    readers.append(threading.Thread(target=follow, args=("reconnected", "/jobs/po/logs/stream", first_line)))
+    readers[-1].start()
+    wait_for(lambda: pauses("reconnected") >= 1, what="the reconnected stream to say the pause")
     assert server.http.post("/jobs/po/stop").status_code == 200
     for reader in readers:
         reader.join(60)
     for kind, messages in got.items():
         assert messages[-1].event == "end", (kind, messages[-3:])
-        paused = next(i for i, m in enumerate(messages) if m.event == "status" and "paused" in m.data)
-        after = [m for m in data_of(messages[paused:])]
-        assert after == [], (kind, [m.id for m in after])
-        assert data_of(messages[:paused]), kind
+        said = [i for i, m in enumerate(messages) if m.event == "status"] + [len(messages) - 1]
+        for at, upto in itertools.pairwise(said):
+            if "paused" in messages[at].data:  # nothing after it but the next status or the end
+                assert data_of(messages[at:upto]) == [], (kind, [m.id for m in data_of(messages[at:upto])][:5])
+        assert pauses(kind) == (1 if kind == "reconnected" else 2), kind
 
 
 @pytest.mark.parametrize("kind", ["events", "progress", "logs"])

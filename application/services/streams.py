@@ -251,20 +251,21 @@ class Streams:
                 ahead += [log for log in later if log != path and log not in ahead]
                 if kind == "train" and now is not None and now != status_sent and not JobStatus(now).is_terminal():
                     status_sent = now  # (a busy log's status too: one that runs again after a pause)
-                    # Said once the log read so far is sent, up to where it stands now: after the lines of a run
-                    # that ended, before the next run's (review ER: "paused", then the lines of the run it ended).
+                    # Said once every log before the newest is sent: a rest once the newest is read as far as it
+                    # goes, after the lines of the run that ended; a run before its own lines (review ER: "paused",
+                    # then the lines of the run it ended; review EU: then those of a later run, on a reconnect).
                     status_due = status_message(now)
             size = size_in_place(path) if path else None
             if ahead and size in (None, offset):
                 if partial:  # this log's last line, which no newline will end now
                     yield message(_visible(partial), event_id=at(base + offset))
-                if status_due:
-                    yield status_due
-                    status_due = ""
                 # An export's logs are one log each (a rerun appends to its own): its ids start again.
                 base = 0 if kind == "export" else base + offset
                 offset, partial, path = 0, b"", ahead.pop(0)
                 size = size_in_place(path)
+                if status_due and not ahead and status_sent == JobStatus.RUNNING:
+                    yield status_due  # before the lines of the run it says runs (those of earlier ones are sent)
+                    status_due = ""
             data = b""
             if path and size != offset:
                 data, end = await asyncio.to_thread(read_from, Path(path), offset, LOG_CHUNK, in_place=True)
@@ -300,7 +301,7 @@ class Streams:
                 yield "".join(batch)
                 sent = True
             partial = buf[pos:]
-            if status_due and len(data) < LOG_CHUNK:
+            if status_due and not ahead and len(data) < LOG_CHUNK:  # (the newest log, read as far as it goes)
                 if partial and status_sent != JobStatus.RUNNING:  # its run has ended: no newline will end its last line
                     yield message(_visible(partial), event_id=at(base + offset))
                     partial = b""
