@@ -122,3 +122,26 @@ def test_a_running_jobs_checkpoints_grow_with_each_one_saved_less_those_removed(
     follow.read()
     follow.flush()
     assert outbox.fields["checkpoints"] == [f"{run}/checkpoint-20"]
+
+
+def test_a_checkpoint_removed_after_lines_printed_while_the_save_was_written_is_left_out(tmp_path: Path) -> None:
+    # The one look after a save went to the next read that brought anything: a save that prints while it writes
+    # (DeepSpeed's "zero checkpoint saved") left a removed folder listed until the next save (review EU).
+    out = tmp_path / "out"
+    run = out / "v0-20261207-100000"
+    for n in (10, 20, 30):
+        (run / f"checkpoint-{n}").mkdir(parents=True)
+    outbox = Outbox(JobStore(aioredis.Redis(), Keys("t")), "job", "run")
+    log = tmp_path / "train.log"
+    follow = LogFollower(log, SwiftLogParser(root=str(out)), outbox, time.time())
+    lines = [f"[INFO:swift] Saving model checkpoint to {run}/checkpoint-{n}\n" for n in (10, 20, 30)]
+    lines.append("[2026-12-07 10:00:01,000] [INFO] [engine.py:3536:_save_zero_checkpoint] zero checkpoint saved\n")
+    for upto in (2, 3, 4):
+        log.write_text("".join(lines[:upto]))
+        follow.read()
+    (run / "checkpoint-10").rmdir()  # save_total_limit 2: swift removes it once the save is written
+    lines.append("{'loss': 1.2, 'grad_norm': 1.0, 'learning_rate': 1e-05, 'epoch': 1.0, "
+                 "'global_step/max_steps': '31/100'}\n")  # fmt: skip
+    log.write_text("".join(lines))
+    follow.read()
+    assert outbox.fields["checkpoints"] == [f"{run}/checkpoint-20", f"{run}/checkpoint-30"]

@@ -28,7 +28,7 @@ class LogFollower:
         """`checkpoints`: the job's as its earlier runs left them; each one this run saves is added to them."""
         self.log_file = log_file
         self.checkpoints = list(checkpoints)
-        self.rotating = False  # a checkpoint was saved at the last read: older ones may be removed just after
+        self.rotating = False  # a checkpoint was saved, and no step logged since: older ones may yet be removed
         self.parser = parser
         self.outbox = outbox
         self.started_at = started_at
@@ -75,13 +75,14 @@ class LogFollower:
             self.checkpoints += [c for c in result.checkpoints_saved if c not in self.checkpoints]
         if result.checkpoints_saved or self.rotating:
             # The job's list, beside its last_checkpoint, while the run goes on (its end writes what is on disk):
-            # less those save_total_limit removed (review EQ), which swift does just after it says it saved one,
-            # so looked at again at the next read too.
+            # less those save_total_limit removed (review EQ). swift removes them once the save it has said is
+            # written, which takes a while (an optimizer's state, DeepSpeed's lines meanwhile): looked at again at
+            # each read until a step is logged after it (review EU).
             kept = [c for c in self.checkpoints if os.path.isdir(c)]
             if kept != self.checkpoints or result.checkpoints_saved:
                 self.checkpoints = kept
                 fields["checkpoints"] = list(kept)
-            self.rotating = bool(result.checkpoints_saved)
+            self.rotating = bool(result.checkpoints_saved) or (self.rotating and progress is None)
         if self.parser.best_checkpoint:
             fields["best_checkpoint"] = self.parser.best_checkpoint
         if self.parser.train_loss is not None:
