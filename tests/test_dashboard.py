@@ -600,6 +600,13 @@ def test_the_lists_fit_a_phone_screen_their_tables_scrolling_in_their_own_box(
     page = tab.goto("/ui/jobs")
     badge = page.locator("tr[data-job='phone-b'] .badge")
     assert badge.evaluate("b => b.getClientRects().length") == 1  # one line: not broken inside its word
+    # A job's facts ran four columns wide: a date ran into the next label, and paths broke every few letters
+    # (hunt ET). Each fits its box now.
+    page = tab.goto("/ui/jobs/phone-a")
+    page.wait_for_selector("dl.facts dd")
+    spilled = page.evaluate("[...document.querySelectorAll('dl.facts dd')].filter(d => d.scrollWidth > "
+                            "d.clientWidth + 1).map(d => d.textContent)")  # fmt: skip
+    assert spilled == [], spilled
     for name in ("phone-a", "phone-b"):
         server.http.post(f"/jobs/{name}/stop")
 
@@ -749,6 +756,13 @@ def test_a_list_says_it_is_stale_while_redis_is_gone_and_a_reload_is_a_page(
     expect(page.locator("#notice")).to_contain_text("Not up to date: the server answered 503", timeout=15_000)
     # The job page says so too: its status and actions stood as they were with only "reconnecting…" by the log.
     expect(job_page.locator("#notice")).to_contain_text("Not up to date: Redis does not answer", timeout=15_000)
+    # A Redis back without the job (one that keeps nothing): the page says it is gone and polls no more, so its
+    # notice that it stands still went with it, not stood for good (hunt ET).
+    job_page.route(re.compile(r".*/api/v1/training/jobs/kept$"), lambda route: route.fulfill(
+        status=404, content_type="application/json", body='{"detail": "job \'kept\' not found"}'))  # fmt: skip
+    job_page.wait_for_function("() => window.dashboard.jobStatus && window.dashboard.jobStatus() === 'deleted'",
+                               timeout=15_000)  # fmt: skip
+    expect(job_page.locator("#notice")).to_be_hidden()
     response = page.reload()
     assert response is not None and response.status == 503
     assert response.headers["content-type"].startswith("text/html") and response.headers["retry-after"] == "5"

@@ -375,6 +375,9 @@
         const r = await d.apiJson(base);
         if (r.status === 404) {
           gone = true;
+          // The page polls no more: a notice that it stands still would stand for good (hunt ET).
+          if (staleSince && !d.authNoticed()) d.notice(null);
+          staleSince = null;
           // (or this browser's key is another owner's now: logged in as someone else in another tab)
           setStatus(d.keyChanged() ? "not visible" : "deleted");
           return;
