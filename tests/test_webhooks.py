@@ -141,6 +141,7 @@ class Drip:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
         self.done = threading.Event()
+        self.accepted = 0  # connections taken
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -149,6 +150,7 @@ class Drip:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
     def _drip(self, conn: socket.socket) -> None:
@@ -631,6 +633,38 @@ async def test_attempts_counted_across_leaders_are_each_targets_own_and_end_with
     assert [s for h, _, s in hook.received if h["x-swift-api-event"] == "status_completed"] == [500, 500, 200]
     delivered = "status_completed delivered to WEBHOOK_URLS[0] (HTTP 200, attempt 3)"
     assert (await recorded())[2:] == [("webhook_delivered", delivered)]
+
+
+async def test_a_post_cut_off_with_its_leader_is_made_again_by_the_next(redis_client: Any, tmp_path: Path) -> None:
+    # An attempt counted before its post was made: a leader that died during its last one left the next with
+    # none to make, and the notification was never delivered (at least once, the README says).
+    from application.services.cluster_store import ClusterStore
+    from application.services.job_store import JobStore
+    from application.services.keys import Keys
+    from application.services.webhooks import Webhooks
+    from tests.conftest import settings_for
+
+    drip = Drip()  # (holds each post for 20 s)
+    settings = settings_for("redis://unused", tmp_path, WEBHOOK_URLS=drip.url, WEBHOOK_MAX_ATTEMPTS=1,
+                            WEBHOOK_TIMEOUT_SECONDS=60)  # fmt: skip
+    keys = Keys(f"hooks-{time.time_ns()}")
+    store, cluster = JobStore(redis_client, keys), ClusterStore(redis_client, keys)
+    raw = json.dumps({"job_id": "j", "event": "status_completed", "at": time.time(), "id": "j/1-0"})
+
+    async def leader_dies_posting(n: int) -> None:
+        hooks = Webhooks(store, cluster, settings)
+        await hooks._backlog.acquire()
+        task = asyncio.create_task(hooks._deliver(raw))
+        await until(lambda: drip.accepted >= n, what=f"post number {n}")
+        task.cancel()  # its leader gone mid-post
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        await leader_dies_posting(1)
+        await leader_dies_posting(2)  # the next leader posts it again
+    finally:
+        drip.close()
 
 
 async def test_a_url_that_cannot_be_parsed_is_refused_and_one_stored_before_fails_once(

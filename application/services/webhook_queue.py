@@ -58,17 +58,18 @@ class WebhookQueue:
     async def webhook_delivered(self, raw: str) -> None:
         await self.r.lrem(self.keys.webhooks_delivering, 1, raw)
 
-    async def count_webhook_attempt(self, delivery: str, target: str, ttl: int) -> int:
-        """One more attempt at posting `delivery` to `target` (its URL, and whose it is): how many there have been,
-        this one included, by every leader (one that died mid-delivery counted its own: the next goes on from
-        there, not from 1). The count lapses `ttl` seconds after the last attempt."""
+    async def webhook_attempts_made(self, delivery: str, target: str) -> int:
+        """The attempts at posting `delivery` to `target` (its URL, and whose it is) that every leader made and
+        counted (`count_webhook_attempt`): one that died mid-delivery counted its own, the next goes on from there."""
+        return int(await self.r.hget(self.keys.webhook_attempts(delivery), _target_field(target)) or 0)
+
+    async def count_webhook_attempt(self, delivery: str, target: str, ttl: int) -> None:
+        """One more attempt made at posting `delivery` to `target`; the count lapses `ttl` seconds after it."""
         key = self.keys.webhook_attempts(delivery)
-        field = hashlib.sha256(target.encode()).hexdigest()[:32]  # (a URL may hold a token: not kept as it is)
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, field, 1)
+            pipe.hincrby(key, _target_field(target), 1)
             pipe.expire(key, ttl)
-            count, _ = await pipe.execute()
-        return int(count)
+            await pipe.execute()
 
     async def signing_generation(self, owner: str | None) -> int:
         """How many times `owner`'s signing key was rotated (see `webhooks.owner_key`)."""
@@ -77,3 +78,7 @@ class WebhookQueue:
     async def rotate_signing_key(self, owner: str | None) -> int:
         """A new signing key for `owner`'s own webhook URLs (the one before no longer signs): its generation."""
         return int(await self.r.hincrby(self.keys.webhook_signing, owner or "", 1))
+
+
+def _target_field(target: str) -> str:
+    return hashlib.sha256(target.encode()).hexdigest()[:32]  # (a URL may hold a token: not kept as it is)

@@ -326,6 +326,7 @@ class Webhooks:
                         async with client.stream("POST", target, content=body, headers={**headers, **extra},
                                                  extensions=extensions) as r:  # fmt: skip
                             pass
+                        await self._attempt_made(delivery, counted)
                 if aimed is None:
                     await self._record(item, "webhook_failed", f"{event} not sent to {url}: it points at this host or "
                                        "into a private network (set WEBHOOK_ALLOW_PRIVATE=true to allow)", shown, 0,
@@ -358,9 +359,11 @@ class Webhooks:
                                        "to", shown, attempt, r.status_code)  # fmt: skip
                     return False
             except (httpx.TimeoutException, TimeoutError) as exc:
+                await self._attempt_made(delivery, counted)
                 wait = None
                 last = why = f"{type(exc).__name__}: no answer within {self.settings.WEBHOOK_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # the last two: a URL that cannot be read
+                await self._attempt_made(delivery, counted)
                 wait = None
                 # An error's text may hold the URL in some form of its own: an operator's is not shown at all.
                 why = f"{type(exc).__name__}: {exc}"
@@ -383,14 +386,19 @@ class Webhooks:
         return False
 
     async def _next_attempt(self, delivery: str, target: str, attempt: int) -> int:
-        """The number of the next attempt, counted in Redis across leaders (review ER: a leader that started
-        again began at 1, so a notification was retried without end while leaders kept dying); counted here alone
-        while Redis does not answer."""
-        ttl = int(WEBHOOK_ATTEMPTS_TTL)
+        """The number of the next attempt: one more than those made, counted in Redis across leaders (review ER:
+        a leader that started again began at 1, so a notification was retried without end while leaders kept
+        dying); counted here alone while Redis does not answer."""
         try:
-            return max(attempt + 1, await self.cluster.count_webhook_attempt(delivery, target, ttl))
+            return max(attempt, await self.cluster.webhook_attempts_made(delivery, target)) + 1
         except RedisError:
             return attempt + 1
+
+    async def _attempt_made(self, delivery: str, target: str) -> None:
+        """Counted once it has its outcome (an answer, or none in time): a post cut off with its leader is made
+        again by the next (at least once)."""
+        with contextlib.suppress(RedisError):
+            await self.cluster.count_webhook_attempt(delivery, target, int(WEBHOOK_ATTEMPTS_TTL))
 
     async def _record(self, item: dict[str, Any], kind: str, message: str, url: str, attempts: int,
                       status: int | None) -> None:  # fmt: skip
