@@ -78,7 +78,7 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
     """One line per PLAIN_EVERY_SECONDS, and the last: in a CI log `watch` showed nothing until the job ended
     (hunt CN)."""
 
-    said_last: list[str] = []
+    said_last = ""
 
     def line(status: str, progress: dict[str, Any]) -> None:
         current, total = progress.get("current_step"), progress.get("max_steps")
@@ -89,9 +89,10 @@ def _plain(job_id: str, start: dict[str, Any], stream: Iterator[Message], out: O
         say(text)
 
     def say(text: str) -> None:
-        if said_last != [text]:  # (a job that had ended: its start and its end said the same, twice)
+        nonlocal said_last
+        if text != said_last:  # (a job that had ended: its start and its end said the same, twice)
             out.line(text)
-            said_last[:] = [text]
+            said_last = text
 
     line(start["status"], start.get("progress") or {})
     said = time.monotonic()

@@ -225,14 +225,9 @@ def resolve(field: str, value: str, roots: Sequence[Path], *, data: bool, base: 
     if m := _SAMPLE_RE.search(text):
         sample, text = (int(m.group(1)), text[: m.start()]) if data else (None, text)
     for root in real_roots:
-        real = Path(os.path.realpath(root / text))
-        if not _inside(real, [root]) or not _inside_as_written(root / text, [root], [root]):
-            continue
-        if guard is not None:
-            guard(field, value, real)
-        if _exists(real):
-            _refuse_misread(field, value, real, sample)
-            return Resolved(_with_sample(str(real), sample), True, real, sample)
+        if (found := _found_under(root, text, field, value, guard)) is not None:
+            _refuse_misread(field, value, found, sample)
+            return Resolved(_with_sample(str(found), sample), True, found, sample)
     if not hub:
         raise Invalid(f"{field} '{value}' is not a path that exists under {setting} ({_roots_text(real_roots)})")
     raise Invalid(
@@ -252,21 +247,24 @@ def _refuse_root_named(field: str, value: str, text: str, roots: Sequence[Path],
         return
     local = _SAMPLE_RE.sub("", rest)
     for root, real_root in zip(roots, real_roots, strict=True):
-        if namespace not in (Path(root).name, real_root.name):
-            continue
-        candidate = real_root / local
-        real = Path(os.path.realpath(candidate))
-        if not _inside(real, [real_root]) or not _inside_as_written(candidate, [real_root], [real_root]):
-            continue
-        if guard is not None:
-            guard(field, value, real)
-        if _exists(real):
+        if namespace in (Path(root).name, real_root.name) and _found_under(real_root, local, field, value, guard):
             raise Invalid(
                 f"{field} '{value}' has the form of a hub id (namespace/name), which swift would download, but "
                 f"{setting}'s folder {real_root} holds '{local}': to use that, write '{rest}' (a path relative to "
                 f"{setting}) or '{real_root / rest}'. A hub id that names a path in those folders this way cannot "
                 "be used here"
             )
+
+
+def _found_under(root: Path, text: str, field: str, value: str, guard: Guard | None) -> Path | None:
+    """`text` as a path relative to the resolved `root`: where it resolves when it lies inside that root (as written
+    too) and exists. `guard` is called first, so that another owner's folder is refused whether it exists."""
+    real = Path(os.path.realpath(root / text))
+    if not _inside(real, [root]) or not _inside_as_written(root / text, [root], [root]):
+        return None
+    if guard is not None:
+        guard(field, value, real)
+    return real if _exists(real) else None
 
 
 def root_names(roots: Sequence[Path]) -> frozenset[str]:
